@@ -1,0 +1,77 @@
+"""``type: file``: appends JSON lines to a file and fsyncs before it acks.
+
+A batch is written and fsynced once, then acked as a whole: an ack means the
+lines are on disk. A crash between the write and the ack leaves lines that will be
+written again (at-least-once); readers deduplicate by ``message_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import field_validator
+
+from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.records import json_line
+from outbox_relay_adapters._options import Options, parse_options
+
+
+class FileOptions(Options):
+    path: str
+    fsync: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class FileAdapter:
+    def __init__(self, name: str, options: FileOptions):
+        self.name = name
+        self.path = Path(options.path)
+        self._fsync = options.fsync
+        self._fd: int | None = None
+        self._lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    async def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def ready(self) -> bool:
+        return self._fd is not None
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        if self._fsync:
+            os.fsync(self._fd)
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        if self._fd is None:
+            return [PublishResult.unavailable("file not open")] * len(batch)
+        data = "".join(json_line(out) for out in batch).encode("utf-8")
+        try:
+            async with self._lock:  # one batch at a time: lines never interleave
+                await asyncio.to_thread(self._write, data)
+        except OSError as exc:
+            return [PublishResult.transient(f"write to {self.path} failed: {exc.strerror}")] * len(batch)
+        return [PublishResult.acked()] * len(batch)
+
+
+def create(name: str, options: Mapping[str, Any]) -> FileAdapter:
+    return FileAdapter(name, parse_options(FileOptions, options))

@@ -1,0 +1,111 @@
+"""``type: webhook``: POSTs each message as its JSON record (outbox_relay.records).
+
+2xx acks. 4xx is permanent (the receiver rejects the message itself: dead-lettered
+with the status), except 408, 425 and 429 which ask to come back later. 5xx and
+timeouts are transient. A refused connection means the receiver is down: the
+message waits without spending an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from outbox_relay.durations import parse_duration
+from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.records import json_line
+from outbox_relay_adapters._options import Options, parse_options
+
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the webhook adapter needs httpx: pip install 'outbox-relay[webhook]'") from exc
+
+RETRY_LATER = {408, 425, 429}
+
+
+class WebhookOptions(Options):
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: float = 10.0
+    max_concurrency: int = Field(default=32, ge=1, le=1024)
+    verify_tls: bool = True
+    ca_file: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+
+class WebhookAdapter:
+    def __init__(self, name: str, options: WebhookOptions):
+        self.name = name
+        self._options = options
+        self._client: httpx.AsyncClient | None = None
+        self._limit = asyncio.Semaphore(options.max_concurrency)
+
+    async def connect(self) -> None:
+        verify: Any = self._options.ca_file or self._options.verify_tls
+        self._client = httpx.AsyncClient(
+            timeout=self._options.timeout,
+            verify=verify,
+            limits=httpx.Limits(max_connections=self._options.max_concurrency),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def ready(self) -> bool:
+        if self._client is None:
+            return False
+        try:
+            await self._client.head(self._options.url)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    async def _post(self, out: OutgoingMessage) -> PublishResult:
+        assert self._client is not None
+        headers = {
+            **self._options.headers,
+            "content-type": "application/json",
+            "message-id": str(out.message_id),
+        }
+        async with self._limit:
+            try:
+                response = await self._client.post(self._options.url, content=json_line(out), headers=headers)
+            except httpx.ConnectError as exc:
+                return PublishResult.unavailable(f"cannot connect: {exc}")
+            except httpx.TimeoutException:
+                return PublishResult.transient(f"timed out after {self._options.timeout:g}s")
+            except httpx.HTTPError as exc:
+                return PublishResult.transient(f"HTTP error: {exc!r}")
+        status = response.status_code
+        if 200 <= status < 300:
+            return PublishResult.acked()
+        reason = f"HTTP {status} {response.reason_phrase}".strip()
+        if 400 <= status < 500 and status not in RETRY_LATER:
+            return PublishResult.permanent(reason)
+        return PublishResult.transient(reason)
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        if self._client is None:
+            return [PublishResult.unavailable("not connected")] * len(batch)
+        return await asyncio.gather(*(self._post(out) for out in batch))
+
+
+def create(name: str, options: Mapping[str, Any]) -> WebhookAdapter:
+    return WebhookAdapter(name, parse_options(WebhookOptions, options))

@@ -1,0 +1,270 @@
+"""The `outbox-relay` command line: the only place that turns errors into exit codes.
+
+Exit codes: 0 all well; 1 a runtime failure (database or broker unreachable in
+`check`, a failed install); 2 a usage or configuration error. User errors print one
+line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import click
+import psycopg
+
+from outbox_relay import config as config_module
+from outbox_relay import dead_letters, schema_manager, sqlfiles, status
+from outbox_relay.errors import DatabaseError, OutboxRelayError, SchemaError
+from outbox_relay.logging_setup import configure as configure_logging
+from outbox_relay.redact import redact_dsn
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    envvar="OUTBOX_RELAY_CONFIG", default="relay.yaml", show_default=True,
+    help="YAML config file (env: OUTBOX_RELAY_CONFIG).",
+)
+DSN_OPTION = click.option(
+    "--dsn", envvar="DATABASE_URL", required=True,
+    help="PostgreSQL connection string (env: DATABASE_URL; prefer the env for passwords).",
+)
+SCHEMA_OPTION = click.option(
+    "--schema", "schema_name", default=sqlfiles.DEFAULT_SCHEMA, show_default=True,
+    help="Schema that holds the outbox.",
+)
+
+
+def one_line_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except OutboxRelayError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except psycopg.Error as exc:
+            click.echo(f"error: database: {str(exc).strip().splitlines()[0]}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, connect_timeout=10, application_name="outbox-relay-cli")
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseError(f"invalid DSN: {str(exc).splitlines()[0]}") from None
+
+
+def _load(config_path: Path) -> config_module.Config:
+    return config_module.load(config_path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="outbox-relay")
+def main() -> None:
+    """Transactional outbox relay for PostgreSQL."""
+
+
+# -- schema -----------------------------------------------------------------------------
+
+@main.group()
+def schema() -> None:
+    """Install the outbox schema, or print its SQL."""
+
+
+@schema.command("install")
+@DSN_OPTION
+@SCHEMA_OPTION
+@one_line_errors
+def schema_install(dsn: str, schema_name: str) -> None:
+    """Create or upgrade the outbox schema (idempotent, safe to run concurrently)."""
+    sqlfiles.validate_schema_name(schema_name)
+    with _connect(dsn) as conn:
+        result = schema_manager.install(conn, schema_name)
+    if result.previous_version is None:
+        click.echo(f"installed outbox schema {schema_name!r} at version {result.version}")
+    elif result.changed:
+        click.echo(f"upgraded outbox schema {schema_name!r} from version "
+                   f"{result.previous_version} to {result.version}")
+    else:
+        click.echo(f"outbox schema {schema_name!r} is already at version {result.version}")
+
+
+@schema.command("sql")
+@SCHEMA_OPTION
+@click.option("--relay-role", help="Also print GRANTs for the relay's least-privilege role.")
+@click.option("--producer-role", help="Also print GRANTs for an application role that only enqueues.")
+@click.option("--grants-only", is_flag=True, help="Print only the GRANTs.")
+@one_line_errors
+def schema_sql(schema_name: str, relay_role: str | None, producer_role: str | None, grants_only: bool) -> None:
+    """Print the DDL, for teams that apply DDL with their own migration tool."""
+    parts: list[str] = []
+    if not grants_only:
+        parts.append(sqlfiles.ddl(schema_name).as_string())
+        parts.append(
+            f"INSERT INTO {schema_name}.schema_version (version) VALUES ({sqlfiles.SCHEMA_VERSION});\n"
+        )
+    for kind, role in (("relay", relay_role), ("producer", producer_role)):
+        if role:
+            parts.append(sqlfiles.grants(kind, schema_name, role).as_string())
+    click.echo("\n".join(parts).rstrip())
+
+
+@schema.command("notify")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@DSN_OPTION
+@SCHEMA_OPTION
+@one_line_errors
+def schema_notify(state: str, dsn: str, schema_name: str) -> None:
+    """Turn the NOTIFY trigger on or off (off: the relay's poll finds new rows alone)."""
+    with _connect(dsn) as conn:
+        schema_manager.set_notify(conn, schema_name, state == "on")
+    click.echo(f"NOTIFY trigger {state} for schema {schema_name!r}")
+
+
+# -- run / check / status -------------------------------------------------------------
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@one_line_errors
+def run(config_path: Path, log_level: str) -> None:
+    """Run the relay until SIGTERM or SIGINT."""
+    from outbox_relay.wiring import build_relay
+
+    cfg = _load(config_path)
+    configure_logging(log_level)
+    relay = build_relay(cfg)
+
+    async def main_async() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, relay.stop)
+        await relay.run()
+
+    asyncio.run(main_async())
+
+
+@main.command()
+@CONFIG_OPTION
+@one_line_errors
+def check(config_path: Path) -> None:
+    """Validate the config, then connect to the database and to every broker."""
+    from outbox_relay.check import run_checks
+
+    cfg = _load(config_path)
+    ok = asyncio.run(run_checks(cfg, click.echo))
+    sys.exit(0 if ok else 1)
+
+
+@main.command("status")
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@one_line_errors
+def status_command(config_path: Path, as_json: bool) -> None:
+    """Pending, in flight, dead-lettered and oldest pending age, per topic."""
+    cfg = _load(config_path)
+    with _connect(cfg.database.dsn.get_secret_value()) as conn:
+        _require_schema(conn, cfg.database.schema_name)
+        current = status.read(conn, cfg.database.schema_name)
+    if as_json:
+        click.echo(json.dumps(current.as_dict(), indent=2))
+    else:
+        click.echo(status.render(current))
+
+
+def _require_schema(conn: psycopg.Connection[Any], schema_name: str) -> None:
+    problem = schema_manager.missing_or_old(schema_manager.version(conn, schema_name), schema_name)
+    if problem:
+        raise SchemaError(problem)
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+@main.group("dead-letters")
+def dead_letters_group() -> None:
+    """List and requeue dead-lettered messages."""
+
+
+@dead_letters_group.command("list")
+@CONFIG_OPTION
+@click.option("--topic", help="Only topics matching this glob.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def dead_letters_list(config_path: Path, topic: str | None, limit: int, as_json: bool) -> None:
+    """Dead letters, oldest first, with their reason."""
+    cfg = _load(config_path)
+    with _connect(cfg.database.dsn.get_secret_value()) as conn:
+        _require_schema(conn, cfg.database.schema_name)
+        found = dead_letters.list_dead(conn, cfg.database.schema_name, topic=topic, limit=limit)
+    if as_json:
+        click.echo(json.dumps([
+            {"message_id": str(d.message_id), "topic": d.topic, "key": d.key, "attempts": d.attempts,
+             "created_at": d.created_at.isoformat(), "dead_lettered_at": d.dead_lettered_at.isoformat(),
+             "reason": d.reason} for d in found
+        ], indent=2))
+        return
+    if not found:
+        click.echo("no dead letters")
+    for d in found:
+        click.echo(f"{d.message_id}  {d.topic}  key={d.key}  attempts={d.attempts}  "
+                   f"{d.dead_lettered_at.isoformat(timespec='seconds')}  {d.reason}")
+
+
+@dead_letters_group.command("requeue")
+@CONFIG_OPTION
+@click.option("--id", "ids", multiple=True, help="Message id to requeue (repeatable).")
+@click.option("--topic", help="Requeue dead letters whose topic matches this glob.")
+@click.option("--all", "everything", is_flag=True, help="Requeue every dead letter.")
+@one_line_errors
+def dead_letters_requeue(config_path: Path, ids: tuple[str, ...], topic: str | None, everything: bool) -> None:
+    """Put dead letters back to pending with a fresh attempt budget."""
+    if not (ids or topic or everything):
+        raise click.UsageError("say which: --id ID (repeatable), --topic GLOB or --all")
+    try:
+        parsed = [UUID(i) for i in ids]
+    except ValueError:
+        raise click.BadParameter("not a UUID", param_hint="--id") from None
+    cfg = _load(config_path)
+    with _connect(cfg.database.dsn.get_secret_value()) as conn:
+        _require_schema(conn, cfg.database.schema_name)
+        done = dead_letters.requeue(conn, cfg.database.schema_name, message_ids=parsed, topic=topic,
+                                    everything=everything)
+    click.echo(f"requeued {len(done)} message(s)")
+    missing = set(parsed) - set(done)
+    if missing:
+        click.echo(f"not dead-lettered (or unknown): {', '.join(sorted(map(str, missing)))}", err=True)
+        sys.exit(1)
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--orders", default=200, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="How many orders the sample application writes.")
+@click.option("--rollback-every", default=5, show_default=True, type=click.IntRange(2, 1000),
+              help="Every Nth order's transaction is rolled back.")
+@click.option("--dsn", envvar="OUTBOX_DEMO_DSN", default=None,
+              help="Use this database instead of an embedded one (env: OUTBOX_DEMO_DSN).")
+@one_line_errors
+def demo(orders: int, rollback_every: int, dsn: str | None) -> None:
+    """Run a sample application and the relay on an embedded PostgreSQL."""
+    from outbox_relay.demo import run_demo
+
+    configure_logging("warning")
+    sys.exit(run_demo(orders=orders, rollback_every=rollback_every, dsn=dsn))

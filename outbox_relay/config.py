@@ -1,0 +1,217 @@
+"""The relay's YAML configuration: models, defaults and the loader.
+
+Every default lives here, once. Validation happens once at start; any problem
+becomes a :class:`ConfigError` naming the file, the key path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from outbox_relay.durations import parse_duration
+from outbox_relay.envsubst import SubstitutionError, substitute_tree
+from outbox_relay.errors import ConfigError
+from outbox_relay.sqlfiles import DEFAULT_SCHEMA, validate_schema_name
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Model):
+    dsn: SecretStr
+    schema_name: str = Field(default=DEFAULT_SCHEMA, alias="schema")
+    connect_timeout: Duration = 10.0
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("schema_name")
+    @classmethod
+    def _schema(cls, value: str) -> str:
+        try:
+            return validate_schema_name(value)
+        except ConfigError as exc:
+            raise ValueError(exc.reason) from None
+
+
+class RetryConfig(_Model):
+    initial: Duration = 0.2
+    max: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _order(self) -> RetryConfig:
+        if self.initial <= 0 or self.max < self.initial:
+            raise ValueError("need 0 < initial <= max")
+        return self
+
+
+class RelayConfig(_Model):
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    poll_interval: Duration = 1.0
+    notify: bool = True
+    max_attempts: int = Field(default=10, ge=1)
+    retry: RetryConfig = RetryConfig()
+    retention: Duration = 24 * 3600.0
+    shutdown_timeout: Duration = 30.0
+    publish_timeout: Duration = 30.0
+    # Concurrent claim/publish loops in one process; SKIP LOCKED keeps them apart.
+    workers: int = Field(default=2, ge=1, le=64)
+    # What a dead-lettered message does to later messages of its key:
+    # `release` lets them go on; `hold` keeps them until it is requeued.
+    dead_letter_policy: Literal["release", "hold"] = "release"
+
+    @field_validator("poll_interval", "shutdown_timeout", "publish_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _non_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+
+class BrokerConfig(BaseModel):
+    """`type` picks the adapter; every other key is the adapter's to validate."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RouteConfig(_Model):
+    topic: str = Field(min_length=1)
+    broker: str
+    destination: str | None = None
+
+    def matches(self, topic: str) -> bool:
+        return fnmatch.fnmatchcase(topic, self.topic)
+
+
+class Config(_Model):
+    database: DatabaseConfig
+    relay: RelayConfig = RelayConfig()
+    brokers: dict[str, BrokerConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
+    source: str = Field(default="<config>", exclude=True)
+
+    @model_validator(mode="after")
+    def _routes_name_brokers(self) -> Config:
+        for index, route in enumerate(self.routes):
+            if route.broker not in self.brokers:
+                known = ", ".join(sorted(self.brokers))
+                raise _PathError(
+                    ("routes", str(index), "broker"),
+                    f"unknown broker {route.broker!r} (defined: {known})",
+                )
+        return self
+
+
+class _PathError(ValueError):
+    def __init__(self, path: tuple[str, ...], message: str):
+        self.path = path
+        super().__init__(message)
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate a config file. Raise ConfigError on any problem."""
+    source = Path(path).name
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", source=str(path)) from None
+    return parse(text, source=source, env=os.environ if env is None else env)
+
+
+def parse(text: str, *, source: str = "<config>", env: Mapping[str, str]) -> Config:
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}invalid YAML: {problem}", source=source) from None
+    if not isinstance(tree, dict):
+        raise ConfigError("expected a mapping with database, brokers and routes", source=source)
+    try:
+        tree = substitute_tree(tree, env)
+    except SubstitutionError as exc:
+        raise ConfigError(str(exc), source=source, path=".".join(exc.path)) from None
+    try:
+        config = Config.model_validate({**tree, "source": source})
+    except ValidationError as exc:
+        raise _first_error(exc, source) from None
+    except _PathError as exc:
+        raise ConfigError(str(exc), source=source, path=".".join(exc.path)) from None
+    return config
+
+
+def _first_error(exc: ValidationError, source: str) -> ConfigError:
+    errors = exc.errors()
+    # An unknown key is usually the cause of a "missing" one next to it (a typo): say it first.
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(str(part) for part in error["loc"])
+    ctx = error.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, _PathError):
+        return ConfigError(str(inner), source=source, path=".".join(inner.path))
+    path = ".".join(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return ConfigError(_unknown_key(loc), source=source, path=path)
+    if kind == "missing":
+        return ConfigError("required key is missing", source=source, path=path)
+    message = str(inner) if inner is not None else error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if kind in {"int_type", "int_parsing", "bool_type", "bool_parsing", "string_type", "dict_type",
+                "list_type", "model_type", "float_type", "literal_error"}:
+        message = f"{message} (got {error.get('input')!r})"
+    return ConfigError(message, source=source, path=path)
+
+
+_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): Config,
+    ("database",): DatabaseConfig,
+    ("relay",): RelayConfig,
+    ("relay", "retry"): RetryConfig,
+}
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    parent, key = loc[:-1], loc[-1]
+    model: type[BaseModel] | None = _MODELS.get(parent)
+    if model is None and len(parent) == 2 and parent[0] == "routes":
+        model = RouteConfig
+    names: list[str] = []
+    if model is not None:
+        names = [f.alias or name for name, f in model.model_fields.items() if name != "source"]
+    suggestion = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
+    return f"unknown key {key!r}{hint}"

@@ -1,0 +1,54 @@
+"""Database connections for the relay, retried with backoff while the database is away."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from outbox_relay.redact import redact_dsn
+
+log = structlog.get_logger("outbox_relay.connect")
+
+# Keepalives make a vanished server (a dead host, a cut network) an error within a
+# minute instead of a connection that waits forever.
+_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
+async def connect_once(dsn: str, *, autocommit: bool = False, timeout: float = 10.0) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(
+        dsn,
+        autocommit=autocommit,
+        application_name="outbox-relay",
+        connect_timeout=max(1, int(timeout)),
+        **_KEEPALIVE,
+    )
+
+
+async def connect_with_retry(
+    dsn: str, *, purpose: str, retry_max: float, autocommit: bool = False
+) -> psycopg.AsyncConnection[Any]:
+    """Connect, retrying forever with capped backoff and a log line per failure."""
+
+    def before_sleep(state: Any) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "database_unreachable",
+            purpose=purpose,
+            dsn=redact_dsn(dsn),
+            attempt=state.attempt_number,
+            retry_in_s=round(state.next_action.sleep, 2) if state.next_action else None,
+            error=str(exc).splitlines()[0] if exc else None,
+        )
+
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(psycopg.OperationalError),
+        wait=wait_exponential_jitter(initial=0.2, max=max(0.2, retry_max), jitter=0.2),
+        before_sleep=before_sleep,
+        reraise=True,
+    ):
+        with attempt:
+            return await connect_once(dsn, autocommit=autocommit)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,105 @@
+"""Side tasks on their own connection: retention and the relay heartbeat.
+
+A database outage only pauses them (they reconnect); a bug in them stops the relay,
+loudly, through the relay's task group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import structlog
+
+from outbox_relay.engine.connect import connect_with_retry
+from outbox_relay.sqlfiles import Queries
+
+log = structlog.get_logger("outbox_relay.maintenance")
+
+RETENTION_CHUNK = 1000
+STALE_RELAY_S = 600.0
+
+
+def retention_interval(retention: float) -> float:
+    """How often to look for expired rows: often enough to keep the table near its bound."""
+    return min(60.0, max(0.5, retention / 4))
+
+
+class Maintenance:
+    def __init__(
+        self,
+        dsn: str,
+        queries: Queries,
+        *,
+        relay_id: UUID,
+        retention: float,
+        heartbeat_every: float,
+        in_flight: Callable[[], int],
+        retry_max: float,
+    ):
+        self._dsn = dsn
+        self._q = queries
+        self._relay_id = relay_id
+        self._retention = retention
+        self._heartbeat_every = heartbeat_every
+        self._in_flight = in_flight
+        self._retry_max = retry_max
+        self.deleted = 0
+
+    async def run(self) -> None:
+        next_retention = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn = await connect_with_retry(
+                    self._dsn, purpose="maintenance", retry_max=self._retry_max, autocommit=True
+                )
+                async with conn:
+                    while True:
+                        await self.heartbeat(conn)
+                        if loop.time() >= next_retention:
+                            await self.delete_expired(conn)
+                            next_retention = loop.time() + retention_interval(self._retention)
+                        await asyncio.sleep(self._heartbeat_every)
+            except psycopg.OperationalError as exc:
+                log.warning("maintenance_connection_lost", error=str(exc).splitlines()[0])
+                await asyncio.sleep(min(1.0, self._retry_max))
+
+    async def heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(
+            self._q["heartbeat"],
+            {
+                "relay_id": self._relay_id,
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "in_flight": self._in_flight(),
+            },
+        )
+        await conn.execute(self._q["forget_stale_relays"], {"stale_s": STALE_RELAY_S})
+
+    async def delete_expired(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        total = 0
+        while True:
+            cur = await conn.execute(
+                self._q["delete_expired"], {"retention_s": self._retention, "limit": RETENTION_CHUNK}
+            )
+            total += cur.rowcount
+            if cur.rowcount < RETENTION_CHUNK:
+                break
+        if total:
+            self.deleted += total
+            log.info("retention_deleted", rows=total)
+        return total
+
+    async def forget(self) -> None:
+        """Remove this relay's heartbeat row at shutdown (best effort)."""
+        with contextlib.suppress(Exception):
+            conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, connect_timeout=5)
+            async with conn:
+                await conn.execute(self._q["forget_relay"], {"relay_id": self._relay_id})

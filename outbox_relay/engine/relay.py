@@ -1,0 +1,201 @@
+"""The relay process: workers that claim, publish and record; side tasks; shutdown.
+
+Each worker owns one connection and loops: claim a batch in a transaction,
+publish it, record the outcomes, commit. A full batch means more is waiting, so it
+goes again at once; otherwise it sleeps until a NOTIFY, the poll timer or stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+
+from outbox_relay import schema_manager
+from outbox_relay.adapter import Adapter
+from outbox_relay.config import Config
+from outbox_relay.engine.brokers import BrokerHandle
+from outbox_relay.engine.connect import connect_with_retry
+from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.maintenance import Maintenance
+from outbox_relay.engine.store import OutboxStore, Record
+from outbox_relay.engine.wakeup import Listener, Wakeup
+from outbox_relay.models import Message
+from outbox_relay.retry import Backoff
+from outbox_relay.routing import Router
+from outbox_relay.sqlfiles import Queries, notify_channel
+
+log = structlog.get_logger("outbox_relay.relay")
+
+
+class RelayObserver(Protocol):
+    """Told about every committed batch (the demo and tests use it; metrics will)."""
+
+    def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None: ...
+
+
+class Relay:
+    def __init__(
+        self,
+        config: Config,
+        adapters: Mapping[str, Adapter],
+        *,
+        observer: RelayObserver | None = None,
+        heartbeat_every: float = 5.0,
+    ):
+        relay = config.relay
+        self.config = config
+        self.relay_id = uuid.uuid4()
+        self._dsn = config.database.dsn.get_secret_value()
+        self._queries = Queries(config.database.schema_name)
+        self._backoff = Backoff.from_config(relay)
+        self._brokers = {name: BrokerHandle(name, a, self._backoff) for name, a in adapters.items()}
+        self._store = OutboxStore(self._queries, hold_dead_letters=relay.dead_letter_policy == "hold")
+        self._dispatcher = Dispatcher(
+            self._brokers,
+            Router(config.routes),
+            self._backoff,
+            max_attempts=relay.max_attempts,
+            publish_timeout=relay.publish_timeout,
+        )
+        self._wakeup = Wakeup(relay.workers)
+        self._listener = Listener(
+            self._dsn,
+            notify_channel(config.database.schema_name),
+            self._wakeup,
+            retry_max=relay.retry.max,
+            check_every=30.0,
+        )
+        self._maintenance = Maintenance(
+            self._dsn,
+            self._queries,
+            relay_id=self.relay_id,
+            retention=relay.retention,
+            heartbeat_every=heartbeat_every,
+            in_flight=lambda: self.in_flight,
+            retry_max=relay.retry.max,
+        )
+        self._observer = observer
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+        self.in_flight = 0
+        self.wakeups: Counter[str] = Counter()
+        self.published = 0
+
+    def stop(self) -> None:
+        """Stop claiming; the run finishes its in-flight batches and returns."""
+        if not self._stop.is_set():
+            log.info("relay_stopping")
+            self._stop.set()
+
+    @property
+    def brokers(self) -> Mapping[str, BrokerHandle]:
+        return self._brokers
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; raise if a task fails unexpectedly."""
+        await self._check_schema()
+        for handle in self._brokers.values():
+            await handle.connect()
+        relay = self.config.relay
+        tasks: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(relay.workers)
+        ]
+        side: list[asyncio.Task[Any]] = [asyncio.create_task(self._maintenance.run(), name="maintenance")]
+        if relay.notify:
+            side.append(asyncio.create_task(self._listener.run(), name="listener"))
+        log.info(
+            "relay_started", relay_id=str(self.relay_id), schema=self.config.database.schema_name,
+            workers=relay.workers, notify=relay.notify, brokers=sorted(self._brokers),
+        )
+        self.started.set()
+        stop_waiter = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stop_waiter, *tasks, *side], return_when=asyncio.FIRST_COMPLETED)
+            failed = [t for t in done if t is not stop_waiter and not t.cancelled() and t.exception()]
+            if failed:
+                self._stop.set()
+                error = failed[0].exception()
+                log.error("relay_task_failed", task=failed[0].get_name(), error=repr(error))
+                raise error  # type: ignore[misc]
+            await self._drain(tasks, relay.shutdown_timeout)
+        finally:
+            self._stop.set()
+            for task in [stop_waiter, *tasks, *side]:
+                task.cancel()
+            await asyncio.gather(stop_waiter, *tasks, *side, return_exceptions=True)
+            await self._maintenance.forget()
+            for handle in self._brokers.values():
+                await handle.close()
+            log.info("relay_stopped", relay_id=str(self.relay_id), published=self.published)
+
+    async def _drain(self, workers: list[asyncio.Task[Any]], timeout: float) -> None:
+        """Let in-flight batches finish; past `timeout`, cancel them (rolled back, rows released)."""
+        _, pending = await asyncio.wait(workers, timeout=timeout)
+        if pending:
+            log.warning("shutdown_timeout", in_flight=self.in_flight, timeout_s=timeout)
+
+    async def _check_schema(self) -> None:
+        conn = await connect_with_retry(self._dsn, purpose="startup", retry_max=self.config.relay.retry.max)
+        async with conn:
+            await schema_manager.check(conn, self.config.database.schema_name)
+
+    async def _worker(self, index: int) -> None:
+        relay = self.config.relay
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while not self._stop.is_set():
+                if conn is None:
+                    conn = await self._connect_worker()
+                try:
+                    claimed = await self._batch(conn)
+                except psycopg.OperationalError as exc:
+                    log.warning("database_connection_lost", worker=index, error=str(exc).splitlines()[0])
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    conn = None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                    continue
+                if claimed >= relay.batch_size:
+                    self.wakeups["backlog"] += 1
+                    continue
+                reason = await self._wakeup.wait(index, relay.poll_interval, self._stop)
+                self.wakeups[reason] += 1
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _connect_worker(self) -> psycopg.AsyncConnection[Any]:
+        conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max)
+        # A relay that hangs mid-batch (not dead, so its connection stays up) would hold its
+        # rows forever; Postgres ends such a session, the rows become claimable again.
+        idle_ms = int((self.config.relay.publish_timeout + 30.0) * 1000)
+        await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),))
+        await conn.commit()
+        return conn
+
+    async def _batch(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        async with conn.transaction():
+            messages = await self._store.claim(conn, self.config.relay.batch_size)
+            if not messages:
+                return 0
+            self.in_flight += len(messages)
+            try:
+                records = await self._dispatcher.dispatch(messages)
+                await self._store.record(conn, records)
+            finally:
+                self.in_flight -= len(messages)
+        acked = sum(1 for r in records if r.kind == "acked")
+        self.published += acked
+        log.debug("batch_recorded", claimed=len(messages), acked=acked)
+        if self._observer is not None:
+            self._observer.batch_recorded(messages, records)
+        return len(messages)

@@ -1,0 +1,96 @@
+"""What wakes an idle worker: a NOTIFY, the poll timer, or the stop signal.
+
+The LISTEN connection is only an accelerator. The poll is the floor: a lost
+notification, a dropped LISTEN connection, NOTIFY disabled, or a pooler that
+cannot LISTEN (pgbouncer in transaction mode) delays a message by at most one
+poll interval, never strands it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Literal
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from outbox_relay.engine.connect import connect_with_retry
+
+log = structlog.get_logger("outbox_relay.wakeup")
+
+WakeReason = Literal["notify", "poll", "stop"]
+
+
+class Wakeup:
+    """One event per worker, so a single notification wakes every idle worker."""
+
+    def __init__(self, workers: int):
+        self._events = [asyncio.Event() for _ in range(workers)]
+        self.notified = 0
+
+    def notify_all(self) -> None:
+        self.notified += 1
+        for event in self._events:
+            event.set()
+
+    async def wait(self, worker: int, timeout: float, stop: asyncio.Event) -> WakeReason:
+        event = self._events[worker]
+        if stop.is_set():
+            return "stop"
+        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if stop.is_set():
+            return "stop"
+        if event.is_set():
+            event.clear()
+            return "notify"
+        return "poll"
+
+
+class Listener:
+    """Holds a LISTEN connection open, reconnecting after any failure."""
+
+    def __init__(self, dsn: str, channel: str, wakeup: Wakeup, *, retry_max: float, check_every: float):
+        self._dsn = dsn
+        self._channel = channel
+        self._wakeup = wakeup
+        self._retry_max = retry_max
+        self._check_every = check_every
+        self.connected = False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._listen_once()
+            except psycopg.OperationalError as exc:
+                self.connected = False
+                log.warning("listen_connection_lost", error=str(exc).splitlines()[0])
+                # Rows may have arrived while we were deaf: let the workers look.
+                self._wakeup.notify_all()
+                await asyncio.sleep(min(1.0, self._retry_max))
+
+    async def _listen_once(self) -> None:
+        conn: psycopg.AsyncConnection[Any] = await connect_with_retry(
+            self._dsn, purpose="listen", retry_max=self._retry_max, autocommit=True
+        )
+        try:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            self.connected = True
+            log.info("listening", channel=self._channel)
+            self._wakeup.notify_all()
+            while True:
+                async for _ in conn.notifies(timeout=self._check_every):
+                    self._wakeup.notify_all()
+                # No traffic for a while: make sure the connection is still alive, since a
+                # silently dead socket would otherwise leave us listening to nothing.
+                await conn.execute("SELECT 1")
+        finally:
+            self.connected = False
+            with contextlib.suppress(Exception):
+                await conn.close()

@@ -1,0 +1,45 @@
+"""Every error outbox-relay raises derives from :class:`OutboxRelayError`.
+
+The CLI turns these into one line and an exit code; their messages never carry a
+secret (DSNs are redacted before they reach an error).
+"""
+
+from __future__ import annotations
+
+
+class OutboxRelayError(Exception):
+    """Base class: something outbox-relay can explain in one line."""
+
+    exit_code = 1
+
+
+class ConfigError(OutboxRelayError):
+    """The configuration file is missing, malformed or invalid.
+
+    The message names the file, the key path and what is wrong.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: str | None = None, path: str | None = None):
+        self.source = source
+        self.path = path
+        self.reason = message
+        prefix = "".join(f"{part}: " for part in (source, path) if part)
+        super().__init__(prefix + message)
+
+
+class AdapterOptionsError(ConfigError):
+    """An adapter rejected its options; `path` is relative to the broker's block."""
+
+
+class SchemaError(OutboxRelayError):
+    """The outbox schema is missing, too old, or could not be installed."""
+
+
+class DatabaseError(OutboxRelayError):
+    """The database could not be reached or refused a statement."""
+
+
+class AdapterError(OutboxRelayError):
+    """A broker adapter could not connect or failed outside of a publish."""

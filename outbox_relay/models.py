@@ -1,0 +1,75 @@
+"""The data that crosses the engine/adapter boundary. Imports nothing of ours."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One outbox row as claimed by the relay."""
+
+    id: int  # enqueue order; per-key ordering follows it
+    message_id: UUID  # stable across redeliveries; travels to the broker
+    topic: str
+    key: str | None
+    payload: bytes
+    content_type: str
+    headers: Mapping[str, str]
+    attempts: int  # publish attempts before this one
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message on its way to one broker, with the route's destination resolved."""
+
+    message: Message
+    destination: str
+
+    @property
+    def message_id(self) -> UUID:
+        return self.message.message_id
+
+
+class Outcome(enum.Enum):
+    ACKED = "acked"
+    TRANSIENT = "transient"  # try again later; counts toward max_attempts
+    UNAVAILABLE = "unavailable"  # broker unreachable: try again later, attempt not counted
+    PERMANENT = "permanent"  # will never succeed: dead-letter it
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What the broker said about one message."""
+
+    outcome: Outcome
+    reason: str | None = field(default=None)
+
+    @classmethod
+    def acked(cls) -> PublishResult:
+        return _ACKED
+
+    @classmethod
+    def transient(cls, reason: str) -> PublishResult:
+        return cls(Outcome.TRANSIENT, reason)
+
+    @classmethod
+    def unavailable(cls, reason: str) -> PublishResult:
+        """The broker could not be reached: the message was never attempted.
+
+        Retried with backoff like a transient failure, but does not spend one of the
+        message's `max_attempts`, so a long broker outage dead-letters nothing.
+        """
+        return cls(Outcome.UNAVAILABLE, reason)
+
+    @classmethod
+    def permanent(cls, reason: str) -> PublishResult:
+        return cls(Outcome.PERMANENT, reason)
+
+
+_ACKED = PublishResult(Outcome.ACKED)

@@ -1,0 +1,96 @@
+"""Enqueue a message inside the caller's own transaction.
+
+These functions take the application's psycopg 3 connection and run one statement
+on it. They never commit or roll back: the message becomes visible to the relay
+exactly when, and only if, the caller's transaction commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+from outbox_relay.sqlfiles import DEFAULT_SCHEMA, validate_schema_name
+from outbox_relay.validation import check_headers, check_key, check_topic
+
+Payload = Any  # dict | list | str | bytes | any JSON-serialisable value
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+BINARY = "application/octet-stream"
+
+
+def encode_payload(payload: Payload) -> tuple[bytes, str]:
+    """(bytes, content type) for a payload: bytes as-is, str as UTF-8 text, else JSON."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload), BINARY
+    if isinstance(payload, str):
+        return payload.encode("utf-8"), TEXT
+    try:
+        encoded = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid payload: not JSON-serialisable ({exc})") from exc
+    return encoded.encode("utf-8"), JSON
+
+
+def _statement(
+    topic: str,
+    payload: Payload,
+    key: str | None,
+    headers: Mapping[str, str] | None,
+    schema: str,
+) -> tuple[sql.Composed, tuple[object, ...]]:
+    # Validate everything before building SQL, so a bad call never reaches the database.
+    check_topic(topic)
+    check_key(key)
+    checked_headers = check_headers(headers)
+    body, content_type = encode_payload(payload)
+    query = sql.SQL("SELECT {}.enqueue_binary(%s, %s, %s, %s::jsonb, %s)").format(
+        sql.Identifier(validate_schema_name(schema))
+    )
+    return query, (topic, key, body, json.dumps(checked_headers), content_type)
+
+
+def enqueue(
+    conn: psycopg.Connection[Any],
+    topic: str,
+    payload: Payload,
+    *,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> UUID:
+    """Add a message to the outbox in `conn`'s current transaction; return its message id.
+
+    Raises ValueError for an invalid topic, key, headers or payload before any SQL runs.
+    """
+    query, params = _statement(topic, payload, key, headers, schema)
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+    assert row is not None
+    return UUID(str(row[0]))
+
+
+async def enqueue_async(
+    conn: psycopg.AsyncConnection[Any],
+    topic: str,
+    payload: Payload,
+    *,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> UUID:
+    """The async twin of :func:`enqueue`."""
+    query, params = _statement(topic, payload, key, headers, schema)
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(query, params)
+        row = await cur.fetchone()
+    assert row is not None
+    return UUID(str(row[0]))

@@ -1,0 +1,59 @@
+"""The JSON-lines record: how a message looks to tools that read files, stdout or webhooks.
+
+    {"message_id": "...", "topic": "...", "key": "..." | null, "headers": {...},
+     "content_type": "...", "destination": "...", "created_at": "...",
+     "payload": <the JSON value>}
+
+A payload that is not JSON is carried as base64 and marked with
+``"payload_encoding": "base64"``; a text payload is carried as a string with
+``"payload_encoding": "text"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from outbox_relay.models import OutgoingMessage
+
+
+def record(out: OutgoingMessage) -> dict[str, Any]:
+    message = out.message
+    data: dict[str, Any] = {
+        "message_id": str(message.message_id),
+        "topic": message.topic,
+        "key": message.key,
+        "headers": dict(message.headers),
+        "content_type": message.content_type,
+        "destination": out.destination,
+        "created_at": message.created_at.isoformat(),
+    }
+    if message.content_type.startswith("application/json"):
+        try:
+            data["payload"] = json.loads(message.payload)
+            return data
+        except ValueError:
+            pass  # labelled JSON but is not: fall through to base64, never lose it
+    if message.content_type.startswith("text/"):
+        try:
+            data["payload"] = message.payload.decode("utf-8")
+            data["payload_encoding"] = "text"
+            return data
+        except UnicodeDecodeError:
+            pass
+    data["payload"] = base64.b64encode(message.payload).decode("ascii")
+    data["payload_encoding"] = "base64"
+    return data
+
+
+def json_line(out: OutgoingMessage) -> str:
+    return json.dumps(record(out), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def decode_payload(data: dict[str, Any]) -> Any:
+    """The payload of a record as the producer gave it: JSON value, str or bytes."""
+    encoding = data.get("payload_encoding")
+    if encoding == "base64":
+        return base64.b64decode(data["payload"])
+    return data["payload"]

@@ -1,0 +1,39 @@
+"""Keeps secrets out of logs, errors and `check` output."""
+
+from __future__ import annotations
+
+import re
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):[^@/]*@", re.I)
+MASK = "***"
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ``***`` (URI or key=value form)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        # Unparseable: mask anything that looks like a password rather than echo it.
+        masked = _URI_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", dsn)
+        return re.sub(r"(password\s*=\s*)(\S+)", rf"\1{MASK}", masked, flags=re.I)
+    if "password" in params:
+        params["password"] = MASK
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """`text` with every occurrence of each non-empty secret masked."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return _URI_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", text)
+
+
+def dsn_password(dsn: str) -> str | None:
+    try:
+        value = conninfo_to_dict(dsn).get("password")
+    except Exception:
+        return None
+    return str(value) if value else None

@@ -1,0 +1,32 @@
+"""Routes: which broker, and which destination on it, a topic goes to."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from outbox_relay.config import RouteConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    broker: str
+    destination: str
+
+
+class Router:
+    """First matching route wins; a topic that matches none has no target."""
+
+    def __init__(self, routes: Sequence[RouteConfig]):
+        self._routes = tuple(routes)
+        self.resolve = functools.lru_cache(maxsize=4096)(self._resolve)
+
+    def _resolve(self, topic: str) -> Target | None:
+        for route in self._routes:
+            if route.matches(topic):
+                return Target(route.broker, route.destination or topic)
+        return None
+
+    def brokers_in_use(self) -> set[str]:
+        return {route.broker for route in self._routes}

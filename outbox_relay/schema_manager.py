@@ -1,0 +1,144 @@
+"""Installs and checks the outbox schema in an existing database.
+
+Install is idempotent and safe when two installs race: both take the same
+transaction-level advisory lock, so the second waits and then finds the work done.
+It creates objects only inside its own schema, and refuses a schema that already
+holds objects that are not outbox-relay's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from outbox_relay import sqlfiles
+from outbox_relay.errors import DatabaseError, SchemaError
+
+_LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay.schema.' || %s))"
+_SCHEMA_OBJECTS = """
+SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s
+"""
+_HAS_VERSION_TABLE = "SELECT to_regclass(format('%%I.schema_version', %s::text)) IS NOT NULL"
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    schema: str
+    previous_version: int | None
+    version: int
+
+    @property
+    def changed(self) -> bool:
+        return self.previous_version != self.version
+
+
+def _version_of(cur: psycopg.Cursor[tuple[object, ...]], schema: str) -> int | None:
+    cur.execute(_HAS_VERSION_TABLE, (schema,))
+    row = cur.fetchone()
+    if not row or not row[0]:
+        return None
+    cur.execute(sqlfiles.Queries(schema)["schema_version"])
+    row = cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> InstallResult:
+    """Create or upgrade `schema` to the current version, in one transaction."""
+    sqlfiles.validate_schema_name(schema)
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise SchemaError("schema install needs a connection outside of a transaction")
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(_LOCK_KEY, (schema,))
+            previous = _version_of(cur, schema)
+            if previous is None:
+                cur.execute(_SCHEMA_OBJECTS, (schema,))
+                row = cur.fetchone()
+                if row and row[0]:
+                    raise SchemaError(
+                        f"schema {schema!r} already exists and holds objects that are not "
+                        "outbox-relay's; choose another name with --schema"
+                    )
+                cur.execute(sqlfiles.ddl(schema))
+                _record_version(cur, schema, sqlfiles.SCHEMA_VERSION)
+            elif previous > sqlfiles.SCHEMA_VERSION:
+                raise SchemaError(
+                    f"schema {schema!r} is at version {previous}, newer than this "
+                    f"outbox-relay knows ({sqlfiles.SCHEMA_VERSION}): upgrade outbox-relay"
+                )
+            else:
+                for version, name in sqlfiles.migrations():
+                    if version > previous:
+                        cur.execute(sqlfiles.migration(name, schema))
+                        _record_version(cur, schema, version)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"schema install failed: {exc}") from exc
+    return InstallResult(schema, previous, sqlfiles.SCHEMA_VERSION)
+
+
+def _record_version(cur: psycopg.Cursor[tuple[object, ...]], schema: str, version: int) -> None:
+    cur.execute(
+        sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(
+            sql.Identifier(schema)
+        ),
+        (version,),
+    )
+
+
+def version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | None:
+    """The installed schema version, or None when the schema is not installed."""
+    with conn.cursor() as cur:
+        found = _version_of(cur, schema)
+    conn.rollback()
+    return found
+
+
+def missing_or_old(version: int | None, schema: str) -> str | None:
+    """Why the relay cannot run against a schema at `version`, or None if it can."""
+    if version is None:
+        return (
+            f"outbox schema {schema!r} is not installed in this database: "
+            f"run `outbox-relay schema install --schema {schema}`"
+        )
+    if version < sqlfiles.SCHEMA_VERSION:
+        return (
+            f"outbox schema {schema!r} is at version {version}, older than this outbox-relay "
+            f"needs ({sqlfiles.SCHEMA_VERSION}): run `outbox-relay schema install --schema {schema}`"
+        )
+    if version > sqlfiles.SCHEMA_VERSION:
+        return (
+            f"outbox schema {schema!r} is at version {version}, newer than this outbox-relay "
+            f"knows ({sqlfiles.SCHEMA_VERSION}): upgrade outbox-relay"
+        )
+    return None
+
+
+async def check(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str) -> None:
+    """Raise SchemaError unless `schema` is installed at exactly the current version."""
+    async with conn.cursor() as cur:
+        await cur.execute(_HAS_VERSION_TABLE, (schema,))
+        row = await cur.fetchone()
+        version = None
+        if row and row[0]:
+            await cur.execute(sqlfiles.Queries(schema)["schema_version"])
+            vrow = await cur.fetchone()
+            version = int(vrow[0]) if vrow and vrow[0] is not None else None  # type: ignore[call-overload]
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+        await conn.rollback()
+    problem = missing_or_old(version, schema)
+    if problem:
+        raise SchemaError(problem)
+
+
+def set_notify(conn: psycopg.Connection[tuple[object, ...]], schema: str, enabled: bool) -> None:
+    """Enable or disable the NOTIFY trigger (the relay's poll works either way)."""
+    action = sql.SQL("ENABLE") if enabled else sql.SQL("DISABLE")
+    with conn.transaction():
+        conn.execute(
+            sql.SQL("ALTER TABLE {}.messages {} TRIGGER messages_notify_relay").format(
+                sql.Identifier(sqlfiles.validate_schema_name(schema)), action
+            )
+        )

@@ -1,0 +1,94 @@
+"""Loads the SQL under ``schema/`` once and renders it for a schema name.
+
+Names reach SQL only as quoted identifiers and literals composed by
+:mod:`psycopg.sql`, never by string formatting of user input.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+
+from psycopg import sql
+
+from outbox_relay.errors import ConfigError
+
+SCHEMA_VERSION = 1
+DEFAULT_SCHEMA = "outbox"
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def validate_schema_name(name: str) -> str:
+    """Return `name` if it is a plain lower-case identifier, else raise ConfigError."""
+    if not _SCHEMA_NAME.match(name):
+        raise ConfigError(
+            f"invalid schema name {name!r}: use 1 to 63 lower-case letters, digits or _, "
+            "not starting with a digit"
+        )
+    return name
+
+
+def notify_channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel for one outbox schema."""
+    return f"outbox_relay.{schema}"
+
+
+def _read(name: str) -> str:
+    return resources.files("outbox_relay.schema").joinpath(name).read_text(encoding="utf-8")
+
+
+def _render(text: str, schema: str, **extra: sql.Composable) -> sql.Composed:
+    return sql.SQL(text).format(  # type: ignore[arg-type]  # text comes from our files
+        schema=sql.Identifier(validate_schema_name(schema)),
+        channel=sql.Literal(notify_channel(schema)),
+        **extra,
+    )
+
+
+def ddl(schema: str) -> sql.Composed:
+    """The current DDL (``schema/schema.sql``) for `schema`."""
+    return _render(_read("schema.sql"), schema)
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, file name) of every migration, in order."""
+    found = []
+    for entry in resources.files("outbox_relay.schema").joinpath("migrations").iterdir():
+        match = re.match(r"^(\d{4})_\w+\.sql$", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name))
+    return sorted(found)
+
+
+def migration(name: str, schema: str) -> sql.Composed:
+    return _render(_read(f"migrations/{name}"), schema)
+
+
+def grants(kind: str, schema: str, role: str) -> sql.Composed:
+    """GRANT statements for a `relay` or `producer` role."""
+    return _render(_read(f"grants_{kind}.sql"), schema, role=sql.Identifier(role))
+
+
+@functools.cache
+def _query_texts() -> dict[str, str]:
+    text = _read("queries.sql")
+    parts = _QUERY_HEADER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+class Queries:
+    """Every named query of ``queries.sql``, rendered once for one schema."""
+
+    def __init__(self, schema: str):
+        self.schema = validate_schema_name(schema)
+        self._rendered = {name: _render(text, schema) for name, text in _query_texts().items()}
+
+    def __getitem__(self, name: str) -> sql.Composed:
+        return self._rendered[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._rendered)

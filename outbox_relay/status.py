@@ -1,0 +1,110 @@
+"""`outbox-relay status`: what is pending, in flight, dead-lettered, and who is relaying."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from outbox_relay.sqlfiles import Queries
+
+LIVE_RELAY_S = 30.0
+
+
+@dataclass
+class TopicStatus:
+    topic: str
+    pending: int
+    dead_lettered: int
+    oldest_pending_age_s: float | None
+
+
+@dataclass
+class RelayInfo:
+    relay_id: str
+    hostname: str
+    pid: int
+    in_flight: int
+    heartbeat_age_s: float
+    live: bool
+
+
+@dataclass
+class Status:
+    schema: str
+    pending: int
+    in_flight: int
+    dead_lettered: int
+    dispatched_retained: int
+    oldest_pending_age_s: float | None
+    topics: list[TopicStatus] = field(default_factory=list)
+    relays: list[RelayInfo] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _age(value: Any) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def read(conn: psycopg.Connection[Any], schema: str) -> Status:
+    q = Queries(schema)
+    with conn.cursor(row_factory=dict_row) as cur:
+        totals = cur.execute(q["status_totals"]).fetchone() or {}
+        topics = cur.execute(q["status_by_topic"]).fetchall()
+        dispatched = cur.execute(q["status_dispatched"]).fetchone() or {}
+        relays = cur.execute(q["status_relays"]).fetchall()
+    conn.rollback()
+    infos = [
+        RelayInfo(
+            relay_id=str(r["relay_id"]),
+            hostname=r["hostname"],
+            pid=r["pid"],
+            in_flight=r["in_flight"],
+            heartbeat_age_s=round(float(r["heartbeat_age_s"]), 1),
+            live=float(r["heartbeat_age_s"]) <= LIVE_RELAY_S,
+        )
+        for r in relays
+    ]
+    return Status(
+        schema=schema,
+        pending=int(totals.get("pending") or 0),
+        in_flight=sum(info.in_flight for info in infos if info.live),
+        dead_lettered=int(totals.get("dead_lettered") or 0),
+        dispatched_retained=int(dispatched.get("dispatched") or 0),
+        oldest_pending_age_s=_age(totals.get("oldest_pending_age_s")),
+        topics=[
+            TopicStatus(t["topic"], t["pending"], t["dead_lettered"], _age(t["oldest_pending_age_s"]))
+            for t in topics
+        ],
+        relays=infos,
+    )
+
+
+def render(status: Status) -> str:
+    age = "-" if status.oldest_pending_age_s is None else f"{status.oldest_pending_age_s:.1f}s"
+    lines = [
+        f"schema {status.schema}",
+        f"  pending        {status.pending}",
+        f"  in flight      {status.in_flight}",
+        f"  dead-lettered  {status.dead_lettered}",
+        f"  oldest pending {age}",
+        f"  dispatched (kept for retention) {status.dispatched_retained}",
+    ]
+    if status.topics:
+        width = max(len(t.topic) for t in status.topics)
+        lines.append("")
+        lines.append(f"  {'topic'.ljust(width)}  pending  dead-lettered  oldest pending")
+        for t in status.topics:
+            t_age = "-" if t.oldest_pending_age_s is None else f"{t.oldest_pending_age_s:.1f}s"
+            lines.append(f"  {t.topic.ljust(width)}  {t.pending:>7}  {t.dead_lettered:>13}  {t_age:>14}")
+    lines.append("")
+    live = [r for r in status.relays if r.live]
+    lines.append(f"  relays live    {len(live)}")
+    for r in live:
+        lines.append(f"    {r.relay_id} {r.hostname} pid {r.pid}: {r.in_flight} in flight, "
+                     f"heartbeat {r.heartbeat_age_s:.0f}s ago")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""The composition root: turns a Config into adapters and a Relay.
+
+Only this module (and the CLI that calls it) knows concrete pieces; the engine
+sees the Adapter protocol alone.
+"""
+
+from __future__ import annotations
+
+from outbox_relay import adapter as adapter_registry
+from outbox_relay.adapter import Adapter
+from outbox_relay.config import Config
+from outbox_relay.engine.relay import Relay, RelayObserver
+from outbox_relay.errors import ConfigError
+
+
+def build_adapters(config: Config) -> dict[str, Adapter]:
+    """One adapter per broker block, options validated; errors name the key path."""
+    adapters: dict[str, Adapter] = {}
+    for name, broker in config.brokers.items():
+        try:
+            adapters[name] = adapter_registry.create(broker.type, name, broker.options)
+        except ConfigError as exc:
+            path = ".".join(p for p in ("brokers", name, exc.path) if p)
+            raise ConfigError(exc.reason, source=config.source, path=path) from None
+    return adapters
+
+
+def build_relay(config: Config, *, observer: RelayObserver | None = None) -> Relay:
+    return Relay(config, build_adapters(config), observer=observer)

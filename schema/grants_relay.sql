@@ -1,0 +1,8 @@
+-- Least privilege for the relay's own role, {role}: it reads and updates messages,
+-- deletes them for retention, and writes its heartbeat. Nothing outside {schema}.
+-- Applications that enqueue need only: GRANT USAGE ON SCHEMA and EXECUTE on enqueue
+-- functions (or INSERT on messages), shown at the end.
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT, UPDATE, DELETE ON {schema}.messages TO {role};
+GRANT SELECT ON {schema}.schema_version TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};

@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# Provision a real RabbitMQ node as a local process -- no Docker needed.
+#
+#   rabbitmq.sh install           apt-get install rabbitmq-server if missing (needs root/sudo)
+#   rabbitmq.sh start DIR PORT    start a private node; AMQP on 127.0.0.1:PORT
+#   rabbitmq.sh stop DIR          stop the node started in DIR (and its private epmd)
+#   rabbitmq.sh status DIR        exit 0 if the node of DIR is running
+#
+# Each node is fully private: its own node name (outbox-PORT@localhost), data,
+# logs, config, Erlang cookie (DIR/.erlang.cookie, HOME=DIR) and its own epmd.
+# Ports, all bound to 127.0.0.1 only:
+#   PORT      AMQP 0-9-1            (user guest / password guest, vhost /)
+#   PORT+1    Erlang distribution   (override: RABBITMQ_DIST_PORT)
+#   PORT+2    private epmd          (override: RABBITMQ_EPMD_PORT)
+#
+# Environment:
+#   RABBITMQ_START_TIMEOUT  seconds to wait for the node (default: 90)
+#   RABBITMQ_STOP_TIMEOUT   seconds to wait for a clean stop before SIGKILL (default: 30)
+#   RABBITMQ_SBIN           directory holding rabbitmq-server/rabbitmqctl (auto-detected)
+set -euo pipefail
+
+START_TIMEOUT="${RABBITMQ_START_TIMEOUT:-90}"
+STOP_TIMEOUT="${RABBITMQ_STOP_TIMEOUT:-30}"
+
+log() { printf 'rabbitmq.sh: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+usage() {
+  sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+# Directory with the real rabbitmq-server/rabbitmqctl scripts. On Debian the
+# commands in /usr/sbin are a wrapper that `su`s to the rabbitmq user and
+# `cd`s to /var/lib/rabbitmq (forcing HOME=/var/lib/rabbitmq and its shared
+# cookie); we call the unwrapped scripts in /usr/lib/rabbitmq/bin instead, so
+# the node runs as the invoking user (root is fine) with our own HOME/cookie.
+find_sbin() {
+  local d cand
+  if [[ -n "${RABBITMQ_SBIN:-}" ]]; then
+    [[ -x "$RABBITMQ_SBIN/rabbitmq-server" ]] || return 1
+    printf '%s\n' "$RABBITMQ_SBIN"
+    return 0
+  fi
+  if [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
+    printf '%s\n' /usr/lib/rabbitmq/bin
+    return 0
+  fi
+  for d in ${PATH//:/ } /usr/sbin /usr/local/sbin; do
+    cand="$d/rabbitmq-server"
+    if [[ -x "$cand" ]]; then
+      dirname "$(readlink -f "$cand")"
+      return 0
+    fi
+  done
+  return 1
+}
+
+as_root() {
+  if [[ "$(id -u)" -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    die "need root (or sudo) to run: $*"
+  fi
+}
+
+cmd_install() {
+  local sbin
+  if sbin="$(find_sbin)"; then
+    log "rabbitmq-server already installed ($sbin)"
+    stop_system_service
+    return 0
+  fi
+  command -v apt-get >/dev/null || die "rabbitmq-server not found and apt-get is unavailable"
+  # Keep the package's maintainer scripts from auto-starting the system-wide
+  # node (we run our own instances): a temporary policy-rc.d that denies
+  # service starts, unless one already exists.
+  local policy=/usr/sbin/policy-rc.d added_policy=""
+  if [[ ! -e "$policy" ]]; then
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' >$policy && chmod 755 $policy"
+    added_policy=1
+  fi
+  log "installing rabbitmq-server with apt-get ..."
+  local start=$SECONDS rc=0
+  {
+    as_root apt-get update -qq &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+      rabbitmq-server >/dev/null
+  } || rc=$?
+  if [[ -n "$added_policy" ]]; then
+    as_root rm -f "$policy"
+  fi
+  ((rc == 0)) || die "apt-get install rabbitmq-server failed (rc=$rc)"
+  sbin="$(find_sbin)" || die "rabbitmq-server still not found after install"
+  log "installed rabbitmq-server in $((SECONDS - start))s ($sbin)"
+  stop_system_service
+}
+
+# Stop the distribution's own rabbitmq-server service if something started it.
+stop_system_service() {
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+    if systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+      log "stopping the system rabbitmq-server service (systemd)"
+      as_root systemctl stop rabbitmq-server || true
+      as_root systemctl disable rabbitmq-server >/dev/null 2>&1 || true
+    fi
+  elif [[ -x /etc/init.d/rabbitmq-server ]] && pgrep -u rabbitmq -f 'beam.*rabbit' >/dev/null 2>&1; then
+    log "stopping the system rabbitmq-server service (init.d)"
+    as_root /etc/init.d/rabbitmq-server stop >/dev/null 2>&1 || true
+  fi
+}
+
+# Export everything that makes the node in DIR private. Needs NODE, PORT,
+# DIST_PORT, EPMD_PORT and DIR set.
+export_env() {
+  export HOME="$DIR"                           # -> $DIR/.erlang.cookie for server and CLI
+  export RABBITMQ_NODENAME="$NODE"
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT="$PORT"
+  export RABBITMQ_DIST_PORT="$DIST_PORT"
+  export RABBITMQ_CONFIG_FILE="$DIR/rabbitmq.conf"
+  export RABBITMQ_ADVANCED_CONFIG_FILE="$DIR/advanced.config"
+  export RABBITMQ_CONF_ENV_FILE="$DIR/rabbitmq-env.conf"
+  export RABBITMQ_ENABLED_PLUGINS_FILE="$DIR/enabled_plugins"
+  export RABBITMQ_MNESIA_BASE="$DIR/mnesia"
+  export RABBITMQ_LOG_BASE="$DIR/log"
+  export RABBITMQ_PLUGINS_EXPAND_DIR="$DIR/plugins-expand"
+  export RABBITMQ_PID_FILE="$DIR/rabbitmq.pid"
+  export ERL_EPMD_PORT="$EPMD_PORT"
+  export ERL_EPMD_ADDRESS=127.0.0.1
+  export ERL_CRASH_DUMP="$DIR/erl_crash.dump"
+  # The short-lived CLI nodes (rabbitmqctl, rabbitmq-diagnostics) listen for
+  # distribution too: keep them on loopback.
+  export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+}
+
+load_instance() {
+  DIR="$1"
+  [[ -f "$DIR/instance.env" ]] || return 1
+  NODE="" PORT="" DIST_PORT="" EPMD_PORT=""
+  # shellcheck source=/dev/null
+  . "$DIR/instance.env"
+  [[ -n "$NODE" && -n "$PORT" && -n "$DIST_PORT" && -n "$EPMD_PORT" ]] || return 1
+  export_env
+}
+
+alive() {
+  local state
+  kill -0 "$1" 2>/dev/null || return 1
+  state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
+# pid of the node of DIR if alive (guarding against pid reuse), else fail.
+running_pid() {
+  local pid
+  [[ -f "$DIR/rabbitmq.pid" ]] || return 1
+  pid="$(tr -dc '0-9' <"$DIR/rabbitmq.pid")"
+  [[ -n "$pid" ]] || return 1
+  alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$NODE" || return 1
+  printf '%s\n' "$pid"
+}
+
+port_in_use() {
+  python3 -c '
+import socket, sys
+s = socket.socket()
+s.settimeout(1)
+sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
+' "$1"
+}
+
+# AMQP-level probe: send the protocol header, expect a Connection.Start frame.
+amqp_ready() {
+  python3 - "$1" <<'PY'
+import socket, struct, sys
+try:
+    with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2) as s:
+        s.settimeout(3)
+        s.sendall(b"AMQP\x00\x00\x09\x01")
+        hdr = s.recv(7)
+        ftype, _chan, _size = struct.unpack(">BHI", hdr)
+        sys.exit(0 if ftype == 1 else 1)     # METHOD frame (Connection.Start)
+except Exception:
+    sys.exit(1)
+PY
+}
+
+node_running() {
+  timeout 30 "$SBIN/rabbitmq-diagnostics" -q -n "$NODE" check_running >/dev/null 2>&1
+}
+
+write_config() {
+  cat >"$DIR/rabbitmq.conf" <<EOF
+# Generated by scripts/services/rabbitmq.sh
+listeners.tcp.default = 127.0.0.1:$PORT
+listeners.ssl = none
+distribution.listener.interface = 127.0.0.1
+distribution.listener.port_range.min = $DIST_PORT
+distribution.listener.port_range.max = $DIST_PORT
+# guest/guest stays usable, but only over loopback (the default).
+loopback_users.guest = true
+log.file.level = info
+log.console = false
+disk_free_limit.absolute = 50MB
+EOF
+  printf '[].\n' >"$DIR/advanced.config"
+  printf '[].\n' >"$DIR/enabled_plugins"          # no management plugin
+  : >"$DIR/rabbitmq-env.conf"                     # don't read /etc/rabbitmq/rabbitmq-env.conf
+  cat >"$DIR/instance.env" <<EOF
+NODE=$NODE
+PORT=$PORT
+DIST_PORT=$DIST_PORT
+EPMD_PORT=$EPMD_PORT
+EOF
+  if [[ ! -s "$DIR/.erlang.cookie" ]]; then
+    (umask 077; python3 -c 'import secrets,string;print("".join(secrets.choice(string.ascii_uppercase) for _ in range(32)),end="")' >"$DIR/.erlang.cookie")
+    chmod 400 "$DIR/.erlang.cookie"
+  fi
+}
+
+fail_start() {
+  log "---- tail of $DIR/startup.log ----"
+  tail -n 20 "$DIR/startup.log" >&2 2>/dev/null || true
+  local f
+  for f in "$DIR"/log/*.log; do
+    [[ -f "$f" ]] || continue
+    log "---- tail of $f ----"
+    tail -n 40 "$f" >&2
+  done
+  die "$*"
+}
+
+cmd_start() {
+  [[ $# -eq 2 ]] || usage
+  DIR="$1" PORT="$2"
+  [[ "$PORT" =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$PORT'"
+  SBIN="$(find_sbin)" || die "rabbitmq-server not installed; run '$0 install' first"
+  mkdir -p "$DIR"
+  DIR="$(cd "$DIR" && pwd)"
+  NODE="outbox-$PORT@localhost"
+  DIST_PORT="${RABBITMQ_DIST_PORT:-$((PORT + 1))}"
+  EPMD_PORT="${RABBITMQ_EPMD_PORT:-$((PORT + 2))}"
+  export_env
+
+  local pid
+  if pid="$(running_pid)"; then
+    if amqp_ready "$PORT"; then
+      log "node $NODE already running (pid $pid) on 127.0.0.1:$PORT"
+      return 0
+    fi
+    die "node $NODE is running (pid $pid) but 127.0.0.1:$PORT is not ready; run '$0 stop $DIR' first"
+  fi
+  local p
+  for p in "$PORT" "$DIST_PORT"; do
+    if port_in_use "$p"; then
+      die "127.0.0.1:$p is already in use by another process"
+    fi
+  done
+
+  mkdir -p "$DIR/mnesia" "$DIR/log"
+  write_config
+  rm -f "$DIR/rabbitmq.pid"
+  log "starting RabbitMQ node $NODE on 127.0.0.1:$PORT (dist $DIST_PORT, epmd $EPMD_PORT), dir $DIR"
+  local started=$SECONDS deadline=$((SECONDS + START_TIMEOUT))
+  # -detached: erl daemonizes itself; its stdio is not inherited by callers.
+  if ! (cd "$DIR" && setsid "$SBIN/rabbitmq-server" -detached </dev/null >"$DIR/startup.log" 2>&1); then
+    fail_start "rabbitmq-server -detached failed"
+  fi
+
+  # Wait for the pid file, then for the node to report itself running.
+  while ! pid="$(running_pid)"; do
+    if ((SECONDS >= deadline)); then
+      fail_start "node $NODE did not write $DIR/rabbitmq.pid within ${START_TIMEOUT}s"
+    fi
+    sleep 0.2
+  done
+  while :; do
+    if ! alive "$pid"; then
+      fail_start "node $NODE (pid $pid) exited during startup"
+    fi
+    if amqp_ready "$PORT" && node_running; then
+      break
+    fi
+    if ((SECONDS >= deadline)); then
+      kill -KILL "$pid" 2>/dev/null || true
+      fail_start "node $NODE not running after ${START_TIMEOUT}s (killed pid $pid)"
+    fi
+    sleep 0.5
+  done
+  log "RabbitMQ ready on 127.0.0.1:$PORT (node $NODE, pid $pid) after $((SECONDS - started))s"
+}
+
+cmd_stop() {
+  [[ $# -eq 1 ]] || usage
+  if [[ ! -d "$1" ]]; then
+    log "nothing to stop: $1 does not exist"
+    return 0
+  fi
+  DIR="$(cd "$1" && pwd)"
+  if ! load_instance "$DIR"; then
+    log "no RabbitMQ instance in $DIR"
+    return 0
+  fi
+  SBIN="$(find_sbin)" || SBIN=""
+  local pid=""
+  if pid="$(running_pid)"; then
+    log "stopping RabbitMQ node $NODE (pid $pid)"
+    if [[ -n "$SBIN" ]]; then
+      # `stop PIDFILE` returns once the OS process has exited.
+      timeout "$STOP_TIMEOUT" "$SBIN/rabbitmqctl" -q -n "$NODE" stop "$DIR/rabbitmq.pid" \
+        >>"$DIR/stop.log" 2>&1 || log "rabbitmqctl stop failed, falling back to signals"
+    fi
+    if alive "$pid"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      local deadline=$((SECONDS + 10))
+      while alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+    fi
+    if alive "$pid"; then
+      log "pid $pid still alive, sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      local deadline=$((SECONDS + 10))
+      while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+      ! alive "$pid" || die "pid $pid survived SIGKILL"
+    fi
+  else
+    log "node $NODE is not running"
+  fi
+  rm -f "$DIR/rabbitmq.pid"
+  stop_epmd
+  log "RabbitMQ node $NODE stopped"
+}
+
+# Our private epmd (port EPMD_PORT) outlives the node; `epmd -kill` only
+# succeeds when no node is registered with it any more.
+stop_epmd() {
+  local epmd
+  epmd="$(command -v epmd || true)"
+  [[ -n "$epmd" ]] || return 0
+  if port_in_use "$EPMD_PORT"; then
+    "$epmd" -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
+  fi
+}
+
+cmd_status() {
+  [[ $# -eq 1 ]] || usage
+  local pid
+  if [[ -d "$1" ]] && load_instance "$(cd "$1" && pwd)" && pid="$(running_pid)"; then
+    log "node $NODE running (pid $pid)"
+    return 0
+  fi
+  log "not running"
+  return 1
+}
+
+main() {
+  [[ $# -ge 1 ]] || usage
+  local sub="$1"; shift
+  case "$sub" in
+    install) [[ $# -eq 0 ]] || usage; cmd_install ;;
+    start) cmd_start "$@" ;;
+    stop) cmd_stop "$@" ;;
+    status) cmd_status "$@" ;;
+    *) usage ;;
+  esac
+}
+
+main "$@"
