@@ -6,7 +6,7 @@ waiting for its retry holds back only its own key, and the wait survives a resta
 
 from __future__ import annotations
 
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential, wait_random
 
 from outbox_relay.config import RelayConfig
 
@@ -15,7 +15,7 @@ class Backoff:
     """Exponential backoff with jitter and a cap: initial * 2^(n-1) + jitter, at most `max`."""
 
     def __init__(self, initial: float, maximum: float):
-        self._wait = wait_exponential_jitter(initial=initial, max=maximum, exp_base=2, jitter=initial)
+        self._wait = wait_exponential(multiplier=initial, max=maximum, exp_base=2) + wait_random(0, initial)
         self.maximum = maximum
 
     @classmethod

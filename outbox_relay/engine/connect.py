@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox_relay.redact import redact_dsn
 
@@ -45,7 +45,7 @@ async def connect_with_retry(
 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(psycopg.OperationalError),
-        wait=wait_exponential_jitter(initial=0.2, max=max(0.2, retry_max), jitter=0.2),
+        wait=wait_exponential(multiplier=0.2, max=max(0.2, retry_max)) + wait_random(0, 0.2),
         before_sleep=before_sleep,
         reraise=True,
     ):

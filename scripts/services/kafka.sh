@@ -217,6 +217,16 @@ logger.apache.level = INFO
 logger.requests.name = kafka.request.logger
 logger.requests.level = WARN
 EOF
+  # For one-shot tools (storage format): warnings to stdout only.
+  cat >"$dir/log4j2-tools.properties" <<EOF
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+EOF
 }
 
 cmd_start() {
@@ -251,7 +261,7 @@ cmd_start() {
     cluster_id="$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')"
     printf '%s\n' "$cluster_id" >"$dir/cluster.id"
     log "formatting KRaft storage in $dir/data (cluster id $cluster_id)"
-    if ! "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+    if ! "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$dir/log4j2-tools.properties" \
         -cp "$libs/*" kafka.tools.StorageTool format --standalone \
         -t "$cluster_id" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
       cat "$dir/format.log" >&2

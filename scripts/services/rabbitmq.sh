@@ -83,17 +83,22 @@ cmd_install() {
     added_policy=1
   fi
   log "installing rabbitmq-server with apt-get ..."
-  local start=$SECONDS rc=0
+  local start=$SECONDS rc=0 aptlog
+  aptlog="$(mktemp -t rabbitmq-install.XXXXXX.log)"
   {
     as_root apt-get update -qq &&
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
       -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-      rabbitmq-server >/dev/null
-  } || rc=$?
+      rabbitmq-server
+  } >"$aptlog" 2>&1 || rc=$?
   if [[ -n "$added_policy" ]]; then
     as_root rm -f "$policy"
   fi
-  ((rc == 0)) || die "apt-get install rabbitmq-server failed (rc=$rc)"
+  if ((rc != 0)); then
+    tail -n 30 "$aptlog" >&2
+    die "apt-get install rabbitmq-server failed (rc=$rc, log: $aptlog)"
+  fi
+  rm -f "$aptlog"
   sbin="$(find_sbin)" || die "rabbitmq-server still not found after install"
   log "installed rabbitmq-server in $((SECONDS - start))s ($sbin)"
   stop_system_service
@@ -161,7 +166,9 @@ running_pid() {
   pid="$(tr -dc '0-9' <"$DIR/rabbitmq.pid")"
   [[ -n "$pid" ]] || return 1
   alive "$pid" || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$NODE" || return 1
+  # The node name is not on beam's command line (rabbit sets it at boot), but
+  # our HOME is: erl passes it as `-home DIR`.
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-home $DIR " || return 1
   printf '%s\n' "$pid"
 }
 

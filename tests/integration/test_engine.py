@@ -1,0 +1,344 @@
+"""The relay engine against a real PostgreSQL, with the in-memory FakeAdapter as broker."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox_relay import enqueue, enqueue_async
+from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.testing import FakeAdapter
+from tests.conftest import make_config, running_relay, wait_until
+
+
+def rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
+
+
+def count(dsn: str, where: str) -> int:
+    return int(rows(dsn, f"SELECT count(*) FROM outbox.messages WHERE {where}")[0][0])
+
+
+def enqueue_many(dsn: str, items: list[tuple[str, str | None, Any]]) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        ids = [str(enqueue(conn, topic, payload, key=key)) for topic, key, payload in items]
+        conn.commit()
+    return ids
+
+
+async def test_acked_messages_are_marked_dispatched(db: str) -> None:
+    ids = enqueue_many(db, [("orders.created", None, {"n": i}) for i in range(10)])
+    fake = FakeAdapter()
+    async with running_relay(make_config(db), {"main": fake}):
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 10)
+    assert sorted(fake.delivered_ids) == sorted(ids)
+    assert count(db, "attempts = 1 AND dispatched_at IS NOT NULL") == 10
+
+
+async def test_a_batch_is_published_in_one_call_not_one_per_message(db: str) -> None:
+    enqueue_many(db, [("t", None, i) for i in range(200)])
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, batch_size=200, workers=1), {"main": fake}):
+        await wait_until(lambda: len(fake.delivered) == 200)
+    assert fake.calls[0] == 200
+
+
+async def test_partial_batch_success_marks_only_acked_rows(db: str) -> None:
+    ids = enqueue_many(db, [("t", None, i) for i in range(6)])
+    failing = set(ids[::2])
+
+    def script(out: OutgoingMessage) -> PublishResult | None:
+        return PublishResult.transient("boom") if str(out.message_id) in failing else None
+
+    fake = FakeAdapter(script=script)
+    cfg = make_config(db, workers=1, retry={"initial": "30s", "max": "60s"})
+    async with running_relay(cfg, {"main": fake}):
+        await wait_until(lambda: count(db, "attempts > 0") == 6)
+    assert count(db, "dispatched_at IS NOT NULL") == 3
+    failed = rows(db, "SELECT message_id::text, last_error, next_attempt_at > now() "
+                      "FROM outbox.messages WHERE dispatched_at IS NULL")
+    assert {r[0] for r in failed} == failing
+    assert all(r[1] == "boom" and r[2] for r in failed)
+
+
+async def test_transient_failures_are_retried_until_they_succeed(db: str) -> None:
+    [mid] = enqueue_many(db, [("t", "k", {"x": 1})])
+    answers = iter([PublishResult.transient("e1"), PublishResult.transient("e2")])
+    fake = FakeAdapter(script=lambda out: next(answers, None))
+    async with running_relay(make_config(db), {"main": fake}):
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 1)
+    assert fake.delivered_ids == [mid]
+    assert rows(db, "SELECT attempts, last_error FROM outbox.messages")[0] == (3, "e2")
+
+
+async def test_permanent_failure_is_dead_lettered_with_reason(db: str) -> None:
+    enqueue_many(db, [("t", None, 1)])
+    fake = FakeAdapter(script=lambda out: PublishResult.permanent("message too large"))
+    async with running_relay(make_config(db), {"main": fake}):
+        await wait_until(lambda: count(db, "dead_lettered_at IS NOT NULL") == 1)
+    assert rows(db, "SELECT dead_letter_reason, attempts FROM outbox.messages")[0] == ("message too large", 1)
+
+
+async def test_max_attempts_dead_letters_a_message(db: str) -> None:
+    enqueue_many(db, [("t", None, 1)])
+    fake = FakeAdapter(script=lambda out: PublishResult.transient("still down"))
+    cfg = make_config(db, max_attempts=3, retry={"initial": "10ms", "max": "20ms"})
+    async with running_relay(cfg, {"main": fake}):
+        await wait_until(lambda: count(db, "dead_lettered_at IS NOT NULL") == 1)
+    reason, attempts = rows(db, "SELECT dead_letter_reason, attempts FROM outbox.messages")[0]
+    assert attempts == 3
+    assert reason == "max attempts (3) reached; last error: still down"
+
+
+async def test_unavailable_broker_spends_no_attempts(db: str) -> None:
+    enqueue_many(db, [("t", None, 1)])
+    down = {"yes": True}
+    fake = FakeAdapter(script=lambda out: PublishResult.unavailable("refused") if down["yes"] else None)
+    cfg = make_config(db, max_attempts=2, retry={"initial": "10ms", "max": "50ms"})
+    async with running_relay(cfg, {"main": fake}):
+        await wait_until(lambda: len(fake.calls) >= 6)
+        assert count(db, "dead_lettered_at IS NOT NULL") == 0
+        down["yes"] = False
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 1)
+    assert rows(db, "SELECT attempts FROM outbox.messages")[0][0] == 1
+
+
+async def test_no_route_is_dead_lettered_not_dropped(db: str) -> None:
+    enqueue_many(db, [("orders.created", None, 1), ("billing.paid", None, 2)])
+    fake = FakeAdapter()
+    cfg = make_config(db, routes=[{"topic": "orders.*", "broker": "main"}])
+    async with running_relay(cfg, {"main": fake}):
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL OR dead_lettered_at IS NOT NULL") == 2)
+    assert rows(db, "SELECT topic, dead_letter_reason FROM outbox.messages WHERE dead_lettered_at IS NOT NULL") == [
+        ("billing.paid", "no route")
+    ]
+
+
+async def test_route_destination_reaches_the_adapter(db: str) -> None:
+    enqueue_many(db, [("orders.created", None, 1), ("other", None, 2)])
+    fake = FakeAdapter()
+    cfg = make_config(db, routes=[{"topic": "orders.*", "broker": "main", "destination": "orders"},
+                                  {"topic": "*", "broker": "main"}])
+    async with running_relay(cfg, {"main": fake}):
+        await wait_until(lambda: len(fake.delivered) == 2)
+    assert {(o.message.topic, o.destination) for o in fake.delivered} == {
+        ("orders.created", "orders"), ("other", "other")}
+
+
+async def test_notify_wakes_an_idle_relay_well_inside_the_poll_interval(db: str) -> None:
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, poll_interval="30s"), {"main": fake}) as relay:
+        await wait_until(lambda: relay._listener.connected)
+        await asyncio.sleep(0.2)  # idle: every worker waits on its wake-up
+        started = time.monotonic()
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+            await enqueue_async(conn, "t", {"hello": 1})
+        await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
+        elapsed = time.monotonic() - started
+    assert elapsed < 5.0, f"took {elapsed:.2f}s with a 30s poll interval"
+    assert relay.wakeups["notify"] >= 1
+
+
+async def test_poll_finds_messages_with_notify_off(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("ALTER TABLE outbox.messages DISABLE TRIGGER messages_notify_relay")
+        conn.commit()
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, notify=False, poll_interval="300ms"), {"main": fake}) as relay:
+        await asyncio.sleep(0.5)
+        enqueue_many(db, [("t", None, 1)])
+        await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
+    assert relay.wakeups["notify"] == 0
+    assert relay.wakeups["poll"] >= 1
+
+
+async def test_lost_listen_connection_is_restored(db: str) -> None:
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, poll_interval="30s"), {"main": fake}) as relay:
+        await wait_until(lambda: relay._listener.connected)
+        with psycopg.connect(db, autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query ILIKE 'LISTEN%%'").fetchall()
+        assert killed, "no LISTEN connection found"
+        await wait_until(lambda: not relay._listener.connected, timeout=5)
+        await wait_until(lambda: relay._listener.connected, timeout=10)
+        await asyncio.sleep(0.1)
+        enqueue_many(db, [("t", None, 1)])
+        await wait_until(lambda: len(fake.delivered) == 1, timeout=5)
+
+
+def _per_key_order_holds(delivered: list[OutgoingMessage]) -> dict[str, list[int]]:
+    """First-delivery sequence per key, as payload numbers."""
+    first: dict[str, list[int]] = defaultdict(list)
+    seen: set[str] = set()
+    for out in delivered:
+        mid = str(out.message_id)
+        if mid in seen or out.message.key is None:
+            continue
+        seen.add(mid)
+        first[out.message.key].append(int(out.message.payload))
+    return first
+
+
+async def test_per_key_order_with_concurrent_writers_and_injected_failures(db: str) -> None:
+    rng = random.Random(7)
+    failures = {"n": 0}
+
+    def flaky(out: OutgoingMessage) -> PublishResult | None:
+        if rng.random() < 0.2:
+            failures["n"] += 1
+            return PublishResult.transient("injected")
+        return None
+
+    fake = FakeAdapter(script=flaky)
+    keys = [f"k{i}" for i in range(8)]
+    per_writer = 60
+    cfg = make_config(db, batch_size=50, workers=3, max_attempts=1000,
+                      retry={"initial": "5ms", "max": "20ms"})
+
+    async def writer(key: str) -> None:
+        # One writer per key: writes to one key are serialized, the documented precondition.
+        async with await psycopg.AsyncConnection.connect(db) as conn:
+            for n in range(per_writer):
+                await enqueue_async(conn, "t", str(n).encode(), key=key)
+                await conn.commit()
+                if n % 10 == 0:
+                    await asyncio.sleep(0.01)
+
+    async with running_relay(cfg, {"main": fake}):
+        await asyncio.gather(*(writer(k) for k in keys))
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == len(keys) * per_writer, timeout=60)
+    first = _per_key_order_holds(fake.delivered)
+    assert failures["n"] > 10
+    assert set(first) == set(keys)
+    for key in keys:
+        assert first[key] == list(range(per_writer)), f"order broken for {key}"
+
+
+async def test_a_failing_message_holds_back_only_its_own_key(db: str) -> None:
+    enqueue_many(db, [("t", "bad", b"0"), ("t", "bad", b"1"), ("t", "good", b"0"), ("t", "good", b"1")])
+    fake = FakeAdapter(script=lambda out: PublishResult.transient("down")
+                       if out.message.key == "bad" and out.message.payload == b"0" else None)
+    async with running_relay(make_config(db, max_attempts=1000), {"main": fake}):
+        await wait_until(lambda: len(fake.delivered) == 2)
+        await asyncio.sleep(1.0)  # several retry rounds of "bad"/0
+    assert [(o.message.key, o.message.payload) for o in fake.delivered] == [("good", b"0"), ("good", b"1")]
+    assert count(db, "key = 'bad' AND dispatched_at IS NULL") == 2
+    assert count(db, "key = 'bad' AND payload = '1' AND attempts = 0") == 1
+
+
+@pytest.mark.parametrize("policy", ["release", "hold"])
+async def test_dead_letter_policy_for_later_messages_of_the_key(db: str, policy: str) -> None:
+    enqueue_many(db, [("t", "k", b"poison"), ("t", "k", b"next"), ("t", "other", b"x")])
+    fake = FakeAdapter(script=lambda out: PublishResult.permanent("too large")
+                       if out.message.payload == b"poison" else None)
+    async with running_relay(make_config(db, dead_letter_policy=policy), {"main": fake}):
+        await wait_until(lambda: count(db, "dead_lettered_at IS NOT NULL") == 1)
+        await wait_until(lambda: any(o.message.key == "other" for o in fake.delivered))
+        await asyncio.sleep(0.8)
+        delivered = [o.message.payload for o in fake.delivered]
+        if policy == "release":
+            assert delivered.count(b"next") == 1
+        else:
+            assert b"next" not in delivered
+            # Requeue the poison message, now publishable: the key resumes in order.
+            fake.script = None
+            with psycopg.connect(db) as conn:
+                conn.execute("UPDATE outbox.messages SET dead_lettered_at = NULL, attempts = 0 "
+                             "WHERE payload = 'poison'")
+                conn.commit()
+            await wait_until(lambda: b"next" in [o.message.payload for o in fake.delivered])
+            payloads = [o.message.payload for o in fake.delivered if o.message.key == "k"]
+            assert payloads == [b"poison", b"next"]
+
+
+async def test_followers_let_a_busy_key_move_many_messages_per_batch(db: str) -> None:
+    enqueue_many(db, [("t", "hot", str(i).encode()) for i in range(100)])
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, batch_size=100, workers=1), {"main": fake}):
+        await wait_until(lambda: len(fake.delivered) == 100)
+    # One claim took all 100 (head + 99 followers); they went out as 100 one-message waves.
+    assert count(db, "dispatched_at IS NOT NULL") == 100
+    assert [int(o.message.payload) for o in fake.delivered] == list(range(100))
+    assert len(fake.calls) == 100 and set(fake.calls) == {1}
+
+
+async def test_two_relays_never_publish_the_same_message(db: str) -> None:
+    enqueue_many(db, [("t", f"k{i % 20}" if i % 3 else None, i) for i in range(600)])
+    a, b = FakeAdapter(delay=0.01), FakeAdapter(delay=0.01)
+    cfg = make_config(db, batch_size=25, workers=2)
+    async with running_relay(cfg, {"main": a}), running_relay(cfg, {"main": b}):
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 600, timeout=60)
+    ids = a.delivered_ids + b.delivered_ids
+    assert len(ids) == 600 and len(set(ids)) == 600
+    assert a.delivered and b.delivered, "both relays should have taken a share"
+
+
+async def test_graceful_stop_finishes_the_in_flight_batch(db: str) -> None:
+    enqueue_many(db, [("t", None, i) for i in range(5)])
+    fake = FakeAdapter(delay=1.0)
+    async with running_relay(make_config(db, workers=1), {"main": fake}) as relay:
+        await wait_until(lambda: relay.in_flight == 5)
+        relay.stop()
+    assert len(fake.delivered) == 5
+    assert count(db, "dispatched_at IS NOT NULL") == 5
+
+
+async def test_shutdown_timeout_releases_the_in_flight_batch(db: str) -> None:
+    enqueue_many(db, [("t", None, i) for i in range(5)])
+    fake = FakeAdapter(delay=30.0)
+    started = time.monotonic()
+    async with running_relay(make_config(db, workers=1, shutdown_timeout="500ms"), {"main": fake}) as relay:
+        await wait_until(lambda: relay.in_flight == 5)
+        relay.stop()
+    assert time.monotonic() - started < 15
+    # Rolled back: nothing marked, and the rows are claimable at once by another relay.
+    assert count(db, "dispatched_at IS NULL AND attempts = 0") == 5
+    other = FakeAdapter()
+    async with running_relay(make_config(db), {"main": other}):
+        await wait_until(lambda: len(other.delivered) == 5, timeout=10)
+
+
+async def test_retention_deletes_dispatched_rows_after_the_retention_period(db: str) -> None:
+    enqueue_many(db, [("t", None, i) for i in range(30)])
+    fake = FakeAdapter(script=lambda out: PublishResult.permanent("x") if out.message.payload == b"0" else None)
+    async with running_relay(make_config(db, retention="1s"), {"main": fake}, heartbeat_every=0.2):
+        await wait_until(lambda: len(fake.delivered) == 29)
+        await wait_until(lambda: count(db, "true") == 1, timeout=15)
+    # The dead letter is kept: retention only removes dispatched rows.
+    assert count(db, "dead_lettered_at IS NOT NULL") == 1
+
+
+async def test_heartbeat_reports_the_relay_and_its_in_flight_count(db: str) -> None:
+    enqueue_many(db, [("t", None, i) for i in range(3)])
+    fake = FakeAdapter(delay=2.0)
+    async with running_relay(make_config(db, workers=1), {"main": fake}, heartbeat_every=0.1) as relay:
+        await wait_until(lambda: rows(db, "SELECT in_flight FROM outbox.relays WHERE relay_id = %s",
+                                      relay.relay_id) == [(3,)], timeout=10)
+    assert rows(db, "SELECT count(*) FROM outbox.relays")[0][0] == 0, "a stopped relay removes its row"
+
+
+async def test_relay_waits_for_a_database_that_is_down_at_start(db: str, pg: Any) -> None:
+    cfg = make_config("host=127.0.0.1 port=1 dbname=x user=x connect_timeout=1")
+    relay_task = asyncio.create_task(running_relay(cfg, {"main": FakeAdapter()}).__aenter__())
+    await asyncio.sleep(1.5)
+    assert not relay_task.done(), "the relay should keep retrying, not give up"
+    relay_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await relay_task
+
+
+async def test_missing_schema_stops_the_relay_with_a_clear_error(empty_db: str) -> None:
+    from outbox_relay.errors import SchemaError
+
+    with pytest.raises(SchemaError, match="outbox-relay schema install"):
+        async with running_relay(make_config(empty_db), {"main": FakeAdapter()}):
+            pass
