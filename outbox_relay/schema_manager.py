@@ -46,10 +46,12 @@ def _version_of(cur: psycopg.Cursor[tuple[object, ...]], schema: str) -> int | N
 
 
 def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> InstallResult:
-    """Create or upgrade `schema` to the current version, in one transaction."""
+    """Create or upgrade `schema` to the current version, in one transaction.
+
+    Outside a transaction it commits; inside the caller's open transaction it joins it
+    (as a savepoint) and the caller's commit makes it visible.
+    """
     sqlfiles.validate_schema_name(schema)
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise SchemaError("schema install needs a connection outside of a transaction")
     try:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(_LOCK_KEY, (schema,))

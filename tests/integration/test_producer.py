@@ -1,0 +1,159 @@
+"""Enqueueing from Python and from SQL, inside the application's own transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from outbox_relay import enqueue, enqueue_async
+from outbox_relay.testing import FakeAdapter
+from tests.conftest import make_config, running_relay, wait_until
+
+
+def test_enqueue_joins_the_callers_transaction_and_never_commits(db: str) -> None:
+    with psycopg.connect(db) as conn, psycopg.connect(db) as other:
+        mid = enqueue(conn, "orders.created", {"total": 10}, key="order-42")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        assert other.execute("SELECT count(*) FROM outbox.messages").fetchone() == (0,)
+        conn.commit()
+        row = other.execute("SELECT message_id, topic, key, payload, content_type FROM outbox.messages").fetchone()
+    assert row == (mid, "orders.created", "order-42", b'{"total":10}', "application/json")
+
+
+def test_rollback_leaves_no_message(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"a": 1})
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (0,)
+
+
+async def test_async_enqueue_joins_the_transaction(db: str) -> None:
+    async with await psycopg.AsyncConnection.connect(db) as conn:
+        async with conn.transaction():
+            mid = await enqueue_async(conn, "t", [1, 2], headers={"trace": "abc"})
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        cur = await conn.execute("SELECT message_id, headers FROM outbox.messages")
+        assert await cur.fetchone() == (mid, {"trace": "abc"})
+        await conn.rollback()
+        with pytest.raises(ZeroDivisionError):
+            async with conn.transaction():
+                await enqueue_async(conn, "t", "rolled back")
+                _ = 1 / 0
+        cur = await conn.execute("SELECT count(*) FROM outbox.messages")
+        assert await cur.fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    ("payload", "stored", "content_type"),
+    [
+        ({"a": "é"}, '{"a":"é"}'.encode(), "application/json"),
+        ([1, None], b"[1,null]", "application/json"),
+        ("plain text", b"plain text", "text/plain; charset=utf-8"),
+        (b"\x00\xff", b"\x00\xff", "application/octet-stream"),
+    ],
+)
+def test_payload_kinds(db: str, payload: object, stored: bytes, content_type: str) -> None:
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", payload)
+        assert conn.execute("SELECT payload, content_type FROM outbox.messages").fetchone() == (stored, content_type)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"topic": ""},
+        {"topic": "has space"},
+        {"topic": "orders.*"},
+        {"topic": 42},
+        {"headers": {"a": 1}},
+        {"headers": {"message-id": "x"}},
+        {"headers": ["a"]},
+        {"key": ""},
+        {"payload": object()},
+    ],
+)
+def test_invalid_arguments_raise_value_error_before_any_sql(db: str, kwargs: dict[str, object]) -> None:
+    args: dict[str, object] = {"topic": "t", "payload": {"a": 1}, **kwargs}
+    conn = psycopg.connect(db)
+    conn.close()  # any SQL would fail with OperationalError: ValueError proves none ran
+    with pytest.raises(ValueError):
+        enqueue(conn, args.pop("topic"), args.pop("payload"), **args)  # type: ignore[arg-type]
+
+
+def test_works_with_the_callers_row_factory(db: str) -> None:
+    with psycopg.connect(db, row_factory=dict_row) as conn:
+        mid = enqueue(conn, "t", {"a": 1})
+        assert conn.execute("SELECT message_id FROM outbox.messages").fetchone() == {"message_id": mid}
+
+
+def test_sql_enqueue_returns_the_message_id(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        row = conn.execute(
+            "SELECT outbox.enqueue('orders.created', 'order-42', '{\"total\": 10}', '{\"h\": \"v\"}')").fetchone()
+        assert row is not None
+        stored = conn.execute("SELECT message_id, payload, headers, content_type FROM outbox.messages").fetchone()
+    assert stored is not None
+    assert stored[0] == row[0]
+    assert json.loads(stored[1]) == {"total": 10}
+    assert stored[2:] == ({"h": "v"}, "application/json")
+
+
+def test_sql_enqueue_binary(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("SELECT outbox.enqueue_binary('t', NULL, '\\x0001'::bytea)")
+        conn.execute("SELECT outbox.enqueue_binary('t', 'k', 'hi'::bytea, '{}', 'text/plain')")
+        got = conn.execute("SELECT payload, content_type FROM outbox.messages ORDER BY id").fetchall()
+    assert got == [(b"\x00\x01", "application/octet-stream"), (b"hi", "text/plain")]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT outbox.enqueue('bad topic', NULL, '{}')",
+        "SELECT outbox.enqueue(NULL, NULL, '{}')",
+        "SELECT outbox.enqueue('t', NULL, '{}', '{\"a\": 1}')",
+        "SELECT outbox.enqueue('t', NULL, '{}', '[]')",
+        "SELECT outbox.enqueue('t', '', '{}')",
+        "SELECT outbox.enqueue('t', NULL, NULL)",
+    ],
+)
+def test_sql_enqueue_errors_abort_the_callers_transaction(db: str, call: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS public.orders (id int)")
+        conn.execute("INSERT INTO public.orders VALUES (1)")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="outbox:"):
+            conn.execute(call)  # type: ignore[arg-type]
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (0,)
+
+
+async def test_classic_case_rollback_is_never_published(db: str) -> None:
+    """Credit an account and record the message in one transaction (the README example)."""
+    with psycopg.connect(db) as conn:
+        conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL)")
+        conn.execute("INSERT INTO accounts VALUES (42, 0)")
+        conn.commit()
+
+        def credit(amount: int, *, fail: bool) -> None:
+            with conn.transaction():
+                conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = 42", (amount,))
+                enqueue(conn, "accounts.credited", {"account": 42, "amount": amount}, key="account-42")
+                if fail:
+                    raise RuntimeError("payment provider said no")
+
+        credit(10, fail=False)
+        with pytest.raises(RuntimeError):
+            credit(99, fail=True)
+        balance = conn.execute("SELECT balance FROM accounts").fetchone()
+    fake = FakeAdapter()
+    async with running_relay(make_config(db), {"main": fake}):
+        await wait_until(lambda: len(fake.delivered) == 1)
+        await asyncio.sleep(0.5)
+    assert balance == (10,)
+    assert [json.loads(o.message.payload)["amount"] for o in fake.delivered] == [10]

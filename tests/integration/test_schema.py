@@ -1,0 +1,196 @@
+"""Installing the outbox schema into a database that already has application tables."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbox_relay import enqueue, schema_manager, sqlfiles
+from outbox_relay.errors import SchemaError
+from outbox_relay.testing import FakeAdapter
+from tests.conftest import make_config, running_relay, wait_until
+
+APP_DDL = """
+CREATE TABLE public.accounts (id int PRIMARY KEY, balance numeric NOT NULL);
+CREATE TABLE public.messages (id int PRIMARY KEY, body text);  -- same name as ours, other schema
+INSERT INTO public.accounts VALUES (1, 100), (2, 50);
+INSERT INTO public.messages VALUES (1, 'application data');
+"""
+
+CATALOG = """
+SELECT n.nspname, c.relname, c.relkind
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+ORDER BY 1, 2
+"""
+
+
+def _objects(conn: psycopg.Connection[Any], schema: str) -> set[tuple[str, str, str]]:
+    return {r for r in conn.execute(CATALOG).fetchall() if r[0] == schema}
+
+
+def test_install_leaves_application_tables_untouched(empty_db: str) -> None:
+    with psycopg.connect(empty_db) as conn:
+        conn.execute(APP_DDL)
+        conn.commit()
+        public_before = _objects(conn, "public")
+        result = schema_manager.install(conn, "outbox")
+        assert result.previous_version is None and result.version == sqlfiles.SCHEMA_VERSION
+        assert _objects(conn, "public") == public_before
+        assert conn.execute("SELECT * FROM public.accounts ORDER BY id").fetchall() == [(1, 100), (2, 50)]
+        assert conn.execute("SELECT body FROM public.messages").fetchall() == [("application data",)]
+        names = {r[1] for r in _objects(conn, "outbox")}
+        assert {"messages", "relays", "schema_version"} <= names
+
+
+def test_install_is_idempotent_and_records_its_version(empty_db: str) -> None:
+    with psycopg.connect(empty_db) as conn:
+        schema_manager.install(conn, "outbox")
+        again = schema_manager.install(conn, "outbox")
+        assert again.previous_version == again.version == sqlfiles.SCHEMA_VERSION
+        assert not again.changed
+        versions = conn.execute("SELECT version FROM outbox.schema_version").fetchall()
+    assert versions == [(sqlfiles.SCHEMA_VERSION,)]
+
+
+def test_racing_installs_are_serialized_by_the_advisory_lock(empty_db: str) -> None:
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def install() -> None:
+        try:
+            with psycopg.connect(empty_db) as conn:
+                barrier.wait()
+                results.append(schema_manager.install(conn, "outbox"))
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=install) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sum(1 for r in results if r.previous_version is None) == 1
+    with psycopg.connect(empty_db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.schema_version").fetchone() == (1,)
+
+
+def test_install_refuses_a_schema_holding_foreign_objects(empty_db: str) -> None:
+    with psycopg.connect(empty_db) as conn:
+        conn.execute("CREATE SCHEMA outbox; CREATE TABLE outbox.mine (id int)")
+        conn.commit()
+        with pytest.raises(SchemaError, match="not outbox-relay's"):
+            schema_manager.install(conn, "outbox")
+        assert conn.execute("SELECT to_regclass('outbox.messages')").fetchone() == (None,)
+
+
+def test_install_under_a_custom_schema_name(empty_db: str) -> None:
+    with psycopg.connect(empty_db) as conn:
+        schema_manager.install(conn, "events_outbox")
+        mid = enqueue(conn, "t", {"a": 1}, schema="events_outbox")
+        conn.commit()
+        assert conn.execute("SELECT message_id FROM events_outbox.messages").fetchone() == (mid,)
+
+
+def test_a_newer_schema_than_the_code_is_refused(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO outbox.schema_version (version) VALUES (%s)", (sqlfiles.SCHEMA_VERSION + 1,))
+        conn.commit()
+        with pytest.raises(SchemaError, match="upgrade outbox-relay"):
+            schema_manager.install(conn, "outbox")
+
+
+def test_schema_sql_output_builds_a_working_schema(empty_db: str) -> None:
+    ddl = sqlfiles.ddl("outbox").as_string()
+    with psycopg.connect(empty_db) as conn:
+        conn.execute(ddl)  # type: ignore[call-overload]  # trusted text from our own files
+        conn.execute("INSERT INTO outbox.schema_version (version) VALUES (%s)", (sqlfiles.SCHEMA_VERSION,))
+        conn.commit()
+        assert schema_manager.version(conn, "outbox") == sqlfiles.SCHEMA_VERSION
+        assert not schema_manager.install(conn, "outbox").changed
+
+
+def test_invalid_schema_names_never_reach_sql() -> None:
+    from outbox_relay.errors import ConfigError
+
+    for bad in ["Outbox", "out-box", "x; DROP TABLE accounts", "1abc", "", "a" * 64]:
+        with pytest.raises(ConfigError):
+            sqlfiles.ddl(bad)
+
+
+async def test_relay_works_under_the_least_privilege_role(db: str, admin_dsn: str) -> None:
+    role = "relay_" + db.split("dbname=")[-1].split()[0][-8:]
+    password = "s3cret-relay-pw"
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        conn.execute("CREATE TABLE public.accounts (id int PRIMARY KEY)")
+        conn.execute(sqlfiles.grants("relay", "outbox", role))
+        enqueue(conn, "t", {"a": 1})
+    from psycopg.conninfo import make_conninfo
+
+    relay_dsn = make_conninfo(db, user=role, password=password)
+    try:
+        with psycopg.connect(relay_dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM public.accounts")
+        fake = FakeAdapter()
+        async with running_relay(make_config(relay_dsn, retention="1s"), {"main": fake}, heartbeat_every=0.2):
+            await wait_until(lambda: len(fake.delivered) == 1)
+            # retention deletes under the role too
+            await wait_until(lambda: _count(db) == 0, timeout=15)
+    finally:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_producer_role_can_enqueue_and_nothing_else(db: str) -> None:
+    role = "app_" + db.split("dbname=")[-1].split()[0][-8:]
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
+        conn.execute(sqlfiles.grants("producer", "outbox", role))
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        with psycopg.connect(make_conninfo(db, user=role, password="pw")) as conn:
+            enqueue(conn, "t", {"a": 1})
+            conn.execute("SELECT outbox.enqueue('t', 'k', '{}')")
+            conn.commit()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM outbox.messages")
+        assert _count(db) == 2
+    finally:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _count(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return int(conn.execute("SELECT count(*) FROM outbox.messages").fetchone()[0])  # type: ignore[index]
+
+
+def test_notify_trigger_can_be_turned_off_and_on(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        schema_manager.set_notify(conn, "outbox", False)
+        state = conn.execute("SELECT tgenabled FROM pg_trigger WHERE tgname = 'messages_notify_relay'").fetchone()
+        assert state == ("D",)
+        schema_manager.set_notify(conn, "outbox", True)
+        state = conn.execute("SELECT tgenabled FROM pg_trigger WHERE tgname = 'messages_notify_relay'").fetchone()
+        assert state == ("O",)
+
+
+def test_a_transaction_sends_at_most_one_notification(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as listener, psycopg.connect(db) as writer:
+        listener.execute('LISTEN "outbox_relay.outbox"')
+        for i in range(50):
+            enqueue(writer, "t", {"i": i})
+        writer.execute("SELECT outbox.enqueue('t', NULL, '{}')")
+        writer.commit()
+        received = list(listener.notifies(timeout=1.0))
+    assert len(received) == 1

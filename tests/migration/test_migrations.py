@@ -1,0 +1,57 @@
+"""Replaying every migration must build exactly the database that schema.sql builds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from outbox_relay import sqlfiles
+
+CATALOG_QUERIES = {
+    "columns": """
+        SELECT table_name, column_name, ordinal_position, data_type, is_nullable, column_default,
+               is_identity, identity_generation
+        FROM information_schema.columns WHERE table_schema = %(s)s ORDER BY 1, 3""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+        FROM pg_constraint WHERE connamespace = %(s)s::regnamespace ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = %(s)s ORDER BY 1, 2""",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_functiondef(p.oid)
+        FROM pg_proc p WHERE p.pronamespace = %(s)s::regnamespace ORDER BY 1, 2""",
+    "triggers": """
+        SELECT tgrelid::regclass::text, tgname, tgenabled, pg_get_triggerdef(oid)
+        FROM pg_trigger WHERE NOT tgisinternal AND tgrelid::regclass::text LIKE %(s)s || '.%%'
+        ORDER BY 1, 2""",
+    "reloptions": """
+        SELECT c.relname, c.reloptions FROM pg_class c
+        WHERE c.relnamespace = %(s)s::regnamespace ORDER BY 1""",
+}
+
+
+def catalog(conn: psycopg.Connection[Any], schema: str) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        name: [tuple(str(v).replace(schema, "<schema>") for v in row)
+               for row in conn.execute(query, {"s": schema}).fetchall()]  # type: ignore[arg-type]
+        for name, query in CATALOG_QUERIES.items()
+    }
+
+
+def test_migrations_replayed_equal_schema_sql(empty_db: str) -> None:
+    with psycopg.connect(empty_db) as conn:
+        conn.execute(sqlfiles.ddl("from_ddl"))
+        for _version, name in sqlfiles.migrations():
+            conn.execute(sqlfiles.migration(name, "from_migrations"))
+        conn.commit()
+        from_ddl = catalog(conn, "from_ddl")
+        from_migrations = catalog(conn, "from_migrations")
+    assert from_ddl["columns"], "catalog query found nothing: the comparison would be empty"
+    for part in CATALOG_QUERIES:
+        assert from_migrations[part] == from_ddl[part], f"{part} differ"
+
+
+def test_migrations_are_numbered_without_gaps_up_to_the_code_version() -> None:
+    versions = [v for v, _ in sqlfiles.migrations()]
+    assert versions == list(range(1, sqlfiles.SCHEMA_VERSION + 1))
