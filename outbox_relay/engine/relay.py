@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 import structlog
@@ -32,6 +32,8 @@ from outbox_relay.routing import Router
 from outbox_relay.sqlfiles import Queries, notify_channel
 
 log = structlog.get_logger("outbox_relay.relay")
+
+T = TypeVar("T")
 
 
 class RelayObserver(Protocol):
@@ -100,7 +102,9 @@ class Relay:
 
     async def run(self) -> None:
         """Run until :meth:`stop`; raise if a task fails unexpectedly."""
-        await self._check_schema()
+        if not await self._until_stopped(self._check_schema()):
+            log.info("relay_stopped", relay_id=str(self.relay_id), published=0)
+            return
         for handle in self._brokers.values():
             await handle.connect()
         relay = self.config.relay
@@ -141,10 +145,32 @@ class Relay:
         if pending:
             log.warning("shutdown_timeout", in_flight=self.in_flight, timeout_s=timeout)
 
-    async def _check_schema(self) -> None:
+    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """Await `coro` unless stop comes first (then cancel it and return None).
+
+        `coro` must not return None itself.
+
+        Connecting retries for as long as the database is away; a SIGTERM meanwhile
+        must still end the process promptly.
+        """
+        task = asyncio.create_task(coro)
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    async def _check_schema(self) -> bool:
         conn = await connect_with_retry(self._dsn, purpose="startup", retry_max=self.config.relay.retry.max)
         async with conn:
             await schema_manager.check(conn, self.config.database.schema_name)
+        return True
 
     async def _worker(self, index: int) -> None:
         relay = self.config.relay
@@ -152,7 +178,9 @@ class Relay:
         try:
             while not self._stop.is_set():
                 if conn is None:
-                    conn = await self._connect_worker()
+                    conn = await self._until_stopped(self._connect_worker())
+                    if conn is None:
+                        break
                 try:
                     claimed = await self._batch(conn)
                 except psycopg.OperationalError as exc:

@@ -33,8 +33,9 @@ log() { printf 'kafka.sh: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 usage() {
-  sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
+  # The header comment of this file is the help text.
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
+  exit "${1:-2}"
 }
 
 kafka_version() {
@@ -254,7 +255,13 @@ cmd_start() {
   version="$(kafka_version)"
   libs="$(libs_dir)"
 
+  # The KRaft voter set written at format time records the controller
+  # endpoint, so a formatted DIR can only be restarted on the same PORT.
+  if [[ -f "$dir/data/meta.properties" && -f "$dir/port" && "$(cat "$dir/port")" != "$port" ]]; then
+    die "$dir was formatted for port $(cat "$dir/port"), not $port; use a clean DIR"
+  fi
   write_config "$dir" "$port" "$cport"
+  printf '%s\n' "$port" >"$dir/port"
   if [[ ! -f "$dir/data/meta.properties" ]]; then
     local cluster_id
     # A Kafka Uuid: 16 random bytes, url-safe base64 without padding.
@@ -363,7 +370,7 @@ main() {
     start) cmd_start "$@" ;;
     stop) cmd_stop "$@" ;;
     status) cmd_status "$@" ;;
-    -h|--help|help) usage ;;
+    -h|--help|help) usage 0 ;;
     *) usage ;;
   esac
 }

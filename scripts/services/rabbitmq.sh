@@ -26,8 +26,9 @@ log() { printf 'rabbitmq.sh: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 usage() {
-  sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
+  # The header comment of this file is the help text.
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
+  exit "${1:-2}"
 }
 
 # Directory with the real rabbitmq-server/rabbitmqctl scripts. On Debian the
@@ -372,6 +373,7 @@ main() {
     start) cmd_start "$@" ;;
     stop) cmd_stop "$@" ;;
     status) cmd_status "$@" ;;
+    -h|--help|help) usage 0 ;;
     *) usage ;;
   esac
 }

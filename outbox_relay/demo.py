@@ -1,0 +1,473 @@
+"""`outbox-relay demo`: a sample application and the relay, side by side, on a real PostgreSQL.
+
+The problem the outbox removes is the *dual write*: an application that saves an order
+and then tells a broker about it has two systems to update and no transaction that
+spans both. Crash between the two and either the order exists without its event, or
+(publish first) the world hears about an order that was rolled back.
+
+With the outbox the application writes the event as a row in the same transaction as
+the order; the relay publishes committed rows afterwards. This demo shows that:
+
+* several concurrent writers each insert an order and enqueue its ``orders.created``
+  message in one transaction, and every Nth transaction is rolled back: those
+  messages are never published, because they never became visible;
+* the relay (``type: stdout``) prints every committed message as a JSON line on
+  standard output, each key's messages in the order they were enqueued;
+* a summary on standard error gives commit-to-ack latency (NOTIFY wakes the relay).
+
+Every line of the summary is checked, not assumed: against what the relay reported
+through its observer hook and against the database. The exit code is 0 only when all
+of it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from types import FrameType
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from outbox_relay import config, enqueue_async, local_postgres, schema_manager
+from outbox_relay.engine.relay import Relay
+from outbox_relay.engine.store import Record
+from outbox_relay.errors import DatabaseError, OutboxRelayError
+from outbox_relay.models import Message
+from outbox_relay.redact import redact_dsn
+from outbox_relay.wiring import build_relay
+
+TOPIC = "orders.created"
+WRITERS = 4
+# Each writer owns its customers, so a key's orders are written one after the other and
+# "enqueue order" has one meaning. Two writers racing on one key would commit in an
+# order no one chose, and per-key order would only be defined by whichever won.
+CUSTOMERS_PER_WRITER = 2
+DISPATCH_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 10.0
+INTERRUPTED = 130  # the shell's convention for "ended by SIGINT"
+
+# The DSN and schema arrive through ${...} substitution, never by formatting them into
+# the YAML text, so no character in a password can change the file's structure.
+RELAY_YAML = f"""\
+database:
+  dsn: ${{DEMO_DSN}}
+  schema: ${{DEMO_SCHEMA}}
+relay:
+  workers: 2
+  notify: true
+  poll_interval: 1s
+  shutdown_timeout: {SHUTDOWN_TIMEOUT:g}s
+brokers:
+  out:
+    type: stdout
+routes:
+  - topic: "*"
+    broker: out
+"""
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+def run_demo(*, orders: int, rollback_every: int, dsn: str | None) -> int:
+    """Run the demo; 0 when every summary line checked out, 1 otherwise."""
+    plan = Plan(orders=orders, rollback_every=rollback_every)
+    try:
+        with _sigterm_as_interrupt():
+            if dsn is None:
+                return _run_embedded(plan)
+            return _run_in(dsn, plan)
+    except KeyboardInterrupt:
+        # By now the callees' finally blocks have stopped the relay and cleaned up.
+        _say("demo interrupted")
+        return INTERRUPTED
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C for the demo's duration.
+
+    Unhandled, SIGTERM (kill, timeout, a container stop) would end the process at once
+    and leave the embedded PostgreSQL running with its data directory behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, cannot be restored
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Whoever handles SIGINT right now handles this too: inside asyncio.run that is the
+    # runner, which cancels the main task so every finally block runs in order.
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+        return
+    raise KeyboardInterrupt  # SIGINT ignored (a background job): still clean up
+
+
+@dataclass(frozen=True)
+class Plan:
+    orders: int
+    rollback_every: int
+
+    def rolls_back(self, number: int) -> bool:
+        return number % self.rollback_every == 0
+
+
+def _say(line: str) -> None:
+    # Standard output belongs to the relay's JSON lines; people read standard error.
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_embedded(plan: Plan) -> int:
+    _say("demo: starting an embedded PostgreSQL (removed when the demo ends)")
+    cluster: local_postgres.LocalPostgres | None = None
+    try:
+        with _signals_held():
+            cluster = local_postgres.create()
+        return _run_in(cluster.dsn, plan)
+    finally:
+        if cluster is not None:
+            local_postgres.destroy(cluster)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer Ctrl-C and SIGTERM until the block is done.
+
+    create() cannot be interrupted halfway without leaving a data directory (or a
+    started server) that no one knows about; held, the signal arrives once `cluster`
+    is assigned and the caller's finally can remove it.
+    """
+    signals = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# -- the database objects the demo owns ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Names:
+    """Fresh schemas, so a demo against a shared database touches nothing that exists."""
+
+    outbox: str
+    app: str
+
+    @classmethod
+    def fresh(cls) -> Names:
+        base = f"outbox_demo_{uuid.uuid4().hex[:12]}"
+        return cls(outbox=base, app=f"{base}_app")
+
+    @property
+    def orders_table(self) -> sql.Composed:
+        return sql.SQL("{}.demo_orders").format(sql.Identifier(self.app))
+
+
+def _run_in(dsn: str, plan: Plan) -> int:
+    names = Names.fresh()
+    # Connect before creating anything: a bad DSN fails in one line with nothing to undo.
+    with _connect(dsn) as conn:
+        try:
+            _setup(conn, names)
+            _say(f"demo: outbox schema {names.outbox}; {plan.orders} orders from {WRITERS} "
+                 f"writers, 1 transaction in {plan.rollback_every} rolled back")
+            result = asyncio.run(_demo(dsn, names, plan))
+        finally:
+            _teardown(conn, names)
+    return _report(result)
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, connect_timeout=10, application_name="outbox-relay-demo")
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
+
+
+def _setup(conn: psycopg.Connection[Any], names: Names) -> None:
+    schema_manager.install(conn, names.outbox)
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(names.app)))
+        conn.execute(sql.SQL(
+            "CREATE TABLE {} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+            "customer text NOT NULL, total numeric(10, 2) NOT NULL, "
+            "created_at timestamptz NOT NULL DEFAULT now())"
+        ).format(names.orders_table))
+
+
+def _teardown(conn: psycopg.Connection[Any], names: Names) -> None:
+    conn.rollback()  # an interrupted setup may have left a transaction open
+    # A session left behind would make DROP wait forever; fail loudly instead.
+    conn.execute("SET lock_timeout = '10s'")
+    for schema in (names.app, names.outbox):
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    conn.commit()
+
+
+# -- what happened, as each side saw it ---------------------------------------------------
+
+@dataclass
+class Written:
+    """What the sample application did, as it saw it."""
+
+    commit_time: dict[UUID, float] = field(default_factory=dict)
+    by_key: dict[str, list[UUID]] = field(default_factory=lambda: defaultdict(list))
+    rolled_back: list[UUID] = field(default_factory=list)
+    rolled_back_orders: list[int] = field(default_factory=list)
+
+
+class AckLog:
+    """A RelayObserver: the first ack of each message, when and in which order per key."""
+
+    def __init__(self) -> None:
+        self.ack_time: dict[UUID, float] = {}
+        self.by_key: dict[str, list[UUID]] = defaultdict(list)
+
+    def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
+        now = time.time()
+        by_row = {m.id: m for m in messages}
+        # Records come in publish order (wave by wave), so appending keeps ack order.
+        for record in records:
+            message = by_row[record.id]
+            # Delivery is at least once: a redelivered message keeps its first ack.
+            if record.kind != "acked" or message.message_id in self.ack_time:
+                continue
+            self.ack_time[message.message_id] = now
+            if message.key is not None:
+                self.by_key[message.key].append(message.message_id)
+
+
+@dataclass(frozen=True)
+class DbFacts:
+    committed_orders: int
+    rolled_back_rows: int  # orders and outbox messages of rolled-back transactions
+
+
+@dataclass(frozen=True)
+class Result:
+    plan: Plan
+    written: Written
+    acks: AckLog
+    db: DbFacts
+    all_dispatched: bool
+
+
+# -- the one event loop: relay and application together ----------------------------------
+
+async def _demo(dsn: str, names: Names, plan: Plan) -> Result:
+    acks = AckLog()
+    cfg = config.parse(RELAY_YAML, source="demo.yaml",
+                       env={"DEMO_DSN": dsn, "DEMO_SCHEMA": names.outbox})
+    relay = build_relay(cfg, observer=acks)
+    relay_task = asyncio.create_task(relay.run(), name="relay")
+    try:
+        await _until_started(relay, relay_task)
+        written = await _write_orders(dsn, names, plan)
+        all_dispatched = await _until_dispatched(acks, written.commit_time.keys(), relay_task)
+    finally:
+        await _stop(relay, relay_task)
+    relay_task.result()  # a relay that failed makes the demo fail, with its error
+    db = await _db_facts(dsn, names, written)
+    return Result(plan, written, acks, db, all_dispatched)
+
+
+async def _until_started(relay: Relay, relay_task: asyncio.Task[None]) -> None:
+    started = asyncio.create_task(relay.started.wait())
+    done, _ = await asyncio.wait({relay_task, started}, timeout=STARTUP_TIMEOUT,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if started not in done:
+        started.cancel()
+        if relay_task in done:
+            relay_task.result()  # raises the startup error
+        raise OutboxRelayError(f"the relay did not start within {STARTUP_TIMEOUT:g}s")
+
+
+async def _until_dispatched(
+    acks: AckLog, expected: Collection[UUID], relay_task: asyncio.Task[None]
+) -> bool:
+    deadline = time.monotonic() + DISPATCH_TIMEOUT
+    remaining = set(expected)
+    while True:
+        remaining = {mid for mid in remaining if mid not in acks.ack_time}
+        if not remaining:
+            return True
+        if relay_task.done() or time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+async def _stop(relay: Relay, relay_task: asyncio.Task[None]) -> None:
+    # Graceful: the relay finishes its in-flight batch, so nothing is left half-recorded.
+    relay.stop()
+    _, pending = await asyncio.wait({relay_task}, timeout=SHUTDOWN_TIMEOUT + 5)
+    if pending:
+        relay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay_task
+
+
+async def _write_orders(dsn: str, names: Names, plan: Plan) -> Written:
+    written = Written()
+    # One shared iterator: each writer takes the next order number when it is free,
+    # so numbers (and which of them roll back) do not depend on writer speed.
+    numbers = iter(range(1, plan.orders + 1))
+    async with asyncio.TaskGroup() as group:
+        for index in range(WRITERS):
+            first = index * CUSTOMERS_PER_WRITER + 1
+            customers = [f"customer-{first + i}" for i in range(CUSTOMERS_PER_WRITER)]
+            group.create_task(_writer(dsn, names, plan, customers, numbers, written))
+    return written
+
+
+async def _writer(
+    dsn: str, names: Names, plan: Plan, customers: list[str], numbers: Iterator[int],
+    written: Written,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(
+        dsn, application_name="outbox-demo-app"
+    ) as conn:
+        for turn, number in enumerate(numbers):
+            customer = customers[turn % len(customers)]
+            await _place_order(conn, names, plan, number, customer, written)
+            # A short, uneven pause: commits arrive spread out like an application's,
+            # so the latency shows NOTIFY wake-ups rather than one burst's backlog.
+            await asyncio.sleep(random.uniform(0, 0.004))
+
+
+async def _place_order(
+    conn: psycopg.AsyncConnection[Any], names: Names, plan: Plan, number: int,
+    customer: str, written: Written,
+) -> None:
+    """The whole point: the order and its message in one transaction."""
+    total = Decimal(random.randint(500, 50_000)) / 100
+    cur = await conn.execute(
+        sql.SQL("INSERT INTO {} (customer, total) VALUES (%s, %s) RETURNING id")
+        .format(names.orders_table),
+        (customer, total),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    order_id = int(row[0])
+    payload = {"order_no": number, "order_id": order_id, "customer": customer, "total": str(total)}
+    message_id = await enqueue_async(conn, TOPIC, payload, key=customer, schema=names.outbox)
+    if plan.rolls_back(number):
+        await conn.rollback()
+        written.rolled_back.append(message_id)
+        written.rolled_back_orders.append(order_id)
+        return
+    await conn.commit()
+    committed_at = time.time()
+    written.commit_time[message_id] = committed_at
+    written.by_key[customer].append(message_id)
+
+
+async def _db_facts(dsn: str, names: Names, written: Written) -> DbFacts:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(names.orders_table))
+        orders = await cur.fetchone()
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT (SELECT count(*) FROM {} WHERE id = ANY(%s))"
+                " + (SELECT count(*) FROM {}.messages WHERE message_id = ANY(%s))"
+            ).format(names.orders_table, sql.Identifier(names.outbox)),
+            (written.rolled_back_orders, written.rolled_back),
+        )
+        leftovers = await cur.fetchone()
+    assert orders is not None and leftovers is not None
+    return DbFacts(committed_orders=int(orders[0]), rolled_back_rows=int(leftovers[0]))
+
+
+# -- the summary: every line checked ------------------------------------------------------
+
+def _report(result: Result) -> int:
+    _say(_summary(result))
+    reason = _failure(result)
+    if reason is not None:
+        _say(f"demo failed: {reason}")
+        return 1
+    return 0
+
+
+def _latencies_ms(result: Result) -> list[float]:
+    ack = result.acks.ack_time
+    commits = result.written.commit_time
+    return sorted((ack[mid] - at) * 1000 for mid, at in commits.items() if mid in ack)
+
+
+def _percentile(ordered: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile: always one of the measured values."""
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def _published(result: Result, ids: Collection[UUID]) -> int:
+    return sum(1 for mid in ids if mid in result.acks.ack_time)
+
+
+def _order_kept(result: Result) -> bool:
+    return all(result.acks.by_key.get(key, []) == ids for key, ids in result.written.by_key.items())
+
+
+def _summary(result: Result) -> str:
+    written = result.written
+    latencies = _latencies_ms(result)
+    latency = (f"p50 {_percentile(latencies, 50):.1f} ms   p99 {_percentile(latencies, 99):.1f} ms"
+               if latencies else "n/a (nothing was published)")
+    return "\n".join([
+        "demo summary",
+        f"  orders committed        {len(written.commit_time):>5}   "
+        f"(messages published: {_published(result, written.commit_time)})",
+        f"  orders rolled back      {len(written.rolled_back):>5}   "
+        f"(messages published: {_published(result, written.rolled_back)}"
+        " — rolled back with their orders)",
+        f"  commit-to-ack latency     {latency}",
+        "  published messages per key kept their enqueue order: "
+        + ("yes" if _order_kept(result) else "no"),
+    ])
+
+
+def _failure(result: Result) -> str | None:
+    """Why the demo did not show what it claims, or None when everything held."""
+    written, acks, db = result.written, result.acks, result.db
+    committed = set(written.commit_time)
+    expected_committed = result.plan.orders - result.plan.orders // result.plan.rollback_every
+    if not result.all_dispatched:
+        missing = len(committed - acks.ack_time.keys())
+        return f"{missing} committed message(s) not published within {DISPATCH_TIMEOUT:g}s"
+    if len(committed) != expected_committed or db.committed_orders != len(committed):
+        return (f"expected {expected_committed} committed orders; the writers saw "
+                f"{len(committed)}, the database holds {db.committed_orders}")
+    if _published(result, written.rolled_back) or db.rolled_back_rows:
+        return "a rolled-back transaction left a published message or a row behind"
+    unknown = acks.ack_time.keys() - committed
+    if unknown:
+        return f"{len(unknown)} published message(s) that no committed order enqueued"
+    if not _order_kept(result):
+        return "a key's messages were published out of enqueue order"
+    return None

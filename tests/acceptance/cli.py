@@ -1,0 +1,91 @@
+"""Helpers to drive the real `outbox-relay` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def exe() -> list[str]:
+    script = Path(sys.executable).parent / "outbox-relay"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("outbox-relay")
+    assert found, "the outbox-relay console script is not installed"
+    return [found]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*exe(), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, check=False,
+    )
+
+
+def write_config(path: Path, dsn: str | None, *, sink: Path | None = None, **relay: Any) -> Path:
+    tree: dict[str, Any] = {
+        "database": {"dsn": dsn if dsn is not None else "${DATABASE_URL}"},
+        "relay": {"poll_interval": "200ms", "retry": {"initial": "50ms", "max": "500ms"}, **relay},
+        "brokers": {"sink": {"type": "file", "path": str(sink or path.with_suffix(".jsonl"))}},
+        "routes": [{"topic": "*", "broker": "sink"}],
+    }
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+class RelayProcess:
+    """`outbox-relay run` in the background, with its stderr (the logs) kept in a file."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None):
+        self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [*exe(), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self._log,
+            env={**os.environ, **(env or {})},
+        )
+
+    def logs(self) -> list[dict[str, Any]]:
+        if not self._log.closed:
+            self._log.flush()
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            out.append(json.loads(line))
+        return out
+
+    def wait_started(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            if "relay_started" in self.log_path.read_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError("relay did not start")
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        self._log.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

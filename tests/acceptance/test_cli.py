@@ -1,0 +1,222 @@
+"""The real `outbox-relay` command, end to end, with the file sink as the broker."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from outbox_relay import enqueue
+from tests.acceptance.cli import RelayProcess, read_jsonl, run_cli, write_config
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.05)
+
+
+def test_schema_install_and_sql(empty_db: str) -> None:
+    first = run_cli("schema", "install", env={"DATABASE_URL": empty_db})
+    assert first.returncode == 0, first.stderr
+    assert "installed outbox schema 'outbox' at version 1" in first.stdout
+    again = run_cli("schema", "install", "--dsn", empty_db)
+    assert again.returncode == 0 and "already at version 1" in again.stdout
+    ddl = run_cli("schema", "sql", "--schema", "events", "--relay-role", "relay_role")
+    assert ddl.returncode == 0
+    assert 'CREATE TABLE "events".messages' in ddl.stdout
+    assert 'GRANT SELECT, UPDATE, DELETE ON "events".messages TO "relay_role"' in ddl.stdout
+    bad = run_cli("schema", "sql", "--schema", "Bad;Name")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid schema name" in bad.stderr
+
+
+def test_run_relays_sql_and_python_messages_to_the_file_sink(db: str, tmp_path: Path) -> None:
+    sink = tmp_path / "out.jsonl"
+    config = write_config(tmp_path / "relay.yaml", None, sink=sink)
+    relay = RelayProcess(config, env={"DATABASE_URL": db})
+    try:
+        relay.wait_started()
+        with psycopg.connect(db) as conn:
+            conn.execute("SELECT outbox.enqueue('orders.created', 'order-1', '{\"total\": 10}')")
+            py_id = enqueue(conn, "orders.paid", {"total": 10}, key="order-1", headers={"trace": "t1"})
+            conn.commit()
+        wait_for(lambda: len(read_jsonl(sink)) == 2)
+        assert relay.terminate() == 0
+    finally:
+        relay.close()
+    records = read_jsonl(sink)
+    assert [r["topic"] for r in records] == ["orders.created", "orders.paid"]
+    assert records[1]["message_id"] == str(py_id)
+    assert records[1]["headers"] == {"trace": "t1"} and records[1]["payload"] == {"total": 10}
+    logs = relay.logs()
+    assert any(line["event"] == "relay_stopped" for line in logs)
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone() == (2,)
+
+
+def test_sigterm_finishes_the_in_flight_batch_and_exits_zero(db: str, tmp_path: Path) -> None:
+    # A webhook receiver that answers slowly keeps a batch in flight when SIGTERM arrives.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[bytes] = []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(self.rfile.read(int(self.headers["content-length"])))
+            time.sleep(1.5)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "relay.yaml"
+    config.write_text(json.dumps({
+        "database": {"dsn": db},
+        "brokers": {"hook": {"type": "webhook", "url": f"http://127.0.0.1:{server.server_port}/"}},
+        "routes": [{"topic": "*", "broker": "hook"}],
+    }))
+    relay = RelayProcess(config)
+    try:
+        relay.wait_started()
+        with psycopg.connect(db) as conn:
+            for i in range(5):
+                enqueue(conn, "t", {"i": i})
+            conn.commit()
+        wait_for(lambda: len(received) == 5)
+        assert relay.terminate() == 0
+    finally:
+        relay.close()
+        server.shutdown()
+        server.server_close()
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone() == (5,)
+
+
+def test_check_status_and_dead_letters(db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", db, sink=tmp_path / "out.jsonl")
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "database  ok" in checked.stdout and "broker    ok  sink (file)" in checked.stdout
+
+    with psycopg.connect(db) as conn:
+        for i in range(3):
+            enqueue(conn, "orders.created", {"i": i})
+        enqueue(conn, "billing.failed", {"i": 9}, key="b")
+        conn.execute("UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'too large' "
+                     "WHERE topic = 'billing.failed'")
+        conn.commit()
+    status = run_cli("status", "--config", str(config), "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert (data["pending"], data["dead_lettered"], data["in_flight"]) == (3, 1, 0)
+    assert data["oldest_pending_age_s"] >= 0
+    assert {t["topic"]: t["pending"] for t in data["topics"]} == {"orders.created": 3, "billing.failed": 0}
+    human = run_cli("status", "--config", str(config))
+    assert "pending        3" in human.stdout and "orders.created" in human.stdout
+
+    listed = run_cli("dead-letters", "list", "--config", str(config), "--json")
+    dead = json.loads(listed.stdout)
+    assert [(d["topic"], d["reason"]) for d in dead] == [("billing.failed", "too large")]
+    requeued = run_cli("dead-letters", "requeue", "--config", str(config), "--id", dead[0]["message_id"])
+    assert requeued.returncode == 0 and "requeued 1 message(s)" in requeued.stdout
+    assert json.loads(run_cli("status", "--config", str(config), "--json").stdout)["dead_lettered"] == 0
+    nothing = run_cli("dead-letters", "requeue", "--config", str(config))
+    assert nothing.returncode == 2
+
+
+def test_status_on_a_database_without_the_schema_says_what_to_do(empty_db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", empty_db)
+    result = run_cli("status", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "run `outbox-relay schema install --schema outbox`" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("database: {dsn: x}\nbrokers: {events: {type: kafak}}\nroutes: [{topic: '*', broker: events}]\n",
+         "relay.yaml: brokers.events.type: unknown adapter 'kafak' (installed: "),
+        ("database: {dsn: x}\nrelay: {pol_interval: 1s}\nbrokers: {a: {type: stdout}}\n"
+         "routes: [{topic: '*', broker: a}]\n",
+         "relay.yaml: relay.pol_interval: unknown key 'pol_interval' (did you mean 'poll_interval'?)"),
+        ("database:\n  dsn: ${NOT_SET_ANYWHERE}\nbrokers: {a: {type: stdout}}\nroutes: [{topic: '*', broker: a}]\n",
+         "relay.yaml: database.dsn: environment variable NOT_SET_ANYWHERE is not set"),
+        ("database: {dsn: x\n", "relay.yaml: line "),
+        ("database: {dsn: x}\nbrokers: {a: {type: file}}\nroutes: [{topic: '*', broker: a}]\n",
+         "relay.yaml: brokers.a.path: required option is missing"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_bad_configuration_is_one_line_exit_2(tmp_path: Path, yaml_text: str, expected: str, command: str) -> None:
+    config = tmp_path / "relay.yaml"
+    config.write_text(yaml_text)
+    result = run_cli(command, "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: " + expected), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml: cannot read config file" in result.stderr
+
+
+def test_passwords_never_reach_logs_or_check_output(db: str, tmp_path: Path) -> None:
+    password = "pw-" + "x7Q9z" * 3
+    role = "secret_" + str(random.randrange(10**8))
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)))
+    try:
+        good = make_conninfo(db, user=role, password=password)
+        unreachable = make_conninfo(db, user=role, password=password, port="1", connect_timeout="1")
+        config = write_config(tmp_path / "relay.yaml", None, sink=tmp_path / "o.jsonl")
+        outputs = []
+        for dsn in (good, unreachable):
+            checked = run_cli("check", "--config", str(config), env={"DATABASE_URL": dsn})
+            outputs += [checked.stdout, checked.stderr]
+            relay = RelayProcess(config, env={"DATABASE_URL": dsn})
+            time.sleep(3)
+            relay.terminate()
+            outputs.append(relay.log_path.read_text())
+            relay.close()
+        assert any("database_unreachable" in out for out in outputs), "the outage was not logged"
+        assert any("database  FAIL" in out for out in outputs)
+        for out in outputs:
+            assert password not in out
+    finally:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_logs_are_json_lines_naming_message_id_and_topic(db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", db)
+    config.write_text(config.read_text().replace("topic: '*'", "topic: 'routed.*'"))
+    relay = RelayProcess(config)
+    try:
+        relay.wait_started()
+        with psycopg.connect(db) as conn:
+            mid = enqueue(conn, "unrouted", {"a": 1})
+            conn.commit()
+        wait_for(lambda: "message_dead_lettered" in relay.log_path.read_text())
+        relay.terminate()
+    finally:
+        relay.close()
+    lines = relay.logs()  # every line parses as JSON
+    dead = [line for line in lines if line["event"] == "message_dead_lettered"]
+    assert dead[0]["message_id"] == str(mid) and dead[0]["topic"] == "unrouted"
+    assert dead[0]["reason"] == "no route" and "timestamp" in dead[0]

@@ -1,0 +1,95 @@
+"""`outbox-relay demo` as a user runs it: a real process, its stdout and its stderr.
+
+Stdout is checked on its own terms (the JSON lines a consumer would read), not only
+through the summary the demo prints about itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ORDERS = 60
+ROLLBACK_EVERY = 4
+COMMITTED = ORDERS - ORDERS // ROLLBACK_EVERY  # 45
+ROLLED_BACK = ORDERS // ROLLBACK_EVERY  # 15
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).parent / "outbox-relay"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("outbox-relay")
+    assert found, "the outbox-relay console script is not installed"
+    return [found]
+
+
+def _run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "OUTBOX_DEMO_DSN"}
+    return subprocess.run(
+        [*_cli(), "demo", "--orders", str(ORDERS), "--rollback-every", str(ROLLBACK_EVERY), *extra],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+
+
+def _json_lines(stdout: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(stdout.splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"stdout line {number} is not JSON: {line!r}") from None
+    return records
+
+
+def _check_published(records: list[dict[str, Any]]) -> None:
+    assert {r["topic"] for r in records} == {"orders.created"}
+    assert len({r["message_id"] for r in records}) == COMMITTED
+    numbers = [r["payload"]["order_no"] for r in records]
+    # Order numbers that are multiples of ROLLBACK_EVERY were rolled back: none may appear.
+    assert sorted(set(numbers)) == [n for n in range(1, ORDERS + 1) if n % ROLLBACK_EVERY]
+    by_key: dict[str, list[int]] = {}
+    for record in records:
+        assert record["key"] == record["payload"]["customer"]
+        by_key.setdefault(record["key"], []).append(record["payload"]["order_no"])
+    for key, seen in by_key.items():
+        assert seen == sorted(seen), f"{key}: published out of enqueue order: {seen}"
+
+
+def _check_summary(stderr: str) -> None:
+    committed = rf"orders committed\s+{COMMITTED}\s+\(messages published: {COMMITTED}\)"
+    rolled_back = rf"orders rolled back\s+{ROLLED_BACK}\s+\(messages published: 0\b"
+    assert re.search(committed, stderr), stderr
+    assert re.search(rolled_back, stderr), stderr
+    assert re.search(r"commit-to-ack latency\s+p50 -?\d+\.\d ms\s+p99 -?\d+\.\d ms", stderr), stderr
+    assert "kept their enqueue order: yes" in stderr, stderr
+    assert "demo failed" not in stderr, stderr
+
+
+def test_demo_on_embedded_postgres() -> None:
+    result = _run_demo()
+    assert result.returncode == 0, result.stderr
+    _check_published(_json_lines(result.stdout))
+    _check_summary(result.stderr)
+
+
+def test_demo_on_existing_database_leaves_nothing_behind(admin_dsn: str) -> None:
+    result = _run_demo("--dsn", admin_dsn)
+    assert result.returncode == 0, result.stderr
+    _check_published(_json_lines(result.stdout))
+    _check_summary(result.stderr)
+    used = re.search(r"outbox schema (outbox_demo_\w+)", result.stderr)
+    assert used, result.stderr  # it did work in a schema of its own
+    with psycopg.connect(admin_dsn) as conn:
+        left = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'outbox\\_demo\\_%'"
+        ).fetchall()
+    assert left == []
