@@ -12,12 +12,12 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._options import Options, parse_options
 from pydantic import Field, field_validator
 
 from outbox_relay.durations import parse_duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.records import json_line
-from outbox_relay_adapters._options import Options, parse_options
 
 try:
     import httpx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import psycopg
@@ -43,8 +44,6 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
             ok = False
             echo(f"broker    FAIL  {name} ({kind}): {redact_text(str(exc) or repr(exc), [dsn])}")
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 await adapter.close()
-            except Exception:
-                pass
     return ok

@@ -114,9 +114,7 @@ def schema_sql(schema_name: str, relay_role: str | None, producer_role: str | No
     parts: list[str] = []
     if not grants_only:
         parts.append(sqlfiles.ddl(schema_name).as_string())
-        parts.append(
-            f"INSERT INTO {schema_name}.schema_version (version) VALUES ({sqlfiles.SCHEMA_VERSION});\n"
-        )
+        parts.append(sqlfiles.record_version(schema_name).as_string() + ";\n")
     for kind, role in (("relay", relay_role), ("producer", producer_role)):
         if role:
             parts.append(sqlfiles.grants(kind, schema_name, role).as_string())

@@ -30,7 +30,9 @@ def glob_to_like(pattern: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def list_dead(conn: psycopg.Connection[Any], schema: str, *, topic: str | None = None, limit: int = 100) -> list[DeadLetter]:
+def list_dead(
+    conn: psycopg.Connection[Any], schema: str, *, topic: str | None = None, limit: int = 100
+) -> list[DeadLetter]:
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             Queries(schema)["dead_letters_list"],

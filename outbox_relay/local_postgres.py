@@ -110,11 +110,15 @@ def create(settings: dict[str, str] | None = None, *, base: str | None = None) -
         entry = pwd.getpwnam(run_as)
         os.chown(datadir, entry.pw_uid, entry.pw_gid)
     cluster = LocalPostgres(bindir, datadir, free_port(), run_as)
-    cluster._run(
-        str(bindir / "initdb"), "-D", str(datadir / "data"), "-U", "postgres", "-A", "trust",
-        "-E", "UTF8", "--no-sync", "--locale=C",
-    )
-    cluster.start(settings)
+    try:
+        cluster._run(
+            str(bindir / "initdb"), "-D", str(datadir / "data"), "-U", "postgres", "-A", "trust",
+            "-E", "UTF8", "--no-sync", "--locale=C",
+        )
+        cluster.start(settings)
+    except BaseException:
+        destroy(cluster)  # never leave a half-made cluster or its directory behind
+        raise
     return cluster
 
 

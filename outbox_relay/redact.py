@@ -20,7 +20,7 @@ def redact_dsn(dsn: str) -> str:
         return re.sub(r"(password\s*=\s*)(\S+)", rf"\1{MASK}", masked, flags=re.I)
     if "password" in params:
         params["password"] = MASK
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 
 def redact_text(text: str, secrets: list[str]) -> str:

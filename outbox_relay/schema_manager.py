@@ -9,6 +9,7 @@ holds objects that are not outbox-relay's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -35,7 +36,7 @@ class InstallResult:
         return self.previous_version != self.version
 
 
-def _version_of(cur: psycopg.Cursor[tuple[object, ...]], schema: str) -> int | None:
+def _version_of(cur: psycopg.Cursor[Any], schema: str) -> int | None:
     cur.execute(_HAS_VERSION_TABLE, (schema,))
     row = cur.fetchone()
     if not row or not row[0]:
@@ -82,12 +83,7 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
 
 
 def _record_version(cur: psycopg.Cursor[tuple[object, ...]], schema: str, version: int) -> None:
-    cur.execute(
-        sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(
-            sql.Identifier(schema)
-        ),
-        (version,),
-    )
+    cur.execute(sqlfiles.record_version(schema, version))
 
 
 def version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | None:

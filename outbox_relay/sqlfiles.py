@@ -41,7 +41,8 @@ def _read(name: str) -> str:
 
 
 def _render(text: str, schema: str, **extra: sql.Composable) -> sql.Composed:
-    return sql.SQL(text).format(  # type: ignore[arg-type]  # text comes from our files
+    # The text comes from our own SQL files, never from user input.
+    return sql.SQL(text).format(
         schema=sql.Identifier(validate_schema_name(schema)),
         channel=sql.Literal(notify_channel(schema)),
         **extra,
@@ -51,6 +52,13 @@ def _render(text: str, schema: str, **extra: sql.Composable) -> sql.Composed:
 def ddl(schema: str) -> sql.Composed:
     """The current DDL (``schema/schema.sql``) for `schema`."""
     return _render(_read("schema.sql"), schema)
+
+
+def record_version(schema: str, version: int = SCHEMA_VERSION) -> sql.Composed:
+    """The statement that marks `schema` as installed at `version`."""
+    return sql.SQL("INSERT INTO {}.schema_version (version) VALUES ({})").format(
+        sql.Identifier(validate_schema_name(schema)), sql.Literal(version)
+    )
 
 
 def migrations() -> list[tuple[int, str]]:

@@ -14,7 +14,7 @@ log = structlog.get_logger("outbox_relay.connect")
 
 # Keepalives make a vanished server (a dead host, a cut network) an error within a
 # minute instead of a connection that waits forever.
-_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+_KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
 async def connect_once(dsn: str, *, autocommit: bool = False, timeout: float = 10.0) -> psycopg.AsyncConnection[Any]:

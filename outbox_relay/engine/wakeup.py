@@ -41,7 +41,7 @@ class Wakeup:
             return "stop"
         waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())}
         try:
-            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()

@@ -70,7 +70,7 @@ def test_sigterm_finishes_the_in_flight_batch_and_exits_zero(db: str, tmp_path: 
     received: list[bytes] = []
 
     class Slow(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             received.append(self.rfile.read(int(self.headers["content-length"])))
             time.sleep(1.5)
             self.send_response(200)
