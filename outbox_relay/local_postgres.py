@@ -101,10 +101,33 @@ class LocalPostgres:
         self.start(settings)
 
 
+def _usable_by(user: str, bindir: Path) -> Path:
+    """`bindir`, or a copy of its installation the user can execute.
+
+    As root, the server runs as `user`, who may not reach binaries under a private
+    home (pgserver installed in /root/...): copy that installation somewhere it can.
+    """
+    probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(bindir / "initdb")], check=False)
+    if probe.returncode == 0:
+        return bindir
+    # Keep the layout two levels up: wheel binaries find their bundled libraries
+    # through an RPATH relative to themselves ($ORIGIN/../../../pgserver.libs).
+    install = bindir.parent
+    site = install.parent.parent
+    target = Path(tempfile.gettempdir()) / f"outbox-relay-pginstall-{os.getpid()}"
+    shutil.copytree(install, target / install.parent.name / install.name, dirs_exist_ok=True, symlinks=True)
+    for libs in site.glob(f"{install.parent.name}.libs"):
+        shutil.copytree(libs, target / libs.name, dirs_exist_ok=True, symlinks=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
+    return target / install.parent.name / install.name / bindir.name
+
+
 def create(settings: dict[str, str] | None = None, *, base: str | None = None) -> LocalPostgres:
     """initdb and start a new cluster on a free loopback port."""
     bindir = find_bindir()
     run_as = "postgres" if os.geteuid() == 0 else None
+    if run_as:
+        bindir = _usable_by(run_as, bindir)
     datadir = Path(tempfile.mkdtemp(prefix="outbox-relay-pg-", dir=base))
     if run_as:
         entry = pwd.getpwnam(run_as)
