@@ -21,7 +21,9 @@ def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
     try:
         return model.model_validate(dict(options))
     except ValidationError as exc:
-        error = exc.errors()[0]
+        errors = exc.errors()
+        # An unknown option is usually the cause of a "missing" one next to it (a typo).
+        error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         path = ".".join(str(p) for p in error["loc"])
         if error["type"] == "extra_forbidden":
             import difflib

@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._options import Options, parse_options
 from pydantic import field_validator
 
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.records import json_line
+
+from ._options import Options, parse_options
 
 
 class FileOptions(Options):

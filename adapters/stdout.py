@@ -6,10 +6,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from ._options import Options, parse_options
-
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.records import json_line
+
+from ._options import Options, parse_options
 
 
 class StdoutOptions(Options):

@@ -12,12 +12,13 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._options import Options, parse_options
 from pydantic import Field, field_validator
 
 from outbox_relay.durations import parse_duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.records import json_line
+
+from ._options import Options, parse_options
 
 try:
     import httpx
@@ -25,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the webhook adapter needs httpx: pip install 'outbox-relay[webhook]'") from exc
 
 RETRY_LATER = {408, 425, 429}
+RESERVED_HEADERS = {"message-id", "content-type"}
 
 
 class WebhookOptions(Options):
@@ -40,6 +42,14 @@ class WebhookOptions(Options):
     def _http(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the relay and cannot be configured")
         return value
 
     @field_validator("timeout", mode="before")
@@ -87,8 +97,9 @@ class WebhookAdapter:
         async with self._limit:
             try:
                 response = await self._client.post(self._options.url, content=json_line(out), headers=headers)
-            except httpx.ConnectError as exc:
-                return PublishResult.unavailable(f"cannot connect: {exc}")
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # The receiver is not there: wait for it without spending an attempt.
+                return PublishResult.unavailable(f"cannot connect: {exc!r}")
             except httpx.TimeoutException:
                 return PublishResult.transient(f"timed out after {self._options.timeout:g}s")
             except httpx.HTTPError as exc:

@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -31,6 +32,16 @@ from outbox_relay.errors import ConfigError
 from outbox_relay.sqlfiles import DEFAULT_SCHEMA, validate_schema_name
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _not_bool(value: object) -> object:
+    # YAML's `yes`/`true` must not quietly become 1 in a numeric setting.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_bool)]
 
 
 class _Model(BaseModel):
@@ -65,16 +76,16 @@ class RetryConfig(_Model):
 
 
 class RelayConfig(_Model):
-    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batch_size: Count = Field(default=500, ge=1, le=10_000)
     poll_interval: Duration = 1.0
     notify: bool = True
-    max_attempts: int = Field(default=10, ge=1)
+    max_attempts: Count = Field(default=10, ge=1)
     retry: RetryConfig = RetryConfig()
     retention: Duration = 24 * 3600.0
     shutdown_timeout: Duration = 30.0
     publish_timeout: Duration = 30.0
     # Concurrent claim/publish loops in one process; SKIP LOCKED keeps them apart.
-    workers: int = Field(default=2, ge=1, le=64)
+    workers: Count = Field(default=2, ge=1, le=64)
     # What a dead-lettered message does to later messages of its key:
     # `release` lets them go on; `hold` keeps them until it is requeued.
     dead_letter_policy: Literal["release", "hold"] = "release"
@@ -119,7 +130,12 @@ class Config(_Model):
     relay: RelayConfig = RelayConfig()
     brokers: dict[str, BrokerConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
-    source: str = Field(default="<config>", exclude=True)
+    # Which file this came from, for error messages; never read from the file itself.
+    _source: str = PrivateAttr(default="<config>")
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     @model_validator(mode="after")
     def _routes_name_brokers(self) -> Config:
@@ -151,6 +167,14 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
 def parse(text: str, *, source: str = "<config>", env: Mapping[str, str]) -> Config:
     try:
+        return _parse(text, source=source, env=env)
+    except RecursionError:
+        # A self-referencing YAML alias (`a: &x [*x]`) or absurd nesting.
+        raise ConfigError("structure is self-referencing or too deeply nested", source=source) from None
+
+
+def _parse(text: str, *, source: str, env: Mapping[str, str]) -> Config:
+    try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -162,14 +186,24 @@ def parse(text: str, *, source: str = "<config>", env: Mapping[str, str]) -> Con
     try:
         tree = substitute_tree(tree, env)
     except SubstitutionError as exc:
-        raise ConfigError(str(exc), source=source, path=".".join(exc.path)) from None
+        raise ConfigError(str(exc), source=source, path=key_path(exc.path)) from None
     try:
-        config = Config.model_validate({**tree, "source": source})
+        config = Config.model_validate(tree)
     except ValidationError as exc:
         raise _first_error(exc, source) from None
     except _PathError as exc:
-        raise ConfigError(str(exc), source=source, path=".".join(exc.path)) from None
+        raise ConfigError(str(exc), source=source, path=key_path(exc.path)) from None
+    config._source = source
     return config
+
+
+def key_path(parts: tuple[object, ...]) -> str:
+    """A dotted key path that always fits on one line (odd keys are shown quoted)."""
+    shown = []
+    for part in parts:
+        text = str(part)
+        shown.append(text if text.isprintable() and text.strip() == text and text else repr(text))
+    return ".".join(shown)
 
 
 def _first_error(exc: ValidationError, source: str) -> ConfigError:
@@ -180,8 +214,8 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
     ctx = error.get("ctx") or {}
     inner = ctx.get("error")
     if isinstance(inner, _PathError):
-        return ConfigError(str(inner), source=source, path=".".join(inner.path))
-    path = ".".join(loc)
+        return ConfigError(str(inner), source=source, path=key_path(inner.path))
+    path = key_path(loc)
     kind = error["type"]
     if kind == "extra_forbidden":
         return ConfigError(_unknown_key(loc), source=source, path=path)
@@ -211,7 +245,7 @@ def _unknown_key(loc: tuple[str, ...]) -> str:
         model = RouteConfig
     names: list[str] = []
     if model is not None:
-        names = [f.alias or name for name, f in model.model_fields.items() if name != "source"]
+        names = [f.alias or name for name, f in model.model_fields.items()]
     suggestion = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
     return f"unknown key {key!r}{hint}"

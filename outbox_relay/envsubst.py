@@ -10,7 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-_VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+# A default may hold `$$` (a literal `$`) but no nested `${...}`: that is an error.
+_VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>(?:[^}$]|\$\$)*))?\}")
 _BAD = re.compile(r"\$\{[^}]*\}?")
 
 
@@ -28,7 +29,7 @@ def substitute(value: str, env: Mapping[str, str]) -> str:
         if name in env and env[name] != "":
             return env[name]
         if match.group("default") is not None:
-            return match.group("default")
+            return match.group("default").replace("$$", "$")
         if name in env:
             return ""
         raise UnsetVariable(name)

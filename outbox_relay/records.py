@@ -30,11 +30,11 @@ def record(out: OutgoingMessage) -> dict[str, Any]:
         "created_at": message.created_at.isoformat(),
     }
     if message.content_type.startswith("application/json"):
-        try:
-            data["payload"] = json.loads(message.payload)
+        value = _strict_json(message.payload)
+        if value is not _NOT_JSON:
+            data["payload"] = value
             return data
-        except ValueError:
-            pass  # labelled JSON but is not: fall through to base64, never lose it
+        # Labelled JSON but is not strict JSON: carried as base64, never lost.
     if message.content_type.startswith("text/"):
         try:
             data["payload"] = message.payload.decode("utf-8")
@@ -45,6 +45,24 @@ def record(out: OutgoingMessage) -> dict[str, Any]:
     data["payload"] = base64.b64encode(message.payload).decode("ascii")
     data["payload_encoding"] = "base64"
     return data
+
+
+_NOT_JSON = object()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _strict_json(raw: bytes) -> Any:
+    """The JSON value, or _NOT_JSON if re-encoding it would not give valid UTF-8 JSON
+    (NaN/Infinity, lone surrogates, invalid bytes)."""
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, UnicodeError, RecursionError):
+        return _NOT_JSON
+    return value
 
 
 def json_line(out: OutgoingMessage) -> str:

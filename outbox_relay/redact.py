@@ -6,7 +6,8 @@ import re
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):[^@/]*@", re.I)
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):[^@\s]*@", re.I)
+UNPARSEABLE = "<DSN not shown: it could not be parsed>"
 MASK = "***"
 
 
@@ -15,9 +16,8 @@ def redact_dsn(dsn: str) -> str:
     try:
         params = conninfo_to_dict(dsn)
     except Exception:
-        # Unparseable: mask anything that looks like a password rather than echo it.
-        masked = _URI_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", dsn)
-        return re.sub(r"(password\s*=\s*)(\S+)", rf"\1{MASK}", masked, flags=re.I)
+        # We cannot tell where a password would be in it: show none of it.
+        return UNPARSEABLE
     if "password" in params:
         params["password"] = MASK
     return make_conninfo("", **{k: v for k, v in params.items() if v is not None})

@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{1,249}$")
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9._:/-]{1,249}")  # use with fullmatch
 MAX_KEY_LENGTH = 1024
 MAX_HEADER_NAME_LENGTH = 255
 RESERVED_HEADERS = frozenset({"message-id"})
 
 
 def check_topic(topic: object) -> str:
-    if not isinstance(topic, str) or not TOPIC_PATTERN.match(topic):
+    if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
         raise ValueError(
             f"invalid topic {topic!r}: use 1 to 249 letters, digits or . _ - : /"
         )
@@ -26,8 +26,11 @@ def check_topic(topic: object) -> str:
 def check_key(key: object) -> str | None:
     if key is None:
         return None
-    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
-        raise ValueError(f"invalid key {key!r}: must be a string of 1 to {MAX_KEY_LENGTH} characters or None")
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH or "\x00" in key:
+        raise ValueError(
+            f"invalid key {key!r}: must be a string of 1 to {MAX_KEY_LENGTH} characters "
+            "without NUL, or None"
+        )
     return key
 
 
@@ -38,11 +41,13 @@ def check_headers(headers: object) -> dict[str, str]:
         raise ValueError(f"invalid headers: expected a mapping of str to str, got {type(headers).__name__}")
     checked: dict[str, str] = {}
     for name, value in headers.items():
-        if not isinstance(name, str) or not 1 <= len(name) <= MAX_HEADER_NAME_LENGTH:
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_HEADER_NAME_LENGTH or "\x00" in name:
             raise ValueError(f"invalid header name {name!r}: must be a string of 1 to 255 characters")
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"invalid header name {name!r}: reserved, the relay sets it")
         if not isinstance(value, str):
             raise ValueError(f"invalid header {name!r}: value must be a str, got {type(value).__name__}")
+        if "\x00" in value:
+            raise ValueError(f"invalid header {name!r}: value must not contain NUL")  # Postgres text cannot
         checked[name] = value
     return checked

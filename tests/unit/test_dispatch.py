@@ -1,0 +1,375 @@
+"""engine.dispatch.Dispatcher with FakeAdapter: outcomes, per-key order, concurrency. No DB."""
+
+from __future__ import annotations
+
+import inspect
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+
+from outbox_relay.adapter import Adapter
+from outbox_relay.config import RouteConfig
+from outbox_relay.engine.dispatch import NO_ROUTE, Dispatcher
+from outbox_relay.engine.store import Record
+from outbox_relay.models import Message, OutgoingMessage, PublishResult
+from outbox_relay.retry import Backoff
+from outbox_relay.routing import Router
+from outbox_relay.testing import FakeAdapter
+
+INITIAL = 0.1
+MAXIMUM = 5.0
+_CREATED = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def msg(
+    id: int, topic: str = "orders.created", key: str | None = None, attempts: int = 0
+) -> Message:
+    return Message(
+        id=id, message_id=uuid.uuid4(), topic=topic, key=key, payload=b'{"n": 1}',
+        content_type="application/json", headers={}, attempts=attempts, created_at=_CREATED,
+    )
+
+
+def dispatcher(
+    adapters: dict[str, Adapter],
+    routes: list[tuple[str, str]] | None = None,
+    *,
+    max_attempts: int = 3,
+    publish_timeout: float = 5.0,
+) -> Dispatcher:
+    configs = [RouteConfig(topic=t, broker=b) for t, b in routes or [("*", "main")]]
+    return Dispatcher(
+        adapters, Router(configs), Backoff(INITIAL, MAXIMUM),
+        max_attempts=max_attempts, publish_timeout=publish_timeout,
+    )
+
+
+def by_id(records: Sequence[Record]) -> dict[int, Record]:
+    result = {r.id: r for r in records}
+    assert len(result) == len(records), "two records for one message"
+    return result
+
+
+def script_for(answers: dict[int, PublishResult]) -> FakeAdapter:
+    return FakeAdapter(script=lambda out: answers.get(out.message.id))
+
+
+# --- outcomes ------------------------------------------------------------------------
+
+
+async def test_acked() -> None:
+    fake = FakeAdapter()
+    records = await dispatcher({"main": fake}).dispatch([msg(1), msg(2)])
+    assert records == [Record(1, "acked"), Record(2, "acked")]
+    assert [out.message.id for out in fake.delivered] == [1, 2]
+
+
+async def test_destination_is_resolved_into_outgoing_message() -> None:
+    fake = FakeAdapter()
+    d = Dispatcher(
+        {"main": fake},
+        Router([RouteConfig(topic="orders.*", broker="main", destination="orders-v1")]),
+        Backoff(INITIAL, MAXIMUM), max_attempts=3, publish_timeout=5.0,
+    )
+    await d.dispatch([msg(1, topic="orders.created")])
+    assert [out.destination for out in fake.delivered] == ["orders-v1"]
+
+
+async def test_permanent_is_dead_with_reason() -> None:
+    fake = script_for({1: PublishResult.permanent("HTTP 422 Unprocessable")})
+    records = await dispatcher({"main": fake}).dispatch([msg(1), msg(2)])
+    assert records == [Record(1, "dead", "HTTP 422 Unprocessable"), Record(2, "acked")]
+
+
+async def test_transient_is_retry_with_delay_and_reason() -> None:
+    fake = script_for({1: PublishResult.transient("broker said later")})
+    records = by_id(await dispatcher({"main": fake}, max_attempts=5).dispatch([msg(1, attempts=2)]))
+    record = records[1]
+    assert record.kind == "retry"
+    assert record.error == "broker said later"
+    # The 3rd failed attempt: initial * 2**2 plus jitter of at most `initial`.
+    assert INITIAL * 4 - 1e-9 <= record.delay <= INITIAL * 5 + 1e-9
+
+
+async def test_first_transient_failure_delay() -> None:
+    fake = script_for({1: PublishResult.transient("x")})
+    record = (await dispatcher({"main": fake}, max_attempts=5).dispatch([msg(1)]))[0]
+    assert INITIAL - 1e-9 <= record.delay <= 2 * INITIAL + 1e-9
+
+
+@pytest.mark.parametrize(("attempts", "max_attempts"), [(2, 3), (0, 1), (9, 10), (12, 10)])
+async def test_transient_on_last_attempt_is_dead(attempts: int, max_attempts: int) -> None:
+    fake = script_for({1: PublishResult.transient("connection reset")})
+    records = await dispatcher({"main": fake}, max_attempts=max_attempts).dispatch(
+        [msg(1, attempts=attempts)]
+    )
+    assert records == [
+        Record(1, "dead", f"max attempts ({max_attempts}) reached; last error: connection reset")
+    ]
+
+
+async def test_transient_one_before_last_attempt_is_retry() -> None:
+    fake = script_for({1: PublishResult.transient("x")})
+    records = await dispatcher({"main": fake}, max_attempts=3).dispatch([msg(1, attempts=1)])
+    assert records[0].kind == "retry"
+
+
+async def test_unavailable_is_wait_and_spends_no_attempt() -> None:
+    fake = FakeAdapter(script=lambda out: PublishResult.unavailable("connection refused"))
+    # On its last attempt: a transient failure would dead-letter it; unavailable must not.
+    records = await dispatcher({"main": fake}, max_attempts=3).dispatch([msg(1, attempts=2)])
+    assert len(records) == 1
+    record = records[0]
+    assert record.kind == "wait"
+    assert record.error == "connection refused"
+    assert INITIAL - 1e-9 <= record.delay <= MAXIMUM
+
+
+async def test_unavailable_delay_grows_with_the_outage_not_the_message() -> None:
+    fake = FakeAdapter(script=lambda out: PublishResult.unavailable("down"))
+    d = dispatcher({"main": fake}, max_attempts=3)
+    delays = [(await d.dispatch([msg(i)]))[0].delay for i in range(1, 6)]
+    # Outage n: initial * 2**(n-1) + jitter <= initial.
+    assert INITIAL * 16 - 1e-9 <= delays[4] <= INITIAL * 17 + 1e-9
+    assert delays[0] <= 2 * INITIAL + 1e-9
+
+
+async def test_outage_resets_after_an_ack() -> None:
+    down = True
+    fake = FakeAdapter(script=lambda out: PublishResult.unavailable("down") if down else None)
+    d = dispatcher({"main": fake})
+    for i in range(5):
+        await d.dispatch([msg(i)])
+    down = False
+    assert (await d.dispatch([msg(10)]))[0].kind == "acked"
+    down = True
+    assert (await d.dispatch([msg(11)]))[0].delay <= 2 * INITIAL + 1e-9
+
+
+async def test_no_route_is_dead() -> None:
+    fake = FakeAdapter()
+    records = await dispatcher({"main": fake}, [("orders.*", "main")]).dispatch(
+        [msg(1, topic="users.created"), msg(2, topic="orders.created")]
+    )
+    assert records == [Record(1, "dead", NO_ROUTE), Record(2, "acked")]
+    assert NO_ROUTE == "no route"
+    assert [out.message.id for out in fake.delivered] == [2]
+
+
+async def test_no_route_for_any_message_calls_no_adapter() -> None:
+    fake = FakeAdapter()
+    records = await dispatcher({"main": fake}, [("orders.*", "main")]).dispatch(
+        [msg(1, topic="a"), msg(2, topic="b")]
+    )
+    assert [r.kind for r in records] == ["dead", "dead"]
+    assert fake.calls == []
+
+
+# --- misbehaving adapters ---------------------------------------------------------------
+
+
+@dataclass
+class RaisingAdapter:
+    name: str = "raising"
+    calls: int = 0
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool:
+        return True
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        self.calls += 1
+        raise RuntimeError("boom")
+
+
+@dataclass
+class ShortAdapter:
+    name: str = "short"
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool:
+        return True
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        return [PublishResult.acked()] * (len(batch) - 1)
+
+
+async def test_adapter_that_raises_makes_all_transient() -> None:
+    records = await dispatcher({"main": RaisingAdapter()}, max_attempts=5).dispatch(
+        [msg(1), msg(2), msg(3, key="k")]
+    )
+    assert [r.kind for r in records] == ["retry", "retry", "retry"]
+    assert all(r.error is not None and "boom" in r.error for r in records)
+    assert all(r.delay > 0 for r in records)
+
+
+async def test_adapter_that_raises_does_not_touch_other_broker() -> None:
+    good = FakeAdapter()
+    d = dispatcher(
+        {"bad": RaisingAdapter(), "good": good}, [("a.*", "bad"), ("*", "good")], max_attempts=5
+    )
+    records = by_id(await d.dispatch([msg(1, topic="a.x"), msg(2, topic="b.x")]))
+    assert records[1].kind == "retry"
+    assert records[2].kind == "acked"
+
+
+async def test_adapter_returning_wrong_number_of_results_makes_all_transient() -> None:
+    records = await dispatcher({"main": ShortAdapter()}, max_attempts=5).dispatch(
+        [msg(1), msg(2), msg(3)]
+    )
+    assert [r.kind for r in records] == ["retry", "retry", "retry"]
+    assert all(r.error == "adapter returned a wrong number of results" for r in records)
+
+
+async def test_publish_timeout_is_transient() -> None:
+    slow = FakeAdapter(delay=2.0)
+    started = time.monotonic()
+    records = await dispatcher({"main": slow}, max_attempts=5, publish_timeout=0.1).dispatch(
+        [msg(1), msg(2)]
+    )
+    assert time.monotonic() - started < 1.0
+    assert [r.kind for r in records] == ["retry", "retry"]
+    assert all(r.error == "publish timed out after 0.1s" for r in records)
+
+
+async def test_publish_timeout_on_last_attempt_is_dead() -> None:
+    slow = FakeAdapter(delay=2.0)
+    records = await dispatcher({"main": slow}, max_attempts=1, publish_timeout=0.05).dispatch(
+        [msg(1)]
+    )
+    assert records == [
+        Record(1, "dead", "max attempts (1) reached; last error: publish timed out after 0.05s")
+    ]
+
+
+# --- per-key order -------------------------------------------------------------------
+
+
+@dataclass
+class BatchRecorder:
+    """Records the keys of each publish call; fails the messages listed in `fail`."""
+
+    name: str = "recorder"
+    fail: dict[int, PublishResult] = field(default_factory=dict)
+    batches: list[list[int]] = field(default_factory=list)
+    keys: list[list[str | None]] = field(default_factory=list)
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool:
+        return True
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        self.batches.append([out.message.id for out in batch])
+        self.keys.append([out.message.key for out in batch])
+        return [self.fail.get(out.message.id, PublishResult.acked()) for out in batch]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [PublishResult.transient("t"), PublishResult.permanent("p"), PublishResult.unavailable("u")],
+)
+async def test_failed_key_sends_no_later_messages_in_batch(failure: PublishResult) -> None:
+    recorder = BatchRecorder(fail={2: failure})
+    messages = [
+        msg(1, key="a"), msg(2, key="b"), msg(3, key="a"), msg(4, key="b"),
+        msg(5, key="b"), msg(6, key="a"), msg(7),
+    ]
+    records = by_id(await dispatcher({"main": recorder}, max_attempts=5).dispatch(messages))
+    sent = [i for batch in recorder.batches for i in batch]
+    assert 4 not in sent and 5 not in sent  # later messages of key b: not sent
+    assert 4 not in records and 5 not in records  # and no Record at all: stay pending
+    assert records[2].kind != "acked"
+    assert [records[i].kind for i in (1, 3, 6, 7)] == ["acked"] * 4  # key a and keyless go on
+    assert sent.index(1) < sent.index(3) < sent.index(6)
+
+
+async def test_dead_message_on_no_route_blocks_later_messages_of_key() -> None:
+    recorder = BatchRecorder()
+    d = dispatcher({"main": recorder}, [("orders.*", "main")])
+    records = by_id(
+        await d.dispatch([msg(1, topic="nope", key="k"), msg(2, key="k"), msg(3, key="j")])
+    )
+    assert records[1] == Record(1, "dead", NO_ROUTE)
+    assert 2 not in records
+    assert records[3].kind == "acked"
+
+
+async def test_publish_call_never_holds_two_messages_of_one_key() -> None:
+    recorder = BatchRecorder()
+    keys = ["a", "a", "b", None, "a", "c", "b", None, "c", "a"]
+    messages = [msg(i + 1, key=k) for i, k in enumerate(keys)]
+    records = await dispatcher({"main": recorder}).dispatch(messages)
+    assert all(r.kind == "acked" for r in records)
+    assert len(records) == len(messages)
+    for batch_keys in recorder.keys:
+        named = [k for k in batch_keys if k is not None]
+        assert len(named) == len(set(named))
+    sent = [i for batch in recorder.batches for i in batch]
+    for key in "abc":
+        key_ids = [m.id for m in messages if m.key == key]
+        assert [i for i in sent if i in key_ids] == key_ids
+    assert len(recorder.batches) == 4  # key a has 4 messages: 4 waves
+
+
+async def test_records_come_in_send_order() -> None:
+    recorder = BatchRecorder()
+    messages = [msg(1, key="a"), msg(2, key="a"), msg(3, key="b")]
+    records = await dispatcher({"main": recorder}).dispatch(messages)
+    assert [r.id for r in records] == [1, 3, 2]
+
+
+# --- concurrency across brokers ----------------------------------------------------------
+
+
+async def test_two_brokers_are_called_concurrently() -> None:
+    one = FakeAdapter(name="one", delay=0.5)
+    two = FakeAdapter(name="two", delay=0.5)
+    d = dispatcher({"one": one, "two": two}, [("a.*", "one"), ("*", "two")])
+    started = time.monotonic()
+    records = await d.dispatch([msg(1, topic="a.x"), msg(2, topic="b.x"), msg(3, topic="a.y")])
+    elapsed = time.monotonic() - started
+    assert [r.kind for r in records] == ["acked"] * 3
+    assert one.calls == [2] and two.calls == [1]  # each broker: its share in one call
+    # One after the other would take 1.0s; concurrently about 0.5s.
+    assert elapsed < 0.85, f"brokers were called one after the other ({elapsed:.2f}s)"
+
+
+async def test_slow_broker_does_not_block_results_of_fast_one() -> None:
+    fast = FakeAdapter(name="fast")
+    slow = FakeAdapter(name="slow", delay=5.0)
+    d = dispatcher({"fast": fast, "slow": slow}, [("a.*", "slow"), ("*", "fast")],
+                   max_attempts=5, publish_timeout=0.2)
+    records = by_id(await d.dispatch([msg(1, topic="a.x"), msg(2, topic="b.x")]))
+    assert records[1].kind == "retry"
+    assert records[2].kind == "acked"
+
+
+async def test_adapter_is_called_concurrently_by_wave_not_per_message() -> None:
+    fake = FakeAdapter()
+    await dispatcher({"main": fake}).dispatch([msg(i) for i in range(1, 51)])
+    assert fake.calls == [50]
+
+
+async def test_dispatch_with_empty_batch() -> None:
+    fake = FakeAdapter()
+    assert await dispatcher({"main": fake}).dispatch([]) == []
+    assert fake.calls == []
+
+
+def test_fake_adapter_satisfies_protocol() -> None:
+    assert isinstance(FakeAdapter(), Adapter)
+    assert isinstance(BatchRecorder(), Adapter)
+    assert inspect.iscoroutinefunction(FakeAdapter().publish)

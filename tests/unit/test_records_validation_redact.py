@@ -1,0 +1,347 @@
+"""records (the JSON-lines record), validation, producer.encode_payload, redact."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from outbox_relay.models import Message, OutgoingMessage
+from outbox_relay.producer import BINARY, JSON, TEXT, encode_payload
+from outbox_relay.records import decode_payload, json_line, record
+from outbox_relay.redact import MASK, UNPARSEABLE, redact_dsn, redact_text
+from outbox_relay.validation import check_headers, check_key, check_topic
+
+CREATED = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+
+
+def out(
+    payload: bytes,
+    content_type: str,
+    *,
+    key: str | None = "k1",
+    headers: Mapping[str, str] | None = None,
+    destination: str = "dest",
+) -> OutgoingMessage:
+    message = Message(
+        id=7, message_id=uuid.UUID("12345678-1234-5678-1234-567812345678"), topic="orders.created",
+        key=key, payload=payload, content_type=content_type, headers=headers or {"trace": "t-1"},
+        attempts=0, created_at=CREATED,
+    )
+    return OutgoingMessage(message, destination)
+
+
+def strict_json(line: str) -> Any:
+    def reject(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=reject)
+
+
+# --- records ---------------------------------------------------------------------------
+
+
+def test_json_payload_inline_with_all_fields() -> None:
+    data = record(out(b'{"order": 1, "items": [1, 2]}', "application/json"))
+    assert data == {
+        "message_id": "12345678-1234-5678-1234-567812345678",
+        "topic": "orders.created",
+        "key": "k1",
+        "headers": {"trace": "t-1"},
+        "content_type": "application/json",
+        "destination": "dest",
+        "created_at": "2024-05-06T07:08:09.123456+00:00",
+        "payload": {"order": 1, "items": [1, 2]},
+    }
+    assert "payload_encoding" not in data
+
+
+def test_json_with_parameters_is_json() -> None:
+    data = record(out(b"[1, 2]", "application/json; charset=utf-8"))
+    assert data["payload"] == [1, 2]
+    assert "payload_encoding" not in data
+
+
+def test_null_key() -> None:
+    assert record(out(b"1", "application/json", key=None))["key"] is None
+
+
+def test_text_payload() -> None:
+    data = record(out("héllo\nwörld".encode(), "text/plain; charset=utf-8"))
+    assert data["payload"] == "héllo\nwörld"
+    assert data["payload_encoding"] == "text"
+
+
+def test_text_that_is_not_utf8_falls_back_to_base64() -> None:
+    raw = b"\xff\xfe caf\xe9"
+    data = record(out(raw, "text/plain"))
+    assert data["payload_encoding"] == "base64"
+    assert base64.b64decode(data["payload"]) == raw
+
+
+def test_binary_payload_base64_with_marker() -> None:
+    raw = bytes(range(256))
+    data = record(out(raw, "application/octet-stream"))
+    assert data["payload_encoding"] == "base64"
+    assert data["payload"] == base64.b64encode(raw).decode("ascii")
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"{'a': 1}", b"[1,]"])
+def test_invalid_json_labelled_json_falls_back_to_base64(raw: bytes) -> None:
+    data = record(out(raw, "application/json"))
+    assert data["payload_encoding"] == "base64"
+    assert base64.b64decode(data["payload"]) == raw
+    assert decode_payload(data) == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "expected"),
+    [
+        (b'{"a": [1, "x", null, true]}', "application/json", {"a": [1, "x", None, True]}),
+        (b"null", "application/json", None),
+        (b'"just a string"', "application/json", "just a string"),
+        (b"line1\nline2", "text/csv", "line1\nline2"),
+        (b"\x00\x01binary", "application/octet-stream", b"\x00\x01binary"),
+        (b"\x00\x01binary", "image/png", b"\x00\x01binary"),
+        (b"not json", "application/json", b"not json"),
+    ],
+)
+def test_json_line_round_trips_through_decode_payload(
+    raw: bytes, content_type: str, expected: object
+) -> None:
+    line = json_line(out(raw, content_type))
+    assert line.endswith("\n")
+    assert line.count("\n") == 1  # exactly one line, whatever the payload holds
+    data = strict_json(line)
+    assert decode_payload(data) == expected
+
+
+def test_json_line_is_compact_and_keeps_non_ascii() -> None:
+    line = json_line(out('{"name": "Zoë"}'.encode(), "application/json"))
+    assert "Zoë" in line
+    assert ", " not in line and '": ' not in line
+
+
+@given(st.binary(max_size=200), st.sampled_from(["application/json", "text/plain", "x/y"]))
+def test_no_payload_is_ever_lost(raw: bytes, content_type: str) -> None:
+    data = strict_json(json_line(out(raw, content_type)))
+    decoded = decode_payload(data)
+    if data.get("payload_encoding") == "base64":
+        assert decoded == raw
+    elif data.get("payload_encoding") == "text":
+        assert decoded.encode("utf-8") == raw
+    else:
+        assert json.loads(raw) == decoded
+
+
+@given(st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10),
+              st.floats(allow_nan=False, allow_infinity=False)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=10,
+))
+def test_producer_json_round_trips_through_record(value: Any) -> None:
+    body, content_type = encode_payload(value)
+    assert decode_payload(strict_json(json_line(out(body, content_type)))) == value
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b'{"x": Infinity}', b'"\\ud800"'])
+def test_json_payload_that_strict_json_rejects_is_still_carried(raw: bytes) -> None:
+    line = json_line(out(raw, "application/json"))
+    line.encode("utf-8")
+    data = strict_json(line)
+    assert decode_payload(data) == raw
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "topic", ["a", "orders.created", "A-Z_0.9:x/y", "x" * 249, "orders/v1:created", "-", "."]
+)
+def test_check_topic_accepts(topic: str) -> None:
+    assert check_topic(topic) == topic
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["", "x" * 250, "orders created", "orders*", "ordérs", "a\tb", "a,b", "a#b", None, 5, b"ab",
+     "\norders"],
+)
+def test_check_topic_rejects(topic: object) -> None:
+    with pytest.raises(ValueError, match=r"^invalid topic .*: use 1 to 249 letters"):
+        check_topic(topic)
+
+
+def test_check_topic_rejects_trailing_newline() -> None:
+    with pytest.raises(ValueError):
+        check_topic("orders\n")
+
+
+@pytest.mark.parametrize("key", [None, "k", "x" * 1024, "user:42", "ключ", " "])
+def test_check_key_accepts(key: str | None) -> None:
+    assert check_key(key) == key
+
+
+@pytest.mark.parametrize("key", ["", "x" * 1025, 5, b"k", ["k"]])
+def test_check_key_rejects(key: object) -> None:
+    with pytest.raises(ValueError, match=r"^invalid key .*1 to 1024 characters"):
+        check_key(key)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"trace-id": "abc"}, {"a": "", "b": "x"}, {"x" * 255: "v"}, {"message-id-x": "ok"},
+     {"x-message-id": "ok"}],
+)
+def test_check_headers_accepts(headers: dict[str, str]) -> None:
+    assert check_headers(headers) == headers
+
+
+def test_check_headers_none_is_empty() -> None:
+    assert check_headers(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        ([("a", "b")], "expected a mapping"),
+        ("a=b", "expected a mapping"),
+        ({"": "v"}, "invalid header name ''"),
+        ({"x" * 256: "v"}, "1 to 255 characters"),
+        ({1: "v"}, "invalid header name 1"),
+        ({"a": 1}, "value must be a str, got int"),
+        ({"a": None}, "value must be a str, got NoneType"),
+        ({"a": b"x"}, "value must be a str, got bytes"),
+        ({"message-id": "x"}, "reserved"),
+        ({"Message-ID": "x"}, "reserved"),
+        ({"MESSAGE-ID": "x"}, "reserved"),
+    ],
+)
+def test_check_headers_rejects(headers: object, fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        check_headers(headers)
+    assert fragment in str(info.value)
+
+
+# --- producer.encode_payload ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "body", "content_type"),
+    [
+        ({"a": 1, "b": [True, None]}, b'{"a":1,"b":[true,null]}', JSON),
+        ([1, "two"], b'[1,"two"]', JSON),
+        ({"name": "Zoë"}, '{"name":"Zoë"}'.encode(), JSON),
+        (42, b"42", JSON),
+        (None, b"null", JSON),
+        ("héllo", "héllo".encode(), TEXT),
+        ("", b"", TEXT),
+        (b"\x00\xff", b"\x00\xff", BINARY),
+        (bytearray(b"ab"), b"ab", BINARY),
+        (memoryview(b"cd"), b"cd", BINARY),
+    ],
+)
+def test_encode_payload(payload: object, body: bytes, content_type: str) -> None:
+    assert encode_payload(payload) == (body, content_type)
+
+
+def test_content_types() -> None:
+    assert JSON == "application/json"
+    assert TEXT.startswith("text/plain")
+    assert BINARY == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [object(), {"a": object()}, {1, 2}, {"when": datetime.now(UTC)}, math.nan, {"x": math.nan},
+     [math.inf], -math.inf],
+)
+def test_encode_payload_rejects_non_json(payload: object) -> None:
+    with pytest.raises(ValueError, match=r"^invalid payload: not JSON-serialisable"):
+        encode_payload(payload)
+
+
+# --- redact ------------------------------------------------------------------------------------
+
+SECRET = "s3cr3t-Pa55"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"postgresql://relay:{SECRET}@db.internal:5432/app?sslmode=require",
+        f"postgres://relay:{SECRET}@db.internal/app",
+        f"postgresql://relay:{SECRET}@h1:5432,h2:5433/app",
+        f"postgresql://:{SECRET}@db/app",
+        f"host=db user=relay password={SECRET} dbname=app",
+        f"host=db password='{SECRET}' dbname=app",
+        f"password = {SECRET} host=db",
+        f"host=db password='with space {SECRET}' dbname=app",
+        f"postgresql://relay:{SECRET}@db/app?bogus_option=1",  # unparseable: not shown
+        f"host=db password={SECRET} 'unterminated",  # unparseable: not shown
+        f"PASSWORD={SECRET} host=db '",
+    ],
+)
+def test_redact_dsn_never_contains_password(dsn: str) -> None:
+    redacted = redact_dsn(dsn)
+    assert SECRET not in redacted
+    # Parseable: shown with the password masked. Unparseable: not shown at all.
+    assert MASK in redacted or redacted == UNPARSEABLE
+
+
+def test_redact_dsn_keeps_the_rest() -> None:
+    redacted = redact_dsn(f"postgresql://relay:{SECRET}@db.internal:5432/app")
+    assert "db.internal" in redacted
+    assert "relay" in redacted
+    assert "app" in redacted
+    assert "5432" in redacted
+
+
+def test_redact_dsn_percent_encoded_password() -> None:
+    redacted = redact_dsn("postgresql://relay:p%40ss%2Fword@db/app")
+    assert "p%40ss" not in redacted
+    assert "p@ss" not in redacted
+    assert "ss/word" not in redacted
+
+
+def test_redact_dsn_without_password_is_unchanged_in_meaning() -> None:
+    redacted = redact_dsn("host=db user=relay dbname=app")
+    assert MASK not in redacted
+    assert "host=db" in redacted and "user=relay" in redacted and "dbname=app" in redacted
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db password='my s3cr3t-Pa55' 'unterminated",
+        "postgresql://relay:pa/s3cr3t-Pa55@db/app?bogus_option=1",
+    ],
+)
+def test_redact_dsn_unparseable_with_awkward_password(dsn: str) -> None:
+    assert "s3cr3t-Pa55" not in redact_dsn(dsn)
+
+
+def test_redact_text_masks_given_secrets_and_uri_passwords() -> None:
+    text = (
+        f"cannot connect to postgresql://relay:{SECRET}@db/app (password {SECRET}); "
+        "also postgresql://other:hunter2@db2/x"
+    )
+    redacted = redact_text(text, [SECRET])
+    assert SECRET not in redacted
+    assert "hunter2" not in redacted
+    assert "postgresql://relay:***@db/app" in redacted
+    assert "postgresql://other:***@db2/x" in redacted
+
+
+def test_redact_text_ignores_empty_secret() -> None:
+    assert redact_text("nothing here", ["", "zzz"]) == "nothing here"
