@@ -1,0 +1,66 @@
+"""Every command answers --help; logs are JSON off a terminal and readable on one."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import structlog
+
+from outbox_relay.logging_setup import configure
+from tests.acceptance.cli import run_cli
+
+COMMANDS = [
+    [], ["schema"], ["schema", "install"], ["schema", "sql"], ["schema", "notify"], ["run"], ["check"],
+    ["status"], ["dead-letters"], ["dead-letters", "list"], ["dead-letters", "requeue"], ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "outbox-relay")
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: outbox-relay")
+
+
+def test_check_fails_with_exit_1_when_a_broker_is_unreachable(db: str, tmp_path: Path) -> None:
+    config = tmp_path / "relay.yaml"
+    config.write_text(json.dumps({
+        "database": {"dsn": db},
+        "brokers": {"hook": {"type": "webhook", "url": "http://127.0.0.1:1/"}},
+        "routes": [{"topic": "*", "broker": "hook"}],
+    }))
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 1
+    assert "database  ok" in result.stdout
+    assert "broker    FAIL  hook (webhook)" in result.stdout
+
+
+@pytest.fixture
+def restore_structlog() -> object:
+    yield None
+    structlog.reset_defaults()
+
+
+def test_logs_are_json_when_not_a_terminal(capsys: pytest.CaptureFixture[str], restore_structlog: object) -> None:
+    configure("info")  # pytest's captured stderr is not a terminal
+    structlog.get_logger("t").info("batch_recorded", message_id="m1", topic="t")
+    line = json.loads(capsys.readouterr().err.strip())
+    assert line["event"] == "batch_recorded" and line["message_id"] == "m1" and line["level"] == "info"
+
+
+def test_logs_are_readable_on_a_terminal(monkeypatch: pytest.MonkeyPatch, restore_structlog: object) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    monkeypatch.setattr("sys.stderr", stream)
+    configure("info")
+    structlog.get_logger("t").info("relay_started", workers=2)
+    text = stream.getvalue()
+    assert "relay_started" in text and "workers" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
