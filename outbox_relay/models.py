@@ -29,7 +29,8 @@ class OutgoingMessage:
     """A message on its way to one broker, with the route's destination resolved."""
 
     message: Message
-    destination: str
+    destination: str  # the route's destination, or the message topic when it names none
+    explicit_destination: bool = False  # the route named a destination itself
 
     @property
     def message_id(self) -> UUID:

@@ -13,6 +13,7 @@ from outbox_relay.config import RouteConfig
 class Target:
     broker: str
     destination: str
+    explicit: bool = False
 
 
 class Router:
@@ -25,7 +26,7 @@ class Router:
     def _resolve(self, topic: str) -> Target | None:
         for route in self._routes:
             if route.matches(topic):
-                return Target(route.broker, route.destination or topic)
+                return Target(route.broker, route.destination or topic, route.destination is not None)
         return None
 
     def brokers_in_use(self) -> set[str]:

@@ -30,6 +30,28 @@ def pg() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
 
 
 @pytest.fixture(scope="session")
+def kafka_service() -> Iterator[tuple[str, services.LocalBroker | None]]:
+    with services.kafka() as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_service: tuple[str, Any]) -> str:
+    return str(kafka_service[0])
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_service() -> Iterator[tuple[str, services.LocalBroker | None]]:
+    with services.rabbitmq() as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def amqp_url(rabbitmq_service: tuple[str, Any]) -> str:
+    return str(rabbitmq_service[0])
+
+
+@pytest.fixture(scope="session")
 def admin_dsn(pg: tuple[str, Any]) -> str:
     return pg[0]
 

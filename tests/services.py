@@ -1,11 +1,15 @@
-"""Where the tests get their PostgreSQL: an env DSN, testcontainers, or a local cluster.
+"""Where the tests get their services: PostgreSQL, Kafka and RabbitMQ.
 
-1. ``OUTBOX_RELAY_TEST_DSN`` if set (a superuser DSN: tests create databases);
+For each, in order:
+1. an environment variable naming a running one
+   (``OUTBOX_RELAY_TEST_DSN``, ``OUTBOX_RELAY_TEST_KAFKA``, ``OUTBOX_RELAY_TEST_AMQP_URL``);
 2. testcontainers, when a Docker engine answers;
-3. a throwaway cluster from the PostgreSQL binaries on this machine
-   (outbox_relay.local_postgres; as root it runs as the postgres user).
+3. local processes from this machine's binaries: PostgreSQL via
+   outbox_relay.local_postgres, Kafka and RabbitMQ via scripts/services/*.sh
+   (scripts/test installs what they need first).
 
-No path skips: when none works, the session fails with the reason.
+No path skips: when none works, the tests that need the service fail with the reason.
+Local brokers can be stopped and started again (the fault tests do).
 """
 
 from __future__ import annotations
@@ -14,9 +18,16 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 from outbox_relay import local_postgres
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts" / "services"
 
 
 def docker_engine_answers() -> bool:
@@ -30,6 +41,14 @@ def docker_engine_answers() -> bool:
 
 
 @contextlib.contextmanager
+def _quiet_deprecations() -> Iterator[None]:
+    # testcontainers warns about its own API at import; the suite turns warnings into errors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+@contextlib.contextmanager
 def postgres() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
     """Yield (superuser DSN, local cluster or None)."""
     dsn = os.environ.get("OUTBOX_RELAY_TEST_DSN")
@@ -37,7 +56,8 @@ def postgres() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
         yield dsn, None
         return
     if docker_engine_answers():
-        from testcontainers.postgres import PostgresContainer
+        with _quiet_deprecations():
+            from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url(), None
@@ -45,3 +65,97 @@ def postgres() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
     # Durability off: these clusters are thrown away, and it makes the suite faster.
     with local_postgres.running({"fsync": "off", "full_page_writes": "off"}) as cluster:
         yield cluster.dsn, cluster
+
+
+@dataclass
+class LocalBroker:
+    """A broker process started by scripts/services/<script>; stop() and start() again."""
+
+    script: Path
+    directory: Path
+    port: int
+
+    def _call(self, *args: str) -> None:
+        result = subprocess.run([str(self.script), *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-15:]
+            raise RuntimeError(f"{self.script.name} {args[0]} failed:\n" + "\n".join(tail))
+
+    def start(self) -> None:
+        self._call("start", str(self.directory), str(self.port))
+
+    def stop(self) -> None:
+        self._call("stop", str(self.directory))
+
+
+@contextlib.contextmanager
+def _local(script: str, port_span: int) -> Iterator[LocalBroker]:
+    port = _free_port_block(port_span)
+    broker = LocalBroker(SCRIPTS / script, Path(tempfile.mkdtemp(prefix=f"outbox-relay-{script}-")), port)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        with contextlib.suppress(RuntimeError):
+            broker.stop()
+        shutil.rmtree(broker.directory, ignore_errors=True)
+
+
+def _free_port_block(span: int) -> int:
+    """A port p such that p .. p+span-1 are all free on loopback right now."""
+    import socket
+
+    for _ in range(50):
+        base = local_postgres.free_port()
+        if base + span > 65000:
+            continue
+        sockets = []
+        try:
+            for offset in range(span):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no block of free loopback ports found")
+
+
+@contextlib.contextmanager
+def kafka() -> Iterator[tuple[str, LocalBroker | None]]:
+    """Yield (bootstrap servers, local broker or None)."""
+    bootstrap = os.environ.get("OUTBOX_RELAY_TEST_KAFKA")
+    if bootstrap:
+        yield bootstrap, None
+        return
+    if docker_engine_answers():
+        with _quiet_deprecations():
+            from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as container:
+            yield container.get_bootstrap_server(), None
+        return
+    with _local("kafka.sh", 2) as broker:  # PORT and PORT+1 (controller)
+        yield f"127.0.0.1:{broker.port}", broker
+
+
+@contextlib.contextmanager
+def rabbitmq() -> Iterator[tuple[str, LocalBroker | None]]:
+    """Yield (AMQP URL, local broker or None)."""
+    url = os.environ.get("OUTBOX_RELAY_TEST_AMQP_URL")
+    if url:
+        yield url, None
+        return
+    if docker_engine_answers():
+        with _quiet_deprecations():
+            from testcontainers.community.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.13") as container:
+            params = container.get_connection_params()
+            yield f"amqp://guest:guest@{params.host}:{params.port}/%2F", None
+        return
+    with _local("rabbitmq.sh", 3) as broker:  # AMQP, distribution, epmd
+        yield f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F", broker

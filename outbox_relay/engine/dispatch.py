@@ -83,7 +83,7 @@ class Dispatcher:
                 results[index] = PublishResult.permanent(NO_ROUTE)
                 continue
             brokers[index] = target.broker
-            by_broker[target.broker].append((index, OutgoingMessage(message, target.destination)))
+            by_broker[target.broker].append((index, OutgoingMessage(message, target.destination, target.explicit)))
 
         async def send(broker: str, items: list[tuple[int, OutgoingMessage]]) -> None:
             answers = await self._publish(broker, [out for _, out in items])

@@ -1,0 +1,249 @@
+"""``type: kafka``: publishes with aiokafka, idempotent producer, acks=all.
+
+A message becomes a record: topic = the route's destination, key = the message key
+(UTF-8), value = the payload, headers = the message headers plus ``message-id`` and
+``content-type``. The whole batch is handed to the producer at once and every
+delivery future is awaited before any result is reported, so a row is never marked
+on an un-awaited send. The engine never puts two messages of one key in a batch,
+and same key means same partition, so per-key order survives retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import structlog
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from outbox_relay.durations import parse_duration
+from outbox_relay.models import OutgoingMessage, PublishResult
+
+from ._options import Options, parse_options
+
+try:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka import errors as kafka_errors
+    from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the kafka adapter needs aiokafka: pip install 'outbox-relay[kafka]'") from exc
+
+log = structlog.get_logger("outbox_relay.kafka")
+
+# Kafka's own rule for topic names; anything else the broker rejects.
+KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+CODECS = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
+
+# The broker will refuse these however often we try: dead-letter them with its reason.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.RecordTooLargeError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.ClusterAuthorizationFailedError,
+    kafka_errors.TransactionalIdAuthorizationFailed,
+    kafka_errors.UnsupportedForMessageFormatError,
+    kafka_errors.CorruptRecordException,
+)
+
+
+# After any of these the idempotent producer's sequence numbers no longer match the
+# broker's for some partition, and every later send to it would fail the same way:
+# a new producer (new producer id, fresh sequences) is the way out. A rejected
+# record leaves such a gap, so broker-side rejections start a new producer too.
+PRODUCER_RESET_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.OutOfOrderSequenceNumber,
+    kafka_errors.UnknownProducerId,
+    kafka_errors.InvalidProducerEpoch,
+    kafka_errors.InvalidProducerIdMapping,
+    kafka_errors.ProducerFenced,
+    *PERMANENT_ERRORS,
+)
+
+
+class SaslOptions(Options):
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    username: str
+    password: SecretStr
+
+
+class TlsOptions(Options):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password: SecretStr | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsOptions:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class KafkaOptions(Options):
+    bootstrap_servers: str | list[str]
+    client_id: str = "outbox-relay"
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    linger: float = 0.005
+    max_batch_size: int = Field(default=256 * 1024, ge=1024)
+    max_request_size: int = Field(default=1024 * 1024, ge=1024)
+    request_timeout: float = 30.0
+    sasl: SaslOptions | None = None
+    tls: TlsOptions | bool = False
+
+    @field_validator("linger", "request_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str | list[str]) -> str | list[str]:
+        servers = value.split(",") if isinstance(value, str) else value
+        if not servers or not all(s.strip() for s in servers):
+            raise ValueError("give host:port[,host:port...]")
+        return value
+
+    @field_validator("compression")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        if value != "none" and not CODECS[value]():
+            raise ValueError(f"compression {value!r} needs its library installed (e.g. pip install cramjam)")
+        return value
+
+
+def _ssl_context(tls: TlsOptions) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    context.check_hostname = tls.check_hostname
+    if tls.cert_file and tls.key_file:
+        password = tls.key_password.get_secret_value() if tls.key_password else None
+        context.load_cert_chain(tls.cert_file, tls.key_file, password)
+    return context
+
+
+def producer_settings(options: KafkaOptions) -> dict[str, Any]:
+    """aiokafka producer arguments; the benchmark's raw producer uses the same."""
+    settings: dict[str, Any] = {
+        "bootstrap_servers": options.bootstrap_servers,
+        "client_id": options.client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "compression_type": None if options.compression == "none" else options.compression,
+        "linger_ms": int(options.linger * 1000),
+        "max_batch_size": options.max_batch_size,
+        "max_request_size": options.max_request_size,
+        "request_timeout_ms": int(options.request_timeout * 1000),
+    }
+    tls = options.tls
+    if tls:
+        settings["ssl_context"] = _ssl_context(tls if isinstance(tls, TlsOptions) else TlsOptions())
+    if options.sasl:
+        settings["security_protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
+        settings["sasl_mechanism"] = options.sasl.mechanism
+        settings["sasl_plain_username"] = options.sasl.username
+        settings["sasl_plain_password"] = options.sasl.password.get_secret_value()
+    elif tls:
+        settings["security_protocol"] = "SSL"
+    return settings
+
+
+def classify(exc: BaseException) -> PublishResult:
+    """A failed send, as the engine should treat it."""
+    reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    if isinstance(exc, PERMANENT_ERRORS):
+        return PublishResult.permanent(reason)
+    if isinstance(exc, kafka_errors.KafkaConnectionError):
+        return PublishResult.unavailable(reason)
+    return PublishResult.transient(reason)
+
+
+def record_headers(out: OutgoingMessage) -> list[tuple[str, bytes]]:
+    message = out.message
+    headers = [(name, value.encode("utf-8")) for name, value in message.headers.items()]
+    headers.append(("message-id", str(message.message_id).encode("ascii")))
+    headers.append(("content-type", message.content_type.encode("utf-8")))
+    return headers
+
+
+class KafkaAdapter:
+    def __init__(self, name: str, options: KafkaOptions):
+        self.name = name
+        self.options = options
+        self._producer: AIOKafkaProducer | None = None
+
+    async def connect(self) -> None:
+        producer = AIOKafkaProducer(**producer_settings(self.options))
+        try:
+            await producer.start()  # connects and fetches metadata
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def _new_producer(self) -> None:
+        log.info("kafka_producer_reset", broker=self.name)
+        await self.close()
+        try:
+            await self.connect()
+        except Exception as exc:
+            # Left disconnected: publish answers "unavailable" and the relay's broker
+            # handle is not involved, so try again on the next publish.
+            log.warning("kafka_producer_reset_failed", broker=self.name, error=repr(exc))
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    async def ready(self) -> bool:
+        if self._producer is None:
+            return False
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self.options.request_timeout)
+        except Exception:
+            return False
+        return bool(self._producer.client.cluster.brokers())
+
+    async def _send(self, out: OutgoingMessage) -> asyncio.Future[Any] | PublishResult:
+        assert self._producer is not None
+        if not KAFKA_TOPIC.fullmatch(out.destination):
+            return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
+        key = out.message.key.encode("utf-8") if out.message.key is not None else None
+        try:
+            # Returns once the record is in the producer's buffer; the future is the ack.
+            return await self._producer.send(  # type: ignore[no-any-return]
+                out.destination, value=out.message.payload, key=key, headers=record_headers(out)
+            )
+        except Exception as exc:
+            return classify(exc)
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        if self._producer is None:
+            try:
+                await self.connect()
+            except Exception as exc:
+                return [PublishResult.unavailable(f"kafka producer not connected: {exc!r}")] * len(batch)
+        pending = [await self._send(out) for out in batch]
+        futures = [p for p in pending if isinstance(p, asyncio.Future)]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        if any(isinstance(o, PRODUCER_RESET_ERRORS) for o in outcomes):
+            await self._new_producer()
+        answers = iter(outcomes)
+        results: list[PublishResult] = []
+        for item in pending:
+            if isinstance(item, PublishResult):
+                results.append(item)
+                continue
+            outcome = next(answers)
+            results.append(classify(outcome) if isinstance(outcome, BaseException) else PublishResult.acked())
+        return results
+
+
+def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter:
+    return KafkaAdapter(name, parse_options(KafkaOptions, options))

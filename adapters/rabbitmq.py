@@ -1,0 +1,318 @@
+"""``type: rabbitmq``: publishes with pika on the relay's own event loop, with
+publisher confirms and ``mandatory=True``.
+
+- Confirms with a window: up to ``confirm_window`` messages are outstanding at once,
+  never one round trip per message. Acks and nacks may cover many delivery tags at
+  once (``multiple=True``). A nack is transient.
+- Unroutable messages come back as ``basic.return`` before their ack; they are a
+  permanent failure, dead-lettered with reason ``unroutable``, never silently lost.
+- A message becomes: exchange = the route's destination (or the ``exchange``
+  option when the route names none), routing key = the message topic (or the
+  ``routing_key`` template), properties message_id, content_type, timestamp,
+  persistent delivery mode and the headers.
+- On connection or channel loss every unconfirmed message is reported transient (so
+  it is published again later, never marked); the next publish reconnects.
+
+pika is not thread-safe; everything here runs on the event loop's thread, through
+pika's asyncio connection adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from outbox_relay.durations import parse_duration
+from outbox_relay.models import OutgoingMessage, PublishResult
+
+from ._options import Options, parse_options
+
+try:
+    import pika
+    from pika.adapters.asyncio_connection import AsyncioConnection
+    from pika.channel import Channel
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the rabbitmq adapter needs pika: pip install 'outbox-relay[rabbitmq]'") from exc
+
+UNROUTABLE = "unroutable"
+PERSISTENT = 2
+
+
+class TlsOptions(Options):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    check_hostname: bool = True
+
+
+class RabbitOptions(Options):
+    url: str
+    exchange: str = ""  # "" is the default exchange: routing key = queue name
+    exchange_type: Literal["direct", "topic", "fanout", "headers"] = "topic"
+    declare: bool = True  # declare exchanges (durable); false: check they exist
+    routing_key: str = "{topic}"  # template over {topic}, {key}, {destination}
+    confirm_window: int = Field(default=1000, ge=1, le=100_000)
+    heartbeat: float = 30.0
+    connect_timeout: float = 10.0
+    tls: TlsOptions | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _amqp(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        try:
+            pika.URLParameters(value)
+        except Exception as exc:
+            raise ValueError(f"invalid AMQP URL: {type(exc).__name__}") from None
+        return value
+
+    @field_validator("heartbeat", "connect_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("routing_key")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            value.format(topic="t", key="k", destination="d")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"invalid template {value!r}: use {{topic}}, {{key}} or {{destination}} ({exc})") from None
+        return value
+
+
+class ChannelLost(Exception):
+    """The connection or channel went away with messages unconfirmed."""
+
+
+def connection_parameters(options: RabbitOptions) -> pika.URLParameters:
+    params = pika.URLParameters(options.url)
+    params.heartbeat = int(options.heartbeat)
+    params.socket_timeout = options.connect_timeout
+    params.blocked_connection_timeout = options.connect_timeout * 3
+    params.connection_attempts = 1
+    if options.tls is not None or options.url.startswith("amqps://"):
+        tls = options.tls or TlsOptions()
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        context.check_hostname = tls.check_hostname
+        if tls.cert_file and tls.key_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        params.ssl_options = pika.SSLOptions(context, params.host)
+    return params
+
+
+class RabbitAdapter:
+    def __init__(self, name: str, options: RabbitOptions):
+        self.name = name
+        self.options = options
+        self._connection: AsyncioConnection | None = None
+        self._channel: Channel | None = None
+        self._next_tag = 0
+        self._unconfirmed: dict[int, tuple[asyncio.Future[PublishResult], str]] = {}
+        self._returned: dict[str, str] = {}
+        self._exchanges: dict[str, str | None] = {}  # name -> None if usable, else why not
+        self._window: asyncio.Semaphore = asyncio.Semaphore(options.confirm_window)
+        self._lock = asyncio.Lock()
+
+    # -- connection --------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[AsyncioConnection] = loop.create_future()
+
+        def on_open(conn: Any) -> None:
+            if not opened.done():
+                opened.set_result(conn)
+
+        def on_open_error(conn: Any, error: BaseException) -> None:
+            if not opened.done():
+                opened.set_exception(ConnectionError(f"cannot connect to RabbitMQ: {error!r}"))
+
+        connection = AsyncioConnection(
+            connection_parameters(self.options), on_open_callback=on_open,
+            on_open_error_callback=on_open_error, on_close_callback=self._on_connection_closed,
+            custom_ioloop=loop,
+        )
+        try:
+            await asyncio.wait_for(opened, self.options.connect_timeout)
+            self._connection = connection
+            await self._open_channel()
+            if self.options.exchange:
+                await self._ensure_exchange(self.options.exchange)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.close()
+            self._connection = None
+            raise
+
+    async def _open_channel(self) -> None:
+        assert self._connection is not None
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Channel] = loop.create_future()
+        self._connection.channel(on_open_callback=ready.set_result)
+        channel = await asyncio.wait_for(ready, self.options.connect_timeout)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        confirmed: asyncio.Future[None] = loop.create_future()
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: confirmed.set_result(None))
+        await asyncio.wait_for(confirmed, self.options.connect_timeout)
+        self._channel = channel
+        self._next_tag = 0  # delivery tags restart at 1 on every channel
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._fail_unconfirmed("adapter closed")
+        if connection is not None and connection.is_open:
+            connection.close()
+
+    async def ready(self) -> bool:
+        return bool(self._connection and self._connection.is_open and self._channel and self._channel.is_open)
+
+    def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
+        self._connection = None
+        self._channel = None
+        self._fail_unconfirmed(f"connection lost: {reason!r}")
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if channel is self._channel:
+            self._channel = None
+        self._fail_unconfirmed(f"channel closed: {reason!r}")
+
+    def _fail_unconfirmed(self, why: str) -> None:
+        # Unconfirmed means "maybe delivered": report transient so the row stays
+        # pending and is published again; consumers dedupe by message id.
+        pending, self._unconfirmed = self._unconfirmed, {}
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_result(PublishResult.transient(why))
+        self._returned.clear()
+
+    async def _ensure_open(self) -> str | None:
+        """Reconnect or reopen the channel if needed; the reason if it cannot."""
+        try:
+            if self._connection is None or not self._connection.is_open:
+                await self.connect()
+            elif self._channel is None or not self._channel.is_open:
+                await self._open_channel()
+        except Exception as exc:
+            return f"RabbitMQ unreachable: {exc}"
+        return None
+
+    # -- exchanges -----------------------------------------------------------------------
+
+    async def _ensure_exchange(self, name: str) -> str | None:
+        """None if `name` can be published to; else why not (the channel is reopened)."""
+        if name == "" or name in self._exchanges:
+            return self._exchanges.get(name)
+        assert self._channel is not None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        channel = self._channel
+
+        def closed(_channel: Any, reason: BaseException) -> None:
+            if not done.done():
+                done.set_exception(ConnectionError(str(reason)))
+
+        def declared(_frame: Any) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        channel.add_on_close_callback(closed)
+        channel.exchange_declare(
+            name, exchange_type=self.options.exchange_type, durable=True, passive=not self.options.declare,
+            callback=declared,
+        )
+        try:
+            await asyncio.wait_for(done, self.options.connect_timeout)
+        except ConnectionError as exc:
+            # A failed (passive) declare closes the channel: note why, reopen, go on.
+            self._exchanges[name] = f"exchange {name!r} unusable: {exc}"
+            await self._open_channel()
+            return self._exchanges[name]
+        self._exchanges[name] = None
+        return None
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        # RabbitMQ sends basic.return before the ack of the same message.
+        if properties.message_id:
+            self._returned[properties.message_id] = f"{UNROUTABLE} ({method.reply_code} {method.reply_text})"
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = (
+            [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        )
+        for tag in tags:
+            entry = self._unconfirmed.pop(tag, None)
+            if entry is None:
+                continue
+            future, message_id = entry
+            returned = self._returned.pop(message_id, None)
+            if future.done():
+                continue
+            if not acked:
+                future.set_result(PublishResult.transient("nacked by the broker"))
+            elif returned is not None:
+                future.set_result(PublishResult.permanent(returned))
+            else:
+                future.set_result(PublishResult.acked())
+
+    def _properties(self, out: OutgoingMessage) -> pika.BasicProperties:
+        message = out.message
+        return pika.BasicProperties(
+            message_id=str(message.message_id),
+            content_type=message.content_type,
+            timestamp=int(message.created_at.timestamp()),
+            delivery_mode=PERSISTENT,
+            headers=dict(message.headers),
+        )
+
+    def _target(self, out: OutgoingMessage) -> tuple[str, str]:
+        exchange = out.destination if out.explicit_destination else self.options.exchange
+        key = self.options.routing_key.format(
+            topic=out.message.topic, key=out.message.key or "", destination=out.destination
+        )
+        return exchange, key
+
+    async def _publish_one(self, out: OutgoingMessage) -> asyncio.Future[PublishResult] | PublishResult:
+        exchange, routing_key = self._target(out)
+        problem = await self._ensure_exchange(exchange)
+        if problem is not None:
+            return PublishResult.permanent(problem)
+        if len(routing_key.encode("utf-8")) > 255:
+            return PublishResult.permanent("routing key longer than 255 bytes")
+        await self._window.acquire()
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            self._window.release()
+            return PublishResult.transient("channel closed before publish")
+        future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _f: self._window.release())
+        self._next_tag += 1
+        self._unconfirmed[self._next_tag] = (future, str(out.message_id))
+        channel.basic_publish(exchange, routing_key, out.message.payload, self._properties(out), mandatory=True)
+        return future
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        async with self._lock:  # one batch at a time keeps delivery tags in step
+            problem = await self._ensure_open()
+            if problem is not None:
+                return [PublishResult.unavailable(problem)] * len(batch)
+            pending = [await self._publish_one(out) for out in batch]
+            return [
+                (await item) if isinstance(item, asyncio.Future) else item  # every confirm awaited
+                for item in pending
+            ]
+
+
+def create(name: str, options: Mapping[str, Any]) -> RabbitAdapter:
+    return RabbitAdapter(name, parse_options(RabbitOptions, options))

@@ -1,0 +1,97 @@
+"""Independent consumers that read what the relay published: aiokafka and pika basic_get.
+
+They share nothing with the adapters under test, so a passing test means the broker
+really holds the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+
+@dataclass
+class Received:
+    message_id: str
+    key: str | None
+    payload: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+async def kafka_read(bootstrap: str, topic: str, count: int, *, timeout: float = 30.0) -> list[Received]:
+    """Read `topic` from the beginning until `count` records arrived or `timeout` passed."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+        group_id=None, metadata_max_age_ms=1000,
+    )
+    await consumer.start()
+    received: list[Received] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(received) < count and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    headers = {k: v.decode() for k, v in record.headers}
+                    received.append(Received(
+                        message_id=headers.get("message-id", ""),
+                        key=record.key.decode() if record.key is not None else None,
+                        payload=record.value or b"",
+                        headers=headers,
+                        properties={"partition": record.partition, "offset": record.offset},
+                    ))
+    finally:
+        await consumer.stop()
+    return received
+
+
+async def kafka_create_topic(bootstrap: str, topic: str, *, partitions: int = 3, **config: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=config or None)])
+    finally:
+        await admin.close()
+
+
+class RabbitQueue:
+    """A durable queue bound to an exchange, read with basic_get (pika, blocking)."""
+
+    def __init__(self, url: str, exchange: str, queue: str, binding: str = "#", exchange_type: str = "topic"):
+        self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        self._channel = self._connection.channel()
+        self._channel.exchange_declare(exchange, exchange_type=exchange_type, durable=True)
+        self._channel.queue_declare(queue, durable=True)
+        self._channel.queue_bind(queue, exchange, routing_key=binding)
+        self.queue = queue
+
+    def read(self, count: int, *, timeout: float = 20.0) -> list[Received]:
+        received: list[Received] = []
+        deadline = time.monotonic() + timeout
+        while len(received) < count and time.monotonic() < deadline:
+            method, props, body = self._channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                self._connection.sleep(0.05)
+                continue
+            received.append(Received(
+                message_id=props.message_id, key=None, payload=body,
+                headers={k: str(v) for k, v in (props.headers or {}).items()},
+                properties={"routing_key": method.routing_key, "content_type": props.content_type,
+                            "delivery_mode": props.delivery_mode, "timestamp": props.timestamp},
+            ))
+        return received
+
+    def close(self) -> None:
+        if self._connection.is_open:
+            self._connection.close()
+
+
+async def rabbit_read(queue: RabbitQueue, count: int, *, timeout: float = 20.0) -> list[Received]:
+    return await asyncio.to_thread(queue.read, count, timeout=timeout)

@@ -1,0 +1,205 @@
+"""One contract, run against every built-in adapter with its real broker or sink.
+
+Each subclass says how to build the adapter for a fresh destination and how to read
+that destination with an independent client; the tests are the contract of
+outbox_relay.adapter.Adapter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from outbox_relay_adapters.file import FileAdapter, FileOptions
+from outbox_relay_adapters.kafka import create as create_kafka
+from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
+from outbox_relay_adapters.stdout import StdoutAdapter
+from outbox_relay_adapters.webhook import create as create_webhook
+
+from outbox_relay.adapter import Adapter
+from outbox_relay.models import Message, Outcome, OutgoingMessage
+from outbox_relay.records import decode_payload
+from tests.consumers import RabbitQueue, Received, kafka_read, rabbit_read
+
+Reader = Callable[[int], Awaitable[list[Received]]]
+
+
+@dataclass
+class Target:
+    adapter: Adapter
+    destination: str
+    read: Reader  # read(count) -> what an independent client sees
+    explicit: bool = False
+
+
+def message(n: int, *, key: str | None = None, payload: bytes | None = None,
+            content_type: str = "application/json", headers: dict[str, str] | None = None) -> Message:
+    return Message(
+        id=n, message_id=uuid.uuid4(), topic="contract.test", key=key,
+        payload=payload if payload is not None else json.dumps({"n": n}, separators=(",", ":")).encode(),
+        content_type=content_type, headers=headers or {}, attempts=0, created_at=datetime.now(UTC),
+    )
+
+
+def record_to_received(record: dict[str, Any]) -> Received:
+    payload = decode_payload(record)
+    raw = payload if isinstance(payload, bytes) else (
+        payload.encode() if isinstance(payload, str) else json.dumps(payload, separators=(",", ":")).encode())
+    return Received(record["message_id"], record["key"], raw, record["headers"])
+
+
+class AdapterContract:
+    @pytest.fixture
+    async def target(self) -> AsyncIterator[Target]:  # overridden by each adapter
+        raise NotImplementedError
+        yield
+
+    async def _publish(self, target: Target, messages: list[Message]) -> list[Outcome]:
+        batch = [OutgoingMessage(m, target.destination, target.explicit) for m in messages]
+        results = await target.adapter.publish(batch)
+        assert len(results) == len(batch)
+        return [r.outcome for r in results]
+
+    async def test_ready_after_connect(self, target: Target) -> None:
+        assert await target.adapter.ready()
+
+    async def test_empty_batch(self, target: Target) -> None:
+        assert list(await target.adapter.publish([])) == []
+
+    async def test_every_message_is_acked_and_readable_with_its_id(self, target: Target) -> None:
+        messages = [message(i, key=f"k{i % 7}" if i % 3 else None) for i in range(60)]
+        assert await self._publish(target, messages) == [Outcome.ACKED] * 60
+        received = await target.read(60)
+        assert sorted(r.message_id for r in received) == sorted(str(m.message_id) for m in messages)
+        by_id = {str(m.message_id): m for m in messages}
+        for r in received:
+            assert r.payload == by_id[r.message_id].payload
+
+    async def test_binary_payload_and_headers_survive(self, target: Target) -> None:
+        sent = message(1, payload=b"\x00\xffbinary", content_type="application/octet-stream",
+                       headers={"trace-id": "abc", "tenant": "t1"})
+        assert await self._publish(target, [sent]) == [Outcome.ACKED]
+        [got] = await target.read(1)
+        assert got.message_id == str(sent.message_id)
+        assert got.payload == b"\x00\xffbinary"
+        assert got.headers["trace-id"] == "abc" and got.headers["tenant"] == "t1"
+
+    async def test_ack_means_already_readable(self, target: Target) -> None:
+        sent = [message(i) for i in range(5)]
+        assert await self._publish(target, sent) == [Outcome.ACKED] * 5
+        # No waiting beyond the reader's own poll: the ack came after the broker had it.
+        assert len(await target.read(5)) == 5
+
+
+class TestStdout(AdapterContract):
+    @pytest.fixture
+    async def target(self) -> AsyncIterator[Target]:
+        stream = io.StringIO()
+        adapter = StdoutAdapter("stdout", stream=stream)
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return [record_to_received(json.loads(line)) for line in stream.getvalue().splitlines()]
+
+        yield Target(adapter, "out", read)
+        await adapter.close()
+
+
+class TestFile(AdapterContract):
+    @pytest.fixture
+    async def target(self, tmp_path: Path) -> AsyncIterator[Target]:
+        path = tmp_path / "sink" / "out.jsonl"
+        adapter = FileAdapter("file", FileOptions(path=str(path)))
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return [record_to_received(json.loads(line)) for line in path.read_text().splitlines()]
+
+        yield Target(adapter, "out", read)
+        await adapter.close()
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    records: list[dict[str, Any]]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        record = json.loads(body)
+        assert self.headers["message-id"] == record["message_id"]
+        self.server.records.append(record)  # type: ignore[attr-defined]
+        self.send_response(204)
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default of 5 refuses bursts of concurrent POSTs
+    daemon_threads = True
+
+
+@pytest.fixture
+def http_receiver() -> Iterator[ThreadingHTTPServer]:
+    server = _Server(("127.0.0.1", 0), _Receiver)
+    server.records = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+class TestWebhook(AdapterContract):
+    @pytest.fixture
+    async def target(self, http_receiver: ThreadingHTTPServer) -> AsyncIterator[Target]:
+        adapter = create_webhook("hook", {"url": f"http://127.0.0.1:{http_receiver.server_port}/events"})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return [record_to_received(r) for r in http_receiver.records]  # type: ignore[attr-defined]
+
+        yield Target(adapter, "out", read)
+        await adapter.close()
+
+
+class TestKafka(AdapterContract):
+    @pytest.fixture
+    async def target(self, kafka_bootstrap: str) -> AsyncIterator[Target]:
+        adapter = create_kafka("kafka", {"bootstrap_servers": kafka_bootstrap})
+        await adapter.connect()
+        topic = f"contract-{uuid.uuid4().hex[:10]}"
+
+        async def read(count: int) -> list[Received]:
+            return await kafka_read(kafka_bootstrap, topic, count)
+
+        yield Target(adapter, topic, read, explicit=True)
+        await adapter.close()
+
+
+class TestRabbitMQ(AdapterContract):
+    @pytest.fixture
+    async def target(self, amqp_url: str) -> AsyncIterator[Target]:
+        exchange = f"contract-{uuid.uuid4().hex[:10]}"
+        queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
+        adapter = create_rabbitmq("rabbit", {"url": amqp_url, "exchange": exchange})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await rabbit_read(queue, count)
+
+        yield Target(adapter, exchange, read, explicit=True)
+        await adapter.close()
+        queue.close()

@@ -1,0 +1,68 @@
+"""Enqueueing helpers for the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import psycopg
+
+from outbox_relay import enqueue_async
+
+
+@dataclass
+class Written:
+    committed: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (key, n)
+    rolled_back: set[str] = field(default_factory=set)
+
+
+async def write(dsn: str, topic: str, keys: list[str], per_key: int, *, rollback_every: int = 0,
+                written: Written | None = None, size: int = 0) -> Written:
+    """One writer task per key (writes to one key serialized, the documented precondition);
+    every `rollback_every`-th transaction is rolled back."""
+    written = written or Written()
+
+    async def writer(key: str) -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            for n in range(per_key):
+                body = {"key": key, "n": n, "pad": "x" * size}
+                mid = str(await enqueue_async(conn, topic, body, key=key))
+                if rollback_every and n % rollback_every == rollback_every - 1:
+                    await conn.rollback()
+                    written.rolled_back.add(mid)
+                else:
+                    await conn.commit()
+                    written.committed[mid] = (key, n)
+
+    await asyncio.gather(*(writer(k) for k in keys))
+    return written
+
+
+def sequence_by_key(payloads: list[bytes]) -> dict[str, list[int]]:
+    """First-delivery order of `n` per key, from JSON payloads in delivery order."""
+    out: dict[str, list[int]] = {}
+    seen: set[tuple[str, int]] = set()
+    for raw in payloads:
+        body = json.loads(raw)
+        marker = (body["key"], body["n"])
+        if marker in seen:
+            continue
+        seen.add(marker)
+        out.setdefault(body["key"], []).append(body["n"])
+    return out
+
+
+def dead_letters(dsn: str) -> list[tuple[str, str, str]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT message_id::text, key, dead_letter_reason FROM outbox.messages "
+            "WHERE dead_lettered_at IS NOT NULL ORDER BY id").fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def pending(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL "
+                           "AND dead_lettered_at IS NULL").fetchone()
+    return int(row[0]) if row else 0

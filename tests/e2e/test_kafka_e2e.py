@@ -1,0 +1,74 @@
+"""The relay publishing to a real Kafka broker, read back with an independent consumer."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+
+from outbox_relay import enqueue
+from outbox_relay.wiring import build_adapters
+from tests.conftest import make_config, running_relay, wait_until
+from tests.consumers import kafka_create_topic, kafka_read
+from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key, write
+
+
+def kafka_config(db: str, bootstrap: str, topic: str, **relay: object):  # type: ignore[no-untyped-def]
+    return make_config(
+        db,
+        brokers={"events": {"type": "kafka", "bootstrap_servers": bootstrap}},
+        routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
+        **relay,
+    )
+
+
+async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(db: str, kafka_bootstrap: str) -> None:
+    topic = f"e2e-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
+    config = kafka_config(db, kafka_bootstrap, topic, batch_size=100)
+    async with running_relay(config, build_adapters(config)):
+        written = await write(db, "orders.created", [f"order-{i}" for i in range(10)], 40, rollback_every=7)
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    received = await kafka_read(kafka_bootstrap, topic, len(written.committed))
+    ids = {r.message_id for r in received}
+    assert ids == set(written.committed), "every committed message arrives, with its message-id header"
+    assert not ids & written.rolled_back
+    assert all(r.headers["content-type"] == "application/json" for r in received)
+    assert all(r.key == written.committed[r.message_id][0] for r in received)
+    order = sequence_by_key([r.payload for r in received])
+    for key, ns in order.items():
+        assert ns == sorted(n for k, n in written.committed.values() if k == key), key
+
+
+async def test_oversize_message_is_dead_lettered_while_others_flow(db: str, kafka_bootstrap: str) -> None:
+    topic = f"e2e-small-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=1, **{"max.message.bytes": "4096"})
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "orders.created", {"key": "k", "n": 0}, key="k")
+        big = enqueue(conn, "orders.created", {"key": "k", "n": 1, "pad": "x" * 20_000}, key="k")
+        enqueue(conn, "orders.created", {"key": "k", "n": 2}, key="k")
+        for i in range(5):
+            enqueue(conn, "orders.created", {"key": f"other-{i}", "n": 0}, key=f"other-{i}")
+        conn.commit()
+    config = kafka_config(db, kafka_bootstrap, topic)
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    [(mid, key, reason)] = dead_letters(db)
+    assert (mid, key) == (str(big), "k")
+    assert "MessageSizeTooLarge" in reason or "RecordTooLarge" in reason or "RecordListTooLarge" in reason, reason
+    received = await kafka_read(kafka_bootstrap, topic, 7)
+    assert len(received) == 7
+    assert str(big) not in {r.message_id for r in received}
+    # dead_letter_policy release (the default): the key goes on after its poison message.
+    assert sequence_by_key([r.payload for r in received])["k"] == [0, 2]
+
+
+async def test_invalid_topic_name_is_dead_lettered_with_reason(db: str, kafka_bootstrap: str) -> None:
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "orders.created", {"key": "a", "n": 0})
+        conn.commit()
+    config = kafka_config(db, kafka_bootstrap, "not a topic!")
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=30)
+    [(_, _, reason)] = dead_letters(db)
+    assert reason == "invalid Kafka topic name 'not a topic!'"

@@ -1,0 +1,66 @@
+"""One relay, two brokers: orders.* to Kafka, emails.* to RabbitMQ. An outage of one
+holds back only the messages routed to it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from urllib.parse import urlsplit
+
+import psycopg
+
+from outbox_relay.wiring import build_adapters
+from tests.conftest import make_config, running_relay, wait_until
+from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
+from tests.e2e.relay_helpers import write
+from tests.proxy import TcpProxy
+
+
+def pending_for(dsn: str, prefix: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL "
+                           "AND dead_lettered_at IS NULL AND topic LIKE %s", (prefix + "%",)).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: str, amqp_url: str) -> None:
+    topic = f"multi-{uuid.uuid4().hex[:10]}"
+    exchange = f"multi-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic)
+    parts = urlsplit(amqp_url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
+    queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
+    config = make_config(
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap},
+                 "mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange}},
+        routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic},
+                {"topic": "emails.*", "broker": "mq"}],
+        max_attempts=3,  # an outage must not spend attempts: nothing may be dead-lettered
+    )
+    try:
+        async with running_relay(config, build_adapters(config)):
+            first = await write(db, "orders.created", ["o1"], 5)
+            await write(db, "emails.sent", ["e1"], 5)
+            await wait_until(lambda: pending_for(db, "") == 0, timeout=30)
+
+            proxy.cut()  # RabbitMQ unreachable from the relay
+            orders = await write(db, "orders.created", ["o2", "o3"], 20)
+            emails = await write(db, "emails.sent", ["e2", "e3"], 20)
+            await wait_until(lambda: pending_for(db, "orders.") == 0, timeout=30)
+            await asyncio.sleep(2.0)  # several retry rounds for the emails
+            assert pending_for(db, "emails.") == 40, "emails wait while RabbitMQ is away"
+
+            proxy.restore()
+            await wait_until(lambda: pending_for(db, "emails.") == 0, timeout=60)
+        with psycopg.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
+                                ).fetchone() == (0,)
+        kafka_ids = {r.message_id for r in await kafka_read(kafka_bootstrap, topic, 45)}
+        assert kafka_ids == set(first.committed) | set(orders.committed)
+        rabbit_ids = {r.message_id for r in await rabbit_read(queue, 45)}
+        assert set(emails.committed) <= rabbit_ids
+    finally:
+        queue.close()
+        await proxy.close()

@@ -1,0 +1,66 @@
+"""The relay publishing to a real RabbitMQ broker, read back with pika basic_get."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+
+from outbox_relay import enqueue
+from outbox_relay.wiring import build_adapters
+from tests.conftest import make_config, running_relay, wait_until
+from tests.consumers import RabbitQueue, rabbit_read
+from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key, write
+
+
+def rabbit_config(db: str, url: str, exchange: str, **relay: object):  # type: ignore[no-untyped-def]
+    return make_config(
+        db,
+        brokers={"mq": {"type": "rabbitmq", "url": url, "exchange": exchange}},
+        routes=[{"topic": "*", "broker": "mq"}],
+        **relay,
+    )
+
+
+async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(db: str, amqp_url: str) -> None:
+    exchange = f"e2e-{uuid.uuid4().hex[:10]}"
+    queue = RabbitQueue(amqp_url, exchange, exchange + ".all", binding="emails.#")
+    try:
+        config = rabbit_config(db, amqp_url, exchange, batch_size=100)
+        async with running_relay(config, build_adapters(config)):
+            written = await write(db, "emails.sent", [f"user-{i}" for i in range(10)], 40, rollback_every=6)
+            await wait_until(lambda: pending(db) == 0, timeout=60)
+        received = await rabbit_read(queue, len(written.committed))
+    finally:
+        queue.close()
+    ids = {r.message_id for r in received}
+    assert ids == set(written.committed)
+    assert not ids & written.rolled_back
+    first = received[0]
+    assert first.properties["routing_key"] == "emails.sent"
+    assert first.properties["content_type"] == "application/json"
+    assert first.properties["delivery_mode"] == 2 and first.properties["timestamp"] > 0
+    order = sequence_by_key([r.payload for r in received])
+    for key, ns in order.items():
+        assert ns == sorted(n for k, n in written.committed.values() if k == key), key
+
+
+async def test_unroutable_message_is_dead_lettered_while_others_flow(db: str, amqp_url: str) -> None:
+    exchange = f"e2e-{uuid.uuid4().hex[:10]}"
+    queue = RabbitQueue(amqp_url, exchange, exchange + ".sent", binding="emails.sent")
+    try:
+        with psycopg.connect(db) as conn:
+            enqueue(conn, "emails.sent", {"key": "u", "n": 0}, key="u")
+            lost = enqueue(conn, "emails.bounced", {"key": "u", "n": 1}, key="u")  # no binding
+            enqueue(conn, "emails.sent", {"key": "u", "n": 2}, key="u")
+            conn.commit()
+        config = rabbit_config(db, amqp_url, exchange)
+        async with running_relay(config, build_adapters(config)):
+            await wait_until(lambda: pending(db) == 0, timeout=30)
+        received = await rabbit_read(queue, 2)
+    finally:
+        queue.close()
+    [(mid, _, reason)] = dead_letters(db)
+    assert mid == str(lost)
+    assert reason.startswith("unroutable")
+    assert sequence_by_key([r.payload for r in received]) == {"u": [0, 2]}
