@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from urllib.parse import urlsplit
 
 import psycopg
+from outbox_relay_adapters.rabbitmq import create
 
 from outbox_relay import enqueue
+from outbox_relay.models import Outcome, OutgoingMessage
 from outbox_relay.wiring import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import RabbitQueue, rabbit_read
+from tests.contract.test_adapter_contract import message
 from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key, write
+from tests.proxy import TcpProxy
 
 
 def rabbit_config(db: str, url: str, exchange: str, **relay: object):  # type: ignore[no-untyped-def]
@@ -64,3 +70,34 @@ async def test_unroutable_message_is_dead_lettered_while_others_flow(db: str, am
     assert mid == str(lost)
     assert reason.startswith("unroutable")
     assert sequence_by_key([r.payload for r in received]) == {"u": [0, 2]}
+
+
+async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amqp_url: str) -> None:
+    parts = urlsplit(amqp_url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    exchange = f"e2e-{uuid.uuid4().hex[:10]}"
+    queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
+    adapter = create("mq", {"url": amqp_url.replace(f":{parts.port}/", f":{proxy.port}/"), "exchange": exchange,
+                            "heartbeat": "5s", "connect_timeout": "2s"})
+    try:
+        await adapter.connect()
+        proxy.stall()  # publishes leave, confirms never come back
+        batch = [OutgoingMessage(message(i), exchange) for i in range(20)]
+        publishing = asyncio.ensure_future(adapter.publish(batch))
+        await asyncio.sleep(0.5)
+        assert not publishing.done(), "no result may be reported before the broker confirms"
+        proxy.cut()
+        results = await asyncio.wait_for(publishing, 10)
+        assert {r.outcome for r in results} == {Outcome.TRANSIENT}, "unconfirmed means republish later"
+        down = await adapter.publish([OutgoingMessage(message(99), exchange)])
+        assert down[0].outcome is Outcome.UNAVAILABLE
+        proxy.restore()
+        last = message(100)
+        again = await adapter.publish([OutgoingMessage(last, exchange)])
+        assert again[0].outcome is Outcome.ACKED
+        delivered = {r.message_id for r in await rabbit_read(queue, 21, timeout=5)}
+        assert str(last.message_id) in delivered
+    finally:
+        await adapter.close()
+        await proxy.close()
+        queue.close()

@@ -1,0 +1,165 @@
+"""Kafka and RabbitMQ adapters without a broker: option validation, error
+classification and confirm bookkeeping. Their behaviour against real brokers is in
+tests/contract and tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+import uuid
+from datetime import UTC, datetime
+
+import pika
+import pytest
+from aiokafka import errors as kafka_errors
+from outbox_relay_adapters import kafka, rabbitmq
+
+from outbox_relay.errors import AdapterOptionsError
+from outbox_relay.models import Message, Outcome, OutgoingMessage
+
+
+def make(n: int = 1, key: str | None = None) -> OutgoingMessage:
+    message = Message(n, uuid.uuid4(), "orders.created", key, b"{}", "application/json", {"h": "v"}, 0,
+                      datetime.now(UTC))
+    return OutgoingMessage(message, "orders")
+
+
+# -- kafka ---------------------------------------------------------------------------------
+
+def test_kafka_producer_is_idempotent_with_acks_all() -> None:
+    settings = kafka.producer_settings(kafka.KafkaOptions(bootstrap_servers="h:9092"))
+    assert settings["acks"] == "all" and settings["enable_idempotence"] is True
+    assert settings["compression_type"] is None
+
+
+def test_kafka_options_durations_and_sasl() -> None:
+    options = kafka.KafkaOptions.model_validate({
+        "bootstrap_servers": ["a:1", "b:2"], "linger": "20ms", "request_timeout": "5s", "compression": "gzip",
+        "sasl": {"mechanism": "SCRAM-SHA-512", "username": "relay", "password": "pw"},
+    })
+    settings = kafka.producer_settings(options)
+    assert settings["linger_ms"] == 20 and settings["request_timeout_ms"] == 5000
+    assert settings["compression_type"] == "gzip"
+    assert settings["security_protocol"] == "SASL_PLAINTEXT" and settings["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert "pw" not in repr(options), "the password must not show in reprs or logs"
+
+
+@pytest.mark.parametrize(
+    ("options", "path", "message"),
+    [
+        ({}, "bootstrap_servers", "required option is missing"),
+        ({"bootstrap_servers": "h:1", "compresion": "gzip"}, "compresion", "did you mean 'compression'"),
+        ({"bootstrap_servers": "h:1", "compression": "brotli"}, "compression", "Input should be"),
+        ({"bootstrap_servers": "h:1", "linger": "5"}, "linger", "invalid duration"),
+        ({"bootstrap_servers": "h:1", "sasl": {"mechanism": "GSSAPI", "username": "u", "password": "p"}},
+         "sasl.mechanism", "Input should be"),
+        ({"bootstrap_servers": "h:1", "tls": {"cert_file": "c.pem"}}, "tls", "cert_file and key_file go together"),
+        ({"bootstrap_servers": " , "}, "bootstrap_servers", "host:port"),
+    ],
+)
+def test_kafka_option_errors(options: dict[str, object], path: str, message: str) -> None:
+    with pytest.raises(AdapterOptionsError) as info:
+        kafka.create("events", options)
+    assert info.value.path is not None and info.value.path.startswith(path.split(".")[0])
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+def test_kafka_compression_needs_its_library(codec: str) -> None:
+    available = kafka.CODECS[codec]()
+    if available:
+        assert kafka.create("e", {"bootstrap_servers": "h:1", "compression": codec})
+    else:
+        with pytest.raises(AdapterOptionsError, match="needs its library"):
+            kafka.create("e", {"bootstrap_servers": "h:1", "compression": codec})
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (kafka_errors.MessageSizeTooLargeError(), Outcome.PERMANENT),
+        (kafka_errors.RecordListTooLargeError(), Outcome.PERMANENT),
+        (kafka_errors.InvalidTopicError(), Outcome.PERMANENT),
+        (kafka_errors.TopicAuthorizationFailedError(), Outcome.PERMANENT),
+        (kafka_errors.ClusterAuthorizationFailedError(), Outcome.PERMANENT),
+        (kafka_errors.NotLeaderForPartitionError(), Outcome.TRANSIENT),
+        (kafka_errors.LeaderNotAvailableError(), Outcome.TRANSIENT),
+        (kafka_errors.NotEnoughReplicasError(), Outcome.TRANSIENT),
+        (kafka_errors.NotEnoughReplicasAfterAppendError(), Outcome.TRANSIENT),
+        (kafka_errors.UnknownTopicOrPartitionError(), Outcome.TRANSIENT),
+        (kafka_errors.RequestTimedOutError(), Outcome.TRANSIENT),
+        (kafka_errors.KafkaTimeoutError(), Outcome.TRANSIENT),
+        (kafka_errors.OutOfOrderSequenceNumber(), Outcome.TRANSIENT),
+        (kafka_errors.KafkaConnectionError(), Outcome.UNAVAILABLE),
+        (RuntimeError("surprise"), Outcome.TRANSIENT),
+    ],
+)
+def test_kafka_error_classification(error: BaseException, outcome: Outcome) -> None:
+    result = kafka.classify(error)
+    assert result.outcome is outcome
+    assert type(error).__name__ in (result.reason or "")
+
+
+def test_kafka_record_headers_carry_message_id_and_content_type() -> None:
+    out = make()
+    headers = dict(kafka.record_headers(out))
+    assert headers == {"h": b"v", "message-id": str(out.message_id).encode(), "content-type": b"application/json"}
+
+
+# -- rabbitmq ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"url": "http://x"}, "amqp:// or amqps://"),
+        ({"url": "amqp://h", "exchange_type": "x"}, "Input should be"),
+        ({"url": "amqp://h", "confirm_window": 0}, "greater than or equal to 1"),
+        ({"url": "amqp://h", "routing_key": "{nope}"}, "invalid template"),
+        ({"url": "amqp://h", "heartbeat": "soon"}, "invalid duration"),
+        ({"url": "amqp://h", "exchang": "e"}, "did you mean 'exchange'"),
+    ],
+)
+def test_rabbitmq_option_errors(options: dict[str, object], message: str) -> None:
+    with pytest.raises(AdapterOptionsError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        rabbitmq.create("mq", options)
+
+
+def test_rabbitmq_target_uses_route_destination_or_default_exchange() -> None:
+    adapter = rabbitmq.create("mq", {"url": "amqp://h", "exchange": "events", "routing_key": "{topic}.{key}"})
+    plain = make(key="k1")
+    assert adapter._target(plain) == ("events", "orders.created.k1")
+    explicit = OutgoingMessage(plain.message, "billing", explicit_destination=True)
+    assert adapter._target(explicit) == ("billing", "orders.created.k1")
+
+
+async def _futures(adapter: rabbitmq.RabbitAdapter, ids: list[str]) -> list[asyncio.Future[object]]:
+    loop = asyncio.get_running_loop()
+    futures = []
+    for tag, mid in enumerate(ids, start=1):
+        future: asyncio.Future[object] = loop.create_future()
+        adapter._unconfirmed[tag] = (future, mid)  # type: ignore[assignment]
+        futures.append(future)
+    return futures
+
+
+def _frame(method: object) -> types.SimpleNamespace:
+    return types.SimpleNamespace(method=method)
+
+
+async def test_rabbitmq_confirm_with_multiple_settles_every_earlier_tag() -> None:
+    adapter = rabbitmq.create("mq", {"url": "amqp://h"})
+    futures = await _futures(adapter, ["a", "b", "c", "d"])
+    adapter._returned["b"] = "unroutable (312 NO_ROUTE)"
+    adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=3, multiple=True)))
+    assert [f.done() for f in futures] == [True, True, True, False]
+    assert [f.result().outcome for f in futures[:3]] == [Outcome.ACKED, Outcome.PERMANENT, Outcome.ACKED]  # type: ignore[attr-defined]
+    adapter._on_confirm(_frame(pika.spec.Basic.Nack(delivery_tag=4, multiple=False)))
+    assert futures[3].result().outcome is Outcome.TRANSIENT  # type: ignore[attr-defined]
+    assert adapter._unconfirmed == {}
+
+
+async def test_rabbitmq_channel_loss_reports_unconfirmed_as_transient() -> None:
+    adapter = rabbitmq.create("mq", {"url": "amqp://h"})
+    futures = await _futures(adapter, ["a", "b"])
+    adapter._on_channel_closed(None, ConnectionError("gone"))
+    assert all(f.result().outcome is Outcome.TRANSIENT for f in futures)  # type: ignore[attr-defined]
