@@ -11,6 +11,7 @@ and same key means same partition, so per-key order survives retries.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,11 @@ log = structlog.get_logger("outbox_relay.kafka")
 
 # Kafka's own rule for topic names; anything else the broker rejects.
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+@functools.lru_cache(maxsize=1024)
+def _valid_topic(name: str) -> bool:
+    return KAFKA_TOPIC.fullmatch(name) is not None
+
 
 CODECS = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
 
@@ -90,7 +96,7 @@ class KafkaOptions(Options):
     bootstrap_servers: str | list[str]
     client_id: str = "outbox-relay"
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    linger: float = 0.005
+    linger: float = 0.0
     max_batch_size: int = Field(default=256 * 1024, ge=1024)
     max_request_size: int = Field(default=1024 * 1024, ge=1024)
     request_timeout: float = 30.0
@@ -212,7 +218,7 @@ class KafkaAdapter:
 
     async def _send(self, out: OutgoingMessage) -> asyncio.Future[Any] | PublishResult:
         assert self._producer is not None
-        if not KAFKA_TOPIC.fullmatch(out.destination):
+        if not _valid_topic(out.destination):
             return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
         key = out.message.key.encode("utf-8") if out.message.key is not None else None
         try:

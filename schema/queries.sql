@@ -11,7 +11,8 @@ SELECT max(version) FROM {schema}.schema_version;
 -- claiming transaction until the outcome is recorded, so a relay that dies releases
 -- its rows at once. A row locked by another relay is still undispatched, so the
 -- NOT EXISTS below keeps every later row of its key out of everyone's batch.
-SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type, m.headers,
+SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
+       NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
        m.attempts, m.created_at
 FROM {schema}.messages AS m
 WHERE m.dispatched_at IS NULL
@@ -41,7 +42,8 @@ ORDER BY m.id
 LIMIT %(limit)s;
 
 -- name: claim_ids
-SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type, m.headers,
+SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
+       NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
        m.attempts, m.created_at
 FROM {schema}.messages AS m
 WHERE m.id = ANY(%(ids)s::bigint[])
@@ -50,18 +52,23 @@ WHERE m.id = ANY(%(ids)s::bigint[])
 ORDER BY m.id
 FOR UPDATE OF m SKIP LOCKED;
 
+-- name: mark_dispatched
+-- Every acked row of the batch in one statement, after the broker acknowledged it.
+UPDATE {schema}.messages
+SET dispatched_at = clock_timestamp(), attempts = attempts + 1
+WHERE id = ANY(%(ids)s::bigint[]);
+
 -- name: record_outcomes
--- One statement for the whole batch, after the broker answered for each row:
--- `acked` rows become dispatched, `retry` rows wait for next_attempt_at, `wait` rows
+-- The rows that were not acked, in one statement:
+-- `retry` rows wait for next_attempt_at, `wait` rows
 -- too but without spending an attempt (their broker was unreachable), `dead` rows are
 -- dead-lettered with their reason. Rows the batch did not attempt are
 -- not listed and stay as they were.
 UPDATE {schema}.messages AS m SET
     attempts = m.attempts + CASE WHEN o.outcome = 'wait' THEN 0 ELSE 1 END,
-    dispatched_at = CASE WHEN o.outcome = 'acked' THEN clock_timestamp() END,
     next_attempt_at = CASE WHEN o.outcome IN ('retry', 'wait')
                            THEN clock_timestamp() + make_interval(secs => o.delay_s) END,
-    last_error = CASE WHEN o.outcome = 'acked' THEN m.last_error ELSE o.error END,
+    last_error = o.error,
     dead_lettered_at = CASE WHEN o.outcome = 'dead' THEN clock_timestamp() END,
     dead_letter_reason = CASE WHEN o.outcome = 'dead' THEN o.error END
 FROM unnest(%(ids)s::bigint[], %(outcomes)s::text[], %(errors)s::text[], %(delays)s::float8[])

@@ -35,6 +35,8 @@ log = structlog.get_logger("outbox_relay.relay")
 
 T = TypeVar("T")
 
+BROKER_GRACE_S = 5.0
+
 
 class RelayObserver(Protocol):
     """Told about every committed batch (the demo and tests use it; metrics will)."""
@@ -107,6 +109,7 @@ class Relay:
             return
         for handle in self._brokers.values():
             await handle.connect()
+        await self._brokers_connected(BROKER_GRACE_S)
         relay = self.config.relay
         tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(relay.workers)
@@ -138,6 +141,17 @@ class Relay:
             for handle in self._brokers.values():
                 await handle.close()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=self.published)
+
+    async def _brokers_connected(self, timeout: float) -> None:
+        """Give the brokers a moment to connect before the first claim, so a normal start
+        does not send its first batch into "not connected yet" and a retry delay. A
+        broker still down after `timeout` only delays its own messages."""
+        async def all_connected() -> None:
+            for handle in self._brokers.values():
+                await handle.connected.wait()
+
+        with contextlib.suppress(TimeoutError):
+            await self._until_stopped(asyncio.wait_for(all_connected(), timeout))
 
     async def _drain(self, workers: list[asyncio.Task[Any]], timeout: float) -> None:
         """Let in-flight batches finish; past `timeout`, cancel them (rolled back, rows released)."""
@@ -191,7 +205,9 @@ class Relay:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), timeout=1.0)
                     continue
-                if claimed >= relay.batch_size:
+                if claimed:
+                    # Claim until nothing is left: more may have committed meanwhile, and
+                    # a committer that skipped its NOTIFY counts on this (schema.sql).
                     self.wakeups["backlog"] += 1
                     continue
                 reason = await self._wakeup.wait(index, relay.poll_interval, self._stop)

@@ -9,11 +9,10 @@ at once: nothing is stranded and no lease needs to expire.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
-from uuid import UUID
 
 import psycopg
 
@@ -34,20 +33,12 @@ class Record:
 
 
 def _message(row: Sequence[Any]) -> Message:
+    # Rows come in binary format: ids, uuids and bytea need no text parsing.
     mid, message_id, topic, key, payload, content_type, headers, attempts, created_at = row
-    if isinstance(headers, str):
-        headers = json.loads(headers)
-    return Message(
-        id=int(mid),
-        message_id=message_id if isinstance(message_id, UUID) else UUID(str(message_id)),
-        topic=topic,
-        key=key,
-        payload=bytes(payload),
-        content_type=content_type,
-        headers=headers or {},
-        attempts=int(attempts),
-        created_at=created_at,
-    )
+    return Message(mid, message_id, topic, key, payload, content_type, headers or _NO_HEADERS, attempts, created_at)
+
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 class OutboxStore:
@@ -61,7 +52,7 @@ class OutboxStore:
         Must run inside the batch's transaction.
         """
         cur = await conn.execute(
-            self._q["claim_heads"], {"limit": limit, "hold_dead_letters": self._hold}
+            self._q["claim_heads"], {"limit": limit, "hold_dead_letters": self._hold}, binary=True
         )
         heads = [_message(row) for row in await cur.fetchall()]
         room = limit - len(heads)
@@ -94,7 +85,7 @@ class OutboxStore:
         ids = [fid for run in wanted.values() for fid in run]
         if not ids:
             return []
-        cur = await conn.execute(self._q["claim_ids"], {"ids": ids})
+        cur = await conn.execute(self._q["claim_ids"], {"ids": ids}, binary=True)
         locked = {m.id: m for m in (_message(row) for row in await cur.fetchall())}
         claimed: list[Message] = []
         for run in wanted.values():
@@ -105,15 +96,19 @@ class OutboxStore:
         return claimed
 
     async def record(self, conn: psycopg.AsyncConnection[Any], records: Sequence[Record]) -> None:
-        """Write every outcome of the batch in one statement (inside its transaction)."""
-        if not records:
-            return
-        await conn.execute(
-            self._q["record_outcomes"],
-            {
-                "ids": [r.id for r in records],
-                "outcomes": [r.kind for r in records],
-                "errors": [r.error for r in records],
-                "delays": [r.delay for r in records],
-            },
-        )
+        """Write the batch's outcomes (inside its transaction): one statement marks every
+        acked row dispatched; failures, when there are any, take a second one."""
+        acked = [r.id for r in records if r.kind == "acked"]
+        failed = [r for r in records if r.kind != "acked"]
+        if acked:
+            await conn.execute(self._q["mark_dispatched"], {"ids": acked}, binary=True)
+        if failed:
+            await conn.execute(
+                self._q["record_outcomes"],
+                {
+                    "ids": [r.id for r in failed],
+                    "outcomes": [r.kind for r in failed],
+                    "errors": [r.error for r in failed],
+                    "delays": [r.delay for r in failed],
+                },
+            )

@@ -64,8 +64,8 @@ def test_glob_matching(pattern: str, topic: str, matches: bool) -> None:
 
 def test_destination_defaults_to_topic_and_can_be_set() -> None:
     r = router(("orders.*", "kafka", "orders-v2"), ("users.*", "kafka"))
-    assert r.resolve("orders.created") == Target("kafka", "orders-v2")
-    assert r.resolve("users.created") == Target("kafka", "users.created")
+    assert r.resolve("orders.created") == Target("kafka", "orders-v2", explicit=True)
+    assert r.resolve("users.created") == Target("kafka", "users.created", explicit=False)
 
 
 def test_no_match_gives_none() -> None:

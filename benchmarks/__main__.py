@@ -1,0 +1,135 @@
+"""`python -m benchmarks`: runs every measurement, prints one table, writes JSON.
+
+    scripts/bench                      # the full run (100,000 messages)
+    scripts/bench --messages 20000     # a quicker run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import env, kafka_bench, latency, rabbit_bench, write_path
+from outbox_relay.logging_setup import configure
+
+TARGETS = {
+    "kafka relay / raw producer": (">=", 0.8),
+    "kafka relay / naive relay": (">=", 30.0),
+    "rabbitmq relay / raw pika": (">=", 0.8),
+    "commit-to-ack p99 ms, NOTIFY on, 1000/s": ("<=", 25.0),
+    "write p50 with outbox / plain": ("<=", 1.10),
+    "16-writer tps with outbox (NOTIFY on) / plain": (">=", 0.90),
+}
+
+
+def _step(name: str) -> None:
+    print(f"[bench] {time.strftime('%H:%M:%S')} {name}", flush=True)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": env.machine(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                               "messages": args.messages}
+    with env.provisioned() as svc:
+        _step("kafka: raw producer")
+        kafka_raw = await kafka_bench.raw_rate(svc.kafka, args.messages)
+        _step("kafka: relay")
+        kafka_relay = await kafka_bench.relay_rate(svc.dsn, svc.kafka, args.messages)
+        _step("kafka: naive relay")
+        kafka_naive = await kafka_bench.naive_rate(svc.dsn, svc.kafka, args.naive)
+        _step("rabbitmq: raw pika")
+        rabbit_raw = await rabbit_bench.raw_rate(svc.amqp, args.messages)
+        _step("rabbitmq: relay")
+        rabbit_relay = await rabbit_bench.relay_rate(svc.dsn, svc.amqp, args.messages)
+        _step("rabbitmq: naive relay")
+        rabbit_naive = await asyncio.to_thread(rabbit_bench.naive_rate, svc.dsn, svc.amqp, args.naive)
+        _step("latency: NOTIFY on")
+        lat_on = await latency.commit_to_ack(svc.dsn, svc.kafka, rate=1000, seconds=args.seconds, notify=True)
+        _step("latency: NOTIFY off")
+        lat_off = await latency.commit_to_ack(svc.dsn, svc.kafka, rate=1000, seconds=args.seconds, notify=False)
+        _step("write path")
+        writes = await asyncio.to_thread(
+            write_path.measure, svc.dsn, seconds=args.write_seconds, rounds=args.rounds)
+    results["throughput_msgs_per_s"] = {
+        "kafka_relay": round(kafka_relay),
+        "kafka_raw_producer": round(kafka_raw),
+        "kafka_naive_relay": round(kafka_naive),
+        "rabbitmq_relay": round(rabbit_relay), "rabbitmq_raw_pika": round(rabbit_raw),
+        "rabbitmq_naive_relay": round(rabbit_naive),
+    }
+    results["commit_to_ack"] = {"notify_on": lat_on, "notify_off_poll_1s": lat_off}
+    results["write_path"] = writes
+    results["ratios"] = {
+        "kafka relay / raw producer": round(kafka_relay / kafka_raw, 2),
+        "kafka relay / naive relay": round(kafka_relay / kafka_naive, 1),
+        "rabbitmq relay / raw pika": round(rabbit_relay / rabbit_raw, 2),
+        "rabbitmq relay / naive relay": round(rabbit_relay / rabbit_naive, 1),
+        "commit-to-ack p99 ms, NOTIFY on, 1000/s": lat_on["p99_ms"],
+        "write p50 with outbox / plain": round(writes["outbox_notify_on_p50_ms"] / writes["plain_p50_ms"], 3),
+        "write p50 with outbox, NOTIFY off / plain": round(
+            writes["outbox_notify_off_p50_ms"] / writes["plain_p50_ms"], 3),
+        "16-writer tps with outbox (NOTIFY on) / plain": round(
+            writes["outbox_notify_on_tps_16w"] / writes["plain_tps_16w"], 3),
+        "16-writer tps with outbox (NOTIFY off) / plain": round(
+            writes["outbox_notify_off_tps_16w"] / writes["plain_tps_16w"], 3),
+        "write p50 with outbox in the same statement / plain": round(
+            writes["outbox_one_statement_notify_on_p50_ms"] / writes["plain_p50_ms"], 3),
+        "16-writer tps with outbox in the same statement / plain": round(
+            writes["outbox_one_statement_notify_on_tps_16w"] / writes["plain_tps_16w"], 3),
+    }
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| measure | value | target | met |", "|---|---|---|---|"]
+    for name, value in results["ratios"].items():
+        target = TARGETS.get(name)
+        if target:
+            op, bound = target
+            met = value >= bound if op == ">=" else value <= bound
+            lines.append(f"| {name} | {value} | {op} {bound} | {'yes' if met else '**no**'} |")
+        else:
+            lines.append(f"| {name} | {value} | | |")
+    t = results["throughput_msgs_per_s"]
+    lines += ["", "| throughput (messages/s) | relay | ceiling (raw client) | naive relay |", "|---|---|---|---|",
+              f"| Kafka | {t['kafka_relay']} | {t['kafka_raw_producer']} | {t['kafka_naive_relay']} |",
+              f"| RabbitMQ | {t['rabbitmq_relay']} | {t['rabbitmq_raw_pika']} | {t['rabbitmq_naive_relay']} |"]
+    lines += ["", "| commit-to-ack at 1000 msg/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
+    for name, lat in results["commit_to_ack"].items():
+        lines.append(f"| {name} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} |")
+    w = results["write_path"]
+    lines += ["", "| write path (pgbench) | plain | + enqueue, NOTIFY on | + enqueue, NOTIFY off "
+              "| + enqueue in the same statement |", "|---|---|---|---|---|",
+              f"| p50 ms, 1 client | {w['plain_p50_ms']} | {w['outbox_notify_on_p50_ms']} | "
+              f"{w['outbox_notify_off_p50_ms']} | {w['outbox_one_statement_notify_on_p50_ms']} |",
+              f"| transactions/s, 16 clients | {w['plain_tps_16w']} | {w['outbox_notify_on_tps_16w']} | "
+              f"{w['outbox_notify_off_tps_16w']} | {w['outbox_one_statement_notify_on_tps_16w']} |"]
+    m = results["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['os']}; Python {m['python']}; "
+              f"{m['java']}. Run {results['started']}, {results['messages']} messages."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--naive", type=int, default=2000, help="messages for the naive relays (they are slow)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each latency run")
+    parser.add_argument("--write-seconds", type=float, default=5.0, help="duration of each pgbench run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the write-path runs")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
+    args = parser.parse_args()
+    configure("warning")
+    results = asyncio.run(run(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\n(JSON: {args.out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Shared pieces: the backlog, the relay under test, timing and percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+import yaml
+from psycopg import sql
+
+from outbox_relay.config import Config, parse
+from outbox_relay.engine.relay import Relay
+from outbox_relay.engine.store import Record
+from outbox_relay.models import Message
+from outbox_relay.wiring import build_adapters
+
+PAYLOAD_BYTES = 256
+KEYS = 10_000
+
+
+def fill_backlog(dsn: str, schema: str, topic: str, count: int) -> None:
+    """`count` pending messages of PAYLOAD_BYTES bytes over KEYS keys, in one statement."""
+    query = sql.SQL(
+        "INSERT INTO {}.messages (topic, key, payload, content_type) "
+        "SELECT %s, 'key-' || (g %% %s), convert_to(lpad(g::text, %s, 'x'), 'UTF8'), "
+        "'application/octet-stream' FROM generate_series(1, %s) AS g"
+    ).format(sql.Identifier(schema))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(query, (topic, KEYS, PAYLOAD_BYTES, count))
+        conn.execute(sql.SQL("VACUUM ANALYZE {}.messages").format(sql.Identifier(schema)))
+
+
+def messages_for_raw_clients(count: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs identical to the backlog's rows."""
+    return [(f"key-{g % KEYS}".encode(), str(g).rjust(PAYLOAD_BYTES, "x").encode()) for g in range(1, count + 1)]
+
+
+def relay_config(dsn: str, schema: str, brokers: dict[str, Any], routes: list[dict[str, Any]],
+                 **relay: Any) -> Config:
+    tree = {"database": {"dsn": dsn, "schema": schema}, "relay": relay, "brokers": brokers, "routes": routes}
+    return parse(yaml.safe_dump(tree), source="bench", env={})
+
+
+def pending(dsn: str, schema: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(sql.SQL(
+            "SELECT count(*) FROM {}.messages WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL"
+        ).format(sql.Identifier(schema))).fetchone()
+    return int(row[0]) if row else 0
+
+
+class AckClock:
+    """RelayObserver that notes when each message's outcome was committed."""
+
+    def __init__(self) -> None:
+        self.acked_at: dict[str, float] = {}
+        self.failed = 0
+
+    def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
+        now = time.time()
+        by_id = {m.id: m for m in messages}
+        for record in records:
+            if record.kind == "acked":
+                self.acked_at.setdefault(str(by_id[record.id].message_id), now)
+            else:
+                self.failed += 1
+
+
+class AckCounter:
+    """RelayObserver that only counts: the drain measures the relay, not the observer."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.failed = 0
+
+    def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
+        for record in records:
+            if record.kind == "acked":
+                self.acked += 1
+            else:
+                self.failed += 1
+
+
+async def drain(config: Config, count: int) -> float:
+    """Seconds the relay takes to publish a backlog of `count` messages."""
+    clock = AckCounter()
+    relay = Relay(config, build_adapters(config), observer=clock)
+    task = asyncio.create_task(relay.run())
+    await relay.started.wait()
+    started = time.perf_counter()
+    while clock.acked < count:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    relay.stop()
+    await task
+    if clock.failed:
+        raise RuntimeError(f"{clock.failed} publish failures during the drain")
+    return elapsed
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]

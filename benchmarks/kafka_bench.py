@@ -1,0 +1,82 @@
+"""(a) the relay draining a backlog to Kafka, (b) the raw aiokafka ceiling, (c) the naive relay."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from outbox_relay_adapters.kafka import KafkaOptions, producer_settings
+from psycopg import sql
+
+from benchmarks.common import drain, fill_backlog, messages_for_raw_clients, relay_config
+from benchmarks.env import fresh_schema
+from tests.consumers import kafka_create_topic
+
+SCHEMA = "bench_kafka"
+
+
+def options(bootstrap: str) -> dict[str, object]:
+    return {"bootstrap_servers": bootstrap}
+
+
+async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 500, workers: int = 2) -> float:
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic, partitions=3)
+    fresh_schema(dsn, SCHEMA)
+    fill_backlog(dsn, SCHEMA, "bench.kafka", count)
+    config = relay_config(
+        dsn, SCHEMA, {"kafka": {"type": "kafka", **options(bootstrap)}},
+        [{"topic": "*", "broker": "kafka", "destination": topic}],
+        batch_size=batch_size, workers=workers, notify=False,
+    )
+    return count / await drain(config, count)
+
+
+async def raw_rate(bootstrap: str, count: int) -> float:
+    """The ceiling: the same records and producer settings, no database."""
+    topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic, partitions=3)
+    producer = AIOKafkaProducer(**producer_settings(KafkaOptions.model_validate(options(bootstrap))))
+    await producer.start()
+    try:
+        records = messages_for_raw_clients(count)
+        started = time.perf_counter()
+        futures = []
+        for key, value in records:
+            headers = [("message-id", uuid.uuid4().bytes), ("content-type", b"application/octet-stream")]
+            futures.append(await producer.send(topic, value=value, key=key, headers=headers))
+        await asyncio.gather(*futures)
+        return count / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+
+
+async def naive_rate(dsn: str, bootstrap: str, count: int) -> float:
+    """What people hand-write: claim one row, send_and_wait, mark it, commit, repeat."""
+    topic = f"bench-naive-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic, partitions=3)
+    fresh_schema(dsn, SCHEMA)
+    fill_backlog(dsn, SCHEMA, "bench.kafka", count)
+    producer = AIOKafkaProducer(**producer_settings(KafkaOptions.model_validate(options(bootstrap))))
+    await producer.start()
+    claim = sql.SQL(
+        "SELECT id, message_id, key, payload FROM {}.messages WHERE dispatched_at IS NULL "
+        "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED").format(sql.Identifier(SCHEMA))
+    mark = sql.SQL("UPDATE {}.messages SET dispatched_at = now() WHERE id = %s").format(sql.Identifier(SCHEMA))
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            started = time.perf_counter()
+            for _ in range(count):
+                cur = await conn.execute(claim)
+                row = await cur.fetchone()
+                assert row is not None
+                await producer.send_and_wait(topic, value=bytes(row[3]), key=row[2].encode(),
+                                             headers=[("message-id", str(row[1]).encode())])
+                await conn.execute(mark, (row[0],))
+                await conn.commit()
+            return count / (time.perf_counter() - started)
+    finally:
+        await producer.stop()

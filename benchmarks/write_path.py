@@ -1,0 +1,122 @@
+"""(f) what the outbox costs the application's transaction, measured with pgbench (a C
+client, so the figures are the database's cost and not a Python client's):
+
+- plain: ``BEGIN; INSERT INTO bench_orders ...; COMMIT``
+- outbox: the same plus ``SELECT <schema>.enqueue(...)`` (and its NOTIFY trigger),
+  with the trigger enabled and disabled;
+- outbox in one statement: the INSERT and the enqueue in one data-modifying CTE, so
+  the enqueue adds no round trip.
+
+p50 latency for one client, and throughput for 16 concurrent clients. Runs are
+interleaved over several rounds and the medians reported.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+from benchmarks.common import percentile
+from benchmarks.env import fresh_schema
+from outbox_relay import local_postgres, schema_manager
+
+SCHEMA = "bench_write"
+
+PLAIN = """\\set c random(1, 1000)
+BEGIN;
+INSERT INTO bench_orders (customer, total) VALUES (:c, :c * 3);
+COMMIT;
+"""
+
+OUTBOX = f"""\\set c random(1, 1000)
+BEGIN;
+INSERT INTO bench_orders (customer, total) VALUES (:c, :c * 3);
+SELECT {SCHEMA}.enqueue('orders.created', 'customer-' || :c::int,
+    jsonb_build_object('customer', :c::int, 'total', :c::int * 3));
+COMMIT;
+"""
+
+
+# The same work with the enqueue in the business statement itself (a data-modifying
+# CTE): no extra round trip, so what remains is the database's own cost.
+OUTBOX_ONE_STATEMENT = f"""\\set c random(1, 1000)
+BEGIN;
+WITH o AS (INSERT INTO bench_orders (customer, total) VALUES (:c, :c * 3) RETURNING customer, total)
+SELECT {SCHEMA}.enqueue('orders.created', 'customer-' || o.customer,
+    jsonb_build_object('customer', o.customer, 'total', o.total)) FROM o;
+COMMIT;
+"""
+
+
+def _pgbench() -> str:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    candidate = local_postgres.find_bindir() / "pgbench"
+    if candidate.exists():
+        return str(candidate)
+    raise RuntimeError("pgbench not found (it comes with the PostgreSQL client/server packages)")
+
+
+def _setup(dsn: str) -> None:
+    fresh_schema(dsn, SCHEMA)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_orders")
+        conn.execute("CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer int NOT NULL, "
+                     "total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+
+
+def _notify(dsn: str, on: bool) -> None:
+    with psycopg.connect(dsn) as conn:
+        schema_manager.set_notify(conn, SCHEMA, on)
+
+
+def _run(dsn: str, script: str, clients: int, seconds: float, workdir: Path) -> tuple[float, list[float]]:
+    """(transactions per second, per-transaction latencies in ms)."""
+    path = workdir / "script.sql"
+    path.write_text(script)
+    for old in workdir.glob("pgbench_log*"):
+        old.unlink()
+    result = subprocess.run(
+        # Prepared statements, as drivers use them (psycopg prepares a repeated query).
+        [_pgbench(), "-n", "-M", "prepared", "-f", str(path), "-c", str(clients), "-j", str(min(clients, 2)),
+         "-T", str(int(seconds)), "-l", "--log-prefix", str(workdir / "pgbench_log"), dsn],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {result.stderr.strip()[-500:]}")
+    tps = next(float(line.split("=")[1].split()[0]) for line in result.stdout.splitlines()
+               if line.startswith("tps ="))
+    latencies = [int(line.split()[2]) / 1000 for log in workdir.glob("pgbench_log*")
+                 for line in log.read_text().splitlines() if line.strip()]
+    return tps, latencies
+
+
+def measure(dsn: str, *, seconds: float, rounds: int) -> dict[str, float]:
+    _setup(dsn)
+    variants = {
+        "plain": (PLAIN, True),
+        "outbox_notify_on": (OUTBOX, True),
+        "outbox_notify_off": (OUTBOX, False),
+        "outbox_one_statement_notify_on": (OUTBOX_ONE_STATEMENT, True),
+    }
+    p50: dict[str, list[float]] = {name: [] for name in variants}
+    tps: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for _ in range(rounds):
+            for name, (script, notify) in variants.items():
+                _notify(dsn, notify)
+                _, latencies = _run(dsn, script, 1, seconds, workdir)
+                p50[name].append(percentile(latencies, 50))
+                tps[name].append(_run(dsn, script, 16, seconds, workdir)[0])
+    result: dict[str, float] = {}
+    for name in variants:
+        result[f"{name}_p50_ms"] = round(statistics.median(p50[name]), 3)
+        result[f"{name}_tps_16w"] = round(statistics.median(tps[name]), 1)
+    return result
