@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -42,6 +43,17 @@ def write_config(path: Path, dsn: str | None, *, sink: Path | None = None, **rel
     return path
 
 
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    # A test that fails between start and close must not leave a relay running.
+    for proc in _LIVE:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class RelayProcess:
     """`outbox-relay run` in the background, with its stderr (the logs) kept in a file."""
 
@@ -52,6 +64,7 @@ class RelayProcess:
             [*exe(), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self._log,
             env={**os.environ, **(env or {})},
         )
+        _LIVE.add(self.proc)
 
     def logs(self) -> list[dict[str, Any]]:
         if not self._log.closed:

@@ -190,10 +190,12 @@ def test_passwords_never_reach_logs_or_check_output(db: str, tmp_path: Path) -> 
             checked = run_cli("check", "--config", str(config), env={"DATABASE_URL": dsn})
             outputs += [checked.stdout, checked.stderr]
             relay = RelayProcess(config, env={"DATABASE_URL": dsn})
-            time.sleep(3)
-            relay.terminate()
-            outputs.append(relay.log_path.read_text())
-            relay.close()
+            try:
+                time.sleep(3)
+                assert relay.terminate() == 0
+                outputs.append(relay.log_path.read_text())
+            finally:
+                relay.close()
         assert any("database_unreachable" in out for out in outputs), "the outage was not logged"
         assert any("database  FAIL" in out for out in outputs)
         for out in outputs:
