@@ -40,7 +40,8 @@ def messages_for_raw_clients(count: int) -> list[tuple[bytes, bytes]]:
 
 def relay_config(dsn: str, schema: str, brokers: dict[str, Any], routes: list[dict[str, Any]],
                  **relay: Any) -> Config:
-    tree = {"database": {"dsn": dsn, "schema": schema}, "relay": relay, "brokers": brokers, "routes": routes}
+    tree = {"database": {"dsn": dsn, "schema": schema}, "relay": relay, "http": {"enabled": False},
+            "brokers": brokers, "routes": routes}
     return parse(yaml.safe_dump(tree), source="bench", env={})
 
 

@@ -89,6 +89,9 @@ class RelayConfig(_Model):
     # What a dead-lettered message does to later messages of its key:
     # `release` lets them go on; `hold` keeps them until it is requeued.
     dead_letter_policy: Literal["release", "hold"] = "release"
+    # An open transaction older than this gets a warning naming its pid: it holds back
+    # vacuum and so slows every claim.
+    long_transaction_warning: Duration = 60.0
 
     @field_validator("poll_interval", "shutdown_timeout", "publish_timeout")
     @classmethod
@@ -103,6 +106,14 @@ class RelayConfig(_Model):
         if value < 0:
             raise ValueError("must not be negative")
         return value
+
+
+class HttpConfig(_Model):
+    """The health and metrics port: /livez, /readyz, /metrics."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=9187, ge=0, le=65535)  # 0: any free port (logged at start)
 
 
 class BrokerConfig(BaseModel):
@@ -128,6 +139,7 @@ class RouteConfig(_Model):
 class Config(_Model):
     database: DatabaseConfig
     relay: RelayConfig = RelayConfig()
+    http: HttpConfig = HttpConfig()
     brokers: dict[str, BrokerConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
     # Which file this came from, for error messages; never read from the file itself.
@@ -235,6 +247,7 @@ _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("database",): DatabaseConfig,
     ("relay",): RelayConfig,
     ("relay", "retry"): RetryConfig,
+    ("http",): HttpConfig,
 }
 
 

@@ -72,6 +72,8 @@ relay:
   notify: true
   poll_interval: 1s
   shutdown_timeout: {SHUTDOWN_TIMEOUT:g}s
+http:
+  enabled: false
 brokers:
   out:
     type: stdout

@@ -147,3 +147,20 @@ WHERE dead_lettered_at IS NOT NULL
   AND (%(all)s OR message_id = ANY(%(message_ids)s::uuid[])
        OR (%(topic_like)s::text IS NOT NULL AND topic LIKE %(topic_like)s))
 RETURNING message_id;
+
+-- name: pending_gauge
+-- For the lag metrics: walks only the pending index.
+SELECT count(*) AS pending,
+       extract(epoch FROM clock_timestamp() - min(created_at)) AS oldest_pending_age_s
+FROM {schema}.messages
+WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL;
+
+-- name: oldest_transaction
+-- The oldest open transaction in this database: it holds back vacuum of the outbox
+-- table, so dead tuples pile up and claims slow down. Without pg_read_all_stats a
+-- role sees only its own sessions' xact_start.
+SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start) AS age_s
+FROM pg_stat_activity
+WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()
+ORDER BY xact_start
+LIMIT 1;

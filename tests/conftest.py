@@ -115,6 +115,7 @@ def make_config(
     tree = {
         "database": {"dsn": dsn, "schema": schema},
         "relay": {"poll_interval": "200ms", "retry": {"initial": "50ms", "max": "500ms"}, **relay},
+        "http": {"host": "127.0.0.1", "port": 0},
         "brokers": dict(brokers or {"main": {"type": "stdout"}}),
         "routes": routes or [{"topic": "*", "broker": next(iter(brokers or {"main": 0}))}],
     }

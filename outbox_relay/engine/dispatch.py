@@ -10,6 +10,7 @@ broker gets its share in one concurrent call.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -17,9 +18,10 @@ import structlog
 
 from outbox_relay.adapter import Adapter
 from outbox_relay.engine.store import Record
+from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
 from outbox_relay.retry import Backoff
-from outbox_relay.routing import Router
+from outbox_relay.routing import Router, Target
 
 log = structlog.get_logger("outbox_relay.dispatch")
 
@@ -50,12 +52,14 @@ class Dispatcher:
         *,
         max_attempts: int,
         publish_timeout: float,
+        metrics: RelayMetrics | None = None,
     ):
         self._adapters = adapters
         self._router = router
         self._backoff = backoff
         self._max_attempts = max_attempts
         self._timeout = publish_timeout
+        self._metrics = metrics or RelayMetrics()
         # Consecutive "unreachable" answers per broker: the backoff for messages that
         # did not spend an attempt grows with the outage, not with the message.
         self._outage: dict[str, int] = defaultdict(int)
@@ -76,13 +80,13 @@ class Dispatcher:
     async def _publish_wave(self, wave: Sequence[Message]) -> list[Record]:
         by_broker: dict[str, list[tuple[int, OutgoingMessage]]] = defaultdict(list)
         results: list[PublishResult | None] = [None] * len(wave)
-        brokers: list[str | None] = [None] * len(wave)
+        targets: list[Target | None] = [None] * len(wave)
         for index, message in enumerate(wave):
             target = self._router.resolve(message.topic)
+            targets[index] = target
             if target is None:
                 results[index] = PublishResult.permanent(NO_ROUTE)
                 continue
-            brokers[index] = target.broker
             by_broker[target.broker].append((index, OutgoingMessage(message, target.destination, target.explicit)))
 
         async def send(broker: str, items: list[tuple[int, OutgoingMessage]]) -> None:
@@ -95,13 +99,14 @@ class Dispatcher:
                 group.create_task(send(broker, items))
 
         return [
-            self._decide(message, broker, result)
-            for message, broker, result in zip(wave, brokers, results, strict=True)
+            self._decide(message, target, result)
+            for message, target, result in zip(wave, targets, results, strict=True)
             if result is not None
         ]
 
     async def _publish(self, broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
         adapter = self._adapters[broker]
+        started = time.perf_counter()
         try:
             answers = await asyncio.wait_for(adapter.publish(batch), self._timeout)
         except TimeoutError:
@@ -112,29 +117,33 @@ class Dispatcher:
         if len(answers) != len(batch):
             log.error("adapter_result_count", broker=broker, expected=len(batch), got=len(answers))
             return [PublishResult.transient("adapter returned a wrong number of results")] * len(batch)
+        self._metrics.publish_duration.labels(broker).observe(time.perf_counter() - started)
         if any(a.outcome is Outcome.ACKED for a in answers):
             self._outage.pop(broker, None)
         elif any(a.outcome is Outcome.UNAVAILABLE for a in answers):
             self._outage[broker] += 1
         return answers
 
-    def _decide(self, message: Message, broker: str | None, result: PublishResult) -> Record:
+    def _decide(self, message: Message, target: Target | None, result: PublishResult) -> Record:
+        broker = target.broker if target else None
+        destination = target.destination if target else None
         if result.outcome is Outcome.ACKED:
-            return Record(message.id, "acked")
+            return Record(message.id, "acked", broker=broker, destination=destination)
+        self._metrics.publish_failures.labels(broker or "", result.outcome.value).inc()
         bound = log.bind(message_id=str(message.message_id), topic=message.topic, broker=broker)
         reason = result.reason or "unknown error"
         if result.outcome is Outcome.PERMANENT:
             bound.warning("message_dead_lettered", reason=reason, attempts=message.attempts + 1)
-            return Record(message.id, "dead", reason)
+            return Record(message.id, "dead", reason, broker=broker, destination=destination)
         if result.outcome is Outcome.UNAVAILABLE:
             delay = self._backoff.delay(self._outage.get(broker or "", 1))
             bound.info("broker_unavailable", reason=reason, retry_in_s=round(delay, 3))
-            return Record(message.id, "wait", reason, delay)
+            return Record(message.id, "wait", reason, delay, broker, destination)
         attempt = message.attempts + 1
         if attempt >= self._max_attempts:
             dead_reason = f"max attempts ({self._max_attempts}) reached; last error: {reason}"
             bound.warning("message_dead_lettered", reason=dead_reason, attempts=attempt)
-            return Record(message.id, "dead", dead_reason)
+            return Record(message.id, "dead", dead_reason, broker=broker, destination=destination)
         delay = self._backoff.delay(attempt)
         bound.info("publish_failed", reason=reason, attempt=attempt, retry_in_s=round(delay, 3))
-        return Record(message.id, "retry", reason, delay)
+        return Record(message.id, "retry", reason, delay, broker, destination)

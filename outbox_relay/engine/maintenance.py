@@ -18,6 +18,7 @@ import psycopg
 import structlog
 
 from outbox_relay.engine.connect import connect_with_retry
+from outbox_relay.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
 
 log = structlog.get_logger("outbox_relay.maintenance")
@@ -42,6 +43,9 @@ class Maintenance:
         heartbeat_every: float,
         in_flight: Callable[[], int],
         retry_max: float,
+        metrics: RelayMetrics,
+        long_transaction_warning: float,
+        on_heartbeat: Callable[[], None] = lambda: None,
     ):
         self._dsn = dsn
         self._q = queries
@@ -50,6 +54,10 @@ class Maintenance:
         self._heartbeat_every = heartbeat_every
         self._in_flight = in_flight
         self._retry_max = retry_max
+        self._metrics = metrics
+        self._long_tx = long_transaction_warning
+        self._on_heartbeat = on_heartbeat
+        self._warned: dict[int, float] = {}  # pid -> when we last warned about it
         self.deleted = 0
 
     async def run(self) -> None:
@@ -63,6 +71,8 @@ class Maintenance:
                 async with conn:
                     while True:
                         await self.heartbeat(conn)
+                        await self.observe(conn)
+                        self._on_heartbeat()
                         if loop.time() >= next_retention:
                             await self.delete_expired(conn)
                             next_retention = loop.time() + retention_interval(self._retention)
@@ -82,6 +92,25 @@ class Maintenance:
             },
         )
         await conn.execute(self._q["forget_stale_relays"], {"stale_s": STALE_RELAY_S})
+
+    async def observe(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Lag gauges, and the watchdog for the oldest open transaction."""
+        cur = await conn.execute(self._q["pending_gauge"])
+        row = await cur.fetchone()
+        if row:
+            self._metrics.pending.set(row[0] or 0)
+            self._metrics.oldest_pending_age.set(float(row[1] or 0.0))
+        cur = await conn.execute(self._q["oldest_transaction"])
+        oldest = await cur.fetchone()
+        age = float(oldest[2]) if oldest else 0.0
+        self._metrics.oldest_transaction_age.set(age)
+        if oldest and age >= self._long_tx:
+            pid = int(oldest[0])
+            now = asyncio.get_running_loop().time()
+            if now - self._warned.get(pid, -1e9) >= 60.0:
+                self._warned[pid] = now
+                log.warning("long_transaction", pid=pid, state=oldest[1], age_s=round(age, 1),
+                            hint="it holds back vacuum of the outbox table and slows claims")
 
     async def delete_expired(self, conn: psycopg.AsyncConnection[Any]) -> int:
         total = 0

@@ -12,6 +12,7 @@ import contextlib
 import uuid
 from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import psycopg
@@ -21,11 +22,13 @@ from outbox_relay import schema_manager
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
 from outbox_relay.engine.brokers import BrokerHandle
-from outbox_relay.engine.connect import connect_with_retry
+from outbox_relay.engine.connect import connect_once, connect_with_retry
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.store import OutboxStore, Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
+from outbox_relay.http_server import HealthServer
+from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message
 from outbox_relay.retry import Backoff
 from outbox_relay.routing import Router
@@ -36,6 +39,7 @@ log = structlog.get_logger("outbox_relay.relay")
 T = TypeVar("T")
 
 BROKER_GRACE_S = 5.0
+READY_TIMEOUT_S = 2.0
 
 
 class RelayObserver(Protocol):
@@ -61,12 +65,15 @@ class Relay:
         self._backoff = Backoff.from_config(relay)
         self._brokers = {name: BrokerHandle(name, a, self._backoff) for name, a in adapters.items()}
         self._store = OutboxStore(self._queries, hold_dead_letters=relay.dead_letter_policy == "hold")
+        self.metrics = RelayMetrics()
+        self._router = Router(config.routes)
         self._dispatcher = Dispatcher(
             self._brokers,
-            Router(config.routes),
+            self._router,
             self._backoff,
             max_attempts=relay.max_attempts,
             publish_timeout=relay.publish_timeout,
+            metrics=self.metrics,
         )
         self._wakeup = Wakeup(relay.workers)
         self._listener = Listener(
@@ -84,6 +91,9 @@ class Relay:
             heartbeat_every=heartbeat_every,
             in_flight=lambda: self.in_flight,
             retry_max=relay.retry.max,
+            metrics=self.metrics,
+            long_transaction_warning=relay.long_transaction_warning,
+            on_heartbeat=self._refresh_broker_gauges,
         )
         self._observer = observer
         self._stop = asyncio.Event()
@@ -91,6 +101,9 @@ class Relay:
         self.in_flight = 0
         self.wakeups: Counter[str] = Counter()
         self.published = 0
+        self._batch_started: dict[int, float] = {}  # worker -> when its current batch began
+        self._connected_workers = 0
+        self.http: HealthServer | None = None
 
     def stop(self) -> None:
         """Stop claiming; the run finishes its in-flight batches and returns."""
@@ -117,6 +130,7 @@ class Relay:
         side: list[asyncio.Task[Any]] = [asyncio.create_task(self._maintenance.run(), name="maintenance")]
         if relay.notify:
             side.append(asyncio.create_task(self._listener.run(), name="listener"))
+        await self._start_http()
         log.info(
             "relay_started", relay_id=str(self.relay_id), schema=self.config.database.schema_name,
             workers=relay.workers, notify=relay.notify, brokers=sorted(self._brokers),
@@ -137,10 +151,60 @@ class Relay:
             for task in [stop_waiter, *tasks, *side]:
                 task.cancel()
             await asyncio.gather(stop_waiter, *tasks, *side, return_exceptions=True)
+            if self.http is not None:
+                await self.http.close()
             await self._maintenance.forget()
             for handle in self._brokers.values():
                 await handle.close()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=self.published)
+
+    async def _start_http(self) -> None:
+        settings = self.config.http
+        if settings.enabled:
+            self.http = HealthServer(settings.host, settings.port, live=self.is_live, ready=self.readiness,
+                                     metrics=self.metrics.render)
+            await self.http.start()
+
+    def is_live(self) -> bool:
+        """False when a worker has been stuck in one batch far past every timeout.
+
+        Waiting for the database or a broker is not a liveness failure: a restart would
+        not bring them back. A batch that never ends is (a hung await, a deadlock)."""
+        relay = self.config.relay
+        limit = relay.publish_timeout * 2 + relay.poll_interval * 2 + 30.0
+        now = asyncio.get_running_loop().time()
+        return all(now - started < limit for started in self._batch_started.values())
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when the database and every broker that a route uses answer."""
+        database = await self._database_answers()
+        brokers: dict[str, bool] = {}
+        for name in sorted(self._router.brokers_in_use()):
+            try:
+                brokers[name] = await asyncio.wait_for(self._brokers[name].ready(), READY_TIMEOUT_S)
+            except Exception:
+                brokers[name] = False
+        self.metrics.database_connected.set(1 if database else 0)
+        for name, ok in brokers.items():
+            self.metrics.broker_connected.labels(name).set(1 if ok else 0)
+        return database and all(brokers.values()), {"database": database, "brokers": brokers}
+
+    async def _database_answers(self) -> bool:
+        try:
+            async def probe() -> None:
+                conn = await connect_once(self._dsn, autocommit=True, timeout=READY_TIMEOUT_S)
+                async with conn:
+                    await conn.execute("SELECT 1")
+
+            await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+        except Exception:
+            return False
+        return True
+
+    def _refresh_broker_gauges(self) -> None:
+        for name, handle in self._brokers.items():
+            self.metrics.broker_connected.labels(name).set(1 if handle.connected.is_set() else 0)
+        self.metrics.in_flight.set(self.in_flight)
 
     async def _brokers_connected(self, timeout: float) -> None:
         """Give the brokers a moment to connect before the first claim, so a normal start
@@ -195,9 +259,11 @@ class Relay:
                     conn = await self._until_stopped(self._connect_worker())
                     if conn is None:
                         break
+                    self._worker_connected(+1)
                 try:
-                    claimed = await self._batch(conn)
+                    claimed = await self._batch(conn, index)
                 except psycopg.OperationalError as exc:
+                    self._worker_connected(-1)
                     log.warning("database_connection_lost", worker=index, error=str(exc).splitlines()[0])
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -208,14 +274,22 @@ class Relay:
                 if claimed:
                     # Claim until nothing is left: more may have committed meanwhile, and
                     # a committer that skipped its NOTIFY counts on this (schema.sql).
-                    self.wakeups["backlog"] += 1
+                    self._woke("backlog")
                     continue
-                reason = await self._wakeup.wait(index, relay.poll_interval, self._stop)
-                self.wakeups[reason] += 1
+                self._woke(await self._wakeup.wait(index, relay.poll_interval, self._stop))
         finally:
             if conn is not None:
+                self._worker_connected(-1)
                 with contextlib.suppress(Exception):
                     await conn.close()
+
+    def _woke(self, reason: str) -> None:
+        self.wakeups[reason] += 1
+        self.metrics.wakeups.labels(reason).inc()
+
+    def _worker_connected(self, delta: int) -> None:
+        self._connected_workers = max(0, self._connected_workers + delta)
+        self.metrics.database_connected.set(1 if self._connected_workers else 0)
 
     async def _connect_worker(self) -> psycopg.AsyncConnection[Any]:
         conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max)
@@ -226,20 +300,41 @@ class Relay:
         await conn.commit()
         return conn
 
-    async def _batch(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        async with conn.transaction():
-            messages = await self._store.claim(conn, self.config.relay.batch_size)
-            if not messages:
-                return 0
-            self.in_flight += len(messages)
-            try:
-                records = await self._dispatcher.dispatch(messages)
-                await self._store.record(conn, records)
-            finally:
-                self.in_flight -= len(messages)
-        acked = sum(1 for r in records if r.kind == "acked")
-        self.published += acked
-        log.debug("batch_recorded", claimed=len(messages), acked=acked)
+    async def _batch(self, conn: psycopg.AsyncConnection[Any], worker: int = 0) -> int:
+        self._batch_started[worker] = asyncio.get_running_loop().time()
+        try:
+            async with conn.transaction():
+                messages = await self._store.claim(conn, self.config.relay.batch_size)
+                if not messages:
+                    return 0
+                self.in_flight += len(messages)
+                self.metrics.in_flight.set(self.in_flight)
+                try:
+                    records = await self._dispatcher.dispatch(messages)
+                    await self._store.record(conn, records)
+                finally:
+                    self.in_flight -= len(messages)
+                    self.metrics.in_flight.set(self.in_flight)
+        finally:
+            del self._batch_started[worker]
+        self._count(messages, records)
         if self._observer is not None:
             self._observer.batch_recorded(messages, records)
         return len(messages)
+
+    def _count(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
+        """Metrics for a committed batch."""
+        metrics = self.metrics
+        metrics.batch_size.observe(len(messages))
+        created = {m.id: m.created_at for m in messages}
+        now = datetime.now(UTC)
+        acked = 0
+        for record in records:
+            if record.kind == "acked":
+                acked += 1
+                metrics.published.labels(record.broker or "", record.destination or "").inc()
+                metrics.ack_latency.observe(max(0.0, (now - created[record.id]).total_seconds()))
+            elif record.kind == "dead":
+                metrics.dead_lettered.labels(record.broker or "").inc()
+        self.published += acked
+        log.debug("batch_recorded", claimed=len(messages), acked=acked)

@@ -10,7 +10,7 @@ at once: nothing is stranded and no lease needs to expire.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -30,6 +30,9 @@ class Record:
     kind: RecordKind
     error: str | None = None
     delay: float = 0.0
+    # Where it went, for metrics and logs (None: no route); not part of what is written.
+    broker: str | None = field(default=None, compare=False)
+    destination: str | None = field(default=None, compare=False)
 
 
 def _message(row: Sequence[Any]) -> Message:

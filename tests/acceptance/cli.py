@@ -36,6 +36,7 @@ def write_config(path: Path, dsn: str | None, *, sink: Path | None = None, **rel
     tree: dict[str, Any] = {
         "database": {"dsn": dsn if dsn is not None else "${DATABASE_URL}"},
         "relay": {"poll_interval": "200ms", "retry": {"initial": "50ms", "max": "500ms"}, **relay},
+        "http": {"host": "127.0.0.1", "port": 0},
         "brokers": {"sink": {"type": "file", "path": str(sink or path.with_suffix(".jsonl"))}},
         "routes": [{"topic": "*", "broker": "sink"}],
     }

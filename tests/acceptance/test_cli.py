@@ -84,6 +84,7 @@ def test_sigterm_finishes_the_in_flight_batch_and_exits_zero(db: str, tmp_path: 
     config = tmp_path / "relay.yaml"
     config.write_text(json.dumps({
         "database": {"dsn": db},
+        "http": {"host": "127.0.0.1", "port": 0},
         "brokers": {"hook": {"type": "webhook", "url": f"http://127.0.0.1:{server.server_port}/"}},
         "routes": [{"topic": "*", "broker": "hook"}],
     }))
