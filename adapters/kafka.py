@@ -72,6 +72,18 @@ PRODUCER_RESET_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# The broker is not answering at all (down, restarting, unreachable): nothing is wrong
+# with the message, so waiting for it spends none of its attempts and a long outage
+# dead-letters nothing. Other retriable errors (leader changes, not enough replicas,
+# unknown topic) count, so a condition that never clears ends in a dead letter.
+BROKER_AWAY_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.KafkaConnectionError,
+    kafka_errors.KafkaTimeoutError,
+    kafka_errors.RequestTimedOutError,
+    kafka_errors.NodeNotReadyError,
+)
+
+
 class SaslOptions(Options):
     mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
     username: str
@@ -164,7 +176,7 @@ def classify(exc: BaseException) -> PublishResult:
     reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
     if isinstance(exc, PERMANENT_ERRORS):
         return PublishResult.permanent(reason)
-    if isinstance(exc, kafka_errors.KafkaConnectionError):
+    if isinstance(exc, BROKER_AWAY_ERRORS):
         return PublishResult.unavailable(reason)
     return PublishResult.transient(reason)
 

@@ -142,6 +142,9 @@ def schema_notify(state: str, dsn: str, schema_name: str) -> None:
 @one_line_errors
 def run(config_path: Path, log_level: str) -> None:
     """Run the relay until SIGTERM or SIGINT."""
+    # A SIGTERM before the event loop's handler is in place (while loading the config)
+    # is still a clean stop: nothing has been claimed yet.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(0))
     from outbox_relay.wiring import build_relay
 
     cfg = _load(config_path)

@@ -67,3 +67,40 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
         writer.close()
+
+
+class ThreadedProxy:
+    """A TcpProxy on its own thread and event loop, for tests that block their own loop
+    (subprocess relays, blocking waits)."""
+
+    def __init__(self, target_host: str, target_port: int):
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._proxy = TcpProxy(target_host, target_port)
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._proxy.start(), self._loop).result(10)
+        self.port = self._proxy.port
+
+    def _call(self, name: str) -> None:
+        done = asyncio.run_coroutine_threadsafe(self._run(name), self._loop)
+        done.result(10)
+
+    async def _run(self, name: str) -> None:
+        getattr(self._proxy, name)()
+
+    def stall(self) -> None:
+        self._call("stall")
+
+    def cut(self) -> None:
+        self._call("cut")
+
+    def restore(self) -> None:
+        self._call("restore")
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._proxy.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

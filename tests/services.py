@@ -87,9 +87,17 @@ class LocalBroker:
     def stop(self) -> None:
         self._call("stop", str(self.directory))
 
+    def kill(self) -> None:
+        """SIGKILL the broker: no clean shutdown at all."""
+        import signal
+
+        for pid_file in self.directory.glob("*.pid"):
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+
 
 @contextlib.contextmanager
-def _local(script: str, port_span: int) -> Iterator[LocalBroker]:
+def local_broker(script: str, port_span: int) -> Iterator[LocalBroker]:
     port = _free_port_block(port_span)
     broker = LocalBroker(SCRIPTS / script, Path(tempfile.mkdtemp(prefix=f"outbox-relay-{script}-")), port)
     try:
@@ -138,7 +146,7 @@ def kafka() -> Iterator[tuple[str, LocalBroker | None]]:
         with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as container:
             yield container.get_bootstrap_server(), None
         return
-    with _local("kafka.sh", 2) as broker:  # PORT and PORT+1 (controller)
+    with local_broker("kafka.sh", 2) as broker:  # PORT and PORT+1 (controller)
         yield f"127.0.0.1:{broker.port}", broker
 
 
@@ -157,5 +165,5 @@ def rabbitmq() -> Iterator[tuple[str, LocalBroker | None]]:
             params = container.get_connection_params()
             yield f"amqp://guest:guest@{params.host}:{params.port}/%2F", None
         return
-    with _local("rabbitmq.sh", 3) as broker:  # AMQP, distribution, epmd
+    with local_broker("rabbitmq.sh", 3) as broker:  # AMQP, distribution, epmd
         yield f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F", broker

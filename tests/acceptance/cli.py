@@ -92,6 +92,7 @@ class RelayProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
+        self._log.close()
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -1,0 +1,35 @@
+"""Services the fault scenarios own: they kill and restart them, so they are not the
+session-wide ones the other tests share. Always local processes, started by the
+project's own scripts (a broker behind an env var or a container cannot be killed
+from here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from outbox_relay import local_postgres, schema_manager
+from tests import services
+
+
+@pytest.fixture(scope="module")
+def own_kafka() -> Iterator[services.LocalBroker]:
+    with services.local_broker("kafka.sh", 2) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def own_rabbitmq() -> Iterator[services.LocalBroker]:
+    with services.local_broker("rabbitmq.sh", 3) as broker:
+        yield broker
+
+
+@pytest.fixture
+def own_pg() -> Iterator[local_postgres.LocalPostgres]:
+    """A cluster of its own (fsync on: restarts must not lose what was committed)."""
+    with local_postgres.running({"max_connections": "100"}) as cluster:
+        with psycopg.connect(cluster.dsn) as conn:
+            schema_manager.install(conn, "outbox")
+        yield cluster

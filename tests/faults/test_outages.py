@@ -1,0 +1,170 @@
+"""Brokers and PostgreSQL going away under load and coming back; a network stall.
+
+/readyz must say false during an outage and true after it; the relay must resume on
+its own; the delivery checks of harness.check_delivery hold throughout.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+
+from outbox_relay import local_postgres
+from tests.acceptance.cli import RelayProcess
+from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
+from tests.faults.harness import Writers, check_delivery, http_port, relay_config, settled, wait_for
+from tests.proxy import ThreadedProxy
+from tests.services import LocalBroker
+
+BATCH, WORKERS = 50, 2
+
+
+def ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{own_kafka.port}"
+    topic = f"outage-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic)
+    config = relay_config(tmp_path / "relay.yaml", db,
+                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
+                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+                          max_attempts=3)  # an outage must spend no attempts: nothing may be dead-lettered
+    relay = RelayProcess(config)
+    writers = Writers(db, "orders.created").start()
+    try:
+        port = http_port(relay)
+        wait_for(lambda: ready(port), 30, "ready before the outage")
+        time.sleep(1.5)
+        own_kafka.kill()
+        wait_for(lambda: not ready(port), 30, "/readyz false during the outage")
+        time.sleep(3)
+        own_kafka.start()
+        wait_for(lambda: ready(port), 90, "/readyz true after the outage")
+        time.sleep(1.5)
+        ledger = writers.stop()
+        wait_for(lambda: settled(db), 120, "every message dispatched")
+        assert relay.terminate() == 0
+    finally:
+        writers.stop()
+        relay.close()
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone() == (0,)
+    received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
+    check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+
+
+async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker, tmp_path: Path) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:{own_rabbitmq.port}/%2F"
+    exchange = f"outage-{uuid.uuid4().hex[:8]}"
+    queue = RabbitQueue(url, exchange, exchange + ".q")
+    queue.close()  # the exchange and queue are durable: read them after the restart
+    config = relay_config(tmp_path / "relay.yaml", db,
+                          {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s"}},
+                          [{"topic": "*", "broker": "mq"}], batch_size=BATCH, workers=WORKERS, max_attempts=3)
+    relay = RelayProcess(config)
+    writers = Writers(db, "emails.sent").start()
+    try:
+        port = http_port(relay)
+        wait_for(lambda: ready(port), 30, "ready before the outage")
+        time.sleep(1.5)
+        own_rabbitmq.stop()
+        wait_for(lambda: not ready(port), 30, "/readyz false during the outage")
+        time.sleep(2)
+        own_rabbitmq.start()
+        wait_for(lambda: ready(port), 90, "/readyz true after the outage")
+        time.sleep(1.5)
+        ledger = writers.stop()
+        wait_for(lambda: settled(db), 120, "every message dispatched")
+        assert relay.terminate() == 0
+    finally:
+        writers.stop()
+        relay.close()
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone() == (0,)
+    reader = RabbitQueue(url, exchange, exchange + ".q")
+    try:
+        received = await rabbit_read(reader, len(ledger.committed) + BATCH * WORKERS * 2, timeout=15)
+    finally:
+        reader.close()
+    check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+
+
+async def test_postgres_restarted_fast_and_immediate(own_pg: local_postgres.LocalPostgres,
+                                                      kafka_bootstrap: str, tmp_path: Path) -> None:
+    dsn = own_pg.dsn
+    topic = f"pg-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(kafka_bootstrap, topic)
+    config = relay_config(tmp_path / "relay.yaml", dsn,
+                          {"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+                          poll_interval="30s")  # resuming must come from reconnect + LISTEN again, not the poll
+    relay = RelayProcess(config)
+    writers = Writers(dsn, "orders.created").start()
+    try:
+        port = http_port(relay)
+        wait_for(lambda: ready(port), 30, "ready")
+        for mode in ("fast", "immediate"):
+            time.sleep(1.5)
+            own_pg.stop(mode)
+            wait_for(lambda: not ready(port), 30, f"/readyz false while PostgreSQL is down ({mode})")
+            time.sleep(1)
+            own_pg.start({"max_connections": "100"})
+            wait_for(lambda: ready(port), 60, f"/readyz true after the {mode} restart")
+        time.sleep(2)
+        ledger = writers.stop()
+        wait_for(lambda: settled(dsn), 60, "every message dispatched after the restarts")
+        logs = relay.log_path.read_text()
+        assert logs.count('"listening"') >= 3, "the relay LISTENs again after each restart"
+        assert relay.terminate() == 0
+    finally:
+        writers.stop()
+        relay.close()
+    received = await kafka_read(kafka_bootstrap, topic, len(ledger.committed), timeout=60)
+    check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=BATCH * WORKERS * 2)
+
+
+async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: str, tmp_path: Path) -> None:
+    parts = urlsplit(amqp_url)
+    proxy = ThreadedProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    exchange = f"stall-{uuid.uuid4().hex[:8]}"
+    queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
+    proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
+    config = relay_config(tmp_path / "relay.yaml", db,
+                          {"mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange, "connect_timeout": "2s",
+                                  "heartbeat": "5s"}},
+                          [{"topic": "*", "broker": "mq"}], batch_size=BATCH, workers=WORKERS, publish_timeout="2s",
+                          max_attempts=1000)
+    relay = RelayProcess(config)
+    writers = Writers(db, "emails.sent").start()
+    try:
+        port = http_port(relay)
+        wait_for(lambda: ready(port), 30, "ready before the stall")
+        time.sleep(1.5)
+        proxy.stall()  # bytes stop flowing, connections stay open: longer than publish_timeout
+        time.sleep(6)
+        proxy.cut()  # and then the connections drop
+        time.sleep(1)
+        proxy.restore()
+        wait_for(lambda: ready(port), 60, "ready after the stall")
+        ledger = writers.stop()
+        wait_for(lambda: settled(db), 120, "every message dispatched")
+        assert relay.terminate() == 0
+        received = await rabbit_read(queue, len(ledger.committed) + 10 * BATCH * WORKERS, timeout=15)
+    finally:
+        writers.stop()
+        relay.close()
+        queue.close()
+        proxy.close()
+    logs = relay.log_path.read_text()
+    assert "publish timed out" in logs or "channel closed" in logs or "connection lost" in logs
+    check_delivery(received, ledger, max_duplicates=10 * BATCH * WORKERS)
