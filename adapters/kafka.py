@@ -58,6 +58,12 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+SIZE_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.RecordTooLargeError,
+)
+
 # After any of these the idempotent producer's sequence numbers no longer match the
 # broker's for some partition, and every later send to it would fail the same way:
 # a new producer (new producer id, fresh sequences) is the way out. A rejected
@@ -181,6 +187,10 @@ def classify(exc: BaseException) -> PublishResult:
     return PublishResult.transient(reason)
 
 
+def _acked_or_error(outcome: object) -> PublishResult | BaseException:
+    return outcome if isinstance(outcome, BaseException) else PublishResult.acked()
+
+
 def record_headers(out: OutgoingMessage) -> list[tuple[str, bytes]]:
     message = out.message
     headers = [(name, value.encode("utf-8")) for name, value in message.headers.items()]
@@ -253,14 +263,40 @@ class KafkaAdapter:
         if any(isinstance(o, PRODUCER_RESET_ERRORS) for o in outcomes):
             await self._new_producer()
         answers = iter(outcomes)
-        results: list[PublishResult] = []
+        results: list[PublishResult | BaseException] = []
         for item in pending:
-            if isinstance(item, PublishResult):
-                results.append(item)
-                continue
-            outcome = next(answers)
-            results.append(classify(outcome) if isinstance(outcome, BaseException) else PublishResult.acked())
-        return results
+            results.append(item if isinstance(item, PublishResult) else _acked_or_error(next(answers)))
+        return await self._settle_size_errors(batch, results)
+
+    async def _settle_size_errors(
+        self, batch: Sequence[OutgoingMessage], results: list[PublishResult | BaseException]
+    ) -> list[PublishResult]:
+        """A size limit applies to the producer's whole record batch for a partition, so
+        "too large" may be a neighbour's fault. Send each such record again on its own:
+        whatever still fails alone is really too large (permanent), the rest go through.
+        Rare, so one at a time; a batch never holds two records of one key, so order
+        is unaffected."""
+        final: list[PublishResult] = []
+        for out, result in zip(batch, results, strict=True):
+            if isinstance(result, PublishResult):
+                final.append(result)
+            elif isinstance(result, SIZE_ERRORS) and self._producer is not None:
+                final.append(await self._send_alone(out))
+            else:
+                final.append(classify(result))
+        return final
+
+    async def _send_alone(self, out: OutgoingMessage) -> PublishResult:
+        sent = await self._send(out)
+        if isinstance(sent, PublishResult):
+            return sent
+        try:
+            await sent
+        except Exception as exc:
+            if isinstance(exc, PRODUCER_RESET_ERRORS):
+                await self._new_producer()
+            return classify(exc)
+        return PublishResult.acked()
 
 
 def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter:

@@ -63,7 +63,9 @@ def postgres() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
             yield container.get_connection_url(), None
         return
     # Durability off: these clusters are thrown away, and it makes the suite faster.
-    with local_postgres.running({"fsync": "off", "full_page_writes": "off"}) as cluster:
+    # A short autovacuum naptime lets the short soak see several vacuum cycles (the
+    # soak's bounds are computed from whatever naptime the server has).
+    with local_postgres.running({"fsync": "off", "full_page_writes": "off", "autovacuum_naptime": "2s"}) as cluster:
         yield cluster.dsn, cluster
 
 

@@ -265,7 +265,13 @@ cmd_start() {
   if [[ ! -f "$dir/data/meta.properties" ]]; then
     local cluster_id
     # A Kafka Uuid: 16 random bytes, url-safe base64 without padding.
-    cluster_id="$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')"
+    # A leading '-' would be read as an option by StorageTool: draw again until it is not.
+    cluster_id="$(python3 -c 'import base64,uuid
+while True:
+    c = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    if not c.startswith("-"):
+        print(c)
+        break')"
     printf '%s\n' "$cluster_id" >"$dir/cluster.id"
     log "formatting KRaft storage in $dir/data (cluster id $cluster_id)"
     if ! "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$dir/log4j2-tools.properties" \
