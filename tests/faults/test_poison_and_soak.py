@@ -94,7 +94,8 @@ async def test_soak_memory_flat_and_table_bounded(db: str, kafka_bootstrap: str,
     retention = 3.0
     topic = f"soak-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
-    config = relay_config(tmp_path / "relay.yaml", db, {"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+    brokers = {"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}}
+    config = relay_config(tmp_path / "relay.yaml", db, brokers,
                           [{"topic": "*", "broker": "kafka", "destination": topic}], retention=f"{retention:g}s")
     relay = RelayProcess(config)
     writers = Writers(db, "orders.created", count=2, pause=0.01).start()
