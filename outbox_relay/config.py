@@ -92,6 +92,9 @@ class RelayConfig(_Model):
     # An open transaction older than this gets a warning naming its pid: it holds back
     # vacuum and so slows every claim.
     long_transaction_warning: Duration = 60.0
+    # Larger payloads are dead-lettered before any broker sees them. None: no limit
+    # beyond the broker's own.
+    max_payload_bytes: Count | None = Field(default=None, ge=1)
 
     @field_validator("poll_interval", "shutdown_timeout", "publish_timeout")
     @classmethod

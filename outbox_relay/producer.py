@@ -45,12 +45,15 @@ def _statement(
     key: str | None,
     headers: Mapping[str, str] | None,
     schema: str,
+    max_payload_bytes: int | None,
 ) -> tuple[sql.Composed, tuple[object, ...]]:
     # Validate everything before building SQL, so a bad call never reaches the database.
     check_topic(topic)
     check_key(key)
     checked_headers = check_headers(headers)
     body, content_type = encode_payload(payload)
+    if max_payload_bytes is not None and len(body) > max_payload_bytes:
+        raise ValueError(f"payload of {len(body)} bytes exceeds max_payload_bytes ({max_payload_bytes})")
     query = sql.SQL("SELECT {}.enqueue_binary(%s, %s, %s, %s::jsonb, %s)").format(
         sql.Identifier(validate_schema_name(schema))
     )
@@ -65,12 +68,14 @@ def enqueue(
     key: str | None = None,
     headers: Mapping[str, str] | None = None,
     schema: str = DEFAULT_SCHEMA,
+    max_payload_bytes: int | None = None,
 ) -> UUID:
     """Add a message to the outbox in `conn`'s current transaction; return its message id.
 
-    Raises ValueError for an invalid topic, key, headers or payload before any SQL runs.
+    Raises ValueError for an invalid topic, key, headers or payload, or a payload
+    larger than `max_payload_bytes`, before any SQL runs.
     """
-    query, params = _statement(topic, payload, key, headers, schema)
+    query, params = _statement(topic, payload, key, headers, schema, max_payload_bytes)
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(query, params)
         row = cur.fetchone()
@@ -86,9 +91,10 @@ async def enqueue_async(
     key: str | None = None,
     headers: Mapping[str, str] | None = None,
     schema: str = DEFAULT_SCHEMA,
+    max_payload_bytes: int | None = None,
 ) -> UUID:
     """The async twin of :func:`enqueue`."""
-    query, params = _statement(topic, payload, key, headers, schema)
+    query, params = _statement(topic, payload, key, headers, schema, max_payload_bytes)
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(query, params)
         row = await cur.fetchone()

@@ -53,6 +53,7 @@ class Dispatcher:
         max_attempts: int,
         publish_timeout: float,
         metrics: RelayMetrics | None = None,
+        max_payload_bytes: int | None = None,
     ):
         self._adapters = adapters
         self._router = router
@@ -60,6 +61,7 @@ class Dispatcher:
         self._max_attempts = max_attempts
         self._timeout = publish_timeout
         self._metrics = metrics or RelayMetrics()
+        self._max_payload = max_payload_bytes
         # Consecutive "unreachable" answers per broker: the backoff for messages that
         # did not spend an attempt grows with the outage, not with the message.
         self._outage: dict[str, int] = defaultdict(int)
@@ -86,6 +88,10 @@ class Dispatcher:
             targets[index] = target
             if target is None:
                 results[index] = PublishResult.permanent(NO_ROUTE)
+                continue
+            if self._max_payload is not None and len(message.payload) > self._max_payload:
+                results[index] = PublishResult.permanent(
+                    f"payload too large: {len(message.payload)} bytes > relay.max_payload_bytes ({self._max_payload})")
                 continue
             by_broker[target.broker].append((index, OutgoingMessage(message, target.destination, target.explicit)))
 

@@ -74,6 +74,7 @@ class Relay:
             max_attempts=relay.max_attempts,
             publish_timeout=relay.publish_timeout,
             metrics=self.metrics,
+            max_payload_bytes=relay.max_payload_bytes,
         )
         self._wakeup = Wakeup(relay.workers)
         self._listener = Listener(

@@ -126,6 +126,7 @@ CREATE FUNCTION {schema}.enqueue_binary(
 LANGUAGE plpgsql AS $$
 DECLARE
     new_id uuid;
+    max_bytes bigint := nullif(current_setting('outbox_relay.max_payload_bytes', true), '')::bigint;
 BEGIN
     IF topic IS NULL OR topic !~ '^[A-Za-z0-9._:/-]+$' OR length(topic) > 249 THEN
         RAISE EXCEPTION 'outbox: invalid topic %: use 1 to 249 letters, digits or . _ - : /', quote_nullable(topic)
@@ -138,6 +139,13 @@ BEGIN
     IF payload IS NULL THEN
         RAISE EXCEPTION 'outbox: payload must not be NULL'
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- An optional ceiling, set per database or role:
+    -- ALTER DATABASE app SET outbox_relay.max_payload_bytes = '1048576';
+    IF max_bytes IS NOT NULL AND octet_length(payload) > max_bytes THEN
+        RAISE EXCEPTION 'outbox: payload of % bytes exceeds outbox_relay.max_payload_bytes (%)',
+            octet_length(payload), max_bytes
+            USING ERRCODE = 'program_limit_exceeded';
     END IF;
     IF headers IS NOT NULL AND headers <> '{{}}'::jsonb AND NOT {schema}.headers_valid(headers) THEN
         RAISE EXCEPTION 'outbox: invalid headers %: must be a JSON object of non-empty string names (not "message-id") to string values', headers

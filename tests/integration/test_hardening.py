@@ -1,0 +1,159 @@
+"""Bad input and hostile conditions: one clear line, no data touched, no secret shown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+from structlog.testing import capture_logs
+
+from outbox_relay import enqueue, enqueue_async, local_postgres, schema_manager
+from outbox_relay.errors import SchemaError
+from outbox_relay.testing import FakeAdapter
+from tests.acceptance.cli import RelayProcess, run_cli
+from tests.conftest import make_config, running_relay, wait_until
+
+
+def test_python_payload_over_the_maximum_raises_before_sql(db: str) -> None:
+    conn = psycopg.connect(db)
+    conn.close()  # any SQL would raise OperationalError
+    with pytest.raises(ValueError, match=r"payload of 11 bytes exceeds max_payload_bytes \(10\)"):
+        enqueue(conn, "t", b"x" * 11, max_payload_bytes=10)
+
+
+async def test_async_payload_over_the_maximum_raises_before_sql(db: str) -> None:
+    conn = await psycopg.AsyncConnection.connect(db)
+    await conn.close()
+    with pytest.raises(ValueError, match="exceeds max_payload_bytes"):
+        await enqueue_async(conn, "t", {"a": "x" * 100}, max_payload_bytes=50)
+
+
+def test_sql_payload_over_the_configured_maximum_aborts_the_transaction(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("SET outbox_relay.max_payload_bytes = '16'")
+        conn.execute("SELECT outbox.enqueue_binary('t', NULL, '0123456789'::bytea)")
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"exceeds outbox_relay\.max_payload_bytes"):
+            conn.execute("SELECT outbox.enqueue('t', NULL, '{\"pad\": \"0123456789abcdef\"}')")
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (0,)
+
+
+async def test_relay_dead_letters_payloads_over_its_maximum(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", b"small")
+        big = enqueue(conn, "t", b"x" * 2000)
+        conn.commit()
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, max_payload_bytes=1000), {"main": fake}):
+        await wait_until(lambda: len(fake.delivered) == 1)
+        await asyncio.sleep(0.3)
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT message_id, dead_letter_reason FROM outbox.messages "
+                           "WHERE dead_lettered_at IS NOT NULL").fetchone()
+    assert row == (big, "payload too large: 2000 bytes > relay.max_payload_bytes (1000)")
+
+
+async def test_broker_unreachable_at_start_is_retried_and_said(db: str) -> None:
+    fake = FakeAdapter(fail_connect=3)
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"a": 1})
+        conn.commit()
+    with capture_logs() as logs:
+        async with running_relay(make_config(db, retry={"initial": "50ms", "max": "100ms"}), {"main": fake}):
+            await wait_until(lambda: len(fake.delivered) == 1, timeout=15)
+    waits = [e for e in logs if e["event"] == "broker_unreachable"]
+    assert len(waits) == 3 and waits[0]["broker"] == "main" and "refused" in waits[0]["error"]
+
+
+async def test_older_schema_tells_the_user_to_run_install(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("UPDATE outbox.schema_version SET version = 0")
+        conn.commit()
+    with pytest.raises(SchemaError, match=r"older than this outbox-relay needs .* run `outbox-relay schema install"):
+        async with running_relay(make_config(db), {"main": FakeAdapter()}):
+            pass
+
+
+def test_broker_credentials_never_reach_check_output_or_logs(db: str, tmp_path: Path) -> None:
+    secrets = ["amqp-s3cret-Pw", "kafka-s3cret-Pw", "hook-t0ken-Pw"]
+    config = tmp_path / "relay.yaml"
+    config.write_text(f"""
+database: {{dsn: "{db}"}}
+http: {{host: 127.0.0.1, port: 0}}
+brokers:
+  mq: {{type: rabbitmq, url: "amqp://relay:${{AMQP_PW}}@127.0.0.1:1/%2F", connect_timeout: 1s}}
+  kafka:
+    type: kafka
+    bootstrap_servers: 127.0.0.1:1
+    request_timeout: 2s
+    sasl: {{mechanism: SCRAM-SHA-512, username: relay, password: "${{KAFKA_PW}}"}}
+  hook: {{type: webhook, url: "http://127.0.0.1:1/", headers: {{authorization: "Bearer ${{HOOK_TOKEN}}"}}}}
+routes: [{{topic: "*", broker: mq}}]
+""")
+    env = {"AMQP_PW": secrets[0], "KAFKA_PW": secrets[1], "HOOK_TOKEN": secrets[2]}
+    checked = run_cli("check", "--config", str(config), env=env)
+    assert checked.returncode == 1 and "broker    FAIL  mq (rabbitmq)" in checked.stdout
+    relay = RelayProcess(config, env=env)
+    try:
+        relay.wait_started()
+        time.sleep(3)
+        assert relay.terminate() == 0
+        logs = relay.log_path.read_text()
+    finally:
+        relay.close()
+    assert "broker_unreachable" in logs
+    for out in (checked.stdout, checked.stderr, logs):
+        for secret in secrets:
+            assert secret not in out
+
+
+def _make_certs(directory: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1, with openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "san.ext", "-out", "server.crt")
+
+
+async def test_relay_over_tls_to_postgresql(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _make_certs(certs)
+    cluster = local_postgres.create({"fsync": "off"})
+    try:
+        # The server reads its key as the cluster's owner, with no access for others.
+        for name in ("server.crt", "server.key"):
+            shutil.copy(certs / name, cluster.datadir / name)
+            if cluster.run_as:
+                entry = pwd.getpwnam(cluster.run_as)
+                os.chown(cluster.datadir / name, entry.pw_uid, entry.pw_gid)
+            os.chmod(cluster.datadir / name, 0o600)
+        cluster.restart(settings={"ssl": "on", "ssl_cert_file": str(cluster.datadir / "server.crt"),
+                                  "ssl_key_file": str(cluster.datadir / "server.key")})
+        dsn = make_conninfo(cluster.dsn, sslmode="verify-full", sslrootcert=str(certs / "ca.crt"))
+        with psycopg.connect(dsn) as conn:
+            schema_manager.install(conn, "outbox")
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+            enqueue(conn, "t", {"over": "tls"})
+            conn.commit()
+        fake = FakeAdapter()
+        async with running_relay(make_config(dsn), {"main": fake}):
+            await wait_until(lambda: len(fake.delivered) == 1)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(make_conninfo(cluster.dsn, sslmode="verify-full",
+                                          sslrootcert=str(certs / "server.crt")), connect_timeout=3)
+    finally:
+        local_postgres.destroy(cluster)
