@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from tests.acceptance.cli import exe
 
 ORDERS = 60
 ROLLBACK_EVERY = 4
@@ -23,19 +22,10 @@ COMMITTED = ORDERS - ORDERS // ROLLBACK_EVERY  # 45
 ROLLED_BACK = ORDERS // ROLLBACK_EVERY  # 15
 
 
-def _cli() -> list[str]:
-    script = Path(sys.executable).parent / "outbox-relay"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("outbox-relay")
-    assert found, "the outbox-relay console script is not installed"
-    return [found]
-
-
 def _run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "OUTBOX_DEMO_DSN"}
     return subprocess.run(
-        [*_cli(), "demo", "--orders", str(ORDERS), "--rollback-every", str(ROLLBACK_EVERY), *extra],
+        [*exe(), "demo", "--orders", str(ORDERS), "--rollback-every", str(ROLLBACK_EVERY), *extra],
         capture_output=True, text=True, timeout=60, env=env, check=False,
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,7 +18,7 @@ import psycopg
 from outbox_relay import local_postgres
 from tests.acceptance.cli import RelayProcess
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
-from tests.faults.harness import Writers, check_delivery, http_port, relay_config, settled, wait_for
+from tests.faults.harness import Ledger, Writers, check_delivery, http_port, relay_config, settled, wait_for
 from tests.proxy import ThreadedProxy
 from tests.services import LocalBroker
 
@@ -36,24 +37,19 @@ def ready(port: int) -> bool:
         return False
 
 
-async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_path: Path) -> None:
-    bootstrap = f"127.0.0.1:{own_kafka.port}"
-    topic = f"outage-{uuid.uuid4().hex[:8]}"
-    await kafka_create_topic(bootstrap, topic)
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
-                          max_attempts=3)  # an outage must spend no attempts: nothing may be dead-lettered
+def outage(db: str, config: Path, topic: str, *, down: Callable[[], None], up: Callable[[], None]) -> Ledger:
+    """Writers commit while the broker goes `down` and comes back `up`; /readyz follows;
+    nothing may be dead-lettered (an outage spends no attempts). Returns the ledger."""
     relay = RelayProcess(config)
-    writers = Writers(db, "orders.created").start()
+    writers = Writers(db, topic).start()
     try:
         port = http_port(relay)
         wait_for(lambda: ready(port), 30, "ready before the outage")
         time.sleep(1.5)
-        own_kafka.kill()
+        down()
         wait_for(lambda: not ready(port), 30, "/readyz false during the outage")
         time.sleep(3)
-        own_kafka.start()
+        up()
         wait_for(lambda: ready(port), 90, "/readyz true after the outage")
         time.sleep(1.5)
         ledger = writers.stop()
@@ -64,6 +60,18 @@ async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_p
         relay.close()
     with psycopg.connect(db) as conn:
         assert dead_letter_count(conn) == 0
+    return ledger
+
+
+async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{own_kafka.port}"
+    topic = f"outage-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic)
+    config = relay_config(tmp_path / "relay.yaml", db,
+                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
+                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+                          max_attempts=3)  # an outage must spend no attempts: nothing may be dead-lettered
+    ledger = outage(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
     received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
 
@@ -76,26 +84,7 @@ async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker
     config = relay_config(tmp_path / "relay.yaml", db,
                           {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s"}},
                           [{"topic": "*", "broker": "mq"}], batch_size=BATCH, workers=WORKERS, max_attempts=3)
-    relay = RelayProcess(config)
-    writers = Writers(db, "emails.sent").start()
-    try:
-        port = http_port(relay)
-        wait_for(lambda: ready(port), 30, "ready before the outage")
-        time.sleep(1.5)
-        own_rabbitmq.stop()
-        wait_for(lambda: not ready(port), 30, "/readyz false during the outage")
-        time.sleep(2)
-        own_rabbitmq.start()
-        wait_for(lambda: ready(port), 90, "/readyz true after the outage")
-        time.sleep(1.5)
-        ledger = writers.stop()
-        wait_for(lambda: settled(db), 120, "every message dispatched")
-        assert relay.terminate() == 0
-    finally:
-        writers.stop()
-        relay.close()
-    with psycopg.connect(db) as conn:
-        assert dead_letter_count(conn) == 0
+    ledger = outage(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
     reader = RabbitQueue(url, exchange, exchange + ".q")
     try:
         received = await rabbit_read(reader, len(ledger.committed) + BATCH * WORKERS * 2, timeout=15)

@@ -89,8 +89,12 @@ def autovacuum_naptime(dsn: str) -> float:
     return float(row[0])
 
 
+SOAK_SECONDS = float(os.environ.get("OUTBOX_RELAY_SOAK_SECONDS", "30"))
+
+
+@pytest.mark.timeout(int(SOAK_SECONDS) + 240)
 async def test_soak_memory_flat_and_table_bounded(db: str, kafka_bootstrap: str, tmp_path: Path) -> None:
-    seconds = float(os.environ.get("OUTBOX_RELAY_SOAK_SECONDS", "30"))
+    seconds = SOAK_SECONDS
     retention = 3.0
     topic = f"soak-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
