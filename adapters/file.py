@@ -55,12 +55,18 @@ class FileAdapter:
 
     def _write(self, data: bytes) -> None:
         assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        if self._fsync:
-            os.fsync(self._fd)
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError:
+            # Never leave half a line (disk full): it would merge with the next record.
+            os.ftruncate(self._fd, start)
+            raise
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         if self._fd is None:
@@ -68,7 +74,14 @@ class FileAdapter:
         data = "".join(json_line(out) for out in batch).encode("utf-8")
         try:
             async with self._lock:  # one batch at a time: lines never interleave
-                await asyncio.to_thread(self._write, data)
+                writing = asyncio.ensure_future(asyncio.to_thread(self._write, data))
+                try:
+                    await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    # The thread cannot be stopped: hold the lock until it is done, so
+                    # the next batch never writes over it.
+                    await asyncio.wait({writing})
+                    raise
         except OSError as exc:
             return [PublishResult.transient(f"write to {self.path} failed: {exc.strerror}")] * len(batch)
         return [PublishResult.acked()] * len(batch)

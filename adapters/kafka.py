@@ -34,6 +34,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 log = structlog.get_logger("outbox_relay.kafka")
 
+METADATA_WAIT_S = 5.0
+
 # Kafka's own rule for topic names; anything else the broker rejects.
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
@@ -204,6 +206,8 @@ class KafkaAdapter:
         self.name = name
         self.options = options
         self._producer: AIOKafkaProducer | None = None
+        self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
+        self._known_topics: set[str] = set()
 
     async def connect(self) -> None:
         producer = AIOKafkaProducer(**producer_settings(self.options))
@@ -214,15 +218,19 @@ class KafkaAdapter:
             raise
         self._producer = producer
 
-    async def _new_producer(self) -> None:
-        log.info("kafka_producer_reset", broker=self.name)
-        await self.close()
-        try:
-            await self.connect()
-        except Exception as exc:
-            # Left disconnected: publish answers "unavailable" and the relay's broker
-            # handle is not involved, so try again on the next publish.
-            log.warning("kafka_producer_reset_failed", broker=self.name, error=repr(exc))
+    async def _new_producer(self, seen: AIOKafkaProducer | None) -> None:
+        """Replace the producer `seen` by a fresh one, once: workers sharing this adapter
+        may ask together, and only the first replaces it (no leaked producers)."""
+        async with self._lifecycle:
+            if self._producer is not seen:
+                return
+            log.info("kafka_producer_reset", broker=self.name)
+            await self.close()
+            try:
+                await self.connect()
+            except Exception as exc:
+                # Left disconnected: the next publish connects or answers "unavailable".
+                log.warning("kafka_producer_reset_failed", broker=self.name, error=repr(exc))
 
     async def close(self) -> None:
         if self._producer is not None:
@@ -238,30 +246,56 @@ class KafkaAdapter:
             return False
         return bool(self._producer.client.cluster.brokers())
 
-    async def _send(self, out: OutgoingMessage) -> asyncio.Future[Any] | PublishResult:
-        assert self._producer is not None
+    async def _send(
+        self, producer: AIOKafkaProducer, out: OutgoingMessage, missing: dict[str, PublishResult]
+    ) -> asyncio.Future[Any] | PublishResult:
         if not _valid_topic(out.destination):
             return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
+        if out.destination in missing:
+            return missing[out.destination]
         key = out.message.key.encode("utf-8") if out.message.key is not None else None
         try:
             # Returns once the record is in the producer's buffer; the future is the ack.
-            return await self._producer.send(  # type: ignore[no-any-return]
+            return await producer.send(  # type: ignore[no-any-return]
                 out.destination, value=out.message.payload, key=key, headers=record_headers(out)
             )
         except Exception as exc:
             return classify(exc)
 
+    async def _topics_without_metadata(self, producer: AIOKafkaProducer,
+                                       batch: Sequence[OutgoingMessage]) -> dict[str, PublishResult]:
+        """Topics whose metadata does not come within a few seconds (not created yet,
+        auto-creation off). Their messages fail alone and early; without this, `send`
+        waits the whole request timeout for each and holds up the rest of the batch."""
+        unknown = {out.destination for out in batch if out.destination not in self._known_topics
+                   and _valid_topic(out.destination)}
+        missing: dict[str, PublishResult] = {}
+        for topic in unknown:
+            try:
+                wait = min(METADATA_WAIT_S, self.options.request_timeout)
+                await asyncio.wait_for(producer.partitions_for(topic), wait)
+                self._known_topics.add(topic)
+            except Exception as exc:
+                missing[topic] = PublishResult.transient(f"no metadata for topic {topic!r} (does it exist?): {exc!r}")
+        return missing
+
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         if self._producer is None:
             try:
-                await self.connect()
+                async with self._lifecycle:
+                    if self._producer is None:
+                        await self.connect()
             except Exception as exc:
                 return [PublishResult.unavailable(f"kafka producer not connected: {exc!r}")] * len(batch)
-        pending = [await self._send(out) for out in batch]
+        producer = self._producer
+        if producer is None:
+            return [PublishResult.unavailable("kafka producer not connected")] * len(batch)
+        missing = await self._topics_without_metadata(producer, batch)
+        pending = [await self._send(producer, out, missing) for out in batch]
         futures = [p for p in pending if isinstance(p, asyncio.Future)]
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         if any(isinstance(o, PRODUCER_RESET_ERRORS) for o in outcomes):
-            await self._new_producer()
+            await self._new_producer(producer)
         answers = iter(outcomes)
         results: list[PublishResult | BaseException] = []
         for item in pending:
@@ -287,14 +321,17 @@ class KafkaAdapter:
         return final
 
     async def _send_alone(self, out: OutgoingMessage) -> PublishResult:
-        sent = await self._send(out)
+        producer = self._producer
+        if producer is None:
+            return PublishResult.unavailable("kafka producer not connected")
+        sent = await self._send(producer, out, {})
         if isinstance(sent, PublishResult):
             return sent
         try:
             await sent
         except Exception as exc:
             if isinstance(exc, PRODUCER_RESET_ERRORS):
-                await self._new_producer()
+                await self._new_producer(producer)
             return classify(exc)
         return PublishResult.acked()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -91,6 +92,32 @@ class ChannelLost(Exception):
     """The connection or channel went away with messages unconfirmed."""
 
 
+class _DeclareFailed(Exception):
+    def __init__(self, reason: BaseException):
+        super().__init__(repr(reason))
+        self.reason = reason
+
+
+# Replies that refuse an exchange declare for good: 404 not found (passive), 406
+# precondition failed (exists with another type or durability).
+EXCHANGE_REFUSED = {404, 406}
+AMQP_SHORT_STRING = 255  # bytes: content type, header names, routing key
+# pika failing to build the frames: the message itself cannot be carried.
+UNENCODABLE: tuple[type[BaseException], ...] = (
+    pika.exceptions.ShortStringTooLong, struct.error, UnicodeError, TypeError, ValueError)
+
+def _unfit_for_amqp(out: OutgoingMessage, routing_key: str) -> str | None:
+    """Why AMQP cannot carry this message at all (its short strings are 255 bytes), or None."""
+    if len(routing_key.encode("utf-8")) > AMQP_SHORT_STRING:
+        return "routing key longer than 255 bytes"
+    if len(out.message.content_type.encode("utf-8")) > AMQP_SHORT_STRING:
+        return "content type longer than 255 bytes"
+    for name in out.message.headers:
+        if len(name.encode("utf-8")) > AMQP_SHORT_STRING:
+            return f"header name {name[:40]!r}... longer than 255 bytes"
+    return None
+
+
 def connection_parameters(options: RabbitOptions) -> pika.URLParameters:
     params = pika.URLParameters(options.url)
     params.heartbeat = int(options.heartbeat)
@@ -144,7 +171,9 @@ class RabbitAdapter:
             self._connection = connection
             await self._open_channel()
             if self.options.exchange:
-                await self._ensure_exchange(self.options.exchange)
+                problem = await self._ensure_exchange(self.options.exchange)
+                if problem is not None:
+                    raise ConnectionError(problem)
         except BaseException:
             with contextlib.suppress(Exception):
                 connection.close()
@@ -175,6 +204,8 @@ class RabbitAdapter:
         return bool(self._connection and self._connection.is_open and self._channel and self._channel.is_open)
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
+        if connection is not self._connection and self._connection is not None:
+            return  # an older connection finishing its close: the current one is fine
         self._connection = None
         self._channel = None
         self._fail_unconfirmed(f"connection lost: {reason!r}")
@@ -197,6 +228,10 @@ class RabbitAdapter:
         """Reconnect or reopen the channel if needed; the reason if it cannot."""
         try:
             if self._connection is None or not self._connection.is_open:
+                if self._connection is not None:
+                    with contextlib.suppress(Exception):
+                        self._connection.close()  # closing or broken: do not strand it
+                    self._connection = None
                 await self.connect()
             elif self._channel is None or not self._channel.is_open:
                 await self._open_channel()
@@ -217,7 +252,7 @@ class RabbitAdapter:
 
         def closed(_channel: Any, reason: BaseException) -> None:
             if not done.done():
-                done.set_exception(ConnectionError(str(reason)))
+                done.set_exception(_DeclareFailed(reason))
 
         def declared(_frame: Any) -> None:
             if not done.done():
@@ -230,11 +265,19 @@ class RabbitAdapter:
         )
         try:
             await asyncio.wait_for(done, self.options.connect_timeout)
-        except ConnectionError as exc:
-            # A failed (passive) declare closes the channel: note why, reopen, go on.
-            self._exchanges[name] = f"exchange {name!r} unusable: {exc}"
-            await self._open_channel()
-            return self._exchanges[name]
+        except _DeclareFailed as failed:
+            reason = failed.reason
+            code = getattr(reason, "reply_code", None)
+            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and code in EXCHANGE_REFUSED:
+                # The broker refused this exchange (missing when checked passively, or of
+                # another type): a fact about the exchange, so remember it. The refusal
+                # closed the channel: reopen it and go on with the other messages.
+                self._exchanges[name] = f"exchange {name!r} unusable: {code} {reason.reply_text}"
+                await self._open_channel()
+                return self._exchanges[name]
+            # The channel or connection went away for some other reason: nothing is
+            # known about the exchange; the batch's messages count as transient.
+            raise ChannelLost(f"channel closed while declaring {name!r}: {reason!r}") from None
         self._exchanges[name] = None
         return None
 
@@ -285,21 +328,33 @@ class RabbitAdapter:
 
     async def _publish_one(self, out: OutgoingMessage) -> asyncio.Future[PublishResult] | PublishResult:
         exchange, routing_key = self._target(out)
-        problem = await self._ensure_exchange(exchange)
+        unfit = _unfit_for_amqp(out, routing_key)
+        if unfit is not None:
+            return PublishResult.permanent(unfit)
+        try:
+            problem = await self._ensure_exchange(exchange)
+        except ChannelLost as lost:
+            return PublishResult.transient(str(lost))
         if problem is not None:
             return PublishResult.permanent(problem)
-        if len(routing_key.encode("utf-8")) > 255:
-            return PublishResult.permanent("routing key longer than 255 bytes")
         await self._window.acquire()
         channel = self._channel
         if channel is None or not channel.is_open:
             self._window.release()
             return PublishResult.transient("channel closed before publish")
+        try:
+            channel.basic_publish(exchange, routing_key, out.message.payload, self._properties(out), mandatory=True)
+        except Exception as exc:
+            # Nothing reached the broker, so its delivery-tag counter did not move: ours
+            # must not either, or every later confirm would settle the wrong message.
+            self._window.release()
+            if isinstance(exc, UNENCODABLE):
+                return PublishResult.permanent(f"cannot encode the message for AMQP: {exc!r}")
+            return PublishResult.transient(f"publish failed: {exc!r}")
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _f: self._window.release())
         self._next_tag += 1
         self._unconfirmed[self._next_tag] = (future, str(out.message_id))
-        channel.basic_publish(exchange, routing_key, out.message.payload, self._properties(out), mandatory=True)
         return future
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:

@@ -67,11 +67,19 @@ class Dispatcher:
         self._outage: dict[str, int] = defaultdict(int)
 
     async def dispatch(self, messages: Sequence[Message]) -> list[Record]:
+        """Publish in waves; start no new wave once `publish_timeout` has passed.
+
+        The claiming transaction sits idle while the waves go out, and Postgres ends a
+        session idle in a transaction for too long (the relay sets that limit): a key
+        with hundreds of rows in one batch must not keep it open that long. Messages
+        of waves not started stay unattempted and go in a later batch.
+        """
         records: list[Record] = []
         blocked: set[str] = set()
+        deadline = time.monotonic() + self._timeout
         for wave in waves(messages):
             todo = [m for m in wave if m.key is None or m.key not in blocked]
-            if not todo:
+            if not todo or time.monotonic() >= deadline:
                 break
             for message, record in zip(todo, await self._publish_wave(todo), strict=True):
                 records.append(record)

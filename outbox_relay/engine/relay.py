@@ -172,7 +172,7 @@ class Relay:
         Waiting for the database or a broker is not a liveness failure: a restart would
         not bring them back. A batch that never ends is (a hung await, a deadlock)."""
         relay = self.config.relay
-        limit = relay.publish_timeout * 2 + relay.poll_interval * 2 + 30.0
+        limit = relay.publish_timeout * 3 + relay.poll_interval * 2 + 60.0
         now = asyncio.get_running_loop().time()
         return all(now - started < limit for started in self._batch_started.values())
 
@@ -263,7 +263,10 @@ class Relay:
                     self._worker_connected(+1)
                 try:
                     claimed = await self._batch(conn, index)
-                except psycopg.OperationalError as exc:
+                except (psycopg.OperationalError, psycopg.InternalError) as exc:
+                    # Connection lost, or the server ended the session or the transaction
+                    # (idle-in-transaction or transaction timeout, a failover to a read-only
+                    # standby): the batch was rolled back; start again on a new connection.
                     self._worker_connected(-1)
                     log.warning("database_connection_lost", worker=index, error=str(exc).splitlines()[0])
                     with contextlib.suppress(Exception):
@@ -296,7 +299,8 @@ class Relay:
         conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max)
         # A relay that hangs mid-batch (not dead, so its connection stays up) would hold its
         # rows forever; Postgres ends such a session, the rows become claimable again.
-        idle_ms = int((self.config.relay.publish_timeout + 30.0) * 1000)
+        # A batch starts no wave after publish_timeout, and a wave lasts at most that long.
+        idle_ms = int((2 * self.config.relay.publish_timeout + 30.0) * 1000)
         await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),))
         await conn.commit()
         return conn

@@ -342,3 +342,18 @@ async def test_missing_schema_stops_the_relay_with_a_clear_error(empty_db: str) 
     with pytest.raises(SchemaError, match="outbox-relay schema install"):
         async with running_relay(make_config(empty_db), {"main": FakeAdapter()}):
             pass
+
+
+async def test_a_long_run_of_one_key_is_spread_over_batches(db: str) -> None:
+    # Waves of one key go out one after another while the claiming transaction waits:
+    # a batch stops starting waves after publish_timeout, so the session never idles in
+    # its transaction long enough for Postgres to end it.
+    enqueue_many(db, [("t", "hot", str(i).encode()) for i in range(40)])
+    fake = FakeAdapter(delay=0.05)
+    async with running_relay(make_config(db, batch_size=100, workers=1, publish_timeout="300ms"),
+                             {"main": fake}) as relay:
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 40, timeout=30)
+        batches = relay.metrics.registry.get_sample_value("outbox_relay_batch_size_count")
+    assert [int(o.message.payload) for o in fake.delivered] == list(range(40))
+    assert batches is not None and batches >= 4, batches
+    assert count(db, "attempts = 1") == 40, "waves not started were left unattempted, not failed"

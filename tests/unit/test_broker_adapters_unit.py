@@ -164,3 +164,49 @@ async def test_rabbitmq_channel_loss_reports_unconfirmed_as_transient() -> None:
     futures = await _futures(adapter, ["a", "b"])
     adapter._on_channel_closed(None, ConnectionError("gone"))
     assert all(f.result().outcome is Outcome.TRANSIENT for f in futures)  # type: ignore[attr-defined]
+
+
+class _Channel:
+    """Records publishes; raises for payloads marked as unencodable, like pika would."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+
+    def basic_publish(self, exchange: str, key: str, body: bytes, props: object, mandatory: bool) -> None:
+        if body == b"boom":
+            raise pika.exceptions.ShortStringTooLong("too long")
+        self.published.append(body)
+
+
+async def test_rabbitmq_failed_publish_does_not_shift_delivery_tags() -> None:
+    adapter = rabbitmq.create("mq", {"url": "amqp://h"})
+    adapter._channel = _Channel()  # type: ignore[assignment]
+    ok1 = OutgoingMessage(make(1).message, "x")
+    bad = OutgoingMessage(Message(2, uuid.uuid4(), "t", None, b"boom", "application/json", {}, 0,
+                                  datetime.now(UTC)), "x")
+    ok2 = OutgoingMessage(make(3).message, "x")
+    first = await adapter._publish_one(ok1)
+    failed = await adapter._publish_one(bad)
+    second = await adapter._publish_one(ok2)
+    assert isinstance(failed, rabbitmq.PublishResult) and failed.outcome is Outcome.PERMANENT
+    # The broker numbers only what it received: tags 1 and 2 are ok1 and ok2.
+    assert [mid for _, mid in (adapter._unconfirmed[t] for t in (1, 2))] == [
+        str(ok1.message_id), str(ok2.message_id)]
+    adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=True)))
+    assert first.result().outcome is Outcome.ACKED and second.result().outcome is Outcome.ACKED  # type: ignore[union-attr]
+
+
+async def test_rabbitmq_refuses_what_amqp_cannot_carry() -> None:
+    adapter = rabbitmq.create("mq", {"url": "amqp://h"})
+    adapter._channel = _Channel()  # type: ignore[assignment]
+    long_type = OutgoingMessage(Message(1, uuid.uuid4(), "t", None, b"{}", "x/" + "y" * 300, {}, 0,
+                                        datetime.now(UTC)), "x")
+    wide_header = OutgoingMessage(Message(2, uuid.uuid4(), "t", None, b"{}", "application/json",
+                                          {"é" * 200: "v"}, 0, datetime.now(UTC)), "x")
+    for out, why in ((long_type, "content type"), (wide_header, "header name")):
+        result = await adapter._publish_one(out)
+        assert isinstance(result, rabbitmq.PublishResult) and result.outcome is Outcome.PERMANENT
+        assert why in (result.reason or "")
+    assert adapter._unconfirmed == {} and adapter._next_tag == 0
