@@ -22,9 +22,9 @@ import psycopg
 
 from outbox_relay import config as config_module
 from outbox_relay import dead_letters, schema_manager, sqlfiles, status
-from outbox_relay.errors import DatabaseError, OutboxRelayError, SchemaError
+from outbox_relay.engine.connect import connect_sync
+from outbox_relay.errors import OutboxRelayError, SchemaError
 from outbox_relay.logging_setup import configure as configure_logging
-from outbox_relay.redact import redact_dsn
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,13 +59,7 @@ def one_line_errors(func: F) -> F:
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(dsn, connect_timeout=10, application_name="outbox-relay-cli")
-    except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
-    except psycopg.ProgrammingError as exc:
-        raise DatabaseError(f"invalid DSN: {str(exc).splitlines()[0]}") from None
+    return connect_sync(dsn, application_name="outbox-relay-cli")
 
 
 def _load(config_path: Path) -> config_module.Config:

@@ -43,11 +43,11 @@ import psycopg
 from psycopg import sql
 
 from outbox_relay import config, enqueue_async, local_postgres, schema_manager
+from outbox_relay.engine.connect import connect_sync
 from outbox_relay.engine.relay import Relay
 from outbox_relay.engine.store import Record
-from outbox_relay.errors import DatabaseError, OutboxRelayError
+from outbox_relay.errors import OutboxRelayError
 from outbox_relay.models import Message
-from outbox_relay.redact import redact_dsn
 from outbox_relay.wiring import build_relay
 
 TOPIC = "orders.created"
@@ -206,11 +206,7 @@ def _run_in(dsn: str, plan: Plan) -> int:
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(dsn, connect_timeout=10, application_name="outbox-relay-demo")
-    except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
+    return connect_sync(dsn, application_name="outbox-relay-demo")
 
 
 def _setup(conn: psycopg.Connection[Any], names: Names) -> None:

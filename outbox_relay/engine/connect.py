@@ -8,6 +8,7 @@ import psycopg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
+from outbox_relay.errors import DatabaseError
 from outbox_relay.redact import redact_dsn
 
 log = structlog.get_logger("outbox_relay.connect")
@@ -15,6 +16,17 @@ log = structlog.get_logger("outbox_relay.connect")
 # Keepalives make a vanished server (a dead host, a cut network) an error within a
 # minute instead of a connection that waits forever.
 _KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
+def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
+    """A blocking connection for the CLI and the demo; errors are one line, DSN redacted."""
+    try:
+        return psycopg.connect(dsn, connect_timeout=10, application_name=application_name)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseError(f"invalid DSN: {str(exc).splitlines()[0]}") from None
 
 
 async def connect_once(dsn: str, *, autocommit: bool = False, timeout: float = 10.0) -> psycopg.AsyncConnection[Any]:
