@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, model_validator
 
 from outbox_relay.errors import AdapterOptionsError
 
@@ -36,3 +37,28 @@ def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
         else:
             message = str(error["msg"]).removeprefix("Value error, ")
         raise AdapterOptionsError(message, path=path or None) from None
+
+
+class TlsOptions(Options):
+    """TLS to a broker: a CA to verify it, and optionally a client certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password: SecretStr | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsOptions:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+def tls_context(tls: TlsOptions) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    context.check_hostname = tls.check_hostname
+    if tls.cert_file and tls.key_file:
+        password = tls.key_password.get_secret_value() if tls.key_password else None
+        context.load_cert_chain(tls.cert_file, tls.key_file, password)
+    return context

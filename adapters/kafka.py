@@ -13,17 +13,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import structlog
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 
 from outbox_relay.durations import parse_duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 
-from ._options import Options, parse_options
+from ._options import Options, TlsOptions, parse_options, tls_context
 
 try:
     from aiokafka import AIOKafkaProducer
@@ -98,20 +97,6 @@ class SaslOptions(Options):
     password: SecretStr
 
 
-class TlsOptions(Options):
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    key_password: SecretStr | None = None
-    check_hostname: bool = True
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsOptions:
-        if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("cert_file and key_file go together")
-        return self
-
-
 class KafkaOptions(Options):
     bootstrap_servers: str | list[str]
     client_id: str = "outbox-relay"
@@ -144,15 +129,6 @@ class KafkaOptions(Options):
         return value
 
 
-def _ssl_context(tls: TlsOptions) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    context.check_hostname = tls.check_hostname
-    if tls.cert_file and tls.key_file:
-        password = tls.key_password.get_secret_value() if tls.key_password else None
-        context.load_cert_chain(tls.cert_file, tls.key_file, password)
-    return context
-
-
 def producer_settings(options: KafkaOptions) -> dict[str, Any]:
     """aiokafka producer arguments; the benchmark's raw producer uses the same."""
     settings: dict[str, Any] = {
@@ -168,7 +144,7 @@ def producer_settings(options: KafkaOptions) -> dict[str, Any]:
     }
     tls = options.tls
     if tls:
-        settings["ssl_context"] = _ssl_context(tls if isinstance(tls, TlsOptions) else TlsOptions())
+        settings["ssl_context"] = tls_context(tls if isinstance(tls, TlsOptions) else TlsOptions())
     if options.sasl:
         settings["security_protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
         settings["sasl_mechanism"] = options.sasl.mechanism

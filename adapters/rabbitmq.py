@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from pydantic import Field, field_validator
 from outbox_relay.durations import parse_duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 
-from ._options import Options, parse_options
+from ._options import Options, TlsOptions, parse_options, tls_context
 
 try:
     import pika
@@ -42,13 +41,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 UNROUTABLE = "unroutable"
 PERSISTENT = 2
-
-
-class TlsOptions(Options):
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    check_hostname: bool = True
 
 
 class RabbitOptions(Options):
@@ -125,12 +117,7 @@ def connection_parameters(options: RabbitOptions) -> pika.URLParameters:
     params.blocked_connection_timeout = options.connect_timeout * 3
     params.connection_attempts = 1
     if options.tls is not None or options.url.startswith("amqps://"):
-        tls = options.tls or TlsOptions()
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        context.check_hostname = tls.check_hostname
-        if tls.cert_file and tls.key_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-        params.ssl_options = pika.SSLOptions(context, params.host)
+        params.ssl_options = pika.SSLOptions(tls_context(options.tls or TlsOptions()), params.host)
     return params
 
 

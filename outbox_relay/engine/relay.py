@@ -333,13 +333,16 @@ class Relay:
         metrics.batch_size.observe(len(messages))
         created = {m.id: m.created_at for m in messages}
         now = datetime.now(UTC)
-        acked = 0
+        published: Counter[tuple[str, str]] = Counter()
         for record in records:
             if record.kind == "acked":
-                acked += 1
-                metrics.published.labels(record.broker or "", record.destination or "").inc()
+                published[(record.broker or "", record.destination or "")] += 1
                 metrics.ack_latency.observe(max(0.0, (now - created[record.id]).total_seconds()))
             elif record.kind == "dead":
                 metrics.dead_lettered.labels(record.broker or "").inc()
+        # One labelled increment per destination, not per message: this is the hot loop.
+        for (broker, destination), n in published.items():
+            metrics.published.labels(broker, destination).inc(n)
+        acked = sum(published.values())
         self.published += acked
         log.debug("batch_recorded", claimed=len(messages), acked=acked)
