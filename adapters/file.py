@@ -34,6 +34,9 @@ class FileOptions(Options):
 
 
 class FileAdapter:
+    # One write and one fsync of the whole call, in order, all or nothing.
+    keeps_key_order = True
+
     def __init__(self, name: str, options: FileOptions):
         self.name = name
         self.path = Path(options.path)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import Field, SecretStr, field_validator
 
+from outbox_relay.adapter import KeyStops
 from outbox_relay.durations import parse_duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 
@@ -178,6 +179,11 @@ def record_headers(out: OutgoingMessage) -> list[tuple[str, bytes]]:
 
 
 class KafkaAdapter:
+    # Same key, same partition, and the idempotent producer keeps a partition's
+    # records in order (one request in flight per partition) and rejects the rest of
+    # the partition after a rejected batch: a key's run can go in one call.
+    keeps_key_order = True
+
     def __init__(self, name: str, options: KafkaOptions):
         self.name = name
         self.options = options
@@ -267,7 +273,13 @@ class KafkaAdapter:
         if producer is None:
             return [PublishResult.unavailable("kafka producer not connected")] * len(batch)
         missing = await self._topics_without_metadata(producer, batch)
-        pending = [await self._send(producer, out, missing) for out in batch]
+        stops = KeyStops()
+        pending: list[asyncio.Future[Any] | PublishResult] = []
+        for out in batch:
+            sent = stops.held(out) or await self._send(producer, out, missing)
+            if isinstance(sent, PublishResult):
+                stops.note(out, sent)
+            pending.append(sent)
         futures = [p for p in pending if isinstance(p, asyncio.Future)]
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         if any(isinstance(o, PRODUCER_RESET_ERRORS) for o in outcomes):
@@ -276,7 +288,7 @@ class KafkaAdapter:
         results: list[PublishResult | BaseException] = []
         for item in pending:
             results.append(item if isinstance(item, PublishResult) else _acked_or_error(next(answers)))
-        return await self._settle_size_errors(batch, results)
+        return KeyStops().settle(batch, await self._settle_size_errors(batch, results))
 
     async def _settle_size_errors(
         self, batch: Sequence[OutgoingMessage], results: list[PublishResult | BaseException]
@@ -284,16 +296,17 @@ class KafkaAdapter:
         """A size limit applies to the producer's whole record batch for a partition, so
         "too large" may be a neighbour's fault. Send each such record again on its own:
         whatever still fails alone is really too large (permanent), the rest go through.
-        Rare, so one at a time; a batch never holds two records of one key, so order
-        is unaffected."""
+        Rare, so one at a time, in batch order, and a key stops at its first failure:
+        nothing of a key is sent again ahead of an earlier message of it."""
         final: list[PublishResult] = []
+        stops = KeyStops()
         for out, result in zip(batch, results, strict=True):
             if isinstance(result, PublishResult):
-                final.append(result)
+                final.append(stops.note(out, result))
             elif isinstance(result, SIZE_ERRORS) and self._producer is not None:
-                final.append(await self._send_alone(out))
+                final.append(stops.note(out, stops.held(out) or await self._send_alone(out)))
             else:
-                final.append(classify(result))
+                final.append(stops.note(out, classify(result)))
         return final
 
     async def _send_alone(self, out: OutgoingMessage) -> PublishResult:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from outbox_relay.adapter import KeyStops
 from outbox_relay.durations import parse_duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 
@@ -122,6 +123,11 @@ def connection_parameters(options: RabbitOptions) -> pika.URLParameters:
 
 
 class RabbitAdapter:
+    # One channel publishes in the order given. A message refused before it was
+    # published stops its key for the rest of the call; a message the broker returns
+    # as unroutable is known only after later ones were published (see engine/dispatch.py).
+    keeps_key_order = True
+
     def __init__(self, name: str, options: RabbitOptions):
         self.name = name
         self.options = options
@@ -349,11 +355,18 @@ class RabbitAdapter:
             problem = await self._ensure_open()
             if problem is not None:
                 return [PublishResult.unavailable(problem)] * len(batch)
-            pending = [await self._publish_one(out) for out in batch]
-            return [
+            stops = KeyStops()
+            pending: list[asyncio.Future[PublishResult] | PublishResult] = []
+            for out in batch:
+                item = stops.held(out) or await self._publish_one(out)
+                if isinstance(item, PublishResult):
+                    stops.note(out, item)
+                pending.append(item)
+            results = [
                 (await item) if isinstance(item, asyncio.Future) else item  # every confirm awaited
                 for item in pending
             ]
+            return KeyStops().settle(batch, results)
 
 
 def create(name: str, options: Mapping[str, Any]) -> RabbitAdapter:

@@ -17,6 +17,9 @@ class StdoutOptions(Options):
 
 
 class StdoutAdapter:
+    # One write of the whole call, in order, all or nothing.
+    keeps_key_order = True
+
     def __init__(self, name: str, stream: TextIO | None = None):
         self.name = name
         self._stream = stream

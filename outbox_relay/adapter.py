@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from outbox_relay.errors import AdapterOptionsError, ConfigError
-from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 
 ENTRY_POINT_GROUP = "outbox_relay.adapters"
 
@@ -33,11 +33,21 @@ class Adapter(Protocol):
     - it returns one :class:`PublishResult` per message, in the same order;
     - ``acked`` means the broker has durably accepted the message (a Kafka ack, a
       RabbitMQ confirm, an fsync, a 2xx) — the engine marks the row dispatched on it;
-    - a batch never holds two messages with the same key (the engine sends later ones
-      of a key in a later call, once the earlier one is acked), so the adapter may
-      send the whole batch concurrently and should: never one round trip per message;
+    - unless the adapter declares ``keeps_key_order = True``, a batch never holds two
+      messages with the same key (the engine sends later ones of a key in a later call,
+      once the earlier one is acked), so the adapter may send the whole batch
+      concurrently and should: never one round trip per message;
     - it should not raise; if it does, every message of the batch counts as a
       transient failure.
+
+    Optional attribute ``keeps_key_order`` (default False). True promises that
+    messages of one key handed over in one call reach the broker in the order given,
+    and that once one of them is not acked, no later one of that key in the call is
+    acked: the adapter answers ``PublishResult.not_sent(...)`` for those it did not
+    send, or the broker refuses them (Kafka's idempotent producer fails the rest of a
+    partition after a rejected batch). The engine then hands a key's whole run to one
+    call instead of one call per message (engine/dispatch.py says what it does when
+    a broker acks a later message anyway).
     """
 
     name: str
@@ -51,6 +61,44 @@ class Adapter(Protocol):
         ...
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]: ...
+
+
+def keeps_key_order(adapter: Adapter) -> bool:
+    """Whether `adapter` may be handed several messages of one key in one call."""
+    return bool(getattr(adapter, "keeps_key_order", False))
+
+
+class KeyStops:
+    """For an adapter that keeps key order: which keys already failed in this call.
+
+    ``held(out)`` answers ``not_sent`` for a message whose key failed earlier in the
+    call (do not send it); ``note(out, result)`` records a failure. ``settle`` applies
+    the same rule to results that came back together: a failure after its key's first
+    failure was caused by it (Kafka rejects the rest of a partition), so it spends no
+    attempt and becomes ``not_sent``.
+    """
+
+    def __init__(self) -> None:
+        self._failed: set[str] = set()
+
+    def held(self, out: OutgoingMessage) -> PublishResult | None:
+        key = out.message.key
+        if key is not None and key in self._failed:
+            return PublishResult.not_sent(f"not sent: an earlier message of key {key!r} failed")
+        return None
+
+    def note(self, out: OutgoingMessage, result: PublishResult) -> PublishResult:
+        if result.outcome is not Outcome.ACKED and out.message.key is not None:
+            self._failed.add(out.message.key)
+        return result
+
+    def settle(self, batch: Sequence[OutgoingMessage], results: Sequence[PublishResult]) -> list[PublishResult]:
+        settled: list[PublishResult] = []
+        for out, result in zip(batch, results, strict=True):
+            if result.outcome is not Outcome.ACKED:
+                result = self.held(out) or result
+            settled.append(self.note(out, result))
+        return settled
 
 
 AdapterFactory = Callable[[str, Mapping[str, Any]], Adapter]

@@ -42,6 +42,7 @@ class Outcome(enum.Enum):
     TRANSIENT = "transient"  # try again later; counts toward max_attempts
     UNAVAILABLE = "unavailable"  # broker unreachable: try again later, attempt not counted
     PERMANENT = "permanent"  # will never succeed: dead-letter it
+    NOT_SENT = "not_sent"  # held back because an earlier message of its key failed in this call
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,13 @@ class PublishResult:
     @classmethod
     def permanent(cls, reason: str) -> PublishResult:
         return cls(Outcome.PERMANENT, reason)
+
+    @classmethod
+    def not_sent(cls, reason: str) -> PublishResult:
+        """Not handed to the broker because an earlier message of its key in the same
+        call failed (an adapter that keeps key order stops a key at its first failure).
+        Nothing is recorded for it: it goes again, after that message, in a later batch."""
+        return cls(Outcome.NOT_SENT, reason)
 
 
 _ACKED = PublishResult(Outcome.ACKED)

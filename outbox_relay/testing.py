@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from outbox_relay.adapter import KeyStops
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 Script = Callable[[OutgoingMessage], PublishResult | None]
@@ -26,6 +27,10 @@ class FakeAdapter:
     calls: list[int] = field(default_factory=list)  # batch sizes, one per publish call
     connected: bool = False
     fail_connect: int = 0  # how many connect() calls fail before one succeeds
+    # True: may be handed several messages of one key per call, and keeps the
+    # contract of such adapters (after a key's first failure, the rest is not sent).
+    keeps_key_order: bool = False
+    keys_per_call: list[dict[str | None, int]] = field(default_factory=list)
 
     async def connect(self) -> None:
         if self.fail_connect > 0:
@@ -43,13 +48,18 @@ class FakeAdapter:
         self.calls.append(len(batch))
         if self.delay:
             await asyncio.sleep(self.delay)
+        per_key: dict[str | None, int] = {}
+        stops = KeyStops()
         results = []
         for out in batch:
-            answer = self.script(out) if self.script else None
+            per_key[out.message.key] = per_key.get(out.message.key, 0) + 1
+            held = stops.held(out) if self.keeps_key_order else None
+            answer = held or (self.script(out) if self.script else None)
             if answer is None:
                 self.delivered.append(out)
                 answer = PublishResult.acked()
-            results.append(answer)
+            results.append(stops.note(out, answer))
+        self.keys_per_call.append(per_key)
         return results
 
     @property

@@ -4,52 +4,86 @@
 -- name: schema_version
 SELECT max(version) FROM {schema}.schema_version;
 
--- name: claim_heads
--- The batch: pending, due rows that are the first undispatched row of their key
--- (keyless rows always qualify), in enqueue order. FOR UPDATE SKIP LOCKED lets several
--- relays claim side by side without waiting on each other; the locks are held by the
--- claiming transaction until the outcome is recorded, so a relay that dies releases
--- its rows at once. A row locked by another relay is still undispatched, so the
--- NOT EXISTS below keeps every later row of its key out of everyone's batch.
+-- name: walk_keys
+-- The claim, step 1: which keys have a publishable head? A skip scan over the keyed
+-- pending index: each step is one index descent to the first pending row of the next
+-- key, so a key costs the same whatever its backlog, and rows held back behind a head
+-- that waits (retry time, broker outage) are never read. Walks in key order from
+-- %(after)s (the relay's rotating cursor, so every key gets its turn) and stops after
+-- %(limit)s due heads or %(max_visits)s keys, whichever comes first. Returns every key
+-- visited; the last one is where the next walk starts.
+WITH RECURSIVE walk(visited, found, key, id, due) AS (
+    (SELECT 1, m.due::int, m.key, m.id, m.due
+     FROM (SELECT m.key, m.id, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due
+           FROM {schema}.messages AS m
+           WHERE m.key COLLATE "C" > %(after)s::text
+             AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+           ORDER BY m.key COLLATE "C", m.id
+           LIMIT 1) AS m)
+    UNION ALL
+    SELECT w.visited + 1, w.found + n.due::int, n.key, n.id, n.due
+    FROM walk AS w
+    CROSS JOIN LATERAL (
+        SELECT m.key, m.id, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due
+        FROM {schema}.messages AS m
+        WHERE m.key COLLATE "C" > w.key COLLATE "C"
+          AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+        ORDER BY m.key COLLATE "C", m.id
+        LIMIT 1) AS n
+    WHERE w.visited < %(max_visits)s AND w.found < %(limit)s
+      -- a walk that wrapped round stops where the previous one began
+      AND (%(until)s::text IS NULL OR w.key COLLATE "C" < %(until)s::text)
+)
+SELECT key, id, due FROM walk;
+
+-- name: claim_runs
+-- The claim, step 2: lock the heads found by walk_keys (FOR UPDATE SKIP LOCKED: a head
+-- another relay holds is skipped, and with it its whole key), then read each locked
+-- key's run: its pending rows from the head on, in enqueue order. The head's lock is
+-- the key's lock: every relay finds the same head for a key, so no other relay can
+-- start on the key's later rows until this transaction ends; those rows need no lock
+-- of their own (the outcome's UPDATE takes it). Under `hold`, a key with a dead letter
+-- before its head is skipped. The caller cuts each run at its first row not yet due.
+WITH heads AS (
+    SELECT m.id, m.key
+    FROM {schema}.messages AS m
+    WHERE m.id = ANY(%(head_ids)s::bigint[])
+      AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+      AND coalesce(m.next_attempt_at <= clock_timestamp(), true)
+      AND NOT (%(hold_dead_letters)s AND EXISTS (
+            SELECT 1 FROM {schema}.messages AS d
+            WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
+              AND d.dead_lettered_at IS NOT NULL AND d.key IS NOT NULL))
+    FOR UPDATE OF m SKIP LOCKED
+)
+SELECT r.id, r.message_id, r.topic, r.key, r.payload, r.content_type, r.headers, r.attempts, r.created_at,
+       r.due
+FROM heads AS h
+CROSS JOIN LATERAL (
+    SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
+           NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
+           m.attempts, m.created_at, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due
+    FROM {schema}.messages AS m
+    WHERE m.key COLLATE "C" = h.key COLLATE "C" AND m.id >= h.id
+      AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+    ORDER BY m.key COLLATE "C", m.id
+    LIMIT %(per_key)s) AS r
+ORDER BY r.id;
+
+-- name: claim_keyless
+-- Keyless rows have no order to keep: any due one may go, each locked on its own.
+-- Their index is ordered by when they are due (never-tried rows first, in enqueue
+-- order), so rows waiting for a retry or for a broker in outage lie past the range
+-- this reads and are never walked.
 SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
-       NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
+       NULLIF(m.headers, '{{}}'::jsonb) AS headers,
        m.attempts, m.created_at
 FROM {schema}.messages AS m
-WHERE m.dispatched_at IS NULL
-  AND m.dead_lettered_at IS NULL
-  AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= clock_timestamp())
-  AND (m.key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM {schema}.messages AS p
-        WHERE p.key = m.key
-          AND p.id < m.id
-          AND p.dispatched_at IS NULL
-          AND (p.dead_lettered_at IS NULL OR %(hold_dead_letters)s)))
-ORDER BY m.id
+WHERE m.key IS NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+  -- statement_timestamp(), not clock_timestamp(): stable, so the index range ends there
+  AND coalesce(m.next_attempt_at, '-infinity'::timestamptz) <= statement_timestamp()
+ORDER BY coalesce(m.next_attempt_at, '-infinity'::timestamptz), m.id
 LIMIT %(limit)s
-FOR UPDATE OF m SKIP LOCKED;
-
--- name: follower_candidates
--- Later undispatched rows of keys whose head this transaction holds, so that a busy
--- key moves more than one message per batch. The caller keeps, per key, only the
--- unbroken run of due rows after the head; anything after a gap waits.
-SELECT m.id, m.key, m.dead_lettered_at IS NOT NULL AS dead,
-       (m.next_attempt_at IS NULL OR m.next_attempt_at <= clock_timestamp()) AS due
-FROM {schema}.messages AS m
-JOIN unnest(%(keys)s::text[], %(head_ids)s::bigint[]) AS h(key, head_id)
-  ON m.key = h.key AND m.id > h.head_id
-WHERE m.dispatched_at IS NULL
-ORDER BY m.id
-LIMIT %(limit)s;
-
--- name: claim_ids
-SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
-       NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
-       m.attempts, m.created_at
-FROM {schema}.messages AS m
-WHERE m.id = ANY(%(ids)s::bigint[])
-  AND m.dispatched_at IS NULL
-  AND m.dead_lettered_at IS NULL
-ORDER BY m.id
 FOR UPDATE OF m SKIP LOCKED;
 
 -- name: mark_dispatched

@@ -66,15 +66,22 @@ WITH (
     autovacuum_analyze_scale_factor = 0.02
 );
 
--- The claim walks pending rows in enqueue order; the partial index keeps dispatched
--- and dead-lettered rows out of that walk however many of them retention keeps.
-CREATE INDEX messages_pending_idx ON {schema}.messages (id)
-    WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL;
+-- The claim's two indexes, one entry per enqueued row (each row is in exactly one):
+-- keyed pending rows by (key, id), so the claim finds each key's head with one index
+-- descent, skipping from key to key, without reading the rows behind a head; keyless
+-- pending rows by when they are due, so rows waiting for a retry are never walked.
+-- Both leave dispatched and dead-lettered rows out, however many retention keeps.
+-- COLLATE "C": keys compare as bytes (faster, and the same order on every server).
+CREATE INDEX messages_keyed_pending_idx ON {schema}.messages (key COLLATE "C", id)
+    WHERE key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL;
 
--- "Is there an earlier undispatched message with my key?": one probe per candidate.
--- Dead-lettered rows stay in it so the `hold` policy can see them.
-CREATE INDEX messages_key_undispatched_idx ON {schema}.messages (key, id)
-    WHERE dispatched_at IS NULL AND key IS NOT NULL;
+CREATE INDEX messages_keyless_pending_idx
+    ON {schema}.messages ((coalesce(next_attempt_at, '-infinity'::timestamptz)), id)
+    WHERE key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL;
+
+-- `hold`: "is there a dead letter before this head?", one probe per claimed key.
+CREATE INDEX messages_dead_letters_by_key_idx ON {schema}.messages (key COLLATE "C", id)
+    WHERE dead_lettered_at IS NOT NULL AND key IS NOT NULL;
 
 CREATE INDEX messages_dispatched_idx ON {schema}.messages (dispatched_at)
     WHERE dispatched_at IS NOT NULL;

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from outbox_relay.adapter import Adapter
+from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.retry import Backoff
 
@@ -29,6 +29,10 @@ class BrokerHandle:
         self._backoff = backoff
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def keeps_key_order(self) -> bool:
+        return keeps_key_order(self.adapter)
 
     async def connect(self) -> None:
         if self._task is None:

@@ -1,10 +1,26 @@
 """Publishes a claimed batch and decides each message's outcome.
 
-Per-key order: the batch is cut into waves, wave i holding the i-th message of
-every key (keyless messages all go in wave 0). Waves go out one after the other and
-a key whose message was not acked sends nothing more in this batch, so a later
-message of a key is never delivered before an earlier one. Within a wave, every
-broker gets its share in one concurrent call.
+Per-key order. The batch is cut into waves that go out one after the other; each
+wave gives every broker its share in one concurrent call. A key's messages are cut
+into segments, segment i going in wave i: a segment is one message, or, when the
+broker keeps the order of one key's messages handed over in one call (an adapter
+that declares ``keeps_key_order``: Kafka, RabbitMQ, file, stdout), the whole
+unbroken stretch of the key's messages routed to that broker. So a hot key goes out
+in one call instead of one round trip per message, and a key whose messages go to
+different brokers still never has a later message sent before an earlier one is
+acked. Keyless messages all go in wave 0.
+
+When a message of a key is not acked, the key stops for this batch: later waves
+leave it out, and within its call:
+- later messages the adapter did not ack are left as they were (no attempt spent)
+  and go in a later batch, after the failed one;
+- an ordered adapter never acks a later message of a key after an earlier one
+  failed (Kafka's idempotent producer rejects the rest of the partition, the adapters
+  answer ``not_sent``), with one exception that the broker itself decides after the
+  fact: RabbitMQ returning an unroutable message while the next ones were routed. A
+  later message that was acked anyway is delivered: it is marked dispatched (sending
+  it again would only add a duplicate) and logged as ``key_order_exception``, unless
+  the failure was a dead letter under ``release``, where going on is the policy.
 """
 
 from __future__ import annotations
@@ -12,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import structlog
 
-from outbox_relay.adapter import Adapter
+from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.engine.store import Record
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
@@ -27,16 +43,28 @@ log = structlog.get_logger("outbox_relay.dispatch")
 
 NO_ROUTE = "no route"
 
+Grouping = Callable[[Message], Hashable | None]
 
-def waves(messages: Sequence[Message]) -> list[list[Message]]:
-    """Split a batch (in enqueue order) so no wave holds two messages of one key."""
+
+def waves(messages: Sequence[Message], same_call: Grouping | None = None) -> list[list[Message]]:
+    """Split a batch (in enqueue order) into waves that keep per-key order.
+
+    `same_call(m)` names the ordered broker call that `m` may share with the message of
+    its key right before it (None: it may not share one); without it every message of
+    a key goes in a wave of its own.
+    """
     result: list[list[Message]] = []
-    seen: dict[str, int] = defaultdict(int)
+    wave_of: dict[str, int] = {}
+    call_of: dict[str, Hashable | None] = {}
     for message in messages:
         index = 0
-        if message.key is not None:
-            index = seen[message.key]
-            seen[message.key] += 1
+        key = message.key
+        if key is not None:
+            call = same_call(message) if same_call is not None else None
+            if key in wave_of:
+                index = wave_of[key] if call is not None and call_of[key] == call else wave_of[key] + 1
+            wave_of[key] = index
+            call_of[key] = call
         if index == len(result):
             result.append([])
         result[index].append(message)
@@ -54,6 +82,7 @@ class Dispatcher:
         publish_timeout: float,
         metrics: RelayMetrics | None = None,
         max_payload_bytes: int | None = None,
+        hold_dead_letters: bool = False,
     ):
         self._adapters = adapters
         self._router = router
@@ -62,32 +91,75 @@ class Dispatcher:
         self._timeout = publish_timeout
         self._metrics = metrics or RelayMetrics()
         self._max_payload = max_payload_bytes
+        self._hold = hold_dead_letters
+        self._ordered = {name for name, adapter in adapters.items() if keeps_key_order(adapter)}
         # Consecutive "unreachable" answers per broker: the backoff for messages that
         # did not spend an attempt grows with the outage, not with the message.
         self._outage: dict[str, int] = defaultdict(int)
+
+    def _same_call(self, message: Message) -> str | None:
+        target = self._router.resolve(message.topic)
+        if target is None or target.broker not in self._ordered or self._too_large(message):
+            return None
+        return target.broker
+
+    def _too_large(self, message: Message) -> bool:
+        return self._max_payload is not None and len(message.payload) > self._max_payload
 
     async def dispatch(self, messages: Sequence[Message]) -> list[Record]:
         """Publish in waves; start no new wave once `publish_timeout` has passed.
 
         The claiming transaction sits idle while the waves go out, and Postgres ends a
         session idle in a transaction for too long (the relay sets that limit): a key
-        with hundreds of rows in one batch must not keep it open that long. Messages
-        of waves not started stay unattempted and go in a later batch.
+        whose messages need many waves must not keep it open that long. Messages of
+        waves not started stay unattempted and go in a later batch.
         """
         records: list[Record] = []
-        blocked: set[str] = set()
+        stopped: set[str] = set()
         deadline = time.monotonic() + self._timeout
-        for wave in waves(messages):
-            todo = [m for m in wave if m.key is None or m.key not in blocked]
+        for wave in waves(messages, self._same_call):
+            todo = [m for m in wave if m.key is None or m.key not in stopped]
             if not todo or time.monotonic() >= deadline:
                 break
-            for message, record in zip(todo, await self._publish_wave(todo), strict=True):
+            failed_at: dict[str, Record] = {}  # key -> its first failure in this wave
+            for message, target, result in await self._publish_wave(todo):
+                key = message.key
+                if key is not None and key in failed_at:
+                    late = self._after_failure(message, target, result, failed_at[key])
+                    if late is None:  # left pending: anything acked after it is out of order
+                        failed_at[key] = Record(message.id, "retry", result.reason)
+                    else:
+                        records.append(late)
+                        if late.kind != "acked":
+                            failed_at[key] = late
+                    continue
+                if result.outcome is Outcome.NOT_SENT:
+                    if key is not None:  # as if failed: the key goes on in a later batch
+                        failed_at[key] = Record(message.id, "retry", result.reason)
+                        stopped.add(key)
+                    continue
+                record = self._decide(message, target, result)
                 records.append(record)
-                if record.kind != "acked" and message.key is not None:
-                    blocked.add(message.key)
+                if record.kind != "acked" and key is not None:
+                    failed_at[key] = record
+                    stopped.add(key)
         return records
 
-    async def _publish_wave(self, wave: Sequence[Message]) -> list[Record]:
+    def _after_failure(
+        self, message: Message, target: Target | None, result: PublishResult, failure: Record
+    ) -> Record | None:
+        """A message of a key after the key's first failure in the same call."""
+        released = failure.kind == "dead" and not self._hold
+        if result.outcome is Outcome.ACKED:
+            if not released:
+                log.warning("key_order_exception", message_id=str(message.message_id), key=message.key,
+                            failed_id=failure.id, reason=failure.error)
+            return self._decide(message, target, result)
+        if released and result.outcome is not Outcome.NOT_SENT:
+            return self._decide(message, target, result)
+        return None  # left as it was: goes again, after the failed message, in a later batch
+
+    async def _publish_wave(self, wave: Sequence[Message]) -> list[tuple[Message, Target | None, PublishResult]]:
         by_broker: dict[str, list[tuple[int, OutgoingMessage]]] = defaultdict(list)
         results: list[PublishResult | None] = [None] * len(wave)
         targets: list[Target | None] = [None] * len(wave)
@@ -97,7 +169,7 @@ class Dispatcher:
             if target is None:
                 results[index] = PublishResult.permanent(NO_ROUTE)
                 continue
-            if self._max_payload is not None and len(message.payload) > self._max_payload:
+            if self._too_large(message):
                 results[index] = PublishResult.permanent(
                     f"payload too large: {len(message.payload)} bytes > relay.max_payload_bytes ({self._max_payload})")
                 continue
@@ -113,7 +185,7 @@ class Dispatcher:
                 group.create_task(send(broker, items))
 
         return [
-            self._decide(message, target, result)
+            (message, target, result)
             for message, target, result in zip(wave, targets, results, strict=True)
             if result is not None
         ]

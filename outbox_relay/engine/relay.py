@@ -75,6 +75,7 @@ class Relay:
             publish_timeout=relay.publish_timeout,
             metrics=self.metrics,
             max_payload_bytes=relay.max_payload_bytes,
+            hold_dead_letters=relay.dead_letter_policy == "hold",
         )
         self._wakeup = Wakeup(relay.workers)
         self._listener = Listener(
@@ -277,7 +278,9 @@ class Relay:
                     continue
                 if claimed:
                     # Claim until nothing is left: more may have committed meanwhile, and
-                    # a committer that skipped its NOTIFY counts on this (schema.sql).
+                    # a committer that skipped its NOTIFY counts on this (schema.sql). A
+                    # claim that found nothing but stopped its key walk early (most keys
+                    # waiting) goes on too: it ends once the walk has been all the way round.
                     self._woke("backlog")
                     continue
                 self._woke(await self._wakeup.wait(index, relay.poll_interval, self._stop))
@@ -305,13 +308,15 @@ class Relay:
         await conn.commit()
         return conn
 
-    async def _batch(self, conn: psycopg.AsyncConnection[Any], worker: int = 0) -> int:
+    async def _batch(self, conn: psycopg.AsyncConnection[Any], worker: int = 0) -> bool:
+        """One batch; True when there may be more to claim right away."""
         self._batch_started[worker] = asyncio.get_running_loop().time()
         try:
             async with conn.transaction():
-                messages = await self._store.claim(conn, self.config.relay.batch_size)
+                claim = await self._store.claim(conn, self.config.relay.batch_size)
+                messages = claim.messages
                 if not messages:
-                    return 0
+                    return claim.more_keys
                 self.in_flight += len(messages)
                 self.metrics.in_flight.set(self.in_flight)
                 try:
@@ -325,7 +330,7 @@ class Relay:
         self._count(messages, records)
         if self._observer is not None:
             self._observer.batch_recorded(messages, records)
-        return len(messages)
+        return True
 
     def _count(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
         """Metrics for a committed batch."""

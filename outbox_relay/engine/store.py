@@ -9,6 +9,7 @@ at once: nothing is stranded and no lease needs to expire.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -44,59 +45,126 @@ def _message(row: Sequence[Any]) -> Message:
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
+def _unbroken_runs(rows: Sequence[Sequence[Any]], limit: int) -> list[Message]:
+    """From each locked key's rows (head first, then its later rows; all in id order),
+    keep the run that is due without a break, and at most `limit` messages in all.
+
+    Taking rows in id order and stopping at the limit keeps every key's share a prefix
+    of its run, so nothing of a key is sent ahead of an earlier message of it."""
+    kept: list[Message] = []
+    broken: set[str] = set()
+    for row in rows:
+        key, due = row[3], row[9]
+        if key in broken:
+            continue
+        if not due:
+            broken.add(key)
+            continue
+        kept.append(_message(row[:9]))
+        if len(kept) >= limit:
+            break
+    return kept
+
+
+@dataclass
+class Claim:
+    """One claim's messages, and whether the key walk stopped before it had looked at
+    every key (it visits at most a few times the batch size): if so, another claim
+    right away may find more even when this one found nothing."""
+
+    messages: list[Message]
+    more_keys: bool = False
+
+
 class OutboxStore:
+    """Claims and records batches; one per relay process, shared by its workers.
+
+    Keys are claimed round-robin: a cursor (a key) says where the next walk over the
+    keys starts, so under a backlog every key gets its turn and no key starves. The
+    workers of one process take turns walking (an asyncio lock around walk + lock), so
+    they advance the cursor instead of racing each other for the same heads.
+    """
+
+    # A walk visits at most this many keys per message of the batch: bounds a claim's
+    # cost when most keys are waiting (a broker outage), at the price of a few more,
+    # still cheap, claims to find the keys that are not.
+    VISITS_PER_SLOT = 4
+
     def __init__(self, queries: Queries, *, hold_dead_letters: bool):
         self._q = queries
         self._hold = hold_dead_letters
+        self._cursor = ""  # keys are 1+ characters, so "" is before every key
+        self._walking = asyncio.Lock()
+        self._keyless_first = False
 
-    async def claim(self, conn: psycopg.AsyncConnection[Any], limit: int) -> list[Message]:
-        """Lock and return up to `limit` publishable messages, in enqueue order.
+    async def claim(self, conn: psycopg.AsyncConnection[Any], limit: int) -> Claim:
+        """Lock and return up to `limit` publishable messages (inside the batch's transaction).
 
-        Must run inside the batch's transaction.
+        Keyed and keyless messages share the batch; which kind is claimed first
+        alternates, so neither starves the other.
         """
-        cur = await conn.execute(
-            self._q["claim_heads"], {"limit": limit, "hold_dead_letters": self._hold}, binary=True
-        )
-        heads = [_message(row) for row in await cur.fetchall()]
-        room = limit - len(heads)
-        keyed = [m for m in heads if m.key is not None]
-        if room <= 0 or not keyed:
-            return heads
-        followers = await self._claim_followers(conn, keyed, room)
-        return sorted(heads + followers, key=lambda m: m.id)
+        self._keyless_first = not self._keyless_first
+        keyless: list[Message] = []
+        keyed = Claim([])
+        if self._keyless_first:
+            keyless = await self._claim_keyless(conn, limit)
+        if len(keyless) < limit:
+            keyed = await self._claim_keyed(conn, limit - len(keyless))
+        if not self._keyless_first and len(keyed.messages) < limit:
+            keyless = await self._claim_keyless(conn, limit - len(keyed.messages))
+        messages = keyed.messages + keyless
+        messages.sort(key=lambda m: m.id)
+        return Claim(messages, keyed.more_keys)
 
-    async def _claim_followers(
-        self, conn: psycopg.AsyncConnection[Any], heads: list[Message], room: int
-    ) -> list[Message]:
-        # A key's later messages may join the batch only as an unbroken run right after
-        # its head: they are published after it, in order, in later waves.
+    async def _claim_keyless(self, conn: psycopg.AsyncConnection[Any], limit: int) -> list[Message]:
+        cur = await conn.execute(self._q["claim_keyless"], {"limit": limit}, binary=True)
+        return [_message(row) for row in await cur.fetchall()]
+
+    async def _claim_keyed(self, conn: psycopg.AsyncConnection[Any], limit: int) -> Claim:
+        async with self._walking:
+            heads, more = await self._walk(conn, limit)
+            if not heads:
+                return Claim([], more)
+            # A share of the batch per key: one hot key fills it alone, a hundred keys
+            # bring a few messages each. Rows past a share wait for the next batch.
+            per_key = max(1, -(-limit // len(heads)))
+            cur = await conn.execute(
+                self._q["claim_runs"],
+                {"head_ids": heads, "hold_dead_letters": self._hold, "per_key": per_key},
+                binary=True,
+            )
+            rows = await cur.fetchall()
+        return Claim(_unbroken_runs(rows, limit), more)
+
+    async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int) -> tuple[list[int], bool]:
+        """Head ids of up to `limit` keys with a due head, from the cursor round to it
+        again; and whether the walk stopped before it had been all the way round."""
+        budget = limit * self.VISITS_PER_SLOT
+        start = self._cursor
+        rows = await self._walk_from(conn, start, None, limit, budget)
+        heads = [head for _, head, due in rows if due]
+        if len(heads) >= limit or len(rows) >= budget:
+            self._cursor = rows[-1][0]
+            return heads, True
+        if not start:  # walked every key
+            return heads, False
+        # The end of the keys: on from the first key up to where this walk began.
+        budget -= len(rows)
+        rows = [r for r in await self._walk_from(conn, "", start, limit - len(heads), budget) if r[0] <= start]
+        heads += [head for _, head, due in rows if due]
+        if rows and (len(heads) >= limit or len(rows) >= budget):
+            self._cursor = rows[-1][0]
+            return heads, True
+        self._cursor = start
+        return heads, False
+
+    async def _walk_from(
+        self, conn: psycopg.AsyncConnection[Any], after: str, until: str | None, limit: int, budget: int
+    ) -> list[tuple[str, int, bool]]:
         cur = await conn.execute(
-            self._q["follower_candidates"],
-            {"keys": [m.key for m in heads], "head_ids": [m.id for m in heads], "limit": room},
+            self._q["walk_keys"], {"after": after, "until": until, "limit": limit, "max_visits": budget}
         )
-        wanted: dict[str, list[int]] = {}
-        stopped: set[str] = set()
-        for fid, key, dead, due in await cur.fetchall():
-            if key in stopped:
-                continue
-            if dead and not self._hold:
-                continue  # released: a dead letter does not hold its key
-            if dead or not due:
-                stopped.add(key)
-                continue
-            wanted.setdefault(key, []).append(int(fid))
-        ids = [fid for run in wanted.values() for fid in run]
-        if not ids:
-            return []
-        cur = await conn.execute(self._q["claim_ids"], {"ids": ids}, binary=True)
-        locked = {m.id: m for m in (_message(row) for row in await cur.fetchall())}
-        claimed: list[Message] = []
-        for run in wanted.values():
-            for fid in run:
-                if fid not in locked:
-                    break  # someone else holds it: the rest of this run must wait
-                claimed.append(locked[fid])
-        return claimed
+        return [(str(key), int(head), bool(due)) for key, head, due in await cur.fetchall()]
 
     async def record(self, conn: psycopg.AsyncConnection[Any], records: Sequence[Record]) -> None:
         """Write the batch's outcomes (inside its transaction): one statement marks every

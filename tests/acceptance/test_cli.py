@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from outbox_relay import enqueue
+from outbox_relay.sqlfiles import SCHEMA_VERSION
 from tests.acceptance.cli import RelayProcess, read_jsonl, run_cli, write_config
 
 
@@ -28,9 +29,9 @@ def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyp
 def test_schema_install_and_sql(empty_db: str) -> None:
     first = run_cli("schema", "install", env={"DATABASE_URL": empty_db})
     assert first.returncode == 0, first.stderr
-    assert "installed outbox schema 'outbox' at version 1" in first.stdout
+    assert f"installed outbox schema 'outbox' at version {SCHEMA_VERSION}" in first.stdout
     again = run_cli("schema", "install", "--dsn", empty_db)
-    assert again.returncode == 0 and "already at version 1" in again.stdout
+    assert again.returncode == 0 and f"already at version {SCHEMA_VERSION}" in again.stdout
     ddl = run_cli("schema", "sql", "--schema", "events", "--relay-role", "relay_role")
     assert ddl.returncode == 0
     assert 'CREATE TABLE "events".messages' in ddl.stdout

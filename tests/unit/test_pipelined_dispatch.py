@@ -1,0 +1,196 @@
+"""Pipelined keys: a key's run goes to an order-keeping adapter in one call, and a
+failure in the middle of the run never lets a later message of the key be marked
+dispatched ahead of it. Engine only, with FakeAdapter; the same against real brokers
+is in tests/e2e/test_pipelined_runs.py."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from outbox_relay.config import RouteConfig
+from outbox_relay.engine.dispatch import Dispatcher, waves
+from outbox_relay.engine.store import Record
+from outbox_relay.models import Message, PublishResult
+from outbox_relay.retry import Backoff
+from outbox_relay.routing import Router
+from outbox_relay.testing import FakeAdapter
+
+_CREATED = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def msg(id: int, topic: str = "orders.created", key: str | None = None) -> Message:
+    return Message(id=id, message_id=uuid.uuid4(), topic=topic, key=key, payload=b'{"n": 1}',
+                   content_type="application/json", headers={}, attempts=0, created_at=_CREATED)
+
+
+FAILURES = {
+    "transient": PublishResult.transient("leader moved"),
+    "unavailable": PublishResult.unavailable("broker away"),
+    "permanent": PublishResult.permanent("too large"),
+}
+
+
+def dispatcher(adapters: dict[str, FakeAdapter], routes: list[tuple[str, str]] | None = None, *,
+               hold: bool = False) -> Dispatcher:
+    configs = [RouteConfig(topic=t, broker=b) for t, b in routes or [("*", "main")]]
+    return Dispatcher(adapters, Router(configs), Backoff(0.1, 5.0),  # type: ignore[arg-type]
+                      max_attempts=5, publish_timeout=5.0, hold_dead_letters=hold)
+
+
+def run(key: str, n: int, start: int = 1, topic: str = "orders.created") -> list[Message]:
+    return [msg(i, topic=topic, key=key) for i in range(start, start + n)]
+
+
+def kinds(records: Sequence[Record]) -> dict[int, str]:
+    return {r.id: r.kind for r in records}
+
+
+async def test_a_hot_key_goes_out_in_one_call() -> None:
+    fake = FakeAdapter(keeps_key_order=True)
+    records = await dispatcher({"main": fake}).dispatch(run("k", 200))
+    assert fake.calls == [200]
+    assert [out.message.id for out in fake.delivered] == list(range(1, 201)), "in enqueue order"
+    assert set(kinds(records).values()) == {"acked"} and len(records) == 200
+
+
+async def test_without_the_capability_a_key_is_one_message_per_call() -> None:
+    fake = FakeAdapter(keeps_key_order=False)
+    await dispatcher({"main": fake}).dispatch(run("k", 5) + run("j", 5, start=6))
+    assert fake.calls == [2, 2, 2, 2, 2]
+    assert all(max(per_key.values()) == 1 for per_key in fake.keys_per_call)
+
+
+async def test_many_keys_share_one_call() -> None:
+    fake = FakeAdapter(keeps_key_order=True)
+    batch = sorted((m for k in range(10) for m in run(f"k{k}", 5, start=100 * k)), key=lambda m: m.id)
+    await dispatcher({"main": fake}).dispatch(batch)
+    assert fake.calls == [50]
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+async def test_failure_mid_run_marks_only_what_came_before(failure: str) -> None:
+    fake = FakeAdapter(keeps_key_order=True, script=lambda out: FAILURES[failure] if out.message.id == 10 else None)
+    records = await dispatcher({"main": fake}).dispatch(run("k", 20))
+    outcome = kinds(records)
+    assert [i for i, k in outcome.items() if k == "acked"] == list(range(1, 10))
+    assert outcome[10] == {"transient": "retry", "unavailable": "wait", "permanent": "dead"}[failure]
+    assert not set(outcome) & set(range(11, 21)), "later messages left pending, no attempt spent"
+    assert [out.message.id for out in fake.delivered] == list(range(1, 10)), "the adapter sent nothing after it"
+
+
+def acks_after_failure(fail: dict[int, PublishResult], hold: bool = False) -> tuple[FakeAdapter, Dispatcher]:
+    """A broker that acks later messages of a key after an earlier one failed, as
+    RabbitMQ does when it returns an unroutable message after routing the next ones.
+    The dispatcher sees an order-keeping adapter; the fake then stops applying the
+    contract's stops."""
+    fake = FakeAdapter(keeps_key_order=True, script=lambda out: fail.get(out.message.id))
+    engine = dispatcher({"main": fake}, hold=hold)
+    fake.keeps_key_order = False
+    return fake, engine
+
+
+@pytest.mark.parametrize("hold", [False, True])
+async def test_a_broker_that_acks_after_a_dead_letter_is_marked_and_logged_unless_released(hold: bool) -> None:
+    fake, engine = acks_after_failure({3: FAILURES["permanent"]}, hold)
+    with capture_logs() as logs:
+        records = await engine.dispatch(run("k", 5))
+    assert fake.calls == [5]
+    # They were delivered: marking them avoids a needless duplicate.
+    assert kinds(records) == {1: "acked", 2: "acked", 3: "dead", 4: "acked", 5: "acked"}
+    exceptions = [e["failed_id"] for e in logs if e["event"] == "key_order_exception"]
+    assert exceptions == ([3, 3] if hold else []), "release: going on after a dead letter is the policy"
+
+
+async def test_a_late_ack_after_a_transient_failure_is_an_order_exception() -> None:
+    fake, engine = acks_after_failure({2: FAILURES["transient"]})
+    with capture_logs() as logs:
+        records = await engine.dispatch(run("k", 3))
+    assert kinds(records) == {1: "acked", 2: "retry", 3: "acked"}
+    logged = [e["message_id"] for e in logs if e["event"] == "key_order_exception"]
+    assert logged == [str(fake.delivered[-1].message_id)]
+
+
+async def test_released_dead_letter_then_a_retry_then_a_late_ack_is_an_order_exception() -> None:
+    _fake, engine = acks_after_failure({2: FAILURES["permanent"], 3: FAILURES["transient"]})
+    with capture_logs() as logs:
+        records = await engine.dispatch(run("k", 4))
+    assert kinds(records) == {1: "acked", 2: "dead", 3: "retry", 4: "acked"}
+    assert [e["failed_id"] for e in logs if e["event"] == "key_order_exception"] == [3]
+
+
+async def test_release_dead_letter_mid_run_then_not_sent_rest_goes_next_batch() -> None:
+    fake = FakeAdapter(keeps_key_order=True, script=lambda out: FAILURES["permanent"] if out.message.id == 2 else None)
+    records = await dispatcher({"main": fake}).dispatch(run("k", 4))
+    assert kinds(records) == {1: "acked", 2: "dead"}, "3 and 4 were not sent: pending, no attempt spent"
+
+
+async def test_a_key_switching_brokers_waits_for_the_earlier_broker() -> None:
+    kafka, hook = FakeAdapter(name="kafka", keeps_key_order=True), FakeAdapter(name="hook", keeps_key_order=True)
+    batch = run("k", 3, topic="a.x") + run("k", 2, start=4, topic="b.x") + run("k", 3, start=6, topic="a.x")
+    records = await dispatcher({"kafka": kafka, "hook": hook}, [("a.*", "kafka"), ("b.*", "hook")]).dispatch(batch)
+    assert kafka.calls == [3, 3] and hook.calls == [2], "three segments, three waves"
+    assert len(records) == 8
+
+
+async def test_a_key_switching_brokers_stops_at_a_failure_on_the_first() -> None:
+    kafka = FakeAdapter(name="kafka", keeps_key_order=True,
+                        script=lambda out: FAILURES["transient"] if out.message.id == 2 else None)
+    hook = FakeAdapter(name="hook", keeps_key_order=True)
+    batch = run("k", 3, topic="a.x") + run("k", 2, start=4, topic="b.x")
+    records = await dispatcher({"kafka": kafka, "hook": hook}, [("a.*", "kafka"), ("b.*", "hook")]).dispatch(batch)
+    assert kinds(records) == {1: "acked", 2: "retry"}
+    assert hook.calls == [], "the second broker's segment never started"
+
+
+# --- the waves with an order-keeping broker, as a property ---------------------------------
+
+
+@dataclass
+class Shape:
+    keys: list[str | None]
+    brokers: list[str]
+    ordered: set[str] = field(default_factory=set)
+
+
+@st.composite
+def shapes(draw: Callable[..., object]) -> Shape:
+    n = draw(st.integers(min_value=0, max_value=40))
+    keys = draw(st.lists(st.sampled_from([None, "a", "b", "c"]), min_size=n, max_size=n))
+    brokers = draw(st.lists(st.sampled_from(["x", "y"]), min_size=n, max_size=n))
+    ordered = draw(st.sets(st.sampled_from(["x", "y"])))
+    return Shape(keys, brokers, ordered)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(shapes())
+def test_waves_keep_each_key_in_order_whatever_the_brokers(shape: Shape) -> None:
+    messages = [msg(i + 1, topic=b, key=k) for i, (k, b) in enumerate(zip(shape.keys, shape.brokers, strict=True))]
+    broker_of = {m.id: m.topic for m in messages}
+    result = waves(messages, lambda m: m.topic if m.topic in shape.ordered else None)
+    position = {m.id: i for i, wave in enumerate(result) for m in wave}
+    assert sorted(position) == [m.id for m in messages]
+    by_key: dict[str, list[Message]] = {}
+    for m in messages:
+        if m.key is not None:
+            by_key.setdefault(m.key, []).append(m)
+    for run_ in by_key.values():
+        for earlier, later in itertools.pairwise(run_):
+            same = broker_of[earlier.id] == broker_of[later.id] and broker_of[later.id] in shape.ordered
+            if same:
+                assert position[later.id] >= position[earlier.id]
+            else:
+                assert position[later.id] > position[earlier.id], "another broker, or unordered: a later wave"
+        # within one wave a key's messages all go to one order-keeping broker
+        for wave in result:
+            mine = [m for m in wave if m.key == run_[0].key]
+            if len(mine) > 1:
+                assert len({broker_of[m.id] for m in mine}) == 1 and broker_of[mine[0].id] in shape.ordered
