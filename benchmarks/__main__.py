@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import env, kafka_bench, latency, rabbit_bench, write_path
+from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, write_path
 from outbox_relay.logging_setup import configure
 
 TARGETS = {
@@ -23,6 +23,7 @@ TARGETS = {
     "rabbitmq relay / raw pika": (">=", 0.8),
     "commit-to-ack p99 ms, NOTIFY on, 1000/s": ("<=", 25.0),
     "write p50 with outbox / plain": ("<=", 1.10),
+    "write p50: outbox.enqueue / bare-table insert of the same bytes": ("<=", 1.15),
     "16-writer tps with outbox (NOTIFY on) / plain": (">=", 0.90),
 }
 
@@ -35,6 +36,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": env.machine(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
                                "messages": args.messages}
     with env.provisioned() as svc:
+        if args.matrix_only or not args.skip_matrix:
+            results["matrix"] = await matrix.run(svc.dsn, svc.kafka, svc.amqp, small=args.small, large=args.large,
+                                                 held_back=args.held_back, runs=args.runs)
+        if args.matrix_only:
+            return results
         _step("kafka: raw producer")
         kafka_raw = await kafka_bench.raw_rate(svc.kafka, args.messages)
         _step("kafka: relay")
@@ -70,6 +76,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rabbitmq relay / naive relay": round(rabbit_relay / rabbit_naive, 1),
         "commit-to-ack p99 ms, NOTIFY on, 1000/s": lat_on["p99_ms"],
         "write p50 with outbox / plain": round(writes["outbox_notify_on_p50_ms"] / writes["plain_p50_ms"], 3),
+        "write p50: outbox.enqueue / bare-table insert of the same bytes": round(
+            writes["outbox_notify_on_p50_ms"] / writes["floor_bare_table_p50_ms"], 3),
+        "write p50: direct INSERT into the outbox / bare-table insert": round(
+            writes["outbox_direct_insert_notify_on_p50_ms"] / writes["floor_bare_table_p50_ms"], 3),
         "write p50 with outbox, NOTIFY off / plain": round(
             writes["outbox_notify_off_p50_ms"] / writes["plain_p50_ms"], 3),
         "16-writer tps with outbox (NOTIFY on) / plain": round(
@@ -85,7 +95,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| measure | value | target | met |", "|---|---|---|---|"]
+    lines = [matrix.table(results["matrix"]), ""] if "matrix" in results else []
+    if "ratios" not in results:
+        return "\n".join(lines)
+    lines += ["| measure | value | target | met |", "|---|---|---|---|"]
     for name, value in results["ratios"].items():
         target = TARGETS.get(name)
         if target:
@@ -102,11 +115,14 @@ def table(results: dict[str, Any]) -> str:
     for name, lat in results["commit_to_ack"].items():
         lines.append(f"| {name} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} |")
     w = results["write_path"]
-    lines += ["", "| write path (pgbench) | plain | + enqueue, NOTIFY on | + enqueue, NOTIFY off "
-              "| + enqueue in the same statement |", "|---|---|---|---|---|",
-              f"| p50 ms, 1 client | {w['plain_p50_ms']} | {w['outbox_notify_on_p50_ms']} | "
+    lines += ["", "| write path (pgbench) | plain | + bare-table insert (floor) | + direct outbox INSERT "
+              "| + enqueue, NOTIFY on | + enqueue, NOTIFY off | + enqueue in the same statement |",
+              "|---|---|---|---|---|---|---|",
+              f"| p50 ms, 1 client | {w['plain_p50_ms']} | {w['floor_bare_table_p50_ms']} | "
+              f"{w['outbox_direct_insert_notify_on_p50_ms']} | {w['outbox_notify_on_p50_ms']} | "
               f"{w['outbox_notify_off_p50_ms']} | {w['outbox_one_statement_notify_on_p50_ms']} |",
-              f"| transactions/s, 16 clients | {w['plain_tps_16w']} | {w['outbox_notify_on_tps_16w']} | "
+              f"| transactions/s, 16 clients | {w['plain_tps_16w']} | {w['floor_bare_table_tps_16w']} | "
+              f"{w['outbox_direct_insert_notify_on_tps_16w']} | {w['outbox_notify_on_tps_16w']} | "
               f"{w['outbox_notify_off_tps_16w']} | {w['outbox_one_statement_notify_on_tps_16w']} |"]
     m = results["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['os']}; Python {m['python']}; "
@@ -121,6 +137,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each latency run")
     parser.add_argument("--write-seconds", type=float, default=5.0, help="duration of each pgbench run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the write-path runs")
+    parser.add_argument("--small", type=int, default=10_000, help="the matrix's small backlog")
+    parser.add_argument("--large", type=int, default=1_000_000, help="the matrix's large backlog (100 keys)")
+    parser.add_argument("--held-back", type=int, default=100_000, help="rows behind the held-back key's head")
+    parser.add_argument("--runs", type=int, default=3, help="the matrix takes the median of this many runs")
+    parser.add_argument("--skip-matrix", action="store_true")
+    parser.add_argument("--matrix-only", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
     configure("warning")

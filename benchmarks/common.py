@@ -21,21 +21,41 @@ PAYLOAD_BYTES = 256
 KEYS = 10_000
 
 
-def fill_backlog(dsn: str, schema: str, topic: str, count: int) -> None:
-    """`count` pending messages of PAYLOAD_BYTES bytes over KEYS keys, in one statement."""
+Keys = int | str | None  # how many distinct keys; None: keyless; "unique": one per message
+
+
+def _key_sql(keys: Keys) -> sql.Composable:
+    if keys is None:
+        return sql.SQL("NULL")
+    if keys == "unique":
+        return sql.SQL("'key-' || g")
+    return sql.SQL("'key-' || mod(g, {})").format(sql.Literal(int(keys)))
+
+
+def fill_backlog(dsn: str, schema: str, topic: str, count: int, *, keys: Keys = KEYS,
+                 payload_bytes: int = PAYLOAD_BYTES, start: int = 1, next_attempt: str | None = None) -> None:
+    """`count` pending messages of `payload_bytes` bytes over `keys` keys, in one statement.
+    `next_attempt` (an interval, e.g. '1 hour') makes them wait, as rows behind a failing
+    head or a broker in outage do."""
     query = sql.SQL(
-        "INSERT INTO {}.messages (topic, key, payload, content_type) "
-        "SELECT %s, 'key-' || (g %% %s), convert_to(lpad(g::text, %s, 'x'), 'UTF8'), "
-        "'application/octet-stream' FROM generate_series(1, %s) AS g"
-    ).format(sql.Identifier(schema))
+        "INSERT INTO {}.messages (topic, key, payload, content_type, next_attempt_at) "
+        "SELECT %s, {}, convert_to(lpad(g::text, %s, 'x'), 'UTF8'), "
+        "'application/octet-stream', now() + %s::interval FROM generate_series(%s::bigint, %s::bigint) AS g"
+    ).format(sql.Identifier(schema), _key_sql(keys))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(query, (topic, KEYS, PAYLOAD_BYTES, count))
+        conn.execute(query, (topic, payload_bytes, next_attempt, start, start + count - 1))
         conn.execute(sql.SQL("VACUUM ANALYZE {}.messages").format(sql.Identifier(schema)))
 
 
-def messages_for_raw_clients(count: int) -> list[tuple[bytes, bytes]]:
+def messages_for_raw_clients(count: int, *, keys: Keys = KEYS,
+                             payload_bytes: int = PAYLOAD_BYTES) -> list[tuple[bytes | None, bytes]]:
     """(key, value) pairs identical to the backlog's rows."""
-    return [(f"key-{g % KEYS}".encode(), str(g).rjust(PAYLOAD_BYTES, "x").encode()) for g in range(1, count + 1)]
+    def key(g: int) -> bytes | None:
+        if keys is None:
+            return None
+        return f"key-{g if keys == 'unique' else g % int(keys)}".encode()
+
+    return [(key(g), str(g).rjust(payload_bytes, "x").encode()) for g in range(1, count + 1)]
 
 
 def relay_config(dsn: str, schema: str, brokers: dict[str, Any], routes: list[dict[str, Any]],

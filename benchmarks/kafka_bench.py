@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from outbox_relay_adapters.kafka import KafkaOptions, producer_settings
 from psycopg import sql
 
-from benchmarks.common import drain, fill_backlog, messages_for_raw_clients, relay_config
+from benchmarks.common import KEYS, PAYLOAD_BYTES, Keys, drain, fill_backlog, messages_for_raw_clients, relay_config
 from benchmarks.env import fresh_schema
 from tests.consumers import kafka_create_topic
 
@@ -22,11 +22,17 @@ def options(bootstrap: str) -> dict[str, object]:
     return {"bootstrap_servers": bootstrap}
 
 
-async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 500, workers: int = 2) -> float:
+async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 500, workers: int = 2,
+                     keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES, held_back: int = 0) -> float:
+    """Messages/s draining a backlog of `count`. `held_back` more rows wait behind one
+    key's head that is not due (a failing message): they must not slow the others."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=3)
     fresh_schema(dsn, SCHEMA)
-    fill_backlog(dsn, SCHEMA, "bench.kafka", count)
+    if held_back:
+        fill_backlog(dsn, SCHEMA, "bench.kafka", 1, keys="held", next_attempt="1 day")
+        fill_backlog(dsn, SCHEMA, "bench.kafka", held_back, keys="held")
+    fill_backlog(dsn, SCHEMA, "bench.kafka", count, keys=keys, payload_bytes=payload_bytes)
     config = relay_config(
         dsn, SCHEMA, {"kafka": {"type": "kafka", **options(bootstrap)}},
         [{"topic": "*", "broker": "kafka", "destination": topic}],
@@ -35,14 +41,14 @@ async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 
     return count / await drain(config, count)
 
 
-async def raw_rate(bootstrap: str, count: int) -> float:
+async def raw_rate(bootstrap: str, count: int, *, keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES) -> float:
     """The ceiling: the same records and producer settings, no database."""
     topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=3)
     producer = AIOKafkaProducer(**producer_settings(KafkaOptions.model_validate(options(bootstrap))))
     await producer.start()
     try:
-        records = messages_for_raw_clients(count)
+        records = messages_for_raw_clients(count, keys=keys, payload_bytes=payload_bytes)
         started = time.perf_counter()
         futures = []
         for key, value in records:

@@ -12,7 +12,7 @@ import psycopg
 from pika.adapters.asyncio_connection import AsyncioConnection
 from psycopg import sql
 
-from benchmarks.common import drain, fill_backlog, messages_for_raw_clients, relay_config
+from benchmarks.common import KEYS, Keys, drain, fill_backlog, messages_for_raw_clients, relay_config
 from benchmarks.env import fresh_schema
 
 SCHEMA = "bench_rabbit"
@@ -37,11 +37,11 @@ def _delete(url: str, exchange: str, queue: str) -> None:
         channel.exchange_delete(exchange)
 
 
-async def relay_rate(dsn: str, url: str, count: int) -> float:
+async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS) -> float:
     exchange, queue = _bound_queue(url)
     try:
         fresh_schema(dsn, SCHEMA)
-        fill_backlog(dsn, SCHEMA, "bench.rabbit", count)
+        fill_backlog(dsn, SCHEMA, "bench.rabbit", count, keys=keys)
         config = relay_config(
             dsn, SCHEMA, {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "confirm_window": WINDOW}},
             [{"topic": "*", "broker": "mq"}], batch_size=1000, workers=2, notify=False,
@@ -51,7 +51,7 @@ async def relay_rate(dsn: str, url: str, count: int) -> float:
         _delete(url, exchange, queue)
 
 
-async def raw_rate(url: str, count: int) -> float:
+async def raw_rate(url: str, count: int, *, keys: Keys = KEYS) -> float:
     """pika on asyncio with publisher confirms and a window of WINDOW outstanding messages."""
     exchange, queue = _bound_queue(url)
     loop = asyncio.get_running_loop()
@@ -81,13 +81,14 @@ async def raw_rate(url: str, count: int) -> float:
     channel.confirm_delivery(on_confirm, callback=ready.set_result)  # type: ignore[attr-defined]
     await ready
     try:
-        records = messages_for_raw_clients(count)
+        records = messages_for_raw_clients(count, keys=keys)
         started = time.perf_counter()
         for tag, (key, value) in enumerate(records, start=1):
             await window.acquire()
             outstanding.append(tag)
             props = pika.BasicProperties(message_id=str(uuid.uuid4()), content_type="application/octet-stream",
-                                         delivery_mode=2, timestamp=int(time.time()), headers={"key": key.decode()})
+                                         delivery_mode=2, timestamp=int(time.time()),
+                                         headers={"key": key.decode()} if key else {})
             channel.basic_publish(exchange, "bench.rabbit", value, props, mandatory=True)  # type: ignore[attr-defined]
         await done
         return count / (time.perf_counter() - started)

@@ -4,6 +4,8 @@ client, so the figures are the database's cost and not a Python client's):
 - plain: ``BEGIN; INSERT INTO bench_orders ...; COMMIT``
 - outbox: the same plus ``SELECT <schema>.enqueue(...)`` (and its NOTIFY trigger),
   with the trigger enabled and disabled;
+- floor: the same bytes into a bare table (what any outbox must at least cost);
+- direct: an INSERT into the outbox table without the enqueue function;
 - outbox in one statement: the INSERT and the enqueue in one data-modifying CTE, so
   the enqueue adds no round trip.
 
@@ -42,6 +44,25 @@ COMMIT;
 """
 
 
+# The floor of any outbox: the same bytes into a bare table (bigserial key, no other
+# index, no trigger, no check) in the same transaction.
+FLOOR = """\\set c random(1, 1000)
+BEGIN;
+INSERT INTO bench_orders (customer, total) VALUES (:c, :c * 3);
+INSERT INTO bench_floor (topic, key, payload) VALUES ('orders.created', 'customer-' || :c::int,
+    convert_to(jsonb_build_object('customer', :c::int, 'total', :c::int * 3)::text, 'UTF8'));
+COMMIT;
+"""
+
+# A direct INSERT into the outbox table (its checks, indexes and trigger, no function).
+DIRECT = f"""\\set c random(1, 1000)
+BEGIN;
+INSERT INTO bench_orders (customer, total) VALUES (:c, :c * 3);
+INSERT INTO {SCHEMA}.messages (topic, key, payload) VALUES ('orders.created', 'customer-' || :c::int,
+    convert_to(jsonb_build_object('customer', :c::int, 'total', :c::int * 3)::text, 'UTF8'));
+COMMIT;
+"""
+
 # The same work with the enqueue in the business statement itself (a data-modifying
 # CTE): no extra round trip, so what remains is the database's own cost.
 OUTBOX_ONE_STATEMENT = f"""\\set c random(1, 1000)
@@ -69,6 +90,8 @@ def _setup(dsn: str) -> None:
         conn.execute("DROP TABLE IF EXISTS bench_orders")
         conn.execute("CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer int NOT NULL, "
                      "total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute("DROP TABLE IF EXISTS bench_floor")
+        conn.execute("CREATE TABLE bench_floor (id bigserial PRIMARY KEY, topic text, key text, payload bytea)")
 
 
 def _notify(dsn: str, on: bool) -> None:
@@ -101,6 +124,8 @@ def measure(dsn: str, *, seconds: float, rounds: int) -> dict[str, float]:
     _setup(dsn)
     variants = {
         "plain": (PLAIN, True),
+        "floor_bare_table": (FLOOR, True),
+        "outbox_direct_insert_notify_on": (DIRECT, True),
         "outbox_notify_on": (OUTBOX, True),
         "outbox_notify_off": (OUTBOX, False),
         "outbox_one_statement_notify_on": (OUTBOX_ONE_STATEMENT, True),

@@ -1,0 +1,107 @@
+"""The workload matrix: every key shape users have, small and large backlogs, small
+and large payloads, each drained by the relay and compared with a raw client of the
+same records in the same run (these machines are shared and noisy: only ratios of
+figures taken side by side mean anything).
+
+Shapes: keyless, 1 key, 100 keys, 10,000 keys, every message its own key; 100 keys
+with a 1,000,000-row backlog; 100 keys next to one key whose head waits with 100,000
+rows behind it; 100 keys with 16 KiB payloads; RabbitMQ with 100 keys.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from benchmarks import kafka_bench, rabbit_bench
+from benchmarks.common import Keys
+
+LARGE_PAYLOAD = 16 * 1024
+
+
+def _step(name: str) -> None:
+    print(f"[bench] {time.strftime('%H:%M:%S')} matrix: {name}", flush=True)
+
+
+async def _best_of(runs: int, measure: Callable[[], Awaitable[float]]) -> float:
+    """Median of `runs` measurements: one noisy neighbour does not decide the figure."""
+    return statistics.median([await measure() for _ in range(runs)])
+
+
+async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_back: int,
+              runs: int) -> dict[str, Any]:
+    rates: dict[str, float] = {}
+    shapes: list[tuple[str, Keys]] = [
+        ("keyless", None), ("1 key", 1), ("100 keys", 100), ("10,000 keys", 10_000),
+        ("every message its own key", "unique"),
+    ]
+    _step("raw aiokafka, keyless (the ceiling)")
+    rates["kafka raw, keyless"] = await _best_of(runs, lambda: kafka_bench.raw_rate(kafka, small, keys=None))
+    for name, keys in shapes:
+        _step(f"kafka relay, {name}, {small:,}")
+        rates[f"kafka relay, {name}, {small:,}"] = await _best_of(
+            runs, lambda keys=keys: kafka_bench.relay_rate(dsn, kafka, small, keys=keys))  # type: ignore[misc]
+    _step(f"kafka relay, 100 keys, {large:,}")
+    rates[f"kafka relay, 100 keys, {large:,}"] = await kafka_bench.relay_rate(dsn, kafka, large, keys=100)
+    _step(f"kafka relay, 100 keys beside 1 key held back with {held_back:,} rows")
+    rates["kafka relay, 100 keys, 1 key held back"] = await _best_of(
+        runs, lambda: kafka_bench.relay_rate(dsn, kafka, small, keys=100, held_back=held_back))
+    _step("kafka, 100 keys, 16 KiB payloads")
+    rates["kafka raw, 100 keys, 16 KiB"] = await _best_of(
+        runs, lambda: kafka_bench.raw_rate(kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD))
+    rates["kafka relay, 100 keys, 16 KiB"] = await _best_of(
+        runs, lambda: kafka_bench.relay_rate(dsn, kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD))
+    _step("rabbitmq, 100 keys")
+    rates["rabbitmq raw pika, 100 keys"] = await _best_of(runs, lambda: rabbit_bench.raw_rate(amqp, small, keys=100))
+    rates["rabbitmq relay, 100 keys"] = await _best_of(
+        runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100))
+
+    def r(a: str, b: str) -> float:
+        return round(rates[a] / rates[b], 2)
+
+    keyless = f"kafka relay, keyless, {small:,}"
+    ratios = {
+        "kafka keyless: relay / raw producer": r(keyless, "kafka raw, keyless"),
+        "kafka 100 keys / keyless": r(f"kafka relay, 100 keys, {small:,}", keyless),
+        "kafka 10,000 keys / keyless": r(f"kafka relay, 10,000 keys, {small:,}", keyless),
+        "kafka every message its own key / keyless": r(f"kafka relay, every message its own key, {small:,}", keyless),
+        "kafka 1 key / keyless": r(f"kafka relay, 1 key, {small:,}", keyless),
+        f"kafka 100 keys, {large:,} backlog / {small:,} backlog": r(
+            f"kafka relay, 100 keys, {large:,}", f"kafka relay, 100 keys, {small:,}"),
+        f"kafka 100 keys beside 1 key held back ({held_back:,} rows) / without": r(
+            "kafka relay, 100 keys, 1 key held back", f"kafka relay, 100 keys, {small:,}"),
+        "kafka 100 keys, 16 KiB payloads: relay / raw producer": r(
+            "kafka relay, 100 keys, 16 KiB", "kafka raw, 100 keys, 16 KiB"),
+        "rabbitmq 100 keys: relay / raw pika": r("rabbitmq relay, 100 keys", "rabbitmq raw pika, 100 keys"),
+    }
+    return {"rates_msgs_per_s": {k: round(v) for k, v in rates.items()}, "ratios": ratios,
+            "small_backlog": small, "large_backlog": large, "held_back_rows": held_back, "runs": runs}
+
+
+TARGETS = {
+    "kafka keyless: relay / raw producer": (">=", 0.8),
+    "kafka 100 keys / keyless": (">=", 0.8),
+    "kafka 1 key / keyless": (">=", 0.5),
+    "rabbitmq 100 keys: relay / raw pika": (">=", 0.8),
+}
+
+
+def table(matrix: dict[str, Any]) -> str:
+    lines = ["| workload (matrix) | value | target | met |", "|---|---|---|---|"]
+    for name, value in matrix["ratios"].items():
+        target = TARGETS.get(name)
+        if name.startswith("kafka 100 keys, ") and "backlog" in name:
+            target = (">=", 0.9)
+        if "held back" in name:
+            target = (">=", 0.9)
+        if target:
+            op, bound = target
+            met = value >= bound if op == ">=" else value <= bound
+            lines.append(f"| {name} | {value} | {op} {bound} | {'yes' if met else '**no**'} |")
+        else:
+            lines.append(f"| {name} | {value} | | |")
+    lines += ["", "| drain (messages/s) | rate |", "|---|---|"]
+    lines += [f"| {name} | {rate:,} |" for name, rate in matrix["rates_msgs_per_s"].items()]
+    return "\n".join(lines)

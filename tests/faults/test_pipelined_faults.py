@@ -1,0 +1,87 @@
+"""A hot key's run goes to the broker in one call (pipelined); the broker dies in the
+middle of that call. Whatever part of the run it had acked, the first deliveries of
+the key must still be in enqueue order, nothing lost, duplicates bounded."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+from outbox_relay import enqueue
+from tests.acceptance.cli import RelayProcess
+from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
+from tests.faults.harness import Ledger, check_delivery, relay_config, settled, wait_for
+from tests.services import LocalBroker
+
+BATCH = 500
+BACKLOG = 6000  # one key, so every batch is one run of BATCH messages in one call
+
+
+def hot_backlog(dsn: str, topic: str) -> Ledger:
+    ledger = Ledger()
+    with psycopg.connect(dsn) as conn:
+        for n in range(BACKLOG):
+            key = "hot" if n % 10 else "warm"  # two keys, one of them nine tenths of the load
+            mid = enqueue(conn, topic, {"key": key, "n": n, "pad": "x" * 512}, key=key)
+            ledger.committed[str(mid)] = (key, n)
+        conn.commit()
+    return ledger
+
+
+def dispatched(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
+    return int(row[0]) if row else 0
+
+
+def kill_mid_drain(db: str, config: Path, topic: str, *, down: Callable[[], None], up: Callable[[], None]) -> Ledger:
+    ledger = hot_backlog(db, topic)
+    relay = RelayProcess(config)
+    try:
+        # Down while the drain is under way: some runs acked, one in flight.
+        wait_for(lambda: dispatched(db) >= BATCH, 60, "the drain under way")
+        down()
+        time.sleep(2)
+        up()
+        wait_for(lambda: settled(db), 180, "every message dispatched after the restart")
+        assert relay.terminate() == 0
+    finally:
+        relay.close()
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone()
+    assert row == (0,), "the outage dead-lettered nothing"
+    return ledger
+
+
+async def test_kafka_killed_in_the_middle_of_a_hot_key_run(db: str, own_kafka: LocalBroker, tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{own_kafka.port}"
+    topic = f"hot-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic, partitions=1)
+    config = relay_config(tmp_path / "relay.yaml", db,
+                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
+                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH,
+                          max_attempts=3)
+    ledger = kill_mid_drain(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
+    received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
+    check_delivery(received, ledger, max_duplicates=BATCH * 2 * 4)
+
+
+async def test_rabbitmq_stopped_in_the_middle_of_a_hot_key_run(db: str, own_rabbitmq: LocalBroker,
+                                                                tmp_path: Path) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:{own_rabbitmq.port}/%2F"
+    exchange = f"hot-{uuid.uuid4().hex[:8]}"
+    RabbitQueue(url, exchange, exchange + ".q").close()  # durable: read it after the restart
+    config = relay_config(tmp_path / "relay.yaml", db,
+                          {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s"}},
+                          [{"topic": "*", "broker": "mq"}], batch_size=BATCH, max_attempts=3)
+    ledger = kill_mid_drain(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
+    reader = RabbitQueue(url, exchange, exchange + ".q")
+    try:
+        received = await rabbit_read(reader, len(ledger.committed) + BATCH * 2 * 4, timeout=20)
+    finally:
+        reader.close()
+    check_delivery(received, ledger, max_duplicates=BATCH * 2 * 4)
