@@ -21,7 +21,9 @@ PAYLOAD_BYTES = 256
 KEYS = 10_000
 
 
-Keys = int | str | None  # how many distinct keys; None: keyless; "unique": one per message
+# How many distinct keys: a number; None: keyless; "unique": one per message; any
+# other string: that one key for every message.
+Keys = int | str | None
 
 
 def _key_sql(keys: Keys) -> sql.Composable:
@@ -29,11 +31,14 @@ def _key_sql(keys: Keys) -> sql.Composable:
         return sql.SQL("NULL")
     if keys == "unique":
         return sql.SQL("'key-' || g")
+    if isinstance(keys, str):
+        return sql.Literal(keys)
     return sql.SQL("'key-' || mod(g, {})").format(sql.Literal(int(keys)))
 
 
 def fill_backlog(dsn: str, schema: str, topic: str, count: int, *, keys: Keys = KEYS,
-                 payload_bytes: int = PAYLOAD_BYTES, start: int = 1, next_attempt: str | None = None) -> None:
+                 payload_bytes: int = PAYLOAD_BYTES, start: int = 1, next_attempt: str | None = None,
+                 vacuum: bool = True) -> None:
     """`count` pending messages of `payload_bytes` bytes over `keys` keys, in one statement.
     `next_attempt` (an interval, e.g. '1 hour') makes them wait, as rows behind a failing
     head or a broker in outage do."""
@@ -44,7 +49,8 @@ def fill_backlog(dsn: str, schema: str, topic: str, count: int, *, keys: Keys = 
     ).format(sql.Identifier(schema), _key_sql(keys))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(query, (topic, payload_bytes, next_attempt, start, start + count - 1))
-        conn.execute(sql.SQL("VACUUM ANALYZE {}.messages").format(sql.Identifier(schema)))
+        if vacuum:
+            conn.execute(sql.SQL("VACUUM ANALYZE {}.messages").format(sql.Identifier(schema)))
 
 
 def messages_for_raw_clients(count: int, *, keys: Keys = KEYS,
@@ -53,7 +59,9 @@ def messages_for_raw_clients(count: int, *, keys: Keys = KEYS,
     def key(g: int) -> bytes | None:
         if keys is None:
             return None
-        return f"key-{g if keys == 'unique' else g % int(keys)}".encode()
+        if isinstance(keys, str):
+            return f"key-{g}".encode() if keys == "unique" else keys.encode()
+        return f"key-{g % keys}".encode()
 
     return [(key(g), str(g).rjust(payload_bytes, "x").encode()) for g in range(1, count + 1)]
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks import kafka_bench, rabbit_bench
+from benchmarks import kafka_bench, rabbit_bench, replicas
 from benchmarks.common import Keys
 
 LARGE_PAYLOAD = 16 * 1024
@@ -53,6 +53,12 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         runs, lambda: kafka_bench.raw_rate(kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD))
     rates["kafka relay, 100 keys, 16 KiB"] = await _best_of(
         runs, lambda: kafka_bench.relay_rate(dsn, kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD))
+    _step("kafka, 100 keys, 1 relay process vs 3 (replicas), backlog committed while they idle")
+    shared = small * 5
+    rates["kafka, 100 keys, 1 relay process"] = await _best_of(
+        runs, lambda: replicas.drain_rate(dsn, kafka, shared, replicas=1))
+    rates["kafka, 100 keys, 3 relay processes"] = await _best_of(
+        runs, lambda: replicas.drain_rate(dsn, kafka, shared, replicas=3))
     _step("rabbitmq, 100 keys")
     rates["rabbitmq raw pika, 100 keys"] = await _best_of(runs, lambda: rabbit_bench.raw_rate(amqp, small, keys=100))
     rates["rabbitmq relay, 100 keys"] = await _best_of(
@@ -74,6 +80,8 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
             "kafka relay, 100 keys, 1 key held back", f"kafka relay, 100 keys, {small:,}"),
         "kafka 100 keys, 16 KiB payloads: relay / raw producer": r(
             "kafka relay, 100 keys, 16 KiB", "kafka raw, 100 keys, 16 KiB"),
+        "kafka 100 keys: 3 relay processes / 1": r("kafka, 100 keys, 3 relay processes",
+                                                   "kafka, 100 keys, 1 relay process"),
         "rabbitmq 100 keys: relay / raw pika": r("rabbitmq relay, 100 keys", "rabbitmq raw pika, 100 keys"),
     }
     return {"rates_msgs_per_s": {k: round(v) for k, v in rates.items()}, "ratios": ratios,
@@ -85,6 +93,7 @@ TARGETS = {
     "kafka 100 keys / keyless": (">=", 0.8),
     "kafka 1 key / keyless": (">=", 0.5),
     "rabbitmq 100 keys: relay / raw pika": (">=", 0.8),
+    "kafka 100 keys: 3 relay processes / 1": (">=", 1.0),
 }
 
 

@@ -137,8 +137,13 @@ class OutboxStore:
         return Claim(_unbroken_runs(rows, limit), more)
 
     async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int) -> tuple[list[int], bool]:
-        """Head ids of up to `limit` keys with a due head, from the cursor round to it
-        again; and whether the walk stopped before it had been all the way round."""
+        """Head ids of up to `limit` keys with a due head, from the cursor on; and whether
+        the walk stopped short of the last key (so another claim may find more at once).
+
+        A walk that reaches the last key wraps round to the first and goes on up to where
+        it began, and reports False: the relay then waits for a wake-up, so a keyspace
+        where every key waits (a broker outage) is walked once per wake-up, not in a loop.
+        """
         budget = limit * self.VISITS_PER_SLOT
         start = self._cursor
         rows = await self._walk_from(conn, start, None, limit, budget)
@@ -146,16 +151,14 @@ class OutboxStore:
         if len(heads) >= limit or len(rows) >= budget:
             self._cursor = rows[-1][0]
             return heads, True
-        if not start:  # walked every key
-            return heads, False
-        # The end of the keys: on from the first key up to where this walk began.
-        budget -= len(rows)
-        rows = [r for r in await self._walk_from(conn, "", start, limit - len(heads), budget) if r[0] <= start]
-        heads += [head for _, head, due in rows if due]
-        if rows and (len(heads) >= limit or len(rows) >= budget):
-            self._cursor = rows[-1][0]
-            return heads, True
-        self._cursor = start
+        self._cursor = ""
+        if start:
+            budget -= len(rows)
+            wrapped = await self._walk_from(conn, "", start, limit - len(heads), budget)
+            before = [row for row in wrapped if row[0] <= start]
+            heads += [head for _, head, due in before if due]
+            stopped_short = len(before) == len(wrapped) and (len(heads) >= limit or len(wrapped) >= budget)
+            self._cursor = before[-1][0] if stopped_short and before else start
         return heads, False
 
     async def _walk_from(

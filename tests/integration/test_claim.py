@@ -132,3 +132,43 @@ async def test_upgrade_from_version_1_keeps_pending_rows_claimable_in_order(empt
         indexes = {r[0] for r in conn.execute(
             "SELECT indexname FROM pg_indexes WHERE schemaname = 'outbox' AND tablename = 'messages'").fetchall()}
     assert "messages_pending_idx" not in indexes and "messages_keyed_pending_idx" in indexes
+
+
+# --- no spinning -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("held", ["a key's head", "every keyless row"])
+async def test_no_busy_loop_when_everything_claimable_is_held_by_someone_else(db: str, held: str) -> None:
+    from outbox_relay.testing import FakeAdapter
+    from tests.conftest import make_config, running_relay, wait_until
+
+    fill(db, [keyed(50, "'k'") if held == "a key's head" else keyed(50, "NULL")])
+    fake = FakeAdapter()
+    # Another relay's batch, as PostgreSQL sees it: the rows locked by an open transaction.
+    with psycopg.connect(db) as other:
+        other.execute("SELECT id FROM outbox.messages ORDER BY id LIMIT %s FOR UPDATE",
+                      (1 if held == "a key's head" else 50,))
+        async with running_relay(make_config(db, poll_interval="100ms", workers=2), {"main": fake}) as relay:
+            # The positive signal: the workers have woken by their poll several times.
+            await wait_until(lambda: relay.wakeups["poll"] >= 10, timeout=30)
+            polls, again = relay.wakeups["poll"], relay.wakeups["backlog"]
+        other.rollback()
+    assert fake.delivered == [], "nothing claimable: everything was held"
+    # A worker that found nothing sleeps until the next wake-up; it does not claim again at once.
+    assert again <= 2, f"{again} immediate re-claims over {polls} polls: a busy loop"
+
+
+async def test_a_walk_over_waiting_keys_is_bounded_then_sleeps(db: str) -> None:
+    from outbox_relay.testing import FakeAdapter
+    from tests.conftest import make_config, running_relay, wait_until
+
+    keys, batch = 2_000, 10
+    fill(db, [keyed(keys, "'w' || g", "now() + interval '1 hour'")])  # every key waits (a broker outage)
+    async with running_relay(make_config(db, poll_interval="100ms", workers=1, batch_size=batch),
+                             {"main": FakeAdapter()}) as relay:
+        await wait_until(lambda: relay.wakeups["poll"] >= 5, timeout=60)
+        polls, again = relay.wakeups["poll"], relay.wakeups["backlog"]
+    # Each claim visits at most batch * VISITS_PER_SLOT keys and goes on at once until the
+    # walk has been all the way round; then the worker sleeps until its poll.
+    per_round = -(-keys // (batch * OutboxStore.VISITS_PER_SLOT))
+    assert again <= (polls + 1) * per_round, (polls, again)
