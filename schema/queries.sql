@@ -53,7 +53,7 @@ WITH heads AS (
       AND NOT (%(hold_dead_letters)s AND EXISTS (
             SELECT 1 FROM {schema}.messages AS d
             WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
-              AND d.dead_lettered_at IS NOT NULL AND d.key IS NOT NULL))
+              AND d.dead_lettered_at IS NOT NULL))
     FOR UPDATE OF m SKIP LOCKED
 )
 SELECT r.id, r.message_id, r.topic, r.key, r.payload, r.content_type, r.headers, r.attempts, r.created_at,
