@@ -40,7 +40,7 @@ METADATA_WAIT_S = 5.0
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 @functools.lru_cache(maxsize=1024)
-def _valid_topic(name: str) -> bool:
+def valid_topic(name: str) -> bool:
     return KAFKA_TOPIC.fullmatch(name) is not None
 
 
@@ -100,6 +100,9 @@ class SaslOptions(Options):
 
 class KafkaOptions(Options):
     bootstrap_servers: str | list[str]
+    # aiokafka (pure Python, the default) or librdkafka (confluent-kafka, C; faster:
+    # README, "Performance"). Same guarantees, same records, same errors.
+    client: Literal["aiokafka", "librdkafka"] = "aiokafka"
     client_id: str = "outbox-relay"
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     linger: float = 0.0
@@ -231,7 +234,7 @@ class KafkaAdapter:
     async def _send(
         self, producer: AIOKafkaProducer, out: OutgoingMessage, missing: dict[str, PublishResult]
     ) -> asyncio.Future[Any] | PublishResult:
-        if not _valid_topic(out.destination):
+        if not valid_topic(out.destination):
             return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
         if out.destination in missing:
             return missing[out.destination]
@@ -250,7 +253,7 @@ class KafkaAdapter:
         auto-creation off). Their messages fail alone and early; without this, `send`
         waits the whole request timeout for each and holds up the rest of the batch."""
         unknown = {out.destination for out in batch if out.destination not in self._known_topics
-                   and _valid_topic(out.destination)}
+                   and valid_topic(out.destination)}
         missing: dict[str, PublishResult] = {}
         for topic in unknown:
             try:
@@ -325,5 +328,10 @@ class KafkaAdapter:
         return PublishResult.acked()
 
 
-def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter:
-    return KafkaAdapter(name, parse_options(KafkaOptions, options))
+def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter | Any:
+    parsed = parse_options(KafkaOptions, options)
+    if parsed.client == "librdkafka":
+        from .kafka_librdkafka import LibrdkafkaAdapter  # optional: confluent-kafka
+
+        return LibrdkafkaAdapter(name, parsed)
+    return KafkaAdapter(name, parsed)

@@ -25,7 +25,7 @@ from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
 from outbox_relay_adapters.stdout import StdoutAdapter
 from outbox_relay_adapters.webhook import create as create_webhook
 
-from outbox_relay.adapter import Adapter
+from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.models import Message, Outcome, OutgoingMessage
 from outbox_relay.records import decode_payload
 from tests.consumers import RabbitQueue, Received, kafka_read, rabbit_read
@@ -92,6 +92,16 @@ class AdapterContract:
         assert got.message_id == str(sent.message_id)
         assert got.payload == b"\x00\xffbinary"
         assert got.headers["trace-id"] == "abc" and got.headers["tenant"] == "t1"
+
+    async def test_a_keys_run_in_one_call_arrives_in_order(self, target: Target) -> None:
+        # Adapters that declare keeps_key_order are handed a key's whole run at once.
+        if not keeps_key_order(target.adapter):
+            assert type(target.adapter).__name__ == "WebhookAdapter", "only the webhook sends concurrently"
+            return
+        run = [message(i, key="hot") for i in range(300)]
+        assert await self._publish(target, run) == [Outcome.ACKED] * 300
+        received = await target.read(300)
+        assert [r.message_id for r in received] == [str(m.message_id) for m in run]
 
     async def test_ack_means_already_readable(self, target: Target) -> None:
         sent = [message(i) for i in range(5)]
@@ -181,6 +191,20 @@ class TestKafka(AdapterContract):
         adapter = create_kafka("kafka", {"bootstrap_servers": kafka_bootstrap})
         await adapter.connect()
         topic = f"contract-{uuid.uuid4().hex[:10]}"
+
+        async def read(count: int) -> list[Received]:
+            return await kafka_read(kafka_bootstrap, topic, count)
+
+        yield Target(adapter, topic, read, explicit=True)
+        await adapter.close()
+
+
+class TestKafkaLibrdkafka(AdapterContract):
+    @pytest.fixture
+    async def target(self, kafka_bootstrap: str) -> AsyncIterator[Target]:
+        adapter = create_kafka("kafka", {"bootstrap_servers": kafka_bootstrap, "client": "librdkafka"})
+        await adapter.connect()
+        topic = f"contract-rdk-{uuid.uuid4().hex[:10]}"
 
         async def read(count: int) -> list[Received]:
             return await kafka_read(kafka_bootstrap, topic, count)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import psycopg
+import pytest
 
 from outbox_relay import enqueue
 from outbox_relay.wiring import build_adapters
@@ -13,19 +14,21 @@ from tests.consumers import kafka_create_topic, kafka_read
 from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key, write
 
 
-def kafka_config(db: str, bootstrap: str, topic: str, **relay: object):  # type: ignore[no-untyped-def]
+def kafka_config(db: str, bootstrap: str, topic: str, client: str = "aiokafka", **relay: object):  # type: ignore[no-untyped-def]
     return make_config(
         db,
-        brokers={"events": {"type": "kafka", "bootstrap_servers": bootstrap}},
+        brokers={"events": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
         routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
         **relay,
     )
 
 
-async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(db: str, kafka_bootstrap: str) -> None:
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
+async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(db: str, kafka_bootstrap: str,
+                                                                            client: str) -> None:
     topic = f"e2e-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
-    config = kafka_config(db, kafka_bootstrap, topic, batch_size=100)
+    config = kafka_config(db, kafka_bootstrap, topic, client, batch_size=100)
     async with running_relay(config, build_adapters(config)):
         written = await write(db, "orders.created", [f"order-{i}" for i in range(10)], 40, rollback_every=7)
         await wait_until(lambda: pending(db) == 0, timeout=60)
@@ -40,7 +43,8 @@ async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(db: 
         assert ns == sorted(n for k, n in written.committed.values() if k == key), key
 
 
-async def test_oversize_message_is_dead_lettered_while_others_flow(db: str, kafka_bootstrap: str) -> None:
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
+async def test_oversize_message_is_dead_lettered_while_others_flow(db: str, kafka_bootstrap: str, client: str) -> None:
     topic = f"e2e-small-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=1, **{"max.message.bytes": "4096"})
     with psycopg.connect(db) as conn:
@@ -50,7 +54,7 @@ async def test_oversize_message_is_dead_lettered_while_others_flow(db: str, kafk
         for i in range(5):
             enqueue(conn, "orders.created", {"key": f"other-{i}", "n": 0}, key=f"other-{i}")
         conn.commit()
-    config = kafka_config(db, kafka_bootstrap, topic)
+    config = kafka_config(db, kafka_bootstrap, topic, client)
     async with running_relay(config, build_adapters(config)):
         await wait_until(lambda: pending(db) == 0, timeout=60)
     [(mid, key, reason)] = dead_letters(db)

@@ -34,8 +34,9 @@ async def records_in(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
 @pytest.mark.parametrize("policy", ["release", "hold"])
-async def test_rejection_in_the_middle_of_a_run(db: str, kafka_bootstrap: str, policy: str) -> None:
+async def test_rejection_in_the_middle_of_a_run(db: str, kafka_bootstrap: str, policy: str, client: str) -> None:
     topic = f"e2e-run-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=1, **{"max.message.bytes": "4096"})
     with psycopg.connect(db) as conn:
@@ -47,7 +48,8 @@ async def test_rejection_in_the_middle_of_a_run(db: str, kafka_bootstrap: str, p
         for i in range(5):
             enqueue(conn, "orders.created", {"key": f"other-{i}", "n": 0}, key=f"other-{i}")
         conn.commit()
-    config = make_config(db, brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+    config = make_config(db, brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap,
+                                                 "client": client}},
                          routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
                          dead_letter_policy=policy)
     adapters = build_adapters(config)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from outbox_relay import enqueue
 from tests.acceptance.cli import RelayProcess
@@ -57,12 +58,15 @@ def kill_mid_drain(db: str, config: Path, topic: str, *, down: Callable[[], None
     return ledger
 
 
-async def test_kafka_killed_in_the_middle_of_a_hot_key_run(db: str, own_kafka: LocalBroker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
+async def test_kafka_killed_in_the_middle_of_a_hot_key_run(db: str, own_kafka: LocalBroker, tmp_path: Path,
+                                                           client: str) -> None:
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"hot-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=1)
     config = relay_config(tmp_path / "relay.yaml", db,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
+                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s",
+                                     "client": client}},
                           [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH,
                           max_attempts=3)
     ledger = kill_mid_drain(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
