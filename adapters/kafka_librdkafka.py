@@ -1,11 +1,19 @@
 """``type: kafka`` with ``client: librdkafka``: publishes with confluent-kafka.
 
 librdkafka builds and sends record batches in C threads, so the Python side of a
-message is one ``produce()`` call (about a fifth of aiokafka's per-message CPU here:
-README, "Performance"). Same guarantees as the aiokafka client: idempotent producer,
+message is one ``produce()`` call (a fraction of aiokafka's per-message CPU: README,
+"Performance"). Same guarantees as the aiokafka client: idempotent producer,
 ``acks=all``, a row marked only on its delivery report, a key's run in one call (same
 key, same partition, records kept in order), the same record layout and the same
 error classes.
+
+Left to itself, librdkafka goes on after the broker rejects a record batch (too large
+for the topic): later records of the partition are delivered, ahead of the rejected
+batch's innocent records sent again. ``enable.gapless.guarantee`` makes such a
+rejection fatal instead: the producer stops, nothing after the gap is delivered, and
+the adapter starts a new producer and re-sends the rejected batch's records one by
+one, in order, so only the record that is really too large is dead-lettered, as the
+aiokafka client does.
 
 Delivery reports are served by a thread of our own that polls the producer and
 hands each poll's reports to the event loop at once (one loop call per poll, not
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -55,10 +64,24 @@ AWAY_CODES = frozenset({
 })
 
 
+SIZE_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+
+# Failed because of another record: the producer stopped (a gap another record left)
+# or its queue was purged when it was replaced. Nothing is wrong with the message: it
+# waits, without spending an attempt, for the new producer.
+COLLATERAL_CODES = frozenset({KafkaError._FATAL, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
+                              KafkaError._GAPLESS_GUARANTEE})
+
+
 def classify(error: Any) -> PublishResult:
-    """A KafkaError, as the engine should treat it."""
-    reason = f"{error.name()}: {error.str()}"
+    """A KafkaError, as the engine should treat it. Reasons name the error the way the
+    aiokafka client does (MessageSizeTooLarge ...), with librdkafka's code after it."""
     code = error.code()
+    reason = f"{error.name()}: {error.str()}"
+    if code in SIZE_CODES:
+        reason = f"MessageSizeTooLarge ({error.name()}): {error.str()}"
+    if code in COLLATERAL_CODES or (error.fatal() and code not in PERMANENT_CODES):
+        return PublishResult.unavailable(reason)
     if code in PERMANENT_CODES:
         return PublishResult.permanent(reason)
     if code in AWAY_CODES:
@@ -83,6 +106,8 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
         # A record not delivered within this fails with _MSG_TIMED_OUT ("unavailable").
         "message.timeout.ms": timeout_ms,
         "queue.buffering.max.messages": 1_000_000,
+        # A rejected batch stops the producer rather than leave a gap (module docstring).
+        "enable.gapless.guarantee": True,
     }
     tls = options.tls
     if tls:
@@ -113,20 +138,28 @@ class _Reports:
         self._producer = producer
         self._loop = loop
         self._stop = threading.Event()
-        self._ready: list[tuple[asyncio.Future[PublishResult], PublishResult]] = []
+        self._ready: list[tuple[asyncio.Future[Any], Any]] = []
         self.fatal: str | None = None
         self._thread = threading.Thread(target=self._run, name="librdkafka-reports", daemon=True)
         self._thread.start()
 
-    def delivered(self, future: asyncio.Future[PublishResult], error: Any, _message: Any) -> None:
-        # Called by producer.poll() on the polling thread.
+    def delivered(self, future: asyncio.Future[Any], error: Any, _message: Any) -> None:
+        # Called by producer.poll() on the polling thread; the future gets the error or None.
         if error is not None and error.fatal():
             self.fatal = error.str()
-        self._ready.append((future, PublishResult.acked() if error is None else classify(error)))
+        self._ready.append((future, error))
+
+    def error(self, error: Any) -> None:
+        # librdkafka's error callback (poll() serves it): a fatal error stops the producer.
+        if error.fatal():
+            self.fatal = error.str()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(POLL_S)
+            try:
+                self._producer.poll(POLL_S)
+            except KafkaException as exc:  # a fatal error surfaces here too; reports go on
+                self.fatal = self.fatal or str(exc)
             if self._ready:
                 ready, self._ready = self._ready, []
                 with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody waits
@@ -137,7 +170,7 @@ class _Reports:
         self._thread.join(5)
 
 
-def _settle(ready: list[tuple[asyncio.Future[PublishResult], PublishResult]]) -> None:
+def _settle(ready: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for future, result in ready:
         if not future.done():
             future.set_result(result)
@@ -153,7 +186,10 @@ class LibrdkafkaAdapter:
         self._reports: _Reports | None = None
 
     async def connect(self) -> None:
-        producer = Producer(producer_config(self.options))
+        errors: list[_Reports] = []  # the error callback reaches the reports object made below
+        producer = Producer({**producer_config(self.options),
+                             "error_cb": lambda error: errors[0].error(error) if errors else None},
+                            logger=logging.getLogger("outbox_relay.librdkafka"))  # not raw lines on stderr
         try:
             # Connected and the cluster's metadata fetched, as the aiokafka client does.
             await asyncio.to_thread(producer.list_topics, timeout=self.options.request_timeout)
@@ -161,6 +197,7 @@ class LibrdkafkaAdapter:
             raise ConnectionError(f"kafka unreachable: {exc.args[0].str() if exc.args else exc}") from exc
         self._producer = producer
         self._reports = _Reports(producer, asyncio.get_running_loop())
+        errors.append(self._reports)
 
     async def close(self) -> None:
         producer, reports = self._producer, self._reports
@@ -183,23 +220,53 @@ class LibrdkafkaAdapter:
         producer, reports = self._producer, self._reports
         if producer is None or reports is None:
             return [PublishResult.unavailable("kafka producer not connected")] * len(batch)
-        loop = asyncio.get_running_loop()
         stops = KeyStops()
-        pending: list[asyncio.Future[PublishResult] | PublishResult] = []
+        pending: list[asyncio.Future[Any] | PublishResult] = []
         for out in batch:
-            sent = stops.held(out) or await self._produce(producer, reports, loop, out)
+            sent = stops.held(out) or await self._produce(producer, reports, out)
             if isinstance(sent, PublishResult):
                 stops.note(out, sent)
             pending.append(sent)
-        results = [await item if isinstance(item, asyncio.Future) else item for item in pending]
+        errors = [await item if isinstance(item, asyncio.Future) else item for item in pending]
         if reports.fatal is not None:
-            await self._new_producer(reports.fatal)
-        return KeyStops().settle(batch, results)
+            await self._new_producer(producer, reports.fatal)
+        return KeyStops().settle(batch, await self._settle_size_errors(batch, errors))
 
-    async def _new_producer(self, why: str) -> None:
-        """After a fatal error (the idempotent producer's state no longer matches the
-        broker's) the producer refuses everything: start a new one, with a new id."""
-        log.warning("kafka_producer_reset", broker=self.name, error=why)
+    async def _settle_size_errors(self, batch: Sequence[OutgoingMessage], errors: list[Any]) -> list[PublishResult]:
+        """"Too large" is about a whole record batch, so it may be a neighbour's fault:
+        each such record is sent again on its own, in batch order, a key stopping at its
+        first failure; what still fails alone is really too large."""
+        final: list[PublishResult] = []
+        stops = KeyStops()
+        for out, error in zip(batch, errors, strict=True):
+            if isinstance(error, PublishResult):
+                final.append(stops.note(out, error))
+            elif error is None:
+                final.append(stops.note(out, PublishResult.acked()))
+            elif error.code() in SIZE_CODES:
+                final.append(stops.note(out, stops.held(out) or await self._send_alone(out)))
+            else:
+                final.append(stops.note(out, classify(error)))
+        return final
+
+    async def _send_alone(self, out: OutgoingMessage) -> PublishResult:
+        producer, reports = self._producer, self._reports
+        if producer is None or reports is None:
+            return PublishResult.unavailable("kafka producer not connected")
+        sent = await self._produce(producer, reports, out)
+        if isinstance(sent, PublishResult):
+            return sent
+        error = await sent
+        if reports.fatal is not None:
+            await self._new_producer(producer, reports.fatal)
+        return PublishResult.acked() if error is None else classify(error)
+
+    async def _new_producer(self, seen: Any, why: str) -> None:
+        """After a fatal error the producer refuses everything: start a new one (a new
+        producer id), once, whichever worker sees it first."""
+        if self._producer is not seen:
+            return
+        log.info("kafka_producer_reset", broker=self.name, error=why)
         old, reports = self._producer, self._reports
         self._producer = self._reports = None
         if reports is not None:
@@ -212,11 +279,11 @@ class LibrdkafkaAdapter:
         except Exception as exc:  # left disconnected: the next publish answers "unavailable"
             log.warning("kafka_producer_reset_failed", broker=self.name, error=repr(exc))
 
-    async def _produce(self, producer: Any, reports: _Reports, loop: asyncio.AbstractEventLoop,
-                       out: OutgoingMessage) -> asyncio.Future[PublishResult] | PublishResult:
+    async def _produce(self, producer: Any, reports: _Reports,
+                       out: OutgoingMessage) -> asyncio.Future[Any] | PublishResult:
         if not valid_topic(out.destination):
             return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
-        future: asyncio.Future[PublishResult] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         key = out.message.key.encode("utf-8") if out.message.key is not None else None
         while True:
             try:

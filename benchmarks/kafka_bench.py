@@ -24,7 +24,8 @@ def options(bootstrap: str) -> dict[str, object]:
 
 
 async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 500, workers: int = 2,
-                     keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES, held_back: int = 0) -> float:
+                     keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES, held_back: int = 0,
+                     client: str = "aiokafka") -> float:
     """Messages/s draining a backlog of `count`. `held_back` more rows wait behind one
     key's head that is not due (a failing message): they must not slow the others."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
@@ -35,7 +36,7 @@ async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 
         fill_backlog(dsn, SCHEMA, "bench.kafka", held_back, keys="held")
     fill_backlog(dsn, SCHEMA, "bench.kafka", count, keys=keys, payload_bytes=payload_bytes)
     config = relay_config(
-        dsn, SCHEMA, {"kafka": {"type": "kafka", **options(bootstrap)}},
+        dsn, SCHEMA, {"kafka": {"type": "kafka", "client": client, **options(bootstrap)}},
         [{"topic": "*", "broker": "kafka", "destination": topic}],
         batch_size=batch_size, workers=workers, notify=False,
     )

@@ -46,6 +46,11 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         _step(f"kafka relay, {name}, {small:,}")
         rates[f"kafka relay, {name}, {small:,}"] = await _best_of(
             runs, lambda keys=keys: kafka_bench.relay_rate(dsn, kafka, small, keys=keys))  # type: ignore[misc]
+    for name, keys in (("keyless", None), ("100 keys", 100), ("1 key", 1)):
+        _step(f"kafka relay with client: librdkafka, {name}, {small:,}")
+        rates[f"kafka relay librdkafka, {name}, {small:,}"] = await _best_of(
+            runs, lambda keys=keys: kafka_bench.relay_rate(  # type: ignore[misc]
+                dsn, kafka, small, keys=keys, client="librdkafka"))
     _step(f"kafka relay, 100 keys, {large:,}")
     rates[f"kafka relay, 100 keys, {large:,}"] = await kafka_bench.relay_rate(dsn, kafka, large, keys=100)
     _step(f"kafka relay, 100 keys beside 1 key held back with {held_back:,} rows")
@@ -74,6 +79,14 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
     ratios = {
         "kafka keyless: relay / fastest raw producer": r(keyless, "kafka raw, keyless"),
         "kafka keyless: relay / raw aiokafka": r(keyless, "kafka raw aiokafka, keyless"),
+        "kafka keyless, client librdkafka: relay / fastest raw producer": r(
+            f"kafka relay librdkafka, keyless, {small:,}", "kafka raw, keyless"),
+        "kafka 100 keys / keyless, client librdkafka": r(
+            f"kafka relay librdkafka, 100 keys, {small:,}", f"kafka relay librdkafka, keyless, {small:,}"),
+        "kafka 1 key / keyless, client librdkafka": r(
+            f"kafka relay librdkafka, 1 key, {small:,}", f"kafka relay librdkafka, keyless, {small:,}"),
+        "kafka keyless: relay with librdkafka / relay with aiokafka": r(
+            f"kafka relay librdkafka, keyless, {small:,}", keyless),
         "kafka 100 keys / keyless": r(f"kafka relay, 100 keys, {small:,}", keyless),
         "kafka 10,000 keys / keyless": r(f"kafka relay, 10,000 keys, {small:,}", keyless),
         "kafka every message its own key / keyless": r(f"kafka relay, every message its own key, {small:,}", keyless),
@@ -94,6 +107,9 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
 
 TARGETS = {
     "kafka keyless: relay / fastest raw producer": (">=", 0.8),
+    "kafka keyless, client librdkafka: relay / fastest raw producer": (">=", 0.8),
+    "kafka 100 keys / keyless, client librdkafka": (">=", 0.8),
+    "kafka 1 key / keyless, client librdkafka": (">=", 0.5),
     "kafka 100 keys / keyless": (">=", 0.8),
     "kafka 1 key / keyless": (">=", 0.5),
     "rabbitmq 100 keys: relay / raw pika": (">=", 0.8),
