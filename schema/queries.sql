@@ -11,10 +11,16 @@ SELECT max(version) FROM {schema}.schema_version;
 -- that waits (retry time, broker outage) are never read. Walks in key order from
 -- %(after)s (the relay's rotating cursor, so every key gets its turn) and stops after
 -- %(limit)s due heads or %(max_visits)s keys, whichever comes first. Returns every key
--- visited; the last one is where the next walk starts.
+-- visited; the last one is where the next walk starts. A head is due when its retry
+-- time has come and, under `hold`, no dead letter of its key comes before it.
 WITH RECURSIVE walk(visited, found, key, id, due) AS (
     (SELECT 1, m.due::int, m.key, m.id, m.due
-     FROM (SELECT m.key, m.id, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due
+     FROM (SELECT m.key, m.id,
+                  coalesce(m.next_attempt_at <= clock_timestamp(), true)
+                  AND NOT (%(hold_dead_letters)s AND EXISTS (
+                        SELECT 1 FROM {schema}.messages AS d
+                        WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
+                          AND d.dead_lettered_at IS NOT NULL)) AS due
            FROM {schema}.messages AS m
            WHERE m.key COLLATE "C" > %(after)s::text
              AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
@@ -24,7 +30,12 @@ WITH RECURSIVE walk(visited, found, key, id, due) AS (
     SELECT w.visited + 1, w.found + n.due::int, n.key, n.id, n.due
     FROM walk AS w
     CROSS JOIN LATERAL (
-        SELECT m.key, m.id, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due
+        SELECT m.key, m.id,
+               coalesce(m.next_attempt_at <= clock_timestamp(), true)
+               AND NOT (%(hold_dead_letters)s AND EXISTS (
+                     SELECT 1 FROM {schema}.messages AS d
+                     WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
+                       AND d.dead_lettered_at IS NOT NULL)) AS due
         FROM {schema}.messages AS m
         WHERE m.key COLLATE "C" > w.key COLLATE "C"
           AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL

@@ -165,7 +165,8 @@ class OutboxStore:
         self, conn: psycopg.AsyncConnection[Any], after: str, until: str | None, limit: int, budget: int
     ) -> list[tuple[str, int, bool]]:
         cur = await conn.execute(
-            self._q["walk_keys"], {"after": after, "until": until, "limit": limit, "max_visits": budget}
+            self._q["walk_keys"],
+            {"after": after, "until": until, "limit": limit, "max_visits": budget, "hold_dead_letters": self._hold},
         )
         return [(str(key), int(head), bool(due)) for key, head, due in await cur.fetchall()]
 
