@@ -4,8 +4,10 @@ A message becomes a record: topic = the route's destination, key = the message k
 (UTF-8), value = the payload, headers = the message headers plus ``message-id`` and
 ``content-type``. The whole batch is handed to the producer at once and every
 delivery future is awaited before any result is reported, so a row is never marked
-on an un-awaited send. The engine never puts two messages of one key in a batch,
-and same key means same partition, so per-key order survives retries.
+on an un-awaited send. A key's run may come in one call (``keeps_key_order``): same
+key, same partition, one request in flight per partition, and after a rejected
+batch the idempotent producer refuses the rest of the partition, so a later record
+of a key is never acked after an earlier one failed.
 """
 
 from __future__ import annotations
@@ -306,7 +308,7 @@ class KafkaAdapter:
         for out, result in zip(batch, results, strict=True):
             if isinstance(result, PublishResult):
                 final.append(stops.note(out, result))
-            elif isinstance(result, SIZE_ERRORS) and self._producer is not None:
+            elif isinstance(result, SIZE_ERRORS):  # alone; "unavailable" if no producer could start
                 final.append(stops.note(out, stops.held(out) or await self._send_alone(out)))
             else:
                 final.append(stops.note(out, classify(result)))

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 log = structlog.get_logger("outbox_relay.kafka")
 
 POLL_S = 0.02
+METADATA_WAIT_S = 5.0
 
 # The broker will refuse these however often we try: dead-letter them with its reason.
 PERMANENT_CODES = frozenset({
@@ -103,11 +105,21 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
         "batch.size": options.max_batch_size,
         "message.max.bytes": options.max_request_size,
         "request.timeout.ms": timeout_ms,
-        # A record not delivered within this fails with _MSG_TIMED_OUT ("unavailable").
-        "message.timeout.ms": timeout_ms,
+        # Never give a record up: a record that timed out is not covered by the gapless
+        # guarantee (a later one of its partition could be delivered before it is sent
+        # again). The relay's publish_timeout decides how long a call may take.
+        "message.timeout.ms": 0,
+        # Same key, same partition as aiokafka and the Java client (murmur2), so switching
+        # clients, or replicas on both, never splits a key over two partitions.
+        "partitioner": "murmur2_random",
         "queue.buffering.max.messages": 1_000_000,
         # A rejected batch stops the producer rather than leave a gap (module docstring).
         "enable.gapless.guarantee": True,
+        # One request in flight per broker, as aiokafka: with several, a request sent after
+        # a rejected one can still be written (a broker that has no state for a new
+        # producer id accepts its first sequence as it comes), ahead of the rejected
+        # batch's innocent records sent again.
+        "max.in.flight.requests.per.connection": 1,
     }
     tls = options.tls
     if tls:
@@ -155,19 +167,35 @@ class _Reports:
             self.fatal = error.str()
 
     def _run(self) -> None:
+        purged = False
         while not self._stop.is_set():
             try:
                 self._producer.poll(POLL_S)
             except KafkaException as exc:  # a fatal error surfaces here too; reports go on
                 self.fatal = self.fatal or str(exc)
+            if self.fatal is not None and not purged:
+                # A stopped producer never sends what it still holds, and records are never
+                # timed out (message.timeout.ms 0): purge them, so every caller gets a
+                # report ("purged": not the record's fault) and the adapter can start anew.
+                purged = True
+                with contextlib.suppress(Exception):
+                    self._producer.purge()
+                continue
             if self._ready:
                 ready, self._ready = self._ready, []
                 with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody waits
                     self._loop.call_soon_threadsafe(_settle, ready)
 
     def stop(self) -> None:
+        """Serve what is left (reports of purged records included), then stop polling."""
         self._stop.set()
         self._thread.join(5)
+        with contextlib.suppress(KafkaException):
+            self._producer.poll(0)
+        if self._ready:
+            ready, self._ready = self._ready, []
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_settle, ready)
 
 
 def _settle(ready: list[tuple[asyncio.Future[Any], Any]]) -> None:
@@ -184,6 +212,8 @@ class LibrdkafkaAdapter:
         self.options = options
         self._producer: Any = None
         self._reports: _Reports | None = None
+        self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
+        self._known_topics: set[str] = set()
 
     async def connect(self) -> None:
         errors: list[_Reports] = []  # the error callback reaches the reports object made below
@@ -202,28 +232,38 @@ class LibrdkafkaAdapter:
     async def close(self) -> None:
         producer, reports = self._producer, self._reports
         self._producer = self._reports = None
+        if reports is not None:
+            await asyncio.to_thread(reports.stop)  # flush below serves what is left
         if producer is not None:
             await asyncio.to_thread(producer.flush, self.options.request_timeout)
-        if reports is not None:
-            await asyncio.to_thread(reports.stop)
 
     async def ready(self) -> bool:
         if self._producer is None:
             return False
         try:
-            metadata = await asyncio.to_thread(self._producer.list_topics, timeout=self.options.request_timeout)
+            # /readyz waits 2 s: a probe must not hold a pool thread longer than that.
+            wait = min(2.0, self.options.request_timeout)
+            metadata = await asyncio.to_thread(self._producer.list_topics, timeout=wait)
         except KafkaException:
             return False
         return bool(metadata.brokers)
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        if self._producer is None:
+            try:
+                async with self._lifecycle:
+                    if self._producer is None:
+                        await self.connect()
+            except Exception as exc:
+                return [PublishResult.unavailable(f"kafka producer not connected: {exc}")] * len(batch)
         producer, reports = self._producer, self._reports
         if producer is None or reports is None:
             return [PublishResult.unavailable("kafka producer not connected")] * len(batch)
+        missing = await self._topics_without_metadata(producer, batch)
         stops = KeyStops()
         pending: list[asyncio.Future[Any] | PublishResult] = []
         for out in batch:
-            sent = stops.held(out) or await self._produce(producer, reports, out)
+            sent = stops.held(out) or missing.get(out.destination) or await self._produce(producer, reports, out)
             if isinstance(sent, PublishResult):
                 stops.note(out, sent)
             pending.append(sent)
@@ -263,21 +303,58 @@ class LibrdkafkaAdapter:
 
     async def _new_producer(self, seen: Any, why: str) -> None:
         """After a fatal error the producer refuses everything: start a new one (a new
-        producer id), once, whichever worker sees it first."""
-        if self._producer is not seen:
-            return
-        log.info("kafka_producer_reset", broker=self.name, error=why)
-        old, reports = self._producer, self._reports
-        self._producer = self._reports = None
-        if reports is not None:
-            await asyncio.to_thread(reports.stop)
-        if old is not None:
+        producer id), once, whichever worker sees it first. If the new one cannot connect
+        now, the next publish connects (or answers "unavailable" until it can)."""
+        async with self._lifecycle:
+            if self._producer is not seen:
+                return
+            log.info("kafka_producer_reset", broker=self.name, error=why)
+            old, reports = self._producer, self._reports
+            self._producer = self._reports = None
+            # Purge first (nothing left to flush when the old producer is dropped), then
+            # let the reports thread serve the purged records' reports (their callers are
+            # waiting), then stop it.
             with contextlib.suppress(Exception):
                 old.purge()
-        try:
-            await self.connect()
-        except Exception as exc:  # left disconnected: the next publish answers "unavailable"
-            log.warning("kafka_producer_reset_failed", broker=self.name, error=repr(exc))
+            if reports is not None:
+                await asyncio.to_thread(reports.stop)
+            try:
+                await self.connect()
+            except BaseException as exc:
+                log.warning("kafka_producer_reset_failed", broker=self.name, error=repr(exc))
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _topics_without_metadata(self, producer: Any,
+                                       batch: Sequence[OutgoingMessage]) -> dict[str, PublishResult]:
+        """Topics whose metadata does not come within a few seconds (not created yet,
+        auto-creation off): their messages fail alone and early instead of holding the
+        whole call until publish_timeout (as the aiokafka client does)."""
+        unknown = {out.destination for out in batch
+                   if out.destination not in self._known_topics and valid_topic(out.destination)}
+        missing: dict[str, PublishResult] = {}
+        for topic in unknown:
+            wait = min(METADATA_WAIT_S, self.options.request_timeout)
+            try:
+                await asyncio.to_thread(self._wait_for_topic, producer, topic, wait)
+                self._known_topics.add(topic)
+            except KafkaException as exc:
+                missing[topic] = PublishResult.transient(f"no metadata for topic {topic!r} (does it exist?): {exc}")
+        return missing
+
+    @staticmethod
+    def _wait_for_topic(producer: Any, topic: str, wait: float) -> None:
+        """Metadata for `topic`, asking again while the broker creates it (auto-creation
+        answers "leader not available" at first); KafkaException if it never comes."""
+        deadline = time.monotonic() + wait
+        while True:
+            metadata = producer.list_topics(topic, timeout=max(0.1, deadline - time.monotonic()))
+            found = metadata.topics.get(topic)
+            if found is not None and found.error is None and found.partitions:
+                return
+            if time.monotonic() >= deadline:
+                raise KafkaException(found.error if found is not None else "no such topic")
+            time.sleep(0.1)
 
     async def _produce(self, producer: Any, reports: _Reports,
                        out: OutgoingMessage) -> asyncio.Future[Any] | PublishResult:

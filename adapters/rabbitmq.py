@@ -51,6 +51,11 @@ class RabbitOptions(Options):
     declare: bool = True  # declare exchanges (durable); false: check they exist
     routing_key: str = "{topic}"  # template over {topic}, {key}, {destination}
     confirm_window: int = Field(default=1000, ge=1, le=100_000)
+    # Hand a key's run over in one call (faster for hot keys). Off by default: RabbitMQ
+    # can nack a message and confirm the next (a queue with x-overflow reject-publish
+    # under load) or return one as unroutable after routing the next, and then a later
+    # message of the key is delivered first (README, "RabbitMQ").
+    pipeline_keys: bool = False
     heartbeat: float = 30.0
     connect_timeout: float = 10.0
     tls: TlsOptions | None = None
@@ -123,14 +128,14 @@ def connection_parameters(options: RabbitOptions) -> pika.URLParameters:
 
 
 class RabbitAdapter:
-    # One channel publishes in the order given. A message refused before it was
-    # published stops its key for the rest of the call; a message the broker returns
-    # as unroutable is known only after later ones were published (see engine/dispatch.py).
-    keeps_key_order = True
-
     def __init__(self, name: str, options: RabbitOptions):
         self.name = name
         self.options = options
+        # With pipeline_keys, one channel publishes a key's run in the order given; a
+        # message refused before it was published stops its key for the rest of the
+        # call, but a nack or an unroutable return is known only after later ones were
+        # published (RabbitOptions.pipeline_keys, engine/dispatch.py).
+        self.keeps_key_order = options.pipeline_keys
         self._connection: AsyncioConnection | None = None
         self._channel: Channel | None = None
         self._next_tag = 0

@@ -75,8 +75,10 @@ def relay_config(dsn: str, schema: str, brokers: dict[str, Any], routes: list[di
 
 def pending(dsn: str, schema: str) -> int:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(sql.SQL(
-            "SELECT count(*) FROM {}.messages WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL"
+        row = conn.execute(sql.SQL(  # through the two claim indexes, not the whole table
+            "SELECT (SELECT count(*) FROM {0}.messages WHERE key IS NOT NULL AND dispatched_at IS NULL "
+            "AND dead_lettered_at IS NULL) + (SELECT count(*) FROM {0}.messages WHERE key IS NULL "
+            "AND dispatched_at IS NULL AND dead_lettered_at IS NULL)"
         ).format(sql.Identifier(schema))).fetchone()
     return int(row[0]) if row else 0
 

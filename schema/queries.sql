@@ -49,14 +49,23 @@ SELECT key, id, due FROM walk;
 
 -- name: claim_runs
 -- The claim, step 2: lock the heads found by walk_keys (FOR UPDATE SKIP LOCKED: a head
--- another relay holds is skipped, and with it its whole key), then read each locked
--- key's run: its pending rows from the head on, in enqueue order. The head's lock is
--- the key's lock: every relay finds the same head for a key, so no other relay can
--- start on the key's later rows until this transaction ends; those rows need no lock
--- of their own (the outcome's UPDATE takes it). Under `hold`, a key with a dead letter
--- before its head is skipped. The caller cuts each run at its first row not yet due.
+-- another relay holds is skipped, and with it its whole key), then read and lock each
+-- locked key's run: its pending rows from the head on, in enqueue order. Every relay
+-- finds the same head for a key, so normally nobody else holds a row of the run and
+-- the run's locks never wait. They are there for the one way a key's head can move
+-- backwards while a run of it is in flight: a dead letter requeued under `release`
+-- (its id is before the run). The relay that takes the requeued row as head then
+-- waits for the in-flight batch to commit and finds its rows dispatched (PostgreSQL
+-- re-checks a row's WHERE after waiting for its lock), instead of publishing them a
+-- second time. Under `hold`, a key with a dead letter before its head is skipped, and
+-- a run stops before the key's next dead letter. The caller cuts each run at its
+-- first row not yet due.
 WITH heads AS (
-    SELECT m.id, m.key
+    SELECT m.id, m.key,
+           CASE WHEN %(hold_dead_letters)s THEN (
+               SELECT min(d.id) FROM {schema}.messages AS d
+               WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id > m.id
+                 AND d.dead_lettered_at IS NOT NULL) END AS stop_id
     FROM {schema}.messages AS m
     WHERE m.id = ANY(%(head_ids)s::bigint[])
       AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
@@ -76,24 +85,27 @@ CROSS JOIN LATERAL (
            m.attempts, m.created_at, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due
     FROM {schema}.messages AS m
     WHERE m.key COLLATE "C" = h.key COLLATE "C" AND m.id >= h.id
+      AND (h.stop_id IS NULL OR m.id < h.stop_id)
       AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
     ORDER BY m.key COLLATE "C", m.id
-    LIMIT %(per_key)s) AS r
+    LIMIT %(per_key)s
+    FOR UPDATE OF m) AS r
 ORDER BY r.id;
 
 -- name: claim_keyless
 -- Keyless rows have no order to keep: any due one may go, each locked on its own.
--- Their index is ordered by when they are due (never-tried rows first, in enqueue
--- order), so rows waiting for a retry or for a broker in outage lie past the range
--- this reads and are never walked.
+-- Their index is ordered by when they are due (a row never tried is due when it was
+-- created, so enqueue order; a retried one at its retry time, so it takes its turn
+-- among the new ones instead of starving behind them), and rows waiting for a retry
+-- or for a broker in outage lie past the range this reads and are never walked.
 SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
        NULLIF(m.headers, '{{}}'::jsonb) AS headers,
        m.attempts, m.created_at
 FROM {schema}.messages AS m
 WHERE m.key IS NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
   -- statement_timestamp(), not clock_timestamp(): stable, so the index range ends there
-  AND coalesce(m.next_attempt_at, '-infinity'::timestamptz) <= statement_timestamp()
-ORDER BY coalesce(m.next_attempt_at, '-infinity'::timestamptz), m.id
+  AND coalesce(m.next_attempt_at, m.created_at) <= statement_timestamp()
+ORDER BY coalesce(m.next_attempt_at, m.created_at), m.id
 LIMIT %(limit)s
 FOR UPDATE OF m SKIP LOCKED;
 
@@ -194,11 +206,18 @@ WHERE dead_lettered_at IS NOT NULL
 RETURNING message_id;
 
 -- name: pending_gauge
--- For the lag metrics: walks only the pending index.
-SELECT count(*) AS pending,
-       extract(epoch FROM clock_timestamp() - min(created_at)) AS oldest_pending_age_s
-FROM {schema}.messages
-WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL;
+-- For the lag metrics: keyed and keyless pending rows each through their own claim
+-- index (a predicate the partial indexes match), never the rows retention keeps.
+SELECT sum(n) AS pending, max(age) AS oldest_pending_age_s
+FROM (
+    SELECT count(*) AS n, extract(epoch FROM clock_timestamp() - min(created_at)) AS age
+    FROM {schema}.messages
+    WHERE key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
+    UNION ALL
+    SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))
+    FROM {schema}.messages
+    WHERE key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
+) AS kinds;
 
 -- name: oldest_transaction
 -- The oldest open transaction in this database: it holds back vacuum of the outbox

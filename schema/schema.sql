@@ -80,14 +80,15 @@ WITH (
 -- The claim's two indexes, one entry per enqueued row (each row is in exactly one):
 -- keyed pending rows by (key, id), so the claim finds each key's head with one index
 -- descent, skipping from key to key, without reading the rows behind a head; keyless
--- pending rows by when they are due, so rows waiting for a retry are never walked.
+-- pending rows by when they are due (created, or retry time), so rows waiting for a
+-- retry are never walked and retried rows do not starve behind new ones.
 -- Both leave dispatched and dead-lettered rows out, however many retention keeps.
 -- COLLATE "C": keys compare as bytes (faster, and the same order on every server).
 CREATE INDEX messages_keyed_pending_idx ON {schema}.messages (key COLLATE "C", id)
     WHERE key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL;
 
 CREATE INDEX messages_keyless_pending_idx
-    ON {schema}.messages ((coalesce(next_attempt_at, '-infinity'::timestamptz)), id)
+    ON {schema}.messages ((coalesce(next_attempt_at, created_at)), id)
     WHERE key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL;
 
 -- Retention deletes dispatched rows by age.

@@ -5,10 +5,10 @@ wave gives every broker its share in one concurrent call. A key's messages are c
 into segments, segment i going in wave i: a segment is one message, or, when the
 broker keeps the order of one key's messages handed over in one call (an adapter
 that declares ``keeps_key_order``: Kafka, RabbitMQ, file, stdout), the whole
-unbroken stretch of the key's messages routed to that broker. So a hot key goes out
-in one call instead of one round trip per message, and a key whose messages go to
-different brokers still never has a later message sent before an earlier one is
-acked. Keyless messages all go in wave 0.
+unbroken stretch of the key's messages routed to that broker and destination. So a
+hot key goes out in one call instead of one round trip per message, and a key whose
+messages go to different brokers or destinations (two Kafka topics: two partitions,
+no order between them) never has a later message sent before an earlier one is acked. Keyless messages all go in wave 0.
 
 When a message of a key is not acked, the key stops for this batch: later waves
 leave it out, and within its call:
@@ -97,11 +97,13 @@ class Dispatcher:
         # did not spend an attempt grows with the outage, not with the message.
         self._outage: dict[str, int] = defaultdict(int)
 
-    def _same_call(self, message: Message) -> str | None:
+    def _same_call(self, message: Message) -> tuple[str, str] | None:
+        # A run shares a call only while it goes to one destination of one broker: two
+        # Kafka topics are two partitions, with no order between them.
         target = self._router.resolve(message.topic)
         if target is None or target.broker not in self._ordered or self._too_large(message):
             return None
-        return target.broker
+        return target.broker, target.destination
 
     def _too_large(self, message: Message) -> bool:
         return self._max_payload is not None and len(message.payload) > self._max_payload

@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS messages_keyed_pending_idx ON {schema}.messages (key 
     WHERE key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL;
 
 CREATE INDEX IF NOT EXISTS messages_keyless_pending_idx
-    ON {schema}.messages ((coalesce(next_attempt_at, '-infinity'::timestamptz)), id)
+    ON {schema}.messages ((coalesce(next_attempt_at, created_at)), id)
     WHERE key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL;
 
 CREATE INDEX IF NOT EXISTS messages_dead_letters_idx ON {schema}.messages (key COLLATE "C", id)

@@ -74,13 +74,15 @@ async def test_kafka_killed_in_the_middle_of_a_hot_key_run(db: str, own_kafka: L
     check_delivery(received, ledger, max_duplicates=BATCH * 2 * 4)
 
 
+@pytest.mark.parametrize("pipeline_keys", [False, True])
 async def test_rabbitmq_stopped_in_the_middle_of_a_hot_key_run(db: str, own_rabbitmq: LocalBroker,
-                                                                tmp_path: Path) -> None:
+                                                                tmp_path: Path, pipeline_keys: bool) -> None:
     url = f"amqp://guest:guest@127.0.0.1:{own_rabbitmq.port}/%2F"
     exchange = f"hot-{uuid.uuid4().hex[:8]}"
     RabbitQueue(url, exchange, exchange + ".q").close()  # durable: read it after the restart
     config = relay_config(tmp_path / "relay.yaml", db,
-                          {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s"}},
+                          {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s",
+                                  "pipeline_keys": pipeline_keys}},
                           [{"topic": "*", "broker": "mq"}], batch_size=BATCH, max_attempts=3)
     ledger = kill_mid_drain(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
     reader = RabbitQueue(url, exchange, exchange + ".q")

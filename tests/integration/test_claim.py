@@ -169,6 +169,89 @@ async def test_a_walk_over_waiting_keys_is_bounded_then_sleeps(db: str) -> None:
         await wait_until(lambda: relay.wakeups["poll"] >= 5, timeout=60)
         polls, again = relay.wakeups["poll"], relay.wakeups["backlog"]
     # Each claim visits at most batch * VISITS_PER_SLOT keys and goes on at once until the
-    # walk has been all the way round; then the worker sleeps until its poll.
-    per_round = -(-keys // (batch * OutboxStore.VISITS_PER_SLOT))
+    # walk has been all the way round (two claims more: the one that finds the end, and
+    # its wrap back to where the round began); then the worker sleeps until its poll.
+    # Rounds: one per poll, and the one at start. A busy loop would be thousands.
+    per_round = -(-keys // (batch * OutboxStore.VISITS_PER_SLOT)) + 2
     assert again <= (polls + 1) * per_round, (polls, again)
+
+
+# --- a key's head moving backwards, dead letters inside a run ---------------------------------
+
+
+def dead_letter(dsn: str, ids: list[int]) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'x' "
+                     "WHERE id = ANY(%s)", (ids,))
+        conn.commit()
+
+
+def requeue(dsn: str, ids: list[int]) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE outbox.messages SET dead_lettered_at = NULL, dead_letter_reason = NULL "
+                     "WHERE id = ANY(%s)", (ids,))
+        conn.commit()
+
+
+async def test_a_requeue_under_release_never_lets_two_relays_claim_the_same_rows(db: str) -> None:
+    import asyncio
+
+    # Key k: row 1 dead-lettered, rows 2..5 pending. Relay A claims the run 2..5 and is
+    # publishing it when an operator requeues row 1: row 1 is now k's head, and relay B
+    # claims from it. B must not take 2..5 while A holds them.
+    fill(db, [keyed(5, "'k'")])
+    dead_letter(db, [1])
+    a_store = OutboxStore(Queries("outbox"), hold_dead_letters=False)
+    b_store = OutboxStore(Queries("outbox"), hold_dead_letters=False)
+    async with await psycopg.AsyncConnection.connect(db) as a, await psycopg.AsyncConnection.connect(db) as b:
+        await a.execute("BEGIN")
+        a_claim = await a_store.claim(a, 10)
+        assert [m.id for m in a_claim.messages] == [2, 3, 4, 5]
+        requeue(db, [1])
+
+        async def b_claims() -> list[int]:
+            async with b.transaction():
+                return [m.id for m in (await b_store.claim(b, 10)).messages]
+
+        b_task = asyncio.create_task(b_claims())
+        # The positive signal: B is waiting for A's rows (a lock wait PostgreSQL reports).
+        with psycopg.connect(db) as watch:
+            for _ in range(500):
+                row = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                    "AND datname = current_database()").fetchone()
+                if row and row[0]:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("B never waited for A's run")
+        assert not b_task.done()
+        await a.execute("UPDATE outbox.messages SET dispatched_at = now() WHERE id = ANY(%s)",
+                        ([m.id for m in a_claim.messages],))
+        await a.execute("COMMIT")
+        b_ids = await asyncio.wait_for(b_task, 10)
+    assert b_ids == [1], "B took the requeued row alone: A's rows were dispatched when it got their locks"
+
+
+async def test_under_hold_a_run_stops_before_the_next_dead_letter(db: str) -> None:
+    # k: 1 dead, 2 pending, 3 dead, 4 pending (dead letters made under release, then the
+    # policy became hold). Requeue 1: the run from 1 must stop before 3.
+    fill(db, [keyed(4, "'k'")])
+    dead_letter(db, [1, 3])
+    requeue(db, [1])
+    store = OutboxStore(Queries("outbox"), hold_dead_letters=True)
+    async with await psycopg.AsyncConnection.connect(db) as conn, conn.transaction():
+        claimed = [m.id for m in (await store.claim(conn, 10)).messages]
+    assert claimed == [1, 2]
+
+
+async def test_claim_cost_under_hold_does_not_read_held_rows(db: str) -> None:
+    costs = {}
+    for size in (2_000, 40_000):
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("TRUNCATE outbox.messages")
+        # One key held by a dead letter with `size` rows behind it, and 100 free keys.
+        fill(db, [keyed(1, "'held'"), keyed(size, "'held'"), keyed(BATCH, "'k' || g")])
+        dead_letter(db, [1])
+        costs[size] = await claim_cost(db, hold=True)
+    assert costs[2_000][0] == costs[40_000][0] == BATCH
+    assert costs[40_000][1] <= costs[2_000][1] * 1.5 + 10, costs

@@ -188,7 +188,8 @@ def _per_key_order_holds(delivered: list[OutgoingMessage]) -> dict[str, list[int
     return first
 
 
-async def test_per_key_order_with_concurrent_writers_and_injected_failures(db: str) -> None:
+@pytest.mark.parametrize("keeps_key_order", [False, True], ids=["waves", "pipelined runs"])
+async def test_per_key_order_with_concurrent_writers_and_injected_failures(db: str, keeps_key_order: bool) -> None:
     rng = random.Random(7)
     failures = {"n": 0}
 
@@ -198,7 +199,7 @@ async def test_per_key_order_with_concurrent_writers_and_injected_failures(db: s
             return PublishResult.transient("injected")
         return None
 
-    fake = FakeAdapter(script=flaky)
+    fake = FakeAdapter(script=flaky, keeps_key_order=keeps_key_order)
     keys = [f"k{i}" for i in range(8)]
     per_writer = 60
     cfg = make_config(db, batch_size=50, workers=3, max_attempts=1000,

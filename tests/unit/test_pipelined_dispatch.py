@@ -141,6 +141,15 @@ async def test_a_key_switching_brokers_waits_for_the_earlier_broker() -> None:
     assert len(records) == 8
 
 
+async def test_a_key_switching_destinations_on_one_broker_waits_for_the_earlier_one() -> None:
+    # Two topics on one Kafka broker are two partitions: nothing orders them.
+    kafka = FakeAdapter(name="kafka", keeps_key_order=True)
+    batch = run("k", 2, topic="orders.created") + run("k", 2, start=3, topic="orders.paid")
+    await dispatcher({"kafka": kafka}, [("orders.*", "kafka")]).dispatch(batch)
+    assert kafka.calls == [2, 2]
+    assert [out.destination for out in kafka.delivered] == ["orders.created"] * 2 + ["orders.paid"] * 2
+
+
 async def test_a_key_switching_brokers_stops_at_a_failure_on_the_first() -> None:
     kafka = FakeAdapter(name="kafka", keeps_key_order=True,
                         script=lambda out: FAILURES["transient"] if out.message.id == 2 else None)
