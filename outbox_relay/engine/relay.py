@@ -304,8 +304,14 @@ class Relay:
         # rows forever; Postgres ends such a session, the rows become claimable again.
         # A batch starts no wave after publish_timeout, and a wave lasts at most that long.
         idle_ms = int((2 * self.config.relay.publish_timeout + 30.0) * 1000)
-        await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),))
-        await conn.commit()
+        try:
+            await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),))
+            await conn.commit()
+        except BaseException:
+            # Failed, or cancelled by a stop that came meanwhile: the caller never gets
+            # this connection, so close it here rather than leave it to the collector.
+            await conn.close()
+            raise
         return conn
 
     async def _batch(self, conn: psycopg.AsyncConnection[Any], worker: int = 0) -> bool:
