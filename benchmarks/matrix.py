@@ -71,6 +71,8 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
     rates["rabbitmq raw pika, 100 keys"] = await _best_of(runs, lambda: rabbit_bench.raw_rate(amqp, small, keys=100))
     rates["rabbitmq relay, 100 keys"] = await _best_of(
         runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100))
+    rates["rabbitmq relay, 100 keys, pipeline_keys"] = await _best_of(
+        runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100, pipeline_keys=True))
 
     def r(a: str, b: str) -> float:
         return round(rates[a] / rates[b], 2)
@@ -100,6 +102,8 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         "kafka 100 keys: 3 relay processes / 1": r("kafka, 100 keys, 3 relay processes",
                                                    "kafka, 100 keys, 1 relay process"),
         "rabbitmq 100 keys: relay / raw pika": r("rabbitmq relay, 100 keys", "rabbitmq raw pika, 100 keys"),
+        "rabbitmq 100 keys, pipeline_keys: relay / raw pika": r("rabbitmq relay, 100 keys, pipeline_keys",
+                                                                "rabbitmq raw pika, 100 keys"),
     }
     return {"rates_msgs_per_s": {k: round(v) for k, v in rates.items()}, "ratios": ratios,
             "small_backlog": small, "large_backlog": large, "held_back_rows": held_back, "runs": runs}

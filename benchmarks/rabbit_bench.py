@@ -37,13 +37,14 @@ def _delete(url: str, exchange: str, queue: str) -> None:
         channel.exchange_delete(exchange)
 
 
-async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS) -> float:
+async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS, pipeline_keys: bool = False) -> float:
     exchange, queue = _bound_queue(url)
     try:
         fresh_schema(dsn, SCHEMA)
         fill_backlog(dsn, SCHEMA, "bench.rabbit", count, keys=keys)
         config = relay_config(
-            dsn, SCHEMA, {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "confirm_window": WINDOW}},
+            dsn, SCHEMA, {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "confirm_window": WINDOW,
+                                 "pipeline_keys": pipeline_keys}},
             [{"topic": "*", "broker": "mq"}], batch_size=1000, workers=2, notify=False,
         )
         return count / await drain(config, count)
