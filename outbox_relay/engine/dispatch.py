@@ -136,10 +136,10 @@ class Dispatcher:
                             failed_at[key] = late
                     continue
                 if result.outcome is Outcome.NOT_SENT:
-                    if key is not None:  # as if failed: the key goes on in a later batch
-                        failed_at[key] = Record(message.id, "retry", result.reason)
-                        stopped.add(key)
-                    continue
+                    # Only a message after its key's failure in this call may be "not
+                    # sent" (those are handled above). Anything else is an adapter's
+                    # mistake: a transient failure, so it backs off instead of looping.
+                    result = PublishResult.transient(f"adapter answered not_sent out of turn: {result.reason}")
                 record = self._decide(message, target, result)
                 records.append(record)
                 if record.kind != "acked" and key is not None:

@@ -127,6 +127,14 @@ async def test_released_dead_letter_then_a_retry_then_a_late_ack_is_an_order_exc
     assert [e["failed_id"] for e in logs if e["event"] == "key_order_exception"] == [3]
 
 
+async def test_not_sent_out_of_turn_is_a_transient_failure_not_a_loop() -> None:
+    # An adapter bug: "not sent" for a key's first message, or a keyless one. Left
+    # unrecorded it would be claimed again at once, forever; it backs off instead.
+    fake = FakeAdapter(keeps_key_order=True, script=lambda out: PublishResult.not_sent("?"))
+    records = await dispatcher({"main": fake}).dispatch([msg(1, key="k"), msg(2, key="k"), msg(3)])
+    assert kinds(records) == {1: "retry", 3: "retry"}
+
+
 async def test_release_dead_letter_mid_run_then_not_sent_rest_goes_next_batch() -> None:
     fake = FakeAdapter(keeps_key_order=True, script=lambda out: FAILURES["permanent"] if out.message.id == 2 else None)
     records = await dispatcher({"main": fake}).dispatch(run("k", 4))
