@@ -64,7 +64,8 @@ class Relay:
         self._queries = Queries(config.database.schema_name)
         self._backoff = Backoff.from_config(relay)
         self._brokers = {name: BrokerHandle(name, a, self._backoff) for name, a in adapters.items()}
-        self._store = OutboxStore(self._queries, hold_dead_letters=relay.dead_letter_policy == "hold")
+        self._store = OutboxStore(self._queries, hold_dead_letters=relay.dead_letter_policy == "hold",
+                                  workers=relay.workers)
         self.metrics = RelayMetrics()
         self._router = Router(config.routes)
         self._dispatcher = Dispatcher(

@@ -90,9 +90,13 @@ class OutboxStore:
     # still cheap, claims to find the keys that are not.
     VISITS_PER_SLOT = 4
 
-    def __init__(self, queries: Queries, *, hold_dead_letters: bool):
+    def __init__(self, queries: Queries, *, hold_dead_letters: bool, workers: int = 1):
         self._q = queries
         self._hold = hold_dead_letters
+        # A claim takes at most its share of the keys it finds, so that with a hundred hot
+        # keys the other workers (and replicas) find keys of their own instead of the
+        # heads this one holds; a hot key still fills a whole batch alone.
+        self._workers = max(1, workers)
         self._cursor = ""  # keys are 1+ characters, so "" is before every key
         self._walking = asyncio.Lock()
         self._keyless_first = False
@@ -122,7 +126,7 @@ class OutboxStore:
 
     async def _claim_keyed(self, conn: psycopg.AsyncConnection[Any], limit: int) -> Claim:
         async with self._walking:
-            heads, more = await self._walk(conn, limit)
+            heads, more = await self._walk(conn, -(-limit // self._workers), limit * self.VISITS_PER_SLOT)
             if not heads:
                 return Claim([], more)
             # A share of the batch per key: one hot key fills it alone, a hundred keys
@@ -136,7 +140,7 @@ class OutboxStore:
             rows = await cur.fetchall()
         return Claim(_unbroken_runs(rows, limit), more)
 
-    async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int) -> tuple[list[int], bool]:
+    async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> tuple[list[int], bool]:
         """Head ids of up to `limit` keys with a due head, from the cursor on; and whether
         the walk stopped short of the last key (so another claim may find more at once).
 
@@ -144,7 +148,6 @@ class OutboxStore:
         it began, and reports False: the relay then waits for a wake-up, so a keyspace
         where every key waits (a broker outage) is walked once per wake-up, not in a loop.
         """
-        budget = limit * self.VISITS_PER_SLOT
         start = self._cursor
         rows = await self._walk_from(conn, start, None, limit, budget)
         heads = [head for _, head, due in rows if due]
