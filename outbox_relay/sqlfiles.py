@@ -17,23 +17,28 @@ from outbox_relay.errors import ConfigError
 SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "outbox"
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+NOTIFY_PREFIX = "outbox_relay."
+# PostgreSQL's identifiers, NOTIFY channels included, are at most 63 bytes; the
+# channel is the prefix plus the schema name, so the name may have 63 - 13 = 50.
+MAX_SCHEMA_NAME = 63 - len(NOTIFY_PREFIX)
+_SCHEMA_NAME = re.compile(rf"^[a-z_][a-z0-9_]{{0,{MAX_SCHEMA_NAME - 1}}}$")
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
 def validate_schema_name(name: str) -> str:
-    """Return `name` if it is a plain lower-case identifier, else raise ConfigError."""
+    """Return `name` if it is a plain lower-case identifier that leaves room for its
+    NOTIFY channel, else raise ConfigError."""
     if not _SCHEMA_NAME.match(name):
         raise ConfigError(
-            f"invalid schema name {name!r}: use 1 to 63 lower-case letters, digits or _, "
-            "not starting with a digit"
+            f"invalid schema name {name!r}: use 1 to {MAX_SCHEMA_NAME} lower-case letters, digits or _, "
+            f"not starting with a digit (its NOTIFY channel {NOTIFY_PREFIX}<name> must fit PostgreSQL's 63 bytes)"
         )
     return name
 
 
 def notify_channel(schema: str) -> str:
     """The LISTEN/NOTIFY channel for one outbox schema."""
-    return f"outbox_relay.{schema}"
+    return f"{NOTIFY_PREFIX}{schema}"
 
 
 def _read(name: str) -> str:

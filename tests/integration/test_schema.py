@@ -194,3 +194,30 @@ def test_a_transaction_sends_at_most_one_notification(db: str) -> None:
         writer.commit()
         received = list(listener.notifies(timeout=1.0))
     assert len(received) == 1
+
+
+def test_every_schema_name_length_either_notifies_or_is_refused_up_front(empty_db: str) -> None:
+    # The NOTIFY channel is "outbox_relay." + the name and PostgreSQL refuses channels
+    # over 63 bytes at COMMIT: a name that does not leave room is refused before
+    # anything is installed; every shorter one installs, enqueues and wakes a LISTEN.
+    from outbox_relay.errors import ConfigError
+
+    installed = refused = 0
+    with psycopg.connect(empty_db, autocommit=True) as listener, psycopg.connect(empty_db) as conn:
+        for length in range(1, 64):
+            name = ("s" + "x" * 62)[:length]
+            if length > sqlfiles.MAX_SCHEMA_NAME:
+                with pytest.raises(ConfigError, match="NOTIFY channel"):
+                    schema_manager.install(conn, name)
+                refused += 1
+                continue
+            schema_manager.install(conn, name)
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(sqlfiles.notify_channel(name))))
+            enqueue(conn, "t", {"n": length}, schema=name)
+            conn.commit()  # the NOTIFY is sent here; a channel too long would fail here
+            got = [n.channel for n in listener.notifies(timeout=10, stop_after=1)]
+            assert got == [sqlfiles.notify_channel(name)], length
+            installed += 1
+        found = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 's%'").fetchone()
+    assert (installed, refused) == (50, 13)
+    assert found == (50,), "nothing was created for a refused name"
