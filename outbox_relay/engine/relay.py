@@ -301,6 +301,11 @@ class Relay:
 
     async def _connect_worker(self) -> psycopg.AsyncConnection[Any]:
         conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max)
+        # The claim relies on READ COMMITTED: each statement sees what committed before
+        # it, and a row lock that waited re-checks the row (store.py, claim_runs). A
+        # database or role default of repeatable read or serializable would make claims
+        # fail with serialization errors instead; psycopg sets this level at every BEGIN.
+        await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
         # A relay that hangs mid-batch (not dead, so its connection stays up) would hold its
         # rows forever; Postgres ends such a session, the rows become claimable again.
         # A batch starts no wave after publish_timeout, and a wave lasts at most that long.

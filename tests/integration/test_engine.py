@@ -358,3 +358,24 @@ async def test_a_long_run_of_one_key_is_spread_over_batches(db: str) -> None:
     assert [int(o.message.payload) for o in fake.delivered] == list(range(40))
     assert batches is not None and batches >= 4, batches
     assert count(db, "attempts = 1") == 40, "waves not started were left unattempted, not failed"
+
+
+@pytest.mark.parametrize("level", ["repeatable read", "serializable"])
+async def test_claims_run_read_committed_whatever_the_database_default(admin_dsn: str, db: str, level: str) -> None:
+    # A database whose default isolation is stricter: claims racing over the same keys
+    # would fail with serialization errors and reconnect, were the relay to inherit it.
+    from psycopg import sql
+    from structlog.testing import capture_logs
+
+    dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+            sql.Identifier(str(dbname)), sql.Literal(level)))
+    enqueue_many(db, [("t", f"k{i % 10}", {"i": i}) for i in range(300)])
+    fake = FakeAdapter(keeps_key_order=True)
+    cfg = make_config(db, batch_size=20, workers=3)
+    with capture_logs() as logs:
+        async with running_relay(cfg, {"main": fake}):
+            await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 300, timeout=60)
+    assert [e for e in logs if e["event"] == "database_connection_lost"] == []
+    assert len(fake.delivered) == 300, "each message once: no batch rolled back and sent again"
