@@ -293,7 +293,7 @@ class KafkaAdapter:
         results: list[PublishResult | BaseException] = []
         for item in pending:
             results.append(item if isinstance(item, PublishResult) else _acked_or_error(next(answers)))
-        return KeyStops().settle(batch, await self._settle_size_errors(batch, results))
+        return await self._settle_size_errors(batch, results)
 
     async def _settle_size_errors(
         self, batch: Sequence[OutgoingMessage], results: list[PublishResult | BaseException]
@@ -302,16 +302,17 @@ class KafkaAdapter:
         "too large" may be a neighbour's fault. Send each such record again on its own:
         whatever still fails alone is really too large (permanent), the rest go through.
         Rare, so one at a time, in batch order, and a key stops at its first failure:
-        nothing of a key is sent again ahead of an earlier message of it."""
+        nothing of a key is sent again ahead of an earlier message of it, and a later
+        failure of a key was caused by the first one (not_sent, KeyStops)."""
         final: list[PublishResult] = []
         stops = KeyStops()
         for out, result in zip(batch, results, strict=True):
             if isinstance(result, PublishResult):
-                final.append(stops.note(out, result))
+                final.append(stops.settle_one(out, result))
             elif isinstance(result, SIZE_ERRORS):  # alone; "unavailable" if no producer could start
                 final.append(stops.note(out, stops.held(out) or await self._send_alone(out)))
             else:
-                final.append(stops.note(out, classify(result)))
+                final.append(stops.settle_one(out, classify(result)))
         return final
 
     async def _send_alone(self, out: OutgoingMessage) -> PublishResult:

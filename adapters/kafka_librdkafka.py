@@ -270,23 +270,24 @@ class LibrdkafkaAdapter:
         errors = [await item if isinstance(item, asyncio.Future) else item for item in pending]
         if reports.fatal is not None:
             await self._new_producer(producer, reports.fatal)
-        return KeyStops().settle(batch, await self._settle_size_errors(batch, errors))
+        return await self._settle_size_errors(batch, errors)
 
     async def _settle_size_errors(self, batch: Sequence[OutgoingMessage], errors: list[Any]) -> list[PublishResult]:
         """"Too large" is about a whole record batch, so it may be a neighbour's fault:
         each such record is sent again on its own, in batch order, a key stopping at its
-        first failure; what still fails alone is really too large."""
+        first failure (a later failure of a key was caused by it: not_sent); what still
+        fails alone is really too large."""
         final: list[PublishResult] = []
         stops = KeyStops()
         for out, error in zip(batch, errors, strict=True):
             if isinstance(error, PublishResult):
-                final.append(stops.note(out, error))
+                final.append(stops.settle_one(out, error))
             elif error is None:
                 final.append(stops.note(out, PublishResult.acked()))
             elif error.code() in SIZE_CODES:
                 final.append(stops.note(out, stops.held(out) or await self._send_alone(out)))
             else:
-                final.append(stops.note(out, classify(error)))
+                final.append(stops.settle_one(out, classify(error)))
         return final
 
     async def _send_alone(self, out: OutgoingMessage) -> PublishResult:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, write_path
+from benchmarks.common import ratio_rows
 from outbox_relay.logging_setup import configure
 
 TARGETS = {
@@ -98,15 +99,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [matrix.table(results["matrix"]), ""] if "matrix" in results else []
     if "ratios" not in results:
         return "\n".join(lines)
-    lines += ["| measure | value | target | met |", "|---|---|---|---|"]
-    for name, value in results["ratios"].items():
-        target = TARGETS.get(name)
-        if target:
-            op, bound = target
-            met = value >= bound if op == ">=" else value <= bound
-            lines.append(f"| {name} | {value} | {op} {bound} | {'yes' if met else '**no**'} |")
-        else:
-            lines.append(f"| {name} | {value} | | |")
+    lines += ratio_rows("measure", results["ratios"], TARGETS.get)
     t = results["throughput_msgs_per_s"]
     lines += ["", "| throughput (messages/s) | relay | ceiling (raw client) | naive relay |", "|---|---|---|---|",
               f"| Kafka | {t['kafka_relay']} | {t['kafka_raw_producer']} | {t['kafka_naive_relay']} |",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -132,6 +132,23 @@ async def drain(config: Config, count: int) -> float:
     if clock.failed:
         raise RuntimeError(f"{clock.failed} publish failures during the drain")
     return elapsed
+
+
+Target = tuple[str, float]  # (">=" or "<=", bound)
+
+
+def ratio_rows(title: str, ratios: dict[str, float], target_of: Callable[[str], Target | None]) -> list[str]:
+    """A markdown table of ratios with their targets and whether each is met."""
+    lines = [f"| {title} | value | target | met |", "|---|---|---|---|"]
+    for name, value in ratios.items():
+        target = target_of(name)
+        if target:
+            op, bound = target
+            met = value >= bound if op == ">=" else value <= bound
+            lines.append(f"| {name} | {value} | {op} {bound} | {'yes' if met else '**no**'} |")
+        else:
+            lines.append(f"| {name} | {value} | | |")
+    return lines
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

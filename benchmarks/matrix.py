@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks import kafka_bench, rabbit_bench, replicas
-from benchmarks.common import Keys
+from benchmarks.common import Keys, Target, ratio_rows
 
 LARGE_PAYLOAD = 16 * 1024
 
@@ -121,20 +121,15 @@ TARGETS = {
 }
 
 
+def _target(name: str) -> Target | None:
+    # The backlog and held-back ratios carry their sizes in their names.
+    if (name.startswith("kafka 100 keys, ") and "backlog" in name) or "held back" in name:
+        return (">=", 0.9)
+    return TARGETS.get(name)
+
+
 def table(matrix: dict[str, Any]) -> str:
-    lines = ["| workload (matrix) | value | target | met |", "|---|---|---|---|"]
-    for name, value in matrix["ratios"].items():
-        target = TARGETS.get(name)
-        if name.startswith("kafka 100 keys, ") and "backlog" in name:
-            target = (">=", 0.9)
-        if "held back" in name:
-            target = (">=", 0.9)
-        if target:
-            op, bound = target
-            met = value >= bound if op == ">=" else value <= bound
-            lines.append(f"| {name} | {value} | {op} {bound} | {'yes' if met else '**no**'} |")
-        else:
-            lines.append(f"| {name} | {value} | | |")
+    lines = ratio_rows("workload (matrix)", matrix["ratios"], _target)
     lines += ["", "| drain (messages/s) | rate |", "|---|---|"]
     lines += [f"| {name} | {rate:,} |" for name, rate in matrix["rates_msgs_per_s"].items()]
     return "\n".join(lines)

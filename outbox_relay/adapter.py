@@ -92,13 +92,14 @@ class KeyStops:
             self._failed.add(out.message.key)
         return result
 
+    def settle_one(self, out: OutgoingMessage, result: PublishResult) -> PublishResult:
+        """`result` for `out`, or ``not_sent`` if it failed after its key already had."""
+        if result.outcome is not Outcome.ACKED:
+            result = self.held(out) or result
+        return self.note(out, result)
+
     def settle(self, batch: Sequence[OutgoingMessage], results: Sequence[PublishResult]) -> list[PublishResult]:
-        settled: list[PublishResult] = []
-        for out, result in zip(batch, results, strict=True):
-            if result.outcome is not Outcome.ACKED:
-                result = self.held(out) or result
-            settled.append(self.note(out, result))
-        return settled
+        return [self.settle_one(out, result) for out, result in zip(batch, results, strict=True)]
 
 
 AdapterFactory = Callable[[str, Mapping[str, Any]], Adapter]

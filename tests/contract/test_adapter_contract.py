@@ -187,9 +187,11 @@ class TestWebhook(AdapterContract):
 
 
 class TestKafka(AdapterContract):
+    options: dict[str, Any] = {}
+
     @pytest.fixture
     async def target(self, kafka_bootstrap: str) -> AsyncIterator[Target]:
-        adapter = create_kafka("kafka", {"bootstrap_servers": kafka_bootstrap})
+        adapter = create_kafka("kafka", {"bootstrap_servers": kafka_bootstrap, **self.options})
         await adapter.connect()
         topic = f"contract-{uuid.uuid4().hex[:10]}"
 
@@ -200,26 +202,18 @@ class TestKafka(AdapterContract):
         await adapter.close()
 
 
-class TestKafkaLibrdkafka(AdapterContract):
-    @pytest.fixture
-    async def target(self, kafka_bootstrap: str) -> AsyncIterator[Target]:
-        adapter = create_kafka("kafka", {"bootstrap_servers": kafka_bootstrap, "client": "librdkafka"})
-        await adapter.connect()
-        topic = f"contract-rdk-{uuid.uuid4().hex[:10]}"
-
-        async def read(count: int) -> list[Received]:
-            return await kafka_read(kafka_bootstrap, topic, count)
-
-        yield Target(adapter, topic, read, explicit=True)
-        await adapter.close()
+class TestKafkaLibrdkafka(TestKafka):
+    options = {"client": "librdkafka"}
 
 
 class TestRabbitMQ(AdapterContract):
+    options: dict[str, Any] = {}
+
     @pytest.fixture
     async def target(self, amqp_url: str) -> AsyncIterator[Target]:
         exchange = f"contract-{uuid.uuid4().hex[:10]}"
         queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
-        adapter = create_rabbitmq("rabbit", {"url": amqp_url, "exchange": exchange})
+        adapter = create_rabbitmq("rabbit", {"url": amqp_url, "exchange": exchange, **self.options})
         await adapter.connect()
 
         async def read(count: int) -> list[Received]:
@@ -230,19 +224,7 @@ class TestRabbitMQ(AdapterContract):
         queue.close()
 
 
-class TestRabbitMQPipelined(AdapterContract):
+class TestRabbitMQPipelined(TestRabbitMQ):
     """RabbitMQ with pipeline_keys: a key's run in one call, on one channel."""
 
-    @pytest.fixture
-    async def target(self, amqp_url: str) -> AsyncIterator[Target]:
-        exchange = f"contract-pl-{uuid.uuid4().hex[:10]}"
-        queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
-        adapter = create_rabbitmq("rabbit", {"url": amqp_url, "exchange": exchange, "pipeline_keys": True})
-        await adapter.connect()
-
-        async def read(count: int) -> list[Received]:
-            return await rabbit_read(queue, count)
-
-        yield Target(adapter, exchange, read, explicit=True)
-        await adapter.close()
-        queue.close()
+    options = {"pipeline_keys": True}
