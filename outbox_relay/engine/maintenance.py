@@ -17,7 +17,7 @@ from uuid import UUID
 import psycopg
 import structlog
 
-from outbox_relay.engine.connect import connect_with_retry
+from outbox_relay.engine.connect import connect_with_retry, disable_jit
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
 
@@ -69,6 +69,7 @@ class Maintenance:
                     self._dsn, purpose="maintenance", retry_max=self._retry_max, autocommit=True
                 )
                 async with conn:
+                    await disable_jit(conn)  # the pending gauge counts a large backlog
                     while True:
                         await self.heartbeat(conn)
                         await self.observe(conn)

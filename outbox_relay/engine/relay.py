@@ -312,6 +312,7 @@ class Relay:
         idle_ms = int((2 * self.config.relay.publish_timeout + 30.0) * 1000)
         try:
             await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),))
+            await self._store.prepare_session(conn)
             await conn.commit()
         except BaseException:
             # Failed, or cancelled by a stop that came meanwhile: the caller never gets
