@@ -225,7 +225,9 @@ class KafkaAdapter:
             await producer.stop()
 
     async def ready(self) -> bool:
-        if self._producer is None:
+        # Starts a producer if there is none, as publish would: the engine probes a
+        # broker that stopped answering with ready() before it sends it messages again.
+        if await self._reconnect() is not None or self._producer is None:
             return False
         try:
             await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self.options.request_timeout)
@@ -266,14 +268,21 @@ class KafkaAdapter:
                 missing[topic] = PublishResult.transient(f"no metadata for topic {topic!r} (does it exist?): {exc!r}")
         return missing
 
-    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+    async def _reconnect(self) -> str | None:
+        """Start a producer if there is none (a reset that failed); why not, if it cannot."""
         if self._producer is None:
             try:
                 async with self._lifecycle:
                     if self._producer is None:
                         await self.connect()
             except Exception as exc:
-                return [PublishResult.unavailable(f"kafka producer not connected: {exc!r}")] * len(batch)
+                return f"kafka producer not connected: {exc!r}"
+        return None
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        problem = await self._reconnect()
+        if problem is not None:
+            return [PublishResult.unavailable(problem)] * len(batch)
         producer = self._producer
         if producer is None:
             return [PublishResult.unavailable("kafka producer not connected")] * len(batch)

@@ -238,7 +238,9 @@ class LibrdkafkaAdapter:
             await asyncio.to_thread(producer.flush, self.options.request_timeout)
 
     async def ready(self) -> bool:
-        if self._producer is None:
+        # Starts a producer if there is none, as publish would: the engine probes a
+        # broker that stopped answering with ready() before it sends it messages again.
+        if await self._reconnect() is not None or self._producer is None:
             return False
         try:
             # /readyz waits 2 s: a probe must not hold a pool thread longer than that.
@@ -248,14 +250,21 @@ class LibrdkafkaAdapter:
             return False
         return bool(metadata.brokers)
 
-    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+    async def _reconnect(self) -> str | None:
+        """Start a producer if there is none (a reset that failed); why not, if it cannot."""
         if self._producer is None:
             try:
                 async with self._lifecycle:
                     if self._producer is None:
                         await self.connect()
             except Exception as exc:
-                return [PublishResult.unavailable(f"kafka producer not connected: {exc}")] * len(batch)
+                return f"kafka producer not connected: {exc}"
+        return None
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        problem = await self._reconnect()
+        if problem is not None:
+            return [PublishResult.unavailable(problem)] * len(batch)
         producer, reports = self._producer, self._reports
         if producer is None or reports is None:
             return [PublishResult.unavailable("kafka producer not connected")] * len(batch)

@@ -199,7 +199,33 @@ class RabbitAdapter:
             connection.close()
 
     async def ready(self) -> bool:
-        return bool(self._connection and self._connection.is_open and self._channel and self._channel.is_open)
+        """One round trip to the broker (a channel opened and closed), reconnecting first
+        if the connection was lost, as publish would. The engine probes a broker that
+        stopped answering with ready() before it sends it messages again, so "the socket
+        is open" is not enough: a black-holed connection looks open until the heartbeat
+        gives up on it."""
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            async with self._lock:
+                return await self._ensure_open() is None
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Channel] = loop.create_future()
+
+        def on_open(channel: Channel) -> None:
+            if opened.done():  # too late: the probe gave up on it
+                with contextlib.suppress(Exception):
+                    channel.close()
+            else:
+                opened.set_result(channel)
+
+        try:
+            connection.channel(on_open_callback=on_open)
+            channel = await asyncio.wait_for(opened, self.options.connect_timeout)
+        except Exception:
+            return False
+        with contextlib.suppress(Exception):
+            channel.close()
+        return True
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
         if connection is not self._connection and self._connection is not None:

@@ -3,9 +3,10 @@ and large payloads, each drained by the relay and compared with a raw client of 
 same records in the same run (these machines are shared and noisy: only ratios of
 figures taken side by side mean anything).
 
-Shapes: keyless, 1 key, 100 keys, 10,000 keys, every message its own key; 100 keys
-with a 1,000,000-row backlog; 100 keys next to one key whose head waits with 100,000
-rows behind it; 100 keys with 16 KiB payloads; RabbitMQ with 100 keys.
+Shapes: keyless, 1 key, 100 keys, 10,000 keys, every message its own key; the
+1,000,000-row backlog for keyless, 1 key, 100 keys and every message its own key;
+100 keys next to one key whose head waits with 100,000 rows behind it; 100 keys with
+16 KiB payloads; RabbitMQ with 100 keys.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         rates[f"kafka relay librdkafka, {name}, {small:,}"] = await _best_of(
             runs, lambda keys=keys: kafka_bench.relay_rate(  # type: ignore[misc]
                 dsn, kafka, small, keys=keys, client="librdkafka"))
-    _step(f"kafka relay, 100 keys, {large:,}")
-    rates[f"kafka relay, 100 keys, {large:,}"] = await kafka_bench.relay_rate(dsn, kafka, large, keys=100)
+    # The large backlog for every key shape, once each (a drain of a million takes a minute).
+    large_shapes = [("100 keys", 100), ("keyless", None), ("1 key", 1), ("every message its own key", "unique")]
+    for name, keys in large_shapes:
+        _step(f"kafka relay, {name}, {large:,}")
+        rates[f"kafka relay, {name}, {large:,}"] = await kafka_bench.relay_rate(dsn, kafka, large, keys=keys)
     _step(f"kafka relay, 100 keys beside 1 key held back with {held_back:,} rows")
     rates["kafka relay, 100 keys, 1 key held back"] = await _best_of(
         runs, lambda: kafka_bench.relay_rate(dsn, kafka, small, keys=100, held_back=held_back))
@@ -93,8 +97,8 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         "kafka 10,000 keys / keyless": r(f"kafka relay, 10,000 keys, {small:,}", keyless),
         "kafka every message its own key / keyless": r(f"kafka relay, every message its own key, {small:,}", keyless),
         "kafka 1 key / keyless": r(f"kafka relay, 1 key, {small:,}", keyless),
-        f"kafka 100 keys, {large:,} backlog / {small:,} backlog": r(
-            f"kafka relay, 100 keys, {large:,}", f"kafka relay, 100 keys, {small:,}"),
+        **{f"kafka {name}, {large:,} backlog / {small:,} backlog": r(
+            f"kafka relay, {name}, {large:,}", f"kafka relay, {name}, {small:,}") for name, _ in large_shapes},
         f"kafka 100 keys beside 1 key held back ({held_back:,} rows) / without": r(
             "kafka relay, 100 keys, 1 key held back", f"kafka relay, 100 keys, {small:,}"),
         "kafka 100 keys, 16 KiB payloads: relay / raw producer": r(

@@ -57,7 +57,13 @@ class Adapter(Protocol):
     async def close(self) -> None: ...
 
     async def ready(self) -> bool:
-        """True when the broker is reachable and the adapter can publish now."""
+        """True when the broker answers and the adapter can publish now.
+
+        An adapter that lost its connection reconnects here, as ``publish`` would
+        (bounded by its own connect timeout): the engine stops calling ``publish`` for
+        a broker that answered nothing within ``relay.publish_timeout`` and probes it
+        with ``ready()`` until it says True (engine/circuit.py). /readyz calls it too.
+        """
         ...
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]: ...

@@ -44,6 +44,10 @@ class RelayMetrics:
         self.broker_connected = Gauge(
             "outbox_relay_broker_connected", "1 when the broker's adapter is connected and ready.",
             ["broker"], registry=r)
+        self.broker_circuit_open = Gauge(
+            "outbox_relay_broker_circuit_open", "1 while the relay sends nothing to a broker that answered "
+            "nothing (its messages wait, spending no attempt) and probes it until it answers.",
+            ["broker"], registry=r)
         self.wakeups = Counter(
             "outbox_relay_wakeups", "Why idle workers woke: notify, poll or backlog.", ["reason"], registry=r)
         self.oldest_transaction_age = Gauge(

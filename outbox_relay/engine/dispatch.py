@@ -33,6 +33,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import structlog
 
 from outbox_relay.adapter import Adapter, keeps_key_order
+from outbox_relay.engine.circuit import Circuit
 from outbox_relay.engine.store import Record
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
@@ -96,6 +97,10 @@ class Dispatcher:
         # Consecutive "unreachable" answers per broker: the backoff for messages that
         # did not spend an attempt grows with the outage, not with the message.
         self._outage: dict[str, int] = defaultdict(int)
+        self.circuits = {
+            name: Circuit(name, adapter, backoff, publish_timeout, self._metrics.broker_circuit_open.labels(name))
+            for name, adapter in adapters.items()
+        }
 
     def _same_call(self, message: Message) -> tuple[str, str] | None:
         # A run shares a call only while it goes to one destination of one broker: two
@@ -193,12 +198,21 @@ class Dispatcher:
         ]
 
     async def _publish(self, broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
+        circuit = self.circuits[broker]
+        blocked = circuit.blocked()
+        if blocked is not None:  # no call, so no copy queued in a client that holds it (circuit.py)
+            self._outage[broker] += 1
+            return [PublishResult.unavailable(blocked)] * len(batch)
         adapter = self._adapters[broker]
         started = time.perf_counter()
         try:
             answers = await asyncio.wait_for(adapter.publish(batch), self._timeout)
         except TimeoutError:
-            return [PublishResult.transient(f"publish timed out after {self._timeout:g}s")] * len(batch)
+            # Not one answer in publish_timeout: the broker is away, not the messages wrong.
+            reason = f"no answer within publish_timeout ({self._timeout:g}s)"
+            circuit.trip(reason)
+            self._outage[broker] += 1
+            return [PublishResult.unavailable(reason)] * len(batch)
         except Exception as exc:  # an adapter must not take the relay down
             log.error("adapter_failed", broker=broker, error=repr(exc))
             return [PublishResult.transient(f"adapter error: {exc!r}")] * len(batch)
@@ -208,9 +222,17 @@ class Dispatcher:
         self._metrics.publish_duration.labels(broker).observe(time.perf_counter() - started)
         if any(a.outcome is Outcome.ACKED for a in answers):
             self._outage.pop(broker, None)
+            circuit.close()
         elif any(a.outcome is Outcome.UNAVAILABLE for a in answers):
             self._outage[broker] += 1
+            if all(a.outcome in (Outcome.UNAVAILABLE, Outcome.NOT_SENT) for a in answers):
+                circuit.trip(next(a.reason for a in answers if a.outcome is Outcome.UNAVAILABLE) or "unavailable")
         return answers
+
+    def close(self) -> None:
+        """Stop the circuits' background probes."""
+        for circuit in self.circuits.values():
+            circuit.cancel()
 
     def _decide(self, message: Message, target: Target | None, result: PublishResult) -> Record:
         broker = target.broker if target else None

@@ -157,6 +157,7 @@ class Relay:
             if self.http is not None:
                 await self.http.close()
             await self._maintenance.forget()
+            self._dispatcher.close()
             for handle in self._brokers.values():
                 await handle.close()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=self.published)

@@ -64,3 +64,76 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
     finally:
         queue.close()
         await proxy.close()
+
+
+def latencies(dsn: str, ids: set[str]) -> list[float]:
+    """Seconds from commit (created_at) to dispatch for the given message ids, dispatched ones only."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT extract(epoch FROM dispatched_at - created_at)::float8 FROM outbox.messages "
+                            "WHERE message_id::text = ANY(%s) AND dispatched_at IS NOT NULL", (list(ids),)).fetchall()
+    return [r[0] for r in rows]
+
+
+async def test_a_black_holed_broker_holds_back_only_its_own_messages(
+        db: str, kafka_bootstrap: str, amqp_url: str) -> None:
+    # RabbitMQ stops answering without refusing anything (the proxy keeps the connection
+    # and swallows the bytes), for several publish timeouts. Its messages wait, spending
+    # no attempt; once the relay has seen it answer nothing, Kafka's messages go out in
+    # well under a second; when it answers again, its messages go too.
+    topic = f"hole-{uuid.uuid4().hex[:10]}"
+    exchange = f"hole-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic)
+    parts = urlsplit(amqp_url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
+    queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
+    publish_timeout = 1.0
+    config = make_config(
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap},
+                 "mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange}},
+        routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic},
+                {"topic": "emails.*", "broker": "mq"}],
+        publish_timeout=f"{publish_timeout}s", max_attempts=2,  # a spent attempt would show as a dead letter
+    )
+    try:
+        async with running_relay(config, build_adapters(config)) as relay:
+            await write(db, "emails.sent", ["e0"], 3)
+            await wait_until(lambda: pending_for(db, "") == 0, timeout=30)
+
+            def circuit_open() -> bool:
+                return relay.metrics.registry.get_sample_value(
+                    "outbox_relay_broker_circuit_open", {"broker": "mq"}) == 1
+
+            proxy.stall()
+            emails = await write(db, "emails.sent", ["e1", "e2"], 10)
+            await wait_until(circuit_open, timeout=30)
+            stalled_at = asyncio.get_running_loop().time()
+            orders: set[str] = set()
+            while asyncio.get_running_loop().time() - stalled_at < 4 * publish_timeout:
+                emails = await write(db, "emails.sent", ["e3"], 1, written=emails)
+                batch = await write(db, "orders.created", ["o1", "o2"], 2)
+                orders |= set(batch.committed)
+                await wait_until(lambda batch=batch: pending_for(db, "orders.") == 0, timeout=30)  # type: ignore[misc]
+            assert circuit_open(), "the probe must not close the circuit while RabbitMQ answers nothing"
+            slowest = max(latencies(db, orders))
+            assert slowest < 1.0, f"an order waited {slowest:.3f}s behind the black-holed broker"
+            assert pending_for(db, "emails.") == len(emails.committed), "emails wait while RabbitMQ is away"
+
+            proxy.restore()
+            await wait_until(lambda: pending_for(db, "emails.") == 0, timeout=60)
+            assert not circuit_open()
+        with psycopg.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
+                                ).fetchone() == (0,)
+        expected = set(emails.committed)
+        received: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 30
+        while not expected <= set(received) and asyncio.get_running_loop().time() < deadline:
+            received += [r.message_id for r in await rabbit_read(queue, 1000, timeout=1.0)]
+        assert expected <= set(received)
+        # Only the emails handed to RabbitMQ before the stall was noticed may come twice.
+        assert len(received) - len(set(received)) <= 20, len(received) - len(set(received))
+    finally:
+        queue.close()
+        await proxy.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 import uuid
@@ -141,13 +142,23 @@ async def test_unavailable_delay_grows_with_the_outage_not_the_message() -> None
 async def test_outage_resets_after_an_ack() -> None:
     down = True
     fake = FakeAdapter(script=lambda out: PublishResult.unavailable("down") if down else None)
+    await fake.connect()
     d = dispatcher({"main": fake})
     for i in range(5):
         await d.dispatch([msg(i)])
     down = False
+    await circuit_closed(d, "main")
     assert (await d.dispatch([msg(10)]))[0].kind == "acked"
     down = True
     assert (await d.dispatch([msg(11)]))[0].delay <= 2 * INITIAL + 1e-9
+
+
+async def circuit_closed(d: Dispatcher, broker: str, timeout: float = 10.0) -> None:
+    """Wait until the broker's circuit closes (its background probe found it ready)."""
+    deadline = time.monotonic() + timeout
+    while d.circuits[broker].blocked() is not None:  # blocked() starts a probe when one is due
+        assert time.monotonic() < deadline, f"circuit of {broker!r} still open: {d.circuits[broker].reason}"
+        await asyncio.sleep(0.01)
 
 
 async def test_no_route_is_dead() -> None:
@@ -231,25 +242,60 @@ async def test_adapter_returning_wrong_number_of_results_makes_all_transient() -
     assert all(r.error == "adapter returned a wrong number of results" for r in records)
 
 
-async def test_publish_timeout_is_transient() -> None:
+async def test_publish_timeout_means_the_broker_is_away_and_spends_no_attempt() -> None:
     slow = FakeAdapter(delay=2.0)
     started = time.monotonic()
     records = await dispatcher({"main": slow}, max_attempts=5, publish_timeout=0.1).dispatch(
         [msg(1), msg(2)]
     )
     assert time.monotonic() - started < 1.0
-    assert [r.kind for r in records] == ["retry", "retry"]
-    assert all(r.error == "publish timed out after 0.1s" for r in records)
+    assert [r.kind for r in records] == ["wait", "wait"]
+    assert all(r.error == "no answer within publish_timeout (0.1s)" for r in records)
 
 
-async def test_publish_timeout_on_last_attempt_is_dead() -> None:
+async def test_publish_timeout_on_the_last_attempt_dead_letters_nothing() -> None:
+    # An outage longer than the publish timeout must not use up attempts (issue 8).
     slow = FakeAdapter(delay=2.0)
     records = await dispatcher({"main": slow}, max_attempts=1, publish_timeout=0.05).dispatch(
-        [msg(1)]
+        [msg(1, attempts=0)]
     )
-    assert records == [
-        Record(1, "dead", "max attempts (1) reached; last error: publish timed out after 0.05s")
-    ]
+    assert [(r.kind, r.error) for r in records] == [("wait", "no answer within publish_timeout (0.05s)")]
+
+
+async def test_a_broker_that_answered_nothing_is_not_called_again_until_it_is_ready() -> None:
+    slow = FakeAdapter(name="slow", delay=0.5)
+    fast = FakeAdapter(name="fast")
+    d = dispatcher({"fast": fast, "slow": slow}, [("a.*", "slow"), ("*", "fast")], publish_timeout=0.1)
+    await d.dispatch([msg(1, topic="a.x")])  # times out: the circuit opens
+    assert slow.calls == [1]
+    started = time.monotonic()
+    records = by_id(await d.dispatch([msg(2, topic="a.x"), msg(3, topic="b.x")]))
+    # The open circuit answers at once: the fast broker's message does not wait for it,
+    # and no new copy is handed to the slow broker's client.
+    assert time.monotonic() - started < 0.09
+    assert (records[2].kind, records[3].kind) == ("wait", "acked")
+    assert "not answering" in (records[2].error or "")
+    assert slow.calls == [1]
+    slow.delay = 0.0
+    await slow.connect()  # ready() says True from now on
+    await circuit_closed(d, "slow")
+    assert (await d.dispatch([msg(4, topic="a.x")]))[0].kind == "acked"
+    assert slow.calls == [1, 1]
+
+
+async def test_a_broker_answering_only_unavailable_is_probed_before_it_is_called_again() -> None:
+    fake = FakeAdapter(script=lambda out: PublishResult.unavailable("connection refused"))
+    d = dispatcher({"main": fake})
+    await d.dispatch([msg(1), msg(2)])
+    for i in range(3, 6):
+        assert (await d.dispatch([msg(i)]))[0].kind == "wait"
+    assert fake.calls == [2], "while the circuit is open, the adapter is not called"
+    assert d.circuits["main"].open
+    fake.script = None
+    await fake.connect()
+    await circuit_closed(d, "main")
+    assert (await d.dispatch([msg(9)]))[0].kind == "acked"
+    d.close()
 
 
 # --- per-key order -------------------------------------------------------------------
@@ -353,7 +399,7 @@ async def test_slow_broker_does_not_block_results_of_fast_one() -> None:
     d = dispatcher({"fast": fast, "slow": slow}, [("a.*", "slow"), ("*", "fast")],
                    max_attempts=5, publish_timeout=0.2)
     records = by_id(await d.dispatch([msg(1, topic="a.x"), msg(2, topic="b.x")]))
-    assert records[1].kind == "retry"
+    assert records[1].kind == "wait"
     assert records[2].kind == "acked"
 
 

@@ -1,0 +1,100 @@
+"""A broker that answers nothing is skipped until it answers again (a circuit breaker).
+
+Why: a broker in outage rarely fails fast. Kafka's idempotent producer retries a
+record forever, a black-holed TCP connection never answers, so a publish to it ends
+only at `relay.publish_timeout`. Counted as a failure, every such timeout would spend
+an attempt of each message in the call, and an outage of a few minutes would
+dead-letter traffic that was never wrong; the messages of healthy brokers in the same
+batch would wait a publish timeout, every batch.
+
+So a call that ends in the timeout, or whose every answer is "unavailable", opens the
+broker's circuit: its messages wait (no attempt spent) and, while the circuit is open,
+are answered "unavailable" at once without calling the adapter, so no new copy is
+queued in a client that holds them, and the other brokers' messages go on. The
+circuit closes when the adapter's ``ready()`` says the broker answers again, probed in
+the background with a growing interval (the relay's retry backoff); the first call
+after that is a normal publish. Messages handed to the broker's client before the
+circuit opened may still be delivered when it comes back, so an outage can duplicate
+at most the calls that were in flight when it began; the relay marks nothing it did
+not see acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from prometheus_client import Gauge
+
+from outbox_relay.adapter import Adapter
+from outbox_relay.retry import Backoff
+
+log = structlog.get_logger("outbox_relay.circuit")
+
+
+class Circuit:
+    """The open/closed state of one broker, and its background probe."""
+
+    def __init__(self, broker: str, adapter: Adapter, backoff: Backoff, probe_timeout: float,
+                 gauge: Gauge | None = None):
+        self.broker = broker
+        self._gauge = gauge  # outbox_relay_broker_circuit_open{broker}
+        self._adapter = adapter
+        self._backoff = backoff
+        self._probe_timeout = probe_timeout
+        self.reason: str | None = None  # None: closed (the broker is called)
+        self._opened_at = 0.0
+        self._failures = 0
+        self._next_probe = 0.0
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.reason is not None
+
+    def blocked(self) -> str | None:
+        """Why the broker must not be called now, or None. Starts a probe when one is due."""
+        if self.reason is None:
+            return None
+        if self._probe is None and time.monotonic() >= self._next_probe:
+            self._probe = asyncio.create_task(self._run_probe(), name=f"probe-{self.broker}")
+        return f"broker {self.broker!r} not answering ({self.reason}); waiting for it to come back"
+
+    def trip(self, reason: str) -> None:
+        """The broker answered nothing: open the circuit, or keep it open and probe later."""
+        if self.reason is None:
+            self.reason = reason
+            self._opened_at = time.monotonic()
+            self._failures = 0
+            log.warning("broker_circuit_open", broker=self.broker, reason=reason)
+            if self._gauge is not None:
+                self._gauge.set(1)
+        self._failures += 1
+        self._next_probe = time.monotonic() + self._backoff.delay(self._failures)
+
+    def close(self) -> None:
+        """The broker acked something, or a probe found it ready."""
+        if self.reason is not None:
+            log.info("broker_circuit_closed", broker=self.broker,
+                     open_for_s=round(time.monotonic() - self._opened_at, 3))
+            if self._gauge is not None:
+                self._gauge.set(0)
+        self.reason = None
+        self._failures = 0
+
+    async def _run_probe(self) -> None:
+        try:
+            ready = await asyncio.wait_for(self._adapter.ready(), self._probe_timeout)
+        except Exception:  # a failing probe is a "not yet", never the relay's end
+            ready = False
+        finally:
+            self._probe = None
+        if ready:
+            self.close()
+        elif self.reason is not None:
+            self.trip(self.reason)
+
+    def cancel(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
