@@ -92,9 +92,13 @@ class RelayConfig(_Model):
     # An open transaction older than this gets a warning naming its pid: it holds back
     # vacuum and so slows every claim.
     long_transaction_warning: Duration = 60.0
-    # Larger payloads are dead-lettered before any broker sees them. None: no limit
-    # beyond the broker's own.
-    max_payload_bytes: Count | None = Field(default=None, ge=1)
+    # Larger payloads are dead-lettered on their size, never read into the relay's
+    # memory (a row the relay cannot hold would otherwise crash it on every restart).
+    # None (null): no limit beyond the broker's own.
+    max_payload_bytes: Count | None = Field(default=64 * 1024 * 1024, ge=1)
+    # Payload bytes one claim may carry, beside batch_size: the relay's memory stays
+    # bounded whatever the rows weigh. A single larger row still goes, alone.
+    max_batch_bytes: Count = Field(default=16 * 1024 * 1024, ge=1024)
 
     @field_validator("poll_interval", "shutdown_timeout", "publish_timeout")
     @classmethod

@@ -22,6 +22,14 @@ class Message:
     headers: Mapping[str, str]
     attempts: int  # publish attempts before this one
     created_at: datetime
+    # The payload's size in bytes as stored. The relay leaves the payload of a row over
+    # relay.max_payload_bytes in the database (payload is then b""): it is dead-lettered
+    # on its size alone. None: len(payload).
+    payload_size: int | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) if self.payload_size is None else self.payload_size
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,21 +75,31 @@ WITH heads AS (
             WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
               AND d.dead_lettered_at IS NOT NULL))
     FOR UPDATE OF m SKIP LOCKED
+), runs AS (
+    SELECT r.*
+    FROM heads AS h
+    CROSS JOIN LATERAL (
+        SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
+               NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
+               m.attempts, m.created_at, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due,
+               octet_length(m.payload) AS size  -- from the TOAST header: the payload is not read
+        FROM {schema}.messages AS m
+        WHERE m.key COLLATE "C" = h.key COLLATE "C" AND m.id >= h.id
+          AND (h.stop_id IS NULL OR m.id < h.stop_id)
+          AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+        ORDER BY m.key COLLATE "C", m.id
+        LIMIT %(per_key)s
+        FOR UPDATE OF m) AS r
 )
-SELECT r.id, r.message_id, r.topic, r.key, r.payload, r.content_type, r.headers, r.attempts, r.created_at,
-       r.due
-FROM heads AS h
-CROSS JOIN LATERAL (
-    SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
-           NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
-           m.attempts, m.created_at, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due
-    FROM {schema}.messages AS m
-    WHERE m.key COLLATE "C" = h.key COLLATE "C" AND m.id >= h.id
-      AND (h.stop_id IS NULL OR m.id < h.stop_id)
-      AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
-    ORDER BY m.key COLLATE "C", m.id
-    LIMIT %(per_key)s
-    FOR UPDATE OF m) AS r
+-- The byte budget (see claim_keyless); rows come in id order, so a cut keeps each
+-- key's share a prefix of its run.
+SELECT r.id, r.message_id, r.topic, r.key,
+       CASE WHEN r.size <= %(max_payload)s::bigint AND r.bytes_before < %(max_bytes)s::bigint THEN r.payload END,
+       r.content_type, r.headers, r.attempts, r.created_at, r.size, r.due
+FROM (SELECT runs.*,
+             coalesce(sum(CASE WHEN size <= %(max_payload)s::bigint THEN size ELSE 0 END)
+                      OVER (ORDER BY id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS bytes_before
+      FROM runs) AS r
 ORDER BY r.id;
 
 -- name: claim_keyless
@@ -98,16 +108,35 @@ ORDER BY r.id;
 -- created, so enqueue order; a retried one at its retry time, so it takes its turn
 -- among the new ones instead of starving behind them), and rows waiting for a retry
 -- or for a broker in outage lie past the range this reads and are never walked.
-SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
-       NULLIF(m.headers, '{{}}'::jsonb) AS headers,
-       m.attempts, m.created_at
-FROM {schema}.messages AS m
-WHERE m.key IS NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
-  -- statement_timestamp(), not clock_timestamp(): stable, so the index range ends there
-  AND coalesce(m.next_attempt_at, m.created_at) <= statement_timestamp()
-ORDER BY coalesce(m.next_attempt_at, m.created_at), m.id
-LIMIT %(limit)s
-FOR UPDATE OF m SKIP LOCKED;
+--
+-- A claim carries at most max_bytes of payload (relay.max_batch_bytes), so a
+-- few huge rows cannot take the relay's memory with them: payloads are returned while
+-- the bytes of the rows before stay under the budget (the first row always, whatever
+-- its size), and NULL after that; the relay drops those rows from the batch untouched.
+-- A payload over max_payload (relay.max_payload_bytes) is never returned either:
+-- its size alone (octet_length reads the TOAST header, not the value) is enough to
+-- dead-letter it, so one huge row cannot crash the relay on every restart.
+WITH claimed AS (
+    SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
+           NULLIF(m.headers, '{{}}'::jsonb) AS headers,
+           m.attempts, m.created_at, octet_length(m.payload) AS size,
+           coalesce(m.next_attempt_at, m.created_at) AS due_at
+    FROM {schema}.messages AS m
+    WHERE m.key IS NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+      -- statement_timestamp(), not clock_timestamp(): stable, so the index range ends there
+      AND coalesce(m.next_attempt_at, m.created_at) <= statement_timestamp()
+    ORDER BY coalesce(m.next_attempt_at, m.created_at), m.id
+    LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED
+)
+SELECT c.id, c.message_id, c.topic, c.key,
+       CASE WHEN c.size <= %(max_payload)s::bigint AND c.bytes_before < %(max_bytes)s::bigint THEN c.payload END,
+       c.content_type, c.headers, c.attempts, c.created_at, c.size
+FROM (SELECT claimed.*,
+             coalesce(sum(CASE WHEN size <= %(max_payload)s::bigint THEN size ELSE 0 END)
+                      OVER (ORDER BY due_at, id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS bytes_before
+      FROM claimed) AS c
+ORDER BY c.due_at, c.id;
 
 -- name: mark_dispatched
 -- Every acked row of the batch in one statement, after the broker acknowledged it.

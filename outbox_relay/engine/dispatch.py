@@ -111,7 +111,7 @@ class Dispatcher:
         return target.broker, target.destination
 
     def _too_large(self, message: Message) -> bool:
-        return self._max_payload is not None and len(message.payload) > self._max_payload
+        return self._max_payload is not None and message.size > self._max_payload
 
     async def dispatch(self, messages: Sequence[Message]) -> list[Record]:
         """Publish in waves; start no new wave once `publish_timeout` has passed.
@@ -178,7 +178,7 @@ class Dispatcher:
                 continue
             if self._too_large(message):
                 results[index] = PublishResult.permanent(
-                    f"payload too large: {len(message.payload)} bytes > relay.max_payload_bytes ({self._max_payload})")
+                    f"payload too large: {message.size} bytes > relay.max_payload_bytes ({self._max_payload})")
                 continue
             by_broker[target.broker].append((index, OutgoingMessage(message, target.destination, target.explicit)))
 

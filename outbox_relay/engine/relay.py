@@ -65,7 +65,8 @@ class Relay:
         self._backoff = Backoff.from_config(relay)
         self._brokers = {name: BrokerHandle(name, a, self._backoff) for name, a in adapters.items()}
         self._store = OutboxStore(self._queries, hold_dead_letters=relay.dead_letter_policy == "hold",
-                                  workers=relay.workers)
+                                  workers=relay.workers, max_batch_bytes=relay.max_batch_bytes,
+                                  max_payload_bytes=relay.max_payload_bytes)
         self.metrics = RelayMetrics()
         self._router = Router(config.routes)
         self._dispatcher = Dispatcher(

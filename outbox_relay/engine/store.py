@@ -37,12 +37,28 @@ class Record:
 
 
 def _message(row: Sequence[Any]) -> Message:
-    # Rows come in binary format: ids, uuids and bytea need no text parsing.
-    mid, message_id, topic, key, payload, content_type, headers, attempts, created_at = row
-    return Message(mid, message_id, topic, key, payload, content_type, headers or _NO_HEADERS, attempts, created_at)
+    # Rows come in binary format: ids, uuids and bytea need no text parsing. A row whose
+    # payload was left in the database (too large) comes with its size only.
+    mid, message_id, topic, key, payload, content_type, headers, attempts, created_at, size = row
+    return Message(mid, message_id, topic, key, b"" if payload is None else payload, content_type,
+                   headers or _NO_HEADERS, attempts, created_at, size)
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+# No relay.max_payload_bytes: a bound no payload reaches (PostgreSQL's bytea stops at 1 GB).
+NO_LIMIT = 2**62
+
+
+def _within_budget(rows: Sequence[Sequence[Any]], max_payload: int) -> list[Sequence[Any]]:
+    """The claimed rows up to the first one past the batch's byte budget (its payload did
+    not come back though it is not too large); the rest stay pending, untouched."""
+    kept = []
+    for row in rows:
+        if row[4] is None and row[9] <= max_payload:
+            break
+        kept.append(row)
+    return kept
 
 
 def _unbroken_runs(rows: Sequence[Sequence[Any]], limit: int) -> list[Message]:
@@ -54,13 +70,13 @@ def _unbroken_runs(rows: Sequence[Sequence[Any]], limit: int) -> list[Message]:
     kept: list[Message] = []
     broken: set[str] = set()
     for row in rows:
-        key, due = row[3], row[9]
+        key, due = row[3], row[10]
         if key in broken:
             continue
         if not due:
             broken.add(key)
             continue
-        kept.append(_message(row[:9]))
+        kept.append(_message(row[:10]))
         if len(kept) >= limit:
             break
     return kept
@@ -90,9 +106,12 @@ class OutboxStore:
     # still cheap, claims to find the keys that are not.
     VISITS_PER_SLOT = 4
 
-    def __init__(self, queries: Queries, *, hold_dead_letters: bool, workers: int = 1):
+    def __init__(self, queries: Queries, *, hold_dead_letters: bool, workers: int = 1,
+                 max_batch_bytes: int = NO_LIMIT, max_payload_bytes: int | None = None):
         self._q = queries
         self._hold = hold_dead_letters
+        self._max_bytes = max_batch_bytes
+        self._max_payload = NO_LIMIT if max_payload_bytes is None else max_payload_bytes
         # A claim takes at most its share of the keys it finds, so that with a hundred hot
         # keys the other workers (and replicas) find keys of their own instead of the
         # heads this one holds; a hot key still fills a whole batch alone.
@@ -130,21 +149,25 @@ class OutboxStore:
         self._keyless_first = not self._keyless_first
         keyless: list[Message] = []
         keyed = Claim([])
+        budget = self._max_bytes
         if self._keyless_first:
-            keyless = await self._claim_keyless(conn, limit)
-        if len(keyless) < limit:
-            keyed = await self._claim_keyed(conn, limit - len(keyless))
-        if not self._keyless_first and len(keyed.messages) < limit:
-            keyless = await self._claim_keyless(conn, limit - len(keyed.messages))
+            keyless = await self._claim_keyless(conn, limit, budget)
+            budget -= sum(len(m.payload) for m in keyless)
+        if len(keyless) < limit and budget > 0:
+            keyed = await self._claim_keyed(conn, limit - len(keyless), budget)
+            budget -= sum(len(m.payload) for m in keyed.messages)
+        if not self._keyless_first and len(keyed.messages) < limit and budget > 0:
+            keyless = await self._claim_keyless(conn, limit - len(keyed.messages), budget)
         messages = keyed.messages + keyless
         messages.sort(key=lambda m: m.id)
         return Claim(messages, keyed.more_keys)
 
-    async def _claim_keyless(self, conn: psycopg.AsyncConnection[Any], limit: int) -> list[Message]:
-        cur = await conn.execute(self._q["claim_keyless"], {"limit": limit}, binary=True)
-        return [_message(row) for row in await cur.fetchall()]
+    async def _claim_keyless(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> list[Message]:
+        cur = await conn.execute(self._q["claim_keyless"],
+                                 {"limit": limit, "max_bytes": budget, "max_payload": self._max_payload}, binary=True)
+        return [_message(row) for row in _within_budget(await cur.fetchall(), self._max_payload)]
 
-    async def _claim_keyed(self, conn: psycopg.AsyncConnection[Any], limit: int) -> Claim:
+    async def _claim_keyed(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> Claim:
         async with self._walking:
             heads, more = await self._walk(conn, -(-limit // self._workers), limit * self.VISITS_PER_SLOT)
             if not heads:
@@ -154,11 +177,12 @@ class OutboxStore:
             per_key = max(1, -(-limit // len(heads)))
             cur = await conn.execute(
                 self._q["claim_runs"],
-                {"head_ids": heads, "hold_dead_letters": self._hold, "per_key": per_key},
+                {"head_ids": heads, "hold_dead_letters": self._hold, "per_key": per_key,
+                 "max_bytes": budget, "max_payload": self._max_payload},
                 binary=True,
             )
             rows = await cur.fetchall()
-        return Claim(_unbroken_runs(rows, limit), more)
+        return Claim(_unbroken_runs(_within_budget(rows, self._max_payload), limit), more)
 
     async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> tuple[list[int], bool]:
         """Head ids of up to `limit` keys with a due head, from the cursor on; and whether

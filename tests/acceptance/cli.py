@@ -58,11 +58,12 @@ def _kill_leftovers() -> None:
 class RelayProcess:
     """`outbox-relay run` in the background, with its stderr (the logs) kept in a file."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None):
+    def __init__(self, config: Path, env: dict[str, str] | None = None, *, prefix: list[str] | None = None):
+        """`prefix` runs the relay under another command (e.g. `prlimit --as=N --`)."""
         self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [*exe(), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self._log,
+            [*(prefix or []), *exe(), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self._log,
             env={**os.environ, **(env or {})},
         )
         _LIVE.add(self.proc)

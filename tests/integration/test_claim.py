@@ -8,6 +8,7 @@ scan), the same on every run whatever the machine is doing.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -281,3 +282,62 @@ async def test_claim_cost_under_hold_does_not_read_held_rows(db: str) -> None:
         costs[size] = await claim_cost(db, hold=True)
     assert costs[2_000][0] == costs[40_000][0] == BATCH
     assert costs[40_000][1] <= costs[2_000][1] * 1.5 + 10, costs
+
+
+# --- the byte budget ---------------------------------------------------------------------
+
+
+async def claim_with(dsn: str, *, max_batch_bytes: int, max_payload_bytes: int | None,
+                     limit: int = BATCH) -> list[tuple[int, str | None, int, int]]:
+    """[(id, key, len(payload), size)] of one claim."""
+    store = OutboxStore(Queries("outbox"), hold_dead_letters=False,
+                        max_batch_bytes=max_batch_bytes, max_payload_bytes=max_payload_bytes)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await store.prepare_session(conn)
+        await conn.commit()
+        async with conn.transaction():
+            messages = (await store.claim(conn, limit)).messages
+    return [(m.id, m.key, len(m.payload), m.size) for m in messages]
+
+
+def sized(n: int, key_expr: str, size: int) -> str:
+    return (f"INSERT INTO outbox.messages (topic, key, payload) "
+            f"SELECT 't', {key_expr}, convert_to(repeat('x', {size}), 'UTF8') FROM generate_series(1, {n}) g")
+
+
+@pytest.mark.parametrize("key_expr", ["NULL", "'k'", "'k' || (g % 3)"])
+async def test_a_claim_carries_at_most_its_byte_budget(db: str, key_expr: str) -> None:
+    mib = 1024 * 1024
+    fill(db, [sized(10, key_expr, mib)])
+    claimed = await claim_with(db, max_batch_bytes=3 * mib + 1, max_payload_bytes=None)
+    # Rows are taken while the bytes before them are under the budget: 1+1+1 MiB < 3 MiB + 1.
+    assert [(size, full) for _, _, size, full in claimed] == [(mib, mib)] * 4
+    assert [i for i, *_ in claimed] == [1, 2, 3, 4], "in id order: each key's share is a prefix of its run"
+
+
+async def test_one_row_over_the_budget_still_goes_alone(db: str) -> None:
+    fill(db, [sized(3, "'k'", 200_000)])
+    claimed = await claim_with(db, max_batch_bytes=1024, max_payload_bytes=None)
+    assert [(i, size) for i, _, size, _ in claimed] == [(1, 200_000)]
+
+
+@pytest.mark.parametrize("key_expr", ["NULL", "'k'"])
+async def test_a_payload_over_the_limit_comes_without_its_bytes(db: str, key_expr: str) -> None:
+    big = 5 * 1024 * 1024
+    fill(db, [sized(1, key_expr, 10), sized(1, key_expr, big), sized(2, key_expr, 10)])
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_reset()")  # TOAST block counters from zero
+    store = OutboxStore(Queries("outbox"), hold_dead_letters=False, max_payload_bytes=1024 * 1024)
+    async with await psycopg.AsyncConnection.connect(db) as conn, conn.transaction():
+        messages = (await store.claim(conn, 10)).messages
+    assert [(len(m.payload), m.size) for m in messages] == [(10, 10), (0, big), (10, 10), (10, 10)]
+    # The 5 MiB row lives in ~640 TOAST pages: the claim read (almost) none of them.
+    with psycopg.connect(db) as conn:
+        for _ in range(50):  # the statistics collector reports with a short delay
+            row = conn.execute("SELECT coalesce(toast_blks_read, 0) + coalesce(toast_blks_hit, 0) "
+                               "FROM pg_statio_user_tables WHERE relid = 'outbox.messages'::regclass").fetchone()
+            conn.rollback()
+            if row and row[0]:
+                break
+            await asyncio.sleep(0.02)
+    assert row is not None and row[0] < 20, f"{row[0]} TOAST blocks read: the payload was fetched"
