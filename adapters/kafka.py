@@ -26,6 +26,7 @@ from outbox_relay.durations import parse_duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import Options, TlsOptions, parse_options, tls_context
+from ._topics import METADATA_WAIT_S, TopicMetadata
 
 try:
     from aiokafka import AIOKafkaProducer
@@ -35,8 +36,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the kafka adapter needs aiokafka: pip install 'outbox-relay[kafka]'") from exc
 
 log = structlog.get_logger("outbox_relay.kafka")
-
-METADATA_WAIT_S = 5.0
 
 # Kafka's own rule for topic names; anything else the broker rejects.
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -92,6 +91,34 @@ BROKER_AWAY_ERRORS: tuple[type[BaseException], ...] = (
     kafka_errors.RequestTimedOutError,
     kafka_errors.NodeNotReadyError,
 )
+
+
+# How long closing a producer waits for the records it still holds (at shutdown, or a
+# reset). The rows of records it then drops are still pending in the outbox: they go
+# again, nothing is lost.
+CLOSE_WAIT_S = 2.0
+
+
+async def stop_within(producer: AIOKafkaProducer, wait: float) -> None:
+    """Stop `producer`, waiting at most about 2 x `wait`.
+
+    aiokafka's stop() first waits for every buffered record to be delivered, which with
+    idempotence during a broker outage is forever: a relay told to stop would hang, and
+    a producer reset would hold every worker. Past `wait`, the records still buffered
+    are failed (aiokafka has no public call for that: its accumulator's fail_all, the
+    same it uses on a fatal error), which lets stop() close the connections.
+    """
+    stopping = asyncio.ensure_future(producer.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=wait)
+    if not done:
+        log.warning("kafka_producer_stop_dropping_buffered_records", waited_s=wait)
+        producer._message_accumulator.fail_all(kafka_errors.KafkaTimeoutError("producer closed by outbox-relay"))
+        done, _ = await asyncio.wait({stopping}, timeout=wait)
+    if not done:
+        stopping.cancel()
+        log.warning("kafka_producer_stop_abandoned", waited_s=2 * wait)
+        return
+    stopping.result()
 
 
 class SaslOptions(Options):
@@ -194,7 +221,7 @@ class KafkaAdapter:
         self.options = options
         self._producer: AIOKafkaProducer | None = None
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
-        self._known_topics: set[str] = set()
+        self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
 
     async def connect(self) -> None:
         producer = AIOKafkaProducer(**producer_settings(self.options))
@@ -222,7 +249,7 @@ class KafkaAdapter:
     async def close(self) -> None:
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            await producer.stop()
+            await stop_within(producer, CLOSE_WAIT_S)
 
     async def ready(self) -> bool:
         # Starts a producer if there is none, as publish would: the engine probes a
@@ -253,20 +280,11 @@ class KafkaAdapter:
 
     async def _topics_without_metadata(self, producer: AIOKafkaProducer,
                                        batch: Sequence[OutgoingMessage]) -> dict[str, PublishResult]:
-        """Topics whose metadata does not come within a few seconds (not created yet,
-        auto-creation off). Their messages fail alone and early; without this, `send`
-        waits the whole request timeout for each and holds up the rest of the batch."""
-        unknown = {out.destination for out in batch if out.destination not in self._known_topics
-                   and valid_topic(out.destination)}
-        missing: dict[str, PublishResult] = {}
-        for topic in unknown:
-            try:
-                wait = min(METADATA_WAIT_S, self.options.request_timeout)
-                await asyncio.wait_for(producer.partitions_for(topic), wait)
-                self._known_topics.add(topic)
-            except Exception as exc:
-                missing[topic] = PublishResult.transient(f"no metadata for topic {topic!r} (does it exist?): {exc!r}")
-        return missing
+        """Topics of the batch without metadata: their messages fail alone and early
+        (adapters/_topics.py); without this, `send` waits the whole request timeout for
+        each and holds up the rest of the batch."""
+        topics = {out.destination for out in batch if valid_topic(out.destination)}
+        return await self._topics.missing(topics, producer.partitions_for)
 
     async def _reconnect(self) -> str | None:
         """Start a producer if there is none (a reset that failed); why not, if it cannot."""

@@ -36,7 +36,8 @@ from outbox_relay.adapter import KeyStops
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import TlsOptions
-from .kafka import KafkaOptions, record_headers, valid_topic
+from ._topics import METADATA_WAIT_S, TopicMetadata
+from .kafka import CLOSE_WAIT_S, KafkaOptions, record_headers, valid_topic
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
@@ -48,7 +49,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 log = structlog.get_logger("outbox_relay.kafka")
 
 POLL_S = 0.02
-METADATA_WAIT_S = 5.0
 
 # The broker will refuse these however often we try: dead-letter them with its reason.
 PERMANENT_CODES = frozenset({
@@ -213,7 +213,7 @@ class LibrdkafkaAdapter:
         self._producer: Any = None
         self._reports: _Reports | None = None
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
-        self._known_topics: set[str] = set()
+        self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
 
     async def connect(self) -> None:
         errors: list[_Reports] = []  # the error callback reaches the reports object made below
@@ -235,7 +235,14 @@ class LibrdkafkaAdapter:
         if reports is not None:
             await asyncio.to_thread(reports.stop)  # flush below serves what is left
         if producer is not None:
-            await asyncio.to_thread(producer.flush, self.options.request_timeout)
+            # Records still queued after a short wait are purged (their rows stay pending
+            # in the outbox and go again): during an outage flush() would wait for them
+            # until request_timeout, holding up a reset or the relay's exit.
+            left = await asyncio.to_thread(producer.flush, min(CLOSE_WAIT_S, self.options.request_timeout))
+            if left:
+                log.warning("kafka_producer_close_purging", records=left)
+                producer.purge()
+                await asyncio.to_thread(producer.flush, 0)
 
     async def ready(self) -> bool:
         # Starts a producer if there is none, as publish would: the engine probes a
@@ -337,20 +344,12 @@ class LibrdkafkaAdapter:
 
     async def _topics_without_metadata(self, producer: Any,
                                        batch: Sequence[OutgoingMessage]) -> dict[str, PublishResult]:
-        """Topics whose metadata does not come within a few seconds (not created yet,
-        auto-creation off): their messages fail alone and early instead of holding the
-        whole call until publish_timeout (as the aiokafka client does)."""
-        unknown = {out.destination for out in batch
-                   if out.destination not in self._known_topics and valid_topic(out.destination)}
-        missing: dict[str, PublishResult] = {}
-        for topic in unknown:
-            wait = min(METADATA_WAIT_S, self.options.request_timeout)
-            try:
-                await asyncio.to_thread(self._wait_for_topic, producer, topic, wait)
-                self._known_topics.add(topic)
-            except KafkaException as exc:
-                missing[topic] = PublishResult.transient(f"no metadata for topic {topic!r} (does it exist?): {exc}")
-        return missing
+        """Topics of the batch without metadata: their messages fail alone and early
+        (adapters/_topics.py) instead of holding the whole call until publish_timeout."""
+        topics = {out.destination for out in batch if valid_topic(out.destination)}
+        wait = min(METADATA_WAIT_S, self.options.request_timeout)
+        return await self._topics.missing(
+            topics, lambda topic: asyncio.to_thread(self._wait_for_topic, producer, topic, wait))
 
     @staticmethod
     def _wait_for_topic(producer: Any, topic: str, wait: float) -> None:

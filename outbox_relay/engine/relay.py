@@ -27,6 +27,7 @@ from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.store import OutboxStore, Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
+from outbox_relay.errors import ConfigError
 from outbox_relay.http_server import HealthServer
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message
@@ -124,6 +125,9 @@ class Relay:
         if not await self._until_stopped(self._check_schema()):
             log.info("relay_stopped", relay_id=str(self.relay_id), published=0)
             return
+        # The port first: a port taken (a second relay on the host) is a configuration
+        # error to report before anything is connected that would need closing.
+        await self._start_http()
         for handle in self._brokers.values():
             await handle.connect()
         await self._brokers_connected(BROKER_GRACE_S)
@@ -134,7 +138,6 @@ class Relay:
         side: list[asyncio.Task[Any]] = [asyncio.create_task(self._maintenance.run(), name="maintenance")]
         if relay.notify:
             side.append(asyncio.create_task(self._listener.run(), name="listener"))
-        await self._start_http()
         log.info(
             "relay_started", relay_id=str(self.relay_id), schema=self.config.database.schema_name,
             workers=relay.workers, notify=relay.notify, brokers=sorted(self._brokers),
@@ -166,9 +169,15 @@ class Relay:
     async def _start_http(self) -> None:
         settings = self.config.http
         if settings.enabled:
-            self.http = HealthServer(settings.host, settings.port, live=self.is_live, ready=self.readiness,
-                                     metrics=self.metrics.render)
-            await self.http.start()
+            http = HealthServer(settings.host, settings.port, live=self.is_live, ready=self.readiness,
+                                metrics=self.metrics.render)
+            try:
+                await http.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); another relay on "
+                    "this host? Set http.port to a free port, or 0 to pick one", path="http.port") from None
+            self.http = http
 
     def is_live(self) -> bool:
         """False when a worker has been stuck in one batch far past every timeout.

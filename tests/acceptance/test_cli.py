@@ -224,3 +224,31 @@ def test_logs_are_json_lines_naming_message_id_and_topic(db: str, tmp_path: Path
     dead = [line for line in lines if line["event"] == "message_dead_lettered"]
     assert dead[0]["message_id"] == str(mid) and dead[0]["topic"] == "unrouted"
     assert dead[0]["reason"] == "no route" and "timestamp" in dead[0]
+
+
+def test_a_second_relay_on_a_taken_health_port_says_which_key_to_change(db: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a free port, for both relays
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    first_config = write_config(tmp_path / "first.yaml", db)
+    second_config = write_config(tmp_path / "second.yaml", db)
+    for path in (first_config, second_config):
+        text = path.read_text().replace("port: 0", f"port: {port}")
+        assert f"port: {port}" in text
+        path.write_text(text)
+    first = RelayProcess(first_config)
+    try:
+        first.wait_started()
+        second = run_cli("run", "--config", str(second_config), timeout=60)
+        assert first.proc.poll() is None, "the first relay keeps running"
+        assert first.terminate() == 0
+    finally:
+        first.close()
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert lines[0].startswith(f"error: http.port: cannot listen on 127.0.0.1:{port}"), lines[0]
+    assert "Set http.port to a free port" in lines[0]
+    assert "Traceback" not in second.stderr and "Unclosed" not in second.stderr

@@ -185,3 +185,35 @@ async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: 
     logs = relay.log_path.read_text()
     assert "no answer within publish_timeout" in logs or "channel closed" in logs or "connection lost" in logs
     check_delivery(received, ledger, max_duplicates=10 * BATCH * WORKERS)
+
+
+async def test_sigterm_during_a_kafka_outage_exits_within_the_shutdown_timeout(
+        db: str, own_kafka: LocalBroker, tmp_path: Path) -> None:
+    # The producer holds records it cannot deliver (idempotence: forever); closing it
+    # must not wait for them, or the relay never exits while the broker is away.
+    bootstrap = f"127.0.0.1:{own_kafka.port}"
+    topic = f"term-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic)
+    shutdown_timeout = 3.0
+    config = relay_config(tmp_path / "relay.yaml", db,
+                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
+                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+                          publish_timeout="2s", shutdown_timeout=f"{shutdown_timeout}s")
+    relay = RelayProcess(config)
+    writers = Writers(db, "orders.created").start()
+    try:
+        port = http_port(relay)
+        wait_for(lambda: ready(port), 30, "ready before the outage")
+        own_kafka.kill()
+        # The positive signal: a publish went unanswered, so the producer holds records.
+        wait_for(lambda: "broker_circuit_open" in relay.log_path.read_text(), 60, "the outage seen by the relay")
+        writers.stop()
+        started = time.monotonic()
+        code = relay.terminate(timeout=shutdown_timeout + 30)
+        took = time.monotonic() - started
+    finally:
+        writers.stop()
+        relay.close()
+        own_kafka.start()
+    assert code == 0, relay.log_path.read_text()[-1500:]
+    assert took <= shutdown_timeout + 5, f"exit took {took:.1f}s"

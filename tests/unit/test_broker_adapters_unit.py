@@ -210,3 +210,49 @@ async def test_rabbitmq_refuses_what_amqp_cannot_carry() -> None:
         assert isinstance(result, rabbitmq.PublishResult) and result.outcome is Outcome.PERMANENT
         assert why in (result.reason or "")
     assert adapter._unconfirmed == {} and adapter._next_tag == 0
+
+
+# --- Kafka topic metadata: unknown topics probed together, missing ones remembered ---------
+
+
+async def test_missing_topics_are_probed_together_under_one_deadline_and_remembered() -> None:
+    import time
+
+    from outbox_relay_adapters._topics import TopicMetadata
+
+    probed: list[str] = []
+
+    async def probe(topic: str) -> None:
+        probed.append(topic)
+        if topic.startswith("missing"):
+            await asyncio.sleep(60)  # metadata never comes
+
+    topics = TopicMetadata(0.3, remember_missing=60)
+    wanted = {f"missing-{i}" for i in range(6)} | {"present"}
+    started = time.monotonic()
+    answers = await topics.missing(wanted, probe)
+    took = time.monotonic() - started
+    assert sorted(answers) == sorted(t for t in wanted if t != "present")
+    assert all(a.outcome.value == "transient" and "no metadata for topic" in (a.reason or "") for a in answers.values())
+    assert took < 0.3 * 3, f"six missing topics took {took:.2f}s: probed one after another"
+    # Right after: the missing ones are answered from memory, the present one is known.
+    probed.clear()
+    started = time.monotonic()
+    again = await topics.missing(wanted, probe)
+    assert sorted(again) == sorted(answers) and probed == []
+    assert time.monotonic() - started < 0.05
+
+
+async def test_a_remembered_missing_topic_is_probed_again_later() -> None:
+    from outbox_relay_adapters._topics import TopicMetadata
+
+    exists = False
+
+    async def probe(topic: str) -> None:
+        if not exists:
+            raise LookupError("unknown topic")
+
+    topics = TopicMetadata(1.0, remember_missing=0.0)
+    assert "t" in await topics.missing({"t"}, probe)
+    exists = True
+    assert await topics.missing({"t"}, probe) == {}

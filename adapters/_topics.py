@@ -1,0 +1,59 @@
+"""Which Kafka topics exist, as far as a publish call needs to know (both Kafka clients).
+
+A record for a topic without metadata (not created yet, auto-creation off) makes the
+client wait its whole request timeout, holding up every other record of the call. So
+topics not seen before are probed first: all at once, under one deadline, so that six
+missing topics cost one wait, not six; and a missing topic is remembered for a few
+seconds, so the calls right after do not wait for it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from outbox_relay.models import PublishResult
+
+METADATA_WAIT_S = 5.0  # at most this long per call for every unknown topic together
+REMEMBER_MISSING_S = 5.0
+
+
+class TopicMetadata:
+    def __init__(self, wait: float, *, remember_missing: float = REMEMBER_MISSING_S):
+        self._wait = wait
+        self._remember = remember_missing
+        self._known: set[str] = set()
+        self._missing: dict[str, tuple[float, PublishResult]] = {}  # topic -> (until, answer)
+
+    async def missing(self, topics: Iterable[str],
+                      probe: Callable[[str], Awaitable[object]]) -> dict[str, PublishResult]:
+        """The answer for each of `topics` that has no metadata; `probe(topic)` returns
+        once the topic's metadata is there and raises if it never comes."""
+        now = time.monotonic()
+        answers: dict[str, PublishResult] = {}
+        unknown: list[str] = []
+        for topic in set(topics) - self._known:
+            remembered = self._missing.get(topic)
+            if remembered is not None and remembered[0] > now:
+                answers[topic] = remembered[1]
+            else:
+                unknown.append(topic)
+        if not unknown:
+            return answers
+        tasks = {topic: asyncio.ensure_future(probe(topic)) for topic in unknown}
+        await asyncio.wait(tasks.values(), timeout=self._wait)
+        for topic, task in tasks.items():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self._known.add(topic)
+                self._missing.pop(topic, None)
+                continue
+            if task.done() and not task.cancelled():
+                why = repr(task.exception())
+            else:
+                task.cancel()
+                why = f"no answer within {self._wait:g}s"
+            answer = PublishResult.transient(f"no metadata for topic {topic!r} (does it exist?): {why}")
+            self._missing[topic] = (time.monotonic() + self._remember, answer)
+            answers[topic] = answer
+        return answers
