@@ -41,6 +41,7 @@ T = TypeVar("T")
 
 BROKER_GRACE_S = 5.0
 READY_TIMEOUT_S = 2.0
+READY_CACHE_S = 1.0  # /readyz answers from a probe at most this old
 
 
 class RelayObserver(Protocol):
@@ -109,6 +110,9 @@ class Relay:
         self._batch_started: dict[int, float] = {}  # worker -> when its current batch began
         self._connected_workers = 0
         self.http: HealthServer | None = None
+        self._ready_lock = asyncio.Lock()
+        self._ready_cache: tuple[float, tuple[bool, dict[str, Any]]] | None = None
+        self._ready_conn: psycopg.AsyncConnection[Any] | None = None
 
     def stop(self) -> None:
         """Stop claiming; the run finishes its in-flight batches and returns."""
@@ -160,6 +164,7 @@ class Relay:
             await asyncio.gather(stop_waiter, *tasks, *side, return_exceptions=True)
             if self.http is not None:
                 await self.http.close()
+            await self._close_ready_conn()
             await self._maintenance.forget()
             self._dispatcher.close()
             for handle in self._brokers.values():
@@ -190,7 +195,21 @@ class Relay:
         return all(now - started < limit for started in self._batch_started.values())
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when the database and every broker that a route uses answer."""
+        """Ready when the database and every broker that a route uses answer.
+
+        Probed at most once per READY_CACHE_S, by one caller at a time (the others wait
+        for its answer), on one connection kept for it: a burst of /readyz requests
+        (a misconfigured probe, a scan) costs the database one session, not one each.
+        """
+        async with self._ready_lock:
+            now = asyncio.get_running_loop().time()
+            if self._ready_cache is not None and now - self._ready_cache[0] < READY_CACHE_S:
+                return self._ready_cache[1]
+            answer = await self._probe_readiness()
+            self._ready_cache = (asyncio.get_running_loop().time(), answer)
+            return answer
+
+    async def _probe_readiness(self) -> tuple[bool, dict[str, Any]]:
         database = await self._database_answers()
         brokers: dict[str, bool] = {}
         for name in sorted(self._router.brokers_in_use()):
@@ -206,14 +225,21 @@ class Relay:
     async def _database_answers(self) -> bool:
         try:
             async def probe() -> None:
-                conn = await connect_once(self._dsn, autocommit=True, timeout=READY_TIMEOUT_S)
-                async with conn:
-                    await conn.execute("SELECT 1")
+                if self._ready_conn is None or self._ready_conn.closed:
+                    self._ready_conn = await connect_once(self._dsn, autocommit=True, timeout=READY_TIMEOUT_S)
+                await self._ready_conn.execute("SELECT 1")
 
             await asyncio.wait_for(probe(), READY_TIMEOUT_S)
         except Exception:
+            await self._close_ready_conn()  # reconnect on the next probe
             return False
         return True
+
+    async def _close_ready_conn(self) -> None:
+        conn, self._ready_conn = self._ready_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     def _refresh_broker_gauges(self) -> None:
         for name, handle in self._brokers.items():

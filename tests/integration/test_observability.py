@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import httpx
 import psycopg
@@ -104,3 +105,38 @@ async def test_long_transaction_watchdog_names_the_pid(db: str) -> None:
     warnings = [e for e in logs if e["event"] == "long_transaction"]
     assert warnings and warnings[0]["pid"] == pid and warnings[0]["log_level"] == "warning"
     assert (metric(text, "outbox_relay_oldest_transaction_age_seconds") or 0) >= 0.5
+
+
+async def test_a_burst_of_readyz_requests_costs_the_database_one_session(db: str) -> None:
+    # 300 concurrent probes: answered from one probe at a time (cached for a second) on
+    # one connection kept for it, instead of a new database session each.
+    import threading
+
+    dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
+    most = 0
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal most
+        with psycopg.connect(db, autocommit=True) as conn:
+            while not sampling.is_set():
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                                   "AND application_name = 'outbox-relay'", (dbname,)).fetchone()
+                most = max(most, row[0] if row else 0)
+                time.sleep(0.005)
+
+    async with running_relay(make_config(db, workers=2), {"main": FakeAdapter()}) as relay:
+        assert relay.http is not None
+        url = f"http://127.0.0.1:{relay.http.port}/readyz"
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=300), timeout=30) as client:
+            await client.get(url)  # the relay's own sessions are all up, the probe's too
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                answers = await asyncio.gather(*(client.get(url) for _ in range(300)))
+            finally:
+                sampling.set()
+                sampler.join()
+    assert [a.status_code for a in answers] == [200] * 300
+    # 2 workers, the listener, maintenance, and the readiness probe's one session.
+    assert most <= 5, f"{most} relay sessions during the burst"
