@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -99,6 +100,9 @@ class _DeclareFailed(Exception):
 # Replies that refuse an exchange declare for good: 404 not found (passive), 406
 # precondition failed (exists with another type or durability).
 EXCHANGE_REFUSED = {404, 406}
+# A refused exchange is answered from memory this long, then asked again: it may have
+# been created (or fixed) meanwhile.
+REMEMBER_REFUSAL_S = 5.0
 AMQP_SHORT_STRING = 255  # bytes: content type, header names, routing key
 # pika failing to build the frames: the message itself cannot be carried.
 UNENCODABLE: tuple[type[BaseException], ...] = (
@@ -141,7 +145,12 @@ class RabbitAdapter:
         self._next_tag = 0
         self._unconfirmed: dict[int, tuple[asyncio.Future[PublishResult], str]] = {}
         self._returned: dict[str, str] = {}
-        self._exchanges: dict[str, str | None] = {}  # name -> None if usable, else why not
+        # Exchanges known to be usable, on this connection (an exchange can be deleted:
+        # the broker then closes the channel with 404, and the set is emptied).
+        self._usable: set[str] = set()
+        # Exchanges the broker refused, and until when that answer is trusted: an
+        # exchange missing now (declare: false) may be created in a minute.
+        self._refused: dict[str, tuple[float, str]] = {}
         self._window: asyncio.Semaphore = asyncio.Semaphore(options.confirm_window)
         self._lock = asyncio.Lock()
 
@@ -164,6 +173,10 @@ class RabbitAdapter:
             on_open_error_callback=on_open_error, on_close_callback=self._on_connection_closed,
             custom_ioloop=loop,
         )
+        # A new connection re-learns every exchange: what was refused may exist by now,
+        # what was usable may have been deleted meanwhile.
+        self._usable.clear()
+        self._refused.clear()
         try:
             await asyncio.wait_for(opened, self.options.connect_timeout)
             self._connection = connection
@@ -237,15 +250,23 @@ class RabbitAdapter:
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if channel is self._channel:
             self._channel = None
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 404:
+            # An exchange is gone (deleted while cached, or refused by a passive check).
+            # Which one the broker does not say: forget them all and declare again. The
+            # other messages on the channel did nothing wrong: they wait, no attempt spent.
+            self._usable.clear()
+            self._fail_unconfirmed(f"channel closed by the broker: {reason!r}", PublishResult.unavailable)
+            return
         self._fail_unconfirmed(f"channel closed: {reason!r}")
 
-    def _fail_unconfirmed(self, why: str) -> None:
-        # Unconfirmed means "maybe delivered": report transient so the row stays
-        # pending and is published again; consumers dedupe by message id.
+    def _fail_unconfirmed(self, why: str,
+                          result: Callable[[str], PublishResult] = PublishResult.transient) -> None:
+        # Unconfirmed means "maybe delivered": the row stays pending and is published
+        # again; consumers dedupe by message id.
         pending, self._unconfirmed = self._unconfirmed, {}
         for future, _ in pending.values():
             if not future.done():
-                future.set_result(PublishResult.transient(why))
+                future.set_result(result(why))
         self._returned.clear()
 
     async def _ensure_open(self) -> str | None:
@@ -267,8 +288,11 @@ class RabbitAdapter:
 
     async def _ensure_exchange(self, name: str) -> str | None:
         """None if `name` can be published to; else why not (the channel is reopened)."""
-        if name == "" or name in self._exchanges:
-            return self._exchanges.get(name)
+        if name == "" or name in self._usable:
+            return None
+        refused = self._refused.get(name)
+        if refused is not None and refused[0] > time.monotonic():
+            return refused[1]
         assert self._channel is not None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -296,13 +320,15 @@ class RabbitAdapter:
                 # The broker refused this exchange (missing when checked passively, or of
                 # another type): a fact about the exchange, so remember it. The refusal
                 # closed the channel: reopen it and go on with the other messages.
-                self._exchanges[name] = f"exchange {name!r} unusable: {code} {reason.reply_text}"
+                why = f"exchange {name!r} unusable: {code} {reason.reply_text}"
+                self._refused[name] = (time.monotonic() + REMEMBER_REFUSAL_S, why)
                 await self._open_channel()
-                return self._exchanges[name]
+                return why
             # The channel or connection went away for some other reason: nothing is
             # known about the exchange; the batch's messages count as transient.
             raise ChannelLost(f"channel closed while declaring {name!r}: {reason!r}") from None
-        self._exchanges[name] = None
+        self._usable.add(name)
+        self._refused.pop(name, None)
         return None
 
     # -- publishing ------------------------------------------------------------------------

@@ -101,3 +101,76 @@ async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amq
         await adapter.close()
         await proxy.close()
         queue.close()
+
+
+def delete_exchange(url: str, exchange: str) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().exchange_delete(exchange)
+    finally:
+        connection.close()
+
+
+async def test_an_exchange_created_after_the_relay_started_is_found_with_declare_false(amqp_url: str) -> None:
+    # A refusal is remembered only briefly and forgotten on reconnect: once the exchange
+    # exists, the adapter connects (before: the first refusal was cached forever).
+    exchange = f"late-{uuid.uuid4().hex[:10]}"
+    adapter = create("mq", {"url": amqp_url, "exchange": exchange, "declare": False})
+    try:
+        try:
+            await adapter.connect()
+        except ConnectionError as exc:
+            assert "unusable: 404" in str(exc)
+        else:
+            raise AssertionError("connected to an exchange that does not exist")
+        queue = RabbitQueue(amqp_url, exchange, exchange + ".q")  # the exchange now exists
+        try:
+            await adapter.connect()
+            assert await adapter.ready()
+            out = OutgoingMessage(message(1), "t")
+            assert [r.outcome for r in await adapter.publish([out])] == [Outcome.ACKED]
+            assert [r.message_id for r in await rabbit_read(queue, 1)] == [str(out.message_id)]
+        finally:
+            queue.close()
+            delete_exchange(amqp_url, exchange)
+    finally:
+        await adapter.close()
+
+
+async def test_a_deleted_exchange_is_declared_again_and_its_neighbours_spend_no_attempt(amqp_url: str) -> None:
+    import pika
+
+    gone, kept = f"gone-{uuid.uuid4().hex[:10]}", f"kept-{uuid.uuid4().hex[:10]}"
+    queues = [RabbitQueue(amqp_url, gone, gone + ".q"), RabbitQueue(amqp_url, kept, kept + ".q")]
+    adapter = create("mq", {"url": amqp_url, "exchange": kept})
+    await adapter.connect()
+    try:
+        first = [OutgoingMessage(message(1), gone, explicit_destination=True), OutgoingMessage(message(2), kept)]
+        assert [r.outcome for r in await adapter.publish(first)] == [Outcome.ACKED, Outcome.ACKED]
+        delete_exchange(amqp_url, gone)  # cached as usable, now deleted (its binding with it)
+        batch = [OutgoingMessage(message(3), gone, explicit_destination=True),
+                 *(OutgoingMessage(message(i), kept) for i in range(4, 9))]
+        results = await adapter.publish(batch)
+        # The broker closed the channel on the publish to the deleted exchange: nothing
+        # of this call is a dead letter or a spent attempt; what was not acked waits.
+        assert {r.outcome for r in results} <= {Outcome.ACKED, Outcome.UNAVAILABLE}, results
+        assert results[0].outcome is Outcome.UNAVAILABLE
+        again = [out for out, r in zip(batch, results, strict=True) if r.outcome is not Outcome.ACKED]
+        # Next call: the exchange is declared again (declare: true). Nothing is bound to
+        # it any more, so its message is unroutable (the broker's answer, not a 404).
+        final = await adapter.publish(again)
+        assert final[0].outcome is Outcome.PERMANENT and "unroutable" in (final[0].reason or ""), final[0]
+        assert {r.outcome for r in final[1:]} <= {Outcome.ACKED}
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            connection.channel().exchange_declare(gone, passive=True)  # raises if it does not exist
+        finally:
+            connection.close()
+    finally:
+        await adapter.close()
+        for queue in queues:
+            queue.close()
+        delete_exchange(amqp_url, gone)
+        delete_exchange(amqp_url, kept)
