@@ -257,3 +257,7 @@ FROM pg_stat_activity
 WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()
 ORDER BY xact_start
 LIMIT 1;
+
+-- name: skipped_wakeups
+-- How many NOTIFYs committers have skipped so far (schema.sql, "Wakes the relay").
+SELECT {schema}.skipped_wakeups();

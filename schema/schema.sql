@@ -115,16 +115,37 @@ CREATE TABLE {schema}.relays (
 -- notifying committer, so the notification is coalesced twice over:
 -- - the trigger is deferred to commit time and Postgres folds identical notifications
 --   of one transaction into one, so a transaction notifies at most once;
--- - at commit, only a transaction that gets the advisory lock notifies. One that finds
---   another transaction committing with a notification skips its own: that relay
---   wake-up is already on its way, and the relay claims until it finds nothing left.
--- A notification skipped or lost only delays a message until the next wake-up or the
--- relay's poll, never loses it. `outbox-relay schema notify off` disables the trigger.
+-- - only a transaction that gets the advisory lock notifies. One that finds another
+--   transaction holding it skips its own NOTIFY, counting the skip instead
+--   (wakeups_skipped, a sequence: no lock, no row, survives any rollback).
+-- The skip is a bet that the holder's notification wakes the relay after this commit is
+-- visible. It can lose: the holder may roll back (a later deferred constraint failed, or
+-- it took the lock early with SET CONSTRAINTS ALL IMMEDIATE), or commit and be claimed
+-- before this commit shows. So the relay reads the counter every 250 ms and, when it
+-- moved, claims (engine/wakeup.py): a skipped notification delays a message by about a
+-- quarter of a second, never by the poll interval. `outbox-relay schema notify off`
+-- disables the trigger.
+CREATE SEQUENCE {schema}.wakeups_skipped;
+
+-- SECURITY DEFINER: roles that only enqueue, or only relay, need no grant on the
+-- sequence (an upgrade cannot know which roles those are).
+CREATE FUNCTION {schema}.note_skipped_wakeup() RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT nextval('{schema}.wakeups_skipped'::regclass)
+$$;
+
+CREATE FUNCTION {schema}.skipped_wakeups() RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {schema}.wakeups_skipped
+$$;
+
 CREATE FUNCTION {schema}.notify_relay() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF pg_try_advisory_xact_lock(hashtext({channel})) THEN
         PERFORM pg_notify({channel}, '');
+    ELSE
+        PERFORM {schema}.note_skipped_wakeup();
     END IF;
     RETURN NULL;
 END

@@ -87,7 +87,7 @@ class Relay:
             notify_channel(config.database.schema_name),
             self._wakeup,
             retry_max=relay.retry.max,
-            check_every=30.0,
+            skipped_query=self._queries["skipped_wakeups"],
         )
         self._maintenance = Maintenance(
             self._dsn,

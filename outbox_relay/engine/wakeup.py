@@ -53,16 +53,28 @@ class Wakeup:
         return "poll"
 
 
-class Listener:
-    """Holds a LISTEN connection open, reconnecting after any failure."""
+# How often the listener reads the count of skipped notifications (schema.sql, "Wakes
+# the relay"): the longest a skipped NOTIFY delays a message, near enough.
+SKIP_WATCH_S = 0.25
+# A skip is counted at the committer's trigger, a moment before its commit is visible:
+# wake the workers at this many checks in a row after the count moved.
+SKIP_WAKES = 2
 
-    def __init__(self, dsn: str, channel: str, wakeup: Wakeup, *, retry_max: float, check_every: float):
+
+class Listener:
+    """Holds a LISTEN connection open, reconnecting after any failure, and watches the
+    count of notifications committers skipped, so no wake-up is lost."""
+
+    def __init__(self, dsn: str, channel: str, wakeup: Wakeup, *, retry_max: float,
+                 skipped_query: sql.Composed | None = None, check_every: float = SKIP_WATCH_S):
         self._dsn = dsn
         self._channel = channel
         self._wakeup = wakeup
         self._retry_max = retry_max
+        self._skipped_query = skipped_query
         self._check_every = check_every
         self.connected = False
+        self.skip_wakes = 0  # workers woken because a committer skipped its NOTIFY
 
     async def run(self) -> None:
         while True:
@@ -81,16 +93,35 @@ class Listener:
         )
         try:
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            # Skips before this point are covered by the wake-up below (the workers claim
+            # everything committed so far); the ones after it move the count from here.
+            seen = await self._skipped(conn)
             self.connected = True
             log.info("listening", channel=self._channel)
             self._wakeup.notify_all()
+            wakes_left = 0
             while True:
                 async for _ in conn.notifies(timeout=self._check_every):
                     self._wakeup.notify_all()
-                # No traffic for a while: make sure the connection is still alive, since a
-                # silently dead socket would otherwise leave us listening to nothing.
-                await conn.execute("SELECT 1")
+                # Also proves the connection alive: a silently dead socket would otherwise
+                # leave us listening to nothing.
+                skipped = await self._skipped(conn)
+                if skipped != seen:
+                    wakes_left = SKIP_WAKES
+                seen = skipped
+                if wakes_left:
+                    wakes_left -= 1
+                    self.skip_wakes += 1
+                    self._wakeup.notify_all()
         finally:
             self.connected = False
             with contextlib.suppress(Exception):
                 await conn.close()
+
+    async def _skipped(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        if self._skipped_query is None:
+            await conn.execute("SELECT 1")
+            return 0
+        cur = await conn.execute(self._skipped_query)
+        row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0

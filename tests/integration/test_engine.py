@@ -166,7 +166,9 @@ async def test_lost_listen_connection_is_restored(db: str) -> None:
         with psycopg.connect(db, autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND query ILIKE 'LISTEN%%'").fetchall()
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                # The listener's last statement: LISTEN, or its watch of skipped NOTIFYs.
+                "AND (query ILIKE 'LISTEN%%' OR query ILIKE '%%skipped_wakeups()%%')").fetchall()
         assert killed, "no LISTEN connection found"
         await wait_until(lambda: not relay._listener.connected, timeout=5)
         await wait_until(lambda: relay._listener.connected, timeout=10)
@@ -379,3 +381,32 @@ async def test_claims_run_read_committed_whatever_the_database_default(admin_dsn
             await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 300, timeout=60)
     assert [e for e in logs if e["event"] == "database_connection_lost"] == []
     assert len(fake.delivered) == 300, "each message once: no batch rolled back and sent again"
+
+
+@pytest.mark.parametrize("holder", ["rolls back", "commits"])
+async def test_a_committer_that_skipped_its_notify_is_still_claimed_within_a_second(db: str, holder: str) -> None:
+    # T1 takes the notifying lock early (SET CONSTRAINTS ALL IMMEDIATE fires the deferred
+    # trigger now) and holds it; T2 commits meanwhile and skips its NOTIFY, counting the
+    # skip; then T1 rolls back (no notification at all) or commits. With a 30 s poll,
+    # T2's message must still go out within a second.
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, poll_interval="30s"), {"main": fake}) as relay:
+        await wait_until(lambda: relay._listener.connected, timeout=10)
+        with psycopg.connect(db) as t1, psycopg.connect(db) as t2:
+            enqueue(t1, "t", {"from": "t1"})
+            t1.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            before = t2.execute("SELECT outbox.skipped_wakeups()").fetchone()
+            t2.commit()
+            enqueue(t2, "t", {"from": "t2"})
+            t2.commit()
+            committed = time.monotonic()
+            after = t2.execute("SELECT outbox.skipped_wakeups()").fetchone()
+            t2.commit()
+            assert before is not None and after is not None and after[0] == before[0] + 1, "T2 skipped its NOTIFY"
+            if holder == "rolls back":
+                t1.rollback()
+            else:
+                t1.commit()
+            await wait_until(lambda: any(b'"t2"' in o.message.payload for o in fake.delivered), timeout=5)
+            took = time.monotonic() - committed
+    assert took < 1.0, f"T2's message waited {took:.2f}s"
