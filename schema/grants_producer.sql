@@ -1,6 +1,13 @@
 -- An application role, {role}, that only enqueues (from SQL or from Python).
 GRANT USAGE ON SCHEMA {schema} TO {role};
+-- INSERT of the columns an enqueue fills, and no other: the row's id, message id,
+-- timestamps, attempts and state are the outbox's (an application that chose its id
+-- could collide with everyone's next enqueue; one that set next_attempt_at to
+-- 'infinity' would block its key forever; dispatched_at would forge a delivery).
+-- The REVOKE first makes these statements also narrow an older, table-wide grant.
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {schema}.messages FROM {role};
+GRANT INSERT (topic, key, payload, content_type, headers) ON {schema}.messages TO {role};
 -- RETURNING message_id needs SELECT on that one column, and nothing more.
-GRANT INSERT, SELECT (message_id) ON {schema}.messages TO {role};
+GRANT SELECT (message_id) ON {schema}.messages TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.enqueue(text, text, jsonb, jsonb) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.enqueue_binary(text, text, bytea, jsonb, text) TO {role};

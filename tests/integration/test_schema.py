@@ -161,9 +161,36 @@ def test_producer_role_can_enqueue_and_nothing_else(db: str) -> None:
             enqueue(conn, "t", {"a": 1})
             conn.execute("SELECT outbox.enqueue('t', 'k', '{}')")
             conn.commit()
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute("SELECT * FROM outbox.messages")
-        assert _count(db) == 2
+            # A plain INSERT of the enqueue's own columns is allowed (the documented
+            # alternative to the functions for SQL-only producers).
+            conn.execute("INSERT INTO outbox.messages (topic, key, payload) VALUES ('t', 'k', '\\x00')")
+            conn.commit()
+            forgeries = {
+                "read other rows": "SELECT * FROM outbox.messages",
+                "choose the id": "INSERT INTO outbox.messages (id, topic, payload) OVERRIDING SYSTEM VALUE "
+                                 "VALUES (9223372036854775000, 't', '\\x00')",
+                "block a key forever": "INSERT INTO outbox.messages (topic, key, payload, next_attempt_at) "
+                                       "VALUES ('t', 'k', '\\x00', 'infinity')",
+                "forge a delivery": "INSERT INTO outbox.messages (topic, payload, dispatched_at) "
+                                    "VALUES ('t', '\\x00', now())",
+                "forge a dead letter": "INSERT INTO outbox.messages (topic, payload, dead_lettered_at, "
+                                       "dead_letter_reason) VALUES ('t', '\\x00', now(), 'x')",
+                "spend attempts": "INSERT INTO outbox.messages (topic, payload, attempts) VALUES ('t', '\\x00', 99)",
+                "backdate": "INSERT INTO outbox.messages (topic, payload, created_at) "
+                            "VALUES ('t', '\\x00', '2000-01-01')",
+                "choose the message id": "INSERT INTO outbox.messages (topic, payload, message_id) "
+                                         "VALUES ('t', '\\x00', gen_random_uuid())",
+                "mark a row dispatched": "UPDATE outbox.messages SET dispatched_at = now()",
+                "delete rows": "DELETE FROM outbox.messages",
+            }
+            for what, statement in forgeries.items():
+                try:
+                    conn.execute(statement)  # type: ignore[arg-type]
+                except psycopg.errors.InsufficientPrivilege:
+                    conn.rollback()
+                else:
+                    pytest.fail(f"the producer role could {what}")
+        assert _count(db) == 3
     finally:
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
