@@ -43,3 +43,9 @@ class DatabaseError(OutboxRelayError):
 
 class AdapterError(OutboxRelayError):
     """A broker adapter could not connect or failed outside of a publish."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -43,6 +43,16 @@ from outbox_relay.routing import Router, Target
 log = structlog.get_logger("outbox_relay.dispatch")
 
 NO_ROUTE = "no route"
+MAX_REASON_CHARS = 2000
+
+
+def clean_reason(text: str) -> str:
+    """A reason as it can be stored and logged: an adapter's or broker's text may hold a
+    NUL (PostgreSQL text refuses it: recording the batch failed, and the relay restarted
+    into the same batch) or a lone surrogate (no UTF-8 for it: the log line failed), and
+    may be any length."""
+    text = text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
 
 Grouping = Callable[[Message], Hashable | None]
 
@@ -134,7 +144,7 @@ class Dispatcher:
                 if key is not None and key in failed_at:
                     late = self._after_failure(message, target, result, failed_at[key])
                     if late is None:  # left pending: anything acked after it is out of order
-                        failed_at[key] = Record(message.id, "retry", result.reason)
+                        failed_at[key] = Record(message.id, "retry", clean_reason(result.reason or ""))
                     else:
                         records.append(late)
                         if late.kind != "acked":
@@ -241,7 +251,7 @@ class Dispatcher:
             return Record(message.id, "acked", broker=broker, destination=destination)
         self._metrics.publish_failures.labels(broker or "", result.outcome.value).inc()
         bound = log.bind(message_id=str(message.message_id), topic=message.topic, broker=broker)
-        reason = result.reason or "unknown error"
+        reason = clean_reason(result.reason or "unknown error")
         if result.outcome is Outcome.PERMANENT:
             bound.warning("message_dead_lettered", reason=reason, attempts=message.attempts + 1)
             return Record(message.id, "dead", reason, broker=broker, destination=destination)
@@ -251,7 +261,7 @@ class Dispatcher:
             return Record(message.id, "wait", reason, delay, broker, destination)
         attempt = message.attempts + 1
         if attempt >= self._max_attempts:
-            dead_reason = f"max attempts ({self._max_attempts}) reached; last error: {reason}"
+            dead_reason = clean_reason(f"max attempts ({self._max_attempts}) reached; last error: {reason}")
             bound.warning("message_dead_lettered", reason=dead_reason, attempts=attempt)
             return Record(message.id, "dead", dead_reason, broker=broker, destination=destination)
         delay = self._backoff.delay(attempt)

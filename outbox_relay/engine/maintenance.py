@@ -18,6 +18,7 @@ import psycopg
 import structlog
 
 from outbox_relay.engine.connect import connect_with_retry, disable_jit
+from outbox_relay.errors import first_line
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
 
@@ -78,8 +79,8 @@ class Maintenance:
                             await self.delete_expired(conn)
                             next_retention = loop.time() + retention_interval(self._retention)
                         await asyncio.sleep(self._heartbeat_every)
-            except psycopg.OperationalError as exc:
-                log.warning("maintenance_connection_lost", error=str(exc).splitlines()[0])
+            except psycopg.Error as exc:  # any database error: reconnect, never end the relay
+                log.warning("maintenance_connection_lost", error_type=type(exc).__name__, error=first_line(exc))
                 await asyncio.sleep(min(1.0, self._retry_max))
 
     async def heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -27,7 +27,7 @@ from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.store import OutboxStore, Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
-from outbox_relay.errors import ConfigError
+from outbox_relay.errors import ConfigError, first_line
 from outbox_relay.http_server import HealthServer
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message
@@ -293,6 +293,7 @@ class Relay:
     async def _worker(self, index: int) -> None:
         relay = self.config.relay
         conn: psycopg.AsyncConnection[Any] | None = None
+        failures = 0  # database errors in a row, for the pause before the next try
         try:
             while not self._stop.is_set():
                 if conn is None:
@@ -302,17 +303,24 @@ class Relay:
                     self._worker_connected(+1)
                 try:
                     claimed = await self._batch(conn, index)
-                except (psycopg.OperationalError, psycopg.InternalError) as exc:
-                    # Connection lost, or the server ended the session or the transaction
+                    failures = 0
+                except psycopg.Error as exc:
+                    # Connection lost, the server ended the session or the transaction
                     # (idle-in-transaction or transaction timeout, a failover to a read-only
-                    # standby): the batch was rolled back; start again on a new connection.
+                    # standby), or any other database error (a pooler without prepared
+                    # statements, a value the driver cannot load): the batch was rolled
+                    # back, its rows are claimable again. Start over on a new connection,
+                    # with a growing pause, rather than let the process die and restart
+                    # into the same error (a crash loop that stalls every key).
+                    failures += 1
                     self._worker_connected(-1)
-                    log.warning("database_connection_lost", worker=index, error=str(exc).splitlines()[0])
+                    log.warning("database_connection_lost", worker=index, error_type=type(exc).__name__,
+                                error=first_line(exc))
                     with contextlib.suppress(Exception):
                         await conn.close()
                     conn = None
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                        await asyncio.wait_for(self._stop.wait(), timeout=self._backoff.delay(failures))
                     continue
                 if claimed:
                     # Claim until nothing is left: more may have committed meanwhile, and

@@ -17,6 +17,7 @@ import structlog
 from psycopg import sql
 
 from outbox_relay.engine.connect import connect_with_retry
+from outbox_relay.errors import first_line
 
 log = structlog.get_logger("outbox_relay.wakeup")
 
@@ -80,9 +81,9 @@ class Listener:
         while True:
             try:
                 await self._listen_once()
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:  # any database error: listen again, never end the relay
                 self.connected = False
-                log.warning("listen_connection_lost", error=str(exc).splitlines()[0])
+                log.warning("listen_connection_lost", error_type=type(exc).__name__, error=first_line(exc))
                 # Rows may have arrived while we were deaf: let the workers look.
                 self._wakeup.notify_all()
                 await asyncio.sleep(min(1.0, self._retry_max))

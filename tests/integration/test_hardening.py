@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from outbox_relay import enqueue, enqueue_async, local_postgres, schema_manager
 from outbox_relay.errors import SchemaError
+from outbox_relay.models import PublishResult
 from outbox_relay.testing import FakeAdapter
 from tests.acceptance.cli import RelayProcess, run_cli
 from tests.conftest import make_config, running_relay, wait_until
@@ -157,3 +158,28 @@ async def test_relay_over_tls_to_postgresql(tmp_path: Path) -> None:
                                           sslrootcert=str(certs / "server.crt")), connect_timeout=3)
     finally:
         local_postgres.destroy(cluster)
+
+
+async def test_a_reason_with_nul_a_lone_surrogate_and_any_length_is_recorded_not_fatal(db: str) -> None:
+    # PostgreSQL text refuses NUL (recording the batch failed, the relay died and came
+    # back to the same batch); a lone surrogate has no UTF-8 (the log line failed).
+    ugly = "broker said \x00 and \ud800 " + "x" * 5000
+    fake = FakeAdapter(script=lambda out: PublishResult.transient(ugly) if out.message.key == "bad" else None)
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"n": 1}, key="bad")
+        enqueue(conn, "t", {"n": 2}, key="good")
+        conn.commit()
+    def dead() -> int:
+        with psycopg.connect(db) as conn:
+            row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone()
+        return row[0] if row else 0
+
+    # running_relay raises if the relay's run ended with an error.
+    async with running_relay(make_config(db, max_attempts=1), {"main": fake}):
+        await wait_until(lambda: dead() == 1 and len(fake.delivered) == 1, timeout=10)
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT dead_letter_reason FROM outbox.messages WHERE key = 'bad'").fetchone()
+    assert row is not None
+    reason = row[0]
+    assert "broker said \\0 and \\ud800 " in reason and len(reason) <= 2000, reason[:80]
+    assert [out.message.key for out in fake.delivered] == ["good"]
