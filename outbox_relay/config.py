@@ -52,6 +52,11 @@ class DatabaseConfig(_Model):
     dsn: SecretStr
     schema_name: str = Field(default=DEFAULT_SCHEMA, alias="schema")
     connect_timeout: Duration = 10.0
+    # Statements the relay runs this many times on a connection become server-side
+    # prepared statements (psycopg's default). null: never, as a pooler in transaction
+    # mode (pgbouncer before 1.21) requires: a prepared statement lives in one server
+    # session, the pooler hands the next transaction another one.
+    prepare_threshold: int | None = Field(default=5, ge=0)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -25,6 +25,20 @@ WHERE n.nspname = %s
 _HAS_VERSION_TABLE = "SELECT to_regclass(format('%%I.schema_version', %s::text)) IS NOT NULL"
 
 
+_ENCODING = "SELECT current_setting('server_encoding')"
+
+
+def _encoding_problem(encoding: object) -> str | None:
+    # Text in any other encoding comes back as bytes (SQL_ASCII) or cannot hold every
+    # topic, key and header the relay accepts: refuse it up front, in one line.
+    if isinstance(encoding, bytes):  # SQL_ASCII: psycopg hands text over undecoded
+        encoding = encoding.decode("ascii", "replace")
+    if encoding == "UTF8":
+        return None
+    return (f"the database's encoding is {encoding}; outbox-relay needs a UTF8 database "
+            "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
+
+
 @dataclass(frozen=True)
 class InstallResult:
     schema: str
@@ -55,6 +69,10 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
     sqlfiles.validate_schema_name(schema)
     try:
         with conn.transaction(), conn.cursor() as cur:
+            cur.execute(_ENCODING)
+            problem = _encoding_problem((cur.fetchone() or (None,))[0])
+            if problem:
+                raise SchemaError(problem)
             cur.execute(_LOCK_KEY, (schema,))
             previous = _version_of(cur, schema)
             if previous is None:
@@ -117,6 +135,11 @@ def missing_or_old(version: int | None, schema: str) -> str | None:
 async def check(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str) -> None:
     """Raise SchemaError unless `schema` is installed at exactly the current version."""
     async with conn.cursor() as cur:
+        await cur.execute(_ENCODING)
+        encoding = await cur.fetchone()
+        problem = _encoding_problem(encoding[0] if encoding else None)
+        if problem:
+            raise SchemaError(problem)
         await cur.execute(_HAS_VERSION_TABLE, (schema,))
         row = await cur.fetchone()
         version = None

@@ -29,12 +29,18 @@ def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
         raise DatabaseError(f"invalid DSN: {str(exc).splitlines()[0]}") from None
 
 
-async def connect_once(dsn: str, *, autocommit: bool = False, timeout: float = 10.0) -> psycopg.AsyncConnection[Any]:
+# psycopg's default: a statement run this often on a connection is prepared server-side.
+PREPARE_THRESHOLD = 5
+
+
+async def connect_once(dsn: str, *, autocommit: bool = False, timeout: float = 10.0,
+                       prepare_threshold: int | None = PREPARE_THRESHOLD) -> psycopg.AsyncConnection[Any]:
     return await psycopg.AsyncConnection.connect(
         dsn,
         autocommit=autocommit,
         application_name="outbox-relay",
         connect_timeout=max(1, int(timeout)),
+        prepare_threshold=prepare_threshold,
         **_KEEPALIVE,
     )
 
@@ -52,7 +58,8 @@ async def disable_jit(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def connect_with_retry(
-    dsn: str, *, purpose: str, retry_max: float, autocommit: bool = False
+    dsn: str, *, purpose: str, retry_max: float, autocommit: bool = False,
+    prepare_threshold: int | None = PREPARE_THRESHOLD,
 ) -> psycopg.AsyncConnection[Any]:
     """Connect, retrying forever with capped backoff and a log line per failure."""
 
@@ -74,5 +81,5 @@ async def connect_with_retry(
         reraise=True,
     ):
         with attempt:
-            return await connect_once(dsn, autocommit=autocommit)
+            return await connect_once(dsn, autocommit=autocommit, prepare_threshold=prepare_threshold)
     raise AssertionError("unreachable")  # pragma: no cover

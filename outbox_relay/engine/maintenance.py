@@ -17,7 +17,7 @@ from uuid import UUID
 import psycopg
 import structlog
 
-from outbox_relay.engine.connect import connect_with_retry, disable_jit
+from outbox_relay.engine.connect import PREPARE_THRESHOLD, connect_with_retry, disable_jit
 from outbox_relay.errors import first_line
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
@@ -47,8 +47,10 @@ class Maintenance:
         metrics: RelayMetrics,
         long_transaction_warning: float,
         on_heartbeat: Callable[[], None] = lambda: None,
+        prepare_threshold: int | None = PREPARE_THRESHOLD,
     ):
         self._dsn = dsn
+        self._prepare_threshold = prepare_threshold
         self._q = queries
         self._relay_id = relay_id
         self._retention = retention
@@ -67,7 +69,8 @@ class Maintenance:
         while True:
             try:
                 conn = await connect_with_retry(
-                    self._dsn, purpose="maintenance", retry_max=self._retry_max, autocommit=True
+                    self._dsn, purpose="maintenance", retry_max=self._retry_max, autocommit=True,
+                    prepare_threshold=self._prepare_threshold,
                 )
                 async with conn:
                     await disable_jit(conn)  # the pending gauge counts a large backlog

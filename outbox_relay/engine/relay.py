@@ -88,6 +88,7 @@ class Relay:
             self._wakeup,
             retry_max=relay.retry.max,
             skipped_query=self._queries["skipped_wakeups"],
+            prepare_threshold=config.database.prepare_threshold,
         )
         self._maintenance = Maintenance(
             self._dsn,
@@ -100,6 +101,7 @@ class Relay:
             metrics=self.metrics,
             long_transaction_warning=relay.long_transaction_warning,
             on_heartbeat=self._refresh_broker_gauges,
+            prepare_threshold=config.database.prepare_threshold,
         )
         self._observer = observer
         self._stop = asyncio.Event()
@@ -226,7 +228,9 @@ class Relay:
         try:
             async def probe() -> None:
                 if self._ready_conn is None or self._ready_conn.closed:
-                    self._ready_conn = await connect_once(self._dsn, autocommit=True, timeout=READY_TIMEOUT_S)
+                    self._ready_conn = await connect_once(
+                        self._dsn, autocommit=True, timeout=READY_TIMEOUT_S,
+                        prepare_threshold=self.config.database.prepare_threshold)
                 await self._ready_conn.execute("SELECT 1")
 
             await asyncio.wait_for(probe(), READY_TIMEOUT_S)
@@ -285,7 +289,8 @@ class Relay:
         return None
 
     async def _check_schema(self) -> bool:
-        conn = await connect_with_retry(self._dsn, purpose="startup", retry_max=self.config.relay.retry.max)
+        conn = await connect_with_retry(self._dsn, purpose="startup", retry_max=self.config.relay.retry.max,
+                                        prepare_threshold=self.config.database.prepare_threshold)
         async with conn:
             await schema_manager.check(conn, self.config.database.schema_name)
         return True
@@ -345,7 +350,8 @@ class Relay:
         self.metrics.database_connected.set(1 if self._connected_workers else 0)
 
     async def _connect_worker(self) -> psycopg.AsyncConnection[Any]:
-        conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max)
+        conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max,
+                                        prepare_threshold=self.config.database.prepare_threshold)
         # The claim relies on READ COMMITTED: each statement sees what committed before
         # it, and a row lock that waited re-checks the row (store.py, claim_runs). A
         # database or role default of repeatable read or serializable would make claims

@@ -16,7 +16,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from outbox_relay.engine.connect import connect_with_retry
+from outbox_relay.engine.connect import PREPARE_THRESHOLD, connect_with_retry
 from outbox_relay.errors import first_line
 
 log = structlog.get_logger("outbox_relay.wakeup")
@@ -67,7 +67,9 @@ class Listener:
     count of notifications committers skipped, so no wake-up is lost."""
 
     def __init__(self, dsn: str, channel: str, wakeup: Wakeup, *, retry_max: float,
-                 skipped_query: sql.Composed | None = None, check_every: float = SKIP_WATCH_S):
+                 skipped_query: sql.Composed | None = None, check_every: float = SKIP_WATCH_S,
+                 prepare_threshold: int | None = PREPARE_THRESHOLD):
+        self._prepare_threshold = prepare_threshold
         self._dsn = dsn
         self._channel = channel
         self._wakeup = wakeup
@@ -90,7 +92,8 @@ class Listener:
 
     async def _listen_once(self) -> None:
         conn: psycopg.AsyncConnection[Any] = await connect_with_retry(
-            self._dsn, purpose="listen", retry_max=self._retry_max, autocommit=True
+            self._dsn, purpose="listen", retry_max=self._retry_max, autocommit=True,
+            prepare_threshold=self._prepare_threshold,
         )
         try:
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))

@@ -252,3 +252,29 @@ def test_a_second_relay_on_a_taken_health_port_says_which_key_to_change(db: str,
     assert lines[0].startswith(f"error: http.port: cannot listen on 127.0.0.1:{port}"), lines[0]
     assert "Set http.port to a free port" in lines[0]
     assert "Traceback" not in second.stderr and "Unclosed" not in second.stderr
+
+
+def test_a_database_not_in_utf8_is_refused_by_install_check_and_run(admin_dsn: str, tmp_path: Path) -> None:
+    from tests.conftest import dsn_for
+
+    name = f"ascii_{random.randrange(1 << 30)}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+                     .format(sql.Identifier(name)))
+    try:
+        dsn = dsn_for(admin_dsn, name)
+        expected = "the database's encoding is SQL_ASCII; outbox-relay needs a UTF8 database"
+        install = run_cli("schema", "install", "--dsn", dsn)
+        assert install.returncode == 1 and install.stderr.strip().splitlines() == [f"error: {expected} "
+               "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"], install.stderr
+        config = write_config(tmp_path / "relay.yaml", dsn)
+        check = run_cli("check", "--config", str(config))
+        assert check.returncode == 1 and expected in check.stdout, check.stdout
+        relay = run_cli("run", "--config", str(config))
+        assert relay.returncode == 1, relay.stderr
+        assert [line for line in relay.stderr.splitlines() if line.startswith("error:")] == [
+            f"error: {expected} (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"], relay.stderr
+        assert "Traceback" not in relay.stderr
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -410,3 +410,25 @@ async def test_a_committer_that_skipped_its_notify_is_still_claimed_within_a_sec
             await wait_until(lambda: any(b'"t2"' in o.message.payload for o in fake.delivered), timeout=5)
             took = time.monotonic() - committed
     assert took < 1.0, f"T2's message waited {took:.2f}s"
+
+
+async def test_prepare_threshold_null_means_no_server_side_prepared_statements(db: str) -> None:
+    # Behind a pooler in transaction mode a prepared statement would be missing on the
+    # next transaction's server session (InvalidSqlStatementName): the relay must be
+    # able to run without any.
+    enqueue_many(db, [("t", f"k{i % 3}", {"i": i}) for i in range(60)])
+    fake = FakeAdapter(keeps_key_order=True)
+    config = make_config(db, batch_size=10)
+    config = config.model_copy(update={"database": config.database.model_copy(update={"prepare_threshold": None})})
+    async with running_relay(config, {"main": fake}) as relay:
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 60, timeout=30)
+        conn = await relay._connect_worker()
+        try:
+            assert conn.prepare_threshold is None
+            for _ in range(10):  # what the claim runs, again and again, as a worker does
+                async with conn.transaction():
+                    await relay._store.claim(conn, 10)
+            cur = await conn.execute("SELECT count(*) FROM pg_prepared_statements")
+            assert await cur.fetchone() == (0,)
+        finally:
+            await conn.close()
