@@ -81,7 +81,9 @@ WITH heads AS (
     CROSS JOIN LATERAL (
         SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
                NULLIF(m.headers, '{{}}'::jsonb) AS headers,  -- most rows have none: skip decoding them
-               m.attempts, m.created_at, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due,
+               -- created_at within what Python can load (a row written by hand with
+               -- 'infinity' would fail every claim that reads it, and crash-loop the relay)
+               m.attempts, least(greatest(m.created_at, '0001-01-02'), '9999-12-30') AS created_at, coalesce(m.next_attempt_at <= clock_timestamp(), true) AS due,
                octet_length(m.payload) AS size  -- from the TOAST header: the payload is not read
         FROM {schema}.messages AS m
         WHERE m.key COLLATE "C" = h.key COLLATE "C" AND m.id >= h.id
@@ -119,7 +121,8 @@ ORDER BY r.id;
 WITH claimed AS (
     SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type,
            NULLIF(m.headers, '{{}}'::jsonb) AS headers,
-           m.attempts, m.created_at, octet_length(m.payload) AS size,
+           m.attempts, least(greatest(m.created_at, '0001-01-02'), '9999-12-30') AS created_at,  -- loadable: see claim_runs
+           octet_length(m.payload) AS size,
            coalesce(m.next_attempt_at, m.created_at) AS due_at
     FROM {schema}.messages AS m
     WHERE m.key IS NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
