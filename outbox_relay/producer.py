@@ -39,6 +39,16 @@ def encode_payload(payload: Payload) -> tuple[bytes, str]:
     return encoded.encode("utf-8"), JSON
 
 
+def _outside_a_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    return conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+AUTOCOMMIT_ERROR = (
+    "enqueue on an autocommit connection outside a transaction would commit the message alone, "
+    "apart from your business rows: call it inside `with conn.transaction():` (or turn autocommit off)"
+)
+
+
 def _statement(
     topic: str,
     payload: Payload,
@@ -72,10 +82,13 @@ def enqueue(
 ) -> UUID:
     """Add a message to the outbox in `conn`'s current transaction; return its message id.
 
-    Raises ValueError for an invalid topic, key, headers or payload, or a payload
-    larger than `max_payload_bytes`, before any SQL runs.
+    Raises ValueError for an invalid topic, key, headers or payload, a payload larger
+    than `max_payload_bytes`, or an autocommit connection outside a transaction (the
+    message would commit alone), before any SQL runs.
     """
     query, params = _statement(topic, payload, key, headers, schema, max_payload_bytes)
+    if _outside_a_transaction(conn):
+        raise ValueError(AUTOCOMMIT_ERROR)
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(query, params)
         row = cur.fetchone()
@@ -95,6 +108,8 @@ async def enqueue_async(
 ) -> UUID:
     """The async twin of :func:`enqueue`."""
     query, params = _statement(topic, payload, key, headers, schema, max_payload_bytes)
+    if _outside_a_transaction(conn):
+        raise ValueError(AUTOCOMMIT_ERROR)
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(query, params)
         row = await cur.fetchone()

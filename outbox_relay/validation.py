@@ -26,12 +26,20 @@ def check_topic(topic: object) -> str:
 def check_key(key: object) -> str | None:
     if key is None:
         return None
-    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH or "\x00" in key:
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH or "\x00" in key or not _utf8(key):
         raise ValueError(
             f"invalid key {key!r}: must be a string of 1 to {MAX_KEY_LENGTH} characters "
             "without NUL, or None"
         )
     return key
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_headers(headers: object) -> dict[str, str]:
@@ -49,5 +57,8 @@ def check_headers(headers: object) -> dict[str, str]:
             raise ValueError(f"invalid header {name!r}: value must be a str, got {type(value).__name__}")
         if "\x00" in value:
             raise ValueError(f"invalid header {name!r}: value must not contain NUL")  # Postgres text cannot
+        if not _utf8(name) or not _utf8(value):
+            # A lone surrogate has no UTF-8: it would abort the caller's transaction in SQL.
+            raise ValueError(f"invalid header {name!r}: not valid Unicode text (a lone surrogate?)")
         checked[name] = value
     return checked

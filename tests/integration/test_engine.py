@@ -138,7 +138,7 @@ async def test_notify_wakes_an_idle_relay_well_inside_the_poll_interval(db: str)
         await wait_until(lambda: relay._listener.connected)
         await asyncio.sleep(0.2)  # idle: every worker waits on its wake-up
         started = time.monotonic()
-        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn, conn.transaction():
             await enqueue_async(conn, "t", {"hello": 1})
         await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
         elapsed = time.monotonic() - started

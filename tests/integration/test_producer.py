@@ -74,6 +74,10 @@ def test_payload_kinds(db: str, payload: object, stored: bytes, content_type: st
         {"headers": ["a"]},
         {"key": ""},
         {"payload": object()},
+        # A lone surrogate has no UTF-8: it would abort the caller's transaction in SQL.
+        {"headers": {"h": "\ud800"}},
+        {"headers": {"\udc80": "v"}},
+        {"key": "k\ud800"},
     ],
 )
 def test_invalid_arguments_raise_value_error_before_any_sql(db: str, kwargs: dict[str, object]) -> None:
@@ -157,3 +161,24 @@ async def test_classic_case_rollback_is_never_published(db: str) -> None:
         await asyncio.sleep(0.5)
     assert balance == (10,)
     assert [json.loads(o.message.payload)["amount"] for o in fake.delivered] == [10]
+
+
+def test_enqueue_on_an_autocommit_connection_outside_a_transaction_is_refused(db: str) -> None:
+    # It would commit the message alone, apart from the business rows it belongs with.
+    with psycopg.connect(db, autocommit=True) as conn:
+        with pytest.raises(ValueError, match="autocommit connection outside a transaction"):
+            enqueue(conn, "t", {"a": 1})
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (0,)
+        with conn.transaction():  # the right way on such a connection
+            enqueue(conn, "t", {"a": 2})
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (1,)
+
+
+async def test_async_enqueue_on_an_autocommit_connection_outside_a_transaction_is_refused(db: str) -> None:
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        with pytest.raises(ValueError, match="autocommit connection outside a transaction"):
+            await enqueue_async(conn, "t", {"a": 1})
+        async with conn.transaction():
+            await enqueue_async(conn, "t", {"a": 2})
+        cur = await conn.execute("SELECT count(*) FROM outbox.messages")
+        assert await cur.fetchone() == (1,)
