@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +78,15 @@ class RabbitOptions(Options):
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
 
+    @field_validator("heartbeat")
+    @classmethod
+    def _whole_seconds(cls, value: float) -> float:
+        # AMQP negotiates heartbeats in whole seconds, and 0 turns them off: 500ms would
+        # have become 0, silently disabling the dead-connection check.
+        if 0 < value < 1:
+            raise ValueError("must be at least 1s (AMQP heartbeats are whole seconds), or 0 to turn them off")
+        return value
+
     @field_validator("routing_key")
     @classmethod
     def _template(cls, value: str) -> str:
@@ -122,7 +132,7 @@ def _unfit_for_amqp(out: OutgoingMessage, routing_key: str) -> str | None:
 
 def connection_parameters(options: RabbitOptions) -> pika.URLParameters:
     params = pika.URLParameters(options.url)
-    params.heartbeat = int(options.heartbeat)
+    params.heartbeat = math.ceil(options.heartbeat)
     params.socket_timeout = options.connect_timeout
     params.blocked_connection_timeout = options.connect_timeout * 3
     params.connection_attempts = 1

@@ -24,10 +24,41 @@ class DeadLetter:
     reason: str
 
 
-def glob_to_like(pattern: str) -> str:
-    """A topic glob (``*`` and ``?``) as a LIKE pattern, with LIKE's own wildcards escaped."""
-    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.replace("*", "%").replace("?", "_")
+_REGEX_SPECIAL = set(".^$*+?()[]{}|\\")
+
+
+def glob_to_regex(pattern: str) -> str:
+    """A topic glob as an anchored PostgreSQL regular expression, with the same meaning
+    as in routes (fnmatch: ``*``, ``?``, ``[seq]``, ``[!seq]``; an unclosed ``[`` is a
+    literal), so ``dead-letters --topic`` selects what a route with that glob would."""
+    out = ["^"]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + 1 if i < n and pattern[i] == "!" else i
+            j = j + 1 if j < n and pattern[j] == "]" else j
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append("\\[")
+                continue
+            members, i = pattern[i:j], j + 1
+            negate = members.startswith("!")
+            members = members[1:] if negate else members
+            members = members.replace("\\", "\\\\").replace("[", "\\[")
+            if not negate and members.startswith("^"):
+                members = "\\" + members
+            out.append("[" + ("^" if negate else "") + members + "]")
+        else:
+            out.append("\\" + c if c in _REGEX_SPECIAL else c)
+    out.append("$")
+    return "".join(out)
 
 
 def list_dead(
@@ -36,7 +67,7 @@ def list_dead(
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             Queries(schema)["dead_letters_list"],
-            {"topic_like": glob_to_like(topic) if topic else None, "limit": limit},
+            {"topic_regex": glob_to_regex(topic) if topic else None, "limit": limit},
         ).fetchall()
     conn.rollback()
     return [
@@ -63,7 +94,7 @@ def requeue(
             {
                 "all": everything,
                 "message_ids": message_ids or [],
-                "topic_like": glob_to_like(topic) if topic else None,
+                "topic_regex": glob_to_regex(topic) if topic else None,
             },
         ).fetchall()
     return [row[0] for row in rows]

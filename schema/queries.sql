@@ -219,7 +219,7 @@ ORDER BY started_at;
 SELECT message_id, topic, key, attempts, created_at, dead_lettered_at, dead_letter_reason
 FROM {schema}.messages
 WHERE dead_lettered_at IS NOT NULL
-  AND (%(topic_like)s::text IS NULL OR topic LIKE %(topic_like)s)
+  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
 ORDER BY id
 LIMIT %(limit)s;
 
@@ -234,7 +234,7 @@ SET dead_lettered_at = NULL,
     next_attempt_at = NULL
 WHERE dead_lettered_at IS NOT NULL
   AND (%(all)s OR message_id = ANY(%(message_ids)s::uuid[])
-       OR (%(topic_like)s::text IS NOT NULL AND topic LIKE %(topic_like)s))
+       OR (%(topic_regex)s::text IS NOT NULL AND topic ~ %(topic_regex)s))
 RETURNING message_id;
 
 -- name: pending_gauge

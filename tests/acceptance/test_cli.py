@@ -278,3 +278,23 @@ def test_a_database_not_in_utf8_is_refused_by_install_check_and_run(admin_dsn: s
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_dead_letters_topic_glob_means_what_it_means_in_routes(db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", db, sink=tmp_path / "out.jsonl")
+    with psycopg.connect(db) as conn:
+        for topic in ("a.b1", "a.c2", "a.d3", "ab.b"):
+            enqueue(conn, topic, {"t": topic})
+        conn.execute("UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'x'")
+        conn.commit()
+
+    def listed(glob: str) -> list[str]:
+        out = run_cli("dead-letters", "list", "--config", str(config), "--json", "--topic", glob)
+        assert out.returncode == 0, out.stderr
+        return sorted(d["topic"] for d in json.loads(out.stdout))
+
+    assert listed("a.[bc]*") == ["a.b1", "a.c2"]
+    assert listed("a.[!bc]?") == ["a.d3"]
+    assert listed("a?b*") == ["a.b1"]
+    requeued = run_cli("dead-letters", "requeue", "--config", str(config), "--topic", "a.[bc]*")
+    assert requeued.returncode == 0 and "requeued 2 message(s)" in requeued.stdout, requeued.stdout

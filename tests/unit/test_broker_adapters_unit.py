@@ -256,3 +256,14 @@ async def test_a_remembered_missing_topic_is_probed_again_later() -> None:
     assert "t" in await topics.missing({"t"}, probe)
     exists = True
     assert await topics.missing({"t"}, probe) == {}
+
+
+@pytest.mark.parametrize(("given", "sent"), [("500ms", None), ("0s", 0), ("1s", 1), ("1500ms", 2), ("30s", 30)])
+def test_rabbitmq_heartbeat_is_whole_seconds_never_silently_off(given: str, sent: int | None) -> None:
+    options = {"url": "amqp://guest:guest@127.0.0.1:5672/%2F", "heartbeat": given}
+    if sent is None:
+        with pytest.raises(AdapterOptionsError, match="at least 1s"):
+            rabbitmq.create("mq", options)
+        return
+    adapter = rabbitmq.create("mq", options)
+    assert rabbitmq.connection_parameters(adapter.options).heartbeat == sent

@@ -345,3 +345,24 @@ def test_redact_text_masks_given_secrets_and_uri_passwords() -> None:
 
 def test_redact_text_ignores_empty_secret() -> None:
     assert redact_text("nothing here", ["", "zzz"]) == "nothing here"
+
+
+# --- dead-letters --topic: a glob means what it means in routes ---------------------------
+
+@given(pattern=st.text(alphabet="ab.:/[]!*?", max_size=8), topic=st.text(alphabet="ab.:/", min_size=1, max_size=8))
+def test_topic_glob_as_regex_matches_what_a_route_glob_matches(pattern: str, topic: str) -> None:
+    import fnmatch
+    import re
+
+    from outbox_relay.dead_letters import glob_to_regex
+
+    # PostgreSQL's regex and Python's agree on what glob_to_regex emits (., .*, [..], [^..], \x).
+    assert (re.search(glob_to_regex(pattern), topic) is not None) == fnmatch.fnmatchcase(topic, pattern)
+
+
+def test_topic_glob_with_a_character_set() -> None:
+    from outbox_relay.dead_letters import glob_to_regex
+
+    assert glob_to_regex("a.[bc]*") == "^a\\.[bc].*$"
+    assert glob_to_regex("a.[!bc]?") == "^a\\.[^bc].$"
+    assert glob_to_regex("a[") == "^a\\[$"
