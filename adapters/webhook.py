@@ -41,7 +41,9 @@ class WebhookOptions(Options):
     @classmethod
     def _http(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+            # Not echoed: a webhook URL often carries its token in the path or query.
+            scheme = value.split(":", 1)[0] if ":" in value else "no scheme"
+            raise ValueError(f"must be an http:// or https:// URL (got {scheme[:10]!r}; the URL is not shown)")
         return value
 
     @field_validator("headers")

@@ -11,8 +11,8 @@ import psycopg
 from outbox_relay import schema_manager
 from outbox_relay.config import Config
 from outbox_relay.engine.connect import connect_once
-from outbox_relay.errors import OutboxRelayError
-from outbox_relay.redact import redact_dsn, redact_text
+from outbox_relay.errors import OutboxRelayError, first_line
+from outbox_relay.redact import UNPARSEABLE, UNPARSEABLE_REASON, redact_dsn, redact_text
 from outbox_relay.wiring import build_adapters
 
 CHECK_TIMEOUT = 15.0
@@ -31,8 +31,10 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
         echo(f"database  ok  {redact_dsn(dsn)} schema {config.database.schema_name!r}")
     except (psycopg.Error, OutboxRelayError, TimeoutError) as exc:
         ok = False
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        echo(f"database  FAIL  {redact_dsn(dsn)}: {redact_text(first, [dsn])}")
+        shown = redact_dsn(dsn)
+        # libpq's parse error quotes a piece of the DSN, which may be the password.
+        why = UNPARSEABLE_REASON if shown == UNPARSEABLE else redact_text(first_line(exc), [dsn])
+        echo(f"database  FAIL  {shown}: {why}")
     for name, adapter in adapters.items():
         kind = config.brokers[name].type
         try:

@@ -230,6 +230,13 @@ def key_path(parts: tuple[object, ...]) -> str:
     return ".".join(shown)
 
 
+def _secret(loc: tuple[str, ...]) -> bool:
+    """Whether a value at this key path may hold a secret, so an error must not echo it
+    (a DSN given as a mapping holds its password; a URL may hold a token)."""
+    return any(part in {"dsn", "url", "headers"} or "password" in part or "secret" in part or "token" in part
+               for part in loc)
+
+
 def _first_error(exc: ValidationError, source: str) -> ConfigError:
     errors = exc.errors()
     # An unknown key is usually the cause of a "missing" one next to it (a typo): say it first.
@@ -249,7 +256,7 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     if kind in {"int_type", "int_parsing", "bool_type", "bool_parsing", "string_type", "dict_type",
-                "list_type", "model_type", "float_type", "literal_error"}:
+                "list_type", "model_type", "float_type", "literal_error"} and not _secret(loc):
         message = f"{message} (got {error.get('input')!r})"
     return ConfigError(message, source=source, path=path)
 

@@ -11,15 +11,19 @@ UNPARSEABLE = "<DSN not shown: it could not be parsed>"
 MASK = "***"
 
 
+UNPARSEABLE_REASON = "the DSN could not be parsed (its text is not shown: it may hold a password)"
+
+
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced by ``***`` (URI or key=value form)."""
+    """The DSN with its passwords replaced by ``***`` (URI or key=value form)."""
     try:
         params = conninfo_to_dict(dsn)
     except Exception:
         # We cannot tell where a password would be in it: show none of it.
         return UNPARSEABLE
-    if "password" in params:
-        params["password"] = MASK
+    for name in params:
+        if "password" in name:  # password, and sslpassword (the client key's passphrase)
+            params[name] = MASK
     return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 

@@ -9,7 +9,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox_relay.errors import DatabaseError
-from outbox_relay.redact import redact_dsn
+from outbox_relay.redact import UNPARSEABLE_REASON, redact_dsn
 
 log = structlog.get_logger("outbox_relay.connect")
 
@@ -25,8 +25,9 @@ def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
-    except psycopg.ProgrammingError as exc:
-        raise DatabaseError(f"invalid DSN: {str(exc).splitlines()[0]}") from None
+    except psycopg.ProgrammingError:
+        # libpq's parse error quotes a piece of the DSN, which may be the password.
+        raise DatabaseError(f"invalid DSN: {UNPARSEABLE_REASON}") from None
 
 
 # psycopg's default: a statement run this often on a connection is prepared server-side.
@@ -35,14 +36,18 @@ PREPARE_THRESHOLD = 5
 
 async def connect_once(dsn: str, *, autocommit: bool = False, timeout: float = 10.0,
                        prepare_threshold: int | None = PREPARE_THRESHOLD) -> psycopg.AsyncConnection[Any]:
-    return await psycopg.AsyncConnection.connect(
-        dsn,
-        autocommit=autocommit,
-        application_name="outbox-relay",
-        connect_timeout=max(1, int(timeout)),
-        prepare_threshold=prepare_threshold,
-        **_KEEPALIVE,
-    )
+    try:
+        return await psycopg.AsyncConnection.connect(
+            dsn,
+            autocommit=autocommit,
+            application_name="outbox-relay",
+            connect_timeout=max(1, int(timeout)),
+            prepare_threshold=prepare_threshold,
+            **_KEEPALIVE,
+        )
+    except psycopg.ProgrammingError:
+        # libpq's parse error quotes a piece of the DSN, which may be the password.
+        raise DatabaseError(f"invalid DSN: {UNPARSEABLE_REASON}") from None
 
 
 async def disable_jit(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -298,3 +298,45 @@ def test_dead_letters_topic_glob_means_what_it_means_in_routes(db: str, tmp_path
     assert listed("a?b*") == ["a.b1"]
     requeued = run_cli("dead-letters", "requeue", "--config", str(config), "--topic", "a.[bc]*")
     assert requeued.returncode == 0 and "requeued 2 message(s)" in requeued.stdout, requeued.stdout
+
+
+def test_secrets_in_odd_places_never_reach_check_run_or_config_errors(tmp_path: Path) -> None:
+    # sslpassword beside password; a DSN libpq cannot parse (its parse error quotes a piece
+    # of it: here the second half of the password); a DSN given as a mapping; a webhook
+    # URL with its token in the path.
+    secrets = ["s3cret", "k3ypass", "hidden-half", "T0KENabc123"]
+    unreachable = "host=127.0.0.1 port=1 user=u password=s3cret sslpassword=k3ypass dbname=x connect_timeout=1"
+    cases = {
+        "sslpassword": {"database": {"dsn": unreachable}},
+        "unparseable": {"database": {"dsn": "host=127.0.0.1 password=s3cret hidden-half dbname=x"}},
+        "mapping": {"database": {"dsn": {"host": "127.0.0.1", "password": "s3cret"}}},
+        "webhook": {"database": {"dsn": unreachable},
+                    "brokers": {"hook": {"type": "webhook", "url": "ftp://127.0.0.1/hooks/T0KENabc123"}},
+                    "routes": [{"topic": "*", "broker": "hook"}]},
+    }
+    for name, tree in cases.items():
+        full = {"brokers": {"sink": {"type": "file", "path": str(tmp_path / "o.jsonl")}},
+                "routes": [{"topic": "*", "broker": "sink"}], **tree}
+        path = tmp_path / f"{name}.yaml"
+        import yaml
+
+        path.write_text(yaml.safe_dump(full))
+        outputs = [run_cli("check", "--config", str(path), timeout=60), run_cli("run", "--config", str(path), timeout=5)
+                   if name != "sslpassword" else None]
+        if name == "sslpassword":  # run retries an unreachable database: read its first log lines
+            relay = RelayProcess(path)
+            try:
+                deadline = time.monotonic() + 20
+                while "database_unreachable" not in relay.log_path.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                logs = relay.log_path.read_text()
+            finally:
+                relay.close()
+            assert "database_unreachable" in logs and "sslpassword=***" in logs
+            assert not [s for s in secrets if s in logs], logs
+        for out in outputs:
+            if out is None:
+                continue
+            text = out.stdout + out.stderr
+            assert text.strip(), name
+            assert not [s for s in secrets if s in text], f"{name}: {text}"
