@@ -114,7 +114,10 @@ def _usable_by(user: str, bindir: Path) -> Path:
     # through an RPATH relative to themselves ($ORIGIN/../../../pgserver.libs).
     install = bindir.parent
     site = install.parent.parent
-    target = Path(tempfile.gettempdir()) / f"outbox-relay-pginstall-{os.getpid()}"
+    # A fresh directory of our own (mkdtemp: unpredictable name, created 0700 by us): a
+    # predictable /tmp path could be planted beforehand by another local user, as a
+    # symlink or a directory of theirs, and root would copy executables into it.
+    target = Path(tempfile.mkdtemp(prefix="outbox-relay-pginstall-"))
     shutil.copytree(install, target / install.parent.name / install.name, dirs_exist_ok=True, symlinks=True)
     for libs in site.glob(f"{install.parent.name}.libs"):
         shutil.copytree(libs, target / libs.name, dirs_exist_ok=True, symlinks=True)

@@ -26,6 +26,17 @@ _HAS_VERSION_TABLE = "SELECT to_regclass(format('%%I.schema_version', %s::text))
 
 
 _ENCODING = "SELECT current_setting('server_encoding')"
+# DDL on outbox.messages waits for every open transaction on it (a relay batch, an
+# application's transaction), and while it waits every new enqueue queues behind it:
+# give up after this long instead, and change nothing.
+LOCK_TIMEOUT = "5s"
+_LOCK_TIMEOUT = sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(sql.Literal(LOCK_TIMEOUT))
+
+
+def _busy(exc: psycopg.errors.LockNotAvailable, what: str) -> DatabaseError:
+    return DatabaseError(
+        f"{what}: outbox.messages stayed locked for {LOCK_TIMEOUT} (an open transaction on it: a relay batch "
+        "or an application's), nothing was changed; try again, or when the writers are quiet")
 
 
 def _encoding_problem(encoding: object) -> str | None:
@@ -91,10 +102,13 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
                     f"outbox-relay knows ({sqlfiles.SCHEMA_VERSION}): upgrade outbox-relay"
                 )
             else:
+                cur.execute(_LOCK_TIMEOUT)
                 for version, name in sqlfiles.migrations():
                     if version > previous:
                         cur.execute(sqlfiles.migration(name, schema))
                         _record_version(cur, schema, version)
+    except psycopg.errors.LockNotAvailable as exc:
+        raise _busy(exc, "schema upgrade failed") from None
     except psycopg.Error as exc:
         raise DatabaseError(f"schema install failed: {exc}") from exc
     return InstallResult(schema, previous, sqlfiles.SCHEMA_VERSION)
@@ -157,9 +171,13 @@ async def check(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str) 
 def set_notify(conn: psycopg.Connection[tuple[object, ...]], schema: str, enabled: bool) -> None:
     """Enable or disable the NOTIFY trigger (the relay's poll works either way)."""
     action = sql.SQL("ENABLE") if enabled else sql.SQL("DISABLE")
-    with conn.transaction():
-        conn.execute(
-            sql.SQL("ALTER TABLE {}.messages {} TRIGGER messages_notify_relay").format(
-                sql.Identifier(sqlfiles.validate_schema_name(schema)), action
+    try:
+        with conn.transaction():
+            conn.execute(_LOCK_TIMEOUT)
+            conn.execute(
+                sql.SQL("ALTER TABLE {}.messages {} TRIGGER messages_notify_relay").format(
+                    sql.Identifier(sqlfiles.validate_schema_name(schema)), action
+                )
             )
-        )
+    except psycopg.errors.LockNotAvailable as exc:
+        raise _busy(exc, f"schema notify {'on' if enabled else 'off'} failed") from None

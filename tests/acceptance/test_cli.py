@@ -340,3 +340,24 @@ def test_secrets_in_odd_places_never_reach_check_run_or_config_errors(tmp_path: 
             text = out.stdout + out.stderr
             assert text.strip(), name
             assert not [s for s in secrets if s in text], f"{name}: {text}"
+
+
+def test_schema_notify_gives_up_on_a_busy_table_instead_of_queueing_every_producer(db: str) -> None:
+    # An open transaction that wrote to the outbox (a relay batch marking rows) holds a
+    # lock the ALTER TABLE needs; waiting for it would queue every new enqueue behind the
+    # ALTER. The command gives up after its lock timeout, changes nothing, says why.
+    with psycopg.connect(db) as holder:
+        holder.execute("UPDATE outbox.messages SET attempts = attempts WHERE false")  # the table lock only
+        started = time.monotonic()
+        busy = run_cli("schema", "notify", "off", "--dsn", db, timeout=60)
+        took = time.monotonic() - started
+        holder.rollback()
+    assert busy.returncode == 1, busy.stdout + busy.stderr
+    lines = busy.stderr.strip().splitlines()
+    assert len(lines) == 1 and "outbox.messages stayed locked for 5s" in lines[0] and "nothing was changed" in lines[0]
+    assert took < 30, took
+    with psycopg.connect(db) as conn:
+        state = conn.execute("SELECT tgenabled FROM pg_trigger WHERE tgname = 'messages_notify_relay'").fetchone()
+    assert state == ("O",), "unchanged"
+    done = run_cli("schema", "notify", "off", "--dsn", db)
+    assert done.returncode == 0, done.stderr

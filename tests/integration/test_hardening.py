@@ -204,3 +204,39 @@ async def test_a_row_with_a_timestamp_python_cannot_hold_is_still_delivered(
         await wait_until(lambda: len(fake.delivered) == (1 if waits else 2), timeout=10)
     payloads = [out.message.payload for out in fake.delivered]
     assert payloads == ([b'{"after":true}'] if waits else [b"\x01", b'{"after":true}']), payloads
+
+
+def test_postgres_binaries_are_copied_into_a_fresh_private_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As root, local_postgres copies the server's installation where the postgres user
+    # can run it. The old fixed path (/tmp/outbox-relay-pginstall-<pid>) could be planted
+    # beforehand by another user; the copy must land in a directory nobody else chose.
+    import tempfile
+
+    install = tmp_path / "site" / "pgserver" / "pginstall"
+    (install / "bin").mkdir(parents=True)
+    (install / "bin" / "initdb").write_text("#!/bin/sh\n")
+    planted = Path(tempfile.gettempdir()) / f"outbox-relay-pginstall-{os.getpid()}"
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    if not planted.exists():
+        planted.symlink_to(attacker)
+    real_run = subprocess.run
+
+    def run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        if args[:1] == ["runuser"]:  # "cannot execute it as that user": a copy is needed
+            return subprocess.CompletedProcess(args, 1)
+        return real_run(args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(local_postgres.subprocess, "run", run)
+    try:
+        usable = local_postgres._usable_by("postgres", install / "bin")
+    finally:
+        if planted.is_symlink():
+            planted.unlink()
+    assert (usable / "initdb").exists()
+    assert list(attacker.iterdir()) == [], "nothing copied through the planted path"
+    root = usable.parents[2]
+    assert root.name.startswith("outbox-relay-pginstall-") and root != planted
+    assert root.stat().st_uid == os.geteuid() and root.stat().st_mode & 0o022 == 0
+    shutil.rmtree(root)
