@@ -210,7 +210,10 @@ class RabbitAdapter:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         confirmed: asyncio.Future[None] = loop.create_future()
-        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: confirmed.set_result(None))
+        # Confirms carry a delivery tag of their channel: bound to it, so a late confirm
+        # from a channel since replaced cannot settle the new channel's same-numbered tag.
+        channel.confirm_delivery(lambda frame: self._on_confirm(frame, channel),
+                                 callback=lambda _frame: confirmed.set_result(None))
         await asyncio.wait_for(confirmed, self.options.connect_timeout)
         self._channel = channel
         self._next_tag = 0  # delivery tags restart at 1 on every channel
@@ -348,7 +351,9 @@ class RabbitAdapter:
         if properties.message_id:
             self._returned[properties.message_id] = f"{UNROUTABLE} ({method.reply_code} {method.reply_text})"
 
-    def _on_confirm(self, frame: Any) -> None:
+    def _on_confirm(self, frame: Any, channel: Any = None) -> None:
+        if channel is not None and channel is not self._channel:
+            return  # an older channel's tag: its messages were already failed when it closed
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
         tags = (

@@ -159,6 +159,19 @@ async def test_rabbitmq_confirm_with_multiple_settles_every_earlier_tag() -> Non
     assert adapter._unconfirmed == {}
 
 
+async def test_rabbitmq_a_confirm_from_a_replaced_channel_settles_nothing() -> None:
+    # Delivery tags restart at 1 on every channel: a late ack for tag 1 of the old
+    # channel must not mark the new channel's tag 1 as acked.
+    adapter = rabbitmq.create("mq", {"url": "amqp://h"})
+    old, new = object(), object()
+    adapter._channel = new  # type: ignore[assignment]
+    (future,) = await _futures(adapter, ["on-the-new-channel"])
+    adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=1, multiple=False)), old)
+    assert not future.done() and 1 in adapter._unconfirmed
+    adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=1, multiple=False)), new)
+    assert future.result().outcome is Outcome.ACKED  # type: ignore[attr-defined]
+
+
 async def test_rabbitmq_channel_loss_reports_unconfirmed_as_transient() -> None:
     adapter = rabbitmq.create("mq", {"url": "amqp://h"})
     futures = await _futures(adapter, ["a", "b"])
