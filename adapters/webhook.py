@@ -9,7 +9,9 @@ message waits without spending an attempt.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -26,6 +28,30 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the webhook adapter needs httpx: pip install 'outbox-relay[webhook]'") from exc
 
 RETRY_LATER = {408, 425, 429}
+# The endpoint refuses the relay itself, not this message: a rotated token (401, 403), a
+# moved or removed endpoint (404, 410), a proxy wanting credentials (407). Dead-lettering
+# would empty the whole stream into dead letters; instead every message waits, spending
+# no attempt, and the engine stops calling until the endpoint answers again.
+REFUSES_THE_RELAY = {401, 403, 404, 407, 410}
+# The endpoint says "later": it may say how long (Retry-After).
+LATER = {429, 503}
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), at most an hour."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), MAX_RETRY_AFTER_S)
 RESERVED_HEADERS = {"message-id", "content-type"}
 
 
@@ -110,6 +136,10 @@ class WebhookAdapter:
         if 200 <= status < 300:
             return PublishResult.acked()
         reason = f"HTTP {status} {response.reason_phrase}".strip()
+        if status in REFUSES_THE_RELAY:
+            return PublishResult.unavailable(f"{reason}: the endpoint refuses the relay (credentials, URL?)")
+        if status in LATER:
+            return PublishResult.unavailable(reason, retry_after=retry_after(response.headers.get("retry-after")))
         if 400 <= status < 500 and status not in RETRY_LATER:
             return PublishResult.permanent(reason)
         return PublishResult.transient(reason)

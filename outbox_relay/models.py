@@ -59,6 +59,9 @@ class PublishResult:
 
     outcome: Outcome
     reason: str | None = field(default=None)
+    # The broker asked for this much time before the next try (an HTTP Retry-After):
+    # the message waits at least this long, whatever the backoff says.
+    retry_after: float | None = field(default=None)
 
     @classmethod
     def acked(cls) -> PublishResult:
@@ -69,13 +72,14 @@ class PublishResult:
         return cls(Outcome.TRANSIENT, reason)
 
     @classmethod
-    def unavailable(cls, reason: str) -> PublishResult:
-        """The broker could not be reached: the message was never attempted.
+    def unavailable(cls, reason: str, *, retry_after: float | None = None) -> PublishResult:
+        """The broker could not be reached, or refuses everything for now: nothing is
+        wrong with the message.
 
         Retried with backoff like a transient failure, but does not spend one of the
         message's `max_attempts`, so a long broker outage dead-letters nothing.
         """
-        return cls(Outcome.UNAVAILABLE, reason)
+        return cls(Outcome.UNAVAILABLE, reason, retry_after)
 
     @classmethod
     def permanent(cls, reason: str) -> PublishResult:

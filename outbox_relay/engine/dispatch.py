@@ -256,7 +256,7 @@ class Dispatcher:
             bound.warning("message_dead_lettered", reason=reason, attempts=message.attempts + 1)
             return Record(message.id, "dead", reason, broker=broker, destination=destination)
         if result.outcome is Outcome.UNAVAILABLE:
-            delay = self._backoff.delay(self._outage.get(broker or "", 1))
+            delay = max(self._backoff.delay(self._outage.get(broker or "", 1)), result.retry_after or 0.0)
             bound.info("broker_unavailable", reason=reason, retry_in_s=round(delay, 3))
             return Record(message.id, "wait", reason, delay, broker, destination)
         attempt = message.attempts + 1

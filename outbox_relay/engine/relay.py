@@ -215,6 +215,9 @@ class Relay:
         database = await self._database_answers()
         brokers: dict[str, bool] = {}
         for name in sorted(self._router.brokers_in_use()):
+            if self._dispatcher.circuits[name].open:  # it answered nothing, or refuses the relay
+                brokers[name] = False
+                continue
             try:
                 brokers[name] = await asyncio.wait_for(self._brokers[name].ready(), READY_TIMEOUT_S)
             except Exception:

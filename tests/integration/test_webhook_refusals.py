@@ -1,0 +1,138 @@
+"""A webhook endpoint that refuses the relay itself (401/403/404) or says "later"
+(429/503 with Retry-After): its messages wait, spend no attempt, /readyz says false;
+nothing is dead-lettered, and everything goes once the endpoint accepts again."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from outbox_relay_adapters.webhook import retry_after
+
+from outbox_relay import enqueue
+from outbox_relay.wiring import build_adapters
+from tests.conftest import make_config, running_relay, wait_until
+
+
+class Endpoint(ThreadingHTTPServer):
+    """Answers every POST with `status` (and `headers`) until told otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.status = 204
+        self.headers: dict[str, str] = {}
+        self.received: list[dict[str, Any]] = []
+        self.refused = 0
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hooks/orders"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Endpoint
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        status = self.server.status
+        if 200 <= status < 300:
+            self.server.received.append(json.loads(body))
+        else:
+            self.server.refused += 1
+        self.send_response(status)
+        for name, value in self.server.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def pending_and_dead(dsn: str) -> tuple[int, int, int]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL), "
+                           "count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
+                           "FROM outbox.messages").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2] or 0)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_an_endpoint_that_refuses_the_relay_holds_its_messages_without_spending_attempts(
+        db: str, status: int) -> None:
+    endpoint = Endpoint()
+    endpoint.status = status  # a rotated token, a moved endpoint
+    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url}},
+                         max_attempts=1)  # a spent attempt would be a dead letter
+    try:
+        async with running_relay(config, build_adapters(config)) as relay:
+            with psycopg.connect(db) as conn:
+                for i in range(10):
+                    enqueue(conn, "orders.created", {"i": i}, key=f"k{i % 3}")
+                conn.commit()
+            # The positive signal: the endpoint refused the relay several times over.
+            await wait_until(lambda: endpoint.refused >= 3, timeout=30)
+            assert relay.http is not None
+            async with httpx.AsyncClient() as client:
+                ready = await client.get(f"http://127.0.0.1:{relay.http.port}/readyz")
+            assert ready.status_code == 503 and ready.json()["brokers"] == {"hook": False}, ready.text
+            pending, dead, attempts = pending_and_dead(db)
+            assert (pending, dead, attempts) == (10, 0, 0)
+            endpoint.status = 204  # the token is fixed
+            await wait_until(lambda: pending_and_dead(db)[0] == 0, timeout=30)
+        assert sorted(r["payload"]["i"] for r in endpoint.received) == list(range(10))
+        assert pending_and_dead(db)[1] == 0
+    finally:
+        endpoint.shutdown()
+        endpoint.server_close()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_honoured_and_spends_no_attempt(db: str, status: int) -> None:
+    endpoint = Endpoint()
+    endpoint.status = status
+    endpoint.headers = {"Retry-After": "3"}
+    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url}}, max_attempts=1)
+    try:
+        async with running_relay(config, build_adapters(config)):
+            with psycopg.connect(db) as conn:
+                enqueue(conn, "orders.created", {"i": 1})
+                conn.commit()
+            await wait_until(lambda: endpoint.refused >= 1, timeout=30)
+
+            def waits() -> float | None:
+                with psycopg.connect(db) as conn:
+                    row = conn.execute("SELECT extract(epoch FROM next_attempt_at - clock_timestamp())::float8 "
+                                       "FROM outbox.messages WHERE next_attempt_at IS NOT NULL").fetchone()
+                return row[0] if row else None
+
+            await wait_until(lambda: waits() is not None, timeout=10)
+            left = waits()
+            assert left is not None and left > 1.5, f"retried after {left}s, not after Retry-After: 3"
+            assert pending_and_dead(db) == (1, 0, 0)
+            endpoint.status, endpoint.headers = 204, {}
+            await wait_until(lambda: pending_and_dead(db)[0] == 0, timeout=30)
+    finally:
+        endpoint.shutdown()
+        endpoint.server_close()
+
+
+def test_retry_after_header_forms() -> None:
+    assert retry_after("120") == 120.0
+    assert retry_after("999999") == 3600.0
+    assert retry_after(None) is None and retry_after("soon") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    value = retry_after(later)
+    assert value is not None and 55 <= value <= 61
