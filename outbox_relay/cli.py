@@ -22,6 +22,7 @@ import psycopg
 
 from outbox_relay import config as config_module
 from outbox_relay import dead_letters, schema_manager, sqlfiles, status
+from outbox_relay.durations import parse_duration
 from outbox_relay.engine.connect import connect_sync
 from outbox_relay.errors import OutboxRelayError, SchemaError
 from outbox_relay.logging_setup import configure as configure_logging
@@ -192,7 +193,7 @@ def _require_schema(conn: psycopg.Connection[Any], schema_name: str) -> None:
 
 @main.group("dead-letters")
 def dead_letters_group() -> None:
-    """List and requeue dead-lettered messages."""
+    """List, requeue and purge dead-lettered messages."""
 
 
 @dead_letters_group.command("list")
@@ -245,6 +246,34 @@ def dead_letters_requeue(config_path: Path, ids: tuple[str, ...], topic: str | N
     if missing:
         click.echo(f"not dead-lettered (or unknown): {', '.join(sorted(map(str, missing)))}", err=True)
         sys.exit(1)
+
+
+@dead_letters_group.command("purge")
+@CONFIG_OPTION
+@click.option("--older-than", "older_than", required=True,
+              help="Delete dead letters dead-lettered longer ago than this (e.g. 7d, 12h, 30m).")
+@click.option("--topic", help="Only topics matching this glob.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@one_line_errors
+def dead_letters_purge(config_path: Path, older_than: str, topic: str | None, yes: bool) -> None:
+    """Delete old dead letters for good (after listing or requeueing what you need)."""
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    cfg = _load(config_path)
+    with _connect(cfg.database.dsn.get_secret_value()) as conn:
+        _require_schema(conn, cfg.database.schema_name)
+        count = dead_letters.count_older(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
+        if count == 0:
+            click.echo("no dead letters that old")
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError(f"{count} dead letter(s) would be deleted; pass --yes to confirm")
+            click.confirm(f"Delete {count} dead letter(s) for good?", abort=True)
+        deleted = dead_letters.purge(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
+    click.echo(f"deleted {deleted} dead letter(s)")
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -98,3 +98,23 @@ def requeue(
             },
         ).fetchall()
     return [row[0] for row in rows]
+
+
+def count_older(conn: psycopg.Connection[Any], schema: str, *, older_than_s: float, topic: str | None = None) -> int:
+    """How many dead letters were dead-lettered more than `older_than_s` seconds ago."""
+    params = {"older_than_s": older_than_s, "topic_regex": glob_to_regex(topic) if topic else None}
+    row = conn.execute(Queries(schema)["dead_letters_count_older"], params).fetchone()
+    conn.rollback()
+    return int(row[0]) if row else 0
+
+
+def purge(conn: psycopg.Connection[Any], schema: str, *, older_than_s: float, topic: str | None = None) -> int:
+    """Delete dead letters older than the cut, 1000 per transaction; returns how many."""
+    params = {"older_than_s": older_than_s, "topic_regex": glob_to_regex(topic) if topic else None}
+    deleted = 0
+    while True:
+        with conn.transaction():
+            batch = conn.execute(Queries(schema)["dead_letters_purge"], params).rowcount
+        deleted += batch
+        if batch < 1000:
+            return deleted

@@ -264,3 +264,19 @@ LIMIT 1;
 -- name: skipped_wakeups
 -- How many NOTIFYs committers have skipped so far (schema.sql, "Wakes the relay").
 SELECT {schema}.skipped_wakeups();
+
+-- name: dead_letters_count_older
+-- How many dead letters `dead-letters purge` would delete (shown before it asks).
+SELECT count(*) FROM {schema}.messages
+WHERE dead_lettered_at IS NOT NULL AND dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
+  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s);
+
+-- name: dead_letters_purge
+-- Deletes up to 1000 dead letters older than the cut: the caller repeats until none is
+-- left, each batch its own short transaction (no long lock on the outbox).
+DELETE FROM {schema}.messages
+WHERE id IN (SELECT id FROM {schema}.messages
+             WHERE dead_lettered_at IS NOT NULL
+               AND dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
+               AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+             LIMIT 1000);

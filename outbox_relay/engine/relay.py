@@ -41,7 +41,11 @@ T = TypeVar("T")
 
 BROKER_GRACE_S = 5.0
 READY_TIMEOUT_S = 2.0
-READY_CACHE_S = 1.0  # /readyz answers from a probe at most this old
+READY_CACHE_S = 1.0
+# outbox_relay_messages_published{destination}: at most this many label values per broker;
+# the rest are counted under OTHER_DESTINATIONS.
+MAX_DESTINATION_LABELS = 100
+OTHER_DESTINATIONS = "(other)"  # /readyz answers from a probe at most this old
 
 
 class RelayObserver(Protocol):
@@ -112,6 +116,8 @@ class Relay:
         self._batch_started: dict[int, float] = {}  # worker -> when its current batch began
         self._connected_workers = 0
         self.http: HealthServer | None = None
+        self._destination_labels: dict[str, set[str]] = {}
+        self._destination_cap_logged: set[str] = set()
         self._ready_lock = asyncio.Lock()
         self._ready_cache: tuple[float, tuple[bool, dict[str, Any]]] | None = None
         self._ready_conn: psycopg.AsyncConnection[Any] | None = None
@@ -399,6 +405,23 @@ class Relay:
             self._observer.batch_recorded(messages, records)
         return True
 
+    def _destination_label(self, broker: str, destination: str) -> str:
+        """`destination`, or OTHER_DESTINATIONS once a broker has MAX_DESTINATION_LABELS:
+        a route without a destination sends each topic to a destination of its name, and
+        topics can be many (one per tenant): a label set per topic would grow the metrics
+        without bound."""
+        seen = self._destination_labels.setdefault(broker, set())
+        if destination in seen:
+            return destination
+        if len(seen) < MAX_DESTINATION_LABELS:
+            seen.add(destination)
+            return destination
+        if broker not in self._destination_cap_logged:
+            self._destination_cap_logged.add(broker)
+            log.warning("metric_destinations_capped", broker=broker, limit=MAX_DESTINATION_LABELS,
+                        label=OTHER_DESTINATIONS)
+        return OTHER_DESTINATIONS
+
     def _count(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
         """Metrics for a committed batch."""
         metrics = self.metrics
@@ -414,7 +437,7 @@ class Relay:
                 metrics.dead_lettered.labels(record.broker or "").inc()
         # One labelled increment per destination, not per message: this is the hot loop.
         for (broker, destination), n in published.items():
-            metrics.published.labels(broker, destination).inc(n)
+            metrics.published.labels(broker, self._destination_label(broker, destination)).inc(n)
         acked = sum(published.values())
         self.published += acked
         log.debug("batch_recorded", claimed=len(messages), acked=acked)

@@ -361,3 +361,25 @@ def test_schema_notify_gives_up_on_a_busy_table_instead_of_queueing_every_produc
     assert state == ("O",), "unchanged"
     done = run_cli("schema", "notify", "off", "--dsn", db)
     assert done.returncode == 0, done.stderr
+
+
+def test_dead_letters_purge_deletes_only_old_ones_and_asks_first(db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", db, sink=tmp_path / "out.jsonl")
+    with psycopg.connect(db) as conn:
+        for topic in ("a.old", "a.old", "b.old", "a.new"):
+            enqueue(conn, topic, {"t": topic})
+        conn.execute("UPDATE outbox.messages SET dead_letter_reason = 'x', dead_lettered_at = CASE "
+                     "WHEN topic LIKE '%%.old' THEN now() - interval '10 days' ELSE now() END")
+        enqueue(conn, "a.pending", {"t": "pending"})
+        conn.commit()
+    asked = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d")
+    assert asked.returncode == 2 and "3 dead letter(s) would be deleted; pass --yes" in asked.stderr, asked.stderr
+    bad = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "soon", "--yes")
+    assert bad.returncode == 2 and "--older-than" in bad.stderr
+    only_a = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d", "--topic", "a.*", "--yes")
+    assert only_a.returncode == 0 and "deleted 2 dead letter(s)" in only_a.stdout, only_a.stdout + only_a.stderr
+    rest = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d", "--yes")
+    assert "deleted 1 dead letter(s)" in rest.stdout
+    with psycopg.connect(db) as conn:
+        left = sorted(r[0] for r in conn.execute("SELECT topic FROM outbox.messages").fetchall())
+    assert left == ["a.new", "a.pending"], "recent dead letters and pending messages stay"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from typing import Any
 
 import httpx
 import psycopg
@@ -140,3 +141,25 @@ async def test_a_burst_of_readyz_requests_costs_the_database_one_session(db: str
     assert [a.status_code for a in answers] == [200] * 300
     # 2 workers, the listener, maintenance, and the readiness probe's one session.
     assert most <= 5, f"{most} relay sessions during the burst"
+
+
+async def test_destination_labels_are_capped_per_broker(db: str) -> None:
+    # A route without a destination publishes each topic to a destination of its name:
+    # 150 topics must not make 150 label sets.
+    from outbox_relay.engine.relay import MAX_DESTINATION_LABELS, OTHER_DESTINATIONS
+
+    with psycopg.connect(db) as conn:
+        for i in range(150):
+            enqueue(conn, f"tenant.{i}", {"i": i})
+        conn.commit()
+    fake = FakeAdapter()
+    async with running_relay(make_config(db), {"main": fake}) as relay:
+        def samples() -> list[Any]:
+            return [s for metric in relay.metrics.registry.collect() for s in metric.samples
+                    if s.name == "outbox_relay_messages_published_total"]
+
+        # Counted once the batch is committed, a moment after the adapter saw it.
+        await wait_until(lambda: sum(s.value for s in samples()) == 150, timeout=30)
+        published = samples()
+    destinations = {s.labels["destination"] for s in published}
+    assert len(destinations) == MAX_DESTINATION_LABELS + 1 and OTHER_DESTINATIONS in destinations
