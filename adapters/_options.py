@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, model_validator
 
+from outbox_relay.config import key_path
 from outbox_relay.errors import AdapterOptionsError
 
 M = TypeVar("M", bound=BaseModel)
@@ -25,7 +26,7 @@ def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
         errors = exc.errors()
         # An unknown option is usually the cause of a "missing" one next to it (a typo).
         error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        path = ".".join(str(p) for p in error["loc"])
+        path = key_path(tuple(error["loc"]))  # one line, whatever the keys hold
         if error["type"] == "extra_forbidden":
             import difflib
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from outbox_relay import adapter as adapter_registry
 from outbox_relay.adapter import Adapter
-from outbox_relay.config import Config
+from outbox_relay.config import Config, key_path
 from outbox_relay.engine.relay import Relay, RelayObserver
 from outbox_relay.errors import ConfigError
 
@@ -20,7 +20,8 @@ def build_adapters(config: Config) -> dict[str, Adapter]:
         try:
             adapters[name] = adapter_registry.create(broker.type, name, broker.options)
         except ConfigError as exc:
-            path = ".".join(p for p in ("brokers", name, exc.path) if p)
+            # key_path: a broker name may hold a line break or a dot; the error stays one line.
+            path = ".".join(p for p in (key_path(("brokers", name)), exc.path) if p)
             raise ConfigError(exc.reason, source=config.source, path=path) from None
     return adapters
 

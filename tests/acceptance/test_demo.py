@@ -59,7 +59,10 @@ def _check_summary(stderr: str) -> None:
     rolled_back = rf"orders rolled back\s+{ROLLED_BACK}\s+\(messages published: 0\b"
     assert re.search(committed, stderr), stderr
     assert re.search(rolled_back, stderr), stderr
-    assert re.search(r"commit-to-ack latency\s+p50 -?\d+\.\d ms\s+p99 -?\d+\.\d ms", stderr), stderr
+    latency = re.search(r"commit-to-ack latency\s+p50 (-?\d+\.\d) ms\s+p99 (-?\d+\.\d) ms", stderr)
+    assert latency, stderr
+    p50, p99 = float(latency.group(1)), float(latency.group(2))
+    assert 0 <= p50 <= p99, f"commit-to-ack p50 {p50} ms, p99 {p99} ms: a latency cannot be negative"
     assert "kept their enqueue order: yes" in stderr, stderr
     assert "demo failed" not in stderr, stderr
 

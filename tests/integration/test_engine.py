@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay import enqueue, enqueue_async
+from outbox_relay import dead_letters, enqueue, enqueue_async
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.testing import FakeAdapter
 from tests.conftest import make_config, running_relay, wait_until
@@ -232,7 +232,9 @@ async def test_a_failing_message_holds_back_only_its_own_key(db: str) -> None:
                        if out.message.key == "bad" and out.message.payload == b"0" else None)
     async with running_relay(make_config(db, max_attempts=1000), {"main": fake}):
         await wait_until(lambda: len(fake.delivered) == 2)
-        await asyncio.sleep(1.0)  # several retry rounds of "bad"/0
+        # The positive signal: "bad"/0 has failed several times over, each time a chance
+        # for "bad"/1 to be (wrongly) sent.
+        await wait_until(lambda: count(db, "key = 'bad' AND payload = '0' AND attempts >= 3") == 1, timeout=30)
     assert [(o.message.key, o.message.payload) for o in fake.delivered] == [("good", b"0"), ("good", b"1")]
     assert count(db, "key = 'bad' AND dispatched_at IS NULL") == 2
     assert count(db, "key = 'bad' AND payload = '1' AND attempts = 0") == 1
@@ -243,21 +245,22 @@ async def test_dead_letter_policy_for_later_messages_of_the_key(db: str, policy:
     enqueue_many(db, [("t", "k", b"poison"), ("t", "k", b"next"), ("t", "other", b"x")])
     fake = FakeAdapter(script=lambda out: PublishResult.permanent("too large")
                        if out.message.payload == b"poison" else None)
-    async with running_relay(make_config(db, dead_letter_policy=policy), {"main": fake}):
+    async with running_relay(make_config(db, dead_letter_policy=policy), {"main": fake}) as relay:
         await wait_until(lambda: count(db, "dead_lettered_at IS NOT NULL") == 1)
         await wait_until(lambda: any(o.message.key == "other" for o in fake.delivered))
-        await asyncio.sleep(0.8)
-        delivered = [o.message.payload for o in fake.delivered]
         if policy == "release":
-            assert delivered.count(b"next") == 1
+            await wait_until(lambda: b"next" in [o.message.payload for o in fake.delivered])
+            assert [o.message.payload for o in fake.delivered].count(b"next") == 1
         else:
-            assert b"next" not in delivered
-            # Requeue the poison message, now publishable: the key resumes in order.
+            # The positive signal: workers woke and claimed several times since the dead
+            # letter, each a chance to (wrongly) send "next".
+            polls = relay.wakeups["poll"]
+            await wait_until(lambda: relay.wakeups["poll"] >= polls + 3, timeout=30)
+            assert b"next" not in [o.message.payload for o in fake.delivered]
+            # Requeue the poison message with the product's own requeue: the key resumes in order.
             fake.script = None
             with psycopg.connect(db) as conn:
-                conn.execute("UPDATE outbox.messages SET dead_lettered_at = NULL, attempts = 0 "
-                             "WHERE payload = 'poison'")
-                conn.commit()
+                assert len(dead_letters.requeue(conn, "outbox", everything=True)) == 1
             await wait_until(lambda: b"next" in [o.message.payload for o in fake.delivered])
             payloads = [o.message.payload for o in fake.delivered if o.message.key == "k"]
             assert payloads == [b"poison", b"next"]
@@ -329,14 +332,33 @@ async def test_heartbeat_reports_the_relay_and_its_in_flight_count(db: str) -> N
     assert rows(db, "SELECT count(*) FROM outbox.relays")[0][0] == 0, "a stopped relay removes its row"
 
 
-async def test_relay_waits_for_a_database_that_is_down_at_start(db: str, pg: Any) -> None:
-    cfg = make_config("host=127.0.0.1 port=1 dbname=x user=x connect_timeout=1")
-    relay_task = asyncio.create_task(running_relay(cfg, {"main": FakeAdapter()}).__aenter__())
-    await asyncio.sleep(1.5)
-    assert not relay_task.done(), "the relay should keep retrying, not give up"
-    relay_task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await relay_task
+async def test_relay_waits_for_a_database_that_is_down_at_start(db: str) -> None:
+    # The database is unreachable when the relay starts (a proxy refusing connections):
+    # it keeps retrying, logging each failure, and starts and relays once it is back.
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from structlog.testing import capture_logs
+
+    from outbox_relay.engine.relay import Relay
+    from tests.proxy import TcpProxy
+
+    params = conninfo_to_dict(db)
+    proxy = await TcpProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)).start()
+    proxy.cut(refuse=True)
+    fake = FakeAdapter()
+    relay = Relay(make_config(make_conninfo(db, host="127.0.0.1", port=str(proxy.port))), {"main": fake})
+    with capture_logs() as logs:
+        task = asyncio.create_task(relay.run())
+        try:
+            await wait_until(lambda: sum(e["event"] == "database_unreachable" for e in logs) >= 2, timeout=30)
+            assert not relay.started.is_set() and not task.done(), "the relay keeps retrying, not giving up"
+            proxy.restore()
+            await asyncio.wait_for(relay.started.wait(), timeout=30)
+            enqueue_many(db, [("t", None, 1)])
+            await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
+        finally:
+            relay.stop()
+            await asyncio.wait_for(task, timeout=30)  # ends cleanly: nothing left running
+            await proxy.close()
 
 
 async def test_missing_schema_stops_the_relay_with_a_clear_error(empty_db: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import shutil
@@ -53,9 +52,14 @@ async def test_relay_dead_letters_payloads_over_its_maximum(db: str) -> None:
         big = enqueue(conn, "t", b"x" * 2000)
         conn.commit()
     fake = FakeAdapter()
+    def dead() -> int:
+        with psycopg.connect(db) as conn:
+            row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone()
+        return row[0] if row else 0
+
     async with running_relay(make_config(db, max_payload_bytes=1000), {"main": fake}):
-        await wait_until(lambda: len(fake.delivered) == 1)
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: len(fake.delivered) == 1 and dead() == 1)
+    assert [out.message.payload for out in fake.delivered] == [b"small"]
     with psycopg.connect(db) as conn:
         row = conn.execute("SELECT message_id, dead_letter_reason FROM outbox.messages "
                            "WHERE dead_lettered_at IS NOT NULL").fetchone()
@@ -105,7 +109,10 @@ routes: [{{topic: "*", broker: mq}}]
     relay = RelayProcess(config, env=env)
     try:
         relay.wait_started()
-        time.sleep(3)
+        # The positive signal: the relay has tried the broker (and logged it) a few times.
+        deadline = time.monotonic() + 30
+        while relay.log_path.read_text().count("broker_unreachable") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert relay.terminate() == 0
         logs = relay.log_path.read_text()
     finally:

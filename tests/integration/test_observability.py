@@ -46,7 +46,9 @@ async def test_health_endpoints_and_metrics(db: str) -> None:
         async with httpx.AsyncClient() as client:
             live = await client.get(f"{base}/livez")
             ready = await client.get(f"{base}/readyz")
-            await asyncio.sleep(0.3)  # a heartbeat refreshes the gauges
+            # Counted once the batch is committed, a moment after the adapter saw it.
+            await wait_until(lambda: relay.metrics.registry.get_sample_value(
+                "outbox_relay_messages_published_total", {"broker": "main", "destination": "orders"}) == 5)
             text = (await client.get(f"{base}/metrics")).text
             missing = await client.get(f"{base}/nope")
     assert live.status_code == 200
@@ -86,7 +88,15 @@ async def test_pending_and_lag_gauges_follow_the_backlog(db: str) -> None:
             enqueue(conn, "t", {"i": i})
         conn.commit()
     async with running_relay(make_config(db), {"main": fake}, heartbeat_every=0.1) as relay:
-        await asyncio.sleep(1.2)
+        def gauge(name: str) -> float:
+            return relay.metrics.registry.get_sample_value(name) or 0.0
+
+        # The positive signals: the gauges have been refreshed with the backlog seen as
+        # more than a second old.
+        await wait_until(lambda: gauge("outbox_relay_pending_messages") == 7
+                         and gauge("outbox_relay_oldest_pending_age_seconds") >= 1.0, timeout=30)
+        await wait_until(lambda: (relay.metrics.registry.get_sample_value(
+            "outbox_relay_publish_failures_total", {"broker": "main", "kind": "unavailable"}) or 0) >= 7, timeout=30)
         text = relay.metrics.render().decode()
     assert metric(text, "outbox_relay_pending_messages") == 7
     assert (metric(text, "outbox_relay_oldest_pending_age_seconds") or 0) >= 1.0
@@ -100,7 +110,9 @@ async def test_long_transaction_watchdog_names_the_pid(db: str) -> None:
         with capture_logs() as logs:
             config = make_config(db, long_transaction_warning="500ms")
             async with running_relay(config, {"main": FakeAdapter()}, heartbeat_every=0.1) as relay:
-                await asyncio.sleep(1.5)
+                await wait_until(lambda: any(e["event"] == "long_transaction" for e in logs), timeout=30)
+                await wait_until(lambda: (relay.metrics.registry.get_sample_value(
+                    "outbox_relay_oldest_transaction_age_seconds") or 0) >= 0.5, timeout=30)
                 text = relay.metrics.render().decode()
         blocker.rollback()
     warnings = [e for e in logs if e["event"] == "long_transaction"]
