@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -121,6 +122,27 @@ async def stop_within(producer: AIOKafkaProducer, wait: float) -> None:
     stopping.result()
 
 
+class _ClientErrors(logging.Handler):
+    """While active, keeps the last error aiokafka logged (it logs the cause of a failed
+    bootstrap and raises a generic error)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        # 'Unable connect to "host:port": <cause>': keep the cause.
+        self.last = message.split('": ', 1)[-1].splitlines()[0][:500] if message else None
+
+    def __enter__(self) -> _ClientErrors:
+        logging.getLogger("aiokafka").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("aiokafka").removeHandler(self)
+
+
 class SaslOptions(Options):
     mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
     username: str
@@ -225,10 +247,16 @@ class KafkaAdapter:
 
     async def connect(self) -> None:
         producer = AIOKafkaProducer(**producer_settings(self.options))
+        errors = _ClientErrors()
         try:
-            await producer.start()  # connects and fetches metadata
-        except BaseException:
+            with errors:
+                await producer.start()  # connects and fetches metadata
+        except BaseException as exc:
             await producer.stop()
+            if isinstance(exc, kafka_errors.KafkaConnectionError) and errors.last:
+                # aiokafka raises "Unable to bootstrap from [...]" and only logs why (a
+                # refused SASL login, a certificate it does not trust): say why.
+                raise ConnectionError(f"kafka unreachable: {errors.last}") from None
             raise
         self._producer = producer
 

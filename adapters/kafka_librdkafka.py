@@ -217,14 +217,22 @@ class LibrdkafkaAdapter:
 
     async def connect(self) -> None:
         errors: list[_Reports] = []  # the error callback reaches the reports object made below
-        producer = Producer({**producer_config(self.options),
-                             "error_cb": lambda error: errors[0].error(error) if errors else None},
+        early: list[str] = []  # errors before that: why a connect failed (a refused login, an untrusted CA)
+
+        def on_error(error: Any) -> None:
+            if errors:
+                errors[0].error(error)
+            else:
+                early.append(str(error.str()))
+
+        producer = Producer({**producer_config(self.options), "error_cb": on_error},
                             logger=logging.getLogger("outbox_relay.librdkafka"))  # not raw lines on stderr
         try:
             # Connected and the cluster's metadata fetched, as the aiokafka client does.
             await asyncio.to_thread(producer.list_topics, timeout=self.options.request_timeout)
         except KafkaException as exc:
-            raise ConnectionError(f"kafka unreachable: {exc.args[0].str() if exc.args else exc}") from exc
+            why = early[-1] if early else (exc.args[0].str() if exc.args else str(exc))
+            raise ConnectionError(f"kafka unreachable: {why.splitlines()[0][:500]}") from exc
         self._producer = producer
         self._reports = _Reports(producer, asyncio.get_running_loop())
         errors.append(self._reports)

@@ -52,6 +52,26 @@ def amqp_url(rabbitmq_service: tuple[str, Any]) -> str:
 
 
 @pytest.fixture(scope="session")
+def kafka_secure(kafka_service: tuple[str, Any]) -> Iterator[services.Secure]:
+    """The SASL_SSL listener of a local Kafka (the session's, or one of its own)."""
+    if kafka_service[1] is not None:
+        yield services.kafka_sasl_ssl(kafka_service[1])
+        return
+    with services.local_broker("kafka.sh", 3) as broker:
+        yield services.kafka_sasl_ssl(broker)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_secure(rabbitmq_service: tuple[str, Any]) -> Iterator[services.Secure]:
+    """The AMQPS listener of a local RabbitMQ (the session's, or one of its own)."""
+    if rabbitmq_service[1] is not None:
+        yield services.rabbitmq_amqps(rabbitmq_service[1])
+        return
+    with services.local_broker("rabbitmq.sh", 4) as broker:
+        yield services.rabbitmq_amqps(broker)
+
+
+@pytest.fixture(scope="session")
 def admin_dsn(pg: tuple[str, Any]) -> str:
     return pg[0]
 

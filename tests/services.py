@@ -148,7 +148,7 @@ def kafka() -> Iterator[tuple[str, LocalBroker | None]]:
         with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as container:
             yield container.get_bootstrap_server(), None
         return
-    with local_broker("kafka.sh", 2) as broker:  # PORT and PORT+1 (controller)
+    with local_broker("kafka.sh", 3) as broker:  # PORT, PORT+1 (controller), PORT+2 (SASL_SSL)
         yield f"127.0.0.1:{broker.port}", broker
 
 
@@ -167,5 +167,31 @@ def rabbitmq() -> Iterator[tuple[str, LocalBroker | None]]:
             params = container.get_connection_params()
             yield f"amqp://guest:guest@{params.host}:{params.port}/%2F", None
         return
-    with local_broker("rabbitmq.sh", 3) as broker:  # AMQP, distribution, epmd
+    with local_broker("rabbitmq.sh", 4) as broker:  # AMQP, distribution, epmd, AMQPS
         yield f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F", broker
+
+
+# The secure listeners of the local brokers (scripts/services/*.sh): Kafka SASL_SSL with a
+# SCRAM-SHA-512 user created at format time, RabbitMQ AMQPS; both with certificates from
+# certs.sh, made at start. A broker named by an environment variable or run by Docker
+# has neither: the secure tests then start local brokers of their own.
+KAFKA_SCRAM_USER = "relay"
+KAFKA_SCRAM_PASSWORD = "relay-test-secret"  # kafka.sh's default: a loopback test broker
+
+
+@dataclass(frozen=True)
+class Secure:
+    """How to reach a broker's TLS listener: where, with which CA, and its credentials."""
+
+    address: str  # Kafka: host:port; RabbitMQ: an amqps:// URL
+    ca_file: str
+    plain: str  # the same broker's plain listener, for test consumers
+
+
+def kafka_sasl_ssl(broker: LocalBroker) -> Secure:
+    return Secure(f"127.0.0.1:{broker.port + 2}", str(broker.directory / "tls" / "ca.pem"), f"127.0.0.1:{broker.port}")
+
+
+def rabbitmq_amqps(broker: LocalBroker) -> Secure:
+    return Secure(f"amqps://guest:guest@127.0.0.1:{broker.port + 3}/%2F", str(broker.directory / "tls" / "ca.pem"),
+                  f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F")

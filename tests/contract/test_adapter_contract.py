@@ -29,6 +29,7 @@ from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.models import Message, Outcome, OutgoingMessage
 from outbox_relay.records import decode_payload
 from tests.consumers import RabbitQueue, Received, kafka_read, rabbit_read
+from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, Secure
 
 Reader = Callable[[int], Awaitable[list[Received]]]
 
@@ -228,3 +229,50 @@ class TestRabbitMQPipelined(TestRabbitMQ):
     """RabbitMQ with pipeline_keys: a key's run in one call, on one channel."""
 
     options = {"pipeline_keys": True}
+
+
+# --- the same contract over TLS, with SASL for Kafka (scripts/services: certs.sh) ----------
+
+
+class TestKafkaSaslSsl(AdapterContract):
+    """Kafka through its SASL_SSL listener: SCRAM-SHA-512, the broker verified by the test CA."""
+
+    options: dict[str, Any] = {}
+
+    @pytest.fixture
+    async def target(self, kafka_secure: Secure) -> AsyncIterator[Target]:
+        adapter = create_kafka("kafka", {
+            "bootstrap_servers": kafka_secure.address, "tls": {"ca_file": kafka_secure.ca_file},
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": KAFKA_SCRAM_USER, "password": KAFKA_SCRAM_PASSWORD},
+            **self.options})
+        await adapter.connect()
+        topic = f"contract-sasl-{uuid.uuid4().hex[:10]}"
+
+        async def read(count: int) -> list[Received]:
+            return await kafka_read(kafka_secure.plain, topic, count)
+
+        yield Target(adapter, topic, read, explicit=True)
+        await adapter.close()
+
+
+class TestKafkaLibrdkafkaSaslSsl(TestKafkaSaslSsl):
+    options = {"client": "librdkafka"}
+
+
+class TestRabbitMQTls(AdapterContract):
+    """RabbitMQ over amqps://, the broker verified by the test CA."""
+
+    @pytest.fixture
+    async def target(self, rabbitmq_secure: Secure) -> AsyncIterator[Target]:
+        exchange = f"contract-tls-{uuid.uuid4().hex[:10]}"
+        queue = RabbitQueue(rabbitmq_secure.plain, exchange, exchange + ".q")
+        adapter = create_rabbitmq("rabbit", {"url": rabbitmq_secure.address, "exchange": exchange,
+                                             "tls": {"ca_file": rabbitmq_secure.ca_file}})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await rabbit_read(queue, count)
+
+        yield Target(adapter, exchange, read, explicit=True)
+        await adapter.close()
+        queue.close()

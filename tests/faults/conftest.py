@@ -16,13 +16,13 @@ from tests import services
 
 @pytest.fixture(scope="module")
 def own_kafka() -> Iterator[services.LocalBroker]:
-    with services.local_broker("kafka.sh", 2) as broker:
+    with services.local_broker("kafka.sh", 3) as broker:
         yield broker
 
 
 @pytest.fixture(scope="module")
 def own_rabbitmq() -> Iterator[services.LocalBroker]:
-    with services.local_broker("rabbitmq.sh", 3) as broker:
+    with services.local_broker("rabbitmq.sh", 4) as broker:
         yield broker
 
 

@@ -1,0 +1,119 @@
+"""The relay over TLS for real: Kafka's SASL_SSL listener (SCRAM-SHA-512) and RabbitMQ's
+AMQPS listener, both with certificates made at start by scripts/services/certs.sh. And
+the two ways it goes wrong in production: a wrong password and a certificate the relay
+does not trust. Each is one clear line in `check`, shows no secret, and the messages wait
+(spending no attempt) instead of being dead-lettered."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from structlog.testing import capture_logs
+
+from outbox_relay import enqueue
+from outbox_relay.config import parse
+from outbox_relay.wiring import build_adapters
+from tests.acceptance.cli import run_cli
+from tests.conftest import running_relay, wait_until
+from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
+from tests.e2e.relay_helpers import write
+from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, ROOT, Secure
+
+
+def kafka_block(secure: Secure, *, password: str = "${KAFKA_PW}", ca_file: str | None = None) -> dict[str, Any]:
+    return {"type": "kafka", "bootstrap_servers": secure.address, "tls": {"ca_file": ca_file or secure.ca_file},
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": KAFKA_SCRAM_USER, "password": password},
+            "request_timeout": "5s"}
+
+
+def rabbit_block(secure: Secure, exchange: str, *, ca_file: str | None = None) -> dict[str, Any]:
+    # The password comes from the environment, as the README says it should.
+    url = secure.address.replace("guest:guest@", "guest:${AMQP_PW}@")
+    return {"type": "rabbitmq", "url": url, "exchange": exchange, "tls": {"ca_file": ca_file or secure.ca_file},
+            "connect_timeout": "3s"}
+
+
+def config_text(db: str, brokers: dict[str, Any], routes: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump({"database": {"dsn": db}, "relay": {"poll_interval": "200ms",
+                                                              "retry": {"initial": "50ms", "max": "500ms"},
+                                                              "max_attempts": 1},
+                           "http": {"host": "127.0.0.1", "port": 0}, "brokers": brokers, "routes": routes})
+
+
+def stranger_ca(tmp_path: Path) -> str:
+    """A CA that signed nothing the brokers use."""
+    subprocess.run([str(ROOT / "scripts" / "services" / "certs.sh"), str(tmp_path / "other")], check=True)
+    return str(tmp_path / "other" / "ca.pem")
+
+
+async def test_the_relay_publishes_over_sasl_ssl_kafka_and_amqps_rabbitmq(
+        db: str, kafka_secure: Secure, rabbitmq_secure: Secure) -> None:
+    topic, exchange = f"secure-{uuid.uuid4().hex[:8]}", f"secure-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(kafka_secure.plain, topic)
+    queue = RabbitQueue(rabbitmq_secure.plain, exchange, exchange + ".q")
+    text = config_text(db, {"kafka": kafka_block(kafka_secure), "mq": rabbit_block(rabbitmq_secure, exchange)},
+                       [{"topic": "orders.*", "broker": "kafka", "destination": topic},
+                        {"topic": "emails.*", "broker": "mq"}])
+    config = parse(text, source="secure.yaml", env={"KAFKA_PW": KAFKA_SCRAM_PASSWORD, "AMQP_PW": "guest"})
+    try:
+        async with running_relay(config, build_adapters(config)):
+            orders = await write(db, "orders.created", ["o1", "o2"], 10)
+            emails = await write(db, "emails.sent", ["e1", "e2"], 10)
+
+            def pending() -> int:
+                with psycopg.connect(db) as conn:
+                    row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL").fetchone()
+                return row[0] if row else -1
+
+            await wait_until(lambda: pending() == 0, timeout=60)
+        assert {r.message_id for r in await kafka_read(kafka_secure.plain, topic, 20)} == set(orders.committed)
+        assert {r.message_id for r in await rabbit_read(queue, 20)} == set(emails.committed)
+    finally:
+        queue.close()
+
+
+@pytest.mark.parametrize("broker", ["kafka", "rabbitmq"])
+@pytest.mark.parametrize("fault", ["wrong password", "untrusted certificate"])
+async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead_letters_nothing(
+        db: str, tmp_path: Path, kafka_secure: Secure, rabbitmq_secure: Secure, broker: str, fault: str) -> None:
+    secret = "not-the-password-" + uuid.uuid4().hex[:6] if fault == "wrong password" else None
+    ca = stranger_ca(tmp_path) if fault == "untrusted certificate" else None
+    env = {"KAFKA_PW": secret or KAFKA_SCRAM_PASSWORD, "AMQP_PW": secret or "guest"}
+    block = (kafka_block(kafka_secure, ca_file=ca) if broker == "kafka"
+             else rabbit_block(rabbitmq_secure, f"bad-{uuid.uuid4().hex[:8]}", ca_file=ca))
+    text = config_text(db, {"b": block}, [{"topic": "*", "broker": "b", "destination": "bad-creds"}])
+    path = tmp_path / "relay.yaml"
+    path.write_text(text)
+
+    checked = run_cli("check", "--config", str(path), env=env, timeout=120)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    line = [line for line in checked.stdout.splitlines() if line.startswith("broker")]
+    assert len(line) == 1 and line[0].startswith(f"broker    FAIL  b ({broker}): "), checked.stdout
+    # Says why, in the broker's or the TLS library's words.
+    expected = ("CERTIFICATE_VERIFY_FAILED",) if ca else ("uthentication", "ACCESS_REFUSED")
+    assert any(word in line[0] for word in expected), line[0]
+    if secret:
+        assert secret not in checked.stdout + checked.stderr
+
+    config = parse(text, source="relay.yaml", env=env)
+    with psycopg.connect(db) as conn:
+        for i in range(3):
+            enqueue(conn, "t", {"i": i}, key="k")
+        conn.commit()
+    with capture_logs() as logs:
+        async with running_relay(config, build_adapters(config)):
+            # The positive signal: the relay has tried the broker, and failed, twice.
+            await wait_until(lambda: sum(e["event"] == "broker_unreachable" for e in logs) >= 2, timeout=60)
+            with psycopg.connect(db) as conn:
+                row = conn.execute("SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL),"
+                                   " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
+                                   "FROM outbox.messages").fetchone()
+    assert row == (3, 0, 0), "the messages wait, spending no attempt (max_attempts is 1)"
+    if secret:
+        assert not [e for e in logs if secret in repr(e)]
