@@ -321,15 +321,32 @@ async def test_webhook_any_2xx_acks(http_server: Server, status: int) -> None:
         assert outcomes(await adapter.publish([message(1)])) == [Outcome.ACKED]
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 410, 422])
-async def test_webhook_4xx_is_permanent_with_status(http_server: Server, status: int) -> None:
+@pytest.mark.parametrize("status", [400, 409, 413, 422])
+async def test_webhook_4xx_about_the_message_is_permanent_with_status(http_server: Server, status: int) -> None:
     async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
         [result] = await adapter.publish([message(1)])
     assert result.outcome is Outcome.PERMANENT
     assert result.reason is not None and result.reason.startswith(f"HTTP {status}")
 
 
-@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [401, 403, 404, 407, 410])
+async def test_webhook_4xx_about_the_relay_waits(http_server: Server, status: int) -> None:
+    # A rotated token or a moved endpoint: not this message's fault (test_webhook_refusals.py).
+    async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
+        [result] = await adapter.publish([message(1)])
+    assert result.outcome is Outcome.UNAVAILABLE
+    assert result.reason is not None and result.reason.startswith(f"HTTP {status}")
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_webhook_later_waits(http_server: Server, status: int) -> None:
+    async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
+        [result] = await adapter.publish([message(1)])
+    assert result.outcome is Outcome.UNAVAILABLE
+    assert result.reason is not None and result.reason.startswith(f"HTTP {status}")
+
+
+@pytest.mark.parametrize("status", [408, 425, 500, 502, 504])
 async def test_webhook_retry_later_and_5xx_are_transient(http_server: Server, status: int) -> None:
     async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
         [result] = await adapter.publish([message(1)])
@@ -339,13 +356,13 @@ async def test_webhook_retry_later_and_5xx_are_transient(http_server: Server, st
 
 async def test_webhook_results_follow_batch_order(http_server: Server) -> None:
     http_server.respond = lambda request: (request.json["payload"]["status"], 0.0)
-    statuses = [200, 503, 404, 200, 429, 201]
+    statuses = [200, 502, 404, 200, 429, 201, 422]
     batch = [message(i, {"status": s}) for i, s in enumerate(statuses)]
     async with connected(webhook(http_server.url)) as adapter:
         results = await adapter.publish(batch)
     assert outcomes(results) == [
-        Outcome.ACKED, Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.ACKED, Outcome.TRANSIENT,
-        Outcome.ACKED,
+        Outcome.ACKED, Outcome.TRANSIENT, Outcome.UNAVAILABLE, Outcome.ACKED, Outcome.UNAVAILABLE,
+        Outcome.ACKED, Outcome.PERMANENT,
     ]
 
 

@@ -49,6 +49,8 @@ async def test_health_endpoints_and_metrics(db: str) -> None:
             # Counted once the batch is committed, a moment after the adapter saw it.
             await wait_until(lambda: relay.metrics.registry.get_sample_value(
                 "outbox_relay_messages_published_total", {"broker": "main", "destination": "orders"}) == 5)
+            # And a heartbeat after that has refreshed the gauges.
+            await wait_until(lambda: relay.metrics.registry.get_sample_value("outbox_relay_pending_messages") == 0)
             text = (await client.get(f"{base}/metrics")).text
             missing = await client.get(f"{base}/nope")
     assert live.status_code == 200

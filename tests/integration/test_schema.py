@@ -131,7 +131,8 @@ async def test_relay_works_under_the_least_privilege_role(db: str, admin_dsn: st
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
         conn.execute("CREATE TABLE public.accounts (id int PRIMARY KEY)")
         conn.execute(sqlfiles.grants("relay", "outbox", role))
-        enqueue(conn, "t", {"a": 1})
+        with conn.transaction():
+            enqueue(conn, "t", {"a": 1})
     from psycopg.conninfo import make_conninfo
 
     relay_dsn = make_conninfo(db, user=role, password=password)
