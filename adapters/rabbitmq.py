@@ -329,7 +329,10 @@ class RabbitAdapter:
         except _DeclareFailed as failed:
             reason = failed.reason
             code = getattr(reason, "reply_code", None)
-            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and code in EXCHANGE_REFUSED:
+            # A 404 names the exchange it is about: one for another exchange (a publish to a
+            # deleted one, closing the channel under this declare) says nothing about this one.
+            about_this = code != 404 or f"'{name}'" in str(getattr(reason, "reply_text", ""))
+            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and code in EXCHANGE_REFUSED and about_this:
                 # The broker refused this exchange (missing when checked passively, or of
                 # another type): a fact about the exchange, so remember it. The refusal
                 # closed the channel: reopen it and go on with the other messages.

@@ -6,3 +6,7 @@ GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT, UPDATE, DELETE ON {schema}.messages TO {role};
 GRANT SELECT ON {schema}.schema_version TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};
+-- A committer that skips its NOTIFY counts the skip, and the relay reads the count
+-- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.
+GRANT EXECUTE ON FUNCTION {schema}.note_skipped_wakeup() TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.skipped_wakeups() TO {role};

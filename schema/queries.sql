@@ -190,7 +190,7 @@ DELETE FROM {schema}.relays WHERE heartbeat_at < now() - make_interval(secs => %
 SELECT
     count(*) FILTER (WHERE dead_lettered_at IS NULL) AS pending,
     count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) AS dead_lettered,
-    extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE dead_lettered_at IS NULL))
+    extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE dead_lettered_at IS NULL AND isfinite(created_at)))
         AS oldest_pending_age_s
 FROM {schema}.messages
 WHERE dispatched_at IS NULL;
@@ -199,7 +199,7 @@ WHERE dispatched_at IS NULL;
 SELECT topic,
     count(*) FILTER (WHERE dead_lettered_at IS NULL) AS pending,
     count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) AS dead_lettered,
-    extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE dead_lettered_at IS NULL))
+    extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE dead_lettered_at IS NULL AND isfinite(created_at)))
         AS oldest_pending_age_s
 FROM {schema}.messages
 WHERE dispatched_at IS NULL
@@ -239,14 +239,15 @@ RETURNING message_id;
 
 -- name: pending_gauge
 -- For the lag metrics: keyed and keyless pending rows each through their own claim
--- index (a predicate the partial indexes match), never the rows retention keeps.
+-- index (a predicate the partial indexes match), never the rows retention keeps. Ages
+-- over finite created_at only: 'infinity' (written by hand) cannot be subtracted.
 SELECT sum(n) AS pending, max(age) AS oldest_pending_age_s
 FROM (
-    SELECT count(*) AS n, extract(epoch FROM clock_timestamp() - min(created_at)) AS age
+    SELECT count(*) AS n, extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE isfinite(created_at))) AS age
     FROM {schema}.messages
     WHERE key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
     UNION ALL
-    SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))
+    SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE isfinite(created_at)))
     FROM {schema}.messages
     WHERE key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
 ) AS kinds;
