@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import structlog
 
 from outbox_relay.adapter import Adapter, keeps_key_order
+from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.retry import Backoff
 
@@ -48,7 +49,7 @@ class BrokerHandle:
                 delay = self._backoff.delay(attempt)
                 log.warning(
                     "broker_unreachable", broker=self.name, attempt=attempt,
-                    retry_in_s=round(delay, 2), error=str(exc).splitlines()[0] if str(exc) else repr(exc),
+                    retry_in_s=round(delay, 2), error=first_line(exc),
                 )
                 await asyncio.sleep(delay)
                 continue

@@ -8,7 +8,7 @@ import psycopg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from outbox_relay.errors import DatabaseError
+from outbox_relay.errors import DatabaseError, first_line
 from outbox_relay.redact import UNPARSEABLE_REASON, redact_dsn
 
 log = structlog.get_logger("outbox_relay.connect")
@@ -23,7 +23,7 @@ def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(dsn, connect_timeout=10, application_name=application_name)
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        first = first_line(exc)
         raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
     except psycopg.ProgrammingError:
         # libpq's parse error quotes a piece of the DSN, which may be the password.
@@ -76,7 +76,7 @@ async def connect_with_retry(
             dsn=redact_dsn(dsn),
             attempt=state.attempt_number,
             retry_in_s=round(state.next_action.sleep, 2) if state.next_action else None,
-            error=str(exc).splitlines()[0] if exc else None,
+            error=first_line(exc) if exc else None,
         )
 
     async for attempt in AsyncRetrying(
