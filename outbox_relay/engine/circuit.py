@@ -11,12 +11,19 @@ So a call that ends in the timeout, or whose every answer is "unavailable", open
 broker's circuit: its messages wait (no attempt spent) and, while the circuit is open,
 are answered "unavailable" at once without calling the adapter, so no new copy is
 queued in a client that holds them, and the other brokers' messages go on. The
-circuit closes when the adapter's ``ready()`` says the broker answers again, probed in
-the background with a growing interval (the relay's retry backoff); the first call
-after that is a normal publish. Messages handed to the broker's client before the
-circuit opened may still be delivered when it comes back, so an outage can duplicate
-at most the calls that were in flight when it began; the relay marks nothing it did
-not see acked.
+adapter's ``ready()`` is probed in the background with a growing interval (the
+relay's retry backoff).
+
+``ready()`` answering is not proof that the broker acks: a Kafka broker can serve
+metadata and still refuse every write (a partition without enough in-sync replicas),
+and the client then keeps each record until it is acked. Were the circuit to close on
+``ready()``, every probe cycle would hand the client another full batch per worker,
+copies that are all delivered once the broker acks again. So a probe that succeeds
+only half-opens the circuit: the next call carries one message (the trial), every other
+message still waits; the circuit closes when the trial is acked or answered at all, and
+opens again if it times out. An outage therefore duplicates at most the calls that were
+in flight when it began, plus one trial message per probe cycle; the relay marks
+nothing it did not see acked.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class Circuit:
         self._backoff = backoff
         self._probe_timeout = probe_timeout
         self.reason: str | None = None  # None: closed (the broker is called)
+        self._half_open = False  # a probe answered: one trial message may go
+        self._trial_running = False
         self._opened_at = 0.0
         self._failures = 0
         self._next_probe = 0.0
@@ -57,12 +66,34 @@ class Circuit:
         """Why the broker must not be called now, or None. Starts a probe when one is due."""
         if self.reason is None:
             return None
+        if self._half_open:
+            if not self._trial_running:
+                return None
+            return f"broker {self.broker!r} not answering ({self.reason}); a trial message is on its way"
         if self._probe is None and time.monotonic() >= self._next_probe:
             self._probe = asyncio.create_task(self._run_probe(), name=f"probe-{self.broker}")
         return f"broker {self.broker!r} not answering ({self.reason}); waiting for it to come back"
 
+    def take_trial(self) -> bool:
+        """True if this call is the trial of a half-open circuit: it may carry one message."""
+        if self._half_open and not self._trial_running:
+            self._trial_running = True
+            log.info("broker_circuit_trial", broker=self.broker)
+            return True
+        return False
+
+    def end_trial(self, *, answered: bool) -> None:
+        """The trial call ended without closing or tripping the circuit."""
+        if not self._trial_running:
+            return
+        if answered:
+            self.close()
+        else:
+            self._trial_running = False
+
     def trip(self, reason: str) -> None:
         """The broker answered nothing: open the circuit, or keep it open and probe later."""
+        self._half_open = self._trial_running = False
         if self.reason is None:
             self.reason = reason
             self._opened_at = time.monotonic()
@@ -74,7 +105,8 @@ class Circuit:
         self._next_probe = time.monotonic() + self._backoff.delay(self._failures)
 
     def close(self) -> None:
-        """The broker acked something, or a probe found it ready."""
+        """The broker acked or answered a message."""
+        self._half_open = self._trial_running = False
         if self.reason is not None:
             log.info("broker_circuit_closed", broker=self.broker,
                      open_for_s=round(time.monotonic() - self._opened_at, 3))
@@ -90,9 +122,12 @@ class Circuit:
             ready = False
         finally:
             self._probe = None
+        if self.reason is None:
+            return
         if ready:
-            self.close()
-        elif self.reason is not None:
+            self._half_open = True
+            log.info("broker_circuit_half_open", broker=self.broker)
+        else:
             self.trip(self.reason)
 
     def cancel(self) -> None:

@@ -213,6 +213,21 @@ class Dispatcher:
         if blocked is not None:  # no call, so no copy queued in a client that holds it (circuit.py)
             self._outage[broker] += 1
             return [PublishResult.unavailable(blocked)] * len(batch)
+        if circuit.take_trial():
+            # Half-open: one message tries the broker, the rest wait for its answer.
+            held = [PublishResult.unavailable(f"broker {broker!r} on trial after an outage")] * (len(batch) - 1)
+            answered = False
+            try:
+                answers = await self._call(broker, circuit, batch[:1])
+                answered = True
+            finally:
+                # Acked or unanswered, _call closed or tripped the circuit; any other
+                # answer (a rejection) also shows the broker back. Cancelled: try again.
+                circuit.end_trial(answered=answered)
+            return [*answers, *held]
+        return await self._call(broker, circuit, batch)
+
+    async def _call(self, broker: str, circuit: Circuit, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
         adapter = self._adapters[broker]
         started = time.perf_counter()
         try:

@@ -154,7 +154,8 @@ async def test_outage_resets_after_an_ack() -> None:
 
 
 async def circuit_closed(d: Dispatcher, broker: str, timeout: float = 10.0) -> None:
-    """Wait until the broker's circuit closes (its background probe found it ready)."""
+    """Wait until the broker may be called again (its background probe found it ready;
+    the circuit is then half-open: the next call carries one trial message)."""
     deadline = time.monotonic() + timeout
     while d.circuits[broker].blocked() is not None:  # blocked() starts a probe when one is due
         assert time.monotonic() < deadline, f"circuit of {broker!r} still open: {d.circuits[broker].reason}"
@@ -295,6 +296,61 @@ async def test_a_broker_answering_only_unavailable_is_probed_before_it_is_called
     await fake.connect()
     await circuit_closed(d, "main")
     assert (await d.dispatch([msg(9)]))[0].kind == "acked"
+    d.close()
+
+
+async def test_a_broker_that_is_ready_but_acks_nothing_gets_one_trial_message_per_probe() -> None:
+    # ready() answers (a Kafka broker serving metadata) while no write is acked: each
+    # probe cycle may hand the client one message, not a batch per worker (copies that
+    # would all be delivered once the broker acks again).
+    fake = FakeAdapter(delay=0.5)
+    await fake.connect()
+    d = dispatcher({"main": fake}, publish_timeout=0.1)
+    first = [msg(i, key=f"k{i}") for i in range(5)]
+    assert {r.kind for r in await d.dispatch(first)} == {"wait"}
+    assert fake.calls == [5]
+    for cycle in range(2):
+        await circuit_closed(d, "main")  # half-open: the probe answered
+        records = await d.dispatch(first)
+        assert [r.kind for r in records] == ["wait"] * 5, "nothing acked, nothing spent"
+        assert fake.calls == [5] + [1] * (cycle + 1), "one trial message per probe cycle"
+        assert d.circuits["main"].open, "the unanswered trial opens the circuit again"
+    fake.delay = 0.0
+    await circuit_closed(d, "main")
+    records = await d.dispatch(first)
+    assert [r.kind for r in records] == ["acked"] + ["wait"] * 4
+    assert not d.circuits["main"].open, "an acked trial closes the circuit"
+    assert [r.kind for r in await d.dispatch(first[1:])] == ["acked"] * 4
+    assert fake.calls[-2:] == [1, 4]
+    d.close()
+
+
+async def test_only_one_call_carries_the_trial_when_workers_publish_concurrently() -> None:
+    fake = FakeAdapter(delay=0.5)
+    await fake.connect()
+    d = dispatcher({"main": fake}, publish_timeout=0.1)
+    await d.dispatch([msg(1)])
+    fake.delay = 0.05
+    await circuit_closed(d, "main")
+    results = await asyncio.gather(*(d.dispatch([msg(10 * w + i, key=f"w{w}.{i}") for i in range(3)])
+                                     for w in range(4)))
+    assert fake.calls == [1, 1], "one worker's call tries the broker, the others wait for it"
+    kinds = sorted(r.kind for records in results for r in records)
+    assert kinds == ["acked"] + ["wait"] * 11
+    assert not d.circuits["main"].open
+    d.close()
+
+
+async def test_a_trial_answered_with_a_rejection_closes_the_circuit() -> None:
+    fake = FakeAdapter(delay=0.5)
+    await fake.connect()
+    d = dispatcher({"main": fake}, publish_timeout=0.1)
+    await d.dispatch([msg(1)])
+    fake.delay = 0.0
+    fake.script = lambda out: PublishResult.permanent("record too large")
+    await circuit_closed(d, "main")
+    assert [r.kind for r in await d.dispatch([msg(2), msg(3)])] == ["dead", "wait"]
+    assert not d.circuits["main"].open, "the broker answered: it is back"
     d.close()
 
 
