@@ -4,7 +4,9 @@ A record for a topic without metadata (not created yet, auto-creation off) makes
 client wait its whole request timeout, holding up every other record of the call. So
 topics not seen before are probed first: all at once, under one deadline, so that six
 missing topics cost one wait, not six; and a missing topic is remembered for a few
-seconds, so the calls right after do not wait for it again.
+seconds, so the calls right after do not wait for it again. A topic found is trusted
+for a minute, then probed again: one deleted since (auto-creation off) would otherwise
+make every call with its records wait the whole request timeout, forever.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from outbox_relay.models import PublishResult
 
 METADATA_WAIT_S = 5.0  # at most this long per call for every unknown topic together
 REMEMBER_MISSING_S = 5.0
+REMEMBER_KNOWN_S = 60.0
 
 
 class TopicMetadata:
-    def __init__(self, wait: float, *, remember_missing: float = REMEMBER_MISSING_S):
+    def __init__(self, wait: float, *, remember_missing: float = REMEMBER_MISSING_S,
+                 remember_known: float = REMEMBER_KNOWN_S):
         self._wait = wait
         self._remember = remember_missing
-        self._known: set[str] = set()
+        self._remember_known = remember_known
+        self._known: dict[str, float] = {}  # topic -> trusted until
         self._missing: dict[str, tuple[float, PublishResult]] = {}  # topic -> (until, answer)
 
     async def missing(self, topics: Iterable[str],
@@ -33,7 +38,9 @@ class TopicMetadata:
         now = time.monotonic()
         answers: dict[str, PublishResult] = {}
         unknown: list[str] = []
-        for topic in set(topics) - self._known:
+        for topic in set(topics):
+            if self._known.get(topic, 0.0) > now:
+                continue
             remembered = self._missing.get(topic)
             if remembered is not None and remembered[0] > now:
                 answers[topic] = remembered[1]
@@ -42,16 +49,19 @@ class TopicMetadata:
         if not unknown:
             return answers
         tasks = {topic: asyncio.ensure_future(probe(topic)) for topic in unknown}
-        await asyncio.wait(tasks.values(), timeout=self._wait)
+        try:
+            await asyncio.wait(tasks.values(), timeout=self._wait)
+        finally:  # also when the caller is cancelled (publish_timeout): no probe outlives it
+            for task in tasks.values():
+                task.cancel()
         for topic, task in tasks.items():
             if task.done() and not task.cancelled() and task.exception() is None:
-                self._known.add(topic)
+                self._known[topic] = time.monotonic() + self._remember_known
                 self._missing.pop(topic, None)
                 continue
             if task.done() and not task.cancelled():
                 why = repr(task.exception())
             else:
-                task.cancel()
                 why = f"no answer within {self._wait:g}s"
             answer = PublishResult.transient(f"no metadata for topic {topic!r} (does it exist?): {why}")
             self._missing[topic] = (time.monotonic() + self._remember, answer)

@@ -24,6 +24,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from outbox_relay.adapter import KeyStops
 from outbox_relay.durations import parse_duration
+from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import Options, TlsOptions, parse_options, tls_context
@@ -116,22 +117,38 @@ async def stop_within(producer: AIOKafkaProducer, wait: float) -> None:
         producer._message_accumulator.fail_all(kafka_errors.KafkaTimeoutError("producer closed by outbox-relay"))
         done, _ = await asyncio.wait({stopping}, timeout=wait)
     if not done:
+        # Still stuck: end what stop() would have ended, so that no sender task keeps
+        # retrying records and no connection stays open behind a "closed" producer.
         stopping.cancel()
+        sender = producer._sender
+        if sender is not None and sender.sender_task is not None:
+            sender.sender_task.cancel()
+        try:
+            await asyncio.wait_for(producer.client.close(), wait)
+        except Exception as exc:  # closing is best effort here; the producer is dropped
+            log.warning("kafka_producer_close_failed", error=first_line(exc))
         log.warning("kafka_producer_stop_abandoned", waited_s=2 * wait)
         return
     stopping.result()
 
 
 class _ClientErrors(logging.Handler):
-    """While active, keeps the last error aiokafka logged (it logs the cause of a failed
-    bootstrap and raises a generic error)."""
+    """While active, keeps the last error aiokafka logged about one of `servers` (it
+    logs the cause of a failed bootstrap and raises a generic error). aiokafka's logger
+    is the process's: another broker's adapter connecting at the same time logs there
+    too, so only lines naming this adapter's servers count."""
 
-    def __init__(self) -> None:
+    def __init__(self, servers: str | Sequence[str]) -> None:
         super().__init__(logging.ERROR)
+        listed = servers.split(",") if isinstance(servers, str) else servers
+        # aiokafka writes 'Unable connect to "host:port": cause', the host unbracketed.
+        self._hosts = [f'"{server.strip().rsplit(":", 1)[0].strip("[]")}:' for server in listed]
         self.last: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
+        if not any(host in message for host in self._hosts):
+            return
         # 'Unable connect to "host:port": <cause>': keep the cause.
         self.last = message.split('": ', 1)[-1].splitlines()[0][:500] if message else None
 
@@ -247,7 +264,7 @@ class KafkaAdapter:
 
     async def connect(self) -> None:
         producer = AIOKafkaProducer(**producer_settings(self.options))
-        errors = _ClientErrors()
+        errors = _ClientErrors(self.options.bootstrap_servers)
         try:
             with errors:
                 await producer.start()  # connects and fetches metadata

@@ -215,6 +215,9 @@ class RabbitAdapter:
         channel.confirm_delivery(lambda frame: self._on_confirm(frame, channel),
                                  callback=lambda _frame: confirmed.set_result(None))
         await asyncio.wait_for(confirmed, self.options.connect_timeout)
+        # Confirms of the channel replaced can no longer settle anything (_on_confirm):
+        # what still waits on it is "maybe delivered", so it goes again.
+        self._fail_unconfirmed("channel replaced before its confirms arrived")
         self._channel = channel
         self._next_tag = 0  # delivery tags restart at 1 on every channel
 
@@ -234,24 +237,31 @@ class RabbitAdapter:
         if connection is None or not connection.is_open:
             async with self._lock:
                 return await self._ensure_open() is None
-        loop = asyncio.get_running_loop()
-        opened: asyncio.Future[Channel] = loop.create_future()
-
-        def on_open(channel: Channel) -> None:
-            if opened.done():  # too late: the probe gave up on it
-                with contextlib.suppress(Exception):
-                    channel.close()
-            else:
-                opened.set_result(channel)
-
         try:
-            connection.channel(on_open_callback=on_open)
-            channel = await asyncio.wait_for(opened, self.options.connect_timeout)
+            channel = await self._side_channel()
         except Exception:
             return False
         with contextlib.suppress(Exception):
             channel.close()
         return True
+
+    async def _side_channel(self) -> Channel:
+        """A channel beside the publishing one, for a probe or a declare: whatever the
+        broker answers there (a 404 closes the channel) leaves the publishing channel,
+        and the confirms still due on it, alone."""
+        assert self._connection is not None
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Channel] = loop.create_future()
+
+        def on_open(channel: Channel) -> None:
+            if opened.done():  # too late: the caller gave up on it
+                with contextlib.suppress(Exception):
+                    channel.close()
+            else:
+                opened.set_result(channel)
+
+        self._connection.channel(on_open_callback=on_open)
+        return await asyncio.wait_for(opened, self.options.connect_timeout)
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
         if connection is not self._connection and self._connection is not None:
@@ -261,8 +271,11 @@ class RabbitAdapter:
         self._fail_unconfirmed(f"connection lost: {reason!r}")
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
-        if channel is self._channel:
-            self._channel = None
+        if channel is not self._channel and self._channel is not None:
+            # An older channel finishing its close: its messages were failed when it was
+            # replaced; the futures now waiting belong to the current channel.
+            return
+        self._channel = None
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 404:
             # An exchange is gone (deleted while cached, or refused by a passive check).
             # Which one the broker does not say: forget them all and declare again. The
@@ -306,10 +319,12 @@ class RabbitAdapter:
         refused = self._refused.get(name)
         if refused is not None and refused[0] > time.monotonic():
             return refused[1]
-        assert self._channel is not None
+        try:
+            channel = await self._side_channel()
+        except Exception as exc:
+            raise ChannelLost(f"cannot open a channel to declare {name!r}: {exc!r}") from None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        channel = self._channel
 
         def closed(_channel: Any, reason: BaseException) -> None:
             if not done.done():
@@ -326,23 +341,26 @@ class RabbitAdapter:
         )
         try:
             await asyncio.wait_for(done, self.options.connect_timeout)
+        except TimeoutError:
+            waited = self.options.connect_timeout
+            raise ChannelLost(f"no answer to the declare of {name!r} within {waited:g}s") from None
         except _DeclareFailed as failed:
             reason = failed.reason
             code = getattr(reason, "reply_code", None)
-            # A 404 names the exchange it is about: one for another exchange (a publish to a
-            # deleted one, closing the channel under this declare) says nothing about this one.
-            about_this = code != 404 or f"'{name}'" in str(getattr(reason, "reply_text", ""))
-            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and code in EXCHANGE_REFUSED and about_this:
+            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and code in EXCHANGE_REFUSED:
                 # The broker refused this exchange (missing when checked passively, or of
                 # another type): a fact about the exchange, so remember it. The refusal
-                # closed the channel: reopen it and go on with the other messages.
+                # closed only the declaring channel: the other messages go on.
                 why = f"exchange {name!r} unusable: {code} {reason.reply_text}"
                 self._refused[name] = (time.monotonic() + REMEMBER_REFUSAL_S, why)
-                await self._open_channel()
                 return why
             # The channel or connection went away for some other reason: nothing is
             # known about the exchange; the batch's messages count as transient.
             raise ChannelLost(f"channel closed while declaring {name!r}: {reason!r}") from None
+        finally:
+            if channel.is_open:
+                with contextlib.suppress(Exception):
+                    channel.close()
         self._usable.add(name)
         self._refused.pop(name, None)
         return None

@@ -139,6 +139,32 @@ async def test_an_exchange_created_after_the_relay_started_is_found_with_declare
         await adapter.close()
 
 
+async def test_a_refused_exchange_leaves_the_confirms_of_earlier_messages_alone(amqp_url: str) -> None:
+    # The check of an exchange that does not exist (declare: false) is refused with a
+    # 404 that closes the channel it was made on. Made on the publishing channel, it
+    # failed every message still waiting for its confirm (persistent messages to a
+    # durable queue: confirmed after the broker's fsync), and they were published again.
+    kept, missing = f"kept-{uuid.uuid4().hex[:10]}", f"missing-{uuid.uuid4().hex[:10]}"
+    queue = RabbitQueue(amqp_url, kept, kept + ".q")
+    adapter = create("mq", {"url": amqp_url, "exchange": kept, "declare": False})
+    await adapter.connect()
+    try:
+        batch = [*(OutgoingMessage(message(i), kept) for i in range(1, 51)),
+                 OutgoingMessage(message(51), missing, explicit_destination=True),
+                 *(OutgoingMessage(message(i), kept) for i in range(52, 61))]
+        results = await adapter.publish(batch)
+        outcomes = [r.outcome for r in results]
+        assert outcomes[50] is Outcome.PERMANENT and "unusable: 404" in (results[50].reason or ""), results[50]
+        assert outcomes[:50] + outcomes[51:] == [Outcome.ACKED] * 59, "the refusal failed its neighbours"
+        received = await rabbit_read(queue, 59)
+        assert sorted(r.message_id for r in received) == sorted(
+            str(out.message_id) for i, out in enumerate(batch) if i != 50)
+    finally:
+        await adapter.close()
+        queue.close()
+        delete_exchange(amqp_url, kept)
+
+
 async def test_a_deleted_exchange_is_declared_again_and_its_neighbours_spend_no_attempt(amqp_url: str) -> None:
     import pika
 

@@ -271,6 +271,48 @@ async def test_a_remembered_missing_topic_is_probed_again_later() -> None:
     assert await topics.missing({"t"}, probe) == {}
 
 
+async def test_a_known_topic_is_probed_again_after_a_while() -> None:
+    # A topic deleted after it was seen must not be trusted forever.
+    from outbox_relay_adapters._topics import TopicMetadata
+
+    exists = True
+    probed: list[str] = []
+
+    async def probe(topic: str) -> None:
+        probed.append(topic)
+        if not exists:
+            raise LookupError("unknown topic")
+
+    topics = TopicMetadata(1.0, remember_known=60.0)
+    assert await topics.missing({"t"}, probe) == {}
+    assert await topics.missing({"t"}, probe) == {} and probed == ["t"], "trusted while fresh"
+    short = TopicMetadata(1.0, remember_known=0.0)
+    assert await short.missing({"t"}, probe) == {}
+    exists = False
+    assert "t" in await short.missing({"t"}, probe), "probed again once the trust expired"
+
+
+async def test_probes_end_with_a_cancelled_call() -> None:
+    from outbox_relay_adapters._topics import TopicMetadata
+
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def probe(topic: str) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    call = asyncio.ensure_future(TopicMetadata(30.0).missing({"t"}, probe))
+    await asyncio.wait_for(started.wait(), 5)
+    call.cancel()  # the publish call ended at publish_timeout
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert call.cancelled() or call.done()
+
+
 @pytest.mark.parametrize(("given", "sent"), [("500ms", None), ("0s", 0), ("1s", 1), ("1500ms", 2), ("30s", 30)])
 def test_rabbitmq_heartbeat_is_whole_seconds_never_silently_off(given: str, sent: int | None) -> None:
     options = {"url": "amqp://guest:guest@127.0.0.1:5672/%2F", "heartbeat": given}
@@ -280,3 +322,62 @@ def test_rabbitmq_heartbeat_is_whole_seconds_never_silently_off(given: str, sent
         return
     adapter = rabbitmq.create("mq", options)
     assert rabbitmq.connection_parameters(adapter.options).heartbeat == sent
+
+
+# --- Kafka producer life cycle -------------------------------------------------------------
+
+
+def test_client_errors_keep_only_lines_about_this_adapters_servers() -> None:
+    import logging
+
+    with kafka._ClientErrors("kafka-a:9093,[::1]:9094") as errors:
+        logger = logging.getLogger("aiokafka")
+        logger.error('Unable connect to "%s:%s": %s', "kafka-b", 9092, "another broker's refusal")
+        assert errors.last is None, "another adapter's line is not this one's cause"
+        logger.error('Unable connect to "%s:%s": %s', "kafka-a", 9093, "SASL authentication failed")
+        assert errors.last == "SASL authentication failed"
+        logger.error('Unable connect to "%s:%s": %s', "::1", 9094, "certificate verify failed")
+        assert errors.last == "certificate verify failed"
+    assert errors not in logging.getLogger("aiokafka").handlers
+
+
+async def test_a_producer_stuck_in_stop_has_its_sender_and_connections_ended() -> None:
+    # aiokafka's stop() can hang past failing its buffered records: what it would
+    # have ended (the sender task retrying records, the client's connections) must end.
+    class Client:
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    class Accumulator:
+        def fail_all(self, exc: BaseException) -> None:
+            pass
+
+    sender_task = asyncio.ensure_future(asyncio.sleep(3600))
+    producer = types.SimpleNamespace(
+        stop=lambda: asyncio.sleep(3600), client=Client(), _message_accumulator=Accumulator(),
+        _sender=types.SimpleNamespace(sender_task=sender_task),
+    )
+    await kafka.stop_within(producer, 0.05)  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert sender_task.cancelled(), "the sender task would keep retrying records"
+    assert producer.client.closed, "the connections would stay open"
+
+
+def test_an_old_rabbitmq_channel_closing_late_fails_nothing_of_the_current_one() -> None:
+    # A channel replaced while it was closing finishes its close later: the futures
+    # waiting then belong to the new channel, whose confirms are still to come.
+    adapter = rabbitmq.create("mq", {"url": "amqp://guest:guest@127.0.0.1:5672/%2F"})
+    old, current = object(), object()
+    adapter._channel = current  # type: ignore[assignment]
+    loop = asyncio.new_event_loop()
+    try:
+        waiting: asyncio.Future[object] = loop.create_future()
+        adapter._unconfirmed[1] = (waiting, "m-1")  # type: ignore[assignment]
+        adapter._on_channel_closed(old, pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND"))
+        assert not waiting.done() and adapter._channel is current
+        adapter._on_channel_closed(current, pika.exceptions.ChannelClosedByBroker(320, "CONNECTION_FORCED"))
+        assert waiting.done() and adapter._channel is None, "the current channel's close fails its messages"
+    finally:
+        loop.close()
