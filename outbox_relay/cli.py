@@ -268,12 +268,19 @@ def dead_letters_purge(config_path: Path, older_than: str, topic: str | None, ye
         if count == 0:
             click.echo("no dead letters that old")
             return
+        # Under hold, a dead letter keeps its key's later messages back; deleting it lets
+        # them go (as a requeue would, but without the dead one): say so before asking.
+        released = ""
+        if cfg.relay.dead_letter_policy == "hold":
+            held = dead_letters.held_behind_older(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
+            if held:
+                released = f" (dead_letter_policy is hold: {held} message(s) held behind them will be published)"
         if not yes:
             if not sys.stdin.isatty():
-                raise click.UsageError(f"{count} dead letter(s) would be deleted; pass --yes to confirm")
-            click.confirm(f"Delete {count} dead letter(s) for good?", abort=True)
+                raise click.UsageError(f"{count} dead letter(s) would be deleted{released}; pass --yes to confirm")
+            click.confirm(f"Delete {count} dead letter(s) for good{released}?", abort=True)
         deleted = dead_letters.purge(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
-    click.echo(f"deleted {deleted} dead letter(s)")
+    click.echo(f"deleted {deleted} dead letter(s){released}")
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -108,6 +108,16 @@ def count_older(conn: psycopg.Connection[Any], schema: str, *, older_than_s: flo
     return int(row[0]) if row else 0
 
 
+def held_behind_older(conn: psycopg.Connection[Any], schema: str, *, older_than_s: float,
+                      topic: str | None = None) -> int:
+    """Pending messages queued behind the dead letters that `purge` would delete: under
+    `dead_letter_policy: hold`, deleting a key's dead letter releases them."""
+    params = {"older_than_s": older_than_s, "topic_regex": glob_to_regex(topic) if topic else None}
+    row = conn.execute(Queries(schema)["dead_letters_held_behind_older"], params).fetchone()
+    conn.rollback()
+    return int(row[0]) if row else 0
+
+
 def purge(conn: psycopg.Connection[Any], schema: str, *, older_than_s: float, topic: str | None = None) -> int:
     """Delete dead letters older than the cut, 1000 per transaction; returns how many."""
     params = {"older_than_s": older_than_s, "topic_regex": glob_to_regex(topic) if topic else None}

@@ -272,6 +272,17 @@ SELECT count(*) FROM {schema}.messages
 WHERE dead_lettered_at IS NOT NULL AND dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
   AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s);
 
+-- name: dead_letters_held_behind_older
+-- Pending messages of keys whose dead letter `dead-letters purge` would delete, later
+-- than it: under dead_letter_policy hold they wait behind it, and go once it is gone.
+SELECT count(*) FROM {schema}.messages m
+WHERE m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL AND m.key IS NOT NULL
+  AND EXISTS (SELECT 1 FROM {schema}.messages d
+              WHERE d.key = m.key AND d.id < m.id
+                AND d.dead_lettered_at IS NOT NULL
+                AND d.dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
+                AND (%(topic_regex)s::text IS NULL OR d.topic ~ %(topic_regex)s));
+
 -- name: dead_letters_purge
 -- Deletes up to 1000 dead letters older than the cut: the caller repeats until none is
 -- left, each batch its own short transaction (no long lock on the outbox).

@@ -383,3 +383,32 @@ def test_dead_letters_purge_deletes_only_old_ones_and_asks_first(db: str, tmp_pa
     with psycopg.connect(db) as conn:
         left = sorted(r[0] for r in conn.execute("SELECT topic FROM outbox.messages").fetchall())
     assert left == ["a.new", "a.pending"], "recent dead letters and pending messages stay"
+
+
+def test_purging_a_held_keys_dead_letter_says_it_releases_the_messages_behind_it(db: str, tmp_path: Path) -> None:
+    # Under dead_letter_policy: hold, a key's later messages wait behind its dead letter;
+    # deleting the dead letter lets them go. The command says how many before it asks.
+    sink = tmp_path / "out.jsonl"
+    config = write_config(tmp_path / "relay.yaml", db, sink=sink, dead_letter_policy="hold")
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "orders", {"n": 0}, key="acct-1")
+        conn.execute("UPDATE outbox.messages SET dead_letter_reason = 'x', "
+                     "dead_lettered_at = now() - interval '10 days'")
+        for n in (1, 2):
+            enqueue(conn, "orders", {"n": n}, key="acct-1")
+        enqueue(conn, "orders", {"n": 3}, key="acct-2")
+        conn.commit()
+    asked = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d")
+    assert asked.returncode == 2, asked.stderr
+    assert "1 dead letter(s) would be deleted (dead_letter_policy is hold: 2 message(s) held behind them will be " \
+           "published); pass --yes" in asked.stderr, asked.stderr
+    relay = RelayProcess(config)
+    try:
+        relay.wait_started()
+        wait_for(lambda: len(read_jsonl(sink)) == 1)  # acct-2 flows; acct-1 waits behind its dead letter
+        purged = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d", "--yes")
+        assert purged.returncode == 0 and "2 message(s) held behind them" in purged.stdout, purged.stdout
+        wait_for(lambda: len(read_jsonl(sink)) == 3)
+    finally:
+        relay.close()
+    assert [line["payload"]["n"] for line in read_jsonl(sink)] == [3, 1, 2]
