@@ -11,6 +11,9 @@ GRANT INSERT (topic, key, payload, content_type, headers) ON {schema}.messages T
 GRANT SELECT (message_id) ON {schema}.messages TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.enqueue(text, text, jsonb, jsonb) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.enqueue_binary(text, text, bytea, jsonb, text) TO {role};
+-- The headers domain's check calls it on every insert that carries headers: a
+-- database that revoked EXECUTE from PUBLIC would refuse those inserts without this.
+GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
 -- A committer that skips its NOTIFY counts the skip, and the relay reads the count
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.
 GRANT EXECUTE ON FUNCTION {schema}.note_skipped_wakeup() TO {role};

@@ -363,6 +363,34 @@ def test_schema_notify_gives_up_on_a_busy_table_instead_of_queueing_every_produc
     assert done.returncode == 0, done.stderr
 
 
+def test_schema_upgrade_gives_up_on_a_busy_table_and_changes_nothing(empty_db: str) -> None:
+    # The upgrade's ALTERs need the table lock that an open writing transaction holds:
+    # waiting would queue every new enqueue behind the upgrade. It gives up after its lock
+    # timeout, rolls back every step (the version stays), says why in one line.
+    from outbox_relay import sqlfiles
+
+    with psycopg.connect(empty_db) as conn:
+        conn.execute(sqlfiles.migration("0001_initial.sql", "outbox"))
+        conn.execute(sqlfiles.record_version("outbox", 1))
+        conn.commit()
+    with psycopg.connect(empty_db) as holder:
+        holder.execute("UPDATE outbox.messages SET attempts = attempts WHERE false")  # the table lock only
+        started = time.monotonic()
+        busy = run_cli("schema", "install", "--dsn", empty_db, timeout=60)
+        took = time.monotonic() - started
+        holder.rollback()
+    assert busy.returncode == 1, busy.stdout + busy.stderr
+    lines = busy.stderr.strip().splitlines()
+    assert len(lines) == 1 and "schema upgrade failed" in lines[0] and "stayed locked for 5s" in lines[0], lines
+    assert took < 30, took
+    with psycopg.connect(empty_db) as conn:
+        assert conn.execute("SELECT max(version) FROM outbox.schema_version").fetchone() == (1,), "unchanged"
+    done = run_cli("schema", "install", "--dsn", empty_db)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(empty_db) as conn:
+        assert conn.execute("SELECT max(version) FROM outbox.schema_version").fetchone() == (SCHEMA_VERSION,)
+
+
 def test_dead_letters_purge_deletes_only_old_ones_and_asks_first(db: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "relay.yaml", db, sink=tmp_path / "out.jsonl")
     with psycopg.connect(db) as conn:

@@ -251,3 +251,51 @@ def test_postgres_binaries_are_copied_into_a_fresh_private_directory(
     assert root.name.startswith("outbox-relay-pginstall-") and root != planted
     assert root.stat().st_uid == os.geteuid() and root.stat().st_mode & 0o022 == 0
     shutil.rmtree(root)
+
+
+def test_a_failover_to_a_read_only_database_is_survived_and_left_when_writable(db: str, tmp_path: Path) -> None:
+    # After a failover to a read-only node (here: the database turned read-only and its
+    # sessions ended), every statement of the relay's sessions fails. The relay must keep
+    # reconnecting, not die into a crash loop, and deliver once the database takes
+    # writes again.
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tests.acceptance.cli import read_jsonl, write_config
+
+    sink = tmp_path / "out.jsonl"
+    config = write_config(tmp_path / "relay.yaml", db, sink=sink)
+    database = sql.Identifier(str(conninfo_to_dict(db)["dbname"]))
+    relay = RelayProcess(config)
+    try:
+        relay.wait_started()
+        with psycopg.connect(db, autocommit=True) as admin:
+            admin.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(database))
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with psycopg.connect(db, options="-c default_transaction_read_only=off") as writer:
+            for n in range(5):
+                enqueue(writer, "orders", {"n": n}, key="k")
+            writer.commit()
+
+        def refused_for_read_only() -> bool:
+            return any("read-only" in str(event.get("error", "")) for event in relay.logs()
+                       if event.get("event") == "database_connection_lost")
+
+        deadline = time.monotonic() + 60
+        while not refused_for_read_only():
+            assert relay.proc.poll() is None, "the relay died on a read-only database"
+            assert time.monotonic() < deadline, "no read-only refusal logged within 60s"
+            time.sleep(0.1)
+        assert read_jsonl(sink) == [], "nothing can be marked dispatched on a read-only node"
+        assert relay.proc.poll() is None
+        with psycopg.connect(db, autocommit=True, options="-c default_transaction_read_only=off") as admin:
+            admin.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(database))
+        deadline = time.monotonic() + 60
+        while len(read_jsonl(sink)) < 5:
+            assert time.monotonic() < deadline, "not delivered once the database took writes again"
+            time.sleep(0.1)
+        assert [line["payload"]["n"] for line in read_jsonl(sink)] == [0, 1, 2, 3, 4]
+        assert relay.terminate() == 0
+    finally:
+        relay.close()

@@ -249,3 +249,45 @@ def test_every_schema_name_length_either_notifies_or_is_refused_up_front(empty_d
         found = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 's%'").fetchone()
     assert (installed, refused) == (50, 13)
     assert found == (50,), "nothing was created for a refused name"
+
+
+async def test_roles_work_in_a_database_that_revoked_everything_from_public(empty_db: str) -> None:
+    # A hardened database: no CONNECT, no use of schema public and no EXECUTE on new
+    # functions for PUBLIC. The grant files alone (plus the CONNECT a DBA gives each
+    # login) must let the producer enqueue every way the README shows, headers included,
+    # and the relay deliver.
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    suffix = str(conninfo_to_dict(empty_db)["dbname"])[-8:]
+    producer, relay = f"app_{suffix}", f"relay_{suffix}"
+    database = sql.Identifier(str(conninfo_to_dict(empty_db)["dbname"]))
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
+        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database))
+        schema_manager.install(conn, "outbox")
+        for role, kind in ((producer, "producer"), (relay, "relay")):
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, sql.Identifier(role)))
+            conn.execute(sqlfiles.grants(kind, "outbox", role))
+        public_execute = conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'outbox'::regnamespace "
+            "AND has_function_privilege('public', oid, 'EXECUTE')").fetchone()
+        assert public_execute == (0,), "the revocation took: PUBLIC may execute none of the schema's functions"
+    try:
+        with psycopg.connect(make_conninfo(empty_db, user=producer, password="pw")) as conn:
+            enqueue(conn, "t", {"n": 1}, key="k", headers={"trace": "a"})
+            conn.execute("SELECT outbox.enqueue('t', 'k', '{\"n\": 2}', '{\"trace\": \"b\"}')")
+            conn.execute("INSERT INTO outbox.messages (topic, key, payload, headers) "
+                         "VALUES ('t', 'k', '{\"n\": 3}', '{\"trace\": \"c\"}')")
+            conn.commit()
+        fake = FakeAdapter()
+        relay_dsn = make_conninfo(empty_db, user=relay, password="pw")
+        async with running_relay(make_config(relay_dsn), {"main": fake}):
+            await wait_until(lambda: len(fake.delivered) == 3)
+        assert [dict(out.message.headers)["trace"] for out in fake.delivered] == ["a", "b", "c"]
+    finally:
+        with psycopg.connect(empty_db, autocommit=True) as conn:
+            for role in (producer, relay):
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
