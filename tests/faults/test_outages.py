@@ -187,8 +187,9 @@ async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: 
     check_delivery(received, ledger, max_duplicates=10 * BATCH * WORKERS)
 
 
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
 async def test_sigterm_during_a_kafka_outage_exits_within_the_shutdown_timeout(
-        db: str, own_kafka: LocalBroker, tmp_path: Path) -> None:
+        db: str, own_kafka: LocalBroker, tmp_path: Path, client: str) -> None:
     # The producer holds records it cannot deliver (idempotence: forever); closing it
     # must not wait for them, or the relay never exits while the broker is away.
     bootstrap = f"127.0.0.1:{own_kafka.port}"
@@ -196,7 +197,7 @@ async def test_sigterm_during_a_kafka_outage_exits_within_the_shutdown_timeout(
     await kafka_create_topic(bootstrap, topic)
     shutdown_timeout = 3.0
     config = relay_config(tmp_path / "relay.yaml", db,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
+                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
                           [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
                           publish_timeout="2s", shutdown_timeout=f"{shutdown_timeout}s")
     relay = RelayProcess(config)

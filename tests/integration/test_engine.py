@@ -454,3 +454,18 @@ async def test_prepare_threshold_null_means_no_server_side_prepared_statements(d
             assert await cur.fetchone() == (0,)
         finally:
             await conn.close()
+
+
+async def test_a_worker_session_is_ended_by_postgres_after_the_limit_the_readme_states(db: str) -> None:
+    # README, "Failure modes": a relay that hangs mid-batch has its session ended after
+    # 2 x publish_timeout + 30s idle in transaction (a batch starts no wave after
+    # publish_timeout and a wave lasts at most that long). The worker sessions carry it.
+    from outbox_relay.engine.relay import Relay
+
+    relay = Relay(make_config(db, publish_timeout="7s"), {"main": FakeAdapter()})
+    conn = await relay._connect_worker()
+    try:
+        row = await (await conn.execute("SHOW idle_in_transaction_session_timeout")).fetchone()
+    finally:
+        await conn.close()
+    assert row == ("44s",), row  # 2 x 7 s + 30 s
