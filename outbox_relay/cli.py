@@ -299,3 +299,9 @@ def demo(orders: int, rollback_every: int, dsn: str | None) -> None:
 
     configure_logging("warning")
     sys.exit(run_demo(orders=orders, rollback_every=rollback_every, dsn=dsn))
+
+
+# The consumer inbox lives in its own package (outbox_relay/inbox/), its commands too.
+from outbox_relay.inbox.cli import inbox_group  # noqa: E402
+
+main.add_command(inbox_group)
