@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, write_path
+from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, replay_cost, write_path
 from benchmarks.common import ratio_rows
 from outbox_relay.logging_setup import configure
 
@@ -37,6 +37,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": env.machine(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
                                "messages": args.messages}
     with env.provisioned() as svc:
+        if args.replay_only:
+            _step("replay: copy cost")
+            results["replay"] = await asyncio.to_thread(replay_cost.measure, svc.dsn, rows=args.replay_rows)
+            return results
         if args.matrix_only or not args.skip_matrix:
             results["matrix"] = await matrix.run(svc.dsn, svc.kafka, svc.amqp, small=args.small, large=args.large,
                                                  held_back=args.held_back, runs=args.runs)
@@ -97,6 +101,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [matrix.table(results["matrix"]), ""] if "matrix" in results else []
+    if "replay" in results:
+        lines += [replay_cost.table(results["replay"]), ""]
     if "ratios" not in results:
         return "\n".join(lines)
     lines += ratio_rows("measure", results["ratios"], TARGETS.get)
@@ -136,6 +142,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="the matrix takes the median of this many runs")
     parser.add_argument("--skip-matrix", action="store_true")
     parser.add_argument("--matrix-only", action="store_true")
+    parser.add_argument("--replay-only", action="store_true", help="only the replay's cost (benchmarks/replay_cost.py)")
+    parser.add_argument("--replay-rows", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
     configure("warning")

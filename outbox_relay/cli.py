@@ -12,6 +12,7 @@ import functools
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ import psycopg
 
 from outbox_relay import config as config_module
 from outbox_relay import dead_letters, schema_manager, sqlfiles, status
+from outbox_relay import replay as replay_module
 from outbox_relay.durations import parse_duration
 from outbox_relay.engine.connect import connect_sync
 from outbox_relay.errors import OutboxRelayError, SchemaError
@@ -281,6 +283,100 @@ def dead_letters_purge(config_path: Path, older_than: str, topic: str | None, ye
             click.confirm(f"Delete {count} dead letter(s) for good{released}?", abort=True)
         deleted = dead_letters.purge(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
     click.echo(f"deleted {deleted} dead letter(s){released}")
+
+
+# -- replay --------------------------------------------------------------------------------
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--topic", help="Only topics matching this glob.")
+@click.option("--key", help="Only messages with this key.")
+@click.option("--since", help="Enqueued at or after this time (ISO 8601) or this long ago (2h).")
+@click.option("--until", help="Enqueued before this time (ISO 8601) or this long ago.")
+@click.option("--message-id", "message_ids", multiple=True, help="Only this message (repeatable).")
+@click.option("--all", "everything", is_flag=True, help="Every dispatched message still kept (no filter).")
+@click.option("--dry-run", is_flag=True, help="Say what would be replayed, and change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--again", is_flag=True, help="Replay a selection that was replayed before.")
+@click.option("--resume", "resume_id", type=int, help="Finish replay N, stopped before it was done.")
+@click.option("--chunk", default=replay_module.DEFAULT_CHUNK, show_default=True, type=click.IntRange(1, 100_000),
+              help="Rows copied per transaction.")
+@click.option("--rate", type=click.FloatRange(min=0.001), help="At most this many messages per second.")
+@one_line_errors
+def replay(config_path: Path, topic: str | None, key: str | None, since: str | None, until: str | None,
+           message_ids: tuple[str, ...], everything: bool, dry_run: bool, yes: bool, again: bool,
+           resume_id: int | None, chunk: int, rate: float | None) -> None:
+    """Publish dispatched messages again (those retention still keeps).
+
+    Copies go to the tail of the outbox with their message id and the header
+    outbox-replay-id; the relay publishes them like any message, in per-key order.
+    """
+    selection = replay_module.Selection(
+        topic=topic, key=key,
+        since=replay_module.parse_time(since, "--since") if since else None,
+        until=replay_module.parse_time(until, "--until") if until else None,
+        message_ids=replay_module.parse_message_ids(message_ids),
+    )
+    if resume_id is not None and not selection.empty:
+        raise click.UsageError("--resume takes no filter: the replay keeps the selection it was started with")
+    if resume_id is None and selection.empty and not everything:
+        raise click.UsageError("choose what to replay (--topic, --key, --since, --until, --message-id) or pass --all")
+    cfg = _load(config_path)
+    schema_name = cfg.database.schema_name
+    with _connect(cfg.database.dsn.get_secret_value()) as conn:
+        _require_schema(conn, schema_name)
+        if resume_id is not None:
+            recorded = replay_module.get(conn, schema_name, resume_id)
+            if recorded.finished:
+                click.echo(f"replay #{resume_id} is already done: {recorded.copied} message(s) copied")
+                return
+            replay_id, total = resume_id, recorded.total
+            click.echo(f"resuming replay #{replay_id}: {recorded.copied} of {total} copied so far")
+        else:
+            chosen = replay_module.plan(conn, schema_name, selection)
+            listing = ", ".join(f"{name}: {n}" for name, n in chosen.by_topic.items())
+            click.echo(f"{chosen.total} message(s) to replay" + (f" ({listing})" if listing else ""))
+            if chosen.previous is not None and not again:
+                previous_id, when, finished = chosen.previous
+                hint = "" if finished else f"; it did not finish: --resume {previous_id} completes it"
+                raise click.UsageError(f"this selection was replayed before (#{previous_id} at "
+                                       f"{when:%Y-%m-%d %H:%M:%S %Z}){hint}; pass --again to replay it once more")
+            if dry_run or chosen.total == 0:
+                if chosen.total == 0:
+                    click.echo("nothing to replay")
+                return
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise click.UsageError(f"{chosen.total} message(s) would be replayed; pass --yes to confirm")
+                click.confirm(f"Replay {chosen.total} message(s)?", abort=True)
+            replay_id, total = replay_module.begin(conn, schema_name, chosen), chosen.total
+            click.echo(f"replay #{replay_id} started")
+        copied = _copy_with_progress(conn, schema_name, replay_id, total, chunk, rate)
+    click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox; the relay publishes them")
+
+
+def _copy_with_progress(conn: psycopg.Connection[Any], schema_name: str, replay_id: int, total: int,
+                        chunk: int, rate: float | None) -> int:
+    """A progress bar on a terminal; otherwise a line at most every 5 s."""
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label=f"replay #{replay_id}", file=sys.stderr) as bar:
+            shown = 0
+
+            def advance(copied: int) -> None:
+                nonlocal shown
+                bar.update(copied - shown)
+                shown = copied
+
+            return replay_module.copy(conn, schema_name, replay_id, chunk=chunk, rate=rate, progress=advance)
+    last = 0.0
+
+    def report(copied: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= 5:
+            last = time.monotonic()
+            click.echo(f"replay #{replay_id}: {copied} of {total} copied", err=True)
+
+    return replay_module.copy(conn, schema_name, replay_id, chunk=chunk, rate=rate, progress=report)
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from outbox_relay.replay import describe
 from outbox_relay.sqlfiles import Queries
 
 LIVE_RELAY_S = 30.0
@@ -32,6 +33,17 @@ class RelayInfo:
 
 
 @dataclass
+class ReplayInfo:
+    replay_id: int
+    requested_by: str
+    requested_at: str
+    selection: dict[str, Any]
+    total: int
+    copied: int
+    finished: bool
+
+
+@dataclass
 class Status:
     schema: str
     pending: int
@@ -41,6 +53,7 @@ class Status:
     oldest_pending_age_s: float | None
     topics: list[TopicStatus] = field(default_factory=list)
     relays: list[RelayInfo] = field(default_factory=list)
+    replays: list[ReplayInfo] = field(default_factory=list)  # the last ten, newest first
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +70,7 @@ def read(conn: psycopg.Connection[Any], schema: str) -> Status:
         topics = cur.execute(q["status_by_topic"]).fetchall()
         dispatched = cur.execute(q["status_dispatched"]).fetchone() or {}
         relays = cur.execute(q["status_relays"]).fetchall()
+        replays = cur.execute(q["status_replays"]).fetchall()
     conn.rollback()
     infos = [
         RelayInfo(
@@ -81,6 +95,11 @@ def read(conn: psycopg.Connection[Any], schema: str) -> Status:
             for t in topics
         ],
         relays=infos,
+        replays=[
+            ReplayInfo(int(r["replay_id"]), r["requested_by"], r["requested_at"].isoformat(), r["selection"],
+                       int(r["total"]), int(r["copied"]), r["finished_at"] is not None)
+            for r in replays
+        ],
     )
 
 
@@ -107,4 +126,11 @@ def render(status: Status) -> str:
     for r in live:
         lines.append(f"    {r.relay_id} {r.hostname} pid {r.pid}: {r.in_flight} in flight, "
                      f"heartbeat {r.heartbeat_age_s:.0f}s ago")
+    if status.replays:
+        lines.append("")
+        lines.append("  replays (newest first)")
+        for p in status.replays:
+            state = "done" if p.finished else "not finished (outbox-relay replay --resume N)"
+            lines.append(f"    #{p.replay_id} {p.requested_at[:19]} by {p.requested_by}: {describe(p.selection)}; "
+                         f"{p.copied} of {p.total} copied, {state}")
     return "\n".join(lines)

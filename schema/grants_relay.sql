@@ -10,3 +10,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.
 GRANT EXECUTE ON FUNCTION {schema}.note_skipped_wakeup() TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.skipped_wakeups() TO {role};
+-- `outbox-relay replay` (run with the relay's config) copies dispatched messages to the
+-- tail of the outbox and records the replay: INSERT of the copied columns only, the
+-- headers domain's check function, and the replays table.
+GRANT INSERT (message_id, topic, key, payload, content_type, headers) ON {schema}.messages TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
+GRANT SELECT, INSERT, UPDATE ON {schema}.replays TO {role};

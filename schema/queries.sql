@@ -292,3 +292,72 @@ WHERE id IN (SELECT id FROM {schema}.messages
                AND dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
                AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
              LIMIT 1000);
+
+-- Replays (`outbox-relay replay`, outbox_relay/replay.py). The selection: dispatched
+-- rows, not copies made by an earlier replay, enqueued before the replay began, that
+-- match every filter given (a NULL filter matches all).
+
+-- name: replay_max_source_id
+SELECT coalesce(max(id), 0), clock_timestamp() FROM {schema}.messages;
+
+-- name: replay_count
+SELECT topic, count(*) FROM {schema}.messages
+WHERE id > %(cursor)s AND id <= %(max_id)s AND dispatched_at <= %(as_of)s
+  AND NOT (headers ? 'outbox-replay-id')
+  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+  AND (%(key)s::text IS NULL OR key = %(key)s)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s)
+  AND (%(message_ids)s::uuid[] IS NULL OR message_id = ANY(%(message_ids)s))
+GROUP BY topic ORDER BY topic;
+
+-- name: replay_copy_chunk
+-- One chunk, in its own short transaction: copies the next rows of the selection to
+-- the tail of the outbox (new ids, so per-key order puts them after everything
+-- enqueued before them), in source order, and moves the replay's cursor with them.
+WITH source AS (
+    SELECT id, message_id, topic, key, payload, content_type, headers FROM {schema}.messages
+    WHERE id > %(cursor)s AND id <= %(max_id)s AND dispatched_at <= %(as_of)s
+      AND NOT (headers ? 'outbox-replay-id')
+      AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+      AND (%(key)s::text IS NULL OR key = %(key)s)
+      AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+      AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s)
+      AND (%(message_ids)s::uuid[] IS NULL OR message_id = ANY(%(message_ids)s))
+    ORDER BY id
+    LIMIT %(chunk)s
+), copies AS (
+    INSERT INTO {schema}.messages (message_id, topic, key, payload, content_type, headers)
+    SELECT message_id, topic, key, payload, content_type,
+           headers || jsonb_build_object('outbox-replay-id', %(replay_id)s::text)
+    FROM source ORDER BY id
+    RETURNING 1
+)
+UPDATE {schema}.replays
+SET copied = copied + (SELECT count(*) FROM copies),
+    cursor_id = coalesce((SELECT max(id) FROM source), %(max_id)s),
+    finished_at = CASE WHEN (SELECT count(*) FROM source) < %(chunk)s THEN now() END
+WHERE replay_id = %(replay_id)s AND cursor_id = %(cursor)s
+RETURNING copied, cursor_id, finished_at IS NOT NULL AS finished;
+
+-- name: replay_begin
+INSERT INTO {schema}.replays (requested_by, selection, max_source_id, as_of, total)
+VALUES (%(requested_by)s, %(selection)s, %(max_id)s, %(as_of)s, %(total)s)
+RETURNING replay_id;
+
+-- name: replay_get
+SELECT replay_id, requested_by, requested_at, selection, max_source_id, total, copied, cursor_id, finished_at
+FROM {schema}.replays WHERE replay_id = %(replay_id)s;
+
+-- name: replay_same_selection
+SELECT replay_id, requested_at, finished_at FROM {schema}.replays
+WHERE selection = %(selection)s ORDER BY replay_id DESC LIMIT 1;
+
+-- name: status_replays
+SELECT replay_id, requested_by, requested_at, selection, total, copied, finished_at
+FROM {schema}.replays ORDER BY replay_id DESC LIMIT 10;
+
+-- name: replay_lock
+-- Taken first in each chunk's transaction: one process copies a replay at a time.
+SELECT cursor_id, max_source_id, as_of, finished_at IS NOT NULL FROM {schema}.replays
+WHERE replay_id = %(replay_id)s FOR UPDATE NOWAIT;

@@ -111,6 +111,30 @@ CREATE TABLE {schema}.relays (
     in_flight integer NOT NULL DEFAULT 0
 );
 
+-- `outbox-relay replay` re-publishes dispatched messages by copying them to the tail of
+-- the outbox (same message id, a header naming the replay), chunk by chunk; each replay
+-- is recorded here (who, when, what, how far): visible in `status`, resumable after a
+-- crash, never repeated by accident.
+CREATE TABLE {schema}.replays (
+    replay_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    requested_by text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    -- The selection as given (topic glob, key, since, until, message ids): a replay of
+    -- the same selection again needs --again.
+    selection jsonb NOT NULL,
+    -- Source rows with an id above this were enqueued after the replay began (copies
+    -- included): never selected, so a replay cannot feed on its own copies.
+    max_source_id bigint NOT NULL,
+    -- Rows dispatched after this (when the selection was counted) are not selected:
+    -- what the replay copies is what it counted.
+    as_of timestamptz NOT NULL,
+    total bigint NOT NULL,
+    copied bigint NOT NULL DEFAULT 0,
+    -- The last source id copied: each chunk moves it in the chunk's transaction.
+    cursor_id bigint NOT NULL DEFAULT 0,
+    finished_at timestamptz
+);
+
 -- Wakes the relay. NOTIFY takes a database-wide lock at commit, which serializes every
 -- notifying committer, so the notification is coalesced twice over:
 -- - the trigger is deferred to commit time and Postgres folds identical notifications

@@ -25,25 +25,27 @@ class Received:
     properties: dict[str, Any] = field(default_factory=dict)
 
 
-async def kafka_read(bootstrap: str, topic: str, count: int, *, timeout: float = 30.0) -> list[Received]:
+async def kafka_read(bootstrap: str, topic: str, count: int, *, timeout: float = 30.0,
+                     distinct: bool = True) -> list[Received]:
     """Read `topic` from the beginning until `count` distinct messages (by message-id
     header; records without one count each) arrived or `timeout` passed. Duplicates
-    do not count, so a test that allows them still reads every message."""
+    do not count, so a test that allows them still reads every message.
+    `distinct=False`: until `count` records arrived, copies included."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
         group_id=None, metadata_max_age_ms=1000,
     )
     await consumer.start()
     received: list[Received] = []
-    distinct: set[str | tuple[int, int]] = set()
+    seen: set[str | tuple[int, int]] = set()
     try:
         deadline = time.monotonic() + timeout
-        while len(distinct) < count and time.monotonic() < deadline:
+        while (len(seen) if distinct else len(received)) < count and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():
                 for record in records:
                     headers = {k: v.decode() for k, v in record.headers}
-                    distinct.add(headers.get("message-id") or (record.partition, record.offset))
+                    seen.add(headers.get("message-id") or (record.partition, record.offset))
                     received.append(Received(
                         message_id=headers.get("message-id", ""),
                         key=record.key.decode() if record.key is not None else None,

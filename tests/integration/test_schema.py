@@ -286,6 +286,12 @@ async def test_roles_work_in_a_database_that_revoked_everything_from_public(empt
         async with running_relay(make_config(relay_dsn), {"main": fake}):
             await wait_until(lambda: len(fake.delivered) == 3)
         assert [dict(out.message.headers)["trace"] for out in fake.delivered] == ["a", "b", "c"]
+        # `replay` runs with the relay's config, so under the relay's role too.
+        from outbox_relay import replay
+
+        with psycopg.connect(relay_dsn) as conn:
+            chosen = replay.plan(conn, "outbox", replay.Selection(key="k"))
+            assert replay.copy(conn, "outbox", replay.begin(conn, "outbox", chosen)) == 3
     finally:
         with psycopg.connect(empty_db, autocommit=True) as conn:
             for role in (producer, relay):

@@ -1,0 +1,235 @@
+"""`outbox-relay replay`: publish again messages that were already dispatched.
+
+A replay copies the selected rows to the tail of the outbox: same message id (consumers
+deduplicate, or reprocess, as they choose), same topic, key, payload and headers, plus
+the header ``outbox-replay-id``. The relay then publishes the copies like any message:
+routing, retries, dead letters, and per-key order by id, so a copy goes after every
+message of its key enqueued before it was made and before every one enqueued after.
+
+Why copies rather than marking the original rows pending again: an original row keeps
+its old id, so it would jump ahead of its key's newer pending messages; and retention
+or a second replay would see one row with two histories.
+
+The copy runs chunk by chunk, each chunk its own short transaction that also moves the
+replay's cursor (a row in ``replays``): no long transaction holds back vacuum, and a
+replay killed mid-way resumes where its last chunk committed, copying nothing twice.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from outbox_relay.dead_letters import glob_to_regex
+from outbox_relay.durations import parse_duration
+from outbox_relay.errors import ConfigError, DatabaseError
+from outbox_relay.sqlfiles import Queries
+
+REPLAY_HEADER = "outbox-replay-id"
+DEFAULT_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dispatched messages a replay copies; a filter left None matches all."""
+
+    topic: str | None = None
+    key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    message_ids: tuple[UUID, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return (self.topic, self.key, self.since, self.until) == (None, None, None, None) and not self.message_ids
+
+    def as_json(self) -> dict[str, Any]:
+        """The selection as recorded: a replay of an equal selection again needs --again."""
+        return {
+            "topic": self.topic,
+            "key": self.key,
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "message_ids": sorted(str(m) for m in self.message_ids),
+        }
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "topic_regex": glob_to_regex(self.topic) if self.topic else None,
+            "key": self.key,
+            "since": self.since,
+            "until": self.until,
+            "message_ids": list(self.message_ids) or None,
+        }
+
+
+def parse_time(text: str, option: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (with an offset, or UTC if none) or a duration ago ("2h")."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            ago = parse_duration(text)
+        except ValueError:
+            raise ConfigError(
+                f"{option} {text!r}: give an ISO 8601 time (2026-11-22T08:00:00+00:00) or a duration ago (2h)"
+            ) from None
+        return (now or datetime.now(UTC)) - timedelta(seconds=ago)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def parse_message_ids(values: Sequence[str]) -> tuple[UUID, ...]:
+    ids = []
+    for value in values:
+        try:
+            ids.append(UUID(value))
+        except ValueError:
+            raise ConfigError(f"--message-id {value!r} is not a UUID") from None
+    return tuple(ids)
+
+
+@dataclass
+class Plan:
+    """What a replay of a selection would copy, counted before anything is written."""
+
+    selection: Selection
+    max_source_id: int
+    as_of: datetime
+    by_topic: dict[str, int] = field(default_factory=dict)
+    previous: tuple[int, datetime, bool] | None = None  # (id, requested at, finished) of an equal selection
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_topic.values())
+
+
+@dataclass(frozen=True)
+class Replay:
+    replay_id: int
+    requested_by: str
+    requested_at: datetime
+    selection: dict[str, Any]
+    total: int
+    copied: int
+    finished: bool
+
+
+def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Plan:
+    """Count what `selection` matches now; nothing is written."""
+    q = Queries(schema)
+    row = conn.execute(q["replay_max_source_id"]).fetchone()
+    assert row is not None
+    max_id, as_of = int(row[0]), row[1]
+    params = {**selection.params(), "cursor": 0, "max_id": max_id, "as_of": as_of}
+    counts = conn.execute(q["replay_count"], params).fetchall()
+    same = conn.execute(q["replay_same_selection"], {"selection": Jsonb(selection.as_json())}).fetchone()
+    conn.rollback()
+    previous = (int(same[0]), same[1], same[2] is not None) if same else None
+    return Plan(selection, max_id, as_of, {str(topic): int(n) for topic, n in counts}, previous)
+
+
+def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:
+    """Record the replay (nothing is copied yet); returns its id."""
+    with conn.transaction():
+        row = conn.execute(Queries(schema)["replay_begin"], {
+            "requested_by": _requester(conn),
+            "selection": Jsonb(chosen.selection.as_json()),
+            "max_id": chosen.max_source_id,
+            "as_of": chosen.as_of,
+            "total": chosen.total,
+        }).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _requester(conn: psycopg.Connection[Any]) -> str:
+    """Who asks: the operating-system user and host, and the database role."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = f"uid {os.getuid()}"
+    row = conn.execute("SELECT current_user").fetchone()
+    return f"{user}@{socket.gethostname()} as {row[0] if row else '?'}"
+
+
+def get(conn: psycopg.Connection[Any], schema: str, replay_id: int) -> Replay:
+    row = conn.execute(Queries(schema)["replay_get"], {"replay_id": replay_id}).fetchone()
+    conn.rollback()
+    if row is None:
+        raise ConfigError(f"no replay #{replay_id} (see `outbox-relay status`)")
+    return Replay(int(row[0]), row[1], row[2], row[3], int(row[5]), int(row[6]), row[8] is not None)
+
+
+def copy(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    replay_id: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Copy the replay's selection from where it stands, chunk by chunk; returns how
+    many rows it holds copied in all. `rate`: at most this many rows per second."""
+    q = Queries(schema)
+    recorded = conn.execute(q["replay_get"], {"replay_id": replay_id}).fetchone()
+    conn.rollback()
+    if recorded is None:
+        raise ConfigError(f"no replay #{replay_id} (see `outbox-relay status`)")
+    selection = _selection_from(recorded[3])
+    started = time.monotonic()
+    copied_now = 0
+    while True:
+        try:
+            with conn.transaction():
+                lock = conn.execute(q["replay_lock"], {"replay_id": replay_id}).fetchone()
+                assert lock is not None
+                cursor, max_id, as_of, finished = int(lock[0]), int(lock[1]), lock[2], bool(lock[3])
+                if finished:
+                    return int(recorded[6]) + copied_now
+                row = conn.execute(q["replay_copy_chunk"], {
+                    **selection.params(), "replay_id": replay_id, "cursor": cursor, "max_id": max_id,
+                    "as_of": as_of, "chunk": chunk,
+                }).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            raise DatabaseError(f"replay #{replay_id} is being copied by another process right now") from None
+        assert row is not None
+        total_copied, _, finished = int(row[0]), int(row[1]), bool(row[2])
+        copied_now = total_copied - int(recorded[6])
+        if progress is not None:
+            progress(total_copied)
+        if finished:
+            return total_copied
+        if rate:
+            # Throttle: the copies so far may not have taken less than copied / rate.
+            ahead = copied_now / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def _selection_from(recorded: dict[str, Any]) -> Selection:
+    return Selection(
+        topic=recorded.get("topic"),
+        key=recorded.get("key"),
+        since=datetime.fromisoformat(recorded["since"]) if recorded.get("since") else None,
+        until=datetime.fromisoformat(recorded["until"]) if recorded.get("until") else None,
+        message_ids=tuple(UUID(m) for m in recorded.get("message_ids") or ()),
+    )
+
+
+def describe(selection: dict[str, Any]) -> str:
+    """A recorded selection in one line, for humans."""
+    parts = [f"{name}={json.dumps(value) if not isinstance(value, str) else value}"
+             for name, value in selection.items() if value not in (None, [], "")]
+    return " ".join(parts) or "everything retained"

@@ -1,0 +1,228 @@
+"""`outbox-relay replay`, through the real CLI and a real relay process (file sink)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox_relay import enqueue
+from tests.acceptance.cli import RelayProcess, exe, read_jsonl, run_cli, write_config
+
+HEADER = "outbox-replay-id"
+
+
+def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        time.sleep(0.05)
+
+
+def dispatched(db: str) -> int:
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
+    return row[0] if row else 0
+
+
+def pending(db: str) -> int:
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL").fetchone()
+    return row[0] if row else -1
+
+
+def replays_in(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in lines if HEADER in line["headers"]]
+
+
+def seed(db: str) -> dict[str, list[str]]:
+    """Orders for two keys, emails without key, and an old order (ten days ago)."""
+    ids: dict[str, list[str]] = {"orders.k1": [], "orders.k2": [], "emails": [], "old": []}
+    with psycopg.connect(db) as conn:
+        for n in range(6):
+            ids["orders.k1"].append(str(enqueue(conn, "orders.created", {"n": n}, key="k1")))
+            ids["orders.k2"].append(str(enqueue(conn, "orders.created", {"n": n}, key="k2")))
+            ids["emails"].append(str(enqueue(conn, "emails.sent", {"n": n})))
+        old = enqueue(conn, "orders.created", {"n": "old"}, key="k3")
+        conn.execute("UPDATE outbox.messages SET created_at = now() - interval '10 days' WHERE message_id = %s",
+                     (old,))
+        ids["old"].append(str(old))
+        conn.commit()
+    return ids
+
+
+@pytest.fixture
+def relayed(db: str, tmp_path: Path) -> Any:
+    """A relay running with a file sink, after the seed messages were delivered."""
+    sink = tmp_path / "out.jsonl"
+    config = write_config(tmp_path / "relay.yaml", db, sink=sink)
+    ids = seed(db)
+    relay = RelayProcess(config)
+    try:
+        relay.wait_started()
+        wait_for(lambda: dispatched(db) == 19, what="the seed delivered")
+        yield config, sink, ids, relay
+    finally:
+        relay.close()
+
+
+def replay(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("replay", "--config", str(config), *args)
+
+
+def test_replay_by_topic_key_and_time_publishes_copies_with_the_same_ids(db: str, relayed: Any) -> None:
+    config, sink, ids, _relay = relayed
+    by_topic = replay(config, "--topic", "emails.*", "--yes")
+    assert by_topic.returncode == 0, by_topic.stderr
+    assert "6 message(s) to replay (emails.sent: 6)" in by_topic.stdout and "replay #1 done" in by_topic.stdout
+    wait_for(lambda: len(replays_in(read_jsonl(sink))) == 6, what="the emails replayed")
+    copies = replays_in(read_jsonl(sink))
+    assert [c["message_id"] for c in copies] == ids["emails"], "same ids, in enqueue order"
+    assert {c["headers"][HEADER] for c in copies} == {"1"}
+
+    by_key = replay(config, "--key", "k2", "--yes")
+    assert by_key.returncode == 0 and "6 message(s) to replay" in by_key.stdout, by_key.stdout + by_key.stderr
+    wait_for(lambda: len(replays_in(read_jsonl(sink))) == 12, what="key k2 replayed")
+    assert [c["message_id"] for c in replays_in(read_jsonl(sink))[6:]] == ids["orders.k2"]
+
+    # Time range: only the order enqueued ten days ago lies before 5 days ago.
+    by_time = replay(config, "--until", "5d", "--since", "2000-01-01T00:00:00+00:00", "--yes")
+    assert by_time.returncode == 0 and "1 message(s) to replay" in by_time.stdout, by_time.stdout + by_time.stderr
+    wait_for(lambda: len(replays_in(read_jsonl(sink))) == 13, what="the old order replayed")
+    last = replays_in(read_jsonl(sink))[-1]
+    assert last["message_id"] == ids["old"][0] and last["headers"][HEADER] == "3"
+
+    # Copies are never replayed again: the emails' selection now matches only originals.
+    repeat = replay(config, "--topic", "emails.*", "--yes")
+    assert repeat.returncode == 2 and "replayed before (#1" in repeat.stderr and "--again" in repeat.stderr
+    again = replay(config, "--topic", "emails.*", "--yes", "--again")
+    assert again.returncode == 0 and "6 message(s) to replay" in again.stdout, again.stdout + again.stderr
+
+    status = run_cli("status", "--config", str(config), "--json")
+    recorded = json.loads(status.stdout)["replays"]
+    assert [(r["replay_id"], r["total"], r["copied"], r["finished"]) for r in recorded] == [
+        (4, 6, 6, True), (3, 1, 1, True), (2, 6, 6, True), (1, 6, 6, True)]
+    assert recorded[-1]["selection"]["topic"] == "emails.*" and " as " in recorded[-1]["requested_by"]
+    text = run_cli("status", "--config", str(config)).stdout
+    assert "#1 " in text and "topic=emails.*" in text and "6 of 6 copied, done" in text
+
+
+def test_dry_run_and_refusals_change_nothing(db: str, relayed: Any) -> None:
+    config, _sink, _ids, _relay = relayed
+    dry = replay(config, "--topic", "orders.*", "--dry-run")
+    assert dry.returncode == 0 and "13 message(s) to replay (orders.created: 13)" in dry.stdout, dry.stdout
+    unasked = replay(config, "--topic", "orders.*")
+    assert unasked.returncode == 2 and "13 message(s) would be replayed; pass --yes" in unasked.stderr
+    nothing = replay(config)
+    assert nothing.returncode == 2 and "choose what to replay" in nothing.stderr
+    for bad, says in [(["--since", "yesterday"], "--since 'yesterday'"),
+                      (["--message-id", "not-a-uuid"], "--message-id 'not-a-uuid' is not a UUID"),
+                      (["--resume", "1", "--topic", "x"], "--resume takes no filter"),
+                      (["--resume", "99", "--yes"], "no replay #99")]:
+        out = replay(config, *bad)
+        assert out.returncode != 0 and says in out.stderr, (bad, out.stderr)
+        errors = [line for line in out.stderr.splitlines() if line.lower().startswith("error")]
+        assert len(errors) == 1, out.stderr  # one line that says what is wrong (click adds a usage hint)
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.replays").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (19,)
+
+
+def test_replayed_messages_keep_per_key_order_with_live_traffic(db: str, relayed: Any) -> None:
+    # A writer enqueues key k1 before, during and after the replay of k1. Copies are
+    # enqueued like any writer's messages: they go after every k1 message committed
+    # before the replay, in their original order, and before every k1 message
+    # enqueued after it; a live message whose transaction overlapped a chunk's may go
+    # on either side of that chunk (README, "Replay"), in its own order.
+    config, sink, _ids, _relay = relayed
+    phase = "before"
+    phases: dict[str, str] = {}
+    stop = threading.Event()
+
+    def live() -> None:
+        with psycopg.connect(db) as conn:
+            n = 100
+            while not stop.is_set():
+                started_in = phase
+                message_id = str(enqueue(conn, "orders.created", {"n": n}, key="k1"))
+                conn.commit()
+                phases[message_id] = started_in if started_in == phase else "during"
+                n += 1
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=live)
+    writer.start()
+    try:
+        wait_for(lambda: len(phases) >= 20, what="live traffic before the replay")
+        phase = "during"
+        out = replay(config, "--key", "k1", "--chunk", "2", "--yes")
+        assert out.returncode == 0, out.stderr
+        phase = "after"
+        wait_for(lambda: sum(1 for p in phases.values() if p == "after") >= 20, what="live traffic after it")
+    finally:
+        stop.set()
+        writer.join()
+    wait_for(lambda: pending(db) == 0, what="everything delivered")
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT message_id::text, headers ? %s FROM outbox.messages WHERE key = 'k1' ORDER BY id",
+                            (HEADER,)).fetchall()
+    planned = int(out.stdout.split(" message(s) to replay")[0].split()[-1])
+    originals = [m for m, copy in rows if not copy]
+    expected_copies = originals[:planned]  # every k1 message dispatched when the replay began
+    delivered = [(line["message_id"], HEADER in line["headers"]) for line in read_jsonl(sink) if line["key"] == "k1"]
+    copies_at = [i for i, (_, copy) in enumerate(delivered) if copy]
+    assert [delivered[i][0] for i in copies_at] == expected_copies, "copies in their original order"
+    live_order = [m for m, copy in delivered if not copy]
+    assert live_order == originals, "live messages in enqueue order"
+    position = {m: i for i, (m, copy) in enumerate(delivered) if not copy}
+    before = [m for m, p in phases.items() if p == "before"]
+    after = [m for m, p in phases.items() if p == "after"]
+    assert max(position[m] for m in before) < copies_at[0], "a copy went before a message committed before it"
+    assert min(position[m] for m in after) > copies_at[-1], "a message enqueued after the replay went first"
+
+
+def test_a_replay_killed_mid_way_resumes_and_copies_nothing_twice(db: str, relayed: Any) -> None:
+    config, sink, _ids, relay = relayed
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO outbox.messages (topic, key, payload, dispatched_at) "
+                     "SELECT 'bulk.done', 'b' || (n % 50), convert_to('{\"n\":' || n || '}', 'UTF8'), now() "
+                     "FROM generate_series(1, 3000) AS n")
+        conn.commit()
+    command = subprocess.Popen([*exe(), "replay", "--config", str(config), "--topic", "bulk.*", "--yes",
+                                "--chunk", "100", "--rate", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def copied() -> int:
+            with psycopg.connect(db) as conn:
+                row = conn.execute("SELECT coalesce(max(copied), 0) FROM outbox.replays").fetchone()
+            return row[0] if row else 0
+
+        wait_for(lambda: copied() >= 300, what="the replay under way")
+        relay.kill()  # the relay dies too, while it publishes copies
+        command.kill()
+        command.wait(10)
+    finally:
+        if command.poll() is None:
+            command.kill()
+        command.communicate()
+    assert 0 < copied() < 3000, "killed mid-way"
+    restarted = RelayProcess(config)
+    try:
+        restarted.wait_started()
+        resumed = replay(config, "--resume", "1", "--yes")
+        assert resumed.returncode == 0 and "resuming replay #1" in resumed.stdout, resumed.stdout + resumed.stderr
+        assert "3000 message(s) copied" in resumed.stdout, resumed.stdout
+        wait_for(lambda: pending(db) == 0, timeout=90, what="every copy delivered")
+    finally:
+        restarted.close()
+    with psycopg.connect(db) as conn:
+        per_source = conn.execute("SELECT message_id, count(*) FROM outbox.messages WHERE topic = 'bulk.done' "
+                                  "AND headers ? %s GROUP BY message_id", (HEADER,)).fetchall()
+    assert len(per_source) == 3000 and {n for _, n in per_source} == {1}, "each message copied exactly once"
+    published = {line["message_id"] for line in replays_in(read_jsonl(sink)) if line["topic"] == "bulk.done"}
+    assert len(published) == 3000, "every copy published at least once, the relay's kill notwithstanding"
