@@ -1,0 +1,696 @@
+"""The Helm chart (helm/outbox-relay), its example application chart and the plain-YAML
+sidecar example.
+
+- `helm lint --strict` of both charts, with the defaults and every ci/*-values.yaml;
+- `helm template` of every example, each rendered object validated by kubernetes-validate
+  against Kubernetes 1.30 and 1.33 in strict mode (unknown fields fail). Its schemas have
+  no Prometheus Operator CRDs: ServiceMonitor, PodMonitor and PrometheusRule get a
+  structural check here instead (apiVersion, required fields, ports and selectors that
+  match the rendered Service and pods, every expression parsed by promql_parser);
+- the relay.yaml the chart renders is loaded by the relay's own config loader, and its
+  adapters built (so the chart cannot ship a config the relay refuses);
+- every metric name in the dashboard and the alerts is served by a running relay's /metrics;
+- no Secret and no credential is ever rendered, and a literal password is refused;
+- terminationGracePeriodSeconds above relay.shutdown_timeout in every example.
+
+helm comes from scripts/services/helm.sh (built from the Go module proxy on first use, a
+few minutes, then cached): hence the module's larger timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import kubernetes_validate  # type: ignore[import-untyped]
+import promql_parser
+import psycopg
+import pytest
+import yaml
+
+from outbox_relay import enqueue
+from outbox_relay.config import Config, parse
+from outbox_relay.wiring import build_adapters
+from tests.conftest import make_config, running_relay, wait_until
+from tests.deploy.helm_support import (
+    APP_CHART,
+    CHART,
+    CONFIG_MOUNT,
+    CRD_KINDS,
+    DASHBOARD,
+    ENDPOINT_FIELDS,
+    KUBE_VERSIONS,
+    METRIC,
+    MONITOR_SPEC_FIELDS,
+    MONITORING_API,
+    NAMESPACE,
+    PLAIN_SCHEMA_JOB,
+    PLAIN_SIDECAR,
+    RULE_FIELDS,
+    RULE_GROUP_FIELDS,
+    Example,
+    Helm,
+    HelmError,
+    Obj,
+    alert_rules,
+    all_variables,
+    as_promql,
+    dashboard,
+    dashboard_expressions,
+    examples,
+    exposition_names,
+    families_without_samples,
+    install_helm,
+    load_objects,
+    mounted_config,
+    of_kind,
+    one,
+    pod_specs,
+    relay_config_maps,
+    relay_containers,
+    required_variables,
+    strings_in,
+)
+
+# The first test builds helm when it is not cached yet (about 2-3 minutes on 2 cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+EXAMPLES = examples()
+PROMETHEUS_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+APP_DRAIN_SECONDS = 20
+FAKE_DSN = "postgresql://relay:not-a-real-password@db.invalid:5432/app"
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(install_helm(), tmp_path_factory.mktemp("helm-home"))
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: Helm) -> dict[tuple[str, str], list[Obj]]:
+    """Every example rendered for every Kubernetes version: (example name, version) -> objects."""
+    return {(example.name, version): helm.render(example, version)
+            for example in EXAMPLES for version in KUBE_VERSIONS}
+
+
+def renders(rendered: dict[tuple[str, str], list[Obj]]) -> Iterator[tuple[Example, list[Obj]]]:
+    """Each example once (the newest Kubernetes version)."""
+    for example in EXAMPLES:
+        yield example, rendered[(example.name, KUBE_VERSIONS[-1])]
+
+
+def plain_objects() -> list[Obj]:
+    return [*load_objects(PLAIN_SIDECAR.read_text()), *load_objects(PLAIN_SCHEMA_JOB.read_text())]
+
+
+def load_relay_config(text: str, source: str = "relay.yaml") -> Config:
+    """The relay's own loader, with a fake environment for every ${VAR} the text uses."""
+    env = {name: FAKE_DSN if name == "DATABASE_URL" else f"fake-{name.lower()}" for name in all_variables(text)}
+    return parse(text, source=source, env=env)
+
+
+# -- helm lint, helm template ---------------------------------------------------------
+
+def test_the_examples_are_the_expected_ones() -> None:
+    names = {e.name for e in EXAMPLES}
+    assert {"outbox-relay:defaults", "outbox-relay:standalone-values", "outbox-relay:minimal-values",
+            "outbox-relay:sidecar-values", "outbox-relay:existing-configmap-values",
+            "app-chart:defaults"} <= names
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
+def test_helm_lint_strict(helm: Helm, example: Example) -> None:
+    args = ["lint", "--strict", str(example.chart)]
+    if example.values:
+        args += ["--values", str(example.values)]
+    output = helm.run(*args)
+    assert "0 chart(s) failed" in output, output
+    assert "[WARNING]" not in output and "[ERROR]" not in output, output
+
+
+def test_every_example_renders_something(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    for (name, version), objects in rendered.items():
+        assert objects, f"{name} ({version}) rendered nothing"
+        for obj in objects:
+            assert obj.get("apiVersion") and obj.get("kind"), f"{name}: incomplete object {obj}"
+            assert obj.get("metadata", {}).get("name"), f"{name}: unnamed object {obj}"
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_every_rendered_object_is_valid_kubernetes_in_strict_mode(
+    rendered: dict[tuple[str, str], list[Obj]], version: str
+) -> None:
+    """kubernetes-validate --strict: schemas of that version, unknown fields refused."""
+    problems: list[str] = []
+    checked = 0
+    sources = [(e.name, rendered[(e.name, version)]) for e in EXAMPLES] + [("plain examples", plain_objects())]
+    for name, objects in sources:
+        for obj in objects:
+            if obj["kind"] in CRD_KINDS:
+                continue  # not in kubernetes-validate's schemas: see test_monitoring_objects_*
+            label = f"{name}: {obj['kind']}/{obj['metadata'].get('name') or obj['metadata'].get('generateName')}"
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except Exception as exc:  # ValidationError, SchemaNotFoundError: both are failures here
+                problems.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            checked += 1
+    assert not problems, "\n".join(problems)
+    assert checked >= 30
+
+
+def test_kubernetes_validate_strict_mode_catches_an_unknown_field(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    """The validation above is not vacuous: a misspelt field of a native sidecar fails it."""
+    deployment = copy.deepcopy(one(rendered[("app-chart:defaults", "1.30.0")], "Deployment"))
+    deployment["spec"]["template"]["spec"]["initContainers"][0]["restartPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+
+
+# -- the relay's config --------------------------------------------------------------
+
+def test_the_rendered_relay_config_is_accepted_by_the_relays_own_loader(
+    rendered: dict[tuple[str, str], list[Obj]]
+) -> None:
+    loaded = 0
+    for example, objects in renders(rendered):
+        maps = relay_config_maps(objects)
+        if example.values and "existing-configmap" in example.values.name:
+            assert not maps, "with existingConfigMap the chart renders no config of its own"
+            continue
+        assert len(maps) == 1, f"{example.name}: expected one relay ConfigMap, found {sorted(maps)}"
+        for name, text in maps.items():
+            config = load_relay_config(text, source=f"{example.name}/{name}")
+            build_adapters(config)  # the adapters' own option checks, as `outbox-relay run` does
+            assert config.http.enabled and config.http.host == "0.0.0.0"
+            loaded += 1
+    assert loaded >= 5
+
+
+def test_the_relay_pods_read_the_rendered_config_on_the_probed_port_with_its_variables_provided(
+    rendered: dict[tuple[str, str], list[Obj]]
+) -> None:
+    """Each relay container mounts a ConfigMap that exists (or the existing one named), its
+    probes and metrics port are the config's http.port, and every ${VAR} without a default
+    comes from the container's environment."""
+    seen = 0
+    for example, objects in renders(rendered):
+        maps = relay_config_maps(objects)
+        for workload, pod in pod_specs(objects):
+            for container in relay_containers(pod):
+                seen += 1
+                where = f"{example.name}: {workload['kind']}/{workload['metadata']['name']}"
+                name, key = mounted_config(pod, container)
+                if example.values and "existing-configmap" in example.values.name:
+                    assert (name, key) == ("shop-relay-config", "config.yaml"), where
+                    continue
+                assert key == "relay.yaml" and name in maps, f"{where}: mounts {name}/{key}, not a rendered config"
+                config = load_relay_config(maps[name])
+                ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+                assert config.http.port in ports.values(), where
+                probe_port = container["livenessProbe"]["httpGet"]["port"]
+                assert ports[probe_port] == config.http.port, where
+                assert container["livenessProbe"]["httpGet"]["path"] == "/livez", where
+                provided = {e["name"] for e in container.get("env", [])}
+                missing = required_variables(maps[name]) - provided
+                if container.get("envFrom"):
+                    # Keys of an envFrom Secret are not known here; the DSN must still come
+                    # from existingSecret (an explicit secretKeyRef).
+                    missing &= {"DATABASE_URL"}
+                if example.name == "outbox-relay:defaults":
+                    # No Secret configured: NOTES.txt says so (test_notes_warn_...).
+                    assert missing == {"DATABASE_URL"}, where
+                else:
+                    assert not missing, f"{where}: nothing provides {sorted(missing)}"
+                assert {"name": "OUTBOX_RELAY_CONFIG", "value": f"{CONFIG_MOUNT}/relay.yaml"} in container["env"]
+    assert seen >= 5
+
+
+def test_termination_grace_period_exceeds_shutdown_timeout_in_every_example(
+    rendered: dict[tuple[str, str], list[Obj]]
+) -> None:
+    checked = 0
+    sources = [(e.name, rendered[(e.name, KUBE_VERSIONS[-1])]) for e in EXAMPLES]
+    sources.append(("sidecar-plain.yaml", plain_objects()))
+    for name, objects in sources:
+        maps = relay_config_maps(objects)
+        for workload, pod in pod_specs(objects):
+            for container in relay_containers(pod):
+                config_name, _ = mounted_config(pod, container)
+                # An existing ConfigMap is not rendered: the relay's default (30 s) then.
+                shutdown = load_relay_config(maps[config_name]).relay.shutdown_timeout if config_name in maps \
+                    else 30.0
+                grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
+                assert grace > shutdown, f"{name}: {workload['metadata']['name']}: {grace} <= {shutdown}"
+                if container.get("restartPolicy") == "Always":
+                    # A sidecar stops after the application: the pod needs both drains
+                    # (the examples' application drains for 20 s).
+                    assert grace >= APP_DRAIN_SECONDS + shutdown + 15, f"{name}: no room for the application's drain"
+                checked += 1
+    assert checked >= 6
+
+
+def test_the_chart_refuses_a_grace_period_not_above_the_shutdown_timeout(helm: Helm) -> None:
+    with pytest.raises(HelmError) as caught:
+        helm.template(CHART, sets={"config.relay.shutdown_timeout": "1m30s", "terminationGracePeriodSeconds": "90"})
+    assert "terminationGracePeriodSeconds (90) must be above relay.shutdown_timeout (90 s)" in caught.value.stderr
+    objects = helm.template(CHART, sets={"config.relay.shutdown_timeout": "1m30s"})
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 105
+    objects = helm.template(CHART, sets={"config.relay.shutdown_timeout": "1500ms"})
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 17
+    with pytest.raises(HelmError) as caught:
+        helm.template(CHART, sets={"config.relay.shutdown_timeout": "soon"})
+    assert "invalid duration" in caught.value.stderr
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+CREDENTIAL = re.compile(
+    r"://[^/\s:@'\"]+:(?!\$\{)[^/@\s'\"]+@"                     # scheme://user:password@
+    r"|password\s*=\s*(?!\$\{)[^\s'\"]+"                       # password=... in a DSN
+    r"|(?im:^\s*[\"']?[a-z_]*(password|token|secret)[a-z_]*[\"']?\s*:\s*(?!\$\{)[^\s{].*$)"
+)
+
+
+def test_default_values_render_no_secret_and_no_credential_in_any_config_map(
+    rendered: dict[tuple[str, str], list[Obj]]
+) -> None:
+    for example, objects in renders(rendered):
+        assert not of_kind(objects, "Secret"), f"{example.name} renders a Secret"
+        for config_map in of_kind(objects, "ConfigMap"):
+            for key, value in (config_map.get("data") or {}).items():
+                found = CREDENTIAL.search(value)
+                assert not found, f"{example.name}: {config_map['metadata']['name']}/{key}: {found.group(0)!r}"
+    defaults = rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])]
+    (text,) = relay_config_maps(defaults).values()
+    assert yaml.safe_load(text)["database"]["dsn"] == "${DATABASE_URL}"
+    assert "postgresql://" not in text and "postgres://" not in text
+
+
+@pytest.mark.parametrize("values", [
+    {"config": {"database": {"dsn": "postgresql://relay:hunter2@db:5432/app"}}},
+    {"config": {"database": {"dsn": "host=db user=relay password=hunter2 dbname=app"}}},
+    {"config": {"brokers": {"k": {"type": "kafka", "bootstrap_servers": "k:9092",
+                                  "sasl": {"mechanism": "PLAIN", "username": "u", "password": "hunter2"}}},
+                "routes": [{"topic": "*", "broker": "k"}]}},
+    {"config": {"brokers": {"w": {"type": "webhook", "url": "https://h/x",
+                                  "headers": {"authorization": "Bearer hunter2"}}},
+                "routes": [{"topic": "*", "broker": "w"}]}},
+    {"config": {"brokers": {"r": {"type": "rabbitmq", "url": "amqp://u:hunter2@rabbit:5672/"}},
+                "routes": [{"topic": "*", "broker": "r"}]}},
+], ids=["dsn-uri", "dsn-keywords", "sasl-password", "webhook-token", "amqp-url"])
+def test_the_chart_refuses_a_literal_secret_in_the_config(helm: Helm, tmp_path: Path, values: Obj) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(HelmError) as caught:
+        helm.template(CHART, values=[path])
+    assert "from the environment" in caught.value.stderr
+    assert "hunter2" not in caught.value.stderr
+
+
+def test_secrets_reach_the_relay_only_as_environment_from_secrets(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    objects = rendered[("outbox-relay:standalone-values", KUBE_VERSIONS[-1])]
+    deployment = one(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "orders-relay-database", "key": "dsn"}
+    assert {"secretRef": {"name": "orders-relay-brokers"}} in container["envFrom"]
+    job = one(objects, "Job")
+    (job_container,) = job["spec"]["template"]["spec"]["containers"]
+    job_env = {e["name"]: e for e in job_container["env"]}
+    assert job_env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "orders-relay-ddl", "key": "dsn"}
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+def assert_hardened(container: Obj, where: str) -> None:
+    context = container["securityContext"]
+    assert context["runAsNonRoot"] is True, where
+    assert context["readOnlyRootFilesystem"] is True, where
+    assert context["allowPrivilegeEscalation"] is False, where
+    assert context["capabilities"] == {"drop": ["ALL"]}, where
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"]), f"{where}: no writable /tmp"
+
+
+def test_standalone_deployment_probes_security_and_scheduling(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    objects = rendered[("outbox-relay:standalone-values", KUBE_VERSIONS[-1])]
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert deployment["spec"]["replicas"] == 3
+    assert container["image"].startswith("registry.example.com/platform/outbox-relay@sha256:")
+    assert spec["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert container["args"][:3] == ["run", "--config", f"{CONFIG_MOUNT}/relay.yaml"]
+    probes = {kind: container[kind]["httpGet"]["path"] for kind in ("livenessProbe", "readinessProbe", "startupProbe")}
+    assert probes == {"livenessProbe": "/livez", "readinessProbe": "/readyz", "startupProbe": "/livez"}
+    for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert {"initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold",
+                "successThreshold"} <= set(container[kind])
+    assert_hardened(container, "standalone")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    assert spec["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert spec["terminationGracePeriodSeconds"] == 75
+    assert spec["priorityClassName"] == "messaging-critical"
+    assert spec["nodeSelector"] and spec["tolerations"] and spec["topologySpreadConstraints"]
+    assert spec["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "shop"
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in spec["affinity"]["podAntiAffinity"]
+    assert pod["metadata"]["labels"]["team"] == "orders" and "checksum/config" in pod["metadata"]["annotations"]
+    assert {"name": "kafka-ca", "configMap": {"name": "kafka-ca"}} in spec["volumes"]
+    labels = pod["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == selector and pdb["spec"]["minAvailable"] == 2
+    service = one(objects, "Service")
+    assert service["spec"]["selector"] == selector and service["spec"]["publishNotReadyAddresses"] is True
+    policy = one(objects, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": 9187, "protocol": "TCP"}]
+    assert len(policy["spec"]["egress"]) == 4  # DNS + the three extraEgress rules
+
+
+def test_default_values_give_a_hardened_standalone_relay(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    objects = rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])]
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert_hardened(container, "defaults")
+    assert container["image"] == f"ghcr.io/outbox-relay/outbox-relay:{chart_app_version()}"
+    assert one(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def chart_app_version() -> str:
+    version: str = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    return version
+
+
+def test_the_default_image_tag_is_the_charts_app_version() -> None:
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    match = re.search(r'define "outbox-relay.appVersion" -}}([^{]+){{', helpers)
+    assert match and match.group(1) == chart_app_version()
+
+
+def test_the_schema_hook_job_installs_the_schema_before_install_and_upgrade(
+    rendered: dict[tuple[str, str], list[Obj]]
+) -> None:
+    for name in ("outbox-relay:standalone-values", "outbox-relay:sidecar-values", "app-chart:defaults"):
+        objects = rendered[(name, KUBE_VERSIONS[-1])]
+        job = one(objects, "Job")
+        annotations = job["metadata"]["annotations"]
+        assert set(annotations["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}, name
+        assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"], name
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert container["args"] == ["schema", "install", "--schema", "outbox"], name
+        assert_hardened(container, name)
+        # A pre-install hook runs before the release's ServiceAccount exists.
+        service_accounts = {o["metadata"]["name"] for o in of_kind(objects, "ServiceAccount")}
+        assert spec.get("serviceAccountName") not in service_accounts, name
+        assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    assert not of_kind(rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])], "Job")
+
+
+def test_sidecar_mode_renders_no_workload_of_its_own(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    objects = rendered[("outbox-relay:sidecar-values", KUBE_VERSIONS[-1])]
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "ConfigMap", "Job", "PodMonitor", "PrometheusRule"]
+
+
+def test_the_app_chart_runs_the_relay_as_a_native_sidecar(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    objects = rendered[("app-chart:defaults", KUBE_VERSIONS[-1])]
+    standalone = one(rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])], "Deployment")
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    (sidecar,) = spec["initContainers"]
+    assert sidecar["name"] == "outbox-relay" and sidecar["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["app"]
+    assert sidecar["securityContext"] == standalone["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert_hardened(sidecar, "sidecar")
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "relay-metrics"}
+    # A native sidecar's readiness is the pod's, and its startup probe holds the app: both
+    # off by default (sidecar.gatePodReadiness, sidecar.holdApplicationUntilStarted).
+    assert "readinessProbe" not in sidecar and "startupProbe" not in sidecar
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for mount in sidecar["volumeMounts"]:
+        assert mount["name"] in volumes
+    config_name, _ = mounted_config(pod, sidecar)
+    assert config_name in relay_config_maps(objects)
+    config = load_relay_config(relay_config_maps(objects)[config_name])
+    app_values = yaml.safe_load((APP_CHART / "values.yaml").read_text())
+    assert spec["terminationGracePeriodSeconds"] == app_values["drainSeconds"] + config.relay.shutdown_timeout + 15
+    assert "checksum/outbox-relay-config" in pod["metadata"]["annotations"]
+    monitor = one(objects, "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in sidecar["ports"]}
+
+
+def test_the_sidecar_options_add_the_probes(helm: Helm) -> None:
+    objects = helm.template(APP_CHART, sets={"outbox-relay.sidecar.gatePodReadiness": "true",
+                                             "outbox-relay.sidecar.holdApplicationUntilStarted": "true"})
+    (sidecar,) = one(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/livez"
+
+
+def test_the_sidecar_template_refuses_a_relay_chart_in_standalone_mode(helm: Helm) -> None:
+    with pytest.raises(HelmError) as caught:
+        helm.template(APP_CHART, sets={"outbox-relay.mode": "standalone"})
+    assert "set mode: sidecar" in caught.value.stderr
+
+
+def test_the_plain_sidecar_example_is_what_the_chart_renders(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    """helm/examples/sidecar-plain.yaml, for teams without Helm, is the app chart's render
+    written out: the same relay container, the same relay config, the same grace period."""
+    chart_objects = rendered[("app-chart:defaults", KUBE_VERSIONS[-1])]
+    plain = plain_objects()
+    chart_pod = one(chart_objects, "Deployment")["spec"]["template"]
+    plain_pod = one(plain, "Deployment")["spec"]["template"]
+    (chart_sidecar,) = chart_pod["spec"]["initContainers"]
+    (plain_sidecar,) = plain_pod["spec"]["initContainers"]
+    assert plain_sidecar == chart_sidecar
+    relay_volumes = {m["name"] for m in chart_sidecar["volumeMounts"]}
+    assert [v for v in plain_pod["spec"]["volumes"] if v["name"] in relay_volumes] == \
+        [v for v in chart_pod["spec"]["volumes"] if v["name"] in relay_volumes]
+    assert plain_pod["spec"]["terminationGracePeriodSeconds"] == chart_pod["spec"]["terminationGracePeriodSeconds"]
+    assert plain_pod["metadata"]["labels"]["outbox-relay/sidecar"] == \
+        chart_pod["metadata"]["labels"]["outbox-relay/sidecar"]
+    (chart_text,) = relay_config_maps(chart_objects).values()
+    (plain_text,) = relay_config_maps(plain).values()
+    assert load_relay_config(plain_text).model_dump() == load_relay_config(chart_text).model_dump()
+    build_adapters(load_relay_config(plain_text))
+    plain_job = one(plain, "Job")["spec"]["template"]["spec"]["containers"][0]
+    chart_job = one(chart_objects, "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert (plain_job["args"], plain_job["env"], plain_job["securityContext"]) == \
+        (chart_job["args"], chart_job["env"], chart_job["securityContext"])
+
+
+def test_the_app_chart_dependency_builds_offline_from_the_file_repository(helm: Helm, tmp_path: Path) -> None:
+    """Without the vendored charts/ symlink: `helm dependency build` packs
+    file://../../outbox-relay (no network), and the render is the same."""
+    copy_root = tmp_path / "helm"
+    shutil.copytree(CHART, copy_root / "outbox-relay")
+    app = copy_root / "examples" / "app-chart"
+    shutil.copytree(APP_CHART, app, symlinks=True)
+    (app / "charts" / "outbox-relay").unlink()
+    helm.run("dependency", "build", str(app))
+    assert [p.name for p in (app / "charts").iterdir()] == ["outbox-relay-0.1.0.tgz"]
+    assert helm.template(app) == helm.template(APP_CHART)
+
+
+def test_notes_warn_about_a_missing_database_secret_and_the_stdout_broker(helm: Helm, tmp_path: Path) -> None:
+    # helm renders NOTES.txt only on install; a copy of the chart renders it as a ConfigMap.
+    chart = tmp_path / "outbox-relay"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_test.tpl").write_text('{{- define "notes-test" -}}\n' + notes + "\n{{- end -}}\n")
+    (chart / "templates" / "notes-test.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "notes-test" . | quote }}\n')
+
+    def rendered_notes(*values: Path) -> str:
+        objects = helm.template(chart, values=values)
+        text: str = next(o for o in objects if o["metadata"]["name"] == "notes")["data"]["notes"]
+        return text
+
+    defaults = rendered_notes()
+    assert "no Secret provides it" in defaults and 'broker "stdout" is of type stdout' in defaults
+    configured = rendered_notes(CHART / "ci" / "minimal-values.yaml")
+    assert "WARNING" not in configured and "kubectl -n shop exec deploy/shop-outbox-relay" in configured
+
+
+# -- monitoring objects (CRDs: a structural check) ----------------------------------------
+
+def test_monitoring_objects_are_structurally_valid(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    """ServiceMonitor, PodMonitor, PrometheusRule: monitoring.coreos.com/v1, required fields,
+    and they point at what the chart renders (the Service's port, the pods' labels and port)."""
+    counts = {kind: 0 for kind in CRD_KINDS}
+    for example, objects in renders(rendered):
+        for obj in objects:
+            if obj["kind"] not in CRD_KINDS:
+                continue
+            where = f"{example.name}: {obj['kind']}"
+            counts[obj["kind"]] += 1
+            assert obj["apiVersion"] == MONITORING_API, where
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", obj["metadata"]["name"]), where
+            assert obj["metadata"]["namespace"] == NAMESPACE, where
+            assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}, where
+            spec = obj["spec"]
+            if obj["kind"] != "PrometheusRule":
+                assert set(spec) <= MONITOR_SPEC_FIELDS and "selector" in spec, f"{where}: {sorted(spec)}"
+                for endpoint in spec.get("endpoints", []) + spec.get("podMetricsEndpoints", []):
+                    assert set(endpoint) <= ENDPOINT_FIELDS and "port" in endpoint, f"{where}: {sorted(endpoint)}"
+            if obj["kind"] == "ServiceMonitor":
+                service = one(objects, "Service")
+                assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items(), where
+                assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}, where
+                (endpoint,) = spec["endpoints"]
+                assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}, where
+                assert endpoint["path"] == "/metrics" and PROMETHEUS_DURATION.match(endpoint["interval"]), where
+            elif obj["kind"] == "PodMonitor":
+                (endpoint,) = spec["podMetricsEndpoints"]
+                assert endpoint["path"] == "/metrics", where
+                pods = [pod for _, pod in pod_specs(objects) if relay_containers(pod)
+                        and spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()]
+                if example.values and "sidecar" in example.values.name:
+                    # The relay chart alone: the application's pods carry the label.
+                    assert spec["selector"]["matchLabels"] == {"outbox-relay/sidecar": "shop-outbox-relay"}
+                    continue
+                assert pods, f"{where}: selects no relay pod"
+                for pod in pods:
+                    ports = {p["name"] for c in relay_containers(pod) for p in c["ports"]}
+                    assert endpoint["port"] in ports, where
+            else:
+                assert spec["groups"], where
+                assert set(spec) == {"groups"}, where
+                for group in spec["groups"]:
+                    assert group["name"] and group["rules"] and set(group) <= RULE_GROUP_FIELDS, where
+                    for rule in group["rules"]:
+                        assert ("alert" in rule) != ("record" in rule), f"{where}: {rule}"
+                        assert set(rule) <= RULE_FIELDS, f"{where}: {rule}"
+                        for mapping in ("labels", "annotations"):
+                            assert all(isinstance(v, str) for v in rule.get(mapping, {}).values()), where
+                        assert isinstance(rule["expr"], str) and rule["expr"].strip(), where
+                        if "for" in rule:
+                            assert PROMETHEUS_DURATION.match(rule["for"]), f"{where}: for: {rule['for']}"
+    assert counts == {"ServiceMonitor": 1, "PodMonitor": 2, "PrometheusRule": 3}, counts
+
+
+def test_every_alert_expression_parses_and_says_what_to_do(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    alerts = 0
+    for example, objects in renders(rendered):
+        for rule in alert_rules(objects):
+            where = f"{example.name}: {rule.get('alert') or rule.get('record')}"
+            try:
+                promql_parser.parse(rule["expr"])
+            except Exception as exc:
+                pytest.fail(f"{where}: {rule['expr']!r} does not parse: {exc}")
+            if rule.get("alert", "").startswith("OutboxRelay") and "runbook_url" in rule.get("annotations", {}):
+                alerts += 1
+                assert rule["labels"]["severity"] in {"critical", "warning", "info"}, where
+                assert rule["annotations"]["summary"] and rule["annotations"]["description"], where
+                anchor = rule["alert"].lower()
+                assert rule["annotations"]["runbook_url"].endswith(f"#{anchor}"), where
+    names = {r["alert"] for r in alert_rules(rendered[("outbox-relay:standalone-values", KUBE_VERSIONS[-1])])}
+    assert names == {"OutboxRelayDown", "OutboxRelayDatabaseDisconnected", "OutboxRelayLagHigh",
+                     "OutboxRelayBrokerDisconnected", "OutboxRelayDeadLetters", "OutboxRelayLongTransaction",
+                     "OutboxRelayPublishFailuresHigh"}
+    assert alerts == 18  # six alerts in each of the three rule objects
+
+
+def test_the_alerts_select_the_job_their_monitor_scrapes(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    standalone = alert_rules(rendered[("outbox-relay:standalone-values", KUBE_VERSIONS[-1])])
+    lag = next(r for r in standalone if r["alert"] == "OutboxRelayLagHigh")
+    # A ServiceMonitor's job label is the Service's name; a PodMonitor's is namespace/name.
+    assert 'job="shop-outbox-relay"' in lag["expr"] and "> 120" in lag["expr"]
+    sidecar = alert_rules(rendered[("app-chart:defaults", KUBE_VERSIONS[-1])])
+    lag = next(r for r in sidecar if r["alert"] == "OutboxRelayLagHigh")
+    assert 'job="shop/shop-outbox-relay"' in lag["expr"]
+
+
+def test_the_dashboard_is_valid_and_shipped_as_a_grafana_sidecar_config_map(
+    rendered: dict[tuple[str, str], list[Obj]]
+) -> None:
+    board = dashboard()
+    assert board["uid"] == "outbox-relay" and board["panels"]
+    datasource = next(v for v in board["templating"]["list"] if v["name"] == "datasource")
+    assert datasource["type"] == "datasource" and datasource["query"] == "prometheus"
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for expr in dashboard_expressions(board):
+        promql_parser.parse(as_promql(expr))
+    titles = " | ".join(p["title"] for p in board["panels"]).lower()
+    for topic in ("by broker and destination", "lag", "pending", "in flight", "failures", "dead letters",
+                  "commit-to-ack", "publish call duration", "wake-ups"):
+        assert topic in titles, topic
+    for name in ("outbox-relay:standalone-values", "outbox-relay:sidecar-values"):
+        maps = [o for o in of_kind(rendered[(name, KUBE_VERSIONS[-1])], "ConfigMap")
+                if o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+        assert len(maps) == 1, name
+        assert json.loads(maps[0]["data"]["outbox-relay.json"]) == board
+    assert json.loads(DASHBOARD.read_text()) == board
+
+
+# -- metric names against a running relay ------------------------------------------------
+
+async def test_every_metric_in_the_dashboard_and_alerts_is_served_by_a_running_relay(
+    db: str, tmp_path: Path, rendered: dict[tuple[str, str], list[Obj]]
+) -> None:
+    referenced: dict[str, set[str]] = {}
+    for text in strings_in(dashboard()):
+        for name in METRIC.findall(text):
+            referenced.setdefault(name, set()).add("dashboard")
+    for example, objects in renders(rendered):
+        for rule in alert_rules(objects):
+            for name in METRIC.findall(rule["expr"]):
+                referenced.setdefault(name, set()).add(f"{example.name} {rule.get('alert')}")
+    assert len(referenced) >= 14
+
+    # A real relay with the file broker: messages delivered and one dead-lettered (no
+    # route), so that the labelled series exist too.
+    with psycopg.connect(db) as conn:
+        for i in range(3):
+            enqueue(conn, "orders.created", {"i": i}, key=f"order-{i}")
+        enqueue(conn, "unrouted.topic", {"x": 1})
+        conn.commit()
+    config = make_config(db, brokers={"events": {"type": "file", "path": str(tmp_path / "events.jsonl")}},
+                         routes=[{"topic": "orders.*", "broker": "events", "destination": "orders"}])
+    async with running_relay(config, build_adapters(config), heartbeat_every=0.1) as relay:
+        assert relay.http is not None
+        url = f"http://127.0.0.1:{relay.http.port}/metrics"
+        scraped = ""
+        async with httpx.AsyncClient() as client:
+            async def every_family_has_samples() -> bool:
+                nonlocal scraped
+                scraped = (await client.get(url)).text
+                return "# TYPE outbox_relay_" in scraped and not families_without_samples(scraped)
+
+            # The counters appear with their first event, the gauges after a heartbeat.
+            await wait_until(every_family_has_samples, timeout=30, interval=0.1)
+    samples, declared = exposition_names(scraped)
+    missing = {name: sorted(where) for name, where in referenced.items() if name not in samples}
+    assert not missing, f"not on /metrics: {missing}"
+    assert set(referenced) <= declared
+    # And the dashboard leaves out no metric the relay has.
+    families = {n for n in samples if n.startswith("outbox_relay_") and not n.endswith("_created")}
+    on_dashboard = {n for n, where in referenced.items() if "dashboard" in where}
+    bases = {re.sub(r"_(bucket|sum|count)$", "", n) for n in on_dashboard}
+    not_shown = {n for n in families if n not in on_dashboard and re.sub(r"_(bucket|sum|count)$", "", n) not in bases}
+    assert not not_shown, f"metrics the dashboard does not show: {sorted(not_shown)}"
+
+
+def test_metric_name_extraction_sees_histogram_and_counter_suffixes() -> None:
+    text = ("# TYPE outbox_relay_x_total counter\noutbox_relay_x_total{a=\"b\"} 1\n"
+            "# TYPE outbox_relay_h histogram\noutbox_relay_h_bucket{le=\"1\"} 0\n")
+    samples, declared = exposition_names(text)
+    assert samples == {"outbox_relay_x_total", "outbox_relay_h_bucket"}
+    assert {"outbox_relay_x_total", "outbox_relay_h_sum", "outbox_relay_h_count"} <= declared
+    assert "outbox_relay_x_total_total" not in declared
