@@ -20,7 +20,9 @@ from uuid import UUID
 
 import click
 import psycopg
+import structlog
 
+from outbox_relay import backfill as backfill_module
 from outbox_relay import config as config_module
 from outbox_relay import dead_letters, schema_manager, sqlfiles, status
 from outbox_relay import replay as replay_module
@@ -351,15 +353,96 @@ def replay(config_path: Path, topic: str | None, key: str | None, since: str | N
                 click.confirm(f"Replay {chosen.total} message(s)?", abort=True)
             replay_id, total = replay_module.begin(conn, schema_name, chosen), chosen.total
             click.echo(f"replay #{replay_id} started")
-        copied = _copy_with_progress(conn, schema_name, replay_id, total, chunk, rate)
+        copied = _run_with_progress("replay", replay_id, total,
+                                    lambda report: replay_module.copy(conn, schema_name, replay_id, chunk=chunk,
+                                                                      rate=rate, progress=report))
     click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox; the relay publishes them")
 
 
-def _copy_with_progress(conn: psycopg.Connection[Any], schema_name: str, replay_id: int, total: int,
-                        chunk: int, rate: float | None) -> int:
-    """A progress bar on a terminal; otherwise a line at most every 5 s."""
+# -- backfill ------------------------------------------------------------------------------
+
+def _rate(value: str | None) -> float | None:
+    if value is None:
+        return None
+    number = value[:-2] if value.endswith("/s") else value
+    try:
+        rate = float(number)
+    except ValueError:
+        rate = 0.0
+    if not rate > 0:
+        raise click.BadParameter(f"{value!r}: give messages per second, e.g. 500 or 500/s", param_hint="--rate")
+    return rate
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--table", help="The table to snapshot: NAME (on the search path) or SCHEMA.NAME.")
+@click.option("--topic", help="The topic of the messages.")
+@click.option("--key-column", help="The column whose value (as text) is each message's key (default: no key).")
+@click.option("--where", "filters", multiple=True,
+              help="Only rows where COLUMN=VALUE (also >=, <=, >, <, !=); repeatable, all must hold.")
+@click.option("--chunk", default=backfill_module.DEFAULT_CHUNK, show_default=True, type=click.IntRange(1, 100_000),
+              help="Rows per transaction.")
+@click.option("--rate", help="At most this many messages per second (500 or 500/s).")
+@click.option("--dry-run", is_flag=True, help="Count the rows, and change nothing.")
+@click.option("--again", is_flag=True, help="Snapshot a source that was backfilled before.")
+@click.option("--resume", "resume_id", type=int, help="Finish backfill N, stopped before it was done.")
+@click.option("--dsn", envvar="OUTBOX_RELAY_BACKFILL_DSN",
+              help="Connect with this DSN instead of the config's (a role that may read the table; "
+                   "env: OUTBOX_RELAY_BACKFILL_DSN).")
+@one_line_errors
+def backfill(config_path: Path, table: str | None, topic: str | None, key_column: str | None,
+             filters: tuple[str, ...], chunk: int, rate: str | None, dry_run: bool, again: bool,
+             resume_id: int | None, dsn: str | None) -> None:
+    """Snapshot an existing table into the outbox: one message per row (the row as JSON).
+
+    Keyset pagination by the primary key, one short transaction per chunk, resumable
+    after a crash (--resume N) with nothing missing and nothing twice.
+    """
+    per_second = _rate(rate)
+    cfg = _load(config_path)
+    schema_name = cfg.database.schema_name
+    if resume_id is None:
+        if not table or not topic:
+            raise click.UsageError("--table and --topic are required (or --resume N)")
+        source = backfill_module.Source(table, topic, key_column,
+                                        tuple(backfill_module.Filter.parse(f) for f in filters))
+    elif table or topic or key_column or filters:
+        raise click.UsageError("--resume takes no --table, --topic, --key-column or --where: "
+                               "the backfill keeps what it was started with")
+    with _connect(dsn or cfg.database.dsn.get_secret_value()) as conn:
+        _require_schema(conn, schema_name)
+        if resume_id is not None:
+            recorded = backfill_module.get(conn, schema_name, resume_id)
+            if recorded.finished:
+                click.echo(f"backfill #{resume_id} is already done: {recorded.copied} message(s)")
+                return
+            backfill_id, total = resume_id, recorded.total
+            click.echo(f"resuming backfill #{backfill_id}: {recorded.copied} of {total} copied so far")
+        else:
+            found = backfill_module.resolve(conn, source)
+            total = backfill_module.count(conn, found, source)
+            click.echo(f"{total} row(s) of {found.schema}.{found.name} to enqueue on {source.topic}")
+            earlier = backfill_module.previous(conn, schema_name, source)
+            if earlier is not None and not again and not dry_run:
+                earlier_id, _, finished = earlier
+                hint = "" if finished else f"; it did not finish: --resume {earlier_id} completes it"
+                raise click.UsageError(f"this table was backfilled the same way before (#{earlier_id}){hint}; "
+                                       "pass --again to snapshot it once more")
+            if dry_run or total == 0:
+                return
+            backfill_id = backfill_module.begin(conn, schema_name, source, total)
+            click.echo(f"backfill #{backfill_id} started")
+        done = _run_with_progress("backfill", backfill_id, total,
+                                  lambda report: backfill_module.copy(conn, schema_name, backfill_id, chunk=chunk,
+                                                                      rate=per_second, progress=report))
+    click.echo(f"backfill #{backfill_id} done: {done} message(s) in the outbox; the relay publishes them")
+
+
+def _run_with_progress(what: str, number: int, total: int, work: Callable[[Callable[[int], None]], int]) -> int:
+    """A progress bar on a terminal; otherwise a JSON log line at most every 5 s."""
     if sys.stderr.isatty():
-        with click.progressbar(length=total, label=f"replay #{replay_id}", file=sys.stderr) as bar:
+        with click.progressbar(length=total, label=f"{what} #{number}", file=sys.stderr) as bar:
             shown = 0
 
             def advance(copied: int) -> None:
@@ -367,16 +450,20 @@ def _copy_with_progress(conn: psycopg.Connection[Any], schema_name: str, replay_
                 bar.update(copied - shown)
                 shown = copied
 
-            return replay_module.copy(conn, schema_name, replay_id, chunk=chunk, rate=rate, progress=advance)
-    last = 0.0
+            return work(advance)
+    configure_logging("info")
+    log = structlog.get_logger(f"outbox_relay.{what}")
+    started = last = time.monotonic()
 
     def report(copied: int) -> None:
         nonlocal last
-        if time.monotonic() - last >= 5:
-            last = time.monotonic()
-            click.echo(f"replay #{replay_id}: {copied} of {total} copied", err=True)
+        now = time.monotonic()
+        if now - last >= 5 or copied >= total:
+            last = now
+            log.info(f"{what}_progress", **{f"{what}_id": number}, copied=copied, total=total,
+                     rows_per_s=round(copied / max(now - started, 1e-6)))
 
-    return replay_module.copy(conn, schema_name, replay_id, chunk=chunk, rate=rate, progress=report)
+    return work(report)
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -44,6 +44,17 @@ class ReplayInfo:
 
 
 @dataclass
+class BackfillInfo:
+    backfill_id: int
+    requested_by: str
+    requested_at: str
+    source: dict[str, Any]
+    total: int
+    copied: int
+    finished: bool
+
+
+@dataclass
 class Status:
     schema: str
     pending: int
@@ -54,6 +65,7 @@ class Status:
     topics: list[TopicStatus] = field(default_factory=list)
     relays: list[RelayInfo] = field(default_factory=list)
     replays: list[ReplayInfo] = field(default_factory=list)  # the last ten, newest first
+    backfills: list[BackfillInfo] = field(default_factory=list)  # the last ten, newest first
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +83,7 @@ def read(conn: psycopg.Connection[Any], schema: str) -> Status:
         dispatched = cur.execute(q["status_dispatched"]).fetchone() or {}
         relays = cur.execute(q["status_relays"]).fetchall()
         replays = cur.execute(q["status_replays"]).fetchall()
+        backfills = cur.execute(q["status_backfills"]).fetchall()
     conn.rollback()
     infos = [
         RelayInfo(
@@ -99,6 +112,11 @@ def read(conn: psycopg.Connection[Any], schema: str) -> Status:
             ReplayInfo(int(r["replay_id"]), r["requested_by"], r["requested_at"].isoformat(), r["selection"],
                        int(r["total"]), int(r["copied"]), r["finished_at"] is not None)
             for r in replays
+        ],
+        backfills=[
+            BackfillInfo(int(r["backfill_id"]), r["requested_by"], r["requested_at"].isoformat(), r["source"],
+                         int(r["total"]), int(r["copied"]), r["finished_at"] is not None)
+            for r in backfills
         ],
     )
 
@@ -133,4 +151,11 @@ def render(status: Status) -> str:
             state = "done" if p.finished else "not finished (outbox-relay replay --resume N)"
             lines.append(f"    #{p.replay_id} {p.requested_at[:19]} by {p.requested_by}: {describe(p.selection)}; "
                          f"{p.copied} of {p.total} copied, {state}")
+    if status.backfills:
+        lines.append("")
+        lines.append("  backfills (newest first)")
+        for b in status.backfills:
+            state = "done" if b.finished else "not finished (outbox-relay backfill --resume N)"
+            lines.append(f"    #{b.backfill_id} {b.requested_at[:19]} by {b.requested_by}: {b.source['table']} -> "
+                         f"{b.source['topic']}; {b.copied} of {b.total} enqueued, {state}")
     return "\n".join(lines)

@@ -18,3 +18,7 @@ GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.
 GRANT EXECUTE ON FUNCTION {schema}.note_skipped_wakeup() TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.skipped_wakeups() TO {role};
+-- `outbox-relay backfill --dsn` is best run as the application's role, which may read
+-- its own tables: it checks the schema version and records its progress.
+GRANT SELECT ON {schema}.schema_version TO {role};
+GRANT SELECT, INSERT, UPDATE ON {schema}.backfills TO {role};

@@ -16,3 +16,6 @@ GRANT EXECUTE ON FUNCTION {schema}.skipped_wakeups() TO {role};
 GRANT INSERT (message_id, topic, key, payload, content_type, headers) ON {schema}.messages TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
 GRANT SELECT, INSERT, UPDATE ON {schema}.replays TO {role};
+-- `outbox-relay backfill` records its progress (it reads the snapshotted table with a
+-- role that may: its own --dsn, or this one after a GRANT SELECT on that table).
+GRANT SELECT, INSERT, UPDATE ON {schema}.backfills TO {role};

@@ -361,3 +361,35 @@ FROM {schema}.replays ORDER BY replay_id DESC LIMIT 10;
 -- Taken first in each chunk's transaction: one process copies a replay at a time.
 SELECT cursor_id, max_source_id, as_of, finished_at IS NOT NULL FROM {schema}.replays
 WHERE replay_id = %(replay_id)s FOR UPDATE NOWAIT;
+
+-- Backfills (`outbox-relay backfill`, outbox_relay/backfill.py). The chunk itself is
+-- composed in Python: it names the user's table and columns (as quoted identifiers).
+
+-- name: backfill_begin
+INSERT INTO {schema}.backfills (requested_by, source, total)
+VALUES (%(requested_by)s, %(source)s, %(total)s)
+RETURNING backfill_id;
+
+-- name: backfill_get
+SELECT backfill_id, source, total, copied, cursor_key, finished_at IS NOT NULL
+FROM {schema}.backfills WHERE backfill_id = %(backfill_id)s;
+
+-- name: backfill_lock
+-- Taken first in each chunk's transaction: one process copies a backfill at a time.
+SELECT cursor_key, copied, finished_at IS NOT NULL FROM {schema}.backfills
+WHERE backfill_id = %(backfill_id)s FOR UPDATE NOWAIT;
+
+-- name: backfill_advance
+UPDATE {schema}.backfills
+SET copied = copied + %(rows)s, cursor_key = coalesce(%(cursor_key)s, cursor_key),
+    finished_at = CASE WHEN %(finished)s THEN now() END
+WHERE backfill_id = %(backfill_id)s
+RETURNING copied;
+
+-- name: status_backfills
+SELECT backfill_id, requested_by, requested_at, source, total, copied, finished_at
+FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT 10;
+
+-- name: backfill_same_source
+SELECT backfill_id, requested_at, finished_at IS NOT NULL FROM {schema}.backfills
+WHERE source = %(source)s ORDER BY backfill_id DESC LIMIT 1;

@@ -135,6 +135,23 @@ CREATE TABLE {schema}.replays (
     finished_at timestamptz
 );
 
+-- `outbox-relay backfill` snapshots an existing table into the outbox, one message per
+-- row, chunk by chunk in keyset order; each backfill is recorded here with how far it
+-- got, so that it resumes after a crash with nothing missing and nothing twice.
+CREATE TABLE {schema}.backfills (
+    backfill_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    requested_by text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    -- What is snapshotted: the table, the topic, the key column, the filters.
+    source jsonb NOT NULL,
+    total bigint NOT NULL,
+    copied bigint NOT NULL DEFAULT 0,
+    -- The primary key of the last row copied, as text (NULL: none yet); each chunk moves
+    -- it in the chunk's transaction.
+    cursor_key text[],
+    finished_at timestamptz
+);
+
 -- Wakes the relay. NOTIFY takes a database-wide lock at commit, which serializes every
 -- notifying committer, so the notification is coalesced twice over:
 -- - the trigger is deferred to commit time and Postgres folds identical notifications

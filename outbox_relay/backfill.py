@@ -1,0 +1,282 @@
+"""`outbox-relay backfill`: snapshot an existing table into the outbox.
+
+One message per row (payload: the row as a JSON object, ``to_jsonb``), to seed a new
+consumer or correct history. The table is read in keyset order of its primary key, in
+chunks, each chunk its own short transaction that inserts the chunk's messages and
+moves the backfill's cursor (a row in ``backfills``): a backfill killed mid-way resumes
+after the last chunk that committed, with nothing missing and nothing twice.
+
+Ordering against live writes. A chunk reads its rows ``FOR SHARE``: an application
+transaction that updates one of them either committed before the chunk read it (the
+snapshot shows its change, and its own message, enqueued in that transaction, has the
+lower id and goes first), or waits until the chunk commits (the snapshot shows the row
+before the change, and the application's message is committed, and so delivered, after
+it). Either way, for an application that enqueues a row's event in the transaction that
+changes the row, with the same key, the last message of that key carries the row's
+latest state. A chunk holds its share locks for one chunk's time (milliseconds).
+
+Safety: the table and column names reach SQL only as quoted identifiers, after they
+were found in the catalog; filter values only as bound parameters (sent untyped, so
+PostgreSQL reads them as the column's type).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from outbox_relay.errors import ConfigError, DatabaseError
+from outbox_relay.sqlfiles import Queries, validate_schema_name
+from outbox_relay.validation import check_topic
+
+BACKFILL_HEADER = "outbox-backfill-id"
+DEFAULT_CHUNK = 1000
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+_FILTER = re.compile(r"([A-Za-z_][A-Za-z0-9_$]{0,62})(>=|<=|!=|=|>|<)(.*)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """`COLUMN OP VALUE` from the command line; the value stays text (a bound parameter)."""
+
+    column: str
+    op: str
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Filter:
+        match = _FILTER.fullmatch(text)
+        if match is None:
+            raise ConfigError(f"--where {text!r}: give COLUMN=VALUE, COLUMN>=VALUE, COLUMN<=VALUE, COLUMN>VALUE, "
+                              "COLUMN<VALUE or COLUMN!=VALUE")
+        return cls(match[1], match[2], match[3])
+
+    def as_text(self) -> str:
+        return f"{self.column}{self.op}{self.value}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a backfill snapshots, as given on the command line."""
+
+    table: str  # `name` (found on the search path) or `schema.name`
+    topic: str
+    key_column: str | None = None
+    filters: tuple[Filter, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            check_topic(self.topic)
+        except ValueError as exc:
+            raise ConfigError(f"--topic: {exc}") from None
+        parts = self.table.split(".")
+        if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
+            raise ConfigError(f"--table {self.table!r}: give a table name or schema.table "
+                              "(letters, digits, _ and $; as the catalog spells it)")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"table": self.table, "topic": self.topic, "key_column": self.key_column,
+                "where": [f.as_text() for f in self.filters]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Source:
+        return cls(data["table"], data["topic"], data.get("key_column"),
+                   tuple(Filter.parse(text) for text in data.get("where") or ()))
+
+
+@dataclass(frozen=True)
+class Table:
+    """The table as the catalog describes it: every name here came from the catalog."""
+
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    primary_key: tuple[str, ...]
+
+    @property
+    def identifier(self) -> sql.Composable:
+        return sql.Identifier(self.schema, self.name)
+
+
+_FIND_TABLE = """
+SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = %(name)s
+  AND (n.nspname = %(schema)s OR (%(schema)s IS NULL AND n.nspname = ANY (current_schemas(false))))
+ORDER BY array_position(current_schemas(false), n.nspname::text) NULLS LAST LIMIT 1
+"""
+_COLUMNS = "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+_PRIMARY_KEY = """
+SELECT a.attname FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.position
+"""
+
+
+def resolve(conn: psycopg.Connection[Any], source: Source) -> Table:
+    """Find the table, its columns and its primary key; check every name given."""
+    schema, _, name = source.table.rpartition(".")
+    row = conn.execute(_FIND_TABLE, {"name": name, "schema": schema or None}).fetchone()
+    if row is None or row[3] not in ("r", "p"):
+        where = f"schema {schema!r}" if schema else "the search path"
+        raise ConfigError(f"--table {source.table!r}: no such table in {where} (names are case-sensitive)")
+    oid, table = row[0], Table(row[1], row[2], (), ())
+    columns = tuple(r[0] for r in conn.execute(_COLUMNS, (oid,)).fetchall())
+    primary_key = tuple(r[0] for r in conn.execute(_PRIMARY_KEY, (oid,)).fetchall())
+    conn.rollback()
+    if not primary_key:
+        raise ConfigError(f"--table {source.table!r} has no primary key: a backfill pages through the table by it")
+    for column, option in [(source.key_column, "--key-column"), *((f.column, "--where") for f in source.filters)]:
+        if column is not None and column not in columns:
+            raise ConfigError(f"{option}: table {table.schema}.{table.name} has no column {column!r}")
+    return Table(table.schema, table.name, columns, primary_key)
+
+
+def _where(table: Table, filters: Sequence[Filter], cursor: Sequence[str] | None) -> tuple[sql.Composable, list[str]]:
+    clauses: list[sql.Composable] = []
+    params: list[str] = []
+    if cursor is not None:
+        clauses.append(sql.SQL("({}) > ({})").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in table.primary_key),
+            sql.SQL(", ").join(sql.Placeholder() for _ in table.primary_key)))
+        params.extend(cursor)
+    for f in filters:  # the operator is one of six fixed strings (Filter.parse), never free text
+        clauses.append(sql.SQL("{} {} %s").format(sql.Identifier(f.column), sql.SQL(f.op)))
+        params.append(f.value)
+    if not clauses:
+        return sql.SQL("true"), params
+    return sql.SQL(" AND ").join(clauses), params
+
+
+def count(conn: psycopg.Connection[Any], table: Table, source: Source) -> int:
+    where, params = _where(table, source.filters, None)
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.identifier, where), params).fetchone()
+    conn.rollback()
+    return int(row[0]) if row else 0
+
+
+def _chunk_statement(outbox: str, table: Table, source: Source, cursor: Sequence[str] | None,
+                     chunk: int, backfill_id: int) -> tuple[sql.Composed, list[Any]]:
+    where, params = _where(table, source.filters, cursor)
+    pk = sql.SQL(", ").join(sql.Identifier(c) for c in table.primary_key)
+    pk_desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(c)) for c in table.primary_key)
+    pk_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in table.primary_key)
+    key = sql.SQL("{}::text").format(sql.Identifier(source.key_column)) if source.key_column else sql.SQL("NULL")
+    statement = sql.SQL("""
+        WITH source_rows AS MATERIALIZED (
+            SELECT {pk_text_array} AS cursor_key, {key} AS message_key, to_jsonb(t) AS doc, {pk}
+            FROM {table} AS t WHERE {where} ORDER BY {pk} LIMIT %s FOR SHARE
+        ), copies AS (
+            INSERT INTO {messages} (topic, key, payload, content_type, headers)
+            SELECT %s, message_key, convert_to(doc::text, 'UTF8'), 'application/json', %s
+            FROM source_rows ORDER BY {pk}
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM copies), (SELECT cursor_key FROM source_rows ORDER BY {pk_desc} LIMIT 1)
+    """).format(
+        pk_text_array=sql.SQL("ARRAY[{}]").format(pk_text), key=key, pk=pk, pk_desc=pk_desc,
+        table=table.identifier, where=where, messages=sql.Identifier(outbox, "messages"),
+    )
+    return statement, [*params, chunk, source.topic, Jsonb({BACKFILL_HEADER: str(backfill_id)})]
+
+
+def _requester(conn: psycopg.Connection[Any]) -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = f"uid {os.getuid()}"
+    row = conn.execute("SELECT current_user").fetchone()
+    return f"{user}@{socket.gethostname()} as {row[0] if row else '?'}"
+
+
+def begin(conn: psycopg.Connection[Any], outbox: str, source: Source, total: int) -> int:
+    with conn.transaction():
+        row = conn.execute(Queries(validate_schema_name(outbox))["backfill_begin"], {
+            "requested_by": _requester(conn), "source": Jsonb(source.as_json()), "total": total,
+        }).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def previous(conn: psycopg.Connection[Any], outbox: str, source: Source) -> tuple[int, Any, bool] | None:
+    """(id, requested at, finished) of the last backfill of the same source, if any."""
+    row = conn.execute(Queries(outbox)["backfill_same_source"], {"source": Jsonb(source.as_json())}).fetchone()
+    conn.rollback()
+    return (int(row[0]), row[1], bool(row[2])) if row else None
+
+
+@dataclass(frozen=True)
+class Backfill:
+    backfill_id: int
+    source: Source
+    total: int
+    copied: int
+    finished: bool
+
+
+def get(conn: psycopg.Connection[Any], outbox: str, backfill_id: int) -> Backfill:
+    row = conn.execute(Queries(outbox)["backfill_get"], {"backfill_id": backfill_id}).fetchone()
+    conn.rollback()
+    if row is None:
+        raise ConfigError(f"no backfill #{backfill_id} (see `outbox-relay status`)")
+    return Backfill(int(row[0]), Source.from_json(row[1]), int(row[2]), int(row[3]), bool(row[5]))
+
+
+def copy(
+    conn: psycopg.Connection[Any],
+    outbox: str,
+    backfill_id: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Copy from where the backfill stands, chunk by chunk; returns the rows copied in
+    all. `rate`: at most this many rows per second."""
+    q = Queries(outbox)
+    recorded = get(conn, outbox, backfill_id)
+    table = resolve(conn, recorded.source)
+    started, copied_now = time.monotonic(), 0
+    while True:
+        try:
+            with conn.transaction():
+                lock = conn.execute(q["backfill_lock"], {"backfill_id": backfill_id}).fetchone()
+                assert lock is not None
+                cursor, total_copied, finished = lock[0], int(lock[1]), bool(lock[2])
+                if finished:
+                    return total_copied
+                statement, params = _chunk_statement(outbox, table, recorded.source, cursor, chunk, backfill_id)
+                row = conn.execute(statement, params).fetchone()
+                assert row is not None
+                rows, last = int(row[0]), row[1]
+                advanced = conn.execute(q["backfill_advance"], {
+                    "backfill_id": backfill_id, "rows": rows, "cursor_key": last, "finished": rows < chunk,
+                }).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            raise DatabaseError(f"backfill #{backfill_id} is being copied by another process right now") from None
+        except psycopg.errors.CheckViolation as exc:
+            # The outbox's own rules (a key over 1024 characters): this chunk is rolled
+            # back, the cursor stays before it; say which rule, not the row's contents.
+            raise DatabaseError(f"backfill #{backfill_id} stopped: a row breaks an outbox rule "
+                                f"({exc.diag.constraint_name}); nothing of this chunk was written") from None
+        assert advanced is not None
+        copied_now += rows
+        if progress is not None:
+            progress(int(advanced[0]))
+        if rows < chunk:
+            return int(advanced[0])
+        if rate:
+            ahead = copied_now / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
