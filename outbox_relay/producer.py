@@ -17,6 +17,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from outbox_relay.sqlfiles import DEFAULT_SCHEMA, validate_schema_name
+from outbox_relay.tracing import with_trace_context
 from outbox_relay.validation import check_headers, check_key, check_topic
 
 Payload = Any  # dict | list | str | bytes | any JSON-serialisable value
@@ -60,7 +61,9 @@ def _statement(
     # Validate everything before building SQL, so a bad call never reaches the database.
     check_topic(topic)
     check_key(key)
-    checked_headers = check_headers(headers)
+    # The current span's trace context travels with the message (tracing.py); without
+    # OpenTelemetry installed this is one cached check.
+    checked_headers = check_headers(with_trace_context(headers))
     body, content_type = encode_payload(payload)
     if max_payload_bytes is not None and len(body) > max_payload_bytes:
         raise ValueError(f"payload of {len(body)} bytes exceeds max_payload_bytes ({max_payload_bytes})")

@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 import structlog
 
-from outbox_relay import schema_manager
+from outbox_relay import schema_manager, tracing
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
 from outbox_relay.engine.brokers import BrokerHandle
@@ -393,7 +393,9 @@ class Relay:
                 self.in_flight += len(messages)
                 self.metrics.in_flight.set(self.in_flight)
                 try:
-                    records = await self._dispatcher.dispatch(messages)
+                    with tracing.batch_span([m.headers for m in messages],
+                                            attributes={"messaging.batch.message_count": len(messages)}):
+                        records = await self._dispatcher.dispatch(messages)
                     await self._store.record(conn, records)
                 finally:
                     self.in_flight -= len(messages)

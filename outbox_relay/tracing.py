@@ -1,0 +1,97 @@
+"""W3C trace context from the producer's span to the consumer's, through the outbox.
+
+Optional: with OpenTelemetry installed (``pip install 'outbox-relay[otel]'``),
+``enqueue`` records the current ``traceparent`` / ``tracestate`` in the message's
+headers, which every adapter publishes (Kafka and AMQP headers, webhook headers, the
+JSON-lines record); the relay, when a tracer provider is configured, records one span
+per published batch linked to each message's trace; a consumer continues the trace
+with :func:`consumer_span`. Without OpenTelemetry every function here is a no-op, and
+the write path pays one cached ``None`` check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+@functools.cache
+def _otel() -> tuple[ModuleType, ModuleType] | None:
+    """(trace, propagate) of opentelemetry, or None when it is not installed."""
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        return None
+    return trace, propagate
+
+
+def with_trace_context(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """`headers` plus the current span's traceparent/tracestate, if there is a sampled
+    or recorded span and the caller did not set them; otherwise `headers` unchanged."""
+    otel = _otel()
+    if otel is None:
+        return headers
+    trace, propagate = otel
+    if not trace.get_current_span().get_span_context().is_valid:
+        return headers
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    extra = {name: value for name, value in carrier.items()
+             if name in TRACE_HEADERS and not (headers and name in headers)}
+    if not extra:
+        return headers
+    return {**(headers or {}), **extra}
+
+
+def _span_context(headers: Mapping[str, str]) -> Any:
+    otel = _otel()
+    assert otel is not None
+    trace, propagate = otel
+    return trace.get_current_span(propagate.extract(dict(headers))).get_span_context()
+
+
+@contextlib.contextmanager
+def batch_span(broker_headers: Sequence[Mapping[str, str]], *, attributes: Mapping[str, Any]) -> Iterator[None]:
+    """The relay's span for one published batch, linked to every message's trace.
+
+    Recorded only when OpenTelemetry is installed (the tracer is a no-op unless the
+    application configured a tracer provider)."""
+    otel = _otel()
+    if otel is None:
+        yield
+        return
+    trace = otel[0]
+    links = []
+    for headers in broker_headers:
+        if "traceparent" in headers:
+            context = _span_context(headers)
+            if context.is_valid:
+                links.append(trace.Link(context))
+    tracer = trace.get_tracer("outbox_relay")
+    with tracer.start_as_current_span("outbox-relay publish", kind=trace.SpanKind.PRODUCER, links=links,
+                                      attributes=dict(attributes)):
+        yield
+
+
+@contextlib.contextmanager
+def consumer_span(name: str, headers: Mapping[str, str], **attributes: Any) -> Iterator[Any]:
+    """A consumer's span, child of the producer's span the message was enqueued in.
+
+    ``headers``: the message's headers as text (a Kafka record's, decoded; a pika
+    message's ``properties.headers``). Yields the span (None without OpenTelemetry).
+    """
+    otel = _otel()
+    if otel is None:
+        yield None
+        return
+    trace, propagate = otel
+    parent = propagate.extract({k: v for k, v in headers.items() if k in TRACE_HEADERS})
+    tracer = trace.get_tracer("outbox_relay")
+    with tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.CONSUMER,
+                                      attributes=attributes) as span:
+        yield span

@@ -1,0 +1,94 @@
+"""One trace from the producer's span to the consumer's, through the outbox, the relay
+and a real Kafka broker (OpenTelemetry's SDK with its in-memory exporter)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from outbox_relay import enqueue
+from outbox_relay.tracing import consumer_span
+from outbox_relay.wiring import build_adapters
+from tests.conftest import make_config, running_relay, wait_until
+from tests.consumers import kafka_create_topic, kafka_read
+from tests.e2e.relay_helpers import pending
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    # The global tracer provider can be set once per process. Set here, then shut down
+    # after the test, so that the rest of the suite exports nothing (a shut-down
+    # processor drops spans) and holds no growing list of them.
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider), "set once, by this test only"
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    try:
+        yield exporter
+    finally:
+        provider.shutdown()
+        exporter.clear()
+
+
+async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
+        db: str, kafka_bootstrap: str, spans: InMemorySpanExporter) -> None:
+    topic = f"traced-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=1)
+    tracer = trace.get_tracer("shop")
+    with psycopg.connect(db) as conn, tracer.start_as_current_span("place order") as producer:
+        message_id = enqueue(conn, "orders.created", {"order": 1}, key="order-1", headers={"source": "shop"})
+        conn.commit()
+    untraced = None
+    with psycopg.connect(db) as conn:  # no span: no trace headers
+        untraced = enqueue(conn, "orders.created", {"order": 2}, key="order-2")
+        conn.commit()
+    config = make_config(db, brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+                         routes=[{"topic": "*", "broker": "events", "destination": topic}])
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    received = {r.message_id: r for r in await kafka_read(kafka_bootstrap, topic, 2)}
+    record = received[str(message_id)]
+    assert record.headers["source"] == "shop", "the application's own headers are kept"
+    assert "traceparent" in record.headers
+    assert "traceparent" not in received[str(untraced)].headers
+
+    with consumer_span("handle order", record.headers, **{"messaging.message.id": record.message_id}):
+        pass
+
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    produced = producer.get_span_context()
+    consumed = finished["handle order"]
+    assert consumed.context.trace_id == produced.trace_id, "the consumer continues the producer's trace"
+    assert consumed.parent is not None and consumed.parent.span_id == produced.span_id
+    assert consumed.kind is trace.SpanKind.CONSUMER
+    published = finished["outbox-relay publish"]
+    assert produced.span_id in {link.context.span_id for link in published.links}, \
+        "the relay's batch span links to the message's trace"
+    assert published.attributes is not None and published.attributes["messaging.batch.message_count"] == 2
+
+
+def test_without_opentelemetry_enqueue_adds_nothing_and_works(db: str) -> None:
+    # A process where OpenTelemetry cannot be imported: enqueue works, no trace headers.
+    script = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "import psycopg\n"
+        "from outbox_relay import enqueue, tracing\n"
+        "assert tracing._otel() is None\n"
+        f"conn = psycopg.connect({db!r})\n"
+        "enqueue(conn, 't', {'a': 1}, headers={'h': 'v'})\n"
+        "conn.commit()\n"
+        "print(conn.execute('SELECT headers FROM outbox.messages').fetchone()[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{'h': 'v'}"
