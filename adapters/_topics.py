@@ -5,8 +5,11 @@ client wait its whole request timeout, holding up every other record of the call
 topics not seen before are probed first: all at once, under one deadline, so that six
 missing topics cost one wait, not six; and a missing topic is remembered for a few
 seconds, so the calls right after do not wait for it again. A topic found is trusted
-for a minute, then probed again: one deleted since (auto-creation off) would otherwise
-make every call with its records wait the whole request timeout, forever.
+for as long as the adapter lives: probing it again would, during a broker outage,
+answer its records "no metadata" (an attempt spent) instead of letting the call wait
+for the broker (no attempt spent). A topic deleted while the relay runs makes its
+records wait in the client until `publish_timeout`, which opens the broker's circuit
+(engine/circuit.py): nothing is dead-lettered, and the log says which broker.
 """
 
 from __future__ import annotations
@@ -19,16 +22,13 @@ from outbox_relay.models import PublishResult
 
 METADATA_WAIT_S = 5.0  # at most this long per call for every unknown topic together
 REMEMBER_MISSING_S = 5.0
-REMEMBER_KNOWN_S = 60.0
 
 
 class TopicMetadata:
-    def __init__(self, wait: float, *, remember_missing: float = REMEMBER_MISSING_S,
-                 remember_known: float = REMEMBER_KNOWN_S):
+    def __init__(self, wait: float, *, remember_missing: float = REMEMBER_MISSING_S):
         self._wait = wait
         self._remember = remember_missing
-        self._remember_known = remember_known
-        self._known: dict[str, float] = {}  # topic -> trusted until
+        self._known: set[str] = set()
         self._missing: dict[str, tuple[float, PublishResult]] = {}  # topic -> (until, answer)
 
     async def missing(self, topics: Iterable[str],
@@ -38,9 +38,7 @@ class TopicMetadata:
         now = time.monotonic()
         answers: dict[str, PublishResult] = {}
         unknown: list[str] = []
-        for topic in set(topics):
-            if self._known.get(topic, 0.0) > now:
-                continue
+        for topic in set(topics) - self._known:
             remembered = self._missing.get(topic)
             if remembered is not None and remembered[0] > now:
                 answers[topic] = remembered[1]
@@ -51,12 +49,15 @@ class TopicMetadata:
         tasks = {topic: asyncio.ensure_future(probe(topic)) for topic in unknown}
         try:
             await asyncio.wait(tasks.values(), timeout=self._wait)
-        finally:  # also when the caller is cancelled (publish_timeout): no probe outlives it
+        finally:
+            # Also when the caller is cancelled (publish_timeout): no probe task outlives
+            # the call. (librdkafka's probe runs in a thread, which ends at its own
+            # timeout, `wait`.)
             for task in tasks.values():
                 task.cancel()
         for topic, task in tasks.items():
             if task.done() and not task.cancelled() and task.exception() is None:
-                self._known[topic] = time.monotonic() + self._remember_known
+                self._known.add(topic)
                 self._missing.pop(topic, None)
                 continue
             if task.done() and not task.cancelled():

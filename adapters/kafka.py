@@ -132,6 +132,13 @@ async def stop_within(producer: AIOKafkaProducer, wait: float) -> None:
     stopping.result()
 
 
+def _host_port(server: str) -> str:
+    host, colon, port = server.rpartition(":")
+    if not colon or not port.isdigit():
+        host, port = server, "9092"  # no port given (a bare host, or a bracketed IPv6)
+    return f"{host.strip('[]')}:{port}"
+
+
 class _ClientErrors(logging.Handler):
     """While active, keeps the last error aiokafka logged about one of `servers` (it
     logs the cause of a failed bootstrap and raises a generic error). aiokafka's logger
@@ -141,13 +148,15 @@ class _ClientErrors(logging.Handler):
     def __init__(self, servers: str | Sequence[str]) -> None:
         super().__init__(logging.ERROR)
         listed = servers.split(",") if isinstance(servers, str) else servers
-        # aiokafka writes 'Unable connect to "host:port": cause', the host unbracketed.
-        self._hosts = [f'"{server.strip().rsplit(":", 1)[0].strip("[]")}:' for server in listed]
+        # aiokafka writes 'Unable connect to "host:port": cause', the host unbracketed,
+        # the port 9092 when none was given. Host and port: two listeners of one broker
+        # (PLAINTEXT and SASL_SSL) are two adapters' servers.
+        self._servers = [f'"{_host_port(server.strip())}"' for server in listed]
         self.last: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if not any(host in message for host in self._hosts):
+        if not any(server in message for server in self._servers):
             return
         # 'Unable connect to "host:port": <cause>': keep the cause.
         self.last = message.split('": ', 1)[-1].splitlines()[0][:500] if message else None

@@ -41,6 +41,9 @@ from outbox_relay.validation import check_topic
 
 BACKFILL_HEADER = "outbox-backfill-id"
 DEFAULT_CHUNK = 1000
+# Session advisory locks: (this class, backfill id), held for a whole copy, so that two
+# `--resume N` never copy one backfill in turns.
+_LOCK_CLASS = 0x0B0F_0002
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 _FILTER = re.compile(r"([A-Za-z_][A-Za-z0-9_$]{0,62})(>=|<=|!=|=|>|<)(.*)", re.DOTALL)
@@ -247,6 +250,21 @@ def copy(
     q = Queries(outbox)
     recorded = get(conn, outbox, backfill_id)
     table = resolve(conn, recorded.source)
+    if rate:
+        chunk = max(1, min(chunk, int(rate)))  # about a second's worth per transaction
+    locked = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_CLASS, backfill_id)).fetchone()
+    conn.commit()
+    if not locked or not locked[0]:
+        raise DatabaseError(f"backfill #{backfill_id} is being copied by another process right now")
+    try:
+        return _copy_locked(conn, q, outbox, table, recorded.source, backfill_id, chunk, rate, progress)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, backfill_id))
+        conn.commit()
+
+
+def _copy_locked(conn: psycopg.Connection[Any], q: Queries, outbox: str, table: Table, source: Source,
+                 backfill_id: int, chunk: int, rate: float | None, progress: Callable[[int], None] | None) -> int:
     started, copied_now = time.monotonic(), 0
     while True:
         try:
@@ -256,7 +274,7 @@ def copy(
                 cursor, total_copied, finished = lock[0], int(lock[1]), bool(lock[2])
                 if finished:
                     return total_copied
-                statement, params = _chunk_statement(outbox, table, recorded.source, cursor, chunk, backfill_id)
+                statement, params = _chunk_statement(outbox, table, source, cursor, chunk, backfill_id)
                 row = conn.execute(statement, params).fetchone()
                 assert row is not None
                 rows, last = int(row[0]), row[1]

@@ -30,6 +30,7 @@ from outbox_relay.durations import parse_duration
 from outbox_relay.engine.connect import connect_sync
 from outbox_relay.errors import OutboxRelayError, SchemaError
 from outbox_relay.logging_setup import configure as configure_logging
+from outbox_relay.routing import Router
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -268,7 +269,8 @@ def dead_letters_purge(config_path: Path, older_than: str, topic: str | None, ye
     cfg = _load(config_path)
     with _connect(cfg.database.dsn.get_secret_value()) as conn:
         _require_schema(conn, cfg.database.schema_name)
-        count = dead_letters.count_older(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
+        cut = dead_letters.cut_for(conn, cfg.database.schema_name, seconds)
+        count = dead_letters.count_older(conn, cfg.database.schema_name, cut=cut, topic=topic)
         if count == 0:
             click.echo("no dead letters that old")
             return
@@ -276,14 +278,14 @@ def dead_letters_purge(config_path: Path, older_than: str, topic: str | None, ye
         # them go (as a requeue would, but without the dead one): say so before asking.
         released = ""
         if cfg.relay.dead_letter_policy == "hold":
-            held = dead_letters.held_behind_older(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
+            held = dead_letters.held_behind_older(conn, cfg.database.schema_name, cut=cut, topic=topic)
             if held:
                 released = f" (dead_letter_policy is hold: {held} message(s) held behind them will be published)"
         if not yes:
             if not sys.stdin.isatty():
                 raise click.UsageError(f"{count} dead letter(s) would be deleted{released}; pass --yes to confirm")
             click.confirm(f"Delete {count} dead letter(s) for good{released}?", abort=True)
-        deleted = dead_letters.purge(conn, cfg.database.schema_name, older_than_s=seconds, topic=topic)
+        deleted = dead_letters.purge(conn, cfg.database.schema_name, cut=cut, topic=topic)
     click.echo(f"deleted {deleted} dead letter(s){released}")
 
 
@@ -319,8 +321,9 @@ def replay(config_path: Path, topic: str | None, key: str | None, since: str | N
         until=replay_module.parse_time(until, "--until") if until else None,
         message_ids=replay_module.parse_message_ids(message_ids),
     )
-    if resume_id is not None and not selection.empty:
-        raise click.UsageError("--resume takes no filter: the replay keeps the selection it was started with")
+    if resume_id is not None and (not selection.empty or everything or again):
+        raise click.UsageError("--resume takes no filter, --all or --again: the replay keeps the selection "
+                               "it was started with")
     if resume_id is None and selection.empty and not everything:
         raise click.UsageError("choose what to replay (--topic, --key, --since, --until, --message-id) or pass --all")
     cfg = _load(config_path)
@@ -333,7 +336,11 @@ def replay(config_path: Path, topic: str | None, key: str | None, since: str | N
                 click.echo(f"replay #{resume_id} is already done: {recorded.copied} message(s) copied")
                 return
             replay_id, total = resume_id, recorded.total
-            click.echo(f"resuming replay #{replay_id}: {recorded.copied} of {total} copied so far")
+            click.echo(f"replay #{replay_id} stopped at {recorded.copied} of {total} copied")
+            _confirm(dry_run, yes, f"replay #{replay_id} would be finished", f"Finish replay #{replay_id}?")
+            if dry_run:
+                return
+            click.echo(f"resuming replay #{replay_id}")
         else:
             chosen = replay_module.plan(conn, schema_name, selection)
             listing = ", ".join(f"{name}: {n}" for name, n in chosen.by_topic.items())
@@ -343,20 +350,38 @@ def replay(config_path: Path, topic: str | None, key: str | None, since: str | N
                 hint = "" if finished else f"; it did not finish: --resume {previous_id} completes it"
                 raise click.UsageError(f"this selection was replayed before (#{previous_id} at "
                                        f"{when:%Y-%m-%d %H:%M:%S %Z}){hint}; pass --again to replay it once more")
-            if dry_run or chosen.total == 0:
-                if chosen.total == 0:
-                    click.echo("nothing to replay")
+            # A copy whose topic no route takes would be dead-lettered, and under
+            # dead_letter_policy hold would then stop its key's live messages.
+            router = Router(cfg.routes)
+            unrouted = [name for name in chosen.by_topic if router.resolve(name) is None]
+            if unrouted:
+                raise click.UsageError(f"no route in {config_path} takes topic {unrouted[0]!r}: its copies would be "
+                                       "dead-lettered; add a route or narrow --topic")
+            if chosen.total == 0:
+                click.echo("nothing to replay")
                 return
-            if not yes:
-                if not sys.stdin.isatty():
-                    raise click.UsageError(f"{chosen.total} message(s) would be replayed; pass --yes to confirm")
-                click.confirm(f"Replay {chosen.total} message(s)?", abort=True)
+            _confirm(dry_run, yes, f"{chosen.total} message(s) would be replayed",
+                     f"Replay {chosen.total} message(s)?")
+            if dry_run:
+                return
             replay_id, total = replay_module.begin(conn, schema_name, chosen), chosen.total
             click.echo(f"replay #{replay_id} started")
         copied = _run_with_progress("replay", replay_id, total,
                                     lambda report: replay_module.copy(conn, schema_name, replay_id, chunk=chunk,
                                                                       rate=rate, progress=report))
-    click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox; the relay publishes them")
+    # Rows that retention deleted before their chunk was copied are not there to copy.
+    short = f" (of {total} counted: {total - copied} deleted meanwhile by retention)" if copied < total else ""
+    click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox{short}; "
+               "the relay publishes them")
+
+
+def _confirm(dry_run: bool, yes: bool, would: str, question: str) -> None:
+    """Nothing to ask on a dry run; otherwise --yes, or a yes at a terminal."""
+    if dry_run or yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"{would}; pass --yes to confirm")
+    click.confirm(question, abort=True)
 
 
 # -- backfill ------------------------------------------------------------------------------

@@ -100,27 +100,35 @@ def requeue(
     return [row[0] for row in rows]
 
 
-def count_older(conn: psycopg.Connection[Any], schema: str, *, older_than_s: float, topic: str | None = None) -> int:
-    """How many dead letters were dead-lettered more than `older_than_s` seconds ago."""
-    params = {"older_than_s": older_than_s, "topic_regex": glob_to_regex(topic) if topic else None}
+def cut_for(conn: psycopg.Connection[Any], schema: str, older_than_s: float) -> datetime:
+    """The instant `--older-than` stands for, read once from the database's clock."""
+    row = conn.execute(Queries(schema)["dead_letters_cut"], {"older_than_s": older_than_s}).fetchone()
+    conn.rollback()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+def count_older(conn: psycopg.Connection[Any], schema: str, *, cut: datetime, topic: str | None = None) -> int:
+    """How many dead letters were dead-lettered before `cut`."""
+    params = {"cut": cut, "topic_regex": glob_to_regex(topic) if topic else None}
     row = conn.execute(Queries(schema)["dead_letters_count_older"], params).fetchone()
     conn.rollback()
     return int(row[0]) if row else 0
 
 
-def held_behind_older(conn: psycopg.Connection[Any], schema: str, *, older_than_s: float,
+def held_behind_older(conn: psycopg.Connection[Any], schema: str, *, cut: datetime,
                       topic: str | None = None) -> int:
     """Pending messages queued behind the dead letters that `purge` would delete: under
     `dead_letter_policy: hold`, deleting a key's dead letter releases them."""
-    params = {"older_than_s": older_than_s, "topic_regex": glob_to_regex(topic) if topic else None}
+    params = {"cut": cut, "topic_regex": glob_to_regex(topic) if topic else None}
     row = conn.execute(Queries(schema)["dead_letters_held_behind_older"], params).fetchone()
     conn.rollback()
     return int(row[0]) if row else 0
 
 
-def purge(conn: psycopg.Connection[Any], schema: str, *, older_than_s: float, topic: str | None = None) -> int:
-    """Delete dead letters older than the cut, 1000 per transaction; returns how many."""
-    params = {"older_than_s": older_than_s, "topic_regex": glob_to_regex(topic) if topic else None}
+def purge(conn: psycopg.Connection[Any], schema: str, *, cut: datetime, topic: str | None = None) -> int:
+    """Delete dead letters dead-lettered before `cut`, 1000 per transaction; returns how many."""
+    params = {"cut": cut, "topic_regex": glob_to_regex(topic) if topic else None}
     deleted = 0
     while True:
         with conn.transaction():

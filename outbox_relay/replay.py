@@ -41,40 +41,59 @@ DEFAULT_CHUNK = 1000
 
 
 @dataclass(frozen=True)
+class TimeBound:
+    """--since or --until: the instant it resolves to, and the form that identifies it
+    ("21600s ago" for a duration, the UTC time for an instant), so that `--since 6h`
+    given twice is the same selection."""
+
+    at: datetime
+    given: str
+
+
+@dataclass(frozen=True)
 class Selection:
     """Which dispatched messages a replay copies; a filter left None matches all."""
 
     topic: str | None = None
     key: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: TimeBound | None = None
+    until: TimeBound | None = None
     message_ids: tuple[UUID, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Repeated or reordered ids are one selection.
+        object.__setattr__(self, "message_ids", tuple(sorted(set(self.message_ids), key=str)))
 
     @property
     def empty(self) -> bool:
         return (self.topic, self.key, self.since, self.until) == (None, None, None, None) and not self.message_ids
 
     def as_json(self) -> dict[str, Any]:
-        """The selection as recorded: a replay of an equal selection again needs --again."""
+        """The selection as recorded. Everything but `resolved` identifies it: a replay
+        of an equal selection again needs --again."""
         return {
             "topic": self.topic,
             "key": self.key,
-            "since": self.since.isoformat() if self.since else None,
-            "until": self.until.isoformat() if self.until else None,
-            "message_ids": sorted(str(m) for m in self.message_ids),
+            "since": self.since.given if self.since else None,
+            "until": self.until.given if self.until else None,
+            "message_ids": [str(m) for m in self.message_ids],
+            "resolved": {
+                "since": self.since.at.isoformat() if self.since else None,
+                "until": self.until.at.isoformat() if self.until else None,
+            },
         }
 
     def params(self) -> dict[str, Any]:
         return {
             "topic_regex": glob_to_regex(self.topic) if self.topic else None,
             "key": self.key,
-            "since": self.since,
-            "until": self.until,
+            "since": self.since.at if self.since else None,
+            "until": self.until.at if self.until else None,
             "message_ids": list(self.message_ids) or None,
         }
 
 
-def parse_time(text: str, option: str, now: datetime | None = None) -> datetime:
+def parse_time(text: str, option: str, now: datetime | None = None) -> TimeBound:
     """An ISO 8601 time (with an offset, or UTC if none) or a duration ago ("2h")."""
     try:
         value = datetime.fromisoformat(text)
@@ -85,8 +104,9 @@ def parse_time(text: str, option: str, now: datetime | None = None) -> datetime:
             raise ConfigError(
                 f"{option} {text!r}: give an ISO 8601 time (2026-11-22T08:00:00+00:00) or a duration ago (2h)"
             ) from None
-        return (now or datetime.now(UTC)) - timedelta(seconds=ago)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return TimeBound((now or datetime.now(UTC)) - timedelta(seconds=ago), f"{ago:g}s ago")
+    at = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).astimezone(UTC)
+    return TimeBound(at, at.isoformat())
 
 
 def parse_message_ids(values: Sequence[str]) -> tuple[UUID, ...]:
@@ -171,6 +191,12 @@ def get(conn: psycopg.Connection[Any], schema: str, replay_id: int) -> Replay:
     return Replay(int(row[0]), row[1], row[2], row[3], int(row[5]), int(row[6]), row[8] is not None)
 
 
+# Session advisory locks: (this class, replay id). Held for a whole copy, so that two
+# `--resume N` never copy one replay in turns.
+_LOCK_CLASS = 0x0B0F_0001
+WINDOW_CHUNKS = 10  # a chunk looks at most at this many chunks' worth of ids
+
+
 def copy(
     conn: psycopg.Connection[Any],
     schema: str,
@@ -181,49 +207,79 @@ def copy(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Copy the replay's selection from where it stands, chunk by chunk; returns how
-    many rows it holds copied in all. `rate`: at most this many rows per second."""
+    many rows it holds copied in all. `rate`: at most about this many rows per second
+    (a chunk is then at most `rate` rows, and the copy sleeps between chunks)."""
     q = Queries(schema)
     recorded = conn.execute(q["replay_get"], {"replay_id": replay_id}).fetchone()
     conn.rollback()
     if recorded is None:
         raise ConfigError(f"no replay #{replay_id} (see `outbox-relay status`)")
     selection = _selection_from(recorded[3])
+    if rate:
+        chunk = max(1, min(chunk, int(rate)))
+    locked = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_CLASS, replay_id)).fetchone()
+    conn.commit()
+    if not locked or not locked[0]:
+        raise DatabaseError(f"replay #{replay_id} is being copied by another process right now")
+    try:
+        return _copy_locked(conn, q, replay_id, selection, chunk, rate, progress, base=int(recorded[6]))
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, replay_id))
+        conn.commit()
+
+
+def _copy_locked(conn: psycopg.Connection[Any], q: Queries, replay_id: int, selection: Selection, chunk: int,
+                 rate: float | None, progress: Callable[[int], None] | None, *, base: int) -> int:
     started = time.monotonic()
-    copied_now = 0
     while True:
         try:
             with conn.transaction():
                 lock = conn.execute(q["replay_lock"], {"replay_id": replay_id}).fetchone()
-                assert lock is not None
+                if lock is None:
+                    raise ConfigError(f"no replay #{replay_id}")
                 cursor, max_id, as_of, finished = int(lock[0]), int(lock[1]), lock[2], bool(lock[3])
                 if finished:
-                    return int(recorded[6]) + copied_now
+                    return _copied(conn, q, replay_id)
                 row = conn.execute(q["replay_copy_chunk"], {
-                    **selection.params(), "replay_id": replay_id, "cursor": cursor, "max_id": max_id,
-                    "as_of": as_of, "chunk": chunk,
+                    **selection.params(), "replay_id": replay_id, "cursor": cursor, "as_of": as_of,
+                    "window_end": min(max_id, cursor + WINDOW_CHUNKS * chunk), "chunk": chunk,
                 }).fetchone()
+                if row is None:  # the cursor did not match: roll back what this chunk inserted
+                    raise DatabaseError(f"replay #{replay_id} moved under this copy; nothing of this chunk was kept")
         except psycopg.errors.LockNotAvailable:
             raise DatabaseError(f"replay #{replay_id} is being copied by another process right now") from None
-        assert row is not None
-        total_copied, _, finished = int(row[0]), int(row[1]), bool(row[2])
-        copied_now = total_copied - int(recorded[6])
+        total_copied, finished = int(row[0]), bool(row[2])
         if progress is not None:
             progress(total_copied)
         if finished:
             return total_copied
         if rate:
-            # Throttle: the copies so far may not have taken less than copied / rate.
-            ahead = copied_now / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
+            _throttle(started, total_copied - base, rate)
+
+
+def _copied(conn: psycopg.Connection[Any], q: Queries, replay_id: int) -> int:
+    row = conn.execute(q["replay_get"], {"replay_id": replay_id}).fetchone()
+    return int(row[6]) if row else 0
+
+
+def _throttle(started: float, done: int, rate: float) -> None:
+    """Sleep until `done` rows since `started` are no faster than `rate` per second."""
+    ahead = done / rate - (time.monotonic() - started)
+    if ahead > 0:
+        time.sleep(ahead)
 
 
 def _selection_from(recorded: dict[str, Any]) -> Selection:
+    resolved = recorded.get("resolved") or {}
+
+    def bound(name: str) -> TimeBound | None:
+        return TimeBound(datetime.fromisoformat(resolved[name]), recorded[name]) if recorded.get(name) else None
+
     return Selection(
         topic=recorded.get("topic"),
         key=recorded.get("key"),
-        since=datetime.fromisoformat(recorded["since"]) if recorded.get("since") else None,
-        until=datetime.fromisoformat(recorded["until"]) if recorded.get("until") else None,
+        since=bound("since"),
+        until=bound("until"),
         message_ids=tuple(UUID(m) for m in recorded.get("message_ids") or ()),
     )
 
@@ -231,5 +287,5 @@ def _selection_from(recorded: dict[str, Any]) -> Selection:
 def describe(selection: dict[str, Any]) -> str:
     """A recorded selection in one line, for humans."""
     parts = [f"{name}={json.dumps(value) if not isinstance(value, str) else value}"
-             for name, value in selection.items() if value not in (None, [], "")]
+             for name, value in selection.items() if name != "resolved" and value not in (None, [], "")]
     return " ".join(parts) or "everything retained"

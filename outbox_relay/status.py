@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -71,6 +72,10 @@ class Status:
         return asdict(self)
 
 
+def _utc(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
 def _age(value: Any) -> float | None:
     return None if value is None else round(float(value), 3)
 
@@ -109,12 +114,12 @@ def read(conn: psycopg.Connection[Any], schema: str) -> Status:
         ],
         relays=infos,
         replays=[
-            ReplayInfo(int(r["replay_id"]), r["requested_by"], r["requested_at"].isoformat(), r["selection"],
+            ReplayInfo(int(r["replay_id"]), r["requested_by"], _utc(r["requested_at"]), r["selection"],
                        int(r["total"]), int(r["copied"]), r["finished_at"] is not None)
             for r in replays
         ],
         backfills=[
-            BackfillInfo(int(r["backfill_id"]), r["requested_by"], r["requested_at"].isoformat(), r["source"],
+            BackfillInfo(int(r["backfill_id"]), r["requested_by"], _utc(r["requested_at"]), r["source"],
                          int(r["total"]), int(r["copied"]), r["finished_at"] is not None)
             for r in backfills
         ],
@@ -148,14 +153,14 @@ def render(status: Status) -> str:
         lines.append("")
         lines.append("  replays (newest first)")
         for p in status.replays:
-            state = "done" if p.finished else "not finished (outbox-relay replay --resume N)"
-            lines.append(f"    #{p.replay_id} {p.requested_at[:19]} by {p.requested_by}: {describe(p.selection)}; "
+            state = "done" if p.finished else f"not finished (or still copying): replay --resume {p.replay_id}"
+            lines.append(f"    #{p.replay_id} {p.requested_at} by {p.requested_by}: {describe(p.selection)}; "
                          f"{p.copied} of {p.total} copied, {state}")
     if status.backfills:
         lines.append("")
         lines.append("  backfills (newest first)")
         for b in status.backfills:
-            state = "done" if b.finished else "not finished (outbox-relay backfill --resume N)"
-            lines.append(f"    #{b.backfill_id} {b.requested_at[:19]} by {b.requested_by}: {b.source['table']} -> "
+            state = "done" if b.finished else f"not finished (or still copying): backfill --resume {b.backfill_id}"
+            lines.append(f"    #{b.backfill_id} {b.requested_at} by {b.requested_by}: {b.source['table']} -> "
                          f"{b.source['topic']}; {b.copied} of {b.total} enqueued, {state}")
     return "\n".join(lines)

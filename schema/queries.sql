@@ -266,30 +266,38 @@ LIMIT 1;
 -- How many NOTIFYs committers have skipped so far (schema.sql, "Wakes the relay").
 SELECT {schema}.skipped_wakeups();
 
+-- name: dead_letters_cut
+-- `dead-letters purge --older-than`: the cut, taken once, so that what is deleted is
+-- what was counted and shown (however long the user takes to answer).
+SELECT clock_timestamp() - make_interval(secs => %(older_than_s)s);
+
 -- name: dead_letters_count_older
 -- How many dead letters `dead-letters purge` would delete (shown before it asks).
 SELECT count(*) FROM {schema}.messages
-WHERE dead_lettered_at IS NOT NULL AND dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
+WHERE dead_lettered_at IS NOT NULL AND dead_lettered_at < %(cut)s
   AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s);
 
 -- name: dead_letters_held_behind_older
 -- Pending messages of keys whose dead letter `dead-letters purge` would delete, later
--- than it: under dead_letter_policy hold they wait behind it, and go once it is gone.
+-- than it: under dead_letter_policy hold they wait behind it, and go once it is gone,
+-- unless a dead letter the purge keeps still stands before them.
 SELECT count(*) FROM {schema}.messages m
 WHERE m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL AND m.key IS NOT NULL
   AND EXISTS (SELECT 1 FROM {schema}.messages d
               WHERE d.key = m.key AND d.id < m.id
-                AND d.dead_lettered_at IS NOT NULL
-                AND d.dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
-                AND (%(topic_regex)s::text IS NULL OR d.topic ~ %(topic_regex)s));
+                AND d.dead_lettered_at IS NOT NULL AND d.dead_lettered_at < %(cut)s
+                AND (%(topic_regex)s::text IS NULL OR d.topic ~ %(topic_regex)s))
+  AND NOT EXISTS (SELECT 1 FROM {schema}.messages k
+                  WHERE k.key = m.key AND k.id < m.id AND k.dead_lettered_at IS NOT NULL
+                    AND NOT (k.dead_lettered_at < %(cut)s
+                             AND (%(topic_regex)s::text IS NULL OR k.topic ~ %(topic_regex)s)));
 
 -- name: dead_letters_purge
 -- Deletes up to 1000 dead letters older than the cut: the caller repeats until none is
 -- left, each batch its own short transaction (no long lock on the outbox).
 DELETE FROM {schema}.messages
 WHERE id IN (SELECT id FROM {schema}.messages
-             WHERE dead_lettered_at IS NOT NULL
-               AND dead_lettered_at < clock_timestamp() - make_interval(secs => %(older_than_s)s)
+             WHERE dead_lettered_at IS NOT NULL AND dead_lettered_at < %(cut)s
                AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
              LIMIT 1000);
 
@@ -315,9 +323,12 @@ GROUP BY topic ORDER BY topic;
 -- One chunk, in its own short transaction: copies the next rows of the selection to
 -- the tail of the outbox (new ids, so per-key order puts them after everything
 -- enqueued before them), in source order, and moves the replay's cursor with them.
+-- A chunk looks at ids up to window_end only, so that a narrow selection (one key,
+-- a few message ids) in a large table still costs short transactions; the cursor
+-- then moves to the window's end, or to the last row copied when the chunk is full.
 WITH source AS (
     SELECT id, message_id, topic, key, payload, content_type, headers FROM {schema}.messages
-    WHERE id > %(cursor)s AND id <= %(max_id)s AND dispatched_at <= %(as_of)s
+    WHERE id > %(cursor)s AND id <= %(window_end)s AND dispatched_at <= %(as_of)s
       AND NOT (headers ? 'outbox-replay-id')
       AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
       AND (%(key)s::text IS NULL OR key = %(key)s)
@@ -332,11 +343,14 @@ WITH source AS (
            headers || jsonb_build_object('outbox-replay-id', %(replay_id)s::text)
     FROM source ORDER BY id
     RETURNING 1
+), moved AS (
+    SELECT CASE WHEN (SELECT count(*) FROM source) = %(chunk)s THEN (SELECT max(id) FROM source)
+                ELSE %(window_end)s END AS cursor_id
 )
 UPDATE {schema}.replays
 SET copied = copied + (SELECT count(*) FROM copies),
-    cursor_id = coalesce((SELECT max(id) FROM source), %(max_id)s),
-    finished_at = CASE WHEN (SELECT count(*) FROM source) < %(chunk)s THEN now() END
+    cursor_id = (SELECT cursor_id FROM moved),
+    finished_at = CASE WHEN (SELECT cursor_id FROM moved) >= max_source_id THEN now() END
 WHERE replay_id = %(replay_id)s AND cursor_id = %(cursor)s
 RETURNING copied, cursor_id, finished_at IS NOT NULL AS finished;
 
@@ -350,8 +364,10 @@ SELECT replay_id, requested_by, requested_at, selection, max_source_id, total, c
 FROM {schema}.replays WHERE replay_id = %(replay_id)s;
 
 -- name: replay_same_selection
+-- `resolved` holds the instants a relative --since/--until stood for: not part of what
+-- identifies a selection (`--since 6h` today and tomorrow is the same request).
 SELECT replay_id, requested_at, finished_at FROM {schema}.replays
-WHERE selection = %(selection)s ORDER BY replay_id DESC LIMIT 1;
+WHERE selection - 'resolved' = %(selection)s::jsonb - 'resolved' ORDER BY replay_id DESC LIMIT 1;
 
 -- name: status_replays
 SELECT replay_id, requested_by, requested_at, selection, total, copied, finished_at

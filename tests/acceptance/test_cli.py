@@ -425,10 +425,17 @@ def test_purging_a_held_keys_dead_letter_says_it_releases_the_messages_behind_it
         for n in (1, 2):
             enqueue(conn, "orders", {"n": n}, key="acct-1")
         enqueue(conn, "orders", {"n": 3}, key="acct-2")
+        # acct-3: an old dead letter, a recent one the purge keeps, then a message that
+        # stays held behind the recent one: not counted as released.
+        for n, age in ((7, "10 days"), (8, "1 hour")):
+            enqueue(conn, "orders", {"n": n}, key="acct-3")
+            conn.execute("UPDATE outbox.messages SET dead_letter_reason = 'x', dead_lettered_at = now() - %s::interval "
+                         "WHERE key = 'acct-3' AND dead_lettered_at IS NULL", (age,))
+        enqueue(conn, "orders", {"n": 9}, key="acct-3")
         conn.commit()
     asked = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d")
     assert asked.returncode == 2, asked.stderr
-    assert "1 dead letter(s) would be deleted (dead_letter_policy is hold: 2 message(s) held behind them will be " \
+    assert "2 dead letter(s) would be deleted (dead_letter_policy is hold: 2 message(s) held behind them will be " \
            "published); pass --yes" in asked.stderr, asked.stderr
     relay = RelayProcess(config)
     try:

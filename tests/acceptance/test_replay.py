@@ -226,3 +226,58 @@ def test_a_replay_killed_mid_way_resumes_and_copies_nothing_twice(db: str, relay
     assert len(per_source) == 3000 and {n for _, n in per_source} == {1}, "each message copied exactly once"
     published = {line["message_id"] for line in replays_in(read_jsonl(sink)) if line["topic"] == "bulk.done"}
     assert len(published) == 3000, "every copy published at least once, the relay's kill notwithstanding"
+
+
+def test_the_same_selection_is_recognised_however_it_is_written(db: str, relayed: Any) -> None:
+    config, _sink, ids, _relay = relayed
+    first = replay(config, "--key", "k1", "--since", "2h", "--yes")
+    assert first.returncode == 0, first.stderr
+    later = replay(config, "--key", "k1", "--since", "120m", "--yes")  # the same request, a moment later
+    assert later.returncode == 2 and "replayed before (#1" in later.stderr, later.stderr
+    one, other = ids["emails"][:2]
+    by_ids = replay(config, "--message-id", one, "--message-id", other, "--yes")
+    assert by_ids.returncode == 0, by_ids.stderr
+    again = replay(config, "--message-id", other, "--message-id", one, "--message-id", one, "--yes")
+    assert again.returncode == 2 and "replayed before (#2" in again.stderr, again.stderr
+    instant = replay(config, "--topic", "orders.*", "--since", "2000-01-01T01:00:00+01:00", "--yes")
+    assert instant.returncode == 0, instant.stderr
+    same = replay(config, "--topic", "orders.*", "--since", "2000-01-01T00:00:00Z", "--yes")
+    assert same.returncode == 2 and "replayed before (#3" in same.stderr, same.stderr
+
+
+def test_resume_with_dry_run_copies_nothing_and_without_yes_asks(db: str, relayed: Any) -> None:
+    config, _sink, _ids, _relay = relayed
+    with psycopg.connect(db) as conn:  # a replay recorded but stopped before its first chunk
+        conn.execute("INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total) "
+                     "SELECT 'test', '{\"topic\": \"emails.*\", \"key\": null, \"since\": null, "
+                     "\"until\": null, \"message_ids\": []}', max(id), now(), 6 FROM outbox.messages")
+        conn.commit()
+    dry = replay(config, "--resume", "1", "--dry-run")
+    assert dry.returncode == 0 and "stopped at 0 of 6 copied" in dry.stdout, dry.stdout + dry.stderr
+    unasked = replay(config, "--resume", "1")
+    assert unasked.returncode == 2 and "replay #1 would be finished; pass --yes" in unasked.stderr
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (19,), "nothing copied"
+    done = replay(config, "--resume", "1", "--yes")
+    assert done.returncode == 0 and "6 message(s) copied" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_topic_no_route_takes_is_refused_before_anything_is_copied(db: str, tmp_path: Path) -> None:
+    import yaml
+
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "orders.created", {"n": 1})
+        enqueue(conn, "legacy.event", {"n": 2})
+        conn.execute("UPDATE outbox.messages SET dispatched_at = now()")
+        conn.commit()
+    config = tmp_path / "relay.yaml"
+    config.write_text(yaml.safe_dump({
+        "database": {"dsn": db}, "http": {"host": "127.0.0.1", "port": 0},
+        "brokers": {"sink": {"type": "file", "path": str(tmp_path / "out.jsonl")}},
+        "routes": [{"topic": "orders.*", "broker": "sink"}],
+    }))
+    out = replay(config, "--all", "--yes")
+    assert out.returncode == 2 and "takes topic 'legacy.event'" in out.stderr, out.stderr
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (2,)
+    assert replay(config, "--topic", "orders.*", "--yes").returncode == 0
