@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,21 @@ def test_check_fails_with_exit_1_when_a_broker_is_unreachable(db: str, tmp_path:
 def restore_structlog() -> object:
     yield None
     structlog.reset_defaults()
+    # configure() also routes the libraries' logging to the stderr of that moment (the
+    # test's capture): take that handler away again.
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if type(h).__name__ != "_LibraryHandler"]
+
+
+def test_library_warnings_are_json_lines_too(capsys: pytest.CaptureFixture[str], restore_structlog: object) -> None:
+    # psycopg, aiokafka and pika log through the standard logging module; unrouted, their
+    # warnings came out raw ("query cancellation interrupted ...") among the JSON lines.
+    configure("info")
+    logging.getLogger("psycopg").warning("query cancellation interrupted (%s): closing connection", "AdminShutdown")
+    logging.getLogger("aiokafka").info("below warning: not shown")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(line["logger"], line["level"], line["event"]) for line in lines] == [
+        ("psycopg", "warning", "query cancellation interrupted (AdminShutdown): closing connection")]
 
 
 def test_logs_are_json_when_not_a_terminal(capsys: pytest.CaptureFixture[str], restore_structlog: object) -> None:
