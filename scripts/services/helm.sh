@@ -5,7 +5,8 @@
 #   helm.sh path       print where helm is (or would be) installed, build nothing
 #
 # Helm comes from the Go module proxy (`go install helm.sh/helm/v3/cmd/helm@VERSION`),
-# not from a download site: Go is the only prerequisite. The binary, the module cache
+# not from a download site. Without Go on the machine, the Go toolchain comes from the
+# module proxy too (golang.org/toolchain), so python3 is the only prerequisite. The binary, the module cache
 # and the build cache live under the cache root, so a second build (another version,
 # a wiped binary) reuses the downloaded modules. Concurrent runs serialize on a flock;
 # the binary is installed under a temporary name and renamed, so a reader never sees a
@@ -47,9 +48,52 @@ if [[ -x "$HELM" ]]; then
   exit 0
 fi
 
+# No Go on this machine: fetch the Go toolchain itself from the same module proxy, as
+# `go` does when a module needs a newer toolchain (golang.org/toolchain), into the
+# cache. python3 does the download and the unzip: it is the one thing every machine
+# of ours has. A certificate bundle in PIP_CERT or SSL_CERT_FILE is used if set (a
+# proxy's CA).
+GO_TOOLCHAIN="${GO_TOOLCHAIN:-go1.26.8}"
+fetch_go() {
+  local arch dir
+  case "$(uname -m)" in x86_64) arch=amd64 ;; aarch64|arm64) arch=arm64 ;; *) return 1 ;; esac
+  dir="$CACHE_ROOT/go-toolchain/$GO_TOOLCHAIN.linux-$arch"
+  if [[ ! -x "$dir/bin/go" ]]; then
+    log "no Go here: fetching the $GO_TOOLCHAIN toolchain from the Go module proxy (once; cached in $dir) ..."
+    mkdir -p "$CACHE_ROOT/go-toolchain"
+    python3 - "$GO_TOOLCHAIN" "$arch" "$dir" "${GOPROXY:-https://proxy.golang.org}" <<'PY' || return 1
+import os, ssl, sys, tempfile, urllib.request, zipfile
+version, arch, target, proxy = sys.argv[1:]
+proxy = proxy.split(",")[0].rstrip("/")
+url = f"{proxy}/golang.org/toolchain/@v/v0.0.1-{version}.linux-{arch}.zip"
+bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+context = ssl.create_default_context(cafile=bundle) if bundle else None
+prefix = f"golang.org/toolchain@v0.0.1-{version}.linux-{arch}/"
+stage = tempfile.mkdtemp(dir=os.path.dirname(target))
+with tempfile.TemporaryFile() as data:
+    with urllib.request.urlopen(url, context=context, timeout=120) as response:
+        while chunk := response.read(1 << 20):
+            data.write(chunk)
+    with zipfile.ZipFile(data) as archive:
+        for info in archive.infolist():
+            if not info.filename.startswith(prefix) or info.is_dir():
+                continue
+            path = os.path.join(stage, info.filename[len(prefix):])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with archive.open(info) as source, open(path, "wb") as out:
+                out.write(source.read())
+            os.chmod(path, (info.external_attr >> 16) & 0o777 or 0o644)
+os.rename(stage, target)
+PY
+  fi
+  printf '%s\n' "$dir/bin/go"
+}
+
 if ! GO_BIN="$(find_go)"; then
-  log "Go is needed to build helm $HELM_VERSION and was not found (install Go 1.21 or later from https://go.dev/dl/, which fetches the toolchain helm needs, or set GO=/path/to/go)"
-  exit 1
+  if ! GO_BIN="$(fetch_go)"; then
+    log "Go is needed to build helm $HELM_VERSION: none was found and the $GO_TOOLCHAIN toolchain could not be fetched from the module proxy (install Go 1.21 or later, or set GO=/path/to/go)"
+    exit 1
+  fi
 fi
 
 mkdir -p "$BIN_DIR"
