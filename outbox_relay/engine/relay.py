@@ -310,12 +310,15 @@ class Relay:
         failures = 0  # database errors in a row, for the pause before the next try
         try:
             while not self._stop.is_set():
-                if conn is None:
-                    conn = await self._until_stopped(self._connect_worker())
-                    if conn is None:
-                        break
-                    self._worker_connected(+1)
                 try:
+                    if conn is None:
+                        # The session's setup runs statements too: a connection ended
+                        # right after it opened (a failover, pg_terminate_backend) fails
+                        # here, and is handled like any other lost connection below.
+                        conn = await self._until_stopped(self._connect_worker())
+                        if conn is None:
+                            break
+                        self._worker_connected(+1)
                     claimed = await self._batch(conn, index)
                     failures = 0
                 except psycopg.Error as exc:
@@ -327,11 +330,12 @@ class Relay:
                     # with a growing pause, rather than let the process die and restart
                     # into the same error (a crash loop that stalls every key).
                     failures += 1
-                    self._worker_connected(-1)
                     log.warning("database_connection_lost", worker=index, error_type=type(exc).__name__,
                                 error=first_line(exc))
-                    with contextlib.suppress(Exception):
-                        await conn.close()
+                    if conn is not None:
+                        self._worker_connected(-1)
+                        with contextlib.suppress(Exception):
+                            await conn.close()
                     conn = None
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), timeout=self._backoff.delay(failures))

@@ -469,3 +469,29 @@ async def test_a_worker_session_is_ended_by_postgres_after_the_limit_the_readme_
     finally:
         await conn.close()
     assert row == ("44s",), row  # 2 x 7 s + 30 s
+
+
+async def test_a_connection_lost_while_a_worker_sets_its_session_up_is_survived(
+        db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failover or pg_terminate_backend can end a worker's connection between its
+    # connect and its first claim, while the session's settings are being applied: the
+    # worker must reconnect (before: the error ended the worker, and the relay with it).
+    from outbox_relay.engine.store import OutboxStore
+
+    real = OutboxStore.prepare_session
+    failed: list[bool] = []
+
+    async def lost_once(conn: psycopg.AsyncConnection[Any]) -> None:
+        if not failed:
+            failed.append(True)
+            raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+        await real(conn)
+
+    monkeypatch.setattr(OutboxStore, "prepare_session", staticmethod(lost_once))
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"n": 1})
+        conn.commit()
+    fake = FakeAdapter()
+    async with running_relay(make_config(db, workers=1), {"main": fake}) as relay:
+        await wait_until(lambda: len(fake.delivered) == 1)
+        assert failed and relay.published == 1
