@@ -105,3 +105,49 @@ class Queries:
 
     def names(self) -> list[str]:
         return sorted(self._rendered)
+
+
+# -- the consumer inbox (outbox_relay/inbox/) ---------------------------------------------
+
+INBOX_SCHEMA_VERSION = 1
+DEFAULT_INBOX_SCHEMA = "inbox"
+
+
+def validate_inbox_schema_name(name: str) -> str:
+    """Return `name` if it is a valid inbox schema name (the outbox's rules), else raise
+    ConfigError with a message about the inbox."""
+    if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+        raise ConfigError(
+            f"invalid inbox schema name {name!r}: use 1 to {MAX_SCHEMA_NAME} lower-case letters, digits or _, "
+            "not starting with a digit"
+        )
+    return name
+
+
+def inbox_ddl(schema: str) -> sql.Composed:
+    """The consumer inbox's current DDL (``schema/inbox.sql``) for `schema`."""
+    return _render(_read("inbox.sql"), validate_inbox_schema_name(schema))
+
+
+def record_inbox_version(schema: str, version: int = INBOX_SCHEMA_VERSION) -> sql.Composed:
+    """The statement that marks the inbox in `schema` as installed at `version`."""
+    return sql.SQL("INSERT INTO {}.inbox_version (version) VALUES ({})").format(
+        sql.Identifier(validate_inbox_schema_name(schema)), sql.Literal(version)
+    )
+
+
+def inbox_grants(schema: str, role: str) -> sql.Composed:
+    """GRANT statements for a consumer role that records message ids and nothing else."""
+    return grants("inbox", validate_inbox_schema_name(schema), role)
+
+
+@functools.cache
+def _inbox_query_texts() -> dict[str, str]:
+    parts = _QUERY_HEADER.split(_read("inbox_queries.sql"))
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+@functools.cache
+def inbox_query(name: str, schema: str) -> sql.Composed:
+    """One named query of ``schema/inbox_queries.sql``, rendered for `schema` (cached)."""
+    return _render(_inbox_query_texts()[name], validate_inbox_schema_name(schema))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -15,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from outbox_relay import enqueue
+from outbox_relay import enqueue, inbox
 from outbox_relay.tracing import consumer_span
 from outbox_relay.wiring import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
@@ -64,6 +65,13 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
 
     with consumer_span("handle order", record.headers, **{"messaging.message.id": record.message_id}):
         pass
+    # The inbox's helper does the same around the handler it runs once per message.
+    kafka_record = SimpleNamespace(topic=topic, partition=0, offset=0,
+                                   headers=[(k, v.encode()) for k, v in record.headers.items()])
+    with psycopg.connect(db) as conn:
+        inbox.install(conn)
+        ran = [inbox.process_message(conn, kafka_record, lambda c: None, span_name="bill order") for _ in range(2)]
+    assert ran == [True, False], "once per message"
 
     finished = {span.name: span for span in spans.get_finished_spans()}
     produced = producer.get_span_context()
@@ -71,6 +79,9 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
     assert consumed.context.trace_id == produced.trace_id, "the consumer continues the producer's trace"
     assert consumed.parent is not None and consumed.parent.span_id == produced.span_id
     assert consumed.kind is trace.SpanKind.CONSUMER
+    billed = [span for span in spans.get_finished_spans() if span.name == "bill order"]
+    assert len(billed) == 2 and all(span.parent is not None and span.parent.span_id == produced.span_id
+                                    and span.context.trace_id == produced.trace_id for span in billed)
     published = finished["outbox-relay publish"]
     assert produced.span_id in {link.context.span_id for link in published.links}, \
         "the relay's batch span links to the message's trace"
