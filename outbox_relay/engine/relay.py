@@ -42,6 +42,7 @@ T = TypeVar("T")
 BROKER_GRACE_S = 5.0
 READY_TIMEOUT_S = 2.0
 READY_CACHE_S = 1.0
+BROKER_PROBE_TRUST_S = 30.0  # a readiness probe's 'not answering' holds the gauge at 0 this long
 # outbox_relay_messages_published{destination}: at most this many label values per broker;
 # the rest are counted under OTHER_DESTINATIONS.
 MAX_DESTINATION_LABELS = 100
@@ -121,6 +122,7 @@ class Relay:
         self._ready_lock = asyncio.Lock()
         self._ready_cache: tuple[float, tuple[bool, dict[str, Any]]] | None = None
         self._ready_conn: psycopg.AsyncConnection[Any] | None = None
+        self._broker_probed: dict[str, tuple[float, bool]] = {}  # broker -> (when, answered)
 
     def stop(self) -> None:
         """Stop claiming; the run finishes its in-flight batches and returns."""
@@ -134,12 +136,20 @@ class Relay:
 
     async def run(self) -> None:
         """Run until :meth:`stop`; raise if a task fails unexpectedly."""
-        if not await self._until_stopped(self._check_schema()):
+        # The port first: a port taken (a second relay on the host) is a configuration
+        # error to report before anything is connected that would need closing; and while
+        # the database is still away at start, /livez answers (waiting for it is no reason
+        # for a restart) and /readyz says not yet.
+        await self._start_http()
+        try:
+            checked = await self._until_stopped(self._check_schema())
+        except BaseException:
+            await self._close_http()
+            raise
+        if not checked:
+            await self._close_http()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=0)
             return
-        # The port first: a port taken (a second relay on the host) is a configuration
-        # error to report before anything is connected that would need closing.
-        await self._start_http()
         for handle in self._brokers.values():
             await handle.connect()
         await self._brokers_connected(BROKER_GRACE_S)
@@ -170,9 +180,7 @@ class Relay:
             for task in [stop_waiter, *tasks, *side]:
                 task.cancel()
             await asyncio.gather(stop_waiter, *tasks, *side, return_exceptions=True)
-            if self.http is not None:
-                await self.http.close()
-            await self._close_ready_conn()
+            await self._close_http()
             await self._maintenance.forget()
             self._dispatcher.close()
             for handle in self._brokers.values():
@@ -192,6 +200,12 @@ class Relay:
                     "this host? Set http.port to a free port, or 0 to pick one", path="http.port") from None
             self.http = http
 
+    async def _close_http(self) -> None:
+        http, self.http = self.http, None
+        if http is not None:
+            await http.close()
+        await self._close_ready_conn()
+
     def is_live(self) -> bool:
         """False when a worker has been stuck in one batch far past every timeout.
 
@@ -209,6 +223,8 @@ class Relay:
         for its answer), on one connection kept for it: a burst of /readyz requests
         (a misconfigured probe, a scan) costs the database one session, not one each.
         """
+        if not self.started.is_set():  # still connecting: brokers are not to be probed yet
+            return False, {"database": False, "brokers": {}, "starting": True}
         async with self._ready_lock:
             now = asyncio.get_running_loop().time()
             if self._ready_cache is not None and now - self._ready_cache[0] < READY_CACHE_S:
@@ -229,7 +245,9 @@ class Relay:
             except Exception:
                 brokers[name] = False
         self.metrics.database_connected.set(1 if database else 0)
+        now = asyncio.get_running_loop().time()
         for name, ok in brokers.items():
+            self._broker_probed[name] = (now, ok)
             self.metrics.broker_connected.labels(name).set(1 if ok else 0)
         return database and all(brokers.values()), {"database": database, "brokers": brokers}
 
@@ -255,8 +273,15 @@ class Relay:
                 await conn.close()
 
     def _refresh_broker_gauges(self) -> None:
+        # Connected = the adapter connected once, its circuit is closed (no publish went
+        # unanswered since), and the last readiness probe, if a recent one ran, found it
+        # answering: the heartbeat must not write 1 over what a probe just found.
+        now = asyncio.get_running_loop().time()
         for name, handle in self._brokers.items():
-            self.metrics.broker_connected.labels(name).set(1 if handle.connected.is_set() else 0)
+            recent = self._broker_probed.get(name)
+            probed_down = recent is not None and now - recent[0] < BROKER_PROBE_TRUST_S and not recent[1]
+            up = handle.connected.is_set() and not self._dispatcher.circuits[name].open and not probed_down
+            self.metrics.broker_connected.labels(name).set(1 if up else 0)
         self.metrics.in_flight.set(self.in_flight)
 
     async def _brokers_connected(self, timeout: float) -> None:

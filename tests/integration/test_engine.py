@@ -351,6 +351,14 @@ async def test_relay_waits_for_a_database_that_is_down_at_start(db: str) -> None
         try:
             await wait_until(lambda: sum(e["event"] == "database_unreachable" for e in logs) >= 2, timeout=30)
             assert not relay.started.is_set() and not task.done(), "the relay keeps retrying, not giving up"
+            # Meanwhile the health port answers: alive (waiting for the database is no
+            # reason for a restart), not ready.
+            import httpx
+
+            assert relay.http is not None
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{relay.http.port}") as client:
+                assert (await client.get("/livez")).status_code == 200
+                assert (await client.get("/readyz")).status_code == 503
             proxy.restore()
             await asyncio.wait_for(relay.started.wait(), timeout=30)
             enqueue_many(db, [("t", None, 1)])
@@ -495,3 +503,18 @@ async def test_a_connection_lost_while_a_worker_sets_its_session_up_is_survived(
     async with running_relay(make_config(db, workers=1), {"main": fake}) as relay:
         await wait_until(lambda: len(fake.delivered) == 1)
         assert failed and relay.published == 1
+
+
+async def test_the_heartbeat_does_not_write_connected_over_a_probe_that_found_the_broker_down(db: str) -> None:
+    # broker_connected had two writers: readiness (the probe's answer) and the heartbeat
+    # (connected once, ever): the heartbeat put 1 back within 5 s, and the alert on it
+    # could not fire.
+    fake = FakeAdapter()
+    async with running_relay(make_config(db), {"main": fake}) as relay:
+        gauge = relay.metrics.broker_connected.labels("main")
+        await fake.close()  # FakeAdapter.ready() now answers False
+        ready, detail = await relay.readiness()
+        assert not ready and detail["brokers"] == {"main": False}
+        assert gauge._value.get() == 0
+        relay._refresh_broker_gauges()  # what each heartbeat does
+        assert gauge._value.get() == 0, "the heartbeat wrote 1 over the probe's answer"
