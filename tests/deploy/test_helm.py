@@ -694,3 +694,55 @@ def test_metric_name_extraction_sees_histogram_and_counter_suffixes() -> None:
     assert samples == {"outbox_relay_x_total", "outbox_relay_h_bucket"}
     assert {"outbox_relay_x_total", "outbox_relay_h_sum", "outbox_relay_h_count"} <= declared
     assert "outbox_relay_x_total_total" not in declared
+
+
+def _matches(selector: Obj, labels: Obj) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def test_no_selector_counts_the_schema_hook_pod_as_a_relay(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    # A PDB that matches a Job's pod blocks every eviction (a Job has no scale); the
+    # Service, the NetworkPolicy and the monitors must not take it for a relay either.
+    for (name, _version), objects in rendered.items():
+        jobs = of_kind(objects, "Job")
+        if not jobs:
+            continue
+        job_labels = jobs[0]["spec"]["template"]["metadata"]["labels"]
+        selectors = [o["spec"]["selector"].get("matchLabels", {}) for o in objects
+                     if o["kind"] in {"PodDisruptionBudget", "Deployment", "PodMonitor"}]
+        selectors += [o["spec"]["selector"] for o in of_kind(objects, "Service") if "selector" in o["spec"]]
+        selectors += [o["spec"]["podSelector"].get("matchLabels", {}) for o in of_kind(objects, "NetworkPolicy")]
+        assert selectors, name
+        assert not any(_matches(s, job_labels) for s in selectors), name
+
+
+def test_the_schema_hook_needs_its_own_ddl_secret(helm: Helm) -> None:
+    # The relay's role is least-privileged and must not be the one that creates the
+    # schema: no fallback to existingSecret.
+    with pytest.raises(HelmError) as caught:
+        helm.template(CHART, sets={"schemaInstall.enabled": "true", "existingSecret": "relay-database"})
+    assert "schemaInstall.existingSecret" in caught.value.stderr
+
+
+def test_a_sidecar_never_keeps_the_application_pod_from_starting(
+        helm: Helm, rendered: dict[tuple[str, str], list[Obj]], tmp_path: Path) -> None:
+    # A missing Secret or ConfigMap fails the relay container alone (optional refs), and
+    # a cluster without native sidecars is refused instead of getting an init container
+    # that never ends.
+    pod = one(rendered[("app-chart:defaults", KUBE_VERSIONS[-1])], "Deployment")["spec"]["template"]["spec"]
+    (sidecar,) = pod["initContainers"]
+    refs = [e["valueFrom"]["secretKeyRef"] for e in sidecar["env"] if "valueFrom" in e]
+    refs += [next(iter(e.values())) for e in sidecar.get("envFrom", [])]
+    assert refs and all(ref.get("optional") is True for ref in refs), refs
+    config = next(v for v in pod["volumes"] if "configMap" in v and v["name"] == "outbox-relay-config")
+    assert config["configMap"]["optional"] is True
+    # The sidecar template's own guard, in a user's chart that sets no kubeVersion.
+    chart = tmp_path / "app"
+    shutil.copytree(APP_CHART, chart, symlinks=False)
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+    meta.pop("kubeVersion", None)
+    (chart / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(HelmError) as caught:
+        helm.template(chart, kube_version="1.28.0")
+    assert "native sidecars need Kubernetes 1.29" in caught.value.stderr
+    assert one(helm.template(chart, kube_version="1.29.0"), "Deployment")

@@ -33,7 +33,20 @@ application's chart when a parent chart calls in.
 
 {{- define "outbox-relay.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "outbox-relay.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{/* Labels of the schema-install Job's pods: not the relay's selector labels, so that
+the PDB, the Service, the NetworkPolicy and the monitors never count a hook pod as a
+relay (a PDB matching a Job's pod stops every eviction: a Job has no scale). */}}
+{{- define "outbox-relay.schemaJobLabels" -}}
+helm.sh/chart: {{ include "outbox-relay.chart" . }}
+app.kubernetes.io/name: {{ printf "%s-schema" (include "outbox-relay.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: outbox-relay
+app.kubernetes.io/component: schema-install
 {{- end -}}
 
 {{/* Labels of every object this chart renders (its own templates only: needs .Chart). */}}
@@ -207,8 +220,13 @@ ConfigMap.
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ $secret }}
-      key: {{ $key }}
+      name: {{ $secret | quote }}
+      key: {{ $key | quote }}
+      {{- if eq (.Values.mode | default "") "sidecar" }}
+      # A sidecar's missing Secret must not keep the application's pod from starting:
+      # the relay starts without it, says what is missing in one line, and restarts.
+      optional: true
+      {{- end }}
 {{- end }}
 {{- with .Values.extraEnvVars }}
 {{ toYaml . }}
@@ -216,13 +234,20 @@ ConfigMap.
 {{- end -}}
 
 {{- define "outbox-relay.envFrom" -}}
+{{- $optional := eq (.Values.mode | default "") "sidecar" }}
 {{- with .Values.extraEnvVarsCM }}
 - configMapRef:
-    name: {{ . }}
+    name: {{ . | quote }}
+    {{- if $optional }}
+    optional: true
+    {{- end }}
 {{- end }}
 {{- with .Values.extraEnvVarsSecret }}
 - secretRef:
-    name: {{ . }}
+    name: {{ . | quote }}
+    {{- if $optional }}
+    optional: true
+    {{- end }}
 {{- end }}
 {{- end -}}
 
@@ -320,6 +345,9 @@ The relay container, shared by the Deployment and the sidecar. Parameters (a dic
 - name: {{ .configVolume }}
   configMap:
     name: {{ include "outbox-relay.configMapName" $s }}
+    {{- if eq ($s.Values.mode | default "") "sidecar" }}
+    optional: true  # a missing ConfigMap stops the relay alone, never the application's pod
+    {{- end }}
     items:
       - key: {{ include "outbox-relay.configMapKey" $s }}
         path: relay.yaml
@@ -346,8 +374,8 @@ The relay container, shared by the Deployment and the sidecar. Parameters (a dic
 {{- if not .Values.existingConfigMap -}}
 {{- $_ := include "outbox-relay.configYaml" . -}}
 {{- end -}}
-{{- if and .Values.schemaInstall.enabled (not (or .Values.schemaInstall.existingSecret .Values.existingSecret)) -}}
-{{- fail "outbox-relay: schemaInstall.enabled needs a DSN: set schemaInstall.existingSecret or existingSecret" -}}
+{{- if and .Values.schemaInstall.enabled (not .Values.schemaInstall.existingSecret) -}}
+{{- fail "outbox-relay: schemaInstall.enabled needs schemaInstall.existingSecret: a Secret with the DSN of a role that may create the schema (the relay's own role should not: keep it least-privileged)" -}}
 {{- end -}}
 {{- if gt (len .Values.sidecar.portName) 15 -}}
 {{- fail "outbox-relay: sidecar.portName must be at most 15 characters (a Kubernetes port name)" -}}

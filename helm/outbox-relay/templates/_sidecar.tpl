@@ -36,6 +36,11 @@ terminationGracePeriodSeconds must cover both: the application's drain and the r
 {{- if ne $values.mode "sidecar" -}}
 {{- fail "outbox-relay.sidecar: set mode: sidecar in the relay's values (outbox-relay.mode), or the chart also renders a standalone Deployment" -}}
 {{- end -}}
+{{- /* Before 1.29 the API server drops restartPolicy: Always from an init container: the
+relay would become an init container that never ends, and the application never start. */ -}}
+{{- if not (semverCompare ">=1.29-0" .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "outbox-relay.sidecar: native sidecars need Kubernetes 1.29 or later (this cluster: %s); deploy the relay standalone (mode: standalone) instead" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- include "outbox-relay.container" (dict "scope" $s "name" $values.sidecar.containerName "portName" $values.sidecar.portName "restartPolicy" "Always" "readiness" $values.sidecar.gatePodReadiness "startup" $values.sidecar.holdApplicationUntilStarted "configVolume" "outbox-relay-config" "tmpVolume" "outbox-relay-tmp") -}}
 {{- end -}}
 
