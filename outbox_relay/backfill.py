@@ -32,12 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from outbox_relay.errors import ConfigError, DatabaseError
 from outbox_relay.sqlfiles import Queries, validate_schema_name
 from outbox_relay.validation import check_topic
+
+log = structlog.get_logger("outbox_relay.backfill")
 
 BACKFILL_HEADER = "outbox-backfill-id"
 DEFAULT_CHUNK = 1000
@@ -164,34 +167,58 @@ def _where(table: Table, filters: Sequence[Filter], cursor: Sequence[str] | None
 
 def count(conn: psycopg.Connection[Any], table: Table, source: Source) -> int:
     where, params = _where(table, source.filters, None)
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.identifier, where), params).fetchone()
+    row = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(table.identifier, where),
+                       params).fetchone()
     conn.rollback()
     return int(row[0]) if row else 0
 
 
-def _chunk_statement(outbox: str, table: Table, source: Source, cursor: Sequence[str] | None,
-                     chunk: int, backfill_id: int) -> tuple[sql.Composed, list[Any]]:
+ROW = "__outbox_backfill_row"  # the table's alias: no column of the user's table has this name
+
+
+def _window_statement(table: Table, source: Source, cursor: Sequence[str] | None,
+                      chunk: int) -> tuple[sql.Composed, list[Any]]:
+    """The primary keys of the next `chunk` matching rows, read without locks: the
+    window's upper end is fixed before any row is locked, so a row whose key changes
+    while the chunk waits for it can leave the window but never stretch it (a cursor
+    taken from re-checked rows would jump past the rows in between)."""
     where, params = _where(table, source.filters, cursor)
     pk = sql.SQL(", ").join(sql.Identifier(c) for c in table.primary_key)
-    pk_desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(c)) for c in table.primary_key)
     pk_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in table.primary_key)
-    key = sql.SQL("{}::text").format(sql.Identifier(source.key_column)) if source.key_column else sql.SQL("NULL")
+    statement = sql.SQL("SELECT ARRAY[{pk_text}] FROM ONLY {table} WHERE {where} ORDER BY {pk} LIMIT %s").format(
+        pk_text=pk_text, table=table.identifier, where=where, pk=pk)
+    return statement, [*params, chunk]
+
+
+def _chunk_statement(outbox: str, table: Table, source: Source, cursor: Sequence[str] | None,
+                     window_end: Sequence[str], backfill_id: int) -> tuple[sql.Composed, list[Any]]:
+    """The window's rows, share-locked, copied to the outbox in key order; returns how
+    many, and the size of the largest payload (checked against the relay's limit)."""
+    where, params = _where(table, source.filters, cursor)
+    pk_cols = [sql.Identifier(ROW, c) for c in table.primary_key]
+    pk = sql.SQL(", ").join(pk_cols)
+    upper = sql.SQL("({}) <= ({})").format(pk, sql.SQL(", ").join(sql.Placeholder() for _ in table.primary_key))
+    key = sql.SQL("{}::text").format(sql.Identifier(ROW, source.key_column)) if source.key_column else sql.SQL("NULL")
+    # The primary key is selected as __outbox_pk_N (no clash with the table's columns),
+    # for the copies' order; FOR SHARE allows no window function to number the rows.
+    pk_out = sql.SQL(", ").join(sql.SQL("{} AS {}").format(col, sql.Identifier(f"__outbox_pk_{i}"))
+                               for i, col in enumerate(pk_cols))
+    pk_order = sql.SQL(", ").join(sql.Identifier(f"__outbox_pk_{i}") for i in range(len(pk_cols)))
     statement = sql.SQL("""
-        WITH source_rows AS MATERIALIZED (
-            SELECT {pk_text_array} AS cursor_key, {key} AS message_key, to_jsonb(t) AS doc, {pk}
-            FROM {table} AS t WHERE {where} ORDER BY {pk} LIMIT %s FOR SHARE
-        ), copies AS (
+        WITH __outbox_rows AS MATERIALIZED (
+            SELECT {key} AS __outbox_key, convert_to(to_jsonb({row}.*)::text, 'UTF8') AS __outbox_payload, {pk_out}
+            FROM ONLY {table} AS {row} WHERE {where} AND {upper} ORDER BY {pk} FOR SHARE OF {row}
+        ), __outbox_copies AS (
             INSERT INTO {messages} (topic, key, payload, content_type, headers)
-            SELECT %s, message_key, convert_to(doc::text, 'UTF8'), 'application/json', %s
-            FROM source_rows ORDER BY {pk}
+            SELECT %s, __outbox_key, __outbox_payload, 'application/json', %s
+            FROM __outbox_rows ORDER BY {pk_order}
             RETURNING 1
         )
-        SELECT (SELECT count(*) FROM copies), (SELECT cursor_key FROM source_rows ORDER BY {pk_desc} LIMIT 1)
-    """).format(
-        pk_text_array=sql.SQL("ARRAY[{}]").format(pk_text), key=key, pk=pk, pk_desc=pk_desc,
-        table=table.identifier, where=where, messages=sql.Identifier(outbox, "messages"),
-    )
-    return statement, [*params, chunk, source.topic, Jsonb({BACKFILL_HEADER: str(backfill_id)})]
+        SELECT (SELECT count(*) FROM __outbox_copies),
+               (SELECT coalesce(max(octet_length(__outbox_payload)), 0) FROM __outbox_rows)
+    """).format(key=key, row=sql.Identifier(ROW), pk=pk, pk_out=pk_out, pk_order=pk_order, table=table.identifier,
+                where=where, upper=upper, messages=sql.Identifier(outbox, "messages"))
+    return statement, [*params, *window_end, source.topic, Jsonb({BACKFILL_HEADER: str(backfill_id)})]
 
 
 def _requester(conn: psycopg.Connection[Any]) -> str:
@@ -244,6 +271,7 @@ def copy(
     chunk: int = DEFAULT_CHUNK,
     rate: float | None = None,
     progress: Callable[[int], None] | None = None,
+    max_payload_bytes: int | None = None,
 ) -> int:
     """Copy from where the backfill stands, chunk by chunk; returns the rows copied in
     all. `rate`: at most this many rows per second."""
@@ -257,32 +285,63 @@ def copy(
     if not locked or not locked[0]:
         raise DatabaseError(f"backfill #{backfill_id} is being copied by another process right now")
     try:
-        return _copy_locked(conn, q, outbox, table, recorded.source, backfill_id, chunk, rate, progress)
+        return _copy_locked(conn, q, outbox, table, recorded.source, backfill_id, chunk, rate, progress,
+                            max_payload_bytes)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, backfill_id))
         conn.commit()
 
 
+# A chunk waits at most this long for a row an application transaction holds, then
+# rolls back and tries again: shorter than PostgreSQL's deadlock_timeout (1 s by
+# default), so that in a lock cycle with the application the backfill is always the
+# side that gives way, never the application's transaction.
+CHUNK_LOCK_TIMEOUT = "500ms"
+RETRYABLE = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+
 def _copy_locked(conn: psycopg.Connection[Any], q: Queries, outbox: str, table: Table, source: Source,
-                 backfill_id: int, chunk: int, rate: float | None, progress: Callable[[int], None] | None) -> int:
-    started, copied_now = time.monotonic(), 0
+                 backfill_id: int, chunk: int, rate: float | None, progress: Callable[[int], None] | None,
+                 max_payload_bytes: int | None = None) -> int:
+    started, copied_now, yielded = time.monotonic(), 0, 0
     while True:
         try:
             with conn.transaction():
-                lock = conn.execute(q["backfill_lock"], {"backfill_id": backfill_id}).fetchone()
-                assert lock is not None
+                try:
+                    lock = conn.execute(q["backfill_lock"], {"backfill_id": backfill_id}).fetchone()
+                except psycopg.errors.LockNotAvailable:
+                    raise DatabaseError(f"backfill #{backfill_id} is being copied by another process right now") \
+                        from None
+                if lock is None:
+                    raise ConfigError(f"no backfill #{backfill_id}")
                 cursor, total_copied, finished = lock[0], int(lock[1]), bool(lock[2])
                 if finished:
                     return total_copied
-                statement, params = _chunk_statement(outbox, table, source, cursor, chunk, backfill_id)
-                row = conn.execute(statement, params).fetchone()
-                assert row is not None
-                rows, last = int(row[0]), row[1]
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (CHUNK_LOCK_TIMEOUT,))
+                statement, params = _window_statement(table, source, cursor, chunk)
+                keys = [r[0] for r in conn.execute(statement, params).fetchall()]
+                rows = 0
+                if keys:
+                    statement, params = _chunk_statement(outbox, table, source, cursor, keys[-1], backfill_id)
+                    result = conn.execute(statement, params).fetchone()
+                    assert result is not None
+                    rows, largest = int(result[0]), int(result[1])
+                    if max_payload_bytes is not None and largest > max_payload_bytes:
+                        raise DatabaseError(
+                            f"backfill #{backfill_id} stopped: a row of {largest} bytes as JSON exceeds "
+                            f"relay.max_payload_bytes ({max_payload_bytes}) and would be dead-lettered; "
+                            "nothing of this chunk was written")
                 advanced = conn.execute(q["backfill_advance"], {
-                    "backfill_id": backfill_id, "rows": rows, "cursor_key": last, "finished": rows < chunk,
+                    "backfill_id": backfill_id, "rows": rows, "cursor_key": keys[-1] if keys else None,
+                    "finished": len(keys) < chunk,
                 }).fetchone()
-        except psycopg.errors.LockNotAvailable:
-            raise DatabaseError(f"backfill #{backfill_id} is being copied by another process right now") from None
+        except RETRYABLE as exc:
+            # An application transaction holds a row of this chunk (or a lock cycle with
+            # it): this chunk rolled back; give way, then take the same chunk again.
+            yielded += 1
+            log.info("backfill_chunk_yielded", backfill_id=backfill_id, reason=type(exc).__name__, times=yielded)
+            time.sleep(min(0.05 * yielded, 1.0))
+            continue
         except psycopg.errors.CheckViolation as exc:
             # The outbox's own rules (a key over 1024 characters): this chunk is rolled
             # back, the cursor stays before it; say which rule, not the row's contents.
@@ -292,7 +351,7 @@ def _copy_locked(conn: psycopg.Connection[Any], q: Queries, outbox: str, table: 
         copied_now += rows
         if progress is not None:
             progress(int(advanced[0]))
-        if rows < chunk:
+        if len(keys) < chunk:
             return int(advanced[0])
         if rate:
             ahead = copied_now / rate - (time.monotonic() - started)

@@ -432,6 +432,11 @@ def backfill(config_path: Path, table: str | None, topic: str | None, key_column
             raise click.UsageError("--table and --topic are required (or --resume N)")
         source = backfill_module.Source(table, topic, key_column,
                                         tuple(backfill_module.Filter.parse(f) for f in filters))
+        # Its messages would be dead-lettered, and under dead_letter_policy hold would
+        # then stop their keys' live messages.
+        if Router(cfg.routes).resolve(topic) is None:
+            raise click.UsageError(f"no route in {config_path} takes topic {topic!r}: every message would be "
+                                   "dead-lettered; add a route or choose another --topic")
     elif table or topic or key_column or filters:
         raise click.UsageError("--resume takes no --table, --topic, --key-column or --where: "
                                "the backfill keeps what it was started with")
@@ -459,8 +464,9 @@ def backfill(config_path: Path, table: str | None, topic: str | None, key_column
             backfill_id = backfill_module.begin(conn, schema_name, source, total)
             click.echo(f"backfill #{backfill_id} started")
         done = _run_with_progress("backfill", backfill_id, total,
-                                  lambda report: backfill_module.copy(conn, schema_name, backfill_id, chunk=chunk,
-                                                                      rate=per_second, progress=report))
+                                  lambda report: backfill_module.copy(
+                                      conn, schema_name, backfill_id, chunk=chunk, rate=per_second, progress=report,
+                                      max_payload_bytes=cfg.relay.max_payload_bytes))
     click.echo(f"backfill #{backfill_id} done: {done} message(s) in the outbox; the relay publishes them")
 
 

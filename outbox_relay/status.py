@@ -72,6 +72,11 @@ class Status:
         return asdict(self)
 
 
+def _printable(value: object) -> str:
+    """Recorded text as one printable line: no terminal control sequences from a row."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
 def _utc(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -154,13 +159,15 @@ def render(status: Status) -> str:
         lines.append("  replays (newest first)")
         for p in status.replays:
             state = "done" if p.finished else f"not finished (or still copying): replay --resume {p.replay_id}"
-            lines.append(f"    #{p.replay_id} {p.requested_at} by {p.requested_by}: {describe(p.selection)}; "
+            lines.append(f"    #{p.replay_id} {p.requested_at} by {_printable(p.requested_by)}: "
+                         f"{_printable(describe(p.selection))}; "
                          f"{p.copied} of {p.total} copied, {state}")
     if status.backfills:
         lines.append("")
         lines.append("  backfills (newest first)")
         for b in status.backfills:
             state = "done" if b.finished else f"not finished (or still copying): backfill --resume {b.backfill_id}"
-            lines.append(f"    #{b.backfill_id} {b.requested_at} by {b.requested_by}: {b.source['table']} -> "
-                         f"{b.source['topic']}; {b.copied} of {b.total} enqueued, {state}")
+            lines.append(f"    #{b.backfill_id} {b.requested_at} by {_printable(b.requested_by)}: "
+                         f"{_printable(b.source.get('table'))} -> {_printable(b.source.get('topic'))}; "
+                         f"{b.copied} of {b.total} enqueued, {state}")
     return "\n".join(lines)

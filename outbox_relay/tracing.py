@@ -31,18 +31,20 @@ def _otel() -> tuple[ModuleType, ModuleType] | None:
 
 
 def with_trace_context(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
-    """`headers` plus the current span's traceparent/tracestate, if there is a sampled
-    or recorded span and the caller did not set them; otherwise `headers` unchanged."""
+    """`headers` plus the current span's traceparent/tracestate, when there is a current
+    span and the caller set neither (in any letter case: the two travel as a pair, and
+    a caller's own trace context wins); otherwise `headers` unchanged."""
     otel = _otel()
-    if otel is None:
+    if otel is None or (headers is not None and not isinstance(headers, Mapping)):
+        return headers  # not a mapping: the header check says so, in its own words
+    if headers and any(str(name).lower() in TRACE_HEADERS for name in headers):
         return headers
     trace, propagate = otel
     if not trace.get_current_span().get_span_context().is_valid:
         return headers
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    extra = {name: value for name, value in carrier.items()
-             if name in TRACE_HEADERS and not (headers and name in headers)}
+    extra = {name: value for name, value in carrier.items() if name in TRACE_HEADERS}
     if not extra:
         return headers
     return {**(headers or {}), **extra}

@@ -18,4 +18,7 @@ GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
 GRANT SELECT, INSERT, UPDATE ON {schema}.replays TO {role};
 -- `outbox-relay backfill` records its progress (it reads the snapshotted table with a
 -- role that may: its own --dsn, or this one after a GRANT SELECT on that table).
-GRANT SELECT, INSERT, UPDATE ON {schema}.backfills TO {role};
+GRANT SELECT, INSERT ON {schema}.backfills TO {role};
+-- Progress only: a role that could rewrite a backfill's source could have a later
+-- `--resume` by a stronger role copy a table of its choosing.
+GRANT UPDATE (copied, cursor_key, finished_at) ON {schema}.backfills TO {role};

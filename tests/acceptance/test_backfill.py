@@ -237,3 +237,57 @@ def test_backfill_runs_as_the_applications_role_with_dsn(db: str, tmp_path: Path
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_primary_key_changed_under_a_waiting_chunk_makes_it_skip_nothing(db: str, tmp_path: Path) -> None:
+    # The application moves row 5 to id 5,000,000 while the first chunk waits for it.
+    # Were the cursor taken from the re-checked rows, it would jump to 5,000,000 and
+    # rows 1,001 to 3,000 would never be copied.
+    make_accounts(db, 3000)
+    config = write_config(tmp_path / "relay.yaml", db)
+    with psycopg.connect(db) as holder:
+        holder.execute("UPDATE public.accounts SET id = 5000000 WHERE id = 5")  # holds the row
+        command = subprocess.Popen(
+            [*exe(), "backfill", "--config", str(config), "--table", "accounts", "--topic", "accounts.snapshot",
+             "--chunk", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            seen = ""
+            assert command.stderr is not None
+            while "backfill_chunk_yielded" not in seen:  # the chunk met the held row and gave way
+                assert time.monotonic() < deadline and command.poll() is None, seen
+                seen += command.stderr.readline()
+            holder.commit()
+            _out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                command.kill()
+    assert command.returncode == 0, err
+    ids = sorted(payload["id"] for _, payload, _ in outbox_rows(db))
+    assert ids == [i for i in range(1, 3001) if i != 5] + [5_000_000], "a row skipped or copied twice"
+
+
+def test_a_column_named_like_the_alias_and_refusals_before_copying(db: str, tmp_path: Path) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("CREATE TABLE public.events (id int PRIMARY KEY, t timestamptz NOT NULL DEFAULT now(), "
+                     "body text NOT NULL)")
+        conn.execute("INSERT INTO public.events (id, body) VALUES (1, 'small'), (2, repeat('x', 5000))")
+        conn.commit()
+    config = write_config(tmp_path / "relay.yaml", db, max_payload_bytes=4096)
+    too_large = backfill(config, "--table", "events", "--topic", "events.snapshot")
+    assert too_large.returncode == 1 and "exceeds relay.max_payload_bytes (4096)" in too_large.stderr, too_large.stderr
+    assert outbox_count(db) == 0, "nothing of the chunk was written"
+    import yaml
+
+    tree = yaml.safe_load(config.read_text())
+    tree["routes"] = [{"topic": "orders.*", "broker": "sink"}]
+    tree["relay"].pop("max_payload_bytes")
+    config.write_text(yaml.safe_dump(tree))
+    unrouted = backfill(config, "--table", "events", "--topic", "events.snapshot")
+    assert unrouted.returncode == 2 and "no route" in unrouted.stderr and "events.snapshot" in unrouted.stderr
+    done = backfill(config, "--table", "events", "--topic", "orders.events", "--key-column", "id")
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(db) as conn:
+        payloads = [json.loads(r[0]) for r in conn.execute(
+            "SELECT convert_from(payload, 'UTF8') FROM outbox.messages ORDER BY id").fetchall()]
+    assert [sorted(p) for p in payloads] == [["body", "id", "t"]] * 2, "the whole row, not its column t"

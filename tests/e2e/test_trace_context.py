@@ -49,12 +49,18 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
     with psycopg.connect(db) as conn, tracer.start_as_current_span("place order") as producer:
         message_id = enqueue(conn, "orders.created", {"order": 1}, key="order-1", headers={"source": "shop"})
         conn.commit()
-    untraced = None
     with psycopg.connect(db) as conn:  # no span: no trace headers
         untraced = enqueue(conn, "orders.created", {"order": 2}, key="order-2")
         conn.commit()
+    with psycopg.connect(db) as conn, tracer.start_as_current_span("forward"):
+        # A caller's own trace context (any letter case) wins, as a pair.
+        own = enqueue(conn, "orders.created", {"order": 3}, key="order-3",
+                      headers={"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+        row = conn.execute("SELECT headers FROM outbox.messages WHERE message_id = %s", (own,)).fetchone()
+        conn.rollback()
+    assert row is not None and row[0] == {"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     config = make_config(db, brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-                         routes=[{"topic": "*", "broker": "events", "destination": topic}])
+                         routes=[{"topic": "*", "broker": "events", "destination": topic}], workers=1)
     async with running_relay(config, build_adapters(config)):
         await wait_until(lambda: pending(db) == 0, timeout=60)
     received = {r.message_id: r for r in await kafka_read(kafka_bootstrap, topic, 2)}
