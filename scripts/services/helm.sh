@@ -106,14 +106,21 @@ if [[ ! -x "$HELM" ]]; then
   stage="$(mktemp -d "$BIN_DIR/.build.XXXXXX")"
   trap 'rm -rf "$stage"' EXIT
   export GOMODCACHE="$CACHE_ROOT/go/mod" GOCACHE="$CACHE_ROOT/go/build" GOPATH="$CACHE_ROOT/go/path"
+  # Go reads the system's certificates; a proxy's CA handed in as PIP_CERT (our
+  # containers) must reach it as SSL_CERT_FILE.
+  if [[ -z "${SSL_CERT_FILE:-}" && -n "${PIP_CERT:-}" ]]; then
+    export SSL_CERT_FILE="$PIP_CERT"
+  fi
   # GOFLAGS=-mod=mod keeps a GOFLAGS=-mod=vendor from the environment out of the way.
   export GOFLAGS="-mod=mod"
   # Helm's Makefile stamps the Kubernetes version of its client-go (the version that
   # `helm template` and `helm lint` assume without --kube-version) and its own version
   # into the binary; without them a source build assumes Kubernetes 1.20. Same here.
   if ! gomod="$("$GO_BIN" mod download -json "helm.sh/helm/v3@$HELM_VERSION" 2>"$stage/build.log" |
+                tee "$stage/download.json" |
                 sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')" || [[ -z "$gomod" ]]; then
-    tail -n 20 "$stage/build.log" >&2
+    # `go mod download -json` reports its error in the JSON, not on stderr.
+    tail -n 20 "$stage/build.log" "$stage/download.json" >&2
     log "go mod download helm.sh/helm/v3@$HELM_VERSION failed"
     exit 1
   fi
