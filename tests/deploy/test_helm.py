@@ -271,7 +271,7 @@ def test_the_chart_refuses_a_grace_period_not_above_the_shutdown_timeout(helm: H
 
 CREDENTIAL = re.compile(
     r"://[^/\s:@'\"]+:(?!\$\{)[^/@\s'\"]+@"                     # scheme://user:password@
-    r"|password\s*=\s*(?!\$\{)[^\s'\"]+"                       # password=... in a DSN
+    r"|password\s*=\s*['\"]?(?!\$\{)[^\s'\"]+"                # password=... in a DSN, quoted or not
     r"|(?im:^\s*[\"']?[a-z_]*(password|token|secret)[a-z_]*[\"']?\s*:\s*(?!\$\{)[^\s{].*$)"
 )
 
@@ -294,6 +294,7 @@ def test_default_values_render_no_secret_and_no_credential_in_any_config_map(
 @pytest.mark.parametrize("values", [
     {"config": {"database": {"dsn": "postgresql://relay:hunter2@db:5432/app"}}},
     {"config": {"database": {"dsn": "host=db user=relay password=hunter2 dbname=app"}}},
+    {"config": {"database": {"dsn": "host=db user=relay password='hunter2' dbname=app"}}},
     {"config": {"brokers": {"k": {"type": "kafka", "bootstrap_servers": "k:9092",
                                   "sasl": {"mechanism": "PLAIN", "username": "u", "password": "hunter2"}}},
                 "routes": [{"topic": "*", "broker": "k"}]}},
@@ -302,7 +303,7 @@ def test_default_values_render_no_secret_and_no_credential_in_any_config_map(
                 "routes": [{"topic": "*", "broker": "w"}]}},
     {"config": {"brokers": {"r": {"type": "rabbitmq", "url": "amqp://u:hunter2@rabbit:5672/"}},
                 "routes": [{"topic": "*", "broker": "r"}]}},
-], ids=["dsn-uri", "dsn-keywords", "sasl-password", "webhook-token", "amqp-url"])
+], ids=["dsn-uri", "dsn-keywords", "dsn-keywords-quoted", "sasl-password", "webhook-token", "amqp-url"])
 def test_the_chart_refuses_a_literal_secret_in_the_config(helm: Helm, tmp_path: Path, values: Obj) -> None:
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -314,4 +314,5 @@ def test_check_then_run_relays_and_drains_on_sigterm(
     assert dispatched <= set(ids)
     assert dead == 0
     assert len(dispatched) + pending == 5100
+    assert pending > 0, "SIGTERM came after everything was published: the drain went untested"
     print(f"stopped {stopped_in:.2f} s after SIGTERM with {len(dispatched)} of 5100 published, {pending} pending")

@@ -202,7 +202,7 @@ ConfigMap.
 {{- fail "outbox-relay: a URL in config holds a literal password (scheme://user:password@...): use ${VAR} from the environment instead" -}}
 {{- end -}}
 {{- end -}}
-{{- range regexFindAll "(?i)password[ \\t]*=[ \\t]*[^ \\t'\"]+" $text -1 -}}
+{{- range regexFindAll "(?i)password[ \\t]*=[ \\t]*['\"]?[^ \\t'\"]+" $text -1 -}}
 {{- if not (contains "${" .) -}}
 {{- fail "outbox-relay: a DSN in config holds a literal password= parameter: use ${DATABASE_URL} from the environment (existingSecret) instead" -}}
 {{- end -}}
