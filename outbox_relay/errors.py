@@ -1,4 +1,6 @@
-"""Every error outbox-relay raises derives from :class:`OutboxRelayError`.
+"""Every error outbox-relay raises derives from :class:`OutboxRelayError`, except
+the producer API's argument checks (``enqueue``: an invalid topic, key, header or
+payload), which raise ``ValueError`` as Python's own functions do for a bad argument.
 
 The CLI turns these into one line and an exit code; their messages never carry a
 secret (DSNs are redacted before they reach an error).

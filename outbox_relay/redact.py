@@ -34,10 +34,3 @@ def redact_text(text: str, secrets: list[str]) -> str:
             text = text.replace(secret, MASK)
     return _URI_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", text)
 
-
-def dsn_password(dsn: str) -> str | None:
-    try:
-        value = conninfo_to_dict(dsn).get("password")
-    except Exception:
-        return None
-    return str(value) if value else None

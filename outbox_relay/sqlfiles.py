@@ -103,9 +103,6 @@ class Queries:
     def __getitem__(self, name: str) -> sql.Composed:
         return self._rendered[name]
 
-    def names(self) -> list[str]:
-        return sorted(self._rendered)
-
 
 # -- the consumer inbox (outbox_relay/inbox/) ---------------------------------------------
 

@@ -143,7 +143,8 @@ def process_once(
     returns, or a savepoint inside the caller's. An exception from the handler rolls
     back its effects and the record alike, and propagates: the message stays
     unprocessed, ready for its redelivery. Acknowledge the message to the broker after
-    this returns, never before.
+    the commit, never before: after this returns when it opened the transaction, after
+    your own commit when you had one open (its savepoint commits nothing).
     """
     mid = _checked(message_id, consumer, schema)  # a bad call is refused before the transaction
     with conn.transaction():
