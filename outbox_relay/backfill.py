@@ -22,10 +22,7 @@ PostgreSQL reads them as the column's type).
 
 from __future__ import annotations
 
-import getpass
-import os
 import re
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +33,7 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from outbox_relay.copying import only_copier, requester
 from outbox_relay.errors import ConfigError, DatabaseError
 from outbox_relay.sqlfiles import Queries, validate_schema_name
 from outbox_relay.validation import check_topic
@@ -221,19 +219,10 @@ def _chunk_statement(outbox: str, table: Table, source: Source, cursor: Sequence
     return statement, [*params, *window_end, source.topic, Jsonb({BACKFILL_HEADER: str(backfill_id)})]
 
 
-def _requester(conn: psycopg.Connection[Any]) -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        user = f"uid {os.getuid()}"
-    row = conn.execute("SELECT current_user").fetchone()
-    return f"{user}@{socket.gethostname()} as {row[0] if row else '?'}"
-
-
 def begin(conn: psycopg.Connection[Any], outbox: str, source: Source, total: int) -> int:
     with conn.transaction():
         row = conn.execute(Queries(validate_schema_name(outbox))["backfill_begin"], {
-            "requested_by": _requester(conn), "source": Jsonb(source.as_json()), "total": total,
+            "requested_by": requester(conn), "source": Jsonb(source.as_json()), "total": total,
         }).fetchone()
     assert row is not None
     return int(row[0])
@@ -280,16 +269,9 @@ def copy(
     table = resolve(conn, recorded.source)
     if rate:
         chunk = max(1, min(chunk, int(rate)))  # about a second's worth per transaction
-    locked = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_CLASS, backfill_id)).fetchone()
-    conn.commit()
-    if not locked or not locked[0]:
-        raise DatabaseError(f"backfill #{backfill_id} is being copied by another process right now")
-    try:
+    with only_copier(conn, _LOCK_CLASS, backfill_id, "backfill"):
         return _copy_locked(conn, q, outbox, table, recorded.source, backfill_id, chunk, rate, progress,
                             max_payload_bytes)
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, backfill_id))
-        conn.commit()
 
 
 # A chunk waits at most this long for a row an application transaction holds, then

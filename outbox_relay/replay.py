@@ -17,10 +17,7 @@ replay killed mid-way resumes where its last chunk committed, copying nothing tw
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import Jsonb
 
+from outbox_relay.copying import only_copier, requester
 from outbox_relay.dead_letters import glob_to_regex
 from outbox_relay.durations import parse_duration
 from outbox_relay.errors import ConfigError, DatabaseError
@@ -163,7 +161,7 @@ def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:
     """Record the replay (nothing is copied yet); returns its id."""
     with conn.transaction():
         row = conn.execute(Queries(schema)["replay_begin"], {
-            "requested_by": _requester(conn),
+            "requested_by": requester(conn),
             "selection": Jsonb(chosen.selection.as_json()),
             "max_id": chosen.max_source_id,
             "as_of": chosen.as_of,
@@ -171,16 +169,6 @@ def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:
         }).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def _requester(conn: psycopg.Connection[Any]) -> str:
-    """Who asks: the operating-system user and host, and the database role."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        user = f"uid {os.getuid()}"
-    row = conn.execute("SELECT current_user").fetchone()
-    return f"{user}@{socket.gethostname()} as {row[0] if row else '?'}"
 
 
 def get(conn: psycopg.Connection[Any], schema: str, replay_id: int) -> Replay:
@@ -217,15 +205,8 @@ def copy(
     selection = _selection_from(recorded[3])
     if rate:
         chunk = max(1, min(chunk, int(rate)))
-    locked = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_CLASS, replay_id)).fetchone()
-    conn.commit()
-    if not locked or not locked[0]:
-        raise DatabaseError(f"replay #{replay_id} is being copied by another process right now")
-    try:
+    with only_copier(conn, _LOCK_CLASS, replay_id, "replay"):
         return _copy_locked(conn, q, replay_id, selection, chunk, rate, progress, base=int(recorded[6]))
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, replay_id))
-        conn.commit()
 
 
 def _copy_locked(conn: psycopg.Connection[Any], q: Queries, replay_id: int, selection: Selection, chunk: int,
