@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, replay_cost, write_path
 from benchmarks.common import ratio_rows
-from outbox_relay.logging_setup import configure
+from outbox_relay.observability.logging_setup import configure
 
 TARGETS = {
     "kafka relay / raw producer": (">=", 0.8),

@@ -11,11 +11,11 @@ import psycopg
 import yaml
 from psycopg import sql
 
+from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config, parse
 from outbox_relay.engine.relay import Relay
 from outbox_relay.engine.store import Record
 from outbox_relay.models import Message
-from outbox_relay.wiring import build_adapters
 
 PAYLOAD_BYTES = 256
 KEYS = 10_000

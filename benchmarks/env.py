@@ -13,7 +13,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from outbox_relay import local_postgres, schema_manager
+from outbox_relay.demo import local_postgres
+from outbox_relay.operations import schema_manager
 from tests import services  # the same provisioning as the tests: env, testcontainers, local
 
 

@@ -10,9 +10,10 @@ import psycopg
 
 from benchmarks.common import AckClock, percentile, relay_config
 from benchmarks.env import fresh_schema
-from outbox_relay import enqueue_async, schema_manager
+from outbox_relay import enqueue_async
+from outbox_relay.assembly import build_adapters
 from outbox_relay.engine.relay import Relay
-from outbox_relay.wiring import build_adapters
+from outbox_relay.operations import schema_manager
 from tests.consumers import kafka_create_topic
 
 SCHEMA = "bench_latency"

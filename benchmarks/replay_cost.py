@@ -18,7 +18,7 @@ from psycopg import sql
 
 from benchmarks.common import percentile
 from benchmarks.env import fresh_schema
-from outbox_relay import replay
+from outbox_relay.operations import replay
 
 SCHEMA = "bench_replay"
 

@@ -25,7 +25,8 @@ import psycopg
 
 from benchmarks.common import percentile
 from benchmarks.env import fresh_schema
-from outbox_relay import local_postgres, schema_manager
+from outbox_relay.demo import local_postgres
+from outbox_relay.operations import schema_manager
 
 SCHEMA = "bench_write"
 

@@ -22,15 +22,16 @@ import click
 import psycopg
 import structlog
 
-from outbox_relay import backfill as backfill_module
 from outbox_relay import config as config_module
-from outbox_relay import dead_letters, schema_manager, sqlfiles, status
-from outbox_relay import replay as replay_module
+from outbox_relay import sqlfiles
+from outbox_relay.connections import connect_sync
 from outbox_relay.durations import parse_duration
-from outbox_relay.engine.connect import connect_sync
+from outbox_relay.engine.routing import Router
 from outbox_relay.errors import OutboxRelayError, SchemaError
-from outbox_relay.logging_setup import configure as configure_logging
-from outbox_relay.routing import Router
+from outbox_relay.observability.logging_setup import configure as configure_logging
+from outbox_relay.operations import backfill as backfill_module
+from outbox_relay.operations import dead_letters, schema_manager, status
+from outbox_relay.operations import replay as replay_module
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -145,7 +146,7 @@ def run(config_path: Path, log_level: str) -> None:
     # A SIGTERM before the event loop's handler is in place (while loading the config)
     # is still a clean stop: nothing has been claimed yet.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(0))
-    from outbox_relay.wiring import build_relay
+    from outbox_relay.assembly import build_relay
 
     cfg = _load(config_path)
     configure_logging(log_level)
@@ -165,7 +166,7 @@ def run(config_path: Path, log_level: str) -> None:
 @one_line_errors
 def check(config_path: Path) -> None:
     """Validate the config, then connect to the database and to every broker."""
-    from outbox_relay.check import run_checks
+    from outbox_relay.operations.check import run_checks
 
     cfg = _load(config_path)
     ok = asyncio.run(run_checks(cfg, click.echo))
@@ -509,7 +510,7 @@ def _run_with_progress(what: str, number: int, total: int, work: Callable[[Calla
 @one_line_errors
 def demo(orders: int, rollback_every: int, dsn: str | None) -> None:
     """Run a sample application and the relay on an embedded PostgreSQL."""
-    from outbox_relay.demo import run_demo
+    from outbox_relay.demo.run import run_demo
 
     configure_logging("warning")
     sys.exit(run_demo(orders=orders, rollback_every=rollback_every, dsn=dsn))

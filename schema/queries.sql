@@ -301,7 +301,7 @@ WHERE id IN (SELECT id FROM {schema}.messages
                AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
              LIMIT 1000);
 
--- Replays (`outbox-relay replay`, outbox_relay/replay.py). The selection: dispatched
+-- Replays (`outbox-relay replay`, outbox_relay/operations/replay.py). The selection: dispatched
 -- rows, not copies made by an earlier replay, enqueued before the replay began, that
 -- match every filter given (a NULL filter matches all).
 
@@ -378,7 +378,7 @@ FROM {schema}.replays ORDER BY replay_id DESC LIMIT 10;
 SELECT cursor_id, max_source_id, as_of, finished_at IS NOT NULL FROM {schema}.replays
 WHERE replay_id = %(replay_id)s FOR UPDATE NOWAIT;
 
--- Backfills (`outbox-relay backfill`, outbox_relay/backfill.py). The chunk itself is
+-- Backfills (`outbox-relay backfill`, outbox_relay/operations/backfill.py). The chunk itself is
 -- composed in Python: it names the user's table and columns (as quoted identifiers).
 
 -- name: backfill_begin

@@ -14,10 +14,11 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from outbox_relay import local_postgres, schema_manager
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config, parse
+from outbox_relay.demo import local_postgres
 from outbox_relay.engine.relay import Relay
+from outbox_relay.operations import schema_manager
 from tests import services
 
 TEMPLATE = "outbox_relay_template"

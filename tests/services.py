@@ -5,7 +5,7 @@ For each, in order:
    (``OUTBOX_RELAY_TEST_DSN``, ``OUTBOX_RELAY_TEST_KAFKA``, ``OUTBOX_RELAY_TEST_AMQP_URL``);
 2. testcontainers, when a Docker engine answers;
 3. local processes from this machine's binaries: PostgreSQL via
-   outbox_relay.local_postgres, Kafka and RabbitMQ via scripts/services/*.sh
+   outbox_relay.demo.local_postgres, Kafka and RabbitMQ via scripts/services/*.sh
    (scripts/test installs what they need first).
 
 No path skips: when none works, the tests that need the service fail with the reason.
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from outbox_relay import local_postgres
+from outbox_relay.demo import local_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts" / "services"

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import structlog
 
 from outbox_relay.adapter import Adapter, keeps_key_order
+from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
-from outbox_relay.retry import Backoff
 
 log = structlog.get_logger("outbox_relay.brokers")
 

@@ -35,7 +35,7 @@ import structlog
 from prometheus_client import Gauge
 
 from outbox_relay.adapter import Adapter
-from outbox_relay.retry import Backoff
+from outbox_relay.engine.retry import Backoff
 
 log = structlog.get_logger("outbox_relay.circuit")
 

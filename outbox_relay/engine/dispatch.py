@@ -34,11 +34,11 @@ import structlog
 
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.engine.circuit import Circuit
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.routing import Router, Target
 from outbox_relay.engine.store import Record
-from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
-from outbox_relay.retry import Backoff
-from outbox_relay.routing import Router, Target
+from outbox_relay.observability.metrics import RelayMetrics
 
 log = structlog.get_logger("outbox_relay.dispatch")
 

@@ -17,9 +17,9 @@ from uuid import UUID
 import psycopg
 import structlog
 
-from outbox_relay.engine.connect import PREPARE_THRESHOLD, connect_with_retry, disable_jit
+from outbox_relay.connections import PREPARE_THRESHOLD, connect_with_retry, disable_jit
 from outbox_relay.errors import first_line
-from outbox_relay.metrics import RelayMetrics
+from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
 
 log = structlog.get_logger("outbox_relay.maintenance")

@@ -18,21 +18,22 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 import structlog
 
-from outbox_relay import schema_manager, tracing
+from outbox_relay import tracing
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
+from outbox_relay.connections import connect_once, connect_with_retry
 from outbox_relay.engine.brokers import BrokerHandle
-from outbox_relay.engine.connect import connect_once, connect_with_retry
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.routing import Router
 from outbox_relay.engine.store import OutboxStore, Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
 from outbox_relay.errors import ConfigError, first_line
-from outbox_relay.http_server import HealthServer
-from outbox_relay.metrics import RelayMetrics
 from outbox_relay.models import Message
-from outbox_relay.retry import Backoff
-from outbox_relay.routing import Router
+from outbox_relay.observability.http_server import HealthServer
+from outbox_relay.observability.metrics import RelayMetrics
+from outbox_relay.operations import schema_manager
 from outbox_relay.sqlfiles import Queries, notify_channel
 
 log = structlog.get_logger("outbox_relay.relay")

@@ -16,7 +16,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from outbox_relay.engine.connect import PREPARE_THRESHOLD, connect_with_retry
+from outbox_relay.connections import PREPARE_THRESHOLD, connect_with_retry
 from outbox_relay.errors import first_line
 
 log = structlog.get_logger("outbox_relay.wakeup")

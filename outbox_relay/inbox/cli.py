@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import click
 
 from outbox_relay import sqlfiles
+from outbox_relay.connections import connect_sync
 from outbox_relay.durations import format_duration, parse_duration
-from outbox_relay.engine.connect import connect_sync
 from outbox_relay.inbox import schema as inbox_schema
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -17,7 +17,7 @@ from psycopg.rows import tuple_row
 from outbox_relay import sqlfiles
 from outbox_relay.errors import DatabaseError, SchemaError, first_line
 from outbox_relay.inbox import errors
-from outbox_relay.schema_manager import InstallResult
+from outbox_relay.operations.schema_manager import InstallResult
 from outbox_relay.sqlfiles import DEFAULT_INBOX_SCHEMA, INBOX_SCHEMA_VERSION, inbox_query
 
 PRUNE_BATCH = 1000

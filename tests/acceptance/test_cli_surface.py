@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from outbox_relay.logging_setup import configure
+from outbox_relay.observability.logging_setup import configure
 from tests.acceptance.cli import run_cli
 
 COMMANDS = [

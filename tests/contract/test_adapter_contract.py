@@ -26,8 +26,8 @@ from outbox_relay_adapters.stdout import StdoutAdapter
 from outbox_relay_adapters.webhook import create as create_webhook
 
 from outbox_relay.adapter import Adapter, keeps_key_order
+from outbox_relay.json_lines import decode_payload
 from outbox_relay.models import Message, Outcome, OutgoingMessage
-from outbox_relay.records import decode_payload
 from tests.consumers import RabbitQueue, Received, kafka_read, rabbit_read
 from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, Secure
 

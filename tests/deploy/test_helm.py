@@ -34,8 +34,8 @@ import pytest
 import yaml
 
 from outbox_relay import enqueue
+from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config, parse
-from outbox_relay.wiring import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
 from tests.deploy.helm_support import (
     APP_CHART,

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from outbox_relay.wiring import build_adapters
+from outbox_relay.assembly import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
 from tests.e2e.relay_helpers import write

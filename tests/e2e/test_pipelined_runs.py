@@ -14,8 +14,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from outbox_relay import enqueue
+from outbox_relay.assembly import build_adapters
 from outbox_relay.models import OutgoingMessage, PublishResult
-from outbox_relay.wiring import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import kafka_create_topic, kafka_read
 from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key

@@ -10,8 +10,8 @@ import psycopg
 from outbox_relay_adapters.rabbitmq import create
 
 from outbox_relay import enqueue
+from outbox_relay.assembly import build_adapters
 from outbox_relay.models import Outcome, OutgoingMessage
-from outbox_relay.wiring import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import RabbitQueue, rabbit_read
 from tests.contract.test_adapter_contract import message

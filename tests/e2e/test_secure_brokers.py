@@ -17,8 +17,8 @@ import yaml
 from structlog.testing import capture_logs
 
 from outbox_relay import enqueue
+from outbox_relay.assembly import build_adapters
 from outbox_relay.config import parse
-from outbox_relay.wiring import build_adapters
 from tests.acceptance.cli import run_cli
 from tests.conftest import running_relay, wait_until
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read

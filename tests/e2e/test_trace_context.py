@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from outbox_relay import enqueue, inbox
+from outbox_relay.assembly import build_adapters
 from outbox_relay.tracing import consumer_span
-from outbox_relay.wiring import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import kafka_create_topic, kafka_read
 from tests.e2e.relay_helpers import pending

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from outbox_relay import local_postgres, schema_manager
+from outbox_relay.demo import local_postgres
+from outbox_relay.operations import schema_manager
 from tests import services
 
 

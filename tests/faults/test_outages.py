@@ -16,7 +16,7 @@ import httpx
 import psycopg
 import pytest
 
-from outbox_relay import local_postgres
+from outbox_relay.demo import local_postgres
 from tests.acceptance.cli import RelayProcess
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
 from tests.faults.harness import Ledger, Writers, check_delivery, http_port, relay_config, settled, wait_for

@@ -25,8 +25,8 @@ from outbox_relay_adapters.webhook import WebhookAdapter
 
 from outbox_relay import adapter as registry
 from outbox_relay.errors import AdapterOptionsError
+from outbox_relay.json_lines import decode_payload, record
 from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
-from outbox_relay.records import decode_payload, record
 
 CREATED = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 

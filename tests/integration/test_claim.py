@@ -14,8 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay import schema_manager, sqlfiles
+from outbox_relay import sqlfiles
 from outbox_relay.engine.store import OutboxStore
+from outbox_relay.operations import schema_manager
 from outbox_relay.sqlfiles import Queries
 
 BATCH = 100

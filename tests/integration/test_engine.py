@@ -11,8 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay import dead_letters, enqueue, enqueue_async
+from outbox_relay import enqueue, enqueue_async
 from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.operations import dead_letters
 from outbox_relay.testing import FakeAdapter
 from tests.conftest import make_config, running_relay, wait_until
 

@@ -14,9 +14,11 @@ import pytest
 from psycopg.conninfo import make_conninfo
 from structlog.testing import capture_logs
 
-from outbox_relay import enqueue, enqueue_async, local_postgres, schema_manager
+from outbox_relay import enqueue, enqueue_async
+from outbox_relay.demo import local_postgres
 from outbox_relay.errors import SchemaError
 from outbox_relay.models import PublishResult
+from outbox_relay.operations import schema_manager
 from outbox_relay.testing import FakeAdapter
 from tests.acceptance.cli import RelayProcess, run_cli
 from tests.conftest import make_config, running_relay, wait_until

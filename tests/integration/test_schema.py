@@ -9,8 +9,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbox_relay import enqueue, schema_manager, sqlfiles
+from outbox_relay import enqueue, sqlfiles
 from outbox_relay.errors import SchemaError
+from outbox_relay.operations import schema_manager
 from outbox_relay.testing import FakeAdapter
 from tests.conftest import make_config, running_relay, wait_until
 
@@ -287,7 +288,7 @@ async def test_roles_work_in_a_database_that_revoked_everything_from_public(empt
             await wait_until(lambda: len(fake.delivered) == 3)
         assert [dict(out.message.headers)["trace"] for out in fake.delivered] == ["a", "b", "c"]
         # `replay` runs with the relay's config, so under the relay's role too.
-        from outbox_relay import replay
+        from outbox_relay.operations import replay
 
         with psycopg.connect(relay_dsn) as conn:
             chosen = replay.plan(conn, "outbox", replay.Selection(key="k"))

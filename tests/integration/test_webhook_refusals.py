@@ -17,7 +17,7 @@ import pytest
 from outbox_relay_adapters.webhook import retry_after
 
 from outbox_relay import enqueue
-from outbox_relay.wiring import build_adapters
+from outbox_relay.assembly import build_adapters
 from tests.conftest import make_config, running_relay, wait_until
 
 

@@ -12,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config, load, parse
 from outbox_relay.errors import AdapterOptionsError, ConfigError
-from outbox_relay.wiring import build_adapters
 
 EXAMPLE = """\
 database:
@@ -420,7 +420,7 @@ def test_deeply_nested_yaml_is_a_config_error() -> None:
     error_of("relay: " + "[" * 3000 + "]" * 3000 + "\n")
 
 
-# --- adapters: type and options validated through wiring.build_adapters -----------
+# --- adapters: type and options validated through assembly.build_adapters -----------
 
 
 def build_error(brokers: dict[str, Any]) -> ConfigError:
@@ -556,7 +556,7 @@ _mutated = st.fixed_dictionaries(
 
 
 def _only_one_line_config_error(text: str) -> None:
-    from outbox_relay.wiring import build_adapters
+    from outbox_relay.assembly import build_adapters
 
     try:
         # As `run` and `check` do: parse, then every broker block's adapter options.
@@ -592,6 +592,6 @@ def test_a_broker_name_with_a_line_break_still_gives_a_one_line_error(broker: di
                            "routes": [{"topic": "*", "broker": "a\nb"}]})
     _only_one_line_config_error(text)
     with pytest.raises(ConfigError, match=r"^relay\.yaml: brokers\.'a\\nb'\."):
-        from outbox_relay.wiring import build_adapters
+        from outbox_relay.assembly import build_adapters
 
         build_adapters(parse(text, source="relay.yaml", env={}))

@@ -15,10 +15,10 @@ import pytest
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import RouteConfig
 from outbox_relay.engine.dispatch import NO_ROUTE, Dispatcher
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.routing import Router
 from outbox_relay.engine.store import Record
 from outbox_relay.models import Message, OutgoingMessage, PublishResult
-from outbox_relay.retry import Backoff
-from outbox_relay.routing import Router
 from outbox_relay.testing import FakeAdapter
 
 INITIAL = 0.1

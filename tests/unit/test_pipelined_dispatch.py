@@ -18,10 +18,10 @@ from structlog.testing import capture_logs
 
 from outbox_relay.config import RouteConfig
 from outbox_relay.engine.dispatch import Dispatcher, waves
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.routing import Router
 from outbox_relay.engine.store import Record
 from outbox_relay.models import Message, PublishResult
-from outbox_relay.retry import Backoff
-from outbox_relay.routing import Router
 from outbox_relay.testing import FakeAdapter
 
 _CREATED = datetime(2024, 1, 1, tzinfo=UTC)

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from outbox_relay.json_lines import decode_payload, json_line, record
 from outbox_relay.models import Message, OutgoingMessage
 from outbox_relay.producer import BINARY, JSON, TEXT, encode_payload
-from outbox_relay.records import decode_payload, json_line, record
 from outbox_relay.redact import MASK, UNPARSEABLE, redact_dsn, redact_text
 from outbox_relay.validation import check_headers, check_key, check_topic
 
@@ -354,14 +354,14 @@ def test_topic_glob_as_regex_matches_what_a_route_glob_matches(pattern: str, top
     import fnmatch
     import re
 
-    from outbox_relay.dead_letters import glob_to_regex
+    from outbox_relay.operations.dead_letters import glob_to_regex
 
     # PostgreSQL's regex and Python's agree on what glob_to_regex emits (., .*, [..], [^..], \x).
     assert (re.search(glob_to_regex(pattern), topic) is not None) == fnmatch.fnmatchcase(topic, pattern)
 
 
 def test_topic_glob_with_a_character_set() -> None:
-    from outbox_relay.dead_letters import glob_to_regex
+    from outbox_relay.operations.dead_letters import glob_to_regex
 
     assert glob_to_regex("a.[bc]*") == "^a\\.[bc].*$"
     assert glob_to_regex("a.[!bc]?") == "^a\\.[^bc].$"

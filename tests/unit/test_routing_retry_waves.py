@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from outbox_relay.config import RouteConfig
 from outbox_relay.engine.dispatch import waves
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.routing import Router, Target
 from outbox_relay.models import Message
-from outbox_relay.retry import Backoff
-from outbox_relay.routing import Router, Target
 
 # --- routing ------------------------------------------------------------------------
 

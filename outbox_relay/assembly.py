@@ -1,7 +1,8 @@
-"""The composition root: turns a Config into adapters and a Relay.
+"""Builds the running parts from a Config: one adapter per broker, then the Relay.
 
-Only this module (and the CLI that calls it) knows concrete pieces; the engine
-sees the Adapter protocol alone.
+This is the one place (with the CLI that calls it) where concrete adapters are
+chosen, by their ``type:`` through the adapter registry; the engine itself only
+ever sees the Adapter protocol, so it never imports a broker client.
 """
 
 from __future__ import annotations

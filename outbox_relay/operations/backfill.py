@@ -33,12 +33,12 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from outbox_relay.copying import only_copier, requester
 from outbox_relay.errors import ConfigError, DatabaseError
+from outbox_relay.operations.copying import only_copier, requester
 from outbox_relay.sqlfiles import Queries, validate_schema_name
 from outbox_relay.validation import check_topic
 
-log = structlog.get_logger("outbox_relay.backfill")
+log = structlog.get_logger("outbox_relay.operations.backfill")
 
 BACKFILL_HEADER = "outbox-backfill-id"
 DEFAULT_CHUNK = 1000

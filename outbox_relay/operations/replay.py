@@ -28,10 +28,10 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import Jsonb
 
-from outbox_relay.copying import only_copier, requester
-from outbox_relay.dead_letters import glob_to_regex
 from outbox_relay.durations import parse_duration
 from outbox_relay.errors import ConfigError, DatabaseError
+from outbox_relay.operations.copying import only_copier, requester
+from outbox_relay.operations.dead_letters import glob_to_regex
 from outbox_relay.sqlfiles import Queries
 
 REPLAY_HEADER = "outbox-replay-id"

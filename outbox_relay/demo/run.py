@@ -42,13 +42,15 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from outbox_relay import config, enqueue_async, local_postgres, schema_manager
-from outbox_relay.engine.connect import connect_sync
+from outbox_relay import config, enqueue_async
+from outbox_relay.assembly import build_relay
+from outbox_relay.connections import connect_sync
+from outbox_relay.demo import local_postgres
 from outbox_relay.engine.relay import Relay
 from outbox_relay.engine.store import Record
 from outbox_relay.errors import OutboxRelayError
 from outbox_relay.models import Message
-from outbox_relay.wiring import build_relay
+from outbox_relay.operations import schema_manager
 
 TOPIC = "orders.created"
 WRITERS = 4

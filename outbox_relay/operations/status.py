@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from outbox_relay.replay import describe
+from outbox_relay.operations.replay import describe
 from outbox_relay.sqlfiles import Queries
 
 LIVE_RELAY_S = 30.0

@@ -8,12 +8,12 @@ from collections.abc import Callable
 
 import psycopg
 
-from outbox_relay import schema_manager
+from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config
-from outbox_relay.engine.connect import connect_once
+from outbox_relay.connections import connect_once
 from outbox_relay.errors import OutboxRelayError, first_line
+from outbox_relay.operations import schema_manager
 from outbox_relay.redact import UNPARSEABLE, UNPARSEABLE_REASON, redact_dsn, redact_text
-from outbox_relay.wiring import build_adapters
 
 CHECK_TIMEOUT = 15.0
 
