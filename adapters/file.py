@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import field_validator
 
+from outbox_relay.json_lines import json_line
 from outbox_relay.models import OutgoingMessage, PublishResult
-from outbox_relay.records import json_line
 
 from ._options import Options, parse_options
 

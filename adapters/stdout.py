@@ -1,4 +1,4 @@
-"""``type: stdout``: one JSON line per message on standard output (see outbox_relay.records)."""
+"""``type: stdout``: one JSON line per message on standard output (see outbox_relay.json_lines)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from outbox_relay.json_lines import json_line
 from outbox_relay.models import OutgoingMessage, PublishResult
-from outbox_relay.records import json_line
 
 from ._options import Options, parse_options
 

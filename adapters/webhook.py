@@ -1,4 +1,4 @@
-"""``type: webhook``: POSTs each message as its JSON record (outbox_relay.records).
+"""``type: webhook``: POSTs each message as its JSON record (outbox_relay.json_lines).
 
 2xx acks. 4xx is permanent (the receiver rejects the message itself: dead-lettered
 with the status), except 408, 425 and 429 which ask to come back later. 5xx and
@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from outbox_relay.durations import parse_duration
+from outbox_relay.json_lines import json_line
 from outbox_relay.models import OutgoingMessage, PublishResult
-from outbox_relay.records import json_line
 
 from ._options import Options, parse_options
 
