@@ -90,7 +90,7 @@ def test_every_inbox_command_has_help(command: list[str]) -> None:
 
 def test_the_inbox_commands_load_before_the_main_cli() -> None:
     # outbox_relay.cli imports the inbox's commands; importing those first must work too.
-    code = ("import sys; from click.testing import CliRunner; from outbox_relay.inbox.cli import inbox_group; "
+    code = ("import sys; from click.testing import CliRunner; from outbox_relay.cli.inbox import inbox_group; "
             "r = CliRunner().invoke(inbox_group, ['schema', 'install', '--dsn', 'x', '--schema', 'Bad']); "
             "print(r.exit_code, r.output.strip())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)

@@ -1,23 +1,19 @@
 """`outbox-relay inbox ...`: the consumer inbox's commands.
 
-Errors follow the rest of the CLI (outbox_relay/cli.py): one line, exit 1 for a
-runtime failure, 2 for a usage error.
+Errors follow the rest of the CLI (`one_line_errors`): one line, exit 1 for a
+runtime failure, 2 for a usage error. The options name the *consumer's* database and
+the inbox's schema, so they are declared here rather than shared with the relay's.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 import click
 
 from outbox_relay import sqlfiles
+from outbox_relay.cli.common import one_line_errors
 from outbox_relay.connections import connect_sync
 from outbox_relay.durations import format_duration, parse_duration
 from outbox_relay.inbox import schema as inbox_schema
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 DSN_OPTION = click.option(
     "--dsn", envvar="DATABASE_URL", required=True,
@@ -27,19 +23,6 @@ SCHEMA_OPTION = click.option(
     "--schema", "schema_name", default=sqlfiles.DEFAULT_INBOX_SCHEMA, show_default=True,
     help="Schema that holds the inbox.",
 )
-
-
-def _one_line_errors(func: F) -> F:
-    # outbox_relay.cli's decorator, looked up when the command runs: that module
-    # imports this one to register the group, so importing it here at load time
-    # would be circular.
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from outbox_relay.cli import one_line_errors
-
-        return one_line_errors(func)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group("inbox")
@@ -55,7 +38,7 @@ def schema_group() -> None:
 @schema_group.command("install")
 @DSN_OPTION
 @SCHEMA_OPTION
-@_one_line_errors
+@one_line_errors
 def schema_install(dsn: str, schema_name: str) -> None:
     """Create the inbox (idempotent, safe to run concurrently)."""
     sqlfiles.validate_inbox_schema_name(schema_name)
@@ -71,7 +54,7 @@ def schema_install(dsn: str, schema_name: str) -> None:
 @SCHEMA_OPTION
 @click.option("--consumer-role", help="Also print GRANTs for the consumer's least-privilege role.")
 @click.option("--grants-only", is_flag=True, help="Print only the GRANTs.")
-@_one_line_errors
+@one_line_errors
 def schema_sql(schema_name: str, consumer_role: str | None, grants_only: bool) -> None:
     """Print the DDL, for teams that apply DDL with their own migration tool."""
     if grants_only and not consumer_role:
@@ -93,7 +76,7 @@ def schema_sql(schema_name: str, consumer_role: str | None, grants_only: bool) -
                    "the longest time in which a message can be delivered again.")
 @click.option("--batch-size", default=inbox_schema.PRUNE_BATCH, show_default=True, type=click.IntRange(1, 100_000),
               help="Rows deleted per transaction.")
-@_one_line_errors
+@one_line_errors
 def prune(dsn: str, schema_name: str, older_than: str, batch_size: int) -> None:
     """Retention: delete old records of processed messages, in small batches."""
     try:

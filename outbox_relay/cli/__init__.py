@@ -1,0 +1,37 @@
+"""The `outbox-relay` command line: one module per command (group), sharing `common`.
+
+- ``run``: ``run`` and ``check``;
+- ``schema``: ``schema install|sql|notify``;
+- ``status``, ``dead_letters``, ``replay``, ``backfill``: the operator's commands
+  (their work is done in ``outbox_relay.operations``);
+- ``inbox``: ``inbox schema install|sql`` and ``inbox prune``, for consumers;
+- ``demo``: ``demo``;
+- ``common``: the shared options and ``one_line_errors``, the only place that turns
+  errors into exit codes (0 well, 1 a runtime failure, 2 a usage or config error).
+"""
+
+from __future__ import annotations
+
+import click
+
+from outbox_relay.cli.backfill import backfill
+from outbox_relay.cli.dead_letters import dead_letters_group
+from outbox_relay.cli.demo import demo
+from outbox_relay.cli.inbox import inbox_group
+from outbox_relay.cli.replay import replay
+from outbox_relay.cli.run import check, run
+from outbox_relay.cli.schema import schema
+from outbox_relay.cli.status import status_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="outbox-relay")
+def main() -> None:
+    """Transactional outbox relay for PostgreSQL."""
+
+
+# `outbox-relay --help` lists them by name (click sorts them).
+for command in (backfill, check, dead_letters_group, demo, inbox_group, replay, run, schema, status_command):
+    main.add_command(command)
+
+__all__ = ["main"]

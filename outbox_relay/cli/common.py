@@ -1,0 +1,108 @@
+"""What every command shares: the common options, one-line errors, the connection.
+
+Exit codes: 0 all well; 1 a runtime failure (database or broker unreachable in
+`check`, a failed install); 2 a usage or configuration error. User errors print one
+line, never a traceback: `one_line_errors` is the only place that turns errors into
+exit codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import psycopg
+import structlog
+
+from outbox_relay import config as config_module
+from outbox_relay import sqlfiles
+from outbox_relay.connections import connect_sync
+from outbox_relay.errors import OutboxRelayError, SchemaError, first_line
+from outbox_relay.observability.logging_setup import configure as configure_logging
+from outbox_relay.operations import schema_manager
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    envvar="OUTBOX_RELAY_CONFIG", default="relay.yaml", show_default=True,
+    help="YAML config file (env: OUTBOX_RELAY_CONFIG).",
+)
+DSN_OPTION = click.option(
+    "--dsn", envvar="DATABASE_URL", required=True,
+    help="PostgreSQL connection string (env: DATABASE_URL; prefer the env for passwords).",
+)
+SCHEMA_OPTION = click.option(
+    "--schema", "schema_name", default=sqlfiles.DEFAULT_SCHEMA, show_default=True,
+    help="Schema that holds the outbox.",
+)
+
+
+def one_line_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except OutboxRelayError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except psycopg.Error as exc:
+            click.echo(f"error: database: {first_line(exc)}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def connect(dsn: str) -> psycopg.Connection[Any]:
+    return connect_sync(dsn, application_name="outbox-relay-cli")
+
+
+def load(config_path: Path) -> config_module.Config:
+    return config_module.load(config_path)
+
+
+def require_schema(conn: psycopg.Connection[Any], schema_name: str) -> None:
+    problem = schema_manager.missing_or_old(schema_manager.version(conn, schema_name), schema_name)
+    if problem:
+        raise SchemaError(problem)
+
+
+def confirm(dry_run: bool, yes: bool, would: str, question: str) -> None:
+    """Nothing to ask on a dry run; otherwise --yes, or a yes at a terminal."""
+    if dry_run or yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"{would}; pass --yes to confirm")
+    click.confirm(question, abort=True)
+
+
+def run_with_progress(what: str, number: int, total: int, work: Callable[[Callable[[int], None]], int]) -> int:
+    """A progress bar on a terminal; otherwise a JSON log line at most every 5 s."""
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label=f"{what} #{number}", file=sys.stderr) as bar:
+            shown = 0
+
+            def advance(copied: int) -> None:
+                nonlocal shown
+                bar.update(copied - shown)
+                shown = copied
+
+            return work(advance)
+    configure_logging("info")
+    log = structlog.get_logger(f"outbox_relay.{what}")
+    started = last = time.monotonic()
+
+    def report(copied: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 5 or copied >= total:
+            last = now
+            log.info(f"{what}_progress", **{f"{what}_id": number}, copied=copied, total=total,
+                     rows_per_s=round(copied / max(now - started, 1e-6)))
+
+    return work(report)
