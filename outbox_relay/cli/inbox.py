@@ -13,7 +13,7 @@ from outbox_relay import sqlfiles
 from outbox_relay.cli.common import one_line_errors
 from outbox_relay.connections import connect_sync
 from outbox_relay.durations import format_duration, parse_duration
-from outbox_relay.inbox import schema as inbox_schema
+from outbox_relay.inbox import schema_manager as inbox_schema
 
 DSN_OPTION = click.option(
     "--dsn", envvar="DATABASE_URL", required=True,

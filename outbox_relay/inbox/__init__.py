@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from outbox_relay.inbox.consumers import headers_of, message_id_of, process_message
 from outbox_relay.inbox.errors import InboxUsageError, MessageIdError
-from outbox_relay.inbox.schema import install, prune
+from outbox_relay.inbox.schema_manager import install, prune
 from outbox_relay.inbox.store import (
     DEFAULT_CONSUMER,
     first_time,

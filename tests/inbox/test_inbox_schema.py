@@ -12,7 +12,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbox_relay import inbox, sqlfiles
 from outbox_relay.errors import SchemaError
-from outbox_relay.inbox import schema as inbox_schema
+from outbox_relay.inbox import schema_manager as inbox_schema
 
 
 def objects(dsn: str, schema: str) -> set[str]:
