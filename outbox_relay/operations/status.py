@@ -154,20 +154,25 @@ def render(status: Status) -> str:
     for r in live:
         lines.append(f"    {r.relay_id} {r.hostname} pid {r.pid}: {r.in_flight} in flight, "
                      f"heartbeat {r.heartbeat_age_s:.0f}s ago")
-    if status.replays:
-        lines.append("")
-        lines.append("  replays (newest first)")
-        for p in status.replays:
-            state = "done" if p.finished else f"not finished (or still copying): replay --resume {p.replay_id}"
-            lines.append(f"    #{p.replay_id} {p.requested_at} by {_printable(p.requested_by)}: "
-                         f"{_printable(describe(p.selection))}; "
-                         f"{p.copied} of {p.total} copied, {state}")
-    if status.backfills:
-        lines.append("")
-        lines.append("  backfills (newest first)")
-        for b in status.backfills:
-            state = "done" if b.finished else f"not finished (or still copying): backfill --resume {b.backfill_id}"
-            lines.append(f"    #{b.backfill_id} {b.requested_at} by {_printable(b.requested_by)}: "
-                         f"{_printable(b.source.get('table'))} -> {_printable(b.source.get('topic'))}; "
-                         f"{b.copied} of {b.total} enqueued, {state}")
+    _copy_jobs(lines, "replay", [
+        (p.replay_id, p.requested_at, p.requested_by, describe(p.selection), p.copied, p.total, "copied", p.finished)
+        for p in status.replays])
+    _copy_jobs(lines, "backfill", [
+        (b.backfill_id, b.requested_at, b.requested_by,
+         f"{_printable(b.source.get('table'))} -> {_printable(b.source.get('topic'))}",
+         b.copied, b.total, "enqueued", b.finished)
+        for b in status.backfills])
     return "\n".join(lines)
+
+
+def _copy_jobs(lines: list[str], command: str,
+               jobs: list[tuple[int, str, str, str, int, int, str, bool]]) -> None:
+    """The replays or backfills, newest first, each with how to finish it if it stopped."""
+    if not jobs:
+        return
+    lines.append("")
+    lines.append(f"  {command}s (newest first)")
+    for number, requested_at, requested_by, what, copied, total, verb, finished in jobs:
+        state = "done" if finished else f"not finished (or still copying): {command} --resume {number}"
+        lines.append(f"    #{number} {requested_at} by {_printable(requested_by)}: {_printable(what)}; "
+                     f"{copied} of {total} {verb}, {state}")
