@@ -50,6 +50,12 @@ def with_trace_context(headers: Mapping[str, str] | None) -> Mapping[str, str] |
     return {**(headers or {}), **extra}
 
 
+def _provider_set(trace: ModuleType) -> bool:
+    # Until an application sets one, the API hands out its proxy provider, whose
+    # tracers make non-recording spans (and the explicit no-op provider does the same).
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
 def _span_context(headers: Mapping[str, str]) -> Any:
     otel = _otel()
     assert otel is not None
@@ -61,10 +67,11 @@ def _span_context(headers: Mapping[str, str]) -> Any:
 def batch_span(broker_headers: Sequence[Mapping[str, str]], *, attributes: Mapping[str, Any]) -> Iterator[None]:
     """The relay's span for one published batch, linked to every message's trace.
 
-    Recorded only when OpenTelemetry is installed (the tracer is a no-op unless the
-    application configured a tracer provider)."""
+    Recorded only when OpenTelemetry is installed and the process set a tracer
+    provider: without one every span is a no-op, so the publish loop does not parse
+    each message's traceparent for links nobody keeps."""
     otel = _otel()
-    if otel is None:
+    if otel is None or not _provider_set(otel[0]):
         yield
         return
     trace = otel[0]
