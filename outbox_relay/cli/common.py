@@ -33,14 +33,21 @@ CONFIG_OPTION = click.option(
     envvar="OUTBOX_RELAY_CONFIG", default="relay.yaml", show_default=True,
     help="YAML config file (env: OUTBOX_RELAY_CONFIG).",
 )
-DSN_OPTION = click.option(
-    "--dsn", envvar="DATABASE_URL", required=True,
-    help="PostgreSQL connection string (env: DATABASE_URL; prefer the env for passwords).",
-)
-SCHEMA_OPTION = click.option(
-    "--schema", "schema_name", default=sqlfiles.DEFAULT_SCHEMA, show_default=True,
-    help="Schema that holds the outbox.",
-)
+
+
+def dsn_option(whose: str) -> Callable[[F], F]:
+    """--dsn, from DATABASE_URL by default (where passwords belong)."""
+    return click.option("--dsn", envvar="DATABASE_URL", required=True,
+                        help=f"{whose} (env: DATABASE_URL; prefer the env for passwords).")
+
+
+def schema_option(default: str, holds: str) -> Callable[[F], F]:
+    return click.option("--schema", "schema_name", default=default, show_default=True,
+                        help=f"Schema that holds the {holds}.")
+
+
+DSN_OPTION = dsn_option("PostgreSQL connection string")
+SCHEMA_OPTION = schema_option(sqlfiles.DEFAULT_SCHEMA, "outbox")
 
 
 def one_line_errors(func: F) -> F:

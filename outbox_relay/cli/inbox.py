@@ -2,7 +2,7 @@
 
 Errors follow the rest of the CLI (`one_line_errors`): one line, exit 1 for a
 runtime failure, 2 for a usage error. The options name the *consumer's* database and
-the inbox's schema, so they are declared here rather than shared with the relay's.
+the inbox's schema.
 """
 
 from __future__ import annotations
@@ -10,20 +10,13 @@ from __future__ import annotations
 import click
 
 from outbox_relay import sqlfiles
-from outbox_relay.cli.common import one_line_errors
+from outbox_relay.cli.common import dsn_option, one_line_errors, schema_option
 from outbox_relay.connections import connect_sync
 from outbox_relay.durations import format_duration, parse_duration
 from outbox_relay.inbox import schema_manager as inbox_schema
 
-DSN_OPTION = click.option(
-    "--dsn", envvar="DATABASE_URL", required=True,
-    help="The consumer's PostgreSQL (env: DATABASE_URL; prefer the env for passwords).",
-)
-SCHEMA_OPTION = click.option(
-    "--schema", "schema_name", default=sqlfiles.DEFAULT_INBOX_SCHEMA, show_default=True,
-    help="Schema that holds the inbox.",
-)
-
+DSN_OPTION = dsn_option("The consumer's PostgreSQL")
+SCHEMA_OPTION = schema_option(sqlfiles.DEFAULT_INBOX_SCHEMA, "inbox")
 
 @click.group("inbox")
 def inbox_group() -> None:
