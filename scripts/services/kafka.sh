@@ -21,8 +21,10 @@
 #   MVN                  Maven executable (default: mvn)
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-POM="$SCRIPT_DIR/kafka/pom.xml"
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+POM="$SERVICES_DIR/kafka/pom.xml"
 CACHE_ROOT="${OUTBOX_RELAY_CACHE:-$HOME/.cache/outbox-relay}"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-20}"
@@ -34,15 +36,6 @@ if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
 else
   JAVA="java"
 fi
-
-log() { printf 'kafka.sh: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-usage() {
-  # The header comment of this file is the help text.
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
-  exit "${1:-2}"
-}
 
 kafka_version() {
   if [[ -n "${KAFKA_VERSION:-}" ]]; then
@@ -104,25 +97,10 @@ cmd_fetch() {
   log "fetched $(find "$libs" -name '*.jar' | wc -l) jars in $((SECONDS - start))s"
 }
 
-# True if PID exists and is not a zombie (an exited child that nobody reaped
-# yet still answers kill -0, e.g. when PID 1 of a container does not reap).
-alive() {
-  local state
-  kill -0 "$1" 2>/dev/null || return 1
-  state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
-  [[ -n "$state" && "$state" != Z && "$state" != X ]]
-}
-
-# pid of the broker of DIR if it is alive (and really is our java), else fail.
+# pid of the broker of DIR if it is alive (and really is our java: its command
+# line names DIR's config file), else fail.
 running_pid() {
-  local dir="$1" pid
-  [[ -f "$dir/kafka.pid" ]] || return 1
-  pid="$(cat "$dir/kafka.pid" 2>/dev/null)" || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  alive "$pid" || return 1
-  # Guard against pid reuse: the command line must mention our config file.
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/server.properties" || return 1
-  printf '%s\n' "$pid"
+  pid_from_file "$1/kafka.pid" "$1/server.properties"
 }
 
 # Exit 0 once 127.0.0.1:PORT answers a Kafka Metadata (v4) request listing at
@@ -166,15 +144,6 @@ for _ in range(nbrokers):
 (controller,) = struct.unpack_from(">i", data, off)
 sys.exit(0 if controller >= 0 else 1)
 PY
-}
-
-port_in_use() {
-  python3 -c '
-import socket, sys
-s = socket.socket()
-s.settimeout(1)
-sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
-' "$1"
 }
 
 write_config() {
@@ -241,9 +210,7 @@ EOF
 }
 
 cmd_start() {
-  [[ $# -eq 2 ]] || usage
   local dir="$1" port="$2" cport sport pid libs version
-  [[ "$port" =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$port'"
   cport=$((port + 1))
   sport=$((port + 2))
   mkdir -p "$dir"
@@ -256,11 +223,7 @@ cmd_start() {
     fi
     die "a broker is running in $dir (pid $pid) but 127.0.0.1:$port is not ready; run '$0 stop $dir' first"
   fi
-  for p in "$port" "$cport" "$sport"; do
-    if port_in_use "$p"; then
-      die "127.0.0.1:$p is already in use by another process"
-    fi
-  done
+  require_free_ports "$port" "$cport" "$sport"
 
   cmd_fetch
   version="$(kafka_version)"
@@ -271,7 +234,7 @@ cmd_start() {
   if [[ -f "$dir/data/meta.properties" && -f "$dir/port" && "$(cat "$dir/port")" != "$port" ]]; then
     die "$dir was formatted for port $(cat "$dir/port"), not $port; use a clean DIR"
   fi
-  "$SCRIPT_DIR/certs.sh" "$dir/tls"
+  make_certs "$dir"
   write_config "$dir" "$port" "$cport" "$sport"
   printf '%s\n' "$port" >"$dir/port"
   if [[ ! -f "$dir/data/meta.properties" ]]; then
@@ -314,66 +277,36 @@ while True:
   done
   pid="$(cat "$dir/kafka.pid")"
 
-  while :; do
-    if ! alive "$pid"; then
-      fail_start "$dir" "broker process $pid exited during startup"
-    fi
-    if probe_ready "$port"; then
-      break
-    fi
-    if ((SECONDS >= deadline)); then
-      kill -KILL "$pid" 2>/dev/null || true
-      fail_start "$dir" "broker not ready on 127.0.0.1:$port after ${START_TIMEOUT}s (killed pid $pid)"
-    fi
-    sleep 0.25
-  done
+  STARTING_DIR="$dir"
+  wait_ready "$pid" "$deadline" 0.25 "broker process $pid exited during startup" \
+    "broker not ready on 127.0.0.1:$port after ${START_TIMEOUT}s (killed pid $pid)" \
+    probe_ready "$port"
   log "Kafka ready on 127.0.0.1:$port (pid $pid) after $((SECONDS - started))s"
 }
 
+# Called by wait_ready; STARTING_DIR is the DIR being started.
 fail_start() {
-  local dir="$1"; shift
-  log "---- tail of $dir/kafka.out ----"
-  tail -n 20 "$dir/kafka.out" >&2 2>/dev/null || true
-  log "---- tail of $dir/kafka.log ----"
-  tail -n 60 "$dir/kafka.log" >&2 2>/dev/null || true
+  show_tail 20 "$STARTING_DIR/kafka.out"
+  show_tail 60 "$STARTING_DIR/kafka.log"
   die "$*"
 }
 
 cmd_stop() {
-  [[ $# -eq 1 ]] || usage
   local dir="$1" pid
-  if [[ ! -d "$dir" ]]; then
-    log "nothing to stop: $dir does not exist"
-    return 0
-  fi
-  dir="$(cd "$dir" && pwd)"
   if ! pid="$(running_pid "$dir")"; then
     log "no broker running in $dir"
     rm -f "$dir/kafka.pid"
     return 0
   fi
   log "stopping Kafka (pid $pid) in $dir"
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_TIMEOUT))
-  while alive "$pid" && ((SECONDS < deadline)); do
-    sleep 0.2
-  done
-  if alive "$pid"; then
-    log "pid $pid still alive after ${STOP_TIMEOUT}s, sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    deadline=$((SECONDS + 10))
-    while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-    ! alive "$pid" || die "pid $pid survived SIGKILL"
-  fi
+  stop_pid "$pid" "$STOP_TIMEOUT"
   rm -f "$dir/kafka.pid"
   log "Kafka stopped"
 }
 
 cmd_status() {
-  [[ $# -eq 1 ]] || usage
-  local dir pid
-  dir="$(cd "$1" 2>/dev/null && pwd)" || { log "not running"; return 1; }
-  if pid="$(running_pid "$dir")"; then
+  local pid
+  if pid="$(running_pid "$1")"; then
     log "running (pid $pid)"
     return 0
   fi
@@ -381,17 +314,4 @@ cmd_status() {
   return 1
 }
 
-main() {
-  [[ $# -ge 1 ]] || usage
-  local sub="$1"; shift
-  case "$sub" in
-    fetch) [[ $# -eq 0 ]] || usage; cmd_fetch ;;
-    start) cmd_start "$@" ;;
-    stop) cmd_stop "$@" ;;
-    status) cmd_status "$@" ;;
-    -h|--help|help) usage 0 ;;
-    *) usage ;;
-  esac
-}
-
-main "$@"
+service_main fetch "$@"

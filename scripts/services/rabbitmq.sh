@@ -20,17 +20,11 @@
 #   RABBITMQ_SBIN           directory holding rabbitmq-server/rabbitmqctl (auto-detected)
 set -euo pipefail
 
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 START_TIMEOUT="${RABBITMQ_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${RABBITMQ_STOP_TIMEOUT:-30}"
-
-log() { printf 'rabbitmq.sh: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-usage() {
-  # The header comment of this file is the help text.
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
-  exit "${1:-2}"
-}
 
 # Directory with the real rabbitmq-server/rabbitmqctl scripts. On Debian the
 # commands in /usr/sbin are a wrapper that `su`s to the rabbitmq user and
@@ -154,33 +148,11 @@ load_instance() {
   export_env
 }
 
-alive() {
-  local state
-  kill -0 "$1" 2>/dev/null || return 1
-  state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
-  [[ -n "$state" && "$state" != Z && "$state" != X ]]
-}
-
 # pid of the node of DIR if alive (guarding against pid reuse), else fail.
+# The node name is not on beam's command line (rabbit sets it at boot), but
+# our HOME is: erl passes it as `-home DIR`.
 running_pid() {
-  local pid
-  [[ -f "$DIR/rabbitmq.pid" ]] || return 1
-  pid="$(tr -dc '0-9' <"$DIR/rabbitmq.pid")"
-  [[ -n "$pid" ]] || return 1
-  alive "$pid" || return 1
-  # The node name is not on beam's command line (rabbit sets it at boot), but
-  # our HOME is: erl passes it as `-home DIR`.
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-home $DIR " || return 1
-  printf '%s\n' "$pid"
-}
-
-port_in_use() {
-  python3 -c '
-import socket, sys
-s = socket.socket()
-s.settimeout(1)
-sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
-' "$1"
+  pid_from_file "$DIR/rabbitmq.pid" "-home $DIR "
 }
 
 # AMQP-level probe: send the protocol header, expect a Connection.Start frame.
@@ -202,6 +174,8 @@ PY
 node_running() {
   timeout 30 "$SBIN/rabbitmq-diagnostics" -q -n "$NODE" check_running >/dev/null 2>&1
 }
+
+node_ready() { amqp_ready "$PORT" && node_running; }
 
 write_config() {
   cat >"$DIR/rabbitmq.conf" <<EOF
@@ -239,21 +213,17 @@ EOF
 }
 
 fail_start() {
-  log "---- tail of $DIR/startup.log ----"
-  tail -n 20 "$DIR/startup.log" >&2 2>/dev/null || true
+  show_tail 20 "$DIR/startup.log"
   local f
   for f in "$DIR"/log/*.log; do
     [[ -f "$f" ]] || continue
-    log "---- tail of $f ----"
-    tail -n 40 "$f" >&2
+    show_tail 40 "$f"
   done
   die "$*"
 }
 
 cmd_start() {
-  [[ $# -eq 2 ]] || usage
   DIR="$1" PORT="$2"
-  [[ "$PORT" =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$PORT'"
   SBIN="$(find_sbin)" || die "rabbitmq-server not installed; run '$0 install' first"
   mkdir -p "$DIR"
   DIR="$(cd "$DIR" && pwd)"
@@ -271,15 +241,10 @@ cmd_start() {
     fi
     die "node $NODE is running (pid $pid) but 127.0.0.1:$PORT is not ready; run '$0 stop $DIR' first"
   fi
-  local p
-  for p in "$PORT" "$DIST_PORT" "$TLS_PORT"; do
-    if port_in_use "$p"; then
-      die "127.0.0.1:$p is already in use by another process"
-    fi
-  done
+  require_free_ports "$PORT" "$DIST_PORT" "$TLS_PORT"
 
   mkdir -p "$DIR/mnesia" "$DIR/log"
-  "$(dirname "${BASH_SOURCE[0]}")/certs.sh" "$DIR/tls"
+  make_certs "$DIR"
   write_config
   rm -f "$DIR/rabbitmq.pid"
   log "starting RabbitMQ node $NODE on 127.0.0.1:$PORT (dist $DIST_PORT, epmd $EPMD_PORT), dir $DIR"
@@ -296,31 +261,14 @@ cmd_start() {
     fi
     sleep 0.2
   done
-  while :; do
-    if ! alive "$pid"; then
-      fail_start "node $NODE (pid $pid) exited during startup"
-    fi
-    if amqp_ready "$PORT" && node_running; then
-      break
-    fi
-    if ((SECONDS >= deadline)); then
-      kill -KILL "$pid" 2>/dev/null || true
-      fail_start "node $NODE not running after ${START_TIMEOUT}s (killed pid $pid)"
-    fi
-    sleep 0.5
-  done
+  wait_ready "$pid" "$deadline" 0.5 "node $NODE (pid $pid) exited during startup" \
+    "node $NODE not running after ${START_TIMEOUT}s (killed pid $pid)" node_ready
   log "RabbitMQ ready on 127.0.0.1:$PORT (node $NODE, pid $pid) after $((SECONDS - started))s"
 }
 
 cmd_stop() {
-  [[ $# -eq 1 ]] || usage
-  if [[ ! -d "$1" ]]; then
-    log "nothing to stop: $1 does not exist"
-    return 0
-  fi
-  DIR="$(cd "$1" && pwd)"
-  if ! load_instance "$DIR"; then
-    log "no RabbitMQ instance in $DIR"
+  if ! load_instance "$1"; then
+    log "no RabbitMQ instance in $1"
     return 0
   fi
   SBIN="$(find_sbin)" || SBIN=""
@@ -333,16 +281,7 @@ cmd_stop() {
         >>"$DIR/stop.log" 2>&1 || log "rabbitmqctl stop failed, falling back to signals"
     fi
     if alive "$pid"; then
-      kill -TERM "$pid" 2>/dev/null || true
-      local deadline=$((SECONDS + 10))
-      while alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
-    fi
-    if alive "$pid"; then
-      log "pid $pid still alive, sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      local deadline=$((SECONDS + 10))
-      while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-      ! alive "$pid" || die "pid $pid survived SIGKILL"
+      stop_pid "$pid" 10
     fi
   else
     log "node $NODE is not running"
@@ -364,9 +303,8 @@ stop_epmd() {
 }
 
 cmd_status() {
-  [[ $# -eq 1 ]] || usage
   local pid
-  if [[ -d "$1" ]] && load_instance "$(cd "$1" && pwd)" && pid="$(running_pid)"; then
+  if load_instance "$1" && pid="$(running_pid)"; then
     log "node $NODE running (pid $pid)"
     return 0
   fi
@@ -374,17 +312,4 @@ cmd_status() {
   return 1
 }
 
-main() {
-  [[ $# -ge 1 ]] || usage
-  local sub="$1"; shift
-  case "$sub" in
-    install) [[ $# -eq 0 ]] || usage; cmd_install ;;
-    start) cmd_start "$@" ;;
-    stop) cmd_stop "$@" ;;
-    status) cmd_status "$@" ;;
-    -h|--help|help) usage 0 ;;
-    *) usage ;;
-  esac
-}
-
-main "$@"
+service_main install "$@"
