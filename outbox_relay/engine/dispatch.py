@@ -36,7 +36,7 @@ from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.engine.circuit import Circuit
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router, Target
-from outbox_relay.engine.store import Record
+from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
 from outbox_relay.observability.metrics import RelayMetrics
 
@@ -144,10 +144,10 @@ class Dispatcher:
                 if key is not None and key in failed_at:
                     late = self._after_failure(message, target, result, failed_at[key])
                     if late is None:  # left pending: anything acked after it is out of order
-                        failed_at[key] = Record(message.id, "retry", clean_reason(result.reason or ""))
+                        failed_at[key] = Record(message.id, RecordKind.RETRY, clean_reason(result.reason or ""))
                     else:
                         records.append(late)
-                        if late.kind != "acked":
+                        if late.kind is not RecordKind.ACKED:
                             failed_at[key] = late
                     continue
                 if result.outcome is Outcome.NOT_SENT:
@@ -157,7 +157,7 @@ class Dispatcher:
                     result = PublishResult.transient(f"adapter answered not_sent out of turn: {result.reason}")
                 record = self._decide(message, target, result)
                 records.append(record)
-                if record.kind != "acked" and key is not None:
+                if record.kind is not RecordKind.ACKED and key is not None:
                     failed_at[key] = record
                     stopped.add(key)
         return records
@@ -166,7 +166,7 @@ class Dispatcher:
         self, message: Message, target: Target | None, result: PublishResult, failure: Record
     ) -> Record | None:
         """A message of a key after the key's first failure in the same call."""
-        released = failure.kind == "dead" and not self._hold
+        released = failure.kind is RecordKind.DEAD and not self._hold
         if result.outcome is Outcome.ACKED:
             if not released:
                 log.warning("key_order_exception", message_id=str(message.message_id), key=message.key,
@@ -263,22 +263,22 @@ class Dispatcher:
         broker = target.broker if target else None
         destination = target.destination if target else None
         if result.outcome is Outcome.ACKED:
-            return Record(message.id, "acked", broker=broker, destination=destination)
+            return Record(message.id, RecordKind.ACKED, broker=broker, destination=destination)
         self._metrics.publish_failures.labels(broker or "", result.outcome.value).inc()
         bound = log.bind(message_id=str(message.message_id), topic=message.topic, broker=broker)
         reason = clean_reason(result.reason or "unknown error")
         if result.outcome is Outcome.PERMANENT:
             bound.warning("message_dead_lettered", reason=reason, attempts=message.attempts + 1)
-            return Record(message.id, "dead", reason, broker=broker, destination=destination)
+            return Record(message.id, RecordKind.DEAD, reason, broker=broker, destination=destination)
         if result.outcome is Outcome.UNAVAILABLE:
             delay = max(self._backoff.delay(self._outage.get(broker or "", 1)), result.retry_after or 0.0)
             bound.info("broker_unavailable", reason=reason, retry_in_s=round(delay, 3))
-            return Record(message.id, "wait", reason, delay, broker, destination)
+            return Record(message.id, RecordKind.WAIT, reason, delay, broker, destination)
         attempt = message.attempts + 1
         if attempt >= self._max_attempts:
             dead_reason = clean_reason(f"max attempts ({self._max_attempts}) reached; last error: {reason}")
             bound.warning("message_dead_lettered", reason=dead_reason, attempts=attempt)
-            return Record(message.id, "dead", dead_reason, broker=broker, destination=destination)
+            return Record(message.id, RecordKind.DEAD, dead_reason, broker=broker, destination=destination)
         delay = self._backoff.delay(attempt)
         bound.info("publish_failed", reason=reason, attempt=attempt, retry_in_s=round(delay, 3))
-        return Record(message.id, "retry", reason, delay, broker, destination)
+        return Record(message.id, RecordKind.RETRY, reason, delay, broker, destination)

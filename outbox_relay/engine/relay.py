@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import psycopg
@@ -21,7 +19,7 @@ import structlog
 from outbox_relay import tracing
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
-from outbox_relay.connections import connect_once, connect_with_retry
+from outbox_relay.connections import connect_with_retry
 from outbox_relay.engine.brokers import BrokerHandle
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
@@ -29,8 +27,9 @@ from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
 from outbox_relay.engine.store import OutboxStore, Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
-from outbox_relay.errors import ConfigError, first_line
+from outbox_relay.errors import first_line
 from outbox_relay.models import Message
+from outbox_relay.observability.health import Health
 from outbox_relay.observability.http_server import HealthServer
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.operations import schema_manager
@@ -41,17 +40,10 @@ log = structlog.get_logger("outbox_relay.relay")
 T = TypeVar("T")
 
 BROKER_GRACE_S = 5.0
-READY_TIMEOUT_S = 2.0
-READY_CACHE_S = 1.0
-BROKER_PROBE_TRUST_S = 30.0  # a readiness probe's 'not answering' holds the gauge at 0 this long
-# outbox_relay_messages_published{destination}: at most this many label values per broker;
-# the rest are counted under OTHER_DESTINATIONS.
-MAX_DESTINATION_LABELS = 100
-OTHER_DESTINATIONS = "(other)"  # /readyz answers from a probe at most this old
 
 
 class RelayObserver(Protocol):
-    """Told about every committed batch (the demo and tests use it; metrics will)."""
+    """Told about every committed batch (the metrics, the demo and tests use it)."""
 
     def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None: ...
 
@@ -106,24 +98,23 @@ class Relay:
             retry_max=relay.retry.max,
             metrics=self.metrics,
             long_transaction_warning=relay.long_transaction_warning,
-            on_heartbeat=self._refresh_broker_gauges,
+            on_heartbeat=self._heartbeat,
             prepare_threshold=config.database.prepare_threshold,
         )
-        self._observer = observer
+        self._observers: list[RelayObserver] = [self.metrics] if observer is None else [self.metrics, observer]
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
         self.in_flight = 0
-        self.wakeups: Counter[str] = Counter()
-        self.published = 0
         self._batch_started: dict[int, float] = {}  # worker -> when its current batch began
-        self._connected_workers = 0
-        self.http: HealthServer | None = None
-        self._destination_labels: dict[str, set[str]] = {}
-        self._destination_cap_logged: set[str] = set()
-        self._ready_lock = asyncio.Lock()
-        self._ready_cache: tuple[float, tuple[bool, dict[str, Any]]] | None = None
-        self._ready_conn: psycopg.AsyncConnection[Any] | None = None
-        self._broker_probed: dict[str, tuple[float, bool]] = {}  # broker -> (when, answered)
+        self.health = Health(
+            config,
+            metrics=self.metrics,
+            brokers=self._brokers,
+            circuits=self._dispatcher.circuits,
+            routed=self._router.brokers_in_use(),
+            started=self.started,
+            batches_started=self._batch_started.values,
+        )
 
     def stop(self) -> None:
         """Stop claiming; the run finishes its in-flight batches and returns."""
@@ -135,20 +126,25 @@ class Relay:
     def brokers(self) -> Mapping[str, BrokerHandle]:
         return self._brokers
 
+    @property
+    def http(self) -> HealthServer | None:
+        """The health port's server while it listens (its `port`), else None."""
+        return self.health.server
+
     async def run(self) -> None:
         """Run until :meth:`stop`; raise if a task fails unexpectedly."""
         # The port first: a port taken (a second relay on the host) is a configuration
         # error to report before anything is connected that would need closing; and while
         # the database is still away at start, /livez answers (waiting for it is no reason
         # for a restart) and /readyz says not yet.
-        await self._start_http()
+        await self.health.start()
         try:
             checked = await self._until_stopped(self._check_schema())
         except BaseException:
-            await self._close_http()
+            await self.health.close()
             raise
         if not checked:
-            await self._close_http()
+            await self.health.close()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=0)
             return
         for handle in self._brokers.values():
@@ -181,108 +177,15 @@ class Relay:
             for task in [stop_waiter, *tasks, *side]:
                 task.cancel()
             await asyncio.gather(stop_waiter, *tasks, *side, return_exceptions=True)
-            await self._close_http()
+            await self.health.close()
             await self._maintenance.forget()
             self._dispatcher.close()
             for handle in self._brokers.values():
                 await handle.close()
-            log.info("relay_stopped", relay_id=str(self.relay_id), published=self.published)
+            log.info("relay_stopped", relay_id=str(self.relay_id), published=self.metrics.published_total())
 
-    async def _start_http(self) -> None:
-        settings = self.config.http
-        if settings.enabled:
-            http = HealthServer(settings.host, settings.port, live=self.is_live, ready=self.readiness,
-                                metrics=self.metrics.render)
-            try:
-                await http.start()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); another relay on "
-                    "this host? Set http.port to a free port, or 0 to pick one", path="http.port") from None
-            self.http = http
-
-    async def _close_http(self) -> None:
-        http, self.http = self.http, None
-        if http is not None:
-            await http.close()
-        await self._close_ready_conn()
-
-    def is_live(self) -> bool:
-        """False when a worker has been stuck in one batch far past every timeout.
-
-        Waiting for the database or a broker is not a liveness failure: a restart would
-        not bring them back. A batch that never ends is (a hung await, a deadlock)."""
-        relay = self.config.relay
-        limit = relay.publish_timeout * 3 + relay.poll_interval * 2 + 60.0
-        now = asyncio.get_running_loop().time()
-        return all(now - started < limit for started in self._batch_started.values())
-
-    async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when the database and every broker that a route uses answer.
-
-        Probed at most once per READY_CACHE_S, by one caller at a time (the others wait
-        for its answer), on one connection kept for it: a burst of /readyz requests
-        (a misconfigured probe, a scan) costs the database one session, not one each.
-        """
-        if not self.started.is_set():  # still connecting: brokers are not to be probed yet
-            return False, {"database": False, "brokers": {}, "starting": True}
-        async with self._ready_lock:
-            now = asyncio.get_running_loop().time()
-            if self._ready_cache is not None and now - self._ready_cache[0] < READY_CACHE_S:
-                return self._ready_cache[1]
-            answer = await self._probe_readiness()
-            self._ready_cache = (asyncio.get_running_loop().time(), answer)
-            return answer
-
-    async def _probe_readiness(self) -> tuple[bool, dict[str, Any]]:
-        database = await self._database_answers()
-        brokers: dict[str, bool] = {}
-        for name in sorted(self._router.brokers_in_use()):
-            if self._dispatcher.circuits[name].open:  # it answered nothing, or refuses the relay
-                brokers[name] = False
-                continue
-            try:
-                brokers[name] = await asyncio.wait_for(self._brokers[name].ready(), READY_TIMEOUT_S)
-            except Exception:
-                brokers[name] = False
-        self.metrics.database_connected.set(1 if database else 0)
-        now = asyncio.get_running_loop().time()
-        for name, ok in brokers.items():
-            self._broker_probed[name] = (now, ok)
-            self.metrics.broker_connected.labels(name).set(1 if ok else 0)
-        return database and all(brokers.values()), {"database": database, "brokers": brokers}
-
-    async def _database_answers(self) -> bool:
-        try:
-            async def probe() -> None:
-                if self._ready_conn is None or self._ready_conn.closed:
-                    self._ready_conn = await connect_once(
-                        self._dsn, autocommit=True, timeout=READY_TIMEOUT_S,
-                        prepare_threshold=self.config.database.prepare_threshold)
-                await self._ready_conn.execute("SELECT 1")
-
-            await asyncio.wait_for(probe(), READY_TIMEOUT_S)
-        except Exception:
-            await self._close_ready_conn()  # reconnect on the next probe
-            return False
-        return True
-
-    async def _close_ready_conn(self) -> None:
-        conn, self._ready_conn = self._ready_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
-
-    def _refresh_broker_gauges(self) -> None:
-        # Connected = the adapter connected once, its circuit is closed (no publish went
-        # unanswered since), and the last readiness probe, if a recent one ran, found it
-        # answering: the heartbeat must not write 1 over what a probe just found.
-        now = asyncio.get_running_loop().time()
-        for name, handle in self._brokers.items():
-            recent = self._broker_probed.get(name)
-            probed_down = recent is not None and now - recent[0] < BROKER_PROBE_TRUST_S and not recent[1]
-            up = handle.connected.is_set() and not self._dispatcher.circuits[name].open and not probed_down
-            self.metrics.broker_connected.labels(name).set(1 if up else 0)
+    def _heartbeat(self) -> None:
+        self.health.refresh_broker_gauges()
         self.metrics.in_flight.set(self.in_flight)
 
     async def _brokers_connected(self, timeout: float) -> None:
@@ -344,7 +247,7 @@ class Relay:
                         conn = await self._until_stopped(self._connect_worker())
                         if conn is None:
                             break
-                        self._worker_connected(+1)
+                        self.metrics.worker_connected(+1)
                     claimed = await self._batch(conn, index)
                     failures = 0
                 except psycopg.Error as exc:
@@ -359,7 +262,7 @@ class Relay:
                     log.warning("database_connection_lost", worker=index, error_type=type(exc).__name__,
                                 error=first_line(exc))
                     if conn is not None:
-                        self._worker_connected(-1)
+                        self.metrics.worker_connected(-1)
                         with contextlib.suppress(Exception):
                             await conn.close()
                     conn = None
@@ -371,22 +274,15 @@ class Relay:
                     # a committer that skipped its NOTIFY counts on this (schema.sql). A
                     # claim that found nothing but stopped its key walk early (most keys
                     # waiting) goes on too: it ends once the walk has been all the way round.
-                    self._woke("backlog")
+                    self.metrics.wakeups.labels("backlog").inc()
                     continue
-                self._woke(await self._wakeup.wait(index, relay.poll_interval, self._stop))
+                reason = await self._wakeup.wait(index, relay.poll_interval, self._stop)
+                self.metrics.wakeups.labels(reason).inc()
         finally:
             if conn is not None:
-                self._worker_connected(-1)
+                self.metrics.worker_connected(-1)
                 with contextlib.suppress(Exception):
                     await conn.close()
-
-    def _woke(self, reason: str) -> None:
-        self.wakeups[reason] += 1
-        self.metrics.wakeups.labels(reason).inc()
-
-    def _worker_connected(self, delta: int) -> None:
-        self._connected_workers = max(0, self._connected_workers + delta)
-        self.metrics.database_connected.set(1 if self._connected_workers else 0)
 
     async def _connect_worker(self) -> psycopg.AsyncConnection[Any]:
         conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max,
@@ -432,44 +328,6 @@ class Relay:
                     self.metrics.in_flight.set(self.in_flight)
         finally:
             del self._batch_started[worker]
-        self._count(messages, records)
-        if self._observer is not None:
-            self._observer.batch_recorded(messages, records)
+        for observer in self._observers:
+            observer.batch_recorded(messages, records)
         return True
-
-    def _destination_label(self, broker: str, destination: str) -> str:
-        """`destination`, or OTHER_DESTINATIONS once a broker has MAX_DESTINATION_LABELS:
-        a route without a destination sends each topic to a destination of its name, and
-        topics can be many (one per tenant): a label set per topic would grow the metrics
-        without bound."""
-        seen = self._destination_labels.setdefault(broker, set())
-        if destination in seen:
-            return destination
-        if len(seen) < MAX_DESTINATION_LABELS:
-            seen.add(destination)
-            return destination
-        if broker not in self._destination_cap_logged:
-            self._destination_cap_logged.add(broker)
-            log.warning("metric_destinations_capped", broker=broker, limit=MAX_DESTINATION_LABELS,
-                        label=OTHER_DESTINATIONS)
-        return OTHER_DESTINATIONS
-
-    def _count(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
-        """Metrics for a committed batch."""
-        metrics = self.metrics
-        metrics.batch_size.observe(len(messages))
-        created = {m.id: m.created_at for m in messages}
-        now = datetime.now(UTC)
-        published: Counter[tuple[str, str]] = Counter()
-        for record in records:
-            if record.kind == "acked":
-                published[(record.broker or "", record.destination or "")] += 1
-                metrics.ack_latency.observe(max(0.0, (now - created[record.id]).total_seconds()))
-            elif record.kind == "dead":
-                metrics.dead_lettered.labels(record.broker or "").inc()
-        # One labelled increment per destination, not per message: this is the hot loop.
-        for (broker, destination), n in published.items():
-            metrics.published.labels(broker, self._destination_label(broker, destination)).inc(n)
-        acked = sum(published.values())
-        self.published += acked
-        log.debug("batch_recorded", claimed=len(messages), acked=acked)

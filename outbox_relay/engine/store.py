@@ -10,17 +10,25 @@ at once: nothing is stranded and no lease needs to expire.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 
 from outbox_relay.models import Message
 from outbox_relay.sqlfiles import Queries
 
-RecordKind = Literal["acked", "retry", "wait", "dead"]
+
+class RecordKind(enum.StrEnum):
+    """What is written for one attempted message (its value is what queries.sql reads)."""
+
+    ACKED = "acked"  # marked dispatched
+    RETRY = "retry"  # tried again after a delay; the attempt counts
+    WAIT = "wait"  # tried again after a delay; no attempt spent (the broker was away)
+    DEAD = "dead"  # dead-lettered
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +228,8 @@ class OutboxStore:
     async def record(self, conn: psycopg.AsyncConnection[Any], records: Sequence[Record]) -> None:
         """Write the batch's outcomes (inside its transaction): one statement marks every
         acked row dispatched; failures, when there are any, take a second one."""
-        acked = [r.id for r in records if r.kind == "acked"]
-        failed = [r for r in records if r.kind != "acked"]
+        acked = [r.id for r in records if r.kind is RecordKind.ACKED]
+        failed = [r for r in records if r.kind is not RecordKind.ACKED]
         if acked:
             await conn.execute(self._q["mark_dispatched"], {"ids": acked}, binary=True)
         if failed:
@@ -229,7 +237,7 @@ class OutboxStore:
                 self._q["record_outcomes"],
                 {
                     "ids": [r.id for r in failed],
-                    "outcomes": [r.kind for r in failed],
+                    "outcomes": [r.kind.value for r in failed],
                     "errors": [r.error for r in failed],
                     "delays": [r.delay for r in failed],
                 },

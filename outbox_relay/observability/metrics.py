@@ -1,16 +1,31 @@
 """Prometheus metrics, all prefixed ``outbox_relay_``, in a registry per relay.
 
 The engine reports facts here (a batch recorded, a publish call's duration, a
-wake-up); maintenance sets the gauges it reads from the database (pending, lag, the
-oldest open transaction). ``/metrics`` on the health port serves the registry.
+wake-up, a worker's connection); maintenance sets the gauges it reads from the
+database (pending, lag, the oldest open transaction); the health probes set the
+connected gauges. ``/metrics`` on the health port serves the registry.
 """
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from outbox_relay.engine.store import Record, RecordKind
+from outbox_relay.models import Message
+
+log = structlog.get_logger("outbox_relay.metrics")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+# outbox_relay_messages_published{destination}: at most this many label values per broker;
+# the rest are counted under OTHER_DESTINATIONS.
+MAX_DESTINATION_LABELS = 100
+OTHER_DESTINATIONS = "(other)"
 
 
 class RelayMetrics:
@@ -53,6 +68,54 @@ class RelayMetrics:
         self.oldest_transaction_age = Gauge(
             "outbox_relay_oldest_transaction_age_seconds", "Age of the oldest open transaction in the "
             "database (it holds back vacuum and slows claims).", registry=r)
+        self._connected_workers = 0
+        self._destination_labels: dict[str, set[str]] = {}
+        self._destination_cap_logged: set[str] = set()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def published_total(self) -> int:
+        """Messages acknowledged so far, over every broker and destination."""
+        return int(sum(sample.value for metric in self.published.collect() for sample in metric.samples
+                       if sample.name.endswith("_total")))
+
+    def worker_connected(self, delta: int) -> None:
+        """A worker's database connection opened (+1) or was closed (-1): database_connected
+        is 1 while any is open."""
+        self._connected_workers = max(0, self._connected_workers + delta)
+        self.database_connected.set(1 if self._connected_workers else 0)
+
+    def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
+        """Metrics for a committed batch (the relay's first RelayObserver)."""
+        self.batch_size.observe(len(messages))
+        created = {m.id: m.created_at for m in messages}
+        now = datetime.now(UTC)
+        published: Tally[tuple[str, str]] = Tally()
+        for record in records:
+            if record.kind is RecordKind.ACKED:
+                published[(record.broker or "", record.destination or "")] += 1
+                self.ack_latency.observe(max(0.0, (now - created[record.id]).total_seconds()))
+            elif record.kind is RecordKind.DEAD:
+                self.dead_lettered.labels(record.broker or "").inc()
+        # One labelled increment per destination, not per message: this is the hot loop.
+        for (broker, destination), n in published.items():
+            self.published.labels(broker, self._destination_label(broker, destination)).inc(n)
+        log.debug("batch_recorded", claimed=len(messages), acked=sum(published.values()))
+
+    def _destination_label(self, broker: str, destination: str) -> str:
+        """`destination`, or OTHER_DESTINATIONS once a broker has MAX_DESTINATION_LABELS:
+        a route without a destination sends each topic to a destination of its name, and
+        topics can be many (one per tenant): a label set per topic would grow the metrics
+        without bound."""
+        seen = self._destination_labels.setdefault(broker, set())
+        if destination in seen:
+            return destination
+        if len(seen) < MAX_DESTINATION_LABELS:
+            seen.add(destination)
+            return destination
+        if broker not in self._destination_cap_logged:
+            self._destination_cap_logged.add(broker)
+            log.warning("metric_destinations_capped", broker=broker, limit=MAX_DESTINATION_LABELS,
+                        label=OTHER_DESTINATIONS)
+        return OTHER_DESTINATIONS
