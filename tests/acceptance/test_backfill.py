@@ -15,17 +15,13 @@ import psycopg
 import pytest
 
 from outbox_relay import enqueue
-from tests.acceptance.cli import RelayProcess, exe, read_jsonl, run_cli, write_config
+from tests.support.cli import RelayProcess, exe, read_jsonl, run_cli
+from tests.support.configs import write_config
+from tests.support.outbox import count
+from tests.support.waiting import wait_for
 
 HEADER = "outbox-backfill-id"
 ROWS = 100_000
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        time.sleep(0.05)
 
 
 def make_accounts(db: str, rows: int) -> None:
@@ -44,12 +40,6 @@ def outbox_rows(db: str) -> list[tuple[str | None, dict[str, Any], dict[str, str
     return [(key, json.loads(payload), headers) for key, payload, headers in rows]
 
 
-def outbox_count(db: str) -> int:
-    with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages").fetchone()
-    return row[0] if row else -1
-
-
 def backfill(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return run_cli("backfill", "--config", str(config), *args, timeout=timeout)
 
@@ -59,7 +49,7 @@ def test_one_message_per_row_with_its_key_and_the_row_as_json(db: str, tmp_path:
     config = write_config(tmp_path / "relay.yaml", db)
     dry = backfill(config, "--table", "accounts", "--topic", "accounts.snapshot", "--where", "region=eu", "--dry-run")
     assert dry.returncode == 0 and "75000 row(s) of public.accounts to enqueue on accounts.snapshot" in dry.stdout
-    assert outbox_count(db) == 0, "a dry run writes nothing"
+    assert count(db) == 0, "a dry run writes nothing"
     done = backfill(config, "--table", "public.accounts", "--topic", "accounts.snapshot", "--key-column", "id",
                     "--where", "region=eu", "--chunk", "5000")
     assert done.returncode == 0, done.stderr
@@ -111,7 +101,7 @@ def test_bad_input_is_one_line_and_writes_nothing(db: str, tmp_path: Path) -> No
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM public.accounts").fetchone() == (10,)
         assert conn.execute("SELECT count(*) FROM outbox.backfills").fetchone() == (0,)
-    assert outbox_count(db) == 0
+    assert count(db) == 0
 
 
 def test_a_backfill_killed_mid_way_resumes_with_nothing_missing_and_nothing_twice(db: str, tmp_path: Path) -> None:
@@ -276,7 +266,7 @@ def test_a_column_named_like_the_alias_and_refusals_before_copying(db: str, tmp_
     config = write_config(tmp_path / "relay.yaml", db, max_payload_bytes=4096)
     too_large = backfill(config, "--table", "events", "--topic", "events.snapshot")
     assert too_large.returncode == 1 and "exceeds relay.max_payload_bytes (4096)" in too_large.stderr, too_large.stderr
-    assert outbox_count(db) == 0, "nothing of the chunk was written"
+    assert count(db) == 0, "nothing of the chunk was written"
     import yaml
 
     tree = yaml.safe_load(config.read_text())

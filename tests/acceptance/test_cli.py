@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from pathlib import Path
 
@@ -15,15 +14,10 @@ from psycopg.conninfo import make_conninfo
 
 from outbox_relay import enqueue
 from outbox_relay.sqlfiles import SCHEMA_VERSION
-from tests.acceptance.cli import RelayProcess, read_jsonl, run_cli, write_config
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
+from tests.support.cli import RelayProcess, read_jsonl, run_cli
+from tests.support.configs import write_config
+from tests.support.http import HttpReceiver, answer
+from tests.support.waiting import wait_for
 
 
 def test_schema_install_and_sql(empty_db: str) -> None:
@@ -50,7 +44,7 @@ def test_run_relays_sql_and_python_messages_to_the_file_sink(db: str, tmp_path: 
             conn.execute("SELECT outbox.enqueue('orders.created', 'order-1', '{\"total\": 10}')")
             py_id = enqueue(conn, "orders.paid", {"total": 10}, key="order-1", headers={"trace": "t1"})
             conn.commit()
-        wait_for(lambda: len(read_jsonl(sink)) == 2)
+        wait_for(lambda: len(read_jsonl(sink)) == 2, 30)
         assert relay.terminate() == 0
     finally:
         relay.close()
@@ -66,29 +60,9 @@ def test_run_relays_sql_and_python_messages_to_the_file_sink(db: str, tmp_path: 
 
 def test_sigterm_finishes_the_in_flight_batch_and_exits_zero(db: str, tmp_path: Path) -> None:
     # A webhook receiver that answers slowly keeps a batch in flight when SIGTERM arrives.
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    received: list[bytes] = []
-
-    class Slow(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(self.rfile.read(int(self.headers["content-length"])))
-            time.sleep(1.5)
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = tmp_path / "relay.yaml"
-    config.write_text(json.dumps({
-        "database": {"dsn": db},
-        "http": {"host": "127.0.0.1", "port": 0},
-        "brokers": {"hook": {"type": "webhook", "url": f"http://127.0.0.1:{server.server_port}/"}},
-        "routes": [{"topic": "*", "broker": "hook"}],
-    }))
+    server = HttpReceiver(answer(200, delay=1.5))
+    config = write_config(tmp_path / "relay.yaml", db, brokers={"hook": {"type": "webhook", "url": f"{server.url}/"}},
+                          timing={})  # the relay's own defaults
     relay = RelayProcess(config)
     try:
         relay.wait_started()
@@ -96,12 +70,11 @@ def test_sigterm_finishes_the_in_flight_batch_and_exits_zero(db: str, tmp_path: 
             for i in range(5):
                 enqueue(conn, "t", {"i": i})
             conn.commit()
-        wait_for(lambda: len(received) == 5)
+        wait_for(lambda: len(server.requests) == 5, 30)
         assert relay.terminate() == 0
     finally:
         relay.close()
-        server.shutdown()
-        server.server_close()
+        server.close()
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone() == (5,)
 
@@ -188,12 +161,14 @@ def test_passwords_never_reach_logs_or_check_output(db: str, tmp_path: Path) -> 
         unreachable = make_conninfo(db, user=role, password=password, port="1", connect_timeout="1")
         config = write_config(tmp_path / "relay.yaml", None, sink=tmp_path / "o.jsonl")
         outputs = []
-        for dsn in (good, unreachable):
+        # What the relay logs once it got as far as it can with each DSN.
+        for dsn, reached in ((good, "relay_started"), (unreachable, "database_unreachable")):
             checked = run_cli("check", "--config", str(config), env={"DATABASE_URL": dsn})
             outputs += [checked.stdout, checked.stderr]
             relay = RelayProcess(config, env={"DATABASE_URL": dsn})
             try:
-                time.sleep(3)
+                # The positive signal: the relay used the DSN (and logged about it).
+                wait_for(lambda r=relay, e=reached: e in r.log_path.read_text(), 30, reached)  # type: ignore[misc]
                 assert relay.terminate() == 0
                 outputs.append(relay.log_path.read_text())
             finally:
@@ -216,7 +191,7 @@ def test_logs_are_json_lines_naming_message_id_and_topic(db: str, tmp_path: Path
         with psycopg.connect(db) as conn:
             mid = enqueue(conn, "unrouted", {"a": 1})
             conn.commit()
-        wait_for(lambda: "message_dead_lettered" in relay.log_path.read_text())
+        wait_for(lambda: "message_dead_lettered" in relay.log_path.read_text(), 30)
         relay.terminate()
     finally:
         relay.close()
@@ -255,7 +230,7 @@ def test_a_second_relay_on_a_taken_health_port_says_which_key_to_change(db: str,
 
 
 def test_a_database_not_in_utf8_is_refused_by_install_check_and_run(admin_dsn: str, tmp_path: Path) -> None:
-    from tests.conftest import dsn_for
+    from tests.support.databases import dsn_for
 
     name = f"ascii_{random.randrange(1 << 30)}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -326,9 +301,8 @@ def test_secrets_in_odd_places_never_reach_check_run_or_config_errors(tmp_path: 
         if name == "sslpassword":  # run retries an unreachable database: read its first log lines
             relay = RelayProcess(path)
             try:
-                deadline = time.monotonic() + 20
-                while "database_unreachable" not in relay.log_path.read_text() and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                wait_for(lambda r=relay: "database_unreachable" in r.log_path.read_text(), 20,  # type: ignore[misc]
+                         "database_unreachable logged")
                 logs = relay.log_path.read_text()
             finally:
                 relay.close()
@@ -440,10 +414,10 @@ def test_purging_a_held_keys_dead_letter_says_it_releases_the_messages_behind_it
     relay = RelayProcess(config)
     try:
         relay.wait_started()
-        wait_for(lambda: len(read_jsonl(sink)) == 1)  # acct-2 flows; acct-1 waits behind its dead letter
+        wait_for(lambda: len(read_jsonl(sink)) == 1, 30)  # acct-2 flows; acct-1 waits behind its dead letter
         purged = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d", "--yes")
         assert purged.returncode == 0 and "2 message(s) held behind them" in purged.stdout, purged.stdout
-        wait_for(lambda: len(read_jsonl(sink)) == 3)
+        wait_for(lambda: len(read_jsonl(sink)) == 3, 30)
     finally:
         relay.close()
     assert [line["payload"]["n"] for line in read_jsonl(sink)] == [3, 1, 2]

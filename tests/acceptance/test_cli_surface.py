@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from outbox_relay.observability.logging_setup import configure
-from tests.acceptance.cli import run_cli
+from tests.support.cli import run_cli
 
 COMMANDS = [
     [], ["schema"], ["schema", "install"], ["schema", "sql"], ["schema", "notify"], ["run"], ["check"],

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from tests.acceptance.cli import exe
+from tests.support.cli import exe
 
 ORDERS = 60
 ROLLBACK_EVERY = 4

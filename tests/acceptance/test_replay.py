@@ -13,28 +13,12 @@ import psycopg
 import pytest
 
 from outbox_relay import enqueue
-from tests.acceptance.cli import RelayProcess, exe, read_jsonl, run_cli, write_config
+from tests.support.cli import RelayProcess, exe, read_jsonl, run_cli
+from tests.support.configs import write_config
+from tests.support.outbox import count, dispatched
+from tests.support.waiting import wait_for
 
 HEADER = "outbox-replay-id"
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        time.sleep(0.05)
-
-
-def dispatched(db: str) -> int:
-    with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
-    return row[0] if row else 0
-
-
-def pending(db: str) -> int:
-    with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL").fetchone()
-    return row[0] if row else -1
 
 
 def replays_in(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -154,7 +138,7 @@ def test_replayed_messages_keep_per_key_order_with_live_traffic(db: str, relayed
                 conn.commit()
                 phases[message_id] = started_in if started_in == phase else "during"
                 n += 1
-                time.sleep(0.002)
+                time.sleep(0.002)  # pacing: live traffic, one message at a time
 
     writer = threading.Thread(target=live)
     writer.start()
@@ -168,7 +152,7 @@ def test_replayed_messages_keep_per_key_order_with_live_traffic(db: str, relayed
     finally:
         stop.set()
         writer.join()
-    wait_for(lambda: pending(db) == 0, what="everything delivered")
+    wait_for(lambda: count(db, "dispatched_at IS NULL") == 0, what="everything delivered")
     with psycopg.connect(db) as conn:
         rows = conn.execute("SELECT message_id::text, headers ? %s FROM outbox.messages WHERE key = 'k1' ORDER BY id",
                             (HEADER,)).fetchall()
@@ -217,7 +201,7 @@ def test_a_replay_killed_mid_way_resumes_and_copies_nothing_twice(db: str, relay
         resumed = replay(config, "--resume", "1", "--yes")
         assert resumed.returncode == 0 and "resuming replay #1" in resumed.stdout, resumed.stdout + resumed.stderr
         assert "3000 message(s) copied" in resumed.stdout, resumed.stdout
-        wait_for(lambda: pending(db) == 0, timeout=90, what="every copy delivered")
+        wait_for(lambda: count(db, "dispatched_at IS NULL") == 0, timeout=90, what="every copy delivered")
     finally:
         restarted.close()
     with psycopg.connect(db) as conn:

@@ -10,7 +10,10 @@ from pathlib import Path
 import psycopg
 
 from outbox_relay import enqueue
-from tests.acceptance.cli import RelayProcess, read_jsonl, write_config
+from tests.support.cli import RelayProcess, read_jsonl
+from tests.support.configs import write_config
+from tests.support.outbox import dispatched
+from tests.support.waiting import wait_for
 
 
 def writer(dsn: str, keys: int, per_key: int, stop: threading.Event, committed: list[str]) -> None:
@@ -23,20 +26,7 @@ def writer(dsn: str, keys: int, per_key: int, stop: threading.Event, committed: 
                 committed.append(str(mid))
             if stop.is_set():
                 return
-            time.sleep(0.002)
-
-
-def dispatched(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
-    return int(row[0]) if row else 0
-
-
-def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-        time.sleep(0.1)
+            time.sleep(0.002)  # pacing: the relays claim while the writer writes
 
 
 def test_two_relays_publish_each_message_once(db: str, tmp_path: Path) -> None:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,8 @@ from outbox_relay.json_lines import decode_payload
 from outbox_relay.models import Message, Outcome, OutgoingMessage
 from tests.consumers import RabbitQueue, Received, kafka_read, rabbit_read
 from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, Secure
+from tests.support.factories import message
+from tests.support.http import HttpReceiver, answer
 
 Reader = Callable[[int], Awaitable[list[Received]]]
 
@@ -40,15 +39,6 @@ class Target:
     destination: str
     read: Reader  # read(count) -> what an independent client sees
     explicit: bool = False
-
-
-def message(n: int, *, key: str | None = None, payload: bytes | None = None,
-            content_type: str = "application/json", headers: dict[str, str] | None = None) -> Message:
-    return Message(
-        id=n, message_id=uuid.uuid4(), topic="contract.test", key=key,
-        payload=payload if payload is not None else json.dumps({"n": n}, separators=(",", ":")).encode(),
-        content_type=content_type, headers=headers or {}, attempts=0, created_at=datetime.now(UTC),
-    )
 
 
 def record_to_received(record: dict[str, Any]) -> Received:
@@ -140,48 +130,22 @@ class TestFile(AdapterContract):
         await adapter.close()
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    records: list[dict[str, Any]]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        record = json.loads(body)
-        assert self.headers["message-id"] == record["message_id"]
-        self.server.records.append(record)  # type: ignore[attr-defined]
-        self.send_response(204)
-        self.end_headers()
-
-    def do_HEAD(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 256  # the default of 5 refuses bursts of concurrent POSTs
-    daemon_threads = True
-
-
 @pytest.fixture
-def http_receiver() -> Iterator[ThreadingHTTPServer]:
-    server = _Server(("127.0.0.1", 0), _Receiver)
-    server.records = []  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def http_receiver() -> Iterator[HttpReceiver]:
+    with HttpReceiver(answer(204)) as receiver:
+        yield receiver
 
 
 class TestWebhook(AdapterContract):
     @pytest.fixture
-    async def target(self, http_receiver: ThreadingHTTPServer) -> AsyncIterator[Target]:
-        adapter = create_webhook("hook", {"url": f"http://127.0.0.1:{http_receiver.server_port}/events"})
+    async def target(self, http_receiver: HttpReceiver) -> AsyncIterator[Target]:
+        adapter = create_webhook("hook", {"url": f"{http_receiver.url}/events"})
         await adapter.connect()
 
         async def read(count: int) -> list[Received]:
-            return [record_to_received(r) for r in http_receiver.records]  # type: ignore[attr-defined]
+            for request in http_receiver.requests:
+                assert request.headers["message-id"] == request.json["message_id"]
+            return [record_to_received(r.json) for r in http_receiver.requests]
 
         yield Target(adapter, "out", read)
         await adapter.close()

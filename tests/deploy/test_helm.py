@@ -36,7 +36,6 @@ import yaml
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config, parse
-from tests.conftest import make_config, running_relay, wait_until
 from tests.deploy.helm_support import (
     APP_CHART,
     CHART,
@@ -76,6 +75,9 @@ from tests.deploy.helm_support import (
     required_variables,
     strings_in,
 )
+from tests.support.configs import make_config
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 # The first test builds helm when it is not cached yet (about 2-3 minutes on 2 cores).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]

@@ -24,7 +24,7 @@ import tomllib
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ import psycopg
 import pytest
 import yaml
 from psycopg.conninfo import conninfo_to_dict
+
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "localhost/outbox-relay-test"
@@ -183,14 +185,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
-
-
 def readyz(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
@@ -274,9 +268,9 @@ def test_check_then_run_relays_and_drains_on_sigterm(
             return podman("logs", name, check=False).stderr
 
         try:
-            wait_for(lambda: readyz(port), "/readyz answering 200")
+            wait_for(lambda: readyz(port), what="/readyz answering 200")
             enqueue(db, 51, 100)
-            wait_for(lambda: len(read_records(sink)) >= 100, "100 messages in the file sink")
+            wait_for(lambda: len(read_records(sink)) >= 100, what="100 messages in the file sink")
             records = read_records(sink)
             assert sorted(r["payload"]["i"] for r in records) == list(range(1, 101))
             assert_per_key_order(records)
@@ -284,7 +278,7 @@ def test_check_then_run_relays_and_drains_on_sigterm(
             # SIGTERM while a backlog of 5000 is being published: the relay finishes
             # (or rolls back) its in-flight batches and exits 0 within shutdown_timeout.
             enqueue(db, 101, 5100)
-            wait_for(lambda: len(read_records(sink)) > 100, "the backlog starting")
+            wait_for(lambda: len(read_records(sink)) > 100, what="the backlog starting")
             stop_start = time.monotonic()
             podman("kill", "--signal", "TERM", name)
             waited = podman("wait", name, timeout=SHUTDOWN_TIMEOUT + STOP_MARGIN, check=False)

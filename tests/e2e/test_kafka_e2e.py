@@ -9,9 +9,11 @@ import pytest
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
-from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import kafka_create_topic, kafka_read
-from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key, write
+from tests.support.configs import make_config
+from tests.support.outbox import dead_letters, pending, sequence_by_key, write
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 def kafka_config(db: str, bootstrap: str, topic: str, client: str = "aiokafka", **relay: object):  # type: ignore[no-untyped-def]

@@ -10,10 +10,19 @@ from urllib.parse import urlsplit
 import psycopg
 
 from outbox_relay.assembly import build_adapters
-from tests.conftest import make_config, running_relay, wait_until
+from outbox_relay.engine.relay import Relay
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
-from tests.e2e.relay_helpers import write
-from tests.proxy import TcpProxy
+from tests.support.configs import make_config
+from tests.support.outbox import write
+from tests.support.proxy import TcpProxy
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
+
+
+def failures(relay: Relay, broker: str) -> float:
+    """How many answers of `broker` (or of the relay for it) were not an ack, so far."""
+    return sum(s.value for metric in relay.metrics.registry.collect() for s in metric.samples
+               if s.name == "outbox_relay_publish_failures_total" and s.labels["broker"] == broker)
 
 
 def pending_for(dsn: str, prefix: str) -> int:
@@ -40,16 +49,19 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
         max_attempts=3,  # an outage must not spend attempts: nothing may be dead-lettered
     )
     try:
-        async with running_relay(config, build_adapters(config)):
+        async with running_relay(config, build_adapters(config)) as relay:
             first = await write(db, "orders.created", ["o1"], 5)
             await write(db, "emails.sent", ["e1"], 5)
             await wait_until(lambda: pending_for(db, "") == 0, timeout=30)
 
             proxy.cut()  # RabbitMQ unreachable from the relay
+            before = failures(relay, "mq")
             orders = await write(db, "orders.created", ["o2", "o3"], 20)
             emails = await write(db, "emails.sent", ["e2", "e3"], 20)
             await wait_until(lambda: pending_for(db, "orders.") == 0, timeout=30)
-            await asyncio.sleep(2.0)  # several retry rounds for the emails
+            # The positive signal: several retry rounds for the emails, each answering the
+            # head of both keys: more rounds than max_attempts, were the outage to spend them.
+            await wait_until(lambda: failures(relay, "mq") >= before + 2 * 4, timeout=30)
             assert pending_for(db, "emails.") == 40, "emails wait while RabbitMQ is away"
 
             proxy.restore()

@@ -16,9 +16,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
 from outbox_relay.models import OutgoingMessage, PublishResult
-from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import kafka_create_topic, kafka_read
-from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key
+from tests.support.configs import make_config
+from tests.support.outbox import dead_letters, pending, sequence_by_key
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 RUN, POISON = 30, 15
 

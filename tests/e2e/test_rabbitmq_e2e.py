@@ -12,11 +12,13 @@ from outbox_relay_adapters.rabbitmq import create
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
 from outbox_relay.models import Outcome, OutgoingMessage
-from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import RabbitQueue, rabbit_read
-from tests.contract.test_adapter_contract import message
-from tests.e2e.relay_helpers import dead_letters, pending, sequence_by_key, write
-from tests.proxy import TcpProxy
+from tests.support.configs import make_config
+from tests.support.factories import message
+from tests.support.outbox import dead_letters, pending, sequence_by_key, write
+from tests.support.proxy import TcpProxy
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 def rabbit_config(db: str, url: str, exchange: str, **relay: object):  # type: ignore[no-untyped-def]
@@ -84,7 +86,8 @@ async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amq
         proxy.stall()  # publishes leave, confirms never come back
         batch = [OutgoingMessage(message(i), exchange) for i in range(20)]
         publishing = asyncio.ensure_future(adapter.publish(batch))
-        await asyncio.sleep(0.5)
+        # The positive signal: every message is published and waits for its confirm.
+        await wait_until(lambda: len(adapter._unconfirmed) == 20, timeout=10)  # type: ignore[attr-defined]
         assert not publishing.done(), "no result may be reported before the broker confirms"
         proxy.cut()
         results = await asyncio.wait_for(publishing, 10)

@@ -3,42 +3,27 @@ original message id and the replay header, after the originals, in key order."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
 import psycopg
-import yaml
 
 from outbox_relay import enqueue
-from tests.acceptance.cli import RelayProcess, run_cli
 from tests.consumers import kafka_create_topic, kafka_read
-
-
-def dispatched(db: str) -> int:
-    with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
-    return row[0] if row else 0
-
-
-def wait_for(predicate: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+from tests.support.cli import RelayProcess, run_cli
+from tests.support.configs import write_config
+from tests.support.outbox import dispatched
+from tests.support.waiting import wait_for
 
 
 async def test_replayed_messages_reach_kafka_with_their_ids_and_the_replay_header(
         db: str, kafka_bootstrap: str, tmp_path: Path) -> None:
     topic = f"replay-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
-    config = tmp_path / "relay.yaml"
-    config.write_text(yaml.safe_dump({
-        "database": {"dsn": db},
-        "http": {"host": "127.0.0.1", "port": 0},
-        "brokers": {"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-        "routes": [{"topic": "*", "broker": "events", "destination": topic}],
-    }))
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+                          routes=[{"topic": "*", "broker": "events", "destination": topic}],
+                          timing={})  # the relay's own defaults
     with psycopg.connect(db) as conn:
         ids = [str(enqueue(conn, "orders.created", {"n": n}, key=f"k{n % 3}")) for n in range(12)]
         others = [str(enqueue(conn, "emails.sent", {"n": n})) for n in range(4)]

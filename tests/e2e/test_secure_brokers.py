@@ -13,17 +13,17 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 from structlog.testing import capture_logs
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
-from outbox_relay.config import parse
-from tests.acceptance.cli import run_cli
-from tests.conftest import running_relay, wait_until
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
-from tests.e2e.relay_helpers import write
 from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, ROOT, Secure
+from tests.support.cli import run_cli
+from tests.support.configs import make_config, write_config
+from tests.support.outbox import count, write
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 def kafka_block(secure: Secure, *, password: str = "${KAFKA_PW}", ca_file: str | None = None) -> dict[str, Any]:
@@ -39,13 +39,6 @@ def rabbit_block(secure: Secure, exchange: str, *, ca_file: str | None = None) -
             "connect_timeout": "3s"}
 
 
-def config_text(db: str, brokers: dict[str, Any], routes: list[dict[str, Any]]) -> str:
-    return yaml.safe_dump({"database": {"dsn": db}, "relay": {"poll_interval": "200ms",
-                                                              "retry": {"initial": "50ms", "max": "500ms"},
-                                                              "max_attempts": 1},
-                           "http": {"host": "127.0.0.1", "port": 0}, "brokers": brokers, "routes": routes})
-
-
 def stranger_ca(tmp_path: Path) -> str:
     """A CA that signed nothing the brokers use."""
     subprocess.run([str(ROOT / "scripts" / "services" / "certs.sh"), str(tmp_path / "other")], check=True)
@@ -57,21 +50,16 @@ async def test_the_relay_publishes_over_sasl_ssl_kafka_and_amqps_rabbitmq(
     topic, exchange = f"secure-{uuid.uuid4().hex[:8]}", f"secure-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_secure.plain, topic)
     queue = RabbitQueue(rabbitmq_secure.plain, exchange, exchange + ".q")
-    text = config_text(db, {"kafka": kafka_block(kafka_secure), "mq": rabbit_block(rabbitmq_secure, exchange)},
-                       [{"topic": "orders.*", "broker": "kafka", "destination": topic},
-                        {"topic": "emails.*", "broker": "mq"}])
-    config = parse(text, source="secure.yaml", env={"KAFKA_PW": KAFKA_SCRAM_PASSWORD, "AMQP_PW": "guest"})
+    config = make_config(db,
+                         brokers={"kafka": kafka_block(kafka_secure), "mq": rabbit_block(rabbitmq_secure, exchange)},
+                         routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic},
+                                 {"topic": "emails.*", "broker": "mq"}],
+                         max_attempts=1, env={"KAFKA_PW": KAFKA_SCRAM_PASSWORD, "AMQP_PW": "guest"})
     try:
         async with running_relay(config, build_adapters(config)):
             orders = await write(db, "orders.created", ["o1", "o2"], 10)
             emails = await write(db, "emails.sent", ["e1", "e2"], 10)
-
-            def pending() -> int:
-                with psycopg.connect(db) as conn:
-                    row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL").fetchone()
-                return row[0] if row else -1
-
-            await wait_until(lambda: pending() == 0, timeout=60)
+            await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0, timeout=60)
         assert {r.message_id for r in await kafka_read(kafka_secure.plain, topic, 20)} == set(orders.committed)
         assert {r.message_id for r in await rabbit_read(queue, 20)} == set(emails.committed)
     finally:
@@ -87,9 +75,9 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead
     env = {"KAFKA_PW": secret or KAFKA_SCRAM_PASSWORD, "AMQP_PW": secret or "guest"}
     block = (kafka_block(kafka_secure, ca_file=ca) if broker == "kafka"
              else rabbit_block(rabbitmq_secure, f"bad-{uuid.uuid4().hex[:8]}", ca_file=ca))
-    text = config_text(db, {"b": block}, [{"topic": "*", "broker": "b", "destination": "bad-creds"}])
-    path = tmp_path / "relay.yaml"
-    path.write_text(text)
+    settings: dict[str, Any] = {"brokers": {"b": block}, "max_attempts": 1,
+                                "routes": [{"topic": "*", "broker": "b", "destination": "bad-creds"}]}
+    path = write_config(tmp_path / "relay.yaml", db, **settings)
 
     checked = run_cli("check", "--config", str(path), env=env, timeout=120)
     assert checked.returncode == 1, checked.stdout + checked.stderr
@@ -101,7 +89,7 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead
     if secret:
         assert secret not in checked.stdout + checked.stderr
 
-    config = parse(text, source="relay.yaml", env=env)
+    config = make_config(db, env=env, **settings)
     with psycopg.connect(db) as conn:
         for i in range(3):
             enqueue(conn, "t", {"i": i}, key="k")

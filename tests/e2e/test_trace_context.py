@@ -19,9 +19,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from outbox_relay import enqueue, inbox
 from outbox_relay.assembly import build_adapters
 from outbox_relay.tracing import consumer_span
-from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import kafka_create_topic, kafka_read
-from tests.e2e.relay_helpers import pending
+from tests.support.configs import make_config
+from tests.support.outbox import pending
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -15,15 +15,14 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
-import yaml
 
 from outbox_relay import enqueue
-from tests.acceptance.cli import RelayProcess
 from tests.consumers import Received
+from tests.support.cli import RelayProcess
+from tests.support.waiting import wait_for
 
 
 @dataclass
@@ -88,9 +87,9 @@ class Writers:
                         conn.close()
                     conn = None
                     n += 1  # whatever happened to that message, the next one is later
-                    time.sleep(0.2)
+                    time.sleep(0.2)  # then connect again
                     continue
-                time.sleep(self.pause)
+                time.sleep(self.pause)  # the writers' steady pace
         except BaseException as exc:  # surfaced by stop()
             self.errors.append(exc)
         finally:
@@ -98,41 +97,17 @@ class Writers:
                 conn.close()
 
 
-def relay_config(path: Path, dsn: str, brokers: dict[str, Any], routes: list[dict[str, Any]], **relay: Any) -> Path:
-    tree = {
-        "database": {"dsn": dsn},
-        "relay": {"poll_interval": "500ms", "retry": {"initial": "100ms", "max": "2s"}, **relay},
-        "http": {"host": "127.0.0.1", "port": 0},
-        "brokers": brokers,
-        "routes": routes,
-    }
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
 def http_port(relay: RelayProcess, timeout: float = 20) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reported() -> int | None:
         for line in relay.log_path.read_text().splitlines():
             if '"http_listening"' in line:
                 return int(json.loads(line)["port"])
-        time.sleep(0.05)
-    raise AssertionError("relay did not report its HTTP port")
+        return None
 
-
-def settled(dsn: str) -> bool:
-    """No message is pending any more (dispatched or dead-lettered)."""
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL "
-                           "AND dead_lettered_at IS NULL").fetchone()
-    return bool(row and row[0] == 0)
-
-
-def wait_for(predicate: Any, timeout: float = 90.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        time.sleep(0.2)
+    wait_for(lambda: reported() is not None, timeout, "the relay reporting its HTTP port")
+    port = reported()
+    assert port is not None
+    return port
 
 
 def check_delivery(received: list[Received], ledger: Ledger, *, uncertain: set[str] | None = None,

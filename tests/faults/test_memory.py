@@ -10,8 +10,9 @@ from pathlib import Path
 import psycopg
 
 from outbox_relay import enqueue
-from tests.acceptance.cli import RelayProcess, read_jsonl, write_config
-from tests.faults.harness import wait_for
+from tests.support.cli import RelayProcess, read_jsonl
+from tests.support.configs import write_config
+from tests.support.waiting import wait_for
 
 ROW_MB = 200
 # The relay idles at about 70 MB of address space here; reading the row would take it

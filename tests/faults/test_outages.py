@@ -17,11 +17,14 @@ import psycopg
 import pytest
 
 from outbox_relay.demo import local_postgres
-from tests.acceptance.cli import RelayProcess
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
-from tests.faults.harness import Ledger, Writers, check_delivery, http_port, relay_config, settled, wait_for
-from tests.proxy import ThreadedProxy
+from tests.faults.harness import Ledger, Writers, check_delivery, http_port
 from tests.services import LocalBroker
+from tests.support.cli import RelayProcess
+from tests.support.configs import PATIENT, write_config
+from tests.support.outbox import pending
+from tests.support.proxy import ThreadedProxy
+from tests.support.waiting import wait_for
 
 BATCH, WORKERS = 50, 2
 
@@ -48,15 +51,15 @@ def outage(db: str, config: Path, topic: str, *, down: Callable[[], None], up: C
     try:
         port = http_port(relay)
         wait_for(lambda: ready(port), 30, "ready before the outage")
-        time.sleep(1.5)
+        time.sleep(1.5)  # traffic flowing before the fault
         down()
         wait_for(lambda: not ready(port), 30, "/readyz false during the outage")
-        time.sleep(down_for)
+        time.sleep(down_for)  # the outage lasts this long
         up()
         wait_for(lambda: ready(port), 90, "/readyz true after the outage")
-        time.sleep(1.5)
+        time.sleep(1.5)  # traffic flowing after it
         ledger = writers.stop()
-        wait_for(lambda: settled(db), 120, "every message dispatched")
+        wait_for(lambda: pending(db) == 0, 120, "every message dispatched")
         assert relay.terminate() == 0
     finally:
         writers.stop()
@@ -70,9 +73,10 @@ async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_p
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"outage-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
+                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
                           max_attempts=3)  # an outage must spend no attempts: nothing may be dead-lettered
     ledger = outage(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
     received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
@@ -90,9 +94,10 @@ async def test_kafka_outage_of_several_publish_timeouts_dead_letters_nothing(
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"long-outage-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
+                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
                           max_attempts=2, publish_timeout="2s")
     ledger = outage(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start, down_for=10.0)
     received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
@@ -104,9 +109,11 @@ async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker
     exchange = f"outage-{uuid.uuid4().hex[:8]}"
     queue = RabbitQueue(url, exchange, exchange + ".q")
     queue.close()  # the exchange and queue are durable: read them after the restart
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s"}},
-                          [{"topic": "*", "broker": "mq"}], batch_size=BATCH, workers=WORKERS, max_attempts=3)
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"mq": {"type": "rabbitmq", "url": url, "exchange": exchange,
+                                          "connect_timeout": "2s"}},
+                          routes=[{"topic": "*", "broker": "mq"}],
+                          timing=PATIENT, batch_size=BATCH, workers=WORKERS, max_attempts=3)
     ledger = outage(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
     reader = RabbitQueue(url, exchange, exchange + ".q")
     try:
@@ -121,9 +128,10 @@ async def test_postgres_restarted_fast_and_immediate(own_pg: local_postgres.Loca
     dsn = own_pg.dsn
     topic = f"pg-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
-    config = relay_config(tmp_path / "relay.yaml", dsn,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+    config = write_config(tmp_path / "relay.yaml", dsn,
+                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
                           poll_interval="30s")  # resuming must come from reconnect + LISTEN again, not the poll
     relay = RelayProcess(config)
     writers = Writers(dsn, "orders.created").start()
@@ -131,15 +139,15 @@ async def test_postgres_restarted_fast_and_immediate(own_pg: local_postgres.Loca
         port = http_port(relay)
         wait_for(lambda: ready(port), 30, "ready")
         for mode in ("fast", "immediate"):
-            time.sleep(1.5)
+            time.sleep(1.5)  # traffic flowing before the fault
             own_pg.stop(mode)
             wait_for(lambda: not ready(port), 30, f"/readyz false while PostgreSQL is down ({mode})")
-            time.sleep(1)
+            time.sleep(1)  # the outage lasts this long
             own_pg.start({"max_connections": "100"})
             wait_for(lambda: ready(port), 60, f"/readyz true after the {mode} restart")
-        time.sleep(2)
+        time.sleep(2)  # traffic flowing after the restarts
         ledger = writers.stop()
-        wait_for(lambda: settled(dsn), 60, "every message dispatched after the restarts")
+        wait_for(lambda: pending(dsn) == 0, 60, "every message dispatched after the restarts")
         logs = relay.log_path.read_text()
         assert logs.count('"listening"') >= 3, "the relay LISTENs again after each restart"
         assert relay.terminate() == 0
@@ -156,25 +164,26 @@ async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: 
     exchange = f"stall-{uuid.uuid4().hex[:8]}"
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
     proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange, "connect_timeout": "2s",
-                                  "heartbeat": "5s"}},
-                          [{"topic": "*", "broker": "mq"}], batch_size=BATCH, workers=WORKERS, publish_timeout="2s",
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange,
+                                          "connect_timeout": "2s", "heartbeat": "5s"}},
+                          routes=[{"topic": "*", "broker": "mq"}],
+                          timing=PATIENT, batch_size=BATCH, workers=WORKERS, publish_timeout="2s",
                           max_attempts=1000)
     relay = RelayProcess(config)
     writers = Writers(db, "emails.sent").start()
     try:
         port = http_port(relay)
         wait_for(lambda: ready(port), 30, "ready before the stall")
-        time.sleep(1.5)
+        time.sleep(1.5)  # traffic flowing before the fault
         proxy.stall()  # bytes stop flowing, connections stay open: longer than publish_timeout
-        time.sleep(6)
+        time.sleep(6)  # the stall lasts this long
         proxy.cut()  # and then the connections drop
-        time.sleep(1)
+        time.sleep(1)  # refused this long
         proxy.restore()
         wait_for(lambda: ready(port), 60, "ready after the stall")
         ledger = writers.stop()
-        wait_for(lambda: settled(db), 120, "every message dispatched")
+        wait_for(lambda: pending(db) == 0, 120, "every message dispatched")
         assert relay.terminate() == 0
         received = await rabbit_read(queue, len(ledger.committed) + 10 * BATCH * WORKERS, timeout=15)
     finally:
@@ -196,9 +205,10 @@ async def test_sigterm_during_a_kafka_outage_exits_within_the_shutdown_timeout(
     topic = f"term-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
     shutdown_timeout = 3.0
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
+                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
                           publish_timeout="2s", shutdown_timeout=f"{shutdown_timeout}s")
     relay = RelayProcess(config)
     writers = Writers(db, "orders.created").start()

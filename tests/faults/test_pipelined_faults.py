@@ -13,10 +13,13 @@ import psycopg
 import pytest
 
 from outbox_relay import enqueue
-from tests.acceptance.cli import RelayProcess
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
-from tests.faults.harness import Ledger, check_delivery, relay_config, settled, wait_for
+from tests.faults.harness import Ledger, check_delivery
 from tests.services import LocalBroker
+from tests.support.cli import RelayProcess
+from tests.support.configs import PATIENT, write_config
+from tests.support.outbox import dispatched, pending
+from tests.support.waiting import wait_for
 
 BATCH = 500
 BACKLOG = 6000  # one key, so every batch is one run of BATCH messages in one call
@@ -33,12 +36,6 @@ def hot_backlog(dsn: str, topic: str) -> Ledger:
     return ledger
 
 
-def dispatched(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
-    return int(row[0]) if row else 0
-
-
 def kill_mid_drain(db: str, config: Path, topic: str, *, down: Callable[[], None], up: Callable[[], None]) -> Ledger:
     ledger = hot_backlog(db, topic)
     relay = RelayProcess(config)
@@ -46,9 +43,9 @@ def kill_mid_drain(db: str, config: Path, topic: str, *, down: Callable[[], None
         # Down while the drain is under way: some runs acked, one in flight.
         wait_for(lambda: dispatched(db) >= BATCH, 60, "the drain under way")
         down()
-        time.sleep(2)
+        time.sleep(2)  # the outage: the broker stays down this long
         up()
-        wait_for(lambda: settled(db), 180, "every message dispatched after the restart")
+        wait_for(lambda: pending(db) == 0, 180, "every message dispatched after the restart")
         assert relay.terminate() == 0
     finally:
         relay.close()
@@ -64,11 +61,11 @@ async def test_kafka_killed_in_the_middle_of_a_hot_key_run(db: str, own_kafka: L
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"hot-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=1)
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s",
-                                     "client": client}},
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH,
-                          max_attempts=3)
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s",
+                                             "client": client}},
+                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}], timing=PATIENT,
+                          batch_size=BATCH, max_attempts=3)
     ledger = kill_mid_drain(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
     received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
     check_delivery(received, ledger, max_duplicates=BATCH * 2 * 4)
@@ -80,10 +77,10 @@ async def test_rabbitmq_stopped_in_the_middle_of_a_hot_key_run(db: str, own_rabb
     url = f"amqp://guest:guest@127.0.0.1:{own_rabbitmq.port}/%2F"
     exchange = f"hot-{uuid.uuid4().hex[:8]}"
     RabbitQueue(url, exchange, exchange + ".q").close()  # durable: read it after the restart
-    config = relay_config(tmp_path / "relay.yaml", db,
-                          {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s",
-                                  "pipeline_keys": pipeline_keys}},
-                          [{"topic": "*", "broker": "mq"}], batch_size=BATCH, max_attempts=3)
+    config = write_config(tmp_path / "relay.yaml", db,
+                          brokers={"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s",
+                                          "pipeline_keys": pipeline_keys}},
+                          routes=[{"topic": "*", "broker": "mq"}], timing=PATIENT, batch_size=BATCH, max_attempts=3)
     ledger = kill_mid_drain(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
     reader = RabbitQueue(url, exchange, exchange + ".q")
     try:

@@ -17,10 +17,13 @@ import pytest
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
-from tests.acceptance.cli import RelayProcess
-from tests.conftest import make_config, running_relay, wait_until
 from tests.consumers import kafka_create_topic, kafka_read
-from tests.faults.harness import Writers, check_delivery, relay_config, settled, wait_for
+from tests.faults.harness import Writers, check_delivery
+from tests.support.cli import RelayProcess
+from tests.support.configs import PATIENT, make_config, write_config
+from tests.support.outbox import pending
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_for, wait_until
 
 
 @pytest.mark.parametrize("policy", ["release", "hold"])
@@ -99,8 +102,9 @@ async def test_soak_memory_flat_and_table_bounded(db: str, kafka_bootstrap: str,
     topic = f"soak-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
     brokers = {"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}}
-    config = relay_config(tmp_path / "relay.yaml", db, brokers,
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], retention=f"{retention:g}s")
+    config = write_config(tmp_path / "relay.yaml", db, brokers=brokers,
+                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}], timing=PATIENT,
+                          retention=f"{retention:g}s")
     relay = RelayProcess(config)
     writers = Writers(db, "orders.created", count=2, pause=0.01).start()
     samples: list[tuple[float, int, int, int, int]] = []  # (t, rss kB, rows, dead, bytes)
@@ -108,10 +112,10 @@ async def test_soak_memory_flat_and_table_bounded(db: str, kafka_bootstrap: str,
     try:
         relay.wait_started()
         while (elapsed := time.monotonic() - started) < seconds:
-            time.sleep(min(2.0, seconds / 15))
+            time.sleep(min(2.0, seconds / 15))  # the sampling interval
             samples.append((elapsed, rss_kb(relay.proc.pid), *table_stats(db)))
         ledger = writers.stop()
-        wait_for(lambda: settled(db), 60, "every message dispatched")
+        wait_for(lambda: pending(db) == 0, 60, "every message dispatched")
         assert relay.terminate() == 0
     finally:
         writers.stop()

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.cli import RelayProcess
 from tests.consumers import kafka_create_topic, kafka_read
-from tests.faults.harness import Writers, check_delivery, relay_config, settled, wait_for
+from tests.faults.harness import Writers, check_delivery
+from tests.support.cli import RelayProcess
+from tests.support.configs import PATIENT, write_config
+from tests.support.outbox import pending
+from tests.support.waiting import wait_for
 
 BATCH, WORKERS = 50, 2
 
@@ -21,9 +24,10 @@ BATCH, WORKERS = 50, 2
 async def test_sigkill_again_and_again(db: str, kafka_bootstrap: str, tmp_path: Path, replicas: int) -> None:
     topic = f"crash-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
-    config = relay_config(
-        tmp_path / "relay.yaml", db, {"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-        [{"topic": "*", "broker": "kafka", "destination": topic}], batch_size=BATCH, workers=WORKERS,
+    config = write_config(
+        tmp_path / "relay.yaml", db, brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}], timing=PATIENT, batch_size=BATCH,
+        workers=WORKERS,
     )
     rng = random.Random(replicas)
     relays = [RelayProcess(config) for _ in range(replicas)]
@@ -32,13 +36,13 @@ async def test_sigkill_again_and_again(db: str, kafka_bootstrap: str, tmp_path: 
     try:
         deadline = time.monotonic() + 12
         while time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.3, 1.2))
+            time.sleep(rng.uniform(0.3, 1.2))  # the fault: a SIGKILL at a random moment
             victim = rng.randrange(replicas)
             relays[victim].kill()  # SIGKILL: no cleanup at all
             kills += 1
             relays[victim] = RelayProcess(config)
         ledger = writers.stop()
-        wait_for(lambda: settled(db), what="every message dispatched")
+        wait_for(lambda: pending(db) == 0, 90, "every message dispatched")
         for relay in relays:
             relay.wait_started()
             assert relay.terminate() == 0

@@ -14,9 +14,7 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 
 from outbox_relay import enqueue
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPIC = "credits.posted"
@@ -61,14 +60,6 @@ def processed_count(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT count(*) FROM inbox.processed").fetchone()
     return int(row[0]) if row else 0
-
-
-def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll `predicate` until truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.02)
 
 
 # -- the producer's side ------------------------------------------------------------------
@@ -216,7 +207,8 @@ def kill_at_random_moments(consumers: list[ConsumerProcess], dsn: str, *, kills:
     for _ in range(kills):
         start = processed_count(dsn)
         target = min(total, start + rng.randint(1, 15))
-        wait_for(lambda t=target: processed_count(dsn) >= t, what=f"consumers processing up to {target}")
+        wait_for(lambda t=target: processed_count(dsn) >= t, 30, f"consumers processing up to {target}",
+                 interval=0.02)
         for consumer in rng.sample(consumers, len(consumers)):
             last_lines.append(consumer.kill())
         for consumer in consumers:

@@ -24,9 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.acceptance.cli import RelayProcess
 from tests.consumers import kafka_create_topic
-from tests.faults.harness import relay_config
 from tests.inbox.helpers import (
     ConsumerProcess,
     RabbitExchange,
@@ -35,8 +33,10 @@ from tests.inbox.helpers import (
     kill_at_random_moments,
     pending,
     publish_kafka_copies,
-    wait_for,
 )
+from tests.support.cli import RelayProcess
+from tests.support.configs import PATIENT, write_config
+from tests.support.waiting import wait_for
 
 MESSAGES = 200
 KILLS = 5
@@ -62,7 +62,7 @@ def consumers() -> Iterator[list[ConsumerProcess]]:
 @contextlib.contextmanager
 def relay_running(tmp_path: Path, db: str, brokers: dict[str, Any], routes: list[dict[str, Any]]) -> Iterator[None]:
     """The real `outbox-relay run`, stopped with SIGTERM at the end of the block."""
-    relay = RelayProcess(relay_config(tmp_path / "relay.yaml", db, brokers, routes))
+    relay = RelayProcess(write_config(tmp_path / "relay.yaml", db, brokers=brokers, routes=routes, timing=PATIENT))
     try:
         relay.wait_started()
         yield
@@ -93,7 +93,7 @@ def test_kafka_every_effect_once_despite_duplicates_zombies_and_kills(
         args = ["kafka", consumer_db, kafka_bootstrap, topic, "3"]
         consumers += [ConsumerProcess(f"c{i}", tmp_path, args) for i in range(2)]
         kill_phase(consumers, consumer_db, len(credits), rng)
-        wait_for(lambda: pending(db) == 0, what="the relay publishing every message")
+        wait_for(lambda: pending(db) == 0, 30, "the relay publishing every message")
     # Two final consumers read to the end of every partition, then exit.
     final = [ConsumerProcess(f"final{i}", tmp_path, [*args, "--until-end"]) for i in range(2)]
     consumers += final
@@ -117,7 +117,7 @@ def test_rabbitmq_every_effect_once_despite_duplicates_redeliveries_and_kills(
             args = ["rabbitmq", consumer_db, amqp_url, exchange.queue]
             consumers += [ConsumerProcess(f"c{i}", tmp_path, args) for i in range(2)]
             kill_phase(consumers, consumer_db, len(credits), rng)
-            wait_for(lambda: pending(db) == 0, what="the relay publishing every message")
+            wait_for(lambda: pending(db) == 0, 30, "the relay publishing every message")
         # Two final consumers take what is left; each exits after a second without a
         # delivery, holding nothing unacknowledged.
         final = [ConsumerProcess(f"final{i}", tmp_path, [*args, "--until-idle"]) for i in range(2)]

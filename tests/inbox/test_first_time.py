@@ -15,7 +15,8 @@ from psycopg.rows import dict_row
 
 from outbox_relay import inbox
 from outbox_relay.errors import SchemaError
-from tests.inbox.helpers import CREDIT, balances, processed_ids, wait_for
+from tests.inbox.helpers import CREDIT, balances, processed_ids
+from tests.support.waiting import wait_for
 
 
 def credit(conn: psycopg.Connection[Any], account: int, amount: int) -> None:
@@ -165,7 +166,7 @@ def test_a_concurrent_duplicate_waits_for_the_first_and_follows_its_outcome(cons
         thread = threading.Thread(target=duplicate)
         thread.start()
         # Positive signal: the second transaction waits on the first one's row.
-        wait_for(lambda: _waiting_on_a_lock(consumer_db, second.info.backend_pid), what="the duplicate waiting")
+        wait_for(lambda: _waiting_on_a_lock(consumer_db, second.info.backend_pid), 30, "the duplicate waiting")
         assert not answers
         first.commit() if outcome == "commit" else first.rollback()
         thread.join(10)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from outbox_relay import inbox
 from outbox_relay.cli import main
-from tests.acceptance.cli import run_cli
+from tests.support.cli import run_cli
 
 
 def test_schema_install_from_the_environment_is_idempotent(empty_db: str) -> None:

@@ -8,13 +8,8 @@ import io
 import json
 import os
 import socket
-import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +21,9 @@ from outbox_relay_adapters.webhook import WebhookAdapter
 from outbox_relay import adapter as registry
 from outbox_relay.errors import AdapterOptionsError
 from outbox_relay.json_lines import decode_payload, record
-from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
-
-CREATED = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-def message(
-    n: int,
-    payload: Any = None,
-    *,
-    key: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    destination: str = "dest",
-) -> OutgoingMessage:
-    body = json.dumps({"n": n} if payload is None else payload).encode()
-    return OutgoingMessage(
-        Message(
-            id=n, message_id=uuid.uuid4(), topic=f"topic.{n % 3}", key=key, payload=body,
-            content_type="application/json", headers=headers or {"h": str(n)}, attempts=0,
-            created_at=CREATED,
-        ),
-        destination,
-    )
+from outbox_relay.models import Outcome, PublishResult
+from tests.support.factories import outgoing
+from tests.support.http import HttpReceiver
 
 
 def outcomes(results: Any) -> list[Outcome]:
@@ -78,7 +54,8 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 async def test_file_creates_parent_dirs_and_writes_one_line_per_message(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "c" / "out.jsonl"
-    batch = [message(1, key="k1"), message(2, {"x": [1, 2]}), message(3, key="k3")]
+    batch = [outgoing(n, payload, key=key, headers={"h": str(n)})
+             for n, payload, key in [(1, None, "k1"), (2, {"x": [1, 2]}, None), (3, None, "k3")]]
     async with connected(file_adapter(path)) as adapter:
         results = await adapter.publish(batch)
         # Acked means on disk: the lines are there the moment publish returns.
@@ -98,10 +75,10 @@ async def test_file_appends_across_batches_and_reopens(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_text('{"existing": true}\n', encoding="utf-8")
     async with connected(file_adapter(path, fsync=False)) as adapter:
-        await adapter.publish([message(1)])
-        await adapter.publish([message(2), message(3)])
+        await adapter.publish([outgoing(1)])
+        await adapter.publish([outgoing(2), outgoing(3)])
     async with connected(file_adapter(path)) as adapter:
-        await adapter.publish([message(4)])
+        await adapter.publish([outgoing(4)])
     lines = read_lines(path)
     assert lines[0] == {"existing": True}
     assert [line["payload"]["n"] for line in lines[1:]] == [1, 2, 3, 4]
@@ -111,7 +88,7 @@ async def test_file_appends_across_batches_and_reopens(tmp_path: Path) -> None:
 async def test_file_concurrent_publishes_never_interleave(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     async with connected(file_adapter(path)) as adapter:
-        batches = [[message(b * 100 + i, {"pad": "x" * 500}) for i in range(20)] for b in range(10)]
+        batches = [[outgoing(b * 100 + i, {"pad": "x" * 500}) for i in range(20)] for b in range(10)]
         results = await asyncio.gather(*(adapter.publish(batch) for batch in batches))
     assert all(outcomes(r) == [Outcome.ACKED] * 20 for r in results)
     lines = read_lines(path)  # every line parses: nothing interleaved
@@ -123,7 +100,7 @@ async def test_file_concurrent_publishes_never_interleave(tmp_path: Path) -> Non
 async def test_file_ready_follows_connection(tmp_path: Path) -> None:
     adapter = file_adapter(tmp_path / "out.jsonl")
     assert await adapter.ready() is False
-    results = await adapter.publish([message(1)])
+    results = await adapter.publish([outgoing(1)])
     assert outcomes(results) == [Outcome.UNAVAILABLE]
     await adapter.connect()
     assert await adapter.ready() is True
@@ -140,7 +117,7 @@ async def test_file_path_is_a_directory_fails_to_connect_or_publish(tmp_path: Pa
     except OSError:
         return  # refusing to connect is one correct answer
     try:
-        results = await adapter.publish([message(1), message(2)])
+        results = await adapter.publish([outgoing(1), outgoing(2)])
     finally:
         await adapter.close()
     assert outcomes(results) == [Outcome.TRANSIENT] * 2
@@ -149,7 +126,7 @@ async def test_file_path_is_a_directory_fails_to_connect_or_publish(tmp_path: Pa
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 async def test_file_write_failure_is_transient_never_acked() -> None:
     async with connected(file_adapter("/dev/full")) as adapter:
-        results = await adapter.publish([message(1), message(2)])
+        results = await adapter.publish([outgoing(1), outgoing(2)])
     assert outcomes(results) == [Outcome.TRANSIENT] * 2
     assert all(r.reason is not None and "write to /dev/full failed" in r.reason for r in results)
 
@@ -159,7 +136,7 @@ async def test_file_write_failure_is_transient_never_acked() -> None:
 
 async def test_stdout_writes_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
     adapter = registry.create("stdout", "console", {})
-    batch = [message(1, key="k"), message(2)]
+    batch = [outgoing(1, key="k", headers={"h": "1"}), outgoing(2, headers={"h": "2"})]
     async with connected(adapter):
         results = await adapter.publish(batch)
     assert outcomes(results) == [Outcome.ACKED] * 2
@@ -171,14 +148,14 @@ async def test_stdout_to_stream_and_closed_stream() -> None:
     stream = io.StringIO()
     adapter = StdoutAdapter("console", stream=stream)
     assert await adapter.ready() is True
-    assert outcomes(await adapter.publish([message(1), message(2), message(3)])) == [
+    assert outcomes(await adapter.publish([outgoing(1), outgoing(2), outgoing(3)])) == [
         Outcome.ACKED
     ] * 3
     lines = stream.getvalue().splitlines()
     assert [json.loads(line)["payload"] for line in lines] == [{"n": 1}, {"n": 2}, {"n": 3}]
     stream.close()
     assert await adapter.ready() is False
-    results = await adapter.publish([message(4)])
+    results = await adapter.publish([outgoing(4)])
     assert outcomes(results) == [Outcome.TRANSIENT]
 
 
@@ -191,100 +168,10 @@ def test_stdout_rejects_options() -> None:
 # --- webhook: a real local HTTP server ----------------------------------------------------------
 
 
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]  # lower-cased names; the last value of a repeated header
-    body: bytes
-    raw_headers: list[tuple[str, str]] = field(default_factory=list)
-
-    def values(self, name: str) -> list[str]:
-        return [v for k, v in self.raw_headers if k.lower() == name]
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-Respond = Callable[[Received], tuple[int, float]]
-
-
-def respond_by_path(request: Received) -> tuple[int, float]:
-    """`/status/<code>` answers <code>; `/sleep/<seconds>` waits, then 200; else 200."""
-    parts = request.path.strip("/").split("/")
-    if len(parts) == 2 and parts[0] == "status":
-        return int(parts[1]), 0.0
-    if len(parts) == 2 and parts[0] == "sleep":
-        return 200, float(parts[1])
-    return 200, 0.0
-
-
-@dataclass
-class Server:
-    respond: Respond = respond_by_path
-    requests: list[Received] = field(default_factory=list)
-    active: int = 0
-    max_active: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    url: str = ""
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # the default listen backlog of 5 resets bursts of connections
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that timed out and hung up is expected in these tests
-
-
-def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_HEAD(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("content-length", "0"))
-            request = Received(
-                self.path,
-                {k.lower(): v for k, v in self.headers.items()},
-                self.rfile.read(length),
-                list(self.headers.items()),
-            )
-            with server.lock:
-                server.requests.append(request)
-                server.active += 1
-                server.max_active = max(server.max_active, server.active)
-            try:
-                status, delay = server.respond(request)
-                if delay:
-                    time.sleep(delay)
-            finally:
-                with server.lock:
-                    server.active -= 1
-            self.send_response(status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-    return Handler
-
-
 @pytest.fixture
-def http_server() -> Iterator[Server]:
-    server = Server()
-    httpd = _HTTPServer(("127.0.0.1", 0), _handler(server))
-    server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+def http_server() -> Iterator[HttpReceiver]:
+    with HttpReceiver() as server:
         yield server
-    finally:
-        httpd.shutdown()
-        thread.join(timeout=5)
-        httpd.server_close()
 
 
 def closed_port() -> int:
@@ -300,8 +187,8 @@ def webhook(url: str, **options: Any) -> WebhookAdapter:
     return adapter
 
 
-async def test_webhook_2xx_acks_and_posts_the_record(http_server: Server) -> None:
-    batch = [message(1, key="k1", headers={"trace": "t1"}), message(2, {"deep": {"x": None}})]
+async def test_webhook_2xx_acks_and_posts_the_record(http_server: HttpReceiver) -> None:
+    batch = [outgoing(1, key="k1", headers={"trace": "t1"}), outgoing(2, {"deep": {"x": None}}, headers={"h": "2"})]
     async with connected(webhook(http_server.url + "/events")) as adapter:
         results = await adapter.publish(batch)
     assert outcomes(results) == [Outcome.ACKED] * 2
@@ -316,48 +203,48 @@ async def test_webhook_2xx_acks_and_posts_the_record(http_server: Server) -> Non
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
-async def test_webhook_any_2xx_acks(http_server: Server, status: int) -> None:
+async def test_webhook_any_2xx_acks(http_server: HttpReceiver, status: int) -> None:
     async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
-        assert outcomes(await adapter.publish([message(1)])) == [Outcome.ACKED]
+        assert outcomes(await adapter.publish([outgoing(1)])) == [Outcome.ACKED]
 
 
 @pytest.mark.parametrize("status", [400, 409, 413, 422])
-async def test_webhook_4xx_about_the_message_is_permanent_with_status(http_server: Server, status: int) -> None:
+async def test_webhook_4xx_about_the_message_is_permanent_with_status(http_server: HttpReceiver, status: int) -> None:
     async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
-        [result] = await adapter.publish([message(1)])
+        [result] = await adapter.publish([outgoing(1)])
     assert result.outcome is Outcome.PERMANENT
     assert result.reason is not None and result.reason.startswith(f"HTTP {status}")
 
 
 @pytest.mark.parametrize("status", [401, 403, 404, 407, 410])
-async def test_webhook_4xx_about_the_relay_waits(http_server: Server, status: int) -> None:
+async def test_webhook_4xx_about_the_relay_waits(http_server: HttpReceiver, status: int) -> None:
     # A rotated token or a moved endpoint: not this message's fault (test_webhook_refusals.py).
     async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
-        [result] = await adapter.publish([message(1)])
+        [result] = await adapter.publish([outgoing(1)])
     assert result.outcome is Outcome.UNAVAILABLE
     assert result.reason is not None and result.reason.startswith(f"HTTP {status}")
 
 
 @pytest.mark.parametrize("status", [429, 503])
-async def test_webhook_later_waits(http_server: Server, status: int) -> None:
+async def test_webhook_later_waits(http_server: HttpReceiver, status: int) -> None:
     async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
-        [result] = await adapter.publish([message(1)])
+        [result] = await adapter.publish([outgoing(1)])
     assert result.outcome is Outcome.UNAVAILABLE
     assert result.reason is not None and result.reason.startswith(f"HTTP {status}")
 
 
 @pytest.mark.parametrize("status", [408, 425, 500, 502, 504])
-async def test_webhook_retry_later_and_5xx_are_transient(http_server: Server, status: int) -> None:
+async def test_webhook_retry_later_and_5xx_are_transient(http_server: HttpReceiver, status: int) -> None:
     async with connected(webhook(f"{http_server.url}/status/{status}")) as adapter:
-        [result] = await adapter.publish([message(1)])
+        [result] = await adapter.publish([outgoing(1)])
     assert result.outcome is Outcome.TRANSIENT
     assert result.reason is not None and result.reason.startswith(f"HTTP {status}")
 
 
-async def test_webhook_results_follow_batch_order(http_server: Server) -> None:
+async def test_webhook_results_follow_batch_order(http_server: HttpReceiver) -> None:
     http_server.respond = lambda request: (request.json["payload"]["status"], 0.0)
     statuses = [200, 502, 404, 200, 429, 201, 422]
-    batch = [message(i, {"status": s}) for i, s in enumerate(statuses)]
+    batch = [outgoing(i, {"status": s}) for i, s in enumerate(statuses)]
     async with connected(webhook(http_server.url)) as adapter:
         results = await adapter.publish(batch)
     assert outcomes(results) == [
@@ -366,10 +253,10 @@ async def test_webhook_results_follow_batch_order(http_server: Server) -> None:
     ]
 
 
-async def test_webhook_timeout_is_transient(http_server: Server) -> None:
+async def test_webhook_timeout_is_transient(http_server: HttpReceiver) -> None:
     started = time.monotonic()
     async with connected(webhook(f"{http_server.url}/sleep/1.5", timeout="200ms")) as adapter:
-        [result] = await adapter.publish([message(1)])
+        [result] = await adapter.publish([outgoing(1)])
     assert time.monotonic() - started < 1.2
     assert result.outcome is Outcome.TRANSIENT
     assert result.reason == "timed out after 0.2s"
@@ -378,24 +265,24 @@ async def test_webhook_timeout_is_transient(http_server: Server) -> None:
 async def test_webhook_connection_refused_is_unavailable() -> None:
     url = f"http://127.0.0.1:{closed_port()}/events"
     async with connected(webhook(url, timeout="2s")) as adapter:
-        results = await adapter.publish([message(1), message(2)])
+        results = await adapter.publish([outgoing(1), outgoing(2)])
         assert await adapter.ready() is False
     assert outcomes(results) == [Outcome.UNAVAILABLE] * 2
     assert all(r.reason is not None and r.reason.startswith("cannot connect") for r in results)
 
 
-async def test_webhook_ready(http_server: Server) -> None:
+async def test_webhook_ready(http_server: HttpReceiver) -> None:
     adapter = webhook(http_server.url)
     assert await adapter.ready() is False
-    assert outcomes(await adapter.publish([message(1)])) == [Outcome.UNAVAILABLE]
+    assert outcomes(await adapter.publish([outgoing(1)])) == [Outcome.UNAVAILABLE]
     async with connected(adapter):
         assert await adapter.ready() is True
     assert await adapter.ready() is False
 
 
-async def test_webhook_sends_static_headers(http_server: Server) -> None:
+async def test_webhook_sends_static_headers(http_server: HttpReceiver) -> None:
     options = {"headers": {"Authorization": "Bearer abc", "X-Env": "test"}}
-    out = message(1)
+    out = outgoing(1)
     async with connected(webhook(http_server.url, **options)) as adapter:
         assert outcomes(await adapter.publish([out])) == [Outcome.ACKED]
     [request] = http_server.requests
@@ -406,15 +293,15 @@ async def test_webhook_sends_static_headers(http_server: Server) -> None:
 
 
 @pytest.mark.parametrize("name", ["message-id", "Message-Id", "Content-Type"])
-def test_webhook_refuses_static_headers_the_relay_sets(http_server: Server, name: str) -> None:
+def test_webhook_refuses_static_headers_the_relay_sets(http_server: HttpReceiver, name: str) -> None:
     # A configured header must never forge or duplicate the message id receivers dedupe on.
     with pytest.raises(AdapterOptionsError, match="set by the relay"):
         webhook(http_server.url, headers={name: "forged"})
 
 
-async def test_webhook_publishes_concurrently(http_server: Server) -> None:
+async def test_webhook_publishes_concurrently(http_server: HttpReceiver) -> None:
     http_server.respond = lambda request: (200, 0.1)
-    batch = [message(i) for i in range(50)]
+    batch = [outgoing(i) for i in range(50)]
     started = time.monotonic()
     async with connected(webhook(http_server.url)) as adapter:
         results = await adapter.publish(batch)
@@ -425,10 +312,10 @@ async def test_webhook_publishes_concurrently(http_server: Server) -> None:
     assert elapsed < 2.5, f"50 x 0.1s took {elapsed:.2f}s: not concurrent"
 
 
-async def test_webhook_respects_max_concurrency(http_server: Server) -> None:
+async def test_webhook_respects_max_concurrency(http_server: HttpReceiver) -> None:
     http_server.respond = lambda request: (200, 0.05)
     async with connected(webhook(http_server.url, max_concurrency=4)) as adapter:
-        results = await adapter.publish([message(i) for i in range(20)])
+        results = await adapter.publish([outgoing(i) for i in range(20)])
     assert outcomes(results) == [Outcome.ACKED] * 20
     assert 1 < http_server.max_active <= 4
 

@@ -18,6 +18,9 @@ from outbox_relay import sqlfiles
 from outbox_relay.engine.store import OutboxStore
 from outbox_relay.operations import schema_manager
 from outbox_relay.sqlfiles import Queries
+from tests.support.configs import make_config
+from tests.support.relay import running_relay, wakeups
+from tests.support.waiting import wait_until
 
 BATCH = 100
 
@@ -168,7 +171,6 @@ async def test_upgrade_from_version_1_keeps_pending_rows_claimable_in_order(empt
 @pytest.mark.parametrize("held", ["a key's head", "every keyless row"])
 async def test_no_busy_loop_when_everything_claimable_is_held_by_someone_else(db: str, held: str) -> None:
     from outbox_relay.testing import FakeAdapter
-    from tests.conftest import make_config, running_relay, wait_until
 
     fill(db, [keyed(50, "'k'") if held == "a key's head" else keyed(50, "NULL")])
     fake = FakeAdapter()
@@ -178,8 +180,8 @@ async def test_no_busy_loop_when_everything_claimable_is_held_by_someone_else(db
                       (1 if held == "a key's head" else 50,))
         async with running_relay(make_config(db, poll_interval="100ms", workers=2), {"main": fake}) as relay:
             # The positive signal: the workers have woken by their poll several times.
-            await wait_until(lambda: relay.wakeups["poll"] >= 10, timeout=30)
-            polls, again = relay.wakeups["poll"], relay.wakeups["backlog"]
+            await wait_until(lambda: wakeups(relay, "poll") >= 10, timeout=30)
+            polls, again = wakeups(relay, "poll"), wakeups(relay, "backlog")
         other.rollback()
     assert fake.delivered == [], "nothing claimable: everything was held"
     # A worker that found nothing sleeps until the next wake-up; it does not claim again at once.
@@ -188,15 +190,14 @@ async def test_no_busy_loop_when_everything_claimable_is_held_by_someone_else(db
 
 async def test_a_walk_over_waiting_keys_is_bounded_then_sleeps(db: str) -> None:
     from outbox_relay.testing import FakeAdapter
-    from tests.conftest import make_config, running_relay, wait_until
 
     keys, batch = 2_000, 10
     fill(db, [keyed(keys, "'w' || g", "now() + interval '1 hour'")])  # every key waits (a broker outage)
     async with running_relay(make_config(db, poll_interval="100ms", workers=1, batch_size=batch),
                              {"main": FakeAdapter()}) as relay:
-        await wait_until(lambda: relay.wakeups["poll"] >= 5, timeout=60)
-        polls, again = relay.wakeups["poll"], relay.wakeups["backlog"]
-        notified = relay.wakeups["notify"]  # the listener's wake-up when it (re)connects
+        await wait_until(lambda: wakeups(relay, "poll") >= 5, timeout=60)
+        polls, again = wakeups(relay, "poll"), wakeups(relay, "backlog")
+        notified = wakeups(relay, "notify")  # the listener's wake-up when it (re)connects
     # Each claim visits at most batch * VISITS_PER_SLOT keys and goes on at once until the
     # walk has been all the way round (two claims more: the one that finds the end, and
     # its wrap back to where the round began); then the worker sleeps until its next
@@ -224,8 +225,6 @@ def requeue(dsn: str, ids: list[int]) -> None:
 
 
 async def test_a_requeue_under_release_never_lets_two_relays_claim_the_same_rows(db: str) -> None:
-    import asyncio
-
     # Key k: row 1 dead-lettered, rows 2..5 pending. Relay A claims the run 2..5 and is
     # publishing it when an operator requeues row 1: row 1 is now k's head, and relay B
     # claims from it. B must not take 2..5 while A holds them.
@@ -245,15 +244,13 @@ async def test_a_requeue_under_release_never_lets_two_relays_claim_the_same_rows
 
         b_task = asyncio.create_task(b_claims())
         # The positive signal: B is waiting for A's rows (a lock wait PostgreSQL reports).
-        with psycopg.connect(db) as watch:
-            for _ in range(500):
+        with psycopg.connect(db, autocommit=True) as watch:
+            def lock_waits() -> int:
                 row = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                     "AND datname = current_database()").fetchone()
-                if row and row[0]:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("B never waited for A's run")
+                return row[0] if row else 0
+
+            await wait_until(lambda: lock_waits() > 0, timeout=5, interval=0.01, what="B waiting for A's run")
         assert not b_task.done()
         await a.execute("UPDATE outbox.messages SET dispatched_at = now() WHERE id = ANY(%s)",
                         ([m.id for m in a_claim.messages],))
@@ -336,15 +333,27 @@ async def test_a_payload_over_the_limit_comes_without_its_bytes(db: str, key_exp
         conn.execute("SELECT pg_stat_reset()")  # TOAST block counters from zero
     store = OutboxStore(Queries("outbox"), hold_dead_letters=False, max_payload_bytes=1024 * 1024)
     async with await psycopg.AsyncConnection.connect(db) as conn, conn.transaction():
+        claimer = conn.info.backend_pid
         messages = (await store.claim(conn, 10)).messages
     assert [(len(m.payload), m.size) for m in messages] == [(10, 10), (0, big), (10, 10), (10, 10)]
     # The 5 MiB row lives in ~640 TOAST pages: the claim read (almost) none of them.
-    with psycopg.connect(db) as conn:
-        for _ in range(50):  # the statistics collector reports with a short delay
-            row = conn.execute("SELECT coalesce(toast_blks_read, 0) + coalesce(toast_blks_hit, 0) "
-                               "FROM pg_statio_user_tables WHERE relid = 'outbox.messages'::regclass").fetchone()
-            conn.rollback()
-            if row and row[0]:
-                break
-            await asyncio.sleep(0.02)
-    assert row is not None and row[0] < 20, f"{row[0]} TOAST blocks read: the payload was fetched"
+    with psycopg.connect(db, autocommit=True) as watch:
+        def blocks() -> tuple[int, int]:
+            """(heap, TOAST) blocks of outbox.messages read since the reset, as reported so far."""
+            row = watch.execute("SELECT coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0), "
+                                "coalesce(toast_blks_read, 0) + coalesce(toast_blks_hit, 0) "
+                                "FROM pg_statio_user_tables WHERE relid = 'outbox.messages'::regclass").fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+        def claim_reported() -> bool:
+            # A session reports its statistics by the time it has ended (to the collector of
+            # PostgreSQL < 15, which shows them a moment later): the claim's heap reads show.
+            ended = watch.execute("SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)",
+                                  (claimer,)).fetchone()
+            return bool(ended and ended[0]) and blocks()[0] > 0
+
+        # The positive signal: the claim's statistics are in.
+        await wait_until(claim_reported, timeout=10, what="the claim's statistics")
+        toast = blocks()[1]
+    assert toast < 20, f"{toast} TOAST blocks read: the payload was fetched"

@@ -15,16 +15,15 @@ from outbox_relay import enqueue, enqueue_async
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.operations import dead_letters
 from outbox_relay.testing import FakeAdapter
-from tests.conftest import make_config, running_relay, wait_until
+from tests.support.configs import make_config
+from tests.support.outbox import count
+from tests.support.relay import running_relay, wakeups
+from tests.support.waiting import wait_until
 
 
 def rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
-
-
-def count(dsn: str, where: str) -> int:
-    return int(rows(dsn, f"SELECT count(*) FROM outbox.messages WHERE {where}")[0][0])
 
 
 def enqueue_many(dsn: str, items: list[tuple[str, str | None, Any]]) -> list[str]:
@@ -137,14 +136,16 @@ async def test_notify_wakes_an_idle_relay_well_inside_the_poll_interval(db: str)
     fake = FakeAdapter()
     async with running_relay(make_config(db, poll_interval="30s"), {"main": fake}) as relay:
         await wait_until(lambda: relay._listener.connected)
-        await asyncio.sleep(0.2)  # idle: every worker waits on its wake-up
+        # The positive signal: every worker has woken for the listener's first wake-up and
+        # claimed what there was (nothing); from now on each waits on its wake-up, idle.
+        await wait_until(lambda: wakeups(relay, "notify") >= relay.config.relay.workers)
         started = time.monotonic()
         async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn, conn.transaction():
             await enqueue_async(conn, "t", {"hello": 1})
         await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
         elapsed = time.monotonic() - started
     assert elapsed < 5.0, f"took {elapsed:.2f}s with a 30s poll interval"
-    assert relay.wakeups["notify"] >= 1
+    assert wakeups(relay, "notify") >= 1
 
 
 async def test_poll_finds_messages_with_notify_off(db: str) -> None:
@@ -153,11 +154,12 @@ async def test_poll_finds_messages_with_notify_off(db: str) -> None:
         conn.commit()
     fake = FakeAdapter()
     async with running_relay(make_config(db, notify=False, poll_interval="300ms"), {"main": fake}) as relay:
-        await asyncio.sleep(0.5)
+        # The positive signal: the relay is idle, woken by its poll (its first claim is behind it).
+        await wait_until(lambda: wakeups(relay, "poll") >= 1)
         enqueue_many(db, [("t", None, 1)])
         await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
-    assert relay.wakeups["notify"] == 0
-    assert relay.wakeups["poll"] >= 1
+    assert wakeups(relay, "notify") == 0
+    assert wakeups(relay, "poll") >= 1
 
 
 async def test_lost_listen_connection_is_restored(db: str) -> None:
@@ -172,8 +174,8 @@ async def test_lost_listen_connection_is_restored(db: str) -> None:
                 "AND (query ILIKE 'LISTEN%%' OR query ILIKE '%%skipped_wakeups()%%')").fetchall()
         assert killed, "no LISTEN connection found"
         await wait_until(lambda: not relay._listener.connected, timeout=5)
+        # The positive signal: `connected` is set once LISTEN has run on the new connection.
         await wait_until(lambda: relay._listener.connected, timeout=10)
-        await asyncio.sleep(0.1)
         enqueue_many(db, [("t", None, 1)])
         await wait_until(lambda: len(fake.delivered) == 1, timeout=5)
 
@@ -215,7 +217,7 @@ async def test_per_key_order_with_concurrent_writers_and_injected_failures(db: s
                 await enqueue_async(conn, "t", str(n).encode(), key=key)
                 await conn.commit()
                 if n % 10 == 0:
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # pacing: the relay claims while the writers write
 
     async with running_relay(cfg, {"main": fake}):
         await asyncio.gather(*(writer(k) for k in keys))
@@ -255,8 +257,8 @@ async def test_dead_letter_policy_for_later_messages_of_the_key(db: str, policy:
         else:
             # The positive signal: workers woke and claimed several times since the dead
             # letter, each a chance to (wrongly) send "next".
-            polls = relay.wakeups["poll"]
-            await wait_until(lambda: relay.wakeups["poll"] >= polls + 3, timeout=30)
+            polls = wakeups(relay, "poll")
+            await wait_until(lambda: wakeups(relay, "poll") >= polls + 3, timeout=30)
             assert b"next" not in [o.message.payload for o in fake.delivered]
             # Requeue the poison message with the product's own requeue: the key resumes in order.
             fake.script = None
@@ -340,7 +342,7 @@ async def test_relay_waits_for_a_database_that_is_down_at_start(db: str) -> None
     from structlog.testing import capture_logs
 
     from outbox_relay.engine.relay import Relay
-    from tests.proxy import TcpProxy
+    from tests.support.proxy import TcpProxy
 
     params = conninfo_to_dict(db)
     proxy = await TcpProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)).start()
@@ -503,7 +505,7 @@ async def test_a_connection_lost_while_a_worker_sets_its_session_up_is_survived(
     fake = FakeAdapter()
     async with running_relay(make_config(db, workers=1), {"main": fake}) as relay:
         # The adapter sees the message before the relay records it: wait for the record.
-        await wait_until(lambda: relay.published == 1)
+        await wait_until(lambda: relay.metrics.published_total() == 1)
         assert failed and len(fake.delivered) == 1
 
 
@@ -515,8 +517,8 @@ async def test_the_heartbeat_does_not_write_connected_over_a_probe_that_found_th
     async with running_relay(make_config(db), {"main": fake}) as relay:
         gauge = relay.metrics.broker_connected.labels("main")
         await fake.close()  # FakeAdapter.ready() now answers False
-        ready, detail = await relay.readiness()
+        ready, detail = await relay.health.readiness()
         assert not ready and detail["brokers"] == {"main": False}
         assert gauge._value.get() == 0
-        relay._refresh_broker_gauges()  # what each heartbeat does
+        relay.health.refresh_broker_gauges()  # what each heartbeat does
         assert gauge._value.get() == 0, "the heartbeat wrote 1 over the probe's answer"

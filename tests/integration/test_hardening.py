@@ -6,7 +6,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import psycopg
@@ -20,8 +19,10 @@ from outbox_relay.errors import SchemaError
 from outbox_relay.models import PublishResult
 from outbox_relay.operations import schema_manager
 from outbox_relay.testing import FakeAdapter
-from tests.acceptance.cli import RelayProcess, run_cli
-from tests.conftest import make_config, running_relay, wait_until
+from tests.support.cli import RelayProcess, read_jsonl, run_cli
+from tests.support.configs import make_config, write_config
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_for, wait_until
 
 
 def test_python_payload_over_the_maximum_raises_before_sql(db: str) -> None:
@@ -112,9 +113,7 @@ routes: [{{topic: "*", broker: mq}}]
     try:
         relay.wait_started()
         # The positive signal: the relay has tried the broker (and logged it) a few times.
-        deadline = time.monotonic() + 30
-        while relay.log_path.read_text().count("broker_unreachable") < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: relay.log_path.read_text().count("broker_unreachable") >= 2, 30, "two broker_unreachable")
         assert relay.terminate() == 0
         logs = relay.log_path.read_text()
     finally:
@@ -263,8 +262,6 @@ def test_a_failover_to_a_read_only_database_is_survived_and_left_when_writable(d
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict
 
-    from tests.acceptance.cli import read_jsonl, write_config
-
     sink = tmp_path / "out.jsonl"
     config = write_config(tmp_path / "relay.yaml", db, sink=sink)
     database = sql.Identifier(str(conninfo_to_dict(db)["dbname"]))
@@ -281,22 +278,16 @@ def test_a_failover_to_a_read_only_database_is_survived_and_left_when_writable(d
             writer.commit()
 
         def refused_for_read_only() -> bool:
+            assert relay.proc.poll() is None, "the relay died on a read-only database"
             return any("read-only" in str(event.get("error", "")) for event in relay.logs()
                        if event.get("event") == "database_connection_lost")
 
-        deadline = time.monotonic() + 60
-        while not refused_for_read_only():
-            assert relay.proc.poll() is None, "the relay died on a read-only database"
-            assert time.monotonic() < deadline, "no read-only refusal logged within 60s"
-            time.sleep(0.1)
+        wait_for(refused_for_read_only, 60, "a read-only refusal logged")
         assert read_jsonl(sink) == [], "nothing can be marked dispatched on a read-only node"
         assert relay.proc.poll() is None
         with psycopg.connect(db, autocommit=True, options="-c default_transaction_read_only=off") as admin:
             admin.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(database))
-        deadline = time.monotonic() + 60
-        while len(read_jsonl(sink)) < 5:
-            assert time.monotonic() < deadline, "not delivered once the database took writes again"
-            time.sleep(0.1)
+        wait_for(lambda: len(read_jsonl(sink)) >= 5, 60, "delivered once the database took writes again")
         assert [line["payload"]["n"] for line in read_jsonl(sink)] == [0, 1, 2, 3, 4]
         assert relay.terminate() == 0
     finally:

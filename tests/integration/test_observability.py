@@ -14,7 +14,9 @@ from structlog.testing import capture_logs
 from outbox_relay import enqueue
 from outbox_relay.models import PublishResult
 from outbox_relay.testing import FakeAdapter
-from tests.conftest import make_config, running_relay, wait_until
+from tests.support.configs import make_config
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -138,7 +140,7 @@ async def test_a_burst_of_readyz_requests_costs_the_database_one_session(db: str
                 row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                                    "AND application_name = 'outbox-relay'", (dbname,)).fetchone()
                 most = max(most, row[0] if row else 0)
-                time.sleep(0.005)
+                time.sleep(0.005)  # the sampling interval
 
     async with running_relay(make_config(db, workers=2), {"main": FakeAdapter()}) as relay:
         assert relay.http is not None
@@ -160,7 +162,7 @@ async def test_a_burst_of_readyz_requests_costs_the_database_one_session(db: str
 async def test_destination_labels_are_capped_per_broker(db: str) -> None:
     # A route without a destination publishes each topic to a destination of its name:
     # 150 topics must not make 150 label sets.
-    from outbox_relay.engine.relay import MAX_DESTINATION_LABELS, OTHER_DESTINATIONS
+    from outbox_relay.observability.metrics import MAX_DESTINATION_LABELS, OTHER_DESTINATIONS
 
     with psycopg.connect(db) as conn:
         for i in range(150):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import psycopg
@@ -11,7 +10,10 @@ from psycopg.rows import dict_row
 
 from outbox_relay import enqueue, enqueue_async
 from outbox_relay.testing import FakeAdapter
-from tests.conftest import make_config, running_relay, wait_until
+from tests.support.configs import make_config
+from tests.support.outbox import count
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 def test_enqueue_joins_the_callers_transaction_and_never_commits(db: str) -> None:
@@ -157,8 +159,9 @@ async def test_classic_case_rollback_is_never_published(db: str) -> None:
         balance = conn.execute("SELECT balance FROM accounts").fetchone()
     fake = FakeAdapter()
     async with running_relay(make_config(db), {"main": fake}):
-        await wait_until(lambda: len(fake.delivered) == 1)
-        await asyncio.sleep(0.5)
+        # The positive signal: the relay recorded the one committed message as dispatched,
+        # and it is the only row there is: nothing else can be delivered.
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == count(db) == 1)
     assert balance == (10,)
     assert [json.loads(o.message.payload)["amount"] for o in fake.delivered] == [10]
 

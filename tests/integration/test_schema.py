@@ -13,7 +13,10 @@ from outbox_relay import enqueue, sqlfiles
 from outbox_relay.errors import SchemaError
 from outbox_relay.operations import schema_manager
 from outbox_relay.testing import FakeAdapter
-from tests.conftest import make_config, running_relay, wait_until
+from tests.support.configs import make_config
+from tests.support.outbox import count
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 APP_DDL = """
 CREATE TABLE public.accounts (id int PRIMARY KEY, balance numeric NOT NULL);
@@ -144,7 +147,7 @@ async def test_relay_works_under_the_least_privilege_role(db: str, admin_dsn: st
         async with running_relay(make_config(relay_dsn, retention="1s"), {"main": fake}, heartbeat_every=0.2):
             await wait_until(lambda: len(fake.delivered) == 1)
             # retention deletes under the role too
-            await wait_until(lambda: _count(db) == 0, timeout=15)
+            await wait_until(lambda: count(db) == 0, timeout=15)
     finally:
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
@@ -192,16 +195,11 @@ def test_producer_role_can_enqueue_and_nothing_else(db: str) -> None:
                     conn.rollback()
                 else:
                     pytest.fail(f"the producer role could {what}")
-        assert _count(db) == 3
+        assert count(db) == 3
     finally:
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-
-
-def _count(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        return int(conn.execute("SELECT count(*) FROM outbox.messages").fetchone()[0])  # type: ignore[index]
 
 
 def test_notify_trigger_can_be_turned_off_and_on(db: str) -> None:

@@ -4,7 +4,9 @@ import psycopg
 
 from outbox_relay import enqueue
 from outbox_relay.testing import FakeAdapter
-from tests.conftest import make_config, running_relay, wait_until
+from tests.support.configs import make_config
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 async def test_relay_publishes_python_and_sql_messages(db: str) -> None:

@@ -4,12 +4,8 @@ nothing is dead-lettered, and everything goes once the endpoint accepts again.""
 
 from __future__ import annotations
 
-import json
-import threading
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import psycopg
@@ -18,46 +14,10 @@ from outbox_relay_adapters.webhook import retry_after
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
-from tests.conftest import make_config, running_relay, wait_until
-
-
-class Endpoint(ThreadingHTTPServer):
-    """Answers every POST with `status` (and `headers`) until told otherwise."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.status = 204
-        self.headers: dict[str, str] = {}
-        self.received: list[dict[str, Any]] = []
-        self.refused = 0
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hooks/orders"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Endpoint
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        status = self.server.status
-        if 200 <= status < 300:
-            self.server.received.append(json.loads(body))
-        else:
-            self.server.refused += 1
-        self.send_response(status)
-        for name, value in self.server.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def do_HEAD(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
+from tests.support.configs import make_config
+from tests.support.http import HttpReceiver, answer
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
 
 
 def pending_and_dead(dsn: str) -> tuple[int, int, int]:
@@ -72,9 +32,8 @@ def pending_and_dead(dsn: str) -> tuple[int, int, int]:
 @pytest.mark.parametrize("status", [401, 403, 404])
 async def test_an_endpoint_that_refuses_the_relay_holds_its_messages_without_spending_attempts(
         db: str, status: int) -> None:
-    endpoint = Endpoint()
-    endpoint.status = status  # a rotated token, a moved endpoint
-    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url}},
+    endpoint = HttpReceiver(answer(status))  # a rotated token, a moved endpoint
+    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url + "/hooks/orders"}},
                          max_attempts=1)  # a spent attempt would be a dead letter
     try:
         async with running_relay(config, build_adapters(config)) as relay:
@@ -90,21 +49,19 @@ async def test_an_endpoint_that_refuses_the_relay_holds_its_messages_without_spe
             assert ready.status_code == 503 and ready.json()["brokers"] == {"hook": False}, ready.text
             pending, dead, attempts = pending_and_dead(db)
             assert (pending, dead, attempts) == (10, 0, 0)
-            endpoint.status = 204  # the token is fixed
+            endpoint.respond = answer(204)  # the token is fixed
             await wait_until(lambda: pending_and_dead(db)[0] == 0, timeout=30)
-        assert sorted(r["payload"]["i"] for r in endpoint.received) == list(range(10))
+        assert sorted(r.json["payload"]["i"] for r in endpoint.accepted()) == list(range(10))
         assert pending_and_dead(db)[1] == 0
     finally:
-        endpoint.shutdown()
-        endpoint.server_close()
+        endpoint.close()
 
 
 @pytest.mark.parametrize("status", [429, 503])
 async def test_retry_after_is_honoured_and_spends_no_attempt(db: str, status: int) -> None:
-    endpoint = Endpoint()
-    endpoint.status = status
-    endpoint.headers = {"Retry-After": "3"}
-    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url}}, max_attempts=1)
+    endpoint = HttpReceiver(answer(status), headers={"Retry-After": "3"})
+    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url + "/hooks/orders"}},
+                         max_attempts=1)
     try:
         async with running_relay(config, build_adapters(config)):
             with psycopg.connect(db) as conn:
@@ -122,11 +79,10 @@ async def test_retry_after_is_honoured_and_spends_no_attempt(db: str, status: in
             left = waits()
             assert left is not None and left > 1.5, f"retried after {left}s, not after Retry-After: 3"
             assert pending_and_dead(db) == (1, 0, 0)
-            endpoint.status, endpoint.headers = 204, {}
+            endpoint.respond, endpoint.headers = answer(204), {}
             await wait_until(lambda: pending_and_dead(db)[0] == 0, timeout=30)
     finally:
-        endpoint.shutdown()
-        endpoint.server_close()
+        endpoint.close()
 
 
 def test_retry_after_header_forms() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import types
-import uuid
-from datetime import UTC, datetime
 
 import pika
 import pytest
@@ -15,14 +13,8 @@ from aiokafka import errors as kafka_errors
 from outbox_relay_adapters import kafka, rabbitmq
 
 from outbox_relay.errors import AdapterOptionsError
-from outbox_relay.models import Message, Outcome, OutgoingMessage
-
-
-def make(n: int = 1, key: str | None = None) -> OutgoingMessage:
-    message = Message(n, uuid.uuid4(), "orders.created", key, b"{}", "application/json", {"h": "v"}, 0,
-                      datetime.now(UTC))
-    return OutgoingMessage(message, "orders")
-
+from outbox_relay.models import Outcome, OutgoingMessage
+from tests.support.factories import outgoing
 
 # -- kafka ---------------------------------------------------------------------------------
 
@@ -102,7 +94,7 @@ def test_kafka_error_classification(error: BaseException, outcome: Outcome) -> N
 
 
 def test_kafka_record_headers_carry_message_id_and_content_type() -> None:
-    out = make()
+    out = outgoing(destination="orders", headers={"h": "v"})
     headers = dict(kafka.record_headers(out))
     assert headers == {"h": b"v", "message-id": str(out.message_id).encode(), "content-type": b"application/json"}
 
@@ -127,7 +119,7 @@ def test_rabbitmq_option_errors(options: dict[str, object], message: str) -> Non
 
 def test_rabbitmq_target_uses_route_destination_or_default_exchange() -> None:
     adapter = rabbitmq.create("mq", {"url": "amqp://h", "exchange": "events", "routing_key": "{topic}.{key}"})
-    plain = make(key="k1")
+    plain = outgoing(key="k1", destination="orders")
     assert adapter._target(plain) == ("events", "orders.created.k1")
     explicit = OutgoingMessage(plain.message, "billing", explicit_destination=True)
     assert adapter._target(explicit) == ("billing", "orders.created.k1")
@@ -196,10 +188,9 @@ class _Channel:
 async def test_rabbitmq_failed_publish_does_not_shift_delivery_tags() -> None:
     adapter = rabbitmq.create("mq", {"url": "amqp://h"})
     adapter._channel = _Channel()  # type: ignore[assignment]
-    ok1 = OutgoingMessage(make(1).message, "x")
-    bad = OutgoingMessage(Message(2, uuid.uuid4(), "t", None, b"boom", "application/json", {}, 0,
-                                  datetime.now(UTC)), "x")
-    ok2 = OutgoingMessage(make(3).message, "x")
+    ok1 = outgoing(1, destination="x")
+    bad = outgoing(2, b"boom", topic="t", destination="x")
+    ok2 = outgoing(3, destination="x")
     first = await adapter._publish_one(ok1)
     failed = await adapter._publish_one(bad)
     second = await adapter._publish_one(ok2)
@@ -214,10 +205,8 @@ async def test_rabbitmq_failed_publish_does_not_shift_delivery_tags() -> None:
 async def test_rabbitmq_refuses_what_amqp_cannot_carry() -> None:
     adapter = rabbitmq.create("mq", {"url": "amqp://h"})
     adapter._channel = _Channel()  # type: ignore[assignment]
-    long_type = OutgoingMessage(Message(1, uuid.uuid4(), "t", None, b"{}", "x/" + "y" * 300, {}, 0,
-                                        datetime.now(UTC)), "x")
-    wide_header = OutgoingMessage(Message(2, uuid.uuid4(), "t", None, b"{}", "application/json",
-                                          {"é" * 200: "v"}, 0, datetime.now(UTC)), "x")
+    long_type = outgoing(1, b"{}", topic="t", content_type="x/" + "y" * 300, destination="x")
+    wide_header = outgoing(2, b"{}", topic="t", headers={"é" * 200: "v"}, destination="x")
     for out, why in ((long_type, "content type"), (wide_header, "header name")):
         result = await adapter._publish_one(out)
         assert isinstance(result, rabbitmq.PublishResult) and result.outcome is Outcome.PERMANENT
@@ -341,7 +330,7 @@ async def test_a_producer_stuck_in_stop_has_its_sender_and_connections_ended() -
         _sender=types.SimpleNamespace(sender_task=sender_task),
     )
     await kafka.stop_within(producer, 0.05)  # type: ignore[arg-type]
-    await asyncio.sleep(0)
+    await asyncio.wait([sender_task], timeout=5)  # the positive signal: the sender task has ended
     assert sender_task.cancelled(), "the sender task would keep retrying records"
     assert producer.client.closed, "the connections would stay open"
 

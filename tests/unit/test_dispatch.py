@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import pytest
 
@@ -18,21 +16,13 @@ from outbox_relay.engine.dispatch import NO_ROUTE, Dispatcher
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
 from outbox_relay.engine.store import Record
-from outbox_relay.models import Message, OutgoingMessage, PublishResult
+from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.testing import FakeAdapter
+from tests.support.factories import message
+from tests.support.waiting import wait_until
 
 INITIAL = 0.1
 MAXIMUM = 5.0
-_CREATED = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-def msg(
-    id: int, topic: str = "orders.created", key: str | None = None, attempts: int = 0
-) -> Message:
-    return Message(
-        id=id, message_id=uuid.uuid4(), topic=topic, key=key, payload=b'{"n": 1}',
-        content_type="application/json", headers={}, attempts=attempts, created_at=_CREATED,
-    )
 
 
 def dispatcher(
@@ -64,7 +54,7 @@ def script_for(answers: dict[int, PublishResult]) -> FakeAdapter:
 
 async def test_acked() -> None:
     fake = FakeAdapter()
-    records = await dispatcher({"main": fake}).dispatch([msg(1), msg(2)])
+    records = await dispatcher({"main": fake}).dispatch([message(1), message(2)])
     assert records == [Record(1, "acked"), Record(2, "acked")]
     assert [out.message.id for out in fake.delivered] == [1, 2]
 
@@ -76,19 +66,19 @@ async def test_destination_is_resolved_into_outgoing_message() -> None:
         Router([RouteConfig(topic="orders.*", broker="main", destination="orders-v1")]),
         Backoff(INITIAL, MAXIMUM), max_attempts=3, publish_timeout=5.0,
     )
-    await d.dispatch([msg(1, topic="orders.created")])
+    await d.dispatch([message(1, topic="orders.created")])
     assert [out.destination for out in fake.delivered] == ["orders-v1"]
 
 
 async def test_permanent_is_dead_with_reason() -> None:
     fake = script_for({1: PublishResult.permanent("HTTP 422 Unprocessable")})
-    records = await dispatcher({"main": fake}).dispatch([msg(1), msg(2)])
+    records = await dispatcher({"main": fake}).dispatch([message(1), message(2)])
     assert records == [Record(1, "dead", "HTTP 422 Unprocessable"), Record(2, "acked")]
 
 
 async def test_transient_is_retry_with_delay_and_reason() -> None:
     fake = script_for({1: PublishResult.transient("broker said later")})
-    records = by_id(await dispatcher({"main": fake}, max_attempts=5).dispatch([msg(1, attempts=2)]))
+    records = by_id(await dispatcher({"main": fake}, max_attempts=5).dispatch([message(1, attempts=2)]))
     record = records[1]
     assert record.kind == "retry"
     assert record.error == "broker said later"
@@ -98,7 +88,7 @@ async def test_transient_is_retry_with_delay_and_reason() -> None:
 
 async def test_first_transient_failure_delay() -> None:
     fake = script_for({1: PublishResult.transient("x")})
-    record = (await dispatcher({"main": fake}, max_attempts=5).dispatch([msg(1)]))[0]
+    record = (await dispatcher({"main": fake}, max_attempts=5).dispatch([message(1)]))[0]
     assert INITIAL - 1e-9 <= record.delay <= 2 * INITIAL + 1e-9
 
 
@@ -106,7 +96,7 @@ async def test_first_transient_failure_delay() -> None:
 async def test_transient_on_last_attempt_is_dead(attempts: int, max_attempts: int) -> None:
     fake = script_for({1: PublishResult.transient("connection reset")})
     records = await dispatcher({"main": fake}, max_attempts=max_attempts).dispatch(
-        [msg(1, attempts=attempts)]
+        [message(1, attempts=attempts)]
     )
     assert records == [
         Record(1, "dead", f"max attempts ({max_attempts}) reached; last error: connection reset")
@@ -115,14 +105,14 @@ async def test_transient_on_last_attempt_is_dead(attempts: int, max_attempts: in
 
 async def test_transient_one_before_last_attempt_is_retry() -> None:
     fake = script_for({1: PublishResult.transient("x")})
-    records = await dispatcher({"main": fake}, max_attempts=3).dispatch([msg(1, attempts=1)])
+    records = await dispatcher({"main": fake}, max_attempts=3).dispatch([message(1, attempts=1)])
     assert records[0].kind == "retry"
 
 
 async def test_unavailable_is_wait_and_spends_no_attempt() -> None:
     fake = FakeAdapter(script=lambda out: PublishResult.unavailable("connection refused"))
     # On its last attempt: a transient failure would dead-letter it; unavailable must not.
-    records = await dispatcher({"main": fake}, max_attempts=3).dispatch([msg(1, attempts=2)])
+    records = await dispatcher({"main": fake}, max_attempts=3).dispatch([message(1, attempts=2)])
     assert len(records) == 1
     record = records[0]
     assert record.kind == "wait"
@@ -133,7 +123,7 @@ async def test_unavailable_is_wait_and_spends_no_attempt() -> None:
 async def test_unavailable_delay_grows_with_the_outage_not_the_message() -> None:
     fake = FakeAdapter(script=lambda out: PublishResult.unavailable("down"))
     d = dispatcher({"main": fake}, max_attempts=3)
-    delays = [(await d.dispatch([msg(i)]))[0].delay for i in range(1, 6)]
+    delays = [(await d.dispatch([message(i)]))[0].delay for i in range(1, 6)]
     # Outage n: initial * 2**(n-1) + jitter <= initial.
     assert INITIAL * 16 - 1e-9 <= delays[4] <= INITIAL * 17 + 1e-9
     assert delays[0] <= 2 * INITIAL + 1e-9
@@ -145,27 +135,26 @@ async def test_outage_resets_after_an_ack() -> None:
     await fake.connect()
     d = dispatcher({"main": fake})
     for i in range(5):
-        await d.dispatch([msg(i)])
+        await d.dispatch([message(i)])
     down = False
     await circuit_closed(d, "main")
-    assert (await d.dispatch([msg(10)]))[0].kind == "acked"
+    assert (await d.dispatch([message(10)]))[0].kind == "acked"
     down = True
-    assert (await d.dispatch([msg(11)]))[0].delay <= 2 * INITIAL + 1e-9
+    assert (await d.dispatch([message(11)]))[0].delay <= 2 * INITIAL + 1e-9
 
 
 async def circuit_closed(d: Dispatcher, broker: str, timeout: float = 10.0) -> None:
     """Wait until the broker may be called again (its background probe found it ready;
     the circuit is then half-open: the next call carries one trial message)."""
-    deadline = time.monotonic() + timeout
-    while d.circuits[broker].blocked() is not None:  # blocked() starts a probe when one is due
-        assert time.monotonic() < deadline, f"circuit of {broker!r} still open: {d.circuits[broker].reason}"
-        await asyncio.sleep(0.01)
+    # blocked() starts a probe when one is due.
+    await wait_until(lambda: d.circuits[broker].blocked() is None, timeout=timeout, interval=0.01,
+                     what=f"circuit of {broker!r} closed")
 
 
 async def test_no_route_is_dead() -> None:
     fake = FakeAdapter()
     records = await dispatcher({"main": fake}, [("orders.*", "main")]).dispatch(
-        [msg(1, topic="users.created"), msg(2, topic="orders.created")]
+        [message(1, topic="users.created"), message(2, topic="orders.created")]
     )
     assert records == [Record(1, "dead", NO_ROUTE), Record(2, "acked")]
     assert NO_ROUTE == "no route"
@@ -175,7 +164,7 @@ async def test_no_route_is_dead() -> None:
 async def test_no_route_for_any_message_calls_no_adapter() -> None:
     fake = FakeAdapter()
     records = await dispatcher({"main": fake}, [("orders.*", "main")]).dispatch(
-        [msg(1, topic="a"), msg(2, topic="b")]
+        [message(1, topic="a"), message(2, topic="b")]
     )
     assert [r.kind for r in records] == ["dead", "dead"]
     assert fake.calls == []
@@ -218,7 +207,7 @@ class ShortAdapter:
 
 async def test_adapter_that_raises_makes_all_transient() -> None:
     records = await dispatcher({"main": RaisingAdapter()}, max_attempts=5).dispatch(
-        [msg(1), msg(2), msg(3, key="k")]
+        [message(1), message(2), message(3, key="k")]
     )
     assert [r.kind for r in records] == ["retry", "retry", "retry"]
     assert all(r.error is not None and "boom" in r.error for r in records)
@@ -230,14 +219,14 @@ async def test_adapter_that_raises_does_not_touch_other_broker() -> None:
     d = dispatcher(
         {"bad": RaisingAdapter(), "good": good}, [("a.*", "bad"), ("*", "good")], max_attempts=5
     )
-    records = by_id(await d.dispatch([msg(1, topic="a.x"), msg(2, topic="b.x")]))
+    records = by_id(await d.dispatch([message(1, topic="a.x"), message(2, topic="b.x")]))
     assert records[1].kind == "retry"
     assert records[2].kind == "acked"
 
 
 async def test_adapter_returning_wrong_number_of_results_makes_all_transient() -> None:
     records = await dispatcher({"main": ShortAdapter()}, max_attempts=5).dispatch(
-        [msg(1), msg(2), msg(3)]
+        [message(1), message(2), message(3)]
     )
     assert [r.kind for r in records] == ["retry", "retry", "retry"]
     assert all(r.error == "adapter returned a wrong number of results" for r in records)
@@ -247,7 +236,7 @@ async def test_publish_timeout_means_the_broker_is_away_and_spends_no_attempt() 
     slow = FakeAdapter(delay=2.0)
     started = time.monotonic()
     records = await dispatcher({"main": slow}, max_attempts=5, publish_timeout=0.1).dispatch(
-        [msg(1), msg(2)]
+        [message(1), message(2)]
     )
     assert time.monotonic() - started < 1.0
     assert [r.kind for r in records] == ["wait", "wait"]
@@ -258,7 +247,7 @@ async def test_publish_timeout_on_the_last_attempt_dead_letters_nothing() -> Non
     # An outage longer than the publish timeout must not use up attempts (issue 8).
     slow = FakeAdapter(delay=2.0)
     records = await dispatcher({"main": slow}, max_attempts=1, publish_timeout=0.05).dispatch(
-        [msg(1, attempts=0)]
+        [message(1, attempts=0)]
     )
     assert [(r.kind, r.error) for r in records] == [("wait", "no answer within publish_timeout (0.05s)")]
 
@@ -267,10 +256,10 @@ async def test_a_broker_that_answered_nothing_is_not_called_again_until_it_is_re
     slow = FakeAdapter(name="slow", delay=0.5)
     fast = FakeAdapter(name="fast")
     d = dispatcher({"fast": fast, "slow": slow}, [("a.*", "slow"), ("*", "fast")], publish_timeout=0.1)
-    await d.dispatch([msg(1, topic="a.x")])  # times out: the circuit opens
+    await d.dispatch([message(1, topic="a.x")])  # times out: the circuit opens
     assert slow.calls == [1]
     started = time.monotonic()
-    records = by_id(await d.dispatch([msg(2, topic="a.x"), msg(3, topic="b.x")]))
+    records = by_id(await d.dispatch([message(2, topic="a.x"), message(3, topic="b.x")]))
     # The open circuit answers at once: the fast broker's message does not wait for it,
     # and no new copy is handed to the slow broker's client.
     assert time.monotonic() - started < 0.09
@@ -280,22 +269,22 @@ async def test_a_broker_that_answered_nothing_is_not_called_again_until_it_is_re
     slow.delay = 0.0
     await slow.connect()  # ready() says True from now on
     await circuit_closed(d, "slow")
-    assert (await d.dispatch([msg(4, topic="a.x")]))[0].kind == "acked"
+    assert (await d.dispatch([message(4, topic="a.x")]))[0].kind == "acked"
     assert slow.calls == [1, 1]
 
 
 async def test_a_broker_answering_only_unavailable_is_probed_before_it_is_called_again() -> None:
     fake = FakeAdapter(script=lambda out: PublishResult.unavailable("connection refused"))
     d = dispatcher({"main": fake})
-    await d.dispatch([msg(1), msg(2)])
+    await d.dispatch([message(1), message(2)])
     for i in range(3, 6):
-        assert (await d.dispatch([msg(i)]))[0].kind == "wait"
+        assert (await d.dispatch([message(i)]))[0].kind == "wait"
     assert fake.calls == [2], "while the circuit is open, the adapter is not called"
     assert d.circuits["main"].open
     fake.script = None
     await fake.connect()
     await circuit_closed(d, "main")
-    assert (await d.dispatch([msg(9)]))[0].kind == "acked"
+    assert (await d.dispatch([message(9)]))[0].kind == "acked"
     d.close()
 
 
@@ -306,7 +295,7 @@ async def test_a_broker_that_is_ready_but_acks_nothing_gets_one_trial_message_pe
     fake = FakeAdapter(delay=0.5)
     await fake.connect()
     d = dispatcher({"main": fake}, publish_timeout=0.1)
-    first = [msg(i, key=f"k{i}") for i in range(5)]
+    first = [message(i, key=f"k{i}") for i in range(5)]
     assert {r.kind for r in await d.dispatch(first)} == {"wait"}
     assert fake.calls == [5]
     for cycle in range(2):
@@ -329,10 +318,10 @@ async def test_only_one_call_carries_the_trial_when_workers_publish_concurrently
     fake = FakeAdapter(delay=0.5)
     await fake.connect()
     d = dispatcher({"main": fake}, publish_timeout=0.1)
-    await d.dispatch([msg(1)])
+    await d.dispatch([message(1)])
     fake.delay = 0.05
     await circuit_closed(d, "main")
-    results = await asyncio.gather(*(d.dispatch([msg(10 * w + i, key=f"w{w}.{i}") for i in range(3)])
+    results = await asyncio.gather(*(d.dispatch([message(10 * w + i, key=f"w{w}.{i}") for i in range(3)])
                                      for w in range(4)))
     assert fake.calls == [1, 1], "one worker's call tries the broker, the others wait for it"
     kinds = sorted(r.kind for records in results for r in records)
@@ -345,11 +334,11 @@ async def test_a_trial_answered_with_a_rejection_closes_the_circuit() -> None:
     fake = FakeAdapter(delay=0.5)
     await fake.connect()
     d = dispatcher({"main": fake}, publish_timeout=0.1)
-    await d.dispatch([msg(1)])
+    await d.dispatch([message(1)])
     fake.delay = 0.0
     fake.script = lambda out: PublishResult.permanent("record too large")
     await circuit_closed(d, "main")
-    assert [r.kind for r in await d.dispatch([msg(2), msg(3)])] == ["dead", "wait"]
+    assert [r.kind for r in await d.dispatch([message(2), message(3)])] == ["dead", "wait"]
     assert not d.circuits["main"].open, "the broker answered: it is back"
     d.close()
 
@@ -386,8 +375,8 @@ class BatchRecorder:
 async def test_failed_key_sends_no_later_messages_in_batch(failure: PublishResult) -> None:
     recorder = BatchRecorder(fail={2: failure})
     messages = [
-        msg(1, key="a"), msg(2, key="b"), msg(3, key="a"), msg(4, key="b"),
-        msg(5, key="b"), msg(6, key="a"), msg(7),
+        message(1, key="a"), message(2, key="b"), message(3, key="a"), message(4, key="b"),
+        message(5, key="b"), message(6, key="a"), message(7),
     ]
     records = by_id(await dispatcher({"main": recorder}, max_attempts=5).dispatch(messages))
     sent = [i for batch in recorder.batches for i in batch]
@@ -402,7 +391,7 @@ async def test_dead_message_on_no_route_blocks_later_messages_of_key() -> None:
     recorder = BatchRecorder()
     d = dispatcher({"main": recorder}, [("orders.*", "main")])
     records = by_id(
-        await d.dispatch([msg(1, topic="nope", key="k"), msg(2, key="k"), msg(3, key="j")])
+        await d.dispatch([message(1, topic="nope", key="k"), message(2, key="k"), message(3, key="j")])
     )
     assert records[1] == Record(1, "dead", NO_ROUTE)
     assert 2 not in records
@@ -412,7 +401,7 @@ async def test_dead_message_on_no_route_blocks_later_messages_of_key() -> None:
 async def test_publish_call_never_holds_two_messages_of_one_key() -> None:
     recorder = BatchRecorder()
     keys = ["a", "a", "b", None, "a", "c", "b", None, "c", "a"]
-    messages = [msg(i + 1, key=k) for i, k in enumerate(keys)]
+    messages = [message(i + 1, key=k) for i, k in enumerate(keys)]
     records = await dispatcher({"main": recorder}).dispatch(messages)
     assert all(r.kind == "acked" for r in records)
     assert len(records) == len(messages)
@@ -428,7 +417,7 @@ async def test_publish_call_never_holds_two_messages_of_one_key() -> None:
 
 async def test_records_come_in_send_order() -> None:
     recorder = BatchRecorder()
-    messages = [msg(1, key="a"), msg(2, key="a"), msg(3, key="b")]
+    messages = [message(1, key="a"), message(2, key="a"), message(3, key="b")]
     records = await dispatcher({"main": recorder}).dispatch(messages)
     assert [r.id for r in records] == [1, 3, 2]
 
@@ -441,7 +430,7 @@ async def test_two_brokers_are_called_concurrently() -> None:
     two = FakeAdapter(name="two", delay=0.5)
     d = dispatcher({"one": one, "two": two}, [("a.*", "one"), ("*", "two")])
     started = time.monotonic()
-    records = await d.dispatch([msg(1, topic="a.x"), msg(2, topic="b.x"), msg(3, topic="a.y")])
+    records = await d.dispatch([message(1, topic="a.x"), message(2, topic="b.x"), message(3, topic="a.y")])
     elapsed = time.monotonic() - started
     assert [r.kind for r in records] == ["acked"] * 3
     assert one.calls == [2] and two.calls == [1]  # each broker: its share in one call
@@ -454,14 +443,14 @@ async def test_slow_broker_does_not_block_results_of_fast_one() -> None:
     slow = FakeAdapter(name="slow", delay=5.0)
     d = dispatcher({"fast": fast, "slow": slow}, [("a.*", "slow"), ("*", "fast")],
                    max_attempts=5, publish_timeout=0.2)
-    records = by_id(await d.dispatch([msg(1, topic="a.x"), msg(2, topic="b.x")]))
+    records = by_id(await d.dispatch([message(1, topic="a.x"), message(2, topic="b.x")]))
     assert records[1].kind == "wait"
     assert records[2].kind == "acked"
 
 
 async def test_adapter_is_called_concurrently_by_wave_not_per_message() -> None:
     fake = FakeAdapter()
-    await dispatcher({"main": fake}).dispatch([msg(i) for i in range(1, 51)])
+    await dispatcher({"main": fake}).dispatch([message(i) for i in range(1, 51)])
     assert fake.calls == [50]
 
 

@@ -6,10 +6,8 @@ is in tests/e2e/test_pipelined_runs.py."""
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
@@ -23,14 +21,7 @@ from outbox_relay.engine.routing import Router
 from outbox_relay.engine.store import Record
 from outbox_relay.models import Message, PublishResult
 from outbox_relay.testing import FakeAdapter
-
-_CREATED = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-def msg(id: int, topic: str = "orders.created", key: str | None = None) -> Message:
-    return Message(id=id, message_id=uuid.uuid4(), topic=topic, key=key, payload=b'{"n": 1}',
-                   content_type="application/json", headers={}, attempts=0, created_at=_CREATED)
-
+from tests.support.factories import message
 
 FAILURES = {
     "transient": PublishResult.transient("leader moved"),
@@ -47,7 +38,7 @@ def dispatcher(adapters: dict[str, FakeAdapter], routes: list[tuple[str, str]] |
 
 
 def run(key: str, n: int, start: int = 1, topic: str = "orders.created") -> list[Message]:
-    return [msg(i, topic=topic, key=key) for i in range(start, start + n)]
+    return [message(i, topic=topic, key=key) for i in range(start, start + n)]
 
 
 def kinds(records: Sequence[Record]) -> dict[int, str]:
@@ -131,7 +122,7 @@ async def test_not_sent_out_of_turn_is_a_transient_failure_not_a_loop() -> None:
     # An adapter bug: "not sent" for a key's first message, or a keyless one. Left
     # unrecorded it would be claimed again at once, forever; it backs off instead.
     fake = FakeAdapter(keeps_key_order=True, script=lambda out: PublishResult.not_sent("?"))
-    records = await dispatcher({"main": fake}).dispatch([msg(1, key="k"), msg(2, key="k"), msg(3)])
+    records = await dispatcher({"main": fake}).dispatch([message(1, key="k"), message(2, key="k"), message(3)])
     assert kinds(records) == {1: "retry", 3: "retry"}
 
 
@@ -190,7 +181,7 @@ def shapes(draw: Callable[..., object]) -> Shape:
 @settings(max_examples=300, deadline=None)
 @given(shapes())
 def test_waves_keep_each_key_in_order_whatever_the_brokers(shape: Shape) -> None:
-    messages = [msg(i + 1, topic=b, key=k) for i, (k, b) in enumerate(zip(shape.keys, shape.brokers, strict=True))]
+    messages = [message(i + 1, topic=b, key=k) for i, (k, b) in enumerate(zip(shape.keys, shape.brokers, strict=True))]
     broker_of = {m.id: m.topic for m in messages}
     result = waves(messages, lambda m: m.topic if m.topic in shape.ordered else None)
     position = {m.id: i for i, wave in enumerate(result) for m in wave}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,28 +15,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from outbox_relay.json_lines import decode_payload, json_line, record
-from outbox_relay.models import Message, OutgoingMessage
 from outbox_relay.producer import BINARY, JSON, TEXT, encode_payload
 from outbox_relay.redact import MASK, UNPARSEABLE, redact_dsn, redact_text
 from outbox_relay.validation import check_headers, check_key, check_topic
+from tests.support.factories import outgoing
 
 CREATED = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
 
-def out(
-    payload: bytes,
-    content_type: str,
-    *,
-    key: str | None = "k1",
-    headers: Mapping[str, str] | None = None,
-    destination: str = "dest",
-) -> OutgoingMessage:
-    message = Message(
-        id=7, message_id=uuid.UUID("12345678-1234-5678-1234-567812345678"), topic="orders.created",
-        key=key, payload=payload, content_type=content_type, headers=headers or {"trace": "t-1"},
-        attempts=0, created_at=CREATED,
-    )
-    return OutgoingMessage(message, destination)
+# Every record of this module is of message 7 (payload and content type aside), so that
+# the expected records can spell it out.
+out = functools.partial(outgoing, 7, message_id=uuid.UUID("12345678-1234-5678-1234-567812345678"), key="k1",
+                        headers={"trace": "t-1"}, created_at=CREATED)
 
 
 def strict_json(line: str) -> Any:

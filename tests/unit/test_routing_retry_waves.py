@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +11,7 @@ from outbox_relay.engine.dispatch import waves
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router, Target
 from outbox_relay.models import Message
+from tests.support.factories import message
 
 # --- routing ------------------------------------------------------------------------
 
@@ -163,18 +161,8 @@ def test_backoff_property(initial: float, factor: float, attempt: int) -> None:
 
 # --- engine.dispatch.waves -----------------------------------------------------------
 
-_CREATED = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-def msg(id: int, key: str | None) -> Message:
-    return Message(
-        id=id, message_id=uuid.uuid4(), topic="t", key=key, payload=b"{}",
-        content_type="application/json", headers={}, attempts=0, created_at=_CREATED,
-    )
-
-
 def batch(keys: list[str | None]) -> list[Message]:
-    return [msg(i + 1, key) for i, key in enumerate(keys)]
+    return [message(i + 1, key=key) for i, key in enumerate(keys)]
 
 
 def ids(result: list[list[Message]]) -> list[list[int]]:

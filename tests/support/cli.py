@@ -1,4 +1,5 @@
-"""Helpers to drive the real `outbox-relay` command in a subprocess."""
+"""The real `outbox-relay` command in a subprocess: `run_cli` for one command,
+`RelayProcess` for `outbox-relay run` in the background, `read_jsonl` for a file sink."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tests.support.waiting import wait_for
 
 
 def exe() -> list[str]:
@@ -30,18 +31,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         [*exe(), *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, check=False,
     )
-
-
-def write_config(path: Path, dsn: str | None, *, sink: Path | None = None, **relay: Any) -> Path:
-    tree: dict[str, Any] = {
-        "database": {"dsn": dsn if dsn is not None else "${DATABASE_URL}"},
-        "relay": {"poll_interval": "200ms", "retry": {"initial": "50ms", "max": "500ms"}, **relay},
-        "http": {"host": "127.0.0.1", "port": 0},
-        "brokers": {"sink": {"type": "file", "path": str(sink or path.with_suffix(".jsonl"))}},
-        "routes": [{"topic": "*", "broker": "sink"}],
-    }
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
@@ -77,14 +66,12 @@ class RelayProcess:
         return out
 
     def wait_started(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def started() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"relay exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            if "relay_started" in self.log_path.read_text():
-                return
-            time.sleep(0.05)
-        raise AssertionError("relay did not start")
+            return "relay_started" in self.log_path.read_text()
+
+        wait_for(started, timeout, "the relay started")
 
     def terminate(self, timeout: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -1,4 +1,5 @@
-"""Enqueueing helpers for the end-to-end tests."""
+"""The outbox table as the tests see it: writers that enqueue, counts of pending and
+dispatched rows, dead letters, and the per-key order of what a broker received."""
 
 from __future__ import annotations
 
@@ -9,6 +10,31 @@ from dataclasses import dataclass, field
 import psycopg
 
 from outbox_relay import enqueue_async
+
+
+def count(dsn: str, where: str = "true") -> int:
+    """Rows of outbox.messages matching `where` (an SQL condition)."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f"SELECT count(*) FROM outbox.messages WHERE {where}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def pending(dsn: str) -> int:
+    """Messages neither dispatched nor dead-lettered."""
+    return count(dsn, "dispatched_at IS NULL AND dead_lettered_at IS NULL")
+
+
+def dispatched(dsn: str) -> int:
+    return count(dsn, "dispatched_at IS NOT NULL")
+
+
+def dead_letters(dsn: str) -> list[tuple[str, str, str]]:
+    """(message id, key, reason) of every dead letter, in enqueue order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT message_id::text, key, dead_letter_reason FROM outbox.messages "
+            "WHERE dead_lettered_at IS NOT NULL ORDER BY id").fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 @dataclass
@@ -51,18 +77,3 @@ def sequence_by_key(payloads: list[bytes]) -> dict[str, list[int]]:
         seen.add(marker)
         out.setdefault(body["key"], []).append(body["n"])
     return out
-
-
-def dead_letters(dsn: str) -> list[tuple[str, str, str]]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT message_id::text, key, dead_letter_reason FROM outbox.messages "
-            "WHERE dead_lettered_at IS NOT NULL ORDER BY id").fetchall()
-    return [(r[0], r[1], r[2]) for r in rows]
-
-
-def pending(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL "
-                           "AND dead_lettered_at IS NULL").fetchone()
-    return int(row[0]) if row else 0

@@ -1,0 +1,19 @@
+"""Helpers the tests share; fixtures stay in the conftest.py files, and no test module
+imports from another test module.
+
+- factories: `message` and `outgoing`, one Message factory with keyword defaults.
+- configs: `config_tree`, the one relay configuration builder; `make_config` renders it
+  as a Config, `write_config` as a YAML file (QUICK and PATIENT timings).
+- waiting: `wait_until` (async) and `wait_for` (blocking): wait for a positive signal,
+  never a fixed sleep, before asserting.
+- relay: `running_relay`, a Relay in the test's event loop; `wakeups`, what it counts.
+- cli: `run_cli`, `RelayProcess` (`outbox-relay run` in the background), `read_jsonl`.
+- http: `HttpReceiver`, a local endpoint for the webhook tests.
+- outbox: counts of the outbox table (`count`, `pending`, `dispatched`, `dead_letters`),
+  concurrent writers (`write`) and `sequence_by_key`.
+- databases: a fresh database per test, cloned from a template (the conftest's fixtures).
+- proxy: `TcpProxy` and `ThreadedProxy`, to cut or stall a connection to a broker.
+
+Brokers and PostgreSQL themselves come from tests/services.py, the independent broker
+consumers from tests/consumers.py (benchmarks/ imports it too).
+"""
