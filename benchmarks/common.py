@@ -14,7 +14,7 @@ from psycopg import sql
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config, parse
 from outbox_relay.engine.relay import Relay
-from outbox_relay.engine.store import Record
+from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.models import Message
 
 PAYLOAD_BYTES = 256
@@ -94,7 +94,7 @@ class AckClock:
         now = time.time()
         by_id = {m.id: m for m in messages}
         for record in records:
-            if record.kind == "acked":
+            if record.kind is RecordKind.ACKED:
                 self.acked_at.setdefault(str(by_id[record.id].message_id), now)
             else:
                 self.failed += 1
@@ -109,7 +109,7 @@ class AckCounter:
 
     def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
         for record in records:
-            if record.kind == "acked":
+            if record.kind is RecordKind.ACKED:
                 self.acked += 1
             else:
                 self.failed += 1

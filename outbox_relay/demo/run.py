@@ -47,7 +47,7 @@ from outbox_relay.assembly import build_relay
 from outbox_relay.connections import connect_sync
 from outbox_relay.demo import local_postgres
 from outbox_relay.engine.relay import Relay
-from outbox_relay.engine.store import Record
+from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.errors import OutboxRelayError
 from outbox_relay.models import Message
 from outbox_relay.operations import schema_manager
@@ -257,7 +257,7 @@ class AckLog:
         for record in records:
             message = by_row[record.id]
             # Delivery is at least once: a redelivered message keeps its first ack.
-            if record.kind != "acked" or message.message_id in self.ack_time:
+            if record.kind is not RecordKind.ACKED or message.message_id in self.ack_time:
                 continue
             self.ack_time[message.message_id] = now
             if message.key is not None:
