@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, model_validator
 
-from outbox_relay.config import key_path
+from outbox_relay.config import config_error
 from outbox_relay.errors import AdapterOptionsError
 
 M = TypeVar("M", bound=BaseModel)
@@ -23,21 +23,13 @@ def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
     try:
         return model.model_validate(dict(options))
     except ValidationError as exc:
-        errors = exc.errors()
-        # An unknown option is usually the cause of a "missing" one next to it (a typo).
-        error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        path = key_path(tuple(error["loc"]))  # one line, whatever the keys hold
-        if error["type"] == "extra_forbidden":
-            import difflib
-
-            close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            message = f"unknown option {error['loc'][-1]!r}{hint}"
-        elif error["type"] == "missing":
-            message = "required option is missing"
-        else:
-            message = str(error["msg"]).removeprefix("Value error, ")
-        raise AdapterOptionsError(message, path=path or None) from None
+        # The config's own formatter, in the words of options. The hint for a mistyped
+        # option names the adapter's top-level options, also for a key inside a nested
+        # block (tls, sasl); the value given is not shown.
+        error = config_error(
+            exc, noun="option", known_keys=lambda _parent: list(model.model_fields), show_input=False
+        )
+        raise AdapterOptionsError(error.reason, path=error.path) from None
 
 
 class TlsOptions(Options):

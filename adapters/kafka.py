@@ -23,7 +23,7 @@ import structlog
 from pydantic import Field, SecretStr, field_validator
 
 from outbox_relay.adapter import KeyStops
-from outbox_relay.durations import parse_duration
+from outbox_relay.durations import Duration
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
@@ -159,7 +159,7 @@ class _ClientErrors(logging.Handler):
         if not any(server in message for server in self._servers):
             return
         # 'Unable connect to "host:port": <cause>': keep the cause.
-        self.last = message.split('": ', 1)[-1].splitlines()[0][:500] if message else None
+        self.last = first_line(message.split('": ', 1)[-1])[:500] if message else None
 
     def __enter__(self) -> _ClientErrors:
         logging.getLogger("aiokafka").addHandler(self)
@@ -182,17 +182,12 @@ class KafkaOptions(Options):
     client: Literal["aiokafka", "librdkafka"] = "aiokafka"
     client_id: str = "outbox-relay"
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    linger: float = 0.0
+    linger: Duration = 0.0
     max_batch_size: int = Field(default=256 * 1024, ge=1024)
     max_request_size: int = Field(default=1024 * 1024, ge=1024)
-    request_timeout: float = 30.0
+    request_timeout: Duration = 30.0
     sasl: SaslOptions | None = None
     tls: TlsOptions | bool = False
-
-    @field_validator("linger", "request_timeout", mode="before")
-    @classmethod
-    def _duration(cls, value: object) -> float:
-        return parse_duration(value)
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 
 from outbox_relay.adapter import KeyStops
+from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import TlsOptions
@@ -232,7 +233,7 @@ class LibrdkafkaAdapter:
             await asyncio.to_thread(producer.list_topics, timeout=self.options.request_timeout)
         except KafkaException as exc:
             why = early[-1] if early else (exc.args[0].str() if exc.args else str(exc))
-            raise ConnectionError(f"kafka unreachable: {why.splitlines()[0][:500]}") from exc
+            raise ConnectionError(f"kafka unreachable: {first_line(why)[:500]}") from exc
         self._producer = producer
         self._reports = _Reports(producer, asyncio.get_running_loop())
         errors.append(self._reports)

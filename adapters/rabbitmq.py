@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from outbox_relay.adapter import KeyStops
-from outbox_relay.durations import parse_duration
+from outbox_relay.durations import Duration
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import Options, TlsOptions, parse_options, tls_context
@@ -58,8 +58,8 @@ class RabbitOptions(Options):
     # under load) or return one as unroutable after routing the next, and then a later
     # message of the key is delivered first (README, "RabbitMQ").
     pipeline_keys: bool = False
-    heartbeat: float = 30.0
-    connect_timeout: float = 10.0
+    heartbeat: Duration = 30.0
+    connect_timeout: Duration = 10.0
     tls: TlsOptions | None = None
 
     @field_validator("url")
@@ -72,11 +72,6 @@ class RabbitOptions(Options):
         except Exception as exc:
             raise ValueError(f"invalid AMQP URL: {type(exc).__name__}") from None
         return value
-
-    @field_validator("heartbeat", "connect_timeout", mode="before")
-    @classmethod
-    def _duration(cls, value: object) -> float:
-        return parse_duration(value)
 
     @field_validator("heartbeat")
     @classmethod

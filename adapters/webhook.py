@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from outbox_relay.durations import parse_duration
+from outbox_relay.durations import Duration
 from outbox_relay.json_lines import json_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
@@ -58,7 +58,7 @@ RESERVED_HEADERS = {"message-id", "content-type"}
 class WebhookOptions(Options):
     url: str
     headers: dict[str, str] = Field(default_factory=dict)
-    timeout: float = 10.0
+    timeout: Duration = 10.0
     max_concurrency: int = Field(default=32, ge=1, le=1024)
     verify_tls: bool = True
     ca_file: str | None = None
@@ -79,11 +79,6 @@ class WebhookOptions(Options):
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by the relay and cannot be configured")
         return value
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _duration(cls, value: object) -> float:
-        return parse_duration(value)
 
 
 class WebhookAdapter:

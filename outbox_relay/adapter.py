@@ -29,44 +29,96 @@ ENTRY_POINT_GROUP = "outbox_relay.adapters"
 class Adapter(Protocol):
     """An async publisher to one broker.
 
+    How the engine uses it (engine/brokers.py, engine/dispatch.py, engine/circuit.py):
+
+    - One instance per broker block, shared by every worker (``relay.workers``): up to
+      that many ``publish`` calls run at once on it, and ``ready()`` may run beside them.
+      A worker has one call at a time per broker (its batch goes out in waves, each wave
+      one call per broker), of at most ``relay.batch_size`` messages. The calls share
+      the adapter's client; the adapter serialises what its client needs serialised
+      (RabbitMQ publishes one call at a time, the file adapter writes one at a time, the
+      Kafka adapters replace a broken producer once, under a lock).
+    - Any call may be cancelled: ``publish`` at ``relay.publish_timeout`` and at
+      shutdown, ``ready()`` at its caller's timeout. Nothing of a cancelled call is
+      marked; the adapter must stay usable (no lock left held, no half-written record).
+    - Connecting is the engine's job until the first ``connect()`` returns: it calls
+      ``connect()`` in the background, again with the relay's retry backoff after each
+      failure, and calls neither ``publish`` nor ``ready()`` before one succeeded (it
+      answers "unavailable" for the broker's messages itself). ``connect()`` must end on
+      its own (the engine gives it no timeout) and leave nothing open when it raises or
+      is cancelled.
+    - Reconnecting is the adapter's job: the engine never calls ``connect()`` again.
+      An adapter whose connection is lost reconnects in ``publish`` (answering
+      ``unavailable`` while it cannot) and in ``ready()``, which is all the engine calls
+      while the broker's circuit is open.
+    - ``close()``: the relay calls it once, at shutdown, after its workers stopped, and
+      only if ``connect()`` succeeded; ``outbox-relay check`` calls it after a failed
+      ``connect()`` too, so it must be harmless then.
+
     Contract for ``publish``:
-    - it returns one :class:`PublishResult` per message, in the same order;
+    - it returns one :class:`PublishResult` per message, in the same order (any other
+      number of results: every message of the call counts as a transient failure);
     - ``acked`` means the broker has durably accepted the message (a Kafka ack, a
       RabbitMQ confirm, an fsync, a 2xx) — the engine marks the row dispatched on it;
+      ``permanent`` dead-letters it at once; ``transient`` spends one of its
+      ``max_attempts``; ``unavailable`` (the broker, not the message, is the problem)
+      spends none, and a call whose every answer is ``unavailable`` (or ``not_sent``),
+      like a call with no answer within ``relay.publish_timeout``, opens the broker's
+      circuit: ``publish`` is then not called until ``ready()`` answers True, and the
+      next call carries one message (engine/circuit.py);
     - unless the adapter declares ``keeps_key_order = True``, a batch never holds two
       messages with the same key (the engine sends later ones of a key in a later call,
       once the earlier one is acked), so the adapter may send the whole batch
       concurrently and should: never one round trip per message;
     - it should not raise; if it does, every message of the batch counts as a
-      transient failure.
+      transient failure (a ``TimeoutError`` counts as no answer: ``unavailable``, and
+      the circuit opens).
 
-    Optional attribute ``keeps_key_order`` (default False). True promises that
+    Optional attribute ``keeps_key_order`` (default False), read once when the engine
+    is built, so fixed for the adapter's life. True promises that
     messages of one key handed over in one call reach the broker in the order given,
     and that once one of them is not acked, no later one of that key in the call is
     acked: the adapter answers ``PublishResult.not_sent(...)`` for those it did not
     send, or the broker refuses them (Kafka's idempotent producer fails the rest of a
     partition after a rejected batch). The engine then hands a key's whole run to one
     call instead of one call per message (engine/dispatch.py says what it does when
-    a broker acks a later message anyway).
+    a broker acks a later message anyway). ``not_sent`` from any other adapter, or
+    for a message no earlier failure of its key explains, counts as transient.
     """
 
-    name: str
+    name: str  # the broker block's name in the config
 
-    async def connect(self) -> None: ...
+    async def connect(self) -> None:
+        """Connect to the broker; raise if it cannot (see the class: who calls it, when)."""
+        ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Disconnect; what is still unconfirmed is not acked (its rows go again)."""
+        ...
 
     async def ready(self) -> bool:
-        """True when the broker answers and the adapter can publish now.
+        """True when the broker answers and the adapter can publish now. Sends no message.
 
-        An adapter that lost its connection reconnects here, as ``publish`` would
-        (bounded by its own connect timeout): the engine stops calling ``publish`` for
-        a broker that answered nothing within ``relay.publish_timeout`` and probes it
-        with ``ready()`` until it says True (engine/circuit.py). /readyz calls it too.
+        Who calls it, and so what it may cost:
+        - the broker's circuit (engine/circuit.py), only while it is open, in the
+          background at the retry backoff's growing interval, cancelled after
+          ``relay.publish_timeout``. ``publish`` is not called meanwhile, so an adapter
+          that lost its connection reconnects here, as ``publish`` would (bounded by its
+          own connect timeout). True only half-opens the circuit: one trial message goes
+          next, and its answer closes the circuit (a broker can answer and ack nothing);
+        - /readyz, at most once a second (answers are cached), for each broker a route
+          uses whose circuit is closed, cancelled after 2 s (observability/health.py): a
+          slower answer reads as "not ready";
+        - ``outbox-relay check``, once, after ``connect()``.
+        So it may cost one round trip to the broker (a Kafka metadata request, a
+        RabbitMQ channel opened and closed, an HTTP HEAD), plus a reconnect when the
+        connection was lost. An exception counts as False.
         """
         ...
 
-    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]: ...
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        """Publish `batch`: one result per message, in order (see the class)."""
+        ...
 
 
 def keeps_key_order(adapter: Adapter) -> bool:
@@ -144,9 +196,7 @@ def create(type_name: str, broker: str, options: Mapping[str, Any]) -> Adapter:
         raise ConfigError(f"unknown adapter {type_name!r} (installed: {names})", path="type")
     try:
         return factories[type_name](broker, options)
-    except AdapterOptionsError:
-        raise
-    except ConfigError:
+    except ConfigError:  # AdapterOptionsError included: already names its key
         raise
     except (TypeError, ValueError) as exc:
         raise AdapterOptionsError(str(exc)) from exc

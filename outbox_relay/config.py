@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,12 +26,10 @@ from pydantic import (
     model_validator,
 )
 
-from outbox_relay.durations import parse_duration
+from outbox_relay.durations import Duration
 from outbox_relay.envsubst import SubstitutionError, substitute_tree
-from outbox_relay.errors import ConfigError
+from outbox_relay.errors import ConfigError, first_line
 from outbox_relay.sqlfiles import DEFAULT_SCHEMA, validate_schema_name
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _not_bool(value: object) -> object:
@@ -203,7 +201,7 @@ def _parse(text: str, *, source: str, env: Mapping[str, str]) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError(f"{where}invalid YAML: {problem}", source=source) from None
     if not isinstance(tree, dict):
         raise ConfigError("expected a mapping with database, brokers and routes", source=source)
@@ -214,9 +212,8 @@ def _parse(text: str, *, source: str, env: Mapping[str, str]) -> Config:
     try:
         config = Config.model_validate(tree)
     except ValidationError as exc:
-        raise _first_error(exc, source) from None
-    except _PathError as exc:
-        raise ConfigError(str(exc), source=source, path=key_path(exc.path)) from None
+        # A _PathError raised by a validator arrives here too, inside the ValidationError.
+        raise config_error(exc, source=source) from None
     config._source = source
     return config
 
@@ -237,7 +234,27 @@ def _secret(loc: tuple[str, ...]) -> bool:
                for part in loc)
 
 
-def _first_error(exc: ValidationError, source: str) -> ConfigError:
+# Errors about the kind of value: the value given is shown beside them (unless secret).
+_WRONG_KIND = {"int_type", "int_parsing", "bool_type", "bool_parsing", "string_type", "dict_type",
+               "list_type", "model_type", "float_type", "literal_error"}
+
+
+def config_error(
+    exc: ValidationError,
+    *,
+    source: str | None = None,
+    noun: str = "key",
+    known_keys: Callable[[tuple[str, ...]], Sequence[str]] | None = None,
+    show_input: bool = True,
+) -> ConfigError:
+    """The one-line ConfigError for a failed validation: its key path and what is wrong.
+
+    The relay's config and every adapter's options (adapters/_options.py) are reported
+    by this one function. `noun` names a key in the message ("unknown key", "required
+    key is missing"); `known_keys(parent)` lists the keys a mistyped key under `parent`
+    may have meant (default: the relay config's own); `show_input` adds the value given
+    to an error about its kind (never for a key that may hold a secret).
+    """
     errors = exc.errors()
     # An unknown key is usually the cause of a "missing" one next to it (a typo): say it first.
     error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
@@ -246,17 +263,18 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
     inner = ctx.get("error")
     if isinstance(inner, _PathError):
         return ConfigError(str(inner), source=source, path=key_path(inner.path))
-    path = key_path(loc)
+    path = key_path(loc) or None  # one line, whatever the keys hold
     kind = error["type"]
     if kind == "extra_forbidden":
-        return ConfigError(_unknown_key(loc), source=source, path=path)
+        names = (known_keys or _config_keys)(loc[:-1])
+        suggestion = difflib.get_close_matches(loc[-1], names, n=1)
+        hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
+        return ConfigError(f"unknown {noun} {loc[-1]!r}{hint}", source=source, path=path)
     if kind == "missing":
-        return ConfigError("required key is missing", source=source, path=path)
+        return ConfigError(f"required {noun} is missing", source=source, path=path)
     message = str(inner) if inner is not None else error["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if kind in {"int_type", "int_parsing", "bool_type", "bool_parsing", "string_type", "dict_type",
-                "list_type", "model_type", "float_type", "literal_error"} and not _secret(loc):
+    message = message.removeprefix("Value error, ")
+    if show_input and kind in _WRONG_KIND and not _secret(loc):
         message = f"{message} (got {error.get('input')!r})"
     return ConfigError(message, source=source, path=path)
 
@@ -270,14 +288,11 @@ _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
 }
 
 
-def _unknown_key(loc: tuple[str, ...]) -> str:
-    parent, key = loc[:-1], loc[-1]
+def _config_keys(parent: tuple[str, ...]) -> list[str]:
+    """The keys of the relay config's block at `parent` (none for a broker's block)."""
     model: type[BaseModel] | None = _MODELS.get(parent)
     if model is None and len(parent) == 2 and parent[0] == "routes":
         model = RouteConfig
-    names: list[str] = []
-    if model is not None:
-        names = [f.alias or name for name, f in model.model_fields.items()]
-    suggestion = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
-    return f"unknown key {key!r}{hint}"
+    if model is None:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import BeforeValidator
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -21,6 +24,11 @@ def parse_duration(value: object) -> float:
             f"invalid duration {value!r}: give a number with a unit, e.g. 500ms, 1s, 5m, 24h"
         )
     return sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(text))
+
+
+# A duration setting, in seconds: the relay's config and every adapter's options use
+# this one type, so a duration is written and checked the same way everywhere.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def format_duration(seconds: float) -> str:

@@ -43,11 +43,10 @@ class DatabaseError(OutboxRelayError):
     """The database could not be reached or refused a statement."""
 
 
-class AdapterError(OutboxRelayError):
-    """A broker adapter could not connect or failed outside of a publish."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type name when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def first_line(what: BaseException | str) -> str:
+    """The first line of an exception's message (its type name when it has none), or of
+    a text (a client library's message): what a one-line error or log field shows."""
+    text = str(what).strip()
+    if not text:
+        return type(what).__name__ if isinstance(what, BaseException) else ""
+    return text.splitlines()[0]

@@ -1,8 +1,9 @@
-"""Keeps each broker's adapter connected without holding back the others.
+"""Connects each broker's adapter without holding back the others.
 
 A broker that is down at start (or whose adapter fails to connect) answers
 "unavailable" for its messages until it connects, so its outage delays only the
-messages routed to it and spends none of their attempts.
+messages routed to it and spends none of their attempts. Once connected, the adapter
+keeps its connection itself (outbox_relay/adapter.py: reconnecting is its job).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class BrokerHandle:
         self.name = name
         self.adapter = adapter
         self._backoff = backoff
+        # Set when the adapter's first connect() returned; never cleared. Not "the
+        # connection is up now": that fact lives in one place, the adapter (its client),
+        # which repairs it itself and tells it through ready() and "unavailable" answers;
+        # the engine keeps no copy of it. This flag only says the handover is done. Until
+        # then publish and ready() stay here, so they cannot start a second connection
+        # beside the loop's connect() (the Kafka and RabbitMQ adapters connect from
+        # publish and ready() when they have no client).
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
