@@ -1,4 +1,4 @@
-"""``type: webhook``: POSTs each message as its JSON record (outbox_relay.json_lines).
+"""``type: webhook``: POSTs each message as its JSON-lines object (outbox_relay.json_lines).
 
 2xx acks. 4xx is permanent (the receiver rejects the message itself: dead-lettered
 with the status), except 408, 425 and 429 which ask to come back later. 5xx and

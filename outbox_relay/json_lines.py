@@ -1,4 +1,4 @@
-"""The JSON-lines record: how a message looks to tools that read files, stdout or webhooks.
+"""The JSON-lines form of a message: how it looks to tools that read files, stdout or webhooks.
 
     {"message_id": "...", "topic": "...", "key": "..." | null, "headers": {...},
      "content_type": "...", "destination": "...", "created_at": "...",
@@ -18,7 +18,7 @@ from typing import Any
 from outbox_relay.models import OutgoingMessage
 
 
-def record(out: OutgoingMessage) -> dict[str, Any]:
+def as_dict(out: OutgoingMessage) -> dict[str, Any]:
     message = out.message
     data: dict[str, Any] = {
         "message_id": str(message.message_id),
@@ -66,11 +66,11 @@ def _strict_json(raw: bytes) -> Any:
 
 
 def json_line(out: OutgoingMessage) -> str:
-    return json.dumps(record(out), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return json.dumps(as_dict(out), ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 def decode_payload(data: dict[str, Any]) -> Any:
-    """The payload of a record as the producer gave it: JSON value, str or bytes."""
+    """The payload of a JSON-lines object as the producer gave it: JSON value, str or bytes."""
     encoding = data.get("payload_encoding")
     if encoding == "base64":
         return base64.b64decode(data["payload"])

@@ -20,7 +20,7 @@ from outbox_relay_adapters.webhook import WebhookAdapter
 
 from outbox_relay import adapter as registry
 from outbox_relay.errors import AdapterOptionsError
-from outbox_relay.json_lines import decode_payload, record
+from outbox_relay.json_lines import as_dict, decode_payload
 from outbox_relay.models import Outcome, PublishResult
 from tests.support.factories import outgoing
 from tests.support.http import HttpReceiver
@@ -63,7 +63,7 @@ async def test_file_creates_parent_dirs_and_writes_one_line_per_message(tmp_path
     assert outcomes(results) == [Outcome.ACKED] * 3
     assert len(lines) == 3
     for line, out in zip(lines, batch, strict=True):
-        assert line == record(out)
+        assert line == as_dict(out)
         assert line["message_id"] == str(out.message_id)
         assert line["topic"] == out.message.topic
         assert line["key"] == out.message.key
@@ -141,7 +141,7 @@ async def test_stdout_writes_json_lines(capsys: pytest.CaptureFixture[str]) -> N
         results = await adapter.publish(batch)
     assert outcomes(results) == [Outcome.ACKED] * 2
     lines = capsys.readouterr().out.splitlines()
-    assert [json.loads(line) for line in lines] == [record(out) for out in batch]
+    assert [json.loads(line) for line in lines] == [as_dict(out) for out in batch]
 
 
 async def test_stdout_to_stream_and_closed_stream() -> None:
@@ -198,7 +198,7 @@ async def test_webhook_2xx_acks_and_posts_the_record(http_server: HttpReceiver) 
         request = by_id[str(out.message_id)]
         assert request.path == "/events"
         assert request.headers["content-type"] == "application/json"
-        assert request.json == record(out)
+        assert request.json == as_dict(out)
         assert request.json["message_id"] == request.headers["message-id"]
 
 

@@ -1,4 +1,4 @@
-"""records (the JSON-lines record), validation, producer.encode_payload, redact."""
+"""json_lines (the JSON-lines form of a message), validation, producer.encode_payload, redact."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from outbox_relay.json_lines import decode_payload, json_line, record
+from outbox_relay.json_lines import as_dict, decode_payload, json_line
 from outbox_relay.producer import BINARY, JSON, TEXT, encode_payload
 from outbox_relay.redact import MASK, UNPARSEABLE, redact_dsn, redact_text
 from outbox_relay.validation import check_headers, check_key, check_topic
@@ -23,7 +23,7 @@ from tests.support.factories import outgoing
 CREATED = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
 
-# Every record of this module is of message 7 (payload and content type aside), so that
+# Every JSON-lines object of this module is of message 7 (payload and content type aside), so that
 # the expected records can spell it out.
 out = functools.partial(outgoing, 7, message_id=uuid.UUID("12345678-1234-5678-1234-567812345678"), key="k1",
                         headers={"trace": "t-1"}, created_at=CREATED)
@@ -40,7 +40,7 @@ def strict_json(line: str) -> Any:
 
 
 def test_json_payload_inline_with_all_fields() -> None:
-    data = record(out(b'{"order": 1, "items": [1, 2]}', "application/json"))
+    data = as_dict(out(b'{"order": 1, "items": [1, 2]}', "application/json"))
     assert data == {
         "message_id": "12345678-1234-5678-1234-567812345678",
         "topic": "orders.created",
@@ -55,38 +55,38 @@ def test_json_payload_inline_with_all_fields() -> None:
 
 
 def test_json_with_parameters_is_json() -> None:
-    data = record(out(b"[1, 2]", "application/json; charset=utf-8"))
+    data = as_dict(out(b"[1, 2]", "application/json; charset=utf-8"))
     assert data["payload"] == [1, 2]
     assert "payload_encoding" not in data
 
 
 def test_null_key() -> None:
-    assert record(out(b"1", "application/json", key=None))["key"] is None
+    assert as_dict(out(b"1", "application/json", key=None))["key"] is None
 
 
 def test_text_payload() -> None:
-    data = record(out("héllo\nwörld".encode(), "text/plain; charset=utf-8"))
+    data = as_dict(out("héllo\nwörld".encode(), "text/plain; charset=utf-8"))
     assert data["payload"] == "héllo\nwörld"
     assert data["payload_encoding"] == "text"
 
 
 def test_text_that_is_not_utf8_falls_back_to_base64() -> None:
     raw = b"\xff\xfe caf\xe9"
-    data = record(out(raw, "text/plain"))
+    data = as_dict(out(raw, "text/plain"))
     assert data["payload_encoding"] == "base64"
     assert base64.b64decode(data["payload"]) == raw
 
 
 def test_binary_payload_base64_with_marker() -> None:
     raw = bytes(range(256))
-    data = record(out(raw, "application/octet-stream"))
+    data = as_dict(out(raw, "application/octet-stream"))
     assert data["payload_encoding"] == "base64"
     assert data["payload"] == base64.b64encode(raw).decode("ascii")
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"{'a': 1}", b"[1,]"])
 def test_invalid_json_labelled_json_falls_back_to_base64(raw: bytes) -> None:
-    data = record(out(raw, "application/json"))
+    data = as_dict(out(raw, "application/json"))
     assert data["payload_encoding"] == "base64"
     assert base64.b64decode(data["payload"]) == raw
     assert decode_payload(data) == raw
