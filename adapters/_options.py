@@ -26,9 +26,7 @@ def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
         # The config's own formatter, in the words of options. The hint for a mistyped
         # option names the adapter's top-level options, also for a key inside a nested
         # block (tls, sasl); the value given is not shown.
-        error = config_error(
-            exc, noun="option", known_keys=lambda _parent: list(model.model_fields), show_input=False
-        )
+        error = config_error(exc, noun="option", known_keys=lambda _parent: list(model.model_fields), show_input=False)
         raise AdapterOptionsError(error.reason, path=error.path) from None
 
 

@@ -31,8 +31,9 @@ class TopicMetadata:
         self._known: set[str] = set()
         self._missing: dict[str, tuple[float, PublishResult]] = {}  # topic -> (until, answer)
 
-    async def missing(self, topics: Iterable[str],
-                      probe: Callable[[str], Awaitable[object]]) -> dict[str, PublishResult]:
+    async def missing(
+        self, topics: Iterable[str], probe: Callable[[str], Awaitable[object]]
+    ) -> dict[str, PublishResult]:
         """The answer for each of `topics` that has no metadata; `probe(topic)` returns
         once the topic's metadata is there and raises if it never comes."""
         now = time.monotonic()

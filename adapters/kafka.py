@@ -42,6 +42,7 @@ log = structlog.get_logger("outbox_relay.kafka")
 # Kafka's own rule for topic names; anything else the broker rejects.
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
+
 @functools.lru_cache(maxsize=1024)
 def valid_topic(name: str) -> bool:
     return KAFKA_TOPIC.fullmatch(name) is not None
@@ -327,8 +328,9 @@ class KafkaAdapter:
         except Exception as exc:
             return classify(exc)
 
-    async def _topics_without_metadata(self, producer: AIOKafkaProducer,
-                                       batch: Sequence[OutgoingMessage]) -> dict[str, PublishResult]:
+    async def _topics_without_metadata(
+        self, producer: AIOKafkaProducer, batch: Sequence[OutgoingMessage]
+    ) -> dict[str, PublishResult]:
         """Topics of the batch without metadata: their messages fail alone and early
         (adapters/_topics.py); without this, `send` waits the whole request timeout for
         each and holds up the rest of the batch."""

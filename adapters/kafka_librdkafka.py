@@ -52,19 +52,35 @@ log = structlog.get_logger("outbox_relay.kafka")
 POLL_S = 0.02
 
 # The broker will refuse these however often we try: dead-letter them with its reason.
-PERMANENT_CODES = frozenset({
-    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE,
-    KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-    KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT, KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD,
-    KafkaError._INVALID_ARG,
-})
+PERMANENT_CODES = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_RECORD,
+        KafkaError._INVALID_ARG,
+    }
+)
 
 # The broker is not answering at all: waiting spends none of the message's attempts.
-AWAY_CODES = frozenset({
-    KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT,
-    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError._RESOLVE,
-    KafkaError.BROKER_NOT_AVAILABLE, KafkaError._WAIT_COORD,
-})
+AWAY_CODES = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._RESOLVE,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError._WAIT_COORD,
+    }
+)
 
 
 SIZE_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
@@ -72,8 +88,9 @@ SIZE_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TO
 # Failed because of another record: the producer stopped (a gap another record left)
 # or its queue was purged when it was replaced. Nothing is wrong with the message: it
 # waits, without spending an attempt, for the new producer.
-COLLATERAL_CODES = frozenset({KafkaError._FATAL, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
-                              KafkaError._GAPLESS_GUARANTEE})
+COLLATERAL_CODES = frozenset(
+    {KafkaError._FATAL, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError._GAPLESS_GUARANTEE}
+)
 
 
 def classify(error: Any) -> PublishResult:
@@ -125,20 +142,24 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
     tls = options.tls
     if tls:
         settings = tls if isinstance(tls, TlsOptions) else TlsOptions()
-        config.update({
-            "ssl.ca.location": settings.ca_file,
-            "ssl.certificate.location": settings.cert_file,
-            "ssl.key.location": settings.key_file,
-            "ssl.key.password": settings.key_password.get_secret_value() if settings.key_password else None,
-            "ssl.endpoint.identification.algorithm": "https" if settings.check_hostname else "none",
-        })
+        config.update(
+            {
+                "ssl.ca.location": settings.ca_file,
+                "ssl.certificate.location": settings.cert_file,
+                "ssl.key.location": settings.key_file,
+                "ssl.key.password": settings.key_password.get_secret_value() if settings.key_password else None,
+                "ssl.endpoint.identification.algorithm": "https" if settings.check_hostname else "none",
+            }
+        )
     if options.sasl:
-        config.update({
-            "security.protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
-            "sasl.mechanism": options.sasl.mechanism,
-            "sasl.username": options.sasl.username,
-            "sasl.password": options.sasl.password.get_secret_value(),
-        })
+        config.update(
+            {
+                "security.protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
+                "sasl.mechanism": options.sasl.mechanism,
+                "sasl.username": options.sasl.username,
+                "sasl.password": options.sasl.password.get_secret_value(),
+            }
+        )
     elif tls:
         config["security.protocol"] = "SSL"
     return {k: v for k, v in config.items() if v is not None}
@@ -226,8 +247,9 @@ class LibrdkafkaAdapter:
             else:
                 early.append(str(error.str()))
 
-        producer = Producer({**producer_config(self.options), "error_cb": on_error},
-                            logger=logging.getLogger("outbox_relay.librdkafka"))  # not raw lines on stderr
+        producer = Producer(
+            {**producer_config(self.options), "error_cb": on_error}, logger=logging.getLogger("outbox_relay.librdkafka")
+        )  # not raw lines on stderr
         try:
             # Connected and the cluster's metadata fetched, as the aiokafka client does.
             await asyncio.to_thread(producer.list_topics, timeout=self.options.request_timeout)
@@ -298,7 +320,7 @@ class LibrdkafkaAdapter:
         return await self._settle_size_errors(batch, errors)
 
     async def _settle_size_errors(self, batch: Sequence[OutgoingMessage], errors: list[Any]) -> list[PublishResult]:
-        """"Too large" is about a whole record batch, so it may be a neighbour's fault:
+        """ "Too large" is about a whole record batch, so it may be a neighbour's fault:
         each such record is sent again on its own, in batch order, a key stopping at its
         first failure (a later failure of a key was caused by it: not_sent); what still
         fails alone is really too large."""
@@ -351,14 +373,16 @@ class LibrdkafkaAdapter:
                 if not isinstance(exc, Exception):
                     raise
 
-    async def _topics_without_metadata(self, producer: Any,
-                                       batch: Sequence[OutgoingMessage]) -> dict[str, PublishResult]:
+    async def _topics_without_metadata(
+        self, producer: Any, batch: Sequence[OutgoingMessage]
+    ) -> dict[str, PublishResult]:
         """Topics of the batch without metadata: their messages fail alone and early
         (adapters/_topics.py) instead of holding the whole call until publish_timeout."""
         topics = {out.destination for out in batch if valid_topic(out.destination)}
         wait = min(METADATA_WAIT_S, self.options.request_timeout)
         return await self._topics.missing(
-            topics, lambda topic: asyncio.to_thread(self._wait_for_topic, producer, topic, wait))
+            topics, lambda topic: asyncio.to_thread(self._wait_for_topic, producer, topic, wait)
+        )
 
     @staticmethod
     def _wait_for_topic(producer: Any, topic: str, wait: float) -> None:
@@ -374,16 +398,22 @@ class LibrdkafkaAdapter:
                 raise KafkaException(found.error if found is not None else "no such topic")
             time.sleep(0.1)
 
-    async def _produce(self, producer: Any, reports: _Reports,
-                       out: OutgoingMessage) -> asyncio.Future[Any] | PublishResult:
+    async def _produce(
+        self, producer: Any, reports: _Reports, out: OutgoingMessage
+    ) -> asyncio.Future[Any] | PublishResult:
         if not valid_topic(out.destination):
             return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         key = out.message.key.encode("utf-8") if out.message.key is not None else None
         while True:
             try:
-                producer.produce(out.destination, value=out.message.payload, key=key, headers=record_headers(out),
-                                 on_delivery=lambda err, msg, f=future: reports.delivered(f, err, msg))
+                producer.produce(
+                    out.destination,
+                    value=out.message.payload,
+                    key=key,
+                    headers=record_headers(out),
+                    on_delivery=lambda err, msg, f=future: reports.delivered(f, err, msg),
+                )
                 return future
             except BufferError:
                 await asyncio.sleep(POLL_S)  # the local queue is full: the polling thread drains it

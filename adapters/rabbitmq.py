@@ -111,7 +111,13 @@ REMEMBER_REFUSAL_S = 5.0
 AMQP_SHORT_STRING = 255  # bytes: content type, header names, routing key
 # pika failing to build the frames: the message itself cannot be carried.
 UNENCODABLE: tuple[type[BaseException], ...] = (
-    pika.exceptions.ShortStringTooLong, struct.error, UnicodeError, TypeError, ValueError)
+    pika.exceptions.ShortStringTooLong,
+    struct.error,
+    UnicodeError,
+    TypeError,
+    ValueError,
+)
+
 
 def _unfit_for_amqp(out: OutgoingMessage, routing_key: str) -> str | None:
     """Why AMQP cannot carry this message at all (its short strings are 255 bytes), or None."""
@@ -174,8 +180,10 @@ class RabbitAdapter:
                 opened.set_exception(ConnectionError(f"cannot connect to RabbitMQ: {error!r}"))
 
         connection = AsyncioConnection(
-            connection_parameters(self.options), on_open_callback=on_open,
-            on_open_error_callback=on_open_error, on_close_callback=self._on_connection_closed,
+            connection_parameters(self.options),
+            on_open_callback=on_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=self._on_connection_closed,
             custom_ioloop=loop,
         )
         # A new connection re-learns every exchange: what was refused may exist by now,
@@ -207,8 +215,9 @@ class RabbitAdapter:
         confirmed: asyncio.Future[None] = loop.create_future()
         # Confirms carry a delivery tag of their channel: bound to it, so a late confirm
         # from a channel since replaced cannot settle the new channel's same-numbered tag.
-        channel.confirm_delivery(lambda frame: self._on_confirm(frame, channel),
-                                 callback=lambda _frame: confirmed.set_result(None))
+        channel.confirm_delivery(
+            lambda frame: self._on_confirm(frame, channel), callback=lambda _frame: confirmed.set_result(None)
+        )
         await asyncio.wait_for(confirmed, self.options.connect_timeout)
         # Confirms of the channel replaced can no longer settle anything (_on_confirm):
         # what still waits on it is "maybe delivered", so it goes again.
@@ -280,8 +289,7 @@ class RabbitAdapter:
             return
         self._fail_unconfirmed(f"channel closed: {reason!r}")
 
-    def _fail_unconfirmed(self, why: str,
-                          result: Callable[[str], PublishResult] = PublishResult.transient) -> None:
+    def _fail_unconfirmed(self, why: str, result: Callable[[str], PublishResult] = PublishResult.transient) -> None:
         # Unconfirmed means "maybe delivered": the row stays pending and is published
         # again; consumers dedupe by message id.
         pending, self._unconfirmed = self._unconfirmed, {}
@@ -331,7 +339,10 @@ class RabbitAdapter:
 
         channel.add_on_close_callback(closed)
         channel.exchange_declare(
-            name, exchange_type=self.options.exchange_type, durable=True, passive=not self.options.declare,
+            name,
+            exchange_type=self.options.exchange_type,
+            durable=True,
+            passive=not self.options.declare,
             callback=declared,
         )
         try:
@@ -372,9 +383,7 @@ class RabbitAdapter:
             return  # an older channel's tag: its messages were already failed when it closed
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
-        tags = (
-            [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
-        )
+        tags = [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
         for tag in tags:
             entry = self._unconfirmed.pop(tag, None)
             if entry is None:

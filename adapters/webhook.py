@@ -52,6 +52,8 @@ def retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         return None
     return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), MAX_RETRY_AFTER_S)
+
+
 RESERVED_HEADERS = {"message-id", "content-type"}
 
 

@@ -1,7 +1,7 @@
 """`python -m benchmarks`: runs every measurement, prints one table, writes JSON.
 
-    scripts/bench                      # the full run (100,000 messages)
-    scripts/bench --messages 20000     # a quicker run
+scripts/bench                      # the full run (100,000 messages)
+scripts/bench --messages 20000     # a quicker run
 """
 
 from __future__ import annotations
@@ -34,16 +34,26 @@ def _step(name: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": env.machine(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                               "messages": args.messages}
+    results: dict[str, Any] = {
+        "machine": env.machine(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "messages": args.messages,
+    }
     with env.provisioned() as svc:
         if args.replay_only:
             _step("replay: copy cost")
             results["replay"] = await asyncio.to_thread(replay_cost.measure, svc.dsn, rows=args.replay_rows)
             return results
         if args.matrix_only or not args.skip_matrix:
-            results["matrix"] = await matrix.run(svc.dsn, svc.kafka, svc.amqp, small=args.small, large=args.large,
-                                                 held_back=args.held_back, runs=args.runs)
+            results["matrix"] = await matrix.run(
+                svc.dsn,
+                svc.kafka,
+                svc.amqp,
+                small=args.small,
+                large=args.large,
+                held_back=args.held_back,
+                runs=args.runs,
+            )
         if args.matrix_only:
             return results
         _step("kafka: raw producer")
@@ -63,13 +73,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         _step("latency: NOTIFY off")
         lat_off = await latency.commit_to_ack(svc.dsn, svc.kafka, rate=1000, seconds=args.seconds, notify=False)
         _step("write path")
-        writes = await asyncio.to_thread(
-            write_path.measure, svc.dsn, seconds=args.write_seconds, rounds=args.rounds)
+        writes = await asyncio.to_thread(write_path.measure, svc.dsn, seconds=args.write_seconds, rounds=args.rounds)
     results["throughput_msgs_per_s"] = {
         "kafka_relay": round(kafka_relay),
         "kafka_raw_producer": round(kafka_raw),
         "kafka_naive_relay": round(kafka_naive),
-        "rabbitmq_relay": round(rabbit_relay), "rabbitmq_raw_pika": round(rabbit_raw),
+        "rabbitmq_relay": round(rabbit_relay),
+        "rabbitmq_raw_pika": round(rabbit_raw),
         "rabbitmq_naive_relay": round(rabbit_naive),
     }
     results["commit_to_ack"] = {"notify_on": lat_on, "notify_off_poll_1s": lat_off}
@@ -82,19 +92,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "commit-to-ack p99 ms, NOTIFY on, 1000/s": lat_on["p99_ms"],
         "write p50 with outbox / plain": round(writes["outbox_notify_on_p50_ms"] / writes["plain_p50_ms"], 3),
         "write p50: outbox.enqueue / bare-table insert of the same bytes": round(
-            writes["outbox_notify_on_p50_ms"] / writes["floor_bare_table_p50_ms"], 3),
+            writes["outbox_notify_on_p50_ms"] / writes["floor_bare_table_p50_ms"], 3
+        ),
         "write p50: direct INSERT into the outbox / bare-table insert": round(
-            writes["outbox_direct_insert_notify_on_p50_ms"] / writes["floor_bare_table_p50_ms"], 3),
+            writes["outbox_direct_insert_notify_on_p50_ms"] / writes["floor_bare_table_p50_ms"], 3
+        ),
         "write p50 with outbox, NOTIFY off / plain": round(
-            writes["outbox_notify_off_p50_ms"] / writes["plain_p50_ms"], 3),
+            writes["outbox_notify_off_p50_ms"] / writes["plain_p50_ms"], 3
+        ),
         "16-writer tps with outbox (NOTIFY on) / plain": round(
-            writes["outbox_notify_on_tps_16w"] / writes["plain_tps_16w"], 3),
+            writes["outbox_notify_on_tps_16w"] / writes["plain_tps_16w"], 3
+        ),
         "16-writer tps with outbox (NOTIFY off) / plain": round(
-            writes["outbox_notify_off_tps_16w"] / writes["plain_tps_16w"], 3),
+            writes["outbox_notify_off_tps_16w"] / writes["plain_tps_16w"], 3
+        ),
         "write p50 with outbox in the same statement / plain": round(
-            writes["outbox_one_statement_notify_on_p50_ms"] / writes["plain_p50_ms"], 3),
+            writes["outbox_one_statement_notify_on_p50_ms"] / writes["plain_p50_ms"], 3
+        ),
         "16-writer tps with outbox in the same statement / plain": round(
-            writes["outbox_one_statement_notify_on_tps_16w"] / writes["plain_tps_16w"], 3),
+            writes["outbox_one_statement_notify_on_tps_16w"] / writes["plain_tps_16w"], 3
+        ),
     }
     return results
 
@@ -107,25 +124,35 @@ def table(results: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += ratio_rows("measure", results["ratios"], TARGETS.get)
     t = results["throughput_msgs_per_s"]
-    lines += ["", "| throughput (messages/s) | relay | ceiling (raw client) | naive relay |", "|---|---|---|---|",
-              f"| Kafka | {t['kafka_relay']} | {t['kafka_raw_producer']} | {t['kafka_naive_relay']} |",
-              f"| RabbitMQ | {t['rabbitmq_relay']} | {t['rabbitmq_raw_pika']} | {t['rabbitmq_naive_relay']} |"]
+    lines += [
+        "",
+        "| throughput (messages/s) | relay | ceiling (raw client) | naive relay |",
+        "|---|---|---|---|",
+        f"| Kafka | {t['kafka_relay']} | {t['kafka_raw_producer']} | {t['kafka_naive_relay']} |",
+        f"| RabbitMQ | {t['rabbitmq_relay']} | {t['rabbitmq_raw_pika']} | {t['rabbitmq_naive_relay']} |",
+    ]
     lines += ["", "| commit-to-ack at 1000 msg/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
     for name, lat in results["commit_to_ack"].items():
         lines.append(f"| {name} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} |")
     w = results["write_path"]
-    lines += ["", "| write path (pgbench) | plain | + bare-table insert (floor) | + direct outbox INSERT "
-              "| + enqueue, NOTIFY on | + enqueue, NOTIFY off | + enqueue in the same statement |",
-              "|---|---|---|---|---|---|---|",
-              f"| p50 ms, 1 client | {w['plain_p50_ms']} | {w['floor_bare_table_p50_ms']} | "
-              f"{w['outbox_direct_insert_notify_on_p50_ms']} | {w['outbox_notify_on_p50_ms']} | "
-              f"{w['outbox_notify_off_p50_ms']} | {w['outbox_one_statement_notify_on_p50_ms']} |",
-              f"| transactions/s, 16 clients | {w['plain_tps_16w']} | {w['floor_bare_table_tps_16w']} | "
-              f"{w['outbox_direct_insert_notify_on_tps_16w']} | {w['outbox_notify_on_tps_16w']} | "
-              f"{w['outbox_notify_off_tps_16w']} | {w['outbox_one_statement_notify_on_tps_16w']} |"]
+    lines += [
+        "",
+        "| write path (pgbench) | plain | + bare-table insert (floor) | + direct outbox INSERT "
+        "| + enqueue, NOTIFY on | + enqueue, NOTIFY off | + enqueue in the same statement |",
+        "|---|---|---|---|---|---|---|",
+        f"| p50 ms, 1 client | {w['plain_p50_ms']} | {w['floor_bare_table_p50_ms']} | "
+        f"{w['outbox_direct_insert_notify_on_p50_ms']} | {w['outbox_notify_on_p50_ms']} | "
+        f"{w['outbox_notify_off_p50_ms']} | {w['outbox_one_statement_notify_on_p50_ms']} |",
+        f"| transactions/s, 16 clients | {w['plain_tps_16w']} | {w['floor_bare_table_tps_16w']} | "
+        f"{w['outbox_direct_insert_notify_on_tps_16w']} | {w['outbox_notify_on_tps_16w']} | "
+        f"{w['outbox_notify_off_tps_16w']} | {w['outbox_one_statement_notify_on_tps_16w']} |",
+    ]
     m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['os']}; Python {m['python']}; "
-              f"{m['java']}. Run {results['started']}, {results['messages']} messages."]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['os']}; Python {m['python']}; "
+        f"{m['java']}. Run {results['started']}, {results['messages']} messages.",
+    ]
     return "\n".join(lines)
 
 

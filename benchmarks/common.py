@@ -36,9 +36,18 @@ def _key_sql(keys: Keys) -> sql.Composable:
     return sql.SQL("'key-' || mod(g, {})").format(sql.Literal(int(keys)))
 
 
-def fill_backlog(dsn: str, schema: str, topic: str, count: int, *, keys: Keys = KEYS,
-                 payload_bytes: int = PAYLOAD_BYTES, start: int = 1, next_attempt: str | None = None,
-                 vacuum: bool = True) -> None:
+def fill_backlog(
+    dsn: str,
+    schema: str,
+    topic: str,
+    count: int,
+    *,
+    keys: Keys = KEYS,
+    payload_bytes: int = PAYLOAD_BYTES,
+    start: int = 1,
+    next_attempt: str | None = None,
+    vacuum: bool = True,
+) -> None:
     """`count` pending messages of `payload_bytes` bytes over `keys` keys, in one statement.
     `next_attempt` (an interval, e.g. '1 hour') makes them wait, as rows behind a failing
     head or a broker in outage do."""
@@ -53,9 +62,11 @@ def fill_backlog(dsn: str, schema: str, topic: str, count: int, *, keys: Keys = 
             conn.execute(sql.SQL("VACUUM ANALYZE {}.messages").format(sql.Identifier(schema)))
 
 
-def messages_for_raw_clients(count: int, *, keys: Keys = KEYS,
-                             payload_bytes: int = PAYLOAD_BYTES) -> list[tuple[bytes | None, bytes]]:
+def messages_for_raw_clients(
+    count: int, *, keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES
+) -> list[tuple[bytes | None, bytes]]:
     """(key, value) pairs identical to the backlog's rows."""
+
     def key(g: int) -> bytes | None:
         if keys is None:
             return None
@@ -66,20 +77,26 @@ def messages_for_raw_clients(count: int, *, keys: Keys = KEYS,
     return [(key(g), str(g).rjust(payload_bytes, "x").encode()) for g in range(1, count + 1)]
 
 
-def relay_config(dsn: str, schema: str, brokers: dict[str, Any], routes: list[dict[str, Any]],
-                 **relay: Any) -> Config:
-    tree = {"database": {"dsn": dsn, "schema": schema}, "relay": relay, "http": {"enabled": False},
-            "brokers": brokers, "routes": routes}
+def relay_config(dsn: str, schema: str, brokers: dict[str, Any], routes: list[dict[str, Any]], **relay: Any) -> Config:
+    tree = {
+        "database": {"dsn": dsn, "schema": schema},
+        "relay": relay,
+        "http": {"enabled": False},
+        "brokers": brokers,
+        "routes": routes,
+    }
     return parse(yaml.safe_dump(tree), source="bench", env={})
 
 
 def pending(dsn: str, schema: str) -> int:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(sql.SQL(  # through the two claim indexes, not the whole table
-            "SELECT (SELECT count(*) FROM {0}.messages WHERE key IS NOT NULL AND dispatched_at IS NULL "
-            "AND dead_lettered_at IS NULL) + (SELECT count(*) FROM {0}.messages WHERE key IS NULL "
-            "AND dispatched_at IS NULL AND dead_lettered_at IS NULL)"
-        ).format(sql.Identifier(schema))).fetchone()
+        row = conn.execute(
+            sql.SQL(  # through the two claim indexes, not the whole table
+                "SELECT (SELECT count(*) FROM {0}.messages WHERE key IS NOT NULL AND dispatched_at IS NULL "
+                "AND dead_lettered_at IS NULL) + (SELECT count(*) FROM {0}.messages WHERE key IS NULL "
+                "AND dispatched_at IS NULL AND dead_lettered_at IS NULL)"
+            ).format(sql.Identifier(schema))
+        ).fetchone()
     return int(row[0]) if row else 0
 
 

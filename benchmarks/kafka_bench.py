@@ -23,9 +23,18 @@ def options(bootstrap: str) -> dict[str, object]:
     return {"bootstrap_servers": bootstrap}
 
 
-async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 500, workers: int = 2,
-                     keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES, held_back: int = 0,
-                     client: str = "aiokafka") -> float:
+async def relay_rate(
+    dsn: str,
+    bootstrap: str,
+    count: int,
+    *,
+    batch_size: int = 500,
+    workers: int = 2,
+    keys: Keys = KEYS,
+    payload_bytes: int = PAYLOAD_BYTES,
+    held_back: int = 0,
+    client: str = "aiokafka",
+) -> float:
     """Messages/s draining a backlog of `count`. `held_back` more rows wait behind one
     key's head that is not due (a failing message): they must not slow the others."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
@@ -36,9 +45,13 @@ async def relay_rate(dsn: str, bootstrap: str, count: int, *, batch_size: int = 
         fill_backlog(dsn, SCHEMA, "bench.kafka", held_back, keys="held")
     fill_backlog(dsn, SCHEMA, "bench.kafka", count, keys=keys, payload_bytes=payload_bytes)
     config = relay_config(
-        dsn, SCHEMA, {"kafka": {"type": "kafka", "client": client, **options(bootstrap)}},
+        dsn,
+        SCHEMA,
+        {"kafka": {"type": "kafka", "client": client, **options(bootstrap)}},
         [{"topic": "*", "broker": "kafka", "destination": topic}],
-        batch_size=batch_size, workers=workers, notify=False,
+        batch_size=batch_size,
+        workers=workers,
+        notify=False,
     )
     return count / await drain(config, count)
 
@@ -62,22 +75,36 @@ async def raw_rate(bootstrap: str, count: int, *, keys: Keys = KEYS, payload_byt
         await producer.stop()
 
 
-async def raw_rate_librdkafka(bootstrap: str, count: int, *, keys: Keys = KEYS,
-                              payload_bytes: int = PAYLOAD_BYTES) -> float:
+async def raw_rate_librdkafka(
+    bootstrap: str, count: int, *, keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES
+) -> float:
     """The same records through confluent-kafka (librdkafka, C) with the same guarantees
     (idempotent, acks=all): the fastest raw Python producer on this machine, when it is."""
     from confluent_kafka import Producer  # optional: only the benchmark needs it
 
     topic = f"bench-rdk-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=3)
-    return await asyncio.to_thread(_librdkafka_send_all, Producer, bootstrap, topic,
-                                   messages_for_raw_clients(count, keys=keys, payload_bytes=payload_bytes))
+    return await asyncio.to_thread(
+        _librdkafka_send_all,
+        Producer,
+        bootstrap,
+        topic,
+        messages_for_raw_clients(count, keys=keys, payload_bytes=payload_bytes),
+    )
 
 
-def _librdkafka_send_all(producer_class: Any, bootstrap: str, topic: str,
-                         records: list[tuple[bytes | None, bytes]]) -> float:
-    producer = producer_class({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                               "linger.ms": 5, "queue.buffering.max.messages": 1_000_000})
+def _librdkafka_send_all(
+    producer_class: Any, bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]
+) -> float:
+    producer = producer_class(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
     producer.list_topics(topic, timeout=10)  # connected and metadata fetched, as the aiokafka ceiling is
     failed: list[object] = []
 
@@ -112,7 +139,8 @@ async def naive_rate(dsn: str, bootstrap: str, count: int) -> float:
     await producer.start()
     claim = sql.SQL(
         "SELECT id, message_id, key, payload FROM {}.messages WHERE dispatched_at IS NULL "
-        "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED").format(sql.Identifier(SCHEMA))
+        "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ).format(sql.Identifier(SCHEMA))
     mark = sql.SQL("UPDATE {}.messages SET dispatched_at = now() WHERE id = %s").format(sql.Identifier(SCHEMA))
     try:
         async with await psycopg.AsyncConnection.connect(dsn) as conn:
@@ -121,8 +149,9 @@ async def naive_rate(dsn: str, bootstrap: str, count: int) -> float:
                 cur = await conn.execute(claim)
                 row = await cur.fetchone()
                 assert row is not None
-                await producer.send_and_wait(topic, value=bytes(row[3]), key=row[2].encode(),
-                                             headers=[("message-id", str(row[1]).encode())])
+                await producer.send_and_wait(
+                    topic, value=bytes(row[3]), key=row[2].encode(), headers=[("message-id", str(row[1]).encode())]
+                )
                 await conn.execute(mark, (row[0],))
                 await conn.commit()
             return count / (time.perf_counter() - started)

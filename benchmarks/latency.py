@@ -27,8 +27,9 @@ async def _writer(dsn: str, writer: int, per_writer_rate: float, seconds: float,
         start = loop.time()
         n = 0
         while loop.time() - start < seconds:
-            mid = await enqueue_async(conn, "bench.latency", {"n": n, "pad": "x" * 200}, key=f"w{writer}-k{n % 100}",
-                                      schema=SCHEMA)
+            mid = await enqueue_async(
+                conn, "bench.latency", {"n": n, "pad": "x" * 200}, key=f"w{writer}-k{n % 100}", schema=SCHEMA
+            )
             await conn.commit()
             commits[str(mid)] = time.time()
             n += 1
@@ -42,8 +43,13 @@ async def commit_to_ack(dsn: str, bootstrap: str, *, rate: float, seconds: float
     fresh_schema(dsn, SCHEMA)
     with psycopg.connect(dsn) as conn:
         schema_manager.set_notify(conn, SCHEMA, notify)
-    config = relay_config(dsn, SCHEMA, {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
-                          [{"topic": "*", "broker": "kafka", "destination": topic}], notify=notify)
+    config = relay_config(
+        dsn,
+        SCHEMA,
+        {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
+        [{"topic": "*", "broker": "kafka", "destination": topic}],
+        notify=notify,
+    )
     clock = AckClock()
     relay = Relay(config, build_adapters(config), observer=clock)
     task = asyncio.create_task(relay.run())

@@ -31,27 +31,34 @@ async def _best_of(runs: int, measure: Callable[[], Awaitable[float]]) -> float:
     return statistics.median([await measure() for _ in range(runs)])
 
 
-async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_back: int,
-              runs: int) -> dict[str, Any]:
+async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_back: int, runs: int) -> dict[str, Any]:
     rates: dict[str, float] = {}
     shapes: list[tuple[str, Keys]] = [
-        ("keyless", None), ("1 key", 1), ("100 keys", 100), ("10,000 keys", 10_000),
+        ("keyless", None),
+        ("1 key", 1),
+        ("100 keys", 100),
+        ("10,000 keys", 10_000),
         ("every message its own key", "unique"),
     ]
     _step("raw aiokafka and raw confluent-kafka (librdkafka), keyless: the ceiling is the faster")
     rates["kafka raw aiokafka, keyless"] = await _best_of(runs, lambda: kafka_bench.raw_rate(kafka, small, keys=None))
     rates["kafka raw librdkafka, keyless"] = await _best_of(
-        runs, lambda: kafka_bench.raw_rate_librdkafka(kafka, small, keys=None))
+        runs, lambda: kafka_bench.raw_rate_librdkafka(kafka, small, keys=None)
+    )
     rates["kafka raw, keyless"] = max(rates["kafka raw aiokafka, keyless"], rates["kafka raw librdkafka, keyless"])
     for name, keys in shapes:
         _step(f"kafka relay, {name}, {small:,}")
         rates[f"kafka relay, {name}, {small:,}"] = await _best_of(
-            runs, lambda keys=keys: kafka_bench.relay_rate(dsn, kafka, small, keys=keys))  # type: ignore[misc]
+            runs, lambda keys=keys: kafka_bench.relay_rate(dsn, kafka, small, keys=keys)
+        )  # type: ignore[misc]
     for name, keys in (("keyless", None), ("100 keys", 100), ("1 key", 1)):
         _step(f"kafka relay with client: librdkafka, {name}, {small:,}")
         rates[f"kafka relay librdkafka, {name}, {small:,}"] = await _best_of(
-            runs, lambda keys=keys: kafka_bench.relay_rate(  # type: ignore[misc]
-                dsn, kafka, small, keys=keys, client="librdkafka"))
+            runs,
+            lambda keys=keys: kafka_bench.relay_rate(  # type: ignore[misc]
+                dsn, kafka, small, keys=keys, client="librdkafka"
+            ),
+        )
     # The large backlog for every key shape, once each (a drain of a million takes a minute).
     large_shapes = [("100 keys", 100), ("keyless", None), ("1 key", 1), ("every message its own key", "unique")]
     for name, keys in large_shapes:
@@ -59,24 +66,31 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         rates[f"kafka relay, {name}, {large:,}"] = await kafka_bench.relay_rate(dsn, kafka, large, keys=keys)
     _step(f"kafka relay, 100 keys beside 1 key held back with {held_back:,} rows")
     rates["kafka relay, 100 keys, 1 key held back"] = await _best_of(
-        runs, lambda: kafka_bench.relay_rate(dsn, kafka, small, keys=100, held_back=held_back))
+        runs, lambda: kafka_bench.relay_rate(dsn, kafka, small, keys=100, held_back=held_back)
+    )
     _step("kafka, 100 keys, 16 KiB payloads")
     rates["kafka raw, 100 keys, 16 KiB"] = await _best_of(
-        runs, lambda: kafka_bench.raw_rate(kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD))
+        runs, lambda: kafka_bench.raw_rate(kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD)
+    )
     rates["kafka relay, 100 keys, 16 KiB"] = await _best_of(
-        runs, lambda: kafka_bench.relay_rate(dsn, kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD))
+        runs, lambda: kafka_bench.relay_rate(dsn, kafka, small // 4, keys=100, payload_bytes=LARGE_PAYLOAD)
+    )
     _step("kafka, 100 keys, 1 relay process vs 3 (replicas), backlog committed while they idle")
     shared = small * 5
     rates["kafka, 100 keys, 1 relay process"] = await _best_of(
-        runs, lambda: replicas.drain_rate(dsn, kafka, shared, replicas=1))
+        runs, lambda: replicas.drain_rate(dsn, kafka, shared, replicas=1)
+    )
     rates["kafka, 100 keys, 3 relay processes"] = await _best_of(
-        runs, lambda: replicas.drain_rate(dsn, kafka, shared, replicas=3))
+        runs, lambda: replicas.drain_rate(dsn, kafka, shared, replicas=3)
+    )
     _step("rabbitmq, 100 keys")
     rates["rabbitmq raw pika, 100 keys"] = await _best_of(runs, lambda: rabbit_bench.raw_rate(amqp, small, keys=100))
     rates["rabbitmq relay, 100 keys"] = await _best_of(
-        runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100))
+        runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100)
+    )
     rates["rabbitmq relay, 100 keys, pipeline_keys"] = await _best_of(
-        runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100, pipeline_keys=True))
+        runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100, pipeline_keys=True)
+    )
 
     def r(a: str, b: str) -> float:
         return round(rates[a] / rates[b], 2)
@@ -86,31 +100,49 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         "kafka keyless: relay / fastest raw producer": r(keyless, "kafka raw, keyless"),
         "kafka keyless: relay / raw aiokafka": r(keyless, "kafka raw aiokafka, keyless"),
         "kafka keyless, client librdkafka: relay / fastest raw producer": r(
-            f"kafka relay librdkafka, keyless, {small:,}", "kafka raw, keyless"),
+            f"kafka relay librdkafka, keyless, {small:,}", "kafka raw, keyless"
+        ),
         "kafka 100 keys / keyless, client librdkafka": r(
-            f"kafka relay librdkafka, 100 keys, {small:,}", f"kafka relay librdkafka, keyless, {small:,}"),
+            f"kafka relay librdkafka, 100 keys, {small:,}", f"kafka relay librdkafka, keyless, {small:,}"
+        ),
         "kafka 1 key / keyless, client librdkafka": r(
-            f"kafka relay librdkafka, 1 key, {small:,}", f"kafka relay librdkafka, keyless, {small:,}"),
+            f"kafka relay librdkafka, 1 key, {small:,}", f"kafka relay librdkafka, keyless, {small:,}"
+        ),
         "kafka keyless: relay with librdkafka / relay with aiokafka": r(
-            f"kafka relay librdkafka, keyless, {small:,}", keyless),
+            f"kafka relay librdkafka, keyless, {small:,}", keyless
+        ),
         "kafka 100 keys / keyless": r(f"kafka relay, 100 keys, {small:,}", keyless),
         "kafka 10,000 keys / keyless": r(f"kafka relay, 10,000 keys, {small:,}", keyless),
         "kafka every message its own key / keyless": r(f"kafka relay, every message its own key, {small:,}", keyless),
         "kafka 1 key / keyless": r(f"kafka relay, 1 key, {small:,}", keyless),
-        **{f"kafka {name}, {large:,} backlog / {small:,} backlog": r(
-            f"kafka relay, {name}, {large:,}", f"kafka relay, {name}, {small:,}") for name, _ in large_shapes},
+        **{
+            f"kafka {name}, {large:,} backlog / {small:,} backlog": r(
+                f"kafka relay, {name}, {large:,}", f"kafka relay, {name}, {small:,}"
+            )
+            for name, _ in large_shapes
+        },
         f"kafka 100 keys beside 1 key held back ({held_back:,} rows) / without": r(
-            "kafka relay, 100 keys, 1 key held back", f"kafka relay, 100 keys, {small:,}"),
+            "kafka relay, 100 keys, 1 key held back", f"kafka relay, 100 keys, {small:,}"
+        ),
         "kafka 100 keys, 16 KiB payloads: relay / raw producer": r(
-            "kafka relay, 100 keys, 16 KiB", "kafka raw, 100 keys, 16 KiB"),
-        "kafka 100 keys: 3 relay processes / 1": r("kafka, 100 keys, 3 relay processes",
-                                                   "kafka, 100 keys, 1 relay process"),
+            "kafka relay, 100 keys, 16 KiB", "kafka raw, 100 keys, 16 KiB"
+        ),
+        "kafka 100 keys: 3 relay processes / 1": r(
+            "kafka, 100 keys, 3 relay processes", "kafka, 100 keys, 1 relay process"
+        ),
         "rabbitmq 100 keys: relay / raw pika": r("rabbitmq relay, 100 keys", "rabbitmq raw pika, 100 keys"),
-        "rabbitmq 100 keys, pipeline_keys: relay / raw pika": r("rabbitmq relay, 100 keys, pipeline_keys",
-                                                                "rabbitmq raw pika, 100 keys"),
+        "rabbitmq 100 keys, pipeline_keys: relay / raw pika": r(
+            "rabbitmq relay, 100 keys, pipeline_keys", "rabbitmq raw pika, 100 keys"
+        ),
     }
-    return {"rates_msgs_per_s": {k: round(v) for k, v in rates.items()}, "ratios": ratios,
-            "small_backlog": small, "large_backlog": large, "held_back_rows": held_back, "runs": runs}
+    return {
+        "rates_msgs_per_s": {k: round(v) for k, v in rates.items()},
+        "ratios": ratios,
+        "small_backlog": small,
+        "large_backlog": large,
+        "held_back_rows": held_back,
+        "runs": runs,
+    }
 
 
 TARGETS = {

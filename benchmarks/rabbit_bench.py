@@ -43,9 +43,21 @@ async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS, pipel
         fresh_schema(dsn, SCHEMA)
         fill_backlog(dsn, SCHEMA, "bench.rabbit", count, keys=keys)
         config = relay_config(
-            dsn, SCHEMA, {"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "confirm_window": WINDOW,
-                                 "pipeline_keys": pipeline_keys}},
-            [{"topic": "*", "broker": "mq"}], batch_size=1000, workers=2, notify=False,
+            dsn,
+            SCHEMA,
+            {
+                "mq": {
+                    "type": "rabbitmq",
+                    "url": url,
+                    "exchange": exchange,
+                    "confirm_window": WINDOW,
+                    "pipeline_keys": pipeline_keys,
+                }
+            },
+            [{"topic": "*", "broker": "mq"}],
+            batch_size=1000,
+            workers=2,
+            notify=False,
         )
         return count / await drain(config, count)
     finally:
@@ -87,9 +99,13 @@ async def raw_rate(url: str, count: int, *, keys: Keys = KEYS) -> float:
         for tag, (key, value) in enumerate(records, start=1):
             await window.acquire()
             outstanding.append(tag)
-            props = pika.BasicProperties(message_id=str(uuid.uuid4()), content_type="application/octet-stream",
-                                         delivery_mode=2, timestamp=int(time.time()),
-                                         headers={"key": key.decode()} if key else {})
+            props = pika.BasicProperties(
+                message_id=str(uuid.uuid4()),
+                content_type="application/octet-stream",
+                delivery_mode=2,
+                timestamp=int(time.time()),
+                headers={"key": key.decode()} if key else {},
+            )
             channel.basic_publish(exchange, "bench.rabbit", value, props, mandatory=True)  # type: ignore[attr-defined]
         await done
         return count / (time.perf_counter() - started)
@@ -105,7 +121,8 @@ def naive_rate(dsn: str, url: str, count: int) -> float:
     fill_backlog(dsn, SCHEMA, "bench.rabbit", count)
     claim = sql.SQL(
         "SELECT id, message_id, payload FROM {}.messages WHERE dispatched_at IS NULL "
-        "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED").format(sql.Identifier(SCHEMA))
+        "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ).format(sql.Identifier(SCHEMA))
     mark = sql.SQL("UPDATE {}.messages SET dispatched_at = now() WHERE id = %s").format(sql.Identifier(SCHEMA))
     try:
         with pika.BlockingConnection(pika.URLParameters(url)) as mq, psycopg.connect(dsn) as conn:
@@ -115,8 +132,13 @@ def naive_rate(dsn: str, url: str, count: int) -> float:
             for _ in range(count):
                 row = conn.execute(claim).fetchone()
                 assert row is not None
-                channel.basic_publish(exchange, "bench.rabbit", bytes(row[2]),
-                                      pika.BasicProperties(message_id=str(row[1]), delivery_mode=2), mandatory=True)
+                channel.basic_publish(
+                    exchange,
+                    "bench.rabbit",
+                    bytes(row[2]),
+                    pika.BasicProperties(message_id=str(row[1]), delivery_mode=2),
+                    mandatory=True,
+                )
                 conn.execute(mark, (row[0],))
                 conn.commit()
             return count / (time.perf_counter() - started)

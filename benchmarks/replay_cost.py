@@ -95,7 +95,10 @@ def measure(dsn: str, *, rows: int = 1_000_000, chunk: int = replay.DEFAULT_CHUN
 
 
 def table(result: dict[str, Any]) -> str:
-    return "\n".join([
-        "| replay of 1,000,000 dispatched rows (100 keys, 256-byte payloads) | |", "|---|---|",
-        *(f"| {name} | {value} |" for name, value in result.items()),
-    ])
+    return "\n".join(
+        [
+            "| replay of 1,000,000 dispatched rows (100 keys, 256-byte payloads) | |",
+            "|---|---|",
+            *(f"| {name} | {value} |" for name, value in result.items()),
+        ]
+    )

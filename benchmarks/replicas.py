@@ -29,11 +29,13 @@ SCHEMA = "bench_replicas"
 
 
 def _config(path: Path, dsn: str, bootstrap: str, topic: str) -> Path:
-    tree = {"database": {"dsn": dsn, "schema": SCHEMA},
-            "relay": {"batch_size": 500, "workers": 2, "poll_interval": "1s"},
-            "http": {"enabled": False},
-            "brokers": {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
-            "routes": [{"topic": "*", "broker": "kafka", "destination": topic}]}
+    tree = {
+        "database": {"dsn": dsn, "schema": SCHEMA},
+        "relay": {"batch_size": 500, "workers": 2, "poll_interval": "1s"},
+        "http": {"enabled": False},
+        "brokers": {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
+        "routes": [{"topic": "*", "broker": "kafka", "destination": topic}],
+    }
     path.write_text(yaml.safe_dump(tree))
     return path
 
@@ -54,9 +56,10 @@ def _drain(dsn: str, bootstrap: str, topic: str, count: int, replicas: int, keys
         config = _config(Path(tmp) / "relay.yaml", dsn, bootstrap, topic)
         exe = str(Path(sys.executable).parent / "outbox-relay")
         logs = [Path(tmp) / f"relay-{i}.log" for i in range(replicas)]
-        procs = [subprocess.Popen([exe, "run", "--config", str(config)], stdout=subprocess.DEVNULL,
-                                  stderr=log.open("w"))
-                 for log in logs]
+        procs = [
+            subprocess.Popen([exe, "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=log.open("w"))
+            for log in logs
+        ]
         try:
             deadline = time.monotonic() + 60
             while not all(_started(log) for log in logs):
@@ -74,8 +77,11 @@ def _drain(dsn: str, bootstrap: str, topic: str, count: int, replicas: int, keys
             for proc in procs:
                 proc.wait(60)
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {}.messages WHERE dead_lettered_at IS NOT NULL")
-                           .format(sql.Identifier(SCHEMA))).fetchone()
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.messages WHERE dead_lettered_at IS NOT NULL").format(
+                sql.Identifier(SCHEMA)
+            )
+        ).fetchone()
     if row and row[0]:
         raise RuntimeError(f"{row[0]} messages dead-lettered during the replica drain")
     return count / elapsed

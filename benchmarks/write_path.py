@@ -89,8 +89,10 @@ def _setup(dsn: str) -> None:
     fresh_schema(dsn, SCHEMA)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_orders")
-        conn.execute("CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer int NOT NULL, "
-                     "total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(
+            "CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer int NOT NULL, "
+            "total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+        )
         conn.execute("DROP TABLE IF EXISTS bench_floor")
         conn.execute("CREATE TABLE bench_floor (id bigserial PRIMARY KEY, topic text, key text, payload bytea)")
 
@@ -108,16 +110,37 @@ def _run(dsn: str, script: str, clients: int, seconds: float, workdir: Path) -> 
         old.unlink()
     result = subprocess.run(
         # Prepared statements, as drivers use them (psycopg prepares a repeated query).
-        [_pgbench(), "-n", "-M", "prepared", "-f", str(path), "-c", str(clients), "-j", str(min(clients, 2)),
-         "-T", str(int(seconds)), "-l", "--log-prefix", str(workdir / "pgbench_log"), dsn],
-        capture_output=True, text=True, check=False,
+        [
+            _pgbench(),
+            "-n",
+            "-M",
+            "prepared",
+            "-f",
+            str(path),
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, 2)),
+            "-T",
+            str(int(seconds)),
+            "-l",
+            "--log-prefix",
+            str(workdir / "pgbench_log"),
+            dsn,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"pgbench failed: {result.stderr.strip()[-500:]}")
-    tps = next(float(line.split("=")[1].split()[0]) for line in result.stdout.splitlines()
-               if line.startswith("tps ="))
-    latencies = [int(line.split()[2]) / 1000 for log in workdir.glob("pgbench_log*")
-                 for line in log.read_text().splitlines() if line.strip()]
+    tps = next(float(line.split("=")[1].split()[0]) for line in result.stdout.splitlines() if line.startswith("tps ="))
+    latencies = [
+        int(line.split()[2]) / 1000
+        for log in workdir.glob("pgbench_log*")
+        for line in log.read_text().splitlines()
+        if line.strip()
+    ]
     return tps, latencies
 
 

@@ -180,8 +180,7 @@ def _lazy(name: str, load: Callable[[], Any]) -> AdapterFactory:
             create = load()
         except ImportError as exc:
             raise ConfigError(
-                f"adapter {name!r} cannot be loaded: {exc} "
-                f"(install it with: pip install 'outbox-relay[{name}]')"
+                f"adapter {name!r} cannot be loaded: {exc} (install it with: pip install 'outbox-relay[{name}]')"
             ) from exc
         return create(broker, options)  # type: ignore[no-any-return]
 

@@ -230,13 +230,24 @@ def key_path(parts: tuple[object, ...]) -> str:
 def _secret(loc: tuple[str, ...]) -> bool:
     """Whether a value at this key path may hold a secret, so an error must not echo it
     (a DSN given as a mapping holds its password; a URL may hold a token)."""
-    return any(part in {"dsn", "url", "headers"} or "password" in part or "secret" in part or "token" in part
-               for part in loc)
+    return any(
+        part in {"dsn", "url", "headers"} or "password" in part or "secret" in part or "token" in part for part in loc
+    )
 
 
 # Errors about the kind of value: the value given is shown beside them (unless secret).
-_WRONG_KIND = {"int_type", "int_parsing", "bool_type", "bool_parsing", "string_type", "dict_type",
-               "list_type", "model_type", "float_type", "literal_error"}
+_WRONG_KIND = {
+    "int_type",
+    "int_parsing",
+    "bool_type",
+    "bool_parsing",
+    "string_type",
+    "dict_type",
+    "list_type",
+    "model_type",
+    "float_type",
+    "literal_error",
+}
 
 
 def config_error(

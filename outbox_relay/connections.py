@@ -34,8 +34,9 @@ def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
 PREPARE_THRESHOLD = 5
 
 
-async def connect_once(dsn: str, *, autocommit: bool = False, timeout: float = 10.0,
-                       prepare_threshold: int | None = PREPARE_THRESHOLD) -> psycopg.AsyncConnection[Any]:
+async def connect_once(
+    dsn: str, *, autocommit: bool = False, timeout: float = 10.0, prepare_threshold: int | None = PREPARE_THRESHOLD
+) -> psycopg.AsyncConnection[Any]:
     try:
         return await psycopg.AsyncConnection.connect(
             dsn,
@@ -63,7 +64,11 @@ async def disable_jit(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def connect_with_retry(
-    dsn: str, *, purpose: str, retry_max: float, autocommit: bool = False,
+    dsn: str,
+    *,
+    purpose: str,
+    retry_max: float,
+    autocommit: bool = False,
     prepare_threshold: int | None = PREPARE_THRESHOLD,
 ) -> psycopg.AsyncConnection[Any]:
     """Connect, retrying forever with capped backoff and a log line per failure."""

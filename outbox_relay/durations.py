@@ -15,14 +15,10 @@ _WHOLE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
 def parse_duration(value: object) -> float:
     """Seconds in a duration string; ValueError with an example if it is not one."""
     if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(
-            f"invalid duration {value!r}: give a number with a unit, e.g. 500ms, 1s, 5m, 24h"
-        )
+        raise ValueError(f"invalid duration {value!r}: give a number with a unit, e.g. 500ms, 1s, 5m, 24h")
     text = value.strip().replace(" ", "")
     if not _WHOLE.match(text):
-        raise ValueError(
-            f"invalid duration {value!r}: give a number with a unit, e.g. 500ms, 1s, 5m, 24h"
-        )
+        raise ValueError(f"invalid duration {value!r}: give a number with a unit, e.g. 500ms, 1s, 5m, 24h")
     return sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(text))
 
 

@@ -33,4 +33,3 @@ def redact_text(text: str, secrets: list[str]) -> str:
         if secret:
             text = text.replace(secret, MASK)
     return _URI_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", text)
-

@@ -82,8 +82,9 @@ def batch_span(broker_headers: Sequence[Mapping[str, str]], *, attributes: Mappi
             if context.is_valid:
                 links.append(trace.Link(context))
     tracer = trace.get_tracer("outbox_relay")
-    with tracer.start_as_current_span("outbox-relay publish", kind=trace.SpanKind.PRODUCER, links=links,
-                                      attributes=dict(attributes)):
+    with tracer.start_as_current_span(
+        "outbox-relay publish", kind=trace.SpanKind.PRODUCER, links=links, attributes=dict(attributes)
+    ):
         yield
 
 
@@ -101,6 +102,7 @@ def consumer_span(name: str, headers: Mapping[str, str], **attributes: Any) -> I
     trace, propagate = otel
     parent = propagate.extract({k: v for k, v in headers.items() if k in TRACE_HEADERS})
     tracer = trace.get_tracer("outbox_relay")
-    with tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.CONSUMER,
-                                      attributes=attributes) as span:
+    with tracer.start_as_current_span(
+        name, context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes
+    ) as span:
         yield span

@@ -17,9 +17,7 @@ RESERVED_HEADERS = frozenset({"message-id"})
 
 def check_topic(topic: object) -> str:
     if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic):
-        raise ValueError(
-            f"invalid topic {topic!r}: use 1 to 249 letters, digits or . _ - : /"
-        )
+        raise ValueError(f"invalid topic {topic!r}: use 1 to 249 letters, digits or . _ - : /")
     return topic
 
 
@@ -28,8 +26,7 @@ def check_key(key: object) -> str | None:
         return None
     if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH or "\x00" in key or not _utf8(key):
         raise ValueError(
-            f"invalid key {key!r}: must be a string of 1 to {MAX_KEY_LENGTH} characters "
-            "without NUL, or None"
+            f"invalid key {key!r}: must be a string of 1 to {MAX_KEY_LENGTH} characters without NUL, or None"
         )
     return key
 

@@ -25,15 +25,20 @@ class Received:
     properties: dict[str, Any] = field(default_factory=dict)
 
 
-async def kafka_read(bootstrap: str, topic: str, count: int, *, timeout: float = 30.0,
-                     distinct: bool = True) -> list[Received]:
+async def kafka_read(
+    bootstrap: str, topic: str, count: int, *, timeout: float = 30.0, distinct: bool = True
+) -> list[Received]:
     """Read `topic` from the beginning until `count` distinct messages (by message-id
     header; records without one count each) arrived or `timeout` passed. Duplicates
     do not count, so a test that allows them still reads every message.
     `distinct=False`: until `count` records arrived, copies included."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-        group_id=None, metadata_max_age_ms=1000,
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        metadata_max_age_ms=1000,
     )
     await consumer.start()
     received: list[Received] = []
@@ -46,13 +51,15 @@ async def kafka_read(bootstrap: str, topic: str, count: int, *, timeout: float =
                 for record in records:
                     headers = {k: v.decode() for k, v in record.headers}
                     seen.add(headers.get("message-id") or (record.partition, record.offset))
-                    received.append(Received(
-                        message_id=headers.get("message-id", ""),
-                        key=record.key.decode() if record.key is not None else None,
-                        payload=record.value or b"",
-                        headers=headers,
-                        properties={"partition": record.partition, "offset": record.offset},
-                    ))
+                    received.append(
+                        Received(
+                            message_id=headers.get("message-id", ""),
+                            key=record.key.decode() if record.key is not None else None,
+                            payload=record.value or b"",
+                            headers=headers,
+                            properties={"partition": record.partition, "offset": record.offset},
+                        )
+                    )
     finally:
         await consumer.stop()
     return received
@@ -86,12 +93,20 @@ class RabbitQueue:
             if method is None:
                 self._connection.sleep(0.05)
                 continue
-            received.append(Received(
-                message_id=props.message_id, key=None, payload=body,
-                headers={k: str(v) for k, v in (props.headers or {}).items()},
-                properties={"routing_key": method.routing_key, "content_type": props.content_type,
-                            "delivery_mode": props.delivery_mode, "timestamp": props.timestamp},
-            ))
+            received.append(
+                Received(
+                    message_id=props.message_id,
+                    key=None,
+                    payload=body,
+                    headers={k: str(v) for k, v in (props.headers or {}).items()},
+                    properties={
+                        "routing_key": method.routing_key,
+                        "content_type": props.content_type,
+                        "delivery_mode": props.delivery_mode,
+                        "timestamp": props.timestamp,
+                    },
+                )
+            )
         return received
 
     def close(self) -> None:

@@ -193,5 +193,8 @@ def kafka_sasl_ssl(broker: LocalBroker) -> Secure:
 
 
 def rabbitmq_amqps(broker: LocalBroker) -> Secure:
-    return Secure(f"amqps://guest:guest@127.0.0.1:{broker.port + 3}/%2F", str(broker.directory / "tls" / "ca.pem"),
-                  f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F")
+    return Secure(
+        f"amqps://guest:guest@127.0.0.1:{broker.port + 3}/%2F",
+        str(broker.directory / "tls" / "ca.pem"),
+        f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F",
+    )

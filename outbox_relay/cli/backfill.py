@@ -29,21 +29,43 @@ def _rate(value: str | None) -> float | None:
 @click.option("--table", help="The table to snapshot: NAME (on the search path) or SCHEMA.NAME.")
 @click.option("--topic", help="The topic of the messages.")
 @click.option("--key-column", help="The column whose value (as text) is each message's key (default: no key).")
-@click.option("--where", "filters", multiple=True,
-              help="Only rows where COLUMN=VALUE (also >=, <=, >, <, !=); repeatable, all must hold.")
-@click.option("--chunk", default=backfill_module.DEFAULT_CHUNK, show_default=True, type=click.IntRange(1, 100_000),
-              help="Rows per transaction.")
+@click.option(
+    "--where",
+    "filters",
+    multiple=True,
+    help="Only rows where COLUMN=VALUE (also >=, <=, >, <, !=); repeatable, all must hold.",
+)
+@click.option(
+    "--chunk",
+    default=backfill_module.DEFAULT_CHUNK,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Rows per transaction.",
+)
 @click.option("--rate", help="At most this many messages per second (500 or 500/s).")
 @click.option("--dry-run", is_flag=True, help="Count the rows, and change nothing.")
 @click.option("--again", is_flag=True, help="Snapshot a source that was backfilled before.")
 @click.option("--resume", "resume_id", type=int, help="Finish backfill N, stopped before it was done.")
-@click.option("--dsn", envvar="OUTBOX_RELAY_BACKFILL_DSN",
-              help="Connect with this DSN instead of the config's (a role that may read the table; "
-                   "env: OUTBOX_RELAY_BACKFILL_DSN).")
+@click.option(
+    "--dsn",
+    envvar="OUTBOX_RELAY_BACKFILL_DSN",
+    help="Connect with this DSN instead of the config's (a role that may read the table; "
+    "env: OUTBOX_RELAY_BACKFILL_DSN).",
+)
 @one_line_errors
-def backfill(config_path: Path, table: str | None, topic: str | None, key_column: str | None,
-             filters: tuple[str, ...], chunk: int, rate: str | None, dry_run: bool, again: bool,
-             resume_id: int | None, dsn: str | None) -> None:
+def backfill(
+    config_path: Path,
+    table: str | None,
+    topic: str | None,
+    key_column: str | None,
+    filters: tuple[str, ...],
+    chunk: int,
+    rate: str | None,
+    dry_run: bool,
+    again: bool,
+    resume_id: int | None,
+    dsn: str | None,
+) -> None:
     """Snapshot an existing table into the outbox: one message per row (the row as JSON).
 
     Keyset pagination by the primary key, one short transaction per chunk, resumable
@@ -55,16 +77,20 @@ def backfill(config_path: Path, table: str | None, topic: str | None, key_column
     if resume_id is None:
         if not table or not topic:
             raise click.UsageError("--table and --topic are required (or --resume N)")
-        source = backfill_module.Source(table, topic, key_column,
-                                        tuple(backfill_module.Filter.parse(f) for f in filters))
+        source = backfill_module.Source(
+            table, topic, key_column, tuple(backfill_module.Filter.parse(f) for f in filters)
+        )
         # Its messages would be dead-lettered, and under dead_letter_policy hold would
         # then stop their keys' live messages.
         if Router(cfg.routes).resolve(topic) is None:
-            raise click.UsageError(f"no route in {config_path} takes topic {topic!r}: every message would be "
-                                   "dead-lettered; add a route or choose another --topic")
+            raise click.UsageError(
+                f"no route in {config_path} takes topic {topic!r}: every message would be "
+                "dead-lettered; add a route or choose another --topic"
+            )
     elif table or topic or key_column or filters:
-        raise click.UsageError("--resume takes no --table, --topic, --key-column or --where: "
-                               "the backfill keeps what it was started with")
+        raise click.UsageError(
+            "--resume takes no --table, --topic, --key-column or --where: the backfill keeps what it was started with"
+        )
     with connect(dsn or cfg.database.dsn.get_secret_value()) as conn:
         require_schema(conn, schema_name)
         if resume_id is not None:
@@ -82,14 +108,26 @@ def backfill(config_path: Path, table: str | None, topic: str | None, key_column
             if earlier is not None and not again and not dry_run:
                 earlier_id, _, finished = earlier
                 hint = "" if finished else f"; it did not finish: --resume {earlier_id} completes it"
-                raise click.UsageError(f"this table was backfilled the same way before (#{earlier_id}){hint}; "
-                                       "pass --again to snapshot it once more")
+                raise click.UsageError(
+                    f"this table was backfilled the same way before (#{earlier_id}){hint}; "
+                    "pass --again to snapshot it once more"
+                )
             if dry_run or total == 0:
                 return
             backfill_id = backfill_module.begin(conn, schema_name, source, total)
             click.echo(f"backfill #{backfill_id} started")
-        done = run_with_progress("backfill", backfill_id, total,
-                                  lambda report: backfill_module.copy(
-                                      conn, schema_name, backfill_id, chunk=chunk, rate=per_second, progress=report,
-                                      max_payload_bytes=cfg.relay.max_payload_bytes))
+        done = run_with_progress(
+            "backfill",
+            backfill_id,
+            total,
+            lambda report: backfill_module.copy(
+                conn,
+                schema_name,
+                backfill_id,
+                chunk=chunk,
+                rate=per_second,
+                progress=report,
+                max_payload_bytes=cfg.relay.max_payload_bytes,
+            ),
+        )
     click.echo(f"backfill #{backfill_id} done: {done} message(s) in the outbox; the relay publishes them")

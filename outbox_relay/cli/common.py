@@ -29,21 +29,30 @@ from outbox_relay.operations import schema_manager
 F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_OPTION = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    envvar="OUTBOX_RELAY_CONFIG", default="relay.yaml", show_default=True,
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="OUTBOX_RELAY_CONFIG",
+    default="relay.yaml",
+    show_default=True,
     help="YAML config file (env: OUTBOX_RELAY_CONFIG).",
 )
 
 
 def dsn_option(whose: str) -> Callable[[F], F]:
     """--dsn, from DATABASE_URL by default (where passwords belong)."""
-    return click.option("--dsn", envvar="DATABASE_URL", required=True,
-                        help=f"{whose} (env: DATABASE_URL; prefer the env for passwords).")
+    return click.option(
+        "--dsn",
+        envvar="DATABASE_URL",
+        required=True,
+        help=f"{whose} (env: DATABASE_URL; prefer the env for passwords).",
+    )
 
 
 def schema_option(default: str, holds: str) -> Callable[[F], F]:
-    return click.option("--schema", "schema_name", default=default, show_default=True,
-                        help=f"Schema that holds the {holds}.")
+    return click.option(
+        "--schema", "schema_name", default=default, show_default=True, help=f"Schema that holds the {holds}."
+    )
 
 
 DSN_OPTION = dsn_option("PostgreSQL connection string")
@@ -109,7 +118,12 @@ def run_with_progress(what: str, number: int, total: int, work: Callable[[Callab
         now = time.monotonic()
         if now - last >= 5 or copied >= total:
             last = now
-            log.info(f"{what}_progress", **{f"{what}_id": number}, copied=copied, total=total,
-                     rows_per_s=round(copied / max(now - started, 1e-6)))
+            log.info(
+                f"{what}_progress",
+                **{f"{what}_id": number},
+                copied=copied,
+                total=total,
+                rows_per_s=round(copied / max(now - started, 1e-6)),
+            )
 
     return work(report)

@@ -32,17 +32,31 @@ def dead_letters_list(config_path: Path, topic: str | None, limit: int, as_json:
         require_schema(conn, cfg.database.schema_name)
         found = dead_letters.list_dead(conn, cfg.database.schema_name, topic=topic, limit=limit)
     if as_json:
-        click.echo(json.dumps([
-            {"message_id": str(d.message_id), "topic": d.topic, "key": d.key, "attempts": d.attempts,
-             "created_at": d.created_at.isoformat(), "dead_lettered_at": d.dead_lettered_at.isoformat(),
-             "reason": d.reason} for d in found
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "message_id": str(d.message_id),
+                        "topic": d.topic,
+                        "key": d.key,
+                        "attempts": d.attempts,
+                        "created_at": d.created_at.isoformat(),
+                        "dead_lettered_at": d.dead_lettered_at.isoformat(),
+                        "reason": d.reason,
+                    }
+                    for d in found
+                ],
+                indent=2,
+            )
+        )
         return
     if not found:
         click.echo("no dead letters")
     for d in found:
-        click.echo(f"{d.message_id}  {d.topic}  key={d.key}  attempts={d.attempts}  "
-                   f"{d.dead_lettered_at.isoformat(timespec='seconds')}  {d.reason}")
+        click.echo(
+            f"{d.message_id}  {d.topic}  key={d.key}  attempts={d.attempts}  "
+            f"{d.dead_lettered_at.isoformat(timespec='seconds')}  {d.reason}"
+        )
 
 
 @dead_letters_group.command("requeue")
@@ -62,8 +76,9 @@ def dead_letters_requeue(config_path: Path, ids: tuple[str, ...], topic: str | N
     cfg = load(config_path)
     with connect(cfg.database.dsn.get_secret_value()) as conn:
         require_schema(conn, cfg.database.schema_name)
-        done = dead_letters.requeue(conn, cfg.database.schema_name, message_ids=parsed, topic=topic,
-                                    everything=everything)
+        done = dead_letters.requeue(
+            conn, cfg.database.schema_name, message_ids=parsed, topic=topic, everything=everything
+        )
     click.echo(f"requeued {len(done)} message(s)")
     missing = set(parsed) - set(done)
     if missing:
@@ -73,8 +88,12 @@ def dead_letters_requeue(config_path: Path, ids: tuple[str, ...], topic: str | N
 
 @dead_letters_group.command("purge")
 @CONFIG_OPTION
-@click.option("--older-than", "older_than", required=True,
-              help="Delete dead letters dead-lettered longer ago than this (e.g. 7d, 12h, 30m).")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Delete dead letters dead-lettered longer ago than this (e.g. 7d, 12h, 30m).",
+)
 @click.option("--topic", help="Only topics matching this glob.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @one_line_errors

@@ -11,12 +11,26 @@ from outbox_relay.observability.logging_setup import configure as configure_logg
 
 
 @click.command()
-@click.option("--orders", default=200, show_default=True, type=click.IntRange(1, 1_000_000),
-              help="How many orders the sample application writes.")
-@click.option("--rollback-every", default=5, show_default=True, type=click.IntRange(2, 1000),
-              help="Every Nth order's transaction is rolled back.")
-@click.option("--dsn", envvar="OUTBOX_DEMO_DSN", default=None,
-              help="Use this database instead of an embedded one (env: OUTBOX_DEMO_DSN).")
+@click.option(
+    "--orders",
+    default=200,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="How many orders the sample application writes.",
+)
+@click.option(
+    "--rollback-every",
+    default=5,
+    show_default=True,
+    type=click.IntRange(2, 1000),
+    help="Every Nth order's transaction is rolled back.",
+)
+@click.option(
+    "--dsn",
+    envvar="OUTBOX_DEMO_DSN",
+    default=None,
+    help="Use this database instead of an embedded one (env: OUTBOX_DEMO_DSN).",
+)
 @one_line_errors
 def demo(orders: int, rollback_every: int, dsn: str | None) -> None:
     """Run a sample application and the relay on an embedded PostgreSQL."""

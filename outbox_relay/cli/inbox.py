@@ -18,6 +18,7 @@ from outbox_relay.inbox import schema_manager as inbox_schema
 DSN_OPTION = dsn_option("The consumer's PostgreSQL")
 SCHEMA_OPTION = schema_option(sqlfiles.DEFAULT_INBOX_SCHEMA, "inbox")
 
+
 @click.group("inbox")
 def inbox_group() -> None:
     """The consumer inbox: exactly-once effects in the consumer's own database."""
@@ -64,11 +65,20 @@ def schema_sql(schema_name: str, consumer_role: str | None, grants_only: bool) -
 @inbox_group.command("prune")
 @DSN_OPTION
 @SCHEMA_OPTION
-@click.option("--older-than", "older_than", required=True,
-              help="Delete records of messages processed longer ago than this (e.g. 7d, 36h). Keep it above "
-                   "the longest time in which a message can be delivered again.")
-@click.option("--batch-size", default=inbox_schema.PRUNE_BATCH, show_default=True, type=click.IntRange(1, 100_000),
-              help="Rows deleted per transaction.")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Delete records of messages processed longer ago than this (e.g. 7d, 36h). Keep it above "
+    "the longest time in which a message can be delivered again.",
+)
+@click.option(
+    "--batch-size",
+    default=inbox_schema.PRUNE_BATCH,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Rows deleted per transaction.",
+)
 @one_line_errors
 def prune(dsn: str, schema_name: str, older_than: str, batch_size: int) -> None:
     """Retention: delete old records of processed messages, in small batches."""

@@ -31,27 +31,46 @@ from outbox_relay.operations import replay as replay_module
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--again", is_flag=True, help="Replay a selection that was replayed before.")
 @click.option("--resume", "resume_id", type=int, help="Finish replay N, stopped before it was done.")
-@click.option("--chunk", default=replay_module.DEFAULT_CHUNK, show_default=True, type=click.IntRange(1, 100_000),
-              help="Rows copied per transaction.")
+@click.option(
+    "--chunk",
+    default=replay_module.DEFAULT_CHUNK,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Rows copied per transaction.",
+)
 @click.option("--rate", type=click.FloatRange(min=0.001), help="At most this many messages per second.")
 @one_line_errors
-def replay(config_path: Path, topic: str | None, key: str | None, since: str | None, until: str | None,
-           message_ids: tuple[str, ...], everything: bool, dry_run: bool, yes: bool, again: bool,
-           resume_id: int | None, chunk: int, rate: float | None) -> None:
+def replay(
+    config_path: Path,
+    topic: str | None,
+    key: str | None,
+    since: str | None,
+    until: str | None,
+    message_ids: tuple[str, ...],
+    everything: bool,
+    dry_run: bool,
+    yes: bool,
+    again: bool,
+    resume_id: int | None,
+    chunk: int,
+    rate: float | None,
+) -> None:
     """Publish dispatched messages again (those retention still keeps).
 
     Copies go to the tail of the outbox with their message id and the header
     outbox-replay-id; the relay publishes them like any message, in per-key order.
     """
     selection = replay_module.Selection(
-        topic=topic, key=key,
+        topic=topic,
+        key=key,
         since=replay_module.parse_time(since, "--since") if since else None,
         until=replay_module.parse_time(until, "--until") if until else None,
         message_ids=replay_module.parse_message_ids(message_ids),
     )
     if resume_id is not None and (not selection.empty or everything or again):
-        raise click.UsageError("--resume takes no filter, --all or --again: the replay keeps the selection "
-                               "it was started with")
+        raise click.UsageError(
+            "--resume takes no filter, --all or --again: the replay keeps the selection it was started with"
+        )
     if resume_id is None and selection.empty and not everything:
         raise click.UsageError("choose what to replay (--topic, --key, --since, --until, --message-id) or pass --all")
     cfg = load(config_path)
@@ -76,28 +95,33 @@ def replay(config_path: Path, topic: str | None, key: str | None, since: str | N
             if chosen.previous is not None and not again:
                 previous_id, when, finished = chosen.previous
                 hint = "" if finished else f"; it did not finish: --resume {previous_id} completes it"
-                raise click.UsageError(f"this selection was replayed before (#{previous_id} at "
-                                       f"{when:%Y-%m-%d %H:%M:%S %Z}){hint}; pass --again to replay it once more")
+                raise click.UsageError(
+                    f"this selection was replayed before (#{previous_id} at "
+                    f"{when:%Y-%m-%d %H:%M:%S %Z}){hint}; pass --again to replay it once more"
+                )
             # A copy whose topic no route takes would be dead-lettered, and under
             # dead_letter_policy hold would then stop its key's live messages.
             router = Router(cfg.routes)
             unrouted = [name for name in chosen.by_topic if router.resolve(name) is None]
             if unrouted:
-                raise click.UsageError(f"no route in {config_path} takes topic {unrouted[0]!r}: its copies would be "
-                                       "dead-lettered; add a route or narrow --topic")
+                raise click.UsageError(
+                    f"no route in {config_path} takes topic {unrouted[0]!r}: its copies would be "
+                    "dead-lettered; add a route or narrow --topic"
+                )
             if chosen.total == 0:
                 click.echo("nothing to replay")
                 return
-            confirm(dry_run, yes, f"{chosen.total} message(s) would be replayed",
-                     f"Replay {chosen.total} message(s)?")
+            confirm(dry_run, yes, f"{chosen.total} message(s) would be replayed", f"Replay {chosen.total} message(s)?")
             if dry_run:
                 return
             replay_id, total = replay_module.begin(conn, schema_name, chosen), chosen.total
             click.echo(f"replay #{replay_id} started")
-        copied = run_with_progress("replay", replay_id, total,
-                                    lambda report: replay_module.copy(conn, schema_name, replay_id, chunk=chunk,
-                                                                      rate=rate, progress=report))
+        copied = run_with_progress(
+            "replay",
+            replay_id,
+            total,
+            lambda report: replay_module.copy(conn, schema_name, replay_id, chunk=chunk, rate=rate, progress=report),
+        )
     # Rows that retention deleted before their chunk was copied are not there to copy.
     short = f" (of {total} counted: {total - copied} deleted meanwhile by retention)" if copied < total else ""
-    click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox{short}; "
-               "the relay publishes them")
+    click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox{short}; the relay publishes them")

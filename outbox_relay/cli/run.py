@@ -15,8 +15,9 @@ from outbox_relay.observability.logging_setup import configure as configure_logg
 
 @click.command()
 @CONFIG_OPTION
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 @one_line_errors
 def run(config_path: Path, log_level: str) -> None:
     """Run the relay until SIGTERM or SIGINT."""

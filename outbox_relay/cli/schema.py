@@ -26,8 +26,7 @@ def schema_install(dsn: str, schema_name: str) -> None:
     if result.previous_version is None:
         click.echo(f"installed outbox schema {schema_name!r} at version {result.version}")
     elif result.changed:
-        click.echo(f"upgraded outbox schema {schema_name!r} from version "
-                   f"{result.previous_version} to {result.version}")
+        click.echo(f"upgraded outbox schema {schema_name!r} from version {result.previous_version} to {result.version}")
     else:
         click.echo(f"outbox schema {schema_name!r} is already at version {result.version}")
 

@@ -89,8 +89,17 @@ class LocalPostgres:
         }
         opts = " ".join(f"-c {k}={v}" for k, v in options.items())
         self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.datadir / "data"), "-l",
-            str(self.datadir / "postgres.log"), "-o", opts, "-w", "-t", "60", "start",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir / "data"),
+            "-l",
+            str(self.datadir / "postgres.log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
 
     def stop(self, mode: str = "fast") -> None:
@@ -138,8 +147,17 @@ def create(settings: dict[str, str] | None = None, *, base: str | None = None) -
     cluster = LocalPostgres(bindir, datadir, free_port(), run_as)
     try:
         cluster._run(
-            str(bindir / "initdb"), "-D", str(datadir / "data"), "-U", "postgres", "-A", "trust",
-            "-E", "UTF8", "--no-sync", "--locale=C",
+            str(bindir / "initdb"),
+            "-D",
+            str(datadir / "data"),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
         )
         cluster.start(settings)
     except BaseException:

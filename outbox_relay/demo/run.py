@@ -87,6 +87,7 @@ routes:
 
 # -- entry point ---------------------------------------------------------------------------
 
+
 def run_demo(*, orders: int, rollback_every: int, dsn: str | None) -> int:
     """Run the demo; 0 when every summary line checked out, 1 otherwise."""
     plan = Plan(orders=orders, rollback_every=rollback_every)
@@ -176,6 +177,7 @@ def _signals_held() -> Iterator[None]:
 
 # -- the database objects the demo owns ---------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Names:
     """Fresh schemas, so a demo against a shared database touches nothing that exists."""
@@ -199,8 +201,10 @@ def _run_in(dsn: str, plan: Plan) -> int:
     with _connect(dsn) as conn:
         try:
             _setup(conn, names)
-            _say(f"demo: outbox schema {names.outbox}; {plan.orders} orders from {WRITERS} "
-                 f"writers, 1 transaction in {plan.rollback_every} rolled back")
+            _say(
+                f"demo: outbox schema {names.outbox}; {plan.orders} orders from {WRITERS} "
+                f"writers, 1 transaction in {plan.rollback_every} rolled back"
+            )
             result = asyncio.run(_demo(dsn, names, plan))
         finally:
             _teardown(conn, names)
@@ -215,11 +219,13 @@ def _setup(conn: psycopg.Connection[Any], names: Names) -> None:
     schema_manager.install(conn, names.outbox)
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(names.app)))
-        conn.execute(sql.SQL(
-            "CREATE TABLE {} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
-            "customer text NOT NULL, total numeric(10, 2) NOT NULL, "
-            "created_at timestamptz NOT NULL DEFAULT now())"
-        ).format(names.orders_table))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                "customer text NOT NULL, total numeric(10, 2) NOT NULL, "
+                "created_at timestamptz NOT NULL DEFAULT now())"
+            ).format(names.orders_table)
+        )
 
 
 def _teardown(conn: psycopg.Connection[Any], names: Names) -> None:
@@ -232,6 +238,7 @@ def _teardown(conn: psycopg.Connection[Any], names: Names) -> None:
 
 
 # -- what happened, as each side saw it ---------------------------------------------------
+
 
 @dataclass
 class Written:
@@ -281,10 +288,10 @@ class Result:
 
 # -- the one event loop: relay and application together ----------------------------------
 
+
 async def _demo(dsn: str, names: Names, plan: Plan) -> Result:
     acks = AckLog()
-    cfg = config.parse(RELAY_YAML, source="demo.yaml",
-                       env={"DEMO_DSN": dsn, "DEMO_SCHEMA": names.outbox})
+    cfg = config.parse(RELAY_YAML, source="demo.yaml", env={"DEMO_DSN": dsn, "DEMO_SCHEMA": names.outbox})
     relay = build_relay(cfg, observer=acks)
     relay_task = asyncio.create_task(relay.run(), name="relay")
     try:
@@ -300,8 +307,7 @@ async def _demo(dsn: str, names: Names, plan: Plan) -> Result:
 
 async def _until_started(relay: Relay, relay_task: asyncio.Task[None]) -> None:
     started = asyncio.create_task(relay.started.wait())
-    done, _ = await asyncio.wait({relay_task, started}, timeout=STARTUP_TIMEOUT,
-                                 return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({relay_task, started}, timeout=STARTUP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
     if started not in done:
         started.cancel()
         if relay_task in done:
@@ -309,9 +315,7 @@ async def _until_started(relay: Relay, relay_task: asyncio.Task[None]) -> None:
         raise OutboxRelayError(f"the relay did not start within {STARTUP_TIMEOUT:g}s")
 
 
-async def _until_dispatched(
-    acks: AckLog, expected: Collection[UUID], relay_task: asyncio.Task[None]
-) -> bool:
+async def _until_dispatched(acks: AckLog, expected: Collection[UUID], relay_task: asyncio.Task[None]) -> bool:
     deadline = time.monotonic() + DISPATCH_TIMEOUT
     remaining = set(expected)
     while True:
@@ -347,12 +351,14 @@ async def _write_orders(dsn: str, names: Names, plan: Plan) -> Written:
 
 
 async def _writer(
-    dsn: str, names: Names, plan: Plan, customers: list[str], numbers: Iterator[int],
+    dsn: str,
+    names: Names,
+    plan: Plan,
+    customers: list[str],
+    numbers: Iterator[int],
     written: Written,
 ) -> None:
-    async with await psycopg.AsyncConnection.connect(
-        dsn, application_name="outbox-demo-app"
-    ) as conn:
+    async with await psycopg.AsyncConnection.connect(dsn, application_name="outbox-demo-app") as conn:
         for turn, number in enumerate(numbers):
             customer = customers[turn % len(customers)]
             await _place_order(conn, names, plan, number, customer, written)
@@ -362,14 +368,17 @@ async def _writer(
 
 
 async def _place_order(
-    conn: psycopg.AsyncConnection[Any], names: Names, plan: Plan, number: int,
-    customer: str, written: Written,
+    conn: psycopg.AsyncConnection[Any],
+    names: Names,
+    plan: Plan,
+    number: int,
+    customer: str,
+    written: Written,
 ) -> None:
     """The whole point: the order and its message in one transaction."""
     total = Decimal(random.randint(500, 50_000)) / 100
     cur = await conn.execute(
-        sql.SQL("INSERT INTO {} (customer, total) VALUES (%s, %s) RETURNING id")
-        .format(names.orders_table),
+        sql.SQL("INSERT INTO {} (customer, total) VALUES (%s, %s) RETURNING id").format(names.orders_table),
         (customer, total),
     )
     row = await cur.fetchone()
@@ -406,6 +415,7 @@ async def _db_facts(dsn: str, names: Names, written: Written) -> DbFacts:
 
 # -- the summary: every line checked ------------------------------------------------------
 
+
 def _report(result: Result) -> int:
     _say(_summary(result))
     reason = _failure(result)
@@ -437,19 +447,23 @@ def _order_kept(result: Result) -> bool:
 def _summary(result: Result) -> str:
     written = result.written
     latencies = _latencies_ms(result)
-    latency = (f"p50 {_percentile(latencies, 50):.1f} ms   p99 {_percentile(latencies, 99):.1f} ms"
-               if latencies else "n/a (nothing was published)")
-    return "\n".join([
-        "demo summary",
-        f"  orders committed        {len(written.commit_time):>5}   "
-        f"(messages published: {_published(result, written.commit_time)})",
-        f"  orders rolled back      {len(written.rolled_back):>5}   "
-        f"(messages published: {_published(result, written.rolled_back)}"
-        " — rolled back with their orders)",
-        f"  commit-to-ack latency     {latency}",
-        "  published messages per key kept their enqueue order: "
-        + ("yes" if _order_kept(result) else "no"),
-    ])
+    latency = (
+        f"p50 {_percentile(latencies, 50):.1f} ms   p99 {_percentile(latencies, 99):.1f} ms"
+        if latencies
+        else "n/a (nothing was published)"
+    )
+    return "\n".join(
+        [
+            "demo summary",
+            f"  orders committed        {len(written.commit_time):>5}   "
+            f"(messages published: {_published(result, written.commit_time)})",
+            f"  orders rolled back      {len(written.rolled_back):>5}   "
+            f"(messages published: {_published(result, written.rolled_back)}"
+            " — rolled back with their orders)",
+            f"  commit-to-ack latency     {latency}",
+            "  published messages per key kept their enqueue order: " + ("yes" if _order_kept(result) else "no"),
+        ]
+    )
 
 
 def _failure(result: Result) -> str | None:
@@ -461,8 +475,10 @@ def _failure(result: Result) -> str | None:
         missing = len(committed - acks.ack_time.keys())
         return f"{missing} committed message(s) not published within {DISPATCH_TIMEOUT:g}s"
     if len(committed) != expected_committed or db.committed_orders != len(committed):
-        return (f"expected {expected_committed} committed orders; the writers saw "
-                f"{len(committed)}, the database holds {db.committed_orders}")
+        return (
+            f"expected {expected_committed} committed orders; the writers saw "
+            f"{len(committed)}, the database holds {db.committed_orders}"
+        )
     if _published(result, written.rolled_back) or db.rolled_back_rows:
         return "a rolled-back transaction left a published message or a row behind"
     unknown = acks.ack_time.keys() - committed

@@ -56,8 +56,11 @@ class BrokerHandle:
             except Exception as exc:
                 delay = self._backoff.delay(attempt)
                 log.warning(
-                    "broker_unreachable", broker=self.name, attempt=attempt,
-                    retry_in_s=round(delay, 2), error=first_line(exc),
+                    "broker_unreachable",
+                    broker=self.name,
+                    attempt=attempt,
+                    retry_in_s=round(delay, 2),
+                    error=first_line(exc),
                 )
                 await asyncio.sleep(delay)
                 continue

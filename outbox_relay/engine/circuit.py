@@ -43,8 +43,9 @@ log = structlog.get_logger("outbox_relay.circuit")
 class Circuit:
     """The open/closed state of one broker, and its background probe."""
 
-    def __init__(self, broker: str, adapter: Adapter, backoff: Backoff, probe_timeout: float,
-                 gauge: Gauge | None = None):
+    def __init__(
+        self, broker: str, adapter: Adapter, backoff: Backoff, probe_timeout: float, gauge: Gauge | None = None
+    ):
         self.broker = broker
         self._gauge = gauge  # outbox_relay_broker_circuit_open{broker}
         self._adapter = adapter
@@ -108,8 +109,9 @@ class Circuit:
         """The broker acked or answered a message."""
         self._half_open = self._trial_running = False
         if self.reason is not None:
-            log.info("broker_circuit_closed", broker=self.broker,
-                     open_for_s=round(time.monotonic() - self._opened_at, 3))
+            log.info(
+                "broker_circuit_closed", broker=self.broker, open_for_s=round(time.monotonic() - self._opened_at, 3)
+            )
             if self._gauge is not None:
                 self._gauge.set(0)
         self.reason = None

@@ -52,7 +52,8 @@ def clean_reason(text: str) -> str:
     into the same batch) or a lone surrogate (no UTF-8 for it: the log line failed), and
     may be any length."""
     text = text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
 
 Grouping = Callable[[Message], Hashable | None]
 
@@ -169,8 +170,13 @@ class Dispatcher:
         released = failure.kind is RecordKind.DEAD and not self._hold
         if result.outcome is Outcome.ACKED:
             if not released:
-                log.warning("key_order_exception", message_id=str(message.message_id), key=message.key,
-                            failed_id=failure.id, reason=failure.error)
+                log.warning(
+                    "key_order_exception",
+                    message_id=str(message.message_id),
+                    key=message.key,
+                    failed_id=failure.id,
+                    reason=failure.error,
+                )
             return self._decide(message, target, result)
         if released and result.outcome is not Outcome.NOT_SENT:
             return self._decide(message, target, result)
@@ -188,7 +194,8 @@ class Dispatcher:
                 continue
             if self._too_large(message):
                 results[index] = PublishResult.permanent(
-                    f"payload too large: {message.size} bytes > relay.max_payload_bytes ({self._max_payload})")
+                    f"payload too large: {message.size} bytes > relay.max_payload_bytes ({self._max_payload})"
+                )
                 continue
             by_broker[target.broker].append((index, OutgoingMessage(message, target.destination, target.explicit)))
 

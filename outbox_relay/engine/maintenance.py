@@ -69,7 +69,10 @@ class Maintenance:
         while True:
             try:
                 conn = await connect_with_retry(
-                    self._dsn, purpose="maintenance", retry_max=self._retry_max, autocommit=True,
+                    self._dsn,
+                    purpose="maintenance",
+                    retry_max=self._retry_max,
+                    autocommit=True,
                     prepare_threshold=self._prepare_threshold,
                 )
                 async with conn:
@@ -114,8 +117,13 @@ class Maintenance:
             now = asyncio.get_running_loop().time()
             if now - self._warned.get(pid, -1e9) >= 60.0:
                 self._warned[pid] = now
-                log.warning("long_transaction", pid=pid, state=oldest[1], age_s=round(age, 1),
-                            hint="it holds back vacuum of the outbox table and slows claims")
+                log.warning(
+                    "long_transaction",
+                    pid=pid,
+                    state=oldest[1],
+                    age_s=round(age, 1),
+                    hint="it holds back vacuum of the outbox table and slows claims",
+                )
 
     async def delete_expired(self, conn: psycopg.AsyncConnection[Any]) -> int:
         total = 0

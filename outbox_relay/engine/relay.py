@@ -64,9 +64,13 @@ class Relay:
         self._queries = Queries(config.database.schema_name)
         self._backoff = Backoff.from_config(relay)
         self._brokers = {name: BrokerHandle(name, a, self._backoff) for name, a in adapters.items()}
-        self._store = OutboxStore(self._queries, hold_dead_letters=relay.dead_letter_policy == "hold",
-                                  workers=relay.workers, max_batch_bytes=relay.max_batch_bytes,
-                                  max_payload_bytes=relay.max_payload_bytes)
+        self._store = OutboxStore(
+            self._queries,
+            hold_dead_letters=relay.dead_letter_policy == "hold",
+            workers=relay.workers,
+            max_batch_bytes=relay.max_batch_bytes,
+            max_payload_bytes=relay.max_payload_bytes,
+        )
         self.metrics = RelayMetrics()
         self._router = Router(config.routes)
         self._dispatcher = Dispatcher(
@@ -158,8 +162,12 @@ class Relay:
         if relay.notify:
             side.append(asyncio.create_task(self._listener.run(), name="listener"))
         log.info(
-            "relay_started", relay_id=str(self.relay_id), schema=self.config.database.schema_name,
-            workers=relay.workers, notify=relay.notify, brokers=sorted(self._brokers),
+            "relay_started",
+            relay_id=str(self.relay_id),
+            schema=self.config.database.schema_name,
+            workers=relay.workers,
+            notify=relay.notify,
+            brokers=sorted(self._brokers),
         )
         self.started.set()
         stop_waiter = asyncio.create_task(self._stop.wait(), name="stop")
@@ -192,6 +200,7 @@ class Relay:
         """Give the brokers a moment to connect before the first claim, so a normal start
         does not send its first batch into "not connected yet" and a retry delay. A
         broker still down after `timeout` only delays its own messages."""
+
         async def all_connected() -> None:
             for handle in self._brokers.values():
                 await handle.connected.wait()
@@ -227,8 +236,12 @@ class Relay:
         return None
 
     async def _check_schema(self) -> bool:
-        conn = await connect_with_retry(self._dsn, purpose="startup", retry_max=self.config.relay.retry.max,
-                                        prepare_threshold=self.config.database.prepare_threshold)
+        conn = await connect_with_retry(
+            self._dsn,
+            purpose="startup",
+            retry_max=self.config.relay.retry.max,
+            prepare_threshold=self.config.database.prepare_threshold,
+        )
         async with conn:
             await schema_manager.check(conn, self.config.database.schema_name)
         return True
@@ -259,8 +272,9 @@ class Relay:
                     # with a growing pause, rather than let the process die and restart
                     # into the same error (a crash loop that stalls every key).
                     failures += 1
-                    log.warning("database_connection_lost", worker=index, error_type=type(exc).__name__,
-                                error=first_line(exc))
+                    log.warning(
+                        "database_connection_lost", worker=index, error_type=type(exc).__name__, error=first_line(exc)
+                    )
                     if conn is not None:
                         self.metrics.worker_connected(-1)
                         with contextlib.suppress(Exception):
@@ -285,8 +299,12 @@ class Relay:
                     await conn.close()
 
     async def _connect_worker(self) -> psycopg.AsyncConnection[Any]:
-        conn = await connect_with_retry(self._dsn, purpose="worker", retry_max=self.config.relay.retry.max,
-                                        prepare_threshold=self.config.database.prepare_threshold)
+        conn = await connect_with_retry(
+            self._dsn,
+            purpose="worker",
+            retry_max=self.config.relay.retry.max,
+            prepare_threshold=self.config.database.prepare_threshold,
+        )
         # The claim relies on READ COMMITTED: each statement sees what committed before
         # it, and a row lock that waited re-checks the row (store.py, claim_runs). A
         # database or role default of repeatable read or serializable would make claims
@@ -319,8 +337,9 @@ class Relay:
                 self.in_flight += len(messages)
                 self.metrics.in_flight.set(self.in_flight)
                 try:
-                    with tracing.batch_span([m.headers for m in messages],
-                                            attributes={"messaging.batch.message_count": len(messages)}):
+                    with tracing.batch_span(
+                        [m.headers for m in messages], attributes={"messaging.batch.message_count": len(messages)}
+                    ):
                         records = await self._dispatcher.dispatch(messages)
                     await self._store.record(conn, records)
                 finally:

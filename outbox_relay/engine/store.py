@@ -48,8 +48,18 @@ def _message(row: Sequence[Any]) -> Message:
     # Rows come in binary format: ids, uuids and bytea need no text parsing. A row whose
     # payload was left in the database (too large) comes with its size only.
     mid, message_id, topic, key, payload, content_type, headers, attempts, created_at, size = row
-    return Message(mid, message_id, topic, key, b"" if payload is None else payload, content_type,
-                   headers or _NO_HEADERS, attempts, created_at, size)
+    return Message(
+        mid,
+        message_id,
+        topic,
+        key,
+        b"" if payload is None else payload,
+        content_type,
+        headers or _NO_HEADERS,
+        attempts,
+        created_at,
+        size,
+    )
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -114,8 +124,15 @@ class OutboxStore:
     # still cheap, claims to find the keys that are not.
     VISITS_PER_SLOT = 4
 
-    def __init__(self, queries: Queries, *, hold_dead_letters: bool, workers: int = 1,
-                 max_batch_bytes: int = NO_LIMIT, max_payload_bytes: int | None = None):
+    def __init__(
+        self,
+        queries: Queries,
+        *,
+        hold_dead_letters: bool,
+        workers: int = 1,
+        max_batch_bytes: int = NO_LIMIT,
+        max_payload_bytes: int | None = None,
+    ):
         self._q = queries
         self._hold = hold_dead_letters
         self._max_bytes = max_batch_bytes
@@ -146,7 +163,8 @@ class OutboxStore:
         """
         await conn.execute(
             "SELECT set_config('jit', 'off', false), set_config('max_parallel_workers_per_gather', '0', false),"
-            " set_config('enable_seqscan', 'off', false), set_config('enable_bitmapscan', 'off', false)")
+            " set_config('enable_seqscan', 'off', false), set_config('enable_bitmapscan', 'off', false)"
+        )
 
     async def claim(self, conn: psycopg.AsyncConnection[Any], limit: int) -> Claim:
         """Lock and return up to `limit` publishable messages (inside the batch's transaction).
@@ -171,8 +189,11 @@ class OutboxStore:
         return Claim(messages, keyed.more_keys)
 
     async def _claim_keyless(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> list[Message]:
-        cur = await conn.execute(self._q["claim_keyless"],
-                                 {"limit": limit, "max_bytes": budget, "max_payload": self._max_payload}, binary=True)
+        cur = await conn.execute(
+            self._q["claim_keyless"],
+            {"limit": limit, "max_bytes": budget, "max_payload": self._max_payload},
+            binary=True,
+        )
         return [_message(row) for row in _within_budget(await cur.fetchall(), self._max_payload)]
 
     async def _claim_keyed(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> Claim:
@@ -185,8 +206,13 @@ class OutboxStore:
             per_key = max(1, -(-limit // len(heads)))
             cur = await conn.execute(
                 self._q["claim_runs"],
-                {"head_ids": heads, "hold_dead_letters": self._hold, "per_key": per_key,
-                 "max_bytes": budget, "max_payload": self._max_payload},
+                {
+                    "head_ids": heads,
+                    "hold_dead_letters": self._hold,
+                    "per_key": per_key,
+                    "max_bytes": budget,
+                    "max_payload": self._max_payload,
+                },
                 binary=True,
             )
             rows = await cur.fetchall()

@@ -66,9 +66,17 @@ class Listener:
     """Holds a LISTEN connection open, reconnecting after any failure, and watches the
     count of notifications committers skipped, so no wake-up is lost."""
 
-    def __init__(self, dsn: str, channel: str, wakeup: Wakeup, *, retry_max: float,
-                 skipped_query: sql.Composed | None = None, check_every: float = SKIP_WATCH_S,
-                 prepare_threshold: int | None = PREPARE_THRESHOLD):
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        wakeup: Wakeup,
+        *,
+        retry_max: float,
+        skipped_query: sql.Composed | None = None,
+        check_every: float = SKIP_WATCH_S,
+        prepare_threshold: int | None = PREPARE_THRESHOLD,
+    ):
         self._prepare_threshold = prepare_threshold
         self._dsn = dsn
         self._channel = channel
@@ -92,7 +100,10 @@ class Listener:
 
     async def _listen_once(self) -> None:
         conn: psycopg.AsyncConnection[Any] = await connect_with_retry(
-            self._dsn, purpose="listen", retry_max=self._retry_max, autocommit=True,
+            self._dsn,
+            purpose="listen",
+            retry_max=self._retry_max,
+            autocommit=True,
             prepare_threshold=self._prepare_threshold,
         )
         try:

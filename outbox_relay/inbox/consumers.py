@@ -60,7 +60,8 @@ def message_id_of(source: MessageSource) -> UUID:
     if headers is None and not hasattr(source, "headers"):
         raise errors.MessageIdError(
             f"cannot read a message id from a {type(source).__name__}: pass an aiokafka ConsumerRecord, "
-            "a confluent-kafka Message or pika's BasicProperties")
+            "a confluent-kafka Message or pika's BasicProperties"
+        )
     return _from_kafka_headers(headers or (), _where(source))
 
 

@@ -30,15 +30,15 @@ MAX_CONSUMER_NAME = 200
 
 def invalid_consumer(consumer: object) -> InboxUsageError:
     return InboxUsageError(
-        f"invalid consumer name {_short(consumer)}: give a str of 1 to {MAX_CONSUMER_NAME} characters")
+        f"invalid consumer name {_short(consumer)}: give a str of 1 to {MAX_CONSUMER_NAME} characters"
+    )
 
 
 def invalid_message_id(value: object) -> MessageIdError:
     if value is None:
         return MessageIdError("no message id: a message without one cannot be deduplicated")
     if isinstance(value, bytes | bytearray | memoryview):
-        return MessageIdError(
-            "invalid message id: got bytes; decode it, or read it with message_id_of(record)")
+        return MessageIdError("invalid message id: got bytes; decode it, or read it with message_id_of(record)")
     if not isinstance(value, str):
         return MessageIdError(f"invalid message id: expected a str or UUID, got {type(value).__name__}")
     return MessageIdError(f"invalid message id {_short(value)}: not a UUID")
@@ -46,7 +46,8 @@ def invalid_message_id(value: object) -> MessageIdError:
 
 def missing_header(where: str, name: str) -> MessageIdError:
     return MessageIdError(
-        f"{where} has no {name}: it was not published by outbox-relay, or its {name} was dropped on the way")
+        f"{where} has no {name}: it was not published by outbox-relay, or its {name} was dropped on the way"
+    )
 
 
 def unreadable_header(where: str, name: str, problem: str) -> MessageIdError:
@@ -65,11 +66,15 @@ def version_problem(version: int | None, known: int, schema: str) -> str | None:
     if version is None:
         return str(not_installed(schema))
     if version > known:
-        return (f"inbox schema {schema!r} is at version {version}, newer than this outbox-relay "
-                f"knows ({known}): upgrade outbox-relay")
+        return (
+            f"inbox schema {schema!r} is at version {version}, newer than this outbox-relay "
+            f"knows ({known}): upgrade outbox-relay"
+        )
     if version < known:
-        return (f"inbox schema {schema!r} is at version {version}, older than this outbox-relay "
-                f"needs ({known}): run `outbox-relay inbox schema install --schema {schema}`")
+        return (
+            f"inbox schema {schema!r} is at version {version}, older than this outbox-relay "
+            f"needs ({known}): run `outbox-relay inbox schema install --schema {schema}`"
+        )
     return None
 
 

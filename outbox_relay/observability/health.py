@@ -63,14 +63,17 @@ class Health:
         """Listen on the health port, unless http.enabled is off."""
         settings = self._config.http
         if settings.enabled:
-            server = HealthServer(settings.host, settings.port, live=self.is_live, ready=self.readiness,
-                                  metrics=self._metrics.render)
+            server = HealthServer(
+                settings.host, settings.port, live=self.is_live, ready=self.readiness, metrics=self._metrics.render
+            )
             try:
                 await server.start()
             except OSError as exc:
                 raise ConfigError(
                     f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); another relay on "
-                    "this host? Set http.port to a free port, or 0 to pick one", path="http.port") from None
+                    "this host? Set http.port to a free port, or 0 to pick one",
+                    path="http.port",
+                ) from None
             self.server = server
 
     async def close(self) -> None:
@@ -126,11 +129,15 @@ class Health:
 
     async def _database_answers(self) -> bool:
         try:
+
             async def probe() -> None:
                 if self._ready_conn is None or self._ready_conn.closed:
                     self._ready_conn = await connect_once(
-                        self._dsn, autocommit=True, timeout=READY_TIMEOUT_S,
-                        prepare_threshold=self._config.database.prepare_threshold)
+                        self._dsn,
+                        autocommit=True,
+                        timeout=READY_TIMEOUT_S,
+                        prepare_threshold=self._config.database.prepare_threshold,
+                    )
                 await self._ready_conn.execute("SELECT 1")
 
             await asyncio.wait_for(probe(), READY_TIMEOUT_S)

@@ -21,8 +21,9 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, *, live: Callable[[], bool], ready: Readiness,
-                 metrics: Callable[[], bytes]):
+    def __init__(
+        self, host: str, port: int, *, live: Callable[[], bool], ready: Readiness, metrics: Callable[[], bytes]
+    ):
         self._host = host
         self._port = port
         self._live = live
@@ -48,8 +49,10 @@ class HealthServer:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             status, content_type, body = await self._route(method, path.split("?", 1)[0])
-            head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n")
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
             writer.write(head.encode("latin-1") + (b"" if method == "HEAD" else body))
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError, ValueError):

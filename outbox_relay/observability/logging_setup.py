@@ -27,9 +27,7 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
         structlog.processors.format_exc_info,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[*processors, renderer],
@@ -46,14 +44,16 @@ class _LibraryHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def _route_stdlib_logging(renderer: Any) -> None:
     handler = _LibraryHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-        ],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-    ))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
     handler.setLevel(logging.WARNING)
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, _LibraryHandler)] + [handler]

@@ -33,41 +33,69 @@ class RelayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.published = Counter(
-            "outbox_relay_messages_published", "Messages acknowledged by a broker.",
-            ["broker", "destination"], registry=r)
+            "outbox_relay_messages_published",
+            "Messages acknowledged by a broker.",
+            ["broker", "destination"],
+            registry=r,
+        )
         self.publish_failures = Counter(
-            "outbox_relay_publish_failures", "Messages a broker did not acknowledge, by kind "
-            "(transient, unavailable, permanent).", ["broker", "kind"], registry=r)
+            "outbox_relay_publish_failures",
+            "Messages a broker did not acknowledge, by kind (transient, unavailable, permanent).",
+            ["broker", "kind"],
+            registry=r,
+        )
         self.dead_lettered = Counter(
-            "outbox_relay_messages_dead_lettered", "Messages dead-lettered.", ["broker"], registry=r)
+            "outbox_relay_messages_dead_lettered", "Messages dead-lettered.", ["broker"], registry=r
+        )
         self.pending = Gauge(
-            "outbox_relay_pending_messages", "Messages neither dispatched nor dead-lettered.", registry=r)
+            "outbox_relay_pending_messages", "Messages neither dispatched nor dead-lettered.", registry=r
+        )
         self.oldest_pending_age = Gauge(
-            "outbox_relay_oldest_pending_age_seconds", "Age of the oldest pending message (the lag).", registry=r)
+            "outbox_relay_oldest_pending_age_seconds", "Age of the oldest pending message (the lag).", registry=r
+        )
         self.in_flight = Gauge(
-            "outbox_relay_messages_in_flight", "Messages claimed by this relay and not yet recorded.", registry=r)
+            "outbox_relay_messages_in_flight", "Messages claimed by this relay and not yet recorded.", registry=r
+        )
         self.batch_size = Histogram(
-            "outbox_relay_batch_size", "Messages per claimed batch.", buckets=BATCH_BUCKETS, registry=r)
+            "outbox_relay_batch_size", "Messages per claimed batch.", buckets=BATCH_BUCKETS, registry=r
+        )
         self.publish_duration = Histogram(
-            "outbox_relay_publish_duration_seconds", "Duration of one publish call to a broker.",
-            ["broker"], buckets=LATENCY_BUCKETS, registry=r)
+            "outbox_relay_publish_duration_seconds",
+            "Duration of one publish call to a broker.",
+            ["broker"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ack_latency = Histogram(
-            "outbox_relay_commit_to_ack_seconds", "From enqueue (the row's created_at) to the recorded "
-            "broker ack.", buckets=LATENCY_BUCKETS, registry=r)
+            "outbox_relay_commit_to_ack_seconds",
+            "From enqueue (the row's created_at) to the recorded broker ack.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.database_connected = Gauge(
-            "outbox_relay_database_connected", "1 when the relay's database connections are up.", registry=r)
+            "outbox_relay_database_connected", "1 when the relay's database connections are up.", registry=r
+        )
         self.broker_connected = Gauge(
-            "outbox_relay_broker_connected", "1 when the broker's adapter is connected and ready.",
-            ["broker"], registry=r)
+            "outbox_relay_broker_connected",
+            "1 when the broker's adapter is connected and ready.",
+            ["broker"],
+            registry=r,
+        )
         self.broker_circuit_open = Gauge(
-            "outbox_relay_broker_circuit_open", "1 while the relay sends nothing to a broker that answered "
+            "outbox_relay_broker_circuit_open",
+            "1 while the relay sends nothing to a broker that answered "
             "nothing (its messages wait, spending no attempt) and probes it until it answers.",
-            ["broker"], registry=r)
+            ["broker"],
+            registry=r,
+        )
         self.wakeups = Counter(
-            "outbox_relay_wakeups", "Why idle workers woke: notify, poll or backlog.", ["reason"], registry=r)
+            "outbox_relay_wakeups", "Why idle workers woke: notify, poll or backlog.", ["reason"], registry=r
+        )
         self.oldest_transaction_age = Gauge(
-            "outbox_relay_oldest_transaction_age_seconds", "Age of the oldest open transaction in the "
-            "database (it holds back vacuum and slows claims).", registry=r)
+            "outbox_relay_oldest_transaction_age_seconds",
+            "Age of the oldest open transaction in the database (it holds back vacuum and slows claims).",
+            registry=r,
+        )
         self._connected_workers = 0
         self._destination_labels: dict[str, set[str]] = {}
         self._destination_cap_logged: set[str] = set()
@@ -77,8 +105,14 @@ class RelayMetrics:
 
     def published_total(self) -> int:
         """Messages acknowledged so far, over every broker and destination."""
-        return int(sum(sample.value for metric in self.published.collect() for sample in metric.samples
-                       if sample.name.endswith("_total")))
+        return int(
+            sum(
+                sample.value
+                for metric in self.published.collect()
+                for sample in metric.samples
+                if sample.name.endswith("_total")
+            )
+        )
 
     def worker_connected(self, delta: int) -> None:
         """A worker's database connection opened (+1) or was closed (-1): database_connected
@@ -116,6 +150,7 @@ class RelayMetrics:
             return destination
         if broker not in self._destination_cap_logged:
             self._destination_cap_logged.add(broker)
-            log.warning("metric_destinations_capped", broker=broker, limit=MAX_DESTINATION_LABELS,
-                        label=OTHER_DESTINATIONS)
+            log.warning(
+                "metric_destinations_capped", broker=broker, limit=MAX_DESTINATION_LABELS, label=OTHER_DESTINATIONS
+            )
         return OTHER_DESTINATIONS

@@ -62,8 +62,10 @@ class Filter:
     def parse(cls, text: str) -> Filter:
         match = _FILTER.fullmatch(text)
         if match is None:
-            raise ConfigError(f"--where {text!r}: give COLUMN=VALUE, COLUMN>=VALUE, COLUMN<=VALUE, COLUMN>VALUE, "
-                              "COLUMN<VALUE or COLUMN!=VALUE")
+            raise ConfigError(
+                f"--where {text!r}: give COLUMN=VALUE, COLUMN>=VALUE, COLUMN<=VALUE, COLUMN>VALUE, "
+                "COLUMN<VALUE or COLUMN!=VALUE"
+            )
         return cls(match[1], match[2], match[3])
 
     def as_text(self) -> str:
@@ -86,17 +88,27 @@ class Source:
             raise ConfigError(f"--topic: {exc}") from None
         parts = self.table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
-            raise ConfigError(f"--table {self.table!r}: give a table name or schema.table "
-                              "(letters, digits, _ and $; as the catalog spells it)")
+            raise ConfigError(
+                f"--table {self.table!r}: give a table name or schema.table "
+                "(letters, digits, _ and $; as the catalog spells it)"
+            )
 
     def as_json(self) -> dict[str, Any]:
-        return {"table": self.table, "topic": self.topic, "key_column": self.key_column,
-                "where": [f.as_text() for f in self.filters]}
+        return {
+            "table": self.table,
+            "topic": self.topic,
+            "key_column": self.key_column,
+            "where": [f.as_text() for f in self.filters],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Source:
-        return cls(data["table"], data["topic"], data.get("key_column"),
-                   tuple(Filter.parse(text) for text in data.get("where") or ()))
+        return cls(
+            data["table"],
+            data["topic"],
+            data.get("key_column"),
+            tuple(Filter.parse(text) for text in data.get("where") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -151,9 +163,12 @@ def _where(table: Table, filters: Sequence[Filter], cursor: Sequence[str] | None
     clauses: list[sql.Composable] = []
     params: list[str] = []
     if cursor is not None:
-        clauses.append(sql.SQL("({}) > ({})").format(
-            sql.SQL(", ").join(sql.Identifier(c) for c in table.primary_key),
-            sql.SQL(", ").join(sql.Placeholder() for _ in table.primary_key)))
+        clauses.append(
+            sql.SQL("({}) > ({})").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c in table.primary_key),
+                sql.SQL(", ").join(sql.Placeholder() for _ in table.primary_key),
+            )
+        )
         params.extend(cursor)
     for f in filters:  # the operator is one of six fixed strings (Filter.parse), never free text
         clauses.append(sql.SQL("{} {} %s").format(sql.Identifier(f.column), sql.SQL(f.op)))
@@ -165,8 +180,9 @@ def _where(table: Table, filters: Sequence[Filter], cursor: Sequence[str] | None
 
 def count(conn: psycopg.Connection[Any], table: Table, source: Source) -> int:
     where, params = _where(table, source.filters, None)
-    row = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(table.identifier, where),
-                       params).fetchone()
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(table.identifier, where), params
+    ).fetchone()
     conn.rollback()
     return int(row[0]) if row else 0
 
@@ -174,8 +190,9 @@ def count(conn: psycopg.Connection[Any], table: Table, source: Source) -> int:
 ROW = "__outbox_backfill_row"  # the table's alias: no column of the user's table has this name
 
 
-def _window_statement(table: Table, source: Source, cursor: Sequence[str] | None,
-                      chunk: int) -> tuple[sql.Composed, list[Any]]:
+def _window_statement(
+    table: Table, source: Source, cursor: Sequence[str] | None, chunk: int
+) -> tuple[sql.Composed, list[Any]]:
     """The primary keys of the next `chunk` matching rows, read without locks: the
     window's upper end is fixed before any row is locked, so a row whose key changes
     while the chunk waits for it can leave the window but never stretch it (a cursor
@@ -184,12 +201,14 @@ def _window_statement(table: Table, source: Source, cursor: Sequence[str] | None
     pk = sql.SQL(", ").join(sql.Identifier(c) for c in table.primary_key)
     pk_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in table.primary_key)
     statement = sql.SQL("SELECT ARRAY[{pk_text}] FROM ONLY {table} WHERE {where} ORDER BY {pk} LIMIT %s").format(
-        pk_text=pk_text, table=table.identifier, where=where, pk=pk)
+        pk_text=pk_text, table=table.identifier, where=where, pk=pk
+    )
     return statement, [*params, chunk]
 
 
-def _chunk_statement(outbox: str, table: Table, source: Source, cursor: Sequence[str] | None,
-                     window_end: Sequence[str], backfill_id: int) -> tuple[sql.Composed, list[Any]]:
+def _chunk_statement(
+    outbox: str, table: Table, source: Source, cursor: Sequence[str] | None, window_end: Sequence[str], backfill_id: int
+) -> tuple[sql.Composed, list[Any]]:
     """The window's rows, share-locked, copied to the outbox in key order; returns how
     many, and the size of the largest payload (checked against the relay's limit)."""
     where, params = _where(table, source.filters, cursor)
@@ -199,8 +218,9 @@ def _chunk_statement(outbox: str, table: Table, source: Source, cursor: Sequence
     key = sql.SQL("{}::text").format(sql.Identifier(ROW, source.key_column)) if source.key_column else sql.SQL("NULL")
     # The primary key is selected as __outbox_pk_N (no clash with the table's columns),
     # for the copies' order; FOR SHARE allows no window function to number the rows.
-    pk_out = sql.SQL(", ").join(sql.SQL("{} AS {}").format(col, sql.Identifier(f"__outbox_pk_{i}"))
-                               for i, col in enumerate(pk_cols))
+    pk_out = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(col, sql.Identifier(f"__outbox_pk_{i}")) for i, col in enumerate(pk_cols)
+    )
     pk_order = sql.SQL(", ").join(sql.Identifier(f"__outbox_pk_{i}") for i in range(len(pk_cols)))
     statement = sql.SQL("""
         WITH __outbox_rows AS MATERIALIZED (
@@ -214,16 +234,30 @@ def _chunk_statement(outbox: str, table: Table, source: Source, cursor: Sequence
         )
         SELECT (SELECT count(*) FROM __outbox_copies),
                (SELECT coalesce(max(octet_length(__outbox_payload)), 0) FROM __outbox_rows)
-    """).format(key=key, row=sql.Identifier(ROW), pk=pk, pk_out=pk_out, pk_order=pk_order, table=table.identifier,
-                where=where, upper=upper, messages=sql.Identifier(outbox, "messages"))
+    """).format(
+        key=key,
+        row=sql.Identifier(ROW),
+        pk=pk,
+        pk_out=pk_out,
+        pk_order=pk_order,
+        table=table.identifier,
+        where=where,
+        upper=upper,
+        messages=sql.Identifier(outbox, "messages"),
+    )
     return statement, [*params, *window_end, source.topic, Jsonb({BACKFILL_HEADER: str(backfill_id)})]
 
 
 def begin(conn: psycopg.Connection[Any], outbox: str, source: Source, total: int) -> int:
     with conn.transaction():
-        row = conn.execute(Queries(validate_schema_name(outbox))["backfill_begin"], {
-            "requested_by": requester(conn), "source": Jsonb(source.as_json()), "total": total,
-        }).fetchone()
+        row = conn.execute(
+            Queries(validate_schema_name(outbox))["backfill_begin"],
+            {
+                "requested_by": requester(conn),
+                "source": Jsonb(source.as_json()),
+                "total": total,
+            },
+        ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -270,8 +304,9 @@ def copy(
     if rate:
         chunk = max(1, min(chunk, int(rate)))  # about a second's worth per transaction
     with only_copier(conn, _LOCK_CLASS, backfill_id, "backfill"):
-        return _copy_locked(conn, q, outbox, table, recorded.source, backfill_id, chunk, rate, progress,
-                            max_payload_bytes)
+        return _copy_locked(
+            conn, q, outbox, table, recorded.source, backfill_id, chunk, rate, progress, max_payload_bytes
+        )
 
 
 # A chunk waits at most this long for a row an application transaction holds, then
@@ -282,9 +317,18 @@ CHUNK_LOCK_TIMEOUT = "500ms"
 RETRYABLE = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
-def _copy_locked(conn: psycopg.Connection[Any], q: Queries, outbox: str, table: Table, source: Source,
-                 backfill_id: int, chunk: int, rate: float | None, progress: Callable[[int], None] | None,
-                 max_payload_bytes: int | None = None) -> int:
+def _copy_locked(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    outbox: str,
+    table: Table,
+    source: Source,
+    backfill_id: int,
+    chunk: int,
+    rate: float | None,
+    progress: Callable[[int], None] | None,
+    max_payload_bytes: int | None = None,
+) -> int:
     started, copied_now, yielded = time.monotonic(), 0, 0
     while True:
         try:
@@ -292,8 +336,9 @@ def _copy_locked(conn: psycopg.Connection[Any], q: Queries, outbox: str, table: 
                 try:
                     lock = conn.execute(q["backfill_lock"], {"backfill_id": backfill_id}).fetchone()
                 except psycopg.errors.LockNotAvailable:
-                    raise DatabaseError(f"backfill #{backfill_id} is being copied by another process right now") \
-                        from None
+                    raise DatabaseError(
+                        f"backfill #{backfill_id} is being copied by another process right now"
+                    ) from None
                 if lock is None:
                     raise ConfigError(f"no backfill #{backfill_id}")
                 cursor, total_copied, finished = lock[0], int(lock[1]), bool(lock[2])
@@ -312,11 +357,17 @@ def _copy_locked(conn: psycopg.Connection[Any], q: Queries, outbox: str, table: 
                         raise DatabaseError(
                             f"backfill #{backfill_id} stopped: a row of {largest} bytes as JSON exceeds "
                             f"relay.max_payload_bytes ({max_payload_bytes}) and would be dead-lettered; "
-                            "nothing of this chunk was written")
-                advanced = conn.execute(q["backfill_advance"], {
-                    "backfill_id": backfill_id, "rows": rows, "cursor_key": keys[-1] if keys else None,
-                    "finished": len(keys) < chunk,
-                }).fetchone()
+                            "nothing of this chunk was written"
+                        )
+                advanced = conn.execute(
+                    q["backfill_advance"],
+                    {
+                        "backfill_id": backfill_id,
+                        "rows": rows,
+                        "cursor_key": keys[-1] if keys else None,
+                        "finished": len(keys) < chunk,
+                    },
+                ).fetchone()
         except RETRYABLE as exc:
             # An application transaction holds a row of this chunk (or a lock cycle with
             # it): this chunk rolled back; give way, then take the same chunk again.
@@ -327,8 +378,10 @@ def _copy_locked(conn: psycopg.Connection[Any], q: Queries, outbox: str, table: 
         except psycopg.errors.CheckViolation as exc:
             # The outbox's own rules (a key over 1024 characters): this chunk is rolled
             # back, the cursor stays before it; say which rule, not the row's contents.
-            raise DatabaseError(f"backfill #{backfill_id} stopped: a row breaks an outbox rule "
-                                f"({exc.diag.constraint_name}); nothing of this chunk was written") from None
+            raise DatabaseError(
+                f"backfill #{backfill_id} stopped: a row breaks an outbox rule "
+                f"({exc.diag.constraint_name}); nothing of this chunk was written"
+            ) from None
         assert advanced is not None
         copied_now += rows
         if progress is not None:

@@ -72,8 +72,13 @@ def list_dead(
     conn.rollback()
     return [
         DeadLetter(
-            r["message_id"], r["topic"], r["key"], r["attempts"], r["created_at"],
-            r["dead_lettered_at"], r["dead_letter_reason"],
+            r["message_id"],
+            r["topic"],
+            r["key"],
+            r["attempts"],
+            r["created_at"],
+            r["dead_lettered_at"],
+            r["dead_letter_reason"],
         )
         for r in rows
     ]
@@ -116,8 +121,7 @@ def count_older(conn: psycopg.Connection[Any], schema: str, *, cut: datetime, to
     return int(row[0]) if row else 0
 
 
-def held_behind_older(conn: psycopg.Connection[Any], schema: str, *, cut: datetime,
-                      topic: str | None = None) -> int:
+def held_behind_older(conn: psycopg.Connection[Any], schema: str, *, cut: datetime, topic: str | None = None) -> int:
     """Pending messages queued behind the dead letters that `purge` would delete: under
     `dead_letter_policy: hold`, deleting a key's dead letter releases them."""
     params = {"cut": cut, "topic_regex": glob_to_regex(topic) if topic else None}

@@ -160,13 +160,16 @@ def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Pl
 def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:
     """Record the replay (nothing is copied yet); returns its id."""
     with conn.transaction():
-        row = conn.execute(Queries(schema)["replay_begin"], {
-            "requested_by": requester(conn),
-            "selection": Jsonb(chosen.selection.as_json()),
-            "max_id": chosen.max_source_id,
-            "as_of": chosen.as_of,
-            "total": chosen.total,
-        }).fetchone()
+        row = conn.execute(
+            Queries(schema)["replay_begin"],
+            {
+                "requested_by": requester(conn),
+                "selection": Jsonb(chosen.selection.as_json()),
+                "max_id": chosen.max_source_id,
+                "as_of": chosen.as_of,
+                "total": chosen.total,
+            },
+        ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -209,8 +212,17 @@ def copy(
         return _copy_locked(conn, q, replay_id, selection, chunk, rate, progress, base=int(recorded[6]))
 
 
-def _copy_locked(conn: psycopg.Connection[Any], q: Queries, replay_id: int, selection: Selection, chunk: int,
-                 rate: float | None, progress: Callable[[int], None] | None, *, base: int) -> int:
+def _copy_locked(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    replay_id: int,
+    selection: Selection,
+    chunk: int,
+    rate: float | None,
+    progress: Callable[[int], None] | None,
+    *,
+    base: int,
+) -> int:
     started = time.monotonic()
     while True:
         try:
@@ -221,10 +233,17 @@ def _copy_locked(conn: psycopg.Connection[Any], q: Queries, replay_id: int, sele
                 cursor, max_id, as_of, finished = int(lock[0]), int(lock[1]), lock[2], bool(lock[3])
                 if finished:
                     return _copied(conn, q, replay_id)
-                row = conn.execute(q["replay_copy_chunk"], {
-                    **selection.params(), "replay_id": replay_id, "cursor": cursor, "as_of": as_of,
-                    "window_end": min(max_id, cursor + WINDOW_CHUNKS * chunk), "chunk": chunk,
-                }).fetchone()
+                row = conn.execute(
+                    q["replay_copy_chunk"],
+                    {
+                        **selection.params(),
+                        "replay_id": replay_id,
+                        "cursor": cursor,
+                        "as_of": as_of,
+                        "window_end": min(max_id, cursor + WINDOW_CHUNKS * chunk),
+                        "chunk": chunk,
+                    },
+                ).fetchone()
                 if row is None:  # the cursor did not match: roll back what this chunk inserted
                     raise DatabaseError(f"replay #{replay_id} moved under this copy; nothing of this chunk was kept")
         except psycopg.errors.LockNotAvailable:
@@ -267,6 +286,9 @@ def _selection_from(recorded: dict[str, Any]) -> Selection:
 
 def describe(selection: dict[str, Any]) -> str:
     """A recorded selection in one line, for humans."""
-    parts = [f"{name}={json.dumps(value) if not isinstance(value, str) else value}"
-             for name, value in selection.items() if name != "resolved" and value not in (None, [], "")]
+    parts = [
+        f"{name}={json.dumps(value) if not isinstance(value, str) else value}"
+        for name, value in selection.items()
+        if name != "resolved" and value not in (None, [], "")
+    ]
     return " ".join(parts) or "everything retained"

@@ -36,7 +36,8 @@ _LOCK_TIMEOUT = sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(sq
 def _busy(exc: psycopg.errors.LockNotAvailable, what: str) -> DatabaseError:
     return DatabaseError(
         f"{what}: outbox.messages stayed locked for {LOCK_TIMEOUT} (an open transaction on it: a relay batch "
-        "or an application's), nothing was changed; try again, or when the writers are quiet")
+        "or an application's), nothing was changed; try again, or when the writers are quiet"
+    )
 
 
 def _encoding_problem(encoding: object) -> str | None:
@@ -46,8 +47,10 @@ def _encoding_problem(encoding: object) -> str | None:
         encoding = encoding.decode("ascii", "replace")
     if encoding == "UTF8":
         return None
-    return (f"the database's encoding is {encoding}; outbox-relay needs a UTF8 database "
-            "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
+    return (
+        f"the database's encoding is {encoding}; outbox-relay needs a UTF8 database "
+        "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+    )
 
 
 @dataclass(frozen=True)

@@ -114,18 +114,31 @@ def read(conn: psycopg.Connection[Any], schema: str) -> Status:
         dispatched_retained=int(dispatched.get("dispatched") or 0),
         oldest_pending_age_s=_age(totals.get("oldest_pending_age_s")),
         topics=[
-            TopicStatus(t["topic"], t["pending"], t["dead_lettered"], _age(t["oldest_pending_age_s"]))
-            for t in topics
+            TopicStatus(t["topic"], t["pending"], t["dead_lettered"], _age(t["oldest_pending_age_s"])) for t in topics
         ],
         relays=infos,
         replays=[
-            ReplayInfo(int(r["replay_id"]), r["requested_by"], _utc(r["requested_at"]), r["selection"],
-                       int(r["total"]), int(r["copied"]), r["finished_at"] is not None)
+            ReplayInfo(
+                int(r["replay_id"]),
+                r["requested_by"],
+                _utc(r["requested_at"]),
+                r["selection"],
+                int(r["total"]),
+                int(r["copied"]),
+                r["finished_at"] is not None,
+            )
             for r in replays
         ],
         backfills=[
-            BackfillInfo(int(r["backfill_id"]), r["requested_by"], _utc(r["requested_at"]), r["source"],
-                         int(r["total"]), int(r["copied"]), r["finished_at"] is not None)
+            BackfillInfo(
+                int(r["backfill_id"]),
+                r["requested_by"],
+                _utc(r["requested_at"]),
+                r["source"],
+                int(r["total"]),
+                int(r["copied"]),
+                r["finished_at"] is not None,
+            )
             for r in backfills
         ],
     )
@@ -152,21 +165,48 @@ def render(status: Status) -> str:
     live = [r for r in status.relays if r.live]
     lines.append(f"  relays live    {len(live)}")
     for r in live:
-        lines.append(f"    {r.relay_id} {r.hostname} pid {r.pid}: {r.in_flight} in flight, "
-                     f"heartbeat {r.heartbeat_age_s:.0f}s ago")
-    _copy_jobs(lines, "replay", [
-        (p.replay_id, p.requested_at, p.requested_by, describe(p.selection), p.copied, p.total, "copied", p.finished)
-        for p in status.replays])
-    _copy_jobs(lines, "backfill", [
-        (b.backfill_id, b.requested_at, b.requested_by,
-         f"{_printable(b.source.get('table'))} -> {_printable(b.source.get('topic'))}",
-         b.copied, b.total, "enqueued", b.finished)
-        for b in status.backfills])
+        lines.append(
+            f"    {r.relay_id} {r.hostname} pid {r.pid}: {r.in_flight} in flight, "
+            f"heartbeat {r.heartbeat_age_s:.0f}s ago"
+        )
+    _copy_jobs(
+        lines,
+        "replay",
+        [
+            (
+                p.replay_id,
+                p.requested_at,
+                p.requested_by,
+                describe(p.selection),
+                p.copied,
+                p.total,
+                "copied",
+                p.finished,
+            )
+            for p in status.replays
+        ],
+    )
+    _copy_jobs(
+        lines,
+        "backfill",
+        [
+            (
+                b.backfill_id,
+                b.requested_at,
+                b.requested_by,
+                f"{_printable(b.source.get('table'))} -> {_printable(b.source.get('topic'))}",
+                b.copied,
+                b.total,
+                "enqueued",
+                b.finished,
+            )
+            for b in status.backfills
+        ],
+    )
     return "\n".join(lines)
 
 
-def _copy_jobs(lines: list[str], command: str,
-               jobs: list[tuple[int, str, str, str, int, int, str, bool]]) -> None:
+def _copy_jobs(lines: list[str], command: str, jobs: list[tuple[int, str, str, str, int, int, str, bool]]) -> None:
     """The replays or backfills, newest first, each with how to finish it if it stopped."""
     if not jobs:
         return
@@ -174,5 +214,7 @@ def _copy_jobs(lines: list[str], command: str,
     lines.append(f"  {command}s (newest first)")
     for number, requested_at, requested_by, what, copied, total, verb, finished in jobs:
         state = "done" if finished else f"not finished (or still copying): {command} --resume {number}"
-        lines.append(f"    #{number} {requested_at} by {_printable(requested_by)}: {_printable(what)}; "
-                     f"{copied} of {total} {verb}, {state}")
+        lines.append(
+            f"    #{number} {requested_at} by {_printable(requested_by)}: {_printable(what)}; "
+            f"{copied} of {total} {verb}, {state}"
+        )

@@ -26,17 +26,24 @@ ROWS = 100_000
 
 def make_accounts(db: str, rows: int) -> None:
     with psycopg.connect(db) as conn:
-        conn.execute("CREATE TABLE public.accounts (id bigint PRIMARY KEY, owner text NOT NULL, "
-                     "region text NOT NULL, balance integer NOT NULL DEFAULT 0, version integer NOT NULL DEFAULT 0)")
-        conn.execute("INSERT INTO public.accounts (id, owner, region) SELECT g, 'owner-' || g, "
-                     "CASE WHEN g %% 4 = 0 THEN 'us' ELSE 'eu' END FROM generate_series(1, %s) AS g", (rows,))
+        conn.execute(
+            "CREATE TABLE public.accounts (id bigint PRIMARY KEY, owner text NOT NULL, "
+            "region text NOT NULL, balance integer NOT NULL DEFAULT 0, version integer NOT NULL DEFAULT 0)"
+        )
+        conn.execute(
+            "INSERT INTO public.accounts (id, owner, region) SELECT g, 'owner-' || g, "
+            "CASE WHEN g %% 4 = 0 THEN 'us' ELSE 'eu' END FROM generate_series(1, %s) AS g",
+            (rows,),
+        )
         conn.commit()
 
 
 def outbox_rows(db: str) -> list[tuple[str | None, dict[str, Any], dict[str, str]]]:
     with psycopg.connect(db) as conn:
-        rows = conn.execute("SELECT key, convert_from(payload, 'UTF8'), headers FROM outbox.messages "
-                            "WHERE topic = 'accounts.snapshot' ORDER BY id").fetchall()
+        rows = conn.execute(
+            "SELECT key, convert_from(payload, 'UTF8'), headers FROM outbox.messages "
+            "WHERE topic = 'accounts.snapshot' ORDER BY id"
+        ).fetchall()
     return [(key, json.loads(payload), headers) for key, payload, headers in rows]
 
 
@@ -50,8 +57,19 @@ def test_one_message_per_row_with_its_key_and_the_row_as_json(db: str, tmp_path:
     dry = backfill(config, "--table", "accounts", "--topic", "accounts.snapshot", "--where", "region=eu", "--dry-run")
     assert dry.returncode == 0 and "75000 row(s) of public.accounts to enqueue on accounts.snapshot" in dry.stdout
     assert count(db) == 0, "a dry run writes nothing"
-    done = backfill(config, "--table", "public.accounts", "--topic", "accounts.snapshot", "--key-column", "id",
-                    "--where", "region=eu", "--chunk", "5000")
+    done = backfill(
+        config,
+        "--table",
+        "public.accounts",
+        "--topic",
+        "accounts.snapshot",
+        "--key-column",
+        "id",
+        "--where",
+        "region=eu",
+        "--chunk",
+        "5000",
+    )
     assert done.returncode == 0, done.stderr
     assert "backfill #1 done: 75000 message(s)" in done.stdout, done.stdout
     progress = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
@@ -64,12 +82,22 @@ def test_one_message_per_row_with_its_key_and_the_row_as_json(db: str, tmp_path:
     key, payload, headers = rows[0]
     assert key == "1" and payload == {"id": 1, "owner": "owner-1", "region": "eu", "balance": 0, "version": 0}
     assert headers == {HEADER: "1"}
-    again = backfill(config, "--table", "public.accounts", "--topic", "accounts.snapshot", "--key-column", "id",
-                     "--where", "region=eu")
+    again = backfill(
+        config,
+        "--table",
+        "public.accounts",
+        "--topic",
+        "accounts.snapshot",
+        "--key-column",
+        "id",
+        "--where",
+        "region=eu",
+    )
     assert again.returncode == 2 and "backfilled the same way before (#1)" in again.stderr, again.stderr
     status = json.loads(run_cli("status", "--config", str(config), "--json").stdout)
     assert [(b["backfill_id"], b["total"], b["copied"], b["finished"]) for b in status["backfills"]] == [
-        (1, 75000, 75000, True)]
+        (1, 75000, 75000, True)
+    ]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(db: str, tmp_path: Path) -> None:
@@ -108,10 +136,27 @@ def test_a_backfill_killed_mid_way_resumes_with_nothing_missing_and_nothing_twic
     make_accounts(db, ROWS)
     config = write_config(tmp_path / "relay.yaml", db)
     command = subprocess.Popen(
-        [*exe(), "backfill", "--config", str(config), "--table", "accounts", "--topic", "accounts.snapshot",
-         "--key-column", "id", "--chunk", "1000", "--rate", "20000/s"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            *exe(),
+            "backfill",
+            "--config",
+            str(config),
+            "--table",
+            "accounts",
+            "--topic",
+            "accounts.snapshot",
+            "--key-column",
+            "id",
+            "--chunk",
+            "1000",
+            "--rate",
+            "20000/s",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
+
         def copied() -> int:
             with psycopg.connect(db) as conn:
                 row = conn.execute("SELECT coalesce(max(copied), 0) FROM outbox.backfills").fetchone()
@@ -132,8 +177,7 @@ def test_a_backfill_killed_mid_way_resumes_with_nothing_missing_and_nothing_twic
     assert len(ids) == ROWS and set(ids) == set(range(1, ROWS + 1)), "nothing missing, nothing twice"
 
 
-def test_the_last_message_of_a_key_carries_the_rows_latest_state_under_live_updates(
-        db: str, tmp_path: Path) -> None:
+def test_the_last_message_of_a_key_carries_the_rows_latest_state_under_live_updates(db: str, tmp_path: Path) -> None:
     # The application updates accounts and enqueues each change (key: the account id) in
     # the same transaction, while the backfill snapshots the same rows and a relay
     # publishes everything. Whatever interleaving, the last message delivered for each
@@ -152,8 +196,11 @@ def test_the_last_message_of_a_key_carries_the_rows_latest_state_under_live_upda
             with psycopg.connect(db) as conn:
                 while not stop.is_set():
                     account = rng.randint(1, rows)
-                    row = conn.execute("UPDATE public.accounts SET balance = balance + 1, version = version + 1 "
-                                       "WHERE id = %s RETURNING version", (account,)).fetchone()
+                    row = conn.execute(
+                        "UPDATE public.accounts SET balance = balance + 1, version = version + 1 "
+                        "WHERE id = %s RETURNING version",
+                        (account,),
+                    ).fetchone()
                     assert row is not None
                     enqueue(conn, "accounts.changed", {"id": account, "version": row[0]}, key=str(account))
                     conn.commit()
@@ -169,8 +216,19 @@ def test_the_last_message_of_a_key_carries_the_rows_latest_state_under_live_upda
             writer.start()
         wait_for(lambda: len(committed) >= 200, what="live updates before the backfill")
         before = len(committed)
-        out = backfill(config, "--table", "accounts", "--topic", "accounts.snapshot", "--key-column", "id",
-                       "--chunk", "50", "--rate", "3000")
+        out = backfill(
+            config,
+            "--table",
+            "accounts",
+            "--topic",
+            "accounts.snapshot",
+            "--key-column",
+            "id",
+            "--chunk",
+            "50",
+            "--rate",
+            "3000",
+        )
         assert out.returncode == 0, out.stderr
         assert len(committed) > before + 100, "live writes went on during the backfill"
         stop.set()
@@ -219,8 +277,16 @@ def test_backfill_runs_as_the_applications_role_with_dsn(db: str, tmp_path: Path
         conn.execute(sql.SQL("GRANT SELECT, UPDATE (balance) ON public.accounts TO {}").format(sql.Identifier(role)))
     try:
         config = write_config(tmp_path / "relay.yaml", db)
-        out = run_cli("backfill", "--config", str(config), "--table", "accounts", "--topic", "accounts.snapshot",
-                      env={"OUTBOX_RELAY_BACKFILL_DSN": make_conninfo(db, user=role, password="pw")})
+        out = run_cli(
+            "backfill",
+            "--config",
+            str(config),
+            "--table",
+            "accounts",
+            "--topic",
+            "accounts.snapshot",
+            env={"OUTBOX_RELAY_BACKFILL_DSN": make_conninfo(db, user=role, password="pw")},
+        )
         assert out.returncode == 0 and "done: 500 message(s)" in out.stdout, out.stdout + out.stderr
         assert len(outbox_rows(db)) == 500
     finally:
@@ -238,8 +304,22 @@ def test_a_primary_key_changed_under_a_waiting_chunk_makes_it_skip_nothing(db: s
     with psycopg.connect(db) as holder:
         holder.execute("UPDATE public.accounts SET id = 5000000 WHERE id = 5")  # holds the row
         command = subprocess.Popen(
-            [*exe(), "backfill", "--config", str(config), "--table", "accounts", "--topic", "accounts.snapshot",
-             "--chunk", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                *exe(),
+                "backfill",
+                "--config",
+                str(config),
+                "--table",
+                "accounts",
+                "--topic",
+                "accounts.snapshot",
+                "--chunk",
+                "1000",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 60
             seen = ""
@@ -259,8 +339,9 @@ def test_a_primary_key_changed_under_a_waiting_chunk_makes_it_skip_nothing(db: s
 
 def test_a_column_named_like_the_alias_and_refusals_before_copying(db: str, tmp_path: Path) -> None:
     with psycopg.connect(db) as conn:
-        conn.execute("CREATE TABLE public.events (id int PRIMARY KEY, t timestamptz NOT NULL DEFAULT now(), "
-                     "body text NOT NULL)")
+        conn.execute(
+            "CREATE TABLE public.events (id int PRIMARY KEY, t timestamptz NOT NULL DEFAULT now(), body text NOT NULL)"
+        )
         conn.execute("INSERT INTO public.events (id, body) VALUES (1, 'small'), (2, repeat('x', 5000))")
         conn.commit()
     config = write_config(tmp_path / "relay.yaml", db, max_payload_bytes=4096)
@@ -278,6 +359,8 @@ def test_a_column_named_like_the_alias_and_refusals_before_copying(db: str, tmp_
     done = backfill(config, "--table", "events", "--topic", "orders.events", "--key-column", "id")
     assert done.returncode == 0, done.stderr
     with psycopg.connect(db) as conn:
-        payloads = [json.loads(r[0]) for r in conn.execute(
-            "SELECT convert_from(payload, 'UTF8') FROM outbox.messages ORDER BY id").fetchall()]
+        payloads = [
+            json.loads(r[0])
+            for r in conn.execute("SELECT convert_from(payload, 'UTF8') FROM outbox.messages ORDER BY id").fetchall()
+        ]
     assert [sorted(p) for p in payloads] == [["body", "id", "t"]] * 2, "the whole row, not its column t"

@@ -61,8 +61,9 @@ def test_run_relays_sql_and_python_messages_to_the_file_sink(db: str, tmp_path: 
 def test_sigterm_finishes_the_in_flight_batch_and_exits_zero(db: str, tmp_path: Path) -> None:
     # A webhook receiver that answers slowly keeps a batch in flight when SIGTERM arrives.
     server = HttpReceiver(answer(200, delay=1.5))
-    config = write_config(tmp_path / "relay.yaml", db, brokers={"hook": {"type": "webhook", "url": f"{server.url}/"}},
-                          timing={})  # the relay's own defaults
+    config = write_config(
+        tmp_path / "relay.yaml", db, brokers={"hook": {"type": "webhook", "url": f"{server.url}/"}}, timing={}
+    )  # the relay's own defaults
     relay = RelayProcess(config)
     try:
         relay.wait_started()
@@ -89,8 +90,10 @@ def test_check_status_and_dead_letters(db: str, tmp_path: Path) -> None:
         for i in range(3):
             enqueue(conn, "orders.created", {"i": i})
         enqueue(conn, "billing.failed", {"i": 9}, key="b")
-        conn.execute("UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'too large' "
-                     "WHERE topic = 'billing.failed'")
+        conn.execute(
+            "UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'too large' "
+            "WHERE topic = 'billing.failed'"
+        )
         conn.commit()
     status = run_cli("status", "--config", str(config), "--json")
     assert status.returncode == 0, status.stderr
@@ -122,16 +125,24 @@ def test_status_on_a_database_without_the_schema_says_what_to_do(empty_db: str, 
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
-        ("database: {dsn: x}\nbrokers: {events: {type: kafak}}\nroutes: [{topic: '*', broker: events}]\n",
-         "relay.yaml: brokers.events.type: unknown adapter 'kafak' (installed: "),
-        ("database: {dsn: x}\nrelay: {pol_interval: 1s}\nbrokers: {a: {type: stdout}}\n"
-         "routes: [{topic: '*', broker: a}]\n",
-         "relay.yaml: relay.pol_interval: unknown key 'pol_interval' (did you mean 'poll_interval'?)"),
-        ("database:\n  dsn: ${NOT_SET_ANYWHERE}\nbrokers: {a: {type: stdout}}\nroutes: [{topic: '*', broker: a}]\n",
-         "relay.yaml: database.dsn: environment variable NOT_SET_ANYWHERE is not set"),
+        (
+            "database: {dsn: x}\nbrokers: {events: {type: kafak}}\nroutes: [{topic: '*', broker: events}]\n",
+            "relay.yaml: brokers.events.type: unknown adapter 'kafak' (installed: ",
+        ),
+        (
+            "database: {dsn: x}\nrelay: {pol_interval: 1s}\nbrokers: {a: {type: stdout}}\n"
+            "routes: [{topic: '*', broker: a}]\n",
+            "relay.yaml: relay.pol_interval: unknown key 'pol_interval' (did you mean 'poll_interval'?)",
+        ),
+        (
+            "database:\n  dsn: ${NOT_SET_ANYWHERE}\nbrokers: {a: {type: stdout}}\nroutes: [{topic: '*', broker: a}]\n",
+            "relay.yaml: database.dsn: environment variable NOT_SET_ANYWHERE is not set",
+        ),
         ("database: {dsn: x\n", "relay.yaml: line "),
-        ("database: {dsn: x}\nbrokers: {a: {type: file}}\nroutes: [{topic: '*', broker: a}]\n",
-         "relay.yaml: brokers.a.path: required option is missing"),
+        (
+            "database: {dsn: x}\nbrokers: {a: {type: file}}\nroutes: [{topic: '*', broker: a}]\n",
+            "relay.yaml: brokers.a.path: required option is missing",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "check"])
@@ -154,8 +165,9 @@ def test_passwords_never_reach_logs_or_check_output(db: str, tmp_path: Path) -> 
     password = "pw-" + "x7Q9z" * 3
     role = "secret_" + str(random.randrange(10**8))
     with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
-            sql.Identifier(role), sql.Literal(password)))
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(sql.Identifier(role), sql.Literal(password))
+        )
     try:
         good = make_conninfo(db, user=role, password=password)
         unreachable = make_conninfo(db, user=role, password=password, port="1", connect_timeout="1")
@@ -234,21 +246,26 @@ def test_a_database_not_in_utf8_is_refused_by_install_check_and_run(admin_dsn: s
 
     name = f"ascii_{random.randrange(1 << 30)}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
-                     .format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'").format(
+                sql.Identifier(name)
+            )
+        )
     try:
         dsn = dsn_for(admin_dsn, name)
         expected = "the database's encoding is SQL_ASCII; outbox-relay needs a UTF8 database"
         install = run_cli("schema", "install", "--dsn", dsn)
-        assert install.returncode == 1 and install.stderr.strip().splitlines() == [f"error: {expected} "
-               "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"], install.stderr
+        assert install.returncode == 1 and install.stderr.strip().splitlines() == [
+            f"error: {expected} (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+        ], install.stderr
         config = write_config(tmp_path / "relay.yaml", dsn)
         check = run_cli("check", "--config", str(config))
         assert check.returncode == 1 and expected in check.stdout, check.stdout
         relay = run_cli("run", "--config", str(config))
         assert relay.returncode == 1, relay.stderr
         assert [line for line in relay.stderr.splitlines() if line.startswith("error:")] == [
-            f"error: {expected} (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"], relay.stderr
+            f"error: {expected} (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+        ], relay.stderr
         assert "Traceback" not in relay.stderr
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -285,24 +302,34 @@ def test_secrets_in_odd_places_never_reach_check_run_or_config_errors(tmp_path: 
         "sslpassword": {"database": {"dsn": unreachable}},
         "unparseable": {"database": {"dsn": "host=127.0.0.1 password=s3cret hidden-half dbname=x"}},
         "mapping": {"database": {"dsn": {"host": "127.0.0.1", "password": "s3cret"}}},
-        "webhook": {"database": {"dsn": unreachable},
-                    "brokers": {"hook": {"type": "webhook", "url": "ftp://127.0.0.1/hooks/T0KENabc123"}},
-                    "routes": [{"topic": "*", "broker": "hook"}]},
+        "webhook": {
+            "database": {"dsn": unreachable},
+            "brokers": {"hook": {"type": "webhook", "url": "ftp://127.0.0.1/hooks/T0KENabc123"}},
+            "routes": [{"topic": "*", "broker": "hook"}],
+        },
     }
     for name, tree in cases.items():
-        full = {"brokers": {"sink": {"type": "file", "path": str(tmp_path / "o.jsonl")}},
-                "routes": [{"topic": "*", "broker": "sink"}], **tree}
+        full = {
+            "brokers": {"sink": {"type": "file", "path": str(tmp_path / "o.jsonl")}},
+            "routes": [{"topic": "*", "broker": "sink"}],
+            **tree,
+        }
         path = tmp_path / f"{name}.yaml"
         import yaml
 
         path.write_text(yaml.safe_dump(full))
-        outputs = [run_cli("check", "--config", str(path), timeout=60), run_cli("run", "--config", str(path), timeout=5)
-                   if name != "sslpassword" else None]
+        outputs = [
+            run_cli("check", "--config", str(path), timeout=60),
+            run_cli("run", "--config", str(path), timeout=5) if name != "sslpassword" else None,
+        ]
         if name == "sslpassword":  # run retries an unreachable database: read its first log lines
             relay = RelayProcess(path)
             try:
-                wait_for(lambda r=relay: "database_unreachable" in r.log_path.read_text(), 20,  # type: ignore[misc]
-                         "database_unreachable logged")
+                wait_for(
+                    lambda r=relay: "database_unreachable" in r.log_path.read_text(),
+                    20,  # type: ignore[misc]
+                    "database_unreachable logged",
+                )
                 logs = relay.log_path.read_text()
             finally:
                 relay.close()
@@ -370,8 +397,10 @@ def test_dead_letters_purge_deletes_only_old_ones_and_asks_first(db: str, tmp_pa
     with psycopg.connect(db) as conn:
         for topic in ("a.old", "a.old", "b.old", "a.new"):
             enqueue(conn, topic, {"t": topic})
-        conn.execute("UPDATE outbox.messages SET dead_letter_reason = 'x', dead_lettered_at = CASE "
-                     "WHEN topic LIKE '%%.old' THEN now() - interval '10 days' ELSE now() END")
+        conn.execute(
+            "UPDATE outbox.messages SET dead_letter_reason = 'x', dead_lettered_at = CASE "
+            "WHEN topic LIKE '%%.old' THEN now() - interval '10 days' ELSE now() END"
+        )
         enqueue(conn, "a.pending", {"t": "pending"})
         conn.commit()
     asked = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d")
@@ -394,8 +423,9 @@ def test_purging_a_held_keys_dead_letter_says_it_releases_the_messages_behind_it
     config = write_config(tmp_path / "relay.yaml", db, sink=sink, dead_letter_policy="hold")
     with psycopg.connect(db) as conn:
         enqueue(conn, "orders", {"n": 0}, key="acct-1")
-        conn.execute("UPDATE outbox.messages SET dead_letter_reason = 'x', "
-                     "dead_lettered_at = now() - interval '10 days'")
+        conn.execute(
+            "UPDATE outbox.messages SET dead_letter_reason = 'x', dead_lettered_at = now() - interval '10 days'"
+        )
         for n in (1, 2):
             enqueue(conn, "orders", {"n": n}, key="acct-1")
         enqueue(conn, "orders", {"n": 3}, key="acct-2")
@@ -403,14 +433,19 @@ def test_purging_a_held_keys_dead_letter_says_it_releases_the_messages_behind_it
         # stays held behind the recent one: not counted as released.
         for n, age in ((7, "10 days"), (8, "1 hour")):
             enqueue(conn, "orders", {"n": n}, key="acct-3")
-            conn.execute("UPDATE outbox.messages SET dead_letter_reason = 'x', dead_lettered_at = now() - %s::interval "
-                         "WHERE key = 'acct-3' AND dead_lettered_at IS NULL", (age,))
+            conn.execute(
+                "UPDATE outbox.messages SET dead_letter_reason = 'x', dead_lettered_at = now() - %s::interval "
+                "WHERE key = 'acct-3' AND dead_lettered_at IS NULL",
+                (age,),
+            )
         enqueue(conn, "orders", {"n": 9}, key="acct-3")
         conn.commit()
     asked = run_cli("dead-letters", "purge", "--config", str(config), "--older-than", "7d")
     assert asked.returncode == 2, asked.stderr
-    assert "2 dead letter(s) would be deleted (dead_letter_policy is hold: 2 message(s) held behind them will be " \
-           "published); pass --yes" in asked.stderr, asked.stderr
+    assert (
+        "2 dead letter(s) would be deleted (dead_letter_policy is hold: 2 message(s) held behind them will be "
+        "published); pass --yes" in asked.stderr
+    ), asked.stderr
     relay = RelayProcess(config)
     try:
         relay.wait_started()

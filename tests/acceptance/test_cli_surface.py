@@ -14,8 +14,18 @@ from outbox_relay.observability.logging_setup import configure
 from tests.support.cli import run_cli
 
 COMMANDS = [
-    [], ["schema"], ["schema", "install"], ["schema", "sql"], ["schema", "notify"], ["run"], ["check"],
-    ["status"], ["dead-letters"], ["dead-letters", "list"], ["dead-letters", "requeue"], ["demo"],
+    [],
+    ["schema"],
+    ["schema", "install"],
+    ["schema", "sql"],
+    ["schema", "notify"],
+    ["run"],
+    ["check"],
+    ["status"],
+    ["dead-letters"],
+    ["dead-letters", "list"],
+    ["dead-letters", "requeue"],
+    ["demo"],
 ]
 
 
@@ -28,11 +38,15 @@ def test_every_command_has_help(command: list[str]) -> None:
 
 def test_check_fails_with_exit_1_when_a_broker_is_unreachable(db: str, tmp_path: Path) -> None:
     config = tmp_path / "relay.yaml"
-    config.write_text(json.dumps({
-        "database": {"dsn": db},
-        "brokers": {"hook": {"type": "webhook", "url": "http://127.0.0.1:1/"}},
-        "routes": [{"topic": "*", "broker": "hook"}],
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "database": {"dsn": db},
+                "brokers": {"hook": {"type": "webhook", "url": "http://127.0.0.1:1/"}},
+                "routes": [{"topic": "*", "broker": "hook"}],
+            }
+        )
+    )
     result = run_cli("check", "--config", str(config))
     assert result.returncode == 1
     assert "database  ok" in result.stdout
@@ -57,7 +71,8 @@ def test_library_warnings_are_json_lines_too(capsys: pytest.CaptureFixture[str],
     logging.getLogger("aiokafka").info("below warning: not shown")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(line["logger"], line["level"], line["event"]) for line in lines] == [
-        ("psycopg", "warning", "query cancellation interrupted (AdminShutdown): closing connection")]
+        ("psycopg", "warning", "query cancellation interrupted (AdminShutdown): closing connection")
+    ]
 
 
 def test_logs_are_json_when_not_a_terminal(capsys: pytest.CaptureFixture[str], restore_structlog: object) -> None:

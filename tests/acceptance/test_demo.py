@@ -26,7 +26,11 @@ def _run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "OUTBOX_DEMO_DSN"}
     return subprocess.run(
         [*exe(), "demo", "--orders", str(ORDERS), "--rollback-every", str(ROLLBACK_EVERY), *extra],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
 
 
@@ -82,7 +86,5 @@ def test_demo_on_existing_database_leaves_nothing_behind(admin_dsn: str) -> None
     used = re.search(r"outbox schema (outbox_demo_\w+)", result.stderr)
     assert used, result.stderr  # it did work in a schema of its own
     with psycopg.connect(admin_dsn) as conn:
-        left = conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'outbox\\_demo\\_%'"
-        ).fetchall()
+        left = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'outbox\\_demo\\_%'").fetchall()
     assert left == []

@@ -34,8 +34,7 @@ def seed(db: str) -> dict[str, list[str]]:
             ids["orders.k2"].append(str(enqueue(conn, "orders.created", {"n": n}, key="k2")))
             ids["emails"].append(str(enqueue(conn, "emails.sent", {"n": n})))
         old = enqueue(conn, "orders.created", {"n": "old"}, key="k3")
-        conn.execute("UPDATE outbox.messages SET created_at = now() - interval '10 days' WHERE message_id = %s",
-                     (old,))
+        conn.execute("UPDATE outbox.messages SET created_at = now() - interval '10 days' WHERE message_id = %s", (old,))
         ids["old"].append(str(old))
         conn.commit()
     return ids
@@ -91,7 +90,11 @@ def test_replay_by_topic_key_and_time_publishes_copies_with_the_same_ids(db: str
     status = run_cli("status", "--config", str(config), "--json")
     recorded = json.loads(status.stdout)["replays"]
     assert [(r["replay_id"], r["total"], r["copied"], r["finished"]) for r in recorded] == [
-        (4, 6, 6, True), (3, 1, 1, True), (2, 6, 6, True), (1, 6, 6, True)]
+        (4, 6, 6, True),
+        (3, 1, 1, True),
+        (2, 6, 6, True),
+        (1, 6, 6, True),
+    ]
     assert recorded[-1]["selection"]["topic"] == "emails.*" and " as " in recorded[-1]["requested_by"]
     text = run_cli("status", "--config", str(config)).stdout
     assert "#1 " in text and "topic=emails.*" in text and "6 of 6 copied, done" in text
@@ -105,10 +108,12 @@ def test_dry_run_and_refusals_change_nothing(db: str, relayed: Any) -> None:
     assert unasked.returncode == 2 and "13 message(s) would be replayed; pass --yes" in unasked.stderr
     nothing = replay(config)
     assert nothing.returncode == 2 and "choose what to replay" in nothing.stderr
-    for bad, says in [(["--since", "yesterday"], "--since 'yesterday'"),
-                      (["--message-id", "not-a-uuid"], "--message-id 'not-a-uuid' is not a UUID"),
-                      (["--resume", "1", "--topic", "x"], "--resume takes no filter"),
-                      (["--resume", "99", "--yes"], "no replay #99")]:
+    for bad, says in [
+        (["--since", "yesterday"], "--since 'yesterday'"),
+        (["--message-id", "not-a-uuid"], "--message-id 'not-a-uuid' is not a UUID"),
+        (["--resume", "1", "--topic", "x"], "--resume takes no filter"),
+        (["--resume", "99", "--yes"], "no replay #99"),
+    ]:
         out = replay(config, *bad)
         assert out.returncode != 0 and says in out.stderr, (bad, out.stderr)
         errors = [line for line in out.stderr.splitlines() if line.lower().startswith("error")]
@@ -154,8 +159,9 @@ def test_replayed_messages_keep_per_key_order_with_live_traffic(db: str, relayed
         writer.join()
     wait_for(lambda: count(db, "dispatched_at IS NULL") == 0, what="everything delivered")
     with psycopg.connect(db) as conn:
-        rows = conn.execute("SELECT message_id::text, headers ? %s FROM outbox.messages WHERE key = 'k1' ORDER BY id",
-                            (HEADER,)).fetchall()
+        rows = conn.execute(
+            "SELECT message_id::text, headers ? %s FROM outbox.messages WHERE key = 'k1' ORDER BY id", (HEADER,)
+        ).fetchall()
     planned = int(out.stdout.split(" message(s) to replay")[0].split()[-1])
     originals = [m for m, copy in rows if not copy]
     expected_copies = originals[:planned]  # every k1 message dispatched when the replay began
@@ -174,13 +180,19 @@ def test_replayed_messages_keep_per_key_order_with_live_traffic(db: str, relayed
 def test_a_replay_killed_mid_way_resumes_and_copies_nothing_twice(db: str, relayed: Any) -> None:
     config, sink, _ids, relay = relayed
     with psycopg.connect(db) as conn:
-        conn.execute("INSERT INTO outbox.messages (topic, key, payload, dispatched_at) "
-                     "SELECT 'bulk.done', 'b' || (n % 50), convert_to('{\"n\":' || n || '}', 'UTF8'), now() "
-                     "FROM generate_series(1, 3000) AS n")
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, key, payload, dispatched_at) "
+            "SELECT 'bulk.done', 'b' || (n % 50), convert_to('{\"n\":' || n || '}', 'UTF8'), now() "
+            "FROM generate_series(1, 3000) AS n"
+        )
         conn.commit()
-    command = subprocess.Popen([*exe(), "replay", "--config", str(config), "--topic", "bulk.*", "--yes",
-                                "--chunk", "100", "--rate", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = subprocess.Popen(
+        [*exe(), "replay", "--config", str(config), "--topic", "bulk.*", "--yes", "--chunk", "100", "--rate", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
+
         def copied() -> int:
             with psycopg.connect(db) as conn:
                 row = conn.execute("SELECT coalesce(max(copied), 0) FROM outbox.replays").fetchone()
@@ -205,8 +217,11 @@ def test_a_replay_killed_mid_way_resumes_and_copies_nothing_twice(db: str, relay
     finally:
         restarted.close()
     with psycopg.connect(db) as conn:
-        per_source = conn.execute("SELECT message_id, count(*) FROM outbox.messages WHERE topic = 'bulk.done' "
-                                  "AND headers ? %s GROUP BY message_id", (HEADER,)).fetchall()
+        per_source = conn.execute(
+            "SELECT message_id, count(*) FROM outbox.messages WHERE topic = 'bulk.done' "
+            "AND headers ? %s GROUP BY message_id",
+            (HEADER,),
+        ).fetchall()
     assert len(per_source) == 3000 and {n for _, n in per_source} == {1}, "each message copied exactly once"
     published = {line["message_id"] for line in replays_in(read_jsonl(sink)) if line["topic"] == "bulk.done"}
     assert len(published) == 3000, "every copy published at least once, the relay's kill notwithstanding"
@@ -232,9 +247,11 @@ def test_the_same_selection_is_recognised_however_it_is_written(db: str, relayed
 def test_resume_with_dry_run_copies_nothing_and_without_yes_asks(db: str, relayed: Any) -> None:
     config, _sink, _ids, _relay = relayed
     with psycopg.connect(db) as conn:  # a replay recorded but stopped before its first chunk
-        conn.execute("INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total) "
-                     "SELECT 'test', '{\"topic\": \"emails.*\", \"key\": null, \"since\": null, "
-                     "\"until\": null, \"message_ids\": []}', max(id), now(), 6 FROM outbox.messages")
+        conn.execute(
+            "INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total) "
+            'SELECT \'test\', \'{"topic": "emails.*", "key": null, "since": null, '
+            '"until": null, "message_ids": []}\', max(id), now(), 6 FROM outbox.messages'
+        )
         conn.commit()
     dry = replay(config, "--resume", "1", "--dry-run")
     assert dry.returncode == 0 and "stopped at 0 of 6 copied" in dry.stdout, dry.stdout + dry.stderr
@@ -255,11 +272,16 @@ def test_a_topic_no_route_takes_is_refused_before_anything_is_copied(db: str, tm
         conn.execute("UPDATE outbox.messages SET dispatched_at = now()")
         conn.commit()
     config = tmp_path / "relay.yaml"
-    config.write_text(yaml.safe_dump({
-        "database": {"dsn": db}, "http": {"host": "127.0.0.1", "port": 0},
-        "brokers": {"sink": {"type": "file", "path": str(tmp_path / "out.jsonl")}},
-        "routes": [{"topic": "orders.*", "broker": "sink"}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"dsn": db},
+                "http": {"host": "127.0.0.1", "port": 0},
+                "brokers": {"sink": {"type": "file", "path": str(tmp_path / "out.jsonl")}},
+                "routes": [{"topic": "orders.*", "broker": "sink"}],
+            }
+        )
+    )
     out = replay(config, "--all", "--yes")
     assert out.returncode == 2 and "takes topic 'legacy.event'" in out.stderr, out.stderr
     with psycopg.connect(db) as conn:

@@ -30,8 +30,10 @@ def writer(dsn: str, keys: int, per_key: int, stop: threading.Event, committed: 
 
 
 def test_two_relays_publish_each_message_once(db: str, tmp_path: Path) -> None:
-    relays = [RelayProcess(write_config(tmp_path / f"r{i}.yaml", db, sink=tmp_path / f"r{i}.jsonl",
-                                        batch_size=20)) for i in range(2)]
+    relays = [
+        RelayProcess(write_config(tmp_path / f"r{i}.yaml", db, sink=tmp_path / f"r{i}.jsonl", batch_size=20))
+        for i in range(2)
+    ]
     committed: list[str] = []
     try:
         for relay in relays:
@@ -54,8 +56,9 @@ def test_a_relay_killed_mid_stream_strands_nothing(db: str, tmp_path: Path) -> N
     # Both relays append to one file (O_APPEND, one write per batch), so its line order is
     # the order of delivery across both processes.
     sink = tmp_path / "shared.jsonl"
-    configs = [write_config(tmp_path / f"r{i}.yaml", db, sink=sink, batch_size=batch_size, workers=workers)
-               for i in range(2)]
+    configs = [
+        write_config(tmp_path / f"r{i}.yaml", db, sink=sink, batch_size=batch_size, workers=workers) for i in range(2)
+    ]
     survivor = RelayProcess(configs[1])
     victim = RelayProcess(configs[0])
     committed: list[str] = []

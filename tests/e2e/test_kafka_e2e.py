@@ -26,8 +26,9 @@ def kafka_config(db: str, bootstrap: str, topic: str, client: str = "aiokafka", 
 
 
 @pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
-async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(db: str, kafka_bootstrap: str,
-                                                                            client: str) -> None:
+async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(
+    db: str, kafka_bootstrap: str, client: str
+) -> None:
     topic = f"e2e-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
     config = kafka_config(db, kafka_bootstrap, topic, client, batch_size=100)

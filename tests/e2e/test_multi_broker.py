@@ -21,14 +21,21 @@ from tests.support.waiting import wait_until
 
 def failures(relay: Relay, broker: str) -> float:
     """How many answers of `broker` (or of the relay for it) were not an ack, so far."""
-    return sum(s.value for metric in relay.metrics.registry.collect() for s in metric.samples
-               if s.name == "outbox_relay_publish_failures_total" and s.labels["broker"] == broker)
+    return sum(
+        s.value
+        for metric in relay.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == "outbox_relay_publish_failures_total" and s.labels["broker"] == broker
+    )
 
 
 def pending_for(dsn: str, prefix: str) -> int:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL "
-                           "AND dead_lettered_at IS NULL AND topic LIKE %s", (prefix + "%",)).fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NULL "
+            "AND dead_lettered_at IS NULL AND topic LIKE %s",
+            (prefix + "%",),
+        ).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -42,10 +49,11 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
     config = make_config(
         db,
-        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap},
-                 "mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange}},
-        routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic},
-                {"topic": "emails.*", "broker": "mq"}],
+        brokers={
+            "kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap},
+            "mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange},
+        },
+        routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic}, {"topic": "emails.*", "broker": "mq"}],
         max_attempts=3,  # an outage must not spend attempts: nothing may be dead-lettered
     )
     try:
@@ -67,8 +75,9 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
             proxy.restore()
             await wait_until(lambda: pending_for(db, "emails.") == 0, timeout=60)
         with psycopg.connect(db) as conn:
-            assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
-                                ).fetchone() == (0,)
+            assert conn.execute(
+                "SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
+            ).fetchone() == (0,)
         kafka_ids = {r.message_id for r in await kafka_read(kafka_bootstrap, topic, 45)}
         assert kafka_ids == set(first.committed) | set(orders.committed)
         rabbit_ids = {r.message_id for r in await rabbit_read(queue, 45)}
@@ -81,13 +90,17 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
 def latencies(dsn: str, ids: set[str]) -> list[float]:
     """Seconds from commit (created_at) to dispatch for the given message ids, dispatched ones only."""
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT extract(epoch FROM dispatched_at - created_at)::float8 FROM outbox.messages "
-                            "WHERE message_id::text = ANY(%s) AND dispatched_at IS NOT NULL", (list(ids),)).fetchall()
+        rows = conn.execute(
+            "SELECT extract(epoch FROM dispatched_at - created_at)::float8 FROM outbox.messages "
+            "WHERE message_id::text = ANY(%s) AND dispatched_at IS NOT NULL",
+            (list(ids),),
+        ).fetchall()
     return [r[0] for r in rows]
 
 
 async def test_a_black_holed_broker_holds_back_only_its_own_messages(
-        db: str, kafka_bootstrap: str, amqp_url: str) -> None:
+    db: str, kafka_bootstrap: str, amqp_url: str
+) -> None:
     # RabbitMQ stops answering without refusing anything (the proxy keeps the connection
     # and swallows the bytes), for several publish timeouts. Its messages wait, spending
     # no attempt; once the relay has seen it answer nothing, Kafka's messages go out in
@@ -102,11 +115,13 @@ async def test_a_black_holed_broker_holds_back_only_its_own_messages(
     publish_timeout = 1.0
     config = make_config(
         db,
-        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap},
-                 "mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange}},
-        routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic},
-                {"topic": "emails.*", "broker": "mq"}],
-        publish_timeout=f"{publish_timeout}s", max_attempts=2,  # a spent attempt would show as a dead letter
+        brokers={
+            "kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap},
+            "mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange},
+        },
+        routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic}, {"topic": "emails.*", "broker": "mq"}],
+        publish_timeout=f"{publish_timeout}s",
+        max_attempts=2,  # a spent attempt would show as a dead letter
     )
     try:
         async with running_relay(config, build_adapters(config)) as relay:
@@ -114,8 +129,9 @@ async def test_a_black_holed_broker_holds_back_only_its_own_messages(
             await wait_until(lambda: pending_for(db, "") == 0, timeout=30)
 
             def circuit_open() -> bool:
-                return relay.metrics.registry.get_sample_value(
-                    "outbox_relay_broker_circuit_open", {"broker": "mq"}) == 1
+                return (
+                    relay.metrics.registry.get_sample_value("outbox_relay_broker_circuit_open", {"broker": "mq"}) == 1
+                )
 
             proxy.stall()
             emails = await write(db, "emails.sent", ["e1", "e2"], 10)
@@ -136,8 +152,9 @@ async def test_a_black_holed_broker_holds_back_only_its_own_messages(
             await wait_until(lambda: pending_for(db, "emails.") == 0, timeout=60)
             assert not circuit_open()
         with psycopg.connect(db) as conn:
-            assert conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
-                                ).fetchone() == (0,)
+            assert conn.execute(
+                "SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
+            ).fetchone() == (0,)
         expected = set(emails.committed)
         received: list[str] = []
         deadline = asyncio.get_running_loop().time() + 30

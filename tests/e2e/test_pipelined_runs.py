@@ -39,8 +39,9 @@ async def records_in(bootstrap: str, topic: str) -> int:
 @pytest.mark.parametrize("batch_bytes", [262_144, 1024], ids=["run in one record batch", "run over many batches"])
 @pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
 @pytest.mark.parametrize("policy", ["release", "hold"])
-async def test_rejection_in_the_middle_of_a_run(db: str, kafka_bootstrap: str, policy: str, client: str,
-                                                batch_bytes: int) -> None:
+async def test_rejection_in_the_middle_of_a_run(
+    db: str, kafka_bootstrap: str, policy: str, client: str, batch_bytes: int
+) -> None:
     # Many batches: the records after the rejected batch are in later requests of the
     # same partition, which the producer must not let through ahead of it.
     topic = f"e2e-run-{uuid.uuid4().hex[:10]}"
@@ -54,10 +55,19 @@ async def test_rejection_in_the_middle_of_a_run(db: str, kafka_bootstrap: str, p
         for i in range(5):
             enqueue(conn, "orders.created", {"key": f"other-{i}", "n": 0}, key=f"other-{i}")
         conn.commit()
-    config = make_config(db, brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap,
-                                                 "client": client, "max_batch_size": batch_bytes}},
-                         routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
-                         dead_letter_policy=policy)
+    config = make_config(
+        db,
+        brokers={
+            "events": {
+                "type": "kafka",
+                "bootstrap_servers": kafka_bootstrap,
+                "client": client,
+                "max_batch_size": batch_bytes,
+            }
+        },
+        routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
+        dead_letter_policy=policy,
+    )
     adapters = build_adapters(config)
     calls: list[int] = []  # how many messages of key k each publish call carried
     real_publish = adapters["events"].publish
@@ -71,8 +81,9 @@ async def test_rejection_in_the_middle_of_a_run(db: str, kafka_bootstrap: str, p
     async with running_relay(config, adapters):
         # The positive signal: the poison message dead-lettered and everything that
         # may go has gone; under hold, exactly the run after the poison is left.
-        await wait_until(lambda: len(dead_letters(db)) == 1 and pending(db) == (held if policy == "hold" else 0),
-                         timeout=60)
+        await wait_until(
+            lambda: len(dead_letters(db)) == 1 and pending(db) == (held if policy == "hold" else 0), timeout=60
+        )
     assert calls[0] == RUN, "the whole run went in the first call"
     [(mid, key, reason)] = dead_letters(db)
     assert (mid, key) == (poison, "k")

@@ -79,8 +79,15 @@ async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amq
     proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
     exchange = f"e2e-{uuid.uuid4().hex[:10]}"
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
-    adapter = create("mq", {"url": amqp_url.replace(f":{parts.port}/", f":{proxy.port}/"), "exchange": exchange,
-                            "heartbeat": "5s", "connect_timeout": "2s"})
+    adapter = create(
+        "mq",
+        {
+            "url": amqp_url.replace(f":{parts.port}/", f":{proxy.port}/"),
+            "exchange": exchange,
+            "heartbeat": "5s",
+            "connect_timeout": "2s",
+        },
+    )
     try:
         await adapter.connect()
         proxy.stall()  # publishes leave, confirms never come back
@@ -152,16 +159,19 @@ async def test_a_refused_exchange_leaves_the_confirms_of_earlier_messages_alone(
     adapter = create("mq", {"url": amqp_url, "exchange": kept, "declare": False})
     await adapter.connect()
     try:
-        batch = [*(OutgoingMessage(message(i), kept) for i in range(1, 51)),
-                 OutgoingMessage(message(51), missing, explicit_destination=True),
-                 *(OutgoingMessage(message(i), kept) for i in range(52, 61))]
+        batch = [
+            *(OutgoingMessage(message(i), kept) for i in range(1, 51)),
+            OutgoingMessage(message(51), missing, explicit_destination=True),
+            *(OutgoingMessage(message(i), kept) for i in range(52, 61)),
+        ]
         results = await adapter.publish(batch)
         outcomes = [r.outcome for r in results]
         assert outcomes[50] is Outcome.PERMANENT and "unusable: 404" in (results[50].reason or ""), results[50]
         assert outcomes[:50] + outcomes[51:] == [Outcome.ACKED] * 59, "the refusal failed its neighbours"
         received = await rabbit_read(queue, 59)
         assert sorted(r.message_id for r in received) == sorted(
-            str(out.message_id) for i, out in enumerate(batch) if i != 50)
+            str(out.message_id) for i, out in enumerate(batch) if i != 50
+        )
     finally:
         await adapter.close()
         queue.close()
@@ -179,8 +189,10 @@ async def test_a_deleted_exchange_is_declared_again_and_its_neighbours_spend_no_
         first = [OutgoingMessage(message(1), gone, explicit_destination=True), OutgoingMessage(message(2), kept)]
         assert [r.outcome for r in await adapter.publish(first)] == [Outcome.ACKED, Outcome.ACKED]
         delete_exchange(amqp_url, gone)  # cached as usable, now deleted (its binding with it)
-        batch = [OutgoingMessage(message(3), gone, explicit_destination=True),
-                 *(OutgoingMessage(message(i), kept) for i in range(4, 9))]
+        batch = [
+            OutgoingMessage(message(3), gone, explicit_destination=True),
+            *(OutgoingMessage(message(i), kept) for i in range(4, 9)),
+        ]
         results = await adapter.publish(batch)
         # The broker closed the channel on the publish to the deleted exchange: nothing
         # of this call is a dead letter or a spent attempt; what was not acked waits.

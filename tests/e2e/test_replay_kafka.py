@@ -17,13 +17,17 @@ from tests.support.waiting import wait_for
 
 
 async def test_replayed_messages_reach_kafka_with_their_ids_and_the_replay_header(
-        db: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+    db: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     topic = f"replay-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-                          routes=[{"topic": "*", "broker": "events", "destination": topic}],
-                          timing={})  # the relay's own defaults
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        routes=[{"topic": "*", "broker": "events", "destination": topic}],
+        timing={},
+    )  # the relay's own defaults
     with psycopg.connect(db) as conn:
         ids = [str(enqueue(conn, "orders.created", {"n": n}, key=f"k{n % 3}")) for n in range(12)]
         others = [str(enqueue(conn, "emails.sent", {"n": n})) for n in range(4)]

@@ -27,16 +27,25 @@ from tests.support.waiting import wait_until
 
 
 def kafka_block(secure: Secure, *, password: str = "${KAFKA_PW}", ca_file: str | None = None) -> dict[str, Any]:
-    return {"type": "kafka", "bootstrap_servers": secure.address, "tls": {"ca_file": ca_file or secure.ca_file},
-            "sasl": {"mechanism": "SCRAM-SHA-512", "username": KAFKA_SCRAM_USER, "password": password},
-            "request_timeout": "5s"}
+    return {
+        "type": "kafka",
+        "bootstrap_servers": secure.address,
+        "tls": {"ca_file": ca_file or secure.ca_file},
+        "sasl": {"mechanism": "SCRAM-SHA-512", "username": KAFKA_SCRAM_USER, "password": password},
+        "request_timeout": "5s",
+    }
 
 
 def rabbit_block(secure: Secure, exchange: str, *, ca_file: str | None = None) -> dict[str, Any]:
     # The password comes from the environment, as the README says it should.
     url = secure.address.replace("guest:guest@", "guest:${AMQP_PW}@")
-    return {"type": "rabbitmq", "url": url, "exchange": exchange, "tls": {"ca_file": ca_file or secure.ca_file},
-            "connect_timeout": "3s"}
+    return {
+        "type": "rabbitmq",
+        "url": url,
+        "exchange": exchange,
+        "tls": {"ca_file": ca_file or secure.ca_file},
+        "connect_timeout": "3s",
+    }
 
 
 def stranger_ca(tmp_path: Path) -> str:
@@ -46,15 +55,18 @@ def stranger_ca(tmp_path: Path) -> str:
 
 
 async def test_the_relay_publishes_over_sasl_ssl_kafka_and_amqps_rabbitmq(
-        db: str, kafka_secure: Secure, rabbitmq_secure: Secure) -> None:
+    db: str, kafka_secure: Secure, rabbitmq_secure: Secure
+) -> None:
     topic, exchange = f"secure-{uuid.uuid4().hex[:8]}", f"secure-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_secure.plain, topic)
     queue = RabbitQueue(rabbitmq_secure.plain, exchange, exchange + ".q")
-    config = make_config(db,
-                         brokers={"kafka": kafka_block(kafka_secure), "mq": rabbit_block(rabbitmq_secure, exchange)},
-                         routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic},
-                                 {"topic": "emails.*", "broker": "mq"}],
-                         max_attempts=1, env={"KAFKA_PW": KAFKA_SCRAM_PASSWORD, "AMQP_PW": "guest"})
+    config = make_config(
+        db,
+        brokers={"kafka": kafka_block(kafka_secure), "mq": rabbit_block(rabbitmq_secure, exchange)},
+        routes=[{"topic": "orders.*", "broker": "kafka", "destination": topic}, {"topic": "emails.*", "broker": "mq"}],
+        max_attempts=1,
+        env={"KAFKA_PW": KAFKA_SCRAM_PASSWORD, "AMQP_PW": "guest"},
+    )
     try:
         async with running_relay(config, build_adapters(config)):
             orders = await write(db, "orders.created", ["o1", "o2"], 10)
@@ -69,14 +81,21 @@ async def test_the_relay_publishes_over_sasl_ssl_kafka_and_amqps_rabbitmq(
 @pytest.mark.parametrize("broker", ["kafka", "rabbitmq"])
 @pytest.mark.parametrize("fault", ["wrong password", "untrusted certificate"])
 async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead_letters_nothing(
-        db: str, tmp_path: Path, kafka_secure: Secure, rabbitmq_secure: Secure, broker: str, fault: str) -> None:
+    db: str, tmp_path: Path, kafka_secure: Secure, rabbitmq_secure: Secure, broker: str, fault: str
+) -> None:
     secret = "not-the-password-" + uuid.uuid4().hex[:6] if fault == "wrong password" else None
     ca = stranger_ca(tmp_path) if fault == "untrusted certificate" else None
     env = {"KAFKA_PW": secret or KAFKA_SCRAM_PASSWORD, "AMQP_PW": secret or "guest"}
-    block = (kafka_block(kafka_secure, ca_file=ca) if broker == "kafka"
-             else rabbit_block(rabbitmq_secure, f"bad-{uuid.uuid4().hex[:8]}", ca_file=ca))
-    settings: dict[str, Any] = {"brokers": {"b": block}, "max_attempts": 1,
-                                "routes": [{"topic": "*", "broker": "b", "destination": "bad-creds"}]}
+    block = (
+        kafka_block(kafka_secure, ca_file=ca)
+        if broker == "kafka"
+        else rabbit_block(rabbitmq_secure, f"bad-{uuid.uuid4().hex[:8]}", ca_file=ca)
+    )
+    settings: dict[str, Any] = {
+        "brokers": {"b": block},
+        "max_attempts": 1,
+        "routes": [{"topic": "*", "broker": "b", "destination": "bad-creds"}],
+    }
     path = write_config(tmp_path / "relay.yaml", db, **settings)
 
     checked = run_cli("check", "--config", str(path), env=env, timeout=120)
@@ -99,9 +118,11 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead
             # The positive signal: the relay has tried the broker, and failed, twice.
             await wait_until(lambda: sum(e["event"] == "broker_unreachable" for e in logs) >= 2, timeout=60)
             with psycopg.connect(db) as conn:
-                row = conn.execute("SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL),"
-                                   " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
-                                   "FROM outbox.messages").fetchone()
+                row = conn.execute(
+                    "SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL),"
+                    " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
+                    "FROM outbox.messages"
+                ).fetchone()
     assert row == (3, 0, 0), "the messages wait, spending no attempt (max_attempts is 1)"
     if secret:
         assert not [e for e in logs if secret in repr(e)]

@@ -44,7 +44,8 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
-        db: str, kafka_bootstrap: str, spans: InMemorySpanExporter) -> None:
+    db: str, kafka_bootstrap: str, spans: InMemorySpanExporter
+) -> None:
     topic = f"traced-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=1)
     tracer = trace.get_tracer("shop")
@@ -56,13 +57,22 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
         conn.commit()
     with psycopg.connect(db) as conn, tracer.start_as_current_span("forward"):
         # A caller's own trace context (any letter case) wins, as a pair.
-        own = enqueue(conn, "orders.created", {"order": 3}, key="order-3",
-                      headers={"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+        own = enqueue(
+            conn,
+            "orders.created",
+            {"order": 3},
+            key="order-3",
+            headers={"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        )
         row = conn.execute("SELECT headers FROM outbox.messages WHERE message_id = %s", (own,)).fetchone()
         conn.rollback()
     assert row is not None and row[0] == {"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
-    config = make_config(db, brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-                         routes=[{"topic": "*", "broker": "events", "destination": topic}], workers=1)
+    config = make_config(
+        db,
+        brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        routes=[{"topic": "*", "broker": "events", "destination": topic}],
+        workers=1,
+    )
     async with running_relay(config, build_adapters(config)):
         await wait_until(lambda: pending(db) == 0, timeout=60)
     received = {r.message_id: r for r in await kafka_read(kafka_bootstrap, topic, 2)}
@@ -74,8 +84,9 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
     with consumer_span("handle order", record.headers, **{"messaging.message.id": record.message_id}):
         pass
     # The inbox's helper does the same around the handler it runs once per message.
-    kafka_record = SimpleNamespace(topic=topic, partition=0, offset=0,
-                                   headers=[(k, v.encode()) for k, v in record.headers.items()])
+    kafka_record = SimpleNamespace(
+        topic=topic, partition=0, offset=0, headers=[(k, v.encode()) for k, v in record.headers.items()]
+    )
     with psycopg.connect(db) as conn:
         inbox.install(conn)
         ran = [inbox.process_message(conn, kafka_record, lambda c: None, span_name="bill order") for _ in range(2)]
@@ -88,11 +99,16 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
     assert consumed.parent is not None and consumed.parent.span_id == produced.span_id
     assert consumed.kind is trace.SpanKind.CONSUMER
     billed = [span for span in spans.get_finished_spans() if span.name == "bill order"]
-    assert len(billed) == 2 and all(span.parent is not None and span.parent.span_id == produced.span_id
-                                    and span.context.trace_id == produced.trace_id for span in billed)
+    assert len(billed) == 2 and all(
+        span.parent is not None
+        and span.parent.span_id == produced.span_id
+        and span.context.trace_id == produced.trace_id
+        for span in billed
+    )
     published = finished["outbox-relay publish"]
-    assert produced.span_id in {link.context.span_id for link in published.links}, \
+    assert produced.span_id in {link.context.span_id for link in published.links}, (
         "the relay's batch span links to the message's trace"
+    )
     assert published.attributes is not None and published.attributes["messaging.batch.message_count"] == 2
 
 

@@ -110,8 +110,14 @@ def http_port(relay: RelayProcess, timeout: float = 20) -> int:
     return port
 
 
-def check_delivery(received: list[Received], ledger: Ledger, *, uncertain: set[str] | None = None,
-                   max_duplicates: int = 0, dead: set[str] | None = None) -> int:
+def check_delivery(
+    received: list[Received],
+    ledger: Ledger,
+    *,
+    uncertain: set[str] | None = None,
+    max_duplicates: int = 0,
+    dead: set[str] | None = None,
+) -> int:
     """Assert the four properties; return how many duplicate deliveries there were."""
     dead = dead or set()
     counts = Counter(r.message_id for r in received)

@@ -26,8 +26,9 @@ def test_a_200_mb_row_under_a_memory_limit_is_dead_lettered_and_later_rows_flow(
     with psycopg.connect(db) as conn:
         enqueue(conn, "orders", b"before", key="k")
         # Built in the server, so the test process does not hold 200 MB either.
-        conn.execute("SELECT outbox.enqueue_binary('orders', 'k', convert_to(repeat('x', %s), 'UTF8'))",
-                     (ROW_MB * 1024 * 1024,))
+        conn.execute(
+            "SELECT outbox.enqueue_binary('orders', 'k', convert_to(repeat('x', %s), 'UTF8'))", (ROW_MB * 1024 * 1024,)
+        )
         for i in range(20):
             enqueue(conn, "orders", f"k-{i}".encode(), key="k")
             enqueue(conn, "orders", f"other-{i}".encode(), key=f"other-{i % 3}")
@@ -47,7 +48,12 @@ def test_a_200_mb_row_under_a_memory_limit_is_dead_lettered_and_later_rows_flow(
     delivered = [line["key"] for line in read_jsonl(sink)]
     assert delivered.count("k") == 21, "the key's messages before and after the huge row went (release)"
     with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT dead_letter_reason, octet_length(payload) FROM outbox.messages "
-                           "WHERE dead_lettered_at IS NOT NULL").fetchall()
-    assert row == [(f"payload too large: {ROW_MB * 1024 * 1024} bytes > relay.max_payload_bytes ({64 * 1024 * 1024})",
-                    ROW_MB * 1024 * 1024)]
+        row = conn.execute(
+            "SELECT dead_letter_reason, octet_length(payload) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
+        ).fetchall()
+    assert row == [
+        (
+            f"payload too large: {ROW_MB * 1024 * 1024} bytes > relay.max_payload_bytes ({64 * 1024 * 1024})",
+            ROW_MB * 1024 * 1024,
+        )
+    ]

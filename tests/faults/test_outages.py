@@ -41,8 +41,9 @@ def ready(port: int) -> bool:
         return False
 
 
-def outage(db: str, config: Path, topic: str, *, down: Callable[[], None], up: Callable[[], None],
-           down_for: float = 3.0) -> Ledger:
+def outage(
+    db: str, config: Path, topic: str, *, down: Callable[[], None], up: Callable[[], None], down_for: float = 3.0
+) -> Ledger:
     """Writers commit while the broker goes `down` and, `down_for` seconds after /readyz
     said so, comes back `up`; /readyz follows; nothing may be dead-lettered (an outage
     spends no attempts). Returns the ledger."""
@@ -73,11 +74,16 @@ async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_p
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"outage-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
-                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
-                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
-                          max_attempts=3)  # an outage must spend no attempts: nothing may be dead-lettered
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        max_attempts=3,
+    )  # an outage must spend no attempts: nothing may be dead-lettered
     ledger = outage(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
     received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
@@ -85,7 +91,8 @@ async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_p
 
 @pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
 async def test_kafka_outage_of_several_publish_timeouts_dead_letters_nothing(
-        db: str, own_kafka: LocalBroker, tmp_path: Path, client: str) -> None:
+    db: str, own_kafka: LocalBroker, tmp_path: Path, client: str
+) -> None:
     # The default request_timeout (30 s): aiokafka's idempotent producer retries its
     # records for as long as the broker is away, so every publish call during the outage
     # ends at publish_timeout. Five of them, with two attempts allowed: were a timeout to
@@ -94,11 +101,17 @@ async def test_kafka_outage_of_several_publish_timeouts_dead_letters_nothing(
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"long-outage-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
-                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
-                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
-                          max_attempts=2, publish_timeout="2s")
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        max_attempts=2,
+        publish_timeout="2s",
+    )
     ledger = outage(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start, down_for=10.0)
     received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS)
@@ -109,11 +122,16 @@ async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker
     exchange = f"outage-{uuid.uuid4().hex[:8]}"
     queue = RabbitQueue(url, exchange, exchange + ".q")
     queue.close()  # the exchange and queue are durable: read them after the restart
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"mq": {"type": "rabbitmq", "url": url, "exchange": exchange,
-                                          "connect_timeout": "2s"}},
-                          routes=[{"topic": "*", "broker": "mq"}],
-                          timing=PATIENT, batch_size=BATCH, workers=WORKERS, max_attempts=3)
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s"}},
+        routes=[{"topic": "*", "broker": "mq"}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        max_attempts=3,
+    )
     ledger = outage(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
     reader = RabbitQueue(url, exchange, exchange + ".q")
     try:
@@ -123,16 +141,22 @@ async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
 
 
-async def test_postgres_restarted_fast_and_immediate(own_pg: local_postgres.LocalPostgres,
-                                                      kafka_bootstrap: str, tmp_path: Path) -> None:
+async def test_postgres_restarted_fast_and_immediate(
+    own_pg: local_postgres.LocalPostgres, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     dsn = own_pg.dsn
     topic = f"pg-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
-    config = write_config(tmp_path / "relay.yaml", dsn,
-                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
-                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
-                          poll_interval="30s")  # resuming must come from reconnect + LISTEN again, not the poll
+    config = write_config(
+        tmp_path / "relay.yaml",
+        dsn,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        poll_interval="30s",
+    )  # resuming must come from reconnect + LISTEN again, not the poll
     relay = RelayProcess(config)
     writers = Writers(dsn, "orders.created").start()
     try:
@@ -164,12 +188,19 @@ async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: 
     exchange = f"stall-{uuid.uuid4().hex[:8]}"
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
     proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange,
-                                          "connect_timeout": "2s", "heartbeat": "5s"}},
-                          routes=[{"topic": "*", "broker": "mq"}],
-                          timing=PATIENT, batch_size=BATCH, workers=WORKERS, publish_timeout="2s",
-                          max_attempts=1000)
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={
+            "mq": {"type": "rabbitmq", "url": proxied, "exchange": exchange, "connect_timeout": "2s", "heartbeat": "5s"}
+        },
+        routes=[{"topic": "*", "broker": "mq"}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        publish_timeout="2s",
+        max_attempts=1000,
+    )
     relay = RelayProcess(config)
     writers = Writers(db, "emails.sent").start()
     try:
@@ -198,18 +229,25 @@ async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: 
 
 @pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
 async def test_sigterm_during_a_kafka_outage_exits_within_the_shutdown_timeout(
-        db: str, own_kafka: LocalBroker, tmp_path: Path, client: str) -> None:
+    db: str, own_kafka: LocalBroker, tmp_path: Path, client: str
+) -> None:
     # The producer holds records it cannot deliver (idempotence: forever); closing it
     # must not wait for them, or the relay never exits while the broker is away.
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"term-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
     shutdown_timeout = 3.0
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
-                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
-                          timing=PATIENT, batch_size=BATCH, workers=WORKERS,
-                          publish_timeout="2s", shutdown_timeout=f"{shutdown_timeout}s")
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "client": client}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        publish_timeout="2s",
+        shutdown_timeout=f"{shutdown_timeout}s",
+    )
     relay = RelayProcess(config)
     writers = Writers(db, "orders.created").start()
     try:

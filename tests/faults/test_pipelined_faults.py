@@ -56,31 +56,50 @@ def kill_mid_drain(db: str, config: Path, topic: str, *, down: Callable[[], None
 
 
 @pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
-async def test_kafka_killed_in_the_middle_of_a_hot_key_run(db: str, own_kafka: LocalBroker, tmp_path: Path,
-                                                           client: str) -> None:
+async def test_kafka_killed_in_the_middle_of_a_hot_key_run(
+    db: str, own_kafka: LocalBroker, tmp_path: Path, client: str
+) -> None:
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     topic = f"hot-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=1)
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s",
-                                             "client": client}},
-                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}], timing=PATIENT,
-                          batch_size=BATCH, max_attempts=3)
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s", "client": client}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        max_attempts=3,
+    )
     ledger = kill_mid_drain(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
     received = await kafka_read(bootstrap, topic, len(ledger.committed), timeout=60)
     check_delivery(received, ledger, max_duplicates=BATCH * 2 * 4)
 
 
 @pytest.mark.parametrize("pipeline_keys", [False, True])
-async def test_rabbitmq_stopped_in_the_middle_of_a_hot_key_run(db: str, own_rabbitmq: LocalBroker,
-                                                                tmp_path: Path, pipeline_keys: bool) -> None:
+async def test_rabbitmq_stopped_in_the_middle_of_a_hot_key_run(
+    db: str, own_rabbitmq: LocalBroker, tmp_path: Path, pipeline_keys: bool
+) -> None:
     url = f"amqp://guest:guest@127.0.0.1:{own_rabbitmq.port}/%2F"
     exchange = f"hot-{uuid.uuid4().hex[:8]}"
     RabbitQueue(url, exchange, exchange + ".q").close()  # durable: read it after the restart
-    config = write_config(tmp_path / "relay.yaml", db,
-                          brokers={"mq": {"type": "rabbitmq", "url": url, "exchange": exchange, "connect_timeout": "2s",
-                                          "pipeline_keys": pipeline_keys}},
-                          routes=[{"topic": "*", "broker": "mq"}], timing=PATIENT, batch_size=BATCH, max_attempts=3)
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={
+            "mq": {
+                "type": "rabbitmq",
+                "url": url,
+                "exchange": exchange,
+                "connect_timeout": "2s",
+                "pipeline_keys": pipeline_keys,
+            }
+        },
+        routes=[{"topic": "*", "broker": "mq"}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        max_attempts=3,
+    )
     ledger = kill_mid_drain(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
     reader = RabbitQueue(url, exchange, exchange + ".q")
     try:

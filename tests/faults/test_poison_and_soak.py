@@ -38,13 +38,19 @@ async def test_poison_message_mid_key(db: str, kafka_bootstrap: str, policy: str
             for other in range(5):
                 enqueue(conn, "orders.created", {"key": f"other-{other}", "n": n}, key=f"other-{other}")
         conn.commit()
-    config = make_config(db, brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-                         routes=[{"topic": "*", "broker": "kafka", "destination": topic}], dead_letter_policy=policy)
+    config = make_config(
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        dead_letter_policy=policy,
+    )
 
     def state() -> dict[str, int]:
         with psycopg.connect(db) as conn:
-            rows = conn.execute("SELECT count(*) FILTER (WHERE dispatched_at IS NOT NULL), "
-                                "count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) FROM outbox.messages").fetchone()
+            rows = conn.execute(
+                "SELECT count(*) FILTER (WHERE dispatched_at IS NOT NULL), "
+                "count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) FROM outbox.messages"
+            ).fetchone()
         assert rows is not None
         return {"dispatched": rows[0], "dead": rows[1]}
 
@@ -60,10 +66,13 @@ async def test_poison_message_mid_key(db: str, kafka_bootstrap: str, policy: str
         assert by_key[f"other-{other}"] == list(range(6)), "other keys are unaffected"
     assert by_key["poisoned"] == ([0, 1, 3, 4, 5] if policy == "release" else [0, 1])
     with psycopg.connect(db) as conn:
-        reason = conn.execute("SELECT dead_letter_reason FROM outbox.messages WHERE message_id = %s",
-                              (ids[2],)).fetchone()
-        held = conn.execute("SELECT count(*) FROM outbox.messages WHERE key = 'poisoned' AND "
-                            "dispatched_at IS NULL AND dead_lettered_at IS NULL").fetchone()
+        reason = conn.execute(
+            "SELECT dead_letter_reason FROM outbox.messages WHERE message_id = %s", (ids[2],)
+        ).fetchone()
+        held = conn.execute(
+            "SELECT count(*) FROM outbox.messages WHERE key = 'poisoned' AND "
+            "dispatched_at IS NULL AND dead_lettered_at IS NULL"
+        ).fetchone()
     assert reason is not None and "MessageSizeTooLarge" in reason[0]
     assert held == ((0,) if policy == "release" else (3,))
 
@@ -80,7 +89,8 @@ def table_stats(dsn: str) -> tuple[int, int, int]:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
             "SELECT (SELECT count(*) FROM outbox.messages), n_dead_tup, pg_total_relation_size('outbox.messages') "
-            "FROM pg_stat_user_tables WHERE schemaname = 'outbox' AND relname = 'messages'").fetchone()
+            "FROM pg_stat_user_tables WHERE schemaname = 'outbox' AND relname = 'messages'"
+        ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
 
@@ -102,9 +112,14 @@ async def test_soak_memory_flat_and_table_bounded(db: str, kafka_bootstrap: str,
     topic = f"soak-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
     brokers = {"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}}
-    config = write_config(tmp_path / "relay.yaml", db, brokers=brokers,
-                          routes=[{"topic": "*", "broker": "kafka", "destination": topic}], timing=PATIENT,
-                          retention=f"{retention:g}s")
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers=brokers,
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        timing=PATIENT,
+        retention=f"{retention:g}s",
+    )
     relay = RelayProcess(config)
     writers = Writers(db, "orders.created", count=2, pause=0.01).start()
     samples: list[tuple[float, int, int, int, int]] = []  # (t, rss kB, rows, dead, bytes)
@@ -136,5 +151,7 @@ async def test_soak_memory_flat_and_table_bounded(db: str, kafka_bootstrap: str,
     assert max(s[3] for s in late) <= 2 * rate * (naptime + retention + 10) + 2000, (naptime, samples)
     received = await kafka_read(kafka_bootstrap, topic, len(ledger.committed), timeout=60)
     check_delivery(received, ledger)
-    print(f"soak {seconds:.0f}s: {rate:.0f} msg/s, rss {samples[0][1]}->{samples[-1][1]} kB, "
-          f"rows max {max(s[2] for s in samples)}, dead max {max(s[3] for s in samples)}")
+    print(
+        f"soak {seconds:.0f}s: {rate:.0f} msg/s, rss {samples[0][1]}->{samples[-1][1]} kB, "
+        f"rows max {max(s[2] for s in samples)}, dead max {max(s[3] for s in samples)}"
+    )

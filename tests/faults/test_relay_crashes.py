@@ -25,8 +25,12 @@ async def test_sigkill_again_and_again(db: str, kafka_bootstrap: str, tmp_path: 
     topic = f"crash-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(kafka_bootstrap, topic)
     config = write_config(
-        tmp_path / "relay.yaml", db, brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-        routes=[{"topic": "*", "broker": "kafka", "destination": topic}], timing=PATIENT, batch_size=BATCH,
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+        timing=PATIENT,
+        batch_size=BATCH,
         workers=WORKERS,
     )
     rng = random.Random(replicas)
@@ -52,6 +56,5 @@ async def test_sigkill_again_and_again(db: str, kafka_bootstrap: str, tmp_path: 
             relay.close()
     received = await kafka_read(kafka_bootstrap, topic, len(ledger.committed), timeout=60)
     assert kills >= 8
-    duplicates = check_delivery(received, ledger, uncertain=writers.uncertain,
-                                max_duplicates=kills * BATCH * WORKERS)
+    duplicates = check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=kills * BATCH * WORKERS)
     print(f"replicas={replicas} kills={kills} committed={len(ledger.committed)} duplicates={duplicates}")

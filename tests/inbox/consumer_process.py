@@ -43,8 +43,9 @@ async def kafka(args: argparse.Namespace) -> None:
     # Manual assignment, every partition: several of these processes read the same
     # partitions at once (zombie consumers, the worst case), and a restart takes over
     # at once instead of waiting out a dead member's session in a rebalance.
-    consumer = AIOKafkaConsumer(bootstrap_servers=args.target, group_id="billing", enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=args.target, group_id="billing", enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     partitions = [TopicPartition(args.source, p) for p in range(args.partitions)]
     consumer.assign(partitions)

@@ -32,8 +32,10 @@ TOPIC = "credits.posted"
 
 # The business effect of every test: one row per account, credited by each message.
 CREATE_ACCOUNTS = "CREATE TABLE accounts (id integer PRIMARY KEY, balance bigint NOT NULL)"
-CREDIT = ("INSERT INTO accounts AS a (id, balance) VALUES (%s, %s) "
-          "ON CONFLICT (id) DO UPDATE SET balance = a.balance + EXCLUDED.balance")
+CREDIT = (
+    "INSERT INTO accounts AS a (id, balance) VALUES (%s, %s) "
+    "ON CONFLICT (id) DO UPDATE SET balance = a.balance + EXCLUDED.balance"
+)
 
 
 def create_accounts(conn: psycopg.Connection[Any]) -> None:
@@ -64,6 +66,7 @@ def processed_count(dsn: str) -> int:
 
 # -- the producer's side ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Credit:
     account: int
@@ -79,8 +82,9 @@ class Credit:
         return json.dumps({"account": self.account, "amount": self.amount}, separators=(",", ":")).encode()
 
 
-def enqueue_credits(dsn: str, count: int, *, accounts: int, rng: random.Random,
-                    per_transaction: int = 5, rollback_every: int = 7) -> dict[UUID, Credit]:
+def enqueue_credits(
+    dsn: str, count: int, *, accounts: int, rng: random.Random, per_transaction: int = 5, rollback_every: int = 7
+) -> dict[UUID, Credit]:
     """Enqueue credits in transactions of `per_transaction`; every `rollback_every`-th
     transaction is rolled back. Returns the committed ones by message id."""
     committed: dict[UUID, Credit] = {}
@@ -113,6 +117,7 @@ def pending(dsn: str) -> int:
 
 # -- duplicates, published by the test beside the relay's own delivery ---------------------------
 
+
 async def publish_kafka_copies(bootstrap: str, topic: str, credits: dict[UUID, Credit]) -> None:
     """A second record of every message, as the relay sends it (same key, payload and
     message-id header), acknowledged by the broker before this returns."""
@@ -120,8 +125,12 @@ async def publish_kafka_copies(bootstrap: str, topic: str, credits: dict[UUID, C
     await producer.start()
     try:
         for mid, c in credits.items():
-            await producer.send_and_wait(topic, c.body, key=c.key.encode(), headers=[
-                ("message-id", str(mid).encode()), ("content-type", b"application/json")])
+            await producer.send_and_wait(
+                topic,
+                c.body,
+                key=c.key.encode(),
+                headers=[("message-id", str(mid).encode()), ("content-type", b"application/json")],
+            )
     finally:
         await producer.stop()
 
@@ -140,8 +149,13 @@ class RabbitExchange:
 
     def publish_copies(self, credits: dict[UUID, Credit]) -> None:
         for mid, c in credits.items():
-            self._channel.basic_publish(self.exchange, TOPIC, c.body, pika.BasicProperties(
-                message_id=str(mid), content_type="application/json", delivery_mode=2), mandatory=True)
+            self._channel.basic_publish(
+                self.exchange,
+                TOPIC,
+                c.body,
+                pika.BasicProperties(message_id=str(mid), content_type="application/json", delivery_mode=2),
+                mandatory=True,
+            )
 
     def ready_messages(self) -> int:
         return int(self._channel.queue_declare(self.queue, passive=True).method.message_count)
@@ -155,6 +169,7 @@ class RabbitExchange:
 
 
 # -- consumer processes ------------------------------------------------------------------------
+
 
 class ConsumerProcess:
     """tests/inbox/consumer_process.py in the background; its stdout (one line per step
@@ -170,8 +185,13 @@ class ConsumerProcess:
         log = self.directory / f"{self.name}.{len(self.runs)}.log"
         self.runs.append(log)
         with log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tests.inbox.consumer_process", *self.args],
-                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.inbox.consumer_process", *self.args],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ),
+            )
 
     def kill(self) -> str:
         """SIGKILL this run; return its last line (what it was doing when it died)."""
@@ -198,8 +218,9 @@ class ConsumerProcess:
         return [line for log in self.runs for line in log.read_text().splitlines()]
 
 
-def kill_at_random_moments(consumers: list[ConsumerProcess], dsn: str, *, kills: int, total: int,
-                           rng: random.Random) -> list[str]:
+def kill_at_random_moments(
+    consumers: list[ConsumerProcess], dsn: str, *, kills: int, total: int, rng: random.Random
+) -> list[str]:
     """`kills` times: wait until the consumers have processed a random number of new
     messages (1 to 15), SIGKILL all of them at once (the database rolls back whatever
     transaction each had open), and start them again. Returns each killed run's last line."""
@@ -207,8 +228,7 @@ def kill_at_random_moments(consumers: list[ConsumerProcess], dsn: str, *, kills:
     for _ in range(kills):
         start = processed_count(dsn)
         target = min(total, start + rng.randint(1, 15))
-        wait_for(lambda t=target: processed_count(dsn) >= t, 30, f"consumers processing up to {target}",
-                 interval=0.02)
+        wait_for(lambda t=target: processed_count(dsn) >= t, 30, f"consumers processing up to {target}", interval=0.02)
         for consumer in rng.sample(consumers, len(consumers)):
             last_lines.append(consumer.kill())
         for consumer in consumers:
@@ -216,8 +236,9 @@ def kill_at_random_moments(consumers: list[ConsumerProcess], dsn: str, *, kills:
     return last_lines
 
 
-def assert_each_effect_once(dsn: str, credits: dict[UUID, Credit], consumers: list[ConsumerProcess],
-                            consumer: str = "default") -> Counter[str]:
+def assert_each_effect_once(
+    dsn: str, credits: dict[UUID, Credit], consumers: list[ConsumerProcess], consumer: str = "default"
+) -> Counter[str]:
     """The balances are the sums of the committed credits, each message is recorded once,
     and no two runs ever committed the same message. Returns the count of each log verb."""
     assert balances(dsn) == expected_balances(credits), "every credit applied exactly once"

@@ -81,13 +81,21 @@ def kill_phase(consumers: list[ConsumerProcess], consumer_db: str, credits: int,
 
 
 def test_kafka_every_effect_once_despite_duplicates_zombies_and_kills(
-    db: str, consumer_db: str, kafka_bootstrap: str, tmp_path: Path, rng: random.Random,
+    db: str,
+    consumer_db: str,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    rng: random.Random,
     consumers: list[ConsumerProcess],
 ) -> None:
     topic = f"inbox-{uuid.uuid4().hex[:10]}"
     asyncio.run(kafka_create_topic(kafka_bootstrap, topic, partitions=3))
-    with relay_running(tmp_path, db, {"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-                       [{"topic": "credits.*", "broker": "events", "destination": topic}]):
+    with relay_running(
+        tmp_path,
+        db,
+        {"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        [{"topic": "credits.*", "broker": "events", "destination": topic}],
+    ):
         credits = enqueue_credits(db, MESSAGES, accounts=10, rng=rng)
         asyncio.run(publish_kafka_copies(kafka_bootstrap, topic, credits))
         args = ["kafka", consumer_db, kafka_bootstrap, topic, "3"]
@@ -104,14 +112,22 @@ def test_kafka_every_effect_once_despite_duplicates_zombies_and_kills(
 
 
 def test_rabbitmq_every_effect_once_despite_duplicates_redeliveries_and_kills(
-    db: str, consumer_db: str, amqp_url: str, tmp_path: Path, rng: random.Random,
+    db: str,
+    consumer_db: str,
+    amqp_url: str,
+    tmp_path: Path,
+    rng: random.Random,
     consumers: list[ConsumerProcess],
 ) -> None:
     name = f"inbox-{uuid.uuid4().hex[:10]}"
     exchange = RabbitExchange(amqp_url, name, name + ".billing")
     try:
-        with relay_running(tmp_path, db, {"mq": {"type": "rabbitmq", "url": amqp_url, "exchange": name}},
-                           [{"topic": "credits.*", "broker": "mq"}]):
+        with relay_running(
+            tmp_path,
+            db,
+            {"mq": {"type": "rabbitmq", "url": amqp_url, "exchange": name}},
+            [{"topic": "credits.*", "broker": "mq"}],
+        ):
             credits = enqueue_credits(db, MESSAGES, accounts=10, rng=rng)
             exchange.publish_copies(credits)
             args = ["rabbitmq", consumer_db, amqp_url, exchange.queue]

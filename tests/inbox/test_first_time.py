@@ -64,8 +64,10 @@ def test_autocommit_outside_a_transaction_is_refused_before_any_sql(consumer_db:
     with psycopg.connect(consumer_db, autocommit=True) as conn:
         with pytest.raises(inbox.InboxUsageError) as info:
             inbox.first_time(conn, uuid.uuid4())
-        assert str(info.value).startswith("first_time on an autocommit connection outside a transaction would "
-                                          "record the message apart from its business effect")
+        assert str(info.value).startswith(
+            "first_time on an autocommit connection outside a transaction would "
+            "record the message apart from its business effect"
+        )
         assert isinstance(info.value, ValueError)
         with conn.transaction():
             assert inbox.first_time(conn, uuid.uuid4())
@@ -87,8 +89,10 @@ def test_a_missing_inbox_says_how_to_install_it(empty_db: str) -> None:
     with psycopg.connect(empty_db) as conn:
         with pytest.raises(SchemaError) as info:
             inbox.first_time(conn, uuid.uuid4())
-        assert str(info.value) == ("inbox schema 'inbox' is not installed in this database: "
-                                   "run `outbox-relay inbox schema install --schema inbox`")
+        assert str(info.value) == (
+            "inbox schema 'inbox' is not installed in this database: "
+            "run `outbox-relay inbox schema install --schema inbox`"
+        )
         assert isinstance(info.value.__cause__, psycopg.errors.InvalidSchemaName)
 
 
@@ -101,8 +105,9 @@ def test_the_sql_function_for_other_languages(consumer_db: str) -> None:
     mid = uuid.uuid4()
     with psycopg.connect(consumer_db) as conn:
         assert conn.execute("SELECT inbox.first_time(%s, 'billing')", (mid,)).fetchone() == (True,)
-        assert conn.execute("SELECT inbox.first_time(message_id => %s, consumer => 'billing')",
-                            (mid,)).fetchone() == (False,)
+        assert conn.execute("SELECT inbox.first_time(message_id => %s, consumer => 'billing')", (mid,)).fetchone() == (
+            False,
+        )
         assert conn.execute("SELECT inbox.first_time(%s)", (mid,)).fetchone() == (True,)
         conn.commit()
         with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"^inbox: message_id is null"):
@@ -115,6 +120,7 @@ def test_the_sql_function_for_other_languages(consumer_db: str) -> None:
 def test_process_once_runs_the_handler_once_and_not_after_a_failure(consumer_db: str) -> None:
     mid = uuid.uuid4()
     with psycopg.connect(consumer_db) as conn:
+
         def fail(c: psycopg.Connection[Any]) -> None:
             credit(c, 7, 100)
             raise RuntimeError("boom")
@@ -189,8 +195,7 @@ def test_racing_consumers_never_both_process_a_message(consumer_db: str) -> None
             barrier.wait()
             for mid in order:
                 account, amount = amounts[mid]
-                ran += inbox.process_once(conn, mid, lambda c, a=account, n=amount: credit(c, a, n),
-                                          consumer="billing")
+                ran += inbox.process_once(conn, mid, lambda c, a=account, n=amount: credit(c, a, n), consumer="billing")
         return ran
 
     with ThreadPoolExecutor(4) as pool:

@@ -46,8 +46,10 @@ def test_schema_sql_prints_ddl_and_grants_that_apply(empty_db: str) -> None:
 
 def test_prune_deletes_what_is_older_than_asked(consumer_db: str) -> None:
     with psycopg.connect(consumer_db) as conn:
-        conn.execute("INSERT INTO inbox.processed (message_id, processed_at) "
-                     "SELECT gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, 7)")
+        conn.execute(
+            "INSERT INTO inbox.processed (message_id, processed_at) "
+            "SELECT gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, 7)"
+        )
         conn.execute("INSERT INTO inbox.processed (message_id) SELECT gen_random_uuid() FROM generate_series(1, 3)")
         conn.commit()
     result = run_cli("inbox", "prune", "--older-than", "7d", "--batch-size", "2", env={"DATABASE_URL": consumer_db})
@@ -59,12 +61,18 @@ def test_prune_deletes_what_is_older_than_asked(consumer_db: str) -> None:
 def test_errors_are_one_line_with_an_exit_code(empty_db: str) -> None:
     unreachable = "host=127.0.0.1 port=1 user=u password=s3cret dbname=x connect_timeout=1"
     cases = [
-        (["inbox", "schema", "install", "--dsn", empty_db, "--schema", "Bad-Name"], 2,
-         "error: invalid inbox schema name 'Bad-Name': use 1 to 50 lower-case letters, digits or _, "
-         "not starting with a digit"),
-        (["inbox", "prune", "--dsn", empty_db, "--older-than", "7d"], 1,
-         "error: inbox schema 'inbox' is not installed in this database: "
-         "run `outbox-relay inbox schema install --schema inbox`"),
+        (
+            ["inbox", "schema", "install", "--dsn", empty_db, "--schema", "Bad-Name"],
+            2,
+            "error: invalid inbox schema name 'Bad-Name': use 1 to 50 lower-case letters, digits or _, "
+            "not starting with a digit",
+        ),
+        (
+            ["inbox", "prune", "--dsn", empty_db, "--older-than", "7d"],
+            1,
+            "error: inbox schema 'inbox' is not installed in this database: "
+            "run `outbox-relay inbox schema install --schema inbox`",
+        ),
         (["inbox", "schema", "install", "--dsn", unreachable], 1, "error: cannot connect to "),
     ]
     for args, code, line in cases:
@@ -80,8 +88,11 @@ def test_errors_are_one_line_with_an_exit_code(empty_db: str) -> None:
     assert no_dsn.returncode == 2 and "Missing option '--dsn'" in no_dsn.stderr
 
 
-@pytest.mark.parametrize("command", [["inbox"], ["inbox", "schema"], ["inbox", "schema", "install"],
-                                     ["inbox", "schema", "sql"], ["inbox", "prune"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "command",
+    [["inbox"], ["inbox", "schema"], ["inbox", "schema", "install"], ["inbox", "schema", "sql"], ["inbox", "prune"]],
+    ids=" ".join,
+)
 def test_every_inbox_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -90,9 +101,11 @@ def test_every_inbox_command_has_help(command: list[str]) -> None:
 
 def test_the_inbox_commands_load_before_the_main_cli() -> None:
     # outbox_relay.cli imports the inbox's commands; importing those first must work too.
-    code = ("import sys; from click.testing import CliRunner; from outbox_relay.cli.inbox import inbox_group; "
-            "r = CliRunner().invoke(inbox_group, ['schema', 'install', '--dsn', 'x', '--schema', 'Bad']); "
-            "print(r.exit_code, r.output.strip())")
+    code = (
+        "import sys; from click.testing import CliRunner; from outbox_relay.cli.inbox import inbox_group; "
+        "r = CliRunner().invoke(inbox_group, ['schema', 'install', '--dsn', 'x', '--schema', 'Bad']); "
+        "print(r.exit_code, r.output.strip())"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("2 error: invalid inbox schema name 'Bad'"), result.stdout

@@ -20,7 +20,9 @@ def objects(dsn: str, schema: str) -> set[str]:
         rows = conn.execute(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
             "UNION ALL SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = %s", (schema, schema)).fetchall()
+            "WHERE n.nspname = %s",
+            (schema, schema),
+        ).fetchall()
     return {r[0] for r in rows}
 
 
@@ -35,8 +37,14 @@ def test_install_is_idempotent_and_records_its_version(empty_db: str) -> None:
         assert conn.execute("SELECT version FROM inbox.inbox_version").fetchall() == [(1,)]
         assert inbox_schema.version(conn) == 1
     assert objects(empty_db, "inbox") == {
-        "inbox_version", "inbox_version_pkey", "processed", "processed_pkey", "processed_processed_at",
-        "first_time", "prune"}
+        "inbox_version",
+        "inbox_version_pkey",
+        "processed",
+        "processed_pkey",
+        "processed_processed_at",
+        "first_time",
+        "prune",
+    }
     assert objects(empty_db, "public") == {"app_table"}, "the application's tables are untouched"
 
 
@@ -68,8 +76,9 @@ def test_racing_installs_are_serialized(empty_db: str) -> None:
 def test_install_refuses_a_schema_holding_other_objects(db: str) -> None:
     with psycopg.connect(db) as conn, pytest.raises(SchemaError) as info:
         inbox.install(conn, "outbox")
-    assert str(info.value) == ("schema 'outbox' already exists and holds objects that are not the inbox's; "
-                               "choose another name with --schema")
+    assert str(info.value) == (
+        "schema 'outbox' already exists and holds objects that are not the inbox's; choose another name with --schema"
+    )
     with psycopg.connect(db) as conn:
         conn.execute("CREATE SCHEMA mine")
         conn.execute("CREATE FUNCTION mine.f() RETURNS int LANGUAGE sql AS 'SELECT 1'")
@@ -91,8 +100,9 @@ def test_a_newer_inbox_than_the_code_is_refused(consumer_db: str) -> None:
         conn.commit()
         with pytest.raises(SchemaError) as info:
             inbox.install(conn)
-        assert str(info.value) == ("inbox schema 'inbox' is at version 2, newer than this outbox-relay knows (1): "
-                                   "upgrade outbox-relay")
+        assert str(info.value) == (
+            "inbox schema 'inbox' is at version 2, newer than this outbox-relay knows (1): upgrade outbox-relay"
+        )
         with pytest.raises(SchemaError, match=r"newer than this outbox-relay knows"):
             inbox_schema.check(conn)
 
@@ -108,10 +118,14 @@ def test_printed_sql_builds_the_same_inbox(empty_db: str) -> None:
 
 def test_prune_deletes_only_old_records_in_batches(consumer_db: str) -> None:
     with psycopg.connect(consumer_db) as conn:
-        conn.execute("INSERT INTO inbox.processed (consumer, message_id, processed_at) "
-                     "SELECT 'default', gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, 25)")
-        conn.execute("INSERT INTO inbox.processed (consumer, message_id, processed_at) "
-                     "SELECT 'other', gen_random_uuid(), now() - interval '6 days' FROM generate_series(1, 5)")
+        conn.execute(
+            "INSERT INTO inbox.processed (consumer, message_id, processed_at) "
+            "SELECT 'default', gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, 25)"
+        )
+        conn.execute(
+            "INSERT INTO inbox.processed (consumer, message_id, processed_at) "
+            "SELECT 'other', gen_random_uuid(), now() - interval '6 days' FROM generate_series(1, 5)"
+        )
         conn.commit()
         assert inbox.prune(conn, 7 * 86400, batch_size=10) == 25
         assert conn.execute("SELECT consumer, count(*) FROM inbox.processed GROUP BY 1").fetchall() == [("other", 5)]
@@ -169,8 +183,11 @@ def test_consumer_role_records_messages_and_can_do_nothing_else(consumer_db: str
                 ("read the records", "SELECT * FROM inbox.processed"),
                 ("delete a record", "DELETE FROM inbox.processed"),
                 ("change a record", "UPDATE inbox.processed SET consumer = 'x'"),
-                ("backdate a record", "INSERT INTO inbox.processed (consumer, message_id, processed_at) "
-                                      "VALUES ('x', gen_random_uuid(), now() - interval '1 year')"),
+                (
+                    "backdate a record",
+                    "INSERT INTO inbox.processed (consumer, message_id, processed_at) "
+                    "VALUES ('x', gen_random_uuid(), now() - interval '1 year')",
+                ),
                 ("prune", "SELECT inbox.prune(interval '0')"),
                 ("empty the table", "TRUNCATE inbox.processed"),
             ]:

@@ -18,9 +18,19 @@ MID = uuid.UUID("6b0c3b0e-8a0b-4a6b-9f2e-1a1a1a1a1a1a")
 
 
 def record(headers: list[tuple[str, bytes | None]]) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(topic="credits", partition=2, offset=15, timestamp=0, timestamp_type=0, key=b"k",
-                          value=b"{}", checksum=None, serialized_key_size=1, serialized_value_size=2,
-                          headers=headers)
+    return ConsumerRecord(
+        topic="credits",
+        partition=2,
+        offset=15,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"k",
+        value=b"{}",
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=2,
+        headers=headers,
+    )
 
 
 def test_kafka_record_header_is_read() -> None:
@@ -47,20 +57,32 @@ def test_confluent_kafka_message_headers_method_is_read() -> None:
         message_id_of(Message(None))
 
 
-@pytest.mark.parametrize(("source", "message"), [
-    (record([]), "Kafka record credits/2@15 has no message-id header: it was not published by outbox-relay"),
-    (record([("message-id", None)]), "Kafka record credits/2@15 has no message-id header"),
-    (record([("message-id", b"nope")]),
-     "Kafka record credits/2@15 has an unusable message-id header: invalid message id 'nope': not a UUID"),
-    (record([("message-id", b"\xff\xfe")]), "Kafka record credits/2@15 has an unusable message-id header: not ASCII"),
-    (record([("message-id", str(MID).encode()), ("message-id", str(uuid.uuid4()).encode())]),
-     "Kafka record credits/2@15 has an unusable message-id header: 2 different values"),
-    (pika.BasicProperties(), "AMQP message has no message_id property"),
-    (pika.BasicProperties(message_id=""), "AMQP message has no message_id property"),
-    (pika.BasicProperties(message_id="42"),
-     "AMQP message has an unusable message_id property: invalid message id '42': not a UUID"),
-    (object(), "cannot read a message id from a object: pass an aiokafka ConsumerRecord"),
-])
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (record([]), "Kafka record credits/2@15 has no message-id header: it was not published by outbox-relay"),
+        (record([("message-id", None)]), "Kafka record credits/2@15 has no message-id header"),
+        (
+            record([("message-id", b"nope")]),
+            "Kafka record credits/2@15 has an unusable message-id header: invalid message id 'nope': not a UUID",
+        ),
+        (
+            record([("message-id", b"\xff\xfe")]),
+            "Kafka record credits/2@15 has an unusable message-id header: not ASCII",
+        ),
+        (
+            record([("message-id", str(MID).encode()), ("message-id", str(uuid.uuid4()).encode())]),
+            "Kafka record credits/2@15 has an unusable message-id header: 2 different values",
+        ),
+        (pika.BasicProperties(), "AMQP message has no message_id property"),
+        (pika.BasicProperties(message_id=""), "AMQP message has no message_id property"),
+        (
+            pika.BasicProperties(message_id="42"),
+            "AMQP message has an unusable message_id property: invalid message id '42': not a UUID",
+        ),
+        (object(), "cannot read a message id from a object: pass an aiokafka ConsumerRecord"),
+    ],
+)
 def test_a_missing_or_invalid_message_id_is_one_clear_line(source: object, message: str) -> None:
     with pytest.raises(MessageIdError) as info:
         message_id_of(source)  # type: ignore[arg-type]
@@ -78,12 +100,15 @@ def test_every_spelling_of_one_uuid_is_one_message(form: object) -> None:
     assert parse_message_id(form) == MID
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    (None, "no message id: a message without one cannot be deduplicated"),
-    (str(MID).encode(), "invalid message id: got bytes; decode it, or read it with message_id_of"),
-    (42, "invalid message id: expected a str or UUID, got int"),
-    ("x\ny" * 100, "invalid message id 'x\\ny"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "no message id: a message without one cannot be deduplicated"),
+        (str(MID).encode(), "invalid message id: got bytes; decode it, or read it with message_id_of"),
+        (42, "invalid message id: expected a str or UUID, got int"),
+        ("x\ny" * 100, "invalid message id 'x\\ny"),
+    ],
+)
 def test_invalid_message_ids_are_refused_in_one_line(value: object, message: str) -> None:
     with pytest.raises(MessageIdError) as info:
         parse_message_id(value)
@@ -93,8 +118,12 @@ def test_invalid_message_ids_are_refused_in_one_line(value: object, message: str
 
 @pytest.mark.parametrize("name", ["", "Inbox", "1inbox", "in box", 'in"box', "inbox; DROP TABLE x", "i" * 51])
 def test_invalid_schema_names_never_reach_sql(name: str) -> None:
-    for render in (sqlfiles.inbox_ddl, sqlfiles.record_inbox_version,
-                   lambda s: sqlfiles.inbox_grants(s, "app"), lambda s: sqlfiles.inbox_query("first_time", s)):
+    for render in (
+        sqlfiles.inbox_ddl,
+        sqlfiles.record_inbox_version,
+        lambda s: sqlfiles.inbox_grants(s, "app"),
+        lambda s: sqlfiles.inbox_query("first_time", s),
+    ):
         with pytest.raises(ConfigError, match=r"^invalid inbox schema name"):
             render(name)
 

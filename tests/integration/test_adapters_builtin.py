@@ -54,8 +54,10 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 async def test_file_creates_parent_dirs_and_writes_one_line_per_message(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "c" / "out.jsonl"
-    batch = [outgoing(n, payload, key=key, headers={"h": str(n)})
-             for n, payload, key in [(1, None, "k1"), (2, {"x": [1, 2]}, None), (3, None, "k3")]]
+    batch = [
+        outgoing(n, payload, key=key, headers={"h": str(n)})
+        for n, payload, key in [(1, None, "k1"), (2, {"x": [1, 2]}, None), (3, None, "k3")]
+    ]
     async with connected(file_adapter(path)) as adapter:
         results = await adapter.publish(batch)
         # Acked means on disk: the lines are there the moment publish returns.
@@ -148,9 +150,7 @@ async def test_stdout_to_stream_and_closed_stream() -> None:
     stream = io.StringIO()
     adapter = StdoutAdapter("console", stream=stream)
     assert await adapter.ready() is True
-    assert outcomes(await adapter.publish([outgoing(1), outgoing(2), outgoing(3)])) == [
-        Outcome.ACKED
-    ] * 3
+    assert outcomes(await adapter.publish([outgoing(1), outgoing(2), outgoing(3)])) == [Outcome.ACKED] * 3
     lines = stream.getvalue().splitlines()
     assert [json.loads(line)["payload"] for line in lines] == [{"n": 1}, {"n": 2}, {"n": 3}]
     stream.close()
@@ -248,8 +248,13 @@ async def test_webhook_results_follow_batch_order(http_server: HttpReceiver) -> 
     async with connected(webhook(http_server.url)) as adapter:
         results = await adapter.publish(batch)
     assert outcomes(results) == [
-        Outcome.ACKED, Outcome.TRANSIENT, Outcome.UNAVAILABLE, Outcome.ACKED, Outcome.UNAVAILABLE,
-        Outcome.ACKED, Outcome.PERMANENT,
+        Outcome.ACKED,
+        Outcome.TRANSIENT,
+        Outcome.UNAVAILABLE,
+        Outcome.ACKED,
+        Outcome.UNAVAILABLE,
+        Outcome.ACKED,
+        Outcome.PERMANENT,
     ]
 
 

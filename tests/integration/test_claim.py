@@ -41,8 +41,10 @@ def fill(dsn: str, statements: list[str]) -> None:
 
 
 def keyed(n: int, key_expr: str, extra: str = "") -> str:
-    return (f"INSERT INTO outbox.messages (topic, key, payload{', next_attempt_at' if extra else ''}) "
-            f"SELECT 't', {key_expr}, '\\x00'::bytea{', ' + extra if extra else ''} FROM generate_series(1, {n}) g")
+    return (
+        f"INSERT INTO outbox.messages (topic, key, payload{', next_attempt_at' if extra else ''}) "
+        f"SELECT 't', {key_expr}, '\\x00'::bytea{', ' + extra if extra else ''} FROM generate_series(1, {n}) g"
+    )
 
 
 async def claim_cost(dsn: str, *, hold: bool = False, limit: int = BATCH) -> tuple[int, int]:
@@ -62,7 +64,8 @@ async def _one_claim(conn: psycopg.AsyncConnection[Any], store: OutboxStore, lim
         claim = await store.claim(conn, limit)
         cur = await conn.execute(
             "SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read FROM pg_stat_xact_user_tables"
-            " WHERE relid = 'outbox.messages'::regclass")
+            " WHERE relid = 'outbox.messages'::regclass"
+        )
         row = await cur.fetchone()
         assert row is not None
         return len(claim.messages), int(row[0])
@@ -93,13 +96,20 @@ def shape_rows(shape: str, n: int) -> list[str]:
     return [keyed(n, "'k' || g")]
 
 
-@pytest.mark.parametrize("shape", [
-    "keyless", "one key", "100 keys", "every message its own key",
-    "1 key held back behind a head that waits", "keyless rows waiting for a broker",
-    "every key waiting for a broker",
-    "100 keys arriving after statistics that saw only keyless rows",
-    "keyless rows arriving after statistics that saw only keyed rows",
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "keyless",
+        "one key",
+        "100 keys",
+        "every message its own key",
+        "1 key held back behind a head that waits",
+        "keyless rows waiting for a broker",
+        "every key waiting for a broker",
+        "100 keys arriving after statistics that saw only keyless rows",
+        "keyless rows arriving after statistics that saw only keyed rows",
+    ],
+)
 async def test_claim_cost_follows_the_batch_not_the_backlog(db: str, admin_dsn: str, shape: str) -> None:
     small, large = 2_000, 40_000
     costs = {}
@@ -136,9 +146,15 @@ async def test_every_key_gets_its_turn(db: str) -> None:
 
 
 async def test_hold_skips_a_key_with_a_dead_letter_before_its_head(db: str) -> None:
-    fill(db, [keyed(3, "'k'"), keyed(2, "'other' || g"),
-              "UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'x' "
-              "WHERE id = (SELECT min(id) FROM outbox.messages)"])
+    fill(
+        db,
+        [
+            keyed(3, "'k'"),
+            keyed(2, "'other' || g"),
+            "UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'x' "
+            "WHERE id = (SELECT min(id) FROM outbox.messages)",
+        ],
+    )
     held_claimed, _ = await claim_cost(db, hold=True)
     released_claimed, _ = await claim_cost(db, hold=False)
     assert (held_claimed, released_claimed) == (2, 4)
@@ -160,8 +176,12 @@ async def test_upgrade_from_version_1_keeps_pending_rows_claimable_in_order(empt
         messages = (await store.claim(conn, 10)).messages
     assert [m.id for m in messages if m.key == "k"] == [1, 2, 3, 4, 5]
     with psycopg.connect(empty_db) as conn:
-        indexes = {r[0] for r in conn.execute(
-            "SELECT indexname FROM pg_indexes WHERE schemaname = 'outbox' AND tablename = 'messages'").fetchall()}
+        indexes = {
+            r[0]
+            for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'outbox' AND tablename = 'messages'"
+            ).fetchall()
+        }
     assert "messages_pending_idx" not in indexes and "messages_keyed_pending_idx" in indexes
 
 
@@ -176,8 +196,9 @@ async def test_no_busy_loop_when_everything_claimable_is_held_by_someone_else(db
     fake = FakeAdapter()
     # Another relay's batch, as PostgreSQL sees it: the rows locked by an open transaction.
     with psycopg.connect(db) as other:
-        other.execute("SELECT id FROM outbox.messages ORDER BY id LIMIT %s FOR UPDATE",
-                      (1 if held == "a key's head" else 50,))
+        other.execute(
+            "SELECT id FROM outbox.messages ORDER BY id LIMIT %s FOR UPDATE", (1 if held == "a key's head" else 50,)
+        )
         async with running_relay(make_config(db, poll_interval="100ms", workers=2), {"main": fake}) as relay:
             # The positive signal: the workers have woken by their poll several times.
             await wait_until(lambda: wakeups(relay, "poll") >= 10, timeout=30)
@@ -193,8 +214,9 @@ async def test_a_walk_over_waiting_keys_is_bounded_then_sleeps(db: str) -> None:
 
     keys, batch = 2_000, 10
     fill(db, [keyed(keys, "'w' || g", "now() + interval '1 hour'")])  # every key waits (a broker outage)
-    async with running_relay(make_config(db, poll_interval="100ms", workers=1, batch_size=batch),
-                             {"main": FakeAdapter()}) as relay:
+    async with running_relay(
+        make_config(db, poll_interval="100ms", workers=1, batch_size=batch), {"main": FakeAdapter()}
+    ) as relay:
         await wait_until(lambda: wakeups(relay, "poll") >= 5, timeout=60)
         polls, again = wakeups(relay, "poll"), wakeups(relay, "backlog")
         notified = wakeups(relay, "notify")  # the listener's wake-up when it (re)connects
@@ -212,15 +234,17 @@ async def test_a_walk_over_waiting_keys_is_bounded_then_sleeps(db: str) -> None:
 
 def dead_letter(dsn: str, ids: list[int]) -> None:
     with psycopg.connect(dsn) as conn:
-        conn.execute("UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'x' "
-                     "WHERE id = ANY(%s)", (ids,))
+        conn.execute(
+            "UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'x' WHERE id = ANY(%s)", (ids,)
+        )
         conn.commit()
 
 
 def requeue(dsn: str, ids: list[int]) -> None:
     with psycopg.connect(dsn) as conn:
-        conn.execute("UPDATE outbox.messages SET dead_lettered_at = NULL, dead_letter_reason = NULL "
-                     "WHERE id = ANY(%s)", (ids,))
+        conn.execute(
+            "UPDATE outbox.messages SET dead_lettered_at = NULL, dead_letter_reason = NULL WHERE id = ANY(%s)", (ids,)
+        )
         conn.commit()
 
 
@@ -245,15 +269,19 @@ async def test_a_requeue_under_release_never_lets_two_relays_claim_the_same_rows
         b_task = asyncio.create_task(b_claims())
         # The positive signal: B is waiting for A's rows (a lock wait PostgreSQL reports).
         with psycopg.connect(db, autocommit=True) as watch:
+
             def lock_waits() -> int:
-                row = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                    "AND datname = current_database()").fetchone()
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                ).fetchone()
                 return row[0] if row else 0
 
             await wait_until(lambda: lock_waits() > 0, timeout=5, interval=0.01, what="B waiting for A's run")
         assert not b_task.done()
-        await a.execute("UPDATE outbox.messages SET dispatched_at = now() WHERE id = ANY(%s)",
-                        ([m.id for m in a_claim.messages],))
+        await a.execute(
+            "UPDATE outbox.messages SET dispatched_at = now() WHERE id = ANY(%s)", ([m.id for m in a_claim.messages],)
+        )
         await a.execute("COMMIT")
         b_ids = await asyncio.wait_for(b_task, 10)
     assert b_ids == [1], "B took the requeued row alone: A's rows were dispatched when it got their locks"
@@ -287,11 +315,13 @@ async def test_claim_cost_under_hold_does_not_read_held_rows(db: str) -> None:
 # --- the byte budget ---------------------------------------------------------------------
 
 
-async def claim_with(dsn: str, *, max_batch_bytes: int, max_payload_bytes: int | None,
-                     limit: int = BATCH) -> list[tuple[int, str | None, int, int]]:
+async def claim_with(
+    dsn: str, *, max_batch_bytes: int, max_payload_bytes: int | None, limit: int = BATCH
+) -> list[tuple[int, str | None, int, int]]:
     """[(id, key, len(payload), size)] of one claim."""
-    store = OutboxStore(Queries("outbox"), hold_dead_letters=False,
-                        max_batch_bytes=max_batch_bytes, max_payload_bytes=max_payload_bytes)
+    store = OutboxStore(
+        Queries("outbox"), hold_dead_letters=False, max_batch_bytes=max_batch_bytes, max_payload_bytes=max_payload_bytes
+    )
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         await store.prepare_session(conn)
         await conn.commit()
@@ -301,8 +331,10 @@ async def claim_with(dsn: str, *, max_batch_bytes: int, max_payload_bytes: int |
 
 
 def sized(n: int, key_expr: str, size: int) -> str:
-    return (f"INSERT INTO outbox.messages (topic, key, payload) "
-            f"SELECT 't', {key_expr}, convert_to(repeat('x', {size}), 'UTF8') FROM generate_series(1, {n}) g")
+    return (
+        f"INSERT INTO outbox.messages (topic, key, payload) "
+        f"SELECT 't', {key_expr}, convert_to(repeat('x', {size}), 'UTF8') FROM generate_series(1, {n}) g"
+    )
 
 
 @pytest.mark.parametrize("key_expr", ["NULL", "'k'", "'k' || (g % 3)"])
@@ -338,19 +370,23 @@ async def test_a_payload_over_the_limit_comes_without_its_bytes(db: str, key_exp
     assert [(len(m.payload), m.size) for m in messages] == [(10, 10), (0, big), (10, 10), (10, 10)]
     # The 5 MiB row lives in ~640 TOAST pages: the claim read (almost) none of them.
     with psycopg.connect(db, autocommit=True) as watch:
+
         def blocks() -> tuple[int, int]:
             """(heap, TOAST) blocks of outbox.messages read since the reset, as reported so far."""
-            row = watch.execute("SELECT coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0), "
-                                "coalesce(toast_blks_read, 0) + coalesce(toast_blks_hit, 0) "
-                                "FROM pg_statio_user_tables WHERE relid = 'outbox.messages'::regclass").fetchone()
+            row = watch.execute(
+                "SELECT coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0), "
+                "coalesce(toast_blks_read, 0) + coalesce(toast_blks_hit, 0) "
+                "FROM pg_statio_user_tables WHERE relid = 'outbox.messages'::regclass"
+            ).fetchone()
             assert row is not None
             return int(row[0]), int(row[1])
 
         def claim_reported() -> bool:
             # A session reports its statistics by the time it has ended (to the collector of
             # PostgreSQL < 15, which shows them a moment later): the claim's heap reads show.
-            ended = watch.execute("SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)",
-                                  (claimer,)).fetchone()
+            ended = watch.execute(
+                "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)", (claimer,)
+            ).fetchone()
             return bool(ended and ended[0]) and blocks()[0] > 0
 
         # The positive signal: the claim's statistics are in.

@@ -62,8 +62,10 @@ async def test_partial_batch_success_marks_only_acked_rows(db: str) -> None:
     async with running_relay(cfg, {"main": fake}):
         await wait_until(lambda: count(db, "attempts > 0") == 6)
     assert count(db, "dispatched_at IS NOT NULL") == 3
-    failed = rows(db, "SELECT message_id::text, last_error, next_attempt_at > now() "
-                      "FROM outbox.messages WHERE dispatched_at IS NULL")
+    failed = rows(
+        db,
+        "SELECT message_id::text, last_error, next_attempt_at > now() FROM outbox.messages WHERE dispatched_at IS NULL",
+    )
     assert {r[0] for r in failed} == failing
     assert all(r[1] == "boom" and r[2] for r in failed)
 
@@ -124,12 +126,15 @@ async def test_no_route_is_dead_lettered_not_dropped(db: str) -> None:
 async def test_route_destination_reaches_the_adapter(db: str) -> None:
     enqueue_many(db, [("orders.created", None, 1), ("other", None, 2)])
     fake = FakeAdapter()
-    cfg = make_config(db, routes=[{"topic": "orders.*", "broker": "main", "destination": "orders"},
-                                  {"topic": "*", "broker": "main"}])
+    cfg = make_config(
+        db, routes=[{"topic": "orders.*", "broker": "main", "destination": "orders"}, {"topic": "*", "broker": "main"}]
+    )
     async with running_relay(cfg, {"main": fake}):
         await wait_until(lambda: len(fake.delivered) == 2)
     assert {(o.message.topic, o.destination) for o in fake.delivered} == {
-        ("orders.created", "orders"), ("other", "other")}
+        ("orders.created", "orders"),
+        ("other", "other"),
+    }
 
 
 async def test_notify_wakes_an_idle_relay_well_inside_the_poll_interval(db: str) -> None:
@@ -171,7 +176,8 @@ async def test_lost_listen_connection_is_restored(db: str) -> None:
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() "
                 # The listener's last statement: LISTEN, or its watch of skipped NOTIFYs.
-                "AND (query ILIKE 'LISTEN%%' OR query ILIKE '%%skipped_wakeups()%%')").fetchall()
+                "AND (query ILIKE 'LISTEN%%' OR query ILIKE '%%skipped_wakeups()%%')"
+            ).fetchall()
         assert killed, "no LISTEN connection found"
         await wait_until(lambda: not relay._listener.connected, timeout=5)
         # The positive signal: `connected` is set once LISTEN has run on the new connection.
@@ -207,8 +213,7 @@ async def test_per_key_order_with_concurrent_writers_and_injected_failures(db: s
     fake = FakeAdapter(script=flaky, keeps_key_order=keeps_key_order)
     keys = [f"k{i}" for i in range(8)]
     per_writer = 60
-    cfg = make_config(db, batch_size=50, workers=3, max_attempts=1000,
-                      retry={"initial": "5ms", "max": "20ms"})
+    cfg = make_config(db, batch_size=50, workers=3, max_attempts=1000, retry={"initial": "5ms", "max": "20ms"})
 
     async def writer(key: str) -> None:
         # One writer per key: writes to one key are serialized, the documented precondition.
@@ -231,8 +236,11 @@ async def test_per_key_order_with_concurrent_writers_and_injected_failures(db: s
 
 async def test_a_failing_message_holds_back_only_its_own_key(db: str) -> None:
     enqueue_many(db, [("t", "bad", b"0"), ("t", "bad", b"1"), ("t", "good", b"0"), ("t", "good", b"1")])
-    fake = FakeAdapter(script=lambda out: PublishResult.transient("down")
-                       if out.message.key == "bad" and out.message.payload == b"0" else None)
+    fake = FakeAdapter(
+        script=lambda out: (
+            PublishResult.transient("down") if out.message.key == "bad" and out.message.payload == b"0" else None
+        )
+    )
     async with running_relay(make_config(db, max_attempts=1000), {"main": fake}):
         await wait_until(lambda: len(fake.delivered) == 2)
         # The positive signal: "bad"/0 has failed several times over, each time a chance
@@ -246,8 +254,9 @@ async def test_a_failing_message_holds_back_only_its_own_key(db: str) -> None:
 @pytest.mark.parametrize("policy", ["release", "hold"])
 async def test_dead_letter_policy_for_later_messages_of_the_key(db: str, policy: str) -> None:
     enqueue_many(db, [("t", "k", b"poison"), ("t", "k", b"next"), ("t", "other", b"x")])
-    fake = FakeAdapter(script=lambda out: PublishResult.permanent("too large")
-                       if out.message.payload == b"poison" else None)
+    fake = FakeAdapter(
+        script=lambda out: PublishResult.permanent("too large") if out.message.payload == b"poison" else None
+    )
     async with running_relay(make_config(db, dead_letter_policy=policy), {"main": fake}) as relay:
         await wait_until(lambda: count(db, "dead_lettered_at IS NOT NULL") == 1)
         await wait_until(lambda: any(o.message.key == "other" for o in fake.delivered))
@@ -330,8 +339,10 @@ async def test_heartbeat_reports_the_relay_and_its_in_flight_count(db: str) -> N
     enqueue_many(db, [("t", None, i) for i in range(3)])
     fake = FakeAdapter(delay=2.0)
     async with running_relay(make_config(db, workers=1), {"main": fake}, heartbeat_every=0.1) as relay:
-        await wait_until(lambda: rows(db, "SELECT in_flight FROM outbox.relays WHERE relay_id = %s",
-                                      relay.relay_id) == [(3,)], timeout=10)
+        await wait_until(
+            lambda: rows(db, "SELECT in_flight FROM outbox.relays WHERE relay_id = %s", relay.relay_id) == [(3,)],
+            timeout=10,
+        )
     assert rows(db, "SELECT count(*) FROM outbox.relays")[0][0] == 0, "a stopped relay removes its row"
 
 
@@ -386,8 +397,9 @@ async def test_a_long_run_of_one_key_is_spread_over_batches(db: str) -> None:
     # its transaction long enough for Postgres to end it.
     enqueue_many(db, [("t", "hot", str(i).encode()) for i in range(40)])
     fake = FakeAdapter(delay=0.05)
-    async with running_relay(make_config(db, batch_size=100, workers=1, publish_timeout="300ms"),
-                             {"main": fake}) as relay:
+    async with running_relay(
+        make_config(db, batch_size=100, workers=1, publish_timeout="300ms"), {"main": fake}
+    ) as relay:
         await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 40, timeout=30)
         batches = relay.metrics.registry.get_sample_value("outbox_relay_batch_size_count")
     assert [int(o.message.payload) for o in fake.delivered] == list(range(40))
@@ -404,8 +416,11 @@ async def test_claims_run_read_committed_whatever_the_database_default(admin_dsn
 
     dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
-            sql.Identifier(str(dbname)), sql.Literal(level)))
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+                sql.Identifier(str(dbname)), sql.Literal(level)
+            )
+        )
     enqueue_many(db, [("t", f"k{i % 10}", {"i": i}) for i in range(300)])
     fake = FakeAdapter(keeps_key_order=True)
     cfg = make_config(db, batch_size=20, workers=3)
@@ -483,7 +498,8 @@ async def test_a_worker_session_is_ended_by_postgres_after_the_limit_the_readme_
 
 
 async def test_a_connection_lost_while_a_worker_sets_its_session_up_is_survived(
-        db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A failover or pg_terminate_backend can end a worker's connection between its
     # connect and its first claim, while the session's settings are being applied: the
     # worker must reconnect (before: the error ended the worker, and the relay with it).

@@ -55,6 +55,7 @@ async def test_relay_dead_letters_payloads_over_its_maximum(db: str) -> None:
         big = enqueue(conn, "t", b"x" * 2000)
         conn.commit()
     fake = FakeAdapter()
+
     def dead() -> int:
         with psycopg.connect(db) as conn:
             row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone()
@@ -64,8 +65,9 @@ async def test_relay_dead_letters_payloads_over_its_maximum(db: str) -> None:
         await wait_until(lambda: len(fake.delivered) == 1 and dead() == 1)
     assert [out.message.payload for out in fake.delivered] == [b"small"]
     with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT message_id, dead_letter_reason FROM outbox.messages "
-                           "WHERE dead_lettered_at IS NOT NULL").fetchone()
+        row = conn.execute(
+            "SELECT message_id, dead_letter_reason FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
+        ).fetchone()
     assert row == (big, "payload too large: 2000 bytes > relay.max_payload_bytes (1000)")
 
 
@@ -126,15 +128,44 @@ routes: [{{topic: "*", broker: mq}}]
 
 def _make_certs(directory: Path) -> None:
     """A CA and a server certificate for 127.0.0.1, with openssl."""
+
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.crt")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
     run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
     (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-        "-extfile", "san.ext", "-out", "server.crt")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    )
 
 
 async def test_relay_over_tls_to_postgresql(tmp_path: Path) -> None:
@@ -150,8 +181,13 @@ async def test_relay_over_tls_to_postgresql(tmp_path: Path) -> None:
                 entry = pwd.getpwnam(cluster.run_as)
                 os.chown(cluster.datadir / name, entry.pw_uid, entry.pw_gid)
             os.chmod(cluster.datadir / name, 0o600)
-        cluster.restart(settings={"ssl": "on", "ssl_cert_file": str(cluster.datadir / "server.crt"),
-                                  "ssl_key_file": str(cluster.datadir / "server.key")})
+        cluster.restart(
+            settings={
+                "ssl": "on",
+                "ssl_cert_file": str(cluster.datadir / "server.crt"),
+                "ssl_key_file": str(cluster.datadir / "server.key"),
+            }
+        )
         dsn = make_conninfo(cluster.dsn, sslmode="verify-full", sslrootcert=str(certs / "ca.crt"))
         with psycopg.connect(dsn) as conn:
             schema_manager.install(conn, "outbox")
@@ -162,8 +198,10 @@ async def test_relay_over_tls_to_postgresql(tmp_path: Path) -> None:
         async with running_relay(make_config(dsn), {"main": fake}):
             await wait_until(lambda: len(fake.delivered) == 1)
         with pytest.raises(psycopg.OperationalError):
-            psycopg.connect(make_conninfo(cluster.dsn, sslmode="verify-full",
-                                          sslrootcert=str(certs / "server.crt")), connect_timeout=3)
+            psycopg.connect(
+                make_conninfo(cluster.dsn, sslmode="verify-full", sslrootcert=str(certs / "server.crt")),
+                connect_timeout=3,
+            )
     finally:
         local_postgres.destroy(cluster)
 
@@ -177,6 +215,7 @@ async def test_a_reason_with_nul_a_lone_surrogate_and_any_length_is_recorded_not
         enqueue(conn, "t", {"n": 1}, key="bad")
         enqueue(conn, "t", {"n": 2}, key="good")
         conn.commit()
+
     def dead() -> int:
         with psycopg.connect(db) as conn:
             row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone()
@@ -196,12 +235,15 @@ async def test_a_reason_with_nul_a_lone_surrogate_and_any_length_is_recorded_not
 @pytest.mark.parametrize("created_at", ["infinity", "-infinity", "10000-01-01"])
 @pytest.mark.parametrize("key", [None, "k"])
 async def test_a_row_with_a_timestamp_python_cannot_hold_is_still_delivered(
-        db: str, created_at: str, key: str | None) -> None:
+    db: str, created_at: str, key: str | None
+) -> None:
     # Written by hand (the producer role cannot set created_at): loading it failed every
     # claim that read it, so the relay restarted into the same row forever.
     with psycopg.connect(db) as conn:
-        conn.execute("INSERT INTO outbox.messages (topic, key, payload, created_at) VALUES ('t', %s, '\\x01', %s)",
-                     (key, created_at))
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, key, payload, created_at) VALUES ('t', %s, '\\x01', %s)",
+            (key, created_at),
+        )
         enqueue(conn, "t", {"after": True}, key=key)
         conn.commit()
     fake = FakeAdapter()
@@ -212,14 +254,17 @@ async def test_a_row_with_a_timestamp_python_cannot_hold_is_still_delivered(
         await wait_until(lambda: len(fake.delivered) == (1 if waits else 2), timeout=10)
         # The lag gauges still work (the age of an 'infinity' row cannot be computed: it
         # made every maintenance round fail, and with it retention).
-        await wait_until(lambda: relay.metrics.registry.get_sample_value(
-            "outbox_relay_pending_messages") == (1 if waits else 0), timeout=10)
+        await wait_until(
+            lambda: relay.metrics.registry.get_sample_value("outbox_relay_pending_messages") == (1 if waits else 0),
+            timeout=10,
+        )
     payloads = [out.message.payload for out in fake.delivered]
     assert payloads == ([b'{"after":true}'] if waits else [b"\x01", b'{"after":true}']), payloads
 
 
 def test_postgres_binaries_are_copied_into_a_fresh_private_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # As root, local_postgres copies the server's installation where the postgres user
     # can run it. The old fixed path (/tmp/outbox-relay-pginstall-<pid>) could be planted
     # beforehand by another user; the copy must land in a directory nobody else chose.
@@ -270,8 +315,10 @@ def test_a_failover_to_a_read_only_database_is_survived_and_left_when_writable(d
         relay.wait_started()
         with psycopg.connect(db, autocommit=True) as admin:
             admin.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(database))
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
         with psycopg.connect(db, options="-c default_transaction_read_only=off") as writer:
             for n in range(5):
                 enqueue(writer, "orders", {"n": n}, key="k")
@@ -279,8 +326,11 @@ def test_a_failover_to_a_read_only_database_is_survived_and_left_when_writable(d
 
         def refused_for_read_only() -> bool:
             assert relay.proc.poll() is None, "the relay died on a read-only database"
-            return any("read-only" in str(event.get("error", "")) for event in relay.logs()
-                       if event.get("event") == "database_connection_lost")
+            return any(
+                "read-only" in str(event.get("error", ""))
+                for event in relay.logs()
+                if event.get("event") == "database_connection_lost"
+            )
 
         wait_for(refused_for_read_only, 60, "a read-only refusal logged")
         assert read_jsonl(sink) == [], "nothing can be marked dispatched on a read-only node"

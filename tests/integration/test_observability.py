@@ -49,8 +49,14 @@ async def test_health_endpoints_and_metrics(db: str) -> None:
             live = await client.get(f"{base}/livez")
             ready = await client.get(f"{base}/readyz")
             # Counted once the batch is committed, a moment after the adapter saw it.
-            await wait_until(lambda: relay.metrics.registry.get_sample_value(
-                "outbox_relay_messages_published_total", {"broker": "main", "destination": "orders"}) == 5)
+            await wait_until(
+                lambda: (
+                    relay.metrics.registry.get_sample_value(
+                        "outbox_relay_messages_published_total", {"broker": "main", "destination": "orders"}
+                    )
+                    == 5
+                )
+            )
             # And a heartbeat after that has refreshed the gauges.
             await wait_until(lambda: relay.metrics.registry.get_sample_value("outbox_relay_pending_messages") == 0)
             text = (await client.get(f"{base}/metrics")).text
@@ -92,15 +98,30 @@ async def test_pending_and_lag_gauges_follow_the_backlog(db: str) -> None:
             enqueue(conn, "t", {"i": i})
         conn.commit()
     async with running_relay(make_config(db), {"main": fake}, heartbeat_every=0.1) as relay:
+
         def gauge(name: str) -> float:
             return relay.metrics.registry.get_sample_value(name) or 0.0
 
         # The positive signals: the gauges have been refreshed with the backlog seen as
         # more than a second old.
-        await wait_until(lambda: gauge("outbox_relay_pending_messages") == 7
-                         and gauge("outbox_relay_oldest_pending_age_seconds") >= 1.0, timeout=30)
-        await wait_until(lambda: (relay.metrics.registry.get_sample_value(
-            "outbox_relay_publish_failures_total", {"broker": "main", "kind": "unavailable"}) or 0) >= 7, timeout=30)
+        await wait_until(
+            lambda: (
+                gauge("outbox_relay_pending_messages") == 7 and gauge("outbox_relay_oldest_pending_age_seconds") >= 1.0
+            ),
+            timeout=30,
+        )
+        await wait_until(
+            lambda: (
+                (
+                    relay.metrics.registry.get_sample_value(
+                        "outbox_relay_publish_failures_total", {"broker": "main", "kind": "unavailable"}
+                    )
+                    or 0
+                )
+                >= 7
+            ),
+            timeout=30,
+        )
         text = relay.metrics.render().decode()
     assert metric(text, "outbox_relay_pending_messages") == 7
     assert (metric(text, "outbox_relay_oldest_pending_age_seconds") or 0) >= 1.0
@@ -115,8 +136,13 @@ async def test_long_transaction_watchdog_names_the_pid(db: str) -> None:
             config = make_config(db, long_transaction_warning="500ms")
             async with running_relay(config, {"main": FakeAdapter()}, heartbeat_every=0.1) as relay:
                 await wait_until(lambda: any(e["event"] == "long_transaction" for e in logs), timeout=30)
-                await wait_until(lambda: (relay.metrics.registry.get_sample_value(
-                    "outbox_relay_oldest_transaction_age_seconds") or 0) >= 0.5, timeout=30)
+                await wait_until(
+                    lambda: (
+                        (relay.metrics.registry.get_sample_value("outbox_relay_oldest_transaction_age_seconds") or 0)
+                        >= 0.5
+                    ),
+                    timeout=30,
+                )
                 text = relay.metrics.render().decode()
         blocker.rollback()
     warnings = [e for e in logs if e["event"] == "long_transaction"]
@@ -137,8 +163,10 @@ async def test_a_burst_of_readyz_requests_costs_the_database_one_session(db: str
         nonlocal most
         with psycopg.connect(db, autocommit=True) as conn:
             while not sampling.is_set():
-                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                                   "AND application_name = 'outbox-relay'", (dbname,)).fetchone()
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'outbox-relay'",
+                    (dbname,),
+                ).fetchone()
                 most = max(most, row[0] if row else 0)
                 time.sleep(0.005)  # the sampling interval
 
@@ -170,9 +198,14 @@ async def test_destination_labels_are_capped_per_broker(db: str) -> None:
         conn.commit()
     fake = FakeAdapter()
     async with running_relay(make_config(db), {"main": fake}) as relay:
+
         def samples() -> list[Any]:
-            return [s for metric in relay.metrics.registry.collect() for s in metric.samples
-                    if s.name == "outbox_relay_messages_published_total"]
+            return [
+                s
+                for metric in relay.metrics.registry.collect()
+                for s in metric.samples
+                if s.name == "outbox_relay_messages_published_total"
+            ]
 
         # Counted once the batch is committed, a moment after the adapter saw it.
         await wait_until(lambda: sum(s.value for s in samples()) == 150, timeout=30)

@@ -99,7 +99,8 @@ def test_works_with_the_callers_row_factory(db: str) -> None:
 def test_sql_enqueue_returns_the_message_id(db: str) -> None:
     with psycopg.connect(db) as conn:
         row = conn.execute(
-            "SELECT outbox.enqueue('orders.created', 'order-42', '{\"total\": 10}', '{\"h\": \"v\"}')").fetchone()
+            "SELECT outbox.enqueue('orders.created', 'order-42', '{\"total\": 10}', '{\"h\": \"v\"}')"
+        ).fetchone()
         assert row is not None
         stored = conn.execute("SELECT message_id, payload, headers, content_type FROM outbox.messages").fetchone()
     assert stored is not None

@@ -173,18 +173,18 @@ def test_producer_role_can_enqueue_and_nothing_else(db: str) -> None:
             forgeries = {
                 "read other rows": "SELECT * FROM outbox.messages",
                 "choose the id": "INSERT INTO outbox.messages (id, topic, payload) OVERRIDING SYSTEM VALUE "
-                                 "VALUES (9223372036854775000, 't', '\\x00')",
+                "VALUES (9223372036854775000, 't', '\\x00')",
                 "block a key forever": "INSERT INTO outbox.messages (topic, key, payload, next_attempt_at) "
-                                       "VALUES ('t', 'k', '\\x00', 'infinity')",
+                "VALUES ('t', 'k', '\\x00', 'infinity')",
                 "forge a delivery": "INSERT INTO outbox.messages (topic, payload, dispatched_at) "
-                                    "VALUES ('t', '\\x00', now())",
+                "VALUES ('t', '\\x00', now())",
                 "forge a dead letter": "INSERT INTO outbox.messages (topic, payload, dead_lettered_at, "
-                                       "dead_letter_reason) VALUES ('t', '\\x00', now(), 'x')",
+                "dead_letter_reason) VALUES ('t', '\\x00', now(), 'x')",
                 "spend attempts": "INSERT INTO outbox.messages (topic, payload, attempts) VALUES ('t', '\\x00', 99)",
                 "backdate": "INSERT INTO outbox.messages (topic, payload, created_at) "
-                            "VALUES ('t', '\\x00', '2000-01-01')",
+                "VALUES ('t', '\\x00', '2000-01-01')",
                 "choose the message id": "INSERT INTO outbox.messages (topic, payload, message_id) "
-                                         "VALUES ('t', '\\x00', gen_random_uuid())",
+                "VALUES ('t', '\\x00', gen_random_uuid())",
                 "mark a row dispatched": "UPDATE outbox.messages SET dispatched_at = now()",
                 "delete rows": "DELETE FROM outbox.messages",
             }
@@ -271,14 +271,17 @@ async def test_roles_work_in_a_database_that_revoked_everything_from_public(empt
             conn.execute(sqlfiles.grants(kind, "outbox", role))
         public_execute = conn.execute(
             "SELECT count(*) FROM pg_proc WHERE pronamespace = 'outbox'::regnamespace "
-            "AND has_function_privilege('public', oid, 'EXECUTE')").fetchone()
+            "AND has_function_privilege('public', oid, 'EXECUTE')"
+        ).fetchone()
         assert public_execute == (0,), "the revocation took: PUBLIC may execute none of the schema's functions"
     try:
         with psycopg.connect(make_conninfo(empty_db, user=producer, password="pw")) as conn:
             enqueue(conn, "t", {"n": 1}, key="k", headers={"trace": "a"})
             conn.execute("SELECT outbox.enqueue('t', 'k', '{\"n\": 2}', '{\"trace\": \"b\"}')")
-            conn.execute("INSERT INTO outbox.messages (topic, key, payload, headers) "
-                         "VALUES ('t', 'k', '{\"n\": 3}', '{\"trace\": \"c\"}')")
+            conn.execute(
+                "INSERT INTO outbox.messages (topic, key, payload, headers) "
+                "VALUES ('t', 'k', '{\"n\": 3}', '{\"trace\": \"c\"}')"
+            )
             conn.commit()
         fake = FakeAdapter()
         relay_dsn = make_conninfo(empty_db, user=relay, password="pw")

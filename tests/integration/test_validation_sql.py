@@ -25,9 +25,12 @@ topics = st.one_of(
     _valid_topics,
     st.text(_topic_chars, min_size=248, max_size=251),
     st.text(_chars, max_size=12),
-    st.builds(lambda a, b, c: a + b + c, st.text(_topic_chars, max_size=4),
-              st.sampled_from([" ", "*", "é", "\t", ",", "#", "\n", "😀"]),
-              st.text(_topic_chars, max_size=4)),
+    st.builds(
+        lambda a, b, c: a + b + c,
+        st.text(_topic_chars, max_size=4),
+        st.sampled_from([" ", "*", "é", "\t", ",", "#", "\n", "😀"]),
+        st.text(_topic_chars, max_size=4),
+    ),
 )
 keys = st.one_of(
     st.none(),
@@ -49,9 +52,7 @@ header_values = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
 )
 headers = st.one_of(
-    st.dictionaries(
-        st.text(_chars, min_size=1, max_size=8), st.text(_chars, max_size=8), max_size=3
-    ),
+    st.dictionaries(st.text(_chars, min_size=1, max_size=8), st.text(_chars, max_size=8), max_size=3),
     st.dictionaries(header_names, header_values, max_size=3),
 )
 
@@ -86,9 +87,7 @@ BINARY = "SELECT outbox.enqueue_binary(%s, %s, %s, %s::jsonb, %s)"
 JSONB = "SELECT outbox.enqueue(%s, %s, %s::jsonb, %s::jsonb)"
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(topic=topics, key=keys, header_map=headers)
 def test_python_and_sql_validation_agree(
     conn: psycopg.Connection[Any], topic: str, key: str | None, header_map: dict[str, Any]
@@ -122,7 +121,10 @@ def test_python_and_sql_validation_agree(
     ],
 )
 def test_boundaries_agree(
-    conn: psycopg.Connection[Any], topic: str, key: str | None, header_map: dict[str, Any],
+    conn: psycopg.Connection[Any],
+    topic: str,
+    key: str | None,
+    header_map: dict[str, Any],
     accepted: bool,
 ) -> None:
     assert python_accepts(topic, key, header_map) is accepted
@@ -145,8 +147,7 @@ def test_sql_rejects_null_payload(conn: psycopg.Connection[Any]) -> None:
 
 def test_sql_null_headers_and_content_type_take_defaults(conn: psycopg.Connection[Any]) -> None:
     row = conn.execute(
-        "SELECT message_id FROM outbox.enqueue_binary('t', NULL, 'x'::bytea, NULL, NULL) "
-        "AS message_id"
+        "SELECT message_id FROM outbox.enqueue_binary('t', NULL, 'x'::bytea, NULL, NULL) AS message_id"
     ).fetchone()
     assert row is not None
     stored = conn.execute(
@@ -161,9 +162,7 @@ def test_trailing_newline_topic_agrees(conn: psycopg.Connection[Any]) -> None:
     assert not python_accepts(topic, None, {})
 
 
-@pytest.mark.parametrize(
-    ("key", "header_map"), [("k\x00", {}), (None, {"a": "b\x00"}), (None, {"a\x00": "b"})]
-)
+@pytest.mark.parametrize(("key", "header_map"), [("k\x00", {}), (None, {"a": "b\x00"}), (None, {"a\x00": "b"})])
 def test_nul_characters_rejected_before_sql(
     conn: psycopg.Connection[Any], key: str | None, header_map: dict[str, str]
 ) -> None:
@@ -236,9 +235,7 @@ def test_python_validation_error_runs_no_sql(db: str) -> None:
 def test_check_constraints_reject_direct_insert(
     conn: psycopg.Connection[Any], columns: str, values: tuple[Any, ...], constraint: str
 ) -> None:
-    placeholders = ", ".join(
-        "%s::jsonb" if name.strip() == "headers" else "%s" for name in columns.split(",")
-    )
+    placeholders = ", ".join("%s::jsonb" if name.strip() == "headers" else "%s" for name in columns.split(","))
     with pytest.raises(psycopg.errors.CheckViolation) as info, conn.transaction():
         conn.execute(f"INSERT INTO outbox.messages ({columns}) VALUES ({placeholders})", values)
     assert info.value.diag.constraint_name == constraint

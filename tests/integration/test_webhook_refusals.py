@@ -22,19 +22,23 @@ from tests.support.waiting import wait_until
 
 def pending_and_dead(dsn: str) -> tuple[int, int, int]:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL), "
-                           "count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
-                           "FROM outbox.messages").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL), "
+            "count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
+            "FROM outbox.messages"
+        ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2] or 0)
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
 async def test_an_endpoint_that_refuses_the_relay_holds_its_messages_without_spending_attempts(
-        db: str, status: int) -> None:
+    db: str, status: int
+) -> None:
     endpoint = HttpReceiver(answer(status))  # a rotated token, a moved endpoint
-    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url + "/hooks/orders"}},
-                         max_attempts=1)  # a spent attempt would be a dead letter
+    config = make_config(
+        db, brokers={"hook": {"type": "webhook", "url": endpoint.url + "/hooks/orders"}}, max_attempts=1
+    )  # a spent attempt would be a dead letter
     try:
         async with running_relay(config, build_adapters(config)) as relay:
             with psycopg.connect(db) as conn:
@@ -60,8 +64,9 @@ async def test_an_endpoint_that_refuses_the_relay_holds_its_messages_without_spe
 @pytest.mark.parametrize("status", [429, 503])
 async def test_retry_after_is_honoured_and_spends_no_attempt(db: str, status: int) -> None:
     endpoint = HttpReceiver(answer(status), headers={"Retry-After": "3"})
-    config = make_config(db, brokers={"hook": {"type": "webhook", "url": endpoint.url + "/hooks/orders"}},
-                         max_attempts=1)
+    config = make_config(
+        db, brokers={"hook": {"type": "webhook", "url": endpoint.url + "/hooks/orders"}}, max_attempts=1
+    )
     try:
         async with running_relay(config, build_adapters(config)):
             with psycopg.connect(db) as conn:
@@ -71,8 +76,10 @@ async def test_retry_after_is_honoured_and_spends_no_attempt(db: str, status: in
 
             def waits() -> float | None:
                 with psycopg.connect(db) as conn:
-                    row = conn.execute("SELECT extract(epoch FROM next_attempt_at - clock_timestamp())::float8 "
-                                       "FROM outbox.messages WHERE next_attempt_at IS NOT NULL").fetchone()
+                    row = conn.execute(
+                        "SELECT extract(epoch FROM next_attempt_at - clock_timestamp())::float8 "
+                        "FROM outbox.messages WHERE next_attempt_at IS NOT NULL"
+                    ).fetchone()
                 return row[0] if row else None
 
             await wait_until(lambda: waits() is not None, timeout=10)

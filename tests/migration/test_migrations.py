@@ -33,8 +33,10 @@ CATALOG_QUERIES = {
 
 def catalog(conn: psycopg.Connection[Any], schema: str) -> dict[str, list[tuple[Any, ...]]]:
     return {
-        name: [tuple(str(v).replace(schema, "<schema>") for v in row)
-               for row in conn.execute(query, {"s": schema}).fetchall()]  # type: ignore[arg-type]
+        name: [
+            tuple(str(v).replace(schema, "<schema>") for v in row)
+            for row in conn.execute(query, {"s": schema}).fetchall()
+        ]  # type: ignore[arg-type]
         for name, query in CATALOG_QUERIES.items()
     }
 

@@ -28,8 +28,12 @@ def exe() -> list[str]:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*exe(), *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, check=False,
+        [*exe(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
@@ -52,7 +56,9 @@ class RelayProcess:
         self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [*(prefix or []), *exe(), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self._log,
+            [*(prefix or []), *exe(), "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
             env={**os.environ, **(env or {})},
         )
         _LIVE.add(self.proc)

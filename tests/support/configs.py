@@ -48,8 +48,14 @@ def make_config(dsn: str, *, schema: str = "outbox", env: Mapping[str, str] | No
     return parse(yaml.safe_dump(config_tree(dsn, schema=schema, **settings)), source="test.yaml", env=dict(env or {}))
 
 
-def write_config(path: Path, dsn: str | None, *, sink: Path | None = None,
-                 brokers: Mapping[str, Mapping[str, Any]] | None = None, **settings: Any) -> Path:
+def write_config(
+    path: Path,
+    dsn: str | None,
+    *,
+    sink: Path | None = None,
+    brokers: Mapping[str, Mapping[str, Any]] | None = None,
+    **settings: Any,
+) -> Path:
     """`config_tree(dsn, **settings)` as YAML at `path`. The broker, unless `brokers` are
     given: a file sink `sink` (default: `path` with the suffix .jsonl)."""
     brokers = brokers or {"sink": {"type": "file", "path": str(sink or path.with_suffix(".jsonl"))}}

@@ -36,8 +36,9 @@ def fresh_database(admin_dsn: str, template: str | None) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         if template:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)))
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
+            )
         else:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:

@@ -32,8 +32,15 @@ def message(
         payload = {"n": id}
     body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
     return Message(
-        id=id, message_id=message_id or uuid.uuid4(), topic=topic, key=key, payload=body,
-        content_type=content_type, headers=dict(headers or {}), attempts=attempts, created_at=created_at,
+        id=id,
+        message_id=message_id or uuid.uuid4(),
+        topic=topic,
+        key=key,
+        payload=body,
+        content_type=content_type,
+        headers=dict(headers or {}),
+        attempts=attempts,
+        created_at=created_at,
     )
 
 
@@ -47,5 +54,6 @@ def outgoing(
     **fields: Any,
 ) -> OutgoingMessage:
     """`message(id, payload, content_type, **fields)` routed to `destination`."""
-    return OutgoingMessage(message(id, payload, content_type, **fields), destination,
-                           explicit_destination=explicit_destination)
+    return OutgoingMessage(
+        message(id, payload, content_type, **fields), destination, explicit_destination=explicit_destination
+    )

@@ -33,7 +33,8 @@ def dead_letters(dsn: str) -> list[tuple[str, str, str]]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             "SELECT message_id::text, key, dead_letter_reason FROM outbox.messages "
-            "WHERE dead_lettered_at IS NOT NULL ORDER BY id").fetchall()
+            "WHERE dead_lettered_at IS NOT NULL ORDER BY id"
+        ).fetchall()
     return [(r[0], r[1], r[2]) for r in rows]
 
 
@@ -43,8 +44,16 @@ class Written:
     rolled_back: set[str] = field(default_factory=set)
 
 
-async def write(dsn: str, topic: str, keys: list[str], per_key: int, *, rollback_every: int = 0,
-                written: Written | None = None, size: int = 0) -> Written:
+async def write(
+    dsn: str,
+    topic: str,
+    keys: list[str],
+    per_key: int,
+    *,
+    rollback_every: int = 0,
+    written: Written | None = None,
+    size: int = 0,
+) -> Written:
     """One writer task per key (writes to one key serialized, the documented precondition);
     every `rollback_every`-th transaction is rolled back."""
     written = written or Written()

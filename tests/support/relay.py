@@ -13,9 +13,7 @@ from outbox_relay.engine.relay import Relay
 
 
 @contextlib.asynccontextmanager
-async def running_relay(
-    config: Config, adapters: Mapping[str, Adapter], **kwargs: Any
-) -> AsyncIterator[Relay]:
+async def running_relay(config: Config, adapters: Mapping[str, Adapter], **kwargs: Any) -> AsyncIterator[Relay]:
     """Run a Relay in this event loop for the duration of the block."""
     relay = Relay(config, adapters, **kwargs)
     task = asyncio.create_task(relay.run())

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-async def wait_until(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02,
-                     what: str = "condition") -> None:
+async def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"
+) -> None:
     """Poll `predicate` (a function, or one returning a coroutine) until truthy; fail
     naming `what` after `timeout` seconds."""
     loop = asyncio.get_running_loop()
@@ -31,8 +32,9 @@ async def wait_until(predicate: Callable[[], Any], *, timeout: float = 20.0, int
         await asyncio.sleep(interval)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", *,
-             interval: float = 0.05) -> None:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", *, interval: float = 0.05
+) -> None:
     """Poll `predicate` until truthy, blocking; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():

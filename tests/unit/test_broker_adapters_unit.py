@@ -18,6 +18,7 @@ from tests.support.factories import outgoing
 
 # -- kafka ---------------------------------------------------------------------------------
 
+
 def test_kafka_producer_is_idempotent_with_acks_all() -> None:
     settings = kafka.producer_settings(kafka.KafkaOptions(bootstrap_servers="h:9092"))
     assert settings["acks"] == "all" and settings["enable_idempotence"] is True
@@ -25,10 +26,15 @@ def test_kafka_producer_is_idempotent_with_acks_all() -> None:
 
 
 def test_kafka_options_durations_and_sasl() -> None:
-    options = kafka.KafkaOptions.model_validate({
-        "bootstrap_servers": ["a:1", "b:2"], "linger": "20ms", "request_timeout": "5s", "compression": "gzip",
-        "sasl": {"mechanism": "SCRAM-SHA-512", "username": "relay", "password": "pw"},
-    })
+    options = kafka.KafkaOptions.model_validate(
+        {
+            "bootstrap_servers": ["a:1", "b:2"],
+            "linger": "20ms",
+            "request_timeout": "5s",
+            "compression": "gzip",
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": "relay", "password": "pw"},
+        }
+    )
     settings = kafka.producer_settings(options)
     assert settings["linger_ms"] == 20 and settings["request_timeout_ms"] == 5000
     assert settings["compression_type"] == "gzip"
@@ -43,8 +49,11 @@ def test_kafka_options_durations_and_sasl() -> None:
         ({"bootstrap_servers": "h:1", "compresion": "gzip"}, "compresion", "did you mean 'compression'"),
         ({"bootstrap_servers": "h:1", "compression": "brotli"}, "compression", "Input should be"),
         ({"bootstrap_servers": "h:1", "linger": "5"}, "linger", "invalid duration"),
-        ({"bootstrap_servers": "h:1", "sasl": {"mechanism": "GSSAPI", "username": "u", "password": "p"}},
-         "sasl.mechanism", "Input should be"),
+        (
+            {"bootstrap_servers": "h:1", "sasl": {"mechanism": "GSSAPI", "username": "u", "password": "p"}},
+            "sasl.mechanism",
+            "Input should be",
+        ),
         ({"bootstrap_servers": "h:1", "tls": {"cert_file": "c.pem"}}, "tls", "cert_file and key_file go together"),
         ({"bootstrap_servers": " , "}, "bootstrap_servers", "host:port"),
     ],
@@ -100,6 +109,7 @@ def test_kafka_record_headers_carry_message_id_and_content_type() -> None:
 
 
 # -- rabbitmq ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("options", "message"),
@@ -196,8 +206,7 @@ async def test_rabbitmq_failed_publish_does_not_shift_delivery_tags() -> None:
     second = await adapter._publish_one(ok2)
     assert isinstance(failed, rabbitmq.PublishResult) and failed.outcome is Outcome.PERMANENT
     # The broker numbers only what it received: tags 1 and 2 are ok1 and ok2.
-    assert [mid for _, mid in (adapter._unconfirmed[t] for t in (1, 2))] == [
-        str(ok1.message_id), str(ok2.message_id)]
+    assert [mid for _, mid in (adapter._unconfirmed[t] for t in (1, 2))] == [str(ok1.message_id), str(ok2.message_id)]
     adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=True)))
     assert first.result().outcome is Outcome.ACKED and second.result().outcome is Outcome.ACKED  # type: ignore[union-attr]
 
@@ -326,7 +335,9 @@ async def test_a_producer_stuck_in_stop_has_its_sender_and_connections_ended() -
 
     sender_task = asyncio.ensure_future(asyncio.sleep(3600))
     producer = types.SimpleNamespace(
-        stop=lambda: asyncio.sleep(3600), client=Client(), _message_accumulator=Accumulator(),
+        stop=lambda: asyncio.sleep(3600),
+        client=Client(),
+        _message_accumulator=Accumulator(),
         _sender=types.SimpleNamespace(sender_task=sender_task),
     )
     await kafka.stop_within(producer, 0.05)  # type: ignore[arg-type]

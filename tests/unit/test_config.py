@@ -165,9 +165,7 @@ def test_load_reads_file_and_names_it(tmp_path: Path) -> None:
     assert config.database.dsn.get_secret_value() == "postgresql://x/app"
 
 
-def test_load_uses_process_environment_by_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_load_uses_process_environment_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "relay.yaml"
     path.write_text(EXAMPLE, encoding="utf-8")
     monkeypatch.setenv("DATABASE_URL", "postgresql://from-env/app")
@@ -222,13 +220,11 @@ def test_top_level_must_be_a_mapping(text: str) -> None:
     [
         (
             with_changes(relay={"pol_interval": "1s"}),
-            "relay.yaml: relay.pol_interval: "
-            "unknown key 'pol_interval' (did you mean 'poll_interval'?)",
+            "relay.yaml: relay.pol_interval: unknown key 'pol_interval' (did you mean 'poll_interval'?)",
         ),
         (
             with_changes(routes=[{"topic": "*", "broker": "events", "destinaton": "x"}]),
-            "relay.yaml: routes.0.destinaton: "
-            "unknown key 'destinaton' (did you mean 'destination'?)",
+            "relay.yaml: routes.0.destinaton: unknown key 'destinaton' (did you mean 'destination'?)",
         ),
         (
             with_changes(relay={"retry": {"inital": "1s"}}),
@@ -328,9 +324,7 @@ def test_nested_duration_error_names_full_path() -> None:
 
 @pytest.mark.parametrize("key", ["poll_interval", "shutdown_timeout", "publish_timeout"])
 def test_zero_durations_rejected_where_they_must_be_positive(key: str) -> None:
-    assert error_of(with_changes(relay={key: "0s"})) == (
-        f"relay.yaml: relay.{key}: must be greater than 0"
-    )
+    assert error_of(with_changes(relay={key: "0s"})) == (f"relay.yaml: relay.{key}: must be greater than 0")
 
 
 def test_zero_retention_is_allowed() -> None:
@@ -339,9 +333,7 @@ def test_zero_retention_is_allowed() -> None:
 
 def test_unset_variable_names_key_holding_it() -> None:
     text = with_changes(database={"dsn": "${DATABASE_URL}"})
-    assert error_of(text) == (
-        "relay.yaml: database.dsn: environment variable DATABASE_URL is not set"
-    )
+    assert error_of(text) == ("relay.yaml: database.dsn: environment variable DATABASE_URL is not set")
 
 
 def test_unset_variable_in_list_and_broker_option_names_key_path() -> None:
@@ -363,9 +355,7 @@ def test_malformed_variable_reference(value: str) -> None:
 
 
 def test_route_names_unknown_broker() -> None:
-    text = with_changes(
-        routes=[{"topic": "a.*", "broker": "events"}, {"topic": "*", "broker": "evnts"}]
-    )
+    text = with_changes(routes=[{"topic": "a.*", "broker": "events"}, {"topic": "*", "broker": "evnts"}])
     assert error_of(text) == "relay.yaml: routes.1.broker: unknown broker 'evnts' (defined: events)"
 
 
@@ -379,9 +369,7 @@ def test_empty_brokers_and_routes() -> None:
 
 
 def test_empty_route_topic() -> None:
-    assert error_of(with_changes(routes=[{"topic": "", "broker": "events"}])).startswith(
-        "relay.yaml: routes.0.topic: "
-    )
+    assert error_of(with_changes(routes=[{"topic": "", "broker": "events"}])).startswith("relay.yaml: routes.0.topic: ")
 
 
 @pytest.mark.parametrize("schema", ["Outbox", "1outbox", "out-box", "a" * 64, "", "out box"])
@@ -392,9 +380,7 @@ def test_bad_schema_name(schema: str) -> None:
 
 def test_dead_letter_policy_must_be_release_or_hold() -> None:
     message = error_of(with_changes(relay={"dead_letter_policy": "drop"}))
-    assert message == (
-        "relay.yaml: relay.dead_letter_policy: Input should be 'release' or 'hold' (got 'drop')"
-    )
+    assert message == ("relay.yaml: relay.dead_letter_policy: Input should be 'release' or 'hold' (got 'drop')")
 
 
 def test_retry_initial_greater_than_max() -> None:
@@ -482,9 +468,7 @@ def test_unknown_adapter_exact_message_lists_every_installed_adapter() -> None:
         ),
     ],
 )
-def test_adapter_option_errors_name_broker_and_option(
-    broker: dict[str, Any], expected: str
-) -> None:
+def test_adapter_option_errors_name_broker_and_option(broker: dict[str, Any], expected: str) -> None:
     assert str(build_error({"out": broker})) == expected
 
 
@@ -524,15 +508,54 @@ _scalars = st.one_of(
     st.floats(allow_nan=False),
     st.text(max_size=12),
     st.sampled_from(
-        ["1s", "200ms", "5", "${X}", "${UNSET}", "${X:-d}", "${", "$$", "release", "hold",
-         "stdout", "file", "webhook", "kafak", "*", "events", "outbox", "Bad-Schema", "a\nb"]
+        [
+            "1s",
+            "200ms",
+            "5",
+            "${X}",
+            "${UNSET}",
+            "${X:-d}",
+            "${",
+            "$$",
+            "release",
+            "hold",
+            "stdout",
+            "file",
+            "webhook",
+            "kafak",
+            "*",
+            "events",
+            "outbox",
+            "Bad-Schema",
+            "a\nb",
+        ]
     ),
 )
 _keys = st.one_of(
     st.sampled_from(
-        ["database", "dsn", "schema", "relay", "brokers", "routes", "type", "topic", "broker",
-         "destination", "retry", "initial", "max", "batch_size", "poll_interval", "notify",
-         "events", "retention", "dead_letter_policy", "path", "url"]
+        [
+            "database",
+            "dsn",
+            "schema",
+            "relay",
+            "brokers",
+            "routes",
+            "type",
+            "topic",
+            "broker",
+            "destination",
+            "retry",
+            "initial",
+            "max",
+            "batch_size",
+            "poll_interval",
+            "notify",
+            "events",
+            "retention",
+            "dead_letter_policy",
+            "path",
+            "url",
+        ]
     ),
     st.text(max_size=8),  # line breaks included: key paths must still fit on one line
     st.integers(),
@@ -545,9 +568,7 @@ _trees = st.recursive(
 _mutated = st.fixed_dictionaries(
     {},
     optional={
-        "database": st.one_of(
-            _trees, st.fixed_dictionaries({"dsn": _scalars}, optional={"schema": _scalars})
-        ),
+        "database": st.one_of(_trees, st.fixed_dictionaries({"dsn": _scalars}, optional={"schema": _scalars})),
         "relay": st.one_of(_trees, st.dictionaries(_keys, _trees, max_size=4)),
         "brokers": st.one_of(_trees, st.dictionaries(_keys, st.dictionaries(_keys, _scalars))),
         "routes": st.one_of(_trees, st.lists(st.dictionaries(_keys, _scalars), max_size=3)),
@@ -588,8 +609,9 @@ def test_fuzz_yaml_text_only_raises_config_error(text: str) -> None:
 @pytest.mark.parametrize("broker", [{"type": "nope"}, {"type": "file"}, {"type": "file", "path": "x", "o\nq": 1}])
 def test_a_broker_name_with_a_line_break_still_gives_a_one_line_error(broker: dict[str, Any]) -> None:
     # The fuzz test above found it: adapter errors joined the broker name into the key path as is.
-    text = yaml.safe_dump({"database": {"dsn": "host=x"}, "brokers": {"a\nb": broker},
-                           "routes": [{"topic": "*", "broker": "a\nb"}]})
+    text = yaml.safe_dump(
+        {"database": {"dsn": "host=x"}, "brokers": {"a\nb": broker}, "routes": [{"topic": "*", "broker": "a\nb"}]}
+    )
     _only_one_line_config_error(text)
     with pytest.raises(ConfigError, match=r"^relay\.yaml: brokers\.'a\\nb'\."):
         from outbox_relay.assembly import build_adapters

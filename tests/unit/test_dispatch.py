@@ -34,8 +34,11 @@ def dispatcher(
 ) -> Dispatcher:
     configs = [RouteConfig(topic=t, broker=b) for t, b in routes or [("*", "main")]]
     return Dispatcher(
-        adapters, Router(configs), Backoff(INITIAL, MAXIMUM),
-        max_attempts=max_attempts, publish_timeout=publish_timeout,
+        adapters,
+        Router(configs),
+        Backoff(INITIAL, MAXIMUM),
+        max_attempts=max_attempts,
+        publish_timeout=publish_timeout,
     )
 
 
@@ -64,7 +67,9 @@ async def test_destination_is_resolved_into_outgoing_message() -> None:
     d = Dispatcher(
         {"main": fake},
         Router([RouteConfig(topic="orders.*", broker="main", destination="orders-v1")]),
-        Backoff(INITIAL, MAXIMUM), max_attempts=3, publish_timeout=5.0,
+        Backoff(INITIAL, MAXIMUM),
+        max_attempts=3,
+        publish_timeout=5.0,
     )
     await d.dispatch([message(1, topic="orders.created")])
     assert [out.destination for out in fake.delivered] == ["orders-v1"]
@@ -95,12 +100,8 @@ async def test_first_transient_failure_delay() -> None:
 @pytest.mark.parametrize(("attempts", "max_attempts"), [(2, 3), (0, 1), (9, 10), (12, 10)])
 async def test_transient_on_last_attempt_is_dead(attempts: int, max_attempts: int) -> None:
     fake = script_for({1: PublishResult.transient("connection reset")})
-    records = await dispatcher({"main": fake}, max_attempts=max_attempts).dispatch(
-        [message(1, attempts=attempts)]
-    )
-    assert records == [
-        Record(1, "dead", f"max attempts ({max_attempts}) reached; last error: connection reset")
-    ]
+    records = await dispatcher({"main": fake}, max_attempts=max_attempts).dispatch([message(1, attempts=attempts)])
+    assert records == [Record(1, "dead", f"max attempts ({max_attempts}) reached; last error: connection reset")]
 
 
 async def test_transient_one_before_last_attempt_is_retry() -> None:
@@ -147,8 +148,12 @@ async def circuit_closed(d: Dispatcher, broker: str, timeout: float = 10.0) -> N
     """Wait until the broker may be called again (its background probe found it ready;
     the circuit is then half-open: the next call carries one trial message)."""
     # blocked() starts a probe when one is due.
-    await wait_until(lambda: d.circuits[broker].blocked() is None, timeout=timeout, interval=0.01,
-                     what=f"circuit of {broker!r} closed")
+    await wait_until(
+        lambda: d.circuits[broker].blocked() is None,
+        timeout=timeout,
+        interval=0.01,
+        what=f"circuit of {broker!r} closed",
+    )
 
 
 async def test_no_route_is_dead() -> None:
@@ -216,18 +221,14 @@ async def test_adapter_that_raises_makes_all_transient() -> None:
 
 async def test_adapter_that_raises_does_not_touch_other_broker() -> None:
     good = FakeAdapter()
-    d = dispatcher(
-        {"bad": RaisingAdapter(), "good": good}, [("a.*", "bad"), ("*", "good")], max_attempts=5
-    )
+    d = dispatcher({"bad": RaisingAdapter(), "good": good}, [("a.*", "bad"), ("*", "good")], max_attempts=5)
     records = by_id(await d.dispatch([message(1, topic="a.x"), message(2, topic="b.x")]))
     assert records[1].kind == "retry"
     assert records[2].kind == "acked"
 
 
 async def test_adapter_returning_wrong_number_of_results_makes_all_transient() -> None:
-    records = await dispatcher({"main": ShortAdapter()}, max_attempts=5).dispatch(
-        [message(1), message(2), message(3)]
-    )
+    records = await dispatcher({"main": ShortAdapter()}, max_attempts=5).dispatch([message(1), message(2), message(3)])
     assert [r.kind for r in records] == ["retry", "retry", "retry"]
     assert all(r.error == "adapter returned a wrong number of results" for r in records)
 
@@ -235,9 +236,7 @@ async def test_adapter_returning_wrong_number_of_results_makes_all_transient() -
 async def test_publish_timeout_means_the_broker_is_away_and_spends_no_attempt() -> None:
     slow = FakeAdapter(delay=2.0)
     started = time.monotonic()
-    records = await dispatcher({"main": slow}, max_attempts=5, publish_timeout=0.1).dispatch(
-        [message(1), message(2)]
-    )
+    records = await dispatcher({"main": slow}, max_attempts=5, publish_timeout=0.1).dispatch([message(1), message(2)])
     assert time.monotonic() - started < 1.0
     assert [r.kind for r in records] == ["wait", "wait"]
     assert all(r.error == "no answer within publish_timeout (0.1s)" for r in records)
@@ -246,9 +245,7 @@ async def test_publish_timeout_means_the_broker_is_away_and_spends_no_attempt() 
 async def test_publish_timeout_on_the_last_attempt_dead_letters_nothing() -> None:
     # An outage longer than the publish timeout must not use up attempts (issue 8).
     slow = FakeAdapter(delay=2.0)
-    records = await dispatcher({"main": slow}, max_attempts=1, publish_timeout=0.05).dispatch(
-        [message(1, attempts=0)]
-    )
+    records = await dispatcher({"main": slow}, max_attempts=1, publish_timeout=0.05).dispatch([message(1, attempts=0)])
     assert [(r.kind, r.error) for r in records] == [("wait", "no answer within publish_timeout (0.05s)")]
 
 
@@ -321,8 +318,9 @@ async def test_only_one_call_carries_the_trial_when_workers_publish_concurrently
     await d.dispatch([message(1)])
     fake.delay = 0.05
     await circuit_closed(d, "main")
-    results = await asyncio.gather(*(d.dispatch([message(10 * w + i, key=f"w{w}.{i}") for i in range(3)])
-                                     for w in range(4)))
+    results = await asyncio.gather(
+        *(d.dispatch([message(10 * w + i, key=f"w{w}.{i}") for i in range(3)]) for w in range(4))
+    )
     assert fake.calls == [1, 1], "one worker's call tries the broker, the others wait for it"
     kinds = sorted(r.kind for records in results for r in records)
     assert kinds == ["acked"] + ["wait"] * 11
@@ -375,8 +373,13 @@ class BatchRecorder:
 async def test_failed_key_sends_no_later_messages_in_batch(failure: PublishResult) -> None:
     recorder = BatchRecorder(fail={2: failure})
     messages = [
-        message(1, key="a"), message(2, key="b"), message(3, key="a"), message(4, key="b"),
-        message(5, key="b"), message(6, key="a"), message(7),
+        message(1, key="a"),
+        message(2, key="b"),
+        message(3, key="a"),
+        message(4, key="b"),
+        message(5, key="b"),
+        message(6, key="a"),
+        message(7),
     ]
     records = by_id(await dispatcher({"main": recorder}, max_attempts=5).dispatch(messages))
     sent = [i for batch in recorder.batches for i in batch]
@@ -390,9 +393,7 @@ async def test_failed_key_sends_no_later_messages_in_batch(failure: PublishResul
 async def test_dead_message_on_no_route_blocks_later_messages_of_key() -> None:
     recorder = BatchRecorder()
     d = dispatcher({"main": recorder}, [("orders.*", "main")])
-    records = by_id(
-        await d.dispatch([message(1, topic="nope", key="k"), message(2, key="k"), message(3, key="j")])
-    )
+    records = by_id(await d.dispatch([message(1, topic="nope", key="k"), message(2, key="k"), message(3, key="j")]))
     assert records[1] == Record(1, "dead", NO_ROUTE)
     assert 2 not in records
     assert records[3].kind == "acked"
@@ -441,8 +442,7 @@ async def test_two_brokers_are_called_concurrently() -> None:
 async def test_slow_broker_does_not_block_results_of_fast_one() -> None:
     fast = FakeAdapter(name="fast")
     slow = FakeAdapter(name="slow", delay=5.0)
-    d = dispatcher({"fast": fast, "slow": slow}, [("a.*", "slow"), ("*", "fast")],
-                   max_attempts=5, publish_timeout=0.2)
+    d = dispatcher({"fast": fast, "slow": slow}, [("a.*", "slow"), ("*", "fast")], max_attempts=5, publish_timeout=0.2)
     records = by_id(await d.dispatch([message(1, topic="a.x"), message(2, topic="b.x")]))
     assert records[1].kind == "wait"
     assert records[2].kind == "acked"

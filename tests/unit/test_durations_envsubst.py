@@ -38,8 +38,28 @@ def test_parse_duration(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [5, 1.5, "5", "1.5", "", "s", "ms", "-1s", "1S", "1sec", "1 day", "1s x", ".5s", "1e3s",
-     "1h30", None, True, False, [1], {"s": 1}],
+    [
+        5,
+        1.5,
+        "5",
+        "1.5",
+        "",
+        "s",
+        "ms",
+        "-1s",
+        "1S",
+        "1sec",
+        "1 day",
+        "1s x",
+        ".5s",
+        "1e3s",
+        "1h30",
+        None,
+        True,
+        False,
+        [1],
+        {"s": 1},
+    ],
 )
 def test_parse_duration_rejects(value: object) -> None:
     with pytest.raises(ValueError) as info:
@@ -136,9 +156,7 @@ def test_first_unset_variable_is_named() -> None:
     assert info.value.name == "FIRST"
 
 
-@pytest.mark.parametrize(
-    "text", ["${", "${A", "${A:-x", "${}", "${1A}", "${A-b}", "${A:b}", "${A B}", "x ${ y"]
-)
+@pytest.mark.parametrize("text", ["${", "${A", "${A:-x", "${}", "${1A}", "${A-b}", "${A:b}", "${A B}", "x ${ y"])
 def test_malformed_reference_raises(text: str) -> None:
     with pytest.raises(ValueError, match=r"^malformed variable reference .*use \$\{NAME\}"):
         substitute(text, {"A": "a"})
@@ -181,11 +199,7 @@ def test_value_with_yaml_syntax_stays_a_plain_string_in_config(value: str) -> No
 
 def test_variable_cannot_add_keys_to_config() -> None:
     # Substituted after parsing: a value holding "x\nrelay:\n  batch_size: 1" is one string.
-    text = (
-        "database:\n  dsn: ${DSN}\n"
-        "brokers:\n  b: {type: stdout}\n"
-        "routes:\n  - {topic: '*', broker: b}\n"
-    )
+    text = "database:\n  dsn: ${DSN}\nbrokers:\n  b: {type: stdout}\nroutes:\n  - {topic: '*', broker: b}\n"
     injected = "x\nrelay:\n  batch_size: 1"
     config = parse(text, source="relay.yaml", env={"DSN": injected})
     assert config.relay.batch_size == 500

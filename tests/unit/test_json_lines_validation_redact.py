@@ -25,8 +25,14 @@ CREATED = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
 # Every JSON-lines object of this module is of message 7 (payload and content type aside), so that
 # the expected records can spell it out.
-out = functools.partial(outgoing, 7, message_id=uuid.UUID("12345678-1234-5678-1234-567812345678"), key="k1",
-                        headers={"trace": "t-1"}, created_at=CREATED)
+out = functools.partial(
+    outgoing,
+    7,
+    message_id=uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    key="k1",
+    headers={"trace": "t-1"},
+    created_at=CREATED,
+)
 
 
 def strict_json(line: str) -> Any:
@@ -104,9 +110,7 @@ def test_invalid_json_labelled_json_falls_back_to_base64(raw: bytes) -> None:
         (b"not json", "application/json", b"not json"),
     ],
 )
-def test_json_line_round_trips_through_decode_payload(
-    raw: bytes, content_type: str, expected: object
-) -> None:
+def test_json_line_round_trips_through_decode_payload(raw: bytes, content_type: str, expected: object) -> None:
     line = json_line(out(raw, content_type))
     assert line.endswith("\n")
     assert line.count("\n") == 1  # exactly one line, whatever the payload holds
@@ -132,13 +136,19 @@ def test_no_payload_is_ever_lost(raw: bytes, content_type: str) -> None:
         assert json.loads(raw) == decoded
 
 
-@given(st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10),
-              st.floats(allow_nan=False, allow_infinity=False)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=10,
-))
+@given(
+    st.recursive(
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(),
+            st.text(max_size=10),
+            st.floats(allow_nan=False, allow_infinity=False),
+        ),
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+        max_leaves=10,
+    )
+)
 def test_producer_json_round_trips_through_record(value: Any) -> None:
     body, content_type = encode_payload(value)
     assert decode_payload(strict_json(json_line(out(body, content_type)))) == value
@@ -155,17 +165,14 @@ def test_json_payload_that_strict_json_rejects_is_still_carried(raw: bytes) -> N
 # --- validation ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "topic", ["a", "orders.created", "A-Z_0.9:x/y", "x" * 249, "orders/v1:created", "-", "."]
-)
+@pytest.mark.parametrize("topic", ["a", "orders.created", "A-Z_0.9:x/y", "x" * 249, "orders/v1:created", "-", "."])
 def test_check_topic_accepts(topic: str) -> None:
     assert check_topic(topic) == topic
 
 
 @pytest.mark.parametrize(
     "topic",
-    ["", "x" * 250, "orders created", "orders*", "ordérs", "a\tb", "a,b", "a#b", None, 5, b"ab",
-     "\norders"],
+    ["", "x" * 250, "orders created", "orders*", "ordérs", "a\tb", "a,b", "a#b", None, 5, b"ab", "\norders"],
 )
 def test_check_topic_rejects(topic: object) -> None:
     with pytest.raises(ValueError, match=r"^invalid topic .*: use 1 to 249 letters"):
@@ -190,8 +197,7 @@ def test_check_key_rejects(key: object) -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"trace-id": "abc"}, {"a": "", "b": "x"}, {"x" * 255: "v"}, {"message-id-x": "ok"},
-     {"x-message-id": "ok"}],
+    [{}, {"trace-id": "abc"}, {"a": "", "b": "x"}, {"x" * 255: "v"}, {"message-id-x": "ok"}, {"x-message-id": "ok"}],
 )
 def test_check_headers_accepts(headers: dict[str, str]) -> None:
     assert check_headers(headers) == headers
@@ -253,8 +259,7 @@ def test_content_types() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [object(), {"a": object()}, {1, 2}, {"when": datetime.now(UTC)}, math.nan, {"x": math.nan},
-     [math.inf], -math.inf],
+    [object(), {"a": object()}, {1, 2}, {"when": datetime.now(UTC)}, math.nan, {"x": math.nan}, [math.inf], -math.inf],
 )
 def test_encode_payload_rejects_non_json(payload: object) -> None:
     with pytest.raises(ValueError, match=r"^invalid payload: not JSON-serialisable"):
@@ -338,6 +343,7 @@ def test_redact_text_ignores_empty_secret() -> None:
 
 
 # --- dead-letters --topic: a glob means what it means in routes ---------------------------
+
 
 @given(pattern=st.text(alphabet="ab.:/[]!*?", max_size=8), topic=st.text(alphabet="ab.:/", min_size=1, max_size=8))
 def test_topic_glob_as_regex_matches_what_a_route_glob_matches(pattern: str, topic: str) -> None:

@@ -30,11 +30,18 @@ FAILURES = {
 }
 
 
-def dispatcher(adapters: dict[str, FakeAdapter], routes: list[tuple[str, str]] | None = None, *,
-               hold: bool = False) -> Dispatcher:
+def dispatcher(
+    adapters: dict[str, FakeAdapter], routes: list[tuple[str, str]] | None = None, *, hold: bool = False
+) -> Dispatcher:
     configs = [RouteConfig(topic=t, broker=b) for t, b in routes or [("*", "main")]]
-    return Dispatcher(adapters, Router(configs), Backoff(0.1, 5.0),  # type: ignore[arg-type]
-                      max_attempts=5, publish_timeout=5.0, hold_dead_letters=hold)
+    return Dispatcher(
+        adapters,
+        Router(configs),
+        Backoff(0.1, 5.0),  # type: ignore[arg-type]
+        max_attempts=5,
+        publish_timeout=5.0,
+        hold_dead_letters=hold,
+    )
 
 
 def run(key: str, n: int, start: int = 1, topic: str = "orders.created") -> list[Message]:
@@ -150,8 +157,9 @@ async def test_a_key_switching_destinations_on_one_broker_waits_for_the_earlier_
 
 
 async def test_a_key_switching_brokers_stops_at_a_failure_on_the_first() -> None:
-    kafka = FakeAdapter(name="kafka", keeps_key_order=True,
-                        script=lambda out: FAILURES["transient"] if out.message.id == 2 else None)
+    kafka = FakeAdapter(
+        name="kafka", keeps_key_order=True, script=lambda out: FAILURES["transient"] if out.message.id == 2 else None
+    )
     hook = FakeAdapter(name="hook", keeps_key_order=True)
     batch = run("k", 3, topic="a.x") + run("k", 2, start=4, topic="b.x")
     records = await dispatcher({"kafka": kafka, "hook": hook}, [("a.*", "kafka"), ("b.*", "hook")]).dispatch(batch)

@@ -33,9 +33,12 @@ def test_every_module_is_named_in_the_layout() -> None:
         if module.name == "__init__.py" or relative in rows:
             continue
         # Named by file name in its folder's row, or in the row of a sibling it serves.
-        folder_rows = [row for path, row in rows.items()
-                       if path.rstrip("/") == module.parent.relative_to(ROOT).as_posix()
-                       or Path(path).parent == module.parent.relative_to(ROOT)]
+        folder_rows = [
+            row
+            for path, row in rows.items()
+            if path.rstrip("/") == module.parent.relative_to(ROOT).as_posix()
+            or Path(path).parent == module.parent.relative_to(ROOT)
+        ]
         if not any(f"`{module.name}`" in row or f"`{relative}`" in row for row in folder_rows):
             unnamed.append(relative)
     assert unnamed == []

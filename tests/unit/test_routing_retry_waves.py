@@ -75,7 +75,10 @@ def test_no_match_gives_none() -> None:
 def test_resolve_is_stable_across_calls() -> None:
     r = router(("a.*", "x"), ("*", "y"))
     assert [r.resolve(t) for t in ("a.1", "b", "a.1", "b")] == [
-        Target("x", "a.1"), Target("y", "b"), Target("x", "a.1"), Target("y", "b")
+        Target("x", "a.1"),
+        Target("y", "b"),
+        Target("x", "a.1"),
+        Target("y", "b"),
     ]
 
 
@@ -160,6 +163,7 @@ def test_backoff_property(initial: float, factor: float, attempt: int) -> None:
 
 
 # --- engine.dispatch.waves -----------------------------------------------------------
+
 
 def batch(keys: list[str | None]) -> list[Message]:
     return [message(i + 1, key=key) for i, key in enumerate(keys)]

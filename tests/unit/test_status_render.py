@@ -8,19 +8,46 @@ from outbox_relay.operations.status import BackfillInfo, ReplayInfo, Status, ren
 
 
 def _status(**kwargs: Any) -> Status:
-    return Status(schema="outbox", pending=0, in_flight=0, dead_lettered=0, dispatched_retained=0,
-                  oldest_pending_age_s=None, **kwargs)
+    return Status(
+        schema="outbox",
+        pending=0,
+        in_flight=0,
+        dead_lettered=0,
+        dispatched_retained=0,
+        oldest_pending_age_s=None,
+        **kwargs,
+    )
 
 
 def test_replays_and_backfills_are_listed_with_how_to_finish_the_unfinished() -> None:
-    text = render(_status(
-        replays=[ReplayInfo(7, "ops", "2026-11-22 09:00:00Z", {"topic": "orders.*", "key": None}, 10, 4, False),
-                 ReplayInfo(6, "ops", "2026-11-21 09:00:00Z", {}, 3, 3, True)],
-        backfills=[BackfillInfo(2, "dba\x1b[31m", "2026-11-22 08:00:00Z",
-                                {"table": "public.orders", "topic": "orders.snapshot"}, 100, 100, True),
-                   BackfillInfo(1, "dba", "2026-11-20 08:00:00Z",
-                                {"table": "public.users", "topic": "users\n.snapshot"}, 50, 20, False)],
-    ))
+    text = render(
+        _status(
+            replays=[
+                ReplayInfo(7, "ops", "2026-11-22 09:00:00Z", {"topic": "orders.*", "key": None}, 10, 4, False),
+                ReplayInfo(6, "ops", "2026-11-21 09:00:00Z", {}, 3, 3, True),
+            ],
+            backfills=[
+                BackfillInfo(
+                    2,
+                    "dba\x1b[31m",
+                    "2026-11-22 08:00:00Z",
+                    {"table": "public.orders", "topic": "orders.snapshot"},
+                    100,
+                    100,
+                    True,
+                ),
+                BackfillInfo(
+                    1,
+                    "dba",
+                    "2026-11-20 08:00:00Z",
+                    {"table": "public.users", "topic": "users\n.snapshot"},
+                    50,
+                    20,
+                    False,
+                ),
+            ],
+        )
+    )
     assert text.splitlines()[-8:] == [
         "",
         "  replays (newest first)",
