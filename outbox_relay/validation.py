@@ -1,7 +1,8 @@
 """Message field rules, checked in Python before any SQL runs.
 
 The same rules are enforced by ``{schema}.enqueue_binary`` and the table's CHECK
-constraints (schema/schema.sql); tests/unit/test_validation.py keeps the two in step.
+constraints (schema/schema.sql); tests/integration/test_validation_sql.py keeps the two in
+step.
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ alive() {
 pid_from_file() {
   local file="$1" needle="$2" pid
   [[ -f "$file" ]] || return 1
-  pid="$(tr -dc '0-9' 2>/dev/null <"$file")" || return 1
-  [[ -n "$pid" ]] || return 1
+  # Whitespace aside, only digits: "12 34" is not pid 1234.
+  pid="$(tr -d '[:space:]' 2>/dev/null <"$file")" || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
   alive "$pid" || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle" || return 1
   printf '%s\n' "$pid"

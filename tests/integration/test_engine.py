@@ -161,10 +161,11 @@ async def test_poll_finds_messages_with_notify_off(db: str) -> None:
     async with running_relay(make_config(db, notify=False, poll_interval="300ms"), {"main": fake}) as relay:
         # The positive signal: the relay is idle, woken by its poll (its first claim is behind it).
         await wait_until(lambda: wakeups(relay, "poll") >= 1)
+        before = wakeups(relay, "poll")
         enqueue_many(db, [("t", None, 1)])
         await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
     assert wakeups(relay, "notify") == 0
-    assert wakeups(relay, "poll") >= 1
+    assert wakeups(relay, "poll") > before  # found by a poll after the enqueue
 
 
 async def test_lost_listen_connection_is_restored(db: str) -> None:

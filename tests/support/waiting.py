@@ -33,9 +33,12 @@ async def wait_until(
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", *, interval: float = 0.05
+    predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", *, interval: float = 0.1
 ) -> None:
-    """Poll `predicate` until truthy, blocking; fail naming `what` after `timeout` seconds."""
+    """Poll `predicate` until truthy, blocking; fail naming `what` after `timeout` seconds.
+
+    Its predicates often open a database connection each (the fault and replica tests):
+    every 0.1 s keeps that load small on a 2-core CI machine during an outage."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
