@@ -151,6 +151,18 @@ load_instance() {
 # pid of the node of DIR if alive (guarding against pid reuse), else fail.
 # The node name is not on beam's command line (rabbit sets it at boot), but
 # our HOME is: erl passes it as `-home DIR`.
+# A node that has not written its pid file yet is found by its -home argument: a start
+# that gives up must not leave it booting (a later stop, finding no pid file, would
+# not stop it).
+kill_booting_node() {
+  local proc
+  for proc in /proc/[0-9]*; do
+    if tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -qF -- "-home $DIR "; then
+      kill -KILL "${proc#/proc/}" 2>/dev/null || true
+    fi
+  done
+}
+
 running_pid() {
   pid_from_file "$DIR/rabbitmq.pid" "-home $DIR "
 }
@@ -257,7 +269,8 @@ cmd_start() {
   # Wait for the pid file, then for the node to report itself running.
   while ! pid="$(running_pid)"; do
     if ((SECONDS >= deadline)); then
-      fail_start "node $NODE did not write $DIR/rabbitmq.pid within ${START_TIMEOUT}s"
+      kill_booting_node
+      fail_start "node $NODE did not write $DIR/rabbitmq.pid within ${START_TIMEOUT}s (killed it)"
     fi
     sleep 0.2
   done
