@@ -421,6 +421,17 @@ def test_default_values_give_a_hardened_standalone_relay(rendered: dict[tuple[st
     assert_hardened(container, "defaults")
     assert container["image"] == f"ghcr.io/outbox-relay/outbox-relay:{chart_app_version()}"
     assert one(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    # A broker outage makes every relay unready: a drain must still be able to evict them.
+    assert one(objects, "PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_the_pdb_eviction_policy_is_rendered_only_where_kubernetes_has_it(helm: Helm) -> None:
+    older = one(helm.template(CHART, kube_version="1.26.0"), "PodDisruptionBudget")
+    assert "unhealthyPodEvictionPolicy" not in older["spec"] and older["spec"]["maxUnavailable"] == 1
+    first = one(helm.template(CHART, kube_version="1.27.0"), "PodDisruptionBudget")
+    assert first["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    cluster_default = one(helm.template(CHART, sets={"pdb.unhealthyPodEvictionPolicy": ""}), "PodDisruptionBudget")
+    assert "unhealthyPodEvictionPolicy" not in cluster_default["spec"]
 
 
 def chart_app_version() -> str:
