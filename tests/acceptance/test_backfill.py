@@ -47,6 +47,11 @@ def outbox_rows(db: str) -> list[tuple[str | None, dict[str, Any], dict[str, str
     return [(key, json.loads(payload), headers) for key, payload, headers in rows]
 
 
+# The source most tests snapshot: by its name on the search path, or schema-qualified.
+SNAPSHOT = ("--table", "accounts", "--topic", "accounts.snapshot")
+SNAPSHOT_QUALIFIED = ("--table", "public.accounts", "--topic", "accounts.snapshot")
+
+
 def backfill(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return run_cli("backfill", "--config", str(config), *args, timeout=timeout)
 
@@ -54,15 +59,12 @@ def backfill(config: Path, *args: str, timeout: float = 120) -> subprocess.Compl
 def test_one_message_per_row_with_its_key_and_the_row_as_json(db: str, tmp_path: Path) -> None:
     make_accounts(db, ROWS)
     config = write_config(tmp_path / "relay.yaml", db)
-    dry = backfill(config, "--table", "accounts", "--topic", "accounts.snapshot", "--where", "region=eu", "--dry-run")
+    dry = backfill(config, *SNAPSHOT, "--where", "region=eu", "--dry-run")
     assert dry.returncode == 0 and "75000 row(s) of public.accounts to enqueue on accounts.snapshot" in dry.stdout
     assert count(db) == 0, "a dry run writes nothing"
     done = backfill(
         config,
-        "--table",
-        "public.accounts",
-        "--topic",
-        "accounts.snapshot",
+        *SNAPSHOT_QUALIFIED,
         "--key-column",
         "id",
         "--where",
@@ -84,10 +86,7 @@ def test_one_message_per_row_with_its_key_and_the_row_as_json(db: str, tmp_path:
     assert headers == {HEADER: "1"}
     again = backfill(
         config,
-        "--table",
-        "public.accounts",
-        "--topic",
-        "accounts.snapshot",
+        *SNAPSHOT_QUALIFIED,
         "--key-column",
         "id",
         "--where",
@@ -141,10 +140,7 @@ def test_a_backfill_killed_mid_way_resumes_with_nothing_missing_and_nothing_twic
             "backfill",
             "--config",
             str(config),
-            "--table",
-            "accounts",
-            "--topic",
-            "accounts.snapshot",
+            *SNAPSHOT,
             "--key-column",
             "id",
             "--chunk",
@@ -218,10 +214,7 @@ def test_the_last_message_of_a_key_carries_the_rows_latest_state_under_live_upda
         before = len(committed)
         out = backfill(
             config,
-            "--table",
-            "accounts",
-            "--topic",
-            "accounts.snapshot",
+            *SNAPSHOT,
             "--key-column",
             "id",
             "--chunk",
@@ -281,10 +274,7 @@ def test_backfill_runs_as_the_applications_role_with_dsn(db: str, tmp_path: Path
             "backfill",
             "--config",
             str(config),
-            "--table",
-            "accounts",
-            "--topic",
-            "accounts.snapshot",
+            *SNAPSHOT,
             env={"OUTBOX_RELAY_BACKFILL_DSN": make_conninfo(db, user=role, password="pw")},
         )
         assert out.returncode == 0 and "done: 500 message(s)" in out.stdout, out.stdout + out.stderr
@@ -309,10 +299,7 @@ def test_a_primary_key_changed_under_a_waiting_chunk_makes_it_skip_nothing(db: s
                 "backfill",
                 "--config",
                 str(config),
-                "--table",
-                "accounts",
-                "--topic",
-                "accounts.snapshot",
+                *SNAPSHOT,
                 "--chunk",
                 "1000",
             ],
