@@ -16,8 +16,8 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 import structlog
 from pydantic import Field, SecretStr, field_validator
@@ -254,6 +254,31 @@ def record_headers(out: OutgoingMessage) -> list[tuple[str, bytes]]:
     return headers
 
 
+class _Restartable(Protocol):
+    """What start_if_missing needs of either Kafka adapter."""
+
+    @property
+    def _producer(self) -> object | None: ...
+
+    @property
+    def _lifecycle(self) -> asyncio.Lock: ...
+
+    async def connect(self) -> None: ...
+
+
+async def start_if_missing(adapter: _Restartable, cause: Callable[[Exception], str]) -> str | None:
+    """Start a producer if the adapter has none (a reset that failed), under its
+    lifecycle lock; the reason it cannot, for the batch's `unavailable` results."""
+    if adapter._producer is None:
+        try:
+            async with adapter._lifecycle:
+                if adapter._producer is None:
+                    await adapter.connect()
+        except Exception as exc:
+            return f"kafka producer not connected: {cause(exc)}"
+    return None
+
+
 class KafkaAdapter:
     # Same key, same partition, and the idempotent producer keeps a partition's
     # records in order (one request in flight per partition) and rejects the rest of
@@ -338,15 +363,8 @@ class KafkaAdapter:
         return await self._topics.missing(topics, producer.partitions_for)
 
     async def _reconnect(self) -> str | None:
-        """Start a producer if there is none (a reset that failed); why not, if it cannot."""
-        if self._producer is None:
-            try:
-                async with self._lifecycle:
-                    if self._producer is None:
-                        await self.connect()
-            except Exception as exc:
-                return f"kafka producer not connected: {exc!r}"
-        return None
+        # repr: aiokafka's connection errors often have an empty message.
+        return await start_if_missing(self, repr)
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         problem = await self._reconnect()

@@ -38,7 +38,7 @@ from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import TlsOptions
 from ._topics import METADATA_WAIT_S, TopicMetadata
-from .kafka import CLOSE_WAIT_S, KafkaOptions, record_headers, valid_topic
+from .kafka import CLOSE_WAIT_S, KafkaOptions, record_headers, start_if_missing, valid_topic
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
@@ -289,15 +289,7 @@ class LibrdkafkaAdapter:
         return bool(metadata.brokers)
 
     async def _reconnect(self) -> str | None:
-        """Start a producer if there is none (a reset that failed); why not, if it cannot."""
-        if self._producer is None:
-            try:
-                async with self._lifecycle:
-                    if self._producer is None:
-                        await self.connect()
-            except Exception as exc:
-                return f"kafka producer not connected: {exc}"
-        return None
+        return await start_if_missing(self, str)
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         problem = await self._reconnect()

@@ -362,3 +362,40 @@ def test_an_old_rabbitmq_channel_closing_late_fails_nothing_of_the_current_one()
         assert waiting.done() and adapter._channel is None, "the current channel's close fails its messages"
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
+async def test_a_kafka_adapter_without_a_producer_starts_one_once_or_says_why_not(client: str) -> None:
+    # After a reset whose new producer failed to start, publish starts one first: once,
+    # however many workers publish at the same time; while it cannot, every message of
+    # the batch is `unavailable` with the cause (no attempt spent).
+    from outbox_relay import adapter as registry
+
+    adapter = registry.create("kafka", "events", {"bootstrap_servers": "127.0.0.1:1", "client": client})
+    starts: list[int] = []
+
+    async def refused() -> None:
+        starts.append(1)
+        raise ConnectionRefusedError("connect call failed ('127.0.0.1', 1)")
+
+    adapter.connect = refused  # type: ignore[method-assign]
+    batch = [outgoing(topic="t", destination="t")]
+    (result,) = await adapter.publish(batch)
+    assert result.outcome is Outcome.UNAVAILABLE
+    assert result.reason is not None and result.reason.startswith("kafka producer not connected: ")
+    assert "connect call failed" in result.reason
+
+    gate = asyncio.Event()
+
+    async def slow_start() -> None:
+        starts.append(2)
+        await gate.wait()
+        adapter._producer = object()  # type: ignore[attr-defined]  # started
+
+    adapter.connect = slow_start  # type: ignore[method-assign]
+    calls = [asyncio.ensure_future(adapter._reconnect()) for _ in range(3)]  # type: ignore[attr-defined]
+    await asyncio.sleep(0)
+    gate.set()
+    # Three workers at once: one start, under the lifecycle lock; the others find it done.
+    assert await asyncio.gather(*calls) == [None, None, None]
+    assert starts.count(2) == 1
