@@ -35,6 +35,13 @@ class AdapterOptionsError(ConfigError):
     """An adapter rejected its options; `path` is relative to the broker's block."""
 
 
+class CommandLineError(OutboxRelayError):
+    """A command was given options that cannot go together, or too few to say what to
+    do (`dead-letters requeue --topic GLOB --all`). Raised before any row is touched."""
+
+    exit_code = 2
+
+
 class SchemaError(OutboxRelayError):
     """The outbox schema is missing, too old, or could not be installed."""
 

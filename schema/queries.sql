@@ -226,6 +226,9 @@ LIMIT %(limit)s;
 -- name: dead_letters_requeue
 -- Back to pending with a fresh attempt budget; the reason moves to last_error so the
 -- history is not lost. Keeps its id, so it sorts before later messages of its key.
+-- The selection (`dead-letters requeue` and `purge`, operations/dead_letters.py
+-- Selection): dead letters that match every filter given (a NULL filter matches all);
+-- the caller refuses a selection with no filter unless it was asked for with --all.
 UPDATE {schema}.messages
 SET dead_lettered_at = NULL,
     dead_letter_reason = NULL,
@@ -233,8 +236,9 @@ SET dead_lettered_at = NULL,
     attempts = 0,
     next_attempt_at = NULL
 WHERE dead_lettered_at IS NOT NULL
-  AND (%(all)s OR message_id = ANY(%(message_ids)s::uuid[])
-       OR (%(topic_regex)s::text IS NOT NULL AND topic ~ %(topic_regex)s))
+  AND (%(message_ids)s::uuid[] IS NULL OR message_id = ANY(%(message_ids)s))
+  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+  AND (%(cut)s::timestamptz IS NULL OR dead_lettered_at < %(cut)s)
 RETURNING message_id;
 
 -- name: pending_gauge
@@ -271,34 +275,44 @@ SELECT {schema}.skipped_wakeups();
 -- what was counted and shown (however long the user takes to answer).
 SELECT clock_timestamp() - make_interval(secs => %(older_than_s)s);
 
--- name: dead_letters_count_older
--- How many dead letters `dead-letters purge` would delete (shown before it asks).
-SELECT count(*) FROM {schema}.messages
-WHERE dead_lettered_at IS NOT NULL AND dead_lettered_at < %(cut)s
-  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s);
+-- name: dead_letters_count_selected
+-- How many dead letters `dead-letters purge` would delete (shown before it asks) and,
+-- when ids are a filter (then there are at most that many), which: the command names
+-- the ids it was given that it will not delete. Selection as in dead_letters_requeue.
+SELECT count(*), array_agg(message_id) FILTER (WHERE %(message_ids)s::uuid[] IS NOT NULL)
+FROM {schema}.messages
+WHERE dead_lettered_at IS NOT NULL
+  AND (%(message_ids)s::uuid[] IS NULL OR message_id = ANY(%(message_ids)s))
+  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+  AND (%(cut)s::timestamptz IS NULL OR dead_lettered_at < %(cut)s);
 
--- name: dead_letters_held_behind_older
+-- name: dead_letters_held_behind_selected
 -- Pending messages of keys whose dead letter `dead-letters purge` would delete, later
 -- than it: under dead_letter_policy hold they wait behind it, and go once it is gone,
 -- unless a dead letter the purge keeps still stands before them.
 SELECT count(*) FROM {schema}.messages m
 WHERE m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL AND m.key IS NOT NULL
   AND EXISTS (SELECT 1 FROM {schema}.messages d
-              WHERE d.key = m.key AND d.id < m.id
-                AND d.dead_lettered_at IS NOT NULL AND d.dead_lettered_at < %(cut)s
-                AND (%(topic_regex)s::text IS NULL OR d.topic ~ %(topic_regex)s))
+              WHERE d.key = m.key AND d.id < m.id AND d.dead_lettered_at IS NOT NULL
+                AND (%(message_ids)s::uuid[] IS NULL OR d.message_id = ANY(%(message_ids)s))
+                AND (%(topic_regex)s::text IS NULL OR d.topic ~ %(topic_regex)s)
+                AND (%(cut)s::timestamptz IS NULL OR d.dead_lettered_at < %(cut)s))
   AND NOT EXISTS (SELECT 1 FROM {schema}.messages k
                   WHERE k.key = m.key AND k.id < m.id AND k.dead_lettered_at IS NOT NULL
-                    AND NOT (k.dead_lettered_at < %(cut)s
-                             AND (%(topic_regex)s::text IS NULL OR k.topic ~ %(topic_regex)s)));
+                    AND NOT ((%(message_ids)s::uuid[] IS NULL OR k.message_id = ANY(%(message_ids)s))
+                             AND (%(topic_regex)s::text IS NULL OR k.topic ~ %(topic_regex)s)
+                             AND (%(cut)s::timestamptz IS NULL OR k.dead_lettered_at < %(cut)s)));
 
 -- name: dead_letters_purge
--- Deletes up to 1000 dead letters older than the cut: the caller repeats until none is
--- left, each batch its own short transaction (no long lock on the outbox).
+-- Deletes up to 1000 of the selected dead letters (as in dead_letters_requeue): the
+-- caller repeats until none is left, each batch its own short transaction (no long
+-- lock on the outbox).
 DELETE FROM {schema}.messages
 WHERE id IN (SELECT id FROM {schema}.messages
-             WHERE dead_lettered_at IS NOT NULL AND dead_lettered_at < %(cut)s
+             WHERE dead_lettered_at IS NOT NULL
+               AND (%(message_ids)s::uuid[] IS NULL OR message_id = ANY(%(message_ids)s))
                AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+               AND (%(cut)s::timestamptz IS NULL OR dead_lettered_at < %(cut)s)
              LIMIT 1000);
 
 -- Replays (`outbox-relay replay`, outbox_relay/operations/replay.py). The selection: dispatched

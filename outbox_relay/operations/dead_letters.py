@@ -1,15 +1,16 @@
-"""Dead letters: messages kept in the database with their reason, listed and requeued."""
+"""Dead letters: messages kept in the database with their reason, listed, requeued and purged."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
 
+from outbox_relay.errors import CommandLineError
 from outbox_relay.sqlfiles import Queries
 
 
@@ -84,55 +85,100 @@ def list_dead(
     ]
 
 
-def requeue(
-    conn: psycopg.Connection[Any],
-    schema: str,
-    *,
-    message_ids: list[UUID] | None = None,
-    topic: str | None = None,
-    everything: bool = False,
-) -> list[UUID]:
-    """Put dead letters back to pending; returns the ids requeued."""
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters `requeue` and `purge` take: those that every filter given
+    matches (one of `message_ids`, AND `topic`, AND dead-lettered more than
+    `older_than_s` ago), or, with `everything` and no filter, all of them.
+
+    A filter beside `everything`, or nothing at all, raises CommandLineError before any
+    row is read: `--topic 'big.*' --all` must not be read as "all", nor as "big.*".
+    """
+
+    message_ids: tuple[UUID, ...] = ()
+    topic: str | None = None
+    older_than_s: float | None = None
+    everything: bool = False
+    command: Literal["requeue", "purge"] = "requeue"  # for the messages: which options it has
+    # `older_than_s` as an instant, read once from the database's clock (`with_cut`), so
+    # that what purge deletes is what it counted and showed.
+    cut: datetime | None = None
+
+    def __post_init__(self) -> None:
+        given = self.filters()
+        if self.everything and given:
+            selects = f"{given[0]} selects" if len(given) == 1 else f"{' and '.join(given)} select together"
+            raise CommandLineError(
+                f"--all selects every dead letter and takes no filter: give it alone, or drop it to "
+                f"{self.command} what {selects}"
+            )
+        if not (self.everything or given):
+            age = ", --older-than D" if self.command == "purge" else ""
+            raise CommandLineError(
+                f"say which dead letters to {self.command}: --id ID (repeatable), --topic GLOB{age} "
+                "(those that match every one given), or --all"
+            )
+
+    def filters(self) -> list[str]:
+        """The filter options given, by name."""
+        given = (("--id", bool(self.message_ids)), ("--topic", self.topic is not None))
+        return [name for name, on in (*given, ("--older-than", self.older_than_s is not None)) if on]
+
+    def params(self) -> dict[str, Any]:
+        if self.older_than_s is not None and self.cut is None:
+            raise ValueError("the cut of --older-than is not read yet: call with_cut() first")
+        return {
+            "message_ids": list(self.message_ids) or None,
+            "topic_regex": glob_to_regex(self.topic) if self.topic is not None else None,
+            "cut": self.cut,
+        }
+
+    def with_cut(self, conn: psycopg.Connection[Any], schema: str) -> Selection:
+        """This selection with `older_than_s` read as an instant of the database's clock."""
+        if self.older_than_s is None:
+            return self
+        row = conn.execute(Queries(schema)["dead_letters_cut"], {"older_than_s": self.older_than_s}).fetchone()
+        conn.rollback()
+        assert row is not None
+        return replace(self, cut=row[0])
+
+
+def requeue(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> list[UUID]:
+    """Put the selected dead letters back to pending; returns the ids requeued."""
     with conn.transaction(), conn.cursor() as cur:
         rows = cur.execute(
-            Queries(schema)["dead_letters_requeue"],
-            {
-                "all": everything,
-                "message_ids": message_ids or [],
-                "topic_regex": glob_to_regex(topic) if topic else None,
-            },
+            Queries(schema)["dead_letters_requeue"], selection.with_cut(conn, schema).params()
         ).fetchall()
     return [row[0] for row in rows]
 
 
-def cut_for(conn: psycopg.Connection[Any], schema: str, older_than_s: float) -> datetime:
-    """The instant `--older-than` stands for, read once from the database's clock."""
-    row = conn.execute(Queries(schema)["dead_letters_cut"], {"older_than_s": older_than_s}).fetchone()
+@dataclass(frozen=True)
+class Selected:
+    """What a purge would delete: how many, and which of the ids asked for (when
+    `--id` is a filter; then there are at most that many)."""
+
+    count: int
+    message_ids: frozenset[UUID]
+
+
+def count(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Selected:
+    """How many dead letters `selection` (its cut read) takes, and which of its ids."""
+    row = conn.execute(Queries(schema)["dead_letters_count_selected"], selection.params()).fetchone()
     conn.rollback()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
+    return Selected(int(row[0]), frozenset(row[1] or ())) if row else Selected(0, frozenset())
 
 
-def count_older(conn: psycopg.Connection[Any], schema: str, *, cut: datetime, topic: str | None = None) -> int:
-    """How many dead letters were dead-lettered before `cut`."""
-    params = {"cut": cut, "topic_regex": glob_to_regex(topic) if topic else None}
-    row = conn.execute(Queries(schema)["dead_letters_count_older"], params).fetchone()
-    conn.rollback()
-    return int(row[0]) if row else 0
-
-
-def held_behind_older(conn: psycopg.Connection[Any], schema: str, *, cut: datetime, topic: str | None = None) -> int:
+def held_behind(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> int:
     """Pending messages queued behind the dead letters that `purge` would delete: under
     `dead_letter_policy: hold`, deleting a key's dead letter releases them."""
-    params = {"cut": cut, "topic_regex": glob_to_regex(topic) if topic else None}
-    row = conn.execute(Queries(schema)["dead_letters_held_behind_older"], params).fetchone()
+    row = conn.execute(Queries(schema)["dead_letters_held_behind_selected"], selection.params()).fetchone()
     conn.rollback()
     return int(row[0]) if row else 0
 
 
-def purge(conn: psycopg.Connection[Any], schema: str, *, cut: datetime, topic: str | None = None) -> int:
-    """Delete dead letters dead-lettered before `cut`, 1000 per transaction; returns how many."""
-    params = {"cut": cut, "topic_regex": glob_to_regex(topic) if topic else None}
+def purge(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> int:
+    """Delete the selected dead letters (its cut read), 1000 per transaction; returns how many."""
+    params = selection.params()
     deleted = 0
     while True:
         with conn.transaction():

@@ -273,7 +273,7 @@ async def test_dead_letter_policy_for_later_messages_of_the_key(db: str, policy:
             # Requeue the poison message with the product's own requeue: the key resumes in order.
             fake.script = None
             with psycopg.connect(db) as conn:
-                assert len(dead_letters.requeue(conn, "outbox", everything=True)) == 1
+                assert len(dead_letters.requeue(conn, "outbox", dead_letters.Selection(everything=True))) == 1
             await wait_until(lambda: b"next" in [o.message.payload for o in fake.delivered])
             payloads = [o.message.payload for o in fake.delivered if o.message.key == "k"]
             assert payloads == [b"poison", b"next"]
