@@ -4,6 +4,17 @@
 -- name: schema_version
 SELECT max(version) FROM {schema}.schema_version;
 
+-- name: outbox_schemas
+-- The schemas of this database that hold an outbox (its version table and its
+-- messages), named when the configured schema holds none: a typo in database.schema
+-- should be answered with the outbox that exists, not with "install one".
+SELECT n.nspname FROM pg_namespace AS n
+WHERE EXISTS (SELECT 1 FROM pg_class AS c
+              WHERE c.relnamespace = n.oid AND c.relname = 'schema_version' AND c.relkind = 'r')
+  AND EXISTS (SELECT 1 FROM pg_class AS c
+              WHERE c.relnamespace = n.oid AND c.relname = 'messages' AND c.relkind IN ('r', 'p'))
+ORDER BY n.nspname;
+
 -- name: walk_keys
 -- The claim, step 1: which keys have a publishable head? A skip scan over the keyed
 -- pending index: each step is one index descent to the first pending row of the next

@@ -83,7 +83,7 @@ def load(config_path: Path) -> config_module.Config:
 
 
 def require_schema(conn: psycopg.Connection[Any], schema_name: str) -> None:
-    problem = schema_manager.missing_or_old(schema_manager.version(conn, schema_name), schema_name)
+    problem = schema_manager.why_unusable(conn, schema_name)
     if problem:
         raise SchemaError(problem)
 

@@ -8,6 +8,8 @@ holds objects that are not outbox-relay's.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,13 +131,36 @@ def version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | 
     return found
 
 
-def missing_or_old(version: int | None, schema: str) -> str | None:
-    """Why the relay cannot run against a schema at `version`, or None if it can."""
+def why_unusable(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> str | None:
+    """Why the relay cannot run against `schema` in this database, or None if it can."""
+    found = version(conn, schema)
+    installed: list[str] = []
+    if found is None:
+        installed = [str(row[0]) for row in conn.execute(sqlfiles.Queries(schema)["outbox_schemas"]).fetchall()]
+        conn.rollback()
+    return missing_or_old(found, schema, installed)
+
+
+def _not_installed(schema: str, installed: Sequence[str]) -> str:
+    """`schema` holds no outbox. A typo (`outbx`) is answered with the outbox that exists,
+    not with the advice to install a second one."""
+    missing = f"outbox schema {schema!r} is not installed in this database"
+    others = [name for name in installed if name != schema]
+    here = f"outbox schemas here: {', '.join(others)}"
+    close = difflib.get_close_matches(schema, others, n=1, cutoff=0.6)
+    if close:
+        return f"{missing}; did you mean {close[0]!r}? (database.schema in the config; {here})"
+    install = f"run `outbox-relay schema install --schema {schema}`"
+    if others:
+        return f"{missing} ({here}): set database.schema to one of them, or {install} for a new outbox"
+    return f"{missing}: {install}"
+
+
+def missing_or_old(version: int | None, schema: str, installed: Sequence[str] = ()) -> str | None:
+    """Why the relay cannot run against a schema at `version`, or None if it can.
+    `installed`: the schemas of the database that hold an outbox, named if `schema` does not."""
     if version is None:
-        return (
-            f"outbox schema {schema!r} is not installed in this database: "
-            f"run `outbox-relay schema install --schema {schema}`"
-        )
+        return _not_installed(schema, installed)
     if version < sqlfiles.SCHEMA_VERSION:
         return (
             f"outbox schema {schema!r} is at version {version}, older than this outbox-relay "
@@ -164,9 +189,13 @@ async def check(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str) 
             await cur.execute(sqlfiles.Queries(schema)["schema_version"])
             vrow = await cur.fetchone()
             version = int(vrow[0]) if vrow and vrow[0] is not None else None  # type: ignore[call-overload]
+        installed: list[str] = []
+        if version is None:
+            await cur.execute(sqlfiles.Queries(schema)["outbox_schemas"])
+            installed = [str(row[0]) for row in await cur.fetchall()]
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
         await conn.rollback()
-    problem = missing_or_old(version, schema)
+    problem = missing_or_old(version, schema, installed)
     if problem:
         raise SchemaError(problem)
 
