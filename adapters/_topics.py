@@ -1,4 +1,5 @@
-"""Which Kafka topics exist, as far as a publish call needs to know (both Kafka clients).
+"""Kafka topics for both Kafka clients: which exist, as far as a publish call needs to
+know, and which names Kafka accepts (`topic_name_problem`, for `outbox-relay check`).
 
 A record for a topic without metadata (not created yet, auto-creation off) makes the
 client wait its whole request timeout, holding up every other record of the call. So
@@ -15,6 +16,7 @@ records wait in the client until `publish_timeout`, which opens the broker's cir
 from __future__ import annotations
 
 import asyncio
+import string
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -69,3 +71,30 @@ class TopicMetadata:
             self._missing[topic] = (time.monotonic() + self._remember, answer)
             answers[topic] = answer
         return answers
+
+
+# Kafka's rule for topic names (Topic.validate in the broker): 1 to 249 of these
+# characters, and neither "." nor "..". Anything else the broker refuses, so a message
+# routed there can only be dead-lettered (`invalid Kafka topic name`).
+KAFKA_TOPIC_CHARACTERS = frozenset(string.ascii_letters + string.digits + "._-")
+MAX_KAFKA_TOPIC_LENGTH = 249
+
+
+def topic_name_problem(name: str, *, whole: bool = True) -> str | None:
+    """Why Kafka refuses `name` as a topic, in one line, or None.
+
+    `whole` False: `name` is only what every name to come contains (the literal
+    characters of a route's topic pattern), so only a character Kafka refuses or a
+    length over its maximum count, not what a longer name could make right.
+    """
+    refused = sorted({c for c in name if c not in KAFKA_TOPIC_CHARACTERS})
+    if refused:
+        return "Kafka topic names take only letters A-Z a-z, digits, '.', '_' and '-', not " + ", ".join(
+            map(repr, refused)
+        )
+    if len(name) > MAX_KAFKA_TOPIC_LENGTH:
+        length = len(name) if whole else f"at least {len(name)}"
+        return f"Kafka topic names are at most {MAX_KAFKA_TOPIC_LENGTH} characters, not {length}"
+    if whole and name in ("", ".", ".."):
+        return f"Kafka refuses the topic name {name!r}"
+    return None

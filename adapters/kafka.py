@@ -434,3 +434,12 @@ def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter | Any:
 
         return LibrdkafkaAdapter(name, parsed)
     return KafkaAdapter(name, parsed)
+
+
+def check_destination(destination: str, explicit: bool) -> str | None:
+    """Why Kafka (either client) would refuse `destination` as a topic, or None: the
+    naming hook `outbox-relay check` calls for every route (outbox_relay/adapter.py).
+    Without a route destination, the topic is the message's own (`explicit` False)."""
+    from ._topics import topic_name_problem
+
+    return topic_name_problem(destination, whole=explicit)

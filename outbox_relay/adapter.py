@@ -10,13 +10,26 @@ client library and a third party can ship an adapter as its own package:
 
 where ``create(name: str, options: Mapping[str, Any]) -> Adapter`` validates the
 options (raising :class:`~outbox_relay.errors.AdapterOptionsError`) without connecting.
+
+Optional, beside ``create`` in the same module: ``check_destination(destination: str,
+explicit: bool) -> str | None``, the broker's naming rules: why it would refuse that
+destination (one line), or None. ``outbox-relay check`` calls it for each route to a
+broker of that type, before anything is sent, and fails naming the route: a route
+whose destinations the broker refuses can only dead-letter. ``explicit`` True: the
+route's own ``destination``. False: the route names none, so each message goes to a
+destination named after its topic, and ``destination`` is the literal characters of
+the route's topic pattern (its wildcards left out: ``tenant:*`` gives ``tenant:``),
+which every such topic contains; answer only for what breaks every name containing
+them (a character the broker refuses, a length), else None. A module without it is
+not checked.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from outbox_relay.errors import AdapterOptionsError, ConfigError
@@ -161,15 +174,32 @@ class KeyStops:
 
 
 AdapterFactory = Callable[[str, Mapping[str, Any]], Adapter]
+DestinationCheck = Callable[[str, bool], "str | None"]
+
+
+@functools.cache
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 @functools.cache
 def installed() -> dict[str, AdapterFactory]:
     """Adapter factories by type name, as installed entry points."""
-    found: dict[str, AdapterFactory] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = _lazy(ep.name, ep.load)
-    return found
+    return {name: _lazy(name, ep.load) for name, ep in _entry_points().items()}
+
+
+def destination_check(type_name: str) -> DestinationCheck | None:
+    """The naming rules of adapter `type_name`: the ``check_destination`` function of
+    the module that holds its factory (see the module docstring), or None."""
+    ep = _entry_points().get(type_name)
+    if ep is None:
+        return None
+    try:
+        module = importlib.import_module(ep.module)
+    except ImportError:  # create() said so already, naming what to install
+        return None
+    hook = getattr(module, "check_destination", None)
+    return hook if callable(hook) else None
 
 
 def _lazy(name: str, load: Callable[[], Any]) -> AdapterFactory:

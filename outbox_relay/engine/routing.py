@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from outbox_relay.config import RouteConfig
+
+# A topic pattern's wildcards as fnmatch reads them: `*`, `?`, and a class `[...]` or
+# `[!...]` (a `]` right after the opening is a member); an unclosed `[` is a literal.
+_WILDCARD = re.compile(r"\*|\?|\[!?\]?[^\]]*\]")
+
+
+def literal_text(pattern: str) -> str:
+    """The characters of a topic pattern that every topic it matches contains, in order
+    (`tenant:*` gives `tenant:`; a pattern without wildcards, the one topic it matches)."""
+    return _WILDCARD.sub("", pattern)
 
 
 @dataclass(frozen=True, slots=True)

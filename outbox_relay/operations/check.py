@@ -1,4 +1,5 @@
-"""`outbox-relay check`: the config is valid, the database and every broker answer."""
+"""`outbox-relay check`: the config is valid, every route's destinations fit its broker's
+naming rules, the database and every broker answer."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import Callable
 
 import psycopg
 
+from outbox_relay.adapter import destination_check
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
+from outbox_relay.engine.routing import literal_text
 from outbox_relay.errors import OutboxRelayError, first_line
 from outbox_relay.operations import schema_manager
 from outbox_relay.redact import UNPARSEABLE, UNPARSEABLE_REASON, redact_dsn, redact_text
@@ -22,8 +25,8 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
     """Print one line per check; True when all pass. Config errors raise ConfigError."""
     adapters = build_adapters(config)  # validates every adapter's options first
     echo(f"config    ok  {config.source}: {len(config.brokers)} broker(s), {len(config.routes)} route(s)")
+    ok = check_routes(config, echo)
     dsn = config.database.dsn.get_secret_value()
-    ok = True
     try:
         conn = await asyncio.wait_for(connect_once(dsn, timeout=config.database.connect_timeout), CHECK_TIMEOUT)
         async with conn:
@@ -48,4 +51,33 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
         finally:
             with contextlib.suppress(Exception):
                 await adapter.close()
+    return ok
+
+
+def check_routes(config: Config, echo: Callable[[str], None]) -> bool:
+    """One line per route whose destinations its broker would refuse (the adapter's
+    optional naming rules, outbox_relay/adapter.py); True when there is none. Such a
+    route can only dead-letter, so `check` fails on it rather than the messages later."""
+    ok = True
+    for index, route in enumerate(config.routes):
+        kind = config.brokers[route.broker].type
+        rule = destination_check(kind)
+        explicit = route.destination is not None
+        name = route.destination if route.destination is not None else literal_text(route.topic)
+        if rule is None or not (explicit or name):
+            continue
+        try:
+            problem = rule(name, explicit)
+        except Exception as exc:  # a third party's rule: say so, do not crash the check
+            problem = f"its adapter's check_destination raised {first_line(exc)!r}"
+        if problem:
+            ok = False
+            where = f"routes[{index}] {route.topic!r} -> {route.broker} ({kind})"
+            if explicit:
+                echo(f"route     FAIL  {where}: destination {name!r}: {problem}")
+            else:
+                echo(
+                    f"route     FAIL  {where}: no destination, so each message goes to its own topic's name, "
+                    f"and for every topic this pattern matches: {problem} (give the route a destination)"
+                )
     return ok
