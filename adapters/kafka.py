@@ -2,12 +2,12 @@
 
 A message becomes a record: topic = the route's destination, key = the message key
 (UTF-8), value = the payload, headers = the message headers plus ``message-id`` and
-``content-type``. The whole batch is handed to the producer at once and every
-delivery future is awaited before any result is reported, so a row is never marked
-on an un-awaited send. A key's run may come in one call (``keeps_key_order``): same
-key, same partition, one request in flight per partition, and after a rejected
-batch the idempotent producer refuses the rest of the partition, so a later record
-of a key is never acked after an earlier one failed.
+``content-type``. The adapter builds the record batches itself, one per partition per
+round, and awaits every batch's answer before any result is reported, so a row is
+never marked on an un-awaited send. A key's run may come in one call
+(``keeps_key_order``): its records share one batch per round and the batch's fate, and
+after a refusal the key's later records are not sent (adapters/_rounds.py says why the
+producer alone does not give this).
 """
 
 from __future__ import annotations
@@ -17,23 +17,24 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import structlog
 from pydantic import Field, SecretStr, field_validator
 
-from outbox_relay.adapter import KeyStops
 from outbox_relay.durations import Duration
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import Options, TlsOptions, parse_options, tls_context
+from ._rounds import Batch, Entry, Rounds
 from ._topics import METADATA_WAIT_S, TopicMetadata
 
 try:
     from aiokafka import AIOKafkaProducer
     from aiokafka import errors as kafka_errors
     from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the kafka adapter needs aiokafka: pip install 'outbox-relay[kafka]'") from exc
 
@@ -242,10 +243,6 @@ def classify(exc: BaseException) -> PublishResult:
     return PublishResult.transient(reason)
 
 
-def _acked_or_error(outcome: object) -> PublishResult | BaseException:
-    return outcome if isinstance(outcome, BaseException) else PublishResult.acked()
-
-
 def record_headers(out: OutgoingMessage) -> list[tuple[str, bytes]]:
     message = out.message
     headers = [(name, value.encode("utf-8")) for name, value in message.headers.items()]
@@ -280,9 +277,9 @@ async def start_if_missing(adapter: _Restartable, cause: Callable[[Exception], s
 
 
 class KafkaAdapter:
-    # Same key, same partition, and the idempotent producer keeps a partition's
-    # records in order (one request in flight per partition) and rejects the rest of
-    # the partition after a rejected batch: a key's run can go in one call.
+    # Same key, same partition, one batch per partition per round, and a key that
+    # failed is left out of later rounds (adapters/_rounds.py): a key's run can go in
+    # one call.
     keeps_key_order = True
 
     def __init__(self, name: str, options: KafkaOptions):
@@ -337,22 +334,6 @@ class KafkaAdapter:
             return False
         return bool(self._producer.client.cluster.brokers())
 
-    async def _send(
-        self, producer: AIOKafkaProducer, out: OutgoingMessage, missing: dict[str, PublishResult]
-    ) -> asyncio.Future[Any] | PublishResult:
-        if not valid_topic(out.destination):
-            return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
-        if out.destination in missing:
-            return missing[out.destination]
-        key = out.message.key.encode("utf-8") if out.message.key is not None else None
-        try:
-            # Returns once the record is in the producer's buffer; the future is the ack.
-            return await producer.send(  # type: ignore[no-any-return]
-                out.destination, value=out.message.payload, key=key, headers=record_headers(out)
-            )
-        except Exception as exc:
-            return classify(exc)
-
     async def _topics_without_metadata(
         self, producer: AIOKafkaProducer, batch: Sequence[OutgoingMessage]
     ) -> dict[str, PublishResult]:
@@ -374,57 +355,91 @@ class KafkaAdapter:
         if producer is None:
             return [PublishResult.unavailable("kafka producer not connected")] * len(batch)
         missing = await self._topics_without_metadata(producer, batch)
-        stops = KeyStops()
-        pending: list[asyncio.Future[Any] | PublishResult] = []
-        for out in batch:
-            sent = stops.held(out) or await self._send(producer, out, missing)
-            if isinstance(sent, PublishResult):
-                stops.note(out, sent)
-            pending.append(sent)
-        futures = [p for p in pending if isinstance(p, asyncio.Future)]
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        if any(isinstance(o, PRODUCER_RESET_ERRORS) for o in outcomes):
+        rounds = Rounds(batch)
+        for topic in {out.destination for out in batch if valid_topic(out.destination)} - set(missing):
+            # Returns at once when the producer has the topic's metadata; a producer
+            # started since the topic was first seen (a reset) fetches it, as send() would.
+            try:
+                await producer.partitions_for(topic)
+            except Exception as exc:
+                missing[topic] = classify(exc)
+        early = [self._refused_early(out, missing) for out in batch]
+        for index, (out, refused) in enumerate(zip(batch, early, strict=True)):
+            partition = 0 if refused is not None else self._partition_of(producer, out)
+            rounds.queue((out.destination, partition), Entry(index, out, refused))
+        while rounds:
+            answered = await self._send_round(producer, rounds)
+            if not answered:
+                break
+            if self._producer is not producer:  # reset after a refusal: the rest goes on the new one
+                producer = self._producer
+                if producer is None:
+                    rounds.answer_the_rest(PublishResult.unavailable("kafka producer not connected"))
+        return rounds.final()
+
+    def _refused_early(self, out: OutgoingMessage, missing: Mapping[str, PublishResult]) -> PublishResult | None:
+        if not valid_topic(out.destination):
+            return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
+        if out.destination in missing:
+            return missing[out.destination]
+        message = out.message
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            message.key.encode("utf-8") if message.key is not None else None, message.payload, record_headers(out)
+        )
+        if size > self.options.max_request_size:  # what AIOKafkaProducer.send refuses too
+            return PublishResult.permanent(
+                f"MessageSizeTooLargeError: the record is {size} bytes, over max_request_size"
+                f" ({self.options.max_request_size})"
+            )
+        return None
+
+    @staticmethod
+    def _partition_of(producer: AIOKafkaProducer, out: OutgoingMessage) -> int:
+        # The producer's own partitioner (murmur2 of the key, as send() would choose):
+        # the batches are built here, so the partition is chosen here too.
+        key = out.message.key.encode("utf-8") if out.message.key is not None else None
+        return int(producer._partition(out.destination, None, None, None, key, None))
+
+    async def _send_round(self, producer: AIOKafkaProducer, rounds: Rounds) -> bool:
+        """Send one round (one batch per partition, _rounds.py) and settle its answers.
+        False if nothing was left to send."""
+
+        def add(builder: object, out: OutgoingMessage) -> bool:
+            message = out.message
+            key = message.key.encode("utf-8") if message.key is not None else None
+            appended = builder.append(  # type: ignore[attr-defined]
+                timestamp=None, key=key, value=message.payload, headers=record_headers(out)
+            )
+            return appended is not None
+
+        batches = rounds.next_round(lambda _group: producer.create_batch(), add)
+        if not batches:
+            return False
+        outcomes = await asyncio.gather(*(self._send_batch(producer, b) for b in batches), return_exceptions=True)
+        reset = False
+        for sent, outcome in zip(batches, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):  # the producer dropped it (a reset)
+                outcome = kafka_errors.KafkaTimeoutError("batch dropped by a producer reset")
+            if not isinstance(outcome, BaseException):
+                for entry in sent.entries:
+                    rounds.settle(entry, PublishResult.acked())
+                continue
+            reset = reset or isinstance(outcome, PRODUCER_RESET_ERRORS)
+            if isinstance(outcome, SIZE_ERRORS) and len(sent.entries) > 1:
+                rounds.again_alone(sent)
+                continue
+            result = classify(outcome)
+            for entry in sent.entries:
+                rounds.settle(entry, result)
+        if reset:
             await self._new_producer(producer)
-        answers = iter(outcomes)
-        results: list[PublishResult | BaseException] = []
-        for item in pending:
-            results.append(item if isinstance(item, PublishResult) else _acked_or_error(next(answers)))
-        return await self._settle_size_errors(batch, results)
+        return True
 
-    async def _settle_size_errors(
-        self, batch: Sequence[OutgoingMessage], results: list[PublishResult | BaseException]
-    ) -> list[PublishResult]:
-        """A size limit applies to the producer's whole record batch for a partition, so
-        "too large" may be a neighbour's fault. Send each such record again on its own:
-        whatever still fails alone is really too large (permanent), the rest go through.
-        Rare, so one at a time, in batch order, and a key stops at its first failure:
-        nothing of a key is sent again ahead of an earlier message of it, and a later
-        failure of a key was caused by the first one (not_sent, KeyStops)."""
-        final: list[PublishResult] = []
-        stops = KeyStops()
-        for out, result in zip(batch, results, strict=True):
-            if isinstance(result, PublishResult):
-                final.append(stops.settle_one(out, result))
-            elif isinstance(result, SIZE_ERRORS):  # alone; "unavailable" if no producer could start
-                final.append(stops.note(out, stops.held(out) or await self._send_alone(out)))
-            else:
-                final.append(stops.settle_one(out, classify(result)))
-        return final
-
-    async def _send_alone(self, out: OutgoingMessage) -> PublishResult:
-        producer = self._producer
-        if producer is None:
-            return PublishResult.unavailable("kafka producer not connected")
-        sent = await self._send(producer, out, {})
-        if isinstance(sent, PublishResult):
-            return sent
-        try:
-            await sent
-        except Exception as exc:
-            if isinstance(exc, PRODUCER_RESET_ERRORS):
-                await self._new_producer(producer)
-            return classify(exc)
-        return PublishResult.acked()
+    @staticmethod
+    async def _send_batch(producer: AIOKafkaProducer, batch: Batch) -> object:
+        topic, partition = cast(tuple[str, int], batch.group)
+        delivered = await producer.send_batch(batch.builder, topic, partition=partition)
+        return await delivered
 
 
 def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter | Any:

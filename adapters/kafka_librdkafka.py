@@ -3,40 +3,34 @@
 librdkafka builds and sends record batches in C threads, so the Python side of a
 message is one ``produce()`` call (a fraction of aiokafka's per-message CPU: README,
 "Performance"). Same guarantees as the aiokafka client: idempotent producer,
-``acks=all``, a row marked only on its delivery report, a key's run in one call (same
-key, same partition, records kept in order), the same record layout and the same
-error classes.
+``acks=all``, a row marked only on its delivery report, a key's run in one call, the
+same record layout and the same error classes.
 
-Left to itself, librdkafka goes on after the broker rejects a record batch (too large
-for the topic): later records of the partition are delivered, ahead of the rejected
-batch's innocent records sent again. ``enable.gapless.guarantee`` makes such a
-rejection fatal instead: the producer stops, nothing after the gap is delivered, and
-the adapter starts a new producer and re-sends the rejected batch's records one by
-one, in order, so only the record that is really too large is dead-lettered, as the
-aiokafka client does.
-
-Delivery reports are served by a thread of our own that polls the producer and
-hands each poll's reports to the event loop at once (one loop call per poll, not
-per message).
+Key order (adapters/_rounds.py): librdkafka decides itself where one record batch ends
+and the next begins, and a broker that refused one batch writes the next. So records go
+out in rounds, one round of the adapter at a time: a round holds at most one batch's
+worth (``max_batch_size``) and is produced while librdkafka holds everything back
+(``linger.ms`` far above any round), then sent at once by ``flush()``, which overrides
+the linger. Each partition's part of the round is then one record batch, whose records
+share its fate; the next round leaves out the keys that failed. A round that gets no
+answer in time is purged, so nothing of it is sent later beside another round's records.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
-from outbox_relay.adapter import KeyStops
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import TlsOptions
+from ._rounds import Batch, Entry, Rounds
 from ._topics import METADATA_WAIT_S, TopicMetadata
 from .kafka import CLOSE_WAIT_S, KafkaOptions, record_headers, start_if_missing, valid_topic
 
@@ -50,6 +44,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 log = structlog.get_logger("outbox_relay.kafka")
 
 POLL_S = 0.02
+ROUND_LINGER_MS = 600_000  # far above any round: librdkafka sends a round when flush() says so
+ROUND_MAX_RECORDS = 10_000  # librdkafka's batch.num.messages, set explicitly: a round stays under it
+# A record's size in a batch, over-estimated (a record's framing is at most about 20
+# bytes, a header's about 10): a round that librdkafka measured as larger than its
+# batch.size would be split into two batches.
+RECORD_OVERHEAD, HEADER_OVERHEAD, BATCH_OVERHEAD = 64, 16, 128
 
 # The broker will refuse these however often we try: dead-letter them with its reason.
 PERMANENT_CODES = frozenset(
@@ -119,8 +119,10 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
         "enable.idempotence": True,
         "acks": "all",
         "compression.type": options.compression,
-        "linger.ms": options.linger * 1000,
+        # Nothing leaves before the round is complete: flush() sends it (module docstring).
+        "linger.ms": ROUND_LINGER_MS,
         "batch.size": options.max_batch_size,
+        "batch.num.messages": ROUND_MAX_RECORDS,
         "message.max.bytes": options.max_request_size,
         "request.timeout.ms": timeout_ms,
         # Never give a record up: a record that timed out is not covered by the gapless
@@ -131,12 +133,8 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
         # clients, or replicas on both, never splits a key over two partitions.
         "partitioner": "murmur2_random",
         "queue.buffering.max.messages": 1_000_000,
-        # A rejected batch stops the producer rather than leave a gap (module docstring).
-        "enable.gapless.guarantee": True,
-        # One request in flight per broker, as aiokafka: with several, a request sent after
-        # a rejected one can still be written (a broker that has no state for a new
-        # producer id accepts its first sequence as it comes), ahead of the rejected
-        # batch's innocent records sent again.
+        # One request in flight per broker, as aiokafka (a round is one request per
+        # broker anyway).
         "max.in.flight.requests.per.connection": 1,
     }
     tls = options.tls
@@ -165,85 +163,64 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
     return {k: v for k, v in config.items() if v is not None}
 
 
-class _Reports:
-    """The polling thread: serves delivery reports and settles their futures on the loop."""
-
-    def __init__(self, producer: Any, loop: asyncio.AbstractEventLoop):
-        self._producer = producer
-        self._loop = loop
-        self._stop = threading.Event()
-        self._ready: list[tuple[asyncio.Future[Any], Any]] = []
-        self.fatal: str | None = None
-        self._thread = threading.Thread(target=self._run, name="librdkafka-reports", daemon=True)
-        self._thread.start()
-
-    def delivered(self, future: asyncio.Future[Any], error: Any, _message: Any) -> None:
-        # Called by producer.poll() on the polling thread; the future gets the error or None.
-        if error is not None and error.fatal():
-            self.fatal = error.str()
-        self._ready.append((future, error))
-
-    def error(self, error: Any) -> None:
-        # librdkafka's error callback (poll() serves it): a fatal error stops the producer.
-        if error.fatal():
-            self.fatal = error.str()
-
-    def _run(self) -> None:
-        purged = False
-        while not self._stop.is_set():
-            try:
-                self._producer.poll(POLL_S)
-            except KafkaException as exc:  # a fatal error surfaces here too; reports go on
-                self.fatal = self.fatal or str(exc)
-            if self.fatal is not None and not purged:
-                # A stopped producer never sends what it still holds, and records are never
-                # timed out (message.timeout.ms 0): purge them, so every caller gets a
-                # report ("purged": not the record's fault) and the adapter can start anew.
-                purged = True
-                with contextlib.suppress(Exception):
-                    self._producer.purge()
-                continue
-            if self._ready:
-                ready, self._ready = self._ready, []
-                with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody waits
-                    self._loop.call_soon_threadsafe(_settle, ready)
-
-    def stop(self) -> None:
-        """Serve what is left (reports of purged records included), then stop polling."""
-        self._stop.set()
-        self._thread.join(5)
-        with contextlib.suppress(KafkaException):
-            self._producer.poll(0)
-        if self._ready:
-            ready, self._ready = self._ready, []
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(_settle, ready)
+_NO_REPORT = object()
+NO_REPORT_REASON = "no delivery report within request_timeout"
 
 
-def _settle(ready: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    for future, result in ready:
-        if not future.done():
-            future.set_result(result)
+def _too_large(error: Any) -> bool:
+    return error is not None and not isinstance(error, PublishResult) and error.code() in SIZE_CODES
+
+
+async def _drop(producer: Any, wait: float) -> None:
+    """Close `producer`: deliver what it holds within `wait`, purge the rest (their rows
+    are still pending in the outbox and go again: during an outage flush() would wait
+    for them until request_timeout, holding up a reset or the relay's exit)."""
+    left = await asyncio.to_thread(producer.flush, wait)
+    if left:
+        log.warning("kafka_producer_close_purging", records=left)
+        producer.purge()
+        await asyncio.to_thread(producer.flush, 0)
+
+
+class _Fill:
+    """What a round holds so far (bytes as librdkafka counts them, over-estimated)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = BATCH_OVERHEAD
+        self.count = 0
+
+    def add(self, out: OutgoingMessage) -> bool:
+        message = out.message
+        size = RECORD_OVERHEAD + len(message.payload) + len((message.key or "").encode("utf-8"))
+        size += sum(HEADER_OVERHEAD + len(name) + len(value) for name, value in record_headers(out))
+        if self.count and (self.size + size > self.limit or self.count >= ROUND_MAX_RECORDS):
+            return False
+        self.size += size
+        self.count += 1
+        return True
 
 
 class LibrdkafkaAdapter:
-    keeps_key_order = True  # same key, same partition; librdkafka keeps a partition in order
+    keeps_key_order = True  # same key, same partition; rounds keep a failed key's rest back
 
     def __init__(self, name: str, options: KafkaOptions):
         self.name = name
         self.options = options
         self._producer: Any = None
-        self._reports: _Reports | None = None
+        self._fatal: str | None = None  # the producer's fatal error, from its error callback
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
+        self._round = asyncio.Lock()  # one round in the producer at a time (module docstring)
         self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
 
     async def connect(self) -> None:
-        errors: list[_Reports] = []  # the error callback reaches the reports object made below
-        early: list[str] = []  # errors before that: why a connect failed (a refused login, an untrusted CA)
+        early: list[str] = []  # errors before the producer is ours: why a connect failed
 
         def on_error(error: Any) -> None:
-            if errors:
-                errors[0].error(error)
+            # Served by flush() and list_topics(); a fatal error stops the producer.
+            if producer is self._producer:
+                if error.fatal():
+                    self._fatal = str(error.str())
             else:
                 early.append(str(error.str()))
 
@@ -256,24 +233,12 @@ class LibrdkafkaAdapter:
         except KafkaException as exc:
             why = early[-1] if early else (exc.args[0].str() if exc.args else str(exc))
             raise ConnectionError(f"kafka unreachable: {first_line(why)[:500]}") from exc
-        self._producer = producer
-        self._reports = _Reports(producer, asyncio.get_running_loop())
-        errors.append(self._reports)
+        self._producer, self._fatal = producer, None
 
     async def close(self) -> None:
-        producer, reports = self._producer, self._reports
-        self._producer = self._reports = None
-        if reports is not None:
-            await asyncio.to_thread(reports.stop)  # flush below serves what is left
+        producer, self._producer = self._producer, None
         if producer is not None:
-            # Records still queued after a short wait are purged (their rows stay pending
-            # in the outbox and go again): during an outage flush() would wait for them
-            # until request_timeout, holding up a reset or the relay's exit.
-            left = await asyncio.to_thread(producer.flush, min(CLOSE_WAIT_S, self.options.request_timeout))
-            if left:
-                log.warning("kafka_producer_close_purging", records=left)
-                producer.purge()
-                await asyncio.to_thread(producer.flush, 0)
+            await _drop(producer, min(CLOSE_WAIT_S, self.options.request_timeout))
 
     async def ready(self) -> bool:
         # Starts a producer if there is none, as publish would: the engine probes a
@@ -295,69 +260,115 @@ class LibrdkafkaAdapter:
         problem = await self._reconnect()
         if problem is not None:
             return [PublishResult.unavailable(problem)] * len(batch)
-        producer, reports = self._producer, self._reports
-        if producer is None or reports is None:
+        producer = self._producer
+        if producer is None:
             return [PublishResult.unavailable("kafka producer not connected")] * len(batch)
         missing = await self._topics_without_metadata(producer, batch)
-        stops = KeyStops()
-        pending: list[asyncio.Future[Any] | PublishResult] = []
-        for out in batch:
-            sent = stops.held(out) or missing.get(out.destination) or await self._produce(producer, reports, out)
-            if isinstance(sent, PublishResult):
-                stops.note(out, sent)
-            pending.append(sent)
-        errors = [await item if isinstance(item, asyncio.Future) else item for item in pending]
-        if reports.fatal is not None:
-            await self._new_producer(producer, reports.fatal)
-        return await self._settle_size_errors(batch, errors)
+        rounds = Rounds(batch)
+        for index, out in enumerate(batch):
+            early = missing.get(out.destination)
+            if not valid_topic(out.destination):
+                early = PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
+            rounds.queue(None, Entry(index, out, early))  # one group: a round bounds every partition
+        while rounds:
+            batches = rounds.next_round(lambda _group: _Fill(self.options.max_batch_size), _Fill.add)  # type: ignore[arg-type]
+            if not batches:
+                break
+            [sent] = batches
+            problem = await self._reconnect()  # a reset in an earlier round may have failed
+            async with self._round:
+                producer = self._producer
+                if producer is not None:
+                    errors = await self._send_round(producer, sent.entries)
+            if producer is None:
+                gone = PublishResult.unavailable(problem or "kafka producer not connected")
+                for entry in sent.entries:
+                    rounds.settle(entry, gone)
+                rounds.answer_the_rest(gone)
+                break
+            self._settle(rounds, sent, errors)
+            if self._fatal is not None:
+                await self._new_producer(producer, self._fatal)
+        return rounds.final()
 
-    async def _settle_size_errors(self, batch: Sequence[OutgoingMessage], errors: list[Any]) -> list[PublishResult]:
-        """ "Too large" is about a whole record batch, so it may be a neighbour's fault:
-        each such record is sent again on its own, in batch order, a key stopping at its
-        first failure (a later failure of a key was caused by it: not_sent); what still
-        fails alone is really too large."""
-        final: list[PublishResult] = []
-        stops = KeyStops()
-        for out, error in zip(batch, errors, strict=True):
+    def _settle(self, rounds: Rounds, sent: Batch, errors: list[Any]) -> None:
+        refused = [entry for entry, error in zip(sent.entries, errors, strict=True) if _too_large(error)]
+        if len(sent.entries) > 1 and refused:
+            # "Too large" is about a whole record batch (a partition's part of the round):
+            # maybe a neighbour's fault. Those records go again, each on its own.
+            again = Batch(None, refused, None)
+            rest = [(e, err) for e, err in zip(sent.entries, errors, strict=True) if not _too_large(err)]
+            rounds.again_alone(again)
+        else:
+            rest = list(zip(sent.entries, errors, strict=True))
+        for entry, error in rest:
             if isinstance(error, PublishResult):
-                final.append(stops.settle_one(out, error))
-            elif error is None:
-                final.append(stops.note(out, PublishResult.acked()))
-            elif error.code() in SIZE_CODES:
-                final.append(stops.note(out, stops.held(out) or await self._send_alone(out)))
+                rounds.settle(entry, error)
             else:
-                final.append(stops.settle_one(out, classify(error)))
-        return final
+                rounds.settle(entry, PublishResult.acked() if error is None else classify(error))
 
-    async def _send_alone(self, out: OutgoingMessage) -> PublishResult:
-        producer, reports = self._producer, self._reports
-        if producer is None or reports is None:
-            return PublishResult.unavailable("kafka producer not connected")
-        sent = await self._produce(producer, reports, out)
-        if isinstance(sent, PublishResult):
-            return sent
-        error = await sent
-        if reports.fatal is not None:
-            await self._new_producer(producer, reports.fatal)
-        return PublishResult.acked() if error is None else classify(error)
+    async def _send_round(self, producer: Any, entries: list[Entry]) -> list[Any]:
+        """Produce the round, send it with flush(), and return each record's answer: None
+        (delivered), a KafkaError, or a PublishResult decided here. Holds the round lock
+        (the caller's) until librdkafka holds nothing of the round any more."""
+        reports: dict[int, Any] = {}  # filled by flush() on its thread, read after it returned
+        answers: list[Any] = [None] * len(entries)
+        refused_keys: set[str] = set()
+        for position, entry in enumerate(entries):
+            key = entry.out.message.key
+            if key is not None and key in refused_keys:
+                answers[position] = PublishResult.not_sent(f"not sent: an earlier message of key {key!r} failed")
+                continue
+            refused = self._produce(producer, entry.out, reports, position)
+            if refused is not None:
+                answers[position] = refused
+                if key is not None:
+                    refused_keys.add(key)
+        flushing = asyncio.ensure_future(asyncio.to_thread(producer.flush, self.options.request_timeout))
+        try:
+            left = await asyncio.shield(flushing)
+        except asyncio.CancelledError:
+            # Cancelled (publish_timeout): nothing of the round may stay queued to go out
+            # beside a later round, and the round lock is held until flush() returned.
+            producer.purge()
+            await asyncio.wait({flushing})
+            raise
+        if left:
+            producer.purge()  # no answer in time: drop the rest, it goes again in a later call
+            await asyncio.to_thread(producer.flush, CLOSE_WAIT_S)
+        for position, answer in enumerate(answers):
+            if answer is None:
+                answers[position] = reports.get(position, _NO_REPORT)
+        return [PublishResult.unavailable(NO_REPORT_REASON) if a is _NO_REPORT else a for a in answers]
+
+    def _produce(self, producer: Any, out: OutgoingMessage, reports: dict[int, Any], position: int) -> Any:
+        """Queue one record; None, or its answer if librdkafka refused it at once."""
+        key = out.message.key.encode("utf-8") if out.message.key is not None else None
+        try:
+            producer.produce(
+                out.destination,
+                value=out.message.payload,
+                key=key,
+                headers=record_headers(out),
+                on_delivery=lambda error, _message: reports.__setitem__(position, error),
+            )
+        except BufferError:  # the local queue is full: not the record's fault
+            return PublishResult.unavailable("librdkafka's local queue is full")
+        except KafkaException as exc:
+            return exc.args[0]
+        return None
 
     async def _new_producer(self, seen: Any, why: str) -> None:
         """After a fatal error the producer refuses everything: start a new one (a new
         producer id), once, whichever worker sees it first. If the new one cannot connect
         now, the next publish connects (or answers "unavailable" until it can)."""
         async with self._lifecycle:
-            if self._producer is not seen:
+            if self._producer is not seen or seen is None:
                 return
             log.info("kafka_producer_reset", broker=self.name, error=why)
-            old, reports = self._producer, self._reports
-            self._producer = self._reports = None
-            # Purge first (nothing left to flush when the old producer is dropped), then
-            # let the reports thread serve the purged records' reports (their callers are
-            # waiting), then stop it.
-            with contextlib.suppress(Exception):
-                old.purge()
-            if reports is not None:
-                await asyncio.to_thread(reports.stop)
+            self._producer = None
+            async with self._round:  # no round of another call is still in the old one
+                await _drop(seen, 0)
             try:
                 await self.connect()
             except BaseException as exc:
@@ -389,25 +400,3 @@ class LibrdkafkaAdapter:
             if time.monotonic() >= deadline:
                 raise KafkaException(found.error if found is not None else "no such topic")
             time.sleep(0.1)
-
-    async def _produce(
-        self, producer: Any, reports: _Reports, out: OutgoingMessage
-    ) -> asyncio.Future[Any] | PublishResult:
-        if not valid_topic(out.destination):
-            return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        key = out.message.key.encode("utf-8") if out.message.key is not None else None
-        while True:
-            try:
-                producer.produce(
-                    out.destination,
-                    value=out.message.payload,
-                    key=key,
-                    headers=record_headers(out),
-                    on_delivery=lambda err, msg, f=future: reports.delivered(f, err, msg),
-                )
-                return future
-            except BufferError:
-                await asyncio.sleep(POLL_S)  # the local queue is full: the polling thread drains it
-            except KafkaException as exc:
-                return classify(exc.args[0])

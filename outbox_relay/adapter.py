@@ -92,8 +92,11 @@ class Adapter(Protocol):
     messages of one key handed over in one call reach the broker in the order given,
     and that once one of them is not acked, no later one of that key in the call is
     acked: the adapter answers ``PublishResult.not_sent(...)`` for those it did not
-    send, or the broker refuses them (Kafka's idempotent producer fails the rest of a
-    partition after a rejected batch). The engine then hands a key's whole run to one
+    send. A broker's own ordering is rarely enough for that: a Kafka broker that
+    refused one record batch writes the partition's next one, so the Kafka adapters
+    send in rounds of one batch per partition (adapters/_rounds.py). The contract
+    suite checks it against each such adapter's real broker
+    (tests/contract/test_key_order_contract.py). The engine then hands a key's whole run to one
     call instead of one call per message (engine/dispatch.py says what it does when
     a broker acks a later message anyway). ``not_sent`` from any other adapter, or
     for a message no earlier failure of its key explains, counts as transient.
@@ -145,8 +148,8 @@ class KeyStops:
     ``held(out)`` answers ``not_sent`` for a message whose key failed earlier in the
     call (do not send it); ``note(out, result)`` records a failure. ``settle`` applies
     the same rule to results that came back together: a failure after its key's first
-    failure was caused by it (Kafka rejects the rest of a partition), so it spends no
-    attempt and becomes ``not_sent``.
+    failure was caused by it (the records of a key in one Kafka round share a record
+    batch and its fate), so it spends no attempt and becomes ``not_sent``.
     """
 
     def __init__(self) -> None:

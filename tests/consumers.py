@@ -77,11 +77,19 @@ async def kafka_create_topic(bootstrap: str, topic: str, *, partitions: int = 3,
 class RabbitQueue:
     """A durable queue bound to an exchange, read with basic_get (pika, blocking)."""
 
-    def __init__(self, url: str, exchange: str, queue: str, binding: str = "#", exchange_type: str = "topic"):
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        queue: str,
+        binding: str = "#",
+        exchange_type: str = "topic",
+        arguments: dict[str, Any] | None = None,
+    ):
         self._connection = pika.BlockingConnection(pika.URLParameters(url))
         self._channel = self._connection.channel()
         self._channel.exchange_declare(exchange, exchange_type=exchange_type, durable=True)
-        self._channel.queue_declare(queue, durable=True)
+        self._channel.queue_declare(queue, durable=True, arguments=arguments)
         self._channel.queue_bind(queue, exchange, routing_key=binding)
         self.queue = queue
 

@@ -15,9 +15,10 @@ leave it out, and within its call:
 - later messages the adapter did not ack are left as they were (no attempt spent)
   and go in a later batch, after the failed one;
 - an ordered adapter never acks a later message of a key after an earlier one
-  failed (Kafka's idempotent producer rejects the rest of the partition, the adapters
-  answer ``not_sent``), with one exception that the broker itself decides after the
-  fact: RabbitMQ returning an unroutable message while the next ones were routed. A
+  failed (the adapters answer ``not_sent``: adapters/_rounds.py for Kafka), with
+  exceptions that the broker itself decides after the fact, RabbitMQ with
+  ``pipeline_keys`` returning an unroutable message or nacking one (a full
+  ``reject-publish`` queue) while the next ones were taken. A
   later message that was acked anyway is delivered: it is marked dispatched (sending
   it again would only add a duplicate) and logged as ``key_order_exception``, unless
   the failure was a dead letter under ``release``, where going on is the policy.

@@ -1,0 +1,198 @@
+"""The key-order rule of ``keeps_key_order``, against each ordered adapter's real broker.
+
+An adapter that declares ``keeps_key_order`` is handed a key's whole run in one call,
+and promises that once message *i* of a key is not acked, no later message of that key
+in the call is acked, nor written (outbox_relay.adapter.Adapter). The engine's ordering
+tests use FakeAdapter, which obeys the rule by construction; these test the adapters.
+
+The broker rejects a record by its size here (Kafka: the topic's ``max.message.bytes``;
+RabbitMQ: a queue that refuses what would take it over ``x-max-length-bytes``), in the
+two layouts that broke the rule before (issue 17, item 1):
+
+- the poison first in a key's run, the run spread over several producer batches, on a
+  fresh producer (a broker with no state for a producer id accepts any first sequence,
+  so sequence numbers do not stop the records after a rejected batch);
+- an innocent message of key ``k`` sharing a rejected batch with another key's record,
+  the next message of ``k`` in a later batch.
+
+What the broker holds is read back with an independent client, up to a marker message
+published after the run (the positive signal that everything sent has arrived).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from outbox_relay_adapters.kafka import create as create_kafka
+from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
+
+from outbox_relay.adapter import Adapter, keeps_key_order
+from outbox_relay.models import Message, Outcome, OutgoingMessage
+from tests.consumers import RabbitQueue, Received, kafka_create_topic, kafka_read, rabbit_read
+from tests.support.factories import message
+
+LIMIT = 4096  # bytes the destination accepts: a record (Kafka) or the queue (RabbitMQ)
+
+
+@dataclass
+class Rejecting:
+    """An adapter connected to a fresh destination that refuses records over LIMIT."""
+
+    adapter: Adapter
+    destination: str
+    read_all: Callable[[str], Awaitable[list[Received]]]  # everything up to a marker's id
+
+
+def msg(n: int, key: str, size: int) -> Message:
+    return message(n, payload=b"x" * size, key=key)
+
+
+def assert_rule(
+    sent: list[Message], outcomes: list[Outcome], received: list[Received], *, after_the_fact: bool = False
+) -> None:
+    """Per key: acked messages are a prefix of its run, and the broker holds exactly those, in order.
+
+    `after_the_fact`: the broker decides each message on its own after later ones were
+    sent (RabbitMQ with pipeline_keys, a documented exception): acked ones need not be a
+    prefix, but the broker still holds exactly the acked ones, in order."""
+    on_broker = [r.message_id for r in received]
+    assert len(on_broker) == len(set(on_broker)), f"a record was written twice: {on_broker}"
+    for key in {m.key for m in sent}:
+        run = [(str(m.message_id), outcome) for m, outcome in zip(sent, outcomes, strict=True) if m.key == key]
+        acked = [mid for mid, outcome in run if outcome is Outcome.ACKED]
+        prefix = [mid for mid, _ in run[: len(acked)]]
+        assert after_the_fact or acked == prefix, (
+            f"key {key!r}: a later message acked after an earlier one failed: {run}"
+        )
+        ids = {mid for mid, _ in run}
+        assert [mid for mid in on_broker if mid in ids] == acked, (
+            f"key {key!r}: the broker holds {[mid for mid in on_broker if mid in ids]}, acked in order: {acked}"
+        )
+
+
+class KeyOrderContract:
+    """Each subclass builds a `Rejecting` for the given client options."""
+
+    batch_bytes_for: dict[str, int] = {"poison_first": 1024, "innocent_neighbour": 4800}
+    # Kafka dead-letters a record too large for the topic; RabbitMQ's nack of a full
+    # queue is an answer about the queue now, not the message (transient).
+    size_rejection: Outcome = Outcome.PERMANENT
+    after_the_fact = False
+
+    @pytest.fixture
+    async def rejecting(self) -> AsyncIterator[Callable[[int], Awaitable[Rejecting]]]:  # overridden
+        raise NotImplementedError
+        yield
+
+    async def _run(self, target: Rejecting, sent: list[Message]) -> list[Outcome]:
+        results = await target.adapter.publish([OutgoingMessage(m, target.destination, True) for m in sent])
+        outcomes = [r.outcome for r in results]
+        marker = message(999, key="marker")
+        [marked] = await target.adapter.publish([OutgoingMessage(marker, target.destination, True)])
+        assert marked.outcome is Outcome.ACKED, marked
+        received = await target.read_all(str(marker.message_id))
+        assert_rule(sent, outcomes, received, after_the_fact=self.after_the_fact)
+        return outcomes
+
+    async def test_poison_first_on_a_fresh_producer(self, rejecting: Callable[[int], Awaitable[Rejecting]]) -> None:
+        target = await rejecting(self.batch_bytes_for["poison_first"])
+        assert keeps_key_order(target.adapter)
+        sent = [msg(1, "k", 20_000), msg(2, "k", 10), msg(3, "k", 10)]
+        outcomes = await self._run(target, sent)
+        assert outcomes[0] is self.size_rejection, outcomes
+        if not self.after_the_fact:
+            assert outcomes[1:] == [Outcome.NOT_SENT] * 2, outcomes
+
+    async def test_innocent_neighbour_in_a_rejected_batch(
+        self, rejecting: Callable[[int], Awaitable[Rejecting]]
+    ) -> None:
+        target = await rejecting(self.batch_bytes_for["innocent_neighbour"])
+        sent = [msg(1, "other", 3000), msg(2, "k", 1500), msg(3, "k", 600)]
+        outcomes = await self._run(target, sent)
+        # Each fits alone: none of them is the poison, so none is dead-lettered.
+        assert Outcome.PERMANENT not in outcomes, outcomes
+        assert outcomes[0] is Outcome.ACKED, outcomes
+
+
+class TestKafka(KeyOrderContract):
+    options: dict[str, Any] = {}
+
+    @pytest.fixture
+    async def rejecting(self, kafka_bootstrap: str) -> AsyncIterator[Callable[[int], Awaitable[Rejecting]]]:
+        adapters: list[Adapter] = []
+
+        async def make(batch_bytes: int) -> Rejecting:
+            topic = f"order-{uuid.uuid4().hex[:10]}"
+            await kafka_create_topic(kafka_bootstrap, topic, partitions=1, **{"max.message.bytes": str(LIMIT)})
+            adapter = create_kafka(
+                "kafka", {"bootstrap_servers": kafka_bootstrap, "max_batch_size": batch_bytes, **self.options}
+            )
+            await adapter.connect()  # a fresh producer: the broker has no state for its id
+            adapters.append(adapter)
+
+            async def read_all(marker: str) -> list[Received]:
+                received: list[Received] = []
+                for _ in range(10):  # kafka_read stops at a count: read until the marker is in
+                    received = await kafka_read(kafka_bootstrap, topic, len(received) + 1, timeout=5)
+                    if any(r.message_id == marker for r in received):
+                        return [r for r in received if r.message_id != marker]
+                raise AssertionError(f"the marker never arrived on {topic}")
+
+            return Rejecting(adapter, topic, read_all)
+
+        yield make
+        for adapter in adapters:
+            await adapter.close()
+
+
+class TestKafkaLibrdkafka(TestKafka):
+    options = {"client": "librdkafka"}
+
+
+class TestRabbitMQPipelined(KeyOrderContract):
+    """RabbitMQ with pipeline_keys (a key's run in one call): the queue bound to the
+    exchange refuses a message that would take it over LIMIT bytes (reject-publish), so
+    the broker nacks it.
+
+    RabbitMQ judges each message when it arrives, after the next ones were published on
+    the channel: it can nack *i* and take *i+1*. That is the documented price of
+    ``pipeline_keys`` (README, RabbitMQ; the engine logs ``key_order_exception``), so
+    here the broker must hold exactly what was acked, in order, and nothing else."""
+
+    size_rejection = Outcome.TRANSIENT
+    after_the_fact = True
+
+    @pytest.fixture
+    async def rejecting(self, amqp_url: str) -> AsyncIterator[Callable[[int], Awaitable[Rejecting]]]:
+        made: list[tuple[Adapter, RabbitQueue]] = []
+
+        async def make(batch_bytes: int) -> Rejecting:
+            exchange = f"order-{uuid.uuid4().hex[:10]}"
+            queue = RabbitQueue(
+                amqp_url,
+                exchange,
+                exchange + ".q",
+                arguments={"x-max-length-bytes": LIMIT, "x-overflow": "reject-publish"},
+            )
+            adapter = create_rabbitmq("rabbit", {"url": amqp_url, "exchange": exchange, "pipeline_keys": True})
+            await adapter.connect()
+            made.append((adapter, queue))
+
+            async def read_all(marker: str) -> list[Received]:
+                received: list[Received] = []
+                while not any(r.message_id == marker for r in received):
+                    got = await rabbit_read(queue, 1)
+                    assert got, f"the marker never arrived on {queue.queue}"
+                    received += got
+                return [r for r in received if r.message_id != marker]
+
+            return Rejecting(adapter, exchange, read_all)
+
+        yield make
+        for adapter, queue in made:
+            await adapter.close()
+            queue.close()
