@@ -115,8 +115,9 @@ class OutboxStore:
 
     Keys are claimed round-robin: a cursor (a key) says where the next walk over the
     keys starts, so under a backlog every key gets its turn and no key starves. The
-    workers of one process take turns walking (an asyncio lock around walk + lock), so
-    they advance the cursor instead of racing each other for the same heads.
+    workers of one process take turns walking (an asyncio lock around the walk), so
+    they advance the cursor instead of racing each other for the same heads; each then
+    locks what it found on its own, so one that waits for a row lock stalls no other.
     """
 
     # A walk visits at most this many keys per message of the batch: bounds a claim's
@@ -199,23 +200,28 @@ class OutboxStore:
     async def _claim_keyed(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> Claim:
         async with self._walking:
             heads, more = await self._walk(conn, -(-limit // self._workers), limit * self.VISITS_PER_SLOT)
-            if not heads:
-                return Claim([], more)
-            # A share of the batch per key: one hot key fills it alone, a hundred keys
-            # bring a few messages each. Rows past a share wait for the next batch.
-            per_key = max(1, -(-limit // len(heads)))
-            cur = await conn.execute(
-                self._q["claim_runs"],
-                {
-                    "head_ids": heads,
-                    "hold_dead_letters": self._hold,
-                    "per_key": per_key,
-                    "max_bytes": budget,
-                    "max_payload": self._max_payload,
-                },
-                binary=True,
-            )
-            rows = await cur.fetchall()
+        # The walking lock covers the walk only: claim_runs can wait on a row lock (a run
+        # another relay holds after a requeue under `release`, for as long as its batch
+        # lasts), and the other workers must not wait with it. They walk on from the
+        # cursor this walk moved, so they look at other keys; where walks overlap (one
+        # that wrapped round), the heads' SKIP LOCKED gives each head to one claim.
+        if not heads:
+            return Claim([], more)
+        # A share of the batch per key: one hot key fills it alone, a hundred keys
+        # bring a few messages each. Rows past a share wait for the next batch.
+        per_key = max(1, -(-limit // len(heads)))
+        cur = await conn.execute(
+            self._q["claim_runs"],
+            {
+                "head_ids": heads,
+                "hold_dead_letters": self._hold,
+                "per_key": per_key,
+                "max_bytes": budget,
+                "max_payload": self._max_payload,
+            },
+            binary=True,
+        )
+        rows = await cur.fetchall()
         return Claim(_unbroken_runs(_within_budget(rows, self._max_payload), limit), more)
 
     async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> tuple[list[int], bool]:

@@ -19,6 +19,7 @@ from outbox_relay.engine.store import OutboxStore
 from outbox_relay.operations import schema_manager
 from outbox_relay.sqlfiles import Queries
 from tests.support.configs import make_config
+from tests.support.outbox import lock_waits
 from tests.support.relay import running_relay, wakeups
 from tests.support.waiting import wait_until
 
@@ -285,6 +286,45 @@ async def test_a_requeue_under_release_never_lets_two_relays_claim_the_same_rows
         await a.execute("COMMIT")
         b_ids = await asyncio.wait_for(b_task, 10)
     assert b_ids == [1], "B took the requeued row alone: A's rows were dispatched when it got their locks"
+
+
+async def test_a_claim_waiting_for_a_row_lock_does_not_stall_the_other_workers(db: str) -> None:
+    # Key a: rows 1, 2; key b: row 3. Another relay holds row 2 (as after a requeue under
+    # release: a's head is free, a later row of its run is in that relay's batch). Worker
+    # 1 takes a's head and waits in claim_runs for row 2, for as long as that batch lasts
+    # (up to 2 x publish_timeout). Worker 2 of the same process must claim b meanwhile:
+    # before, it queued behind worker 1 on the walking lock.
+    fill(db, [keyed(2, "'a'"), keyed(1, "'b'")])
+    store = OutboxStore(Queries("outbox"), hold_dead_letters=False, workers=2)
+
+    async def claim(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str | None, int]]:
+        # A batch of 2 between 2 workers: each walk looks for one key.
+        async with conn.transaction():
+            return [(m.key, m.id) for m in (await store.claim(conn, 2)).messages]
+
+    with psycopg.connect(db) as other:
+        other.execute("SELECT id FROM outbox.messages WHERE id = 2 FOR UPDATE")
+        async with (
+            await psycopg.AsyncConnection.connect(db) as worker_1,
+            await psycopg.AsyncConnection.connect(db) as worker_2,
+        ):
+            first = asyncio.create_task(claim(worker_1))
+            second: asyncio.Task[list[tuple[str | None, int]]] | None = None
+            try:
+                await wait_until(lambda: lock_waits(db) > 0, timeout=10, what="worker 1 waiting for row 2")
+                second = asyncio.create_task(claim(worker_2))
+                # The row stays locked until worker 2's claim returned or this bound passed
+                # (2 s: generous for one claim of one row).
+                await asyncio.wait({second}, timeout=2.0)
+                second_in_time, first_waiting = second.done(), not first.done()
+            finally:
+                other.rollback()  # the other relay's batch ends: worker 1 gets row 2
+                first_ids = await asyncio.wait_for(first, 10)
+                second_ids = await asyncio.wait_for(second, 10) if second else None
+            assert second_in_time, "worker 2's claim waited for worker 1's row lock"
+            assert second_ids == [("b", 3)], "worker 2 claimed key b while worker 1 waited"
+            assert first_waiting, "worker 1 waited for the other relay's row meanwhile"
+            assert first_ids == [("a", 1), ("a", 2)]
 
 
 async def test_under_hold_a_run_stops_before_the_next_dead_letter(db: str) -> None:

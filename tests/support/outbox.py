@@ -28,6 +28,16 @@ def dispatched(dsn: str) -> int:
     return count(dsn, "dispatched_at IS NOT NULL")
 
 
+def lock_waits(dsn: str) -> int:
+    """Sessions of this database waiting for a lock (a row another transaction holds):
+    the positive signal that a claim is blocked."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def dead_letters(dsn: str) -> list[tuple[str, str, str]]:
     """(message id, key, reason) of every dead letter, in enqueue order."""
     with psycopg.connect(dsn) as conn:
