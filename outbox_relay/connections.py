@@ -51,18 +51,6 @@ async def connect_once(
         raise DatabaseError(f"invalid DSN: {UNPARSEABLE_REASON}") from None
 
 
-async def disable_jit(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Turn JIT compilation off for this session (the caller commits, if not autocommit).
-
-    The claim's recursive key walk is planned for a generic key range, so on a large
-    table its estimated cost passes `jit_above_cost` and PostgreSQL compiles it to
-    machine code on every call: 280 ms for a query that runs in 0.1 ms. A keyless
-    backlog of 1,000,000 rows drained at 4,300 msg/s instead of 30,000 because of it.
-    The relay's statements are all short; JIT never pays for itself here.
-    """
-    await conn.execute("SELECT set_config('jit', 'off', false)")
-
-
 async def connect_with_retry(
     dsn: str,
     *,

@@ -15,6 +15,27 @@ WHERE EXISTS (SELECT 1 FROM pg_class AS c
               WHERE c.relnamespace = n.oid AND c.relname = 'messages' AND c.relkind IN ('r', 'p'))
 ORDER BY n.nspname;
 
+-- name: batch_settings
+-- The first statement of every batch's transaction, for that transaction only
+-- (set_config(..., true), as SET LOCAL): plan the claim on its indexes whatever the
+-- table's statistics (OutboxStore.claim says why), and end the session of a relay that
+-- hangs mid-batch (%(idle_ms)s NULL: the server's setting stays). Never for the
+-- session: behind a pooler in transaction mode (pgbouncer) a server session serves
+-- other clients between two transactions, which would inherit them (an application
+-- without sequential scans), and the relay's next transaction may land on a server
+-- session that never had them.
+SELECT set_config('jit', 'off', true),
+       set_config('max_parallel_workers_per_gather', '0', true),
+       set_config('enable_seqscan', 'off', true),
+       set_config('enable_bitmapscan', 'off', true),
+       set_config('idle_in_transaction_session_timeout',
+                  coalesce(%(idle_ms)s::text, current_setting('idle_in_transaction_session_timeout')), true);
+
+-- name: without_jit
+-- For the rest of this transaction only (see batch_settings): no JIT compilation for
+-- a count over a large backlog (the pending gauge).
+SELECT set_config('jit', 'off', true);
+
 -- name: walk_keys
 -- The claim, step 1: which keys have a publishable head? A skip scan over the keyed
 -- pending index: each step is one index descent to the first pending row of the next

@@ -17,7 +17,7 @@ from uuid import UUID
 import psycopg
 import structlog
 
-from outbox_relay.connections import PREPARE_THRESHOLD, connect_with_retry, disable_jit
+from outbox_relay.connections import PREPARE_THRESHOLD, connect_with_retry
 from outbox_relay.errors import first_line
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
@@ -76,7 +76,6 @@ class Maintenance:
                     prepare_threshold=self._prepare_threshold,
                 )
                 async with conn:
-                    await disable_jit(conn)  # the pending gauge counts a large backlog
                     while True:
                         await self.heartbeat(conn)
                         await self.observe(conn)
@@ -103,8 +102,13 @@ class Maintenance:
 
     async def observe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Lag gauges, and the watchdog for the oldest open transaction."""
-        cur = await conn.execute(self._q["pending_gauge"])
-        row = await cur.fetchone()
+        async with conn.transaction():
+            # The gauge counts a large backlog: JIT compiling it costs more than the count
+            # (OutboxStore.claim). Off for this transaction only: behind a pooler in
+            # transaction mode, the server session goes to other clients afterwards.
+            await conn.execute(self._q["without_jit"])
+            cur = await conn.execute(self._q["pending_gauge"])
+            row = await cur.fetchone()
         if row:
             self._metrics.pending.set(row[0] or 0)
             self._metrics.oldest_pending_age.set(float(row[1] or 0.0))

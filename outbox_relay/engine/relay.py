@@ -70,6 +70,11 @@ class Relay:
             workers=relay.workers,
             max_batch_bytes=relay.max_batch_bytes,
             max_payload_bytes=relay.max_payload_bytes,
+            # A relay that hangs mid-batch (not dead, so its connection stays up) would
+            # hold its rows forever; Postgres ends such a session, the rows become
+            # claimable again. A batch starts no wave after publish_timeout, and a wave
+            # lasts at most that long.
+            idle_in_transaction_timeout=2 * relay.publish_timeout + 30.0,
         )
         self.metrics = RelayMetrics()
         self._router = Router(config.routes)
@@ -254,9 +259,9 @@ class Relay:
             while not self._stop.is_set():
                 try:
                     if conn is None:
-                        # The session's setup runs statements too: a connection ended
-                        # right after it opened (a failover, pg_terminate_backend) fails
-                        # here, and is handled like any other lost connection below.
+                        # Inside the try: a connection ended right after it opened (a
+                        # failover, pg_terminate_backend) fails at its first statement,
+                        # and is handled like any other lost connection below.
                         conn = await self._until_stopped(self._connect_worker())
                         if conn is None:
                             break
@@ -309,18 +314,14 @@ class Relay:
         # it, and a row lock that waited re-checks the row (store.py, claim_runs). A
         # database or role default of repeatable read or serializable would make claims
         # fail with serialization errors instead; psycopg sets this level at every BEGIN.
-        await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
-        # A relay that hangs mid-batch (not dead, so its connection stays up) would hold its
-        # rows forever; Postgres ends such a session, the rows become claimable again.
-        # A batch starts no wave after publish_timeout, and a wave lasts at most that long.
-        idle_ms = int((2 * self.config.relay.publish_timeout + 30.0) * 1000)
+        # Nothing else is set for the session: each batch sets what it needs for its own
+        # transaction (OutboxStore.claim), so a pooler in transaction mode can hand the
+        # server session to another client in between.
         try:
-            await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),))
-            await self._store.prepare_session(conn)
-            await conn.commit()
+            await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
         except BaseException:
-            # Failed, or cancelled by a stop that came meanwhile: the caller never gets
-            # this connection, so close it here rather than leave it to the collector.
+            # Cancelled by a stop that came meanwhile: the caller never gets this
+            # connection, so close it here rather than leave it to the collector.
             await conn.close()
             raise
         return conn

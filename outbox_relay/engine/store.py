@@ -133,8 +133,11 @@ class OutboxStore:
         workers: int = 1,
         max_batch_bytes: int = NO_LIMIT,
         max_payload_bytes: int | None = None,
+        idle_in_transaction_timeout: float | None = None,
     ):
         self._q = queries
+        # None: the server's idle_in_transaction_session_timeout applies to batches.
+        self._idle_ms = None if idle_in_transaction_timeout is None else int(idle_in_transaction_timeout * 1000)
         self._hold = hold_dead_letters
         self._max_bytes = max_batch_bytes
         self._max_payload = NO_LIMIT if max_payload_bytes is None else max_payload_bytes
@@ -146,33 +149,27 @@ class OutboxStore:
         self._walking = asyncio.Lock()
         self._keyless_first = False
 
-    @staticmethod
-    async def prepare_session(conn: psycopg.AsyncConnection[Any]) -> None:
-        """Plan this session's claims on their indexes, whatever the table's statistics.
-
-        The outbox is a queue: its statistics describe the table as it was at the last
-        ANALYZE, not as it is (a keyless backlog analyzed, then keyed rows arriving; a
-        backlog drained since). With them, and the generic plans psycopg prepares, the
-        planner priced the key walk's "next key after this one" as a range of a third of
-        the table and chose a sequential or parallel bitmap scan plus a sort, or JIT
-        compilation (280 ms per walk on 1,000,000 rows, a keyless drain of 4,300 msg/s
-        instead of 30,000). Every statement the relay runs on this session is written
-        for an index path (queries.sql); these settings take the alternatives away:
-        no sequential or bitmap scans (the cost of each becomes prohibitive, so the
-        index is chosen whenever one applies), no parallel workers, no JIT. The caller
-        commits.
-        """
-        await conn.execute(
-            "SELECT set_config('jit', 'off', false), set_config('max_parallel_workers_per_gather', '0', false),"
-            " set_config('enable_seqscan', 'off', false), set_config('enable_bitmapscan', 'off', false)"
-        )
-
     async def claim(self, conn: psycopg.AsyncConnection[Any], limit: int) -> Claim:
         """Lock and return up to `limit` publishable messages (inside the batch's transaction).
 
         Keyed and keyless messages share the batch; which kind is claimed first
         alternates, so neither starves the other.
+
+        The claim's first statement sets up the rest of the transaction (batch_settings
+        in queries.sql, transaction-local: a pooler in transaction mode shares server
+        sessions). Its planner settings plan every statement on its index whatever the
+        table's statistics. The outbox is a queue: its statistics describe the table as
+        it was at the last ANALYZE, not as it is (a keyless backlog analyzed, then keyed
+        rows arriving; a backlog drained since). With them, and the generic plans psycopg
+        prepares, the planner priced the key walk's "next key after this one" as a range
+        of a third of the table and chose a sequential or parallel bitmap scan plus a
+        sort, or JIT compilation (280 ms per walk on 1,000,000 rows, a keyless drain of
+        4,300 msg/s instead of 30,000). Every statement of a batch is written for an
+        index path (queries.sql); the settings take the alternatives away: no sequential
+        or bitmap scans (the cost of each becomes prohibitive, so the index is chosen
+        whenever one applies), no parallel workers, no JIT.
         """
+        await conn.execute(self._q["batch_settings"], {"idle_ms": self._idle_ms})
         self._keyless_first = not self._keyless_first
         keyless: list[Message] = []
         keyed = Claim([])

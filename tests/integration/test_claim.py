@@ -49,11 +49,10 @@ def keyed(n: int, key_expr: str, extra: str = "") -> str:
 
 
 async def claim_cost(dsn: str, *, hold: bool = False, limit: int = BATCH) -> tuple[int, int]:
-    """(messages claimed, table rows read) for one claim, on a session set up as the relay's."""
+    """(messages claimed, table rows read) for one claim, in a transaction as the relay's
+    (the claim sets up its own transaction: OutboxStore.claim)."""
     store = OutboxStore(Queries("outbox"), hold_dead_letters=hold)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        await store.prepare_session(conn)
-        await conn.commit()
         return await _one_claim(conn, store, limit)
 
 
@@ -362,11 +361,8 @@ async def claim_with(
     store = OutboxStore(
         Queries("outbox"), hold_dead_letters=False, max_batch_bytes=max_batch_bytes, max_payload_bytes=max_payload_bytes
     )
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        await store.prepare_session(conn)
-        await conn.commit()
-        async with conn.transaction():
-            messages = (await store.claim(conn, limit)).messages
+    async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
+        messages = (await store.claim(conn, limit)).messages
     return [(m.id, m.key, len(m.payload), m.size) for m in messages]
 
 

@@ -6,6 +6,8 @@ import asyncio
 import random
 import time
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -483,39 +485,132 @@ async def test_prepare_threshold_null_means_no_server_side_prepared_statements(d
             await conn.close()
 
 
+# What a batch sets for its transaction; read with current_setting on the worker's connection.
+BATCH_SETTINGS = (
+    "SELECT current_setting('enable_seqscan'), current_setting('enable_bitmapscan'), current_setting('jit'),"
+    " current_setting('max_parallel_workers_per_gather'), current_setting('idle_in_transaction_session_timeout')"
+)
+
+
+async def read_settings(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
+    row = await (await conn.execute(BATCH_SETTINGS)).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+@dataclass
+class SettingsReader(FakeAdapter):
+    """Reads the worker's settings from inside its batch's transaction (publish runs
+    while the batch's transaction is open on `conn`, between its statements)."""
+
+    conn: psycopg.AsyncConnection[Any] | None = None
+    seen: list[tuple[Any, ...]] = field(default_factory=list)
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        assert self.conn is not None
+        self.seen.append(await read_settings(self.conn))
+        return await super().publish(batch)
+
+
+async def settings_around_a_batch(db: str, **settings: Any) -> tuple[tuple[Any, ...], ...]:
+    """(server defaults, worker session before its batch, inside the batch, after it):
+    one batch of a real worker session, claimed, published and recorded."""
+    from outbox_relay.engine.relay import Relay
+
+    async with await psycopg.AsyncConnection.connect(db) as plain:
+        defaults = await read_settings(plain)
+    enqueue_many(db, [("t", "k", {"n": 1})])
+    reader = SettingsReader()
+    relay = Relay(make_config(db, **settings), {"main": reader})
+    handle = relay.brokers["main"]
+    await handle.connect()
+    await handle.connected.wait()
+    conn = await relay._connect_worker()
+    reader.conn = conn
+    try:
+        before = await read_settings(conn)
+        await conn.rollback()
+        assert await relay._batch(conn)
+        after = await read_settings(conn)
+        await conn.rollback()
+    finally:
+        await conn.close()
+        await handle.close()
+    assert len(reader.seen) == 1 and count(db, "dispatched_at IS NOT NULL") == 1
+    return defaults, before, reader.seen[0], after
+
+
 async def test_a_worker_session_is_ended_by_postgres_after_the_limit_the_readme_states(db: str) -> None:
     # README, "Failure modes": a relay that hangs mid-batch has its session ended after
     # 2 x publish_timeout + 30s idle in transaction (a batch starts no wave after
-    # publish_timeout and a wave lasts at most that long). The worker sessions carry it.
-    from outbox_relay.engine.relay import Relay
-
-    relay = Relay(make_config(db, publish_timeout="7s"), {"main": FakeAdapter()})
-    conn = await relay._connect_worker()
-    try:
-        row = await (await conn.execute("SHOW idle_in_transaction_session_timeout")).fetchone()
-    finally:
-        await conn.close()
-    assert row == ("44s",), row  # 2 x 7 s + 30 s
+    # publish_timeout and a wave lasts at most that long). Every batch carries it.
+    _, _, during, _ = await settings_around_a_batch(db, publish_timeout="7s")
+    assert during[4] == "44s", during  # 2 x 7 s + 30 s
 
 
-async def test_a_connection_lost_while_a_worker_sets_its_session_up_is_survived(
+async def test_a_batch_sets_its_settings_for_its_own_transaction_only(db: str) -> None:
+    # Behind a pooler in transaction mode (pgbouncer) a server session serves other
+    # clients between two transactions: settings made for the worker's session stayed
+    # on it for them (an application without sequential scans), and the relay's next
+    # transaction could land on a server session that never had them. A batch sets them
+    # for its own transaction, and the session keeps the server's defaults.
+    defaults, before, during, after = await settings_around_a_batch(db, publish_timeout="7s")
+    assert during == ("off", "off", "off", "0", "44s"), during
+    assert before == defaults, "the worker's session was set up with settings of its own"
+    assert after == defaults, "the batch's settings outlived its transaction"
+
+
+async def test_the_maintenance_session_keeps_no_setting_of_its_own(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same for the maintenance connection (heartbeat, gauges, retention): its pending
+    # gauge turns JIT off for its own transaction, not for the session.
+    from outbox_relay.engine import maintenance
+
+    real = maintenance.connect_with_retry
+    opened: list[psycopg.AsyncConnection[Any]] = []
+
+    async def recorded(*args: Any, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+        conn = await real(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(maintenance, "connect_with_retry", recorded)
+    async with await psycopg.AsyncConnection.connect(db) as plain:
+        defaults = await read_settings(plain)
+
+    def round_done() -> bool:
+        # Retention's DELETE is the round's last statement; the next round is an hour away.
+        with psycopg.connect(db, autocommit=True) as watch:
+            row = watch.execute(
+                "SELECT state = 'idle' AND query LIKE '%%DELETE FROM %%.messages%%'"
+                " FROM pg_stat_activity WHERE pid = %s",
+                (opened[0].info.backend_pid,),
+            ).fetchone()
+        return bool(row and row[0])
+
+    async with running_relay(make_config(db), {"main": FakeAdapter()}, heartbeat_every=3600):
+        await wait_until(lambda: bool(opened) and round_done(), what="a maintenance round done")
+        assert await read_settings(opened[0]) == defaults
+
+
+async def test_a_connection_lost_at_a_workers_first_statement_is_survived(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A failover or pg_terminate_backend can end a worker's connection between its
-    # connect and its first claim, while the session's settings are being applied: the
-    # worker must reconnect (before: the error ended the worker, and the relay with it).
-    from outbox_relay.engine.store import OutboxStore
+    # connect and its first claim: the first statement (the batch's settings) fails, and
+    # the worker must reconnect (before: an error there ended the worker, and the relay
+    # with it).
+    from outbox_relay.engine.store import Claim, OutboxStore
 
-    real = OutboxStore.prepare_session
+    real = OutboxStore.claim
     failed: list[bool] = []
 
-    async def lost_once(conn: psycopg.AsyncConnection[Any]) -> None:
+    async def lost_once(self: OutboxStore, conn: psycopg.AsyncConnection[Any], limit: int) -> Claim:
         if not failed:
             failed.append(True)
             raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
-        await real(conn)
+        return await real(self, conn, limit)
 
-    monkeypatch.setattr(OutboxStore, "prepare_session", staticmethod(lost_once))
+    monkeypatch.setattr(OutboxStore, "claim", lost_once)
     with psycopg.connect(db) as conn:
         enqueue(conn, "t", {"n": 1})
         conn.commit()
