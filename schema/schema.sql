@@ -42,8 +42,15 @@ CREATE DOMAIN {schema}.topic_name AS text
     -- the write path: the length is checked separately.
     CONSTRAINT messages_topic_valid CHECK (VALUE ~ '^[A-Za-z0-9._:/-]+$' AND length(VALUE) <= 249);
 
-CREATE DOMAIN {schema}.message_key AS text
-    CONSTRAINT messages_key_valid CHECK (length(VALUE) BETWEEN 1 AND 1024);
+-- A key is 1 to 2,048 bytes of UTF-8, counted in bytes, not characters: it is in the
+-- claim's index entries (key, id), which PostgreSQL caps at 2,704 bytes whether or not
+-- the key compresses (1,024 CJK characters made an entry of 3,096 bytes, and the INSERT
+-- failed). validation.py, MAX_KEY_BYTES, says the same. NOT VALID as an upgrade from
+-- version 5 leaves it (migrations/0006_key_bytes.sql says why): every key written is
+-- checked; only rows written before are not.
+CREATE DOMAIN {schema}.message_key AS text;
+ALTER DOMAIN {schema}.message_key ADD CONSTRAINT messages_key_valid
+    CHECK (octet_length(VALUE) BETWEEN 1 AND 2048) NOT VALID;
 
 CREATE DOMAIN {schema}.message_headers AS jsonb
     -- Most messages carry no headers: the equality short-circuits the function call.
@@ -215,8 +222,8 @@ BEGIN
         RAISE EXCEPTION 'outbox: invalid topic %: use 1 to 249 letters, digits or . _ - : /', quote_nullable(topic)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF key IS NOT NULL AND length(key) NOT BETWEEN 1 AND 1024 THEN
-        RAISE EXCEPTION 'outbox: invalid key: must be 1 to 1024 characters or NULL'
+    IF key IS NOT NULL AND octet_length(key) NOT BETWEEN 1 AND 2048 THEN
+        RAISE EXCEPTION 'outbox: invalid key of % bytes: must be 1 to 2048 bytes of UTF-8 or NULL', octet_length(key)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF payload IS NULL THEN

@@ -117,6 +117,18 @@ def test_the_sql_function_for_other_languages(consumer_db: str) -> None:
             conn.execute("SELECT inbox.first_time(gen_random_uuid(), '')")
 
 
+def test_the_longest_consumer_name_fits_the_inbox_index(consumer_db: str) -> None:
+    # The outbox's key once passed its check and failed its index (issue 17): the inbox's
+    # primary key holds the consumer name, 200 characters of up to 4 bytes (800 bytes,
+    # far below btree's 2,704), so the longest name of 4-byte characters is recorded.
+    name = "".join(chr(0x1F300 + i * 37 % 0x300) for i in range(200))
+    mid = uuid.uuid4()
+    with psycopg.connect(consumer_db) as conn:
+        assert inbox.first_time(conn, mid, consumer=name) is True
+        assert conn.execute("SELECT inbox.first_time(%s, %s)", (mid, name)).fetchone() == (False,)
+        conn.commit()
+
+
 def test_process_once_runs_the_handler_once_and_not_after_a_failure(consumer_db: str) -> None:
     mid = uuid.uuid4()
     with psycopg.connect(consumer_db) as conn:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from outbox_relay import enqueue, enqueue_async
+from outbox_relay.engine.store import OutboxStore
+from outbox_relay.sqlfiles import Queries
 from outbox_relay.testing import FakeAdapter
+from outbox_relay.validation import check_key
 from tests.support.configs import make_config
 from tests.support.outbox import count
 from tests.support.relay import running_relay
@@ -186,3 +191,95 @@ async def test_async_enqueue_on_an_autocommit_connection_outside_a_transaction_i
             await enqueue_async(conn, "t", {"a": 2})
         cur = await conn.execute("SELECT count(*) FROM outbox.messages")
         assert await cur.fetchone() == (1,)
+
+
+# --- the longest key -------------------------------------------------------------------------
+
+# Code points of each UTF-8 width. Drawn at random, so that PostgreSQL cannot compress
+# the key in its index entry: 1,024 copies of one character shrink to a few bytes, but
+# 1,024 distinct CJK characters made an entry of 3,096 bytes, over btree's 2,704.
+WIDTHS = {1: (0x21, 0x7E), 2: (0x0400, 0x04FF), 3: (0x4E00, 0x9FFF), 4: (0x1F300, 0x1F5FF)}
+
+
+def random_text(width: int | None, n: int) -> str:
+    """`n` random characters of one UTF-8 width (None: of every width, mixed)."""
+    rng = random.Random(width or 0)
+    return "".join(chr(rng.randint(*WIDTHS[width or rng.randint(1, 4)])) for _ in range(n))
+
+
+def longest_key(width: int | None) -> str:
+    """The longest key the producer accepts: characters of `width` while they fit, then
+    ASCII up to the last byte (or character) of the limit."""
+    text = random_text(width, 5_000)
+    fits, too_long = 0, len(text) + 1
+    while too_long - fits > 1:  # bisect: check_key accepts every prefix up to the longest
+        middle = (fits + too_long) // 2
+        fits, too_long = (middle, too_long) if accepted(text[:middle]) else (fits, middle)
+    key = text[:fits]
+    padding = random_text(1, 5_000)
+    while accepted(key + padding[0]):
+        key, padding = key + padding[0], padding[1:]
+    return key
+
+
+def accepted(key: str) -> bool:
+    try:
+        check_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, None], ids=["1-byte", "2-byte", "3-byte", "4-byte", "mixed"])
+def test_the_longest_key_is_enqueued_claimed_and_dead_lettered(db: str, width: int | None) -> None:
+    # A key the producer accepts fits every index its row enters (the claim's, and the
+    # dead letters'): before, 1,024 CJK characters passed the check and then failed the
+    # index, aborting the application's transaction with its own rows.
+    key = longest_key(width)
+    with psycopg.connect(db) as conn:
+        conn.execute("CREATE TABLE orders (id int)")
+        conn.execute("INSERT INTO orders VALUES (1)")
+        enqueue(conn, "t", {"via": "python"}, key=key)
+        conn.execute("SELECT outbox.enqueue('t', %s, '{\"via\": \"sql\"}'::jsonb)", (key,))
+        conn.commit()
+        assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
+        assert conn.execute("SELECT key FROM outbox.messages ORDER BY id").fetchall() == [(key,), (key,)]
+    claimed = asyncio.run(claim_all(db))
+    assert claimed == [key, key], "the key walk found it in the keyed pending index"
+    with psycopg.connect(db) as conn:
+        dead = conn.execute("UPDATE outbox.messages SET dead_lettered_at = now(), dead_letter_reason = 'x'")
+        assert dead.rowcount == 2
+
+
+async def claim_all(dsn: str) -> list[str | None]:
+    store = OutboxStore(Queries("outbox"), hold_dead_letters=False)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
+        return [m.key for m in (await store.claim(conn, 10)).messages]
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, None], ids=["1-byte", "2-byte", "3-byte", "4-byte", "mixed"])
+def test_a_key_one_byte_over_is_refused_in_one_line_and_touches_nothing(db: str, width: int | None) -> None:
+    key = longest_key(width) + "x"
+    with psycopg.connect(db) as conn:
+        conn.execute("CREATE TABLE orders (id int)")
+        conn.commit()
+        # Python: refused before any SQL; the application's transaction goes on.
+        conn.execute("INSERT INTO orders VALUES (1)")
+        with pytest.raises(ValueError) as python_error:
+            enqueue(conn, "t", {"n": 1}, key=key)
+        conn.commit()
+        # SQL: refused by enqueue, which aborts the transaction as any SQL error does.
+        conn.execute("INSERT INTO orders VALUES (2)")
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as sql_error:
+            conn.execute("SELECT outbox.enqueue('t', %s, '{}'::jsonb)", (key,))
+        conn.rollback()
+        # A direct INSERT: refused by the key's domain.
+        with pytest.raises(psycopg.errors.CheckViolation) as insert_error:
+            conn.execute("INSERT INTO outbox.messages (topic, key, payload) VALUES ('t', %s, 'x')", (key,))
+        conn.rollback()
+        assert conn.execute("SELECT id FROM orders").fetchall() == [(1,)]
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (0,)
+    assert insert_error.value.diag.constraint_name == "messages_key_valid"
+    for message in (str(python_error.value), sql_error.value.diag.message_primary or ""):
+        assert "invalid key" in message and "bytes" in message, message
+        assert "\n" not in message and len(message) < 200, f"not one short line: {message[:300]}..."

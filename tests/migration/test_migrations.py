@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 
 from outbox_relay import sqlfiles
+from outbox_relay.operations import schema_manager
 
 CATALOG_QUERIES = {
     "columns": """
@@ -57,3 +59,39 @@ def test_migrations_replayed_equal_schema_sql(empty_db: str) -> None:
 def test_migrations_are_numbered_without_gaps_up_to_the_code_version() -> None:
     versions = [v for v, _ in sqlfiles.migrations()]
     assert versions == list(range(1, sqlfiles.SCHEMA_VERSION + 1))
+
+
+def test_an_upgrade_to_version_6_keeps_rows_with_keys_the_new_limit_refuses(empty_db: str) -> None:
+    # Before version 6 a key was 1 to 1,024 characters: a pending row may hold up to
+    # 2,684 bytes (what the key index took), a row inserted already dispatched up to
+    # 4,096. The upgrade must not fail on them, and they stay workable; only new rows
+    # with such keys are refused.
+    pending_key = "".join(chr(0x4E00 + i * 7919 % 20_000) for i in range(866))  # 2,598 bytes
+    dispatched_key = "".join(chr(0x4E00 + i * 7907 % 20_000) for i in range(1024))  # 3,072 bytes
+    with psycopg.connect(empty_db) as conn:
+        for version, name in sqlfiles.migrations():
+            if version <= 5:
+                conn.execute(sqlfiles.migration(name, "outbox"))
+                conn.execute(sqlfiles.record_version("outbox", version))
+        conn.execute("INSERT INTO outbox.messages (topic, key, payload) VALUES ('t', %s, 'x')", (pending_key,))
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, key, payload, dispatched_at) VALUES ('t', %s, 'x', now())",
+            (dispatched_key,),
+        )
+        conn.commit()
+        result = schema_manager.install(conn, "outbox")
+    assert (result.previous_version, result.version) == (5, sqlfiles.SCHEMA_VERSION)
+    with psycopg.connect(empty_db) as conn:
+        # What the relay and the CLI do to a row: dead-letter, requeue, dispatch.
+        for change in (
+            "dead_lettered_at = now(), dead_letter_reason = 'x'",
+            "dead_lettered_at = NULL, dead_letter_reason = NULL",
+            "dispatched_at = now()",
+        ):
+            updated = conn.execute(f"UPDATE outbox.messages SET {change} WHERE key = %s", (pending_key,))  # type: ignore[arg-type]
+            assert updated.rowcount == 1
+        conn.commit()
+        for key in (pending_key, dispatched_key):
+            with pytest.raises(psycopg.errors.CheckViolation, match="messages_key_valid"), conn.transaction():
+                conn.execute("INSERT INTO outbox.messages (topic, key, payload) VALUES ('t', %s, 'x')", (key,))
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (2,)

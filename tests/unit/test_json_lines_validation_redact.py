@@ -184,14 +184,15 @@ def test_check_topic_rejects_trailing_newline() -> None:
         check_topic("orders\n")
 
 
-@pytest.mark.parametrize("key", [None, "k", "x" * 1024, "user:42", "ключ", " "])
+# The limit is in UTF-8 bytes (2,048): characters of 1, 2, 3 and 4 bytes.
+@pytest.mark.parametrize("key", [None, "k", "x" * 2048, "user:42", "ключ", " ", "ж" * 1024, "界" * 682, "😀" * 512])
 def test_check_key_accepts(key: str | None) -> None:
     assert check_key(key) == key
 
 
-@pytest.mark.parametrize("key", ["", "x" * 1025, 5, b"k", ["k"]])
+@pytest.mark.parametrize("key", ["", "x" * 2049, "ж" * 1025, "界" * 683, "😀" * 512 + "x", 5, b"k", ["k"]])
 def test_check_key_rejects(key: object) -> None:
-    with pytest.raises(ValueError, match=r"^invalid key .*1 to 1024 characters"):
+    with pytest.raises(ValueError, match=r"^invalid key .*1 to 2048 bytes of UTF-8"):
         check_key(key)
 
 
