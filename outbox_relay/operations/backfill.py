@@ -376,7 +376,7 @@ def _copy_locked(
             time.sleep(min(0.05 * yielded, 1.0))
             continue
         except psycopg.errors.CheckViolation as exc:
-            # The outbox's own rules (a key over 1024 characters): this chunk is rolled
+            # The outbox's own rules (a key over 2,048 bytes): this chunk is rolled
             # back, the cursor stays before it; say which rule, not the row's contents.
             raise DatabaseError(
                 f"backfill #{backfill_id} stopped: a row breaks an outbox rule "
