@@ -6,6 +6,11 @@ publisher confirms and ``mandatory=True``.
   once (``multiple=True``). A nack is transient.
 - Unroutable messages come back as ``basic.return`` before their ack; they are a
   permanent failure, dead-lettered with reason ``unroutable``, never silently lost.
+  A return carries no delivery tag, only the message: it is matched to the one
+  unconfirmed delivery tag with its message id. Two copies of one message id (a
+  ``replay --again``) are never unconfirmed at once: the second is published once the
+  first is confirmed, or a return could be matched to the wrong copy (and an
+  unroutable copy marked acked).
 - A message becomes: exchange = the route's destination (or the ``exchange``
   option when the route names none), routing key = the message topic (or the
   ``routing_key`` template), properties message_id, content_type, timestamp,
@@ -155,7 +160,13 @@ class RabbitAdapter:
         self._channel: Channel | None = None
         self._next_tag = 0
         self._unconfirmed: dict[int, tuple[asyncio.Future[PublishResult], str]] = {}
-        self._returned: dict[str, str] = {}
+        # The unconfirmed delivery tag of each message id (one at most: _publish_one), how
+        # a basic.return, which names no tag, finds its message.
+        self._tag_of: dict[str, int] = {}
+        # Why the broker returned a delivery tag: read when its confirm arrives.
+        self._returned: dict[int, str] = {}
+        # Delivery tags that a copy of the same message id waits on before it is published.
+        self._copy_waiters: dict[int, asyncio.Event] = {}
         # Exchanges known to be usable, on this connection (an exchange can be deleted:
         # the broker then closes the channel with 404, and the set is emptied).
         self._usable: set[str] = set()
@@ -293,7 +304,8 @@ class RabbitAdapter:
         # Unconfirmed means "maybe delivered": the row stays pending and is published
         # again; consumers dedupe by message id.
         pending, self._unconfirmed = self._unconfirmed, {}
-        for future, _ in pending.values():
+        for tag, (future, message_id) in pending.items():
+            self._settled(tag, message_id)
             if not future.done():
                 future.set_result(result(why))
         self._returned.clear()
@@ -374,9 +386,21 @@ class RabbitAdapter:
     # -- publishing ------------------------------------------------------------------------
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        # RabbitMQ sends basic.return before the ack of the same message.
-        if properties.message_id:
-            self._returned[properties.message_id] = f"{UNROUTABLE} ({method.reply_code} {method.reply_text})"
+        if channel is not self._channel:
+            return  # an older channel's message: failed when that channel closed
+        # RabbitMQ sends basic.return before the ack of the same message, so the message
+        # is still unconfirmed, and it is the only unconfirmed one with its id.
+        tag = self._tag_of.get(properties.message_id)
+        if tag is not None:
+            self._returned[tag] = f"{UNROUTABLE} ({method.reply_code} {method.reply_text})"
+
+    def _settled(self, tag: int, message_id: str) -> None:
+        """`tag` is confirmed or failed: its message id may go out again."""
+        if self._tag_of.get(message_id) == tag:
+            del self._tag_of[message_id]
+        waiter = self._copy_waiters.pop(tag, None)
+        if waiter is not None:
+            waiter.set()
 
     def _on_confirm(self, frame: Any, channel: Any = None) -> None:
         if channel is not None and channel is not self._channel:
@@ -389,7 +413,8 @@ class RabbitAdapter:
             if entry is None:
                 continue
             future, message_id = entry
-            returned = self._returned.pop(message_id, None)
+            self._settled(tag, message_id)
+            returned = self._returned.pop(tag, None)
             if future.done():
                 continue
             if not acked:
@@ -427,6 +452,7 @@ class RabbitAdapter:
             return PublishResult.transient(str(lost))
         if problem is not None:
             return PublishResult.permanent(problem)
+        await self._after_earlier_copy(str(out.message_id))
         await self._window.acquire()
         channel = self._channel
         if channel is None or not channel.is_open:
@@ -445,7 +471,18 @@ class RabbitAdapter:
         future.add_done_callback(lambda _f: self._window.release())
         self._next_tag += 1
         self._unconfirmed[self._next_tag] = (future, str(out.message_id))
+        self._tag_of[str(out.message_id)] = self._next_tag
         return future
+
+    async def _after_earlier_copy(self, message_id: str) -> None:
+        """Wait until no copy of `message_id` is unconfirmed (rare: a `replay --again`
+        copy beside its original, or a copy still unconfirmed from a call that timed
+        out). A basic.return names the message, not its delivery tag: with two copies
+        unconfirmed, the return of an unroutable copy could settle the other copy, and
+        the unroutable one would be marked acked."""
+        while (tag := self._tag_of.get(message_id)) is not None:
+            waiter = self._copy_waiters.setdefault(tag, asyncio.Event())
+            await waiter.wait()
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         async with self._lock:  # one batch at a time keeps delivery tags in step

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import types
+import uuid
 
 import pika
 import pytest
@@ -141,6 +142,7 @@ async def _futures(adapter: rabbitmq.RabbitAdapter, ids: list[str]) -> list[asyn
     for tag, mid in enumerate(ids, start=1):
         future: asyncio.Future[object] = loop.create_future()
         adapter._unconfirmed[tag] = (future, mid)  # type: ignore[assignment]
+        adapter._tag_of[mid] = tag
         futures.append(future)
     return futures
 
@@ -152,7 +154,7 @@ def _frame(method: object) -> types.SimpleNamespace:
 async def test_rabbitmq_confirm_with_multiple_settles_every_earlier_tag() -> None:
     adapter = rabbitmq.create("mq", {"url": "amqp://h"})
     futures = await _futures(adapter, ["a", "b", "c", "d"])
-    adapter._returned["b"] = "unroutable (312 NO_ROUTE)"
+    adapter._on_return(None, pika.spec.Basic.Return(312, "NO_ROUTE"), pika.BasicProperties(message_id="b"), b"")
     adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=3, multiple=True)))
     assert [f.done() for f in futures] == [True, True, True, False]
     assert [f.result().outcome for f in futures[:3]] == [Outcome.ACKED, Outcome.PERMANENT, Outcome.ACKED]  # type: ignore[attr-defined]
@@ -209,6 +211,30 @@ async def test_rabbitmq_failed_publish_does_not_shift_delivery_tags() -> None:
     assert [mid for _, mid in (adapter._unconfirmed[t] for t in (1, 2))] == [str(ok1.message_id), str(ok2.message_id)]
     adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=True)))
     assert first.result().outcome is Outcome.ACKED and second.result().outcome is Outcome.ACKED  # type: ignore[union-attr]
+
+
+async def test_rabbitmq_a_copy_of_an_unconfirmed_message_id_waits_for_its_confirm() -> None:
+    # A basic.return names the message (its message_id), not its delivery tag: with two
+    # copies of one id unconfirmed (`replay --again`), the return of an unroutable copy
+    # could settle the other one, and the unroutable copy was marked acked. The second
+    # copy goes out once the first is confirmed; the return finds the one unconfirmed.
+    adapter = rabbitmq.create("mq", {"url": "amqp://h"})
+    channel = _Channel()
+    adapter._channel = channel  # type: ignore[assignment]
+    message_id = uuid.uuid4()
+    first = await adapter._publish_one(outgoing(1, destination="x", message_id=message_id))
+    second = asyncio.ensure_future(adapter._publish_one(outgoing(2, destination="x", message_id=message_id)))
+    done, _ = await asyncio.wait({second}, timeout=0.2)
+    assert not done and len(channel.published) == 1, "a second copy went out while the first was unconfirmed"
+    adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=1, multiple=False)))
+    returned = await asyncio.wait_for(second, 5)
+    assert len(channel.published) == 2
+    properties = pika.BasicProperties(message_id=str(message_id))
+    adapter._on_return(channel, pika.spec.Basic.Return(312, "NO_ROUTE"), properties, b"")
+    adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=False)))
+    assert first.result().outcome is Outcome.ACKED  # type: ignore[union-attr]
+    assert returned.result().outcome is Outcome.PERMANENT  # type: ignore[union-attr]
+    assert adapter._tag_of == {} and adapter._unconfirmed == {}
 
 
 async def test_rabbitmq_refuses_what_amqp_cannot_carry() -> None:
