@@ -505,3 +505,13 @@ class RabbitAdapter:
 
 def create(name: str, options: Mapping[str, Any]) -> RabbitAdapter:
     return RabbitAdapter(name, parse_options(RabbitOptions, options))
+
+
+def check_destination(destination: str, explicit: bool) -> str | None:
+    """Why RabbitMQ would refuse a route's destination, or None: the naming hook
+    `outbox-relay check` calls for every route (outbox_relay/adapter.py). A route's own
+    destination is the exchange, an AMQP short string; without one, the exchange is the
+    `exchange` option and the topic goes into the routing key, checked per message."""
+    if explicit and len(destination.encode("utf-8")) > AMQP_SHORT_STRING:
+        return f"RabbitMQ exchange names are at most {AMQP_SHORT_STRING} bytes, not {len(destination.encode())}"
+    return None

@@ -57,6 +57,21 @@ def test_check_names_each_route_whose_topics_kafka_would_refuse(
     assert "FAIL" not in passed.stdout
 
 
+def test_check_names_a_route_whose_rabbitmq_exchange_name_is_too_long(db: str, amqp_url: str, tmp_path: Path) -> None:
+    routes = [
+        {"topic": "mail.*", "broker": "mail", "destination": "x" * 256},
+        {"topic": "*", "broker": "mail"},  # the exchange option; the topic is the routing key
+    ]
+    brokers = {"mail": {"type": "rabbitmq", "url": amqp_url, "exchange": "outbox.check"}}
+    config = write_config(tmp_path / "relay.yaml", db, brokers=brokers, routes=routes)
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    failed = _route_failures(checked)
+    assert sorted(failed) == [0], checked.stdout
+    assert "mail (rabbitmq)" in failed[0] and "255 bytes" in failed[0]
+    assert "broker    ok  mail (rabbitmq)" in checked.stdout
+
+
 def test_an_adapter_without_naming_rules_is_not_checked(db: str, tmp_path: Path) -> None:
     routes = [{"topic": "a:*", "broker": "sink", "destination": "ux bad topic!"}]
     config = write_config(tmp_path / "relay.yaml", db, sink=tmp_path / "out.jsonl", routes=routes)

@@ -51,6 +51,10 @@ def test_kafka_topic_names() -> None:
 def test_naming_rules_are_found_beside_the_adapter_factory_and_optional() -> None:
     kafka = destination_check("kafka")
     assert kafka is not None and kafka("a:b", True) is not None and kafka("ab", True) is None
+    rabbitmq = destination_check("rabbitmq")
+    assert rabbitmq is not None and "255 bytes" in (rabbitmq("é" * 128, True) or "")
+    assert rabbitmq("x" * 255, True) is None
+    assert rabbitmq("x" * 300, False) is None, "without a destination the exchange is the option"
     for kind in ("file", "stdout", "webhook", "no-such-adapter"):
         assert destination_check(kind) is None
 
