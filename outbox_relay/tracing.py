@@ -50,6 +50,20 @@ def with_trace_context(headers: Mapping[str, str] | None) -> Mapping[str, str] |
     return {**(headers or {}), **extra}
 
 
+def _trace_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The traceparent/tracestate of `headers`, in whatever letter case they were set,
+    under the lowercase names the W3C propagator reads. A caller may set `Traceparent`
+    itself (with_trace_context then leaves the pair to it, header names being
+    case-insensitive): read in lowercase only, its trace broke at the relay and the
+    consumer. Of two spellings of one header, the lowercase one wins."""
+    found: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = str(name).lower()
+        if lower in TRACE_HEADERS and (lower not in found or name == lower):
+            found[lower] = value
+    return found
+
+
 def _provider_set(trace: ModuleType) -> bool:
     # Until an application sets one, the API hands out its proxy provider, whose
     # tracers make non-recording spans (and the explicit no-op provider does the same).
@@ -60,7 +74,7 @@ def _span_context(headers: Mapping[str, str]) -> Any:
     otel = _otel()
     assert otel is not None
     trace, propagate = otel
-    return trace.get_current_span(propagate.extract(dict(headers))).get_span_context()
+    return trace.get_current_span(propagate.extract(headers)).get_span_context()
 
 
 @contextlib.contextmanager
@@ -77,8 +91,9 @@ def batch_span(broker_headers: Sequence[Mapping[str, str]], *, attributes: Mappi
     trace = otel[0]
     links = []
     for headers in broker_headers:
-        if "traceparent" in headers:
-            context = _span_context(headers)
+        carried = _trace_headers(headers)
+        if "traceparent" in carried:
+            context = _span_context(carried)
             if context.is_valid:
                 links.append(trace.Link(context))
     tracer = trace.get_tracer("outbox_relay")
@@ -93,14 +108,15 @@ def consumer_span(name: str, headers: Mapping[str, str], **attributes: Any) -> I
     """A consumer's span, child of the producer's span the message was enqueued in.
 
     ``headers``: the message's headers as text (a Kafka record's, decoded; a pika
-    message's ``properties.headers``). Yields the span (None without OpenTelemetry).
+    message's ``properties.headers``); traceparent and tracestate are read in any
+    letter case. Yields the span (None without OpenTelemetry).
     """
     otel = _otel()
     if otel is None:
         yield None
         return
     trace, propagate = otel
-    parent = propagate.extract({k: v for k, v in headers.items() if k in TRACE_HEADERS})
+    parent = propagate.extract(_trace_headers(headers))
     tracer = trace.get_tracer("outbox_relay")
     with tracer.start_as_current_span(
         name, context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes

@@ -25,6 +25,9 @@ from tests.support.outbox import pending
 from tests.support.relay import running_relay
 from tests.support.waiting import wait_until
 
+OWN_TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+OWN_SPAN_ID = 0xB7AD6B7169203331
+
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
@@ -55,18 +58,13 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
     with psycopg.connect(db) as conn:  # no span: no trace headers
         untraced = enqueue(conn, "orders.created", {"order": 2}, key="order-2")
         conn.commit()
+    own_trace = {"Traceparent": f"00-{OWN_TRACE_ID:032x}-{OWN_SPAN_ID:016x}-01", "TraceState": "shop=forwarded"}
     with psycopg.connect(db) as conn, tracer.start_as_current_span("forward"):
         # A caller's own trace context (any letter case) wins, as a pair.
-        own = enqueue(
-            conn,
-            "orders.created",
-            {"order": 3},
-            key="order-3",
-            headers={"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
-        )
+        own = enqueue(conn, "orders.created", {"order": 3}, key="order-3", headers=own_trace)
         row = conn.execute("SELECT headers FROM outbox.messages WHERE message_id = %s", (own,)).fetchone()
-        conn.rollback()
-    assert row is not None and row[0] == {"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        conn.commit()
+    assert row is not None and row[0] == own_trace
     config = make_config(
         db,
         brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
@@ -75,13 +73,19 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
     )
     async with running_relay(config, build_adapters(config)):
         await wait_until(lambda: pending(db) == 0, timeout=60)
-    received = {r.message_id: r for r in await kafka_read(kafka_bootstrap, topic, 2)}
+    received = {r.message_id: r for r in await kafka_read(kafka_bootstrap, topic, 3)}
     record = received[str(message_id)]
     assert record.headers["source"] == "shop", "the application's own headers are kept"
     assert "traceparent" in record.headers
     assert "traceparent" not in received[str(untraced)].headers
 
     with consumer_span("handle order", record.headers, **{"messaging.message.id": record.message_id}):
+        pass
+    # The caller's own pair, capitalised, is read like the lowercase one: by the relay's
+    # batch span (a link) and the consumer's (its parent).
+    forwarded = received[str(own)]
+    assert {k: v for k, v in forwarded.headers.items() if k.lower() in {"traceparent", "tracestate"}} == own_trace
+    with consumer_span("handle forwarded order", forwarded.headers):
         pass
     # The inbox's helper does the same around the handler it runs once per message.
     kafka_record = SimpleNamespace(
@@ -90,6 +94,10 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
     with psycopg.connect(db) as conn:
         inbox.install(conn)
         ran = [inbox.process_message(conn, kafka_record, lambda c: None, span_name="bill order") for _ in range(2)]
+        forwarded_record = SimpleNamespace(
+            topic=topic, partition=0, offset=2, headers=[(k, v.encode()) for k, v in forwarded.headers.items()]
+        )
+        inbox.process_message(conn, forwarded_record, lambda c: None, span_name="bill forwarded order")
     assert ran == [True, False], "once per message"
 
     finished = {span.name: span for span in spans.get_finished_spans()}
@@ -105,11 +113,19 @@ async def test_one_trace_from_the_producer_to_the_consumer_through_kafka(
         and span.context.trace_id == produced.trace_id
         for span in billed
     )
+    for name in ("handle forwarded order", "bill forwarded order"):
+        span = finished[name]
+        assert span.context.trace_id == OWN_TRACE_ID, f"{name}: the caller's capitalised Traceparent is not read"
+        assert span.parent is not None and span.parent.span_id == OWN_SPAN_ID, name
+        assert span.context.trace_state.get("shop") == "forwarded", f"{name}: TraceState is not read"
     published = finished["outbox-relay publish"]
     assert produced.span_id in {link.context.span_id for link in published.links}, (
         "the relay's batch span links to the message's trace"
     )
-    assert published.attributes is not None and published.attributes["messaging.batch.message_count"] == 2
+    assert OWN_SPAN_ID in {link.context.span_id for link in published.links}, (
+        "the relay's batch span links to the trace of a capitalised Traceparent"
+    )
+    assert published.attributes is not None and published.attributes["messaging.batch.message_count"] == 3
 
 
 def test_without_opentelemetry_enqueue_adds_nothing_and_works(db: str) -> None:
