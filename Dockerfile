@@ -7,10 +7,11 @@
 # Three stages on the same BASE_IMAGE, any image with python3 3.11 and its venv module
 # (the official slim image, or the Debian 12 base scripts/image makes from Debian's
 # packages): `build` makes the wheels; `install` installs them, offline, into a venv
-# on the bare runtime base; the runtime stage takes that venv and nothing else (no pip,
-# no wheels, no build tools). (A RUN --mount of the wheels would save the middle
-# stage, but the buildah of Debian 12 mounts a stage that came from the layer cache
-# empty: containers/buildah#4375.)
+# on the bare runtime base; the runtime stage takes that venv and nothing else (the venv
+# has no pip, no wheels, no build tools; the official python base keeps its own pip in
+# /usr/local, the Debian base of scripts/image has none). (A RUN --mount of the wheels
+# would save the middle stage, but the buildah of Debian 12 mounts a stage that came
+# from the layer cache empty: containers/buildah#4375.)
 #
 # Dependencies come from docker/requirements.lock (exact versions, every file hashed;
 # `scripts/image lock` regenerates it), and only as wheels: nothing is compiled, and a
