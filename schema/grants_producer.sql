@@ -21,7 +21,9 @@ GRANT EXECUTE ON FUNCTION {schema}.skipped_wakeups() TO {role};
 -- `outbox-relay backfill --dsn` is best run as the application's role, which may read
 -- its own tables: it checks the schema version and records its progress.
 GRANT SELECT ON {schema}.schema_version TO {role};
-GRANT SELECT, INSERT ON {schema}.backfills TO {role};
--- Progress only: a role that could rewrite a backfill's source could have a later
--- `--resume` by a stronger role copy a table of its choosing.
+-- Every column but created_by, which the database fills with the role's name, and
+-- progress only (grants_relay.sql says why). The REVOKE narrows older, table-wide grants.
+REVOKE INSERT, UPDATE ON {schema}.backfills FROM {role};
+GRANT SELECT ON {schema}.backfills TO {role};
+GRANT INSERT (requested_by, source, total) ON {schema}.backfills TO {role};
 GRANT UPDATE (copied, cursor_key, finished_at) ON {schema}.backfills TO {role};

@@ -15,10 +15,19 @@ GRANT EXECUTE ON FUNCTION {schema}.skipped_wakeups() TO {role};
 -- headers domain's check function, and the replays table.
 GRANT INSERT (message_id, topic, key, payload, content_type, headers) ON {schema}.messages TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
-GRANT SELECT, INSERT, UPDATE ON {schema}.replays TO {role};
+-- A resume acts on what a replay's or backfill's record says, with the privileges of
+-- the role that resumes it. So a role records them with every column but created_by,
+-- which the database fills with the role's name (a resume by another role names it and
+-- asks first), and updates progress only: a role that could rewrite a record's
+-- selection or source could have a stronger role's `--resume` copy what it chose. The
+-- REVOKEs first narrow the table-wide grants of older versions.
+REVOKE INSERT, UPDATE ON {schema}.replays FROM {role};
+GRANT SELECT ON {schema}.replays TO {role};
+GRANT INSERT (requested_by, selection, max_source_id, as_of, total) ON {schema}.replays TO {role};
+GRANT UPDATE (copied, cursor_id, finished_at) ON {schema}.replays TO {role};
 -- `outbox-relay backfill` records its progress (it reads the snapshotted table with a
 -- role that may: its own --dsn, or this one after a GRANT SELECT on that table).
-GRANT SELECT, INSERT ON {schema}.backfills TO {role};
--- Progress only: a role that could rewrite a backfill's source could have a later
--- `--resume` by a stronger role copy a table of its choosing.
+REVOKE INSERT, UPDATE ON {schema}.backfills FROM {role};
+GRANT SELECT ON {schema}.backfills TO {role};
+GRANT INSERT (requested_by, source, total) ON {schema}.backfills TO {role};
 GRANT UPDATE (copied, cursor_key, finished_at) ON {schema}.backfills TO {role};

@@ -406,17 +406,41 @@ VALUES (%(requested_by)s, %(selection)s, %(max_id)s, %(as_of)s, %(total)s)
 RETURNING replay_id;
 
 -- name: replay_get
-SELECT replay_id, requested_by, requested_at, selection, max_source_id, total, copied, cursor_id, finished_at
+-- `own`: recorded by the role that reads it (a resume by another role asks first).
+SELECT replay_id, requested_by, requested_at, selection, max_source_id, total, copied, cursor_id, finished_at,
+       created_by, coalesce(created_by = current_user, false) AS own
 FROM {schema}.replays WHERE replay_id = %(replay_id)s;
 
 -- name: replay_same_selection
--- `resolved` holds the instants a relative --since/--until stood for: not part of what
--- identifies a selection (`--since 6h` today and tomorrow is the same request).
-SELECT replay_id, requested_at, finished_at FROM {schema}.replays
-WHERE selection - 'resolved' = %(selection)s::jsonb - 'resolved' ORDER BY replay_id DESC LIMIT 1;
+-- The latest replay of the same filters that selected any message the selection
+-- matches now, and how many of them. The filters are compared as given (`--since 2h`
+-- and `--since 120m` are one filter); the windows by the instants they stood for
+-- (`resolved`, fixed when each replay counted): `--since 1h` two hours later covers
+-- other messages, and is another selection.
+SELECT r.replay_id, r.requested_at, r.finished_at, shared.n, r.selection -> 'resolved'
+FROM {schema}.replays r
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n FROM {schema}.messages
+    WHERE id <= least(%(max_id)s, r.max_source_id) AND dispatched_at <= least(%(as_of)s, r.as_of)
+      AND NOT (headers ? 'outbox-replay-id')
+      AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+      AND (%(key)s::text IS NULL OR key = %(key)s)
+      AND (%(message_ids)s::uuid[] IS NULL OR message_id = ANY(%(message_ids)s))
+      AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+      AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s)
+      AND (r.selection -> 'resolved' ->> 'since' IS NULL
+           OR created_at >= (r.selection -> 'resolved' ->> 'since')::timestamptz)
+      AND (r.selection -> 'resolved' ->> 'until' IS NULL
+           OR created_at < (r.selection -> 'resolved' ->> 'until')::timestamptz)
+) AS shared
+WHERE r.selection - 'resolved' = %(selection)s::jsonb - 'resolved' AND shared.n > 0
+ORDER BY r.replay_id DESC LIMIT 1;
 
 -- name: status_replays
-SELECT replay_id, requested_by, requested_at, selection, total, copied, finished_at
+-- Who asked, as the command said (OS user and host), and the role, as the database
+-- recorded it (before schema version 7 the command said that too).
+SELECT replay_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, selection,
+       total, copied, finished_at
 FROM {schema}.replays ORDER BY replay_id DESC LIMIT 10;
 
 -- name: replay_lock
@@ -433,7 +457,9 @@ VALUES (%(requested_by)s, %(source)s, %(total)s)
 RETURNING backfill_id;
 
 -- name: backfill_get
-SELECT backfill_id, source, total, copied, cursor_key, finished_at IS NOT NULL
+-- `own`: recorded by the role that reads it (a resume by another role asks first).
+SELECT backfill_id, source, total, copied, cursor_key, finished_at IS NOT NULL,
+       created_by, coalesce(created_by = current_user, false) AS own
 FROM {schema}.backfills WHERE backfill_id = %(backfill_id)s;
 
 -- name: backfill_lock
@@ -449,9 +475,14 @@ WHERE backfill_id = %(backfill_id)s
 RETURNING copied;
 
 -- name: status_backfills
-SELECT backfill_id, requested_by, requested_at, source, total, copied, finished_at
+-- Who asked and the role, as in status_replays.
+SELECT backfill_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, source,
+       total, copied, finished_at
 FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT 10;
 
 -- name: backfill_same_source
-SELECT backfill_id, requested_at, finished_at IS NOT NULL FROM {schema}.backfills
-WHERE source = %(source)s ORDER BY backfill_id DESC LIMIT 1;
+-- The backfills of the same topic, key column and filters, newest first, with the table
+-- as recorded: the caller compares tables as the catalog resolves them (`orders` and
+-- `public.orders` can be one table).
+SELECT backfill_id, requested_at, finished_at IS NOT NULL, source ->> 'table' FROM {schema}.backfills
+WHERE source - 'table' = %(source)s::jsonb - 'table' ORDER BY backfill_id DESC;

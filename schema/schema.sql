@@ -139,7 +139,10 @@ CREATE TABLE {schema}.replays (
     copied bigint NOT NULL DEFAULT 0,
     -- The last source id copied: each chunk moves it in the chunk's transaction.
     cursor_id bigint NOT NULL DEFAULT 0,
-    finished_at timestamptz
+    finished_at timestamptz,
+    -- The role that recorded it, filled by the database (no role's GRANTs let it name
+    -- another): a resume by another role asks first. NULL: recorded before version 7.
+    created_by name DEFAULT current_user
 );
 
 -- `outbox-relay backfill` snapshots an existing table into the outbox, one message per
@@ -156,7 +159,9 @@ CREATE TABLE {schema}.backfills (
     -- The primary key of the last row copied, as text (NULL: none yet); each chunk moves
     -- it in the chunk's transaction.
     cursor_key text[],
-    finished_at timestamptz
+    finished_at timestamptz,
+    -- As in replays: the role that recorded it, and a resume by another role asks first.
+    created_by name DEFAULT current_user
 );
 
 -- Wakes the relay. NOTIFY takes a database-wide lock at commit, which serializes every

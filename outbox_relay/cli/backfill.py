@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, require_schema, run_with_progress
+from outbox_relay.cli.common import (
+    CONFIG_OPTION,
+    confirm,
+    confirm_finish,
+    connect,
+    load,
+    one_line_errors,
+    require_schema,
+    run_with_progress,
+)
 from outbox_relay.engine.routing import Router
 from outbox_relay.operations import backfill as backfill_module
 
@@ -44,6 +53,7 @@ def _rate(value: str | None) -> float | None:
 )
 @click.option("--rate", help="At most this many messages per second (500 or 500/s).")
 @click.option("--dry-run", is_flag=True, help="Count the rows, and change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--again", is_flag=True, help="Snapshot a source that was backfilled before.")
 @click.option("--resume", "resume_id", type=int, help="Finish backfill N, stopped before it was done.")
 @click.option(
@@ -62,6 +72,7 @@ def backfill(
     chunk: int,
     rate: str | None,
     dry_run: bool,
+    yes: bool,
     again: bool,
     resume_id: int | None,
     dsn: str | None,
@@ -69,7 +80,8 @@ def backfill(
     """Snapshot an existing table into the outbox: one message per row (the row as JSON).
 
     Keyset pagination by the primary key, one short transaction per chunk, resumable
-    after a crash (--resume N) with nothing missing and nothing twice.
+    after a crash (--resume N) with nothing missing and nothing twice. Says how many
+    rows and asks first (--yes: do not ask).
     """
     per_second = _rate(rate)
     cfg = load(config_path)
@@ -99,20 +111,47 @@ def backfill(
                 click.echo(f"backfill #{resume_id} is already done: {recorded.copied} message(s)")
                 return
             backfill_id, total = resume_id, recorded.total
+            found = backfill_module.resolve(conn, recorded.source)
+            table = f"{found.schema}.{found.name}"
+            click.echo(
+                f"backfill #{backfill_id} of {table} to {recorded.source.topic} "
+                f"stopped at {recorded.copied} of {total} enqueued"
+            )
+            confirm_finish(
+                "backfill",
+                backfill_id,
+                created_by=recorded.created_by,
+                own=recorded.own,
+                acts=f"copy {table} to topic {recorded.source.topic}",
+                dry_run=dry_run,
+                yes=yes,
+            )
+            if dry_run:
+                return
             click.echo(f"resuming backfill #{backfill_id}: {recorded.copied} of {total} copied so far")
         else:
             found = backfill_module.resolve(conn, source)
+            source = source.qualified(found)
+            table = f"{found.schema}.{found.name}"
             total = backfill_module.count(conn, found, source)
-            click.echo(f"{total} row(s) of {found.schema}.{found.name} to enqueue on {source.topic}")
-            earlier = backfill_module.previous(conn, schema_name, source)
-            if earlier is not None and not again and not dry_run:
+            click.echo(f"{total} row(s) of {table} to enqueue on {source.topic}")
+            earlier = backfill_module.previous(conn, schema_name, source, found)
+            if earlier is not None and not again:
                 earlier_id, _, finished = earlier
                 hint = "" if finished else f"; it did not finish: --resume {earlier_id} completes it"
-                raise click.UsageError(
-                    f"this table was backfilled the same way before (#{earlier_id}){hint}; "
-                    "pass --again to snapshot it once more"
-                )
-            if dry_run or total == 0:
+                said = f"this table was backfilled the same way before (#{earlier_id}){hint}"
+                if not dry_run:  # a dry run says so and never refuses
+                    raise click.UsageError(f"{said}; pass --again to snapshot it once more")
+                click.echo(f"{said}; a backfill of it needs --again")
+            if total == 0:
+                return
+            confirm(
+                dry_run,
+                yes,
+                f"{total} row(s) would be enqueued",
+                f"Enqueue {total} message(s) from {table} on {source.topic}?",
+            )
+            if dry_run:
                 return
             backfill_id = backfill_module.begin(conn, schema_name, source, total)
             click.echo(f"backfill #{backfill_id} started")

@@ -97,6 +97,29 @@ def confirm(dry_run: bool, yes: bool, would: str, question: str) -> None:
     click.confirm(question, abort=True)
 
 
+def confirm_finish(
+    what: str, number: int, *, created_by: str | None, own: bool, acts: str, dry_run: bool, yes: bool
+) -> None:
+    """Before `--resume N`: finishing a replay or backfill does what its record says
+    with this role's privileges. A record another role made (or an unknown one, from
+    before schema version 7) may name what that role could not copy itself: it is named
+    and asked about at a terminal, --yes or not, and refused without one."""
+    if own:
+        confirm(dry_run, yes, f"{what} #{number} would be finished", f"Finish {what} #{number}?")
+        return
+    creator = f"role {created_by!r}" if created_by else "an unknown role (before schema version 7)"
+    foreign = f"{what} #{number} was recorded by {creator}, not by the role you connect as"
+    if dry_run:
+        click.echo(f"{foreign}: finishing it would {acts}, and asks first")
+        return
+    if not sys.stdin.isatty():
+        instead = f", or resume it as {created_by!r}" if created_by else ""
+        raise click.UsageError(
+            f"{foreign}: finishing it would {acts} with your privileges; confirm at a terminal{instead}"
+        )
+    click.confirm(f"{what.capitalize()}{foreign[len(what) :]}: {acts} with your privileges?", abort=True)
+
+
 def run_with_progress(what: str, number: int, total: int, work: Callable[[Callable[[int], None]], int]) -> int:
     """A progress bar on a terminal; otherwise a JSON log line at most every 5 s."""
     if sys.stderr.isatty():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ import click
 from outbox_relay.cli.common import (
     CONFIG_OPTION,
     confirm,
+    confirm_finish,
     connect,
     load,
     one_line_errors,
@@ -84,7 +86,15 @@ def replay(
                 return
             replay_id, total = resume_id, recorded.total
             click.echo(f"replay #{replay_id} stopped at {recorded.copied} of {total} copied")
-            confirm(dry_run, yes, f"replay #{replay_id} would be finished", f"Finish replay #{replay_id}?")
+            confirm_finish(
+                "replay",
+                replay_id,
+                created_by=recorded.created_by,
+                own=recorded.own,
+                acts=f"copy {replay_module.describe(recorded.selection)} ({total} message(s))",
+                dry_run=dry_run,
+                yes=yes,
+            )
             if dry_run:
                 return
             click.echo(f"resuming replay #{replay_id}")
@@ -93,12 +103,10 @@ def replay(
             listing = ", ".join(f"{name}: {n}" for name, n in chosen.by_topic.items())
             click.echo(f"{chosen.total} message(s) to replay" + (f" ({listing})" if listing else ""))
             if chosen.previous is not None and not again:
-                previous_id, when, finished = chosen.previous
-                hint = "" if finished else f"; it did not finish: --resume {previous_id} completes it"
-                raise click.UsageError(
-                    f"this selection was replayed before (#{previous_id} at "
-                    f"{when:%Y-%m-%d %H:%M:%S %Z}){hint}; pass --again to replay it once more"
-                )
+                said = _replayed_before(chosen, {"--since": since, "--until": until})
+                if not dry_run:  # a dry run says so and never refuses
+                    raise click.UsageError(f"{said}; pass --again to replay it once more")
+                click.echo(f"{said}; a replay of it needs --again")
             # A copy whose topic no route takes would be dead-lettered, and under
             # dead_letter_policy hold would then stop its key's live messages.
             router = Router(cfg.routes)
@@ -125,3 +133,25 @@ def replay(
     # Rows that retention deleted before their chunk was copied are not there to copy.
     short = f" (of {total} counted: {total - copied} deleted meanwhile by retention)" if copied < total else ""
     click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox{short}; the relay publishes them")
+
+
+def _replayed_before(chosen: replay_module.Plan, given: dict[str, str | None]) -> str:
+    """Which earlier replay selected some of the same messages, how many, and what a
+    duration it was given stood for then."""
+    earlier = chosen.previous
+    assert earlier is not None
+    said = (
+        f"this selection was replayed before (#{earlier.replay_id} at {earlier.requested_at:%Y-%m-%d %H:%M:%S %Z}): "
+        f"{earlier.shared} of the {chosen.total} message(s) it matches now were selected then"
+    )
+    bounds = {"--since": chosen.selection.since, "--until": chosen.selection.until}
+    then = [
+        f"{option} {given[option]} meant {datetime.fromisoformat(earlier.resolved[option[2:]]):%Y-%m-%d %H:%M:%S %Z}"
+        for option, bound in bounds.items()
+        if bound is not None and bound.relative and earlier.resolved.get(option[2:])
+    ]
+    if then:
+        said += f" (a duration is recorded as the instant it stood for when that replay counted: {' and '.join(then)})"
+    if not earlier.finished:
+        said += f"; it did not finish: --resume {earlier.replay_id} completes it"
+    return said

@@ -22,6 +22,7 @@ PostgreSQL reads them as the column's type).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -74,7 +75,8 @@ class Filter:
 
 @dataclass(frozen=True)
 class Source:
-    """What a backfill snapshots, as given on the command line."""
+    """What a backfill snapshots, as given on the command line; recorded with its table
+    schema-qualified (`qualified`)."""
 
     table: str  # `name` (found on the search path) or `schema.name`
     topic: str
@@ -101,6 +103,14 @@ class Source:
             "where": [f.as_text() for f in self.filters],
         }
 
+    def qualified(self, table: Table) -> Source:
+        """This source naming its table as the catalog resolved it (schema.name), as it is
+        recorded: a resume under another search path copies the same table."""
+        try:
+            return dataclasses.replace(self, table=f"{table.schema}.{table.name}")
+        except ConfigError:  # a schema name that --table cannot spell: kept as given
+            return self
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Source:
         return cls(
@@ -119,10 +129,19 @@ class Table:
     name: str
     columns: tuple[str, ...]
     primary_key: tuple[str, ...]
+    partitioned: bool = False
 
     @property
     def identifier(self) -> sql.Composable:
         return sql.Identifier(self.schema, self.name)
+
+    @property
+    def rows(self) -> sql.Composable:
+        """What a statement reads: a plain table's own rows (ONLY: inheritance children
+        are other tables); a partitioned table has none of its own, so all its partitions'."""
+        if self.partitioned:
+            return self.identifier
+        return sql.SQL("ONLY {}").format(self.identifier)
 
 
 _FIND_TABLE = """
@@ -140,14 +159,21 @@ WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.position
 """
 
 
+def _find(conn: psycopg.Connection[Any], table: str) -> tuple[Any, ...] | None:
+    """(oid, schema, name, relkind) of `table` (name or schema.name), as the catalog
+    and this session's search path resolve it."""
+    schema, _, name = table.rpartition(".")
+    return conn.execute(_FIND_TABLE, {"name": name, "schema": schema or None}).fetchone()
+
+
 def resolve(conn: psycopg.Connection[Any], source: Source) -> Table:
     """Find the table, its columns and its primary key; check every name given."""
-    schema, _, name = source.table.rpartition(".")
-    row = conn.execute(_FIND_TABLE, {"name": name, "schema": schema or None}).fetchone()
+    row = _find(conn, source.table)
     if row is None or row[3] not in ("r", "p"):
+        schema = source.table.rpartition(".")[0]
         where = f"schema {schema!r}" if schema else "the search path"
         raise ConfigError(f"--table {source.table!r}: no such table in {where} (names are case-sensitive)")
-    oid, table = row[0], Table(row[1], row[2], (), ())
+    oid, table = row[0], Table(row[1], row[2], (), (), partitioned=row[3] == "p")
     columns = tuple(r[0] for r in conn.execute(_COLUMNS, (oid,)).fetchall())
     primary_key = tuple(r[0] for r in conn.execute(_PRIMARY_KEY, (oid,)).fetchall())
     conn.rollback()
@@ -156,7 +182,7 @@ def resolve(conn: psycopg.Connection[Any], source: Source) -> Table:
     for column, option in [(source.key_column, "--key-column"), *((f.column, "--where") for f in source.filters)]:
         if column is not None and column not in columns:
             raise ConfigError(f"{option}: table {table.schema}.{table.name} has no column {column!r}")
-    return Table(table.schema, table.name, columns, primary_key)
+    return dataclasses.replace(table, columns=columns, primary_key=primary_key)
 
 
 def _where(table: Table, filters: Sequence[Filter], cursor: Sequence[str] | None) -> tuple[sql.Composable, list[str]]:
@@ -180,9 +206,7 @@ def _where(table: Table, filters: Sequence[Filter], cursor: Sequence[str] | None
 
 def count(conn: psycopg.Connection[Any], table: Table, source: Source) -> int:
     where, params = _where(table, source.filters, None)
-    row = conn.execute(
-        sql.SQL("SELECT count(*) FROM ONLY {} WHERE {}").format(table.identifier, where), params
-    ).fetchone()
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.rows, where), params).fetchone()
     conn.rollback()
     return int(row[0]) if row else 0
 
@@ -200,8 +224,8 @@ def _window_statement(
     where, params = _where(table, source.filters, cursor)
     pk = sql.SQL(", ").join(sql.Identifier(c) for c in table.primary_key)
     pk_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in table.primary_key)
-    statement = sql.SQL("SELECT ARRAY[{pk_text}] FROM ONLY {table} WHERE {where} ORDER BY {pk} LIMIT %s").format(
-        pk_text=pk_text, table=table.identifier, where=where, pk=pk
+    statement = sql.SQL("SELECT ARRAY[{pk_text}] FROM {table} WHERE {where} ORDER BY {pk} LIMIT %s").format(
+        pk_text=pk_text, table=table.rows, where=where, pk=pk
     )
     return statement, [*params, chunk]
 
@@ -225,7 +249,7 @@ def _chunk_statement(
     statement = sql.SQL("""
         WITH __outbox_rows AS MATERIALIZED (
             SELECT {key} AS __outbox_key, convert_to(to_jsonb({row}.*)::text, 'UTF8') AS __outbox_payload, {pk_out}
-            FROM ONLY {table} AS {row} WHERE {where} AND {upper} ORDER BY {pk} FOR SHARE OF {row}
+            FROM {table} AS {row} WHERE {where} AND {upper} ORDER BY {pk} FOR SHARE OF {row}
         ), __outbox_copies AS (
             INSERT INTO {messages} (topic, key, payload, content_type, headers)
             SELECT %s, __outbox_key, __outbox_payload, 'application/json', %s
@@ -240,7 +264,7 @@ def _chunk_statement(
         pk=pk,
         pk_out=pk_out,
         pk_order=pk_order,
-        table=table.identifier,
+        table=table.rows,
         where=where,
         upper=upper,
         messages=sql.Identifier(outbox, "messages"),
@@ -253,7 +277,7 @@ def begin(conn: psycopg.Connection[Any], outbox: str, source: Source, total: int
         row = conn.execute(
             Queries(validate_schema_name(outbox))["backfill_begin"],
             {
-                "requested_by": requester(conn),
+                "requested_by": requester(),
                 "source": Jsonb(source.as_json()),
                 "total": total,
             },
@@ -262,11 +286,19 @@ def begin(conn: psycopg.Connection[Any], outbox: str, source: Source, total: int
     return int(row[0])
 
 
-def previous(conn: psycopg.Connection[Any], outbox: str, source: Source) -> tuple[int, Any, bool] | None:
-    """(id, requested at, finished) of the last backfill of the same source, if any."""
-    row = conn.execute(Queries(outbox)["backfill_same_source"], {"source": Jsonb(source.as_json())}).fetchone()
-    conn.rollback()
-    return (int(row[0]), row[1], bool(row[2])) if row else None
+def previous(conn: psycopg.Connection[Any], outbox: str, source: Source, table: Table) -> tuple[int, Any, bool] | None:
+    """(id, requested at, finished) of the last backfill of the same source, if any: the
+    same topic, key column and filters, and the same table however it was named (a
+    backfill recorded before names were recorded qualified may say `orders`)."""
+    candidates = conn.execute(Queries(outbox)["backfill_same_source"], {"source": Jsonb(source.as_json())}).fetchall()
+    try:
+        for backfill_id, requested_at, finished, recorded in candidates:
+            found = _find(conn, recorded)
+            if found is not None and (found[1], found[2]) == (table.schema, table.name):
+                return int(backfill_id), requested_at, bool(finished)
+        return None
+    finally:
+        conn.rollback()
 
 
 @dataclass(frozen=True)
@@ -276,6 +308,8 @@ class Backfill:
     total: int
     copied: int
     finished: bool
+    created_by: str | None  # the role that recorded it (None: before schema version 7)
+    own: bool  # recorded by the role that reads it
 
 
 def get(conn: psycopg.Connection[Any], outbox: str, backfill_id: int) -> Backfill:
@@ -283,7 +317,7 @@ def get(conn: psycopg.Connection[Any], outbox: str, backfill_id: int) -> Backfil
     conn.rollback()
     if row is None:
         raise ConfigError(f"no backfill #{backfill_id} (see `outbox-relay status`)")
-    return Backfill(int(row[0]), Source.from_json(row[1]), int(row[2]), int(row[3]), bool(row[5]))
+    return Backfill(int(row[0]), Source.from_json(row[1]), int(row[2]), int(row[3]), bool(row[5]), row[6], bool(row[7]))
 
 
 def copy(

@@ -15,14 +15,15 @@ import psycopg
 from outbox_relay.errors import DatabaseError
 
 
-def requester(conn: psycopg.Connection[Any]) -> str:
-    """Who asks: the operating-system user and host, and the database role."""
+def requester() -> str:
+    """Who asks: the operating-system user and host, as this process knows them. The
+    database role is not written here: the database records it (created_by), where no
+    role can name another."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # a container user without a passwd entry
         user = f"uid {os.getuid()}"
-    row = conn.execute("SELECT current_user").fetchone()
-    return f"{user}@{socket.gethostname()} as {row[0] if row else '?'}"
+    return f"{user}@{socket.gethostname()}"
 
 
 @contextlib.contextmanager

@@ -40,12 +40,18 @@ DEFAULT_CHUNK = 1000
 
 @dataclass(frozen=True)
 class TimeBound:
-    """--since or --until: the instant it resolves to, and the form that identifies it
-    ("21600s ago" for a duration, the UTC time for an instant), so that `--since 6h`
-    given twice is the same selection."""
+    """--since or --until: the instant it resolves to, and the form it was given in
+    ("21600s ago" for a duration, the UTC time for an instant). Two replays have the same
+    filter when the forms are equal (`--since 6h` and `--since 360m`); whether they
+    share messages is decided by the instants (a duration recorded as the instant it
+    stood for when its replay counted)."""
 
     at: datetime
     given: str
+
+    @property
+    def relative(self) -> bool:
+        return self.given.endswith(" ago")
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,8 @@ class Selection:
         return (self.topic, self.key, self.since, self.until) == (None, None, None, None) and not self.message_ids
 
     def as_json(self) -> dict[str, Any]:
-        """The selection as recorded. Everything but `resolved` identifies it: a replay
-        of an equal selection again needs --again."""
+        """The selection as recorded: the filters as given, and in `resolved` the
+        instants the time bounds stood for when the replay counted."""
         return {
             "topic": self.topic,
             "key": self.key,
@@ -117,6 +123,18 @@ def parse_message_ids(values: Sequence[str]) -> tuple[UUID, ...]:
     return tuple(ids)
 
 
+@dataclass(frozen=True)
+class Earlier:
+    """The latest replay of the same filters that selected some of the messages a
+    selection matches now: `shared` of them."""
+
+    replay_id: int
+    requested_at: datetime
+    finished: bool
+    shared: int
+    resolved: dict[str, Any]  # the instants its --since and --until stood for (ISO 8601, or None)
+
+
 @dataclass
 class Plan:
     """What a replay of a selection would copy, counted before anything is written."""
@@ -125,7 +143,7 @@ class Plan:
     max_source_id: int
     as_of: datetime
     by_topic: dict[str, int] = field(default_factory=dict)
-    previous: tuple[int, datetime, bool] | None = None  # (id, requested at, finished) of an equal selection
+    previous: Earlier | None = None
 
     @property
     def total(self) -> int:
@@ -141,6 +159,8 @@ class Replay:
     total: int
     copied: int
     finished: bool
+    created_by: str | None  # the role that recorded it (None: before schema version 7)
+    own: bool  # recorded by the role that reads it
 
 
 def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Plan:
@@ -151,9 +171,9 @@ def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Pl
     max_id, as_of = int(row[0]), row[1]
     params = {**selection.params(), "cursor": 0, "max_id": max_id, "as_of": as_of}
     counts = conn.execute(q["replay_count"], params).fetchall()
-    same = conn.execute(q["replay_same_selection"], {"selection": Jsonb(selection.as_json())}).fetchone()
+    same = conn.execute(q["replay_same_selection"], {**params, "selection": Jsonb(selection.as_json())}).fetchone()
     conn.rollback()
-    previous = (int(same[0]), same[1], same[2] is not None) if same else None
+    previous = Earlier(int(same[0]), same[1], same[2] is not None, int(same[3]), same[4] or {}) if same else None
     return Plan(selection, max_id, as_of, {str(topic): int(n) for topic, n in counts}, previous)
 
 
@@ -163,7 +183,7 @@ def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:
         row = conn.execute(
             Queries(schema)["replay_begin"],
             {
-                "requested_by": requester(conn),
+                "requested_by": requester(),
                 "selection": Jsonb(chosen.selection.as_json()),
                 "max_id": chosen.max_source_id,
                 "as_of": chosen.as_of,
@@ -179,7 +199,9 @@ def get(conn: psycopg.Connection[Any], schema: str, replay_id: int) -> Replay:
     conn.rollback()
     if row is None:
         raise ConfigError(f"no replay #{replay_id} (see `outbox-relay status`)")
-    return Replay(int(row[0]), row[1], row[2], row[3], int(row[5]), int(row[6]), row[8] is not None)
+    return Replay(
+        int(row[0]), row[1], row[2], row[3], int(row[5]), int(row[6]), row[8] is not None, row[9], bool(row[10])
+    )
 
 
 # Session advisory locks: (this class, replay id). Held for a whole copy, so that two

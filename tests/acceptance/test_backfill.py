@@ -13,10 +13,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from outbox_relay import enqueue
-from tests.support.cli import RelayProcess, exe, read_jsonl, run_cli
+from tests.support.cli import RelayProcess, exe, read_jsonl, run_cli, run_cli_at_terminal
 from tests.support.configs import write_config
+from tests.support.databases import role_with_grants
 from tests.support.outbox import count
 from tests.support.waiting import wait_for
 
@@ -71,6 +74,7 @@ def test_one_message_per_row_with_its_key_and_the_row_as_json(db: str, tmp_path:
         "region=eu",
         "--chunk",
         "5000",
+        "--yes",
     )
     assert done.returncode == 0, done.stderr
     assert "backfill #1 done: 75000 message(s)" in done.stdout, done.stdout
@@ -91,6 +95,7 @@ def test_one_message_per_row_with_its_key_and_the_row_as_json(db: str, tmp_path:
         "id",
         "--where",
         "region=eu",
+        "--yes",
     )
     assert again.returncode == 2 and "backfilled the same way before (#1)" in again.stderr, again.stderr
     status = json.loads(run_cli("status", "--config", str(config), "--json").stdout)
@@ -147,6 +152,7 @@ def test_a_backfill_killed_mid_way_resumes_with_nothing_missing_and_nothing_twic
             "1000",
             "--rate",
             "20000/s",
+            "--yes",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -166,7 +172,7 @@ def test_a_backfill_killed_mid_way_resumes_with_nothing_missing_and_nothing_twic
             command.kill()
         command.communicate()
     assert 0 < copied() < ROWS, "killed mid-way"
-    resumed = backfill(config, "--resume", "1")
+    resumed = backfill(config, "--resume", "1", "--yes")
     assert resumed.returncode == 0 and "resuming backfill #1" in resumed.stdout, resumed.stdout + resumed.stderr
     assert f"backfill #1 done: {ROWS} message(s)" in resumed.stdout, resumed.stdout
     ids = [payload["id"] for _, payload, _ in outbox_rows(db)]
@@ -221,6 +227,7 @@ def test_the_last_message_of_a_key_carries_the_rows_latest_state_under_live_upda
             "50",
             "--rate",
             "3000",
+            "--yes",
         )
         assert out.returncode == 0, out.stderr
         assert len(committed) > before + 100, "live writes went on during the backfill"
@@ -275,6 +282,7 @@ def test_backfill_runs_as_the_applications_role_with_dsn(db: str, tmp_path: Path
             "--config",
             str(config),
             *SNAPSHOT,
+            "--yes",
             env={"OUTBOX_RELAY_BACKFILL_DSN": make_conninfo(db, user=role, password="pw")},
         )
         assert out.returncode == 0 and "done: 500 message(s)" in out.stdout, out.stdout + out.stderr
@@ -302,6 +310,7 @@ def test_a_primary_key_changed_under_a_waiting_chunk_makes_it_skip_nothing(db: s
                 *SNAPSHOT,
                 "--chunk",
                 "1000",
+                "--yes",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -332,7 +341,7 @@ def test_a_column_named_like_the_alias_and_refusals_before_copying(db: str, tmp_
         conn.execute("INSERT INTO public.events (id, body) VALUES (1, 'small'), (2, repeat('x', 5000))")
         conn.commit()
     config = write_config(tmp_path / "relay.yaml", db, max_payload_bytes=4096)
-    too_large = backfill(config, "--table", "events", "--topic", "events.snapshot")
+    too_large = backfill(config, "--table", "events", "--topic", "events.snapshot", "--yes")
     assert too_large.returncode == 1 and "exceeds relay.max_payload_bytes (4096)" in too_large.stderr, too_large.stderr
     assert count(db) == 0, "nothing of the chunk was written"
     import yaml
@@ -343,7 +352,7 @@ def test_a_column_named_like_the_alias_and_refusals_before_copying(db: str, tmp_
     config.write_text(yaml.safe_dump(tree))
     unrouted = backfill(config, "--table", "events", "--topic", "events.snapshot")
     assert unrouted.returncode == 2 and "no route" in unrouted.stderr and "events.snapshot" in unrouted.stderr
-    done = backfill(config, "--table", "events", "--topic", "orders.events", "--key-column", "id")
+    done = backfill(config, "--table", "events", "--topic", "orders.events", "--key-column", "id", "--yes")
     assert done.returncode == 0, done.stderr
     with psycopg.connect(db) as conn:
         payloads = [
@@ -351,3 +360,114 @@ def test_a_column_named_like_the_alias_and_refusals_before_copying(db: str, tmp_
             for r in conn.execute("SELECT convert_from(payload, 'UTF8') FROM outbox.messages ORDER BY id").fetchall()
         ]
     assert [sorted(p) for p in payloads] == [["body", "id", "t"]] * 2, "the whole row, not its column t"
+
+
+def test_a_partitioned_table_is_backfilled_from_all_its_partitions(db: str, tmp_path: Path) -> None:
+    # A partitioned table holds no rows of its own: reading it ONLY found none.
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE public.ledger (region text NOT NULL, id int NOT NULL, amount int NOT NULL, "
+            "PRIMARY KEY (region, id)) PARTITION BY LIST (region)"
+        )
+        conn.execute("CREATE TABLE public.ledger_eu PARTITION OF public.ledger FOR VALUES IN ('eu')")
+        conn.execute("CREATE TABLE public.ledger_us PARTITION OF public.ledger FOR VALUES IN ('us')")
+        conn.execute(
+            "INSERT INTO public.ledger SELECT CASE WHEN g % 3 = 0 THEN 'us' ELSE 'eu' END, g, g * 10 "
+            "FROM generate_series(1, 1500) AS g"
+        )
+        conn.commit()
+    config = write_config(tmp_path / "relay.yaml", db)
+    out = backfill(config, "--table", "ledger", "--topic", "ledger.snapshot", "--chunk", "100", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert "1500 row(s) of public.ledger to enqueue" in out.stdout, out.stdout
+    assert "backfill #1 done: 1500 message(s)" in out.stdout, out.stdout
+    with psycopg.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT convert_from(payload, 'UTF8')::jsonb FROM outbox.messages WHERE topic = 'ledger.snapshot' "
+            "ORDER BY id"
+        ).fetchall()
+    copied = [(r[0]["region"], r[0]["id"]) for r in rows]
+    assert sorted(copied) == sorted((("us" if g % 3 == 0 else "eu"), g) for g in range(1, 1501)), "each row once"
+    assert copied == sorted(copied), "in primary-key order across partitions"
+    filtered = backfill(
+        config, "--table", "public.ledger", "--topic", "ledger.snapshot", "--where", "region=us", "--dry-run"
+    )
+    assert filtered.returncode == 0 and "500 row(s) of public.ledger" in filtered.stdout, filtered.stdout
+
+
+def test_the_same_table_however_it_is_named_was_backfilled_before(db: str, tmp_path: Path) -> None:
+    make_accounts(db, 40)
+    config = write_config(tmp_path / "relay.yaml", db)
+    first = backfill(config, *SNAPSHOT_QUALIFIED, "--where", "region=eu", "--yes")
+    assert first.returncode == 0 and "backfill #1 done: 30 message(s)" in first.stdout, first.stdout + first.stderr
+    unqualified = backfill(config, *SNAPSHOT, "--where", "region=eu", "--yes")
+    assert unqualified.returncode == 2, unqualified.stdout
+    assert "backfilled the same way before (#1)" in unqualified.stderr, unqualified.stderr
+    assert len(outbox_rows(db)) == 30, "nothing enqueued twice"
+    other_filter = backfill(config, *SNAPSHOT, "--where", "region=us", "--yes")
+    assert other_filter.returncode == 0, other_filter.stderr
+    assert len(outbox_rows(db)) == 40
+
+
+def test_a_backfill_asks_first_with_the_row_count(db: str, tmp_path: Path) -> None:
+    make_accounts(db, 20)
+    config = write_config(tmp_path / "relay.yaml", db)
+    unasked = backfill(config, *SNAPSHOT)  # no terminal to ask at: refused, never waiting
+    assert unasked.returncode == 2 and "20 row(s) would be enqueued; pass --yes to confirm" in unasked.stderr, (
+        unasked.stdout + unasked.stderr
+    )
+    declined = run_cli_at_terminal("backfill", "--config", str(config), *SNAPSHOT, answer="n")
+    assert declined.returncode == 1 and "Enqueue 20 message(s)" in declined.stdout, declined.stdout
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.backfills").fetchone() == (0,), "nothing recorded"
+    assert count(db) == 0
+    accepted = run_cli_at_terminal("backfill", "--config", str(config), *SNAPSHOT, answer="y")
+    assert accepted.returncode == 0 and "backfill #1 done: 20 message(s)" in accepted.stdout, accepted.stdout
+
+
+def test_resume_refuses_a_backfill_another_role_recorded(db: str, tmp_path: Path) -> None:
+    # The relay's role may not read payroll, but it may record a backfill: the
+    # operator's resume would have copied payroll into the outbox, which that role reads.
+    with psycopg.connect(db) as conn:
+        conn.execute("CREATE TABLE public.payroll (id int PRIMARY KEY, salary int NOT NULL)")
+        conn.execute("INSERT INTO public.payroll SELECT g, 1000 * g FROM generate_series(1, 5) AS g")
+        conn.commit()
+    config = write_config(tmp_path / "relay.yaml", db)
+    with role_with_grants(db, "relay", "relay") as relay_dsn:
+        relay_role = str(conninfo_to_dict(relay_dsn)["user"])
+        with psycopg.connect(relay_dsn) as conn:
+            conn.execute(
+                "INSERT INTO outbox.backfills (requested_by, source, total) "
+                'VALUES (\'ops@host as operator\', \'{"table": "payroll", "topic": "t"}\', 5)'
+            )
+            conn.commit()
+        forced = backfill(config, "--resume", "1", "--yes")
+        assert forced.returncode == 2, forced.stdout + forced.stderr
+        assert f"recorded by role {relay_role!r}" in forced.stderr and "public.payroll" in forced.stderr, forced.stderr
+        declined = run_cli_at_terminal("backfill", "--config", str(config), "--resume", "1", "--yes", answer="n")
+        assert declined.returncode == 1 and "public.payroll" in declined.stdout, declined.stdout + declined.stderr
+        assert count(db) == 0, "nothing of payroll reached the outbox"
+
+
+def test_a_backfill_another_role_recorded_is_resumed_by_that_role_or_after_a_yes(db: str, tmp_path: Path) -> None:
+    make_accounts(db, 10)
+    config = write_config(tmp_path / "relay.yaml", db)
+    with role_with_grants(db, "producer", "app") as app_dsn:
+        with psycopg.connect(db, autocommit=True) as conn:  # the application may read its table
+            role = str(conninfo_to_dict(app_dsn)["user"])
+            conn.execute(
+                sql.SQL("GRANT SELECT, UPDATE (balance) ON public.accounts TO {}").format(sql.Identifier(role))
+            )
+        for _ in range(2):
+            with psycopg.connect(app_dsn) as conn:
+                conn.execute(
+                    "INSERT INTO outbox.backfills (requested_by, source, total) "
+                    'VALUES (\'app\', \'{"table": "public.accounts", "topic": "accounts.snapshot"}\', 10)'
+                )
+                conn.commit()
+        own = backfill(config, "--resume", "1", "--yes", "--dsn", app_dsn)
+        assert own.returncode == 0 and "backfill #1 done: 10 message(s)" in own.stdout, own.stdout + own.stderr
+        confirmed = run_cli_at_terminal("backfill", "--config", str(config), "--resume", "2", answer="y")
+        assert confirmed.returncode == 0, confirmed.stdout + confirmed.stderr
+        assert f"recorded by role {role!r}" in confirmed.stdout and "backfill #2 done" in confirmed.stdout
+    assert len(outbox_rows(db)) == 20

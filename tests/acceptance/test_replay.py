@@ -11,10 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from outbox_relay import enqueue
-from tests.support.cli import RelayProcess, exe, read_jsonl, run_cli
+from tests.support.cli import RelayProcess, exe, read_jsonl, run_cli, run_cli_at_terminal
 from tests.support.configs import write_config
+from tests.support.databases import role_with_grants
 from tests.support.outbox import count, dispatched
 from tests.support.waiting import wait_for
 
@@ -287,3 +289,79 @@ def test_a_topic_no_route_takes_is_refused_before_anything_is_copied(db: str, tm
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (2,)
     assert replay(config, "--topic", "orders.*", "--yes").returncode == 0
+
+
+def test_resume_refuses_a_replay_another_role_recorded(db: str, relayed: Any) -> None:
+    # A role that records a replay must not have a stronger role's resume copy it
+    # unseen: a team may have revoked that role's own INSERT on messages.
+    config, _sink, _ids, _relay = relayed
+    with role_with_grants(db, "relay", "relay") as relay_dsn:
+        relay_role = str(conninfo_to_dict(relay_dsn)["user"])
+        with psycopg.connect(relay_dsn) as conn:
+            conn.execute(
+                "INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total) "
+                'SELECT \'ops@host as operator\', \'{"topic": "emails.*", "key": null, "since": null, '
+                '"until": null, "message_ids": []}\', max(id), now(), 6 FROM outbox.messages'
+            )
+            conn.commit()
+        forced = replay(config, "--resume", "1", "--yes")
+        assert forced.returncode == 2 and f"recorded by role {relay_role!r}" in forced.stderr, forced.stderr
+        declined = run_cli_at_terminal("replay", "--config", str(config), "--resume", "1", "--yes", answer="n")
+        assert declined.returncode == 1 and f"recorded by role {relay_role!r}" in declined.stdout, declined.stdout
+        assert count(db) == 19, "nothing copied"
+        confirmed = run_cli_at_terminal("replay", "--config", str(config), "--resume", "1", answer="y")
+        assert confirmed.returncode == 0 and "6 message(s) copied" in confirmed.stdout, confirmed.stdout
+
+
+def shift_back(db: str, hours: int) -> None:
+    """As if everything so far had happened `hours` earlier: the messages, and the
+    replays with the instants their windows stood for."""
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "UPDATE outbox.messages SET created_at = created_at - make_interval(hours => %(h)s), "
+            "dispatched_at = dispatched_at - make_interval(hours => %(h)s)",
+            {"h": hours},
+        )
+        conn.execute(
+            "UPDATE outbox.replays SET requested_at = requested_at - make_interval(hours => %(h)s), "
+            "as_of = as_of - make_interval(hours => %(h)s), selection = jsonb_set(selection, '{resolved,since}', "
+            "to_jsonb((selection #>> '{resolved,since}')::timestamptz - make_interval(hours => %(h)s)))",
+            {"h": hours},
+        )
+        conn.commit()
+
+
+def dispatched_orders(db: str, n: int) -> None:
+    with psycopg.connect(db) as conn:
+        for i in range(n):
+            enqueue(conn, "orders.created", {"n": i}, key=f"o{i}")
+        conn.execute("UPDATE outbox.messages SET dispatched_at = now() WHERE dispatched_at IS NULL")
+        conn.commit()
+
+
+def test_a_relative_window_is_the_time_it_covered_when_it_ran(db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", db)
+    dispatched_orders(db, 5)
+    first = replay(config, "--topic", "orders.*", "--since", "1h", "--yes")
+    assert first.returncode == 0 and "5 message(s) to replay" in first.stdout, first.stdout + first.stderr
+    shift_back(db, 2)  # two hours later, 20 more orders were dispatched
+    dispatched_orders(db, 20)
+    later = replay(config, "--topic", "orders.*", "--since", "1h", "--dry-run")
+    assert later.returncode == 0 and "20 message(s) to replay" in later.stdout, later.stdout + later.stderr
+    assert "replayed before" not in later.stdout + later.stderr, "the last hour then and now share no message"
+    done = replay(config, "--topic", "orders.*", "--since", "1h", "--yes")
+    assert done.returncode == 0 and "replay #2 done: 20 message(s)" in done.stdout, done.stdout + done.stderr
+    # The same request once more covers the messages replay #2 selected: a repeat.
+    repeat = replay(config, "--topic", "orders.*", "--since", "60m", "--yes")
+    assert repeat.returncode == 2 and "replayed before (#2" in repeat.stderr, repeat.stderr
+    assert "20 of the 20 message(s)" in repeat.stderr, repeat.stderr
+
+
+def test_a_dry_run_says_a_selection_was_replayed_before_and_never_refuses(db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", db)
+    dispatched_orders(db, 5)
+    assert replay(config, "--topic", "orders.*", "--since", "1h", "--yes").returncode == 0
+    dry = replay(config, "--topic", "orders.*", "--since", "1h", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "5 message(s) to replay" in dry.stdout and "replayed before (#1" in dry.stdout, dry.stdout
+    assert count(db) == 10, "the dry run copied nothing"

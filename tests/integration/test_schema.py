@@ -14,6 +14,7 @@ from outbox_relay.errors import SchemaError
 from outbox_relay.operations import schema_manager
 from outbox_relay.testing import FakeAdapter
 from tests.support.configs import make_config
+from tests.support.databases import role_with_grants
 from tests.support.outbox import count
 from tests.support.relay import running_relay
 from tests.support.waiting import wait_until
@@ -200,6 +201,39 @@ def test_producer_role_can_enqueue_and_nothing_else(db: str) -> None:
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize(("kind", "table"), [("relay", "backfills"), ("relay", "replays"), ("producer", "backfills")])
+def test_a_role_records_backfills_and_replays_as_itself_and_cannot_rewrite_one(db: str, kind: str, table: str) -> None:
+    # A resume acts on what a record says, with the resuming role's privileges: the
+    # record must name its creator truly, and no other role may change what it copies.
+    what = {"backfills": "source", "replays": "selection"}[table]
+    record = {
+        "backfills": "INSERT INTO outbox.backfills (requested_by, source, total) VALUES ('x', '{}', 1)",
+        "replays": "INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total) "
+        "VALUES ('x', '{}', 0, now(), 1)",
+    }[table]
+    with role_with_grants(db, kind, kind) as dsn, psycopg.connect(dsn) as conn:
+        role = conn.execute("SELECT current_user").fetchone()
+        conn.execute(record)  # type: ignore[arg-type]
+        assert conn.execute(f"SELECT created_by FROM outbox.{table}").fetchone() == role  # type: ignore[arg-type]
+        conn.commit()
+        forgeries = {
+            "name another creator": record.replace("(requested_by,", "(created_by, requested_by,").replace(
+                "VALUES (", "VALUES (current_user, "
+            ),
+            "change the creator": f"UPDATE outbox.{table} SET created_by = 'postgres'",
+            f"change the {what}": f"UPDATE outbox.{table} SET {what} = '{{}}'",
+            "change who asked": f"UPDATE outbox.{table} SET requested_by = 'ops'",
+            "change the total": f"UPDATE outbox.{table} SET total = 2",
+        }
+        for forgery, statement in forgeries.items():
+            try:
+                conn.execute(statement)  # type: ignore[arg-type]
+            except psycopg.errors.InsufficientPrivilege:
+                conn.rollback()
+            else:
+                pytest.fail(f"the {kind} role could {forgery} of a row of {table}")
 
 
 def test_notify_trigger_can_be_turned_off_and_on(db: str) -> None:

@@ -1,11 +1,13 @@
-"""The real `outbox-relay` command in a subprocess: `run_cli` for one command,
-`RelayProcess` for `outbox-relay run` in the background, `read_jsonl` for a file sink."""
+"""The real `outbox-relay` command in a subprocess: `run_cli` for one command
+(`run_cli_at_terminal` to answer its question), `RelayProcess` for `outbox-relay run`
+in the background, `read_jsonl` for a file sink."""
 
 from __future__ import annotations
 
 import atexit
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -35,6 +37,33 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def run_cli_at_terminal(
+    *args: str, answer: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`run_cli` with stdin at a terminal (a pseudo-terminal) that has `answer` typed
+    in, for a command that asks before it acts; stdout and stderr stay pipes."""
+    typist, terminal = pty.openpty()
+    try:
+        # Typed ahead: the terminal keeps the line until the command reads its answer.
+        os.write(typist, f"{answer}\n".encode())
+        proc = subprocess.Popen(
+            [*exe(), *args],
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        os.close(terminal)
+        terminal = -1
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(typist)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 _LIVE: set[subprocess.Popen[bytes]] = set()

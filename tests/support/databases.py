@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from outbox_relay import sqlfiles
 from outbox_relay.operations import schema_manager
 
 TEMPLATE = "outbox_relay_template"
@@ -46,3 +47,20 @@ def fresh_database(admin_dsn: str, template: str | None) -> Iterator[str]:
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextlib.contextmanager
+def role_with_grants(dsn: str, kind: str, prefix: str) -> Iterator[str]:
+    """A login role holding the GRANTs `schema sql --grants-only` prints for `kind`
+    ("relay" or "producer") on schema outbox; yields its DSN; dropped afterwards.
+    Roles are the cluster's, so the name carries the database's."""
+    role = f"{prefix}_{conninfo_to_dict(dsn)['dbname']}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
+        conn.execute(sqlfiles.grants(kind, "outbox", role))
+    try:
+        yield make_conninfo(dsn, user=role, password="pw")
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
