@@ -21,6 +21,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 HELM_DIR = ROOT / "helm"
 CHART = HELM_DIR / "outbox-relay"
+# The chart's defaults plus the one thing it requires, brokers and routes: every topic to
+# a stdout broker, chosen explicitly (the chart has no default route).
+STDOUT_VALUES = CHART / "ci" / "stdout-values.yaml"
+DEFAULTS = "outbox-relay:stdout-values"
 APP_CHART = HELM_DIR / "examples" / "app-chart"
 PLAIN_SIDECAR = HELM_DIR / "examples" / "sidecar-plain.yaml"
 PLAIN_SCHEMA_JOB = HELM_DIR / "examples" / "schema-install-job.yaml"
@@ -101,8 +105,9 @@ class Example:
 
 
 def examples() -> list[Example]:
-    found = [Example("outbox-relay:defaults", CHART, None)]
-    found += [Example(f"outbox-relay:{p.stem}", CHART, p) for p in sorted((CHART / "ci").glob("*-values.yaml"))]
+    # The chart alone does not render (no brokers, no routes): its defaults are the
+    # DEFAULTS example, which adds only those.
+    found = [Example(f"outbox-relay:{p.stem}", CHART, p) for p in sorted((CHART / "ci").glob("*-values.yaml"))]
     found.append(Example("app-chart:defaults", APP_CHART, None))
     found += [Example(f"app-chart:{p.stem}", APP_CHART, p) for p in sorted((APP_CHART / "ci").glob("*-values.yaml"))]
     return found

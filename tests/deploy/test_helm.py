@@ -1,7 +1,9 @@
 """The Helm chart (helm/outbox-relay), its example application chart and the plain-YAML
 sidecar example.
 
-- `helm lint --strict` of both charts, with the defaults and every ci/*-values.yaml;
+- `helm lint --strict` of both charts, with every ci/*-values.yaml (the relay chart's
+  defaults alone are refused: no brokers, no routes; ci/stdout-values.yaml adds only
+  those) and the example chart's defaults;
 - `helm template` of every example, each rendered object validated by kubernetes-validate
   against Kubernetes 1.30 and 1.33 in strict mode (unknown fields fail). Its schemas have
   no Prometheus Operator CRDs: ServiceMonitor, PodMonitor and PrometheusRule get a
@@ -42,6 +44,7 @@ from tests.deploy.helm_support import (
     CONFIG_MOUNT,
     CRD_KINDS,
     DASHBOARD,
+    DEFAULTS,
     ENDPOINT_FIELDS,
     KUBE_VERSIONS,
     METRIC,
@@ -52,6 +55,7 @@ from tests.deploy.helm_support import (
     PLAIN_SIDECAR,
     RULE_FIELDS,
     RULE_GROUP_FIELDS,
+    STDOUT_VALUES,
     Example,
     Helm,
     HelmError,
@@ -121,7 +125,7 @@ def load_relay_config(text: str, source: str = "relay.yaml") -> Config:
 def test_the_examples_are_the_expected_ones() -> None:
     names = {e.name for e in EXAMPLES}
     assert {
-        "outbox-relay:defaults",
+        DEFAULTS,
         "outbox-relay:standalone-values",
         "outbox-relay:minimal-values",
         "outbox-relay:sidecar-values",
@@ -199,6 +203,37 @@ def test_the_rendered_relay_config_is_accepted_by_the_relays_own_loader(
     assert loaded >= 5
 
 
+NO_ROUTE = "outbox-relay: config.brokers and config.routes are empty, and the chart routes nothing by default"
+
+
+@pytest.mark.parametrize("chart", [CHART, APP_CHART], ids=["standalone", "sidecar"])
+def test_the_chart_has_no_default_route(helm: Helm, tmp_path: Path, chart: Path) -> None:
+    # Without brokers and routes the chart routed every topic to a stdout broker: every
+    # message was written to the pod's log and marked dispatched, and retention deleted
+    # its row. The only warning was NOTES.txt, which Helm does not show for a dependency
+    # (the sidecar). Now the render stops, saying so; stdout is an explicit choice.
+    def values(name: str, relay: Obj) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(relay if chart == CHART else {"outbox-relay": relay}))
+        return path
+
+    empty = values("empty.yaml", {"config": {"brokers": None, "routes": None}})  # null: no defaults either
+    with pytest.raises(HelmError) as caught:
+        helm.template(chart, values=[empty])
+    assert NO_ROUTE in caught.value.stderr and "ci/stdout-values.yaml" in caught.value.stderr
+    if chart == CHART:
+        with pytest.raises(HelmError) as caught:
+            helm.template(CHART)  # the chart's own defaults
+        assert NO_ROUTE in caught.value.stderr
+    # Configured explicitly, stdout renders (and NOTES.txt warns: test_notes_warn_...).
+    explicit = values("explicit.yaml", yaml.safe_load(STDOUT_VALUES.read_text()))
+    (text,) = relay_config_maps(helm.template(chart, values=[empty, explicit])).values()
+    assert [(r.topic, r.broker) for r in load_relay_config(text).routes] == [("*", "stdout")]
+    # A ConfigMap of one's own carries the routes: nothing to refuse then.
+    if chart == CHART:
+        assert one(helm.template(CHART, sets={"existingConfigMap": "shop-relay-config"}), "Deployment")
+
+
 def test_the_relay_pods_read_the_rendered_config_on_the_probed_port_with_its_variables_provided(
     rendered: dict[tuple[str, str], list[Obj]],
 ) -> None:
@@ -229,7 +264,7 @@ def test_the_relay_pods_read_the_rendered_config_on_the_probed_port_with_its_var
                     # Keys of an envFrom Secret are not known here; the DSN must still come
                     # from existingSecret (an explicit secretKeyRef).
                     missing &= {"DATABASE_URL"}
-                if example.name == "outbox-relay:defaults":
+                if example.name == DEFAULTS:
                     # No Secret configured: NOTES.txt says so (test_notes_warn_...).
                     assert missing == {"DATABASE_URL"}, where
                 else:
@@ -263,14 +298,18 @@ def test_termination_grace_period_exceeds_shutdown_timeout_in_every_example(
 
 def test_the_chart_refuses_a_grace_period_not_above_the_shutdown_timeout(helm: Helm) -> None:
     with pytest.raises(HelmError) as caught:
-        helm.template(CHART, sets={"config.relay.shutdown_timeout": "1m30s", "terminationGracePeriodSeconds": "90"})
+        helm.template(
+            CHART,
+            values=[STDOUT_VALUES],
+            sets={"config.relay.shutdown_timeout": "1m30s", "terminationGracePeriodSeconds": "90"},
+        )
     assert "terminationGracePeriodSeconds (90) must be above relay.shutdown_timeout (90 s)" in caught.value.stderr
-    objects = helm.template(CHART, sets={"config.relay.shutdown_timeout": "1m30s"})
+    objects = helm.template(CHART, values=[STDOUT_VALUES], sets={"config.relay.shutdown_timeout": "1m30s"})
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 105
-    objects = helm.template(CHART, sets={"config.relay.shutdown_timeout": "1500ms"})
+    objects = helm.template(CHART, values=[STDOUT_VALUES], sets={"config.relay.shutdown_timeout": "1500ms"})
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 17
     with pytest.raises(HelmError) as caught:
-        helm.template(CHART, sets={"config.relay.shutdown_timeout": "soon"})
+        helm.template(CHART, values=[STDOUT_VALUES], sets={"config.relay.shutdown_timeout": "soon"})
     assert "invalid duration" in caught.value.stderr
 
 
@@ -292,7 +331,7 @@ def test_default_values_render_no_secret_and_no_credential_in_any_config_map(
             for key, value in (config_map.get("data") or {}).items():
                 found = CREDENTIAL.search(value)
                 assert not found, f"{example.name}: {config_map['metadata']['name']}/{key}: {found.group(0)!r}"
-    defaults = rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])]
+    defaults = rendered[(DEFAULTS, KUBE_VERSIONS[-1])]
     (text,) = relay_config_maps(defaults).values()
     assert yaml.safe_load(text)["database"]["dsn"] == "${DATABASE_URL}"
     assert "postgresql://" not in text and "postgres://" not in text
@@ -337,7 +376,7 @@ def test_the_chart_refuses_a_literal_secret_in_the_config(helm: Helm, tmp_path: 
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
     with pytest.raises(HelmError) as caught:
-        helm.template(CHART, values=[path])
+        helm.template(CHART, values=[STDOUT_VALUES, path])  # the case's brokers and routes, if any, win
     assert "from the environment" in caught.value.stderr
     assert "hunter2" not in caught.value.stderr
 
@@ -414,7 +453,7 @@ def test_standalone_deployment_probes_security_and_scheduling(rendered: dict[tup
 
 
 def test_default_values_give_a_hardened_standalone_relay(rendered: dict[tuple[str, str], list[Obj]]) -> None:
-    objects = rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])]
+    objects = rendered[(DEFAULTS, KUBE_VERSIONS[-1])]
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount"]
     (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
@@ -426,11 +465,13 @@ def test_default_values_give_a_hardened_standalone_relay(rendered: dict[tuple[st
 
 
 def test_the_pdb_eviction_policy_is_rendered_only_where_kubernetes_has_it(helm: Helm) -> None:
-    older = one(helm.template(CHART, kube_version="1.26.0"), "PodDisruptionBudget")
+    older = one(helm.template(CHART, values=[STDOUT_VALUES], kube_version="1.26.0"), "PodDisruptionBudget")
     assert "unhealthyPodEvictionPolicy" not in older["spec"] and older["spec"]["maxUnavailable"] == 1
-    first = one(helm.template(CHART, kube_version="1.27.0"), "PodDisruptionBudget")
+    first = one(helm.template(CHART, values=[STDOUT_VALUES], kube_version="1.27.0"), "PodDisruptionBudget")
     assert first["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
-    cluster_default = one(helm.template(CHART, sets={"pdb.unhealthyPodEvictionPolicy": ""}), "PodDisruptionBudget")
+    cluster_default = one(
+        helm.template(CHART, values=[STDOUT_VALUES], sets={"pdb.unhealthyPodEvictionPolicy": ""}), "PodDisruptionBudget"
+    )
     assert "unhealthyPodEvictionPolicy" not in cluster_default["spec"]
 
 
@@ -462,7 +503,7 @@ def test_the_schema_hook_job_installs_the_schema_before_install_and_upgrade(
         service_accounts = {o["metadata"]["name"] for o in of_kind(objects, "ServiceAccount")}
         assert spec.get("serviceAccountName") not in service_accounts, name
         assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
-    assert not of_kind(rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])], "Job")
+    assert not of_kind(rendered[(DEFAULTS, KUBE_VERSIONS[-1])], "Job")
 
 
 def test_sidecar_mode_renders_no_workload_of_its_own(rendered: dict[tuple[str, str], list[Obj]]) -> None:
@@ -473,7 +514,7 @@ def test_sidecar_mode_renders_no_workload_of_its_own(rendered: dict[tuple[str, s
 
 def test_the_app_chart_runs_the_relay_as_a_native_sidecar(rendered: dict[tuple[str, str], list[Obj]]) -> None:
     objects = rendered[("app-chart:defaults", KUBE_VERSIONS[-1])]
-    standalone = one(rendered[("outbox-relay:defaults", KUBE_VERSIONS[-1])], "Deployment")
+    standalone = one(rendered[(DEFAULTS, KUBE_VERSIONS[-1])], "Deployment")
     deployment = one(objects, "Deployment")
     pod = deployment["spec"]["template"]
     spec = pod["spec"]
@@ -580,7 +621,7 @@ def test_notes_warn_about_a_missing_database_secret_and_the_stdout_broker(helm: 
         text: str = next(o for o in objects if o["metadata"]["name"] == "notes")["data"]["notes"]
         return text
 
-    defaults = rendered_notes()
+    defaults = rendered_notes(chart / "ci" / STDOUT_VALUES.name)
     assert "no Secret provides it" in defaults and 'broker "stdout" is of type stdout' in defaults
     configured = rendered_notes(CHART / "ci" / "minimal-values.yaml")
     assert "WARNING" not in configured and "kubectl -n shop exec deploy/shop-outbox-relay" in configured
@@ -816,7 +857,9 @@ def test_the_schema_hook_needs_its_own_ddl_secret(helm: Helm) -> None:
     # The relay's role is least-privileged and must not be the one that creates the
     # schema: no fallback to existingSecret.
     with pytest.raises(HelmError) as caught:
-        helm.template(CHART, sets={"schemaInstall.enabled": "true", "existingSecret": "relay-database"})
+        helm.template(
+            CHART, values=[STDOUT_VALUES], sets={"schemaInstall.enabled": "true", "existingSecret": "relay-database"}
+        )
     assert "schemaInstall.existingSecret" in caught.value.stderr
 
 

@@ -180,9 +180,10 @@ ConfigMap.
 {{- fail "outbox-relay: config.http is set by the chart (0.0.0.0 and containerPorts.http, which the probes use): remove it and set containerPorts.http instead" -}}
 {{- end -}}
 {{- if and (not $config.brokers) (not $config.routes) -}}
-{{- /* Nothing configured: the demo's stdout broker (NOTES.txt warns). */ -}}
-{{- $_ := set $config "brokers" (dict "stdout" (dict "type" "stdout")) -}}
-{{- $_ := set $config "routes" (list (dict "topic" "*" "broker" "stdout")) -}}
+{{- /* No default route: a default broker would mark every message dispatched without
+delivering it (stdout: its payload in the pod's log), and a sidecar's NOTES.txt, where a
+warning would go, is never shown. */ -}}
+{{- fail "outbox-relay: config.brokers and config.routes are empty, and the chart routes nothing by default: name your brokers and route topics to them (values.yaml, config), or set existingConfigMap; a trial that writes every message to the pod's log and marks it dispatched: ci/stdout-values.yaml" -}}
 {{- else if not $config.brokers -}}
 {{- fail "outbox-relay: config.routes is set but config.brokers is empty: name the brokers the routes use" -}}
 {{- else if not $config.routes -}}
