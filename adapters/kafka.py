@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, cast
 
@@ -28,7 +27,7 @@ from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._options import Options, TlsOptions, parse_options, tls_context
 from ._rounds import Batch, Entry, Rounds
-from ._topics import METADATA_WAIT_S, TopicMetadata
+from ._topics import METADATA_WAIT_S, TopicMetadata, topic_name_problem
 
 try:
     from aiokafka import AIOKafkaProducer
@@ -40,13 +39,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 log = structlog.get_logger("outbox_relay.kafka")
 
-# Kafka's own rule for topic names; anything else the broker rejects.
-KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
 
 @functools.lru_cache(maxsize=1024)
 def valid_topic(name: str) -> bool:
-    return KAFKA_TOPIC.fullmatch(name) is not None
+    """Kafka's own rule for topic names (_topics.topic_name_problem); anything else the
+    broker rejects, so such a record is refused before it is sent."""
+    return topic_name_problem(name) is None
 
 
 CODECS = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
@@ -455,6 +453,4 @@ def check_destination(destination: str, explicit: bool) -> str | None:
     """Why Kafka (either client) would refuse `destination` as a topic, or None: the
     naming hook `outbox-relay check` calls for every route (outbox_relay/adapter.py).
     Without a route destination, the topic is the message's own (`explicit` False)."""
-    from ._topics import topic_name_problem
-
     return topic_name_problem(destination, whole=explicit)
