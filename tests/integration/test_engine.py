@@ -18,7 +18,7 @@ from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.operations import dead_letters
 from outbox_relay.testing import FakeAdapter
 from tests.support.configs import make_config
-from tests.support.outbox import count
+from tests.support.outbox import claims_in_progress, count
 from tests.support.relay import running_relay, wakeups
 from tests.support.waiting import wait_until
 
@@ -160,9 +160,19 @@ async def test_poll_finds_messages_with_notify_off(db: str) -> None:
         conn.execute("ALTER TABLE outbox.messages DISABLE TRIGGER messages_notify_relay")
         conn.commit()
     fake = FakeAdapter()
-    async with running_relay(make_config(db, notify=False, poll_interval="300ms"), {"main": fake}) as relay:
-        # The positive signal: the relay is idle, woken by its poll (its first claim is behind it).
+    config = make_config(db, notify=False, poll_interval="1s", workers=1)
+    async with running_relay(config, {"main": fake}) as relay:
+        # The positive signal: the relay is idle, woken by its poll (its first claim is
+        # behind it) and waiting for the next one: no claim in progress, the count the
+        # same before and after that was seen. A claim of the poll counted in `before`
+        # still running would find the message without a poll after the enqueue.
         await wait_until(lambda: wakeups(relay, "poll") >= 1)
+
+        def waiting() -> bool:
+            seen = wakeups(relay, "poll")
+            return not claims_in_progress(db) and wakeups(relay, "poll") == seen
+
+        await wait_until(waiting)
         before = wakeups(relay, "poll")
         enqueue_many(db, [("t", None, 1)])
         await wait_until(lambda: len(fake.delivered) == 1, timeout=10)

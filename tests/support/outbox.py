@@ -38,6 +38,17 @@ def lock_waits(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
+def claims_in_progress(dsn: str) -> bool:
+    """Whether another session of this database is in a transaction (a relay's claim, or
+    anything else): the relay is idle only when none is."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')"
+        ).fetchone()
+    return bool(row and row[0])
+
+
 def dead_letters(dsn: str) -> list[tuple[str, str, str]]:
     """(message id, key, reason) of every dead letter, in enqueue order."""
     with psycopg.connect(dsn) as conn:
