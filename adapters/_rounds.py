@@ -83,6 +83,11 @@ class Rounds:
             while queue:
                 entry = queue[0]
                 held = self.stops.held(entry.out)
+                if held is None and entry.early is not None and _has_key_of(taken, entry):
+                    # Refused before sending, after a record of its key that is not
+                    # answered yet: it waits at the head for the next round, so that
+                    # record's own answer is not turned into "not_sent" by this refusal.
+                    break
                 if held is not None or entry.early is not None:
                     queue.popleft()
                     self.results[entry.index] = self.stops.note(entry.out, held or entry.early)  # type: ignore[arg-type]
@@ -121,3 +126,8 @@ class Rounds:
 
     def final(self) -> list[PublishResult]:
         return [r if r is not None else PublishResult.transient("not answered") for r in self.results]
+
+
+def _has_key_of(taken: Sequence[Entry], entry: Entry) -> bool:
+    key = entry.out.message.key
+    return key is not None and any(t.out.message.key == key for t in taken)

@@ -424,6 +424,7 @@ class KafkaAdapter:
                 continue
             reset = reset or isinstance(outcome, PRODUCER_RESET_ERRORS)
             if isinstance(outcome, SIZE_ERRORS) and len(sent.entries) > 1:
+                log.info("kafka_batch_too_large", broker=self.name, records=len(sent.entries))
                 rounds.again_alone(sent)
                 continue
             result = classify(outcome)

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from outbox_relay.errors import first_line
-from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 
 from ._options import TlsOptions
 from ._rounds import Batch, Entry, Rounds
@@ -212,6 +212,9 @@ class LibrdkafkaAdapter:
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
         self._round = asyncio.Lock()  # one round in the producer at a time (module docstring)
         self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
+        # librdkafka ends a record batch at batch.size or message.max.bytes, whichever is
+        # smaller: a round over either would be two batches of one partition.
+        self._round_bytes = min(options.max_batch_size, options.max_request_size)
 
     async def connect(self) -> None:
         early: list[str] = []  # errors before the producer is ours: why a connect failed
@@ -271,7 +274,7 @@ class LibrdkafkaAdapter:
                 early = PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
             rounds.queue(None, Entry(index, out, early))  # one group: a round bounds every partition
         while rounds:
-            batches = rounds.next_round(lambda _group: _Fill(self.options.max_batch_size), _Fill.add)  # type: ignore[arg-type]
+            batches = rounds.next_round(lambda _group: _Fill(self._round_bytes), _Fill.add)  # type: ignore[arg-type]
             if not batches:
                 break
             [sent] = batches
@@ -292,16 +295,26 @@ class LibrdkafkaAdapter:
         return rounds.final()
 
     def _settle(self, rounds: Rounds, sent: Batch, errors: list[Any]) -> None:
-        refused = [entry for entry, error in zip(sent.entries, errors, strict=True) if _too_large(error)]
-        if len(sent.entries) > 1 and refused:
+        refused = [_too_large(error) for error in errors]
+        again: list[Entry] = []
+        if len(sent.entries) > 1 and any(refused):
             # "Too large" is about a whole record batch (a partition's part of the round):
-            # maybe a neighbour's fault. Those records go again, each on its own.
-            again = Batch(None, refused, None)
-            rest = [(e, err) for e, err in zip(sent.entries, errors, strict=True) if not _too_large(err)]
-            rounds.again_alone(again)
-        else:
-            rest = list(zip(sent.entries, errors, strict=True))
-        for entry, error in rest:
+            # maybe a neighbour's fault. The refused records go again, each on its own,
+            # and with them what their keys had after them in the round (answered
+            # not_sent here, or refused by librdkafka at once: that answer stands, in turn).
+            keys = {e.out.message.key for e, r in zip(sent.entries, refused, strict=True) if r}
+            for entry, error, too_large in zip(sent.entries, errors, refused, strict=True):
+                key = entry.out.message.key
+                if too_large or (key is not None and key in keys and error is not None):
+                    if isinstance(error, PublishResult) and error.outcome is not Outcome.NOT_SENT:
+                        entry.early = error
+                    again.append(entry)
+            log.info("kafka_batch_too_large", broker=self.name, records=len(again))
+            rounds.again_alone(Batch(None, again, None))
+        going_again = {id(entry) for entry in again}
+        for entry, error in zip(sent.entries, errors, strict=True):
+            if id(entry) in going_again:
+                continue
             if isinstance(error, PublishResult):
                 rounds.settle(entry, error)
             else:
@@ -354,8 +367,8 @@ class LibrdkafkaAdapter:
             )
         except BufferError:  # the local queue is full: not the record's fault
             return PublishResult.unavailable("librdkafka's local queue is full")
-        except KafkaException as exc:
-            return exc.args[0]
+        except KafkaException as exc:  # refused alone (over message.max.bytes): its own answer
+            return classify(exc.args[0])
         return None
 
     async def _new_producer(self, seen: Any, why: str) -> None:
