@@ -24,7 +24,7 @@ GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
 REVOKE INSERT, UPDATE ON {schema}.replays FROM {role};
 GRANT SELECT ON {schema}.replays TO {role};
 GRANT INSERT (requested_by, selection, max_source_id, as_of, total) ON {schema}.replays TO {role};
-GRANT UPDATE (copied, cursor_id, finished_at) ON {schema}.replays TO {role};
+GRANT UPDATE (copied, cursor_id, skipped, finished_at) ON {schema}.replays TO {role};
 -- `outbox-relay backfill` records its progress (it reads the snapshotted table with a
 -- role that may: its own --dsn, or this one after a GRANT SELECT on that table).
 REVOKE INSERT, UPDATE ON {schema}.backfills FROM {role};

@@ -355,7 +355,8 @@ WHERE id IN (SELECT id FROM {schema}.messages
 SELECT coalesce(max(id), 0), clock_timestamp() FROM {schema}.messages;
 
 -- name: replay_count
-SELECT topic, count(*) FROM {schema}.messages
+-- Per topic: the rows selected, and how many of them a copy skips (replay_copy_chunk).
+SELECT topic, count(*), count(*) FILTER (WHERE octet_length(key) > %(max_key_bytes)s) FROM {schema}.messages
 WHERE id > %(cursor)s AND id <= %(max_id)s AND dispatched_at <= %(as_of)s
   AND NOT (headers ? 'outbox-replay-id')
   AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
@@ -372,6 +373,10 @@ GROUP BY topic ORDER BY topic;
 -- A chunk looks at ids up to window_end only, so that a narrow selection (one key,
 -- a few message ids) in a large table still costs short transactions; the cursor
 -- then moves to the window's end, or to the last row copied when the chunk is full.
+-- A row whose key is over max_key_bytes (written before schema version 6, when a key
+-- was 1,024 characters) is skipped and counted: a copy is a new message, and no new
+-- message takes such a key (one the key index cannot hold fails the INSERT, and the
+-- replay could never pass its chunk); the cursor moves past it like any row.
 WITH source AS (
     SELECT id, message_id, topic, key, payload, content_type, headers FROM {schema}.messages
     WHERE id > %(cursor)s AND id <= %(window_end)s AND dispatched_at <= %(as_of)s
@@ -387,7 +392,7 @@ WITH source AS (
     INSERT INTO {schema}.messages (message_id, topic, key, payload, content_type, headers)
     SELECT message_id, topic, key, payload, content_type,
            headers || jsonb_build_object('outbox-replay-id', %(replay_id)s::text)
-    FROM source ORDER BY id
+    FROM source WHERE key IS NULL OR octet_length(key) <= %(max_key_bytes)s ORDER BY id
     RETURNING 1
 ), moved AS (
     SELECT CASE WHEN (SELECT count(*) FROM source) = %(chunk)s THEN (SELECT max(id) FROM source)
@@ -395,6 +400,7 @@ WITH source AS (
 )
 UPDATE {schema}.replays
 SET copied = copied + (SELECT count(*) FROM copies),
+    skipped = skipped + (SELECT count(*) FROM source) - (SELECT count(*) FROM copies),
     cursor_id = (SELECT cursor_id FROM moved),
     finished_at = CASE WHEN (SELECT cursor_id FROM moved) >= max_source_id THEN now() END
 WHERE replay_id = %(replay_id)s AND cursor_id = %(cursor)s
@@ -408,7 +414,7 @@ RETURNING replay_id;
 -- name: replay_get
 -- `own`: recorded by the role that reads it (a resume by another role asks first).
 SELECT replay_id, requested_by, requested_at, selection, max_source_id, total, copied, cursor_id, finished_at,
-       created_by, coalesce(created_by = current_user, false) AS own
+       created_by, coalesce(created_by = current_user, false) AS own, skipped
 FROM {schema}.replays WHERE replay_id = %(replay_id)s;
 
 -- name: replay_same_selection

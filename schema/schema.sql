@@ -140,9 +140,12 @@ CREATE TABLE {schema}.replays (
     -- The last source id copied: each chunk moves it in the chunk's transaction.
     cursor_id bigint NOT NULL DEFAULT 0,
     finished_at timestamptz,
-    -- The role that recorded it, filled by the database (no role's GRANTs let it name
-    -- another): a resume by another role asks first. NULL: recorded before version 7.
-    created_by name DEFAULT current_user
+    -- The role that recorded it, filled by record_guard (below) whatever the INSERT
+    -- said: a resume by another role asks first. NULL: recorded before version 7.
+    created_by name,
+    -- Selected rows not copied: their key is over the limit of message_key (written
+    -- before version 6), and a copy is a new message (replay_copy_chunk says why).
+    skipped bigint NOT NULL DEFAULT 0
 );
 
 -- `outbox-relay backfill` snapshots an existing table into the outbox, one message per
@@ -161,8 +164,55 @@ CREATE TABLE {schema}.backfills (
     cursor_key text[],
     finished_at timestamptz,
     -- As in replays: the role that recorded it, and a resume by another role asks first.
-    created_by name DEFAULT current_user
+    created_by name
 );
+
+-- A resume acts on what a replay's or backfill's record says (the messages it copies,
+-- the table it reads) with the privileges of the role that resumes it, asking first
+-- only when another role recorded it. So a record names its creator truly and keeps
+-- what it selects, whatever the GRANTs: an upgrade keeps older versions' table-wide
+-- INSERT and UPDATE on these tables (the chart's hook runs `schema install`, which
+-- grants nothing), and a DBA may grant more than grants_*.sql does.
+-- - INSERT: created_by is current_user, whatever the statement said. current_user, not
+--   session_user: it is the role the statement's privileges are checked as (the one
+--   SET ROLE chose), the one a resume compares with (replay_get, backfill_get) and
+--   whose privileges the backfill read its table with. session_user is the login: behind
+--   a shared login or a pooler that sets roles, every record would name the same login,
+--   and a weak role's record would look like the operator's own. SET ROLE reaches only
+--   roles the session's login is a member of, so a record never names a role whose
+--   privileges its writer could not use. SECURITY INVOKER (the default) on purpose: a
+--   definer's function sees its owner as current_user.
+-- - UPDATE: only the progress columns (the trigger's arguments) may change; anything
+--   else is refused (insufficient_privilege), for every role. Changing a record
+--   otherwise takes its owner disabling the trigger.
+CREATE FUNCTION {schema}.record_guard() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    changed text;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        NEW.created_by := current_user;
+        RETURN NEW;
+    END IF;
+    SELECT string_agg(n.key, ', ' ORDER BY n.key) INTO changed
+    FROM jsonb_each(to_jsonb(NEW)) AS n
+    WHERE n.key <> ALL (TG_ARGV) AND n.value IS DISTINCT FROM to_jsonb(OLD) -> n.key;
+    IF changed IS NOT NULL THEN
+        RAISE EXCEPTION 'outbox: % of %.% cannot change once recorded: only its progress (%) does',
+            changed, TG_TABLE_SCHEMA, TG_TABLE_NAME, array_to_string(TG_ARGV, ', ')
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER replays_record_guard
+    BEFORE INSERT OR UPDATE ON {schema}.replays
+    FOR EACH ROW EXECUTE FUNCTION {schema}.record_guard('copied', 'cursor_id', 'skipped', 'finished_at');
+
+CREATE TRIGGER backfills_record_guard
+    BEFORE INSERT OR UPDATE ON {schema}.backfills
+    FOR EACH ROW EXECUTE FUNCTION {schema}.record_guard('copied', 'cursor_key', 'finished_at');
 
 -- Wakes the relay. NOTIFY takes a database-wide lock at commit, which serializes every
 -- notifying committer, so the notification is coalesced twice over:

@@ -19,6 +19,11 @@ from outbox_relay.cli.common import (
 )
 from outbox_relay.engine.routing import Router
 from outbox_relay.operations import replay as replay_module
+from outbox_relay.validation import MAX_KEY_BYTES
+
+# Rows written before schema version 6 may hold a key over today's limit (1,024
+# characters were allowed); a copy is a new message, and no new message takes such a key.
+_UNFIT = f"a key over {MAX_KEY_BYTES} bytes, more than a new message may have since schema version 6"
 
 
 @click.command()
@@ -102,6 +107,8 @@ def replay(
             chosen = replay_module.plan(conn, schema_name, selection)
             listing = ", ".join(f"{name}: {n}" for name, n in chosen.by_topic.items())
             click.echo(f"{chosen.total} message(s) to replay" + (f" ({listing})" if listing else ""))
+            if chosen.unfit:
+                click.echo(f"{chosen.unfit} of them will be skipped: {_UNFIT}")
             if chosen.previous is not None and not again:
                 said = _replayed_before(chosen, {"--since": since, "--until": until})
                 if not dry_run:  # a dry run says so and never refuses
@@ -116,10 +123,12 @@ def replay(
                     f"no route in {config_path} takes topic {unrouted[0]!r}: its copies would be "
                     "dead-lettered; add a route or narrow --topic"
                 )
-            if chosen.total == 0:
+            if chosen.to_copy == 0:
                 click.echo("nothing to replay")
                 return
-            confirm(dry_run, yes, f"{chosen.total} message(s) would be replayed", f"Replay {chosen.total} message(s)?")
+            confirm(
+                dry_run, yes, f"{chosen.to_copy} message(s) would be replayed", f"Replay {chosen.to_copy} message(s)?"
+            )
             if dry_run:
                 return
             replay_id, total = replay_module.begin(conn, schema_name, chosen), chosen.total
@@ -130,8 +139,13 @@ def replay(
             total,
             lambda report: replay_module.copy(conn, schema_name, replay_id, chunk=chunk, rate=rate, progress=report),
         )
-    # Rows that retention deleted before their chunk was copied are not there to copy.
-    short = f" (of {total} counted: {total - copied} deleted meanwhile by retention)" if copied < total else ""
+        skipped = replay_module.get(conn, schema_name, replay_id).skipped
+    # The rest of what was counted: skipped keys, and rows that retention deleted before
+    # their chunk was copied (not there to copy).
+    missing = [f"{skipped} skipped for a key over {MAX_KEY_BYTES} bytes"] if skipped else []
+    if total - copied - skipped > 0:
+        missing.append(f"{total - copied - skipped} deleted meanwhile by retention")
+    short = f" (of {total} counted: {'; '.join(missing)})" if missing else ""
     click.echo(f"replay #{replay_id} done: {copied} message(s) copied to the outbox{short}; the relay publishes them")
 
 

@@ -33,6 +33,7 @@ from outbox_relay.errors import ConfigError, DatabaseError
 from outbox_relay.operations.copying import only_copier, requester
 from outbox_relay.operations.dead_letters import glob_to_regex
 from outbox_relay.sqlfiles import Queries
+from outbox_relay.validation import MAX_KEY_BYTES
 
 REPLAY_HEADER = "outbox-replay-id"
 DEFAULT_CHUNK = 1000
@@ -89,6 +90,8 @@ class Selection:
 
     def params(self) -> dict[str, Any]:
         return {
+            # Rows with a longer key (written before schema version 6) are not copied.
+            "max_key_bytes": MAX_KEY_BYTES,
             "topic_regex": glob_to_regex(self.topic) if self.topic else None,
             "key": self.key,
             "since": self.since.at if self.since else None,
@@ -144,10 +147,17 @@ class Plan:
     as_of: datetime
     by_topic: dict[str, int] = field(default_factory=dict)
     previous: Earlier | None = None
+    # Of the total, rows whose key is over MAX_KEY_BYTES (written before schema version
+    # 6): no new message may have such a key, so the copy skips them and counts them.
+    unfit: int = 0
 
     @property
     def total(self) -> int:
         return sum(self.by_topic.values())
+
+    @property
+    def to_copy(self) -> int:
+        return self.total - self.unfit
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,7 @@ class Replay:
     finished: bool
     created_by: str | None  # the role that recorded it (None: before schema version 7)
     own: bool  # recorded by the role that reads it
+    skipped: int  # selected, not copied: a key over MAX_KEY_BYTES
 
 
 def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Plan:
@@ -174,7 +185,8 @@ def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Pl
     same = conn.execute(q["replay_same_selection"], {**params, "selection": Jsonb(selection.as_json())}).fetchone()
     conn.rollback()
     previous = Earlier(int(same[0]), same[1], same[2] is not None, int(same[3]), same[4] or {}) if same else None
-    return Plan(selection, max_id, as_of, {str(topic): int(n) for topic, n in counts}, previous)
+    by_topic = {str(topic): int(n) for topic, n, _ in counts}
+    return Plan(selection, max_id, as_of, by_topic, previous, unfit=sum(int(n) for _, _, n in counts))
 
 
 def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:
@@ -200,7 +212,16 @@ def get(conn: psycopg.Connection[Any], schema: str, replay_id: int) -> Replay:
     if row is None:
         raise ConfigError(f"no replay #{replay_id} (see `outbox-relay status`)")
     return Replay(
-        int(row[0]), row[1], row[2], row[3], int(row[5]), int(row[6]), row[8] is not None, row[9], bool(row[10])
+        int(row[0]),
+        row[1],
+        row[2],
+        row[3],
+        int(row[5]),
+        int(row[6]),
+        row[8] is not None,
+        row[9],
+        bool(row[10]),
+        int(row[11]),
     )
 
 

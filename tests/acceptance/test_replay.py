@@ -14,9 +14,10 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from outbox_relay import enqueue
+from outbox_relay.operations import schema_manager
 from tests.support.cli import RelayProcess, exe, read_jsonl, run_cli, run_cli_at_terminal
 from tests.support.configs import write_config
-from tests.support.databases import role_with_grants
+from tests.support.databases import install_at, role_with_grants
 from tests.support.outbox import count, dispatched
 from tests.support.waiting import wait_for
 
@@ -317,6 +318,9 @@ def shift_back(db: str, hours: int) -> None:
     """As if everything so far had happened `hours` earlier: the messages, and the
     replays with the instants their windows stood for."""
     with psycopg.connect(db) as conn:
+        # A record's times cannot change once recorded (schema.sql, record_guard): the
+        # test, as the tables' owner, lifts the guard for this one transaction.
+        conn.execute("ALTER TABLE outbox.replays DISABLE TRIGGER replays_record_guard")
         conn.execute(
             "UPDATE outbox.messages SET created_at = created_at - make_interval(hours => %(h)s), "
             "dispatched_at = dispatched_at - make_interval(hours => %(h)s)",
@@ -328,6 +332,7 @@ def shift_back(db: str, hours: int) -> None:
             "to_jsonb((selection #>> '{resolved,since}')::timestamptz - make_interval(hours => %(h)s)))",
             {"h": hours},
         )
+        conn.execute("ALTER TABLE outbox.replays ENABLE TRIGGER replays_record_guard")
         conn.commit()
 
 
@@ -365,3 +370,50 @@ def test_a_dry_run_says_a_selection_was_replayed_before_and_never_refuses(db: st
     assert dry.returncode == 0, dry.stderr
     assert "5 message(s) to replay" in dry.stdout and "replayed before (#1" in dry.stdout, dry.stdout
     assert count(db) == 10, "the dry run copied nothing"
+
+
+def test_a_replay_skips_messages_whose_key_the_outbox_no_longer_takes(empty_db: str, tmp_path: Path) -> None:
+    # Before schema version 6 a key was 1 to 1,024 characters; now it is 1 to 2,048
+    # bytes, and rows written before may hold longer keys. A copy of one the key index
+    # cannot hold failed its chunk (index row size exceeds maximum), and --resume met
+    # the same chunk every time: the replay could never finish. Every key over the limit
+    # is skipped (a copy is a new message), and the replay says how many.
+    unindexable = "".join(chr(0x4E00 + i * 7907 % 20_000) for i in range(1024))  # 3,072 bytes
+    over_limit = "".join(chr(0x4E00 + i * 7919 % 20_000) for i in range(866))  # 2,598 bytes
+    with psycopg.connect(empty_db) as conn:
+        install_at(conn, "outbox", 5)
+        for key in ("a", unindexable, over_limit, "b"):
+            conn.execute(
+                "INSERT INTO outbox.messages (topic, key, payload, dispatched_at) "
+                "VALUES ('orders.created', %s, 'x', now())",
+                (key,),
+            )
+        conn.commit()
+        schema_manager.install(conn, "outbox")
+    config = write_config(tmp_path / "relay.yaml", empty_db)
+    done = replay(config, "--topic", "orders.*", "--yes", "--chunk", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 message(s) to replay" in done.stdout, done.stdout
+    assert "2 of them will be skipped: a key over 2048 bytes" in done.stdout, done.stdout
+    assert "replay #1 done: 2 message(s) copied to the outbox (of 4 counted: 2 skipped for a key over 2048 bytes)" in (
+        done.stdout
+    ), done.stdout
+
+    def copied_keys() -> list[str]:
+        with psycopg.connect(empty_db) as conn:
+            rows = conn.execute("SELECT key FROM outbox.messages WHERE headers ? %s ORDER BY id", (HEADER,)).fetchall()
+        return [row[0] for row in rows]
+
+    assert copied_keys() == ["a", "b"]
+    # A replay recorded before, stopped after its first row: --resume finishes it.
+    with psycopg.connect(empty_db) as conn:
+        conn.execute(
+            "INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total, copied, cursor_id) "
+            'SELECT \'test\', \'{"topic": "orders.*", "key": null, "since": null, "until": null, '
+            '"message_ids": []}\', 4, now(), 4, 1, 1'
+        )
+        conn.commit()
+    resumed = replay(config, "--resume", "2", "--yes")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "replay #2 done: 2 message(s) copied to the outbox (of 4 counted: 2 skipped" in resumed.stdout
+    assert copied_keys() == ["a", "b", "b"]

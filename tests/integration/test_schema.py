@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from outbox_relay import enqueue, sqlfiles
 from outbox_relay.errors import SchemaError
@@ -234,6 +235,40 @@ def test_a_role_records_backfills_and_replays_as_itself_and_cannot_rewrite_one(d
                 conn.rollback()
             else:
                 pytest.fail(f"the {kind} role could {forgery} of a row of {table}")
+        # Progress is the role's to move: it runs replays and backfills.
+        progress = {"backfills": "cursor_key = '{1}'", "replays": "cursor_id = 1, skipped = 1"}[table]
+        moved = conn.execute(f"UPDATE outbox.{table} SET copied = 1, {progress}, finished_at = now()")  # type: ignore[arg-type]
+        assert moved.rowcount == 1
+
+
+def test_a_record_names_the_role_set_and_keeps_what_it_selects_even_for_the_owner(db: str) -> None:
+    # current_user, not session_user: after SET ROLE the record names the role whose
+    # privileges the statement ran with, the one a resume compares with. The guard
+    # holds for every role, the tables' owner included (it may only lift it).
+    q = sqlfiles.Queries("outbox")
+    with role_with_grants(db, "relay", "relay") as dsn, psycopg.connect(db) as conn:
+        role = str(conninfo_to_dict(dsn)["user"])
+        login = conn.execute("SELECT session_user").fetchone()
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        row = conn.execute(q["backfill_begin"], {"requested_by": "ops", "source": "{}", "total": 1}).fetchone()
+        assert row is not None
+        assert conn.execute(q["backfill_get"], {"backfill_id": row[0]}).fetchone()[6:8] == (role, True)  # type: ignore[index]
+        conn.execute("RESET ROLE")
+        assert conn.execute(q["backfill_get"], {"backfill_id": row[0]}).fetchone()[6:8] == (role, False)  # type: ignore[index]
+        conn.execute(
+            "INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total, created_by) "
+            "VALUES ('ops', '{}', 0, now(), 1, 'someone')"
+        )
+        assert conn.execute("SELECT created_by FROM outbox.replays").fetchone() == login
+        conn.commit()
+        for table, column in (("backfills", "source"), ("replays", "selection"), ("replays", "created_by")):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"{column} of outbox.{table} cannot change"):
+                conn.execute(
+                    sql.SQL("UPDATE outbox.{} SET {} = NULL").format(sql.Identifier(table), sql.Identifier(column))
+                )
+            conn.rollback()
+        moved = conn.execute("UPDATE outbox.replays SET copied = 1, cursor_id = 1, skipped = 1, finished_at = now()")
+        assert moved.rowcount == 1
 
 
 def test_notify_trigger_can_be_turned_off_and_on(db: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from outbox_relay import sqlfiles
 from outbox_relay.operations import schema_manager
+from tests.support.databases import install_at, role_with_grants
 
 CATALOG_QUERIES = {
     "columns": """
@@ -95,3 +96,63 @@ def test_an_upgrade_to_version_6_keeps_rows_with_keys_the_new_limit_refuses(empt
             with pytest.raises(psycopg.errors.CheckViolation, match="messages_key_valid"), conn.transaction():
                 conn.execute("INSERT INTO outbox.messages (topic, key, payload) VALUES ('t', %s, 'x')", (key,))
         assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (2,)
+
+
+RECORDS = {
+    "backfills": "INSERT INTO outbox.backfills (requested_by, source, total{creator}) "
+    'VALUES (\'ops@host\', \'{{"table": "public.payroll", "topic": "t"}}\', 1{named})',
+    "replays": "INSERT INTO outbox.replays (requested_by, selection, max_source_id, as_of, total{creator}) "
+    "VALUES ('ops@host', '{{\"topic\": \"payroll.*\"}}', 0, now(), 1{named})",
+}
+SELECTS = {"backfills": "source", "replays": "selection"}
+
+
+@pytest.mark.parametrize(("kind", "tables"), [("relay", ("backfills", "replays")), ("producer", ("backfills",))])
+def test_an_upgrade_to_version_7_records_the_true_creator_whatever_grants_the_roles_kept(
+    empty_db: str, kind: str, tables: tuple[str, ...]
+) -> None:
+    # An upgrade keeps the roles' GRANTs of the previous release (the chart's hook runs
+    # only `schema install`): table-wide INSERT on backfills, INSERT and UPDATE on
+    # replays. The record must still name its creator truly, and no role may rewrite
+    # what a record copies: the operator's `--resume` acts on it with the operator's
+    # privileges, asking first only about another role's record.
+    with psycopg.connect(empty_db) as conn:
+        install_at(conn, "outbox", 6)
+        conn.commit()
+    with role_with_grants(empty_db, kind, kind, before_version_7=True) as role_dsn:
+        with psycopg.connect(empty_db) as conn:
+            result = schema_manager.install(conn, "outbox")
+            assert (result.previous_version, result.version) == (6, sqlfiles.SCHEMA_VERSION)
+            operator = conn.execute("SELECT current_user").fetchone()
+            assert operator is not None
+            for table in tables:  # the operator's own record, id 1
+                conn.execute(RECORDS[table].format(creator="", named=""))  # type: ignore[arg-type]
+            conn.commit()
+        with psycopg.connect(role_dsn) as conn:
+            role = conn.execute("SELECT current_user").fetchone()
+            for table in tables:  # id 2: the role names the operator as its creator
+                conn.execute(RECORDS[table].format(creator=", created_by", named=", %s"), operator)  # type: ignore[arg-type]
+            conn.commit()
+            for table in tables:
+                creators = conn.execute(f"SELECT created_by FROM outbox.{table} ORDER BY 1").fetchall()  # type: ignore[arg-type]
+                assert sorted(creators) == sorted([operator, role]), f"{table}: the role named another creator"
+                forgeries = {
+                    "change the creator": f"UPDATE outbox.{table} SET created_by = %s",
+                    f"change the {SELECTS[table]}": f"UPDATE outbox.{table} SET {SELECTS[table]} = '{{}}'",
+                    "change who asked": f"UPDATE outbox.{table} SET requested_by = 'ops'",
+                    "change the total": f"UPDATE outbox.{table} SET total = 2",
+                }
+                for forgery, statement in forgeries.items():
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                        conn.execute(statement, operator if "%s" in statement else None)  # type: ignore[arg-type]
+                        pytest.fail(f"the {kind} role could {forgery} of a row of {table}")
+            # Progress is the role's to move (it runs replays and backfills).
+            progress = {"backfills": "cursor_key = '{1}'", "replays": "cursor_id = 1"}
+            for table in tables:
+                moved = conn.execute(f"UPDATE outbox.{table} SET copied = 1, {progress[table]}, finished_at = now()")  # type: ignore[arg-type]
+                assert moved.rowcount == 2
+            conn.commit()
+    with psycopg.connect(empty_db) as conn:
+        # What the operator's `backfill --resume 2` reads: another role's record, asked about.
+        recorded = conn.execute(sqlfiles.Queries("outbox")["backfill_get"], {"backfill_id": 2}).fetchone()
+        assert recorded is not None and (recorded[6], recorded[7]) == (role[0] if role else None, False)
