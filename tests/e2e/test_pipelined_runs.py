@@ -87,7 +87,9 @@ async def test_rejection_in_the_middle_of_a_run(
         await wait_until(
             lambda: len(dead_letters(db)) == 1 and pending(db) == (held if policy == "hold" else 0), timeout=60
         )
-    assert calls[0] == RUN, "the whole run went in the first call"
+    # The first call that carried key k carried its whole run (another worker's call may
+    # come first with only the other keys: the relay runs two workers).
+    assert [c for c in calls if c][0] == RUN, f"the whole run went in one call: {calls}"
     [(mid, key, reason)] = dead_letters(db)
     assert (mid, key) == (poison, "k")
     assert "TooLarge" in reason, reason
