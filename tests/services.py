@@ -65,7 +65,19 @@ def postgres() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
     # Durability off: these clusters are thrown away, and it makes the suite faster.
     # A short autovacuum naptime lets the short soak see several vacuum cycles (the
     # soak's bounds are computed from whatever naptime the server has).
-    with local_postgres.running({"fsync": "off", "full_page_writes": "off", "autovacuum_naptime": "2s"}) as cluster:
+    # Logical decoding for the WAL source's tests (tests/integration/test_wal_stream.py):
+    # replication slots and walsenders for the tests that stream, prepared transactions
+    # for the one that checks COMMIT PREPARED. Nothing else changes but the WAL's volume.
+    settings = {
+        "fsync": "off",
+        "full_page_writes": "off",
+        "autovacuum_naptime": "2s",
+        "wal_level": "logical",
+        "max_replication_slots": "20",
+        "max_wal_senders": "20",
+        "max_prepared_transactions": "10",
+    }
+    with local_postgres.running(settings) as cluster:
         yield cluster.dsn, cluster
 
 
