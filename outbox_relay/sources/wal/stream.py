@@ -1,0 +1,319 @@
+"""An async reader of a logical replication slot (pgoutput) over psycopg 3.
+
+psycopg has no replication API, but since 3.3 it sends START_REPLICATION on a
+``replication="database"`` connection and leaves the connection in COPY BOTH mode. The
+stream is then driven at the libpq level: ``pgconn.get_copy_data(1)`` (non-blocking)
+until it would block, then the event loop's reader callback on the socket;
+``put_copy_data`` and ``flush`` for the status updates.
+
+What it yields, and which positions it reports, is transactions.py's: for each
+committed transaction with messages of ours, those messages in parts of bounded size,
+the last part carrying the commit's end LSN; the caller confirms that LSN once every
+message of the transaction and of those before it is done, never a message's own LSN
+(the end of its WAL record: Debezium's duplicates and losses, dbz#2004 and dbz#2058).
+
+Lifecycle and concurrency:
+- ``async with WalStream(...) as stream`` connects and starts streaming; leaving sends
+  the confirmed position a last time, waits (at most FINAL_STATUS_TIMEOUT) for the
+  server to end the stream, which shows it took the position, and disconnects.
+- One task iterates (``async for part in stream``), one iteration at a time, and
+  closes the stream (or closes it after that task stopped).
+- ``confirm`` may be called from any task of the same event loop; it records the
+  position, which goes out with the next status update.
+- A side task sends a status update every ``status_interval`` seconds whether or not
+  the caller iterates, so a caller that stops reading (a broker outage) keeps its
+  connection: the walsender ends one that has not answered for wal_sender_timeout
+  (60 s by default; keep status_interval well below it). Keepalives that ask for a reply
+  are answered when read.
+- A server silent for 3 status intervals (each update asks it to answer) is taken for
+  a dead connection: the iteration raises ReplicationError. Reconnecting is the
+  caller's job: a new WalStream resumes after the slot's confirmed position.
+
+A confirmed position lives in the walsender's memory until PostgreSQL's next
+checkpoint writes the slot out: after a server crash the slot may start earlier again,
+so a restart can deliver confirmed transactions once more (at least once), never skip
+one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from typing import Any, Self
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+
+from outbox_relay.errors import first_line
+from outbox_relay.sources.wal import pgoutput, slot
+from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotMissing
+from outbox_relay.sources.wal.transactions import TransactionPart, Transactions
+
+__all__ = ["TransactionPart", "WalStream"]
+
+SILENCE_INTERVALS = 3  # status intervals without a word from the server: a dead connection
+FINAL_STATUS_TIMEOUT = 5.0  # seconds for the server to take the last confirmed position on close
+
+
+class WalStream:
+    """Streams one slot; see the module docstring for its rules."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        slot_name: str,
+        publication: str,
+        prefix: str,
+        start_lsn: int = 0,
+        status_interval: float = 10.0,
+        max_part_messages: int = 1000,
+        max_part_bytes: int = 1 << 20,
+    ):
+        self._dsn = dsn
+        self._slot = slot.validate_name(slot_name)
+        self._publication = slot.validate_name(publication)
+        self._start_lsn = start_lsn
+        self._status_interval = status_interval
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
+        self._reading = False
+        self._last_heard = 0.0
+        self._transactions = Transactions(prefix, max_part_messages, max_part_bytes)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect and start streaming; SlotMissing, SlotInUse or ReplicationError if not."""
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(self._dsn, replication="database", autocommit=True)
+        except psycopg.Error as exc:
+            raise ReplicationError(f"cannot open a replication connection: {first_line(exc)}") from exc
+        try:
+            await self._start()
+        except BaseException:
+            await self._conn.close()
+            raise
+        self._last_heard = asyncio.get_running_loop().time()
+        self._status_task = asyncio.create_task(self._send_periodically(), name=f"wal-status-{self._slot}")
+
+    async def _start(self) -> None:
+        assert self._conn is not None
+        try:
+            state = await slot.read_state_async(self._conn, self._slot)
+            if state is None:
+                raise SlotMissing(f"the replication slot {self._slot!r} does not exist")
+            self._transactions.start_at(max(self._start_lsn, state.confirmed_flush_lsn or 0))
+            start = slot.query(
+                "start_replication",
+                slot=self._slot,
+                publication=self._publication,
+                start=pgoutput.format_lsn(self._start_lsn),
+            )
+            cursor = await self._conn.execute(start)
+        except pg_errors.ObjectInUse as exc:
+            raise SlotInUse(f"the replication slot {self._slot!r} is in use: {first_line(exc)}") from exc
+        except pg_errors.UndefinedObject as exc:
+            raise SlotMissing(f"cannot stream the slot {self._slot!r}: {first_line(exc)}") from exc
+        except psycopg.Error as exc:
+            raise ReplicationError(f"cannot stream the slot {self._slot!r}: {first_line(exc)}") from exc
+        result = cursor.pgresult
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            raise ReplicationError(f"START_REPLICATION on {self._slot!r} did not start a replication stream")
+
+    async def close(self) -> None:
+        """Send the confirmed position a last time (best effort) and disconnect."""
+        if self._status_task is not None:
+            self._status_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ReplicationError):
+                await self._status_task
+            self._status_task = None
+        if self._conn is None or self._conn.closed:
+            return
+        with contextlib.suppress(ReplicationError, psycopg.Error, TimeoutError):
+            async with asyncio.timeout(FINAL_STATUS_TIMEOUT):
+                await self._end_copy()
+        await self._conn.close()
+
+    async def _end_copy(self) -> None:
+        """Send the confirmed position, end the COPY, and read (dropping it) what the
+        server still sends until its own CopyDone: the walsender handles what we send in
+        order, so its CopyDone shows it took the position. Disconnecting at once can lose
+        the position: a socket closed with unread data resets the connection, and a
+        walsender with output pending tries to send before it reads, and dies."""
+        await self.send_status()
+        pgconn = self._connection().pgconn
+        while pgconn.put_copy_end() == 0:
+            await self._wait(writer=True)
+        while pgconn.flush() == 1:
+            await self._wait(writer=True)
+        while (nbytes := pgconn.get_copy_data(1)[0]) >= 0:
+            if nbytes == 0:
+                await self._wait(reader=True, timeout=FINAL_STATUS_TIMEOUT)
+                pgconn.consume_input()
+
+    # -- positions ------------------------------------------------------------------
+
+    def confirm(self, lsn: int) -> None:
+        """Every message up to the transaction whose commit ends at `lsn` is done: the
+        slot may let that WAL go (with the next status update). Lower positions than one
+        confirmed before are ignored; ValueError for a position beyond what was yielded
+        (a caller's bug: it would skip messages)."""
+        self._transactions.confirm(lsn)
+
+    @property
+    def flush_position(self) -> int:
+        """What the next status update reports as flushed (Transactions.flush_position)."""
+        return self._transactions.flush_position
+
+    async def send_status(self, *, reply_requested: bool = False) -> None:
+        """Send a standby status update now."""
+        pgconn = self._connection().pgconn
+        async with self._send_lock:
+            flushed = self._transactions.flush_position
+            update = pgoutput.standby_status_update(
+                max(self._transactions.received, flushed), flushed, flushed, reply_requested=reply_requested
+            )
+            try:
+                while pgconn.put_copy_data(update) == 0:
+                    await self._wait(writer=True)
+                while pgconn.flush() == 1:
+                    await self._wait(writer=True)
+            except psycopg.Error as exc:
+                raise ReplicationError(f"cannot send a status update on {self._slot!r}: {first_line(exc)}") from exc
+
+    async def _send_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._status_interval)
+            # Asking for a reply makes a live server answer: the reader's proof of life.
+            await self.send_status(reply_requested=True)
+
+    # -- reading --------------------------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> TransactionPart:
+        # The transaction being read lives on the stream, not in a generator: a caller
+        # may stop iterating and start again without losing a transaction's start.
+        if self._reading:
+            raise RuntimeError("a WalStream is read by one task at a time")
+        self._reading = True
+        try:
+            return await self._next_part()
+        finally:
+            self._reading = False
+
+    async def _next_part(self) -> TransactionPart:
+        pgconn = self._connection().pgconn
+        while True:
+            try:
+                nbytes, data = pgconn.get_copy_data(1)
+            except psycopg.Error as exc:  # psycopg raises for libpq's -2: the connection failed
+                raise ReplicationError(f"the replication stream of {self._slot!r} failed: {first_line(exc)}") from exc
+            if nbytes > 0:
+                found = self._transactions.take_in(data)
+                if isinstance(found, TransactionPart):
+                    return found
+                if found is not None and found.reply_requested:
+                    await self.send_status()
+            elif nbytes == 0:
+                # Never sit on a part while waiting for the network.
+                if (part := self._transactions.pending_part()) is not None:
+                    return part
+                await self._receive()
+            else:
+                raise await self._ended()
+
+    async def _receive(self) -> None:
+        """Wait for the socket to have data and read it into libpq's buffer; raise if the
+        server stays silent or the connection or the status task failed."""
+        loop = asyncio.get_running_loop()
+        while not await self._wait(reader=True, timeout=self._status_interval):
+            self._raise_if_status_task_failed()
+            silent = loop.time() - self._last_heard
+            if silent > SILENCE_INTERVALS * self._status_interval:
+                raise ReplicationError(
+                    f"no word from the server streaming {self._slot!r} for {silent:.1f} s: connection lost"
+                )
+        self._last_heard = loop.time()
+        try:
+            self._connection().pgconn.consume_input()
+        except psycopg.Error as exc:
+            raise ReplicationError(f"the replication connection of {self._slot!r} failed: {first_line(exc)}") from exc
+
+    def _raise_if_status_task_failed(self) -> None:
+        task = self._status_task
+        if task is not None and task.done() and not task.cancelled() and (failure := task.exception()) is not None:
+            raise ReplicationError(f"the status updates of {self._slot!r} stopped: {first_line(failure)}") from failure
+
+    async def _ended(self) -> ReplicationError:
+        """Why the server ended the COPY, in its own words when it sent any."""
+        reason = await self._final_error()
+        return ReplicationError(
+            f"the server ended the replication stream of {self._slot!r}: {reason or 'no reason given'}"
+        )
+
+    async def _final_error(self) -> str:
+        pgconn = self._connection().pgconn
+        reason = ""
+        # A server that ends the stream with an error (terminated, shut down) sends it
+        # as a result, then closes: reading on fails, and the error read stands.
+        with contextlib.suppress(psycopg.Error, TimeoutError):
+            async with asyncio.timeout(self._status_interval):
+                while True:
+                    while pgconn.is_busy():
+                        await self._wait(reader=True, timeout=self._status_interval)
+                        pgconn.consume_input()
+                    result = pgconn.get_result()
+                    if result is None:
+                        break
+                    if result.status == pq.ExecStatus.FATAL_ERROR:
+                        reason = first_line(result.get_error_message())
+        return reason or first_line(pgconn.get_error_message())
+
+    async def _wait(self, *, reader: bool = False, writer: bool = False, timeout: float | None = None) -> bool:
+        """True once the socket is ready, False after `timeout` seconds (None: the
+        status interval times the silence limit, as a bound on a stuck send)."""
+        loop = asyncio.get_running_loop()
+        fileno = self._connection().pgconn.socket
+        ready: asyncio.Future[bool] = loop.create_future()
+
+        def settle(value: bool) -> None:
+            if not ready.done():
+                ready.set_result(value)
+
+        if reader:
+            loop.add_reader(fileno, settle, True)
+        if writer:
+            loop.add_writer(fileno, settle, True)
+        limit = timeout if timeout is not None else SILENCE_INTERVALS * self._status_interval
+        timer = loop.call_later(limit, settle, False)
+        try:
+            done = await ready
+        finally:
+            timer.cancel()
+            if reader:
+                loop.remove_reader(fileno)
+            if writer:
+                loop.remove_writer(fileno)
+        if writer and not done and timeout is None:
+            raise ReplicationError(f"the replication connection of {self._slot!r} accepts no data: connection lost")
+        return done
+
+    def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            raise ReplicationError(f"the stream of {self._slot!r} is not open")
+        return self._conn
