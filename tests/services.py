@@ -48,6 +48,18 @@ def _quiet_deprecations() -> Iterator[None]:
         yield
 
 
+# Logical decoding for the WAL source's tests (tests/integration/test_wal_stream.py):
+# replication slots and walsenders for the tests that stream, prepared transactions
+# for the one that checks COMMIT PREPARED. A server named by OUTBOX_RELAY_TEST_DSN
+# needs them too (the WAL tests say so in one line when they are missing).
+LOGICAL_DECODING = {
+    "wal_level": "logical",
+    "max_replication_slots": "20",
+    "max_wal_senders": "20",
+    "max_prepared_transactions": "10",
+}
+
+
 @contextlib.contextmanager
 def postgres() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
     """Yield (superuser DSN, local cluster or None)."""
@@ -59,24 +71,15 @@ def postgres() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
         with _quiet_deprecations():
             from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+        # The same server settings as the local cluster's below, where they matter.
+        flags = " ".join(f"-c {name}={value}" for name, value in LOGICAL_DECODING.items())
+        with PostgresContainer("postgres:16-alpine", driver=None).with_command(f"postgres {flags}") as container:
             yield container.get_connection_url(), None
         return
     # Durability off: these clusters are thrown away, and it makes the suite faster.
     # A short autovacuum naptime lets the short soak see several vacuum cycles (the
     # soak's bounds are computed from whatever naptime the server has).
-    # Logical decoding for the WAL source's tests (tests/integration/test_wal_stream.py):
-    # replication slots and walsenders for the tests that stream, prepared transactions
-    # for the one that checks COMMIT PREPARED. Nothing else changes but the WAL's volume.
-    settings = {
-        "fsync": "off",
-        "full_page_writes": "off",
-        "autovacuum_naptime": "2s",
-        "wal_level": "logical",
-        "max_replication_slots": "20",
-        "max_wal_senders": "20",
-        "max_prepared_transactions": "10",
-    }
+    settings = {"fsync": "off", "full_page_writes": "off", "autovacuum_naptime": "2s", **LOGICAL_DECODING}
     with local_postgres.running(settings) as cluster:
         yield cluster.dsn, cluster
 

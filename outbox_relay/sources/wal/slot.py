@@ -49,7 +49,7 @@ def validate_name(name: str) -> str:
 
 @functools.cache
 def _texts() -> dict[str, str]:
-    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
+    text = resources.files("outbox_relay.schema").joinpath("wal_queries.sql").read_text(encoding="utf-8")
     parts = _QUERY_HEADER.split(text)
     return {name: _without_comments(body) for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
@@ -61,7 +61,7 @@ def _without_comments(body: str) -> str:
 
 
 def query(name: str, *, slot: str = "", publication: str = "", start: str = "0/0") -> sql.Composed:
-    """The named query of queries.sql with the names composed in (validated first)."""
+    """The named query of schema/wal_queries.sql with the names composed in (validated first)."""
     return sql.SQL(_texts()[name]).format(
         slot=sql.Literal(slot),
         slot_id=sql.Identifier(slot),

@@ -1,4 +1,5 @@
--- The WAL source's SQL, one named query each, loaded by outbox_relay/sources/wal/slot.py.
+-- The WAL source's SQL, one named query each, loaded by outbox_relay/sources/wal/slot.py
+-- (beside queries.sql and inbox_queries.sql: every query of the project lives in schema/).
 -- Names reach these texts only through psycopg.sql: {slot} and {publication} as
 -- literals, {publication_id} as an identifier. No query takes parameters, so each one
 -- runs over the simple query protocol, the only one a replication connection speaks.
