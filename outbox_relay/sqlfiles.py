@@ -14,7 +14,7 @@ from psycopg import sql
 
 from outbox_relay.errors import ConfigError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DEFAULT_SCHEMA = "outbox"
 
 NOTIFY_PREFIX = "outbox_relay."
@@ -91,6 +91,20 @@ def _query_texts() -> dict[str, str]:
     parts = _QUERY_HEADER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+@functools.cache
+def _source_texts() -> dict[str, str]:
+    parts = _QUERY_HEADER.split(_read("sources.sql"))
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def source_statement(name: str, schema: str, prefix: str) -> sql.Composed:
+    """One named statement of ``schema/sources.sql`` (the bodies of enqueue_binary per
+    source, the record of a switch) for `schema`, whose logical message prefix is
+    `prefix` (sources/wal/framing.py, PREFIX_FOR: passed in, as that module imports this
+    one)."""
+    return _render(_source_texts()[name], schema, prefix=sql.Literal(prefix))
 
 
 class Queries:

@@ -5,6 +5,8 @@
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT, UPDATE, DELETE ON {schema}.messages TO {role};
 GRANT SELECT ON {schema}.schema_version TO {role};
+-- Where enqueue writes (`table` or `wal`): the relay, `status` and `check` read it.
+GRANT SELECT ON {schema}.settings TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};
 -- A committer that skips its NOTIFY counts the skip, and the relay reads the count
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.

@@ -492,3 +492,8 @@ FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT 10;
 -- `public.orders` can be one table).
 SELECT backfill_id, requested_at, finished_at IS NOT NULL, source ->> 'table' FROM {schema}.backfills
 WHERE source - 'table' = %(source)s::jsonb - 'table' ORDER BY backfill_id DESC;
+
+-- name: outbox_source
+-- Where enqueue writes (`table` or `wal`), since when and who switched (schema.sql,
+-- settings; schema/sources.sql switches it).
+SELECT source, source_changed_at, source_changed_by FROM {schema}.settings;

@@ -10,6 +10,20 @@ CREATE TABLE {schema}.schema_version (
     installed_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Where enqueue writes this outbox's messages, in one row: `table` (a row in messages,
+-- which the relay claims) or `wal` (a logical decoding message, in the WAL only, which
+-- the relay streams from a replication slot: outbox_relay/sources/wal/). enqueue_binary
+-- never reads this row: switching replaces its body (schema/sources.sql), so an enqueue
+-- pays nothing to find its source. The row says which body is installed, since when and
+-- who switched, for `status`, `check` and the relay (queries.sql, outbox_source).
+CREATE TABLE {schema}.settings (
+    one_row boolean PRIMARY KEY DEFAULT true CONSTRAINT settings_one_row CHECK (one_row),
+    source text NOT NULL DEFAULT 'table' CONSTRAINT settings_source_known CHECK (source IN ('table', 'wal')),
+    source_changed_at timestamptz NOT NULL DEFAULT now(),
+    source_changed_by name NOT NULL DEFAULT current_user
+);
+INSERT INTO {schema}.settings DEFAULT VALUES;
+
 -- Header names are free-form except `message-id`, which the relay sets itself.
 -- plpgsql (not SQL) so its plan is cached per session: this runs on every insert
 -- that carries headers, on the application's write path.

@@ -11,13 +11,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from outbox_relay import sqlfiles
-from outbox_relay.errors import DatabaseError, SchemaError
+from outbox_relay.errors import DatabaseError, SchemaError, first_line
+from outbox_relay.sources.wal import framing, slot
 
 _LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay.schema.' || %s))"
 _SCHEMA_OBJECTS = """
@@ -213,3 +215,83 @@ def set_notify(conn: psycopg.Connection[tuple[object, ...]], schema: str, enable
             )
     except psycopg.errors.LockNotAvailable as exc:
         raise _busy(exc, f"schema notify {'on' if enabled else 'off'} failed") from None
+
+
+# -- the source: where enqueue writes --------------------------------------------------
+
+SOURCES = ("table", "wal")
+
+
+@dataclass(frozen=True)
+class SourceSetting:
+    """Where enqueue writes (`table` or `wal`), since when and who switched."""
+
+    source: str
+    changed_at: datetime
+    changed_by: str
+
+
+def read_source(conn: psycopg.Connection[Any], schema: str) -> SourceSetting:
+    """The outbox's source as recorded (queries.sql, outbox_source)."""
+    row = conn.execute(sqlfiles.Queries(schema)["outbox_source"]).fetchone()
+    if row is None:  # the row is inserted with the table; only a hand-made DELETE removes it
+        raise SchemaError(f"{schema}.settings holds no row: run `outbox-relay schema install --schema {schema}`")
+    return SourceSetting(str(row[0]), row[1], str(row[2]))
+
+
+def wal_level(conn: psycopg.Connection[Any]) -> str:
+    """The server's wal_level: a function of its own so a test can stand in a server
+    that is not set for logical decoding (the shared test cluster cannot restart)."""
+    row = conn.execute(slot.query("wal_level")).fetchone()
+    return str(row[0]) if row else ""
+
+
+def _source_statement(name: str, schema: str) -> sql.Composed:
+    return sqlfiles.source_statement(name, schema, framing.PREFIX_FOR(schema))
+
+
+def set_source(conn: psycopg.Connection[Any], schema: str, source: str) -> bool:
+    """Make every enqueue into `schema` write to `source` from its next call on: `table`
+    (a row in messages) or `wal` (a logical decoding message); True if it changed.
+
+    Replaces enqueue_binary's body (schema/sources.sql says why: an enqueue pays nothing
+    to find its source) and records the switch, with its time and role, in one
+    transaction: outside a transaction it commits; inside the caller's it joins it (a
+    savepoint), as install does. `wal` is refused, changing nothing, unless the server
+    runs wal_level = logical and a logical slot of pgoutput exists in this database: a
+    message emitted before any slot exists is decoded by none, so it would be lost.
+    Switching moves no message: what is pending in the old source is the relay's to
+    drain.
+    """
+    sqlfiles.validate_schema_name(schema)
+    if source not in SOURCES:
+        raise SchemaError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
+    try:
+        with conn.transaction():
+            if source == "wal":
+                _require_wal_ready(conn, schema)
+            with conn.cursor() as cur:
+                cur.execute(_LOCK_KEY, (schema,))
+                problem = missing_or_old(_version_of(cur, schema), schema)
+            if problem:
+                raise SchemaError(problem)
+            conn.execute(_source_statement(f"use_{source}_source", schema))
+            changed = conn.execute(_source_statement("record_source", schema), {"source": source}).rowcount
+    except psycopg.Error as exc:
+        raise DatabaseError(f"schema source {source} failed: {first_line(exc)}") from exc
+    return changed == 1
+
+
+def _require_wal_ready(conn: psycopg.Connection[Any], schema: str) -> None:
+    level = wal_level(conn)
+    if level != "logical":
+        raise SchemaError(
+            f"wal_level is {level!r}: the WAL source needs wal_level = logical (set it in postgresql.conf or with "
+            "ALTER SYSTEM, then restart PostgreSQL); the source is unchanged"
+        )
+    row = conn.execute(_source_statement("wal_slot_exists", schema)).fetchone()
+    if not (row and row[0]):
+        raise SchemaError(
+            "no logical replication slot of pgoutput in this database: a message enqueued in WAL mode before one "
+            "exists would never be streamed; create the relay's slot first; the source is unchanged"
+        )

@@ -153,3 +153,22 @@ async def read_until(stream: WalStream, last_payload: bytes, *, timeout: float =
                     return delivered
                 current = None
     raise AssertionError("the stream ended")
+
+
+async def committed_frames(
+    stream: WalStream, last_message_id: uuid.UUID, *, timeout: float = 30.0
+) -> list[list[bytes]]:
+    """The frames of every transaction the stream delivers, one list per transaction, up
+    to the one that holds the message `last_message_id` (the positive signal, as in
+    read_until)."""
+    delivered: list[list[bytes]] = []
+    current: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        async for part in stream:
+            current.extend(message.content for message in part.messages)
+            if part.end_lsn is not None:
+                delivered.append(current)
+                if any(framing.decode(content).message_id == last_message_id for content in current):
+                    return delivered
+                current = []
+    raise AssertionError("the stream ended")

@@ -1,0 +1,139 @@
+-- Where enqueue writes: the two bodies of {schema}.enqueue_binary, one per source, and
+-- the record of the switch. outbox_relay/operations/schema_manager.py, set_source,
+-- applies them in one transaction. Placeholders as in schema.sql, plus {prefix}: the
+-- logical message prefix of this outbox (sources/wal/framing.py, PREFIX_FOR).
+--
+-- Why a switch replaces the function rather than the function reading the settings
+-- row: enqueue is on the application's write path, and reading a row (or a GUC) on
+-- every call costs a lookup that the WAL source's whole budget cannot spare (issue 18:
+-- its enqueue should cost no more than an INSERT of the same bytes). CREATE OR REPLACE
+-- keeps the function's OID, owner and GRANTs, and a session's cached plans and compiled
+-- body are invalidated by it: the next call, in any session, runs the new body. A call
+-- running while the switch commits finishes with the body it started with.
+--
+-- Both bodies validate alike, with the same errors and codes, and return a fresh
+-- gen_random_uuid() (the table's default for message_id): a caller cannot tell the
+-- sources apart but by where the message goes. The table body is schema.sql's, word
+-- for word (tests/integration/test_sources.py checks that switching back restores it).
+
+-- name: use_table_source
+CREATE OR REPLACE FUNCTION {schema}.enqueue_binary(
+    topic text,
+    key text,
+    payload bytea,
+    headers jsonb DEFAULT '{{}}'::jsonb,
+    content_type text DEFAULT 'application/octet-stream'
+) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id uuid;
+    max_bytes bigint := nullif(current_setting('outbox_relay.max_payload_bytes', true), '')::bigint;
+BEGIN
+    IF topic IS NULL OR topic !~ '^[A-Za-z0-9._:/-]+$' OR length(topic) > 249 THEN
+        RAISE EXCEPTION 'outbox: invalid topic %: use 1 to 249 letters, digits or . _ - : /', quote_nullable(topic)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF key IS NOT NULL AND octet_length(key) NOT BETWEEN 1 AND 2048 THEN
+        RAISE EXCEPTION 'outbox: invalid key of % bytes: must be 1 to 2048 bytes of UTF-8 or NULL', octet_length(key)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'outbox: payload must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- An optional ceiling, set per database or role:
+    -- ALTER DATABASE app SET outbox_relay.max_payload_bytes = '1048576';
+    IF max_bytes IS NOT NULL AND octet_length(payload) > max_bytes THEN
+        RAISE EXCEPTION 'outbox: payload of % bytes exceeds outbox_relay.max_payload_bytes (%)',
+            octet_length(payload), max_bytes
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF headers IS NOT NULL AND headers <> '{{}}'::jsonb AND NOT {schema}.headers_valid(headers) THEN
+        RAISE EXCEPTION 'outbox: invalid headers %: must be a JSON object of non-empty string names (not "message-id") to string values', headers
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO {schema}.messages (topic, key, payload, headers, content_type)
+    VALUES (topic, key, payload, coalesce(headers, '{{}}'::jsonb), coalesce(content_type, 'application/octet-stream'))
+    RETURNING message_id INTO new_id;
+    RETURN new_id;
+END
+$$;
+
+-- name: use_wal_source
+-- The checks are the table body's, word for word, on the same lines (its two extra
+-- variables share one line), so an error's CONTEXT names the same line too; the
+-- domains of messages add nothing to them (the same rules).
+-- The frame is version 1.0 of sources/wal/framing.py, built as tests/support/wal.py's
+-- FRAME_FUNCTION (proven equal to framing.encode), inline: one expression, which
+-- plpgsql evaluates on its fast path for simple expressions (a PERFORM would go through
+-- the executor, and a call to another function would cost a call). octet_length of a
+-- text is its length in the database's encoding, which is UTF8 (install refuses any
+-- other), so it is the length of its convert_to(..., 'UTF8').
+-- SECURITY INVOKER (the default): pg_logical_emit_message is executable by PUBLIC by
+-- default and checks no attribute (PostgreSQL 15, as a role holding only the grants of
+-- grants_producer.sql: tests/integration/test_sources.py), so the caller's own rights
+-- suffice and the function needs none of its owner's. A database that revoked it from
+-- PUBLIC grants it to the producer roles instead.
+CREATE OR REPLACE FUNCTION {schema}.enqueue_binary(
+    topic text,
+    key text,
+    payload bytea,
+    headers jsonb DEFAULT '{{}}'::jsonb,
+    content_type text DEFAULT 'application/octet-stream'
+) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id uuid; written pg_lsn;
+    max_bytes bigint := nullif(current_setting('outbox_relay.max_payload_bytes', true), '')::bigint;
+BEGIN
+    IF topic IS NULL OR topic !~ '^[A-Za-z0-9._:/-]+$' OR length(topic) > 249 THEN
+        RAISE EXCEPTION 'outbox: invalid topic %: use 1 to 249 letters, digits or . _ - : /', quote_nullable(topic)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF key IS NOT NULL AND octet_length(key) NOT BETWEEN 1 AND 2048 THEN
+        RAISE EXCEPTION 'outbox: invalid key of % bytes: must be 1 to 2048 bytes of UTF-8 or NULL', octet_length(key)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'outbox: payload must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- An optional ceiling, set per database or role:
+    -- ALTER DATABASE app SET outbox_relay.max_payload_bytes = '1048576';
+    IF max_bytes IS NOT NULL AND octet_length(payload) > max_bytes THEN
+        RAISE EXCEPTION 'outbox: payload of % bytes exceeds outbox_relay.max_payload_bytes (%)',
+            octet_length(payload), max_bytes
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF headers IS NOT NULL AND headers <> '{{}}'::jsonb AND NOT {schema}.headers_valid(headers) THEN
+        RAISE EXCEPTION 'outbox: invalid headers %: must be a JSON object of non-empty string names (not "message-id") to string values', headers
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    new_id := gen_random_uuid();
+    headers := coalesce(headers, '{{}}'::jsonb);
+    content_type := coalesce(content_type, 'application/octet-stream');
+    written := pg_logical_emit_message(true, {prefix},
+        '\x10'::bytea
+        || uuid_send(new_id)
+        || int2send(octet_length(topic)::int2) || convert_to(topic, 'UTF8')
+        || coalesce(int2send(octet_length(key)::int2) || convert_to(key, 'UTF8'), int2send(-1::int2))
+        || int4send(octet_length(content_type)) || convert_to(content_type, 'UTF8')
+        || int4send(octet_length(headers::text)) || convert_to(headers::text, 'UTF8')
+        || int4send(octet_length(payload)) || payload);
+    RETURN new_id;
+END
+$$;
+
+-- name: record_source
+UPDATE {schema}.settings
+SET source = %(source)s, source_changed_at = now(), source_changed_by = current_user
+WHERE source IS DISTINCT FROM %(source)s;
+
+-- name: wal_slot_exists
+-- A logical slot of pgoutput in this database, not invalidated: messages emitted before
+-- any slot exists are decoded by none, so the WAL source is not turned on without one.
+SELECT EXISTS (
+    SELECT FROM pg_replication_slots
+    WHERE slot_type = 'logical' AND plugin = 'pgoutput' AND database = current_database()
+      AND wal_status IS DISTINCT FROM 'lost'
+);
