@@ -1,8 +1,10 @@
 -- The WAL source's SQL, one named query each, loaded by outbox_relay/sources/wal/slot.py
 -- (beside queries.sql and inbox_queries.sql: every query of the project lives in schema/).
 -- Names reach these texts only through psycopg.sql: {slot} and {publication} as
--- literals, {publication_id} as an identifier. No query takes parameters, so each one
--- runs over the simple query protocol, the only one a replication connection speaks.
+-- literals, {publication_id} as an identifier. No query of the slot takes parameters, so
+-- each one runs over the simple query protocol, the only one a replication connection
+-- speaks. The last section, the WAL source's way into the outbox table, runs on an
+-- ordinary connection, with parameters and {schema} (the outbox schema's identifier).
 
 -- name: wal_level
 SELECT current_setting('wal_level')
@@ -45,3 +47,71 @@ WHERE slot_name = {slot}
 -- proto_version 1: no streaming of transactions in progress, so a transaction arrives
 -- only once it committed (a prepared one at COMMIT PREPARED: two_phase is off).
 START_REPLICATION SLOT {slot_id} LOGICAL {start} (proto_version '1', publication_names {publication}, messages 'true')
+
+-- The table as the WAL source's retry path (outbox_relay/sources/wal/parking.py): a
+-- message the brokers did not take is parked, inserted into the outbox table, and the
+-- table engine takes it over; every later message of its key follows it there.
+
+-- name: held_keys_snapshot
+-- Every key the table holds back (the rule of held_keys below), up to %(limit)s + 1 of
+-- each kind: the relay keeps them in memory and checks each part against them, one
+-- query a second instead of one per part. A skip scan, as walk_keys: one index descent
+-- per key, however many rows each has; past the limit the relay asks per part instead.
+WITH RECURSIVE pending(key) AS (
+    (SELECT m.key FROM {schema}.messages AS m
+     WHERE m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+     ORDER BY m.key COLLATE "C" LIMIT 1)
+    UNION ALL
+    SELECT n.key FROM pending AS p
+    CROSS JOIN LATERAL (
+        SELECT m.key FROM {schema}.messages AS m
+        WHERE m.key COLLATE "C" > p.key COLLATE "C"
+          AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+        ORDER BY m.key COLLATE "C" LIMIT 1) AS n
+), dead(key) AS (
+    (SELECT d.key FROM {schema}.messages AS d
+     WHERE d.dead_lettered_at IS NOT NULL AND d.key IS NOT NULL
+     ORDER BY d.key COLLATE "C" LIMIT 1)
+    UNION ALL
+    SELECT n.key FROM dead AS p
+    CROSS JOIN LATERAL (
+        SELECT d.key FROM {schema}.messages AS d
+        WHERE d.key COLLATE "C" > p.key COLLATE "C" AND d.dead_lettered_at IS NOT NULL
+        ORDER BY d.key COLLATE "C" LIMIT 1) AS n
+)
+(SELECT false AS dead, key FROM pending LIMIT %(limit)s + 1)
+UNION ALL
+(SELECT true, key FROM dead WHERE %(hold_dead_letters)s LIMIT %(limit)s + 1)
+
+-- name: held_keys
+-- Which of these keys the table holds back, so that a message of theirs read from the
+-- WAL must be parked behind what the table holds, never published around it: the key
+-- has a pending row (parked, waiting for a retry or behind one) or, under `hold`, a dead
+-- letter; the claim's own rule (queries.sql, walk_keys). Scalar subqueries, not EXISTS:
+-- they stay one index probe per key (the partial indexes of pending rows and of dead
+-- letters) and are never turned into a join that reads a whole index. Run after
+-- batch_settings (queries.sql), whose planner settings keep them on those indexes.
+SELECT k.key
+FROM unnest(%(keys)s::text[]) AS k(key)
+WHERE (SELECT m.id FROM {schema}.messages AS m
+       WHERE m.key COLLATE "C" = k.key COLLATE "C"
+         AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
+       LIMIT 1) IS NOT NULL
+   OR (%(hold_dead_letters)s
+       AND (SELECT d.id FROM {schema}.messages AS d
+            WHERE d.key COLLATE "C" = k.key COLLATE "C" AND d.dead_lettered_at IS NOT NULL
+            LIMIT 1) IS NOT NULL)
+
+-- name: park_messages
+-- Parked messages as pending rows, in the order given (stream order): the identity is
+-- drawn row by row after the ORDER BY, so ids, the table's enqueue order, follow it.
+-- The columns the relay's role may insert (grants_relay.sql); a row's state (attempts,
+-- retry time, dead letter) is then written by record_outcomes (queries.sql), the
+-- table engine's own statement for what an outcome means, in the same transaction.
+INSERT INTO {schema}.messages (message_id, topic, key, payload, content_type, headers)
+SELECT p.message_id, p.topic, p.key, p.payload, p.content_type, p.headers::jsonb
+FROM unnest(%(message_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(payloads)s::bytea[],
+            %(content_types)s::text[], %(headers)s::text[]) WITH ORDINALITY
+     AS p(message_id, topic, key, payload, content_type, headers, n)
+ORDER BY p.n
+RETURNING id

@@ -22,6 +22,11 @@ How, in layers that each stand alone:
 - ``slot``: the slot (plugin pgoutput) and the publication (no table: pgoutput insists on
   a publication, and logical messages do not depend on its tables), and how far behind
   the slot is (the WAL it keeps on disk).
+- ``relay``: streams the slot through the table engine's dispatcher (same adapters,
+  routes, key order, retry and dead-letter policy) and confirms each commit once its
+  messages are acked or parked; ``outcomes`` sorts each dispatch round's answer, and
+  ``parking`` puts what the brokers did not take, and every later message of its key,
+  into the outbox table, whose engine retries it.
 
 Positions: a transaction is confirmed by its commit's end LSN, once all its messages
 and all before it are done; never by a message's own LSN, which PostgreSQL sets to the

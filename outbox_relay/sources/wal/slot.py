@@ -60,6 +60,12 @@ def _without_comments(body: str) -> str:
     return "\n".join(line for line in body.strip().splitlines() if not line.lstrip().startswith("--"))
 
 
+def text(name: str) -> str:
+    """The named query of schema/wal_queries.sql as written, for a caller that composes
+    its own names in (parking.py: the outbox schema)."""
+    return _texts()[name]
+
+
 def query(name: str, *, slot: str = "", publication: str = "", start: str = "0/0") -> sql.Composed:
     """The named query of schema/wal_queries.sql with the names composed in (validated first)."""
     return sql.SQL(_texts()[name]).format(

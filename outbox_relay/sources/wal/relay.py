@@ -1,0 +1,237 @@
+"""The WAL source's relay: stream a slot, publish through the engine's dispatcher, park
+what the brokers do not take into the outbox table, confirm what is done.
+
+For each part of a committed transaction (stream.py, in commit order):
+
+1. Its frames become Messages (framing.decode): ``id`` a number rising in stream order
+   (the dispatcher's handle on a message; not a row id), ``attempts`` 0, ``created_at``
+   the commit time.
+2. Keys the table holds back (parking.py, ``held_keys``: one query per part for all its
+   keys) are parked whole, without publishing: their messages go into the table behind
+   what it holds for them, so the table engine keeps their order.
+3. The rest go through ``Dispatcher.dispatch``, the table engine's own: same adapters,
+   routes, waves, runs of a key in one call to an ordered adapter, rejection rule,
+   retry and dead-letter policy. outcomes.py sorts its answer: acked, parked (with the
+   state its record says), or dispatched again (not attempted).
+4. What is parked is inserted in one committed transaction (parking.py), in stream
+   order, before anything later is read.
+5. After a transaction's last part, its commit's end LSN is confirmed to the stream
+   (never a message's own LSN: stream.py says why). Parts are handled one after the
+   other, so everything before it is done too.
+
+At least once: nothing is confirmed before it was acked or parked and the park
+committed, so a relay that stops or dies gets every unconfirmed transaction again from
+the slot (its acked messages are published again, its parked ones parked again: the
+duplicates are what was in flight).
+
+A broker outage (answers ``WAIT``: unreachable, no answer within publish_timeout, its
+circuit open). The part in hand is kept, and what waits is dispatched again after the
+dispatcher's backoff; the stream is not read meanwhile, so memory holds one part (at
+most ``max_part_messages`` / ``max_part_bytes``) and the slot keeps the WAL (its lag
+grows: the metric and alert to come watch it). Only once the outage has lasted
+``park_after`` seconds (default 60) are waiting messages parked (state ``wait``: no
+attempt spent), and from then on, while the outage lasts, every message that waits is
+parked at once, and its key with it: the backlog moves into the table, whose engine
+retries with its own backoff. The outage clock starts at the first round with a WAIT
+answer and stops at the first round without one. So a short outage parks nothing, and
+a long one neither grows memory nor stops the relay. A transient failure (RETRY) or a
+rejection (DEAD) is parked at once: the table engine's backoff and attempt count apply.
+
+Lifecycle: ``run()`` until ``stop()``; it raises on a stream or database error (the
+caller restarts it; nothing unconfirmed is lost). ``stop()`` ends the read or the
+outage pause in progress without confirming the part in hand (it comes again); a
+dispatch in progress finishes first (``publish_timeout`` bounds it). One task runs it.
+The dispatcher is the caller's, shared as the table engine shares it, and closed by
+the caller. ``hold_dead_letters`` must be the dispatcher's policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Coroutine, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import structlog
+
+from outbox_relay.connections import PREPARE_THRESHOLD
+from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.store import Record, RecordKind
+from outbox_relay.models import Message
+from outbox_relay.sources.wal import framing, pgoutput
+from outbox_relay.sources.wal.errors import FrameError
+from outbox_relay.sources.wal.outcomes import Parked, sort_outcomes
+from outbox_relay.sources.wal.parking import Parking
+from outbox_relay.sources.wal.stream import WalStream
+from outbox_relay.sources.wal.transactions import TransactionPart
+
+log = structlog.get_logger("outbox_relay.wal")
+
+T = TypeVar("T")
+
+PARK_AFTER_S = 60.0
+MIN_PAUSE_S = 0.01  # between two rounds of a part that waits for its broker
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})  # most messages have none: parse nothing
+
+
+class WalRelay:
+    """Relays one outbox's WAL messages; see the module docstring for its rules."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str,
+        slot_name: str,
+        dispatcher: Dispatcher,
+        hold_dead_letters: bool,
+        publication: str | None = None,
+        park_after: float = PARK_AFTER_S,
+        status_interval: float = 10.0,
+        max_part_messages: int = 1000,
+        max_part_bytes: int = 1 << 20,
+        prepare_threshold: int | None = PREPARE_THRESHOLD,
+    ):
+        self._dsn = dsn
+        self._schema = schema
+        self._dispatcher = dispatcher
+        self._hold = hold_dead_letters
+        self._park_after = park_after
+        self._stream_options: dict[str, Any] = {
+            "slot_name": slot_name,
+            "publication": publication or slot_name,
+            "prefix": framing.PREFIX_FOR(schema),
+            "status_interval": status_interval,
+            "max_part_messages": max_part_messages,
+            "max_part_bytes": max_part_bytes,
+        }
+        self._prepare_threshold = prepare_threshold
+        self._ids = itertools.count(1)
+        self._stop = asyncio.Event()
+        self._waiting_since: float | None = None  # the outage clock (module docstring)
+        self.started = asyncio.Event()
+        self.published = 0
+        self.parked = 0
+        self.confirmed_lsn = 0  # the last commit end LSN confirmed to the stream
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("wal_relay_stopping")
+            self._stop.set()
+
+    async def run(self) -> None:
+        parking = Parking(
+            self._dsn, self._schema, hold_dead_letters=self._hold, prepare_threshold=self._prepare_threshold
+        )
+        async with parking, WalStream(self._dsn, **self._stream_options) as stream:
+            log.info("wal_relay_started", schema=self._schema, slot=self._stream_options["slot_name"])
+            self.started.set()
+            while not self._stop.is_set():
+                part = await self._until_stopped(stream.__anext__())
+                if part is None or not await self._handle(part, parking):
+                    break
+                if part.end_lsn is not None:
+                    stream.confirm(part.end_lsn)
+                    self.confirmed_lsn = part.end_lsn
+        log.info("wal_relay_stopped", published=self.published, parked=self.parked)
+
+    async def _handle(self, part: TransactionPart, parking: Parking) -> bool:
+        """Publish or park every message of `part`; False if stopped before the end."""
+        messages = self._messages(part)
+        held = await parking.held_keys({m.key for m in messages if m.key is not None})
+        parked: list[Parked] = [(m, None) for m in messages if m.key is not None and m.key in held]
+        todo = [m for m in messages if m.key is None or m.key not in held]
+        while todo:
+            records = await self._dispatcher.dispatch(todo)
+            pause = self._outage(records)
+            round_ = sort_outcomes(todo, records, held, hold_dead_letters=self._hold, park_waits=pause is None)
+            self.published += round_.acked
+            parked += round_.parked
+            todo = round_.again
+            if todo and pause is not None and not await self._pause(pause):
+                return False
+        if parked:
+            parked.sort(key=lambda item: item[0].id)  # stream order, across rounds
+            await parking.park(parked)
+            parking.note_held(held)
+            self.parked += len(parked)
+            log.info(
+                "wal_messages_parked",
+                count=len(parked),
+                keys=len({m.key for m, _ in parked if m.key is not None}),
+                xid=part.xid,
+                commit_lsn=pgoutput.format_lsn(part.commit_lsn),
+            )
+        return True
+
+    def _outage(self, records: Sequence[Record]) -> float | None:
+        """How long to pause before dispatching what waits for its broker again, or None
+        when nothing waits or the outage has lasted park_after (then it is parked)."""
+        delays = [r.delay for r in records if r.kind is RecordKind.WAIT]
+        if not delays:
+            if self._waiting_since is not None:
+                log.info("wal_broker_outage_ended")
+            self._waiting_since = None
+            return None
+        now = asyncio.get_running_loop().time()
+        if self._waiting_since is None:
+            self._waiting_since = now
+            log.warning("wal_broker_outage_pausing", park_after_s=self._park_after, waiting=len(delays))
+        left = self._park_after - (now - self._waiting_since)
+        if left <= 0:
+            return None
+        return max(MIN_PAUSE_S, min(min(delays), left))
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep `seconds` unless stopped first (then False)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        return not self._stop.is_set()
+
+    def _messages(self, part: TransactionPart) -> list[Message]:
+        created_at = pgoutput.to_datetime(part.commit_time)
+        messages = []
+        for logical in part.messages:
+            try:
+                frame = framing.decode(logical.content)
+                headers = _NO_HEADERS if frame.headers == "{}" else frame.header_map()
+            except FrameError as exc:
+                # Nothing of it or after it is confirmed: the relay stops here, and the
+                # transaction stays in the slot until a relay that can read it comes.
+                raise FrameError(
+                    f"transaction {part.xid} (commit at {pgoutput.format_lsn(part.commit_lsn)}): {exc}"
+                ) from exc
+            messages.append(
+                Message(
+                    next(self._ids),
+                    frame.message_id,
+                    frame.topic,
+                    frame.key,
+                    frame.payload,
+                    frame.content_type,
+                    headers,
+                    0,
+                    created_at,
+                )
+            )
+        return messages
+
+    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """Await `coro` unless stop comes first (then cancel it and return None)."""
+        task = asyncio.ensure_future(coro)
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()  # cancelled itself: the read must not outlive the stream
+            raise
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
