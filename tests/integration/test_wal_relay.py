@@ -150,15 +150,18 @@ async def test_a_failed_message_is_parked_with_its_state_and_its_key_follows_it_
     assert count(dsn) == 5, "k5 was not parked"
 
 
-async def test_a_key_held_in_the_table_is_parked_whole_from_the_start(outbox_wal: WalSlot) -> None:
+@pytest.mark.parametrize("snapshot_limit", [10_000, 0], ids=["snapshot", "per-part"])
+async def test_a_key_held_in_the_table_is_parked_whole_from_the_start(outbox_wal: WalSlot, snapshot_limit: int) -> None:
     # A pending row of key h in the table (parked by an earlier run, or a switch from
-    # the table source): h's messages from the WAL go behind it, none around it.
+    # the table source): h's messages from the WAL go behind it, none around it. Held
+    # keys read as a snapshot, or per part once the table holds more than the limit.
     with psycopg.connect(outbox_wal.dsn) as conn:
         conn.execute("INSERT INTO outbox.messages (topic, key, payload) VALUES ('orders.created', 'h', 'h0')")
     commit_frames(outbox_wal.dsn, [("h", b"h1"), ("o", b"o1"), ("h", b"h2")])
     [end] = commit_end_lsns(outbox_wal)
     fake = FakeAdapter(keeps_key_order=True)
-    async with running_wal_relay(wal_relay(outbox_wal, make_config(outbox_wal.dsn), {"main": fake})):
+    relay = wal_relay(outbox_wal, make_config(outbox_wal.dsn), {"main": fake}, held_keys_snapshot_limit=snapshot_limit)
+    async with running_wal_relay(relay):
         await wait_until(lambda: confirmed_flush(outbox_wal.dsn, outbox_wal.name) >= end)
     assert [out.message.payload for out in fake.delivered] == [b"o1"]
     assert [(r[1], bytes(r[2]), r[3]) for r in table_rows(outbox_wal.dsn)] == [

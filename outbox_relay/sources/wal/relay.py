@@ -63,7 +63,7 @@ from outbox_relay.models import Message
 from outbox_relay.sources.wal import framing, pgoutput
 from outbox_relay.sources.wal.errors import FrameError
 from outbox_relay.sources.wal.outcomes import Parked, sort_outcomes
-from outbox_relay.sources.wal.parking import Parking
+from outbox_relay.sources.wal.parking import SNAPSHOT_LIMIT, Parking
 from outbox_relay.sources.wal.stream import WalStream
 from outbox_relay.sources.wal.transactions import TransactionPart
 
@@ -93,6 +93,7 @@ class WalRelay:
         max_part_messages: int = 1000,
         max_part_bytes: int = 1 << 20,
         prepare_threshold: int | None = PREPARE_THRESHOLD,
+        held_keys_snapshot_limit: int = SNAPSHOT_LIMIT,
     ):
         self._dsn = dsn
         self._schema = schema
@@ -108,6 +109,7 @@ class WalRelay:
             "max_part_bytes": max_part_bytes,
         }
         self._prepare_threshold = prepare_threshold
+        self._snapshot_limit = held_keys_snapshot_limit
         self._ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._waiting_since: float | None = None  # the outage clock (module docstring)
@@ -123,7 +125,11 @@ class WalRelay:
 
     async def run(self) -> None:
         parking = Parking(
-            self._dsn, self._schema, hold_dead_letters=self._hold, prepare_threshold=self._prepare_threshold
+            self._dsn,
+            self._schema,
+            hold_dead_letters=self._hold,
+            prepare_threshold=self._prepare_threshold,
+            snapshot_limit=self._snapshot_limit,
         )
         async with parking, WalStream(self._dsn, **self._stream_options) as stream:
             log.info("wal_relay_started", schema=self._schema, slot=self._stream_options["slot_name"])
