@@ -89,7 +89,7 @@ async def test_rejection_in_the_middle_of_a_run(
         )
     # The first call that carried key k carried its whole run (another worker's call may
     # come first with only the other keys: the relay runs two workers).
-    assert [c for c in calls if c][0] == RUN, f"the whole run went in one call: {calls}"
+    assert next(c for c in calls if c) == RUN, f"the whole run went in one call: {calls}"
     [(mid, key, reason)] = dead_letters(db)
     assert (mid, key) == (poison, "k")
     assert "TooLarge" in reason, reason
