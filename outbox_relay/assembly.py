@@ -12,6 +12,7 @@ from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config, key_path
 from outbox_relay.engine.relay import Relay, RelayObserver
 from outbox_relay.errors import ConfigError
+from outbox_relay.sources.wal.runner import WalSource
 
 
 def build_adapters(config: Config) -> dict[str, Adapter]:
@@ -28,4 +29,6 @@ def build_adapters(config: Config) -> dict[str, Adapter]:
 
 
 def build_relay(config: Config, *, observer: RelayObserver | None = None) -> Relay:
-    return Relay(config, build_adapters(config), observer=observer)
+    """The relay with its table workers and the WAL source beside them (which streams
+    only when the outbox's source is wal, or drains a slot a switch to table left)."""
+    return Relay(config, build_adapters(config), observer=observer, sources=[WalSource(config)])

@@ -29,6 +29,8 @@ from pydantic import (
 from outbox_relay.durations import Duration
 from outbox_relay.envsubst import SubstitutionError, substitute_tree
 from outbox_relay.errors import ConfigError, first_line
+from outbox_relay.sources.wal.slot import name_for as slot_name_for
+from outbox_relay.sources.wal.slot import validate_name as validate_slot_name
 from outbox_relay.sqlfiles import DEFAULT_SCHEMA, validate_schema_name
 
 
@@ -78,6 +80,35 @@ class RetryConfig(_Model):
         return self
 
 
+class WalConfig(_Model):
+    """The WAL source (`outbox-relay schema source wal`): read only when the outbox's
+    source is `wal`, or while a relay in `table` mode drains the slot a switch left."""
+
+    # The replication slot, and the publication of the same name; null: derived from
+    # database.schema (outbox_relay_<schema>), as `schema install --source wal` names it.
+    slot: str | None = None
+    # How long a broker outage may pause the stream before waiting messages are parked
+    # into the table (sources/wal/relay.py: the slot holds the WAL meanwhile).
+    park_after: Duration = 60.0
+    # Standby status updates to the server; keep it well below its wal_sender_timeout.
+    status_interval: Duration = 10.0
+    # While another relay streams the slot (one walsender per slot), the pause between
+    # two tries to take it over: the takeover time after that relay dies.
+    standby_interval: Duration = 1.0
+
+    @field_validator("slot")
+    @classmethod
+    def _slot(cls, value: str | None) -> str | None:
+        return None if value is None else validate_slot_name(value)
+
+    @field_validator("park_after", "status_interval", "standby_interval")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+
 class RelayConfig(_Model):
     batch_size: Count = Field(default=500, ge=1, le=10_000)
     poll_interval: Duration = 1.0
@@ -102,6 +133,7 @@ class RelayConfig(_Model):
     # Payload bytes one claim may carry, beside batch_size: the relay's memory stays
     # bounded whatever the rows weigh. A single larger row still goes, alone.
     max_batch_bytes: Count = Field(default=16 * 1024 * 1024, ge=1024)
+    wal: WalConfig = WalConfig()
 
     @field_validator("poll_interval", "shutdown_timeout", "publish_timeout")
     @classmethod
@@ -158,6 +190,12 @@ class Config(_Model):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def wal_slot(self) -> str:
+        """The WAL source's slot (and publication) name: relay.wal.slot, or the one
+        derived from the schema."""
+        return self.relay.wal.slot or slot_name_for(self.database.schema_name)
 
     @model_validator(mode="after")
     def _routes_name_brokers(self) -> Config:
@@ -295,6 +333,7 @@ _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("database",): DatabaseConfig,
     ("relay",): RelayConfig,
     ("relay", "retry"): RetryConfig,
+    ("relay", "wal"): WalConfig,
     ("http",): HttpConfig,
 }
 

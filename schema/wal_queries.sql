@@ -9,6 +9,11 @@
 -- name: wal_level
 SELECT current_setting('wal_level')
 
+-- name: role_can_replicate
+-- A slot needs the REPLICATION attribute (or a superuser): checked before anything is
+-- created, so a refusal leaves no publication behind.
+SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user
+
 -- name: publication_exists
 SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = {publication})
 
@@ -115,3 +120,24 @@ FROM unnest(%(message_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(pay
      AS p(message_id, topic, key, payload, content_type, headers, n)
 ORDER BY p.n
 RETURNING id
+
+-- The WAL source inside `outbox-relay run` (outbox_relay/sources/wal/runner.py), on an
+-- ordinary connection, with parameters.
+
+-- name: next_xid
+-- The next transaction id to be assigned: every transaction that could have emitted a
+-- message before the outbox switched to the table has a lower one.
+SELECT pg_snapshot_xmax(pg_current_snapshot())::text
+
+-- name: wal_end_once_ended
+-- The WAL's end, once no transaction older than %(xid)s runs any more (NULL until
+-- then): a transaction that emitted messages before the switch commits before it, so
+-- a slot confirmed up to it has handed out every one of them. A prepared transaction
+-- counts as running until COMMIT or ROLLBACK PREPARED.
+SELECT CASE WHEN pg_snapshot_xmin(pg_current_snapshot()) >= %(xid)s::text::xid8
+            THEN pg_current_wal_lsn()::text END
+
+-- name: max_slot_wal_keep_size
+-- -1: a slot may keep WAL without limit (a stalled relay fills the disk); otherwise
+-- PostgreSQL invalidates a slot that falls further behind.
+SELECT current_setting('max_slot_wal_keep_size')

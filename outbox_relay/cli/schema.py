@@ -1,12 +1,17 @@
-"""`outbox-relay schema ...`: install, upgrade or print the outbox schema; NOTIFY on or off."""
+"""`outbox-relay schema ...`: install, upgrade or print the outbox schema; NOTIFY on or
+off; the source (table or wal) enqueue writes to."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+import psycopg
 
 from outbox_relay import sqlfiles
-from outbox_relay.cli.common import DSN_OPTION, SCHEMA_OPTION, connect, one_line_errors
+from outbox_relay.cli.common import DSN_OPTION, SCHEMA_OPTION, connect, one_line_errors, require_schema
 from outbox_relay.operations import schema_manager
+from outbox_relay.sources.wal import slot as wal_slot
 
 
 @click.group()
@@ -14,21 +19,69 @@ def schema() -> None:
     """Install the outbox schema, or print its SQL."""
 
 
+SLOT_OPTION = click.option(
+    "--slot",
+    help="The WAL source's replication slot and publication (relay.wal.slot); default outbox_relay_<schema>.",
+)
+
+
 @schema.command("install")
 @DSN_OPTION
 @SCHEMA_OPTION
+@click.option(
+    "--source",
+    type=click.Choice(schema_manager.SOURCES),
+    help="Where enqueue writes: table (a new outbox's default) or wal; default: leave an installed outbox's as is.",
+)
+@SLOT_OPTION
 @one_line_errors
-def schema_install(dsn: str, schema_name: str) -> None:
+def schema_install(dsn: str, schema_name: str, source: str | None, slot: str | None) -> None:
     """Create or upgrade the outbox schema (idempotent, safe to run concurrently)."""
     sqlfiles.validate_schema_name(schema_name)
     with connect(dsn) as conn:
         result = schema_manager.install(conn, schema_name)
-    if result.previous_version is None:
-        click.echo(f"installed outbox schema {schema_name!r} at version {result.version}")
-    elif result.changed:
-        click.echo(f"upgraded outbox schema {schema_name!r} from version {result.previous_version} to {result.version}")
-    else:
-        click.echo(f"outbox schema {schema_name!r} is already at version {result.version}")
+        if result.previous_version is None:
+            click.echo(f"installed outbox schema {schema_name!r} at version {result.version}")
+        elif result.changed:
+            click.echo(
+                f"upgraded outbox schema {schema_name!r} from version {result.previous_version} to {result.version}"
+            )
+        else:
+            click.echo(f"outbox schema {schema_name!r} is already at version {result.version}")
+        if source is not None:
+            _switch_source(conn, schema_name, source, slot)
+
+
+@schema.command("source")
+@click.argument("source", type=click.Choice(schema_manager.SOURCES))
+@DSN_OPTION
+@SCHEMA_OPTION
+@SLOT_OPTION
+@one_line_errors
+def schema_source(source: str, dsn: str, schema_name: str, slot: str | None) -> None:
+    """Switch where enqueue writes: wal (creates the slot and publication first) or table
+    (the slot stays until a relay has streamed what it holds, then that relay drops it)."""
+    sqlfiles.validate_schema_name(schema_name)
+    with connect(dsn) as conn:
+        require_schema(conn, schema_name)
+        _switch_source(conn, schema_name, source, slot)
+
+
+def _switch_source(conn: psycopg.Connection[Any], schema_name: str, source: str, slot: str | None) -> None:
+    name = wal_slot.validate_name(slot) if slot else wal_slot.name_for(schema_name)
+    if source == "wal":
+        # The slot first: a message emitted before a slot exists is decoded by none.
+        conn.autocommit = True
+        if wal_slot.create(conn, name, name):
+            click.echo(f"created replication slot and publication {name!r}")
+    changed = schema_manager.set_source(conn, schema_name, source)
+    state = "now" if changed else "already"
+    click.echo(f"outbox schema {schema_name!r} is {state} in {source} mode")
+    if source == "table" and wal_slot.read_state(conn, name) is not None:
+        click.echo(
+            f"the replication slot {name!r} stays until a relay (`outbox-relay run`) has streamed every message "
+            "enqueued before the switch; that relay then drops it"
+        )
 
 
 @schema.command("sql")

@@ -20,7 +20,7 @@ def status_command(config_path: Path, as_json: bool) -> None:
     cfg = load(config_path)
     with connect(cfg.database.dsn.get_secret_value()) as conn:
         require_schema(conn, cfg.database.schema_name)
-        current = status.read(conn, cfg.database.schema_name)
+        current = status.read(conn, cfg.database.schema_name, wal_slot=cfg.wal_slot)
     if as_json:
         click.echo(json.dumps(current.as_dict(), indent=2))
     else:

@@ -48,6 +48,18 @@ class RelayObserver(Protocol):
     def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None: ...
 
 
+class SideSource(Protocol):
+    """A source that runs beside the table's workers (the WAL source), with their
+    dispatcher. The relay calls ``run`` once, in its own task, after the brokers are
+    connected; it returns once `stop` is set, finishing what it has in hand (the relay
+    waits for it as for its workers, up to shutdown_timeout). It retries what it can
+    itself; raising stops the relay (loudly: the error is the process's exit line)."""
+
+    name: str
+
+    async def run(self, dispatcher: Dispatcher, stop: asyncio.Event) -> None: ...
+
+
 class Relay:
     def __init__(
         self,
@@ -56,6 +68,7 @@ class Relay:
         *,
         observer: RelayObserver | None = None,
         heartbeat_every: float = 5.0,
+        sources: Sequence[SideSource] = (),
     ):
         relay = config.relay
         self.config = config
@@ -111,6 +124,7 @@ class Relay:
             prepare_threshold=config.database.prepare_threshold,
         )
         self._observers: list[RelayObserver] = [self.metrics] if observer is None else [self.metrics, observer]
+        self._sources = list(sources)
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
         self.in_flight = 0
@@ -163,6 +177,7 @@ class Relay:
         tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(relay.workers)
         ]
+        tasks += [asyncio.create_task(s.run(self._dispatcher, self._stop), name=s.name) for s in self._sources]
         side: list[asyncio.Task[Any]] = [asyncio.create_task(self._maintenance.run(), name="maintenance")]
         if relay.notify:
             side.append(asyncio.create_task(self._listener.run(), name="listener"))

@@ -1,11 +1,12 @@
 """`outbox-relay check`: the config is valid, every route's destinations fit its broker's
-naming rules, the database and every broker answer."""
+naming rules, the database and every broker answer, the WAL source's slot is there."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -16,7 +17,10 @@ from outbox_relay.connections import connect_once
 from outbox_relay.engine.routing import literal_text
 from outbox_relay.errors import OutboxRelayError, first_line
 from outbox_relay.operations import schema_manager
+from outbox_relay.operations.status import SourceInfo
 from outbox_relay.redact import UNPARSEABLE, UNPARSEABLE_REASON, redact_dsn, redact_text
+from outbox_relay.sources.wal import slot
+from outbox_relay.sqlfiles import Queries
 
 CHECK_TIMEOUT = 15.0
 
@@ -31,7 +35,8 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
         conn = await asyncio.wait_for(connect_once(dsn, timeout=config.database.connect_timeout), CHECK_TIMEOUT)
         async with conn:
             await schema_manager.check(conn, config.database.schema_name)
-        echo(f"database  ok  {redact_dsn(dsn)} schema {config.database.schema_name!r}")
+            echo(f"database  ok  {redact_dsn(dsn)} schema {config.database.schema_name!r}")
+            ok = await check_source(conn, config, echo) and ok
     except (psycopg.Error, OutboxRelayError, TimeoutError) as exc:
         ok = False
         shown = redact_dsn(dsn)
@@ -52,6 +57,35 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
             with contextlib.suppress(Exception):
                 await adapter.close()
     return ok
+
+
+async def check_source(conn: psycopg.AsyncConnection[Any], config: Config, echo: Callable[[str], None]) -> bool:
+    """The outbox's source, and in WAL mode its slot: FAIL when the slot is missing or
+    lost (the relay would stop on it), WARN when PostgreSQL may keep WAL for it without
+    limit (max_slot_wal_keep_size = -1: a stalled relay fills the disk)."""
+    schema = config.database.schema_name
+    recorded = await (await conn.execute(Queries(schema)["outbox_source"])).fetchone()
+    state = await slot.read_state_async(conn, config.wal_slot)
+    info = SourceInfo.of(str(recorded[0]) if recorded else "table", config.wal_slot, state)
+    if info.source == "wal" and state is None:
+        echo(
+            f"source    FAIL  {info.summary()}: create it with `outbox-relay schema source wal --schema {schema} "
+            f"--slot {config.wal_slot}` (or set relay.wal.slot to the one it created)"
+        )
+        return False
+    if info.wal_status == "lost":
+        echo(f"source    FAIL  {info.summary()}: PostgreSQL invalidated the slot; WAL it kept is gone")
+        return False
+    echo(f"source    ok  {info.summary()}")
+    if state is not None:
+        keep = await (await conn.execute(slot.query("max_slot_wal_keep_size"))).fetchone()
+        if keep is not None and str(keep[0]) == "-1":
+            echo(
+                "source    WARN  max_slot_wal_keep_size is -1: the slot keeps WAL without limit while no relay "
+                "confirms it (a stopped or stalled relay fills the disk); set a limit (ALTER SYSTEM SET "
+                "max_slot_wal_keep_size = '50GB'), past which PostgreSQL invalidates the slot instead"
+            )
+    return True
 
 
 def check_routes(config: Config, echo: Callable[[str], None]) -> bool:

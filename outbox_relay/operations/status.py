@@ -10,6 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from outbox_relay.operations.replay import describe
+from outbox_relay.sources.wal import slot as slots
 from outbox_relay.sqlfiles import Queries
 
 LIVE_RELAY_S = 30.0
@@ -56,6 +57,39 @@ class BackfillInfo:
 
 
 @dataclass
+class SourceInfo:
+    """Where enqueue writes, and the WAL source's slot where there is one (in table mode
+    too: a switch from wal leaves it until a relay has drained it)."""
+
+    source: str
+    slot: str
+    slot_exists: bool
+    slot_active: bool | None = None
+    lag_bytes: int | None = None  # WAL written since the relay's last confirmed position
+    retained_bytes: int | None = None  # WAL the slot keeps on disk
+    wal_status: str | None = None  # reserved, extended, unreserved, lost
+
+    @classmethod
+    def of(cls, source: str, name: str, state: slots.SlotState | None) -> SourceInfo:
+        if state is None:
+            return cls(source, name, False)
+        return cls(source, name, True, state.active, state.lag_bytes, state.retained_bytes, state.wal_status)
+
+    def summary(self) -> str:
+        """One line: the source, and the slot's state where it matters."""
+        if not self.slot_exists:
+            return self.source if self.source == "table" else f"wal, but its slot {self.slot!r} does not exist"
+        lag = "-" if self.lag_bytes is None else f"{self.lag_bytes} bytes"
+        slot_state = (
+            f"slot {self.slot!r} {'streamed' if self.slot_active else 'not streamed'}, lag {lag}, "
+            f"wal_status {self.wal_status or '-'}"
+        )
+        if self.source == "table":
+            return f"table ({slot_state}: kept until a relay has drained it)"
+        return f"wal ({slot_state})"
+
+
+@dataclass
 class Status:
     schema: str
     pending: int
@@ -67,6 +101,7 @@ class Status:
     relays: list[RelayInfo] = field(default_factory=list)
     replays: list[ReplayInfo] = field(default_factory=list)  # the last ten, newest first
     backfills: list[BackfillInfo] = field(default_factory=list)  # the last ten, newest first
+    source: SourceInfo | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,8 +120,13 @@ def _age(value: Any) -> float | None:
     return None if value is None else round(float(value), 3)
 
 
-def read(conn: psycopg.Connection[Any], schema: str) -> Status:
+def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = None) -> Status:
+    """The outbox's status; `wal_slot`: the WAL source's slot to report on (the config's)."""
     q = Queries(schema)
+    source = None
+    if wal_slot is not None:
+        recorded = conn.execute(q["outbox_source"]).fetchone()
+        source = SourceInfo.of(str(recorded[0]) if recorded else "table", wal_slot, slots.read_state(conn, wal_slot))
     with conn.cursor(row_factory=dict_row) as cur:
         totals = cur.execute(q["status_totals"]).fetchone() or {}
         topics = cur.execute(q["status_by_topic"]).fetchall()
@@ -141,6 +181,7 @@ def read(conn: psycopg.Connection[Any], schema: str) -> Status:
             )
             for r in backfills
         ],
+        source=source,
     )
 
 
@@ -148,6 +189,7 @@ def render(status: Status) -> str:
     age = "-" if status.oldest_pending_age_s is None else f"{status.oldest_pending_age_s:.1f}s"
     lines = [
         f"schema {status.schema}",
+        *([f"  source         {status.source.summary()}"] if status.source else []),
         f"  pending        {status.pending}",
         f"  in flight      {status.in_flight}",
         f"  dead-lettered  {status.dead_lettered}",

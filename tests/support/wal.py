@@ -74,15 +74,21 @@ def wal_slot(dsn: str) -> Iterator[WalSlot]:
     try:
         yield WalSlot(dsn, name)
     finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            # A stream a failed test left open would keep the slot active.
-            conn.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
-                (name,),
-            )
-        wait_until_inactive(dsn, name)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            slot.drop(conn, name, name)
+        drop_slot(dsn, name)
+
+
+def drop_slot(dsn: str, name: str) -> None:
+    """Drop the slot and publication `name` if they exist (a slot keeps its database from
+    being dropped), ending whatever streams it first."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A stream a failed test left open would keep the slot active.
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
+            (name,),
+        )
+    wait_until_inactive(dsn, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        slot.drop(conn, name, name)
 
 
 def wait_until_inactive(dsn: str, name: str) -> None:

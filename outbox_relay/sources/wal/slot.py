@@ -136,6 +136,7 @@ def create(conn: psycopg.Connection[Any], slot: str, publication: str) -> bool:
     validate_name(publication)
     try:
         _require_logical_wal(conn)
+        _require_replication(conn, slot)
         created = _create_publication(conn, publication)
         return _create_slot(conn, slot) or created
     except psycopg.errors.InsufficientPrivilege as exc:
@@ -156,6 +157,15 @@ def _require_logical_wal(conn: psycopg.Connection[Any]) -> None:
         raise ReplicationError(
             f"wal_level is {level!r}: the WAL source needs wal_level = logical (postgresql.conf, then restart "
             "PostgreSQL)"
+        )
+
+
+def _require_replication(conn: psycopg.Connection[Any], slot_name: str) -> None:
+    row = conn.execute(query("role_can_replicate")).fetchone()
+    if row is not None and not row[1]:
+        raise ReplicationError(
+            f"not allowed to create the slot {slot_name!r}: the role needs the REPLICATION attribute, which "
+            f"{row[0]!r} lacks (ALTER ROLE {row[0]} REPLICATION, as a superuser); nothing was changed"
         )
 
 

@@ -1,0 +1,232 @@
+"""The WAL source inside `outbox-relay run`: beside the table engine's workers, with their
+dispatcher (same adapters, routes, circuits, retry and dead-letter policy).
+
+At start it reads the outbox's source ({schema}.settings) and its slot (relay.wal.slot,
+or ``outbox_relay_<schema>``):
+
+- ``wal``: it streams the slot with a WalRelay (relay.py) until the relay stops. A
+  database or replication error ends that WalRelay; a new one starts after the relay's
+  backoff and resumes after the slot's confirmed position (nothing unconfirmed is lost).
+  While another relay streams the slot (PostgreSQL lets one walsender use a slot at a
+  time) it stands by: it tries again every ``relay.wal.standby_interval`` seconds,
+  having logged ``wal_slot_in_use`` once, and takes over when that relay's walsender
+  goes (a relay that dies drops its connection, so the slot is free at once). A slot
+  that is missing, or is not this database's, stops the relay with one line: it is
+  never recreated here, since the WAL between a lost slot and a new one would not be
+  read.
+- ``table``, with this outbox's slot still there (left by `schema source table`): the
+  slot may hold messages enqueued before the switch. It waits until every transaction
+  older than its start has ended (one that emitted messages before the switch commits
+  by then), notes the WAL's end, streams the slot until it is confirmed that far, then
+  drops the slot and its publication (``wal_slot_dropped``). Another relay doing the
+  same stands by, then finds the slot gone.
+- ``table`` without a slot: nothing to do.
+
+Lifecycle: ``run(dispatcher, stop)`` returns once ``stop`` is set (having stopped its
+WalRelay, which finishes a dispatch in progress and sends its confirmed position), or
+raises what the relay cannot go on after. One task runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import psycopg
+import structlog
+
+from outbox_relay.config import Config
+from outbox_relay.connections import connect_once
+from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.errors import first_line
+from outbox_relay.sources.wal import pgoutput, slot
+from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotMissing, WalSourceError
+from outbox_relay.sources.wal.relay import WalRelay
+from outbox_relay.sqlfiles import Queries
+
+log = structlog.get_logger("outbox_relay.wal")
+
+DRAIN_POLL_S = 0.5  # how often the slot's confirmed position is read while draining it
+
+
+class WalSource:
+    """The WAL source of one relay process; see the module docstring for its rules."""
+
+    name = "wal-source"
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._dsn = config.database.dsn.get_secret_value()
+        self._schema = config.database.schema_name
+        self._slot = config.wal_slot
+        self._settings = config.relay.wal
+        self._backoff = Backoff.from_config(config.relay)
+
+    async def run(self, dispatcher: Dispatcher, stop: asyncio.Event) -> None:
+        failures = 0
+        standing_by = False
+        while not stop.is_set():
+            relay: WalRelay | None = None
+            try:
+                target = await self._plan()
+                if target is None:
+                    break  # table mode, no slot of ours: nothing to drain
+                relay = self._relay(dispatcher)
+                drained = await self._run(relay, stop, target if target > 0 else None)
+                if drained:
+                    await self._drop()
+                    break
+            except SlotInUse:
+                if not standing_by:
+                    log.info("wal_slot_in_use", slot=self._slot, retry_every_s=self._settings.standby_interval)
+                    standing_by = True
+                await _sleep(stop, self._settings.standby_interval)
+                continue
+            except SlotMissing:
+                if await self._source() == "table":
+                    break  # another relay drained it and dropped it
+                raise
+            except (ReplicationError, psycopg.Error) as exc:
+                if relay is not None and relay.started.is_set():
+                    failures, standing_by = 1, False
+                else:
+                    failures += 1
+                delay = self._backoff.delay(failures)
+                log.warning(
+                    "wal_relay_restarting",
+                    slot=self._slot,
+                    error_type=type(exc).__name__,
+                    error=first_line(exc),
+                    retry_in_s=round(delay, 2),
+                )
+                await _sleep(stop, delay)
+                continue
+            standing_by = False
+        await stop.wait()
+
+    def _relay(self, dispatcher: Dispatcher) -> WalRelay:
+        return WalRelay(
+            self._dsn,
+            schema=self._schema,
+            slot_name=self._slot,
+            dispatcher=dispatcher,
+            hold_dead_letters=self._config.relay.dead_letter_policy == "hold",
+            park_after=self._settings.park_after,
+            status_interval=self._settings.status_interval,
+            prepare_threshold=self._config.database.prepare_threshold,
+        )
+
+    async def _run(self, relay: WalRelay, stop: asyncio.Event, target: int | None) -> bool:
+        """Run `relay` until `stop`, or (with a `target`) until the slot is confirmed
+        that far; True when drained to it. Raises what ended the relay otherwise."""
+        task = asyncio.create_task(relay.run(), name="wal-relay")
+        waits: set[asyncio.Future[Any]] = {task, asyncio.create_task(stop.wait())}
+        drained = None if target is None else asyncio.create_task(self._drained(target))
+        if drained is not None:
+            waits.add(drained)
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            relay.stop()
+            for other in waits - {task}:
+                other.cancel()
+            # Also when cancelled: the relay finishes its dispatch and sends its position.
+            await asyncio.shield(_settle(task))
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+        return drained is not None and drained.done() and not drained.cancelled() and drained.result()
+
+    async def _plan(self) -> int | None:
+        """0: stream (wal mode); a position: drain the slot to it (table mode, a slot of
+        ours left); None: nothing to do."""
+        async with await connect_once(self._dsn, autocommit=True) as conn:
+            source = await _source_on(conn, self._schema)
+            cursor = await conn.execute(slot.query("slot_identity", slot=self._slot))
+            identity = await cursor.fetchone()
+            ours = identity is not None and identity[0] == "pgoutput" and identity[1] == identity[2]
+            if source == "wal":
+                if identity is None:
+                    raise SlotMissing(
+                        f"the outbox {self._schema!r} is in WAL mode but its replication slot {self._slot!r} does not "
+                        "exist (dropped, invalidated and removed, or not carried to a promoted standby): messages "
+                        "enqueued since its last confirmed position may not have been published; account for them, "
+                        f"then create it with `outbox-relay schema source wal --schema {self._schema} --slot "
+                        f"{self._slot}`"
+                    )
+                if not ours:
+                    raise WalSourceError(
+                        f"the replication slot {self._slot!r} is not this outbox's (plugin {identity[0]!r}, database "
+                        f"{identity[1]!r}): set relay.wal.slot to the slot `schema source wal` created"
+                    )
+                return 0
+            if not ours:
+                return None
+            log.info("wal_slot_draining", slot=self._slot, source=source)
+            xid = await _one(conn, slot.query("next_xid"), {})
+        return await self._wal_end_once_ended(str(xid))
+
+    async def _wal_end_once_ended(self, xid: str) -> int:
+        """The WAL's end once every transaction older than `xid` has ended."""
+        waiting_logged = False
+        while True:
+            async with await connect_once(self._dsn, autocommit=True) as conn:
+                end = await _one(conn, slot.query("wal_end_once_ended"), {"xid": xid})
+            if end is not None:
+                return pgoutput.parse_lsn(str(end))
+            if not waiting_logged:
+                log.info("wal_slot_drain_waits_for_older_transactions", slot=self._slot, before_xid=xid)
+                waiting_logged = True
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def _drained(self, target: int) -> bool:
+        """Wait until the slot is confirmed up to `target` (or is gone)."""
+        while True:
+            async with await connect_once(self._dsn, autocommit=True) as conn:
+                state = await slot.read_state_async(conn, self._slot)
+            if state is None or (state.confirmed_flush_lsn or 0) >= target:
+                return True
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def _drop(self) -> None:
+        """Drop the drained slot and its publication; the walsender of the stream just
+        closed may take a moment to let go of it."""
+        for _ in range(20):
+            try:
+                await asyncio.to_thread(self._drop_now)
+            except SlotInUse:
+                await asyncio.sleep(DRAIN_POLL_S)
+                continue
+            log.info("wal_slot_dropped", slot=self._slot, reason="the outbox's source is table and the slot is drained")
+            return
+        log.warning("wal_slot_not_dropped", slot=self._slot, reason="still in use; tried again at the next start")
+
+    def _drop_now(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True, application_name="outbox-relay") as conn:
+            slot.drop(conn, self._slot, self._slot)
+
+    async def _source(self) -> str:
+        async with await connect_once(self._dsn, autocommit=True) as conn:
+            return await _source_on(conn, self._schema)
+
+
+async def _source_on(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
+    source = await _one(conn, Queries(schema)["outbox_source"], {})
+    return str(source or "table")
+
+
+async def _one(conn: psycopg.AsyncConnection[Any], query: Any, params: dict[str, Any]) -> Any:
+    cursor = await conn.execute(query, params)
+    row = await cursor.fetchone()
+    return None if row is None else row[0]
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _settle(task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(BaseException):
+        await task
