@@ -80,6 +80,12 @@ class RetryConfig(_Model):
         return self
 
 
+def _must_be_positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
 class WalConfig(_Model):
     """The WAL source (`outbox-relay schema source wal`): read only when the outbox's
     source is `wal`, or while a relay in `table` mode drains the slot a switch left."""
@@ -101,12 +107,7 @@ class WalConfig(_Model):
     def _slot(cls, value: str | None) -> str | None:
         return None if value is None else validate_slot_name(value)
 
-    @field_validator("park_after", "status_interval", "standby_interval")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than 0")
-        return value
+    _positive = field_validator("park_after", "status_interval", "standby_interval")(_must_be_positive)
 
 
 class RelayConfig(_Model):
@@ -135,12 +136,7 @@ class RelayConfig(_Model):
     max_batch_bytes: Count = Field(default=16 * 1024 * 1024, ge=1024)
     wal: WalConfig = WalConfig()
 
-    @field_validator("poll_interval", "shutdown_timeout", "publish_timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than 0")
-        return value
+    _positive = field_validator("poll_interval", "shutdown_timeout", "publish_timeout")(_must_be_positive)
 
     @field_validator("retention")
     @classmethod

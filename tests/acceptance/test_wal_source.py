@@ -306,3 +306,27 @@ def test_schema_source_wal_says_when_the_role_lacks_replication(wal_db: tuple[st
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT source FROM outbox.settings").fetchone() == ("table",)
         assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,), "nothing created"
+
+
+def test_a_relay_in_wal_mode_whose_slot_is_gone_stops_in_one_line_and_check_fails(
+    wal_db: tuple[str, str], tmp_path: Path
+) -> None:
+    db, name = wal_db
+    switch_to_wal(db, name)
+    drop_slot(db, name)  # as a failover to a standby without it would leave the outbox
+    config = write_config(tmp_path / "relay.yaml", db, wal=wal_settings(name))
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 1
+    assert f"source    FAIL  wal, but its slot {name!r} does not exist: create it with" in checked.stdout
+    relay = RelayProcess(config)
+    try:
+        code = relay.proc.wait(60)
+    finally:
+        relay.close()
+    assert code == 1
+    last = relay.log_path.read_text().splitlines()[-1]
+    assert last.startswith(
+        f"error: the outbox 'outbox' is in WAL mode but its replication slot {name!r} does not exist"
+    )
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert slot.read_state(conn, name) is None, "never recreated by the relay"

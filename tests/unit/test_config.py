@@ -617,3 +617,30 @@ def test_a_broker_name_with_a_line_break_still_gives_a_one_line_error(broker: di
         from outbox_relay.assembly import build_adapters
 
         build_adapters(parse(text, source="relay.yaml", env={}))
+
+
+# --- the WAL source ---------------------------------------------------------------
+
+
+def test_the_wal_source_defaults_derive_the_slot_from_the_schema() -> None:
+    config = parse(with_changes(database={"dsn": "host=x", "schema": "events"}), source="relay.yaml", env={})
+    wal = config.relay.wal
+    assert (wal.slot, wal.park_after, wal.status_interval, wal.standby_interval) == (None, 60.0, 10.0, 1.0)
+    assert config.wal_slot == "outbox_relay_events"
+    named = parse(with_changes(relay={"wal": {"slot": "orders_outbox"}}), source="relay.yaml", env={})
+    assert named.wal_slot == "orders_outbox"
+
+
+@pytest.mark.parametrize(
+    ("wal", "expected"),
+    [
+        ({"slot": "Orders"}, "relay.yaml: relay.wal.slot: invalid slot or publication name 'Orders'"),
+        ({"slot": "x" * 64}, "relay.yaml: relay.wal.slot: invalid slot or publication name"),
+        ({"park_after": "0s"}, "relay.yaml: relay.wal.park_after: must be greater than 0"),
+        ({"status_interval": "0s"}, "relay.yaml: relay.wal.status_interval: must be greater than 0"),
+        ({"standby_interval": "-1s"}, "relay.yaml: relay.wal.standby_interval: invalid duration"),
+        ({"sloot": "x"}, "relay.yaml: relay.wal.sloot: unknown key 'sloot' (did you mean 'slot'?)"),
+    ],
+)
+def test_the_wal_source_settings_are_validated(wal: dict[str, Any], expected: str) -> None:
+    assert error_of(with_changes(relay={"wal": wal})).startswith(expected)
