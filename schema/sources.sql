@@ -69,11 +69,15 @@ $$;
 -- the executor, and a call to another function would cost a call). octet_length of a
 -- text is its length in the database's encoding, which is UTF8 (install refuses any
 -- other), so it is the length of its convert_to(..., 'UTF8').
--- SECURITY INVOKER (the default): pg_logical_emit_message is executable by PUBLIC by
--- default and checks no attribute (PostgreSQL 15, as a role holding only the grants of
--- grants_producer.sql: tests/integration/test_sources.py), so the caller's own rights
--- suffice and the function needs none of its owner's. A database that revoked it from
--- PUBLIC grants it to the producer roles instead.
+-- SECURITY DEFINER with a pinned search_path: pg_logical_emit_message is executable by
+-- PUBLIC by default and checks no attribute (PostgreSQL 15), so in WAL mode any role
+-- that can connect could write frames into the relay's stream, which it publishes;
+-- set_source revokes it from PUBLIC (the function's owner keeps it), and this body runs
+-- with its owner's rights, so a producer still needs only EXECUTE on enqueue, as in
+-- table mode. search_path is pg_catalog then pg_temp (never searched for functions or
+-- operators), so a caller's objects cannot stand in for what the body calls; the
+-- functions outside the checks are qualified all the same, and the checks keep the
+-- table body's words so their errors stay identical.
 CREATE OR REPLACE FUNCTION {schema}.enqueue_binary(
     topic text,
     key text,
@@ -81,7 +85,7 @@ CREATE OR REPLACE FUNCTION {schema}.enqueue_binary(
     headers jsonb DEFAULT '{{}}'::jsonb,
     content_type text DEFAULT 'application/octet-stream'
 ) RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     new_id uuid; written pg_lsn;
     max_bytes bigint := nullif(current_setting('outbox_relay.max_payload_bytes', true), '')::bigint;
@@ -109,17 +113,19 @@ BEGIN
         RAISE EXCEPTION 'outbox: invalid headers %: must be a JSON object of non-empty string names (not "message-id") to string values', headers
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    new_id := gen_random_uuid();
-    headers := coalesce(headers, '{{}}'::jsonb);
+    new_id := pg_catalog.gen_random_uuid();
+    headers := coalesce(headers, '{{}}'::pg_catalog.jsonb);
     content_type := coalesce(content_type, 'application/octet-stream');
-    written := pg_logical_emit_message(true, {prefix},
-        '\x10'::bytea
-        || uuid_send(new_id)
-        || int2send(octet_length(topic)::int2) || convert_to(topic, 'UTF8')
-        || coalesce(int2send(octet_length(key)::int2) || convert_to(key, 'UTF8'), int2send(-1::int2))
-        || int4send(octet_length(content_type)) || convert_to(content_type, 'UTF8')
-        || int4send(octet_length(headers::text)) || convert_to(headers::text, 'UTF8')
-        || int4send(octet_length(payload)) || payload);
+    written := pg_catalog.pg_logical_emit_message(true, {prefix},
+        '\x10'::pg_catalog.bytea
+        || pg_catalog.uuid_send(new_id)
+        || pg_catalog.int2send(pg_catalog.octet_length(topic)::pg_catalog.int2) || pg_catalog.convert_to(topic, 'UTF8')
+        || coalesce(
+            pg_catalog.int2send(pg_catalog.octet_length(key)::pg_catalog.int2) || pg_catalog.convert_to(key, 'UTF8'),
+            pg_catalog.int2send(-1::pg_catalog.int2))
+        || pg_catalog.int4send(pg_catalog.octet_length(content_type)) || pg_catalog.convert_to(content_type, 'UTF8')
+        || pg_catalog.int4send(pg_catalog.octet_length(headers::text)) || pg_catalog.convert_to(headers::text, 'UTF8')
+        || pg_catalog.int4send(pg_catalog.octet_length(payload)) || payload);
     RETURN new_id;
 END
 $$;
@@ -128,6 +134,36 @@ $$;
 UPDATE {schema}.settings
 SET source = %(source)s, source_changed_at = now(), source_changed_by = current_user
 WHERE source IS DISTINCT FROM %(source)s;
+
+-- name: emit_message_access
+-- Each variant of pg_logical_emit_message this server has (of the argument lists given;
+-- PostgreSQL 17 adds a flush argument), whether PUBLIC may execute it (its ACL, or the
+-- default ACL while it has none), whether the current role may revoke that (a superuser
+-- or a member of the function's owner: anyone else's REVOKE only warns), and whether
+-- the owner of {schema}.enqueue_binary, which runs the WAL body, may execute it without
+-- PUBLIC (a superuser, or granted).
+WITH owner AS (
+    SELECT p.proowner AS oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = %(schema)s AND p.proname = 'enqueue_binary'
+)
+SELECT v.args,
+       EXISTS (
+           SELECT FROM pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) AS a
+           WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'
+       ) AS public_executes,
+       coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), false)
+           OR pg_catalog.pg_has_role(current_user, p.proowner, 'USAGE') AS can_revoke,
+       o.name AS owner,
+       coalesce(o.super, true) OR EXISTS (
+           SELECT FROM pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) AS a
+           WHERE a.grantee = o.oid AND a.privilege_type = 'EXECUTE'
+       ) AS owner_executes
+FROM pg_catalog.unnest(%(variants)s::text[]) WITH ORDINALITY AS v(args, n)
+JOIN pg_catalog.pg_proc p ON p.oid = pg_catalog.to_regprocedure('pg_catalog.pg_logical_emit_message(' || v.args || ')')
+LEFT JOIN (
+    SELECT r.oid, r.rolname AS name, r.rolsuper AS super FROM owner JOIN pg_catalog.pg_roles r ON r.oid = owner.oid
+) AS o ON true
+ORDER BY v.n;
 
 -- name: wal_slot_exists
 -- A logical slot of pgoutput in this database, not invalidated: messages emitted before

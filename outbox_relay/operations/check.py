@@ -62,7 +62,8 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
 async def check_source(conn: psycopg.AsyncConnection[Any], config: Config, echo: Callable[[str], None]) -> bool:
     """The outbox's source, and in WAL mode its slot: FAIL when the slot is missing or
     lost (the relay would stop on it), WARN when PostgreSQL may keep WAL for it without
-    limit (max_slot_wal_keep_size = -1: a stalled relay fills the disk)."""
+    limit (max_slot_wal_keep_size = -1: a stalled relay fills the disk) and when PUBLIC
+    may still emit logical messages (any role could inject what the relay publishes)."""
     schema = config.database.schema_name
     recorded = await (await conn.execute(Queries(schema)["outbox_source"])).fetchone()
     state = await slot.read_state_async(conn, config.wal_slot)
@@ -77,6 +78,12 @@ async def check_source(conn: psycopg.AsyncConnection[Any], config: Config, echo:
         echo(f"source    FAIL  {info.summary()}: PostgreSQL invalidated the slot; WAL it kept is gone")
         return False
     echo(f"source    ok  {info.summary()}")
+    if info.source == "wal" and await schema_manager.emit_message_public(conn, schema):
+        echo(
+            "source    WARN  PUBLIC can execute pg_logical_emit_message: any role that can connect can write "
+            "messages the relay publishes; have a superuser run `outbox-relay schema source wal --schema "
+            f"{schema}` (it revokes that) or the statements it prints"
+        )
     if state is not None:
         keep = await (await conn.execute(slot.query("max_slot_wal_keep_size"))).fetchone()
         if keep is not None and str(keep[0]) == "-1":

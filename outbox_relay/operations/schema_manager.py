@@ -9,7 +9,8 @@ holds objects that are not outbox-relay's.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,6 +29,8 @@ WHERE n.nspname = %s
 """
 _HAS_VERSION_TABLE = "SELECT to_regclass(format('%%I.schema_version', %s::text)) IS NOT NULL"
 
+
+_log = logging.getLogger(__name__)
 
 _ENCODING = "SELECT current_setting('server_encoding')"
 # DDL on outbox.messages waits for every open transaction on it (a relay batch, an
@@ -250,7 +253,9 @@ def _source_statement(name: str, schema: str) -> sql.Composed:
     return sqlfiles.source_statement(name, schema, framing.PREFIX_FOR(schema))
 
 
-def set_source(conn: psycopg.Connection[Any], schema: str, source: str) -> bool:
+def set_source(
+    conn: psycopg.Connection[Any], schema: str, source: str, warn: Callable[[str], None] | None = None
+) -> bool:
     """Make every enqueue into `schema` write to `source` from its next call on: `table`
     (a row in messages) or `wal` (a logical decoding message); True if it changed.
 
@@ -262,6 +267,13 @@ def set_source(conn: psycopg.Connection[Any], schema: str, source: str) -> bool:
     message emitted before any slot exists is decoded by none, so it would be lost.
     Switching moves no message: what is pending in the old source is the relay's to
     drain.
+
+    `wal` also takes pg_logical_emit_message from PUBLIC (lock_down_emit_message), so
+    no role but enqueue's owner can write into the relay's stream; when this role
+    cannot, the switch still happens and `warn` (default: the log) gets one line with
+    the statements a superuser must run. `table` gives nothing back to PUBLIC: its
+    EXECUTE was a default nobody chose, the table body does not need it, and a role
+    that does can be granted it by name.
     """
     sqlfiles.validate_schema_name(schema)
     if source not in SOURCES:
@@ -277,9 +289,73 @@ def set_source(conn: psycopg.Connection[Any], schema: str, source: str) -> bool:
                 raise SchemaError(problem)
             conn.execute(_source_statement(f"use_{source}_source", schema))
             changed = conn.execute(_source_statement("record_source", schema), {"source": source}).rowcount
+            problem = lock_down_emit_message(conn, schema) if source == "wal" else None
     except psycopg.Error as exc:
         raise DatabaseError(f"schema source {source} failed: {first_line(exc)}") from exc
+    if problem:
+        (warn or _log.warning)(problem)
     return changed == 1
+
+
+# Every argument list of pg_logical_emit_message: PostgreSQL 17 adds the flush
+# argument; a server without a variant has nothing to revoke for it.
+EMIT_MESSAGE_VARIANTS = (
+    "boolean, text, text",
+    "boolean, text, bytea",
+    "boolean, text, text, boolean",
+    "boolean, text, bytea, boolean",
+)
+
+
+def _emit_access(conn: psycopg.Connection[Any], schema: str) -> list[tuple[Any, ...]]:
+    params = {"variants": list(EMIT_MESSAGE_VARIANTS), "schema": schema}
+    return conn.execute(_source_statement("emit_message_access", schema), params).fetchall()
+
+
+def _emit_grants(args: str, owner: str | None, revoke: bool) -> list[sql.Composed]:
+    # `args` is one of EMIT_MESSAGE_VARIANTS (the query echoes the list it is given).
+    if args not in EMIT_MESSAGE_VARIANTS:
+        raise SchemaError(f"unexpected pg_logical_emit_message variant {args!r}")
+    function = sql.SQL("pg_catalog.pg_logical_emit_message({})").format(sql.SQL(args))
+    statements = []
+    if revoke:
+        statements.append(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(function))
+    if owner is not None:
+        statements.append(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(function, sql.Identifier(owner)))
+    return statements
+
+
+def lock_down_emit_message(conn: psycopg.Connection[Any], schema: str) -> str | None:
+    """Revoke EXECUTE on every pg_logical_emit_message from PUBLIC and grant it to the
+    owner of `schema`.enqueue_binary (whose WAL body runs with its rights) unless that
+    owner is a superuser; None when done (or nothing was left to do), else the warning
+    line: this role cannot revoke (only a superuser or the functions' owner can), with
+    the statements a superuser must run. Runs in the caller's transaction."""
+    needed: list[sql.Composed] = []
+    allowed = True
+    for args, public_executes, can_revoke, owner, owner_executes in _emit_access(conn, schema):
+        statements = _emit_grants(args, None if owner_executes else owner, public_executes)
+        needed += statements
+        allowed = allowed and (can_revoke or not statements)
+    if not needed:
+        return None
+    if allowed:
+        for statement in needed:
+            conn.execute(statement)
+        return None
+    shown = "; ".join(statement.as_string(conn) for statement in needed)
+    return (
+        "warning: every role that can connect to this database can still emit logical messages into the relay's "
+        f"stream (pg_logical_emit_message is executable by PUBLIC) and {conn.info.user!r} cannot revoke that; "
+        f"a superuser must run: {shown};"
+    )
+
+
+async def emit_message_public(conn: psycopg.AsyncConnection[Any], schema: str) -> bool:
+    """True when PUBLIC may still execute some pg_logical_emit_message (`check`)."""
+    params = {"variants": list(EMIT_MESSAGE_VARIANTS), "schema": schema}
+    cur = await conn.execute(_source_statement("emit_message_access", schema), params)
+    return any(row[1] for row in await cur.fetchall())
 
 
 def _require_wal_ready(conn: psycopg.Connection[Any], schema: str) -> None:

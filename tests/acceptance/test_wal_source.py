@@ -330,3 +330,26 @@ def test_a_relay_in_wal_mode_whose_slot_is_gone_stops_in_one_line_and_check_fail
     )
     with psycopg.connect(db, autocommit=True) as conn:
         assert slot.read_state(conn, name) is None, "never recreated by the relay"
+
+
+def test_check_warns_while_public_can_emit_logical_messages_and_schema_source_wal_revokes_it(
+    wal_db: tuple[str, str], tmp_path: Path
+) -> None:
+    db, name = wal_db
+    switch_to_wal(db, name)
+    config = write_config(tmp_path / "relay.yaml", db, wal=wal_settings(name))
+    warning = "source    WARN  PUBLIC can execute pg_logical_emit_message"
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert warning not in checked.stdout, "the switch revoked it"
+    # PostgreSQL's default, as in a database switched before the revoke existed.
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO PUBLIC")
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert warning in checked.stdout
+    switched = run_cli("schema", "source", "wal", "--slot", name, env={"DATABASE_URL": db})
+    assert switched.returncode == 0, switched.stderr
+    assert "warning" not in switched.stdout, "a superuser revokes, it does not warn"
+    checked = run_cli("check", "--config", str(config))
+    assert warning not in checked.stdout

@@ -18,7 +18,7 @@ from outbox_relay import enqueue, enqueue_async
 from outbox_relay.errors import SchemaError
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import framing
-from tests.support.databases import install_at, role_with_grants
+from tests.support.databases import bare_role, install_at, role_with_grants
 from tests.support.wal import WalSlot, committed_frames, wal_slot
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -248,3 +248,51 @@ def test_an_upgrade_from_version_7_starts_as_table(empty_db: str) -> None:
         conn.commit()
         schema_manager.install(conn, "outbox")
         assert schema_manager.read_source(conn, "outbox").source == "table"
+
+
+def emit_as(dsn: str, content: str | bytes, prefix: str = "outbox-relay:outbox") -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (prefix, content))
+        conn.commit()
+
+
+async def test_in_wal_mode_only_enqueue_can_write_into_the_relays_stream(outbox_wal: WalSlot) -> None:
+    db = outbox_wal.dsn
+    with bare_role(db, "intruder") as intruder:
+        # Another prefix, as the relay's stream would refuse a frame that is not one.
+        emit_as(intruder, "before the switch: PUBLIC's default", prefix="another-app")
+        assert set_source(db, "wal")
+        for content in ("forged", b"forged"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                emit_as(intruder, content)
+    with role_with_grants(db, "producer", "producer") as producer, psycopg.connect(producer) as conn:
+        message_id = enqueue(conn, "orders.created", {"order": 1}, key="order-1")
+        conn.commit()
+
+    async with outbox_wal.stream() as stream:
+        delivered = await committed_frames(stream, message_id)
+    assert [framing.decode(content).message_id for content in delivered[-1]] == [message_id]
+    with psycopg.connect(db) as conn:
+        definer = conn.execute(
+            "SELECT prosecdef, proconfig FROM pg_proc WHERE oid = %s::regprocedure",
+            ("outbox.enqueue_binary(text, text, bytea, jsonb, text)",),
+        ).fetchone()
+    assert definer == (True, ["search_path=pg_catalog, pg_temp"])
+
+
+def test_a_role_that_cannot_revoke_gets_the_statements_a_superuser_must_run(outbox_wal: WalSlot) -> None:
+    db = outbox_wal.dsn
+    with bare_role(db, "notsuper") as plain:
+        with psycopg.connect(plain) as conn:
+            warning = schema_manager.lock_down_emit_message(conn, "outbox")
+            conn.commit()
+        assert warning is not None
+        assert warning.startswith(
+            "warning: every role that can connect to this database can still emit logical messages into the "
+            "relay's stream (pg_logical_emit_message is executable by PUBLIC) and "
+        )
+        assert warning.count("\n") == 0
+        for args in ("boolean, text, text", "boolean, text, bytea"):
+            assert f"REVOKE EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message({args}) FROM PUBLIC;" in warning
+        assert "GRANT" not in warning, "enqueue's owner is a superuser: it needs no grant"
+        emit_as(plain, "PUBLIC still can: nothing was revoked", prefix="another-app")

@@ -114,3 +114,18 @@ def role_with_grants(dsn: str, kind: str, prefix: str, *, before_version_7: bool
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@contextlib.contextmanager
+def bare_role(dsn: str, prefix: str) -> Iterator[str]:
+    """A login role granted nothing (it holds only what PUBLIC holds); yields its DSN;
+    dropped afterwards. Roles are the cluster's, so the name carries the database's."""
+    role = f"{prefix}_{conninfo_to_dict(dsn)['dbname']}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
+    try:
+        yield make_conninfo(dsn, user=role, password="pw")
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
