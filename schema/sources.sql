@@ -166,10 +166,11 @@ LEFT JOIN (
 ORDER BY v.n;
 
 -- name: wal_slot_exists
--- A logical slot of pgoutput in this database, not invalidated: messages emitted before
--- any slot exists are decoded by none, so the WAL source is not turned on without one.
+-- The outbox's own slot (the one its relay streams), logical, of pgoutput, in this
+-- database and not invalidated: messages emitted before it exists are decoded by no slot
+-- the relay reads, so the WAL source is not turned on without it.
 SELECT EXISTS (
     SELECT FROM pg_replication_slots
-    WHERE slot_type = 'logical' AND plugin = 'pgoutput' AND database = current_database()
-      AND wal_status IS DISTINCT FROM 'lost'
+    WHERE slot_name = %(slot)s AND slot_type = 'logical' AND plugin = 'pgoutput'
+      AND database = current_database() AND wal_status IS DISTINCT FROM 'lost'
 );

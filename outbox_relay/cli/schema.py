@@ -74,7 +74,7 @@ def _switch_source(conn: psycopg.Connection[Any], schema_name: str, source: str,
         conn.autocommit = True
         if wal_slot.create(conn, name, name):
             click.echo(f"created replication slot and publication {name!r}")
-    changed = schema_manager.set_source(conn, schema_name, source, warn=click.echo)
+    changed = schema_manager.set_source(conn, schema_name, source, warn=click.echo, slot_name=name)
     state = "now" if changed else "already"
     click.echo(f"outbox schema {schema_name!r} is {state} in {source} mode")
     if source == "table" and wal_slot.read_state(conn, name) is not None:

@@ -254,7 +254,12 @@ def _source_statement(name: str, schema: str) -> sql.Composed:
 
 
 def set_source(
-    conn: psycopg.Connection[Any], schema: str, source: str, warn: Callable[[str], None] | None = None
+    conn: psycopg.Connection[Any],
+    schema: str,
+    source: str,
+    warn: Callable[[str], None] | None = None,
+    *,
+    slot_name: str | None = None,
 ) -> bool:
     """Make every enqueue into `schema` write to `source` from its next call on: `table`
     (a row in messages) or `wal` (a logical decoding message); True if it changed.
@@ -263,8 +268,11 @@ def set_source(
     to find its source) and records the switch, with its time and role, in one
     transaction: outside a transaction it commits; inside the caller's it joins it (a
     savepoint), as install does. `wal` is refused, changing nothing, unless the server
-    runs wal_level = logical and a logical slot of pgoutput exists in this database: a
-    message emitted before any slot exists is decoded by none, so it would be lost.
+    runs wal_level = logical and the outbox's own slot (`slot_name`, default
+    ``outbox_relay_<schema>``: the one its relay streams) exists in this database, of
+    pgoutput and not invalidated: a message emitted before it exists is decoded by no
+    slot the relay reads, so it would be lost. The check runs under the schema's lock,
+    which the relay also takes to drop a drained slot: the two cannot interleave.
     Switching moves no message: what is pending in the old source is the relay's to
     drain.
 
@@ -278,12 +286,13 @@ def set_source(
     sqlfiles.validate_schema_name(schema)
     if source not in SOURCES:
         raise SchemaError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
+    wanted = slot.validate_name(slot_name) if slot_name else slot.name_for(schema)
     try:
         with conn.transaction():
-            if source == "wal":
-                _require_wal_ready(conn, schema)
             with conn.cursor() as cur:
                 cur.execute(_LOCK_KEY, (schema,))
+                if source == "wal":
+                    _require_wal_ready(conn, schema, wanted)
                 problem = missing_or_old(_version_of(cur, schema), schema)
             if problem:
                 raise SchemaError(problem)
@@ -358,16 +367,23 @@ async def emit_message_public(conn: psycopg.AsyncConnection[Any], schema: str) -
     return any(row[1] for row in await cur.fetchall())
 
 
-def _require_wal_ready(conn: psycopg.Connection[Any], schema: str) -> None:
+def lock_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Take `schema`'s lock (install, upgrade, set_source) until the caller's transaction
+    ends: the WAL runner holds it to drop a drained slot only while the source is table."""
+    conn.execute(_LOCK_KEY, (sqlfiles.validate_schema_name(schema),))
+
+
+def _require_wal_ready(conn: psycopg.Connection[Any], schema: str, slot_name: str) -> None:
     level = wal_level(conn)
     if level != "logical":
         raise SchemaError(
             f"wal_level is {level!r}: the WAL source needs wal_level = logical (set it in postgresql.conf or with "
             "ALTER SYSTEM, then restart PostgreSQL); the source is unchanged"
         )
-    row = conn.execute(_source_statement("wal_slot_exists", schema)).fetchone()
+    row = conn.execute(_source_statement("wal_slot_exists", schema), {"slot": slot_name}).fetchone()
     if not (row and row[0]):
         raise SchemaError(
-            "no logical replication slot of pgoutput in this database: a message enqueued in WAL mode before one "
-            "exists would never be streamed; create the relay's slot first; the source is unchanged"
+            f"no usable replication slot {slot_name!r} (logical, pgoutput, in this database, not lost): a message "
+            "enqueued in WAL mode before the relay's slot exists would never be streamed; create it first "
+            f"(`outbox-relay schema source wal --schema {schema} --slot {slot_name}` does); the source is unchanged"
         )

@@ -35,9 +35,9 @@ def outbox_wal(db: str) -> Iterator[WalSlot]:
         yield found
 
 
-def set_source(dsn: str, source: str) -> bool:
+def set_source(dsn: str, source: str, slot_name: str | None = None) -> bool:
     with psycopg.connect(dsn) as conn:
-        return schema_manager.set_source(conn, "outbox", source)
+        return schema_manager.set_source(conn, "outbox", source, slot_name=slot_name)
 
 
 def enqueue_binary_definition(dsn: str) -> str:
@@ -66,7 +66,7 @@ def sql_id(conn: psycopg.Connection[Any], query: str) -> UUID:
 
 async def test_in_wal_mode_every_enqueue_emits_its_frame_and_inserts_no_row(outbox_wal: WalSlot) -> None:
     db = outbox_wal.dsn
-    assert set_source(db, "wal")
+    assert set_source(db, "wal", outbox_wal.name)
     # The producer role with only grants_producer.sql's grants: the WAL body needs no more.
     with role_with_grants(db, "producer", "producer") as producer:
         with psycopg.connect(producer) as conn:
@@ -169,7 +169,7 @@ def refusals(dsn: str) -> list[tuple[str, str | None, str]]:
 def test_validation_refuses_alike_in_both_sources(outbox_wal: WalSlot) -> None:
     db = outbox_wal.dsn
     in_table = refusals(db)
-    set_source(db, "wal")
+    set_source(db, "wal", outbox_wal.name)
     in_wal = refusals(db)
 
     assert in_wal == in_table
@@ -180,9 +180,9 @@ def test_validation_refuses_alike_in_both_sources(outbox_wal: WalSlot) -> None:
 async def test_switching_back_to_table_restores_the_installed_function_and_inserts(outbox_wal: WalSlot) -> None:
     db = outbox_wal.dsn
     installed = enqueue_binary_definition(db)
-    assert set_source(db, "wal")
+    assert set_source(db, "wal", outbox_wal.name)
     assert enqueue_binary_definition(db) != installed
-    assert set_source(db, "table")
+    assert set_source(db, "table", outbox_wal.name)
     assert enqueue_binary_definition(db) == installed, "sources.sql's table body drifted from schema.sql's"
 
     with psycopg.connect(db) as conn:
@@ -201,8 +201,8 @@ def test_the_source_is_recorded_with_when_and_who(outbox_wal: WalSlot) -> None:
         now = conn.execute("SELECT now()").fetchone()
     assert installed.source == "table" and now is not None and user is not None
 
-    assert set_source(db, "wal")
-    assert not set_source(db, "wal"), "already wal: nothing changed"
+    assert set_source(db, "wal", outbox_wal.name)
+    assert not set_source(db, "wal", outbox_wal.name), "already wal: nothing changed"
     # The relay's role reads it (status, check and the relay itself).
     with role_with_grants(db, "relay", "relay") as relay, psycopg.connect(relay) as conn:
         switched = schema_manager.read_source(conn, "outbox")
@@ -220,7 +220,7 @@ def test_wal_is_refused_in_one_line_on_a_server_without_logical_decoding(
     monkeypatch.setattr(schema_manager, "wal_level", lambda conn: "replica")
 
     with pytest.raises(SchemaError) as info:
-        set_source(db, "wal")
+        set_source(db, "wal", outbox_wal.name)
 
     assert str(info.value) == (
         "wal_level is 'replica': the WAL source needs wal_level = logical (set it in postgresql.conf or with "
@@ -236,10 +236,28 @@ def test_wal_is_refused_while_no_slot_could_stream_it(db: str) -> None:
     with pytest.raises(SchemaError) as info:
         set_source(db, "wal")
     assert str(info.value) == (
-        "no logical replication slot of pgoutput in this database: a message enqueued in WAL mode before one "
-        "exists would never be streamed; create the relay's slot first; the source is unchanged"
+        "no usable replication slot 'outbox_relay_outbox' (logical, pgoutput, in this database, not lost): a "
+        "message enqueued in WAL mode before the relay's slot exists would never be streamed; create it first "
+        "(`outbox-relay schema source wal --schema outbox --slot outbox_relay_outbox` does); the source is unchanged"
     )
     assert enqueue_binary_definition(db) == installed
+
+
+def test_wal_is_refused_while_only_another_slot_exists(outbox_wal: WalSlot) -> None:
+    # Another pgoutput slot in the database (another outbox's, a CDC tool's) decodes the
+    # messages, but the relay streams only its own: they would never be published.
+    db = outbox_wal.dsn
+    installed = enqueue_binary_definition(db)
+    for expected in (None, "outbox_relay_other"):
+        with pytest.raises(SchemaError) as info:
+            set_source(db, "wal", expected)
+        name = expected or "outbox_relay_outbox"
+        assert str(info.value).startswith(f"no usable replication slot {name!r} (logical, pgoutput, ")
+        assert "\n" not in str(info.value)
+    assert enqueue_binary_definition(db) == installed
+    with psycopg.connect(db) as conn:
+        assert schema_manager.read_source(conn, "outbox").source == "table"
+    assert set_source(db, "wal", outbox_wal.name), "its own slot: switched"
 
 
 def test_an_upgrade_from_version_7_starts_as_table(empty_db: str) -> None:
@@ -261,7 +279,7 @@ async def test_in_wal_mode_only_enqueue_can_write_into_the_relays_stream(outbox_
     with bare_role(db, "intruder") as intruder:
         # Another prefix, as the relay's stream would refuse a frame that is not one.
         emit_as(intruder, "before the switch: PUBLIC's default", prefix="another-app")
-        assert set_source(db, "wal")
+        assert set_source(db, "wal", outbox_wal.name)
         for content in ("forged", b"forged"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 emit_as(intruder, content)

@@ -39,3 +39,9 @@ class SlotMissing(ReplicationError):
     """The replication slot does not exist (never created, dropped, or not carried to a
     promoted standby): it is never recreated silently, because the WAL between the lost
     slot and a new one would not be read."""
+
+
+class SlotLost(SlotMissing):
+    """The slot exists but PostgreSQL invalidated it (wal_status 'lost': it fell behind
+    by more than max_slot_wal_keep_size, and the WAL it needed is gone): it can never
+    stream again, so it is treated as a missing slot."""

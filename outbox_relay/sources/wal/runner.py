@@ -11,14 +11,15 @@ or ``outbox_relay_<schema>``):
   time) it stands by: it tries again every ``relay.wal.standby_interval`` seconds,
   having logged ``wal_slot_in_use`` once, and takes over when that relay's walsender
   goes (a relay that dies drops its connection, so the slot is free at once). A slot
-  that is missing, or is not this database's, stops the relay with one line: it is
-  never recreated here, since the WAL between a lost slot and a new one would not be
-  read.
+  that is missing, invalidated (wal_status 'lost': kept by PostgreSQL but never able to
+  stream again), or not this database's, stops the relay with one line: it is never
+  recreated here, since the WAL between a lost slot and a new one would not be read.
 - ``table``, with this outbox's slot still there (left by `schema source table`): the
   slot may hold messages enqueued before the switch. It waits until every transaction
   older than its start has ended (one that emitted messages before the switch commits
   by then), notes the WAL's end, streams the slot until it is confirmed that far, then
-  drops the slot and its publication (``wal_slot_dropped``). Another relay doing the
+  drops the slot and its publication (``wal_slot_dropped``) if the source is still
+  table, checked under the schema's lock (switched back to wal: it streams the slot). Another relay doing the
   same stands by, then finds the slot gone.
 - ``table`` without a slot: nothing to do.
 
@@ -41,8 +42,9 @@ from outbox_relay.connections import connect_once
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import first_line
+from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import pgoutput, slot
-from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotMissing, WalSourceError
+from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotLost, SlotMissing, WalSourceError
 from outbox_relay.sources.wal.relay import WalRelay
 from outbox_relay.sqlfiles import Queries
 
@@ -75,9 +77,9 @@ class WalSource:
                     break  # table mode, no slot of ours: nothing to drain
                 relay = self._relay(dispatcher)
                 drained = await self._run(relay, stop, target if target > 0 else None)
-                if drained:
-                    await self._drop()
+                if drained and await self._drop():
                     break
+                # Not dropped: switched back to wal meanwhile; the next plan streams it.
             except SlotInUse:
                 if not standing_by:
                     log.info("wal_slot_in_use", slot=self._slot, retry_every_s=self._settings.standby_interval)
@@ -89,6 +91,10 @@ class WalSource:
                     break  # another relay drained it and dropped it
                 raise
             except (ReplicationError, psycopg.Error) as exc:
+                if _not_in_prerequisite_state(exc):
+                    # What START_REPLICATION says of an invalidated slot ("can no longer
+                    # get changes"): lost for good, so no restart; stop as for a lost slot.
+                    await self._raise_if_lost()
                 if relay is not None and relay.started.is_set():
                     failures, standing_by = 1, False
                 else:
@@ -160,6 +166,7 @@ class WalSource:
                         f"the replication slot {self._slot!r} is not this outbox's (plugin {identity[0]!r}, database "
                         f"{identity[1]!r}): set relay.wal.slot to the slot `schema source wal` created"
                     )
+                _raise_if_lost(self._schema, self._slot, await slot.read_state_async(conn, self._slot))
                 return 0
             if not ours:
                 return None
@@ -189,26 +196,70 @@ class WalSource:
                 return True
             await asyncio.sleep(DRAIN_POLL_S)
 
-    async def _drop(self) -> None:
-        """Drop the drained slot and its publication; the walsender of the stream just
-        closed may take a moment to let go of it."""
+    async def _drop(self) -> bool:
+        """Drop the drained slot and its publication, unless the outbox was switched back
+        to wal meanwhile (False: the slot is streamed again). The walsender of the stream
+        just closed may take a moment to let go of it."""
         for _ in range(20):
             try:
-                await asyncio.to_thread(self._drop_now)
+                dropped = await asyncio.to_thread(self._drop_now)
             except SlotInUse:
                 await asyncio.sleep(DRAIN_POLL_S)
                 continue
+            if not dropped:
+                log.info("wal_slot_kept", slot=self._slot, reason="the outbox was switched back to wal")
+                return False
             log.info("wal_slot_dropped", slot=self._slot, reason="the outbox's source is table and the slot is drained")
-            return
+            return True
         log.warning("wal_slot_not_dropped", slot=self._slot, reason="still in use; tried again at the next start")
+        return True
 
-    def _drop_now(self) -> None:
-        with psycopg.connect(self._dsn, autocommit=True, application_name="outbox-relay") as conn:
-            slot.drop(conn, self._slot, self._slot)
+    def _drop_now(self) -> bool:
+        """Drop the slot if the source is still table, in one transaction under the
+        schema's lock: set_source(wal) takes it before checking the slot, so a switch
+        back either commits first (seen here: kept) or finds the slot gone (refused)."""
+        with psycopg.connect(self._dsn, application_name="outbox-relay") as conn, conn.transaction():
+            schema_manager.lock_schema(conn, self._schema)
+            if schema_manager.read_source(conn, self._schema).source != "table":
+                return False
+            slot.drop_in_transaction(conn, self._slot, self._slot)
+            return True
+
+    async def _raise_if_lost(self) -> None:
+        async with await connect_once(self._dsn, autocommit=True) as conn:
+            if await _source_on(conn, self._schema) != "wal":
+                return  # a lost slot left after a switch to table: nothing of it can be streamed
+            state = await slot.read_state_async(conn, self._slot)
+        _raise_if_lost(self._schema, self._slot, state)
 
     async def _source(self) -> str:
         async with await connect_once(self._dsn, autocommit=True) as conn:
             return await _source_on(conn, self._schema)
+
+
+def _raise_if_lost(schema: str, slot_name: str, state: slot.SlotState | None) -> None:
+    """SlotLost when PostgreSQL invalidated the slot: it keeps it, with wal_status 'lost',
+    but it can never stream again (the WAL it needs is gone)."""
+    if state is None or state.wal_status != "lost":
+        return
+    start = (
+        "its last confirmed position"
+        if state.confirmed_flush_lsn is None
+        else pgoutput.format_lsn(state.confirmed_flush_lsn)
+    )
+    raise SlotLost(
+        f"the outbox {schema!r} is in WAL mode but PostgreSQL invalidated its replication slot {slot_name!r} "
+        f"(wal_status lost: it fell behind by more than max_slot_wal_keep_size): messages enqueued between WAL "
+        f"{start} and {pgoutput.format_lsn(state.current_lsn)} may not have been published; account for them, then "
+        f"drop the slot (SELECT pg_drop_replication_slot('{slot_name}')) and create it with `outbox-relay schema "
+        f"source wal --schema {schema} --slot {slot_name}`"
+    )
+
+
+def _not_in_prerequisite_state(exc: BaseException) -> bool:
+    """Whether `exc` or its cause is SQLSTATE 55000, which START_REPLICATION returns for
+    an invalidated slot."""
+    return any(getattr(e, "sqlstate", None) == "55000" for e in (exc, exc.__cause__))
 
 
 async def _source_on(conn: psycopg.AsyncConnection[Any], schema: str) -> str:

@@ -201,6 +201,13 @@ def drop(conn: psycopg.Connection[Any], slot: str, publication: str) -> None:
     """Drop the slot and the publication if they exist; SlotInUse while a walsender
     streams the slot (PostgreSQL refuses to drop an active slot)."""
     _require_autocommit(conn)
+    drop_in_transaction(conn, slot, publication)
+
+
+def drop_in_transaction(conn: psycopg.Connection[Any], slot: str, publication: str) -> None:
+    """drop, in the caller's open transaction: the runner holds the outbox schema's lock
+    there, so no switch back to wal can commit between its check of the source and the
+    drop. The slot goes at once (a slot is not transactional), the publication at commit."""
     try:
         conn.execute(query("drop_slot", slot=validate_name(slot)))
         conn.execute(query("drop_publication", publication=validate_name(publication)))
