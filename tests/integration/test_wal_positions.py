@@ -136,6 +136,21 @@ async def _at_least(wal: WalSlot, lsn: int) -> bool:
     return await slot_confirmed(wal) >= lsn
 
 
+async def test_a_confirmed_position_reaches_the_slot_at_once(wal: WalSlot) -> None:
+    # No periodic update for an hour, and the server's keepalives come every 30 s (half its
+    # default 60 s timeout): within 2 s, only the report a confirm triggers moves the slot.
+    # Reported at the next interval instead, a relay killed meanwhile would send again
+    # everything acked in that interval.
+    commit_messages(wal.dsn, b"a")
+    stream = wal.stream(status_interval=3600)
+    async with stream, reading_in_background(stream) as parts:
+        await wait_until(lambda: commits(parts), what="transaction a")
+        (end,) = commits(parts)
+        assert end > await slot_confirmed(wal)
+        stream.confirm(end)
+        await wait_until(lambda: _at_least(wal, end), timeout=2, what="the slot at a's commit end")
+
+
 async def test_status_updates_go_out_while_the_caller_does_not_read(wal: WalSlot) -> None:
     dsn = make_conninfo(wal.dsn, options="-c wal_sender_timeout=1s")
     commit_messages(wal.dsn, b"a")

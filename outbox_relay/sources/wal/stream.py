@@ -55,6 +55,10 @@ __all__ = ["TransactionPart", "WalStream"]
 
 SILENCE_INTERVALS = 3  # status intervals without a word from the server: a dead connection
 FINAL_STATUS_TIMEOUT = 5.0  # seconds for the server to take the last confirmed position on close
+# A confirmed position is reported this soon, not at the next status interval: what a
+# killed relay sends again is then what was in flight, not status_interval's worth of
+# acked transactions. At most this many updates a second follow a stream of confirms.
+CONFIRM_REPORT_S = 0.05
 
 
 class WalStream:
@@ -80,6 +84,7 @@ class WalStream:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._status_task: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
+        self._confirmed = asyncio.Event()  # a confirm moved the position: report it soon
         self._reading = False
         self._last_heard = 0.0
         self._transactions = Transactions(prefix, max_part_messages, max_part_bytes)
@@ -168,10 +173,13 @@ class WalStream:
 
     def confirm(self, lsn: int) -> None:
         """Every message up to the transaction whose commit ends at `lsn` is done: the
-        slot may let that WAL go (with the next status update). Lower positions than one
-        confirmed before are ignored; ValueError for a position beyond what was yielded
+        slot may let that WAL go (reported within CONFIRM_REPORT_S). Lower positions than
+        one confirmed before are ignored; ValueError for a position beyond what was yielded
         (a caller's bug: it would skip messages)."""
+        before = self._transactions.flush_position
         self._transactions.confirm(lsn)
+        if self._transactions.flush_position != before:
+            self._confirmed.set()
 
     @property
     def flush_position(self) -> int:
@@ -196,9 +204,18 @@ class WalStream:
 
     async def _send_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self._status_interval)
-            # Asking for a reply makes a live server answer: the reader's proof of life.
-            await self.send_status(reply_requested=True)
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                # cancellation close() sends when the event is set at the same moment.
+                async with asyncio.timeout(self._status_interval):
+                    await self._confirmed.wait()
+            except TimeoutError:
+                # Asking for a reply makes a live server answer: the reader's proof of life.
+                await self.send_status(reply_requested=True)
+                continue
+            self._confirmed.clear()
+            await self.send_status()
+            await asyncio.sleep(CONFIRM_REPORT_S)
 
     # -- reading --------------------------------------------------------------------
 
