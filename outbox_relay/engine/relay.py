@@ -53,11 +53,24 @@ class SideSource(Protocol):
     dispatcher. The relay calls ``run`` once, in its own task, after the brokers are
     connected; it returns once `stop` is set, finishing what it has in hand (the relay
     waits for it as for its workers, up to shutdown_timeout). It retries what it can
-    itself; raising stops the relay (loudly: the error is the process's exit line)."""
+    itself; raising stops the relay (loudly: the error is the process's exit line). It
+    tells `observer` (the relay's observers: metrics, and the caller's) about what it
+    is done with, as the workers do about each committed batch, from its own task."""
 
     name: str
 
-    async def run(self, dispatcher: Dispatcher, stop: asyncio.Event) -> None: ...
+    async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver) -> None: ...
+
+
+class Observers:
+    """A relay's observers, told in turn: its workers and side sources share one."""
+
+    def __init__(self, observers: Sequence[RelayObserver]):
+        self._observers = list(observers)
+
+    def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None:
+        for observer in self._observers:
+            observer.batch_recorded(messages, records)
 
 
 class Relay:
@@ -123,7 +136,7 @@ class Relay:
             on_heartbeat=self._heartbeat,
             prepare_threshold=config.database.prepare_threshold,
         )
-        self._observers: list[RelayObserver] = [self.metrics] if observer is None else [self.metrics, observer]
+        self._observers = Observers([self.metrics] if observer is None else [self.metrics, observer])
         self._sources = list(sources)
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
@@ -177,7 +190,10 @@ class Relay:
         tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(relay.workers)
         ]
-        tasks += [asyncio.create_task(s.run(self._dispatcher, self._stop), name=s.name) for s in self._sources]
+        tasks += [
+            asyncio.create_task(s.run(self._dispatcher, self._stop, self._observers), name=s.name)
+            for s in self._sources
+        ]
         side: list[asyncio.Task[Any]] = [asyncio.create_task(self._maintenance.run(), name="maintenance")]
         if relay.notify:
             side.append(asyncio.create_task(self._listener.run(), name="listener"))
@@ -363,6 +379,5 @@ class Relay:
                     self.metrics.in_flight.set(self.in_flight)
         finally:
             del self._batch_started[worker]
-        for observer in self._observers:
-            observer.batch_recorded(messages, records)
+        self._observers.batch_recorded(messages, records)
         return True

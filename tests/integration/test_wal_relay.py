@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.testing import FakeAdapter
 from tests.support.configs import make_config
 from tests.support.outbox import count
@@ -287,3 +288,19 @@ async def test_drain_of_100000_messages_timed(outbox_wal: WalSlot) -> None:
         f"\nWAL relay drain: {n} messages in {elapsed:.2f} s = {n / elapsed:,.0f} msg/s; "
         f"{used / n * 1e6:.1f} us of CPU per message (test process); {len(fake.calls)} adapter calls"
     )
+
+
+async def test_the_relays_observers_count_what_the_wal_source_published_and_dead_lettered(outbox_wal: WalSlot) -> None:
+    # The metrics (outbox_relay_messages_published_total, the ack latency, dead letters)
+    # and the demo learn of deliveries through the relay's observers: a message published
+    # straight from the WAL counts as one the table's workers published.
+    commit_frames(outbox_wal.dsn, [("d", b"d0-rejected"), ("d", b"d1"), ("e", b"e0"), (None, b"n0")])
+    *_, end = commit_end_lsns(outbox_wal)
+    metrics = RelayMetrics()
+    fake = fails(b"d0-rejected", answer=PublishResult.permanent("bad"))
+    relay = wal_relay(outbox_wal, make_config(outbox_wal.dsn), {"main": fake}, observer=metrics)
+    async with running_wal_relay(relay):
+        await wait_until(lambda: confirmed_flush(outbox_wal.dsn, outbox_wal.name) >= end)
+    assert metrics.published_total() == 3
+    assert metrics.registry.get_sample_value("outbox_relay_messages_dead_lettered_total", {"broker": "main"}) == 1
+    assert [bytes(r[2]) for r in table_rows(outbox_wal.dsn)] == [b"d0-rejected"]

@@ -42,7 +42,9 @@ caller restarts it; nothing unconfirmed is lost). ``stop()`` ends the read or th
 outage pause in progress without confirming the part in hand (it comes again); a
 dispatch in progress finishes first (``publish_timeout`` bounds it). One task runs it.
 The dispatcher is the caller's, shared as the table engine shares it, and closed by
-the caller. ``hold_dead_letters`` must be the dispatcher's policy.
+the caller. ``hold_dead_letters`` must be the dispatcher's policy. ``observer`` (the
+relay's: metrics, the demo) is told after each part what was acked and what outcome a
+parked message was recorded with, as the table's workers tell of a committed batch.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import contextlib
 import itertools
 from collections.abc import Coroutine, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -66,6 +68,9 @@ from outbox_relay.sources.wal.outcomes import Parked, sort_outcomes
 from outbox_relay.sources.wal.parking import SNAPSHOT_LIMIT, Parking
 from outbox_relay.sources.wal.stream import WalStream
 from outbox_relay.sources.wal.transactions import TransactionPart
+
+if TYPE_CHECKING:
+    from outbox_relay.engine.relay import RelayObserver
 
 log = structlog.get_logger("outbox_relay.wal")
 
@@ -94,6 +99,7 @@ class WalRelay:
         max_part_bytes: int = 1 << 20,
         prepare_threshold: int | None = PREPARE_THRESHOLD,
         held_keys_snapshot_limit: int = SNAPSHOT_LIMIT,
+        observer: RelayObserver | None = None,
     ):
         self._dsn = dsn
         self._schema = schema
@@ -110,6 +116,7 @@ class WalRelay:
         }
         self._prepare_threshold = prepare_threshold
         self._snapshot_limit = held_keys_snapshot_limit
+        self._observer = observer
         self._ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._waiting_since: float | None = None  # the outage clock (module docstring)
@@ -149,11 +156,13 @@ class WalRelay:
         held = await parking.held_keys({m.key for m in messages if m.key is not None})
         parked: list[Parked] = [(m, None) for m in messages if m.key is not None and m.key in held]
         todo = [m for m in messages if m.key is None or m.key not in held]
+        acked: list[Record] = []
         while todo:
             records = await self._dispatcher.dispatch(todo)
             pause = self._outage(records)
             round_ = sort_outcomes(todo, records, held, hold_dead_letters=self._hold, park_waits=pause is None)
             self.published += round_.acked
+            acked += (r for r in records if r.kind is RecordKind.ACKED)
             parked += round_.parked
             todo = round_.again
             if todo and pause is not None and not await self._pause(pause):
@@ -170,6 +179,10 @@ class WalRelay:
                 xid=part.xid,
                 commit_lsn=pgoutput.format_lsn(part.commit_lsn),
             )
+        if self._observer is not None:
+            # As the table's workers tell of a committed batch: what was acked, and the
+            # outcomes now recorded in the table (a parked message's retry or dead letter).
+            self._observer.batch_recorded(messages, [*acked, *(r for _, r in parked if r is not None)])
         return True
 
     def _outage(self, records: Sequence[Record]) -> float | None:

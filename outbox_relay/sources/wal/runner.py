@@ -23,7 +23,7 @@ or ``outbox_relay_<schema>``):
   same stands by, then finds the slot gone.
 - ``table`` without a slot: nothing to do.
 
-Lifecycle: ``run(dispatcher, stop)`` returns once ``stop`` is set (having stopped its
+Lifecycle: ``run(dispatcher, stop, observer)`` returns once ``stop`` is set (having stopped its
 WalRelay, which finishes a dispatch in progress and sends its confirmed position), or
 raises what the relay cannot go on after. One task runs it.
 """
@@ -40,6 +40,7 @@ import structlog
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
 from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.relay import RelayObserver
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import first_line
 from outbox_relay.operations import schema_manager
@@ -66,7 +67,7 @@ class WalSource:
         self._settings = config.relay.wal
         self._backoff = Backoff.from_config(config.relay)
 
-    async def run(self, dispatcher: Dispatcher, stop: asyncio.Event) -> None:
+    async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
         failures = 0
         standing_by = False
         while not stop.is_set():
@@ -75,7 +76,7 @@ class WalSource:
                 target = await self._plan()
                 if target is None:
                     break  # table mode, no slot of ours: nothing to drain
-                relay = self._relay(dispatcher)
+                relay = self._relay(dispatcher, observer)
                 drained = await self._run(relay, stop, target if target > 0 else None)
                 if drained and await self._drop():
                     break
@@ -112,12 +113,13 @@ class WalSource:
             standing_by = False
         await stop.wait()
 
-    def _relay(self, dispatcher: Dispatcher) -> WalRelay:
+    def _relay(self, dispatcher: Dispatcher, observer: RelayObserver | None) -> WalRelay:
         return WalRelay(
             self._dsn,
             schema=self._schema,
             slot_name=self._slot,
             dispatcher=dispatcher,
+            observer=observer,
             hold_dead_letters=self._config.relay.dead_letter_policy == "hold",
             park_after=self._settings.park_after,
             status_interval=self._settings.status_interval,
