@@ -49,15 +49,11 @@ def _quiet_deprecations() -> Iterator[None]:
 
 
 # Logical decoding for the WAL source's tests (tests/integration/test_wal_stream.py):
-# replication slots and walsenders for the tests that stream, prepared transactions
-# for the one that checks COMMIT PREPARED. A server named by OUTBOX_RELAY_TEST_DSN
-# needs them too (the WAL tests say so in one line when they are missing).
-LOGICAL_DECODING = {
-    "wal_level": "logical",
-    "max_replication_slots": "20",
-    "max_wal_senders": "20",
-    "max_prepared_transactions": "10",
-}
+# the demo's settings (replication slots and walsenders for the tests that stream),
+# and prepared transactions for the one that checks COMMIT PREPARED. A server named by
+# OUTBOX_RELAY_TEST_DSN needs them too (the WAL tests say so in one line when they are
+# missing).
+LOGICAL_DECODING = {**local_postgres.LOGICAL_DECODING, "max_prepared_transactions": "10"}
 
 
 @contextlib.contextmanager

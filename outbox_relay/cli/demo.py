@@ -8,6 +8,7 @@ import click
 
 from outbox_relay.cli.common import one_line_errors
 from outbox_relay.observability.logging_setup import configure as configure_logging
+from outbox_relay.operations.schema_manager import SOURCES
 
 
 @click.command()
@@ -31,10 +32,18 @@ from outbox_relay.observability.logging_setup import configure as configure_logg
     default=None,
     help="Use this database instead of an embedded one (env: OUTBOX_DEMO_DSN).",
 )
+@click.option(
+    "--source",
+    type=click.Choice(SOURCES),
+    default="table",
+    show_default=True,
+    help="Where enqueue writes: the outbox table, or the WAL (streamed from a replication slot; "
+    "needs wal_level = logical, which the embedded PostgreSQL has).",
+)
 @one_line_errors
-def demo(orders: int, rollback_every: int, dsn: str | None) -> None:
+def demo(orders: int, rollback_every: int, dsn: str | None, source: str) -> None:
     """Run a sample application and the relay on an embedded PostgreSQL."""
     from outbox_relay.demo.run import run_demo
 
     configure_logging("warning")
-    sys.exit(run_demo(orders=orders, rollback_every=rollback_every, dsn=dsn))
+    sys.exit(run_demo(orders=orders, rollback_every=rollback_every, dsn=dsn, source=source))

@@ -22,6 +22,11 @@ from pathlib import Path
 
 from outbox_relay.errors import OutboxRelayError
 
+# What the WAL source needs of a server (`demo --source wal`, and the tests'): logical
+# decoding, and a replication slot and a walsender for each stream; 20 leaves room for
+# relays standing by and for tests that each stream a slot of their own.
+LOGICAL_DECODING = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "20"}
+
 
 class PostgresNotFound(OutboxRelayError):
     """No PostgreSQL server binaries could be found on this machine."""

@@ -15,6 +15,14 @@ the order; the relay publishes committed rows afterwards. This demo shows that:
   standard output, each key's messages in the order they were enqueued;
 * a summary on standard error gives commit-to-ack latency (NOTIFY wakes the relay).
 
+With ``--source wal`` the outbox is installed in WAL mode (README "Two sources: table
+or WAL"): each enqueue writes one logical decoding message into the WAL and no row, and
+the relay streams them from the outbox's replication slot, in commit order. The summary
+then also says how many messages went through the WAL and how many through the table
+(none unless a publish failed and was parked there); the embedded PostgreSQL runs with
+``wal_level = logical`` for it (``local_postgres.LOGICAL_DECODING``), and a database
+given with ``--dsn`` must have it. The slot is dropped when the demo ends.
+
 Every line of the summary is checked, not assumed: against what the relay reported
 through its observer hook and against the database. The exit code is 0 only when all
 of it holds.
@@ -51,6 +59,8 @@ from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.errors import OutboxRelayError
 from outbox_relay.models import Message
 from outbox_relay.operations import schema_manager
+from outbox_relay.sources.wal import slot as wal_slot
+from outbox_relay.sources.wal.errors import SlotInUse
 
 TOPIC = "orders.created"
 WRITERS = 4
@@ -62,6 +72,7 @@ DISPATCH_TIMEOUT = 30.0
 STARTUP_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 10.0
 INTERRUPTED = 130  # the shell's convention for "ended by SIGINT"
+SLOT_RELEASE_TIMEOUT = 10.0  # a stopped stream's walsender lets go of the slot a moment later
 
 # The DSN and schema arrive through ${...} substitution, never by formatting them into
 # the YAML text, so no character in a password can change the file's structure.
@@ -88,9 +99,11 @@ routes:
 # -- entry point ---------------------------------------------------------------------------
 
 
-def run_demo(*, orders: int, rollback_every: int, dsn: str | None) -> int:
+def run_demo(*, orders: int, rollback_every: int, dsn: str | None, source: str = "table") -> int:
     """Run the demo; 0 when every summary line checked out, 1 otherwise."""
-    plan = Plan(orders=orders, rollback_every=rollback_every)
+    if source not in schema_manager.SOURCES:
+        raise OutboxRelayError(f"unknown source {source!r}: use one of {', '.join(schema_manager.SOURCES)}")
+    plan = Plan(orders=orders, rollback_every=rollback_every, source=source)
     try:
         with _sigterm_as_interrupt():
             if dsn is None:
@@ -134,6 +147,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 class Plan:
     orders: int
     rollback_every: int
+    source: str = "table"  # where enqueue writes: schema_manager.SOURCES
+
+    @property
+    def wal(self) -> bool:
+        return self.source == "wal"
 
     def rolls_back(self, number: int) -> bool:
         return number % self.rollback_every == 0
@@ -149,7 +167,7 @@ def _run_embedded(plan: Plan) -> int:
     cluster: local_postgres.LocalPostgres | None = None
     try:
         with _signals_held():
-            cluster = local_postgres.create()
+            cluster = local_postgres.create(local_postgres.LOGICAL_DECODING if plan.wal else None)
         return _run_in(cluster.dsn, plan)
     finally:
         if cluster is not None:
@@ -194,20 +212,30 @@ class Names:
     def orders_table(self) -> sql.Composed:
         return sql.SQL("{}.demo_orders").format(sql.Identifier(self.app))
 
+    @property
+    def slot(self) -> str:
+        """The WAL source's slot and publication: the default the relay's config derives."""
+        return wal_slot.name_for(self.outbox)
+
 
 def _run_in(dsn: str, plan: Plan) -> int:
     names = Names.fresh()
     # Connect before creating anything: a bad DSN fails in one line with nothing to undo.
     with _connect(dsn) as conn:
         try:
-            _setup(conn, names)
+            _setup(conn, names, plan)
             _say(
                 f"demo: outbox schema {names.outbox}; {plan.orders} orders from {WRITERS} "
                 f"writers, 1 transaction in {plan.rollback_every} rolled back"
             )
+            if plan.wal:
+                _say(
+                    f"demo: WAL mode: each enqueue writes a logical decoding message, no row; the relay "
+                    f"streams them from the replication slot {names.slot}"
+                )
             result = asyncio.run(_demo(dsn, names, plan))
         finally:
-            _teardown(conn, names)
+            _teardown(conn, names, plan)
     return _report(result)
 
 
@@ -215,8 +243,10 @@ def _connect(dsn: str) -> psycopg.Connection[Any]:
     return connect_sync(dsn, application_name="outbox-relay-demo")
 
 
-def _setup(conn: psycopg.Connection[Any], names: Names) -> None:
+def _setup(conn: psycopg.Connection[Any], names: Names, plan: Plan) -> None:
     schema_manager.install(conn, names.outbox)
+    if plan.wal:
+        _use_wal(conn, names)
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(names.app)))
         conn.execute(
@@ -228,8 +258,39 @@ def _setup(conn: psycopg.Connection[Any], names: Names) -> None:
         )
 
 
-def _teardown(conn: psycopg.Connection[Any], names: Names) -> None:
+def _use_wal(conn: psycopg.Connection[Any], names: Names) -> None:
+    """What `outbox-relay schema source wal` does: the slot first (a message emitted
+    before a slot exists is decoded by none), then the switch."""
+    conn.autocommit = True  # slot.create's rule: a logical slot needs a transaction that wrote nothing
+    try:
+        wal_slot.create(conn, names.slot, names.slot)
+    finally:
+        conn.autocommit = False
+    schema_manager.set_source(conn, names.outbox, "wal", warn=_say, slot_name=names.slot)
+
+
+def _drop_slot(conn: psycopg.Connection[Any], names: Names) -> None:
+    """Drop the demo's slot and publication, if made: a slot left behind would keep WAL
+    on the server's disk for ever (and, on an embedded cluster, be removed with it)."""
+    conn.autocommit = True
+    try:
+        deadline = time.monotonic() + SLOT_RELEASE_TIMEOUT
+        while True:
+            try:
+                wal_slot.drop(conn, names.slot, names.slot)
+                return
+            except SlotInUse:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        conn.autocommit = False
+
+
+def _teardown(conn: psycopg.Connection[Any], names: Names, plan: Plan) -> None:
     conn.rollback()  # an interrupted setup may have left a transaction open
+    if plan.wal:
+        _drop_slot(conn, names)
     # A session left behind would make DROP wait forever; fail loudly instead.
     conn.execute("SET lock_timeout = '10s'")
     for schema in (names.app, names.outbox):
@@ -275,6 +336,7 @@ class AckLog:
 class DbFacts:
     committed_orders: int
     rolled_back_rows: int  # orders and outbox messages of rolled-back transactions
+    committed_rows: int  # committed messages that are rows of the outbox table
 
 
 @dataclass(frozen=True)
@@ -409,8 +471,13 @@ async def _db_facts(dsn: str, names: Names, written: Written) -> DbFacts:
             (written.rolled_back_orders, written.rolled_back),
         )
         leftovers = await cur.fetchone()
-    assert orders is not None and leftovers is not None
-    return DbFacts(committed_orders=int(orders[0]), rolled_back_rows=int(leftovers[0]))
+        cur = await conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.messages WHERE message_id = ANY(%s)").format(sql.Identifier(names.outbox)),
+            (list(written.commit_time),),
+        )
+        rows = await cur.fetchone()
+    assert orders is not None and leftovers is not None and rows is not None
+    return DbFacts(committed_orders=int(orders[0]), rolled_back_rows=int(leftovers[0]), committed_rows=int(rows[0]))
 
 
 # -- the summary: every line checked ------------------------------------------------------
@@ -452,18 +519,35 @@ def _summary(result: Result) -> str:
         if latencies
         else "n/a (nothing was published)"
     )
+    # The WAL delivers in commit order, the table in enqueue order: for this demo's
+    # writers (one at a time per key) the two are the same, and each source names its own.
+    order = "commit" if result.plan.wal else "enqueue"
     return "\n".join(
         [
             "demo summary",
+            *_source_lines(result),
             f"  orders committed        {len(written.commit_time):>5}   "
             f"(messages published: {_published(result, written.commit_time)})",
             f"  orders rolled back      {len(written.rolled_back):>5}   "
             f"(messages published: {_published(result, written.rolled_back)}"
             " — rolled back with their orders)",
             f"  commit-to-ack latency     {latency}",
-            "  published messages per key kept their enqueue order: " + ("yes" if _order_kept(result) else "no"),
+            f"  published messages per key kept their {order} order: " + ("yes" if _order_kept(result) else "no"),
         ]
     )
+
+
+def _source_lines(result: Result) -> list[str]:
+    """In WAL mode, where the committed messages went: the WAL, or the table (parked
+    there after a failed publish, which the stdout broker never has)."""
+    if not result.plan.wal:
+        return []
+    through_table = result.db.committed_rows
+    through_wal = _published(result, result.written.commit_time) - through_table
+    return [
+        f"  messages through the WAL {through_wal:>5}   (committed messages in the outbox table: {through_table};"
+        " only a failed publish parks one there)"
+    ]
 
 
 def _failure(result: Result) -> str | None:
@@ -485,5 +569,5 @@ def _failure(result: Result) -> str | None:
     if unknown:
         return f"{len(unknown)} published message(s) that no committed order enqueued"
     if not _order_kept(result):
-        return "a key's messages were published out of enqueue order"
+        return f"a key's messages were published out of {'commit' if result.plan.wal else 'enqueue'} order"
     return None
