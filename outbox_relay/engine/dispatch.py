@@ -114,6 +114,11 @@ class Dispatcher:
             for name, adapter in adapters.items()
         }
 
+    @property
+    def metrics(self) -> RelayMetrics:
+        """The registry it counts into: the relay's, which the sources it serves share."""
+        return self._metrics
+
     def _same_call(self, message: Message) -> tuple[str, str] | None:
         # A run shares a call only while it goes to one destination of one broker: two
         # Kafka topics are two partitions, with no order between them.

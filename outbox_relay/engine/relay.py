@@ -61,6 +61,10 @@ class SideSource(Protocol):
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver) -> None: ...
 
+    def readiness(self) -> tuple[bool, dict[str, Any]] | None:
+        """Its say in /readyz, from memory (observability/health.py, ReadinessSource)."""
+        ...
+
 
 class Observers:
     """A relay's observers, told in turn: its workers and side sources share one."""
@@ -150,6 +154,7 @@ class Relay:
             routed=self._router.brokers_in_use(),
             started=self.started,
             batches_started=self._batch_started.values,
+            sources=self._sources,
         )
 
     def stop(self) -> None:

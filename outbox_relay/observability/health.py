@@ -2,7 +2,8 @@
 the start-up of the port that serves them (with ``/metrics``).
 
 Alive: no worker is stuck in one batch far past every timeout. Ready: the database
-and every broker that a route uses answer. The probes also set the connected gauges.
+and every broker that a route uses answer, and a side source (the WAL source) is not
+restarting or stopped. The probes also set the connected gauges.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 
@@ -29,6 +30,15 @@ READY_CACHE_S = 1.0  # /readyz answers from a probe at most this old
 BROKER_PROBE_TRUST_S = 30.0  # a readiness probe's 'not answering' holds the gauge at 0 this long
 
 
+class ReadinessSource(Protocol):
+    """A source that has a say in readiness (the WAL source: sources/wal/lag.py)."""
+
+    def readiness(self) -> tuple[bool, dict[str, Any]] | None:
+        """Whether it lets the relay be ready, and its entries in /readyz's JSON; None:
+        nothing to say. Called on every probe: it must answer from memory."""
+        ...
+
+
 class Health:
     """One relay's liveness and readiness, and its health port."""
 
@@ -42,9 +52,11 @@ class Health:
         routed: Collection[str],
         started: asyncio.Event,
         batches_started: Callable[[], Iterable[float]],
+        sources: Collection[ReadinessSource] = (),
     ):
         """`routed`: the brokers that a route uses; `started`: set once the relay claims;
-        `batches_started`: when each worker's current batch began (loop time)."""
+        `batches_started`: when each worker's current batch began (loop time); `sources`:
+        the side sources, whose state /readyz reports."""
         self._config = config
         self._dsn = config.database.dsn.get_secret_value()
         self._metrics = metrics
@@ -53,6 +65,7 @@ class Health:
         self._routed = sorted(routed)
         self._started = started
         self._batches_started = batches_started
+        self._sources = sources
         self.server: HealthServer | None = None
         self._ready_lock = asyncio.Lock()
         self._ready_cache: tuple[float, tuple[bool, dict[str, Any]]] | None = None
@@ -93,21 +106,28 @@ class Health:
         return all(now - started < limit for started in self._batches_started())
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when the database and every broker that a route uses answer.
+        """Ready when the database and every broker that a route uses answer, and no side
+        source says it cannot work (the WAL source: restarting or stopped).
 
         Probed at most once per READY_CACHE_S, by one caller at a time (the others wait
         for its answer), on one connection kept for it: a burst of /readyz requests
         (a misconfigured probe, a scan) costs the database one session, not one each.
+        The sources answer from memory, so theirs is always the current state.
         """
         if not self._started.is_set():  # still connecting: brokers are not to be probed yet
             return False, {"database": False, "brokers": {}, "starting": True}
         async with self._ready_lock:
             now = asyncio.get_running_loop().time()
-            if self._ready_cache is not None and now - self._ready_cache[0] < READY_CACHE_S:
-                return self._ready_cache[1]
-            answer = await self._probe_readiness()
-            self._ready_cache = (asyncio.get_running_loop().time(), answer)
-            return answer
+            if self._ready_cache is None or now - self._ready_cache[0] >= READY_CACHE_S:
+                answer = await self._probe_readiness()
+                self._ready_cache = (asyncio.get_running_loop().time(), answer)
+            ready, probed = self._ready_cache[1]
+        details = dict(probed)
+        for source in self._sources:
+            if (said := source.readiness()) is not None:
+                ready = ready and said[0]
+                details.update(said[1])
+        return ready, details
 
     async def _probe_readiness(self) -> tuple[bool, dict[str, Any]]:
         database = await self._database_answers()

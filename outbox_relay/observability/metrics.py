@@ -26,6 +26,10 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 # the rest are counted under OTHER_DESTINATIONS.
 MAX_DESTINATION_LABELS = 100
 OTHER_DESTINATIONS = "(other)"
+# The WAL source's states and park reasons (sources/wal/lag.py says what each means):
+# every label value exists from the start, so a relay in table mode serves them too.
+WAL_STATES = ("off", "starting", "streaming", "paused", "standby", "restarting", "stopped")
+WAL_PARK_REASONS = ("transient", "unavailable", "permanent", "held")
 
 
 class RelayMetrics:
@@ -96,6 +100,40 @@ class RelayMetrics:
             "Age of the oldest open transaction in the database (it holds back vacuum and slows claims).",
             registry=r,
         )
+        # The WAL source (sources/wal/lag.py); in table mode 0, and state "off".
+        self.wal_slot_lag_bytes = Gauge(
+            "outbox_relay_wal_slot_lag_bytes",
+            "WAL written since the position the relay last confirmed to the WAL source's slot "
+            "(current LSN - confirmed_flush_lsn).",
+            registry=r,
+        )
+        self.wal_slot_retained_bytes = Gauge(
+            "outbox_relay_wal_slot_retained_bytes",
+            "WAL the WAL source's slot keeps on disk (current LSN - restart_lsn), what max_slot_wal_keep_size limits.",
+            registry=r,
+        )
+        self.wal_slot_lag_seconds = Gauge(
+            "outbox_relay_wal_slot_lag_seconds",
+            "Age of the oldest committed transaction the WAL source read and has not confirmed (0: all confirmed).",
+            registry=r,
+        )
+        self.wal_source_state = Gauge(
+            "outbox_relay_wal_source_state",
+            "1 for the WAL source's state (off, starting, streaming, paused for a broker, standby, restarting, "
+            "stopped), 0 for the others.",
+            ["state"],
+            registry=r,
+        )
+        self.wal_parked = Counter(
+            "outbox_relay_wal_messages_parked",
+            "Messages the WAL source parked into the outbox table, by reason (transient, unavailable, permanent, "
+            "held).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in WAL_PARK_REASONS:
+            self.wal_parked.labels(reason)
+        self.wal_state("off")
         self._connected_workers = 0
         self._destination_labels: dict[str, set[str]] = {}
         self._destination_cap_logged: set[str] = set()
@@ -113,6 +151,13 @@ class RelayMetrics:
                 if sample.name.endswith("_total")
             )
         )
+
+    def wal_state(self, state: str) -> None:
+        """The WAL source is now in `state` (one of WAL_STATES)."""
+        if state not in WAL_STATES:
+            raise ValueError(f"unknown WAL source state {state!r}")
+        for name in WAL_STATES:
+            self.wal_source_state.labels(name).set(1 if name == state else 0)
 
     def worker_connected(self, delta: int) -> None:
         """A worker's database connection opened (+1) or was closed (-1): database_connected

@@ -64,6 +64,7 @@ from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.models import Message
 from outbox_relay.sources.wal import framing, pgoutput
 from outbox_relay.sources.wal.errors import FrameError
+from outbox_relay.sources.wal.lag import WalWatch
 from outbox_relay.sources.wal.outcomes import Parked, sort_outcomes
 from outbox_relay.sources.wal.parking import SNAPSHOT_LIMIT, Parking
 from outbox_relay.sources.wal.stream import WalStream
@@ -100,6 +101,7 @@ class WalRelay:
         prepare_threshold: int | None = PREPARE_THRESHOLD,
         held_keys_snapshot_limit: int = SNAPSHOT_LIMIT,
         observer: RelayObserver | None = None,
+        watch: WalWatch | None = None,
     ):
         self._dsn = dsn
         self._schema = schema
@@ -117,6 +119,7 @@ class WalRelay:
         self._prepare_threshold = prepare_threshold
         self._snapshot_limit = held_keys_snapshot_limit
         self._observer = observer
+        self._watch = watch or WalWatch(slot_name)  # the source's metrics (lag.py)
         self._ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._waiting_since: float | None = None  # the outage clock (module docstring)
@@ -141,17 +144,20 @@ class WalRelay:
         async with parking, WalStream(self._dsn, **self._stream_options) as stream:
             log.info("wal_relay_started", schema=self._schema, slot=self._stream_options["slot_name"])
             self.started.set()
+            self._watch.set_state("streaming")
             while not self._stop.is_set():
                 part = await self._until_stopped(stream.__anext__())
                 if part is None or not await self._handle(part, parking):
                     break
                 if part.end_lsn is not None:
                     stream.confirm(part.end_lsn)
+                    self._watch.confirmed()
                     self.confirmed_lsn = part.end_lsn
         log.info("wal_relay_stopped", published=self.published, parked=self.parked)
 
     async def _handle(self, part: TransactionPart, parking: Parking) -> bool:
         """Publish or park every message of `part`; False if stopped before the end."""
+        self._watch.reading(part.commit_time)
         messages = self._messages(part)
         held = await parking.held_keys({m.key for m in messages if m.key is not None})
         parked: list[Parked] = [(m, None) for m in messages if m.key is not None and m.key in held]
@@ -160,6 +166,7 @@ class WalRelay:
         while todo:
             records = await self._dispatcher.dispatch(todo)
             pause = self._outage(records)
+            self._watch.paused(pause is not None)
             round_ = sort_outcomes(todo, records, held, hold_dead_letters=self._hold, park_waits=pause is None)
             self.published += round_.acked
             acked += (r for r in records if r.kind is RecordKind.ACKED)
@@ -172,6 +179,7 @@ class WalRelay:
             await parking.park(parked)
             parking.note_held(held)
             self.parked += len(parked)
+            self._watch.parked(parked)
             log.info(
                 "wal_messages_parked",
                 count=len(parked),

@@ -46,6 +46,7 @@ from outbox_relay.errors import first_line
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import pgoutput, slot
 from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotLost, SlotMissing, WalSourceError
+from outbox_relay.sources.wal.lag import LAG_POLL_S, WalWatch
 from outbox_relay.sources.wal.relay import WalRelay
 from outbox_relay.sqlfiles import Queries
 
@@ -59,15 +60,24 @@ class WalSource:
 
     name = "wal-source"
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, lag_interval: float = LAG_POLL_S):
         self._config = config
         self._dsn = config.database.dsn.get_secret_value()
         self._schema = config.database.schema_name
         self._slot = config.wal_slot
         self._settings = config.relay.wal
+        self._prepare_threshold = config.database.prepare_threshold
         self._backoff = Backoff.from_config(config.relay)
+        self.watch = WalWatch(self._slot, poll_interval=lag_interval)  # its metrics and /readyz (lag.py)
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
+        stream = self._stream(dispatcher, stop, observer)
+        await self.watch.run_watched(stream, dispatcher.metrics, self._dsn, prepare_threshold=self._prepare_threshold)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]] | None:
+        return self.watch.readiness()
+
+    async def _stream(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None) -> None:
         failures = 0
         standing_by = False
         while not stop.is_set():
@@ -75,6 +85,7 @@ class WalSource:
             try:
                 target = await self._plan()
                 if target is None:
+                    self.watch.set_state("off")
                     break  # table mode, no slot of ours: nothing to drain
                 relay = self._relay(dispatcher, observer)
                 drained = await self._run(relay, stop, target if target > 0 else None)
@@ -85,6 +96,7 @@ class WalSource:
                 if not standing_by:
                     log.info("wal_slot_in_use", slot=self._slot, retry_every_s=self._settings.standby_interval)
                     standing_by = True
+                self.watch.set_state("standby", f"another relay streams the slot {self._slot!r}")
                 await _sleep(stop, self._settings.standby_interval)
                 continue
             except SlotMissing:
@@ -108,6 +120,7 @@ class WalSource:
                     error=first_line(exc),
                     retry_in_s=round(delay, 2),
                 )
+                self.watch.set_state("restarting", first_line(exc))
                 await _sleep(stop, delay)
                 continue
             standing_by = False
@@ -120,6 +133,7 @@ class WalSource:
             slot_name=self._slot,
             dispatcher=dispatcher,
             observer=observer,
+            watch=self.watch,
             hold_dead_letters=self._config.relay.dead_letter_policy == "hold",
             park_after=self._settings.park_after,
             status_interval=self._settings.status_interval,
