@@ -7,6 +7,10 @@ GRANT SELECT, UPDATE, DELETE ON {schema}.messages TO {role};
 GRANT SELECT ON {schema}.schema_version TO {role};
 -- Where enqueue writes (`table` or `wal`): the relay, `status` and `check` read it.
 GRANT SELECT ON {schema}.settings TO {role};
+-- The WAL source keeps each key's order across a switch and parks a message once
+-- (schema.sql, settings): it moves the drain's ids and the parked position, ends the
+-- drain with the slot, and marks a switch to wal settled.
+GRANT UPDATE (drain_gate, drain_next, wal_settled, parked_through_commit, parked_through) ON {schema}.settings TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};
 -- A committer that skips its NOTIFY counts the skip, and the relay reads the count
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.
@@ -16,6 +20,9 @@ GRANT EXECUTE ON FUNCTION {schema}.skipped_wakeups() TO {role};
 -- tail of the outbox and records the replay: INSERT of the copied columns only, the
 -- headers domain's check function, and the replays table.
 GRANT INSERT (message_id, topic, key, payload, content_type, headers) ON {schema}.messages TO {role};
+-- The id too, for the WAL source's drain only (parking.py): a message parked while the
+-- slot drains after a switch to table takes an id from the gap below drain_gate.
+GRANT INSERT (id) ON {schema}.messages TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.headers_valid(jsonb) TO {role};
 -- A resume acts on what a replay's or backfill's record says, with the privileges of
 -- the role that resumes it. So a role records them with every column but created_by,

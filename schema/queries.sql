@@ -44,7 +44,9 @@ SELECT set_config('jit', 'off', true);
 -- %(after)s (the relay's rotating cursor, so every key gets its turn) and stops after
 -- %(limit)s due heads or %(max_visits)s keys, whichever comes first. Returns every key
 -- visited; the last one is where the next walk starts. A head is due when its retry
--- time has come and, under `hold`, no dead letter of its key comes before it.
+-- time has come, under `hold` no dead letter of its key comes before it, and it lies
+-- below the drain gate (settings.drain_gate: after a switch from the WAL source, no
+-- keyed row enqueued after it goes before its key's messages still in the slot).
 WITH RECURSIVE walk(visited, found, key, id, due) AS (
     (SELECT 1, m.due::int, m.key, m.id, m.due
      FROM (SELECT m.key, m.id,
@@ -52,7 +54,8 @@ WITH RECURSIVE walk(visited, found, key, id, due) AS (
                   AND NOT (%(hold_dead_letters)s AND EXISTS (
                         SELECT 1 FROM {schema}.messages AS d
                         WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
-                          AND d.dead_lettered_at IS NOT NULL)) AS due
+                          AND d.dead_lettered_at IS NOT NULL))
+                  AND m.id < (SELECT coalesce(s.drain_gate, 9223372036854775807) FROM {schema}.settings AS s) AS due
            FROM {schema}.messages AS m
            WHERE m.key COLLATE "C" > %(after)s::text
              AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
@@ -67,7 +70,8 @@ WITH RECURSIVE walk(visited, found, key, id, due) AS (
                AND NOT (%(hold_dead_letters)s AND EXISTS (
                      SELECT 1 FROM {schema}.messages AS d
                      WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
-                       AND d.dead_lettered_at IS NOT NULL)) AS due
+                       AND d.dead_lettered_at IS NOT NULL))
+               AND m.id < (SELECT coalesce(s.drain_gate, 9223372036854775807) FROM {schema}.settings AS s) AS due
         FROM {schema}.messages AS m
         WHERE m.key COLLATE "C" > w.key COLLATE "C"
           AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
@@ -91,8 +95,10 @@ SELECT key, id, due FROM walk;
 -- re-checks a row's WHERE after waiting for its lock), instead of publishing them a
 -- second time. Under `hold`, a key with a dead letter before its head is skipped, and
 -- a run stops before the key's next dead letter. The caller cuts each run at its
--- first row not yet due.
-WITH heads AS (
+-- first row not yet due. Neither a head nor a run reaches the drain gate (walk_keys).
+WITH gate AS (
+    SELECT coalesce(s.drain_gate, 9223372036854775807) AS below FROM {schema}.settings AS s
+), heads AS (
     SELECT m.id, m.key,
            CASE WHEN %(hold_dead_letters)s THEN (
                SELECT min(d.id) FROM {schema}.messages AS d
@@ -106,6 +112,7 @@ WITH heads AS (
             SELECT 1 FROM {schema}.messages AS d
             WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
               AND d.dead_lettered_at IS NOT NULL))
+      AND m.id < (SELECT gate.below FROM gate)
     FOR UPDATE OF m SKIP LOCKED
 ), runs AS (
     SELECT r.*
@@ -120,6 +127,7 @@ WITH heads AS (
         FROM {schema}.messages AS m
         WHERE m.key COLLATE "C" = h.key COLLATE "C" AND m.id >= h.id
           AND (h.stop_id IS NULL OR m.id < h.stop_id)
+          AND m.id < (SELECT gate.below FROM gate)
           AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL
         ORDER BY m.key COLLATE "C", m.id
         LIMIT %(per_key)s
@@ -354,6 +362,18 @@ WHERE id IN (SELECT id FROM {schema}.messages
 -- name: replay_max_source_id
 SELECT coalesce(max(id), 0), clock_timestamp() FROM {schema}.messages;
 
+-- name: replay_wal_period
+-- When enqueue wrote into the WAL, as far as settings tell: a message published
+-- straight from the WAL never was a row, so no replay can copy it. In wal mode, since
+-- source_changed_at; in table mode switched back from wal, until source_changed_at (since
+-- when, settings do not keep). Never switched: source_changed_at is still the settings
+-- row's creation, the installed_at of the schema version that created it (8, or a
+-- fresh install's later one): the same transaction, so the same now().
+SELECT s.source,
+       s.source_changed_at,
+       s.source_changed_at > (SELECT min(v.installed_at) FROM {schema}.schema_version AS v WHERE v.version >= 8)
+FROM {schema}.settings AS s;
+
 -- name: replay_count
 -- Per topic: the rows selected, and how many of them a copy skips (replay_copy_chunk).
 SELECT topic, count(*), count(*) FILTER (WHERE octet_length(key) > %(max_key_bytes)s) FROM {schema}.messages
@@ -493,7 +513,18 @@ FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT 10;
 SELECT backfill_id, requested_at, finished_at IS NOT NULL, source ->> 'table' FROM {schema}.backfills
 WHERE source - 'table' = %(source)s::jsonb - 'table' ORDER BY backfill_id DESC;
 
+-- name: enqueue_source
+-- Where enqueue_binary writes now, read from its installed body: a switch of source
+-- replaces the body (schema/sources.sql), and only the WAL source's emits logical
+-- decoding messages (tests/integration/test_sources.py checks this agrees with settings).
+-- From the catalog, which every role may read, not from settings, which a producer role
+-- (the one a backfill runs as) may not. No row: the function is missing.
+SELECT CASE WHEN strpos(p.prosrc, 'pg_logical_emit_message') > 0 THEN 'wal' ELSE 'table' END
+FROM pg_catalog.pg_proc AS p
+WHERE p.oid = to_regprocedure(format('%%I.enqueue_binary(text, text, bytea, jsonb, text)', %(schema)s::text));
+
 -- name: outbox_source
 -- Where enqueue writes (`table` or `wal`), since when and who switched (schema.sql,
--- settings; schema/sources.sql switches it).
-SELECT source, source_changed_at, source_changed_by FROM {schema}.settings;
+-- settings; schema/sources.sql switches it), and whether the drain after a switch to
+-- table is pending (its gate holds keyed rows enqueued since).
+SELECT source, source_changed_at, source_changed_by, drain_gate IS NOT NULL FROM {schema}.settings;

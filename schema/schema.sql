@@ -20,7 +20,19 @@ CREATE TABLE {schema}.settings (
     one_row boolean PRIMARY KEY DEFAULT true CONSTRAINT settings_one_row CHECK (one_row),
     source text NOT NULL DEFAULT 'table' CONSTRAINT settings_source_known CHECK (source IN ('table', 'wal')),
     source_changed_at timestamptz NOT NULL DEFAULT now(),
-    source_changed_by name NOT NULL DEFAULT current_user
+    source_changed_by name NOT NULL DEFAULT current_user,
+    -- A switch keeps each key's order (migrations/0009_switch_order.sql says how):
+    -- while drain_gate is set (a switch from wal, the slot not yet drained) the claim
+    -- takes no keyed row from that id on, and the drain parks with ids from drain_next,
+    -- below it; wal_settled is false after a switch to wal until every transaction that
+    -- could still write a row through the table body has ended.
+    drain_gate bigint,
+    drain_next bigint,
+    wal_settled boolean NOT NULL DEFAULT true,
+    -- The last WAL message parked into messages (its commit's start LSN, its own LSN),
+    -- written with the park: what a restarted relay need not park again.
+    parked_through_commit pg_lsn,
+    parked_through pg_lsn
 );
 INSERT INTO {schema}.settings DEFAULT VALUES;
 

@@ -174,3 +174,27 @@ SELECT EXISTS (
     WHERE slot_name = %(slot)s AND slot_type = 'logical' AND plugin = 'pgoutput'
       AND database = current_database() AND wal_status IS DISTINCT FROM 'lost'
 );
+
+-- A switch keeps each key's order (schema.sql, settings; migrations/0009_switch_order.sql).
+
+-- name: open_drain_gate
+-- wal -> table, with the outbox's slot there: until a relay has streamed the slot to
+-- its end and dropped it (runner.py), the claim takes no keyed row from drain_gate on,
+-- and the messages the drain parks take ids from drain_next, in the gap below it that
+-- this leaves in the identity sequence (2^40 ids: more than any slot holds), so they go
+-- behind their key's older rows and before every row enqueued after the switch.
+UPDATE {schema}.settings
+SET drain_next = b.id, drain_gate = pg_catalog.setval(b.seq, b.id + 1099511627776) + 1
+FROM (SELECT s.seq, pg_catalog.nextval(s.seq) AS id
+      FROM pg_catalog.pg_get_serial_sequence(%(messages)s, 'id') AS s(seq)) AS b
+WHERE EXISTS (SELECT FROM pg_catalog.pg_replication_slots
+              WHERE slot_name = %(slot)s AND database = pg_catalog.current_database());
+
+-- name: unsettle_wal
+-- table -> wal: the relay publishes no WAL message before every transaction that could
+-- still write a row through the table body has ended (runner.py settles it).
+UPDATE {schema}.settings SET wal_settled = false;
+
+-- name: drain_pending
+-- The drain after a switch to table has not ended: its gate is still set.
+SELECT drain_gate IS NOT NULL FROM {schema}.settings;

@@ -121,21 +121,77 @@ FROM unnest(%(message_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(pay
 ORDER BY p.n
 RETURNING id
 
+-- name: park_messages_at
+-- park_messages while the slot drains after a switch to table: each row takes its id
+-- from %(first_id)s on (settings.drain_next, the gap below the drain gate), in the order
+-- given, so it goes behind its key's older rows and before the rows enqueued since.
+INSERT INTO {schema}.messages (id, message_id, topic, key, payload, content_type, headers) OVERRIDING SYSTEM VALUE
+SELECT %(first_id)s::bigint + p.n - 1, p.message_id, p.topic, p.key, p.payload, p.content_type, p.headers::jsonb
+FROM unnest(%(message_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(payloads)s::bytea[],
+            %(content_types)s::text[], %(headers)s::text[]) WITH ORDINALITY
+     AS p(message_id, topic, key, payload, content_type, headers, n)
+ORDER BY p.n
+RETURNING id
+
+-- name: park_begin
+-- The first statement of a park: the settings row locked until it commits, so a switch
+-- of source (which updates it) comes wholly before or after the park; the drain's next
+-- id when one is pending (NULL: the identity's own).
+SELECT drain_next FROM {schema}.settings FOR UPDATE
+
+-- name: park_end
+-- The last one: the drain's next id moved past the rows parked at it, and the position
+-- of the last message parked (parked_through: what a restart need not park again).
+UPDATE {schema}.settings
+SET drain_next = drain_next + %(count)s,
+    parked_through_commit = %(commit_lsn)s::text::pg_lsn,
+    parked_through = %(lsn)s::text::pg_lsn
+
+-- name: parked_through
+SELECT parked_through_commit::text, parked_through::text FROM {schema}.settings
+
 -- The WAL source inside `outbox-relay run` (outbox_relay/sources/wal/runner.py), on an
 -- ordinary connection, with parameters.
 
--- name: next_xid
--- The next transaction id to be assigned: every transaction that could have emitted a
--- message before the outbox switched to the table has a lower one.
-SELECT pg_snapshot_xmax(pg_current_snapshot())::text
+-- name: running_transactions
+-- Every transaction of this database running now but this session's (each holds the
+-- lock on its own virtual transaction id, whether it has a real one yet or not), and
+-- every transaction prepared in it (PREPARE TRANSACTION: no session, until COMMIT or
+-- ROLLBACK PREPARED). Read after a switch committed: every transaction that can still
+-- run the old body of enqueue_binary (a statement that began before the switch keeps
+-- the body it started with) is among them, or has ended. Other databases' transactions
+-- cannot call this outbox's enqueue: they are not waited for.
+SELECT coalesce((SELECT array_agg(l.virtualxid)
+                 FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+                 WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
+                   AND a.datname = current_database()), '{{}}'),
+       coalesce((SELECT array_agg(p.transaction::text) FROM pg_prepared_xacts AS p
+                 WHERE p.database = current_database()), '{{}}')
 
 -- name: wal_end_once_ended
--- The WAL's end, once no transaction older than %(xid)s runs any more (NULL until
--- then): a transaction that emitted messages before the switch commits before it, so
--- a slot confirmed up to it has handed out every one of them. A prepared transaction
--- counts as running until COMMIT or ROLLBACK PREPARED.
-SELECT CASE WHEN pg_snapshot_xmin(pg_current_snapshot()) >= %(xid)s::text::xid8
+-- The WAL's end, once every one of running_transactions (%(vxids)s, %(prepared)s) has
+-- ended (NULL until then). A transaction that emitted messages before the switch
+-- committed by then, so a slot confirmed up to this position has handed out every one
+-- of them.
+SELECT CASE WHEN NOT EXISTS (SELECT FROM pg_locks
+                             WHERE locktype = 'virtualxid' AND virtualxid = ANY(%(vxids)s::text[]))
+             AND NOT EXISTS (SELECT FROM pg_prepared_xacts
+                             WHERE transaction::text = ANY(%(prepared)s::text[]))
             THEN pg_current_wal_lsn()::text END
+
+-- name: switch_state
+-- After a switch: whether a drain is pending (its gate set) and whether a switch to wal
+-- has settled (schema.sql, settings).
+SELECT drain_gate IS NOT NULL, wal_settled FROM {schema}.settings
+
+-- name: settle_wal
+-- Every transaction that could write a row through the table body has ended: the WAL
+-- source may read the table's held keys and publish.
+UPDATE {schema}.settings SET wal_settled = true WHERE source = 'wal'
+
+-- name: close_drain_gate
+-- The slot is drained (or gone): rows enqueued after the switch may be claimed.
+UPDATE {schema}.settings SET drain_gate = NULL, drain_next = NULL WHERE drain_gate IS NOT NULL
 
 -- name: max_slot_wal_keep_size
 -- -1: a slot may keep WAL without limit (a stalled relay fills the disk); otherwise

@@ -67,7 +67,7 @@ async def check_source(conn: psycopg.AsyncConnection[Any], config: Config, echo:
     schema = config.database.schema_name
     recorded = await (await conn.execute(Queries(schema)["outbox_source"])).fetchone()
     state = await slot.read_state_async(conn, config.wal_slot)
-    info = SourceInfo.of(str(recorded[0]) if recorded else "table", config.wal_slot, state)
+    info = SourceInfo.from_row(recorded, config.wal_slot, state)
     if info.source == "wal" and state is None:
         echo(
             f"source    FAIL  {info.summary()}: create it with `outbox-relay schema source wal --schema {schema} "

@@ -23,6 +23,7 @@ from outbox_relay.errors import DatabaseError, SchemaError, first_line
 from outbox_relay.sources.wal import framing, slot
 
 _LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay.schema.' || %s))"
+_SHARED_LOCK_KEY = "SELECT pg_advisory_xact_lock_shared(hashtext('outbox_relay.schema.' || %s))"
 _SCHEMA_OBJECTS = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s
@@ -242,6 +243,21 @@ def read_source(conn: psycopg.Connection[Any], schema: str) -> SourceSetting:
     return SourceSetting(str(row[0]), row[1], str(row[2]))
 
 
+def hold_enqueue_source(conn: psycopg.Connection[Any], schema: str) -> str:
+    """Where enqueue writes (`table` or `wal`), kept so until the caller's transaction
+    ends: the schema's lock, shared (set_source and install take it alone, so a switch
+    waits for this transaction), then the source read from enqueue_binary's installed
+    body (queries.sql, enqueue_source: any role may read it, a producer may not read
+    settings). For a writer that does not go through enqueue and must write where it
+    does (a backfill chunk). The read is a statement of its own: a statement's snapshot
+    is taken before it waits for the lock, and would not see a switch committed meanwhile."""
+    conn.execute(_SHARED_LOCK_KEY, (sqlfiles.validate_schema_name(schema),))
+    row = conn.execute(sqlfiles.Queries(schema)["enqueue_source"], {"schema": schema}).fetchone()
+    if row is None:
+        raise SchemaError(f"{schema}.enqueue_binary is missing: run `outbox-relay schema install --schema {schema}`")
+    return str(row[0])
+
+
 def wal_level(conn: psycopg.Connection[Any]) -> str:
     """The server's wal_level: a function of its own so a test can stand in a server
     that is not set for logical decoding (the shared test cluster cannot restart)."""
@@ -274,7 +290,10 @@ def set_source(
     slot the relay reads, so it would be lost. The check runs under the schema's lock,
     which the relay also takes to drop a drained slot: the two cannot interleave.
     Switching moves no message: what is pending in the old source is the relay's to
-    drain.
+    drain, keeping each key's order (migrations/0009_switch_order.sql): `table` sets the
+    drain gate (the claim takes no keyed row enqueued after the switch until a relay
+    drained the slot), so `wal` is refused while that drain is pending; `wal` makes the
+    relay wait for transactions that could still write rows before it publishes.
 
     `wal` also takes pg_logical_emit_message from PUBLIC (lock_down_emit_message), so
     no role but enqueue's owner can write into the relay's stream; when this role
@@ -296,8 +315,19 @@ def set_source(
                 problem = missing_or_old(_version_of(cur, schema), schema)
             if problem:
                 raise SchemaError(problem)
+            if source == "wal" and conn.execute(_source_statement("drain_pending", schema)).fetchone() == (True,):
+                raise SchemaError(
+                    f"the outbox {schema!r} is still draining its slot after the switch to table (keyed rows "
+                    "enqueued since wait for it): start a relay with this schema and let it finish "
+                    "(wal_slot_dropped in its log; `outbox-relay status` shows the drain), then switch"
+                )
             conn.execute(_source_statement(f"use_{source}_source", schema))
             changed = conn.execute(_source_statement("record_source", schema), {"source": source}).rowcount
+            if changed and source == "table":
+                messages = sql.Identifier(schema, "messages").as_string(conn)
+                conn.execute(_source_statement("open_drain_gate", schema), {"messages": messages, "slot": wanted})
+            elif changed:
+                conn.execute(_source_statement("unsettle_wal", schema))
             problem = lock_down_emit_message(conn, schema) if source == "wal" else None
     except psycopg.Error as exc:
         raise DatabaseError(f"schema source {source} failed: {first_line(exc)}") from exc

@@ -266,6 +266,7 @@ def test_switching_back_to_the_table_loses_nothing_and_the_relay_drops_the_drain
     config = write_config(tmp_path / "relay.yaml", db, sink=sink, wal=wal_settings(name))
     shown = run_cli("status", "--config", str(config))
     assert f"source         table (slot {name!r} not streamed" in shown.stdout, shown.stdout + shown.stderr
+    assert "kept until a relay has drained it; keyed rows enqueued since the switch wait for it)" in shown.stdout
     relay = RelayProcess(config)
     try:
         wait_for(lambda: logged(relay, "wal_slot_dropped"), 60, "the relay drains the slot and drops it")

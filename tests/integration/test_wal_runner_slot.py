@@ -1,5 +1,6 @@
 """The WAL runner (sources/wal/runner.py) and its slot: an invalidated slot stops it in
-one line, and a drained slot is dropped only while the outbox is still in table mode.
+one line, a drained slot is dropped only while the outbox is still in table mode, and no
+switch back to wal comes before that drop.
 Against real PostgreSQL: the shared cluster, and for the invalidated slot a throwaway
 one whose max_slot_wal_keep_size lets PostgreSQL invalidate a slot that falls behind."""
 
@@ -97,17 +98,23 @@ def outbox_wal(db: str) -> Iterator[WalSlot]:
         yield found
 
 
-async def test_a_drained_slot_is_kept_when_the_outbox_was_switched_back_to_wal(outbox_wal: WalSlot) -> None:
+async def test_a_switch_back_to_wal_is_refused_while_the_slot_drains_and_the_slot_stays(outbox_wal: WalSlot) -> None:
     db, name = outbox_wal.dsn, outbox_wal.name
     set_source(db, "wal", name)
     set_source(db, "table", name)
-    source = WalSource(make_config(db, wal={"slot": name}))
-    # The relay drained the slot; before it drops it, the outbox goes back to wal.
-    set_source(db, "wal", name)
+    # The slot is not drained yet: back to wal now would put the table's newer rows
+    # behind messages that are not streamed yet, and the drop's check would race it.
+    with pytest.raises(SchemaError, match="still draining its slot after the switch to table"):
+        set_source(db, "wal", name)
+    assert source_of(db) == "table"
+    assert slot_exists(db, name)
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT drain_gate IS NOT NULL FROM outbox.settings").fetchone() == (True,)
 
-    assert await source._drop() is False
-    assert slot_exists(db, name), "the slot of an outbox in wal mode must stay"
-    assert source_of(db) == "wal"
+    source = WalSource(make_config(db, wal={"slot": name}))
+    assert await source._drop() is True  # drained: dropped, and the gate with it
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT drain_gate, drain_next FROM outbox.settings").fetchone() == (None, None)
 
 
 async def test_a_drained_slot_is_dropped_while_the_outbox_is_in_table_mode(outbox_wal: WalSlot) -> None:

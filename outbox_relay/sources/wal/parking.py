@@ -22,6 +22,15 @@ table engine has drained may go on being parked for up to ``snapshot_ttl``, whic
 keeps its order; and a key another hand starts holding (a requeue, a replay, a table
 source's producer) is seen within ``snapshot_ttl``.
 
+Across a switch to table (migrations/0009_switch_order.sql): while the slot drains, a
+park takes its ids from the gap the switch left below the drain gate, so the drained
+messages go behind their key's older rows and before every row enqueued since, which
+the claim holds back until the drain ends.
+
+Once: each park records the position of the part's last message (parked_through); a
+relay that restarts before the slot took its confirmed position skips what lies at or
+before it (in the table already, or acked) instead of parking it twice.
+
 Lifecycle: one connection, opened by ``open`` (or ``async with``), used by one task.
 Each call is one committed transaction; a database error raises (psycopg's), and the
 caller has confirmed nothing of what it was parking, so the stream delivers it again.
@@ -42,7 +51,7 @@ from psycopg import sql
 from outbox_relay.connections import PREPARE_THRESHOLD, connect_once
 from outbox_relay.engine.store import OutboxStore, RecordKind
 from outbox_relay.models import Message
-from outbox_relay.sources.wal import slot
+from outbox_relay.sources.wal import pgoutput, slot
 from outbox_relay.sources.wal.outcomes import Parked
 from outbox_relay.sqlfiles import Queries
 
@@ -78,6 +87,10 @@ class Parking:
         self._snapshot: set[str] | None = None  # None: too many keys, ask per part
         self._snapshot_until = float("-inf")
         self._park = sql.SQL(slot.text("park_messages")).format(schema=name)
+        self._park_at = sql.SQL(slot.text("park_messages_at")).format(schema=name)
+        self._park_begin = sql.SQL(slot.text("park_begin")).format(schema=name)
+        self._park_end = sql.SQL(slot.text("park_end")).format(schema=name)
+        self._parked_through = sql.SQL(slot.text("parked_through")).format(schema=name)
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def __aenter__(self) -> Self:
@@ -134,8 +147,23 @@ class Parking:
             cursor = await conn.execute(query, {**params, "hold_dead_letters": self._hold})
             return await cursor.fetchall()
 
-    async def park(self, parked: Sequence[Parked]) -> None:
-        """Insert `parked` (in stream order) and write their outcomes, in one transaction."""
+    async def parked_through(self) -> tuple[int, int] | None:
+        """The position of the last message parked (its commit's start LSN, its own LSN):
+        everything up to it is in the table or was acked, since a part is parked only
+        once all its messages are done. None: nothing parked yet."""
+        rows = await self._query(self._parked_through, {})
+        commit_lsn, lsn = rows[0] if rows else (None, None)
+        if commit_lsn is None or lsn is None:
+            return None
+        return pgoutput.parse_lsn(str(commit_lsn)), pgoutput.parse_lsn(str(lsn))
+
+    async def park(self, parked: Sequence[Parked], through: tuple[int, int]) -> None:
+        """Insert `parked` (in stream order) and write their outcomes, in one transaction,
+        recording `through` (the position of the part's last message: see parked_through).
+
+        The settings row is locked first, so a switch of source is wholly before or after
+        the park: while the slot drains after a switch to table, the rows take their ids
+        from the drain's gap (settings.drain_next), below every row enqueued since."""
         if not parked:
             return
         if any(record is not None and record.kind is RecordKind.ACKED for _, record in parked):
@@ -143,9 +171,13 @@ class Parking:
         messages = [message for message, _ in parked]
         conn = self._connection()
         async with conn.transaction():
+            cursor = await conn.execute(self._park_begin)
+            row = await cursor.fetchone()
+            first_id = None if row is None else row[0]
             cursor = await conn.execute(
-                self._park,
+                self._park if first_id is None else self._park_at,
                 {
+                    "first_id": first_id,
                     "message_ids": [m.message_id for m in messages],
                     "topics": [m.topic for m in messages],
                     "keys": [m.key for m in messages],
@@ -161,6 +193,14 @@ class Parking:
                 raise RuntimeError(f"parked {len(parked)} messages, the table returned {len(ids)} rows")
             outcomes = [replace(record, id=row_id) for (_, record), row_id in zip(parked, ids, strict=True) if record]
             await self._store.record(conn, outcomes)
+            await conn.execute(
+                self._park_end,
+                {
+                    "count": len(parked),
+                    "commit_lsn": pgoutput.format_lsn(through[0]),
+                    "lsn": pgoutput.format_lsn(through[1]),
+                },
+            )
 
 
 def _headers_json(message: Message) -> str:

@@ -14,15 +14,18 @@ For each part of a committed transaction (stream.py, in commit order):
    retry and dead-letter policy. outcomes.py sorts its answer: acked, parked (with the
    state its record says), or dispatched again (not attempted).
 4. What is parked is inserted in one committed transaction (parking.py), in stream
-   order, before anything later is read.
+   order, before anything later is read, with the position of the part's last message:
+   a relay that starts again skips the messages up to the last one parked (in the table
+   already, or acked) instead of parking them twice.
 5. After a transaction's last part, its commit's end LSN is confirmed to the stream
    (never a message's own LSN: stream.py says why). Parts are handled one after the
    other, so everything before it is done too.
 
 At least once: nothing is confirmed before it was acked or parked and the park
 committed, so a relay that stops or dies gets every unconfirmed transaction again from
-the slot (its acked messages are published again, its parked ones parked again: the
-duplicates are what was in flight).
+the slot: its acked messages are published again (the duplicates are what was in
+flight), except those up to the last park (step 4), which come again from the slot but
+are neither published nor parked a second time.
 
 A broker outage (answers ``WAIT``: unreachable, no answer within publish_timeout, its
 circuit open). The part in hand is kept, and what waits is dispatched again after the
@@ -123,6 +126,7 @@ class WalRelay:
         self._ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._waiting_since: float | None = None  # the outage clock (module docstring)
+        self._parked_through: tuple[int, int] | None = None  # read at start (_not_parked_yet)
         self.started = asyncio.Event()
         self.published = 0
         self.parked = 0
@@ -142,6 +146,7 @@ class WalRelay:
             snapshot_limit=self._snapshot_limit,
         )
         async with parking, WalStream(self._dsn, **self._stream_options) as stream:
+            self._parked_through = await parking.parked_through()
             log.info("wal_relay_started", schema=self._schema, slot=self._stream_options["slot_name"])
             self.started.set()
             self._watch.set_state("streaming")
@@ -158,7 +163,7 @@ class WalRelay:
     async def _handle(self, part: TransactionPart, parking: Parking) -> bool:
         """Publish or park every message of `part`; False if stopped before the end."""
         self._watch.reading(part.commit_time)
-        messages = self._messages(part)
+        messages = self._messages(part, self._not_parked_yet(part))
         held = await parking.held_keys({m.key for m in messages if m.key is not None})
         parked: list[Parked] = [(m, None) for m in messages if m.key is not None and m.key in held]
         todo = [m for m in messages if m.key is None or m.key not in held]
@@ -176,7 +181,7 @@ class WalRelay:
                 return False
         if parked:
             parked.sort(key=lambda item: item[0].id)  # stream order, across rounds
-            await parking.park(parked)
+            await parking.park(parked, through=(part.commit_lsn, part.messages[-1].lsn))
             parking.note_held(held)
             self.parked += len(parked)
             self._watch.parked(parked)
@@ -217,10 +222,21 @@ class WalRelay:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
         return not self._stop.is_set()
 
-    def _messages(self, part: TransactionPart) -> list[Message]:
+    def _not_parked_yet(self, part: TransactionPart) -> list[pgoutput.Message]:
+        """The messages of `part` after the last one parked before this relay started
+        (parking.py, parked_through): those up to it are in the table or were acked, and
+        the slot hands them out again only because its confirmed position was not sent."""
+        through = self._parked_through
+        if through is None or part.commit_lsn > through[0]:
+            return part.messages
+        if part.commit_lsn < through[0]:
+            return []
+        return [m for m in part.messages if m.lsn > through[1]]
+
+    def _messages(self, part: TransactionPart, logical_messages: list[pgoutput.Message]) -> list[Message]:
         created_at = pgoutput.to_datetime(part.commit_time)
         messages = []
-        for logical in part.messages:
+        for logical in logical_messages:
             try:
                 frame = framing.decode(logical.content)
                 headers = _NO_HEADERS if frame.headers == "{}" else frame.header_map()

@@ -1,10 +1,15 @@
 """The WAL source inside `outbox-relay run`: beside the table engine's workers, with their
 dispatcher (same adapters, routes, circuits, retry and dead-letter policy).
 
-At start it reads the outbox's source ({schema}.settings) and its slot (relay.wal.slot,
-or ``outbox_relay_<schema>``):
+It reads the outbox's source ({schema}.settings) and its slot (relay.wal.slot, or
+``outbox_relay_<schema>``) at start and again every SOURCE_POLL_S, so a running relay
+follows a switch (a switch keeps each key's order: migrations/0009_switch_order.sql):
 
-- ``wal``: it streams the slot with a WalRelay (relay.py) until the relay stops. A
+- ``wal``: first, right after a switch to wal (settings.wal_settled false), it waits
+  until every transaction of the database running when it looked has ended (one of
+  them could still write a row through the table body, which the WAL messages of its
+  key must follow). Then it streams the slot with a WalRelay (relay.py) until the relay
+  stops or the source changes. A
   database or replication error ends that WalRelay; a new one starts after the relay's
   backoff and resumes after the slot's confirmed position (nothing unconfirmed is lost).
   While another relay streams the slot (PostgreSQL lets one walsender use a slot at a
@@ -15,13 +20,16 @@ or ``outbox_relay_<schema>``):
   stream again), or not this database's, stops the relay with one line: it is never
   recreated here, since the WAL between a lost slot and a new one would not be read.
 - ``table``, with this outbox's slot still there (left by `schema source table`): the
-  slot may hold messages enqueued before the switch. It waits until every transaction
-  older than its start has ended (one that emitted messages before the switch commits
-  by then), notes the WAL's end, streams the slot until it is confirmed that far, then
-  drops the slot and its publication (``wal_slot_dropped``) if the source is still
-  table, checked under the schema's lock (switched back to wal: it streams the slot). Another relay doing the
-  same stands by, then finds the slot gone.
-- ``table`` without a slot: nothing to do.
+  slot may hold messages enqueued before the switch, and the drain gate keeps the
+  table's newer keyed rows back until they are out. It waits until every transaction
+  of the database running when it looked (and every prepared one) has ended (one that
+  emitted messages before the switch commits by then), notes the WAL's end, streams the
+  slot until it is confirmed that far, then drops the slot and its publication and
+  lifts the gate (``wal_slot_dropped``) if the source is still table, checked under the
+  schema's lock. Another relay doing the same stands by, then finds the slot gone.
+- ``table`` without a usable slot: the drain gate, if a switch left one, is lifted with
+  a warning (its messages not yet streamed may be lost); then nothing to do until a
+  switch to wal.
 
 Lifecycle: ``run(dispatcher, stop, observer)`` returns once ``stop`` is set (having stopped its
 WalRelay, which finishes a dispatch in progress and sends its confirmed position), or
@@ -53,6 +61,10 @@ from outbox_relay.sqlfiles import Queries
 log = structlog.get_logger("outbox_relay.wal")
 
 DRAIN_POLL_S = 0.5  # how often the slot's confirmed position is read while draining it
+# How often a relay reads the outbox's source to notice a switch: a table-mode relay then
+# streams (the slot keeps the WAL meanwhile), a streaming one drains (the drain gate
+# keeps the table's newer rows back meanwhile), so noticing late delays, never reorders.
+SOURCE_POLL_S = 2.0
 
 
 class WalSource:
@@ -86,12 +98,15 @@ class WalSource:
                 target = await self._plan()
                 if target is None:
                     self.watch.set_state("off")
-                    break  # table mode, no slot of ours: nothing to drain
+                    # Table mode, no slot of ours: nothing to stream until a switch to wal.
+                    await _sleep(stop, SOURCE_POLL_S)
+                    continue
                 relay = self._relay(dispatcher, observer)
                 drained = await self._run(relay, stop, target if target > 0 else None)
-                if drained and await self._drop():
-                    break
-                # Not dropped: switched back to wal meanwhile; the next plan streams it.
+                if drained:
+                    await self._drop()
+                # Dropped, or kept (switched back to wal meanwhile), or the source
+                # changed while streaming: the next plan says what to do.
             except SlotInUse:
                 if not standing_by:
                     log.info("wal_slot_in_use", slot=self._slot, retry_every_s=self._settings.standby_interval)
@@ -101,7 +116,7 @@ class WalSource:
                 continue
             except SlotMissing:
                 if await self._source() == "table":
-                    break  # another relay drained it and dropped it
+                    continue  # another relay drained it and dropped it
                 raise
             except (ReplicationError, psycopg.Error) as exc:
                 if _not_in_prerequisite_state(exc):
@@ -148,6 +163,11 @@ class WalSource:
         drained = None if target is None else asyncio.create_task(self._drained(target))
         if drained is not None:
             waits.add(drained)
+        else:
+            # Streaming in wal mode: a switch to table ends this run, and the next plan
+            # drains the slot to its end (the drain gate keeps the table's newer rows
+            # back meanwhile, so streaming on until then keeps every key's order).
+            waits.add(asyncio.create_task(self._source_left("wal")))
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -160,9 +180,18 @@ class WalSource:
             raise error
         return drained is not None and drained.done() and not drained.cancelled() and drained.result()
 
+    async def _source_left(self, source: str) -> None:
+        """Return once the outbox's source is no longer `source`."""
+        while True:
+            await asyncio.sleep(SOURCE_POLL_S)
+            with contextlib.suppress(psycopg.Error):  # the relay's own errors end the run
+                if await self._source() != source:
+                    log.info("wal_source_switched", slot=self._slot, was=source)
+                    return
+
     async def _plan(self) -> int | None:
-        """0: stream (wal mode); a position: drain the slot to it (table mode, a slot of
-        ours left); None: nothing to do."""
+        """0: stream (wal mode, settled); a position: drain the slot to it (table mode, a
+        slot of ours left); None: nothing to do."""
         async with await connect_once(self._dsn, autocommit=True) as conn:
             source = await _source_on(conn, self._schema)
             cursor = await conn.execute(slot.query("slot_identity", slot=self._slot))
@@ -183,25 +212,57 @@ class WalSource:
                         f"{identity[1]!r}): set relay.wal.slot to the slot `schema source wal` created"
                     )
                 _raise_if_lost(self._schema, self._slot, await slot.read_state_async(conn, self._slot))
+                _, settled = await _row(conn, slot.outbox_query("switch_state", self._schema))
+                if not settled:
+                    await self._settle(conn)
                 return 0
-            if not ours:
+            state = await slot.read_state_async(conn, self._slot) if ours else None
+            if state is None or state.wal_status == "lost":
+                await self._end_drain_without_slot(conn, lost=state is not None)
                 return None
             log.info("wal_slot_draining", slot=self._slot, source=source)
-            xid = await _one(conn, slot.query("next_xid"), {})
-        return await self._wal_end_once_ended(str(xid))
+            running = await _row(conn, slot.query("running_transactions"))
+        return await self._once_ended(running, "wal_slot_drain_waits_for_older_transactions")
 
-    async def _wal_end_once_ended(self, xid: str) -> int:
-        """The WAL's end once every transaction older than `xid` has ended."""
+    async def _settle(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """After a switch to wal: wait until every transaction that could still enqueue a
+        row through the table body has ended, then mark the switch settled. Until then a
+        row of theirs could come after a WAL message of its key is published (the table
+        holds a key back only once its row is there to see)."""
+        running = await _row(conn, slot.query("running_transactions"))
+        await self._once_ended(running, "wal_source_waits_for_older_transactions")
+        await conn.execute(slot.outbox_query("settle_wal", self._schema))
+        log.info("wal_source_settled", slot=self._slot)
+
+    async def _once_ended(self, running: tuple[Any, ...], waiting_event: str) -> int:
+        """The WAL's end once every transaction of `running` (running_transactions) has
+        ended."""
+        params = {"vxids": list(running[0]), "prepared": list(running[1])}
         waiting_logged = False
         while True:
             async with await connect_once(self._dsn, autocommit=True) as conn:
-                end = await _one(conn, slot.query("wal_end_once_ended"), {"xid": xid})
+                end = await _one(conn, slot.query("wal_end_once_ended"), params)
             if end is not None:
                 return pgoutput.parse_lsn(str(end))
             if not waiting_logged:
-                log.info("wal_slot_drain_waits_for_older_transactions", slot=self._slot, before_xid=xid)
+                log.info(waiting_event, slot=self._slot, transactions=len(params["vxids"]) + len(params["prepared"]))
                 waiting_logged = True
             await asyncio.sleep(DRAIN_POLL_S)
+
+    async def _end_drain_without_slot(self, conn: psycopg.AsyncConnection[Any], *, lost: bool) -> None:
+        """Table mode, and the slot a switch left is gone or invalidated: nothing of it can
+        be streamed, so the drain gate (if set) is closed, with a warning, or the table's
+        newer keyed rows would wait for ever. A lost slot is dropped."""
+        if lost:
+            await asyncio.to_thread(self._drop_now)
+        cursor = await conn.execute(slot.outbox_query("close_drain_gate", self._schema))
+        if cursor.rowcount:
+            log.warning(
+                "wal_drain_ended_without_slot",
+                slot=self._slot,
+                reason="the slot was dropped or invalidated before it was drained: messages enqueued before the "
+                "switch to table and not yet published may be lost; rows enqueued since go on",
+            )
 
     async def _drained(self, target: int) -> bool:
         """Wait until the slot is confirmed up to `target` (or is gone)."""
@@ -239,6 +300,7 @@ class WalSource:
             if schema_manager.read_source(conn, self._schema).source != "table":
                 return False
             slot.drop_in_transaction(conn, self._slot, self._slot)
+            conn.execute(slot.outbox_query("close_drain_gate", self._schema))
             return True
 
     async def _raise_if_lost(self) -> None:
@@ -281,6 +343,14 @@ def _not_in_prerequisite_state(exc: BaseException) -> bool:
 async def _source_on(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
     source = await _one(conn, Queries(schema)["outbox_source"], {})
     return str(source or "table")
+
+
+async def _row(conn: psycopg.AsyncConnection[Any], query: Any) -> tuple[Any, ...]:
+    cursor = await conn.execute(query)
+    row = await cursor.fetchone()
+    if row is None:
+        raise WalSourceError("the outbox's settings row is missing: run `outbox-relay schema install`")
+    return tuple(row)
 
 
 async def _one(conn: psycopg.AsyncConnection[Any], query: Any, params: dict[str, Any]) -> Any:

@@ -77,6 +77,11 @@ def query(name: str, *, slot: str = "", publication: str = "", start: str = "0/0
     )
 
 
+def outbox_query(name: str, schema: str) -> sql.Composed:
+    """The named query of schema/wal_queries.sql's last sections, on the outbox `schema`."""
+    return sql.SQL(_texts()[name]).format(schema=sql.Identifier(schema))
+
+
 @dataclass(frozen=True)
 class SlotState:
     """One moment of a slot, from pg_replication_slots. LSNs are integers; None where
