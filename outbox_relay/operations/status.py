@@ -68,16 +68,29 @@ class SourceInfo:
     lag_bytes: int | None = None  # WAL written since the relay's last confirmed position
     retained_bytes: int | None = None  # WAL the slot keeps on disk
     wal_status: str | None = None  # reserved, extended, unreserved, lost
+    draining: bool = False  # after a switch to table: keyed rows enqueued since wait for the slot
 
     @classmethod
-    def of(cls, source: str, name: str, state: slots.SlotState | None) -> SourceInfo:
+    def of(cls, source: str, name: str, state: slots.SlotState | None, draining: bool = False) -> SourceInfo:
         if state is None:
-            return cls(source, name, False)
-        return cls(source, name, True, state.active, state.lag_bytes, state.retained_bytes, state.wal_status)
+            return cls(source, name, False, draining=draining)
+        return cls(source, name, True, state.active, state.lag_bytes, state.retained_bytes, state.wal_status, draining)
+
+    @classmethod
+    def from_row(cls, recorded: Any, name: str, state: slots.SlotState | None) -> SourceInfo:
+        """From queries.sql's outbox_source row (None: no row, table)."""
+        if recorded is None:
+            return cls.of("table", name, state)
+        return cls.of(str(recorded[0]), name, state, bool(recorded[3]))
 
     def summary(self) -> str:
         """One line: the source, and the slot's state where it matters."""
         if not self.slot_exists:
+            if self.draining:
+                return (
+                    f"table (drain pending but its slot {self.slot!r} is gone: a relay lifts the gate at start, "
+                    "and messages the slot still held may be lost)"
+                )
             return self.source if self.source == "table" else f"wal, but its slot {self.slot!r} does not exist"
         lag = "-" if self.lag_bytes is None else f"{self.lag_bytes} bytes"
         slot_state = (
@@ -85,7 +98,8 @@ class SourceInfo:
             f"wal_status {self.wal_status or '-'}"
         )
         if self.source == "table":
-            return f"table ({slot_state}: kept until a relay has drained it)"
+            held = "; keyed rows enqueued since the switch wait for it" if self.draining else ""
+            return f"table ({slot_state}: kept until a relay has drained it{held})"
         return f"wal ({slot_state})"
 
 
@@ -126,7 +140,7 @@ def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = N
     source = None
     if wal_slot is not None:
         recorded = conn.execute(q["outbox_source"]).fetchone()
-        source = SourceInfo.of(str(recorded[0]) if recorded else "table", wal_slot, slots.read_state(conn, wal_slot))
+        source = SourceInfo.from_row(recorded, wal_slot, slots.read_state(conn, wal_slot))
     with conn.cursor(row_factory=dict_row) as cur:
         totals = cur.execute(q["status_totals"]).fetchone() or {}
         topics = cur.execute(q["status_by_topic"]).fetchall()
@@ -185,12 +199,17 @@ def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = N
     )
 
 
+# In WAL mode the table holds only what was parked there (README "Operations in WAL
+# mode"): what the slot still has to hand out is its lag, on the source line.
+_TABLE_ONLY = " (rows in the table: parked messages; what waits in the WAL is the slot's lag)"
+
+
 def render(status: Status) -> str:
     age = "-" if status.oldest_pending_age_s is None else f"{status.oldest_pending_age_s:.1f}s"
     lines = [
         f"schema {status.schema}",
         *([f"  source         {status.source.summary()}"] if status.source else []),
-        f"  pending        {status.pending}",
+        f"  pending        {status.pending}{_TABLE_ONLY if status.source and status.source.source == 'wal' else ''}",
         f"  in flight      {status.in_flight}",
         f"  dead-lettered  {status.dead_lettered}",
         f"  oldest pending {age}",
