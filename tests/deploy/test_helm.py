@@ -712,9 +712,12 @@ def test_every_alert_expression_parses_and_says_what_to_do(rendered: dict[tuple[
         "OutboxRelayBrokerDisconnected",
         "OutboxRelayDeadLetters",
         "OutboxRelayLongTransaction",
+        "OutboxRelayWalRetentionHigh",
+        "OutboxRelayWalLagHigh",
+        "OutboxRelayWalStreamPaused",
         "OutboxRelayPublishFailuresHigh",
     }
-    assert alerts == 18  # six alerts in each of the three rule objects
+    assert alerts == 27  # nine alerts in each of the three rule objects
 
 
 def test_the_alerts_select_the_job_their_monitor_scrapes(rendered: dict[tuple[str, str], list[Obj]]) -> None:
@@ -725,6 +728,23 @@ def test_the_alerts_select_the_job_their_monitor_scrapes(rendered: dict[tuple[st
     sidecar = alert_rules(rendered[("app-chart:defaults", KUBE_VERSIONS[-1])])
     lag = next(r for r in sidecar if r["alert"] == "OutboxRelayLagHigh")
     assert 'job="shop/shop-outbox-relay"' in lag["expr"]
+
+
+def test_the_wal_alerts_watch_the_slot_with_their_thresholds(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    rules = {r["alert"]: r for r in alert_rules(rendered[("outbox-relay:standalone-values", KUBE_VERSIONS[-1])])}
+    selector = 'namespace="shop", job="shop-outbox-relay"'
+    # The default 1 GiB as an integer: Helm reads numbers as floats (1.073741824e+09).
+    assert rules["OutboxRelayWalRetentionHigh"]["expr"] == (
+        f"max by (namespace, job) (outbox_relay_wal_slot_retained_bytes{{{selector}}}) > 1073741824"
+    )
+    assert rules["OutboxRelayWalLagHigh"]["expr"] == (
+        f"max by (namespace, job) (outbox_relay_wal_slot_lag_seconds{{{selector}}}) > 300"
+    )
+    assert rules["OutboxRelayWalStreamPaused"]["expr"] == (
+        f'max by (namespace, job, pod) (outbox_relay_wal_source_state{{{selector}, state="paused"}}) == 1'
+    )
+    assert rules["OutboxRelayWalStreamPaused"]["for"] == "5m"
+    assert rules["OutboxRelayWalRetentionHigh"]["labels"]["severity"] == "critical"
 
 
 def test_the_dashboard_is_valid_and_shipped_as_a_grafana_sidecar_config_map(
@@ -753,6 +773,10 @@ def test_the_dashboard_is_valid_and_shipped_as_a_grafana_sidecar_config_map(
         "commit-to-ack",
         "publish call duration",
         "wake-ups",
+        "wal slot lag (bytes)",
+        "wal slot lag (seconds)",
+        "wal source state",
+        "parked",
     ):
         assert topic in titles, topic
     for name in ("outbox-relay:standalone-values", "outbox-relay:sidecar-values"):
