@@ -10,8 +10,9 @@ from __future__ import annotations
 from outbox_relay import adapter as adapter_registry
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config, key_path
-from outbox_relay.engine.relay import Relay, RelayObserver
+from outbox_relay.engine.relay import Relay
 from outbox_relay.errors import ConfigError
+from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sources.wal.runner import WalSource
 
 

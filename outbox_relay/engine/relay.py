@@ -1,8 +1,10 @@
-"""The relay process: workers that claim, publish and record; side tasks; shutdown.
+"""The relay process: its sources, side tasks and shutdown.
 
-Each worker owns one connection and loops: claim a batch in a transaction,
-publish it, record the outcomes, commit. A full batch means more is waiting, so it
-goes again at once; otherwise it sleeps until a NOTIFY, the poll timer or stop.
+A relay runs its sources (sources/base.py says what one is): the outbox table's
+workers (sources/table.py) always, and the WAL source (sources/wal/runner.py) where
+assembly.py adds it, all with one dispatcher (engine/dispatch.py: adapters, routes,
+circuits, retry and dead-letter policy), beside the NOTIFY listener that wakes the
+table's workers, the maintenance task (heartbeat, retention) and the health port.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import psycopg
 import structlog
 
-from outbox_relay import tracing
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_with_retry
@@ -25,15 +25,18 @@ from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
-from outbox_relay.engine.store import OutboxStore, Record
+from outbox_relay.engine.store import Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
-from outbox_relay.errors import first_line
 from outbox_relay.models import Message
 from outbox_relay.observability.health import Health
 from outbox_relay.observability.http_server import HealthServer
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.operations import schema_manager
+from outbox_relay.sources.base import RelayObserver, Source
+from outbox_relay.sources.table import TableSource
 from outbox_relay.sqlfiles import Queries, notify_channel
+
+__all__ = ["Relay", "RelayObserver", "SideSource"]
 
 log = structlog.get_logger("outbox_relay.relay")
 
@@ -42,28 +45,9 @@ T = TypeVar("T")
 BROKER_GRACE_S = 5.0
 
 
-class RelayObserver(Protocol):
-    """Told about every committed batch (the metrics, the demo and tests use it)."""
-
-    def batch_recorded(self, messages: Sequence[Message], records: Sequence[Record]) -> None: ...
-
-
-class SideSource(Protocol):
-    """A source that runs beside the table's workers (the WAL source), with their
-    dispatcher. The relay calls ``run`` once, in its own task, after the brokers are
-    connected; it returns once `stop` is set, finishing what it has in hand (the relay
-    waits for it as for its workers, up to shutdown_timeout). It retries what it can
-    itself; raising stops the relay (loudly: the error is the process's exit line). It
-    tells `observer` (the relay's observers: metrics, and the caller's) about what it
-    is done with, as the workers do about each committed batch, from its own task."""
-
-    name: str
-
-    async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver) -> None: ...
-
-    def readiness(self) -> tuple[bool, dict[str, Any]] | None:
-        """Its say in /readyz, from memory (observability/health.py, ReadinessSource)."""
-        ...
+# The interface of a source and of an observer live with the sources; the names stay
+# importable from here for code written against them.
+SideSource = Source
 
 
 class Observers:
@@ -85,7 +69,7 @@ class Relay:
         *,
         observer: RelayObserver | None = None,
         heartbeat_every: float = 5.0,
-        sources: Sequence[SideSource] = (),
+        sources: Sequence[Source] = (),
     ):
         relay = config.relay
         self.config = config
@@ -94,18 +78,6 @@ class Relay:
         self._queries = Queries(config.database.schema_name)
         self._backoff = Backoff.from_config(relay)
         self._brokers = {name: BrokerHandle(name, a, self._backoff) for name, a in adapters.items()}
-        self._store = OutboxStore(
-            self._queries,
-            hold_dead_letters=relay.dead_letter_policy == "hold",
-            workers=relay.workers,
-            max_batch_bytes=relay.max_batch_bytes,
-            max_payload_bytes=relay.max_payload_bytes,
-            # A relay that hangs mid-batch (not dead, so its connection stays up) would
-            # hold its rows forever; Postgres ends such a session, the rows become
-            # claimable again. A batch starts no wave after publish_timeout, and a wave
-            # lasts at most that long.
-            idle_in_transaction_timeout=2 * relay.publish_timeout + 30.0,
-        )
         self.metrics = RelayMetrics()
         self._router = Router(config.routes)
         self._dispatcher = Dispatcher(
@@ -119,6 +91,7 @@ class Relay:
             hold_dead_letters=relay.dead_letter_policy == "hold",
         )
         self._wakeup = Wakeup(relay.workers)
+        self.table = TableSource(config, metrics=self.metrics, wakeup=self._wakeup, backoff=self._backoff)
         self._listener = Listener(
             self._dsn,
             notify_channel(config.database.schema_name),
@@ -133,7 +106,7 @@ class Relay:
             relay_id=self.relay_id,
             retention=relay.retention,
             heartbeat_every=heartbeat_every,
-            in_flight=lambda: self.in_flight,
+            in_flight=lambda: self.table.in_flight,
             retry_max=relay.retry.max,
             metrics=self.metrics,
             long_transaction_warning=relay.long_transaction_warning,
@@ -141,11 +114,9 @@ class Relay:
             prepare_threshold=config.database.prepare_threshold,
         )
         self._observers = Observers([self.metrics] if observer is None else [self.metrics, observer])
-        self._sources = list(sources)
+        self._sources: list[Source] = [self.table, *sources]
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
-        self.in_flight = 0
-        self._batch_started: dict[int, float] = {}  # worker -> when its current batch began
         self.health = Health(
             config,
             metrics=self.metrics,
@@ -153,7 +124,7 @@ class Relay:
             circuits=self._dispatcher.circuits,
             routed=self._router.brokers_in_use(),
             started=self.started,
-            batches_started=self._batch_started.values,
+            batches_started=self.table.batches_started.values,
             sources=self._sources,
         )
 
@@ -193,9 +164,6 @@ class Relay:
         await self._brokers_connected(BROKER_GRACE_S)
         relay = self.config.relay
         tasks: list[asyncio.Task[Any]] = [
-            asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(relay.workers)
-        ]
-        tasks += [
             asyncio.create_task(s.run(self._dispatcher, self._stop, self._observers), name=s.name)
             for s in self._sources
         ]
@@ -233,9 +201,14 @@ class Relay:
                 await handle.close()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=self.metrics.published_total())
 
+    @property
+    def in_flight(self) -> int:
+        """Messages the table's workers claimed and have not recorded yet."""
+        return self.table.in_flight
+
     def _heartbeat(self) -> None:
         self.health.refresh_broker_gauges()
-        self.metrics.in_flight.set(self.in_flight)
+        self.metrics.in_flight.set(self.table.in_flight)
 
     async def _brokers_connected(self, timeout: float) -> None:
         """Give the brokers a moment to connect before the first claim, so a normal start
@@ -285,104 +258,4 @@ class Relay:
         )
         async with conn:
             await schema_manager.check(conn, self.config.database.schema_name)
-        return True
-
-    async def _worker(self, index: int) -> None:
-        relay = self.config.relay
-        conn: psycopg.AsyncConnection[Any] | None = None
-        failures = 0  # database errors in a row, for the pause before the next try
-        try:
-            while not self._stop.is_set():
-                try:
-                    if conn is None:
-                        # Inside the try: a connection ended right after it opened (a
-                        # failover, pg_terminate_backend) fails at its first statement,
-                        # and is handled like any other lost connection below.
-                        conn = await self._until_stopped(self._connect_worker())
-                        if conn is None:
-                            break
-                        self.metrics.worker_connected(+1)
-                    claimed = await self._batch(conn, index)
-                    failures = 0
-                except psycopg.Error as exc:
-                    # Connection lost, the server ended the session or the transaction
-                    # (idle-in-transaction or transaction timeout, a failover to a read-only
-                    # standby), or any other database error (a pooler without prepared
-                    # statements, a value the driver cannot load): the batch was rolled
-                    # back, its rows are claimable again. Start over on a new connection,
-                    # with a growing pause, rather than let the process die and restart
-                    # into the same error (a crash loop that stalls every key).
-                    failures += 1
-                    log.warning(
-                        "database_connection_lost", worker=index, error_type=type(exc).__name__, error=first_line(exc)
-                    )
-                    if conn is not None:
-                        self.metrics.worker_connected(-1)
-                        with contextlib.suppress(Exception):
-                            await conn.close()
-                    conn = None
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), timeout=self._backoff.delay(failures))
-                    continue
-                if claimed:
-                    # Claim until nothing is left: more may have committed meanwhile, and
-                    # a committer that skipped its NOTIFY counts on this (schema.sql). A
-                    # claim that found nothing but stopped its key walk early (most keys
-                    # waiting) goes on too: it ends once the walk has been all the way round.
-                    self.metrics.wakeups.labels("backlog").inc()
-                    continue
-                reason = await self._wakeup.wait(index, relay.poll_interval, self._stop)
-                self.metrics.wakeups.labels(reason).inc()
-        finally:
-            if conn is not None:
-                self.metrics.worker_connected(-1)
-                with contextlib.suppress(Exception):
-                    await conn.close()
-
-    async def _connect_worker(self) -> psycopg.AsyncConnection[Any]:
-        conn = await connect_with_retry(
-            self._dsn,
-            purpose="worker",
-            retry_max=self.config.relay.retry.max,
-            prepare_threshold=self.config.database.prepare_threshold,
-        )
-        # The claim relies on READ COMMITTED: each statement sees what committed before
-        # it, and a row lock that waited re-checks the row (store.py, claim_runs). A
-        # database or role default of repeatable read or serializable would make claims
-        # fail with serialization errors instead; psycopg sets this level at every BEGIN.
-        # Nothing else is set for the session: each batch sets what it needs for its own
-        # transaction (OutboxStore.claim), so a pooler in transaction mode can hand the
-        # server session to another client in between.
-        try:
-            await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
-        except BaseException:
-            # Cancelled by a stop that came meanwhile: the caller never gets this
-            # connection, so close it here rather than leave it to the collector.
-            await conn.close()
-            raise
-        return conn
-
-    async def _batch(self, conn: psycopg.AsyncConnection[Any], worker: int = 0) -> bool:
-        """One batch; True when there may be more to claim right away."""
-        self._batch_started[worker] = asyncio.get_running_loop().time()
-        try:
-            async with conn.transaction():
-                claim = await self._store.claim(conn, self.config.relay.batch_size)
-                messages = claim.messages
-                if not messages:
-                    return claim.more_keys
-                self.in_flight += len(messages)
-                self.metrics.in_flight.set(self.in_flight)
-                try:
-                    with tracing.batch_span(
-                        [m.headers for m in messages], attributes={"messaging.batch.message_count": len(messages)}
-                    ):
-                        records = await self._dispatcher.dispatch(messages)
-                    await self._store.record(conn, records)
-                finally:
-                    self.in_flight -= len(messages)
-                    self.metrics.in_flight.set(self.in_flight)
-        finally:
-            del self._batch_started[worker]
-        self._observers.batch_recorded(messages, records)
         return True

@@ -483,12 +483,12 @@ async def test_prepare_threshold_null_means_no_server_side_prepared_statements(d
     config = config.model_copy(update={"database": config.database.model_copy(update={"prepare_threshold": None})})
     async with running_relay(config, {"main": fake}) as relay:
         await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 60, timeout=30)
-        conn = await relay._connect_worker()
+        conn = await relay.table._connect_worker()
         try:
             assert conn.prepare_threshold is None
             for _ in range(10):  # what the claim runs, again and again, as a worker does
                 async with conn.transaction():
-                    await relay._store.claim(conn, 10)
+                    await relay.table.store.claim(conn, 10)
             cur = await conn.execute("SELECT count(*) FROM pg_prepared_statements")
             assert await cur.fetchone() == (0,)
         finally:
@@ -535,12 +535,12 @@ async def settings_around_a_batch(db: str, **settings: Any) -> tuple[tuple[Any, 
     handle = relay.brokers["main"]
     await handle.connect()
     await handle.connected.wait()
-    conn = await relay._connect_worker()
+    conn = await relay.table._connect_worker()
     reader.conn = conn
     try:
         before = await read_settings(conn)
         await conn.rollback()
-        assert await relay._batch(conn)
+        assert await relay.table.batch(conn, relay._dispatcher, relay._observers)
         after = await read_settings(conn)
         await conn.rollback()
     finally:

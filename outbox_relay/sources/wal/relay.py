@@ -74,7 +74,7 @@ from outbox_relay.sources.wal.stream import WalStream
 from outbox_relay.sources.wal.transactions import TransactionPart
 
 if TYPE_CHECKING:
-    from outbox_relay.engine.relay import RelayObserver
+    from outbox_relay.sources.base import RelayObserver
 
 log = structlog.get_logger("outbox_relay.wal")
 

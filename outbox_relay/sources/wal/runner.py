@@ -48,10 +48,10 @@ import structlog
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
 from outbox_relay.engine.dispatch import Dispatcher
-from outbox_relay.engine.relay import RelayObserver
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import first_line
 from outbox_relay.operations import schema_manager
+from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sources.wal import pgoutput, slot
 from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotLost, SlotMissing, WalSourceError
 from outbox_relay.sources.wal.lag import LAG_POLL_S, WalWatch
