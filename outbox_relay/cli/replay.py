@@ -66,6 +66,8 @@ def replay(
 
     Copies go to the tail of the outbox with their message id and the header
     outbox-replay-id; the relay publishes them like any message, in per-key order.
+    In WAL mode only messages parked in the table are rows: a selection that reaches
+    into that time says so, and is refused when the table has none of it.
     """
     selection = replay_module.Selection(
         topic=topic,
@@ -109,6 +111,11 @@ def replay(
             click.echo(f"{chosen.total} message(s) to replay" + (f" ({listing})" if listing else ""))
             if chosen.unfit:
                 click.echo(f"{chosen.unfit} of them will be skipped: {_UNFIT}")
+            if chosen.wal is not None:
+                # The WAL source: what went out straight from the WAL is not in the table.
+                if chosen.to_copy == 0 and not dry_run:
+                    raise replay_module.NotInTable(f"nothing to replay: {chosen.wal.note()}")
+                click.echo(chosen.wal.note())
             if chosen.previous is not None and not again:
                 said = _replayed_before(chosen, {"--since": since, "--until": until})
                 if not dry_run:  # a dry run says so and never refuses

@@ -15,6 +15,17 @@ it). Either way, for an application that enqueues a row's event in the transacti
 changes the row, with the same key, the last message of that key carries the row's
 latest state. A chunk holds its share locks for one chunk's time (milliseconds).
 
+In WAL mode (README "Two sources: table or WAL") a chunk writes where enqueue writes:
+it calls ``enqueue_binary`` for each row, in key order, so its messages are logical
+decoding messages like the application's, and go out in commit order with them. The
+argument above then holds by commit order alone (even for an application that enqueues
+before it updates). Inserting rows instead would put them in the table, which the
+WAL source reads only to hold a key back, and only as a snapshot up to a second old:
+an application's message of that key committed just after the chunk could be published
+from the WAL before the chunk's older row. Each chunk takes the outbox schema's lock
+shared and reads the source under it (``schema_manager.hold_enqueue_source``), so a
+switch of source waits for the chunk, and the chunk writes wholly to one source.
+
 Safety: the table and column names reach SQL only as quoted identifiers, after they
 were found in the catalog; filter values only as bound parameters (sent untyped, so
 PostgreSQL reads them as the column's type).
@@ -34,7 +45,8 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from outbox_relay.errors import ConfigError, DatabaseError
+from outbox_relay.errors import ConfigError, DatabaseError, first_line
+from outbox_relay.operations import schema_manager
 from outbox_relay.operations.copying import only_copier, requester
 from outbox_relay.sqlfiles import Queries, validate_schema_name
 from outbox_relay.validation import check_topic
@@ -213,6 +225,24 @@ def count(conn: psycopg.Connection[Any], table: Table, source: Source) -> int:
 
 ROW = "__outbox_backfill_row"  # the table's alias: no column of the user's table has this name
 
+# What a chunk does with its rows (__outbox_rows, in _chunk_statement), by source; both
+# take the topic and the headers as parameters, in that order.
+_TABLE_COPIES = sql.SQL("""
+        , __outbox_copies AS (
+            INSERT INTO {outbox}.messages (topic, key, payload, content_type, headers)
+            SELECT %s, __outbox_key, __outbox_payload, 'application/json', %s
+            FROM __outbox_rows ORDER BY {pk_order}
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM __outbox_copies),
+               (SELECT coalesce(max(octet_length(__outbox_payload)), 0) FROM __outbox_rows)
+""")
+_WAL_COPIES = sql.SQL("""
+        SELECT count({outbox}.enqueue_binary(%s, __outbox_key, __outbox_payload, %s, 'application/json')),
+               coalesce(max(octet_length(__outbox_payload)), 0)
+        FROM (SELECT * FROM __outbox_rows ORDER BY {pk_order} OFFSET 0) AS __outbox_ordered
+""")
+
 
 def _window_statement(
     table: Table, source: Source, cursor: Sequence[str] | None, chunk: int
@@ -231,10 +261,19 @@ def _window_statement(
 
 
 def _chunk_statement(
-    outbox: str, table: Table, source: Source, cursor: Sequence[str] | None, window_end: Sequence[str], backfill_id: int
+    outbox: str,
+    table: Table,
+    source: Source,
+    cursor: Sequence[str] | None,
+    window_end: Sequence[str],
+    backfill_id: int,
+    *,
+    wal: bool = False,
 ) -> tuple[sql.Composed, list[Any]]:
     """The window's rows, share-locked, copied to the outbox in key order; returns how
-    many, and the size of the largest payload (checked against the relay's limit)."""
+    many, and the size of the largest payload (checked against the relay's limit). In
+    WAL mode (`wal`) each goes through enqueue_binary instead, in key order: the
+    subquery's sort comes before the aggregate that calls it, row by row."""
     where, params = _where(table, source.filters, cursor)
     pk_cols = [sql.Identifier(ROW, c) for c in table.primary_key]
     pk = sql.SQL(", ").join(pk_cols)
@@ -246,29 +285,13 @@ def _chunk_statement(
         sql.SQL("{} AS {}").format(col, sql.Identifier(f"__outbox_pk_{i}")) for i, col in enumerate(pk_cols)
     )
     pk_order = sql.SQL(", ").join(sql.Identifier(f"__outbox_pk_{i}") for i in range(len(pk_cols)))
-    statement = sql.SQL("""
+    rows = sql.SQL("""
         WITH __outbox_rows AS MATERIALIZED (
             SELECT {key} AS __outbox_key, convert_to(to_jsonb({row}.*)::text, 'UTF8') AS __outbox_payload, {pk_out}
             FROM {table} AS {row} WHERE {where} AND {upper} ORDER BY {pk} FOR SHARE OF {row}
-        ), __outbox_copies AS (
-            INSERT INTO {messages} (topic, key, payload, content_type, headers)
-            SELECT %s, __outbox_key, __outbox_payload, 'application/json', %s
-            FROM __outbox_rows ORDER BY {pk_order}
-            RETURNING 1
-        )
-        SELECT (SELECT count(*) FROM __outbox_copies),
-               (SELECT coalesce(max(octet_length(__outbox_payload)), 0) FROM __outbox_rows)
-    """).format(
-        key=key,
-        row=sql.Identifier(ROW),
-        pk=pk,
-        pk_out=pk_out,
-        pk_order=pk_order,
-        table=table.rows,
-        where=where,
-        upper=upper,
-        messages=sql.Identifier(outbox, "messages"),
-    )
+        )""").format(key=key, row=sql.Identifier(ROW), pk=pk, pk_out=pk_out, table=table.rows, where=where, upper=upper)
+    copies = _WAL_COPIES if wal else _TABLE_COPIES
+    statement = sql.Composed([rows, copies.format(pk_order=pk_order, outbox=sql.Identifier(outbox))])
     return statement, [*params, *window_end, source.topic, Jsonb({BACKFILL_HEADER: str(backfill_id)})]
 
 
@@ -379,11 +402,12 @@ def _copy_locked(
                 if finished:
                     return total_copied
                 conn.execute("SELECT set_config('lock_timeout', %s, true)", (CHUNK_LOCK_TIMEOUT,))
+                wal = schema_manager.hold_enqueue_source(conn, outbox) == "wal"
                 statement, params = _window_statement(table, source, cursor, chunk)
                 keys = [r[0] for r in conn.execute(statement, params).fetchall()]
                 rows = 0
                 if keys:
-                    statement, params = _chunk_statement(outbox, table, source, cursor, keys[-1], backfill_id)
+                    statement, params = _chunk_statement(outbox, table, source, cursor, keys[-1], backfill_id, wal=wal)
                     result = conn.execute(statement, params).fetchone()
                     assert result is not None
                     rows, largest = int(result[0]), int(result[1])
@@ -415,6 +439,13 @@ def _copy_locked(
             raise DatabaseError(
                 f"backfill #{backfill_id} stopped: a row breaks an outbox rule "
                 f"({exc.diag.constraint_name}); nothing of this chunk was written"
+            ) from None
+        except (psycopg.errors.InvalidParameterValue, psycopg.errors.ProgramLimitExceeded) as exc:
+            # The same rules as enqueue_binary states them (WAL mode: the chunk calls it),
+            # with the size or length at fault and never the row's contents.
+            raise DatabaseError(
+                f"backfill #{backfill_id} stopped: a row breaks an outbox rule ({first_line(exc)}); "
+                "nothing of this chunk was written"
             ) from None
         assert advanced is not None
         copied_now += rows

@@ -6,6 +6,12 @@ the header ``outbox-replay-id``. The relay then publishes the copies like any me
 routing, retries, dead letters, and per-key order by id, so a copy goes after every
 message of its key enqueued before it was made and before every one enqueued after.
 
+In WAL mode (README "Two sources: table or WAL") a message published straight from the
+WAL never was a row: only those parked in the table (after a failed publish) can be
+copied. A plan says so (``Plan.wal``) when its selection reaches into the time the
+outbox's enqueue wrote into the WAL, and a replay that would find nothing there is
+refused (``NotInTable``) rather than reported as done with nothing to do.
+
 Why copies rather than marking the original rows pending again: an original row keeps
 its old id, so it would jump ahead of its key's newer pending messages; and retention
 or a second replay would see one row with two histories.
@@ -29,7 +35,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from outbox_relay.durations import parse_duration
-from outbox_relay.errors import ConfigError, DatabaseError
+from outbox_relay.errors import ConfigError, DatabaseError, OutboxRelayError
 from outbox_relay.operations.copying import only_copier, requester
 from outbox_relay.operations.dead_letters import glob_to_regex
 from outbox_relay.sqlfiles import Queries
@@ -126,6 +132,56 @@ def parse_message_ids(values: Sequence[str]) -> tuple[UUID, ...]:
     return tuple(ids)
 
 
+class NotInTable(OutboxRelayError):
+    """Nothing the replay selects is in the outbox table, and the messages it asks for
+    went out while enqueue wrote into the WAL: published straight from there, they never
+    were rows, so there is nothing to copy (the broker still has them, or the producer
+    can enqueue them again)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class WalPeriod:
+    """When the outbox's enqueue wrote into the WAL (queries.sql, replay_wal_period):
+    from `start` (None: settings do not keep it) until `end` (None: it still does)."""
+
+    start: datetime | None
+    end: datetime | None
+
+    def overlaps(self, selection: Selection) -> bool:
+        """Whether `selection` may select messages enqueued in this period (by their time
+        bounds; message ids, topics and keys say nothing of when)."""
+        since, until = selection.since, selection.until
+        after_start = self.start is None or until is None or until.at > self.start
+        before_end = self.end is None or since is None or since.at < self.end
+        return after_start and before_end
+
+    def note(self) -> str:
+        """What a replay reaching into this period must be told, in one line."""
+        when = (
+            f"is in WAL mode since {self.start:%Y-%m-%d %H:%M:%S %Z}"
+            if self.end is None and self.start is not None
+            else f"was in WAL mode until {self.end:%Y-%m-%d %H:%M:%S %Z}"
+        )
+        return (
+            f"the outbox {when}: a message published straight from the WAL never was a row, so a replay finds only "
+            "those parked in the table after a failed publish; replay the others from the broker, or enqueue them "
+            "again"
+        )
+
+
+def wal_period(conn: psycopg.Connection[Any], schema: str) -> WalPeriod | None:
+    """When enqueue wrote into the WAL, or None if it never did (as settings tell)."""
+    row = conn.execute(Queries(schema)["replay_wal_period"]).fetchone()
+    if row is None:
+        return None
+    source, changed_at, switched = str(row[0]), row[1], bool(row[2])
+    if source == "wal":
+        return WalPeriod(changed_at, None)
+    return WalPeriod(None, changed_at) if switched else None
+
+
 @dataclass(frozen=True)
 class Earlier:
     """The latest replay of the same filters that selected some of the messages a
@@ -150,6 +206,9 @@ class Plan:
     # Of the total, rows whose key is over MAX_KEY_BYTES (written before schema version
     # 6): no new message may have such a key, so the copy skips them and counts them.
     unfit: int = 0
+    # When enqueue wrote into the WAL, if the selection reaches into that time: what it
+    # selects of it are only the messages parked in the table.
+    wal: WalPeriod | None = None
 
     @property
     def total(self) -> int:
@@ -183,10 +242,19 @@ def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Pl
     params = {**selection.params(), "cursor": 0, "max_id": max_id, "as_of": as_of}
     counts = conn.execute(q["replay_count"], params).fetchall()
     same = conn.execute(q["replay_same_selection"], {**params, "selection": Jsonb(selection.as_json())}).fetchone()
+    period = wal_period(conn, schema)
     conn.rollback()
     previous = Earlier(int(same[0]), same[1], same[2] is not None, int(same[3]), same[4] or {}) if same else None
     by_topic = {str(topic): int(n) for topic, n, _ in counts}
-    return Plan(selection, max_id, as_of, by_topic, previous, unfit=sum(int(n) for _, _, n in counts))
+    return Plan(
+        selection,
+        max_id,
+        as_of,
+        by_topic,
+        previous,
+        unfit=sum(int(n) for _, _, n in counts),
+        wal=period if period is not None and period.overlaps(selection) else None,
+    )
 
 
 def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:

@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from outbox_relay import enqueue, enqueue_async
-from outbox_relay.errors import SchemaError
+from outbox_relay.errors import DatabaseError, SchemaError
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import framing
 from tests.support.databases import bare_role, install_at, role_with_grants
@@ -314,3 +314,31 @@ def test_a_role_that_cannot_revoke_gets_the_statements_a_superuser_must_run(outb
             assert f"REVOKE EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message({args}) FROM PUBLIC;" in warning
         assert "GRANT" not in warning, "enqueue's owner is a superuser: it needs no grant"
         emit_as(plain, "PUBLIC still can: nothing was revoked", prefix="another-app")
+
+
+def test_a_writer_outside_enqueue_reads_the_source_from_its_body_and_a_switch_waits_for_it(
+    outbox_wal: WalSlot,
+) -> None:
+    # A backfill chunk writes where enqueue writes (operations/backfill.py): it reads the
+    # source as the producer role, which may not read settings, and holds it for its
+    # transaction, so a switch cannot land between its read and its writes.
+    db = outbox_wal.dsn
+
+    def source_as(dsn: str) -> str:
+        with psycopg.connect(dsn) as conn:
+            return schema_manager.hold_enqueue_source(conn, "outbox")
+
+    with role_with_grants(db, "producer", "app") as app:
+        with psycopg.connect(app) as producer, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            producer.execute("SELECT source FROM outbox.settings")
+        with psycopg.connect(app) as holder, psycopg.connect(db) as switcher:
+            assert schema_manager.hold_enqueue_source(holder, "outbox") == "table"
+            switcher.execute("SET lock_timeout = '300ms'")
+            with pytest.raises(DatabaseError, match="lock timeout"):
+                schema_manager.set_source(switcher, "outbox", "wal", slot_name=outbox_wal.name)
+            holder.rollback()  # the chunk's transaction ends: the switch goes through
+            switcher.rollback()
+            assert schema_manager.set_source(switcher, "outbox", "wal", slot_name=outbox_wal.name)
+        assert source_as(app) == "wal"
+        assert set_source(db, "table", outbox_wal.name)
+        assert source_as(app) == "table"

@@ -14,6 +14,7 @@ import psycopg
 
 from outbox_relay.sources.wal import framing, slot
 from outbox_relay.sources.wal.stream import WalStream
+from tests.support.cli import run_cli
 from tests.support.waiting import wait_for
 
 PREFIX = framing.PREFIX_FOR("outbox")
@@ -73,6 +74,21 @@ def wal_slot(dsn: str) -> Iterator[WalSlot]:
         slot.create(conn, name, name)
     try:
         yield WalSlot(dsn, name)
+    finally:
+        drop_slot(dsn, name)
+
+
+@contextlib.contextmanager
+def outbox_in_wal_mode(dsn: str) -> Iterator[str]:
+    """The outbox of `dsn` switched to wal by the real CLI (`schema install --source wal`)
+    with a slot of its own (slot names are the cluster's); yields the slot's name, and
+    drops the slot and its publication afterwards, whoever streams them then."""
+    require_logical_wal(dsn)
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    try:
+        done = run_cli("schema", "install", "--source", "wal", "--slot", name, env={"DATABASE_URL": dsn})
+        assert done.returncode == 0 and "is now in wal mode" in done.stdout, done.stdout + done.stderr
+        yield name
     finally:
         drop_slot(dsn, name)
 
