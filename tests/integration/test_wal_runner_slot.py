@@ -128,3 +128,16 @@ async def test_a_drained_slot_is_dropped_while_the_outbox_is_in_table_mode(outbo
     with pytest.raises(SchemaError, match=f"no usable replication slot {name!r}"):
         set_source(db, "wal", name)  # the switch back, after the drop: refused
     assert source_of(db) == "table"
+
+
+async def test_a_relay_in_table_mode_reads_the_source_on_one_session_not_a_connection_a_poll(db: str) -> None:
+    source = WalSource(make_config(db, wal={"slot": slot.name_for("outbox")}))
+    pids = set()
+    try:
+        for _ in range(3):  # what every SOURCE_POLL_S does in table mode, without a slot
+            assert await source._plan() is None
+            async with source._session() as conn:
+                pids.add(conn.info.backend_pid)
+    finally:
+        await source._session.close()
+    assert len(pids) == 1

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -81,6 +82,7 @@ class WalSource:
         self._prepare_threshold = config.database.prepare_threshold
         self._backoff = Backoff.from_config(config.relay)
         self.watch = WalWatch(self._slot, poll_interval=lag_interval)  # its metrics and /readyz (lag.py)
+        self._session = _Session(self._dsn)
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
         stream = self._stream(dispatcher, stop, observer)
@@ -90,6 +92,14 @@ class WalSource:
         return self.watch.readiness()
 
     async def _stream(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None) -> None:
+        try:
+            await self._stream_until_stopped(dispatcher, stop, observer)
+        finally:
+            await self._session.close()
+
+    async def _stream_until_stopped(
+        self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None
+    ) -> None:
         failures = 0
         standing_by = False
         while not stop.is_set():
@@ -192,7 +202,7 @@ class WalSource:
     async def _plan(self) -> int | None:
         """0: stream (wal mode, settled); a position: drain the slot to it (table mode, a
         slot of ours left); None: nothing to do."""
-        async with await connect_once(self._dsn, autocommit=True) as conn:
+        async with self._session() as conn:
             source = await _source_on(conn, self._schema)
             cursor = await conn.execute(slot.query("slot_identity", slot=self._slot))
             identity = await cursor.fetchone()
@@ -240,7 +250,7 @@ class WalSource:
         params = {"vxids": list(running[0]), "prepared": list(running[1])}
         waiting_logged = False
         while True:
-            async with await connect_once(self._dsn, autocommit=True) as conn:
+            async with self._session() as conn:
                 end = await _one(conn, slot.query("wal_end_once_ended"), params)
             if end is not None:
                 return pgoutput.parse_lsn(str(end))
@@ -267,7 +277,7 @@ class WalSource:
     async def _drained(self, target: int) -> bool:
         """Wait until the slot is confirmed up to `target` (or is gone)."""
         while True:
-            async with await connect_once(self._dsn, autocommit=True) as conn:
+            async with self._session() as conn:
                 state = await slot.read_state_async(conn, self._slot)
             if state is None or (state.confirmed_flush_lsn or 0) >= target:
                 return True
@@ -304,14 +314,14 @@ class WalSource:
             return True
 
     async def _raise_if_lost(self) -> None:
-        async with await connect_once(self._dsn, autocommit=True) as conn:
+        async with self._session() as conn:
             if await _source_on(conn, self._schema) != "wal":
                 return  # a lost slot left after a switch to table: nothing of it can be streamed
             state = await slot.read_state_async(conn, self._slot)
         _raise_if_lost(self._schema, self._slot, state)
 
     async def _source(self) -> str:
-        async with await connect_once(self._dsn, autocommit=True) as conn:
+        async with self._session() as conn:
             return await _source_on(conn, self._schema)
 
 
@@ -343,6 +353,35 @@ def _not_in_prerequisite_state(exc: BaseException) -> bool:
 async def _source_on(conn: psycopg.AsyncConnection[Any], schema: str) -> str:
     source = await _one(conn, Queries(schema)["outbox_source"], {})
     return str(source or "table")
+
+
+class _Session:
+    """One autocommit connection for the source's own reads, opened when first needed and
+    again after an error: a relay in table mode reads the source every SOURCE_POLL_S, and
+    a query is cheaper than a connection (a server process) each time. Used by one task
+    at a time (the runner's, or the watcher it waits on)."""
+
+    def __init__(self, dsn: str):
+        self._dsn = dsn
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect_once(self._dsn, autocommit=True)
+        try:
+            yield self._conn
+        except BaseException:
+            # A database error, or a cancellation mid-query (a watcher stopped): whatever
+            # state the connection is in, the next use starts on a new one.
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._conn.close()
+            self._conn = None
 
 
 async def _row(conn: psycopg.AsyncConnection[Any], query: Any) -> tuple[Any, ...]:
