@@ -11,8 +11,15 @@ SELECT current_setting('wal_level')
 
 -- name: role_can_replicate
 -- A slot needs the REPLICATION attribute (or a superuser): checked before anything is
--- created, so a refusal leaves no publication behind.
-SELECT current_user, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user
+-- created, so a refusal leaves no publication behind. Amazon RDS and Aurora give no
+-- role that attribute: membership in their rds_replication role stands for it there
+-- (a server without that role has no such rule; CASE keeps pg_has_role from being
+-- asked about a role that does not exist).
+SELECT current_user,
+       rolreplication OR rolsuper
+       OR CASE WHEN to_regrole('rds_replication') IS NULL THEN false
+               ELSE pg_has_role(current_user, 'rds_replication', 'MEMBER') END
+FROM pg_roles WHERE rolname = current_user
 
 -- name: publication_exists
 SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = {publication})

@@ -3,6 +3,7 @@ PostgreSQL: created once, read, refused when not ours, dropped."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import psycopg
@@ -95,6 +96,36 @@ def test_a_role_without_the_privileges_is_told_which_it_needs(empty_db: str) -> 
     finally:
         with psycopg.connect(empty_db, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_on_amazon_rds_membership_in_rds_replication_stands_for_the_attribute(empty_db: str) -> None:
+    # RDS and Aurora let no role have REPLICATION; a member of their rds_replication
+    # role may create and stream logical slots there. A role of that name stands in for
+    # it: the check lets its member through, and this server (no RDS) then refuses the
+    # slot in its own words.
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute("CREATE ROLE rds_replication NOLOGIN")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE rds_replication").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(conn.info.dbname), sql.Identifier(role))
+        )
+    try:
+        with (
+            psycopg.connect(make_conninfo(empty_db, user=role), autocommit=True) as conn,
+            pytest.raises(ReplicationError) as refused,
+        ):
+            slot.create(conn, "t_rds_member", "t_rds_member")
+        said = str(refused.value)
+        assert f"which {role!r} lacks" not in said, "refused by the check, not by the server"
+        # PostgreSQL's own words (15: "must be superuser or replication role to use ...",
+        # 16 on: "permission denied to use ...").
+        assert re.search(r"(must be superuser or replication role|permission denied) to use replication slots", said)
+    finally:
+        with psycopg.connect(empty_db, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+            conn.execute("DROP ROLE rds_replication")
 
 
 def test_create_and_drop_need_autocommit(empty_db: str) -> None:

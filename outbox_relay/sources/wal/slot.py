@@ -170,7 +170,8 @@ def _require_replication(conn: psycopg.Connection[Any], slot_name: str) -> None:
     if row is not None and not row[1]:
         raise ReplicationError(
             f"not allowed to create the slot {slot_name!r}: the role needs the REPLICATION attribute, which "
-            f"{row[0]!r} lacks (ALTER ROLE {row[0]} REPLICATION, as a superuser); nothing was changed"
+            f"{row[0]!r} lacks (ALTER ROLE {row[0]} REPLICATION, as a superuser; on Amazon RDS or Aurora, GRANT "
+            f"rds_replication TO {row[0]}); nothing was changed"
         )
 
 
