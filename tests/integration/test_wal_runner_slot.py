@@ -92,6 +92,30 @@ async def test_an_invalidated_slot_stops_the_relay_in_one_line_naming_what_may_b
         assert slot_exists(dsn, name), "never dropped or recreated by the relay"
 
 
+async def test_after_a_lost_slot_the_advised_switch_to_table_drops_it_and_lifts_the_drain_gate() -> None:
+    with local_postgres.running(SMALL_KEEP) as cluster:
+        dsn = cluster.dsn
+        name = slot.name_for("outbox")
+        with psycopg.connect(dsn) as conn:
+            schema_manager.install(conn, "outbox")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            slot.create(conn, name, name)
+        set_source(dsn, "wal", name)
+        invalidate(dsn, name)
+        set_source(dsn, "table", name)  # what SlotLost's line says to do first
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT drain_gate IS NOT NULL FROM outbox.settings").fetchone() == (True,)
+
+        source = WalSource(make_config(dsn, wal={"slot": name}))
+        try:
+            assert await source._plan() is None, "nothing of a lost slot can be streamed"
+        finally:
+            await source._session.close()
+        assert not slot_exists(dsn, name)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT drain_gate FROM outbox.settings").fetchone() == (None,)
+
+
 @pytest.fixture
 def outbox_wal(db: str) -> Iterator[WalSlot]:
     with wal_slot(db) as found:

@@ -212,9 +212,10 @@ class WalSource:
                     raise SlotMissing(
                         f"the outbox {self._schema!r} is in WAL mode but its replication slot {self._slot!r} does not "
                         "exist (dropped, invalidated and removed, or not carried to a promoted standby): messages "
-                        "enqueued since its last confirmed position may not have been published; account for them, "
-                        f"then create it with `outbox-relay schema source wal --schema {self._schema} --slot "
-                        f"{self._slot}`"
+                        "enqueued since its last confirmed position may not have been published, and every one "
+                        "enqueued until there is a slot again is lost: switch enqueue to the table at once "
+                        f"(`outbox-relay schema source table --schema {self._schema}`), account for them, then create "
+                        f"it with `outbox-relay schema source wal --schema {self._schema} --slot {self._slot}`"
                     )
                 if not ours:
                     raise WalSourceError(
@@ -338,9 +339,11 @@ def _raise_if_lost(schema: str, slot_name: str, state: slot.SlotState | None) ->
     raise SlotLost(
         f"the outbox {schema!r} is in WAL mode but PostgreSQL invalidated its replication slot {slot_name!r} "
         f"(wal_status lost: it fell behind by more than max_slot_wal_keep_size): messages enqueued between WAL "
-        f"{start} and {pgoutput.format_lsn(state.current_lsn)} may not have been published; account for them, then "
-        f"drop the slot (SELECT pg_drop_replication_slot('{slot_name}')) and create it with `outbox-relay schema "
-        f"source wal --schema {schema} --slot {slot_name}`"
+        f"{start} and {pgoutput.format_lsn(state.current_lsn)} may not have been published, and every one enqueued "
+        f"until there is a slot again is lost: switch enqueue to the table at once (`outbox-relay schema source "
+        f"table --schema {schema}`), account for them, then drop the slot (a relay in table mode does; or SELECT "
+        f"pg_drop_replication_slot('{slot_name}')) and create it with `outbox-relay schema source wal --schema "
+        f"{schema} --slot {slot_name}`"
     )
 
 
