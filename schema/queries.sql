@@ -526,5 +526,6 @@ WHERE p.oid = to_regprocedure(format('%%I.enqueue_binary(text, text, bytea, json
 -- name: outbox_source
 -- Where enqueue writes (`table` or `wal`), since when and who switched (schema.sql,
 -- settings; schema/sources.sql switches it), and whether the drain after a switch to
--- table is pending (its gate holds keyed rows enqueued since).
-SELECT source, source_changed_at, source_changed_by, drain_gate IS NOT NULL FROM {schema}.settings;
+-- table is pending (its gate holds keyed rows enqueued since), and the slot the last
+-- switch to wal used.
+SELECT source, source_changed_at, source_changed_by, drain_gate IS NOT NULL, wal_slot FROM {schema}.settings;

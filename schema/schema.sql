@@ -24,11 +24,10 @@ CREATE TABLE {schema}.settings (
     -- A switch keeps each key's order (migrations/0009_switch_order.sql says how):
     -- while drain_gate is set (a switch from wal, the slot not yet drained) the claim
     -- takes no keyed row from that id on, and the drain parks with ids from drain_next,
-    -- below it; wal_settled is false after a switch to wal until every transaction that
-    -- could still write a row through the table body has ended.
+    -- below it; wal_slot is the slot the switch to wal used, which that drain reads.
     drain_gate bigint,
     drain_next bigint,
-    wal_settled boolean NOT NULL DEFAULT true,
+    wal_slot text,
     -- The last WAL message parked into messages (its commit's start LSN, its own LSN),
     -- written with the park: what a restarted relay need not park again.
     parked_through_commit pg_lsn,
@@ -321,6 +320,11 @@ BEGIN
     IF headers IS NOT NULL AND headers <> '{{}}'::jsonb AND NOT {schema}.headers_valid(headers) THEN
         RAISE EXCEPTION 'outbox: invalid headers %: must be a JSON object of non-empty string names (not "message-id") to string values', headers
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The fence of a switch of source (schema/sources.sql): a switch waits for every
+    -- transaction that enqueued, so none of them goes on with the old body after it.
+    IF NOT pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashtext({channel} || '.source')) THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(pg_catalog.hashtext({channel} || '.source'));
     END IF;
     INSERT INTO {schema}.messages (topic, key, payload, headers, content_type)
     VALUES (topic, key, payload, coalesce(headers, '{{}}'::jsonb), coalesce(content_type, 'application/octet-stream'))

@@ -52,6 +52,11 @@ BEGIN
         RAISE EXCEPTION 'outbox: invalid headers %: must be a JSON object of non-empty string names (not "message-id") to string values', headers
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The fence of a switch of source (schema/sources.sql): a switch waits for every
+    -- transaction that enqueued, so none of them goes on with the old body after it.
+    IF NOT pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashtext({channel} || '.source')) THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(pg_catalog.hashtext({channel} || '.source'));
+    END IF;
     INSERT INTO {schema}.messages (topic, key, payload, headers, content_type)
     VALUES (topic, key, payload, coalesce(headers, '{{}}'::jsonb), coalesce(content_type, 'application/octet-stream'))
     RETURNING message_id INTO new_id;
@@ -112,6 +117,11 @@ BEGIN
     IF headers IS NOT NULL AND headers <> '{{}}'::jsonb AND NOT {schema}.headers_valid(headers) THEN
         RAISE EXCEPTION 'outbox: invalid headers %: must be a JSON object of non-empty string names (not "message-id") to string values', headers
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The fence of a switch of source (schema/sources.sql): a switch waits for every
+    -- transaction that enqueued, so none of them goes on with the old body after it.
+    IF NOT pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashtext({channel} || '.source')) THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(pg_catalog.hashtext({channel} || '.source'));
     END IF;
     new_id := pg_catalog.gen_random_uuid();
     headers := coalesce(headers, '{{}}'::pg_catalog.jsonb);
@@ -177,23 +187,31 @@ SELECT EXISTS (
 
 -- A switch keeps each key's order (schema.sql, settings; migrations/0009_switch_order.sql).
 
+-- name: take_source_fence
+-- The fence, taken alone by a switch (and shared by every enqueue_binary call and by a
+-- backfill chunk): the switch waits until each transaction that enqueued has ended, so
+-- no transaction enqueues with the old body after the switch (a session keeps a body
+-- it already ran for the rest of its transaction), and enqueues that come meanwhile
+-- wait for the switch. Run under the caller's lock_timeout (set_source).
+SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({channel} || '.source'));
+
 -- name: open_drain_gate
--- wal -> table, with the outbox's slot there: until a relay has streamed the slot to
--- its end and dropped it (runner.py), the claim takes no keyed row from drain_gate on,
--- and the messages the drain parks take ids from drain_next, in the gap below it that
--- this leaves in the identity sequence (2^40 ids: more than any slot holds), so they go
--- behind their key's older rows and before every row enqueued after the switch.
+-- wal -> table: until a relay has streamed the slot to its end and dropped it
+-- (runner.py), the claim takes no keyed row from drain_gate on, and the messages the
+-- drain parks take ids from drain_next, in the gap below it that this leaves in the
+-- identity sequence (2^40 ids: more than any slot holds), so they go behind their key's
+-- older rows and before every row enqueued after the switch. Set whatever slot the
+-- caller names: the drain reads the slot the switch to wal recorded (wal_slot).
 UPDATE {schema}.settings
 SET drain_next = b.id, drain_gate = pg_catalog.setval(b.seq, b.id + 1099511627776) + 1
 FROM (SELECT s.seq, pg_catalog.nextval(s.seq) AS id
-      FROM pg_catalog.pg_get_serial_sequence(%(messages)s, 'id') AS s(seq)) AS b
-WHERE EXISTS (SELECT FROM pg_catalog.pg_replication_slots
-              WHERE slot_name = %(slot)s AND database = pg_catalog.current_database());
+      FROM pg_catalog.pg_get_serial_sequence(%(messages)s, 'id') AS s(seq)) AS b;
 
--- name: unsettle_wal
--- table -> wal: the relay publishes no WAL message before every transaction that could
--- still write a row through the table body has ended (runner.py settles it).
-UPDATE {schema}.settings SET wal_settled = false;
+-- name: record_wal_slot
+-- table -> wal: the slot enqueue's messages go to from now on; and what an earlier slot
+-- parked (parked_through: another slot's positions, maybe another cluster's) is
+-- forgotten.
+UPDATE {schema}.settings SET wal_slot = %(slot)s, parked_through_commit = NULL, parked_through = NULL;
 
 -- name: drain_pending
 -- The drain after a switch to table has not ended: its gate is still set.

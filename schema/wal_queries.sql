@@ -155,46 +155,25 @@ SET drain_next = drain_next + %(count)s,
     parked_through = %(lsn)s::text::pg_lsn
 
 -- name: parked_through
+-- Never a position beyond the WAL inserted so far: one from another cluster (a restore,
+-- a migration) would skip messages that were never parked.
 SELECT parked_through_commit::text, parked_through::text FROM {schema}.settings
+WHERE parked_through_commit <= pg_current_wal_insert_lsn()
 
 -- The WAL source inside `outbox-relay run` (outbox_relay/sources/wal/runner.py), on an
 -- ordinary connection, with parameters.
 
--- name: running_transactions
--- Every transaction of this database running now but this session's (each holds the
--- lock on its own virtual transaction id, whether it has a real one yet or not), and
--- every transaction prepared in it (PREPARE TRANSACTION: no session, until COMMIT or
--- ROLLBACK PREPARED). Read after a switch committed: every transaction that can still
--- run the old body of enqueue_binary (a statement that began before the switch keeps
--- the body it started with) is among them, or has ended. Other databases' transactions
--- cannot call this outbox's enqueue: they are not waited for.
-SELECT coalesce((SELECT array_agg(l.virtualxid)
-                 FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
-                 WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
-                   AND a.datname = current_database()), '{{}}'),
-       coalesce((SELECT array_agg(p.transaction::text) FROM pg_prepared_xacts AS p
-                 WHERE p.database = current_database()), '{{}}')
-
--- name: wal_end_once_ended
--- The WAL's end, once every one of running_transactions (%(vxids)s, %(prepared)s) has
--- ended (NULL until then). A transaction that emitted messages before the switch
--- committed by then, so a slot confirmed up to this position has handed out every one
--- of them.
-SELECT CASE WHEN NOT EXISTS (SELECT FROM pg_locks
-                             WHERE locktype = 'virtualxid' AND virtualxid = ANY(%(vxids)s::text[]))
-             AND NOT EXISTS (SELECT FROM pg_prepared_xacts
-                             WHERE transaction::text = ANY(%(prepared)s::text[]))
-            THEN pg_current_wal_lsn()::text END
+-- name: wal_insert_end
+-- The end of the WAL inserted so far (not only written: a transaction that committed
+-- with synchronous_commit off has its commit record there before it is written out).
+-- Read once a relay saw the switch to table: the switch waited for every transaction
+-- that enqueued (the fence), so every WAL message of the outbox lies before it.
+SELECT pg_current_wal_insert_lsn()::text
 
 -- name: switch_state
--- After a switch: whether a drain is pending (its gate set) and whether a switch to wal
--- has settled (schema.sql, settings).
-SELECT drain_gate IS NOT NULL, wal_settled FROM {schema}.settings
-
--- name: settle_wal
--- Every transaction that could write a row through the table body has ended: the WAL
--- source may read the table's held keys and publish.
-UPDATE {schema}.settings SET wal_settled = true WHERE source = 'wal'
+-- Whether the drain after a switch to table is pending (its gate set), and the slot the
+-- switch to wal used (schema.sql, settings).
+SELECT drain_gate IS NOT NULL, wal_slot FROM {schema}.settings
 
 -- name: close_drain_gate
 -- The slot is drained (or gone): rows enqueued after the switch may be claimed.

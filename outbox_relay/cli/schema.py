@@ -9,6 +9,7 @@ import click
 import psycopg
 
 from outbox_relay import sqlfiles
+from outbox_relay.durations import parse_duration
 from outbox_relay.cli.common import DSN_OPTION, SCHEMA_OPTION, connect, one_line_errors, require_schema
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import slot as wal_slot
@@ -57,26 +58,48 @@ def schema_install(dsn: str, schema_name: str, source: str | None, slot: str | N
 @DSN_OPTION
 @SCHEMA_OPTION
 @SLOT_OPTION
+@click.option(
+    "--wait",
+    default="10s",
+    show_default=True,
+    help="How long the switch waits for transactions that enqueued to end (enqueues wait for the switch meanwhile).",
+)
 @one_line_errors
-def schema_source(source: str, dsn: str, schema_name: str, slot: str | None) -> None:
+def schema_source(source: str, dsn: str, schema_name: str, slot: str | None, wait: str) -> None:
     """Switch where enqueue writes: wal (creates the slot and publication first) or table
-    (the slot stays until a relay has streamed what it holds, then that relay drops it)."""
+    (the slot stays until a relay has streamed what it holds, then that relay drops it).
+    The switch waits for transactions that enqueued to end, so none of them goes on
+    writing to the old source after it."""
     sqlfiles.validate_schema_name(schema_name)
+    try:
+        seconds = parse_duration(wait)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--wait") from None
+    if seconds <= 0:
+        raise click.BadParameter("must be positive", param_hint="--wait")
     with connect(dsn) as conn:
         require_schema(conn, schema_name)
-        _switch_source(conn, schema_name, source, slot)
+        _switch_source(conn, schema_name, source, slot, seconds)
 
 
-def _switch_source(conn: psycopg.Connection[Any], schema_name: str, source: str, slot: str | None) -> None:
+def _switch_source(
+    conn: psycopg.Connection[Any],
+    schema_name: str,
+    source: str,
+    slot: str | None,
+    wait: float = schema_manager.SWITCH_WAIT_S,
+) -> None:
     name = wal_slot.validate_name(slot) if slot else wal_slot.name_for(schema_name)
     if source == "wal":
         # The slot first: a message emitted before a slot exists is decoded by none.
         conn.autocommit = True
         if wal_slot.create(conn, name, name):
             click.echo(f"created replication slot and publication {name!r}")
-    changed = schema_manager.set_source(conn, schema_name, source, warn=click.echo, slot_name=name)
+    changed = schema_manager.set_source(conn, schema_name, source, warn=click.echo, slot_name=name, wait=wait)
     state = "now" if changed else "already"
     click.echo(f"outbox schema {schema_name!r} is {state} in {source} mode")
+    if source == "table":
+        name = schema_manager.read_source(conn, schema_name).wal_slot or name  # the one the drain reads
     if source == "table" and wal_slot.read_state(conn, name) is not None:
         click.echo(
             f"the replication slot {name!r} stays until a relay (`outbox-relay run`) has streamed every message "

@@ -24,6 +24,12 @@ from outbox_relay.sources.wal import framing, slot
 
 _LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay.schema.' || %s))"
 _SHARED_LOCK_KEY = "SELECT pg_advisory_xact_lock_shared(hashtext('outbox_relay.schema.' || %s))"
+# enqueue_binary's own fence (schema/sources.sql, take_source_fence), keyed by the channel.
+_SHARED_SOURCE_FENCE = "SELECT pg_advisory_xact_lock_shared(hashtext(%s || '.source'))"
+# The version whose migration replaced enqueue_binary's body (0009: the source fence).
+FENCED_BODIES_SINCE = 9
+# How long a switch of source waits for transactions that enqueued to end.
+SWITCH_WAIT_S = 10.0
 _SCHEMA_OBJECTS = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s
@@ -118,6 +124,10 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
                     if version > previous:
                         cur.execute(sqlfiles.migration(name, schema))
                         _record_version(cur, schema, version)
+                if previous < FENCED_BODIES_SINCE and read_source(conn, schema).source == "wal":
+                    # The migration put the table's body (with the fence) in; this outbox
+                    # writes into the WAL: its body again, with the fence, in this transaction.
+                    cur.execute(_source_statement("use_wal_source", schema))
     except psycopg.errors.LockNotAvailable as exc:
         raise _busy(exc, "schema upgrade failed") from None
     except psycopg.Error as exc:
@@ -233,6 +243,7 @@ class SourceSetting:
     source: str
     changed_at: datetime
     changed_by: str
+    wal_slot: str | None = None  # the slot the last switch to wal used
 
 
 def read_source(conn: psycopg.Connection[Any], schema: str) -> SourceSetting:
@@ -240,7 +251,7 @@ def read_source(conn: psycopg.Connection[Any], schema: str) -> SourceSetting:
     row = conn.execute(sqlfiles.Queries(schema)["outbox_source"]).fetchone()
     if row is None:  # the row is inserted with the table; only a hand-made DELETE removes it
         raise SchemaError(f"{schema}.settings holds no row: run `outbox-relay schema install --schema {schema}`")
-    return SourceSetting(str(row[0]), row[1], str(row[2]))
+    return SourceSetting(str(row[0]), row[1], str(row[2]), None if row[4] is None else str(row[4]))
 
 
 def hold_enqueue_source(conn: psycopg.Connection[Any], schema: str) -> str:
@@ -252,6 +263,8 @@ def hold_enqueue_source(conn: psycopg.Connection[Any], schema: str) -> str:
     does (a backfill chunk). The read is a statement of its own: a statement's snapshot
     is taken before it waits for the lock, and would not see a switch committed meanwhile."""
     conn.execute(_SHARED_LOCK_KEY, (sqlfiles.validate_schema_name(schema),))
+    # The source fence too, as enqueue_binary takes it: a switch waits for the chunk.
+    conn.execute(_SHARED_SOURCE_FENCE, (sqlfiles.notify_channel(schema),))
     row = conn.execute(sqlfiles.Queries(schema)["enqueue_source"], {"schema": schema}).fetchone()
     if row is None:
         raise SchemaError(f"{schema}.enqueue_binary is missing: run `outbox-relay schema install --schema {schema}`")
@@ -276,6 +289,7 @@ def set_source(
     warn: Callable[[str], None] | None = None,
     *,
     slot_name: str | None = None,
+    wait: float = SWITCH_WAIT_S,
 ) -> bool:
     """Make every enqueue into `schema` write to `source` from its next call on: `table`
     (a row in messages) or `wal` (a logical decoding message); True if it changed.
@@ -290,10 +304,12 @@ def set_source(
     slot the relay reads, so it would be lost. The check runs under the schema's lock,
     which the relay also takes to drop a drained slot: the two cannot interleave.
     Switching moves no message: what is pending in the old source is the relay's to
-    drain, keeping each key's order (migrations/0009_switch_order.sql): `table` sets the
-    drain gate (the claim takes no keyed row enqueued after the switch until a relay
-    drained the slot), so `wal` is refused while that drain is pending; `wal` makes the
-    relay wait for transactions that could still write rows before it publishes.
+    drain, keeping each key's order (migrations/0009_switch_order.sql): the switch takes
+    the source fence alone, so it waits for every transaction that enqueued to end (at
+    most `wait` seconds, then it is refused, changing nothing: an enqueue that comes
+    meanwhile waits for it), and no transaction goes on with the old body after it;
+    `table` sets the drain gate (the claim takes no keyed row enqueued after the switch
+    until a relay drained the slot), so `wal` is refused while that drain is pending.
 
     `wal` also takes pg_logical_emit_message from PUBLIC (lock_down_emit_message), so
     no role but enqueue's owner can write into the relay's stream; when this role
@@ -321,19 +337,36 @@ def set_source(
                     "enqueued since wait for it): start a relay with this schema and let it finish "
                     "(wal_slot_dropped in its log; `outbox-relay status` shows the drain), then switch"
                 )
+            _take_source_fence(conn, schema, wait)
             conn.execute(_source_statement(f"use_{source}_source", schema))
             changed = conn.execute(_source_statement("record_source", schema), {"source": source}).rowcount
             if changed and source == "table":
                 messages = sql.Identifier(schema, "messages").as_string(conn)
-                conn.execute(_source_statement("open_drain_gate", schema), {"messages": messages, "slot": wanted})
+                conn.execute(_source_statement("open_drain_gate", schema), {"messages": messages})
             elif changed:
-                conn.execute(_source_statement("unsettle_wal", schema))
+                conn.execute(_source_statement("record_wal_slot", schema), {"slot": wanted})
             problem = lock_down_emit_message(conn, schema) if source == "wal" else None
     except psycopg.Error as exc:
         raise DatabaseError(f"schema source {source} failed: {first_line(exc)}") from exc
     if problem:
         (warn or _log.warning)(problem)
     return changed == 1
+
+
+def _take_source_fence(conn: psycopg.Connection[Any], schema: str, wait: float) -> None:
+    """The source fence, alone (schema/sources.sql, take_source_fence), waiting at most
+    `wait` seconds: LockNotAvailable past it. The caller's lock_timeout is restored."""
+    previous = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, int(wait * 1000))}ms",))
+    try:
+        conn.execute(_source_statement("take_source_fence", schema))
+    except psycopg.errors.LockNotAvailable:
+        raise SchemaError(
+            f"schema source: transactions that enqueued into {schema!r} stayed open for {wait:g}s (see "
+            "pg_stat_activity: 'idle in transaction'); a switch waits for them to end so none goes on writing to "
+            "the old source after it. Nothing changed: switch again once they have ended, or with a longer --wait"
+        ) from None
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous[0] if previous else "0",))
 
 
 # Every argument list of pg_logical_emit_message: PostgreSQL 17 adds the flush

@@ -1,7 +1,8 @@
 """Switching source under a running relay, through the real command line (issue 18,
 point 1): the relay notices a switch either way, and each key keeps its order across it;
-after a switch to wal it publishes nothing before every transaction that could still
-write a row through the table body has ended. Real PostgreSQL with logical decoding."""
+a switch waits for the transactions that enqueued (none goes on with the old body after
+it) and is refused in one line, changing nothing, while one stays open. Real PostgreSQL
+with logical decoding."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def test_a_running_relay_follows_a_switch_either_way_and_each_key_keeps_its_orde
         assert conn.execute("SELECT drain_gate FROM outbox.settings").fetchone() == (None,)
 
 
-def test_after_a_switch_to_wal_nothing_is_published_before_the_transactions_that_could_still_write_rows_end(
+def test_a_switch_waits_for_transactions_that_enqueued_and_is_refused_in_one_line_while_one_stays_open(
     wal_db: tuple[str, str], tmp_path: Path
 ) -> None:
     db, name = wal_db
@@ -86,26 +87,26 @@ def test_after_a_switch_to_wal_nothing_is_published_before_the_transactions_that
     with psycopg.connect(db, autocommit=True) as conn:
         slot.create(conn, name, name)
     with psycopg.connect(db) as before:
-        # A transaction that enqueued a row through the table body, still open at the switch.
+        # A transaction that enqueued a row through the table body and stays open: were
+        # the switch to go through, it could go on enqueueing rows after it, and a row of
+        # k could follow a WAL message of k that committed earlier.
         row = str(enqueue(before, "orders.created", {"n": "row, enqueued before the switch"}, key="k"))
-        switch(db, "wal", name)
-        message = enqueue_each(db, "k", 1, "wal, committed first")
-        sink = tmp_path / "out.jsonl"
-        config = write_config(tmp_path / "relay.yaml", db, sink=sink, wal={"slot": name, "status_interval": "1s"})
-        relay = RelayProcess(config)
-        try:
-            wait_for(
-                lambda: logged(relay, "wal_source_waits_for_older_transactions"),
-                30,
-                "the relay waits for the transaction open at the switch",
-            )
-            assert read_jsonl(sink) == [], "nothing published while it runs"
-            before.commit()
-            wait_for(lambda: len(read_jsonl(sink)) == 2, 30, "both delivered once it committed")
-            assert logged(relay, "wal_source_settled")
-            assert relay.terminate() == 0
-        finally:
-            relay.close()
-    # The row was enqueued first and was pending when the relay read the table: the WAL
-    # message of its key is parked behind it.
+        refused = run_cli("schema", "source", "wal", "--slot", name, "--wait", "1s", env={"DATABASE_URL": db})
+        assert refused.returncode != 0
+        [line] = refused.stderr.strip().splitlines()
+        assert line.startswith("error: schema source: transactions that enqueued into 'outbox' stayed open for 1s")
+        assert "Nothing changed" in line
+        with psycopg.connect(db) as conn:
+            assert conn.execute("SELECT source FROM outbox.settings").fetchone() == ("table",)
+        before.commit()
+    switch(db, "wal", name)
+    message = enqueue_each(db, "k", 1, "wal")
+    sink = tmp_path / "out.jsonl"
+    config = write_config(tmp_path / "relay.yaml", db, sink=sink, wal={"slot": name, "status_interval": "1s"})
+    relay = RelayProcess(config)
+    try:
+        wait_for(lambda: len(read_jsonl(sink)) == 2, 30, "both delivered")
+        assert relay.terminate() == 0
+    finally:
+        relay.close()
     assert [r["message_id"] for r in read_jsonl(sink)] == [row, *message]

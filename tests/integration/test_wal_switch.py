@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from outbox_relay import enqueue
+from outbox_relay.errors import SchemaError
 from outbox_relay.models import PublishResult
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal.runner import WalSource
@@ -137,3 +138,25 @@ async def test_a_relay_restarted_after_a_park_but_before_its_confirm_parks_nothi
         await wait_until(lambda: confirmed_flush(dsn, outbox_wal.name) >= ends[-1], what="read again and confirmed")
     assert rows_in_id_order(dsn, "k") == failing, "each parked once"
     assert again.delivered == [], "a parked message is the table's: not published from the WAL again"
+
+
+@pytest.mark.parametrize("first, then", [("wal", "table"), ("table", "wal")])
+async def test_a_transaction_that_enqueued_before_a_switch_cannot_enqueue_with_the_old_body_after_it(
+    outbox_wal: WalSlot, first: str, then: str
+) -> None:
+    """The case that reordered a key: T enqueues (caching the old body), the source
+    switches, N enqueues k and commits, T enqueues k with the old body and commits. The
+    switch now waits for T: refused while T stays open, changing nothing."""
+    dsn = outbox_wal.dsn
+    if first == "wal":
+        set_source(outbox_wal, "wal")
+    with psycopg.connect(dsn) as t:
+        enqueue(t, "orders.created", {"n": "T, another key"}, key="other")
+        with psycopg.connect(dsn) as conn, pytest.raises(SchemaError, match=r"stayed open for 0\.5s"):
+            schema_manager.set_source(conn, "outbox", then, slot_name=outbox_wal.name, wait=0.5)
+        with psycopg.connect(dsn) as conn:
+            assert schema_manager.read_source(conn, "outbox").source == first, "nothing changed"
+        t.commit()
+    # Once T has ended, the switch goes through at once.
+    with psycopg.connect(dsn) as conn:
+        assert schema_manager.set_source(conn, "outbox", then, slot_name=outbox_wal.name, wait=5) is True

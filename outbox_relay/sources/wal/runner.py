@@ -5,11 +5,10 @@ It reads the outbox's source ({schema}.settings) and its slot (relay.wal.slot, o
 ``outbox_relay_<schema>``) at start and again every SOURCE_POLL_S, so a running relay
 follows a switch (a switch keeps each key's order: migrations/0009_switch_order.sql):
 
-- ``wal``: first, right after a switch to wal (settings.wal_settled false), it waits
-  until every transaction of the database running when it looked has ended (one of
-  them could still write a row through the table body, which the WAL messages of its
-  key must follow). Then it streams the slot with a WalRelay (relay.py) until the relay
-  stops or the source changes. A
+- ``wal``: it streams the slot with a WalRelay (relay.py) until the relay stops or the
+  source changes (the switch waited for every transaction that enqueued through the
+  table body: none writes a row after it, so the table's held keys are all there to
+  see). A
   database or replication error ends that WalRelay; a new one starts after the relay's
   backoff and resumes after the slot's confirmed position (nothing unconfirmed is lost).
   While another relay streams the slot (PostgreSQL lets one walsender use a slot at a
@@ -19,14 +18,15 @@ follows a switch (a switch keeps each key's order: migrations/0009_switch_order.
   that is missing, invalidated (wal_status 'lost': kept by PostgreSQL but never able to
   stream again), or not this database's, stops the relay with one line: it is never
   recreated here, since the WAL between a lost slot and a new one would not be read.
-- ``table``, with this outbox's slot still there (left by `schema source table`): the
+- ``table``, with the slot the switch to wal used (settings.wal_slot) still there: the
   slot may hold messages enqueued before the switch, and the drain gate keeps the
-  table's newer keyed rows back until they are out. It waits until every transaction
-  of the database running when it looked (and every prepared one) has ended (one that
-  emitted messages before the switch commits by then), notes the WAL's end, streams the
-  slot until it is confirmed that far, then drops the slot and its publication and
-  lifts the gate (``wal_slot_dropped``) if the source is still table, checked under the
-  schema's lock. Another relay doing the same stands by, then finds the slot gone.
+  table's newer keyed rows back until they are out. The switch waited for every
+  transaction that enqueued (the source fence), so every message of the outbox lies
+  before the WAL inserted when the relay sees it: it streams the slot until it is
+  confirmed that far, then drops the slot and its publication and lifts the gate
+  (``wal_slot_dropped``) if the source is still table, checked under the schema's lock.
+  Another relay doing the same stands by, then finds the slot gone. A relay configured
+  with another slot leaves that drain alone (``wal_drain_of_another_slot``).
 - ``table`` without a usable slot: the drain gate, if a switch left one, is lifted with
   a warning (its messages not yet streamed may be lost); then nothing to do until a
   switch to wal.
@@ -83,6 +83,7 @@ class WalSource:
         self._backoff = Backoff.from_config(config.relay)
         self.watch = WalWatch(self._slot, poll_interval=lag_interval)  # its metrics and /readyz (lag.py)
         self._session = _Session(self._dsn)
+        self._foreign_drain_logged = False
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
         stream = self._stream(dispatcher, stop, observer)
@@ -182,8 +183,11 @@ class WalSource:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             relay.stop()
-            for other in waits - {task}:
+            others = waits - {task}
+            for other in others:
                 other.cancel()
+            # The watchers share the session: none may still be in a query after this.
+            await asyncio.gather(*others, return_exceptions=True)
             # Also when cancelled: the relay finishes its dispatch and sends its position.
             await asyncio.shield(_settle(task))
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
@@ -223,42 +227,31 @@ class WalSource:
                         f"{identity[1]!r}): set relay.wal.slot to the slot `schema source wal` created"
                     )
                 _raise_if_lost(self._schema, self._slot, await slot.read_state_async(conn, self._slot))
-                _, settled = await _row(conn, slot.outbox_query("switch_state", self._schema))
-                if not settled:
-                    await self._settle(conn)
                 return 0
+            draining, recorded = await _row(conn, slot.outbox_query("switch_state", self._schema))
+            if draining and recorded is not None and recorded != self._slot:
+                # Another slot's drain: this relay cannot stream it, and must not lift
+                # the gate that drain needs.
+                if not self._foreign_drain_logged:
+                    log.warning(
+                        "wal_drain_of_another_slot",
+                        slot=self._slot,
+                        draining=recorded,
+                        reason="the outbox was switched to table from that slot: set relay.wal.slot to it so a "
+                        "relay drains it (keyed rows enqueued since the switch wait for that)",
+                    )
+                    self._foreign_drain_logged = True
+                return None
             state = await slot.read_state_async(conn, self._slot) if ours else None
             if state is None or state.wal_status == "lost":
-                await self._end_drain_without_slot(conn, lost=state is not None)
+                if draining or state is not None:
+                    await self._end_drain_without_slot(conn, lost=state is not None)
                 return None
             log.info("wal_slot_draining", slot=self._slot, source=source)
-            running = await _row(conn, slot.query("running_transactions"))
-        return await self._once_ended(running, "wal_slot_drain_waits_for_older_transactions")
-
-    async def _settle(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """After a switch to wal: wait until every transaction that could still enqueue a
-        row through the table body has ended, then mark the switch settled. Until then a
-        row of theirs could come after a WAL message of its key is published (the table
-        holds a key back only once its row is there to see)."""
-        running = await _row(conn, slot.query("running_transactions"))
-        await self._once_ended(running, "wal_source_waits_for_older_transactions")
-        await conn.execute(slot.outbox_query("settle_wal", self._schema))
-        log.info("wal_source_settled", slot=self._slot)
-
-    async def _once_ended(self, running: tuple[Any, ...], waiting_event: str) -> int:
-        """The WAL's end once every transaction of `running` (running_transactions) has
-        ended."""
-        params = {"vxids": list(running[0]), "prepared": list(running[1])}
-        waiting_logged = False
-        while True:
-            async with self._session() as conn:
-                end = await _one(conn, slot.query("wal_end_once_ended"), params)
-            if end is not None:
-                return pgoutput.parse_lsn(str(end))
-            if not waiting_logged:
-                log.info(waiting_event, slot=self._slot, transactions=len(params["vxids"]) + len(params["prepared"]))
-                waiting_logged = True
-            await asyncio.sleep(DRAIN_POLL_S)
+            # The switch waited for every transaction that enqueued (the source fence), so
+            # every WAL message of the outbox lies before the WAL inserted so far.
+            end = await _one(conn, slot.query("wal_insert_end"), {})
+        return pgoutput.parse_lsn(str(end))
 
     async def _end_drain_without_slot(self, conn: psycopg.AsyncConnection[Any], *, lost: bool) -> None:
         """Table mode, and the slot a switch left is gone or invalidated: nothing of it can

@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import errors as pg_errors
 from psycopg import sql
 
@@ -27,6 +28,8 @@ from outbox_relay.errors import first_line
 from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse
 from outbox_relay.sources.wal.pgoutput import parse_lsn
 from outbox_relay.sqlfiles import validate_schema_name
+
+_log = structlog.get_logger("outbox_relay.wal")
 
 NAME_PREFIX = "outbox_relay_"
 # PostgreSQL's rule for slot names (lower-case letters, digits, _; at most 63 bytes),
@@ -216,7 +219,15 @@ def drop_in_transaction(conn: psycopg.Connection[Any], slot: str, publication: s
     drop. The slot goes at once (a slot is not transactional), the publication at commit."""
     try:
         conn.execute(query("drop_slot", slot=validate_name(slot)))
-        conn.execute(query("drop_publication", publication=validate_name(publication)))
+        try:
+            with conn.transaction():  # a savepoint: a refusal here keeps the slot's drop
+                conn.execute(query("drop_publication", publication=validate_name(publication)))
+        except pg_errors.InsufficientPrivilege as exc:
+            # The publication is its creator's (`schema source wal`, run by an operator);
+            # a least-privilege relay may not drop it. It holds nothing (no table): left.
+            _log.warning(
+                "wal_publication_left", publication=publication, reason=f"{first_line(exc)}: drop it as its owner"
+            )
     except pg_errors.ObjectInUse as exc:
         raise SlotInUse(f"cannot drop the slot {slot!r}: {first_line(exc)}") from exc
     except psycopg.Error as exc:
