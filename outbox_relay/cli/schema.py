@@ -9,8 +9,8 @@ import click
 import psycopg
 
 from outbox_relay import sqlfiles
-from outbox_relay.durations import parse_duration
 from outbox_relay.cli.common import DSN_OPTION, SCHEMA_OPTION, connect, one_line_errors, require_schema
+from outbox_relay.durations import parse_duration
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import slot as wal_slot
 
