@@ -2,6 +2,11 @@
 
 scripts/bench                      # the full run (100,000 messages)
 scripts/bench --messages 20000     # a quicker run
+scripts/bench --wal-only           # only the WAL source's part (benchmarks/wal.py)
+scripts/bench --wal-only --messages 10000 --large 100000   # a quick one
+
+Results are merged into the JSON file: the parts this run measured replace theirs, the
+others stay; a WAL part measured before is kept under "wal_previous_runs".
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, replay_cost, write_path
+from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, replay_cost, wal, write_path
 from benchmarks.common import ratio_rows
 from outbox_relay.observability.logging_setup import configure
 
@@ -40,6 +45,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "messages": args.messages,
     }
     with env.provisioned() as svc:
+        if args.wal_only or not args.skip_wal:
+            results["wal"] = await _wal(svc, args)
+        if args.wal_only:
+            return results
         if args.replay_only:
             _step("replay: copy cost")
             results["replay"] = await asyncio.to_thread(replay_cost.measure, svc.dsn, rows=args.replay_rows)
@@ -116,8 +125,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+WAL_ONLY_KEYS = {"machine", "started", "messages", "wal"}
+
+
+async def _wal(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    part = await wal.run(
+        svc,
+        messages=args.messages,
+        large=args.large,
+        seconds=args.seconds,
+        write_seconds=args.write_seconds,
+        rounds=args.rounds,
+        runs=args.runs,
+        profile_to=args.out.parent / "wal_profile.md" if args.wal_profile else None,
+    )
+    return {"started": started, "machine": env.machine(), **part}
+
+
+def merged(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """`results` over `previous`: what this run measured replaces its part, the rest stays.
+    A WAL-only run touches only "wal" (which carries its own machine and start); an
+    earlier WAL part moves to "wal_previous_runs" (newest first)."""
+    out = {**previous, "wal": results["wal"]} if set(results) == WAL_ONLY_KEYS else {**previous, **results}
+    if "wal" in results and "wal" in previous:
+        out["wal_previous_runs"] = [previous["wal"], *previous.get("wal_previous_runs", [])]
+    return out
+
+
 def table(results: dict[str, Any]) -> str:
-    lines = [matrix.table(results["matrix"]), ""] if "matrix" in results else []
+    lines = [wal.table(results["wal"]), ""] if "wal" in results else []
+    lines += [matrix.table(results["matrix"]), ""] if "matrix" in results else []
     if "replay" in results:
         lines += [replay_cost.table(results["replay"]), ""]
     if "ratios" not in results:
@@ -164,19 +202,30 @@ def main() -> None:
     parser.add_argument("--write-seconds", type=float, default=5.0, help="duration of each pgbench run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the write-path runs")
     parser.add_argument("--small", type=int, default=10_000, help="the matrix's small backlog")
-    parser.add_argument("--large", type=int, default=1_000_000, help="the matrix's large backlog (100 keys)")
+    parser.add_argument(
+        "--large",
+        type=int,
+        default=1_000_000,
+        help="the matrix's large backlog (100 keys), and the WAL part's one transaction for the relay's memory",
+    )
     parser.add_argument("--held-back", type=int, default=100_000, help="rows behind the held-back key's head")
     parser.add_argument("--runs", type=int, default=3, help="the matrix takes the median of this many runs")
     parser.add_argument("--skip-matrix", action="store_true")
     parser.add_argument("--matrix-only", action="store_true")
     parser.add_argument("--replay-only", action="store_true", help="only the replay's cost (benchmarks/replay_cost.py)")
     parser.add_argument("--replay-rows", type=int, default=1_000_000)
+    parser.add_argument("--wal-only", action="store_true", help="only the WAL source's part (benchmarks/wal.py)")
+    parser.add_argument("--skip-wal", action="store_true")
+    parser.add_argument(
+        "--wal-profile", action="store_true", help="also profile the relay in WAL mode with py-spy (installed apart)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
     configure("warning")
     results = asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    args.out.write_text(json.dumps(merged(previous, results), indent=2, ensure_ascii=False) + "\n")
     print(table(results))
     print(f"\n(JSON: {args.out})")
 

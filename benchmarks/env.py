@@ -27,11 +27,14 @@ class Services:
 
 @contextlib.contextmanager
 def provisioned() -> Iterator[Services]:
-    # PostgreSQL with its default durability: fsync and synchronous_commit on, as in production.
+    # PostgreSQL with its default durability: fsync and synchronous_commit on, as in production;
+    # wal_level = logical and slots for the WAL source (a server named by OUTBOX_RELAY_BENCH_DSN
+    # needs them too for the WAL part).
     dsn = os.environ.get("OUTBOX_RELAY_BENCH_DSN")
     with contextlib.ExitStack() as stack:
         if not dsn:
-            cluster = stack.enter_context(local_postgres.running({"max_connections": "200"}))
+            settings = {"max_connections": "200", **services.LOGICAL_DECODING}
+            cluster = stack.enter_context(local_postgres.running(settings))
             dsn = cluster.dsn
         kafka, _ = stack.enter_context(services.kafka())
         amqp, _ = stack.enter_context(services.rabbitmq())

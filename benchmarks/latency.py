@@ -1,4 +1,5 @@
-"""(e) commit-to-ack latency at a steady rate from concurrent writers, NOTIFY on and off."""
+"""(e) commit-to-ack latency at a steady rate from concurrent writers, NOTIFY on and off,
+and with the outbox in WAL mode."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import uuid
 import psycopg
 
 from benchmarks.common import AckClock, percentile, relay_config
-from benchmarks.env import fresh_schema
+from benchmarks.wal_source import drop_slot, install, relay_for, until_idle
 from outbox_relay import enqueue_async
-from outbox_relay.assembly import build_adapters
-from outbox_relay.engine.relay import Relay
 from outbox_relay.operations import schema_manager
 from tests.consumers import kafka_create_topic
 
@@ -37,10 +36,14 @@ async def _writer(dsn: str, writer: int, per_writer_rate: float, seconds: float,
             await asyncio.sleep(max(0.0, start + n * interval - loop.time()))
 
 
-async def commit_to_ack(dsn: str, bootstrap: str, *, rate: float, seconds: float, notify: bool) -> dict[str, float]:
+async def commit_to_ack(
+    dsn: str, bootstrap: str, *, rate: float, seconds: float, notify: bool, source: str = "table"
+) -> dict[str, float]:
+    """`source` wal: the outbox in WAL mode, streamed by the relay's WAL source (the
+    clock stops when the broker's ack reaches the relay; notify does not apply)."""
     topic = f"bench-lat-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
-    fresh_schema(dsn, SCHEMA)
+    install(dsn, SCHEMA, source)
     with psycopg.connect(dsn) as conn:
         schema_manager.set_notify(conn, SCHEMA, notify)
     config = relay_config(
@@ -51,10 +54,12 @@ async def commit_to_ack(dsn: str, bootstrap: str, *, rate: float, seconds: float
         notify=notify,
     )
     clock = AckClock()
-    relay = Relay(config, build_adapters(config), observer=clock)
+    relay = relay_for(config, clock)
     task = asyncio.create_task(relay.run())
     await relay.started.wait()
     await asyncio.sleep(1.0)  # connected, idle
+    if source == "wal":
+        await until_idle(dsn, relay, source, SCHEMA)
     commits: dict[str, float] = {}
     # Each writer has its own keys: writers of one key must be serialized (the ordering
     # precondition), and lockstep writers sharing keys would queue behind each other.
@@ -64,6 +69,8 @@ async def commit_to_ack(dsn: str, bootstrap: str, *, rate: float, seconds: float
         await asyncio.sleep(0.05)
     relay.stop()
     await task
+    if source == "wal":
+        drop_slot(dsn, SCHEMA)
     latencies = [1000 * (clock.acked_at[m] - t) for m, t in commits.items() if m in clock.acked_at]
     if len(latencies) != len(commits):
         raise RuntimeError(f"only {len(latencies)} of {len(commits)} messages acked")

@@ -7,7 +7,9 @@ client, so the figures are the database's cost and not a Python client's):
 - floor: the same bytes into a bare table (what any outbox must at least cost);
 - direct: an INSERT into the outbox table without the enqueue function;
 - outbox in one statement: the INSERT and the enqueue in one data-modifying CTE, so
-  the enqueue adds no round trip.
+  the enqueue adds no round trip;
+- outbox in WAL mode (measure_wal): the same enqueue into an outbox switched to the
+  WAL source, which emits a logical decoding message instead of inserting a row.
 
 p50 latency for one client, and throughput for 16 concurrent clients. Runs are
 interleaved over several rounds and the medians reported.
@@ -25,6 +27,7 @@ import psycopg
 
 from benchmarks.common import percentile
 from benchmarks.env import fresh_schema
+from benchmarks.wal_source import drop_slot, install
 from outbox_relay.demo import local_postgres
 from outbox_relay.operations import schema_manager
 
@@ -43,6 +46,12 @@ SELECT {SCHEMA}.enqueue('orders.created', 'customer-' || :c::int,
     jsonb_build_object('customer', :c::int, 'total', :c::int * 3));
 COMMIT;
 """
+
+
+# The same enqueue into an outbox in WAL mode (schema source wal): its body emits one
+# logical decoding message instead of inserting a row.
+WAL_SCHEMA = "bench_write_wal"
+OUTBOX_WAL = OUTBOX.replace(f"{SCHEMA}.enqueue", f"{WAL_SCHEMA}.enqueue")
 
 
 # The floor of any outbox: the same bytes into a bare table (bigserial key, no other
@@ -154,6 +163,29 @@ def measure(dsn: str, *, seconds: float, rounds: int) -> dict[str, float]:
         "outbox_notify_off": (OUTBOX, False),
         "outbox_one_statement_notify_on": (OUTBOX_ONE_STATEMENT, True),
     }
+    return _measure(dsn, variants, seconds=seconds, rounds=rounds)
+
+
+def measure_wal(dsn: str, *, seconds: float, rounds: int) -> dict[str, float]:
+    """`outbox.enqueue` in WAL mode (one logical message, no row) beside the floor and
+    the table's enqueue, interleaved in the same rounds. The WAL outbox's slot exists
+    (a switch to wal needs it) and nothing streams it meanwhile: the figures are the
+    writer's cost alone; the walsender's decoding is measured with the drains."""
+    _setup(dsn)
+    install(dsn, WAL_SCHEMA, "wal")
+    variants = {
+        "plain": (PLAIN, True),
+        "floor_bare_table": (FLOOR, True),
+        "outbox_notify_on": (OUTBOX, True),
+        "outbox_wal": (OUTBOX_WAL, True),
+    }
+    try:
+        return _measure(dsn, variants, seconds=seconds, rounds=rounds)
+    finally:
+        drop_slot(dsn, WAL_SCHEMA)
+
+
+def _measure(dsn: str, variants: dict[str, tuple[str, bool]], *, seconds: float, rounds: int) -> dict[str, float]:
     p50: dict[str, list[float]] = {name: [] for name in variants}
     tps: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
