@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -156,3 +157,30 @@ def test_an_upgrade_to_version_7_records_the_true_creator_whatever_grants_the_ro
         # What the operator's `backfill --resume 2` reads: another role's record, asked about.
         recorded = conn.execute(sqlfiles.Queries("outbox")["backfill_get"], {"backfill_id": 2}).fetchone()
         assert recorded is not None and (recorded[6], recorded[7]) == (role[0] if role else None, False)
+
+
+def test_an_upgrade_to_version_9_keeps_an_outbox_in_wal_mode_writing_to_the_wal_with_the_fence(
+    empty_db: str,
+) -> None:
+    # Migration 0009 replaces enqueue_binary with the table's body (and its fence); an
+    # outbox that writes into the WAL must get the WAL body back, fenced, in the same
+    # upgrade, never the table's.
+    unfenced_wal_body = re.sub(
+        r"    -- The fence of a switch.*?END IF;\n",
+        "",
+        sqlfiles.source_statement("use_wal_source", "outbox", "outbox-relay:outbox").as_string(None),
+        flags=re.S,
+    )
+    assert "advisory" not in unfenced_wal_body
+    with psycopg.connect(empty_db) as conn:
+        install_at(conn, "outbox", 8)
+        conn.execute(unfenced_wal_body)  # what `schema source wal` left at version 8
+        conn.execute("UPDATE outbox.settings SET source = 'wal'")
+        conn.commit()
+        schema_manager.install(conn, "outbox")
+        conn.commit()
+        row = conn.execute("SELECT pg_get_functiondef('outbox.enqueue_binary'::regproc)").fetchone()
+        assert row is not None
+        assert "pg_logical_emit_message" in row[0] and "INSERT INTO" not in row[0]
+        assert "pg_try_advisory_xact_lock_shared" in row[0]
+        assert schema_manager.read_source(conn, "outbox").source == "wal"
