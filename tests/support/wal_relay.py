@@ -47,6 +47,15 @@ def commit_frames(
     return emitted
 
 
+def commit_frames_in(conn: psycopg.Connection[Any], key: str | None, payload: bytes) -> uuid.UUID:
+    """One transaction of one logical message on `conn`, committed: its message id."""
+    message_id = uuid.uuid4()
+    frame = framing.encode(message_id, "orders.created", key, "application/octet-stream", "{}", payload)
+    conn.execute("SELECT pg_logical_emit_message(true, %s, %s::bytea)", (PREFIX, frame))
+    conn.commit()
+    return message_id
+
+
 def dispatcher_for(config: Config, adapters: Mapping[str, Adapter]) -> Dispatcher:
     """The dispatcher the table engine would build from `config` (engine/relay.py)."""
     relay = config.relay
