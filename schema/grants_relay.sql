@@ -10,7 +10,7 @@ GRANT SELECT ON {schema}.settings TO {role};
 -- The WAL source keeps each key's order across a switch and parks a message once
 -- (schema.sql, settings): it moves the drain's ids and the parked position, and ends
 -- the drain with the slot.
-GRANT UPDATE (drain_gate, drain_next, parked_through_commit, parked_through) ON {schema}.settings TO {role};
+GRANT UPDATE (drain_gate, drain_next, done_through_commit, done_through) ON {schema}.settings TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};
 -- A committer that skips its NOTIFY counts the skip, and the relay reads the count
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.

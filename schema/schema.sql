@@ -28,10 +28,11 @@ CREATE TABLE {schema}.settings (
     drain_gate bigint,
     drain_next bigint,
     wal_slot text,
-    -- The last WAL message parked into messages (its commit's start LSN, its own LSN),
-    -- written with the park: what a restarted relay need not park again.
-    parked_through_commit pg_lsn,
-    parked_through pg_lsn
+    -- The last WAL message done (acked or parked) that the slot's confirmed position
+    -- may not cover yet (its commit's start LSN, its own LSN): written with a park, and
+    -- after each batch that ends inside a transaction; what a restarted relay skips.
+    done_through_commit pg_lsn,
+    done_through pg_lsn
 );
 INSERT INTO {schema}.settings DEFAULT VALUES;
 

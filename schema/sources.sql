@@ -209,9 +209,9 @@ FROM (SELECT s.seq, pg_catalog.nextval(s.seq) AS id
 
 -- name: record_wal_slot
 -- table -> wal: the slot enqueue's messages go to from now on; and what an earlier slot
--- parked (parked_through: another slot's positions, maybe another cluster's) is
+-- parked (done_through: another slot's positions, maybe another cluster's) is
 -- forgotten.
-UPDATE {schema}.settings SET wal_slot = %(slot)s, parked_through_commit = NULL, parked_through = NULL;
+UPDATE {schema}.settings SET wal_slot = %(slot)s, done_through_commit = NULL, done_through = NULL;
 
 -- name: drain_pending
 -- The drain after a switch to table has not ended: its gate is still set.

@@ -147,18 +147,24 @@ RETURNING id
 SELECT drain_next FROM {schema}.settings FOR UPDATE
 
 -- name: park_end
--- The last one: the drain's next id moved past the rows parked at it, and the position
--- of the last message parked (parked_through: what a restart need not park again).
+-- The last statement of a park: the drain's next id moved past the rows parked at it,
+-- and the position of the last message done (done_through: what a restart skips).
 UPDATE {schema}.settings
 SET drain_next = drain_next + %(count)s,
-    parked_through_commit = %(commit_lsn)s::text::pg_lsn,
-    parked_through = %(lsn)s::text::pg_lsn
+    done_through_commit = %(commit_lsn)s::text::pg_lsn,
+    done_through = %(lsn)s::text::pg_lsn
 
--- name: parked_through
+-- name: mark_done
+-- A batch that ends inside a transaction is done (acked, or parked with park_end): the
+-- slot cannot be told before the commit, so a restart would send its messages again.
+UPDATE {schema}.settings
+SET done_through_commit = %(commit_lsn)s::text::pg_lsn, done_through = %(lsn)s::text::pg_lsn
+
+-- name: done_through
 -- Never a position beyond the WAL inserted so far: one from another cluster (a restore,
 -- a migration) would skip messages that were never parked.
-SELECT parked_through_commit::text, parked_through::text FROM {schema}.settings
-WHERE parked_through_commit <= pg_current_wal_insert_lsn()
+SELECT done_through_commit::text, done_through::text FROM {schema}.settings
+WHERE done_through_commit <= pg_current_wal_insert_lsn()
 
 -- The WAL source inside `outbox-relay run` (outbox_relay/sources/wal/runner.py), on an
 -- ordinary connection, with parameters.

@@ -11,16 +11,17 @@
 -- switch takes it alone (schema/sources.sql), so the switch waits for such transactions
 -- to end (or gives up after its timeout, changing nothing).
 -- wal_slot: the slot the switch to wal used, which the drain after a switch back reads.
--- parked_through_commit / parked_through: the last WAL message parked (its commit's
--- start LSN and its own), written with the park: a relay that restarts before the slot
--- was told skips what the table already holds instead of parking it twice.
+-- done_through_commit / done_through: the last WAL message done, acked or parked (its
+-- commit's start LSN and its own), written with a park and after each batch that ends
+-- inside a transaction: a relay that restarts before the slot was told skips it,
+-- instead of parking it twice or sending a large transaction's acked part again.
 
 ALTER TABLE {schema}.settings
     ADD COLUMN drain_gate bigint,
     ADD COLUMN drain_next bigint,
     ADD COLUMN wal_slot text,
-    ADD COLUMN parked_through_commit pg_lsn,
-    ADD COLUMN parked_through pg_lsn;
+    ADD COLUMN done_through_commit pg_lsn,
+    ADD COLUMN done_through pg_lsn;
 
 -- The table body with the fence (schema.sql's); an outbox in wal mode gets the WAL body
 -- with it right after, in the same transaction (schema_manager.install re-applies the

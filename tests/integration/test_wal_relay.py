@@ -343,3 +343,39 @@ async def test_small_transactions_that_have_arrived_go_out_in_one_dispatch_and_t
     ]
     assert len(fake.delivered) == 300
     assert len(fake.calls) <= 30, f"{len(fake.calls)} dispatches for 300 transactions"
+
+
+async def test_a_relay_killed_inside_a_large_transaction_sends_again_only_the_batch_in_flight(
+    outbox_wal: WalSlot,
+) -> None:
+    # 5,000 messages in one transaction: batches of 1,000 (the part's bound). The slot is
+    # told only at the commit, so a SIGKILL after two batches would send all 5,000 again
+    # but for done_through, which each batch that ends inside a transaction records.
+    emitted = commit_frames(outbox_wal.dsn, [(f"k{i % 7}", b"%d" % i) for i in range(5000)])
+    stuck = asyncio.Event()
+
+    class StuckThird(FakeAdapter):
+        async def publish(self, batch: Any) -> Any:
+            if len(self.calls) >= 2:
+                stuck.set()
+                await asyncio.Event().wait()  # never answers: killed in flight
+            return await super().publish(batch)
+
+    first = StuckThird(keeps_key_order=True)
+    config = make_config(outbox_wal.dsn)
+    async with running_wal_relay(wal_relay(outbox_wal, config, {"main": first})) as task:
+        await wait_until(stuck.is_set)
+        task.cancel()
+    acked = len(first.delivered)
+    assert acked >= 1000
+
+    second = FakeAdapter(keeps_key_order=True)
+    async with running_wal_relay(wal_relay(outbox_wal, config, {"main": second})):
+        await wait_until(lambda: len(second.delivered) >= 3000)
+        commit_frames(outbox_wal.dsn, [("k0", b"later")])  # read on: nothing else comes before it
+        await wait_until(lambda: any(o.message.payload == b"later" for o in second.delivered))
+    again = [o.message_id for o in second.delivered if o.message.payload != b"later"]
+    skipped = len(emitted) - len(again)
+    assert again == [e.message_id for e in emitted[skipped:]], "the rest of the transaction, in order"
+    # What comes again is at most the batch in flight (a batch: at most 1,000 messages).
+    assert skipped >= acked - 1000 and skipped >= 1000, (acked, skipped)

@@ -27,9 +27,11 @@ park takes its ids from the gap the switch left below the drain gate, so the dra
 messages go behind their key's older rows and before every row enqueued since, which
 the claim holds back until the drain ends.
 
-Once: each park records the position of the part's last message (parked_through); a
-relay that restarts before the slot took its confirmed position skips what lies at or
-before it (in the table already, or acked) instead of parking it twice.
+Once: each park records the position of the batch's last message (done_through), as
+does each batch that ends inside a transaction (mark_done); a relay that restarts before
+the slot took its confirmed position skips what lies at or before it (in the table
+already, or acked) instead of parking it twice or publishing a large transaction's
+acked part again.
 
 Lifecycle: one connection, opened by ``open`` (or ``async with``), used by one task.
 Each call is one committed transaction; a database error raises (psycopg's), and the
@@ -90,7 +92,8 @@ class Parking:
         self._park_at = sql.SQL(slot.text("park_messages_at")).format(schema=name)
         self._park_begin = sql.SQL(slot.text("park_begin")).format(schema=name)
         self._park_end = sql.SQL(slot.text("park_end")).format(schema=name)
-        self._parked_through = sql.SQL(slot.text("parked_through")).format(schema=name)
+        self._done_through = sql.SQL(slot.text("done_through")).format(schema=name)
+        self._mark_done = sql.SQL(slot.text("mark_done")).format(schema=name)
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def __aenter__(self) -> Self:
@@ -147,19 +150,28 @@ class Parking:
             cursor = await conn.execute(query, {**params, "hold_dead_letters": self._hold})
             return await cursor.fetchall()
 
-    async def parked_through(self) -> tuple[int, int] | None:
+    async def done_through(self) -> tuple[int, int] | None:
         """The position of the last message parked (its commit's start LSN, its own LSN):
         everything up to it is in the table or was acked, since a part is parked only
         once all its messages are done. None: nothing parked yet."""
-        rows = await self._query(self._parked_through, {})
+        rows = await self._query(self._done_through, {})
         commit_lsn, lsn = rows[0] if rows else (None, None)
         if commit_lsn is None or lsn is None:
             return None
         return pgoutput.parse_lsn(str(commit_lsn)), pgoutput.parse_lsn(str(lsn))
 
+    async def mark_done(self, through: tuple[int, int]) -> None:
+        """Every message up to `through` (commit start LSN, message LSN) is done."""
+        conn = self._connection()
+        async with conn.transaction():
+            await conn.execute(
+                self._mark_done,
+                {"commit_lsn": pgoutput.format_lsn(through[0]), "lsn": pgoutput.format_lsn(through[1])},
+            )
+
     async def park(self, parked: Sequence[Parked], through: tuple[int, int]) -> None:
         """Insert `parked` (in stream order) and write their outcomes, in one transaction,
-        recording `through` (the position of the part's last message: see parked_through).
+        recording `through` (the position of the part's last message: see done_through).
 
         The settings row is locked first, so a switch of source is wholly before or after
         the park: while the slot drains after a switch to table, the rows take their ids

@@ -16,9 +16,10 @@ in one dispatch, as a claim of the table takes many rows):
    retry and dead-letter policy. outcomes.py sorts its answer: acked, parked (with the
    state its record says), or dispatched again (not attempted).
 4. What is parked is inserted in one committed transaction (parking.py), in stream
-   order, before anything later is read, with the position of the part's last message:
-   a relay that starts again skips the messages up to the last one parked (in the table
-   already, or acked) instead of parking them twice.
+   order, before anything later is read, with the position of the batch's last message
+   (done_through), which a batch that ends inside a transaction records too: a relay
+   that starts again skips the messages up to it (in the table already, or acked)
+   instead of parking them twice or sending a large transaction's acked part again.
 5. After a transaction's last part, its commit's end LSN is confirmed to the stream
    (never a message's own LSN: stream.py says why). Parts are handled one after the
    other, so everything before it is done too.
@@ -26,8 +27,9 @@ in one dispatch, as a claim of the table takes many rows):
 At least once: nothing is confirmed before it was acked or parked and the park
 committed, so a relay that stops or dies gets every unconfirmed transaction again from
 the slot: its acked messages are published again (the duplicates are what was in
-flight), except those up to the last park (step 4), which come again from the slot but
-are neither published nor parked a second time.
+flight), except those up to done_through (step 4), which come again from the slot but
+are neither published nor parked a second time: in a transaction of a million
+messages, a SIGKILL sends again at most the batch in flight, not the whole transaction.
 
 A broker outage (answers ``WAIT``: unreachable, no answer within publish_timeout, its
 circuit open). The part in hand is kept, and what waits is dispatched again after the
@@ -130,7 +132,7 @@ class WalRelay:
         self._ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._waiting_since: float | None = None  # the outage clock (module docstring)
-        self._parked_through: tuple[int, int] | None = None  # read at start (_not_parked_yet)
+        self._done_through: tuple[int, int] | None = None  # read at start (_not_parked_yet)
         self.started = asyncio.Event()
         self.published = 0
         self.parked = 0
@@ -150,7 +152,7 @@ class WalRelay:
             snapshot_limit=self._snapshot_limit,
         )
         async with parking, WalStream(self._dsn, **self._stream_options) as stream:
-            self._parked_through = await parking.parked_through()
+            self._done_through = await parking.done_through()
             log.info("wal_relay_started", schema=self._schema, slot=self._stream_options["slot_name"])
             self.started.set()
             self._watch.set_state("streaming")
@@ -207,12 +209,16 @@ class WalRelay:
             todo = round_.again
             if todo and pause is not None and not await self._pause(pause):
                 return False
-        if parked:
+        # Every message of `parts` is done: the last one's position is where a restart
+        # may skip to (parking.py, done_through), recorded with a park, or on its own when
+        # the batch ends inside a transaction (the slot is told only at its commit).
+        last = next((p for p in reversed(parts) if p.messages), None)
+        through = None if last is None else (last.commit_lsn, last.messages[-1].lsn)
+        if not parked and through is not None and parts[-1].end_lsn is None:
+            await parking.mark_done(through)
+        if parked and through is not None:
             parked.sort(key=lambda item: item[0].id)  # stream order, across rounds
-            # Every message of `parts` is done: the last one's position is where a
-            # restart may skip to (parking.py, parked_through).
-            last = next(p for p in reversed(parts) if p.messages)
-            await parking.park(parked, through=(last.commit_lsn, last.messages[-1].lsn))
+            await parking.park(parked, through=through)
             parking.note_held(held)
             self.parked += len(parked)
             self._watch.parked(parked)
@@ -256,9 +262,9 @@ class WalRelay:
 
     def _not_parked_yet(self, part: TransactionPart) -> list[pgoutput.Message]:
         """The messages of `part` after the last one parked before this relay started
-        (parking.py, parked_through): those up to it are in the table or were acked, and
+        (parking.py, done_through): those up to it are in the table or were acked, and
         the slot hands them out again only because its confirmed position was not sent."""
-        through = self._parked_through
+        through = self._done_through
         if through is None or part.commit_lsn > through[0]:
             return part.messages
         if part.commit_lsn < through[0]:
