@@ -57,7 +57,12 @@ async def kafka_read(
                             key=record.key.decode() if record.key is not None else None,
                             payload=record.value or b"",
                             headers=headers,
-                            properties={"partition": record.partition, "offset": record.offset},
+                            # timestamp (ms): the producer's, or the broker's append time (LogAppendTime topics).
+                            properties={
+                                "partition": record.partition,
+                                "offset": record.offset,
+                                "timestamp": record.timestamp,
+                            },
                         )
                     )
     finally:

@@ -13,6 +13,7 @@ import pytest
 from outbox_relay.demo import local_postgres
 from outbox_relay.operations import schema_manager
 from tests import services
+from tests.faults.harness import OWN_PG_SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,9 @@ def own_rabbitmq() -> Iterator[services.LocalBroker]:
 
 @pytest.fixture
 def own_pg() -> Iterator[local_postgres.LocalPostgres]:
-    """A cluster of its own (fsync on: restarts must not lose what was committed)."""
-    with local_postgres.running({"max_connections": "100"}) as cluster:
+    """A cluster of its own (fsync on: restarts must not lose what was committed), with
+    logical decoding; start it again with OWN_PG_SETTINGS."""
+    with local_postgres.running(OWN_PG_SETTINGS) as cluster:
         with psycopg.connect(cluster.dsn) as conn:
             schema_manager.install(conn, "outbox")
         yield cluster

@@ -1,28 +1,41 @@
-"""What every fault scenario shares: writers that keep committing (and sometimes roll
-back), relays as real processes, and the checks on what the broker received.
+"""What every fault scenario shares: the outbox in either source (table or WAL: a
+scenario takes the source as a parameter), writers that keep committing (and sometimes
+roll back), relays as real processes, and the checks on what the broker received.
 
 The checks, for every scenario:
 - nothing lost: every committed message arrives at least once;
 - nothing phantom: nothing from a rolled-back transaction arrives;
-- per-key order of first deliveries is the enqueue order;
-- duplicates only around injected crashes, and no more than the in-flight batches.
+- per-key order of first deliveries is the key's commit order (the writers number each
+  key's messages so: see Writers);
+- duplicates only around injected crashes, and no more than what was in flight.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import itertools
 import json
+import random
 import threading
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from outbox_relay import enqueue
+from outbox_relay.sources.wal import pgoutput
 from tests.consumers import Received
-from tests.support.cli import RelayProcess
+from tests.services import LOGICAL_DECODING
+from tests.support.cli import RelayProcess, run_cli
+from tests.support.outbox import count, pending
 from tests.support.waiting import wait_for
+from tests.support.wal import confirmed_flush, drop_slot, require_logical_wal
 
 
 @dataclass
@@ -32,21 +45,155 @@ class Ledger:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+SOURCES = ("table", "wal")
+# The settings of the own_pg fixture's cluster, to start it again with after a stop:
+# logical decoding for the WAL source (a server with a logical slot refuses to start
+# without it).
+OWN_PG_SETTINGS = {"max_connections": "100", **LOGICAL_DECODING}
+# What a relay in WAL mode may have in flight when it dies: the batch in hand (the
+# transactions that had arrived, dispatched together) and what the broker acked before
+# the server got the confirm, CONFIRM_REPORT_S (50 ms) plus the ack's and the update's
+# way: all of it appended by the broker in the WAL_REPORT_WINDOW_S before the kill, or
+# in the WAL_LATE_APPEND_S after it for records already on their way (less than a
+# standby needs to take over and publish). Counted from the broker's side (its append
+# times: topics created with APPEND_TIME), so the bound follows the relay's pace on
+# the machine at hand (a drain goes several times faster than the writers); a confirm
+# sent only at the status interval (1 s) exceeds it.
+WAL_REPORT_WINDOW_S = 0.25
+WAL_LATE_APPEND_S = 0.03
+APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}  # a record's timestamp: the broker's
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """A scenario's outbox in its source: `table`, or `wal` with a slot of its own
+    (slots are the cluster's), switched to by the real CLI (`outbox_in`)."""
+
+    dsn: str
+    source: str
+    slot: str | None = None
+
+    def settings(self, **wal: str) -> dict[str, Any]:
+        """write_config's keywords for this source: relay.wal in wal mode (quick status
+        updates: an idle stream's position moves within a second)."""
+        if self.slot is None:
+            return {}
+        return {"wal": {"slot": self.slot, "status_interval": "1s", **wal}}
+
+    def position(self) -> int:
+        """The WAL's end now: every transaction committed so far ends at or before it."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        return pgoutput.parse_lsn(str(row[0]))
+
+    def dispatched(self, position: int) -> bool:
+        """Whether everything committed before `position` is done: no row pending and,
+        in wal mode, the slot confirmed that far (each message acked or parked)."""
+        if pending(self.dsn):
+            return False
+        return self.slot is None or confirmed_flush(self.dsn, self.slot) >= position
+
+    def wait_dispatched(self, timeout: float) -> None:
+        position = self.position()
+        wait_for(lambda: self.dispatched(position), timeout, f"every message dispatched ({self.source} source)")
+
+    def wait_streaming(self, timeout: float = 60) -> None:
+        """Until a relay streams the slot and has confirmed something since this call:
+        a kill after it falls mid-stream, not into a relay's start (on a loaded machine a
+        relay killed every second might never stream at all)."""
+        assert self.slot is not None
+        slot = self.slot
+        before = confirmed_flush(self.dsn, slot)
+        wait_for(
+            lambda: streaming(self) is not None and confirmed_flush(self.dsn, slot) > before,
+            timeout,
+            "a relay streaming the slot and confirming",
+        )
+
+    def parked(self) -> int:
+        """Messages the WAL source parked into the table (its rows, in wal mode)."""
+        return 0 if self.slot is None else count(self.dsn)
+
+
+@contextlib.contextmanager
+def outbox_in(dsn: str, source: str) -> Iterator[Outbox]:
+    """The outbox of `dsn` in `source`; in wal mode its slot is dropped afterwards (a
+    slot keeps its database from being dropped, and WAL from being recycled)."""
+    if source == "table":
+        yield Outbox(dsn, source)
+        return
+    require_logical_wal(dsn)
+    name = f"f_{uuid.uuid4().hex[:16]}"
+    switched = run_cli("schema", "source", "wal", "--slot", name, env={"DATABASE_URL": dsn})
+    assert switched.returncode == 0, switched.stderr
+    try:
+        yield Outbox(dsn, source, name)
+    finally:
+        drop_slot(dsn, name)
+
+
+def streaming(outbox: Outbox) -> str | None:
+    """The application_name of the connection streaming the outbox's slot (the relays'
+    DSNs name them: `relay_dsn`), None while no one streams it."""
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT a.application_name FROM pg_replication_slots AS s JOIN pg_stat_activity AS a "
+            "ON a.pid = s.active_pid WHERE s.slot_name = %s",
+            (outbox.slot,),
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def relay_dsn(dsn: str, name: str) -> str:
+    """`dsn` with an application_name: the walsender of a relay's stream shows it."""
+    return make_conninfo(dsn, application_name=name)
+
+
 class Writers:
-    """`count` threads, each owning its keys (the ordering precondition), committing
-    messages at a steady pace until stopped; every 7th transaction rolls back.
+    """`count` threads committing messages at a steady pace until stopped, every 7th
+    transaction rolled back, `per_transaction` messages a transaction.
+
+    Each message carries its key's sequence number `n`, which rises in commit order, the
+    order every source must keep per key (the table's enqueue order is commit order
+    here too: a key's messages are enqueued while its transaction holds the key):
+    - by default each thread owns its keys (the ordering precondition of the table
+      source) and numbers them itself;
+    - with `shared_keys` (a number of keys) every thread writes every key, and `n` is
+      taken inside the transaction from a per-key counter row, locked until it commits
+      (keys locked in sorted order: no deadlock): concurrent transactions on one key,
+      in the order of their commits, which is the WAL's.
     A lost database connection (a restart) is retried; a commit whose outcome is
     unknown is left out of both sets and checked separately."""
 
-    def __init__(self, dsn: str, topic: str, *, count: int = 4, keys_each: int = 5, pause: float = 0.005):
+    def __init__(
+        self,
+        dsn: str,
+        topic: str,
+        *,
+        count: int = 4,
+        keys_each: int = 5,
+        pause: float = 0.005,
+        per_transaction: int = 1,
+        shared_keys: int = 0,
+    ):
         self.dsn, self.topic, self.pause = dsn, topic, pause
+        self.per_transaction, self.shared_keys, self.keys_each = per_transaction, shared_keys, keys_each
         self.ledger = Ledger()
         self.uncertain: set[str] = set()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(w, keys_each), daemon=True) for w in range(count)]
+        self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(count)]
         self.errors: list[BaseException] = []
 
     def start(self) -> Writers:
+        if self.shared_keys:
+            with psycopg.connect(self.dsn) as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS fault_sequences (key text PRIMARY KEY, n int NOT NULL)")
+                conn.execute(
+                    "INSERT INTO fault_sequences SELECT 's' || i, -1 FROM generate_series(0, %s - 1) AS i "
+                    "ON CONFLICT DO NOTHING",
+                    (self.shared_keys,),
+                )
         for thread in self._threads:
             thread.start()
         return self
@@ -58,35 +205,35 @@ class Writers:
         assert not self.errors, self.errors
         return self.ledger
 
-    def _run(self, writer: int, keys_each: int) -> None:
-        n = 0
+    def _run(self, writer: int) -> None:
+        rng = random.Random(writer)
+        sequence = itertools.count()  # the writer's own keys' numbers (gaps are fine)
+        transaction = 0
         conn: psycopg.Connection[Any] | None = None
         try:
             while not self._stop.is_set():
+                transaction += 1
                 try:
                     if conn is None or conn.closed:
                         conn = psycopg.connect(self.dsn, connect_timeout=3)
-                    key = f"w{writer}-k{n % keys_each}"
-                    mid = str(enqueue(conn, self.topic, {"key": key, "n": n, "pad": "x" * 100}, key=key))
-                    if n % 7 == 6:
+                    written = self._write(conn, writer, rng, sequence)
+                    if transaction % 7 == 0:
                         conn.rollback()
                         with self.ledger.lock:
-                            self.ledger.rolled_back.add(mid)
-                        n += 1  # the sequence keeps its gap: consumers must not see it
-                        continue
+                            self.ledger.rolled_back.update(mid for mid, _ in written)
+                        continue  # its numbers are gaps (own keys) or taken again (shared)
                     try:
                         conn.commit()
                     except psycopg.OperationalError:
-                        self.uncertain.add(mid)  # the server may or may not have committed
+                        # The server may or may not have committed.
+                        self.uncertain.update(mid for mid, _ in written)
                         raise
                     with self.ledger.lock:
-                        self.ledger.committed[mid] = (key, n)
-                    n += 1
+                        self.ledger.committed.update(written)
                 except psycopg.OperationalError:
                     if conn is not None:
                         conn.close()
                     conn = None
-                    n += 1  # whatever happened to that message, the next one is later
                     time.sleep(0.2)  # then connect again
                     continue
                 time.sleep(self.pause)  # the writers' steady pace
@@ -95,6 +242,37 @@ class Writers:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _write(
+        self, conn: psycopg.Connection[Any], writer: int, rng: random.Random, sequence: Iterator[int]
+    ) -> list[tuple[str, tuple[str, int]]]:
+        """One transaction's messages, enqueued, not committed: [(message id, (key, n))]."""
+        if self.shared_keys:
+            keys = sorted(f"s{rng.randrange(self.shared_keys)}" for _ in range(self.per_transaction))
+        else:
+            numbers = [next(sequence) for _ in range(self.per_transaction)]
+            keys = [f"w{writer}-k{n % self.keys_each}" for n in numbers]
+        written = []
+        for i, key in enumerate(keys):
+            if self.shared_keys:
+                row = conn.execute("UPDATE fault_sequences SET n = n + 1 WHERE key = %s RETURNING n", (key,)).fetchone()
+                assert row is not None
+                n = int(row[0])
+            else:
+                n = numbers[i]
+            mid = str(enqueue(conn, self.topic, {"key": key, "n": n, "pad": "x" * 100}, key=key))
+            written.append((mid, (key, n)))
+        return written
+
+
+def writers_for(outbox: Outbox, topic: str) -> Writers:
+    """The writers of a scenario: for the table source each thread owns its keys, one
+    message a transaction (the table's ordering precondition); in WAL mode transactions
+    of three messages over keys every thread shares, numbered in commit order (about
+    the same rate of messages)."""
+    if outbox.source == "wal":
+        return Writers(outbox.dsn, topic, per_transaction=3, shared_keys=12, pause=0.015)
+    return Writers(outbox.dsn, topic)
 
 
 def http_port(relay: RelayProcess, timeout: float = 20) -> int:
@@ -108,6 +286,18 @@ def http_port(relay: RelayProcess, timeout: float = 20) -> int:
     port = reported()
     assert port is not None
     return port
+
+
+def wal_in_flight(received: list[Received], moments: list[float]) -> int:
+    """How many messages a WAL relay killed (or frozen, then killed) at each of `moments`
+    (time.time()) may deliver twice: those the broker first appended (a topic with
+    APPEND_TIME) from WAL_REPORT_WINDOW_S before one of them to WAL_LATE_APPEND_S after."""
+    first: dict[str, float] = {}
+    for r in received:
+        first.setdefault(r.message_id, r.properties["timestamp"] / 1000)
+    appended = sorted(first.values())
+    before, after = WAL_REPORT_WINDOW_S, WAL_LATE_APPEND_S
+    return sum(bisect.bisect_right(appended, t + after) - bisect.bisect_left(appended, t - before) for t in moments)
 
 
 def check_delivery(

@@ -1,60 +1,188 @@
 """Relays killed with SIGKILL at random moments, again and again, while writers keep
-committing: with one replica and with three."""
+committing: with one replica and with three, from the table and from the WAL; and in
+WAL mode the streaming replica killed during a drain, a standby taking the slot over."""
 
 from __future__ import annotations
 
 import random
+import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.consumers import kafka_create_topic, kafka_read
-from tests.faults.harness import Writers, check_delivery
+from tests.faults.harness import (
+    APPEND_TIME,
+    Outbox,
+    check_delivery,
+    outbox_in,
+    relay_dsn,
+    streaming,
+    wal_in_flight,
+    writers_for,
+)
 from tests.support.cli import RelayProcess
 from tests.support.configs import PATIENT, write_config
-from tests.support.outbox import pending
 from tests.support.waiting import wait_for
+from tests.support.wal import confirmed_flush
 
 BATCH, WORKERS = 50, 2
+MIN_KILLS = 8
 
 
-@pytest.mark.parametrize("replicas", [1, 3])
-async def test_sigkill_again_and_again(db: str, kafka_bootstrap: str, tmp_path: Path, replicas: int) -> None:
+def kafka_route(bootstrap: str, topic: str) -> dict[str, Any]:
+    return {
+        "brokers": {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
+        "routes": [{"topic": "*", "broker": "kafka", "destination": topic}],
+    }
+
+
+@pytest.mark.parametrize(("source", "replicas"), [("table", 1), ("table", 3), ("wal", 1), ("wal", 3)])
+async def test_sigkill_again_and_again(
+    db: str, kafka_bootstrap: str, tmp_path: Path, source: str, replicas: int
+) -> None:
     topic = f"crash-{uuid.uuid4().hex[:8]}"
-    await kafka_create_topic(kafka_bootstrap, topic)
-    config = write_config(
-        tmp_path / "relay.yaml",
-        db,
-        brokers={"kafka": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
-        routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
-        timing=PATIENT,
-        batch_size=BATCH,
-        workers=WORKERS,
-    )
-    rng = random.Random(replicas)
-    relays = [RelayProcess(config) for _ in range(replicas)]
-    writers = Writers(db, "orders.created").start()
-    kills = 0
-    try:
-        deadline = time.monotonic() + 12
-        while time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.3, 1.2))  # the fault: a SIGKILL at a random moment
-            victim = rng.randrange(replicas)
-            relays[victim].kill()  # SIGKILL: no cleanup at all
-            kills += 1
-            relays[victim] = RelayProcess(config)
-        ledger = writers.stop()
-        wait_for(lambda: pending(db) == 0, 90, "every message dispatched")
-        for relay in relays:
-            relay.wait_started()
-            assert relay.terminate() == 0
-    finally:
-        writers.stop()
-        for relay in relays:
-            relay.close()
+    await kafka_create_topic(kafka_bootstrap, topic, **APPEND_TIME)
+    with outbox_in(db, source) as outbox:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            **kafka_route(kafka_bootstrap, topic),
+            timing=PATIENT,
+            batch_size=BATCH,
+            workers=WORKERS,
+            **outbox.settings(),
+        )
+        rng = random.Random(replicas)
+        relays = [RelayProcess(config) for _ in range(replicas)]
+        writers = writers_for(outbox, "orders.created").start()
+        kills: list[float] = []  # when, by the wall clock Kafka's timestamps use
+        try:
+            deadline = time.monotonic() + 12
+            while time.monotonic() < deadline or len(kills) < MIN_KILLS:
+                if source == "wal":
+                    outbox.wait_streaming()
+                time.sleep(rng.uniform(0.3, 1.2))  # the fault: a SIGKILL at a random moment
+                victim = rng.randrange(replicas)
+                relays[victim].kill()  # SIGKILL: no cleanup at all
+                kills.append(time.time())
+                relays[victim] = RelayProcess(config)
+            ledger = writers.stop()
+            outbox.wait_dispatched(90)
+            for relay in relays:
+                relay.wait_started()
+                assert relay.terminate() == 0
+        finally:
+            writers.stop()
+            for relay in relays:
+                relay.close()
+        parked = outbox.parked()
     received = await kafka_read(kafka_bootstrap, topic, len(ledger.committed), timeout=60)
-    assert kills >= 8
-    duplicates = check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=kills * BATCH * WORKERS)
-    print(f"replicas={replicas} kills={kills} committed={len(ledger.committed)} duplicates={duplicates}")
+    in_flight = wal_in_flight(received, kills) if source == "wal" else len(kills) * BATCH * WORKERS
+    duplicates = check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=in_flight)
+    assert parked == 0, "a SIGKILL parks nothing: the brokers took every message"
+    print(
+        f"{source} replicas={replicas} kills={len(kills)} committed={len(ledger.committed)} "
+        f"duplicates={duplicates} (at most {in_flight})"
+    )
+
+
+def takeover(outbox: Outbox, victim: str, confirmed: int, timeout: float = 60) -> tuple[str, float, float]:
+    """After `victim` was killed: (the replica streaming now, seconds until its walsender
+    held the slot, seconds until it confirmed a transaction past `confirmed`: acked
+    and confirmed within CONFIRM_REPORT_S)."""
+    killed = time.monotonic()
+    holder, held_after = None, 0.0
+    deadline = killed + timeout
+    while time.monotonic() < deadline:
+        now = streaming(outbox)
+        if now is not None and now != victim:
+            if holder is None:
+                holder, held_after = now, time.monotonic() - killed
+            if confirmed_flush(outbox.dsn, outbox.slot or "") > confirmed:
+                return holder, held_after, time.monotonic() - killed
+        time.sleep(0.02)
+    raise AssertionError(f"no standby took over from {victim} within {timeout}s (holder: {holder})")
+
+
+async def test_wal_three_replicas_a_standby_takes_over_when_the_streaming_one_is_killed_mid_drain(
+    db: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic = f"takeover-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(kafka_bootstrap, topic, **APPEND_TIME)
+    names = [f"fault-r{i}" for i in range(3)]
+    measured: list[tuple[float, float]] = []
+    faults: list[float] = []  # when each victim was frozen, and killed
+    with outbox_in(db, "wal") as outbox:
+        configs = {
+            name: write_config(
+                tmp_path / f"{name}.yaml",
+                relay_dsn(db, name),  # the walsender of each replica's stream shows its name
+                **kafka_route(kafka_bootstrap, topic),
+                timing=PATIENT,
+                batch_size=BATCH,
+                workers=WORKERS,
+                **outbox.settings(),
+            )
+            for name in names
+        }
+        writers = writers_for(outbox, "orders.created").start()
+        relays: dict[str, RelayProcess] = {}
+        try:
+            relays = {name: RelayProcess(config) for name, config in configs.items()}
+            for _ in range(2):
+                wait_for(lambda: streaming(outbox) in relays, 30, "one replica streams")
+                victim = streaming(outbox)
+                assert victim is not None
+                for name, relay in relays.items():
+                    if name != victim:
+                        wait_for(lambda r=relay: logged(r, "wal_slot_in_use"), 30, f"{name} stands by")
+                # A backlog for it to drain: frozen (SIGSTOP) while the writers go on, it
+                # keeps the slot; thawed, it drains, and dies once it has confirmed a batch
+                # (at most 1,000 messages: the backlog is larger).
+                relays[victim].proc.send_signal(signal.SIGSTOP)
+                faults.append(time.time())  # what it had in flight then may come again too
+                time.sleep(5)  # the backlog: what the writers commit meanwhile
+                backlog = outbox.position()
+                start = confirmed_flush(db, outbox.slot or "")
+                relays[victim].proc.send_signal(signal.SIGCONT)
+                wait_for(
+                    lambda s=start: confirmed_flush(db, outbox.slot or "") > s,
+                    30,
+                    "the drain under way",
+                    interval=0.02,
+                )
+                relays[victim].kill()  # SIGKILL: its walsender goes with its connection
+                faults.append(time.time())
+                confirmed = confirmed_flush(db, outbox.slot or "")
+                assert confirmed < backlog, "killed during the drain, with a backlog left"
+                holder, held_after, acked_after = takeover(outbox, victim, confirmed)
+                assert holder in relays and holder != victim
+                measured.append((held_after, acked_after))
+                relays[victim] = RelayProcess(configs[victim])  # back, as a standby
+            ledger = writers.stop()
+            outbox.wait_dispatched(90)
+            for relay in relays.values():
+                relay.wait_started()  # the last one restarted may still be starting
+                assert relay.terminate() == 0
+        finally:
+            writers.stop()
+            for relay in relays.values():
+                relay.close()
+        parked = outbox.parked()
+    received = await kafka_read(kafka_bootstrap, topic, len(ledger.committed), timeout=60)
+    in_flight = wal_in_flight(received, faults)
+    duplicates = check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=in_flight)
+    assert parked == 0
+    figures = ", ".join(f"slot held after {h:.2f} s, first ack confirmed after {a:.2f} s" for h, a in measured)
+    print(f"takeovers: {figures}; committed={len(ledger.committed)} duplicates={duplicates} (at most {in_flight})")
+    # The target is 5 s (standby_interval 1 s plus a connection); the bound is a sanity
+    # check that stays green on a loaded CI machine.
+    assert all(acked < 30 for _, acked in measured), measured
+
+
+def logged(relay: RelayProcess, event: str) -> bool:
+    return any(line.get("event") == event for line in relay.logs())
