@@ -131,8 +131,10 @@ async def test_wal_three_replicas_a_standby_takes_over_when_the_streaming_one_is
         }
         writers = writers_for(outbox, "orders.created").start()
         relays: dict[str, RelayProcess] = {}
+        every: list[RelayProcess] = []  # every replica started, for their logs
         try:
             relays = {name: RelayProcess(config) for name, config in configs.items()}
+            every += relays.values()
             for _ in range(2):
                 wait_for(lambda: streaming(outbox) in relays, 30, "one replica streams")
                 victim = streaming(outbox)
@@ -163,6 +165,7 @@ async def test_wal_three_replicas_a_standby_takes_over_when_the_streaming_one_is
                 assert holder in relays and holder != victim
                 measured.append((held_after, acked_after))
                 relays[victim] = RelayProcess(configs[victim])  # back, as a standby
+                every.append(relays[victim])
             ledger = writers.stop()
             outbox.wait_dispatched(90)
             for relay in relays.values():
@@ -182,7 +185,15 @@ async def test_wal_three_replicas_a_standby_takes_over_when_the_streaming_one_is
     # The target is 5 s (standby_interval 1 s plus a connection); the bound is a sanity
     # check that stays green on a loaded CI machine.
     assert all(acked < 30 for _, acked in measured), measured
+    # Standing by is quiet: wal_slot_in_use once, nothing logged per try (one a second).
+    for relay in every:
+        started, stopping = logged_count(relay, "wal_relay_started"), logged_count(relay, "wal_relay_stopping")
+        assert stopping <= started, f"{relay.log_path.name}: {stopping} wal_relay_stopping, streamed {started} times"
 
 
 def logged(relay: RelayProcess, event: str) -> bool:
-    return any(line.get("event") == event for line in relay.logs())
+    return logged_count(relay, event) > 0
+
+
+def logged_count(relay: RelayProcess, event: str) -> int:
+    return sum(1 for line in relay.logs() if line.get("event") == event)

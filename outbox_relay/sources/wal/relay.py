@@ -140,7 +140,10 @@ class WalRelay:
 
     def stop(self) -> None:
         if not self._stop.is_set():
-            log.info("wal_relay_stopping")
+            # Only a relay that streamed says so: a standby's runner stops one after each
+            # try that found the slot in use, every standby_interval.
+            if self.started.is_set():
+                log.info("wal_relay_stopping")
             self._stop.set()
 
     async def run(self) -> None:
