@@ -371,7 +371,6 @@ async def test_a_relay_killed_inside_a_large_transaction_sends_again_only_the_ba
 
     second = FakeAdapter(keeps_key_order=True)
     async with running_wal_relay(wal_relay(outbox_wal, config, {"main": second})):
-        await wait_until(lambda: len(second.delivered) >= 3000)
         commit_frames(outbox_wal.dsn, [("k0", b"later")])  # read on: nothing else comes before it
         await wait_until(lambda: any(o.message.payload == b"later" for o in second.delivered))
     again = [o.message_id for o in second.delivered if o.message.payload != b"later"]
@@ -379,3 +378,28 @@ async def test_a_relay_killed_inside_a_large_transaction_sends_again_only_the_ba
     assert again == [e.message_id for e in emitted[skipped:]], "the rest of the transaction, in order"
     # What comes again is at most the batch in flight (a batch: at most 1,000 messages).
     assert skipped >= acked - 1000 and skipped >= 1000, (acked, skipped)
+
+
+async def test_after_a_long_outage_that_parked_everything_the_next_one_pauses_before_it_parks(
+    outbox_wal: WalSlot,
+) -> None:
+    # The first outage outlasts park_after: a is parked. Nothing is dispatched after it
+    # (no message comes), so no round without a WAIT stops its clock. A later message of
+    # another key meets the broker still away: a new outage, paused first, tried again.
+    commit_frames(outbox_wal.dsn, [("a", b"a0")])
+    tries: list[bytes] = []
+
+    def away(out: Any) -> PublishResult:
+        tries.append(out.message.payload)
+        return PublishResult.unavailable("broker away")
+
+    fake = FakeAdapter(script=away)
+    await fake.connect()
+    config = make_config(outbox_wal.dsn, retry=QUICK_RETRY)
+    relay = wal_relay(outbox_wal, config, {"main": fake}, park_after=0.5)
+    async with running_wal_relay(relay):
+        await wait_until(lambda: count(outbox_wal.dsn) == 1, what="a parked after park_after")
+        await asyncio.sleep(0.6)  # a gap longer than park_after with nothing to dispatch: the condition itself
+        commit_frames(outbox_wal.dsn, [("b", b"b0")])
+        await wait_until(lambda: count(outbox_wal.dsn) == 2, what="b parked")
+    assert tries.count(b"b0") >= 2, "b was parked at its first WAIT: the old outage's clock was still running"

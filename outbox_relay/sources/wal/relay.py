@@ -40,9 +40,11 @@ grows: the metric and alert to come watch it). Only once the outage has lasted
 attempt spent), and from then on, while the outage lasts, every message that waits is
 parked at once, and its key with it: the backlog moves into the table, whose engine
 retries with its own backoff. The outage clock starts at the first round with a WAIT
-answer and stops at the first round without one. So a short outage parks nothing, and
-a long one neither grows memory nor stops the relay. A transient failure (RETRY) or a
-rejection (DEAD) is parked at once: the table engine's backoff and attempt count apply.
+answer and stops at the first round without one, or, when nothing was dispatched to
+tell (every key parked), at a WAIT that comes more than park_after after the last. So
+a short outage parks nothing, and a long one neither grows memory nor stops the relay.
+A transient failure (RETRY) or a rejection (DEAD) is parked at once: the table engine's
+backoff and attempt count apply.
 
 Lifecycle: ``run()`` until ``stop()``; it raises on a stream or database error (the
 caller restarts it; nothing unconfirmed is lost). ``stop()`` ends the read or the
@@ -132,6 +134,7 @@ class WalRelay:
         self._ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._waiting_since: float | None = None  # the outage clock (module docstring)
+        self._last_wait = float("-inf")  # when a round last had a WAIT answer
         self._done_through: tuple[int, int] | None = None  # read at start (_not_parked_yet)
         self.started = asyncio.Event()
         self.published = 0
@@ -249,6 +252,12 @@ class WalRelay:
             self._waiting_since = None
             return None
         now = asyncio.get_running_loop().time()
+        if self._waiting_since is not None and now - self._last_wait > self._park_after:
+            # No broker said "away" for longer than park_after: what ended the last
+            # outage was never dispatched (every key parked behind the table), so no
+            # round without a WAIT stopped its clock. This is a new outage: pause first.
+            self._waiting_since = None
+        self._last_wait = now
         if self._waiting_since is None:
             self._waiting_since = now
             log.warning("wal_broker_outage_pausing", park_after_s=self._park_after, waiting=len(delays))
