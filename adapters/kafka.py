@@ -188,6 +188,21 @@ class KafkaOptions(Options):
     request_timeout: Duration = 30.0
     sasl: SaslOptions | None = None
     tls: TlsOptions | bool = False
+    # Exactly once for the WAL source (adapters/kafka_transactions.py): each batch one
+    # Kafka transaction that also writes the position it reaches to `offsets_topic`.
+    exactly_once: bool = False
+    offsets_topic: str = "outbox-relay-offsets"
+    # Null: derived from the database and the slot (the same for every replica and a
+    # promoted standby, so a newer relay fences an older one).
+    transactional_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("offsets_topic")
+    @classmethod
+    def _offsets_topic(cls, value: str) -> str:
+        problem = topic_name_problem(value, whole=True)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -205,17 +220,27 @@ class KafkaOptions(Options):
         return value
 
 
-def producer_settings(options: KafkaOptions) -> dict[str, Any]:
+def producer_settings(options: KafkaOptions, transactional_id: str | None = None) -> dict[str, Any]:
     """aiokafka producer arguments; the benchmark's raw producer uses the same."""
     settings: dict[str, Any] = {
-        "bootstrap_servers": options.bootstrap_servers,
-        "client_id": options.client_id,
+        **client_settings(options),
         "acks": "all",
         "enable_idempotence": True,
         "compression_type": None if options.compression == "none" else options.compression,
         "linger_ms": int(options.linger * 1000),
         "max_batch_size": options.max_batch_size,
         "max_request_size": options.max_request_size,
+    }
+    if transactional_id is not None:
+        settings["transactional_id"] = transactional_id
+    return settings
+
+
+def client_settings(options: KafkaOptions) -> dict[str, Any]:
+    """What every aiokafka client of the broker block shares: servers, timeout, TLS, SASL."""
+    settings: dict[str, Any] = {
+        "bootstrap_servers": options.bootstrap_servers,
+        "client_id": options.client_id,
         "request_timeout_ms": int(options.request_timeout * 1000),
     }
     tls = options.tls
@@ -280,15 +305,26 @@ class KafkaAdapter:
     # one call.
     keeps_key_order = True
 
-    def __init__(self, name: str, options: KafkaOptions):
+    def __init__(self, name: str, options: KafkaOptions, *, transactional_id: str | None = None):
         self.name = name
         self.options = options
+        self.exactly_once = options.exactly_once
+        # Set: the producer of one relay's transactions (kafka_transactions.py), never
+        # replaced here: a new one would abort the transaction the relay is filling.
+        self._transactional_id = transactional_id
+        self.fenced = False  # a transactional producer saw ProducerFenced
         self._producer: AIOKafkaProducer | None = None
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
         self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
 
+    def transactions(self, transactional_id: str) -> Any:
+        """The exactly-once producer for one WAL relay (outbox_relay/adapter.py)."""
+        from .kafka_transactions import KafkaTransactions
+
+        return KafkaTransactions(self.name, self.options, self.options.transactional_id or transactional_id)
+
     async def connect(self) -> None:
-        producer = AIOKafkaProducer(**producer_settings(self.options))
+        producer = AIOKafkaProducer(**producer_settings(self.options, self._transactional_id))
         errors = _ClientErrors(self.options.bootstrap_servers)
         try:
             with errors:
@@ -342,6 +378,9 @@ class KafkaAdapter:
         return await self._topics.missing(topics, producer.partitions_for)
 
     async def _reconnect(self) -> str | None:
+        if self._transactional_id is not None:
+            # Its owner restarts it, between transactions (kafka_transactions.py).
+            return None if self._producer is not None else "transactional producer not started"
         # repr: aiokafka's connection errors often have an empty message.
         return await start_if_missing(self, repr)
 
@@ -423,6 +462,7 @@ class KafkaAdapter:
                     rounds.settle(entry, PublishResult.acked())
                 continue
             reset = reset or isinstance(outcome, PRODUCER_RESET_ERRORS)
+            self.fenced = self.fenced or isinstance(outcome, kafka_errors.ProducerFenced)
             if isinstance(outcome, SIZE_ERRORS) and len(sent.entries) > 1:
                 log.info("kafka_batch_too_large", broker=self.name, records=len(sent.entries))
                 rounds.again_alone(sent)
@@ -430,7 +470,7 @@ class KafkaAdapter:
             result = classify(outcome)
             for entry in sent.entries:
                 rounds.settle(entry, result)
-        if reset:
+        if reset and self._transactional_id is None:
             await self._new_producer(producer)
         return True
 

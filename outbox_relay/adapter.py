@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
-from outbox_relay.errors import AdapterOptionsError, ConfigError
+from outbox_relay.errors import AdapterOptionsError, ConfigError, OutboxRelayError
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 
 ENTRY_POINT_GROUP = "outbox_relay.adapters"
@@ -135,6 +135,72 @@ class Adapter(Protocol):
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         """Publish `batch`: one result per message, in order (see the class)."""
         ...
+
+
+class Fenced(OutboxRelayError):
+    """A newer producer with the same transactional id started (another relay took the
+    stream over): this one may publish nothing more."""
+
+
+class TransactionFailed(OutboxRelayError):
+    """A transaction could not be committed, or whether it was is not known (the answer
+    was lost): what it holds is published only if the positions topic says so."""
+
+
+class PositionsTopicError(OutboxRelayError):
+    """The positions topic is not fit to keep positions (not compacted, not readable):
+    relaying exactly once cannot start until it is mended."""
+
+
+@runtime_checkable
+class Transactions(Protocol):
+    """One transactional producer of an exactly-once broker (sources/wal/exactly_once.py
+    drives it). An adapter offers it with ``exactly_once = True`` and
+    ``transactions(transactional_id) -> Transactions``.
+
+    Each batch: ``begin()``, any number of ``publish`` calls (the contract of
+    :meth:`Adapter.publish`: acked here means written inside the transaction, seen by
+    ``read_committed`` consumers only once it commits), then ``commit(key, position)``,
+    which writes the position to the positions topic in the same transaction and
+    commits: the records and the position become visible together, or neither does.
+    After any failure the caller calls ``abort()`` and ``start()`` again, then reads
+    ``position(key)`` to learn what was committed before it sends anything.
+    """
+
+    fenced: bool  # set once a newer producer with the same id fenced this one
+
+    async def start(self) -> None:
+        """Connect, check (or create) the positions topic, and register the
+        transactional id: every earlier producer with it is fenced, and the transaction
+        it left open aborted. Raises PositionsTopicError for a topic unfit for
+        positions, anything else when the broker cannot be reached (try again later)."""
+        ...
+
+    async def position(self, key: str) -> bytes | None:
+        """The last committed position written under `key`, read ``read_committed``."""
+        ...
+
+    async def begin(self) -> None: ...
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]: ...
+
+    async def commit(self, key: str, position: bytes) -> None:
+        """Write `position` under `key` and commit; raises Fenced or TransactionFailed."""
+        ...
+
+    async def abort(self) -> None:
+        """Abort the open transaction, best effort, and drop the producer; never raises."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def transactions_of(adapter: Adapter) -> Callable[[str], Transactions] | None:
+    """The adapter's exactly-once factory when its broker block says ``exactly_once``."""
+    if not getattr(adapter, "exactly_once", False):
+        return None
+    factory = getattr(adapter, "transactions", None)
+    return factory if callable(factory) else None
 
 
 def keeps_key_order(adapter: Adapter) -> bool:

@@ -26,7 +26,27 @@ def build_adapters(config: Config) -> dict[str, Adapter]:
             # key_path: a broker name may hold a line break or a dot; the error stays one line.
             path = ".".join(p for p in (key_path(("brokers", name)), exc.path) if p)
             raise ConfigError(exc.reason, source=config.source, path=path) from None
+    _check_exactly_once(config, adapters)
     return adapters
+
+
+def _check_exactly_once(config: Config, adapters: dict[str, Adapter]) -> None:
+    """One exactly-once broker at most, and only of an adapter that offers it."""
+    chosen = [name for name, a in adapters.items() if getattr(a, "exactly_once", False)]
+    for name in chosen:
+        if adapter_registry.transactions_of(adapters[name]) is None:
+            raise ConfigError(
+                f"adapter type {config.brokers[name].type!r} cannot publish exactly once",
+                source=config.source,
+                path=".".join((key_path(("brokers", name)), "exactly_once")),
+            )
+    if len(chosen) > 1:
+        raise ConfigError(
+            f"exactly_once is set on {len(chosen)} brokers ({', '.join(chosen)}): a relay's transactions"
+            " cover one Kafka broker; keep it on one",
+            source=config.source,
+            path=".".join((key_path(("brokers", chosen[1])), "exactly_once")),
+        )
 
 
 def build_relay(config: Config, *, observer: RelayObserver | None = None) -> Relay:

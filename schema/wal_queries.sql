@@ -160,6 +160,13 @@ SET drain_next = drain_next + %(count)s,
 UPDATE {schema}.settings
 SET done_through_commit = %(commit_lsn)s::text::pg_lsn, done_through = %(lsn)s::text::pg_lsn
 
+-- name: parked_of
+-- Which of these message ids are in the table: read once, when an exactly-once relay
+-- starts after a park that committed while its Kafka transaction did not
+-- (sources/wal/exactly_once.py). A scan, and only then: in WAL mode the table holds
+-- only what was parked.
+SELECT m.message_id FROM {schema}.messages AS m WHERE m.message_id = ANY(%(ids)s::uuid[])
+
 -- name: done_through
 -- Never a position beyond the WAL inserted so far: one from another cluster (a restore,
 -- a migration) would skip messages that were never parked.

@@ -26,7 +26,13 @@ class Received:
 
 
 async def kafka_read(
-    bootstrap: str, topic: str, count: int, *, timeout: float = 30.0, distinct: bool = True
+    bootstrap: str,
+    topic: str,
+    count: int,
+    *,
+    timeout: float = 30.0,
+    distinct: bool = True,
+    isolation_level: str = "read_uncommitted",
 ) -> list[Received]:
     """Read `topic` from the beginning until `count` distinct messages (by message-id
     header; records without one count each) arrived or `timeout` passed. Duplicates
@@ -39,6 +45,7 @@ async def kafka_read(
         enable_auto_commit=False,
         group_id=None,
         metadata_max_age_ms=1000,
+        isolation_level=isolation_level,
     )
     await consumer.start()
     received: list[Received] = []
@@ -67,6 +74,51 @@ async def kafka_read(
                     )
     finally:
         await consumer.stop()
+    return received
+
+
+async def kafka_read_to_end(
+    bootstrap: str, topic: str, *, isolation_level: str, timeout: float = 60.0
+) -> list[Received]:
+    """Every record of `topic` the consumer can see now: read from the beginning until
+    its position reaches each partition's end offset (with read_committed, the last
+    stable offset: every transaction before it is decided). The end is the positive
+    signal that nothing more is there, so a test can count copies."""
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, isolation_level=isolation_level
+    )
+    await consumer.start()
+    received: list[Received] = []
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or [])]
+        assert partitions, f"topic {topic!r} has no partitions"
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            assert time.monotonic() < deadline, f"{topic!r} not read to its end within {timeout}s"
+            batches = await consumer.getmany(timeout_ms=500)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        continue
+                    headers = {k: v.decode() for k, v in record.headers}
+                    received.append(
+                        Received(
+                            message_id=headers.get("message-id", ""),
+                            key=record.key.decode() if record.key is not None else None,
+                            payload=record.value or b"",
+                            headers=headers,
+                            properties={"partition": record.partition, "offset": record.offset},
+                        )
+                    )
+    finally:
+        await consumer.stop()
+    received.sort(key=lambda r: (r.properties["partition"], r.properties["offset"]))
     return received
 
 

@@ -114,6 +114,31 @@ class Dispatcher:
             for name, adapter in adapters.items()
         }
 
+    def replacing(self, broker: str, adapter: Adapter) -> Dispatcher:
+        """A dispatcher with the same routes and policy that publishes to `broker`
+        through `adapter` (an exactly-once relay's transactions: sources/wal/
+        exactly_once.py). It shares this one's metrics and its other brokers' circuits;
+        `broker` gets a circuit of its own, `adapter` being another connection."""
+        other = Dispatcher(
+            {**self._adapters, broker: adapter},
+            self._router,
+            self._backoff,
+            max_attempts=self._max_attempts,
+            publish_timeout=self._timeout,
+            metrics=self._metrics,
+            max_payload_bytes=self._max_payload,
+            hold_dead_letters=self._hold,
+        )
+        for name, circuit in self.circuits.items():
+            if name != broker:
+                other.circuits[name].cancel()
+                other.circuits[name] = circuit
+        return other
+
+    @property
+    def adapters(self) -> Mapping[str, Adapter]:
+        return self._adapters
+
     @property
     def metrics(self) -> RelayMetrics:
         """The registry it counts into: the relay's, which the sources it serves share."""

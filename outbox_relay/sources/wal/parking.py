@@ -46,6 +46,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -94,6 +95,7 @@ class Parking:
         self._park_end = sql.SQL(slot.text("park_end")).format(schema=name)
         self._done_through = sql.SQL(slot.text("done_through")).format(schema=name)
         self._mark_done = sql.SQL(slot.text("mark_done")).format(schema=name)
+        self._parked_of = sql.SQL(slot.text("parked_of")).format(schema=name)
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def __aenter__(self) -> Self:
@@ -159,6 +161,12 @@ class Parking:
         if commit_lsn is None or lsn is None:
             return None
         return pgoutput.parse_lsn(str(commit_lsn)), pgoutput.parse_lsn(str(lsn))
+
+    async def parked_of(self, message_ids: Collection[UUID]) -> set[UUID]:
+        """Which of `message_ids` are in the table (parked)."""
+        if not message_ids:
+            return set()
+        return {row[0] for row in await self._query(self._parked_of, {"ids": list(message_ids)})}
 
     async def mark_done(self, through: tuple[int, int]) -> None:
         """Every message up to `through` (commit start LSN, message LSN) is done."""

@@ -61,18 +61,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
 
 import structlog
 
+from outbox_relay.adapter import Transactions
 from outbox_relay.connections import PREPARE_THRESHOLD
 from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.models import Message
-from outbox_relay.sources.wal import framing, pgoutput
+from outbox_relay.sources.wal import exactly_once, framing, pgoutput
 from outbox_relay.sources.wal.errors import FrameError
+from outbox_relay.sources.wal.exactly_once import ExactlyOnce, Position
 from outbox_relay.sources.wal.lag import WalWatch
 from outbox_relay.sources.wal.outcomes import Parked, sort_outcomes
 from outbox_relay.sources.wal.parking import SNAPSHOT_LIMIT, Parking
@@ -89,6 +94,14 @@ T = TypeVar("T")
 PARK_AFTER_S = 60.0
 MIN_PAUSE_S = 0.01  # between two rounds of a part that waits for its broker
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})  # most messages have none: parse nothing
+
+
+@dataclass(frozen=True)
+class _Settled:
+    """Exactly once, in the window after a park whose transaction did not commit."""
+
+    parked: frozenset[UUID]  # message ids in the table: skipped
+    sent: frozenset[int]  # messages that batch published: sent again, held key or not
 
 
 class WalRelay:
@@ -111,6 +124,8 @@ class WalRelay:
         held_keys_snapshot_limit: int = SNAPSHOT_LIMIT,
         observer: RelayObserver | None = None,
         watch: WalWatch | None = None,
+        exactly_once: tuple[str, Callable[[str], Transactions]] | None = None,
+        backoff: Backoff | None = None,
     ):
         self._dsn = dsn
         self._schema = schema
@@ -136,6 +151,13 @@ class WalRelay:
         self._waiting_since: float | None = None  # the outage clock (module docstring)
         self._last_wait = float("-inf")  # when a round last had a WAIT answer
         self._done_through: tuple[int, int] | None = None  # read at start (_not_parked_yet)
+        # Exactly once (exactly_once.py): the broker and its transactions' factory, then
+        # the ExactlyOnce of this run; the window of a park whose transaction did not
+        # commit (between Kafka's position and the table's done_through).
+        self._exactly_once_of = exactly_once
+        self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        self._exactly_once: ExactlyOnce | None = None
+        self._window: tuple[Position, Position] | None = None
         self.started = asyncio.Event()
         self.published = 0
         self.parked = 0
@@ -159,24 +181,58 @@ class WalRelay:
         )
         async with parking, WalStream(self._dsn, **self._stream_options) as stream:
             self._done_through = await parking.done_through()
-            log.info("wal_relay_started", schema=self._schema, slot=self._stream_options["slot_name"])
-            self.started.set()
-            self._watch.set_state("streaming")
-            while not self._stop.is_set():
-                part = await self._until_stopped(stream.__anext__())
-                if part is None:
-                    break
-                parts = await self._with_ready_parts(stream, part)
-                if not await self._handle(parts, parking):
-                    break
-                ends = [p.end_lsn for p in parts if p.end_lsn is not None]
-                if ends:
-                    stream.confirm(ends[-1])
-                    self._watch.confirmed()
-                    self.confirmed_lsn = ends[-1]
-                    if parts[-1].end_lsn is None:  # a transaction goes on in the next parts
-                        self._watch.reading(parts[-1].commit_time)
+            try:
+                if self._exactly_once_of is not None and not await self._open_exactly_once(stream):
+                    return
+                await self._stream(stream, parking)
+            finally:
+                if self._exactly_once is not None:
+                    await self._exactly_once.close()
         log.info("wal_relay_stopped", published=self.published, parked=self.parked)
+
+    async def _open_exactly_once(self, stream: WalStream) -> bool:
+        """Register the transactional producer and read Kafka's position: where the
+        restart skips to, with the window of a park Kafka has no commit for."""
+        assert self._exactly_once_of is not None
+        broker, factory = self._exactly_once_of
+        slot_name = self._stream_options["slot_name"]
+        transactions = factory(exactly_once.transactional_id(stream.system_id, slot_name))
+        self._exactly_once = ExactlyOnce(
+            broker,
+            transactions,
+            self._dispatcher,
+            self._backoff,
+            slot=slot_name,
+            key=exactly_once.position_key(stream.system_id, slot_name),
+            hold_dead_letters=self._hold,
+        )
+        committed = await self._exactly_once.open(self._stop, stream.wal_end)
+        if self._stop.is_set():
+            return False
+        if committed is not None:
+            parked = self._done_through
+            self._window = (committed, parked) if parked is not None and parked > committed else None
+            self._done_through = committed
+        return True
+
+    async def _stream(self, stream: WalStream, parking: Parking) -> None:
+        log.info("wal_relay_started", schema=self._schema, slot=self._stream_options["slot_name"])
+        self.started.set()
+        self._watch.set_state("streaming")
+        while not self._stop.is_set():
+            part = await self._until_stopped(stream.__anext__())
+            if part is None:
+                break
+            parts = await self._with_ready_parts(stream, part)
+            if not await self._handle(parts, parking):
+                break
+            ends = [p.end_lsn for p in parts if p.end_lsn is not None]
+            if ends:
+                stream.confirm(ends[-1])
+                self._watch.confirmed()
+                self.confirmed_lsn = ends[-1]
+                if parts[-1].end_lsn is None:  # a transaction goes on in the next parts
+                    self._watch.reading(parts[-1].commit_time)
 
     async def _with_ready_parts(self, stream: WalStream, first: TransactionPart) -> list[TransactionPart]:
         """`first` and the parts after it that have already arrived, up to one part's
@@ -200,47 +256,95 @@ class WalRelay:
         before the end."""
         self._watch.reading(parts[0].commit_time)
         messages = [m for part in parts for m in self._messages(part, self._not_parked_yet(part))]
-        held = await parking.held_keys({m.key for m in messages if m.key is not None})
-        parked: list[Parked] = [(m, None) for m in messages if m.key is not None and m.key in held]
-        todo = [m for m in messages if m.key is None or m.key not in held]
-        acked: list[Record] = []
-        while todo:
-            records = await self._dispatcher.dispatch(todo)
-            pause = self._outage(records)
-            self._watch.paused(pause is not None)
-            round_ = sort_outcomes(todo, records, held, hold_dead_letters=self._hold, park_waits=pause is None)
-            self.published += round_.acked
-            acked += (r for r in records if r.kind is RecordKind.ACKED)
-            parked += round_.parked
-            todo = round_.again
-            if todo and pause is not None and not await self._pause(pause):
-                return False
-        # Every message of `parts` is done: the last one's position is where a restart
-        # may skip to (parking.py, done_through), recorded with a park, or on its own when
-        # the batch ends inside a transaction (the slot is told only at its commit).
+        # Exactly once, after a park whose Kafka transaction did not commit: what that
+        # park put in the table is skipped, the rest goes as that batch sent it.
+        settled = await self._settled_in_window(parts, messages, parking)
+        messages = [m for m in messages if m.message_id not in settled.parked]
+        held = await parking.held_keys({m.key for m in messages if m.key is not None and m.id not in settled.sent})
+        held_out = [m for m in messages if m.key is not None and m.key in held and m.id not in settled.sent]
+        parked: list[Parked] = [(m, None) for m in held_out]
+        todo = [m for m in messages if m.key is None or m.key not in held or m.id in settled.sent]
         last = next((p for p in reversed(parts) if p.messages), None)
         through = None if last is None else (last.commit_lsn, last.messages[-1].lsn)
-        if not parked and through is not None and parts[-1].end_lsn is None:
-            await parking.mark_done(through)
-        if parked and through is not None:
-            parked.sort(key=lambda item: item[0].id)  # stream order, across rounds
-            await parking.park(parked, through=through)
-            parking.note_held(held)
-            self.parked += len(parked)
-            self._watch.parked(parked)
-            log.info(
-                "wal_messages_parked",
-                count=len(parked),
-                keys=len({m.key for m, _ in parked if m.key is not None}),
-                xid=parts[0].xid,
-                commit_lsn=pgoutput.format_lsn(parts[0].commit_lsn),
-                transactions=len({p.xid for p in parts}),
+        acked: list[Record] = []
+        if self._exactly_once is not None and through is not None:
+            written: list[Parked] = []
+
+            async def park(new: list[Parked]) -> None:
+                written.extend(new)
+                await self._park(parking, new, held, parts, through)
+
+            outcome = await self._exactly_once.publish(
+                todo, held, parked, through, park, self._stop, self._watch.paused
             )
+            if outcome is None:
+                return False
+            acked = outcome
+            self.published += len(acked)
+            parked = written
+        else:
+            while todo:
+                records = await self._dispatcher.dispatch(todo)
+                pause = self._outage(records)
+                self._watch.paused(pause is not None)
+                round_ = sort_outcomes(todo, records, held, hold_dead_letters=self._hold, park_waits=pause is None)
+                self.published += round_.acked
+                acked += (r for r in records if r.kind is RecordKind.ACKED)
+                parked += round_.parked
+                todo = round_.again
+                if todo and pause is not None and not await self._pause(pause):
+                    return False
+            # Every message of `parts` is done: the last one's position is where a restart
+            # may skip to (parking.py, done_through), recorded with a park, or on its own
+            # when the batch ends inside a transaction (the slot is told only at its commit).
+            if not parked and through is not None and parts[-1].end_lsn is None:
+                await parking.mark_done(through)
+            if parked and through is not None:
+                await self._park(parking, parked, held, parts, through)
         if self._observer is not None:
             # As the table's workers tell of a committed batch: what was acked, and the
             # outcomes now recorded in the table (a parked message's retry or dead letter).
             self._observer.batch_recorded(messages, [*acked, *(r for _, r in parked if r is not None)])
         return True
+
+    async def _park(
+        self,
+        parking: Parking,
+        parked: list[Parked],
+        held: set[str],
+        parts: Sequence[TransactionPart],
+        through: tuple[int, int],
+    ) -> None:
+        parked.sort(key=lambda item: item[0].id)  # stream order, across rounds
+        await parking.park(parked, through=through)
+        parking.note_held(held)
+        self.parked += len(parked)
+        self._watch.parked(parked)
+        log.info(
+            "wal_messages_parked",
+            count=len(parked),
+            keys=len({m.key for m, _ in parked if m.key is not None}),
+            xid=parts[0].xid,
+            commit_lsn=pgoutput.format_lsn(parts[0].commit_lsn),
+            transactions=len({p.xid for p in parts}),
+        )
+
+    async def _settled_in_window(
+        self, parts: Sequence[TransactionPart], messages: Sequence[Message], parking: Parking
+    ) -> _Settled:
+        """In the window (exactly once: Kafka's position, the table's done_through], which
+        messages the table has (parked: skip) and which it has not (sent by that batch,
+        so sent again whatever the table holds of their key)."""
+        window = self._window
+        if window is None:
+            return _Settled(frozenset(), frozenset())
+        positions = [(p.commit_lsn, logical.lsn) for p in parts for logical in self._not_parked_yet(p)]
+        inside = [m for m, at in zip(messages, positions, strict=True) if at <= window[1]]
+        if not inside:
+            self._window = None
+            return _Settled(frozenset(), frozenset())
+        in_table = await parking.parked_of([m.message_id for m in inside])
+        return _Settled(frozenset(in_table), frozenset(m.id for m in inside if m.message_id not in in_table))
 
     def _outage(self, records: Sequence[Record]) -> float | None:
         """How long to pause before dispatching what waits for its broker again, or None

@@ -40,17 +40,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import psycopg
 import structlog
 
+from outbox_relay.adapter import Adapter, Fenced, transactions_of
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
-from outbox_relay.errors import first_line
+from outbox_relay.errors import ConfigError, first_line
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sources.wal import pgoutput, slot
@@ -60,6 +61,17 @@ from outbox_relay.sources.wal.relay import WalRelay
 from outbox_relay.sqlfiles import Queries
 
 log = structlog.get_logger("outbox_relay.wal")
+
+
+def _unwrapped(adapter: Adapter) -> Adapter:
+    """The adapter behind the engine's BrokerHandle (engine/brokers.py)."""
+    return getattr(adapter, "adapter", adapter)
+
+
+def exactly_once_brokers(adapters: Mapping[str, Adapter]) -> list[str]:
+    """The brokers whose block says exactly_once (assembly.py allows one)."""
+    return [name for name, a in adapters.items() if transactions_of(_unwrapped(a)) is not None]
+
 
 DRAIN_POLL_S = 0.5  # how often the slot's confirmed position is read while draining it
 # How often a relay reads the outbox's source to notice a switch: a table-mode relay then
@@ -84,6 +96,8 @@ class WalSource:
         self.watch = WalWatch(self._slot, poll_interval=lag_interval)  # its metrics and /readyz (lag.py)
         self._session = _Session(self._dsn)
         self._foreign_drain_logged = False
+        self._planned = False  # a first plan was made (_refuse_table_source_once)
+        self._table_warned = False
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
         stream = self._stream(dispatcher, stop, observer)
@@ -107,6 +121,7 @@ class WalSource:
             relay: WalRelay | None = None
             try:
                 target = await self._plan()
+                self._refuse_table_source_once(dispatcher, target)
                 if target is None:
                     self.watch.set_state("off")
                     # Table mode, no slot of ours: nothing to stream until a switch to wal.
@@ -118,6 +133,13 @@ class WalSource:
                     await self._drop()
                 # Dropped, or kept (switched back to wal meanwhile), or the source
                 # changed while streaming: the next plan says what to do.
+            except Fenced:
+                # Another relay took the slot and registered the transactional id after
+                # this one (exactly_once.py logged it): stand by, as for a slot in use.
+                standing_by = True
+                self.watch.set_state("standby", "fenced by a newer relay of the same slot")
+                await _sleep(stop, self._settings.standby_interval)
+                continue
             except SlotInUse:
                 if not standing_by:
                     log.info("wal_slot_in_use", slot=self._slot, retry_every_s=self._settings.standby_interval)
@@ -152,7 +174,34 @@ class WalSource:
             standing_by = False
         await stop.wait()
 
+    def _refuse_table_source_once(self, dispatcher: Dispatcher, target: int | None) -> None:
+        """At start, an exactly-once broker with the table source is refused in one line
+        (README, "Exactly once into Kafka"); a switch to table later is followed, with
+        a warning: the table source publishes at least once."""
+        first, self._planned = not self._planned, True
+        brokers = exactly_once_brokers(dispatcher.adapters)
+        if not brokers or target is not None:
+            return
+        names = ", ".join(brokers)
+        if first:
+            raise ConfigError(
+                f"brokers.{names}.exactly_once needs the WAL source, and the outbox {self._schema!r} is in table"
+                " mode: the table source cannot commit its position inside a Kafka transaction (a relay"
+                " killed between the ack and marking its rows sends them again); switch with"
+                f" `outbox-relay schema source wal --schema {self._schema}`, or remove exactly_once"
+            )
+        if not self._table_warned:
+            log.warning("exactly_once_table_source", brokers=names, delivery="at least once until a switch to wal")
+            self._table_warned = True
+
     def _relay(self, dispatcher: Dispatcher, observer: RelayObserver | None) -> WalRelay:
+        brokers = exactly_once_brokers(dispatcher.adapters)
+        transactions = None
+        if brokers:
+            name = brokers[0]
+            factory = transactions_of(_unwrapped(dispatcher.adapters[name]))
+            assert factory is not None
+            transactions = (name, factory)
         return WalRelay(
             self._dsn,
             schema=self._schema,
@@ -164,6 +213,8 @@ class WalSource:
             park_after=self._settings.park_after,
             status_interval=self._settings.status_interval,
             prepare_threshold=self._config.database.prepare_threshold,
+            exactly_once=transactions,
+            backoff=self._backoff,
         )
 
     async def _run(self, relay: WalRelay, stop: asyncio.Event, target: int | None) -> bool:

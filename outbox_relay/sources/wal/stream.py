@@ -92,6 +92,10 @@ class WalStream:
         self._reading = False
         self._last_heard = 0.0
         self._transactions = Transactions(prefix, max_part_messages, max_part_bytes)
+        # IDENTIFY_SYSTEM's answer at start: the cluster's identifier (the same on its
+        # physical standbys) and the end of its WAL flushed then.
+        self.system_id = ""
+        self.wal_end = 0
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -125,6 +129,10 @@ class WalStream:
             if state is None:
                 raise SlotMissing(f"the replication slot {self._slot!r} does not exist")
             self._transactions.start_at(max(self._start_lsn, state.confirmed_flush_lsn or 0))
+            cursor = await self._conn.execute("IDENTIFY_SYSTEM")
+            row = await cursor.fetchone()
+            if row is not None:
+                self.system_id, self.wal_end = str(row[0]), pgoutput.parse_lsn(str(row[2]))
             start = slot.query(
                 "start_replication",
                 slot=self._slot,

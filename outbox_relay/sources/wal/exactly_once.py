@@ -1,0 +1,335 @@
+"""Exactly once into Kafka: each WAL batch one Kafka transaction with the position it
+reaches (a Kafka broker block with ``exactly_once: true``; the producer side is the
+adapter's, adapters/kafka_transactions.py).
+
+The position of a message is (its transaction's commit LSN, its own LSN): commit
+order, then order inside the transaction, which is how the slot hands them out. A
+batch's position is its last message's; a transaction split over several batches (one
+of a million messages) gets one position per batch, so a restart resumes inside it.
+
+A batch (relay.py hands it over, stream order kept):
+1. ``begin``; the dispatcher (the relay's own, with the exactly-once broker's adapter
+   replaced by this transaction) publishes every message, in as many rounds as its
+   waves need; records the broker acks are written, but only inside the transaction.
+2. All acked: what is parked (below) is committed into the table first, then the
+   position is written to the offsets topic and the transaction committed: records and
+   position become visible to ``read_committed`` consumers together. Only then is the
+   slot told (relay.py), so the slot keeps the WAL of anything not yet committed.
+3. Anything not acked: the transaction is aborted (nothing of it is ever seen by a
+   ``read_committed`` consumer), and then:
+   - a message the broker rejects for good (DEAD: too large, invalid topic, max
+     attempts) is parked as a dead letter, as in the WAL source, with the rest of its
+     key under ``hold``; the batch goes again without it;
+   - a broker away (WAIT) or a transient failure (RETRY: an attempt spent, a dead
+     letter at ``max_attempts``): the relay pauses (the dispatcher's backoff) and the
+     batch goes again in a new transaction. Nothing is parked for an outage, however
+     long (``park_after`` does not apply): the table path publishes at least once, so
+     the stream pauses and the slot keeps the WAL (its lag metric and alert say so);
+   - a message acked for another broker (a route to RabbitMQ beside Kafka) is done
+     for good: that broker has no transaction, and it is not sent again.
+4. A commit that fails (the broker went away during it, the answer was lost): whether
+   it committed is not known. The producer is restarted and the position read back
+   with ``read_committed``: at or past the batch's, it committed; else it goes again.
+5. Fenced (a newer relay registered the same transactional id): one line
+   (``wal_producer_fenced``), nothing more is published, and the relay stops
+   (``Fenced``; the runner stands by, since the other relay streams the slot).
+
+At start, after the producer is registered (which aborts what a fenced one left
+open), the last committed position is read: every message at or before it is skipped,
+it was committed. A park commits before its Kafka transaction, so after a crash
+between the two the table's ``done_through`` is beyond Kafka's position: in that
+window, messages found in the table were parked and are skipped, the rest go out
+again, as that batch would have sent them (without asking the table whether their key
+is held: it is, by the very park that batch made after them).
+
+What it does not cover (README, "Exactly once into Kafka"): messages that go through
+the table (parked, then requeued or released) are published at least once, as the
+table source does; so are routes to brokers without transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+import structlog
+
+from outbox_relay.adapter import Adapter, Fenced, TransactionFailed, Transactions, keeps_key_order
+from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.store import Record, RecordKind
+from outbox_relay.errors import OutboxRelayError, first_line
+from outbox_relay.models import Message, OutgoingMessage, PublishResult
+from outbox_relay.sources.wal import pgoutput
+from outbox_relay.sources.wal.outcomes import Parked, sort_outcomes
+
+log = structlog.get_logger("outbox_relay.wal")
+
+Position = tuple[int, int]  # (commit LSN, message LSN)
+
+
+class PositionAhead(OutboxRelayError):
+    """The offsets topic holds a position past this database's WAL."""
+
+
+def transactional_id(system_id: str, slot: str) -> str:
+    """The same for every relay of one slot of one cluster (a promoted standby shares
+    the primary's system identifier), and for no other."""
+    return f"outbox-relay-{system_id}-{slot}"
+
+
+def position_key(system_id: str, slot: str) -> str:
+    return f"{system_id}/{slot}"
+
+
+def encode(position: Position, *, slot: str, messages: int) -> bytes:
+    return json.dumps(
+        {
+            "commit_lsn": pgoutput.format_lsn(position[0]),
+            "lsn": pgoutput.format_lsn(position[1]),
+            "slot": slot,
+            "messages": messages,
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+def decode(value: bytes) -> Position:
+    try:
+        data = json.loads(value)
+        return pgoutput.parse_lsn(data["commit_lsn"]), pgoutput.parse_lsn(data["lsn"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OutboxRelayError(f"unreadable position in the offsets topic: {value[:200]!r}") from exc
+
+
+class _InTransaction:
+    """The exactly-once broker as the dispatcher sees it: its publish goes into the
+    open transaction; ready() is the broker's own."""
+
+    def __init__(self, broker: Adapter, transactions: Transactions):
+        self.name = broker.name
+        self.keeps_key_order = keeps_key_order(broker)
+        self._broker = broker
+        self._transactions = transactions
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ready(self) -> bool:
+        return await self._broker.ready()
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        return await self._transactions.publish(batch)
+
+
+class ExactlyOnce:
+    """One WAL relay's transactions; see the module docstring."""
+
+    def __init__(
+        self,
+        broker: str,
+        transactions: Transactions,
+        dispatcher: Dispatcher,
+        backoff: Backoff,
+        *,
+        slot: str,
+        key: str,
+        hold_dead_letters: bool,
+    ):
+        self.broker = broker
+        self._transactions = transactions
+        self._dispatcher = dispatcher.replacing(broker, _InTransaction(dispatcher.adapters[broker], transactions))
+        self._backoff = backoff
+        self._slot = slot
+        self._key = key
+        self._hold = hold_dead_letters
+        self._started = False
+        self._unsure: Position | None = None  # a commit whose outcome is not known
+        self.committed: Position | None = None  # the last position known committed
+        self.transactions = 0
+
+    async def open(self, stop: asyncio.Event, wal_end: int) -> Position | None:
+        """Register the producer (fencing older ones) and read the last committed
+        position; None if stopped first. Refuses a position past `wal_end`."""
+        if not await self._start(stop):
+            return None
+        raw = await self._transactions.position(self._key)
+        self.committed = None if raw is None else decode(raw)
+        if self.committed is not None and self.committed[0] > wal_end:
+            raise PositionAhead(
+                f"the offsets topic says slot {self._slot!r} was published through"
+                f" {pgoutput.format_lsn(self.committed[0])}, past this database's WAL"
+                f" ({pgoutput.format_lsn(wal_end)}): a restore or another cluster? Delete key"
+                f" {self._key!r} from the offsets topic (a null record) once no message would be lost"
+            )
+        log.info(
+            "wal_exactly_once_started",
+            broker=self.broker,
+            committed=None if self.committed is None else pgoutput.format_lsn(self.committed[0]),
+        )
+        return self.committed
+
+    async def close(self) -> None:
+        self._dispatcher.circuits[self.broker].cancel()
+        await self._transactions.close()
+
+    async def _start(self, stop: asyncio.Event) -> bool:
+        """Start the producer, trying again with the backoff while the broker is away;
+        False if stopped first."""
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await self._transactions.start()
+            except OutboxRelayError:  # the offsets topic unfit: nothing to wait for
+                raise
+            except Exception as exc:
+                attempt += 1
+                delay = self._backoff.delay(attempt)
+                log.warning(
+                    "wal_exactly_once_producer_unavailable",
+                    broker=self.broker,
+                    error=first_line(exc),
+                    retry_in_s=round(delay, 2),
+                )
+                await _sleep(delay, stop)
+                continue
+            self._started = True
+            return True
+        return False
+
+    async def _restart(self, stop: asyncio.Event) -> bool:
+        await self._abort()
+        if not await self._start(stop):
+            return False
+        if self._unsure is not None:
+            raw = await self._transactions.position(self._key)
+            self.committed = None if raw is None else decode(raw)
+        return True
+
+    async def publish(
+        self,
+        todo: Sequence[Message],
+        held: set[str],
+        parked: list[Parked],
+        through: Position,
+        park: Callable[[list[Parked]], Awaitable[None]],
+        stop: asyncio.Event,
+        paused: Callable[[bool], None],
+    ) -> list[Record] | None:
+        """Publish `todo` in one committed transaction with `through`. `parked` (the
+        messages of keys the table holds) grows with what the broker rejects; `park`
+        writes what is new in it, before the commit. Returns the acks, or None if
+        stopped first (nothing committed: it all comes again)."""
+        order = {m.id: i for i, m in enumerate(todo)}
+        left: dict[int, Message] = {m.id: m for m in todo}
+        done: list[Record] = []  # acked by a broker without transactions: final
+        written = 0  # how many of `parked` are in the table
+        acks: list[Record] = []
+        while not stop.is_set():
+            if self._transactions.fenced:
+                raise self._fenced()
+            if not self._started and not await self._restart(stop):
+                return None
+            if self._unsure is not None:
+                unsure, self._unsure = self._unsure, None
+                if self.committed is not None and self.committed >= unsure:
+                    log.info("wal_exactly_once_commit_found", position=pgoutput.format_lsn(unsure[1]))
+                    return done + acks
+            messages = sorted(left.values(), key=lambda m: order[m.id])
+            outcome = await self._one_transaction(messages, held, left, done, parked)
+            if isinstance(outcome, float):  # aborted: pause, then again
+                paused(True)
+                await _sleep(outcome, stop)
+                continue
+            paused(False)
+            acks = outcome
+            if len(parked) > written:
+                await park(parked[written:])
+                written = len(parked)
+            try:
+                await self._transactions.commit(self._key, encode(through, slot=self._slot, messages=len(todo)))
+            except Fenced:
+                raise self._fenced() from None
+            except TransactionFailed as exc:
+                log.warning("wal_exactly_once_commit_failed", broker=self.broker, error=first_line(exc))
+                self._unsure, self._started = through, False
+                continue
+            self.committed = through
+            self.transactions += 1
+            return done + acks
+        return None
+
+    async def _one_transaction(
+        self,
+        messages: list[Message],
+        held: set[str],
+        left: dict[int, Message],
+        done: list[Record],
+        parked: list[Parked],
+    ) -> list[Record] | float:
+        """Publish `messages` in a new transaction: the acks to keep (the transaction
+        is ready to commit), or how long to pause (it was aborted). Updates `left`,
+        `done` and `parked` with what is settled for good."""
+        try:
+            await self._transactions.begin()
+        except Exception as exc:
+            if self._transactions.fenced:
+                raise self._fenced() from exc
+            log.warning("wal_exactly_once_begin_failed", broker=self.broker, error=first_line(exc))
+            self._started = False
+            return self._backoff.delay(1)
+        in_transaction: list[Record] = []
+        todo = messages
+        while todo:
+            records = await self._dispatcher.dispatch(todo)
+            if self._transactions.fenced:
+                raise self._fenced()
+            # A transient failure goes again in the next transaction, an attempt spent
+            # (the dispatcher dead-letters it at max_attempts): never into the table.
+            retried = {r.id for r in records if r.kind is RecordKind.RETRY}
+            waits = [dataclasses.replace(r, kind=RecordKind.WAIT) if r.id in retried else r for r in records]
+            round_ = sort_outcomes(todo, waits, held, hold_dead_letters=self._hold, park_waits=False)
+            for record in records:
+                if record.kind is RecordKind.ACKED:
+                    (in_transaction if record.broker == self.broker else done).append(record)
+                    if record.broker != self.broker:
+                        left.pop(record.id, None)
+            for message, outcome in round_.parked:
+                left.pop(message.id, None)
+                parked.append((message, outcome))
+            for message_id in retried:
+                message = left[message_id]
+                left[message_id] = dataclasses.replace(message, attempts=message.attempts + 1)
+            if round_.waiting or round_.parked:
+                await self._abort()
+                delays = [r.delay for r in round_.waiting]
+                return max(0.01, min(delays)) if delays else 0.0
+            todo = round_.again  # waves the dispatcher did not start: same transaction
+        return in_transaction
+
+    async def _abort(self) -> None:
+        self._started = False
+        await self._transactions.abort()
+
+    def _fenced(self) -> Fenced:
+        log.error(
+            "wal_producer_fenced",
+            broker=self.broker,
+            slot=self._slot,
+            detail="another relay registered the same transactional id: this one publishes nothing more",
+        )
+        return Fenced(f"the exactly-once producer of slot {self._slot!r} was fenced by a newer relay")
+
+
+async def _sleep(seconds: float, stop: asyncio.Event) -> None:
+    """Sleep `seconds`, or less if `stop` is set first."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
