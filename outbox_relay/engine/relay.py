@@ -258,4 +258,8 @@ class Relay:
         )
         async with conn:
             await schema_manager.check(conn, self.config.database.schema_name)
+            for source in self._sources:  # sources/base.py: check_start
+                check_start = getattr(source, "check_start", None)
+                if check_start is not None:
+                    await check_start(conn, self._brokers)
         return True

@@ -52,7 +52,12 @@ class Source(Protocol):
     it returns once `stop` is set, finishing what it has in hand (the relay waits for it
     up to ``relay.shutdown_timeout``, then cancels it: a source leaves nothing recorded
     that was not done). It retries database and broker trouble itself; raising stops the
-    relay loudly (the error is the process's exit line)."""
+    relay loudly (the error is the process's exit line).
+
+    Optional: ``async def check_start(conn, brokers) -> None``, called once before any
+    source runs, on the relay's start-up connection, with the broker handles by name:
+    raising refuses the start (a configuration the source cannot honour), before
+    anything is published."""
 
     name: str
 

@@ -15,7 +15,7 @@ from outbox_relay.assembly import build_adapters
 from outbox_relay.sources.wal.stream import WalStream
 from tests.consumers import kafka_create_topic, kafka_read_to_end
 from tests.support.configs import make_config
-from tests.support.outbox import count
+from tests.support.outbox import count, dead_letters
 from tests.support.waiting import wait_until
 from tests.support.wal import WalSlot, confirmed_flush, wal_slot
 from tests.support.wal_relay import commit_end_lsns, commit_frames, running_wal_relay, wal_relay
@@ -90,3 +90,86 @@ async def test_a_restart_before_the_slot_is_told_publishes_nothing_twice(
     ]
     assert sorted(r.message_id for r in received) == sorted(str(e.message_id) for e in expected)
     assert count(outbox_wal.dsn) == 0, "nothing parked"
+
+
+@pytest.mark.parametrize("policy", ["release", "hold"])
+async def test_a_message_the_broker_refuses_is_parked_and_the_transaction_goes_on_without_it(
+    outbox_wal: WalSlot, kafka_bootstrap: str, policy: str
+) -> None:
+    """A record over max_request_size fails inside the transaction: the transaction is
+    aborted, the message parked as a dead letter (with its key's later messages under
+    hold), and the rest committed in a new transaction, each once, in key order."""
+    topic = f"eos-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
+    before = commit_frames(outbox_wal.dsn, [(f"key-{i % 3}", b"before-%d" % i) for i in range(9)])
+    large = commit_frames(outbox_wal.dsn, [("key-0", b"x" * 200_000)])
+    after = commit_frames(outbox_wal.dsn, [(f"key-{i % 3}", b"after-%d" % i) for i in range(9)])
+    *_, end = commit_end_lsns(outbox_wal)
+    config = _config(outbox_wal, kafka_bootstrap, topic, "aiokafka", max_request_size=100_000)
+    config = config.model_copy(
+        update={"relay": config.relay.model_copy(update={"dead_letter_policy": policy, "max_attempts": 3})}
+    )
+    adapters = build_adapters(config)
+    relay = wal_relay(outbox_wal, config, adapters, exactly_once=_exactly_once(adapters))
+    async with running_wal_relay(relay):
+        await wait_until(lambda: confirmed_flush(outbox_wal.dsn, outbox_wal.name) >= end, timeout=60)
+
+    received = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_committed")
+    held_after = [e for e in after if e.key == "key-0"] if policy == "hold" else []
+    expected = [e for e in before + after if e not in held_after]
+    assert sorted(r.message_id for r in received) == sorted(str(e.message_id) for e in expected), "each once"
+    for key in ("key-0", "key-1", "key-2"):
+        assert [r.payload for r in received if r.key == key] == [e.payload for e in expected if e.key == key]
+    assert [row[0] for row in dead_letters(outbox_wal.dsn)] == [str(large[0].message_id)]
+    assert count(outbox_wal.dsn) == 1 + len(held_after), "the refused message (and under hold its key's later ones)"
+
+
+class _Crash(BaseException):
+    """The relay dies here (not an Exception: nothing in the relay catches it)."""
+
+
+async def test_a_crash_between_the_park_and_the_kafka_commit_parks_once_and_publishes_once(
+    outbox_wal: WalSlot, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A park commits before its Kafka transaction: the first relay parks the refused
+    message and dies before committing the rest to Kafka. The second finds the park in
+    the table (skips it: one dead letter, not two) and publishes the rest, which Kafka
+    has no committed copy of (read_committed: each once)."""
+    from outbox_relay_adapters.kafka_transactions import KafkaTransactions
+
+    topic = f"eos-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
+    before = commit_frames(outbox_wal.dsn, [(f"key-{i % 3}", b"before-%d" % i) for i in range(9)])
+    large = commit_frames(outbox_wal.dsn, [("key-0", b"x" * 200_000)])
+    after = commit_frames(outbox_wal.dsn, [(f"key-{i % 3}", b"after-%d" % i) for i in range(9)])
+    *_, end = commit_end_lsns(outbox_wal)
+    config = _config(outbox_wal, kafka_bootstrap, topic, "aiokafka", max_request_size=100_000)
+    adapters = build_adapters(config)
+
+    first = wal_relay(outbox_wal, config, adapters, exactly_once=_exactly_once(adapters))
+    commit = KafkaTransactions.commit
+
+    async def crash(self: Any, key: str, position: bytes) -> None:
+        if first.parked:  # the batch of the refused message: parked, not yet committed
+            raise _Crash()
+        await commit(self, key, position)
+
+    with monkeypatch.context() as patch, pytest.raises(_Crash):
+        patch.setattr(KafkaTransactions, "commit", crash)
+        async with running_wal_relay(first) as task:
+            await task
+    assert first.parked == 1 and len(dead_letters(outbox_wal.dsn)) == 1, "parked before the commit"
+
+    second = wal_relay(outbox_wal, config, adapters, exactly_once=_exactly_once(adapters))
+    async with running_wal_relay(second):
+        await wait_until(lambda: confirmed_flush(outbox_wal.dsn, outbox_wal.name) >= end, timeout=60)
+    assert second.parked == 0
+
+    received = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_committed")
+    expected = before + after
+    assert sorted(r.message_id for r in received) == sorted(str(e.message_id) for e in expected), "each once"
+    for key in ("key-0", "key-1", "key-2"):
+        assert [r.payload for r in received if r.key == key] == [e.payload for e in expected if e.key == key]
+    assert [row[0] for row in dead_letters(outbox_wal.dsn)] == [str(large[0].message_id)]
+    uncommitted = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_uncommitted")
+    assert len(uncommitted) > len(received), "the first relay's records are there, aborted"

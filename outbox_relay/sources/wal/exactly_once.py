@@ -310,10 +310,26 @@ class ExactlyOnce:
                 left[message_id] = dataclasses.replace(message, attempts=message.attempts + 1)
             if round_.waiting or round_.parked:
                 await self._abort()
+                self._park_behind_held(left, parked, held)
                 delays = [r.delay for r in round_.waiting]
                 return max(0.01, min(delays)) if delays else 0.0
             todo = round_.again  # waves the dispatcher did not start: same transaction
         return in_transaction
+
+    @staticmethod
+    def _park_behind_held(left: dict[int, Message], parked: list[Parked], held: set[str]) -> None:
+        """After an abort: a message of a held key after the key's first parked one goes
+        to the table behind it, even if the aborted transaction had acked it (an ordered
+        adapter may ack a later record of a key whose earlier one it refused: dispatch.py
+        takes that ack as delivered, which an aborted transaction is not)."""
+        first: dict[str, int] = {}
+        for message, _ in parked:
+            if message.key is not None and message.key in held:
+                first[message.key] = min(first.get(message.key, message.id), message.id)
+        behind = [m for m in left.values() if m.key is not None and m.key in first and m.id > first[m.key]]
+        for message in behind:
+            del left[message.id]
+            parked.append((message, None))
 
     async def _abort(self) -> None:
         self._started = False

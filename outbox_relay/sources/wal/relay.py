@@ -209,10 +209,12 @@ class WalRelay:
         committed = await self._exactly_once.open(self._stop, stream.wal_end)
         if self._stop.is_set():
             return False
-        if committed is not None:
-            parked = self._done_through
-            self._window = (committed, parked) if parked is not None and parked > committed else None
-            self._done_through = committed
+        # Kafka's position decides what was published; the table's done_through only
+        # where a park went beyond it (a park commits before its transaction; with
+        # nothing committed to Kafka yet, every park is beyond it).
+        parked, start = self._done_through, committed or (0, 0)
+        self._window = (start, parked) if parked is not None and parked > start else None
+        self._done_through = committed
         return True
 
     async def _stream(self, stream: WalStream, parking: Parking) -> None:

@@ -96,7 +96,6 @@ class WalSource:
         self.watch = WalWatch(self._slot, poll_interval=lag_interval)  # its metrics and /readyz (lag.py)
         self._session = _Session(self._dsn)
         self._foreign_drain_logged = False
-        self._planned = False  # a first plan was made (_refuse_table_source_once)
         self._table_warned = False
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
@@ -121,7 +120,7 @@ class WalSource:
             relay: WalRelay | None = None
             try:
                 target = await self._plan()
-                self._refuse_table_source_once(dispatcher, target)
+                self._warn_table_source(dispatcher, target)
                 if target is None:
                     self.watch.set_state("off")
                     # Table mode, no slot of ours: nothing to stream until a switch to wal.
@@ -174,23 +173,32 @@ class WalSource:
             standing_by = False
         await stop.wait()
 
-    def _refuse_table_source_once(self, dispatcher: Dispatcher, target: int | None) -> None:
-        """At start, an exactly-once broker with the table source is refused in one line
-        (README, "Exactly once into Kafka"); a switch to table later is followed, with
-        a warning: the table source publishes at least once."""
-        first, self._planned = not self._planned, True
-        brokers = exactly_once_brokers(dispatcher.adapters)
-        if not brokers or target is not None:
+    async def check_start(self, conn: psycopg.AsyncConnection[Any], brokers: Mapping[str, Adapter]) -> None:
+        """An exactly-once broker with the outbox in table mode is refused at start, in
+        one line (README, "Exactly once into Kafka"): the table source cannot commit its
+        position inside a Kafka transaction. A switch to table later is followed, with a
+        warning (_warn_table_source)."""
+        names = ", ".join(exactly_once_brokers(brokers))
+        if not names or await _source_on(conn, self._schema) == "wal":
             return
-        names = ", ".join(brokers)
-        if first:
-            raise ConfigError(
-                f"brokers.{names}.exactly_once needs the WAL source, and the outbox {self._schema!r} is in table"
-                " mode: the table source cannot commit its position inside a Kafka transaction (a relay"
-                " killed between the ack and marking its rows sends them again); switch with"
-                f" `outbox-relay schema source wal --schema {self._schema}`, or remove exactly_once"
-            )
-        if not self._table_warned:
+        draining, recorded = await _row(conn, slot.outbox_query("switch_state", self._schema))
+        if draining and recorded == self._slot:
+            return  # the slot a switch to table left: drained exactly once, then the warning
+        raise ConfigError(
+            f"brokers.{names}.exactly_once needs the WAL source, and the outbox {self._schema!r} is in table"
+            " mode: the table source cannot commit its position inside a Kafka transaction (a relay"
+            " killed between the ack and marking its rows sends them again); switch with"
+            f" `outbox-relay schema source wal --schema {self._schema}`, or remove exactly_once"
+        )
+
+    def _warn_table_source(self, dispatcher: Dispatcher, target: int | None) -> None:
+        """Once the outbox is in table mode (nothing left to drain) with an exactly-once
+        broker: its messages now go at least once."""
+        if target is not None:  # streaming (again): warn again after the next switch
+            self._table_warned = False
+            return
+        names = ", ".join(exactly_once_brokers(dispatcher.adapters))
+        if names and not self._table_warned:
             log.warning("exactly_once_table_source", brokers=names, delivery="at least once until a switch to wal")
             self._table_warned = True
 
