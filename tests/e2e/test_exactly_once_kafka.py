@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from outbox_relay.adapter import transactions_of
@@ -173,3 +174,71 @@ async def test_a_crash_between_the_park_and_the_kafka_commit_parks_once_and_publ
     assert [row[0] for row in dead_letters(outbox_wal.dsn)] == [str(large[0].message_id)]
     uncommitted = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_uncommitted")
     assert len(uncommitted) > len(received), "the first relay's records are there, aborted"
+
+
+async def test_the_inbox_and_the_trace_headers_work_on_a_transactional_topic(db: str, kafka_bootstrap: str) -> None:
+    """The whole way in one process: `enqueue` in WAL mode (the CLI switched it), the
+    relay with its WAL source and an exactly-once broker, a read_committed aiokafka
+    consumer, and the inbox on its real records: each message handled once, its trace
+    headers as enqueued, its message id the outbox's."""
+    from aiokafka import AIOKafkaConsumer
+
+    from outbox_relay import enqueue, inbox
+    from outbox_relay.sources.wal.runner import WalSource
+    from tests.support.relay import running_relay
+    from tests.support.wal import outbox_in_wal_mode
+
+    topic = f"eos-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=2)
+    trace_headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "shop=1"}
+    with outbox_in_wal_mode(db) as slot_name:
+        with psycopg.connect(db) as conn:
+            ids = [
+                enqueue(conn, "orders.created", {"n": i}, key=f"order-{i % 2}", headers=trace_headers) for i in range(4)
+            ]
+            conn.commit()
+        config = make_config(
+            db,
+            brokers={
+                "events": {
+                    "type": "kafka",
+                    "bootstrap_servers": kafka_bootstrap,
+                    "exactly_once": True,
+                    "offsets_topic": f"offsets-{topic}",
+                }
+            },
+            routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
+            wal={"slot": slot_name},
+        )
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=kafka_bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+        )
+        records: list[Any] = []
+        async with running_relay(config, build_adapters(config), sources=[WalSource(config)]):
+            await consumer.start()
+            try:
+
+                async def read() -> bool:
+                    for batch in (await consumer.getmany(timeout_ms=500)).values():
+                        records.extend(batch)
+                    return len(records) >= len(ids)
+
+                await wait_until(read, timeout=60, what="every message read_committed")
+            finally:
+                await consumer.stop()
+
+    assert sorted(str(inbox.message_id_of(r)) for r in records) == sorted(str(i) for i in ids)
+    for record in records:
+        headers = {k: v.decode() for k, v in record.headers}
+        assert {k: headers[k] for k in trace_headers} == trace_headers
+    handled: list[str] = []
+    with psycopg.connect(db) as conn:
+        inbox.install(conn)
+        for record in [*records, *records]:  # each delivered twice: handled once
+            inbox.process_message(conn, record, lambda c, r=record: handled.append(str(inbox.message_id_of(r))))
+    assert sorted(handled) == sorted(str(i) for i in ids)
