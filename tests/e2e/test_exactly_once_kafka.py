@@ -21,7 +21,7 @@ from tests.support.waiting import wait_until
 from tests.support.wal import WalSlot, confirmed_flush, wal_slot
 from tests.support.wal_relay import commit_end_lsns, commit_frames, running_wal_relay, wal_relay
 
-CLIENTS = ["aiokafka"]
+CLIENTS = ["aiokafka", "librdkafka"]
 
 
 @pytest.fixture
@@ -242,3 +242,44 @@ async def test_the_inbox_and_the_trace_headers_work_on_a_transactional_topic(db:
         for record in [*records, *records]:  # each delivered twice: handled once
             inbox.process_message(conn, record, lambda c, r=record: handled.append(str(inbox.message_id_of(r))))
     assert sorted(handled) == sorted(str(i) for i in ids)
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+async def test_a_commit_without_an_answer_is_settled_by_the_position_read_back(
+    outbox_wal: WalSlot, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """The first commit's answer is lost (the fault injected: TransactionFailed after the
+    real commit, or instead of it). The relay starts a new producer and reads the
+    position back: committed, the batch is done (not sent again); not committed, it goes
+    again. Either way read_committed sees each message once."""
+    from outbox_relay.adapter import TransactionFailed
+    from outbox_relay_adapters.kafka_transactions import KafkaTransactions
+
+    topic = f"eos-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
+    emitted = commit_frames(outbox_wal.dsn, [(f"key-{i % 4}", b"%d" % i) for i in range(40)])
+    *_, end = commit_end_lsns(outbox_wal)
+    config = _config(outbox_wal, kafka_bootstrap, topic, "aiokafka")
+    adapters = build_adapters(config)
+    commit = KafkaTransactions.commit
+    lost: list[bytes] = []
+
+    async def answer_lost(self: Any, key: str, position: bytes) -> None:
+        if lost:
+            await commit(self, key, position)
+            return
+        lost.append(position)
+        if committed:
+            await commit(self, key, position)
+        raise TransactionFailed("commit failed: KafkaConnectionError: the answer was lost")
+
+    monkeypatch.setattr(KafkaTransactions, "commit", answer_lost)
+    relay = wal_relay(outbox_wal, config, adapters, exactly_once=_exactly_once(adapters))
+    async with running_wal_relay(relay):
+        await wait_until(lambda: confirmed_flush(outbox_wal.dsn, outbox_wal.name) >= end, timeout=60)
+    assert lost, "the fault was injected"
+
+    received = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_committed")
+    assert sorted(r.message_id for r in received) == sorted(str(e.message_id) for e in emitted), "each once"
+    for key in {e.key for e in emitted}:
+        assert [r.payload for r in received if r.key == key] == [e.payload for e in emitted if e.key == key]
