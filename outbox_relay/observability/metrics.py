@@ -133,6 +133,14 @@ class RelayMetrics:
         )
         for reason in WAL_PARK_REASONS:
             self.wal_parked.labels(reason)
+        self.kafka_transactions = Counter(
+            "outbox_relay_kafka_transactions",
+            "Kafka transactions of the exactly-once WAL relay, by broker and outcome: committed, aborted (a "
+            "message refused or not acked: the batch goes again), unsure (a commit without an answer, settled by "
+            "the position read back), fenced.",
+            ["broker", "outcome"],
+            registry=r,
+        )
         self.wal_state("off")
         self._connected_workers = 0
         self._destination_labels: dict[str, set[str]] = {}

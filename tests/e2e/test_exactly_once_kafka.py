@@ -219,7 +219,7 @@ async def test_the_inbox_and_the_trace_headers_work_on_a_transactional_topic(db:
             group_id=None,
         )
         records: list[Any] = []
-        async with running_relay(config, build_adapters(config), sources=[WalSource(config)]):
+        async with running_relay(config, build_adapters(config), sources=[WalSource(config)]) as relay:
             await consumer.start()
             try:
 
@@ -231,6 +231,10 @@ async def test_the_inbox_and_the_trace_headers_work_on_a_transactional_topic(db:
                 await wait_until(read, timeout=60, what="every message read_committed")
             finally:
                 await consumer.stop()
+            committed = relay.metrics.registry.get_sample_value(
+                "outbox_relay_kafka_transactions_total", {"broker": "events", "outcome": "committed"}
+            )
+            assert committed is not None and committed >= 1, "the transactions metric counts commits"
 
     assert sorted(str(inbox.message_id_of(r)) for r in records) == sorted(str(i) for i in ids)
     for record in records:

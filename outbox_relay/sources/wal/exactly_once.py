@@ -143,8 +143,10 @@ class ExactlyOnce:
         slot: str,
         key: str,
         hold_dead_letters: bool,
+        counted: Callable[[str, str], None] = lambda broker, outcome: None,
     ):
         self.broker = broker
+        self._counted = counted  # (broker, outcome): the transactions metric (lag.py)
         self._transactions = transactions
         self._dispatcher = dispatcher.replacing(broker, _InTransaction(dispatcher.adapters[broker], transactions))
         self._backoff = backoff
@@ -260,10 +262,12 @@ class ExactlyOnce:
                 raise self._fenced() from None
             except TransactionFailed as exc:
                 log.warning("wal_exactly_once_commit_failed", broker=self.broker, error=first_line(exc))
+                self._counted(self.broker, "unsure")
                 self._unsure, self._started = through, False
                 continue
             self.committed = through
             self.transactions += 1
+            self._counted(self.broker, "committed")
             return done + acks
         return None
 
@@ -332,10 +336,13 @@ class ExactlyOnce:
             parked.append((message, None))
 
     async def _abort(self) -> None:
+        if self._started:
+            self._counted(self.broker, "aborted")
         self._started = False
         await self._transactions.abort()
 
     def _fenced(self) -> Fenced:
+        self._counted(self.broker, "fenced")
         log.error(
             "wal_producer_fenced",
             broker=self.broker,

@@ -123,6 +123,11 @@ class WalWatch:
         for reason, n in counts.items():
             self._metrics.wal_parked.labels(reason).inc(n)
 
+    def transaction(self, broker: str, outcome: str) -> None:
+        """An exactly-once Kafka transaction ended: committed, aborted, unsure or fenced."""
+        if self._metrics is not None:
+            self._metrics.kafka_transactions.labels(broker, outcome).inc()
+
     # -- what it shows ------------------------------------------------------------------
 
     def lag_seconds(self) -> float:

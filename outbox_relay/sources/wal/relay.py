@@ -205,6 +205,7 @@ class WalRelay:
             slot=slot_name,
             key=exactly_once.position_key(stream.system_id, slot_name),
             hold_dead_letters=self._hold,
+            counted=self._watch.transaction,
         )
         committed = await self._exactly_once.open(self._stop, stream.wal_end)
         if self._stop.is_set():
