@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
 
-from outbox_relay.adapter import destination_check
+from outbox_relay.adapter import Adapter, destination_check
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
 from outbox_relay.engine.routing import literal_text
-from outbox_relay.errors import OutboxRelayError, first_line
+from outbox_relay.errors import ConfigError, OutboxRelayError, first_line
 from outbox_relay.operations import schema_manager
 from outbox_relay.operations.status import SourceInfo
 from outbox_relay.redact import UNPARSEABLE, UNPARSEABLE_REASON, redact_dsn, redact_text
 from outbox_relay.sources.wal import slot
+from outbox_relay.sources.wal.runner import WalSource, exactly_once_brokers
 from outbox_relay.sqlfiles import Queries
 
 CHECK_TIMEOUT = 15.0
@@ -37,6 +38,7 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
             await schema_manager.check(conn, config.database.schema_name)
             echo(f"database  ok  {redact_dsn(dsn)} schema {config.database.schema_name!r}")
             ok = await check_source(conn, config, echo) and ok
+            ok = await check_exactly_once(conn, config, adapters, echo) and ok
     except (psycopg.Error, OutboxRelayError, TimeoutError) as exc:
         ok = False
         shown = redact_dsn(dsn)
@@ -92,6 +94,22 @@ async def check_source(conn: psycopg.AsyncConnection[Any], config: Config, echo:
                 "confirms it (a stopped or stalled relay fills the disk); set a limit (ALTER SYSTEM SET "
                 "max_slot_wal_keep_size = '50GB'), past which PostgreSQL invalidates the slot instead"
             )
+    return True
+
+
+async def check_exactly_once(
+    conn: psycopg.AsyncConnection[Any], config: Config, adapters: Mapping[str, Adapter], echo: Callable[[str], None]
+) -> bool:
+    """An exactly-once broker needs the WAL source: what `run` refuses at start, said
+    here first (the WAL source's check_start)."""
+    if not exactly_once_brokers(adapters):
+        return True
+    try:
+        await WalSource(config).check_start(conn, adapters)
+    except ConfigError as exc:
+        echo(f"exactly   FAIL  {exc.reason}")
+        return False
+    echo(f"exactly   ok  {', '.join(exactly_once_brokers(adapters))}: transactions from the WAL source")
     return True
 
 

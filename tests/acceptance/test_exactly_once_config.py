@@ -46,6 +46,9 @@ def test_exactly_once_with_the_table_source_stops_run_in_one_line_naming_the_swi
         enqueue(conn, "orders.created", {"n": 1}, key="k")
     brokers = {"events": _kafka(kafka_bootstrap)}
     config = write_config(tmp_path / "relay.yaml", db, brokers=brokers, routes=[{"topic": "*", "broker": "events"}])
+    checked = run_cli("check", "--config", str(config), timeout=60)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "exactly   FAIL  brokers.events.exactly_once needs the WAL source" in checked.stdout, checked.stdout
     result = run_cli("run", "--config", str(config), timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "brokers.events.exactly_once needs the WAL source" in result.stderr, result.stderr
@@ -53,3 +56,20 @@ def test_exactly_once_with_the_table_source_stops_run_in_one_line_naming_the_swi
     assert result.stderr.strip().splitlines()[-1].startswith("error: brokers.events.exactly_once needs")
     assert "relay_started" not in result.stderr, "refused before any source ran"
     assert pending(db) == 1
+
+
+def test_check_passes_exactly_once_in_wal_mode(db: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+    from tests.support.wal import outbox_in_wal_mode
+
+    with outbox_in_wal_mode(db) as slot_name:
+        brokers = {"events": _kafka(kafka_bootstrap)}
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            brokers=brokers,
+            routes=[{"topic": "*", "broker": "events", "destination": "orders"}],
+            wal={"slot": slot_name},
+        )
+        checked = run_cli("check", "--config", str(config), timeout=60)
+    assert "exactly   ok  events: transactions from the WAL source" in checked.stdout, checked.stdout
+    assert "FAIL" not in checked.stdout, checked.stdout
