@@ -14,6 +14,11 @@ worth (``max_batch_size``) and is produced while librdkafka holds everything bac
 the linger. Each partition's part of the round is then one record batch, whose records
 share its fate; the next round leaves out the keys that failed. A round that gets no
 answer in time is purged, so nothing of it is sent later beside another round's records.
+
+Made transactional (``transactional_id``, for exactly once:
+kafka_librdkafka_transactions.py), the adapter never replaces its producer itself: a
+new one would abort the transaction the relay is filling. Its owner does, between
+transactions.
 """
 
 from __future__ import annotations
@@ -85,6 +90,10 @@ AWAY_CODES = frozenset(
 
 SIZE_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
+# A newer producer with the same transactional id started: librdkafka's own fatal
+# error for it, and the broker's (Kafka 2.7 and later).
+FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED})
+
 # Failed because of another record: the producer stopped (a gap another record left)
 # or its queue was purged when it was replaced. Nothing is wrong with the message: it
 # waits, without spending an attempt, for the new producer.
@@ -111,11 +120,9 @@ def classify(error: Any) -> PublishResult:
 
 def producer_config(options: KafkaOptions) -> dict[str, Any]:
     """librdkafka settings equivalent to the aiokafka client's (kafka.producer_settings)."""
-    servers = options.bootstrap_servers
     timeout_ms = int(options.request_timeout * 1000)
-    config: dict[str, Any] = {
-        "bootstrap.servers": servers if isinstance(servers, str) else ",".join(servers),
-        "client.id": options.client_id,
+    return {
+        **client_config(options),
         "enable.idempotence": True,
         "acks": "all",
         "compression.type": options.compression,
@@ -136,6 +143,16 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
         # One request in flight per broker, as aiokafka (a round is one request per
         # broker anyway).
         "max.in.flight.requests.per.connection": 1,
+    }
+
+
+def client_config(options: KafkaOptions) -> dict[str, Any]:
+    """What every librdkafka client of the broker block shares (the producer, and the
+    admin client and consumer of exactly once): servers, client id, TLS, SASL."""
+    servers = options.bootstrap_servers
+    config: dict[str, Any] = {
+        "bootstrap.servers": servers if isinstance(servers, str) else ",".join(servers),
+        "client.id": options.client_id,
     }
     tls = options.tls
     if tls:
@@ -165,6 +182,19 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
 
 _NO_REPORT = object()
 NO_REPORT_REASON = "no delivery report within request_timeout"
+
+
+def fatal_error(exc: BaseException) -> Any:
+    """The fatal KafkaError behind `exc`, or None. confluent-kafka raises a fatal error
+    from the call that served it (flush, commit_transaction) instead of calling
+    error_cb, and a delivery callback run after it in the same call turns it into a
+    SystemError whose cause it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KafkaException) and seen.args and isinstance(seen.args[0], KafkaError):
+            return seen.args[0] if seen.args[0].fatal() else None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _too_large(error: Any) -> bool:
@@ -204,9 +234,13 @@ class _Fill:
 class LibrdkafkaAdapter:
     keeps_key_order = True  # same key, same partition; rounds keep a failed key's rest back
 
-    def __init__(self, name: str, options: KafkaOptions):
+    def __init__(self, name: str, options: KafkaOptions, *, transactional_id: str | None = None):
         self.name = name
         self.options = options
+        self.exactly_once = options.exactly_once
+        # Set: the producer of one relay's transactions (module docstring).
+        self._transactional_id = transactional_id
+        self.fenced = False  # a transactional producer saw a fencing error
         self._producer: Any = None
         self._fatal: str | None = None  # the producer's fatal error, from its error callback
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
@@ -216,6 +250,12 @@ class LibrdkafkaAdapter:
         # smaller: a round over either would be two batches of one partition.
         self._round_bytes = min(options.max_batch_size, options.max_request_size)
 
+    def transactions(self, transactional_id: str) -> Any:
+        """The exactly-once producer for one WAL relay (outbox_relay/adapter.py)."""
+        from .kafka_librdkafka_transactions import LibrdkafkaTransactions
+
+        return LibrdkafkaTransactions(self.name, self.options, self.options.transactional_id or transactional_id)
+
     async def connect(self) -> None:
         early: list[str] = []  # errors before the producer is ours: why a connect failed
 
@@ -223,13 +263,14 @@ class LibrdkafkaAdapter:
             # Served by flush() and list_topics(); a fatal error stops the producer.
             if producer is self._producer:
                 if error.fatal():
-                    self._fatal = str(error.str())
+                    self.fell(error)
             else:
                 early.append(str(error.str()))
 
-        producer = Producer(
-            {**producer_config(self.options), "error_cb": on_error}, logger=logging.getLogger("outbox_relay.librdkafka")
-        )  # not raw lines on stderr
+        config = {**producer_config(self.options), "error_cb": on_error}
+        if self._transactional_id is not None:
+            config["transactional.id"] = self._transactional_id
+        producer = Producer(config, logger=logging.getLogger("outbox_relay.librdkafka"))  # not raw lines on stderr
         try:
             # Connected and the cluster's metadata fetched, as the aiokafka client does.
             await asyncio.to_thread(producer.list_topics, timeout=self.options.request_timeout)
@@ -257,7 +298,16 @@ class LibrdkafkaAdapter:
         return bool(metadata.brokers)
 
     async def _reconnect(self) -> str | None:
+        if self._transactional_id is not None:
+            # Its owner restarts it, between transactions (kafka_librdkafka_transactions.py).
+            return None if self._producer is not None else "transactional producer not started"
         return await start_if_missing(self, str)
+
+    def fell(self, error: Any) -> None:
+        """Note a fatal error of the producer: it refuses everything from now on."""
+        self._fatal = str(error.str())
+        if self._transactional_id is not None and error.code() in FENCED_CODES:
+            self.fenced = True
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         problem = await self._reconnect()
@@ -290,7 +340,7 @@ class LibrdkafkaAdapter:
                 rounds.answer_the_rest(gone)
                 break
             self._settle(rounds, sent, errors)
-            if self._fatal is not None:
+            if self._fatal is not None and self._transactional_id is None:
                 await self._new_producer(producer, self._fatal)
         return rounds.final()
 
@@ -338,6 +388,7 @@ class LibrdkafkaAdapter:
                 if key is not None:
                     refused_keys.add(key)
         flushing = asyncio.ensure_future(asyncio.to_thread(producer.flush, self.options.request_timeout))
+        unreported: Any = _NO_REPORT
         try:
             left = await asyncio.shield(flushing)
         except asyncio.CancelledError:
@@ -346,12 +397,20 @@ class LibrdkafkaAdapter:
             producer.purge()
             await asyncio.wait({flushing})
             raise
+        except (KafkaException, SystemError) as exc:
+            # A fatal error (fencing, a broken sequence) raised by the flush that served
+            # it: the producer refuses everything from now on.
+            unreported = fatal_error(exc)
+            if unreported is None:
+                raise
+            self.fell(unreported)
+            left = len(producer)
         if left:
             producer.purge()  # no answer in time: drop the rest, it goes again in a later call
             await asyncio.to_thread(producer.flush, CLOSE_WAIT_S)
         for position, answer in enumerate(answers):
             if answer is None:
-                answers[position] = reports.get(position, _NO_REPORT)
+                answers[position] = reports.get(position, unreported)
         return [PublishResult.unavailable(NO_REPORT_REASON) if a is _NO_REPORT else a for a in answers]
 
     def _produce(self, producer: Any, out: OutgoingMessage, reports: dict[int, Any], position: int) -> Any:

@@ -28,10 +28,11 @@ from typing import Any
 
 import structlog
 
-from outbox_relay.adapter import Fenced, PositionsTopicError, TransactionFailed
+from outbox_relay.adapter import Fenced, TransactionFailed
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
+from ._offsets import check_cleanup_policy, new_topic_settings, windows
 from .kafka import CLOSE_WAIT_S, KafkaAdapter, KafkaOptions, client_settings, stop_within
 
 try:
@@ -44,11 +45,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 log = structlog.get_logger("outbox_relay.kafka")
 
-# The offsets topic: one partition (every position in one ordered log), compacted (the
-# last position of each key kept for ever, the rest cleaned), replicated like Kafka's
-# own __consumer_offsets.
-OFFSETS_TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.ms": str(3600 * 1000)}
-READ_WINDOW = 1000  # offsets read back from the end at a time, looking for a key
+
+def _retrieve_errors(producer: Any) -> None:
+    """Read the errors aiokafka left in futures nobody awaits. A fenced producer's
+    sender dies and fails the transaction's waiter and each record batch's drain
+    waiter: unread, each is logged ("Future exception was never retrieved", with a
+    ProducerFenced traceback) whenever it is garbage-collected."""
+    accumulator = producer._message_accumulator
+    batches = [*(b for queue in accumulator._batches.values() for b in queue), *accumulator._pending_batches]
+    for waiter in [producer._txn_manager._transaction_waiter, *(b._drain_waiter for b in batches)]:
+        if waiter is not None and waiter.done() and not waiter.cancelled():
+            waiter.exception()
 
 
 class KafkaTransactions:
@@ -121,13 +128,14 @@ class KafkaTransactions:
                 await asyncio.wait_for(producer.abort_transaction(), min(self._timeout, CLOSE_WAIT_S))
         self._publisher._producer = None
         await stop_within(producer, CLOSE_WAIT_S)
+        _retrieve_errors(producer)
 
     async def close(self) -> None:
         await self.abort()
 
     async def position(self, key: str) -> bytes | None:
         """Read the offsets topic back from its end, a window at a time, until a
-        committed record of `key` turns up (compaction keeps the topic short)."""
+        committed record of `key` turns up (_offsets.windows)."""
         consumer = AIOKafkaConsumer(
             **client_settings(self._options),
             isolation_level="read_committed",
@@ -141,13 +149,10 @@ class KafkaTransactions:
             first = (await consumer.beginning_offsets([tp]))[tp]
             end = (await consumer.end_offsets([tp]))[tp]  # the last stable offset (read_committed)
             wanted = key.encode("utf-8")
-            window = READ_WINDOW
-            while end > first:
-                start = max(first, end - window)
-                found = await self._last_of(consumer, tp, wanted, start, end)
+            for start, stop in windows(first, end):
+                found = await self._last_of(consumer, tp, wanted, start, stop)
                 if found is not None:
                     return found
-                end, window = start, window * 4
             return None
         finally:
             await consumer.stop()
@@ -168,20 +173,12 @@ class KafkaTransactions:
         await admin.start()
         try:
             if self._topic not in await admin.list_topics():
-                brokers = len((await admin.describe_cluster())["brokers"])
-                replicas = min(3, brokers)
-                config = {**OFFSETS_TOPIC_CONFIG, "min.insync.replicas": str(min(2, replicas))}
+                replicas, config = new_topic_settings(len((await admin.describe_cluster())["brokers"]))
                 with contextlib.suppress(kafka_errors.TopicAlreadyExistsError):
                     await admin.create_topics([NewTopic(self._topic, 1, replicas, topic_configs=config)])
                 log.info("kafka_offsets_topic_created", broker=self.name, topic=self._topic, replicas=replicas)
                 return
-            policy = await self._cleanup_policy(admin)
-            if "compact" not in policy.split(","):
-                raise PositionsTopicError(
-                    f"broker {self.name!r}: offsets_topic {self._topic!r} has cleanup.policy={policy}: retention"
-                    " would delete the positions exactly-once depends on; use a compacted topic"
-                    " (cleanup.policy=compact) or a new name, which outbox-relay creates"
-                )
+            check_cleanup_policy(self.name, self._topic, await self._cleanup_policy(admin))
         finally:
             await admin.close()
 
