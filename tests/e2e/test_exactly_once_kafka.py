@@ -256,8 +256,9 @@ async def test_a_commit_without_an_answer_is_settled_by_the_position_read_back(
     real commit, or instead of it). The relay starts a new producer and reads the
     position back: committed, the batch is done (not sent again); not committed, it goes
     again. Either way read_committed sees each message once."""
-    from outbox_relay.adapter import TransactionFailed
     from outbox_relay_adapters.kafka_transactions import KafkaTransactions
+
+    from outbox_relay.adapter import TransactionFailed
 
     topic = f"eos-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
