@@ -4,6 +4,7 @@ for librdkafka): what exactly once relies on, shown with independent consumers."
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -23,11 +24,19 @@ CLIENTS = ["aiokafka", "librdkafka"]
 KEY = "system/slot"
 
 
-def _transactions(bootstrap: str, client: str, offsets_topic: str, transactional_id: str) -> Transactions:
+def _transactions(
+    bootstrap: str, client: str, offsets_topic: str, transactional_id: str, **options: Any
+) -> Transactions:
     adapter = registry.create(
         "kafka",
         "events",
-        {"bootstrap_servers": bootstrap, "client": client, "exactly_once": True, "offsets_topic": offsets_topic},
+        {
+            "bootstrap_servers": bootstrap,
+            "client": client,
+            "exactly_once": True,
+            "offsets_topic": offsets_topic,
+            **options,
+        },
     )
     factory = transactions_of(adapter)
     assert factory is not None, f"{client}: no transactions"
@@ -179,6 +188,30 @@ async def test_position_is_the_last_committed_value_of_its_key(
         await _write_other_keys(kafka_bootstrap, offsets, 2500)
         assert await transactions.position(KEY) == b"2"
         assert await transactions.position("another/slot") == b"9"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_position_reads_past_a_tail_of_aborted_records_at_once(
+    kafka_bootstrap: str, client: str, names: tuple[str, str, str]
+) -> None:
+    """A window of the offsets topic that holds only an aborted transaction (a relay
+    killed in its first commit, or any transaction aborted after its offsets partition
+    joined it): read_committed, a fetch there returns no record while the position moves
+    past it. aiokafka's getmany, asked with the request timeout, waited for that whole
+    timeout before position() went on, and a restarting relay with it."""
+    _topic, offsets, transactional_id = names
+    transactions = _transactions(kafka_bootstrap, client, offsets, transactional_id, request_timeout="120s")
+    await transactions.start()
+    try:
+        await _write_aborted(kafka_bootstrap, offsets, KEY, b"1")
+        # Well under the 120 s a stalled read takes, well over what a read takes here.
+        assert await asyncio.wait_for(transactions.position(KEY), timeout=30) is None
+        await transactions.begin()
+        await transactions.commit(KEY, b"2")
+        await _write_aborted(kafka_bootstrap, offsets, KEY, b"3")
+        assert await asyncio.wait_for(transactions.position(KEY), timeout=30) == b"2"
+    finally:
+        await transactions.close()
 
 
 @pytest.mark.parametrize("client", CLIENTS)
