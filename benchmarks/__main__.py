@@ -4,9 +4,11 @@ scripts/bench                      # the full run (100,000 messages)
 scripts/bench --messages 20000     # a quicker run
 scripts/bench --wal-only           # only the WAL source's part (benchmarks/wal.py)
 scripts/bench --wal-only --messages 10000 --large 100000   # a quick one
+scripts/bench --exactly-once-only  # only exactly once vs at least once (benchmarks/wal_exactly_once.py)
 
 Results are merged into the JSON file: the parts this run measured replace theirs, the
-others stay; a WAL part measured before is kept under "wal_previous_runs".
+others stay; a WAL part measured before is kept under "wal_previous_runs". An
+exactly-once-only run replaces only "wal" -> "exactly_once".
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import env, kafka_bench, latency, matrix, rabbit_bench, replay_cost, wal, write_path
+from benchmarks import (
+    env,
+    kafka_bench,
+    latency,
+    matrix,
+    rabbit_bench,
+    replay_cost,
+    wal,
+    wal_exactly_once,
+    write_path,
+)
 from benchmarks.common import ratio_rows
 from outbox_relay.observability.logging_setup import configure
 
@@ -45,6 +57,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "messages": args.messages,
     }
     with env.provisioned() as svc:
+        if args.exactly_once_only:
+            results[EXACTLY_ONCE] = await _exactly_once(svc, args)
+            return results
         if args.wal_only or not args.skip_wal:
             results["wal"] = await _wal(svc, args)
         if args.wal_only:
@@ -143,10 +158,22 @@ async def _wal(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
     return {"started": started, "machine": env.machine(), **part}
 
 
+EXACTLY_ONCE = "wal_exactly_once"  # an exactly-once-only run's part, merged into "wal"
+
+
+async def _exactly_once(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    part = await wal_exactly_once.run(svc, messages=args.messages, seconds=args.seconds, runs=args.runs)
+    return {"started": started, "machine": env.machine(), "commit": wal.code_commit(), **part}
+
+
 def merged(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """`results` over `previous`: what this run measured replaces its part, the rest stays.
     A WAL-only run touches only "wal" (which carries its own machine and start); an
-    earlier WAL part moves to "wal_previous_runs" (newest first)."""
+    earlier WAL part moves to "wal_previous_runs" (newest first). An exactly-once-only
+    run replaces only "wal" -> "exactly_once" (with its own machine, start and commit)."""
+    if EXACTLY_ONCE in results:
+        return {**previous, "wal": {**previous.get("wal", {}), "exactly_once": results[EXACTLY_ONCE]}}
     out = {**previous, "wal": results["wal"]} if set(results) == WAL_ONLY_KEYS else {**previous, **results}
     if "wal" in results and "wal" in previous:
         out["wal_previous_runs"] = [previous["wal"], *previous.get("wal_previous_runs", [])]
@@ -155,6 +182,7 @@ def merged(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [wal.table(results["wal"]), ""] if "wal" in results else []
+    lines += [wal_exactly_once.table(results[EXACTLY_ONCE]), ""] if EXACTLY_ONCE in results else []
     lines += [matrix.table(results["matrix"]), ""] if "matrix" in results else []
     if "replay" in results:
         lines += [replay_cost.table(results["replay"]), ""]
@@ -216,6 +244,11 @@ def main() -> None:
     parser.add_argument("--replay-rows", type=int, default=1_000_000)
     parser.add_argument("--wal-only", action="store_true", help="only the WAL source's part (benchmarks/wal.py)")
     parser.add_argument("--skip-wal", action="store_true")
+    parser.add_argument(
+        "--exactly-once-only",
+        action="store_true",
+        help="only exactly once vs at least once from the WAL source (benchmarks/wal_exactly_once.py)",
+    )
     parser.add_argument(
         "--wal-profile", action="store_true", help="also profile the relay in WAL mode with py-spy (installed apart)"
     )

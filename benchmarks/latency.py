@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import psycopg
 
@@ -37,10 +38,19 @@ async def _writer(dsn: str, writer: int, per_writer_rate: float, seconds: float,
 
 
 async def commit_to_ack(
-    dsn: str, bootstrap: str, *, rate: float, seconds: float, notify: bool, source: str = "table"
+    dsn: str,
+    bootstrap: str,
+    *,
+    rate: float,
+    seconds: float,
+    notify: bool,
+    source: str = "table",
+    broker: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """`source` wal: the outbox in WAL mode, streamed by the relay's WAL source (the
-    clock stops when the broker's ack reaches the relay; notify does not apply)."""
+    clock stops when the broker's ack reaches the relay; notify does not apply; with
+    exactly_once in `broker`, the ack is the transaction's commit: the observer hears
+    of a batch only once it is committed)."""
     topic = f"bench-lat-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic)
     install(dsn, SCHEMA, source)
@@ -49,7 +59,7 @@ async def commit_to_ack(
     config = relay_config(
         dsn,
         SCHEMA,
-        {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap}},
+        {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, **(broker or {})}},
         [{"topic": "*", "broker": "kafka", "destination": topic}],
         notify=notify,
     )

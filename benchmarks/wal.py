@@ -9,6 +9,8 @@ this machine (Debezium is not installed here).
   one transaction while the relay idles, the clock from the commit to the last ack),
   and WAL vs the raw producer of the same client; PostgreSQL's CPU per message in both;
 - commit-to-ack latency at 1,000 msg/s in WAL mode (latency.py);
+- exactly once into Kafka against at least once, drain and commit-to-ack
+  (wal_exactly_once.py, issue 19);
 - the relay process's memory while it drains one transaction of a million messages,
   and a standby's takeover after the streaming relay is SIGKILLed (wal_process.py);
 - optionally a py-spy profile of the relay process during a drain (wal_profile.py).
@@ -24,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import kafka_bench, latency, wal_drain, wal_process, wal_profile, write_path
+from benchmarks import kafka_bench, latency, wal_drain, wal_exactly_once, wal_process, wal_profile, write_path
 from benchmarks.common import Keys, Target, ratio_rows
 from benchmarks.env import Services
 
@@ -61,7 +63,7 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def _commit() -> str:
+def code_commit() -> str:
     """HEAD, and whether the working tree had changes (the code measured)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     dirty = subprocess.run(
@@ -137,12 +139,13 @@ async def run(
     _step("commit-to-ack at 1,000 msg/s: table (NOTIFY on), then WAL")
     lat_table = await latency.commit_to_ack(svc.dsn, svc.kafka, rate=1000, seconds=seconds, notify=True)
     lat_wal = await latency.commit_to_ack(svc.dsn, svc.kafka, rate=1000, seconds=seconds, notify=True, source="wal")
+    exactly_once = await wal_exactly_once.run(svc, messages=messages, seconds=seconds, runs=runs)
     _step(f"relay process memory, one transaction of {large:,}")
     rss = await wal_process.rss_while_draining(svc.dsn, svc.kafka, large)
     _step("standby takeover after SIGKILL, 3 replicas")
     takeover = await wal_process.takeover(svc.dsn, svc.kafka, backlog=max(messages // 2, 5_000))
     results: dict[str, Any] = {
-        "commit": _commit(),
+        "commit": code_commit(),
         "messages": messages,
         "runs": runs,
         "write_path": writes,
@@ -151,6 +154,7 @@ async def run(
         "commit_to_ack": {"table_notify_on": lat_table, "wal": lat_wal},
         "rss": rss,
         "takeover": takeover,
+        "exactly_once": exactly_once,
         "debezium_server_msgs_per_s_recorded": DEBEZIUM_SERVER_MSGS_PER_S,
     }
     if profile_to is not None:
@@ -275,4 +279,6 @@ def table(r: dict[str, Any]) -> str:
     ]
     if "profile" in r:
         lines.append(f"Profile: {r['profile']['summary']}")
+    if "exactly_once" in r:
+        lines += ["", wal_exactly_once.table(r["exactly_once"])]
     return "\n".join(lines)
