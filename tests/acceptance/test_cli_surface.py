@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,38 @@ def test_logs_are_readable_on_a_terminal(monkeypatch: pytest.MonkeyPatch, restor
     assert "relay_started" in text and "workers" in text
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
+
+
+# A relay's own lines and a library's, written from two threads at once (librdkafka's
+# log callback runs in the thread that polls it: seen in the exactly-once fault tests).
+INTERLEAVING = """
+import logging, threading
+import structlog
+from outbox_relay.observability.logging_setup import configure
+configure("info", json=True)
+def library():
+    for i in range(5000):
+        logging.getLogger("rdkafka").warning("GETPID retrying %d", i)
+thread = threading.Thread(target=library)
+thread.start()
+for i in range(5000):
+    structlog.get_logger("t").info("broker_circuit_half_open", broker="kafka", n=i)
+thread.join()
+"""
+
+
+def test_log_lines_written_from_two_threads_stay_whole() -> None:
+    # print() wrote a line and its newline in two writes: another thread's line could land
+    # between them, two JSON objects on one line (which no JSON-lines reader takes).
+    result = subprocess.run([sys.executable, "-c", INTERLEAVING], capture_output=True, text=True, check=True)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 10_000
+    broken = [line for line in lines if not _json_object(line)]
+    assert not broken, f"{len(broken)} lines not one JSON object each, e.g. {broken[0][:200]!r}"
+
+
+def _json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
