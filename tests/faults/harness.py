@@ -7,7 +7,9 @@ The checks, for every scenario:
 - nothing phantom: nothing from a rolled-back transaction arrives;
 - per-key order of first deliveries is the key's commit order (the writers number each
   key's messages so: see Writers);
-- duplicates only around injected crashes, and no more than what was in flight.
+- duplicates only around injected crashes, and no more than what was in flight;
+  with ``exactly_once: true`` on the Kafka broker (check_exactly_once), none at all for a
+  ``read_committed`` consumer.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg.conninfo import make_conninfo
 
 from outbox_relay import enqueue
@@ -275,6 +278,90 @@ def writers_for(outbox: Outbox, topic: str) -> Writers:
     return Writers(outbox.dsn, topic)
 
 
+# A backlog's messages, enqueued by one statement in series order (so each key's `n`
+# rises in commit order), with the writers' payload: the checker reads key and n.
+BACKLOG_SQL = """
+SELECT outbox.enqueue_binary(
+           %(topic)s, k, convert_to(json_build_object('key', k, 'n', i, 'pad', repeat('x', 100))::text, 'UTF8'),
+           '{}'::jsonb, 'application/json'),
+       k, i
+FROM (SELECT i, 'b' || (i %% %(keys)s) AS k FROM generate_series(%(first)s::int, %(last)s::int) AS i) AS series
+"""
+
+
+def commit_backlog(
+    outbox: Outbox, topic: str, count: int, *, start: int = 0, keys: int = 100, largest: int = 3000, seed: int = 0
+) -> dict[str, tuple[str, int]]:
+    """`count` messages committed at once, numbered from `start`, in transactions of 1 to
+    `largest` messages (a relay splits one over 1,000 into several batches, each its own
+    Kafka transaction), on keys b0.. of their own (not the writers'): message id ->
+    (key, n), for the ledger."""
+    rng = random.Random(seed)
+    committed: dict[str, tuple[str, int]] = {}
+    with psycopg.connect(outbox.dsn) as conn:
+        done = 0
+        while done < count:
+            size = min(count - done, rng.randint(1, largest))
+            first = start + done
+            rows = conn.execute(
+                BACKLOG_SQL, {"topic": topic, "keys": keys, "first": first, "last": first + size - 1}
+            ).fetchall()
+            conn.commit()
+            committed.update((str(mid), (str(key), int(n))) for mid, key, n in rows)
+            done += size
+    return committed
+
+
+def exactly_once_route(bootstrap: str, topic: str, **broker: Any) -> dict[str, Any]:
+    """write_config's brokers and routes: every topic to `topic` through one Kafka broker
+    with exactly_once on (aiokafka unless `client` is given in `broker`), its positions
+    in an offsets topic of its own."""
+    block = {
+        "type": "kafka",
+        "bootstrap_servers": bootstrap,
+        "exactly_once": True,
+        "offsets_topic": f"{topic}-offsets",
+        **broker,
+    }
+    return {"brokers": {"kafka": block}, "routes": [{"topic": "*", "broker": "kafka", "destination": topic}]}
+
+
+class OpenTransactions:
+    """Whether a Kafka transaction with records in `topic` is open now: some partition's
+    high watermark (read_uncommitted's end) is past its last stable offset (read_committed's
+    end), which only records of an undecided transaction hold back. A fault aimed with it
+    lands inside a transaction that has written records."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        self._consumers = {
+            level: AIOKafkaConsumer(
+                bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, isolation_level=level
+            )
+            for level in ("read_uncommitted", "read_committed")
+        }
+        self._topic = topic
+        self._partitions: list[TopicPartition] = []
+
+    async def __aenter__(self) -> OpenTransactions:
+        for consumer in self._consumers.values():
+            await consumer.start()
+        cluster = await self._consumers["read_committed"]._client.fetch_all_metadata()
+        self._partitions = [
+            TopicPartition(self._topic, p) for p in sorted(cluster.partitions_for_topic(self._topic) or [])
+        ]
+        assert self._partitions, f"topic {self._topic!r} has no partitions"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for consumer in self._consumers.values():
+            await consumer.stop()
+
+    async def any(self) -> bool:
+        high = await self._consumers["read_uncommitted"].end_offsets(self._partitions)
+        stable = await self._consumers["read_committed"].end_offsets(self._partitions)
+        return any(high[tp] > stable[tp] for tp in self._partitions)
+
+
 def http_port(relay: RelayProcess, timeout: float = 20) -> int:
     def reported() -> int | None:
         for line in relay.log_path.read_text().splitlines():
@@ -330,3 +417,16 @@ def check_delivery(
     duplicates = sum(c - 1 for c in counts.values())
     assert duplicates <= max_duplicates, f"{duplicates} duplicates, at most {max_duplicates} expected"
     return duplicates
+
+
+def check_exactly_once(received: list[Received], ledger: Ledger, *, uncertain: set[str] | None = None) -> None:
+    """What a read_committed consumer of an exactly-once relay must see (`received` read
+    to the end: tests.consumers.kafka_read_to_end): every committed message once, none
+    rolled back, each key in commit order, and no message id twice."""
+    counts = Counter(r.message_id for r in received)
+    twice = sorted(mid for mid, c in counts.items() if c > 1)
+    copies = sum(counts[mid] - 1 for mid in twice)
+    assert not twice, (
+        f"exactly once broken: {len(twice)} messages committed more than once ({copies} copies), e.g. {twice[:3]}"
+    )
+    check_delivery(received, ledger, uncertain=uncertain)

@@ -33,6 +33,13 @@ A batch (relay.py hands it over, stream order kept):
 5. Fenced (a newer relay registered the same transactional id): one line
    (``wal_producer_fenced``), nothing more is published, and the relay stops
    (``Fenced``; the runner stands by, since the other relay streams the slot).
+   A relay away past its timeouts (frozen, cut off) meanwhile does not learn it from a
+   refused request: its calls time out, and the producer it starts again fences the
+   newer relay in turn. So every restart reads Kafka's position back: anything but this
+   relay's own last commit (or the unsure one's) was committed by another relay, and
+   what this one still holds from its stream may be in it: one line
+   (``wal_producer_superseded``), and it stops as if fenced; the slot's next stream
+   resumes from Kafka's position.
 
 At start, after the producer is registered (which aborts what a fenced one left
 open), the last committed position is read: every message at or before it is skipped,
@@ -208,12 +215,17 @@ class ExactlyOnce:
         return False
 
     async def _restart(self, stop: asyncio.Event) -> bool:
+        """A new producer after a failure, and Kafka's position read back: this relay's
+        last commit, or the unsure one's; anything else was committed by another relay
+        (raises Fenced, see _superseded)."""
         await self._abort()
         if not await self._start(stop):
             return False
-        if self._unsure is not None:
-            raw = await self._transactions.position(self._key)
-            self.committed = None if raw is None else decode(raw)
+        raw = await self._transactions.position(self._key)
+        found = None if raw is None else decode(raw)
+        if found not in (self.committed, self._unsure):
+            raise self._superseded(found)
+        self.committed = found
         return True
 
     async def publish(
@@ -354,6 +366,21 @@ class ExactlyOnce:
             detail="another relay registered the same transactional id: this one publishes nothing more",
         )
         return Fenced(f"the exactly-once producer of slot {self._slot!r} was fenced by a newer relay")
+
+    def _superseded(self, found: Position | None) -> Fenced:
+        """Another relay took the slot while this one was away (frozen past its timeouts,
+        cut off): this one's failures came after, its new producer fenced that relay in
+        turn, and what it holds from its stream may be committed already. It stops; the
+        slot's next stream, this relay's or the other's, resumes from Kafka's position."""
+        self._counted(self.broker, "fenced")
+        log.error(
+            "wal_producer_superseded",
+            broker=self.broker,
+            slot=self._slot,
+            committed=None if found is None else pgoutput.format_lsn(found[1]),
+            detail="another relay committed past this one's position: this one publishes nothing more",
+        )
+        return Fenced(f"another relay of slot {self._slot!r} committed past this one's position")
 
 
 async def _sleep(seconds: float, stop: asyncio.Event) -> None:
