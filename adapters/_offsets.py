@@ -42,3 +42,17 @@ def windows(first: int, end: int) -> Iterator[tuple[int, int]]:
         start = max(first, end - window)
         yield start, end
         end, window = start, window * 4
+
+
+def undecided(topic: str, high: int, timeout: float) -> TimeoutError:
+    """position()'s error when a transaction stays open on the offsets partition (before
+    its high watermark `high`) past request_timeout: the relay retries it."""
+    return TimeoutError(
+        f"offsets topic {topic!r}: a transaction open before offset {high} for over"
+        f" {timeout:g}s (another relay's: Kafka aborts it at its transaction timeout)"
+    )
+
+
+def not_read_back(topic: str, timeout: float) -> TimeoutError:
+    """position()'s error when a window of the offsets topic is not read within request_timeout."""
+    return TimeoutError(f"offsets topic {topic!r} not read back within {timeout:g}s")

@@ -28,7 +28,7 @@ from outbox_relay.adapter import Fenced, TransactionFailed
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
-from ._offsets import check_cleanup_policy, new_topic_settings, windows
+from ._offsets import check_cleanup_policy, new_topic_settings, not_read_back, undecided, windows
 from .kafka import CLOSE_WAIT_S, KafkaOptions
 from .kafka_librdkafka import FENCED_CODES, LibrdkafkaAdapter, client_config, fatal_error
 
@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 log = structlog.get_logger("outbox_relay.kafka")
 LIBRDKAFKA_LOG = logging.getLogger("outbox_relay.librdkafka")  # not raw lines on stderr
 POLL_S = 0.5
+STABLE_WAIT_S = 0.1  # between looks at the last stable offset (_stable_end)
 
 
 def _error_of(exc: BaseException) -> Any:
@@ -53,6 +54,14 @@ def _error_of(exc: BaseException) -> Any:
     if found is None and isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         found = exc.args[0]
     return found
+
+
+def _marks(consumer: Any, tp: Any, timeout: float) -> tuple[int, int]:
+    """The partition's (low, high) watermarks from the broker: the high one is the last
+    stable offset for a read_committed consumer, the high watermark otherwise (both seen
+    on the broker while a transaction was open). Raises KafkaException on a timeout."""
+    low, high = consumer.get_watermark_offsets(tp, timeout, cached=False)
+    return int(low), int(high)
 
 
 class LibrdkafkaTransactions:
@@ -151,29 +160,35 @@ class LibrdkafkaTransactions:
 
     async def position(self, key: str) -> bytes | None:
         """Read the offsets topic back from its end, a window at a time, until a
-        committed record of `key` turns up (_offsets.windows). In one thread, which
-        closes its consumer itself: a cancelled call's thread still polls it."""
+        committed record of `key` turns up (_offsets.windows). First wait for every
+        transaction on it to be decided (_stable_end): raises TimeoutError past
+        request_timeout, which the relay retries. In one thread, which closes its
+        consumers itself: a cancelled call's thread still polls them, up to its deadlines."""
         try:
             return await asyncio.to_thread(self._read_position, key.encode("utf-8"))
         except KafkaException as exc:
             raise ConnectionError(f"offsets_topic {self._topic!r} not read: {self._reason(exc)}") from exc
 
-    def _read_position(self, key: bytes) -> bytes | None:
-        consumer = Consumer(
+    def _consumer(self, isolation: str) -> Any:
+        return Consumer(
             {
                 **client_config(self._options),
                 # Required by confluent-kafka; no group is joined (assign) nor committed to.
                 "group.id": f"{self._options.client_id}-positions",
-                "isolation.level": "read_committed",
+                # librdkafka's default is read_committed: always said.
+                "isolation.level": isolation,
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
                 "logger": LIBRDKAFKA_LOG,
             }
         )
+
+    def _read_position(self, key: bytes) -> bytes | None:
+        tp = TopicPartition(self._topic, 0)
+        high = self._high_watermark(tp)
+        consumer = self._consumer("read_committed")
         try:
-            # The high end, read_committed, is the last stable offset: every transaction
-            # before it is decided.
-            first, end = consumer.get_watermark_offsets(TopicPartition(self._topic, 0), self._timeout)
+            first, end = self._stable_end(consumer, tp, high)
             for start, stop in windows(first, end):
                 found = self._last_of(consumer, key, start, stop)
                 if found is not None:
@@ -182,11 +197,34 @@ class LibrdkafkaTransactions:
         finally:
             consumer.close()
 
+    def _high_watermark(self, tp: Any) -> int:
+        """The partition's end as a read_uncommitted consumer sees it: every record written."""
+        consumer = self._consumer("read_uncommitted")
+        try:
+            return _marks(consumer, tp, self._timeout)[1]
+        finally:
+            consumer.close()
+
+    def _stable_end(self, consumer: Any, tp: Any, high: int) -> tuple[int, int]:
+        """The offsets partition's (first, end) once everything written to it up to `high`
+        is decided. A read_committed consumer's end is the last stable offset, behind the
+        first open transaction, which may be another relay's (the topic is shared by every
+        slot): every later position, this relay's own too, is invisible until it ends, and
+        reading up to it would find a stale one. So wait for it to reach `high`."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            first, stable = _marks(consumer, tp, max(deadline - time.monotonic(), STABLE_WAIT_S))
+            if stable >= high:
+                return first, stable
+            if time.monotonic() > deadline:
+                raise undecided(self._topic, high, self._timeout)
+            time.sleep(STABLE_WAIT_S)
+
     def _last_of(self, consumer: Any, key: bytes, start: int, end: int) -> bytes | None:
         """The last value of `key` in offsets [start, end)."""
         consumer.assign([TopicPartition(self._topic, 0, start)])
         found: bytes | None = None
-        deadline = time.monotonic() + self._timeout  # pushed back by every record read
+        deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
             message = consumer.poll(POLL_S)
             if message is None:
@@ -202,8 +240,7 @@ class LibrdkafkaTransactions:
                 found = message.value()
             if message.offset() == end - 1:
                 return found
-            deadline = time.monotonic() + self._timeout
-        raise TimeoutError(f"offsets_topic {self._topic!r}: no record within {self._timeout}s")
+        raise not_read_back(self._topic, self._timeout)
 
     async def _check_offsets_topic(self) -> None:
         """Create the offsets topic if it is missing; refuse one that is not compacted."""

@@ -214,6 +214,64 @@ async def test_position_reads_past_a_tail_of_aborted_records_at_once(
         await transactions.close()
 
 
+@asynccontextmanager
+async def _foreign_transaction(bootstrap: str, topic: str) -> AsyncIterator[Any]:
+    """Another producer's transaction (another relay's, of another slot sharing the
+    offsets topic, or a client that died in it), open with a record on the offsets
+    partition: read_committed, nothing after that record is visible until it ends."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, transactional_id=f"foreign-{uuid.uuid4().hex}", transaction_timeout_ms=600_000
+    )
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await (await producer.send(topic, b"foreign", key=b"another/slot", partition=0))
+        yield producer
+    finally:
+        if producer._txn_manager.is_in_transaction():
+            await producer.abort_transaction()
+        await producer.stop()
+
+
+async def _abort_later(producer: Any, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await producer.abort_transaction()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_position_waits_for_another_transaction_open_on_the_offsets_topic(
+    kafka_bootstrap: str, client: str, names: tuple[str, str, str]
+) -> None:
+    """A position committed after another producer's transaction began on the offsets
+    partition is behind its last stable offset: read_committed up to there, a restart
+    found the one before and published the messages in between again (found by review;
+    librdkafka returned b"1" here). position() waits for the transaction to end, and
+    raises TimeoutError (which the relay retries) when it outlasts request_timeout."""
+    _topic, offsets, transactional_id = names
+    async with _started(kafka_bootstrap, client, offsets, transactional_id) as transactions:
+        await transactions.begin()
+        await transactions.commit(KEY, b"1")
+        reader = _transactions(kafka_bootstrap, client, offsets, transactional_id)
+        async with _foreign_transaction(kafka_bootstrap, offsets) as foreign:
+            await transactions.begin()
+            await transactions.commit(KEY, b"2")
+            aborting = asyncio.create_task(_abort_later(foreign, 1.0))
+            try:
+                assert await asyncio.wait_for(reader.position(KEY), timeout=25) == b"2"
+            finally:
+                await aborting
+
+        impatient = _transactions(kafka_bootstrap, client, offsets, transactional_id, request_timeout="2s")
+        async with _foreign_transaction(kafka_bootstrap, offsets):
+            await transactions.begin()
+            await transactions.commit(KEY, b"3")
+            with pytest.raises(TimeoutError) as waited:
+                await asyncio.wait_for(impatient.position(KEY), timeout=25)
+        message = str(waited.value)
+        assert "\n" not in message and repr(offsets) in message and "transaction open" in message
+        assert await reader.position(KEY) == b"3", "the foreign transaction aborted"
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 async def test_an_offsets_topic_that_is_not_compacted_is_refused(
     kafka_bootstrap: str, client: str, names: tuple[str, str, str]
