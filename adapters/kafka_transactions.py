@@ -144,19 +144,21 @@ class KafkaTransactions:
 
     async def position(self, key: str) -> bytes | None:
         """Read the offsets topic back from its end, a window at a time, until a
-        committed record of `key` turns up (_offsets.windows)."""
+        committed record of `key` turns up (_offsets.windows). First wait for every
+        transaction on it to be decided (stable_end_of): raises TimeoutError past
+        request_timeout, which the relay retries."""
         consumer = AIOKafkaConsumer(
             **client_settings(self._options),
             isolation_level="read_committed",
             enable_auto_commit=False,
             group_id=None,
         )
-        await consumer.start()
         try:
+            await consumer.start()
             tp = TopicPartition(self._topic, 0)
             consumer.assign([tp])
             first = (await consumer.beginning_offsets([tp]))[tp]
-            end = (await consumer.end_offsets([tp]))[tp]  # the last stable offset (read_committed)
+            end = await self._stable_end(consumer, tp)
             wanted = key.encode("utf-8")
             for start, stop in windows(first, end):
                 found = await self._last_of(consumer, tp, wanted, start, stop)
@@ -166,10 +168,32 @@ class KafkaTransactions:
         finally:
             await consumer.stop()
 
+    async def _stable_end(self, consumer: Any, tp: Any) -> int:
+        """The end of the offsets partition once everything written to it is decided:
+        read_committed reads stop at the last stable offset, behind the first open
+        transaction, which may be another relay's (the topic is shared by every slot),
+        and every later position (this relay's own too) is invisible until it ends. So
+        wait for the last stable offset to reach the high watermark read first."""
+        high = await _high_watermark(self._options, tp)
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        while True:
+            stable = int((await consumer.end_offsets([tp]))[tp])
+            if stable >= high:
+                return stable
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(
+                    f"offsets topic {self._topic!r}: a transaction open before offset {high} for over"
+                    f" {self._timeout:g}s (another relay's: Kafka aborts it at its transaction timeout)"
+                )
+            await asyncio.sleep(POLL_MS / 1000)
+
     async def _last_of(self, consumer: Any, tp: Any, key: bytes, start: int, end: int) -> bytes | None:
         consumer.seek(tp, start)
         found: bytes | None = None
+        deadline = asyncio.get_running_loop().time() + self._timeout
         while await consumer.position(tp) < end:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"offsets topic {self._topic!r} not read back within {self._timeout:g}s")
             # Short polls: where a fetch holds only aborted records and transaction markers
             # (an aborted transaction at the end of the topic), getmany returns nothing
             # while the position moves past them, and a long poll would wait it all out.
@@ -182,8 +206,8 @@ class KafkaTransactions:
     async def _check_offsets_topic(self) -> None:
         """Create the offsets topic if it is missing; refuse one that is not compacted."""
         admin = AIOKafkaAdminClient(**client_settings(self._options))
-        await admin.start()
         try:
+            await admin.start()
             if self._topic not in await admin.list_topics():
                 replicas, config = new_topic_settings(len((await admin.describe_cluster())["brokers"]))
                 with contextlib.suppress(kafka_errors.TopicAlreadyExistsError):
@@ -202,3 +226,13 @@ class KafkaTransactions:
                     if entry[0] == "cleanup.policy":
                         return str(entry[1])
         return "delete"
+
+
+async def _high_watermark(options: KafkaOptions, tp: Any) -> int:
+    """The partition's end as a read_uncommitted consumer sees it: every record written."""
+    consumer = AIOKafkaConsumer(**client_settings(options), enable_auto_commit=False, group_id=None)
+    try:
+        await consumer.start()
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()

@@ -146,6 +146,13 @@ RETURNING id
 -- id when one is pending (NULL: the identity's own).
 SELECT drain_next FROM {schema}.settings FOR UPDATE
 
+-- name: slot_streamed_by
+-- Exactly once: which walsender streams the slot, read inside a park, after park_begin.
+-- A relay whose walsender is no longer the slot's (it was frozen or cut off, and another
+-- relay took the slot over and is sending the same batch) parks nothing: its Kafka
+-- commit would be fenced, but its park would have doubled the other relay's.
+SELECT active_pid FROM pg_replication_slots WHERE slot_name = %(slot)s
+
 -- name: park_end
 -- The last statement of a park: the drain's next id moved past the rows parked at it,
 -- and the position of the last message done (done_through: what a restart skips).

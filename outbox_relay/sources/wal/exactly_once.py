@@ -168,10 +168,9 @@ class ExactlyOnce:
     async def open(self, stop: asyncio.Event, wal_end: int) -> Position | None:
         """Register the producer (fencing older ones) and read the last committed
         position; None if stopped first. Refuses a position past `wal_end`."""
-        if not await self._start(stop):
+        started, self.committed = await self._start(stop)
+        if not started:
             return None
-        raw = await self._transactions.position(self._key)
-        self.committed = None if raw is None else decode(raw)
         if self.committed is not None and self.committed[0] > wal_end:
             raise PositionAhead(
                 f"the offsets topic says slot {self._slot!r} was published through"
@@ -190,16 +189,20 @@ class ExactlyOnce:
         self._dispatcher.circuits[self.broker].cancel()
         await self._transactions.close()
 
-    async def _start(self, stop: asyncio.Event) -> bool:
-        """Start the producer, trying again with the backoff while the broker is away;
-        False if stopped first."""
+    async def _start(self, stop: asyncio.Event) -> tuple[bool, Position | None]:
+        """Start the producer and read Kafka's position back, trying again with the
+        backoff while the broker is away (or the offsets topic cannot be read: its
+        partition moving, another relay's transaction open on it); (False, None) if
+        stopped first."""
         attempt = 0
         while not stop.is_set():
             try:
                 await self._transactions.start()
-            except OutboxRelayError:  # the offsets topic unfit: nothing to wait for
+                raw = await self._transactions.position(self._key)
+            except OutboxRelayError:  # the offsets topic unfit, a position unreadable
                 raise
             except Exception as exc:
+                await self._transactions.abort()
                 attempt += 1
                 delay = self._backoff.delay(attempt)
                 log.warning(
@@ -211,18 +214,17 @@ class ExactlyOnce:
                 await _sleep(delay, stop)
                 continue
             self._started = True
-            return True
-        return False
+            return True, None if raw is None else decode(raw)
+        return False, None
 
     async def _restart(self, stop: asyncio.Event) -> bool:
         """A new producer after a failure, and Kafka's position read back: this relay's
         last commit, or the unsure one's; anything else was committed by another relay
         (raises Fenced, see _superseded)."""
         await self._abort()
-        if not await self._start(stop):
+        started, found = await self._start(stop)
+        if not started:
             return False
-        raw = await self._transactions.position(self._key)
-        found = None if raw is None else decode(raw)
         if found not in (self.committed, self._unsure):
             raise self._superseded(found)
         self.committed = found
@@ -263,14 +265,18 @@ class ExactlyOnce:
                     return done + acks
             messages = sorted(left.values(), key=lambda m: order[m.id])
             outcome = await self._one_transaction(messages, held, left, done, parked)
-            if isinstance(outcome, float):  # aborted: pause, then again
-                paused(True)
-                await _sleep(outcome, stop)
+            if isinstance(outcome, float):  # aborted: pause if a broker is away, then again
+                if outcome > 0:
+                    paused(True)
+                    await _sleep(outcome, stop)
                 continue
             paused(False)
             acks = outcome
             if len(parked) > written:
-                await park(parked[written:])
+                try:
+                    await park(parked[written:])
+                except Fenced:  # the slot is another relay's now (parking.py)
+                    raise self._fenced() from None
                 written = len(parked)
             try:
                 await self._transactions.commit(self._key, encode(through, slot=self._slot, messages=len(todo)))
@@ -312,15 +318,23 @@ class ExactlyOnce:
             records = await self._dispatcher.dispatch(todo)
             if self._transactions.fenced:
                 raise self._fenced()
-            # A transient failure goes again in the next transaction, an attempt spent
-            # (the dispatcher dead-letters it at max_attempts): never into the table.
-            retried = {r.id for r in records if r.kind is RecordKind.RETRY}
+            ours = {r.id for r in records if r.broker == self.broker}
+            # A transient failure of ours goes again in the next transaction, an attempt
+            # spent (the dispatcher dead-letters it at max_attempts): never into the table.
+            retried = {r.id for r in records if r.kind is RecordKind.RETRY and r.id in ours}
             waits = [dataclasses.replace(r, kind=RecordKind.WAIT) if r.id in retried else r for r in records]
-            round_ = sort_outcomes(todo, waits, held, hold_dead_letters=self._hold, park_waits=False)
+            # Another broker (no transactions: at least once anyway) that is away or
+            # fails: its messages are parked at once, as the table would retry them, and
+            # the Kafka stream goes on; holding the whole batch for it stalled the stream
+            # for as long as that broker's outage (found by review).
+            theirs_waiting = {r.id for r in records if r.kind is RecordKind.WAIT and r.id not in ours}
+            round_ = sort_outcomes(
+                todo, waits, held, hold_dead_letters=self._hold, park_waits=False, parked_waits=theirs_waiting
+            )
             for record in records:
                 if record.kind is RecordKind.ACKED:
-                    (in_transaction if record.broker == self.broker else done).append(record)
-                    if record.broker != self.broker:
+                    (in_transaction if record.id in ours else done).append(record)
+                    if record.id not in ours:
                         left.pop(record.id, None)
             for message, outcome in round_.parked:
                 left.pop(message.id, None)
@@ -328,12 +342,15 @@ class ExactlyOnce:
             for message_id in retried:
                 message = left[message_id]
                 left[message_id] = dataclasses.replace(message, attempts=message.attempts + 1)
-            if round_.waiting or round_.parked:
+            if any(r.kind is not RecordKind.ACKED for r in records if r.id in ours):
+                # A record of ours refused or not acked: the transaction cannot commit
+                # what it holds (a refused record leaves the producer's sequence out of
+                # step): abort; what waits goes again after the backoff, the rest now.
                 await self._abort()
                 self._park_behind_held(left, parked, held)
                 delays = [r.delay for r in round_.waiting]
                 return max(0.01, min(delays)) if delays else 0.0
-            todo = round_.again  # waves the dispatcher did not start: same transaction
+            todo = round_.again  # waves not started, keys behind a parked one: same transaction
         return in_transaction
 
     @staticmethod

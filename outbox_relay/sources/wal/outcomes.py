@@ -25,7 +25,7 @@ The rules, in stream order:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from outbox_relay.engine.store import Record, RecordKind
@@ -51,8 +51,11 @@ def sort_outcomes(
     *,
     hold_dead_letters: bool,
     park_waits: bool,
+    parked_waits: Collection[int] = (),
 ) -> Sorted:
-    """Sort one round; `held` (keys the table holds back) grows with the keys parked."""
+    """Sort one round; `held` (keys the table holds back) grows with the keys parked.
+    `parked_waits`: ids of messages whose WAIT is parked whatever `park_waits` says
+    (exactly once: a broker without transactions, exactly_once.py)."""
     by_id = {record.id: record for record in records}
     result = Sorted()
     again_keys: set[str] = set()
@@ -71,7 +74,7 @@ def sort_outcomes(
             # whatever it answers).
             result.again.append(message)
             continue
-        if record is None or (record.kind is RecordKind.WAIT and not park_waits):
+        if record is None or (record.kind is RecordKind.WAIT and not park_waits and record.id not in parked_waits):
             result.again.append(message)
             if record is not None:
                 result.waiting.append(record)

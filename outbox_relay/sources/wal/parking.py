@@ -51,6 +51,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from outbox_relay.adapter import Fenced
 from outbox_relay.connections import PREPARE_THRESHOLD, connect_once
 from outbox_relay.engine.store import OutboxStore, RecordKind
 from outbox_relay.models import Message
@@ -93,6 +94,7 @@ class Parking:
         self._park_at = sql.SQL(slot.text("park_messages_at")).format(schema=name)
         self._park_begin = sql.SQL(slot.text("park_begin")).format(schema=name)
         self._park_end = sql.SQL(slot.text("park_end")).format(schema=name)
+        self._streamed_by = sql.SQL(slot.text("slot_streamed_by"))
         self._done_through = sql.SQL(slot.text("done_through")).format(schema=name)
         self._mark_done = sql.SQL(slot.text("mark_done")).format(schema=name)
         self._parked_of = sql.SQL(slot.text("parked_of")).format(schema=name)
@@ -177,7 +179,9 @@ class Parking:
                 {"commit_lsn": pgoutput.format_lsn(through[0]), "lsn": pgoutput.format_lsn(through[1])},
             )
 
-    async def park(self, parked: Sequence[Parked], through: tuple[int, int]) -> None:
+    async def park(
+        self, parked: Sequence[Parked], through: tuple[int, int], *, streamer: tuple[str, int] | None = None
+    ) -> None:
         """Insert `parked` (in stream order) and write their outcomes, in one transaction,
         recording `through` (the position of the part's last message: see done_through).
 
@@ -194,6 +198,17 @@ class Parking:
             cursor = await conn.execute(self._park_begin)
             row = await cursor.fetchone()
             first_id = None if row is None else row[0]
+            if streamer is not None:
+                # Exactly once: only while the slot is still streamed by this relay's
+                # walsender (the query says why).
+                slot_name, pid = streamer
+                cursor = await conn.execute(self._streamed_by, {"slot": slot_name})
+                active = await cursor.fetchone()
+                if active is None or active[0] != pid:
+                    raise Fenced(
+                        f"the slot {slot_name!r} is streamed by another walsender"
+                        f" ({None if active is None else active[0]}, not {pid}): another relay took it over"
+                    )
             cursor = await conn.execute(
                 self._park if first_id is None else self._park_at,
                 {

@@ -158,6 +158,7 @@ class WalRelay:
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         self._exactly_once: ExactlyOnce | None = None
         self._window: tuple[Position, Position] | None = None
+        self._streamer: tuple[str, int] | None = None  # exactly once: parks check the slot's walsender
         self.started = asyncio.Event()
         self.published = 0
         self.parked = 0
@@ -196,6 +197,7 @@ class WalRelay:
         assert self._exactly_once_of is not None
         broker, factory = self._exactly_once_of
         slot_name = self._stream_options["slot_name"]
+        self._streamer = (slot_name, stream.walsender_pid)
         transactions = factory(exactly_once.transactional_id(stream.system_id, slot_name))
         self._exactly_once = ExactlyOnce(
             broker,
@@ -319,7 +321,7 @@ class WalRelay:
         through: tuple[int, int],
     ) -> None:
         parked.sort(key=lambda item: item[0].id)  # stream order, across rounds
-        await parking.park(parked, through=through)
+        await parking.park(parked, through=through, streamer=self._streamer)
         parking.note_held(held)
         self.parked += len(parked)
         self._watch.parked(parked)
@@ -343,8 +345,12 @@ class WalRelay:
             return _Settled(frozenset(), frozenset())
         positions = [(p.commit_lsn, logical.lsn) for p in parts for logical in self._not_parked_yet(p)]
         inside = [m for m, at in zip(messages, positions, strict=True) if at <= window[1]]
-        if not inside:
+        if any(at > window[1] for at in positions):
+            # Past its end: nothing later is in it. Not before: a batch of only skipped
+            # messages (at or before Kafka's position) comes first after a restart, and
+            # clearing the window on it parked the window's messages a second time.
             self._window = None
+        if not inside:
             return _Settled(frozenset(), frozenset())
         in_table = await parking.parked_of([m.message_id for m in inside])
         return _Settled(frozenset(in_table), frozenset(m.id for m in inside if m.message_id not in in_table))

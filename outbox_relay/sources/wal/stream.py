@@ -183,6 +183,11 @@ class WalStream:
 
     # -- positions ------------------------------------------------------------------
 
+    @property
+    def walsender_pid(self) -> int:
+        """The server process streaming the slot for this stream (pg_replication_slots.active_pid)."""
+        return int(self._connection().pgconn.backend_pid)
+
     def confirm(self, lsn: int) -> None:
         """Every message up to the transaction whose commit ends at `lsn` is done: the
         slot may let that WAL go (reported within CONFIRM_REPORT_S). Lower positions than
