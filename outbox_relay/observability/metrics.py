@@ -32,6 +32,9 @@ WAL_STATES = ("off", "starting", "streaming", "paused", "standby", "restarting",
 WAL_PARK_REASONS = ("transient", "unavailable", "permanent", "held")
 
 
+KAFKA_TRANSACTION_OUTCOMES = ("committed", "aborted", "unsure", "fenced")
+
+
 class RelayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -133,14 +136,19 @@ class RelayMetrics:
         )
         for reason in WAL_PARK_REASONS:
             self.wal_parked.labels(reason)
+        # One exactly-once broker per relay (assembly.py), so no broker label; every
+        # outcome shown from the start, 0 until it happens (a family with no sample
+        # reads as missing to the dashboards and alerts).
         self.kafka_transactions = Counter(
             "outbox_relay_kafka_transactions",
-            "Kafka transactions of the exactly-once WAL relay, by broker and outcome: committed, aborted (a "
-            "message refused or not acked: the batch goes again), unsure (a commit without an answer, settled by "
-            "the position read back), fenced.",
-            ["broker", "outcome"],
+            "Kafka transactions of the exactly-once WAL relay, by outcome: committed, aborted (a message "
+            "refused or not acked: the batch goes again), unsure (a commit without an answer, settled by the "
+            "position read back), fenced.",
+            ["outcome"],
             registry=r,
         )
+        for outcome in KAFKA_TRANSACTION_OUTCOMES:
+            self.kafka_transactions.labels(outcome)
         self.wal_state("off")
         self._connected_workers = 0
         self._destination_labels: dict[str, set[str]] = {}

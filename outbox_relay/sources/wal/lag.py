@@ -126,7 +126,7 @@ class WalWatch:
     def transaction(self, broker: str, outcome: str) -> None:
         """An exactly-once Kafka transaction ended: committed, aborted, unsure or fenced."""
         if self._metrics is not None:
-            self._metrics.kafka_transactions.labels(broker, outcome).inc()
+            self._metrics.kafka_transactions.labels(outcome).inc()
 
     # -- what it shows ------------------------------------------------------------------
 
