@@ -17,6 +17,8 @@ publisher confirms and ``mandatory=True``.
   persistent delivery mode and the headers.
 - On connection or channel loss every unconfirmed message is reported transient (so
   it is published again later, never marked); the next publish reconnects.
+- ``urls`` names several addresses (the nodes of a cluster): a connect tries them in
+  turn, starting after the one whose connection was last lost, until one opens.
 
 pika is not thread-safe; everything here runs on the event loop's thread, through
 pika's asyncio connection adapter.
@@ -30,13 +32,17 @@ import math
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator
+import structlog
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from outbox_relay.adapter import KeyStops
 from outbox_relay.durations import Duration
+from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.redact import redact_text
 
 from ._options import Options, TlsOptions, parse_options, tls_context
 
@@ -50,9 +56,28 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 UNROUTABLE = "unroutable"
 PERSISTENT = 2
 
+log = structlog.get_logger("outbox_relay.rabbitmq")
+
+
+def _amqp_url(value: str) -> str:
+    # The URL may hold a password: no error shows any of it.
+    if not value.startswith(("amqp://", "amqps://")):
+        raise ValueError("must be an amqp:// or amqps:// URL")
+    try:
+        pika.URLParameters(value)
+    except Exception as exc:
+        raise ValueError(f"invalid AMQP URL: {type(exc).__name__}") from None
+    return value
+
+
+AmqpUrl = Annotated[str, AfterValidator(_amqp_url)]
+
 
 class RabbitOptions(Options):
-    url: str
+    url: AmqpUrl | None = None
+    # The nodes of a cluster, tried in turn (RabbitAdapter.connect); exactly one of
+    # url and urls.
+    urls: list[AmqpUrl] | None = Field(default=None, min_length=1)
     exchange: str = ""  # "" is the default exchange: routing key = queue name
     exchange_type: Literal["direct", "topic", "fanout", "headers"] = "topic"
     declare: bool = True  # declare exchanges (durable); false: check they exist
@@ -67,16 +92,16 @@ class RabbitOptions(Options):
     connect_timeout: Duration = 10.0
     tls: TlsOptions | None = None
 
-    @field_validator("url")
-    @classmethod
-    def _amqp(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must be an amqp:// or amqps:// URL")
-        try:
-            pika.URLParameters(value)
-        except Exception as exc:
-            raise ValueError(f"invalid AMQP URL: {type(exc).__name__}") from None
-        return value
+    @model_validator(mode="after")
+    def _one_of_url_and_urls(self) -> RabbitOptions:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("give either url (one address) or urls (a list of addresses), not both or neither")
+        return self
+
+    @property
+    def addresses(self) -> list[str]:
+        """The URLs to connect to, in the order given."""
+        return [self.url] if self.url is not None else list(self.urls or [])
 
     @field_validator("heartbeat")
     @classmethod
@@ -136,15 +161,28 @@ def _unfit_for_amqp(out: OutgoingMessage, routing_key: str) -> str | None:
     return None
 
 
-def connection_parameters(options: RabbitOptions) -> pika.URLParameters:
-    params = pika.URLParameters(options.url)
+def connection_parameters(options: RabbitOptions, url: str | None = None) -> pika.URLParameters:
+    """pika's parameters for `url`, one of the options' addresses (default: the first)."""
+    url = options.addresses[0] if url is None else url
+    params = pika.URLParameters(url)
     params.heartbeat = math.ceil(options.heartbeat)
     params.socket_timeout = options.connect_timeout
     params.blocked_connection_timeout = options.connect_timeout * 3
     params.connection_attempts = 1
-    if options.tls is not None or options.url.startswith("amqps://"):
+    if options.tls is not None or url.startswith("amqps://"):
         params.ssl_options = pika.SSLOptions(tls_context(options.tls or TlsOptions()), params.host)
     return params
+
+
+def where(url: str) -> str:
+    """host:port of an AMQP URL: how errors and logs name an address (never its
+    credentials)."""
+    params = pika.URLParameters(url)
+    return f"{params.host}:{params.port}"
+
+
+def _passwords(urls: Sequence[str]) -> list[str]:
+    return [unquote(urlsplit(url).password or "") for url in urls]
 
 
 class RabbitAdapter:
@@ -175,10 +213,37 @@ class RabbitAdapter:
         self._refused: dict[str, tuple[float, str]] = {}
         self._window: asyncio.Semaphore = asyncio.Semaphore(options.confirm_window)
         self._lock = asyncio.Lock()
+        # The address the next connect tries first: the one after the address whose
+        # connection was lost (that node may be the one that went away).
+        self._next_address = 0
+        self._address = 0  # of the current (or last) connection
 
     # -- connection --------------------------------------------------------------------
 
     async def connect(self) -> None:
+        """Open a connection to the first address that takes it, trying each once,
+        from the one after the address last lost; else one ConnectionError naming every
+        address's failure (host:port, no credentials)."""
+        addresses = self.options.addresses
+        failures: list[str] = []
+        start = self._next_address
+        for step in range(len(addresses)):
+            index = (start + step) % len(addresses)
+            try:
+                await self._connect_to(addresses[index])
+            except Exception as exc:
+                failures.append(f"{where(addresses[index])}: {first_line(exc)}")
+                continue
+            self._address = self._next_address = index
+            if len(addresses) > 1:
+                log.info("rabbitmq_connected", broker=self.name, address=where(addresses[index]))
+            return
+        reasons = redact_text("; ".join(failures), _passwords(addresses))
+        if len(addresses) == 1:
+            raise ConnectionError(f"cannot connect to RabbitMQ at {reasons}")
+        raise ConnectionError(f"cannot connect to RabbitMQ at any of its {len(addresses)} addresses: {reasons}")
+
+    async def _connect_to(self, url: str) -> None:
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[AsyncioConnection] = loop.create_future()
 
@@ -188,10 +253,10 @@ class RabbitAdapter:
 
         def on_open_error(conn: Any, error: BaseException) -> None:
             if not opened.done():
-                opened.set_exception(ConnectionError(f"cannot connect to RabbitMQ: {error!r}"))
+                opened.set_exception(ConnectionError(repr(error)))
 
         connection = AsyncioConnection(
-            connection_parameters(self.options),
+            connection_parameters(self.options, url),
             on_open_callback=on_open,
             on_open_error_callback=on_open_error,
             on_close_callback=self._on_connection_closed,
@@ -202,7 +267,10 @@ class RabbitAdapter:
         self._usable.clear()
         self._refused.clear()
         try:
-            await asyncio.wait_for(opened, self.options.connect_timeout)
+            try:
+                await asyncio.wait_for(opened, self.options.connect_timeout)
+            except TimeoutError:
+                raise ConnectionError(f"not connected within {self.options.connect_timeout:g}s") from None
             self._connection = connection
             await self._open_channel()
             if self.options.exchange:
@@ -283,6 +351,8 @@ class RabbitAdapter:
             return  # an older connection finishing its close: the current one is fine
         self._connection = None
         self._channel = None
+        # The next connect starts with the next address: this node may be gone.
+        self._next_address = (self._address + 1) % len(self.options.addresses)
         self._fail_unconfirmed(f"connection lost: {reason!r}")
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
@@ -318,6 +388,7 @@ class RabbitAdapter:
                     with contextlib.suppress(Exception):
                         self._connection.close()  # closing or broken: do not strand it
                     self._connection = None
+                    self._next_address = (self._address + 1) % len(self.options.addresses)
                 await self.connect()
             elif self._channel is None or not self._channel.is_open:
                 await self._open_channel()

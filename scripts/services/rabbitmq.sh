@@ -6,6 +6,15 @@
 #   rabbitmq.sh stop DIR          stop the node started in DIR (and its private epmd)
 #   rabbitmq.sh status DIR        exit 0 if the node of DIR is running
 #
+#   rabbitmq.sh cluster-start DIR PORT   3 clustered nodes in DIR/node1..3 (ports below)
+#   rabbitmq.sh cluster-stop DIR         stop the cluster's nodes and its epmd
+#   rabbitmq.sh node-start DIR N         start node N (1-3) of the cluster in DIR again
+#   rabbitmq.sh node-stop DIR N          stop node N cleanly (rabbitmqctl stop)
+#   rabbitmq.sh node-kill DIR N          SIGKILL node N (no clean shutdown)
+#   rabbitmq.sh node-partition DIR N     cut node N off its peers' Erlang distribution
+#   rabbitmq.sh node-heal DIR N          let node N reach its peers again
+#   rabbitmq.sh node-ctl DIR N ARGS...   rabbitmqctl ARGS against node N (its cookie and epmd)
+#
 # Each node is fully private: its own node name (outbox-PORT@localhost), data,
 # logs, config, Erlang cookie (DIR/.erlang.cookie, HOME=DIR) and its own epmd.
 # Ports, all bound to 127.0.0.1 only:
@@ -14,10 +23,17 @@
 #   PORT+2    private epmd          (override: RABBITMQ_EPMD_PORT)
 #   PORT+3    AMQPS (TLS), certificates from certs.sh in DIR/tls (CA: DIR/tls/ca.pem)
 #
+# A cluster's node N (1-3) has the ports of a single node at PORT+4*(N-1), except
+# epmd: the three share node 1's, PORT+2 (nodes find each other through it), and
+# one Erlang cookie. Clustered nodes have cluster_partition_handling = pause_minority
+# and net_ticktime = RABBITMQ_NET_TICKTIME (default 10 s), so a peer cut off is
+# noticed within seconds, not a minute.
+#
 # Environment:
 #   RABBITMQ_START_TIMEOUT  seconds to wait for the node (default: 90)
 #   RABBITMQ_STOP_TIMEOUT   seconds to wait for a clean stop before SIGKILL (default: 30)
 #   RABBITMQ_SBIN           directory holding rabbitmq-server/rabbitmqctl (auto-detected)
+#   RABBITMQ_NET_TICKTIME   a cluster's net_ticktime in seconds (default: 10)
 set -euo pipefail
 
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -209,7 +225,17 @@ log.file.level = info
 log.console = false
 disk_free_limit.absolute = 50MB
 EOF
-  printf '[].\n' >"$DIR/advanced.config"
+  if [[ -n "$CLUSTER_EPMD_PORT" ]]; then
+    cat >>"$DIR/rabbitmq.conf" <<EOF
+# A node of a cluster (cluster-start): the side of a partition with fewer than half
+# the nodes pauses, closing its clients, until it sees the others again.
+cluster_partition_handling = pause_minority
+EOF
+    # A peer cut off is noticed after 0.75-1.25 net_ticktime (Erlang's default: 60 s).
+    printf '[{kernel, [{net_ticktime, %s}]}].\n' "$CLUSTER_TICKTIME" >"$DIR/advanced.config"
+  else
+    printf '[].\n' >"$DIR/advanced.config"
+  fi
   printf '[].\n' >"$DIR/enabled_plugins"          # no management plugin
   : >"$DIR/rabbitmq-env.conf"                     # don't read /etc/rabbitmq/rabbitmq-env.conf
   cat >"$DIR/instance.env" <<EOF
@@ -240,8 +266,9 @@ cmd_start() {
   mkdir -p "$DIR"
   DIR="$(cd "$DIR" && pwd)"
   NODE="outbox-$PORT@localhost"
+  load_cluster_node
   DIST_PORT="${RABBITMQ_DIST_PORT:-$((PORT + 1))}"
-  EPMD_PORT="${RABBITMQ_EPMD_PORT:-$((PORT + 2))}"
+  EPMD_PORT="${RABBITMQ_EPMD_PORT:-${CLUSTER_EPMD_PORT:-$((PORT + 2))}}"
   TLS_PORT="$((PORT + 3))"
   export_env
 
@@ -325,4 +352,204 @@ cmd_status() {
   return 1
 }
 
-service_main install "$@"
+# -- cluster mode: 3 nodes in DIR/node1..3 ------------------------------------------
+
+CLUSTER_SIZE=3
+
+# A cluster node's DIR holds cluster-node.env: the shared epmd port and the ticktime
+# (a plain `start DIR/nodeN PORT` then starts it as the cluster's node again).
+load_cluster_node() {
+  CLUSTER_EPMD_PORT="" CLUSTER_TICKTIME=""
+  if [[ -f "$DIR/cluster-node.env" ]]; then
+    # shellcheck source=/dev/null
+    . "$DIR/cluster-node.env"
+  fi
+}
+
+# CLUSTER_DIR (absolute) and CLUSTER_PORT of the cluster in $1.
+load_cluster() {
+  [[ -f "$1/cluster.env" ]] || die "no cluster in $1 (run '$0 cluster-start DIR PORT' first)"
+  CLUSTER_DIR="$(cd "$1" && pwd)"
+  CLUSTER_PORT=""
+  # shellcheck source=/dev/null
+  . "$CLUSTER_DIR/cluster.env"
+  [[ "$CLUSTER_PORT" =~ ^[0-9]+$ ]] || die "$CLUSTER_DIR/cluster.env names no port"
+}
+
+node_port() { printf '%s\n' "$((CLUSTER_PORT + 4 * ($1 - 1)))"; }
+node_name() { printf 'outbox-%s@localhost\n' "$(node_port "$1")"; }
+
+check_node_number() {
+  [[ "$1" =~ ^[1-3]$ ]] || die "node number must be 1-$CLUSTER_SIZE, got '$1'"
+}
+
+# rabbitmqctl against node N of the loaded cluster, with that node's environment.
+node_ctl() {
+  local n="$1"
+  shift
+  (
+    load_instance "$CLUSTER_DIR/node$n" || die "node $n of $CLUSTER_DIR was never started"
+    SBIN="$(find_sbin)" || die "rabbitmq-server not installed"
+    timeout "$START_TIMEOUT" "$SBIN/rabbitmqctl" -q -n "$NODE" "$@"
+  )
+}
+
+# How many nodes node N sees running in its cluster (0 if it does not answer).
+running_nodes() {
+  node_ctl "$1" cluster_status --formatter json 2>/dev/null |
+    python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("running_nodes", [])))' 2>/dev/null ||
+    echo 0
+}
+
+cmd_cluster_start() {
+  local dir="$1" port="$2" n pids=() failed=""
+  SBIN="$(find_sbin)" || die "rabbitmq-server not installed; run '$0 install' first"
+  mkdir -p "$dir"
+  printf 'CLUSTER_PORT=%s\n' "$port" >"$dir/cluster.env"
+  load_cluster "$dir"
+  for n in 1 2 3; do
+    mkdir -p "$CLUSTER_DIR/node$n"
+    printf 'CLUSTER_EPMD_PORT=%s\nCLUSTER_TICKTIME=%s\n' "$((port + 2))" "${RABBITMQ_NET_TICKTIME:-10}" \
+      >"$CLUSTER_DIR/node$n/cluster-node.env"
+  done
+  # One Erlang cookie for the three nodes and their CLI (HOME is each node's DIR).
+  if [[ ! -s "$CLUSTER_DIR/node1/.erlang.cookie" ]]; then
+    (umask 077; python3 -c 'import secrets,string;print("".join(secrets.choice(string.ascii_uppercase) for _ in range(32)),end="")' >"$CLUSTER_DIR/node1/.erlang.cookie")
+  fi
+  for n in 2 3; do
+    if ! cmp -s "$CLUSTER_DIR/node1/.erlang.cookie" "$CLUSTER_DIR/node$n/.erlang.cookie"; then
+      rm -f "$CLUSTER_DIR/node$n/.erlang.cookie"
+      cp "$CLUSTER_DIR/node1/.erlang.cookie" "$CLUSTER_DIR/node$n/.erlang.cookie"
+    fi
+  done
+  chmod 400 "$CLUSTER_DIR"/node*/.erlang.cookie
+  local started=$SECONDS
+  # Node 1 first: it starts the shared epmd. Then 2 and 3 side by side (an Erlang
+  # start is the slow part), and they join node 1 one at a time.
+  (cmd_start "$CLUSTER_DIR/node1" "$(node_port 1)") || { cmd_cluster_stop "$CLUSTER_DIR"; die "node 1 did not start"; }
+  for n in 2 3; do
+    (cmd_start "$CLUSTER_DIR/node$n" "$(node_port "$n")") &
+    pids+=("$!")
+  done
+  for n in "${pids[@]}"; do
+    wait "$n" || failed=1
+  done
+  if [[ -n "$failed" ]]; then
+    cmd_cluster_stop "$CLUSTER_DIR"
+    die "a node of the cluster in $CLUSTER_DIR did not start"
+  fi
+  for n in 2 3; do
+    if node_ctl 1 cluster_status --formatter json 2>/dev/null | grep -qF "\"$(node_name "$n")\""; then
+      continue  # already a member (a cluster-start of a running cluster)
+    fi
+    log "node $n joins $(node_name 1)"
+    if ! { node_ctl "$n" stop_app && node_ctl "$n" join_cluster "$(node_name 1)" && node_ctl "$n" start_app; } \
+      >>"$CLUSTER_DIR/node$n/join.log" 2>&1; then
+      show_tail 20 "$CLUSTER_DIR/node$n/join.log"
+      cmd_cluster_stop "$CLUSTER_DIR"
+      die "node $n could not join the cluster"
+    fi
+  done
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until [[ "$(running_nodes 1)" == "$CLUSTER_SIZE" ]]; do
+    if ((SECONDS >= deadline)); then
+      cmd_cluster_stop "$CLUSTER_DIR"
+      die "the cluster in $CLUSTER_DIR did not show $CLUSTER_SIZE running nodes within ${START_TIMEOUT}s"
+    fi
+    sleep 0.5
+  done
+  log "RabbitMQ cluster of $CLUSTER_SIZE ready after $((SECONDS - started))s: AMQP on 127.0.0.1:$(node_port 1),$(node_port 2),$(node_port 3)"
+}
+
+cmd_cluster_stop() {
+  local n pids=()
+  if [[ ! -f "$1/cluster.env" ]]; then
+    log "no RabbitMQ cluster in $1"
+    return 0
+  fi
+  load_cluster "$1"
+  # Side by side: a teardown; the shared epmd goes with the last node.
+  for n in 1 2 3; do
+    (cmd_stop "$CLUSTER_DIR/node$n") &
+    pids+=("$!")
+  done
+  for n in "${pids[@]}"; do
+    wait "$n" || true
+  done
+  (load_instance "$CLUSTER_DIR/node1" && stop_epmd) || true
+  log "RabbitMQ cluster in $CLUSTER_DIR stopped"
+}
+
+cmd_node_start() { (cmd_start "$CLUSTER_DIR/node$1" "$(node_port "$1")"); }
+cmd_node_stop() { (cmd_stop "$CLUSTER_DIR/node$1"); }
+
+cmd_node_kill() {
+  (
+    load_instance "$CLUSTER_DIR/node$1" || die "node $1 of $CLUSTER_DIR was never started"
+    local pid deadline
+    if ! pid="$(running_pid)"; then
+      log "node $NODE is not running"
+      return 0
+    fi
+    log "SIGKILL to node $NODE (pid $pid)"
+    kill -KILL "$pid"
+    deadline=$((SECONDS + 10))
+    while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+    ! alive "$pid" || die "pid $pid survived SIGKILL"
+    rm -f "$DIR/rabbitmq.pid"
+  )
+}
+
+# A partition at the Erlang distribution layer, without root: node N takes a cookie
+# for its peers that neither side has, and drops its links to them. Reconnects fail
+# the handshake both ways, so the peers see N down, and N sees itself in the minority
+# (pause_minority: it stops serving clients). Its AMQP clients and the CLI (whose
+# cookie is unchanged) still reach it: a split between the nodes with the clients'
+# network intact. node-heal gives N its peers' cookie back and reconnects.
+peer_list() {
+  local p peers=""
+  for p in 1 2 3; do
+    [[ "$p" == "$1" ]] || peers="${peers:+$peers, }'$(node_name "$p")'"
+  done
+  printf '[%s]\n' "$peers"
+}
+
+cmd_node_partition() {
+  log "partitioning $(node_name "$1") from its peers"
+  node_ctl "$1" eval "[begin erlang:set_cookie(P, 'outbox-partitioned'), erlang:disconnect_node(P) end || P <- $(peer_list "$1")], ok." >/dev/null
+}
+
+cmd_node_heal() {
+  log "healing the partition of $(node_name "$1")"
+  node_ctl "$1" eval "[begin erlang:set_cookie(P, erlang:get_cookie()), net_kernel:connect_node(P) end || P <- $(peer_list "$1")], ok." >/dev/null
+}
+
+cluster_main() {
+  local sub="$1"
+  shift
+  case "$sub" in
+    cluster-start)
+      [[ $# -eq 2 ]] || usage
+      [[ "$2" =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$2'"
+      cmd_cluster_start "$1" "$2" ;;
+    cluster-stop)
+      [[ $# -eq 1 ]] || usage
+      cmd_cluster_stop "$1" ;;
+    node-start|node-stop|node-kill|node-partition|node-heal)
+      [[ $# -eq 2 ]] || usage
+      check_node_number "$2"
+      load_cluster "$1"
+      "cmd_${sub//-/_}" "$2" ;;
+    node-ctl)
+      [[ $# -ge 3 ]] || usage
+      check_node_number "$2"
+      load_cluster "$1"
+      node_ctl "${@:2}" ;;
+    *) usage ;;
+  esac
+}
+
+case "${1:-}" in
+  cluster-*|node-*) cluster_main "$@" ;;
+  *) service_main install "$@" ;;
+esac

@@ -128,6 +128,51 @@ def test_rabbitmq_option_errors(options: dict[str, object], message: str) -> Non
         rabbitmq.create("mq", options)
 
 
+@pytest.mark.parametrize(
+    ("options", "path", "message"),
+    [
+        ({}, None, "give either url (one address) or urls"),
+        ({"url": "amqp://h", "urls": ["amqp://h"]}, None, "not both or neither"),
+        ({"urls": []}, "urls", "at least 1 item"),
+        ({"urls": "amqp://h"}, "urls", "valid list"),
+        ({"urls": ["amqp://u:s3cret@a:5672/", "http://u:s3cret@b/"]}, "urls.1", "amqp:// or amqps://"),
+        ({"urls": ["amqp://u:s3cret@a:5672/", "amqp://u:s3cret@b:port/"]}, "urls.1", "invalid AMQP URL"),
+    ],
+)
+def test_rabbitmq_url_or_urls_exactly_one_each_checked_no_secret_shown(
+    options: dict[str, object], path: str | None, message: str
+) -> None:
+    with pytest.raises(AdapterOptionsError) as info:
+        rabbitmq.create("mq", options)
+    assert message in str(info.value) and info.value.path == path
+    assert "s3cret" not in str(info.value)
+
+
+def test_rabbitmq_urls_are_the_addresses_in_order_and_url_is_one() -> None:
+    nodes = ["amqp://u:p@a:5672/%2F", "amqps://u:p@b:5671/%2F", "amqp://u:p@c/%2F"]
+    options = rabbitmq.create("mq", {"urls": nodes}).options
+    assert options.addresses == nodes
+    assert [rabbitmq.where(url) for url in nodes] == ["a:5672", "b:5671", "c:5672"]
+    assert rabbitmq.connection_parameters(options, nodes[1]).ssl_options is not None, "amqps: per address"
+    assert rabbitmq.connection_parameters(options).host == "a", "the first address by default"
+    assert rabbitmq.create("mq", {"url": nodes[0]}).options.addresses == nodes[:1]
+
+
+async def test_rabbitmq_connect_tries_each_address_then_fails_in_one_line_without_secrets() -> None:
+    # Nothing listens on these ports: each refuses at once, and connect says so for both.
+    from outbox_relay.demo.local_postgres import free_port
+
+    ports = [free_port(), free_port()]
+    urls = [f"amqp://relay:s3cret-{i}@127.0.0.1:{port}/%2F" for i, port in enumerate(ports)]
+    adapter = rabbitmq.create("mq", {"urls": urls, "connect_timeout": "5s"})
+    with pytest.raises(ConnectionError) as info:
+        await adapter.connect()
+    text = str(info.value)
+    assert text.startswith("cannot connect to RabbitMQ at any of its 2 addresses: 127.0.0.1:")
+    assert all(f"127.0.0.1:{port}" in text for port in ports) and "\n" not in text
+    assert "s3cret" not in text
+
+
 def test_rabbitmq_target_uses_route_destination_or_default_exchange() -> None:
     adapter = rabbitmq.create("mq", {"url": "amqp://h", "exchange": "events", "routing_key": "{topic}.{key}"})
     plain = outgoing(key="k1", destination="orders")
