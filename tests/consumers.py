@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pika
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 
@@ -77,48 +78,60 @@ async def kafka_read(
     return received
 
 
-async def kafka_read_to_end(
-    bootstrap: str, topic: str, *, isolation_level: str, timeout: float = 60.0
-) -> list[Received]:
-    """Every record of `topic` the consumer can see now: read from the beginning until
-    its position reaches each partition's end offset (with read_committed, the last
-    stable offset: every transaction before it is decided). The end is the positive
-    signal that nothing more is there, so a test can count copies."""
+async def kafka_scan_to_end(
+    bootstrap: str, topic: str, each: Callable[[ConsumerRecord], None], *, isolation_level: str, timeout: float = 60.0
+) -> None:
+    """Hand `each` every record of `topic` the consumer can see now, partition by
+    partition in offset order: read from the beginning until its position reaches each
+    partition's end offset (with read_committed, the last stable offset: every
+    transaction before it is decided). The end is the positive signal that nothing more
+    is there, so a test can count copies. `each` keeps what it needs of a record (a long
+    soak's read-back would not fit in memory whole)."""
     from aiokafka import TopicPartition
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, isolation_level=isolation_level
     )
     await consumer.start()
-    received: list[Received] = []
     try:
         cluster = await consumer._client.fetch_all_metadata()
         partitions = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or [])]
         assert partitions, f"topic {topic!r} has no partitions"
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout
-        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-            assert time.monotonic() < deadline, f"{topic!r} not read to its end within {timeout}s"
-            batches = await consumer.getmany(timeout_ms=500)
-            for tp, records in batches.items():
-                for record in records:
-                    if record.offset >= ends[tp]:
-                        continue
-                    headers = {k: v.decode() for k, v in record.headers}
-                    received.append(
-                        Received(
-                            message_id=headers.get("message-id", ""),
-                            key=record.key.decode() if record.key is not None else None,
-                            payload=record.value or b"",
-                            headers=headers,
-                            properties={"partition": record.partition, "offset": record.offset},
-                        )
-                    )
+        for tp in partitions:  # one at a time: each partition's records in offset order
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            while await consumer.position(tp) < ends[tp]:
+                assert time.monotonic() < deadline, f"{topic!r} not read to its end within {timeout}s"
+                batches = await consumer.getmany(tp, timeout_ms=500)
+                for record in batches.get(tp, []):
+                    if record.offset < ends[tp]:
+                        each(record)
     finally:
         await consumer.stop()
-    received.sort(key=lambda r: (r.properties["partition"], r.properties["offset"]))
+
+
+def received_of(record: ConsumerRecord) -> Received:
+    headers = {k: v.decode() for k, v in record.headers}
+    return Received(
+        message_id=headers.get("message-id", ""),
+        key=record.key.decode() if record.key is not None else None,
+        payload=record.value or b"",
+        headers=headers,
+        properties={"partition": record.partition, "offset": record.offset, "timestamp": record.timestamp},
+    )
+
+
+async def kafka_read_to_end(
+    bootstrap: str, topic: str, *, isolation_level: str, timeout: float = 60.0
+) -> list[Received]:
+    """Every record of `topic` the consumer can see now (kafka_scan_to_end), ordered by
+    partition and offset."""
+    received: list[Received] = []
+    await kafka_scan_to_end(
+        bootstrap, topic, lambda r: received.append(received_of(r)), isolation_level=isolation_level, timeout=timeout
+    )
     return received
 
 

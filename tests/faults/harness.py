@@ -179,8 +179,9 @@ class Writers:
         pause: float = 0.005,
         per_transaction: int = 1,
         shared_keys: int = 0,
+        seed: int = 0,
     ):
-        self.dsn, self.topic, self.pause = dsn, topic, pause
+        self.dsn, self.topic, self.pause, self.seed = dsn, topic, pause, seed
         self.per_transaction, self.shared_keys, self.keys_each = per_transaction, shared_keys, keys_each
         self.ledger = Ledger()
         self.uncertain: set[str] = set()
@@ -188,14 +189,17 @@ class Writers:
         self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(count)]
         self.errors: list[BaseException] = []
 
+    def sequenced_keys(self) -> list[str]:
+        """The keys every thread writes, numbered by a counter row (`_numbered`)."""
+        return [f"s{i}" for i in range(self.shared_keys)]
+
     def start(self) -> Writers:
-        if self.shared_keys:
+        if keys := self.sequenced_keys():
             with psycopg.connect(self.dsn) as conn:
                 conn.execute("CREATE TABLE IF NOT EXISTS fault_sequences (key text PRIMARY KEY, n int NOT NULL)")
                 conn.execute(
-                    "INSERT INTO fault_sequences SELECT 's' || i, -1 FROM generate_series(0, %s - 1) AS i "
-                    "ON CONFLICT DO NOTHING",
-                    (self.shared_keys,),
+                    "INSERT INTO fault_sequences SELECT k, -1 FROM unnest(%s::text[]) AS k ON CONFLICT DO NOTHING",
+                    (keys,),
                 )
         for thread in self._threads:
             thread.start()
@@ -209,7 +213,7 @@ class Writers:
         return self.ledger
 
     def _run(self, writer: int) -> None:
-        rng = random.Random(writer)
+        rng = random.Random(writer + 1000 * self.seed)
         sequence = itertools.count()  # the writer's own keys' numbers (gaps are fine)
         transaction = 0
         conn: psycopg.Connection[Any] | None = None
@@ -239,12 +243,24 @@ class Writers:
                     conn = None
                     time.sleep(0.2)  # then connect again
                     continue
-                time.sleep(self.pause)  # the writers' steady pace
+                self._pace()
         except BaseException as exc:  # surfaced by stop()
             self.errors.append(exc)
         finally:
             if conn is not None:
                 conn.close()
+
+    def _pace(self) -> None:
+        time.sleep(self.pause)  # the writers' steady pace
+
+    @staticmethod
+    def _numbered(conn: psycopg.Connection[Any], key: str) -> int:
+        """The key's next number, from its counter row in fault_sequences, which stays
+        locked until the transaction ends: the key's writers are serialized, and its
+        numbers rise in commit order (a rolled-back one is taken again)."""
+        row = conn.execute("UPDATE fault_sequences SET n = n + 1 WHERE key = %s RETURNING n", (key,)).fetchone()
+        assert row is not None, f"no counter row for key {key!r}"
+        return int(row[0])
 
     def _write(
         self, conn: psycopg.Connection[Any], writer: int, rng: random.Random, sequence: Iterator[int]
@@ -257,12 +273,7 @@ class Writers:
             keys = [f"w{writer}-k{n % self.keys_each}" for n in numbers]
         written = []
         for i, key in enumerate(keys):
-            if self.shared_keys:
-                row = conn.execute("UPDATE fault_sequences SET n = n + 1 WHERE key = %s RETURNING n", (key,)).fetchone()
-                assert row is not None
-                n = int(row[0])
-            else:
-                n = numbers[i]
+            n = self._numbered(conn, key) if self.shared_keys else numbers[i]
             mid = str(enqueue(conn, self.topic, {"key": key, "n": n, "pad": "x" * 100}, key=key))
             written.append((mid, (key, n)))
         return written
@@ -382,9 +393,98 @@ def wal_in_flight(received: list[Received], moments: list[float]) -> int:
     first: dict[str, float] = {}
     for r in received:
         first.setdefault(r.message_id, r.properties["timestamp"] / 1000)
-    appended = sorted(first.values())
+    return appended_around(sorted(first.values()), moments)
+
+
+def appended_around(appended: list[float], moments: list[float]) -> int:
+    """wal_in_flight's count from the sorted first append times (seconds) themselves."""
     before, after = WAL_REPORT_WINDOW_S, WAL_LATE_APPEND_S
     return sum(bisect.bisect_right(appended, t + after) - bisect.bisect_left(appended, t - before) for t in moments)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One record a broker holds, as the checks see it: the message id, and the key and
+    sequence number `n` its payload carries (the writers' and commit_backlog's)."""
+
+    message_id: str
+    key: str | None
+    n: int
+
+
+def delivery(message_id: str, payload: bytes) -> Delivery:
+    body = json.loads(payload)
+    return Delivery(message_id, body["key"], body["n"])
+
+
+def deliveries(received: list[Received]) -> list[Delivery]:
+    return [delivery(r.message_id, r.payload) for r in received]
+
+
+@dataclass
+class Audit:
+    """What `audit` found: the counts, and a few examples of each kind of defect."""
+
+    committed: int
+    delivered: int  # records, copies included
+    lost: set[str]  # committed (not dead-lettered), never delivered
+    phantom: set[str]  # rolled back, yet delivered
+    unknown: set[str]  # delivered, but nobody committed it (nor rolled it back, nor was unsure)
+    duplicates: int  # copies beyond each message's first delivery
+    out_of_order: dict[str, int]  # key -> first deliveries with an `n` below an earlier one
+
+    @property
+    def order_violations(self) -> int:
+        return sum(self.out_of_order.values())
+
+    def summary(self, examples: int = 5) -> dict[str, Any]:
+        return {
+            "committed": self.committed,
+            "delivered": self.delivered,
+            "lost": len(self.lost),
+            "phantom": len(self.phantom),
+            "unknown": len(self.unknown),
+            "duplicates": self.duplicates,
+            "order_violations": self.order_violations,
+            "examples": {
+                "lost": sorted(self.lost)[:examples],
+                "phantom": sorted(self.phantom)[:examples],
+                "unknown": sorted(self.unknown)[:examples],
+                "out_of_order_keys": sorted(self.out_of_order)[:examples],
+            },
+        }
+
+
+def audit(
+    delivered: list[Delivery], ledger: Ledger, *, uncertain: set[str] | None = None, dead: set[str] | None = None
+) -> Audit:
+    """Count, without asserting, how `delivered` (in each broker's order: per partition
+    or queue) breaks the four properties. Messages without a key carry no order."""
+    counts = Counter(d.message_id for d in delivered)
+    ids = set(counts)
+    phantom = ids & ledger.rolled_back
+    unknown = ids - set(ledger.committed) - ledger.rolled_back - (uncertain or set())
+    highest: dict[str, int] = {}
+    out_of_order: Counter[str] = Counter()
+    seen = phantom | unknown  # counted as such, not again as out of order
+    for d in delivered:
+        if d.message_id in seen:
+            continue
+        seen.add(d.message_id)
+        if d.key is None:
+            continue
+        if d.n < highest.get(d.key, d.n):
+            out_of_order[d.key] += 1
+        highest[d.key] = max(highest.get(d.key, d.n), d.n)
+    return Audit(
+        committed=len(ledger.committed),
+        delivered=len(delivered),
+        lost=set(ledger.committed) - (dead or set()) - ids,
+        phantom=phantom,
+        unknown=unknown,
+        duplicates=sum(c - 1 for c in counts.values()),
+        out_of_order=dict(out_of_order),
+    )
 
 
 def check_delivery(
@@ -396,25 +496,13 @@ def check_delivery(
     dead: set[str] | None = None,
 ) -> int:
     """Assert the four properties; return how many duplicate deliveries there were."""
-    dead = dead or set()
-    counts = Counter(r.message_id for r in received)
-    ids = set(counts)
-    missing = set(ledger.committed) - dead - ids
-    assert not missing, f"{len(missing)} committed messages never arrived"
-    assert not ids & ledger.rolled_back, "a rolled-back message was published"
-    unknown = ids - set(ledger.committed) - (uncertain or set())
-    assert not unknown, f"{len(unknown)} messages arrived that nobody committed"
-    first: dict[str, list[int]] = {}
-    seen: set[str] = set()
-    for r in received:
-        if r.message_id in seen:
-            continue
-        seen.add(r.message_id)
-        body = json.loads(r.payload)
-        first.setdefault(body["key"], []).append(body["n"])
-    for key, sequence in first.items():
-        assert sequence == sorted(sequence), f"first deliveries of {key} out of order"
-    duplicates = sum(c - 1 for c in counts.values())
+    found = audit(deliveries(received), ledger, uncertain=uncertain, dead=dead)
+    assert not found.lost, f"{len(found.lost)} committed messages never arrived"
+    assert not found.phantom, "a rolled-back message was published"
+    assert not found.unknown, f"{len(found.unknown)} messages arrived that nobody committed"
+    for key in found.out_of_order:
+        raise AssertionError(f"first deliveries of {key} out of order")
+    duplicates = found.duplicates
     assert duplicates <= max_duplicates, f"{duplicates} duplicates, at most {max_duplicates} expected"
     return duplicates
 

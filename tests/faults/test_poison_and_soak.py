@@ -19,9 +19,9 @@ from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
 from tests.consumers import kafka_create_topic, kafka_read
 from tests.faults.harness import Writers, check_delivery
-from tests.support.cli import RelayProcess
+from tests.support.cli import RelayProcess, rss_kb
 from tests.support.configs import PATIENT, make_config, write_config
-from tests.support.outbox import pending
+from tests.support.outbox import pending, table_stats
 from tests.support.relay import running_relay
 from tests.support.waiting import wait_for, wait_until
 
@@ -75,24 +75,6 @@ async def test_poison_message_mid_key(db: str, kafka_bootstrap: str, policy: str
         ).fetchone()
     assert reason is not None and "MessageSizeTooLarge" in reason[0]
     assert held == ((0,) if policy == "release" else (3,))
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def table_stats(dsn: str) -> tuple[int, int, int]:
-    """(rows, dead tuples, total bytes) of the outbox table."""
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT (SELECT count(*) FROM outbox.messages), n_dead_tup, pg_total_relation_size('outbox.messages') "
-            "FROM pg_stat_user_tables WHERE schemaname = 'outbox' AND relname = 'messages'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1]), int(row[2])
 
 
 def autovacuum_naptime(dsn: str) -> float:

@@ -123,6 +123,14 @@ class RelayProcess:
         self._log.close()
 
 
+def rss_kb(pid: int) -> int:
+    """The resident set size of process `pid` (VmRSS in /proc), in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

@@ -28,6 +28,28 @@ def dispatched(dsn: str) -> int:
     return count(dsn, "dispatched_at IS NOT NULL")
 
 
+def table_stats(dsn: str, *, connect_timeout: int = 10) -> tuple[int, int, int]:
+    """(rows, dead tuples, total bytes) of the outbox table."""
+    with psycopg.connect(dsn, connect_timeout=connect_timeout) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM outbox.messages), n_dead_tup, pg_total_relation_size('outbox.messages') "
+            "FROM pg_stat_user_tables WHERE schemaname = 'outbox' AND relname = 'messages'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def lag(dsn: str, *, connect_timeout: int = 5) -> tuple[int, float]:
+    """(pending messages, seconds since the oldest of them was enqueued; 0 when none)."""
+    with psycopg.connect(dsn, connect_timeout=connect_timeout) as conn:
+        row = conn.execute(
+            "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0) "
+            "FROM outbox.messages WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), float(row[1])
+
+
 def lock_waits(dsn: str) -> int:
     """Sessions of this database waiting for a lock (a row another transaction holds):
     the positive signal that a claim is blocked."""

@@ -1,0 +1,213 @@
+"""What the soak runs against, all started here from the project's own scripts: a
+PostgreSQL cluster of its own (outbox_relay.demo.local_postgres, fsync on: a restart
+must not lose a commit), a Kafka broker (scripts/services/kafka.sh through
+tests/services.py), and the relay replicas as `outbox-relay run` processes
+(tests/support/cli.py). `Soak` is what a fault is handed: each field a fault may act
+on, and the capabilities (`has`) a fault kind needs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from outbox_relay.demo import local_postgres
+from outbox_relay.operations import schema_manager
+from tests import services
+from tests.consumers import kafka_create_topic
+from tests.faults.harness import APPEND_TIME, OWN_PG_SETTINGS, Outbox, relay_dsn
+from tests.support.cli import RelayProcess, rss_kb
+from tests.support.configs import PATIENT, write_config
+
+# The cluster's settings, to start it again with after a restart: the fault suite's
+# (logical decoding, for --source wal) and a shorter autovacuum naptime than the
+# default minute, so that a 3-minute soak sees vacuum cycles in its dead tuples.
+PG_SETTINGS = {**OWN_PG_SETTINGS, "autovacuum_naptime": "10s"}
+BATCH, WORKERS = 50, 2
+RETENTION = "10s"  # dispatched rows deleted after this: the table stays small, vacuum has work
+
+
+@dataclass
+class Soak:
+    """The running services and relays. A fault kind names what it needs with `has`."""
+
+    out: Path
+    source: str
+    outbox: Outbox
+    postgres: local_postgres.LocalPostgres
+    kafka: services.LocalBroker
+    bootstrap: str
+    topic: str
+    replicas: Replicas
+    pg_settings: dict[str, str] = field(default_factory=lambda: dict(PG_SETTINGS))  # to start it again with
+    extra: dict[str, Any] = field(default_factory=dict)  # what later fault kinds act on, by capability
+
+    def has(self, capability: str) -> bool:
+        return capability in self.capabilities()
+
+    def capabilities(self) -> set[str]:
+        found = {"relays", "postgres", "kafka"}
+        return found | set(self.extra)
+
+
+class Replicas:
+    """The relay replicas: `outbox-relay run` processes named r0, r1, ..., each with its
+    own config (its DSN names it: application_name, which the WAL source's walsender
+    shows). Faults stop and start them; the sampler reads their RSS and notices one that
+    ended by itself (a finding: a relay never ends on its own)."""
+
+    def __init__(self, configs: dict[str, Path]):
+        self.configs = configs
+        self._lock = threading.Lock()
+        self.running: dict[str, RelayProcess | None] = dict.fromkeys(configs)
+        self.every: list[tuple[str, RelayProcess]] = []
+        self.sigterm_exits: list[tuple[str, int | None]] = []  # (name, exit code) of each SIGTERM
+        self.unexpected_exits: list[dict[str, Any]] = []
+
+    def start(self, name: str) -> str:
+        with self._lock:
+            relay = RelayProcess(self.configs[name])
+            self.running[name] = relay
+            self.every.append((name, relay))
+            return f"{name} started (pid {relay.proc.pid})"
+
+    def start_all(self) -> None:
+        for name in self.configs:
+            self.start(name)
+
+    def pick(self, rng: random.Random) -> str:
+        with self._lock:
+            alive = sorted(name for name, relay in self.running.items() if relay is not None)
+        return rng.choice(alive or sorted(self.configs))
+
+    def _take(self, name: str) -> RelayProcess | None:
+        with self._lock:
+            relay, self.running[name] = self.running[name], None
+        return relay
+
+    def kill(self, name: str) -> str:
+        relay = self._take(name)
+        if relay is None:
+            return f"{name} was not running"
+        pid = relay.proc.pid
+        relay.kill()
+        return f"{name} (pid {pid}) SIGKILLed"
+
+    def terminate(self, name: str, timeout: float = 60) -> str:
+        relay = self._take(name)
+        if relay is None:
+            return f"{name} was not running"
+        pid = relay.proc.pid
+        # A relay SIGTERMed before it has set its handlers (still importing) dies of the
+        # signal: what is checked is how a running relay stops, so it starts first.
+        with contextlib.suppress(AssertionError):
+            relay.wait_started(timeout)
+        try:
+            code: int | None = relay.terminate(timeout)
+        except Exception:  # it did not exit in time: a finding, and it must go
+            code = None
+        relay.close()
+        self.sigterm_exits.append((name, code))
+        return f"{name} (pid {pid}) SIGTERMed, exit {code}"
+
+    def terminate_all(self) -> None:
+        for name in self.configs:
+            self.terminate(name)
+
+    def rss(self) -> dict[str, int | None]:
+        """Each replica's resident set size in kB, None while it is not running."""
+        with self._lock:
+            procs = {name: relay.proc.pid if relay else None for name, relay in self.running.items()}
+        out: dict[str, int | None] = {}
+        for name, pid in procs.items():
+            out[name] = None
+            if pid is not None:
+                with contextlib.suppress(OSError, AssertionError):
+                    out[name] = rss_kb(pid)
+        return out
+
+    def restart_the_dead(self, t: float) -> None:
+        """A replica that ended without a fault's signal is recorded and started again."""
+        with self._lock:
+            dead = [(n, r) for n, r in self.running.items() if r is not None and r.proc.poll() is not None]
+        for name, relay in dead:
+            tail = relay.log_path.read_text()[-1500:]
+            self.unexpected_exits.append(
+                {"t": round(t, 1), "replica": name, "code": relay.proc.returncode, "log": tail}
+            )
+            relay.close()
+            self.start(name)
+
+    def close(self) -> None:
+        for _, relay in self.every:
+            relay.close()
+
+
+@dataclass
+class Started:
+    """The services as started: the PostgreSQL cluster the faults act on, the DSN the
+    writers and relays use, the settings to start it again with, the Kafka broker, and
+    what later fault kinds need (Soak.extra)."""
+
+    postgres: local_postgres.LocalPostgres
+    dsn: str
+    pg_settings: dict[str, str]
+    kafka: services.LocalBroker
+    extra: dict[str, Any]
+
+
+@contextlib.contextmanager
+def started_services(postgres: str) -> Iterator[Started]:
+    """PostgreSQL with the outbox schema (`single`: one cluster; `failover`: a primary
+    and its synchronous standby, tests/support/failover.py, the DSN naming both), and a
+    Kafka broker; all stopped and removed afterwards."""
+    with contextlib.ExitStack() as stack:
+        if postgres == "failover":
+            from tests.support import failover
+
+            settings = {**failover.SETTINGS, "autovacuum_naptime": PG_SETTINGS["autovacuum_naptime"]}
+            pair = stack.enter_context(
+                failover.replicated_pair(synchronous=True, setup=lambda conn: schema_manager.install(conn, "outbox"))
+            )
+            cluster, dsn, extra = pair.primary, pair.dsn, {"postgres_standby": pair}
+        else:
+            settings = PG_SETTINGS
+            cluster = stack.enter_context(local_postgres.running(settings))
+            with psycopg.connect(cluster.dsn) as conn:
+                schema_manager.install(conn, "outbox")
+            dsn, extra = cluster.dsn, {}
+        broker = stack.enter_context(services.local_broker("kafka.sh", 3))  # PORT, controller, SASL_SSL
+        yield Started(cluster, dsn, settings, broker, extra)
+
+
+def create_topic(bootstrap: str, topic: str) -> None:
+    """The soak's topic: 3 partitions, records stamped with the broker's append time
+    (the checker's throughput over time, and the WAL source's in-flight bound)."""
+    asyncio.run(kafka_create_topic(bootstrap, topic, partitions=3, **APPEND_TIME))
+
+
+def relay_configs(out: Path, outbox: Outbox, bootstrap: str, topic: str, replicas: int) -> dict[str, Path]:
+    (out / "relays").mkdir(parents=True, exist_ok=True)
+    configs = {}
+    for i in range(replicas):
+        name = f"r{i}"
+        configs[name] = write_config(
+            out / "relays" / f"{name}.yaml",
+            relay_dsn(outbox.dsn, name),
+            brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
+            routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+            timing=PATIENT,
+            batch_size=BATCH,
+            workers=WORKERS,
+            retention=RETENTION,
+            publish_timeout="5s",
+            **outbox.settings(),
+        )
+    return configs
