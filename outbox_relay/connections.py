@@ -14,8 +14,22 @@ from outbox_relay.redact import UNPARSEABLE_REASON, redact_dsn
 log = structlog.get_logger("outbox_relay.connect")
 
 # Keepalives make a vanished server (a dead host, a cut network) an error within a
-# minute instead of a connection that waits forever.
-_KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# minute instead of a connection that waits forever, but only while the connection is
+# idle. A relay's connections are rarely idle: a worker claims every poll, the LISTEN
+# connection checks every few seconds, so once a failover's old primary vanishes each
+# has a query on its way that nothing answers, and the kernel retransmits it for about
+# 15 minutes (tcp_retries2) before the connection fails and the relay reconnects to the
+# new primary. tcp_user_timeout ends a connection whose data has gone unacknowledged
+# that long (tests/clusters/test_postgres_failover.py, the primary cut off the network).
+_KEEPALIVE: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms
+}
+# How long a connection attempt may take, per host of the DSN (libpq tries them in turn).
+CONNECT_TIMEOUT_S = 10
 
 
 def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
@@ -34,8 +48,18 @@ def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
 PREPARE_THRESHOLD = 5
 
 
+def tcp_settings() -> dict[str, Any]:
+    """Keepalives and tcp_user_timeout (above), for a connection opened elsewhere (the WAL
+    source's replication connection)."""
+    return dict(_KEEPALIVE)
+
+
 async def connect_once(
-    dsn: str, *, autocommit: bool = False, timeout: float = 10.0, prepare_threshold: int | None = PREPARE_THRESHOLD
+    dsn: str,
+    *,
+    autocommit: bool = False,
+    timeout: float = CONNECT_TIMEOUT_S,
+    prepare_threshold: int | None = PREPARE_THRESHOLD,
 ) -> psycopg.AsyncConnection[Any]:
     try:
         return await psycopg.AsyncConnection.connect(

@@ -9,12 +9,16 @@ each reconnects to whichever accepts writes.
   failover are lost, the application's rows with their outbox rows; what the relay had
   published of them stays on the broker (the documented loss mode, README "PostgreSQL
   failover"); it publishes nothing that was never committed and keeps each key's order;
+- the primary's host cut off the network instead (no reset, no answer): the relay's
+  connections, each with a query on its way, give up within tcp_user_timeout and it
+  follows the promoted standby;
 - WAL source: the logical slot is not carried to the standby (PostgreSQL 15): the relay
   stops with its one SlotMissing line.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,17 +26,23 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from outbox_relay import enqueue
+from outbox_relay.connections import CONNECT_TIMEOUT_S
+from outbox_relay.demo import local_postgres
 from outbox_relay.operations import schema_manager
 from tests.consumers import kafka_create_topic, kafka_read_to_end
 from tests.faults.harness import Ledger, Outbox, Writers, audit, check_delivery, deliveries
 from tests.support.cli import RelayProcess, run_cli
 from tests.support.configs import PATIENT, write_config
-from tests.support.failover import ReplicatedPair, replicated_pair
-from tests.support.outbox import count, dispatched
+from tests.support.failover import ReplicatedPair, cut_off, replicated_pair
+from tests.support.outbox import count, dispatched, pending
 from tests.support.waiting import wait_for
+from tests.support.wal import wal_slot
 
-pytestmark = pytest.mark.slow
+# Under a loaded machine a scenario (two clusters, a relay, Kafka) outlasts the default 120 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 BATCH, WORKERS = 50, 2
 
@@ -249,3 +259,60 @@ async def test_wal_source_stops_in_one_line_when_the_promoted_standby_has_no_slo
     with psycopg.connect(sync_pair.standby.dsn, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     assert row == (0,), "the relay never creates a slot itself"
+
+
+def enqueue_numbered(dsn: str, topic: str, first: int, count: int) -> dict[str, tuple[str, int]]:
+    """`count` messages on one key, numbered from `first`, in one transaction: the ledger's entries."""
+    committed = {}
+    with psycopg.connect(dsn) as conn:
+        for n in range(first, first + count):
+            mid = enqueue(conn, topic, {"key": "cut", "n": n}, key="cut")
+            committed[str(mid)] = ("cut", n)
+    return committed
+
+
+async def test_a_primary_cut_off_the_network_is_left_for_the_promoted_standby(
+    async_pair: ReplicatedPair, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    # A failover's old primary usually vanishes with its host (a crash, a partition)
+    # rather than its processes dying: nothing resets the relay's connections, and each
+    # has a query on its way (the workers claim every poll, the LISTEN connection checks
+    # every few seconds), which keepalives do not cover.
+    topic = await kafka_topic(kafka_bootstrap)
+    relay = RelayProcess(relay_config(tmp_path, async_pair.dsn, kafka_bootstrap, topic))
+    ledger = Ledger()
+    try:
+        ledger.committed.update(enqueue_numbered(async_pair.primary.dsn, topic, 0, 100))
+        wait_for(lambda: not pending(async_pair.primary.dsn), 60, "the first messages dispatched")
+        wait_for(async_pair.caught_up, 30, "the standby holding all of it")
+        with async_pair.cut_off_primary():
+            async_pair.promote()
+            # Straight to the new primary: the application is not what is tested here.
+            ledger.committed.update(enqueue_numbered(async_pair.standby.dsn, topic, 100, 100))
+            wait_for(
+                lambda: not pending(async_pair.standby.dsn), 120, "the relay dispatching from the promoted standby"
+            )
+            assert logged(relay, "database_connection_lost"), "the relay gave up on the vanished primary"
+            assert relay.terminate() == 0
+    finally:
+        relay.close()
+    received = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_uncommitted")
+    check_delivery(received, ledger, max_duplicates=BATCH * WORKERS)
+
+
+async def test_the_wal_stream_connects_past_a_vanished_first_host(empty_db: str) -> None:
+    # The WAL source's replication connection, after a failover whose old primary
+    # vanished (PostgreSQL 17 can carry the slot over): the first host answers nothing,
+    # and the stream must reach the second within a connect timeout.
+    with wal_slot(empty_db) as wal:
+        server = conninfo_to_dict(wal.dsn)
+        vanished = local_postgres.free_port()
+        dsn = make_conninfo(
+            wal.dsn, host=f"127.0.0.1,{server.get('host', '127.0.0.1')}", port=f"{vanished},{server.get('port', 5432)}"
+        )
+        with cut_off(vanished):
+            started = time.monotonic()
+            async with wal.stream(dsn) as stream:
+                took = time.monotonic() - started
+                assert stream.system_id, "streaming from the second host"
+    assert took < CONNECT_TIMEOUT_S + 15, f"the stream took {took:.0f} s to get past the vanished host"

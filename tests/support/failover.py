@@ -24,6 +24,7 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -119,6 +120,10 @@ class ReplicatedPair:
         reset."""
         kill_cluster(self.primary)
 
+    def cut_off_primary(self) -> contextlib.AbstractContextManager[None]:
+        """The primary's host gone from the network (`cut_off`) while its processes run."""
+        return cut_off(self.primary.port)
+
     def stop_primary(self, mode: str = "fast") -> None:
         self.primary.stop(mode)
 
@@ -147,6 +152,34 @@ def kill_cluster(cluster: local_postgres.LocalPostgres) -> None:
             os.kill(child, signal.SIGKILL)
     os.kill(postmaster, signal.SIGKILL)
     wait_for(lambda: not Path(f"/proc/{postmaster}").exists() or _zombie(postmaster), 30, "the primary gone")
+
+
+@contextlib.contextmanager
+def cut_off(port: int) -> Iterator[None]:
+    """Drop every loopback packet to and from `port` (iptables, as root): a host that
+    vanished, as a crashed machine or a network partition, with no reset and no answer,
+    so a connection to it fails only by its own timeouts. The rules go at the end."""
+    rules = [["INPUT", "-i", "lo", "-p", "tcp", side, str(port), "-j", "DROP"] for side in ("--dport", "--sport")]
+    added: list[list[str]] = []
+    try:
+        for rule in rules:
+            _iptables("-I", rule)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            _iptables("-D", rule)
+
+
+def _iptables(action: str, rule: list[str]) -> None:
+    try:
+        result = subprocess.run(["iptables", "-w", "10", action, *rule], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise OutboxRelayError("cutting a server off the network needs iptables (apt-get install iptables)") from None
+    if result.returncode != 0:
+        raise OutboxRelayError(
+            f"iptables {action} failed (cutting a server off the network needs root): {result.stderr.strip()}"
+        )
 
 
 def _children(parent: int) -> list[int]:

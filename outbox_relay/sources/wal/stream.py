@@ -50,6 +50,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
+from outbox_relay.connections import CONNECT_TIMEOUT_S, tcp_settings
 from outbox_relay.errors import first_line
 from outbox_relay.sources.wal import pgoutput, slot
 from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotMissing
@@ -111,7 +112,12 @@ class WalStream:
     async def open(self) -> None:
         """Connect and start streaming; SlotMissing, SlotInUse or ReplicationError if not."""
         try:
-            self._conn = await psycopg.AsyncConnection.connect(self._dsn, replication="database", autocommit=True)
+            # The relay's other connections' timeouts (connections.py): a DSN's vanished
+            # first host (a failover's old primary) costs one connect_timeout, not the
+            # kernel's minutes of SYN retries, before the next host is tried.
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn, replication="database", autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **tcp_settings()
+            )
         except psycopg.Error as exc:
             raise ReplicationError(f"cannot open a replication connection: {first_line(exc)}") from exc
         try:
