@@ -13,6 +13,8 @@ imports from another test module.
   concurrent writers (`write`) and `sequence_by_key`.
 - databases: a fresh database per test, cloned from a template (the conftest's fixtures).
 - proxy: `TcpProxy` and `ThreadedProxy`, to cut or stall a connection to a broker.
+- kafka_cluster: `kafka_cluster()`, a 3-node Kafka cluster (scripts/services/kafka.sh cluster-start)
+  with its nodes, partition leaders, active controller and RF 3 / min ISR 2 topics.
 
 Brokers and PostgreSQL themselves come from tests/services.py, the independent broker
 consumers from tests/consumers.py (benchmarks/ imports it too).

@@ -26,6 +26,16 @@ def test_kafka_producer_is_idempotent_with_acks_all() -> None:
     assert settings["compression_type"] is None
 
 
+def test_librdkafka_producer_is_idempotent_with_acks_all() -> None:
+    # What the cluster scenarios (tests/clusters/test_kafka_cluster.py) rely on: an ack
+    # only with min.insync.replicas in sync, no record given up or reordered by a retry.
+    from outbox_relay_adapters import kafka_librdkafka
+
+    config = kafka_librdkafka.producer_config(kafka.KafkaOptions(bootstrap_servers="h:9092", client="librdkafka"))
+    assert config["acks"] == "all" and config["enable.idempotence"] is True
+    assert config["message.timeout.ms"] == 0
+
+
 def test_kafka_options_durations_and_sasl() -> None:
     options = kafka.KafkaOptions.model_validate(
         {
