@@ -34,6 +34,9 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--source", choices=("table", "wal"), default="table")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument(
+        "--rabbitmq", action="store_true", help="a RabbitMQ node too: a quarter of the messages go through it"
+    )
+    parser.add_argument(
         "--postgres",
         choices=("single", "failover"),
         default="single",
@@ -55,7 +58,9 @@ def parse(argv: list[str]) -> Options:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
     out = args.out or ROOT / "soak" / "results" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-seed{seed}"
     only = [k.strip() for k in args.faults.split(",") if k.strip()] or None
-    return Options(args.minutes, seed, out, args.rate, args.source, args.postgres, args.replicas, only, (low, high))
+    return Options(
+        args.minutes, seed, out, args.rate, args.source, args.rabbitmq, args.postgres, args.replicas, only, (low, high)
+    )
 
 
 def main(argv: list[str]) -> int:

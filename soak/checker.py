@@ -17,7 +17,7 @@ from aiokafka import ConsumerRecord
 from soak.environment import BATCH, WORKERS
 from soak.faults import Executed
 from soak.sampling import Sample
-from tests.consumers import kafka_scan_to_end
+from tests.consumers import RabbitQueue, Received, kafka_scan_to_end
 from tests.faults.harness import Audit, Delivery, appended_around, delivery
 
 # The relays' memory is flat when the largest RSS of any replica in the last third of
@@ -34,10 +34,19 @@ class ReadBack:
     deliveries: list[Delivery] = field(default_factory=list)
     appended: list[float] = field(default_factory=list)  # each record's broker append time, s
 
+    queued: list[Delivery] = field(default_factory=list)  # RabbitMQ's, in queue order
+
     def add(self, record: ConsumerRecord) -> None:
         headers = {k: v.decode() for k, v in record.headers}
         self.deliveries.append(delivery(headers.get("message-id", ""), record.value or b""))
         self.appended.append(record.timestamp / 1000)
+
+    def add_queued(self, message: Received) -> None:
+        self.queued.append(delivery(message.message_id, message.payload))
+
+    def every(self) -> list[Delivery]:
+        """Kafka's records, then RabbitMQ's (a key goes to one broker only)."""
+        return self.deliveries + self.queued
 
     def first_appended(self) -> list[float]:
         """The append time of each message's first copy, sorted."""
@@ -47,11 +56,14 @@ class ReadBack:
         return sorted(first.values())
 
 
-def read_back(bootstrap: str, topic: str, timeout: float) -> ReadBack:
-    """Every record of `topic`, partition by partition in offset order, payloads dropped
-    once their key and number are read (a long soak's large payloads would not fit)."""
+def read_back(bootstrap: str, topic: str, timeout: float, queue: RabbitQueue | None = None) -> ReadBack:
+    """Every record of `topic`, partition by partition in offset order, and every
+    message in `queue`, payloads dropped once their key and number are read (a long
+    soak's large payloads would not fit)."""
     found = ReadBack()
     asyncio.run(kafka_scan_to_end(bootstrap, topic, found.add, isolation_level="read_uncommitted", timeout=timeout))
+    if queue is not None:
+        queue.scan(found.add_queued)
     return found
 
 

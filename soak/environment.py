@@ -8,6 +8,7 @@ on, and the capabilities (`has`) a fault kind needs."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import random
 import threading
@@ -32,6 +33,9 @@ from tests.support.configs import PATIENT, write_config
 PG_SETTINGS = {**OWN_PG_SETTINGS, "autovacuum_naptime": "10s"}
 BATCH, WORKERS = 50, 2
 RETENTION = "10s"  # dispatched rows deleted after this: the table stays small, vacuum has work
+WRITERS_TOPIC = "soak.orders"  # the outbox topic of what goes to Kafka
+RABBITMQ_TOPIC = "soak.mq"  # and of what goes to RabbitMQ (soak.writers.MixedWriters.topic_of)
+QUORUM = {"x-queue-type": "quorum"}  # the queue the checker reads RabbitMQ's messages from
 
 
 @dataclass
@@ -164,11 +168,15 @@ class Started:
 
 
 @contextlib.contextmanager
-def started_services(postgres: str) -> Iterator[Started]:
+def started_services(postgres: str, *, rabbitmq: bool = False) -> Iterator[Started]:
     """PostgreSQL with the outbox schema (`single`: one cluster; `failover`: a primary
-    and its synchronous standby, tests/support/failover.py, the DSN naming both), and a
-    Kafka broker; all stopped and removed afterwards."""
-    with contextlib.ExitStack() as stack:
+    and its synchronous standby, tests/support/failover.py, the DSN naming both), a
+    Kafka broker and, with `rabbitmq`, a RabbitMQ node (scripts/services/rabbitmq.sh);
+    all stopped and removed afterwards."""
+    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # The brokers start while PostgreSQL does (a JVM's start is the longest wait).
+        kafka = pool.submit(stack.enter_context, services.local_broker("kafka.sh", 3))  # PORT, controller, SASL_SSL
+        rabbit = pool.submit(stack.enter_context, services.local_broker("rabbitmq.sh", 4)) if rabbitmq else None
         if postgres == "failover":
             from tests.support import failover
 
@@ -183,8 +191,9 @@ def started_services(postgres: str) -> Iterator[Started]:
             with psycopg.connect(cluster.dsn) as conn:
                 schema_manager.install(conn, "outbox")
             dsn, extra = cluster.dsn, {}
-        broker = stack.enter_context(services.local_broker("kafka.sh", 3))  # PORT, controller, SASL_SSL
-        yield Started(cluster, dsn, settings, broker, extra)
+        if rabbit is not None:
+            extra["rabbitmq"] = rabbit.result()
+        yield Started(cluster, dsn, settings, kafka.result(), extra)
 
 
 def create_topic(bootstrap: str, topic: str) -> None:
@@ -193,16 +202,29 @@ def create_topic(bootstrap: str, topic: str) -> None:
     asyncio.run(kafka_create_topic(bootstrap, topic, partitions=3, **APPEND_TIME))
 
 
-def relay_configs(out: Path, outbox: Outbox, bootstrap: str, topic: str, replicas: int) -> dict[str, Path]:
+def rabbitmq_url(broker: services.LocalBroker) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F"
+
+
+def relay_configs(
+    out: Path, outbox: Outbox, bootstrap: str, topic: str, replicas: int, rabbitmq: str | None = None
+) -> dict[str, Path]:
+    """Each replica's config: every message to Kafka's `topic`, but with `rabbitmq` (its
+    URL) the topic RABBITMQ_TOPIC to RabbitMQ's exchange of the same name as `topic`."""
     (out / "relays").mkdir(parents=True, exist_ok=True)
+    brokers: dict[str, Any] = {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}}
+    routes: list[dict[str, Any]] = [{"topic": "*", "broker": "kafka", "destination": topic}]
+    if rabbitmq:
+        brokers["mq"] = {"type": "rabbitmq", "url": rabbitmq, "exchange": topic, "connect_timeout": "2s"}
+        routes.insert(0, {"topic": RABBITMQ_TOPIC, "broker": "mq"})
     configs = {}
     for i in range(replicas):
         name = f"r{i}"
         configs[name] = write_config(
             out / "relays" / f"{name}.yaml",
             relay_dsn(outbox.dsn, name),
-            brokers={"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}},
-            routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
+            brokers=brokers,
+            routes=routes,
             timing=PATIENT,
             batch_size=BATCH,
             workers=WORKERS,

@@ -107,6 +107,14 @@ def kafka_stop(soak: Soak, rng: random.Random) -> Injected:
     return Injected("Kafka stopped", soak.kafka.start)
 
 
+@fault("rabbitmq_stop", needs={"rabbitmq"}, hold=(2, 10), heals_in=30, in_flight="broker")
+def rabbitmq_stop(soak: Soak, rng: random.Random) -> Injected:
+    """The RabbitMQ node stopped (rabbitmqctl stop), started again after the hold."""
+    node = soak.extra["rabbitmq"]
+    node.stop()
+    return Injected("RabbitMQ stopped", node.start)
+
+
 def postgres_restart(mode: str) -> Callable[[Soak, random.Random], Injected]:
     def inject(soak: Soak, rng: random.Random) -> Injected:
         soak.postgres.stop(mode)

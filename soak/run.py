@@ -12,16 +12,21 @@ from typing import Any
 from soak import checker, faults, report
 from soak.environment import (
     BATCH,
+    QUORUM,
+    RABBITMQ_TOPIC,
     RETENTION,
     WORKERS,
+    WRITERS_TOPIC,
     Replicas,
     Soak,
     create_topic,
+    rabbitmq_url,
     relay_configs,
     started_services,
 )
 from soak.sampling import Sampler
 from soak.writers import LARGE_BYTES, LARGE_ONE_IN, SHAPES, MixedWriters
+from tests.consumers import RabbitQueue
 from tests.faults.harness import Audit, audit, outbox_in
 from tests.support.outbox import count
 
@@ -35,6 +40,7 @@ class Options:
     out: Path
     rate: float = 100.0
     source: str = "table"
+    rabbitmq: bool = False  # a quarter of the messages through a RabbitMQ node too
     postgres: str = "single"  # or "failover": a primary and its synchronous standby
     replicas: int = 3
     only: list[str] | None = None
@@ -51,13 +57,18 @@ def run(options: Options) -> dict[str, Any]:
     begun = time.monotonic()
     options.out.mkdir(parents=True, exist_ok=True)
     say(f"seed {options.seed}, {options.minutes:g} min, source {options.source}, out {options.out}")
-    with started_services(options.postgres) as started:
+    with started_services(options.postgres, rabbitmq=options.rabbitmq) as started:
         bootstrap = f"127.0.0.1:{started.kafka.port}"
         topic = f"soak-{uuid.uuid4().hex[:8]}"
         create_topic(bootstrap, topic)
         say(f"services up after {time.monotonic() - begun:.0f} s: PostgreSQL {started.dsn}, Kafka {bootstrap}")
         with outbox_in(started.dsn, options.source) as outbox:
-            replicas = Replicas(relay_configs(options.out, outbox, bootstrap, topic, options.replicas))
+            rabbitmq = started.extra.get("rabbitmq")
+            url = rabbitmq_url(rabbitmq) if rabbitmq else None
+            if url:
+                RabbitQueue(url, topic, f"{topic}.q", arguments=QUORUM).close()  # declared before anyone publishes
+            configs = relay_configs(options.out, outbox, bootstrap, topic, options.replicas, url)
+            replicas = Replicas(configs)
             soak = Soak(
                 options.out,
                 options.source,
@@ -82,7 +93,10 @@ def _soak(soak: Soak, options: Options, begun: float) -> dict[str, Any]:
     planned = faults.plan(kinds, options.seed, seconds, options.gap)
     say(f"fault kinds: {', '.join(k.name for k in kinds)}")
     say("schedule: " + "; ".join(f"+{p.gap:g}s {p.kind} for {p.hold:g}s" for p in planned))
-    writers = MixedWriters(soak.outbox.dsn, "soak.orders", rate=options.rate, seed=options.seed)
+    rabbitmq = RABBITMQ_TOPIC if soak.has("rabbitmq") else None
+    writers = MixedWriters(
+        soak.outbox.dsn, WRITERS_TOPIC, rate=options.rate, seed=options.seed, rabbitmq_topic=rabbitmq
+    )
     soak.replicas.start_all()
     started, wall_start = time.monotonic(), time.time()
     sampler = Sampler(
@@ -121,9 +135,16 @@ def _soak(soak: Soak, options: Options, begun: float) -> dict[str, Any]:
     soak.replicas.terminate_all()
     dead_lettered = count(soak.outbox.dsn, "dead_lettered_at IS NOT NULL")
     say(f"drained in {drain_s:.0f} s; reading {soak.topic} back")
-    found = checker.read_back(soak.bootstrap, soak.topic, timeout=120 + len(ledger.committed) / 1000)
+    queue = None
+    if soak.has("rabbitmq"):
+        queue = RabbitQueue(rabbitmq_url(soak.extra["rabbitmq"]), soak.topic, f"{soak.topic}.q", arguments=QUORUM)
+    try:
+        found = checker.read_back(soak.bootstrap, soak.topic, 120 + len(ledger.committed) / 1000, queue)
+    finally:
+        if queue is not None:
+            queue.close()
     first = found.first_appended()
-    result = audit(found.deliveries, ledger, uncertain=writers.uncertain)
+    result = audit(found.every(), ledger, uncertain=writers.uncertain)
     bound = checker.duplicate_bound(options.source, schedule.executed, first, options.replicas)
     rss = checker.rss_check(samples)
     failed = checker.failures(
@@ -186,6 +207,7 @@ def _summary(
         "source": options.source,
         "replicas": options.replicas,
         "postgres": options.postgres,
+        "rabbitmq": options.rabbitmq,
         "relay": {"batch_size": BATCH, "workers": WORKERS, "retention": RETENTION, "postgres": soak.pg_settings},
         "writers": {
             "rate_target": options.rate,

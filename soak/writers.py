@@ -8,6 +8,7 @@ import random
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,8 +34,11 @@ class MixedWriters(Writers):
     numbers in commit order); a unique key's message is its only one and a keyless
     message carries no order, so both have n = 0."""
 
-    def __init__(self, dsn: str, topic: str, *, rate: float, count: int = 4, seed: int = 0):
+    def __init__(
+        self, dsn: str, topic: str, *, rate: float, count: int = 4, seed: int = 0, rabbitmq_topic: str | None = None
+    ):
         super().__init__(dsn, topic, count=count, seed=seed)
+        self.rabbitmq_topic = rabbitmq_topic
         mean = sum(MESSAGES_PER_TRANSACTION) / 2
         self._interval = count * mean / rate  # seconds between one thread's transactions
         self._clock = threading.local()
@@ -62,9 +66,18 @@ class MixedWriters(Writers):
         for key in keys:
             n = self._numbered(conn, key) if key in self._sequenced else 0
             pad = LARGE_BYTES if rng.randrange(LARGE_ONE_IN) == 0 else SMALL_BYTES
-            mid = str(enqueue(conn, self.topic, {"key": key, "n": n, "pad": "x" * pad}, key=key))
+            body = {"key": key, "n": n, "pad": "x" * pad}
+            mid = str(enqueue(conn, self.topic_of(key, rng), body, key=key))
             written.append((mid, (key or "", n)))
         return written
+
+    def topic_of(self, key: str | None, rng: random.Random) -> str:
+        """With `rabbitmq_topic`, a quarter of the keys (each key always the same way: its
+        order is one broker's) and of the keyless messages go to RabbitMQ."""
+        if self.rabbitmq_topic is None:
+            return self.topic
+        quarter = rng.randrange(4) == 0 if key is None else zlib.crc32(key.encode()) % 4 == 0
+        return self.rabbitmq_topic if quarter else self.topic
 
 
 def aggregate(i: int) -> str:

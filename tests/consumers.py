@@ -171,25 +171,38 @@ class RabbitQueue:
             if method is None:
                 self._connection.sleep(0.05)
                 continue
-            received.append(
-                Received(
-                    message_id=props.message_id,
-                    key=None,
-                    payload=body,
-                    headers={k: str(v) for k, v in (props.headers or {}).items()},
-                    properties={
-                        "routing_key": method.routing_key,
-                        "content_type": props.content_type,
-                        "delivery_mode": props.delivery_mode,
-                        "timestamp": props.timestamp,
-                    },
-                )
-            )
+            received.append(_received(method, props, body))
         return received
+
+    def scan(self, each: Callable[[Received], None]) -> int:
+        """Hand `each` every message the queue holds now, in queue order, until it is
+        empty (the positive signal once nothing publishes any more); return how many."""
+        handed = 0
+        while True:
+            method, props, body = self._channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return handed
+            each(_received(method, props, body))
+            handed += 1
 
     def close(self) -> None:
         if self._connection.is_open:
             self._connection.close()
+
+
+def _received(method: Any, props: Any, body: bytes) -> Received:
+    return Received(
+        message_id=props.message_id,
+        key=None,
+        payload=body,
+        headers={k: str(v) for k, v in (props.headers or {}).items()},
+        properties={
+            "routing_key": method.routing_key,
+            "content_type": props.content_type,
+            "delivery_mode": props.delivery_mode,
+            "timestamp": props.timestamp,
+        },
+    )
 
 
 async def rabbit_read(queue: RabbitQueue, count: int, *, timeout: float = 20.0) -> list[Received]:
