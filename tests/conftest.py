@@ -1,8 +1,9 @@
-"""Shared fixtures: a real PostgreSQL with one fresh database per test, Kafka and
-RabbitMQ. The helpers the tests share are in tests/support."""
+"""Shared fixtures: a real PostgreSQL with one fresh database per test, Kafka,
+RabbitMQ and toxiproxy. The helpers the tests share are in tests/support."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from outbox_relay.demo import local_postgres
 from tests import services
 from tests.support.databases import create_template, fresh_database
+from tests.support.toxiproxy import MakeProxy, Proxy, Toxiproxy
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +62,28 @@ def rabbitmq_secure(rabbitmq_service: tuple[str, Any]) -> Iterator[services.Secu
         return
     with services.local_broker("rabbitmq.sh", 4) as broker:
         yield services.rabbitmq_amqps(broker)
+
+
+@pytest.fixture(scope="session")
+def toxiproxy() -> Iterator[Toxiproxy]:
+    """One toxiproxy server for the session; each test makes its own proxies (and deletes
+    them: `proxy` below)."""
+    with services.toxiproxy() as api:
+        yield api
+
+
+@pytest.fixture
+def proxy(toxiproxy: Toxiproxy) -> Iterator[MakeProxy]:
+    """proxy(upstream) -> a new toxiproxy proxy to `upstream` (host:port), deleted after the test."""
+    made: list[Proxy] = []
+
+    def make(upstream: str) -> Proxy:
+        made.append(toxiproxy.proxy(f"t-{uuid.uuid4().hex[:12]}", upstream))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.delete()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Where the tests get their services: PostgreSQL, Kafka and RabbitMQ.
+"""Where the tests get their services: PostgreSQL, Kafka and RabbitMQ (and toxiproxy,
+to put network faults between the relay and any of them).
 
 For each, in order:
 1. an environment variable naming a running one
@@ -21,10 +22,11 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from outbox_relay.demo import local_postgres
+from tests.support.toxiproxy import Toxiproxy
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts" / "services"
@@ -87,9 +89,12 @@ class LocalBroker:
     script: Path
     directory: Path
     port: int
+    env: dict[str, str] = field(default_factory=dict)  # for the script, on top of os.environ
 
     def _call(self, *args: str) -> None:
-        result = subprocess.run([str(self.script), *args], capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            [str(self.script), *args], capture_output=True, text=True, check=False, env={**os.environ, **self.env}
+        )
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-15:]
             raise RuntimeError(f"{self.script.name} {args[0]} failed:\n" + "\n".join(tail))
@@ -110,9 +115,9 @@ class LocalBroker:
 
 
 @contextlib.contextmanager
-def local_broker(script: str, port_span: int) -> Iterator[LocalBroker]:
+def local_broker(script: str, port_span: int, *, env: dict[str, str] | None = None) -> Iterator[LocalBroker]:
     port = _free_port_block(port_span)
-    broker = LocalBroker(SCRIPTS / script, Path(tempfile.mkdtemp(prefix=f"outbox-relay-{script}-")), port)
+    broker = LocalBroker(SCRIPTS / script, Path(tempfile.mkdtemp(prefix=f"outbox-relay-{script}-")), port, env or {})
     try:
         broker.start()
         yield broker
@@ -180,6 +185,21 @@ def rabbitmq() -> Iterator[tuple[str, LocalBroker | None]]:
         return
     with local_broker("rabbitmq.sh", 4) as broker:  # AMQP, distribution, epmd, AMQPS
         yield f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F", broker
+
+
+@contextlib.contextmanager
+def toxiproxy() -> Iterator[Toxiproxy]:
+    """Yield the API of a toxiproxy server: the one at OUTBOX_RELAY_TEST_TOXIPROXY (its
+    API URL) if set, else a local one started by scripts/services/toxiproxy.sh (which
+    scripts/test builds; a missing one is built here, from the Go module proxy). Its
+    proxies listen on loopback only."""
+    url = os.environ.get("OUTBOX_RELAY_TEST_TOXIPROXY")
+    if url:
+        with Toxiproxy(url) as api:
+            yield api
+        return
+    with local_broker("toxiproxy.sh", 1) as server, Toxiproxy(f"http://127.0.0.1:{server.port}") as api:
+        yield api
 
 
 # The secure listeners of the local brokers (scripts/services/*.sh): Kafka SASL_SSL with a

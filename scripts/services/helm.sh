@@ -16,6 +16,7 @@
 #   OUTBOX_RELAY_CACHE   cache root (default: $HOME/.cache/outbox-relay)
 #   HELM_VERSION         Helm version to install (default: the pin below)
 #   GO                   Go executable (default: go on PATH, else /usr/local/go/bin/go)
+#   GO_TOOLCHAIN         the toolchain fetched when there is no Go (see go.sh)
 set -euo pipefail
 
 HELM_VERSION="${HELM_VERSION:-v3.21.4}"
@@ -26,15 +27,8 @@ HELM="$BIN_DIR/helm-$HELM_VERSION"
 
 log() { printf 'helm.sh: %s\n' "$*" >&2; }
 
-find_go() {
-  if [[ -n "${GO:-}" ]]; then
-    command -v "$GO" && return 0
-    return 1
-  fi
-  command -v go && return 0
-  [[ -x /usr/local/go/bin/go ]] && { printf '%s\n' /usr/local/go/bin/go; return 0; }
-  return 1
-}
+# shellcheck source=scripts/services/go.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go.sh"
 
 case "${1:-install}" in
   path) printf '%s\n' "$HELM"; exit 0 ;;
@@ -48,52 +42,9 @@ if [[ -x "$HELM" ]]; then
   exit 0
 fi
 
-# No Go on this machine: fetch the Go toolchain itself from the same module proxy, as
-# `go` does when a module needs a newer toolchain (golang.org/toolchain), into the
-# cache. python3 does the download and the unzip: it is the one thing every machine
-# of ours has. A certificate bundle in PIP_CERT or SSL_CERT_FILE is used if set (a
-# proxy's CA).
-GO_TOOLCHAIN="${GO_TOOLCHAIN:-go1.26.8}"
-fetch_go() {
-  local arch dir
-  case "$(uname -m)" in x86_64) arch=amd64 ;; aarch64|arm64) arch=arm64 ;; *) return 1 ;; esac
-  dir="$CACHE_ROOT/go-toolchain/$GO_TOOLCHAIN.linux-$arch"
-  if [[ ! -x "$dir/bin/go" ]]; then
-    log "no Go here: fetching the $GO_TOOLCHAIN toolchain from the Go module proxy (once; cached in $dir) ..."
-    mkdir -p "$CACHE_ROOT/go-toolchain"
-    python3 - "$GO_TOOLCHAIN" "$arch" "$dir" "${GOPROXY:-https://proxy.golang.org}" <<'PY' || return 1
-import os, ssl, sys, tempfile, urllib.request, zipfile
-version, arch, target, proxy = sys.argv[1:]
-proxy = proxy.split(",")[0].rstrip("/")
-url = f"{proxy}/golang.org/toolchain/@v/v0.0.1-{version}.linux-{arch}.zip"
-bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
-context = ssl.create_default_context(cafile=bundle) if bundle else None
-prefix = f"golang.org/toolchain@v0.0.1-{version}.linux-{arch}/"
-stage = tempfile.mkdtemp(dir=os.path.dirname(target))
-with tempfile.TemporaryFile() as data:
-    with urllib.request.urlopen(url, context=context, timeout=120) as response:
-        while chunk := response.read(1 << 20):
-            data.write(chunk)
-    with zipfile.ZipFile(data) as archive:
-        for info in archive.infolist():
-            if not info.filename.startswith(prefix) or info.is_dir():
-                continue
-            path = os.path.join(stage, info.filename[len(prefix):])
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with archive.open(info) as source, open(path, "wb") as out:
-                out.write(source.read())
-            os.chmod(path, (info.external_attr >> 16) & 0o777 or 0o644)
-os.rename(stage, target)
-PY
-  fi
-  printf '%s\n' "$dir/bin/go"
-}
-
-if ! GO_BIN="$(find_go)"; then
-  if ! GO_BIN="$(fetch_go)"; then
-    log "Go is needed to build helm $HELM_VERSION: none was found and the $GO_TOOLCHAIN toolchain could not be fetched from the module proxy (install Go 1.21 or later, or set GO=/path/to/go)"
-    exit 1
-  fi
+if ! GO_BIN="$(go_binary)"; then
+  log "Go is needed to build helm $HELM_VERSION: none was found and the $GO_TOOLCHAIN toolchain could not be fetched from the module proxy (install Go 1.21 or later, or set GO=/path/to/go)"
+  exit 1
 fi
 
 mkdir -p "$BIN_DIR"
@@ -105,14 +56,7 @@ if [[ ! -x "$HELM" ]]; then
   start=$SECONDS
   stage="$(mktemp -d "$BIN_DIR/.build.XXXXXX")"
   trap 'rm -rf "$stage"' EXIT
-  export GOMODCACHE="$CACHE_ROOT/go/mod" GOCACHE="$CACHE_ROOT/go/build" GOPATH="$CACHE_ROOT/go/path"
-  # Go reads the system's certificates; a proxy's CA handed in as PIP_CERT (our
-  # containers) must reach it as SSL_CERT_FILE.
-  if [[ -z "${SSL_CERT_FILE:-}" && -n "${PIP_CERT:-}" ]]; then
-    export SSL_CERT_FILE="$PIP_CERT"
-  fi
-  # GOFLAGS=-mod=mod keeps a GOFLAGS=-mod=vendor from the environment out of the way.
-  export GOFLAGS="-mod=mod"
+  go_build_env
   # Helm's Makefile stamps the Kubernetes version of its client-go (the version that
   # `helm template` and `helm lint` assume without --kube-version) and its own version
   # into the binary; without them a source build assumes Kubernetes 1.20. Same here.

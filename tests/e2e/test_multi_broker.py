@@ -14,8 +14,8 @@ from outbox_relay.engine.relay import Relay
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
 from tests.support.configs import make_config
 from tests.support.outbox import write
-from tests.support.proxy import TcpProxy
 from tests.support.relay import running_relay
+from tests.support.toxiproxy import MakeProxy
 from tests.support.waiting import wait_until
 
 
@@ -39,13 +39,15 @@ def pending_for(dsn: str, prefix: str) -> int:
     return int(row[0]) if row else 0
 
 
-async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: str, amqp_url: str) -> None:
+async def test_rabbitmq_outage_holds_back_only_emails(
+    db: str, kafka_bootstrap: str, amqp_url: str, proxy: MakeProxy
+) -> None:
     topic = f"multi-{uuid.uuid4().hex[:10]}"
     exchange = f"multi-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic)
     parts = urlsplit(amqp_url)
-    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
+    server = proxy(f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}")
+    proxied = amqp_url.replace(f":{parts.port}/", f":{server.port}/")
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
     config = make_config(
         db,
@@ -62,7 +64,7 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
             await write(db, "emails.sent", ["e1"], 5)
             await wait_until(lambda: pending_for(db, "") == 0, timeout=30)
 
-            proxy.cut()  # RabbitMQ unreachable from the relay
+            server.disable()  # RabbitMQ unreachable from the relay
             before = failures(relay, "mq")
             orders = await write(db, "orders.created", ["o2", "o3"], 20)
             emails = await write(db, "emails.sent", ["e2", "e3"], 20)
@@ -72,7 +74,7 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
             await wait_until(lambda: failures(relay, "mq") >= before + 2 * 4, timeout=30)
             assert pending_for(db, "emails.") == 40, "emails wait while RabbitMQ is away"
 
-            proxy.restore()
+            server.enable()
             await wait_until(lambda: pending_for(db, "emails.") == 0, timeout=60)
         with psycopg.connect(db) as conn:
             assert conn.execute(
@@ -84,7 +86,6 @@ async def test_rabbitmq_outage_holds_back_only_emails(db: str, kafka_bootstrap: 
         assert set(emails.committed) <= rabbit_ids
     finally:
         queue.close()
-        await proxy.close()
 
 
 def latencies(dsn: str, ids: set[str]) -> list[float]:
@@ -99,18 +100,18 @@ def latencies(dsn: str, ids: set[str]) -> list[float]:
 
 
 async def test_a_black_holed_broker_holds_back_only_its_own_messages(
-    db: str, kafka_bootstrap: str, amqp_url: str
+    db: str, kafka_bootstrap: str, amqp_url: str, proxy: MakeProxy
 ) -> None:
     # RabbitMQ stops answering without refusing anything (the proxy keeps the connection
-    # and swallows the bytes), for several publish timeouts. Its messages wait, spending
+    # and holds the bytes back), for several publish timeouts. Its messages wait, spending
     # no attempt; once the relay has seen it answer nothing, Kafka's messages go out in
     # well under a second; when it answers again, its messages go too.
     topic = f"hole-{uuid.uuid4().hex[:10]}"
     exchange = f"hole-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic)
     parts = urlsplit(amqp_url)
-    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
+    server = proxy(f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}")
+    proxied = amqp_url.replace(f":{parts.port}/", f":{server.port}/")
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
     publish_timeout = 1.0
     config = make_config(
@@ -133,7 +134,7 @@ async def test_a_black_holed_broker_holds_back_only_its_own_messages(
                     relay.metrics.registry.get_sample_value("outbox_relay_broker_circuit_open", {"broker": "mq"}) == 1
                 )
 
-            proxy.stall()
+            server.stall()
             emails = await write(db, "emails.sent", ["e1", "e2"], 10)
             await wait_until(circuit_open, timeout=30)
             stalled_at = asyncio.get_running_loop().time()
@@ -148,7 +149,7 @@ async def test_a_black_holed_broker_holds_back_only_its_own_messages(
             assert slowest < 1.0, f"an order waited {slowest:.3f}s behind the black-holed broker"
             assert pending_for(db, "emails.") == len(emails.committed), "emails wait while RabbitMQ is away"
 
-            proxy.restore()
+            server.heal()
             await wait_until(lambda: pending_for(db, "emails.") == 0, timeout=60)
             assert not circuit_open()
         with psycopg.connect(db) as conn:
@@ -165,4 +166,3 @@ async def test_a_black_holed_broker_holds_back_only_its_own_messages(
         assert len(received) - len(set(received)) <= 20, len(received) - len(set(received))
     finally:
         queue.close()
-        await proxy.close()

@@ -16,8 +16,8 @@ from tests.consumers import RabbitQueue, rabbit_read
 from tests.support.configs import make_config
 from tests.support.factories import message
 from tests.support.outbox import dead_letters, pending, sequence_by_key, write
-from tests.support.proxy import TcpProxy
 from tests.support.relay import running_relay
+from tests.support.toxiproxy import MakeProxy
 from tests.support.waiting import wait_until
 
 
@@ -74,15 +74,15 @@ async def test_unroutable_message_is_dead_lettered_while_others_flow(db: str, am
     assert sequence_by_key([r.payload for r in received]) == {"u": [0, 2]}
 
 
-async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amqp_url: str) -> None:
+async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amqp_url: str, proxy: MakeProxy) -> None:
     parts = urlsplit(amqp_url)
-    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    server = proxy(f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}")
     exchange = f"e2e-{uuid.uuid4().hex[:10]}"
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
     adapter = create(
         "mq",
         {
-            "url": amqp_url.replace(f":{parts.port}/", f":{proxy.port}/"),
+            "url": amqp_url.replace(f":{parts.port}/", f":{server.port}/"),
             "exchange": exchange,
             "heartbeat": "5s",
             "connect_timeout": "2s",
@@ -90,18 +90,19 @@ async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amq
     )
     try:
         await adapter.connect()
-        proxy.stall()  # publishes leave, confirms never come back
+        holes = server.black_hole()  # publishes leave, confirms never come back
         batch = [OutgoingMessage(message(i), exchange) for i in range(20)]
         publishing = asyncio.ensure_future(adapter.publish(batch))
         # The positive signal: every message is published and waits for its confirm.
         await wait_until(lambda: len(adapter._unconfirmed) == 20, timeout=10)  # type: ignore[attr-defined]
         assert not publishing.done(), "no result may be reported before the broker confirms"
-        proxy.cut()
+        server.disable()
+        server.remove(*holes)
         results = await asyncio.wait_for(publishing, 10)
         assert {r.outcome for r in results} == {Outcome.TRANSIENT}, "unconfirmed means republish later"
         down = await adapter.publish([OutgoingMessage(message(99), exchange)])
         assert down[0].outcome is Outcome.UNAVAILABLE
-        proxy.restore()
+        server.enable()
         last = message(100)
         again = await adapter.publish([OutgoingMessage(last, exchange)])
         assert again[0].outcome is Outcome.ACKED
@@ -109,7 +110,6 @@ async def test_connection_loss_reports_unconfirmed_transient_then_reconnects(amq
         assert str(last.message_id) in delivered
     finally:
         await adapter.close()
-        await proxy.close()
         queue.close()
 
 

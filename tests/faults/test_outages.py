@@ -36,7 +36,7 @@ from tests.services import LocalBroker
 from tests.support.cli import RelayProcess
 from tests.support.configs import PATIENT, write_config
 from tests.support.outbox import pending
-from tests.support.proxy import ThreadedProxy
+from tests.support.toxiproxy import MakeProxy
 from tests.support.waiting import wait_for
 
 BATCH, WORKERS = 50, 2
@@ -261,12 +261,14 @@ async def test_postgres_restarted_fast_and_immediate(
     print(f"source={source} committed={len(ledger.committed)} restarts at {restarted_at} duplicates={duplicates}")
 
 
-async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: str, tmp_path: Path) -> None:
+async def test_network_stall_longer_than_the_request_timeout(
+    db: str, amqp_url: str, tmp_path: Path, proxy: MakeProxy
+) -> None:
     parts = urlsplit(amqp_url)
-    proxy = ThreadedProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    server = proxy(f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}")
     exchange = f"stall-{uuid.uuid4().hex[:8]}"
     queue = RabbitQueue(amqp_url, exchange, exchange + ".q")
-    proxied = amqp_url.replace(f":{parts.port}/", f":{proxy.port}/")
+    proxied = amqp_url.replace(f":{parts.port}/", f":{server.port}/")
     config = write_config(
         tmp_path / "relay.yaml",
         db,
@@ -286,11 +288,12 @@ async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: 
         port = http_port(relay)
         wait_for(lambda: ready(port), 30, "ready before the stall")
         time.sleep(1.5)  # traffic flowing before the fault
-        proxy.stall()  # bytes stop flowing, connections stay open: longer than publish_timeout
+        holes = server.black_hole()  # bytes stop flowing, connections stay open: longer than publish_timeout
         time.sleep(6)  # the stall lasts this long
-        proxy.cut()  # and then the connections drop
+        server.disable()  # and then the connections drop
         time.sleep(1)  # refused this long
-        proxy.restore()
+        server.remove(*holes)
+        server.enable()
         wait_for(lambda: ready(port), 60, "ready after the stall")
         ledger = writers.stop()
         wait_for(lambda: pending(db) == 0, 120, "every message dispatched")
@@ -300,7 +303,6 @@ async def test_network_stall_longer_than_the_request_timeout(db: str, amqp_url: 
         writers.stop()
         relay.close()
         queue.close()
-        proxy.close()
     logs = relay.log_path.read_text()
     assert "no answer within publish_timeout" in logs or "channel closed" in logs or "connection lost" in logs
     check_delivery(received, ledger, max_duplicates=10 * BATCH * WORKERS)

@@ -20,6 +20,7 @@ from outbox_relay.testing import FakeAdapter
 from tests.support.configs import make_config
 from tests.support.outbox import claims_in_progress, count
 from tests.support.relay import running_relay, wakeups
+from tests.support.toxiproxy import MakeProxy
 from tests.support.waiting import wait_until
 
 
@@ -359,20 +360,19 @@ async def test_heartbeat_reports_the_relay_and_its_in_flight_count(db: str) -> N
     assert rows(db, "SELECT count(*) FROM outbox.relays")[0][0] == 0, "a stopped relay removes its row"
 
 
-async def test_relay_waits_for_a_database_that_is_down_at_start(db: str) -> None:
+async def test_relay_waits_for_a_database_that_is_down_at_start(db: str, proxy: MakeProxy) -> None:
     # The database is unreachable when the relay starts (a proxy refusing connections):
     # it keeps retrying, logging each failure, and starts and relays once it is back.
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from structlog.testing import capture_logs
 
     from outbox_relay.engine.relay import Relay
-    from tests.support.proxy import TcpProxy
 
     params = conninfo_to_dict(db)
-    proxy = await TcpProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)).start()
-    proxy.cut(refuse=True)
+    server = proxy(f"{params.get('host') or '127.0.0.1'}:{params.get('port') or 5432}")
+    server.disable()
     fake = FakeAdapter()
-    relay = Relay(make_config(make_conninfo(db, host="127.0.0.1", port=str(proxy.port))), {"main": fake})
+    relay = Relay(make_config(make_conninfo(db, host="127.0.0.1", port=str(server.port))), {"main": fake})
     with capture_logs() as logs:
         task = asyncio.create_task(relay.run())
         try:
@@ -386,14 +386,13 @@ async def test_relay_waits_for_a_database_that_is_down_at_start(db: str) -> None
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{relay.http.port}") as client:
                 assert (await client.get("/livez")).status_code == 200
                 assert (await client.get("/readyz")).status_code == 503
-            proxy.restore()
+            server.enable()
             await asyncio.wait_for(relay.started.wait(), timeout=30)
             enqueue_many(db, [("t", None, 1)])
             await wait_until(lambda: len(fake.delivered) == 1, timeout=10)
         finally:
             relay.stop()
             await asyncio.wait_for(task, timeout=30)  # ends cleanly: nothing left running
-            await proxy.close()
 
 
 async def test_missing_schema_stops_the_relay_with_a_clear_error(empty_db: str) -> None:

@@ -16,7 +16,7 @@ from outbox_relay.sources.wal.errors import ReplicationError
 from outbox_relay.sources.wal.stream import WalStream
 from outbox_relay.sources.wal.transactions import TransactionPart
 from tests.support.databases import fresh_database
-from tests.support.proxy import TcpProxy
+from tests.support.toxiproxy import MakeProxy
 from tests.support.waiting import wait_until
 from tests.support.wal import (
     WalSlot,
@@ -184,22 +184,17 @@ async def test_an_idle_outbox_lets_the_slot_advance_past_other_wal(wal: WalSlot,
         assert sum(len(part.messages) for part in parts) == 1
 
 
-async def test_a_silent_server_is_taken_for_a_lost_connection(wal: WalSlot) -> None:
+async def test_a_silent_server_is_taken_for_a_lost_connection(wal: WalSlot, proxy: MakeProxy) -> None:
     params = conninfo_to_dict(wal.dsn)
-    proxy = await TcpProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)).start()
-    dsn = make_conninfo(wal.dsn, host="127.0.0.1", port=str(proxy.port))
+    server = proxy(f"{params.get('host') or '127.0.0.1'}:{params.get('port') or 5432}")
+    dsn = make_conninfo(wal.dsn, host="127.0.0.1", port=str(server.port))
     commit_messages(wal.dsn, b"a")
     stream = wal.stream(dsn, status_interval=0.2)
-    try:
-        async with stream:
-            assert [d.payloads for d in await read_until(stream, b"a")] == [[b"a"]]
-            proxy.stall()
-            with pytest.raises(ReplicationError, match="no word from the server"):
-                async with asyncio.timeout(20):
-                    await anext(stream)
-    finally:
-        proxy.restore()
-        await proxy.close()
+    async with stream:
+        assert [d.payloads for d in await read_until(stream, b"a")] == [[b"a"]]
+        with server.stalled(), pytest.raises(ReplicationError, match="no word from the server"):
+            async with asyncio.timeout(20):
+                await anext(stream)
 
 
 async def test_a_terminated_walsender_ends_the_iteration_with_the_servers_reason(wal: WalSlot) -> None:

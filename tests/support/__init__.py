@@ -12,7 +12,11 @@ imports from another test module.
 - outbox: counts of the outbox table (`count`, `pending`, `dispatched`, `dead_letters`),
   concurrent writers (`write`) and `sequence_by_key`.
 - databases: a fresh database per test, cloned from a template (the conftest's fixtures).
-- proxy: `TcpProxy` and `ThreadedProxy`, to cut or stall a connection to a broker.
+- toxiproxy: a client for toxiproxy's API (`Toxiproxy`, `Proxy`): latency, bandwidth,
+  black holes, resets, sliced or cut streams, a stall that heals, between the relay and
+  any service (the conftest's `toxiproxy` and `proxy` fixtures). It replaced a hand-written
+  TCP proxy (tests/support/proxy.py) everywhere: each use (cut, refuse, stall then heal,
+  stall then cut) is one toxiproxy does.
 - kafka_cluster: `kafka_cluster()`, a 3-node Kafka cluster (scripts/services/kafka.sh cluster-start)
   with its nodes, partition leaders, active controller and RF 3 / min ISR 2 topics.
 

@@ -102,11 +102,14 @@ def _handler(receiver: HttpReceiver) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", "0"))
+            body = self.rfile.read(length)
+            if len(body) < length:
+                # The client's side of the connection closed inside the body (a network
+                # cut): as any HTTP server, take nothing and answer nothing.
+                self.close_connection = True
+                return
             request = Request(
-                self.path,
-                {k.lower(): v for k, v in self.headers.items()},
-                self.rfile.read(length),
-                list(self.headers.items()),
+                self.path, {k.lower(): v for k, v in self.headers.items()}, body, list(self.headers.items())
             )
             status, delay = receiver.respond(request)
             request.status = status
