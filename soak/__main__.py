@@ -34,6 +34,12 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--source", choices=("table", "wal"), default="table")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument(
+        "--kafka",
+        choices=("single", "cluster"),
+        default="single",
+        help="cluster: 3 brokers (kafka.sh cluster-start), topics with 3 replicas and min.insync.replicas 2",
+    )
+    parser.add_argument(
         "--rabbitmq", action="store_true", help="a RabbitMQ node too: a quarter of the messages go through it"
     )
     parser.add_argument(
@@ -59,7 +65,17 @@ def parse(argv: list[str]) -> Options:
     out = args.out or ROOT / "soak" / "results" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-seed{seed}"
     only = [k.strip() for k in args.faults.split(",") if k.strip()] or None
     return Options(
-        args.minutes, seed, out, args.rate, args.source, args.rabbitmq, args.postgres, args.replicas, only, (low, high)
+        args.minutes,
+        seed,
+        out,
+        args.rate,
+        args.source,
+        args.kafka,
+        args.rabbitmq,
+        args.postgres,
+        args.replicas,
+        only,
+        (low, high),
     )
 
 

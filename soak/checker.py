@@ -79,15 +79,14 @@ def duplicate_bound(source: str, executed: list[Executed], first_appended: list[
     bound = 0
     for fault in executed:
         if source == "table":
-            bound += {"relay": per_relay, "relays": replicas * per_relay, "broker": 2 * replicas * per_relay}[
-                fault.in_flight
-            ]
+            per_fault = {"relay": per_relay, "relays": replicas * per_relay, "broker": 2 * replicas * per_relay}
+            bound += per_fault[fault.in_flight] * fault.outages
         elif fault.in_flight == "relay":
             bound += appended_around(first_appended, [fault.wall_injected])
         elif fault.in_flight == "relays":
             bound += fault.committed_before + per_relay
         else:
-            bound += 2 * per_relay
+            bound += 2 * per_relay * fault.outages
     return bound
 
 

@@ -46,7 +46,7 @@ class Soak:
     source: str
     outbox: Outbox
     postgres: local_postgres.LocalPostgres
-    kafka: services.LocalBroker
+    kafka: services.LocalBroker | None  # the single broker; None with a cluster (extra["kafka_cluster"])
     bootstrap: str
     topic: str
     replicas: Replicas
@@ -57,7 +57,7 @@ class Soak:
         return capability in self.capabilities()
 
     def capabilities(self) -> set[str]:
-        found = {"relays", "postgres", "kafka"}
+        found = {"relays", "postgres"} | ({"kafka"} if self.kafka is not None else set())
         return found | set(self.extra)
 
 
@@ -163,19 +163,35 @@ class Started:
     postgres: local_postgres.LocalPostgres
     dsn: str
     pg_settings: dict[str, str]
-    kafka: services.LocalBroker
+    kafka: services.LocalBroker | None
+    bootstrap: str
     extra: dict[str, Any]
+
+    def create_topic(self, topic: str) -> None:
+        """The soak's topic: 3 partitions (on a cluster 3 replicas, min.insync.replicas
+        2), records stamped with the broker's append time (the checker's throughput over
+        time, and the WAL source's in-flight bound)."""
+        if "kafka_cluster" in self.extra:
+            self.extra["kafka_cluster"].create_topic(topic, 3, **APPEND_TIME)
+        else:
+            asyncio.run(kafka_create_topic(self.bootstrap, topic, partitions=3, **APPEND_TIME))
 
 
 @contextlib.contextmanager
-def started_services(postgres: str, *, rabbitmq: bool = False) -> Iterator[Started]:
+def started_services(postgres: str, *, kafka: str = "single", rabbitmq: bool = False) -> Iterator[Started]:
     """PostgreSQL with the outbox schema (`single`: one cluster; `failover`: a primary
     and its synchronous standby, tests/support/failover.py, the DSN naming both), a
-    Kafka broker and, with `rabbitmq`, a RabbitMQ node (scripts/services/rabbitmq.sh);
-    all stopped and removed afterwards."""
+    Kafka broker (`cluster`: 3 brokers, tests/support/kafka_cluster.py) and, with
+    `rabbitmq`, a RabbitMQ node (scripts/services/rabbitmq.sh); all stopped and removed
+    afterwards."""
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(2) as pool:
         # The brokers start while PostgreSQL does (a JVM's start is the longest wait).
-        kafka = pool.submit(stack.enter_context, services.local_broker("kafka.sh", 3))  # PORT, controller, SASL_SSL
+        if kafka == "cluster":
+            from tests.support.kafka_cluster import kafka_cluster
+
+            brokers = pool.submit(stack.enter_context, kafka_cluster())
+        else:
+            brokers = pool.submit(stack.enter_context, services.local_broker("kafka.sh", 3))  # PORT, controller, SASL
         rabbit = pool.submit(stack.enter_context, services.local_broker("rabbitmq.sh", 4)) if rabbitmq else None
         if postgres == "failover":
             from tests.support import failover
@@ -193,13 +209,12 @@ def started_services(postgres: str, *, rabbitmq: bool = False) -> Iterator[Start
             dsn, extra = cluster.dsn, {}
         if rabbit is not None:
             extra["rabbitmq"] = rabbit.result()
-        yield Started(cluster, dsn, settings, kafka.result(), extra)
-
-
-def create_topic(bootstrap: str, topic: str) -> None:
-    """The soak's topic: 3 partitions, records stamped with the broker's append time
-    (the checker's throughput over time, and the WAL source's in-flight bound)."""
-    asyncio.run(kafka_create_topic(bootstrap, topic, partitions=3, **APPEND_TIME))
+        if kafka == "cluster":
+            extra["kafka_cluster"] = brokers.result()
+            yield Started(cluster, dsn, settings, None, extra["kafka_cluster"].bootstrap, extra)
+        else:
+            single = brokers.result()
+            yield Started(cluster, dsn, settings, single, f"127.0.0.1:{single.port}", extra)
 
 
 def rabbitmq_url(broker: services.LocalBroker) -> str:

@@ -55,6 +55,7 @@ class FaultKind:
     in_flight: str
     inject: Callable[[Soak, random.Random], Injected]
     weight: float
+    outages: int  # how many times over it has `in_flight` (a rolling restart: once per broker)
 
 
 REGISTRY: dict[str, FaultKind] = {}
@@ -68,11 +69,12 @@ def fault(
     heals_in: float,
     in_flight: str,
     weight: float = 1.0,
+    outages: int = 1,
 ) -> Callable[[Callable[[Soak, random.Random], Injected]], Callable[[Soak, random.Random], Injected]]:
     assert in_flight in IN_FLIGHT, in_flight
 
     def register(inject: Callable[[Soak, random.Random], Injected]) -> Callable[[Soak, random.Random], Injected]:
-        REGISTRY[name] = FaultKind(name, frozenset(needs), hold, heals_in, in_flight, inject, weight)
+        REGISTRY[name] = FaultKind(name, frozenset(needs), hold, heals_in, in_flight, inject, weight, outages)
         return inject
 
     return register
@@ -113,6 +115,59 @@ def rabbitmq_stop(soak: Soak, rng: random.Random) -> Injected:
     node = soak.extra["rabbitmq"]
     node.stop()
     return Injected("RabbitMQ stopped", node.start)
+
+
+def _restore(soak: Soak) -> Callable[[], str]:
+    """A cluster fault's heal: every node started again, and the cluster healthy (every
+    partition led and fully in sync) before the schedule goes on."""
+
+    def heal() -> str:
+        soak.extra["kafka_cluster"].restore()
+        return "every broker up, every partition in sync"
+
+    return heal
+
+
+@fault("kafka_leader_kill", needs={"kafka_cluster"}, hold=(2, 10), heals_in=60, in_flight="broker", weight=2)
+def kafka_leader_kill(soak: Soak, rng: random.Random) -> Injected:
+    """The leader of one of the topic's partitions SIGKILLed: the relays' producers move
+    to the new leader (acks=all, min.insync.replicas 2 still met by the other two)."""
+    cluster = soak.extra["kafka_cluster"]
+    partition = rng.randrange(3)
+    leader = cluster.leader(soak.topic, partition)
+    cluster.node(leader).kill()
+    return Injected(f"broker {leader}, leader of partition {partition}, SIGKILLed", _restore(soak))
+
+
+@fault("kafka_two_down", needs={"kafka_cluster"}, hold=(20, 60), heals_in=60, in_flight="broker")
+def kafka_two_down(soak: Soak, rng: random.Random) -> Injected:
+    """2 of the 3 brokers stopped: the one left answers metadata but acks nothing
+    (NotEnoughReplicas under min.insync.replicas 2), the case the half-open circuit is for."""
+    cluster = soak.extra["kafka_cluster"]
+    down = sorted(rng.sample([1, 2, 3], 2))
+    for node in down:
+        cluster.node(node).stop()
+    return Injected(f"brokers {down[0]} and {down[1]} stopped", _restore(soak))
+
+
+@fault("kafka_rolling_restart", needs={"kafka_cluster"}, hold=(0, 0), heals_in=180, in_flight="broker", outages=3)
+def kafka_rolling_restart(soak: Soak, rng: random.Random) -> Injected:
+    """Each broker in turn stopped and started again, the next one only once the cluster
+    is healthy: every partition's leader moves at least once."""
+    cluster = soak.extra["kafka_cluster"]
+    for node in (1, 2, 3):
+        cluster.node(node).stop()
+        _restore(soak)()
+    return Injected("brokers 1, 2, 3 restarted in turn", _restore(soak))
+
+
+@fault("kafka_controller_kill", needs={"kafka_cluster"}, hold=(2, 10), heals_in=60, in_flight="broker")
+def kafka_controller_kill(soak: Soak, rng: random.Random) -> Injected:
+    """The active controller (the metadata quorum's leader) SIGKILLed."""
+    cluster = soak.extra["kafka_cluster"]
+    controller = cluster.controller()
+    cluster.node(controller).kill()
+    return Injected(f"broker {controller}, the active controller, SIGKILLed", _restore(soak))
 
 
 def postgres_restart(mode: str) -> Callable[[Soak, random.Random], Injected]:
@@ -191,6 +246,7 @@ class Executed:
     wall_injected: float  # time.time(): the broker's append times are on this clock
     hold: float
     committed_before: int  # messages the writers had committed when it began
+    outages: int = 1
     detail: str = ""
     t_healed: float | None = None
     healed: str = ""
@@ -233,6 +289,7 @@ class Schedule:
                 time.time(),
                 item.hold,
                 self.committed(),
+                kind.outages,
             )
             self.executed.append(record)
             try:

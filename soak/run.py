@@ -19,7 +19,6 @@ from soak.environment import (
     WRITERS_TOPIC,
     Replicas,
     Soak,
-    create_topic,
     rabbitmq_url,
     relay_configs,
     started_services,
@@ -40,6 +39,7 @@ class Options:
     out: Path
     rate: float = 100.0
     source: str = "table"
+    kafka: str = "single"  # or "cluster": 3 brokers, topics with 3 replicas and min.insync.replicas 2
     rabbitmq: bool = False  # a quarter of the messages through a RabbitMQ node too
     postgres: str = "single"  # or "failover": a primary and its synchronous standby
     replicas: int = 3
@@ -57,10 +57,10 @@ def run(options: Options) -> dict[str, Any]:
     begun = time.monotonic()
     options.out.mkdir(parents=True, exist_ok=True)
     say(f"seed {options.seed}, {options.minutes:g} min, source {options.source}, out {options.out}")
-    with started_services(options.postgres, rabbitmq=options.rabbitmq) as started:
-        bootstrap = f"127.0.0.1:{started.kafka.port}"
+    with started_services(options.postgres, kafka=options.kafka, rabbitmq=options.rabbitmq) as started:
+        bootstrap = started.bootstrap
         topic = f"soak-{uuid.uuid4().hex[:8]}"
-        create_topic(bootstrap, topic)
+        started.create_topic(topic)
         say(f"services up after {time.monotonic() - begun:.0f} s: PostgreSQL {started.dsn}, Kafka {bootstrap}")
         with outbox_in(started.dsn, options.source) as outbox:
             rabbitmq = started.extra.get("rabbitmq")
@@ -207,6 +207,7 @@ def _summary(
         "source": options.source,
         "replicas": options.replicas,
         "postgres": options.postgres,
+        "kafka": options.kafka,
         "rabbitmq": options.rabbitmq,
         "relay": {"batch_size": BATCH, "workers": WORKERS, "retention": RETENTION, "postgres": soak.pg_settings},
         "writers": {
