@@ -217,6 +217,8 @@ class RabbitAdapter:
         # connection was lost (that node may be the one that went away).
         self._next_address = 0
         self._address = 0  # of the current (or last) connection
+        # Set by a nack on the current channel: the next batch goes on a new channel.
+        self._renew_channel = False
 
     # -- connection --------------------------------------------------------------------
 
@@ -272,6 +274,7 @@ class RabbitAdapter:
             except TimeoutError:
                 raise ConnectionError(f"not connected within {self.options.connect_timeout:g}s") from None
             self._connection = connection
+            self._renew_channel = False
             await self._open_channel()
             if self.options.exchange:
                 problem = await self._ensure_exchange(self.options.exchange)
@@ -315,14 +318,17 @@ class RabbitAdapter:
         if the connection was lost, as publish would. The engine probes a broker that
         stopped answering with ready() before it sends it messages again, so "the socket
         is open" is not enough: a black-holed connection looks open until the heartbeat
-        gives up on it."""
+        gives up on it. A connection that opens no channel within connect_timeout is
+        given up at once (see _give_up), so the next probe connects again, to the next
+        address."""
         connection = self._connection
         if connection is None or not connection.is_open:
             async with self._lock:
                 return await self._ensure_open() is None
         try:
             channel = await self._side_channel()
-        except Exception:
+        except Exception as exc:
+            self._give_up(connection, f"no channel within {self.options.connect_timeout:g}s: {first_line(exc)}")
             return False
         with contextlib.suppress(Exception):
             channel.close()
@@ -345,6 +351,22 @@ class RabbitAdapter:
 
         self._connection.channel(on_open_callback=on_open)
         return await asyncio.wait_for(opened, self.options.connect_timeout)
+
+    def _give_up(self, connection: Any, why: str) -> None:
+        """Drop a connection that looks open but answers nothing (a frozen node, a black
+        hole): only the AMQP heartbeat would close it, after up to two heartbeats
+        (a minute by default), and until then every probe and publish would wait on it
+        instead of trying the next address."""
+        current = self._connection
+        if current is None or connection is not current:
+            return  # already replaced
+        self._connection = None
+        self._channel = None
+        self._next_address = (self._address + 1) % len(self.options.addresses)
+        self._fail_unconfirmed(f"connection given up: {why}")
+        log.info("rabbitmq_connection_given_up", broker=self.name, address=where(self.options.addresses[self._address]))
+        with contextlib.suppress(Exception):
+            current.close()
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
         if connection is not self._connection and self._connection is not None:
@@ -394,6 +416,26 @@ class RabbitAdapter:
                 await self._open_channel()
         except Exception as exc:
             return f"RabbitMQ unreachable: {exc}"
+        return None
+
+    async def _new_channel(self) -> str | None:
+        """Replace a channel the broker nacked on. A channel's quorum queue client can
+        stay bound to a leader that is gone: RabbitMQ 3.10 took it from the queue's
+        record, stale while a node was cut off, and that channel then nacked every
+        publish for minutes, while a new channel on the same connection found the new
+        leader (tests/clusters/test_rabbitmq_cluster.py, the partition). A nack is rare
+        otherwise (a full queue with x-overflow reject-publish), so a new channel per
+        batch that had one costs little."""
+        self._renew_channel = False
+        old = self._channel
+        try:
+            await self._open_channel()
+        except Exception as exc:
+            return f"RabbitMQ unreachable: {exc}"
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+        log.info("rabbitmq_channel_renewed", broker=self.name, reason="nacked by the broker")
         return None
 
     # -- exchanges -----------------------------------------------------------------------
@@ -489,6 +531,7 @@ class RabbitAdapter:
             if future.done():
                 continue
             if not acked:
+                self._renew_channel = True
                 future.set_result(PublishResult.transient("nacked by the broker"))
             elif returned is not None:
                 future.set_result(PublishResult.permanent(returned))
@@ -558,6 +601,8 @@ class RabbitAdapter:
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         async with self._lock:  # one batch at a time keeps delivery tags in step
             problem = await self._ensure_open()
+            if problem is None and self._renew_channel:
+                problem = await self._new_channel()
             if problem is not None:
                 return [PublishResult.unavailable(problem)] * len(batch)
             stops = KeyStops()

@@ -170,12 +170,19 @@ load_instance() {
 # A node that has not written its pid file yet is found by its -home argument: a start
 # that gives up must not leave it booting (a later stop, finding no pid file, would
 # not stop it).
-kill_booting_node() {
+booting_pids() {
   local proc
   for proc in /proc/[0-9]*; do
-    if tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -qF -- "-home $DIR "; then
-      kill -KILL "${proc#/proc/}" 2>/dev/null || true
+    if tr '\0' ' ' 2>/dev/null <"$proc/cmdline" | grep -qF -- "-home $DIR "; then
+      printf '%s\n' "${proc#/proc/}"
     fi
+  done
+}
+
+kill_booting_node() {
+  local pid
+  for pid in $(booting_pids); do
+    kill -KILL "$pid" 2>/dev/null || true
   done
 }
 
@@ -252,6 +259,9 @@ EOF
 
 fail_start() {
   show_tail 20 "$DIR/startup.log"
+  if [[ -f "$DIR/erl_crash.dump" ]]; then
+    log "$(grep -m1 '^Slogan' "$DIR/erl_crash.dump" 2>/dev/null || true)"
+  fi
   local f
   for f in "$DIR"/log/*.log; do
     [[ -f "$f" ]] || continue
@@ -293,8 +303,12 @@ cmd_start() {
     fail_start "rabbitmq-server -detached failed"
   fi
 
-  # Wait for the pid file, then for the node to report itself running.
+  # Wait for the pid file, then for the node to report itself running. A node that
+  # died before writing it (a port taken meanwhile: see erl_crash.dump) fails at once.
   while ! pid="$(running_pid)"; do
+    if [[ -z "$(booting_pids)" ]] && ! pid="$(running_pid)"; then
+      fail_start "node $NODE exited before writing $DIR/rabbitmq.pid"
+    fi
     if ((SECONDS >= deadline)); then
       kill_booting_node
       fail_start "node $NODE did not write $DIR/rabbitmq.pid within ${START_TIMEOUT}s (killed it)"
