@@ -480,3 +480,54 @@ async def test_a_kafka_adapter_without_a_producer_starts_one_once_or_says_why_no
     # Three workers at once: one start, under the lifecycle lock; the others find it done.
     assert await asyncio.gather(*calls) == [None, None, None]
     assert starts.count(2) == 1
+
+
+class _Silent:
+    """A connection or channel that looks open and never answers (a frozen node)."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def channel(self, on_open_callback: object) -> None:
+        pass  # the channel never opens
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_rabbitmq_probe_that_opens_no_channel_gives_the_connection_up() -> None:
+    # Only the heartbeat would close it (up to two heartbeats); until then every probe
+    # and publish would wait on it instead of trying the next address.
+    adapter = rabbitmq.create("mq", {"urls": ["amqp://a/%2F", "amqp://b/%2F"], "connect_timeout": "50ms"})
+    frozen = _Silent()
+    adapter._connection = frozen  # type: ignore[assignment]
+    assert await adapter.ready() is False
+    assert adapter._connection is None and frozen.closed, "the silent connection is given up"
+    assert adapter._next_address == 1, "the next connect starts with the next node"
+
+
+async def test_after_a_rabbitmq_nack_the_next_batch_goes_on_a_new_channel() -> None:
+    # RabbitMQ 3.10 can leave a channel bound to a quorum queue leader that is gone,
+    # nacking every publish (tests/clusters/test_rabbitmq_cluster.py, the partition).
+    adapter = rabbitmq.create("mq", {"url": "amqp://guest:guest@127.0.0.1:5672/%2F"})
+    old, new = _Silent(), _Silent()
+    adapter._channel = old  # type: ignore[assignment]
+    nacked: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    adapter._unconfirmed[1] = (nacked, "m-1")  # type: ignore[assignment]
+    adapter._on_confirm(types.SimpleNamespace(method=pika.spec.Basic.Nack(delivery_tag=1)), old)
+    assert nacked.done()
+
+    async def opened() -> None:
+        adapter._channel = new  # type: ignore[assignment]
+
+    async def already_open() -> None:
+        return None
+
+    adapter._ensure_open = already_open  # type: ignore[method-assign]
+    adapter._open_channel = opened  # type: ignore[method-assign]
+    assert await adapter.publish([]) == []
+    assert adapter._channel is new and old.closed, "the nacking channel is replaced and closed"
+    adapter._open_channel = None  # type: ignore[assignment,method-assign]  # not called again
+    assert await adapter.publish([]) == [], "one new channel per nack, not per batch"
