@@ -40,6 +40,11 @@ def parse(argv: list[str]) -> Options:
         help="cluster: 3 brokers (kafka.sh cluster-start), topics with 3 replicas and min.insync.replicas 2",
     )
     parser.add_argument(
+        "--toxiproxy",
+        action="store_true",
+        help="the relays reach PostgreSQL (single), Kafka (single) and RabbitMQ through toxiproxy: network faults",
+    )
+    parser.add_argument(
         "--rabbitmq", action="store_true", help="a RabbitMQ node too: a quarter of the messages go through it"
     )
     parser.add_argument(
@@ -65,17 +70,18 @@ def parse(argv: list[str]) -> Options:
     out = args.out or ROOT / "soak" / "results" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-seed{seed}"
     only = [k.strip() for k in args.faults.split(",") if k.strip()] or None
     return Options(
-        args.minutes,
-        seed,
-        out,
-        args.rate,
-        args.source,
-        args.kafka,
-        args.rabbitmq,
-        args.postgres,
-        args.replicas,
-        only,
-        (low, high),
+        minutes=args.minutes,
+        seed=seed,
+        out=out,
+        rate=args.rate,
+        source=args.source,
+        kafka=args.kafka,
+        rabbitmq=args.rabbitmq,
+        toxiproxy=args.toxiproxy,
+        postgres=args.postgres,
+        replicas=args.replicas,
+        only=only,
+        gap=(low, high),
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from outbox_relay.demo import local_postgres
 from outbox_relay.operations import schema_manager
@@ -157,8 +158,10 @@ class Replicas:
 @dataclass
 class Started:
     """The services as started: the PostgreSQL cluster the faults act on, the DSN the
-    writers and relays use, the settings to start it again with, the Kafka broker, and
-    what later fault kinds need (Soak.extra)."""
+    writers use, the settings to start it again with, the Kafka broker (None with a
+    cluster), the bootstrap servers the checker reads, what the relays connect to
+    (`relay_dsn`, `relay_bootstrap`, `relay_amqp`: through toxiproxy with --toxiproxy),
+    and what later fault kinds need (Soak.extra)."""
 
     postgres: local_postgres.LocalPostgres
     dsn: str
@@ -166,6 +169,15 @@ class Started:
     kafka: services.LocalBroker | None
     bootstrap: str
     extra: dict[str, Any]
+    relay_dsn: str = ""
+    relay_bootstrap: str = ""
+    relay_amqp: str | None = None
+
+    def __post_init__(self) -> None:
+        self.relay_dsn = self.relay_dsn or self.dsn
+        self.relay_bootstrap = self.relay_bootstrap or self.bootstrap
+        if self.relay_amqp is None and "rabbitmq" in self.extra:
+            self.relay_amqp = rabbitmq_url(self.extra["rabbitmq"].port)
 
     def create_topic(self, topic: str) -> None:
         """The soak's topic: 3 partitions (on a cluster 3 replicas, min.insync.replicas
@@ -178,18 +190,29 @@ class Started:
 
 
 @contextlib.contextmanager
-def started_services(postgres: str, *, kafka: str = "single", rabbitmq: bool = False) -> Iterator[Started]:
+def started_services(
+    postgres: str, *, kafka: str = "single", rabbitmq: bool = False, toxiproxy: bool = False
+) -> Iterator[Started]:
     """PostgreSQL with the outbox schema (`single`: one cluster; `failover`: a primary
     and its synchronous standby, tests/support/failover.py, the DSN naming both), a
-    Kafka broker (`cluster`: 3 brokers, tests/support/kafka_cluster.py) and, with
-    `rabbitmq`, a RabbitMQ node (scripts/services/rabbitmq.sh); all stopped and removed
-    afterwards."""
+    Kafka broker (`cluster`: 3 brokers, tests/support/kafka_cluster.py), with `rabbitmq`
+    a RabbitMQ node (scripts/services/rabbitmq.sh), and with `toxiproxy` a toxiproxy
+    server (scripts/services/toxiproxy.sh) between the relays and each service it can
+    stand in front of: PostgreSQL (single), Kafka (single: a listener of its own whose
+    metadata names the proxy, kafka.sh KAFKA_PROXY_PORT) and RabbitMQ; all stopped and
+    removed afterwards."""
+    proxied = toxiproxy and kafka == "single"
+    kafka_proxy_port = local_postgres.free_port() if proxied else None
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(2) as pool:
         # The brokers start while PostgreSQL does (a JVM's start is the longest wait).
         if kafka == "cluster":
             from tests.support.kafka_cluster import kafka_cluster
 
             brokers = pool.submit(stack.enter_context, kafka_cluster())
+        elif kafka_proxy_port:
+            # PORT, controller, SASL_SSL, and the listener behind the proxy
+            env = {"KAFKA_PROXY_PORT": str(kafka_proxy_port)}
+            brokers = pool.submit(stack.enter_context, services.local_broker("kafka.sh", 4, env=env))
         else:
             brokers = pool.submit(stack.enter_context, services.local_broker("kafka.sh", 3))  # PORT, controller, SASL
         rabbit = pool.submit(stack.enter_context, services.local_broker("rabbitmq.sh", 4)) if rabbitmq else None
@@ -211,33 +234,57 @@ def started_services(postgres: str, *, kafka: str = "single", rabbitmq: bool = F
             extra["rabbitmq"] = rabbit.result()
         if kafka == "cluster":
             extra["kafka_cluster"] = brokers.result()
-            yield Started(cluster, dsn, settings, None, extra["kafka_cluster"].bootstrap, extra)
+            started = Started(cluster, dsn, settings, None, extra["kafka_cluster"].bootstrap, extra)
         else:
             single = brokers.result()
-            yield Started(cluster, dsn, settings, single, f"127.0.0.1:{single.port}", extra)
+            started = Started(cluster, dsn, settings, single, f"127.0.0.1:{single.port}", extra)
+        if toxiproxy:
+            proxies = stack.enter_context(proxied_services(started, kafka_proxy_port, postgres == "single"))
+            if proxies:  # none with a cluster, a failover pair and no RabbitMQ: no network faults
+                extra["toxiproxy"] = proxies
+        yield started
 
 
-def rabbitmq_url(broker: services.LocalBroker) -> str:
-    return f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F"
+@contextlib.contextmanager
+def proxied_services(started: Started, kafka_port: int | None, postgres: bool) -> Iterator[dict[str, Any]]:
+    """A toxiproxy server with a proxy in front of each service it can proxy, and the
+    relays' addresses in `started` pointed at them; yields the proxies by service."""
+    with services.toxiproxy() as api:
+        proxies: dict[str, Any] = {}
+        if postgres:
+            proxies["postgres"] = api.proxy("soak-postgres", f"127.0.0.1:{started.postgres.port}")
+            started.relay_dsn = make_conninfo(started.dsn, host="127.0.0.1", port=str(proxies["postgres"].port))
+        if kafka_port is not None and started.kafka is not None:
+            upstream = f"127.0.0.1:{started.kafka.port + 3}"
+            proxies["kafka"] = api.proxy("soak-kafka", upstream, listen=f"127.0.0.1:{kafka_port}")
+            started.relay_bootstrap = proxies["kafka"].address
+        if "rabbitmq" in started.extra:
+            proxies["rabbitmq"] = api.proxy("soak-rabbitmq", f"127.0.0.1:{started.extra['rabbitmq'].port}")
+            started.relay_amqp = rabbitmq_url(proxies["rabbitmq"].port)
+        yield proxies
 
 
-def relay_configs(
-    out: Path, outbox: Outbox, bootstrap: str, topic: str, replicas: int, rabbitmq: str | None = None
-) -> dict[str, Path]:
-    """Each replica's config: every message to Kafka's `topic`, but with `rabbitmq` (its
-    URL) the topic RABBITMQ_TOPIC to RabbitMQ's exchange of the same name as `topic`."""
+def rabbitmq_url(port: int) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+
+
+def relay_configs(out: Path, outbox: Outbox, started: Started, topic: str, replicas: int) -> dict[str, Path]:
+    """Each replica's config: the relay's addresses of `started` (through toxiproxy, if
+    it runs), every message to Kafka's `topic`, but with RabbitMQ the topic
+    RABBITMQ_TOPIC to RabbitMQ's exchange of the same name as `topic`."""
     (out / "relays").mkdir(parents=True, exist_ok=True)
-    brokers: dict[str, Any] = {"kafka": {"type": "kafka", "bootstrap_servers": bootstrap, "request_timeout": "5s"}}
+    kafka = {"type": "kafka", "bootstrap_servers": started.relay_bootstrap, "request_timeout": "5s"}
+    brokers: dict[str, Any] = {"kafka": kafka}
     routes: list[dict[str, Any]] = [{"topic": "*", "broker": "kafka", "destination": topic}]
-    if rabbitmq:
-        brokers["mq"] = {"type": "rabbitmq", "url": rabbitmq, "exchange": topic, "connect_timeout": "2s"}
+    if started.relay_amqp:
+        brokers["mq"] = {"type": "rabbitmq", "url": started.relay_amqp, "exchange": topic, "connect_timeout": "2s"}
         routes.insert(0, {"topic": RABBITMQ_TOPIC, "broker": "mq"})
     configs = {}
     for i in range(replicas):
         name = f"r{i}"
         configs[name] = write_config(
             out / "relays" / f"{name}.yaml",
-            relay_dsn(outbox.dsn, name),
+            relay_dsn(started.relay_dsn, name),
             brokers=brokers,
             routes=routes,
             timing=PATIENT,

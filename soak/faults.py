@@ -202,6 +202,62 @@ def postgres_failover(soak: Soak, rng: random.Random) -> Injected:
     return Injected(f"primary (port {pair.primary.port}) SIGKILLed", heal)
 
 
+# Network faults between the relays and one of their services, through toxiproxy
+# (tests/support/toxiproxy.py; --toxiproxy): each kind's toxics on the proxy of a
+# service drawn at random, removed by its heal. (kind, hold, what, the toxics to add:
+# (type, stream, attributes)); `cut` disables the proxy instead (every connection
+# dropped, new ones refused).
+NETWORK: dict[str, tuple[tuple[float, float], str, list[tuple[str, str, dict[str, Any]]]]] = {
+    "net_latency": (
+        (10, 30),
+        "500 ms +/- 100 ms of latency",
+        [("latency", "downstream", {"latency": 500, "jitter": 100})],
+    ),
+    "net_bandwidth": (
+        (10, 30),
+        "10 KB/s each way",
+        [("bandwidth", s, {"rate": 10}) for s in ("downstream", "upstream")],
+    ),
+    "net_black_hole": (
+        (5, 20),
+        "a black hole: bytes dropped, no reset",
+        [("timeout", s, {"timeout": 0}) for s in ("downstream", "upstream")],
+    ),
+    "net_reset_peer": (
+        (1, 5),
+        "every connection reset (TCP RST) at its first data",
+        [("reset_peer", "upstream", {"timeout": 0})],
+    ),
+    "net_slicer": (
+        (10, 30),
+        "answers cut into 1-127 byte pieces, 1 ms apart",
+        [("slicer", "downstream", {"average_size": 64, "size_variation": 63, "delay": 1000})],
+    ),
+    "net_cut": ((1, 5), "the proxy disabled: connections dropped, new ones refused", []),
+}
+
+
+def network_fault(name: str) -> Callable[[Soak, random.Random], Injected]:
+    hold, what, toxics = NETWORK[name]
+
+    def inject(soak: Soak, rng: random.Random) -> Injected:
+        proxies = soak.extra["toxiproxy"]
+        service = rng.choice(sorted(proxies))
+        proxy = proxies[service]
+        if not toxics:
+            proxy.disable()
+            return Injected(f"{service}: {what}", proxy.enable)
+        names = [proxy.add(kind, stream=stream, **attributes) for kind, stream, attributes in toxics]
+        return Injected(f"{service}: {what}", lambda: proxy.remove(*names))
+
+    inject.__doc__ = f"Between the relays and a service: {what}, for {hold[0]:g}-{hold[1]:g} s."
+    return inject
+
+
+for _name, (_hold, _, _) in NETWORK.items():
+    fault(_name, needs={"toxiproxy"}, hold=_hold, heals_in=5, in_flight="broker")(network_fault(_name))
+
+
 @dataclass
 class Planned:
     """One fault of the schedule: `gap` quiet seconds after the previous one healed,

@@ -41,6 +41,7 @@ class Options:
     source: str = "table"
     kafka: str = "single"  # or "cluster": 3 brokers, topics with 3 replicas and min.insync.replicas 2
     rabbitmq: bool = False  # a quarter of the messages through a RabbitMQ node too
+    toxiproxy: bool = False  # the relays reach their services through toxiproxy
     postgres: str = "single"  # or "failover": a primary and its synchronous standby
     replicas: int = 3
     only: list[str] | None = None
@@ -57,17 +58,18 @@ def run(options: Options) -> dict[str, Any]:
     begun = time.monotonic()
     options.out.mkdir(parents=True, exist_ok=True)
     say(f"seed {options.seed}, {options.minutes:g} min, source {options.source}, out {options.out}")
-    with started_services(options.postgres, kafka=options.kafka, rabbitmq=options.rabbitmq) as started:
+    with started_services(
+        options.postgres, kafka=options.kafka, rabbitmq=options.rabbitmq, toxiproxy=options.toxiproxy
+    ) as started:
         bootstrap = started.bootstrap
         topic = f"soak-{uuid.uuid4().hex[:8]}"
         started.create_topic(topic)
         say(f"services up after {time.monotonic() - begun:.0f} s: PostgreSQL {started.dsn}, Kafka {bootstrap}")
         with outbox_in(started.dsn, options.source) as outbox:
-            rabbitmq = started.extra.get("rabbitmq")
-            url = rabbitmq_url(rabbitmq) if rabbitmq else None
-            if url:
-                RabbitQueue(url, topic, f"{topic}.q", arguments=QUORUM).close()  # declared before anyone publishes
-            configs = relay_configs(options.out, outbox, bootstrap, topic, options.replicas, url)
+            if "rabbitmq" in started.extra:  # the queue declared before anyone publishes
+                url = rabbitmq_url(started.extra["rabbitmq"].port)
+                RabbitQueue(url, topic, f"{topic}.q", arguments=QUORUM).close()
+            configs = relay_configs(options.out, outbox, started, topic, options.replicas)
             replicas = Replicas(configs)
             soak = Soak(
                 options.out,
@@ -137,7 +139,7 @@ def _soak(soak: Soak, options: Options, begun: float) -> dict[str, Any]:
     say(f"drained in {drain_s:.0f} s; reading {soak.topic} back")
     queue = None
     if soak.has("rabbitmq"):
-        queue = RabbitQueue(rabbitmq_url(soak.extra["rabbitmq"]), soak.topic, f"{soak.topic}.q", arguments=QUORUM)
+        queue = RabbitQueue(rabbitmq_url(soak.extra["rabbitmq"].port), soak.topic, f"{soak.topic}.q", arguments=QUORUM)
     try:
         found = checker.read_back(soak.bootstrap, soak.topic, 120 + len(ledger.committed) / 1000, queue)
     finally:
@@ -209,6 +211,7 @@ def _summary(
         "postgres": options.postgres,
         "kafka": options.kafka,
         "rabbitmq": options.rabbitmq,
+        "toxiproxy": sorted(soak.extra.get("toxiproxy", {})),
         "relay": {"batch_size": BATCH, "workers": WORKERS, "retention": RETENTION, "postgres": soak.pg_settings},
         "writers": {
             "rate_target": options.rate,
