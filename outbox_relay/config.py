@@ -52,6 +52,12 @@ class DatabaseConfig(_Model):
     dsn: SecretStr
     schema_name: str = Field(default=DEFAULT_SCHEMA, alias="schema")
     connect_timeout: Duration = 10.0
+    # How long the relay waits for the database to answer (a claim, a mark, a commit, the
+    # LISTEN connection's check) before it gives the connection up as dead and connects
+    # again: a hung server or a black-holed network never closes it (connections.py,
+    # AnswerDeadline). Far above any healthy answer; a synchronous standby that is down
+    # makes COMMIT wait too, and the connection is then replaced every query_timeout.
+    query_timeout: Duration = 60.0
     # Statements the relay runs this many times on a connection become server-side
     # prepared statements (psycopg's default). null: never, as a pooler in transaction
     # mode (pgbouncer before 1.21) requires: a prepared statement lives in one server
@@ -67,6 +73,11 @@ class DatabaseConfig(_Model):
             return validate_schema_name(value)
         except ConfigError as exc:
             raise ValueError(exc.reason) from None
+
+    @field_validator("query_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        return _must_be_positive(value)
 
 
 class RetryConfig(_Model):

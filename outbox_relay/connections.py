@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -105,3 +110,64 @@ async def connect_with_retry(
         with attempt:
             return await connect_once(dsn, autocommit=autocommit, prepare_threshold=prepare_threshold)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class AnswerDeadline:
+    """Gives a connection up when its server stops answering for `seconds`.
+
+    A server that hangs (its processes frozen, its host's kernel still acknowledging) or
+    a network that swallows data without a reset (a proxy's black hole) leaves a
+    connection waiting for an answer forever: keepalives only cover idle connections,
+    and `tcp_user_timeout` only data the peer's kernel never acknowledged. So each run
+    of database calls is watched (`with deadline:`, with `paused()` around the broker
+    calls in between), and one that outlives `seconds` has its socket shut down: every
+    call waiting on it fails at once with psycopg.OperationalError, the transaction
+    included (no ROLLBACK to wait for), and the caller reconnects as after any lost
+    connection, to whichever host of the DSN now accepts writes (a failover)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], seconds: float, *, purpose: str):
+        self._conn = conn
+        self._seconds = seconds
+        self._purpose = purpose
+        self._timer: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def __enter__(self) -> AnswerDeadline:
+        self._arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._disarm()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Not the database's time (a broker's): the deadline starts afresh after it."""
+        self._disarm()
+        try:
+            yield
+        finally:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.expired = True
+        log.warning("database_no_answer", purpose=self._purpose, waited_s=self._seconds)
+        shut_down(self._conn)
+
+
+def shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Shut the connection's socket down (both ways) without closing its descriptor,
+    which psycopg still waits on: the wait ends with an error instead of never."""
+    with contextlib.suppress(OSError, psycopg.Error):
+        fd = os.dup(conn.pgconn.socket)
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)

@@ -99,6 +99,7 @@ class Relay:
             retry_max=relay.retry.max,
             skipped_query=self._queries["skipped_wakeups"],
             prepare_threshold=config.database.prepare_threshold,
+            query_timeout=config.database.query_timeout,
         )
         self._maintenance = Maintenance(
             self._dsn,

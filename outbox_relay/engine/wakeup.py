@@ -16,7 +16,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from outbox_relay.connections import PREPARE_THRESHOLD, connect_with_retry
+from outbox_relay.connections import PREPARE_THRESHOLD, AnswerDeadline, connect_with_retry
 from outbox_relay.errors import first_line
 
 log = structlog.get_logger("outbox_relay.wakeup")
@@ -76,8 +76,10 @@ class Listener:
         skipped_query: sql.Composed | None = None,
         check_every: float = SKIP_WATCH_S,
         prepare_threshold: int | None = PREPARE_THRESHOLD,
+        query_timeout: float = 60.0,
     ):
         self._prepare_threshold = prepare_threshold
+        self._query_timeout = query_timeout
         self._dsn = dsn
         self._channel = channel
         self._wakeup = wakeup
@@ -106,11 +108,16 @@ class Listener:
             autocommit=True,
             prepare_threshold=self._prepare_threshold,
         )
+        # A server that stops answering (hung, or a black-holed network) would leave
+        # the check below waiting forever, the workers' NOTIFYs with it: its calls are
+        # answered within query_timeout or the connection is given up (connections.py).
+        deadline = AnswerDeadline(conn, self._query_timeout, purpose="listen")
         try:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-            # Skips before this point are covered by the wake-up below (the workers claim
-            # everything committed so far); the ones after it move the count from here.
-            seen = await self._skipped(conn)
+            with deadline:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                # Skips before this point are covered by the wake-up below (the workers claim
+                # everything committed so far); the ones after it move the count from here.
+                seen = await self._skipped(conn)
             self.connected = True
             log.info("listening", channel=self._channel)
             self._wakeup.notify_all()
@@ -120,7 +127,8 @@ class Listener:
                     self._wakeup.notify_all()
                 # Also proves the connection alive: a silently dead socket would otherwise
                 # leave us listening to nothing.
-                skipped = await self._skipped(conn)
+                with deadline:
+                    skipped = await self._skipped(conn)
                 if skipped != seen:
                     wakes_left = SKIP_WAKES
                 seen = skipped

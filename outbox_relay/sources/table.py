@@ -25,7 +25,7 @@ import structlog
 
 from outbox_relay import tracing
 from outbox_relay.config import Config
-from outbox_relay.connections import connect_with_retry
+from outbox_relay.connections import AnswerDeadline, connect_with_retry
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.store import OutboxStore
@@ -167,23 +167,31 @@ class TableSource:
     ) -> bool:
         """One batch; True when there may be more to claim right away."""
         self.batches_started[worker] = asyncio.get_running_loop().time()
+        # The database's part of the batch (BEGIN and the claim; the marks and COMMIT) must
+        # be answered within query_timeout; the publish has its own (publish_timeout).
+        deadline = AnswerDeadline(conn, self._config.database.query_timeout, purpose="worker")
         try:
-            async with conn.transaction():
-                claim = await self.store.claim(conn, self._config.relay.batch_size)
-                messages = claim.messages
-                if not messages:
-                    return claim.more_keys
-                self.in_flight += len(messages)
-                self._metrics.in_flight.set(self.in_flight)
-                try:
-                    with tracing.batch_span(
-                        [m.headers for m in messages], attributes={"messaging.batch.message_count": len(messages)}
-                    ):
-                        records = await dispatcher.dispatch(messages)
-                    await self.store.record(conn, records)
-                finally:
-                    self.in_flight -= len(messages)
+            with deadline:
+                async with conn.transaction():
+                    claim = await self.store.claim(conn, self._config.relay.batch_size)
+                    messages = claim.messages
+                    if not messages:
+                        return claim.more_keys
+                    self.in_flight += len(messages)
                     self._metrics.in_flight.set(self.in_flight)
+                    try:
+                        with (
+                            deadline.paused(),
+                            tracing.batch_span(
+                                [m.headers for m in messages],
+                                attributes={"messaging.batch.message_count": len(messages)},
+                            ),
+                        ):
+                            records = await dispatcher.dispatch(messages)
+                        await self.store.record(conn, records)
+                    finally:
+                        self.in_flight -= len(messages)
+                        self._metrics.in_flight.set(self.in_flight)
         finally:
             del self.batches_started[worker]
         observer.batch_recorded(messages, records)

@@ -12,6 +12,9 @@ each reconnects to whichever accepts writes.
 - the primary's host cut off the network instead (no reset, no answer): the relay's
   connections, each with a query on its way, give up within tcp_user_timeout and it
   follows the promoted standby;
+- the primary hung instead (every process stopped, its host's kernel still
+  acknowledging): the relay gives its connections up after database.query_timeout and
+  follows the promoted standby;
 - WAL source: the logical slot is not carried to the standby (PostgreSQL 15): the relay
   stops with its one SlotMissing line.
 """
@@ -26,6 +29,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbox_relay import enqueue
@@ -316,3 +320,37 @@ async def test_the_wal_stream_connects_past_a_vanished_first_host(empty_db: str)
                 took = time.monotonic() - started
                 assert stream.system_id, "streaming from the second host"
     assert took < CONNECT_TIMEOUT_S + 15, f"the stream took {took:.0f} s to get past the vanished host"
+
+
+async def test_a_hung_primary_is_left_for_the_promoted_standby_after_the_query_timeout(
+    async_pair: ReplicatedPair, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    # A primary that hangs with its host up (stopped processes, a stuck storage): the
+    # kernel acknowledges every byte, so neither keepalives nor tcp_user_timeout end
+    # the relay's connections; only the relay's own deadline on answers does.
+    topic = await kafka_topic(kafka_bootstrap)
+    config = relay_config(tmp_path, async_pair.dsn, kafka_bootstrap, topic)
+    tree = yaml.safe_load(config.read_text())
+    tree["database"]["query_timeout"] = "5s"
+    config.write_text(yaml.safe_dump(tree))
+    relay = RelayProcess(config)
+    ledger = Ledger()
+    try:
+        ledger.committed.update(enqueue_numbered(async_pair.primary.dsn, topic, 0, 100))
+        wait_for(lambda: not pending(async_pair.primary.dsn), 60, "the first messages dispatched")
+        wait_for(async_pair.caught_up, 30, "the standby holding all of it")
+        async_pair.freeze_primary()
+        try:
+            async_pair.promote()
+            ledger.committed.update(enqueue_numbered(async_pair.standby.dsn, topic, 100, 100))
+            wait_for(
+                lambda: not pending(async_pair.standby.dsn), 120, "the relay dispatching from the promoted standby"
+            )
+            assert logged(relay, "database_no_answer"), "the relay gave its connections to the hung primary up"
+            assert relay.terminate() == 0
+        finally:
+            async_pair.kill_primary()
+    finally:
+        relay.close()
+    received = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_uncommitted")
+    check_delivery(received, ledger, max_duplicates=BATCH * WORKERS)

@@ -124,6 +124,17 @@ class ReplicatedPair:
         """The primary's host gone from the network (`cut_off`) while its processes run."""
         return cut_off(self.primary.port)
 
+    def freeze_primary(self) -> None:
+        """Every process of the primary stopped (SIGSTOP), its sockets left open: a hung
+        server whose host's kernel still acknowledges, so no TCP timeout ever fires.
+        `kill_primary` ends it (a SIGKILL reaches a stopped process)."""
+        pid_file = self.primary.datadir / "data" / "postmaster.pid"
+        postmaster = int(pid_file.read_text().split()[0])
+        os.kill(postmaster, signal.SIGSTOP)
+        for child in _children(postmaster):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGSTOP)
+
     def stop_primary(self, mode: str = "fast") -> None:
         self.primary.stop(mode)
 

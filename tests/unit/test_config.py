@@ -327,6 +327,13 @@ def test_zero_durations_rejected_where_they_must_be_positive(key: str) -> None:
     assert error_of(with_changes(relay={key: "0s"})) == (f"relay.yaml: relay.{key}: must be greater than 0")
 
 
+def test_database_query_timeout_must_be_positive_and_defaults_to_a_minute() -> None:
+    assert error_of(with_changes(database={"dsn": "host=x", "query_timeout": "0s"})) == (
+        "relay.yaml: database.query_timeout: must be greater than 0"
+    )
+    assert parse(with_changes(), source="r", env={}).database.query_timeout == 60.0
+
+
 def test_zero_retention_is_allowed() -> None:
     assert parse(with_changes(relay={"retention": "0s"}), source="r", env={}).relay.retention == 0
 

@@ -1,0 +1,56 @@
+"""A database that stops answering without closing anything: a hung server, or a network
+that swallows data (a toxiproxy black hole: no reset, no data, the proxy's kernel still
+acknowledging, so neither keepalives nor tcp_user_timeout end the connection). The
+relay gives such a connection up after `database.query_timeout` and connects again, to
+whichever host of its DSN answers (connections.py, AnswerDeadline)."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from outbox_relay import enqueue
+from outbox_relay.config import Config
+from outbox_relay.testing import FakeAdapter
+from tests.support.configs import make_config
+from tests.support.relay import running_relay
+from tests.support.toxiproxy import MakeProxy
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def enqueue_numbered(dsn: str, first: int, count: int) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {str(enqueue(conn, "t", {"n": n}, key="k")) for n in range(first, first + count)}
+
+
+def with_query_timeout(config: Config, seconds: float) -> Config:
+    return config.model_copy(update={"database": config.database.model_copy(update={"query_timeout": seconds})})
+
+
+async def test_a_black_holed_database_connection_is_given_up_and_the_next_host_used(db: str, proxy: MakeProxy) -> None:
+    server = conninfo_to_dict(db)
+    through = proxy(f"127.0.0.1:{server.get('port', 5432)}")
+    # First host: the proxy; second: the same server directly (as a failover's new
+    # primary would be). libpq keeps the first host that answers.
+    dsn = make_conninfo(db, host="127.0.0.1,127.0.0.1", port=f"{through.port},{server.get('port', 5432)}")
+    fake = FakeAdapter()
+    config = with_query_timeout(make_config(dsn, workers=2, batch_size=10), 2.0)
+    async with running_relay(config, {"main": fake}):
+        before = enqueue_numbered(db, 0, 20)
+        await wait_until(lambda: before <= set(fake.delivered_ids), timeout=30)
+        with through.black_holed():
+            # Every connection the relay holds goes through the proxy and now waits for
+            # an answer that never comes; only giving them up reaches the second host.
+            after = enqueue_numbered(db, 20, 20)
+            await wait_until(lambda: after <= set(fake.delivered_ids), timeout=90)
+    firsts: list[int] = []
+    for out in fake.delivered:
+        n = json.loads(out.message.payload)["n"]
+        if n not in firsts:
+            firsts.append(n)
+    assert firsts == list(range(40)), "the key's messages first delivered in order across the reconnect"
