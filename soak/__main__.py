@@ -45,7 +45,11 @@ def parse(argv: list[str]) -> Options:
         help="the relays reach PostgreSQL (single), Kafka (single) and RabbitMQ through toxiproxy: network faults",
     )
     parser.add_argument(
-        "--rabbitmq", action="store_true", help="a RabbitMQ node too: a quarter of the messages go through it"
+        "--rabbitmq",
+        nargs="?",
+        const="single",
+        choices=("single", "cluster"),
+        help="RabbitMQ too (a node, or with 'cluster' 3 of them): a quarter of the messages go through it",
     )
     parser.add_argument(
         "--postgres",

@@ -52,6 +52,7 @@ class Soak:
     topic: str
     replicas: Replicas
     pg_settings: dict[str, str] = field(default_factory=lambda: dict(PG_SETTINGS))  # to start it again with
+    amqp: list[str] = field(default_factory=list)  # RabbitMQ's node URLs (none: no RabbitMQ)
     extra: dict[str, Any] = field(default_factory=dict)  # what later fault kinds act on, by capability
 
     def has(self, capability: str) -> bool:
@@ -169,15 +170,15 @@ class Started:
     kafka: services.LocalBroker | None
     bootstrap: str
     extra: dict[str, Any]
+    amqp: list[str] = field(default_factory=list)  # RabbitMQ's node URLs, for the checker
     relay_dsn: str = ""
     relay_bootstrap: str = ""
-    relay_amqp: str | None = None
+    relay_amqp: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.relay_dsn = self.relay_dsn or self.dsn
         self.relay_bootstrap = self.relay_bootstrap or self.bootstrap
-        if self.relay_amqp is None and "rabbitmq" in self.extra:
-            self.relay_amqp = rabbitmq_url(self.extra["rabbitmq"].port)
+        self.relay_amqp = self.relay_amqp or list(self.amqp)
 
     def create_topic(self, topic: str) -> None:
         """The soak's topic: 3 partitions (on a cluster 3 replicas, min.insync.replicas
@@ -191,15 +192,16 @@ class Started:
 
 @contextlib.contextmanager
 def started_services(
-    postgres: str, *, kafka: str = "single", rabbitmq: bool = False, toxiproxy: bool = False
+    postgres: str, *, kafka: str = "single", rabbitmq: str | None = None, toxiproxy: bool = False
 ) -> Iterator[Started]:
     """PostgreSQL with the outbox schema (`single`: one cluster; `failover`: a primary
     and its synchronous standby, tests/support/failover.py, the DSN naming both), a
     Kafka broker (`cluster`: 3 brokers, tests/support/kafka_cluster.py), with `rabbitmq`
-    a RabbitMQ node (scripts/services/rabbitmq.sh), and with `toxiproxy` a toxiproxy
+    a RabbitMQ node (`single`, scripts/services/rabbitmq.sh) or 3 (`cluster`,
+    tests/support/rabbitmq_cluster.py), and with `toxiproxy` a toxiproxy
     server (scripts/services/toxiproxy.sh) between the relays and each service it can
     stand in front of: PostgreSQL (single), Kafka (single: a listener of its own whose
-    metadata names the proxy, kafka.sh KAFKA_PROXY_PORT) and RabbitMQ; all stopped and
+    metadata names the proxy, kafka.sh KAFKA_PROXY_PORT) and RabbitMQ (single); all stopped and
     removed afterwards."""
     proxied = toxiproxy and kafka == "single"
     kafka_proxy_port = local_postgres.free_port() if proxied else None
@@ -215,7 +217,13 @@ def started_services(
             brokers = pool.submit(stack.enter_context, services.local_broker("kafka.sh", 4, env=env))
         else:
             brokers = pool.submit(stack.enter_context, services.local_broker("kafka.sh", 3))  # PORT, controller, SASL
-        rabbit = pool.submit(stack.enter_context, services.local_broker("rabbitmq.sh", 4)) if rabbitmq else None
+        rabbit = None
+        if rabbitmq == "cluster":
+            from tests.support.rabbitmq_cluster import rabbitmq_cluster
+
+            rabbit = pool.submit(stack.enter_context, rabbitmq_cluster())
+        elif rabbitmq:
+            rabbit = pool.submit(stack.enter_context, services.local_broker("rabbitmq.sh", 4))
         if postgres == "failover":
             from tests.support import failover
 
@@ -230,14 +238,16 @@ def started_services(
             with psycopg.connect(cluster.dsn) as conn:
                 schema_manager.install(conn, "outbox")
             dsn, extra = cluster.dsn, {}
+        amqp = []
         if rabbit is not None:
-            extra["rabbitmq"] = rabbit.result()
+            extra["rabbitmq_cluster" if rabbitmq == "cluster" else "rabbitmq"] = node = rabbit.result()
+            amqp = node.urls if rabbitmq == "cluster" else [rabbitmq_url(node.port)]
         if kafka == "cluster":
             extra["kafka_cluster"] = brokers.result()
-            started = Started(cluster, dsn, settings, None, extra["kafka_cluster"].bootstrap, extra)
+            started = Started(cluster, dsn, settings, None, extra["kafka_cluster"].bootstrap, extra, amqp)
         else:
             single = brokers.result()
-            started = Started(cluster, dsn, settings, single, f"127.0.0.1:{single.port}", extra)
+            started = Started(cluster, dsn, settings, single, f"127.0.0.1:{single.port}", extra, amqp)
         if toxiproxy:
             proxies = stack.enter_context(proxied_services(started, kafka_proxy_port, postgres == "single"))
             if proxies:  # none with a cluster, a failover pair and no RabbitMQ: no network faults
@@ -260,7 +270,7 @@ def proxied_services(started: Started, kafka_port: int | None, postgres: bool) -
             started.relay_bootstrap = proxies["kafka"].address
         if "rabbitmq" in started.extra:
             proxies["rabbitmq"] = api.proxy("soak-rabbitmq", f"127.0.0.1:{started.extra['rabbitmq'].port}")
-            started.relay_amqp = rabbitmq_url(proxies["rabbitmq"].port)
+            started.relay_amqp = [rabbitmq_url(proxies["rabbitmq"].port)]
         yield proxies
 
 
@@ -277,7 +287,9 @@ def relay_configs(out: Path, outbox: Outbox, started: Started, topic: str, repli
     brokers: dict[str, Any] = {"kafka": kafka}
     routes: list[dict[str, Any]] = [{"topic": "*", "broker": "kafka", "destination": topic}]
     if started.relay_amqp:
-        brokers["mq"] = {"type": "rabbitmq", "url": started.relay_amqp, "exchange": topic, "connect_timeout": "2s"}
+        # A cluster's nodes all named: the relay connects to the next one when its node goes.
+        urls = {"urls": started.relay_amqp} if len(started.relay_amqp) > 1 else {"url": started.relay_amqp[0]}
+        brokers["mq"] = {"type": "rabbitmq", **urls, "exchange": topic, "connect_timeout": "2s"}
         routes.insert(0, {"topic": RABBITMQ_TOPIC, "broker": "mq"})
     configs = {}
     for i in range(replicas):

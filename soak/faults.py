@@ -117,6 +117,47 @@ def rabbitmq_stop(soak: Soak, rng: random.Random) -> Injected:
     return Injected("RabbitMQ stopped", node.start)
 
 
+def _rabbitmq_back(soak: Soak, heal: Callable[[], object]) -> Callable[[], str]:
+    """A RabbitMQ cluster fault's heal: `heal`, then every node running in one cluster
+    and every member of the soak's quorum queue online again."""
+
+    def back() -> str:
+        heal()
+        cluster = soak.extra["rabbitmq_cluster"]
+        cluster.wait_all_running()
+        cluster.wait_online(f"{soak.topic}.q")
+        return "every node running, every queue member online"
+
+    return back
+
+
+@fault("rabbitmq_node_stop", needs={"rabbitmq_cluster"}, hold=(2, 10), heals_in=60, in_flight="broker")
+def rabbitmq_node_stop(soak: Soak, rng: random.Random) -> Injected:
+    """A node of the RabbitMQ cluster stopped (its clients' connections closed: the relay
+    connects to another of its urls), started again after the hold."""
+    node = rng.choice(soak.extra["rabbitmq_cluster"].nodes)
+    node.stop()
+    return Injected(f"RabbitMQ node {node.number} stopped", _rabbitmq_back(soak, node.start))
+
+
+@fault("rabbitmq_leader_kill", needs={"rabbitmq_cluster"}, hold=(2, 10), heals_in=60, in_flight="broker")
+def rabbitmq_leader_kill(soak: Soak, rng: random.Random) -> Injected:
+    """The leader of the soak's quorum queue SIGKILLed: another member takes over."""
+    cluster = soak.extra["rabbitmq_cluster"]
+    node = cluster.leader(f"{soak.topic}.q") or rng.choice(cluster.nodes)
+    node.kill()
+    return Injected(f"RabbitMQ node {node.number}, the queue's leader, SIGKILLed", _rabbitmq_back(soak, node.start))
+
+
+@fault("rabbitmq_partition", needs={"rabbitmq_cluster"}, hold=(10, 30), heals_in=60, in_flight="broker")
+def rabbitmq_partition(soak: Soak, rng: random.Random) -> Injected:
+    """A node cut off its peers (pause_minority: it pauses, its clients go elsewhere),
+    the partition healed after the hold."""
+    node = rng.choice(soak.extra["rabbitmq_cluster"].nodes)
+    node.partition()
+    return Injected(f"RabbitMQ node {node.number} partitioned away", _rabbitmq_back(soak, node.heal))
+
+
 def _restore(soak: Soak) -> Callable[[], str]:
     """A cluster fault's heal: every node started again, and the cluster healthy (every
     partition led and fully in sync) before the schedule goes on."""

@@ -19,7 +19,6 @@ from soak.environment import (
     WRITERS_TOPIC,
     Replicas,
     Soak,
-    rabbitmq_url,
     relay_configs,
     started_services,
 )
@@ -40,7 +39,7 @@ class Options:
     rate: float = 100.0
     source: str = "table"
     kafka: str = "single"  # or "cluster": 3 brokers, topics with 3 replicas and min.insync.replicas 2
-    rabbitmq: bool = False  # a quarter of the messages through a RabbitMQ node too
+    rabbitmq: str | None = None  # "single" or "cluster": a quarter of the messages through RabbitMQ too
     toxiproxy: bool = False  # the relays reach their services through toxiproxy
     postgres: str = "single"  # or "failover": a primary and its synchronous standby
     replicas: int = 3
@@ -66,9 +65,8 @@ def run(options: Options) -> dict[str, Any]:
         started.create_topic(topic)
         say(f"services up after {time.monotonic() - begun:.0f} s: PostgreSQL {started.dsn}, Kafka {bootstrap}")
         with outbox_in(started.dsn, options.source) as outbox:
-            if "rabbitmq" in started.extra:  # the queue declared before anyone publishes
-                url = rabbitmq_url(started.extra["rabbitmq"].port)
-                RabbitQueue(url, topic, f"{topic}.q", arguments=QUORUM).close()
+            if started.amqp:  # the queue declared before anyone publishes
+                RabbitQueue(started.amqp[0], topic, f"{topic}.q", arguments=QUORUM).close()
             configs = relay_configs(options.out, outbox, started, topic, options.replicas)
             replicas = Replicas(configs)
             soak = Soak(
@@ -81,6 +79,7 @@ def run(options: Options) -> dict[str, Any]:
                 topic,
                 replicas,
                 started.pg_settings,
+                started.amqp,
                 started.extra,
             )
             try:
@@ -95,7 +94,7 @@ def _soak(soak: Soak, options: Options, begun: float) -> dict[str, Any]:
     planned = faults.plan(kinds, options.seed, seconds, options.gap)
     say(f"fault kinds: {', '.join(k.name for k in kinds)}")
     say("schedule: " + "; ".join(f"+{p.gap:g}s {p.kind} for {p.hold:g}s" for p in planned))
-    rabbitmq = RABBITMQ_TOPIC if soak.has("rabbitmq") else None
+    rabbitmq = RABBITMQ_TOPIC if soak.amqp else None
     writers = MixedWriters(
         soak.outbox.dsn, WRITERS_TOPIC, rate=options.rate, seed=options.seed, rabbitmq_topic=rabbitmq
     )
@@ -138,8 +137,8 @@ def _soak(soak: Soak, options: Options, begun: float) -> dict[str, Any]:
     dead_lettered = count(soak.outbox.dsn, "dead_lettered_at IS NOT NULL")
     say(f"drained in {drain_s:.0f} s; reading {soak.topic} back")
     queue = None
-    if soak.has("rabbitmq"):
-        queue = RabbitQueue(rabbitmq_url(soak.extra["rabbitmq"].port), soak.topic, f"{soak.topic}.q", arguments=QUORUM)
+    if soak.amqp:
+        queue = RabbitQueue(soak.amqp[0], soak.topic, f"{soak.topic}.q", arguments=QUORUM)
     try:
         found = checker.read_back(soak.bootstrap, soak.topic, 120 + len(ledger.committed) / 1000, queue)
     finally:

@@ -15,7 +15,7 @@ from tests.services import ROOT
 
 MINUTES = 3
 SEED = 9  # its schedule, printed by the soak, has relay, Kafka and PostgreSQL faults early on
-MIN_FAULTS = 6
+MIN_FAULTS = 5  # 7-8 on a 2-core VM under load 20 (two Kafka restarts take 50-60 s each)
 
 
 @pytest.mark.slow
