@@ -129,7 +129,18 @@ async def stop_within(producer: AIOKafkaProducer, wait: float) -> None:
             log.warning("kafka_producer_close_failed", error=first_line(exc))
         log.warning("kafka_producer_stop_abandoned", waited_s=2 * wait)
         return
-    stopping.result()
+    try:
+        stopping.result()
+    except Exception as exc:
+        # stop() can fail inside aiokafka's sender: during a broker outage, a batch that
+        # fail_all (above) had already failed was re-enqueued (KeyError). The producer is
+        # dropped either way, so close its connections and go on: raising here ended the
+        # relay's WAL source, and with it the relay process (an exactly-once abort).
+        log.warning("kafka_producer_stop_failed", error_type=type(exc).__name__, error=first_line(exc))
+        try:
+            await asyncio.wait_for(producer.client.close(), wait)
+        except Exception as close_exc:  # best effort, as above
+            log.warning("kafka_producer_close_failed", error=first_line(close_exc))
 
 
 def _host_port(server: str) -> str:

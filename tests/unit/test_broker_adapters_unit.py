@@ -427,6 +427,24 @@ async def test_a_producer_stuck_in_stop_has_its_sender_and_connections_ended() -
     assert producer.client.closed, "the connections would stay open"
 
 
+async def test_a_producer_whose_stop_fails_is_dropped_with_its_connections_closed() -> None:
+    # Seen in CI (tests/faults/test_exactly_once_faults.py, Kafka killed): aiokafka's
+    # sender re-enqueued a batch that fail_all had failed, and stop() raised KeyError;
+    # raised on from here, it ended the relay's exactly-once abort and the relay.
+    class Client:
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    async def failing_stop() -> None:
+        raise KeyError("<MessageBatch>")
+
+    producer = types.SimpleNamespace(stop=failing_stop, client=Client())
+    await kafka.stop_within(producer, 0.05)  # type: ignore[arg-type]
+    assert producer.client.closed, "the dropped producer's connections would stay open"
+
+
 def test_an_old_rabbitmq_channel_closing_late_fails_nothing_of_the_current_one() -> None:
     # A channel replaced while it was closing finishes its close later: the futures
     # waiting then belong to the new channel, whose confirms are still to come.
