@@ -116,7 +116,7 @@ class LocalBroker:
 
 @contextlib.contextmanager
 def local_broker(script: str, port_span: int, *, env: dict[str, str] | None = None) -> Iterator[LocalBroker]:
-    port = _free_port_block(port_span)
+    port = stable_port_block(port_span)
     broker = LocalBroker(SCRIPTS / script, Path(tempfile.mkdtemp(prefix=f"outbox-relay-{script}-")), port, env or {})
     try:
         broker.start()
@@ -127,14 +127,23 @@ def local_broker(script: str, port_span: int, *, env: dict[str, str] | None = No
         shutil.rmtree(broker.directory, ignore_errors=True)
 
 
-def _free_port_block(span: int) -> int:
-    """A port p such that p .. p+span-1 are all free on loopback right now."""
+def stable_port_block(span: int) -> int:
+    """A port p such that p .. p+span-1 are free on loopback now and below the kernel's
+    ephemeral range. A broker stopped and started again (the fault scenarios) must find
+    its ports free, and a port in the ephemeral range can meanwhile become an outgoing
+    connection's local port: a client retrying a dead broker's port can even connect to
+    itself on it (TCP simultaneous open on loopback). It happened: restarts failed with
+    "Address already in use"."""
+    import random
     import socket
 
-    for _ in range(50):
-        base = local_postgres.free_port()
-        if base + span > 65000:
-            continue
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(10000, max(10001, low - span))
         sockets = []
         try:
             for offset in range(span):
@@ -147,7 +156,7 @@ def _free_port_block(span: int) -> int:
         finally:
             for sock in sockets:
                 sock.close()
-    raise RuntimeError("no block of free loopback ports found")
+    raise RuntimeError("no block of free loopback ports found below the ephemeral range")
 
 
 @contextlib.contextmanager

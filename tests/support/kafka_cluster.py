@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import shutil
 import socket
 import struct
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from tests.services import SCRIPTS, LocalBroker
+from tests.services import SCRIPTS, LocalBroker, stable_port_block
 
 NODE_IDS = (1, 2, 3)
 PORTS_PER_NODE = 3  # PLAINTEXT, CONTROLLER, SASL_SSL (kafka.sh)
@@ -166,33 +165,6 @@ def kafka_cluster() -> Iterator[KafkaCluster]:
         with contextlib.suppress(RuntimeError):
             cluster.stop()
         shutil.rmtree(cluster.directory, ignore_errors=True)
-
-
-def stable_port_block(span: int) -> int:
-    """A port p such that p .. p+span-1 are free on loopback now and below the kernel's
-    ephemeral range: a node stopped for a minute must find its ports free again, and
-    an ephemeral port can meanwhile become any outgoing connection's local port (it
-    happened: a node's restart failed with "Address already in use")."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(10000, max(10001, low - span))
-        sockets = []
-        try:
-            for offset in range(span):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no block of free loopback ports found below the ephemeral range")
 
 
 def _uvarint(value: int) -> bytes:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.services import SCRIPTS, _free_port_block
+from tests.services import SCRIPTS, stable_port_block
 from tests.support.waiting import wait_for
 
 SCRIPT = SCRIPTS / "rabbitmq.sh"
@@ -179,7 +179,7 @@ def rabbitmq_cluster() -> Iterator[RabbitCluster]:
     whose port was taken meanwhile exits at boot."""
     for attempt in (1, 2):
         cluster = RabbitCluster(
-            Path(tempfile.mkdtemp(prefix="outbox-relay-rabbitmq-cluster-")), _free_port_block(NODES * PORTS_PER_NODE)
+            Path(tempfile.mkdtemp(prefix="outbox-relay-rabbitmq-cluster-")), stable_port_block(NODES * PORTS_PER_NODE)
         )
         try:
             _run("cluster-start", str(cluster.directory), str(cluster.port), timeout=900)
