@@ -18,8 +18,12 @@ ORDER BY n.nspname;
 -- name: batch_settings
 -- The first statement of every batch's transaction, for that transaction only
 -- (set_config(..., true), as SET LOCAL): plan the claim on its indexes whatever the
--- table's statistics (OutboxStore.claim says why), and end the session of a relay that
--- hangs mid-batch (%(idle_ms)s NULL: the server's setting stays). Never for the
+-- table's statistics (OutboxStore.claim says why), end the session of a relay that
+-- hangs mid-batch (%(idle_ms)s NULL: the server's setting stays), and end a statement
+-- (a lock wait, a COMMIT waiting for a synchronous standby that is down) before the
+-- relay's own deadline on answers gives the connection up (database.query_timeout):
+-- the server then frees the backend itself, where a connection given up client-side
+-- would leave it waiting (%(statement_ms)s NULL: the server's setting stays). Never for the
 -- session: behind a pooler in transaction mode (pgbouncer) a server session serves
 -- other clients between two transactions, which would inherit them (an application
 -- without sequential scans), and the relay's next transaction may land on a server
@@ -29,7 +33,9 @@ SELECT set_config('jit', 'off', true),
        set_config('enable_seqscan', 'off', true),
        set_config('enable_bitmapscan', 'off', true),
        set_config('idle_in_transaction_session_timeout',
-                  coalesce(%(idle_ms)s::text, current_setting('idle_in_transaction_session_timeout')), true);
+                  coalesce(%(idle_ms)s::text, current_setting('idle_in_transaction_session_timeout')), true),
+       set_config('statement_timeout',
+                  coalesce(%(statement_ms)s::text, current_setting('statement_timeout')), true);
 
 -- name: without_jit
 -- For the rest of this transaction only (see batch_settings): no JIT compilation for

@@ -134,10 +134,13 @@ class OutboxStore:
         max_batch_bytes: int = NO_LIMIT,
         max_payload_bytes: int | None = None,
         idle_in_transaction_timeout: float | None = None,
+        statement_timeout: float | None = None,
     ):
         self._q = queries
         # None: the server's idle_in_transaction_session_timeout applies to batches.
         self._idle_ms = None if idle_in_transaction_timeout is None else int(idle_in_transaction_timeout * 1000)
+        # None: the server's statement_timeout applies to the batch's statements.
+        self._statement_ms = None if statement_timeout is None else max(1, int(statement_timeout * 1000))
         self._hold = hold_dead_letters
         self._max_bytes = max_batch_bytes
         self._max_payload = NO_LIMIT if max_payload_bytes is None else max_payload_bytes
@@ -169,7 +172,7 @@ class OutboxStore:
         or bitmap scans (the cost of each becomes prohibitive, so the index is chosen
         whenever one applies), no parallel workers, no JIT.
         """
-        await conn.execute(self._q["batch_settings"], {"idle_ms": self._idle_ms})
+        await conn.execute(self._q["batch_settings"], {"idle_ms": self._idle_ms, "statement_ms": self._statement_ms})
         self._keyless_first = not self._keyless_first
         keyless: list[Message] = []
         keyed = Claim([])

@@ -54,3 +54,44 @@ async def test_a_black_holed_database_connection_is_given_up_and_the_next_host_u
         if n not in firsts:
             firsts.append(n)
     assert firsts == list(range(40)), "the key's messages first delivered in order across the reconnect"
+
+
+def relay_backends(dsn: str) -> list[tuple[int, str | None]]:
+    """(pid, wait_event_type) of the relay's server sessions, the LISTEN one aside."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, wait_event_type FROM pg_stat_activity"
+            " WHERE application_name = 'outbox-relay' AND query NOT LIKE 'LISTEN%%'"
+            " AND query NOT LIKE '%%skipped%%'"
+        ).fetchall()
+    return [(int(pid), wait) for pid, wait in rows]
+
+
+@pytest.mark.timeout(300)
+async def test_a_slow_server_ends_the_statement_itself_so_no_waiting_backend_is_left_behind(db: str) -> None:
+    # A healthy server that is slow to answer (a lock held by a migration, a COMMIT
+    # waiting for a synchronous standby that is down) must not be given up client-side
+    # only: the backend would go on waiting, one more each query_timeout, until
+    # max_connections ran out. The batch's statement_timeout ends it server-side first.
+    fake = FakeAdapter()
+    config = with_query_timeout(make_config(db, workers=2, batch_size=10), 2.0)
+    async with running_relay(config, {"main": fake}):
+        first = enqueue_numbered(db, 0, 1)
+        await wait_until(lambda: first <= set(fake.delivered_ids), timeout=30)
+        seen: set[int] = set()
+        with psycopg.connect(db) as locker:
+            locker.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
+
+            def reconnected_several_times() -> bool:
+                seen.update(pid for pid, _ in relay_backends(db))
+                return len(seen) >= 10  # 2 workers, each given up four times or more
+
+            await wait_until(reconnected_several_times, timeout=180)
+            waiting = [pid for pid, wait in relay_backends(db) if wait == "Lock"]
+            # The workers' current sessions, and one more of the relay's that reads the
+            # table and simply waits (the pending gauge's count); each session given up
+            # and left waiting would add one (8 or more here before the fix).
+            assert len(waiting) <= 3, f"backends left waiting on the lock: {len(waiting)} (workers: 2)"
+            locker.rollback()
+        after = enqueue_numbered(db, 1, 5)
+        await wait_until(lambda: after <= set(fake.delivered_ids), timeout=60)

@@ -150,7 +150,7 @@ class Parking:
         async with conn.transaction():
             # The claim's planner settings (queries.sql, batch_settings): these queries
             # are written for index probes whatever the table's statistics say.
-            await conn.execute(self._queries["batch_settings"], {"idle_ms": None})
+            await conn.execute(self._queries["batch_settings"], {"idle_ms": None, "statement_ms": None})
             cursor = await conn.execute(query, {**params, "hold_dead_letters": self._hold})
             return await cursor.fetchall()
 
