@@ -304,10 +304,17 @@ cmd_start() {
   fi
 
   # Wait for the pid file, then for the node to report itself running. A node that
-  # died before writing it (a port taken meanwhile: see erl_crash.dump) fails at once.
+  # died before writing it (a port taken meanwhile: see erl_crash.dump) fails within a
+  # second: no process of it for 5 looks in a row. One look is not enough: -detached
+  # returns after erlexec's first fork, and the beam process that carries "-home DIR"
+  # appears only after a second fork and an exec (an empty look happened 1 in 30).
+  local unseen=0
   while ! pid="$(running_pid)"; do
     if [[ -z "$(booting_pids)" ]] && ! pid="$(running_pid)"; then
-      fail_start "node $NODE exited before writing $DIR/rabbitmq.pid"
+      unseen=$((unseen + 1))
+      ((unseen < 5)) || fail_start "node $NODE exited before writing $DIR/rabbitmq.pid"
+    else
+      unseen=0
     fi
     if ((SECONDS >= deadline)); then
       kill_booting_node
@@ -339,6 +346,9 @@ cmd_stop() {
     fi
   else
     log "node $NODE is not running"
+    # Unless it is still booting (no pid file yet: a start that gave up on it): that
+    # one would keep its ports.
+    kill_booting_node
   fi
   rm -f "$DIR/rabbitmq.pid"
   stop_epmd
