@@ -5,6 +5,7 @@ scripts/bench --messages 20000     # a quicker run
 scripts/bench --wal-only           # only the WAL source's part (benchmarks/wal.py)
 scripts/bench --wal-only --messages 10000 --large 100000   # a quick one
 scripts/bench --exactly-once-only  # only exactly once vs at least once (benchmarks/wal_exactly_once.py)
+scripts/bench --cpu-only           # only CPU per message and the relay's profile (benchmarks/cpu_cost.py)
 
 Results are merged into the JSON file: the parts this run measured replace theirs, the
 others stay; a WAL part measured before is kept under "wal_previous_runs". An
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import (
+    cpu_cost,
     env,
     kafka_bench,
     latency,
@@ -60,6 +62,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.exactly_once_only:
             results[EXACTLY_ONCE] = await _exactly_once(svc, args)
             return results
+        if args.cpu_only:
+            results[CPU_ONLY] = await _cpu(svc, args)
+            return results
+        if not args.skip_cpu:
+            results["cpu"] = await _cpu(svc, args)
         if args.wal_only or not args.skip_wal:
             results["wal"] = await _wal(svc, args)
         if args.wal_only:
@@ -159,6 +166,14 @@ async def _wal(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
 
 
 EXACTLY_ONCE = "wal_exactly_once"  # an exactly-once-only run's part, merged into "wal"
+CPU_ONLY = "cpu_only"  # a cpu-only run's part, merged as "cpu"
+
+
+async def _cpu(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    part = await cpu_cost.run(svc, messages=args.messages, runs=args.runs)
+    part["profile"] = await cpu_cost.profile(svc, messages=args.messages, to=args.out.parent / "relay_profile.md")
+    return {"started": started, "machine": env.machine(), "commit": wal.code_commit(), **part}
 
 
 async def _exactly_once(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +186,10 @@ def merged(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """`results` over `previous`: what this run measured replaces its part, the rest stays.
     A WAL-only run touches only "wal" (which carries its own machine and start); an
     earlier WAL part moves to "wal_previous_runs" (newest first). An exactly-once-only
-    run replaces only "wal" -> "exactly_once" (with its own machine, start and commit)."""
+    run replaces only "wal" -> "exactly_once" (with its own machine, start and commit); a
+    cpu-only run only "cpu" (the same)."""
+    if CPU_ONLY in results:
+        return {**previous, "cpu": results[CPU_ONLY]}
     if EXACTLY_ONCE in results:
         return {**previous, "wal": {**previous.get("wal", {}), "exactly_once": results[EXACTLY_ONCE]}}
     out = {**previous, "wal": results["wal"]} if set(results) == WAL_ONLY_KEYS else {**previous, **results}
@@ -183,6 +201,8 @@ def merged(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     lines = [wal.table(results["wal"]), ""] if "wal" in results else []
     lines += [wal_exactly_once.table(results[EXACTLY_ONCE]), ""] if EXACTLY_ONCE in results else []
+    cpu = results.get("cpu") or results.get(CPU_ONLY)
+    lines += [cpu_cost.table(cpu), ""] if cpu else []
     lines += [matrix.table(results["matrix"]), ""] if "matrix" in results else []
     if "replay" in results:
         lines += [replay_cost.table(results["replay"]), ""]
@@ -244,6 +264,10 @@ def main() -> None:
     parser.add_argument("--replay-rows", type=int, default=1_000_000)
     parser.add_argument("--wal-only", action="store_true", help="only the WAL source's part (benchmarks/wal.py)")
     parser.add_argument("--skip-wal", action="store_true")
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="only CPU per message and the profile (benchmarks/cpu_cost.py)"
+    )
+    parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument(
         "--exactly-once-only",
         action="store_true",

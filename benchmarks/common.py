@@ -11,6 +11,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
+from benchmarks.cpu import Window
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config, parse
 from outbox_relay.engine.relay import Relay
@@ -132,18 +133,23 @@ class AckCounter:
                 self.failed += 1
 
 
-async def drain(config: Config, count: int) -> float:
-    """Seconds the relay takes to publish a backlog of `count` messages."""
+async def drain(config: Config, count: int, meter: Window | None = None) -> float:
+    """Seconds the relay takes to publish a backlog of `count` messages; `meter` (CPU
+    per message) is open over the same span."""
     clock = AckCounter()
     relay = Relay(config, build_adapters(config), observer=clock)
     task = asyncio.create_task(relay.run())
     await relay.started.wait()
+    if meter is not None:
+        meter.start()
     started = time.perf_counter()
     while clock.acked < count:
         if task.done():
             task.result()
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
+    if meter is not None:
+        meter.stop()
     relay.stop()
     await task
     if clock.failed:

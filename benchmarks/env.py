@@ -23,6 +23,16 @@ class Services:
     dsn: str
     kafka: str
     amqp: str
+    kafka_dir: Path | None = None  # a broker this run started: its pid file, for its CPU
+
+    @property
+    def kafka_pid(self) -> int | None:
+        """The local Kafka broker's JVM (kafka.sh writes its pid), or None: not ours."""
+        if self.kafka_dir is None:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.kafka_dir / "kafka.pid").read_text().split()[0])
+        return None
 
 
 @contextlib.contextmanager
@@ -36,9 +46,9 @@ def provisioned() -> Iterator[Services]:
             settings = {"max_connections": "200", **services.LOGICAL_DECODING}
             cluster = stack.enter_context(local_postgres.running(settings))
             dsn = cluster.dsn
-        kafka, _ = stack.enter_context(services.kafka())
+        kafka, kafka_broker = stack.enter_context(services.kafka())
         amqp, _ = stack.enter_context(services.rabbitmq())
-        yield Services(dsn, kafka, amqp)
+        yield Services(dsn, kafka, amqp, kafka_broker.directory if kafka_broker else None)
 
 
 def fresh_schema(dsn: str, schema: str) -> None:

@@ -13,6 +13,7 @@ from outbox_relay_adapters.kafka import KafkaOptions, producer_settings
 from psycopg import sql
 
 from benchmarks.common import KEYS, PAYLOAD_BYTES, Keys, drain, fill_backlog, messages_for_raw_clients, relay_config
+from benchmarks.cpu import Window
 from benchmarks.env import fresh_schema
 from tests.consumers import kafka_create_topic
 
@@ -28,12 +29,13 @@ async def relay_rate(
     bootstrap: str,
     count: int,
     *,
-    batch_size: int = 500,
+    batch_size: int = 500,  # the relay's defaults
     workers: int = 2,
     keys: Keys = KEYS,
     payload_bytes: int = PAYLOAD_BYTES,
     held_back: int = 0,
     client: str = "aiokafka",
+    meter: Window | None = None,
 ) -> float:
     """Messages/s draining a backlog of `count`. `held_back` more rows wait behind one
     key's head that is not due (a failing message): they must not slow the others."""
@@ -53,30 +55,48 @@ async def relay_rate(
         workers=workers,
         notify=False,
     )
-    return count / await drain(config, count)
+    return count / await drain(config, count, meter)
 
 
-async def raw_rate(bootstrap: str, count: int, *, keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES) -> float:
-    """The ceiling: the same records and producer settings, no database."""
+async def raw_rate(
+    bootstrap: str,
+    count: int,
+    *,
+    keys: Keys = KEYS,
+    payload_bytes: int = PAYLOAD_BYTES,
+    meter: Window | None = None,
+) -> float:
+    """The ceiling: the same records and producer settings, no database. `meter` (CPU
+    per message) is open from the first send to the last ack."""
     topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=3)
     producer = AIOKafkaProducer(**producer_settings(KafkaOptions.model_validate(options(bootstrap))))
     await producer.start()
     try:
         records = messages_for_raw_clients(count, keys=keys, payload_bytes=payload_bytes)
+        if meter is not None:
+            meter.start()
         started = time.perf_counter()
         futures = []
         for key, value in records:
             headers = [("message-id", uuid.uuid4().bytes), ("content-type", b"application/octet-stream")]
             futures.append(await producer.send(topic, value=value, key=key, headers=headers))
         await asyncio.gather(*futures)
-        return count / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if meter is not None:
+            meter.stop()
+        return count / elapsed
     finally:
         await producer.stop()
 
 
 async def raw_rate_librdkafka(
-    bootstrap: str, count: int, *, keys: Keys = KEYS, payload_bytes: int = PAYLOAD_BYTES
+    bootstrap: str,
+    count: int,
+    *,
+    keys: Keys = KEYS,
+    payload_bytes: int = PAYLOAD_BYTES,
+    meter: Window | None = None,
 ) -> float:
     """The same records through confluent-kafka (librdkafka, C) with the same guarantees
     (idempotent, acks=all): the fastest raw Python producer on this machine, when it is."""
@@ -90,11 +110,16 @@ async def raw_rate_librdkafka(
         bootstrap,
         topic,
         messages_for_raw_clients(count, keys=keys, payload_bytes=payload_bytes),
+        meter,
     )
 
 
 def _librdkafka_send_all(
-    producer_class: Any, bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]
+    producer_class: Any,
+    bootstrap: str,
+    topic: str,
+    records: list[tuple[bytes | None, bytes]],
+    meter: Window | None = None,
 ) -> float:
     producer = producer_class(
         {
@@ -112,6 +137,8 @@ def _librdkafka_send_all(
         if err is not None:
             failed.append(err)
 
+    if meter is not None:
+        meter.start()
     started = time.perf_counter()
     for key, value in records:
         headers = [("message-id", uuid.uuid4().bytes), ("content-type", b"application/octet-stream")]
@@ -124,6 +151,8 @@ def _librdkafka_send_all(
         producer.poll(0)
     producer.flush(60)
     elapsed = time.perf_counter() - started
+    if meter is not None:
+        meter.stop()
     if failed:
         raise RuntimeError(f"{len(failed)} librdkafka deliveries failed: {failed[0]}")
     return len(records) / elapsed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import pika
 import psycopg
@@ -37,8 +38,13 @@ def _delete(url: str, exchange: str, queue: str) -> None:
         channel.exchange_delete(exchange)
 
 
-async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS, pipeline_keys: bool = False) -> float:
+async def relay_rate(
+    dsn: str, url: str, count: int, *, keys: Keys = KEYS, pipeline_keys: bool = False, defaults: bool = False
+) -> float:
+    """Messages/s draining a backlog of `count`: batches of 1000 (the confirm window), or
+    with `defaults` the relay's and the adapter's default settings."""
     exchange, queue = _bound_queue(url)
+    tuned: dict[str, Any] = {} if defaults else {"batch_size": 1000, "workers": 2}
     try:
         fresh_schema(dsn, SCHEMA)
         fill_backlog(dsn, SCHEMA, "bench.rabbit", count, keys=keys)
@@ -50,14 +56,13 @@ async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS, pipel
                     "type": "rabbitmq",
                     "url": url,
                     "exchange": exchange,
-                    "confirm_window": WINDOW,
                     "pipeline_keys": pipeline_keys,
+                    **({} if defaults else {"confirm_window": WINDOW}),
                 }
             },
             [{"topic": "*", "broker": "mq"}],
-            batch_size=1000,
-            workers=2,
             notify=False,
+            **tuned,
         )
         return count / await drain(config, count)
     finally:

@@ -22,13 +22,12 @@ from typing import Any
 import psycopg
 
 from benchmarks.common import PAYLOAD_BYTES, Keys, relay_config
+from benchmarks.cpu import PgCpu, micros_per_message
 from benchmarks.wal_source import (
-    PgCpu,
     commit_backlog,
     commit_one_by_one,
     drop_slot,
     install,
-    micros_per_message,
     relay_for,
     until_idle,
 )

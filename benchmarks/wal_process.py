@@ -261,15 +261,19 @@ async def _one_takeover(
     }
 
 
-def _record(spy: str, pid: int, collapsed: Path, log: Path) -> subprocess.Popen[bytes]:
-    """py-spy recording `pid` until it gets SIGINT."""
-    command = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--output", str(collapsed)]
+def _record(spy: str, pid: int, output: Path, log: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` until it gets SIGINT: collapsed stacks, or a flame graph
+    when `output` ends in .svg."""
+    form = "flamegraph" if output.suffix == ".svg" else "raw"
+    command = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", form, "--output", str(output)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
 
 
 def py_spy() -> str | None:
-    """py-spy (PATH, or OUTBOX_RELAY_PY_SPY naming it); None if absent."""
-    return os.environ.get("OUTBOX_RELAY_PY_SPY") or shutil.which("py-spy")
+    """py-spy: OUTBOX_RELAY_PY_SPY naming it, the one beside this Python (the dev extra
+    installs it), or PATH's; None if absent."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return os.environ.get("OUTBOX_RELAY_PY_SPY") or (str(beside) if beside.exists() else shutil.which("py-spy"))
 
 
 async def profile_drain(
@@ -285,8 +289,8 @@ async def profile_drain(
     """py-spy samples the relay process (its Python threads, on CPU) while it drains
     `count` messages committed in one transaction (the clock from the commit), or each
     in its own, all before the relay starts (`one_by_one`: the clock from its start);
-    the collapsed stacks go to `collapsed`. `source` table: the same drain from the
-    outbox table, for comparison."""
+    the collapsed stacks go to `collapsed` (a flame graph instead if it ends in .svg).
+    `source` table: the same drain from the outbox table, for comparison."""
     # The moment the relay is ready for the backlog: streaming the slot, or listening.
     ready = "wal_relay_started" if source == "wal" else "listening"
     spy = py_spy()

@@ -1,17 +1,13 @@
 """The pieces the WAL part of the benchmark shares: an outbox in either source, the
 backlog committed in one transaction through `enqueue_binary` (the producer's path in
-both sources), the relay as `outbox-relay run` builds it, and PostgreSQL's CPU read
-from /proc.
+both sources) and the relay as `outbox-relay run` builds it (CPU from /proc: cpu.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -125,57 +121,6 @@ async def until_idle(dsn: str, relay: Relay, source: str, schema: str, *, timeou
         if time.monotonic() > deadline:
             raise RuntimeError(f"the relay did not become idle in {source} mode within {timeout} s")
         await asyncio.sleep(0.02)
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat's fields from the state on (index 0: field 3), or None if gone."""
-    with contextlib.suppress(OSError):
-        text = Path(f"/proc/{pid}/stat").read_text()
-        return text.rsplit(")", 1)[1].split()
-    return None
-
-
-class PgCpu:
-    """CPU time of one PostgreSQL server's processes, read from /proc: the postmaster
-    and every child (backends, walsenders, background workers). A child that exits
-    between two readings is not lost: the postmaster reaps it, and the kernel adds its
-    time to the postmaster's cutime/cstime. Available only for a server on this machine."""
-
-    def __init__(self, dsn: str):
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            fields = _stat(conn.info.backend_pid)  # while the backend lives
-        self.postmaster = int(fields[1]) if fields else None
-
-    @property
-    def available(self) -> bool:
-        return self.postmaster is not None
-
-    def total(self) -> float:
-        """Seconds of CPU the server has spent so far (children reaped included)."""
-        if self.postmaster is None:
-            return float("nan")
-        own = _stat(self.postmaster)
-        ticks = sum(int(own[i]) for i in (11, 12, 13, 14)) if own else 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            fields = _stat(int(entry.name))
-            if fields and fields[1] == str(self.postmaster):
-                ticks += int(fields[11]) + int(fields[12])
-        return ticks / CLOCK_TICKS
-
-    @staticmethod
-    def of(pid: int) -> float:
-        """Seconds of CPU of one process (a backend), 0 if gone."""
-        fields = _stat(pid)
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else 0.0
-
-
-def micros_per_message(seconds: float, count: int) -> float | None:
-    return None if seconds != seconds else round(seconds * 1e6 / count, 1)  # NaN: not measurable here
 
 
 async def poll(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
