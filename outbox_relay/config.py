@@ -55,9 +55,10 @@ class DatabaseConfig(_Model):
     # How long the relay waits for the database to answer (a claim, a mark, a commit, the
     # LISTEN connection's check) before it gives the connection up as dead and connects
     # again: a hung server or a black-holed network never closes it (connections.py,
-    # AnswerDeadline). Far above any healthy answer. A server only slow to answer (a
-    # lock wait, a COMMIT waiting for a synchronous standby that is down) ends the
-    # statement itself first: each batch's statement_timeout is 0.9 x this (table.py).
+    # AnswerDeadline). Far above any healthy answer. A server only slow to answer ends
+    # a lock wait itself first (each batch's statement_timeout is 0.9 x this: table.py);
+    # a COMMIT waiting for a synchronous standby that is down, which statement_timeout
+    # does not cover, is cancelled when the connection is given up (AnswerDeadline).
     query_timeout: Duration = 60.0
     # Statements the relay runs this many times on a connection become server-side
     # prepared statements (psycopg's default). null: never, as a pooler in transaction

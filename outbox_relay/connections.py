@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg import capabilities, pq
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox_relay.errors import DatabaseError, first_line
@@ -123,7 +124,19 @@ class AnswerDeadline:
     calls in between), and one that outlives `seconds` has its socket shut down: every
     call waiting on it fails at once with psycopg.OperationalError, the transaction
     included (no ROLLBACK to wait for), and the caller reconnects as after any lost
-    connection, to whichever host of the DSN now accepts writes (a failover)."""
+    connection, to whichever host of the DSN now accepts writes (a failover).
+
+    A server that is only slow (a lock wait, a COMMIT waiting for a synchronous standby
+    that is down) would keep its backend waiting after that, holding the batch's row
+    locks, one more each time: it does not read the socket while it waits. So the
+    deadline also sends the server a cancel request (a connection of its own, given up
+    after CANCEL_TIMEOUT_S: a server that answers nothing gets it in vain). The backend
+    then stops waiting, finds its client gone and ends. A COMMIT cancelled while it
+    waits for the standby has committed locally: its rows were acked by the brokers, so
+    marking them was right; the relay, having lost the answer, simply claims on.
+    The batch's statement_timeout (queries.sql) ends lock waits server-side first, but
+    not that wait: PostgreSQL turns it off before it commits. The socket goes first, so
+    a cancelled COMMIT never reaches the relay as a success."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], seconds: float, *, purpose: str):
         self._conn = conn
@@ -161,7 +174,53 @@ class AnswerDeadline:
         self._timer = None
         self.expired = True
         log.warning("database_no_answer", purpose=self._purpose, waited_s=self._seconds)
+        # Taken before the socket goes: the caller closes the connection (and with it
+        # the key a cancel needs) as soon as its call has failed.
+        cancel = _cancel_connection(self._conn)
         shut_down(self._conn)
+        if cancel is not None:
+            task = asyncio.get_running_loop().create_task(_send_cancel(cancel, self._purpose))
+            _cancels.add(task)  # a reference until it ends: the loop keeps only a weak one
+            task.add_done_callback(_cancels.discard)
+
+
+# How long a cancel request may take (a connection, its one packet, the server's close).
+CANCEL_TIMEOUT_S = 10.0
+_cancels: set[asyncio.Task[None]] = set()
+
+
+def _cancel_connection(conn: psycopg.AsyncConnection[Any]) -> pq.abc.PGcancelConn | None:
+    """A cancel request for `conn`'s server session, not yet sent; None when libpq is
+    older than 17 (its only cancel blocks a thread with no time limit: a server that
+    answers nothing would keep it forever) or the connection is already closed."""
+    if not capabilities.has_cancel_safe():
+        return None
+    with contextlib.suppress(psycopg.Error):
+        return conn.pgconn.cancel_conn()
+    return None
+
+
+async def _send_cancel(cancel: pq.abc.PGcancelConn, purpose: str) -> None:
+    """Send the cancel request (libpq's non-blocking cancel connection, polled: a rare
+    event, not worth a reader on the loop) within CANCEL_TIMEOUT_S, then free it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CANCEL_TIMEOUT_S
+    sent = False
+    try:
+        cancel.start()
+        while loop.time() < deadline:
+            status = cancel.poll()
+            if status == pq.PollingStatus.OK:
+                sent = True
+                break
+            if status == pq.PollingStatus.FAILED:
+                break
+            await asyncio.sleep(0.05)
+    except psycopg.Error:
+        pass
+    finally:
+        cancel.finish()
+    log.info("database_cancel_sent" if sent else "database_cancel_failed", purpose=purpose)
 
 
 def shut_down(conn: psycopg.AsyncConnection[Any]) -> None:

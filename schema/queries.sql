@@ -20,10 +20,11 @@ ORDER BY n.nspname;
 -- (set_config(..., true), as SET LOCAL): plan the claim on its indexes whatever the
 -- table's statistics (OutboxStore.claim says why), end the session of a relay that
 -- hangs mid-batch (%(idle_ms)s NULL: the server's setting stays), and end a statement
--- (a lock wait, a COMMIT waiting for a synchronous standby that is down) before the
--- relay's own deadline on answers gives the connection up (database.query_timeout):
--- the server then frees the backend itself, where a connection given up client-side
--- would leave it waiting (%(statement_ms)s NULL: the server's setting stays). Never for the
+-- (a lock wait) before the relay's own deadline on answers gives the connection up
+-- (database.query_timeout): the server then frees the backend itself, where a
+-- connection given up client-side would leave it waiting (%(statement_ms)s NULL: the
+-- server's setting stays; a COMMIT waiting for a synchronous standby is not covered:
+-- the relay's cancel request ends that wait, connections.py). Never for the
 -- session: behind a pooler in transaction mode (pgbouncer) a server session serves
 -- other clients between two transactions, which would inherit them (an application
 -- without sequential scans), and the relay's next transaction may land on a server

@@ -1,7 +1,10 @@
 """Side tasks on their own connection: retention and the relay heartbeat.
 
 A database outage only pauses them (they reconnect); a bug in them stops the relay,
-loudly, through the relay's task group.
+loudly, through the relay's task group. Each statement must be answered within
+database.query_timeout (connections.AnswerDeadline): a server that hangs, a network
+that swallows data, or a COMMIT waiting for a synchronous standby that is down would
+otherwise stall the heartbeat and the gauges for good, and the relay's shutdown with them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from uuid import UUID
 import psycopg
 import structlog
 
-from outbox_relay.connections import PREPARE_THRESHOLD, connect_with_retry
+from outbox_relay.connections import PREPARE_THRESHOLD, AnswerDeadline, connect_with_retry
 from outbox_relay.errors import first_line
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
@@ -26,6 +29,7 @@ log = structlog.get_logger("outbox_relay.maintenance")
 
 RETENTION_CHUNK = 1000
 STALE_RELAY_S = 600.0
+FORGET_TIMEOUT_S = 5.0  # the shutdown's last write waits no longer than this
 
 
 def retention_interval(retention: float) -> float:
@@ -48,8 +52,10 @@ class Maintenance:
         long_transaction_warning: float,
         on_heartbeat: Callable[[], None] = lambda: None,
         prepare_threshold: int | None = PREPARE_THRESHOLD,
+        query_timeout: float = 60.0,
     ):
         self._dsn = dsn
+        self._query_timeout = query_timeout
         self._prepare_threshold = prepare_threshold
         self._q = queries
         self._relay_id = relay_id
@@ -77,8 +83,10 @@ class Maintenance:
                 )
                 async with conn:
                     while True:
-                        await self.heartbeat(conn)
-                        await self.observe(conn)
+                        with self._deadline(conn):
+                            await self.heartbeat(conn)
+                        with self._deadline(conn):
+                            await self.observe(conn)
                         self._on_heartbeat()
                         if loop.time() >= next_retention:
                             await self.delete_expired(conn)
@@ -87,6 +95,9 @@ class Maintenance:
             except psycopg.Error as exc:  # any database error: reconnect, never end the relay
                 log.warning("maintenance_connection_lost", error_type=type(exc).__name__, error=first_line(exc))
                 await asyncio.sleep(min(1.0, self._retry_max))
+
+    def _deadline(self, conn: psycopg.AsyncConnection[Any], seconds: float | None = None) -> AnswerDeadline:
+        return AnswerDeadline(conn, seconds or self._query_timeout, purpose="maintenance")
 
     async def heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(
@@ -132,9 +143,10 @@ class Maintenance:
     async def delete_expired(self, conn: psycopg.AsyncConnection[Any]) -> int:
         total = 0
         while True:
-            cur = await conn.execute(
-                self._q["delete_expired"], {"retention_s": self._retention, "limit": RETENTION_CHUNK}
-            )
+            with self._deadline(conn):  # per chunk: a large expiry takes many, each quick
+                cur = await conn.execute(
+                    self._q["delete_expired"], {"retention_s": self._retention, "limit": RETENTION_CHUNK}
+                )
             total += cur.rowcount
             if cur.rowcount < RETENTION_CHUNK:
                 break
@@ -146,6 +158,9 @@ class Maintenance:
     async def forget(self) -> None:
         """Remove this relay's heartbeat row at shutdown (best effort)."""
         with contextlib.suppress(Exception):
-            conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, connect_timeout=5)
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, connect_timeout=int(FORGET_TIMEOUT_S)
+            )
             async with conn:
-                await conn.execute(self._q["forget_relay"], {"relay_id": self._relay_id})
+                with self._deadline(conn, FORGET_TIMEOUT_S):
+                    await conn.execute(self._q["forget_relay"], {"relay_id": self._relay_id})

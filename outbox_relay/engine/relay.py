@@ -113,6 +113,7 @@ class Relay:
             long_transaction_warning=relay.long_transaction_warning,
             on_heartbeat=self._heartbeat,
             prepare_threshold=config.database.prepare_threshold,
+            query_timeout=config.database.query_timeout,
         )
         self._observers = Observers([self.metrics] if observer is None else [self.metrics, observer])
         self._sources: list[Source] = [self.table, *sources]

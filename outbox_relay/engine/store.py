@@ -100,6 +100,15 @@ def _unbroken_runs(rows: Sequence[Sequence[Any]], limit: int) -> list[Message]:
     return kept
 
 
+# PostgreSQL's timeouts are ints of milliseconds: a longer one (a timeout of "30d",
+# meant as "never") would make every batch's first statement fail.
+MAX_TIMEOUT_MS = 2**31 - 1
+
+
+def _milliseconds(seconds: float) -> int:
+    return min(MAX_TIMEOUT_MS, max(1, int(seconds * 1000)))
+
+
 @dataclass
 class Claim:
     """One claim's messages, and whether the key walk stopped before it had looked at
@@ -138,9 +147,9 @@ class OutboxStore:
     ):
         self._q = queries
         # None: the server's idle_in_transaction_session_timeout applies to batches.
-        self._idle_ms = None if idle_in_transaction_timeout is None else int(idle_in_transaction_timeout * 1000)
+        self._idle_ms = None if idle_in_transaction_timeout is None else _milliseconds(idle_in_transaction_timeout)
         # None: the server's statement_timeout applies to the batch's statements.
-        self._statement_ms = None if statement_timeout is None else max(1, int(statement_timeout * 1000))
+        self._statement_ms = None if statement_timeout is None else _milliseconds(statement_timeout)
         self._hold = hold_dead_letters
         self._max_bytes = max_batch_bytes
         self._max_payload = NO_LIMIT if max_payload_bytes is None else max_payload_bytes

@@ -63,11 +63,13 @@ class TableSource:
             # claimable again. A batch starts no wave after publish_timeout, and a wave
             # lasts at most that long.
             idle_in_transaction_timeout=2 * relay.publish_timeout + 30.0,
-            # A statement the server is slow to finish (a lock wait, a COMMIT waiting for
-            # a synchronous standby that is down) is ended by the server a little before
-            # the relay's deadline on answers (query_timeout, below) would give the
-            # connection up: then the server frees the backend, where a connection given
-            # up client-side leaves it waiting (one more each query_timeout).
+            # A statement the server is slow to finish (a lock wait) is ended by the
+            # server a little before the relay's deadline on answers (query_timeout,
+            # below) would give the connection up: then the server frees the backend,
+            # where a connection given up client-side leaves it waiting (one more each
+            # query_timeout). A COMMIT waiting for a synchronous standby is not covered
+            # (PostgreSQL turns statement_timeout off before it commits): the deadline's
+            # cancel request ends that wait (connections.py).
             statement_timeout=0.9 * config.database.query_timeout,
         )
         self.in_flight = 0  # messages claimed and not yet recorded, over all workers

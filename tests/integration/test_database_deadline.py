@@ -14,6 +14,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbox_relay import enqueue
 from outbox_relay.config import Config
+from outbox_relay.demo import local_postgres
+from outbox_relay.operations import schema_manager
 from outbox_relay.testing import FakeAdapter
 from tests.support.configs import make_config
 from tests.support.relay import running_relay
@@ -69,9 +71,8 @@ def relay_backends(dsn: str) -> list[tuple[int, str | None]]:
 
 @pytest.mark.timeout(300)
 async def test_a_slow_server_ends_the_statement_itself_so_no_waiting_backend_is_left_behind(db: str) -> None:
-    # A healthy server that is slow to answer (a lock held by a migration, a COMMIT
-    # waiting for a synchronous standby that is down) must not be given up client-side
-    # only: the backend would go on waiting, one more each query_timeout, until
+    # A healthy server that is slow to answer (a lock held by a migration) must not be
+    # given up client-side only: the backend would go on waiting, one more each query_timeout, until
     # max_connections ran out. The batch's statement_timeout ends it server-side first.
     fake = FakeAdapter()
     config = with_query_timeout(make_config(db, workers=2, batch_size=10), 2.0)
@@ -95,3 +96,38 @@ async def test_a_slow_server_ends_the_statement_itself_so_no_waiting_backend_is_
             locker.rollback()
         after = enqueue_numbered(db, 1, 5)
         await wait_until(lambda: after <= set(fake.delivered_ids), timeout=60)
+
+
+def sync_rep_waiters(dsn: str) -> list[int]:
+    """Server sessions whose COMMIT waits for a synchronous standby."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchall()
+    return [int(pid) for (pid,) in rows]
+
+
+@pytest.mark.timeout(300)
+async def test_a_commit_waiting_for_a_synchronous_standby_that_is_down_leaves_no_backend_behind() -> None:
+    # A server of its own whose synchronous_standby_names names a standby that never
+    # connects: every COMMIT that wrote waits for it, as when a pair's synchronous
+    # standby is down. statement_timeout does not end that wait (PostgreSQL turns it
+    # off before it commits), so a connection given up client-side only left its
+    # backend waiting, and the batch's rows locked, for good; the cancel the relay
+    # sends when it gives a connection up ends it (connections.py, AnswerDeadline).
+    # The test's own sessions commit with synchronous_commit=local: they do not wait.
+    local = "-c synchronous_commit=local"
+    with local_postgres.running({"synchronous_standby_names": "nobody"}) as cluster:
+        with psycopg.connect(cluster.dsn, options=local) as conn:
+            schema_manager.install(conn, "outbox")
+        published = enqueue_numbered(make_conninfo(cluster.dsn, options=local), 0, 5)
+        fake = FakeAdapter()
+        config = with_query_timeout(make_config(cluster.dsn, workers=2, batch_size=10), 2.0)
+        async with running_relay(config, {"main": fake}):
+            await wait_until(lambda: published <= set(fake.delivered_ids), timeout=30)
+            # The batch's marks are written; its COMMIT waits for the standby.
+            await wait_until(lambda: bool(sync_rep_waiters(cluster.dsn)), timeout=30)
+            # Given up after query_timeout (2 s) and cancelled: the backend commits
+            # locally, finds its client gone and ends. Without the cancel it waited on.
+            await wait_until(lambda: not sync_rep_waiters(cluster.dsn), timeout=60)
+        with psycopg.connect(cluster.dsn, options=local) as conn:
+            row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
+        assert row is not None and row[0] == 5, "the cancelled COMMIT committed locally: its acked rows are marked"
