@@ -180,9 +180,18 @@ booting_pids() {
 }
 
 kill_booting_node() {
-  local pid
-  for pid in $(booting_pids); do
+  local pid pids
+  pids="$(booting_pids)"
+  for pid in $pids; do
     kill -KILL "$pid" 2>/dev/null || true
+  done
+  # Gone before we return, as stop_pid waits too: its ports free, epmd told.
+  for pid in $pids; do
+    local waited=0
+    while alive "$pid" && ((waited < 50)); do
+      sleep 0.1
+      waited=$((waited + 1))
+    done
   done
 }
 
@@ -313,7 +322,10 @@ cmd_start() {
   while ! pid="$(running_pid)"; do
     if [[ -z "$(booting_pids)" ]] && ! pid="$(running_pid)"; then
       unseen=$((unseen + 1))
-      ((unseen < 15)) || fail_start "node $NODE exited before writing $DIR/rabbitmq.pid"
+      if ((unseen >= 15)); then
+        kill_booting_node # one that shows up after all must not keep the ports
+        fail_start "node $NODE exited before writing $DIR/rabbitmq.pid"
+      fi
     else
       unseen=0
     fi
