@@ -10,5 +10,6 @@
 - ``brokers``: each adapter's connection, made in the background until it succeeds;
 - ``wakeup``: the LISTEN connection and the poll timer that wake the workers;
 - ``maintenance``: retention and the relay heartbeat;
+- ``stopping``: awaiting what may take forever unless the relay is told to stop;
 - ``relay``: the process: workers, side tasks, startup and graceful shutdown.
 """

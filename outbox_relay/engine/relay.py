@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import structlog
 
@@ -25,6 +25,7 @@ from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
+from outbox_relay.engine.stopping import until_stopped
 from outbox_relay.engine.store import Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
 from outbox_relay.models import Message
@@ -40,7 +41,6 @@ __all__ = ["Relay", "RelayObserver", "SideSource"]
 
 log = structlog.get_logger("outbox_relay.relay")
 
-T = TypeVar("T")
 
 BROKER_GRACE_S = 5.0
 
@@ -153,7 +153,7 @@ class Relay:
         # for a restart) and /readyz says not yet.
         await self.health.start()
         try:
-            checked = await self._until_stopped(self._check_schema())
+            checked = await until_stopped(self._check_schema(), self._stop)
         except BaseException:
             await self.health.close()
             raise
@@ -222,34 +222,13 @@ class Relay:
                 await handle.connected.wait()
 
         with contextlib.suppress(TimeoutError):
-            await self._until_stopped(asyncio.wait_for(all_connected(), timeout))
+            await until_stopped(asyncio.wait_for(all_connected(), timeout), self._stop)
 
     async def _drain(self, workers: list[asyncio.Task[Any]], timeout: float) -> None:
         """Let in-flight batches finish; past `timeout`, cancel them (rolled back, rows released)."""
         _, pending = await asyncio.wait(workers, timeout=timeout)
         if pending:
             log.warning("shutdown_timeout", in_flight=self.in_flight, timeout_s=timeout)
-
-    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
-        """Await `coro` unless stop comes first (then cancel it and return None).
-
-        `coro` must not return None itself.
-
-        Connecting retries for as long as the database is away; a SIGTERM meanwhile
-        must still end the process promptly.
-        """
-        task = asyncio.create_task(coro)
-        stopper = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
 
     async def _check_schema(self) -> bool:
         conn = await connect_with_retry(

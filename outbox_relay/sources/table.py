@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import structlog
@@ -28,6 +27,7 @@ from outbox_relay.config import Config
 from outbox_relay.connections import AnswerDeadline, connect_with_retry
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.stopping import until_stopped
 from outbox_relay.engine.store import OutboxStore
 from outbox_relay.engine.wakeup import Wakeup
 from outbox_relay.errors import first_line
@@ -36,8 +36,6 @@ from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sqlfiles import Queries
 
 log = structlog.get_logger("outbox_relay.relay")
-
-T = TypeVar("T")
 
 
 class TableSource:
@@ -106,7 +104,7 @@ class TableSource:
                         # Inside the try: a connection ended right after it opened (a
                         # failover, pg_terminate_backend) fails at its first statement,
                         # and is handled like any other lost connection below.
-                        conn = await self._until_stopped(self._connect_worker())
+                        conn = await until_stopped(self._connect_worker(), self._stop)
                         if conn is None:
                             break
                         self._metrics.worker_connected(+1)
@@ -204,19 +202,3 @@ class TableSource:
             del self.batches_started[worker]
         observer.batch_recorded(messages, records)
         return True
-
-    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
-        """Await `coro` unless stop comes first (then cancel it and return None): connecting
-        retries for as long as the database is away, and a SIGTERM must still end it."""
-        task = asyncio.create_task(coro)
-        stopper = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None

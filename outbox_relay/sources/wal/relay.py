@@ -61,10 +61,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import structlog
@@ -73,6 +73,7 @@ from outbox_relay.adapter import Transactions
 from outbox_relay.connections import PREPARE_THRESHOLD
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.stopping import until_stopped
 from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.models import Message
 from outbox_relay.sources.wal import exactly_once, framing, pgoutput
@@ -89,7 +90,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("outbox_relay.wal")
 
-T = TypeVar("T")
 
 PARK_AFTER_S = 60.0
 TRANSACTION_PARTS = 5  # exactly once: a batch (one Kafka transaction) of up to 5 parts' bounds
@@ -232,7 +232,7 @@ class WalRelay:
         self.started.set()
         self._watch.set_state("streaming")
         while not self._stop.is_set():
-            part = await self._until_stopped(stream.__anext__())
+            part = await until_stopped(stream.__anext__(), self._stop)
             if part is None:
                 break
             parts = await self._with_ready_parts(stream, part)
@@ -430,21 +430,3 @@ class WalRelay:
                 )
             )
         return messages
-
-    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
-        """Await `coro` unless stop comes first (then cancel it and return None)."""
-        task = asyncio.ensure_future(coro)
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()  # cancelled itself: the read must not outlive the stream
-            raise
-        finally:
-            stopper.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
