@@ -154,7 +154,14 @@ class AnswerDeadline:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Not the database's time (a broker's): the deadline starts afresh after it."""
+        """Not the database's time (a broker's): the deadline starts afresh after it.
+
+        Raises psycopg.OperationalError if the deadline expired already (the timer and
+        the last answer came in the same turn of the loop): nothing done in the pause
+        could be recorded on the connection given up, so it is not started (a batch
+        published for nothing, then claimed and published again)."""
+        if self.expired:
+            raise psycopg.OperationalError(f"no answer from the database within {self._seconds:g}s")
         self._disarm()
         try:
             yield

@@ -651,20 +651,3 @@ def test_the_wal_source_defaults_derive_the_slot_from_the_schema() -> None:
 )
 def test_the_wal_source_settings_are_validated(wal: dict[str, Any], expected: str) -> None:
     assert error_of(with_changes(relay={"wal": wal})).startswith(expected)
-
-
-def test_a_timeout_longer_than_postgresql_can_hold_is_capped_not_an_error_on_every_batch() -> None:
-    # A query_timeout of "30d" (meant as "never") gives a batch statement_timeout past
-    # PostgreSQL's int of milliseconds: set_config would refuse it on every batch.
-    from outbox_relay.engine.store import MAX_TIMEOUT_MS, OutboxStore
-    from outbox_relay.sqlfiles import Queries
-
-    store = OutboxStore(
-        Queries("outbox"),
-        hold_dead_letters=False,
-        idle_in_transaction_timeout=365 * 86400.0,
-        statement_timeout=0.9 * 30 * 86400.0,
-    )
-    assert store._statement_ms == MAX_TIMEOUT_MS == 2**31 - 1
-    assert store._idle_ms == MAX_TIMEOUT_MS
-    assert OutboxStore(Queries("outbox"), hold_dead_letters=False, statement_timeout=0.0001)._statement_ms == 1
