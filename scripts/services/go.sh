@@ -3,7 +3,7 @@
 # proxy; sourced by them, not run.
 #
 #   go_binary            print the Go to build with: $GO if set, else go on PATH, else
-#                        /usr/local/go/bin/go, else the toolchain fetched from the module
+#                        /usr/local/go/bin/go (either 1.21 or later), else the toolchain fetched from the module
 #                        proxy into the cache (golang.org/toolchain, as go itself does);
 #                        fails (status 1, nothing printed) if there is none
 #   go_build_env         export the module and build caches under the cache root (a
@@ -19,13 +19,26 @@
 
 GO_TOOLCHAIN="${GO_TOOLCHAIN:-go1.26.8}"
 
+# Go 1.21 or later: it fetches the toolchain a module asks for by itself
+# (GOTOOLCHAIN=auto); an older one (Debian 12's golang is 1.19) cannot build them.
+new_enough() {
+  local version
+  version="$("$1" env GOVERSION 2>/dev/null)" || return 1
+  [[ "$version" =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] >= 21))
+}
+
 find_go() {
+  local go
   if [[ -n "${GO:-}" ]]; then
     command -v "$GO" && return 0
     return 1
   fi
-  command -v go && return 0
-  [[ -x /usr/local/go/bin/go ]] && { printf '%s\n' /usr/local/go/bin/go; return 0; }
+  for go in "$(command -v go)" /usr/local/go/bin/go; do
+    if [[ -x "$go" ]] && new_enough "$go"; then
+      printf '%s\n' "$go"
+      return 0
+    fi
+  done
   return 1
 }
 

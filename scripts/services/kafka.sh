@@ -337,22 +337,14 @@ cmd_start() {
 
   log "starting Kafka $version on 127.0.0.1:$port (controller 127.0.0.1:$cport), dir $dir"
   rm -f "$dir/kafka.pid"
-  # The inner shell records its own pid, then execs java (same pid), in a new
-  # session so signals aimed at the caller's process group do not reach it.
-  # shellcheck disable=SC2016,SC2086  # $$ is for the inner shell; heap is word-split on purpose
-  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$dir/kafka.pid" \
+  local deadline=$((SECONDS + START_TIMEOUT)) started=$SECONDS
+  # shellcheck disable=SC2086  # the heap options are word-split on purpose
+  pid="$(spawn "$dir/kafka.pid" "$dir/kafka.out" "$deadline" \
     "$JAVA" $heap -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" \
     -Dkafka.logs.dir="$dir" \
-    -cp "$libs/*" kafka.Kafka "$dir/server.properties" \
-    </dev/null >"$dir/kafka.out" 2>&1 &
-  local deadline=$((SECONDS + START_TIMEOUT)) started=$SECONDS
-  while [[ ! -s "$dir/kafka.pid" ]]; do
-    ((SECONDS < deadline)) || die "broker process did not start"
-    sleep 0.05
-  done
-  pid="$(cat "$dir/kafka.pid")"
+    -cp "$libs/*" kafka.Kafka "$dir/server.properties")"
 
   STARTING_DIR="$dir"
   wait_ready "$pid" "$deadline" 0.25 "broker process $pid exited during startup" \

@@ -94,6 +94,24 @@ require_free_ports() {
 # Certificates for the broker's TLS listener in DIR/tls (CA: DIR/tls/ca.pem).
 make_certs() { "$SERVICES_DIR/certs.sh" "$1/tls"; }
 
+# Start COMMAND in a session of its own (signals aimed at the caller's process group
+# do not reach it), stdin from /dev/null, its output to LOG, and print its pid once
+# PIDFILE holds it: the inner shell writes its own pid, then execs COMMAND (same pid).
+# Dies if that has not happened by DEADLINE (a $SECONDS value).
+#   pid="$(spawn PIDFILE LOG DEADLINE COMMAND...)"
+spawn() {
+  local pidfile="$1" output="$2" deadline="$3"
+  shift 3
+  rm -f "$pidfile"
+  # shellcheck disable=SC2016  # $$ is for the inner shell
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" </dev/null >"$output" 2>&1 &
+  while [[ ! -s "$pidfile" ]]; do
+    ((SECONDS < deadline)) || die "$1 did not start"
+    sleep 0.05
+  done
+  cat "$pidfile"
+}
+
 # Poll READY-COMMAND every INTERVAL seconds until it succeeds. fail_start with
 # EXITED-MESSAGE if PID dies first, or, once DEADLINE (a $SECONDS value) has
 # passed, SIGKILL PID and fail_start with TIMEOUT-MESSAGE.

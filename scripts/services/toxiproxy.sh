@@ -106,19 +106,9 @@ cmd_start() {
   # DIR on the command line, which is what running_pid checks against pid reuse.
   printf '[]\n' >"$dir/proxies.json"
   log "starting toxiproxy $TOXIPROXY_VERSION, API on 127.0.0.1:$port, dir $dir"
-  rm -f "$dir/toxiproxy.pid"
-  # The inner shell records its own pid, then execs the server (same pid), in a new
-  # session so signals aimed at the caller's process group do not reach it.
-  # shellcheck disable=SC2016  # $$ is for the inner shell
-  LOG_LEVEL="${TOXIPROXY_LOG_LEVEL:-warn}" setsid bash -c 'echo $$ >"$0"; exec "$@"' "$dir/toxiproxy.pid" \
-    "$SERVER" -host 127.0.0.1 -port "$port" -config "$dir/proxies.json" \
-    </dev/null >"$dir/toxiproxy.log" 2>&1 &
   local deadline=$((SECONDS + START_TIMEOUT)) started=$SECONDS
-  while [[ ! -s "$dir/toxiproxy.pid" ]]; do
-    ((SECONDS < deadline)) || die "toxiproxy process did not start"
-    sleep 0.05
-  done
-  pid="$(cat "$dir/toxiproxy.pid")"
+  pid="$(spawn "$dir/toxiproxy.pid" "$dir/toxiproxy.log" "$deadline" \
+    env LOG_LEVEL="${TOXIPROXY_LOG_LEVEL:-warn}" "$SERVER" -host 127.0.0.1 -port "$port" -config "$dir/proxies.json")"
 
   STARTING_DIR="$dir"
   wait_ready "$pid" "$deadline" 0.1 "toxiproxy process $pid exited during startup" \
