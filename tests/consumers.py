@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -87,8 +90,6 @@ async def kafka_scan_to_end(
     transaction before it is decided). The end is the positive signal that nothing more
     is there, so a test can count copies. `each` keeps what it needs of a record (a long
     soak's read-back would not fit in memory whole)."""
-    from aiokafka import TopicPartition
-
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, isolation_level=isolation_level
     )
@@ -136,12 +137,53 @@ async def kafka_read_to_end(
 
 
 async def kafka_create_topic(bootstrap: str, topic: str, *, partitions: int = 3, **config: str) -> None:
+    """Create `topic` (replication factor 1, `config` as its settings) and return once
+    the broker serves it (kafka_topic_served).
+
+    CreateTopics answers each topic with an error code, which aiokafka's admin client
+    hands back without raising: a refused creation used to pass unnoticed, and the
+    relay's producer then auto-created the topic with the broker's defaults (3
+    partitions, none of `config`). A topic that exists already is taken as it is."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=config or None)])
+        response = await admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=config or None)])
     finally:
         await admin.close()
+    for name, code, *why in response.topic_errors:  # (topic, error_code[, error_message])
+        error = kafka_errors.for_code(code)
+        if code and error is not kafka_errors.TopicAlreadyExistsError:
+            raise error(f"topic {name!r} not created: {why[0] if why and why[0] else error.description}")
+    await kafka_topic_served(bootstrap, topic)
+
+
+async def kafka_topic_served(bootstrap: str, topic: str, *, timeout: float = 60.0) -> None:
+    """Return once the broker serves `topic`: its metadata lists the topic, and the
+    leader of each partition answers for it (ListOffsets, which a leader answers only
+    once it holds the partition's log, as a produce needs).
+
+    CreateTopics answers when the controller has committed the topic, not when the
+    broker serves it. A relay started at once could find no metadata for it within its
+    5 s wait: each of its messages then spends an attempt, and the topic is taken as
+    missing for 5 s more (adapters/_topics.py), about the time the tests' quick
+    retries (50 ms to 500 ms) take to spend the other 9 of 10 attempts. A broker slow
+    to serve a new topic (the first one of a broker just started, on a loaded machine)
+    could so dead-letter messages a test expects delivered."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        listed: set[int] = set()
+
+        async def in_metadata() -> bool:
+            cluster = await consumer._client.fetch_all_metadata()
+            listed.update(cluster.partitions_for_topic(topic) or ())
+            return bool(listed)
+
+        await wait_until(in_metadata, timeout=timeout, interval=0.05, what=f"topic {topic!r} in the broker's metadata")
+        # aiokafka retries ListOffsets while a leader is unknown or not ready yet.
+        await asyncio.wait_for(consumer.end_offsets([TopicPartition(topic, p) for p in sorted(listed)]), timeout)
+    finally:
+        await consumer.stop()
 
 
 class RabbitQueue:

@@ -6,6 +6,8 @@ import uuid
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import errors as kafka_errors
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
@@ -79,3 +81,26 @@ async def test_invalid_topic_name_is_dead_lettered_with_reason(db: str, kafka_bo
         await wait_until(lambda: pending(db) == 0, timeout=30)
     [(_, _, reason)] = dead_letters(db)
     assert reason == "invalid Kafka topic name 'not a topic!'"
+
+
+async def test_the_topic_helper_fails_on_a_refused_topic_and_returns_once_the_topic_is_served(
+    kafka_bootstrap: str,
+) -> None:
+    # tests/consumers.kafka_create_topic, which the tests above start from. A refused
+    # creation used to pass unnoticed (the relay then auto-created the topic with the
+    # broker's defaults: no 4096-byte limit for the oversize test to meet).
+    refused = f"e2e-refused-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(kafka_errors.InvalidConfigurationError, match=refused):
+        await kafka_create_topic(kafka_bootstrap, refused, partitions=1, **{"max.message.bytes": "many"})
+    # Served when it returns: a new client's first look finds every partition with its leader.
+    topic = f"e2e-served-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+    finally:
+        await consumer.stop()
+    partitions = cluster.partitions_for_topic(topic) or set()
+    assert partitions == {0, 1, 2}
+    assert all(cluster.leader_for_partition(TopicPartition(topic, p)) not in (None, -1) for p in partitions)
