@@ -3,8 +3,9 @@ RabbitMQ and toxiproxy. The helpers the tests share are in tests/support."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,60 @@ from tests import services
 from tests.support.databases import create_template, fresh_database
 from tests.support.toxiproxy import MakeProxy, Proxy, Toxiproxy
 
+# The session's services start once the tests are collected, before the first test:
+# pytest-timeout's clock covers a test's fixture setup too, and the first test of a run
+# would otherwise pay for starting them (PostgreSQL, a cold Kafka JVM: in a fresh
+# container, more than the 120 s a test has, so the first test failed and the others
+# passed). Only those the collected tests use; a service that cannot start fails each
+# test that needs it, with its error.
+_SERVICES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
+    "pg": services.postgres,
+    "kafka_service": services.kafka,
+    "rabbitmq_service": services.rabbitmq,
+    "toxiproxy": services.toxiproxy,
+}
+_started: dict[str, Any] = {}
+_failed: dict[str, BaseException] = {}
+_running = contextlib.ExitStack()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    for name, start in _SERVICES.items():
+        if name in wanted:
+            try:
+                _started[name] = _running.enter_context(start())
+            except Exception as exc:
+                _failed[name] = exc
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _running.close()
+
+
+@contextlib.contextmanager
+def _service(name: str) -> Iterator[Any]:
+    """The service started before the tests, or (a test run some other way) one of its own."""
+    if name in _failed:
+        raise _failed[name]
+    if name in _started:
+        yield _started[name]
+        return
+    with _SERVICES[name]() as found:
+        yield found
+
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[tuple[str, local_postgres.LocalPostgres | None]]:
-    with services.postgres() as found:
+    with _service("pg") as found:
         yield found
 
 
 @pytest.fixture(scope="session")
 def kafka_service() -> Iterator[tuple[str, services.LocalBroker | None]]:
-    with services.kafka() as found:
+    with _service("kafka_service") as found:
         yield found
 
 
@@ -35,7 +80,7 @@ def kafka_bootstrap(kafka_service: tuple[str, Any]) -> str:
 
 @pytest.fixture(scope="session")
 def rabbitmq_service() -> Iterator[tuple[str, services.LocalBroker | None]]:
-    with services.rabbitmq() as found:
+    with _service("rabbitmq_service") as found:
         yield found
 
 
@@ -68,7 +113,7 @@ def rabbitmq_secure(rabbitmq_service: tuple[str, Any]) -> Iterator[services.Secu
 def toxiproxy() -> Iterator[Toxiproxy]:
     """One toxiproxy server for the session; each test makes its own proxies (and deletes
     them: `proxy` below)."""
-    with services.toxiproxy() as api:
+    with _service("toxiproxy") as api:
         yield api
 
 
