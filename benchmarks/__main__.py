@@ -274,7 +274,7 @@ def main() -> None:
         help="only exactly once vs at least once from the WAL source (benchmarks/wal_exactly_once.py)",
     )
     parser.add_argument(
-        "--wal-profile", action="store_true", help="also profile the relay in WAL mode with py-spy (installed apart)"
+        "--wal-profile", action="store_true", help="also profile the relay in WAL mode with py-spy (dev extra)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
