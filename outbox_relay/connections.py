@@ -183,8 +183,10 @@ class AnswerDeadline:
         log.warning("database_no_answer", purpose=self._purpose, waited_s=self._seconds)
         # Taken before the socket goes: the caller closes the connection (and with it
         # the key a cancel needs) as soon as its call has failed.
-        cancel = _cancel_connection(self._conn)
-        shut_down(self._conn)
+        try:
+            cancel = _cancel_connection(self._conn)
+        finally:
+            shut_down(self._conn)  # the deadline's first job, whatever the cancel does
         if cancel is not None:
             task = asyncio.get_running_loop().create_task(_send_cancel(cancel, self._purpose))
             _cancels.add(task)  # a reference until it ends: the loop keeps only a weak one
@@ -199,12 +201,21 @@ _cancels: set[asyncio.Task[None]] = set()
 def _cancel_connection(conn: psycopg.AsyncConnection[Any]) -> pq.abc.PGcancelConn | None:
     """A cancel request for `conn`'s server session, not yet sent; None when libpq is
     older than 17 (its only cancel blocks a thread with no time limit: a server that
-    answers nothing would keep it forever) or the connection is already closed."""
+    answers nothing would keep it forever) or the connection is already closed. It
+    carries that session's address, pid and secret key: it cannot reach another."""
     if not capabilities.has_cancel_safe():
         return None
     with contextlib.suppress(psycopg.Error):
         return conn.pgconn.cancel_conn()
     return None
+
+
+async def finish_cancels() -> None:
+    """Let the cancel requests under way end (each within CANCEL_TIMEOUT_S): at the
+    relay's exit, a request not yet sent would leave its backend waiting (a COMMIT for
+    a synchronous standby that is down, holding its row locks until it returns)."""
+    if _cancels:
+        await asyncio.wait(set(_cancels), timeout=CANCEL_TIMEOUT_S)
 
 
 async def _send_cancel(cancel: pq.abc.PGcancelConn, purpose: str) -> None:
@@ -213,6 +224,7 @@ async def _send_cancel(cancel: pq.abc.PGcancelConn, purpose: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CANCEL_TIMEOUT_S
     sent = False
+    error = f"no answer within {CANCEL_TIMEOUT_S:g}s"
     try:
         cancel.start()
         while loop.time() < deadline:
@@ -221,13 +233,17 @@ async def _send_cancel(cancel: pq.abc.PGcancelConn, purpose: str) -> None:
                 sent = True
                 break
             if status == pq.PollingStatus.FAILED:
+                error = cancel.get_error_message() or "failed"
                 break
-            await asyncio.sleep(0.05)
-    except psycopg.Error:
-        pass
+            await asyncio.sleep(0.02)
+    except Exception as exc:  # never "Task exception was never retrieved"
+        error = first_line(exc)
     finally:
         cancel.finish()
-    log.info("database_cancel_sent" if sent else "database_cancel_failed", purpose=purpose)
+    if sent:
+        log.info("database_cancel_sent", purpose=purpose)
+    else:
+        log.info("database_cancel_failed", purpose=purpose, error=error)
 
 
 def shut_down(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -38,10 +38,14 @@ SELECT set_config('jit', 'off', true),
        set_config('statement_timeout',
                   coalesce(%(statement_ms)s::text, current_setting('statement_timeout')), true);
 
--- name: without_jit
+-- name: gauge_settings
 -- For the rest of this transaction only (see batch_settings): no JIT compilation for
--- a count over a large backlog (the pending gauge).
-SELECT set_config('jit', 'off', true);
+-- a count over a large backlog (the pending gauge), and the server ends a count that
+-- takes longer than %(statement_ms)s ms (half the relay's query_timeout): the gauge
+-- is skipped that once and the connection stays, so the heartbeat and retention go
+-- on, where the relay's deadline on answers would give the connection up each time.
+SELECT set_config('jit', 'off', true),
+       set_config('statement_timeout', %(statement_ms)s::text, true);
 
 -- name: walk_keys
 -- The claim, step 1: which keys have a publishable head? A skip scan over the keyed

@@ -34,8 +34,10 @@ _running = contextlib.ExitStack()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if session.config.option.collectonly:
-        return
+    option = session.config.option
+    runs_nothing = ("collectonly", "showfixtures", "show_fixtures_per_test", "setupplan", "setuponly")
+    if any(getattr(option, name, False) for name in runs_nothing) or session.testsfailed:
+        return  # no test will run (a listing, or collection errors end the run)
     wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     for name, start in _SERVICES.items():
         if name in wanted:
@@ -45,6 +47,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                 _failed[name] = exc
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears down what fixtures are left (Ctrl-C)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     _running.close()
 
@@ -53,7 +56,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def _service(name: str) -> Iterator[Any]:
     """The service started before the tests, or (a test run some other way) one of its own."""
     if name in _failed:
-        raise _failed[name]
+        raise RuntimeError(f"{name} did not start") from _failed[name]
     if name in _started:
         yield _started[name]
         return

@@ -21,6 +21,7 @@ import psycopg
 import structlog
 
 from outbox_relay.connections import PREPARE_THRESHOLD, AnswerDeadline, connect_with_retry
+from outbox_relay.engine.store import milliseconds
 from outbox_relay.errors import first_line
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
@@ -30,6 +31,9 @@ log = structlog.get_logger("outbox_relay.maintenance")
 RETENTION_CHUNK = 1000
 STALE_RELAY_S = 600.0
 FORGET_TIMEOUT_S = 5.0  # the shutdown's last write waits no longer than this
+# The share of query_timeout the pending count may take before the server ends it: well
+# inside the deadline on the whole step, so the server, not the deadline, ends it.
+GAUGE_SHARE = 0.5
 
 
 def retention_interval(retention: float) -> float:
@@ -113,13 +117,21 @@ class Maintenance:
 
     async def observe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Lag gauges, and the watchdog for the oldest open transaction."""
-        async with conn.transaction():
-            # The gauge counts a large backlog: JIT compiling it costs more than the count
-            # (OutboxStore.claim). Off for this transaction only: behind a pooler in
-            # transaction mode, the server session goes to other clients afterwards.
-            await conn.execute(self._q["without_jit"])
-            cur = await conn.execute(self._q["pending_gauge"])
-            row = await cur.fetchone()
+        row = None
+        try:
+            async with conn.transaction():
+                # The gauge counts a large backlog: JIT compiling it costs more than the
+                # count (OutboxStore.claim), and a count slower than the deadline is ended
+                # by the server (gauge_settings in queries.sql). For this transaction only:
+                # behind a pooler in transaction mode, the server session goes to other
+                # clients afterwards.
+                await conn.execute(
+                    self._q["gauge_settings"], {"statement_ms": milliseconds(GAUGE_SHARE * self._query_timeout)}
+                )
+                cur = await conn.execute(self._q["pending_gauge"])
+                row = await cur.fetchone()
+        except psycopg.errors.QueryCanceled:
+            log.warning("pending_gauge_skipped", reason="the count took longer than half of database.query_timeout")
         if row:
             self._metrics.pending.set(row[0] or 0)
             self._metrics.oldest_pending_age.set(float(row[1] or 0.0))

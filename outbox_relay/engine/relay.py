@@ -19,7 +19,7 @@ import structlog
 
 from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
-from outbox_relay.connections import connect_with_retry
+from outbox_relay.connections import connect_with_retry, finish_cancels
 from outbox_relay.engine.brokers import BrokerHandle
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
@@ -201,6 +201,7 @@ class Relay:
             self._dispatcher.close()
             for handle in self._brokers.values():
                 await handle.close()
+            await finish_cancels()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=self.metrics.published_total())
 
     @property

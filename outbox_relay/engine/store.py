@@ -105,7 +105,8 @@ def _unbroken_runs(rows: Sequence[Sequence[Any]], limit: int) -> list[Message]:
 MAX_TIMEOUT_MS = 2**31 - 1
 
 
-def _milliseconds(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """`seconds` as a PostgreSQL timeout setting: whole milliseconds, at least 1, capped."""
     return min(MAX_TIMEOUT_MS, max(1, int(seconds * 1000)))
 
 
@@ -147,9 +148,9 @@ class OutboxStore:
     ):
         self._q = queries
         # None: the server's idle_in_transaction_session_timeout applies to batches.
-        self._idle_ms = None if idle_in_transaction_timeout is None else _milliseconds(idle_in_transaction_timeout)
+        self._idle_ms = None if idle_in_transaction_timeout is None else milliseconds(idle_in_transaction_timeout)
         # None: the server's statement_timeout applies to the batch's statements.
-        self._statement_ms = None if statement_timeout is None else _milliseconds(statement_timeout)
+        self._statement_ms = None if statement_timeout is None else milliseconds(statement_timeout)
         self._hold = hold_dead_letters
         self._max_bytes = max_batch_bytes
         self._max_payload = NO_LIMIT if max_payload_bytes is None else max_payload_bytes

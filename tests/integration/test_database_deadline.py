@@ -11,6 +11,7 @@ import json
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from structlog.testing import capture_logs
 
 from outbox_relay import enqueue
 from outbox_relay.config import Config
@@ -98,10 +99,14 @@ async def test_a_slow_server_ends_the_statement_itself_so_no_waiting_backend_is_
         await wait_until(lambda: after <= set(fake.delivered_ids), timeout=60)
 
 
-def sync_rep_waiters(dsn: str) -> list[int]:
-    """Server sessions whose COMMIT waits for a synchronous standby."""
+def sync_rep_waiters(dsn: str, query: str | None = None) -> list[int]:
+    """Server sessions whose commit waits for a synchronous standby (running `query`:
+    a batch's COMMIT, not the heartbeat's autocommit INSERT)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchall()
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND (%s::text IS NULL OR query = %s)",
+            (query, query),
+        ).fetchall()
     return [int(pid) for (pid,) in rows]
 
 
@@ -124,10 +129,48 @@ async def test_a_commit_waiting_for_a_synchronous_standby_that_is_down_leaves_no
         async with running_relay(config, {"main": fake}):
             await wait_until(lambda: published <= set(fake.delivered_ids), timeout=30)
             # The batch's marks are written; its COMMIT waits for the standby.
-            await wait_until(lambda: bool(sync_rep_waiters(cluster.dsn)), timeout=30)
+            await wait_until(lambda: bool(sync_rep_waiters(cluster.dsn, "COMMIT")), timeout=30, interval=0.2)
             # Given up after query_timeout (2 s) and cancelled: the backend commits
             # locally, finds its client gone and ends. Without the cancel it waited on.
-            await wait_until(lambda: not sync_rep_waiters(cluster.dsn), timeout=60)
+            await wait_until(lambda: not sync_rep_waiters(cluster.dsn), timeout=60, interval=0.2)
+        # Stopped (its last write, the heartbeat row's removal, waits too, and is
+        # cancelled before the process would exit): nothing of the relay left waiting.
+        await wait_until(lambda: not sync_rep_waiters(cluster.dsn), timeout=30, interval=0.2)
+        assert len(fake.delivered) == 5, "published once: the cancelled COMMIT was not rolled back and redone"
         with psycopg.connect(cluster.dsn, options=local) as conn:
             row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dispatched_at IS NOT NULL").fetchone()
         assert row is not None and row[0] == 5, "the cancelled COMMIT committed locally: its acked rows are marked"
+
+
+@pytest.mark.timeout(120)
+async def test_a_pending_count_slower_than_the_deadline_is_skipped_and_the_maintenance_connection_kept(
+    db: str,
+) -> None:
+    # The pending gauge counts the backlog, which on a very large one can take longer
+    # than query_timeout. The server ends the count (at half query_timeout) and the gauge
+    # is skipped that once; the connection stays, so the heartbeat, the watchdog and
+    # retention after it go on. Given up client-side instead, the maintenance
+    # connection was lost every cycle, before retention's turn. A lock stands in for
+    # the slow count (with a day's retention, its next turn is a minute away: the lock
+    # does not reach it).
+    config = with_query_timeout(make_config(db, workers=1, retention="24h"), 2.0)
+    with capture_logs() as logs:
+        async with running_relay(config, {"main": FakeAdapter()}, heartbeat_every=0.2):
+            # The first round (heartbeat, gauge, then retention's first turn) is over
+            # once the heartbeat comes round again.
+            beats: set[object] = set()
+
+            def second_heartbeat() -> bool:
+                with psycopg.connect(db) as conn:
+                    beats.update(row[0] for row in conn.execute("SELECT heartbeat_at FROM outbox.relays"))
+                return len(beats) >= 2
+
+            await wait_until(second_heartbeat, timeout=30, interval=0.1)
+            with psycopg.connect(db) as locker:
+                locker.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
+                await wait_until(
+                    lambda: sum(e["event"] == "pending_gauge_skipped" for e in logs) >= 2, timeout=60, interval=0.2
+                )
+                locker.rollback()
+    lost = [e for e in logs if e["event"] == "maintenance_connection_lost"]
+    assert not lost, f"the maintenance connection was given up: {lost[:1]}"
