@@ -132,6 +132,10 @@ def rss_kb(pid: int) -> int:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file a relay may still be writing: a last line
+    without its newline is a record half written (read while the relay wrote it), not
+    a record, and is left for the next read."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    complete = path.read_text().rpartition("\n")[0]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
