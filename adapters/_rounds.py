@@ -26,10 +26,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from outbox_relay.adapter import KeyStops
 from outbox_relay.models import OutgoingMessage, PublishResult
+
+
+def record_headers(out: OutgoingMessage) -> list[tuple[str, bytes]]:
+    """A message's Kafka record headers: its own, then message-id and content-type."""
+    message = out.message
+    headers = [(name, value.encode("utf-8")) for name, value in message.headers.items()]
+    headers.append(("message-id", str(message.message_id).encode("ascii")))
+    headers.append(("content-type", message.content_type.encode("utf-8")))
+    return headers
 
 
 @dataclass
@@ -38,6 +47,15 @@ class Entry:
     out: OutgoingMessage
     early: PublishResult | None = None  # decided before sending (invalid topic, no metadata)
     alone: bool = False  # goes in a batch of its own (its batch was refused as too large)
+    # The record's key and headers as bytes, made once: a record's size is estimated
+    # before it is appended, and it may be appended again (a batch refused as too large).
+    key: bytes | None = field(init=False)
+    headers: list[tuple[str, bytes]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        key = self.out.message.key
+        self.key = None if key is None else key.encode("utf-8")
+        self.headers = record_headers(self.out)
 
 
 @dataclass
@@ -54,7 +72,7 @@ class Rounds:
     """The bookkeeping of one call: queues per group, key stops, results.
 
     `group_of(out)` names the batch a record goes in (its partition); `open_batch(group)`
-    starts an empty batch and `add(builder, out)` appends to it, False when it is full
+    starts an empty batch and `add(builder, entry)` appends to it, False when it is full
     (a batch always takes its first record, however large).
     """
 
@@ -70,9 +88,7 @@ class Rounds:
     def __bool__(self) -> bool:
         return bool(self._queues)
 
-    def next_round(
-        self, open_batch: Callable[[Hashable], object], add: Callable[[object, OutgoingMessage], bool]
-    ) -> list[Batch]:
+    def next_round(self, open_batch: Callable[[Hashable], object], add: Callable[[object, Entry], bool]) -> list[Batch]:
         """The batches of the next round: per group, records from the head of its queue
         while they fit; keys that failed are answered ``not_sent`` on the way."""
         batches: list[Batch] = []
@@ -94,7 +110,7 @@ class Rounds:
                     continue
                 if taken and (entry.alone or taken[-1].alone):
                     break
-                if not add(builder, entry.out):
+                if not add(builder, entry):
                     if not taken:  # cannot happen: a batch takes its first record
                         raise RuntimeError("an empty batch refused a record")
                     break

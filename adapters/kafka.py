@@ -277,14 +277,6 @@ def classify(exc: BaseException) -> PublishResult:
     return PublishResult.transient(reason)
 
 
-def record_headers(out: OutgoingMessage) -> list[tuple[str, bytes]]:
-    message = out.message
-    headers = [(name, value.encode("utf-8")) for name, value in message.headers.items()]
-    headers.append(("message-id", str(message.message_id).encode("ascii")))
-    headers.append(("content-type", message.content_type.encode("utf-8")))
-    return headers
-
-
 class _Restartable(Protocol):
     """What start_if_missing needs of either Kafka adapter."""
 
@@ -411,10 +403,11 @@ class KafkaAdapter:
                 await producer.partitions_for(topic)
             except Exception as exc:
                 missing[topic] = classify(exc)
-        early = [self._refused_early(out, missing) for out in batch]
-        for index, (out, refused) in enumerate(zip(batch, early, strict=True)):
-            partition = 0 if refused is not None else self._partition_of(producer, out)
-            rounds.queue((out.destination, partition), Entry(index, out, refused))
+        for index, out in enumerate(batch):
+            entry = Entry(index, out)
+            entry.early = self._refused_early(entry, missing)
+            partition = 0 if entry.early is not None else self._partition_of(producer, entry)
+            rounds.queue((out.destination, partition), entry)
         while rounds:
             answered = await self._send_round(producer, rounds)
             if not answered:
@@ -425,15 +418,13 @@ class KafkaAdapter:
                     rounds.answer_the_rest(PublishResult.unavailable("kafka producer not connected"))
         return rounds.final()
 
-    def _refused_early(self, out: OutgoingMessage, missing: Mapping[str, PublishResult]) -> PublishResult | None:
+    def _refused_early(self, entry: Entry, missing: Mapping[str, PublishResult]) -> PublishResult | None:
+        out = entry.out
         if not valid_topic(out.destination):
             return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
         if out.destination in missing:
             return missing[out.destination]
-        message = out.message
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
-            message.key.encode("utf-8") if message.key is not None else None, message.payload, record_headers(out)
-        )
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(entry.key, out.message.payload, entry.headers)
         if size > self.options.max_request_size:  # what AIOKafkaProducer.send refuses too
             return PublishResult.permanent(
                 f"MessageSizeTooLargeError: the record is {size} bytes, over max_request_size"
@@ -442,21 +433,18 @@ class KafkaAdapter:
         return None
 
     @staticmethod
-    def _partition_of(producer: AIOKafkaProducer, out: OutgoingMessage) -> int:
+    def _partition_of(producer: AIOKafkaProducer, entry: Entry) -> int:
         # The producer's own partitioner (murmur2 of the key, as send() would choose):
         # the batches are built here, so the partition is chosen here too.
-        key = out.message.key.encode("utf-8") if out.message.key is not None else None
-        return int(producer._partition(out.destination, None, None, None, key, None))
+        return int(producer._partition(entry.out.destination, None, None, None, entry.key, None))
 
     async def _send_round(self, producer: AIOKafkaProducer, rounds: Rounds) -> bool:
         """Send one round (one batch per partition, _rounds.py) and settle its answers.
         False if nothing was left to send."""
 
-        def add(builder: object, out: OutgoingMessage) -> bool:
-            message = out.message
-            key = message.key.encode("utf-8") if message.key is not None else None
+        def add(builder: object, entry: Entry) -> bool:
             appended = builder.append(  # type: ignore[attr-defined]
-                timestamp=None, key=key, value=message.payload, headers=record_headers(out)
+                timestamp=None, key=entry.key, value=entry.out.message.payload, headers=entry.headers
             )
             return appended is not None
 

@@ -37,7 +37,7 @@ from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 from ._options import TlsOptions
 from ._rounds import Batch, Entry, Rounds
 from ._topics import METADATA_WAIT_S, TopicMetadata
-from .kafka import CLOSE_WAIT_S, KafkaOptions, record_headers, start_if_missing, valid_topic
+from .kafka import CLOSE_WAIT_S, KafkaOptions, start_if_missing, valid_topic
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
@@ -220,10 +220,9 @@ class _Fill:
         self.size = BATCH_OVERHEAD
         self.count = 0
 
-    def add(self, out: OutgoingMessage) -> bool:
-        message = out.message
-        size = RECORD_OVERHEAD + len(message.payload) + len((message.key or "").encode("utf-8"))
-        size += sum(HEADER_OVERHEAD + len(name) + len(value) for name, value in record_headers(out))
+    def add(self, entry: Entry) -> bool:
+        size = RECORD_OVERHEAD + len(entry.out.message.payload) + len(entry.key or b"")
+        size += sum(HEADER_OVERHEAD + len(name) + len(value) for name, value in entry.headers)
         if self.count and (self.size + size > self.limit or self.count >= ROUND_MAX_RECORDS):
             return False
         self.size += size
@@ -382,7 +381,7 @@ class LibrdkafkaAdapter:
             if key is not None and key in refused_keys:
                 answers[position] = PublishResult.not_sent(f"not sent: an earlier message of key {key!r} failed")
                 continue
-            refused = self._produce(producer, entry.out, reports, position)
+            refused = self._produce(producer, entry, reports, position)
             if refused is not None:
                 answers[position] = refused
                 if key is not None:
@@ -413,15 +412,14 @@ class LibrdkafkaAdapter:
                 answers[position] = reports.get(position, unreported)
         return [PublishResult.unavailable(NO_REPORT_REASON) if a is _NO_REPORT else a for a in answers]
 
-    def _produce(self, producer: Any, out: OutgoingMessage, reports: dict[int, Any], position: int) -> Any:
+    def _produce(self, producer: Any, entry: Entry, reports: dict[int, Any], position: int) -> Any:
         """Queue one record; None, or its answer if librdkafka refused it at once."""
-        key = out.message.key.encode("utf-8") if out.message.key is not None else None
         try:
             producer.produce(
-                out.destination,
-                value=out.message.payload,
-                key=key,
-                headers=record_headers(out),
+                entry.out.destination,
+                value=entry.out.message.payload,
+                key=entry.key,
+                headers=entry.headers,
                 on_delivery=lambda error, _message: reports.__setitem__(position, error),
             )
         except BufferError:  # the local queue is full: not the record's fault

@@ -15,8 +15,12 @@ publisher confirms and ``mandatory=True``.
   option when the route names none), routing key = the message topic (or the
   ``routing_key`` template), properties message_id, content_type, timestamp,
   persistent delivery mode and the headers.
-- On connection or channel loss every unconfirmed message is reported transient (so
-  it is published again later, never marked); the next publish reconnects.
+- On connection or channel loss every unconfirmed message is published again later,
+  never marked; the next publish reconnects. A broker that went away (the socket lost,
+  the node stopped, paused on the minority side of a partition, or frozen) is an
+  outage: the messages spend no attempt (``unavailable``). A closure the broker chose
+  for an error (a channel closed with 406, a connection closed for a frame error),
+  which a message may have caused, spends one (``transient``): see ``lost_result``.
 - ``urls`` names several addresses (the nodes of a cluster): a connect tries them in
   turn, starting after the one whose connection was last lost, until one opens.
 
@@ -55,8 +59,34 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 UNROUTABLE = "unroutable"
 PERSISTENT = 2
+# connection.close reply codes that say the node went away, not that the client erred:
+# 320 CONNECTION_FORCED (the node shutting down, or pausing itself on the minority side
+# of a partition).
+NODE_WENT_AWAY = frozenset({320})
 
 log = structlog.get_logger("outbox_relay.rabbitmq")
+
+
+def lost_result(reason: BaseException) -> Callable[[str], PublishResult]:
+    """How a message left unconfirmed (or unsent) by a closed channel or connection
+    counts, by why it closed.
+
+    The broker going away is an outage, not the message's doing: ``unavailable``, no
+    attempt spent, so a node lost during a partition turns nothing into a dead letter
+    (tests/clusters/test_rabbitmq_cluster.py: a message could live through a nack and
+    two connection losses, and ``max_attempts: 3`` dead-lettered it). A closure the
+    broker decided on for an error (a channel closed by the broker: 406 for a message
+    over the queue's or the broker's size limit; a connection closed for a protocol
+    error) may be a message's doing: ``transient``, so such a message is dead-lettered
+    after ``max_attempts`` instead of taking the broker down again and again.
+    """
+    if isinstance(reason, pika.exceptions.ConnectionClosedByBroker):
+        return PublishResult.unavailable if reason.reply_code in NODE_WENT_AWAY else PublishResult.transient
+    if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+        return PublishResult.transient
+    if isinstance(reason, pika.exceptions.AMQPConnectionError | OSError | TimeoutError):
+        return PublishResult.unavailable  # the socket lost, a heartbeat missed, a refused reconnect
+    return PublishResult.transient
 
 
 def _amqp_url(value: str) -> str:
@@ -303,13 +333,13 @@ class RabbitAdapter:
         await asyncio.wait_for(confirmed, self.options.connect_timeout)
         # Confirms of the channel replaced can no longer settle anything (_on_confirm):
         # what still waits on it is "maybe delivered", so it goes again.
-        self._fail_unconfirmed("channel replaced before its confirms arrived")
+        self._fail_unconfirmed("channel replaced before its confirms arrived", PublishResult.unavailable)
         self._channel = channel
         self._next_tag = 0  # delivery tags restart at 1 on every channel
 
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        self._fail_unconfirmed("adapter closed")
+        self._fail_unconfirmed("adapter closed", PublishResult.unavailable)
         if connection is not None and connection.is_open:
             connection.close()
 
@@ -363,7 +393,7 @@ class RabbitAdapter:
         self._connection = None
         self._channel = None
         self._next_address = (self._address + 1) % len(self.options.addresses)
-        self._fail_unconfirmed(f"connection given up: {why}")
+        self._fail_unconfirmed(f"connection given up: {why}", PublishResult.unavailable)
         log.info("rabbitmq_connection_given_up", broker=self.name, address=where(self.options.addresses[self._address]))
         with contextlib.suppress(Exception):
             current.close()
@@ -375,7 +405,7 @@ class RabbitAdapter:
         self._channel = None
         # The next connect starts with the next address: this node may be gone.
         self._next_address = (self._address + 1) % len(self.options.addresses)
-        self._fail_unconfirmed(f"connection lost: {reason!r}")
+        self._fail_unconfirmed(f"connection lost: {reason!r}", lost_result(reason))
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if channel is not self._channel and self._channel is not None:
@@ -390,7 +420,8 @@ class RabbitAdapter:
             self._usable.clear()
             self._fail_unconfirmed(f"channel closed by the broker: {reason!r}", PublishResult.unavailable)
             return
-        self._fail_unconfirmed(f"channel closed: {reason!r}")
+        # A connection's loss closes its channels first, with the connection's reason.
+        self._fail_unconfirmed(f"channel closed: {reason!r}", lost_result(reason))
 
     def _fail_unconfirmed(self, why: str, result: Callable[[str], PublishResult] = PublishResult.transient) -> None:
         # Unconfirmed means "maybe delivered": the row stays pending and is published
@@ -562,8 +593,8 @@ class RabbitAdapter:
             return PublishResult.permanent(unfit)
         try:
             problem = await self._ensure_exchange(exchange)
-        except ChannelLost as lost:
-            return PublishResult.transient(str(lost))
+        except ChannelLost as lost:  # nothing known about the exchange, nothing sent
+            return PublishResult.unavailable(str(lost))
         if problem is not None:
             return PublishResult.permanent(problem)
         await self._after_earlier_copy(str(out.message_id))
@@ -571,7 +602,8 @@ class RabbitAdapter:
         channel = self._channel
         if channel is None or not channel.is_open:
             self._window.release()
-            return PublishResult.transient("channel closed before publish")
+            # Closed while this call waited for the confirm window: not sent.
+            return PublishResult.unavailable("channel closed before publish")
         try:
             channel.basic_publish(exchange, routing_key, out.message.payload, self._properties(out), mandatory=True)
         except Exception as exc:

@@ -154,10 +154,13 @@ def dispatched_ids(dsn: str) -> set[str]:
     return {str(row[0]) for row in rows}
 
 
-def dead_lettered(dsn: str) -> int:
+def dead_lettered(dsn: str) -> list[tuple[int, str]]:
+    """Each dead letter's attempts and reason: a failure names why, not only how many."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox.messages WHERE dead_lettered_at IS NOT NULL").fetchone()
-    return int(row[0]) if row else -1
+        rows = conn.execute(
+            "SELECT attempts, dead_letter_reason FROM outbox.messages WHERE dead_lettered_at IS NOT NULL"
+        ).fetchall()
+    return [(int(attempts), str(reason)) for attempts, reason in rows]
 
 
 def connected_to(relay: RelayProcess) -> list[str]:
@@ -251,7 +254,12 @@ def scenario(
         relay.close()
         if watch is not None:
             watch.stop()
-    assert dead_lettered(db) == 0, "a node going away spends no attempts"
+    failures = [
+        {k: line.get(k) for k in ("event", "message_id", "reason", "attempt", "attempts")}
+        for line in relay.logs()
+        if line.get("event") in ("publish_failed", "message_dead_lettered")
+    ]
+    assert dead_lettered(db) == [], f"a node going away spends no attempts; the relay's failures: {failures}"
     confirmed = dispatched_ids(db)
     reader = next(node for node in cluster.nodes if node.name in cluster.running())
     received = read_queue(reader.url, queue, set(ledger.committed))

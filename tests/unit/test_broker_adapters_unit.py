@@ -11,7 +11,7 @@ import uuid
 import pika
 import pytest
 from aiokafka import errors as kafka_errors
-from outbox_relay_adapters import kafka, rabbitmq
+from outbox_relay_adapters import _rounds, kafka, rabbitmq
 
 from outbox_relay.errors import AdapterOptionsError
 from outbox_relay.models import Outcome, OutgoingMessage
@@ -115,8 +115,11 @@ def test_kafka_error_classification(error: BaseException, outcome: Outcome) -> N
 
 def test_kafka_record_headers_carry_message_id_and_content_type() -> None:
     out = outgoing(destination="orders", headers={"h": "v"})
-    headers = dict(kafka.record_headers(out))
+    headers = dict(_rounds.record_headers(out))
     assert headers == {"h": b"v", "message-id": str(out.message_id).encode(), "content-type": b"application/json"}
+    # Made once per record in a call: sized, appended, appended again alone if refused.
+    entry = _rounds.Entry(0, outgoing(destination="orders", key="k-1", headers={"h": "v"}))
+    assert entry.key == b"k-1" and dict(entry.headers)["h"] == b"v"
 
 
 # -- rabbitmq ------------------------------------------------------------------------------
@@ -231,11 +234,44 @@ async def test_rabbitmq_a_confirm_from_a_replaced_channel_settles_nothing() -> N
     assert future.result().outcome is Outcome.ACKED  # type: ignore[attr-defined]
 
 
-async def test_rabbitmq_channel_loss_reports_unconfirmed_as_transient() -> None:
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        # The node went away: an outage, no attempt spent.
+        (pika.exceptions.StreamLostError("Transport indicated EOF"), Outcome.UNAVAILABLE),
+        (
+            pika.exceptions.ConnectionClosedByBroker(320, "CONNECTION_FORCED - broker forced connection closure"),
+            Outcome.UNAVAILABLE,
+        ),
+        (ConnectionResetError("reset by peer"), Outcome.UNAVAILABLE),
+        (pika.exceptions.AMQPHeartbeatTimeout("no heartbeat"), Outcome.UNAVAILABLE),
+        # The broker closed it for an error a message may have caused: an attempt spent.
+        (
+            pika.exceptions.ChannelClosedByBroker(
+                406, "PRECONDITION_FAILED - message size 200 is larger than max size 100"
+            ),
+            Outcome.TRANSIENT,
+        ),
+        (pika.exceptions.ConnectionClosedByBroker(505, "UNEXPECTED_FRAME"), Outcome.TRANSIENT),
+    ],
+)
+async def test_rabbitmq_channel_loss_fails_unconfirmed_by_why_it_closed(
+    reason: BaseException, expected: Outcome
+) -> None:
     adapter = rabbitmq.create("mq", {"url": "amqp://h"})
     futures = await _futures(adapter, ["a", "b"])
-    adapter._on_channel_closed(None, ConnectionError("gone"))
-    assert all(f.result().outcome is Outcome.TRANSIENT for f in futures)  # type: ignore[attr-defined]
+    adapter._on_channel_closed(None, reason)
+    assert [f.result().outcome for f in futures] == [expected, expected]  # type: ignore[attr-defined]
+    assert adapter._unconfirmed == {}
+
+
+async def test_rabbitmq_connection_loss_fails_unconfirmed_as_unavailable() -> None:
+    # pika closes the channels first with the connection's reason, then tells the
+    # connection's callback: both ways, a lost node spends no attempt.
+    adapter = rabbitmq.create("mq", {"url": "amqp://h"})
+    futures = await _futures(adapter, ["a"])
+    adapter._on_connection_closed(None, pika.exceptions.StreamLostError("Transport indicated EOF"))
+    assert futures[0].result().outcome is Outcome.UNAVAILABLE  # type: ignore[attr-defined]
 
 
 class _Channel:
