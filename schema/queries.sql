@@ -107,6 +107,8 @@ SELECT key, id, due FROM walk;
 -- second time. Under `hold`, a key with a dead letter before its head is skipped, and
 -- a run stops before the key's next dead letter. The caller cuts each run at its
 -- first row not yet due. Neither a head nor a run reaches the drain gate (walk_keys).
+-- At most %(max_heads)s heads are locked, the oldest first (a walk that saw every key
+-- leaves the other workers their share of them: OutboxStore._claim_keyed).
 WITH gate AS (
     SELECT coalesce(s.drain_gate, 9223372036854775807) AS below FROM {schema}.settings AS s
 ), heads AS (
@@ -124,6 +126,8 @@ WITH gate AS (
             WHERE d.key COLLATE "C" = m.key COLLATE "C" AND d.id < m.id
               AND d.dead_lettered_at IS NOT NULL))
       AND m.id < (SELECT gate.below FROM gate)
+    ORDER BY m.id
+    LIMIT %(max_heads)s
     FOR UPDATE OF m SKIP LOCKED
 ), runs AS (
     SELECT r.*

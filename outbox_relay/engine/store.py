@@ -111,6 +111,17 @@ def milliseconds(seconds: float) -> int:
 
 
 @dataclass
+class Walk:
+    """What a key walk found: due heads' ids, in walk order; whether it stopped short of
+    the last key (another claim may find more at once); and whether it saw every key
+    with a pending row (it went all the way round), so `heads` are all the due heads."""
+
+    heads: list[int]
+    more: bool
+    whole: bool
+
+
+@dataclass
 class Claim:
     """One claim's messages, and whether the key walk stopped before it had looked at
     every key (it visits at most a few times the batch size): if so, another claim
@@ -183,17 +194,23 @@ class OutboxStore:
         whenever one applies), no parallel workers, no JIT.
         """
         await conn.execute(self._q["batch_settings"], {"idle_ms": self._idle_ms, "statement_ms": self._statement_ms})
-        self._keyless_first = not self._keyless_first
+        # This claim's order, read once: the workers share the store, and another
+        # worker's claim flips the shared toggle while this one awaits its statements.
+        # Read again after an await, it made a keyed-first claim skip its keyless rows
+        # (an empty claim mid-drain: the worker slept a poll interval, a third of a
+        # keyless drain's throughput lost) or a keyless-first claim take keyless rows
+        # twice (a batch over batch_size). tests/integration/test_claim.py.
+        keyless_first = self._keyless_first = not self._keyless_first
         keyless: list[Message] = []
         keyed = Claim([])
         budget = self._max_bytes
-        if self._keyless_first:
+        if keyless_first:
             keyless = await self._claim_keyless(conn, limit, budget)
             budget -= sum(len(m.payload) for m in keyless)
         if len(keyless) < limit and budget > 0:
             keyed = await self._claim_keyed(conn, limit - len(keyless), budget)
             budget -= sum(len(m.payload) for m in keyed.messages)
-        if not self._keyless_first and len(keyed.messages) < limit and budget > 0:
+        if not keyless_first and len(keyed.messages) < limit and budget > 0:
             keyless = await self._claim_keyless(conn, limit - len(keyed.messages), budget)
         messages = keyed.messages + keyless
         messages.sort(key=lambda m: m.id)
@@ -209,21 +226,29 @@ class OutboxStore:
 
     async def _claim_keyed(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> Claim:
         async with self._walking:
-            heads, more = await self._walk(conn, -(-limit // self._workers), limit * self.VISITS_PER_SLOT)
+            walk = await self._walk(conn, -(-limit // self._workers), limit * self.VISITS_PER_SLOT)
         # The walking lock covers the walk only: claim_runs can wait on a row lock (a run
         # another relay holds after a requeue under `release`, for as long as its batch
         # lasts), and the other workers must not wait with it. They walk on from the
         # cursor this walk moved, so they look at other keys; where walks overlap (one
         # that wrapped round), the heads' SKIP LOCKED gives each head to one claim.
-        if not heads:
-            return Claim([], more)
+        if not walk.heads:
+            return Claim([], walk.more)
+        # A walk that saw every key knows all the due keys there are: fewer than the
+        # walk's limit (a hundred keys, each with a deep backlog). Taking them all left
+        # the other workers nothing while this batch was out (their claims came back
+        # empty and they slept a poll interval: one worker drained alone), so a claim
+        # takes its share of them, the oldest heads not locked, and their runs go
+        # deeper instead. The other workers lock the rest meanwhile.
+        heads = len(walk.heads) if not walk.whole else max(1, -(-len(walk.heads) // self._workers))
         # A share of the batch per key: one hot key fills it alone, a hundred keys
         # bring a few messages each. Rows past a share wait for the next batch.
-        per_key = max(1, -(-limit // len(heads)))
+        per_key = max(1, -(-limit // heads))
         cur = await conn.execute(
             self._q["claim_runs"],
             {
-                "head_ids": heads,
+                "head_ids": walk.heads,
+                "max_heads": heads,
                 "hold_dead_letters": self._hold,
                 "per_key": per_key,
                 "max_bytes": budget,
@@ -232,11 +257,10 @@ class OutboxStore:
             binary=True,
         )
         rows = await cur.fetchall()
-        return Claim(_unbroken_runs(_within_budget(rows, self._max_payload), limit), more)
+        return Claim(_unbroken_runs(_within_budget(rows, self._max_payload), limit), walk.more)
 
-    async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> tuple[list[int], bool]:
-        """Head ids of up to `limit` keys with a due head, from the cursor on; and whether
-        the walk stopped short of the last key (so another claim may find more at once).
+    async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> Walk:
+        """Head ids of up to `limit` keys with a due head, from the cursor on (see Walk).
 
         A walk that reaches the last key wraps round to the first and goes on up to where
         it began, and reports False: the relay then waits for a wake-up, so a keyspace
@@ -247,8 +271,9 @@ class OutboxStore:
         heads = [head for _, head, due in rows if due]
         if len(heads) >= limit or len(rows) >= budget:
             self._cursor = rows[-1][0]
-            return heads, True
+            return Walk(heads, more=True, whole=False)
         self._cursor = ""
+        stopped_short = False
         if start:
             budget -= len(rows)
             wrapped = await self._walk_from(conn, "", start, limit - len(heads), budget)
@@ -256,7 +281,7 @@ class OutboxStore:
             heads += [head for _, head, due in before if due]
             stopped_short = len(before) == len(wrapped) and (len(heads) >= limit or len(wrapped) >= budget)
             self._cursor = before[-1][0] if stopped_short and before else start
-        return heads, False
+        return Walk(heads, more=False, whole=not stopped_short)
 
     async def _walk_from(
         self, conn: psycopg.AsyncConnection[Any], after: str, until: str | None, limit: int, budget: int

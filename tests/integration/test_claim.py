@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from outbox_relay import sqlfiles
-from outbox_relay.engine.store import OutboxStore
+from outbox_relay.engine.store import OutboxStore, Walk
 from outbox_relay.operations import schema_manager
 from outbox_relay.sqlfiles import Queries
 from tests.support.configs import make_config
@@ -183,6 +183,46 @@ async def test_upgrade_from_version_1_keeps_pending_rows_claimable_in_order(empt
             ).fetchall()
         }
     assert "messages_pending_idx" not in indexes and "messages_keyed_pending_idx" in indexes
+
+
+# --- workers sharing one store ------------------------------------------------------------
+
+
+# Keyless only; and a few keyed rows (30, less than a batch) among keyless ones.
+@pytest.mark.parametrize("key_expr", ["NULL", "CASE WHEN g <= 30 THEN 'k' || (g % 3) END"])
+async def test_concurrent_claims_of_one_store_each_take_a_full_batch(db: str, key_expr: str) -> None:
+    """The workers of a relay share its store, whose keyed-or-keyless-first toggle another
+    worker's claim flips while one awaits its statements: each claim must keep to its own
+    order. Read again after an await, a keyed-first claim skipped its keyless rows (empty
+    mid-drain: the worker then slept a poll interval) and a keyless-first one took keyless
+    rows twice (over its limit)."""
+    fill(db, [keyed(20 * BATCH, key_expr)])
+
+    class SlowWalk(OutboxStore):
+        # The key walk takes its time (a large keyspace, a busy server), so the second
+        # worker's claim starts while the first one's waits for it.
+        async def _walk(self, conn: psycopg.AsyncConnection[Any], limit: int, budget: int) -> Walk:
+            await asyncio.sleep(0.3)
+            return await super()._walk(conn, limit, budget)
+
+    store = SlowWalk(Queries("outbox"), hold_dead_letters=False, workers=2)
+    connections = [await psycopg.AsyncConnection.connect(db) for _ in range(2)]
+
+    async def claim(conn: psycopg.AsyncConnection[Any], after: float) -> int:
+        await asyncio.sleep(after)
+        claimed, _ = await _one_claim(conn, store, BATCH)
+        return claimed
+
+    try:
+        for round_ in range(4):
+            # The toggle alternates per claim: a claim alone first makes the rounds
+            # alternate which of the two concurrent claims starts keyed-first.
+            assert await claim(connections[0], 0.0) == BATCH
+            counts = await asyncio.gather(claim(connections[0], 0.0), claim(connections[1], 0.1))
+            assert counts == [BATCH, BATCH], f"round {round_}: claims of {counts} messages, batch {BATCH}"
+    finally:
+        for conn in connections:
+            await conn.close()
 
 
 # --- no spinning -------------------------------------------------------------------------
