@@ -225,6 +225,27 @@ async def test_concurrent_claims_of_one_store_each_take_a_full_batch(db: str, ke
             await conn.close()
 
 
+async def test_with_fewer_keys_than_a_walk_finds_each_worker_gets_its_share(db: str) -> None:
+    """20 keys with deep backlogs, 2 workers: the first claim, whose walk saw every key,
+    leaves the second worker half of them while its batch is out. Before, it locked all
+    20 heads, and the second worker's claim came back empty: it slept a poll interval and
+    one worker drained alone."""
+    fill(db, [keyed(20 * 50, "'k' || (g % 20)")])
+    store = OutboxStore(Queries("outbox"), hold_dead_letters=False, workers=2)
+    first, second = [await psycopg.AsyncConnection.connect(db) for _ in range(2)]
+    try:
+        async with first.transaction(force_rollback=True):
+            held = await store.claim(first, BATCH)  # its batch is out: its locks held
+            async with second.transaction(force_rollback=True):
+                other = await store.claim(second, BATCH)
+        assert len(held.messages) == BATCH and len(other.messages) == BATCH
+        keys = [{m.key for m in claim.messages} for claim in (held, other)]
+        assert [len(k) for k in keys] == [10, 10] and not keys[0] & keys[1], keys
+    finally:
+        await first.close()
+        await second.close()
+
+
 # --- no spinning -------------------------------------------------------------------------
 
 
