@@ -403,10 +403,11 @@ class KafkaAdapter:
                 await producer.partitions_for(topic)
             except Exception as exc:
                 missing[topic] = classify(exc)
+        partitions = _Partitions(producer)
         for index, out in enumerate(batch):
             entry = Entry(index, out)
             entry.early = self._refused_early(entry, missing)
-            partition = 0 if entry.early is not None else self._partition_of(producer, entry)
+            partition = 0 if entry.early is not None else partitions.of(out.destination, entry.key)
             rounds.queue((out.destination, partition), entry)
         while rounds:
             answered = await self._send_round(producer, rounds)
@@ -431,12 +432,6 @@ class KafkaAdapter:
                 f" ({self.options.max_request_size})"
             )
         return None
-
-    @staticmethod
-    def _partition_of(producer: AIOKafkaProducer, entry: Entry) -> int:
-        # The producer's own partitioner (murmur2 of the key, as send() would choose):
-        # the batches are built here, so the partition is chosen here too.
-        return int(producer._partition(entry.out.destination, None, None, None, entry.key, None))
 
     async def _send_round(self, producer: AIOKafkaProducer, rounds: Rounds) -> bool:
         """Send one round (one batch per partition, _rounds.py) and settle its answers.
@@ -478,6 +473,39 @@ class KafkaAdapter:
         topic, partition = cast(tuple[str, int], batch.group)
         delivered = await producer.send_batch(batch.builder, topic, partition=partition)
         return await delivered
+
+
+class _Partitions:
+    """The partition of each record of one call, chosen here because the batches are
+    built here: the producer's own partitioner (murmur2 of the key, as send() would
+    choose), over the topic's partitions read once per call (send() reads them, as new
+    lists, for every record) and applied once per key.
+
+    Keyless records all go to one partition per call and topic, picked as the
+    partitioner picks a keyless record's (at random among the available ones): the
+    "sticky" partitioning of Kafka's own clients (KIP-480). Keyless records have no
+    order to keep, and one record batch per call instead of one per partition means
+    fewer, fuller produce requests for the client and the broker; over many calls the
+    partitions fill evenly.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer):
+        self._producer = producer
+        self._lists: dict[str, tuple[list[int], list[int]]] = {}
+        self._chosen: dict[tuple[str, bytes | None], int] = {}
+
+    def of(self, topic: str, key: bytes | None) -> int:
+        chosen = self._chosen.get((topic, key))
+        if chosen is None:
+            lists = self._lists.get(topic)
+            if lists is None:
+                metadata = self._producer._metadata
+                lists = self._lists[topic] = (
+                    list(metadata.partitions_for_topic(topic)),
+                    list(metadata.available_partitions_for_topic(topic)),
+                )
+            chosen = self._chosen[(topic, key)] = int(self._producer._partitioner(key, *lists))
+        return chosen
 
 
 def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter | Any:

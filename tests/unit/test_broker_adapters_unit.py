@@ -585,3 +585,24 @@ async def test_after_a_rabbitmq_nack_the_next_batch_goes_on_a_new_channel() -> N
     assert adapter._channel is new and old.closed, "the nacking channel is replaced and closed"
     adapter._open_channel = None  # type: ignore[assignment,method-assign]  # not called again
     assert await adapter.publish([]) == [], "one new channel per nack, not per batch"
+
+
+def test_kafka_partitions_keyed_as_the_producer_keyless_one_per_call() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    class Metadata:
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1, 2, 3, 4, 5}
+
+        def available_partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1, 2, 3, 4, 5}
+
+    producer = types.SimpleNamespace(_metadata=Metadata(), _partitioner=DefaultPartitioner())
+    keys = [f"key-{i}".encode() for i in range(50)]
+    chosen = kafka._Partitions(producer)  # type: ignore[arg-type]
+    # Keyed: what the producer's own send() would choose (murmur2, as the Java client).
+    assert [chosen.of("t", key) for key in keys] == [DefaultPartitioner()(key, list(range(6)), []) for key in keys]
+    assert len({chosen.of("t", key) for key in keys}) > 1
+    # Keyless: one partition for the whole call (one record batch), random across calls.
+    assert len({chosen.of("t", None) for _ in range(100)}) == 1
+    assert len({kafka._Partitions(producer).of("t", None) for _ in range(200)}) == 6  # type: ignore[arg-type]
