@@ -51,6 +51,7 @@ class Entry:
     # before it is appended, and it may be appended again (a batch refused as too large).
     key: bytes | None = field(init=False)
     headers: list[tuple[str, bytes]] = field(init=False)
+    size: int = field(init=False, default=0)  # the record's estimated size, where the adapter needs it
 
     def __post_init__(self) -> None:
         key = self.out.message.key

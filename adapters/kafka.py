@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, cast
 
@@ -403,11 +404,11 @@ class KafkaAdapter:
                 await producer.partitions_for(topic)
             except Exception as exc:
                 missing[topic] = classify(exc)
-        partitions = _Partitions(producer)
+        partitions = _Partitions(producer, self.options.max_batch_size)
         for index, out in enumerate(batch):
             entry = Entry(index, out)
             entry.early = self._refused_early(entry, missing)
-            partition = 0 if entry.early is not None else partitions.of(out.destination, entry.key)
+            partition = 0 if entry.early is not None else partitions.of(out.destination, entry.key, entry.size)
             rounds.queue((out.destination, partition), entry)
         while rounds:
             answered = await self._send_round(producer, rounds)
@@ -425,7 +426,9 @@ class KafkaAdapter:
             return PublishResult.permanent(f"invalid Kafka topic name {out.destination!r}")
         if out.destination in missing:
             return missing[out.destination]
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(entry.key, out.message.payload, entry.headers)
+        size = entry.size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            entry.key, out.message.payload, entry.headers
+        )
         if size > self.options.max_request_size:  # what AIOKafkaProducer.send refuses too
             return PublishResult.permanent(
                 f"MessageSizeTooLargeError: the record is {size} bytes, over max_request_size"
@@ -481,31 +484,60 @@ class _Partitions:
     choose), over the topic's partitions read once per call (send() reads them, as new
     lists, for every record) and applied once per key.
 
-    Keyless records all go to one partition per call and topic, picked as the
-    partitioner picks a keyless record's (at random among the available ones): the
-    "sticky" partitioning of Kafka's own clients (KIP-480). Keyless records have no
-    order to keep, and one record batch per call instead of one per partition means
-    fewer, fuller produce requests for the client and the broker; over many calls the
-    partitions fill evenly.
+    Keyless records stick to one partition, picked at random among the available ones
+    (as the partitioner picks a keyless record's) and not yet used by this call while
+    there is one, until about a record batch's worth (`max_batch_size`) went to it;
+    then the next is picked: the "sticky" partitioning
+    of Kafka's own clients (KIP-480). Keyless records have no order to keep, and fewer,
+    fuller batches mean fewer produce requests for the client and the broker, where a
+    partition per record spread a call thin over every partition. Never more than a
+    batch per partition: a round sends one batch per partition (adapters/_rounds.py),
+    so a call of large records still spreads over the partitions and goes in as few
+    rounds as before.
     """
 
-    def __init__(self, producer: AIOKafkaProducer):
+    def __init__(self, producer: AIOKafkaProducer, batch_bytes: int):
         self._producer = producer
+        self._batch_bytes = batch_bytes
         self._lists: dict[str, tuple[list[int], list[int]]] = {}
-        self._chosen: dict[tuple[str, bytes | None], int] = {}
+        self._keyed: dict[tuple[str, bytes], int] = {}
+        self._sticky: dict[str, tuple[int, int]] = {}  # topic -> (partition, bytes so far)
+        self._used: dict[str, set[int]] = {}  # topic -> partitions keyless records went to
 
-    def of(self, topic: str, key: bytes | None) -> int:
-        chosen = self._chosen.get((topic, key))
-        if chosen is None:
-            lists = self._lists.get(topic)
-            if lists is None:
-                metadata = self._producer._metadata
-                lists = self._lists[topic] = (
-                    list(metadata.partitions_for_topic(topic)),
-                    list(metadata.available_partitions_for_topic(topic)),
-                )
-            chosen = self._chosen[(topic, key)] = int(self._producer._partitioner(key, *lists))
-        return chosen
+    def of(self, topic: str, key: bytes | None, size: int) -> int:
+        if key is not None:
+            chosen = self._keyed.get((topic, key))
+            if chosen is None:
+                chosen = self._keyed[(topic, key)] = self._pick(topic, key)
+            return chosen
+        partition, filled = self._sticky.get(topic, (-1, 0))
+        if partition < 0 or (filled and filled + size > self._batch_bytes):
+            partition, filled = self._pick_keyless(topic), 0
+        self._sticky[topic] = (partition, filled + size)
+        return partition
+
+    def _pick(self, topic: str, key: bytes) -> int:
+        return int(self._producer._partitioner(key, *self._partitions(topic)))
+
+    def _pick_keyless(self, topic: str) -> int:
+        every, available = self._partitions(topic)
+        candidates = available or every
+        used = self._used.setdefault(topic, set())
+        unused = [partition for partition in candidates if partition not in used]
+        chosen = random.choice(unused or candidates)
+        used.add(chosen)
+        return int(chosen)
+
+    def _partitions(self, topic: str) -> tuple[list[int], list[int]]:
+        """The topic's partitions and its available ones, as send() reads them."""
+        lists = self._lists.get(topic)
+        if lists is None:
+            metadata = self._producer._metadata
+            lists = self._lists[topic] = (
+                list(metadata.partitions_for_topic(topic)),
+                list(metadata.available_partitions_for_topic(topic)),
+            )
+        return lists
 
 
 def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter | Any:

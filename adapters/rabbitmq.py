@@ -153,7 +153,12 @@ class RabbitOptions(Options):
 
 
 class ChannelLost(Exception):
-    """The connection or channel went away with messages unconfirmed."""
+    """The connection or channel went away with messages unconfirmed; `result` says
+    how its messages count (lost_result: an outage, or a closure the broker chose)."""
+
+    def __init__(self, why: str, result: Callable[[str], PublishResult] = PublishResult.unavailable):
+        super().__init__(why)
+        self.result = result
 
 
 class _DeclareFailed(Exception):
@@ -164,7 +169,9 @@ class _DeclareFailed(Exception):
 
 # Replies that refuse an exchange declare for good: 404 not found (passive), 406
 # precondition failed (exists with another type or durability).
-EXCHANGE_REFUSED = {404, 406}
+# 404: missing (declare: false); 406: declared with another type; 403: the user may not
+# declare it (no configure permission) or the name is reserved (amq.*).
+EXCHANGE_REFUSED = {403, 404, 406}
 # A refused exchange is answered from memory this long, then asked again: it may have
 # been created (or fixed) meanwhile.
 REMEMBER_REFUSAL_S = 5.0
@@ -517,8 +524,8 @@ class RabbitAdapter:
                 self._refused[name] = (time.monotonic() + REMEMBER_REFUSAL_S, why)
                 return why
             # The channel or connection went away for some other reason: nothing is
-            # known about the exchange; the batch's messages count as transient.
-            raise ChannelLost(f"channel closed while declaring {name!r}: {reason!r}") from None
+            # known about the exchange; the messages count as its closure says.
+            raise ChannelLost(f"channel closed while declaring {name!r}: {reason!r}", lost_result(reason)) from None
         finally:
             if channel.is_open:
                 with contextlib.suppress(Exception):
@@ -594,7 +601,7 @@ class RabbitAdapter:
         try:
             problem = await self._ensure_exchange(exchange)
         except ChannelLost as lost:  # nothing known about the exchange, nothing sent
-            return PublishResult.unavailable(str(lost))
+            return lost.result(str(lost))
         if problem is not None:
             return PublishResult.permanent(problem)
         await self._after_earlier_copy(str(out.message_id))

@@ -166,8 +166,10 @@ class OutboxStore:
         self._max_bytes = max_batch_bytes
         self._max_payload = NO_LIMIT if max_payload_bytes is None else max_payload_bytes
         # A claim takes at most its share of the keys it finds, so that with a hundred hot
-        # keys the other workers (and replicas) find keys of their own instead of the
-        # heads this one holds; a hot key still fills a whole batch alone.
+        # keys the other workers of this process find keys of their own instead of the
+        # heads this one holds; a hot key still fills a whole batch alone. (The share
+        # counts this process's workers only: with several replicas, the first to claim
+        # may still take every key of a small keyspace while its batch is out.)
         self._workers = max(1, workers)
         self._cursor = ""  # keys are 1+ characters, so "" is before every key
         self._walking = asyncio.Lock()

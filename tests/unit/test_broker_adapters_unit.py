@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import types
 import uuid
+from typing import Any
 
 import pika
 import pytest
@@ -14,7 +15,7 @@ from aiokafka import errors as kafka_errors
 from outbox_relay_adapters import _rounds, kafka, rabbitmq
 
 from outbox_relay.errors import AdapterOptionsError
-from outbox_relay.models import Outcome, OutgoingMessage
+from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 from tests.support.factories import outgoing
 
 # -- kafka ---------------------------------------------------------------------------------
@@ -599,10 +600,60 @@ def test_kafka_partitions_keyed_as_the_producer_keyless_one_per_call() -> None:
 
     producer = types.SimpleNamespace(_metadata=Metadata(), _partitioner=DefaultPartitioner())
     keys = [f"key-{i}".encode() for i in range(50)]
-    chosen = kafka._Partitions(producer)  # type: ignore[arg-type]
+    chosen = kafka._Partitions(producer, 1000)  # type: ignore[arg-type]
     # Keyed: what the producer's own send() would choose (murmur2, as the Java client).
-    assert [chosen.of("t", key) for key in keys] == [DefaultPartitioner()(key, list(range(6)), []) for key in keys]
-    assert len({chosen.of("t", key) for key in keys}) > 1
-    # Keyless: one partition for the whole call (one record batch), random across calls.
-    assert len({chosen.of("t", None) for _ in range(100)}) == 1
-    assert len({kafka._Partitions(producer).of("t", None) for _ in range(200)}) == 6  # type: ignore[arg-type]
+    assert [chosen.of("t", key, 10) for key in keys] == [DefaultPartitioner()(key, list(range(6)), []) for key in keys]
+    assert len({chosen.of("t", key, 10) for key in keys}) > 1
+    # Keyless, small records: one partition for the whole call (one record batch)...
+    assert len({chosen.of("t", None, 10) for _ in range(100)}) == 1
+    # ... random across calls;
+    assert len({kafka._Partitions(producer, 1000).of("t", None, 10) for _ in range(200)}) == 6  # type: ignore[arg-type]
+    # large records: a batch's worth (1000 bytes) per partition, each partition once
+    # while one is left, so a round still carries a batch per partition.
+    spread = kafka._Partitions(producer, 1000)  # type: ignore[arg-type]
+    placed = [spread.of("t", None, 400) for _ in range(12)]
+    assert sorted(placed) == sorted(list(range(6)) * 2)
+    assert all(placed[i] == placed[i + 1] for i in range(0, 12, 2)), "two 400-byte records fill a 1000-byte batch"
+
+
+class _DeclareChannel:
+    """A channel whose exchange declare the broker answers by closing it with `reason`."""
+
+    is_open = False
+
+    def __init__(self, reason: BaseException) -> None:
+        self._reason = reason
+        self._on_close: Any = None
+
+    def add_on_close_callback(self, callback: Any) -> None:
+        self._on_close = callback
+
+    def exchange_declare(self, name: str, **_options: Any) -> None:
+        self._on_close(self, self._reason)
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        # Refused for the exchange itself (no configure permission, a reserved amq.*
+        # name): dead-lettered with the broker's reason, not waited for forever.
+        (
+            pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED - access to exchange 'x' refused"),
+            Outcome.PERMANENT,
+        ),
+        (pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no exchange 'x'"), Outcome.PERMANENT),
+        # The node went away during the declare: an outage.
+        (pika.exceptions.StreamLostError("Transport indicated EOF"), Outcome.UNAVAILABLE),
+        # A closure the broker chose for another error: an attempt spent.
+        (pika.exceptions.ConnectionClosedByBroker(541, "INTERNAL_ERROR"), Outcome.TRANSIENT),
+    ],
+)
+async def test_rabbitmq_a_failed_declare_counts_as_why_it_failed(reason: BaseException, expected: Outcome) -> None:
+    adapter = rabbitmq.create("mq", {"url": "amqp://h", "exchange": "x"})
+
+    async def side_channel() -> _DeclareChannel:
+        return _DeclareChannel(reason)
+
+    adapter._side_channel = side_channel  # type: ignore[method-assign,assignment]
+    result = await adapter._publish_one(outgoing(destination="x", explicit_destination=True))
+    assert isinstance(result, PublishResult) and result.outcome is expected, result

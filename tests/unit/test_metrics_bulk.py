@@ -4,6 +4,7 @@ that notices when they change)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from outbox_relay.observability.metrics import LATENCY_BUCKETS, observe_many
 
 
-def exposition(amounts: list[float], bulk: bool) -> bytes:
+def exposition(amounts: list[float], bulk: bool) -> dict[str, float]:
     registry = CollectorRegistry()
     histogram = Histogram("latency", "", buckets=LATENCY_BUCKETS, registry=registry)
     if bulk:
@@ -19,8 +20,13 @@ def exposition(amounts: list[float], bulk: bool) -> bytes:
     else:
         for amount in amounts:
             histogram.observe(amount)
-    # The _created sample differs between two histograms: leave it out.
-    return b"\n".join(line for line in generate_latest(registry).splitlines() if b"_created" not in line)
+    # Each sample by name and labels; _created differs between two histograms: left out.
+    samples = {}
+    for line in generate_latest(registry).decode().splitlines():
+        if line and not line.startswith("#") and "_created" not in line:
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 def test_bulk_observations_give_the_same_buckets_count_and_sum_as_one_observe_each() -> None:
@@ -31,8 +37,14 @@ def test_bulk_observations_give_the_same_buckets_count_and_sum_as_one_observe_ea
     amounts += [rng.uniform(0, 400) for _ in range(500)] + [rng.uniform(0, 0.02) for _ in range(500)]
     rng.shuffle(amounts)
     expected = exposition(amounts, bulk=False)
-    assert b'latency_bucket{le="0.001"} ' in expected
-    assert exposition(amounts, bulk=True) == expected
+    got = exposition(amounts, bulk=True)
+    assert 'latency_bucket{le="0.001"}' in expected and expected["latency_count"] == len(amounts)
+    # Bucket counts and the count exactly; the sum as floats add up (one sum() against
+    # one inc() each may differ in the last bits).
+    assert {k: v for k, v in got.items() if k != "latency_sum"} == {
+        k: v for k, v in expected.items() if k != "latency_sum"
+    }
+    assert math.isclose(got["latency_sum"], expected["latency_sum"], rel_tol=1e-12)
 
 
 def test_no_observations_change_nothing() -> None:
