@@ -72,6 +72,9 @@ PERMANENT_CODES = frozenset(
     }
 )
 
+# A non-fatal client error (a lost connection) is logged at most once per code this often.
+CLIENT_ERROR_EVERY_S = 10.0
+
 # The broker is not answering at all: waiting spends none of the message's attempts.
 AWAY_CODES = frozenset(
     {
@@ -242,6 +245,7 @@ class LibrdkafkaAdapter:
         self.fenced = False  # a transactional producer saw a fencing error
         self._producer: Any = None
         self._fatal: str | None = None  # the producer's fatal error, from its error callback
+        self._client_errors_logged: dict[str, float] = {}  # error code -> when last logged
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
         self._round = asyncio.Lock()  # one round in the producer at a time (module docstring)
         self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
@@ -263,6 +267,8 @@ class LibrdkafkaAdapter:
             if producer is self._producer:
                 if error.fatal():
                     self.fell(error)
+                else:
+                    self._client_error(error)
             else:
                 early.append(str(error.str()))
 
@@ -277,6 +283,19 @@ class LibrdkafkaAdapter:
             why = early[-1] if early else (exc.args[0].str() if exc.args else str(exc))
             raise ConnectionError(f"kafka unreachable: {first_line(why)[:500]}") from exc
         self._producer, self._fatal = producer, None
+
+    def _client_error(self, error: Any) -> None:
+        """Log a non-fatal error librdkafka reports (a connection to a broker lost, a
+        request timed out): it retries by itself, and an idempotent producer delivers
+        the record in the end, so no publish may fail; without this line a connection
+        cut again and again (a proxy, a firewall's idle timeout) left no trace but
+        slower acks. At most one line per error code every CLIENT_ERROR_EVERY_S."""
+        code = str(error.name())
+        now = time.monotonic()
+        if now - self._client_errors_logged.get(code, -CLIENT_ERROR_EVERY_S) < CLIENT_ERROR_EVERY_S:
+            return
+        self._client_errors_logged[code] = now
+        log.warning("kafka_client_error", broker=self.name, code=code, error=first_line(str(error.str()))[:500])
 
     async def close(self) -> None:
         producer, self._producer = self._producer, None

@@ -657,3 +657,23 @@ async def test_rabbitmq_a_failed_declare_counts_as_why_it_failed(reason: BaseExc
     adapter._side_channel = side_channel  # type: ignore[method-assign,assignment]
     result = await adapter._publish_one(outgoing(destination="x", explicit_destination=True))
     assert isinstance(result, PublishResult) and result.outcome is expected, result
+
+
+def test_librdkafka_logs_a_lost_connection_it_retries_by_itself_once_per_code_and_interval() -> None:
+    # librdkafka reconnects and resends by itself, so a connection cut again and again
+    # fails no publish: the relay must still say so (tests/clusters/test_network_faults.py,
+    # a cut 2 KB into each connection, went unnoticed for 60 s with small requests).
+    from confluent_kafka import KafkaError
+    from outbox_relay_adapters import kafka_librdkafka
+    from structlog.testing import capture_logs
+
+    adapter = kafka_librdkafka.LibrdkafkaAdapter(
+        "k", kafka.KafkaOptions(bootstrap_servers="h:9092", client="librdkafka")
+    )
+    with capture_logs() as logs:
+        for _ in range(3):
+            adapter._client_error(KafkaError(KafkaError._TRANSPORT, "127.0.0.1:9092/1: Disconnected"))
+        adapter._client_error(KafkaError(KafkaError._TIMED_OUT, "request timed out"))
+    lines = [(line["event"], line["code"]) for line in logs]
+    assert lines == [("kafka_client_error", "_TRANSPORT"), ("kafka_client_error", "_TIMED_OUT")]
+    assert "Disconnected" in logs[0]["error"] and logs[0]["log_level"] == "warning"
