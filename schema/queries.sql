@@ -202,6 +202,13 @@ UPDATE {schema}.messages
 SET dispatched_at = clock_timestamp(), attempts = attempts + 1
 WHERE id = ANY(%(ids)s::bigint[]);
 
+-- name: delete_dispatched
+-- relay.retention 0s: the acked rows are deleted where they would be marked. Nothing is
+-- kept to replay anyway, and a DELETE writes no new row version and no index entries
+-- (measured keyless: PostgreSQL spends about two fifths less CPU per message).
+DELETE FROM {schema}.messages
+WHERE id = ANY(%(ids)s::bigint[]);
+
 -- name: record_outcomes
 -- The rows that were not acked, in one statement:
 -- `retry` rows wait for next_attempt_at, `wait` rows

@@ -156,8 +156,12 @@ class OutboxStore:
         max_payload_bytes: int | None = None,
         idle_in_transaction_timeout: float | None = None,
         statement_timeout: float | None = None,
+        keep_dispatched: bool = True,
     ):
         self._q = queries
+        # relay.retention 0s keeps no dispatched row: the acked rows are deleted in the
+        # statement that would mark them (schema/queries.sql, delete_dispatched).
+        self._mark = self._q["mark_dispatched" if keep_dispatched else "delete_dispatched"]
         # None: the server's idle_in_transaction_session_timeout applies to batches.
         self._idle_ms = None if idle_in_transaction_timeout is None else milliseconds(idle_in_transaction_timeout)
         # None: the server's statement_timeout applies to the batch's statements.
@@ -296,11 +300,12 @@ class OutboxStore:
 
     async def record(self, conn: psycopg.AsyncConnection[Any], records: Sequence[Record]) -> None:
         """Write the batch's outcomes (inside its transaction): one statement marks every
-        acked row dispatched; failures, when there are any, take a second one."""
+        acked row dispatched (or deletes them: retention 0s); failures, when there are
+        any, take a second one."""
         acked = [r.id for r in records if r.kind is RecordKind.ACKED]
         failed = [r for r in records if r.kind is not RecordKind.ACKED]
         if acked:
-            await conn.execute(self._q["mark_dispatched"], {"ids": acked}, binary=True)
+            await conn.execute(self._mark, {"ids": acked}, binary=True)
         if failed:
             await conn.execute(
                 self._q["record_outcomes"],

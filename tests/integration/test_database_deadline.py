@@ -81,8 +81,10 @@ async def test_a_slow_server_ends_the_statement_itself_so_no_waiting_backend_is_
         first = enqueue_numbered(db, 0, 1)
         await wait_until(lambda: first <= set(fake.delivered_ids), timeout=30)
         seen: set[int] = set()
-        with psycopg.connect(db) as locker:
-            locker.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
+        # An async connection: the lock waits for a batch the relay has open, and the
+        # relay can only end it if this test does not block the event loop meanwhile.
+        async with await psycopg.AsyncConnection.connect(db) as locker:
+            await locker.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
 
             def reconnected_several_times() -> bool:
                 seen.update(pid for pid, _ in relay_backends(db))
@@ -94,7 +96,7 @@ async def test_a_slow_server_ends_the_statement_itself_so_no_waiting_backend_is_
             # table and simply waits (the pending gauge's count); each session given up
             # and left waiting would add one (8 or more here before the fix).
             assert len(waiting) <= 3, f"backends left waiting on the lock: {len(waiting)} (workers: 2)"
-            locker.rollback()
+            await locker.rollback()
         after = enqueue_numbered(db, 1, 5)
         await wait_until(lambda: after <= set(fake.delivered_ids), timeout=60)
 
@@ -166,11 +168,12 @@ async def test_a_pending_count_slower_than_the_deadline_is_skipped_and_the_maint
                 return len(beats) >= 2
 
             await wait_until(second_heartbeat, timeout=30, interval=0.1)
-            with psycopg.connect(db) as locker:
-                locker.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
+            # Async: the lock may wait for a worker's (empty) claim, which needs the loop.
+            async with await psycopg.AsyncConnection.connect(db) as locker:
+                await locker.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
                 await wait_until(
                     lambda: sum(e["event"] == "pending_gauge_skipped" for e in logs) >= 2, timeout=60, interval=0.2
                 )
-                locker.rollback()
+                await locker.rollback()
     lost = [e for e in logs if e["event"] == "maintenance_connection_lost"]
     assert not lost, f"the maintenance connection was given up: {lost[:1]}"
