@@ -48,7 +48,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 log = structlog.get_logger("outbox_relay.kafka")
 
-POLL_S = 0.02
 ROUND_LINGER_MS = 600_000  # far above any round: librdkafka sends a round when flush() says so
 ROUND_MAX_RECORDS = 10_000  # librdkafka's batch.num.messages, set explicitly: a round stays under it
 # A record's size in a batch, over-estimated (a record's framing is at most about 20

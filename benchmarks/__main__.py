@@ -36,6 +36,7 @@ from benchmarks import (
 )
 from benchmarks.common import ratio_rows
 from outbox_relay.observability.logging_setup import configure
+from outbox_relay.process import tune_gc
 
 TARGETS = {
     "kafka relay / raw producer": (">=", 0.8),
@@ -279,6 +280,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
     configure("warning")
+    # The relays measured here run in this process: with the collector settings of
+    # `outbox-relay run` (outbox_relay/process.py), which the raw producers get too.
+    tune_gc()
     results = asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
