@@ -8,8 +8,6 @@ repeated on another machine:
 
 - `gc`: the garbage collector's thresholds of `outbox-relay run` (outbox_relay/process.py)
   against CPython's defaults, each client;
-- `pipeline`: the batch's statements in psycopg's pipeline mode (sources/table.py) or
-  one round trip each;
 - `librdkafka-producers`: one librdkafka producer per broker (the adapter) against one
   per concurrent call (several rounds in flight, each on its own connections);
 - `more-in-flight`: 4 workers of 1,000 messages per batch against the defaults (2 of 500).
@@ -25,7 +23,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import psycopg
 import structlog
 
 from benchmarks import env, kafka_bench
@@ -50,17 +47,6 @@ def collector(on: bool) -> Iterator[dict[str, Any]]:
     finally:
         gc.unfreeze()
         gc.set_threshold(*defaults)
-
-
-@contextlib.contextmanager
-def pipeline(on: bool) -> Iterator[dict[str, Any]]:
-    real = psycopg.AsyncConnection.pipeline
-    if not on:
-        psycopg.AsyncConnection.pipeline = lambda self: contextlib.nullcontext()
-    try:
-        yield {}
-    finally:
-        psycopg.AsyncConnection.pipeline = real
 
 
 class _ProducerPerCall:
@@ -116,7 +102,6 @@ def more_in_flight(on: bool) -> Iterator[dict[str, Any]]:
 
 EXPERIMENTS: dict[str, tuple[Toggle, tuple[str, ...]]] = {
     "gc": (collector, ("aiokafka", "librdkafka")),
-    "pipeline": (pipeline, ("aiokafka",)),
     "librdkafka-producers": (librdkafka_producers, ("librdkafka",)),
     "more-in-flight": (more_in_flight, ("aiokafka", "librdkafka")),
 }

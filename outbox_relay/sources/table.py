@@ -179,10 +179,11 @@ class TableSource:
         deadline = AnswerDeadline(conn, self._config.database.query_timeout, purpose="worker")
         try:
             with deadline:
-                # Pipeline mode sends BEGIN, the session settings and the claim's first
-                # statement in one round trip, and the marks with COMMIT in another: fewer
-                # waits per batch (measured: about 10 % less relay CPU per message).
-                async with conn.pipeline(), conn.transaction():
+                # Not in psycopg's pipeline mode: until its Sync the server sends no
+                # ReadyForQuery, so during the publish the session would be "active", not
+                # "idle in transaction", and idle_in_transaction_session_timeout (set by the
+                # claim for a relay that hangs mid-batch) would never run.
+                async with conn.transaction():
                     claim = await self.store.claim(conn, self._config.relay.batch_size)
                     messages = claim.messages
                     if not messages:

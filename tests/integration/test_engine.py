@@ -608,6 +608,29 @@ async def test_a_worker_session_is_ended_by_postgres_after_the_limit_the_readme_
     assert during[4] == "44s", during  # 2 x 7 s + 30 s
 
 
+async def test_during_the_publish_the_batch_is_idle_in_transaction_so_its_timeout_runs(db: str) -> None:
+    # idle_in_transaction_session_timeout (above) only runs while the server reports the
+    # session idle in a transaction, which it does once it has answered every statement
+    # sent (ReadyForQuery). The batch in psycopg's pipeline mode left it "active" through
+    # the publish, the timer off: a relay hung mid-batch held its rows for good.
+    enqueue_many(db, [("t", None, 0)])
+    fake = FakeAdapter(delay=5.0)
+    async with running_relay(make_config(db, workers=1), {"main": fake}) as relay:
+        await wait_until(lambda: relay.in_flight == 1)
+
+        def publishing_session_idle_in_transaction() -> bool:
+            # The worker's session, holding its claimed row's lock (a transaction id).
+            found = rows(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction' AND backend_xid IS NOT NULL",
+            )
+            return found[0][0] == 1
+
+        await wait_until(publishing_session_idle_in_transaction, timeout=4, interval=0.1)
+        assert relay.in_flight == 1, "seen after the publish, not during it"
+
+
 async def test_a_batch_sets_its_settings_for_its_own_transaction_only(db: str) -> None:
     # Behind a pooler in transaction mode (pgbouncer) a server session serves other
     # clients between two transactions: settings made for the worker's session stayed
