@@ -15,9 +15,11 @@ from psycopg import sql
 from benchmarks.common import KEYS, PAYLOAD_BYTES, Keys, drain, fill_backlog, messages_for_raw_clients, relay_config
 from benchmarks.cpu import Window
 from benchmarks.env import fresh_schema
+from outbox_relay.config import RelayConfig
 from tests.consumers import kafka_create_topic
 
 SCHEMA = "bench_kafka"
+DEFAULTS = RelayConfig()  # what a relay.yaml without a relay block runs
 
 
 def options(bootstrap: str) -> dict[str, object]:
@@ -29,8 +31,8 @@ async def relay_rate(
     bootstrap: str,
     count: int,
     *,
-    batch_size: int = 500,  # the relay's defaults
-    workers: int = 2,
+    batch_size: int = DEFAULTS.batch_size,
+    workers: int = DEFAULTS.workers,
     keys: Keys = KEYS,
     payload_bytes: int = PAYLOAD_BYTES,
     held_back: int = 0,

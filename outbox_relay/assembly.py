@@ -15,6 +15,14 @@ from outbox_relay.errors import ConfigError
 from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sources.wal.runner import WalSource
 
+# With exactly_once, a relay that takes the slot after a park committed and its Kafka
+# transaction did not reads which of that transaction's messages the table holds
+# (wal_queries.sql, parked_of): those it must not send again. A parked message that the
+# table workers (this relay's or another replica's) dispatched and retention deleted
+# before that read would be sent a second time. The read comes within seconds of a
+# start or takeover; an hour leaves room for a slow one.
+EXACTLY_ONCE_MIN_RETENTION_S = 3600.0
+
 
 def build_adapters(config: Config) -> dict[str, Adapter]:
     """One adapter per broker block, options validated; errors name the key path."""
@@ -31,7 +39,8 @@ def build_adapters(config: Config) -> dict[str, Adapter]:
 
 
 def _check_exactly_once(config: Config, adapters: dict[str, Adapter]) -> None:
-    """One exactly-once broker at most, and only of an adapter that offers it."""
+    """One exactly-once broker at most, only of an adapter that offers it, and dispatched
+    rows kept long enough for a takeover to tell what was parked."""
     chosen = [name for name, a in adapters.items() if getattr(a, "exactly_once", False)]
     for name in chosen:
         if adapter_registry.transactions_of(adapters[name]) is None:
@@ -46,6 +55,13 @@ def _check_exactly_once(config: Config, adapters: dict[str, Adapter]) -> None:
             " cover one Kafka broker; keep it on one",
             source=config.source,
             path=".".join((key_path(("brokers", chosen[1])), "exactly_once")),
+        )
+    if chosen and config.relay.retention < EXACTLY_ONCE_MIN_RETENTION_S:
+        raise ConfigError(
+            f"must be at least 1h with {key_path(('brokers', chosen[0]))}.exactly_once: a relay taking the"
+            " WAL slot over reads the parked messages kept in the table so as not to send them again",
+            source=config.source,
+            path="relay.retention",
         )
 
 

@@ -29,6 +29,28 @@ def test_exactly_once_on_two_brokers_is_refused_in_one_line(db: str, kafka_boots
         assert "brokers.b.exactly_once" in lines[0] and "exactly_once is set on 2 brokers (a, b)" in lines[0]
 
 
+def test_exactly_once_with_a_retention_under_an_hour_is_refused_in_one_line(
+    db: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A takeover reads which messages were parked (kept in the table) so as not to send
+    them again: retention must not delete them first. An hour passes the check."""
+    brokers = {"events": _kafka(kafka_bootstrap)}
+    routes = [{"topic": "*", "broker": "events"}]
+    for retention in ("0s", "59m"):
+        config = write_config(tmp_path / "relay.yaml", db, brokers=brokers, routes=routes, retention=retention)
+        for command in ("check", "run"):
+            result = run_cli(command, "--config", str(config), timeout=60)
+            assert result.returncode == 2, result.stdout + result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert "relay.retention" in lines[0] and "must be at least 1h with brokers.events.exactly_once" in lines[0]
+    config = write_config(tmp_path / "relay.yaml", db, brokers=brokers, routes=routes, retention="1h")
+    checked = run_cli("check", "--config", str(config), timeout=60)
+    # Past the configuration: the check goes on to the outbox, in table mode here.
+    assert "exactly   FAIL  brokers.events.exactly_once needs the WAL source" in checked.stdout, checked.stdout
+    assert "relay.retention" not in checked.stdout + checked.stderr
+
+
 def test_an_offsets_topic_kafka_would_refuse_is_named(db: str, kafka_bootstrap: str, tmp_path: Path) -> None:
     brokers = {"events": _kafka(kafka_bootstrap, offsets_topic="bad topic!")}
     config = write_config(tmp_path / "relay.yaml", db, brokers=brokers, routes=[{"topic": "*", "broker": "events"}])

@@ -137,7 +137,8 @@ def test_dsn_is_secret_in_repr() -> None:
 def test_defaults() -> None:
     config = parse(dump(MINIMAL), source="relay.yaml", env={})
     relay = config.relay
-    assert relay.batch_size == 500
+    assert relay.batch_size == 1000
+    assert relay.workers == 4
     assert relay.poll_interval == 1.0
     assert relay.notify is True
     assert relay.max_attempts == 10

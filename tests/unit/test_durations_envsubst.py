@@ -202,7 +202,7 @@ def test_variable_cannot_add_keys_to_config() -> None:
     text = "database:\n  dsn: ${DSN}\nbrokers:\n  b: {type: stdout}\nroutes:\n  - {topic: '*', broker: b}\n"
     injected = "x\nrelay:\n  batch_size: 1"
     config = parse(text, source="relay.yaml", env={"DSN": injected})
-    assert config.relay.batch_size == 500
+    assert config.relay.batch_size == 1000
     assert config.database.dsn.get_secret_value() == injected
 
 
