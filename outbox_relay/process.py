@@ -4,12 +4,14 @@ import: an application that embeds the relay keeps its own.
 The garbage collector: the relay makes and drops a few objects per message, and
 CPython's default young-generation threshold (700 allocations) ran a collection every
 few messages, each full one walking every long-lived object of the process (modules,
-the config, the metrics registry). Measured on a 100,000-message drain (scripts in the
-commit; median of 3, interleaved): relay CPU per message 23.5 against 27.7 µs
-(aiokafka, keyless) and 30.1 against 39.2 µs (librdkafka, keyless); py-spy had the
-collector at about a tenth of the relay's own CPU. Garbage in cycles waits longer for
-its collection, a bounded amount: the relay's per-message objects are freed by their
-reference counts, not by the collector.
+the config, the metrics registry). Measured on 100,000-message drains, on and off
+alternated (`python -m benchmarks.ab gc`; README, "Where the Kafka time goes"): relay
+CPU per message 29.9 against 30.0 µs (aiokafka, keyless) up to 37.4 against 41.4 µs
+(librdkafka, 100 keys); py-spy had the collector at about a tenth of the relay's own
+CPU. Garbage in reference cycles waits longer for its collection, so the hot path makes
+none that could hold payloads: the relay's per-message objects are freed by their
+reference counts, and a broker call that raises leaves no cycle behind
+(engine/dispatch.py; tests/unit/test_dispatch.py, ..._leaves_no_garbage_cycle_...).
 """
 
 from __future__ import annotations
