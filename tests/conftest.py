@@ -4,12 +4,14 @@ RabbitMQ and toxiproxy. The helpers the tests share are in tests/support."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from outbox_relay.demo import local_postgres
 from tests import services
@@ -162,3 +164,14 @@ def empty_db(admin_dsn: str) -> Iterator[str]:
 @pytest.fixture
 def tmp_file(tmp_path: Path) -> Path:
     return tmp_path / "out.jsonl"
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """For a test that runs the CLI's logging set-up in this process: configure() binds
+    structlog and routes the libraries' logging to the stderr of that moment (the test's
+    capture, CliRunner's); undone afterwards, so no later test depends on it."""
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if type(h).__name__ != "_LibraryHandler"]

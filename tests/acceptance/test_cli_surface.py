@@ -55,17 +55,7 @@ def test_check_fails_with_exit_1_when_a_broker_is_unreachable(db: str, tmp_path:
     assert "broker    FAIL  hook (webhook)" in result.stdout
 
 
-@pytest.fixture
-def restore_structlog() -> object:
-    yield None
-    structlog.reset_defaults()
-    # configure() also routes the libraries' logging to the stderr of that moment (the
-    # test's capture): take that handler away again.
-    root = logging.getLogger()
-    root.handlers = [h for h in root.handlers if type(h).__name__ != "_LibraryHandler"]
-
-
-def test_library_warnings_are_json_lines_too(capsys: pytest.CaptureFixture[str], restore_structlog: object) -> None:
+def test_library_warnings_are_json_lines_too(capsys: pytest.CaptureFixture[str], restored_logging: None) -> None:
     # psycopg, aiokafka and pika log through the standard logging module; unrouted, their
     # warnings came out raw ("query cancellation interrupted ...") among the JSON lines.
     configure("info")
@@ -77,14 +67,14 @@ def test_library_warnings_are_json_lines_too(capsys: pytest.CaptureFixture[str],
     ]
 
 
-def test_logs_are_json_when_not_a_terminal(capsys: pytest.CaptureFixture[str], restore_structlog: object) -> None:
+def test_logs_are_json_when_not_a_terminal(capsys: pytest.CaptureFixture[str], restored_logging: None) -> None:
     configure("info")  # pytest's captured stderr is not a terminal
     structlog.get_logger("t").info("batch_recorded", message_id="m1", topic="t")
     line = json.loads(capsys.readouterr().err.strip())
     assert line["event"] == "batch_recorded" and line["message_id"] == "m1" and line["level"] == "info"
 
 
-def test_logs_are_readable_on_a_terminal(monkeypatch: pytest.MonkeyPatch, restore_structlog: object) -> None:
+def test_logs_are_readable_on_a_terminal(monkeypatch: pytest.MonkeyPatch, restored_logging: None) -> None:
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True

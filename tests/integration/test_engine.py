@@ -351,6 +351,16 @@ async def test_retention_deletes_dispatched_rows_after_the_retention_period(db: 
     assert count(db, "dead_lettered_at IS NOT NULL") == 1
 
 
+async def deleted_and_updated_in_this_transaction(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+    """Rows of the outbox deleted and updated by the connection's open transaction."""
+    cur = await conn.execute(
+        "SELECT n_tup_del, n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'outbox.messages'::regclass"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 async def test_zero_retention_deletes_acked_rows_in_the_statement_that_marks_them(db: str) -> None:
     # relay.retention 0s keeps nothing to replay: the mark deletes the acked rows instead
     # of writing a new version of each (about 40 % of PostgreSQL's work per message,
@@ -370,10 +380,8 @@ async def test_zero_retention_deletes_acked_rows_in_the_statement_that_marks_the
             for m in messages
         ]
         await store.record(conn, records)
-        cur = await conn.execute(
-            "SELECT n_tup_del, n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'outbox.messages'::regclass"
-        )
-        assert await cur.fetchone() == (28, 2)  # acked deleted; the dead letter and the retry updated
+        # The acked deleted; the dead letter and the retry updated.
+        assert await deleted_and_updated_in_this_transaction(conn) == (28, 2)
     assert count(db, "true") == 2
     assert count(db, "dead_lettered_at IS NOT NULL") == 1
     assert count(db, "dispatched_at IS NULL AND dead_lettered_at IS NULL AND attempts = 1") == 1
@@ -384,10 +392,7 @@ async def test_zero_retention_deletes_acked_rows_in_the_statement_that_marks_the
         messages = (await store.claim(conn, 100)).messages
         assert len(messages) == 10
         await store.record(conn, [Record(m.id, RecordKind.ACKED) for m in messages])
-        cur = await conn.execute(
-            "SELECT n_tup_del, n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'outbox.messages'::regclass"
-        )
-        assert await cur.fetchone() == (0, 10)
+        assert await deleted_and_updated_in_this_transaction(conn) == (0, 10)
     assert count(db, "dispatched_at IS NOT NULL") == 10
 
 

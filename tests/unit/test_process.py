@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import gc
-import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from click.testing import CliRunner
 
 from outbox_relay import assembly
@@ -34,16 +32,6 @@ def test_tune_gc_freezes_what_is_alive_and_collects_less_often() -> None:
     assert gc.get_freeze_count() > 1000  # the modules and objects already alive
     assert gc.get_threshold() == GC_THRESHOLDS
     assert GC_THRESHOLDS[0] > 700  # above CPython's default young-generation threshold
-
-
-@pytest.fixture
-def restored_logging() -> Iterator[None]:
-    # The run command configures structlog and routes the libraries' logging to the
-    # stderr of that moment (CliRunner's): undone, so no later test depends on it.
-    yield
-    structlog.reset_defaults()
-    root = logging.getLogger()
-    root.handlers = [h for h in root.handlers if type(h).__name__ != "_LibraryHandler"]
 
 
 @pytest.mark.usefixtures("restored_gc", "restored_logging")
