@@ -1,0 +1,52 @@
+"""A receiver slower than a batch needs: each call starts requests for the webhook's
+`timeout` only and leaves the rest waiting (no attempt spent), so no call runs past
+`relay.publish_timeout`, no ack is thrown away, and the backlog drains, each message once."""
+
+from __future__ import annotations
+
+import collections
+
+import psycopg
+
+from outbox_relay import enqueue
+from outbox_relay.assembly import build_adapters
+from tests.support.configs import make_config
+from tests.support.http import HttpReceiver, answer
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
+
+MESSAGES = 200
+
+
+def attempts_and_pending(dsn: str) -> tuple[int, int, int]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT coalesce(max(attempts), 0), count(*) FILTER (WHERE dispatched_at IS NULL),"
+            " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) FROM outbox.messages"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+async def test_a_backlog_to_a_slow_receiver_drains_once_each_without_spending_attempts(db: str) -> None:
+    # 200 keyless messages, 4 at a time, 0.3 s each: 15 s of requests against a
+    # publish_timeout of 5 s. Before, every call timed out: its acks thrown away, its
+    # messages sent again, the backlog never drained.
+    endpoint = HttpReceiver(answer(200, delay=0.3))
+    hook = {"type": "webhook", "url": endpoint.url + "/hooks", "max_concurrency": 4, "timeout": "1s"}
+    config = make_config(db, brokers={"hook": hook}, publish_timeout="5s")
+    try:
+        with psycopg.connect(db) as conn:
+            for i in range(MESSAGES):
+                enqueue(conn, "orders.created", {"i": i})
+            conn.commit()
+        async with running_relay(config, build_adapters(config)):
+            await wait_until(lambda: attempts_and_pending(db)[1] == 0, timeout=120)
+        sent = collections.Counter(r.json["payload"]["i"] for r in endpoint.accepted())
+        assert sorted(sent) == list(range(MESSAGES))
+        assert [i for i, n in sent.items() if n > 1] == [], "acked messages sent again"
+        # One attempt each, the one that was acked (the mark counts it); none dead-lettered.
+        assert attempts_and_pending(db) == (1, 0, 0)
+        assert endpoint.max_active <= 4
+    finally:
+        endpoint.close()
