@@ -58,8 +58,9 @@ def _check_exactly_once(config: Config, adapters: dict[str, Adapter]) -> None:
         )
     if chosen and config.relay.retention < EXACTLY_ONCE_MIN_RETENTION_S:
         raise ConfigError(
-            f"must be at least 1h with {key_path(('brokers', chosen[0]))}.exactly_once: a relay taking the"
-            " WAL slot over reads the parked messages kept in the table so as not to send them again",
+            f"must be at least 1h with {key_path(('brokers', chosen[0]))}.exactly_once (got"
+            f" {config.relay.retention:g}s): a relay taking the WAL slot over reads the parked messages kept in"
+            " the table so as not to send them again",
             source=config.source,
             path="relay.retention",
         )

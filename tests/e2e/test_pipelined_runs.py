@@ -88,7 +88,7 @@ async def test_rejection_in_the_middle_of_a_run(
             lambda: len(dead_letters(db)) == 1 and pending(db) == (held if policy == "hold" else 0), timeout=60
         )
     # The first call that carried key k carried its whole run (another worker's call may
-    # come first with only the other keys: the relay runs two workers).
+    # come first with only the other keys: the relay runs several workers).
     assert next(c for c in calls if c) == RUN, f"the whole run went in one call: {calls}"
     [(mid, key, reason)] = dead_letters(db)
     assert (mid, key) == (poison, "k")

@@ -74,6 +74,7 @@ async def test_kafka_killed_in_the_middle_of_a_hot_key_run(
         routes=[{"topic": "*", "broker": "kafka", "destination": topic}],
         timing=PATIENT,
         batch_size=BATCH,
+        workers=2,  # the duplicate bound below counts two workers
         max_attempts=3,
     )
     ledger = kill_mid_drain(db, config, "orders.created", down=own_kafka.kill, up=own_kafka.start)
@@ -103,6 +104,7 @@ async def test_rabbitmq_stopped_in_the_middle_of_a_hot_key_run(
         routes=[{"topic": "*", "broker": "mq"}],
         timing=PATIENT,
         batch_size=BATCH,
+        workers=2,  # the duplicate bound below counts two workers
         max_attempts=3,
     )
     ledger = kill_mid_drain(db, config, "emails.sent", down=own_rabbitmq.stop, up=own_rabbitmq.start)
