@@ -638,7 +638,9 @@ class RabbitAdapter:
             await waiter.wait()
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
-        async with self._lock:  # one batch at a time keeps delivery tags in step
+        # One call's publishes at a time: no other call opens a connection or renews the
+        # channel between them, so a call's messages of a key all go on one channel.
+        async with self._lock:
             problem = await self._ensure_open()
             if problem is None and self._renew_channel:
                 problem = await self._new_channel()
@@ -651,11 +653,17 @@ class RabbitAdapter:
                 if isinstance(item, PublishResult):
                     stops.note(out, item)
                 pending.append(item)
-            results = [
-                (await item) if isinstance(item, asyncio.Future) else item  # every confirm awaited
-                for item in pending
-            ]
-            return KeyStops().settle(batch, results)
+        # Its confirms are awaited outside the lock, so the next call (another worker's
+        # batch: other keys) publishes meanwhile; a tag is counted in the same step as its
+        # publish (_publish_one), so calls interleaved this way keep the tags in step. A
+        # channel renewed meanwhile fails what is unconfirmed here (maybe delivered: it
+        # goes again). Holding the lock through the confirms made the workers' calls take
+        # turns: a confirm round trip per call, and more workers drained slower.
+        results = [
+            (await item) if isinstance(item, asyncio.Future) else item  # every confirm awaited
+            for item in pending
+        ]
+        return KeyStops().settle(batch, results)
 
 
 def create(name: str, options: Mapping[str, Any]) -> RabbitAdapter:

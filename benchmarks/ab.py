@@ -11,7 +11,7 @@ repeated on another machine:
 - `librdkafka-producers`: one librdkafka producer per broker (the adapter) against one
   per concurrent call (several rounds in flight, each on its own connections);
 - `more-in-flight`: the defaults (4 workers of 1,000 messages per batch) against those
-  before them (2 of 500).
+  before them (2 of 500), each Kafka client and RabbitMQ (its defaults; msg/s only).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from benchmarks import env, kafka_bench
+from benchmarks import env, kafka_bench, rabbit_bench
 from benchmarks.cpu import PgCpu, Window
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.process import GC_THRESHOLDS, tune_gc
@@ -104,7 +104,7 @@ def more_in_flight(on: bool) -> Iterator[dict[str, Any]]:
 EXPERIMENTS: dict[str, tuple[Toggle, tuple[str, ...]]] = {
     "gc": (collector, ("aiokafka", "librdkafka")),
     "librdkafka-producers": (librdkafka_producers, ("librdkafka",)),
-    "more-in-flight": (more_in_flight, ("aiokafka", "librdkafka")),
+    "more-in-flight": (more_in_flight, ("aiokafka", "librdkafka", "rabbitmq")),
 }
 
 
@@ -113,6 +113,19 @@ async def compare(svc: env.Services, toggle: Toggle, client: str, keys: int | No
     results: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     for _ in range(runs):
         for on in (True, False):
+            if client == "rabbitmq":  # the relay's defaults, the adapter's too; no CPU meter
+                with toggle(on) as settings:
+                    rate = await rabbit_bench.relay_rate(svc.dsn, svc.amqp, MESSAGES, keys=keys, relay=settings)
+                results[on].append(
+                    {
+                        "msgs_per_s": round(rate),
+                        "process_cpu_us": "-",
+                        "pg_cpu_us": "-",
+                        "broker_cpu_us": "-",
+                        "cores_in_use": "-",
+                    }
+                )
+                continue
             meter = Window(pg, svc.kafka_pid)
             with toggle(on) as settings:
                 await kafka_bench.relay_rate(

@@ -39,12 +39,22 @@ def _delete(url: str, exchange: str, queue: str) -> None:
 
 
 async def relay_rate(
-    dsn: str, url: str, count: int, *, keys: Keys = KEYS, pipeline_keys: bool = False, defaults: bool = False
+    dsn: str,
+    url: str,
+    count: int,
+    *,
+    keys: Keys = KEYS,
+    pipeline_keys: bool = False,
+    defaults: bool = False,
+    relay: dict[str, Any] | None = None,
 ) -> float:
     """Messages/s draining a backlog of `count`: batches of 1000 (the confirm window), or
-    with `defaults` the relay's and the adapter's default settings."""
+    with `defaults` the relay's and the adapter's default settings; `relay`: settings of
+    the relay over the defaults (the adapter's stay)."""
     exchange, queue = _bound_queue(url)
-    tuned: dict[str, Any] = {} if defaults else {"batch_size": 1000, "workers": 2}
+    if relay is not None:
+        defaults = True
+    tuned: dict[str, Any] = dict(relay or {}) if defaults else {"batch_size": 1000, "workers": 2}
     try:
         fresh_schema(dsn, SCHEMA)
         fill_backlog(dsn, SCHEMA, "bench.rabbit", count, keys=keys)
