@@ -465,6 +465,13 @@ class RabbitAdapter:
         otherwise (a full queue with x-overflow reject-publish), so a new channel per
         batch that had one costs little."""
         self._renew_channel = False
+        # Other calls' confirms still due on the old channel (they published before this
+        # call took the lock, and await their confirms outside it) settle there first:
+        # the renewal would fail them as "maybe delivered", and a call answered only
+        # that way looks like an outage to the engine, which stops calling the broker.
+        due = [future for future, _ in self._unconfirmed.values() if not future.done()]
+        if due:
+            await asyncio.wait(due, timeout=self.options.connect_timeout)
         old = self._channel
         try:
             await self._open_channel()

@@ -119,7 +119,7 @@ class WebhookAdapter:
             return False
         return True
 
-    async def _post(self, out: OutgoingMessage, start_by: float) -> PublishResult:
+    async def _post(self, out: OutgoingMessage, start_by: float, started: list[bool]) -> PublishResult:
         assert self._client is not None
         headers = {
             **self._options.headers,
@@ -127,11 +127,15 @@ class WebhookAdapter:
             "message-id": str(out.message_id),
         }
         async with self._limit:
-            if asyncio.get_running_loop().time() > start_by:
+            # A call's first request always starts, however long it queued behind other
+            # calls (the workers share max_concurrency): a call answered only "not sent"
+            # would look like an outage to the engine, which stops calling the receiver.
+            if started[0] and asyncio.get_running_loop().time() > start_by:
                 return PublishResult.unavailable(
                     f"not sent: the receiver took this call's {self._options.timeout:g}s"
                     f" (timeout) for the requests before it, max_concurrency {self._options.max_concurrency}"
                 )
+            started[0] = True
             try:
                 response = await self._client.post(self._options.url, content=json_line(out), headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -159,7 +163,8 @@ class WebhookAdapter:
         # Requests start for one request's timeout: a call then lasts about twice that at
         # most, inside publish_timeout when timeout is under half of it (the defaults).
         start_by = asyncio.get_running_loop().time() + self._options.timeout
-        return await asyncio.gather(*(self._post(out, start_by) for out in batch))
+        started = [False]
+        return await asyncio.gather(*(self._post(out, start_by, started) for out in batch))
 
 
 def create(name: str, options: Mapping[str, Any]) -> WebhookAdapter:

@@ -4,13 +4,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 import psycopg
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
+from outbox_relay.config import RouteConfig
+from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.engine.routing import Router
+from outbox_relay.engine.store import RecordKind
 from tests.support.configs import make_config
+from tests.support.factories import message
 from tests.support.http import HttpReceiver, answer
 from tests.support.relay import running_relay
 from tests.support.waiting import wait_until
@@ -49,4 +56,29 @@ async def test_a_backlog_to_a_slow_receiver_drains_once_each_without_spending_at
         assert attempts_and_pending(db) == (1, 0, 0)
         assert endpoint.max_active <= 4
     finally:
+        endpoint.close()
+
+
+async def test_calls_of_several_workers_sharing_the_receiver_each_get_answers_and_no_outage() -> None:
+    # Four workers' calls share max_concurrency: the calls queued behind the first must
+    # not come back only "not sent", which the engine takes for an outage (the circuit
+    # opens and the receiver is no longer called).
+    endpoint = HttpReceiver(answer(200, delay=0.3))
+    hook = {"type": "webhook", "url": endpoint.url + "/hooks", "max_concurrency": 4, "timeout": "1s"}
+    config = make_config("postgresql://unused", brokers={"hook": hook})
+    adapters = build_adapters(config)
+    await adapters["hook"].connect()
+    dispatcher = Dispatcher(
+        adapters, Router([RouteConfig(topic="*", broker="hook")]), Backoff(0.05, 0.5), max_attempts=5, publish_timeout=5
+    )
+    try:
+        calls = [dispatcher.dispatch([message(w * 100 + i) for i in range(20)]) for w in range(4)]
+        for records in await asyncio.gather(*calls):
+            kinds = collections.Counter(r.kind for r in records)
+            assert kinds[RecordKind.ACKED] >= 1, kinds
+            assert set(kinds) <= {RecordKind.ACKED, RecordKind.WAIT}, kinds
+        assert dispatcher.circuits["hook"].blocked() is None, "the circuit opened on a slow receiver"
+    finally:
+        dispatcher.close()
+        await adapters["hook"].close()
         endpoint.close()

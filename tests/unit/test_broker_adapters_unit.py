@@ -17,6 +17,7 @@ from outbox_relay_adapters import _rounds, kafka, rabbitmq
 from outbox_relay.errors import AdapterOptionsError
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 from tests.support.factories import outgoing
+from tests.support.waiting import wait_until
 
 # -- kafka ---------------------------------------------------------------------------------
 
@@ -586,6 +587,72 @@ async def test_after_a_rabbitmq_nack_the_next_batch_goes_on_a_new_channel() -> N
     assert adapter._channel is new and old.closed, "the nacking channel is replaced and closed"
     adapter._open_channel = None  # type: ignore[assignment,method-assign]  # not called again
     assert await adapter.publish([]) == [], "one new channel per nack, not per batch"
+
+
+class _Channel:
+    """A publishing channel that records publishes; its confirms are sent by the test."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.closed = False
+        self.on_confirm: Any = None
+
+    def basic_publish(self, *args: object, **kwargs: object) -> None:
+        self.published += 1
+
+    def add_on_close_callback(self, callback: object) -> None: ...
+
+    def add_on_return_callback(self, callback: object) -> None: ...
+
+    def confirm_delivery(self, on_confirm: Any, callback: Any) -> None:
+        self.on_confirm = on_confirm
+        callback(None)
+
+    def close(self) -> None:
+        self.closed, self.is_open = True, False
+
+    def confirm(self, tag: int, *, nack: bool = False) -> None:
+        method = (pika.spec.Basic.Nack if nack else pika.spec.Basic.Ack)(delivery_tag=tag, multiple=False)
+        self.on_confirm(types.SimpleNamespace(method=method))
+
+
+class _Connection:
+    is_open = True
+
+    def __init__(self) -> None:
+        self.channels: list[_Channel] = []
+
+    def channel(self, on_open_callback: Any) -> None:
+        self.channels.append(_Channel())
+        on_open_callback(self.channels[-1])
+
+
+async def test_a_rabbitmq_channel_renewed_after_a_nack_first_lets_other_calls_confirms_arrive() -> None:
+    # Calls await their confirms outside the adapter's lock, so another worker's call may
+    # still wait on the old channel when the next call renews it after a nack; failed
+    # there, its answers were all "unavailable", which the engine takes for an outage.
+    adapter = rabbitmq.create("mq", {"url": "amqp://guest:guest@127.0.0.1:5672/%2F"})
+    connection = _Connection()
+    adapter._connection = connection  # type: ignore[assignment]
+    await adapter._open_channel()  # type: ignore[attr-defined]
+    [old] = connection.channels
+    nacked = asyncio.ensure_future(adapter.publish([outgoing(1, destination="x"), outgoing(2, destination="x")]))
+    waiting = asyncio.ensure_future(adapter.publish([outgoing(3, destination="x"), outgoing(4, destination="x")]))
+    await wait_until(lambda: old.published == 4, timeout=5)
+    old.confirm(1, nack=True)
+    old.confirm(2)
+    assert [r.outcome for r in await nacked] == [Outcome.TRANSIENT, Outcome.ACKED]
+    renewing = asyncio.ensure_future(adapter.publish([outgoing(5, destination="x")]))
+    await wait_until(lambda: not adapter._renew_channel, timeout=5)  # type: ignore[attr-defined]  # renewal begun
+    old.confirm(3)
+    old.confirm(4)
+    assert [r.outcome for r in await waiting] == [Outcome.ACKED, Outcome.ACKED]
+    await wait_until(lambda: len(connection.channels) == 2 and connection.channels[1].published == 1, timeout=5)
+    assert old.closed
+    connection.channels[1].confirm(1)
+    assert [r.outcome for r in await renewing] == [Outcome.ACKED]
 
 
 def test_kafka_partitions_keyed_as_the_producer_keyless_one_per_call() -> None:
