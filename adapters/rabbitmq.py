@@ -464,7 +464,6 @@ class RabbitAdapter:
         leader (tests/clusters/test_rabbitmq_cluster.py, the partition). A nack is rare
         otherwise (a full queue with x-overflow reject-publish), so a new channel per
         batch that had one costs little."""
-        self._renew_channel = False
         # Other calls' confirms still due on the old channel (they published before this
         # call took the lock, and await their confirms outside it) settle there first:
         # the renewal would fail them as "maybe delivered", and a call answered only
@@ -472,6 +471,11 @@ class RabbitAdapter:
         due = [future for future, _ in self._unconfirmed.values() if not future.done()]
         if due:
             await asyncio.wait(due, timeout=self.options.connect_timeout)
+        # Cleared only now: a call cancelled in the wait leaves the renewal to the next,
+        # and nacks that came in the wait were the old channel's, which this replaces.
+        self._renew_channel = False
+        if self._connection is None or not self._connection.is_open:
+            return await self._ensure_open()  # lost in the wait: a new connection, a new channel
         old = self._channel
         try:
             await self._open_channel()
@@ -663,7 +667,8 @@ class RabbitAdapter:
         # Its confirms are awaited outside the lock, so the next call (another worker's
         # batch: other keys) publishes meanwhile; a tag is counted in the same step as its
         # publish (_publish_one), so calls interleaved this way keep the tags in step. A
-        # channel renewed meanwhile fails what is unconfirmed here (maybe delivered: it
+        # channel renewed after a nack waits for these confirms first (_new_channel), up
+        # to connect_timeout; what is still unconfirmed then fails (maybe delivered: it
         # goes again). Holding the lock through the confirms made the workers' calls take
         # turns: a confirm round trip per call, and more workers drained slower.
         results = [

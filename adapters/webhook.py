@@ -16,8 +16,10 @@ it had, and sent everything again, batch after batch.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import email.utils
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,12 +92,51 @@ class WebhookOptions(Options):
         return value
 
 
+class _Slots:
+    """`size` requests at a time, shared by every call (the workers' batches); a call's
+    first request goes before other calls' later ones, so each call starts within about
+    one request's time however many requests other calls queued (with `size` at least
+    the number of workers)."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._firsts: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._others: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, first: bool) -> AsyncIterator[None]:
+        if self._free > 0 and not self._firsts and not self._others:
+            self._free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            (self._firsts if first else self._others).append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._release()  # granted as the caller was cancelled: pass it on
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for queue in (self._firsts, self._others):
+            while queue:
+                granted = queue.popleft()
+                if not granted.done():  # a cancelled waiter is skipped
+                    granted.set_result(None)
+                    return
+        self._free += 1
+
+
 class WebhookAdapter:
     def __init__(self, name: str, options: WebhookOptions):
         self.name = name
         self._options = options
         self._client: httpx.AsyncClient | None = None
-        self._limit = asyncio.Semaphore(options.max_concurrency)
+        self._slots = _Slots(options.max_concurrency)
 
     async def connect(self) -> None:
         verify: Any = self._options.ca_file or self._options.verify_tls
@@ -119,23 +160,21 @@ class WebhookAdapter:
             return False
         return True
 
-    async def _post(self, out: OutgoingMessage, start_by: float, started: list[bool]) -> PublishResult:
+    async def _post(self, out: OutgoingMessage, start_by: float, first: bool) -> PublishResult:
         assert self._client is not None
         headers = {
             **self._options.headers,
             "content-type": "application/json",
             "message-id": str(out.message_id),
         }
-        async with self._limit:
-            # A call's first request always starts, however long it queued behind other
-            # calls (the workers share max_concurrency): a call answered only "not sent"
-            # would look like an outage to the engine, which stops calling the receiver.
-            if started[0] and asyncio.get_running_loop().time() > start_by:
+        async with self._slots.slot(first):
+            # A call's first request always starts: a call answered only "not sent" would
+            # look like an outage to the engine, which stops calling the receiver.
+            if not first and asyncio.get_running_loop().time() > start_by:
                 return PublishResult.unavailable(
                     f"not sent: the receiver took this call's {self._options.timeout:g}s"
                     f" (timeout) for the requests before it, max_concurrency {self._options.max_concurrency}"
                 )
-            started[0] = True
             try:
                 response = await self._client.post(self._options.url, content=json_line(out), headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -160,11 +199,11 @@ class WebhookAdapter:
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         if self._client is None:
             return [PublishResult.unavailable("not connected")] * len(batch)
-        # Requests start for one request's timeout: a call then lasts about twice that at
-        # most, inside publish_timeout when timeout is under half of it (the defaults).
+        # Requests start for one request's timeout; the first waits for one slot at most
+        # (_Slots): a call then lasts about twice timeout at most, inside publish_timeout
+        # when timeout is under half of it (the defaults: 10 s and 30 s).
         start_by = asyncio.get_running_loop().time() + self._options.timeout
-        started = [False]
-        return await asyncio.gather(*(self._post(out, start_by, started) for out in batch))
+        return await asyncio.gather(*(self._post(out, start_by, index == 0) for index, out in enumerate(batch)))
 
 
 def create(name: str, options: Mapping[str, Any]) -> WebhookAdapter:

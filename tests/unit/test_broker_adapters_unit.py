@@ -569,6 +569,7 @@ async def test_after_a_rabbitmq_nack_the_next_batch_goes_on_a_new_channel() -> N
     # nacking every publish (tests/clusters/test_rabbitmq_cluster.py, the partition).
     adapter = rabbitmq.create("mq", {"url": "amqp://guest:guest@127.0.0.1:5672/%2F"})
     old, new = _Silent(), _Silent()
+    adapter._connection = _Silent()  # type: ignore[assignment]  # open
     adapter._channel = old  # type: ignore[assignment]
     nacked: asyncio.Future[object] = asyncio.get_running_loop().create_future()
     adapter._unconfirmed[1] = (nacked, "m-1")  # type: ignore[assignment]
@@ -589,7 +590,7 @@ async def test_after_a_rabbitmq_nack_the_next_batch_goes_on_a_new_channel() -> N
     assert await adapter.publish([]) == [], "one new channel per nack, not per batch"
 
 
-class _Channel:
+class _ConfirmingChannel:
     """A publishing channel that records publishes; its confirms are sent by the test."""
 
     is_open = True
@@ -618,14 +619,14 @@ class _Channel:
         self.on_confirm(types.SimpleNamespace(method=method))
 
 
-class _Connection:
+class _OpeningConnection:
     is_open = True
 
     def __init__(self) -> None:
-        self.channels: list[_Channel] = []
+        self.channels: list[_ConfirmingChannel] = []
 
     def channel(self, on_open_callback: Any) -> None:
-        self.channels.append(_Channel())
+        self.channels.append(_ConfirmingChannel())
         on_open_callback(self.channels[-1])
 
 
@@ -634,7 +635,7 @@ async def test_a_rabbitmq_channel_renewed_after_a_nack_first_lets_other_calls_co
     # still wait on the old channel when the next call renews it after a nack; failed
     # there, its answers were all "unavailable", which the engine takes for an outage.
     adapter = rabbitmq.create("mq", {"url": "amqp://guest:guest@127.0.0.1:5672/%2F"})
-    connection = _Connection()
+    connection = _OpeningConnection()
     adapter._connection = connection  # type: ignore[assignment]
     await adapter._open_channel()  # type: ignore[attr-defined]
     [old] = connection.channels
@@ -645,7 +646,8 @@ async def test_a_rabbitmq_channel_renewed_after_a_nack_first_lets_other_calls_co
     old.confirm(2)
     assert [r.outcome for r in await nacked] == [Outcome.TRANSIENT, Outcome.ACKED]
     renewing = asyncio.ensure_future(adapter.publish([outgoing(5, destination="x")]))
-    await wait_until(lambda: not adapter._renew_channel, timeout=5)  # type: ignore[attr-defined]  # renewal begun
+    # The renewing call holds the lock, waiting for the confirms still due on the old channel.
+    await wait_until(lambda: adapter._lock.locked() and not renewing.done(), timeout=5)  # type: ignore[attr-defined]
     old.confirm(3)
     old.confirm(4)
     assert [r.outcome for r in await waiting] == [Outcome.ACKED, Outcome.ACKED]
@@ -653,6 +655,27 @@ async def test_a_rabbitmq_channel_renewed_after_a_nack_first_lets_other_calls_co
     assert old.closed
     connection.channels[1].confirm(1)
     assert [r.outcome for r in await renewing] == [Outcome.ACKED]
+
+
+async def test_a_rabbitmq_connection_lost_while_a_renewal_waits_is_reconnected_with_a_reason() -> None:
+    # Lost in the wait, the renewal opened no channel on it: the call answered
+    # "RabbitMQ unreachable: " with nothing after it (an assertion's empty message).
+    adapter = rabbitmq.create("mq", {"url": "amqp://guest:guest@127.0.0.1:1/%2F", "connect_timeout": "1s"})
+    connection = _OpeningConnection()
+    adapter._connection = connection  # type: ignore[assignment]
+    await adapter._open_channel()  # type: ignore[attr-defined]
+    [old] = connection.channels
+    waiting = asyncio.ensure_future(adapter.publish([outgoing(1, destination="x")]))
+    await wait_until(lambda: old.published == 1, timeout=5)
+    adapter._renew_channel = True  # type: ignore[attr-defined]  # a nack came
+    renewing = asyncio.ensure_future(adapter.publish([outgoing(2, destination="x")]))
+    await wait_until(lambda: adapter._lock.locked() and not renewing.done(), timeout=5)  # type: ignore[attr-defined]
+    connection.is_open = False  # type: ignore[misc]
+    adapter._fail_unconfirmed("connection lost", PublishResult.unavailable)  # type: ignore[attr-defined]
+    assert [r.outcome for r in await waiting] == [Outcome.UNAVAILABLE]
+    [answer] = await renewing
+    assert answer.outcome is Outcome.UNAVAILABLE
+    assert answer.reason is not None and answer.reason.startswith("RabbitMQ unreachable: cannot connect"), answer.reason
 
 
 def test_kafka_partitions_keyed_as_the_producer_keyless_one_per_call() -> None:
