@@ -453,7 +453,7 @@ class RabbitAdapter:
             elif self._channel is None or not self._channel.is_open:
                 await self._open_channel()
         except Exception as exc:
-            return f"RabbitMQ unreachable: {exc}"
+            return f"RabbitMQ unreachable: {first_line(exc)}"  # a timeout's message is empty
         return None
 
     async def _new_channel(self) -> str | None:
@@ -471,16 +471,19 @@ class RabbitAdapter:
         due = [future for future, _ in self._unconfirmed.values() if not future.done()]
         if due:
             await asyncio.wait(due, timeout=self.options.connect_timeout)
-        # Cleared only now: a call cancelled in the wait leaves the renewal to the next,
-        # and nacks that came in the wait were the old channel's, which this replaces.
-        self._renew_channel = False
         if self._connection is None or not self._connection.is_open:
-            return await self._ensure_open()  # lost in the wait: a new connection, a new channel
+            problem = await self._ensure_open()  # lost in the wait: a new connection, a new channel
+            if problem is None:
+                self._renew_channel = False
+            return problem
         old = self._channel
         try:
             await self._open_channel()
         except Exception as exc:
-            return f"RabbitMQ unreachable: {exc}"
+            return f"RabbitMQ unreachable: {first_line(exc)}"
+        # Cleared only once replaced: a call cancelled or failed before that leaves the
+        # renewal to the next, and nacks of the wait were the old channel's.
+        self._renew_channel = False
         if old is not None:
             with contextlib.suppress(Exception):
                 old.close()

@@ -670,12 +670,36 @@ async def test_a_rabbitmq_connection_lost_while_a_renewal_waits_is_reconnected_w
     adapter._renew_channel = True  # type: ignore[attr-defined]  # a nack came
     renewing = asyncio.ensure_future(adapter.publish([outgoing(2, destination="x")]))
     await wait_until(lambda: adapter._lock.locked() and not renewing.done(), timeout=5)  # type: ignore[attr-defined]
-    connection.is_open = False  # type: ignore[misc]
-    adapter._fail_unconfirmed("connection lost", PublishResult.unavailable)  # type: ignore[attr-defined]
+    adapter._on_connection_closed(connection, pika.exceptions.StreamLostError("lost"))  # type: ignore[attr-defined]
     assert [r.outcome for r in await waiting] == [Outcome.UNAVAILABLE]
     [answer] = await renewing
     assert answer.outcome is Outcome.UNAVAILABLE
     assert answer.reason is not None and answer.reason.startswith("RabbitMQ unreachable: cannot connect"), answer.reason
+
+
+async def test_a_rabbitmq_renewal_cancelled_in_its_wait_is_left_to_the_next_call() -> None:
+    # The dispatcher's publish_timeout may cancel the call that waits to renew: the
+    # nacking channel must still be replaced, by the next call.
+    adapter = rabbitmq.create("mq", {"url": "amqp://guest:guest@127.0.0.1:5672/%2F", "connect_timeout": "30s"})
+    connection = _OpeningConnection()
+    adapter._connection = connection  # type: ignore[assignment]
+    await adapter._open_channel()  # type: ignore[attr-defined]
+    [old] = connection.channels
+    waiting = asyncio.ensure_future(adapter.publish([outgoing(1, destination="x")]))
+    await wait_until(lambda: old.published == 1, timeout=5)
+    adapter._renew_channel = True  # type: ignore[attr-defined]  # a nack came
+    cancelled = asyncio.ensure_future(adapter.publish([outgoing(2, destination="x")]))
+    await wait_until(lambda: adapter._lock.locked() and not cancelled.done(), timeout=5)  # type: ignore[attr-defined]
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    old.confirm(1)
+    assert [r.outcome for r in await waiting] == [Outcome.ACKED]
+    renewing = asyncio.ensure_future(adapter.publish([outgoing(3, destination="x")]))
+    await wait_until(lambda: len(connection.channels) == 2 and connection.channels[1].published == 1, timeout=5)
+    assert old.closed, "the nacking channel is replaced by the next call"
+    connection.channels[1].confirm(1)
+    assert [r.outcome for r in await renewing] == [Outcome.ACKED]
 
 
 def test_kafka_partitions_keyed_as_the_producer_keyless_one_per_call() -> None:
