@@ -259,7 +259,11 @@ async def test_a_row_with_a_timestamp_python_cannot_hold_is_still_delivered(
             timeout=10,
         )
     payloads = [out.message.payload for out in fake.delivered]
-    assert payloads == ([b'{"after":true}'] if waits else [b"\x01", b'{"after":true}']), payloads
+    if key is None:
+        # Keyless messages carry no order: the relay's workers may claim the two rows apart.
+        assert sorted(payloads) == ([b'{"after":true}'] if waits else [b"\x01", b'{"after":true}']), payloads
+    else:
+        assert payloads == [b"\x01", b'{"after":true}'], payloads
 
 
 def test_postgres_binaries_are_copied_into_a_fresh_private_directory(
