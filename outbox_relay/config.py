@@ -162,6 +162,23 @@ class RelayConfig(_Model):
         return value
 
 
+class OutcomesConfig(_Model):
+    """What the relay writes to `outbox.outcomes` for the application (schema.sql):
+    a row per dead letter, and per delivery of the topics named."""
+
+    dead_lettered: bool = True
+    # Topic globs (as routes[].topic) whose deliveries are written too: the table
+    # source writes them in the statement that marks the batch.
+    delivered: list[Annotated[str, Field(min_length=1)]] = []
+    # Rows the application has not deleted are deleted after this long.
+    retention: Duration = 7 * 24 * 3600.0
+
+    _positive = field_validator("retention")(_must_be_positive)
+
+    def feeds_delivered(self, topic: str) -> bool:
+        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.delivered)
+
+
 class HttpConfig(_Model):
     """The health and metrics port: /livez, /readyz, /metrics."""
 
@@ -194,6 +211,7 @@ class Config(_Model):
     database: DatabaseConfig
     relay: RelayConfig = RelayConfig()
     http: HttpConfig = HttpConfig()
+    outcomes: OutcomesConfig = OutcomesConfig()
     brokers: dict[str, BrokerConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
     # Which file this came from, for error messages; never read from the file itself.
@@ -347,6 +365,7 @@ _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("relay", "retry"): RetryConfig,
     ("relay", "wal"): WalConfig,
     ("http",): HttpConfig,
+    ("outcomes",): OutcomesConfig,
 }
 
 

@@ -40,3 +40,9 @@ REVOKE INSERT, UPDATE ON {schema}.backfills FROM {role};
 GRANT SELECT ON {schema}.backfills TO {role};
 GRANT INSERT (requested_by, source, total) ON {schema}.backfills TO {role};
 GRANT UPDATE (copied, cursor_key, finished_at) ON {schema}.backfills TO {role};
+-- What became of each message (schema.sql, outcomes): written with the outcome it
+-- reports, deleted past outcomes.retention. Retention skips the rows an application
+-- transaction is taking (FOR UPDATE SKIP LOCKED), and a row lock needs UPDATE on one
+-- column: recorded_at, which the relay never changes.
+GRANT SELECT, INSERT, DELETE ON {schema}.outcomes TO {role};
+GRANT UPDATE (recorded_at) ON {schema}.outcomes TO {role};

@@ -202,6 +202,22 @@ UPDATE {schema}.messages
 SET dispatched_at = clock_timestamp(), attempts = attempts + 1
 WHERE id = ANY(%(ids)s::bigint[]);
 
+-- name: mark_dispatched_feeding
+-- mark_dispatched, and a `delivered` outcome for the rows of %(feed_ids)s (their topic is
+-- in outcomes.delivered), in the same statement: the outcome exists exactly when the
+-- mark committed. Only the fed rows' payloads come out of the UPDATE.
+WITH marked AS (
+    UPDATE {schema}.messages
+    SET dispatched_at = clock_timestamp(), attempts = attempts + 1
+    WHERE id = ANY(%(ids)s::bigint[])
+    RETURNING id, message_id, topic, key, attempts, content_type, headers, created_at,
+              CASE WHEN id = ANY(%(feed_ids)s::bigint[]) THEN payload END AS payload)
+INSERT INTO {schema}.outcomes (message_id, topic, key, outcome, attempts, payload, content_type, headers, enqueued_at)
+SELECT message_id, topic, key, 'delivered', attempts, payload, content_type, headers, created_at
+FROM marked
+WHERE payload IS NOT NULL
+ORDER BY id;
+
 -- name: delete_dispatched
 -- relay.retention 0s: the acked rows are deleted where they would be marked. Nothing is
 -- kept to replay anyway, and a DELETE writes no new row version and no index entries
@@ -209,22 +225,48 @@ WHERE id = ANY(%(ids)s::bigint[]);
 DELETE FROM {schema}.messages
 WHERE id = ANY(%(ids)s::bigint[]);
 
+-- name: delete_dispatched_feeding
+-- delete_dispatched, with mark_dispatched_feeding's `delivered` outcomes.
+WITH deleted AS (
+    DELETE FROM {schema}.messages
+    WHERE id = ANY(%(ids)s::bigint[])
+    RETURNING id, message_id, topic, key, attempts + 1 AS attempts, content_type, headers, created_at,
+              CASE WHEN id = ANY(%(feed_ids)s::bigint[]) THEN payload END AS payload)
+INSERT INTO {schema}.outcomes (message_id, topic, key, outcome, attempts, payload, content_type, headers, enqueued_at)
+SELECT message_id, topic, key, 'delivered', attempts, payload, content_type, headers, created_at
+FROM deleted
+WHERE payload IS NOT NULL
+ORDER BY id;
+
 -- name: record_outcomes
 -- The rows that were not acked, in one statement:
 -- `retry` rows wait for next_attempt_at, `wait` rows
 -- too but without spending an attempt (their broker was unreachable), `dead` rows are
 -- dead-lettered with their reason. Rows the batch did not attempt are
 -- not listed and stay as they were.
-UPDATE {schema}.messages AS m SET
-    attempts = m.attempts + CASE WHEN o.outcome = 'wait' THEN 0 ELSE 1 END,
-    next_attempt_at = CASE WHEN o.outcome IN ('retry', 'wait')
-                           THEN clock_timestamp() + make_interval(secs => o.delay_s) END,
-    last_error = o.error,
-    dead_lettered_at = CASE WHEN o.outcome = 'dead' THEN clock_timestamp() END,
-    dead_letter_reason = CASE WHEN o.outcome = 'dead' THEN o.error END
-FROM unnest(%(ids)s::bigint[], %(outcomes)s::text[], %(errors)s::text[], %(delays)s::float8[])
-     AS o(id, outcome, error, delay_s)
-WHERE m.id = o.id;
+-- Each dead letter gets its `dead_lettered` outcome in the same statement when
+-- %(feed_dead)s (outcomes.dead_lettered): the outcome exists exactly when the dead letter
+-- committed. Only the dead rows' payloads come out of the UPDATE.
+WITH recorded AS (
+    UPDATE {schema}.messages AS m SET
+        attempts = m.attempts + CASE WHEN o.outcome = 'wait' THEN 0 ELSE 1 END,
+        next_attempt_at = CASE WHEN o.outcome IN ('retry', 'wait')
+                               THEN clock_timestamp() + make_interval(secs => o.delay_s) END,
+        last_error = o.error,
+        dead_lettered_at = CASE WHEN o.outcome = 'dead' THEN clock_timestamp() END,
+        dead_letter_reason = CASE WHEN o.outcome = 'dead' THEN o.error END
+    FROM unnest(%(ids)s::bigint[], %(outcomes)s::text[], %(errors)s::text[], %(delays)s::float8[])
+         AS o(id, outcome, error, delay_s)
+    WHERE m.id = o.id
+    RETURNING m.id, m.message_id, m.topic, m.key, m.attempts, m.dead_letter_reason, m.content_type,
+              m.headers, m.created_at, CASE WHEN o.outcome = 'dead' AND %(feed_dead)s THEN m.payload END AS payload)
+INSERT INTO {schema}.outcomes
+    (message_id, topic, key, outcome, reason, attempts, payload, content_type, headers, enqueued_at)
+SELECT message_id, topic, key, 'dead_lettered', dead_letter_reason, attempts, payload, content_type, headers,
+       created_at
+FROM recorded
+WHERE payload IS NOT NULL
+ORDER BY id;
 
 -- name: delete_expired
 -- Retention: small batches so a large backlog of old rows never holds long locks
@@ -233,6 +275,16 @@ DELETE FROM {schema}.messages
 WHERE id IN (
     SELECT id FROM {schema}.messages
     WHERE dispatched_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED);
+
+-- name: delete_expired_outcomes
+-- outcomes.retention: outcomes the application left, oldest first, in small batches;
+-- rows an application transaction holds are left for the next round.
+DELETE FROM {schema}.outcomes
+WHERE id IN (
+    SELECT id FROM {schema}.outcomes
+    WHERE recorded_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED);
 

@@ -1,4 +1,5 @@
-"""Side tasks on their own connection: retention and the relay heartbeat.
+"""Side tasks on their own connection: retention (of dispatched rows and of outcomes the
+application left) and the relay heartbeat.
 
 A database outage only pauses them (they reconnect); a bug in them stops the relay,
 loudly, through the relay's task group. Each statement must be answered within
@@ -57,6 +58,7 @@ class Maintenance:
         on_heartbeat: Callable[[], None] = lambda: None,
         prepare_threshold: int | None = PREPARE_THRESHOLD,
         query_timeout: float = 60.0,
+        outcomes_retention: float = 7 * 24 * 3600.0,
     ):
         self._dsn = dsn
         self._query_timeout = query_timeout
@@ -64,6 +66,7 @@ class Maintenance:
         self._q = queries
         self._relay_id = relay_id
         self._retention = retention
+        self._outcomes_retention = outcomes_retention
         self._heartbeat_every = heartbeat_every
         self._in_flight = in_flight
         self._retry_max = retry_max
@@ -94,7 +97,10 @@ class Maintenance:
                         self._on_heartbeat()
                         if loop.time() >= next_retention:
                             await self.delete_expired(conn)
-                            next_retention = loop.time() + retention_interval(self._retention)
+                            await self.delete_expired_outcomes(conn)
+                            next_retention = loop.time() + retention_interval(
+                                min(self._retention, self._outcomes_retention)
+                            )
                         await asyncio.sleep(self._heartbeat_every)
             except psycopg.Error as exc:  # any database error: reconnect, never end the relay
                 log.warning("maintenance_connection_lost", error_type=type(exc).__name__, error=first_line(exc))
@@ -153,18 +159,28 @@ class Maintenance:
                 )
 
     async def delete_expired(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        total = 0
-        while True:
-            with self._deadline(conn):  # per chunk: a large expiry takes many, each quick
-                cur = await conn.execute(
-                    self._q["delete_expired"], {"retention_s": self._retention, "limit": RETENTION_CHUNK}
-                )
-            total += cur.rowcount
-            if cur.rowcount < RETENTION_CHUNK:
-                break
+        """Dispatched rows older than relay.retention."""
+        total = await self._delete_in_chunks(conn, "delete_expired", self._retention)
         if total:
             self.deleted += total
             log.info("retention_deleted", rows=total)
+        return total
+
+    async def delete_expired_outcomes(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Outcome rows older than outcomes.retention that the application left."""
+        total = await self._delete_in_chunks(conn, "delete_expired_outcomes", self._outcomes_retention)
+        if total:
+            log.info("outcomes_retention_deleted", rows=total)
+        return total
+
+    async def _delete_in_chunks(self, conn: psycopg.AsyncConnection[Any], query: str, retention: float) -> int:
+        total = 0
+        while True:
+            with self._deadline(conn):  # per chunk: a large expiry takes many, each quick
+                cur = await conn.execute(self._q[query], {"retention_s": retention, "limit": RETENTION_CHUNK})
+            total += cur.rowcount
+            if cur.rowcount < RETENTION_CHUNK:
+                break
         return total
 
     async def forget(self) -> None:

@@ -106,6 +106,7 @@ class Relay:
             self._queries,
             relay_id=self.relay_id,
             retention=relay.retention,
+            outcomes_retention=config.outcomes.retention,
             heartbeat_every=heartbeat_every,
             in_flight=lambda: self.table.in_flight,
             retry_max=relay.retry.max,

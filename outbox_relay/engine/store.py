@@ -157,11 +157,16 @@ class OutboxStore:
         idle_in_transaction_timeout: float | None = None,
         statement_timeout: float | None = None,
         keep_dispatched: bool = True,
+        feed_dead_letters: bool = True,
     ):
         self._q = queries
         # relay.retention 0s keeps no dispatched row: the acked rows are deleted in the
         # statement that would mark them (schema/queries.sql, delete_dispatched).
         self._mark = self._q["mark_dispatched" if keep_dispatched else "delete_dispatched"]
+        # The same, writing `delivered` outcomes too: only for a batch that has some.
+        self._mark_feeding = self._q["mark_dispatched_feeding" if keep_dispatched else "delete_dispatched_feeding"]
+        # outcomes.dead_lettered: each dead letter's outcome row (record_outcomes).
+        self._feed_dead = feed_dead_letters
         # None: the server's idle_in_transaction_session_timeout applies to batches.
         self._idle_ms = None if idle_in_transaction_timeout is None else milliseconds(idle_in_transaction_timeout)
         # None: the server's statement_timeout applies to the batch's statements.
@@ -298,14 +303,22 @@ class OutboxStore:
         )
         return [(str(key), int(head), bool(due)) for key, head, due in await cur.fetchall()]
 
-    async def record(self, conn: psycopg.AsyncConnection[Any], records: Sequence[Record]) -> None:
+    async def record(
+        self, conn: psycopg.AsyncConnection[Any], records: Sequence[Record], feed: Sequence[int] = ()
+    ) -> None:
         """Write the batch's outcomes (inside its transaction): one statement marks every
         acked row dispatched (or deletes them: retention 0s); failures, when there are
-        any, take a second one."""
+        any, take a second one. `feed`: ids whose delivery the application asked to hear
+        of (outcomes.delivered), written to the outcomes table by the marking statement
+        itself; dead letters are written there by the second one (outcomes.dead_lettered)."""
         acked = [r.id for r in records if r.kind is RecordKind.ACKED]
         failed = [r for r in records if r.kind is not RecordKind.ACKED]
         if acked:
-            await conn.execute(self._mark, {"ids": acked}, binary=True)
+            fed = set(feed).intersection(acked)
+            if fed:
+                await conn.execute(self._mark_feeding, {"ids": acked, "feed_ids": sorted(fed)}, binary=True)
+            else:
+                await conn.execute(self._mark, {"ids": acked}, binary=True)
         if failed:
             await conn.execute(
                 self._q["record_outcomes"],
@@ -314,5 +327,6 @@ class OutboxStore:
                     "outcomes": [r.kind.value for r in failed],
                     "errors": [r.error for r in failed],
                     "delays": [r.delay for r in failed],
+                    "feed_dead": self._feed_dead,
                 },
             )

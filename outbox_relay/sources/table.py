@@ -31,6 +31,7 @@ from outbox_relay.engine.stopping import until_stopped
 from outbox_relay.engine.store import OutboxStore
 from outbox_relay.engine.wakeup import Wakeup
 from outbox_relay.errors import first_line
+from outbox_relay.models import Message
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sqlfiles import Queries
@@ -70,7 +71,11 @@ class TableSource:
             # cancel request ends that wait (connections.py).
             statement_timeout=0.9 * config.database.query_timeout,
             keep_dispatched=relay.retention > 0,
+            feed_dead_letters=config.outcomes.dead_lettered,
         )
+        # outcomes.delivered: whether a topic's deliveries are written for the application,
+        # decided once per topic (None: no topic is, and a batch pays nothing for it).
+        self._feeds: dict[str, bool] | None = {} if config.outcomes.delivered else None
         self.in_flight = 0  # messages claimed and not yet recorded, over all workers
         self.batches_started: dict[int, float] = {}  # worker -> when its current batch began
         self._stop = asyncio.Event()
@@ -169,6 +174,22 @@ class TableSource:
             raise
         return conn
 
+    def _delivered_feed(self, messages: list[Message]) -> list[int]:
+        """Ids of the batch's messages whose delivery is written to the outcomes table."""
+        feeds = self._feeds
+        if feeds is None:
+            return []
+        fed = []
+        for message in messages:
+            wanted = feeds.get(message.topic)
+            if wanted is None:
+                if len(feeds) >= 10_000:  # a topic per tenant: bounded, decided again
+                    feeds.clear()
+                wanted = feeds[message.topic] = self._config.outcomes.feeds_delivered(message.topic)
+            if wanted:
+                fed.append(message.id)
+        return fed
+
     async def batch(
         self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher, observer: RelayObserver, worker: int = 0
     ) -> bool:
@@ -199,7 +220,7 @@ class TableSource:
                             ),
                         ):
                             records = await dispatcher.dispatch(messages)
-                        await self.store.record(conn, records)
+                        await self.store.record(conn, records, self._delivered_feed(messages))
                     finally:
                         self.in_flight -= len(messages)
                         self._metrics.in_flight.set(self.in_flight)

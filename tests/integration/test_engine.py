@@ -666,10 +666,11 @@ async def test_the_maintenance_session_keeps_no_setting_of_its_own(db: str, monk
         defaults = await read_settings(plain)
 
     def round_done() -> bool:
-        # Retention's DELETE is the round's last statement; the next round is an hour away.
+        # Retention's DELETE of outcomes is the round's last statement; the next round is
+        # an hour away.
         with psycopg.connect(db, autocommit=True) as watch:
             row = watch.execute(
-                "SELECT state = 'idle' AND query LIKE '%%DELETE FROM %%.messages%%'"
+                "SELECT state = 'idle' AND query LIKE '%%DELETE FROM %%.outcomes%%'"
                 " FROM pg_stat_activity WHERE pid = %s",
                 (opened[0].info.backend_pid,),
             ).fetchone()

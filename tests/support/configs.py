@@ -25,22 +25,27 @@ def config_tree(
     routes: list[Mapping[str, Any]] | None = None,
     schema: str | None = None,
     timing: Mapping[str, Any] = QUICK,
+    outcomes: Mapping[str, Any] | None = None,
     **relay: Any,
 ) -> dict[str, Any]:
     """The configuration as a tree. `dsn` None: ``${DATABASE_URL}``. `brokers`: a stdout
     broker `main` unless given; `routes`: every topic to the first broker unless given;
-    `relay` settings as keyword arguments (durations as strings) over `timing`."""
+    `outcomes`: the block of that name, when given; `relay` settings as keyword
+    arguments (durations as strings) over `timing`."""
     brokers = dict(brokers or {"main": {"type": "stdout"}})
     database: dict[str, Any] = {"dsn": dsn if dsn is not None else "${DATABASE_URL}"}
     if schema is not None:
         database["schema"] = schema
-    return {
+    tree = {
         "database": database,
         "relay": {**timing, **relay},
         "http": {"host": "127.0.0.1", "port": 0},
         "brokers": brokers,
         "routes": routes or [{"topic": "*", "broker": next(iter(brokers))}],
     }
+    if outcomes is not None:
+        tree["outcomes"] = dict(outcomes)
+    return tree
 
 
 def make_config(dsn: str, *, schema: str = "outbox", env: Mapping[str, str] | None = None, **settings: Any) -> Config:

@@ -75,6 +75,7 @@ class Parking:
         prepare_threshold: int | None = PREPARE_THRESHOLD,
         snapshot_ttl: float = SNAPSHOT_TTL_S,
         snapshot_limit: int = SNAPSHOT_LIMIT,
+        feed_dead_letters: bool = True,
     ):
         self._dsn = dsn
         self._hold = hold_dead_letters
@@ -82,7 +83,9 @@ class Parking:
         self._queries = Queries(schema)
         # The table engine's statements for a batch's settings and for what an outcome
         # means in a row: one place for each, shared with the table source.
-        self._store = OutboxStore(self._queries, hold_dead_letters=hold_dead_letters)
+        self._store = OutboxStore(
+            self._queries, hold_dead_letters=hold_dead_letters, feed_dead_letters=feed_dead_letters
+        )
         name = sql.Identifier(self._queries.schema)
         self._held_keys = sql.SQL(slot.text("held_keys")).format(schema=name)
         self._held_snapshot = sql.SQL(slot.text("held_keys_snapshot")).format(schema=name)

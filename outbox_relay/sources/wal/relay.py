@@ -127,11 +127,13 @@ class WalRelay:
         watch: WalWatch | None = None,
         exactly_once: tuple[str, Callable[[str], Transactions]] | None = None,
         backoff: Backoff | None = None,
+        feed_dead_letters: bool = True,
     ):
         self._dsn = dsn
         self._schema = schema
         self._dispatcher = dispatcher
         self._hold = hold_dead_letters
+        self._feed_dead = feed_dead_letters  # outcomes.dead_lettered, for the parked dead letters
         self._park_after = park_after
         self._stream_options: dict[str, Any] = {
             "slot_name": slot_name,
@@ -180,6 +182,7 @@ class WalRelay:
             hold_dead_letters=self._hold,
             prepare_threshold=self._prepare_threshold,
             snapshot_limit=self._snapshot_limit,
+            feed_dead_letters=self._feed_dead,
         )
         async with parking, WalStream(self._dsn, **self._stream_options) as stream:
             self._done_through = await parking.done_through()

@@ -97,6 +97,7 @@ class WalSource:
         self._session = _Session(self._dsn)
         self._foreign_drain_logged = False
         self._table_warned = False
+        self._delivered_warned = False  # outcomes.delivered: said once per process
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
         stream = self._stream(dispatcher, stop, observer)
@@ -203,6 +204,14 @@ class WalSource:
             self._table_warned = True
 
     def _relay(self, dispatcher: Dispatcher, observer: RelayObserver | None) -> WalRelay:
+        if self._config.outcomes.delivered and not self._delivered_warned:
+            # Streamed messages have no row to mark, so no statement to write them with.
+            log.warning(
+                "outcomes_delivered_not_written_by_wal_source",
+                topics=list(self._config.outcomes.delivered),
+                written="dead letters, and deliveries of messages parked into the table",
+            )
+            self._delivered_warned = True
         brokers = exactly_once_brokers(dispatcher.adapters)
         transactions = None
         if brokers:
@@ -223,6 +232,7 @@ class WalSource:
             prepare_threshold=self._config.database.prepare_threshold,
             exactly_once=transactions,
             backoff=self._backoff,
+            feed_dead_letters=self._config.outcomes.dead_lettered,
         )
 
     async def _run(self, relay: WalRelay, stop: asyncio.Event, target: int | None) -> bool:
