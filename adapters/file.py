@@ -8,6 +8,7 @@ written again (at-least-once); readers deduplicate by ``message_id``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ class FileAdapter:
         self._fsync = options.fsync
         self._fd: int | None = None
         self._lock = asyncio.Lock()
+        self._receipt_path = json.dumps(str(self.path.absolute()))
 
     async def connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,8 @@ class FileAdapter:
     async def ready(self) -> bool:
         return self._fd is not None
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> int:
+        """Append `data` (and fsync): the byte offset it starts at."""
         assert self._fd is not None
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
@@ -70,16 +73,21 @@ class FileAdapter:
             # Never leave half a line (disk full): it would merge with the next record.
             os.ftruncate(self._fd, start)
             raise
+        # Where the data went, read after the write: with O_APPEND each write lands at
+        # the end of the file as it is then, so another process appending to the same
+        # file between the seek above and the write would have moved it.
+        return os.lseek(self._fd, 0, os.SEEK_CUR) - len(data)
 
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         if self._fd is None:
             return [PublishResult.unavailable("file not open")] * len(batch)
-        data = "".join(json_line(out) for out in batch).encode("utf-8")
+        lines = [json_line(out).encode("utf-8") for out in batch]
+        data = b"".join(lines)
         try:
             async with self._lock:  # one batch at a time: lines never interleave
                 writing = asyncio.ensure_future(asyncio.to_thread(self._write, data))
                 try:
-                    await asyncio.shield(writing)
+                    offset = await asyncio.shield(writing)
                 except asyncio.CancelledError:
                     # The thread cannot be stopped: hold the lock until it is done, so
                     # the next batch never writes over it.
@@ -87,7 +95,13 @@ class FileAdapter:
                     raise
         except OSError as exc:
             return [PublishResult.transient(f"write to {self.path} failed: {exc.strerror}")] * len(batch)
-        return [PublishResult.acked()] * len(batch)
+        # Each line's receipt: the file and the byte offset the line starts at (exact
+        # whoever else appends; a line number would need the whole file read).
+        results = []
+        for line in lines:
+            results.append(PublishResult.acked(f'{{"path":{self._receipt_path},"offset":{offset}}}'))
+            offset += len(line)
+        return results
 
 
 def create(name: str, options: Mapping[str, Any]) -> FileAdapter:

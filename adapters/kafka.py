@@ -455,8 +455,14 @@ class KafkaAdapter:
             if isinstance(outcome, asyncio.CancelledError):  # the producer dropped it (a reset)
                 outcome = kafka_errors.KafkaTimeoutError("batch dropped by a producer reset")
             if not isinstance(outcome, BaseException):
-                for entry in sent.entries:
-                    rounds.settle(entry, PublishResult.acked())
+                # The batch's metadata holds its base offset: its records follow it in
+                # the order they were appended, one offset each. A batch the broker had
+                # already (a duplicate sequence after a retry) comes back with no valid
+                # offset: its receipt names the partition only.
+                partition, base = outcome.partition, outcome.offset  # type: ignore[attr-defined]
+                for n, entry in enumerate(sent.entries):
+                    receipt = f'{{"partition":{partition},"offset":{base + n}}}' if base >= 0 else None
+                    rounds.settle(entry, PublishResult.acked(receipt or f'{{"partition":{partition}}}'))
                 continue
             reset = reset or isinstance(outcome, PRODUCER_RESET_ERRORS)
             self.fenced = self.fenced or isinstance(outcome, kafka_errors.ProducerFenced)

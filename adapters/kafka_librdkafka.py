@@ -372,7 +372,7 @@ class LibrdkafkaAdapter:
             keys = {e.out.message.key for e, r in zip(sent.entries, refused, strict=True) if r}
             for entry, error, too_large in zip(sent.entries, errors, refused, strict=True):
                 key = entry.out.message.key
-                if too_large or (key is not None and key in keys and error is not None):
+                if too_large or (key is not None and key in keys and not _was_delivered(error)):
                     if isinstance(error, PublishResult) and error.outcome is not Outcome.NOT_SENT:
                         entry.early = error
                     again.append(entry)
@@ -388,8 +388,8 @@ class LibrdkafkaAdapter:
                 rounds.settle(entry, PublishResult.acked() if error is None else classify(error))
 
     async def _send_round(self, producer: Any, entries: list[Entry]) -> list[Any]:
-        """Produce the round, send it with flush(), and return each record's answer: None
-        (delivered), a KafkaError, or a PublishResult decided here. Holds the round lock
+        """Produce the round, send it with flush(), and return each record's answer: a
+        PublishResult (acked with its receipt, or decided here) or a KafkaError. Holds the round lock
         (the caller's) until librdkafka holds nothing of the round any more."""
         reports: dict[int, Any] = {}  # filled by flush() on its thread, read after it returned
         answers: list[Any] = [None] * len(entries)
@@ -438,7 +438,9 @@ class LibrdkafkaAdapter:
                 value=entry.out.message.payload,
                 key=entry.key,
                 headers=entry.headers,
-                on_delivery=lambda error, _message: reports.__setitem__(position, error),
+                on_delivery=lambda error, message: reports.__setitem__(
+                    position, error if error is not None else _delivered(message)
+                ),
             )
         except BufferError:  # the local queue is full: not the record's fault
             return PublishResult.unavailable("librdkafka's local queue is full")
@@ -488,3 +490,16 @@ class LibrdkafkaAdapter:
             if time.monotonic() >= deadline:
                 raise KafkaException(found.error if found is not None else "no such topic")
             time.sleep(0.1)
+
+
+def _delivered(message: Any) -> PublishResult:
+    """A delivered record's answer, with where it landed (its delivery report's; an
+    offset librdkafka does not know, below 0, is left out)."""
+    offset = message.offset()
+    if offset is None or offset < 0:
+        return PublishResult.acked(f'{{"partition":{message.partition()}}}')
+    return PublishResult.acked(f'{{"partition":{message.partition()},"offset":{offset}}}')
+
+
+def _was_delivered(answer: Any) -> bool:
+    return answer is None or (isinstance(answer, PublishResult) and answer.outcome is Outcome.ACKED)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import struct
 import time
@@ -234,7 +235,8 @@ class RabbitAdapter:
         self._connection: AsyncioConnection | None = None
         self._channel: Channel | None = None
         self._next_tag = 0
-        self._unconfirmed: dict[int, tuple[asyncio.Future[PublishResult], str]] = {}
+        # delivery tag -> (its call's future, message id, receipt if confirmed)
+        self._unconfirmed: dict[int, tuple[asyncio.Future[PublishResult], str, str]] = {}
         # The unconfirmed delivery tag of each message id (one at most: _publish_one), how
         # a basic.return, which names no tag, finds its message.
         self._tag_of: dict[str, int] = {}
@@ -434,7 +436,7 @@ class RabbitAdapter:
         # Unconfirmed means "maybe delivered": the row stays pending and is published
         # again; consumers dedupe by message id.
         pending, self._unconfirmed = self._unconfirmed, {}
-        for tag, (future, message_id) in pending.items():
+        for tag, (future, message_id, _receipt) in pending.items():
             self._settled(tag, message_id)
             if not future.done():
                 future.set_result(result(why))
@@ -468,7 +470,7 @@ class RabbitAdapter:
         # call took the lock, and await their confirms outside it) settle there first:
         # the renewal would fail them as "maybe delivered", and a call answered only
         # that way looks like an outage to the engine, which stops calling the broker.
-        due = [future for future, _ in self._unconfirmed.values() if not future.done()]
+        due = [future for future, _, _ in self._unconfirmed.values() if not future.done()]
         if due:
             await asyncio.wait(due, timeout=self.options.connect_timeout)
         if self._connection is None or not self._connection.is_open:
@@ -577,7 +579,7 @@ class RabbitAdapter:
             entry = self._unconfirmed.pop(tag, None)
             if entry is None:
                 continue
-            future, message_id = entry
+            future, message_id, receipt = entry
             self._settled(tag, message_id)
             returned = self._returned.pop(tag, None)
             if future.done():
@@ -588,7 +590,7 @@ class RabbitAdapter:
             elif returned is not None:
                 future.set_result(PublishResult.permanent(returned))
             else:
-                future.set_result(PublishResult.acked())
+                future.set_result(PublishResult.acked(receipt))
 
     def _properties(self, out: OutgoingMessage) -> pika.BasicProperties:
         message = out.message
@@ -637,7 +639,8 @@ class RabbitAdapter:
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _f: self._window.release())
         self._next_tag += 1
-        self._unconfirmed[self._next_tag] = (future, str(out.message_id))
+        receipt = f'{{"exchange":{json.dumps(exchange)},"routing_key":{json.dumps(routing_key)},"confirmed":true}}'
+        self._unconfirmed[self._next_tag] = (future, str(out.message_id), receipt)
         self._tag_of[str(out.message_id)] = self._next_tag
         return future
 

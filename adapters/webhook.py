@@ -19,6 +19,8 @@ import asyncio
 import collections
 import contextlib
 import email.utils
+import json
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -131,12 +133,24 @@ class _Slots:
         self._free += 1
 
 
+def url_without_secrets(url: str) -> str:
+    """`url` with its scheme, host, port and path only: what a receipt may show."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class WebhookAdapter:
     def __init__(self, name: str, options: WebhookOptions):
         self.name = name
         self._options = options
         self._client: httpx.AsyncClient | None = None
         self._slots = _Slots(options.max_concurrency)
+        # The receipt's URL: no user, password, query or fragment (where tokens live).
+        self._receipt_url = json.dumps(url_without_secrets(options.url))
 
     async def connect(self) -> None:
         verify: Any = self._options.ca_file or self._options.verify_tls
@@ -186,7 +200,7 @@ class WebhookAdapter:
                 return PublishResult.transient(f"HTTP error: {exc!r}")
         status = response.status_code
         if 200 <= status < 300:
-            return PublishResult.acked()
+            return PublishResult.acked(f'{{"url":{self._receipt_url},"status":{status}}}')
         reason = f"HTTP {status} {response.reason_phrase}".strip()
         if status in REFUSES_THE_RELAY:
             return PublishResult.unavailable(f"{reason}: the endpoint refuses the relay (credentials, URL?)")

@@ -11,7 +11,9 @@ repeated on another machine:
 - `librdkafka-producers`: one librdkafka producer per broker (the adapter) against one
   per concurrent call (several rounds in flight, each on its own connections);
 - `more-in-flight`: the defaults (4 workers of 1,000 messages per batch) against those
-  before them (2 of 500), each Kafka client and RabbitMQ (its defaults; msg/s only).
+  before them (2 of 500), each Kafka client and RabbitMQ (its defaults; msg/s only);
+- `receipts` (issue 22): delivery receipts kept by the mark (relay.receipts, the
+  default) against none, each Kafka client.
 """
 
 from __future__ import annotations
@@ -101,10 +103,16 @@ def more_in_flight(on: bool) -> Iterator[dict[str, Any]]:
     yield {} if on else {"workers": 2, "batch_size": 500}
 
 
+@contextlib.contextmanager
+def receipts(on: bool) -> Iterator[dict[str, Any]]:
+    yield {} if on else {"receipts": False}
+
+
 EXPERIMENTS: dict[str, tuple[Toggle, tuple[str, ...]]] = {
     "gc": (collector, ("aiokafka", "librdkafka")),
     "librdkafka-producers": (librdkafka_producers, ("librdkafka",)),
     "more-in-flight": (more_in_flight, ("aiokafka", "librdkafka", "rabbitmq")),
+    "receipts": (receipts, ("aiokafka", "librdkafka")),
 }
 
 

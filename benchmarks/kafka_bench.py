@@ -38,6 +38,7 @@ async def relay_rate(
     held_back: int = 0,
     client: str = "aiokafka",
     meter: Window | None = None,
+    receipts: bool = DEFAULTS.receipts,
 ) -> float:
     """Messages/s draining a backlog of `count`. `held_back` more rows wait behind one
     key's head that is not due (a failing message): they must not slow the others."""
@@ -56,6 +57,7 @@ async def relay_rate(
         batch_size=batch_size,
         workers=workers,
         notify=False,
+        receipts=receipts,
     )
     return count / await drain(config, count, meter)
 

@@ -131,6 +131,8 @@ class RelayConfig(_Model):
     poll_interval: Duration = 1.0
     notify: bool = True
     max_attempts: Count = Field(default=10, ge=1)
+    # Keep where each dispatched message landed (messages.receipt, outbox.receipt()).
+    receipts: bool = True
     retry: RetryConfig = RetryConfig()
     retention: Duration = 24 * 3600.0
     shutdown_timeout: Duration = 30.0

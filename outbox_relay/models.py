@@ -62,10 +62,16 @@ class PublishResult:
     # The broker asked for this much time before the next try (an HTTP Retry-After):
     # the message waits at least this long, whatever the backoff says.
     retry_after: float | None = field(default=None)
+    # Where an acked message landed, as the text of a JSON object of the broker's own
+    # words (a Kafka partition and offset, an HTTP status): the relay adds the broker and
+    # destination and keeps it with the message (messages.receipt, outbox.receipt()).
+    receipt: str | None = field(default=None)
 
     @classmethod
-    def acked(cls) -> PublishResult:
-        return _ACKED
+    def acked(cls, receipt: str | None = None) -> PublishResult:
+        """The broker durably accepted the message; `receipt`: where it landed, the text
+        of a JSON object (``'{"partition":3,"offset":42}'``), or None."""
+        return _ACKED if receipt is None else cls(Outcome.ACKED, receipt=receipt)
 
     @classmethod
     def transient(cls, reason: str) -> PublishResult:

@@ -27,9 +27,5 @@ REVOKE INSERT, UPDATE ON {schema}.backfills FROM {role};
 GRANT SELECT ON {schema}.backfills TO {role};
 GRANT INSERT (requested_by, source, total) ON {schema}.backfills TO {role};
 GRANT UPDATE (copied, cursor_key, finished_at) ON {schema}.backfills TO {role};
--- What became of its messages (schema.sql, outcomes): the application reads the rows
--- and deletes those it has handled, in its own transactions; it writes none (a forged
--- row would look like the relay's word).
-REVOKE INSERT, UPDATE, TRUNCATE ON {schema}.outcomes FROM {role};
-GRANT SELECT, DELETE ON {schema}.outcomes TO {role};
-GRANT EXECUTE ON FUNCTION {schema}.take_outcomes(integer, text, text[]) TO {role};
+-- Where a message landed (schema.sql, receipt): by id, without reading messages.
+GRANT EXECUTE ON FUNCTION {schema}.receipt(uuid) TO {role};

@@ -202,18 +202,31 @@ UPDATE {schema}.messages
 SET dispatched_at = clock_timestamp(), attempts = attempts + 1
 WHERE id = ANY(%(ids)s::bigint[]);
 
+-- name: mark_dispatched_receipts
+-- mark_dispatched with each row's receipt (where the broker put it, relay.receipts):
+-- %(receipts)s is one text, the receipts in the order of %(ids)s, one per line, an
+-- empty line where there is none. One text, not an array: psycopg spent 11-14 µs per
+-- element dumping a list of strings, ten times what the rest of the mark costs the
+-- relay (a JSON text holds no raw line break, engine/dispatch.py).
+UPDATE {schema}.messages AS m
+SET dispatched_at = clock_timestamp(), attempts = m.attempts + 1, receipt = nullif(r.receipt, '')::jsonb
+FROM unnest(%(ids)s::bigint[], string_to_array(%(receipts)s::text, E'\n')) AS r(id, receipt)
+WHERE m.id = r.id;
+
 -- name: mark_dispatched_feeding
--- mark_dispatched, and a `delivered` outcome for the rows of %(feed_ids)s (their topic is
--- in outcomes.delivered), in the same statement: the outcome exists exactly when the
--- mark committed. Only the fed rows' payloads come out of the UPDATE.
+-- mark_dispatched_receipts, and a `delivered` outcome for the rows of %(feed_ids)s (their
+-- topic is in outcomes.delivered), in the same statement: the outcome exists exactly when
+-- the mark committed. Only the fed rows' payloads come out of the UPDATE.
 WITH marked AS (
-    UPDATE {schema}.messages
-    SET dispatched_at = clock_timestamp(), attempts = attempts + 1
-    WHERE id = ANY(%(ids)s::bigint[])
-    RETURNING id, message_id, topic, key, attempts, content_type, headers, created_at,
-              CASE WHEN id = ANY(%(feed_ids)s::bigint[]) THEN payload END AS payload)
-INSERT INTO {schema}.outcomes (message_id, topic, key, outcome, attempts, payload, content_type, headers, enqueued_at)
-SELECT message_id, topic, key, 'delivered', attempts, payload, content_type, headers, created_at
+    UPDATE {schema}.messages AS m
+    SET dispatched_at = clock_timestamp(), attempts = m.attempts + 1, receipt = nullif(r.receipt, '')::jsonb
+    FROM unnest(%(ids)s::bigint[], string_to_array(%(receipts)s::text, E'\n')) AS r(id, receipt)
+    WHERE m.id = r.id
+    RETURNING m.id, m.message_id, m.topic, m.key, m.attempts, m.content_type, m.headers, m.created_at,
+              m.receipt, CASE WHEN m.id = ANY(%(feed_ids)s::bigint[]) THEN m.payload END AS payload)
+INSERT INTO {schema}.outcomes
+    (message_id, topic, key, outcome, attempts, payload, content_type, headers, enqueued_at, receipt)
+SELECT message_id, topic, key, 'delivered', attempts, payload, content_type, headers, created_at, receipt
 FROM marked
 WHERE payload IS NOT NULL
 ORDER BY id;
@@ -244,9 +257,23 @@ ORDER BY id;
 -- too but without spending an attempt (their broker was unreachable), `dead` rows are
 -- dead-lettered with their reason. Rows the batch did not attempt are
 -- not listed and stay as they were.
--- Each dead letter gets its `dead_lettered` outcome in the same statement when
--- %(feed_dead)s (outcomes.dead_lettered): the outcome exists exactly when the dead letter
--- committed. Only the dead rows' payloads come out of the UPDATE.
+UPDATE {schema}.messages AS m SET
+    attempts = m.attempts + CASE WHEN o.outcome = 'wait' THEN 0 ELSE 1 END,
+    next_attempt_at = CASE WHEN o.outcome IN ('retry', 'wait')
+                           THEN clock_timestamp() + make_interval(secs => o.delay_s) END,
+    last_error = o.error,
+    dead_lettered_at = CASE WHEN o.outcome = 'dead' THEN clock_timestamp() END,
+    dead_letter_reason = CASE WHEN o.outcome = 'dead' THEN o.error END
+FROM unnest(%(ids)s::bigint[], %(outcomes)s::text[], %(errors)s::text[], %(delays)s::float8[])
+     AS o(id, outcome, error, delay_s)
+WHERE m.id = o.id;
+
+-- name: record_outcomes_feeding
+-- record_outcomes for a batch with dead letters (outcomes.dead_lettered): each gets its
+-- `dead_lettered` outcome in the same statement, so the outcome exists exactly when the
+-- dead letter committed. Only the dead rows' payloads come out of the UPDATE. A batch
+-- without one takes record_outcomes: no outcome to write, and a relay role not yet
+-- granted the outcomes table (an upgrade before its GRANTs) still records retries.
 WITH recorded AS (
     UPDATE {schema}.messages AS m SET
         attempts = m.attempts + CASE WHEN o.outcome = 'wait' THEN 0 ELSE 1 END,
@@ -259,7 +286,7 @@ WITH recorded AS (
          AS o(id, outcome, error, delay_s)
     WHERE m.id = o.id
     RETURNING m.id, m.message_id, m.topic, m.key, m.attempts, m.dead_letter_reason, m.content_type,
-              m.headers, m.created_at, CASE WHEN o.outcome = 'dead' AND %(feed_dead)s THEN m.payload END AS payload)
+              m.headers, m.created_at, CASE WHEN o.outcome = 'dead' THEN m.payload END AS payload)
 INSERT INTO {schema}.outcomes
     (message_id, topic, key, outcome, reason, attempts, payload, content_type, headers, enqueued_at)
 SELECT message_id, topic, key, 'dead_lettered', dead_letter_reason, attempts, payload, content_type, headers,
@@ -280,13 +307,17 @@ WHERE id IN (
 
 -- name: delete_expired_outcomes
 -- outcomes.retention: outcomes the application left, oldest first, in small batches;
--- rows an application transaction holds are left for the next round.
-DELETE FROM {schema}.outcomes
-WHERE id IN (
-    SELECT id FROM {schema}.outcomes
-    WHERE recorded_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED);
+-- rows an application transaction holds are left for the next round. How many were
+-- dead letters: a compensation that will now never run, which the relay warns about.
+WITH deleted AS (
+    DELETE FROM {schema}.outcomes
+    WHERE id IN (
+        SELECT id FROM {schema}.outcomes
+        WHERE recorded_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING outcome)
+SELECT count(*), count(*) FILTER (WHERE outcome = 'dead_lettered') FROM deleted;
 
 -- name: heartbeat
 INSERT INTO {schema}.relays (relay_id, hostname, pid, in_flight)
@@ -322,6 +353,33 @@ ORDER BY topic;
 
 -- name: status_dispatched
 SELECT count(*) AS dispatched FROM {schema}.messages WHERE dispatched_at IS NOT NULL;
+
+-- name: message_by_id
+-- `status --message-id`: every row of a message id (a replay's copies share it), in
+-- enqueue order. One part per partial index, each part's WHERE its index's, so that
+-- with sequential scans off (message_lookup.py) no part reads the whole table:
+-- dispatched rows by their message id (messages_dispatched_message_id_idx); pending
+-- keyed and keyless rows and dead letters by reading those indexes through, a cost
+-- that grows with the backlog and the dead letters, never with what retention keeps.
+SELECT * FROM (
+    SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
+           dead_lettered_at, dead_letter_reason, receipt
+    FROM {schema}.messages WHERE message_id = %(message_id)s AND dispatched_at IS NOT NULL
+    UNION ALL
+    SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
+           dead_lettered_at, dead_letter_reason, receipt
+    FROM {schema}.messages
+    WHERE message_id = %(message_id)s AND key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
+    UNION ALL
+    SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
+           dead_lettered_at, dead_letter_reason, receipt
+    FROM {schema}.messages
+    WHERE message_id = %(message_id)s AND key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
+    UNION ALL
+    SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
+           dead_lettered_at, dead_letter_reason, receipt
+    FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL) AS rows
+ORDER BY id;
 
 -- name: status_relays
 SELECT relay_id, hostname, pid, started_at, heartbeat_at, in_flight,

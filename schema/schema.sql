@@ -100,6 +100,9 @@ CREATE TABLE {schema}.messages (
     dispatched_at timestamptz,
     dead_lettered_at timestamptz,
     dead_letter_reason text,
+    -- Where a dispatched message landed, in the broker's words, with the broker and
+    -- destination (migrations/0011_receipts.sql): written by the mark.
+    receipt jsonb,
     CONSTRAINT messages_one_final_state CHECK (dispatched_at IS NULL OR dead_lettered_at IS NULL)
 )
 -- Rows are inserted, updated once or twice, then deleted by retention: vacuum often
@@ -157,20 +160,26 @@ CREATE TABLE {schema}.outcomes (
     content_type text NOT NULL,
     headers jsonb NOT NULL,
     enqueued_at timestamptz NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Where a delivered message landed (messages.receipt; NULL for a dead letter).
+    receipt jsonb
 );
 
 -- Retention deletes by age.
 CREATE INDEX outcomes_recorded_at_idx ON {schema}.outcomes (recorded_at);
 
--- One NOTIFY per transaction that wrote outcomes, on a channel of its own (the relay's
--- channel would wake every relay for nothing): `outbox_relay_outcomes`, with the
--- outbox's schema as payload. Identical notifications of one transaction are folded
--- into one by PostgreSQL. A statement that wrote no row notifies nobody.
+-- A wake-up for the application, on a channel of its own (the relay's channel would
+-- wake every relay for nothing): `outbox_relay_outcomes`, with the outbox's schema as
+-- payload. Coalesced as the relay's is (notify_relay below says why: a NOTIFY takes a
+-- database-wide lock at commit): identical notifications of one transaction fold into
+-- one, and a transaction that finds another one holding the advisory lock skips its
+-- own, counting on that one's. A statement that wrote no row notifies nobody. A hint,
+-- not a delivery: the application also looks on a timer (README, Outcomes).
 CREATE FUNCTION {schema}.notify_outcomes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT FROM written) THEN
+    IF EXISTS (SELECT FROM written)
+       AND pg_try_advisory_xact_lock(hashtext('outbox_relay_outcomes.' || TG_TABLE_SCHEMA)) THEN
         PERFORM pg_notify('outbox_relay_outcomes', TG_TABLE_SCHEMA);
     END IF;
     RETURN NULL;
@@ -220,6 +229,28 @@ END
 $$;
 -- Only the roles granted it (grants_producer.sql): it deletes what it returns.
 REVOKE EXECUTE ON FUNCTION {schema}.take_outcomes(integer, text, text[]) FROM PUBLIC;
+
+-- outbox.receipt() finds a message by its id among the dispatched rows. Partial: a row
+-- gets its entry when it is marked, never at enqueue, so the application's write path
+-- pays nothing for it.
+CREATE INDEX messages_dispatched_message_id_idx ON {schema}.messages (message_id)
+    WHERE dispatched_at IS NOT NULL;
+
+-- The receipt of a message's latest delivery, with when and after how many attempts;
+-- NULL when no dispatched row of it is kept (pending, dead-lettered, never enqueued, or
+-- deleted by retention). A replay delivers the same message id again: the latest wins.
+-- SECURITY DEFINER: the application's role may not read messages.
+CREATE FUNCTION {schema}.receipt(message_id uuid) RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT coalesce(m.receipt, '{{}}'::jsonb)
+           || jsonb_build_object('dispatched_at', m.dispatched_at, 'attempts', m.attempts)
+    FROM {schema}.messages AS m
+    WHERE m.message_id = receipt.message_id AND m.dispatched_at IS NOT NULL
+    ORDER BY m.dispatched_at DESC, m.id DESC
+    LIMIT 1
+$$;
+-- Only the roles granted it (grants_*.sql).
+REVOKE EXECUTE ON FUNCTION {schema}.receipt(uuid) FROM PUBLIC;
 
 -- Live relays report here (heartbeat), so `status` can show who is running and
 -- how many messages each holds in flight (row locks are invisible to other sessions).

@@ -111,15 +111,21 @@ def _switch_source(
 @SCHEMA_OPTION
 @click.option("--relay-role", help="Also print GRANTs for the relay's least-privilege role.")
 @click.option("--producer-role", help="Also print GRANTs for an application role that only enqueues.")
+@click.option(
+    "--outcomes-role",
+    help="Also print GRANTs for the application role that takes outcomes (outbox.take_outcomes).",
+)
 @click.option("--grants-only", is_flag=True, help="Print only the GRANTs.")
 @one_line_errors
-def schema_sql(schema_name: str, relay_role: str | None, producer_role: str | None, grants_only: bool) -> None:
+def schema_sql(
+    schema_name: str, relay_role: str | None, producer_role: str | None, outcomes_role: str | None, grants_only: bool
+) -> None:
     """Print the DDL, for teams that apply DDL with their own migration tool."""
     parts: list[str] = []
     if not grants_only:
         parts.append(sqlfiles.ddl(schema_name).as_string())
         parts.append(sqlfiles.record_version(schema_name).as_string() + ";\n")
-    for kind, role in (("relay", relay_role), ("producer", producer_role)):
+    for kind, role in (("relay", relay_role), ("producer", producer_role), ("outcomes", outcomes_role)):
         if role:
             parts.append(sqlfiles.grants(kind, schema_name, role).as_string())
     click.echo("\n".join(parts).rstrip())

@@ -27,6 +27,8 @@ leave it out, and within its call:
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -96,6 +98,7 @@ class Dispatcher:
         metrics: RelayMetrics | None = None,
         max_payload_bytes: int | None = None,
         hold_dead_letters: bool = False,
+        receipts: bool = True,
     ):
         self._adapters = adapters
         self._router = router
@@ -105,6 +108,14 @@ class Dispatcher:
         self._metrics = metrics or RelayMetrics()
         self._max_payload = max_payload_bytes
         self._hold = hold_dead_letters
+        # relay.receipts: each acked message's receipt, opened once per broker and
+        # destination (the broker's words are appended to it per message).
+        self._receipts = receipts
+        self._receipt_heads: dict[tuple[str, str], str] = {}
+        # A receipt that is not JSON would fail the mark, and with it the batch, again and
+        # again: a third-party adapter's words are checked; this package's are JSON by
+        # construction (and checking them would cost every message a parse).
+        self._unchecked = {name for name, adapter in adapters.items() if _ours(adapter)}
         self._ordered = {name for name, adapter in adapters.items() if keeps_key_order(adapter)}
         # Consecutive "unreachable" answers per broker: the backoff for messages that
         # did not spend an attempt grows with the outage, not with the message.
@@ -128,6 +139,7 @@ class Dispatcher:
             metrics=self._metrics,
             max_payload_bytes=self._max_payload,
             hold_dead_letters=self._hold,
+            receipts=self._receipts,
         )
         for name, circuit in self.circuits.items():
             if name != broker:
@@ -297,6 +309,34 @@ class Dispatcher:
                 circuit.trip(next(a.reason for a in answers if a.outcome is Outcome.UNAVAILABLE) or "unavailable")
         return answers
 
+    def _receipt(self, target: Target, words: str | None) -> str:
+        """The receipt kept with an acked message: the broker and destination, and what
+        the adapter said of where it landed (the text of a JSON object, or None). Text,
+        not a dict: one string per message, no JSON encoding on the hot path."""
+        head = self._receipt_heads.get((target.broker, target.destination))
+        if head is None:
+            if len(self._receipt_heads) >= 10_000:  # a destination per tenant: bounded
+                self._receipt_heads.clear()
+            head = self._receipt_heads[(target.broker, target.destination)] = (
+                f'{{"broker":{json.dumps(target.broker)},"destination":{json.dumps(target.destination)}'
+            )
+        if words is None or len(words) <= 2:
+            return head + "}"
+        if target.broker in self._unchecked:
+            return f"{head},{words[1:]}"
+        checked = _checked_receipt(words, target)
+        if checked is None:
+            log.warning("adapter_receipt_invalid", broker=target.broker, receipt=words[:200])
+            return head + "}"
+        return checked
+
+    def without_receipts(self) -> Dispatcher:
+        """This dispatcher, sharing its circuits, outages and metrics, building no receipts:
+        for a source whose messages have no row to keep one in (the WAL source streams)."""
+        other = copy.copy(self)
+        other._receipts = False
+        return other
+
     def close(self) -> None:
         """Stop the circuits' background probes."""
         for circuit in self.circuits.values():
@@ -306,7 +346,8 @@ class Dispatcher:
         broker = target.broker if target else None
         destination = target.destination if target else None
         if result.outcome is Outcome.ACKED:
-            return Record(message.id, RecordKind.ACKED, broker=broker, destination=destination)
+            receipt = self._receipt(target, result.receipt) if self._receipts and target else None
+            return Record(message.id, RecordKind.ACKED, broker=broker, destination=destination, receipt=receipt)
         self._metrics.publish_failures.labels(broker or "", result.outcome.value).inc()
         bound = log.bind(message_id=str(message.message_id), topic=message.topic, broker=broker)
         reason = clean_reason(result.reason or "unknown error")
@@ -325,3 +366,29 @@ class Dispatcher:
         delay = self._backoff.delay(attempt)
         bound.info("publish_failed", reason=reason, attempt=attempt, retry_in_s=round(delay, 3))
         return Record(message.id, RecordKind.RETRY, reason, delay, broker, destination)
+
+
+def _ours(adapter: object) -> bool:
+    """Whether an adapter (behind the engine's BrokerHandle, if it is one) is this
+    project's (the built-in adapters are installed as outbox_relay_adapters): its
+    receipts are JSON objects by construction and need no check."""
+    inner = getattr(adapter, "adapter", adapter)
+    return type(inner).__module__.split(".", 1)[0] in {"adapters", "outbox_relay_adapters", "outbox_relay"}
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _checked_receipt(words: str, target: Target) -> str | None:
+    """A third-party adapter's receipt as PostgreSQL's jsonb takes it, or None: a JSON
+    object without NaN or Infinity, and no NUL character (jsonb refuses both), written
+    anew with the relay's broker and destination, which it cannot overwrite."""
+    try:
+        said = json.loads(words, parse_constant=_no_constant)
+    except ValueError:
+        return None
+    if not isinstance(said, dict):
+        return None
+    text = json.dumps({**said, "broker": target.broker, "destination": target.destination}, allow_nan=False)
+    return None if "\\u0000" in text else text

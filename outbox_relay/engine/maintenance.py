@@ -75,6 +75,7 @@ class Maintenance:
         self._on_heartbeat = on_heartbeat
         self._warned: dict[int, float] = {}  # pid -> when we last warned about it
         self.deleted = 0
+        self._outcomes_warned = float("-inf")
 
     async def run(self) -> None:
         next_retention = 0.0
@@ -167,11 +168,46 @@ class Maintenance:
         return total
 
     async def delete_expired_outcomes(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        """Outcome rows older than outcomes.retention that the application left."""
-        total = await self._delete_in_chunks(conn, "delete_expired_outcomes", self._outcomes_retention)
-        if total:
+        """Outcome rows older than outcomes.retention that the application left. Dead
+        letters among them are warned about: their compensation will never run."""
+        total = dead = 0
+        while True:
+            try:
+                with self._deadline(conn):
+                    cur = await conn.execute(
+                        self._q["delete_expired_outcomes"],
+                        {"retention_s": self._outcomes_retention, "limit": RETENTION_CHUNK},
+                    )
+                    row = await cur.fetchone()
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # A relay role granted before schema version 10: everything else goes on.
+                self._warn_outcomes_not_granted(exc)
+                return total
+            deleted, dead_deleted = row if row else (0, 0)
+            total += deleted
+            dead += dead_deleted
+            if deleted < RETENTION_CHUNK:
+                break
+        if dead:
+            log.warning(
+                "outcomes_expired_untaken",
+                dead_lettered=dead,
+                rows=total,
+                hint="the application never took these dead letters' outcomes (outbox.take_outcomes)",
+            )
+        elif total:
             log.info("outcomes_retention_deleted", rows=total)
         return total
+
+    def _warn_outcomes_not_granted(self, exc: psycopg.Error) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._outcomes_warned >= 3600.0:
+            self._outcomes_warned = now
+            log.warning(
+                "outcomes_retention_not_granted",
+                error=first_line(exc),
+                hint="run the relay role's GRANTs again: outbox-relay schema sql --grants-only --relay-role ROLE",
+            )
 
     async def _delete_in_chunks(self, conn: psycopg.AsyncConnection[Any], query: str, retention: float) -> int:
         total = 0

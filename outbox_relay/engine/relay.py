@@ -89,6 +89,8 @@ class Relay:
             metrics=self.metrics,
             max_payload_bytes=relay.max_payload_bytes,
             hold_dead_letters=relay.dead_letter_policy == "hold",
+            # Kept with dispatched rows only: retention 0s deletes them as it marks them.
+            receipts=relay.receipts and relay.retention > 0,
         )
         self._wakeup = Wakeup(relay.workers)
         self.table = TableSource(config, metrics=self.metrics, wakeup=self._wakeup, backoff=self._backoff)

@@ -42,6 +42,8 @@ class Record:
     # Where it went, for metrics and logs (None: no route); not part of what is written.
     broker: str | None = field(default=None, compare=False)
     destination: str | None = field(default=None, compare=False)
+    # An acked message's receipt (dispatch.py, receipt_of): written by the mark.
+    receipt: str | None = field(default=None, compare=False)
 
 
 def _message(row: Sequence[Any]) -> Message:
@@ -162,11 +164,15 @@ class OutboxStore:
         self._q = queries
         # relay.retention 0s keeps no dispatched row: the acked rows are deleted in the
         # statement that would mark them (schema/queries.sql, delete_dispatched).
+        self._keep = keep_dispatched
         self._mark = self._q["mark_dispatched" if keep_dispatched else "delete_dispatched"]
+        # With the acked rows' receipts (relay.receipts; kept rows only).
+        self._mark_receipts = self._q["mark_dispatched_receipts"]
         # The same, writing `delivered` outcomes too: only for a batch that has some.
         self._mark_feeding = self._q["mark_dispatched_feeding" if keep_dispatched else "delete_dispatched_feeding"]
-        # outcomes.dead_lettered: each dead letter's outcome row (record_outcomes).
-        self._feed_dead = feed_dead_letters
+        # outcomes.dead_lettered: each dead letter's outcome row (record_outcomes_feeding);
+        # set at start once the role is known to be granted it (engine/outcomes.py).
+        self.feed_dead_letters = feed_dead_letters
         # None: the server's idle_in_transaction_session_timeout applies to batches.
         self._idle_ms = None if idle_in_transaction_timeout is None else milliseconds(idle_in_transaction_timeout)
         # None: the server's statement_timeout applies to the batch's statements.
@@ -311,22 +317,31 @@ class OutboxStore:
         any, take a second one. `feed`: ids whose delivery the application asked to hear
         of (outcomes.delivered), written to the outcomes table by the marking statement
         itself; dead letters are written there by the second one (outcomes.dead_lettered)."""
-        acked = [r.id for r in records if r.kind is RecordKind.ACKED]
+        acked_records = [r for r in records if r.kind is RecordKind.ACKED]
         failed = [r for r in records if r.kind is not RecordKind.ACKED]
-        if acked:
+        if acked_records:
+            acked = [r.id for r in acked_records]
+            # Receipts are kept with dispatched rows only (retention 0s deletes them), as
+            # one text of a line each (queries.sql, mark_dispatched_receipts says why).
+            has_receipts = self._keep and any(r.receipt for r in acked_records)
+            receipts = "\n".join(r.receipt or "" for r in acked_records) if has_receipts else ""
             fed = set(feed).intersection(acked)
+            params: dict[str, Any] = {"ids": acked, "receipts": receipts}
             if fed:
-                await conn.execute(self._mark_feeding, {"ids": acked, "feed_ids": sorted(fed)}, binary=True)
+                params["feed_ids"] = sorted(fed)
+                await conn.execute(self._mark_feeding, params, binary=True)
+            elif has_receipts:
+                await conn.execute(self._mark_receipts, params, binary=True)
             else:
-                await conn.execute(self._mark, {"ids": acked}, binary=True)
+                await conn.execute(self._mark, params, binary=True)
         if failed:
+            feeding = self.feed_dead_letters and any(r.kind is RecordKind.DEAD for r in failed)
             await conn.execute(
-                self._q["record_outcomes"],
+                self._q["record_outcomes_feeding" if feeding else "record_outcomes"],
                 {
                     "ids": [r.id for r in failed],
                     "outcomes": [r.kind.value for r in failed],
                     "errors": [r.error for r in failed],
                     "delays": [r.delay for r in failed],
-                    "feed_dead": self._feed_dead,
                 },
             )

@@ -14,6 +14,7 @@ from outbox_relay.adapter import Adapter, destination_check
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
+from outbox_relay.engine.outcomes import GRANT_HINT, outcomes_granted
 from outbox_relay.engine.routing import literal_text
 from outbox_relay.errors import ConfigError, OutboxRelayError, first_line
 from outbox_relay.operations import schema_manager
@@ -39,6 +40,7 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
             echo(f"database  ok  {redact_dsn(dsn)} schema {config.database.schema_name!r}")
             ok = await check_source(conn, config, echo) and ok
             ok = await check_exactly_once(conn, config, adapters, echo) and ok
+            ok = await check_outcomes(conn, config, echo) and ok
     except (psycopg.Error, OutboxRelayError, TimeoutError) as exc:
         ok = False
         shown = redact_dsn(dsn)
@@ -110,6 +112,22 @@ async def check_exactly_once(
         echo(f"exactly   FAIL  {exc.reason}")
         return False
     echo(f"exactly   ok  {', '.join(exactly_once_brokers(adapters))}: transactions from the WAL source")
+    return True
+
+
+async def check_outcomes(conn: psycopg.AsyncConnection[Any], config: Config, echo: Callable[[str], None]) -> bool:
+    """Whether the relay's role may write the outcomes the config asks for (what `run`
+    refuses, with outcomes.delivered, or warns about, engine/outcomes.py)."""
+    outcomes = config.outcomes
+    if not outcomes.dead_lettered and not outcomes.delivered:
+        return True
+    if await outcomes_granted(conn, config.database.schema_name):
+        echo("outcomes  ok  the relay's role may write outbox.outcomes")
+        return True
+    if outcomes.delivered:
+        echo(f"outcomes  FAIL  outcomes.delivered: the relay's role may not write outbox.outcomes; {GRANT_HINT}")
+        return False
+    echo(f"outcomes  WARN  dead letters will be recorded without their outcome row; {GRANT_HINT}")
     return True
 
 

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
 import structlog
 
 from outbox_relay import tracing
+from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
 from outbox_relay.connections import AnswerDeadline, connect_with_retry
 from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.outcomes import feeds_dead_letters
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.stopping import until_stopped
 from outbox_relay.engine.store import OutboxStore
@@ -79,6 +82,10 @@ class TableSource:
         self.in_flight = 0  # messages claimed and not yet recorded, over all workers
         self.batches_started: dict[int, float] = {}  # worker -> when its current batch began
         self._stop = asyncio.Event()
+
+    async def check_start(self, conn: psycopg.AsyncConnection[Any], brokers: Mapping[str, Adapter]) -> None:
+        """Whether dead letters can get their outcome row (engine/outcomes.py)."""
+        self.store.feed_dead_letters = await feeds_dead_letters(conn, self._config)
 
     def readiness(self) -> tuple[bool, dict[str, Any]] | None:
         return None  # the relay's own probes (database, brokers, batch age) are the table's

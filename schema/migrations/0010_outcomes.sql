@@ -24,20 +24,26 @@ CREATE TABLE {schema}.outcomes (
     content_type text NOT NULL,
     headers jsonb NOT NULL,
     enqueued_at timestamptz NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Where a delivered message landed (messages.receipt; NULL for a dead letter).
+    receipt jsonb
 );
 
 -- Retention deletes by age.
 CREATE INDEX outcomes_recorded_at_idx ON {schema}.outcomes (recorded_at);
 
--- One NOTIFY per transaction that wrote outcomes, on a channel of its own (the relay's
--- channel would wake every relay for nothing): `outbox_relay_outcomes`, with the
--- outbox's schema as payload. Identical notifications of one transaction are folded
--- into one by PostgreSQL. A statement that wrote no row notifies nobody.
+-- A wake-up for the application, on a channel of its own (the relay's channel would
+-- wake every relay for nothing): `outbox_relay_outcomes`, with the outbox's schema as
+-- payload. Coalesced as the relay's is (notify_relay below says why: a NOTIFY takes a
+-- database-wide lock at commit): identical notifications of one transaction fold into
+-- one, and a transaction that finds another one holding the advisory lock skips its
+-- own, counting on that one's. A statement that wrote no row notifies nobody. A hint,
+-- not a delivery: the application also looks on a timer (README, Outcomes).
 CREATE FUNCTION {schema}.notify_outcomes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT FROM written) THEN
+    IF EXISTS (SELECT FROM written)
+       AND pg_try_advisory_xact_lock(hashtext('outbox_relay_outcomes.' || TG_TABLE_SCHEMA)) THEN
         PERFORM pg_notify('outbox_relay_outcomes', TG_TABLE_SCHEMA);
     END IF;
     RETURN NULL;

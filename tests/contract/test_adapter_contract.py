@@ -25,12 +25,15 @@ from outbox_relay_adapters.webhook import create as create_webhook
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.json_lines import decode_payload
 from outbox_relay.models import Message, Outcome, OutgoingMessage
-from tests.consumers import RabbitQueue, Received, kafka_read, rabbit_read
+from tests.consumers import RabbitQueue, Received, kafka_read, kafka_scan_to_end, rabbit_read, received_of
 from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, Secure
 from tests.support.factories import message
 from tests.support.http import HttpReceiver, answer
 
 Reader = Callable[[int], Awaitable[list[Received]]]
+# locate([(receipt, message id)]) -> the message id an independent client finds where
+# each receipt says its message landed, in the order given.
+Locator = Callable[[list[tuple[dict[str, Any], str]]], Awaitable[list[str]]]
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Target:
     destination: str
     read: Reader  # read(count) -> what an independent client sees
     explicit: bool = False
+    locate: Locator | None = None  # None: the adapter gives no receipt
 
 
 def record_to_received(record: dict[str, Any]) -> Received:
@@ -49,6 +53,38 @@ def record_to_received(record: dict[str, Any]) -> Received:
         else (payload.encode() if isinstance(payload, str) else json.dumps(payload, separators=(",", ":")).encode())
     )
     return Received(record["message_id"], record["key"], raw, record["headers"])
+
+
+def kafka_locator(bootstrap: str, topic: str) -> Locator:
+    """The message id of the record at each receipt's partition and offset."""
+
+    async def locate(receipts: list[tuple[dict[str, Any], str]]) -> list[str]:
+        at: dict[tuple[int, int], str] = {}
+        await kafka_scan_to_end(
+            bootstrap,
+            topic,
+            lambda r: at.__setitem__((r.partition, r.offset), received_of(r).message_id),
+            isolation_level="read_uncommitted",
+        )
+        return [at.get((receipt["partition"], receipt["offset"]), "nothing there") for receipt, _ in receipts]
+
+    return locate
+
+
+def rabbit_locator(queue: RabbitQueue, exchange: str) -> Locator:
+    """RabbitMQ gives a message no position: the receipt names the exchange and routing
+    key it was confirmed for, and the queue bound there holds the message."""
+
+    async def locate(receipts: list[tuple[dict[str, Any], str]]) -> list[str]:
+        assert all(receipt["exchange"] == exchange and receipt["confirmed"] is True for receipt, _ in receipts)
+        received = {r.message_id: r for r in await rabbit_read(queue, len(receipts))}
+        return [
+            mid
+            for receipt, mid in receipts
+            if mid in received and received[mid].properties["routing_key"] == receipt["routing_key"]
+        ]
+
+    return locate
 
 
 class AdapterContract:
@@ -102,6 +138,19 @@ class AdapterContract:
         received = await target.read(300)
         assert [r.message_id for r in received] == [str(m.message_id) for m in run]
 
+    async def test_each_ack_says_where_its_message_landed(self, target: Target) -> None:
+        messages = [message(i, key=f"k{i % 3}" if i % 2 else None) for i in range(12)]
+        batch = [OutgoingMessage(m, target.destination, target.explicit) for m in messages]
+        results = await target.adapter.publish(batch)
+        assert [r.outcome for r in results] == [Outcome.ACKED] * 12
+        if target.locate is None:
+            assert [r.receipt for r in results] == [None] * 12
+            return
+        receipts = [json.loads(r.receipt or "null") for r in results]
+        assert all(isinstance(receipt, dict) for receipt in receipts), receipts
+        ids = [str(m.message_id) for m in messages]
+        assert await target.locate(list(zip(receipts, ids, strict=True))) == ids
+
     async def test_ack_means_already_readable(self, target: Target) -> None:
         sent = [message(i) for i in range(5)]
         assert await self._publish(target, sent) == [Outcome.ACKED] * 5
@@ -133,7 +182,16 @@ class TestFile(AdapterContract):
         async def read(count: int) -> list[Received]:
             return [record_to_received(json.loads(line)) for line in path.read_text().splitlines()]
 
-        yield Target(adapter, "out", read)
+        async def locate(receipts: list[tuple[dict[str, Any], str]]) -> list[str]:
+            content = path.read_bytes()
+            found = []
+            for receipt, _ in receipts:
+                assert receipt["path"] == str(path.absolute())
+                line = content[receipt["offset"] :].split(b"\n", 1)[0]
+                found.append(json.loads(line)["message_id"])
+            return found
+
+        yield Target(adapter, "out", read, locate=locate)
         await adapter.close()
 
 
@@ -146,7 +204,9 @@ def http_receiver() -> Iterator[HttpReceiver]:
 class TestWebhook(AdapterContract):
     @pytest.fixture
     async def target(self, http_receiver: HttpReceiver) -> AsyncIterator[Target]:
-        adapter = create_webhook("hook", {"url": f"{http_receiver.url}/events"})
+        # A user and a token in the URL: the receipt shows neither.
+        url = http_receiver.url.replace("://", "://relay:s3cret@") + "/events?token=s3cret#x"
+        adapter = create_webhook("hook", {"url": url})
         await adapter.connect()
 
         async def read(count: int) -> list[Received]:
@@ -154,7 +214,15 @@ class TestWebhook(AdapterContract):
                 assert request.headers["message-id"] == request.json["message_id"]
             return [record_to_received(r.json) for r in http_receiver.requests]
 
-        yield Target(adapter, "out", read)
+        async def locate(receipts: list[tuple[dict[str, Any], str]]) -> list[str]:
+            # A URL and a status name no single message: the receiver got each message,
+            # at that URL (without the secrets), and answered 204.
+            assert all(receipt == {"url": f"{http_receiver.url}/events", "status": 204} for receipt, _ in receipts)
+            assert all("s3cret" not in json.dumps(receipt) for receipt, _ in receipts)
+            got = {r.json["message_id"] for r in http_receiver.requests if r.path.startswith("/events?")}
+            return [mid for _, mid in receipts if mid in got]
+
+        yield Target(adapter, "out", read, locate=locate)
         await adapter.close()
 
 
@@ -170,7 +238,7 @@ class TestKafka(AdapterContract):
         async def read(count: int) -> list[Received]:
             return await kafka_read(kafka_bootstrap, topic, count)
 
-        yield Target(adapter, topic, read, explicit=True)
+        yield Target(adapter, topic, read, explicit=True, locate=kafka_locator(kafka_bootstrap, topic))
         await adapter.close()
 
 
@@ -191,7 +259,7 @@ class TestRabbitMQ(AdapterContract):
         async def read(count: int) -> list[Received]:
             return await rabbit_read(queue, count)
 
-        yield Target(adapter, exchange, read, explicit=True)
+        yield Target(adapter, exchange, read, explicit=True, locate=rabbit_locator(queue, exchange))
         await adapter.close()
         queue.close()
 
@@ -227,7 +295,7 @@ class TestKafkaSaslSsl(AdapterContract):
         async def read(count: int) -> list[Received]:
             return await kafka_read(kafka_secure.plain, topic, count)
 
-        yield Target(adapter, topic, read, explicit=True)
+        yield Target(adapter, topic, read, explicit=True, locate=kafka_locator(kafka_secure.plain, topic))
         await adapter.close()
 
 
@@ -251,6 +319,6 @@ class TestRabbitMQTls(AdapterContract):
         async def read(count: int) -> list[Received]:
             return await rabbit_read(queue, count)
 
-        yield Target(adapter, exchange, read, explicit=True)
+        yield Target(adapter, exchange, read, explicit=True, locate=rabbit_locator(queue, exchange))
         await adapter.close()
         queue.close()

@@ -15,6 +15,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from outbox_relay import enqueue
+from outbox_relay.errors import ConfigError
 from outbox_relay.models import PublishResult
 from outbox_relay.testing import FakeAdapter
 from tests.support.configs import make_config
@@ -43,7 +44,7 @@ def rejects(*payloads: bytes, answer: PublishResult) -> FakeAdapter:
 
 
 async def test_a_dead_letter_is_fed_back_once_with_its_message_and_a_notify(db: str) -> None:
-    with role_with_grants(db, "producer", "app") as app_dsn:
+    with role_with_grants(db, "producer+outcomes", "app") as app_dsn:
         listener = await psycopg.AsyncConnection.connect(app_dsn, autocommit=True)
         async with listener:
             await listener.execute("LISTEN outbox_relay_outcomes")
@@ -154,7 +155,7 @@ async def test_the_application_takes_outcomes_in_its_transaction_and_compensates
         enqueue(conn, "orders.created", {"order": 4712}, key="order-4712")
         conn.commit()
     fake = rejects(b'{"order":4711}', answer=PublishResult.permanent("rejected by the broker"))
-    with role_with_grants(db, "producer", "app") as app_dsn:
+    with role_with_grants(db, "producer+outcomes", "app") as app_dsn:
         with psycopg.connect(db, autocommit=True) as admin:
             app_user = sql.Identifier(str(conninfo_to_dict(app_dsn)["user"]))
             admin.execute(sql.SQL("GRANT SELECT, UPDATE ON orders TO {}").format(app_user))
@@ -192,7 +193,7 @@ def test_take_outcomes_skips_rows_another_transaction_is_taking_and_a_rollback_g
             )
         conn.commit()
     with (
-        role_with_grants(db, "producer", "app") as app_dsn,
+        role_with_grants(db, "producer+outcomes", "app") as app_dsn,
         psycopg.connect(app_dsn) as first,
         psycopg.connect(app_dsn) as second,
     ):
@@ -220,7 +221,7 @@ def test_take_outcomes_refuses_bad_arguments_in_one_line(db: str, call: str, err
 
 @pytest.fixture
 def app_role(db: str) -> Iterator[str]:
-    with role_with_grants(db, "producer", "app") as dsn:
+    with role_with_grants(db, "producer+outcomes", "app") as dsn:
         yield dsn
 
 
@@ -292,3 +293,89 @@ async def _wal_dead_letter(wal: WalSlot) -> None:
     assert [(r[0], r[2], r[3], r[4], bytes(r[6])) for r in outcomes(wal.dsn)] == [
         (emitted[0].message_id, "d", "dead_lettered", "bad", b"d0-rejected")
     ]
+
+
+async def test_retries_without_a_dead_letter_write_no_outcome_and_notify_nobody(db: str) -> None:
+    with role_with_grants(db, "producer+outcomes", "app") as app_dsn:
+        listener = await psycopg.AsyncConnection.connect(app_dsn, autocommit=True)
+        async with listener:
+            await listener.execute("LISTEN outbox_relay_outcomes")
+            with psycopg.connect(db) as conn:
+                enqueue(conn, "t", {"n": 1}, key="k")
+                conn.commit()
+            fake = FakeAdapter(script=lambda out: PublishResult.transient("busy"))
+            async with running_relay(make_config(db, max_attempts=100), {"main": fake}):
+                await wait_until(lambda: count(db, "attempts >= 3") == 1)
+            # Notifications reach the listener with its next exchange with the server.
+            await listener.execute("SELECT 1")
+            assert [n async for n in listener.notifies(timeout=0.5)] == []
+    assert outcomes(db) == []
+
+
+def test_a_role_that_only_enqueues_can_neither_read_nor_take_outcomes(db: str) -> None:
+    # Outcomes hold copies of every application's messages: taking them is granted apart
+    # (schema sql --outcomes-role), not with enqueueing.
+    with role_with_grants(db, "producer", "app") as app_dsn, psycopg.connect(app_dsn) as app:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT count(*) FROM outbox.outcomes")
+        app.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT * FROM outbox.take_outcomes()")
+
+
+async def test_retention_skips_an_expired_outcome_the_application_is_taking(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        for label in ("taken", "left"):
+            conn.execute(
+                "INSERT INTO outbox.outcomes (message_id, topic, outcome, attempts, payload, content_type, headers,"
+                " enqueued_at, recorded_at) VALUES (gen_random_uuid(), 't', 'delivered', 1, %s, 'text/plain',"
+                " '{}', now(), now() - interval '8 days')",
+                (label.encode(),),
+            )
+        conn.commit()
+    with role_with_grants(db, "outcomes", "app") as app_dsn, psycopg.connect(app_dsn) as app:
+        assert app.execute("SELECT payload FROM outbox.take_outcomes(1)").fetchall() == [(b"taken",)]
+        # Held by this open transaction: retention neither waits for it nor deletes it.
+        async with running_relay(make_config(db), {"main": FakeAdapter()}):
+            await wait_until(lambda: len(outcomes(db)) == 1, what="'left' deleted")
+        app.rollback()
+    assert [bytes(r[6]) for r in outcomes(db)] == [b"taken"]
+
+
+@pytest.fixture
+def relay_without_outcomes(db: str) -> Iterator[str]:
+    """The relay's role as granted before schema version 10: nothing on outbox.outcomes."""
+    with role_with_grants(db, "relay", "relayrole") as relay_dsn:
+        role = sql.Identifier(str(conninfo_to_dict(relay_dsn)["user"]))
+        with psycopg.connect(db, autocommit=True) as admin:
+            admin.execute(sql.SQL("REVOKE ALL ON outbox.outcomes FROM {}").format(role))
+        yield relay_dsn
+
+
+async def test_a_relay_role_not_granted_outcomes_still_dead_letters_and_says_how_to_grant(
+    db: str, relay_without_outcomes: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"n": 1}, key="a")
+        enqueue(conn, "t", {"n": 2}, key="b")
+        conn.commit()
+    fake = rejects(b'{"n":1}', answer=PublishResult.permanent("no"))
+    logged: list[str] = []
+
+    def said(event: str) -> bool:
+        logged.append(capsys.readouterr().out)
+        return event in "".join(logged)
+
+    async with running_relay(make_config(relay_without_outcomes), {"main": fake}, heartbeat_every=0.1):
+        await wait_until(lambda: count(db, "dead_lettered_at IS NOT NULL") == 1 and len(fake.delivered) == 1)
+        # Retention of outcomes is refused too: warned about, and the heartbeat goes on.
+        await wait_until(lambda: said("outcomes_retention_not_granted"), what="the retention warning")
+    assert said("outcomes_not_granted") and "schema sql --grants-only --relay-role" in "".join(logged)
+    assert outcomes(db) == []
+
+
+async def test_outcomes_delivered_without_the_grant_refuses_to_start_in_one_line(relay_without_outcomes: str) -> None:
+    config = make_config(relay_without_outcomes, outcomes={"delivered": ["orders.*"]})
+    with pytest.raises(ConfigError, match=r"^outcomes.delivered: the relay's role may not write outbox.outcomes; run"):
+        async with running_relay(config, {"main": FakeAdapter()}):
+            pass

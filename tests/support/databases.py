@@ -95,7 +95,7 @@ GRANT UPDATE (copied, cursor_key, finished_at) ON {schema}.backfills TO {role};
 @contextlib.contextmanager
 def role_with_grants(dsn: str, kind: str, prefix: str, *, before_version_7: bool = False) -> Iterator[str]:
     """A login role holding the GRANTs `schema sql --grants-only` prints for `kind`
-    ("relay" or "producer") on schema outbox (`before_version_7`: those of releases
+    ("relay", "producer" or "outcomes"; several joined by "+") on schema outbox (`before_version_7`: those of releases
     before schema version 7); yields its DSN; dropped afterwards. Roles are the
     cluster's, so the name carries the database's."""
     role = f"{prefix}_{conninfo_to_dict(dsn)['dbname']}"
@@ -104,7 +104,7 @@ def role_with_grants(dsn: str, kind: str, prefix: str, *, before_version_7: bool
             schema=sql.Identifier("outbox"), role=sql.Identifier(role)
         )
     else:
-        grants = sqlfiles.grants(kind, "outbox", role)
+        grants = sql.SQL("\n").join(sqlfiles.grants(part, "outbox", role) for part in kind.split("+"))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
         conn.execute(grants)

@@ -201,7 +201,7 @@ async def _futures(adapter: rabbitmq.RabbitAdapter, ids: list[str]) -> list[asyn
     futures = []
     for tag, mid in enumerate(ids, start=1):
         future: asyncio.Future[object] = loop.create_future()
-        adapter._unconfirmed[tag] = (future, mid)  # type: ignore[assignment]
+        adapter._unconfirmed[tag] = (future, mid, "{}")  # type: ignore[assignment]
         adapter._tag_of[mid] = tag
         futures.append(future)
     return futures
@@ -301,7 +301,8 @@ async def test_rabbitmq_failed_publish_does_not_shift_delivery_tags() -> None:
     second = await adapter._publish_one(ok2)
     assert isinstance(failed, rabbitmq.PublishResult) and failed.outcome is Outcome.PERMANENT
     # The broker numbers only what it received: tags 1 and 2 are ok1 and ok2.
-    assert [mid for _, mid in (adapter._unconfirmed[t] for t in (1, 2))] == [str(ok1.message_id), str(ok2.message_id)]
+    tagged = [adapter._unconfirmed[t][1] for t in (1, 2)]
+    assert tagged == [str(ok1.message_id), str(ok2.message_id)]
     adapter._on_confirm(_frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=True)))
     assert first.result().outcome is Outcome.ACKED and second.result().outcome is Outcome.ACKED  # type: ignore[union-attr]
 
@@ -492,7 +493,7 @@ def test_an_old_rabbitmq_channel_closing_late_fails_nothing_of_the_current_one()
     loop = asyncio.new_event_loop()
     try:
         waiting: asyncio.Future[object] = loop.create_future()
-        adapter._unconfirmed[1] = (waiting, "m-1")  # type: ignore[assignment]
+        adapter._unconfirmed[1] = (waiting, "m-1", "{}")  # type: ignore[assignment]
         adapter._on_channel_closed(old, pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND"))
         assert not waiting.done() and adapter._channel is current
         adapter._on_channel_closed(current, pika.exceptions.ChannelClosedByBroker(320, "CONNECTION_FORCED"))
@@ -572,7 +573,7 @@ async def test_after_a_rabbitmq_nack_the_next_batch_goes_on_a_new_channel() -> N
     adapter._connection = _Silent()  # type: ignore[assignment]  # open
     adapter._channel = old  # type: ignore[assignment]
     nacked: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-    adapter._unconfirmed[1] = (nacked, "m-1")  # type: ignore[assignment]
+    adapter._unconfirmed[1] = (nacked, "m-1", "{}")  # type: ignore[assignment]
     adapter._on_confirm(types.SimpleNamespace(method=pika.spec.Basic.Nack(delivery_tag=1)), old)
     assert nacked.done()
 

@@ -50,6 +50,7 @@ from outbox_relay.adapter import Adapter, Fenced, transactions_of
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
 from outbox_relay.engine.dispatch import Dispatcher
+from outbox_relay.engine.outcomes import feeds_dead_letters
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import ConfigError, first_line
 from outbox_relay.operations import schema_manager
@@ -98,6 +99,7 @@ class WalSource:
         self._foreign_drain_logged = False
         self._table_warned = False
         self._delivered_warned = False  # outcomes.delivered: said once per process
+        self._feed_dead = config.outcomes.dead_lettered  # as granted: check_start
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
         stream = self._stream(dispatcher, stop, observer)
@@ -179,6 +181,7 @@ class WalSource:
         one line (README, "Exactly once into Kafka"): the table source cannot commit its
         position inside a Kafka transaction. A switch to table later is followed, with a
         warning (_warn_table_source)."""
+        self._feed_dead = await feeds_dead_letters(conn, self._config, report=False)  # the table's start says it
         names = ", ".join(exactly_once_brokers(brokers))
         if not names or await _source_on(conn, self._schema) == "wal":
             return
@@ -223,7 +226,8 @@ class WalSource:
             self._dsn,
             schema=self._schema,
             slot_name=self._slot,
-            dispatcher=dispatcher,
+            # Streamed messages have no row to keep a receipt in (README, Delivery receipts).
+            dispatcher=dispatcher.without_receipts(),
             observer=observer,
             watch=self.watch,
             hold_dead_letters=self._config.relay.dead_letter_policy == "hold",
@@ -232,7 +236,7 @@ class WalSource:
             prepare_threshold=self._config.database.prepare_threshold,
             exactly_once=transactions,
             backoff=self._backoff,
-            feed_dead_letters=self._config.outcomes.dead_lettered,
+            feed_dead_letters=self._feed_dead,
         )
 
     async def _run(self, relay: WalRelay, stop: asyncio.Event, target: int | None) -> bool:

@@ -1,0 +1,90 @@
+"""`outbox-relay status --message-id`: what became of one message, and where it landed.
+
+A message id names every row that carries it: the enqueued message, and the copies a
+replay made (each delivered again under the same id). Each row says its state, its
+attempts and, once dispatched, its receipt (messages.receipt: the broker, the
+destination and the broker's own words, such as a Kafka partition and offset).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from outbox_relay.operations.status import _printable, _utc
+from outbox_relay.sqlfiles import Queries
+
+
+@dataclass
+class MessageRow:
+    id: int
+    state: str  # pending, dispatched or dead_lettered
+    topic: str
+    key: str | None
+    created_at: datetime
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    dispatched_at: datetime | None
+    dead_lettered_at: datetime | None
+    dead_letter_reason: str | None
+    receipt: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lookup(conn: psycopg.Connection[Any], schema: str, message_id: UUID) -> list[MessageRow]:
+    """Every row of `message_id`, in enqueue order (none: never enqueued here, or deleted
+    by retention or a purge)."""
+    with conn.transaction():
+        # Every part of the query on its partial index (queries.sql, message_by_id): a
+        # sequential scan would read every row retention keeps.
+        conn.execute("SET LOCAL enable_seqscan = off")
+        rows = conn.execute(Queries(schema)["message_by_id"], {"message_id": message_id}).fetchall()
+    return [
+        MessageRow(
+            id=row[0],
+            state="dispatched" if row[7] is not None else "dead_lettered" if row[8] is not None else "pending",
+            topic=row[1],
+            key=row[2],
+            created_at=row[3],
+            attempts=row[4],
+            next_attempt_at=row[5],
+            last_error=row[6],
+            dispatched_at=row[7],
+            dead_lettered_at=row[8],
+            dead_letter_reason=row[9],
+            receipt=row[10],
+        )
+        for row in rows
+    ]
+
+
+def render(message_id: UUID, rows: list[MessageRow]) -> str:
+    """One block per row: its state, attempts, errors and receipt, one line each."""
+    lines = [f"message {message_id}"]
+    for row in rows:
+        lines.append(f"  row {row.id}: {row.state}, topic {_printable(row.topic)}, key {_printable(row.key)}")
+        lines.append(f"    enqueued       {_utc(row.created_at)}")
+        lines.append(f"    attempts       {row.attempts}")
+        if row.next_attempt_at is not None and row.state == "pending":
+            lines.append(f"    next attempt   {_utc(row.next_attempt_at)}")
+        if row.last_error is not None and row.state != "dispatched":
+            lines.append(f"    last error     {_printable(row.last_error)}")
+        if row.dead_lettered_at is not None:
+            lines.append(f"    dead-lettered  {_utc(row.dead_lettered_at)}: {_printable(row.dead_letter_reason)}")
+        if row.dispatched_at is not None:
+            lines.append(f"    dispatched     {_utc(row.dispatched_at)}")
+            receipt = "none kept (relay.receipts off)" if row.receipt is None else json.dumps(row.receipt)
+            lines.append(f"    receipt        {_printable(receipt)}")
+    return "\n".join(lines)
+
+
+def as_json(message_id: UUID, rows: list[MessageRow]) -> str:
+    return json.dumps({"message_id": str(message_id), "rows": [row.as_dict() for row in rows]}, indent=2, default=str)

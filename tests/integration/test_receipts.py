@@ -1,0 +1,238 @@
+"""Delivery receipts: where each dispatched message landed, written by the statement that
+marks it, read back by `outbox.receipt(message_id)` and `outbox-relay status
+--message-id`. The adapters' own words are checked against their real brokers by the
+contract suite (tests/contract/test_adapter_contract.py, ..._says_where_its_message_landed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox_relay import enqueue
+from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.testing import FakeAdapter
+from tests.support.cli import run_cli
+from tests.support.configs import make_config, write_config
+from tests.support.databases import role_with_grants
+from tests.support.outbox import count
+from tests.support.relay import running_relay
+from tests.support.waiting import wait_until
+
+
+def kafka_like(out: OutgoingMessage) -> PublishResult:
+    """Acks as a Kafka adapter does: a partition and an offset per message."""
+    return PublishResult.acked(f'{{"partition":{len(out.message.payload) % 3},"offset":{out.message.id * 10}}}')
+
+
+def receipts(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT id, message_id, receipt FROM outbox.messages ORDER BY id").fetchall()
+
+
+async def test_each_dispatched_message_keeps_its_broker_destination_and_the_brokers_words(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        ids = [enqueue(conn, "orders.created", {"n": n}, key=f"k{n % 2}" if n % 3 else None) for n in range(20)]
+        conn.commit()
+    config = make_config(
+        db,
+        brokers={"events": {"type": "stdout"}},
+        routes=[{"topic": "orders.*", "broker": "events", "destination": "orders"}],
+    )
+    async with running_relay(config, {"events": FakeAdapter(script=kafka_like)}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+    rows = receipts(db)
+    assert [r[1] for r in rows] == ids
+    for row_id, _, receipt in rows:
+        assert receipt["broker"] == "events" and receipt["destination"] == "orders"
+        assert receipt["offset"] == row_id * 10 and receipt["partition"] in (0, 1, 2)
+    # The application's role reads it by message id, with when and after how many tries.
+    with role_with_grants(db, "producer", "app") as app_dsn, psycopg.connect(app_dsn) as app:
+        [(found,)] = app.execute("SELECT outbox.receipt(%s)", (ids[4],)).fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT receipt FROM outbox.messages")
+    assert {k: found[k] for k in ("broker", "destination", "offset", "attempts")} == {
+        "broker": "events",
+        "destination": "orders",
+        "offset": rows[4][0] * 10,
+        "attempts": 1,
+    }
+    assert found["dispatched_at"]
+
+
+async def test_an_adapter_without_words_still_gets_its_broker_and_destination(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"n": 1})
+        conn.commit()
+    async with running_relay(make_config(db), {"main": FakeAdapter()}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+    assert [r[2] for r in receipts(db)] == [{"broker": "main", "destination": "t"}]
+
+
+async def test_with_receipts_off_nothing_is_kept(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        message_id = enqueue(conn, "t", {"n": 1})
+        conn.commit()
+    async with running_relay(make_config(db, receipts=False), {"main": FakeAdapter(script=kafka_like)}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+    assert [r[2] for r in receipts(db)] == [None]
+    with psycopg.connect(db) as conn:
+        [(found,)] = conn.execute("SELECT outbox.receipt(%s)", (message_id,)).fetchall()
+    assert set(found) == {"dispatched_at", "attempts"}
+
+
+class ThirdPartyAdapter(FakeAdapter):
+    """An adapter from outside this package, answering `words` for every message."""
+
+    words: str = "{}"
+
+    async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
+        await super().publish(batch)
+        return [PublishResult.acked(self.words) for _ in batch]
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        "partition 3, offset 7",  # not JSON
+        '{"offset": NaN}',  # JSON to Python, not to PostgreSQL
+        '{"note": "a\\u0000b"}',  # a NUL, which jsonb refuses
+        "[1, 2]",  # not an object
+        ' {"offset": 7}',  # fine once parsed, but not spliceable as text
+    ],
+)
+async def test_a_receipt_postgresql_would_refuse_is_left_out_and_the_message_still_marked(db: str, words: str) -> None:
+    # Written as is, it would fail the mark and the batch would go again forever.
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"n": 1})
+        conn.commit()
+    adapter = ThirdPartyAdapter()
+    adapter.words = words
+    async with running_relay(make_config(db), {"main": adapter}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+    [receipt] = [r[2] for r in receipts(db)]
+    if words.strip().startswith("{") and "NaN" not in words and "u0000" not in words:
+        assert receipt == {"broker": "main", "destination": "t", "offset": 7}
+    else:
+        assert receipt == {"broker": "main", "destination": "t"}
+
+
+async def test_a_third_party_receipt_cannot_overwrite_the_broker_or_destination(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        enqueue(conn, "t", {"n": 1})
+        conn.commit()
+    adapter = ThirdPartyAdapter()
+    adapter.words = '{"broker": "elsewhere", "destination": "x", "offset": 9}'
+    async with running_relay(make_config(db), {"main": adapter}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+    assert [r[2] for r in receipts(db)] == [{"broker": "main", "destination": "t", "offset": 9}]
+
+
+async def test_receipt_is_null_until_dispatched_and_a_replays_delivery_is_the_latest(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        message_id = enqueue(conn, "t", {"n": 1})
+        conn.commit()
+        assert conn.execute("SELECT outbox.receipt(%s)", (message_id,)).fetchone() == (None,)
+    offsets = iter([100, 200])
+    fake = FakeAdapter(script=lambda out: PublishResult.acked(f'{{"offset":{next(offsets)}}}'))
+    async with running_relay(make_config(db), {"main": fake}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+        # A replay's copy: the same message id, delivered again.
+        with psycopg.connect(db) as conn:
+            conn.execute(
+                "INSERT INTO outbox.messages (message_id, topic, payload) SELECT message_id, topic, payload"
+                " FROM outbox.messages WHERE message_id = %s",
+                (message_id,),
+            )
+            conn.commit()
+        await wait_until(lambda: count(db, "dispatched_at IS NOT NULL") == 2)
+    with psycopg.connect(db) as conn:
+        [(found,)] = conn.execute("SELECT outbox.receipt(%s)", (message_id,)).fetchall()
+    assert found["offset"] == 200
+
+
+def scans(conn: psycopg.Connection[Any]) -> tuple[dict[str, int], int]:
+    """Index scans of the outbox's indexes and sequential scans of messages, as this
+    session's statements so far leave them (flushed first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = conn.execute(
+        "SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE schemaname = 'outbox'"
+    ).fetchall()
+    seq = conn.execute(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = 'outbox' AND relname = 'messages'"
+    ).fetchone()
+    assert seq is not None
+    return {name: count for name, count in rows}, int(seq[0])
+
+
+def test_outbox_receipt_finds_a_message_by_its_index_not_by_reading_the_table(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, payload, dispatched_at, receipt)"
+            " SELECT 't', '\\x00', now(), '{}' FROM generate_series(1, 20000)"
+        )
+        conn.execute("ANALYZE outbox.messages")
+        row = conn.execute("SELECT message_id FROM outbox.messages LIMIT 1").fetchone()
+        assert row is not None
+        before, seq_before = scans(conn)
+        for _ in range(3):  # the function's plan, whichever the session caches
+            assert conn.execute("SELECT outbox.receipt(%s)", row).fetchone() is not None
+        after, seq_after = scans(conn)
+    used = after["messages_dispatched_message_id_idx"] - before["messages_dispatched_message_id_idx"]
+    assert used == 3 and seq_after == seq_before, (before, after, seq_before, seq_after)
+
+
+def test_status_message_id_reads_no_table_through(db: str) -> None:
+    # Whatever the row's state, each part of the lookup goes through its partial index.
+    from outbox_relay.sqlfiles import Queries
+
+    with psycopg.connect(db) as conn:
+        conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                "EXPLAIN " + Queries("outbox")["message_by_id"].as_string(conn),
+                {"message_id": "00000000-0000-0000-0000-000000000001"},
+            )
+        )
+    assert "Seq Scan" not in plan, plan
+    for index in (
+        "messages_dispatched_message_id_idx",
+        "messages_keyed_pending_idx",
+        "messages_keyless_pending_idx",
+        "messages_dead_letters_idx",
+    ):
+        assert index in plan, plan
+
+
+async def test_status_message_id_shows_its_state_attempts_and_receipt(db: str, tmp_path: Path) -> None:
+    with psycopg.connect(db) as conn:
+        sent = enqueue(conn, "orders.created", {"n": 1}, key="a")
+        conn.commit()
+    async with running_relay(make_config(db), {"main": FakeAdapter(script=kafka_like)}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+    with psycopg.connect(db) as conn:
+        waiting = enqueue(conn, "orders.created", {"n": 2}, key="b")
+        conn.commit()
+    config = write_config(tmp_path / "relay.yaml", db)
+    shown = run_cli("status", "--config", str(config), "--message-id", str(sent))
+    assert shown.returncode == 0, shown.stderr
+    assert "dispatched" in shown.stdout and '"broker": "main"' in shown.stdout and '"offset":' in shown.stdout
+    as_json = json.loads(run_cli("status", "--config", str(config), "--message-id", str(sent), "--json").stdout)
+    [row] = as_json["rows"]
+    assert (row["state"], row["attempts"], row["receipt"]["destination"]) == ("dispatched", 1, "orders.created")
+    pending = json.loads(run_cli("status", "--config", str(config), "--message-id", str(waiting), "--json").stdout)
+    assert [(r["state"], r["receipt"]) for r in pending["rows"]] == [("pending", None)]
+    unknown = run_cli("status", "--config", str(config), "--message-id", "00000000-0000-0000-0000-000000000001")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == (
+        "error: no message 00000000-0000-0000-0000-000000000001 in schema 'outbox'"
+        " (never enqueued here, or deleted by retention or a purge)"
+    )
+    bad = run_cli("status", "--config", str(config), "--message-id", "4711")
+    assert bad.returncode == 2 and "'4711' is not a valid UUID" in bad.stderr, bad.stderr
