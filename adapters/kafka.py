@@ -29,6 +29,7 @@ from outbox_relay.models import OutgoingMessage, PublishResult
 from ._options import Options, TlsOptions, parse_options, tls_context
 from ._rounds import Batch, Entry, Rounds
 from ._topics import METADATA_WAIT_S, TopicMetadata, topic_name_problem
+from .kafka_read_back import read_back as read_back  # the audit's hook (outbox_relay/adapter.py)
 
 try:
     from aiokafka import AIOKafkaProducer

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
@@ -246,6 +247,27 @@ AdapterFactory = Callable[[str, Mapping[str, Any]], Adapter]
 DestinationCheck = Callable[[str, bool], "str | None"]
 
 
+@dataclass
+class ReadBack:
+    """What a broker holds where receipts say messages landed (`outbox-relay audit`)."""
+
+    # (destination, partition, offset) -> the message id of the record there, or None
+    # when there is none (deleted by the broker's retention or compaction, a topic
+    # recreated, an offset not written yet).
+    found: dict[tuple[str, int, int], str | None]
+    # Message ids met more than once among the records read (delivered twice).
+    repeated: dict[str, int] = field(default_factory=dict)
+    # Places a reader cannot see yet (written, but behind a transaction still open on
+    # their partition): neither there nor missing.
+    undecided: set[tuple[str, int, int]] = field(default_factory=set)
+
+
+# read_back(options, places): the broker's records at those places, read with the
+# broker block's own connection options. Optional, beside ``create``: an adapter whose
+# module has none is not audited.
+ReadBackHook = Callable[[Mapping[str, Any], Sequence[tuple[str, int, int]]], Awaitable[ReadBack]]
+
+
 @functools.cache
 def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
@@ -268,6 +290,19 @@ def destination_check(type_name: str) -> DestinationCheck | None:
     except ImportError:  # create() said so already, naming what to install
         return None
     hook = getattr(module, "check_destination", None)
+    return hook if callable(hook) else None
+
+
+def read_back_hook(type_name: str) -> ReadBackHook | None:
+    """The ``read_back`` function of adapter `type_name`'s module (ReadBackHook), or None."""
+    ep = _entry_points().get(type_name)
+    if ep is None:
+        return None
+    try:
+        module = importlib.import_module(ep.module)
+    except ImportError:
+        return None
+    hook = getattr(module, "read_back", None)
     return hook if callable(hook) else None
 
 

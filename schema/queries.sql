@@ -661,3 +661,14 @@ WHERE p.oid = to_regprocedure(format('%%I.enqueue_binary(text, text, bytea, json
 -- table is pending (its gate holds keyed rows enqueued since), and the slot the last
 -- switch to wal used.
 SELECT source, source_changed_at, source_changed_by, drain_gate IS NOT NULL, wal_slot FROM {schema}.settings;
+
+-- name: audit_dispatched
+-- `outbox-relay audit`: the latest %(limit)s rows dispatched in the window, newest first,
+-- through the dispatched index; %(topic_re)s: a topic glob as a regular expression
+-- (operations/audit.py), NULL for every topic.
+SELECT message_id, topic, receipt
+FROM {schema}.messages
+WHERE dispatched_at >= clock_timestamp() - make_interval(secs => %(since_s)s)
+  AND (%(topic_re)s::text IS NULL OR topic ~ %(topic_re)s::text)
+ORDER BY dispatched_at DESC
+LIMIT %(limit)s;

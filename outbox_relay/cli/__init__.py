@@ -2,7 +2,7 @@
 
 - ``run``: ``run`` and ``check``;
 - ``schema``: ``schema install|sql|notify``;
-- ``status``, ``dead_letters``, ``replay``, ``backfill``: the operator's commands
+- ``status``, ``dead_letters``, ``replay``, ``backfill``, ``audit``: the operator's commands
   (their work is done in ``outbox_relay.operations``);
 - ``inbox``: ``inbox schema install|sql`` and ``inbox prune``, for consumers;
 - ``demo``: ``demo``;
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import click
 
+from outbox_relay.cli.audit import audit_command
 from outbox_relay.cli.backfill import backfill
 from outbox_relay.cli.dead_letters import dead_letters_group
 from outbox_relay.cli.demo import demo
@@ -31,7 +32,18 @@ def main() -> None:
 
 
 # `outbox-relay --help` lists them by name (click sorts them).
-for command in (backfill, check, dead_letters_group, demo, inbox_group, replay, run, schema, status_command):
+for command in (
+    audit_command,
+    backfill,
+    check,
+    dead_letters_group,
+    demo,
+    inbox_group,
+    replay,
+    run,
+    schema,
+    status_command,
+):
     main.add_command(command)
 
 __all__ = ["main"]
