@@ -185,6 +185,9 @@ class Writers:
         self.per_transaction, self.shared_keys, self.keys_each = per_transaction, shared_keys, keys_each
         self.ledger = Ledger()
         self.uncertain: set[str] = set()
+        # Messages whose COMMIT is on its way (under ledger.lock): one may have committed
+        # before a fault that came in between, yet enter the ledger only after it.
+        self.committing: set[str] = set()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(count)]
         self.errors: list[BaseException] = []
@@ -229,13 +232,19 @@ class Writers:
                         with self.ledger.lock:
                             self.ledger.rolled_back.update(mid for mid, _ in written)
                         continue  # its numbers are gaps (own keys) or taken again (shared)
+                    ids = {mid for mid, _ in written}
+                    with self.ledger.lock:
+                        self.committing |= ids
                     try:
                         conn.commit()
                     except psycopg.OperationalError:
                         # The server may or may not have committed.
-                        self.uncertain.update(mid for mid, _ in written)
+                        with self.ledger.lock:
+                            self.committing -= ids
+                            self.uncertain.update(ids)
                         raise
                     with self.ledger.lock:
+                        self.committing -= ids
                         self.ledger.committed.update(written)
                 except psycopg.OperationalError:
                     if conn is not None:
