@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+import string
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -181,6 +182,35 @@ class OutcomesConfig(_Model):
         return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.delivered)
 
 
+class DeadLetterTopicConfig(_Model):
+    """Where dead letters are published besides staying in the table
+    (engine/dead_letter_topic.py)."""
+
+    broker: str
+    # The dead-letter topic (exchange, URL path...); {topic} is the message's own topic.
+    # Spring Kafka's convention by default.
+    destination: str = Field(default="{topic}.DLT", min_length=1)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("destination")
+    @classmethod
+    def _only_topic_placeholder(cls, value: str) -> str:
+        try:
+            names = {part[1] for part in string.Formatter().parse(value) if part[1] is not None}
+        except ValueError:  # an unmatched brace
+            names = {"?"}
+        if names - {"topic"}:
+            raise ValueError("may hold {topic} and nothing else in braces (write {{ and }} for a literal brace)")
+        return value
+
+    def destination_for(self, topic: str) -> str:
+        return self.destination.format(topic=topic)
+
+
+class DeadLettersConfig(_Model):
+    publish_to: DeadLetterTopicConfig | None = None
+
+
 class HttpConfig(_Model):
     """The health and metrics port: /livez, /readyz, /metrics."""
 
@@ -214,6 +244,7 @@ class Config(_Model):
     relay: RelayConfig = RelayConfig()
     http: HttpConfig = HttpConfig()
     outcomes: OutcomesConfig = OutcomesConfig()
+    dead_letters: DeadLettersConfig = DeadLettersConfig()
     brokers: dict[str, BrokerConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
     # Which file this came from, for error messages; never read from the file itself.
@@ -238,6 +269,12 @@ class Config(_Model):
                     ("routes", str(index), "broker"),
                     f"unknown broker {route.broker!r} (defined: {known})",
                 )
+        topic = self.dead_letters.publish_to
+        if topic is not None and topic.broker not in self.brokers:
+            known = ", ".join(sorted(self.brokers))
+            raise _PathError(
+                ("dead_letters", "publish_to", "broker"), f"unknown broker {topic.broker!r} (defined: {known})"
+            )
         return self
 
 
@@ -368,6 +405,8 @@ _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("relay", "wal"): WalConfig,
     ("http",): HttpConfig,
     ("outcomes",): OutcomesConfig,
+    ("dead_letters",): DeadLettersConfig,
+    ("dead_letters", "publish_to"): DeadLetterTopicConfig,
 }
 
 

@@ -404,6 +404,7 @@ LIMIT %(limit)s;
 UPDATE {schema}.messages
 SET dead_lettered_at = NULL,
     dead_letter_reason = NULL,
+    dead_letter_published_at = NULL,
     last_error = 'requeued after dead letter: ' || dead_letter_reason,
     attempts = 0,
     next_attempt_at = NULL
@@ -412,6 +413,30 @@ WHERE dead_lettered_at IS NOT NULL
   AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
   AND (%(cut)s::timestamptz IS NULL OR dead_lettered_at < %(cut)s)
 RETURNING message_id;
+
+-- name: dead_letter_topic_lock
+-- One publisher at a time per outbox, whatever the replicas: the dead-letter topic gets
+-- each key's dead letters in the order they were dead-lettered. Held by the transaction.
+SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s));
+
+-- name: dead_letter_topic_take
+-- Dead letters the dead-letter topic has not acked, oldest first, through their partial
+-- index (engine/dead_letter_topic.py). A payload over relay.max_payload_bytes stays in
+-- the database: its size travels instead.
+SELECT id, message_id, topic, key,
+       CASE WHEN octet_length(payload) <= %(max_payload)s THEN payload END AS payload,
+       content_type, headers, attempts, created_at, octet_length(payload) AS size,
+       dead_lettered_at, dead_letter_reason
+FROM {schema}.messages
+WHERE dead_lettered_at IS NOT NULL AND dead_letter_published_at IS NULL
+ORDER BY id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: dead_letter_topic_published
+UPDATE {schema}.messages
+SET dead_letter_published_at = now()
+WHERE id = ANY(%(ids)s) AND dead_lettered_at IS NOT NULL;
 
 -- name: pending_gauge
 -- For the lag metrics: keyed and keyless pending rows each through their own claim

@@ -103,6 +103,9 @@ CREATE TABLE {schema}.messages (
     -- Where a dispatched message landed, in the broker's words, with the broker and
     -- destination (migrations/0011_receipts.sql): written by the mark.
     receipt jsonb,
+    -- When the dead-letter topic acked this dead letter (migrations/0012_dead_letter_topic.sql);
+    -- NULL while it is pending, dispatched, or dead-lettered and not published yet.
+    dead_letter_published_at timestamptz,
     CONSTRAINT messages_one_final_state CHECK (dispatched_at IS NULL OR dead_lettered_at IS NULL)
 )
 -- Rows are inserted, updated once or twice, then deleted by retention: vacuum often
@@ -135,6 +138,11 @@ CREATE INDEX messages_dispatched_idx ON {schema}.messages (dispatched_at)
 -- dead letter before this head?", one probe per claimed key.
 CREATE INDEX messages_dead_letters_idx ON {schema}.messages (key COLLATE "C", id)
     WHERE dead_lettered_at IS NOT NULL;
+
+-- Dead letters the dead-letter topic has not acked (dead_letters.publish_to): what its
+-- publisher takes, oldest first. An enqueue or a mark never writes an entry.
+CREATE INDEX messages_dead_letters_unpublished_idx ON {schema}.messages (id)
+    WHERE dead_lettered_at IS NOT NULL AND dead_letter_published_at IS NULL;
 
 -- A dead-lettered message cannot be made atomic with the business write that enqueued
 -- it any more: the application must compensate (cancel the order, refund), and it can

@@ -257,6 +257,11 @@ class Dispatcher:
             if result is not None
         ]
 
+    async def publish_to(self, broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
+        """One call to `broker` outside a claimed batch (a dead-letter topic's copies),
+        through its circuit and within publish_timeout, like a batch's calls."""
+        return await self._publish(broker, batch)
+
     async def _publish(self, broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
         circuit = self.circuits[broker]
         blocked = circuit.blocked()

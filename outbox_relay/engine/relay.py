@@ -21,6 +21,7 @@ from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_with_retry, finish_cancels
 from outbox_relay.engine.brokers import BrokerHandle
+from outbox_relay.engine.dead_letter_topic import DeadLetterTopic
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.retry import Backoff
@@ -118,7 +119,29 @@ class Relay:
             prepare_threshold=config.database.prepare_threshold,
             query_timeout=config.database.query_timeout,
         )
-        self._observers = Observers([self.metrics] if observer is None else [self.metrics, observer])
+        self._dead_letter_topic: DeadLetterTopic | None = None
+        if config.dead_letters.publish_to is not None:
+            self._dead_letter_topic = DeadLetterTopic(
+                self._dsn,
+                self._queries,
+                config.dead_letters.publish_to,
+                self._dispatcher.publish_to,
+                schema=config.database.schema_name,
+                backoff=self._backoff,
+                poll_interval=relay.poll_interval,
+                publish_timeout=relay.publish_timeout,
+                max_payload_bytes=relay.max_payload_bytes,
+                retry_max=relay.retry.max,
+                metrics=self.metrics,
+                prepare_threshold=config.database.prepare_threshold,
+                query_timeout=config.database.query_timeout,
+            )
+        watching: list[RelayObserver] = [self.metrics]
+        if self._dead_letter_topic is not None:
+            watching.append(self._dead_letter_topic)
+        if observer is not None:
+            watching.append(observer)
+        self._observers = Observers(watching)
         self._sources: list[Source] = [self.table, *sources]
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
@@ -127,11 +150,15 @@ class Relay:
             metrics=self.metrics,
             brokers=self._brokers,
             circuits=self._dispatcher.circuits,
-            routed=self._router.brokers_in_use(),
+            routed=self._router.brokers_in_use() | self._dead_letter_brokers(),
             started=self.started,
             batches_started=self.table.batches_started.values,
             sources=self._sources,
         )
+
+    def _dead_letter_brokers(self) -> set[str]:
+        topic = self.config.dead_letters.publish_to
+        return set() if topic is None else {topic.broker}
 
     def stop(self) -> None:
         """Stop claiming; the run finishes its in-flight batches and returns."""
@@ -175,6 +202,8 @@ class Relay:
         side: list[asyncio.Task[Any]] = [asyncio.create_task(self._maintenance.run(), name="maintenance")]
         if relay.notify:
             side.append(asyncio.create_task(self._listener.run(), name="listener"))
+        if self._dead_letter_topic is not None:
+            side.append(asyncio.create_task(self._dead_letter_topic.run(), name="dead_letter_topic"))
         log.info(
             "relay_started",
             relay_id=str(self.relay_id),

@@ -82,6 +82,16 @@ class RelayMetrics:
         self.dead_lettered = Counter(
             "outbox_relay_messages_dead_lettered", "Messages dead-lettered.", ["broker"], registry=r
         )
+        self.dead_letters_published = Counter(
+            "outbox_relay_dead_letters_published",
+            "Dead letters a dead-letter topic acknowledged (dead_letters.publish_to).",
+            registry=r,
+        )
+        self.dead_letter_publish_failures = Counter(
+            "outbox_relay_dead_letter_publish_failures",
+            "Dead letters a dead-letter topic did not acknowledge (tried again).",
+            registry=r,
+        )
         self.pending = Gauge(
             "outbox_relay_pending_messages", "Messages neither dispatched nor dead-lettered.", registry=r
         )

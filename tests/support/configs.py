@@ -26,11 +26,12 @@ def config_tree(
     schema: str | None = None,
     timing: Mapping[str, Any] = QUICK,
     outcomes: Mapping[str, Any] | None = None,
+    dead_letters: Mapping[str, Any] | None = None,
     **relay: Any,
 ) -> dict[str, Any]:
     """The configuration as a tree. `dsn` None: ``${DATABASE_URL}``. `brokers`: a stdout
     broker `main` unless given; `routes`: every topic to the first broker unless given;
-    `outcomes`: the block of that name, when given; `relay` settings as keyword
+    `outcomes`, `dead_letters`: the blocks of those names, when given; `relay` settings as keyword
     arguments (durations as strings) over `timing`."""
     brokers = dict(brokers or {"main": {"type": "stdout"}})
     database: dict[str, Any] = {"dsn": dsn if dsn is not None else "${DATABASE_URL}"}
@@ -45,6 +46,8 @@ def config_tree(
     }
     if outcomes is not None:
         tree["outcomes"] = dict(outcomes)
+    if dead_letters is not None:
+        tree["dead_letters"] = dict(dead_letters)
     return tree
 
 
