@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -230,10 +231,58 @@ class BrokerConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def _byte_count(value: Any) -> Any:
+    """A size as an int of bytes, or a string such as "256KiB" or "5MB"."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"not a size: {value!r} (use bytes, or a number with B, KB, KiB, MB, MiB, GB or GiB)")
+        return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    return value
+
+
+ByteCount = Annotated[int, BeforeValidator(_byte_count), Field(ge=0)]
+
+
+class FileStoreConfig(_Model):
+    """Claim-check objects as files under `path` (a volume the consumers mount too)."""
+
+    type: Literal["file"]
+    path: str = Field(min_length=1)
+
+
+class S3StoreConfig(_Model):
+    """Claim-check objects in an S3-compatible bucket. Credentials come from the
+    environment only (boto3's chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a
+    profile, a role), never from this file."""
+
+    type: Literal["s3"]
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: str = ""
+    endpoint_url: str | None = None  # SeaweedFS, MinIO, Ceph...; None: AWS
+    region: str | None = None
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    ca_file: str | None = None  # a private CA for the endpoint's TLS
+    timeout: Duration = 30.0
+
+
+class ClaimCheckConfig(_Model):
+    """Payloads over `over` go to `store`; the broker gets an envelope naming them."""
+
+    over: ByteCount = 256 * 1024
+    store: Annotated[FileStoreConfig | S3StoreConfig, Field(discriminator="type")]
+
+
 class RouteConfig(_Model):
     topic: str = Field(min_length=1)
     broker: str
     destination: str | None = None
+    # Overrides the top-level claim_check for this route's messages.
+    claim_check: ClaimCheckConfig | None = None
 
     def matches(self, topic: str) -> bool:
         return fnmatch.fnmatchcase(topic, self.topic)
@@ -245,6 +294,8 @@ class Config(_Model):
     http: HttpConfig = HttpConfig()
     outcomes: OutcomesConfig = OutcomesConfig()
     dead_letters: DeadLettersConfig = DeadLettersConfig()
+    # Large payloads through object storage, for every route without its own.
+    claim_check: ClaimCheckConfig | None = None
     brokers: dict[str, BrokerConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
     # Which file this came from, for error messages; never read from the file itself.
@@ -407,6 +458,7 @@ _MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("outcomes",): OutcomesConfig,
     ("dead_letters",): DeadLettersConfig,
     ("dead_letters", "publish_to"): DeadLetterTopicConfig,
+    ("claim_check",): ClaimCheckConfig,
 }
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a real PostgreSQL with one fresh database per test, Kafka,
-RabbitMQ and toxiproxy. The helpers the tests share are in tests/support."""
+RabbitMQ, toxiproxy and an S3 object store. The helpers the tests share are in
+tests/support."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ _SERVICES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "kafka_service": services.kafka,
     "rabbitmq_service": services.rabbitmq,
     "toxiproxy": services.toxiproxy,
+    "s3_store": services.seaweedfs,
 }
 _started: dict[str, Any] = {}
 _failed: dict[str, BaseException] = {}
@@ -120,6 +122,13 @@ def toxiproxy() -> Iterator[Toxiproxy]:
     them: `proxy` below)."""
     with _service("toxiproxy") as api:
         yield api
+
+
+@pytest.fixture(scope="session")
+def s3_store() -> Iterator[services.S3Store]:
+    """One S3 object store (SeaweedFS) for the session; each test makes its own buckets."""
+    with _service("s3_store") as store:
+        yield store
 
 
 @pytest.fixture

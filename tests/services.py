@@ -1,5 +1,6 @@
 """Where the tests get their services: PostgreSQL, Kafka and RabbitMQ (and toxiproxy,
-to put network faults between the relay and any of them).
+to put network faults between the relay and any of them, and SeaweedFS, an S3-compatible
+object store).
 
 For each, in order:
 1. an environment variable naming a running one
@@ -238,3 +239,60 @@ def rabbitmq_amqps(broker: LocalBroker) -> Secure:
         str(broker.directory / "tls" / "ca.pem"),
         f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F",
     )
+
+
+# The S3 identity of the local object store (scripts/services/seaweedfs.sh): handed to the
+# script, so that the two always agree. A loopback test store's keys, not a secret.
+S3_ACCESS_KEY = "outbox-relay-test"
+S3_SECRET_KEY = "Qm9XbGF5LXRlc3Qtc2VjcmV0LWtleS0wMDAx"
+
+
+@dataclass(frozen=True)
+class S3Store:
+    """How to reach an S3-compatible object store, and the local one's process if it is
+    local (stop() and start() it again: its buckets and objects stay)."""
+
+    endpoint_url: str  # S3 over plain HTTP
+    tls_endpoint_url: str | None  # the same store over HTTPS, its certificate signed by ca_file
+    ca_file: str | None
+    access_key: str
+    secret_key: str
+    broker: LocalBroker | None
+
+
+@contextlib.contextmanager
+def local_seaweedfs() -> Iterator[S3Store]:
+    """A SeaweedFS of its own, started by scripts/services/seaweedfs.sh (which scripts/test
+    builds; a missing one is built here, from the Go module proxy): S3 over HTTP on PORT,
+    over HTTPS on PORT+1, its master, volume server and filer on PORT+2..PORT+8."""
+    keys = {"SEAWEEDFS_ACCESS_KEY": S3_ACCESS_KEY, "SEAWEEDFS_SECRET_KEY": S3_SECRET_KEY}
+    with local_broker("seaweedfs.sh", 10, env=keys) as broker:
+        yield S3Store(
+            endpoint_url=f"http://127.0.0.1:{broker.port}",
+            tls_endpoint_url=f"https://127.0.0.1:{broker.port + 1}",
+            ca_file=str(broker.directory / "certs" / "ca.pem"),
+            access_key=S3_ACCESS_KEY,
+            secret_key=S3_SECRET_KEY,
+            broker=broker,
+        )
+
+
+@contextlib.contextmanager
+def seaweedfs() -> Iterator[S3Store]:
+    """Yield an S3 object store: the one at OUTBOX_RELAY_TEST_S3_ENDPOINT if set (its keys
+    in OUTBOX_RELAY_TEST_S3_ACCESS_KEY and _SECRET_KEY, default the local store's; an HTTPS
+    endpoint in OUTBOX_RELAY_TEST_S3_TLS_ENDPOINT with its CA in _CA_FILE, else none), else
+    a local SeaweedFS (no Docker path: like toxiproxy, it is built and run here)."""
+    endpoint = os.environ.get("OUTBOX_RELAY_TEST_S3_ENDPOINT")
+    if endpoint:
+        yield S3Store(
+            endpoint_url=endpoint,
+            tls_endpoint_url=os.environ.get("OUTBOX_RELAY_TEST_S3_TLS_ENDPOINT"),
+            ca_file=os.environ.get("OUTBOX_RELAY_TEST_S3_CA_FILE"),
+            access_key=os.environ.get("OUTBOX_RELAY_TEST_S3_ACCESS_KEY", S3_ACCESS_KEY),
+            secret_key=os.environ.get("OUTBOX_RELAY_TEST_S3_SECRET_KEY", S3_SECRET_KEY),
+            broker=None,
+        )
+        return
+    with local_seaweedfs() as store:
+        yield store

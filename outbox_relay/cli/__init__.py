@@ -2,7 +2,8 @@
 
 - ``run``: ``run`` and ``check``;
 - ``schema``: ``schema install|sql|notify``;
-- ``status``, ``dead_letters``, ``replay``, ``backfill``, ``audit``: the operator's commands
+- ``status``, ``dead_letters``, ``replay``, ``backfill``, ``audit``, ``claim_check``: the
+  operator's commands
   (their work is done in ``outbox_relay.operations``);
 - ``inbox``: ``inbox schema install|sql`` and ``inbox prune``, for consumers;
 - ``demo``: ``demo``;
@@ -16,6 +17,7 @@ import click
 
 from outbox_relay.cli.audit import audit_command
 from outbox_relay.cli.backfill import backfill
+from outbox_relay.cli.claim_check import claim_check_group
 from outbox_relay.cli.dead_letters import dead_letters_group
 from outbox_relay.cli.demo import demo
 from outbox_relay.cli.inbox import inbox_group
@@ -36,6 +38,7 @@ for command in (
     audit_command,
     backfill,
     check,
+    claim_check_group,
     dead_letters_group,
     demo,
     inbox_group,

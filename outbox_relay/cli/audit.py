@@ -10,25 +10,18 @@ from pathlib import Path
 
 import click
 
-from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, require_schema
-from outbox_relay.durations import parse_duration
+from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, positive_duration, require_schema
 from outbox_relay.operations import audit
-
-
-def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if seconds <= 0:
-        raise click.BadParameter(f"must be longer than 0, got {value!r}")
-    return seconds
 
 
 @click.command("audit")
 @CONFIG_OPTION
 @click.option(
-    "--since", default="1h", show_default=True, callback=_duration, help="Messages dispatched this long ago or later."
+    "--since",
+    default="1h",
+    show_default=True,
+    callback=positive_duration,
+    help="Messages dispatched this long ago or later.",
 )
 @click.option("--topic", help="Only topics matching this glob (* and ?).")
 @click.option(

@@ -22,6 +22,7 @@ import structlog
 from outbox_relay import config as config_module
 from outbox_relay import sqlfiles
 from outbox_relay.connections import connect_sync
+from outbox_relay.durations import parse_duration
 from outbox_relay.errors import OutboxRelayError, SchemaError, first_line
 from outbox_relay.observability.logging_setup import configure as configure_logging
 from outbox_relay.operations import schema_manager
@@ -150,3 +151,14 @@ def run_with_progress(what: str, number: int, total: int, work: Callable[[Callab
             )
 
     return work(report)
+
+
+def positive_duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    """A click callback: a duration option ("90s", "1h") as seconds, more than 0."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds <= 0:
+        raise click.BadParameter(f"must be longer than 0, got {value!r}")
+    return seconds

@@ -36,6 +36,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import structlog
 
 from outbox_relay.adapter import Adapter, keeps_key_order
+from outbox_relay.claim_check.uploads import ClaimChecks
 from outbox_relay.engine.circuit import Circuit
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router, Target
@@ -99,8 +100,11 @@ class Dispatcher:
         max_payload_bytes: int | None = None,
         hold_dead_letters: bool = False,
         receipts: bool = True,
+        claim_checks: ClaimChecks | None = None,
     ):
         self._adapters = adapters
+        # Large payloads to object storage before the broker call (claim_check/uploads.py).
+        self.claim_checks = claim_checks
         self._router = router
         self._backoff = backoff
         self._max_attempts = max_attempts
@@ -140,6 +144,7 @@ class Dispatcher:
             max_payload_bytes=self._max_payload,
             hold_dead_letters=self._hold,
             receipts=self._receipts,
+            claim_checks=self.claim_checks,
         )
         for name, circuit in self.circuits.items():
             if name != broker:
@@ -227,6 +232,7 @@ class Dispatcher:
 
     async def _publish_wave(self, wave: Sequence[Message]) -> list[tuple[Message, Target | None, PublishResult]]:
         by_broker: dict[str, list[tuple[int, OutgoingMessage]]] = defaultdict(list)
+        claim_checked: set[str] = set()  # brokers with a message for the claim check
         results: list[PublishResult | None] = [None] * len(wave)
         targets: list[Target | None] = [None] * len(wave)
         for index, message in enumerate(wave):
@@ -241,8 +247,19 @@ class Dispatcher:
                 )
                 continue
             by_broker[target.broker].append((index, OutgoingMessage(message, target.destination, target.explicit)))
+            if self.claim_checks is not None and self.claim_checks.wanted(message, target.claim_check):
+                claim_checked.add(target.broker)
 
         async def send(broker: str, items: list[tuple[int, OutgoingMessage]]) -> None:
+            if broker in claim_checked and self.claim_checks is not None:
+                items, held = await self.claim_checks.prepare(
+                    [(index, out, targets[index].claim_check) for index, out in items],  # type: ignore[union-attr]
+                    ordered=broker in self._ordered,
+                )
+                for index, answer in held.items():
+                    results[index] = answer
+                if not items:
+                    return
             answers = await self._publish(broker, [out for _, out in items])
             for (index, _), answer in zip(items, answers, strict=True):
                 results[index] = answer

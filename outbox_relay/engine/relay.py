@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from outbox_relay.adapter import Adapter
+from outbox_relay.claim_check.uploads import ClaimChecks
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_with_retry, finish_cancels
 from outbox_relay.engine.brokers import BrokerHandle
@@ -80,7 +81,9 @@ class Relay:
         self._backoff = Backoff.from_config(relay)
         self._brokers = {name: BrokerHandle(name, a, self._backoff) for name, a in adapters.items()}
         self.metrics = RelayMetrics()
-        self._router = Router(config.routes)
+        self._router = Router(config.routes, config.claim_check)
+        stores = [claim.store for claim in self._router.claim_check_stores()]
+        self.claim_checks = ClaimChecks(stores, self._backoff, relay.publish_timeout) if stores else None
         self._dispatcher = Dispatcher(
             self._brokers,
             self._router,
@@ -92,6 +95,7 @@ class Relay:
             hold_dead_letters=relay.dead_letter_policy == "hold",
             # Kept with dispatched rows only: retention 0s deletes them as it marks them.
             receipts=relay.receipts and relay.retention > 0,
+            claim_checks=self.claim_checks,
         )
         self._wakeup = Wakeup(relay.workers)
         self.table = TableSource(config, metrics=self.metrics, wakeup=self._wakeup, backoff=self._backoff)
@@ -153,7 +157,7 @@ class Relay:
             routed=self._router.brokers_in_use() | self._dead_letter_brokers(),
             started=self.started,
             batches_started=self.table.batches_started.values,
-            sources=self._sources,
+            sources=[*self._sources, self.claim_checks] if self.claim_checks else self._sources,
         )
 
     def _dead_letter_brokers(self) -> set[str]:

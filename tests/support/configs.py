@@ -27,11 +27,12 @@ def config_tree(
     timing: Mapping[str, Any] = QUICK,
     outcomes: Mapping[str, Any] | None = None,
     dead_letters: Mapping[str, Any] | None = None,
+    claim_check: Mapping[str, Any] | None = None,
     **relay: Any,
 ) -> dict[str, Any]:
     """The configuration as a tree. `dsn` None: ``${DATABASE_URL}``. `brokers`: a stdout
     broker `main` unless given; `routes`: every topic to the first broker unless given;
-    `outcomes`, `dead_letters`: the blocks of those names, when given; `relay` settings as keyword
+    `outcomes`, `dead_letters`, `claim_check`: the blocks of those names, when given; `relay` settings as keyword
     arguments (durations as strings) over `timing`."""
     brokers = dict(brokers or {"main": {"type": "stdout"}})
     database: dict[str, Any] = {"dsn": dsn if dsn is not None else "${DATABASE_URL}"}
@@ -48,6 +49,8 @@ def config_tree(
         tree["outcomes"] = dict(outcomes)
     if dead_letters is not None:
         tree["dead_letters"] = dict(dead_letters)
+    if claim_check is not None:
+        tree["claim_check"] = dict(claim_check)
     return tree
 
 

@@ -61,7 +61,7 @@ def dispatcher_for(config: Config, adapters: Mapping[str, Adapter]) -> Dispatche
     relay = config.relay
     return Dispatcher(
         adapters,
-        Router(config.routes),
+        Router(config.routes, config.claim_check),
         Backoff.from_config(relay),
         max_attempts=relay.max_attempts,
         publish_timeout=relay.publish_timeout,

@@ -1,0 +1,91 @@
+"""The claim check's parts without servers: its configuration, the envelope, the
+relay's upload step (a filesystem store, and one that fails) and fetch's checks."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from outbox_relay import claim_check
+from outbox_relay.claim_check import envelope
+from outbox_relay.claim_check.uploads import ClaimChecks
+from outbox_relay.config import ClaimCheckConfig, FileStoreConfig, parse
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.errors import ConfigError
+from outbox_relay.models import Message, Outcome, OutgoingMessage
+
+BASE = "database: {dsn: x}\nbrokers: {k: {type: stdout}}\nroutes: [{topic: '*', broker: k}]\n"
+
+
+def message(n: int, key: str | None, payload: bytes) -> Message:
+    return Message(n, uuid.uuid4(), "docs", key, payload, "application/octet-stream", {}, 0, datetime.now(UTC))
+
+
+@pytest.mark.parametrize(("given", "expected"), [("256KiB", 262144), ("5MB", 5_000_000), ("1 GiB", 2**30), (42, 42)])
+def test_sizes_read_as_bytes(given: object, expected: int) -> None:
+    config = parse(BASE + f"claim_check: {{over: {given!r}, store: {{type: file, path: /x}}}}", env={})
+    assert config.claim_check is not None and config.claim_check.over == expected
+
+
+@pytest.mark.parametrize(
+    ("block", "error"),
+    [
+        ("{over: 5 parsecs, store: {type: file, path: /x}}", "claim_check.over: not a size: '5 parsecs'"),
+        ("{store: {type: tape}}", "claim_check.store"),
+        ("{store: {type: s3}}", "claim_check.store.s3.bucket: required key is missing"),
+        ("{store: {type: s3, bucket: abc, secret_access_key: x}}", "unknown key 'secret_access_key'"),
+    ],
+)
+def test_a_wrong_claim_check_block_is_one_line(block: str, error: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse(BASE + f"claim_check: {block}", env={})
+    assert error in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_an_envelope_without_its_size_or_hash_is_refused() -> None:
+    with pytest.raises(envelope.ClaimCheckError, match="lacks a valid"):
+        envelope.reference_in({envelope.URL: "file:///x", envelope.SHA256: "ab"})
+    assert envelope.reference_in({"other": "header"}) is None
+
+
+async def test_uploads_replace_large_payloads_and_a_failed_store_holds_the_rest_of_its_key(tmp_path: Path) -> None:
+    good = ClaimCheckConfig(over=10, store=FileStoreConfig(type="file", path=str(tmp_path / "ok")))
+    (tmp_path / "blocked").write_text("a file where the store's directory should be")
+    bad = ClaimCheckConfig(over=10, store=FileStoreConfig(type="file", path=str(tmp_path / "blocked")))
+    checks = ClaimChecks([good.store, bad.store], Backoff(0.05, 1.0), timeout=5)
+    large = b"x" * 100
+    a1, a2, b1, small = message(1, "a", large), message(2, "a", b"tiny"), message(3, "b", large), message(4, "a", b"s")
+    items = [
+        (0, OutgoingMessage(a1, "d"), bad),  # fails: key a stops here
+        (1, OutgoingMessage(b1, "d"), good),
+        (2, OutgoingMessage(a2, "d"), good),
+        (3, OutgoingMessage(small, "d"), None),
+    ]
+    ready, held = await checks.prepare(items, ordered=True)
+    assert held[0].outcome is Outcome.UNAVAILABLE and "claim-check store" in (held[0].reason or "")
+    assert held[0].retry_after is not None
+    assert held[2].outcome is Outcome.NOT_SENT and held[3].outcome is Outcome.NOT_SENT
+    [(index, out)] = ready
+    assert index == 1 and out.message.content_type == envelope.CONTENT_TYPE
+    reference = envelope.reference_in(out.message.headers)
+    assert reference is not None and reference.size == 100
+    assert reference.sha256 == hashlib.sha256(large).hexdigest()
+    assert claim_check.fetch({"headers": out.message.headers}) == large
+    ok, details = checks.readiness() or (True, {})
+    assert not ok and details["claim_check_stores"][(tmp_path / "blocked").as_uri()] is False
+    # Unordered, only the failed message waits.
+    ready, held = await checks.prepare(items, ordered=False)
+    assert sorted(held) == [0] and [i for i, _ in ready] == [1, 2, 3]
+
+
+def test_fetch_refuses_an_object_of_another_size(tmp_path: Path) -> None:
+    (tmp_path / "obj").write_bytes(b"abc")
+    headers = {envelope.URL: (tmp_path / "obj").as_uri(), envelope.SIZE: "4", envelope.SHA256: "00"}
+    with pytest.raises(claim_check.ClaimCheckError, match="has 3 bytes, the envelope says 4"):
+        claim_check.fetch({"headers": headers})
+    with pytest.raises(claim_check.ClaimCheckError, match="does not exist"):
+        claim_check.fetch({"headers": {**headers, envelope.URL: (tmp_path / "gone").as_uri()}})
