@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import struct
@@ -66,6 +67,12 @@ PERSISTENT = 2
 NODE_WENT_AWAY = frozenset({320})
 
 log = structlog.get_logger("outbox_relay.rabbitmq")
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_text(text: str) -> str:
+    """`text` as a JSON string: an exchange's name, the same for every message of a route."""
+    return json.dumps(text)
 
 
 def lost_result(reason: BaseException) -> Callable[[str], PublishResult]:
@@ -639,7 +646,7 @@ class RabbitAdapter:
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _f: self._window.release())
         self._next_tag += 1
-        receipt = f'{{"exchange":{json.dumps(exchange)},"routing_key":{json.dumps(routing_key)},"confirmed":true}}'
+        receipt = f'{{"exchange":{_json_text(exchange)},"routing_key":{json.dumps(routing_key)},"confirmed":true}}'
         self._unconfirmed[self._next_tag] = (future, str(out.message_id), receipt)
         self._tag_of[str(out.message_id)] = self._next_tag
         return future

@@ -13,7 +13,10 @@ repeated on another machine:
 - `more-in-flight`: the defaults (4 workers of 1,000 messages per batch) against those
   before them (2 of 500), each Kafka client and RabbitMQ (its defaults; msg/s only);
 - `receipts` (issue 22): delivery receipts kept by the mark (relay.receipts, the
-  default) against none, each Kafka client.
+  default) against none, each Kafka client;
+- `wal-receipts` (issue 22): the WAL source keeping its receipts (relay.wal.receipts,
+  one INSERT per dispatched batch) against none, a 100,000-message backlog drained to
+  Kafka (aiokafka) by the WAL source (benchmarks/wal_drain.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from benchmarks import env, kafka_bench, rabbit_bench
+from benchmarks import env, kafka_bench, rabbit_bench, wal_drain
 from benchmarks.cpu import PgCpu, Window
 from outbox_relay.models import OutgoingMessage, PublishResult
 from outbox_relay.process import GC_THRESHOLDS, tune_gc
@@ -108,11 +111,17 @@ def receipts(on: bool) -> Iterator[dict[str, Any]]:
     yield {} if on else {"receipts": False}
 
 
+@contextlib.contextmanager
+def wal_receipts(on: bool) -> Iterator[dict[str, Any]]:
+    yield {"wal": {"receipts": on}}
+
+
 EXPERIMENTS: dict[str, tuple[Toggle, tuple[str, ...]]] = {
     "gc": (collector, ("aiokafka", "librdkafka")),
     "librdkafka-producers": (librdkafka_producers, ("librdkafka",)),
     "more-in-flight": (more_in_flight, ("aiokafka", "librdkafka", "rabbitmq")),
     "receipts": (receipts, ("aiokafka", "librdkafka")),
+    "wal-receipts": (wal_receipts, ("wal",)),
 }
 
 
@@ -129,6 +138,21 @@ async def compare(svc: env.Services, toggle: Toggle, client: str, keys: int | No
                         "msgs_per_s": round(rate),
                         "process_cpu_us": "-",
                         "pg_cpu_us": "-",
+                        "broker_cpu_us": "-",
+                        "cores_in_use": "-",
+                    }
+                )
+                continue
+            if client == "wal":  # the WAL source's drain; its own CPU meter
+                with toggle(on) as settings:
+                    drained = await wal_drain.drain(
+                        svc.dsn, svc.kafka, MESSAGES, source="wal", keys=keys, relay=settings
+                    )
+                results[on].append(
+                    {
+                        "msgs_per_s": round(drained["rate"]),
+                        "process_cpu_us": drained["relay_cpu_us"],
+                        "pg_cpu_us": drained["pg_cpu_us"],
                         "broker_cpu_us": "-",
                         "cores_in_use": "-",
                     }

@@ -71,12 +71,14 @@ async def drain(
     one_by_one: bool = False,
     broker: dict[str, Any] | None = None,
     topic: str | None = None,
+    relay: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """{"rate": msg/s, "pg_cpu_us": PostgreSQL's CPU per message, "relay_cpu_us": this
     process's (the relay's) CPU per message}. `one_by_one`: each message is a transaction
     of its own, all committed before the relay starts; the clock runs from its start.
     `broker`: more settings of the Kafka broker block (exactly_once, offsets_topic);
-    `topic`: the destination (made here), to read it back after."""
+    `topic`: the destination (made here), to read it back after; `relay`: more relay
+    settings (benchmarks/ab.py's wal-receipts: {"wal": {"receipts": True}})."""
     topic = topic or f"bench-src-{uuid.uuid4().hex[:8]}"
     await kafka_create_topic(bootstrap, topic, partitions=3)
     await asyncio.to_thread(install, dsn, SCHEMA, source)
@@ -85,8 +87,7 @@ async def drain(
         SCHEMA,
         {"kafka": {"type": "kafka", "client": client, "bootstrap_servers": bootstrap, **(broker or {})}},
         [{"topic": "*", "broker": "kafka", "destination": topic}],
-        batch_size=500,
-        workers=2,
+        **{"batch_size": 500, "workers": 2, **(relay or {})},
     )
     if one_by_one:
         await asyncio.to_thread(commit_one_by_one, dsn, SCHEMA, "bench.source", count, keys=keys)

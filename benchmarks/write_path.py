@@ -24,10 +24,12 @@ import tempfile
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from benchmarks.common import percentile
 from benchmarks.env import fresh_schema
 from benchmarks.wal_source import drop_slot, install
+from outbox_relay import sqlfiles
 from outbox_relay.demo import local_postgres
 from outbox_relay.operations import schema_manager
 
@@ -185,6 +187,47 @@ def measure_wal(dsn: str, *, seconds: float, rounds: int) -> dict[str, float]:
         drop_slot(dsn, WAL_SCHEMA)
 
 
+# The outbox as it was at an earlier schema version, built by this package's own
+# migrations up to it: what a schema change costs the write path, measured beside the
+# current one in the same rounds (issue 22: version 9 against today's).
+def install_version(dsn: str, schema: str, version: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        for number, name in sqlfiles.migrations():
+            if number <= version:
+                conn.execute(sqlfiles.migration(name, schema))
+                conn.execute(sqlfiles.record_version(schema, number))
+
+
+def measure_against_version(dsn: str, *, version: int, seconds: float, rounds: int) -> dict[str, float]:
+    """`outbox.enqueue` now and at schema `version`, beside the floor, interleaved."""
+    _setup(dsn)
+    previous = f"bench_write_v{version}"
+    install_version(dsn, previous, version)
+    variants = {
+        "floor_bare_table": (FLOOR, True),
+        "outbox_notify_on": (OUTBOX, True),
+        f"outbox_v{version}_notify_on": (OUTBOX.replace(f"{SCHEMA}.enqueue", f"{previous}.enqueue"), True),
+    }
+    return _measure(dsn, variants, seconds=seconds, rounds=rounds)
+
+
+def main() -> None:
+    """`python -m benchmarks.write_path --against VERSION [--seconds S] [--rounds N]`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.write_path")
+    parser.add_argument("--against", type=int, required=True, help="the earlier schema version")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    with local_postgres.running() as cluster:
+        result = measure_against_version(cluster.dsn, version=args.against, seconds=args.seconds, rounds=args.rounds)
+    print(json.dumps(result, indent=2))
+
+
 def _measure(dsn: str, variants: dict[str, tuple[str, bool]], *, seconds: float, rounds: int) -> dict[str, float]:
     p50: dict[str, list[float]] = {name: [] for name in variants}
     tps: dict[str, list[float]] = {name: [] for name in variants}
@@ -201,3 +244,7 @@ def _measure(dsn: str, variants: dict[str, tuple[str, bool]], *, seconds: float,
         result[f"{name}_p50_ms"] = round(statistics.median(p50[name]), 3)
         result[f"{name}_tps_16w"] = round(statistics.median(tps[name]), 1)
     return result
+
+
+if __name__ == "__main__":
+    main()

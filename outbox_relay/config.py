@@ -116,6 +116,9 @@ class WalConfig(_Model):
     # While another relay streams the slot (one walsender per slot), the pause between
     # two tries to take it over: the takeover time after that relay dies.
     standby_interval: Duration = 1.0
+    # Keep a receipt of each message it publishes (wal_receipts, outbox.receipt()), one
+    # statement per dispatched batch; off by default: streamed messages have no row.
+    receipts: bool = False
 
     @field_validator("slot")
     @classmethod
@@ -197,10 +200,11 @@ class DeadLetterTopicConfig(_Model):
     @classmethod
     def _only_topic_placeholder(cls, value: str) -> str:
         try:
-            names = {part[1] for part in string.Formatter().parse(value) if part[1] is not None}
+            # Each field as written with its conversion and format spec: only a bare {topic}.
+            fields = {(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value) if name is not None}
         except ValueError:  # an unmatched brace
-            names = {"?"}
-        if names - {"topic"}:
+            fields = {("?", "", None)}
+        if fields - {("topic", "", None)}:
             raise ValueError("may hold {topic} and nothing else in braces (write {{ and }} for a literal brace)")
         return value
 
@@ -269,6 +273,28 @@ class S3StoreConfig(_Model):
     ca_file: str | None = None  # a private CA for the endpoint's TLS
     timeout: Duration = 30.0
 
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        # Objects are named prefix + message id and found again from their s3:// URL:
+        # a prefix that a URL would change (a leading /, ?, #, %) would name another key.
+        if value and not re.fullmatch(r"[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*/", value):
+            raise ValueError("must be empty or path segments of letters, digits and !_.*'()- ending in / (relay/)")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an http:// or https:// URL (https://s3.internal:8333)")
+        return value
+
+    @model_validator(mode="after")
+    def _kms_key_with_kms(self) -> S3StoreConfig:
+        if self.kms_key_id is not None and self.server_side_encryption != "aws:kms":
+            raise ValueError("kms_key_id needs server_side_encryption: aws:kms")
+        return self
+
 
 class ClaimCheckConfig(_Model):
     """Payloads over `over` go to `store`; the broker gets an envelope naming them."""
@@ -320,6 +346,12 @@ class Config(_Model):
                     ("routes", str(index), "broker"),
                     f"unknown broker {route.broker!r} (defined: {known})",
                 )
+        relay = self.relay
+        if relay.wal.receipts and not (relay.receipts and relay.retention > 0):
+            raise _PathError(
+                ("relay", "wal", "receipts"),
+                "needs relay.receipts on and relay.retention above 0s (receipts are kept for relay.retention)",
+            )
         topic = self.dead_letters.publish_to
         if topic is not None and topic.broker not in self.brokers:
             known = ", ".join(sorted(self.brokers))

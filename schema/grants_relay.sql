@@ -46,3 +46,5 @@ GRANT UPDATE (copied, cursor_key, finished_at) ON {schema}.backfills TO {role};
 -- column: recorded_at, which the relay never changes.
 GRANT SELECT, INSERT, DELETE ON {schema}.outcomes TO {role};
 GRANT UPDATE (recorded_at) ON {schema}.outcomes TO {role};
+-- The WAL source's receipts (relay.wal.receipts): written per batch, deleted by retention.
+GRANT SELECT, INSERT, DELETE ON {schema}.wal_receipts TO {role};

@@ -305,6 +305,16 @@ WHERE id IN (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED);
 
+-- name: delete_expired_wal_receipts
+-- relay.wal.receipts: receipts of streamed messages older than relay.retention, oldest
+-- first, in small batches (their dispatched_at index).
+DELETE FROM {schema}.wal_receipts
+WHERE ctid IN (
+    SELECT ctid FROM {schema}.wal_receipts
+    WHERE dispatched_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
+    ORDER BY dispatched_at
+    LIMIT %(limit)s);
+
 -- name: delete_expired_outcomes
 -- outcomes.retention: outcomes the application left, oldest first, in small batches;
 -- rows an application transaction holds are left for the next round. How many were
@@ -378,8 +388,12 @@ SELECT * FROM (
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
            dead_lettered_at, dead_letter_reason, receipt
-    FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL) AS rows
-ORDER BY id;
+    FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL
+    UNION ALL
+    -- A message the WAL source streamed has no row: its receipt (relay.wal.receipts).
+    SELECT NULL, topic, key, NULL, 1, NULL, NULL, dispatched_at, NULL, NULL, receipt
+    FROM {schema}.wal_receipts WHERE message_id = %(message_id)s) AS rows
+ORDER BY id NULLS LAST, dispatched_at;
 
 -- name: status_relays
 SELECT relay_id, hostname, pid, started_at, heartbeat_at, in_flight,
@@ -421,17 +435,25 @@ SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s));
 
 -- name: dead_letter_topic_take
 -- Dead letters the dead-letter topic has not acked, oldest first, through their partial
--- index (engine/dead_letter_topic.py). A payload over relay.max_payload_bytes stays in
--- the database: its size travels instead.
-SELECT id, message_id, topic, key,
-       CASE WHEN octet_length(payload) <= %(max_payload)s THEN payload END AS payload,
-       content_type, headers, attempts, created_at, octet_length(payload) AS size,
-       dead_lettered_at, dead_letter_reason
+-- index (engine/dead_letter_topic.py), locked; their sizes only: the caller takes the
+-- rows that fit relay.max_batch_bytes (dead_letter_topic_rows), as the claim does.
+SELECT id, octet_length(payload)
 FROM {schema}.messages
 WHERE dead_lettered_at IS NOT NULL AND dead_letter_published_at IS NULL
 ORDER BY id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;
+
+-- name: dead_letter_topic_rows
+-- The rows taken, in id order. A payload over relay.max_payload_bytes stays in the
+-- database: its size travels instead.
+SELECT id, message_id, topic, key,
+       CASE WHEN octet_length(payload) <= %(max_payload)s THEN payload END AS payload,
+       content_type, headers, attempts, created_at, octet_length(payload) AS size,
+       dead_lettered_at, dead_letter_reason
+FROM {schema}.messages
+WHERE id = ANY(%(ids)s)
+ORDER BY id;
 
 -- name: dead_letter_topic_published
 UPDATE {schema}.messages

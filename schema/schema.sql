@@ -244,17 +244,39 @@ REVOKE EXECUTE ON FUNCTION {schema}.take_outcomes(integer, text, text[]) FROM PU
 CREATE INDEX messages_dispatched_message_id_idx ON {schema}.messages (message_id)
     WHERE dispatched_at IS NOT NULL;
 
+-- Receipts of the messages the WAL source streams (relay.wal.receipts): they have no
+-- row in messages. One row per acked message, written per dispatched batch before its
+-- position is confirmed (sources/wal/parking.py); deleted after relay.retention.
+CREATE TABLE {schema}.wal_receipts (
+    message_id uuid NOT NULL,
+    topic text NOT NULL,
+    key text,
+    dispatched_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    receipt jsonb
+);
+CREATE INDEX wal_receipts_message_id_idx ON {schema}.wal_receipts (message_id);
+CREATE INDEX wal_receipts_dispatched_at_idx ON {schema}.wal_receipts (dispatched_at);
+
 -- The receipt of a message's latest delivery, with when and after how many attempts;
--- NULL when no dispatched row of it is kept (pending, dead-lettered, never enqueued, or
--- deleted by retention). A replay delivers the same message id again: the latest wins.
+-- NULL when none is kept (pending, dead-lettered, never enqueued, streamed without
+-- relay.wal.receipts, or deleted by retention). A replay delivers the same message id
+-- again: the latest wins, a dispatched row's or a streamed message's.
 -- SECURITY DEFINER: the application's role may not read messages.
 CREATE FUNCTION {schema}.receipt(message_id uuid) RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
-    SELECT coalesce(m.receipt, '{{}}'::jsonb)
-           || jsonb_build_object('dispatched_at', m.dispatched_at, 'attempts', m.attempts)
-    FROM {schema}.messages AS m
-    WHERE m.message_id = receipt.message_id AND m.dispatched_at IS NOT NULL
-    ORDER BY m.dispatched_at DESC, m.id DESC
+    SELECT r.receipt FROM (
+        SELECT coalesce(m.receipt, '{{}}'::jsonb)
+               || jsonb_build_object('dispatched_at', m.dispatched_at, 'attempts', m.attempts) AS receipt,
+               m.dispatched_at AS at
+        FROM {schema}.messages AS m
+        WHERE m.message_id = receipt.message_id AND m.dispatched_at IS NOT NULL
+        UNION ALL
+        SELECT coalesce(w.receipt, '{{}}'::jsonb)
+               || jsonb_build_object('dispatched_at', w.dispatched_at, 'attempts', 1, 'source', 'wal'),
+               w.dispatched_at
+        FROM {schema}.wal_receipts AS w
+        WHERE w.message_id = receipt.message_id) AS r
+    ORDER BY r.at DESC
     LIMIT 1
 $$;
 -- Only the roles granted it (grants_*.sql).

@@ -203,3 +203,22 @@ UPDATE {schema}.settings SET drain_gate = NULL, drain_next = NULL WHERE drain_ga
 -- -1: a slot may keep WAL without limit (a stalled relay fills the disk); otherwise
 -- PostgreSQL invalidates a slot that falls further behind.
 SELECT current_setting('max_slot_wal_keep_size')
+
+-- name: record_receipts
+-- relay.wal.receipts: one row per acked message of a dispatched batch, in one statement
+-- (receipts as text, cast here: a jsonb[] parameter costs the client far more per element).
+INSERT INTO {schema}.wal_receipts (message_id, topic, key, receipt)
+SELECT id, topic, key, receipt::jsonb
+FROM unnest(%(message_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(receipts)s::text[])
+    AS r(id, topic, key, receipt);
+
+-- name: record_delivered
+-- outcomes.delivered: one outcome row per acked message of those topics, written per
+-- dispatched batch before its position is confirmed (the table source writes them in
+-- the statement that marks its rows: queries.sql, mark_dispatched_feeding).
+INSERT INTO {schema}.outcomes
+    (message_id, topic, key, outcome, attempts, payload, content_type, headers, enqueued_at, receipt)
+SELECT id, topic, key, 'delivered', 1, payload, content_type, headers::jsonb, enqueued_at, receipt::jsonb
+FROM unnest(%(message_ids)s::uuid[], %(topics)s::text[], %(keys)s::text[], %(payloads)s::bytea[],
+            %(content_types)s::text[], %(headers)s::text[], %(enqueued_at)s::timestamptz[], %(receipts)s::text[])
+    AS d(id, topic, key, payload, content_type, headers, enqueued_at, receipt);

@@ -3,6 +3,7 @@ is a claim-check envelope, checked against the size and SHA-256 the envelope nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,13 @@ def _payload_of(body: Any) -> bytes:
     return b"" if body is None else bytes(body)
 
 
+@functools.lru_cache(maxsize=64)
+def _s3_store(bucket: str, endpoint: str | None) -> S3Store:
+    # One client per bucket and endpoint: a client resolves credentials and opens its
+    # connections once, not per message.
+    return S3Store(S3StoreConfig(type="s3", bucket=bucket, endpoint_url=endpoint))
+
+
 def store_for(url: str) -> Store:
     """The store an envelope's URL names, opened from the environment: file URLs
     directly; s3 URLs with boto3's own settings (AWS_ENDPOINT_URL, AWS_CA_BUNDLE,
@@ -59,7 +67,7 @@ def store_for(url: str) -> Store:
         return FileStore("/")
     if parts.scheme == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return S3Store(S3StoreConfig(type="s3", bucket=parts.netloc, endpoint_url=endpoint))
+        return _s3_store(parts.netloc, endpoint)
     raise ClaimCheckError(f"unknown claim-check URL scheme: {url}")
 
 
@@ -88,5 +96,5 @@ def fetch(source: Any, body: bytes | None = None, *, store: Store | None = None)
     reference = reference_in(headers)
     if reference is None:
         return _payload_of(content)
-    data = (store or store_for(reference.url)).get(reference.url)
+    data = (store or store_for(reference.url)).get(reference.url, max_size=reference.size)
     return verified(reference, data)

@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from outbox_relay.errors import OutboxRelayError
+
 CONTENT_TYPE = "application/vnd.outbox-relay.claim-check+json"
 URL = "outbox-claim-check-url"
 SIZE = "outbox-claim-check-size"
@@ -19,7 +21,7 @@ SHA256 = "outbox-claim-check-sha256"
 PAYLOAD_CONTENT_TYPE = "outbox-claim-check-content-type"
 
 
-class ClaimCheckError(Exception):
+class ClaimCheckError(OutboxRelayError):
     """A claim check that cannot be honoured: its object is missing, or not the bytes
     the envelope names (size or SHA-256), or the envelope itself is malformed."""
 

@@ -40,12 +40,16 @@ class Store(Protocol):
     def put(self, name: str, data: bytes, sha256: str, content_type: str) -> str:
         """Write `data` as `name` (reusing an object of that name and hash); its URL."""
 
-    def get(self, url: str) -> bytes: ...
+    def get(self, url: str, max_size: int | None = None) -> bytes:
+        """The object's bytes; ClaimCheckError when it is missing or over `max_size`."""
 
     def uploads(self) -> Iterator[tuple[str, datetime]]:
         """Every object under uploads/, with when it was written."""
 
     def delete(self, url: str) -> None: ...
+
+    def probe(self) -> None:
+        """Raise if the store does not answer, or refuses the relay (`check`)."""
 
 
 class FileStore:
@@ -71,6 +75,9 @@ class FileStore:
         fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
         try:
             with os.fdopen(fd, "wb") as out:
+                # Readable by the consumers that share the volume (mkstemp makes 0600),
+                # as far as the process's umask allows, as a file it wrote plainly.
+                os.fchmod(out.fileno(), 0o666 & ~_umask())
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
@@ -78,6 +85,12 @@ class FileStore:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+        # The rename itself made durable: the broker's ack comes after this returns.
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
         return target.as_uri()
 
     def _local(self, url: str) -> Path:
@@ -86,11 +99,17 @@ class FileStore:
             raise ClaimCheckError(f"not a file URL: {url}")
         return Path(urllib.parse.unquote(parts.path))
 
-    def get(self, url: str) -> bytes:
+    def get(self, url: str, max_size: int | None = None) -> bytes:
+        path = self._local(url)
         try:
-            return self._local(url).read_bytes()
+            size = path.stat().st_size
+            if max_size is not None and size > max_size:
+                raise ClaimCheckError(f"claim-check object {url} has {size} bytes, the envelope says {max_size}")
+            return path.read_bytes()
         except FileNotFoundError:
             raise ClaimCheckError(f"claim-check object {url} does not exist") from None
+        except PermissionError:
+            raise ClaimCheckError(f"claim-check object {url} is not readable by this process") from None
 
     def uploads(self) -> Iterator[tuple[str, datetime]]:
         root = self._path(UPLOADS)
@@ -102,6 +121,11 @@ class FileStore:
 
     def delete(self, url: str) -> None:
         self._local(url).unlink(missing_ok=True)
+
+    def probe(self) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self._root, os.W_OK | os.X_OK):
+            raise ClaimCheckError(f"{self._root} is not writable by this process")
 
 
 class S3Store:
@@ -129,7 +153,12 @@ class S3Store:
         self._client: Any = boto3.session.Session().client(
             "s3",
             endpoint_url=config.endpoint_url,
-            region_name=config.region or "us-east-1",
+            # The config's region, else the environment's (AWS_REGION...), else us-east-1,
+            # which S3-compatible servers accept whatever they call theirs.
+            region_name=config.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1",
             verify=config.ca_file or None,
             config=boto,
         )
@@ -173,11 +202,16 @@ class S3Store:
         )
         return self._url(key)
 
-    def get(self, url: str) -> bytes:
+    def get(self, url: str, max_size: int | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         try:
-            return bytes(self._client.get_object(Bucket=self._bucket, Key=self._key(url))["Body"].read())
+            answer = self._client.get_object(Bucket=self._bucket, Key=self._key(url))
+            size = answer.get("ContentLength")
+            if max_size is not None and size is not None and size > max_size:
+                answer["Body"].close()
+                raise ClaimCheckError(f"claim-check object {url} has {size} bytes, the envelope says {max_size}")
+            return bytes(answer["Body"].read())
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise ClaimCheckError(f"claim-check object {url} does not exist") from None
@@ -193,6 +227,24 @@ class S3Store:
 
     def delete(self, url: str) -> None:
         self._client.delete_object(Bucket=self._bucket, Key=self._key(url))
+
+    def probe(self) -> None:
+        # The bucket (HeadBucket: a missing one is a 404 here), then what an upload does
+        # first (HeadObject) on a name no upload uses: a 404 says the identity is let in.
+        from botocore.exceptions import ClientError
+
+        self._client.head_bucket(Bucket=self._bucket)
+        try:
+            self._client.head_object(Bucket=self._bucket, Key=f"{self._prefix}.outbox-relay-check")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def open_store(config: FileStoreConfig | S3StoreConfig) -> Store:

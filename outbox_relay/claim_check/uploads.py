@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -28,6 +29,8 @@ log = structlog.get_logger("outbox_relay.claim_check")
 
 # Uploads in flight at once per relay (each a thread: boto3 is synchronous).
 CONCURRENCY = 4
+# How long an upload's failure keeps /readyz at 503 without a new one (readiness).
+READY_MEMORY_S = 30.0
 
 
 def envelope_message(message: Message, reference: Reference) -> Message:
@@ -52,6 +55,22 @@ def _upload(store: Store, message: Message) -> Reference:
     return Reference(url, len(payload), digest, message.content_type)
 
 
+class _StoreDown(Exception):
+    """The store failed within its backoff window: not tried again until it ends."""
+
+
+def _store_level(error: BaseException) -> bool:
+    """Whether an upload's failure is the store's (away, refusing the relay, slow: every
+    message would fail alike; no attempt is spent) rather than this message's (one it
+    cannot take: an attempt is spent, as for a broker's transient error)."""
+    if isinstance(error, TimeoutError | OSError | _StoreDown):
+        return True
+    module = type(error).__module__
+    # botocore's connection, timeout and service errors (ClientError: access denied, no
+    # such bucket, 5xx) are the store's; its parameter validation is the message's.
+    return module.startswith(("botocore", "urllib3")) and type(error).__name__ != "ParamValidationError"
+
+
 class ClaimChecks:
     def __init__(self, stores: Sequence[FileStoreConfig | S3StoreConfig], backoff: Backoff, timeout: float):
         self._backoff = backoff
@@ -60,8 +79,15 @@ class ClaimChecks:
         self._stores: dict[FileStoreConfig | S3StoreConfig, Store] = {}
         for config in stores:
             self.store(config)
-        self._limit = asyncio.Semaphore(CONCURRENCY)
-        self._down: dict[str, str] = {}  # store -> why, while its last upload failed
+        # Threads of their own (boto3 is synchronous): an upload that outlives its
+        # deadline keeps its thread, and must not take the ones the rest of the relay
+        # uses (the default executor: the file adapter's writes, librdkafka's commits).
+        self._pool = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="claim-check")
+        # Per store: why and until when it is taken for down (a circuit: within the
+        # window its uploads fail at once, so a batch does not wait out a timeout per
+        # message while the claim's transaction is open), and how long the outage is.
+        self._down: dict[str, tuple[str, float]] = {}
+        self._failed_at: dict[str, float] = {}  # store -> when an upload to it last failed
         self._outage: dict[str, int] = {}
         self.uploaded = 0
 
@@ -83,15 +109,27 @@ class ClaimChecks:
     ) -> tuple[list[tuple[int, OutgoingMessage]], dict[int, PublishResult]]:
         """The items of one broker call with each large payload uploaded and replaced by
         its envelope, and the answers of those that cannot go now (their upload failed;
-        of an ordered broker, the later messages of their key)."""
+        of an ordered broker, the later messages of their key).
+
+        All of a call's uploads share one deadline (publish_timeout, the queue for a
+        thread included), so a call's uploads and its publish stay within the claim's
+        transaction timeout whatever the store does."""
         if not any(self.wanted(out.message, config) for _, out, config in items):
             return [(index, out) for index, out, _ in items], {}
         wanted = [(index, out, config) for index, out, config in items if self.wanted(out.message, config)]
-        answers = await asyncio.gather(
-            *(self._guarded(self.store(config.store), out.message) for _, out, config in wanted if config),
-            return_exceptions=True,
-        )
-        uploads = {index: answer for (index, _, _), answer in zip(wanted, answers, strict=True)}
+        loop = asyncio.get_running_loop()
+        started = [
+            self._start(loop, self.store(config.store), out.message) for _, out, config in wanted if config is not None
+        ]
+        done, late = await asyncio.wait(started, timeout=self._timeout) if started else (set(), set())
+        for future in late:
+            future.cancel()  # not started yet: never runs; running: its answer is ignored
+        uploads: dict[int, Reference | BaseException] = {}
+        for (index, _, _), future in zip(wanted, started, strict=True):
+            if future in done and not future.cancelled():
+                uploads[index] = future.exception() or future.result()
+            else:
+                uploads[index] = TimeoutError()
         ready: list[tuple[int, OutgoingMessage]] = []
         held: dict[int, PublishResult] = {}
         stopped: set[str] = set()
@@ -110,41 +148,64 @@ class ClaimChecks:
                 message = envelope_message(out.message, answer)
                 ready.append((index, OutgoingMessage(message, out.destination, out.explicit_destination)))
                 continue
-            if isinstance(answer, asyncio.CancelledError):
-                raise answer
             held[index] = self._failed(where, answer)
             if key is not None:
                 stopped.add(key)
         return ready, held
 
-    async def _guarded(self, store: Store, message: Message) -> Reference:
-        async with self._limit:
-            # A thread cannot be cancelled: past the timeout the answer is ignored (and
-            # the upload, if it ends, is reused by the next try: same name, same hash).
-            async with asyncio.timeout(self._timeout):
-                reference = await asyncio.to_thread(_upload, store, message)
-        self.uploaded += 1
-        return reference
+    def _start(self, loop: asyncio.AbstractEventLoop, store: Store, message: Message) -> asyncio.Future[Reference]:
+        down = self._down.get(store.where)
+        if down is not None and loop.time() < down[1]:
+            failed: asyncio.Future[Reference] = loop.create_future()
+            failed.set_exception(_StoreDown(down[0]))
+            return failed
+        future = loop.run_in_executor(self._pool, _upload, store, message)
+        future.add_done_callback(self._count)
+        return future
+
+    def _count(self, future: asyncio.Future[Reference]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.uploaded += 1
 
     def _up(self, where: str) -> None:
         if self._down.pop(where, None) is not None:
             log.info("claim_check_store_back", store=where)
         self._outage.pop(where, None)
+        self._failed_at.pop(where, None)
 
     def _failed(self, where: str, error: BaseException) -> PublishResult:
-        reason = "no answer within publish_timeout" if isinstance(error, TimeoutError) else first_line(error)
-        text = f"claim-check store {where} unavailable: {reason}"
-        if where not in self._down:
-            log.warning("claim_check_store_unavailable", store=where, error=reason)
-        self._down[where] = reason
-        self._outage[where] = self._outage.get(where, 0) + 1
-        return PublishResult.unavailable(text, retry_after=self._backoff.delay(self._outage[where]))
+        if not _store_level(error):
+            # This message's own problem: an attempt is spent, the store stays up.
+            return PublishResult.transient(f"claim-check upload to {where} failed: {first_line(error)}")
+        if isinstance(error, _StoreDown):
+            reason = str(error)
+        else:
+            reason = "no answer within publish_timeout" if isinstance(error, TimeoutError) else first_line(error)
+            if where not in self._down:
+                log.warning("claim_check_store_unavailable", store=where, error=reason)
+            self._outage[where] = self._outage.get(where, 0) + 1
+            until = asyncio.get_running_loop().time() + self._backoff.delay(self._outage[where])
+            self._down[where] = (reason, until)
+            self._failed_at[where] = asyncio.get_running_loop().time()
+        delay = max(0.0, self._down[where][1] - asyncio.get_running_loop().time())
+        return PublishResult.unavailable(f"claim-check store {where} unavailable: {reason}", retry_after=delay)
 
     def readiness(self) -> tuple[bool, dict[str, Any]] | None:
-        """For /readyz: not ready while a store's last upload failed."""
+        """For /readyz: not ready while a store is taken for down: its last upload failed,
+        within its backoff window or the last READY_MEMORY_S (messages that wait for it
+        try again within retry.max; a replica that has no large message to send any more
+        is not held unready for good by an old failure)."""
         if not self._stores:
             return None
-        down = dict(self._down)
+        now = asyncio.get_running_loop().time()
+        down = {
+            where
+            for where, (_, until) in self._down.items()
+            if now < until or now - self._failed_at.get(where, float("-inf")) < READY_MEMORY_S
+        }
         return not down, {
             "claim_check_stores": {store.where: store.where not in down for store in self._stores.values()}
         }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

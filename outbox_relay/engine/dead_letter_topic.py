@@ -28,6 +28,7 @@ import structlog
 
 from outbox_relay.config import DeadLetterTopicConfig
 from outbox_relay.connections import PREPARE_THRESHOLD, AnswerDeadline, connect_with_retry
+from outbox_relay.engine.dispatch import waves
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.store import Record, RecordKind, milliseconds
 from outbox_relay.errors import first_line
@@ -101,12 +102,14 @@ class DeadLetterTopic:
         queries: Queries,
         config: DeadLetterTopicConfig,
         publish: Publish,
+        keeps_order: Callable[[str], bool],
         *,
         schema: str,
         backoff: Backoff,
         poll_interval: float,
         publish_timeout: float,
         max_payload_bytes: int | None,
+        max_batch_bytes: int,
         retry_max: float,
         metrics: RelayMetrics,
         prepare_threshold: int | None = PREPARE_THRESHOLD,
@@ -117,11 +120,13 @@ class DeadLetterTopic:
         self._config = config
         # dispatcher.publish_to: the broker's circuit and publish_timeout apply.
         self._publish = publish
+        self._keeps_order = keeps_order  # dispatcher.keeps_order: whether one call keeps a key's order
         self._lock = f"outbox_relay_dead_letter_topic.{schema}"
         self._backoff = backoff
         self._poll = poll_interval
         self._publish_timeout = publish_timeout
         self._max_payload = max_payload_bytes if max_payload_bytes is not None else 2**62
+        self._max_batch_bytes = max_batch_bytes
         self._retry_max = retry_max
         self._metrics = metrics
         self._prepare_threshold = prepare_threshold
@@ -147,8 +152,8 @@ class DeadLetterTopic:
                     while True:
                         self._woken.clear()
                         taken, acked = await self.publish_once(conn)
-                        if taken and acked == taken and taken >= self._config.batch_size:
-                            continue  # more may be waiting
+                        if taken and acked == taken:
+                            continue  # more may be waiting (a take is bounded in rows and bytes)
                         if taken and acked < taken:
                             self._failures += 1
                             await asyncio.sleep(self._backoff.delay(self._failures))
@@ -162,52 +167,125 @@ class DeadLetterTopic:
 
     async def publish_once(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
         """Publish the oldest dead letters not published yet, in one transaction; return
-        how many were taken and how many the broker acked (and are now marked)."""
+        how many were taken and how many are now done (acked, or refused for good)."""
         deadline = AnswerDeadline(conn, self._query_timeout, purpose="dead_letter_topic")
         with deadline:
             async with conn.transaction():
                 # Row locks are held while the broker is called: bounded like a batch's.
-                idle = milliseconds(self._publish_timeout + self._query_timeout)
+                idle = milliseconds(2 * self._publish_timeout + self._query_timeout)
                 await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)", (str(idle),))
                 cur = await conn.execute(self._q["dead_letter_topic_lock"], {"lock": self._lock})
                 row = await cur.fetchone()
                 if not row or not row[0]:
                     return 0, 0  # another replica publishes
-                cur = await conn.execute(
-                    self._q["dead_letter_topic_take"],
-                    {"limit": self._config.batch_size, "max_payload": self._max_payload},
-                    binary=True,
-                )
-                rows = await cur.fetchall()
-                if not rows:
+                cur = await conn.execute(self._q["dead_letter_topic_take"], {"limit": self._config.batch_size})
+                ids = _within(await cur.fetchall(), self._max_batch_bytes)
+                if not ids:
                     return 0, 0
-                copies = [_copy(row, self._config.destination_for(row[2])) for row in rows]
+                cur = await conn.execute(
+                    self._q["dead_letter_topic_rows"], {"ids": ids, "max_payload": self._max_payload}, binary=True
+                )
+                copies = [_copy(row, self._config.destination_for(row[2])) for row in await cur.fetchall()]
                 with deadline.paused():
-                    answers = await self._publish(self._config.broker, [out for _, out in copies])
-                acked = [
-                    row_id
-                    for (row_id, _), answer in zip(copies, answers, strict=True)
-                    if answer.outcome is Outcome.ACKED
-                ]
-                if acked:
-                    await conn.execute(self._q["dead_letter_topic_published"], {"ids": acked})
-        self.published += len(acked)
-        self._metrics.dead_letters_published.inc(len(acked))
-        failed = [
-            (out, answer)
-            for (_, out), answer in zip(copies, answers, strict=True)
-            if answer.outcome not in (Outcome.ACKED, Outcome.NOT_SENT)
-        ]
-        if failed:
-            out, answer = failed[0]
-            self._metrics.dead_letter_publish_failures.inc(len(failed))
+                    done = await self._publish_in_order(copies)
+                if done:
+                    await conn.execute(self._q["dead_letter_topic_published"], {"ids": done})
+        self.published += len(done)
+        return len(copies), len(done)
+
+    async def _publish_in_order(self, copies: list[tuple[int, OutgoingMessage]]) -> list[int]:
+        """Publish the copies, each key's in order (a key stops at its first copy not
+        acked); the row ids that are done. A copy the topic refuses for good (too large
+        for it, a name it does not take) goes again without its payload; refused again,
+        it is given up, loudly, so one poisoned dead letter cannot stall the rest."""
+        broker = self._config.broker
+        ordered = self._keeps_order(broker)
+        by_id = dict(copies)
+        done: list[int] = []
+        stopped: set[str] = set()
+        for wave in waves([out.message for _, out in copies], (lambda _m: broker) if ordered else None):
+            todo = [m for m in wave if m.key is None or m.key not in stopped]
+            if not todo:
+                continue
+            answers = await self._publish(broker, [by_id[m.id] for m in todo])
+            refused: list[tuple[Message, PublishResult]] = []
+            for message, answer in zip(todo, answers, strict=True):
+                if answer.outcome is Outcome.ACKED:
+                    done.append(message.id)
+                    self._metrics.dead_letters_published.inc()
+                elif answer.outcome is Outcome.PERMANENT:
+                    refused.append((message, answer))
+                else:
+                    if answer.outcome is not Outcome.NOT_SENT:  # held back behind its key's failure: no news
+                        self._failed(by_id[message.id], answer)
+                    if message.key is not None:
+                        stopped.add(message.key)
+            for message, answer in refused:
+                if await self._without_payload(by_id[message.id], answer):
+                    done.append(message.id)
+                elif message.key is not None:
+                    stopped.add(message.key)
+        return done
+
+    async def _without_payload(self, out: OutgoingMessage, refusal: PublishResult) -> bool:
+        """A copy refused for good, sent again without its payload; True when that is
+        done with (acked, or refused again and given up)."""
+        message = out.message
+        headers = {**message.headers, PAYLOAD_OMITTED: f"{message.size} bytes, refused: {refusal.reason}"}
+        bare = Message(
+            message.id,
+            message.message_id,
+            message.topic,
+            message.key,
+            b"",
+            message.content_type,
+            headers,
+            message.attempts,
+            message.created_at,
+        )
+        [answer] = await self._publish(self._config.broker, [OutgoingMessage(bare, out.destination, True)])
+        if answer.outcome is Outcome.ACKED:
+            self._metrics.dead_letters_published.inc()
             log.warning(
-                "dead_letter_topic_publish_failed",
-                broker=self._config.broker,
+                "dead_letter_topic_copy_without_payload",
+                message_id=str(message.message_id),
                 destination=out.destination,
-                message_id=str(out.message_id),
-                reason=answer.reason,
-                failed=len(failed),
-                retry_in_s=round(self._backoff.delay(self._failures + 1), 3),
+                refused=refusal.reason,
             )
-        return len(rows), len(acked)
+            return True
+        self._failed(out, answer)
+        if answer.outcome is not Outcome.PERMANENT:
+            return False
+        log.error(
+            "dead_letter_topic_copy_refused",
+            message_id=str(message.message_id),
+            broker=self._config.broker,
+            destination=out.destination,
+            reason=answer.reason,
+            hint="the dead letter stays in the table (outbox-relay dead-letters list); the topic will not get it",
+        )
+        return True
+
+    def _failed(self, out: OutgoingMessage, answer: PublishResult) -> None:
+        self._metrics.dead_letter_publish_failures.inc()
+        log.warning(
+            "dead_letter_topic_publish_failed",
+            broker=self._config.broker,
+            destination=out.destination,
+            message_id=str(out.message_id),
+            outcome=answer.outcome.value,
+            reason=answer.reason,
+        )
+
+
+def _within(rows: Sequence[Sequence[Any]], budget: int) -> list[int]:
+    """The ids of the taken rows whose payloads fit `budget` bytes together (the first
+    one always: a single larger row goes alone)."""
+    ids: list[int] = []
+    total = 0
+    for row_id, size in rows:
+        if ids and total + size > budget:
+            break
+        ids.append(row_id)
+        total += size
+    return ids

@@ -274,10 +274,28 @@ class Dispatcher:
             if result is not None
         ]
 
+    def keeps_order(self, broker: str) -> bool:
+        return broker in self._ordered
+
     async def publish_to(self, broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
         """One call to `broker` outside a claimed batch (a dead-letter topic's copies),
-        through its circuit and within publish_timeout, like a batch's calls."""
-        return await self._publish(broker, batch)
+        through the claim check its messages' topics have, the broker's circuit and
+        within publish_timeout, like a batch's calls."""
+        if self.claim_checks is None:
+            return await self._publish(broker, batch)
+        checks = self.claim_checks
+        items = []
+        for index, out in enumerate(batch):
+            target = self._router.resolve(out.message.topic)
+            items.append((index, out, target.claim_check if target is not None else self._router.default_claim_check))
+        ready, held = await checks.prepare(items, ordered=broker in self._ordered)
+        answers: list[PublishResult | None] = [None] * len(batch)
+        for index, answer in held.items():
+            answers[index] = answer
+        if ready:
+            for (index, _), answer in zip(ready, await self._publish(broker, [out for _, out in ready]), strict=True):
+                answers[index] = answer
+        return [a if a is not None else PublishResult.transient("not published") for a in answers]
 
     async def _publish(self, broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
         circuit = self.circuits[broker]

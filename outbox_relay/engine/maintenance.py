@@ -59,6 +59,7 @@ class Maintenance:
         prepare_threshold: int | None = PREPARE_THRESHOLD,
         query_timeout: float = 60.0,
         outcomes_retention: float = 7 * 24 * 3600.0,
+        wal_receipts: bool = False,
     ):
         self._dsn = dsn
         self._query_timeout = query_timeout
@@ -67,6 +68,7 @@ class Maintenance:
         self._relay_id = relay_id
         self._retention = retention
         self._outcomes_retention = outcomes_retention
+        self._wal_receipts = wal_receipts  # relay.wal.receipts: theirs expire with relay.retention
         self._heartbeat_every = heartbeat_every
         self._in_flight = in_flight
         self._retry_max = retry_max
@@ -99,6 +101,8 @@ class Maintenance:
                         if loop.time() >= next_retention:
                             await self.delete_expired(conn)
                             await self.delete_expired_outcomes(conn)
+                            if self._wal_receipts:
+                                await self.delete_expired_wal_receipts(conn)
                             next_retention = loop.time() + retention_interval(
                                 min(self._retention, self._outcomes_retention)
                             )
@@ -165,6 +169,13 @@ class Maintenance:
         if total:
             self.deleted += total
             log.info("retention_deleted", rows=total)
+        return total
+
+    async def delete_expired_wal_receipts(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Receipts of streamed messages older than relay.retention (relay.wal.receipts)."""
+        total = await self._delete_in_chunks(conn, "delete_expired_wal_receipts", self._retention)
+        if total:
+            log.info("wal_receipts_retention_deleted", rows=total)
         return total
 
     async def delete_expired_outcomes(self, conn: psycopg.AsyncConnection[Any]) -> int:

@@ -114,6 +114,7 @@ class Relay:
             relay_id=self.relay_id,
             retention=relay.retention,
             outcomes_retention=config.outcomes.retention,
+            wal_receipts=relay.wal.receipts,
             heartbeat_every=heartbeat_every,
             in_flight=lambda: self.table.in_flight,
             retry_max=relay.retry.max,
@@ -130,11 +131,13 @@ class Relay:
                 self._queries,
                 config.dead_letters.publish_to,
                 self._dispatcher.publish_to,
+                self._dispatcher.keeps_order,
                 schema=config.database.schema_name,
                 backoff=self._backoff,
                 poll_interval=relay.poll_interval,
                 publish_timeout=relay.publish_timeout,
                 max_payload_bytes=relay.max_payload_bytes,
+                max_batch_bytes=relay.max_batch_bytes,
                 retry_max=relay.retry.max,
                 metrics=self.metrics,
                 prepare_threshold=config.database.prepare_threshold,
@@ -154,15 +157,12 @@ class Relay:
             metrics=self.metrics,
             brokers=self._brokers,
             circuits=self._dispatcher.circuits,
-            routed=self._router.brokers_in_use() | self._dead_letter_brokers(),
+            # Not the dead-letter topic's broker: its being away costs only the copies' wait.
+            routed=self._router.brokers_in_use(),
             started=self.started,
             batches_started=self.table.batches_started.values,
             sources=[*self._sources, self.claim_checks] if self.claim_checks else self._sources,
         )
-
-    def _dead_letter_brokers(self) -> set[str]:
-        topic = self.config.dead_letters.publish_to
-        return set() if topic is None else {topic.broker}
 
     def stop(self) -> None:
         """Stop claiming; the run finishes its in-flight batches and returns."""
@@ -235,6 +235,8 @@ class Relay:
             await self.health.close()
             await self._maintenance.forget()
             self._dispatcher.close()
+            if self.claim_checks is not None:
+                self.claim_checks.close()
             for handle in self._brokers.values():
                 await handle.close()
             await finish_cancels()

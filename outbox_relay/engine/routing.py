@@ -48,6 +48,11 @@ class Router:
                 )
         return None
 
+    @property
+    def default_claim_check(self) -> ClaimCheckConfig | None:
+        """The top-level claim_check (for a topic no route matches)."""
+        return self._claim_check
+
     def claim_check_stores(self) -> list[ClaimCheckConfig]:
         """Every claim-check configuration a route may use, each once."""
         configs = [route.claim_check for route in self._routes] + [self._claim_check]

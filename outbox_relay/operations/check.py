@@ -12,10 +12,11 @@ import psycopg
 
 from outbox_relay.adapter import Adapter, destination_check
 from outbox_relay.assembly import build_adapters
-from outbox_relay.config import Config
+from outbox_relay.claim_check.stores import open_store
+from outbox_relay.config import Config, FileStoreConfig, S3StoreConfig
 from outbox_relay.connections import connect_once
 from outbox_relay.engine.outcomes import GRANT_HINT, outcomes_granted
-from outbox_relay.engine.routing import literal_text
+from outbox_relay.engine.routing import Router, literal_text
 from outbox_relay.errors import ConfigError, OutboxRelayError, first_line
 from outbox_relay.operations import schema_manager
 from outbox_relay.operations.status import SourceInfo
@@ -60,7 +61,22 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
         finally:
             with contextlib.suppress(Exception):
                 await adapter.close()
+    for claim in Router(config.routes, config.claim_check).claim_check_stores():
+        ok = await check_claim_check_store(claim.store, echo) and ok
     return ok
+
+
+async def check_claim_check_store(config: FileStoreConfig | S3StoreConfig, echo: Callable[[str], None]) -> bool:
+    """Whether a claim-check store answers the relay's identity (claim_check/stores.py)."""
+    try:
+        store = open_store(config)
+        await asyncio.wait_for(asyncio.to_thread(store.probe), CHECK_TIMEOUT)
+    except Exception as exc:
+        where = f"s3://{config.bucket}/{config.prefix}" if isinstance(config, S3StoreConfig) else config.path
+        echo(f"store     FAIL  {where}: {first_line(exc)}")
+        return False
+    echo(f"store     ok  {store.where}")
+    return True
 
 
 async def check_source(conn: psycopg.AsyncConnection[Any], config: Config, echo: Callable[[str], None]) -> bool:

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from outbox_relay.claim_check.envelope import CONTENT_TYPE, URL
+from outbox_relay.claim_check.envelope import CONTENT_TYPE, URL, ClaimCheckError
 from outbox_relay.claim_check.stores import Store
-from outbox_relay.errors import ConfigError
+from outbox_relay.errors import ConfigError, first_line
 
 # An upload precedes the INSERT of its envelope by moments, not by more than this.
 UPLOAD_TO_BEGIN = timedelta(minutes=1)
@@ -57,12 +57,38 @@ def referenced(conn: psycopg.Connection[Any], schema: str) -> set[str]:
     return {row[0] for row in conn.execute(query) if row[0] is not None}
 
 
-def oldest_open_transaction(conn: psycopg.Connection[Any]) -> datetime | None:
+def _refusal(conn: psycopg.Connection[Any], schema: str, retention: float) -> str | None:
+    """Why the outbox cannot tell an orphan here, or None.
+
+    A message the WAL source streams has no row: while the outbox is in WAL mode, or was
+    within relay.retention, an object a committed message names may have no row naming
+    it. And the open transactions of other roles (the application's) are visible only
+    to a role that may read all statistics."""
+    # A switch, not the install: the settings row is made (source_changed_at = now()) by
+    # the transaction that records version 8 or, on a fresh install, the current one.
     row = conn.execute(
-        "SELECT min(xact_start) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL"
+        sql.SQL(
+            "SELECT s.source, s.source_changed_at > now() - make_interval(secs => %s)"
+            " AND s.source_changed_at > (SELECT min(installed_at) FROM {schema}.schema_version WHERE version >= 8)"
+            " FROM {schema}.settings AS s"
+        ).format(schema=sql.Identifier(schema)),
+        (retention,),
     ).fetchone()
-    return row[0] if row else None
+    if row is not None and (row[0] == "wal" or row[1]):
+        return (
+            "the outbox writes to the WAL, or did within relay.retention: a streamed message has no row"
+            " naming its object, so an orphan cannot be told; remove uploads with a lifecycle rule on the bucket"
+        )
+    seen = conn.execute(
+        "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') FROM pg_roles"
+        " WHERE rolname = current_user"
+    ).fetchone()
+    if not seen or not seen[0]:
+        return (
+            "the sweep must see every open transaction (an upload whose transaction is still open is not"
+            " an orphan): GRANT pg_read_all_stats TO the role of database.dsn, or run it as one that has it"
+        )
+    return None
 
 
 def sweep(
@@ -81,16 +107,39 @@ def sweep(
             " message's row is deleted by retention after dispatch, so an older object's owner cannot be told;"
             " remove those with a lifecycle rule on the bucket"
         )
-    now = now or datetime.now(UTC)
+    problem = _refusal(conn, schema, retention)
+    conn.commit()
+    if problem is not None:
+        raise ClaimCheckError(problem)
+    # The oldest open transaction first, then the references in a later snapshot: a
+    # transaction that commits in between is either still open (and guards) or seen.
+    row = conn.execute(
+        "SELECT now(), min(xact_start) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL"
+    ).fetchone()
+    conn.commit()
+    assert row is not None
+    clock, oldest = row
     names = referenced(conn, schema)
     conn.commit()  # nothing held while the stores are listed
+    now = now or clock  # the database's clock, as the rows' times
     cut = now - timedelta(seconds=older_than)
-    oldest = oldest_open_transaction(conn)
-    conn.commit()
     if oldest is not None:
         cut = min(cut, oldest - UPLOAD_TO_BEGIN)
     horizon = now - timedelta(seconds=retention)
     report = SweepReport()
+    try:
+        _judge(stores, names, cut=cut, horizon=horizon, dry_run=dry_run, report=report)
+    except ClaimCheckError:
+        raise
+    except Exception as exc:  # a store's own error (botocore, OSError): one line, no traceback
+        raise ClaimCheckError(f"claim-check store: {first_line(exc)}") from exc
+    return report
+
+
+def _judge(
+    stores: Iterable[Store], names: set[str], *, cut: datetime, horizon: datetime, dry_run: bool, report: SweepReport
+) -> None:
     for store in stores:
         for url, written in store.uploads():
             if written >= cut:
@@ -103,7 +152,6 @@ def sweep(
                 if not dry_run:
                     store.delete(url)
                 report.removed.append(url)
-    return report
 
 
 def render(report: SweepReport, *, dry_run: bool) -> str:

@@ -3,7 +3,9 @@
 A message id names every row that carries it: the enqueued message, and the copies a
 replay made (each delivered again under the same id). Each row says its state, its
 attempts and, once dispatched, its receipt (messages.receipt: the broker, the
-destination and the broker's own words, such as a Kafka partition and offset).
+destination and the broker's own words, such as a Kafka partition and offset). A
+message the WAL source streamed has no row: its receipt is shown when one was kept
+(relay.wal.receipts), as a row without an id.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from uuid import UUID
 
 import psycopg
 
-from outbox_relay.operations.status import _printable, _utc
+from outbox_relay.operations.status import printable, utc
 from outbox_relay.sqlfiles import Queries
 
 
 @dataclass
 class MessageRow:
-    id: int
+    id: int | None  # None: streamed by the WAL source, no row (its receipt only)
     state: str  # pending, dispatched or dead_lettered
     topic: str
     key: str | None
-    created_at: datetime
+    created_at: datetime | None
     attempts: int
     next_attempt_at: datetime | None
     last_error: str | None
@@ -70,19 +72,21 @@ def render(message_id: UUID, rows: list[MessageRow]) -> str:
     """One block per row: its state, attempts, errors and receipt, one line each."""
     lines = [f"message {message_id}"]
     for row in rows:
-        lines.append(f"  row {row.id}: {row.state}, topic {_printable(row.topic)}, key {_printable(row.key)}")
-        lines.append(f"    enqueued       {_utc(row.created_at)}")
+        where = "streamed from the WAL" if row.id is None else f"row {row.id}"
+        lines.append(f"  {where}: {row.state}, topic {printable(row.topic)}, key {printable(row.key)}")
+        if row.created_at is not None:
+            lines.append(f"    enqueued       {utc(row.created_at)}")
         lines.append(f"    attempts       {row.attempts}")
         if row.next_attempt_at is not None and row.state == "pending":
-            lines.append(f"    next attempt   {_utc(row.next_attempt_at)}")
+            lines.append(f"    next attempt   {utc(row.next_attempt_at)}")
         if row.last_error is not None and row.state != "dispatched":
-            lines.append(f"    last error     {_printable(row.last_error)}")
+            lines.append(f"    last error     {printable(row.last_error)}")
         if row.dead_lettered_at is not None:
-            lines.append(f"    dead-lettered  {_utc(row.dead_lettered_at)}: {_printable(row.dead_letter_reason)}")
+            lines.append(f"    dead-lettered  {utc(row.dead_lettered_at)}: {printable(row.dead_letter_reason)}")
         if row.dispatched_at is not None:
-            lines.append(f"    dispatched     {_utc(row.dispatched_at)}")
+            lines.append(f"    dispatched     {utc(row.dispatched_at)}")
             receipt = "none kept (relay.receipts off)" if row.receipt is None else json.dumps(row.receipt)
-            lines.append(f"    receipt        {_printable(receipt)}")
+            lines.append(f"    receipt        {printable(receipt)}")
     return "\n".join(lines)
 
 

@@ -121,12 +121,12 @@ class Status:
         return asdict(self)
 
 
-def _printable(value: object) -> str:
+def printable(value: object) -> str:
     """Recorded text as one printable line: no terminal control sequences from a row."""
     return "".join(c if c.isprintable() else "?" for c in str(value))
 
 
-def _utc(value: datetime) -> str:
+def utc(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
@@ -175,7 +175,7 @@ def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = N
             ReplayInfo(
                 int(r["replay_id"]),
                 r["requested_by"],
-                _utc(r["requested_at"]),
+                utc(r["requested_at"]),
                 r["selection"],
                 int(r["total"]),
                 int(r["copied"]),
@@ -187,7 +187,7 @@ def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = N
             BackfillInfo(
                 int(r["backfill_id"]),
                 r["requested_by"],
-                _utc(r["requested_at"]),
+                utc(r["requested_at"]),
                 r["source"],
                 int(r["total"]),
                 int(r["copied"]),
@@ -255,7 +255,7 @@ def render(status: Status) -> str:
                 b.backfill_id,
                 b.requested_at,
                 b.requested_by,
-                f"{_printable(b.source.get('table'))} -> {_printable(b.source.get('topic'))}",
+                f"{printable(b.source.get('table'))} -> {printable(b.source.get('topic'))}",
                 b.copied,
                 b.total,
                 "enqueued",
@@ -276,6 +276,6 @@ def _copy_jobs(lines: list[str], command: str, jobs: list[tuple[int, str, str, s
     for number, requested_at, requested_by, what, copied, total, verb, finished in jobs:
         state = "done" if finished else f"not finished (or still copying): {command} --resume {number}"
         lines.append(
-            f"    #{number} {requested_at} by {_printable(requested_by)}: {_printable(what)}; "
+            f"    #{number} {requested_at} by {printable(requested_by)}: {printable(what)}; "
             f"{copied} of {total} {verb}, {state}"
         )

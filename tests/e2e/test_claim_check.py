@@ -30,10 +30,12 @@ from tests import services
 from tests.consumers import RabbitQueue, kafka_scan_to_end, rabbit_read
 from tests.support.cli import run_cli
 from tests.support.configs import make_config, write_config
+from tests.support.databases import role_with_grants
 from tests.support.http import HttpReceiver, answer
 from tests.support.outbox import count, pending
 from tests.support.relay import running_relay
 from tests.support.waiting import wait_until
+from tests.support.wal import outbox_in_wal_mode
 
 FIVE_MB = 5 * 1024 * 1024
 
@@ -137,11 +139,12 @@ async def test_over_tls_to_rabbitmq_fetched_back_and_a_wrong_key_refused_without
     store = S3Store(S3StoreConfig(**tls))
     assert claim_check.fetch(received, received.payload, store=store) == payload
     # A wrong key: the store refuses, and the error does not carry the secret.
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
+    wrong = f"wrong-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     with pytest.raises(Exception) as refused:
         S3Store(S3StoreConfig(**tls)).get(received.headers[envelope.URL])
     assert "SignatureDoesNotMatch" in str(refused.value) or "AccessDenied" in str(refused.value)
-    assert s3_store.secret_key not in str(refused.value)
+    assert wrong not in str(refused.value) and s3_store.secret_key not in str(refused.value)
 
 
 async def test_a_store_stopped_mid_run_holds_messages_and_spends_no_attempt(
@@ -273,3 +276,45 @@ def test_sweep_on_s3_removes_the_orphan_of_a_rolled_back_transaction(db: str, s3
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT headers ->> %s FROM outbox.messages", (envelope.URL,)).fetchall() == [(left[0],)]
     assert len(left) == 1
+
+
+def test_sweep_refuses_what_it_cannot_judge(db: str, tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    # A role that cannot see the application's open transactions (the relay's own).
+    with (
+        role_with_grants(db, "relay", "sweeper") as relay_dsn,
+        psycopg.connect(relay_dsn) as conn,
+        pytest.raises(claim_check.ClaimCheckError, match="GRANT pg_read_all_stats"),
+    ):
+        claim_check_sweep.sweep(conn, "outbox", [store], older_than=600, retention=86400)
+    # An outbox in WAL mode: a streamed message has no row naming its object.
+    with (
+        outbox_in_wal_mode(db),
+        psycopg.connect(db) as conn,
+        pytest.raises(claim_check.ClaimCheckError, match=r"writes to the WAL, or did within relay\.retention"),
+    ):
+        claim_check_sweep.sweep(conn, "outbox", [store], older_than=600, retention=86400)
+
+
+def test_a_file_store_writes_objects_its_consumers_may_read(tmp_path: Path) -> None:
+    url = FileStore(tmp_path).put("m1", b"payload", hashlib.sha256(b"payload").hexdigest(), "text/plain")
+    mode = os.stat(url.removeprefix("file://")).st_mode & 0o777
+    assert mode & 0o044 == 0o044 & ~_umask(), oct(mode)  # group and others read, as the umask allows
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_check_says_whether_each_store_lets_the_relay_in(db: str, s3: dict[str, Any], tmp_path: Path) -> None:
+    good = write_config(tmp_path / "good.yaml", db, claim_check={"store": s3})
+    done = run_cli("check", "--config", str(good))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"store     ok  s3://{s3['bucket']}/relay/" in done.stdout
+    missing = {**s3, "bucket": f"nowhere-{uuid.uuid4().hex[:10]}"}
+    bad = write_config(tmp_path / "bad.yaml", db, claim_check={"store": missing})
+    done = run_cli("check", "--config", str(bad))
+    assert done.returncode == 1
+    assert f"store     FAIL  s3://{missing['bucket']}/relay/" in done.stdout

@@ -151,6 +151,34 @@ async def test_a_dead_letter_topic_that_refuses_copies_gets_every_one_when_it_is
     assert all(body["headers"][dlt.REASON] == "no route" for body in bodies)
 
 
+async def test_a_copy_the_topic_refuses_for_good_is_given_up_and_the_others_still_go(
+    db: str, kafka_bootstrap: str
+) -> None:
+    run = uuid.uuid4().hex[:10]
+    config = make_config(
+        db,
+        brokers=kafka(kafka_bootstrap),
+        routes=[{"topic": "orders.*", "broker": "events", "destination": f"orders-{run}"}],
+        dead_letters={"publish_to": {"broker": "events", "destination": f"dlt-{run}-{{topic}}"}},
+    )
+    with psycopg.connect(db) as conn:
+        # No route for either: both dead-lettered. The first one's copy would go to a
+        # topic Kafka refuses by name ("tenant:acme" holds a colon).
+        poisoned = enqueue(conn, "tenant:acme", {"t": 1}, key="t1")
+        fine = enqueue(conn, "refunds.issued", {"r": 1}, key="r1", headers={"tenant": "t1"})
+        conn.commit()
+    async with running_relay(config, build_adapters(config)) as relay:
+        await wait_until(lambda: published(db) == 2, timeout=60)
+        registry = relay.metrics.registry
+        # Refused with its payload, then without it (counted), then given up.
+        assert registry.get_sample_value("outbox_relay_dead_letter_publish_failures_total") == 1
+        assert registry.get_sample_value("outbox_relay_dead_letters_published_total") == 1
+    [copy] = await records(kafka_bootstrap, f"dlt-{run}-refunds.issued")
+    assert copy.message_id == str(fine)
+    assert count(db, "dead_lettered_at IS NOT NULL") == 2  # both stay for requeue
+    assert row_of(db, str(poisoned))[0] == "tenant:acme"
+
+
 @pytest.mark.parametrize(
     ("block", "error"),
     [

@@ -295,6 +295,24 @@ async def _wal_dead_letter(wal: WalSlot) -> None:
     ]
 
 
+async def test_the_wal_source_feeds_back_deliveries_of_the_topics_asked_for(db: str) -> None:
+    with wal_slot(db) as wal:
+        emitted = commit_frames(wal.dsn, [("a", b"a0"), (None, b"n0"), ("a", b"a1")])
+        emitted += commit_frames(wal.dsn, [("p", b"p0")], topic="payments.settled")
+        *_, end = commit_end_lsns(wal)
+        fake = FakeAdapter()
+        config = make_config(wal.dsn, outcomes={"delivered": ["orders.*"]})
+        async with running_wal_relay(
+            wal_relay(wal, config, {"main": fake}, feeds_delivered=config.outcomes.feeds_delivered)
+        ):
+            await wait_until(lambda: confirmed_flush(wal.dsn, wal.name) >= end)
+    assert len(fake.delivered) == 4  # every message went; only orders.* are fed back
+    rows = outcomes(wal.dsn)
+    assert [(r[0], r[1], r[2], r[3], r[5], bytes(r[6])) for r in rows] == [
+        (e.message_id, "orders.created", e.key, "delivered", 1, e.payload) for e in emitted[:3]
+    ]
+
+
 async def test_retries_without_a_dead_letter_write_no_outcome_and_notify_nobody(db: str) -> None:
     with role_with_grants(db, "producer+outcomes", "app") as app_dsn:
         listener = await psycopg.AsyncConnection.connect(app_dsn, autocommit=True)

@@ -89,3 +89,14 @@ def test_fetch_refuses_an_object_of_another_size(tmp_path: Path) -> None:
         claim_check.fetch({"headers": headers})
     with pytest.raises(claim_check.ClaimCheckError, match="does not exist"):
         claim_check.fetch({"headers": {**headers, envelope.URL: (tmp_path / "gone").as_uri()}})
+
+
+def test_a_store_failure_is_told_from_a_message_failure() -> None:
+    from botocore.exceptions import EndpointConnectionError, ParamValidationError
+
+    from outbox_relay.claim_check.uploads import _store_level
+
+    assert _store_level(TimeoutError()) and _store_level(ConnectionRefusedError())
+    assert _store_level(EndpointConnectionError(endpoint_url="http://x"))
+    assert not _store_level(ParamValidationError(report="bad content type"))
+    assert not _store_level(ValueError("header value"))

@@ -101,6 +101,8 @@ class Parking:
         self._done_through = sql.SQL(slot.text("done_through")).format(schema=name)
         self._mark_done = sql.SQL(slot.text("mark_done")).format(schema=name)
         self._parked_of = sql.SQL(slot.text("parked_of")).format(schema=name)
+        self._record_receipts = sql.SQL(slot.text("record_receipts")).format(schema=name)
+        self._record_delivered = sql.SQL(slot.text("record_delivered")).format(schema=name)
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def __aenter__(self) -> Self:
@@ -181,6 +183,41 @@ class Parking:
                 self._mark_done,
                 {"commit_lsn": pgoutput.format_lsn(through[0]), "lsn": pgoutput.format_lsn(through[1])},
             )
+
+    async def record_acked(
+        self, receipts: Sequence[tuple[Message, str]], delivered: Sequence[tuple[Message, str | None]]
+    ) -> None:
+        """What the relay keeps of acked messages, in one committed transaction before the
+        caller confirms their position: `receipts` (relay.wal.receipts) and outcome rows
+        of the `delivered` (outcomes.delivered topics), each with its receipt or None."""
+        if not receipts and not delivered:
+            return
+        conn = self._connection()
+        async with conn.transaction():
+            if receipts:
+                await conn.execute(
+                    self._record_receipts,
+                    {
+                        "message_ids": [m.message_id for m, _ in receipts],
+                        "topics": [m.topic for m, _ in receipts],
+                        "keys": [m.key for m, _ in receipts],
+                        "receipts": [receipt for _, receipt in receipts],
+                    },
+                )
+            if delivered:
+                await conn.execute(
+                    self._record_delivered,
+                    {
+                        "message_ids": [m.message_id for m, _ in delivered],
+                        "topics": [m.topic for m, _ in delivered],
+                        "keys": [m.key for m, _ in delivered],
+                        "payloads": [m.payload for m, _ in delivered],
+                        "content_types": [m.content_type for m, _ in delivered],
+                        "headers": [_headers_json(m) for m, _ in delivered],
+                        "enqueued_at": [m.created_at for m, _ in delivered],
+                        "receipts": [receipt for _, receipt in delivered],
+                    },
+                )
 
     async def park(
         self, parked: Sequence[Parked], through: tuple[int, int], *, streamer: tuple[str, int] | None = None

@@ -128,8 +128,15 @@ class WalRelay:
         exactly_once: tuple[str, Callable[[str], Transactions]] | None = None,
         backoff: Backoff | None = None,
         feed_dead_letters: bool = True,
+        receipts: bool = False,
+        feeds_delivered: Callable[[str], bool] | None = None,
     ):
         self._dsn = dsn
+        # outcomes.delivered: which topics' deliveries get an outcome row (None: none).
+        self._feeds_delivered = feeds_delivered
+        # relay.wal.receipts: the acked messages' receipts written per batch (the
+        # dispatcher builds them only then).
+        self._receipts = receipts
         self._schema = schema
         self._dispatcher = dispatcher
         self._hold = hold_dead_letters
@@ -316,11 +323,24 @@ class WalRelay:
                 await parking.mark_done(through)
             if parked and through is not None:
                 await self._park(parking, parked, held, parts, through)
+        if acked and (self._receipts or self._feeds_delivered is not None):
+            await self._record_acked(parking, messages, acked)
         if self._observer is not None:
             # As the table's workers tell of a committed batch: what was acked, and the
             # outcomes now recorded in the table (a parked message's retry or dead letter).
             self._observer.batch_recorded(messages, [*acked, *(r for _, r in parked if r is not None)])
         return True
+
+    async def _record_acked(self, parking: Parking, messages: Sequence[Message], acked: Sequence[Record]) -> None:
+        """The receipts (relay.wal.receipts) and delivered outcomes (outcomes.delivered)
+        of a batch's acked messages, before its position is confirmed: a relay that dies
+        first sends the batch again, and writes them again."""
+        by_id = {m.id: m for m in messages}
+        done = [(by_id[r.id], r.receipt) for r in acked if r.id in by_id]
+        receipts = [(m, receipt) for m, receipt in done if receipt is not None] if self._receipts else []
+        feeds = self._feeds_delivered
+        delivered = [(m, receipt) for m, receipt in done if feeds is not None and feeds(m.topic)]
+        await parking.record_acked(receipts, delivered)
 
     async def _park(
         self,

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -98,7 +98,6 @@ class WalSource:
         self._session = _Session(self._dsn)
         self._foreign_drain_logged = False
         self._table_warned = False
-        self._delivered_warned = False  # outcomes.delivered: said once per process
         self._feed_dead = config.outcomes.dead_lettered  # as granted: check_start
 
     async def run(self, dispatcher: Dispatcher, stop: asyncio.Event, observer: RelayObserver | None = None) -> None:
@@ -182,6 +181,8 @@ class WalSource:
         position inside a Kafka transaction. A switch to table later is followed, with a
         warning (_warn_table_source)."""
         self._feed_dead = await feeds_dead_letters(conn, self._config, report=False)  # the table's start says it
+        if self._settings.receipts:
+            await _check_receipts_granted(conn, self._schema)
         names = ", ".join(exactly_once_brokers(brokers))
         if not names or await _source_on(conn, self._schema) == "wal":
             return
@@ -206,15 +207,23 @@ class WalSource:
             log.warning("exactly_once_table_source", brokers=names, delivery="at least once until a switch to wal")
             self._table_warned = True
 
+    def _feeds_delivered(self) -> Callable[[str], bool] | None:
+        outcomes = self._config.outcomes
+        if not outcomes.delivered:
+            return None
+        cache: dict[str, bool] = {}
+
+        def feeds(topic: str) -> bool:
+            wanted = cache.get(topic)
+            if wanted is None:
+                if len(cache) >= 10_000:  # a topic per tenant: bounded
+                    cache.clear()
+                wanted = cache[topic] = outcomes.feeds_delivered(topic)
+            return wanted
+
+        return feeds
+
     def _relay(self, dispatcher: Dispatcher, observer: RelayObserver | None) -> WalRelay:
-        if self._config.outcomes.delivered and not self._delivered_warned:
-            # Streamed messages have no row to mark, so no statement to write them with.
-            log.warning(
-                "outcomes_delivered_not_written_by_wal_source",
-                topics=list(self._config.outcomes.delivered),
-                written="dead letters, and deliveries of messages parked into the table",
-            )
-            self._delivered_warned = True
         brokers = exactly_once_brokers(dispatcher.adapters)
         transactions = None
         if brokers:
@@ -226,8 +235,12 @@ class WalSource:
             self._dsn,
             schema=self._schema,
             slot_name=self._slot,
-            # Streamed messages have no row to keep a receipt in (README, Delivery receipts).
-            dispatcher=dispatcher.without_receipts(),
+            # Streamed messages have no row to keep a receipt in: only with
+            # relay.wal.receipts are they built, and written to wal_receipts per batch.
+            dispatcher=dispatcher if self._settings.receipts else dispatcher.without_receipts(),
+            receipts=self._settings.receipts,
+            # outcomes.delivered: written per batch (the grant is checked at the relay's start).
+            feeds_delivered=self._feeds_delivered(),
             observer=observer,
             watch=self.watch,
             hold_dead_letters=self._config.relay.dead_letter_policy == "hold",
@@ -475,3 +488,17 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
 async def _settle(task: asyncio.Task[None]) -> None:
     with contextlib.suppress(BaseException):
         await task
+
+
+async def _check_receipts_granted(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
+    """relay.wal.receipts needs INSERT on wal_receipts (schema version 13's grants): one
+    line at start, not a stream that fails at its first batch."""
+    cur = await conn.execute(
+        "SELECT has_table_privilege(current_user, format('%I.wal_receipts', %s::text), 'INSERT')", (schema,)
+    )
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        raise ConfigError(
+            f"relay.wal.receipts: the relay's role may not write {schema}.wal_receipts; re-run its grants"
+            f" (outbox-relay schema sql --grants-only --relay-role ROLE --schema {schema}) or turn it off"
+        )

@@ -1,0 +1,84 @@
+"""The dead-letter topic's publisher without a database: each key's copies in order (a
+key stops at its first copy not acked), a copy refused for good sent again without its
+payload, and a take bounded in bytes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from outbox_relay.config import DeadLetterTopicConfig
+from outbox_relay.engine import dead_letter_topic as dlt
+from outbox_relay.engine.retry import Backoff
+from outbox_relay.models import Message, OutgoingMessage, PublishResult
+from outbox_relay.observability.metrics import RelayMetrics
+from outbox_relay.sqlfiles import Queries
+
+
+def copy(row_id: int, key: str | None, payload: bytes = b"p") -> tuple[int, OutgoingMessage]:
+    message = Message(row_id, uuid.uuid4(), "t", key, payload, "application/json", {}, 1, datetime.now(UTC))
+    return row_id, OutgoingMessage(message, "t.DLT", True)
+
+
+def publisher(answer: dict[int, list[PublishResult]], *, ordered: bool) -> tuple[dlt.DeadLetterTopic, list[list[int]]]:
+    calls: list[list[int]] = []
+
+    async def publish(broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
+        """As an adapter that keeps a key's order would: a key's copies after its first
+        failure in the call are not sent."""
+        calls.append([out.message.id for out in batch])
+        failed: set[str | None] = set()
+        answers = []
+        for out in batch:
+            if out.message.key is not None and out.message.key in failed:
+                answers.append(PublishResult.not_sent("after its key's failure"))
+                continue
+            scripted = answer.get(out.message.id)
+            result = scripted.pop(0) if scripted else PublishResult.acked()
+            if result.outcome.value != "acked":
+                failed.add(out.message.key)
+            answers.append(result)
+        return answers
+
+    topic = dlt.DeadLetterTopic(
+        "postgresql://unused",
+        Queries("outbox"),
+        DeadLetterTopicConfig(broker="b"),
+        publish,
+        lambda broker: ordered,
+        schema="outbox",
+        backoff=Backoff(0.05, 1.0),
+        poll_interval=1.0,
+        publish_timeout=5.0,
+        max_payload_bytes=None,
+        max_batch_bytes=1000,
+        retry_max=1.0,
+        metrics=RelayMetrics(),
+    )
+    return topic, calls
+
+
+async def test_a_key_stops_at_its_first_copy_not_acked() -> None:
+    for ordered in (True, False):
+        topic, calls = publisher({1: [PublishResult.unavailable("away")]}, ordered=ordered)
+        done = await topic._publish_in_order([copy(1, "a"), copy(2, "a"), copy(3, "b"), copy(4, None)])
+        assert sorted(done) == [3, 4], ordered
+        if not ordered:  # one call per copy of a key: the later one is never handed over
+            assert 2 not in [i for call in calls for i in call], "a later copy of key a went after its failure"
+
+
+async def test_a_copy_refused_for_good_goes_again_without_its_payload_then_is_given_up() -> None:
+    refusal = PublishResult.permanent("record too large")
+    topic, calls = publisher({1: [refusal]}, ordered=True)
+    assert await topic._publish_in_order([copy(1, "a", b"x" * 100), copy(2, "b")]) == [2, 1]
+    assert calls[-1] == [1]  # sent again alone, without its payload
+    topic, calls = publisher({1: [refusal, PublishResult.permanent("invalid topic")]}, ordered=True)
+    # Given up; the key's next copy waited behind it (not sent in that call), and goes next.
+    assert await topic._publish_in_order([copy(1, "a"), copy(5, "a")]) == [1]
+    assert await topic._publish_in_order([copy(5, "a")]) == [5]
+
+
+def test_a_take_is_bounded_in_bytes_but_always_takes_one() -> None:
+    assert dlt._within([(1, 600), (2, 300), (3, 200)], 1000) == [1, 2]
+    assert dlt._within([(1, 5000), (2, 1)], 1000) == [1]
