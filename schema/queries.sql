@@ -388,12 +388,17 @@ SELECT * FROM (
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
            dead_lettered_at, dead_letter_reason, receipt
-    FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL
-    UNION ALL
-    -- A message the WAL source streamed has no row: its receipt (relay.wal.receipts).
-    SELECT NULL, topic, key, NULL, 1, NULL, NULL, dispatched_at, NULL, NULL, receipt
-    FROM {schema}.wal_receipts WHERE message_id = %(message_id)s) AS rows
-ORDER BY id NULLS LAST, dispatched_at;
+    FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL) AS rows
+ORDER BY id;
+
+-- name: wal_receipts_by_id
+-- A message the WAL source streamed has no row: its receipts (relay.wal.receipts), in
+-- the shape of message_by_id's rows. Asked apart: a relay role granted before schema
+-- version 13 may not read wal_receipts, and still looks up rows (message_lookup.py).
+SELECT NULL::bigint, topic, key, NULL::timestamptz, 1, NULL::timestamptz, NULL::text, dispatched_at,
+       NULL::timestamptz, NULL::text, receipt
+FROM {schema}.wal_receipts WHERE message_id = %(message_id)s
+ORDER BY dispatched_at;
 
 -- name: status_relays
 SELECT relay_id, hostname, pid, started_at, heartbeat_at, in_flight,

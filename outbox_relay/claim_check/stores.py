@@ -12,6 +12,7 @@ bucket, never a secret. boto3 is synchronous: the relay calls these in threads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -241,10 +242,24 @@ class S3Store:
                 raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else
+    by setting and restoring it: once, at import, before any upload thread runs (two
+    threads doing that at once could leave it at 0 for the whole process)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def open_store(config: FileStoreConfig | S3StoreConfig) -> Store:

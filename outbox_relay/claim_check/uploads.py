@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from uuid import UUID
 
 import structlog
 
@@ -58,12 +59,21 @@ def _upload(store: Store, message: Message) -> Reference:
 class _StoreDown(Exception):
     """The store failed within its backoff window: not tried again until it ends."""
 
+    def __init__(self, reason: str, until: float):
+        super().__init__(reason)
+        self.until = until
+
+
+class _Busy(Exception):
+    """The upload never started within the call's deadline: every thread was busy (a
+    burst of large payloads), which says nothing against the store."""
+
 
 def _store_level(error: BaseException) -> bool:
     """Whether an upload's failure is the store's (away, refusing the relay, slow: every
     message would fail alike; no attempt is spent) rather than this message's (one it
     cannot take: an attempt is spent, as for a broker's transient error)."""
-    if isinstance(error, TimeoutError | OSError | _StoreDown):
+    if isinstance(error, TimeoutError | OSError | _StoreDown | _Busy):
         return True
     module = type(error).__module__
     # botocore's connection, timeout and service errors (ClientError: access denied, no
@@ -88,6 +98,7 @@ class ClaimChecks:
         # message while the claim's transaction is open), and how long the outage is.
         self._down: dict[str, tuple[str, float]] = {}
         self._failed_at: dict[str, float] = {}  # store -> when an upload to it last failed
+        self._running: set[UUID] = set()  # message ids whose upload a thread is doing
         self._outage: dict[str, int] = {}
         self.uploaded = 0
 
@@ -125,11 +136,13 @@ class ClaimChecks:
         for future in late:
             future.cancel()  # not started yet: never runs; running: its answer is ignored
         uploads: dict[int, Reference | BaseException] = {}
-        for (index, _, _), future in zip(wanted, started, strict=True):
+        for (index, out, _), future in zip(wanted, started, strict=True):
             if future in done and not future.cancelled():
                 uploads[index] = future.exception() or future.result()
+            elif out.message.message_id in self._running:
+                uploads[index] = TimeoutError()  # the store took the upload and did not answer
             else:
-                uploads[index] = TimeoutError()
+                uploads[index] = _Busy("every claim-check upload thread was busy")
         ready: list[tuple[int, OutgoingMessage]] = []
         held: dict[int, PublishResult] = {}
         stopped: set[str] = set()
@@ -157,11 +170,20 @@ class ClaimChecks:
         down = self._down.get(store.where)
         if down is not None and loop.time() < down[1]:
             failed: asyncio.Future[Reference] = loop.create_future()
-            failed.set_exception(_StoreDown(down[0]))
+            failed.set_exception(_StoreDown(*down))
             return failed
-        future = loop.run_in_executor(self._pool, _upload, store, message)
+        future = loop.run_in_executor(self._pool, self._upload, store, message)
         future.add_done_callback(self._count)
         return future
+
+    def _upload(self, store: Store, message: Message) -> Reference:
+        # In a pool thread: noted as running, so a deadline that passes now is the
+        # store's slowness, not a queue for a thread (prepare).
+        self._running.add(message.message_id)
+        try:
+            return _upload(store, message)
+        finally:
+            self._running.discard(message.message_id)
 
     def _count(self, future: asyncio.Future[Reference]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -177,18 +199,25 @@ class ClaimChecks:
         if not _store_level(error):
             # This message's own problem: an attempt is spent, the store stays up.
             return PublishResult.transient(f"claim-check upload to {where} failed: {first_line(error)}")
+        now = asyncio.get_running_loop().time()
+        if isinstance(error, _Busy):  # no attempt spent, and no word against the store
+            return PublishResult.unavailable(f"claim-check store {where}: {error}", retry_after=self._backoff.delay(1))
         if isinstance(error, _StoreDown):
-            reason = str(error)
-        else:
-            reason = "no answer within publish_timeout" if isinstance(error, TimeoutError) else first_line(error)
-            if where not in self._down:
-                log.warning("claim_check_store_unavailable", store=where, error=reason)
-            self._outage[where] = self._outage.get(where, 0) + 1
-            until = asyncio.get_running_loop().time() + self._backoff.delay(self._outage[where])
-            self._down[where] = (reason, until)
-            self._failed_at[where] = asyncio.get_running_loop().time()
-        delay = max(0.0, self._down[where][1] - asyncio.get_running_loop().time())
-        return PublishResult.unavailable(f"claim-check store {where} unavailable: {reason}", retry_after=delay)
+            # Its window as it was when the upload was refused (an upload that ended well
+            # since may have closed it).
+            return PublishResult.unavailable(
+                f"claim-check store {where} unavailable: {error}", retry_after=max(0.0, error.until - now)
+            )
+        reason = "no answer within publish_timeout" if isinstance(error, TimeoutError) else first_line(error)
+        if where not in self._down:
+            log.warning("claim_check_store_unavailable", store=where, error=reason)
+        self._outage[where] = self._outage.get(where, 0) + 1
+        until = now + self._backoff.delay(self._outage[where])
+        self._down[where] = (reason, until)
+        self._failed_at[where] = now
+        return PublishResult.unavailable(
+            f"claim-check store {where} unavailable: {reason}", retry_after=max(0.0, until - now)
+        )
 
     def readiness(self) -> tuple[bool, dict[str, Any]] | None:
         """For /readyz: not ready while a store is taken for down: its last upload failed,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -132,6 +133,9 @@ class DeadLetterTopic:
         self._prepare_threshold = prepare_threshold
         self._query_timeout = query_timeout
         self._woken = asyncio.Event()
+        # Whether the dead-letter broker has acked a copy in this relay's life: only then
+        # is a copy it refuses for good this copy's problem (_without_payload).
+        self._accepting = False
         self._failures = 0
         self.published = 0
 
@@ -153,6 +157,7 @@ class DeadLetterTopic:
                         self._woken.clear()
                         taken, acked = await self.publish_once(conn)
                         if taken and acked == taken:
+                            self._failures = 0
                             continue  # more may be waiting (a take is bounded in rows and bytes)
                         if taken and acked < taken:
                             self._failures += 1
@@ -199,11 +204,16 @@ class DeadLetterTopic:
         for it, a name it does not take) goes again without its payload; refused again,
         it is given up, loudly, so one poisoned dead letter cannot stall the rest."""
         broker = self._config.broker
-        ordered = self._keeps_order(broker)
         by_id = dict(copies)
+        # A key's copies share a call only to one destination of a broker that keeps a
+        # key's order (two topics have no order between them), as the dispatcher's do.
+        same_call = (lambda m: by_id[m.id].destination) if self._keeps_order(broker) else None
         done: list[int] = []
         stopped: set[str] = set()
-        for wave in waves([out.message for _, out in copies], (lambda _m: broker) if ordered else None):
+        deadline = time.monotonic() + self._publish_timeout
+        for wave in waves([out.message for _, out in copies], same_call):
+            if time.monotonic() >= deadline:
+                break  # the rest in the next take: the rows' locks are held meanwhile
             todo = [m for m in wave if m.key is None or m.key not in stopped]
             if not todo:
                 continue
@@ -212,6 +222,7 @@ class DeadLetterTopic:
             for message, answer in zip(todo, answers, strict=True):
                 if answer.outcome is Outcome.ACKED:
                     done.append(message.id)
+                    self._accepting = True
                     self._metrics.dead_letters_published.inc()
                 elif answer.outcome is Outcome.PERMANENT:
                     refused.append((message, answer))
@@ -221,7 +232,7 @@ class DeadLetterTopic:
                     if message.key is not None:
                         stopped.add(message.key)
             for message, answer in refused:
-                if await self._without_payload(by_id[message.id], answer):
+                if time.monotonic() < deadline and await self._without_payload(by_id[message.id], answer):
                     done.append(message.id)
                 elif message.key is not None:
                     stopped.add(message.key)
@@ -245,6 +256,7 @@ class DeadLetterTopic:
         )
         [answer] = await self._publish(self._config.broker, [OutgoingMessage(bare, out.destination, True)])
         if answer.outcome is Outcome.ACKED:
+            self._accepting = True
             self._metrics.dead_letters_published.inc()
             log.warning(
                 "dead_letter_topic_copy_without_payload",
@@ -255,6 +267,11 @@ class DeadLetterTopic:
             return True
         self._failed(out, answer)
         if answer.outcome is not Outcome.PERMANENT:
+            return False
+        if not self._accepting:
+            # The broker has taken no copy yet: a refusal of every copy (the relay not
+            # authorized for the topic, a template it refuses) is the configuration's,
+            # not this dead letter's. Wait for it to be fixed rather than give them up.
             return False
         log.error(
             "dead_letter_topic_copy_refused",

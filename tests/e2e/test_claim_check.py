@@ -23,18 +23,18 @@ from aiokafka.structs import ConsumerRecord
 from outbox_relay import claim_check, enqueue
 from outbox_relay.assembly import build_adapters
 from outbox_relay.claim_check import envelope
-from outbox_relay.claim_check.stores import FileStore, S3Store
+from outbox_relay.claim_check.stores import FileStore, S3Store, _umask
 from outbox_relay.config import S3StoreConfig
 from outbox_relay.operations import claim_check_sweep
 from tests import services
 from tests.consumers import RabbitQueue, kafka_scan_to_end, rabbit_read
-from tests.support.cli import run_cli
+from tests.support.cli import RelayProcess, run_cli
 from tests.support.configs import make_config, write_config
 from tests.support.databases import role_with_grants
 from tests.support.http import HttpReceiver, answer
 from tests.support.outbox import count, pending
 from tests.support.relay import running_relay
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_for, wait_until
 from tests.support.wal import outbox_in_wal_mode
 
 FIVE_MB = 5 * 1024 * 1024
@@ -302,12 +302,6 @@ def test_a_file_store_writes_objects_its_consumers_may_read(tmp_path: Path) -> N
     assert mode & 0o044 == 0o044 & ~_umask(), oct(mode)  # group and others read, as the umask allows
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def test_check_says_whether_each_store_lets_the_relay_in(db: str, s3: dict[str, Any], tmp_path: Path) -> None:
     good = write_config(tmp_path / "good.yaml", db, claim_check={"store": s3})
     done = run_cli("check", "--config", str(good))
@@ -318,3 +312,50 @@ def test_check_says_whether_each_store_lets_the_relay_in(db: str, s3: dict[str, 
     done = run_cli("check", "--config", str(bad))
     assert done.returncode == 1
     assert f"store     FAIL  s3://{missing['bucket']}/relay/" in done.stdout
+
+
+def test_a_relay_killed_between_the_upload_and_the_ack_leaves_an_object_the_next_one_reuses(
+    db: str, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "store"
+    payload = big_payload(4)
+    with psycopg.connect(db) as conn:
+        message_id = enqueue(conn, "docs.scanned", payload, key="d4")
+        conn.commit()
+    answered: list[int] = []
+
+    def respond(request: Any) -> tuple[int, float]:
+        # The first POST is held (the relay is killed meanwhile); the next ones answer.
+        answered.append(len(answered))
+        return (200, 20.0) if len(answered) == 1 else (200, 0.0)
+
+    with HttpReceiver(respond) as receiver:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            brokers={"hook": {"type": "webhook", "url": receiver.url + "/in"}},
+            claim_check={"over": "1MB", "store": {"type": "file", "path": str(store_dir)}},
+        )
+        first = RelayProcess(config)
+        try:
+            # The envelope reached the endpoint: the upload is done, the ack is not.
+            wait_for(lambda: receiver.active >= 1, 60, "the first POST in progress")
+        finally:
+            first.kill()
+        stored = store_dir / str(message_id)
+        before = stored.stat()
+        assert pending(db) == 1
+        second = RelayProcess(config)
+        try:
+            wait_for(lambda: pending(db) == 0, 60, "the message dispatched by the second relay")
+        finally:
+            second.terminate()
+            second.close()
+    after = stored.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not written again
+    assert [p.name for p in store_dir.iterdir()] == [str(message_id)]  # one object
+    bodies = [r.json for r in receiver.requests]
+    # At least once: the killed relay's POST and the next one, the same envelope.
+    assert {b["message_id"] for b in bodies} == {str(message_id)} and len(bodies) == 2
+    assert {b["headers"][envelope.URL] for b in bodies} == {stored.as_uri()}
+    assert claim_check.fetch(bodies[-1]) == payload

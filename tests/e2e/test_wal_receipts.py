@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
+import psycopg.sql
 import pytest
 from aiokafka.structs import ConsumerRecord
 
@@ -102,3 +104,41 @@ async def test_without_the_setting_no_receipt_is_kept(outbox_wal: WalSlot, kafka
 def test_wal_receipts_need_receipts_kept(db: str, relay: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"relay\.wal\.receipts: needs relay\.receipts on and relay\.retention"):
         make_config(db, wal={"receipts": True}, **relay)
+
+
+async def test_the_whole_relay_keeps_them_and_feeds_deliveries_back_with_its_own_role(
+    db: str, kafka_bootstrap: str
+) -> None:
+    """Through `outbox-relay run`'s assembly (the WAL source's start checks, its
+    dispatcher with receipts), as the relay's role of least privilege."""
+    from outbox_relay import enqueue
+    from outbox_relay.sources.wal.runner import WalSource
+    from tests.support.databases import role_with_grants
+    from tests.support.relay import running_relay
+    from tests.support.wal import outbox_in_wal_mode
+
+    topic = f"wal-receipts-run-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=2)
+    with outbox_in_wal_mode(db) as slot_name, role_with_grants(db, "relay", "walrcpt") as relay_dsn:
+        role = str(psycopg.conninfo.conninfo_to_dict(relay_dsn)["user"])
+        with psycopg.connect(db, autocommit=True) as conn:  # streaming a slot needs it
+            conn.execute(psycopg.sql.SQL("ALTER ROLE {} REPLICATION").format(psycopg.sql.Identifier(role)))
+        with psycopg.connect(db) as conn:
+            ids = [enqueue(conn, "orders.created", {"n": n}, key=f"k{n % 3}") for n in range(12)]
+            conn.commit()
+        config = make_config(
+            relay_dsn,
+            brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+            routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
+            wal={"slot": slot_name, "receipts": True},
+            outcomes={"delivered": ["orders.*"]},
+        )
+        async with running_relay(config, build_adapters(config), sources=[WalSource(config)]):
+            await wait_until(lambda: all(receipt_of(db, i) is not None for i in ids), timeout=60)
+    with psycopg.connect(db) as conn:
+        delivered = conn.execute(
+            "SELECT message_id, receipt ->> 'destination' FROM outbox.outcomes WHERE outcome = 'delivered'"
+        ).fetchall()
+    assert sorted(str(m) for m, _ in delivered) == sorted(map(str, ids))
+    assert {d for _, d in delivered} == {topic}  # each with its receipt
+    assert {receipt_of(db, i)["source"] for i in ids} == {"wal"}

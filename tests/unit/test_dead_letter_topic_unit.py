@@ -74,9 +74,19 @@ async def test_a_copy_refused_for_good_goes_again_without_its_payload_then_is_gi
     assert await topic._publish_in_order([copy(1, "a", b"x" * 100), copy(2, "b")]) == [2, 1]
     assert calls[-1] == [1]  # sent again alone, without its payload
     topic, calls = publisher({1: [refusal, PublishResult.permanent("invalid topic")]}, ordered=True)
-    # Given up; the key's next copy waited behind it (not sent in that call), and goes next.
-    assert await topic._publish_in_order([copy(1, "a"), copy(5, "a")]) == [1]
+    # Refused with and without its payload while the broker takes other copies: given up;
+    # the key's next copy waited behind it (not sent in that call), and goes next.
+    assert await topic._publish_in_order([copy(2, "b"), copy(1, "a"), copy(5, "a")]) == [2, 1]
     assert await topic._publish_in_order([copy(5, "a")]) == [5]
+
+
+async def test_while_the_broker_has_taken_no_copy_a_refusal_gives_nothing_up() -> None:
+    # Every copy refused (the relay not authorized for the topic): the configuration's
+    # problem, fixed later; nothing is marked meanwhile.
+    never = {n: [PublishResult.permanent("not authorized")] * 2 for n in (1, 2)}
+    topic, _ = publisher(never, ordered=True)
+    assert await topic._publish_in_order([copy(1, "a"), copy(2, "b")]) == []
+    assert await topic._publish_in_order([copy(1, "a"), copy(2, "b")]) == [1, 2]  # fixed: both go
 
 
 def test_a_take_is_bounded_in_bytes_but_always_takes_one() -> None:

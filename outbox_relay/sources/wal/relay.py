@@ -304,6 +304,10 @@ class WalRelay:
             acked = outcome
             self.published += len(acked)
             parked = written
+            # After the Kafka commit, the position a restart skips to: a relay that dies
+            # in between loses these rows (README: Delivery receipts), never a message.
+            if acked and (self._receipts or self._feeds_delivered is not None):
+                await self._record_acked(parking, messages, acked)
         else:
             while todo:
                 records = await self._dispatcher.dispatch(todo)
@@ -316,6 +320,10 @@ class WalRelay:
                 todo = round_.again
                 if todo and pause is not None and not await self._pause(pause):
                     return False
+            # What is kept of the acked messages first: once the position below is
+            # recorded, a restart skips them, and would never write it.
+            if acked and (self._receipts or self._feeds_delivered is not None):
+                await self._record_acked(parking, messages, acked)
             # Every message of `parts` is done: the last one's position is where a restart
             # may skip to (parking.py, done_through), recorded with a park, or on its own
             # when the batch ends inside a transaction (the slot is told only at its commit).
@@ -323,8 +331,6 @@ class WalRelay:
                 await parking.mark_done(through)
             if parked and through is not None:
                 await self._park(parking, parked, held, parts, through)
-        if acked and (self._receipts or self._feeds_delivered is not None):
-            await self._record_acked(parking, messages, acked)
         if self._observer is not None:
             # As the table's workers tell of a committed batch: what was acked, and the
             # outcomes now recorded in the table (a parked message's retry or dead letter).

@@ -235,9 +235,11 @@ class WalSource:
             self._dsn,
             schema=self._schema,
             slot_name=self._slot,
-            # Streamed messages have no row to keep a receipt in: only with
-            # relay.wal.receipts are they built, and written to wal_receipts per batch.
-            dispatcher=dispatcher if self._settings.receipts else dispatcher.without_receipts(),
+            # Streamed messages have no row to keep a receipt in: receipts are built only
+            # for wal_receipts (relay.wal.receipts) and delivered outcome rows.
+            dispatcher=dispatcher
+            if self._settings.receipts or self._config.outcomes.delivered
+            else dispatcher.without_receipts(),
             receipts=self._settings.receipts,
             # outcomes.delivered: written per batch (the grant is checked at the relay's start).
             feeds_delivered=self._feeds_delivered(),
@@ -493,10 +495,13 @@ async def _settle(task: asyncio.Task[None]) -> None:
 async def _check_receipts_granted(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
     """relay.wal.receipts needs INSERT on wal_receipts (schema version 13's grants): one
     line at start, not a stream that fails at its first batch."""
+    # quote_ident: the schema's name as a table name takes it; %% keeps psycopg off it.
     cur = await conn.execute(
-        "SELECT has_table_privilege(current_user, format('%I.wal_receipts', %s::text), 'INSERT')", (schema,)
+        "SELECT has_table_privilege(current_user, quote_ident(%s::text) || '.wal_receipts', 'INSERT')", (schema,)
     )
     row = await cur.fetchone()
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+        await conn.rollback()
     if not row or not row[0]:
         raise ConfigError(
             f"relay.wal.receipts: the relay's role may not write {schema}.wal_receipts; re-run its grants"
