@@ -32,6 +32,14 @@ def routes(topic: str) -> list[dict[str, Any]]:
     return [{"topic": "orders.*", "broker": "events", "destination": topic}]
 
 
+async def new_topic_delivered(
+    db: str, bootstrap: str, topic: str, count: int, client: str = "aiokafka", *, partitions: int = 1
+) -> list[str]:
+    """`topic` made with `partitions`, then `deliver`ed to."""
+    await kafka_create_topic(bootstrap, topic, partitions=partitions)
+    return await deliver(db, bootstrap, topic, count, client)
+
+
 async def deliver(db: str, bootstrap: str, topic: str, count: int, client: str = "aiokafka") -> list[str]:
     """`count` messages enqueued and delivered by a relay; their ids, in enqueue order."""
     with psycopg.connect(db) as conn:
@@ -53,8 +61,7 @@ def audit(tmp_path: Path, db: str, bootstrap: str, topic: str, *args: str) -> tu
 @pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
 async def test_a_clean_run_matches_every_receipt(db: str, kafka_bootstrap: str, tmp_path: Path, client: str) -> None:
     topic = f"audit-{uuid.uuid4().hex[:10]}"
-    await kafka_create_topic(kafka_bootstrap, topic, partitions=3)
-    await deliver(db, kafka_bootstrap, topic, 60, client)
+    await new_topic_delivered(db, kafka_bootstrap, topic, 60, client, partitions=3)
     code, report = audit(tmp_path, db, kafka_bootstrap, topic)
     assert code == 0 and report["ok"], report
     assert (report["checked"], report["matched"], report["missing"], report["without_receipt"]) == (60, 60, 0, 0)
@@ -65,8 +72,7 @@ async def test_records_deleted_from_the_topic_are_reported_missing(
     db: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     topic = f"audit-del-{uuid.uuid4().hex[:10]}"
-    await kafka_create_topic(kafka_bootstrap, topic, partitions=1)
-    await deliver(db, kafka_bootstrap, topic, 20)
+    await new_topic_delivered(db, kafka_bootstrap, topic, 20)
     # Which messages the first 8 records are, read independently (the workers' calls
     # interleave keys, so it is not enqueue order).
     before = await kafka_read_to_end(kafka_bootstrap, topic, isolation_level="read_committed")
@@ -89,8 +95,7 @@ async def test_a_copy_delivered_twice_is_reported_and_is_no_failure(
     db: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     topic = f"audit-dup-{uuid.uuid4().hex[:10]}"
-    await kafka_create_topic(kafka_bootstrap, topic, partitions=1)
-    first = await deliver(db, kafka_bootstrap, topic, 10)
+    first = await new_topic_delivered(db, kafka_bootstrap, topic, 10)
     # What a relay killed between the broker's ack and its mark leaves: a second record
     # of a message, here between the first delivery and the next ones.
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -110,8 +115,7 @@ async def test_a_message_without_a_receipt_fails_the_audit_and_the_topic_filter_
     db: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     topic = f"audit-none-{uuid.uuid4().hex[:10]}"
-    await kafka_create_topic(kafka_bootstrap, topic, partitions=1)
-    await deliver(db, kafka_bootstrap, topic, 10)
+    await new_topic_delivered(db, kafka_bootstrap, topic, 10)
     with psycopg.connect(db) as conn:
         # The first dispatched (the latest ones are what --sample takes, below).
         row = conn.execute(

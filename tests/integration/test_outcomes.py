@@ -39,6 +39,19 @@ def message_ids(dsn: str, where: str) -> list[Any]:
         return [row[0] for row in conn.execute(f"SELECT message_id FROM outbox.messages WHERE {where} ORDER BY id")]
 
 
+def add_outcome(
+    conn: psycopg.Connection[Any], payload: bytes, *, outcome: str = "dead_lettered", age: str = "0"
+) -> None:
+    """An outcome row as the relay writes one (the test's own, by the owner's role),
+    recorded `age` ago (an interval)."""
+    conn.execute(
+        "INSERT INTO outbox.outcomes (message_id, topic, outcome, attempts, payload, content_type, headers,"
+        " enqueued_at, recorded_at) VALUES (gen_random_uuid(), 't', %s, 1, %s, 'text/plain', '{}', now(),"
+        " now() - %s::interval)",
+        (outcome, payload, age),
+    )
+
+
 def rejects(*payloads: bytes, answer: PublishResult) -> FakeAdapter:
     return FakeAdapter(script=lambda out: answer if out.message.payload in payloads else None)
 
@@ -186,11 +199,7 @@ async def test_the_application_takes_outcomes_in_its_transaction_and_compensates
 def test_take_outcomes_skips_rows_another_transaction_is_taking_and_a_rollback_gives_them_back(db: str) -> None:
     with psycopg.connect(db) as conn:
         for n in range(3):
-            conn.execute(
-                "INSERT INTO outbox.outcomes (message_id, topic, outcome, attempts, payload, content_type, headers,"
-                " enqueued_at) VALUES (gen_random_uuid(), 't', 'dead_lettered', 1, %s, 'text/plain', '{}', now())",
-                (str(n).encode(),),
-            )
+            add_outcome(conn, str(n).encode())
         conn.commit()
     with (
         role_with_grants(db, "producer+outcomes", "app") as app_dsn,
@@ -251,12 +260,7 @@ def test_a_role_not_granted_it_cannot_take_outcomes(db: str) -> None:
 async def test_retention_deletes_outcomes_the_application_left_and_keeps_newer_ones(db: str) -> None:
     with psycopg.connect(db) as conn:
         for age in ("8 days", "1 hour"):
-            conn.execute(
-                "INSERT INTO outbox.outcomes (message_id, topic, outcome, attempts, payload, content_type, headers,"
-                " enqueued_at, recorded_at) VALUES (gen_random_uuid(), 't', 'dead_lettered', 1, %s, 'text/plain',"
-                " '{}', now(), now() - %s::interval)",
-                (age.encode(), age),
-            )
+            add_outcome(conn, age.encode(), age=age)
         conn.commit()
     # The relay runs as its own least-privileged role: retention needs only its grants.
     with role_with_grants(db, "relay", "relayrole") as relay_dsn:
@@ -344,12 +348,7 @@ def test_a_role_that_only_enqueues_can_neither_read_nor_take_outcomes(db: str) -
 async def test_retention_skips_an_expired_outcome_the_application_is_taking(db: str) -> None:
     with psycopg.connect(db) as conn:
         for label in ("taken", "left"):
-            conn.execute(
-                "INSERT INTO outbox.outcomes (message_id, topic, outcome, attempts, payload, content_type, headers,"
-                " enqueued_at, recorded_at) VALUES (gen_random_uuid(), 't', 'delivered', 1, %s, 'text/plain',"
-                " '{}', now(), now() - interval '8 days')",
-                (label.encode(),),
-            )
+            add_outcome(conn, label.encode(), outcome="delivered", age="8 days")
         conn.commit()
     with role_with_grants(db, "outcomes", "app") as app_dsn, psycopg.connect(app_dsn) as app:
         assert app.execute("SELECT payload FROM outbox.take_outcomes(1)").fetchall() == [(b"taken",)]
