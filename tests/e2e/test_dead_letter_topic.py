@@ -164,13 +164,19 @@ async def test_a_copy_the_topic_refuses_for_good_is_given_up_and_the_others_stil
     # Made first: a topic the broker creates on the first send answers that send "no
     # metadata" (a failure counted), which this test does not count on.
     await kafka_create_topic(kafka_bootstrap, f"dlt-{run}-refunds.issued", partitions=1)
-    with psycopg.connect(db) as conn:
-        # No route for either: both dead-lettered. The first one's copy would go to a
-        # topic Kafka refuses by name ("tenant:acme" holds a colon).
-        poisoned = enqueue(conn, "tenant:acme", {"t": 1}, key="t1")
-        fine = enqueue(conn, "refunds.issued", {"r": 1}, key="r1", headers={"tenant": "t1"})
-        conn.commit()
     async with running_relay(config, build_adapters(config)) as relay:
+        # No route for either: both dead-lettered, one after the other. The broker takes
+        # the first copy; the second one's would go to a topic Kafka refuses by name
+        # ("tenant:acme" holds a colon), which is that copy's problem once the broker
+        # has shown it takes copies (before that, a refusal of every copy would be the
+        # configuration's, and nothing is given up: test_dead_letter_topic_unit.py).
+        with psycopg.connect(db) as conn:
+            fine = enqueue(conn, "refunds.issued", {"r": 1}, key="r1", headers={"tenant": "t1"})
+            conn.commit()
+        await wait_until(lambda: published(db) == 1, timeout=60)
+        with psycopg.connect(db) as conn:
+            poisoned = enqueue(conn, "tenant:acme", {"t": 1}, key="t1")
+            conn.commit()
         await wait_until(lambda: published(db) == 2, timeout=60)
         registry = relay.metrics.registry
         # Refused with its payload, then without it (counted), then given up.
