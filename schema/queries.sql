@@ -445,6 +445,7 @@ SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s));
 SELECT id, octet_length(payload)
 FROM {schema}.messages
 WHERE dead_lettered_at IS NOT NULL AND dead_letter_published_at IS NULL
+  AND NOT topic = ANY(%(resting)s::text[])  -- topics whose destination refuses copies, for now
 ORDER BY id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;

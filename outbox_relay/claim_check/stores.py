@@ -259,6 +259,12 @@ _UMASK = _read_umask()
 
 
 def _umask() -> int:
+    """The umask now (an application may set it after importing this), from /proc, which
+    reading changes nothing; elsewhere the one read at import."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     return _UMASK
 
 

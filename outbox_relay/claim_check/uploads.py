@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from uuid import UUID
 
 import structlog
 
@@ -81,6 +82,35 @@ def _store_level(error: BaseException) -> bool:
     return module.startswith(("botocore", "urllib3")) and type(error).__name__ != "ParamValidationError"
 
 
+class _Running:
+    """When each upload in a thread started, per store: a store whose uploads hang keeps
+    every thread, and the uploads queued behind them must count against it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[str, dict[threading.Event, float]] = {}
+
+    def run(self, store: Store, message: Message, running: threading.Event) -> Reference:
+        # In a pool thread: flagged as taken, so a deadline that passes now is the
+        # store's slowness, not a queue for a thread (ClaimChecks.prepare). One flag per
+        # submission: two uploads of one message id (a retry beside one that timed out)
+        # are told apart.
+        running.set()
+        with self._lock:
+            self._since.setdefault(store.where, {})[running] = time.monotonic()
+        try:
+            return _upload(store, message)
+        finally:
+            with self._lock:
+                self._since.get(store.where, {}).pop(running, None)
+
+    def hung(self, where: str, longer_than: float) -> bool:
+        """Whether an upload to `where` has been running for longer than that."""
+        cut = time.monotonic() - longer_than
+        with self._lock:
+            return any(started < cut for started in self._since.get(where, {}).values())
+
+
 class ClaimChecks:
     def __init__(self, stores: Sequence[FileStoreConfig | S3StoreConfig], backoff: Backoff, timeout: float):
         self._backoff = backoff
@@ -93,12 +123,12 @@ class ClaimChecks:
         # deadline keeps its thread, and must not take the ones the rest of the relay
         # uses (the default executor: the file adapter's writes, librdkafka's commits).
         self._pool = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="claim-check")
+        self._running = _Running()
         # Per store: why and until when it is taken for down (a circuit: within the
         # window its uploads fail at once, so a batch does not wait out a timeout per
         # message while the claim's transaction is open), and how long the outage is.
         self._down: dict[str, tuple[str, float]] = {}
         self._failed_at: dict[str, float] = {}  # store -> when an upload to it last failed
-        self._running: set[UUID] = set()  # message ids whose upload a thread is doing
         self._outage: dict[str, int] = {}
         self.uploaded = 0
 
@@ -129,18 +159,23 @@ class ClaimChecks:
             return [(index, out) for index, out, _ in items], {}
         wanted = [(index, out, config) for index, out, config in items if self.wanted(out.message, config)]
         loop = asyncio.get_running_loop()
+        running = [threading.Event() for _ in wanted]  # set by the thread that takes the upload
         started = [
-            self._start(loop, self.store(config.store), out.message) for _, out, config in wanted if config is not None
+            self._start(loop, self.store(config.store), out.message, flag)
+            for (_, out, config), flag in zip(wanted, running, strict=True)
+            if config is not None
         ]
         done, late = await asyncio.wait(started, timeout=self._timeout) if started else (set(), set())
         for future in late:
             future.cancel()  # not started yet: never runs; running: its answer is ignored
         uploads: dict[int, Reference | BaseException] = {}
-        for (index, out, _), future in zip(wanted, started, strict=True):
+        for (index, _, config), future, flag in zip(wanted, started, running, strict=True):
             if future in done and not future.cancelled():
                 uploads[index] = future.exception() or future.result()
-            elif out.message.message_id in self._running:
+            elif flag.is_set():
                 uploads[index] = TimeoutError()  # the store took the upload and did not answer
+            elif config is not None and self._running.hung(self.store(config.store).where, self._timeout):
+                uploads[index] = TimeoutError()  # queued behind uploads the store never answers
             else:
                 uploads[index] = _Busy("every claim-check upload thread was busy")
         ready: list[tuple[int, OutgoingMessage]] = []
@@ -166,24 +201,17 @@ class ClaimChecks:
                 stopped.add(key)
         return ready, held
 
-    def _start(self, loop: asyncio.AbstractEventLoop, store: Store, message: Message) -> asyncio.Future[Reference]:
+    def _start(
+        self, loop: asyncio.AbstractEventLoop, store: Store, message: Message, running: threading.Event
+    ) -> asyncio.Future[Reference]:
         down = self._down.get(store.where)
         if down is not None and loop.time() < down[1]:
             failed: asyncio.Future[Reference] = loop.create_future()
             failed.set_exception(_StoreDown(*down))
             return failed
-        future = loop.run_in_executor(self._pool, self._upload, store, message)
+        future = loop.run_in_executor(self._pool, self._running.run, store, message, running)
         future.add_done_callback(self._count)
         return future
-
-    def _upload(self, store: Store, message: Message) -> Reference:
-        # In a pool thread: noted as running, so a deadline that passes now is the
-        # store's slowness, not a queue for a thread (prepare).
-        self._running.add(message.message_id)
-        try:
-            return _upload(store, message)
-        finally:
-            self._running.discard(message.message_id)
 
     def _count(self, future: asyncio.Future[Reference]) -> None:
         if not future.cancelled() and future.exception() is None:

@@ -133,9 +133,15 @@ class DeadLetterTopic:
         self._prepare_threshold = prepare_threshold
         self._query_timeout = query_timeout
         self._woken = asyncio.Event()
-        # Whether the dead-letter broker has acked a copy in this relay's life: only then
-        # is a copy it refuses for good this copy's problem (_without_payload).
-        self._accepting = False
+        # Per destination, when it last acked a copy and last refused one for good: a
+        # refusal is a copy's own problem only while its destination takes other copies
+        # (acked since its last refusal); otherwise it is the destination's (an ACL, a
+        # name the broker refuses), and the topic's copies rest instead (_resting).
+        self._acked_at: dict[str, float] = {}
+        self._refused_at: dict[str, float] = {}
+        self._cut = False  # the last take stopped at its deadline (_publish_in_order)
+        self._resting: dict[str, float] = {}  # original topic -> until (monotonic): left out of takes
+        self._rests: dict[str, int] = {}  # original topic -> refusals in a row (its backoff)
         self._failures = 0
         self.published = 0
 
@@ -156,9 +162,9 @@ class DeadLetterTopic:
                     while True:
                         self._woken.clear()
                         taken, acked = await self.publish_once(conn)
-                        if taken and acked == taken:
+                        if taken and (acked == taken or self._cut):
                             self._failures = 0
-                            continue  # more may be waiting (a take is bounded in rows and bytes)
+                            continue  # more may be waiting (a take is bounded in rows, bytes and time)
                         if taken and acked < taken:
                             self._failures += 1
                             await asyncio.sleep(self._backoff.delay(self._failures))
@@ -177,13 +183,19 @@ class DeadLetterTopic:
         with deadline:
             async with conn.transaction():
                 # Row locks are held while the broker is called: bounded like a batch's.
-                idle = milliseconds(2 * self._publish_timeout + self._query_timeout)
+                # A last wave may start just before the deadline: its uploads (the claim
+                # check) and its publish may each take publish_timeout.
+                idle = milliseconds(3 * self._publish_timeout + self._query_timeout)
                 await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)", (str(idle),))
                 cur = await conn.execute(self._q["dead_letter_topic_lock"], {"lock": self._lock})
                 row = await cur.fetchone()
                 if not row or not row[0]:
                     return 0, 0  # another replica publishes
-                cur = await conn.execute(self._q["dead_letter_topic_take"], {"limit": self._config.batch_size})
+                now = time.monotonic()
+                resting = [topic for topic, until in self._resting.items() if until > now]
+                cur = await conn.execute(
+                    self._q["dead_letter_topic_take"], {"limit": self._config.batch_size, "resting": resting}
+                )
                 ids = _within(await cur.fetchall(), self._max_batch_bytes)
                 if not ids:
                     return 0, 0
@@ -200,9 +212,9 @@ class DeadLetterTopic:
 
     async def _publish_in_order(self, copies: list[tuple[int, OutgoingMessage]]) -> list[int]:
         """Publish the copies, each key's in order (a key stops at its first copy not
-        acked); the row ids that are done. A copy the topic refuses for good (too large
-        for it, a name it does not take) goes again without its payload; refused again,
-        it is given up, loudly, so one poisoned dead letter cannot stall the rest."""
+        acked); the row ids that are done. A copy the topic refuses for good goes again
+        without its payload; refused again, it is given up, loudly, while its destination
+        takes other copies, or else its topic's copies rest (_without_payload)."""
         broker = self._config.broker
         by_id = dict(copies)
         # A key's copies share a call only to one destination of a broker that keeps a
@@ -210,10 +222,12 @@ class DeadLetterTopic:
         same_call = (lambda m: by_id[m.id].destination) if self._keeps_order(broker) else None
         done: list[int] = []
         stopped: set[str] = set()
+        self._cut = False
         deadline = time.monotonic() + self._publish_timeout
         for wave in waves([out.message for _, out in copies], same_call):
             if time.monotonic() >= deadline:
-                break  # the rest in the next take: the rows' locks are held meanwhile
+                self._cut = True  # the rest in the next take, at once: no failure of theirs
+                break
             todo = [m for m in wave if m.key is None or m.key not in stopped]
             if not todo:
                 continue
@@ -222,7 +236,7 @@ class DeadLetterTopic:
             for message, answer in zip(todo, answers, strict=True):
                 if answer.outcome is Outcome.ACKED:
                     done.append(message.id)
-                    self._accepting = True
+                    self._acked(message.topic, by_id[message.id].destination)
                     self._metrics.dead_letters_published.inc()
                 elif answer.outcome is Outcome.PERMANENT:
                     refused.append((message, answer))
@@ -256,7 +270,7 @@ class DeadLetterTopic:
         )
         [answer] = await self._publish(self._config.broker, [OutgoingMessage(bare, out.destination, True)])
         if answer.outcome is Outcome.ACKED:
-            self._accepting = True
+            self._acked(message.topic, out.destination)
             self._metrics.dead_letters_published.inc()
             log.warning(
                 "dead_letter_topic_copy_without_payload",
@@ -268,10 +282,26 @@ class DeadLetterTopic:
         self._failed(out, answer)
         if answer.outcome is not Outcome.PERMANENT:
             return False
-        if not self._accepting:
-            # The broker has taken no copy yet: a refusal of every copy (the relay not
-            # authorized for the topic, a template it refuses) is the configuration's,
-            # not this dead letter's. Wait for it to be fixed rather than give them up.
+        destination = out.destination
+        now = time.monotonic()
+        accepting = self._acked_at.get(destination, float("-inf")) > self._refused_at.get(destination, float("-inf"))
+        self._refused_at[destination] = now
+        if not accepting:
+            # The destination has not taken a copy since it last refused one: the relay
+            # not authorized for it, a name the broker refuses. The configuration's, not
+            # this dead letter's: its topic's copies rest (left out of takes, so they
+            # stall no others) and are tried again after a backoff.
+            rests = self._rests[message.topic] = self._rests.get(message.topic, 0) + 1
+            self._resting[message.topic] = now + self._backoff.delay(rests)
+            log.error(
+                "dead_letter_topic_destination_refused",
+                broker=self._config.broker,
+                destination=destination,
+                topic=message.topic,
+                reason=answer.reason,
+                retry_in_s=round(self._backoff.delay(rests), 3),
+                hint="check the dead-letter topic's name and the relay's rights on it (dead_letters.publish_to)",
+            )
             return False
         log.error(
             "dead_letter_topic_copy_refused",
@@ -282,6 +312,11 @@ class DeadLetterTopic:
             hint="the dead letter stays in the table (outbox-relay dead-letters list); the topic will not get it",
         )
         return True
+
+    def _acked(self, topic: str, destination: str) -> None:
+        self._acked_at[destination] = time.monotonic()
+        self._resting.pop(topic, None)
+        self._rests.pop(topic, None)
 
     def _failed(self, out: OutgoingMessage, answer: PublishResult) -> None:
         self._metrics.dead_letter_publish_failures.inc()

@@ -92,3 +92,17 @@ async def test_while_the_broker_has_taken_no_copy_a_refusal_gives_nothing_up() -
 def test_a_take_is_bounded_in_bytes_but_always_takes_one() -> None:
     assert dlt._within([(1, 600), (2, 300), (3, 200)], 1000) == [1, 2]
     assert dlt._within([(1, 5000), (2, 1)], 1000) == [1]
+
+
+async def test_a_destination_that_refuses_after_taking_copies_loses_at_most_one_then_rests() -> None:
+    refusal = PublishResult.permanent("topic authorization failed")
+    # Copy 1 acked; then the relay's rights on the destination are revoked: 2 and 3 are
+    # refused, with and without their payloads.
+    script = {2: [refusal, refusal], 3: [refusal, refusal]}
+    topic, _ = publisher(script, ordered=True)
+    assert await topic._publish_in_order([copy(1, "a")]) == [1]
+    assert await topic._publish_in_order([copy(2, "b")]) == [2]  # taken for this copy's problem
+    assert await topic._publish_in_order([copy(3, "c")]) == []  # the destination's: it waits
+    assert topic._resting, "its topic rests, left out of the next takes"
+    assert await topic._publish_in_order([copy(3, "c")]) == [3]  # rights back: it goes
+    assert not topic._resting
