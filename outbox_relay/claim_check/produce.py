@@ -49,6 +49,21 @@ def _statement(
     return query, (topic, key, reference.body(), json.dumps(checked), CONTENT_TYPE)
 
 
+def _check_before_upload(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+    topic: str,
+    key: str | None,
+    headers: Mapping[str, str] | None,
+) -> None:
+    """What enqueue checks before any SQL, checked before the upload too: a call that
+    would be refused uploads nothing."""
+    check_topic(topic)
+    check_key(key)
+    check_headers(headers)
+    if _outside_a_transaction(conn):
+        raise ValueError(AUTOCOMMIT_ERROR)
+
+
 def enqueue_large(
     conn: psycopg.Connection[Any],
     topic: str,
@@ -61,11 +76,7 @@ def enqueue_large(
 ) -> UUID:
     """Upload `payload` to `store`, then enqueue its envelope in `conn`'s current
     transaction; the message id. Checks the topic, key and headers before uploading."""
-    check_topic(topic)
-    check_key(key)
-    check_headers(headers)
-    if _outside_a_transaction(conn):
-        raise ValueError(AUTOCOMMIT_ERROR)
+    _check_before_upload(conn, topic, key, headers)
     query, params = _statement(topic, upload(store, payload), key, headers, schema)
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(query, params)
@@ -85,11 +96,7 @@ async def enqueue_large_async(
     schema: str = DEFAULT_SCHEMA,
 ) -> UUID:
     """enqueue_large for an asyncio connection (the upload runs in a thread)."""
-    check_topic(topic)
-    check_key(key)
-    check_headers(headers)
-    if _outside_a_transaction(conn):
-        raise ValueError(AUTOCOMMIT_ERROR)
+    _check_before_upload(conn, topic, key, headers)
     reference = await asyncio.to_thread(upload, store, payload)
     query, params = _statement(topic, reference, key, headers, schema)
     async with conn.cursor(row_factory=tuple_row) as cur:

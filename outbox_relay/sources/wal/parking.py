@@ -198,9 +198,7 @@ class Parking:
                 await conn.execute(
                     self._record_receipts,
                     {
-                        "message_ids": [m.message_id for m, _ in receipts],
-                        "topics": [m.topic for m, _ in receipts],
-                        "keys": [m.key for m, _ in receipts],
+                        **_identities(receipts),
                         "receipts": [receipt for _, receipt in receipts],
                     },
                 )
@@ -208,9 +206,7 @@ class Parking:
                 await conn.execute(
                     self._record_delivered,
                     {
-                        "message_ids": [m.message_id for m, _ in delivered],
-                        "topics": [m.topic for m, _ in delivered],
-                        "keys": [m.key for m, _ in delivered],
+                        **_identities(delivered),
                         "payloads": [m.payload for m, _ in delivered],
                         "content_types": [m.content_type for m, _ in delivered],
                         "headers": [_headers_json(m) for m, _ in delivered],
@@ -280,3 +276,12 @@ class Parking:
 
 def _headers_json(message: Message) -> str:
     return json.dumps(dict(message.headers), ensure_ascii=False, separators=(",", ":"))
+
+
+def _identities(acked: Sequence[tuple[Message, str | None]]) -> dict[str, list[Any]]:
+    """The message id, topic and key arrays both of record_acked's statements take."""
+    return {
+        "message_ids": [m.message_id for m, _ in acked],
+        "topics": [m.topic for m, _ in acked],
+        "keys": [m.key for m, _ in acked],
+    }
