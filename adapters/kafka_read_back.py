@@ -73,7 +73,7 @@ async def read_back(options: Mapping[str, Any], places: Sequence[tuple[str, int,
             consumer.assign([tp])
             for start, stop in _runs(present):
                 consumer.seek(tp, start)
-                await _read_run(consumer, tp, stop, result.found, seen)
+                result.records_read += await _read_run(consumer, tp, stop, result.found, seen)
     finally:
         await consumer.stop()
     result.repeated = {mid: n for mid, n in seen.items() if n > 1}
@@ -82,16 +82,18 @@ async def read_back(options: Mapping[str, Any], places: Sequence[tuple[str, int,
 
 async def _read_run(
     consumer: Any, tp: Any, stop: int, found: dict[tuple[str, int, int], str | None], seen: dict[str, int]
-) -> None:
-    """Read from the consumer's position through offset `stop`; give up once STALL_S
-    pass without the position moving (each wait bounded by it too)."""
+) -> int:
+    """Read from the consumer's position through offset `stop`; how many records that
+    took. Give up once STALL_S pass without the position moving (each wait bounded by
+    it too)."""
     loop = asyncio.get_running_loop()
     last, progressed = -1, loop.time()
+    read = 0
     while True:
         async with asyncio.timeout(STALL_S):
             position = await consumer.position(tp)
         if position > stop:
-            return
+            return read
         if position != last:
             last, progressed = position, loop.time()
         elif loop.time() - progressed > STALL_S:
@@ -103,6 +105,7 @@ async def _read_run(
         for record in batches.get(tp, []):
             if record.offset > stop:
                 break
+            read += 1
             message_id = _message_id(record.headers)
             if message_id is not None:
                 seen[message_id] += 1

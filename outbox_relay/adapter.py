@@ -260,6 +260,9 @@ class ReadBack:
     # Places a reader cannot see yet (written, but behind a transaction still open on
     # their partition): neither there nor missing.
     undecided: set[tuple[str, int, int]] = field(default_factory=set)
+    # Records read from the broker to check them (the audit's cost: what is checked
+    # and the records between nearby places, not the topic's size).
+    records_read: int = 0
 
 
 # read_back(options, places): the broker's records at those places, read with the

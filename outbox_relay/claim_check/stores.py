@@ -242,16 +242,23 @@ class S3Store:
                 raise
 
 
-def _read_umask() -> int:
-    """The process's umask, read without changing it where Linux says it (/proc), else
-    by setting and restoring it: once, at import, before any upload thread runs (two
-    threads doing that at once could leave it at 0 for the whole process)."""
+def _proc_umask() -> int | None:
+    """The process's umask as Linux tells it (/proc): reading it changes nothing."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
+    return None
+
+
+def _read_umask() -> int:
+    """The umask, from /proc, else by setting and restoring it: once, at import, before
+    any upload thread runs (two threads doing that at once could leave it at 0 for the
+    whole process)."""
+    mask = _proc_umask()
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
 
 
@@ -259,13 +266,10 @@ _UMASK = _read_umask()
 
 
 def _umask() -> int:
-    """The umask now (an application may set it after importing this), from /proc, which
-    reading changes nothing; elsewhere the one read at import."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return _UMASK
+    """The umask now (an application may set it after importing this); where /proc does
+    not say, the one read at import."""
+    mask = _proc_umask()
+    return _UMASK if mask is None else mask
 
 
 def open_store(config: FileStoreConfig | S3StoreConfig) -> Store:

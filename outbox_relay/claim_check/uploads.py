@@ -29,7 +29,7 @@ from outbox_relay.models import Message, OutgoingMessage, PublishResult
 
 log = structlog.get_logger("outbox_relay.claim_check")
 
-# Uploads in flight at once per relay (each a thread: boto3 is synchronous).
+# Uploads in flight at once per store (each a thread: boto3 is synchronous).
 CONCURRENCY = 4
 # How long an upload's failure keeps /readyz at 503 without a new one (readiness).
 READY_MEMORY_S = 30.0
@@ -66,8 +66,9 @@ class _StoreDown(Exception):
 
 
 class _Busy(Exception):
-    """The upload never started within the call's deadline: every thread was busy (a
-    burst of large payloads), which says nothing against the store."""
+    """The upload started late in the call's deadline, or not at all: it queued for a
+    thread behind the store's other uploads (a burst of large payloads), which says
+    nothing against the store."""
 
 
 def _store_level(error: BaseException) -> bool:
@@ -82,27 +83,37 @@ def _store_level(error: BaseException) -> bool:
     return module.startswith(("botocore", "urllib3")) and type(error).__name__ != "ParamValidationError"
 
 
+class _Submission:
+    """One upload handed to a pool: when a thread took it (None: still queued). One per
+    submission, so two uploads of one message id (a retry beside one that timed out)
+    are told apart."""
+
+    __slots__ = ("started_at",)
+
+    def __init__(self) -> None:
+        self.started_at: float | None = None
+
+
 class _Running:
     """When each upload in a thread started, per store: a store whose uploads hang keeps
     every thread, and the uploads queued behind them must count against it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._since: dict[str, dict[threading.Event, float]] = {}
+        self._since: dict[str, dict[_Submission, float]] = {}
 
-    def run(self, store: Store, message: Message, running: threading.Event) -> Reference:
-        # In a pool thread: flagged as taken, so a deadline that passes now is the
-        # store's slowness, not a queue for a thread (ClaimChecks.prepare). One flag per
-        # submission: two uploads of one message id (a retry beside one that timed out)
-        # are told apart.
-        running.set()
+    def run(self, store: Store, message: Message, submission: _Submission) -> Reference:
+        # In a pool thread: the time it was taken, so the deadline tells the store's
+        # slowness from a queue for a thread (ClaimChecks.prepare).
+        now = time.monotonic()
+        submission.started_at = now
         with self._lock:
-            self._since.setdefault(store.where, {})[running] = time.monotonic()
+            self._since.setdefault(store.where, {})[submission] = now
         try:
             return _upload(store, message)
         finally:
             with self._lock:
-                self._since.get(store.where, {}).pop(running, None)
+                self._since.get(store.where, {}).pop(submission, None)
 
     def hung(self, where: str, longer_than: float) -> bool:
         """Whether an upload to `where` has been running for longer than that."""
@@ -115,14 +126,16 @@ class ClaimChecks:
     def __init__(self, stores: Sequence[FileStoreConfig | S3StoreConfig], backoff: Backoff, timeout: float):
         self._backoff = backoff
         self._timeout = timeout
+        # Threads of their own per store (boto3 is synchronous): an upload that outlives
+        # its deadline keeps its thread, and must take neither the ones the rest of the
+        # relay uses (the default executor: the file adapter's writes, librdkafka's
+        # commits) nor another store's (a store that never answers, a hung NFS mount,
+        # would hold every thread and starve the healthy ones).
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         # Opened at start: a store the relay cannot use (boto3 missing) stops it there.
         self._stores: dict[FileStoreConfig | S3StoreConfig, Store] = {}
         for config in stores:
             self.store(config)
-        # Threads of their own (boto3 is synchronous): an upload that outlives its
-        # deadline keeps its thread, and must not take the ones the rest of the relay
-        # uses (the default executor: the file adapter's writes, librdkafka's commits).
-        self._pool = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="claim-check")
         self._running = _Running()
         # Per store: why and until when it is taken for down (a circuit: within the
         # window its uploads fail at once, so a batch does not wait out a timeout per
@@ -159,28 +172,40 @@ class ClaimChecks:
             return [(index, out) for index, out, _ in items], {}
         wanted = [(index, out, config) for index, out, config in items if self.wanted(out.message, config)]
         loop = asyncio.get_running_loop()
-        running = [threading.Event() for _ in wanted]  # set by the thread that takes the upload
+        submissions = [_Submission() for _ in wanted]
         started = [
-            self._start(loop, self.store(config.store), out.message, flag)
-            for (_, out, config), flag in zip(wanted, running, strict=True)
+            self._start(loop, self.store(config.store), out.message, submission)
+            for (_, out, config), submission in zip(wanted, submissions, strict=True)
             if config is not None
         ]
         done, late = await asyncio.wait(started, timeout=self._timeout) if started else (set(), set())
         for future in late:
             future.cancel()  # not started yet: never runs; running: its answer is ignored
+        # An upload without an answer is the store's failure when the store has had it,
+        # or the ones it waited behind, for at least half the deadline (not all of it:
+        # those this very call started ran a hair less than the deadline); otherwise
+        # it only queued for a thread (a burst of large payloads) and waits without a
+        # word against the store.
+        patience = self._timeout / 2
+        now = time.monotonic()
         uploads: dict[int, Reference | BaseException] = {}
-        for (index, _, config), future, flag in zip(wanted, started, running, strict=True):
+        for (index, _, config), future, submission in zip(wanted, started, submissions, strict=True):
             if future in done and not future.cancelled():
                 uploads[index] = future.exception() or future.result()
-            elif flag.is_set():
+            elif submission.started_at is not None and now - submission.started_at >= patience:
                 uploads[index] = TimeoutError()  # the store took the upload and did not answer
-            elif config is not None and self._running.hung(self.store(config.store).where, self._timeout):
-                uploads[index] = TimeoutError()  # queued behind uploads the store never answers
+            elif (
+                submission.started_at is None
+                and config is not None
+                and self._running.hung(self.store(config.store).where, patience)
+            ):
+                uploads[index] = TimeoutError()  # queued behind uploads the store does not answer
             else:
-                uploads[index] = _Busy("every claim-check upload thread was busy")
+                uploads[index] = _Busy("queued behind other uploads to the store past the call's deadline")
         ready: list[tuple[int, OutgoingMessage]] = []
         held: dict[int, PublishResult] = {}
         stopped: set[str] = set()
+        counted: set[str] = set()  # what this call already counted or logged, per store
         for index, out, config in items:
             key = out.message.key
             if ordered and key is not None and key in stopped:
@@ -196,20 +221,23 @@ class ClaimChecks:
                 message = envelope_message(out.message, answer)
                 ready.append((index, OutgoingMessage(message, out.destination, out.explicit_destination)))
                 continue
-            held[index] = self._failed(where, answer)
+            held[index] = self._failed(where, answer, counted)
             if key is not None:
                 stopped.add(key)
         return ready, held
 
     def _start(
-        self, loop: asyncio.AbstractEventLoop, store: Store, message: Message, running: threading.Event
+        self, loop: asyncio.AbstractEventLoop, store: Store, message: Message, submission: _Submission
     ) -> asyncio.Future[Reference]:
         down = self._down.get(store.where)
         if down is not None and loop.time() < down[1]:
             failed: asyncio.Future[Reference] = loop.create_future()
             failed.set_exception(_StoreDown(*down))
             return failed
-        future = loop.run_in_executor(self._pool, self._running.run, store, message, running)
+        pool = self._pools.get(store.where)
+        if pool is None:
+            pool = self._pools[store.where] = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="claim-check")
+        future = loop.run_in_executor(pool, self._running.run, store, message, submission)
         future.add_done_callback(self._count)
         return future
 
@@ -223,12 +251,18 @@ class ClaimChecks:
         self._outage.pop(where, None)
         self._failed_at.pop(where, None)
 
-    def _failed(self, where: str, error: BaseException) -> PublishResult:
+    def _failed(self, where: str, error: BaseException, counted: set[str]) -> PublishResult:
+        """The answer for a message whose upload to `where` failed. A store's failure
+        counts once per call towards its outage (a call of many large messages is one
+        sign of it, not many: the window would otherwise jump to retry.max at once)."""
         if not _store_level(error):
             # This message's own problem: an attempt is spent, the store stays up.
             return PublishResult.transient(f"claim-check upload to {where} failed: {first_line(error)}")
         now = asyncio.get_running_loop().time()
         if isinstance(error, _Busy):  # no attempt spent, and no word against the store
+            if f"queued:{where}" not in counted:
+                counted.add(f"queued:{where}")
+                log.info("claim_check_uploads_queued", store=where, threads=CONCURRENCY)
             return PublishResult.unavailable(f"claim-check store {where}: {error}", retry_after=self._backoff.delay(1))
         if isinstance(error, _StoreDown):
             # Its window as it was when the upload was refused (an upload that ended well
@@ -237,12 +271,14 @@ class ClaimChecks:
                 f"claim-check store {where} unavailable: {error}", retry_after=max(0.0, error.until - now)
             )
         reason = "no answer within publish_timeout" if isinstance(error, TimeoutError) else first_line(error)
-        if where not in self._down:
-            log.warning("claim_check_store_unavailable", store=where, error=reason)
-        self._outage[where] = self._outage.get(where, 0) + 1
-        until = now + self._backoff.delay(self._outage[where])
-        self._down[where] = (reason, until)
-        self._failed_at[where] = now
+        if where not in counted:
+            counted.add(where)
+            if where not in self._down:
+                log.warning("claim_check_store_unavailable", store=where, error=reason)
+            self._outage[where] = self._outage.get(where, 0) + 1
+            self._down[where] = (reason, now + self._backoff.delay(self._outage[where]))
+            self._failed_at[where] = now
+        until = self._down[where][1]
         return PublishResult.unavailable(
             f"claim-check store {where} unavailable: {reason}", retry_after=max(0.0, until - now)
         )
@@ -265,4 +301,5 @@ class ClaimChecks:
         }
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)

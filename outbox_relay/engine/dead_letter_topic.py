@@ -139,8 +139,10 @@ class DeadLetterTopic:
         # name the broker refuses), and the topic's copies rest instead (_resting).
         self._acked_at: dict[str, float] = {}
         self._refused_at: dict[str, float] = {}
-        self._cut = False  # the last take stopped at its deadline (_publish_in_order)
+        self._cut = False  # the last take stopped at its deadline with copies left to send
+        self._take_failures = 0  # copies of the last take that failed (a cut take is clean only without)
         self._resting: dict[str, float] = {}  # original topic -> until (monotonic): left out of takes
+        self._last_refusal: dict[str, str | None] = {}  # destination -> its last refusal's reason (logs)
         self._rests: dict[str, int] = {}  # original topic -> refusals in a row (its backoff)
         self._failures = 0
         self.published = 0
@@ -162,7 +164,7 @@ class DeadLetterTopic:
                     while True:
                         self._woken.clear()
                         taken, acked = await self.publish_once(conn)
-                        if taken and (acked == taken or self._cut):
+                        if taken and (acked == taken or (self._cut and not self._take_failures)):
                             self._failures = 0
                             continue  # more may be waiting (a take is bounded in rows, bytes and time)
                         if taken and acked < taken:
@@ -214,7 +216,7 @@ class DeadLetterTopic:
         """Publish the copies, each key's in order (a key stops at its first copy not
         acked); the row ids that are done. A copy the topic refuses for good goes again
         without its payload; refused again, it is given up, loudly, while its destination
-        takes other copies, or else its topic's copies rest (_without_payload)."""
+        takes other copies, or else its topic's copies rest (_without_payload, _rest)."""
         broker = self._config.broker
         by_id = dict(copies)
         # A key's copies share a call only to one destination of a broker that keeps a
@@ -222,15 +224,21 @@ class DeadLetterTopic:
         same_call = (lambda m: by_id[m.id].destination) if self._keeps_order(broker) else None
         done: list[int] = []
         stopped: set[str] = set()
+        # Destinations that refused a bare copy in this take without proof that they take
+        # others: their further refusals in the take are not sent bare again (one call
+        # each), and unless they ack a copy before the take ends, their topics rest.
+        suspect: dict[str, set[str]] = {}
         self._cut = False
-        deadline = time.monotonic() + self._publish_timeout
+        self._take_failures = 0
+        started = time.monotonic()
+        deadline = started + self._publish_timeout
         for wave in waves([out.message for _, out in copies], same_call):
-            if time.monotonic() >= deadline:
-                self._cut = True  # the rest in the next take, at once: no failure of theirs
-                break
             todo = [m for m in wave if m.key is None or m.key not in stopped]
             if not todo:
                 continue
+            if time.monotonic() >= deadline:
+                self._cut = True  # the rest in the next take, at once
+                break
             answers = await self._publish(broker, [by_id[m.id] for m in todo])
             refused: list[tuple[Message, PublishResult]] = []
             for message, answer in zip(todo, answers, strict=True):
@@ -246,15 +254,26 @@ class DeadLetterTopic:
                     if message.key is not None:
                         stopped.add(message.key)
             for message, answer in refused:
-                if time.monotonic() < deadline and await self._without_payload(by_id[message.id], answer):
+                out = by_id[message.id]
+                if out.destination in suspect:
+                    self._failed(out, answer)
+                    suspect[out.destination].add(message.topic)
+                elif time.monotonic() < deadline and await self._without_payload(out, answer, suspect):
                     done.append(message.id)
-                elif message.key is not None:
+                    continue
+                if message.key is not None:
                     stopped.add(message.key)
+        for destination, topics in suspect.items():
+            if self._acked_at.get(destination, float("-inf")) < started:
+                self._rest(destination, topics)
         return done
 
-    async def _without_payload(self, out: OutgoingMessage, refusal: PublishResult) -> bool:
+    async def _without_payload(
+        self, out: OutgoingMessage, refusal: PublishResult, suspect: dict[str, set[str]]
+    ) -> bool:
         """A copy refused for good, sent again without its payload; True when that is
-        done with (acked, or refused again and given up)."""
+        done with (acked, or refused again and given up). A destination that refuses
+        it again without having taken a copy since its last refusal joins `suspect`."""
         message = out.message
         headers = {**message.headers, PAYLOAD_OMITTED: f"{message.size} bytes, refused: {refusal.reason}"}
         bare = Message(
@@ -283,25 +302,15 @@ class DeadLetterTopic:
         if answer.outcome is not Outcome.PERMANENT:
             return False
         destination = out.destination
-        now = time.monotonic()
         accepting = self._acked_at.get(destination, float("-inf")) > self._refused_at.get(destination, float("-inf"))
-        self._refused_at[destination] = now
+        self._refused_at[destination] = time.monotonic()
         if not accepting:
             # The destination has not taken a copy since it last refused one: the relay
-            # not authorized for it, a name the broker refuses. The configuration's, not
-            # this dead letter's: its topic's copies rest (left out of takes, so they
-            # stall no others) and are tried again after a backoff.
-            rests = self._rests[message.topic] = self._rests.get(message.topic, 0) + 1
-            self._resting[message.topic] = now + self._backoff.delay(rests)
-            log.error(
-                "dead_letter_topic_destination_refused",
-                broker=self._config.broker,
-                destination=destination,
-                topic=message.topic,
-                reason=answer.reason,
-                retry_in_s=round(self._backoff.delay(rests), 3),
-                hint="check the dead-letter topic's name and the relay's rights on it (dead_letters.publish_to)",
-            )
+            # may not be authorized for it, or the broker refuses its name. Not given up:
+            # the take goes on (another copy acked by it says the copy is the problem,
+            # and the next take gives it up); otherwise its topic rests (_rest).
+            suspect.setdefault(destination, set()).add(message.topic)
+            self._last_refusal[destination] = answer.reason
             return False
         log.error(
             "dead_letter_topic_copy_refused",
@@ -313,12 +322,36 @@ class DeadLetterTopic:
         )
         return True
 
+    def _rest(self, destination: str, topics: set[str]) -> None:
+        """A destination refused copies and took none in a take: the configuration's
+        problem, most likely (fixed later), or, right after a start, a copy's own. Its
+        topics' copies are left out of takes (so they stall no others) for a growing
+        backoff, once per take; the next try after it tells the two apart."""
+        now = time.monotonic()
+        for topic in sorted(topics):
+            rests = self._rests[topic] = self._rests.get(topic, 0) + 1
+            delay = self._backoff.delay(rests)
+            self._resting[topic] = now + delay
+            log.error(
+                "dead_letter_topic_destination_refused",
+                broker=self._config.broker,
+                destination=destination,
+                topic=topic,
+                reason=self._last_refusal.get(destination),
+                retry_in_s=round(delay, 3),
+                hint=(
+                    "check the dead-letter topic's name and the relay's rights on it (dead_letters.publish_to); "
+                    "if it takes other copies, the refused one is given up on the next try"
+                ),
+            )
+
     def _acked(self, topic: str, destination: str) -> None:
         self._acked_at[destination] = time.monotonic()
         self._resting.pop(topic, None)
         self._rests.pop(topic, None)
 
     def _failed(self, out: OutgoingMessage, answer: PublishResult) -> None:
+        self._take_failures += 1
         self._metrics.dead_letter_publish_failures.inc()
         log.warning(
             "dead_letter_topic_publish_failed",

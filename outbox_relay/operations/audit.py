@@ -54,6 +54,7 @@ class AuditReport:
     not_audited: int = 0
     undecided: int = 0  # behind a transaction still open on their partition
     delivered_twice: int = 0
+    records_read: int = 0  # from the brokers, to check what was checked (the cost)
     examples: dict[str, list[Finding]] = field(default_factory=dict)
 
     @property
@@ -121,6 +122,7 @@ async def audit(
                 report.missing += 1
                 why = "no record there" if there is None else f"the record there is message {there}"
                 report.note("missing", Finding(mid, topic_name, f"{where}: {why}"))
+        report.records_read += back.records_read
         for mid, times in back.repeated.items():
             report.delivered_twice += 1
             report.note("delivered_twice", Finding(mid, "", f"{broker}: {times} records"))
@@ -137,7 +139,8 @@ def _place(receipt: dict[str, Any]) -> tuple[str, int, int] | None:
 def render(report: AuditReport) -> str:
     lines = [
         f"audit of the last {report.since_s:g}s: {'ok' if report.ok else 'FAIL'}",
-        f"  checked at the broker  {report.checked} ({report.matched} where their receipt says)",
+        f"  checked at the broker  {report.checked} ({report.matched} where their receipt says;"
+        f" {report.records_read} records read)",
         f"  missing                {report.missing}",
         f"  without a receipt      {report.without_receipt}",
         f"  delivered twice        {report.delivered_twice} (at least once, or a replay: not an error)",

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.errors import KafkaError
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
@@ -91,6 +92,49 @@ async def test_records_deleted_from_the_topic_are_reported_missing(
     assert all("no record there" in e["where"] for e in report["examples"]["missing"])
 
 
+async def test_a_recreated_topic_holding_other_messages_is_reported_with_what_is_there(
+    db: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic = f"audit-new-{uuid.uuid4().hex[:10]}"
+    await new_topic_delivered(db, kafka_bootstrap, topic, 5)
+    # The topic deleted and created again; another producer writes 5 records, which
+    # take the offsets the receipts name.
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+
+        async def gone() -> bool:
+            return topic not in await admin.list_topics()
+
+        await wait_until(gone, timeout=60, interval=0.2, what="the topic deleted")
+    finally:
+        await admin.close()
+
+    async def recreated() -> bool:
+        try:
+            await kafka_create_topic(kafka_bootstrap, topic, partitions=1)
+        except KafkaError:  # still being deleted
+            return False
+        return True
+
+    await wait_until(recreated, timeout=60, interval=0.5, what="the topic created again")
+    strangers = [str(uuid.uuid4()) for _ in range(5)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for stranger in strangers:
+            await producer.send_and_wait(topic, b"{}", partition=0, headers=[("message-id", stranger.encode())])
+    finally:
+        await producer.stop()
+    code, report = audit(tmp_path, db, kafka_bootstrap, topic)
+    assert code == 1 and not report["ok"]
+    assert (report["checked"], report["matched"], report["missing"]) == (5, 0, 5)
+    shown = [e["where"] for e in report["examples"]["missing"]]
+    assert all("the record there is message " in where for where in shown), shown
+    assert {where.rsplit(" ", 1)[1] for where in shown} <= set(strangers)
+
+
 async def test_a_copy_delivered_twice_is_reported_and_is_no_failure(
     db: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -133,6 +177,17 @@ async def test_a_message_without_a_receipt_fails_the_audit_and_the_topic_filter_
     # The latest 3 only: the broker is read at 3 places.
     code, report = audit(tmp_path, db, kafka_bootstrap, topic, "--sample", "3")
     assert code == 0 and report["checked"] == 3
+
+
+async def test_the_audit_reads_what_it_checks_not_the_topic(db: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+    topic = f"audit-cost-{uuid.uuid4().hex[:10]}"
+    await new_topic_delivered(db, kafka_bootstrap, topic, 1500)
+    code, report = audit(tmp_path, db, kafka_bootstrap, topic)
+    assert code == 0 and report["checked"] == 1500 and report["records_read"] == 1500
+    # The latest 10: a few records near the partition's end, not its 1,500.
+    code, report = audit(tmp_path, db, kafka_bootstrap, topic, "--sample", "10")
+    assert code == 0 and report["checked"] == 10
+    assert 10 <= report["records_read"] <= 200, report
 
 
 def test_a_bad_window_is_refused_in_one_line(db: str, kafka_bootstrap: str, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from outbox_relay import claim_check, enqueue
+from outbox_relay import claim_check, enqueue, inbox
 from outbox_relay.assembly import build_adapters
 from outbox_relay.claim_check import envelope
 from outbox_relay.claim_check.stores import FileStore, S3Store
@@ -28,6 +28,8 @@ from outbox_relay.config import S3StoreConfig
 from outbox_relay.operations import claim_check_sweep
 from tests import services
 from tests.consumers import RabbitQueue, kafka_scan_to_end, rabbit_read
+from tests.inbox.helpers import balances, create_accounts
+from tests.inbox.helpers import credit as credit_account
 from tests.support.cli import RelayProcess, run_cli
 from tests.support.configs import make_config, write_config
 from tests.support.databases import role_with_grants
@@ -111,6 +113,39 @@ async def test_a_5_mb_payload_goes_to_kafka_through_s3_and_is_fetched_back_by_it
     store._client.put_object(Bucket=s3["bucket"], Key=f"relay/{large}", Body=payload[:-1] + b"!")
     with pytest.raises(claim_check.ClaimCheckError, match="does not match the envelope's SHA-256"):
         claim_check.fetch(first)
+
+
+async def test_the_inbox_applies_a_claim_checked_message_once(
+    db: str, kafka_bootstrap: str, s3: dict[str, Any]
+) -> None:
+    # The consumer's inbox keys on the message-id header, which the envelope keeps: a
+    # claim-checked message is applied once, its payload fetched and checked by hash.
+    topic = f"claims-{uuid.uuid4().hex[:10]}"
+    credit = {"account": 7, "amount": 5, "scan": "x" * (300 * 1024)}  # over 256KiB
+    with psycopg.connect(db) as conn:
+        inbox.install(conn)
+        create_accounts(conn)
+        message_id = enqueue(conn, "credits.posted", credit, key="a7")
+        conn.commit()
+    config = make_config(
+        db,
+        brokers={"events": {"type": "kafka", "bootstrap_servers": kafka_bootstrap}},
+        routes=[{"topic": "credits.*", "broker": "events", "destination": topic}],
+        claim_check={"over": "256KiB", "store": s3},
+    )
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    (record,) = await kafka_records(kafka_bootstrap, topic)
+    assert envelope.URL in headers_of(record) and len(record.value) < 1000
+    ran = []
+    for _ in range(2):  # the second is a redelivery: skipped by the inbox
+        with psycopg.connect(db) as conn:
+            ran.append(inbox.process_message(conn, record, lambda c: credit_account(c, claim_check.fetch(record))))
+    assert ran == [True, False]
+    assert balances(db) == {7: 5}
+    with psycopg.connect(db) as conn:
+        (seen,) = conn.execute("SELECT message_id FROM inbox.processed").fetchone() or (None,)
+    assert seen == message_id
 
 
 async def test_over_tls_to_rabbitmq_fetched_back_and_a_wrong_key_refused_without_the_secret(
@@ -364,3 +399,37 @@ def test_a_relay_killed_between_the_upload_and_the_ack_leaves_an_object_the_next
     assert {b["message_id"] for b in bodies} == {str(message_id)} and len(bodies) == 2
     assert {b["headers"][envelope.URL] for b in bodies} == {stored.as_uri()}
     assert claim_check.fetch(bodies[-1]) == payload
+
+
+async def test_enqueue_large_async_uploads_and_a_refused_call_uploads_nothing(db: str, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    store = FileStore(store_dir)
+    payload = big_payload(5)
+    async with await psycopg.AsyncConnection.connect(db) as conn:
+        message_id = await claim_check.enqueue_large_async(conn, "docs.scanned", payload, key="k", store=store)
+        await conn.commit()
+        # Refused before any upload: a topic enqueue refuses, and a connection outside a
+        # transaction (autocommit: the envelope would not share the caller's transaction).
+        with pytest.raises(ValueError, match="topic"):
+            await claim_check.enqueue_large_async(conn, "", payload, store=store)
+        await conn.rollback()
+        await conn.set_autocommit(True)
+        with pytest.raises(ValueError, match="autocommit"):
+            await claim_check.enqueue_large_async(conn, "docs.scanned", payload, store=store)
+    [uploaded] = (store_dir / "uploads").iterdir()
+    with psycopg.connect(db) as conn:
+        row = conn.execute(
+            "SELECT headers, content_type FROM outbox.messages WHERE message_id = %s", (message_id,)
+        ).fetchone()
+    assert row is not None and row[1] == envelope.CONTENT_TYPE
+    assert row[0][envelope.URL] == uploaded.as_uri()
+    assert claim_check.fetch({"headers": row[0]}) == payload
+
+
+def test_s3_objects_are_written_with_the_server_side_encryption_asked_for(s3: dict[str, Any]) -> None:
+    store = s3_client_store({**s3, "server_side_encryption": "AES256"})
+    payload = big_payload(6)
+    url = store.put("m-sse", payload, hashlib.sha256(payload).hexdigest(), "application/octet-stream")
+    assert url == f"s3://{s3['bucket']}/relay/m-sse"
+    head = store._client.head_object(Bucket=s3["bucket"], Key="relay/m-sse")
+    assert head.get("ServerSideEncryption") == "AES256"

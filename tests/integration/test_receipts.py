@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from outbox_relay import enqueue
 from outbox_relay.models import OutgoingMessage, PublishResult
@@ -236,3 +237,24 @@ async def test_status_message_id_shows_its_state_attempts_and_receipt(db: str, t
     )
     bad = run_cli("status", "--config", str(config), "--message-id", "4711")
     assert bad.returncode == 2 and "'4711' is not a valid UUID" in bad.stderr, bad.stderr
+
+
+async def test_status_message_id_works_for_a_relay_role_granted_before_wal_receipts(db: str, tmp_path: Path) -> None:
+    # A relay role granted before schema version 13 cannot read outbox.wal_receipts: the
+    # lookup still shows the table's rows, receipt included, instead of failing.
+    with psycopg.connect(db) as conn:
+        sent = enqueue(conn, "orders.created", {"n": 1}, key="a")
+        conn.commit()
+    async with running_relay(make_config(db), {"main": FakeAdapter(script=kafka_like)}):
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0)
+    with role_with_grants(db, "relay", "old_relay") as dsn:
+        with psycopg.connect(db, autocommit=True) as conn:
+            role = sql.Identifier(f"old_relay_{conn.info.dbname}")
+            conn.execute(sql.SQL("REVOKE SELECT ON outbox.wal_receipts FROM {}").format(role))
+        with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT 1 FROM outbox.wal_receipts")
+        config = write_config(tmp_path / "relay.yaml", dsn)
+        shown = run_cli("status", "--config", str(config), "--message-id", str(sent), "--json")
+    assert shown.returncode == 0, shown.stderr
+    [row] = json.loads(shown.stdout)["rows"]
+    assert row["state"] == "dispatched" and row["receipt"]["broker"] == "main"

@@ -3,7 +3,11 @@ relay's upload step (a filesystem store, and one that fails) and fetch's checks.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import stat
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +16,8 @@ import pytest
 
 from outbox_relay import claim_check
 from outbox_relay.claim_check import envelope
-from outbox_relay.claim_check.uploads import ClaimChecks
+from outbox_relay.claim_check.stores import FileStore
+from outbox_relay.claim_check.uploads import CONCURRENCY, ClaimChecks
 from outbox_relay.config import ClaimCheckConfig, FileStoreConfig, parse
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import ConfigError
@@ -100,3 +105,113 @@ def test_a_store_failure_is_told_from_a_message_failure() -> None:
     assert _store_level(EndpointConnectionError(endpoint_url="http://x"))
     assert not _store_level(ParamValidationError(report="bad content type"))
     assert not _store_level(ValueError("header value"))
+
+
+class ScriptedStore:
+    """A store whose uploads fail, hang until released, or succeed, as a test says."""
+
+    def __init__(self, where: str, behaviour: str = "ok") -> None:
+        self.where = where
+        self.behaviour = behaviour
+        self.release = threading.Event()
+        self.puts: list[str] = []
+
+    def put(self, name: str, data: bytes, sha256: str, content_type: str) -> str:
+        self.puts.append(name)
+        if self.behaviour == "refuse":
+            raise ConnectionRefusedError("connection refused")
+        if self.behaviour == "hang":
+            self.release.wait(30)
+            raise TimeoutError("released")
+        if self.behaviour == "slow":
+            self.release.wait(0.8)
+        return f"{self.where}{name}"
+
+
+def scripted_checks(
+    tmp_path: Path, *stores: ScriptedStore, timeout: float, backoff: Backoff
+) -> tuple[ClaimChecks, list[ClaimCheckConfig]]:
+    configs = [
+        ClaimCheckConfig(over=10, store=FileStoreConfig(type="file", path=str(tmp_path / str(n))))
+        for n in range(len(stores))
+    ]
+    checks = ClaimChecks([c.store for c in configs], backoff, timeout=timeout)
+    for config, store in zip(configs, stores, strict=True):
+        checks._stores[config.store] = store  # type: ignore[assignment]
+    return checks, configs
+
+
+async def test_a_failed_store_is_not_asked_again_within_its_window_and_a_success_closes_it(tmp_path: Path) -> None:
+    store = ScriptedStore("mem://a/", "refuse")
+    checks, (config,) = scripted_checks(tmp_path, store, timeout=5, backoff=Backoff(0.2, 0.4))
+    items = [(0, OutgoingMessage(message(1, "k", b"x" * 100), "d"), config)]
+    _, held = await checks.prepare(items, ordered=True)
+    assert held[0].outcome is Outcome.UNAVAILABLE and "connection refused" in (held[0].reason or "")
+    assert len(store.puts) == 1
+    # Within the window: refused at once, without asking the store, and told how long is left.
+    _, held = await checks.prepare(items, ordered=True)
+    assert len(store.puts) == 1 and held[0].outcome is Outcome.UNAVAILABLE
+    assert held[0].retry_after is not None and 0 < held[0].retry_after <= 0.4
+    assert checks.readiness() == (False, {"claim_check_stores": {"mem://a/": False}})
+    # After the window the store is asked again; a success closes the circuit and /readyz.
+    await asyncio.sleep(0.45)
+    store.behaviour = "ok"
+    ready, held = await checks.prepare(items, ordered=True)
+    assert held == {} and len(ready) == 1 and len(store.puts) == 2
+    assert checks.readiness() == (True, {"claim_check_stores": {"mem://a/": True}})
+    checks.close()
+
+
+async def test_a_store_that_never_answers_counts_against_it_and_starves_no_other(tmp_path: Path) -> None:
+    hanging, healthy = ScriptedStore("mem://hang/", "hang"), ScriptedStore("mem://ok/")
+    checks, (slow, fine) = scripted_checks(tmp_path, hanging, healthy, timeout=0.6, backoff=Backoff(0.05, 0.1))
+    try:
+        # More uploads than threads: those running and those queued behind them alike
+        # are the store's failure (no answer within the deadline), counted once.
+        items = [(n, OutgoingMessage(message(n, None, b"x" * 100), "d"), slow) for n in range(CONCURRENCY + 2)]
+        _, held = await checks.prepare(items, ordered=False)
+        assert sorted(held) == list(range(CONCURRENCY + 2))
+        assert all(r.outcome is Outcome.UNAVAILABLE and "no answer" in (r.reason or "") for r in held.values())
+        assert checks._outage == {"mem://hang/": 1}
+        # Every thread of the hung store is still held: another store's uploads have
+        # threads of their own and go.
+        other = [(0, OutgoingMessage(message(99, None, b"y" * 100), "d"), fine)]
+        ready, held = await checks.prepare(other, ordered=False)
+        assert held == {} and len(ready) == 1 and len(healthy.puts) == 1
+        ok, details = checks.readiness() or (True, {})
+        assert not ok and details["claim_check_stores"] == {"mem://hang/": False, "mem://ok/": True}
+    finally:
+        hanging.release.set()
+        checks.close()
+
+
+async def test_uploads_queued_behind_a_burst_the_store_answers_wait_without_counting_against_it(
+    tmp_path: Path,
+) -> None:
+    slow = ScriptedStore("mem://slow/", "slow")
+    checks, (config,) = scripted_checks(tmp_path, slow, timeout=2.0, backoff=Backoff(0.05, 0.1))
+    try:
+        # Each upload takes 0.8 s: two rounds of CONCURRENCY are answered within the 2 s
+        # deadline; the third starts at 1.6 s and is still running at 2 s, for less than
+        # half the deadline (not the store's fault); a fourth never got a thread.
+        count = 4 * CONCURRENCY
+        items = [(n, OutgoingMessage(message(n, None, b"x" * 100), "d"), config) for n in range(count)]
+        ready, held = await checks.prepare(items, ordered=False)
+        assert len(ready) == 2 * CONCURRENCY
+        assert len(held) == 2 * CONCURRENCY
+        assert all(r.outcome is Outcome.UNAVAILABLE and "queued" in (r.reason or "") for r in held.values())
+        assert checks._outage == {} and checks.readiness() == (True, {"claim_check_stores": {"mem://slow/": True}})
+    finally:
+        slow.release.set()
+        checks.close()
+
+
+def test_a_file_store_follows_the_umask_set_after_import(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path))
+    previous = os.umask(0o077)  # an application tightening it after importing the relay
+    try:
+        url = store.put("m1", b"payload", hashlib.sha256(b"payload").hexdigest(), "application/octet-stream")
+    finally:
+        os.umask(previous)
+    assert url.startswith("file://")
+    assert stat.S_IMODE((tmp_path / "m1").stat().st_mode) == 0o600

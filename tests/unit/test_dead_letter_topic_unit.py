@@ -4,6 +4,7 @@ payload, and a take bounded in bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,18 +17,21 @@ from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
 
 
-def copy(row_id: int, key: str | None, payload: bytes = b"p") -> tuple[int, OutgoingMessage]:
-    message = Message(row_id, uuid.uuid4(), "t", key, payload, "application/json", {}, 1, datetime.now(UTC))
-    return row_id, OutgoingMessage(message, "t.DLT", True)
+def copy(row_id: int, key: str | None, payload: bytes = b"p", topic: str = "t") -> tuple[int, OutgoingMessage]:
+    message = Message(row_id, uuid.uuid4(), topic, key, payload, "application/json", {}, 1, datetime.now(UTC))
+    return row_id, OutgoingMessage(message, f"{topic}.DLT", True)
 
 
-def publisher(answer: dict[int, list[PublishResult]], *, ordered: bool) -> tuple[dlt.DeadLetterTopic, list[list[int]]]:
+def publisher(
+    answer: dict[int, list[PublishResult]], *, ordered: bool, publish_timeout: float = 5.0, takes: float = 0.0
+) -> tuple[dlt.DeadLetterTopic, list[list[int]]]:
     calls: list[list[int]] = []
 
     async def publish(broker: str, batch: list[OutgoingMessage]) -> Sequence[PublishResult]:
         """As an adapter that keeps a key's order would: a key's copies after its first
-        failure in the call are not sent."""
+        failure in the call are not sent. Each call takes `takes` seconds."""
         calls.append([out.message.id for out in batch])
+        await asyncio.sleep(takes)
         failed: set[str | None] = set()
         answers = []
         for out in batch:
@@ -50,7 +54,7 @@ def publisher(answer: dict[int, list[PublishResult]], *, ordered: bool) -> tuple
         schema="outbox",
         backoff=Backoff(0.05, 1.0),
         poll_interval=1.0,
-        publish_timeout=5.0,
+        publish_timeout=publish_timeout,
         max_payload_bytes=None,
         max_batch_bytes=1000,
         retry_max=1.0,
@@ -106,3 +110,72 @@ async def test_a_destination_that_refuses_after_taking_copies_loses_at_most_one_
     assert topic._resting, "its topic rests, left out of the next takes"
     assert await topic._publish_in_order([copy(3, "c")]) == [3]  # rights back: it goes
     assert not topic._resting
+
+
+async def test_what_one_destination_takes_says_nothing_for_another() -> None:
+    refusal = PublishResult.permanent("topic authorization failed")
+    # t.DLT takes copies; u.DLT refuses every one: the relay lacks rights on it. Its
+    # refusal is its own (nothing given up, its topic rests), whatever t.DLT took.
+    topic, _ = publisher({2: [refusal, refusal]}, ordered=True)
+    assert await topic._publish_in_order([copy(1, "a"), copy(2, "b", topic="u"), copy(3, "c")]) == [1, 3]
+    assert list(topic._resting) == ["u"]
+    # A key's copies to two destinations go in separate calls (no order between
+    # topics), in the key's order.
+    topic, calls = publisher({}, ordered=True)
+    assert await topic._publish_in_order([copy(1, "a"), copy(2, "a", topic="u"), copy(3, "a")]) == [1, 2, 3]
+    assert calls == [[1], [2], [3]]
+
+
+async def test_a_take_cut_by_its_deadline_leaves_the_rest_for_the_next_take_without_a_failure() -> None:
+    # Unordered: one call per copy of a key; each call takes 0.2 s of a 0.3 s deadline.
+    topic, calls = publisher({}, ordered=False, publish_timeout=0.3, takes=0.2)
+    done = await topic._publish_in_order([copy(1, "a"), copy(2, "a"), copy(3, "a")])
+    assert done == [1, 2] and calls == [[1], [2]]
+    assert topic._cut, "the next take starts at once, not after a backoff"
+    topic._publish_timeout = 5.0
+    assert await topic._publish_in_order([copy(3, "a")]) == [3] and not topic._cut
+
+
+async def test_a_resting_topic_backs_off_longer_each_time_and_an_ack_resets_it() -> None:
+    refusal = PublishResult.permanent("topic authorization failed")
+    topic, _ = publisher({1: [refusal] * 4}, ordered=True)
+    assert await topic._publish_in_order([copy(1, "a")]) == []
+    assert topic._rests == {"t": 1}
+    assert await topic._publish_in_order([copy(1, "a")]) == []
+    assert topic._rests == {"t": 2}
+    assert await topic._publish_in_order([copy(1, "a")]) == [1]  # rights back
+    assert topic._rests == {} and topic._resting == {}
+
+
+async def test_a_take_with_failures_cut_by_its_deadline_is_no_clean_take() -> None:
+    # Wave 1: a's copy fails, b's is acked, after 0.35 s; wave 2 (b's next copy) finds
+    # the 0.3 s deadline passed: cut, but the failure counts (the run loop backs off).
+    topic, _ = publisher({1: [PublishResult.transient("leader moved")]}, ordered=False, publish_timeout=0.3, takes=0.35)
+    assert await topic._publish_in_order([copy(1, "a"), copy(3, "b"), copy(4, "b")]) == [3]
+    assert topic._cut and topic._take_failures == 1
+    # Nothing left to send after the failure (a's next copy waits behind it): no cut.
+    topic, _ = publisher({1: [PublishResult.transient("leader moved")]}, ordered=False)
+    assert await topic._publish_in_order([copy(1, "a"), copy(2, "a")]) == []
+    assert not topic._cut and topic._take_failures == 1
+
+
+async def test_a_destination_refusing_a_whole_take_gets_one_bare_resend_and_one_rest() -> None:
+    refusal = PublishResult.permanent("topic authorization failed")
+    topic, calls = publisher({n: [refusal, refusal] for n in range(1, 11)}, ordered=True)
+    assert await topic._publish_in_order([copy(n, None) for n in range(1, 11)]) == []
+    assert calls == [list(range(1, 11)), [1]]  # the take's call, then one copy sent bare
+    assert topic._rests == {"t": 1} and list(topic._resting) == ["t"]
+
+
+async def test_after_a_start_a_refused_copy_rests_until_its_destination_takes_another() -> None:
+    # A fresh relay (no ack seen yet): the only copy of a take is refused for its own
+    # reason, bare too. No proof either way: its topic rests. The next take after the
+    # rest holds another key's copy, which the destination takes: the refused one is
+    # then given up, and the key's later copy goes.
+    refusal = PublishResult.permanent("header too large")
+    topic, _ = publisher({1: [refusal] * 4}, ordered=True)
+    assert await topic._publish_in_order([copy(1, "a")]) == []
+    assert list(topic._resting) == ["t"]
+    assert await topic._publish_in_order([copy(1, "a"), copy(2, "a"), copy(3, "b")]) == [3, 1]
+    assert await topic._publish_in_order([copy(2, "a")]) == [2]
+    assert topic._resting == {}
