@@ -547,6 +547,16 @@ WHERE id IN (SELECT id FROM {schema}.messages
 -- name: replay_max_source_id
 SELECT coalesce(max(id), 0), clock_timestamp() FROM {schema}.messages;
 
+-- name: replay_open_transactions
+-- The transactions that hold an id now (the snapshot's in-progress ones), taken after
+-- replay_max_source_id's as_of: a relay batch that marked rows before as_of and has not
+-- committed yet is among them (its claim locked rows, so it has an id).
+SELECT pg_current_snapshot()::text;
+
+-- name: replay_still_open
+-- How many of those are still in progress (pg_xact_status needs no privilege).
+SELECT count(*) FROM pg_snapshot_xip(%(snapshot)s::pg_snapshot) AS x WHERE pg_xact_status(x) = 'in progress';
+
 -- name: replay_wal_period
 -- When enqueue wrote into the WAL, as far as settings tell: a message published
 -- straight from the WAL never was a row, so no replay can copy it. In wal mode, since

@@ -109,6 +109,11 @@ def replay(
             chosen = replay_module.plan(conn, schema_name, selection)
             listing = ", ".join(f"{name}: {n}" for name, n in chosen.by_topic.items())
             click.echo(f"{chosen.total} message(s) to replay" + (f" ({listing})" if listing else ""))
+            if chosen.unsettled:
+                click.echo(
+                    f"note: {chosen.unsettled} transaction(s) open when it counted were still open 10s later; "
+                    "a message one of them marked dispatched before the count is copied too"
+                )
             if chosen.unfit:
                 click.echo(f"{chosen.unfit} of them will be skipped: {_UNFIT}")
             if chosen.wal is not None:

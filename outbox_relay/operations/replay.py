@@ -209,6 +209,9 @@ class Plan:
     # When enqueue wrote into the WAL, if the selection reaches into that time: what it
     # selects of it are only the messages parked in the table.
     wal: WalPeriod | None = None
+    # Transactions open when it counted that were still open after `settle_s` (plan):
+    # a message they dispatched before as_of is copied too, beyond the count.
+    unsettled: int = 0
 
     @property
     def total(self) -> int:
@@ -233,12 +236,20 @@ class Replay:
     skipped: int  # selected, not copied: a key over MAX_KEY_BYTES
 
 
-def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Plan:
-    """Count what `selection` matches now; nothing is written."""
+def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection, *, settle_s: float = 10.0) -> Plan:
+    """Count what `selection` matches now; nothing is written.
+
+    A relay batch marks its rows (dispatched_at: the statement's clock) a moment before
+    it commits. One that marked before as_of and commits after the count would be
+    copied (its rows match) without having been counted: the count waits, up to
+    `settle_s`, for the transactions open at as_of to end, so that what it counts is
+    what the replay copies (an unrelated transaction open longer is not waited for
+    beyond that: Plan.unsettled)."""
     q = Queries(schema)
     row = conn.execute(q["replay_max_source_id"]).fetchone()
     assert row is not None
     max_id, as_of = int(row[0]), row[1]
+    unsettled = _settle(conn, q, settle_s)
     params = {**selection.params(), "cursor": 0, "max_id": max_id, "as_of": as_of}
     counts = conn.execute(q["replay_count"], params).fetchall()
     same = conn.execute(q["replay_same_selection"], {**params, "selection": Jsonb(selection.as_json())}).fetchone()
@@ -254,7 +265,24 @@ def plan(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Pl
         previous,
         unfit=sum(int(n) for _, _, n in counts),
         wal=period if period is not None and period.overlaps(selection) else None,
+        unsettled=unsettled,
     )
+
+
+def _settle(conn: psycopg.Connection[Any], q: Queries, settle_s: float) -> int:
+    """Wait until the transactions open now have ended, at most `settle_s`; how many
+    are still open then. Relay batches end within milliseconds of their marks."""
+    snapshot = conn.execute(q["replay_open_transactions"]).fetchone()
+    assert snapshot is not None
+    deadline = time.monotonic() + settle_s
+    pause = 0.005
+    while True:
+        still = conn.execute(q["replay_still_open"], {"snapshot": snapshot[0]}).fetchone()
+        open_now = int(still[0]) if still else 0
+        if open_now == 0 or time.monotonic() >= deadline:
+            return open_now
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def begin(conn: psycopg.Connection[Any], schema: str, chosen: Plan) -> int:

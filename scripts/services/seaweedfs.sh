@@ -216,6 +216,9 @@ cmd_start() {
   "$SERVICES_DIR/certs.sh" "$dir/certs"
   mkdir -p "$dir/data"
   write_identities "$dir/s3.json"
+  # The key SSE-S3 (server_side_encryption: AES256) encrypts objects' keys with: made
+  # once per DIR and kept, so a restarted store still reads what it wrote.
+  [[ -s "$dir/sse_kek" ]] || (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$dir/sse_kek")
 
   log "starting seaweedfs $SEAWEEDFS_VERSION, S3 on 127.0.0.1:$port (HTTPS $https_port), dir $dir"
   local deadline=$((SECONDS + START_TIMEOUT)) started=$SECONDS
@@ -240,6 +243,7 @@ cmd_start() {
   #    has the admin one only.
   pid="$(spawn "$dir/seaweedfs.pid" "$dir/seaweedfs.log" "$deadline" \
     env -u SENTRY_DSN WEED_MASTER_VOLUME_GROWTH_COPY_1=1 GOMEMLIMIT="$MEMORY_LIMIT" \
+    WEED_S3_SSE_KEK="$(cat "$dir/sse_kek")" \
     "$SERVER" -logtostderr=true -v="${SEAWEEDFS_LOG_LEVEL:-0}" -config_dir="$dir" \
     server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
     -master.peers=none -master.port=$internal -master.port.grpc=$((internal + 1)) \
