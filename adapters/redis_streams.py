@@ -164,9 +164,6 @@ def client_for(options: RedisOptions) -> aioredis.Redis:
         "retry": Retry(NoBackoff(), 0),
         "max_connections": options.max_connections,
         "timeout": options.timeout,
-        # CLIENT SETINFO is not in Redis 7.0, and an ACL user of the relay may not run it.
-        "lib_name": None,
-        "lib_version": None,
     }
     if options.username is not None:
         settings["username"] = options.username
@@ -188,7 +185,7 @@ def client_for(options: RedisOptions) -> aioredis.Redis:
         pool = aioredis.BlockingConnectionPool.from_url(options.url, **settings)
     else:
         pool = aioredis.BlockingConnectionPool(host=options.host, port=options.port, db=options.db, **settings)
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # aclose() closes the pool's connections too
 
 
 def entry_fields(out: OutgoingMessage) -> list[str | bytes]:

@@ -134,6 +134,7 @@ appendfsync always
 save ""
 daemonize no
 logfile ""
+proc-title-template "{title} {listen-addr} {server-mode} {config-file}"
 aclfile $dir/users.acl
 EOF
   umask 022
