@@ -29,6 +29,7 @@ from benchmarks import (
     latency,
     matrix,
     rabbit_bench,
+    redis_bench,
     replay_cost,
     wal,
     wal_exactly_once,
@@ -100,6 +101,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rabbit_relay = await rabbit_bench.relay_rate(svc.dsn, svc.amqp, args.messages)
         _step("rabbitmq: naive relay")
         rabbit_naive = await asyncio.to_thread(rabbit_bench.naive_rate, svc.dsn, svc.amqp, args.naive)
+        _step("redis: raw redis-py, 100 keys")
+        redis_raw = await redis_bench.raw_rate(svc.redis, args.messages)
+        _step("redis: relay, 100 keys")
+        redis_relay = await redis_bench.relay_rate(svc.dsn, svc.redis, args.messages)
         _step("latency: NOTIFY on")
         lat_on = await latency.commit_to_ack(svc.dsn, svc.kafka, rate=1000, seconds=args.seconds, notify=True)
         _step("latency: NOTIFY off")
@@ -113,6 +118,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rabbitmq_relay": round(rabbit_relay),
         "rabbitmq_raw_pika": round(rabbit_raw),
         "rabbitmq_naive_relay": round(rabbit_naive),
+        "redis_relay_100_keys": round(redis_relay),
+        "redis_raw_redis_py_100_keys": round(redis_raw),
     }
     results["commit_to_ack"] = {"notify_on": lat_on, "notify_off_poll_1s": lat_off}
     results["write_path"] = writes
@@ -121,6 +128,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "kafka relay / naive relay": round(kafka_relay / kafka_naive, 1),
         "rabbitmq relay / raw pika": round(rabbit_relay / rabbit_raw, 2),
         "rabbitmq relay / naive relay": round(rabbit_relay / rabbit_naive, 1),
+        "redis relay / raw redis-py (100 keys)": round(redis_relay / redis_raw, 2),
         "commit-to-ack p99 ms, NOTIFY on, 1000/s": lat_on["p99_ms"],
         "write p50 with outbox / plain": round(writes["outbox_notify_on_p50_ms"] / writes["plain_p50_ms"], 3),
         "write p50: outbox.enqueue / bare-table insert of the same bytes": round(

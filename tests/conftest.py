@@ -1,5 +1,5 @@
 """Shared fixtures: a real PostgreSQL with one fresh database per test, Kafka,
-RabbitMQ, toxiproxy and an S3 object store. The helpers the tests share are in
+RabbitMQ, Redis, toxiproxy and an S3 object store. The helpers the tests share are in
 tests/support."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ _SERVICES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "pg": services.postgres,
     "kafka_service": services.kafka,
     "rabbitmq_service": services.rabbitmq,
+    "redis_service": services.redis,
     "toxiproxy": services.toxiproxy,
     "s3_store": services.seaweedfs,
 }
@@ -114,6 +115,27 @@ def rabbitmq_secure(rabbitmq_service: tuple[str, Any]) -> Iterator[services.Secu
         return
     with services.local_broker("rabbitmq.sh", 4) as broker:
         yield services.rabbitmq_amqps(broker)
+
+
+@pytest.fixture(scope="session")
+def redis_service() -> Iterator[tuple[str, services.LocalBroker | None]]:
+    with _service("redis_service") as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_service: tuple[str, Any]) -> str:
+    return str(redis_service[0])
+
+
+@pytest.fixture(scope="session")
+def redis_secure(redis_service: tuple[str, Any]) -> Iterator[services.Secure]:
+    """The TLS port of a local Redis, with its ACL users (the session's, or one of its own)."""
+    if redis_service[1] is not None:
+        yield services.redis_tls(redis_service[1])
+        return
+    with services.local_redis() as broker:
+        yield services.redis_tls(broker)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Independent consumers that read what the relay published: aiokafka and pika basic_get.
+"""Independent consumers that read what the relay published: aiokafka, pika basic_get and
+redis-py's XRANGE (its synchronous client: nothing of the adapter's).
 
 They share nothing with the adapters under test, so a passing test means the broker
 really holds the message.
@@ -7,12 +8,14 @@ really holds the message.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+import redis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -249,3 +252,37 @@ def _received(method: Any, props: Any, body: bytes) -> Received:
 
 async def rabbit_read(queue: RabbitQueue, count: int, *, timeout: float = 20.0) -> list[Received]:
     return await asyncio.to_thread(queue.read, count, timeout=timeout)
+
+
+def redis_entry(stream: str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Received:
+    """A stream entry as the redis adapter writes it (adapters/redis_streams.py)."""
+    key = fields.get(b"key")
+    return Received(
+        message_id=fields[b"message_id"].decode(),
+        key=key.decode() if key is not None else None,
+        payload=fields[b"payload"],
+        headers=json.loads(fields[b"headers"]),
+        properties={
+            "stream": stream,
+            "id": entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+            "topic": fields[b"topic"].decode(),
+            "content_type": fields[b"content_type"].decode(),
+            "created_at": fields[b"created_at"].decode(),
+        },
+    )
+
+
+def redis_entries(url: str, stream: str) -> list[Received]:
+    """Every entry of `stream` now, in stream order (XRANGE - +)."""
+    with redis.Redis.from_url(url) as client:
+        return [redis_entry(stream, entry_id, fields) for entry_id, fields in client.xrange(stream, "-", "+")]
+
+
+async def redis_read(url: str, stream: str, count: int, *, timeout: float = 20.0) -> list[Received]:
+    """The entries of `stream`, once it holds at least `count` (or at `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        received = await asyncio.to_thread(redis_entries, url, stream)
+        if len(received) >= count or time.monotonic() > deadline:
+            return received
+        await asyncio.sleep(0.05)

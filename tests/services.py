@@ -1,13 +1,14 @@
-"""Where the tests get their services: PostgreSQL, Kafka and RabbitMQ (and toxiproxy,
+"""Where the tests get their services: PostgreSQL, Kafka, RabbitMQ and Redis (and toxiproxy,
 to put network faults between the relay and any of them, and SeaweedFS, an S3-compatible
 object store).
 
 For each, in order:
 1. an environment variable naming a running one
-   (``OUTBOX_RELAY_TEST_DSN``, ``OUTBOX_RELAY_TEST_KAFKA``, ``OUTBOX_RELAY_TEST_AMQP_URL``);
+   (``OUTBOX_RELAY_TEST_DSN``, ``OUTBOX_RELAY_TEST_KAFKA``, ``OUTBOX_RELAY_TEST_AMQP_URL``,
+   ``OUTBOX_RELAY_TEST_REDIS_URL``);
 2. testcontainers, when a Docker engine answers;
 3. local processes from this machine's binaries: PostgreSQL via
-   outbox_relay.demo.local_postgres, Kafka and RabbitMQ via scripts/services/*.sh
+   outbox_relay.demo.local_postgres, Kafka, RabbitMQ and Redis via scripts/services/*.sh
    (scripts/test installs what they need first).
 
 No path skips: when none works, the tests that need the service fail with the reason.
@@ -197,6 +198,37 @@ def rabbitmq() -> Iterator[tuple[str, LocalBroker | None]]:
         yield f"amqp://guest:guest@127.0.0.1:{broker.port}/%2F", broker
 
 
+# The relay user of the local Redis (scripts/services/redis.sh): handed to the script so
+# that the two always agree. A loopback test server's password, not a secret.
+REDIS_RELAY_USER = "relay"
+REDIS_RELAY_PASSWORD = "relay-test-secret"
+REDIS_RELAY_KEYS = "secure-*"  # the keys the relay user may write
+
+
+def local_redis() -> contextlib.AbstractContextManager[LocalBroker]:
+    """A redis-server of its own (scripts/services/redis.sh): RESP on PORT, TLS on PORT+1."""
+    env = {"REDIS_RELAY_PASSWORD": REDIS_RELAY_PASSWORD, "REDIS_RELAY_KEYS": REDIS_RELAY_KEYS}
+    return local_broker("redis.sh", 2, env=env)
+
+
+@contextlib.contextmanager
+def redis() -> Iterator[tuple[str, LocalBroker | None]]:
+    """Yield (redis:// URL, local server or None)."""
+    url = os.environ.get("OUTBOX_RELAY_TEST_REDIS_URL")
+    if url:
+        yield url, None
+        return
+    if docker_engine_answers():
+        with _quiet_deprecations():
+            from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7.0") as container:
+            yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0", None
+        return
+    with local_redis() as broker:
+        yield f"redis://127.0.0.1:{broker.port}/0", broker
+
+
 @contextlib.contextmanager
 def toxiproxy() -> Iterator[Toxiproxy]:
     """Yield the API of a toxiproxy server: the one at OUTBOX_RELAY_TEST_TOXIPROXY (its
@@ -231,6 +263,15 @@ class Secure:
 
 def kafka_sasl_ssl(broker: LocalBroker) -> Secure:
     return Secure(f"127.0.0.1:{broker.port + 2}", str(broker.directory / "tls" / "ca.pem"), f"127.0.0.1:{broker.port}")
+
+
+def redis_tls(broker: LocalBroker) -> Secure:
+    """The TLS port of a local Redis; the relay user's password is REDIS_RELAY_PASSWORD."""
+    return Secure(
+        f"rediss://127.0.0.1:{broker.port + 1}/0",
+        str(broker.directory / "tls" / "ca.pem"),
+        f"redis://127.0.0.1:{broker.port}/0",
+    )
 
 
 def rabbitmq_amqps(broker: LocalBroker) -> Secure:

@@ -19,14 +19,24 @@ import pytest
 from outbox_relay_adapters.file import FileAdapter, FileOptions
 from outbox_relay_adapters.kafka import create as create_kafka
 from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
+from outbox_relay_adapters.redis_streams import create as create_redis
 from outbox_relay_adapters.stdout import StdoutAdapter
 from outbox_relay_adapters.webhook import create as create_webhook
 
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.json_lines import decode_payload
 from outbox_relay.models import Message, Outcome, OutgoingMessage
-from tests.consumers import RabbitQueue, Received, kafka_read, kafka_scan_to_end, rabbit_read, received_of
-from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, Secure
+from tests.consumers import (
+    RabbitQueue,
+    Received,
+    kafka_read,
+    kafka_scan_to_end,
+    rabbit_read,
+    received_of,
+    redis_entries,
+    redis_read,
+)
+from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, REDIS_RELAY_PASSWORD, REDIS_RELAY_USER, Secure
 from tests.support.factories import message
 from tests.support.http import HttpReceiver, answer
 
@@ -83,6 +93,17 @@ def rabbit_locator(queue: RabbitQueue, exchange: str) -> Locator:
             for receipt, mid in receipts
             if mid in received and received[mid].properties["routing_key"] == receipt["routing_key"]
         ]
+
+    return locate
+
+
+def redis_locator(url: str, stream: str) -> Locator:
+    """The message id of the entry each receipt names (its stream key and entry id)."""
+
+    async def locate(receipts: list[tuple[dict[str, Any], str]]) -> list[str]:
+        assert all(receipt["stream"] == stream for receipt, _ in receipts)
+        at = {r.properties["id"]: r.message_id for r in redis_entries(url, stream)}
+        return [at.get(receipt["id"], "nothing there") for receipt, _ in receipts]
 
     return locate
 
@@ -322,3 +343,42 @@ class TestRabbitMQTls(AdapterContract):
         yield Target(adapter, exchange, read, explicit=True, locate=rabbit_locator(queue, exchange))
         await adapter.close()
         queue.close()
+
+
+class TestRedis(AdapterContract):
+    @pytest.fixture
+    async def target(self, redis_url: str) -> AsyncIterator[Target]:
+        stream = f"contract-{uuid.uuid4().hex[:10]}"
+        adapter = create_redis("redis", {"url": redis_url})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await redis_read(redis_url, stream, count)
+
+        yield Target(adapter, stream, read, explicit=True, locate=redis_locator(redis_url, stream))
+        await adapter.close()
+
+
+class TestRedisTls(AdapterContract):
+    """Redis over TLS as its ACL user ``relay`` (XADD, EVAL, PING, INFO on secure-* only),
+    the server verified by the test CA."""
+
+    @pytest.fixture
+    async def target(self, redis_secure: Secure) -> AsyncIterator[Target]:
+        stream = f"secure-contract-{uuid.uuid4().hex[:10]}"
+        adapter = create_redis(
+            "redis",
+            {
+                "url": redis_secure.address,
+                "username": REDIS_RELAY_USER,
+                "password": REDIS_RELAY_PASSWORD,
+                "tls": {"ca_file": redis_secure.ca_file},
+            },
+        )
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await redis_read(redis_secure.plain, stream, count)
+
+        yield Target(adapter, stream, read, explicit=True, locate=redis_locator(redis_secure.plain, stream))
+        await adapter.close()

@@ -6,7 +6,9 @@ in the call is acked, nor written (outbox_relay.adapter.Adapter). The engine's o
 tests use FakeAdapter, which obeys the rule by construction; these test the adapters.
 
 The broker rejects a record by its size here (Kafka: the topic's ``max.message.bytes``;
-RabbitMQ: a queue that refuses what would take it over ``x-max-length-bytes``), in the
+RabbitMQ: a queue that refuses what would take it over ``x-max-length-bytes``; Redis:
+the adapter's ``max_entry_bytes``, before sending, and the server itself in the middle of
+a run: a key that is not a stream answers WRONGTYPE), in the
 two layouts that broke the rule before (issue 17, item 1):
 
 - the poison first in a key's run, the run spread over several producer batches, on a
@@ -27,13 +29,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 from outbox_relay_adapters.kafka import create as create_kafka
 from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
+from outbox_relay_adapters.redis_streams import create as create_redis
 from structlog.testing import capture_logs
 
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.models import Message, Outcome, OutgoingMessage
-from tests.consumers import RabbitQueue, Received, kafka_create_topic, kafka_read, rabbit_read
+from tests.consumers import RabbitQueue, Received, kafka_create_topic, kafka_read, rabbit_read, redis_entries
 from tests.support.factories import message
 
 LIMIT = 4096  # bytes the destination accepts: a record (Kafka) or the queue (RabbitMQ)
@@ -225,3 +229,61 @@ class TestRabbitMQPipelined(KeyOrderContract):
         for adapter, queue in made:
             await adapter.close()
             queue.close()
+
+
+class TestRedis(KeyOrderContract):
+    """Redis: a payload over ``max_entry_bytes`` is refused before it is sent (the server
+    would close the connection on a bulk over its proto-max-bulk-len); and below, the
+    server itself fails an XADD in the middle of a key's run (WRONGTYPE), which in a
+    plain pipeline would not stop the key's next XADD."""
+
+    refusal_event = None  # one command per key's run: no batches shared between keys
+
+    @pytest.fixture
+    async def rejecting(self, redis_url: str) -> AsyncIterator[Make]:
+        adapters: list[Adapter] = []
+
+        async def make(_client_options: dict[str, Any]) -> Rejecting:  # batch sizes are Kafka's
+            stream = f"order-{uuid.uuid4().hex[:10]}"
+            adapter = create_redis("redis", {"url": redis_url, "max_entry_bytes": LIMIT})
+            await adapter.connect()
+            adapters.append(adapter)
+
+            async def read_all(marker: str) -> list[Received]:
+                received = redis_entries(redis_url, stream)
+                assert any(r.message_id == marker for r in received), f"the marker never arrived on {stream}"
+                return [r for r in received if r.message_id != marker]
+
+            return Rejecting(adapter, stream, read_all)
+
+        yield make
+        for adapter in adapters:
+            await adapter.close()
+
+    @pytest.mark.parametrize("layout", ["mid-run", "first", "last"])
+    async def test_the_server_fails_an_xadd_in_the_middle_of_a_run(self, redis_url: str, layout: str) -> None:
+        # A key's run whose messages go to two streams (routes by topic): one of them is a
+        # string, so the server answers its XADD with WRONGTYPE and would take the next.
+        good, bad = f"order-{uuid.uuid4().hex[:10]}", f"order-bad-{uuid.uuid4().hex[:10]}"
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.set(bad, "not a stream")
+        poisoned = {"mid-run": 2, "first": 0, "last": 4}[layout]
+        run = [msg(n, "k", 100) for n in range(5)]
+        others = [msg(10 + n, f"o{n}", 100) for n in range(3)]
+        batch = [OutgoingMessage(m, bad if m is run[poisoned] else good, True) for m in [*run[:3], *others, *run[3:]]]
+        sent = [out.message for out in batch]
+        adapter = create_redis("redis", {"url": redis_url})
+        await adapter.connect()
+        try:
+            outcomes = [r.outcome for r in await adapter.publish(batch)]
+            marker = OutgoingMessage(message(999, key="marker"), good, True)
+            assert [r.outcome for r in await adapter.publish([marker])] == [Outcome.ACKED]
+        finally:
+            await adapter.close()
+        received = [r for r in redis_entries(redis_url, good) if r.message_id != str(marker.message_id)]
+        assert_rule(sent, outcomes, received)
+        expected_k = [Outcome.ACKED] * poisoned + [Outcome.PERMANENT] + [Outcome.NOT_SENT] * (4 - poisoned)
+        assert [o for m, o in zip(sent, outcomes, strict=True) if m.key == "k"] == expected_k, outcomes
+        assert [o for m, o in zip(sent, outcomes, strict=True) if m.key != "k"] == [Outcome.ACKED] * 3
+        with redis.Redis.from_url(redis_url) as admin:
+            assert admin.get(bad) == b"not a stream"

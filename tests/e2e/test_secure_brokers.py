@@ -1,5 +1,6 @@
-"""The relay over TLS for real: Kafka's SASL_SSL listener (SCRAM-SHA-512) and RabbitMQ's
-AMQPS listener, both with certificates made at start by scripts/services/certs.sh. And
+"""The relay over TLS for real: Kafka's SASL_SSL listener (SCRAM-SHA-512), RabbitMQ's
+AMQPS listener and Redis's TLS port with an ACL user, all with certificates made at start
+by scripts/services/certs.sh. And
 the two ways it goes wrong in production: a wrong password and a certificate the relay
 does not trust. Each is one clear line in `check`, shows no secret, and the messages wait
 (spending no attempt) instead of being dead-lettered."""
@@ -17,8 +18,8 @@ from structlog.testing import capture_logs
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
-from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
-from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, ROOT, Secure
+from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read, redis_entries
+from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, REDIS_RELAY_PASSWORD, REDIS_RELAY_USER, ROOT, Secure
 from tests.support.cli import run_cli
 from tests.support.configs import make_config, write_config
 from tests.support.outbox import count, write
@@ -126,3 +127,79 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead
     assert row == (3, 0, 0), "the messages wait, spending no attempt (max_attempts is 1)"
     if secret:
         assert not [e for e in logs if secret in repr(e)]
+
+
+def redis_block(secure: Secure, *, ca_file: str | None = None) -> dict[str, Any]:
+    # The relay's ACL user; its password from the environment, as the README says.
+    return {
+        "type": "redis",
+        "url": secure.address,
+        "username": REDIS_RELAY_USER,
+        "password": "${REDIS_PW}",
+        "tls": {"ca_file": ca_file or secure.ca_file},
+        "timeout": "3s",
+    }
+
+
+async def test_the_relay_publishes_to_redis_over_tls_as_its_acl_user(db: str, redis_secure: Secure) -> None:
+    stream = f"secure-{uuid.uuid4().hex[:8]}"  # a key the relay user may write (REDIS_RELAY_KEYS)
+    config = make_config(
+        db,
+        brokers={"r": redis_block(redis_secure)},
+        routes=[{"topic": "*", "broker": "r", "destination": stream}],
+        max_attempts=1,
+        env={"REDIS_PW": REDIS_RELAY_PASSWORD},
+    )
+    async with running_relay(config, build_adapters(config)):
+        written = await write(db, "orders.created", ["o1", "o2"], 10)
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0, timeout=60)
+    received = redis_entries(redis_secure.plain, stream)
+    assert {r.message_id for r in received} == set(written.committed)
+
+
+@pytest.mark.parametrize("fault", ["wrong password", "untrusted certificate", "a key the ACL refuses"])
+async def test_redis_refusing_the_relay_is_one_line_and_dead_letters_nothing(
+    db: str, tmp_path: Path, redis_secure: Secure, fault: str
+) -> None:
+    secret = "not-the-password-" + uuid.uuid4().hex[:6] if fault == "wrong password" else None
+    ca = stranger_ca(tmp_path) if fault == "untrusted certificate" else None
+    env = {"REDIS_PW": secret or REDIS_RELAY_PASSWORD}
+    # Outside the relay user's key pattern: connecting works, every XADD answers NOPERM.
+    stream = f"other-{uuid.uuid4().hex[:8]}" if fault == "a key the ACL refuses" else f"secure-{uuid.uuid4().hex[:8]}"
+    settings: dict[str, Any] = {
+        "brokers": {"b": redis_block(redis_secure, ca_file=ca)},
+        "max_attempts": 1,
+        "routes": [{"topic": "*", "broker": "b", "destination": stream}],
+    }
+    if fault != "a key the ACL refuses":
+        path = write_config(tmp_path / "relay.yaml", db, **settings)
+        checked = run_cli("check", "--config", str(path), env=env, timeout=120)
+        assert checked.returncode == 1, checked.stdout + checked.stderr
+        line = [line for line in checked.stdout.splitlines() if line.startswith("broker")]
+        assert len(line) == 1 and line[0].startswith("broker    FAIL  b (redis): "), checked.stdout
+        expected = "CERTIFICATE_VERIFY_FAILED" if ca else "invalid username-password pair"
+        assert expected in line[0], line[0]
+        if secret:
+            assert secret not in checked.stdout + checked.stderr
+
+    config = make_config(db, env=env, **settings)
+    with psycopg.connect(db) as conn:
+        for i in range(3):
+            enqueue(conn, "t", {"i": i}, key="k")
+        conn.commit()
+    # NOPERM opens the broker's circuit; each probe (PING, allowed) lets one trial through.
+    refused = "broker_unreachable" if fault != "a key the ACL refuses" else "broker_circuit_trial"
+    with capture_logs() as logs:
+        async with running_relay(config, build_adapters(config)):
+            # The positive signal: the relay has tried the server, and been refused, twice.
+            await wait_until(lambda: sum(e["event"] == refused for e in logs) >= 2, timeout=60)
+            with psycopg.connect(db) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL),"
+                    " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
+                    "FROM outbox.messages"
+                ).fetchone()
+    assert row == (3, 0, 0), "the messages wait, spending no attempt (max_attempts is 1)"
+    if secret:
+        assert not [e for e in logs if secret in repr(e)]
+    assert redis_entries(redis_secure.plain, stream) == []

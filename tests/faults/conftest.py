@@ -28,6 +28,12 @@ def own_rabbitmq() -> Iterator[services.LocalBroker]:
         yield broker
 
 
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[services.LocalBroker]:
+    with services.local_redis() as broker:
+        yield broker
+
+
 @pytest.fixture
 def own_pg() -> Iterator[local_postgres.LocalPostgres]:
     """A cluster of its own (fsync on: restarts must not lose what was committed), with

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from outbox_relay.demo import local_postgres
-from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read
+from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read, redis_read
 from tests.faults.harness import (
     OWN_PG_SETTINGS,
     SOURCES,
@@ -199,6 +199,32 @@ async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker
         received = await rabbit_read(reader, len(ledger.committed) + BATCH * WORKERS * 2, timeout=15)
     finally:
         reader.close()
+    check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+async def test_redis_down_longer_than_every_timeout_and_back(
+    db: str, own_redis: LocalBroker, tmp_path: Path, how: str
+) -> None:
+    # Down for 10 s: five publish timeouts and five of the adapter's timeouts, with two
+    # attempts allowed: were an outage to spend attempts, messages would be dead-lettered.
+    # SIGKILLed, the AOF (appendfsync always) still holds every entry it acked.
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    stream = f"outage-{uuid.uuid4().hex[:8]}"
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={"r": {"type": "redis", "url": url, "timeout": "2s"}},
+        routes=[{"topic": "*", "broker": "r", "destination": stream}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        max_attempts=2,
+        publish_timeout="2s",
+    )
+    down = own_redis.stop if how == "stopped" else own_redis.kill
+    ledger, _ = outage(Outbox(db, "table"), config, "orders.created", down=down, up=own_redis.start, down_for=10.0)
+    received = await redis_read(url, stream, len(ledger.committed), timeout=30)
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
 
 
