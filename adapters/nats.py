@@ -270,7 +270,7 @@ class NatsAdapter:
             # server that merely offers it (allow_non_tls) a connection configured for TLS
             # would go on in plain text, credentials included. Refused instead.
             if (tls is not None or url.startswith("tls://")) and not nc._server_info.get("tls_required"):
-                raise ConnectionError("TLS is configured but the server does not require it, so nats-py would not use it")
+                raise ConnectionError("TLS is configured but the server does not require it: nats-py would not use it")
             js = nc.jetstream(timeout=self.options.timeout, publish_async_max_pending=self.options.max_pending)
             if self.options.create_stream:
                 await self._create_stream(js)
@@ -346,7 +346,7 @@ class NatsAdapter:
                 await js.stream_info(self.options.stream)
             else:
                 await js.account_info()
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError):
             await self._give_up(nc)
             return False
         except Exception:

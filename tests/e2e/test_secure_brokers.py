@@ -29,9 +29,9 @@ from tests.services import (
     NatsServer,
     Secure,
 )
-from tests.support.jetstream import make_stream, stream_read
 from tests.support.cli import run_cli
 from tests.support.configs import make_config, write_config
+from tests.support.jetstream import make_stream, stream_read
 from tests.support.outbox import count, write
 from tests.support.relay import running_relay
 from tests.support.waiting import wait_until
@@ -162,7 +162,11 @@ async def test_the_relay_publishes_to_nats_over_tls_as_a_user(
     seed.chmod(0o600)
     block = nats_block(nats_secure, stream, **({"nkey_seed_file": str(seed)} if auth == "nkey" else {}))
     config = make_config(
-        db, brokers={"js": block}, routes=[{"topic": "*", "broker": "js"}], max_attempts=1, env={"NATS_PW": NATS_PASSWORD}
+        db,
+        brokers={"js": block},
+        routes=[{"topic": "*", "broker": "js"}],
+        max_attempts=1,
+        env={"NATS_PW": NATS_PASSWORD},
     )
     async with running_relay(config, build_adapters(config)):
         written = await write(db, "orders.created", ["o1", "o2"], 10)

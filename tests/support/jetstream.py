@@ -79,4 +79,3 @@ async def message_at(url: str, stream: str, seq: int, *, ca_file: str | None = N
         except NotFoundError:
             return "nothing there"
         return (msg.headers or {}).get("Nats-Msg-Id", "no id")
-

@@ -3,12 +3,12 @@ key, no secret shown; how a publish failure counts."""
 
 from __future__ import annotations
 
+import nats.errors
+import nats.js.errors
 import pytest
 from outbox_relay_adapters import nats as nats_adapter
 from outbox_relay_adapters.nats import check_destination, classify, subject_problem
 
-import nats.errors
-import nats.js.errors
 from outbox_relay.errors import AdapterOptionsError
 from outbox_relay.models import Outcome
 
@@ -70,9 +70,13 @@ def test_a_topic_patterns_literal_characters_are_checked_for_what_breaks_every_s
 def test_how_failures_count() -> None:
     subject = "s.t"
     assert classify(nats.js.errors.NoStreamResponseError(), subject).outcome is Outcome.UNAVAILABLE
-    too_big = nats.js.errors.BadRequestError(code=400, err_code=10054, description="message size exceeds maximum allowed")
+    too_big = nats.js.errors.BadRequestError(
+        code=400, err_code=10054, description="message size exceeds maximum allowed"
+    )
     assert classify(too_big, subject).outcome is Outcome.PERMANENT
-    other_stream = nats.js.errors.BadRequestError(code=400, err_code=10060, description="expected stream does not match")
+    other_stream = nats.js.errors.BadRequestError(
+        code=400, err_code=10060, description="expected stream does not match"
+    )
     assert classify(other_stream, subject).outcome is Outcome.UNAVAILABLE
     full = nats.js.errors.ServiceUnavailableError(code=503, err_code=10077, description="maximum messages exceeded")
     assert classify(full, subject).outcome is Outcome.UNAVAILABLE
