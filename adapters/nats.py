@@ -9,8 +9,11 @@ the stream (a JetStream PubAck) before it counts as acked.
   A message header named ``Nats-...`` is JetStream's own vocabulary (expected sequences,
   TTLs, rollups: it would change how the stream stores the message), so such a message
   is refused for good rather than sent with a header dropped.
-- A batch goes out at once (``publish_async``: every message written, then every PubAck
-  awaited, up to ``timeout``), never one round trip per message. So ``keeps_key_order``
+- A batch goes out at once (every message written with a reply subject of its own, then
+  every PubAck awaited, up to ``timeout``), never one round trip per message. The PubAcks
+  come to one subscription of the connection (not nats-py's ``publish_async``: in nats-py
+  2.16 a PubAck carrying an error raises inside its reply handler, so that publish is never
+  answered and would only time out). So ``keeps_key_order``
   is False: the server stores one connection's messages in the order sent, but judges
   each on its own, so a message refused in the middle of a key's run (over the stream's
   ``max_msg_size``, a full stream with ``discard: new``) is followed by the next one of
@@ -46,6 +49,7 @@ try:
     import nats.errors
     import nats.js.errors
     from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import PubAck, StreamConfig
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -167,9 +171,6 @@ def classify(exc: BaseException, subject: str) -> PublishResult:
         return PublishResult.transient(reason)
     if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.OutboundBufferLimitError | OSError):
         return PublishResult.unavailable(f"connection lost: {type(exc).__name__}")
-    if isinstance(exc, nats.js.errors.TooManyStalledMsgsError):
-        # max_pending PubAcks already awaited (other calls'): the server is slow, not the message.
-        return PublishResult.unavailable("too many PubAcks awaited (max_pending)")
     return PublishResult.transient(f"{type(exc).__name__}: {first_line(exc)}".rstrip(": "))
 
 
@@ -177,6 +178,30 @@ def receipt_of(ack: PubAck) -> str:
     """Where the stream stored the message: its name and sequence; `duplicate` when the
     duplicate window recognised the message id (the sequence is then the first copy's)."""
     return json.dumps({"stream": ack.stream, "seq": ack.seq, "duplicate": bool(ack.duplicate)}, separators=(",", ":"))
+
+
+API_ERRORS: dict[int, type[nats.js.errors.APIError]] = {
+    400: nats.js.errors.BadRequestError,
+    404: nats.js.errors.NotFoundError,
+    500: nats.js.errors.ServerError,
+    503: nats.js.errors.ServiceUnavailableError,
+}
+
+
+def pub_ack_of(msg: Msg) -> PubAck | BaseException:
+    """The PubAck a reply carries, or the error it stands for."""
+    if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+        return nats.js.errors.NoStreamResponseError()  # no responders: no stream takes the subject
+    try:
+        response = json.loads(msg.data)
+    except ValueError:
+        return nats.js.errors.APIError(description=f"not a PubAck: {msg.data[:80]!r}")
+    error = response.get("error")
+    if isinstance(error, dict):
+        code = error.get("code")
+        kind = API_ERRORS.get(code, nats.js.errors.APIError) if isinstance(code, int) else nats.js.errors.APIError
+        return kind(code=code, err_code=error.get("err_code"), description=error.get("description"))
+    return PubAck.from_response(response)
 
 
 def header_size(headers: Mapping[str, str]) -> int:
@@ -195,8 +220,11 @@ class NatsAdapter:
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
         self._next_server = 0
-        # PubAcks awaited on the current connection: failed at once when it closes.
-        self._outstanding: set[asyncio.Future[PubAck]] = set()
+        # PubAcks awaited on the current connection, by reply token: failed at once when
+        # it closes. Replies go to `_reply_prefix` + token, one subscription for all.
+        self._awaited: dict[str, asyncio.Future[PubAck]] = {}
+        self._reply_prefix = ""
+        self._next_token = 0
 
     # -- connection --------------------------------------------------------------------
 
@@ -271,14 +299,17 @@ class NatsAdapter:
             # would go on in plain text, credentials included. Refused instead.
             if (tls is not None or url.startswith("tls://")) and not nc._server_info.get("tls_required"):
                 raise ConnectionError("TLS is configured but the server does not require it: nats-py would not use it")
-            js = nc.jetstream(timeout=self.options.timeout, publish_async_max_pending=self.options.max_pending)
+            js = nc.jetstream(timeout=self.options.timeout)
             if self.options.create_stream:
                 await self._create_stream(js)
+            prefix = nc.new_inbox() + "."
+            await nc.subscribe(prefix + "*", cb=self._on_reply)
         except BaseException:
             with contextlib.suppress(Exception):
                 await nc.close()
             raise
-        self._nc, self._js = nc, js
+        self._fail_awaited()  # a former connection's: their replies cannot come here
+        self._nc, self._js, self._reply_prefix = nc, js, prefix
 
     async def _create_stream(self, js: JetStreamContext) -> None:
         assert self.options.stream is not None and self.options.stream_subjects
@@ -296,10 +327,26 @@ class NatsAdapter:
             return  # an older connection finishing its close
         self._nc = self._js = None
         self._next_server = (self._next_server + 1) % len(self.options.servers)
-        for future in self._outstanding:
+        self._fail_awaited()
+        log.info("nats_connection_lost", broker=self.name)
+
+    def _fail_awaited(self) -> None:
+        awaited, self._awaited = self._awaited, {}
+        for future in awaited.values():
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
-        log.info("nats_connection_lost", broker=self.name)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        if not msg.subject.startswith(self._reply_prefix):
+            return  # a former connection's reply subject
+        future = self._awaited.pop(msg.subject[len(self._reply_prefix) :], None)
+        if future is None or future.done():
+            return  # its call ended (timeout, cancellation) before it came
+        answer = pub_ack_of(msg)
+        if isinstance(answer, BaseException):
+            future.set_exception(answer)
+        else:
+            future.set_result(answer)
 
     async def _give_up(self, nc: NatsClient) -> None:
         """Drop a connection that looks open but answers nothing: only the client's pings
@@ -325,9 +372,7 @@ class NatsAdapter:
 
     async def close(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
-        for future in self._outstanding:
-            if not future.done():
-                future.set_exception(nats.errors.ConnectionClosedError())
+        self._fail_awaited()
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -375,6 +420,8 @@ class NatsAdapter:
         headers["Content-Type"] = message.content_type
         if message.key is not None:
             headers["Outbox-Key"] = message.key
+        if self.options.stream is not None:
+            headers["Nats-Expected-Stream"] = self.options.stream  # another stream's subject: 10060
         if HEADER_VALUE_FORBIDDEN.search(message.content_type + (message.key or "")):
             return "a line break in the content type or the key: NATS headers cannot carry it"
         size = len(message.payload) + header_size(headers)
@@ -386,41 +433,46 @@ class NatsAdapter:
         if not batch:
             return []
         problem = await self._ensure_connected()
-        nc, js = self._nc, self._js
-        if problem is not None or nc is None or js is None:
+        nc = self._nc
+        if problem is not None or nc is None:
             return [PublishResult.unavailable(problem or "not connected")] * len(batch)
+        loop = asyncio.get_running_loop()
+        prefix = self._reply_prefix
         results: list[PublishResult | None] = [None] * len(batch)
-        sent: dict[int, tuple[str, asyncio.Future[PubAck]]] = {}
+        sent: dict[int, tuple[str, str, asyncio.Future[PubAck]]] = {}  # index -> subject, token, future
         try:
             for index, out in enumerate(batch):
                 prepared = self._prepare(out, nc.max_payload)
                 if isinstance(prepared, str):
                     results[index] = PublishResult.permanent(prepared)
                     continue
+                if len(self._awaited) >= self.options.max_pending:
+                    # Other calls' PubAcks fill the window: the server is slow, not the message.
+                    results[index] = PublishResult.unavailable("too many PubAcks awaited (max_pending)")
+                    continue
                 subject, headers = prepared
+                self._next_token += 1
+                token = str(self._next_token)
+                future: asyncio.Future[PubAck] = loop.create_future()
+                self._awaited[token] = future  # before the publish: the reply may come at once
                 try:
-                    future = await js.publish_async(
-                        subject,
-                        out.message.payload,
-                        wait_stall=self.options.timeout,
-                        stream=self.options.stream,
-                        headers=headers,
-                    )
+                    await nc.publish(subject, out.message.payload, reply=prefix + token, headers=headers)
                 except (nats.errors.BadSubjectError, nats.errors.BadHeaderError, nats.errors.MaxPayloadError) as exc:
+                    self._awaited.pop(token, None)
                     results[index] = PublishResult.permanent(f"NATS cannot carry it: {type(exc).__name__}")
                     continue
                 except Exception as exc:
+                    self._awaited.pop(token, None)
                     results[index] = classify(exc, subject)
                     continue
-                self._outstanding.add(future)
-                sent[index] = (subject, future)
+                sent[index] = (subject, token, future)
             if sent:
-                await asyncio.wait([future for _, future in sent.values()], timeout=self.options.timeout)
-            for index, (subject, future) in sent.items():
+                await asyncio.wait([future for _, _, future in sent.values()], timeout=self.options.timeout)
+            for index, (subject, _, future) in sent.items():
                 results[index] = self._answer(subject, future)
         finally:
-            for _, future in sent.values():
-                self._outstanding.discard(future)
+            for _, token, future in sent.values():
+                self._awaited.pop(token, None)
                 if not future.done():
                     future.cancel()  # its PubAck, if it comes, finds no one waiting
         return [result or PublishResult.transient("no answer") for result in results]
