@@ -288,8 +288,7 @@ class NatsAdapter:
                 **self._auth(),
             )
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await nc.close()
+            await self._discard(nc)
             if isinstance(exc, nats.errors.NoServersError) and errors:
                 raise errors[-1] from None  # the cause, not "no servers available"
             raise
@@ -305,11 +304,17 @@ class NatsAdapter:
             prefix = nc.new_inbox() + "."
             await nc.subscribe(prefix + "*", cb=self._on_reply)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await nc.close()
+            await self._discard(nc)
             raise
         self._fail_awaited()  # a former connection's: their replies cannot come here
         self._nc, self._js, self._reply_prefix = nc, js, prefix
+
+    async def _discard(self, nc: NatsClient) -> None:
+        """Close a connection that failed to open, within connect_timeout: nats-py's close
+        of a connection whose TLS handshake failed never returns (it waits for the
+        transport's close, which the failed handshake never completes)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), self.options.connect_timeout)
 
     async def _create_stream(self, js: JetStreamContext) -> None:
         assert self.options.stream is not None and self.options.stream_subjects
