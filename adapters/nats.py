@@ -13,11 +13,12 @@ the stream (a JetStream PubAck) before it counts as acked.
   every PubAck awaited, up to ``timeout``), never one round trip per message. The PubAcks
   come to one subscription of the connection (not nats-py's ``publish_async``: in nats-py
   2.16 a PubAck carrying an error raises inside its reply handler, so that publish is never
-  answered and would only time out). So ``keeps_key_order``
-  is False: the server stores one connection's messages in the order sent, but judges
-  each on its own, so a message refused in the middle of a key's run (over the stream's
-  ``max_msg_size``, a full stream with ``discard: new``) is followed by the next one of
-  the key being stored. The engine then hands this adapter one message per key per call.
+  answered and would only time out).
+- ``keeps_key_order`` is False: the server stores one connection's messages in the order
+  sent, but judges each on its own, so a message refused in the middle of a key's run
+  (over the stream's ``max_msg_size``, a full stream with ``discard: new``) is followed
+  by the next one of the key being stored. The engine then hands this adapter one
+  message per key per call.
 - A message over the server's ``max_payload`` (payload and headers) is refused before it
   is sent: the server would close the connection on it, failing every other message.
 - Reconnecting is ours, not the client's (``allow_reconnect`` off): while the connection
