@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -145,6 +146,8 @@ class NatsOptions(Options):
             raise ValueError("give one way to authenticate: user/password, token, nkey_seed_file or creds_file")
         if self.create_stream and (self.stream is None or not self.stream_subjects):
             raise ValueError("create_stream needs stream and stream_subjects")
+        if (self.nkey_seed_file or self.creds_file) and importlib.util.find_spec("nkeys") is None:
+            raise ValueError("nkey_seed_file and creds_file need nkeys: pip install 'outbox-relay[nats-nkeys]'")
         return self
 
 
