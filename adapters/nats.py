@@ -14,11 +14,15 @@ the stream (a JetStream PubAck) before it counts as acked.
   come to one subscription of the connection (not nats-py's ``publish_async``: in nats-py
   2.16 a PubAck carrying an error raises inside its reply handler, so that publish is never
   answered and would only time out).
-- ``keeps_key_order`` is False: the server stores one connection's messages in the order
-  sent, but judges each on its own, so a message refused in the middle of a key's run
-  (over the stream's ``max_msg_size``, a full stream with ``discard: new``) is followed
-  by the next one of the key being stored. The engine then hands this adapter one
-  message per key per call.
+- ``keeps_key_order`` is False by default: the server stores one connection's messages in
+  the order sent, but judges each on its own, so a message refused in the middle of a
+  key's run (over the stream's ``max_msg_size``, a full stream with ``discard: new``) is
+  followed by the next one of the key being stored. The engine then hands this adapter
+  one message per key per call. With ``key_rounds`` it is True: a call's messages go in
+  rounds, each round the next message of every key (and, in the first, every keyless
+  one) at once, and a key whose message was not acked sends nothing more in the call
+  (``not_sent``); a key's run then costs one round trip per message inside one call,
+  instead of one engine call per message.
 - A message over the server's ``max_payload`` (payload and headers) is refused before it
   is sent: the server would close the connection on it, failing every other message.
 - Reconnecting is ours, not the client's (``allow_reconnect`` off): while the connection
@@ -29,6 +33,7 @@ the stream (a JetStream PubAck) before it counts as acked.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.util
 import json
@@ -40,6 +45,7 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from outbox_relay.adapter import KeyStops
 from outbox_relay.durations import Duration
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
@@ -118,6 +124,8 @@ class NatsOptions(Options):
     ping_interval: Duration = 10.0
     # PubAcks awaited at once, over every call (the workers' batches).
     max_pending: int = Field(default=20_000, ge=1, le=1_000_000)
+    # Take a key's run in one call, sent in rounds (module docstring): keeps_key_order.
+    key_rounds: bool = False
 
     @field_validator("servers", mode="before")
     @classmethod
@@ -214,12 +222,12 @@ def header_size(headers: Mapping[str, str]) -> int:
 
 
 class NatsAdapter:
-    # See the module docstring: PubAcks come back per message, after later ones were sent.
-    keeps_key_order = False
-
     def __init__(self, name: str, options: NatsOptions):
         self.name = name
         self.options = options
+        # See the module docstring: PubAcks come back per message, after later ones were
+        # sent, so a key's order holds only if its next message waits for the last PubAck.
+        self.keeps_key_order = options.key_rounds
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
@@ -445,6 +453,43 @@ class NatsAdapter:
         nc = self._nc
         if problem is not None or nc is None:
             return [PublishResult.unavailable(problem or "not connected")] * len(batch)
+        if not self.options.key_rounds:
+            return await self._send(nc, batch)
+        return await self._in_rounds(nc, batch)
+
+    async def _in_rounds(self, nc: NatsClient, batch: Sequence[OutgoingMessage]) -> list[PublishResult]:
+        """`batch` in rounds: each the next message of every key still going (the first
+        also every keyless one), all at once; a key stops at its first message not acked."""
+        results: list[PublishResult | None] = [None] * len(batch)
+        runs: dict[str, collections.deque[int]] = {}
+        first_round: list[int] = []
+        for index, out in enumerate(batch):
+            key = out.message.key
+            if key is None:
+                first_round.append(index)
+            else:
+                runs.setdefault(key, collections.deque()).append(index)
+        stops = KeyStops()
+        round_ = first_round + [run.popleft() for run in runs.values()]
+        while round_:
+            round_.sort()  # the call's order within a round
+            answers = await self._send(nc, [batch[index] for index in round_])
+            for index, answer in zip(round_, answers, strict=True):
+                results[index] = stops.note(batch[index], answer)
+            round_ = []
+            for run in runs.values():
+                if not run:
+                    continue
+                if stops.held(batch[run[0]]) is not None:
+                    for index in run:
+                        results[index] = stops.held(batch[index])
+                    run.clear()
+                else:
+                    round_.append(run.popleft())
+        return [result or PublishResult.transient("no answer") for result in results]
+
+    async def _send(self, nc: NatsClient, batch: Sequence[OutgoingMessage]) -> list[PublishResult]:
+        """Every message of `batch` written at once, then every PubAck awaited."""
         loop = asyncio.get_running_loop()
         prefix = self._reply_prefix
         results: list[PublishResult | None] = [None] * len(batch)

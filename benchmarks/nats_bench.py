@@ -41,8 +41,9 @@ async def _delete(url: str, name: str) -> None:
         await nc.close()
 
 
-async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS_100) -> float:
-    """Messages/s draining a backlog of `count` over `keys` keys (batches of 1000, 2 workers)."""
+async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS_100, key_rounds: bool = False) -> float:
+    """Messages/s draining a backlog of `count` over `keys` keys (batches of 1000, 2 workers);
+    `key_rounds`: the adapter's option (a key's run in one call, in rounds)."""
     name, subject = await _stream(url)
     try:
         fresh_schema(dsn, SCHEMA)
@@ -50,7 +51,7 @@ async def relay_rate(dsn: str, url: str, count: int, *, keys: Keys = KEYS_100) -
         config = relay_config(
             dsn,
             SCHEMA,
-            {"js": {"type": "nats", "servers": [url], "subject": subject, "stream": name}},
+            {"js": {"type": "nats", "servers": [url], "subject": subject, "stream": name, "key_rounds": key_rounds}},
             [{"topic": "*", "broker": "js"}],
             notify=False,
             batch_size=1000,

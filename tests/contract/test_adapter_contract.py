@@ -354,6 +354,24 @@ class TestNats(AdapterContract):
         await adapter.close()
 
 
+class TestNatsKeyRounds(AdapterContract):
+    """NATS with key_rounds: a key's whole run in one call, sent in rounds (keeps_key_order)."""
+
+    @pytest.fixture
+    async def target(self, nats_server: NatsServer) -> AsyncIterator[Target]:
+        name = f"contract-rounds-{uuid.uuid4().hex[:10]}"
+        subject = f"contract.{name}"
+        await make_stream(nats_server.url, name, [subject])
+        adapter = create_nats("nats", {"servers": [nats_server.url], "stream": name, "key_rounds": True})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await stream_read(nats_server.url, name, count)
+
+        yield Target(adapter, subject, read, explicit=True, locate=nats_locator(nats_server.url, name))
+        await adapter.close()
+
+
 class TestNatsTls(AdapterContract):
     """NATS over TLS (the server verified by the test CA), as a user with a password."""
 
