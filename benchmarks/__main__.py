@@ -28,6 +28,7 @@ from benchmarks import (
     kafka_bench,
     latency,
     matrix,
+    nats_bench,
     rabbit_bench,
     redis_bench,
     replay_cost,
@@ -105,6 +106,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         redis_raw = await redis_bench.raw_rate(svc.redis, args.messages)
         _step("redis: relay, 100 keys")
         redis_relay = await redis_bench.relay_rate(svc.dsn, svc.redis, args.messages)
+        _step("nats: raw nats-py (100 keys)")
+        nats_raw = await nats_bench.raw_rate(svc.nats, args.messages)
+        _step("nats: relay (100 keys)")
+        nats_relay = await nats_bench.relay_rate(svc.dsn, svc.nats, args.messages)
         _step("latency: NOTIFY on")
         lat_on = await latency.commit_to_ack(svc.dsn, svc.kafka, rate=1000, seconds=args.seconds, notify=True)
         _step("latency: NOTIFY off")
@@ -120,6 +125,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rabbitmq_naive_relay": round(rabbit_naive),
         "redis_relay_100_keys": round(redis_relay),
         "redis_raw_redis_py_100_keys": round(redis_raw),
+        "nats_relay_100_keys": round(nats_relay),
+        "nats_raw_nats_py_100_keys": round(nats_raw),
     }
     results["commit_to_ack"] = {"notify_on": lat_on, "notify_off_poll_1s": lat_off}
     results["write_path"] = writes
@@ -129,6 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rabbitmq relay / raw pika": round(rabbit_relay / rabbit_raw, 2),
         "rabbitmq relay / naive relay": round(rabbit_relay / rabbit_naive, 1),
         "redis relay / raw redis-py (100 keys)": round(redis_relay / redis_raw, 2),
+        "nats relay / raw nats-py, 100 keys": round(nats_relay / nats_raw, 2),
         "commit-to-ack p99 ms, NOTIFY on, 1000/s": lat_on["p99_ms"],
         "write p50 with outbox / plain": round(writes["outbox_notify_on_p50_ms"] / writes["plain_p50_ms"], 3),
         "write p50: outbox.enqueue / bare-table insert of the same bytes": round(
@@ -226,6 +234,8 @@ def table(results: dict[str, Any]) -> str:
         f"| Kafka | {t['kafka_relay']} | {t['kafka_raw_producer']} | {t['kafka_naive_relay']} |",
         f"| RabbitMQ | {t['rabbitmq_relay']} | {t['rabbitmq_raw_pika']} | {t['rabbitmq_naive_relay']} |",
     ]
+    if "nats_relay_100_keys" in t:  # results of runs before NATS have no row
+        lines.append(f"| NATS JetStream, 100 keys | {t['nats_relay_100_keys']} | {t['nats_raw_nats_py_100_keys']} | |")
     lines += ["", "| commit-to-ack at 1000 msg/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
     for name, lat in results["commit_to_ack"].items():
         lines.append(f"| {name} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} |")

@@ -25,6 +25,7 @@ class Services:
     amqp: str
     kafka_dir: Path | None = None  # a broker this run started: its pid file, for its CPU
     redis: str = ""  # a redis:// URL
+    nats: str = ""  # a NATS server with JetStream (its URL)
 
     @property
     def kafka_pid(self) -> int | None:
@@ -50,7 +51,8 @@ def provisioned() -> Iterator[Services]:
         kafka, kafka_broker = stack.enter_context(services.kafka())
         amqp, _ = stack.enter_context(services.rabbitmq())
         redis, _ = stack.enter_context(services.redis())
-        yield Services(dsn, kafka, amqp, kafka_broker.directory if kafka_broker else None, redis)
+        nats = stack.enter_context(services.nats())
+        yield Services(dsn, kafka, amqp, kafka_broker.directory if kafka_broker else None, redis, nats.url)
 
 
 def fresh_schema(dsn: str, schema: str) -> None:

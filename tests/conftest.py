@@ -1,5 +1,5 @@
 """Shared fixtures: a real PostgreSQL with one fresh database per test, Kafka,
-RabbitMQ, Redis, toxiproxy and an S3 object store. The helpers the tests share are in
+RabbitMQ, Redis, NATS with JetStream, toxiproxy and an S3 object store. The helpers the tests share are in
 tests/support."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _SERVICES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "redis_service": services.redis,
     "toxiproxy": services.toxiproxy,
     "s3_store": services.seaweedfs,
+    "nats_server": services.nats,
 }
 _started: dict[str, Any] = {}
 _failed: dict[str, BaseException] = {}
@@ -151,6 +152,23 @@ def s3_store() -> Iterator[services.S3Store]:
     """One S3 object store (SeaweedFS) for the session; each test makes its own buckets."""
     with _service("s3_store") as store:
         yield store
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[services.NatsServer]:
+    """One NATS server with JetStream for the session; each test makes its own streams."""
+    with _service("nats_server") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_secure(nats_server: services.NatsServer) -> Iterator[services.NatsServer]:
+    """A local NATS server (the session's, or one of its own): its TLS, its users."""
+    if nats_server.broker is not None:
+        yield nats_server
+        return
+    with services.local_nats() as server:
+        yield server
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Where the tests get their services: PostgreSQL, Kafka, RabbitMQ and Redis (and toxiproxy,
-to put network faults between the relay and any of them, and SeaweedFS, an S3-compatible
-object store).
+"""Where the tests get their services: PostgreSQL, Kafka, RabbitMQ, Redis and NATS with
+JetStream (and toxiproxy, to put network faults between the relay and any of them, and
+SeaweedFS, an S3-compatible object store).
 
 For each, in order:
 1. an environment variable naming a running one
@@ -8,8 +8,8 @@ For each, in order:
    ``OUTBOX_RELAY_TEST_REDIS_URL``);
 2. testcontainers, when a Docker engine answers;
 3. local processes from this machine's binaries: PostgreSQL via
-   outbox_relay.demo.local_postgres, Kafka, RabbitMQ and Redis via scripts/services/*.sh
-   (scripts/test installs what they need first).
+   outbox_relay.demo.local_postgres, Kafka, RabbitMQ, Redis and NATS via
+   scripts/services/*.sh (scripts/test installs what they need first).
 
 No path skips: when none works, the tests that need the service fail with the reason.
 Local brokers can be stopped and started again (the fault tests do).
@@ -337,3 +337,57 @@ def seaweedfs() -> Iterator[S3Store]:
         return
     with local_seaweedfs() as store:
         yield store
+
+
+# The users of the local NATS server (scripts/services/nats.sh), handed to the script so
+# that the two always agree: a password user and an nkey user (its seed below, the public
+# key given to the server). A loopback test server's credentials, not secrets.
+NATS_USER = "relay"
+NATS_PASSWORD = "relay-nats-test-secret"
+NATS_NKEY_SEED = "SUAB5U3B6AJ6KRAHXRMKNP3HTDYX7NPN5YDFHZQZI7C7YYHAYIG7FVPVC4"
+NATS_NKEY_PUBLIC = "UAJ47PC2FBW73WYFWXNRHBJU7PF5CP7PBL5YNPQAACRXK6RVZDASW2CH"
+
+
+@dataclass(frozen=True)
+class NatsServer:
+    """How to reach a NATS server with JetStream: its URL (clients without credentials
+    are let in), and the local one's process if it is local (stop() and start() it again:
+    its streams stay)."""
+
+    url: str
+    broker: LocalBroker | None
+
+    @property
+    def tls_url(self) -> str:
+        """The local server's TLS twin (nats.sh: TLS required on PORT+2, its own streams),
+        verified by ca_file."""
+        assert self.broker is not None, "only a local server has a TLS twin"
+        return f"tls://127.0.0.1:{self.broker.port + 2}"
+
+    @property
+    def ca_file(self) -> str:
+        assert self.broker is not None, "only a local server has the test CA"
+        return str(self.broker.directory / "tls" / "ca.pem")
+
+
+@contextlib.contextmanager
+def local_nats() -> Iterator[NatsServer]:
+    """A NATS server of its own, started by scripts/services/nats.sh (which scripts/test
+    builds; a missing one is built here, from the Go module proxy): plain clients on PORT,
+    TLS required on PORT+2 (another server, its own streams), monitoring on PORT+1 and +3."""
+    users = {"NATS_USER": NATS_USER, "NATS_PASSWORD": NATS_PASSWORD, "NATS_NKEY_USER": NATS_NKEY_PUBLIC}
+    with local_broker("nats.sh", 4, env=users) as broker:
+        yield NatsServer(f"nats://127.0.0.1:{broker.port}", broker)
+
+
+@contextlib.contextmanager
+def nats() -> Iterator[NatsServer]:
+    """Yield a NATS server with JetStream: the one at OUTBOX_RELAY_TEST_NATS_URL if set
+    (letting clients in without credentials), else a local one (no Docker path: like
+    toxiproxy, it is built and run here)."""
+    url = os.environ.get("OUTBOX_RELAY_TEST_NATS_URL")
+    if url:
+        yield NatsServer(url, None)
+        return
+    with local_nats() as server:
+        yield server

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from outbox_relay_adapters.file import FileAdapter, FileOptions
 from outbox_relay_adapters.kafka import create as create_kafka
+from outbox_relay_adapters.nats import create as create_nats
 from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
 from outbox_relay_adapters.redis_streams import create as create_redis
 from outbox_relay_adapters.stdout import StdoutAdapter
@@ -36,9 +37,19 @@ from tests.consumers import (
     redis_entries,
     redis_read,
 )
-from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, REDIS_RELAY_PASSWORD, REDIS_RELAY_USER, Secure
+from tests.services import (
+    KAFKA_SCRAM_PASSWORD,
+    KAFKA_SCRAM_USER,
+    NATS_PASSWORD,
+    NATS_USER,
+    REDIS_RELAY_PASSWORD,
+    REDIS_RELAY_USER,
+    NatsServer,
+    Secure,
+)
 from tests.support.factories import message
 from tests.support.http import HttpReceiver, answer
+from tests.support.jetstream import make_stream, message_at, stream_read
 
 Reader = Callable[[int], Awaitable[list[Received]]]
 # locate([(receipt, message id)]) -> the message id an independent client finds where
@@ -93,6 +104,16 @@ def rabbit_locator(queue: RabbitQueue, exchange: str) -> Locator:
             for receipt, mid in receipts
             if mid in received and received[mid].properties["routing_key"] == receipt["routing_key"]
         ]
+
+    return locate
+
+
+def nats_locator(url: str, stream: str, ca_file: str | None = None) -> Locator:
+    """The message id (Nats-Msg-Id) of the message at each receipt's stream sequence."""
+
+    async def locate(receipts: list[tuple[dict[str, Any], str]]) -> list[str]:
+        assert all(receipt["stream"] == stream and receipt["duplicate"] is False for receipt, _ in receipts)
+        return [await message_at(url, stream, receipt["seq"], ca_file=ca_file) for receipt, _ in receipts]
 
     return locate
 
@@ -152,7 +173,7 @@ class AdapterContract:
         # Adapters that declare keeps_key_order are handed a key's whole run at once.
         if not keeps_key_order(target.adapter):
             # Only these are handed one message per key per call.
-            assert type(target.adapter).__name__ in {"WebhookAdapter", "RabbitAdapter"}
+            assert type(target.adapter).__name__ in {"WebhookAdapter", "RabbitAdapter", "NatsAdapter"}
             return
         run = [message(i, key="hot") for i in range(300)]
         assert await self._publish(target, run) == [Outcome.ACKED] * 300
@@ -381,4 +402,65 @@ class TestRedisTls(AdapterContract):
             return await redis_read(redis_secure.plain, stream, count)
 
         yield Target(adapter, stream, read, explicit=True, locate=redis_locator(redis_secure.plain, stream))
+        await adapter.close()
+
+
+class TestNats(AdapterContract):
+    """NATS JetStream: a stream of its own per test, the subject the route's destination."""
+
+    @pytest.fixture
+    async def target(self, nats_server: NatsServer) -> AsyncIterator[Target]:
+        name = f"contract-{uuid.uuid4().hex[:10]}"
+        subject = f"contract.{name}"
+        await make_stream(nats_server.url, name, [subject])
+        adapter = create_nats("nats", {"servers": [nats_server.url], "stream": name})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await stream_read(nats_server.url, name, count)
+
+        yield Target(adapter, subject, read, explicit=True, locate=nats_locator(nats_server.url, name))
+        await adapter.close()
+
+
+class TestNatsKeyRounds(AdapterContract):
+    """NATS with key_rounds: a key's whole run in one call, sent in rounds (keeps_key_order)."""
+
+    @pytest.fixture
+    async def target(self, nats_server: NatsServer) -> AsyncIterator[Target]:
+        name = f"contract-rounds-{uuid.uuid4().hex[:10]}"
+        subject = f"contract.{name}"
+        await make_stream(nats_server.url, name, [subject])
+        adapter = create_nats("nats", {"servers": [nats_server.url], "stream": name, "key_rounds": True})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await stream_read(nats_server.url, name, count)
+
+        yield Target(adapter, subject, read, explicit=True, locate=nats_locator(nats_server.url, name))
+        await adapter.close()
+
+
+class TestNatsTls(AdapterContract):
+    """NATS over TLS (the server verified by the test CA), as a user with a password."""
+
+    @pytest.fixture
+    async def target(self, nats_secure: NatsServer) -> AsyncIterator[Target]:
+        name = f"contract-tls-{uuid.uuid4().hex[:10]}"
+        subject = f"contract.{name}"
+        tls_url, ca = nats_secure.tls_url, nats_secure.ca_file
+        await make_stream(tls_url, name, [subject], ca_file=ca)
+        options = {
+            "servers": [nats_secure.tls_url],
+            "tls": {"ca_file": ca},
+            "user": NATS_USER,
+            "password": NATS_PASSWORD,
+        }
+        adapter = create_nats("nats", options)
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await stream_read(tls_url, name, count, ca_file=ca)
+
+        yield Target(adapter, subject, read, explicit=True, locate=nats_locator(tls_url, name, ca))
         await adapter.close()

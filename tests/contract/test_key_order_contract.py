@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import redis
 from outbox_relay_adapters.kafka import create as create_kafka
+from outbox_relay_adapters.nats import create as create_nats
 from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
 from outbox_relay_adapters.redis_streams import create as create_redis
 from structlog.testing import capture_logs
@@ -38,7 +39,9 @@ from structlog.testing import capture_logs
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.models import Message, Outcome, OutgoingMessage
 from tests.consumers import RabbitQueue, Received, kafka_create_topic, kafka_read, rabbit_read, redis_entries
+from tests.services import NatsServer
 from tests.support.factories import message
+from tests.support.jetstream import make_stream, stream_read
 
 LIMIT = 4096  # bytes the destination accepts: a record (Kafka) or the queue (RabbitMQ)
 
@@ -287,3 +290,37 @@ class TestRedis(KeyOrderContract):
         assert [o for m, o in zip(sent, outcomes, strict=True) if m.key != "k"] == [Outcome.ACKED] * 3
         with redis.Redis.from_url(redis_url) as admin:
             assert admin.get(bad) == b"not a stream"
+
+
+class TestNatsKeyRounds(KeyOrderContract):
+    """NATS JetStream with key_rounds (a key's run in one call, in rounds of one message
+    per key): the stream refuses a message over LIMIT bytes (its max_msg_size, JetStream
+    error 10054), a permanent refusal of that message; the key's later messages are not
+    sent. Without key_rounds the adapter does not keep key order (README, NATS)."""
+
+    refusal_event = None  # every message has its own PubAck: no batches
+
+    @pytest.fixture
+    async def rejecting(self, nats_server: NatsServer) -> AsyncIterator[Make]:
+        adapters: list[Adapter] = []
+
+        async def make(_client_options: dict[str, Any]) -> Rejecting:  # batch sizes are Kafka's
+            stream = f"order-{uuid.uuid4().hex[:10]}"
+            await make_stream(nats_server.url, stream, [stream], max_msg_size=LIMIT)
+            adapter = create_nats("nats", {"servers": [nats_server.url], "stream": stream, "key_rounds": True})
+            await adapter.connect()
+            adapters.append(adapter)
+
+            async def read_all(marker: str) -> list[Received]:
+                received = await stream_read(nats_server.url, stream, 1)
+                for _ in range(50):  # up to the marker: everything published before it is in
+                    if any(r.message_id == marker for r in received):
+                        return [r for r in received if r.message_id != marker]
+                    received = await stream_read(nats_server.url, stream, len(received) + 1, timeout=1)
+                raise AssertionError(f"the marker never arrived on {stream}")
+
+            return Rejecting(adapter, stream, read_all)
+
+        yield make
+        for adapter in adapters:
+            await adapter.close()

@@ -1,6 +1,6 @@
 """The relay over TLS for real: Kafka's SASL_SSL listener (SCRAM-SHA-512), RabbitMQ's
-AMQPS listener and Redis's TLS port with an ACL user, all with certificates made at start
-by scripts/services/certs.sh. And
+AMQPS listener, Redis's TLS port with an ACL user and NATS over TLS (a user with a
+password, an nkey user), all with certificates made at start by scripts/services/certs.sh. And
 the two ways it goes wrong in production: a wrong password and a certificate the relay
 does not trust. Each is one clear line in `check`, shows no secret, and the messages wait
 (spending no attempt) instead of being dead-lettered."""
@@ -19,9 +19,21 @@ from structlog.testing import capture_logs
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
 from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read, redis_entries
-from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, REDIS_RELAY_PASSWORD, REDIS_RELAY_USER, ROOT, Secure
+from tests.services import (
+    KAFKA_SCRAM_PASSWORD,
+    KAFKA_SCRAM_USER,
+    NATS_NKEY_SEED,
+    NATS_PASSWORD,
+    NATS_USER,
+    REDIS_RELAY_PASSWORD,
+    REDIS_RELAY_USER,
+    ROOT,
+    NatsServer,
+    Secure,
+)
 from tests.support.cli import run_cli
 from tests.support.configs import make_config, write_config
+from tests.support.jetstream import make_stream, stream_read
 from tests.support.outbox import count, write
 from tests.support.relay import running_relay
 from tests.support.waiting import wait_until
@@ -117,6 +129,86 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead
     with capture_logs() as logs:
         async with running_relay(config, build_adapters(config)):
             # The positive signal: the relay has tried the broker, and failed, twice.
+            await wait_until(lambda: sum(e["event"] == "broker_unreachable" for e in logs) >= 2, timeout=60)
+            with psycopg.connect(db) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FILTER (WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL),"
+                    " count(*) FILTER (WHERE dead_lettered_at IS NOT NULL), max(attempts) "
+                    "FROM outbox.messages"
+                ).fetchone()
+    assert row == (3, 0, 0), "the messages wait, spending no attempt (max_attempts is 1)"
+    if secret:
+        assert not [e for e in logs if secret in repr(e)]
+
+
+def nats_block(server: NatsServer, prefix: str, *, ca_file: str | None = None, **auth: Any) -> dict[str, Any]:
+    # The password comes from the environment, as the README says it should.
+    return {
+        "type": "nats",
+        "servers": [server.tls_url],
+        "subject": prefix + ".{destination}",
+        "tls": {"ca_file": ca_file or server.ca_file},
+        "connect_timeout": "3s",
+        **(auth or {"user": NATS_USER, "password": "${NATS_PW}"}),
+    }
+
+
+@pytest.mark.parametrize("auth", ["password", "nkey"])
+async def test_the_relay_publishes_to_nats_over_tls_as_a_user(
+    db: str, tmp_path: Path, nats_secure: NatsServer, auth: str
+) -> None:
+    stream = f"secure-{uuid.uuid4().hex[:8]}"
+    await make_stream(nats_secure.tls_url, stream, [f"{stream}.>"], ca_file=nats_secure.ca_file)
+    seed = tmp_path / "relay.nk"
+    seed.write_text(NATS_NKEY_SEED)
+    seed.chmod(0o600)
+    block = nats_block(nats_secure, stream, **({"nkey_seed_file": str(seed)} if auth == "nkey" else {}))
+    config = make_config(
+        db,
+        brokers={"js": block},
+        routes=[{"topic": "*", "broker": "js"}],
+        max_attempts=1,
+        env={"NATS_PW": NATS_PASSWORD},
+    )
+    async with running_relay(config, build_adapters(config)):
+        written = await write(db, "orders.created", ["o1", "o2"], 10)
+        await wait_until(lambda: count(db, "dispatched_at IS NULL") == 0, timeout=60)
+    got = await stream_read(nats_secure.tls_url, stream, 20, ca_file=nats_secure.ca_file)
+    assert {r.message_id for r in got} == set(written.committed)
+
+
+@pytest.mark.parametrize("fault", ["wrong password", "untrusted certificate"])
+async def test_nats_with_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead_letters_nothing(
+    db: str, tmp_path: Path, nats_secure: NatsServer, fault: str
+) -> None:
+    secret = "not-the-password-" + uuid.uuid4().hex[:6] if fault == "wrong password" else None
+    ca = stranger_ca(tmp_path) if fault == "untrusted certificate" else None
+    env = {"NATS_PW": secret or NATS_PASSWORD}
+    settings: dict[str, Any] = {
+        "brokers": {"b": nats_block(nats_secure, "bad-creds", ca_file=ca)},
+        "max_attempts": 1,
+        "routes": [{"topic": "*", "broker": "b"}],
+    }
+    path = write_config(tmp_path / "relay.yaml", db, **settings)
+
+    checked = run_cli("check", "--config", str(path), env=env, timeout=120)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    line = [line for line in checked.stdout.splitlines() if line.startswith("broker")]
+    assert len(line) == 1 and line[0].startswith("broker    FAIL  b (nats): "), checked.stdout
+    # Says why, in the server's or the TLS library's words.
+    expected = "CERTIFICATE_VERIFY_FAILED" if ca else "Authorization Violation"
+    assert expected in line[0], line[0]
+    if secret:
+        assert secret not in checked.stdout + checked.stderr
+
+    config = make_config(db, env=env, **settings)
+    with psycopg.connect(db) as conn:
+        for i in range(3):
+            enqueue(conn, "t", {"i": i}, key="k")
+        conn.commit()
+    with capture_logs() as logs:
+        async with running_relay(config, build_adapters(config)):
+            # The positive signal: the relay has tried the server, and failed, twice.
             await wait_until(lambda: sum(e["event"] == "broker_unreachable" for e in logs) >= 2, timeout=60)
             with psycopg.connect(db) as conn:
                 row = conn.execute(

@@ -29,6 +29,12 @@ def own_rabbitmq() -> Iterator[services.LocalBroker]:
 
 
 @pytest.fixture(scope="module")
+def own_nats() -> Iterator[services.NatsServer]:
+    with services.local_nats() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def own_redis() -> Iterator[services.LocalBroker]:
     with services.local_redis() as broker:
         yield broker

@@ -32,9 +32,10 @@ from tests.faults.harness import (
     outbox_in,
     writers_for,
 )
-from tests.services import LocalBroker
+from tests.services import LocalBroker, NatsServer
 from tests.support.cli import RelayProcess
 from tests.support.configs import PATIENT, write_config
+from tests.support.jetstream import make_stream, stream_read
 from tests.support.outbox import pending
 from tests.support.toxiproxy import MakeProxy
 from tests.support.waiting import wait_for
@@ -200,6 +201,43 @@ async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker
     finally:
         reader.close()
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+
+
+async def test_nats_stopped_longer_than_every_timeout_and_restarted(
+    db: str, own_nats: NatsServer, tmp_path: Path
+) -> None:
+    # Stopped for 10 s, past the adapter's timeout and connect_timeout (2 s) and the
+    # relay's publish_timeout (3 s): nothing dead-lettered (max_attempts 2), nothing lost,
+    # the stream (file store) still there after the restart. A re-send of what was in
+    # flight falls in the stream's duplicate window (2 minutes): stored once.
+    assert own_nats.broker is not None
+    stream = f"outage-{uuid.uuid4().hex[:8]}"
+    await make_stream(own_nats.url, stream, [f"{stream}.>"])
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={
+            "js": {
+                "type": "nats",
+                "servers": [own_nats.url],
+                "subject": stream + ".{destination}",
+                "stream": stream,
+                "timeout": "2s",
+                "connect_timeout": "2s",
+            }
+        },
+        routes=[{"topic": "*", "broker": "js"}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        max_attempts=2,
+        publish_timeout="3s",
+    )
+    broker = own_nats.broker
+    ledger, _ = outage(Outbox(db, "table"), config, "orders.created", down=broker.stop, up=broker.start, down_for=10.0)
+    received = await stream_read(own_nats.url, stream, len(ledger.committed), timeout=30)
+    duplicates = check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+    print(f"committed={len(ledger.committed)} duplicates={duplicates}")
 
 
 @pytest.mark.parametrize("how", ["stopped", "killed"])

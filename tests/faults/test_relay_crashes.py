@@ -1,5 +1,6 @@
 """Relays killed with SIGKILL at random moments, again and again, while writers keep
-committing: with one replica and with three, from the table and from the WAL; and in
+committing: with one replica and with three, from the table and from the WAL (and three
+replicas publishing to NATS JetStream); and in
 WAL mode the streaming replica killed during a drain, a standby taking the slot over."""
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from tests.faults.harness import (
     wal_in_flight,
     writers_for,
 )
+from tests.services import NatsServer
 from tests.support.cli import RelayProcess
 from tests.support.configs import PATIENT, write_config
+from tests.support.jetstream import make_stream, stream_read
 from tests.support.waiting import wait_for
 from tests.support.wal import confirmed_flush
 
@@ -88,6 +91,50 @@ async def test_sigkill_again_and_again(
         f"{source} replicas={replicas} kills={len(kills)} committed={len(ledger.committed)} "
         f"duplicates={duplicates} (at most {in_flight})"
     )
+
+
+async def test_sigkill_again_and_again_three_replicas_to_nats(db: str, nats_server: NatsServer, tmp_path: Path) -> None:
+    # The same against NATS JetStream, three replicas from the table: a message a killed
+    # relay published but never marked goes again, and the stream's duplicate window
+    # (Nats-Msg-Id) stores it once while the window lasts; duplicates at most in flight.
+    stream = f"crash-{uuid.uuid4().hex[:8]}"
+    await make_stream(nats_server.url, stream, [f"{stream}.>"])
+    with outbox_in(db, "table") as outbox:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            brokers={"js": {"type": "nats", "servers": [nats_server.url], "subject": stream + ".{destination}"}},
+            routes=[{"topic": "*", "broker": "js"}],
+            timing=PATIENT,
+            batch_size=BATCH,
+            workers=WORKERS,
+            **outbox.settings(),
+        )
+        rng = random.Random(3)
+        relays = [RelayProcess(config) for _ in range(3)]
+        writers = writers_for(outbox, "orders.created").start()
+        kills = 0
+        try:
+            deadline = time.monotonic() + 12
+            while time.monotonic() < deadline or kills < MIN_KILLS:
+                time.sleep(rng.uniform(0.3, 1.2))  # the fault: a SIGKILL at a random moment
+                victim = rng.randrange(3)
+                relays[victim].kill()
+                kills += 1
+                relays[victim] = RelayProcess(config)
+            ledger = writers.stop()
+            outbox.wait_dispatched(90)
+            for relay in relays:
+                relay.wait_started()
+                assert relay.terminate() == 0
+        finally:
+            writers.stop()
+            for relay in relays:
+                relay.close()
+    received = await stream_read(nats_server.url, stream, len(ledger.committed), timeout=60)
+    in_flight = kills * BATCH * WORKERS
+    duplicates = check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=in_flight)
+    print(f"nats replicas=3 kills={kills} committed={len(ledger.committed)} duplicates={duplicates}")
 
 
 def takeover(outbox: Outbox, victim: str, confirmed: int, timeout: float = 60) -> tuple[str, float, float]:
