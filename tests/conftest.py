@@ -1,5 +1,5 @@
 """Shared fixtures: a real PostgreSQL with one fresh database per test, Kafka,
-RabbitMQ, toxiproxy and an S3 object store. The helpers the tests share are in
+RabbitMQ, ElasticMQ (SQS), toxiproxy and an S3 object store. The helpers the tests share are in
 tests/support."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ _SERVICES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "rabbitmq_service": services.rabbitmq,
     "toxiproxy": services.toxiproxy,
     "s3_store": services.seaweedfs,
+    "sqs_server": services.elasticmq,
 }
 _started: dict[str, Any] = {}
 _failed: dict[str, BaseException] = {}
@@ -129,6 +130,13 @@ def s3_store() -> Iterator[services.S3Store]:
     """One S3 object store (SeaweedFS) for the session; each test makes its own buckets."""
     with _service("s3_store") as store:
         yield store
+
+
+@pytest.fixture(scope="session")
+def sqs_server() -> Iterator[services.SqsServer]:
+    """One SQS-compatible server (ElasticMQ) for the session; each test makes its own queues."""
+    with _service("sqs_server") as server:
+        yield server
 
 
 @pytest.fixture
