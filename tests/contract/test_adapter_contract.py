@@ -19,14 +19,24 @@ import pytest
 from outbox_relay_adapters.file import FileAdapter, FileOptions
 from outbox_relay_adapters.kafka import create as create_kafka
 from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
+from outbox_relay_adapters.sqs import create as create_sqs
 from outbox_relay_adapters.stdout import StdoutAdapter
 from outbox_relay_adapters.webhook import create as create_webhook
 
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.json_lines import decode_payload
 from outbox_relay.models import Message, Outcome, OutgoingMessage
-from tests.consumers import RabbitQueue, Received, kafka_read, kafka_scan_to_end, rabbit_read, received_of
-from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, Secure
+from tests.consumers import (
+    RabbitQueue,
+    Received,
+    SqsQueue,
+    kafka_read,
+    kafka_scan_to_end,
+    rabbit_read,
+    received_of,
+    sqs_read,
+)
+from tests.services import KAFKA_SCRAM_PASSWORD, KAFKA_SCRAM_USER, Secure, SqsServer
 from tests.support.factories import message
 from tests.support.http import HttpReceiver, answer
 
@@ -83,6 +93,26 @@ def rabbit_locator(queue: RabbitQueue, exchange: str) -> Locator:
             for receipt, mid in receipts
             if mid in received and received[mid].properties["routing_key"] == receipt["routing_key"]
         ]
+
+    return locate
+
+
+def sqs_locator(queue: SqsQueue) -> Locator:
+    """SQS gives a message no readable position: the receipt names the queue and SQS's own
+    message id (and a FIFO queue's sequence number), and the queue holds a message with
+    that SQS id, that sequence number and the relay's message id."""
+
+    async def locate(receipts: list[tuple[dict[str, Any], str]]) -> list[str]:
+        assert all(receipt["queue_url"] == queue.url for receipt, _ in receipts), receipts
+        held = {r.properties["sqs_message_id"]: r for r in await sqs_read(queue, len(receipts))}
+        found = []
+        for receipt, _ in receipts:
+            there = held.get(receipt["sqs_message_id"])
+            if there is None or there.properties["sequence_number"] != receipt.get("sequence_number"):
+                found.append("nothing there")
+            else:
+                found.append(there.message_id)
+        return found
 
     return locate
 
@@ -268,6 +298,37 @@ class TestRabbitMQPipelined(TestRabbitMQ):
     """RabbitMQ with pipeline_keys: a key's run in one call, on one channel."""
 
     options = {"pipeline_keys": True}
+
+
+class TestSqsFifo(AdapterContract):
+    """SQS (ElasticMQ) through a FIFO queue named by its name (resolved with GetQueueUrl):
+    groups by key, deduplication by message id."""
+
+    suffix = ".fifo"
+    by_url = False
+
+    @pytest.fixture
+    async def target(self, sqs_server: SqsServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Target]:
+        for name, value in sqs_server.env.items():  # boto3's chain: the identity from the environment
+            monkeypatch.setenv(name, value)
+        queue = SqsQueue(sqs_server, f"contract-{uuid.uuid4().hex[:10]}{self.suffix}")
+        adapter = create_sqs("sqs", {"endpoint_url": sqs_server.endpoint_url})
+        await adapter.connect()
+
+        async def read(count: int) -> list[Received]:
+            return await sqs_read(queue, count)
+
+        destination = queue.url if self.by_url else queue.name
+        yield Target(adapter, destination, read, explicit=True, locate=sqs_locator(queue))
+        await adapter.close()
+
+
+class TestSqsStandard(TestSqsFifo):
+    """A standard queue, named by its URL. SQS promises a standard queue no order to its
+    consumers; the adapter still sends a key's run in order (ElasticMQ keeps it)."""
+
+    suffix = ""
+    by_url = True
 
 
 # --- the same contract over TLS, with SASL for Kafka (scripts/services: certs.sh) ----------

@@ -6,8 +6,10 @@ in the call is acked, nor written (outbox_relay.adapter.Adapter). The engine's o
 tests use FakeAdapter, which obeys the rule by construction; these test the adapters.
 
 The broker rejects a record by its size here (Kafka: the topic's ``max.message.bytes``;
-RabbitMQ: a queue that refuses what would take it over ``x-max-length-bytes``), in the
-two layouts that broke the rule before (issue 17, item 1):
+RabbitMQ: a queue that refuses what would take it over ``x-max-length-bytes``; SQS: the
+adapter's ``max_message_bytes``, and ElasticMQ's own 256 KiB limit for a failure the
+server decides in the middle of a run), in the two layouts that broke the rule before
+(issue 17, item 1):
 
 - the poison first in a key's run, the run spread over several producer batches, on a
   fresh producer (a broker with no state for a producer id accepts any first sequence,
@@ -29,11 +31,13 @@ from typing import Any
 import pytest
 from outbox_relay_adapters.kafka import create as create_kafka
 from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
+from outbox_relay_adapters.sqs import create as create_sqs
 from structlog.testing import capture_logs
 
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.models import Message, Outcome, OutgoingMessage
-from tests.consumers import RabbitQueue, Received, kafka_create_topic, kafka_read, rabbit_read
+from tests.consumers import RabbitQueue, Received, SqsQueue, kafka_create_topic, kafka_read, rabbit_read, sqs_read
+from tests.services import SqsServer
 from tests.support.factories import message
 
 LIMIT = 4096  # bytes the destination accepts: a record (Kafka) or the queue (RabbitMQ)
@@ -225,3 +229,64 @@ class TestRabbitMQPipelined(KeyOrderContract):
         for adapter, queue in made:
             await adapter.close()
             queue.close()
+
+
+class TestSqsFifo(KeyOrderContract):
+    """SQS FIFO (ElasticMQ): SendMessageBatch judges each entry on its own and may take a
+    group's entry after refusing the one before, so the adapter sends a key's run one
+    message per round. The shared cases refuse by the adapter's ``max_message_bytes``
+    (LIMIT) before sending; the case below lets the server refuse in the middle of runs."""
+
+    refusal_event = None  # SQS batches carry one message per key: nothing to split
+
+    @pytest.fixture
+    async def rejecting(self, sqs_server: SqsServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Make]:
+        for name, value in sqs_server.env.items():
+            monkeypatch.setenv(name, value)
+        adapters: list[Adapter] = []
+
+        async def make(client_options: dict[str, Any]) -> Rejecting:
+            # Kafka's batch sizes mean nothing here; the adapter's own limit does.
+            options = {"max_message_bytes": LIMIT, **client_options.get("sqs", {})}
+            queue = SqsQueue(sqs_server, f"order-{uuid.uuid4().hex[:10]}.fifo")
+            adapter = create_sqs("sqs", {"endpoint_url": sqs_server.endpoint_url, **options})
+            await adapter.connect()
+            adapters.append(adapter)
+
+            async def read_all(marker: str) -> list[Received]:
+                received: list[Received] = []
+                while not any(r.message_id == marker for r in received):
+                    got = await sqs_read(queue, 1, timeout=10)
+                    assert got, f"the marker never arrived on {queue.name}"
+                    received += got
+                return [r for r in received if r.message_id != marker]
+
+            return Rejecting(adapter, queue.name, read_all)
+
+        yield make
+        for adapter in adapters:
+            await adapter.close()
+
+    async def test_the_server_refusing_mid_run_stops_the_key(self, rejecting: Make) -> None:
+        # The adapter's limit above ElasticMQ's (256 KiB): the 300 KiB message goes out
+        # and the server refuses it, third of key k's five, beside key j's run.
+        target = await rejecting({"sqs": {"max_message_bytes": 1_048_576}})
+        sent = [
+            msg(1, "k", 10),
+            msg(2, "j", 10),
+            msg(3, "k", 10),
+            msg(4, "j", 10),
+            msg(5, "k", 300 * 1024),
+            msg(6, "j", 10),
+            msg(7, "k", 10),
+            msg(8, "k", 10),
+        ]
+        results = await target.adapter.publish([OutgoingMessage(m, target.destination, True) for m in sent])
+        outcomes = [r.outcome for r in results]
+        assert outcomes == [Outcome.ACKED] * 4 + [Outcome.PERMANENT, Outcome.ACKED] + [Outcome.NOT_SENT] * 2, results
+        # Refused by the server, in its words, not by the adapter's own size check.
+        assert "max_message_bytes" not in (results[4].reason or ""), results[4]
+        marker = message(999, key="marker")
+        [marked] = await target.adapter.publish([OutgoingMessage(marker, target.destination, True)])
+        assert marked.outcome is Outcome.ACKED, marked
+        assert_rule(sent, outcomes, await target.read_all(str(marker.message_id)))
