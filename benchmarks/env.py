@@ -24,6 +24,7 @@ class Services:
     kafka: str
     amqp: str
     kafka_dir: Path | None = None  # a broker this run started: its pid file, for its CPU
+    sqs: services.SqsServer | None = None  # ElasticMQ, for the matrix's SQS row
 
     @property
     def kafka_pid(self) -> int | None:
@@ -48,7 +49,8 @@ def provisioned() -> Iterator[Services]:
             dsn = cluster.dsn
         kafka, kafka_broker = stack.enter_context(services.kafka())
         amqp, _ = stack.enter_context(services.rabbitmq())
-        yield Services(dsn, kafka, amqp, kafka_broker.directory if kafka_broker else None)
+        sqs = stack.enter_context(services.elasticmq())
+        yield Services(dsn, kafka, amqp, kafka_broker.directory if kafka_broker else None, sqs)
 
 
 def fresh_schema(dsn: str, schema: str) -> None:
