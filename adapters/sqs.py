@@ -24,7 +24,8 @@ every request (SigV4). The config names no secret.
   throttled, a 5xx, refused credentials or no connection at all are the broker's or
   the relay's problem, not the messages' (``unavailable``: no attempt spent); any other
   refusal of a request of several entries sends each entry again alone, so one bad
-  entry cannot dead-letter its neighbours.
+  entry cannot dead-letter its neighbours, and a 4xx for an entry sent alone is that
+  entry's fault (permanent).
 - Entries (body encoding, message attributes, group and deduplication ids, size):
   adapters/sqs_entries.py.
 """
@@ -123,11 +124,17 @@ def refusal(exc: BaseException) -> str | None:
         return f"SQS refuses the relay's credentials or permissions: {first_line(exc)}"
     if code in THROTTLED:
         return f"SQS throttles the relay: {first_line(exc)}"
+    if _status(exc) >= 500:
+        return f"SQS failed the request: {first_line(exc)}"
+    return None
+
+
+def _status(exc: BaseException) -> int:
+    """The HTTP status of SQS's answer (0: no answer)."""
     if isinstance(exc, boto_errors.ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if isinstance(status, int) and status >= 500:
-            return f"SQS failed the request: {first_line(exc)}"
-    return None
+        return status if isinstance(status, int) else 0
+    return 0
 
 
 class SqsAdapter:
@@ -260,6 +267,10 @@ class SqsAdapter:
                 # Refused as a whole for what may be one entry's fault: each goes alone.
                 alone = await asyncio.gather(*(self._send(url, [one]) for one in entries))
                 return {index: result for answers in alone for index, result in answers.items()}
+            if refusal(exc) is None and _status(exc) in range(400, 500):
+                # A request of this one entry refused as the client's fault: the entry's.
+                why = f"SQS refused the message: {first_line(exc)}"
+                return dict.fromkeys((index for index, _ in entries), PublishResult.permanent(why))
             failed = _request_failed(exc)
             return dict.fromkeys((index for index, _ in entries), failed)
         results: dict[int, PublishResult] = {}
