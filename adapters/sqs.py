@@ -210,11 +210,22 @@ class SqsAdapter:
             client.close()
 
     async def ready(self) -> bool:
+        """The probe, then each queue name already resolved is asked for again: a server
+        that answers but has not got its queues back yet (ElasticMQ restores them just
+        after it starts listening) is not ready, or the trial message after an outage
+        would find its queue missing and be dead-lettered. A queue found missing is
+        forgotten, so the next probe passes and its messages learn it themselves."""
         if self._client is None or self._pool is None:
             return False
+        name = ""
         try:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._probe, self._client)
+            for name in list(self._urls):
+                await self._call("get_queue_url", QueueName=name)
         except Exception as exc:
+            if code_of(exc) in MISSING_QUEUE:
+                self._urls.pop(name, None)
+                raise ConnectionError(f"SQS queue {name!r} does not exist (now)") from None
             raise ConnectionError(refusal(exc) or first_line(exc)) from None
         return True
 

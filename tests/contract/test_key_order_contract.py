@@ -7,9 +7,9 @@ tests use FakeAdapter, which obeys the rule by construction; these test the adap
 
 The broker rejects a record by its size here (Kafka: the topic's ``max.message.bytes``;
 RabbitMQ: a queue that refuses what would take it over ``x-max-length-bytes``; SQS: the
-adapter's ``max_message_bytes``, and ElasticMQ's own 256 KiB limit for a failure the
-server decides in the middle of a run), in the two layouts that broke the rule before
-(issue 17, item 1):
+adapter's ``max_message_bytes``, and for a failure the server decides in the middle of a
+run, a message of the run sent to a queue that does not exist), in the two layouts that
+broke the rule before (issue 17, item 1):
 
 - the poison first in a key's run, the run spread over several producer batches, on a
   fresh producer (a broker with no state for a producer id accepts any first sequence,
@@ -50,6 +50,7 @@ class Rejecting:
     adapter: Adapter
     destination: str
     read_all: Callable[[str], Awaitable[list[Received]]]  # everything up to a marker's id
+    destination_url: str = ""  # SQS: the queue's URL (destination is its name)
 
 
 def msg(n: int, key: str, size: int) -> Message:
@@ -235,7 +236,7 @@ class TestSqsFifo(KeyOrderContract):
     """SQS FIFO (ElasticMQ): SendMessageBatch judges each entry on its own and may take a
     group's entry after refusing the one before, so the adapter sends a key's run one
     message per round. The shared cases refuse by the adapter's ``max_message_bytes``
-    (LIMIT) before sending; the case below lets the server refuse in the middle of runs."""
+    (LIMIT) before sending; the last case has the server refuse in the middle of a run."""
 
     refusal_event = None  # SQS batches carry one message per key: nothing to split
 
@@ -245,9 +246,9 @@ class TestSqsFifo(KeyOrderContract):
             monkeypatch.setenv(name, value)
         adapters: list[Adapter] = []
 
-        async def make(client_options: dict[str, Any]) -> Rejecting:
+        async def make(_client_options: dict[str, Any]) -> Rejecting:
             # Kafka's batch sizes mean nothing here; the adapter's own limit does.
-            options = {"max_message_bytes": LIMIT, **client_options.get("sqs", {})}
+            options = {"max_message_bytes": LIMIT}
             queue = SqsQueue(sqs_server, f"order-{uuid.uuid4().hex[:10]}.fifo")
             adapter = create_sqs("sqs", {"endpoint_url": sqs_server.endpoint_url, **options})
             await adapter.connect()
@@ -261,31 +262,35 @@ class TestSqsFifo(KeyOrderContract):
                     received += got
                 return [r for r in received if r.message_id != marker]
 
-            return Rejecting(adapter, queue.name, read_all)
+            return Rejecting(adapter, queue.name, read_all, queue.url)
 
         yield make
         for adapter in adapters:
             await adapter.close()
 
     async def test_the_server_refusing_mid_run_stops_the_key(self, rejecting: Make) -> None:
-        # The adapter's limit above ElasticMQ's (256 KiB): the 300 KiB message goes out
-        # and the server refuses it, third of key k's five, beside key j's run.
-        target = await rejecting({"sqs": {"max_message_bytes": 1_048_576}})
+        # ElasticMQ 1.7.1 takes any size and any characters (the adapter enforces SQS's
+        # limits itself), so the refusal here is another one the server makes: the third
+        # of key k's five goes to a queue URL that does not exist (a URL is not resolved
+        # first: the server answers QueueDoesNotExist to the SendMessageBatch itself),
+        # beside key j's run to the real queue.
+        target = await rejecting({})
+        missing = target.destination_url.rsplit("/", 1)[0] + f"/missing-{uuid.uuid4().hex[:8]}.fifo"
         sent = [
             msg(1, "k", 10),
             msg(2, "j", 10),
             msg(3, "k", 10),
             msg(4, "j", 10),
-            msg(5, "k", 300 * 1024),
+            msg(5, "k", 10),
             msg(6, "j", 10),
             msg(7, "k", 10),
             msg(8, "k", 10),
         ]
-        results = await target.adapter.publish([OutgoingMessage(m, target.destination, True) for m in sent])
+        batch = [OutgoingMessage(m, missing if m.id == 5 else target.destination, True) for m in sent]
+        results = await target.adapter.publish(batch)
         outcomes = [r.outcome for r in results]
         assert outcomes == [Outcome.ACKED] * 4 + [Outcome.PERMANENT, Outcome.ACKED] + [Outcome.NOT_SENT] * 2, results
-        # Refused by the server, in its words, not by the adapter's own size check.
-        assert "max_message_bytes" not in (results[4].reason or ""), results[4]
+        assert "does not exist" in (results[4].reason or ""), results[4]
         marker = message(999, key="marker")
         [marked] = await target.adapter.publish([OutgoingMessage(marker, target.destination, True)])
         assert marked.outcome is Outcome.ACKED, marked

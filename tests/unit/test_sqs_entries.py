@@ -98,3 +98,39 @@ def test_a_rounds_entries_go_ten_and_max_message_bytes_at_most_per_request() -> 
     assert [(url, len(entries)) for url, entries in requests] == [("u1", 10), ("u1", 10), ("u1", 3), ("u2", 1)]
     large = [(i, "u", Entry({}, 400)) for i in range(5)]
     assert [len(entries) for _, entries in adapter._requests(large)] == [2, 2, 1]
+
+
+def client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    answer = {"Error": {"Code": code, "Message": f"{code} said"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(answer, "SendMessageBatch")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("error", "waits"),
+    [
+        # AWS's answers ElasticMQ never gives (it checks no signature, never throttles):
+        # the messages wait, spending no attempt.
+        (client_error("InvalidClientTokenId", 403), True),
+        (client_error("SignatureDoesNotMatch", 403), True),
+        (client_error("AccessDenied", 403), True),
+        (client_error("ThrottlingException", 400), True),
+        (client_error("InternalError", 500), True),
+        (client_error("InvalidParameterValue", 400), False),  # may be one entry's fault
+        (client_error("AWS.SimpleQueueService.BatchRequestTooLong", 400), False),
+    ],
+)
+def test_which_refusals_of_a_whole_request_are_the_brokers_or_the_relays(error: Exception, waits: bool) -> None:
+    from outbox_relay_adapters.sqs import _request_failed, refusal
+
+    assert (refusal(error) is not None) is waits
+    assert (_request_failed(error).outcome.value == "unavailable") is waits
+
+
+def test_no_connection_and_no_credentials_are_one_line_outages() -> None:
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+    from outbox_relay_adapters.sqs import refusal
+
+    assert "unreachable" in (refusal(EndpointConnectionError(endpoint_url="http://127.0.0.1:1")) or "")
+    assert "no AWS credentials" in (refusal(NoCredentialsError()) or "")
