@@ -20,16 +20,19 @@ from typing import Any
 
 import psycopg
 import pytest
+from outbox_relay_adapters.sqs import create as create_sqs
 from structlog.testing import capture_logs
 
 from outbox_relay import enqueue
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config
 from outbox_relay.engine.relay import Relay
+from outbox_relay.models import Outcome, OutgoingMessage
 from tests.consumers import SqsQueue, sqs_read
 from tests.services import ROOT, SqsServer
 from tests.support.cli import run_cli
 from tests.support.configs import make_config, write_config
+from tests.support.factories import message
 from tests.support.outbox import count, write
 from tests.support.relay import running_relay
 from tests.support.tls_proxy import tls_proxy
@@ -136,3 +139,31 @@ async def test_no_credentials_or_an_untrusted_certificate_is_one_line_and_dead_l
                         "FROM outbox.messages"
                     ).fetchone()
     assert row == (3, 0, 0), "the messages wait, spending no attempt (max_attempts is 1)"
+
+
+async def test_a_hot_keys_run_longer_than_request_timeout_goes_on_in_the_next_call(
+    sqs_server: SqsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One round per message of a key: 300 of one key cannot all go within 200 ms. What
+    # was sent is a prefix of the run, acked; the rest waits (unavailable, or not_sent
+    # behind it: no attempt spent) and goes in later calls; the queue holds the whole run
+    # once, in order.
+    identity(monkeypatch, sqs_server)
+    queue = SqsQueue(sqs_server, f"hot-{uuid.uuid4().hex[:8]}.fifo")
+    adapter = create_sqs("sqs", {"endpoint_url": sqs_server.endpoint_url, "request_timeout": "200ms"})
+    await adapter.connect()
+    run = [OutgoingMessage(message(i, key="hot"), queue.name, True) for i in range(300)]
+    try:
+        left, calls = run, 0
+        while left:
+            calls += 1
+            outcomes = [r.outcome for r in await adapter.publish(left)]
+            acked = outcomes.count(Outcome.ACKED)
+            assert acked >= 1 and outcomes[:acked] == [Outcome.ACKED] * acked, outcomes
+            assert set(outcomes[acked:]) <= {Outcome.UNAVAILABLE, Outcome.NOT_SENT}, outcomes
+            left = left[acked:]
+        assert calls > 1, "the run went in one call: the case proves nothing"
+    finally:
+        await adapter.close()
+    received = await sqs_read(queue, 300)
+    assert [r.message_id for r in received] == [str(out.message_id) for out in run]
