@@ -87,6 +87,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 large=args.large,
                 held_back=args.held_back,
                 runs=args.runs,
+                sqs=svc.sqs,
             )
         if args.matrix_only:
             return results

@@ -24,6 +24,7 @@ class Services:
     kafka: str
     amqp: str
     kafka_dir: Path | None = None  # a broker this run started: its pid file, for its CPU
+    sqs: services.SqsServer | None = None  # ElasticMQ, for the matrix's SQS row
     redis: str = ""  # a redis:// URL
     nats: str = ""  # a NATS server with JetStream (its URL)
 
@@ -52,7 +53,10 @@ def provisioned() -> Iterator[Services]:
         amqp, _ = stack.enter_context(services.rabbitmq())
         redis, _ = stack.enter_context(services.redis())
         nats = stack.enter_context(services.nats())
-        yield Services(dsn, kafka, amqp, kafka_broker.directory if kafka_broker else None, redis, nats.url)
+        sqs = stack.enter_context(services.elasticmq())
+        yield Services(
+            dsn, kafka, amqp, kafka_broker.directory if kafka_broker else None, sqs=sqs, redis=redis, nats=nats.url
+        )
 
 
 def fresh_schema(dsn: str, schema: str) -> None:

@@ -6,7 +6,7 @@ figures taken side by side mean anything).
 Shapes: keyless, 1 key, 100 keys, 10,000 keys, every message its own key; the
 1,000,000-row backlog for keyless, 1 key, 100 keys and every message its own key;
 100 keys next to one key whose head waits with 100,000 rows behind it; 100 keys with
-16 KiB payloads; RabbitMQ with 100 keys.
+16 KiB payloads; RabbitMQ with 100 keys; SQS (ElasticMQ, a FIFO queue) with 100 keys.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks import kafka_bench, rabbit_bench, replicas
+from benchmarks import kafka_bench, rabbit_bench, replicas, sqs_bench
 from benchmarks.common import Keys, Target, ratio_rows
+from tests.services import SqsServer
 
 LARGE_PAYLOAD = 16 * 1024
 
@@ -31,7 +32,17 @@ async def _best_of(runs: int, measure: Callable[[], Awaitable[float]]) -> float:
     return statistics.median([await measure() for _ in range(runs)])
 
 
-async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_back: int, runs: int) -> dict[str, Any]:
+async def run(
+    dsn: str,
+    kafka: str,
+    amqp: str,
+    *,
+    small: int,
+    large: int,
+    held_back: int,
+    runs: int,
+    sqs: SqsServer | None = None,
+) -> dict[str, Any]:
     rates: dict[str, float] = {}
     shapes: list[tuple[str, Keys]] = [
         ("keyless", None),
@@ -92,6 +103,11 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
         runs, lambda: rabbit_bench.relay_rate(dsn, amqp, small, keys=100, pipeline_keys=True)
     )
 
+    if sqs is not None:
+        _step("sqs (ElasticMQ, FIFO), 100 keys")
+        rates["sqs raw boto3, 100 keys"] = await _best_of(runs, lambda: sqs_bench.raw_rate(sqs, small, keys=100))
+        rates["sqs relay, 100 keys"] = await _best_of(runs, lambda: sqs_bench.relay_rate(dsn, sqs, small, keys=100))
+
     def r(a: str, b: str) -> float:
         return round(rates[a] / rates[b], 2)
 
@@ -135,6 +151,8 @@ async def run(dsn: str, kafka: str, amqp: str, *, small: int, large: int, held_b
             "rabbitmq relay, 100 keys, pipeline_keys", "rabbitmq raw pika, 100 keys"
         ),
     }
+    if sqs is not None:
+        ratios["sqs 100 keys: relay / raw boto3"] = r("sqs relay, 100 keys", "sqs raw boto3, 100 keys")
     return {
         "rates_msgs_per_s": {k: round(v) for k, v in rates.items()},
         "ratios": ratios,

@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL with one fresh database per test, Kafka,
-RabbitMQ, Redis, NATS with JetStream, toxiproxy and an S3 object store. The helpers the tests share are in
-tests/support."""
+RabbitMQ, Redis, NATS with JetStream, ElasticMQ (SQS), toxiproxy and an S3 object
+store. The helpers the tests share are in tests/support."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ _SERVICES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "rabbitmq_service": services.rabbitmq,
     "redis_service": services.redis,
     "toxiproxy": services.toxiproxy,
+    "sqs_server": services.elasticmq,
     "s3_store": services.seaweedfs,
     "nats_server": services.nats,
 }
@@ -168,6 +169,13 @@ def nats_secure(nats_server: services.NatsServer) -> Iterator[services.NatsServe
         yield nats_server
         return
     with services.local_nats() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sqs_server() -> Iterator[services.SqsServer]:
+    """One SQS-compatible server (ElasticMQ) for the session; each test makes its own queues."""
+    with _service("sqs_server") as server:
         yield server
 
 

@@ -1,5 +1,6 @@
-"""Independent consumers that read what the relay published: aiokafka, pika basic_get and
-redis-py's XRANGE (its synchronous client: nothing of the adapter's).
+"""Independent consumers that read what the relay published: aiokafka, pika basic_get,
+redis-py's XRANGE (its synchronous client: nothing of the adapter's) and boto3's SQS
+ReceiveMessage.
 
 They share nothing with the adapters under test, so a passing test means the broker
 really holds the message.
@@ -8,12 +9,14 @@ really holds the message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import boto3
 import pika
 import redis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -286,3 +289,95 @@ async def redis_read(url: str, stream: str, count: int, *, timeout: float = 20.0
         if len(received) >= count or time.monotonic() > deadline:
             return received
         await asyncio.sleep(0.05)
+
+
+class SqsEndpoint(Protocol):
+    """Where an SQS-compatible server is, and the identity to sign with (tests.services.SqsServer)."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str
+
+
+def sqs_client(server: SqsEndpoint) -> Any:
+    """A boto3 SQS client of its own, with the server's identity given explicitly."""
+    return boto3.session.Session().client(
+        "sqs",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+    )
+
+
+class SqsQueue:
+    """A queue made for a test (FIFO when its name ends in .fifo), read with a boto3
+    client that shares nothing with the adapter: ReceiveMessage, then DeleteMessageBatch
+    (a FIFO queue hands out a group's next message only once the one before is deleted)."""
+
+    def __init__(self, server: SqsEndpoint, name: str):
+        self._client = sqs_client(server)
+        attributes = {"FifoQueue": "true"} if name.endswith(".fifo") else {}
+        self.name = name
+        self.url: str = self._client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+
+    def _receive(self, wait: int) -> list[Received]:
+        answer = self._client.receive_message(
+            QueueUrl=self.url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=wait,
+            AttributeNames=["All"],  # what servers without MessageSystemAttributeNames read
+            MessageSystemAttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        )
+        messages = answer.get("Messages", [])
+        if messages:
+            self._client.delete_message_batch(
+                QueueUrl=self.url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+            )
+        return [_sqs_received(m, self.url) for m in messages]
+
+    def read(self, count: int, *, timeout: float = 20.0) -> list[Received]:
+        received: list[Received] = []
+        deadline = time.monotonic() + timeout
+        while len(received) < count and time.monotonic() < deadline:
+            received += self._receive(wait=1)
+        return received
+
+    def scan(self, each: Callable[[Received], None]) -> int:
+        """Hand `each` every message the queue holds now, in queue order, until a receive
+        finds none; return how many."""
+        handed = 0
+        while got := self._receive(wait=0):
+            for received in got:
+                each(received)
+            handed += len(got)
+        return handed
+
+
+def _sqs_received(message: dict[str, Any], url: str) -> Received:
+    attributes = {name: value.get("StringValue", "") for name, value in message.get("MessageAttributes", {}).items()}
+    body = message["Body"]
+    payload = base64.b64decode(body) if attributes.get("body-encoding") == "base64" else body.encode()
+    system = message.get("Attributes", {})
+    message_id = attributes.get("message-id", "")
+    group = system.get("MessageGroupId")
+    return Received(
+        message_id=message_id,
+        key=None if group == message_id else group,  # a keyless message's group is its id
+        payload=payload,
+        headers=json.loads(attributes.get("headers", "{}")),
+        properties={
+            "queue_url": url,
+            "sqs_message_id": message["MessageId"],
+            "sequence_number": system.get("SequenceNumber"),
+            "deduplication_id": system.get("MessageDeduplicationId"),
+            "attributes": attributes,
+        },
+    )
+
+
+async def sqs_read(queue: SqsQueue, count: int, *, timeout: float = 20.0) -> list[Received]:
+    return await asyncio.to_thread(queue.read, count, timeout=timeout)

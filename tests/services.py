@@ -1,15 +1,15 @@
-"""Where the tests get their services: PostgreSQL, Kafka, RabbitMQ, Redis and NATS with
-JetStream (and toxiproxy, to put network faults between the relay and any of them, and
-SeaweedFS, an S3-compatible object store).
+"""Where the tests get their services: PostgreSQL, Kafka, RabbitMQ, Redis, NATS with
+JetStream and ElasticMQ (an SQS-compatible server; and toxiproxy, to put network faults
+between the relay and any of them, and SeaweedFS, an S3-compatible object store).
 
 For each, in order:
 1. an environment variable naming a running one
    (``OUTBOX_RELAY_TEST_DSN``, ``OUTBOX_RELAY_TEST_KAFKA``, ``OUTBOX_RELAY_TEST_AMQP_URL``,
-   ``OUTBOX_RELAY_TEST_REDIS_URL``);
+   ``OUTBOX_RELAY_TEST_REDIS_URL``, ``OUTBOX_RELAY_TEST_SQS_ENDPOINT``);
 2. testcontainers, when a Docker engine answers;
 3. local processes from this machine's binaries: PostgreSQL via
-   outbox_relay.demo.local_postgres, Kafka, RabbitMQ, Redis and NATS via
-   scripts/services/*.sh (scripts/test installs what they need first).
+   outbox_relay.demo.local_postgres, Kafka, RabbitMQ, Redis, NATS and
+   ElasticMQ via scripts/services/*.sh (scripts/test installs what they need first).
 
 No path skips: when none works, the tests that need the service fail with the reason.
 Local brokers can be stopped and started again (the fault tests do).
@@ -390,4 +390,59 @@ def nats() -> Iterator[NatsServer]:
         yield NatsServer(url, None)
         return
     with local_nats() as server:
+        yield server
+
+
+# The identity the tests sign SQS requests with. ElasticMQ checks no signature (it takes
+# any keys: tried, see the README's SQS section), so these are a name, not a secret.
+SQS_ACCESS_KEY = "outbox-relay-test"
+SQS_SECRET_KEY = "elasticmq-takes-any-key"
+SQS_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class SqsServer:
+    """How to reach an SQS-compatible server, and the local ElasticMQ's process if it is
+    local (stop() and start() it again: its queues and messages persist in its DIR)."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str
+    broker: LocalBroker | None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment boto3 takes the identity from (AWS_* variables)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+        }
+
+
+@contextlib.contextmanager
+def local_elasticmq() -> Iterator[SqsServer]:
+    """An ElasticMQ of its own, started by scripts/services/elasticmq.sh (which scripts/test
+    fetches; missing jars are fetched here, with Maven): the SQS API on PORT."""
+    with local_broker("elasticmq.sh", 1) as broker:
+        yield SqsServer(f"http://127.0.0.1:{broker.port}", SQS_ACCESS_KEY, SQS_SECRET_KEY, SQS_REGION, broker)
+
+
+@contextlib.contextmanager
+def elasticmq() -> Iterator[SqsServer]:
+    """Yield an SQS-compatible server: the one at OUTBOX_RELAY_TEST_SQS_ENDPOINT if set (keys
+    in OUTBOX_RELAY_TEST_SQS_ACCESS_KEY and _SECRET_KEY, default the local server's), else a
+    local ElasticMQ (no Docker path: like SeaweedFS, it is fetched and run here)."""
+    endpoint = os.environ.get("OUTBOX_RELAY_TEST_SQS_ENDPOINT")
+    if endpoint:
+        yield SqsServer(
+            endpoint,
+            os.environ.get("OUTBOX_RELAY_TEST_SQS_ACCESS_KEY", SQS_ACCESS_KEY),
+            os.environ.get("OUTBOX_RELAY_TEST_SQS_SECRET_KEY", SQS_SECRET_KEY),
+            os.environ.get("AWS_REGION", SQS_REGION),
+            None,
+        )
+        return
+    with local_elasticmq() as server:
         yield server

@@ -8,8 +8,10 @@ tests use FakeAdapter, which obeys the rule by construction; these test the adap
 The broker rejects a record by its size here (Kafka: the topic's ``max.message.bytes``;
 RabbitMQ: a queue that refuses what would take it over ``x-max-length-bytes``; Redis:
 the adapter's ``max_entry_bytes``, before sending, and the server itself in the middle of
-a run: a key that is not a stream answers WRONGTYPE), in the
-two layouts that broke the rule before (issue 17, item 1):
+a run: a key that is not a stream answers WRONGTYPE; SQS: the adapter's
+``max_message_bytes``, and for a failure the server decides in the middle of a run, a
+message of the run sent to a queue that does not exist), in the two layouts that
+broke the rule before (issue 17, item 1):
 
 - the poison first in a key's run, the run spread over several producer batches, on a
   fresh producer (a broker with no state for a producer id accepts any first sequence,
@@ -34,12 +36,22 @@ from outbox_relay_adapters.kafka import create as create_kafka
 from outbox_relay_adapters.nats import create as create_nats
 from outbox_relay_adapters.rabbitmq import create as create_rabbitmq
 from outbox_relay_adapters.redis_streams import create as create_redis
+from outbox_relay_adapters.sqs import create as create_sqs
 from structlog.testing import capture_logs
 
 from outbox_relay.adapter import Adapter, keeps_key_order
 from outbox_relay.models import Message, Outcome, OutgoingMessage
-from tests.consumers import RabbitQueue, Received, kafka_create_topic, kafka_read, rabbit_read, redis_entries
-from tests.services import NatsServer
+from tests.consumers import (
+    RabbitQueue,
+    Received,
+    SqsQueue,
+    kafka_create_topic,
+    kafka_read,
+    rabbit_read,
+    redis_entries,
+    sqs_read,
+)
+from tests.services import NatsServer, SqsServer
 from tests.support.factories import message
 from tests.support.jetstream import make_stream, stream_read
 
@@ -53,6 +65,7 @@ class Rejecting:
     adapter: Adapter
     destination: str
     read_all: Callable[[str], Awaitable[list[Received]]]  # everything up to a marker's id
+    destination_url: str = ""  # SQS: the queue's URL (destination is its name)
 
 
 def msg(n: int, key: str, size: int) -> Message:
@@ -232,6 +245,71 @@ class TestRabbitMQPipelined(KeyOrderContract):
         for adapter, queue in made:
             await adapter.close()
             queue.close()
+
+
+class TestSqsFifo(KeyOrderContract):
+    """SQS FIFO (ElasticMQ): SendMessageBatch judges each entry on its own and may take a
+    group's entry after refusing the one before, so the adapter sends a key's run one
+    message per round. The shared cases refuse by the adapter's ``max_message_bytes``
+    (LIMIT) before sending; the last case has the server refuse in the middle of a run."""
+
+    refusal_event = None  # SQS batches carry one message per key: nothing to split
+
+    @pytest.fixture
+    async def rejecting(self, sqs_server: SqsServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Make]:
+        for name, value in sqs_server.env.items():
+            monkeypatch.setenv(name, value)
+        adapters: list[Adapter] = []
+
+        async def make(_client_options: dict[str, Any]) -> Rejecting:
+            # Kafka's batch sizes mean nothing here; the adapter's own limit does.
+            options = {"max_message_bytes": LIMIT}
+            queue = SqsQueue(sqs_server, f"order-{uuid.uuid4().hex[:10]}.fifo")
+            adapter = create_sqs("sqs", {"endpoint_url": sqs_server.endpoint_url, **options})
+            await adapter.connect()
+            adapters.append(adapter)
+
+            async def read_all(marker: str) -> list[Received]:
+                received: list[Received] = []
+                while not any(r.message_id == marker for r in received):
+                    got = await sqs_read(queue, 1, timeout=10)
+                    assert got, f"the marker never arrived on {queue.name}"
+                    received += got
+                return [r for r in received if r.message_id != marker]
+
+            return Rejecting(adapter, queue.name, read_all, queue.url)
+
+        yield make
+        for adapter in adapters:
+            await adapter.close()
+
+    async def test_the_server_refusing_mid_run_stops_the_key(self, rejecting: Make) -> None:
+        # ElasticMQ 1.7.1 takes any size and any characters (the adapter enforces SQS's
+        # limits itself), so the refusal here is another one the server makes: the third
+        # of key k's five goes to a queue URL that does not exist (a URL is not resolved
+        # first: the server answers QueueDoesNotExist to the SendMessageBatch itself),
+        # beside key j's run to the real queue.
+        target = await rejecting({})
+        missing = target.destination_url.rsplit("/", 1)[0] + f"/missing-{uuid.uuid4().hex[:8]}.fifo"
+        sent = [
+            msg(1, "k", 10),
+            msg(2, "j", 10),
+            msg(3, "k", 10),
+            msg(4, "j", 10),
+            msg(5, "k", 10),
+            msg(6, "j", 10),
+            msg(7, "k", 10),
+            msg(8, "k", 10),
+        ]
+        batch = [OutgoingMessage(m, missing if m.id == 5 else target.destination, True) for m in sent]
+        results = await target.adapter.publish(batch)
+        outcomes = [r.outcome for r in results]
+        assert outcomes == [Outcome.ACKED] * 4 + [Outcome.PERMANENT, Outcome.ACKED] + [Outcome.NOT_SENT] * 2, results
+        assert "does not exist" in (results[4].reason or ""), results[4]
+        marker = message(999, key="marker")
+        [marked] = await target.adapter.publish([OutgoingMessage(marker, target.destination, True)])
+        assert marked.outcome is Outcome.ACKED, marked
+        assert_rule(sent, outcomes, await target.read_all(str(marker.message_id)))
 
 
 class TestRedis(KeyOrderContract):

@@ -40,6 +40,12 @@ def own_redis() -> Iterator[services.LocalBroker]:
         yield broker
 
 
+@pytest.fixture(scope="module")
+def own_elasticmq() -> Iterator[services.SqsServer]:
+    with services.local_elasticmq() as server:
+        yield server
+
+
 @pytest.fixture
 def own_pg() -> Iterator[local_postgres.LocalPostgres]:
     """A cluster of its own (fsync on: restarts must not lose what was committed), with

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from outbox_relay.demo import local_postgres
-from tests.consumers import RabbitQueue, kafka_create_topic, kafka_read, rabbit_read, redis_read
+from tests.consumers import RabbitQueue, SqsQueue, kafka_create_topic, kafka_read, rabbit_read, redis_read, sqs_read
 from tests.faults.harness import (
     OWN_PG_SETTINGS,
     SOURCES,
@@ -32,7 +32,7 @@ from tests.faults.harness import (
     outbox_in,
     writers_for,
 )
-from tests.services import LocalBroker, NatsServer
+from tests.services import LocalBroker, NatsServer, SqsServer
 from tests.support.cli import RelayProcess
 from tests.support.configs import PATIENT, write_config
 from tests.support.jetstream import make_stream, stream_read
@@ -264,6 +264,43 @@ async def test_redis_down_longer_than_every_timeout_and_back(
     ledger, _ = outage(Outbox(db, "table"), config, "orders.created", down=down, up=own_redis.start, down_for=10.0)
     received = await redis_read(url, stream, len(ledger.committed), timeout=30)
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+
+
+async def test_sqs_stopped_longer_than_every_timeout_and_restarted(
+    db: str, own_elasticmq: SqsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ElasticMQ keeps its queues (queues-storage) and messages (an H2 database) in its
+    # DIR (scripts/services/elasticmq.sh): it comes back with the queue the relay writes
+    # to and what it held, as SQS would. Down for 12 s: past request_timeout and
+    # connect_timeout (2 s each) and publish_timeout (5 s), with max_attempts 2: an
+    # outage that spent attempts would dead-letter.
+    assert own_elasticmq.broker is not None
+    for name, value in own_elasticmq.env.items():
+        monkeypatch.setenv(name, value)  # the relay process takes its identity from these
+    queue = SqsQueue(own_elasticmq, f"outage-{uuid.uuid4().hex[:8]}.fifo")
+    config = write_config(
+        tmp_path / "relay.yaml",
+        db,
+        brokers={
+            "sqs": {
+                "type": "sqs",
+                "endpoint_url": own_elasticmq.endpoint_url,
+                "connect_timeout": "2s",
+                "request_timeout": "2s",
+            }
+        },
+        routes=[{"topic": "*", "broker": "sqs", "destination": queue.name}],
+        timing=PATIENT,
+        batch_size=BATCH,
+        workers=WORKERS,
+        max_attempts=2,
+        publish_timeout="5s",
+    )
+    broker = own_elasticmq.broker
+    ledger, _ = outage(Outbox(db, "table"), config, "emails.sent", down=broker.stop, up=broker.start, down_for=12.0)
+    received = await sqs_read(queue, len(ledger.committed), timeout=60)
+    duplicates = check_delivery(received, ledger, max_duplicates=BATCH * WORKERS)
+    print(f"committed={len(ledger.committed)} duplicates={duplicates}")
 
 
 @pytest.mark.parametrize("source", SOURCES)

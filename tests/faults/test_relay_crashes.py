@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.consumers import kafka_create_topic, kafka_read
+from tests.consumers import SqsQueue, kafka_create_topic, kafka_read, sqs_read
 from tests.faults.harness import (
     APPEND_TIME,
+    Ledger,
     Outbox,
+    Writers,
     check_delivery,
     outbox_in,
     relay_dsn,
@@ -25,7 +27,7 @@ from tests.faults.harness import (
     wal_in_flight,
     writers_for,
 )
-from tests.services import NatsServer
+from tests.services import NatsServer, SqsServer
 from tests.support.cli import RelayProcess
 from tests.support.configs import PATIENT, write_config
 from tests.support.jetstream import make_stream, stream_read
@@ -59,29 +61,7 @@ async def test_sigkill_again_and_again(
             workers=WORKERS,
             **outbox.settings(),
         )
-        rng = random.Random(replicas)
-        relays = [RelayProcess(config) for _ in range(replicas)]
-        writers = writers_for(outbox, "orders.created").start()
-        kills: list[float] = []  # when, by the wall clock Kafka's timestamps use
-        try:
-            deadline = time.monotonic() + 12
-            while time.monotonic() < deadline or len(kills) < MIN_KILLS:
-                if source == "wal":
-                    outbox.wait_streaming()
-                time.sleep(rng.uniform(0.3, 1.2))  # the fault: a SIGKILL at a random moment
-                victim = rng.randrange(replicas)
-                relays[victim].kill()  # SIGKILL: no cleanup at all
-                kills.append(time.time())
-                relays[victim] = RelayProcess(config)
-            ledger = writers.stop()
-            outbox.wait_dispatched(90)
-            for relay in relays:
-                relay.wait_started()
-                assert relay.terminate() == 0
-        finally:
-            writers.stop()
-            for relay in relays:
-                relay.close()
+        ledger, kills, writers = kill_again_and_again(outbox, config, replicas)
         parked = outbox.parked()
     received = await kafka_read(kafka_bootstrap, topic, len(ledger.committed), timeout=60)
     in_flight = wal_in_flight(received, kills) if source == "wal" else len(kills) * BATCH * WORKERS
@@ -135,6 +115,63 @@ async def test_sigkill_again_and_again_three_replicas_to_nats(db: str, nats_serv
     in_flight = kills * BATCH * WORKERS
     duplicates = check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=in_flight)
     print(f"nats replicas=3 kills={kills} committed={len(ledger.committed)} duplicates={duplicates}")
+
+
+def kill_again_and_again(outbox: Outbox, config: Path, replicas: int) -> tuple[Ledger, list[float], Writers]:
+    """`replicas` relays SIGKILLed at random moments for 12 s (at least MIN_KILLS times),
+    each replaced at once, while writers commit; then everything is dispatched. Returns
+    the writers' ledger, when each kill was (wall clock) and the writers."""
+    rng = random.Random(replicas)
+    relays = [RelayProcess(config) for _ in range(replicas)]
+    writers = writers_for(outbox, "orders.created").start()
+    kills: list[float] = []  # when, by the wall clock Kafka's timestamps use
+    try:
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline or len(kills) < MIN_KILLS:
+            if outbox.source == "wal":
+                outbox.wait_streaming()
+            time.sleep(rng.uniform(0.3, 1.2))  # the fault: a SIGKILL at a random moment
+            victim = rng.randrange(replicas)
+            relays[victim].kill()  # SIGKILL: no cleanup at all
+            kills.append(time.time())
+            relays[victim] = RelayProcess(config)
+        ledger = writers.stop()
+        outbox.wait_dispatched(90)
+        for relay in relays:
+            relay.wait_started()
+            assert relay.terminate() == 0
+    finally:
+        writers.stop()
+        for relay in relays:
+            relay.close()
+    return ledger, kills, writers
+
+
+async def test_sigkill_again_and_again_into_sqs(
+    db: str, sqs_server: SqsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three replicas into one FIFO queue (ElasticMQ), killed again and again: nothing
+    # lost, each key in order; a copy sent again after a kill within SQS's 5-minute
+    # deduplication window is dropped by the queue (duplicates at most what was in flight).
+    for name, value in sqs_server.env.items():
+        monkeypatch.setenv(name, value)
+    queue = SqsQueue(sqs_server, f"crash-{uuid.uuid4().hex[:8]}.fifo")
+    with outbox_in(db, "table") as outbox:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            brokers={"sqs": {"type": "sqs", "endpoint_url": sqs_server.endpoint_url}},
+            routes=[{"topic": "*", "broker": "sqs", "destination": queue.name}],
+            timing=PATIENT,
+            batch_size=BATCH,
+            workers=WORKERS,
+            **outbox.settings(),
+        )
+        ledger, kills, writers = kill_again_and_again(outbox, config, 3)
+    received = await sqs_read(queue, len(ledger.committed), timeout=60)
+    in_flight = len(kills) * BATCH * WORKERS
+    duplicates = check_delivery(received, ledger, uncertain=writers.uncertain, max_duplicates=in_flight)
+    print(f"sqs replicas=3 kills={len(kills)} committed={len(ledger.committed)} duplicates={duplicates}")
 
 
 def takeover(outbox: Outbox, victim: str, confirmed: int, timeout: float = 60) -> tuple[str, float, float]:

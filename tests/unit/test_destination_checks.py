@@ -55,6 +55,8 @@ def test_naming_rules_are_found_beside_the_adapter_factory_and_optional() -> Non
     assert rabbitmq is not None and "255 bytes" in (rabbitmq("é" * 128, True) or "")
     assert rabbitmq("x" * 255, True) is None
     assert rabbitmq("x" * 300, False) is None, "without a destination the exchange is the option"
+    sqs = destination_check("sqs")
+    assert sqs is not None and sqs("orders.created", True) is not None and sqs("orders.fifo", True) is None
     for kind in ("file", "stdout", "webhook", "no-such-adapter"):
         assert destination_check(kind) is None
 
