@@ -22,9 +22,14 @@ client), one pipeline per call: one round trip, never one per message.
   RabbitMQ's exchange of another type is; NOPERM (the ACL refuses the relay), OOM,
   READONLY, LOADING, MISCONF, BUSY and a lost or refused connection are the server's
   state, not the message's: ``unavailable``, no attempt spent. Anything else: transient.
-- A payload over ``max_entry_bytes`` is dead-lettered before it is sent: the server
-  answers a bulk over its ``proto-max-bulk-len`` by closing the connection, which would
-  read as an outage forever.
+- A payload over ``max_entry_bytes`` is never sent: the server answers a bulk over its
+  ``proto-max-bulk-len`` by closing the connection, which would read as an outage
+  forever. It is still part of its key's run: dead-lettered (permanent) only once every
+  earlier message of its key in the call was acked, else ``not_sent`` (a dead letter
+  ahead of an earlier message that then fails would put the key out of order).
+- ``wait.timeout`` must be at least 1ms (WAIT 0 blocks forever) and below ``timeout``:
+  the socket would otherwise time out before WAIT answers, and drop the connection on
+  every call.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from outbox_relay.adapter import KeyStops
-from outbox_relay.durations import Duration
+from outbox_relay.durations import Duration, format_duration
 from outbox_relay.errors import first_line
-from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 from outbox_relay.redact import redact_text
 
 from ._options import Options, parse_options
@@ -107,7 +112,10 @@ class RedisTls(Options):
 
 class WaitOptions(Options):
     replicas: int = Field(ge=1)
-    timeout: Duration = 1.0
+    timeout: Duration = 1.0  # WAIT's, in whole milliseconds: at least 1ms, below the socket's
+
+
+MIN_WAIT = 0.001  # WAIT takes milliseconds, and WAIT N 0 blocks until N replicas answer
 
 
 class RedisOptions(Options):
@@ -137,6 +145,18 @@ class RedisOptions(Options):
     def _tls_needs_rediss(self) -> RedisOptions:
         if self.url is not None and self.tls is not None and not self.url.startswith("rediss://"):
             raise ValueError("tls needs a rediss:// url")
+        return self
+
+    @model_validator(mode="after")
+    def _wait_answers_in_time(self) -> RedisOptions:
+        # WAIT blocks the connection for up to wait.timeout; the socket's read timeout
+        # (`timeout`) must outlast it, or every call drops its connection mid-WAIT.
+        wait = self.wait
+        if wait is not None and not MIN_WAIT <= wait.timeout < self.timeout:
+            raise ValueError(
+                f"wait.timeout ({format_duration(wait.timeout)}) must be at least 1ms"
+                f" and below timeout ({format_duration(self.timeout)})"
+            )
         return self
 
     @property
@@ -236,6 +256,9 @@ class _Group:
 
     indexes: list[int]
     streams: list[str]
+    # A message of the key refused before sending (over max_entry_bytes) after this run:
+    # its index and answer, given only if the whole run is acked (_decide_refusals).
+    refused: tuple[int, PublishResult] | None = None
 
 
 class RedisStreamsAdapter:
@@ -294,17 +317,26 @@ class RedisStreamsAdapter:
 
     def _plan(self, batch: Sequence[OutgoingMessage], results: list[PublishResult | None]) -> list[_Group]:
         """The commands of a call, in the order of their first message. A message refused
-        here stops its key: the key's later messages are not sent (KeyStops)."""
+        here stops its key: the key's later messages are not sent (KeyStops). Its own
+        answer waits for the key's earlier run in the call, if it has one (`refused`)."""
         stops = KeyStops()
         groups: list[_Group] = []
         runs: dict[str, _Group] = {}
         for index, out in enumerate(batch):
-            held = stops.held(out) or self._refusal(out)
+            held = stops.held(out)
             if held is not None:
-                results[index] = stops.note(out, held)
+                results[index] = held
                 continue
             key = out.message.key
             group = runs.get(key) if key is not None else None
+            refusal = self._refusal(out)
+            if refusal is not None:
+                stops.note(out, refusal)
+                if group is None:
+                    results[index] = refusal
+                else:
+                    group.refused = (index, refusal)
+                continue
             if group is None:
                 group = _Group([], [])
                 groups.append(group)
@@ -346,6 +378,21 @@ class RedisStreamsAdapter:
             else:
                 results[index] = PublishResult.not_sent("not sent: an earlier message of its key failed")
 
+    @staticmethod
+    def _decide_refusals(groups: list[_Group], results: list[PublishResult | None]) -> list[PublishResult]:
+        """Every answer, once the call's are in: a message refused after its key's run is
+        dead-lettered only if that run was all acked (WAIT included), else not sent."""
+        final = [r or PublishResult.transient("no answer for this message") for r in results]
+        for group in groups:
+            if group.refused is None:
+                continue
+            index, refusal = group.refused
+            if all(final[i].outcome is Outcome.ACKED for i in group.indexes):
+                final[index] = refusal
+            else:
+                final[index] = PublishResult.not_sent("not sent: an earlier message of its key failed")
+        return final
+
     async def publish(self, batch: Sequence[OutgoingMessage]) -> Sequence[PublishResult]:
         if not batch:
             return []
@@ -354,27 +401,38 @@ class RedisStreamsAdapter:
             return [PublishResult.unavailable("not connected")] * len(batch)
         results: list[PublishResult | None] = [None] * len(batch)
         groups = self._plan(batch, results)
-        if groups:
-            pipe = client.pipeline(transaction=False)
+        await self._send(client, batch, groups, results)
+        return self._decide_refusals(groups, results)
+
+    async def _send(
+        self,
+        client: aioredis.Redis,
+        batch: Sequence[OutgoingMessage],
+        groups: list[_Group],
+        results: list[PublishResult | None],
+    ) -> None:
+        """One pipeline for `groups`; each sent message's answer into `results`."""
+        if not groups:
+            return
+        pipe = client.pipeline(transaction=False)
+        for group in groups:
+            self._queue(pipe, batch, group)
+        wait = self.options.wait
+        if wait is not None:
+            pipe.execute_command("WAIT", wait.replicas, int(wait.timeout * 1000))
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            # Lost or refused (a wrong password on reconnect too): maybe written, goes again.
+            reason = redact_text(first_line(exc), self.options.secrets)
             for group in groups:
-                self._queue(pipe, batch, group)
-            wait = self.options.wait
-            if wait is not None:
-                pipe.execute_command("WAIT", wait.replicas, int(wait.timeout * 1000))
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-                # Lost or refused (a wrong password on reconnect too): maybe written, goes again.
-                reason = redact_text(first_line(exc), self.options.secrets)
-                for group in groups:
-                    for index in group.indexes:
-                        results[index] = PublishResult.unavailable(f"Redis at {self.options.where}: {reason}")
-                return [r or PublishResult.unavailable("not sent") for r in results]
-            for group, reply in zip(groups, replies, strict=False):
-                self._settle(group, reply, results)
-            if wait is not None:
-                self._short_of_replicas(replies[-1], wait, results)
-        return [r or PublishResult.transient("no answer for this message") for r in results]
+                for index in group.indexes:
+                    results[index] = PublishResult.unavailable(f"Redis at {self.options.where}: {reason}")
+            return
+        for group, reply in zip(groups, replies, strict=False):
+            self._settle(group, reply, results)
+        if wait is not None:
+            self._short_of_replicas(replies[-1], wait, results)
 
     @staticmethod
     def _short_of_replicas(reply: Any, wait: WaitOptions, results: list[PublishResult | None]) -> None:

@@ -40,7 +40,7 @@ from outbox_relay_adapters.sqs import create as create_sqs
 from structlog.testing import capture_logs
 
 from outbox_relay.adapter import Adapter, keeps_key_order
-from outbox_relay.models import Message, Outcome, OutgoingMessage
+from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
 from tests.consumers import (
     RabbitQueue,
     Received,
@@ -316,9 +316,78 @@ class TestRedis(KeyOrderContract):
     """Redis: a payload over ``max_entry_bytes`` is refused before it is sent (the server
     would close the connection on a bulk over its proto-max-bulk-len); and below, the
     server itself fails an XADD in the middle of a key's run (WRONGTYPE), which in a
-    plain pipeline would not stop the key's next XADD."""
+    plain pipeline would not stop the key's next XADD.
+
+    Redis has no record batches shared between keys: the call's pipeline is the nearest
+    thing, so the innocent-neighbour case is redone below with the neighbour refused in
+    that pipeline (by the server, or by ``max_entry_bytes``)."""
 
     refusal_event = None  # one command per key's run: no batches shared between keys
+
+    @pytest.mark.parametrize("refused_by", ["server", "max_entry_bytes"])
+    async def test_innocent_neighbour_in_a_rejected_batch(  # type: ignore[override]
+        self, rejecting: Make, redis_url: str, refused_by: str
+    ) -> None:
+        # The shared case sends three payloads under LIMIT that Redis all takes: nothing
+        # is refused, so it could not fail. Here other-1 is refused in the call's pipeline
+        # (its stream key holds a string: WRONGTYPE; or it is over max_entry_bytes), and
+        # key k's run in the same pipeline must be untouched by it.
+        target = await rejecting({})
+        bad = f"order-bad-{uuid.uuid4().hex[:10]}"
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.set(bad, "not a stream")
+        other = msg(1, "other", 3000 if refused_by == "server" else LIMIT + 1)
+        sent = [other, msg(2, "k", 1500), msg(3, "k", 600)]
+        batch = [
+            OutgoingMessage(m, bad if m is other and refused_by == "server" else target.destination, True) for m in sent
+        ]
+        results = await self._publish_and_check(target, batch)
+        assert [r.outcome for r in results] == [Outcome.PERMANENT, Outcome.ACKED, Outcome.ACKED], results
+        # The positive proof that the neighbour really was refused, and by whom.
+        assert ("WRONGTYPE" if refused_by == "server" else "max_entry_bytes") in (results[0].reason or ""), results[0]
+        with redis.Redis.from_url(redis_url) as admin:
+            assert admin.get(bad) == b"not a stream"
+
+    @pytest.mark.parametrize(
+        ("fails", "expected"),
+        [
+            (None, [Outcome.ACKED, Outcome.ACKED, Outcome.PERMANENT, Outcome.NOT_SENT]),
+            (0, [Outcome.PERMANENT, Outcome.NOT_SENT, Outcome.NOT_SENT, Outcome.NOT_SENT]),
+            (1, [Outcome.ACKED, Outcome.PERMANENT, Outcome.NOT_SENT, Outcome.NOT_SENT]),
+        ],
+        ids=["run-acked", "first-fails", "second-fails"],
+    )
+    async def test_an_oversize_message_is_decided_after_its_keys_earlier_run(
+        self, rejecting: Make, redis_url: str, fails: int | None, expected: list[Outcome]
+    ) -> None:
+        # k's third message is over max_entry_bytes (never sent). It is dead-lettered only
+        # when k's first two, sent in the same call, were acked; when the server refuses
+        # one of them (WRONGTYPE), a dead letter for the third would land ahead of an
+        # earlier message that goes again: it must come back not_sent, as the fourth.
+        target = await rejecting({})
+        bad = f"order-bad-{uuid.uuid4().hex[:10]}"
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.set(bad, "not a stream")
+        run = [msg(1, "k", 100), msg(2, "k", 100), msg(3, "k", LIMIT + 1), msg(4, "k", 100)]
+        sent = [run[0], msg(5, "j", 100), *run[1:]]
+        poisoned = run[fails] if fails is not None else None
+        batch = [OutgoingMessage(m, bad if m is poisoned else target.destination, True) for m in sent]
+        results = await self._publish_and_check(target, batch)
+        outcomes = [r.outcome for r in results]
+        assert [o for m, o in zip(sent, outcomes, strict=True) if m.key == "k"] == expected, results
+        assert outcomes[1] is Outcome.ACKED, results  # j's message, beside k's run
+        if fails is not None:
+            assert "WRONGTYPE" in (results[sent.index(run[fails])].reason or ""), results
+
+    async def _publish_and_check(self, target: Rejecting, batch: list[OutgoingMessage]) -> list[PublishResult]:
+        """Publish `batch`, then a marker; the rule holds for what the stream has up to it."""
+        results = list(await target.adapter.publish(batch))
+        marker = message(999, key="marker")
+        [marked] = await target.adapter.publish([OutgoingMessage(marker, target.destination, True)])
+        assert marked.outcome is Outcome.ACKED, marked
+        received = await target.read_all(str(marker.message_id))
+        assert_rule([out.message for out in batch], [r.outcome for r in results], received)
+        return results
 
     @pytest.fixture
     async def rejecting(self, redis_url: str) -> AsyncIterator[Make]:

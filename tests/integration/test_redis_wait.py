@@ -25,13 +25,21 @@ def primary_and_replica() -> Iterator[tuple[str, str]]:
         with redis.Redis(port=replica.port) as admin:
             admin.replicaof("127.0.0.1", str(primary.port))
             wait_for(lambda: admin.info("replication")["master_link_status"] == "up", 30, "the replica in sync")
+        with redis.Redis(port=primary.port) as admin:
+            # The replica's side says up before the primary counts it online (its first
+            # REPLCONF ACK): until then WAIT counts 0 replicas, not 1.
+            wait_for(
+                lambda: admin.info("replication").get("slave0", {}).get("state") == "online",
+                30,
+                "the primary counting its replica online",
+            )
         yield f"redis://127.0.0.1:{primary.port}/0", f"redis://127.0.0.1:{replica.port}/0"
 
 
 async def test_acked_once_the_replica_has_the_entries(primary_and_replica: tuple[str, str]) -> None:
     primary, replica = primary_and_replica
     stream = f"wait-{uuid.uuid4().hex[:8]}"
-    adapter = create_redis("r", {"url": primary, "wait": {"replicas": 1, "timeout": "5s"}})
+    adapter = create_redis("r", {"url": primary, "wait": {"replicas": 1, "timeout": "4s"}})
     await adapter.connect()
     try:
         assert await adapter.ready()

@@ -26,6 +26,12 @@ from tests.support.factories import outgoing
         ({"timeout": "soon"}, "timeout", ""),
         ({"tls": {"cert_file": "c.pem"}}, "tls", "cert_file and key_file go together"),
         ({"streams": "x"}, "streams", ""),
+        # WAIT must answer before the socket times out (the connection would drop on
+        # every call), and WAIT N 0 blocks forever.
+        ({"wait": {"replicas": 1, "timeout": "5s"}}, "wait.timeout", "below timeout (5s)"),
+        ({"wait": {"replicas": 1, "timeout": "6s"}, "timeout": "5s"}, "wait.timeout", "below timeout"),
+        ({"wait": {"replicas": 1, "timeout": "0s"}}, "wait.timeout", "at least 1ms"),
+        ({"wait": {"replicas": 1, "timeout": "2s"}, "timeout": "2s"}, "wait.timeout", "below timeout (2s)"),
     ],
 )
 def test_option_errors_name_the_key_and_show_no_secret(options: dict[str, object], path: str, message: str) -> None:
@@ -76,22 +82,54 @@ def test_a_keys_run_is_one_group_and_a_refused_message_stops_its_key() -> None:
     batch = [
         outgoing(1, b"a", key="k"),
         outgoing(2, b"b"),
-        outgoing(3, b"x" * 11, key="k"),  # refused before sending
+        outgoing(3, b"x" * 11, key="k"),  # refused before sending, after k's run
         outgoing(4, b"c", key="k"),
         outgoing(5, b"d", key="j"),
         outgoing(6, b"e", key="j"),
+        outgoing(7, b"x" * 11, key="i"),  # refused before sending, first of its key
+        outgoing(8, b"f", key="i"),
     ]
     results: list[PublishResult | None] = [None] * len(batch)
     groups = adapter._plan(batch, results)
     assert [g.indexes for g in groups] == [[0], [1], [4, 5]]
+    # k-3's answer waits for k-1's; i-7 has no earlier message in the call: dead-lettered.
+    assert groups[0].refused is not None and groups[0].refused[0] == 2
     assert [r.outcome if r else None for r in results] == [
+        None,
+        None,
+        None,
+        Outcome.NOT_SENT,
         None,
         None,
         Outcome.PERMANENT,
         Outcome.NOT_SENT,
-        None,
-        None,
     ]
+
+
+@pytest.mark.parametrize(
+    ("earlier", "refused"),
+    [
+        ([PublishResult.acked('{"id":"1-0"}'), PublishResult.acked('{"id":"1-1"}')], Outcome.PERMANENT),
+        ([PublishResult.acked('{"id":"1-0"}'), PublishResult.permanent("WRONGTYPE")], Outcome.NOT_SENT),
+        ([PublishResult.transient("ERR"), PublishResult.not_sent("after ERR")], Outcome.NOT_SENT),
+        ([PublishResult.unavailable("connection lost"), PublishResult.unavailable("lost")], Outcome.NOT_SENT),
+        ([None, None], Outcome.NOT_SENT),  # no reply for the run at all
+    ],
+)
+def test_a_message_refused_after_its_keys_run_is_dead_lettered_only_if_the_run_was_acked(
+    earlier: list[PublishResult | None], refused: Outcome
+) -> None:
+    # The keeps_key_order rule: once a message of a key is not acked, no later one of
+    # that key in the call is decided; a dead letter would overtake the one that goes again.
+    group = redis_streams._Group([0, 1], ["s", "s"], (2, PublishResult.permanent("payload too large")))
+    results = redis_streams.RedisStreamsAdapter._decide_refusals([group], [*earlier, None])
+    assert results[2].outcome is refused, results
+
+
+def test_wait_below_the_socket_timeout_is_accepted() -> None:
+    adapter = redis_streams.create("r", {"timeout": "5s", "wait": {"replicas": 1, "timeout": "4s"}})
+    assert adapter.options.wait is not None and adapter.options.wait.timeout == 4.0
+    assert redis_streams.create("r", {"wait": {"replicas": 1, "timeout": "1ms"}}).options.wait is not None
 
 
 def test_the_destination_else_the_stream_option_else_the_topic() -> None:
