@@ -22,7 +22,12 @@ the stream (a JetStream PubAck) before it counts as acked.
   rounds, each round the next message of every key (and, in the first, every keyless
   one) at once, and a key whose message was not acked sends nothing more in the call
   (``not_sent``); a key's run then costs one round trip per message inside one call,
-  instead of one engine call per message.
+  instead of one engine call per message. Rounds start for ``timeout`` only; what is
+  left waits for the next call (``_in_rounds``).
+- "No responders" and JetStream error 10060 (another stream's subject) are the message's
+  subject's fault when JetStream is known to answer (``classify``), else ``unavailable``.
+- With TLS the handshake comes first (``tls_handshake_first``): no credential goes out
+  before TLS is up; the server needs ``handshake_first`` on its TLS listener.
 - A message over the server's ``max_payload`` (payload and headers) is refused before it
   is sent: the server would close the connection on it, failing every other message.
 - Reconnecting is ours, not the client's (``allow_reconnect`` off): while the connection
@@ -39,6 +44,7 @@ import importlib.util
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -164,26 +170,44 @@ def where(url: str) -> str:
     return f"{parts.hostname}:{parts.port or 4222}"
 
 
-def classify(exc: BaseException, subject: str) -> PublishResult:
-    """A publish that failed (its PubAck an error, or no PubAck), as the engine should count it."""
+def classify(exc: BaseException, subject: str, jetstream_answers: bool = False) -> PublishResult:
+    """A publish that failed (its PubAck an error, or no PubAck), as the engine should count it.
+
+    `jetstream_answers`: JetStream is known to answer now (another message of the call was
+    acked, or the stream's or account's info came back). The subject is built per message,
+    so "no responders" or "another stream's subject" is then that message's subject, not
+    the broker: waiting as `unavailable` would hold it (and its key) forever and, alone in
+    a call, trip the circuit."""
     if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
-        # No stream takes the subject (or JetStream is not up yet on a restarting server):
-        # the configuration's fault or the moment's, never the message's. Dead-lettering
-        # would empty the outbox into dead letters for a stream not created yet: the
+        reason = f"no JetStream stream takes subject {subject[:80]!r} (no responders)"
+        if jetstream_answers:
+            # A stream may yet be made for it: retried, spending attempts, not dead-lettered at once.
+            return PublishResult.transient(reason)
+        # JetStream itself does not answer (not up yet on a restarting server): the
         # messages wait, spending no attempt, and the circuit opens.
-        return PublishResult.unavailable(f"no JetStream stream takes subject {subject[:80]!r} (no responders)")
+        return PublishResult.unavailable(reason)
     if isinstance(exc, nats.js.errors.APIError):
         reason = f"JetStream refused: {exc.code} {exc.err_code} {exc.description}"
         if exc.err_code == MESSAGE_TOO_LARGE or (exc.code == 400 and "exceeds maximum" in str(exc.description)):
             return PublishResult.permanent(reason)
-        if exc.err_code == STREAM_MISMATCH or isinstance(exc, nats.js.errors.ServiceUnavailableError):
-            # The subject belongs to another stream (configuration), or the stream cannot
-            # store now (no quorum, full with discard: new): nothing about the message.
+        if exc.err_code == STREAM_MISMATCH:
+            # The message's subject belongs to another stream than `stream`.
+            return PublishResult.permanent(reason) if jetstream_answers else PublishResult.unavailable(reason)
+        if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+            # The stream cannot store now (no quorum, full with discard: new): nothing
+            # about the message.
             return PublishResult.unavailable(reason)
         return PublishResult.transient(reason)
     if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.OutboundBufferLimitError | OSError):
         return PublishResult.unavailable(f"connection lost: {type(exc).__name__}")
     return PublishResult.transient(f"{type(exc).__name__}: {first_line(exc)}".rstrip(": "))
+
+
+def about_the_subject(exc: BaseException) -> bool:
+    """Whether `exc` may be the message's subject's fault rather than JetStream's absence."""
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code == STREAM_MISMATCH
 
 
 def receipt_of(ack: PubAck) -> str:
@@ -219,6 +243,13 @@ def pub_ack_of(msg: Msg) -> PubAck | BaseException:
 def header_size(headers: Mapping[str, str]) -> int:
     """Bytes of the NATS header block (``NATS/1.0``, one line per header, a blank line)."""
     return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+@dataclass
+class Call:
+    """What one publish call learned: whether JetStream answers (None: not known yet)."""
+
+    jetstream_answers: bool | None = None
 
 
 class NatsAdapter:
@@ -282,6 +313,12 @@ class NatsAdapter:
 
         nc = NatsClient()
         tls = tls_context(self.options.tls) if self.options.tls is not None else None
+        # Without handshake_first nats-py reads the server's INFO in plain text and upgrades
+        # to TLS only when it says tls_required: a server (or a man in the middle) that does
+        # not say so would be sent CONNECT, credentials included, in plain text. With it, TLS
+        # comes first and a server not speaking TLS gets nothing but a ClientHello. The
+        # server needs `handshake_first` on its TLS listener (README, NATS).
+        tls_first = tls is not None or url.startswith("tls://")
         try:
             await nc.connect(
                 servers=[url],
@@ -297,6 +334,7 @@ class NatsAdapter:
                 ping_interval=max(1, round(self.options.ping_interval)),
                 max_outstanding_pings=2,
                 tls=tls,
+                tls_handshake_first=tls_first,
                 **self._auth(),
             )
         except BaseException as exc:
@@ -305,11 +343,6 @@ class NatsAdapter:
                 raise errors[-1] from None  # the cause, not "no servers available"
             raise
         try:
-            # nats-py upgrades to TLS only when the server says TLS is required: against a
-            # server that merely offers it (allow_non_tls) a connection configured for TLS
-            # would go on in plain text, credentials included. Refused instead.
-            if (tls is not None or url.startswith("tls://")) and not nc._server_info.get("tls_required"):
-                raise ConnectionError("TLS is configured but the server does not require it: nats-py would not use it")
             js = nc.jetstream(timeout=self.options.timeout)
             if self.options.create_stream:
                 await self._create_stream(js)
@@ -453,13 +486,35 @@ class NatsAdapter:
         nc = self._nc
         if problem is not None or nc is None:
             return [PublishResult.unavailable(problem or "not connected")] * len(batch)
+        call = Call()
         if not self.options.key_rounds:
-            return await self._send(nc, batch)
-        return await self._in_rounds(nc, batch)
+            return await self._send(nc, batch, call)
+        return await self._in_rounds(nc, batch, call)
 
-    async def _in_rounds(self, nc: NatsClient, batch: Sequence[OutgoingMessage]) -> list[PublishResult]:
+    async def _jetstream_answers(self, nc: NatsClient) -> bool:
+        """Whether JetStream answers now: the stream's info when `stream` is set, else the
+        account's (ready()'s round trip)."""
+        js = self._js
+        if js is None or nc is not self._nc:
+            return False
+        try:
+            if self.options.stream is not None:
+                await js.stream_info(self.options.stream)
+            else:
+                await js.account_info()
+        except Exception:
+            return False
+        return True
+
+    async def _in_rounds(self, nc: NatsClient, batch: Sequence[OutgoingMessage], call: Call) -> list[PublishResult]:
         """`batch` in rounds: each the next message of every key still going (the first
-        also every keyless one), all at once; a key stops at its first message not acked."""
+        also every keyless one), all at once; a key stops at its first message not acked.
+        Rounds start for `timeout` only (the first always goes): a hot key's run of 1,000
+        is 1,000 round trips, which would outlast relay.publish_timeout, and a call
+        cancelled there marks nothing, counts as an outage and comes back the same. What
+        is left waits for a later call, spending no attempt: its key's next message
+        `unavailable` (other messages of the call were acked, so the circuit stays
+        closed), the ones after it `not_sent`."""
         results: list[PublishResult | None] = [None] * len(batch)
         runs: dict[str, collections.deque[int]] = {}
         first_round: list[int] = []
@@ -470,25 +525,35 @@ class NatsAdapter:
             else:
                 runs.setdefault(key, collections.deque()).append(index)
         stops = KeyStops()
+        loop = asyncio.get_running_loop()
+        start_by = loop.time() + self.options.timeout
         round_ = first_round + [run.popleft() for run in runs.values()]
         while round_:
             round_.sort()  # the call's order within a round
-            answers = await self._send(nc, [batch[index] for index in round_])
+            answers = await self._send(nc, [batch[index] for index in round_], call)
             for index, answer in zip(round_, answers, strict=True):
                 results[index] = stops.note(batch[index], answer)
             round_ = []
+            late = loop.time() > start_by
             for run in runs.values():
                 if not run:
                     continue
+                if late and stops.held(batch[run[0]]) is None:
+                    results[run[0]] = stops.note(
+                        batch[run[0]],
+                        PublishResult.unavailable(
+                            f"not sent: this call's rounds took timeout ({self.options.timeout:g}s)"
+                        ),
+                    )
                 if stops.held(batch[run[0]]) is not None:
                     for index in run:
-                        results[index] = stops.held(batch[index])
+                        results[index] = results[index] or stops.held(batch[index])
                     run.clear()
                 else:
                     round_.append(run.popleft())
         return [result or PublishResult.transient("no answer") for result in results]
 
-    async def _send(self, nc: NatsClient, batch: Sequence[OutgoingMessage]) -> list[PublishResult]:
+    async def _send(self, nc: NatsClient, batch: Sequence[OutgoingMessage], call: Call) -> list[PublishResult]:
         """Every message of `batch` written at once, then every PubAck awaited."""
         loop = asyncio.get_running_loop()
         prefix = self._reply_prefix
@@ -522,8 +587,13 @@ class NatsAdapter:
                 sent[index] = (subject, token, future)
             if sent:
                 await asyncio.wait([future for _, _, future in sent.values()], timeout=self.options.timeout)
+            errors = [f.exception() for _, _, f in sent.values() if f.done() and not f.cancelled()]
+            if any(error is None for error in errors):
+                call.jetstream_answers = True
+            if call.jetstream_answers is None and any(e is not None and about_the_subject(e) for e in errors):
+                call.jetstream_answers = await self._jetstream_answers(nc)
             for index, (subject, _, future) in sent.items():
-                results[index] = self._answer(subject, future)
+                results[index] = self._answer(subject, future, bool(call.jetstream_answers))
         finally:
             for _, token, future in sent.values():
                 self._awaited.pop(token, None)
@@ -531,7 +601,7 @@ class NatsAdapter:
                     future.cancel()  # its PubAck, if it comes, finds no one waiting
         return [result or PublishResult.transient("no answer") for result in results]
 
-    def _answer(self, subject: str, future: asyncio.Future[PubAck]) -> PublishResult:
+    def _answer(self, subject: str, future: asyncio.Future[PubAck], jetstream_answers: bool) -> PublishResult:
         if not future.done():
             # Maybe stored: it goes again, and the duplicate window drops the copy.
             return PublishResult.unavailable(f"no PubAck within {self.options.timeout:g}s (timeout)")
@@ -539,7 +609,7 @@ class NatsAdapter:
             return PublishResult.unavailable("publish cancelled")
         exc = future.exception()
         if exc is not None:
-            return classify(exc, subject)
+            return classify(exc, subject, jetstream_answers)
         return PublishResult.acked(receipt_of(future.result()))
 
 

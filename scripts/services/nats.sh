@@ -9,9 +9,11 @@
 #                            plain clients on 127.0.0.1:PORT (store DIR/jetstream, monitoring
 #                            PORT+1), and TLS required on PORT+2 (store DIR/tls-jetstream,
 #                            monitoring PORT+3; certificates from certs.sh in DIR/tls, CA
-#                            DIR/tls/ca.pem). Two servers because nats-py upgrades to TLS
-#                            only when the server requires it: one port taking both
-#                            (allow_non_tls) would leave a TLS client in plain text
+#                            DIR/tls/ca.pem), the TLS handshake first (handshake_first:
+#                            the relay's client starts TLS before the server's INFO, so no
+#                            credential goes out in plain text; plain clients get nothing).
+#                            Two servers because one port taking both (allow_non_tls) is
+#                            not what a TLS deployment should run
 #   nats.sh stop DIR         stop the servers started in DIR (their streams stay in DIR)
 #   nats.sh status DIR       exit 0 if both servers of DIR are running
 #
@@ -122,6 +124,8 @@ write_config() {
   cert_file: \"$dir/tls/server.crt\"
   key_file: \"$dir/tls/server.key\"
   timeout: 5
+  # TLS before INFO: the relay's client (tls_handshake_first) sends no byte in plain text.
+  handshake_first: true
 }"
   fi
   cat >"$dir/$name.conf" <<EOF

@@ -471,3 +471,19 @@ class TestNatsKeyRounds(KeyOrderContract):
         yield make
         for adapter in adapters:
             await adapter.close()
+
+    async def test_a_refusal_in_the_middle_of_a_keys_run(self, rejecting: Make) -> None:
+        # The server refuses k-3 (over max_msg_size) after k-1 and k-2 were stored: k-4 and
+        # k-5 are not written; another key's messages around it go on.
+        target = await rejecting({})
+        sent = [msg(1, "k", 10), msg(2, "other", 10), msg(3, "k", 10), msg(4, "k", 20_000)]
+        sent += [msg(5, "k", 10), msg(6, "other", 10), msg(7, "k", 10)]
+        outcomes = await self._run(target, sent)
+        assert [o for m, o in zip(sent, outcomes, strict=True) if m.key == "k"] == [
+            Outcome.ACKED,
+            Outcome.ACKED,
+            Outcome.PERMANENT,
+            Outcome.NOT_SENT,
+            Outcome.NOT_SENT,
+        ], outcomes
+        assert [o for m, o in zip(sent, outcomes, strict=True) if m.key == "other"] == [Outcome.ACKED] * 2

@@ -84,12 +84,14 @@ async def test_a_failure_in_the_middle_of_a_batch_fails_that_message_only(nats_s
         assert "exceeds maximum" in (results[1].reason or ""), results[1]
         assert "max_payload" in (results[3].reason or ""), results[3]
         # The connection lived through both: the next call is acked on it.
-        [after] = await adapter.publish([OutgoingMessage(message(6, key="f"), f"{prefix}.t", True)])
+        sixth = message(6, key="f")
+        [after] = await adapter.publish([OutgoingMessage(sixth, f"{prefix}.t", True)])
         assert after.outcome is Outcome.ACKED
     finally:
         await adapter.close()
+    # The stream holds the acked ones of the batch, in order, then message 6: nothing else.
     held = [r.message_id for r in await stream_read(nats_server.url, stream, 4)]
-    assert held == [str(sent[0].message_id), str(sent[2].message_id), str(sent[4].message_id), held[-1]]
+    assert held == [str(sent[0].message_id), str(sent[2].message_id), str(sent[4].message_id), str(sixth.message_id)]
 
 
 async def test_a_keys_run_with_a_refused_message_in_the_middle(db: str, nats_server: NatsServer) -> None:
@@ -132,7 +134,7 @@ async def test_a_resend_within_the_duplicate_window_is_stored_once(nats_server: 
     assert [r.message_id for r in await stream_read(nats_server.url, stream, 1)] == [str(sent.message_id)]
 
 
-async def test_a_subject_no_stream_takes_waits_and_a_bad_subject_is_refused(nats_server: NatsServer) -> None:
+async def test_a_subject_no_stream_takes_is_retried_and_a_bad_subject_is_refused(nats_server: NatsServer) -> None:
     adapter = create("js", {"servers": [nats_server.url]})
     await adapter.connect()
     try:
@@ -146,11 +148,79 @@ async def test_a_subject_no_stream_takes_waits_and_a_bad_subject_is_refused(nats
         )
     finally:
         await adapter.close()
-    # No stream: the configuration's fault, not the message's: it waits, spending nothing.
-    assert results[0].outcome is Outcome.UNAVAILABLE and "no responders" in (results[0].reason or "")
+    # No stream takes that subject while JetStream answers (the account's info came back):
+    # the subject is the message's (built from its topic or destination), so it is retried,
+    # spending attempts, rather than waiting forever as if the server were down.
+    assert results[0].outcome is Outcome.TRANSIENT and "no responders" in (results[0].reason or "")
     assert results[1].outcome is Outcome.PERMANENT and "whitespace" in (results[1].reason or "")
     assert results[2].outcome is Outcome.PERMANENT and "Nats-" in (results[2].reason or "")
     assert check_destination("orders.created", True) is None
     assert check_destination("orders..created", True) is not None
     assert check_destination("orders.*", True) is not None
     assert check_destination("tenant ", False) is not None
+
+
+async def test_a_messages_subject_outside_the_stream_is_its_own_failure_not_an_outage(
+    db: str, nats_server: NatsServer
+) -> None:
+    # subject "{destination}" with `stream` over orders.>: a message of topic "payments"
+    # gets a subject no stream takes ("no responders"), and one routed to another stream's
+    # subject gets JetStream error 10060. Both alone in a call, where nothing else was
+    # acked: the stream's info says JetStream answers, so neither waits as `unavailable`.
+    orders, _ = await fresh_stream(nats_server)
+    other, _ = await fresh_stream(nats_server)
+    adapter = create("js", {"servers": [nats_server.url], "stream": orders})
+    await adapter.connect()
+    try:
+        [nowhere] = await adapter.publish([OutgoingMessage(message(1, key="a"), "payments", True)])
+        [elsewhere] = await adapter.publish([OutgoingMessage(message(2, key="b"), f"{other}.t", True)])
+        [good] = await adapter.publish([OutgoingMessage(message(3, key="c"), f"{orders}.t", True)])
+    finally:
+        await adapter.close()
+    assert nowhere.outcome is Outcome.TRANSIENT and "no responders" in (nowhere.reason or ""), nowhere
+    assert elsewhere.outcome is Outcome.PERMANENT and "10060" in (elsewhere.reason or ""), elsewhere
+    assert good.outcome is Outcome.ACKED, good
+
+    # Through the relay: the payments message is dead-lettered after its one attempt (it
+    # does not stall its key nor trip the circuit), the orders ones arrive.
+    config = make_config(
+        db,
+        brokers={"js": {"type": "nats", "servers": [nats_server.url], "stream": orders, "subject": "{destination}"}},
+        routes=[
+            {"topic": "payments", "broker": "js"},
+            {"topic": "orders", "broker": "js", "destination": f"{orders}.created"},
+        ],
+        max_attempts=1,
+    )
+    with psycopg.connect(db) as conn:
+        lost = enqueue(conn, "payments", {"n": 0}, key="k")
+        enqueue(conn, "orders", {"n": 1}, key="k2")
+        conn.commit()
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    [(mid, _, reason)] = dead_letters(db)
+    assert mid == str(lost) and "no responders" in reason, reason
+    assert len(await stream_read(nats_server.url, orders, 2)) == 2  # message 3 above, and the order
+
+
+async def test_key_rounds_stop_starting_at_timeout_and_the_rest_waits(nats_server: NatsServer) -> None:
+    # A hot key's run of 4,000 in one call is 4,000 round trips: rounds start for
+    # `timeout` only, the rest waits for a later call without spending an attempt.
+    stream, prefix = await fresh_stream(nats_server)
+    adapter = create("js", {"servers": [nats_server.url], "stream": stream, "key_rounds": True, "timeout": "1s"})
+    await adapter.connect()
+    try:
+        sent = [message(i, key="hot") for i in range(4000)]
+        results = await adapter.publish([OutgoingMessage(m, f"{prefix}.t", True) for m in sent])
+        outcomes = [r.outcome for r in results]
+        acked = outcomes.index(Outcome.UNAVAILABLE)
+        assert 0 < acked < len(sent) and outcomes[:acked] == [Outcome.ACKED] * acked, outcomes[:acked]
+        assert "rounds took timeout" in (results[acked].reason or ""), results[acked]
+        assert outcomes[acked + 1 :] == [Outcome.NOT_SENT] * (len(sent) - acked - 1)
+        # The next call takes up where this one stopped.
+        [resumed] = await adapter.publish([OutgoingMessage(sent[acked], f"{prefix}.t", True)])
+        assert resumed.outcome is Outcome.ACKED, resumed
+    finally:
+        await adapter.close()
+    held = [r.message_id for r in await stream_read(nats_server.url, stream, acked + 1)]
+    assert held == [str(m.message_id) for m in sent[: acked + 1]]

@@ -7,13 +7,16 @@ does not trust. Each is one clear line in `check`, shows no secret, and the mess
 
 from __future__ import annotations
 
+import json
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from outbox_relay_adapters.nats import create as create_nats
 from structlog.testing import capture_logs
 
 from outbox_relay import enqueue
@@ -295,3 +298,41 @@ async def test_redis_refusing_the_relay_is_one_line_and_dead_letters_nothing(
     if secret:
         assert not [e for e in logs if secret in repr(e)]
     assert redis_entries(redis_secure.plain, stream) == []
+
+
+def closed_nats_connections(server: NatsServer) -> list[dict[str, Any]]:
+    """The server's closed client connections (its monitoring /connz), with the user each
+    authenticated as (`authorized_user`)."""
+    assert server.broker is not None
+    url = f"http://127.0.0.1:{server.broker.port + 1}/connz?state=closed&auth=true&limit=1024"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        connections: list[dict[str, Any]] = json.load(response).get("connections") or []
+    return connections
+
+
+async def test_nats_over_tls_sends_no_password_to_a_server_not_speaking_tls(nats_secure: NatsServer) -> None:
+    # A plain server where a TLS one was configured (a man in the middle, a misconfigured
+    # port): the adapter starts TLS before reading anything, so the server never gets
+    # CONNECT and the password in plain text; the connect fails, naming host:port.
+    assert nats_secure.broker is not None
+    plain_as_tls = f"tls://127.0.0.1:{nats_secure.broker.port}"
+    before = {c["cid"] for c in closed_nats_connections(nats_secure)}
+    adapter = create_nats(
+        "mitm",
+        {
+            "servers": [plain_as_tls],
+            "tls": {"ca_file": nats_secure.ca_file},
+            "user": NATS_USER,
+            "password": NATS_PASSWORD,
+            "connect_timeout": "3s",
+        },
+    )
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:\d+"):
+        await adapter.connect()
+    # The positive signal: the server saw the attempt, and closed it.
+    await wait_until(lambda: any(c["cid"] not in before for c in closed_nats_connections(nats_secure)), timeout=30)
+    new = [c for c in closed_nats_connections(nats_secure) if c["cid"] not in before]
+    # A connection closed before CONNECT counts as the no_auth_user ("anonymous"): what it
+    # sent was a TLS ClientHello, a protocol violation to a plain server, not credentials.
+    assert not [c for c in new if c.get("authorized_user") == NATS_USER or c.get("name") == "outbox-relay mitm"], new
+    assert any(c.get("reason") == "Protocol Violation" for c in new), new

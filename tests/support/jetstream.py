@@ -23,7 +23,8 @@ async def connected(url: str, ca_file: str | None = None) -> AsyncIterator[Clien
     """A connection to `url` (a tls:// one verified with `ca_file`), as the server's
     user for clients without credentials."""
     tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
-    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, tls=tls)
+    # The TLS server wants the handshake first (scripts/services/nats.sh: handshake_first).
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, tls=tls, tls_handshake_first=tls is not None)
     try:
         yield nc
     finally:
