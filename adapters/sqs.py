@@ -10,7 +10,15 @@ every request (SigV4). The config names no secret.
   message topic as a queue name. A name is resolved with GetQueueUrl once and cached.
   A missing queue is a permanent failure naming it, as RabbitMQ's missing exchange is:
   only an operator can create it, and every message sent there until then would come
-  back the same way; the answer is remembered for 5 s, then asked again.
+  back the same way; the answer is remembered for 5 s, then asked again. But a queue
+  this process has resolved before that is missing now is most likely a server still
+  restoring its queues after a restart (ElasticMQ does so just after it listens): its
+  messages wait (``unavailable``), and ``ready()`` reads false until the queue is back.
+- ``ready()`` costs one cheap request (ListQueues) while nothing went wrong; after a
+  sign of an outage (no connection, a 5xx, a probe that failed) or a queue found
+  missing, it also asks for each such queue again (GetQueueUrl, a few at a time), and
+  keeps asking on later probes until each is found, so /readyz (every second, 2 s
+  budget) neither asks for every queue every second nor reads ready too early.
 - Per-key order (``keeps_key_order``): SQS judges each entry of a batch on its own, and
   may take a FIFO group's entry after refusing the one before it. So a call goes out
   in rounds: round *r* holds the *r*-th message of every key still going (keyless
@@ -22,9 +30,10 @@ every request (SigV4). The config names no secret.
   long run never keeps a call past ``relay.publish_timeout``.
 - Answers per entry: ``Successful`` is acked (receipt: the queue URL, SQS's message
   id and, for FIFO, its sequence number); ``Failed`` with ``SenderFault`` is the
-  message's fault (permanent), without it SQS's (transient). A whole request refused:
-  throttled, a 5xx, refused credentials or no connection at all are the broker's or
-  the relay's problem, not the messages' (``unavailable``: no attempt spent); any other
+  message's fault (permanent), without it SQS's own (``unavailable``: an SQS incident
+  spends no attempt). A whole request refused: throttled, a 5xx, refused credentials,
+  a queue's KMS key SQS cannot use, or no connection at all are the broker's or the
+  relay's configuration's problem, not the messages' (``unavailable``: no attempt spent); any other
   refusal of a request of several entries sends each entry again alone, so one bad
   entry cannot dead-letter its neighbours, and a 4xx for an entry sent alone is that
   entry's fault (permanent).
@@ -42,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from outbox_relay.adapter import KeyStops
 from outbox_relay.durations import Duration
@@ -62,6 +71,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 BATCH_ENTRIES = 10  # SendMessageBatch's limit
 SQS_MAX_MESSAGE_BYTES = 262_144  # 256 KiB: SQS's classic limit, also ElasticMQ's
 REMEMBER_MISSING_S = 5.0
+READY_CONCURRENCY = 8  # GetQueueUrl requests in flight at once when ready() asks for queues again
+# The worst publish call must stay well below relay.publish_timeout (README: SQS); the
+# adapter does not know it, so it refuses only what no publish_timeout should allow.
+WORST_CALL_BOUND_S = 120.0
 MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 # The request never reached SQS, or SQS asks to slow down or has an outage of its own.
 THROTTLED = frozenset(
@@ -85,6 +98,25 @@ REFUSES_THE_RELAY = frozenset(
         "KmsAccessDenied",
     }
 )
+# The queue's KMS key (or the endpoint) is misconfigured: SQS refuses every message to
+# that queue the same way until an operator fixes it, so they wait rather than being
+# dead-lettered one by one. Both spellings: the JSON protocol's and the query protocol's.
+MISCONFIGURED = frozenset(
+    {
+        "KmsDisabled",
+        "KmsNotFound",
+        "KmsInvalidState",
+        "KmsInvalidKeyUsage",
+        "KmsOptInRequired",
+        "KMS.DisabledException",
+        "KMS.NotFoundException",
+        "KMS.InvalidStateException",
+        "KMS.InvalidKeyUsageException",
+        "KMS.OptInRequired",
+        "InvalidAddress",
+    }
+)
+REFUSES_THE_RELAY = REFUSES_THE_RELAY | MISCONFIGURED
 UNREACHABLE: tuple[type[BaseException], ...] = (
     boto_errors.EndpointConnectionError,
     boto_errors.ConnectionError,  # ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError...
@@ -105,7 +137,28 @@ class SqsOptions(Options):
     max_concurrency: int = Field(default=16, ge=1, le=256)
     max_message_bytes: int = Field(default=SQS_MAX_MESSAGE_BYTES, ge=1024, le=1_048_576)
     connect_timeout: Duration = 5.0
-    request_timeout: Duration = 10.0
+    # 5 s: a call's worst (worst_call_s) is then 25 s, below publish_timeout's default 30 s.
+    request_timeout: Duration = 5.0
+
+    @field_validator("request_timeout")
+    @classmethod
+    def _bounded_call(cls, value: float, info: ValidationInfo) -> float:
+        # A call's worst: rounds start for request_timeout, then the last round's request
+        # (two tries of connect_timeout + request_timeout: botocore retries once).
+        connect = info.data.get("connect_timeout", 5.0)
+        worst = worst_call_s(connect, value)
+        if worst > WORST_CALL_BOUND_S:
+            raise ValueError(
+                f"3 x request_timeout + 2 x connect_timeout (a publish call's worst: {worst:g}s) is over"
+                f" {WORST_CALL_BOUND_S:g}s; keep it well below relay.publish_timeout"
+            )
+        return value
+
+
+def worst_call_s(connect_timeout: float, request_timeout: float) -> float:
+    """How long one publish call may take at worst: rounds start for request_timeout, then
+    the last round's request, tried twice (connect, then a read of request_timeout each)."""
+    return request_timeout + 2 * (connect_timeout + request_timeout)
 
 
 def code_of(exc: BaseException) -> str:
@@ -122,6 +175,8 @@ def refusal(exc: BaseException) -> str | None:
     if isinstance(exc, UNREACHABLE):
         return f"SQS unreachable: {first_line(exc)}"
     code = code_of(exc)
+    if code in MISCONFIGURED:
+        return f"SQS cannot use the queue's KMS key or address (configuration): {first_line(exc)}"
     if code in REFUSES_THE_RELAY:
         return f"SQS refuses the relay's credentials or permissions: {first_line(exc)}"
     if code in THROTTLED:
@@ -149,6 +204,9 @@ class SqsAdapter:
         self._pool: ThreadPoolExecutor | None = None
         self._urls: dict[str, str] = {}  # queue name -> URL
         self._missing: dict[str, tuple[float, str]] = {}  # queue name -> (until, why)
+        # Resolved names ready() must ask for again: found missing, or an outage was seen.
+        self._unconfirmed: set[str] = set()
+        self._lost: set[str] = set()  # resolved names found missing since: asked again per call
 
     # -- connection ----------------------------------------------------------------------
 
@@ -212,30 +270,58 @@ class SqsAdapter:
             client.close()
 
     async def ready(self) -> bool:
-        """The probe, then each queue name already resolved is asked for again: a server
-        that answers but has not got its queues back yet (ElasticMQ restores them just
-        after it starts listening) is not ready, or the trial message after an outage
-        would find its queue missing and be dead-lettered. A queue found missing is
-        forgotten, so the next probe passes and its messages learn it themselves."""
+        """The probe, then each queue that may be missing is asked for again (module
+        docstring): a server that answers but has not got its queues back yet
+        (ElasticMQ restores them just after it starts listening) is not ready, or the
+        trial message after an outage would find its queue missing. A queue stays in
+        what is asked until a probe finds it; the others found meanwhile are not asked
+        again, so a probe cut short at /readyz's 2 s still makes progress."""
         if self._client is None or self._pool is None:
             return False
-        name = ""
         try:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._probe, self._client)
-            for name in list(self._urls):
-                await self._call("get_queue_url", QueueName=name)
         except Exception as exc:
-            if code_of(exc) in MISSING_QUEUE:
-                self._urls.pop(name, None)
-                raise ConnectionError(f"SQS queue {name!r} does not exist (now)") from None
+            self._unconfirmed.update(self._urls)  # the server may come back without them
             raise ConnectionError(refusal(exc) or first_line(exc)) from None
+        limit = asyncio.Semaphore(min(READY_CONCURRENCY, self.options.max_concurrency))
+
+        async def missing(name: str) -> bool:
+            async with limit:
+                try:
+                    await self._call("get_queue_url", QueueName=name)
+                except Exception as exc:
+                    if code_of(exc) in MISSING_QUEUE:
+                        self._lost.add(name)
+                        return True
+                    raise
+            self._unconfirmed.discard(name)
+            self._lost.discard(name)
+            return False
+
+        names = sorted(self._unconfirmed)
+        try:
+            found = await asyncio.gather(*(missing(name) for name in names))
+        except Exception as exc:
+            raise ConnectionError(refusal(exc) or first_line(exc)) from None
+        absent = [name for name, gone in zip(names, found, strict=True) if gone]
+        if absent:
+            shown = ", ".join(repr(name) for name in absent[:5]) + (
+                f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+            )
+            raise ConnectionError(f"SQS queue(s) {shown} existed and do not exist (now)")
         return True
 
     async def _call(self, method: str, **kwargs: Any) -> Any:
         client, pool = self._client, self._pool
         if client is None or pool is None:
             raise boto_errors.EndpointConnectionError(endpoint_url=self._where())  # closed meanwhile
-        return await asyncio.get_running_loop().run_in_executor(pool, lambda: getattr(client, method)(**kwargs))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, lambda: getattr(client, method)(**kwargs))
+        except Exception as exc:
+            if isinstance(exc, UNREACHABLE) or _status(exc) >= 500:
+                # An outage: the server may come back before its queues do (ready()).
+                self._unconfirmed.update(self._urls)
+            raise
 
     # -- queues --------------------------------------------------------------------------
 
@@ -243,7 +329,7 @@ class SqsAdapter:
         """The URL of `queue` (a name or a URL), or the result every message to it gets."""
         if is_url(queue):
             return queue
-        if (url := self._urls.get(queue)) is not None:
+        if (url := self._urls.get(queue)) is not None and queue not in self._lost:
             return url
         missing = self._missing.get(queue)
         if missing is not None and missing[0] > time.monotonic():
@@ -254,6 +340,8 @@ class SqsAdapter:
         try:
             answer = await self._call("get_queue_url", QueueName=queue)
         except Exception as exc:
+            if code_of(exc) in MISSING_QUEUE and queue in self._urls:
+                return self._lost_queue(queue)
             if code_of(exc) in MISSING_QUEUE:
                 why = f"SQS queue {queue!r} does not exist (create it, or fix the route's destination)"
                 self._missing[queue] = (time.monotonic() + REMEMBER_MISSING_S, why)
@@ -262,7 +350,20 @@ class SqsAdapter:
         url = str(answer["QueueUrl"])
         self._urls[queue] = url
         self._missing.pop(queue, None)
+        self._lost.discard(queue)
+        self._unconfirmed.discard(queue)
         return url
+
+    def _lost_queue(self, queue: str) -> PublishResult:
+        """A queue resolved earlier in this process is missing now: most likely a server
+        still restoring its queues after a restart. Its messages wait (no attempt spent,
+        the circuit opens) and ready() asks for it until it is back."""
+        self._lost.add(queue)
+        self._unconfirmed.add(queue)
+        return PublishResult.unavailable(
+            f"SQS queue {queue!r} existed and does not exist now (a server restoring its queues, or deleted):"
+            " its messages wait until it is back"
+        )
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -273,7 +374,10 @@ class SqsAdapter:
             answer = await self._call("send_message_batch", QueueUrl=url, Entries=request)
         except Exception as exc:
             if code_of(exc) in MISSING_QUEUE:
-                self._urls = {name: known for name, known in self._urls.items() if known != url}
+                names = [name for name, known in self._urls.items() if known == url]
+                if names:  # resolved earlier in this process: it existed
+                    lost = [self._lost_queue(name) for name in names][-1]  # each marked lost
+                    return dict.fromkeys((index for index, _ in entries), lost)
                 why = f"SQS queue {url} does not exist (create it, or fix the route's destination)"
                 return dict.fromkeys((index for index, _ in entries), PublishResult.permanent(why))
             if refusal(exc) is None and len(entries) > 1:
@@ -295,8 +399,12 @@ class SqsAdapter:
             results[int(done["Id"])] = PublishResult.acked(receipt)
         for failed in answer.get("Failed", []):
             why = f"SQS refused the message: {failed.get('Code')}: {failed.get('Message') or ''}".rstrip(": ")
-            fault = failed.get("SenderFault")
-            results[int(failed["Id"])] = PublishResult.permanent(why) if fault else PublishResult.transient(why)
+            # SenderFault false: SQS's own fault (InternalError...): an SQS incident that
+            # must not spend attempts. A code that refuses the relay or throttles is
+            # every message's, whatever the flag says.
+            code = failed.get("Code")
+            own = failed.get("SenderFault") and code not in REFUSES_THE_RELAY and code not in THROTTLED
+            results[int(failed["Id"])] = PublishResult.permanent(why) if own else PublishResult.unavailable(why)
         for index, _ in entries:
             results.setdefault(index, PublishResult.transient("SQS answered nothing for this entry"))
         return results
@@ -327,8 +435,9 @@ class SqsAdapter:
             return [PublishResult.unavailable("not connected to SQS")] * len(batch)
         results: list[PublishResult | None] = [None] * len(batch)
         urls: dict[str, str | PublishResult] = {}
-        for queue in dict.fromkeys(out.destination for out in batch):
-            urls[queue] = await self._queue_url(queue)
+        queues = list(dict.fromkeys(out.destination for out in batch))
+        for queue, url in zip(queues, await asyncio.gather(*(self._queue_url(q) for q in queues)), strict=True):
+            urls[queue] = url
         # Each message's round: its position in its key's run (keyless: the first).
         rounds: list[list[int]] = []
         seen: dict[str, int] = {}

@@ -28,7 +28,7 @@ from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config
 from outbox_relay.engine.relay import Relay
 from outbox_relay.models import Outcome, OutgoingMessage
-from tests.consumers import SqsQueue, sqs_read
+from tests.consumers import SqsQueue, sqs_client, sqs_read
 from tests.services import ROOT, SqsServer
 from tests.support.cli import run_cli
 from tests.support.configs import make_config, write_config
@@ -167,3 +167,59 @@ async def test_a_hot_keys_run_longer_than_request_timeout_goes_on_in_the_next_ca
         await adapter.close()
     received = await sqs_read(queue, 300)
     assert [r.message_id for r in received] == [str(out.message_id) for out in run]
+
+
+async def test_a_queue_that_existed_and_is_missing_now_waits_and_ready_stays_false_until_it_is_back(
+    sqs_server: SqsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A queue resolved earlier and missing now is what a restarting server that has not
+    # restored its queues yet answers: its messages wait (unavailable, not dead-lettered)
+    # and every probe reads not ready until the queue is back, not only the first.
+    identity(monkeypatch, sqs_server)
+    name = f"gone-{uuid.uuid4().hex[:8]}.fifo"
+    queue = SqsQueue(sqs_server, name)
+    adapter = create_sqs("sqs", {"endpoint_url": sqs_server.endpoint_url, "request_timeout": "3s"})
+    await adapter.connect()
+    try:
+        first = await adapter.publish([OutgoingMessage(message(1, key="k"), name, True)])
+        assert [r.outcome for r in first] == [Outcome.ACKED], first
+        assert await adapter.ready()
+        sqs_client(sqs_server).delete_queue(QueueUrl=queue.url)
+        later = [OutgoingMessage(message(i, key="k"), name, True) for i in (2, 3)]
+        gone = await adapter.publish(later)
+        assert [r.outcome for r in gone] == [Outcome.UNAVAILABLE, Outcome.NOT_SENT], gone
+        for _ in range(3):
+            with pytest.raises(ConnectionError, match=name):
+                await adapter.ready()
+        still = await adapter.publish(later)  # asked again, still missing: still waiting
+        assert [r.outcome for r in still] == [Outcome.UNAVAILABLE, Outcome.NOT_SENT], still
+        queue = SqsQueue(sqs_server, name)  # back
+        assert await adapter.ready()
+        back = await adapter.publish(later)
+        assert [r.outcome for r in back] == [Outcome.ACKED, Outcome.ACKED], back
+    finally:
+        await adapter.close()
+    received = await sqs_read(queue, 2)
+    assert [r.message_id for r in received] == [str(out.message_id) for out in later]
+
+
+async def test_ready_asks_for_no_queue_while_nothing_went_wrong(
+    sqs_server: SqsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /readyz asks every second within 2 s: with many queues, one GetQueueUrl each per
+    # probe would read not ready and load the server. While nothing went wrong, ready()
+    # is one ListQueues whatever the number of queues resolved.
+    identity(monkeypatch, sqs_server)
+    tag = uuid.uuid4().hex[:8]
+    queues = [SqsQueue(sqs_server, f"many-{tag}-{i}") for i in range(20)]
+    adapter = create_sqs("sqs", {"endpoint_url": sqs_server.endpoint_url, "request_timeout": "3s"})
+    await adapter.connect()
+    try:
+        sent = await adapter.publish([OutgoingMessage(message(i), q.name, True) for i, q in enumerate(queues)])
+        assert [r.outcome for r in sent] == [Outcome.ACKED] * len(queues), sent
+        operations: list[str] = []
+        adapter._client.meta.events.register("before-call.sqs", lambda model, **_: operations.append(model.name))
+        assert await adapter.ready()
+        assert operations == ["ListQueues"], operations
+    finally:
+        await adapter.close()

@@ -18,9 +18,20 @@ from urllib.parse import urlsplit
 import httpx
 import psycopg
 import pytest
+from outbox_relay_adapters.sqs import create as create_sqs
 
 from outbox_relay.demo import local_postgres
-from tests.consumers import RabbitQueue, SqsQueue, kafka_create_topic, kafka_read, rabbit_read, redis_read, sqs_read
+from outbox_relay.models import Outcome, OutgoingMessage
+from tests.consumers import (
+    RabbitQueue,
+    SqsQueue,
+    kafka_create_topic,
+    kafka_read,
+    rabbit_read,
+    redis_read,
+    sqs_client,
+    sqs_read,
+)
 from tests.faults.harness import (
     OWN_PG_SETTINGS,
     SOURCES,
@@ -35,6 +46,7 @@ from tests.faults.harness import (
 from tests.services import LocalBroker, NatsServer, SqsServer
 from tests.support.cli import RelayProcess
 from tests.support.configs import PATIENT, write_config
+from tests.support.factories import message
 from tests.support.jetstream import make_stream, stream_read
 from tests.support.outbox import pending
 from tests.support.toxiproxy import MakeProxy
@@ -301,6 +313,42 @@ async def test_sqs_stopped_longer_than_every_timeout_and_restarted(
     received = await sqs_read(queue, len(ledger.committed), timeout=60)
     duplicates = check_delivery(received, ledger, max_duplicates=BATCH * WORKERS)
     print(f"committed={len(ledger.committed)} duplicates={duplicates}")
+
+
+async def test_sqs_ready_after_a_restart_asks_for_each_queue_until_it_is_back(
+    own_elasticmq: SqsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After an outage the server may answer before it has restored its queues: ready()
+    # must ask for every queue resolved before, on every probe until each is back, or the
+    # circuit's trial message finds its queue missing. One queue is deleted right after
+    # the restart, as if not restored yet.
+    assert own_elasticmq.broker is not None
+    for name, value in own_elasticmq.env.items():
+        monkeypatch.setenv(name, value)
+    tag = uuid.uuid4().hex[:8]
+    kept, late = SqsQueue(own_elasticmq, f"kept-{tag}"), SqsQueue(own_elasticmq, f"late-{tag}")
+    adapter = create_sqs(
+        "sqs", {"endpoint_url": own_elasticmq.endpoint_url, "connect_timeout": "2s", "request_timeout": "2s"}
+    )
+    await adapter.connect()
+    try:
+        sent = await adapter.publish([OutgoingMessage(message(i), q.name, True) for i, q in enumerate((kept, late))])
+        assert [r.outcome for r in sent] == [Outcome.ACKED] * 2, sent
+        assert await adapter.ready()
+        own_elasticmq.broker.stop()
+        with pytest.raises(ConnectionError):
+            await adapter.ready()
+        own_elasticmq.broker.start()
+        sqs_client(own_elasticmq).delete_queue(QueueUrl=late.url)
+        for _ in range(3):
+            with pytest.raises(ConnectionError, match=late.name):
+                await adapter.ready()
+        late = SqsQueue(own_elasticmq, late.name)
+        assert await adapter.ready()
+        again = await adapter.publish([OutgoingMessage(message(3), late.name, True)])
+        assert [r.outcome for r in again] == [Outcome.ACKED], again
+    finally:
+        await adapter.close()
 
 
 @pytest.mark.parametrize("source", SOURCES)
