@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from benchmarks import (
     rabbit_bench,
     redis_bench,
     replay_cost,
+    sqs_bench,
     wal,
     wal_exactly_once,
     write_path,
@@ -67,6 +70,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             return results
         if args.cpu_only:
             results[CPU_ONLY] = await _cpu(svc, args)
+            return results
+        if args.brokers_only:
+            results[BROKERS] = await _brokers(svc, args)
             return results
         if not args.skip_cpu:
             results["cpu"] = await _cpu(svc, args)
@@ -184,6 +190,50 @@ async def _wal(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
 
 
 EXACTLY_ONCE = "wal_exactly_once"  # an exactly-once-only run's part, merged into "wal"
+BROKERS = "brokers_100_keys"  # a brokers-only run's part: Redis, NATS, SQS against their raw clients
+
+
+async def _brokers(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
+    """Redis Streams, NATS JetStream and SQS (ElasticMQ): the relay draining `--small`
+    messages of 100 keys against the raw client with the same acknowledgement, raw and
+    relay alternated `--runs` times so that the machine's drift hits both alike;
+    medians, msg/s."""
+    count = args.small
+    rows: dict[str, tuple[Callable[[], Awaitable[float]], Callable[[], Awaitable[float]]]] = {
+        "redis": (
+            lambda: redis_bench.raw_rate(svc.redis, count),
+            lambda: redis_bench.relay_rate(svc.dsn, svc.redis, count),
+        ),
+        "nats": (
+            lambda: nats_bench.raw_rate(svc.nats, count),
+            lambda: nats_bench.relay_rate(svc.dsn, svc.nats, count),
+        ),
+    }
+    if svc.sqs is not None:
+        sqs = svc.sqs
+        rows["sqs"] = (
+            lambda: sqs_bench.raw_rate(sqs, count, keys=100),
+            lambda: sqs_bench.relay_rate(svc.dsn, sqs, count, keys=100),
+        )
+    out: dict[str, Any] = {"messages": count, "runs": args.runs}
+    for name, (raw, relay) in rows.items():
+        raws, relays = [], []
+        for n in range(args.runs):
+            _step(f"{name}: raw client, run {n + 1}")
+            raws.append(await raw())
+            _step(f"{name}: relay, run {n + 1}")
+            relays.append(await relay())
+        out[name] = {
+            "raw": round(statistics.median(raws)),
+            "relay": round(statistics.median(relays)),
+            "ratio": round(statistics.median(relays) / statistics.median(raws), 2),
+            "raw_runs": [round(r) for r in raws],
+            "relay_runs": [round(r) for r in relays],
+        }
+        _step(f"{name}: {out[name]}")
+    return out
+
+
 CPU_ONLY = "cpu_only"  # a cpu-only run's part, merged as "cpu"
 
 
@@ -222,6 +272,16 @@ def table(results: dict[str, Any]) -> str:
     cpu = results.get("cpu") or results.get(CPU_ONLY)
     lines += [cpu_cost.table(cpu), ""] if cpu else []
     lines += [matrix.table(results["matrix"]), ""] if "matrix" in results else []
+    if BROKERS in results:
+        b = results[BROKERS]
+        lines += [
+            f"| {b['messages']} messages, 100 keys, median of {b['runs']} | relay msg/s | raw client msg/s | ratio |"
+        ]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| {name} | {r['relay']} | {r['raw']} | {r['ratio']} |" for name, r in b.items() if isinstance(r, dict)
+        ]
+        lines += [""]
     if "replay" in results:
         lines += [replay_cost.table(results["replay"]), ""]
     if "ratios" not in results:
@@ -278,6 +338,9 @@ def main() -> None:
     )
     parser.add_argument("--held-back", type=int, default=100_000, help="rows behind the held-back key's head")
     parser.add_argument("--runs", type=int, default=3, help="the matrix takes the median of this many runs")
+    parser.add_argument(
+        "--brokers-only", action="store_true", help="only Redis, NATS and SQS against their raw clients (100 keys)"
+    )
     parser.add_argument("--skip-matrix", action="store_true")
     parser.add_argument("--matrix-only", action="store_true")
     parser.add_argument("--replay-only", action="store_true", help="only the replay's cost (benchmarks/replay_cost.py)")

@@ -188,14 +188,14 @@ print(md.version("outbox-relay"))
 print(sorted(ep.name for ep in md.entry_points(group="outbox_relay.adapters")))
 for ep in md.entry_points(group="outbox_relay.adapters"):
     ep.load()
-import aiokafka, confluent_kafka, httpx, pika  # every client of the `all` extra
+import aiokafka, boto3, confluent_kafka, httpx, nats, pika, redis  # every client of the `all` extra
 print(importlib.util.find_spec("pip") is None, sys.flags.dont_write_bytecode)
 """
     result = podman("run", "--rm", "--read-only", "--user", "10001", "--entrypoint", "python3", image, "-c", script)
     assert result.stdout.split("\n")[:5] == [
         "10001 10001",
         VERSION,
-        "['file', 'kafka', 'rabbitmq', 'stdout', 'webhook']",
+        "['file', 'kafka', 'nats', 'rabbitmq', 'redis', 'sqs', 'stdout', 'webhook']",
         "True 1",
         "",
     ], result.stdout + result.stderr
