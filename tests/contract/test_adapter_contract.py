@@ -463,22 +463,29 @@ class TestRedisTls(AdapterContract):
         await adapter.close()
 
 
+async def nats_target(server: NatsServer, prefix: str, **options: Any) -> AsyncIterator[Target]:
+    """A stream of its own, the subject the route's destination, for TestNats and
+    TestNatsKeyRounds (their adapters differ only in `options`)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    subject = f"contract.{name}"
+    await make_stream(server.url, name, [subject])
+    adapter = create_nats("nats", {"servers": [server.url], "stream": name, **options})
+    await adapter.connect()
+
+    async def read(count: int) -> list[Received]:
+        return await stream_read(server.url, name, count)
+
+    yield Target(adapter, subject, read, explicit=True, locate=nats_locator(server.url, name))
+    await adapter.close()
+
+
 class TestNats(AdapterContract):
     """NATS JetStream: a stream of its own per test, the subject the route's destination."""
 
     @pytest.fixture
     async def target(self, nats_server: NatsServer) -> AsyncIterator[Target]:
-        name = f"contract-{uuid.uuid4().hex[:10]}"
-        subject = f"contract.{name}"
-        await make_stream(nats_server.url, name, [subject])
-        adapter = create_nats("nats", {"servers": [nats_server.url], "stream": name})
-        await adapter.connect()
-
-        async def read(count: int) -> list[Received]:
-            return await stream_read(nats_server.url, name, count)
-
-        yield Target(adapter, subject, read, explicit=True, locate=nats_locator(nats_server.url, name))
-        await adapter.close()
+        async for target in nats_target(nats_server, "contract"):
+            yield target
 
 
 class TestNatsKeyRounds(AdapterContract):
@@ -486,17 +493,8 @@ class TestNatsKeyRounds(AdapterContract):
 
     @pytest.fixture
     async def target(self, nats_server: NatsServer) -> AsyncIterator[Target]:
-        name = f"contract-rounds-{uuid.uuid4().hex[:10]}"
-        subject = f"contract.{name}"
-        await make_stream(nats_server.url, name, [subject])
-        adapter = create_nats("nats", {"servers": [nats_server.url], "stream": name, "key_rounds": True})
-        await adapter.connect()
-
-        async def read(count: int) -> list[Received]:
-            return await stream_read(nats_server.url, name, count)
-
-        yield Target(adapter, subject, read, explicit=True, locate=nats_locator(nats_server.url, name))
-        await adapter.close()
+        async for target in nats_target(nats_server, "contract-rounds", key_rounds=True):
+            yield target
 
 
 class TestNatsTls(AdapterContract):
