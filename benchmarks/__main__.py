@@ -34,6 +34,7 @@ from benchmarks import (
     rabbit_bench,
     redis_bench,
     replay_cost,
+    sql_floor,
     sqs_bench,
     wal,
     wal_exactly_once,
@@ -240,6 +241,9 @@ CPU_ONLY = "cpu_only"  # a cpu-only run's part, merged as "cpu"
 async def _cpu(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     part = await cpu_cost.run(svc, messages=args.messages, runs=args.runs)
+    # The claim and the mark alone beside the least SQL that can do them (issue 21's
+    # PostgreSQL target against this machine's floor).
+    part["sql_floor"] = await sql_floor.run(svc.dsn, messages=args.messages, runs=args.runs)
     part["profile"] = await cpu_cost.profile(svc, messages=args.messages, to=args.out.parent / "relay_profile.md")
     return {"started": started, "machine": env.machine(), "commit": wal.code_commit(), **part}
 
@@ -271,6 +275,7 @@ def table(results: dict[str, Any]) -> str:
     lines += [wal_exactly_once.table(results[EXACTLY_ONCE]), ""] if EXACTLY_ONCE in results else []
     cpu = results.get("cpu") or results.get(CPU_ONLY)
     lines += [cpu_cost.table(cpu), ""] if cpu else []
+    lines += [sql_floor.table(cpu["sql_floor"]), ""] if cpu and "sql_floor" in cpu else []
     lines += [matrix.table(results["matrix"]), ""] if "matrix" in results else []
     if BROKERS in results:
         b = results[BROKERS]
