@@ -6,10 +6,12 @@ scripts/bench --wal-only           # only the WAL source's part (benchmarks/wal.
 scripts/bench --wal-only --messages 10000 --large 100000   # a quick one
 scripts/bench --exactly-once-only  # only exactly once vs at least once (benchmarks/wal_exactly_once.py)
 scripts/bench --cpu-only           # only CPU per message and the relay's profile (benchmarks/cpu_cost.py)
+scripts/bench --brokers-only       # only Redis, NATS and SQS against their raw clients, per key shape
 
 Results are merged into the JSON file: the parts this run measured replace theirs, the
 others stay; a WAL part measured before is kept under "wal_previous_runs". An
-exactly-once-only run replaces only "wal" -> "exactly_once".
+exactly-once-only run replaces only "wal" -> "exactly_once"; a brokers-only run only
+"brokers".
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from benchmarks import (
     wal_exactly_once,
     write_path,
 )
-from benchmarks.common import ratio_rows
+from benchmarks.common import Keys, ratio_rows
 from outbox_relay.observability.logging_setup import configure
 from outbox_relay.process import tune_gc
 
@@ -191,48 +193,134 @@ async def _wal(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
 
 
 EXACTLY_ONCE = "wal_exactly_once"  # an exactly-once-only run's part, merged into "wal"
-BROKERS = "brokers_100_keys"  # a brokers-only run's part: Redis, NATS, SQS against their raw clients
+BROKERS = "brokers"  # a brokers-only run's part: Redis, NATS, SQS against their raw clients, per shape
+# The part before the shapes (100 keys only, no machine or start of its own): still shown
+# by table(); dropped by merged() once a "brokers" part replaces it.
+BROKERS_100_KEYS = "brokers_100_keys"
+
+# The shapes of the brokers-only part: (name in the JSON, label, keys, large backlog).
+# Keys as benchmarks.common.Keys: None keyless, "unique" a key per message.
+BROKER_SHAPES: list[tuple[str, str, Keys, bool]] = [
+    ("keyless", "keyless", None, False),
+    ("1_key", "1 key", 1, False),
+    ("100_keys", "100 keys", 100, False),
+    ("key_per_message", "a key per message", "unique", False),
+    ("100_keys_large", "100 keys, large backlog", 100, True),
+]
+# ElasticMQ drains ~1,000 msg/s: SQS's large shape is at most --small x 2 messages (not
+# --brokers-large), so that the whole brokers-only run stays under ~25 minutes.
+SQS_LARGE_FACTOR = 2
+SQS_LARGE_NOTE = (
+    "SQS on ElasticMQ drains ~1,000 msg/s: its large backlog is at most --small x 2 messages,"
+    " not --brokers-large, to keep a brokers-only run under ~25 minutes"
+)
+
+BROKER_NAMES = ("redis", "nats", "sqs")
+WARM_UP = 1000  # messages of each broker's unmeasured first drain
+Rate = Callable[[int, Keys], Awaitable[float]]
 
 
 async def _brokers(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
-    """Redis Streams, NATS JetStream and SQS (ElasticMQ): the relay draining `--small`
-    messages of 100 keys against the raw client with the same acknowledgement, raw and
-    relay alternated `--runs` times so that the machine's drift hits both alike;
-    medians, msg/s."""
-    count = args.small
-    rows: dict[str, tuple[Callable[[], Awaitable[float]], Callable[[], Awaitable[float]]]] = {
+    """Redis Streams, NATS JetStream and SQS (ElasticMQ): the relay draining a backlog
+    against the raw client with the same acknowledgement, for each shape of BROKER_SHAPES
+    (keyless, 1 key, 100 keys, a key per message: `--small` messages; 100 keys:
+    `--brokers-large`, SQS at most `--small` x 2). Per shape, raw and relay alternated
+    `--runs` times so that the machine's drift hits both alike; medians, msg/s. Each
+    broker starts with an unmeasured warm-up of both."""
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    brokers: dict[str, tuple[Rate, Rate, int]] = {
         "redis": (
-            lambda: redis_bench.raw_rate(svc.redis, count),
-            lambda: redis_bench.relay_rate(svc.dsn, svc.redis, count),
+            lambda n, keys: redis_bench.raw_rate(svc.redis, n, keys=keys),
+            lambda n, keys: redis_bench.relay_rate(svc.dsn, svc.redis, n, keys=keys),
+            args.brokers_large,
         ),
         "nats": (
-            lambda: nats_bench.raw_rate(svc.nats, count),
-            lambda: nats_bench.relay_rate(svc.dsn, svc.nats, count),
+            lambda n, keys: nats_bench.raw_rate(svc.nats, n, keys=keys),
+            lambda n, keys: nats_bench.relay_rate(svc.dsn, svc.nats, n, keys=keys),
+            args.brokers_large,
         ),
     }
     if svc.sqs is not None:
         sqs = svc.sqs
-        rows["sqs"] = (
-            lambda: sqs_bench.raw_rate(sqs, count, keys=100),
-            lambda: sqs_bench.relay_rate(svc.dsn, sqs, count, keys=100),
+        brokers["sqs"] = (
+            lambda n, keys: sqs_bench.raw_rate(sqs, n, keys=keys),
+            lambda n, keys: sqs_bench.relay_rate(svc.dsn, sqs, n, keys=keys),
+            min(args.brokers_large, SQS_LARGE_FACTOR * args.small),
         )
-    out: dict[str, Any] = {"messages": count, "runs": args.runs}
-    for name, (raw, relay) in rows.items():
-        raws, relays = [], []
-        for n in range(args.runs):
-            _step(f"{name}: raw client, run {n + 1}")
-            raws.append(await raw())
-            _step(f"{name}: relay, run {n + 1}")
-            relays.append(await relay())
-        out[name] = {
-            "raw": round(statistics.median(raws)),
-            "relay": round(statistics.median(relays)),
-            "ratio": round(statistics.median(relays) / statistics.median(raws), 2),
-            "raw_runs": [round(r) for r in raws],
-            "relay_runs": [round(r) for r in relays],
-        }
-        _step(f"{name}: {out[name]}")
+    out: dict[str, Any] = {
+        "started": started,
+        "machine": env.machine(),
+        "commit": wal.code_commit(),
+        "small": args.small,
+        "large": args.brokers_large,
+        "runs": args.runs,
+    }
+    if "sqs" in brokers:
+        out["sqs_large"] = brokers["sqs"][2]
+        out["sqs_large_note"] = SQS_LARGE_NOTE
+    for name, (raw, relay, large) in brokers.items():
+        # Not measured: each broker's first drain pays for set-up (connections, the
+        # server's warm-up: the smoke run's first SQS raw send ran at ~150 msg/s, the
+        # next ones at ~1,000), which would fall on its first shape's raw client.
+        warm_up = min(args.small, WARM_UP)
+        _step(f"{name}: warm-up ({warm_up} messages, raw client and relay, not measured)")
+        await raw(warm_up, 100)
+        await relay(warm_up, 100)
+        shapes: dict[str, Any] = {}
+        for shape, label, keys, is_large in BROKER_SHAPES:
+            count = large if is_large else args.small
+            raws, relays = [], []
+            for n in range(args.runs):
+                _step(f"{name}, {label} ({count} messages): raw client, run {n + 1}")
+                raws.append(await raw(count, keys))
+                _step(f"{name}, {label} ({count} messages): relay, run {n + 1}")
+                relays.append(await relay(count, keys))
+            entry: dict[str, Any] = {
+                "keys": keys,
+                "messages": count,
+                "raw": round(statistics.median(raws)),
+                "relay": round(statistics.median(relays)),
+                "ratio": round(statistics.median(relays) / statistics.median(raws), 2),
+                "raw_runs": [round(r) for r in raws],
+                "relay_runs": [round(r) for r in relays],
+            }
+            if is_large and count < args.brokers_large:
+                entry["note"] = SQS_LARGE_NOTE
+            shapes[shape] = entry
+            _step(f"{name}, {label}: {entry}")
+        out[name] = shapes
     return out
+
+
+def brokers_table(part: dict[str, Any]) -> list[str]:
+    """The brokers-only part as a markdown table, one row per broker and shape; each
+    broker's worst ratio in bold, marked "worst"."""
+    labels = {shape: label for shape, label, _, _ in BROKER_SHAPES}
+    lines = [
+        f"| broker (median of {part['runs']} runs) | shape | messages | relay msg/s | raw client msg/s | relay / raw |",
+        "|---|---|---|---|---|---|",
+    ]
+    notes: list[str] = []
+    for name in BROKER_NAMES:
+        shapes: dict[str, dict[str, Any]] = part.get(name, {})
+        worst = min((entry["ratio"] for entry in shapes.values()), default=None)
+        for shape, entry in shapes.items():
+            ratio = f"**{entry['ratio']}** (worst)" if entry["ratio"] == worst else str(entry["ratio"])
+            mark = ""
+            if "note" in entry:
+                notes.append(f"{name}: {entry['note']}")
+                mark = f" ({len(notes)})"
+            lines.append(
+                f"| {name} | {labels.get(shape, shape)} | {entry['messages']:,}{mark} | {entry['relay']:,} "
+                f"| {entry['raw']:,} | {ratio} |"
+            )
+    for n, note in enumerate(notes, 1):
+        lines += ["", f"({n}) {note}"]
+    lines += [
+        "",
+        f"Run {part['started']} on {part['commit']}; --small {part['small']}, --brokers-large {part['large']}.",
+    ]
+    return lines
 
 
 CPU_ONLY = "cpu_only"  # a cpu-only run's part, merged as "cpu"
@@ -259,9 +347,13 @@ def merged(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     A WAL-only run touches only "wal" (which carries its own machine and start); an
     earlier WAL part moves to "wal_previous_runs" (newest first). An exactly-once-only
     run replaces only "wal" -> "exactly_once" (with its own machine, start and commit); a
-    cpu-only run only "cpu" (the same)."""
+    cpu-only run only "cpu" (the same); a brokers-only run only "brokers" (the same), and
+    drops the "brokers_100_keys" of older files (its figures are the "100_keys" shape's)."""
     if CPU_ONLY in results:
         return {**previous, "cpu": results[CPU_ONLY]}
+    if BROKERS in results:  # replaces the 100-keys-only part of older files, too
+        kept = {name: part for name, part in previous.items() if name != BROKERS_100_KEYS}
+        return {**kept, BROKERS: results[BROKERS]}
     if EXACTLY_ONCE in results:
         return {**previous, "wal": {**previous.get("wal", {}), "exactly_once": results[EXACTLY_ONCE]}}
     out = {**previous, "wal": results["wal"]} if set(results) == WAL_ONLY_KEYS else {**previous, **results}
@@ -278,7 +370,9 @@ def table(results: dict[str, Any]) -> str:
     lines += [sql_floor.table(cpu["sql_floor"]), ""] if cpu and "sql_floor" in cpu else []
     lines += [matrix.table(results["matrix"]), ""] if "matrix" in results else []
     if BROKERS in results:
-        b = results[BROKERS]
+        lines += [*brokers_table(results[BROKERS]), ""]
+    if BROKERS_100_KEYS in results:  # files written before the shapes
+        b = results[BROKERS_100_KEYS]
         lines += [
             f"| {b['messages']} messages, 100 keys, median of {b['runs']} | relay msg/s | raw client msg/s | ratio |"
         ]
@@ -344,7 +438,17 @@ def main() -> None:
     parser.add_argument("--held-back", type=int, default=100_000, help="rows behind the held-back key's head")
     parser.add_argument("--runs", type=int, default=3, help="the matrix takes the median of this many runs")
     parser.add_argument(
-        "--brokers-only", action="store_true", help="only Redis, NATS and SQS against their raw clients (100 keys)"
+        "--brokers-only",
+        action="store_true",
+        help="only Redis, NATS and SQS against their raw clients, per shape: keyless, 1 key, 100 keys and a key"
+        " per message (--small messages each), and 100 keys with --brokers-large messages (SQS: at most --small x 2)",
+    )
+    parser.add_argument(
+        "--brokers-large",
+        type=int,
+        default=100_000,
+        help="the brokers-only part's large backlog (100 keys); SQS on ElasticMQ (~1,000 msg/s) takes at most"
+        " --small x 2",
     )
     parser.add_argument("--skip-matrix", action="store_true")
     parser.add_argument("--matrix-only", action="store_true")

@@ -1,4 +1,4 @@
-"""The relay draining a backlog of 100 keys to NATS JetStream, and raw nats-py with the same
+"""The relay draining a backlog (100 keys by default) to NATS JetStream, and raw nats-py with the same
 acknowledgement (every message's PubAck awaited, ``Nats-Msg-Id`` set, ``publish_async``
 with a window of WINDOW PubAcks outstanding): the ceiling. The raw client publishes
 without regard to keys (it never waits for a key's previous PubAck), as raw Kafka and
@@ -72,9 +72,11 @@ async def raw_rate(url: str, count: int, *, keys: Keys = KEYS_100) -> float:
         started = time.perf_counter()
         futures = []
         for key, value in records:
+            # The relay's headers (adapters/nats.py): Outbox-Key only when the message has a key.
             headers = {"Nats-Msg-Id": str(uuid.uuid4()), "Content-Type": "application/octet-stream"}
             if key is not None:
                 headers["Outbox-Key"] = key.decode()
+            headers["Nats-Expected-Stream"] = name
             futures.append(await js.publish_async(subject, value, headers=headers))
         acks = await asyncio.gather(*futures)
         elapsed = time.perf_counter() - started

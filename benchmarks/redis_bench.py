@@ -1,4 +1,4 @@
-"""Redis Streams: the relay draining a backlog (100 keys) against redis-py itself, each
+"""Redis Streams: the relay draining a backlog (100 keys by default) against redis-py itself, each
 call one pipeline of XADDs answered by the server (the same acknowledgement: the
 server's answer, with its AOF fsync policy; scripts/services/redis.sh: appendfsync always)."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
@@ -55,15 +56,15 @@ async def raw_rate(url: str, count: int, *, keys: Keys = KEYS_100) -> float:
         for at in range(0, count, BATCH):
             pipe = client.pipeline(transaction=False)
             for key, value in records[at : at + BATCH]:
-                fields: dict[str | bytes, str | bytes] = {
-                    "message_id": str(uuid.uuid4()),
-                    "topic": "bench.redis",
-                    "content_type": "application/octet-stream",
-                    "headers": "{}",
-                    "payload": value,
-                }
+                # The relay's entry (adapters/redis_streams.py entry_fields): the same fields
+                # in the same order, "key" only when the message has one.
+                fields: dict[str | bytes, str | bytes] = {"message_id": str(uuid.uuid4()), "topic": "bench.redis"}
                 if key is not None:
                     fields["key"] = key
+                fields["content_type"] = "application/octet-stream"
+                fields["created_at"] = datetime.now(UTC).isoformat()
+                fields["headers"] = "{}"
+                fields["payload"] = value
                 pipe.xadd(stream, fields)
             await pipe.execute()
         return count / (time.perf_counter() - started)

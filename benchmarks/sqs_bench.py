@@ -1,4 +1,4 @@
-"""SQS (ElasticMQ): the relay draining a backlog of 100 keys into a FIFO queue, and raw
+"""SQS (ElasticMQ): the relay draining a backlog (100 keys by default) into a FIFO queue, and raw
 boto3 sending the same records with the same acknowledgement (SendMessageBatch of 10,
 each entry's answer awaited) from the same number of threads: the ceiling.
 
@@ -14,9 +14,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import boto3
+from botocore.config import Config as BotoConfig
+
+from adapters.sqs_entries import group_id
 from benchmarks.common import Keys, drain, fill_backlog, messages_for_raw_clients, relay_config
 from benchmarks.env import fresh_schema
-from tests.consumers import sqs_client
 from tests.services import SqsServer
 
 SCHEMA = "bench_sqs"
@@ -24,7 +27,17 @@ THREADS = 16  # the adapter's default max_concurrency
 
 
 def _queue(server: SqsServer) -> tuple[Any, str, str]:
-    client = sqs_client(server)
+    # As many pooled connections as threads, as the adapter has (max_pool_connections =
+    # max_concurrency): botocore's default of 10 would make 16 threads open and discard
+    # connections ("Connection pool is full") and slow the raw client down.
+    client = boto3.session.Session().client(
+        "sqs",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=BotoConfig(max_pool_connections=THREADS),
+    )
     name = f"bench-{uuid.uuid4().hex[:8]}.fifo"
     url = client.create_queue(QueueName=name, Attributes={"FifoQueue": "true"})["QueueUrl"]
     return client, name, url
@@ -62,12 +75,18 @@ async def raw_rate(server: SqsServer, count: int, *, keys: Keys = 100) -> float:
         entries = []
         for i, (key, value) in enumerate(batch):
             message_id = str(uuid.uuid4())
+            # The relay's entry (adapters/sqs_entries.py entry_for): the message-id and
+            # content-type attributes; the key as MessageGroupId, a keyless message's group
+            # its own message id (as the adapter does: keyless messages share no group).
             entries.append(
                 {
                     "Id": str(i),
                     "MessageBody": value.decode(),
-                    "MessageAttributes": {"message-id": {"DataType": "String", "StringValue": message_id}},
-                    "MessageGroupId": key.decode() if key else message_id,
+                    "MessageAttributes": {
+                        "message-id": {"DataType": "String", "StringValue": message_id},
+                        "content-type": {"DataType": "String", "StringValue": "application/octet-stream"},
+                    },
+                    "MessageGroupId": group_id(key.decode()) if key is not None else message_id,
                     "MessageDeduplicationId": message_id,
                 }
             )
