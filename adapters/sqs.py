@@ -82,14 +82,21 @@ THROTTLED = frozenset(
 )
 # SQS refuses the relay itself (its identity, its signature): every message would be
 # refused the same way, so they wait, spending no attempt, until an operator fixes it.
+# Both spellings: the query protocol's code (botocore takes it from x-amzn-query-error)
+# and the JSON protocol's __type (what botocore reads when that header is absent; SQS's
+# JSON endpoint was reported answering a wrong signature with InvalidSignatureException).
 REFUSES_THE_RELAY = frozenset(
     {
         "InvalidClientTokenId",
         "UnrecognizedClientException",
         "SignatureDoesNotMatch",
+        "InvalidSignatureException",
         "IncompleteSignature",
+        "IncompleteSignatureException",
         "MissingAuthenticationToken",
+        "MissingAuthenticationTokenException",
         "ExpiredToken",
+        "ExpiredTokenException",
         "AccessDenied",
         "AccessDeniedException",
         "InvalidSecurity",

@@ -6,9 +6,11 @@ all, and a certificate the relay does not trust. Each is one line in `check`, an
 messages wait, spending no attempt.
 
 ElasticMQ checks no signature: it takes any access key and secret (the first test shows
-it), so a wrong secret cannot be refused here. Against AWS, SQS answers
-InvalidClientTokenId / SignatureDoesNotMatch, which the adapter treats as it treats
-missing credentials (adapters/sqs.py, REFUSES_THE_RELAY)."""
+it). A wrong secret and an unknown access key id are refused for real in
+tests/e2e/test_sqs_signatures.py, through a gate in front of ElasticMQ that checks each
+request's SigV4 signature and answers as SQS does (SignatureDoesNotMatch,
+InvalidClientTokenId: the adapter treats them as it treats missing credentials,
+adapters/sqs.py, REFUSES_THE_RELAY)."""
 
 from __future__ import annotations
 

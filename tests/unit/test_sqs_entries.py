@@ -114,6 +114,13 @@ def client_error(code: str, status: int) -> Exception:
         # the messages wait, spending no attempt.
         (client_error("InvalidClientTokenId", 403), True),
         (client_error("SignatureDoesNotMatch", 403), True),
+        # The same refusals as the JSON protocol's __type, when SQS sends no
+        # x-amzn-query-error (tests/e2e/test_sqs_signatures.py, "type-only").
+        (client_error("UnrecognizedClientException", 403), True),
+        (client_error("InvalidSignatureException", 403), True),
+        (client_error("IncompleteSignatureException", 400), True),
+        (client_error("MissingAuthenticationTokenException", 403), True),
+        (client_error("ExpiredTokenException", 403), True),
         (client_error("AccessDenied", 403), True),
         (client_error("ThrottlingException", 400), True),
         (client_error("InternalError", 500), True),
