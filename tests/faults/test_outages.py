@@ -1,10 +1,11 @@
 """Brokers and PostgreSQL going away under load and coming back; a network stall.
 
 /readyz must say false during an outage and true after it; the relay must resume on
-its own; the delivery checks of harness.check_delivery hold throughout. The Kafka
-outages and the PostgreSQL restarts run over both sources: in WAL mode an outage
-shorter than relay.wal.park_after pauses the stream and parks nothing, a longer one
-parks what waits into the table, and the keys' order holds across both paths.
+its own; the delivery checks of harness.check_delivery hold throughout. The Kafka,
+NATS, Redis and SQS outages and the PostgreSQL restarts run over both sources: in WAL
+mode an outage shorter than relay.wal.park_after pauses the stream and parks nothing,
+a longer one parks what waits into the table, and the keys' order holds across both
+paths.
 """
 
 from __future__ import annotations
@@ -115,6 +116,21 @@ def logged(relay: RelayProcess, event: str) -> int:
     return sum(1 for line in relay.logs() if line.get("event") == event)
 
 
+def check_wal_outage(outbox: Outbox, relay: RelayProcess, parked: int, *, parks: bool) -> None:
+    """In WAL mode (nothing for the table source): the stream paused for the outage and,
+    as `parks` says, an outage longer than relay.wal.park_after parked what waited into
+    the table, a shorter one nothing (it ended, then the stream went on)."""
+    if outbox.source != "wal":
+        return
+    assert logged(relay, "wal_broker_outage_pausing") >= 1, "the stream paused for the outage"
+    if parks:
+        assert parked > 0 and logged(relay, "wal_messages_parked") >= 1, "then parked past park_after"
+    else:
+        assert logged(relay, "wal_broker_outage_ended") >= 1
+        assert parked == 0, "an outage shorter than park_after parks nothing"
+        assert logged(relay, "wal_messages_parked") == 0
+
+
 @pytest.mark.parametrize("source", SOURCES)
 async def test_kafka_killed_and_restarted(db: str, own_kafka: LocalBroker, tmp_path: Path, source: str) -> None:
     bootstrap = f"127.0.0.1:{own_kafka.port}"
@@ -215,104 +231,127 @@ async def test_rabbitmq_stopped_and_restarted(db: str, own_rabbitmq: LocalBroker
     check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 async def test_nats_stopped_longer_than_every_timeout_and_restarted(
-    db: str, own_nats: NatsServer, tmp_path: Path
+    db: str, own_nats: NatsServer, tmp_path: Path, source: str
 ) -> None:
     # Stopped for 10 s, past the adapter's timeout and connect_timeout (2 s) and the
     # relay's publish_timeout (3 s): nothing dead-lettered (max_attempts 2), nothing lost,
     # the stream (file store) still there after the restart. A re-send of what was in
-    # flight falls in the stream's duplicate window (2 minutes): stored once.
+    # flight falls in the stream's duplicate window (2 minutes): stored once. In WAL mode
+    # this is the brokers' outage that parks (park_after 5 s, half the outage): the
+    # stream pauses, then what waits goes into the table, and each key parked follows
+    # it there, in order (Redis and SQS pause without parking).
     assert own_nats.broker is not None
     stream = f"outage-{uuid.uuid4().hex[:8]}"
     await make_stream(own_nats.url, stream, [f"{stream}.>"])
-    config = write_config(
-        tmp_path / "relay.yaml",
-        db,
-        brokers={
-            "js": {
-                "type": "nats",
-                "servers": [own_nats.url],
-                "subject": stream + ".{destination}",
-                "stream": stream,
-                "timeout": "2s",
-                "connect_timeout": "2s",
-            }
-        },
-        routes=[{"topic": "*", "broker": "js"}],
-        timing=PATIENT,
-        batch_size=BATCH,
-        workers=WORKERS,
-        max_attempts=2,
-        publish_timeout="3s",
-    )
-    broker = own_nats.broker
-    ledger, _ = outage(Outbox(db, "table"), config, "orders.created", down=broker.stop, up=broker.start, down_for=10.0)
+    with outbox_in(db, source) as outbox:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            brokers={
+                "js": {
+                    "type": "nats",
+                    "servers": [own_nats.url],
+                    "subject": stream + ".{destination}",
+                    "stream": stream,
+                    "timeout": "2s",
+                    "connect_timeout": "2s",
+                }
+            },
+            routes=[{"topic": "*", "broker": "js"}],
+            timing=PATIENT,
+            batch_size=BATCH,
+            workers=WORKERS,
+            max_attempts=2,
+            publish_timeout="3s",
+            **outbox.settings(park_after="5s"),
+        )
+        broker = own_nats.broker
+        ledger, relay = outage(outbox, config, "orders.created", down=broker.stop, up=broker.start, down_for=10.0)
+        parked = outbox.parked()
     received = await stream_read(own_nats.url, stream, len(ledger.committed), timeout=30)
     duplicates = check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
-    print(f"committed={len(ledger.committed)} duplicates={duplicates}")
+    check_wal_outage(outbox, relay, parked, parks=True)
+    print(f"source={source} committed={len(ledger.committed)} parked={parked} duplicates={duplicates}")
 
 
-@pytest.mark.parametrize("how", ["stopped", "killed"])
+# WAL mode killed only, the harsher (what the source adds does not depend on how).
+@pytest.mark.parametrize(("how", "source"), [("stopped", "table"), ("killed", "table"), ("killed", "wal")])
 async def test_redis_down_longer_than_every_timeout_and_back(
-    db: str, own_redis: LocalBroker, tmp_path: Path, how: str
+    db: str, own_redis: LocalBroker, tmp_path: Path, how: str, source: str
 ) -> None:
     # Down for 10 s: five publish timeouts and five of the adapter's timeouts, with two
     # attempts allowed: were an outage to spend attempts, messages would be dead-lettered.
-    # SIGKILLed, the AOF (appendfsync always) still holds every entry it acked.
+    # SIGKILLed, the AOF (appendfsync always) still holds every entry it acked. In WAL
+    # mode park_after is far beyond the outage: the stream pauses, parks nothing, and
+    # resumes (NATS's outage is the one that parks).
     url = f"redis://127.0.0.1:{own_redis.port}/0"
     stream = f"outage-{uuid.uuid4().hex[:8]}"
-    config = write_config(
-        tmp_path / "relay.yaml",
-        db,
-        brokers={"r": {"type": "redis", "url": url, "timeout": "2s"}},
-        routes=[{"topic": "*", "broker": "r", "destination": stream}],
-        timing=PATIENT,
-        batch_size=BATCH,
-        workers=WORKERS,
-        max_attempts=2,
-        publish_timeout="2s",
-    )
-    down = own_redis.stop if how == "stopped" else own_redis.kill
-    ledger, _ = outage(Outbox(db, "table"), config, "orders.created", down=down, up=own_redis.start, down_for=10.0)
+    with outbox_in(db, source) as outbox:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            brokers={"r": {"type": "redis", "url": url, "timeout": "2s"}},
+            routes=[{"topic": "*", "broker": "r", "destination": stream}],
+            timing=PATIENT,
+            batch_size=BATCH,
+            workers=WORKERS,
+            max_attempts=2,
+            publish_timeout="2s",
+            **outbox.settings(park_after="600s"),
+        )
+        down = own_redis.stop if how == "stopped" else own_redis.kill
+        ledger, relay = outage(outbox, config, "orders.created", down=down, up=own_redis.start, down_for=10.0)
+        parked = outbox.parked()
     received = await redis_read(url, stream, len(ledger.committed), timeout=30)
-    check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+    duplicates = check_delivery(received, ledger, max_duplicates=BATCH * WORKERS * 2)
+    check_wal_outage(outbox, relay, parked, parks=False)
+    print(f"how={how} source={source} committed={len(ledger.committed)} parked={parked} duplicates={duplicates}")
 
 
+@pytest.mark.parametrize("source", SOURCES)
 async def test_sqs_stopped_longer_than_every_timeout_and_restarted(
-    db: str, own_elasticmq: SqsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: str, own_elasticmq: SqsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
 ) -> None:
     # ElasticMQ keeps its queues (queues-storage) and messages (an H2 database) in its
     # DIR (scripts/services/elasticmq.sh): it comes back with the queue the relay writes
     # to and what it held, as SQS would. Down for 12 s: past request_timeout and
     # connect_timeout (2 s each) and publish_timeout (5 s), with max_attempts 2: an
-    # outage that spent attempts would dead-letter.
+    # outage that spent attempts would dead-letter. In WAL mode park_after is far beyond
+    # the outage: the stream pauses, parks nothing, and resumes (NATS's outage is the
+    # one that parks).
     assert own_elasticmq.broker is not None
     for name, value in own_elasticmq.env.items():
         monkeypatch.setenv(name, value)  # the relay process takes its identity from these
     queue = SqsQueue(own_elasticmq, f"outage-{uuid.uuid4().hex[:8]}.fifo")
-    config = write_config(
-        tmp_path / "relay.yaml",
-        db,
-        brokers={
-            "sqs": {
-                "type": "sqs",
-                "endpoint_url": own_elasticmq.endpoint_url,
-                "connect_timeout": "2s",
-                "request_timeout": "2s",
-            }
-        },
-        routes=[{"topic": "*", "broker": "sqs", "destination": queue.name}],
-        timing=PATIENT,
-        batch_size=BATCH,
-        workers=WORKERS,
-        max_attempts=2,
-        publish_timeout="5s",
-    )
-    broker = own_elasticmq.broker
-    ledger, _ = outage(Outbox(db, "table"), config, "emails.sent", down=broker.stop, up=broker.start, down_for=12.0)
+    with outbox_in(db, source) as outbox:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            brokers={
+                "sqs": {
+                    "type": "sqs",
+                    "endpoint_url": own_elasticmq.endpoint_url,
+                    "connect_timeout": "2s",
+                    "request_timeout": "2s",
+                }
+            },
+            routes=[{"topic": "*", "broker": "sqs", "destination": queue.name}],
+            timing=PATIENT,
+            batch_size=BATCH,
+            workers=WORKERS,
+            max_attempts=2,
+            publish_timeout="5s",
+            **outbox.settings(park_after="600s"),
+        )
+        broker = own_elasticmq.broker
+        ledger, relay = outage(outbox, config, "emails.sent", down=broker.stop, up=broker.start, down_for=12.0)
+        parked = outbox.parked()
     received = await sqs_read(queue, len(ledger.committed), timeout=60)
     duplicates = check_delivery(received, ledger, max_duplicates=BATCH * WORKERS)
-    print(f"committed={len(ledger.committed)} duplicates={duplicates}")
+    check_wal_outage(outbox, relay, parked, parks=False)
+    print(f"source={source} committed={len(ledger.committed)} parked={parked} duplicates={duplicates}")
 
 
 async def test_sqs_ready_after_a_restart_asks_for_each_queue_until_it_is_back(
