@@ -288,14 +288,15 @@ class Writers:
         return written
 
 
-def writers_for(outbox: Outbox, topic: str) -> Writers:
+def writers_for(outbox: Outbox, topic: str, *, slower: float = 1.0) -> Writers:
     """The writers of a scenario: for the table source each thread owns its keys, one
     message a transaction (the table's ordering precondition); in WAL mode transactions
     of three messages over keys every thread shares, numbered in commit order (about
-    the same rate of messages)."""
+    the same rate of messages). `slower` stretches their pauses: for a broker that
+    drains and reads back slowly, fewer messages cover the same span of the fault."""
     if outbox.source == "wal":
-        return Writers(outbox.dsn, topic, per_transaction=3, shared_keys=12, pause=0.015)
-    return Writers(outbox.dsn, topic)
+        return Writers(outbox.dsn, topic, per_transaction=3, shared_keys=12, pause=0.015 * slower)
+    return Writers(outbox.dsn, topic, pause=0.005 * slower)
 
 
 # A backlog's messages, enqueued by one statement in series order (so each key's `n`
