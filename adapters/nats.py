@@ -512,9 +512,8 @@ class NatsAdapter:
         Rounds start for `timeout` only (the first always goes): a hot key's run of 1,000
         is 1,000 round trips, which would outlast relay.publish_timeout, and a call
         cancelled there marks nothing, counts as an outage and comes back the same. What
-        is left waits for a later call, spending no attempt: its key's next message
-        `unavailable` (other messages of the call were acked, so the circuit stays
-        closed), the ones after it `not_sent`."""
+        is left is `not_sent` (its key's earlier messages were acked) and goes in the
+        next call at once, spending no attempt."""
         results: list[PublishResult | None] = [None] * len(batch)
         runs: dict[str, collections.deque[int]] = {}
         first_round: list[int] = []
@@ -539,9 +538,11 @@ class NatsAdapter:
                 if not run:
                     continue
                 if late and stops.held(batch[run[0]]) is None:
+                    # Its key's earlier messages were acked: not_sent leaves it due at
+                    # once, no attempt spent, no delay (engine/dispatch.py).
                     results[run[0]] = stops.note(
                         batch[run[0]],
-                        PublishResult.unavailable(
+                        PublishResult.not_sent(
                             f"not sent: this call's rounds took timeout ({self.options.timeout:g}s)"
                         ),
                     )

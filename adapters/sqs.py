@@ -26,8 +26,9 @@ every request (SigV4). The config names no secret.
   request, the round's requests sent together; a key whose message was not acked sends
   nothing more in the call (``not_sent``). A key's run of *n* messages takes *n*
   round trips; different keys share them. Rounds start for ``request_timeout`` only:
-  what is left waits for a later call without spending an attempt, so a hot key's
-  long run never keeps a call past ``relay.publish_timeout``.
+  what is left is ``not_sent`` (its key's earlier messages were acked) and goes in the
+  next call at once, without spending an attempt, so a hot key's long run never keeps a
+  call past ``relay.publish_timeout``.
 - Answers per entry: ``Successful`` is acked (receipt: the queue URL, SQS's message
   id and, for FIFO, its sequence number); ``Failed`` with ``SenderFault`` is the
   message's fault (permanent), without it SQS's own (``unavailable``: an SQS incident
@@ -463,7 +464,7 @@ class SqsAdapter:
             # A hot key's run of 1,000 is 1,000 rounds: against AWS (tens of ms each) that
             # would outlast relay.publish_timeout, and a call that ends there counts as an
             # outage. Rounds start for request_timeout only; what is left waits for a later
-            # call, spending no attempt (the first round always goes).
+            # call at once, spending no attempt (the first round always goes).
             late = number > 0 and loop.time() > start_by
             ready: list[tuple[int, str, Entry]] = []
             for index in members:
@@ -471,7 +472,10 @@ class SqsAdapter:
                 target = urls[out.destination]
                 outcome = stops.held(out) or (target if isinstance(target, PublishResult) else None)
                 if outcome is None and late:
-                    outcome = PublishResult.unavailable(
+                    # Its key's earlier messages were acked (a round after the first holds
+                    # only those): not_sent leaves it due at once, no attempt spent, no
+                    # delay, and the next claim takes the run up (engine/dispatch.py).
+                    outcome = PublishResult.not_sent(
                         f"not sent: this call's rounds took request_timeout ({self.options.request_timeout:g}s)"
                     )
                 if outcome is None and isinstance(target, str):

@@ -259,6 +259,8 @@ async def _brokers(svc: env.Services, args: argparse.Namespace) -> dict[str, Any
         out["sqs_large"] = brokers["sqs"][2]
         out["sqs_large_note"] = SQS_LARGE_NOTE
     for name, (raw, relay, large) in brokers.items():
+        if args.broker and name not in args.broker:
+            continue
         # Not measured: each broker's first drain pays for set-up (connections, the
         # server's warm-up: the smoke run's first SQS raw send ran at ~150 msg/s, the
         # next ones at ~1,000), which would fall on its first shape's raw client.
@@ -449,6 +451,12 @@ def main() -> None:
         default=100_000,
         help="the brokers-only part's large backlog (100 keys); SQS on ElasticMQ (~1,000 msg/s) takes at most"
         " --small x 2",
+    )
+    parser.add_argument(
+        "--broker",
+        action="append",
+        choices=BROKER_NAMES,
+        help="with --brokers-only: only this broker (repeatable; default: all three)",
     )
     parser.add_argument("--skip-matrix", action="store_true")
     parser.add_argument("--matrix-only", action="store_true")

@@ -10,6 +10,9 @@ repeated on another machine:
   against CPython's defaults, each client;
 - `librdkafka-producers`: one librdkafka producer per broker (the adapter) against one
   per concurrent call (several rounds in flight, each on its own connections);
+- `librdkafka-in-flight`: librdkafka with up to 5 requests in flight per connection
+  (its idempotent producer keeps a partition's order across them) against 1 (the
+  adapter's setting), so that the workers' concurrent rounds go out together;
 - `more-in-flight`: the defaults (4 workers of 1,000 messages per batch) against those
   before them (2 of 500), each Kafka client and RabbitMQ (its defaults; msg/s only);
 - `receipts` (issue 22): delivery receipts kept by the mark (relay.receipts, the
@@ -102,6 +105,22 @@ def librdkafka_producers(on: bool) -> Iterator[dict[str, Any]]:
 
 
 @contextlib.contextmanager
+def librdkafka_in_flight(on: bool) -> Iterator[dict[str, Any]]:
+    from outbox_relay_adapters import kafka_librdkafka
+
+    real = kafka_librdkafka.producer_config
+
+    def config(options: Any) -> dict[str, Any]:
+        return {**real(options), "max.in.flight.requests.per.connection": 5 if on else 1}
+
+    kafka_librdkafka.producer_config = config  # looked up when the adapter connects
+    try:
+        yield {}
+    finally:
+        kafka_librdkafka.producer_config = real
+
+
+@contextlib.contextmanager
 def more_in_flight(on: bool) -> Iterator[dict[str, Any]]:
     yield {} if on else {"workers": 2, "batch_size": 500}
 
@@ -119,6 +138,7 @@ def wal_receipts(on: bool) -> Iterator[dict[str, Any]]:
 EXPERIMENTS: dict[str, tuple[Toggle, tuple[str, ...]]] = {
     "gc": (collector, ("aiokafka", "librdkafka")),
     "librdkafka-producers": (librdkafka_producers, ("librdkafka",)),
+    "librdkafka-in-flight": (librdkafka_in_flight, ("librdkafka",)),
     "more-in-flight": (more_in_flight, ("aiokafka", "librdkafka", "rabbitmq")),
     "receipts": (receipts, ("aiokafka", "librdkafka")),
     "wal-receipts": (wal_receipts, ("wal",)),

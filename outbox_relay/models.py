@@ -50,7 +50,7 @@ class Outcome(enum.Enum):
     TRANSIENT = "transient"  # try again later; counts toward max_attempts
     UNAVAILABLE = "unavailable"  # broker unreachable: try again later, attempt not counted
     PERMANENT = "permanent"  # will never succeed: dead-letter it
-    NOT_SENT = "not_sent"  # held back because an earlier message of its key failed in this call
+    NOT_SENT = "not_sent"  # held back: an earlier message of its key failed, or the call ran out of time
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +94,12 @@ class PublishResult:
     @classmethod
     def not_sent(cls, reason: str) -> PublishResult:
         """Not handed to the broker because an earlier message of its key in the same
-        call failed (an adapter that keeps key order stops a key at its first failure).
-        Nothing is recorded for it: it goes again, after that message, in a later batch."""
+        call failed (an adapter that keeps key order stops a key at its first failure),
+        or because the call ran out of time after earlier messages of its key were acked
+        (an adapter that sends a key's run in rounds bounded by a timeout). Nothing is
+        recorded for it: it goes again, in order, in a later batch (at once in the second
+        case). Answered for a key's first message in the call, it is the adapter's
+        mistake and counts as a transient failure."""
         return cls(Outcome.NOT_SENT, reason)
 
 

@@ -234,7 +234,8 @@ ORDER BY id;
 -- name: delete_dispatched
 -- relay.retention 0s: the acked rows are deleted where they would be marked. Nothing is
 -- kept to replay anyway, and a DELETE writes no new row version and no index entries
--- (measured keyless: PostgreSQL spends about two fifths less CPU per message).
+-- (benchmarks/sql_floor.py, 2026-12-07: claim + this delete 9.2 us of PostgreSQL CPU a
+-- message keyless, against 23.7 for claim + mark_dispatched_receipts).
 DELETE FROM {schema}.messages
 WHERE id = ANY(%(ids)s::bigint[]);
 

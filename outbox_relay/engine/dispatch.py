@@ -10,6 +10,10 @@ hot key goes out in one call instead of one round trip per message, and a key wh
 messages go to different brokers or destinations (two Kafka topics: two partitions,
 no order between them) never has a later message sent before an earlier one is acked. Keyless messages all go in wave 0.
 
+An adapter may also answer ``not_sent`` for a key's message after earlier ones of the
+key were acked in the call (its rounds ran out of time: SQS, NATS with ``key_rounds``):
+the message is left as it was, due at once, and its key stops for this batch.
+
 When a message of a key is not acked, the key stops for this batch: later waves
 leave it out, and within its call:
 - later messages the adapter did not ack are left as they were (no attempt spent)
@@ -188,6 +192,7 @@ class Dispatcher:
             if not todo or time.monotonic() >= deadline:
                 break
             failed_at: dict[str, Record] = {}  # key -> its first failure in this wave
+            acked: set[str] = set()  # keys with a message acked in this wave
             for message, target, result in await self._publish_wave(todo):
                 key = message.key
                 if key is not None and key in failed_at:
@@ -200,13 +205,27 @@ class Dispatcher:
                             failed_at[key] = late
                     continue
                 if result.outcome is Outcome.NOT_SENT:
-                    # Only a message after its key's failure in this call may be "not
-                    # sent" (those are handled above). Anything else is an adapter's
-                    # mistake: a transient failure, so it backs off instead of looping.
+                    if key is not None and key in acked:
+                        # The call ran out of time after acking the key's earlier messages
+                        # (an adapter sending a key's run in rounds bounded by its timeout:
+                        # SQS, NATS with key_rounds). Nothing is wrong: the message is left
+                        # as it was, due at once, and the key stops for this batch; the
+                        # next claim takes it up. Every call acks or tries each key's first
+                        # message, so this cannot loop without progress.
+                        failed_at[key] = Record(message.id, RecordKind.RETRY, clean_reason(result.reason or ""))
+                        stopped.add(key)
+                        continue
+                    # Otherwise "not sent" is only for a message after its key's failure in
+                    # this call (handled above). Anything else is an adapter's mistake: a
+                    # transient failure, so it backs off instead of looping.
                     result = PublishResult.transient(f"adapter answered not_sent out of turn: {result.reason}")
                 record = self._decide(message, target, result)
                 records.append(record)
-                if record.kind is not RecordKind.ACKED and key is not None:
+                if key is None:
+                    continue
+                if record.kind is RecordKind.ACKED:
+                    acked.add(key)
+                else:
                     failed_at[key] = record
                     stopped.add(key)
         return records

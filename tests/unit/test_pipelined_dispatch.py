@@ -133,6 +133,36 @@ async def test_not_sent_out_of_turn_is_a_transient_failure_not_a_loop() -> None:
     assert kinds(records) == {1: "retry", 3: "retry"}
 
 
+async def test_a_run_cut_short_by_the_adapters_time_leaves_the_rest_due_at_once() -> None:
+    # An adapter sending a key's run in rounds stops when its time is up (SQS, NATS with
+    # key_rounds): the rest of a key whose earlier messages it acked comes back not_sent.
+    # Nothing is written for them (pending as they were: no attempt, no delay, claimable
+    # at once), the key stops for the batch, and another key's run goes on; nothing is
+    # logged or counted as a failure.
+    cut = {4, 5, 6}  # key k: 1-3 acked, then its time ran out
+    fake = FakeAdapter(
+        keeps_key_order=True,
+        script=lambda out: PublishResult.not_sent("not sent: rounds took timeout") if out.message.id in cut else None,
+    )
+    d = dispatcher({"main": fake})
+    with capture_logs() as logs:
+        records = await d.dispatch(run("k", 6) + run("j", 3, start=7))
+    assert kinds(records) == {1: "acked", 2: "acked", 3: "acked", 7: "acked", 8: "acked", 9: "acked"}
+    assert [e["event"] for e in logs if e["log_level"] != "debug"] == []
+    failures = d.metrics.publish_failures.collect()[0].samples
+    assert all(sample.value == 0 for sample in failures), failures
+
+
+async def test_after_a_run_cut_short_a_late_ack_is_still_an_order_exception() -> None:
+    # An adapter that answers not_sent for message 2 and then acks 3 broke its promise:
+    # 3 is marked (it was delivered) and logged, and 2 stays pending, as after a failure.
+    _, d = acks_after_failure({2: PublishResult.not_sent("time")})
+    with capture_logs() as logs:
+        records = await d.dispatch(run("k", 3))
+    assert kinds(records) == {1: "acked", 3: "acked"}
+    assert [e["failed_id"] for e in logs if e["event"] == "key_order_exception"] == [2]
+
+
 async def test_release_dead_letter_mid_run_then_not_sent_rest_goes_next_batch() -> None:
     fake = FakeAdapter(keeps_key_order=True, script=lambda out: FAILURES["permanent"] if out.message.id == 2 else None)
     records = await dispatcher({"main": fake}).dispatch(run("k", 4))
