@@ -99,8 +99,12 @@ class Adapter(Protocol):
     suite checks it against each such adapter's real broker
     (tests/contract/test_key_order_contract.py). The engine then hands a key's whole run to one
     call instead of one call per message (engine/dispatch.py says what it does when
-    a broker acks a later message anyway). ``not_sent`` from any other adapter, or
-    for a message no earlier failure of its key explains, counts as transient.
+    a broker acks a later message anyway). Such an adapter may also stop when its own
+    time for the call is up (SQS, NATS with key_rounds send a key's run in rounds) and
+    answer ``not_sent`` for the rest of a key whose earlier messages it acked in the
+    call: those are left due at once, no attempt spent (the WAL source sends them again
+    in the same batch; with exactly once, another broker's are parked). ``not_sent``
+    for a key's first message in the call, or a keyless one, counts as transient.
     """
 
     name: str  # the broker block's name in the config

@@ -98,8 +98,9 @@ class PublishResult:
         or because the call ran out of time after earlier messages of its key were acked
         (an adapter that sends a key's run in rounds bounded by a timeout). Nothing is
         recorded for it: it goes again, in order, in a later batch (at once in the second
-        case). Answered for a key's first message in the call, it is the adapter's
-        mistake and counts as a transient failure."""
+        case; the WAL source sends it again within the same batch). Answered for a key's
+        first message in the call, it is the adapter's mistake and counts as a transient
+        failure."""
         return cls(Outcome.NOT_SENT, reason)
 
 

@@ -328,6 +328,9 @@ class ExactlyOnce:
             # the Kafka stream goes on; holding the whole batch for it stalled the stream
             # for as long as that broker's outage (found by review).
             theirs_waiting = {r.id for r in records if r.kind is RecordKind.WAIT and r.id not in ours}
+            cut = self._cut_short(todo, records, ours)
+            waits += cut
+            theirs_waiting.update(r.id for r in cut)
             round_ = sort_outcomes(
                 todo, waits, held, hold_dead_letters=self._hold, park_waits=False, parked_waits=theirs_waiting
             )
@@ -352,6 +355,26 @@ class ExactlyOnce:
                 return max(0.01, min(delays)) if delays else 0.0
             todo = round_.again  # waves not started, keys behind a parked one: same transaction
         return in_transaction
+
+    @staticmethod
+    def _cut_short(todo: Sequence[Message], records: Sequence[Record], ours: set[int]) -> list[Record]:
+        """WAIT records for the keys whose run to another broker was cut short by that
+        adapter's own time (not_sent after an ack, engine/dispatch.py: no record): the
+        first unrecorded message of each such key, so that it is parked at once with the
+        rest of its key behind it, as that broker's waits are, and the Kafka transaction
+        is not held open while the other broker's rounds go on."""
+        recorded = {r.id for r in records}
+        by_id = {m.id: m for m in todo}
+        theirs_acked = {
+            by_id[r.id].key for r in records if r.kind is RecordKind.ACKED and r.id not in ours and r.id in by_id
+        }
+        cut: list[Record] = []
+        for message in todo:
+            key = message.key
+            if key is not None and key in theirs_acked and message.id not in recorded:
+                cut.append(Record(message.id, RecordKind.WAIT, "not sent: another broker's rounds ran out of time"))
+                theirs_acked.discard(key)  # the rest of the key follows it into the table
+        return cut
 
     @staticmethod
     def _park_behind_held(left: dict[int, Message], parked: list[Parked], held: set[str]) -> None:

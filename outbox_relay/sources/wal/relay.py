@@ -310,6 +310,11 @@ class WalRelay:
                 await self._record_acked(parking, messages, acked)
         else:
             while todo:
+                if self._stop.is_set():
+                    # Asked to stop between rounds (a key's run cut short by its adapter's
+                    # time goes round again at once, with no pause to notice the stop in):
+                    # nothing of this batch is confirmed, it comes again from the slot.
+                    return False
                 records = await self._dispatcher.dispatch(todo)
                 pause = self._outage(records)
                 self._watch.paused(pause is not None)
