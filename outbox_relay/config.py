@@ -224,6 +224,26 @@ class HttpConfig(_Model):
     port: int = Field(default=9187, ge=0, le=65535)  # 0: any free port (logged at start)
 
 
+class ConsoleConfig(_Model):
+    """The operator console (outbox_relay/console/): `outbox-relay console`, or with
+    `enabled` served by the relay on its HTTP port under /console.
+
+    Read-only unless an operator signs in with the token, which comes from the
+    environment only (OUTBOX_RELAY_CONSOLE_TOKEN), never from this file."""
+
+    enabled: bool = False
+    # Payloads are shown redacted unless this is true (the console's role then also
+    # needs SELECT on messages.payload: schema sql --console-role ROLE --console-payloads).
+    show_payloads: bool = False
+    # Behind an authenticating proxy (oauth2-proxy, an ingress's forward auth): the
+    # request header naming the signed-in user. A request carrying it may act, as that
+    # user. Only where nothing but the proxy can reach the console: a client that can
+    # reach it directly could send the header itself (README, Operator console).
+    trusted_user_header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
+    # Dead letters per page, and the most one action takes.
+    page_size: int = Field(default=50, ge=1, le=500)
+
+
 class BrokerConfig(BaseModel):
     """`type` picks the adapter; every other key is the adapter's to validate."""
 
@@ -320,6 +340,7 @@ class Config(_Model):
     http: HttpConfig = HttpConfig()
     outcomes: OutcomesConfig = OutcomesConfig()
     dead_letters: DeadLettersConfig = DeadLettersConfig()
+    console: ConsoleConfig = ConsoleConfig()
     # Large payloads through object storage, for every route without its own.
     claim_check: ClaimCheckConfig | None = None
     brokers: dict[str, BrokerConfig] = Field(min_length=1)

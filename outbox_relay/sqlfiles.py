@@ -14,7 +14,7 @@ from psycopg import sql
 
 from outbox_relay.errors import ConfigError
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 DEFAULT_SCHEMA = "outbox"
 
 NOTIFY_PREFIX = "outbox_relay."
@@ -81,7 +81,8 @@ def migration(name: str, schema: str) -> sql.Composed:
 
 
 def grants(kind: str, schema: str, role: str) -> sql.Composed:
-    """GRANT statements for a `relay`, `producer` or `outcomes` role."""
+    """GRANT statements for a `relay`, `producer`, `outcomes` or `console` role (and the
+    console's `console_actions` and `console_payloads`)."""
     return _render(_read(f"grants_{kind}.sql"), schema, role=sql.Identifier(role))
 
 

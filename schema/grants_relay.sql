@@ -12,6 +12,9 @@ GRANT SELECT ON {schema}.settings TO {role};
 -- the drain with the slot.
 GRANT UPDATE (drain_gate, drain_next, done_through_commit, done_through) ON {schema}.settings TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};
+-- Its heartbeat's samples, for the console's chart (schema.sql, relay_samples): it writes
+-- its own and deletes those older than an hour.
+GRANT SELECT, INSERT, DELETE ON {schema}.relay_samples TO {role};
 -- A committer that skips its NOTIFY counts the skip, and the relay reads the count
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.
 GRANT EXECUTE ON FUNCTION {schema}.note_skipped_wakeup() TO {role};

@@ -331,10 +331,19 @@ WITH deleted AS (
 SELECT count(*), count(*) FILTER (WHERE outcome = 'dead_lettered') FROM deleted;
 
 -- name: heartbeat
-INSERT INTO {schema}.relays (relay_id, hostname, pid, in_flight)
-VALUES (%(relay_id)s, %(hostname)s, %(pid)s, %(in_flight)s)
+INSERT INTO {schema}.relays (relay_id, hostname, pid, in_flight, version, source, brokers)
+VALUES (%(relay_id)s, %(hostname)s, %(pid)s, %(in_flight)s, %(version)s, %(source)s, %(brokers)s)
 ON CONFLICT (relay_id) DO UPDATE
-SET heartbeat_at = now(), in_flight = excluded.in_flight;
+SET heartbeat_at = now(), in_flight = excluded.in_flight, version = excluded.version, source = excluded.source,
+    brokers = excluded.brokers;
+
+-- name: relay_sample
+-- What the relay did since its previous heartbeat, for the console's chart; and the
+-- samples older than the chart's hour go (one indexed range, a few rows each time).
+WITH expired AS (
+    DELETE FROM {schema}.relay_samples WHERE sampled_at < now() - interval '1 hour')
+INSERT INTO {schema}.relay_samples (relay_id, published, failed, dead_lettered, oldest_pending_age_s)
+VALUES (%(relay_id)s, %(published)s, %(failed)s, %(dead_lettered)s, %(oldest_pending_age_s)s);
 
 -- name: forget_relay
 DELETE FROM {schema}.relays WHERE relay_id = %(relay_id)s;
@@ -374,21 +383,21 @@ SELECT count(*) AS dispatched FROM {schema}.messages WHERE dispatched_at IS NOT 
 -- that grows with the backlog and the dead letters, never with what retention keeps.
 SELECT * FROM (
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt
+           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
     FROM {schema}.messages WHERE message_id = %(message_id)s AND dispatched_at IS NOT NULL
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt
+           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
     FROM {schema}.messages
     WHERE message_id = %(message_id)s AND key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt
+           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
     FROM {schema}.messages
     WHERE message_id = %(message_id)s AND key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt
+           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
     FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL) AS rows
 ORDER BY id;
 
@@ -397,7 +406,7 @@ ORDER BY id;
 -- the shape of message_by_id's rows. Asked apart: a relay role granted before schema
 -- version 13 may not read wal_receipts, and still looks up rows (message_lookup.py).
 SELECT NULL::bigint, topic, key, NULL::timestamptz, 1, NULL::timestamptz, NULL::text, dispatched_at,
-       NULL::timestamptz, NULL::text, receipt
+       NULL::timestamptz, NULL::text, receipt, NULL::text
 FROM {schema}.wal_receipts WHERE message_id = %(message_id)s
 ORDER BY dispatched_at;
 
@@ -736,3 +745,99 @@ WHERE dispatched_at >= clock_timestamp() - make_interval(secs => %(since_s)s)
   AND (%(topic_re)s::text IS NULL OR topic ~ %(topic_re)s::text)
 ORDER BY dispatched_at DESC
 LIMIT %(limit)s;
+
+-- The operator console (outbox_relay/console/read_model.py). Each query reads through an
+-- index whose predicate it repeats: the console's pages must not scan the outbox, however
+-- large the backlog (tests/console/test_console_queries.py checks every plan).
+
+-- name: console_pending_keyed
+-- Pending keyed messages by topic, through the claim's keyed index: how many, over how
+-- many keys (the key shape: one hot key, a few aggregates, a key per message), the
+-- longest key's backlog, and the oldest.
+SELECT topic, sum(n)::bigint AS pending, count(*) AS keys, max(n) AS longest_key, min(oldest) AS oldest
+FROM (
+    SELECT topic, key, count(*) AS n, min(created_at) FILTER (WHERE isfinite(created_at)) AS oldest
+    FROM {schema}.messages
+    WHERE key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
+    GROUP BY topic, key) AS per_key
+GROUP BY topic;
+
+-- name: console_pending_keyless
+-- Pending keyless messages by topic, through the claim's keyless index.
+SELECT topic, count(*) AS pending, min(created_at) FILTER (WHERE isfinite(created_at)) AS oldest
+FROM {schema}.messages
+WHERE key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
+GROUP BY topic;
+
+-- name: console_dead_by_topic
+-- Dead letters by topic, through the dead letters' index.
+SELECT topic, count(*) AS dead_lettered
+FROM {schema}.messages
+WHERE dead_lettered_at IS NOT NULL
+GROUP BY topic;
+
+-- name: console_relays
+SELECT relay_id, hostname, pid, version, source, brokers, started_at, in_flight,
+       extract(epoch FROM now() - heartbeat_at) AS heartbeat_age_s
+FROM {schema}.relays
+ORDER BY started_at;
+
+-- name: console_samples
+-- The chart: every relay's samples of the last hour, summed by minute (lag: the
+-- largest oldest-pending age any relay saw in the minute).
+SELECT date_trunc('minute', sampled_at) AS minute, sum(published)::bigint AS published,
+       sum(failed)::bigint AS failed, sum(dead_lettered)::bigint AS dead_lettered,
+       max(oldest_pending_age_s) AS lag_s
+FROM {schema}.relay_samples
+WHERE sampled_at >= now() - interval '1 hour'
+GROUP BY 1
+ORDER BY 1;
+
+-- name: console_dead_letters
+-- One page of dead letters matching every filter given (NULL: any), newest first, after
+-- the previous page's last id (keyset: a page costs the same however deep). Through the
+-- dead letters' id index (migrations/0014_console.sql).
+SELECT id, message_id, topic, key, attempts, created_at, dead_lettered_at, dead_letter_reason,
+       dead_letter_published_at
+FROM {schema}.messages
+WHERE dead_lettered_at IS NOT NULL
+  AND (%(before)s::bigint IS NULL OR id < %(before)s)
+  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+  AND (%(key)s::text IS NULL OR key = %(key)s)
+  AND (%(reason)s::text IS NULL OR dead_letter_reason ILIKE %(reason)s)
+  AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR dead_lettered_at < %(until)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: console_dead_letters_count
+-- How many dead letters match the filters ("showing 50 of 1,204").
+SELECT count(*)
+FROM {schema}.messages
+WHERE dead_lettered_at IS NOT NULL
+  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+  AND (%(key)s::text IS NULL OR key = %(key)s)
+  AND (%(reason)s::text IS NULL OR dead_letter_reason ILIKE %(reason)s)
+  AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR dead_lettered_at < %(until)s);
+
+-- name: console_dead_letter
+-- One dead letter, by its row id, without its payload (console_payload reads that, only
+-- where the console may show payloads: its role may lack SELECT on the column).
+SELECT id, message_id, topic, key, attempts, created_at, dead_lettered_at, dead_letter_reason,
+       dead_letter_published_at, last_error, content_type, headers
+FROM {schema}.messages
+WHERE id = %(id)s AND dead_lettered_at IS NOT NULL;
+
+-- name: console_payload
+SELECT payload FROM {schema}.messages WHERE id = %(id)s AND dead_lettered_at IS NOT NULL;
+
+-- name: console_replays
+SELECT replay_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, selection,
+       total, copied, skipped, finished_at
+FROM {schema}.replays ORDER BY replay_id DESC LIMIT 20;
+
+-- name: console_backfills
+SELECT backfill_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, source,
+       total, copied, finished_at
+FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT 20;

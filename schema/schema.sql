@@ -139,6 +139,11 @@ CREATE INDEX messages_dispatched_idx ON {schema}.messages (dispatched_at)
 CREATE INDEX messages_dead_letters_idx ON {schema}.messages (key COLLATE "C", id)
     WHERE dead_lettered_at IS NOT NULL;
 
+-- Dead letters newest first, a page at a time (the console, migrations/0014_console.sql):
+-- a row enters it when it is dead-lettered, never at enqueue or at a mark.
+CREATE INDEX messages_dead_letters_by_id_idx ON {schema}.messages (id)
+    WHERE dead_lettered_at IS NOT NULL;
+
 -- Dead letters the dead-letter topic has not acked (dead_letters.publish_to): what its
 -- publisher takes, oldest first. An enqueue or a mark never writes an entry.
 CREATE INDEX messages_dead_letters_unpublished_idx ON {schema}.messages (id)
@@ -290,8 +295,27 @@ CREATE TABLE {schema}.relays (
     pid integer NOT NULL,
     started_at timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
-    in_flight integer NOT NULL DEFAULT 0
+    in_flight integer NOT NULL DEFAULT 0,
+    -- The relay's package version, source (table or wal) and each broker's state
+    -- (per broker name: connected, circuit_open), for the console.
+    version text,
+    source text,
+    brokers jsonb
 );
+
+-- What each relay did between two heartbeats (published, failed, dead-lettered, the
+-- oldest pending age it saw): the console charts the last hour from these rows, the same
+-- chart on every console replica and after a restart. Each heartbeat deletes rows older
+-- than an hour (migrations/0014_console.sql).
+CREATE TABLE {schema}.relay_samples (
+    relay_id uuid NOT NULL,
+    sampled_at timestamptz NOT NULL DEFAULT now(),
+    published bigint NOT NULL,
+    failed bigint NOT NULL,
+    dead_lettered bigint NOT NULL,
+    oldest_pending_age_s double precision
+);
+CREATE INDEX relay_samples_sampled_at_idx ON {schema}.relay_samples (sampled_at);
 
 -- `outbox-relay replay` re-publishes dispatched messages by copying them to the tail of
 -- the outbox (same message id, a header naming the replay), chunk by chunk; each replay

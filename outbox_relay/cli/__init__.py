@@ -6,6 +6,7 @@
   operator's commands
   (their work is done in ``outbox_relay.operations``);
 - ``inbox``: ``inbox schema install|sql`` and ``inbox prune``, for consumers;
+- ``console``: ``console``, the operator console's own process;
 - ``demo``: ``demo``;
 - ``common``: the shared options and ``one_line_errors``, the only place that turns
   errors into exit codes (0 well, 1 a runtime failure, 2 a usage or config error).
@@ -18,6 +19,7 @@ import click
 from outbox_relay.cli.audit import audit_command
 from outbox_relay.cli.backfill import backfill
 from outbox_relay.cli.claim_check import claim_check_group
+from outbox_relay.cli.console import console_command
 from outbox_relay.cli.dead_letters import dead_letters_group
 from outbox_relay.cli.demo import demo
 from outbox_relay.cli.inbox import inbox_group
@@ -39,6 +41,7 @@ for command in (
     backfill,
     check,
     claim_check_group,
+    console_command,
     dead_letters_group,
     demo,
     inbox_group,

@@ -115,19 +115,44 @@ def _switch_source(
     "--outcomes-role",
     help="Also print GRANTs for the application role that takes outcomes (outbox.take_outcomes).",
 )
+@click.option(
+    "--console-role",
+    help="Also print GRANTs for the operator console's role (reads; no payloads unless --console-payloads).",
+)
+@click.option("--console-actions", is_flag=True, help="With --console-role: also requeue and purge dead letters.")
+@click.option(
+    "--console-payloads", is_flag=True, help="With --console-role: also read payloads (console.show_payloads)."
+)
 @click.option("--grants-only", is_flag=True, help="Print only the GRANTs.")
 @one_line_errors
 def schema_sql(
-    schema_name: str, relay_role: str | None, producer_role: str | None, outcomes_role: str | None, grants_only: bool
+    schema_name: str,
+    relay_role: str | None,
+    producer_role: str | None,
+    outcomes_role: str | None,
+    console_role: str | None,
+    console_actions: bool,
+    console_payloads: bool,
+    grants_only: bool,
 ) -> None:
     """Print the DDL, for teams that apply DDL with their own migration tool."""
+    if (console_actions or console_payloads) and not console_role:
+        flag = "--console-actions" if console_actions else "--console-payloads"
+        raise click.UsageError(f"{flag} adds to the console role's grants: give --console-role ROLE too")
     parts: list[str] = []
     if not grants_only:
         parts.append(sqlfiles.ddl(schema_name).as_string())
         parts.append(sqlfiles.record_version(schema_name).as_string() + ";\n")
-    for kind, role in (("relay", relay_role), ("producer", producer_role), ("outcomes", outcomes_role)):
+    console_kinds = ["console", *(["console_actions"] if console_actions else [])]
+    console_kinds += ["console_payloads"] if console_payloads else []
+    for kinds, role in (
+        (["relay"], relay_role),
+        (["producer"], producer_role),
+        (["outcomes"], outcomes_role),
+        (console_kinds, console_role),
+    ):
         if role:
-            parts.append(sqlfiles.grants(kind, schema_name, role).as_string())
+            parts.extend(sqlfiles.grants(kind, schema_name, role).as_string() for kind in kinds)
     click.echo("\n".join(parts).rstrip())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import socket
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from uuid import UUID
 
 import psycopg
 import structlog
+from psycopg.types.json import Jsonb
 
 from outbox_relay.connections import PREPARE_THRESHOLD, AnswerDeadline, connect_with_retry
 from outbox_relay.engine.store import milliseconds
@@ -28,6 +30,14 @@ from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
 
 log = structlog.get_logger("outbox_relay.maintenance")
+
+
+def _package_version() -> str | None:
+    try:
+        return importlib.metadata.version("outbox-relay")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree not installed
+        return None
+
 
 RETENTION_CHUNK = 1000
 STALE_RELAY_S = 600.0
@@ -60,7 +70,11 @@ class Maintenance:
         query_timeout: float = 60.0,
         outcomes_retention: float = 7 * 24 * 3600.0,
         wal_receipts: bool = False,
+        source: Callable[[], str] = lambda: "table",
+        brokers: Callable[[], dict[str, Any]] = dict,
     ):
+        """`source`: which source the relay publishes from now (table, or wal while the
+        WAL source streams), and `brokers` each broker's state, for its heartbeat row."""
         self._dsn = dsn
         self._query_timeout = query_timeout
         self._prepare_threshold = prepare_threshold
@@ -76,6 +90,12 @@ class Maintenance:
         self._long_tx = long_transaction_warning
         self._on_heartbeat = on_heartbeat
         self._warned: dict[int, float] = {}  # pid -> when we last warned about it
+        self._source = source
+        self._brokers = brokers
+        self._version = _package_version()
+        self._sampled = metrics.totals()  # the totals at the previous sample
+        self._samples_granted = True
+        self._oldest_pending_age: float | None = None
         self.deleted = 0
         self._outcomes_warned = float("-inf")
 
@@ -97,6 +117,8 @@ class Maintenance:
                             await self.heartbeat(conn)
                         with self._deadline(conn):
                             await self.observe(conn)
+                        with self._deadline(conn):
+                            await self.sample(conn)
                         self._on_heartbeat()
                         if loop.time() >= next_retention:
                             await self.delete_expired(conn)
@@ -122,9 +144,41 @@ class Maintenance:
                 "hostname": socket.gethostname(),
                 "pid": os.getpid(),
                 "in_flight": self._in_flight(),
+                "version": self._version,
+                "source": self._source(),
+                "brokers": Jsonb(self._brokers()),
             },
         )
         await conn.execute(self._q["forget_stale_relays"], {"stale_s": STALE_RELAY_S})
+
+    async def sample(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """What this relay did since its previous sample (the console's chart)."""
+        if not self._samples_granted:
+            return
+        totals = self._metrics.totals()
+        published, failed, dead = (now - before for now, before in zip(totals, self._sampled, strict=True))
+        try:
+            await conn.execute(
+                self._q["relay_sample"],
+                {
+                    "relay_id": self._relay_id,
+                    "published": published,
+                    "failed": failed,
+                    "dead_lettered": dead,
+                    "oldest_pending_age_s": self._oldest_pending_age,
+                },
+            )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # A relay role granted before schema version 14: the relay goes on, the
+            # console's chart stays empty until the grant (README, Operator console).
+            self._samples_granted = False
+            log.warning(
+                "relay_samples_not_granted",
+                error=first_line(exc),
+                hint="grant the relay role again: outbox-relay schema sql --relay-role ROLE --grants-only",
+            )
+            return
+        self._sampled = totals
 
     async def observe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Lag gauges, and the watchdog for the oldest open transaction."""
@@ -146,6 +200,7 @@ class Maintenance:
         if row:
             self._metrics.pending.set(row[0] or 0)
             self._metrics.oldest_pending_age.set(float(row[1] or 0.0))
+            self._oldest_pending_age = None if row[1] is None else float(row[1])
         cur = await conn.execute(self._q["oldest_transaction"])
         oldest = await cur.fetchone()
         age = float(oldest[2]) if oldest else 0.0

@@ -115,6 +115,8 @@ class Relay:
             retention=relay.retention,
             outcomes_retention=config.outcomes.retention,
             wal_receipts=relay.wal.receipts,
+            source=lambda: "wal" if self.metrics.wal_state_now in ("streaming", "paused") else "table",
+            brokers=lambda: self.health.broker_states(),
             heartbeat_every=heartbeat_every,
             in_flight=lambda: self.table.in_flight,
             retry_max=relay.retry.max,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -67,6 +68,7 @@ class Health:
         self._batches_started = batches_started
         self._sources = sources
         self.server: HealthServer | None = None
+        self._console: Any = None  # the operator console, when console.enabled
         self._ready_lock = asyncio.Lock()
         self._ready_cache: tuple[float, tuple[bool, dict[str, Any]]] | None = None
         self._ready_conn: psycopg.AsyncConnection[Any] | None = None
@@ -76,8 +78,14 @@ class Health:
         """Listen on the health port, unless http.enabled is off."""
         settings = self._config.http
         if settings.enabled:
+            mounted = self._open_console() if self._config.console.enabled else None
             server = HealthServer(
-                settings.host, settings.port, live=self.is_live, ready=self.readiness, metrics=self._metrics.render
+                settings.host,
+                settings.port,
+                live=self.is_live,
+                ready=self.readiness,
+                metrics=self._metrics.render,
+                mounted=mounted,
             )
             try:
                 await server.start()
@@ -93,7 +101,30 @@ class Health:
         server, self.server = self.server, None
         if server is not None:
             await server.close()
+        console, self._console = self._console, None
+        if console is not None:
+            await asyncio.to_thread(console.close)
         await self._close_ready_conn()
+
+    def _open_console(self) -> Any:
+        """The operator console under /console on this port (console.enabled)."""
+        try:
+            from outbox_relay.console import bridge
+            from outbox_relay.console.app import Console
+            from outbox_relay.console.auth import TokenTooShort
+        except ImportError as exc:
+            raise ConfigError(
+                f"console.enabled needs the console's extra: pip install 'outbox-relay[console]' "
+                f"({exc.name} is missing)",
+                path="console.enabled",
+            ) from None
+        try:
+            console = Console(self._config)
+        except TokenTooShort as exc:
+            raise ConfigError(str(exc), path="console") from None
+        console.open()
+        self._console = console
+        return functools.partial(bridge.answer, console.asgi)
 
     def is_live(self) -> bool:
         """False when a worker has been stuck in one batch far past every timeout.
@@ -172,6 +203,15 @@ class Health:
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    def broker_states(self) -> dict[str, dict[str, bool]]:
+        """Each broker's state as the gauges last said it, for the heartbeat row (the
+        console shows it): connected, and whether its circuit is open."""
+        now = asyncio.get_running_loop().time()
+        return {
+            name: {"connected": self._broker_up(name, now), "circuit_open": self._circuits[name].open}
+            for name in self._brokers
+        }
+
     def refresh_broker_gauges(self) -> None:
         """broker_connected for every broker (each heartbeat).
 
@@ -179,8 +219,10 @@ class Health:
         unanswered since), and the last readiness probe, if a recent one ran, found it
         answering: the heartbeat must not write 1 over what a probe just found."""
         now = asyncio.get_running_loop().time()
-        for name, handle in self._brokers.items():
-            recent = self._broker_probed.get(name)
-            probed_down = recent is not None and now - recent[0] < BROKER_PROBE_TRUST_S and not recent[1]
-            up = handle.connected.is_set() and not self._circuits[name].open and not probed_down
-            self._metrics.broker_connected.labels(name).set(1 if up else 0)
+        for name in self._brokers:
+            self._metrics.broker_connected.labels(name).set(1 if self._broker_up(name, now) else 0)
+
+    def _broker_up(self, name: str, now: float) -> bool:
+        recent = self._broker_probed.get(name)
+        probed_down = recent is not None and now - recent[0] < BROKER_PROBE_TRUST_S and not recent[1]
+        return self._brokers[name].connected.is_set() and not self._circuits[name].open and not probed_down

@@ -1,7 +1,9 @@
 """The health and metrics port: ``/livez``, ``/readyz``, ``/metrics``.
 
 A minimal HTTP/1.1 server on asyncio (GET only, one request per connection): probes
-and scrapers need nothing more, and it keeps a web framework out of the relay.
+and scrapers need nothing more, and it keeps a web framework out of the relay. With
+`console.enabled`, paths under /console go to the operator console (`mounted`:
+console/bridge.py), the only requests that may POST.
 """
 
 from __future__ import annotations
@@ -17,18 +19,31 @@ import structlog
 log = structlog.get_logger("outbox_relay.http")
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+# (method, target, headers, body, client, server) -> (status, headers, body)
+Mounted = Callable[..., Awaitable[tuple[int, list[tuple[bytes, bytes]], bytes]]]
+MOUNT_PREFIX = "/console"
+MAX_BODY_BYTES = 1 << 20
+_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 413: "Too Large"}
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class HealthServer:
     def __init__(
-        self, host: str, port: int, *, live: Callable[[], bool], ready: Readiness, metrics: Callable[[], bytes]
+        self,
+        host: str,
+        port: int,
+        *,
+        live: Callable[[], bool],
+        ready: Readiness,
+        metrics: Callable[[], bytes],
+        mounted: Mounted | None = None,
     ):
         self._host = host
         self._port = port
         self._live = live
         self._ready = ready
         self._metrics = metrics
+        self._mounted = mounted
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -48,7 +63,11 @@ class HealthServer:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            status, content_type, body = await self._route(method, path.split("?", 1)[0])
+            route = path.split("?", 1)[0]
+            if self._mounted is not None and (route == MOUNT_PREFIX or route.startswith(MOUNT_PREFIX + "/")):
+                await self._serve_mounted(method, path, request, reader, writer)
+                return
+            status, content_type, body = await self._route(method, route)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n"
@@ -59,6 +78,37 @@ class HealthServer:
             pass
         finally:
             writer.close()
+
+    async def _serve_mounted(
+        self, method: str, target: str, request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert self._mounted is not None
+        headers = []
+        for line in request.split(b"\r\n")[1:]:
+            name, sep, value = line.partition(b":")
+            if sep:
+                headers.append((name.strip().lower(), value.strip()))
+        length = int(dict(headers).get(b"content-length", b"0") or 0)
+        if length > MAX_BODY_BYTES:
+            status, out_headers, body = 413, [(b"content-type", b"text/plain")], b"request body too large\n"
+        else:
+            payload = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+            peer = writer.get_extra_info("peername")
+            local = writer.get_extra_info("sockname")
+            status, out_headers, body = await self._mounted(
+                method=method,
+                target=target,
+                headers=headers,
+                body=payload,
+                client=(peer[0], peer[1]) if peer else None,
+                server=(local[0], local[1]) if local else None,
+            )
+        skip = {b"content-length", b"connection"}
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}".encode("latin-1")]
+        head += [name + b": " + value for name, value in out_headers if name.lower() not in skip]
+        head += [f"Content-Length: {len(body)}".encode(), b"Connection: close", b"", b""]
+        writer.write(b"\r\n".join(head) + (b"" if method == "HEAD" else body))
+        await writer.drain()
 
     async def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
         if method not in {"GET", "HEAD"}:

@@ -36,6 +36,13 @@ WAL_PARK_REASONS = ("transient", "unavailable", "permanent", "held")
 KAFKA_TRANSACTION_OUTCOMES = ("committed", "aborted", "unsure", "fenced")
 
 
+def _total(counter: Counter) -> int:
+    """A counter's value summed over all its labels."""
+    return int(
+        sum(sample.value for metric in counter.collect() for sample in metric.samples if sample.name.endswith("_total"))
+    )
+
+
 def observe_many(histogram: Histogram, amounts: Iterable[float]) -> None:
     """`histogram.observe(a)` for each amount, in one update per bucket.
 
@@ -187,6 +194,7 @@ class RelayMetrics:
         )
         for outcome in KAFKA_TRANSACTION_OUTCOMES:
             self.kafka_transactions.labels(outcome)
+        self.wal_state_now = "off"
         self.wal_state("off")
         self._connected_workers = 0
         self._destination_labels: dict[str, set[str]] = {}
@@ -197,19 +205,18 @@ class RelayMetrics:
 
     def published_total(self) -> int:
         """Messages acknowledged so far, over every broker and destination."""
-        return int(
-            sum(
-                sample.value
-                for metric in self.published.collect()
-                for sample in metric.samples
-                if sample.name.endswith("_total")
-            )
-        )
+        return _total(self.published)
+
+    def totals(self) -> tuple[int, int, int]:
+        """Published, failed (any kind) and dead-lettered so far: what the heartbeat's
+        samples count the differences of (the console's chart)."""
+        return _total(self.published), _total(self.publish_failures), _total(self.dead_lettered)
 
     def wal_state(self, state: str) -> None:
         """The WAL source is now in `state` (one of WAL_STATES)."""
         if state not in WAL_STATES:
             raise ValueError(f"unknown WAL source state {state!r}")
+        self.wal_state_now = state
         for name in WAL_STATES:
             self.wal_source_state.labels(name).set(1 if name == state else 0)
 

@@ -36,6 +36,9 @@ class MessageRow:
     dead_lettered_at: datetime | None
     dead_letter_reason: str | None
     receipt: dict[str, Any] | None
+    # The W3C trace id of the producer's span, from the message's traceparent header
+    # (None: none was carried, or streamed from the WAL).
+    trace_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,9 +72,18 @@ def lookup(conn: psycopg.Connection[Any], schema: str, message_id: UUID) -> list
             dead_lettered_at=row[8],
             dead_letter_reason=row[9],
             receipt=row[10],
+            trace_id=trace_id_of(row[11]),
         )
         for row in rows
     ]
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C traceparent (version-traceid-spanid-flags), if well formed."""
+    parts = (traceparent or "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+        return parts[1]
+    return None
 
 
 def render(message_id: UUID, rows: list[MessageRow]) -> str:
@@ -83,6 +95,8 @@ def render(message_id: UUID, rows: list[MessageRow]) -> str:
         if row.created_at is not None:
             lines.append(f"    enqueued       {utc(row.created_at)}")
         lines.append(f"    attempts       {row.attempts}")
+        if row.trace_id is not None:
+            lines.append(f"    trace id       {row.trace_id}")
         if row.next_attempt_at is not None and row.state == "pending":
             lines.append(f"    next attempt   {utc(row.next_attempt_at)}")
         if row.last_error is not None and row.state != "dispatched":

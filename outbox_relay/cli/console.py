@@ -1,0 +1,51 @@
+"""`outbox-relay console`: the operator console as its own process (outbox_relay/console/).
+
+Binds to 127.0.0.1 unless told otherwise: a console reachable from the network should
+sit behind a proxy or a NetworkPolicy (README, Operator console). Read-only unless
+OUTBOX_RELAY_CONSOLE_TOKEN is set in the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, require_schema
+from outbox_relay.errors import CommandLineError
+from outbox_relay.observability.logging_setup import configure as configure_logging
+
+
+@click.command("console")
+@CONFIG_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free port).")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+@one_line_errors
+def console_command(config_path: Path, host: str, port: int, log_level: str) -> None:
+    """The operator console: status, lag, dead letters, replays and message lookup, on
+    http://HOST:PORT/console/ (read-only without OUTBOX_RELAY_CONSOLE_TOKEN)."""
+    try:
+        import uvicorn
+
+        from outbox_relay.console.app import Console
+        from outbox_relay.console.auth import TokenTooShort
+    except ImportError as exc:
+        raise CommandLineError(
+            f"the console needs its extra: pip install 'outbox-relay[console]' ({exc.name} is missing)"
+        ) from None
+    cfg = load(config_path)
+    configure_logging(log_level)
+    with connect(cfg.database.dsn.get_secret_value()) as conn:
+        require_schema(conn, cfg.database.schema_name)
+    try:
+        console = Console(cfg)
+    except TokenTooShort as exc:
+        raise CommandLineError(str(exc)) from None
+    console.open()
+    try:
+        # uvicorn's own access log would print every query string: the console logs its
+        # actions itself, with who did them.
+        uvicorn.run(console.asgi, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+    finally:
+        console.close()

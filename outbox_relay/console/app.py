@@ -1,0 +1,483 @@
+"""The console's routes: one handler per page or action, all under /console.
+
+Pages are plain functions (Starlette runs them in a thread: the database calls are
+blocking psycopg, and the relay's own event loop must never wait on them when it
+serves the console). Every response carries the security headers; every action
+needs an identity that may act, a CSRF token and an explicit confirmation, and is
+logged with who and what.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+from uuid import UUID
+
+import psycopg
+import structlog
+from jinja2 import Environment, PackageLoader, select_autoescape
+from psycopg_pool import PoolTimeout
+from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from outbox_relay.config import Config
+from outbox_relay.console import chart
+from outbox_relay.console.auth import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    SESSION_S,
+    Authenticator,
+    Identity,
+    csrf_ok,
+    new_csrf_token,
+)
+from outbox_relay.console.read_model import Database, DeadLetterFilter, Overview, dead_letter, dead_letters, jobs
+from outbox_relay.errors import CommandLineError, first_line
+from outbox_relay.operations import dead_letters as dead_letter_ops
+from outbox_relay.operations import message_lookup
+
+log = structlog.get_logger("outbox_relay.console")
+
+PREFIX = "/console"
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+]
+MAX_FORM_IDS = 500
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response, and `no-store` to every page (a
+    page may show a message's headers: no shared cache keeps it)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope.get("path", "").startswith(f"{PREFIX}/static/")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"cache-control"]
+                headers += SECURITY_HEADERS
+                headers.append((b"cache-control", b"max-age=3600" if static else b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class Console:
+    """One console: its database, its overview, who may act. `asgi` is the app."""
+
+    def __init__(self, config: Config, *, auth: Authenticator | None = None):
+        self.config = config
+        self.settings = config.console
+        self.auth = auth or Authenticator.from_environment(self.settings.trusted_user_header)
+        self.db = Database(config.database.dsn.get_secret_value(), config.database.schema_name)
+        self.overview = Overview(self.db, wal_slot=config.wal_slot)
+        self.hold = config.relay.dead_letter_policy == "hold"
+        self._templates = Environment(
+            loader=PackageLoader("outbox_relay.console", "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._templates.filters["utc"] = _utc
+        self._templates.filters["age"] = _age
+        self._templates.globals["prefix"] = PREFIX
+        routes = [
+            Route("/", self.overview_page, name="overview"),
+            Route("/live", self.overview_live),
+            Route("/dead-letters", self.dead_letters_page),
+            Route("/dead-letters/confirm", self.confirm_page, methods=["POST"]),
+            Route("/dead-letters/{action:str}", self.act, methods=["POST"]),
+            Route("/dead-letters/{row_id:int}", self.dead_letter_page),
+            Route("/jobs", self.jobs_page),
+            Route("/messages", self.message_page),
+            Route("/sign-in", self.sign_in, methods=["GET", "POST"]),
+            Route("/sign-out", self.sign_out, methods=["POST"]),
+            Route("/healthz", lambda request: PlainTextResponse("ok")),
+            Route("/readyz", self.readyz),
+            Mount("/static", app=StaticFiles(packages=[("outbox_relay.console", "static")])),
+        ]
+        app = Starlette(
+            routes=[Mount(PREFIX, routes=routes), Route("/", self.to_console)],
+            exception_handlers={psycopg.Error: self._database_error, PoolTimeout: self._database_error},
+        )
+        self.asgi: ASGIApp = SecurityHeaders(app)
+
+    def open(self) -> None:
+        self.db.open()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- rendering --------------------------------------------------------------------
+
+    def _page(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        identity = self._identity(request)
+        csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
+        body = self._templates.get_template(template).render(
+            identity=identity,
+            csrf=csrf,
+            can_sign_in=self.auth.can_sign_in,
+            trusted_header=self.auth.trusts_header,
+            path=request.url.path,
+            **context,
+        )
+        response = HTMLResponse(body, status_code=status)
+        if request.cookies.get(CSRF_COOKIE) != csrf:
+            response.set_cookie(
+                CSRF_COOKIE, csrf, httponly=True, samesite="strict", secure=_https(request), path=PREFIX
+            )
+        return response
+
+    def _identity(self, request: Request) -> Identity:
+        return self.auth.identify(request.headers, dict(request.cookies))
+
+    def _error(self, request: Request, message: str, status: int = 400) -> HTMLResponse:
+        return self._page(request, "error.html", status=status, message=message)
+
+    def _database_error(self, request: Request, exc: Exception) -> Response:
+        """A database error as one line on the page (never a traceback): a role without
+        a grant says which; the database away says so."""
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            message = (
+                f"the console's database role may not do this ({first_line(exc)}): grant it with "
+                "outbox-relay schema sql --console-role ROLE --console-actions --grants-only"
+            )
+            return self._error(request, message, 403)
+        log.warning("console_database_error", error_type=type(exc).__name__, error=first_line(exc))
+        return self._error(request, f"database: {first_line(exc)}", 503)
+
+    # -- pages ------------------------------------------------------------------------
+
+    def to_console(self, request: Request) -> Response:
+        return RedirectResponse(f"{PREFIX}/", status_code=303)
+
+    def overview_page(self, request: Request) -> Response:
+        return self._page(request, "overview.html", **self._overview_context())
+
+    def overview_live(self, request: Request) -> Response:
+        """The overview's live part alone: the page's script swaps it in every few seconds."""
+        body = self._templates.get_template("overview_live.html").render(**self._overview_context())
+        return HTMLResponse(body)
+
+    def _overview_context(self) -> dict[str, Any]:
+        snapshot = self.overview.current()
+        published, failed = snapshot.rates()
+        return {
+            "s": snapshot,
+            "published_rate": published,
+            "failed_rate": failed,
+            "rates_chart": chart.rates(snapshot.samples, snapshot.read_at),
+            "lag_chart": chart.lag(snapshot.samples, snapshot.read_at),
+            "cli": f"outbox-relay status --config {shlex.quote(self.config.source)}",
+            "config_path": self.config.source,
+        }
+
+    def dead_letters_page(self, request: Request) -> Response:
+        try:
+            selected = _filter_from(request.query_params)
+            before = _optional_int(request.query_params.get("before"), "before")
+        except ValueError as exc:
+            return self._error(request, str(exc))
+        page = dead_letters(self.db, selected, before=before, limit=self.settings.page_size)
+        cli = ["outbox-relay", "dead-letters", "list", "--config", self.config.source]
+        if selected.topic:
+            cli += ["--topic", selected.topic]
+        next_url = None
+        if page.next_before is not None:
+            next_url = f"{PREFIX}/dead-letters?" + urlencode({**selected.query_string(), "before": page.next_before})
+        return self._page(
+            request,
+            "dead_letters.html",
+            page=page,
+            selected=selected,
+            next_url=next_url,
+            first_page=before is None,
+            done=request.query_params.get("done"),
+            cli=shlex.join(cli),
+        )
+
+    def dead_letter_page(self, request: Request) -> Response:
+        row_id = int(request.path_params["row_id"])
+        reveal = request.query_params.get("payload") == "show" and self.settings.show_payloads
+        detail = dead_letter(self.db, row_id, with_payload=reveal)
+        if detail is None:
+            return self._error(request, f"no dead letter with row id {row_id} (requeued, purged, or never one)", 404)
+        payload_text = None
+        if detail.payload is not None:
+            payload_text = _payload_text(detail.payload)
+        return self._page(
+            request,
+            "dead_letter.html",
+            d=detail,
+            payload_text=payload_text,
+            payloads_allowed=self.settings.show_payloads,
+            cli=shlex.join(
+                ["outbox-relay", "status", "--config", self.config.source, "--message-id", detail.row.message_id]
+            ),
+        )
+
+    def jobs_page(self, request: Request) -> Response:
+        return self._page(request, "jobs.html", jobs=jobs(self.db), config_path=shlex.quote(self.config.source))
+
+    def message_page(self, request: Request) -> Response:
+        given = (request.query_params.get("id") or "").strip()
+        if not given:
+            return self._page(request, "message.html", message_id=None, rows=None, entries=[])
+        try:
+            message_id = UUID(given)
+        except ValueError:
+            return self._page(
+                request,
+                "message.html",
+                status=400,
+                message_id=None,
+                rows=None,
+                entries=[],
+                given=given,
+                error=f"not a message id: {given[:80]!r} (a UUID, as in the broker's message-id header)",
+            )
+        with self.db.reading() as conn:
+            rows = message_lookup.lookup(conn, self.db.schema, message_id)
+        return self._page(
+            request,
+            "message.html",
+            message_id=message_id,
+            rows=rows,
+            given=given,
+            entries=[(r, json.dumps(r.receipt, indent=2, sort_keys=True) if r.receipt else None) for r in rows],
+            cli=shlex.join(["outbox-relay", "status", "--config", self.config.source, "--message-id", str(message_id)]),
+        )
+
+    def readyz(self, request: Request) -> Response:
+        ok = self.db.ping()
+        return PlainTextResponse("ready" if ok else "database not answering", status_code=200 if ok else 503)
+
+    # -- signing in -------------------------------------------------------------------
+
+    async def sign_in(self, request: Request) -> Response:
+        if request.method == "GET":
+            return self._page(request, "sign_in.html", error=None)
+        form = await request.form()
+        if not csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")):
+            return self._error(request, "the form expired or came from another site: load the page and try again", 403)
+        if not self.auth.can_sign_in:
+            return self._error(request, "signing in is off: OUTBOX_RELAY_CONSOLE_TOKEN is not set", 403)
+        name = (_field(form, "name") or "").strip()[:80]
+        if not self.auth.check_token(_field(form, "token") or ""):
+            log.warning("console_sign_in_refused", remote=_remote(request))
+            return self._page(request, "sign_in.html", status=403, error="wrong token")
+        user = f"{name} (token)" if name else "token"
+        log.info("console_signed_in", user=user, remote=_remote(request))
+        response = RedirectResponse(f"{PREFIX}/", status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            self.auth.session_for(user),
+            max_age=SESSION_S,
+            httponly=True,
+            samesite="strict",
+            secure=_https(request),
+            path=PREFIX,
+        )
+        return response
+
+    async def sign_out(self, request: Request) -> Response:
+        form = await request.form()
+        if not csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")):
+            return self._error(request, "the form expired or came from another site: load the page and try again", 403)
+        response = RedirectResponse(f"{PREFIX}/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path=PREFIX)
+        return response
+
+    # -- actions ----------------------------------------------------------------------
+
+    async def confirm_page(self, request: Request) -> Response:
+        """What an action would take, asked before it is done: how many dead letters,
+        and under `hold` how many pending messages wait behind them."""
+        form = await request.form()
+        refused = self._refusal(request, form)
+        if refused is not None:
+            return refused
+        action = _field(form, "action") or ""
+        if action not in ("requeue", "purge"):
+            return self._error(request, f"unknown action {action[:40]!r}: requeue or purge")
+        try:
+            selection = self._selection(form, action)
+        except (ValueError, CommandLineError) as exc:
+            return self._error(request, first_line(exc))
+        with self.db.reading() as conn:
+            selection = selection.with_cut(conn, self.db.schema)
+            selected = dead_letter_ops.count(conn, self.db.schema, selection)
+            held = dead_letter_ops.held_behind(conn, self.db.schema, selection) if self.hold else None
+        return self._page(
+            request,
+            "confirm.html",
+            action=action,
+            ids=[str(i) for i in selection.message_ids],
+            count=selected.count,
+            held=held,
+            back=_field(form, "back") or f"{PREFIX}/dead-letters",
+            cli=shlex.join(
+                ["outbox-relay", "dead-letters", action, "--config", self.config.source]
+                + [part for i in selection.message_ids for part in ("--id", str(i))]
+            ),
+        )
+
+    async def act(self, request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in ("requeue", "purge"):
+            return self._error(request, f"unknown action {action[:40]!r}: requeue or purge", 404)
+        form = await request.form()
+        refused = self._refusal(request, form)
+        if refused is not None:
+            return refused
+        if _field(form, "confirmed") != "yes":
+            return self._error(request, f"a {action} must be confirmed: use the page's {action} button")
+        try:
+            selection = self._selection(form, action)
+        except (ValueError, CommandLineError) as exc:
+            return self._error(request, first_line(exc))
+        identity = self._identity(request)
+
+        def run() -> int:
+            with self.db.acting() as conn:
+                if action == "requeue":
+                    return len(dead_letter_ops.requeue(conn, self.db.schema, selection))
+                return dead_letter_ops.purge(conn, self.db.schema, selection.with_cut(conn, self.db.schema))
+
+        from starlette.concurrency import run_in_threadpool
+
+        done = await run_in_threadpool(run)
+        log.info(
+            "console_action",
+            action=action,
+            user=identity.user,
+            via=identity.via,
+            remote=_remote(request),
+            asked=len(selection.message_ids),
+            done=done,
+            message_ids=[str(i) for i in selection.message_ids[:20]],
+        )
+        verb = "requeued" if action == "requeue" else "purged"
+        return RedirectResponse(
+            f"{PREFIX}/dead-letters?" + urlencode({"done": f"{done} {verb} by {identity.user}"}), status_code=303
+        )
+
+    def _refusal(self, request: Request, form: FormData) -> Response | None:
+        identity = self._identity(request)
+        if not identity.may_act:
+            how = "sign in with the token" if self.auth.can_sign_in else "set OUTBOX_RELAY_CONSOLE_TOKEN"
+            if self.auth.trusts_header:
+                how += f" or come through the proxy that sets {self.auth.trusts_header}"
+            return self._error(request, f"read-only: actions need an operator ({how})", 403)
+        if identity.via != "bearer" and not csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")):
+            return self._error(request, "the form expired or came from another site: load the page and try again", 403)
+        return None
+
+    def _selection(self, form: FormData, action: str) -> dead_letter_ops.Selection:
+        ids = form.getlist("id")
+        if len(ids) > MAX_FORM_IDS:
+            raise ValueError(f"at most {MAX_FORM_IDS} dead letters per action, got {len(ids)}")
+        try:
+            message_ids = tuple(UUID(str(i)) for i in ids)
+        except ValueError:
+            raise ValueError("a selected id is not a message id") from None
+        if not message_ids:
+            raise ValueError(f"select the dead letters to {action} first")
+        return dead_letter_ops.Selection(message_ids=message_ids, command=action)  # type: ignore[arg-type]
+
+
+def _field(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _https(request: Request) -> bool:
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+
+
+def _remote(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _optional_int(value: str | None, name: str) -> int | None:
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {value[:40]!r}") from None
+
+
+def _when(value: str | None, name: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a date and time such as 2026-12-07T10:00, got {value[:40]!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _filter_from(params: Any) -> DeadLetterFilter:
+    def text(name: str) -> str | None:
+        value = (params.get(name) or "").strip()
+        return value[:500] or None
+
+    return DeadLetterFilter(
+        topic=text("topic"),
+        key=text("key"),
+        reason=text("reason"),
+        since=_when(params.get("since"), "since"),
+        until=_when(params.get("until"), "until"),
+    )
+
+
+def _payload_text(payload: bytes) -> str:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"({len(payload)} bytes, not UTF-8) " + payload[:4096].hex()
+    try:
+        return json.dumps(json.loads(text), indent=2, sort_keys=True)
+    except ValueError:
+        return text
+
+
+def _utc(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
