@@ -57,6 +57,10 @@ def test_the_relay_serves_the_console_beside_its_probes(db: str, tmp_path: Path)
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         # The relay's own heartbeat row, with its version and broker, shows within a beat.
         wait_for(lambda: "out: connected" in httpx.get(f"{base}/console/").text, 30, "the relay's row")
+        with psycopg.connect(db) as conn:
+            version, source, brokers = conn.execute("SELECT version, source, brokers FROM outbox.relays").fetchone()  # type: ignore[misc]
+        assert version and source == "table"
+        assert brokers == {"out": {"connected": True, "circuit_open": False}}
         assert httpx.get(f"{base}/console/static/console.css").headers["content-type"].startswith("text/css")
         # An action through the relay's port, as a script would: a bearer token. The
         # message is over relay.max_payload_bytes, so this relay dead-letters it again
@@ -77,6 +81,54 @@ def test_the_relay_serves_the_console_beside_its_probes(db: str, tmp_path: Path)
         wait_for(lambda: dead_lettered_after(db, before), 30, "the requeued message tried again and dead-lettered")
     finally:
         relay.close()
+
+
+def samples(dsn: str) -> tuple[int, int]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*), coalesce(sum(published), 0) FROM outbox.relay_samples").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_the_heartbeat_samples_what_the_relay_published(db: str, tmp_path: Path) -> None:
+    relay, _ = relay_with(db, tmp_path, None)
+    try:
+        enqueue(db, [("t", f"k{i % 3}", {"n": i}) for i in range(25)])
+        # Every published message is counted once, in some heartbeat's sample.
+        wait_for(lambda: samples(db)[1] == 25, 30, "25 published in the samples")
+        count, _ = samples(db)
+        assert count >= 1
+    finally:
+        relay.close()
+
+
+def test_a_relay_role_without_the_samples_grant_warns_once_and_goes_on(db: str, tmp_path: Path) -> None:
+    from psycopg import sql
+
+    from tests.support.databases import role_with_grants
+
+    with role_with_grants(db, "relay", "old_relay") as dsn:
+        role = psycopg.conninfo.conninfo_to_dict(dsn)["user"]
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(sql.SQL("REVOKE INSERT ON outbox.relay_samples FROM {}").format(sql.Identifier(str(role))))
+        relay, _ = relay_with(dsn, tmp_path, None)
+        try:
+            enqueue(db, [("t", None, {"n": i}) for i in range(5)])
+            wait_for(lambda: len((tmp_path / "out.jsonl").read_text().splitlines()) == 5, 30, "published anyway")
+            # Several heartbeats later (the relays row is written each one), still one warning.
+            wait_for(lambda: heartbeat_span_s(db) >= 10, 30, "three heartbeats (one each 5 s)")
+            warned = [line for line in relay.logs() if line.get("event") == "relay_samples_not_granted"]
+            assert len(warned) == 1 and "--relay-role" in warned[0]["hint"]
+            assert samples(db) == (0, 0)
+        finally:
+            relay.close()
+
+
+def heartbeat_span_s(dsn: str) -> float:
+    """Seconds from the relay's first heartbeat to its latest."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT extract(epoch FROM heartbeat_at - started_at) FROM outbox.relays").fetchone()
+    return 0.0 if row is None else float(row[0])
 
 
 def test_without_console_enabled_the_port_serves_no_console(db: str, tmp_path: Path) -> None:
