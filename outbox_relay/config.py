@@ -373,6 +373,19 @@ class Config(_Model):
                 ("relay", "wal", "receipts"),
                 "needs relay.receipts on and relay.retention above 0s (receipts are kept for relay.retention)",
             )
+        if self.console.enabled and not self.http.enabled:
+            raise _PathError(
+                ("console", "enabled"),
+                "serves the console on the health port, which http.enabled: false turns off "
+                "(turn it on, or run `outbox-relay console` on its own)",
+            )
+        if self.console.enabled and self.console.trusted_user_header and not _loopback(self.http.host):
+            raise _PathError(
+                ("console", "trusted_user_header"),
+                f"with console.enabled the console listens on http.host {self.http.host!r}, where any client "
+                "could send that header itself: run `outbox-relay console` behind the proxy instead, "
+                "or set http.host to 127.0.0.1",
+            )
         topic = self.dead_letters.publish_to
         if topic is not None and topic.broker not in self.brokers:
             known = ", ".join(sorted(self.brokers))
@@ -380,6 +393,10 @@ class Config(_Model):
                 ("dead_letters", "publish_to", "broker"), f"unknown broker {topic.broker!r} (defined: {known})"
             )
         return self
+
+
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost")
 
 
 class _PathError(ValueError):

@@ -15,6 +15,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.relays TO {role};
 -- Its heartbeat's samples, for the console's chart (schema.sql, relay_samples): it writes
 -- its own and deletes those older than an hour.
 GRANT SELECT, INSERT, DELETE ON {schema}.relay_samples TO {role};
+-- `dead-letters requeue|purge` run with the relay's config call these (schema.sql).
+GRANT EXECUTE ON FUNCTION {schema}.requeue_dead_letters(uuid[], text, timestamptz) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.purge_dead_letters(uuid[], text, timestamptz, integer) TO {role};
 -- A committer that skips its NOTIFY counts the skip, and the relay reads the count
 -- (schema.sql, "Wakes the relay"): granted here too, not left to PUBLIC's default.
 GRANT EXECUTE ON FUNCTION {schema}.note_skipped_wakeup() TO {role};

@@ -383,21 +383,25 @@ SELECT count(*) AS dispatched FROM {schema}.messages WHERE dispatched_at IS NOT 
 -- that grows with the backlog and the dead letters, never with what retention keeps.
 SELECT * FROM (
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
+           dead_lettered_at, dead_letter_reason, receipt,
+           (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
     FROM {schema}.messages WHERE message_id = %(message_id)s AND dispatched_at IS NOT NULL
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
+           dead_lettered_at, dead_letter_reason, receipt,
+           (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
     FROM {schema}.messages
     WHERE message_id = %(message_id)s AND key IS NOT NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
+           dead_lettered_at, dead_letter_reason, receipt,
+           (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
     FROM {schema}.messages
     WHERE message_id = %(message_id)s AND key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
     UNION ALL
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt, headers ->> 'traceparent' AS traceparent
+           dead_lettered_at, dead_letter_reason, receipt,
+           (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
     FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL) AS rows
 ORDER BY id;
 
@@ -424,7 +428,17 @@ WHERE dead_lettered_at IS NOT NULL
 ORDER BY id
 LIMIT %(limit)s;
 
+-- name: requeue_dead_letters
+-- `dead-letters requeue` and the console: the function (schema.sql) does it.
+SELECT * FROM {schema}.requeue_dead_letters(%(message_ids)s, %(topic_regex)s, %(cut)s);
+
+-- name: purge_dead_letters
+SELECT * FROM {schema}.purge_dead_letters(%(message_ids)s, %(topic_regex)s, %(cut)s, %(max_rows)s);
+
 -- name: dead_letters_requeue
+-- The function's body (requeue_dead_letters, schema.sql), run as a statement by a role
+-- granted before schema version 14 (operations/dead_letters.py): such a role holds
+-- UPDATE on messages but not EXECUTE on the function.
 -- Back to pending with a fresh attempt budget; the reason moves to last_error so the
 -- history is not lost. Keeps its id, so it sorts before later messages of its key.
 -- The selection (`dead-letters requeue` and `purge`, operations/dead_letters.py
@@ -539,16 +553,19 @@ WHERE m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL AND m.key IS NOT NU
                              AND (%(cut)s::timestamptz IS NULL OR k.dead_lettered_at < %(cut)s)));
 
 -- name: dead_letters_purge
--- Deletes up to 1000 of the selected dead letters (as in dead_letters_requeue): the
--- caller repeats until none is left, each batch its own short transaction (no long
--- lock on the outbox).
+-- The function's body (purge_dead_letters, schema.sql), for a role granted before
+-- schema version 14, as dead_letters_requeue. Deletes up to max_rows of the selected
+-- dead letters: the caller repeats until none is left, each batch its own short
+-- transaction (no long lock on the outbox).
 DELETE FROM {schema}.messages
-WHERE id IN (SELECT id FROM {schema}.messages
+WHERE dead_lettered_at IS NOT NULL
+  AND id IN (SELECT id FROM {schema}.messages
              WHERE dead_lettered_at IS NOT NULL
                AND (%(message_ids)s::uuid[] IS NULL OR message_id = ANY(%(message_ids)s))
                AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
                AND (%(cut)s::timestamptz IS NULL OR dead_lettered_at < %(cut)s)
-             LIMIT 1000);
+             LIMIT %(max_rows)s)
+RETURNING message_id;
 
 -- Replays (`outbox-relay replay`, outbox_relay/operations/replay.py). The selection: dispatched
 -- rows, not copies made by an earlier replay, enqueued before the replay began, that
@@ -748,7 +765,7 @@ LIMIT %(limit)s;
 
 -- The operator console (outbox_relay/console/read_model.py). Each query reads through an
 -- index whose predicate it repeats: the console's pages must not scan the outbox, however
--- large the backlog (tests/console/test_console_queries.py checks every plan).
+-- large the backlog (tests/console/test_console_pages.py checks their plans).
 
 -- name: console_pending_keyed
 -- Pending keyed messages by topic, through the claim's keyed index: how many, over how
@@ -803,7 +820,7 @@ FROM {schema}.messages
 WHERE dead_lettered_at IS NOT NULL
   AND (%(before)s::bigint IS NULL OR id < %(before)s)
   AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
-  AND (%(key)s::text IS NULL OR key = %(key)s)
+  AND (%(key)s::text IS NULL OR key COLLATE "C" = %(key)s)
   AND (%(reason)s::text IS NULL OR dead_letter_reason ILIKE %(reason)s)
   AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
   AND (%(until)s::timestamptz IS NULL OR dead_lettered_at < %(until)s)
@@ -811,12 +828,14 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: console_dead_letters_count
--- How many dead letters match the filters ("showing 50 of 1,204").
+-- How many dead letters match the filters ("showing 50 of 1,204"). The key compared as
+-- the dead letters' (key, id) index sorts it (COLLATE "C"), so a key's count reads its
+-- entries only.
 SELECT count(*)
 FROM {schema}.messages
 WHERE dead_lettered_at IS NOT NULL
   AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
-  AND (%(key)s::text IS NULL OR key = %(key)s)
+  AND (%(key)s::text IS NULL OR key COLLATE "C" = %(key)s)
   AND (%(reason)s::text IS NULL OR dead_letter_reason ILIKE %(reason)s)
   AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
   AND (%(until)s::timestamptz IS NULL OR dead_lettered_at < %(until)s);

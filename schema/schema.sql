@@ -287,6 +287,48 @@ $$;
 -- Only the roles granted it (grants_*.sql).
 REVOKE EXECUTE ON FUNCTION {schema}.receipt(uuid) FROM PUBLIC;
 
+-- The operator's actions on dead letters (`dead-letters requeue|purge`, the console's
+-- buttons: operations/dead_letters.py calls these). SECURITY DEFINER, so that a role can
+-- be granted them and nothing else on messages (the console's: grants_console_actions.sql):
+-- they touch dead letters only, whatever they are given. The selection is Selection's
+-- (a NULL filter matches all). Requeue: back to pending with a fresh attempt budget; the
+-- reason moves to last_error so the history is not lost; the row keeps its id, so it
+-- sorts before later messages of its key. Purge: up to max_rows per call (the caller
+-- repeats, each call its own short transaction). Both return the message ids they took.
+CREATE FUNCTION {schema}.requeue_dead_letters(message_ids uuid[], topic_regex text, cut timestamptz)
+RETURNS SETOF uuid
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    UPDATE {schema}.messages AS m
+    SET dead_lettered_at = NULL,
+        dead_letter_reason = NULL,
+        dead_letter_published_at = NULL,
+        last_error = 'requeued after dead letter: ' || m.dead_letter_reason,
+        attempts = 0,
+        next_attempt_at = NULL
+    WHERE m.dead_lettered_at IS NOT NULL
+      AND (requeue_dead_letters.message_ids IS NULL OR m.message_id = ANY(requeue_dead_letters.message_ids))
+      AND (requeue_dead_letters.topic_regex IS NULL OR m.topic ~ requeue_dead_letters.topic_regex)
+      AND (requeue_dead_letters.cut IS NULL OR m.dead_lettered_at < requeue_dead_letters.cut)
+    RETURNING m.message_id
+$$;
+REVOKE EXECUTE ON FUNCTION {schema}.requeue_dead_letters(uuid[], text, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION {schema}.purge_dead_letters(message_ids uuid[], topic_regex text, cut timestamptz, max_rows integer)
+RETURNS SETOF uuid
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DELETE FROM {schema}.messages AS m
+    WHERE m.dead_lettered_at IS NOT NULL
+      AND m.id IN (
+        SELECT d.id FROM {schema}.messages AS d
+        WHERE d.dead_lettered_at IS NOT NULL
+          AND (purge_dead_letters.message_ids IS NULL OR d.message_id = ANY(purge_dead_letters.message_ids))
+          AND (purge_dead_letters.topic_regex IS NULL OR d.topic ~ purge_dead_letters.topic_regex)
+          AND (purge_dead_letters.cut IS NULL OR d.dead_lettered_at < purge_dead_letters.cut)
+        LIMIT purge_dead_letters.max_rows)
+    RETURNING m.message_id
+$$;
+REVOKE EXECUTE ON FUNCTION {schema}.purge_dead_letters(uuid[], text, timestamptz, integer) FROM PUBLIC;
+
 -- Live relays report here (heartbeat), so `status` can show who is running and
 -- how many messages each holds in flight (row locks are invisible to other sessions).
 CREATE TABLE {schema}.relays (

@@ -7,9 +7,11 @@ OUTBOX_RELAY_CONSOLE_TOKEN is set in the environment.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import click
+import structlog
 
 from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, require_schema
 from outbox_relay.errors import CommandLineError
@@ -29,7 +31,7 @@ def console_command(config_path: Path, host: str, port: int, log_level: str) -> 
         import uvicorn
 
         from outbox_relay.console.app import Console
-        from outbox_relay.console.auth import TokenTooShort
+        from outbox_relay.console.auth import TokenTooShort, UntrustableHeader
     except ImportError as exc:
         raise CommandLineError(
             f"the console needs its extra: pip install 'outbox-relay[console]' ({exc.name} is missing)"
@@ -40,12 +42,28 @@ def console_command(config_path: Path, host: str, port: int, log_level: str) -> 
         require_schema(conn, cfg.database.schema_name)
     try:
         console = Console(cfg)
-    except TokenTooShort as exc:
+    except (TokenTooShort, UntrustableHeader) as exc:
         raise CommandLineError(str(exc)) from None
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise CommandLineError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    bound = sock.getsockname()[1]
+    log = structlog.get_logger("outbox_relay.console")
+    log.info(
+        "console_listening",
+        url=f"http://{host}:{bound}/console/",
+        host=host,
+        port=bound,
+        can_act=console.auth.can_sign_in or bool(console.auth.trusts_header),
+    )
     console.open()
     try:
         # uvicorn's own access log would print every query string: the console logs its
         # actions itself, with who did them.
-        uvicorn.run(console.asgi, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+        server = uvicorn.Server(
+            uvicorn.Config(console.asgi, log_level="warning", access_log=False, server_header=False)
+        )
+        server.run(sockets=[sock])
     finally:
         console.close()

@@ -167,6 +167,6 @@ def dead_letters_purge(
                     f"{selected.count} dead letter(s) would be deleted{released}; pass --yes to confirm"
                 )
             click.confirm(f"Delete {selected.count} dead letter(s) for good{released}?", abort=True)
-        deleted = dead_letters.purge(conn, cfg.database.schema_name, selection)
+        deleted = len(dead_letters.purge(conn, cfg.database.schema_name, selection))
     click.echo(f"deleted {deleted} dead letter(s){released}")
     _left_out(selection.message_ids, selected.message_ids, selection)

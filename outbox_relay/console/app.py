@@ -21,6 +21,7 @@ import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
 from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
@@ -38,6 +39,7 @@ from outbox_relay.console.auth import (
     Identity,
     csrf_ok,
     new_csrf_token,
+    same_origin,
 )
 from outbox_relay.console.read_model import Database, DeadLetterFilter, Overview, dead_letter, dead_letters, jobs
 from outbox_relay.errors import CommandLineError, first_line
@@ -60,6 +62,11 @@ SECURITY_HEADERS = [
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
 ]
 MAX_FORM_IDS = 500
+LOGGED_IDS = 100  # message ids per console_action log line
+FLASH_COOKIE = "outbox_console_done"
+FORM_REFUSED = "the form expired or came from another site: load the page and try again"
+# Header values shown to a reader who is not an operator: trace context only.
+SHOWN_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 class SecurityHeaders:
@@ -93,7 +100,12 @@ class Console:
         self.config = config
         self.settings = config.console
         self.auth = auth or Authenticator.from_environment(self.settings.trusted_user_header)
-        self.db = Database(config.database.dsn.get_secret_value(), config.database.schema_name)
+        self.db = Database(
+            config.database.dsn.get_secret_value(),
+            config.database.schema_name,
+            connect_timeout=config.database.connect_timeout,
+            prepare_threshold=config.database.prepare_threshold,
+        )
         self.overview = Overview(self.db, wal_slot=config.wal_slot)
         self.hold = config.relay.dead_letter_policy == "hold"
         self._templates = Environment(
@@ -104,6 +116,7 @@ class Console:
         )
         self._templates.filters["utc"] = _utc
         self._templates.filters["age"] = _age
+        self._templates.filters["glob_literal"] = _glob_literal
         self._templates.globals["prefix"] = PREFIX
         routes = [
             Route("/", self.overview_page, name="overview"),
@@ -122,7 +135,12 @@ class Console:
         ]
         app = Starlette(
             routes=[Mount(PREFIX, routes=routes), Route("/", self.to_console)],
-            exception_handlers={psycopg.Error: self._database_error, PoolTimeout: self._database_error},
+            exception_handlers={
+                psycopg.Error: self._database_error,
+                PoolTimeout: self._database_error,
+                404: self._not_found,
+                405: self._not_found,
+            },
         )
         self.asgi: ASGIApp = SecurityHeaders(app)
 
@@ -137,19 +155,24 @@ class Console:
     def _page(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         identity = self._identity(request)
         csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
+        # What the last action did, said once: a cookie set by the action's redirect (a
+        # query parameter would let any link show a made-up "5000 purged").
+        flash = request.cookies.get(FLASH_COOKIE)
         body = self._templates.get_template(template).render(
             identity=identity,
             csrf=csrf,
             can_sign_in=self.auth.can_sign_in,
             trusted_header=self.auth.trusts_header,
             path=request.url.path,
+            here=_here(request),
+            flash=_printable(flash)[:300] if flash else None,
             **context,
         )
         response = HTMLResponse(body, status_code=status)
         if request.cookies.get(CSRF_COOKIE) != csrf:
-            response.set_cookie(
-                CSRF_COOKIE, csrf, httponly=True, samesite="strict", secure=_https(request), path=PREFIX
-            )
+            _set_cookie(response, request, CSRF_COOKIE, csrf)
+        if flash:
+            response.delete_cookie(FLASH_COOKIE, path=PREFIX)
         return response
 
     def _identity(self, request: Request) -> Identity:
@@ -157,6 +180,11 @@ class Console:
 
     def _error(self, request: Request, message: str, status: int = 400) -> HTMLResponse:
         return self._page(request, "error.html", status=status, message=message)
+
+    def _not_found(self, request: Request, exc: Exception) -> Response:
+        status = int(getattr(exc, "status_code", 404))
+        what = "no such page" if status == 404 else f"{request.method} is not taken here"
+        return self._error(request, f"{what}: {request.url.path[:200]}", status)
 
     def _database_error(self, request: Request, exc: Exception) -> Response:
         """A database error as one line on the page (never a traceback): a role without
@@ -167,6 +195,8 @@ class Console:
                 "outbox-relay schema sql --console-role ROLE --console-actions --grants-only"
             )
             return self._error(request, message, 403)
+        if isinstance(exc, psycopg.DataError):  # a filter the database cannot take ([z-a] as a glob)
+            return self._error(request, f"invalid filter: {first_line(exc)}", 400)
         log.warning("console_database_error", error_type=type(exc).__name__, error=first_line(exc))
         return self._error(request, f"database: {first_line(exc)}", 503)
 
@@ -192,7 +222,7 @@ class Console:
             "failed_rate": failed,
             "rates_chart": chart.rates(snapshot.samples, snapshot.read_at),
             "lag_chart": chart.lag(snapshot.samples, snapshot.read_at),
-            "cli": f"outbox-relay status --config {shlex.quote(self.config.source)}",
+            "cli": shlex.join(["outbox-relay", "status", "--config", self.config.source]),
             "config_path": self.config.source,
         }
 
@@ -216,23 +246,34 @@ class Console:
             selected=selected,
             next_url=next_url,
             first_page=before is None,
-            done=request.query_params.get("done"),
             cli=shlex.join(cli),
         )
 
     def dead_letter_page(self, request: Request) -> Response:
         row_id = int(request.path_params["row_id"])
-        reveal = request.query_params.get("payload") == "show" and self.settings.show_payloads
+        identity = self._identity(request)
+        # A payload is shown to an operator only, where the config allows it, and logged.
+        reveal = request.query_params.get("payload") == "show" and self.settings.show_payloads and identity.may_act
         detail = dead_letter(self.db, row_id, with_payload=reveal)
         if detail is None:
             return self._error(request, f"no dead letter with row id {row_id} (requeued, purged, or never one)", 404)
         payload_text = None
         if detail.payload is not None:
             payload_text = _payload_text(detail.payload)
+            log.info(
+                "console_payload_shown",
+                user=identity.user,
+                via=identity.via,
+                remote=_remote(request),
+                message_id=detail.row.message_id,
+            )
+        headers = detail.headers if identity.may_act else _redacted_headers(detail.headers)
         return self._page(
             request,
             "dead_letter.html",
             d=detail,
+            headers=headers,
+            headers_redacted=not identity.may_act and headers != detail.headers,
             payload_text=payload_text,
             payloads_allowed=self.settings.show_payloads,
             cli=shlex.join(
@@ -282,8 +323,8 @@ class Console:
         if request.method == "GET":
             return self._page(request, "sign_in.html", error=None)
         form = await request.form()
-        if not csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")):
-            return self._error(request, "the form expired or came from another site: load the page and try again", 403)
+        if not self._form_is_ours(request, form):
+            return self._error(request, FORM_REFUSED, 403)
         if not self.auth.can_sign_in:
             return self._error(request, "signing in is off: OUTBOX_RELAY_CONSOLE_TOKEN is not set", 403)
         name = (_field(form, "name") or "").strip()[:80]
@@ -293,21 +334,15 @@ class Console:
         user = f"{name} (token)" if name else "token"
         log.info("console_signed_in", user=user, remote=_remote(request))
         response = RedirectResponse(f"{PREFIX}/", status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            self.auth.session_for(user),
-            max_age=SESSION_S,
-            httponly=True,
-            samesite="strict",
-            secure=_https(request),
-            path=PREFIX,
-        )
+        _set_cookie(response, request, SESSION_COOKIE, self.auth.session_for(user), max_age=SESSION_S)
+        # A new CSRF token with the new session: one planted before the sign-in is void.
+        _set_cookie(response, request, CSRF_COOKIE, new_csrf_token())
         return response
 
     async def sign_out(self, request: Request) -> Response:
         form = await request.form()
-        if not csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")):
-            return self._error(request, "the form expired or came from another site: load the page and try again", 403)
+        if not self._form_is_ours(request, form):
+            return self._error(request, FORM_REFUSED, 403)
         response = RedirectResponse(f"{PREFIX}/", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path=PREFIX)
         return response
@@ -328,18 +363,25 @@ class Console:
             selection = self._selection(form, action)
         except (ValueError, CommandLineError) as exc:
             return self._error(request, first_line(exc))
-        with self.db.reading() as conn:
-            selection = selection.with_cut(conn, self.db.schema)
-            selected = dead_letter_ops.count(conn, self.db.schema, selection)
-            held = dead_letter_ops.held_behind(conn, self.db.schema, selection) if self.hold else None
+
+        def read() -> tuple[int, int | None]:
+            # In a thread: under `hold` the count of held messages reads the backlog, and
+            # the relay that serves the console must go on meanwhile.
+            with self.db.reading() as conn:
+                chosen = selection.with_cut(conn, self.db.schema)
+                selected = dead_letter_ops.count(conn, self.db.schema, chosen)
+                held = dead_letter_ops.held_behind(conn, self.db.schema, chosen) if self.hold else None
+            return selected.count, held
+
+        count, held = await run_in_threadpool(read)
         return self._page(
             request,
             "confirm.html",
             action=action,
             ids=[str(i) for i in selection.message_ids],
-            count=selected.count,
+            count=count,
             held=held,
-            back=_field(form, "back") or f"{PREFIX}/dead-letters",
+            back=_back(_field(form, "back")),
             cli=shlex.join(
                 ["outbox-relay", "dead-letters", action, "--config", self.config.source]
                 + [part for i in selection.message_ids for part in ("--id", str(i))]
@@ -362,40 +404,58 @@ class Console:
             return self._error(request, first_line(exc))
         identity = self._identity(request)
 
-        def run() -> int:
+        def run() -> list[UUID]:
             with self.db.acting() as conn:
                 if action == "requeue":
-                    return len(dead_letter_ops.requeue(conn, self.db.schema, selection))
+                    return dead_letter_ops.requeue(conn, self.db.schema, selection)
                 return dead_letter_ops.purge(conn, self.db.schema, selection.with_cut(conn, self.db.schema))
 
-        from starlette.concurrency import run_in_threadpool
-
-        done = await run_in_threadpool(run)
-        log.info(
-            "console_action",
-            action=action,
-            user=identity.user,
-            via=identity.via,
-            remote=_remote(request),
-            asked=len(selection.message_ids),
-            done=done,
-            message_ids=[str(i) for i in selection.message_ids[:20]],
-        )
+        taken = await run_in_threadpool(run)
+        # Every id the action took, in lines of LOGGED_IDS: a purge leaves no row behind,
+        # so this log is the record of what it deleted, and by whom.
+        for start in range(0, max(len(taken), 1), LOGGED_IDS):
+            log.info(
+                "console_action",
+                action=action,
+                user=identity.user,
+                via=identity.via,
+                remote=_remote(request),
+                asked=len(selection.message_ids),
+                done=len(taken),
+                message_ids=[str(i) for i in taken[start : start + LOGGED_IDS]],
+            )
         verb = "requeued" if action == "requeue" else "purged"
-        return RedirectResponse(
-            f"{PREFIX}/dead-letters?" + urlencode({"done": f"{done} {verb} by {identity.user}"}), status_code=303
-        )
+        response = RedirectResponse(f"{PREFIX}/dead-letters", status_code=303)
+        _set_cookie(response, request, FLASH_COOKIE, f"{len(taken)} {verb} by {identity.user}", max_age=60)
+        return response
 
     def _refusal(self, request: Request, form: FormData) -> Response | None:
         identity = self._identity(request)
+        reason = None
         if not identity.may_act:
             how = "sign in with the token" if self.auth.can_sign_in else "set OUTBOX_RELAY_CONSOLE_TOKEN"
             if self.auth.trusts_header:
                 how += f" or come through the proxy that sets {self.auth.trusts_header}"
-            return self._error(request, f"read-only: actions need an operator ({how})", 403)
-        if identity.via != "bearer" and not csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")):
-            return self._error(request, "the form expired or came from another site: load the page and try again", 403)
-        return None
+            reason = f"read-only: actions need an operator ({how})"
+        elif identity.via != "bearer" and not self._form_is_ours(request, form):
+            reason = FORM_REFUSED
+        if reason is None:
+            return None
+        log.warning(
+            "console_action_refused",
+            path=request.url.path,
+            user=identity.user,
+            via=identity.via,
+            remote=_remote(request),
+            reason=reason,
+        )
+        return self._error(request, reason, 403)
+
+    def _form_is_ours(self, request: Request, form: FormData) -> bool:
+        """The form came from one of the console's pages: its CSRF field matches the
+        cookie, and the browser (where it says) sent it from the console's own origin."""
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        return csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")) and same_origin(request.headers, own)
 
     def _selection(self, form: FormData, action: str) -> dead_letter_ops.Selection:
         ids = form.getlist("id")
@@ -408,6 +468,40 @@ class Console:
         if not message_ids:
             raise ValueError(f"select the dead letters to {action} first")
         return dead_letter_ops.Selection(message_ids=message_ids, command=action)  # type: ignore[arg-type]
+
+
+def _set_cookie(response: Response, request: Request, name: str, value: str, *, max_age: int | None = None) -> None:
+    response.set_cookie(
+        name, value, max_age=max_age, httponly=True, samesite="strict", secure=_https(request), path=PREFIX
+    )
+
+
+def _here(request: Request) -> str:
+    """This page's path and query, for a form's way back (Cancel keeps the filters)."""
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
+def _back(given: str | None) -> str:
+    """A way back that stays on the console: a path under it, never another site."""
+    if given and given.startswith(f"{PREFIX}/") and not given.startswith("//") and "\\" not in given:
+        return given
+    return f"{PREFIX}/dead-letters"
+
+
+def _redacted_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """Headers as a reader without an operator's identity sees them: trace context
+    whole, every other value redacted (an application may carry an email or a key)."""
+    return {name: value if name.lower() in SHOWN_HEADERS else "(redacted)" for name, value in headers.items()}
+
+
+def _glob_literal(topic: str) -> str:
+    """A topic as a glob that matches it alone (its *, ? and [ taken literally)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in topic)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _field(form: FormData, name: str) -> str | None:
@@ -427,9 +521,12 @@ def _optional_int(value: str | None, name: str) -> int | None:
     if not value:
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise ValueError(f"{name} must be a whole number, got {value[:40]!r}") from None
+    if not 0 < number < 2**63:
+        raise ValueError(f"{name} must be a row id (1 or more), got {value[:40]!r}")
+    return number
 
 
 def _when(value: str | None, name: str) -> datetime | None:
@@ -445,6 +542,8 @@ def _when(value: str | None, name: str) -> datetime | None:
 def _filter_from(params: Any) -> DeadLetterFilter:
     def text(name: str) -> str | None:
         value = (params.get(name) or "").strip()
+        if "\x00" in value:
+            raise ValueError(f"{name} must not hold a NUL character")
         return value[:500] or None
 
     return DeadLetterFilter(

@@ -11,7 +11,10 @@ payload or secret unless told to). Acting (requeue, purge) needs one of:
 
 Forms carry a CSRF token that must equal a cookie's (double submit): a page of
 another origin can make the browser post, but it cannot read the cookie to copy it.
-The cookies are SameSite=Strict on top of that.
+A page of the same site on another port could set that cookie, so a POST must also
+come from the console's own origin (its Origin header, or Sec-Fetch-Site) when the
+browser says where it comes from; and the token is new at each sign-in. The cookies
+are SameSite=Strict on top of that.
 """
 
 from __future__ import annotations
@@ -31,9 +34,38 @@ SESSION_COOKIE = "outbox_console_session"
 CSRF_COOKIE = "outbox_console_csrf"
 SESSION_S = 8 * 3600  # a working day: an operator signs in again after it
 MIN_TOKEN_CHARS = 16
+# Headers every request carries or a client sets by itself: naming one of them as the
+# proxy's user header would let anyone act.
+UNTRUSTABLE_HEADERS = frozenset(
+    {
+        "host",
+        "cookie",
+        "user-agent",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "authorization",
+        "content-type",
+        "content-length",
+        "origin",
+        "referer",
+        "connection",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "forwarded",
+        "sec-fetch-site",
+        "sec-fetch-mode",
+    }
+)
 
 
 class TokenTooShort(ValueError):
+    pass
+
+
+class UntrustableHeader(ValueError):
     pass
 
 
@@ -56,6 +88,11 @@ class Authenticator:
     """Reads a request's identity; signs and checks session cookies."""
 
     def __init__(self, token: str | None, trusted_user_header: str | None):
+        if trusted_user_header and trusted_user_header.lower() in UNTRUSTABLE_HEADERS:
+            raise UntrustableHeader(
+                f"console.trusted_user_header: {trusted_user_header!r} is sent by every client, not set by a proxy; "
+                "name the header your proxy sets (X-Forwarded-User, X-Auth-Request-User)"
+            )
         if token is not None and len(token) < MIN_TOKEN_CHARS:
             # A short token is guessable by anyone who can reach the page.
             raise TokenTooShort(f"{TOKEN_ENV} must be at least {MIN_TOKEN_CHARS} characters")
@@ -67,7 +104,8 @@ class Authenticator:
 
     @classmethod
     def from_environment(cls, trusted_user_header: str | None) -> Authenticator:
-        return cls(os.environ.get(TOKEN_ENV) or None, trusted_user_header)
+        # Stripped: a token mounted from a file-based secret often ends with a newline.
+        return cls((os.environ.get(TOKEN_ENV) or "").strip() or None, trusted_user_header)
 
     @property
     def can_sign_in(self) -> bool:
@@ -79,9 +117,13 @@ class Authenticator:
 
     def identify(self, headers: Any, cookies: dict[str, str]) -> Identity:
         if self._header:
-            user = headers.get(self._header)
-            if user:
-                return Identity(_printable(user)[:200], "header")
+            given = headers.getlist(self._header) if hasattr(headers, "getlist") else [headers.get(self._header)]
+            given = [value for value in given if value]
+            # Twice: a proxy that appends rather than replaces left the client's own.
+            if len(given) == 1:
+                return Identity(_printable(given[0])[:200], "header")
+            if len(given) > 1:
+                return ANONYMOUS
         authorization = headers.get("authorization", "")
         if self._token and authorization.lower().startswith("bearer "):
             if hmac.compare_digest(authorization[7:].strip().encode(), self._token.encode()):
@@ -95,7 +137,7 @@ class Authenticator:
         return ANONYMOUS
 
     def check_token(self, given: str) -> bool:
-        return self._token is not None and hmac.compare_digest(given.encode(), self._token.encode())
+        return self._token is not None and hmac.compare_digest(given.strip().encode(), self._token.encode())
 
     def session_for(self, user: str) -> str:
         assert self._key is not None
@@ -104,7 +146,10 @@ class Authenticator:
 
     def _verify(self, cookie: str) -> str | None:
         body, _, signature = cookie.partition(".")
-        if not hmac.compare_digest(signature, self._sign(body.encode())):
+        if not body.isascii():
+            return None
+        # Bytes: compare_digest refuses str with characters outside ASCII (a forged cookie).
+        if not hmac.compare_digest(signature.encode(), self._sign(body.encode()).encode()):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(body.encode()))
@@ -125,7 +170,20 @@ def new_csrf_token() -> str:
 
 
 def csrf_ok(cookie: str | None, submitted: str | None) -> bool:
-    return bool(cookie) and bool(submitted) and hmac.compare_digest(str(cookie), str(submitted))
+    if not cookie or not submitted:
+        return False
+    return hmac.compare_digest(str(cookie).encode(), str(submitted).encode())
+
+
+def same_origin(headers: Any, own_origin: str) -> bool:
+    """Whether a POST comes from the console's own pages, as far as the browser says:
+    Sec-Fetch-Site (every current browser) or Origin. A client that sends neither (a
+    script, curl) is judged by the token and the CSRF field alone."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = headers.get("origin")
+    return origin is None or origin == own_origin
 
 
 def _printable(text: str) -> str:

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import unquote
 
+import structlog
 from starlette.types import ASGIApp, Message
+
+from outbox_relay.errors import first_line
+
+log = structlog.get_logger("outbox_relay.console")
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -28,7 +34,8 @@ async def answer(
     server: tuple[str, int] | None,
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and body of `app`'s answer to one request."""
-    path, _, query = target.partition("?")
+    raw_path, _, query = target.partition("?")
+    path = unquote(raw_path)
     scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -36,7 +43,7 @@ async def answer(
         "method": method,
         "scheme": "http",
         "path": path,
-        "raw_path": path.encode("latin-1"),
+        "raw_path": raw_path.encode("latin-1"),
         "query_string": query.encode("latin-1"),
         "root_path": "",
         "headers": headers,
@@ -67,6 +74,13 @@ async def answer(
             if not message.get("more_body", False):
                 finished.set()
 
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:
+        # Starlette answers 500 and raises again; here the raise would end the health
+        # port's connection without an answer (and log an unretrieved task error).
+        log.error("console_request_failed", error_type=type(exc).__name__, error=first_line(exc), path=path)
+        if not finished.is_set():
+            return 500, [(b"content-type", b"text/plain")], b"internal error\n"
     finished.set()
     return status, response_headers, b"".join(chunks)

@@ -14,8 +14,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -23,6 +23,7 @@ import structlog
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from outbox_relay.connections import PREPARE_THRESHOLD, tcp_settings
 from outbox_relay.errors import first_line
 from outbox_relay.operations.dead_letters import glob_to_regex
 from outbox_relay.operations.replay import describe
@@ -34,9 +35,14 @@ log = structlog.get_logger("outbox_relay.console")
 LIVE_RELAY_S = 30.0
 MIN_REFRESH_S = 2.0
 REFRESH_COST_FACTOR = 20.0
+# A refresh still reading after this is given up on (a hung connection, a lock): the
+# next page starts another, and the page says since when the numbers are old.
+STUCK_REFRESH_S = 60.0
+RATE_MINUTES = 5
 # The server ends a console query after this: a page answers with an error rather than
 # holding a connection (and a snapshot that holds back vacuum) for long.
 STATEMENT_TIMEOUT_MS = 30_000
+CONSOLE_SETTINGS = "SELECT set_config('statement_timeout', '30000', true), set_config('enable_seqscan', 'off', true)"
 
 
 @dataclass
@@ -106,7 +112,8 @@ class Snapshot:
     source: str = "table"
     slot: slots.SlotState | None = None
     slot_name: str | None = None
-    error: str | None = None
+    error: str | None = None  # the latest reading failed: these numbers are from read_at
+    error_at: datetime | None = None
 
     @property
     def pending(self) -> int:
@@ -126,11 +133,13 @@ class Snapshot:
         return sum(r.in_flight for r in self.relays if r.live)
 
     def rates(self) -> tuple[float, float]:
-        """Published and failed per second over the last full minutes (up to five)."""
-        recent = self.samples[-6:-1] if len(self.samples) > 1 else self.samples
-        if not recent:
-            return 0.0, 0.0
-        seconds = 60.0 * len(recent)
+        """Published and failed per second over the last RATE_MINUTES full minutes before
+        the reading; a minute no relay reported counts as nothing done (relays that died
+        half an hour ago show 0/s, not their last rate)."""
+        end = self.read_at.replace(second=0, microsecond=0)
+        start = end - timedelta(minutes=RATE_MINUTES)
+        recent = [s for s in self.samples if start <= s.minute < end]
+        seconds = 60.0 * RATE_MINUTES
         return sum(s.published for s in recent) / seconds, sum(s.failed for s in recent) / seconds
 
 
@@ -138,7 +147,15 @@ class Database:
     """The console's connections: a small pool, each query in a read-only transaction
     with a statement timeout (the pages never write; actions use `acting`)."""
 
-    def __init__(self, dsn: str, schema: str, *, max_size: int = 4):
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        *,
+        max_size: int = 4,
+        connect_timeout: float = 10.0,
+        prepare_threshold: int | None = PREPARE_THRESHOLD,
+    ):
         self.schema = schema
         self.queries = Queries(schema)
         self._pool = ConnectionPool(
@@ -146,20 +163,17 @@ class Database:
             min_size=1,
             max_size=max_size,
             open=False,
-            kwargs={"application_name": "outbox-relay-console", "autocommit": False},
-            configure=self._configure,
+            kwargs={
+                "application_name": "outbox-relay-console",
+                "autocommit": False,
+                "connect_timeout": max(1, int(connect_timeout)),
+                # database.prepare_threshold: null behind a pooler in transaction mode.
+                "prepare_threshold": prepare_threshold,
+                # A network that swallows packets ends the connection, not the page.
+                **tcp_settings(),
+            },
             timeout=10.0,
         )
-
-    @staticmethod
-    def _configure(conn: psycopg.Connection[Any]) -> None:
-        # Sequential scans off, for the console's own sessions: with most of a table
-        # pending, the planner would read the whole outbox (every row retention keeps
-        # too) to count the backlog; through the claim's indexes it reads the backlog
-        # alone. Every console query has an index whose predicate it repeats.
-        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-        conn.execute("SET enable_seqscan = off")
-        conn.commit()
 
     def open(self) -> None:
         self._pool.open(wait=False)
@@ -172,6 +186,7 @@ class Database:
         with self._pool.connection() as conn:
             conn.read_only = True
             try:
+                self._limits(conn)
                 yield conn
             finally:
                 conn.rollback()
@@ -180,7 +195,19 @@ class Database:
     @contextlib.contextmanager
     def acting(self) -> Iterator[psycopg.Connection[Any]]:
         with self._pool.connection() as conn:
+            self._limits(conn)
+            conn.commit()  # the limits stay for this transaction only; each action opens its own
             yield conn
+
+    @staticmethod
+    def _limits(conn: psycopg.Connection[Any]) -> None:
+        """For this transaction (SET LOCAL: behind a pooler in transaction mode the next
+        transaction may be another server session's): sequential scans off, so that with
+        most of a table pending the planner does not read the whole outbox (every row
+        retention keeps too) to count the backlog, when the claim's indexes hold the
+        backlog alone; every console query has an index whose predicate it repeats. And
+        the server ends a console query after STATEMENT_TIMEOUT_MS."""
+        conn.execute(CONSOLE_SETTINGS)
 
     def ping(self) -> bool:
         try:
@@ -199,17 +226,19 @@ class Overview:
         self._slot = wal_slot
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
-        self._refreshing = False
+        self._refreshing_since: float | None = None
         self._next_at = 0.0
 
     def current(self) -> Snapshot:
         """The latest reading: the first call reads at once, later ones return the last
-        reading and start a refresh when it is due."""
+        reading and start a refresh when it is due (or when the one running is stuck)."""
         with self._lock:
             snapshot = self._snapshot
-            due = time.monotonic() >= self._next_at and not self._refreshing
+            now = time.monotonic()
+            stuck = self._refreshing_since is not None and now - self._refreshing_since > STUCK_REFRESH_S
+            due = now >= self._next_at and (self._refreshing_since is None or stuck)
             if due:
-                self._refreshing = True
+                self._refreshing_since = now
         if snapshot is None:
             if not due:  # another request is reading the first one
                 return self._wait_first()
@@ -230,15 +259,20 @@ class Overview:
         started = time.monotonic()
         try:
             snapshot = read_overview(self._db, self._slot)
-        except Exception as exc:  # the page shows the error; the next request tries again
+            snapshot.took_s = time.monotonic() - started
+            wait = max(MIN_REFRESH_S, REFRESH_COST_FACTOR * snapshot.took_s)
+        except Exception as exc:  # the page shows the error; a page soon tries again
             log.warning("console_overview_failed", error_type=type(exc).__name__, error=first_line(exc))
-            snapshot = Snapshot(read_at=datetime.now(UTC), took_s=0.0, error=first_line(exc))
-        took = time.monotonic() - started
-        snapshot.took_s = took
+            failed_at = datetime.now(UTC)
+            # The last good numbers stay, marked with the error and their time (read_at):
+            # a page of zeros in an incident would say all is well.
+            previous = self._snapshot or Snapshot(read_at=failed_at, took_s=0.0)
+            snapshot = replace(previous, error=first_line(exc), error_at=failed_at)
+            wait = MIN_REFRESH_S
         with self._lock:
             self._snapshot = snapshot
-            self._refreshing = False
-            self._next_at = time.monotonic() + max(MIN_REFRESH_S, REFRESH_COST_FACTOR * took)
+            self._refreshing_since = None
+            self._next_at = time.monotonic() + wait
         return snapshot
 
 
@@ -288,6 +322,8 @@ def read_overview(db: Database, wal_slot: str) -> Snapshot:
         ]
         recorded = conn.execute(q["outbox_source"]).fetchone()
     source = "table" if recorded is None else str(recorded[0])
+    # The slot the last switch to wal named (settings.wal_slot), else the config's.
+    wal_slot = (recorded[4] if recorded is not None and recorded[4] else None) or wal_slot
     slot = None
     if source == "wal":
         with db.reading() as conn:

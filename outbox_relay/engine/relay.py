@@ -115,7 +115,9 @@ class Relay:
             retention=relay.retention,
             outcomes_retention=config.outcomes.retention,
             wal_receipts=relay.wal.receipts,
-            source=lambda: "wal" if self.metrics.wal_state_now in ("streaming", "paused") else "table",
+            # The WAL source's state where it has one (streaming, paused, standby,
+            # restarting, ...): "table" would hide a WAL relay that cannot stream.
+            source=lambda: _source_name(self.metrics.wal_state_now),
             brokers=lambda: self.health.broker_states(),
             heartbeat_every=heartbeat_every,
             in_flight=lambda: self.table.in_flight,
@@ -285,3 +287,12 @@ class Relay:
                 if check_start is not None:
                     await check_start(conn, self._brokers)
         return True
+
+
+def _source_name(wal_state: str) -> str:
+    """What the heartbeat row says the relay publishes from (the console shows it)."""
+    if wal_state == "off":
+        return "table"
+    if wal_state == "starting":
+        return "starting"  # the WAL source has not yet read which source is on
+    return f"wal ({wal_state})"

@@ -111,7 +111,7 @@ class Health:
         try:
             from outbox_relay.console import bridge
             from outbox_relay.console.app import Console
-            from outbox_relay.console.auth import TokenTooShort
+            from outbox_relay.console.auth import TokenTooShort, UntrustableHeader
         except ImportError as exc:
             raise ConfigError(
                 f"console.enabled needs the console's extra: pip install 'outbox-relay[console]' "
@@ -120,7 +120,7 @@ class Health:
             ) from None
         try:
             console = Console(self._config)
-        except TokenTooShort as exc:
+        except (TokenTooShort, UntrustableHeader) as exc:
             raise ConfigError(str(exc), path="console") from None
         console.open()
         self._console = console

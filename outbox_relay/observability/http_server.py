@@ -23,7 +23,18 @@ Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 Mounted = Callable[..., Awaitable[tuple[int, list[tuple[bytes, bytes]], bytes]]]
 MOUNT_PREFIX = "/console"
 MAX_BODY_BYTES = 1 << 20
-_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 413: "Too Large"}
+MAX_MOUNTED_AT_ONCE = 8  # console requests answered at once: the rest wait their turn
+_REASONS = {
+    200: "OK",
+    303: "See Other",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -44,6 +55,7 @@ class HealthServer:
         self._ready = ready
         self._metrics = metrics
         self._mounted = mounted
+        self._mounted_slots = asyncio.Semaphore(MAX_MOUNTED_AT_ONCE)
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -88,21 +100,26 @@ class HealthServer:
             name, sep, value = line.partition(b":")
             if sep:
                 headers.append((name.strip().lower(), value.strip()))
-        length = int(dict(headers).get(b"content-length", b"0") or 0)
-        if length > MAX_BODY_BYTES:
+        named = dict(headers)
+        length = int(named.get(b"content-length", b"0") or 0)
+        if b"transfer-encoding" in named:
+            # Browsers send a form with its length; a chunked body is not read here.
+            status, out_headers, body = 501, [(b"content-type", b"text/plain")], b"send a Content-Length\n"
+        elif not 0 <= length <= MAX_BODY_BYTES:
             status, out_headers, body = 413, [(b"content-type", b"text/plain")], b"request body too large\n"
         else:
             payload = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
             peer = writer.get_extra_info("peername")
             local = writer.get_extra_info("sockname")
-            status, out_headers, body = await self._mounted(
-                method=method,
-                target=target,
-                headers=headers,
-                body=payload,
-                client=(peer[0], peer[1]) if peer else None,
-                server=(local[0], local[1]) if local else None,
-            )
+            async with self._mounted_slots:
+                status, out_headers, body = await self._mounted(
+                    method=method,
+                    target=target,
+                    headers=headers,
+                    body=payload,
+                    client=(peer[0], peer[1]) if peer else None,
+                    server=(local[0], local[1]) if local else None,
+                )
         skip = {b"content-length", b"connection"}
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}".encode("latin-1")]
         head += [name + b": " + value for name, value in out_headers if name.lower() not in skip]

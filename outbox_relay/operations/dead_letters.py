@@ -145,11 +145,23 @@ class Selection:
 
 def requeue(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> list[UUID]:
     """Put the selected dead letters back to pending; returns the ids requeued."""
-    with conn.transaction(), conn.cursor() as cur:
-        rows = cur.execute(
-            Queries(schema)["dead_letters_requeue"], selection.with_cut(conn, schema).params()
-        ).fetchall()
-    return [row[0] for row in rows]
+    params = selection.with_cut(conn, schema).params()
+    with conn.transaction():
+        return _through_function(conn, schema, "requeue_dead_letters", "dead_letters_requeue", params)
+
+
+def _through_function(
+    conn: psycopg.Connection[Any], schema: str, function: str, statement: str, params: dict[str, Any]
+) -> list[UUID]:
+    """Call the action's SQL function (schema.sql); a role granted before schema version
+    14 may not execute it but holds the table privileges its statement needs, so that
+    role runs the statement itself (the same rows: the function's body is the statement)."""
+    q = Queries(schema)
+    try:
+        with conn.transaction():  # a savepoint: the fallback runs in the same transaction
+            return [row[0] for row in conn.execute(q[function], params).fetchall()]
+    except psycopg.errors.InsufficientPrivilege:
+        return [row[0] for row in conn.execute(q[statement], params).fetchall()]
 
 
 @dataclass(frozen=True)
@@ -176,13 +188,17 @@ def held_behind(conn: psycopg.Connection[Any], schema: str, selection: Selection
     return int(row[0]) if row else 0
 
 
-def purge(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> int:
-    """Delete the selected dead letters (its cut read), 1000 per transaction; returns how many."""
-    params = selection.params()
-    deleted = 0
+PURGE_CHUNK = 1000
+
+
+def purge(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> list[UUID]:
+    """Delete the selected dead letters (its cut read), PURGE_CHUNK per transaction;
+    returns the ids deleted (for the console's log of who deleted what)."""
+    params = {**selection.params(), "max_rows": PURGE_CHUNK}
+    deleted: list[UUID] = []
     while True:
         with conn.transaction():
-            batch = conn.execute(Queries(schema)["dead_letters_purge"], params).rowcount
+            batch = _through_function(conn, schema, "purge_dead_letters", "dead_letters_purge", params)
         deleted += batch
-        if batch < 1000:
+        if len(batch) < PURGE_CHUNK:
             return deleted

@@ -57,10 +57,9 @@ def test_the_relay_serves_the_console_beside_its_probes(db: str, tmp_path: Path)
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         # The relay's own heartbeat row, with its version and broker, shows within a beat.
         wait_for(lambda: "out: connected" in httpx.get(f"{base}/console/").text, 30, "the relay's row")
-        with psycopg.connect(db) as conn:
-            version, source, brokers = conn.execute("SELECT version, source, brokers FROM outbox.relays").fetchone()  # type: ignore[misc]
-        assert version and source == "table"
-        assert brokers == {"out": {"connected": True, "circuit_open": False}}
+        wait_for(lambda: relay_row(db)[1] == "table", 30, "the relay's source known")
+        version, _, brokers = relay_row(db)
+        assert version and brokers == {"out": {"connected": True, "circuit_open": False}}
         assert httpx.get(f"{base}/console/static/console.css").headers["content-type"].startswith("text/css")
         # An action through the relay's port, as a script would: a bearer token. The
         # message is over relay.max_payload_bytes, so this relay dead-letters it again
@@ -75,12 +74,22 @@ def test_the_relay_serves_the_console_beside_its_probes(db: str, tmp_path: Path)
             data={"id": ids, "confirmed": "yes"},
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
-        assert done.status_code == 303 and done.headers["location"].startswith("/console/dead-letters?done=1+requeued")
+        assert done.status_code == 303 and done.headers["location"] == "/console/dead-letters"
+        assert done.cookies.get("outbox_console_done") == '"1 requeued by token"' or "1 requeued by token" in str(
+            done.cookies.get("outbox_console_done")
+        )
         actions = [line for line in relay.logs() if line.get("event") == "console_action"]
         assert [(a["action"], a["user"], a["via"], a["done"]) for a in actions] == [("requeue", "token", "bearer", 1)]
         wait_for(lambda: dead_lettered_after(db, before), 30, "the requeued message tried again and dead-lettered")
     finally:
         relay.close()
+
+
+def relay_row(dsn: str) -> tuple[str, str, dict[str, object]]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT version, source, brokers FROM outbox.relays").fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
 
 
 def samples(dsn: str) -> tuple[int, int]:
@@ -129,6 +138,46 @@ def heartbeat_span_s(dsn: str) -> float:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT extract(epoch FROM heartbeat_at - started_at) FROM outbox.relays").fetchone()
     return 0.0 if row is None else float(row[0])
+
+
+def raw_request(base: str, request: bytes) -> bytes:
+    """One request as bytes on the health port, and its whole answer (Connection: close)."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_relay_port_answers_odd_console_requests_and_keeps_its_probes(db: str, tmp_path: Path) -> None:
+    relay, base = relay_with(db, tmp_path, {"enabled": True})
+    try:
+        # A form whose CSRF field and cookie hold characters outside ASCII: refused, not a crash.
+        body = b"csrf=%C3%A9&token=x"
+        answer = raw_request(
+            base,
+            b"POST /console/sign-in HTTP/1.1\r\nHost: x\r\nCookie: outbox_console_csrf=\xc3\xa9; "
+            b"outbox_console_session=x.\xe9\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+        )
+        assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+        chunked = raw_request(
+            base,
+            b"POST /console/sign-in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+        assert chunked.startswith(b"HTTP/1.1 501 "), chunked[:200]
+        too_large = raw_request(base, b"POST /console/sign-in HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
+        assert too_large.startswith(b"HTTP/1.1 413 "), too_large[:200]
+        encoded = raw_request(base, b"GET /console/%64ead-letters HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert encoded.startswith(b"HTTP/1.1 200 ") and b"<h1>Dead letters</h1>" in encoded
+        assert httpx.get(f"{base}/livez").status_code == 200
+        assert not [line for line in relay.logs() if line.get("event") == "console_request_failed"]
+    finally:
+        relay.close()
 
 
 def test_without_console_enabled_the_port_serves_no_console(db: str, tmp_path: Path) -> None:

@@ -111,8 +111,11 @@ def test_dead_letter_payload_is_redacted_unless_allowed(db: str, make_client: Ma
     assert page.status_code == 200 and "Redacted (console.show_payloads is off)" in page.text
     assert "4111-secret" not in closed.get(f"/console/dead-letters/{row_id}?payload=show").text
     opened = make_client(console={"show_payloads": True})
-    assert "4111-secret" not in opened.get(f"/console/dead-letters/{row_id}").text  # redacted until asked
-    assert "4111-secret" in opened.get(f"/console/dead-letters/{row_id}?payload=show").text
+    operator = {"Authorization": f"Bearer {TOKEN}"}
+    assert "4111-secret" not in opened.get(f"/console/dead-letters/{row_id}", headers=operator).text  # until asked
+    anonymous = opened.get(f"/console/dead-letters/{row_id}?payload=show")
+    assert "4111-secret" not in anonymous.text and "an operator may show it" in anonymous.text
+    assert "4111-secret" in opened.get(f"/console/dead-letters/{row_id}?payload=show", headers=operator).text
     assert closed.get("/console/dead-letters/999999").status_code == 404
 
 
@@ -159,6 +162,7 @@ def test_sign_in_confirm_and_requeue_with_the_held_count(db: str, make_client: M
     signed = client.post("/console/sign-in", data={"csrf": csrf, "token": TOKEN, "name": "ada"}, follow_redirects=False)
     assert signed.status_code == 303
     assert "Operator: ada (token)" in client.get("/console/").text
+    csrf = csrf_of(client)  # signing in gave the session a new CSRF token
     confirm = client.post("/console/dead-letters/confirm", data={"csrf": csrf, "id": first, "action": "requeue"})
     assert confirm.status_code == 200
     assert "Requeue 1 dead letter?" in confirm.text and re.search(r"2 pending messages\s+wait", confirm.text), (
@@ -246,9 +250,10 @@ def test_readyz_answers_for_the_database(db: str, make_client: MakeClient) -> No
         ("console_pending_keyed", "messages_keyed_pending_idx"),
         ("console_pending_keyless", "messages_keyless_pending_idx"),
         ("console_dead_by_topic", "messages_dead_letters"),
-        ("console_dead_letters", "messages_dead_letters_by_id_idx"),
-        ("console_dead_letters_count", "messages_dead_letters"),
+        ("console_dead_letters", "messages_dead_letters_"),  # by id, or by (key, id) with a key
+        ("console_dead_letters_count", "messages_dead_letters_idx"),  # the key's entries alone
         ("console_dead_letter", "messages_dead_letters_by_id_idx"),
+        ("console_payload", "messages_dead_letters_by_id_idx"),
     ],
 )
 def test_console_queries_read_through_their_index(db: str, query: str, index: str) -> None:
@@ -258,7 +263,7 @@ def test_console_queries_read_through_their_index(db: str, query: str, index: st
 
     params = {
         "topic_regex": None,
-        "key": None,
+        "key": "k",
         "reason": None,
         "since": None,
         "until": None,
@@ -297,7 +302,9 @@ def test_the_console_role_reads_every_page_and_acts_with_its_grants(db: str) -> 
                         f"/console/messages?id={ids[1]}",
                     ):
                         assert client.get(path).status_code == 200, path
-                    shown = client.get(f"/console/dead-letters/{row_id}?payload=show")
+                    shown = client.get(
+                        f"/console/dead-letters/{row_id}?payload=show", headers={"Authorization": f"Bearer {TOKEN}"}
+                    )
                     assert shown.status_code == 200 and "may not read payloads" in shown.text
                     assert "4111-secret" not in shown.text
                     done = client.post(
@@ -314,3 +321,91 @@ def test_the_console_role_reads_every_page_and_acts_with_its_grants(db: str) -> 
     with psycopg.connect(db) as conn:
         requeued = conn.execute("SELECT message_id::text FROM outbox.messages WHERE dead_lettered_at IS NULL")
         assert [r[0] for r in requeued.fetchall()] == [ids[1]]
+
+
+def test_a_post_from_another_origin_is_refused_even_with_the_csrf_pair(db: str, make_client: MakeClient) -> None:
+    ids = enqueue(db, [("t", None, {"n": 1})])
+    dead_letter(db, ids, "permanent")
+    client = make_client()
+    csrf = csrf_of(client, "/console/sign-in")
+    client.post("/console/sign-in", data={"csrf": csrf, "token": TOKEN})
+    csrf = csrf_of(client)  # a new token with the session
+    form = {"csrf": csrf, "id": ids, "confirmed": "yes"}
+    for headers in ({"Sec-Fetch-Site": "same-site"}, {"Origin": "http://127.0.0.1:3000"}):
+        refused = client.post("/console/dead-letters/purge", data=form, headers=headers)
+        assert refused.status_code == 403 and "another site" in refused.text, headers
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox.messages").fetchone() == (1,)
+    done = client.post("/console/dead-letters/purge", data=form, headers={"Sec-Fetch-Site": "same-origin"})
+    assert done.status_code == 200 and "1 purged by token" in done.text
+
+
+def test_the_csrf_token_is_new_at_sign_in(db: str, make_client: MakeClient) -> None:
+    client = make_client()
+    planted = csrf_of(client, "/console/sign-in")
+    client.post("/console/sign-in", data={"csrf": planted, "token": TOKEN})
+    assert client.cookies.get(CSRF_COOKIE) not in (None, planted)
+
+
+def test_the_done_banner_comes_from_the_action_not_the_link(db: str, make_client: MakeClient) -> None:
+    page = make_client().get("/console/dead-letters", params={"done": "5000 purged by mallory"})
+    assert "5000 purged" not in page.text
+
+
+def test_bad_filters_get_one_line_and_400(db: str, make_client: MakeClient) -> None:
+    client = make_client()
+    for params, words in (
+        ({"before": "99999999999999999999"}, "before must be a row id"),
+        ({"before": "-3"}, "before must be a row id"),
+        ({"topic": "[z-a]"}, "invalid filter"),
+        ({"key": "a\x00b"}, "must not hold a NUL"),
+    ):
+        page = client.get("/console/dead-letters", params=params)
+        assert page.status_code == 400 and words in page.text, (params, page.text[-500:])
+
+
+def test_cancel_goes_back_on_the_console_only(db: str, make_client: MakeClient) -> None:
+    ids = enqueue(db, [("t", None, {"n": 1})])
+    dead_letter(db, ids, "permanent")
+    client = make_client()
+    csrf = csrf_of(client)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for given, expected in (
+        ("/console/dead-letters?topic=t", "/console/dead-letters?topic=t"),
+        ("https://evil.example/", "/console/dead-letters"),
+        ("//evil.example/x", "/console/dead-letters"),
+    ):
+        page = client.post(
+            "/console/dead-letters/confirm",
+            data={"csrf": csrf, "id": ids, "action": "purge", "back": given},
+            headers=bearer,
+        )
+        assert page.status_code == 200
+        found = re.search(r'<a href="([^"]+)" id="cancel">', page.text)
+        assert found and found.group(1).replace("&amp;", "&") == expected, (given, found)
+
+
+def test_a_trusted_header_sent_twice_or_a_standard_one_is_not_trusted(db: str, make_client: MakeClient) -> None:
+    from outbox_relay.console.auth import Authenticator, UntrustableHeader
+
+    with pytest.raises(UntrustableHeader, match="sent by every client"):
+        Authenticator(None, "User-Agent")
+    client = make_client(token=None, console={"trusted_user_header": "X-Forwarded-User"})
+    twice = client.get("/console/", headers=[("X-Forwarded-User", "mallory"), ("X-Forwarded-User", "grace")])
+    assert "Read-only" in twice.text
+
+
+def test_anonymous_readers_see_trace_context_and_no_other_header_value(db: str, make_client: MakeClient) -> None:
+    ids = enqueue(
+        db,
+        [("t", None, {"n": 1})],
+        headers={"x-api-key": "k-123456", "traceparent": "00-" + "c" * 32 + "-" + "d" * 16 + "-01"},
+    )
+    dead_letter(db, ids, "permanent")
+    with psycopg.connect(db) as conn:
+        row_id = conn.execute("SELECT id FROM outbox.messages").fetchone()[0]  # type: ignore[index]
+    client = make_client()
+    anonymous = client.get(f"/console/dead-letters/{row_id}").text
+    assert "k-123456" not in anonymous and "(redacted)" in anonymous and "c" * 32 in anonymous
+    operator = client.get(f"/console/dead-letters/{row_id}", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    assert "k-123456" in operator

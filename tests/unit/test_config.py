@@ -652,3 +652,18 @@ def test_the_wal_source_defaults_derive_the_slot_from_the_schema() -> None:
 )
 def test_the_wal_source_settings_are_validated(wal: dict[str, Any], expected: str) -> None:
     assert error_of(with_changes(relay={"wal": wal})).startswith(expected)
+
+
+def test_console_enabled_needs_the_health_port() -> None:
+    message = error_of(with_changes(console={"enabled": True}, http={"enabled": False}))
+    assert "console.enabled" in message and "http.enabled: false" in message
+
+
+def test_a_trusted_user_header_on_a_relay_port_open_to_all_is_refused() -> None:
+    text = with_changes(console={"enabled": True, "trusted_user_header": "X-Forwarded-User"})
+    message = error_of(text)  # http.host defaults to 0.0.0.0
+    assert "console.trusted_user_header" in message and "could send that header itself" in message
+    loopback = with_changes(
+        console={"enabled": True, "trusted_user_header": "X-Forwarded-User"}, http={"host": "127.0.0.1"}
+    )
+    assert parse(loopback, env={}).console.trusted_user_header == "X-Forwarded-User"
