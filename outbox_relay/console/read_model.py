@@ -157,8 +157,14 @@ class Database:
         # pending, the planner would read the whole outbox (every row retention keeps
         # too) to count the backlog; through the claim's indexes it reads the backlog
         # alone. Every console query has an index whose predicate it repeats.
+        # JIT off: with sequential scans off, the scan of a table that has no index for
+        # the query (relays, a few rows) is costed at 1e10, past every jit_*_above_cost,
+        # and PostgreSQL compiled and inlined it: 160-270 ms of JIT for a 3-row read or a
+        # message lookup (benchmarks/console_pages.py). The console's reads gain nothing
+        # from it.
         conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
         conn.execute("SET enable_seqscan = off")
+        conn.execute("SET jit = off")
         conn.commit()
 
     def open(self) -> None:
