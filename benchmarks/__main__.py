@@ -7,11 +7,12 @@ scripts/bench --wal-only --messages 10000 --large 100000   # a quick one
 scripts/bench --exactly-once-only  # only exactly once vs at least once (benchmarks/wal_exactly_once.py)
 scripts/bench --cpu-only           # only CPU per message and the relay's profile (benchmarks/cpu_cost.py)
 scripts/bench --brokers-only       # only Redis, NATS and SQS against their raw clients, per key shape
+scripts/bench --console-only       # only the operator console's pages on a large outbox (benchmarks/console_pages.py)
 
 Results are merged into the JSON file: the parts this run measured replace theirs, the
 others stay; a WAL part measured before is kept under "wal_previous_runs". An
 exactly-once-only run replaces only "wal" -> "exactly_once"; a brokers-only run only
-"brokers".
+"brokers"; a console-only run only "console".
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import (
+    console_pages,
     cpu_cost,
     env,
     kafka_bench,
@@ -67,6 +69,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "messages": args.messages,
     }
+    if args.console_only:  # PostgreSQL alone: no broker is asked
+        _step("console: pages on a large outbox")
+        part = await asyncio.to_thread(
+            console_pages.with_cluster, lambda dsn: console_pages.run(dsn, runs=args.runs, requests=args.requests)
+        )
+        _step(f"console: {console_pages.write(part, args.out.parent)}")
+        # The plans' text stays in the results file; the JSON keeps what each took.
+        plans = {name: {k: v for k, v in plan.items() if k != "plan"} for name, plan in part["plans"].items()}
+        results[CONSOLE] = {**part, "plans": plans}
+        return results
     with env.provisioned() as svc:
         if args.exactly_once_only:
             results[EXACTLY_ONCE] = await _exactly_once(svc, args)
@@ -326,6 +338,7 @@ def brokers_table(part: dict[str, Any]) -> list[str]:
 
 
 CPU_ONLY = "cpu_only"  # a cpu-only run's part, merged as "cpu"
+CONSOLE = "console"  # a console-only run's part: the console's pages on a large outbox
 
 
 async def _cpu(svc: env.Services, args: argparse.Namespace) -> dict[str, Any]:
@@ -350,9 +363,12 @@ def merged(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     earlier WAL part moves to "wal_previous_runs" (newest first). An exactly-once-only
     run replaces only "wal" -> "exactly_once" (with its own machine, start and commit); a
     cpu-only run only "cpu" (the same); a brokers-only run only "brokers" (the same), and
-    drops the "brokers_100_keys" of older files (its figures are the "100_keys" shape's)."""
+    drops the "brokers_100_keys" of older files (its figures are the "100_keys" shape's); a
+    console-only run only "console"."""
     if CPU_ONLY in results:
         return {**previous, "cpu": results[CPU_ONLY]}
+    if CONSOLE in results:
+        return {**previous, CONSOLE: results[CONSOLE]}
     if BROKERS in results:  # replaces the 100-keys-only part of older files, too
         kept = {name: part for name, part in previous.items() if name != BROKERS_100_KEYS}
         return {**kept, BROKERS: results[BROKERS]}
@@ -385,6 +401,8 @@ def table(results: dict[str, Any]) -> str:
         lines += [""]
     if "replay" in results:
         lines += [replay_cost.table(results["replay"]), ""]
+    if CONSOLE in results:
+        lines += [console_pages.table(results[CONSOLE]), ""]
     if "ratios" not in results:
         return "\n".join(lines)
     lines += ratio_rows("measure", results["ratios"], TARGETS.get)
@@ -458,6 +476,13 @@ def main() -> None:
         choices=BROKER_NAMES,
         help="with --brokers-only: only this broker (repeatable; default: all three)",
     )
+    parser.add_argument(
+        "--console-only",
+        action="store_true",
+        help="only the operator console's pages on an outbox of 1,000,000 pending and 100,000 dead-lettered rows"
+        " (benchmarks/console_pages.py): --runs runs of --requests requests per page; PostgreSQL alone",
+    )
+    parser.add_argument("--requests", type=int, default=20, help="with --console-only: requests per page and run")
     parser.add_argument("--skip-matrix", action="store_true")
     parser.add_argument("--matrix-only", action="store_true")
     parser.add_argument("--replay-only", action="store_true", help="only the replay's cost (benchmarks/replay_cost.py)")

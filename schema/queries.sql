@@ -538,19 +538,36 @@ WHERE dead_lettered_at IS NOT NULL
 -- name: dead_letters_held_behind_selected
 -- Pending messages of keys whose dead letter `dead-letters purge` would delete, later
 -- than it: under dead_letter_policy hold they wait behind it, and go once it is gone,
--- unless a dead letter the purge keeps still stands before them.
-SELECT count(*) FROM {schema}.messages m
-WHERE m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL AND m.key IS NOT NULL
-  AND EXISTS (SELECT 1 FROM {schema}.messages d
-              WHERE d.key = m.key AND d.id < m.id AND d.dead_lettered_at IS NOT NULL
-                AND (%(message_ids)s::uuid[] IS NULL OR d.message_id = ANY(%(message_ids)s))
-                AND (%(topic_regex)s::text IS NULL OR d.topic ~ %(topic_regex)s)
-                AND (%(cut)s::timestamptz IS NULL OR d.dead_lettered_at < %(cut)s))
-  AND NOT EXISTS (SELECT 1 FROM {schema}.messages k
-                  WHERE k.key = m.key AND k.id < m.id AND k.dead_lettered_at IS NOT NULL
-                    AND NOT ((%(message_ids)s::uuid[] IS NULL OR k.message_id = ANY(%(message_ids)s))
-                             AND (%(topic_regex)s::text IS NULL OR k.topic ~ %(topic_regex)s)
-                             AND (%(cut)s::timestamptz IS NULL OR k.dead_lettered_at < %(cut)s)));
+-- unless a dead letter the purge keeps still stands before them. Per key the selection
+-- holds: pending rows after its first selected dead letter and before its first kept
+-- one, one range of the claim's keyed index (an index-only count), with one probe of
+-- the dead letters' index per key for the kept one. Asked per pending row instead (the
+-- shape before), it joined every pending keyed row to the dead letters: 0.5 s with
+-- 1,000,000 pending and 100,000 dead letters (benchmarks/console_pages.py).
+WITH selected AS MATERIALIZED (
+    SELECT d.key, min(d.id) AS first_id
+    FROM {schema}.messages AS d
+    WHERE d.dead_lettered_at IS NOT NULL AND d.key IS NOT NULL
+      AND (%(message_ids)s::uuid[] IS NULL OR d.message_id = ANY(%(message_ids)s))
+      AND (%(topic_regex)s::text IS NULL OR d.topic ~ %(topic_regex)s)
+      AND (%(cut)s::timestamptz IS NULL OR d.dead_lettered_at < %(cut)s)
+    GROUP BY d.key),
+held AS MATERIALIZED (
+    SELECT s.key, s.first_id,
+           (SELECT k.id FROM {schema}.messages AS k
+            WHERE k.key COLLATE "C" = s.key COLLATE "C" AND k.dead_lettered_at IS NOT NULL
+              AND NOT ((%(message_ids)s::uuid[] IS NULL OR k.message_id = ANY(%(message_ids)s))
+                       AND (%(topic_regex)s::text IS NULL OR k.topic ~ %(topic_regex)s)
+                       AND (%(cut)s::timestamptz IS NULL OR k.dead_lettered_at < %(cut)s))
+            ORDER BY k.key COLLATE "C", k.id
+            LIMIT 1) AS kept_id
+    FROM selected AS s)
+SELECT count(*)
+FROM held AS h
+JOIN {schema}.messages AS m
+  ON m.key COLLATE "C" = h.key COLLATE "C" AND m.id > h.first_id
+ AND m.id < coalesce(h.kept_id, 9223372036854775807)
+WHERE m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL;
 
 -- name: dead_letters_purge
 -- The function's body (purge_dead_letters, schema.sql), for a role granted before

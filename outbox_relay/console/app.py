@@ -169,7 +169,10 @@ class Console:
             **context,
         )
         response = HTMLResponse(body, status_code=status)
-        if request.cookies.get(CSRF_COOKIE) != csrf:
+        # Only a page under /console sets the cookie: a request outside it (the browser's
+        # /favicon.ico, answered by the 404 page) does not carry the cookie, and setting
+        # a new one would replace the token of the form the user is about to send.
+        if request.cookies.get(CSRF_COOKIE) != csrf and request.url.path.startswith(f"{PREFIX}/"):
             _set_cookie(response, request, CSRF_COOKIE, csrf)
         if flash:
             response.delete_cookie(FLASH_COOKIE, path=PREFIX)
@@ -455,7 +458,17 @@ class Console:
         """The form came from one of the console's pages: its CSRF field matches the
         cookie, and the browser (where it says) sent it from the console's own origin."""
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-        return csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")) and same_origin(request.headers, own)
+        problem = None
+        if not csrf_ok(request.cookies.get(CSRF_COOKIE), _field(form, "csrf")):
+            problem = "the CSRF field does not match its cookie"
+        elif not same_origin(request.headers, own):
+            problem = (
+                f"sent from {request.headers.get('origin') or '?'} "
+                f"(Sec-Fetch-Site {request.headers.get('sec-fetch-site') or '-'}), not {own}"
+            )
+        if problem:
+            log.warning("console_form_refused", path=request.url.path, problem=problem, remote=_remote(request))
+        return problem is None
 
     def _selection(self, form: FormData, action: str) -> dead_letter_ops.Selection:
         ids = form.getlist("id")

@@ -42,7 +42,10 @@ RATE_MINUTES = 5
 # The server ends a console query after this: a page answers with an error rather than
 # holding a connection (and a snapshot that holds back vacuum) for long.
 STATEMENT_TIMEOUT_MS = 30_000
-CONSOLE_SETTINGS = "SELECT set_config('statement_timeout', '30000', true), set_config('enable_seqscan', 'off', true)"
+CONSOLE_SETTINGS = (
+    "SELECT set_config('statement_timeout', '30000', true), set_config('enable_seqscan', 'off', true),"
+    " set_config('jit', 'off', true)"
+)
 
 
 @dataclass
@@ -206,7 +209,11 @@ class Database:
         most of a table pending the planner does not read the whole outbox (every row
         retention keeps too) to count the backlog, when the claim's indexes hold the
         backlog alone; every console query has an index whose predicate it repeats. And
-        the server ends a console query after STATEMENT_TIMEOUT_MS."""
+        the server ends a console query after STATEMENT_TIMEOUT_MS. JIT off: with
+        sequential scans off, the scan of a table that has no index for the query
+        (relays, a few rows) is costed at 1e10, past every jit_*_above_cost, and
+        PostgreSQL compiled it: 160-270 ms of JIT for a 3-row read
+        (benchmarks/console_pages.py)."""
         conn.execute(CONSOLE_SETTINGS)
 
     def ping(self) -> bool:

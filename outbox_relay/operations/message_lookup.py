@@ -51,6 +51,9 @@ def lookup(conn: psycopg.Connection[Any], schema: str, message_id: UUID) -> list
         # Every part of the query on its partial index (queries.sql, message_by_id): a
         # sequential scan would read every row retention keeps.
         conn.execute("SET LOCAL enable_seqscan = off")
+        # With sequential scans off the plan is costed past jit_*_above_cost: ~200 ms of
+        # compiling for a lookup (benchmarks/console_pages.py).
+        conn.execute("SET LOCAL jit = off")
         queries = Queries(schema)
         rows = conn.execute(queries["message_by_id"], {"message_id": message_id}).fetchall()
         try:

@@ -254,6 +254,8 @@ def test_readyz_answers_for_the_database(db: str, make_client: MakeClient) -> No
         ("console_dead_letters_count", "messages_dead_letters_idx"),  # the key's entries alone
         ("console_dead_letter", "messages_dead_letters_by_id_idx"),
         ("console_payload", "messages_dead_letters_by_id_idx"),
+        # The confirmation's held-behind count under hold: a range of the keyed index a key.
+        ("dead_letters_held_behind_selected", "messages_keyed_pending_idx"),
     ],
 )
 def test_console_queries_read_through_their_index(db: str, query: str, index: str) -> None:
@@ -270,6 +272,8 @@ def test_console_queries_read_through_their_index(db: str, query: str, index: st
         "before": None,
         "limit": 50,
         "id": 1,
+        "message_ids": None,
+        "cut": None,
     }
     with psycopg.connect(db) as conn:
         conn.execute("SET enable_seqscan = off")
@@ -409,3 +413,11 @@ def test_anonymous_readers_see_trace_context_and_no_other_header_value(db: str, 
     assert "k-123456" not in anonymous and "(redacted)" in anonymous and "c" * 32 in anonymous
     operator = client.get(f"/console/dead-letters/{row_id}", headers={"Authorization": f"Bearer {TOKEN}"}).text
     assert "k-123456" in operator
+
+
+def test_a_page_outside_the_console_sets_no_cookie(db: str, make_client: MakeClient) -> None:
+    # The browser asks for /favicon.ico beside the page: its 404 must not replace the
+    # CSRF cookie of the form the page holds.
+    client = make_client()
+    missing = client.get("/favicon.ico")
+    assert missing.status_code == 404 and "set-cookie" not in missing.headers
