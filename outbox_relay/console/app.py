@@ -218,6 +218,8 @@ class Console:
 
     def _overview_context(self) -> dict[str, Any]:
         snapshot = self.overview.current()
+        if snapshot is None:  # the first reading is still counting a large backlog
+            return {"s": None, "cli": shlex.join(["outbox-relay", "status", "--config", self.config.source])}
         published, failed = snapshot.rates()
         return {
             "s": snapshot,

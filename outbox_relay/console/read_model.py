@@ -38,6 +38,9 @@ REFRESH_COST_FACTOR = 20.0
 # A refresh still reading after this is given up on (a hung connection, a lock): the
 # next page starts another, and the page says since when the numbers are old.
 STUCK_REFRESH_S = 60.0
+# How long a page waits for the overview's very first reading before it answers
+# "reading" instead (its script asks again each second until the numbers are there).
+FIRST_WAIT_S = 0.15
 RATE_MINUTES = 5
 # The server ends a console query after this: a page answers with an error rather than
 # holding a connection (and a snapshot that holds back vacuum) for long.
@@ -235,10 +238,13 @@ class Overview:
         self._snapshot: Snapshot | None = None
         self._refreshing_since: float | None = None
         self._next_at = 0.0
+        self._first = threading.Event()  # set once the first reading (or its error) exists
 
-    def current(self) -> Snapshot:
-        """The latest reading: the first call reads at once, later ones return the last
-        reading and start a refresh when it is due (or when the one running is stuck)."""
+    def current(self) -> Snapshot | None:
+        """The latest reading, and a refresh started in the background when it is due
+        (or when the one running is stuck). Before the first reading exists it waits up
+        to FIRST_WAIT_S for it, then answers None (the page says it is reading: on a
+        million pending rows the first count takes seconds, and no page waits that long)."""
         with self._lock:
             snapshot = self._snapshot
             now = time.monotonic()
@@ -246,21 +252,13 @@ class Overview:
             due = now >= self._next_at and (self._refreshing_since is None or stuck)
             if due:
                 self._refreshing_since = now
-        if snapshot is None:
-            if not due:  # another request is reading the first one
-                return self._wait_first()
-            return self._refresh()
         if due:
             threading.Thread(target=self._refresh, name="console-overview", daemon=True).start()
-        return snapshot
-
-    def _wait_first(self) -> Snapshot:
-        for _ in range(600):
-            time.sleep(0.05)
+        if snapshot is None:
+            self._first.wait(FIRST_WAIT_S)
             with self._lock:
-                if self._snapshot is not None:
-                    return self._snapshot
-        return self._refresh()
+                return self._snapshot
+        return snapshot
 
     def _refresh(self) -> Snapshot:
         started = time.monotonic()
@@ -280,6 +278,7 @@ class Overview:
             self._snapshot = snapshot
             self._refreshing_since = None
             self._next_at = time.monotonic() + wait
+        self._first.set()
         return snapshot
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 import httpx
@@ -421,3 +422,22 @@ def test_a_page_outside_the_console_sets_no_cookie(db: str, make_client: MakeCli
     client = make_client()
     missing = client.get("/favicon.ico")
     assert missing.status_code == 404 and "set-cookie" not in missing.headers
+
+
+def test_the_first_page_does_not_wait_for_a_slow_first_reading(db: str, make_client: MakeClient) -> None:
+    # A lock held on a table the overview reads stands for a count over a large backlog:
+    # the page answers "reading" at once, and the numbers come when the reading ends.
+    enqueue(db, [("t", None, {"n": 1})])
+    with psycopg.connect(db) as locker:
+        locker.execute("LOCK TABLE outbox.relay_samples IN ACCESS EXCLUSIVE MODE")
+        client = make_client()
+        first = client.get("/console/")
+        assert first.status_code == 200 and 'id="reading"' in first.text and 'id="pending"' not in first.text
+        assert 'id="reading"' in client.get("/console/live").text
+        locker.rollback()
+    for _ in range(100):
+        live = client.get("/console/live").text
+        if 'id="pending"' in live:
+            break
+        time.sleep(0.1)
+    assert re.search(r'id="pending">1<', live), live[:300]

@@ -16,7 +16,12 @@
         // The next tick tries again; the page keeps the last numbers meanwhile.
       }
     };
-    setInterval(refresh, 5000);
+    // Every 5 s; every second while the first reading is still being made.
+    const tick = async () => {
+      await refresh();
+      setTimeout(tick, document.getElementById("reading") ? 1000 : 5000);
+    };
+    setTimeout(tick, document.getElementById("reading") ? 1000 : 5000);
   }
   const all = document.getElementById("select-all");
   if (all) {
