@@ -396,6 +396,21 @@ class DeadLetterRow:
     reason: str
     published_to_topic: bool
 
+    @classmethod
+    def of(cls, r: dict[str, Any]) -> DeadLetterRow:
+        """From a row of console_dead_letters or console_dead_letter."""
+        return cls(
+            int(r["id"]),
+            str(r["message_id"]),
+            r["topic"],
+            r["key"],
+            int(r["attempts"]),
+            r["created_at"],
+            r["dead_lettered_at"],
+            r["dead_letter_reason"] or "",
+            r["dead_letter_published_at"] is not None,
+        )
+
 
 @dataclass
 class DeadLetterPage:
@@ -411,20 +426,7 @@ def dead_letters(db: Database, selected: DeadLetterFilter, *, before: int | None
             db.queries["console_dead_letters"], {**params, "before": before, "limit": limit + 1}
         ).fetchall()
         total = int(cur.execute(db.queries["console_dead_letters_count"], params).fetchone()["count"])  # type: ignore[index]
-    page = [
-        DeadLetterRow(
-            int(r["id"]),
-            str(r["message_id"]),
-            r["topic"],
-            r["key"],
-            int(r["attempts"]),
-            r["created_at"],
-            r["dead_lettered_at"],
-            r["dead_letter_reason"] or "",
-            r["dead_letter_published_at"] is not None,
-        )
-        for r in rows[:limit]
-    ]
+    page = [DeadLetterRow.of(r) for r in rows[:limit]]
     return DeadLetterPage(page, total, page[-1].id if len(rows) > limit else None)
 
 
@@ -452,17 +454,7 @@ def dead_letter(db: Database, row_id: int, *, with_payload: bool) -> DeadLetterD
             except psycopg.errors.InsufficientPrivilege:
                 refused = True
     return DeadLetterDetail(
-        DeadLetterRow(
-            int(r["id"]),
-            str(r["message_id"]),
-            r["topic"],
-            r["key"],
-            int(r["attempts"]),
-            r["created_at"],
-            r["dead_lettered_at"],
-            r["dead_letter_reason"] or "",
-            r["dead_letter_published_at"] is not None,
-        ),
+        DeadLetterRow.of(r),
         r["last_error"],
         r["content_type"],
         dict(r["headers"] or {}),
