@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,11 @@ RULE_GROUP_FIELDS = frozenset(
 CONFIG_MOUNT = "/etc/outbox-relay"
 RELEASE = "shop"
 NAMESPACE = "shop"
+# The operator console (console.enabled): the example that turns it on, the variable its
+# sign-in token comes in, and the label its objects carry (the relay's objects do not).
+CONSOLE_VALUES = CHART / "ci" / "console-values.yaml"
+CONSOLE_TOKEN_VARIABLE = "OUTBOX_RELAY_CONSOLE_TOKEN"
+COMPONENT = "app.kubernetes.io/component"
 
 Obj = dict[str, Any]
 
@@ -200,6 +206,38 @@ def relay_containers(pod: Obj) -> list[Obj]:
     ]
 
 
+def console_objects(objects: Sequence[Obj]) -> list[Obj]:
+    """The console's objects: labelled component=console, or named <fullname>-console."""
+    return [
+        o
+        for o in objects
+        if o["metadata"].get("labels", {}).get(COMPONENT) == "console" or o["metadata"]["name"].endswith("-console")
+    ]
+
+
+def console_pod(objects: Sequence[Obj]) -> tuple[Obj, Obj, Obj]:
+    """(Deployment, pod template, container) of the one console."""
+    deployment = one(console_objects(objects), "Deployment")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    return deployment, pod, container
+
+
+def relay_pod(objects: Sequence[Obj]) -> tuple[Obj, Obj, Obj]:
+    """(Deployment, pod template, container) of the standalone relays, beside a console."""
+    (deployment,) = [d for d in of_kind(objects, "Deployment") if d not in console_objects(objects)]
+    pod = deployment["spec"]["template"]
+    (container,) = relay_containers(pod)
+    return deployment, pod, container
+
+
+def env_of(container: Obj) -> dict[str, Obj]:
+    """A container's env entries by name; a name set twice fails."""
+    names = [e["name"] for e in container.get("env", [])]
+    assert len(names) == len(set(names)), f"{container['name']}: a variable set twice: {names}"
+    return {e["name"]: e for e in container.get("env", [])}
+
+
 def relay_config_maps(objects: Sequence[Obj]) -> dict[str, str]:
     """name -> relay.yaml text, for the relay ConfigMaps among the objects."""
     return {
@@ -215,6 +253,27 @@ def mounted_config(pod: Obj, container: Obj) -> tuple[str, str]:
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
     item = next(i for i in volume["configMap"]["items"] if i["path"] == "relay.yaml")
     return volume["configMap"]["name"], item["key"]
+
+
+def notes_chart(dest: Path) -> Path:
+    """A copy of the chart that also renders its NOTES.txt, as the ConfigMap "notes" (helm
+    renders NOTES.txt only on install, and `helm template` never shows it)."""
+    chart = dest / "outbox-relay"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_test.tpl").write_text('{{- define "notes-test" -}}\n' + notes + "\n{{- end -}}\n")
+    (chart / "templates" / "notes-test.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "notes-test" . | quote }}\n'
+    )
+    return chart
+
+
+def rendered_notes(helm: Helm, chart: Path, *values: Path, sets: Mapping[str, str] | None = None) -> str:
+    """NOTES.txt as a chart made by notes_chart() renders it."""
+    objects = helm.template(chart, values=values, sets=sets)
+    text: str = next(o for o in objects if o["metadata"]["name"] == "notes")["data"]["notes"]
+    return text
 
 
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")

@@ -42,6 +42,8 @@ from tests.deploy.helm_support import (
     APP_CHART,
     CHART,
     CONFIG_MOUNT,
+    CONSOLE_TOKEN_VARIABLE,
+    CONSOLE_VALUES,
     CRD_KINDS,
     DASHBOARD,
     DEFAULTS,
@@ -53,6 +55,7 @@ from tests.deploy.helm_support import (
     NAMESPACE,
     PLAIN_SCHEMA_JOB,
     PLAIN_SIDECAR,
+    RELEASE,
     RULE_FIELDS,
     RULE_GROUP_FIELDS,
     STDOUT_VALUES,
@@ -63,19 +66,25 @@ from tests.deploy.helm_support import (
     alert_rules,
     all_variables,
     as_promql,
+    console_objects,
+    console_pod,
     dashboard,
     dashboard_expressions,
+    env_of,
     examples,
     exposition_names,
     families_without_samples,
     install_helm,
     load_objects,
     mounted_config,
+    notes_chart,
     of_kind,
     one,
     pod_specs,
     relay_config_maps,
     relay_containers,
+    relay_pod,
+    rendered_notes,
     required_variables,
     strings_in,
 )
@@ -130,6 +139,7 @@ def test_the_examples_are_the_expected_ones() -> None:
         "outbox-relay:minimal-values",
         "outbox-relay:sidecar-values",
         "outbox-relay:existing-configmap-values",
+        "outbox-relay:console-values",
         "app-chart:defaults",
     } <= names
 
@@ -606,25 +616,300 @@ def test_the_app_chart_dependency_builds_offline_from_the_file_repository(helm: 
 
 
 def test_notes_warn_about_a_missing_database_secret_and_the_stdout_broker(helm: Helm, tmp_path: Path) -> None:
-    # helm renders NOTES.txt only on install; a copy of the chart renders it as a ConfigMap.
-    chart = tmp_path / "outbox-relay"
-    shutil.copytree(CHART, chart)
-    notes = (chart / "templates" / "NOTES.txt").read_text()
-    (chart / "templates" / "_notes_test.tpl").write_text('{{- define "notes-test" -}}\n' + notes + "\n{{- end -}}\n")
-    (chart / "templates" / "notes-test.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
-        '  notes: {{ include "notes-test" . | quote }}\n'
-    )
-
-    def rendered_notes(*values: Path) -> str:
-        objects = helm.template(chart, values=values)
-        text: str = next(o for o in objects if o["metadata"]["name"] == "notes")["data"]["notes"]
-        return text
-
-    defaults = rendered_notes(chart / "ci" / STDOUT_VALUES.name)
+    chart = notes_chart(tmp_path)
+    defaults = rendered_notes(helm, chart, chart / "ci" / STDOUT_VALUES.name)
     assert "no Secret provides it" in defaults and 'broker "stdout" is of type stdout' in defaults
-    configured = rendered_notes(CHART / "ci" / "minimal-values.yaml")
+    configured = rendered_notes(helm, chart, CHART / "ci" / "minimal-values.yaml")
     assert "WARNING" not in configured and "kubectl -n shop exec deploy/shop-outbox-relay" in configured
+
+
+# -- the operator console (console.enabled) -------------------------------------------------
+
+CONSOLE = "outbox-relay:console-values"
+SIDECAR_VALUES = CHART / "ci" / "sidecar-values.yaml"
+HELM_NOISE = re.compile(r"^(\w+\.go:\d+: warning: |Use --debug flag to render out invalid YAML$)")
+LITERAL_TOKEN = [{"name": CONSOLE_TOKEN_VARIABLE, "value": "hunter2-console"}]
+TOKEN_IN_VALUES = "holds the console's sign-in token: it comes only from a Secret you create"
+WORKLOAD_SELECTORS = {"Deployment", "PodDisruptionBudget"}  # kinds whose spec.selector has matchLabels
+PROBE_TIMINGS = {"initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold"}
+
+
+def test_only_the_console_example_renders_a_console(rendered: dict[tuple[str, str], list[Obj]]) -> None:
+    for (name, version), objects in rendered.items():
+        kinds = sorted(o["kind"] for o in console_objects(objects))
+        expected = ["Deployment", "NetworkPolicy", "Service"] if name == CONSOLE else []
+        assert kinds == expected, f"{name} ({version}): {kinds}"
+    assert CONSOLE in {e.name for e in EXAMPLES}
+
+
+def test_the_console_runs_its_command_hardened_with_its_probes_and_the_relays_config(
+    rendered: dict[tuple[str, str], list[Obj]],
+) -> None:
+    objects = rendered[(CONSOLE, KUBE_VERSIONS[-1])]
+    deployment, pod, container = console_pod(objects)
+    _, relay_template, relay = relay_pod(objects)
+    spec = pod["spec"]
+    assert deployment["spec"]["replicas"] == 1
+    config = f"{CONFIG_MOUNT}/relay.yaml"
+    assert container["args"] == ["console", "--config", config, "--host", "0.0.0.0", "--port", "8080"]
+    assert "command" not in container and container["image"] == relay["image"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/console/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/console/readyz", "port": "http"}
+    for kind in ("livenessProbe", "readinessProbe"):
+        assert set(container[kind]) >= PROBE_TIMINGS, kind
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert_hardened(container, "console")
+    assert container["securityContext"] == relay["securityContext"]
+    assert spec["securityContext"] == relay_template["spec"]["securityContext"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert spec["automountServiceAccountToken"] is False
+    # The relay's config, from the same ConfigMap; a changed config rolls the console too.
+    assert mounted_config(pod, container) == mounted_config(relay_template, relay)
+    assert mounted_config(pod, container)[0] in relay_config_maps(objects)
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_MOUNT)
+    assert mount["readOnly"] is True
+    checksum = pod["metadata"]["annotations"]["checksum/config"]
+    assert checksum == relay_template["metadata"]["annotations"]["checksum/config"]
+    # Its own scheduling, none of the relay's.
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert [t["value"] for t in spec["tolerations"]] == ["tools"] and "affinity" not in spec
+
+
+def test_no_selector_of_the_relays_counts_a_console_pod_and_the_consoles_selects_no_relay(
+    rendered: dict[tuple[str, str], list[Obj]],
+) -> None:
+    objects = rendered[(CONSOLE, KUBE_VERSIONS[-1])]
+    deployment, pod, _ = console_pod(objects)
+    _, relay_template, _ = relay_pod(objects)
+    console_labels = pod["metadata"]["labels"]
+    relay_labels = relay_template["metadata"]["labels"]
+    consoles = console_objects(objects)
+    own = [deployment["spec"]["selector"]["matchLabels"]]
+    own += [o["spec"]["selector"] for o in consoles if o["kind"] == "Service"]
+    own += [o["spec"]["podSelector"]["matchLabels"] for o in consoles if o["kind"] == "NetworkPolicy"]
+    assert len(own) == 3 and all(_matches(s, console_labels) and not _matches(s, relay_labels) for s in own)
+    relays = [o for o in objects if o not in consoles]
+    theirs = [o["spec"]["selector"]["matchLabels"] for o in relays if o["kind"] in WORKLOAD_SELECTORS]
+    theirs += [o["spec"]["selector"] for o in relays if o["kind"] == "Service"]
+    theirs += [o["spec"]["podSelector"]["matchLabels"] for o in relays if o["kind"] == "NetworkPolicy"]
+    assert len(theirs) == 4 and all(_matches(s, relay_labels) and not _matches(s, console_labels) for s in theirs)
+    # The ServiceMonitor selects Services by the relay's labels: the console's has none of them.
+    (service,) = [o for o in consoles if o["kind"] == "Service"]
+    relay_service = next(o for o in relays if o["kind"] == "Service")
+    assert not _matches(relay_service["spec"]["selector"], service["metadata"]["labels"])
+
+
+def test_the_console_reads_its_database_and_token_from_secrets_only(
+    helm: Helm, rendered: dict[tuple[str, str], list[Obj]], tmp_path: Path
+) -> None:
+    objects = rendered[(CONSOLE, KUBE_VERSIONS[-1])]
+    _, _, container = console_pod(objects)
+    env = env_of(container)
+    assert env["DATABASE_URL"] == {
+        "name": "DATABASE_URL",
+        "valueFrom": {"secretKeyRef": {"name": "orders-console-database", "key": "dsn"}},
+    }
+    assert env[CONSOLE_TOKEN_VARIABLE] == {
+        "name": CONSOLE_TOKEN_VARIABLE,
+        "valueFrom": {"secretKeyRef": {"name": "orders-console-token", "key": "token"}},
+    }
+    assert env["OUTBOX_RELAY_CONFIG"]["value"] == f"{CONFIG_MOUNT}/relay.yaml"
+    # The relay's extra environment, which the config they share interpolates.
+    assert container["envFrom"] == [{"secretRef": {"name": "orders-relay-webhook"}}]
+    (text,) = relay_config_maps(objects).values()
+    assert required_variables(text) - set(env) <= {"WEBHOOK_TOKEN"}  # WEBHOOK_TOKEN: the envFrom Secret
+    _, _, relay = relay_pod(objects)
+    assert CONSOLE_TOKEN_VARIABLE not in env_of(relay), "the relay needs no sign-in token"
+
+    # No token Secret: no token (a read-only console); no Secret of its own: the relay's.
+    objects = helm.template(
+        CHART, values=[CONSOLE_VALUES], sets={"console.token.existingSecret": "", "console.existingSecret": ""}
+    )
+    env = env_of(console_pod(objects)[2])
+    assert CONSOLE_TOKEN_VARIABLE not in env
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "orders-relay-database", "key": "DATABASE_URL"}
+    # A key of its own for the token; a DATABASE_URL among the relay's extraEnvVars never
+    # replaces the console's own DSN; inheritExtraEnv off: only the console's variables.
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "extraEnvVars": [
+                    {"name": "PGAPPNAME", "value": "outbox-relay"},
+                    {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "elsewhere", "key": "dsn"}}},
+                ],
+                "console": {"token": {"key": "console-token"}, "extraEnvVars": [{"name": "TZ", "value": "UTC"}]},
+            }
+        )
+    )
+    _, _, container = console_pod(helm.template(CHART, values=[CONSOLE_VALUES, extra]))
+    env = env_of(container)
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "orders-console-database"
+    assert env[CONSOLE_TOKEN_VARIABLE]["valueFrom"]["secretKeyRef"]["key"] == "console-token"
+    assert env["PGAPPNAME"]["value"] == "outbox-relay" and env["TZ"]["value"] == "UTC"
+    _, _, container = console_pod(
+        helm.template(CHART, values=[CONSOLE_VALUES, extra], sets={"console.inheritExtraEnv": "false"})
+    )
+    assert "envFrom" not in container and "PGAPPNAME" not in env_of(container)
+    assert set(env_of(container)) == {"OUTBOX_RELAY_CONFIG", "DATABASE_URL", CONSOLE_TOKEN_VARIABLE, "TZ"}
+
+
+def test_the_token_appears_in_the_manifest_only_as_a_secret_reference(helm: Helm) -> None:
+    text = helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--values", str(CONSOLE_VALUES))
+    objects = load_objects(text)
+    assert not of_kind(objects, "Secret")
+    references = [
+        entry
+        for _, pod in pod_specs(objects)
+        for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", [])
+        for entry in container.get("env", [])
+        if entry["name"] == CONSOLE_TOKEN_VARIABLE
+    ]
+    secret_ref = {"secretKeyRef": {"name": "orders-console-token", "key": "token"}}
+    assert references == [{"name": CONSOLE_TOKEN_VARIABLE, "valueFrom": secret_ref}]
+    # Named once in the whole manifest (that reference), and in no ConfigMap.
+    assert text.count(CONSOLE_TOKEN_VARIABLE) == 1
+    for config_map in of_kind(objects, "ConfigMap"):
+        for key, value in (config_map.get("data") or {}).items():
+            assert not CREDENTIAL.search(value), f"{config_map['metadata']['name']}/{key}"
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"console": {"enabled": True, "token": "hunter2-console"}}, "console.token"),
+        ({"console": {"token": {"existingSecret": "t", "value": "hunter2-console"}}}, "console.token.value"),
+        ({"extraEnvVars": LITERAL_TOKEN}, "extraEnvVars"),
+        ({"console": {"enabled": True, "extraEnvVars": LITERAL_TOKEN}}, "console.extraEnvVars"),
+    ],
+    ids=["token-string", "token-value-key", "relay-extra-env", "console-extra-env"],
+)
+def test_the_chart_refuses_a_console_token_in_values_with_one_line(
+    helm: Helm, tmp_path: Path, values: Obj, where: str
+) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(HelmError) as caught:
+        helm.template(CHART, values=[STDOUT_VALUES, path])
+    stderr = caught.value.stderr
+    # Helm's own lines aside (a warning for a string where the defaults have a table,
+    # which names the default, not the value; its --debug hint), the refusal is one line.
+    (line,) = [line for line in stderr.splitlines() if line.strip() and not HELM_NOISE.match(line)]
+    assert f"outbox-relay: {where} {TOKEN_IN_VALUES}" in line, stderr
+    assert "hunter2" not in stderr
+
+
+def test_a_console_token_in_the_relay_config_is_refused_like_any_literal_secret(helm: Helm) -> None:
+    with pytest.raises(HelmError) as caught:
+        helm.template(CHART, values=[STDOUT_VALUES], sets={"config.console.token": "hunter2-console"})
+    assert 'config key "token" holds a literal value' in caught.value.stderr
+    assert "hunter2" not in caught.value.stderr
+
+
+def test_the_consoles_settings_pass_through_the_relay_config(helm: Helm) -> None:
+    objects = helm.template(
+        CHART,
+        values=[STDOUT_VALUES],
+        sets={
+            "console.enabled": "true",
+            "config.console.enabled": "true",
+            "config.console.show_payloads": "false",
+            "config.console.trusted_user_header": "X-Forwarded-User",
+            "config.console.page_size": "50",
+        },
+    )
+    (text,) = relay_config_maps(objects).values()
+    assert yaml.safe_load(text)["console"] == {
+        "enabled": True,
+        "show_payloads": False,
+        "trusted_user_header": "X-Forwarded-User",
+        "page_size": 50,
+    }
+
+
+def test_the_console_service_and_network_policy(
+    helm: Helm, rendered: dict[tuple[str, str], list[Obj]], tmp_path: Path
+) -> None:
+    objects = rendered[(CONSOLE, KUBE_VERSIONS[-1])]
+    consoles = console_objects(objects)
+    service = one(consoles, "Service")
+    assert service["metadata"]["name"] == "shop-outbox-relay-console"
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    policy = one(consoles, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"outbox-relay/console-client": "shop-outbox-relay"}}},
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}},
+        },
+    ]
+    dns = {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    database = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 5432, "protocol": "TCP"}]}
+    assert policy["spec"]["egress"] == [dns, database]  # its own extraEgress: no broker
+
+    # Without rules of its own: the relay's egress; with open egress: open; and none at all
+    # without networkPolicy.enabled.
+    no_own = tmp_path / "no-own-egress.yaml"
+    no_own.write_text(yaml.safe_dump({"console": {"networkPolicy": {"extraEgress": []}}}))
+    objects = helm.template(CHART, values=[CONSOLE_VALUES, no_own])
+    relay_policy = next(o for o in of_kind(objects, "NetworkPolicy") if o not in console_objects(objects))
+    assert one(console_objects(objects), "NetworkPolicy")["spec"]["egress"] == relay_policy["spec"]["egress"]
+    assert len(relay_policy["spec"]["egress"]) == 3
+    objects = helm.template(CHART, values=[CONSOLE_VALUES], sets={"networkPolicy.allowExternalEgress": "true"})
+    assert one(console_objects(objects), "NetworkPolicy")["spec"]["egress"] == [{}]
+    objects = helm.template(CHART, values=[CONSOLE_VALUES], sets={"networkPolicy.enabled": "false"})
+    assert not of_kind(objects, "NetworkPolicy") and one(console_objects(objects), "Service")
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_in_sidecar_mode_the_console_is_a_deployment_of_its_own(helm: Helm, version: str) -> None:
+    cases = {
+        "sidecar-values": helm.template(
+            CHART, values=[SIDECAR_VALUES], sets={"console.enabled": "true"}, kube_version=version
+        ),
+        "app-chart": helm.template(APP_CHART, sets={"outbox-relay.console.enabled": "true"}, kube_version=version),
+    }
+    for name, objects in cases.items():
+        consoles = console_objects(objects)
+        assert sorted(o["kind"] for o in consoles) == ["Deployment", "NetworkPolicy", "Service"], name
+        for obj in [*consoles, *of_kind(objects, "ServiceAccount")]:
+            kubernetes_validate.validate(obj, version, strict=True)
+        _, pod, container = console_pod(objects)
+        # Its ServiceAccount is rendered in sidecar mode too.
+        assert pod["spec"]["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"], name
+        assert container["args"][0] == "console" and container["readinessProbe"]["httpGet"]["path"] == "/console/readyz"
+        # Not a sidecar's optional references: a missing Secret or ConfigMap stops the
+        # console alone, as it should, visibly.
+        config = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+        assert "optional" not in config["configMap"], name
+        refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
+        refs += [next(iter(e.values())) for e in container.get("envFrom", [])]
+        assert refs and not any("optional" in ref for ref in refs), name
+        assert env_of(container)["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "shop-database", name
+    # The relay stays in the application's pods, the app chart's only other Deployment.
+    objects = cases["app-chart"]
+    (app,) = [d for d in of_kind(objects, "Deployment") if d not in console_objects(objects)]
+    assert relay_containers(app["spec"]["template"])
+    assert not of_kind(cases["sidecar-values"], "Deployment")[1:], "sidecar mode renders no relay Deployment"
+
+
+def test_notes_tell_how_to_reach_the_console(helm: Helm, tmp_path: Path) -> None:
+    chart = notes_chart(tmp_path)
+    notes = rendered_notes(helm, chart, CONSOLE_VALUES)
+    assert "kubectl -n shop port-forward svc/shop-outbox-relay-console 8080:80" in notes
+    assert "http://localhost:8080/console/" in notes
+    assert "sign in with the token in Secret orders-console-token" in notes
+    assert "outbox-relay/console-client=shop-outbox-relay" in notes
+    read_only = rendered_notes(helm, chart, CONSOLE_VALUES, sets={"console.token.existingSecret": ""})
+    assert "read-only: no console.token.existingSecret" in read_only
+    without = rendered_notes(helm, chart, CHART / "ci" / "minimal-values.yaml")
+    assert "console" not in without
 
 
 # -- monitoring objects (CRDs: a structural check) ----------------------------------------

@@ -340,13 +340,14 @@ The relay container, shared by the Deployment and the sidecar. Parameters (a dic
     {{- end }}
 {{- end -}}
 
-{{/* The relay's volumes: its config (relay.yaml) and a writable /tmp. */}}
+{{/* The relay's volumes: its config (relay.yaml) and a writable /tmp. `ownPod`: for a
+workload of the chart's own in sidecar mode (the console), whose ConfigMap is not optional. */}}
 {{- define "outbox-relay.volumes" -}}
 {{- $s := .scope -}}
 - name: {{ .configVolume }}
   configMap:
     name: {{ include "outbox-relay.configMapName" $s }}
-    {{- if eq ($s.Values.mode | default "") "sidecar" }}
+    {{- if and (not .ownPod) (eq ($s.Values.mode | default "") "sidecar") }}
     optional: true  # a missing ConfigMap stops the relay alone, never the application's pod
     {{- end }}
     items:
@@ -381,6 +382,7 @@ The relay container, shared by the Deployment and the sidecar. Parameters (a dic
 {{- if gt (len .Values.sidecar.portName) 15 -}}
 {{- fail "outbox-relay: sidecar.portName must be at most 15 characters (a Kubernetes port name)" -}}
 {{- end -}}
+{{- include "outbox-relay.console.validateToken" . -}}
 {{- end -}}
 
 {{/* The PromQL label matchers of the alerts (see metrics.prometheusRule.selector). */}}
