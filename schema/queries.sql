@@ -705,8 +705,8 @@ ORDER BY r.replay_id DESC LIMIT 1;
 -- Who asked, as the command said (OS user and host), and the role, as the database
 -- recorded it (before schema version 7 the command said that too).
 SELECT replay_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, selection,
-       total, copied, finished_at
-FROM {schema}.replays ORDER BY replay_id DESC LIMIT 10;
+       total, copied, skipped, finished_at
+FROM {schema}.replays ORDER BY replay_id DESC LIMIT %(limit)s;
 
 -- name: replay_lock
 -- Taken first in each chunk's transaction: one process copies a replay at a time.
@@ -743,7 +743,7 @@ RETURNING copied;
 -- Who asked and the role, as in status_replays.
 SELECT backfill_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, source,
        total, copied, finished_at
-FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT 10;
+FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT %(limit)s;
 
 -- name: backfill_same_source
 -- The backfills of the same topic, key column and filters, newest first, with the table
@@ -868,12 +868,3 @@ WHERE id = %(id)s AND dead_lettered_at IS NOT NULL;
 -- name: console_payload
 SELECT payload FROM {schema}.messages WHERE id = %(id)s AND dead_lettered_at IS NOT NULL;
 
--- name: console_replays
-SELECT replay_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, selection,
-       total, copied, skipped, finished_at
-FROM {schema}.replays ORDER BY replay_id DESC LIMIT 20;
-
--- name: console_backfills
-SELECT backfill_id, requested_by || coalesce(' as ' || created_by, '') AS requested_by, requested_at, source,
-       total, copied, finished_at
-FROM {schema}.backfills ORDER BY backfill_id DESC LIMIT 20;

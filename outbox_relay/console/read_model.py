@@ -42,6 +42,7 @@ STUCK_REFRESH_S = 60.0
 # "reading" instead (its script asks again each second until the numbers are there).
 FIRST_WAIT_S = 0.15
 RATE_MINUTES = 5
+JOBS_SHOWN = 20  # replays and backfills each, newest first
 # The server ends a console query after this: a page answers with an error rather than
 # holding a connection (and a snapshot that holds back vacuum) for long.
 STATEMENT_TIMEOUT_MS = 30_000
@@ -327,13 +328,10 @@ def read_overview(db: Database, wal_slot: str) -> Snapshot:
             for r in cur.execute(q["console_samples"]).fetchall()
         ]
         recorded = conn.execute(q["outbox_source"]).fetchone()
-    source = "table" if recorded is None else str(recorded[0])
-    # The slot the last switch to wal named (settings.wal_slot), else the config's.
-    wal_slot = (recorded[4] if recorded is not None and recorded[4] else None) or wal_slot
-    slot = None
-    if source == "wal":
-        with db.reading() as conn:
-            slot = slots.read_state(conn, wal_slot)
+        source = "table" if recorded is None else str(recorded[0])
+        # The slot the last switch to wal named (settings.wal_slot), else the config's.
+        wal_slot = (recorded[4] if recorded is not None and recorded[4] else None) or wal_slot
+        slot = slots.read_state(conn, wal_slot) if source == "wal" else None
     return Snapshot(
         read_at=read_at,
         took_s=0.0,
@@ -486,7 +484,7 @@ class Job:
 def jobs(db: Database) -> list[Job]:
     found: list[Job] = []
     with db.reading() as conn, conn.cursor(row_factory=dict_row) as cur:
-        for r in cur.execute(db.queries["console_replays"]).fetchall():
+        for r in cur.execute(db.queries["status_replays"], {"limit": JOBS_SHOWN}).fetchall():
             found.append(
                 Job(
                     "replay",
@@ -499,7 +497,7 @@ def jobs(db: Database) -> list[Job]:
                     r["finished_at"] is not None,
                 )
             )
-        for r in cur.execute(db.queries["console_backfills"]).fetchall():
+        for r in cur.execute(db.queries["status_backfills"], {"limit": JOBS_SHOWN}).fetchall():
             source = r["source"] or {}
             found.append(
                 Job(

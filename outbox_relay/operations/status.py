@@ -146,8 +146,8 @@ def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = N
         topics = cur.execute(q["status_by_topic"]).fetchall()
         dispatched = cur.execute(q["status_dispatched"]).fetchone() or {}
         relays = cur.execute(q["status_relays"]).fetchall()
-        replays = cur.execute(q["status_replays"]).fetchall()
-        backfills = cur.execute(q["status_backfills"]).fetchall()
+        replays = cur.execute(q["status_replays"], {"limit": 10}).fetchall()
+        backfills = cur.execute(q["status_backfills"], {"limit": 10}).fetchall()
     conn.rollback()
     infos = [
         RelayInfo(
