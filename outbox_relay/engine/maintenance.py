@@ -178,6 +178,14 @@ class Maintenance:
                 hint="grant the relay role again: outbox-relay schema sql --relay-role ROLE --grants-only",
             )
             return
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise  # the connection: the loop reconnects
+            # A sample is for a chart: a failed one (a deadlock between replicas deleting
+            # the same old samples, say) must not cost the heartbeat or retention. Its
+            # counts go into the next sample.
+            log.warning("relay_sample_failed", error_type=type(exc).__name__, error=first_line(exc))
+            return
         self._sampled = totals
 
     async def observe(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -196,6 +204,7 @@ class Maintenance:
                 cur = await conn.execute(self._q["pending_gauge"])
                 row = await cur.fetchone()
         except psycopg.errors.QueryCanceled:
+            self._oldest_pending_age = None  # not read this time: the sample says so
             log.warning("pending_gauge_skipped", reason="the count took longer than half of database.query_timeout")
         if row:
             self._metrics.pending.set(row[0] or 0)

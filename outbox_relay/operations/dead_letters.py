@@ -200,5 +200,7 @@ def purge(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> l
         with conn.transaction():
             batch = _through_function(conn, schema, "purge_dead_letters", "dead_letters_purge", params)
         deleted += batch
-        if len(batch) < PURGE_CHUNK:
+        # Until a chunk takes nothing: a chunk short of PURGE_CHUNK may only mean that a
+        # concurrent requeue took some of its rows, not that none is left.
+        if not batch:
             return deleted

@@ -69,7 +69,8 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
           AND (purge_dead_letters.message_ids IS NULL OR d.message_id = ANY(purge_dead_letters.message_ids))
           AND (purge_dead_letters.topic_regex IS NULL OR d.topic ~ purge_dead_letters.topic_regex)
           AND (purge_dead_letters.cut IS NULL OR d.dead_lettered_at < purge_dead_letters.cut)
-        LIMIT purge_dead_letters.max_rows)
+        -- At most 10,000 a call, whatever the caller asks: one call is one transaction.
+        LIMIT least(coalesce(purge_dead_letters.max_rows, 1000), 10000))
     RETURNING m.message_id
 $$;
 REVOKE EXECUTE ON FUNCTION {schema}.purge_dead_letters(uuid[], text, timestamptz, integer) FROM PUBLIC;
