@@ -14,7 +14,7 @@ from psycopg import sql
 
 from outbox_relay.errors import ConfigError
 
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 DEFAULT_SCHEMA = "outbox"
 
 NOTIFY_PREFIX = "outbox_relay."

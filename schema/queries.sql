@@ -345,6 +345,14 @@ WITH expired AS (
 INSERT INTO {schema}.relay_samples (relay_id, published, failed, dead_lettered, oldest_pending_age_s)
 VALUES (%(relay_id)s, %(published)s, %(failed)s, %(dead_lettered)s, %(oldest_pending_age_s)s);
 
+-- name: relay_samples_granted
+-- Whether this role may write samples now (a role refused them asks each heartbeat, and
+-- starts sampling once granted, without a restart): a catalog read, never an error in
+-- the server's log.
+SELECT coalesce(bool_and(has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'DELETE')), false)
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = 'relay_samples';
+
 -- name: forget_relay
 DELETE FROM {schema}.relays WHERE relay_id = %(relay_id)s;
 
@@ -375,12 +383,15 @@ ORDER BY topic;
 SELECT count(*) AS dispatched FROM {schema}.messages WHERE dispatched_at IS NOT NULL;
 
 -- name: message_by_id
--- `status --message-id`: every row of a message id (a replay's copies share it), in
--- enqueue order. One part per partial index, each part's WHERE its index's, so that
--- with sequential scans off (message_lookup.py) no part reads the whole table:
--- dispatched rows by their message id (messages_dispatched_message_id_idx); pending
--- keyed and keyless rows and dead letters by reading those indexes through, a cost
--- that grows with the backlog and the dead letters, never with what retention keeps.
+-- `status --message-id` and the console's lookup: every row of a message id (a replay's
+-- copies share it), in enqueue order. One part per partial index, each part's WHERE
+-- its index's, so that with sequential scans off (message_lookup.py) no part reads the
+-- whole table: dispatched rows and dead letters are one probe each of their message-id
+-- index (messages_dispatched_message_id_idx; messages_dead_letters_message_id_idx,
+-- version 15). Pending rows have no message-id index unless the operator built the
+-- optional one (messages_pending_message_id_idx, README: it costs every enqueue): then
+-- both pending parts probe it; without it they read the claim's indexes through, a cost
+-- that grows with the backlog, never with what retention keeps.
 SELECT * FROM (
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
            dead_lettered_at, dead_letter_reason, receipt,
@@ -845,17 +856,22 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: console_dead_letters_count
--- How many dead letters match the filters ("showing 50 of 1,204"). The key compared as
+-- How many dead letters match the filters ("showing 50 of 1,204"), counted up to
+-- %(cap)s: a filter that matches most of 100,000 dead letters stops there ("more than
+-- 10,000") instead of reading them all; one that matches few still reads every dead
+-- letter's entry (benchmarks/console_pages.py reports that shape). The key compared as
 -- the dead letters' (key, id) index sorts it (COLLATE "C"), so a key's count reads its
 -- entries only.
 SELECT count(*)
-FROM {schema}.messages
-WHERE dead_lettered_at IS NOT NULL
-  AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
-  AND (%(key)s::text IS NULL OR key COLLATE "C" = %(key)s)
-  AND (%(reason)s::text IS NULL OR dead_letter_reason ILIKE %(reason)s)
-  AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR dead_lettered_at < %(until)s);
+FROM (SELECT 1
+      FROM {schema}.messages
+      WHERE dead_lettered_at IS NOT NULL
+        AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+        AND (%(key)s::text IS NULL OR key COLLATE "C" = %(key)s)
+        AND (%(reason)s::text IS NULL OR dead_letter_reason ILIKE %(reason)s)
+        AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
+        AND (%(until)s::timestamptz IS NULL OR dead_lettered_at < %(until)s)
+      LIMIT %(cap)s) AS matched;
 
 -- name: console_dead_letter
 -- One dead letter, by its row id, without its payload (console_payload reads that, only

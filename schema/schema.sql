@@ -249,6 +249,15 @@ REVOKE EXECUTE ON FUNCTION {schema}.take_outcomes(integer, text, text[]) FROM PU
 CREATE INDEX messages_dispatched_message_id_idx ON {schema}.messages (message_id)
     WHERE dispatched_at IS NOT NULL;
 
+-- ... and a dead letter by its id (`status --message-id`, the console's lookup,
+-- `dead-letters requeue|purge --id`; migrations/0015_message_id_lookup.sql): an entry
+-- when a row is dead-lettered, never at enqueue. Hash, not btree: a hash index answers
+-- `message_id = ...` and nothing else, so no other query over dead letters can be
+-- planned through it. Pending rows have none: it would cost every enqueue (the optional
+-- messages_pending_message_id_idx, README, Operator console).
+CREATE INDEX messages_dead_letters_message_id_idx ON {schema}.messages USING hash (message_id)
+    WHERE dead_lettered_at IS NOT NULL;
+
 -- Receipts of the messages the WAL source streams (relay.wal.receipts): they have no
 -- row in messages. One row per acked message, written per dispatched batch before its
 -- position is confirmed (sources/wal/parking.py); deleted after relay.retention.

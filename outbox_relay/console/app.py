@@ -41,7 +41,15 @@ from outbox_relay.console.auth import (
     new_csrf_token,
     same_origin,
 )
-from outbox_relay.console.read_model import Database, DeadLetterFilter, Overview, dead_letter, dead_letters, jobs
+from outbox_relay.console.read_model import (
+    COUNT_CAP,
+    Database,
+    DeadLetterFilter,
+    Overview,
+    dead_letter,
+    dead_letters,
+    jobs,
+)
 from outbox_relay.errors import CommandLineError, first_line
 from outbox_relay.operations import dead_letters as dead_letter_ops
 from outbox_relay.operations import message_lookup
@@ -251,6 +259,7 @@ class Console:
             selected=selected,
             next_url=next_url,
             first_page=before is None,
+            count_cap=COUNT_CAP,
             cli=shlex.join(cli),
         )
 

@@ -410,11 +410,22 @@ class DeadLetterRow:
         )
 
 
+# "Showing 50 of N" counts at most this many matches: past it the page says "more than
+# 10,000" (the overview has the exact total by topic), and a broad filter costs a
+# bounded read however many dead letters there are.
+COUNT_CAP = 10_000
+
+
 @dataclass
 class DeadLetterPage:
     rows: list[DeadLetterRow]
-    total: int
+    total: int  # at most COUNT_CAP + 1
     next_before: int | None  # the next page's cursor (None: this is the last)
+
+    @property
+    def total_capped(self) -> bool:
+        """More matched than were counted: show "more than COUNT_CAP"."""
+        return self.total > COUNT_CAP
 
 
 def dead_letters(db: Database, selected: DeadLetterFilter, *, before: int | None, limit: int) -> DeadLetterPage:
@@ -423,7 +434,8 @@ def dead_letters(db: Database, selected: DeadLetterFilter, *, before: int | None
         rows = cur.execute(
             db.queries["console_dead_letters"], {**params, "before": before, "limit": limit + 1}
         ).fetchall()
-        total = int(cur.execute(db.queries["console_dead_letters_count"], params).fetchone()["count"])  # type: ignore[index]
+        counted = cur.execute(db.queries["console_dead_letters_count"], {**params, "cap": COUNT_CAP + 1}).fetchone()
+        total = int(counted["count"])  # type: ignore[index]
     page = [DeadLetterRow.of(r) for r in rows[:limit]]
     return DeadLetterPage(page, total, page[-1].id if len(rows) > limit else None)
 

@@ -154,7 +154,13 @@ class Maintenance:
     async def sample(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """What this relay did since its previous sample (the console's chart)."""
         if not self._samples_granted:
-            return
+            cur = await conn.execute(self._q["relay_samples_granted"], {"schema": self._q.schema})
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                return
+            # Granted since: sample from now on (the counts since the refusal included).
+            self._samples_granted = True
+            log.info("relay_samples_granted")
         totals = self._metrics.totals()
         published, failed, dead = (now - before for now, before in zip(totals, self._sampled, strict=True))
         try:
@@ -165,12 +171,13 @@ class Maintenance:
                     "published": published,
                     "failed": failed,
                     "dead_lettered": dead,
-                    "oldest_pending_age_s": self._oldest_pending_age,
+                    "oldest_pending_age_s": self._lag(),
                 },
             )
         except psycopg.errors.InsufficientPrivilege as exc:
             # A relay role granted before schema version 14: the relay goes on, the
-            # console's chart stays empty until the grant (README, Operator console).
+            # console's chart stays empty until the grant (README, Operator console),
+            # which the next heartbeats look for.
             self._samples_granted = False
             log.warning(
                 "relay_samples_not_granted",
@@ -187,6 +194,16 @@ class Maintenance:
             log.warning("relay_sample_failed", error_type=type(exc).__name__, error=first_line(exc))
             return
         self._sampled = totals
+
+    def _lag(self) -> float | None:
+        """The sample's lag: the oldest pending row's age and, while the relay streams
+        from the WAL, the WAL source's own lag (the oldest committed transaction it read
+        and has not confirmed), whichever is larger. In WAL mode the table holds only
+        what was parked or enqueued before the switch, so its age alone would chart a
+        stalled stream as no lag at all."""
+        if self._metrics.wal_state_now == "off":  # table mode
+            return self._oldest_pending_age
+        return max(self._oldest_pending_age or 0.0, self._metrics.wal_lag_seconds())
 
     async def observe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Lag gauges, and the watchdog for the oldest open transaction."""

@@ -212,6 +212,12 @@ class RelayMetrics:
         samples count the differences of (the console's chart)."""
         return _total(self.published), _total(self.publish_failures), _total(self.dead_lettered)
 
+    def wal_lag_seconds(self) -> float:
+        """The WAL source's lag as its gauge reads it now (sources/wal/lag.py; 0 in table
+        mode): the console's chart shows it when the relay streams from the WAL."""
+        (family,) = self.wal_slot_lag_seconds.collect()
+        return float(family.samples[0].value)
+
     def wal_state(self, state: str) -> None:
         """The WAL source is now in `state` (one of WAL_STATES)."""
         if state not in WAL_STATES:

@@ -111,7 +111,7 @@ def test_the_heartbeat_samples_what_the_relay_published(db: str, tmp_path: Path)
         relay.close()
 
 
-def test_a_relay_role_without_the_samples_grant_warns_once_and_goes_on(db: str, tmp_path: Path) -> None:
+def test_a_relay_role_without_the_samples_grant_warns_once_and_samples_once_granted(db: str, tmp_path: Path) -> None:
     from psycopg import sql
 
     from tests.support.databases import role_with_grants
@@ -129,6 +129,12 @@ def test_a_relay_role_without_the_samples_grant_warns_once_and_goes_on(db: str, 
             warned = [line for line in relay.logs() if line.get("event") == "relay_samples_not_granted"]
             assert len(warned) == 1 and "--relay-role" in warned[0]["hint"]
             assert samples(db) == (0, 0)
+            # Granted again: the relay samples from its next heartbeat on, no restart,
+            # and its first sample counts what it published while refused.
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute(sql.SQL("GRANT INSERT ON outbox.relay_samples TO {}").format(sql.Identifier(str(role))))
+            wait_for(lambda: samples(db)[1] == 5, 30, "a sample once granted")
+            assert any(line.get("event") == "relay_samples_granted" for line in relay.logs())
         finally:
             relay.close()
 

@@ -86,6 +86,25 @@ def test_dead_letters_filter_by_topic_key_reason_and_time(db: str, make_client: 
     assert bad.status_code == 400 and "since must be a date and time" in bad.text
 
 
+def test_the_dead_letter_count_stops_past_its_cap(db: str, make_client: MakeClient) -> None:
+    from outbox_relay.console.read_model import COUNT_CAP
+
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, key, payload, dead_lettered_at, dead_letter_reason)"
+            " SELECT CASE WHEN g <= 3 THEN 'rare' ELSE 'common' END, NULL, '\\x00', now(), 'permanent'"
+            " FROM generate_series(1, %s) AS g",
+            (COUNT_CAP + 2,),
+        )
+    client = make_client()
+    assert f"Showing 50 of more than {COUNT_CAP:,}" in client.get("/console/dead-letters").text
+    # Under the cap the count is exact, however many dead letters there are.
+    assert "Showing 3 of 3" in client.get("/console/dead-letters", params={"topic": "rare"}).text
+    common = client.get("/console/dead-letters", params={"topic": "common"}).text
+    assert "more than" not in common
+    assert f"Showing 50 of {COUNT_CAP - 1:,}" in common
+
+
 def test_dead_letters_page_through_with_a_keyset(db: str, make_client: MakeClient) -> None:
     ids = enqueue(db, [("t", None, {"n": i}) for i in range(7)])
     dead_letter(db, ids, "permanent")
@@ -253,6 +272,8 @@ def test_readyz_answers_for_the_database(db: str, make_client: MakeClient) -> No
         ("console_dead_by_topic", "messages_dead_letters"),
         ("console_dead_letters", "messages_dead_letters_"),  # by id, or by (key, id) with a key
         ("console_dead_letters_count", "messages_dead_letters_idx"),  # the key's entries alone
+        # The confirmation's count of the chosen ids: a probe per id (schema version 15).
+        ("dead_letters_count_selected", "messages_dead_letters_message_id_idx"),
         ("console_dead_letter", "messages_dead_letters_by_id_idx"),
         ("console_payload", "messages_dead_letters_by_id_idx"),
         # The confirmation's held-behind count under hold: a range of the keyed index a key.
@@ -273,8 +294,9 @@ def test_console_queries_read_through_their_index(db: str, query: str, index: st
         "before": None,
         "limit": 50,
         "id": 1,
-        "message_ids": None,
+        "message_ids": None if query != "dead_letters_count_selected" else ["00000000-0000-0000-0000-000000000001"],
         "cut": None,
+        "cap": 10_001,
     }
     with psycopg.connect(db) as conn:
         conn.execute("SET enable_seqscan = off")
