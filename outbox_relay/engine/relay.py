@@ -28,9 +28,8 @@ from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
 from outbox_relay.engine.stopping import until_stopped
-from outbox_relay.engine.store import Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record
 from outbox_relay.observability.health import Health
 from outbox_relay.observability.http_server import HealthServer
 from outbox_relay.observability.metrics import RelayMetrics
