@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from outbox_relay import schema_version
 from outbox_relay.adapter import Adapter
 from outbox_relay.claim_check.uploads import ClaimChecks
 from outbox_relay.config import Config
@@ -33,7 +34,6 @@ from outbox_relay.models import Message, Record
 from outbox_relay.observability.health import Health
 from outbox_relay.observability.http_server import HealthServer
 from outbox_relay.observability.metrics import RelayMetrics
-from outbox_relay.operations import schema_manager
 from outbox_relay.sources.base import RelayObserver, Source
 from outbox_relay.sources.table import TableSource
 from outbox_relay.sqlfiles import Queries, notify_channel
@@ -280,7 +280,7 @@ class Relay:
             prepare_threshold=self.config.database.prepare_threshold,
         )
         async with conn:
-            await schema_manager.check(conn, self.config.database.schema_name)
+            await schema_version.check(conn, self.config.database.schema_name)
             for source in self._sources:  # sources/base.py: check_start
                 check_start = getattr(source, "check_start", None)
                 if check_start is not None:

@@ -1,4 +1,6 @@
-"""Installs and checks the outbox schema in an existing database.
+"""Installs and upgrades the outbox schema in an existing database, and switches its
+source. Whether a schema is usable as it is (there, at this version, UTF8) is
+``outbox_relay/schema_version.py``'s question: the relay asks it too.
 
 Install is idempotent and safe when two installs race: both take the same
 transaction-level advisory lock, so the second waits and then finds the work done.
@@ -8,9 +10,8 @@ holds objects that are not outbox-relay's.
 
 from __future__ import annotations
 
-import difflib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay import sqlfiles
+from outbox_relay import schema_version, sqlfiles
 from outbox_relay.errors import DatabaseError, SchemaError, first_line
 from outbox_relay.sources.wal import framing, slot
 
@@ -34,12 +35,10 @@ _SCHEMA_OBJECTS = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s
 """
-_HAS_VERSION_TABLE = "SELECT to_regclass(format('%%I.schema_version', %s::text)) IS NOT NULL"
 
 
 _log = logging.getLogger(__name__)
 
-_ENCODING = "SELECT current_setting('server_encoding')"
 # DDL on outbox.messages waits for every open transaction on it (a relay batch, an
 # application's transaction), and while it waits every new enqueue queues behind it:
 # give up after this long instead, and change nothing.
@@ -54,19 +53,6 @@ def _busy(exc: psycopg.errors.LockNotAvailable, what: str) -> DatabaseError:
     )
 
 
-def _encoding_problem(encoding: object) -> str | None:
-    # Text in any other encoding comes back as bytes (SQL_ASCII) or cannot hold every
-    # topic, key and header the relay accepts: refuse it up front, in one line.
-    if isinstance(encoding, bytes):  # SQL_ASCII: psycopg hands text over undecoded
-        encoding = encoding.decode("ascii", "replace")
-    if encoding == "UTF8":
-        return None
-    return (
-        f"the database's encoding is {encoding}; outbox-relay needs a UTF8 database "
-        "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
-    )
-
-
 @dataclass(frozen=True)
 class InstallResult:
     schema: str
@@ -78,16 +64,6 @@ class InstallResult:
         return self.previous_version != self.version
 
 
-def _version_of(cur: psycopg.Cursor[Any], schema: str) -> int | None:
-    cur.execute(_HAS_VERSION_TABLE, (schema,))
-    row = cur.fetchone()
-    if not row or not row[0]:
-        return None
-    cur.execute(sqlfiles.Queries(schema)["schema_version"])
-    row = cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else None
-
-
 def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> InstallResult:
     """Create or upgrade `schema` to the current version, in one transaction.
 
@@ -97,12 +73,12 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
     sqlfiles.validate_schema_name(schema)
     try:
         with conn.transaction(), conn.cursor() as cur:
-            cur.execute(_ENCODING)
-            problem = _encoding_problem((cur.fetchone() or (None,))[0])
+            cur.execute(schema_version.ENCODING)
+            problem = schema_version.encoding_problem((cur.fetchone() or (None,))[0])
             if problem:
                 raise SchemaError(problem)
             cur.execute(_LOCK_KEY, (schema,))
-            previous = _version_of(cur, schema)
+            previous = schema_version.version_of(cur, schema)
             if previous is None:
                 cur.execute(_SCHEMA_OBJECTS, (schema,))
                 row = cur.fetchone()
@@ -137,83 +113,6 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
 
 def _record_version(cur: psycopg.Cursor[tuple[object, ...]], schema: str, version: int) -> None:
     cur.execute(sqlfiles.record_version(schema, version))
-
-
-def version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | None:
-    """The installed schema version, or None when the schema is not installed."""
-    with conn.cursor() as cur:
-        found = _version_of(cur, schema)
-    conn.rollback()
-    return found
-
-
-def why_unusable(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> str | None:
-    """Why the relay cannot run against `schema` in this database, or None if it can."""
-    found = version(conn, schema)
-    installed: list[str] = []
-    if found is None:
-        installed = [str(row[0]) for row in conn.execute(sqlfiles.Queries(schema)["outbox_schemas"]).fetchall()]
-        conn.rollback()
-    return missing_or_old(found, schema, installed)
-
-
-def _not_installed(schema: str, installed: Sequence[str]) -> str:
-    """`schema` holds no outbox. A typo (`outbx`) is answered with the outbox that exists,
-    not with the advice to install a second one."""
-    missing = f"outbox schema {schema!r} is not installed in this database"
-    others = [name for name in installed if name != schema]
-    here = f"outbox schemas here: {', '.join(others)}"
-    close = difflib.get_close_matches(schema, others, n=1, cutoff=0.6)
-    if close:
-        return f"{missing}; did you mean {close[0]!r}? (database.schema in the config; {here})"
-    install = f"run `outbox-relay schema install --schema {schema}`"
-    if others:
-        return f"{missing} ({here}): set database.schema to one of them, or {install} for a new outbox"
-    return f"{missing}: {install}"
-
-
-def missing_or_old(version: int | None, schema: str, installed: Sequence[str] = ()) -> str | None:
-    """Why the relay cannot run against a schema at `version`, or None if it can.
-    `installed`: the schemas of the database that hold an outbox, named if `schema` does not."""
-    if version is None:
-        return _not_installed(schema, installed)
-    if version < sqlfiles.SCHEMA_VERSION:
-        return (
-            f"outbox schema {schema!r} is at version {version}, older than this outbox-relay "
-            f"needs ({sqlfiles.SCHEMA_VERSION}): run `outbox-relay schema install --schema {schema}`"
-        )
-    if version > sqlfiles.SCHEMA_VERSION:
-        return (
-            f"outbox schema {schema!r} is at version {version}, newer than this outbox-relay "
-            f"knows ({sqlfiles.SCHEMA_VERSION}): upgrade outbox-relay"
-        )
-    return None
-
-
-async def check(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str) -> None:
-    """Raise SchemaError unless `schema` is installed at exactly the current version."""
-    async with conn.cursor() as cur:
-        await cur.execute(_ENCODING)
-        encoding = await cur.fetchone()
-        problem = _encoding_problem(encoding[0] if encoding else None)
-        if problem:
-            raise SchemaError(problem)
-        await cur.execute(_HAS_VERSION_TABLE, (schema,))
-        row = await cur.fetchone()
-        version = None
-        if row and row[0]:
-            await cur.execute(sqlfiles.Queries(schema)["schema_version"])
-            vrow = await cur.fetchone()
-            version = int(vrow[0]) if vrow and vrow[0] is not None else None  # type: ignore[call-overload]
-        installed: list[str] = []
-        if version is None:
-            await cur.execute(sqlfiles.Queries(schema)["outbox_schemas"])
-            installed = [str(row[0]) for row in await cur.fetchall()]
-    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-        await conn.rollback()
-    problem = missing_or_old(version, schema, installed)
-    if problem:
-        raise SchemaError(problem)
 
 
 def set_notify(conn: psycopg.Connection[tuple[object, ...]], schema: str, enabled: bool) -> None:
@@ -328,7 +227,7 @@ def set_source(
                 cur.execute(_LOCK_KEY, (schema,))
                 if source == "wal":
                     _require_wal_ready(conn, schema, wanted)
-                problem = missing_or_old(_version_of(cur, schema), schema)
+                problem = schema_version.missing_or_old(schema_version.version_of(cur, schema), schema)
             if problem:
                 raise SchemaError(problem)
             if source == "wal" and conn.execute(_source_statement("drain_pending", schema)).fetchone() == (True,):
