@@ -1,6 +1,8 @@
 """Installs and upgrades the outbox schema in an existing database, and switches its
 source. Whether a schema is usable as it is (there, at this version, UTF8) is
-``outbox_relay/schema_version.py``'s question: the relay asks it too.
+``outbox_relay/schema_version.py``'s question: the relay asks it too. The source as
+recorded, and the schema's lock that a switch takes, are ``outbox_relay/outbox_source.py``'s:
+the WAL source reads and takes them too.
 
 Install is idempotent and safe when two installs race: both take the same
 transaction-level advisory lock, so the second waits and then finds the work done.
@@ -13,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -21,10 +22,14 @@ from psycopg import sql
 
 from outbox_relay import schema_version, sqlfiles
 from outbox_relay.errors import DatabaseError, SchemaError, first_line
+
+# Importable from here as before they moved below the sources (outbox_source.py).
+from outbox_relay.outbox_source import SOURCES as SOURCES
+from outbox_relay.outbox_source import SourceSetting as SourceSetting
+from outbox_relay.outbox_source import lock_schema as lock_schema
+from outbox_relay.outbox_source import read_source as read_source
 from outbox_relay.sources.wal import framing, slot
 
-_LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay.schema.' || %s))"
-_SHARED_LOCK_KEY = "SELECT pg_advisory_xact_lock_shared(hashtext('outbox_relay.schema.' || %s))"
 # enqueue_binary's own fence (schema/sources.sql, take_source_fence), keyed by the channel.
 _SHARED_SOURCE_FENCE = "SELECT pg_advisory_xact_lock_shared(hashtext(%s || '.source'))"
 # The version whose migration replaced enqueue_binary's body (0009: the source fence).
@@ -77,7 +82,7 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
             problem = schema_version.encoding_problem((cur.fetchone() or (None,))[0])
             if problem:
                 raise SchemaError(problem)
-            cur.execute(_LOCK_KEY, (schema,))
+            lock_schema(cur, schema)
             previous = schema_version.version_of(cur, schema)
             if previous is None:
                 cur.execute(_SCHEMA_OBJECTS, (schema,))
@@ -130,27 +135,7 @@ def set_notify(conn: psycopg.Connection[tuple[object, ...]], schema: str, enable
         raise _busy(exc, f"schema notify {'on' if enabled else 'off'} failed") from None
 
 
-# -- the source: where enqueue writes --------------------------------------------------
-
-SOURCES = ("table", "wal")
-
-
-@dataclass(frozen=True)
-class SourceSetting:
-    """Where enqueue writes (`table` or `wal`), since when and who switched."""
-
-    source: str
-    changed_at: datetime
-    changed_by: str
-    wal_slot: str | None = None  # the slot the last switch to wal used
-
-
-def read_source(conn: psycopg.Connection[Any], schema: str) -> SourceSetting:
-    """The outbox's source as recorded (queries.sql, outbox_source)."""
-    row = conn.execute(sqlfiles.Queries(schema)["outbox_source"]).fetchone()
-    if row is None:  # the row is inserted with the table; only a hand-made DELETE removes it
-        raise SchemaError(f"{schema}.settings holds no row: run `outbox-relay schema install --schema {schema}`")
-    return SourceSetting(str(row[0]), row[1], str(row[2]), None if row[4] is None else str(row[4]))
+# -- the source: where enqueue writes (outbox_source.py: SOURCES, read_source) ---------
 
 
 def hold_enqueue_source(conn: psycopg.Connection[Any], schema: str) -> str:
@@ -161,7 +146,7 @@ def hold_enqueue_source(conn: psycopg.Connection[Any], schema: str) -> str:
     settings). For a writer that does not go through enqueue and must write where it
     does (a backfill chunk). The read is a statement of its own: a statement's snapshot
     is taken before it waits for the lock, and would not see a switch committed meanwhile."""
-    conn.execute(_SHARED_LOCK_KEY, (sqlfiles.validate_schema_name(schema),))
+    lock_schema(conn, schema, shared=True)
     # The source fence too, as enqueue_binary takes it: a switch waits for the chunk.
     conn.execute(_SHARED_SOURCE_FENCE, (sqlfiles.notify_channel(schema),))
     row = conn.execute(sqlfiles.Queries(schema)["enqueue_source"], {"schema": schema}).fetchone()
@@ -224,7 +209,7 @@ def set_source(
     try:
         with conn.transaction():
             with conn.cursor() as cur:
-                cur.execute(_LOCK_KEY, (schema,))
+                lock_schema(cur, schema)
                 if source == "wal":
                     _require_wal_ready(conn, schema, wanted)
                 problem = schema_version.missing_or_old(schema_version.version_of(cur, schema), schema)
@@ -327,12 +312,6 @@ async def emit_message_public(conn: psycopg.AsyncConnection[Any], schema: str) -
     params = {"variants": list(EMIT_MESSAGE_VARIANTS), "schema": schema}
     cur = await conn.execute(_source_statement("emit_message_access", schema), params)
     return any(row[1] for row in await cur.fetchall())
-
-
-def lock_schema(conn: psycopg.Connection[Any], schema: str) -> None:
-    """Take `schema`'s lock (install, upgrade, set_source) until the caller's transaction
-    ends: the WAL runner holds it to drop a drained slot only while the source is table."""
-    conn.execute(_LOCK_KEY, (sqlfiles.validate_schema_name(schema),))
 
 
 def _require_wal_ready(conn: psycopg.Connection[Any], schema: str, slot_name: str) -> None:
