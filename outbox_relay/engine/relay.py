@@ -31,7 +31,7 @@ from outbox_relay.engine.routing import Router
 from outbox_relay.engine.stopping import until_stopped
 from outbox_relay.engine.wakeup import Listener, Wakeup
 from outbox_relay.models import Message, Record
-from outbox_relay.observability.health import Health
+from outbox_relay.observability.health import Health, Mount
 from outbox_relay.observability.http_server import HealthServer
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sources.base import RelayObserver, Source
@@ -71,7 +71,9 @@ class Relay:
         observer: RelayObserver | None = None,
         heartbeat_every: float = 5.0,
         sources: Sequence[Source] = (),
+        mount: Mount | None = None,
     ):
+        """`mount`: an app the health port serves too (the console: console/mount.py)."""
         relay = config.relay
         self.config = config
         self.relay_id = uuid.uuid4()
@@ -165,6 +167,7 @@ class Relay:
             started=self.started,
             batches_started=self.table.batches_started.values,
             sources=[*self._sources, self.claim_checks] if self.claim_checks else self._sources,
+            mount=mount,
         )
 
     def stop(self) -> None:
