@@ -34,10 +34,10 @@ import structlog
 from outbox_relay.errors import first_line
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 
+from ._kafka_common import CLOSE_WAIT_S, KafkaOptions, start_if_missing
 from ._options import TlsOptions
 from ._rounds import Batch, Entry, Rounds
-from ._topics import METADATA_WAIT_S, TopicMetadata
-from .kafka import CLOSE_WAIT_S, KafkaOptions, start_if_missing, valid_topic
+from ._topics import METADATA_WAIT_S, TopicMetadata, valid_topic
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
@@ -121,7 +121,7 @@ def classify(error: Any) -> PublishResult:
 
 
 def producer_config(options: KafkaOptions) -> dict[str, Any]:
-    """librdkafka settings equivalent to the aiokafka client's (kafka.producer_settings)."""
+    """librdkafka settings equivalent to the aiokafka client's (kafka_aiokafka.producer_settings)."""
     timeout_ms = int(options.request_timeout * 1000)
     return {
         **client_config(options),

@@ -28,8 +28,8 @@ from outbox_relay.adapter import Fenced, TransactionFailed
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
+from ._kafka_common import CLOSE_WAIT_S, KafkaOptions
 from ._offsets import check_cleanup_policy, new_topic_settings, not_read_back, undecided, windows
-from .kafka import CLOSE_WAIT_S, KafkaOptions
 from .kafka_librdkafka import FENCED_CODES, LibrdkafkaAdapter, client_config, fatal_error
 
 try:

@@ -35,7 +35,8 @@ async def read_back(options: Mapping[str, Any], places: Sequence[tuple[str, int,
     offset); see the module docstring."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from .kafka import KafkaOptions, client_settings
+    from ._kafka_common import KafkaOptions
+    from .kafka_aiokafka import client_settings
 
     settings = client_settings(parse_options(KafkaOptions, options))
     consumer = AIOKafkaConsumer(**settings, enable_auto_commit=False, group_id=None, isolation_level="read_committed")

@@ -12,7 +12,7 @@ Fencing: the transactional id is the same for every relay that streams one slot,
 (a relay frozen, then thawed after a standby took over) is refused from then on
 (``ProducerFenced``), and the transaction it left open is aborted.
 
-The records go out through the adapter's own code (kafka.py: rounds, partitions,
+The records go out through the adapter's own code (kafka_aiokafka.py: rounds, partitions,
 early refusals), on a KafkaAdapter made transactional, which never replaces its
 producer itself: after any failure the relay aborts, which drops the producer, and
 starts a new one (a rejected record leaves a gap in the idempotent sequence; a new
@@ -32,8 +32,9 @@ from outbox_relay.adapter import Fenced, TransactionFailed
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
+from ._kafka_common import CLOSE_WAIT_S, NEEDS_AIOKAFKA, KafkaOptions
 from ._offsets import check_cleanup_policy, new_topic_settings, windows
-from .kafka import CLOSE_WAIT_S, KafkaAdapter, KafkaOptions, client_settings, stop_within
+from .kafka_aiokafka import KafkaAdapter, client_settings, stop_within
 
 try:
     from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -41,7 +42,7 @@ try:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the kafka adapter needs aiokafka: pip install 'outbox-relay[kafka]'") from exc
+    raise ImportError(NEEDS_AIOKAFKA) from exc
 
 log = structlog.get_logger("outbox_relay.kafka")
 

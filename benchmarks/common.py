@@ -15,8 +15,7 @@ from benchmarks.cpu import Window
 from outbox_relay.assembly import build_adapters
 from outbox_relay.config import Config, parse
 from outbox_relay.engine.relay import Relay
-from outbox_relay.engine.store import Record, RecordKind
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 
 PAYLOAD_BYTES = 256
 KEYS = 10_000

@@ -33,7 +33,8 @@ from benchmarks.common import Keys, fill_backlog
 from benchmarks.cpu import PgCpu, micros_per_message
 from benchmarks.env import fresh_schema
 from outbox_relay.demo import local_postgres
-from outbox_relay.engine.store import OutboxStore, Record, RecordKind
+from outbox_relay.engine.store import OutboxStore
+from outbox_relay.models import Record, RecordKind
 from outbox_relay.sqlfiles import Queries
 
 SCHEMA = "bench_sql_floor"

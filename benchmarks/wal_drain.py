@@ -31,8 +31,7 @@ from benchmarks.wal_source import (
     relay_for,
     until_idle,
 )
-from outbox_relay.engine.store import Record, RecordKind
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 from tests.consumers import kafka_create_topic
 
 SCHEMA = "bench_source"

@@ -12,6 +12,7 @@ from outbox_relay.adapter import Adapter
 from outbox_relay.config import Config, key_path
 from outbox_relay.engine.relay import Relay
 from outbox_relay.errors import ConfigError
+from outbox_relay.observability.health import Mount
 from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sources.wal.runner import WalSource
 
@@ -66,7 +67,9 @@ def _check_exactly_once(config: Config, adapters: dict[str, Adapter]) -> None:
         )
 
 
-def build_relay(config: Config, *, observer: RelayObserver | None = None) -> Relay:
+def build_relay(config: Config, *, observer: RelayObserver | None = None, mount: Mount | None = None) -> Relay:
     """The relay with its table workers and the WAL source beside them (which streams
-    only when the outbox's source is wal, or drains a slot a switch to table left)."""
-    return Relay(config, build_adapters(config), observer=observer, sources=[WalSource(config)])
+    only when the outbox's source is wal, or drains a slot a switch to table left).
+    `mount`: an app its health port serves too; the CLI hands in the console there
+    (console.enabled), which lies above this module."""
+    return Relay(config, build_adapters(config), observer=observer, sources=[WalSource(config)], mount=mount)

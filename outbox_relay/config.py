@@ -31,8 +31,8 @@ from pydantic import (
 from outbox_relay.durations import Duration
 from outbox_relay.envsubst import SubstitutionError, substitute_tree
 from outbox_relay.errors import ConfigError, first_line
-from outbox_relay.sources.wal.slot import name_for as slot_name_for
-from outbox_relay.sources.wal.slot import validate_name as validate_slot_name
+from outbox_relay.slot_names import name_for as slot_name_for
+from outbox_relay.slot_names import validate_name as validate_slot_name
 from outbox_relay.sqlfiles import DEFAULT_SCHEMA, validate_schema_name
 
 

@@ -1,4 +1,6 @@
-"""The data that crosses the engine/adapter boundary. Imports nothing of ours."""
+"""The data that crosses the engine's boundaries: messages on their way to the
+brokers and what each broker said (adapters), and what the relay writes back for
+each message (sources, and the metrics that observe it). Imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -105,3 +107,27 @@ class PublishResult:
 
 
 _ACKED = PublishResult(Outcome.ACKED)
+
+
+class RecordKind(enum.StrEnum):
+    """What is written for one attempted message (its value is what queries.sql reads)."""
+
+    ACKED = "acked"  # marked dispatched
+    RETRY = "retry"  # tried again after a delay; the attempt counts
+    WAIT = "wait"  # tried again after a delay; no attempt spent (the broker was away)
+    DEAD = "dead"  # dead-lettered
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What to write for one attempted message."""
+
+    id: int
+    kind: RecordKind
+    error: str | None = None
+    delay: float = 0.0
+    # Where it went, for metrics and logs (None: no route); not part of what is written.
+    broker: str | None = field(default=None, compare=False)
+    destination: str | None = field(default=None, compare=False)
+    # An acked message's receipt (engine/dispatch.py, receipt_of): written by the mark.
+    receipt: str | None = field(default=None, compare=False)

@@ -20,12 +20,11 @@ import psycopg
 import structlog
 
 from outbox_relay import config as config_module
-from outbox_relay import sqlfiles
+from outbox_relay import schema_version, sqlfiles
 from outbox_relay.connections import connect_sync
 from outbox_relay.durations import parse_duration
 from outbox_relay.errors import OutboxRelayError, SchemaError, first_line
 from outbox_relay.observability.logging_setup import configure as configure_logging
-from outbox_relay.operations import schema_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,7 +83,7 @@ def load(config_path: Path) -> config_module.Config:
 
 
 def require_schema(conn: psycopg.Connection[Any], schema_name: str) -> None:
-    problem = schema_manager.why_unusable(conn, schema_name)
+    problem = schema_version.why_unusable(conn, schema_name)
     if problem:
         raise SchemaError(problem)
 

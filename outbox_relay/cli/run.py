@@ -26,10 +26,12 @@ def run(config_path: Path, log_level: str) -> None:
     # is still a clean stop: nothing has been claimed yet.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(0))
     from outbox_relay.assembly import build_relay
+    from outbox_relay.console.mount import RelayConsole
 
     cfg = load(config_path)
     configure_logging(log_level)
-    relay = build_relay(cfg)
+    # The console is handed in from here, the top: nothing below the console imports it.
+    relay = build_relay(cfg, mount=RelayConsole(cfg) if cfg.console.enabled else None)
     tune_gc()  # after the imports and the set-up: they stay out of the collector's sight
 
     async def main_async() -> None:

@@ -55,9 +55,8 @@ from outbox_relay.assembly import build_relay
 from outbox_relay.connections import connect_sync
 from outbox_relay.demo import local_postgres
 from outbox_relay.engine.relay import Relay
-from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.errors import OutboxRelayError
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import slot as wal_slot
 from outbox_relay.sources.wal.errors import SlotInUse

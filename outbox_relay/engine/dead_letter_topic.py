@@ -31,9 +31,9 @@ from outbox_relay.config import DeadLetterTopicConfig
 from outbox_relay.connections import PREPARE_THRESHOLD, AnswerDeadline, connect_with_retry
 from outbox_relay.engine.dispatch import waves
 from outbox_relay.engine.retry import Backoff
-from outbox_relay.engine.store import Record, RecordKind, milliseconds
+from outbox_relay.engine.store import milliseconds
 from outbox_relay.errors import first_line
-from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
+from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult, Record, RecordKind
 from outbox_relay.observability.metrics import RelayMetrics
 from outbox_relay.sqlfiles import Queries
 

@@ -44,8 +44,7 @@ from outbox_relay.claim_check.uploads import ClaimChecks
 from outbox_relay.engine.circuit import Circuit
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router, Target
-from outbox_relay.engine.store import Record, RecordKind
-from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult
+from outbox_relay.models import Message, Outcome, OutgoingMessage, PublishResult, Record, RecordKind
 from outbox_relay.observability.metrics import RelayMetrics
 
 log = structlog.get_logger("outbox_relay.dispatch")

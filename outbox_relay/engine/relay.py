@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from outbox_relay import schema_version
 from outbox_relay.adapter import Adapter
 from outbox_relay.claim_check.uploads import ClaimChecks
 from outbox_relay.config import Config
@@ -28,13 +29,11 @@ from outbox_relay.engine.maintenance import Maintenance
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
 from outbox_relay.engine.stopping import until_stopped
-from outbox_relay.engine.store import Record
 from outbox_relay.engine.wakeup import Listener, Wakeup
-from outbox_relay.models import Message
-from outbox_relay.observability.health import Health
+from outbox_relay.models import Message, Record
+from outbox_relay.observability.health import Health, Mount
 from outbox_relay.observability.http_server import HealthServer
 from outbox_relay.observability.metrics import RelayMetrics
-from outbox_relay.operations import schema_manager
 from outbox_relay.sources.base import RelayObserver, Source
 from outbox_relay.sources.table import TableSource
 from outbox_relay.sqlfiles import Queries, notify_channel
@@ -72,7 +71,9 @@ class Relay:
         observer: RelayObserver | None = None,
         heartbeat_every: float = 5.0,
         sources: Sequence[Source] = (),
+        mount: Mount | None = None,
     ):
+        """`mount`: an app the health port serves too (the console: console/mount.py)."""
         relay = config.relay
         self.config = config
         self.relay_id = uuid.uuid4()
@@ -166,6 +167,7 @@ class Relay:
             started=self.started,
             batches_started=self.table.batches_started.values,
             sources=[*self._sources, self.claim_checks] if self.claim_checks else self._sources,
+            mount=mount,
         )
 
     def stop(self) -> None:
@@ -281,7 +283,7 @@ class Relay:
             prepare_threshold=self.config.database.prepare_threshold,
         )
         async with conn:
-            await schema_manager.check(conn, self.config.database.schema_name)
+            await schema_version.check(conn, self.config.database.schema_name)
             for source in self._sources:  # sources/base.py: check_start
                 check_start = getattr(source, "check_start", None)
                 if check_start is not None:

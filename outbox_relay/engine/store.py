@@ -10,40 +10,15 @@ at once: nothing is stranded and no lease needs to expire.
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import psycopg
 
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 from outbox_relay.sqlfiles import Queries
-
-
-class RecordKind(enum.StrEnum):
-    """What is written for one attempted message (its value is what queries.sql reads)."""
-
-    ACKED = "acked"  # marked dispatched
-    RETRY = "retry"  # tried again after a delay; the attempt counts
-    WAIT = "wait"  # tried again after a delay; no attempt spent (the broker was away)
-    DEAD = "dead"  # dead-lettered
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What to write for one attempted message."""
-
-    id: int
-    kind: RecordKind
-    error: str | None = None
-    delay: float = 0.0
-    # Where it went, for metrics and logs (None: no route); not part of what is written.
-    broker: str | None = field(default=None, compare=False)
-    destination: str | None = field(default=None, compare=False)
-    # An acked message's receipt (dispatch.py, receipt_of): written by the mark.
-    receipt: str | None = field(default=None, compare=False)
 
 
 def _message(row: Sequence[Any]) -> Message:

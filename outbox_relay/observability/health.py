@@ -1,5 +1,6 @@
 """Is the relay alive, is it ready: the probes behind ``/livez`` and ``/readyz``, and
-the start-up of the port that serves them (with ``/metrics``).
+the start-up of the port that serves them (with ``/metrics``, and what is mounted
+beside them: the operator console, handed in from above as a Mount).
 
 Alive: no worker is stuck in one batch far past every timeout. Ready: the database
 and every broker that a route uses answer, and a side source (the WAL source) is not
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,7 +19,7 @@ import psycopg
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
 from outbox_relay.errors import ConfigError
-from outbox_relay.observability.http_server import HealthServer
+from outbox_relay.observability.http_server import HealthServer, Mounted
 from outbox_relay.observability.metrics import RelayMetrics
 
 if TYPE_CHECKING:
@@ -40,6 +40,22 @@ class ReadinessSource(Protocol):
         ...
 
 
+class Mount(Protocol):
+    """An app the health port serves beside its probes: the operator console with
+    console.enabled (console/mount.py), handed in by `outbox-relay run` from above, so
+    that this module imports nothing of it.
+
+    `open` is called once, on the event loop, as the port starts: it returns the path
+    prefix the app answers under and the handler of each request there (http_server's
+    Mounted; up to MAX_MOUNTED_AT_ONCE at once), or raises ConfigError, which stops the
+    relay's start. `close` is called once, in a worker thread (it may block), after the
+    port has stopped, and only if `open` returned."""
+
+    def open(self) -> tuple[str, Mounted]: ...
+
+    def close(self) -> None: ...
+
+
 class Health:
     """One relay's liveness and readiness, and its health port."""
 
@@ -54,10 +70,12 @@ class Health:
         started: asyncio.Event,
         batches_started: Callable[[], Iterable[float]],
         sources: Collection[ReadinessSource] = (),
+        mount: Mount | None = None,
     ):
         """`routed`: the brokers that a route uses; `started`: set once the relay claims;
         `batches_started`: when each worker's current batch began (loop time); `sources`:
-        the side sources, whose state /readyz reports."""
+        the side sources, whose state /readyz reports; `mount`: an app the port serves
+        too (the console)."""
         self._config = config
         self._dsn = config.database.dsn.get_secret_value()
         self._metrics = metrics
@@ -68,7 +86,8 @@ class Health:
         self._batches_started = batches_started
         self._sources = sources
         self.server: HealthServer | None = None
-        self._console: Any = None  # the operator console, when console.enabled
+        self._mount = mount
+        self._mount_open = False
         self._ready_lock = asyncio.Lock()
         self._ready_cache: tuple[float, tuple[bool, dict[str, Any]]] | None = None
         self._ready_conn: psycopg.AsyncConnection[Any] | None = None
@@ -78,7 +97,7 @@ class Health:
         """Listen on the health port, unless http.enabled is off."""
         settings = self._config.http
         if settings.enabled:
-            mounted = self._open_console() if self._config.console.enabled else None
+            mounted = self._open_mount()
             server = HealthServer(
                 settings.host,
                 settings.port,
@@ -101,30 +120,17 @@ class Health:
         server, self.server = self.server, None
         if server is not None:
             await server.close()
-        console, self._console = self._console, None
-        if console is not None:
-            await asyncio.to_thread(console.close)
+        if self._mount is not None and self._mount_open:
+            self._mount_open = False
+            await asyncio.to_thread(self._mount.close)
         await self._close_ready_conn()
 
-    def _open_console(self) -> Any:
-        """The operator console under /console on this port (console.enabled)."""
-        try:
-            from outbox_relay.console import bridge
-            from outbox_relay.console.app import Console
-            from outbox_relay.console.auth import TokenTooShort, UntrustableHeader
-        except ImportError as exc:
-            raise ConfigError(
-                f"console.enabled needs the console's extra: pip install 'outbox-relay[console]' "
-                f"({exc.name} is missing)",
-                path="console.enabled",
-            ) from None
-        try:
-            console = Console(self._config)
-        except (TokenTooShort, UntrustableHeader) as exc:
-            raise ConfigError(str(exc), path="console") from None
-        console.open()
-        self._console = console
-        return functools.partial(bridge.answer, console.asgi)
+    def _open_mount(self) -> tuple[str, Mounted] | None:
+        if self._mount is None:
+            return None
+        mounted = self._mount.open()
+        self._mount_open = True
+        return mounted
 
     def is_live(self) -> bool:
         """False when a worker has been stuck in one batch far past every timeout.

@@ -1,9 +1,9 @@
 """The health and metrics port: ``/livez``, ``/readyz``, ``/metrics``.
 
 A minimal HTTP/1.1 server on asyncio (GET only, one request per connection): probes
-and scrapers need nothing more, and it keeps a web framework out of the relay. With
-`console.enabled`, paths under /console go to the operator console (`mounted`:
-console/bridge.py), the only requests that may POST.
+and scrapers need nothing more, and it keeps a web framework out of the relay. Paths
+under a mounted app's prefix go to it (`mounted`: the operator console with
+`console.enabled`, console/bridge.py), the only requests that may POST.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ log = structlog.get_logger("outbox_relay.http")
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 # (method, target, headers, body, client, server) -> (status, headers, body)
 Mounted = Callable[..., Awaitable[tuple[int, list[tuple[bytes, bytes]], bytes]]]
-MOUNT_PREFIX = "/console"
 MAX_BODY_BYTES = 1 << 20
-MAX_MOUNTED_AT_ONCE = 8  # console requests answered at once: the rest wait their turn
+MAX_MOUNTED_AT_ONCE = 8  # requests to the mounted app (the console) answered at once: the rest wait
 _REASONS = {
     200: "OK",
     303: "See Other",
@@ -47,14 +46,16 @@ class HealthServer:
         live: Callable[[], bool],
         ready: Readiness,
         metrics: Callable[[], bytes],
-        mounted: Mounted | None = None,
+        mounted: tuple[str, Mounted] | None = None,
     ):
+        """`mounted`: (prefix, handler), the handler answering the paths under prefix."""
         self._host = host
         self._port = port
         self._live = live
         self._ready = ready
         self._metrics = metrics
-        self._mounted = mounted
+        self._mount_prefix = mounted[0] if mounted is not None else ""
+        self._mounted: Mounted | None = mounted[1] if mounted is not None else None
         self._mounted_slots = asyncio.Semaphore(MAX_MOUNTED_AT_ONCE)
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -76,7 +77,8 @@ class HealthServer:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             route = path.split("?", 1)[0]
-            if self._mounted is not None and (route == MOUNT_PREFIX or route.startswith(MOUNT_PREFIX + "/")):
+            prefix = self._mount_prefix
+            if self._mounted is not None and (route == prefix or route.startswith(prefix + "/")):
                 await self._serve_mounted(method, path, request, reader, writer)
                 return
             status, content_type, body = await self._route(method, route)

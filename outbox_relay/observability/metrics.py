@@ -16,8 +16,7 @@ from datetime import UTC, datetime
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from outbox_relay.engine.store import Record, RecordKind
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 
 log = structlog.get_logger("outbox_relay.metrics")
 

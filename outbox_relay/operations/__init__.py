@@ -1,6 +1,7 @@
 """What the operator commands read and do, beside the running relay.
 
-- ``schema_manager``: install, upgrade and version checks of the outbox schema;
+- ``schema_manager``: install and upgrade of the outbox schema, and its source (the
+  version check they share with the relay is ``outbox_relay/schema_version.py``);
 - ``check``: ``outbox-relay check`` (config, database and every broker answer);
 - ``status``: the outbox's state, as ``outbox-relay status`` prints it;
 - ``dead_letters``: list, retry and purge dead letters;

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 
+from outbox_relay import schema_version
 from outbox_relay.adapter import Adapter, destination_check
 from outbox_relay.assembly import build_adapters
 from outbox_relay.claim_check.stores import open_store
@@ -37,7 +38,7 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
     try:
         conn = await asyncio.wait_for(connect_once(dsn, timeout=config.database.connect_timeout), CHECK_TIMEOUT)
         async with conn:
-            await schema_manager.check(conn, config.database.schema_name)
+            await schema_version.check(conn, config.database.schema_name)
             echo(f"database  ok  {redact_dsn(dsn)} schema {config.database.schema_name!r}")
             ok = await check_source(conn, config, echo) and ok
             ok = await check_exactly_once(conn, config, adapters, echo) and ok

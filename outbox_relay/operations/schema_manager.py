@@ -1,4 +1,8 @@
-"""Installs and checks the outbox schema in an existing database.
+"""Installs and upgrades the outbox schema in an existing database, and switches its
+source. Whether a schema is usable as it is (there, at this version, UTF8) is
+``outbox_relay/schema_version.py``'s question: the relay asks it too. The source as
+recorded, and the schema's lock that a switch takes, are ``outbox_relay/outbox_source.py``'s:
+the WAL source reads and takes them too.
 
 Install is idempotent and safe when two installs race: both take the same
 transaction-level advisory lock, so the second waits and then finds the work done.
@@ -8,22 +12,24 @@ holds objects that are not outbox-relay's.
 
 from __future__ import annotations
 
-import difflib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from outbox_relay import sqlfiles
+from outbox_relay import schema_version, sqlfiles
 from outbox_relay.errors import DatabaseError, SchemaError, first_line
+
+# Importable from here as before they moved below the sources (outbox_source.py).
+from outbox_relay.outbox_source import SOURCES as SOURCES
+from outbox_relay.outbox_source import SourceSetting as SourceSetting
+from outbox_relay.outbox_source import lock_schema as lock_schema
+from outbox_relay.outbox_source import read_source as read_source
 from outbox_relay.sources.wal import framing, slot
 
-_LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtext('outbox_relay.schema.' || %s))"
-_SHARED_LOCK_KEY = "SELECT pg_advisory_xact_lock_shared(hashtext('outbox_relay.schema.' || %s))"
 # enqueue_binary's own fence (schema/sources.sql, take_source_fence), keyed by the channel.
 _SHARED_SOURCE_FENCE = "SELECT pg_advisory_xact_lock_shared(hashtext(%s || '.source'))"
 # The version whose migration replaced enqueue_binary's body (0009: the source fence).
@@ -34,12 +40,10 @@ _SCHEMA_OBJECTS = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s
 """
-_HAS_VERSION_TABLE = "SELECT to_regclass(format('%%I.schema_version', %s::text)) IS NOT NULL"
 
 
 _log = logging.getLogger(__name__)
 
-_ENCODING = "SELECT current_setting('server_encoding')"
 # DDL on outbox.messages waits for every open transaction on it (a relay batch, an
 # application's transaction), and while it waits every new enqueue queues behind it:
 # give up after this long instead, and change nothing.
@@ -54,19 +58,6 @@ def _busy(exc: psycopg.errors.LockNotAvailable, what: str) -> DatabaseError:
     )
 
 
-def _encoding_problem(encoding: object) -> str | None:
-    # Text in any other encoding comes back as bytes (SQL_ASCII) or cannot hold every
-    # topic, key and header the relay accepts: refuse it up front, in one line.
-    if isinstance(encoding, bytes):  # SQL_ASCII: psycopg hands text over undecoded
-        encoding = encoding.decode("ascii", "replace")
-    if encoding == "UTF8":
-        return None
-    return (
-        f"the database's encoding is {encoding}; outbox-relay needs a UTF8 database "
-        "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
-    )
-
-
 @dataclass(frozen=True)
 class InstallResult:
     schema: str
@@ -78,16 +69,6 @@ class InstallResult:
         return self.previous_version != self.version
 
 
-def _version_of(cur: psycopg.Cursor[Any], schema: str) -> int | None:
-    cur.execute(_HAS_VERSION_TABLE, (schema,))
-    row = cur.fetchone()
-    if not row or not row[0]:
-        return None
-    cur.execute(sqlfiles.Queries(schema)["schema_version"])
-    row = cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else None
-
-
 def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> InstallResult:
     """Create or upgrade `schema` to the current version, in one transaction.
 
@@ -97,12 +78,12 @@ def install(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> Instal
     sqlfiles.validate_schema_name(schema)
     try:
         with conn.transaction(), conn.cursor() as cur:
-            cur.execute(_ENCODING)
-            problem = _encoding_problem((cur.fetchone() or (None,))[0])
+            cur.execute(schema_version.ENCODING)
+            problem = schema_version.encoding_problem((cur.fetchone() or (None,))[0])
             if problem:
                 raise SchemaError(problem)
-            cur.execute(_LOCK_KEY, (schema,))
-            previous = _version_of(cur, schema)
+            lock_schema(cur, schema)
+            previous = schema_version.version_of(cur, schema)
             if previous is None:
                 cur.execute(_SCHEMA_OBJECTS, (schema,))
                 row = cur.fetchone()
@@ -139,83 +120,6 @@ def _record_version(cur: psycopg.Cursor[tuple[object, ...]], schema: str, versio
     cur.execute(sqlfiles.record_version(schema, version))
 
 
-def version(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int | None:
-    """The installed schema version, or None when the schema is not installed."""
-    with conn.cursor() as cur:
-        found = _version_of(cur, schema)
-    conn.rollback()
-    return found
-
-
-def why_unusable(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> str | None:
-    """Why the relay cannot run against `schema` in this database, or None if it can."""
-    found = version(conn, schema)
-    installed: list[str] = []
-    if found is None:
-        installed = [str(row[0]) for row in conn.execute(sqlfiles.Queries(schema)["outbox_schemas"]).fetchall()]
-        conn.rollback()
-    return missing_or_old(found, schema, installed)
-
-
-def _not_installed(schema: str, installed: Sequence[str]) -> str:
-    """`schema` holds no outbox. A typo (`outbx`) is answered with the outbox that exists,
-    not with the advice to install a second one."""
-    missing = f"outbox schema {schema!r} is not installed in this database"
-    others = [name for name in installed if name != schema]
-    here = f"outbox schemas here: {', '.join(others)}"
-    close = difflib.get_close_matches(schema, others, n=1, cutoff=0.6)
-    if close:
-        return f"{missing}; did you mean {close[0]!r}? (database.schema in the config; {here})"
-    install = f"run `outbox-relay schema install --schema {schema}`"
-    if others:
-        return f"{missing} ({here}): set database.schema to one of them, or {install} for a new outbox"
-    return f"{missing}: {install}"
-
-
-def missing_or_old(version: int | None, schema: str, installed: Sequence[str] = ()) -> str | None:
-    """Why the relay cannot run against a schema at `version`, or None if it can.
-    `installed`: the schemas of the database that hold an outbox, named if `schema` does not."""
-    if version is None:
-        return _not_installed(schema, installed)
-    if version < sqlfiles.SCHEMA_VERSION:
-        return (
-            f"outbox schema {schema!r} is at version {version}, older than this outbox-relay "
-            f"needs ({sqlfiles.SCHEMA_VERSION}): run `outbox-relay schema install --schema {schema}`"
-        )
-    if version > sqlfiles.SCHEMA_VERSION:
-        return (
-            f"outbox schema {schema!r} is at version {version}, newer than this outbox-relay "
-            f"knows ({sqlfiles.SCHEMA_VERSION}): upgrade outbox-relay"
-        )
-    return None
-
-
-async def check(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str) -> None:
-    """Raise SchemaError unless `schema` is installed at exactly the current version."""
-    async with conn.cursor() as cur:
-        await cur.execute(_ENCODING)
-        encoding = await cur.fetchone()
-        problem = _encoding_problem(encoding[0] if encoding else None)
-        if problem:
-            raise SchemaError(problem)
-        await cur.execute(_HAS_VERSION_TABLE, (schema,))
-        row = await cur.fetchone()
-        version = None
-        if row and row[0]:
-            await cur.execute(sqlfiles.Queries(schema)["schema_version"])
-            vrow = await cur.fetchone()
-            version = int(vrow[0]) if vrow and vrow[0] is not None else None  # type: ignore[call-overload]
-        installed: list[str] = []
-        if version is None:
-            await cur.execute(sqlfiles.Queries(schema)["outbox_schemas"])
-            installed = [str(row[0]) for row in await cur.fetchall()]
-    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-        await conn.rollback()
-    problem = missing_or_old(version, schema, installed)
-    if problem:
-        raise SchemaError(problem)
-
-
 def set_notify(conn: psycopg.Connection[tuple[object, ...]], schema: str, enabled: bool) -> None:
     """Enable or disable the NOTIFY trigger (the relay's poll works either way)."""
     action = sql.SQL("ENABLE") if enabled else sql.SQL("DISABLE")
@@ -231,27 +135,7 @@ def set_notify(conn: psycopg.Connection[tuple[object, ...]], schema: str, enable
         raise _busy(exc, f"schema notify {'on' if enabled else 'off'} failed") from None
 
 
-# -- the source: where enqueue writes --------------------------------------------------
-
-SOURCES = ("table", "wal")
-
-
-@dataclass(frozen=True)
-class SourceSetting:
-    """Where enqueue writes (`table` or `wal`), since when and who switched."""
-
-    source: str
-    changed_at: datetime
-    changed_by: str
-    wal_slot: str | None = None  # the slot the last switch to wal used
-
-
-def read_source(conn: psycopg.Connection[Any], schema: str) -> SourceSetting:
-    """The outbox's source as recorded (queries.sql, outbox_source)."""
-    row = conn.execute(sqlfiles.Queries(schema)["outbox_source"]).fetchone()
-    if row is None:  # the row is inserted with the table; only a hand-made DELETE removes it
-        raise SchemaError(f"{schema}.settings holds no row: run `outbox-relay schema install --schema {schema}`")
-    return SourceSetting(str(row[0]), row[1], str(row[2]), None if row[4] is None else str(row[4]))
+# -- the source: where enqueue writes (outbox_source.py: SOURCES, read_source) ---------
 
 
 def hold_enqueue_source(conn: psycopg.Connection[Any], schema: str) -> str:
@@ -262,7 +146,7 @@ def hold_enqueue_source(conn: psycopg.Connection[Any], schema: str) -> str:
     settings). For a writer that does not go through enqueue and must write where it
     does (a backfill chunk). The read is a statement of its own: a statement's snapshot
     is taken before it waits for the lock, and would not see a switch committed meanwhile."""
-    conn.execute(_SHARED_LOCK_KEY, (sqlfiles.validate_schema_name(schema),))
+    lock_schema(conn, schema, shared=True)
     # The source fence too, as enqueue_binary takes it: a switch waits for the chunk.
     conn.execute(_SHARED_SOURCE_FENCE, (sqlfiles.notify_channel(schema),))
     row = conn.execute(sqlfiles.Queries(schema)["enqueue_source"], {"schema": schema}).fetchone()
@@ -325,10 +209,10 @@ def set_source(
     try:
         with conn.transaction():
             with conn.cursor() as cur:
-                cur.execute(_LOCK_KEY, (schema,))
+                lock_schema(cur, schema)
                 if source == "wal":
                     _require_wal_ready(conn, schema, wanted)
-                problem = missing_or_old(_version_of(cur, schema), schema)
+                problem = schema_version.missing_or_old(schema_version.version_of(cur, schema), schema)
             if problem:
                 raise SchemaError(problem)
             if source == "wal" and conn.execute(_source_statement("drain_pending", schema)).fetchone() == (True,):
@@ -428,12 +312,6 @@ async def emit_message_public(conn: psycopg.AsyncConnection[Any], schema: str) -
     params = {"variants": list(EMIT_MESSAGE_VARIANTS), "schema": schema}
     cur = await conn.execute(_source_statement("emit_message_access", schema), params)
     return any(row[1] for row in await cur.fetchall())
-
-
-def lock_schema(conn: psycopg.Connection[Any], schema: str) -> None:
-    """Take `schema`'s lock (install, upgrade, set_source) until the caller's transaction
-    ends: the WAL runner holds it to drop a drained slot only while the source is table."""
-    conn.execute(_LOCK_KEY, (sqlfiles.validate_schema_name(schema),))
 
 
 def _require_wal_ready(conn: psycopg.Connection[Any], schema: str, slot_name: str) -> None:

@@ -35,8 +35,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from outbox_relay.engine.dispatch import Dispatcher
-from outbox_relay.engine.store import Record
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record
 
 
 class RelayObserver(Protocol):

@@ -488,8 +488,7 @@ async def test_a_park_by_a_relay_whose_walsender_lost_the_slot_is_refused(outbox
     import datetime
 
     from outbox_relay.adapter import Fenced
-    from outbox_relay.engine.store import Record, RecordKind
-    from outbox_relay.models import Message
+    from outbox_relay.models import Message, Record, RecordKind
     from outbox_relay.sources.wal import framing
     from outbox_relay.sources.wal.parking import Parking
 

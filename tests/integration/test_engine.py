@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from outbox_relay import enqueue, enqueue_async
-from outbox_relay.engine.store import OutboxStore, Record, RecordKind
-from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.engine.store import OutboxStore
+from outbox_relay.models import OutgoingMessage, PublishResult, Record, RecordKind
 from outbox_relay.operations import dead_letters
 from outbox_relay.sqlfiles import Queries
 from outbox_relay.testing import FakeAdapter

@@ -10,7 +10,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from outbox_relay import enqueue, sqlfiles
+from outbox_relay import enqueue, schema_version, sqlfiles
 from outbox_relay.errors import SchemaError
 from outbox_relay.operations import schema_manager
 from outbox_relay.testing import FakeAdapter
@@ -118,7 +118,7 @@ def test_schema_sql_output_builds_a_working_schema(empty_db: str) -> None:
         conn.execute(ddl)  # type: ignore[call-overload]  # trusted text from our own files
         conn.execute("INSERT INTO outbox.schema_version (version) VALUES (%s)", (sqlfiles.SCHEMA_VERSION,))
         conn.commit()
-        assert schema_manager.version(conn, "outbox") == sqlfiles.SCHEMA_VERSION
+        assert schema_version.version(conn, "outbox") == sqlfiles.SCHEMA_VERSION
         assert not schema_manager.install(conn, "outbox").changed
 
 

@@ -15,7 +15,7 @@ from outbox_relay.config import RouteConfig
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
-from outbox_relay.engine.store import RecordKind
+from outbox_relay.models import RecordKind
 from tests.support.configs import make_config
 from tests.support.factories import message
 from tests.support.http import HttpReceiver, answer

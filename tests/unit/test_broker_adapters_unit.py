@@ -12,7 +12,7 @@ from typing import Any
 import pika
 import pytest
 from aiokafka import errors as kafka_errors
-from outbox_relay_adapters import _rounds, kafka, rabbitmq
+from outbox_relay_adapters import _rounds, kafka, kafka_aiokafka, rabbitmq
 
 from outbox_relay.errors import AdapterOptionsError
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
@@ -426,7 +426,7 @@ def test_rabbitmq_heartbeat_is_whole_seconds_never_silently_off(given: str, sent
 def test_client_errors_keep_only_lines_about_this_adapters_servers() -> None:
     import logging
 
-    with kafka._ClientErrors("kafka-a:9093,[::1]:9094,kafka-c") as errors:
+    with kafka_aiokafka._ClientErrors("kafka-a:9093,[::1]:9094,kafka-c") as errors:
         logger = logging.getLogger("aiokafka")
         logger.error('Unable connect to "%s:%s": %s', "kafka-b", 9092, "another broker's refusal")
         logger.error('Unable connect to "%s:%s": %s', "kafka-a", 9092, "the same host, another listener")
@@ -715,17 +715,17 @@ def test_kafka_partitions_keyed_as_the_producer_keyless_one_per_call() -> None:
 
     producer = types.SimpleNamespace(_metadata=Metadata(), _partitioner=DefaultPartitioner())
     keys = [f"key-{i}".encode() for i in range(50)]
-    chosen = kafka._Partitions(producer, 1000)  # type: ignore[arg-type]
+    chosen = kafka_aiokafka._Partitions(producer, 1000)  # type: ignore[arg-type]
     # Keyed: what the producer's own send() would choose (murmur2, as the Java client).
     assert [chosen.of("t", key, 10) for key in keys] == [DefaultPartitioner()(key, list(range(6)), []) for key in keys]
     assert len({chosen.of("t", key, 10) for key in keys}) > 1
     # Keyless, small records: one partition for the whole call (one record batch)...
     assert len({chosen.of("t", None, 10) for _ in range(100)}) == 1
     # ... random across calls;
-    assert len({kafka._Partitions(producer, 1000).of("t", None, 10) for _ in range(200)}) == 6  # type: ignore[arg-type]
+    assert len({kafka_aiokafka._Partitions(producer, 1000).of("t", None, 10) for _ in range(200)}) == 6  # type: ignore[arg-type]
     # large records: a batch's worth (1000 bytes) per partition, each partition once
     # while one is left, so a round still carries a batch per partition.
-    spread = kafka._Partitions(producer, 1000)  # type: ignore[arg-type]
+    spread = kafka_aiokafka._Partitions(producer, 1000)  # type: ignore[arg-type]
     placed = [spread.of("t", None, 400) for _ in range(12)]
     assert sorted(placed) == sorted(list(range(6)) * 2)
     assert all(placed[i] == placed[i + 1] for i in range(0, 12, 2)), "two 400-byte records fill a 1000-byte batch"

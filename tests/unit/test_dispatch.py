@@ -17,8 +17,7 @@ from outbox_relay.config import RouteConfig
 from outbox_relay.engine.dispatch import NO_ROUTE, Dispatcher
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
-from outbox_relay.engine.store import Record
-from outbox_relay.models import OutgoingMessage, PublishResult
+from outbox_relay.models import OutgoingMessage, PublishResult, Record
 from outbox_relay.testing import FakeAdapter
 from tests.support.factories import message
 from tests.support.waiting import wait_until

@@ -18,8 +18,7 @@ from outbox_relay.config import RouteConfig
 from outbox_relay.engine.dispatch import Dispatcher, waves
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.routing import Router
-from outbox_relay.engine.store import Record
-from outbox_relay.models import Message, PublishResult
+from outbox_relay.models import Message, PublishResult, Record
 from outbox_relay.testing import FakeAdapter
 from tests.support.factories import message
 

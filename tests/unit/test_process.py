@@ -48,7 +48,7 @@ def test_the_run_command_tunes_the_collector_once_the_relay_is_built(
         def stop(self) -> None:
             pass
 
-    def build_relay(_config: object) -> Relay:
+    def build_relay(_config: object, **_parts: object) -> Relay:
         seen["frozen_at_build"] = gc.get_freeze_count()
         return Relay()
 

@@ -14,8 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from outbox_relay.engine.store import Record, RecordKind
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 from outbox_relay.sources.wal import framing, pgoutput
 from outbox_relay.sources.wal.relay import WalRelay
 from outbox_relay.sources.wal.transactions import TransactionPart

@@ -6,7 +6,7 @@ rounds go on (review of 5fd5128)."""
 
 from __future__ import annotations
 
-from outbox_relay.engine.store import Record, RecordKind
+from outbox_relay.models import Record, RecordKind
 from outbox_relay.sources.wal.exactly_once import ExactlyOnce
 from tests.support.factories import message
 

@@ -68,9 +68,8 @@ import structlog
 from outbox_relay.adapter import Adapter, Fenced, TransactionFailed, Transactions, keeps_key_order
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
-from outbox_relay.engine.store import Record, RecordKind
 from outbox_relay.errors import OutboxRelayError, first_line
-from outbox_relay.models import Message, OutgoingMessage, PublishResult
+from outbox_relay.models import Message, OutgoingMessage, PublishResult, Record, RecordKind
 from outbox_relay.sources.wal import pgoutput
 from outbox_relay.sources.wal.outcomes import Parked, sort_outcomes
 

@@ -58,8 +58,8 @@ import psycopg
 import structlog
 
 from outbox_relay.connections import PREPARE_THRESHOLD, connect_once
-from outbox_relay.engine.store import RecordKind
 from outbox_relay.errors import DatabaseError, first_line
+from outbox_relay.models import RecordKind
 from outbox_relay.observability.metrics import WAL_STATES, RelayMetrics
 from outbox_relay.sources.wal import pgoutput, slot
 from outbox_relay.sources.wal.outcomes import Parked

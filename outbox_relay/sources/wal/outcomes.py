@@ -28,8 +28,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from outbox_relay.engine.store import Record, RecordKind
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 
 Parked = tuple[Message, Record | None]  # a message and its outcome (None: not attempted)
 

@@ -53,8 +53,8 @@ from psycopg import sql
 
 from outbox_relay.adapter import Fenced
 from outbox_relay.connections import PREPARE_THRESHOLD, connect_once
-from outbox_relay.engine.store import OutboxStore, RecordKind
-from outbox_relay.models import Message
+from outbox_relay.engine.store import OutboxStore
+from outbox_relay.models import Message, RecordKind
 from outbox_relay.sources.wal import pgoutput, slot
 from outbox_relay.sources.wal.outcomes import Parked
 from outbox_relay.sqlfiles import Queries

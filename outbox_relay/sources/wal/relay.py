@@ -74,8 +74,7 @@ from outbox_relay.connections import PREPARE_THRESHOLD
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.engine.stopping import until_stopped
-from outbox_relay.engine.store import Record, RecordKind
-from outbox_relay.models import Message
+from outbox_relay.models import Message, Record, RecordKind
 from outbox_relay.sources.wal import exactly_once, framing, pgoutput
 from outbox_relay.sources.wal.errors import FrameError
 from outbox_relay.sources.wal.exactly_once import ExactlyOnce, Position

@@ -46,6 +46,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from outbox_relay import outbox_source
 from outbox_relay.adapter import Adapter, Fenced, transactions_of
 from outbox_relay.config import Config
 from outbox_relay.connections import connect_once
@@ -53,7 +54,6 @@ from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.outcomes import feeds_dead_letters
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import ConfigError, first_line
-from outbox_relay.operations import schema_manager
 from outbox_relay.sources.base import RelayObserver
 from outbox_relay.sources.wal import pgoutput, slot
 from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse, SlotLost, SlotMissing, WalSourceError
@@ -388,8 +388,8 @@ class WalSource:
         schema's lock: set_source(wal) takes it before checking the slot, so a switch
         back either commits first (seen here: kept) or finds the slot gone (refused)."""
         with psycopg.connect(self._dsn, application_name="outbox-relay") as conn, conn.transaction():
-            schema_manager.lock_schema(conn, self._schema)
-            if schema_manager.read_source(conn, self._schema).source != "table":
+            outbox_source.lock_schema(conn, self._schema)
+            if outbox_source.read_source(conn, self._schema).source != "table":
                 return False
             slot.drop_in_transaction(conn, self._slot, self._slot)
             conn.execute(slot.outbox_query("close_drain_gate", self._schema))

@@ -25,29 +25,18 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from outbox_relay.errors import first_line
+
+# The naming rules live below the config, which checks relay.wal.slot with them; they
+# stay importable from here (slot.name_for, slot.validate_name).
+from outbox_relay.slot_names import NAME_PREFIX as NAME_PREFIX
+from outbox_relay.slot_names import name_for as name_for
+from outbox_relay.slot_names import validate_name as validate_name
 from outbox_relay.sources.wal.errors import ReplicationError, SlotInUse
 from outbox_relay.sources.wal.pgoutput import parse_lsn
-from outbox_relay.sqlfiles import validate_schema_name
 
 _log = structlog.get_logger("outbox_relay.wal")
 
-NAME_PREFIX = "outbox_relay_"
-# PostgreSQL's rule for slot names (lower-case letters, digits, _; at most 63 bytes),
-# which publication names also follow here so one name serves both.
-_NAME = re.compile(r"[a-z0-9_]{1,63}")
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-
-
-def name_for(schema: str) -> str:
-    """The slot's and the publication's name for the outbox in `schema` (the schema name
-    rule leaves room for the prefix in 63 bytes)."""
-    return NAME_PREFIX + validate_schema_name(schema)
-
-
-def validate_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"invalid slot or publication name {name!r}: use 1 to 63 lower-case letters, digits or _")
-    return name
 
 
 @functools.cache

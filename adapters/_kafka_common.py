@@ -1,0 +1,112 @@
+"""What both Kafka clients share (kafka_aiokafka.py, kafka_librdkafka.py): the broker
+block's options, and the producer's lifecycle helpers.
+
+Its own module so that neither client imports the other: kafka.py, the ``type:
+kafka`` entry point, chooses the client; each client imports this and the other
+shared modules (_options.py, _topics.py, _rounds.py), never the other client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+from pydantic import Field, SecretStr, field_validator
+
+from outbox_relay.durations import Duration
+
+from ._options import Options, TlsOptions
+from ._topics import topic_name_problem
+
+# The options' compression check needs aiokafka's codecs, whichever client publishes
+# (the librdkafka extra installs aiokafka too).
+NEEDS_AIOKAFKA = "the kafka adapter needs aiokafka: pip install 'outbox-relay[kafka]'"
+
+try:
+    from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(NEEDS_AIOKAFKA) from exc
+
+CODECS = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
+
+# How long closing a producer waits for the records it still holds (at shutdown, or a
+# reset). The rows of records it then drops are still pending in the outbox: they go
+# again, nothing is lost.
+CLOSE_WAIT_S = 2.0
+
+
+class SaslOptions(Options):
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    username: str
+    password: SecretStr
+
+
+class KafkaOptions(Options):
+    bootstrap_servers: str | list[str]
+    # aiokafka (pure Python, the default) or librdkafka (confluent-kafka, C; faster:
+    # README, "Performance"). Same guarantees, same records, same errors.
+    client: Literal["aiokafka", "librdkafka"] = "aiokafka"
+    client_id: str = "outbox-relay"
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    linger: Duration = 0.0
+    max_batch_size: int = Field(default=256 * 1024, ge=1024)
+    max_request_size: int = Field(default=1024 * 1024, ge=1024)
+    request_timeout: Duration = 30.0
+    sasl: SaslOptions | None = None
+    tls: TlsOptions | bool = False
+    # Exactly once for the WAL source (adapters/kafka_transactions.py): each batch one
+    # Kafka transaction that also writes the position it reaches to `offsets_topic`.
+    exactly_once: bool = False
+    offsets_topic: str = "outbox-relay-offsets"
+    # Null: derived from the database and the slot (the same for every replica and a
+    # promoted standby, so a newer relay fences an older one).
+    transactional_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("offsets_topic")
+    @classmethod
+    def _offsets_topic(cls, value: str) -> str:
+        problem = topic_name_problem(value, whole=True)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str | list[str]) -> str | list[str]:
+        servers = value.split(",") if isinstance(value, str) else value
+        if not servers or not all(s.strip() for s in servers):
+            raise ValueError("give host:port[,host:port...]")
+        return value
+
+    @field_validator("compression")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        if value != "none" and not CODECS[value]():
+            raise ValueError(f"compression {value!r} needs its library installed (e.g. pip install cramjam)")
+        return value
+
+
+class _Restartable(Protocol):
+    """What start_if_missing needs of either Kafka adapter."""
+
+    @property
+    def _producer(self) -> object | None: ...
+
+    @property
+    def _lifecycle(self) -> asyncio.Lock: ...
+
+    async def connect(self) -> None: ...
+
+
+async def start_if_missing(adapter: _Restartable, cause: Callable[[Exception], str]) -> str | None:
+    """Start a producer if the adapter has none (a reset that failed), under its
+    lifecycle lock; the reason it cannot, for the batch's `unavailable` results."""
+    if adapter._producer is None:
+        try:
+            async with adapter._lifecycle:
+                if adapter._producer is None:
+                    await adapter.connect()
+        except Exception as exc:
+            return f"kafka producer not connected: {cause(exc)}"
+    return None
