@@ -193,6 +193,12 @@ def _pages(ids: Ids) -> dict[str, tuple[str, str, dict[str, Any]]]:
         "message lookup, pending": ("GET", "/console/messages", {"params": {"id": ids.pending}}),
         "message lookup, dispatched": ("GET", "/console/messages", {"params": {"id": ids.dispatched}}),
         "message lookup, dead letter": ("GET", "/console/messages", {"params": {"id": ids.dead}}),
+        # What the lookup page's script asks after it: the pending rows (the backlog).
+        "message lookup's pending rows (/messages/pending)": (
+            "GET",
+            "/console/messages/pending",
+            {"params": {"id": ids.pending}},
+        ),
         f"confirm {CONFIRM_IDS} ids, hold (held-behind count)": (
             "POST",
             "/console/dead-letters/confirm",
@@ -291,7 +297,7 @@ def measure_lookups_with_the_optional_index(dsn: str, ids: Ids, *, runs: int, re
         _step("building the optional pending message-id index")
         conn.execute(sql.SQL(OPTIONAL_INDEX).format(m=m))
         conn.execute(sql.SQL("ANALYZE {}.messages").format(m))
-    lookups = {name: page for name, page in _pages(ids).items() if name.startswith("message lookup")}
+    lookups = {name: page for name, page in _pages(ids).items() if name.startswith("message lookup's pending")}
     times: dict[str, list[float]] = {f"{name}, optional index": [] for name in lookups}
     try:
         for _ in range(runs):
@@ -345,9 +351,9 @@ def _explained(ids: Ids) -> dict[str, tuple[str, dict[str, Any]]]:
         "console_dead_letter": ("console_dead_letter", {"id": ids.dead_row}),
         "status_replays": ("status_replays", {"limit": 20}),
         "status_backfills": ("status_backfills", {"limit": 20}),
-        "message_by_id (pending)": ("message_by_id", {"message_id": uuid.UUID(ids.pending)}),
-        "message_by_id (dispatched)": ("message_by_id", {"message_id": uuid.UUID(ids.dispatched)}),
-        "message_by_id (dead letter)": ("message_by_id", {"message_id": uuid.UUID(ids.dead)}),
+        "message_by_id_settled (dispatched)": ("message_by_id_settled", {"message_id": uuid.UUID(ids.dispatched)}),
+        "message_by_id_settled (dead letter)": ("message_by_id_settled", {"message_id": uuid.UUID(ids.dead)}),
+        "message_by_id_pending (pending)": ("message_by_id_pending", {"message_id": uuid.UUID(ids.pending)}),
         f"dead_letters_count_selected ({CONFIRM_IDS} ids)": ("dead_letters_count_selected", selection),
         f"dead_letters_held_behind_selected ({CONFIRM_IDS} ids)": ("dead_letters_held_behind_selected", selection),
     }
@@ -355,12 +361,12 @@ def _explained(ids: Ids) -> dict[str, tuple[str, dict[str, Any]]]:
 
 def explain(dsn: str, ids: Ids) -> dict[str, dict[str, Any]]:
     """EXPLAIN (ANALYZE, BUFFERS) of every console query, in a session set as the
-    console's (read_model.Database: sequential scans and JIT off)."""
+    console's (read_model.Database: sequential scans and JIT off, for each transaction)."""
     queries = Queries(SCHEMA)
     out: dict[str, dict[str, Any]] = {}
     with psycopg.connect(dsn) as conn:
-        Database._configure(conn)  # the console's session settings, committed
         for label, (name, params) in _explained(ids).items():
+            Database._limits(conn)  # SET LOCAL: this query's transaction, as the console's
             statement = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + queries[name]
             plan = "\n".join(str(row[0]) for row in conn.execute(statement, params).fetchall())
             conn.rollback()

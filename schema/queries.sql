@@ -382,22 +382,33 @@ ORDER BY topic;
 -- name: status_dispatched
 SELECT count(*) AS dispatched FROM {schema}.messages WHERE dispatched_at IS NOT NULL;
 
--- name: message_by_id
--- `status --message-id` and the console's lookup: every row of a message id (a replay's
--- copies share it), in enqueue order. One part per partial index, each part's WHERE
--- its index's, so that with sequential scans off (message_lookup.py) no part reads the
--- whole table: dispatched rows and dead letters are one probe each of their message-id
--- index (messages_dispatched_message_id_idx; messages_dead_letters_message_id_idx,
--- version 15). Pending rows have no message-id index unless the operator built the
--- optional one (messages_pending_message_id_idx, README: it costs every enqueue): then
--- both pending parts probe it; without it they read the claim's indexes through, a cost
--- that grows with the backlog, never with what retention keeps.
+-- name: message_by_id_settled
+-- `status --message-id` and the console's lookup: the rows of a message id (a replay's
+-- copies share it) that left the backlog, each part one probe of its message-id index,
+-- its WHERE the index's: dispatched rows (messages_dispatched_message_id_idx) and dead
+-- letters (messages_dead_letters_message_id_idx, version 15). The pending rows are
+-- message_by_id_pending's: the caller reads both (operations/message_lookup.py).
 SELECT * FROM (
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
            dead_lettered_at, dead_letter_reason, receipt,
            (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
     FROM {schema}.messages WHERE message_id = %(message_id)s AND dispatched_at IS NOT NULL
     UNION ALL
+    SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
+           dead_lettered_at, dead_letter_reason, receipt,
+           (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
+    FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL) AS rows
+ORDER BY id;
+
+-- name: message_by_id_pending
+-- The pending rows of a message id, keyed and keyless, each part's WHERE the claim's
+-- index's, so that with sequential scans off no part reads the whole table. No pending
+-- message-id index exists unless the operator built the optional one
+-- (messages_pending_message_id_idx, README: it costs every enqueue): then each part
+-- probes it; without it each reads its claim index through, a cost that grows with the
+-- backlog (0.7 s at 1,000,000 pending, benchmarks/console_pages.py), never with what
+-- retention keeps. The console asks it apart, after its page has answered.
+SELECT * FROM (
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
            dead_lettered_at, dead_letter_reason, receipt,
            (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
@@ -408,12 +419,7 @@ SELECT * FROM (
            dead_lettered_at, dead_letter_reason, receipt,
            (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
     FROM {schema}.messages
-    WHERE message_id = %(message_id)s AND key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL
-    UNION ALL
-    SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,
-           dead_lettered_at, dead_letter_reason, receipt,
-           (SELECT h.value FROM jsonb_each_text(headers) AS h WHERE lower(h.key) = 'traceparent' LIMIT 1)
-    FROM {schema}.messages WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL) AS rows
+    WHERE message_id = %(message_id)s AND key IS NULL AND dispatched_at IS NULL AND dead_lettered_at IS NULL) AS rows
 ORDER BY id;
 
 -- name: wal_receipts_by_id

@@ -135,6 +135,7 @@ class Console:
             Route("/dead-letters/{row_id:int}", self.dead_letter_page),
             Route("/jobs", self.jobs_page),
             Route("/messages", self.message_page),
+            Route("/messages/pending", self.message_pending_part),
             Route("/sign-in", self.sign_in, methods=["GET", "POST"]),
             Route("/sign-out", self.sign_out, methods=["POST"]),
             Route("/healthz", lambda request: PlainTextResponse("ok")),
@@ -315,17 +316,32 @@ class Console:
                 given=given,
                 error=f"not a message id: {given[:80]!r} (a UUID, as in the broker's message-id header)",
             )
+        # The rows that left the backlog are a probe each; the pending ones read the
+        # backlog (unless the optional index exists), so the page does not wait for them:
+        # its script asks /messages/pending, or `pending=include` asks for everything.
+        pending_included = request.query_params.get("pending") == "include"
         with self.db.reading() as conn:
-            rows = message_lookup.lookup(conn, self.db.schema, message_id)
+            rows = message_lookup.lookup(conn, self.db.schema, message_id, pending=pending_included)
         return self._page(
             request,
             "message.html",
             message_id=message_id,
             rows=rows,
             given=given,
-            entries=[(r, json.dumps(r.receipt, indent=2, sort_keys=True) if r.receipt else None) for r in rows],
+            pending_included=pending_included,
+            entries=_entries(rows),
             cli=shlex.join(["outbox-relay", "status", "--config", self.config.source, "--message-id", str(message_id)]),
         )
+
+    def message_pending_part(self, request: Request) -> Response:
+        """The pending rows of a message id: the fragment the lookup page's script fills in."""
+        try:
+            message_id = UUID((request.query_params.get("id") or "").strip())
+        except ValueError:
+            return PlainTextResponse("not a message id", status_code=400)
+        with self.db.reading() as conn:
+            rows = message_lookup.lookup(conn, self.db.schema, message_id, settled=False)
+        return self._page(request, "message_pending.html", message_id=message_id, entries=_entries(rows))
 
     def readyz(self, request: Request) -> Response:
         ok = self.db.ping()
@@ -604,3 +620,8 @@ def _age(seconds: float | None) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+def _entries(rows: list[message_lookup.MessageRow]) -> list[tuple[message_lookup.MessageRow, str | None]]:
+    """Each row with its receipt as the page shows it (indented JSON)."""
+    return [(r, json.dumps(r.receipt, indent=2, sort_keys=True) if r.receipt else None) for r in rows]

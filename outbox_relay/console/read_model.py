@@ -40,7 +40,7 @@ REFRESH_COST_FACTOR = 20.0
 STUCK_REFRESH_S = 60.0
 # How long a page waits for the overview's very first reading before it answers
 # "reading" instead (its script asks again each second until the numbers are there).
-FIRST_WAIT_S = 0.15
+FIRST_WAIT_S = 0.1
 RATE_MINUTES = 5
 JOBS_SHOWN = 20  # replays and backfills each, newest first
 # The server ends a console query after this: a page answers with an error rather than

@@ -44,23 +44,34 @@ class MessageRow:
         return asdict(self)
 
 
-def lookup(conn: psycopg.Connection[Any], schema: str, message_id: UUID) -> list[MessageRow]:
-    """Every row of `message_id`, in enqueue order (none: never enqueued here, or deleted
-    by retention or a purge)."""
+def lookup(
+    conn: psycopg.Connection[Any], schema: str, message_id: UUID, *, settled: bool = True, pending: bool = True
+) -> list[MessageRow]:
+    """Every row of `message_id`, in enqueue order, then its WAL receipts (none: never
+    enqueued here, or deleted by retention or a purge). `settled`: the dispatched rows,
+    dead letters and WAL receipts, a probe of an index each; `pending`: the pending rows,
+    which read the backlog unless the optional index exists (queries.sql). The console
+    asks the two apart, so its page answers before the backlog is read."""
     with conn.transaction():
-        # Every part of the query on its partial index (queries.sql, message_by_id): a
+        # Every part of the query on its partial index (queries.sql, message_by_id_*): a
         # sequential scan would read every row retention keeps.
         conn.execute("SET LOCAL enable_seqscan = off")
         # With sequential scans off the plan is costed past jit_*_above_cost: ~200 ms of
         # compiling for a lookup (benchmarks/console_pages.py).
         conn.execute("SET LOCAL jit = off")
         queries = Queries(schema)
-        rows = conn.execute(queries["message_by_id"], {"message_id": message_id}).fetchall()
-        try:
-            with conn.transaction():  # a savepoint: a role without the grant still gets the rows
-                rows += conn.execute(queries["wal_receipts_by_id"], {"message_id": message_id}).fetchall()
-        except psycopg.errors.InsufficientPrivilege:
-            pass
+        rows = []
+        if settled:
+            rows += conn.execute(queries["message_by_id_settled"], {"message_id": message_id}).fetchall()
+        if pending:
+            rows += conn.execute(queries["message_by_id_pending"], {"message_id": message_id}).fetchall()
+        rows.sort(key=lambda row: row[0])
+        if settled:
+            try:
+                with conn.transaction():  # a savepoint: a role without the grant still gets the rows
+                    rows += conn.execute(queries["wal_receipts_by_id"], {"message_id": message_id}).fetchall()
+            except psycopg.errors.InsufficientPrivilege:
+                pass
     return [
         MessageRow(
             id=row[0],

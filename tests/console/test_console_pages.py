@@ -230,8 +230,34 @@ def test_message_lookup_shows_state_receipt_and_trace_id(db: str, make_client: M
     assert "dispatched" in page.text and "&#34;offset&#34;: 41" in page.text and trace in page.text
     missing = client.get("/console/messages", params={"id": str(uuid.uuid4())})
     assert 'id="not-found"' in missing.text
+    assert 'id="no-pending"' in client.get("/console/messages/pending", params={"id": str(uuid.uuid4())}).text
     bad = client.get("/console/messages", params={"id": "not-a-uuid"})
     assert bad.status_code == 400 and "not a message id" in bad.text
+
+
+def test_message_lookup_reads_pending_rows_apart(db: str, make_client: MakeClient) -> None:
+    # The page answers with the rows a probe finds (dispatched, dead-lettered) and leaves
+    # the pending ones, which may read the whole backlog, to a fragment its script asks.
+    ids = enqueue(db, [("t", "k", {"n": 1}), ("t", None, {"n": 2})])
+    with psycopg.connect(db) as conn:
+        # A replay's copy of the first: the same id, dispatched, beside its pending row.
+        conn.execute(
+            "INSERT INTO outbox.messages (message_id, topic, key, payload, dispatched_at)"
+            " SELECT message_id, topic, key, payload, now() FROM outbox.messages WHERE message_id = %s",
+            (ids[0],),
+        )
+    client = make_client()
+    page = client.get("/console/messages", params={"id": ids[0]}).text
+    assert page.count('class="state"') == 1 and ">dispatched<" in page
+    assert f'data-fragment="/console/messages/pending?id={ids[0]}"' in page
+    part = client.get("/console/messages/pending", params={"id": ids[0]})
+    assert part.status_code == 200 and part.text.count('class="state"') == 1 and ">pending<" in part.text
+    keyless = client.get("/console/messages/pending", params={"id": ids[1]}).text
+    assert ">pending<" in keyless and "(none)" in keyless
+    # Without the script: the placeholder's link asks for everything in one page.
+    whole = client.get("/console/messages", params={"id": ids[0], "pending": "include"}).text
+    assert ">dispatched<" in whole and ">pending<" in whole and "data-fragment" not in whole
+    assert client.get("/console/messages/pending", params={"id": "nope"}).status_code == 400
 
 
 def test_jobs_page_shows_replays_with_progress(db: str, make_client: MakeClient) -> None:

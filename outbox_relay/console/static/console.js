@@ -1,6 +1,6 @@
 // The console's only script (no inline script: the CSP forbids it). Progressive: every
-// page works without it. It refreshes the overview's live part and ticks the
-// "select every dead letter on this page" box.
+// page works without it. It refreshes the overview's live part, fills in a message
+// lookup's pending rows, and ticks the "select every dead letter on this page" box.
 "use strict";
 
 (function () {
@@ -22,6 +22,16 @@
       setTimeout(tick, document.getElementById("reading") ? 1000 : 5000);
     };
     setTimeout(tick, document.getElementById("reading") ? 1000 : 5000);
+  }
+  // The message lookup's pending rows, read apart (they may read the whole backlog).
+  const part = document.querySelector("[data-fragment]");
+  if (part) {
+    fetch(part.dataset.fragment, { credentials: "same-origin" })
+      .then((response) => (response.ok ? response.text() : Promise.reject(response.status)))
+      .then((html) => { part.innerHTML = html; })
+      .catch(() => {
+        // The link in the placeholder still asks for the whole lookup.
+      });
   }
   const all = document.getElementById("select-all");
   if (all) {
