@@ -269,6 +269,24 @@ def client_settings(options: KafkaOptions) -> dict[str, Any]:
     return settings
 
 
+def too_large(size: int, options: KafkaOptions, *, by_broker: bool) -> PublishResult:
+    """A record refused for its size (either client), saying its size and the limit it
+    is over: the broker's refusal names neither, and the fix depends on which it was.
+    `size` is the client's estimate of the record in a batch of its own."""
+    if not by_broker:  # refused before it was sent
+        return PublishResult.permanent(
+            f"MessageSizeTooLargeError: the record is {size:,} bytes, larger than the producer's max_request_size"
+            f" {options.max_request_size:,} (raise max_request_size in the broker block, and the topic's"
+            " max.message.bytes with it)"
+        )
+    compressed = "" if options.compression == "none" else " before compression"
+    return PublishResult.permanent(
+        f"MessageSizeTooLargeError: the broker refused the record of {size:,} bytes{compressed} as larger than the"
+        " topic's max.message.bytes (by default the broker's message.max.bytes; the producer's max_request_size"
+        f" is {options.max_request_size:,})"
+    )
+
+
 def classify(exc: BaseException) -> PublishResult:
     """A failed send, as the engine should treat it."""
     reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
@@ -431,10 +449,7 @@ class KafkaAdapter:
             entry.key, out.message.payload, entry.headers
         )
         if size > self.options.max_request_size:  # what AIOKafkaProducer.send refuses too
-            return PublishResult.permanent(
-                f"MessageSizeTooLargeError: the record is {size} bytes, over max_request_size"
-                f" ({self.options.max_request_size})"
-            )
+            return too_large(size, self.options, by_broker=False)
         return None
 
     async def _send_round(self, producer: AIOKafkaProducer, rounds: Rounds) -> bool:
@@ -472,6 +487,8 @@ class KafkaAdapter:
                 rounds.again_alone(sent)
                 continue
             result = classify(outcome)
+            if isinstance(outcome, kafka_errors.MessageSizeTooLargeError):  # one record, alone in its batch
+                result = too_large(sent.entries[0].size, self.options, by_broker=True)
             for entry in sent.entries:
                 rounds.settle(entry, result)
         if reset and self._transactional_id is None:

@@ -37,7 +37,7 @@ from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 from ._options import TlsOptions
 from ._rounds import Batch, Entry, Rounds
 from ._topics import METADATA_WAIT_S, TopicMetadata
-from .kafka import CLOSE_WAIT_S, KafkaOptions, start_if_missing, valid_topic
+from .kafka import CLOSE_WAIT_S, KafkaOptions, start_if_missing, too_large, valid_topic
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
@@ -214,6 +214,17 @@ async def _drop(producer: Any, wait: float) -> None:
         await asyncio.to_thread(producer.flush, 0)
 
 
+def _record_bytes(entry: Entry) -> int:
+    """A record's size in a batch, over-estimated (RECORD_OVERHEAD says why)."""
+    size = RECORD_OVERHEAD + len(entry.out.message.payload) + len(entry.key or b"")
+    return size + sum(HEADER_OVERHEAD + len(name) + len(value) for name, value in entry.headers)
+
+
+def _too_large_alone(entry: Entry, options: KafkaOptions, *, by_broker: bool) -> PublishResult:
+    """The answer for a record refused for its size, in a batch of its own."""
+    return too_large(BATCH_OVERHEAD + _record_bytes(entry), options, by_broker=by_broker)
+
+
 class _Fill:
     """What a round holds so far (bytes as librdkafka counts them, over-estimated)."""
 
@@ -223,8 +234,7 @@ class _Fill:
         self.count = 0
 
     def add(self, entry: Entry) -> bool:
-        size = RECORD_OVERHEAD + len(entry.out.message.payload) + len(entry.key or b"")
-        size += sum(HEADER_OVERHEAD + len(name) + len(value) for name, value in entry.headers)
+        size = _record_bytes(entry)
         if self.count and (self.size + size > self.limit or self.count >= ROUND_MAX_RECORDS):
             return False
         self.size += size
@@ -384,6 +394,8 @@ class LibrdkafkaAdapter:
                 continue
             if isinstance(error, PublishResult):
                 rounds.settle(entry, error)
+            elif error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # alone in its batch
+                rounds.settle(entry, _too_large_alone(entry, self.options, by_broker=True))
             else:
                 rounds.settle(entry, PublishResult.acked() if error is None else classify(error))
 
@@ -445,6 +457,8 @@ class LibrdkafkaAdapter:
         except BufferError:  # the local queue is full: not the record's fault
             return PublishResult.unavailable("librdkafka's local queue is full")
         except KafkaException as exc:  # refused alone (over message.max.bytes): its own answer
+            if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                return _too_large_alone(entry, self.options, by_broker=False)
             return classify(exc.args[0])
         return None
 
