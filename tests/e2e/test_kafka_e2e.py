@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
@@ -114,6 +115,29 @@ async def test_oversize_message_is_dead_lettered_while_others_flow(db: str, kafk
     assert str(big) not in {r.message_id for r in received}
     # dead_letter_policy release (the default): the key goes on after its poison message.
     assert sequence_by_key([r.payload for r in received])["k"] == [0, 2]
+
+
+async def test_a_topic_created_on_first_use_logs_no_error(
+    db: str, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker creates the topic on its first use (auto.create.topics.enable): aiokafka
+    says "Topic ... not found in cluster metadata", at error level before, for a message
+    then published fine. Now at debug."""
+    caplog.set_level(logging.DEBUG, logger="aiokafka")
+    topic = f"e2e-created-{uuid.uuid4().hex[:10]}"  # not created: the relay's first record creates it
+    with psycopg.connect(db) as conn:
+        mid = enqueue(conn, "orders.created", {"n": 1}, key="k")
+        conn.commit()
+    config = kafka_config(db, kafka_bootstrap, topic)
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    [received] = await kafka_read(kafka_bootstrap, topic, 1)  # published: the positive signal
+    assert received.message_id == str(mid)
+    aiokafka = [r for r in caplog.records if r.name.startswith("aiokafka")]
+    lowered = [r for r in aiokafka if r.getMessage() == f"Topic {topic} not found in cluster metadata"]
+    assert lowered, "the broker answers a new topic's first request with 'unknown topic': else nothing is shown"
+    assert {r.levelno for r in lowered} == {logging.DEBUG}
+    assert [r.getMessage() for r in aiokafka if r.levelno >= logging.ERROR] == []
 
 
 async def test_invalid_topic_name_is_dead_lettered_with_reason(db: str, kafka_bootstrap: str) -> None:
