@@ -48,6 +48,25 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 log = structlog.get_logger("outbox_relay.kafka")
 
+
+class _ConfigWarnings(logging.Filter):
+    """librdkafka's CONFWARN lines (a property that does not apply to this kind of
+    client, a deprecated one) are about the settings this adapter chose: KafkaOptions
+    passes no raw librdkafka property through. An operator can do nothing about them,
+    and `check` printed them on every run: they go down to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # confluent-kafka logs ("%s [%s] %s", facility, client name, message).
+        if isinstance(record.args, tuple) and record.args[:1] == ("CONFWARN",):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+# Every librdkafka client of the adapter logs here (not raw lines on stderr): the
+# producer, and exactly once's consumer and admin client.
+LIBRDKAFKA_LOG = logging.getLogger("outbox_relay.librdkafka")
+LIBRDKAFKA_LOG.addFilter(_ConfigWarnings())
+
 ROUND_LINGER_MS = 600_000  # far above any round: librdkafka sends a round when flush() says so
 ROUND_MAX_RECORDS = 10_000  # librdkafka's batch.num.messages, set explicitly: a round stays under it
 # A record's size in a batch, over-estimated (a record's framing is at most about 20
@@ -284,7 +303,7 @@ class LibrdkafkaAdapter:
         config = {**producer_config(self.options), "error_cb": on_error}
         if self._transactional_id is not None:
             config["transactional.id"] = self._transactional_id
-        producer = Producer(config, logger=logging.getLogger("outbox_relay.librdkafka"))  # not raw lines on stderr
+        producer = Producer(config, logger=LIBRDKAFKA_LOG)
         try:
             # Connected and the cluster's metadata fetched, as the aiokafka client does.
             await asyncio.to_thread(producer.list_topics, timeout=self.options.request_timeout)
