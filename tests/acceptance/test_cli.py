@@ -122,6 +122,17 @@ def test_status_on_a_database_without_the_schema_says_what_to_do(empty_db: str, 
     assert "run `outbox-relay schema install --schema outbox`" in result.stderr
 
 
+def test_run_without_the_schema_says_so_first_and_opens_no_port(empty_db: str, tmp_path: Path) -> None:
+    # http_listening came first: read as a relay that had started, before the error.
+    config = write_config(tmp_path / "relay.yaml", empty_db)
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: outbox schema 'outbox' is not installed in this database:"
+        " run `outbox-relay schema install --schema outbox`"
+    ]
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
