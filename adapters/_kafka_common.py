@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 from pydantic import Field, SecretStr, field_validator
 
 from outbox_relay.durations import Duration
+from outbox_relay.models import PublishResult
 
 from ._options import Options, TlsOptions
 from ._topics import topic_name_problem
@@ -110,3 +111,21 @@ async def start_if_missing(adapter: _Restartable, cause: Callable[[Exception], s
         except Exception as exc:
             return f"kafka producer not connected: {cause(exc)}"
     return None
+
+
+def too_large(size: int, options: KafkaOptions, *, by_broker: bool) -> PublishResult:
+    """A record refused for its size (either client), saying its size and the limit it
+    is over: the broker's refusal names neither, and the fix depends on which it was.
+    `size` is the client's estimate of the record in a batch of its own."""
+    if not by_broker:  # refused before it was sent
+        return PublishResult.permanent(
+            f"MessageSizeTooLargeError: the record is {size:,} bytes, larger than the producer's max_request_size"
+            f" {options.max_request_size:,} (raise max_request_size in the broker block, and the topic's"
+            " max.message.bytes with it)"
+        )
+    compressed = "" if options.compression == "none" else " before compression"
+    return PublishResult.permanent(
+        f"MessageSizeTooLargeError: the broker refused the record of {size:,} bytes{compressed} as larger than the"
+        " topic's max.message.bytes (by default the broker's message.max.bytes; the producer's max_request_size"
+        f" is {options.max_request_size:,})"
+    )

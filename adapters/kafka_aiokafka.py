@@ -24,7 +24,7 @@ import structlog
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
-from ._kafka_common import CLOSE_WAIT_S, NEEDS_AIOKAFKA, KafkaOptions, start_if_missing
+from ._kafka_common import CLOSE_WAIT_S, NEEDS_AIOKAFKA, KafkaOptions, start_if_missing, too_large
 from ._options import TlsOptions, tls_context
 from ._rounds import Batch, Entry, Rounds
 from ._topics import METADATA_WAIT_S, TopicMetadata, valid_topic
@@ -210,6 +210,25 @@ def classify(exc: BaseException) -> PublishResult:
     return PublishResult.transient(reason)
 
 
+class _TopicCreatedOnFirstUse(logging.Filter):
+    """aiokafka logs "Topic ... not found in cluster metadata" at error level when the
+    broker answers a topic's first metadata request while it creates the topic (Kafka's
+    auto.create.topics.enable): the record is then published fine, and an error line
+    for it sends a newcomer looking for a fault. A topic that stays missing is reported
+    by the relay itself (its records' "no metadata for topic" answer, _topics.py). So
+    that one record goes down to debug; every other aiokafka line keeps its level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Topic %s not found in cluster metadata":
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+# On aiokafka's logger, not a handler: whoever handles its records (the relay's log
+# setup, a test's capture) sees the lowered level.
+logging.getLogger("aiokafka.cluster").addFilter(_TopicCreatedOnFirstUse())
+
+
 class KafkaAdapter:
     # Same key, same partition, one batch per partition per round, and a key that
     # failed is left out of later rounds (adapters/_rounds.py): a key's run can go in
@@ -337,10 +356,7 @@ class KafkaAdapter:
             entry.key, out.message.payload, entry.headers
         )
         if size > self.options.max_request_size:  # what AIOKafkaProducer.send refuses too
-            return PublishResult.permanent(
-                f"MessageSizeTooLargeError: the record is {size} bytes, over max_request_size"
-                f" ({self.options.max_request_size})"
-            )
+            return too_large(size, self.options, by_broker=False)
         return None
 
     async def _send_round(self, producer: AIOKafkaProducer, rounds: Rounds) -> bool:
@@ -378,6 +394,8 @@ class KafkaAdapter:
                 rounds.again_alone(sent)
                 continue
             result = classify(outcome)
+            if isinstance(outcome, kafka_errors.MessageSizeTooLargeError):  # one record, alone in its batch
+                result = too_large(sent.entries[0].size, self.options, by_broker=True)
             for entry in sent.entries:
                 rounds.settle(entry, result)
         if reset and self._transactional_id is None:

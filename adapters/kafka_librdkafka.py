@@ -34,7 +34,7 @@ import structlog
 from outbox_relay.errors import first_line
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 
-from ._kafka_common import CLOSE_WAIT_S, KafkaOptions, start_if_missing
+from ._kafka_common import CLOSE_WAIT_S, KafkaOptions, start_if_missing, too_large
 from ._options import TlsOptions
 from ._rounds import Batch, Entry, Rounds
 from ._topics import METADATA_WAIT_S, TopicMetadata, valid_topic
@@ -47,6 +47,25 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 log = structlog.get_logger("outbox_relay.kafka")
+
+
+class _ConfigWarnings(logging.Filter):
+    """librdkafka's CONFWARN lines (a property that does not apply to this kind of
+    client, a deprecated one) are about the settings this adapter chose: KafkaOptions
+    passes no raw librdkafka property through. An operator can do nothing about them,
+    and `check` printed them on every run: they go down to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # confluent-kafka logs ("%s [%s] %s", facility, client name, message).
+        if isinstance(record.args, tuple) and record.args[:1] == ("CONFWARN",):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+# Every librdkafka client of the adapter logs here (not raw lines on stderr): the
+# producer, and exactly once's consumer and admin client.
+LIBRDKAFKA_LOG = logging.getLogger("outbox_relay.librdkafka")
+LIBRDKAFKA_LOG.addFilter(_ConfigWarnings())
 
 ROUND_LINGER_MS = 600_000  # far above any round: librdkafka sends a round when flush() says so
 ROUND_MAX_RECORDS = 10_000  # librdkafka's batch.num.messages, set explicitly: a round stays under it
@@ -214,6 +233,17 @@ async def _drop(producer: Any, wait: float) -> None:
         await asyncio.to_thread(producer.flush, 0)
 
 
+def _record_bytes(entry: Entry) -> int:
+    """A record's size in a batch, over-estimated (RECORD_OVERHEAD says why)."""
+    size = RECORD_OVERHEAD + len(entry.out.message.payload) + len(entry.key or b"")
+    return size + sum(HEADER_OVERHEAD + len(name) + len(value) for name, value in entry.headers)
+
+
+def _too_large_alone(entry: Entry, options: KafkaOptions, *, by_broker: bool) -> PublishResult:
+    """The answer for a record refused for its size, in a batch of its own."""
+    return too_large(BATCH_OVERHEAD + _record_bytes(entry), options, by_broker=by_broker)
+
+
 class _Fill:
     """What a round holds so far (bytes as librdkafka counts them, over-estimated)."""
 
@@ -223,8 +253,7 @@ class _Fill:
         self.count = 0
 
     def add(self, entry: Entry) -> bool:
-        size = RECORD_OVERHEAD + len(entry.out.message.payload) + len(entry.key or b"")
-        size += sum(HEADER_OVERHEAD + len(name) + len(value) for name, value in entry.headers)
+        size = _record_bytes(entry)
         if self.count and (self.size + size > self.limit or self.count >= ROUND_MAX_RECORDS):
             return False
         self.size += size
@@ -274,7 +303,7 @@ class LibrdkafkaAdapter:
         config = {**producer_config(self.options), "error_cb": on_error}
         if self._transactional_id is not None:
             config["transactional.id"] = self._transactional_id
-        producer = Producer(config, logger=logging.getLogger("outbox_relay.librdkafka"))  # not raw lines on stderr
+        producer = Producer(config, logger=LIBRDKAFKA_LOG)
         try:
             # Connected and the cluster's metadata fetched, as the aiokafka client does.
             await asyncio.to_thread(producer.list_topics, timeout=self.options.request_timeout)
@@ -384,6 +413,8 @@ class LibrdkafkaAdapter:
                 continue
             if isinstance(error, PublishResult):
                 rounds.settle(entry, error)
+            elif error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # alone in its batch
+                rounds.settle(entry, _too_large_alone(entry, self.options, by_broker=True))
             else:
                 rounds.settle(entry, PublishResult.acked() if error is None else classify(error))
 
@@ -445,6 +476,8 @@ class LibrdkafkaAdapter:
         except BufferError:  # the local queue is full: not the record's fault
             return PublishResult.unavailable("librdkafka's local queue is full")
         except KafkaException as exc:  # refused alone (over message.max.bytes): its own answer
+            if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                return _too_large_alone(entry, self.options, by_broker=False)
             return classify(exc.args[0])
         return None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +29,7 @@ from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._kafka_common import CLOSE_WAIT_S, KafkaOptions
 from ._offsets import check_cleanup_policy, new_topic_settings, not_read_back, undecided, windows
-from .kafka_librdkafka import FENCED_CODES, LibrdkafkaAdapter, client_config, fatal_error
+from .kafka_librdkafka import FENCED_CODES, LIBRDKAFKA_LOG, LibrdkafkaAdapter, client_config, fatal_error
 
 try:
     from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -43,7 +42,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 log = structlog.get_logger("outbox_relay.kafka")
-LIBRDKAFKA_LOG = logging.getLogger("outbox_relay.librdkafka")  # not raw lines on stderr
 POLL_S = 0.5
 STABLE_WAIT_S = 0.1  # between looks at the last stable offset (_stable_end)
 

@@ -213,18 +213,58 @@ def measure_against_version(dsn: str, *, version: int, seconds: float, rounds: i
     return _measure(dsn, variants, seconds=seconds, rounds=rounds)
 
 
+# The optional index of pending rows by message id (README, Operator console): what it
+# costs each enqueue, as btree and as hash, with a backlog in every schema (an index's
+# insert cost grows with its size), interleaved with the same enqueue without it.
+BACKLOG = """INSERT INTO {s}.messages (topic, key, payload)
+SELECT 'orders.created', CASE WHEN g % 2 = 0 THEN 'customer-' || (g % 1000) END, '\\x7b7d'::bytea
+FROM generate_series(1, {n}) AS g"""
+PENDING_ID_INDEX = (
+    "CREATE INDEX messages_pending_message_id_idx ON {s}.messages USING {kind} (message_id) "
+    "WHERE dispatched_at IS NULL AND dead_lettered_at IS NULL"
+)
+
+
+def measure_optional_index(dsn: str, *, backlog: int, seconds: float, rounds: int) -> dict[str, float]:
+    _setup(dsn)
+    kinds = {f"{SCHEMA}_btree": "btree", f"{SCHEMA}_hash": "hash"}
+    for schema in kinds:
+        fresh_schema(dsn, schema)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for schema in (SCHEMA, *kinds):
+            conn.execute(sql.SQL(BACKLOG.format(s="{s}", n=int(backlog))).format(s=sql.Identifier(schema)))
+        for schema, kind in kinds.items():
+            statement = PENDING_ID_INDEX.format(s="{s}", kind=kind)  # kind: one of two literals above
+            conn.execute(sql.SQL(statement).format(s=sql.Identifier(schema)))
+        conn.execute("VACUUM ANALYZE")
+    variants = {"floor_bare_table": (FLOOR, True), "outbox_notify_on": (OUTBOX, True)}
+    for schema, kind in kinds.items():
+        variants[f"outbox_pending_id_{kind}"] = (OUTBOX.replace(f"{SCHEMA}.enqueue", f"{schema}.enqueue"), True)
+    return _measure(dsn, variants, seconds=seconds, rounds=rounds)
+
+
 def main() -> None:
-    """`python -m benchmarks.write_path --against VERSION [--seconds S] [--rounds N]`."""
+    """`python -m benchmarks.write_path --against VERSION [--seconds S] [--rounds N]`, or
+    `--optional-index [--backlog N]`: the optional pending message-id index's cost."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.write_path")
-    parser.add_argument("--against", type=int, required=True, help="the earlier schema version")
+    parser.add_argument("--against", type=int, help="the earlier schema version")
+    parser.add_argument("--optional-index", action="store_true", help="the optional pending message-id index")
+    parser.add_argument("--backlog", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if (args.against is None) == (not args.optional_index):
+        parser.error("give --against VERSION or --optional-index")
     with local_postgres.running() as cluster:
-        result = measure_against_version(cluster.dsn, version=args.against, seconds=args.seconds, rounds=args.rounds)
+        if args.optional_index:
+            result = measure_optional_index(cluster.dsn, backlog=args.backlog, seconds=args.seconds, rounds=args.rounds)
+        else:
+            result = measure_against_version(
+                cluster.dsn, version=args.against, seconds=args.seconds, rounds=args.rounds
+            )
     print(json.dumps(result, indent=2))
 
 

@@ -33,10 +33,13 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
-from outbox_relay.errors import AdapterOptionsError, ConfigError, OutboxRelayError
+from outbox_relay.errors import AdapterOptionsError, ConfigError, OutboxRelayError, first_line
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 
 ENTRY_POINT_GROUP = "outbox_relay.adapters"
+# Where the built-in adapters are installed (pyproject.toml): each needs the extra of its
+# type's name, if any.
+BUILT_IN_PACKAGE = "outbox_relay_adapters."
 
 
 @runtime_checkable
@@ -319,21 +322,43 @@ def _lazy(name: str, load: Callable[[], Any]) -> AdapterFactory:
     def factory(broker: str, options: Mapping[str, Any]) -> Adapter:
         try:
             create = load()
+            return create(broker, options)  # type: ignore[no-any-return]
         except ImportError as exc:
-            raise ConfigError(
-                f"adapter {name!r} cannot be loaded: {exc} (install it with: pip install 'outbox-relay[{name}]')"
-            ) from exc
-        return create(broker, options)  # type: ignore[no-any-return]
+            # A built-in adapter's ImportError says what to install (adapters/__init__.py),
+            # also one its factory raises for a client it imports then (kafka's librdkafka).
+            raise ConfigError(f"adapter {name!r} cannot be loaded: {first_line(exc)}") from exc
 
     return factory
+
+
+def _inventory() -> str:
+    """Which adapter types can be used, for an unknown ``type:``. Every entry point is
+    registered whether or not its client library is there (the webhook's httpx is in
+    an extra): only those whose module loads are installed; a built-in one that does
+    not load needs its extra, named after it."""
+    usable: list[str] = []
+    need_extra: list[str] = []
+    broken: list[str] = []
+    for name, ep in sorted(_entry_points().items()):
+        try:
+            ep.load()
+        except Exception:  # an ImportError, or whatever a third party's module raises
+            (need_extra if ep.module.startswith(BUILT_IN_PACKAGE) else broken).append(name)
+        else:
+            usable.append(name)
+    text = f"installed: {', '.join(usable) or 'none'}"
+    if need_extra:
+        text += f"; needing an extra: {', '.join(need_extra)}, pip install 'outbox-relay[{','.join(need_extra)}]'"
+    if broken:
+        text += f"; cannot be loaded: {', '.join(broken)}"
+    return text
 
 
 def create(type_name: str, broker: str, options: Mapping[str, Any]) -> Adapter:
     """Build the adapter for one broker block; raise ConfigError naming the problem."""
     factories = installed()
     if type_name not in factories:
-        names = ", ".join(sorted(factories)) or "none"
-        raise ConfigError(f"unknown adapter {type_name!r} (installed: {names})", path="type")
+        raise ConfigError(f"unknown adapter {type_name!r} ({_inventory()})", path="type")
     try:
         return factories[type_name](broker, options)
     except ConfigError:  # AdapterOptionsError included: already names its key

@@ -23,7 +23,7 @@ from outbox_relay import config as config_module
 from outbox_relay import schema_version, sqlfiles
 from outbox_relay.connections import connect_sync
 from outbox_relay.durations import parse_duration
-from outbox_relay.errors import OutboxRelayError, SchemaError, first_line
+from outbox_relay.errors import ConfigError, OutboxRelayError, SchemaError, first_line
 from outbox_relay.observability.logging_setup import configure as configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,8 +44,11 @@ def dsn_option(whose: str) -> Callable[[F], F]:
     return click.option(
         "--dsn",
         envvar="DATABASE_URL",
+        # Named in the help and in "Missing option '--dsn' (env var: 'DATABASE_URL')":
+        # a newcomer told only of --dsn puts the password on the command line.
+        show_envvar=True,
         required=True,
-        help=f"{whose} (env: DATABASE_URL; prefer the env for passwords).",
+        help=f"{whose}; prefer the environment variable for passwords.",
     )
 
 
@@ -79,6 +82,9 @@ def connect(dsn: str) -> psycopg.Connection[Any]:
 
 
 def load(config_path: Path) -> config_module.Config:
+    if not config_path.exists():
+        # Most often the default, ./relay.yaml: say how to name the file instead.
+        raise ConfigError("no such config file; pass --config PATH or set OUTBOX_RELAY_CONFIG", source=str(config_path))
     return config_module.load(config_path)
 
 

@@ -15,13 +15,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import psycopg
 import structlog
 
 from outbox_relay import schema_version
 from outbox_relay.adapter import Adapter
 from outbox_relay.claim_check.uploads import ClaimChecks
 from outbox_relay.config import Config
-from outbox_relay.connections import connect_with_retry, finish_cancels
+from outbox_relay.connections import connect_once, connect_with_retry, finish_cancels
 from outbox_relay.engine.brokers import BrokerHandle
 from outbox_relay.engine.dead_letter_topic import DeadLetterTopic
 from outbox_relay.engine.dispatch import Dispatcher
@@ -187,16 +188,21 @@ class Relay:
 
     async def run(self) -> None:
         """Run until :meth:`stop`; raise if a task fails unexpectedly."""
-        # The port first: a port taken (a second relay on the host) is a configuration
-        # error to report before anything is connected that would need closing; and while
-        # the database is still away at start, /livez answers (waiting for it is no reason
-        # for a restart) and /readyz says not yet.
-        await self.health.start()
-        try:
-            checked = await until_stopped(self._check_schema(), self._stop)
-        except BaseException:
-            await self.health.close()
-            raise
+        # A database that answers at once says first whether its schema will do: a
+        # missing or old schema is then the one thing said, where after http_listening it
+        # read as a relay that had started. A database still away is waited for with the
+        # port open: a port taken (a second relay on the host) is a configuration error to
+        # report before anything is connected that would need closing, and meanwhile
+        # /livez answers (waiting for the database is no reason for a restart) and
+        # /readyz says not yet.
+        checked = await until_stopped(self._check_schema(retry=False), self._stop)
+        if checked is not None:
+            await self.health.start()
+            try:
+                checked = checked or await until_stopped(self._check_schema(retry=True), self._stop)
+            except BaseException:
+                await self.health.close()
+                raise
         if not checked:
             await self.health.close()
             log.info("relay_stopped", relay_id=str(self.relay_id), published=0)
@@ -275,13 +281,19 @@ class Relay:
         if pending:
             log.warning("shutdown_timeout", in_flight=self.in_flight, timeout_s=timeout)
 
-    async def _check_schema(self) -> bool:
-        conn = await connect_with_retry(
-            self._dsn,
-            purpose="startup",
-            retry_max=self.config.relay.retry.max,
-            prepare_threshold=self.config.database.prepare_threshold,
-        )
+    async def _check_schema(self, *, retry: bool) -> bool:
+        """The schema and each source's start conditions (SchemaError, ConfigError).
+        Without `retry`, on one connection attempt: False if the database did not answer."""
+        prepare_threshold = self.config.database.prepare_threshold
+        if retry:
+            conn = await connect_with_retry(
+                self._dsn, purpose="startup", retry_max=self.config.relay.retry.max, prepare_threshold=prepare_threshold
+            )
+        else:
+            try:
+                conn = await connect_once(self._dsn, prepare_threshold=prepare_threshold)
+            except psycopg.OperationalError:
+                return False
         async with conn:
             await schema_version.check(conn, self.config.database.schema_name)
             for source in self._sources:  # sources/base.py: check_start

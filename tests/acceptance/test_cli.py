@@ -122,6 +122,17 @@ def test_status_on_a_database_without_the_schema_says_what_to_do(empty_db: str, 
     assert "run `outbox-relay schema install --schema outbox`" in result.stderr
 
 
+def test_run_without_the_schema_says_so_first_and_opens_no_port(empty_db: str, tmp_path: Path) -> None:
+    # http_listening came first: read as a relay that had started, before the error.
+    config = write_config(tmp_path / "relay.yaml", empty_db)
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: outbox schema 'outbox' is not installed in this database:"
+        " run `outbox-relay schema install --schema outbox`"
+    ]
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
@@ -155,10 +166,27 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path: Path, yaml_text: str, ex
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_missing_config_file(tmp_path: Path) -> None:
-    result = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
+def test_a_missing_config_file_says_how_to_name_one(tmp_path: Path) -> None:
+    hint = "no such config file; pass --config PATH or set OUTBOX_RELAY_CONFIG"
+    # The default, ./relay.yaml, in a directory without one (an empty variable is unset).
+    for command in ("run", "check", "status"):
+        result = run_cli(command, cwd=tmp_path, env={"OUTBOX_RELAY_CONFIG": ""})
+        assert (result.returncode, result.stderr) == (2, f"error: relay.yaml: {hint}\n"), command
+    named = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
+    assert (named.returncode, named.stderr) == (2, f"error: {tmp_path / 'nope.yaml'}: {hint}\n")
+    # The hint names only what works: the variable is read, in place of ./relay.yaml.
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text("database: {dsn: x}\nrelay: {pol_interval: 1s}\n")
+    found = run_cli("check", cwd=tmp_path, env={"OUTBOX_RELAY_CONFIG": str(elsewhere)})
+    assert found.returncode == 2, found.stderr
+    assert found.stderr.startswith("error: elsewhere.yaml: relay.pol_interval: "), found.stderr
+
+
+@pytest.mark.parametrize("command", [["schema", "install"], ["inbox", "prune", "--older-than", "7d"]], ids=" ".join)
+def test_a_missing_dsn_names_database_url_too(command: list[str]) -> None:
+    result = run_cli(*command, env={"DATABASE_URL": ""})
     assert result.returncode == 2
-    assert "nope.yaml: cannot read config file" in result.stderr
+    assert "Error: Missing option '--dsn' (env var: 'DATABASE_URL')." in result.stderr, result.stderr
 
 
 def test_passwords_never_reach_logs_or_check_output(db: str, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import uuid
 
 import psycopg
@@ -49,6 +51,49 @@ async def test_committed_messages_arrive_in_key_order_and_rolled_back_never(
 
 
 @pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
+async def test_a_size_refusal_says_the_size_and_the_limit(db: str, kafka_bootstrap: str, client: str) -> None:
+    """The broker's refusal names neither ("[Error 10] MessageSizeTooLargeError"): the
+    dead letter's reason says how large the record was and which limit it is over."""
+    topic = f"e2e-limits-{uuid.uuid4().hex[:10]}"
+    await kafka_create_topic(kafka_bootstrap, topic, partitions=1, **{"max.message.bytes": "4096"})
+    with psycopg.connect(db) as conn:
+        over_topic = enqueue(conn, "orders.created", {"pad": "x" * 6_000}, key="a")  # the broker refuses it
+        over_producer = enqueue(conn, "orders.created", {"pad": "x" * 20_000}, key="b")  # refused before sending
+        conn.commit()
+    config = make_config(
+        db,
+        brokers={
+            "events": {
+                "type": "kafka",
+                "bootstrap_servers": kafka_bootstrap,
+                "client": client,
+                "max_request_size": 16_384,
+            }
+        },
+        routes=[{"topic": "orders.*", "broker": "events", "destination": topic}],
+    )
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    reasons = {mid: reason for mid, _, reason in dead_letters(db)}
+    size = r"(\d{1,2},\d{3}) bytes"
+    by_broker = re.fullmatch(
+        f"MessageSizeTooLargeError: the broker refused the record of {size} as larger than the topic's"
+        r" max\.message\.bytes \(by default the broker's message\.max\.bytes; the producer's max_request_size is"
+        r" 16,384\)",
+        reasons[str(over_topic)],
+    )
+    assert by_broker, reasons[str(over_topic)]
+    assert 6_000 < int(by_broker[1].replace(",", "")) < 6_400  # the record with its framing
+    by_producer = re.fullmatch(
+        f"MessageSizeTooLargeError: the record is {size}, larger than the producer's max_request_size 16,384"
+        r" \(raise max_request_size in the broker block, and the topic's max\.message\.bytes with it\)",
+        reasons[str(over_producer)],
+    )
+    assert by_producer, reasons[str(over_producer)]
+    assert 20_000 < int(by_producer[1].replace(",", "")) < 20_400
+
+
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
 async def test_oversize_message_is_dead_lettered_while_others_flow(db: str, kafka_bootstrap: str, client: str) -> None:
     topic = f"e2e-small-{uuid.uuid4().hex[:10]}"
     await kafka_create_topic(kafka_bootstrap, topic, partitions=1, **{"max.message.bytes": "4096"})
@@ -70,6 +115,29 @@ async def test_oversize_message_is_dead_lettered_while_others_flow(db: str, kafk
     assert str(big) not in {r.message_id for r in received}
     # dead_letter_policy release (the default): the key goes on after its poison message.
     assert sequence_by_key([r.payload for r in received])["k"] == [0, 2]
+
+
+async def test_a_topic_created_on_first_use_logs_no_error(
+    db: str, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker creates the topic on its first use (auto.create.topics.enable): aiokafka
+    says "Topic ... not found in cluster metadata", at error level before, for a message
+    then published fine. Now at debug."""
+    caplog.set_level(logging.DEBUG, logger="aiokafka")
+    topic = f"e2e-created-{uuid.uuid4().hex[:10]}"  # not created: the relay's first record creates it
+    with psycopg.connect(db) as conn:
+        mid = enqueue(conn, "orders.created", {"n": 1}, key="k")
+        conn.commit()
+    config = kafka_config(db, kafka_bootstrap, topic)
+    async with running_relay(config, build_adapters(config)):
+        await wait_until(lambda: pending(db) == 0, timeout=60)
+    [received] = await kafka_read(kafka_bootstrap, topic, 1)  # published: the positive signal
+    assert received.message_id == str(mid)
+    aiokafka = [r for r in caplog.records if r.name.startswith("aiokafka")]
+    lowered = [r for r in aiokafka if r.getMessage() == f"Topic {topic} not found in cluster metadata"]
+    assert lowered, "the broker answers a new topic's first request with 'unknown topic': else nothing is shown"
+    assert {r.levelno for r in lowered} == {logging.DEBUG}
+    assert [r.getMessage() for r in aiokafka if r.levelno >= logging.ERROR] == []
 
 
 async def test_invalid_topic_name_is_dead_lettered_with_reason(db: str, kafka_bootstrap: str) -> None:

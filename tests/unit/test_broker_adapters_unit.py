@@ -5,6 +5,7 @@ tests/contract and tests/e2e."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 import uuid
 from typing import Any
@@ -17,7 +18,7 @@ from outbox_relay_adapters import _rounds, kafka, kafka_aiokafka, rabbitmq
 from outbox_relay.errors import AdapterOptionsError
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 from tests.support.factories import outgoing
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_for, wait_until
 
 # -- kafka ---------------------------------------------------------------------------------
 
@@ -792,3 +793,25 @@ def test_librdkafka_logs_a_lost_connection_it_retries_by_itself_once_per_code_an
     lines = [(line["event"], line["code"]) for line in logs]
     assert lines == [("kafka_client_error", "_TRANSPORT"), ("kafka_client_error", "_TIMED_OUT")]
     assert "Disconnected" in logs[0]["error"] and logs[0]["log_level"] == "warning"
+
+
+def test_librdkafka_configuration_warnings_are_debug_not_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    # A CONFWARN is about the adapter's own settings (no raw librdkafka property comes
+    # from the config): `check` printed one on every run. A real one, from librdkafka:
+    # a consumer's property given to a producer, beside the adapter's settings.
+    from confluent_kafka import Producer
+    from outbox_relay_adapters import kafka_librdkafka
+
+    caplog.set_level(logging.DEBUG, logger=kafka_librdkafka.LIBRDKAFKA_LOG.name)
+    options = kafka.KafkaOptions(bootstrap_servers="127.0.0.1:1", client="librdkafka")
+    settings = {**kafka_librdkafka.producer_config(options), "fetch.wait.max.ms": 100}
+    producer = Producer(settings, logger=kafka_librdkafka.LIBRDKAFKA_LOG)
+
+    def confwarns() -> list[logging.LogRecord]:
+        producer.poll(0.1)  # serves librdkafka's log lines
+        return [r for r in caplog.records if "CONFWARN" in r.getMessage()]
+
+    wait_for(confwarns, 10, "librdkafka's configuration warning")
+    found = confwarns()
+    assert any("fetch.wait.max.ms is a consumer property" in r.getMessage() for r in found), found
+    assert {r.levelno for r in found} == {logging.DEBUG}

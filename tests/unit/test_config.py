@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -450,6 +451,44 @@ def test_unknown_adapter_exact_message_lists_every_installed_adapter() -> None:
     names = ", ".join(sorted(installed()))
     assert {"file", "stdout", "webhook"} <= set(installed())
     assert message == f"relay.yaml: brokers.events.type: unknown adapter 'kafak' (installed: {names})"
+
+
+def without(monkeypatch: pytest.MonkeyPatch, library: str, *adapter_modules: str) -> None:
+    """As if `library` were not installed: importing it fails, and so does (re)loading
+    the adapter modules that import it."""
+    monkeypatch.setitem(sys.modules, library, None)
+    for module in adapter_modules:
+        monkeypatch.delitem(sys.modules, f"outbox_relay_adapters.{module}", raising=False)
+
+
+def test_an_adapter_without_its_client_library_says_once_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    without(monkeypatch, "httpx", "webhook")
+    message = str(build_error({"hook": {"type": "webhook", "url": "http://h/"}}))
+    assert message == (
+        "relay.yaml: brokers.hook: adapter 'webhook' cannot be loaded: "
+        "the webhook adapter needs httpx: pip install 'outbox-relay[webhook]'"
+    )
+
+
+def test_a_kafka_client_it_imports_on_use_is_a_config_error_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # client: librdkafka imports confluent-kafka only in create(): it was a traceback.
+    without(monkeypatch, "confluent_kafka", "kafka_librdkafka")
+    message = str(build_error({"k": {"type": "kafka", "bootstrap_servers": "h:1", "client": "librdkafka"}}))
+    assert message == (
+        "relay.yaml: brokers.k: adapter 'kafka' cannot be loaded: the kafka adapter's librdkafka client "
+        "needs confluent-kafka: pip install 'outbox-relay[librdkafka]'"
+    )
+
+
+def test_an_unknown_type_lists_an_adapter_without_its_library_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    from outbox_relay.adapter import installed
+
+    without(monkeypatch, "httpx", "webhook")
+    usable = ", ".join(sorted(set(installed()) - {"webhook"}))
+    assert str(build_error({"events": {"type": "kafak"}})) == (
+        f"relay.yaml: brokers.events.type: unknown adapter 'kafak' (installed: {usable}; "
+        "needing an extra: webhook, pip install 'outbox-relay[webhook]')"
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from outbox_relay.config import parse
-from outbox_relay.durations import format_duration, parse_duration
+from outbox_relay.durations import EXAMPLES, format_duration, parse_duration
 from outbox_relay.envsubst import UnsetVariable, substitute
 
 # --- durations ---------------------------------------------------------------------
@@ -65,8 +65,14 @@ def test_parse_duration_rejects(value: object) -> None:
     with pytest.raises(ValueError) as info:
         parse_duration(value)
     message = str(info.value)
-    assert message.startswith(f"invalid duration {value!r}: ")
-    assert "e.g. 500ms, 1s, 5m, 24h" in message
+    assert message == f"invalid duration {value!r}: give a number with a unit, e.g. 500ms, 1s, 5m, 24h, 7d"
+
+
+def test_every_example_in_the_duration_error_is_a_duration() -> None:
+    # The CLI's own examples use days (`inbox prune --older-than 7d`): the error names them too.
+    examples = EXAMPLES.split(", ")
+    assert examples == ["500ms", "1s", "5m", "24h", "7d"]
+    assert [parse_duration(example) for example in examples] == [0.5, 1.0, 300.0, 86400.0, 604800.0]
 
 
 @pytest.mark.parametrize(
