@@ -11,10 +11,10 @@
 -- query over dead letters (the console's pages and counts, the claim's probe under
 -- hold) can be planned through it; and its entries are a 4-byte hash, not the 16-byte id.
 --
--- Pending rows get no such index: one costs every enqueue an entry, measured at 5 to 26%
--- of enqueue throughput at 16 clients with a 1,000,000-row backlog (README, Operator
--- console, where the optional index is described for operators who want the lookup
--- fast at any backlog).
+-- Pending rows get no such index: one costs every enqueue an entry, measured between
+-- nothing and a quarter of enqueue throughput at 16 clients with a 1,000,000-row backlog
+-- (benchmarks/results/optional_index_2026-12-07.txt; the operator console's docs describe the
+-- optional index for operators who want the lookup fast at any backlog).
 --
 -- IF NOT EXISTS: a large outbox may build it beforehand with CREATE INDEX CONCURRENTLY
 -- under this name (README, Upgrading), sparing enqueues the wait while it builds.
