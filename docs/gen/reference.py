@@ -6,7 +6,9 @@
   recursively from ``outbox-relay``;
 - the metrics from the registry of ``RelayMetrics`` (outbox_relay/observability/metrics.py):
   name, type, help and labels;
-- the SQL functions' signatures from the schema's files (schema/schema.sql, schema/inbox.sql).
+- the SQL functions' signatures from the schema's files (schema/schema.sql, schema/inbox.sql);
+- the Python API's functions (their signatures and docstrings) from the modules an
+  application imports.
 
 A page holds each part between two markers, ``<!-- generated: NAME -->`` and
 ``<!-- end generated: NAME -->``, so GitHub shows it too. ``mkdocs build`` writes the
@@ -370,14 +372,76 @@ def sql_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- Python API
+
+# The modules an application imports, and what of them it calls: their __all__'s functions.
+PYTHON_MODULES = ("outbox_relay", "outbox_relay.claim_check", "outbox_relay.inbox", "outbox_relay.tracing")
+
+
+def python_functions() -> list[tuple[str, Callable[..., Any]]]:
+    """(dotted name, function) of every public function of the application's API."""
+    import importlib
+
+    found = []
+    for name in PYTHON_MODULES:
+        module = importlib.import_module(name)
+        public = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+        for attribute in public:
+            value = getattr(module, attribute)
+            if inspect.isfunction(value) and (hasattr(module, "__all__") or value.__module__ == name):
+                found.append((f"{name}.{attribute}", value))
+    return found
+
+
+def _signature(name: str, function: Callable[..., Any]) -> str:
+    """A function's signature as written in its source (annotations unquoted), one
+    parameter a line."""
+    signature = inspect.signature(function)
+    params = []
+    star = False
+    for param in signature.parameters.values():
+        if param.kind is param.KEYWORD_ONLY and not star:
+            params.append("*")
+            star = True
+        shown = param.name
+        if param.kind is param.VAR_POSITIONAL:
+            shown, star = f"*{param.name}", True
+        elif param.kind is param.VAR_KEYWORD:
+            shown = f"**{param.name}"
+        if param.annotation is not param.empty:
+            shown += f": {param.annotation}"
+        if param.default is not param.empty:
+            shown += f" = {param.default!r}"
+        params.append(shown)
+    prefix = "async def" if inspect.iscoroutinefunction(function) else "def"
+    returns = f" -> {signature.return_annotation}" if signature.return_annotation is not signature.empty else ""
+    body = "".join(f"    {param},\n" for param in params)
+    return f"{prefix} {name.rsplit('.', 1)[1]}(\n{body}){returns}"
+
+
+def python_reference() -> str:
+    lines: list[str] = []
+    for name, function in python_functions():
+        lines += ["", f"### `{name}`", "", "```python", _signature(name, function), "```", ""]
+        lines.append(_plain(inspect.cleandoc(function.__doc__ or "")))
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "config": config_reference,
     "cli": cli_reference,
     "metrics": metrics_reference,
     "sql": sql_reference,
+    "python": python_reference,
 }
 
-PAGES = ("reference/configuration.md", "reference/cli.md", "reference/metrics.md", "reference/sql.md")
+PAGES = (
+    "reference/configuration.md",
+    "reference/cli.md",
+    "reference/metrics.md",
+    "reference/sql.md",
+    "reference/python-api.md",
+)
 
 
 def main() -> None:

@@ -62,3 +62,20 @@ def test_every_sql_function_is_described_by_hand() -> None:
         f"{file}: {name}" for file, name, _ in functions if not re.search(rf"`(outbox|inbox)\.{name}\(", described)
     ]
     assert undescribed == [], "add a row for these to docs/reference/sql.md"
+
+
+def test_every_public_function_has_a_docstring_and_is_on_the_page() -> None:
+    text = page("reference/python-api.md")
+    functions = generator().python_functions()
+    assert {"outbox_relay.enqueue", "outbox_relay.inbox.first_time"} <= {name for name, _ in functions}
+    assert [name for name, function in functions if not (function.__doc__ or "").strip()] == []
+    assert [name for name, _ in functions if f"### `{name}`" not in text] == [], REGENERATE
+
+
+def test_the_enqueue_table_names_every_parameter() -> None:
+    import inspect
+
+    from outbox_relay import enqueue
+
+    described = hand_written(page("reference/python-api.md"))
+    assert [p for p in inspect.signature(enqueue).parameters if f"| `{p}` |" not in described] == []
