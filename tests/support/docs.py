@@ -39,8 +39,20 @@ def hand_written(text: str) -> str:
 
 
 def code_blocks(text: str, language: str) -> list[str]:
-    """The fenced code blocks of `language` in a page, in order."""
-    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
+    """The fenced code blocks of `language` in a page, in order ("": those without one)."""
+    blocks: list[str] = []
+    inside: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        if inside is None and line.startswith("```"):
+            inside, lines = line[3:].strip(), []
+        elif inside is not None and line == "```":
+            if inside == language:
+                blocks.append("\n".join(lines) + "\n")
+            inside = None
+        elif inside is not None:
+            lines.append(line)
+    return blocks
 
 
 def section(text: str, heading: str) -> str:
