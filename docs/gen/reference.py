@@ -189,6 +189,11 @@ def _shown_default(field: FieldInfo) -> str:
     return f"`{value}`"
 
 
+# Blocks that may be left out (`claim_check`, `dead_letters.publish_to`): a key
+# required inside one is required only with it. Filled by config_keys().
+OPTIONAL_BLOCKS: set[str] = set()
+
+
 def config_keys() -> Iterator[tuple[str, FieldInfo]]:
     """Every key of the relay's configuration, as a dotted path, with its field.
 
@@ -213,6 +218,8 @@ def _walk(
         elif origin is list and _models_in(typing.get_args(annotation)[0]):
             yield from _walk(_models_in(typing.get_args(annotation)[0])[0], key + "[].", seen)
         elif (models := _models_in(annotation)) and not seen.intersection(models):
+            if not field.is_required() and field.get_default() is None:
+                OPTIONAL_BLOCKS.add(key)
             if len(models) > 1:  # a union told apart by `type`
                 kinds = [typing.get_args(member.model_fields["type"].annotation)[0] for member in models]
                 yield f"{key}.type", _described(field, typing.Literal[tuple(kinds)])  # type: ignore[misc]
@@ -246,8 +253,12 @@ def config_reference() -> str:
         if top != section:
             section = top
             lines += ["", f"### `{top}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        default = _shown_default(field)
+        blocks = [block for block in OPTIONAL_BLOCKS if key.startswith(block + ".")]
+        if default == "required" and blocks:
+            default = f"required with `{max(blocks, key=len)}`"
         lines.append(
-            f"| `{key}` | {_cell(_kind(field))} | {_cell(_shown_default(field))} | "
+            f"| `{key}` | {_cell(_kind(field))} | {_cell(default)} | "
             f"{_cell(_docs_link(field.description or '', page))} |"
         )
     return "\n".join(lines).lstrip("\n") + "\n"
