@@ -51,9 +51,12 @@ class _Model(BaseModel):
 
 
 class DatabaseConfig(_Model):
-    dsn: SecretStr
-    schema_name: str = Field(default=DEFAULT_SCHEMA, alias="schema")
-    connect_timeout: Duration = 10.0
+    dsn: SecretStr = Field(
+        description="libpq DSN or URI. Put secrets in the environment (`${DATABASE_URL}`); "
+        "the password is never logged or printed."
+    )
+    schema_name: str = Field(default=DEFAULT_SCHEMA, alias="schema", description="schema holding the outbox")
+    connect_timeout: Duration = Field(default=10.0, description="per connection attempt")
     # How long the relay waits for the database to answer (a claim, a mark, a commit, the
     # LISTEN connection's check) before it gives the connection up as dead and connects
     # again: a hung server or a black-holed network never closes it (connections.py,
@@ -61,12 +64,30 @@ class DatabaseConfig(_Model):
     # a lock wait itself first (each batch's statement_timeout is 0.9 x this: table.py);
     # a COMMIT waiting for a synchronous standby that is down, which statement_timeout
     # does not cover, is cancelled when the connection is given up (AnswerDeadline).
-    query_timeout: Duration = 60.0
+    query_timeout: Duration = Field(
+        default=60.0,
+        description="how long the relay waits for the database to answer (a claim, its marks and COMMIT, the "
+        "LISTEN connection's check, the heartbeat and gauges) before it gives the connection up and connects "
+        "again, to whichever host of the DSN answers: a hung server or a network that swallows data without a "
+        "reset never closes a connection by itself. A server that is only slow must not be left with a waiting "
+        "backend (and the batch's row locks) behind a connection given up: a lock wait (a migration's) ends "
+        "server-side first, each batch running with `statement_timeout` 0.9 x `query_timeout`; a COMMIT waiting "
+        "for a synchronous standby that is down (which `statement_timeout` does not cover) gets a cancel request "
+        "when the connection is given up (libpq 17 or later, as in psycopg's binary package): it commits locally, "
+        "finds its client gone and ends (`tests/integration/test_database_deadline.py`). Values past 24 days are "
+        "capped at PostgreSQL's limit",
+    )
     # Statements the relay runs this many times on a connection become server-side
     # prepared statements (psycopg's default). null: never, as a pooler in transaction
     # mode (pgbouncer before 1.21) requires: a prepared statement lives in one server
     # session, the pooler hands the next transaction another one.
-    prepare_threshold: int | None = Field(default=5, ge=0)
+    prepare_threshold: int | None = Field(
+        default=5,
+        ge=0,
+        description="a statement run this many times on a connection is prepared server-side (psycopg's default); "
+        "`null`: never, for a pooler in transaction mode (pgbouncer before 1.21), where a prepared statement "
+        "would be missing on the next server session ([Running behind pgbouncer](how-to/pgbouncer.md))",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -85,8 +106,14 @@ class DatabaseConfig(_Model):
 
 
 class RetryConfig(_Model):
-    initial: Duration = 0.2
-    max: Duration = 30.0
+    """Exponential backoff with jitter between attempts of a message, capped."""
+
+    initial: Duration = Field(
+        default=0.2,
+        description="the backoff before a message's second attempt; it doubles with each failed attempt "
+        "(exponential backoff with jitter) up to `relay.retry.max`",
+    )
+    max: Duration = Field(default=30.0, description="the cap of that backoff")
 
     @model_validator(mode="after")
     def _order(self) -> RetryConfig:
@@ -107,18 +134,37 @@ class WalConfig(_Model):
 
     # The replication slot, and the publication of the same name; null: derived from
     # database.schema (outbox_relay_<schema>), as `schema install --source wal` names it.
-    slot: str | None = None
+    slot: str | None = Field(
+        default=None,
+        description="the WAL source's replication slot and publication (`schema source wal --slot` names them); "
+        "1-63 lower-case letters, digits or `_`",
+        json_schema_extra={"shown_default": "`outbox_relay_<schema>`"},
+    )
     # How long a broker outage may pause the stream before waiting messages are parked
     # into the table (sources/wal/relay.py: the slot holds the WAL meanwhile).
-    park_after: Duration = 60.0
+    park_after: Duration = Field(
+        default=60.0,
+        description="how long a broker outage pauses the WAL stream before the messages waiting for it are parked "
+        "into the table",
+    )
     # Standby status updates to the server; keep it well below its wal_sender_timeout.
-    status_interval: Duration = 10.0
+    status_interval: Duration = Field(
+        default=10.0,
+        description="how often the relay tells the server it is alive when nothing was confirmed (a confirmed "
+        "position itself is reported within 50 ms); keep it well below the server's `wal_sender_timeout`",
+    )
     # While another relay streams the slot (one walsender per slot), the pause between
     # two tries to take it over: the takeover time after that relay dies.
-    standby_interval: Duration = 1.0
+    standby_interval: Duration = Field(
+        default=1.0, description="while another relay streams the slot, how often a standby tries to take it over"
+    )
     # Keep a receipt of each message it publishes (wal_receipts, outbox.receipt()), one
     # statement per dispatched batch; off by default: streamed messages have no row.
-    receipts: bool = False
+    receipts: bool = Field(
+        default=False,
+        description="keep a receipt of each message the WAL source publishes (`outbox.wal_receipts`, written per "
+        "batch, kept for `relay.retention`; [Delivery receipts](how-to/receipts.md))",
+    )
 
     @field_validator("slot")
     @classmethod
@@ -132,31 +178,91 @@ class RelayConfig(_Model):
     # 4 workers x 1,000 per batch: about a quarter more throughput than 2 x 500 with 100
     # keys on two cores (README, "Where the Kafka time goes"), for 2 more connections and
     # twice the payload held in flight (workers x (max_batch_bytes + max_payload_bytes)).
-    batch_size: Count = Field(default=1000, ge=1, le=10_000)
-    poll_interval: Duration = 1.0
-    notify: bool = True
-    max_attempts: Count = Field(default=10, ge=1)
+    batch_size: Count = Field(
+        default=1000, ge=1, le=10_000, description="messages claimed per batch (1-10000; `500` until this release)"
+    )
+    poll_interval: Duration = Field(default=1.0, description="the poll that finds messages when no NOTIFY arrives")
+    notify: bool = Field(
+        default=True,
+        description="LISTEN for the trigger's NOTIFY; with `false` the poll alone finds messages",
+    )
+    max_attempts: Count = Field(
+        default=10, ge=1, description="failed publish attempts before a message is dead-lettered"
+    )
     # Keep where each dispatched message landed (messages.receipt, outbox.receipt()).
-    receipts: bool = True
+    receipts: bool = Field(
+        default=True,
+        description="keep where each dispatched message landed in `messages.receipt`, written by the statement "
+        "that marks it ([Delivery receipts](how-to/receipts.md)); `false`: none is built or written (a marked row "
+        "still enters the index `outbox.receipt` reads); with `relay.retention: 0s` none is built either, the rows "
+        "being deleted as they are marked",
+    )
     retry: RetryConfig = RetryConfig()
-    retention: Duration = 24 * 3600.0
-    shutdown_timeout: Duration = 30.0
-    publish_timeout: Duration = 30.0
+    retention: Duration = Field(
+        default=24 * 3600.0,
+        description="dispatched rows are kept this long (for replay and audit), then deleted in batches of 1000; "
+        "`0s` keeps none: the statement that would mark a batch's acked rows deletes them instead (no new row "
+        "version, no index entries: about two fifths less PostgreSQL CPU per message keyless; nothing left to "
+        "replay)",
+    )
+    shutdown_timeout: Duration = Field(
+        default=30.0,
+        description="on SIGTERM, how long in-flight batches may take to finish before they are rolled back. A "
+        "batch can last up to `2 x publish_timeout` (60 s with the defaults): one still publishing when this runs "
+        "out is rolled back, its rows go again later, and what a broker already took of it arrives twice. Set it "
+        "above `2 x publish_timeout` where that matters (and the pod's `terminationGracePeriodSeconds` above it)",
+    )
+    publish_timeout: Duration = Field(
+        default=30.0,
+        description="one broker call; a call with no answer by then means the broker is away: its messages wait "
+        "without spending an attempt, and the broker is sent nothing more until a probe finds it answering (see "
+        "[What happens on each kind of failure](explanation/guarantees.md#what-happens-on-each-kind-of-failure))",
+    )
     # Concurrent claim/publish loops in one process; SKIP LOCKED keeps them apart.
-    workers: Count = Field(default=4, ge=1, le=64)
+    workers: Count = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="concurrent claim/publish loops in the process, each its own connection (`2` until this "
+        "release: 4 x 1,000 drained 2 to 28 % faster than 2 x 500 by shape on 2 cores, 100 keys to Kafka +27 %, "
+        "[Where the Kafka time goes](explanation/performance-kafka.md)); fewer where connections or memory are "
+        "scarce: each worker holds a session and up to `max_batch_bytes + max_payload_bytes` of payload. What a "
+        "relay killed mid-batch sends twice is bounded by `batch_size x workers` (now 4,000, was 1,000)",
+    )
     # What a dead-lettered message does to later messages of its key:
     # `release` lets them go on; `hold` keeps them until it is requeued.
-    dead_letter_policy: Literal["release", "hold"] = "release"
+    dead_letter_policy: Literal["release", "hold"] = Field(
+        default="release",
+        description="what a dead letter does to later messages of its key: `release` lets them go on, `hold` "
+        "keeps them until it is requeued",
+    )
     # An open transaction older than this gets a warning naming its pid: it holds back
     # vacuum and so slows every claim.
-    long_transaction_warning: Duration = 60.0
+    long_transaction_warning: Duration = Field(
+        default=60.0,
+        description="an open transaction older than this gets a `long_transaction` warning naming its pid",
+    )
     # Larger payloads are dead-lettered on their size, never read into the relay's
     # memory (a row the relay cannot hold would otherwise crash it on every restart).
     # None (null): no limit beyond the broker's own.
-    max_payload_bytes: Count | None = Field(default=64 * 1024 * 1024, ge=1)
+    max_payload_bytes: Count | None = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="larger payloads are dead-lettered (`payload too large: N bytes > relay.max_payload_bytes "
+        "(M)`) on their size alone: the relay never reads them into memory, so one huge row cannot crash it (and "
+        "crash it again after every restart). `null`: no limit beyond the broker's own (until this release the "
+        "default was no limit)",
+    )
     # Payload bytes one claim may carry, beside batch_size: the relay's memory stays
     # bounded whatever the rows weigh. A single larger row still goes, alone.
-    max_batch_bytes: Count = Field(default=16 * 1024 * 1024, ge=1024)
+    max_batch_bytes: Count = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="payload bytes one claim carries, beside `batch_size`: rows are taken while the bytes before "
+        "them are under it (a single larger row still goes, alone); the rest wait for the next claim. With "
+        "`workers` claims in flight, the relay holds at most about `workers x (max_batch_bytes + "
+        "max_payload_bytes)` of payload",
+    )
     wal: WalConfig = WalConfig()
 
     _positive = field_validator("poll_interval", "shutdown_timeout", "publish_timeout")(_must_be_positive)
@@ -173,12 +279,25 @@ class OutcomesConfig(_Model):
     """What the relay writes to `outbox.outcomes` for the application (schema.sql):
     a row per dead letter, and per delivery of the topics named."""
 
-    dead_lettered: bool = True
+    dead_lettered: bool = Field(
+        default=True,
+        description="write a row to `outbox.outcomes` for each dead letter, in the statement that dead-letters it "
+        "([Outcomes](how-to/outcomes.md))",
+    )
     # Topic globs (as routes[].topic) whose deliveries are written too: the table
     # source writes them in the statement that marks the batch.
-    delivered: list[Annotated[str, Field(min_length=1)]] = []
+    delivered: list[Annotated[str, Field(min_length=1)]] = Field(
+        default=[],
+        description="topic globs (as `routes[].topic`) whose deliveries are written there too, in the statement "
+        "that marks them dispatched (the WAL source: one statement per dispatched batch, before its position is "
+        "confirmed)",
+    )
     # Rows the application has not deleted are deleted after this long.
-    retention: Duration = 7 * 24 * 3600.0
+    retention: Duration = Field(
+        default=7 * 24 * 3600.0,
+        description="outcome rows the application has not taken are deleted after this long, 1,000 per statement, "
+        "skipping rows a transaction holds",
+    )
 
     _positive = field_validator("retention")(_must_be_positive)
 
@@ -190,11 +309,19 @@ class DeadLetterTopicConfig(_Model):
     """Where dead letters are published besides staying in the table
     (engine/dead_letter_topic.py)."""
 
-    broker: str
+    broker: str = Field(
+        description="publish each dead letter to this broker too ([Dead-letter topics](how-to/dead-letter-topics.md)); "
+        "it stays in the table for requeue"
+    )
     # The dead-letter topic (exchange, URL path...); {topic} is the message's own topic.
     # Spring Kafka's convention by default.
-    destination: str = Field(default="{topic}.DLT", min_length=1)
-    batch_size: int = Field(default=100, ge=1, le=10_000)
+    destination: str = Field(
+        default="{topic}.DLT",
+        min_length=1,
+        description="the dead-letter topic (exchange, ...); `{topic}` is the message's own topic (Spring Kafka's "
+        "convention by default)",
+    )
+    batch_size: int = Field(default=100, ge=1, le=10_000, description="dead letters per publish call (1-10,000)")
 
     @field_validator("destination")
     @classmethod
@@ -213,15 +340,22 @@ class DeadLetterTopicConfig(_Model):
 
 
 class DeadLettersConfig(_Model):
+    """What happens to dead letters besides staying in the table."""
+
     publish_to: DeadLetterTopicConfig | None = None
 
 
 class HttpConfig(_Model):
     """The health and metrics port: /livez, /readyz, /metrics."""
 
-    enabled: bool = True
-    host: str = "0.0.0.0"
-    port: int = Field(default=9187, ge=0, le=65535)  # 0: any free port (logged at start)
+    enabled: bool = Field(default=True, description="serve the health and metrics port")
+    host: str = Field(default="0.0.0.0", description="the address the health and metrics port listens on")
+    port: int = Field(
+        default=9187,
+        ge=0,
+        le=65535,
+        description="the health and metrics port (`port: 0` picks a free one and logs it as `http_listening`)",
+    )
 
 
 class ConsoleConfig(_Model):
@@ -231,24 +365,41 @@ class ConsoleConfig(_Model):
     Read-only unless an operator signs in with the token, which comes from the
     environment only (OUTBOX_RELAY_CONSOLE_TOKEN), never from this file."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        default=False,
+        description="serve the [operator console](how-to/console.md) on the health port under `/console` too (it "
+        "is always available as `outbox-relay console`)",
+    )
     # Payloads are shown redacted unless this is true (the console's role then also
     # needs SELECT on messages.payload: schema sql --console-role ROLE --console-payloads).
-    show_payloads: bool = False
+    show_payloads: bool = Field(
+        default=False,
+        description="let an operator reveal a dead letter's payload (one click per message; redacted by default); "
+        "its role then needs `--console-payloads`",
+    )
     # Behind an authenticating proxy (oauth2-proxy, an ingress's forward auth): the
     # request header naming the signed-in user. A request carrying it may act, as that
     # user. Only where nothing but the proxy can reach the console: a client that can
     # reach it directly could send the header itself (README, Operator console).
-    trusted_user_header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
+    trusted_user_header: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="behind an authenticating proxy: the header naming the signed-in user (`X-Forwarded-User`); a "
+        "request carrying it may act, as that user. Only where nothing but the proxy reaches the console",
+    )
     # Dead letters per page, and the most one action takes.
-    page_size: int = Field(default=50, ge=1, le=500)
+    page_size: int = Field(default=50, ge=1, le=500, description="dead letters per page (1-500)")
 
 
 class BrokerConfig(BaseModel):
     """`type` picks the adapter; every other key is the adapter's to validate."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    type: str
+    type: str = Field(
+        description="adapter name (`stdout`, `file`, `webhook`, `kafka`, `rabbitmq`, `redis`, `nats`, `sqs` or any "
+        "installed adapter); the other keys of the block are the adapter's options "
+        "([Built-in adapters](reference/adapters.md))"
+    )
 
     @property
     def options(self) -> dict[str, Any]:
@@ -274,8 +425,8 @@ ByteCount = Annotated[int, BeforeValidator(_byte_count), Field(ge=0)]
 class FileStoreConfig(_Model):
     """Claim-check objects as files under `path` (a volume the consumers mount too)."""
 
-    type: Literal["file"]
-    path: str = Field(min_length=1)
+    type: Literal["file"] = Field(description="objects as files under `path`")
+    path: str = Field(min_length=1, description="the folder (a volume the consumers mount too)")
 
 
 class S3StoreConfig(_Model):
@@ -283,15 +434,24 @@ class S3StoreConfig(_Model):
     environment only (boto3's chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a
     profile, a role), never from this file."""
 
-    type: Literal["s3"]
-    bucket: str = Field(min_length=3, max_length=63)
-    prefix: str = ""
-    endpoint_url: str | None = None  # SeaweedFS, MinIO, Ceph...; None: AWS
-    region: str | None = None
-    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
-    kms_key_id: str | None = None
-    ca_file: str | None = None  # a private CA for the endpoint's TLS
-    timeout: Duration = 30.0
+    type: Literal["s3"] = Field(description="objects in an S3-compatible bucket; credentials from the environment only")
+    bucket: str = Field(min_length=3, max_length=63, description="the bucket")
+    prefix: str = Field(
+        default="",
+        description="put before each object's name (the message id): empty or path segments of letters, digits "
+        "and `!_.*'()-` ending in `/` (`relay/`)",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="an `http://` or `https://` URL of an S3-compatible store (SeaweedFS, MinIO, Ceph...); unset: AWS",
+    )
+    region: str | None = Field(default=None, description="the bucket's region")
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        default=None, description="encryption at rest asked of the store"
+    )
+    kms_key_id: str | None = Field(default=None, description="the KMS key, with `server_side_encryption: aws:kms`")
+    ca_file: str | None = Field(default=None, description="a private CA for the endpoint's TLS")
+    timeout: Duration = Field(default=30.0, description="one request to the store")
 
     @field_validator("prefix")
     @classmethod
@@ -319,16 +479,30 @@ class S3StoreConfig(_Model):
 class ClaimCheckConfig(_Model):
     """Payloads over `over` go to `store`; the broker gets an envelope naming them."""
 
-    over: ByteCount = 256 * 1024
-    store: Annotated[FileStoreConfig | S3StoreConfig, Field(discriminator="type")]
+    over: ByteCount = Field(
+        default=256 * 1024,
+        description="payloads larger than this go to the claim-check store first "
+        "([Large payloads](how-to/claim-check.md)); also `routes[].claim_check` per route",
+    )
+    store: Annotated[FileStoreConfig | S3StoreConfig, Field(discriminator="type")] = Field(
+        description="where the payloads go: `{type: file, path}` or `{type: s3, bucket, prefix, endpoint_url, "
+        "region, server_side_encryption, kms_key_id, ca_file, timeout}`; S3 credentials from the environment only"
+    )
 
 
 class RouteConfig(_Model):
-    topic: str = Field(min_length=1)
-    broker: str
-    destination: str | None = None
+    """Which broker a topic goes to: the first route whose glob matches wins."""
+
+    topic: str = Field(min_length=1, description="a glob of topics (`orders.*`, `*`)")
+    broker: str = Field(description="the name of a block of `brokers`")
+    destination: str | None = Field(
+        default=None,
+        description="where on the broker (a Kafka topic, an exchange...); unset: the message's topic",
+    )
     # Overrides the top-level claim_check for this route's messages.
-    claim_check: ClaimCheckConfig | None = None
+    claim_check: ClaimCheckConfig | None = Field(
+        default=None, description="overrides the top-level `claim_check` for this route's messages"
+    )
 
     def matches(self, topic: str) -> bool:
         return fnmatch.fnmatchcase(topic, self.topic)

@@ -273,6 +273,7 @@ def _umask() -> int:
 
 
 def open_store(config: FileStoreConfig | S3StoreConfig) -> Store:
+    """The store a `claim_check.store` block names: a FileStore or an S3Store."""
     if isinstance(config, FileStoreConfig):
         return FileStore(config.path)
     return S3Store(config)

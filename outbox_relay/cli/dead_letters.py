@@ -25,7 +25,7 @@ def dead_letters_group() -> None:
 @CONFIG_OPTION
 @click.option("--topic", help="Only topics matching this glob.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @one_line_errors
 def dead_letters_list(config_path: Path, topic: str | None, limit: int, as_json: bool) -> None:
     """Dead letters, oldest first, with their reason."""

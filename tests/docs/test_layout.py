@@ -1,4 +1,4 @@
-"""The README's Layout table matches the tree: a reader finds every module by it."""
+"""The Layout page (docs/reference/layout.md) matches the tree: a reader finds every module by it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _layout_rows() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "docs" / "reference" / "layout.md").read_text()
     rows = {}
-    for line in section.splitlines():
+    for line in text.splitlines():
         cells = line.split(" | ")
         if line.startswith("| `") and len(cells) >= 2:
             for path in re.findall(r"`([^`]+)`", cells[0]):
