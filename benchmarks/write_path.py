@@ -213,7 +213,7 @@ def measure_against_version(dsn: str, *, version: int, seconds: float, rounds: i
     return _measure(dsn, variants, seconds=seconds, rounds=rounds)
 
 
-# The optional index of pending rows by message id (README, Operator console): what it
+# The optional index of pending rows by message id (docs/how-to/console.md): what it
 # costs each enqueue, as btree and as hash, with a backlog in every schema (an index's
 # insert cost grows with its size), interleaved with the same enqueue without it.
 BACKLOG = """INSERT INTO {s}.messages (topic, key, payload)

@@ -380,7 +380,7 @@ class ConsoleConfig(_Model):
     # Behind an authenticating proxy (oauth2-proxy, an ingress's forward auth): the
     # request header naming the signed-in user. A request carrying it may act, as that
     # user. Only where nothing but the proxy can reach the console: a client that can
-    # reach it directly could send the header itself (README, Operator console).
+    # reach it directly could send the header itself (docs/how-to/console.md).
     trusted_user_header: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9-]+$",

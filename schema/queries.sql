@@ -349,7 +349,10 @@ VALUES (%(relay_id)s, %(published)s, %(failed)s, %(dead_lettered)s, %(oldest_pen
 -- Whether this role may write samples now (a role refused them asks each heartbeat, and
 -- starts sampling once granted, without a restart): a catalog read, never an error in
 -- the server's log.
-SELECT coalesce(bool_and(has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'DELETE')), false)
+-- Each privilege on its own: a list ('INSERT, DELETE') is true when any one is held. The
+-- sample's DELETE of old rows reads them, so SELECT too.
+SELECT coalesce(bool_and(has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'DELETE')
+                         AND has_table_privilege(c.oid, 'SELECT')), false)
 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = 'relay_samples';
 
@@ -404,9 +407,9 @@ ORDER BY id;
 -- The pending rows of a message id, keyed and keyless, each part's WHERE the claim's
 -- index's, so that with sequential scans off no part reads the whole table. No pending
 -- message-id index exists unless the operator built the optional one
--- (messages_pending_message_id_idx, README: it costs every enqueue): then each part
+-- (messages_pending_message_id_idx, docs/how-to/console.md: it costs every enqueue): then each part
 -- probes it; without it each reads its claim index through, a cost that grows with the
--- backlog (0.7 s at 1,000,000 pending, benchmarks/console_pages.py), never with what
+-- backlog (0.75 s at 1,000,000 pending, benchmarks/console_pages.py), never with what
 -- retention keeps. The console asks it apart, after its page has answered.
 SELECT * FROM (
     SELECT id, topic, key, created_at, attempts, next_attempt_at, last_error, dispatched_at,

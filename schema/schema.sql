@@ -254,7 +254,7 @@ CREATE INDEX messages_dispatched_message_id_idx ON {schema}.messages (message_id
 -- when a row is dead-lettered, never at enqueue. Hash, not btree: a hash index answers
 -- `message_id = ...` and nothing else, so no other query over dead letters can be
 -- planned through it. Pending rows have none: it would cost every enqueue (the optional
--- messages_pending_message_id_idx, README, Operator console).
+-- messages_pending_message_id_idx, docs/how-to/console.md).
 CREATE INDEX messages_dead_letters_message_id_idx ON {schema}.messages USING hash (message_id)
     WHERE dead_lettered_at IS NOT NULL;
 
@@ -304,9 +304,15 @@ REVOKE EXECUTE ON FUNCTION {schema}.receipt(uuid) FROM PUBLIC;
 -- reason moves to last_error so the history is not lost; the row keeps its id, so it
 -- sorts before later messages of its key. Purge: up to max_rows per call (the caller
 -- repeats, each call its own short transaction). Both return the message ids they took.
+-- PL/pgSQL with custom plans (migrations/0015_message_id_lookup.sql): each call's
+-- statement is planned with its values, so a NULL filter drops out and chosen ids are
+-- probes of messages_dead_letters_message_id_idx; a LANGUAGE sql body is planned without
+-- them, and read every dead letter for three ids.
 CREATE FUNCTION {schema}.requeue_dead_letters(message_ids uuid[], topic_regex text, cut timestamptz)
 RETURNS SETOF uuid
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog SET plan_cache_mode = force_custom_plan AS $$
+BEGIN
+    RETURN QUERY
     UPDATE {schema}.messages AS m
     SET dead_lettered_at = NULL,
         dead_letter_reason = NULL,
@@ -318,13 +324,16 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
       AND (requeue_dead_letters.message_ids IS NULL OR m.message_id = ANY(requeue_dead_letters.message_ids))
       AND (requeue_dead_letters.topic_regex IS NULL OR m.topic ~ requeue_dead_letters.topic_regex)
       AND (requeue_dead_letters.cut IS NULL OR m.dead_lettered_at < requeue_dead_letters.cut)
-    RETURNING m.message_id
+    RETURNING m.message_id;
+END
 $$;
 REVOKE EXECUTE ON FUNCTION {schema}.requeue_dead_letters(uuid[], text, timestamptz) FROM PUBLIC;
 
 CREATE FUNCTION {schema}.purge_dead_letters(message_ids uuid[], topic_regex text, cut timestamptz, max_rows integer)
 RETURNS SETOF uuid
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog SET plan_cache_mode = force_custom_plan AS $$
+BEGIN
+    RETURN QUERY
     DELETE FROM {schema}.messages AS m
     WHERE m.dead_lettered_at IS NOT NULL
       AND m.id IN (
@@ -335,7 +344,8 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
           AND (purge_dead_letters.cut IS NULL OR d.dead_lettered_at < purge_dead_letters.cut)
         -- At most 10,000 a call, whatever the caller asks: one call is one transaction.
         LIMIT least(coalesce(purge_dead_letters.max_rows, 1000), 10000))
-    RETURNING m.message_id
+    RETURNING m.message_id;
+END
 $$;
 REVOKE EXECUTE ON FUNCTION {schema}.purge_dead_letters(uuid[], text, timestamptz, integer) FROM PUBLIC;
 
@@ -365,6 +375,8 @@ CREATE TABLE {schema}.relay_samples (
     published bigint NOT NULL,
     failed bigint NOT NULL,
     dead_lettered bigint NOT NULL,
+    -- The relay's lag when sampled: the oldest pending message's age and, while it
+    -- streams from the WAL, its WAL source's lag if larger (NULL: not read).
     oldest_pending_age_s double precision
 );
 CREATE INDEX relay_samples_sampled_at_idx ON {schema}.relay_samples (sampled_at);

@@ -1,7 +1,7 @@
 """`outbox-relay console`: the operator console as its own process (outbox_relay/console/).
 
 Binds to 127.0.0.1 unless told otherwise: a console reachable from the network should
-sit behind a proxy or a NetworkPolicy (README, Operator console). Read-only unless
+sit behind a proxy or a NetworkPolicy (docs/how-to/console.md). Read-only unless
 OUTBOX_RELAY_CONSOLE_TOKEN is set in the environment.
 """
 

@@ -135,7 +135,7 @@ class Console:
             Route("/dead-letters/{row_id:int}", self.dead_letter_page),
             Route("/jobs", self.jobs_page),
             Route("/messages", self.message_page),
-            Route("/messages/pending", self.message_pending_part),
+            Route("/messages/rows", self.message_rows_part),
             Route("/sign-in", self.sign_in, methods=["GET", "POST"]),
             Route("/sign-out", self.sign_out, methods=["POST"]),
             Route("/healthz", lambda request: PlainTextResponse("ok")),
@@ -318,7 +318,7 @@ class Console:
             )
         # The rows that left the backlog are a probe each; the pending ones read the
         # backlog (unless the optional index exists), so the page does not wait for them:
-        # its script asks /messages/pending, or `pending=include` asks for everything.
+        # its script asks /messages/rows, or `pending=include` asks for everything.
         pending_included = request.query_params.get("pending") == "include"
         with self.db.reading() as conn:
             rows = message_lookup.lookup(conn, self.db.schema, message_id, pending=pending_included)
@@ -333,15 +333,16 @@ class Console:
             cli=shlex.join(["outbox-relay", "status", "--config", self.config.source, "--message-id", str(message_id)]),
         )
 
-    def message_pending_part(self, request: Request) -> Response:
-        """The pending rows of a message id: the fragment the lookup page's script fills in."""
+    def message_rows_part(self, request: Request) -> Response:
+        """Every row of a message id, read afresh (the pending ones too): the fragment
+        the lookup page's script puts in place of the rows it answered with."""
         try:
             message_id = UUID((request.query_params.get("id") or "").strip())
         except ValueError:
             return PlainTextResponse("not a message id", status_code=400)
         with self.db.reading() as conn:
-            rows = message_lookup.lookup(conn, self.db.schema, message_id, settled=False)
-        return self._page(request, "message_pending.html", message_id=message_id, entries=_entries(rows))
+            rows = message_lookup.lookup(conn, self.db.schema, message_id)
+        return self._page(request, "_message_lookup.html", message_id=message_id, entries=_entries(rows))
 
     def readyz(self, request: Request) -> Response:
         ok = self.db.ping()

@@ -88,7 +88,7 @@ def lag(samples: list[Sample], now: datetime) -> Chart:
     summary = (
         "Last hour: no lag sample."
         if latest is None
-        else f"Last hour: the oldest pending message was at most {peak:.1f} s old; now {latest:.1f} s."
+        else f"Last hour: the lag was at most {peak:.1f} s; now {latest:.1f} s."
     )
     line = " ".join(f"{x},{y}" for x, y in dots)
     return Chart([], line, dots, peak, f"top: {peak:.1f} s", summary)

@@ -153,14 +153,14 @@ class Maintenance:
 
     async def sample(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """What this relay did since its previous sample (the console's chart)."""
+        regranted = False
         if not self._samples_granted:
             cur = await conn.execute(self._q["relay_samples_granted"], {"schema": self._q.schema})
             row = await cur.fetchone()
             if not (row and row[0]):
                 return
-            # Granted since: sample from now on (the counts since the refusal included).
-            self._samples_granted = True
-            log.info("relay_samples_granted")
+            regranted = True  # said once the sample is written (the counts since the refusal in it)
+        lag = self._lag()
         totals = self._metrics.totals()
         published, failed, dead = (now - before for now, before in zip(totals, self._sampled, strict=True))
         try:
@@ -171,12 +171,14 @@ class Maintenance:
                     "published": published,
                     "failed": failed,
                     "dead_lettered": dead,
-                    "oldest_pending_age_s": self._lag(),
+                    "oldest_pending_age_s": lag,
                 },
             )
         except psycopg.errors.InsufficientPrivilege as exc:
+            if regranted:
+                return  # still refused, whatever the catalog said: warned already
             # A relay role granted before schema version 14: the relay goes on, the
-            # console's chart stays empty until the grant (README, Operator console),
+            # console's chart stays empty until the grant (docs/how-to/console.md),
             # which the next heartbeats look for.
             self._samples_granted = False
             log.warning(
@@ -194,6 +196,9 @@ class Maintenance:
             log.warning("relay_sample_failed", error_type=type(exc).__name__, error=first_line(exc))
             return
         self._sampled = totals
+        if regranted:
+            self._samples_granted = True
+            log.info("relay_samples_granted")
 
     def _lag(self) -> float | None:
         """The sample's lag: the oldest pending row's age and, while the relay streams
@@ -203,7 +208,14 @@ class Maintenance:
         stalled stream as no lag at all."""
         if self._metrics.wal_state_now == "off":  # table mode
             return self._oldest_pending_age
-        return max(self._oldest_pending_age or 0.0, self._metrics.wal_lag_seconds())
+        try:
+            wal = self._metrics.wal_lag_seconds()
+        except Exception as exc:  # a chart's number must never stop the heartbeat
+            log.warning("relay_sample_lag_unread", error_type=type(exc).__name__, error=first_line(exc))
+            return self._oldest_pending_age
+        if self._oldest_pending_age is None:
+            return wal
+        return max(self._oldest_pending_age, wal)
 
     async def observe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Lag gauges, and the watchdog for the oldest open transaction."""

@@ -60,12 +60,20 @@ def lookup(
         # compiling for a lookup (benchmarks/console_pages.py).
         conn.execute("SET LOCAL jit = off")
         queries = Queries(schema)
-        rows = []
-        if settled:
-            rows += conn.execute(queries["message_by_id_settled"], {"message_id": message_id}).fetchall()
+        # Pending first, then the rows that left the backlog: each statement sees its own
+        # moment, and a row the relay marks or dead-letters in between is then found by
+        # the second (a row is read twice at most: the later reading is kept). The other
+        # order would miss it in both.
+        by_id: dict[int, Any] = {}
         if pending:
-            rows += conn.execute(queries["message_by_id_pending"], {"message_id": message_id}).fetchall()
-        rows.sort(key=lambda row: row[0])
+            by_id.update(
+                (row[0], row) for row in conn.execute(queries["message_by_id_pending"], {"message_id": message_id})
+            )
+        if settled:
+            by_id.update(
+                (row[0], row) for row in conn.execute(queries["message_by_id_settled"], {"message_id": message_id})
+            )
+        rows = [by_id[row_id] for row_id in sorted(by_id)]
         if settled:
             try:
                 with conn.transaction():  # a savepoint: a role without the grant still gets the rows

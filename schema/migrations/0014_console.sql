@@ -28,7 +28,7 @@ CREATE INDEX relay_samples_sampled_at_idx ON {schema}.relay_samples (sampled_at)
 -- letters only. A row enters this index when it is dead-lettered, never at enqueue or
 -- at a mark (the predicate is false for them), so the write path pays nothing for it.
 -- IF NOT EXISTS: a large outbox may build it beforehand with CREATE INDEX CONCURRENTLY
--- under this name (README, Upgrading), sparing enqueues the wait while it builds.
+-- under this name (docs/how-to/upgrades.md), sparing enqueues the wait while it builds.
 CREATE INDEX IF NOT EXISTS messages_dead_letters_by_id_idx ON {schema}.messages (id)
     WHERE dead_lettered_at IS NOT NULL;
 

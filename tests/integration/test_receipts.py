@@ -188,6 +188,31 @@ def test_outbox_receipt_finds_a_message_by_its_index_not_by_reading_the_table(db
     assert used == 3 and seq_after == seq_before, (before, after, seq_before, seq_after)
 
 
+def test_requeue_and_purge_of_chosen_ids_probe_the_dead_letters_message_id_index(db: str) -> None:
+    # The SECURITY DEFINER functions the CLI and the console call (schema version 15:
+    # PL/pgSQL with custom plans): chosen ids are probes of the hash index, not a read of
+    # every dead letter through the dead letters' other indexes.
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, key, payload, dead_lettered_at, dead_letter_reason)"
+            " SELECT 't', 'k' || g, '\\x00', now(), 'permanent' FROM generate_series(1, 5000) AS g"
+        )
+        conn.execute("ANALYZE outbox.messages")
+        chosen = [r[0] for r in conn.execute("SELECT message_id FROM outbox.messages ORDER BY id LIMIT 2")]
+        before, seq_before = scans(conn)
+        for _ in range(6):  # past the 5 custom plans PL/pgSQL makes before it may go generic
+            requeued = conn.execute("SELECT * FROM outbox.requeue_dead_letters(%s, NULL, NULL)", ([chosen[0]],))
+            assert requeued.fetchall() in ([(chosen[0],)], [])
+        purged = conn.execute("SELECT * FROM outbox.purge_dead_letters(%s, NULL, NULL, 100)", ([chosen[1]],))
+        assert purged.fetchall() == [(chosen[1],)]
+        after, seq_after = scans(conn)
+    probes = after["messages_dead_letters_message_id_idx"] - before["messages_dead_letters_message_id_idx"]
+    assert probes == 7 and seq_after == seq_before, (before, after)
+    # Neither read the dead letters through their (key, id) index (the purge's DELETE
+    # then finds its chosen rows by row id: a probe of the by-id index each).
+    assert after["messages_dead_letters_idx"] == before["messages_dead_letters_idx"], (before, after)
+
+
 def lookup_plan(conn: psycopg.Connection[Any], query: str) -> str:
     from outbox_relay.sqlfiles import Queries
 
@@ -215,7 +240,7 @@ def test_status_message_id_reads_no_table_through(db: str) -> None:
 
 
 def test_the_optional_pending_message_id_index_makes_every_part_a_probe(db: str) -> None:
-    # The index README's operator console section offers (it costs every enqueue): with
+    # The optional index docs/how-to/console.md offers (it costs every enqueue): with
     # it, both pending parts probe it by message id too.
     with psycopg.connect(db) as conn:
         conn.execute(

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox_relay import sqlfiles
+from outbox_relay import schema_version, sqlfiles
 from outbox_relay.operations import schema_manager
 from tests.support.databases import install_at, role_with_grants
 
@@ -184,3 +184,39 @@ def test_an_upgrade_to_version_9_keeps_an_outbox_in_wal_mode_writing_to_the_wal_
         assert "pg_logical_emit_message" in row[0] and "INSERT INTO" not in row[0]
         assert "pg_try_advisory_xact_lock_shared" in row[0]
         assert schema_manager.read_source(conn, "outbox").source == "wal"
+
+
+def test_an_upgrade_to_version_15_refuses_an_invalid_index_left_by_a_failed_concurrent_build(
+    empty_db: str,
+) -> None:
+    # The upgrade notes offer to build the dead letters' message-id index beforehand with
+    # CREATE INDEX CONCURRENTLY; one that failed leaves an invalid index of that name,
+    # which IF NOT EXISTS would take as built. The upgrade stops and says what to do,
+    # touching nothing; once it is dropped, the upgrade builds it.
+    from outbox_relay.errors import DatabaseError
+
+    with psycopg.connect(empty_db) as conn:
+        install_at(conn, "outbox", 14)
+        conn.execute(
+            "CREATE INDEX messages_dead_letters_message_id_idx ON outbox.messages USING hash (message_id)"
+            " WHERE dead_lettered_at IS NOT NULL"
+        )
+        # What a failed CREATE INDEX CONCURRENTLY leaves (the test's role is a superuser).
+        conn.execute(
+            "UPDATE pg_index SET indisvalid = false"
+            " WHERE indexrelid = 'outbox.messages_dead_letters_message_id_idx'::regclass"
+        )
+        conn.commit()
+        with pytest.raises(
+            DatabaseError, match=r"messages_dead_letters_message_id_idx is invalid.*drop it and upgrade again"
+        ):
+            schema_manager.install(conn, "outbox")
+        conn.rollback()
+        assert schema_version.version(conn, "outbox") == 14
+        conn.execute("DROP INDEX outbox.messages_dead_letters_message_id_idx")
+        conn.commit()
+        assert schema_manager.install(conn, "outbox").version == sqlfiles.SCHEMA_VERSION
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'outbox.messages_dead_letters_message_id_idx'::regclass"
+        ).fetchone()
+    assert valid == (True,)

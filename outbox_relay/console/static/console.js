@@ -1,6 +1,6 @@
 // The console's only script (no inline script: the CSP forbids it). Progressive: every
 // page works without it. It refreshes the overview's live part, fills in a message
-// lookup's pending rows, and ticks the "select every dead letter on this page" box.
+// lookup's rows with the pending ones, and ticks the "select every dead letter on this page" box.
 "use strict";
 
 (function () {
@@ -23,14 +23,20 @@
     };
     setTimeout(tick, document.getElementById("reading") ? 1000 : 5000);
   }
-  // The message lookup's pending rows, read apart (they may read the whole backlog).
+  // The message lookup's rows, read again with the pending ones (they may read the
+  // whole backlog, so the page answered without them).
   const part = document.querySelector("[data-fragment]");
   if (part) {
     fetch(part.dataset.fragment, { credentials: "same-origin" })
       .then((response) => (response.ok ? response.text() : Promise.reject(response.status)))
       .then((html) => { part.innerHTML = html; })
-      .catch(() => {
-        // The link in the placeholder still asks for the whole lookup.
+      .catch((status) => {
+        // Say so, and keep the link that asks for the whole lookup in one page.
+        const searching = document.getElementById("searching");
+        if (searching) {
+          searching.firstChild.textContent =
+            "Could not read the pending rows (" + (typeof status === "number" ? "HTTP " + status : "no answer") + "): ";
+        }
       });
   }
   const all = document.getElementById("select-all");
