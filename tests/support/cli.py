@@ -28,7 +28,11 @@ def exe() -> list[str]:
     return [found]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`outbox-relay ARGS` in a subprocess; `env` on top of this process's (a variable
+    set to "" reads as unset), `cwd` where it runs (where it finds ./relay.yaml)."""
     return subprocess.run(
         [*exe(), *args],
         capture_output=True,
@@ -36,6 +40,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         timeout=timeout,
         env={**os.environ, **(env or {})},
         check=False,
+        cwd=cwd,
     )
 
 
