@@ -270,13 +270,21 @@ def dead_letters_purge(
         if selected.count == 0:
             missing = _left_out(selection.message_ids, (), selection)
             if as_json:
-                print_json({"deleted": [], "not_deleted": missing, "pending_behind": 0, "dead_letter_policy": policy})
+                print_json(
+                    {
+                        "deleted": [],
+                        "not_deleted": missing,
+                        "pending_behind": None if policy == "release" else 0,
+                        "dead_letter_policy": policy,
+                    }
+                )
             else:
                 click.echo("no dead letters match")
             sys.exit(NOT_FOUND)
         # Under hold, a dead letter keeps its key's later messages back; deleting it lets
         # them go (as a requeue would, but without the dead one): say so before asking.
-        behind = dead_letters.held_behind(conn, target.schema, selection) if policy != "release" else 0
+        # Under release nothing waits behind a dead letter: not counted (None).
+        behind = dead_letters.held_behind(conn, target.schema, selection) if policy != "release" else None
         released = _released(behind, policy)
         confirm(
             False,
@@ -295,7 +303,7 @@ def dead_letters_purge(
         sys.exit(NOT_FOUND)
 
 
-def _released(behind: int, policy: str | None) -> str:
+def _released(behind: int | None, policy: str | None) -> str:
     """What deleting dead letters does to the messages behind them, for the question
     and the answer: known under the config's policy, said for both without a config."""
     if not behind:
