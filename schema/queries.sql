@@ -374,27 +374,6 @@ ORDER BY topic;
 -- name: status_dispatched
 SELECT count(*) AS dispatched FROM {schema}.messages WHERE dispatched_at IS NOT NULL;
 
--- name: status_behind_dead_letters
--- `status`: keys that have a dead letter and pending messages after it, and how many
--- such messages. Under dead_letter_policy hold they wait until the dead letter is
--- requeued or purged; under release they go as usual (status says which when it knows
--- the policy). Per key with a dead letter: its first from the dead letters' (key, id)
--- index, then one range of the claim's keyed index for what is pending after it (an
--- index-only count), as dead_letters_held_behind_selected: the cost grows with the
--- keys that have dead letters and the messages behind them, never with what retention
--- keeps.
-WITH dead AS MATERIALIZED (
-    SELECT key COLLATE "C" AS key, min(id) AS first_id
-    FROM {schema}.messages
-    WHERE dead_lettered_at IS NOT NULL AND key IS NOT NULL
-    GROUP BY key COLLATE "C")
-SELECT count(*) FILTER (WHERE b.pending > 0) AS keys, coalesce(sum(b.pending), 0)::bigint AS messages
-FROM dead AS d
-CROSS JOIN LATERAL (
-    SELECT count(*) AS pending FROM {schema}.messages AS m
-    WHERE m.key COLLATE "C" = d.key AND m.id > d.first_id
-      AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL) AS b;
-
 -- name: message_by_id
 -- `status --message-id`: every row of a message id (a replay's copies share it), in
 -- enqueue order. One part per partial index, each part's WHERE its index's, so that
@@ -440,6 +419,27 @@ SELECT relay_id, hostname, pid, started_at, heartbeat_at, in_flight,
        extract(epoch FROM now() - heartbeat_at) AS heartbeat_age_s
 FROM {schema}.relays
 ORDER BY started_at;
+
+-- name: status_behind_dead_letters
+-- `status`: keys that have a dead letter and pending messages after it, and how many
+-- such messages. Under dead_letter_policy hold they wait until the dead letter is
+-- requeued or purged; under release they go as usual (status says which when it knows
+-- the policy). Per key with a dead letter: its first from the dead letters' (key, id)
+-- index, then one range of the claim's keyed index for what is pending after it (an
+-- index-only count), as dead_letters_held_behind_selected: the cost grows with the
+-- keys that have dead letters and the messages behind them, never with what retention
+-- keeps.
+WITH dead AS MATERIALIZED (
+    SELECT key COLLATE "C" AS key, min(id) AS first_id
+    FROM {schema}.messages
+    WHERE dead_lettered_at IS NOT NULL AND key IS NOT NULL
+    GROUP BY key COLLATE "C")
+SELECT count(*) FILTER (WHERE b.pending > 0) AS keys, coalesce(sum(b.pending), 0)::bigint AS messages
+FROM dead AS d
+CROSS JOIN LATERAL (
+    SELECT count(*) AS pending FROM {schema}.messages AS m
+    WHERE m.key COLLATE "C" = d.key AND m.id > d.first_id
+      AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL) AS b;
 
 -- name: dead_letters_list
 -- `dead-letters list`: the dead letters that match every filter given (NULL: any),
