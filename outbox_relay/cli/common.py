@@ -159,6 +159,8 @@ def database_options(
                 schema_from_config=not inbox,
                 default_schema=default_schema,
             )
+            # A bad --schema is refused before any connection.
+            (sqlfiles.validate_inbox_schema_name if inbox else sqlfiles.validate_schema_name)(kwargs["target"].schema)
             return func(*args, **kwargs)
 
         env_note = f" (env: {dsn_env}; prefer the env for passwords)" if dsn_env else ""

@@ -35,6 +35,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 NOT_FOUND = 1  # the exit code of "nothing matched" and "no such ...", one place for it
 
+# click 8.2 and later raise this for a group given no command (8.1 printed its help).
+_HELP_FOR_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 _SUGGESTION = re.compile(r"\.? \(?(Did you mean .*?\?)\)?$")
 
 
@@ -67,6 +69,9 @@ class OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _HELP_FOR_NO_ARGS as exc:  # a group given no command: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             click.echo(f"error: {usage_line(exc)}", err=True)
             sys.exit(exc.exit_code)

@@ -169,6 +169,15 @@ def test_a_usage_error_is_one_line_naming_the_option_and_where_help_is(args: lis
     assert lines[0].endswith(f"; see 'outbox-relay {command} --help'"), lines[0]
 
 
+@pytest.mark.parametrize("group", [[], ["dead-letters"], ["inbox", "schema"]], ids=lambda g: " ".join(g) or "top")
+def test_a_group_given_no_command_shows_its_help(group: list[str]) -> None:
+    # Not an error line: the help, as click shows it (on stderr, exit 2).
+    out = run_cli(*group, env=NO_ENV)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.startswith(f"Usage: outbox-relay {' '.join([*group, ''])}"), out.stderr
+    assert "Commands:" in out.stderr and "error:" not in out.stderr
+
+
 def test_a_question_answered_no_is_one_line_exit_1_and_changes_nothing(db: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "relay.yaml", db)
     dead = make_dead_letter(db, "orders.created", {"n": 1})
@@ -205,6 +214,8 @@ def test_exit_codes_follow_one_convention(db: str, tmp_path: Path) -> None:
         (["dead-letters", "requeue", *c], 2),
         (["dead-letters", "list", *c, "--since", "yesterday"], 2),
         (["status", "--config", str(tmp_path / "nope.yaml")], 2),
+        # Refused before any connection: nothing listens on port 1.
+        (["status", "--dsn", "host=127.0.0.1 port=1 connect_timeout=1", "--schema", "Bad;Name"], 2),
     ]
     got = [(args, run_cli(*args, env=NO_ENV, cwd=tmp_path)) for args, _ in expected]
     assert [(args[:2], out.returncode) for args, out in got] == [(args[:2], code) for args, code in expected], [
