@@ -90,6 +90,8 @@ def resolve(
     """
     env = dict(os.environ) if env is None else env
     found, missing = _config_path(config_path, dsn, needs_config, implicit_config, env)
+    if found is not None and not found.exists():  # only a path given on the command line
+        raise ConfigError("no such config file; pass --config PATH or set OUTBOX_RELAY_CONFIG", source=str(found))
     config = config_module.load(found) if found is not None else None
     if needs_config and config is None:
         raise CommandLineError(
@@ -163,11 +165,13 @@ def database_options(
             (sqlfiles.validate_inbox_schema_name if inbox else sqlfiles.validate_schema_name)(kwargs["target"].schema)
             return func(*args, **kwargs)
 
-        env_note = f" (env: {dsn_env}; prefer the env for passwords)" if dsn_env else ""
+        env_note = "; prefer the environment variable for passwords" if dsn_env else ""
         options = [
             click.option(
                 "--dsn",
                 envvar=dsn_env,
+                # Named in --help: a newcomer told only of --dsn puts the password on the command line.
+                show_envvar=dsn_env is not None,
                 help=f"PostgreSQL connection string{env_note}; beside a config, used instead of its database.dsn.",
             ),
             click.option(

@@ -38,7 +38,9 @@ def dead_letters_group() -> None:
 @click.option(
     "--since", callback=time_bound, help="Dead-lettered at or after this time (ISO 8601) or this long ago (2h)."
 )
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option(
+    "--limit", default=100, show_default=True, type=click.IntRange(1, 100_000), help="List at most this many."
+)
 @JSON_OPTION
 @one_line_errors
 def dead_letters_list(

@@ -17,7 +17,11 @@ from outbox_relay.observability.logging_setup import configure as configure_logg
 from outbox_relay.process import tune_gc
 
 LOG_LEVEL_OPTION = click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="The least severe log lines written (JSON lines on stderr off a terminal).",
 )
 
 

@@ -157,8 +157,8 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path: Path, yaml_text: str, ex
 
 def test_missing_config_file(tmp_path: Path) -> None:
     result = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
-    assert result.returncode == 2
-    assert "nope.yaml: cannot read config file" in result.stderr
+    hint = "no such config file; pass --config PATH or set OUTBOX_RELAY_CONFIG"
+    assert (result.returncode, result.stderr) == (2, f"error: {tmp_path / 'nope.yaml'}: {hint}\n")
 
 
 def test_passwords_never_reach_logs_or_check_output(db: str, tmp_path: Path) -> None:
