@@ -42,6 +42,11 @@ class CommandLineError(OutboxRelayError):
     exit_code = 2
 
 
+class NotFound(OutboxRelayError):
+    """What a command was asked for by name is not there: a replay or backfill number,
+    a message or dead letter id (exit 1, as a selection that took nothing)."""
+
+
 class SchemaError(OutboxRelayError):
     """The outbox schema is missing, too old, or could not be installed."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -33,3 +34,16 @@ def redact_text(text: str, secrets: list[str]) -> str:
         if secret:
             text = text.replace(secret, MASK)
     return _URI_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", text)
+
+
+def payload_text(payload: bytes) -> str:
+    """A payload shown on request (the console's dead letter, `dead-letters show
+    --payload`): JSON indented, other UTF-8 text as it is, other bytes as hex."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"({len(payload)} bytes, not UTF-8) " + payload[:4096].hex()
+    try:
+        return json.dumps(json.loads(text), indent=2, sort_keys=True)
+    except ValueError:
+        return text

@@ -440,13 +440,63 @@ SELECT relay_id, hostname, pid, started_at, heartbeat_at, in_flight,
 FROM {schema}.relays
 ORDER BY started_at;
 
+-- name: status_behind_dead_letters
+-- `status`: keys that have a dead letter and pending messages after it, and how many
+-- such messages. Under dead_letter_policy hold they wait until the dead letter is
+-- requeued or purged; under release they go as usual (status says which when it knows
+-- the policy). Per key with a dead letter: its first from the dead letters' (key, id)
+-- index, then one range of the claim's keyed index for what is pending after it (an
+-- index-only count), as dead_letters_held_behind_selected: the cost grows with the
+-- keys that have dead letters and the messages behind them, never with what retention
+-- keeps.
+WITH dead AS MATERIALIZED (
+    SELECT key COLLATE "C" AS key, min(id) AS first_id
+    FROM {schema}.messages
+    WHERE dead_lettered_at IS NOT NULL AND key IS NOT NULL
+    GROUP BY key COLLATE "C")
+SELECT count(*) FILTER (WHERE b.pending > 0) AS keys, coalesce(sum(b.pending), 0)::bigint AS messages
+FROM dead AS d
+CROSS JOIN LATERAL (
+    SELECT count(*) AS pending FROM {schema}.messages AS m
+    WHERE m.key COLLATE "C" = d.key AND m.id > d.first_id
+      AND m.key IS NOT NULL AND m.dispatched_at IS NULL AND m.dead_lettered_at IS NULL) AS b;
+
 -- name: dead_letters_list
+-- `dead-letters list`: the dead letters that match every filter given (NULL: any),
+-- oldest first, through the dead letters' id index (with --key, their (key, id) one:
+-- the key compared as that index sorts it, COLLATE "C").
 SELECT message_id, topic, key, attempts, created_at, dead_lettered_at, dead_letter_reason
 FROM {schema}.messages
 WHERE dead_lettered_at IS NOT NULL
   AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+  AND (%(key)s::text IS NULL OR key COLLATE "C" = %(key)s)
+  AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
 ORDER BY id
 LIMIT %(limit)s;
+
+-- name: dead_letters_list_count
+-- How many dead letters match dead_letters_list's filters ("showing 100 of 1,204"),
+-- counted up to %(cap)s: a filter that matches most of a large outbox's dead letters
+-- stops there ("of more than 10,000") instead of reading them all.
+SELECT count(*)
+FROM (SELECT 1
+      FROM {schema}.messages
+      WHERE dead_lettered_at IS NOT NULL
+        AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
+        AND (%(key)s::text IS NULL OR key COLLATE "C" = %(key)s)
+        AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
+      LIMIT %(cap)s) AS matched;
+
+-- name: dead_letters_of_message
+-- `dead-letters show`: the dead letters of a message id (a replay's copy shares the
+-- id, and may be dead-lettered too), without their payloads (console_payload reads one,
+-- for --payload: a role may lack SELECT on the column). Through the dead letters'
+-- index: the cost grows with the dead letters, never with what retention keeps.
+SELECT id, message_id, topic, key, attempts, created_at, dead_lettered_at, dead_letter_reason,
+       dead_letter_published_at, last_error, content_type, headers
+FROM {schema}.messages
+WHERE message_id = %(message_id)s AND dead_lettered_at IS NOT NULL
+ORDER BY id;
 
 -- name: requeue_dead_letters
 -- `dead-letters requeue` and the console: the function (schema.sql) does it.

@@ -250,7 +250,7 @@ CREATE INDEX messages_dispatched_message_id_idx ON {schema}.messages (message_id
     WHERE dispatched_at IS NOT NULL;
 
 -- ... and a dead letter by its id (`status --message-id`, the console's lookup,
--- `dead-letters requeue|purge --id`; migrations/0015_message_id_lookup.sql): an entry
+-- `dead-letters requeue|purge --message-id`; migrations/0015_message_id_lookup.sql): an entry
 -- when a row is dead-lettered, never at enqueue. Hash, not btree: a hash index answers
 -- `message_id = ...` and nothing else, so no other query over dead letters can be
 -- planned through it. Pending rows have none: it would cost every enqueue (the optional

@@ -8,8 +8,10 @@
 - ``inbox``: ``inbox schema install|sql`` and ``inbox prune``, for consumers;
 - ``console``: ``console``, the operator console's own process;
 - ``demo``: ``demo``;
-- ``common``: the shared options and ``one_line_errors``, the only place that turns
-  errors into exit codes (0 well, 1 a runtime failure, 2 a usage or config error).
+- ``common``: where the database is (``--dsn``/``--config``, one rule for every
+  command) and the options that mean the same everywhere;
+- ``output``: errors as one line and the exit codes (0 done, 1 not there or failed,
+  2 a usage or config error), ``--json``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from outbox_relay.cli.console import console_command
 from outbox_relay.cli.dead_letters import dead_letters_group
 from outbox_relay.cli.demo import demo
 from outbox_relay.cli.inbox import inbox_group
+from outbox_relay.cli.output import OneLineGroup
 from outbox_relay.cli.replay import replay
 from outbox_relay.cli.run import check, run
 from outbox_relay.cli.schema import schema
 from outbox_relay.cli.status import status_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="outbox-relay")
 def main() -> None:
     """Transactional outbox relay for PostgreSQL."""

@@ -4,24 +4,26 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-from pathlib import Path
+from datetime import UTC, datetime
 
 import click
 
-from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, positive_duration, require_schema
+from outbox_relay.cli.common import Target, database_options, require_schema, time_bound
+from outbox_relay.cli.output import JSON_OPTION, one_line_errors, print_json
+from outbox_relay.errors import CommandLineError
 from outbox_relay.operations import audit
+from outbox_relay.operations.replay import TimeBound
 
 
 @click.command("audit")
-@CONFIG_OPTION
+@database_options(needs_config="it reads the config's brokers", dsn_env=None)
 @click.option(
     "--since",
     default="1h",
     show_default=True,
-    callback=positive_duration,
-    help="Messages dispatched this long ago or later.",
+    callback=time_bound,
+    help="Messages dispatched at or after this time (ISO 8601) or this long ago (2h).",
 )
 @click.option("--topic", help="Only topics matching this glob (* and ?).")
 @click.option(
@@ -31,15 +33,21 @@ from outbox_relay.operations import audit
     show_default=True,
     help="Check at most this many, the latest dispatched: the brokers are read only there.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON_OPTION
 @one_line_errors
-def audit_command(config_path: Path, since: float, topic: str | None, sample: int, as_json: bool) -> None:
+def audit_command(target: Target, since: TimeBound, topic: str | None, sample: int, as_json: bool) -> None:
     """Check that dispatched messages are on their brokers where their receipts say
     (exit 0), or report what is missing (exit 1)."""
-    cfg = load(config_path)
-    with connect(cfg.database.dsn.get_secret_value()) as conn:
-        require_schema(conn, cfg.database.schema_name)
-        report = asyncio.run(audit.audit(conn, cfg, since_s=since, topic=topic, sample=sample))
-    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else audit.render(report))
+    since_s = (datetime.now(UTC) - since.at).total_seconds()
+    if since_s <= 0:
+        raise CommandLineError(f"--since {since.given}: give a time in the past")
+    cfg = target.full_config()
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
+        report = asyncio.run(audit.audit(conn, cfg, since_s=since_s, topic=topic, sample=sample))
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        click.echo(audit.render(report))
     if not report.ok:
         sys.exit(1)

@@ -8,23 +8,24 @@ OUTBOX_RELAY_CONSOLE_TOKEN is set in the environment.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import click
 import structlog
 
-from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, require_schema
+from outbox_relay.cli.common import Target, database_options, require_schema
+from outbox_relay.cli.output import one_line_errors
+from outbox_relay.cli.run import LOG_LEVEL_OPTION
 from outbox_relay.errors import CommandLineError
 from outbox_relay.observability.logging_setup import configure as configure_logging
 
 
 @click.command("console")
-@CONFIG_OPTION
+@database_options(needs_config="its console settings", dsn_env=None)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free port).")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+@LOG_LEVEL_OPTION
 @one_line_errors
-def console_command(config_path: Path, host: str, port: int, log_level: str) -> None:
+def console_command(target: Target, host: str, port: int, log_level: str) -> None:
     """The operator console: status, lag, dead letters, replays and message lookup, on
     http://HOST:PORT/console/ (read-only without OUTBOX_RELAY_CONSOLE_TOKEN)."""
     try:
@@ -36,10 +37,10 @@ def console_command(config_path: Path, host: str, port: int, log_level: str) -> 
         raise CommandLineError(
             f"the console needs its extra: pip install 'outbox-relay[console]' ({exc.name} is missing)"
         ) from None
-    cfg = load(config_path)
+    cfg = target.full_config()
     configure_logging(log_level)
-    with connect(cfg.database.dsn.get_secret_value()) as conn:
-        require_schema(conn, cfg.database.schema_name)
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
     try:
         console = Console(cfg)
     except (TokenTooShort, UntrustableHeader) as exc:

@@ -1,172 +1,315 @@
-"""`outbox-relay dead-letters list|requeue|purge`."""
+"""`outbox-relay dead-letters list|show|requeue|purge`."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 import click
 
-from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, require_schema
-from outbox_relay.durations import parse_duration
+from outbox_relay.cli.common import (
+    Target,
+    confirm,
+    database_options,
+    message_ids_option,
+    positive_duration,
+    require_schema,
+    time_bound,
+)
+from outbox_relay.cli.output import JSON_OPTION, NOT_FOUND, notes, one_line_errors, print_json
+from outbox_relay.engine.routing import Router
 from outbox_relay.operations import dead_letters
+from outbox_relay.operations.replay import TimeBound
+from outbox_relay.operations.status import printable, utc
+from outbox_relay.redact import payload_text
 
 
 @click.group("dead-letters")
 def dead_letters_group() -> None:
-    """List, requeue and purge dead-lettered messages."""
+    """List, show, requeue and purge dead-lettered messages."""
 
 
 @dead_letters_group.command("list")
-@CONFIG_OPTION
+@database_options()
 @click.option("--topic", help="Only topics matching this glob.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--key", help="Only messages with this key.")
+@click.option(
+    "--since", callback=time_bound, help="Dead-lettered at or after this time (ISO 8601) or this long ago (2h)."
+)
+@click.option(
+    "--limit", default=100, show_default=True, type=click.IntRange(1, 100_000), help="List at most this many."
+)
+@JSON_OPTION
 @one_line_errors
-def dead_letters_list(config_path: Path, topic: str | None, limit: int, as_json: bool) -> None:
-    """Dead letters, oldest first, with their reason."""
-    cfg = load(config_path)
-    with connect(cfg.database.dsn.get_secret_value()) as conn:
-        require_schema(conn, cfg.database.schema_name)
-        found = dead_letters.list_dead(conn, cfg.database.schema_name, topic=topic, limit=limit)
+def dead_letters_list(
+    target: Target, topic: str | None, key: str | None, since: TimeBound | None, limit: int, as_json: bool
+) -> None:
+    """Dead letters, oldest first, with their reason and the broker their topic routes to
+    (from the config's routes; - without a config)."""
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
+        found = dead_letters.list_dead(
+            conn, target.schema, topic=topic, key=key, since=since.at if since else None, limit=limit
+        )
+    broker = _broker_of(target)
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "message_id": str(d.message_id),
-                        "topic": d.topic,
-                        "key": d.key,
-                        "attempts": d.attempts,
-                        "created_at": d.created_at.isoformat(),
-                        "dead_lettered_at": d.dead_lettered_at.isoformat(),
-                        "reason": d.reason,
-                    }
-                    for d in found
-                ],
-                indent=2,
-            )
-        )
+        print_json([{**_letter_fields(d), "broker": broker(d.topic)} for d in found.rows])
         return
-    if not found:
-        click.echo("no dead letters")
-    for d in found:
+    if not found.rows:
+        click.echo("no dead letters match" if (topic or key or since) else "no dead letters")
+        return
+    for d in found.rows:
         click.echo(
-            f"{d.message_id}  {d.topic}  key={d.key}  attempts={d.attempts}  "
-            f"{d.dead_lettered_at.isoformat(timespec='seconds')}  {d.reason}"
+            f"{d.message_id}  {printable(d.topic)}  broker={broker(d.topic)}  key={printable(d.key)}  "
+            f"attempts={d.attempts}  {d.dead_lettered_at.isoformat(timespec='seconds')}  {printable(d.reason)}"
         )
+    of = f"more than {dead_letters.COUNT_CAP:,}" if found.capped else f"{found.matched:,}"
+    more = "; --limit N shows more" if found.capped or found.matched > len(found.rows) else ""
+    click.echo(f"showing {len(found.rows):,} of {of} dead letter(s){more}")
+
+
+def _broker_of(target: Target) -> Any:
+    """The broker a topic routes to, by the config's routes (first match wins, as in
+    the relay); "-" without a config, "(no route)" for a topic no route takes."""
+    if target.config is None:
+        return lambda _topic: "-"
+    router = Router(target.config.routes)
+
+    def broker(topic: str) -> str:
+        found = router.resolve(topic)
+        return found.broker if found is not None else "(no route)"
+
+    return broker
+
+
+def _letter_fields(d: dead_letters.DeadLetter) -> dict[str, Any]:
+    return {
+        "message_id": str(d.message_id),
+        "topic": d.topic,
+        "key": d.key,
+        "attempts": d.attempts,
+        "created_at": d.created_at.isoformat(),
+        "dead_lettered_at": d.dead_lettered_at.isoformat(),
+        "reason": d.reason,
+    }
+
+
+@dead_letters_group.command("show")
+@click.argument("message_id", type=click.UUID)
+@database_options()
+@click.option("--payload", "with_payload", is_flag=True, help="Show the payload too (redacted by default).")
+@JSON_OPTION
+@one_line_errors
+def dead_letters_show(target: Target, message_id: UUID, with_payload: bool, as_json: bool) -> None:
+    """One dead letter by its message id: reason, attempts, times, headers; the payload
+    only with --payload. Exit 1 if that message is not a dead letter."""
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
+        found = dead_letters.show(conn, target.schema, message_id, with_payload=with_payload)
+    if not found:
+        click.echo(
+            f"error: no dead letter {message_id} in schema {target.schema!r} "
+            "(requeued, purged, not dead-lettered, or never enqueued here)",
+            err=True,
+        )
+        sys.exit(NOT_FOUND)
+    if as_json:
+        print_json({"message_id": str(message_id), "dead_letters": [_detail_fields(d) for d in found]})
+        return
+    click.echo("\n".join(_render_detail(d) for d in found))
+
+
+def _detail_fields(d: dead_letters.DeadLetterDetail) -> dict[str, Any]:
+    return {
+        **_letter_fields(d.letter),
+        "row_id": d.row_id,
+        "published_to_dead_letter_topic": d.published_to_topic,
+        "last_error": d.last_error,
+        "content_type": d.content_type,
+        "headers": d.headers,
+        # As stored when it is text (a script parses it as its content type says).
+        "payload": None if d.payload is None else _stored_text(d.payload),
+        "payload_redacted": d.payload is None,
+    }
+
+
+def _stored_text(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return payload_text(payload)  # its length and hex
+
+
+def _render_detail(d: dead_letters.DeadLetterDetail) -> str:
+    letter = d.letter
+    if d.payload is not None:
+        payload = "\n" + "\n".join(f"    {line}" for line in payload_text(d.payload).splitlines())
+    elif d.payload_refused:
+        payload = "(redacted: this database role may not read payloads)"
+    else:
+        payload = "(redacted; --payload shows it)"
+    headers = ", ".join(f"{printable(k)}={printable(v)}" for k, v in d.headers.items()) or "(none)"
+    fields = [
+        ("topic", printable(letter.topic)),
+        ("key", printable(letter.key) if letter.key is not None else "(none)"),
+        ("reason", printable(letter.reason)),
+        ("attempts", str(letter.attempts)),
+        ("enqueued", utc(letter.created_at)),
+        ("dead-lettered", utc(letter.dead_lettered_at)),
+        ("dead-letter topic", "published" if d.published_to_topic else "not published"),
+        *([("earlier error", printable(d.last_error))] if d.last_error else []),
+        ("content type", printable(d.content_type)),
+        ("headers", headers),
+        ("payload", payload),
+    ]
+    return "\n".join(
+        [
+            f"dead letter {letter.message_id} (row {d.row_id})",
+            *(f"  {name}{value}" if value.startswith("\n") else f"  {name:<18} {value}" for name, value in fields),
+        ]
+    )
 
 
 def _selection(
     command: Literal["requeue", "purge"],
-    ids: tuple[str, ...],
+    ids: tuple[UUID, ...],
     topic: str | None,
     everything: bool,
-    older_than: str | None = None,
+    older_than: float | None = None,
 ) -> dead_letters.Selection:
-    """The dead letters the options select; one line and exit 2, before any connection,
-    for an id that is not a UUID, a bad duration or options that do not go together."""
-    try:
-        parsed = tuple(UUID(i) for i in ids)
-    except ValueError:
-        raise click.BadParameter("not a UUID", param_hint="--id") from None
-    seconds = None
-    if older_than is not None:
-        try:
-            seconds = parse_duration(older_than)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--older-than") from None
-    return dead_letters.Selection(parsed, topic, seconds, everything, command)
+    """The dead letters the options select; options that do not go together are one
+    line and exit 2 (Selection), before any connection."""
+    return dead_letters.Selection(ids, topic, older_than, everything, command)
 
 
-def _left_out(asked: tuple[UUID, ...], taken: Iterable[UUID], selection: dead_letters.Selection) -> None:
-    """Name the ids asked for that were not taken, and exit 1: a mistyped id, one that is
-    not (or no longer) a dead letter, or one the other filters leave out."""
-    missing = set(asked) - set(taken)
+def _left_out(asked: tuple[UUID, ...], taken: Iterable[UUID], selection: dead_letters.Selection) -> list[UUID]:
+    """The ids asked for that were not taken: a mistyped id, one that is not (or no
+    longer) a dead letter, or one the other filters leave out; named on stderr."""
+    missing = sorted(set(asked) - set(taken), key=str)
     if missing:
-        others = [name for name in selection.filters() if name != "--id"]
+        others = [name for name in selection.filters() if name != "--message-id"]
         outside = f", or outside {' and '.join(others)}" if others else ""
         click.echo(
-            f"not {selection.command}d: {', '.join(sorted(map(str, missing)))} (not dead-lettered, unknown{outside})",
+            f"not {selection.command}d: {', '.join(map(str, missing))} (not dead-lettered, unknown{outside})",
             err=True,
         )
-        sys.exit(1)
+    return missing
 
 
 # The selection options, shared by requeue and purge.
-ID_OPTION = click.option("--id", "ids", multiple=True, help="This message id (repeatable).")
+IDS_OPTION = message_ids_option("This message id (repeatable).", old="--id")
 TOPIC_OPTION = click.option("--topic", help="Dead letters whose topic matches this glob.")
 ALL_OPTION = click.option("--all", "everything", is_flag=True, help="Every dead letter; takes no filter.")
 
 
 @dead_letters_group.command("requeue")
-@CONFIG_OPTION
-@ID_OPTION
+@database_options()
+@IDS_OPTION
 @TOPIC_OPTION
 @ALL_OPTION
+@JSON_OPTION
 @one_line_errors
-def dead_letters_requeue(config_path: Path, ids: tuple[str, ...], topic: str | None, everything: bool) -> None:
+def dead_letters_requeue(
+    target: Target, message_ids: tuple[UUID, ...], topic: str | None, everything: bool, as_json: bool
+) -> None:
     """Put dead letters back to pending with a fresh attempt budget.
 
-    Takes the dead letters that match every filter given (--id and --topic together:
-    an id whose topic does not match stays dead), or --all alone.
+    Takes the dead letters that match every filter given (--message-id and --topic
+    together: an id whose topic does not match stays dead), or --all alone. Exit 1
+    when it took none, or not every id given.
     """
-    selection = _selection("requeue", ids, topic, everything)
-    cfg = load(config_path)
-    with connect(cfg.database.dsn.get_secret_value()) as conn:
-        require_schema(conn, cfg.database.schema_name)
-        done = dead_letters.requeue(conn, cfg.database.schema_name, selection)
-    click.echo(f"requeued {len(done)} message(s)")
-    _left_out(selection.message_ids, done, selection)
+    selection = _selection("requeue", message_ids, topic, everything)
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
+        done = dead_letters.requeue(conn, target.schema, selection)
+    missing = _left_out(selection.message_ids, done, selection)
+    if as_json:
+        print_json({"requeued": done, "not_requeued": missing})
+    else:
+        click.echo(f"requeued {len(done)} message(s)")
+    if missing or not done:
+        sys.exit(NOT_FOUND)
 
 
 @dead_letters_group.command("purge")
-@CONFIG_OPTION
-@ID_OPTION
+@database_options()
+@IDS_OPTION
 @TOPIC_OPTION
 @click.option(
     "--older-than",
     "older_than",
+    callback=positive_duration,
     help="Dead letters dead-lettered longer ago than this (e.g. 7d, 12h, 30m).",
 )
 @ALL_OPTION
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@JSON_OPTION
 @one_line_errors
 def dead_letters_purge(
-    config_path: Path, ids: tuple[str, ...], topic: str | None, older_than: str | None, everything: bool, yes: bool
+    target: Target,
+    message_ids: tuple[UUID, ...],
+    topic: str | None,
+    older_than: float | None,
+    everything: bool,
+    yes: bool,
+    as_json: bool,
 ) -> None:
     """Delete dead letters for good (after listing or requeueing what you need).
 
-    Takes the dead letters that match every filter given (--id, --topic and
-    --older-than together), or --all alone; says how many and asks first.
+    Takes the dead letters that match every filter given (--message-id, --topic and
+    --older-than together), or --all alone; says how many and asks first. Exit 1 when
+    none matched, or not every id given.
     """
-    selection = _selection("purge", ids, topic, everything, older_than)
-    cfg = load(config_path)
-    with connect(cfg.database.dsn.get_secret_value()) as conn:
-        require_schema(conn, cfg.database.schema_name)
-        selection = selection.with_cut(conn, cfg.database.schema_name)
-        selected = dead_letters.count(conn, cfg.database.schema_name, selection)
+    say = notes(as_json)
+    selection = _selection("purge", message_ids, topic, everything, older_than)
+    policy = target.config.relay.dead_letter_policy if target.config else None
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
+        selection = selection.with_cut(conn, target.schema)
+        selected = dead_letters.count(conn, target.schema, selection)
         if selected.count == 0:
-            click.echo("no dead letters match")
-            _left_out(selection.message_ids, (), selection)
-            return
+            missing = _left_out(selection.message_ids, (), selection)
+            if as_json:
+                print_json(
+                    {
+                        "deleted": [],
+                        "not_deleted": missing,
+                        "pending_behind": None if policy == "release" else 0,
+                        "dead_letter_policy": policy,
+                    }
+                )
+            else:
+                click.echo("no dead letters match")
+            sys.exit(NOT_FOUND)
         # Under hold, a dead letter keeps its key's later messages back; deleting it lets
         # them go (as a requeue would, but without the dead one): say so before asking.
-        released = ""
-        if cfg.relay.dead_letter_policy == "hold":
-            held = dead_letters.held_behind(conn, cfg.database.schema_name, selection)
-            if held:
-                released = f" (dead_letter_policy is hold: {held} message(s) held behind them will be published)"
-        if not yes:
-            if not sys.stdin.isatty():
-                raise click.UsageError(
-                    f"{selected.count} dead letter(s) would be deleted{released}; pass --yes to confirm"
-                )
-            click.confirm(f"Delete {selected.count} dead letter(s) for good{released}?", abort=True)
-        deleted = len(dead_letters.purge(conn, cfg.database.schema_name, selection))
-    click.echo(f"deleted {deleted} dead letter(s){released}")
-    _left_out(selection.message_ids, selected.message_ids, selection)
+        # Under release nothing waits behind a dead letter: not counted (None).
+        behind = dead_letters.held_behind(conn, target.schema, selection) if policy != "release" else None
+        released = _released(behind, policy)
+        confirm(
+            False,
+            yes,
+            f"{selected.count} dead letter(s) would be deleted{released}",
+            f"Delete {selected.count} dead letter(s) for good{released}?",
+            err=as_json,
+        )
+        deleted = dead_letters.purge(conn, target.schema, selection)
+    missing = _left_out(selection.message_ids, selected.message_ids, selection)
+    if as_json:
+        print_json({"deleted": deleted, "not_deleted": missing, "pending_behind": behind, "dead_letter_policy": policy})
+    else:
+        say(f"deleted {len(deleted)} dead letter(s){released}")
+    if missing:
+        sys.exit(NOT_FOUND)
+
+
+def _released(behind: int | None, policy: str | None) -> str:
+    """What deleting dead letters does to the messages behind them, for the question
+    and the answer: known under the config's policy, said for both without a config."""
+    if not behind:
+        return ""
+    if policy == "hold":
+        return f" (dead_letter_policy is hold: {behind} message(s) held behind them will be published)"
+    return f" ({behind} pending message(s) behind them: held until then if dead_letter_policy is hold)"

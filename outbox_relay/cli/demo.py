@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from outbox_relay.cli.common import one_line_errors
+from outbox_relay.cli.output import one_line_errors
 from outbox_relay.observability.logging_setup import configure as configure_logging
 from outbox_relay.operations.schema_manager import SOURCES
 

@@ -3,14 +3,16 @@ off; the source (table or wal) enqueue writes to."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
 import psycopg
 
 from outbox_relay import sqlfiles
-from outbox_relay.cli.common import DSN_OPTION, SCHEMA_OPTION, connect, one_line_errors, require_schema
-from outbox_relay.durations import parse_duration
+from outbox_relay.cli.common import Target, database_options, positive_duration, require_schema
+from outbox_relay.cli.output import JSON_OPTION, notes, one_line_errors, print_json
+from outbox_relay.errors import CommandLineError
 from outbox_relay.operations import schema_manager
 from outbox_relay.sources.wal import slot as wal_slot
 
@@ -22,93 +24,110 @@ def schema() -> None:
 
 SLOT_OPTION = click.option(
     "--slot",
-    help="The WAL source's replication slot and publication (relay.wal.slot); default outbox_relay_<schema>.",
+    help="The WAL source's replication slot and publication (default: the config's relay.wal.slot, "
+    "else outbox_relay_<schema>).",
 )
 
 
 @schema.command("install")
-@DSN_OPTION
-@SCHEMA_OPTION
+@database_options()
 @click.option(
     "--source",
     type=click.Choice(schema_manager.SOURCES),
     help="Where enqueue writes: table (a new outbox's default) or wal; default: leave an installed outbox's as is.",
 )
 @SLOT_OPTION
+@JSON_OPTION
 @one_line_errors
-def schema_install(dsn: str, schema_name: str, source: str | None, slot: str | None) -> None:
+def schema_install(target: Target, source: str | None, slot: str | None, as_json: bool) -> None:
     """Create or upgrade the outbox schema (idempotent, safe to run concurrently)."""
-    sqlfiles.validate_schema_name(schema_name)
-    with connect(dsn) as conn:
+    say = notes(as_json)
+    schema_name = sqlfiles.validate_schema_name(target.schema)
+    with target.connect() as conn:
         result = schema_manager.install(conn, schema_name)
         if result.previous_version is None:
-            click.echo(f"installed outbox schema {schema_name!r} at version {result.version}")
+            say(f"installed outbox schema {schema_name!r} at version {result.version}")
         elif result.changed:
-            click.echo(
-                f"upgraded outbox schema {schema_name!r} from version {result.previous_version} to {result.version}"
-            )
+            say(f"upgraded outbox schema {schema_name!r} from version {result.previous_version} to {result.version}")
         else:
-            click.echo(f"outbox schema {schema_name!r} is already at version {result.version}")
-        if source is not None:
-            _switch_source(conn, schema_name, source, slot)
+            say(f"outbox schema {schema_name!r} is already at version {result.version}")
+        switched = _switch_source(conn, target, source, slot, say=say) if source is not None else None
+    if as_json:
+        print_json(
+            {
+                "schema": schema_name,
+                "version": result.version,
+                "previous_version": result.previous_version,
+                "changed": result.changed,
+                **({"source": switched} if switched else {}),
+            }
+        )
 
 
 @schema.command("source")
 @click.argument("source", type=click.Choice(schema_manager.SOURCES))
-@DSN_OPTION
-@SCHEMA_OPTION
+@database_options()
 @SLOT_OPTION
 @click.option(
     "--wait",
     default="10s",
     show_default=True,
+    callback=positive_duration,
     help="How long the switch waits for transactions that enqueued to end (enqueues wait for the switch meanwhile).",
 )
+@JSON_OPTION
 @one_line_errors
-def schema_source(source: str, dsn: str, schema_name: str, slot: str | None, wait: str) -> None:
+def schema_source(target: Target, source: str, slot: str | None, wait: float, as_json: bool) -> None:
     """Switch where enqueue writes: wal (creates the slot and publication first) or table
     (the slot stays until a relay has streamed what it holds, then that relay drops it).
     The switch waits for transactions that enqueued to end, so none of them goes on
     writing to the old source after it."""
-    sqlfiles.validate_schema_name(schema_name)
-    try:
-        seconds = parse_duration(wait)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--wait") from None
-    if seconds <= 0:
-        raise click.BadParameter("must be positive", param_hint="--wait")
-    with connect(dsn) as conn:
-        require_schema(conn, schema_name)
-        _switch_source(conn, schema_name, source, slot, seconds)
+    sqlfiles.validate_schema_name(target.schema)
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
+        switched = _switch_source(conn, target, source, slot, wait, say=notes(as_json))
+    if as_json:
+        print_json({"schema": target.schema, **switched})
 
 
 def _switch_source(
     conn: psycopg.Connection[Any],
-    schema_name: str,
+    target: Target,
     source: str,
     slot: str | None,
     wait: float = schema_manager.SWITCH_WAIT_S,
-) -> None:
-    name = wal_slot.validate_name(slot) if slot else wal_slot.name_for(schema_name)
+    *,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Switch, saying what it did; what it did as --json shows it."""
+    schema_name = target.schema
+    given = slot or (target.config.relay.wal.slot if target.config else None)
+    name = wal_slot.validate_name(given) if given else wal_slot.name_for(schema_name)
+    created = False
     if source == "wal":
         # The slot first: a message emitted before a slot exists is decoded by none.
         conn.autocommit = True
-        if wal_slot.create(conn, name, name):
-            click.echo(f"created replication slot and publication {name!r}")
-    changed = schema_manager.set_source(conn, schema_name, source, warn=click.echo, slot_name=name, wait=wait)
+        created = wal_slot.create(conn, name, name)
+        if created:
+            say(f"created replication slot and publication {name!r}")
+    changed = schema_manager.set_source(conn, schema_name, source, warn=say, slot_name=name, wait=wait)
     state = "now" if changed else "already"
-    click.echo(f"outbox schema {schema_name!r} is {state} in {source} mode")
+    say(f"outbox schema {schema_name!r} is {state} in {source} mode")
     if source == "table":
         name = schema_manager.read_source(conn, schema_name).wal_slot or name  # the one the drain reads
-    if source == "table" and wal_slot.read_state(conn, name) is not None:
-        click.echo(
+    kept = source == "table" and wal_slot.read_state(conn, name) is not None
+    if kept:
+        say(
             f"the replication slot {name!r} stays until a relay (`outbox-relay run`) has streamed every message "
             "enqueued before the switch; that relay then drops it"
         )
+    return {"source": source, "changed": changed, "slot": name, "slot_created": created, "slot_kept": kept}
 
 
 @schema.command("sql")
-@SCHEMA_OPTION
+@click.option(
+    "--schema", "schema_name", default=sqlfiles.DEFAULT_SCHEMA, show_default=True, help="Schema the DDL creates."
+)
 @click.option("--relay-role", help="Also print GRANTs for the relay's least-privilege role.")
 @click.option("--producer-role", help="Also print GRANTs for an application role that only enqueues.")
 @click.option(
@@ -138,7 +157,11 @@ def schema_sql(
     """Print the DDL, for teams that apply DDL with their own migration tool."""
     if (console_actions or console_payloads) and not console_role:
         flag = "--console-actions" if console_actions else "--console-payloads"
-        raise click.UsageError(f"{flag} adds to the console role's grants: give --console-role ROLE too")
+        raise CommandLineError(f"{flag} adds to the console role's grants: give --console-role ROLE too")
+    if grants_only and not (relay_role or producer_role or outcomes_role or console_role):
+        raise CommandLineError(
+            "--grants-only needs a role: --relay-role, --producer-role, --outcomes-role or --console-role ROLE"
+        )
     parts: list[str] = []
     if not grants_only:
         parts.append(sqlfiles.ddl(schema_name).as_string())
@@ -158,11 +181,14 @@ def schema_sql(
 
 @schema.command("notify")
 @click.argument("state", type=click.Choice(["on", "off"]))
-@DSN_OPTION
-@SCHEMA_OPTION
+@database_options()
+@JSON_OPTION
 @one_line_errors
-def schema_notify(state: str, dsn: str, schema_name: str) -> None:
+def schema_notify(state: str, target: Target, as_json: bool) -> None:
     """Turn the NOTIFY trigger on or off (off: the relay's poll finds new rows alone)."""
-    with connect(dsn) as conn:
-        schema_manager.set_notify(conn, schema_name, state == "on")
-    click.echo(f"NOTIFY trigger {state} for schema {schema_name!r}")
+    with target.connect() as conn:
+        schema_manager.set_notify(conn, target.schema, state == "on")
+    if as_json:
+        print_json({"schema": target.schema, "notify": state})
+    else:
+        click.echo(f"NOTIFY trigger {state} for schema {target.schema!r}")

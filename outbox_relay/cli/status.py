@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from uuid import UUID
 
 import click
 
-from outbox_relay.cli.common import CONFIG_OPTION, connect, load, one_line_errors, require_schema
+from outbox_relay.cli.common import Target, database_options, require_schema
+from outbox_relay.cli.output import JSON_OPTION, NOT_FOUND, one_line_errors, print_json
 from outbox_relay.operations import message_lookup, status
 
 
 @click.command("status")
-@CONFIG_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@database_options()
+@JSON_OPTION
 @click.option(
     "--message-id",
     type=click.UUID,
@@ -23,26 +22,32 @@ from outbox_relay.operations import message_lookup, status
     help="One message instead: its state, attempts and, once dispatched, where it landed (exit 1 if not found).",
 )
 @one_line_errors
-def status_command(config_path: Path, as_json: bool, message_id: UUID | None) -> None:
-    """Pending, in flight, dead-lettered and oldest pending age, per topic."""
-    cfg = load(config_path)
-    with connect(cfg.database.dsn.get_secret_value()) as conn:
-        require_schema(conn, cfg.database.schema_name)
+def status_command(target: Target, as_json: bool, message_id: UUID | None) -> None:
+    """Pending, in flight, dead-lettered and oldest pending age, per topic; keys with
+    messages behind a dead letter; live relays; the last replays and backfills."""
+    cfg = target.config
+    with target.connect() as conn:
+        require_schema(conn, target.schema)
         if message_id is not None:
-            rows = message_lookup.lookup(conn, cfg.database.schema_name, message_id)
+            rows = message_lookup.lookup(conn, target.schema, message_id)
         else:
-            current = status.read(conn, cfg.database.schema_name, wal_slot=cfg.wal_slot)
+            current = status.read(
+                conn,
+                target.schema,
+                wal_slot=cfg.wal_slot if cfg else None,
+                dead_letter_policy=cfg.relay.dead_letter_policy if cfg else None,
+            )
     if message_id is not None:
         if not rows:
             click.echo(
-                f"error: no message {message_id} in schema {cfg.database.schema_name!r}"
+                f"error: no message {message_id} in schema {target.schema!r}"
                 " (never enqueued here, or deleted by retention or a purge)",
                 err=True,
             )
-            sys.exit(1)
+            sys.exit(NOT_FOUND)
         click.echo(message_lookup.as_json(message_id, rows) if as_json else message_lookup.render(message_id, rows))
         return
     if as_json:
-        click.echo(json.dumps(current.as_dict(), indent=2))
+        print_json(current.as_dict())
     else:
         click.echo(status.render(current))

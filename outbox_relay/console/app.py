@@ -53,6 +53,7 @@ from outbox_relay.console.read_model import (
 from outbox_relay.errors import CommandLineError, first_line
 from outbox_relay.operations import dead_letters as dead_letter_ops
 from outbox_relay.operations import message_lookup
+from outbox_relay.redact import payload_text as _payload_text
 
 log = structlog.get_logger("outbox_relay.console")
 
@@ -594,17 +595,6 @@ def _filter_from(params: Any) -> DeadLetterFilter:
         since=_when(params.get("since"), "since"),
         until=_when(params.get("until"), "until"),
     )
-
-
-def _payload_text(payload: bytes) -> str:
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"({len(payload)} bytes, not UTF-8) " + payload[:4096].hex()
-    try:
-        return json.dumps(json.loads(text), indent=2, sort_keys=True)
-    except ValueError:
-        return text
 
 
 def _utc(value: datetime | None) -> str:

@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from outbox_relay.connections import PREPARE_THRESHOLD, tcp_settings
 from outbox_relay.errors import first_line
+from outbox_relay.operations import dead_letters as dead_letter_ops
 from outbox_relay.operations.dead_letters import glob_to_regex
 from outbox_relay.operations.replay import describe
 from outbox_relay.sources.wal import slot as slots
@@ -410,10 +411,10 @@ class DeadLetterRow:
         )
 
 
-# "Showing 50 of N" counts at most this many matches: past it the page says "more than
-# 10,000" (the overview has the exact total by topic), and a broad filter costs a
-# bounded read however many dead letters there are.
-COUNT_CAP = 10_000
+# "Showing 50 of N" counts at most COUNT_CAP matches, as `dead-letters list` does: past
+# it the page says "more than 10,000" (the overview has the exact total by topic), and a
+# broad filter costs a bounded read however many dead letters there are.
+COUNT_CAP = dead_letter_ops.COUNT_CAP
 
 
 @dataclass

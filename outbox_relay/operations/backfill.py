@@ -45,7 +45,7 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from outbox_relay.errors import ConfigError, DatabaseError, first_line
+from outbox_relay.errors import ConfigError, DatabaseError, NotFound, first_line
 from outbox_relay.operations import schema_manager
 from outbox_relay.operations.copying import only_copier, requester
 from outbox_relay.sqlfiles import Queries, validate_schema_name
@@ -339,7 +339,7 @@ def get(conn: psycopg.Connection[Any], outbox: str, backfill_id: int) -> Backfil
     row = conn.execute(Queries(outbox)["backfill_get"], {"backfill_id": backfill_id}).fetchone()
     conn.rollback()
     if row is None:
-        raise ConfigError(f"no backfill #{backfill_id} (see `outbox-relay status`)")
+        raise NotFound(f"no backfill #{backfill_id} (see `outbox-relay status`)")
     return Backfill(int(row[0]), Source.from_json(row[1]), int(row[2]), int(row[3]), bool(row[5]), row[6], bool(row[7]))
 
 
@@ -397,7 +397,7 @@ def _copy_locked(
                         f"backfill #{backfill_id} is being copied by another process right now"
                     ) from None
                 if lock is None:
-                    raise ConfigError(f"no backfill #{backfill_id}")
+                    raise NotFound(f"no backfill #{backfill_id}")
                 cursor, total_copied, finished = lock[0], int(lock[1]), bool(lock[2])
                 if finished:
                     return total_copied

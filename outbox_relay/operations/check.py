@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,9 +29,22 @@ from outbox_relay.sqlfiles import Queries
 
 CHECK_TIMEOUT = 15.0
 
+# Every line a check prints: what was checked, its state (ok, WARN, FAIL), and the
+# detail, as `database  ok  host=db schema 'outbox'`.
+_LINE = re.compile(r"^(?P<check>\w+) +(?P<state>ok|WARN|FAIL)  (?P<detail>.*)$", re.S)
+
+
+def finding(line: str) -> dict[str, str]:
+    """A check's line as `check --json` shows it: check, state, detail."""
+    found = _LINE.match(line)
+    if found is None:  # every line is written here in that shape; a new one that is not fails loudly
+        raise ValueError(f"not a check line: {line!r}")
+    return found.groupdict()
+
 
 async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
-    """Print one line per check; True when all pass. Config errors raise ConfigError."""
+    """Print one line per check (`finding` reads one back); True when all pass. Config
+    errors raise ConfigError."""
     adapters = build_adapters(config)  # validates every adapter's options first
     echo(f"config    ok  {config.source}: {len(config.brokers)} broker(s), {len(config.routes)} route(s)")
     ok = check_routes(config, echo)

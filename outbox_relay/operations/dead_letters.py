@@ -24,6 +24,19 @@ class DeadLetter:
     dead_lettered_at: datetime
     reason: str
 
+    @classmethod
+    def of(cls, r: dict[str, Any]) -> DeadLetter:
+        """From a row of dead_letters_list or dead_letters_of_message."""
+        return cls(
+            r["message_id"],
+            r["topic"],
+            r["key"],
+            r["attempts"],
+            r["created_at"],
+            r["dead_lettered_at"],
+            r["dead_letter_reason"] or "",
+        )
+
 
 _REGEX_SPECIAL = set(".^$*+?()[]{}|\\")
 
@@ -62,27 +75,88 @@ def glob_to_regex(pattern: str) -> str:
     return "".join(out)
 
 
+# "Showing 100 of N" counts at most this many matches: past it the list says "of more
+# than 10,000" (status has the exact total by topic), and a broad filter costs a
+# bounded read however many dead letters there are.
+COUNT_CAP = 10_000
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A page of dead letters, and how many match the filters (at most COUNT_CAP + 1)."""
+
+    rows: list[DeadLetter]
+    matched: int
+
+    @property
+    def capped(self) -> bool:
+        """More matched than were counted: "of more than COUNT_CAP"."""
+        return self.matched > COUNT_CAP
+
+
 def list_dead(
-    conn: psycopg.Connection[Any], schema: str, *, topic: str | None = None, limit: int = 100
-) -> list[DeadLetter]:
+    conn: psycopg.Connection[Any],
+    schema: str,
+    *,
+    topic: str | None = None,
+    key: str | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+) -> Listing:
+    """The oldest `limit` dead letters that match every filter given: `topic` a glob,
+    `key` exact, `since` dead-lettered at or after."""
+    params = {"topic_regex": glob_to_regex(topic) if topic else None, "key": key, "since": since}
+    q = Queries(schema)
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            Queries(schema)["dead_letters_list"],
-            {"topic_regex": glob_to_regex(topic) if topic else None, "limit": limit},
-        ).fetchall()
+        rows = cur.execute(q["dead_letters_list"], {**params, "limit": limit}).fetchall()
+        counted = cur.execute(q["dead_letters_list_count"], {**params, "cap": COUNT_CAP + 1}).fetchone()
     conn.rollback()
-    return [
-        DeadLetter(
-            r["message_id"],
-            r["topic"],
-            r["key"],
-            r["attempts"],
-            r["created_at"],
-            r["dead_lettered_at"],
-            r["dead_letter_reason"],
-        )
-        for r in rows
-    ]
+    found = [DeadLetter.of(r) for r in rows]
+    return Listing(found, int(counted["count"]) if counted else len(found))
+
+
+@dataclass
+class DeadLetterDetail:
+    """One dead letter as `dead-letters show` prints it: its payload only when asked
+    for (None: not shown; `payload_refused`: asked for, and the role may not read it)."""
+
+    letter: DeadLetter
+    row_id: int
+    published_to_topic: bool
+    last_error: str | None
+    content_type: str
+    headers: dict[str, Any]
+    payload: bytes | None = None
+    payload_refused: bool = False
+
+
+def show(
+    conn: psycopg.Connection[Any], schema: str, message_id: UUID, *, with_payload: bool = False
+) -> list[DeadLetterDetail]:
+    """The dead letters of `message_id` (none: not a dead letter, or no such message)."""
+    q = Queries(schema)
+    found = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        for r in cur.execute(q["dead_letters_of_message"], {"message_id": message_id}).fetchall():
+            found.append(
+                DeadLetterDetail(
+                    DeadLetter.of(r),
+                    int(r["id"]),
+                    r["dead_letter_published_at"] is not None,
+                    r["last_error"],
+                    r["content_type"],
+                    dict(r["headers"] or {}),
+                )
+            )
+    for detail in found if with_payload else []:
+        try:
+            with conn.transaction():  # a savepoint: a role without the column keeps the rest
+                row = conn.execute(q["console_payload"], {"id": detail.row_id}).fetchone()
+            detail.payload = bytes(row[0]) if row else None
+        except psycopg.errors.InsufficientPrivilege:
+            detail.payload_refused = True
+    conn.rollback()
+    return found
 
 
 @dataclass(frozen=True)
@@ -115,13 +189,13 @@ class Selection:
         if not (self.everything or given):
             age = ", --older-than D" if self.command == "purge" else ""
             raise CommandLineError(
-                f"say which dead letters to {self.command}: --id ID (repeatable), --topic GLOB{age} "
+                f"say which dead letters to {self.command}: --message-id ID (repeatable), --topic GLOB{age} "
                 "(those that match every one given), or --all"
             )
 
     def filters(self) -> list[str]:
         """The filter options given, by name."""
-        given = (("--id", bool(self.message_ids)), ("--topic", self.topic is not None))
+        given = (("--message-id", bool(self.message_ids)), ("--topic", self.topic is not None))
         return [name for name, on in (*given, ("--older-than", self.older_than_s is not None)) if on]
 
     def params(self) -> dict[str, Any]:

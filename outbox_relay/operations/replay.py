@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,7 +35,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from outbox_relay.durations import parse_duration
-from outbox_relay.errors import ConfigError, DatabaseError, OutboxRelayError
+from outbox_relay.errors import ConfigError, DatabaseError, NotFound, OutboxRelayError
 from outbox_relay.operations.copying import only_copier, requester
 from outbox_relay.operations.dead_letters import glob_to_regex
 from outbox_relay.sqlfiles import Queries
@@ -122,23 +122,11 @@ def parse_time(text: str, option: str, now: datetime | None = None) -> TimeBound
     return TimeBound(at, at.isoformat())
 
 
-def parse_message_ids(values: Sequence[str]) -> tuple[UUID, ...]:
-    ids = []
-    for value in values:
-        try:
-            ids.append(UUID(value))
-        except ValueError:
-            raise ConfigError(f"--message-id {value!r} is not a UUID") from None
-    return tuple(ids)
-
-
 class NotInTable(OutboxRelayError):
     """Nothing the replay selects is in the outbox table, and the messages it asks for
     went out while enqueue wrote into the WAL: published straight from there, they never
     were rows, so there is nothing to copy (the broker still has them, or the producer
-    can enqueue them again)."""
-
-    exit_code = 2
+    can enqueue them again). Exit 1, as any selection that takes nothing."""
 
 
 @dataclass(frozen=True)
@@ -306,7 +294,7 @@ def get(conn: psycopg.Connection[Any], schema: str, replay_id: int) -> Replay:
     row = conn.execute(Queries(schema)["replay_get"], {"replay_id": replay_id}).fetchone()
     conn.rollback()
     if row is None:
-        raise ConfigError(f"no replay #{replay_id} (see `outbox-relay status`)")
+        raise NotFound(f"no replay #{replay_id} (see `outbox-relay status`)")
     return Replay(
         int(row[0]),
         row[1],
@@ -343,7 +331,7 @@ def copy(
     recorded = conn.execute(q["replay_get"], {"replay_id": replay_id}).fetchone()
     conn.rollback()
     if recorded is None:
-        raise ConfigError(f"no replay #{replay_id} (see `outbox-relay status`)")
+        raise NotFound(f"no replay #{replay_id} (see `outbox-relay status`)")
     selection = _selection_from(recorded[3])
     if rate:
         chunk = max(1, min(chunk, int(rate)))
@@ -368,7 +356,7 @@ def _copy_locked(
             with conn.transaction():
                 lock = conn.execute(q["replay_lock"], {"replay_id": replay_id}).fetchone()
                 if lock is None:
-                    raise ConfigError(f"no replay #{replay_id}")
+                    raise NotFound(f"no replay #{replay_id}")
                 cursor, max_id, as_of, finished = int(lock[0]), int(lock[1]), lock[2], bool(lock[3])
                 if finished:
                     return _copied(conn, q, replay_id)

@@ -104,6 +104,29 @@ class SourceInfo:
 
 
 @dataclass
+class BehindDeadLetters:
+    """Keys with a dead letter and pending messages after it. Under dead_letter_policy
+    hold those messages wait for the dead letter (requeue or purge it); under release
+    they go as usual. `policy`: the config's, None when status read no config."""
+
+    keys: int
+    messages: int
+    policy: str | None = None
+
+    @property
+    def held(self) -> bool | None:
+        return None if self.policy is None else self.policy == "hold"
+
+    def summary(self) -> str:
+        counted = f"{self.keys} key(s), {self.messages} pending message(s) after a dead letter of their key"
+        if self.policy is None:
+            return f"{counted} (held under dead_letter_policy: hold, published under release)"
+        if self.policy == "hold":
+            return f"{counted} (held: dead_letter_policy is hold; requeue or purge the dead letters to release them)"
+        return f"{counted} (not held: dead_letter_policy is {self.policy})"
+
+
+@dataclass
 class Status:
     schema: str
     pending: int
@@ -116,9 +139,13 @@ class Status:
     replays: list[ReplayInfo] = field(default_factory=list)  # the last ten, newest first
     backfills: list[BackfillInfo] = field(default_factory=list)  # the last ten, newest first
     source: SourceInfo | None = None
+    behind_dead_letters: BehindDeadLetters | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        if self.behind_dead_letters is not None:
+            fields["behind_dead_letters"]["held"] = self.behind_dead_letters.held
+        return fields
 
 
 def printable(value: object) -> str:
@@ -134,13 +161,17 @@ def _age(value: Any) -> float | None:
     return None if value is None else round(float(value), 3)
 
 
-def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = None) -> Status:
-    """The outbox's status; `wal_slot`: the WAL source's slot to report on (the config's)."""
+def read(
+    conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = None, dead_letter_policy: str | None = None
+) -> Status:
+    """The outbox's status. `wal_slot`: the WAL source's slot to report on (the config's;
+    None: the one the outbox recorded, else the schema's default name).
+    `dead_letter_policy`: the config's, to say whether messages behind a dead letter are
+    held (None: no config, said for both policies)."""
     q = Queries(schema)
-    source = None
-    if wal_slot is not None:
-        recorded = conn.execute(q["outbox_source"]).fetchone()
-        source = SourceInfo.from_row(recorded, wal_slot, slots.read_state(conn, wal_slot))
+    recorded = conn.execute(q["outbox_source"]).fetchone()
+    slot_name = wal_slot or (recorded[4] if recorded is not None and recorded[4] else None) or slots.name_for(schema)
+    source = SourceInfo.from_row(recorded, slot_name, slots.read_state(conn, slot_name))
     with conn.cursor(row_factory=dict_row) as cur:
         totals = cur.execute(q["status_totals"]).fetchone() or {}
         topics = cur.execute(q["status_by_topic"]).fetchall()
@@ -148,6 +179,7 @@ def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = N
         relays = cur.execute(q["status_relays"]).fetchall()
         replays = cur.execute(q["status_replays"], {"limit": 10}).fetchall()
         backfills = cur.execute(q["status_backfills"], {"limit": 10}).fetchall()
+        behind = cur.execute(q["status_behind_dead_letters"]).fetchone() or {}
     conn.rollback()
     infos = [
         RelayInfo(
@@ -196,6 +228,9 @@ def read(conn: psycopg.Connection[Any], schema: str, *, wal_slot: str | None = N
             for r in backfills
         ],
         source=source,
+        behind_dead_letters=BehindDeadLetters(
+            int(behind.get("keys") or 0), int(behind.get("messages") or 0), dead_letter_policy
+        ),
     )
 
 
@@ -212,6 +247,7 @@ def render(status: Status) -> str:
         f"  pending        {status.pending}{_TABLE_ONLY if status.source and status.source.source == 'wal' else ''}",
         f"  in flight      {status.in_flight}",
         f"  dead-lettered  {status.dead_lettered}",
+        *([f"  behind them    {status.behind_dead_letters.summary()}"] if status.behind_dead_letters else []),
         f"  oldest pending {age}",
         f"  dispatched (kept for retention) {status.dispatched_retained}",
     ]

@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_and_writes_nothing(db: str, tmp_path: Path) -> No
         assert len(errors) == 1, out.stderr
     # A value is a value, never SQL: this filter matches no owner.
     quoted = backfill(config, "--table", "accounts", "--topic", "t", "--where", "owner=x' OR '1'='1", "--dry-run")
-    assert quoted.returncode == 0 and "0 row(s)" in quoted.stdout, quoted.stdout + quoted.stderr
+    assert quoted.returncode == 1 and "0 row(s)" in quoted.stdout, quoted.stdout + quoted.stderr  # took nothing
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM public.accounts").fetchone() == (10,)
         assert conn.execute("SELECT count(*) FROM outbox.backfills").fetchone() == (0,)

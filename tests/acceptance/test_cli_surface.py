@@ -26,7 +26,13 @@ COMMANDS = [
     ["status"],
     ["dead-letters"],
     ["dead-letters", "list"],
+    ["dead-letters", "show"],
     ["dead-letters", "requeue"],
+    ["dead-letters", "purge"],
+    ["replay"],
+    ["backfill"],
+    ["audit"],
+    ["inbox", "prune"],
     ["demo"],
 ]
 

@@ -130,5 +130,7 @@ def test_demo_refuses_an_unknown_source_in_one_line() -> None:
     result = _run_demo("--source", "kafka")
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.lower().startswith("error")]
-    assert errors == ["Error: Invalid value for '--source': 'kafka' is not one of 'table', 'wal'."], result.stderr
+    assert errors == [
+        "error: invalid value for '--source': 'kafka' is not one of 'table', 'wal'; see 'outbox-relay demo --help'"
+    ], result.stderr
     assert "starting an embedded PostgreSQL" not in result.stderr and result.stdout == ""

@@ -113,20 +113,21 @@ def test_dead_letters_requeue_status_and_replay_work_for_what_the_table_holds(
             "the copy delivered",
         )
 
-        # What went out straight from the WAL: refused in one line, nothing recorded.
+        # What went out straight from the WAL: refused in one line, nothing recorded; exit 1
+        # as for any selection that takes nothing.
         refused = cli(config, "replay", "--message-id", live, "--yes")
-        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert refused.returncode == 1, refused.stdout + refused.stderr
         assert error_lines(refused.stderr) == [refused.stderr.strip()], refused.stderr
         assert refused.stderr.startswith("error: nothing to replay: the outbox is in WAL mode since ")
         assert "replay the others from the broker, or enqueue them again" in refused.stderr
         assert replays(db) == 1
         dry = cli(config, "replay", "--message-id", live, "--dry-run")
-        assert dry.returncode == 0 and "0 message(s) to replay" in dry.stdout, dry.stdout + dry.stderr
+        assert dry.returncode == 1 and "0 message(s) to replay" in dry.stdout, dry.stdout + dry.stderr
         assert "the outbox is in WAL mode since " in dry.stdout and "nothing to replay" in dry.stdout
 
         # A window wholly before the switch to wal is the table's: as in table mode.
         before = cli(config, "replay", "--until", "2000-01-01T00:00:00+00:00", "--yes")
-        assert before.returncode == 0 and before.stdout.endswith("nothing to replay\n"), before.stdout + before.stderr
+        assert before.returncode == 1 and before.stdout.endswith("nothing to replay\n"), before.stdout + before.stderr
         assert "WAL mode" not in before.stdout
         assert relay.terminate() == 0
     finally:
@@ -139,7 +140,7 @@ def test_replay_after_a_switch_back_to_the_table_says_the_wal_period_is_not_in_t
 ) -> None:
     config = write_config(tmp_path / "relay.yaml", db)
     never = cli(config, "replay", "--all", "--yes")
-    assert never.returncode == 0 and never.stdout == "0 message(s) to replay\nnothing to replay\n", never.stdout
+    assert never.returncode == 1 and never.stdout == "0 message(s) to replay\nnothing to replay\n", never.stdout
     with outbox_in_wal_mode(db) as name:
         with psycopg.connect(db) as conn:
             enqueue(conn, "orders.created", {"n": 0}, key="k")  # into the WAL
@@ -147,13 +148,13 @@ def test_replay_after_a_switch_back_to_the_table_says_the_wal_period_is_not_in_t
         back = run_cli("schema", "source", "table", "--slot", name, env={"DATABASE_URL": db})
         assert back.returncode == 0, back.stderr
         refused = cli(config, "replay", "--all", "--yes")
-        assert refused.returncode == 2
+        assert refused.returncode == 1
         assert refused.stderr.startswith("error: nothing to replay: the outbox was in WAL mode until "), refused.stderr
         assert len(error_lines(refused.stderr)) == 1
         # After the switch back, the table has it all again.
         since = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
         after = cli(config, "replay", "--since", since, "--yes")
-        assert after.returncode == 0 and after.stdout.endswith("nothing to replay\n"), after.stdout + after.stderr
+        assert after.returncode == 1 and after.stdout.endswith("nothing to replay\n"), after.stdout + after.stderr
         assert "WAL mode" not in after.stdout
     assert replays(db) == 0
 

@@ -41,7 +41,7 @@ def test_schema_sql_prints_ddl_and_grants_that_apply(empty_db: str) -> None:
         conn.commit()
         assert inbox.install(conn).previous_version == 1
     lone = run_cli("inbox", "schema", "sql", "--grants-only")
-    assert (lone.returncode, lone.stderr.splitlines()[-1]) == (2, "Error: --grants-only needs --consumer-role ROLE")
+    assert (lone.returncode, lone.stderr.splitlines()[-1]) == (2, "error: --grants-only needs --consumer-role ROLE")
 
 
 def test_prune_deletes_what_is_older_than_asked(consumer_db: str) -> None:
@@ -83,9 +83,9 @@ def test_errors_are_one_line_with_an_exit_code(empty_db: str) -> None:
         assert "s3cret" not in result.stderr + result.stdout
     bad_duration = run_cli("inbox", "prune", "--dsn", empty_db, "--older-than", "a week")
     assert bad_duration.returncode == 2
-    assert "Error: Invalid value for --older-than: invalid duration 'a week'" in bad_duration.stderr
+    assert bad_duration.stderr.startswith("error: invalid value for '--older-than': invalid duration 'a week'")
     no_dsn = run_cli("inbox", "prune", "--older-than", "7d", env={"DATABASE_URL": ""})
-    assert no_dsn.returncode == 2 and "Missing option '--dsn'" in no_dsn.stderr
+    assert no_dsn.returncode == 2 and no_dsn.stderr.startswith("error: no database given: --dsn DSN"), no_dsn.stderr
 
 
 @pytest.mark.parametrize(

@@ -31,14 +31,16 @@ def exe() -> list[str]:
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`outbox-relay ARGS` in a subprocess; `env` on top of this process's (a variable
+    set to "" reads as unset), `cwd` where it runs (where it finds ./relay.yaml)."""
     return subprocess.run(
         [*exe(), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
-        cwd=cwd,
         check=False,
+        cwd=cwd,
     )
 
 

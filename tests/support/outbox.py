@@ -1,5 +1,6 @@
 """The outbox table as the tests see it: writers that enqueue, counts of pending and
-dispatched rows, dead letters, and the per-key order of what a broker received."""
+dispatched rows, dead letters (and one made by hand), and the per-key order of what a
+broker received."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import sql
 
-from outbox_relay import enqueue_async
+from outbox_relay import enqueue, enqueue_async
 
 
 def count(dsn: str, where: str = "true") -> int:
@@ -79,6 +81,32 @@ def dead_letters(dsn: str) -> list[tuple[str, str, str]]:
             "WHERE dead_lettered_at IS NOT NULL ORDER BY id"
         ).fetchall()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def make_dead_letter(
+    dsn: str,
+    topic: str,
+    payload: object,
+    *,
+    key: str | None = None,
+    reason: str = "refused",
+    headers: dict[str, str] | None = None,
+    age: str = "0s",
+    schema: str = "outbox",
+) -> str:
+    """Enqueue one message and leave it as the relay leaves a dead letter (3 attempts,
+    `reason`), dead-lettered `age` ago; its message id."""
+    with psycopg.connect(dsn) as conn:
+        message_id = enqueue(conn, topic, payload, key=key, headers=headers, schema=schema)
+        conn.execute(
+            sql.SQL(
+                "UPDATE {}.messages SET dead_lettered_at = clock_timestamp() - %s::interval, "
+                "dead_letter_reason = %s, attempts = 3 WHERE message_id = %s"
+            ).format(sql.Identifier(schema)),
+            (age, reason, message_id),
+        )
+        conn.commit()
+    return str(message_id)
 
 
 @dataclass
