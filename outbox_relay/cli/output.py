@@ -5,7 +5,7 @@ never a traceback or click's usage block. `OneLineGroup` formats what click rais
 while it parses (an unknown option, a bad value: still naming the option, with the
 hint of where to read more); `one_line_errors` formats what a command raises.
 
-Exit codes (README, CLI reference):
+Exit codes (docs/reference/cli.md):
 
 - 0: done, or nothing was asked of it that is not there (a report, an empty list, a
   retention job that found nothing old enough);
