@@ -192,7 +192,10 @@ async def test_kafka_killed_for_longer_than_every_timeout(
             own_kafka.kill()  # SIGKILL: what the relay has in flight gets no answer
             killed = time.monotonic()
             await until(lambda: slot_at(outbox) < outbox.position(), 30, "messages waiting for Kafka")
-            await asyncio.sleep(max(0.0, down_for - (time.monotonic() - killed)))  # the outage lasts this long
+            # The outage lasts at least this long, and until the relay saw it (its circuit
+            # opened: on a loaded machine that can take longer than down_for).
+            await asyncio.sleep(max(0.0, down_for - (time.monotonic() - killed)))
+            await until(lambda: "broker_circuit_open" in events(relay), 60, "the relay saw the outage")
             seen = set(events(relay))
             own_kafka.start()
             back = outbox.position()
