@@ -474,19 +474,6 @@ WHERE dead_lettered_at IS NOT NULL
 ORDER BY id
 LIMIT %(limit)s;
 
--- name: dead_letters_list_count
--- How many dead letters match dead_letters_list's filters ("showing 100 of 1,204"),
--- counted up to %(cap)s: a filter that matches most of a large outbox's dead letters
--- stops there ("of more than 10,000") instead of reading them all.
-SELECT count(*)
-FROM (SELECT 1
-      FROM {schema}.messages
-      WHERE dead_lettered_at IS NOT NULL
-        AND (%(topic_regex)s::text IS NULL OR topic ~ %(topic_regex)s)
-        AND (%(key)s::text IS NULL OR key COLLATE "C" = %(key)s)
-        AND (%(since)s::timestamptz IS NULL OR dead_lettered_at >= %(since)s)
-      LIMIT %(cap)s) AS matched;
-
 -- name: dead_letters_of_message
 -- `dead-letters show`: the dead letters of a message id (a replay's copy shares the
 -- id, and may be dead-lettered too), without their payloads (console_payload reads one,
@@ -915,7 +902,8 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: console_dead_letters_count
--- How many dead letters match the filters ("showing 50 of 1,204"), counted up to
+-- How many dead letters match the filters ("showing 50 of 1,204"): the console's page,
+-- and `dead-letters list` (operations/dead_letters.py: no reason or until), counted up to
 -- %(cap)s: a filter that matches most of 100,000 dead letters stops there ("more than
 -- 10,000") instead of reading them all; one that matches few still reads every dead
 -- letter's entry (benchmarks/console_pages.py reports that shape). The key compared as

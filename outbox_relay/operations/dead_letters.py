@@ -109,7 +109,10 @@ def list_dead(
     q = Queries(schema)
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(q["dead_letters_list"], {**params, "limit": limit}).fetchall()
-        counted = cur.execute(q["dead_letters_list_count"], {**params, "cap": COUNT_CAP + 1}).fetchone()
+        # The console's count, with the filters `list` has not (reason, until) left open.
+        counted = cur.execute(
+            q["console_dead_letters_count"], {**params, "reason": None, "until": None, "cap": COUNT_CAP + 1}
+        ).fetchone()
     conn.rollback()
     found = [DeadLetter.of(r) for r in rows]
     return Listing(found, int(counted["count"]) if counted else len(found))
