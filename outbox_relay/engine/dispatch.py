@@ -135,8 +135,11 @@ class Dispatcher:
     def replacing(self, broker: str, adapter: Adapter) -> Dispatcher:
         """A dispatcher with the same routes and policy that publishes to `broker`
         through `adapter` (an exactly-once relay's transactions: sources/wal/
-        exactly_once.py). It shares this one's metrics and its other brokers' circuits;
-        `broker` gets a circuit of its own, `adapter` being another connection."""
+        exactly_once.py). It shares this one's metrics and every circuit, `broker`'s
+        too: a circuit is the broker's state, whichever connection found it away, and
+        its probe asks this dispatcher's adapter, the broker's own ``ready()``. One
+        circuit per broker is what /readyz, the console and the gauge show; with one of
+        its own, an exactly-once outage opened a circuit that none of them read."""
         other = Dispatcher(
             {**self._adapters, broker: adapter},
             self._router,
@@ -150,9 +153,8 @@ class Dispatcher:
             claim_checks=self.claim_checks,
         )
         for name, circuit in self.circuits.items():
-            if name != broker:
-                other.circuits[name].cancel()
-                other.circuits[name] = circuit
+            other.circuits[name].cancel()
+            other.circuits[name] = circuit
         return other
 
     @property

@@ -20,18 +20,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from outbox_relay.demo import local_postgres
 from tests.consumers import kafka_create_topic, kafka_read_to_end
 from tests.faults.harness import (
     OWN_PG_SETTINGS,
+    Ledger,
     OpenTransactions,
     Outbox,
     check_exactly_once,
     commit_backlog,
     exactly_once_route,
+    http_port,
     outbox_in,
     relay_dsn,
     streaming,
@@ -65,6 +69,33 @@ def slot_at(outbox: Outbox) -> int:
 
 def confirmed_past(outbox: Outbox, position: int, timeout: float, what: str) -> None:
     wait_for(lambda: slot_at(outbox) >= position, timeout, what, interval=0.02)
+
+
+def circuit_gauge(port: int, broker: str = "kafka") -> float | None:
+    """outbox_relay_broker_circuit_open{broker} as the relay's /metrics says it."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "outbox_relay_broker_circuit_open" and sample.labels.get("broker") == broker:
+                return sample.value
+    return None
+
+
+def console_says_circuit_open(dsn: str, broker: str = "kafka") -> bool:
+    """What the relay's last heartbeat row says, the console's view of the broker."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT bool_or((brokers -> %s ->> 'circuit_open')::boolean) FROM outbox.relays", (broker,)
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def outage_told(relay: RelayProcess, dsn: str, port: int) -> bool:
+    """A broker outage told on each channel an operator reads: the log line, the gauge
+    the alert fires on, and the heartbeat the console shows."""
+    return (
+        "broker_circuit_open" in events(relay) and circuit_gauge(port) == 1 and console_says_circuit_open(dsn)
+    )
 
 
 async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -186,20 +217,23 @@ async def test_kafka_killed_for_longer_than_every_timeout(
             **outbox.settings(park_after="1s"),
         )
         relay = RelayProcess(config)
+        port = http_port(relay)
         writers = writers_for(outbox, TOPIC).start()
         try:
             await asyncio.to_thread(outbox.wait_streaming)
             own_kafka.kill()  # SIGKILL: what the relay has in flight gets no answer
             killed = time.monotonic()
             await until(lambda: slot_at(outbox) < outbox.position(), 30, "messages waiting for Kafka")
-            # The outage lasts at least this long, and until the relay saw it (its circuit
-            # opened: on a loaded machine that can take longer than down_for).
+            # The outage lasts at least this long, and until the relay told it everywhere
+            # (on a loaded machine that can take longer than down_for). Wherever the kill
+            # lands, a publish or a commit or between them, the broker's circuit opens.
             await asyncio.sleep(max(0.0, down_for - (time.monotonic() - killed)))
-            await until(lambda: "broker_circuit_open" in events(relay), 60, "the relay saw the outage")
+            await until(lambda: outage_told(relay, db, port), 60, "the outage told on every channel")
             seen = set(events(relay))
             own_kafka.start()
             back = outbox.position()
             await until(lambda: slot_at(outbox) >= back, 120, "everything committed during the outage published")
+            await until(lambda: circuit_gauge(port) == 0, 30, "the circuit closed after the outage")
             ledger = writers.stop()
             await asyncio.to_thread(outbox.wait_dispatched, 120)
             assert relay.terminate() == 0
@@ -218,6 +252,50 @@ async def test_kafka_killed_for_longer_than_every_timeout(
     print(
         f"client={client} outage={down_for}s committed={len(ledger.committed)} read_committed={len(committed)} parked=0"
     )
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_kafka_away_when_the_exactly_once_producer_starts_is_told_then_drained(
+    db: str, own_kafka: LocalBroker, tmp_path: Path, client: str
+) -> None:
+    """The outage found where no publish times out: the transactional producer cannot
+    start (here at the relay's start; in a run, after a commit or a begin that failed).
+    Before the circuit was opened there too, the relay only logged its retries: no
+    gauge, no alert, the console showing Kafka connected for as long as it lasted."""
+    bootstrap = f"127.0.0.1:{own_kafka.port}"
+    topic = f"eos-away-{uuid.uuid4().hex[:8]}"
+    await kafka_create_topic(bootstrap, topic)
+    with outbox_in(db, "wal") as outbox:
+        config = write_config(
+            tmp_path / "relay.yaml",
+            db,
+            **exactly_once_route(bootstrap, topic, client=client, request_timeout="3s"),
+            timing=PATIENT,
+            publish_timeout="2s",
+            **outbox.settings(),
+        )
+        own_kafka.kill()
+        try:
+            backlog = commit_backlog(outbox, TOPIC, 1_000)
+            relay = RelayProcess(config)
+            port = http_port(relay)
+            await until(lambda: "wal_exactly_once_producer_unavailable" in events(relay), 60, "the producer refused")
+            await until(lambda: outage_told(relay, db, port), 60, "the outage told on every channel")
+            assert slot_at(outbox) < outbox.position(), "nothing confirmed while Kafka is away"
+        finally:
+            own_kafka.start()
+        try:
+            await asyncio.to_thread(outbox.wait_dispatched, 120)
+            await until(lambda: circuit_gauge(port) == 0, 30, "the circuit closed once the producer started")
+            assert relay.terminate() == 0
+        finally:
+            relay.close()
+        parked = outbox.parked()
+    assert parked == 0
+    assert "broker_circuit_closed" in events(relay)
+    committed = await kafka_read_to_end(bootstrap, topic, isolation_level="read_committed")
+    check_exactly_once(committed, Ledger(committed=backlog))
 
 
 @pytest.mark.timeout(240)

@@ -66,6 +66,7 @@ from datetime import UTC, datetime
 import structlog
 
 from outbox_relay.adapter import Adapter, Fenced, TransactionFailed, Transactions, keeps_key_order
+from outbox_relay.engine.circuit import Circuit
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
 from outbox_relay.errors import OutboxRelayError, first_line
@@ -184,8 +185,12 @@ class ExactlyOnce:
         )
         return self.committed
 
+    @property
+    def _circuit(self) -> Circuit:
+        return self._dispatcher.circuits[self.broker]
+
     async def close(self) -> None:
-        self._dispatcher.circuits[self.broker].cancel()
+        self._circuit.cancel()
         await self._transactions.close()
 
     async def _start(self, stop: asyncio.Event) -> tuple[bool, Position | None]:
@@ -202,6 +207,11 @@ class ExactlyOnce:
                 raise
             except Exception as exc:
                 await self._transactions.abort()
+                # The broker's outage, told where every other outage is told (its
+                # circuit: the log line, the gauge, /readyz, the console). A kill that
+                # lands between two publishes (in a commit, before a begin) comes here
+                # without a publish timing out, and nothing said the broker was away.
+                self._circuit.trip(first_line(exc))
                 attempt += 1
                 delay = self._backoff.delay(attempt)
                 log.warning(
@@ -212,6 +222,14 @@ class ExactlyOnce:
                 )
                 await _sleep(delay, stop)
                 continue
+            # Registered with the transaction coordinator and read the offsets topic: the
+            # broker answers. A circuit left open would hold the next batch for a probe
+            # up to the backoff's longest delay away; were the broker still to refuse
+            # writes, that batch times out, the circuit opens again and the abort drops
+            # its records (no copy is kept in a client, which is why circuit.py sends a
+            # single trial message for brokers without transactions).
+            if self._circuit.open:
+                self._circuit.close()
             self._started = True
             return True, None if raw is None else decode(raw)
         return False, None
