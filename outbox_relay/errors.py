@@ -47,6 +47,11 @@ class NotFound(OutboxRelayError):
     a message or dead letter id (exit 1, as a selection that took nothing)."""
 
 
+class Declined(OutboxRelayError):
+    """A question a command asked before changing anything was answered no: nothing
+    was changed (exit 1, as a check that did not hold)."""
+
+
 class SchemaError(OutboxRelayError):
     """The outbox schema is missing, too old, or could not be installed."""
 

@@ -23,10 +23,10 @@ from pydantic import SecretStr
 
 from outbox_relay import config as config_module
 from outbox_relay import schema_version, sqlfiles
-from outbox_relay.cli.output import one_line_errors
+from outbox_relay.cli.output import interrupted, one_line_errors
 from outbox_relay.connections import connect_sync
 from outbox_relay.durations import parse_duration
-from outbox_relay.errors import CommandLineError, ConfigError, SchemaError
+from outbox_relay.errors import CommandLineError, ConfigError, Declined, SchemaError
 from outbox_relay.observability.logging_setup import configure as configure_logging
 from outbox_relay.operations.replay import TimeBound, parse_time
 
@@ -210,7 +210,18 @@ def confirm(dry_run: bool, yes: bool, would: str, question: str, *, err: bool = 
         return
     if not sys.stdin.isatty():
         raise CommandLineError(f"{would}; pass --yes to confirm")
-    click.confirm(question, abort=True, err=err)
+    ask(question, err=err)
+
+
+def ask(question: str, *, err: bool = False) -> None:
+    """A yes-or-no question at the terminal, asked before anything is changed: a no is
+    Declined (exit 1); Ctrl-C at it is an interruption (exit 130), as anywhere else."""
+    try:
+        answered = click.confirm(question, err=err)
+    except click.Abort:  # click's word for Ctrl-C (or the end of input) at a prompt
+        interrupted("; nothing was changed")
+    if not answered:
+        raise Declined("aborted; nothing was changed")
 
 
 def confirm_finish(
@@ -241,11 +252,19 @@ def confirm_finish(
         raise CommandLineError(
             f"{foreign}: finishing it would {acts} with your privileges; confirm at a terminal{instead}"
         )
-    click.confirm(f"{what.capitalize()}{foreign[len(what) :]}: {acts} with your privileges?", abort=True, err=err)
+    ask(f"{what.capitalize()}{foreign[len(what) :]}: {acts} with your privileges?", err=err)
 
 
 def run_with_progress(what: str, number: int, total: int, work: Callable[[Callable[[int], None]], int]) -> int:
-    """A progress bar on a terminal; otherwise a JSON log line at most every 5 s."""
+    """A progress bar on a terminal; otherwise a JSON log line at most every 5 s. Ctrl-C
+    meanwhile says how to finish the work (its chunks done so far stay done)."""
+    try:
+        return _with_progress(what, number, total, work)
+    except KeyboardInterrupt:
+        interrupted(f"; {what} #{number} is not done: finish it with --resume {number}")
+
+
+def _with_progress(what: str, number: int, total: int, work: Callable[[Callable[[int], None]], int]) -> int:
     if sys.stderr.isatty():
         with click.progressbar(length=total, label=f"{what} #{number}", file=sys.stderr) as bar:
             shown = 0
