@@ -57,7 +57,7 @@ def usage_line(exc: click.ClickException) -> str:
 
 
 class OneLineGroup(click.Group):
-    """A click group whose own errors (parsing the command line, a prompt answered no)
+    """A click group whose own errors (parsing the command line, Ctrl-C meanwhile)
     come out as one `error:` line with click's exit code, like the commands' errors."""
 
     def main(
