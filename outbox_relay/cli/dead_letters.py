@@ -23,7 +23,7 @@ from outbox_relay.engine.routing import Router
 from outbox_relay.operations import dead_letters
 from outbox_relay.operations.replay import TimeBound
 from outbox_relay.operations.status import printable, utc
-from outbox_relay.redact import payload_text
+from outbox_relay.redact import payload_text, redacted_headers
 
 
 @click.group("dead-letters")
@@ -100,11 +100,19 @@ def _letter_fields(d: dead_letters.DeadLetter) -> dict[str, Any]:
 @click.argument("message_id", type=click.UUID)
 @database_options()
 @click.option("--payload", "with_payload", is_flag=True, help="Show the payload too (redacted by default).")
+@click.option(
+    "--headers",
+    "with_headers",
+    is_flag=True,
+    help="Show every header's value (by default only traceparent and tracestate; the others are redacted).",
+)
 @JSON_OPTION
 @one_line_errors
-def dead_letters_show(target: Target, message_id: UUID, with_payload: bool, as_json: bool) -> None:
-    """One dead letter by its message id: reason, attempts, times, headers; the payload
-    only with --payload. Exit 1 if that message is not a dead letter."""
+def dead_letters_show(target: Target, message_id: UUID, with_payload: bool, with_headers: bool, as_json: bool) -> None:
+    """One dead letter by its message id: reason, attempts, times, headers (names, and
+    the values of trace context only unless --headers: an application's headers may
+    carry secrets); the payload only with --payload. Exit 1 if that message is not a
+    dead letter."""
     with target.connect() as conn:
         require_schema(conn, target.schema)
         found = dead_letters.show(conn, target.schema, message_id, with_payload=with_payload)
@@ -116,19 +124,21 @@ def dead_letters_show(target: Target, message_id: UUID, with_payload: bool, as_j
         )
         sys.exit(NOT_FOUND)
     if as_json:
-        print_json({"message_id": str(message_id), "dead_letters": [_detail_fields(d) for d in found]})
+        print_json({"message_id": str(message_id), "dead_letters": [_detail_fields(d, with_headers) for d in found]})
         return
-    click.echo("\n".join(_render_detail(d) for d in found))
+    click.echo("\n".join(_render_detail(d, with_headers) for d in found))
 
 
-def _detail_fields(d: dead_letters.DeadLetterDetail) -> dict[str, Any]:
+def _detail_fields(d: dead_letters.DeadLetterDetail, with_headers: bool) -> dict[str, Any]:
+    headers = d.headers if with_headers else redacted_headers(d.headers)
     return {
         **_letter_fields(d.letter),
         "row_id": d.row_id,
         "published_to_dead_letter_topic": d.published_to_topic,
         "last_error": d.last_error,
         "content_type": d.content_type,
-        "headers": d.headers,
+        "headers": headers,
+        "headers_redacted": headers != d.headers,
         # As stored when it is text (a script parses it as its content type says).
         "payload": None if d.payload is None else _stored_text(d.payload),
         "payload_redacted": d.payload is None,
@@ -142,7 +152,7 @@ def _stored_text(payload: bytes) -> str:
         return payload_text(payload)  # its length and hex
 
 
-def _render_detail(d: dead_letters.DeadLetterDetail) -> str:
+def _render_detail(d: dead_letters.DeadLetterDetail, with_headers: bool) -> str:
     letter = d.letter
     if d.payload is not None:
         payload = "\n" + "\n".join(f"    {line}" for line in payload_text(d.payload).splitlines())
@@ -150,7 +160,10 @@ def _render_detail(d: dead_letters.DeadLetterDetail) -> str:
         payload = "(redacted: this database role may not read payloads)"
     else:
         payload = "(redacted; --payload shows it)"
-    headers = ", ".join(f"{printable(k)}={printable(v)}" for k, v in d.headers.items()) or "(none)"
+    shown = d.headers if with_headers else redacted_headers(d.headers)
+    headers = ", ".join(f"{printable(k)}={printable(v)}" for k, v in shown.items()) or "(none)"
+    if shown != d.headers:
+        headers += " (--headers shows every value)"
     fields = [
         ("topic", printable(letter.topic)),
         ("key", printable(letter.key) if letter.key is not None else "(none)"),

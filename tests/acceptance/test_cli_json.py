@@ -69,6 +69,7 @@ def test_status_check_and_dead_letters_answer_in_json(db: str, tmp_path: Path) -
         "last_error",
         "content_type",
         "headers",
+        "headers_redacted",
         "payload",
         "payload_redacted",
     }
