@@ -89,8 +89,10 @@ def resolve(
     """
     env = dict(os.environ) if env is None else env
     found, missing = _config_path(config_path, dsn, needs_config, implicit_config, env)
-    if found is not None and not found.exists():  # only a path given on the command line
-        raise ConfigError("no such config file; pass --config PATH or set OUTBOX_RELAY_CONFIG", source=str(found))
+    if found is not None and not found.exists():
+        # Only a path given with --config: one the environment names is read only when
+        # it exists (else `missing` says so, naming the variable).
+        raise ConfigError("no such config file (check the path)", source=str(found))
     config = config_module.load(found) if found is not None else None
     if needs_config and config is None:
         raise CommandLineError(

@@ -78,8 +78,22 @@ def test_a_config_the_environment_names_that_does_not_exist_falls_through_to_dat
 
 
 def test_a_config_given_on_the_command_line_must_load(elsewhere: Path) -> None:
-    with pytest.raises(ConfigError, match=r"nope\.yaml: no such config file; pass --config PATH or set OUTBOX_RELAY"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: no such config file \(check the path\)$"):
         resolve(command="status", dsn="host=a", config_path=elsewhere / "nope.yaml", schema=None, env={})
+    # The inbox's commands never read OUTBOX_RELAY_CONFIG: not named to them either.
+    with pytest.raises(ConfigError) as inbox:
+        resolve(
+            command="inbox prune",
+            dsn=None,
+            config_path=elsewhere / "nope.yaml",
+            schema=None,
+            implicit_config=False,
+            env={"OUTBOX_RELAY_CONFIG": "/etc/relay.yaml"},
+        )
+    assert "OUTBOX_RELAY_CONFIG" not in str(inbox.value) and "--config" not in str(inbox.value)
+    with pytest.raises(CommandLineError) as no_database:
+        resolve(command="inbox prune", dsn=None, config_path=None, schema=None, implicit_config=False, env={})
+    assert "OUTBOX_RELAY_CONFIG" not in str(no_database.value)
 
 
 def test_a_command_that_needs_a_config_says_why_and_how(elsewhere: Path) -> None:
