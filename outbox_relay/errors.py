@@ -35,6 +35,12 @@ class AdapterOptionsError(ConfigError):
     """An adapter rejected its options; `path` is relative to the broker's block."""
 
 
+class InvalidDsn(ConfigError):
+    """A DSN (from --dsn, a variable or the config) that libpq cannot parse. Its text is
+    never shown: libpq's message quotes a piece of it, which may be the password. Exit 2,
+    as any config that is wrong: nothing was read or changed."""
+
+
 class CommandLineError(OutboxRelayError):
     """A command was given options that cannot go together, or too few to say what to
     do (`dead-letters requeue --topic GLOB --all`). Raised before any row is touched."""

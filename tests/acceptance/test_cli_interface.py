@@ -333,3 +333,12 @@ def test_ctrl_c_ends_the_console_cleanly(db: str, tmp_path: Path) -> None:
             command.communicate()
     assert out.returncode == 0, out.stderr
     assert "error" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_dsn_that_does_not_parse_is_one_line_exit_2_without_its_password() -> None:
+    out = run_cli("status", "--dsn", "postgresql://u:pw@[::1", env=NO_ENV)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    assert out.stderr.splitlines() == [
+        "error: invalid DSN: the DSN could not be parsed (its text is not shown: it may hold a password)"
+    ]
+    assert "pw" not in out.stderr
