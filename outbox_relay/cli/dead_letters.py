@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 from uuid import UUID
 
@@ -61,8 +61,9 @@ def dead_letters_list(
         click.echo("no dead letters match" if (topic or key or since) else "no dead letters")
         return
     for d in found.rows:
+        key = printable(d.key) if d.key is not None else "(none)"  # as `show` says it
         click.echo(
-            f"{d.message_id}  {printable(d.topic)}  broker={broker(d.topic)}  key={printable(d.key)}  "
+            f"{d.message_id}  {printable(d.topic)}  broker={broker(d.topic) or '-'}  key={key}  "
             f"attempts={d.attempts}  {d.dead_lettered_at.isoformat(timespec='seconds')}  {printable(d.reason)}"
         )
     of = f"more than {dead_letters.COUNT_CAP:,}" if found.capped else f"{found.matched:,}"
@@ -70,14 +71,15 @@ def dead_letters_list(
     click.echo(f"showing {len(found.rows):,} of {of} dead letter(s){more}")
 
 
-def _broker_of(target: Target) -> Any:
+def _broker_of(target: Target) -> Callable[[str], str | None]:
     """The broker a topic routes to, by the config's routes (first match wins, as in
-    the relay); "-" without a config, "(no route)" for a topic no route takes."""
+    the relay); None without a config (unknown: "-" in text, null in JSON), "(no
+    route)" for a topic no route takes."""
     if target.config is None:
-        return lambda _topic: "-"
+        return lambda _topic: None
     router = Router(target.config.routes)
 
-    def broker(topic: str) -> str:
+    def broker(topic: str) -> str | None:
         found = router.resolve(topic)
         return found.broker if found is not None else "(no route)"
 

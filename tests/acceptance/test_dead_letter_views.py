@@ -129,6 +129,13 @@ def test_list_filters_by_key_and_since_and_names_the_broker(db: str, tmp_path: P
     bare = run_cli("dead-letters", "list", "--dsn", db, "--key", "k2").stdout.splitlines()
     assert len(bare) == 2 and bare[0].startswith(f"{other_key}  orders.created  broker=-  key=k2  "), bare
     assert bare[1] == "showing 1 of 1 dead letter(s)"
+    # In JSON the unknown broker is null; text keeps "-".
+    (unknown,) = json.loads(run_cli("dead-letters", "list", "--dsn", db, "--key", "k2", "--json").stdout)
+    assert unknown["message_id"] == other_key and unknown["broker"] is None
+    # A keyless message: "(none)", as `show` says it.
+    keyless = make_dead_letter(db, "keyless.event", {"n": 5})
+    listed_keyless = run_cli("dead-letters", "list", "--dsn", db, "--topic", "keyless.*").stdout.splitlines()
+    assert listed_keyless[0].startswith(f"{keyless}  keyless.event  broker=-  key=(none)  "), listed_keyless
     nothing = run_cli("dead-letters", "list", "--dsn", db, "--key", "nobody")
     assert (nothing.returncode, nothing.stdout) == (0, "no dead letters match\n")
 
