@@ -71,7 +71,7 @@ def resolve(
     default_schema: str = sqlfiles.DEFAULT_SCHEMA,
     env: dict[str, str] | None = None,
 ) -> Target:
-    """Where `command` connects, the same way for every command (README, CLI reference).
+    """Where `command` connects, the same way for every command (docs/reference/cli.md, "Where a command connects").
 
     `dsn` and `config_path` are what the command line gave; the environment is read
     here. A config given on the command line is always read. Otherwise, unless a
