@@ -342,6 +342,9 @@ def per_second(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     return rate
 
 
+# What a --topic glob takes, as in routes (dead_letters.glob_to_regex), in every help.
+TOPIC_GLOB = "glob (*, ?, [seq], [!seq], as in routes)"
+
 RATE_OPTION = click.option("--rate", callback=per_second, help="At most this many messages per second (500 or 500/s).")
 
 

@@ -10,6 +10,7 @@ from uuid import UUID
 import click
 
 from outbox_relay.cli.common import (
+    TOPIC_GLOB,
     Target,
     confirm,
     database_options,
@@ -33,7 +34,7 @@ def dead_letters_group() -> None:
 
 @dead_letters_group.command("list")
 @database_options()
-@click.option("--topic", help="Only topics matching this glob.")
+@click.option("--topic", help=f"Only topics matching this {TOPIC_GLOB}.")
 @click.option("--key", help="Only messages with this key.")
 @click.option(
     "--since", callback=time_bound, help="Dead-lettered at or after this time (ISO 8601) or this long ago (2h)."
@@ -215,7 +216,7 @@ def _left_out(asked: tuple[UUID, ...], taken: Iterable[UUID], selection: dead_le
 
 # The selection options, shared by requeue and purge.
 IDS_OPTION = message_ids_option("This message id (repeatable).", old="--id")
-TOPIC_OPTION = click.option("--topic", help="Dead letters whose topic matches this glob.")
+TOPIC_OPTION = click.option("--topic", help=f"Dead letters whose topic matches this {TOPIC_GLOB}.")
 ALL_OPTION = click.option("--all", "everything", is_flag=True, help="Every dead letter; takes no filter.")
 
 
