@@ -152,10 +152,16 @@ def database_options(
             dsn = kwargs.pop("dsn")
             if dsn_env == DSN_ENV and ctx.get_parameter_source("dsn") is not click.core.ParameterSource.COMMANDLINE:
                 dsn = None  # DATABASE_URL: `resolve` reads it, after a config
+            config_path = kwargs.pop("config_path")
+            if ctx.get_parameter_source("config_path") is not click.core.ParameterSource.COMMANDLINE:
+                # OUTBOX_RELAY_CONFIG (named in --help): `resolve` reads it by its own
+                # rule (beside --dsn not at all; a file it names that is missing is said
+                # in the error that follows, not an error of its own).
+                config_path = None
             kwargs["target"] = resolve(
                 command=ctx.command_path.partition(" ")[2],
                 dsn=dsn or None,
-                config_path=kwargs.pop("config_path"),
+                config_path=config_path,
                 schema=kwargs.pop("schema_name", None),
                 needs_config=needs_config,
                 implicit_config=not inbox,
@@ -167,20 +173,31 @@ def database_options(
             return func(*args, **kwargs)
 
         env_note = "; prefer the environment variable for passwords" if dsn_env else ""
+        if dsn_env != DSN_ENV:
+            order = ""
+        elif inbox:
+            order = f" {DSN_ENV} comes after a --config's database.dsn."
+        else:
+            order = (
+                f" {DSN_ENV} comes after a config found (--config, {CONFIG_ENV}, ./relay.yaml): its database.dsn"
+                " is read first."
+            )
         options = [
             click.option(
                 "--dsn",
                 envvar=dsn_env,
                 # Named in --help: a newcomer told only of --dsn puts the password on the command line.
                 show_envvar=dsn_env is not None,
-                help=f"PostgreSQL connection string{env_note}; beside a config, used instead of its database.dsn.",
+                help=f"PostgreSQL connection string{env_note}; beside a config, used instead of its database.dsn."
+                + order,
             ),
             click.option(
                 "--config",
                 "config_path",
                 type=click.Path(dir_okay=False, path_type=Path),
-                help="YAML config file"
-                + (" (its database.dsn)." if inbox else f" (env: {CONFIG_ENV}; default: ./relay.yaml when present)."),
+                envvar=None if inbox else CONFIG_ENV,
+                show_envvar=not inbox,
+                help="YAML config file " + ("(its database.dsn)." if inbox else "(default: ./relay.yaml if present)."),
             ),
         ]
         if not needs_config:

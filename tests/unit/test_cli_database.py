@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
+from outbox_relay.cli import main
 from outbox_relay.cli.common import resolve
 from outbox_relay.cli.output import usage_line
 from outbox_relay.errors import CommandLineError, ConfigError
@@ -156,3 +158,18 @@ def test_click_errors_become_one_line_naming_the_option(error: click.ClickExcept
     with click.Context(click.Command("list"), info_name="outbox-relay") as ctx:
         error.ctx = ctx  # type: ignore[attr-defined]
         assert usage_line(error).endswith("; see 'outbox-relay --help'")
+
+
+def test_help_names_each_variable_an_option_reads_as_click_shows_it() -> None:
+    def helped(*args: str) -> str:
+        out = CliRunner().invoke(main, [*args, "--help"], terminal_width=400)
+        assert out.exit_code == 0, out.output
+        return " ".join(out.output.split())
+
+    status = helped("status")
+    assert "[env var: DATABASE_URL]" in status and "[env var: OUTBOX_RELAY_CONFIG]" in status
+    assert "DATABASE_URL comes after a config found (--config, OUTBOX_RELAY_CONFIG, ./relay.yaml)" in status
+    assert "(env:" not in status
+    inbox = helped("inbox", "prune")
+    assert "OUTBOX_RELAY_CONFIG" not in inbox and "[env var: DATABASE_URL]" in inbox
+    assert "[env var: OUTBOX_DEMO_DSN]" in helped("demo")
