@@ -46,7 +46,7 @@ class SaslOptions(Options):
 class KafkaOptions(Options):
     bootstrap_servers: str | list[str]
     # aiokafka (pure Python, the default) or librdkafka (confluent-kafka, C; faster:
-    # README, "Performance"). Same guarantees, same records, same errors.
+    # docs/explanation/performance-kafka.md). Same guarantees, same records, same errors.
     client: Literal["aiokafka", "librdkafka"] = "aiokafka"
     client_id: str = "outbox-relay"
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"

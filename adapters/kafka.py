@@ -2,8 +2,8 @@
 
 Two clients publish the same records with the same guarantees: aiokafka
 (``client: aiokafka``, the default: kafka_aiokafka.py) and librdkafka through
-confluent-kafka (``client: librdkafka``: kafka_librdkafka.py, faster: README,
-"Performance"). Only this module knows both, so neither client imports the other;
+confluent-kafka (``client: librdkafka``: kafka_librdkafka.py, faster:
+docs/explanation/performance-kafka.md). Only this module knows both, so neither client imports the other;
 what they share is _kafka_common.py. Beside ``create``, the hooks that
 outbox_relay/adapter.py looks for next to it: ``check_destination`` and the audit's
 ``read_back``.

@@ -1,8 +1,8 @@
 """``type: kafka`` with ``client: librdkafka``: publishes with confluent-kafka.
 
 librdkafka builds and sends record batches in C threads, so the Python side of a
-message is one ``produce()`` call (a fraction of aiokafka's per-message CPU: README,
-"Performance"). Same guarantees as the aiokafka client: idempotent producer,
+message is one ``produce()`` call (a fraction of aiokafka's per-message CPU:
+docs/explanation/performance-kafka.md). Same guarantees as the aiokafka client: idempotent producer,
 ``acks=all``, a row marked only on its delivery report, a key's run in one call, the
 same record layout and the same error classes.
 

@@ -109,7 +109,8 @@ class KafkaTransactions:
             # The offsets partition joins the transaction now, in the AddPartitionsToTxn
             # request of the batch's own partitions, instead of in a request of its own
             # when commit() writes the position: a round trip less per transaction (the
-            # benchmark's exactly-once latency, README "Exactly once against its targets").
+            # benchmark's exactly-once latency: docs/explanation/performance-wal.md,
+            # "Exactly once against its targets").
             producer._txn_manager.maybe_add_partition_to_txn(TopicPartition(self._topic, 0))
         return await self._publisher.publish(batch)
 

@@ -317,7 +317,7 @@ class NatsAdapter:
         # to TLS only when it says tls_required: a server (or a man in the middle) that does
         # not say so would be sent CONNECT, credentials included, in plain text. With it, TLS
         # comes first and a server not speaking TLS gets nothing but a ClientHello. The
-        # server needs `handshake_first` on its TLS listener (README, NATS).
+        # server needs `handshake_first` on its TLS listener (docs/how-to/nats.md).
         tls_first = tls is not None or url.startswith("tls://")
         try:
             await nc.connect(

@@ -124,7 +124,7 @@ class RabbitOptions(Options):
     # Hand a key's run over in one call (faster for hot keys). Off by default: RabbitMQ
     # can nack a message and confirm the next (a queue with x-overflow reject-publish
     # under load) or return one as unroutable after routing the next, and then a later
-    # message of the key is delivered first (README, "RabbitMQ").
+    # message of the key is delivered first (docs/how-to/rabbitmq.md).
     pipeline_keys: bool = False
     heartbeat: Duration = 30.0
     connect_timeout: Duration = 10.0

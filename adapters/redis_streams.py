@@ -8,7 +8,7 @@ client), one pipeline per call: one round trip, never one per message.
   fields, and a consumer decodes them in one step) and ``payload`` (the bytes as stored).
   ``maxlen`` adds ``MAXLEN ~ N``. The receipt: the stream key and the entry id.
 - Acked means the server answered the XADD. It is durable only as the server's AOF
-  fsync policy says: ``appendfsync always`` for an outbox (README, "Redis Streams").
+  fsync policy says: ``appendfsync always`` for an outbox (docs/how-to/redis.md).
   ``wait: {replicas, timeout}`` adds a WAIT to the pipeline: fewer replicas than asked
   within the timeout answers ``unavailable`` for what it wrote (written on the primary:
   it goes again, a duplicate; spending attempts would dead-letter messages for a

@@ -73,7 +73,7 @@ BATCH_ENTRIES = 10  # SendMessageBatch's limit
 SQS_MAX_MESSAGE_BYTES = 262_144  # 256 KiB: SQS's classic limit, also ElasticMQ's
 REMEMBER_MISSING_S = 5.0
 READY_CONCURRENCY = 8  # GetQueueUrl requests in flight at once when ready() asks for queues again
-# The worst publish call must stay well below relay.publish_timeout (README: SQS); the
+# The worst publish call must stay well below relay.publish_timeout (docs/how-to/sqs.md); the
 # adapter does not know it, so it refuses only what no publish_timeout should allow.
 WORST_CALL_BOUND_S = 120.0
 MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})

@@ -282,7 +282,7 @@ def measure_pages(dsn: str, ids: Ids, *, runs: int, requests: int) -> dict[str, 
     }
 
 
-# The index README offers for lookups of pending rows at any backlog (it costs every
+# The index docs/how-to/console.md offers for lookups of pending rows at any backlog (it costs every
 # enqueue an entry, so the schema does not build it).
 OPTIONAL_INDEX = (
     "CREATE INDEX CONCURRENTLY messages_pending_message_id_idx ON {m}.messages USING hash (message_id) "

@@ -31,7 +31,7 @@ SHAPES: list[tuple[str, Keys]] = [("keyless", None), ("100 keys", 100)]
 CLIENTS = ("aiokafka", "librdkafka")
 
 # Debezium Server 3.6.1 (tuned) draining 100,000 messages of 100 keys from PostgreSQL
-# into Kafka on this machine (README, "Against Debezium Server"): not rerun here (it
+# into Kafka on this machine (docs/explanation/performance-wal.md): not rerun here (it
 # needs its own distribution), so a constant beside the figures of the same run.
 DEBEZIUM_MSGS_PER_S = 29_700
 

@@ -176,7 +176,7 @@ class WalConfig(_Model):
 
 class RelayConfig(_Model):
     # 4 workers x 1,000 per batch: about a quarter more throughput than 2 x 500 with 100
-    # keys on two cores (README, "Where the Kafka time goes"), for 2 more connections and
+    # keys on two cores (docs/explanation/performance-kafka.md), for 2 more connections and
     # twice the payload held in flight (workers x (max_batch_bytes + max_payload_bytes)).
     batch_size: Count = Field(
         default=1000, ge=1, le=10_000, description="messages claimed per batch (1-10000; `500` until this release)"

@@ -14,7 +14,7 @@ import structlog
 from psycopg import capabilities, pq
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from outbox_relay.errors import DatabaseError, first_line
+from outbox_relay.errors import DatabaseError, InvalidDsn, first_line
 from outbox_relay.redact import UNPARSEABLE_REASON, redact_dsn
 
 log = structlog.get_logger("outbox_relay.connect")
@@ -47,7 +47,7 @@ def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
         raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
     except psycopg.ProgrammingError:
         # libpq's parse error quotes a piece of the DSN, which may be the password.
-        raise DatabaseError(f"invalid DSN: {UNPARSEABLE_REASON}") from None
+        raise InvalidDsn(f"invalid DSN: {UNPARSEABLE_REASON}") from None
 
 
 # psycopg's default: a statement run this often on a connection is prepared server-side.
@@ -78,7 +78,7 @@ async def connect_once(
         )
     except psycopg.ProgrammingError:
         # libpq's parse error quotes a piece of the DSN, which may be the password.
-        raise DatabaseError(f"invalid DSN: {UNPARSEABLE_REASON}") from None
+        raise InvalidDsn(f"invalid DSN: {UNPARSEABLE_REASON}") from None
 
 
 async def connect_with_retry(

@@ -35,6 +35,12 @@ class AdapterOptionsError(ConfigError):
     """An adapter rejected its options; `path` is relative to the broker's block."""
 
 
+class InvalidDsn(ConfigError):
+    """A DSN (from --dsn, a variable or the config) that libpq cannot parse. Its text is
+    never shown: libpq's message quotes a piece of it, which may be the password. Exit 2,
+    as any config that is wrong: nothing was read or changed."""
+
+
 class CommandLineError(OutboxRelayError):
     """A command was given options that cannot go together, or too few to say what to
     do (`dead-letters requeue --topic GLOB --all`). Raised before any row is touched."""
@@ -45,6 +51,11 @@ class CommandLineError(OutboxRelayError):
 class NotFound(OutboxRelayError):
     """What a command was asked for by name is not there: a replay or backfill number,
     a message or dead letter id (exit 1, as a selection that took nothing)."""
+
+
+class Declined(OutboxRelayError):
+    """A question a command asked before changing anything was answered no: nothing
+    was changed (exit 1, as a check that did not hold)."""
 
 
 class SchemaError(OutboxRelayError):

@@ -5,7 +5,7 @@ The garbage collector: the relay makes and drops a few objects per message, and
 CPython's default young-generation threshold (700 allocations) ran a collection every
 few messages, each full one walking every long-lived object of the process (modules,
 the config, the metrics registry). Measured on 100,000-message drains, on and off
-alternated (`python -m benchmarks.ab gc`; README, "Where the Kafka time goes"): relay
+alternated (`python -m benchmarks.ab gc`; docs/explanation/performance-kafka.md): relay
 CPU per message 29.9 against 30.0 µs (aiokafka, keyless) up to 37.4 against 41.4 µs
 (librdkafka, 100 keys); py-spy had the collector at about a tenth of the relay's own
 CPU. Garbage in reference cycles waits longer for its collection, so the hot path makes

@@ -1,15 +1,27 @@
-"""Keeps secrets out of logs, errors and `check` output."""
+"""Keeps secrets out of logs, errors and `check` output, and what a message carries
+out of a reader's terminal or page unless asked for: its headers' values, control
+characters of its payload."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):[^@\s]*@", re.I)
 UNPARSEABLE = "<DSN not shown: it could not be parsed>"
 MASK = "***"
+# Header values shown unless asked for (the console's reader who is not an operator,
+# `dead-letters show` without --headers): trace context only; an application's own
+# headers may carry an email address or a key.
+SHOWN_HEADERS = frozenset({"traceparent", "tracestate"})
+REDACTED = "(redacted)"
+# C0 and C1 control characters but newline and tab: ESC starts the sequences a terminal
+# obeys (colours, titles, OSC 8 links, clipboard writes); C1's CSI (\x9b) does too.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 UNPARSEABLE_REASON = "the DSN could not be parsed (its text is not shown: it may hold a password)"
@@ -38,12 +50,19 @@ def redact_text(text: str, secrets: list[str]) -> str:
 
 def payload_text(payload: bytes) -> str:
     """A payload shown on request (the console's dead letter, `dead-letters show
-    --payload`): JSON indented, other UTF-8 text as it is, other bytes as hex."""
+    --payload`): JSON indented, other UTF-8 text as it is but its control characters
+    (newline and tab excepted) written as ``\\x1b``, other bytes as hex."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         return f"({len(payload)} bytes, not UTF-8) " + payload[:4096].hex()
     try:
-        return json.dumps(json.loads(text), indent=2, sort_keys=True)
+        return json.dumps(json.loads(text), indent=2, sort_keys=True)  # escapes them itself
     except ValueError:
-        return text
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def redacted_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Headers as shown unless asked for: names kept, trace context whole, every other
+    value `REDACTED`."""
+    return {name: value if name.lower() in SHOWN_HEADERS else REDACTED for name, value in headers.items()}

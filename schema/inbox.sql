@@ -1,7 +1,7 @@
 -- The consumer inbox, current version (INBOX_SCHEMA_VERSION in outbox_relay/sqlfiles.py).
 -- It lives in the CONSUMER's database, beside the tables its handlers change: a
 -- message id is recorded in the same transaction as the message's business effect,
--- so either both commit or neither does (README, "End to end: exactly-once effects").
+-- so either both commit or neither does (docs/how-to/inbox.md).
 -- {schema} is the quoted schema name, filled in by psycopg.sql; literal braces are
 -- doubled.
 
@@ -65,7 +65,7 @@ $$;
 -- and returns how many it deleted. Call it in its own transaction, again and again
 -- until it returns 0 (`outbox-relay inbox prune` does): small batches keep each
 -- transaction's locks and WAL short. Keep `older_than` above the longest time in
--- which a message can be delivered again (README, "Retention").
+-- which a message can be delivered again (docs/how-to/inbox.md, "Retention").
 CREATE FUNCTION {schema}.prune(older_than interval, max_rows integer DEFAULT 1000) RETURNS integer
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE

@@ -61,7 +61,7 @@ $$;
 -- What a topic, a key and the headers may be, as domains rather than table CHECK
 -- constraints: PostgreSQL plans a table's CHECK expressions anew for every INSERT
 -- statement, a domain's once per session, and on the write path that difference is
--- most of what the outbox row costs (README, "Performance"). Named like the table
+-- most of what the outbox row costs (docs/explanation/performance.md, "Latency and the write path"). Named like the table
 -- constraints they replace, so a direct INSERT fails the same way.
 CREATE DOMAIN {schema}.topic_name AS text
     -- A bounded repetition ({{1,249}}) makes Postgres' regex several times slower on
@@ -187,7 +187,7 @@ CREATE INDEX outcomes_recorded_at_idx ON {schema}.outcomes (recorded_at);
 -- database-wide lock at commit): identical notifications of one transaction fold into
 -- one, and a transaction that finds another one holding the advisory lock skips its
 -- own, counting on that one's. A statement that wrote no row notifies nobody. A hint,
--- not a delivery: the application also looks on a timer (README, Outcomes).
+-- not a delivery: the application also looks on a timer (docs/how-to/outcomes.md).
 CREATE FUNCTION {schema}.notify_outcomes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

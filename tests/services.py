@@ -394,7 +394,7 @@ def nats() -> Iterator[NatsServer]:
 
 
 # The identity the tests sign SQS requests with. ElasticMQ checks no signature (it takes
-# any keys: tried, see the README's SQS section), so these are a name, not a secret.
+# any keys: tried, see docs/how-to/sqs.md), so these are a name, not a secret.
 SQS_ACCESS_KEY = "outbox-relay-test"
 SQS_SECRET_KEY = "elasticmq-takes-any-key"
 SQS_REGION = "us-east-1"

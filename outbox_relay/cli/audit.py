@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import click
 
-from outbox_relay.cli.common import Target, database_options, require_schema, time_bound
+from outbox_relay.cli.common import TOPIC_GLOB, Target, database_options, require_schema, time_bound
 from outbox_relay.cli.output import JSON_OPTION, one_line_errors, print_json
 from outbox_relay.errors import CommandLineError
 from outbox_relay.operations import audit
@@ -25,7 +25,7 @@ from outbox_relay.operations.replay import TimeBound
     callback=time_bound,
     help="Messages dispatched at or after this time (ISO 8601) or this long ago (2h).",
 )
-@click.option("--topic", help="Only topics matching this glob (* and ?).")
+@click.option("--topic", help=f"Only topics matching this {TOPIC_GLOB}.")
 @click.option(
     "--sample",
     type=click.IntRange(min=1),

@@ -23,10 +23,10 @@ from pydantic import SecretStr
 
 from outbox_relay import config as config_module
 from outbox_relay import schema_version, sqlfiles
-from outbox_relay.cli.output import one_line_errors
+from outbox_relay.cli.output import interrupted, one_line_errors
 from outbox_relay.connections import connect_sync
 from outbox_relay.durations import parse_duration
-from outbox_relay.errors import CommandLineError, ConfigError, SchemaError
+from outbox_relay.errors import CommandLineError, ConfigError, Declined, SchemaError
 from outbox_relay.observability.logging_setup import configure as configure_logging
 from outbox_relay.operations.replay import TimeBound, parse_time
 
@@ -71,7 +71,7 @@ def resolve(
     default_schema: str = sqlfiles.DEFAULT_SCHEMA,
     env: dict[str, str] | None = None,
 ) -> Target:
-    """Where `command` connects, the same way for every command (README, CLI reference).
+    """Where `command` connects, the same way for every command (docs/reference/cli.md, "Where a command connects").
 
     `dsn` and `config_path` are what the command line gave; the environment is read
     here. A config given on the command line is always read. Otherwise, unless a
@@ -89,8 +89,10 @@ def resolve(
     """
     env = dict(os.environ) if env is None else env
     found, missing = _config_path(config_path, dsn, needs_config, implicit_config, env)
-    if found is not None and not found.exists():  # only a path given on the command line
-        raise ConfigError("no such config file; pass --config PATH or set OUTBOX_RELAY_CONFIG", source=str(found))
+    if found is not None and not found.exists():
+        # Only a path given with --config: one the environment names is read only when
+        # it exists (else `missing` says so, naming the variable).
+        raise ConfigError("no such config file (check the path)", source=str(found))
     config = config_module.load(found) if found is not None else None
     if needs_config and config is None:
         raise CommandLineError(
@@ -150,10 +152,16 @@ def database_options(
             dsn = kwargs.pop("dsn")
             if dsn_env == DSN_ENV and ctx.get_parameter_source("dsn") is not click.core.ParameterSource.COMMANDLINE:
                 dsn = None  # DATABASE_URL: `resolve` reads it, after a config
+            config_path = kwargs.pop("config_path")
+            if ctx.get_parameter_source("config_path") is not click.core.ParameterSource.COMMANDLINE:
+                # OUTBOX_RELAY_CONFIG (named in --help): `resolve` reads it by its own
+                # rule (beside --dsn not at all; a file it names that is missing is said
+                # in the error that follows, not an error of its own).
+                config_path = None
             kwargs["target"] = resolve(
                 command=ctx.command_path.partition(" ")[2],
                 dsn=dsn or None,
-                config_path=kwargs.pop("config_path"),
+                config_path=config_path,
                 schema=kwargs.pop("schema_name", None),
                 needs_config=needs_config,
                 implicit_config=not inbox,
@@ -165,20 +173,31 @@ def database_options(
             return func(*args, **kwargs)
 
         env_note = "; prefer the environment variable for passwords" if dsn_env else ""
+        if dsn_env != DSN_ENV:
+            order = ""
+        elif inbox:
+            order = f" {DSN_ENV} comes after a --config's database.dsn."
+        else:
+            order = (
+                f" {DSN_ENV} comes after a config found (--config, {CONFIG_ENV}, ./relay.yaml): its database.dsn"
+                " is read first."
+            )
         options = [
             click.option(
                 "--dsn",
                 envvar=dsn_env,
                 # Named in --help: a newcomer told only of --dsn puts the password on the command line.
                 show_envvar=dsn_env is not None,
-                help=f"PostgreSQL connection string{env_note}; beside a config, used instead of its database.dsn.",
+                help=f"PostgreSQL connection string{env_note}; beside a config, used instead of its database.dsn."
+                + order,
             ),
             click.option(
                 "--config",
                 "config_path",
                 type=click.Path(dir_okay=False, path_type=Path),
-                help="YAML config file"
-                + (" (its database.dsn)." if inbox else f" (env: {CONFIG_ENV}; default: ./relay.yaml when present)."),
+                envvar=None if inbox else CONFIG_ENV,
+                show_envvar=not inbox,
+                help="YAML config file " + ("(its database.dsn)." if inbox else "(default: ./relay.yaml if present)."),
             ),
         ]
         if not needs_config:
@@ -210,7 +229,18 @@ def confirm(dry_run: bool, yes: bool, would: str, question: str, *, err: bool = 
         return
     if not sys.stdin.isatty():
         raise CommandLineError(f"{would}; pass --yes to confirm")
-    click.confirm(question, abort=True, err=err)
+    ask(question, err=err)
+
+
+def ask(question: str, *, err: bool = False) -> None:
+    """A yes-or-no question at the terminal, asked before anything is changed: a no is
+    Declined (exit 1); Ctrl-C at it is an interruption (exit 130), as anywhere else."""
+    try:
+        answered = click.confirm(question, err=err)
+    except click.Abort:  # click's word for Ctrl-C (or the end of input) at a prompt
+        interrupted("; nothing was changed")
+    if not answered:
+        raise Declined("aborted; nothing was changed")
 
 
 def confirm_finish(
@@ -241,11 +271,19 @@ def confirm_finish(
         raise CommandLineError(
             f"{foreign}: finishing it would {acts} with your privileges; confirm at a terminal{instead}"
         )
-    click.confirm(f"{what.capitalize()}{foreign[len(what) :]}: {acts} with your privileges?", abort=True, err=err)
+    ask(f"{what.capitalize()}{foreign[len(what) :]}: {acts} with your privileges?", err=err)
 
 
 def run_with_progress(what: str, number: int, total: int, work: Callable[[Callable[[int], None]], int]) -> int:
-    """A progress bar on a terminal; otherwise a JSON log line at most every 5 s."""
+    """A progress bar on a terminal; otherwise a JSON log line at most every 5 s. Ctrl-C
+    meanwhile says how to finish the work (its chunks done so far stay done)."""
+    try:
+        return _with_progress(what, number, total, work)
+    except KeyboardInterrupt:
+        interrupted(f"; {what} #{number} is not done: finish it with --resume {number}")
+
+
+def _with_progress(what: str, number: int, total: int, work: Callable[[Callable[[int], None]], int]) -> int:
     if sys.stderr.isatty():
         with click.progressbar(length=total, label=f"{what} #{number}", file=sys.stderr) as bar:
             shown = 0
@@ -320,6 +358,9 @@ def per_second(_ctx: click.Context, _param: click.Parameter, value: str | None) 
         raise click.BadParameter(f"{value!r}: give messages per second, e.g. 500 or 500/s")
     return rate
 
+
+# What a --topic glob takes, as in routes (dead_letters.glob_to_regex), in every help.
+TOPIC_GLOB = "glob (*, ?, [seq], [!seq], as in routes)"
 
 RATE_OPTION = click.option("--rate", callback=per_second, help="At most this many messages per second (500 or 500/s).")
 

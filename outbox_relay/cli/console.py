@@ -65,6 +65,12 @@ def console_command(target: Target, host: str, port: int, log_level: str) -> Non
         server = uvicorn.Server(
             uvicorn.Config(console.asgi, log_level="warning", access_log=False, server_header=False)
         )
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            # uvicorn stops cleanly on Ctrl-C, then raises SIGINT again for whoever runs
+            # it: here that is how an operator ends the console, not an error.
+            if not server.should_exit:
+                raise
     finally:
         console.close()

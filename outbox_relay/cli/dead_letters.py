@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 from uuid import UUID
 
 import click
 
 from outbox_relay.cli.common import (
+    TOPIC_GLOB,
     Target,
     confirm,
     database_options,
@@ -23,7 +24,7 @@ from outbox_relay.engine.routing import Router
 from outbox_relay.operations import dead_letters
 from outbox_relay.operations.replay import TimeBound
 from outbox_relay.operations.status import printable, utc
-from outbox_relay.redact import payload_text
+from outbox_relay.redact import payload_text, redacted_headers
 
 
 @click.group("dead-letters")
@@ -33,7 +34,7 @@ def dead_letters_group() -> None:
 
 @dead_letters_group.command("list")
 @database_options()
-@click.option("--topic", help="Only topics matching this glob.")
+@click.option("--topic", help=f"Only topics matching this {TOPIC_GLOB}.")
 @click.option("--key", help="Only messages with this key.")
 @click.option(
     "--since", callback=time_bound, help="Dead-lettered at or after this time (ISO 8601) or this long ago (2h)."
@@ -61,8 +62,9 @@ def dead_letters_list(
         click.echo("no dead letters match" if (topic or key or since) else "no dead letters")
         return
     for d in found.rows:
+        key = printable(d.key) if d.key is not None else "(none)"  # as `show` says it
         click.echo(
-            f"{d.message_id}  {printable(d.topic)}  broker={broker(d.topic)}  key={printable(d.key)}  "
+            f"{d.message_id}  {printable(d.topic)}  broker={broker(d.topic) or '-'}  key={key}  "
             f"attempts={d.attempts}  {d.dead_lettered_at.isoformat(timespec='seconds')}  {printable(d.reason)}"
         )
     of = f"more than {dead_letters.COUNT_CAP:,}" if found.capped else f"{found.matched:,}"
@@ -70,14 +72,15 @@ def dead_letters_list(
     click.echo(f"showing {len(found.rows):,} of {of} dead letter(s){more}")
 
 
-def _broker_of(target: Target) -> Any:
+def _broker_of(target: Target) -> Callable[[str], str | None]:
     """The broker a topic routes to, by the config's routes (first match wins, as in
-    the relay); "-" without a config, "(no route)" for a topic no route takes."""
+    the relay); None without a config (unknown: "-" in text, null in JSON), "(no
+    route)" for a topic no route takes."""
     if target.config is None:
-        return lambda _topic: "-"
+        return lambda _topic: None
     router = Router(target.config.routes)
 
-    def broker(topic: str) -> str:
+    def broker(topic: str) -> str | None:
         found = router.resolve(topic)
         return found.broker if found is not None else "(no route)"
 
@@ -100,11 +103,19 @@ def _letter_fields(d: dead_letters.DeadLetter) -> dict[str, Any]:
 @click.argument("message_id", type=click.UUID)
 @database_options()
 @click.option("--payload", "with_payload", is_flag=True, help="Show the payload too (redacted by default).")
+@click.option(
+    "--headers",
+    "with_headers",
+    is_flag=True,
+    help="Show every header's value (by default only traceparent and tracestate; the others are redacted).",
+)
 @JSON_OPTION
 @one_line_errors
-def dead_letters_show(target: Target, message_id: UUID, with_payload: bool, as_json: bool) -> None:
-    """One dead letter by its message id: reason, attempts, times, headers; the payload
-    only with --payload. Exit 1 if that message is not a dead letter."""
+def dead_letters_show(target: Target, message_id: UUID, with_payload: bool, with_headers: bool, as_json: bool) -> None:
+    """One dead letter by its message id: reason, attempts, times, headers (names, and
+    the values of trace context only unless --headers: an application's headers may
+    carry secrets); the payload only with --payload. Exit 1 if that message is not a
+    dead letter."""
     with target.connect() as conn:
         require_schema(conn, target.schema)
         found = dead_letters.show(conn, target.schema, message_id, with_payload=with_payload)
@@ -116,19 +127,21 @@ def dead_letters_show(target: Target, message_id: UUID, with_payload: bool, as_j
         )
         sys.exit(NOT_FOUND)
     if as_json:
-        print_json({"message_id": str(message_id), "dead_letters": [_detail_fields(d) for d in found]})
+        print_json({"message_id": str(message_id), "dead_letters": [_detail_fields(d, with_headers) for d in found]})
         return
-    click.echo("\n".join(_render_detail(d) for d in found))
+    click.echo("\n".join(_render_detail(d, with_headers) for d in found))
 
 
-def _detail_fields(d: dead_letters.DeadLetterDetail) -> dict[str, Any]:
+def _detail_fields(d: dead_letters.DeadLetterDetail, with_headers: bool) -> dict[str, Any]:
+    headers = d.headers if with_headers else redacted_headers(d.headers)
     return {
         **_letter_fields(d.letter),
         "row_id": d.row_id,
         "published_to_dead_letter_topic": d.published_to_topic,
         "last_error": d.last_error,
         "content_type": d.content_type,
-        "headers": d.headers,
+        "headers": headers,
+        "headers_redacted": headers != d.headers,
         # As stored when it is text (a script parses it as its content type says).
         "payload": None if d.payload is None else _stored_text(d.payload),
         "payload_redacted": d.payload is None,
@@ -142,7 +155,7 @@ def _stored_text(payload: bytes) -> str:
         return payload_text(payload)  # its length and hex
 
 
-def _render_detail(d: dead_letters.DeadLetterDetail) -> str:
+def _render_detail(d: dead_letters.DeadLetterDetail, with_headers: bool) -> str:
     letter = d.letter
     if d.payload is not None:
         payload = "\n" + "\n".join(f"    {line}" for line in payload_text(d.payload).splitlines())
@@ -150,7 +163,10 @@ def _render_detail(d: dead_letters.DeadLetterDetail) -> str:
         payload = "(redacted: this database role may not read payloads)"
     else:
         payload = "(redacted; --payload shows it)"
-    headers = ", ".join(f"{printable(k)}={printable(v)}" for k, v in d.headers.items()) or "(none)"
+    shown = d.headers if with_headers else redacted_headers(d.headers)
+    headers = ", ".join(f"{printable(k)}={printable(v)}" for k, v in shown.items()) or "(none)"
+    if shown != d.headers:
+        headers += " (--headers shows every value)"
     fields = [
         ("topic", printable(letter.topic)),
         ("key", printable(letter.key) if letter.key is not None else "(none)"),
@@ -200,7 +216,7 @@ def _left_out(asked: tuple[UUID, ...], taken: Iterable[UUID], selection: dead_le
 
 # The selection options, shared by requeue and purge.
 IDS_OPTION = message_ids_option("This message id (repeatable).", old="--id")
-TOPIC_OPTION = click.option("--topic", help="Dead letters whose topic matches this glob.")
+TOPIC_OPTION = click.option("--topic", help=f"Dead letters whose topic matches this {TOPIC_GLOB}.")
 ALL_OPTION = click.option("--all", "everything", is_flag=True, help="Every dead letter; takes no filter.")
 
 

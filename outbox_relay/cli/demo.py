@@ -29,8 +29,9 @@ from outbox_relay.operations.schema_manager import SOURCES
 @click.option(
     "--dsn",
     envvar="OUTBOX_DEMO_DSN",
+    show_envvar=True,
     default=None,
-    help="Use this database instead of an embedded one (env: OUTBOX_DEMO_DSN).",
+    help="Use this database instead of an embedded one.",
 )
 @click.option(
     "--source",

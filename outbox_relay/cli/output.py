@@ -13,7 +13,9 @@ Exit codes (docs/reference/cli.md):
   (requeue, purge, replay, backfill), a message or dead letter that does not exist, a
   check or audit that failed, a question answered no; or the work failed at run time
   (the database or a broker unreachable, a statement refused);
-- 2: the command line or the config is wrong; nothing was read or changed.
+- 2: the command line or the config is wrong; nothing was read or changed;
+- 130: interrupted (Ctrl-C) while it worked: what it had done stays done (a replay or
+  backfill says how to finish it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import psycopg
@@ -34,6 +36,7 @@ from outbox_relay.errors import OutboxRelayError, first_line
 F = TypeVar("F", bound=Callable[..., Any])
 
 NOT_FOUND = 1  # the exit code of "nothing matched" and "no such ...", one place for it
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
 
 # click 8.2 and later raise this for a group given no command (8.1 printed its help).
 _HELP_FOR_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -54,7 +57,7 @@ def usage_line(exc: click.ClickException) -> str:
 
 
 class OneLineGroup(click.Group):
-    """A click group whose own errors (parsing the command line, a prompt answered no)
+    """A click group whose own errors (parsing the command line, Ctrl-C meanwhile)
     come out as one `error:` line with click's exit code, like the commands' errors."""
 
     def main(
@@ -76,9 +79,10 @@ class OneLineGroup(click.Group):
             click.echo(f"error: {usage_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
-            # A question answered no (or Ctrl-C at it): asked before anything was changed.
-            click.echo("error: aborted; nothing was changed", err=True)
-            sys.exit(1)
+            # Ctrl-C (click turns KeyboardInterrupt into Abort) before a command's own
+            # handler could see it: while the command line was parsed. A question answered
+            # no is the command's Declined, never an Abort.
+            interrupted()
         # --help and --version end with click's Exit, returned here as its code.
         sys.exit(result if type(result) is int else 0)
 
@@ -96,8 +100,18 @@ def one_line_errors(func: F) -> F:
         except psycopg.Error as exc:
             click.echo(f"error: database: {first_line(exc)}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            interrupted()
 
     return wrapper  # type: ignore[return-value]
+
+
+def interrupted(how: str = "") -> NoReturn:
+    """Ctrl-C while a command worked: one line (`how`: what to do about it), exit 130."""
+    if sys.stderr.isatty():
+        click.echo(err=True)  # past the ^C the terminal echoed
+    click.echo(f"error: interrupted{how}", err=True)
+    sys.exit(INTERRUPTED)
 
 
 def print_json(value: Any) -> None:

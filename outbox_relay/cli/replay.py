@@ -12,6 +12,7 @@ import click
 
 from outbox_relay.cli.common import (
     RATE_OPTION,
+    TOPIC_GLOB,
     Target,
     chunk_option,
     confirm,
@@ -36,7 +37,7 @@ _UNFIT = f"a key over {MAX_KEY_BYTES} bytes, more than a new message may have si
 
 @click.command()
 @database_options(needs_config="its routes must take the copies' topics", dsn_env=None)
-@click.option("--topic", help="Only topics matching this glob.")
+@click.option("--topic", help=f"Only topics matching this {TOPIC_GLOB}.")
 @click.option("--key", help="Only messages with this key.")
 @click.option("--since", callback=time_bound, help="Enqueued at or after this time (ISO 8601) or this long ago (2h).")
 @click.option("--until", callback=time_bound, help="Enqueued before this time (ISO 8601) or this long ago.")

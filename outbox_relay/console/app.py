@@ -54,6 +54,7 @@ from outbox_relay.errors import CommandLineError, first_line
 from outbox_relay.operations import dead_letters as dead_letter_ops
 from outbox_relay.operations import message_lookup
 from outbox_relay.redact import payload_text as _payload_text
+from outbox_relay.redact import redacted_headers
 
 log = structlog.get_logger("outbox_relay.console")
 
@@ -74,8 +75,6 @@ MAX_FORM_IDS = 500
 LOGGED_IDS = 100  # message ids per console_action log line
 FLASH_COOKIE = "outbox_console_done"
 FORM_REFUSED = "the form expired or came from another site: load the page and try again"
-# Header values shown to a reader who is not an operator: trace context only.
-SHOWN_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 class SecurityHeaders:
@@ -283,7 +282,7 @@ class Console:
                 remote=_remote(request),
                 message_id=detail.row.message_id,
             )
-        headers = detail.headers if identity.may_act else _redacted_headers(detail.headers)
+        headers = detail.headers if identity.may_act else redacted_headers(detail.headers)
         return self._page(
             request,
             "dead_letter.html",
@@ -529,12 +528,6 @@ def _back(given: str | None) -> str:
     if given and given.startswith(f"{PREFIX}/") and not given.startswith("//") and "\\" not in given:
         return given
     return f"{PREFIX}/dead-letters"
-
-
-def _redacted_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    """Headers as a reader without an operator's identity sees them: trace context
-    whole, every other value redacted (an application may carry an email or a key)."""
-    return {name: value if name.lower() in SHOWN_HEADERS else "(redacted)" for name, value in headers.items()}
 
 
 def _glob_literal(topic: str) -> str:

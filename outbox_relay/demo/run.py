@@ -15,8 +15,8 @@ the order; the relay publishes committed rows afterwards. This demo shows that:
   standard output, each key's messages in the order they were enqueued;
 * a summary on standard error gives commit-to-ack latency (NOTIFY wakes the relay).
 
-With ``--source wal`` the outbox is installed in WAL mode (README "Two sources: table
-or WAL"): each enqueue writes one logical decoding message into the WAL and no row, and
+With ``--source wal`` the outbox is installed in WAL mode (docs/how-to/wal-source.md):
+each enqueue writes one logical decoding message into the WAL and no row, and
 the relay streams them from the outbox's replication slot, in commit order. The summary
 then also says how many messages went through the WAL and how many through the table
 (none unless a publish failed and was parked there); the embedded PostgreSQL runs with

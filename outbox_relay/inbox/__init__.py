@@ -9,8 +9,8 @@ message by recording each message id in the same transaction as the effect::
         if inbox.first_time(conn, inbox.message_id_of(record), consumer="billing"):
             credit_account(conn, ...)   # runs once per message, whatever the redeliveries
 
-Install it with ``outbox-relay inbox schema install``; see README, "End to end:
-exactly-once effects".
+Install it with ``outbox-relay inbox schema install``; see docs/how-to/inbox.md
+("End to end: exactly-once effects").
 """
 
 from __future__ import annotations

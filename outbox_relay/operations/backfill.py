@@ -15,7 +15,7 @@ it). Either way, for an application that enqueues a row's event in the transacti
 changes the row, with the same key, the last message of that key carries the row's
 latest state. A chunk holds its share locks for one chunk's time (milliseconds).
 
-In WAL mode (README "Two sources: table or WAL") a chunk writes where enqueue writes:
+In WAL mode (docs/how-to/wal-source.md) a chunk writes where enqueue writes:
 it calls ``enqueue_binary`` for each row, in key order, so its messages are logical
 decoding messages like the application's, and go out in commit order with them. The
 argument above then holds by commit order alone (even for an application that enqueues

@@ -4,8 +4,8 @@ transactions that rolled back.
 An object under a store's uploads/ is an orphan when no message names it. The outbox
 can only tell while a committed message's row is still there: rows are deleted by
 retention after dispatch, so only objects written within `relay.retention` are judged;
-older ones are left (counted as undecided) to the bucket's lifecycle rule, which the
-README says to set. An upload whose transaction is still open is not referenced yet:
+older ones are left (counted as undecided) to the bucket's lifecycle rule, which
+docs/how-to/claim-check.md says to set. An upload whose transaction is still open is not referenced yet:
 objects written after `--older-than` ago, or after the oldest transaction open on the
 database began (less a minute: an upload comes right before the INSERT), are left too.
 Objects the relay uploaded itself (named by message id, outside uploads/) are never

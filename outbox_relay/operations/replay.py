@@ -6,7 +6,7 @@ the header ``outbox-replay-id``. The relay then publishes the copies like any me
 routing, retries, dead letters, and per-key order by id, so a copy goes after every
 message of its key enqueued before it was made and before every one enqueued after.
 
-In WAL mode (README "Two sources: table or WAL") a message published straight from the
+In WAL mode (docs/how-to/wal-source.md) a message published straight from the
 WAL never was a row: only those parked in the table (after a failed publish) can be
 copied. A plan says so (``Plan.wal``) when its selection reaches into the time the
 outbox's enqueue wrote into the WAL, and a replay that would find nothing there is

@@ -234,8 +234,8 @@ def read(
     )
 
 
-# In WAL mode the table holds only what was parked there (README "Operations in WAL
-# mode"): what the slot still has to hand out is its lag, on the source line.
+# In WAL mode the table holds only what was parked there (docs/how-to/wal-source.md,
+# "Operations in WAL mode"): what the slot still has to hand out is its lag, on the source line.
 _TABLE_ONLY = " (rows in the table: parked messages; what waits in the WAL is the slot's lag)"
 
 

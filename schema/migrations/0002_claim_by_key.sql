@@ -1,5 +1,5 @@
 -- Version 2: the claim skips from key to key instead of walking every pending row
--- (README, "How it works"), and the write path loses its per-INSERT CHECK planning.
+-- (docs/explanation/how-it-works.md), and the write path loses its per-INSERT CHECK planning.
 -- - one pending index per row kind, replacing the id-ordered pending index and the
 --   per-key probe index; one dead-letter index by key;
 -- - topic, key and headers validated by domains instead of table CHECK constraints

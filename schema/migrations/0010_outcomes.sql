@@ -38,7 +38,7 @@ CREATE INDEX outcomes_recorded_at_idx ON {schema}.outcomes (recorded_at);
 -- database-wide lock at commit): identical notifications of one transaction fold into
 -- one, and a transaction that finds another one holding the advisory lock skips its
 -- own, counting on that one's. A statement that wrote no row notifies nobody. A hint,
--- not a delivery: the application also looks on a timer (README, Outcomes).
+-- not a delivery: the application also looks on a timer (docs/how-to/outcomes.md).
 CREATE FUNCTION {schema}.notify_outcomes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -10,7 +10,7 @@ ALTER TABLE {schema}.messages ADD COLUMN receipt jsonb;
 -- outbox.receipt() finds a message by its id among the dispatched rows. Partial: a row
 -- gets its entry when it is marked, never at enqueue, so the application's write path
 -- pays nothing for it. IF NOT EXISTS: an operator may have built it beforehand with
--- CREATE INDEX CONCURRENTLY (README), sparing enqueues the wait while it builds.
+-- CREATE INDEX CONCURRENTLY (docs/how-to/upgrades.md), sparing enqueues the wait while it builds.
 CREATE INDEX IF NOT EXISTS messages_dispatched_message_id_idx ON {schema}.messages (message_id)
     WHERE dispatched_at IS NOT NULL;
 

@@ -168,7 +168,7 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path: Path, yaml_text: str, ex
 
 def test_missing_config_file(tmp_path: Path) -> None:
     result = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
-    hint = "no such config file; pass --config PATH or set OUTBOX_RELAY_CONFIG"
+    hint = "no such config file (check the path)"
     assert (result.returncode, result.stderr) == (2, f"error: {tmp_path / 'nope.yaml'}: {hint}\n")
 
 

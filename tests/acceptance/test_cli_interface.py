@@ -5,15 +5,19 @@ error style; one exit-code convention. The real command against real PostgreSQL.
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from outbox_relay import enqueue
-from tests.support.cli import run_cli, run_cli_at_terminal
+from tests.support.cli import exe, run_cli, run_cli_at_terminal
 from tests.support.configs import write_config
 from tests.support.outbox import make_dead_letter
+from tests.support.waiting import wait_for
 
 # Neither variable from the test's own environment: each test says what it sets.
 NO_ENV = {"DATABASE_URL": "", "OUTBOX_RELAY_CONFIG": ""}
@@ -239,3 +243,102 @@ def test_json_leaves_stdout_to_the_document(db: str, tmp_path: Path) -> None:
     answer = json.loads(out.stdout)
     assert answer["done"] is True and answer["copied"] == 1
     assert "1 message(s) to replay" in out.stderr
+
+
+def _interrupt(command: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    """Ctrl-C to a command under way, as a shell sends it; what it then said."""
+    command.send_signal(signal.SIGINT)
+    out, err = command.communicate(timeout=30)
+    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+
+
+def _popen(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    import os
+
+    return subprocess.Popen(
+        [*exe(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def test_ctrl_c_while_a_command_works_is_interrupted_exit_130_not_a_question_declined() -> None:
+    # A server that takes the connection and never answers: the command waits in connect.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(30)
+        port = server.getsockname()[1]
+        command = _popen("status", "--dsn", f"host=127.0.0.1 port={port} connect_timeout=60", env=NO_ENV)
+        try:
+            accepted, _ = server.accept()  # the command is connecting now
+            with accepted:
+                out = _interrupt(command)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.communicate()
+    assert out.returncode == 130, out.stdout + out.stderr
+    assert out.stderr.splitlines() == ["error: interrupted"], out.stderr
+
+
+def test_ctrl_c_during_a_replay_says_how_to_finish_it(db: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", db)
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, key, payload, dispatched_at) "
+            "SELECT 'bulk.done', 'b' || (n % 50), '{}', now() FROM generate_series(1, 2000) AS n"
+        )
+        conn.commit()
+
+    def copied() -> int:
+        with psycopg.connect(db) as conn:
+            row = conn.execute("SELECT coalesce(max(copied), 0) FROM outbox.replays").fetchone()
+        return row[0] if row else 0
+
+    command = _popen("replay", "--config", str(config), "--all", "--yes", "--chunk", "10", "--rate", "100")
+    try:
+        wait_for(lambda: copied() > 0, what="the replay under way")
+        out = _interrupt(command)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+    assert out.returncode == 130, out.stdout + out.stderr
+    assert out.stderr.splitlines()[-1] == "error: interrupted; replay #1 is not done: finish it with --resume 1"
+    assert "Traceback" not in out.stderr
+    assert 0 < copied() < 2000
+    resumed = run_cli("replay", "--config", str(config), "--resume", "1", "--yes")
+    assert resumed.returncode == 0 and "2000 message(s) copied" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+def test_ctrl_c_ends_the_console_cleanly(db: str, tmp_path: Path) -> None:
+    import httpx
+
+    config = write_config(tmp_path / "relay.yaml", db)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = _popen("console", "--config", str(config), "--port", str(port))
+
+    def ready() -> bool:
+        assert command.poll() is None, command.communicate()
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/console/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 30, "the console answered")
+        out = _interrupt(command)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+    assert out.returncode == 0, out.stderr
+    assert "error" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_dsn_that_does_not_parse_is_one_line_exit_2_without_its_password() -> None:
+    out = run_cli("status", "--dsn", "postgresql://u:pw@[::1", env=NO_ENV)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    assert out.stderr.splitlines() == [
+        "error: invalid DSN: the DSN could not be parsed (its text is not shown: it may hold a password)"
+    ]
+    assert "pw" not in out.stderr

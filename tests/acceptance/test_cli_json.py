@@ -1,5 +1,5 @@
 """--json on every command whose output a script reads: stdout is one JSON document with
-the keys the README's CLI reference documents. The real command against real PostgreSQL."""
+the keys docs/reference/cli.md documents. The real command against real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def test_status_check_and_dead_letters_answer_in_json(db: str, tmp_path: Path) -
         "last_error",
         "content_type",
         "headers",
+        "headers_redacted",
         "payload",
         "payload_redacted",
     }

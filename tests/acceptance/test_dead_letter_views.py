@@ -40,9 +40,15 @@ def test_show_redacts_the_payload_unless_asked(db: str) -> None:
     ]:
         assert f"  {label:<18} {value}" in lines, (label, shown.stdout)
     assert any(line.startswith("  dead-lettered      20") for line in lines), shown.stdout
+    # Header names, and the values of trace context only: an application's may be secrets.
     headers = next(line for line in lines if line.startswith("  headers"))
-    assert "tenant=t1" in headers and "traceparent=00-0af7651916cd43dd8448eb211c80319c" in headers
+    assert headers == (
+        "  headers            tenant=(redacted), "
+        "traceparent=00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 (--headers shows every value)"
+    )
     assert SECRET not in shown.stdout
+    whole = run_cli("dead-letters", "show", dead, "--dsn", db, "--headers").stdout
+    assert "tenant=t1" in whole and "(redacted)" not in whole.split("payload")[0] and SECRET not in whole
 
     revealed = run_cli("dead-letters", "show", dead, "--dsn", db, "--payload")
     assert revealed.returncode == 0 and f'"card": "{SECRET}"' in revealed.stdout, revealed.stdout
@@ -50,9 +56,29 @@ def test_show_redacts_the_payload_unless_asked(db: str) -> None:
     as_json = json.loads(run_cli("dead-letters", "show", dead, "--dsn", db, "--json").stdout)
     (letter,) = as_json["dead_letters"]
     assert (letter["payload"], letter["payload_redacted"], letter["attempts"]) == (None, True, 3)
-    assert letter["headers"]["tenant"] == "t1" and letter["reason"] == "HTTP 422: card refused"
+    assert letter["headers"]["tenant"] == "(redacted)" and letter["headers_redacted"] is True
+    assert letter["headers"]["traceparent"].startswith("00-0af7") and letter["reason"] == "HTTP 422: card refused"
+    whole_json = json.loads(run_cli("dead-letters", "show", dead, "--dsn", db, "--json", "--headers").stdout)
+    assert whole_json["dead_letters"][0]["headers"]["tenant"] == "t1"
+    assert whole_json["dead_letters"][0]["headers_redacted"] is False
     with_payload = json.loads(run_cli("dead-letters", "show", dead, "--dsn", db, "--json", "--payload").stdout)
     assert json.loads(with_payload["dead_letters"][0]["payload"]) == {"card": SECRET}
+
+
+def test_show_payload_writes_a_text_payloads_control_characters_out(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO outbox.messages (topic, payload, content_type, dead_lettered_at, dead_letter_reason) "
+            "VALUES ('t', convert_to(E'hi \\x1b]0;pwned\\x07 there', 'UTF8'), 'text/plain', now(), 'x') "
+        )
+        row = conn.execute("SELECT message_id FROM outbox.messages").fetchone()
+        conn.commit()
+    assert row is not None
+    dead = str(row[0])
+    shown = run_cli("dead-letters", "show", dead, "--dsn", db, "--payload")
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "    hi \\x1b]0;pwned\\x07 there" in shown.stdout.splitlines(), shown.stdout
 
 
 def test_show_of_what_is_not_a_dead_letter_is_one_line_exit_1(db: str) -> None:
@@ -103,6 +129,13 @@ def test_list_filters_by_key_and_since_and_names_the_broker(db: str, tmp_path: P
     bare = run_cli("dead-letters", "list", "--dsn", db, "--key", "k2").stdout.splitlines()
     assert len(bare) == 2 and bare[0].startswith(f"{other_key}  orders.created  broker=-  key=k2  "), bare
     assert bare[1] == "showing 1 of 1 dead letter(s)"
+    # In JSON the unknown broker is null; text keeps "-".
+    (unknown,) = json.loads(run_cli("dead-letters", "list", "--dsn", db, "--key", "k2", "--json").stdout)
+    assert unknown["message_id"] == other_key and unknown["broker"] is None
+    # A keyless message: "(none)", as `show` says it.
+    keyless = make_dead_letter(db, "keyless.event", {"n": 5})
+    listed_keyless = run_cli("dead-letters", "list", "--dsn", db, "--topic", "keyless.*").stdout.splitlines()
+    assert listed_keyless[0].startswith(f"{keyless}  keyless.event  broker=-  key=(none)  "), listed_keyless
     nothing = run_cli("dead-letters", "list", "--dsn", db, "--key", "nobody")
     assert (nothing.returncode, nothing.stdout) == (0, "no dead letters match\n")
 

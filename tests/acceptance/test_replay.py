@@ -131,7 +131,7 @@ def test_replayed_messages_keep_per_key_order_with_live_traffic(db: str, relayed
     # enqueued like any writer's messages: they go after every k1 message committed
     # before the replay, in their original order, and before every k1 message
     # enqueued after it; a live message whose transaction overlapped a chunk's may go
-    # on either side of that chunk (README, "Replay"), in its own order.
+    # on either side of that chunk (docs/how-to/replay.md), in its own order.
     config, sink, _ids, _relay = relayed
     phase = "before"
     phases: dict[str, str] = {}

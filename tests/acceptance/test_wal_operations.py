@@ -1,5 +1,5 @@
 """Operations on an outbox in WAL mode, through the real command line against the real
-PostgreSQL with logical decoding (README "Operations in WAL mode"): status, dead
+PostgreSQL with logical decoding (docs/how-to/wal-source.md, "Operations in WAL mode"): status, dead
 letters, requeue and replay for what the table holds (parked messages are rows); replay
 saying, or refusing, when what it is asked for went out straight from the WAL; backfill
 writing into the WAL, in commit order with the application's messages."""

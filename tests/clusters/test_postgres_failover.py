@@ -7,8 +7,9 @@ each reconnects to whichever accepts writes.
   broker; duplicates at most the batches in flight; per-key order kept;
 - asynchronous standby held behind (its walsender frozen): the last commits before the
   failover are lost, the application's rows with their outbox rows; what the relay had
-  published of them stays on the broker (the documented loss mode, README "PostgreSQL
-  failover"); it publishes nothing that was never committed and keeps each key's order;
+  published of them stays on the broker (the documented loss mode,
+  docs/explanation/guarantees.md, "PostgreSQL failover"); it publishes nothing that
+  was never committed and keeps each key's order;
 - the primary's host cut off the network instead (no reset, no answer): the relay's
   connections, each with a query on its way, give up within tcp_user_timeout and it
   follows the promoted standby;

@@ -3,7 +3,7 @@ PostgreSQL, a running `outbox-relay run` publishing to a real HTTP receiver, and
 `outbox-relay console` in its own process: what an operator does in an incident.
 
 Screenshots of the pages go to the test's directory, and to docs/console/ (the
-README's pictures) when OUTBOX_RELAY_UPDATE_SCREENSHOTS=1.
+pictures of docs/how-to/console.md) when OUTBOX_RELAY_UPDATE_SCREENSHOTS=1.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ class TestRabbitMQPipelined(KeyOrderContract):
 
     RabbitMQ judges each message when it arrives, after the next ones were published on
     the channel: it can nack *i* and take *i+1*. That is the documented price of
-    ``pipeline_keys`` (README, RabbitMQ; the engine logs ``key_order_exception``), so
+    ``pipeline_keys`` (docs/how-to/rabbitmq.md; the engine logs ``key_order_exception``), so
     here the broker must hold exactly what was acked, in order, and nothing else."""
 
     size_rejection = Outcome.TRANSIENT
@@ -443,7 +443,7 @@ class TestNatsKeyRounds(KeyOrderContract):
     """NATS JetStream with key_rounds (a key's run in one call, in rounds of one message
     per key): the stream refuses a message over LIMIT bytes (its max_msg_size, JetStream
     error 10054), a permanent refusal of that message; the key's later messages are not
-    sent. Without key_rounds the adapter does not keep key order (README, NATS)."""
+    sent. Without key_rounds the adapter does not keep key order (docs/how-to/nats.md)."""
 
     refusal_event = None  # every message has its own PubAck: no batches
 

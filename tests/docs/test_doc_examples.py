@@ -30,7 +30,7 @@ def _load(yaml_text: str, env: dict[str, str] = ENV) -> config_module.Config:
     return cfg
 
 
-def test_the_configuration_reference_example_runs_as_written() -> None:
+def test_the_configuration_reference_example_loads_as_written() -> None:
     (example,) = code_blocks(page("reference/configuration.md"), "yaml")
     cfg = _load(example)
     assert set(cfg.brokers) == {"events", "audit"}

@@ -53,7 +53,7 @@ def kafka_block(secure: Secure, *, password: str = "${KAFKA_PW}", ca_file: str |
 
 
 def rabbit_block(secure: Secure, exchange: str, *, ca_file: str | None = None) -> dict[str, Any]:
-    # The password comes from the environment, as the README says it should.
+    # The password comes from the environment, as docs/reference/configuration.md says it should.
     url = secure.address.replace("guest:guest@", "guest:${AMQP_PW}@")
     return {
         "type": "rabbitmq",
@@ -145,7 +145,7 @@ async def test_a_wrong_password_or_an_untrusted_certificate_is_one_line_and_dead
 
 
 def nats_block(server: NatsServer, prefix: str, *, ca_file: str | None = None, **auth: Any) -> dict[str, Any]:
-    # The password comes from the environment, as the README says it should.
+    # The password comes from the environment, as docs/reference/configuration.md says it should.
     return {
         "type": "nats",
         "servers": [server.tls_url],
@@ -225,7 +225,7 @@ async def test_nats_with_a_wrong_password_or_an_untrusted_certificate_is_one_lin
 
 
 def redis_block(secure: Secure, *, ca_file: str | None = None) -> dict[str, Any]:
-    # The relay's ACL user; its password from the environment, as the README says.
+    # The relay's ACL user; its password from the environment, as docs/reference/configuration.md says.
     return {
         "type": "redis",
         "url": secure.address,

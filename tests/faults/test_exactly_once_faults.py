@@ -5,7 +5,8 @@ committed message exactly once, in each key's commit order, whatever stops where
 the relay SIGKILLed again and again during a large drain, Kafka killed for longer than
 every timeout, PostgreSQL restarted fast and immediately, a frozen relay fenced by a
 second one on the same slot. A read_uncommitted consumer also sees the records of the
-transactions a killed relay left open, aborted by the next one: the README's advice.
+transactions a killed relay left open, aborted by the next one: the advice of
+docs/how-to/kafka.md, "Exactly once into Kafka".
 """
 
 from __future__ import annotations

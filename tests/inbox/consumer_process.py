@@ -1,4 +1,4 @@
-"""A consumer as the README shows it, run as its own process by the end-to-end tests
+"""A consumer as docs/how-to/inbox.md shows it, run as its own process by the end-to-end tests
 (which SIGKILL it): it reads a Kafka topic (aiokafka, asyncio) or a RabbitMQ queue
 (pika, blocking) and credits `accounts` through the inbox, one message per
 transaction, acknowledging to the broker only after the commit.

@@ -150,7 +150,7 @@ def test_prune_commits_each_batch_and_refuses_to_run_inside_a_transaction(consum
 
 
 def test_a_pruned_message_is_a_first_time_again(consumer_db: str) -> None:
-    # Why retention must exceed the longest redelivery window (README).
+    # Why retention must exceed the longest redelivery window (docs/how-to/inbox.md, "Retention").
     mid = uuid.uuid4()
     with psycopg.connect(consumer_db) as conn:
         assert inbox.first_time(conn, mid)

@@ -606,7 +606,8 @@ async def settings_around_a_batch(db: str, **settings: Any) -> tuple[tuple[Any, 
 
 
 async def test_a_worker_session_is_ended_by_postgres_after_the_limit_the_readme_states(db: str) -> None:
-    # README, "Failure modes": a relay that hangs mid-batch has its session ended after
+    # docs/explanation/guarantees.md, "Guarantees and failure modes": a relay that hangs
+    # mid-batch has its session ended after
     # 2 x publish_timeout + 30s idle in transaction (a batch starts no wave after
     # publish_timeout and a wave lasts at most that long). Every batch carries it.
     _, _, during, _ = await settings_around_a_batch(db, publish_timeout="7s")

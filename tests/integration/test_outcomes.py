@@ -159,7 +159,7 @@ async def test_deliveries_of_the_topics_named_are_fed_back_and_no_others(db: str
 
 
 async def test_the_application_takes_outcomes_in_its_transaction_and_compensates(db: str) -> None:
-    # The README's example: an order whose `orders.created` message is dead-lettered is
+    # docs/how-to/outcomes.md's example: an order whose `orders.created` message is dead-lettered is
     # cancelled and a refund enqueued, in one transaction of the application's role.
     with psycopg.connect(db) as conn:
         conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text NOT NULL)")

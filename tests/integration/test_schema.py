@@ -322,7 +322,7 @@ def test_every_schema_name_length_either_notifies_or_is_refused_up_front(empty_d
 async def test_roles_work_in_a_database_that_revoked_everything_from_public(empty_db: str) -> None:
     # A hardened database: no CONNECT, no use of schema public and no EXECUTE on new
     # functions for PUBLIC. The grant files alone (plus the CONNECT a DBA gives each
-    # login) must let the producer enqueue every way the README shows, headers included,
+    # login) must let the producer enqueue every way docs/reference/python-api.md shows, headers included,
     # and the relay deliver.
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 

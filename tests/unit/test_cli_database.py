@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
+from outbox_relay.cli import main
 from outbox_relay.cli.common import resolve
 from outbox_relay.cli.output import usage_line
 from outbox_relay.errors import CommandLineError, ConfigError
@@ -78,8 +80,22 @@ def test_a_config_the_environment_names_that_does_not_exist_falls_through_to_dat
 
 
 def test_a_config_given_on_the_command_line_must_load(elsewhere: Path) -> None:
-    with pytest.raises(ConfigError, match=r"nope\.yaml: no such config file; pass --config PATH or set OUTBOX_RELAY"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: no such config file \(check the path\)$"):
         resolve(command="status", dsn="host=a", config_path=elsewhere / "nope.yaml", schema=None, env={})
+    # The inbox's commands never read OUTBOX_RELAY_CONFIG: not named to them either.
+    with pytest.raises(ConfigError) as inbox:
+        resolve(
+            command="inbox prune",
+            dsn=None,
+            config_path=elsewhere / "nope.yaml",
+            schema=None,
+            implicit_config=False,
+            env={"OUTBOX_RELAY_CONFIG": "/etc/relay.yaml"},
+        )
+    assert "OUTBOX_RELAY_CONFIG" not in str(inbox.value) and "--config" not in str(inbox.value)
+    with pytest.raises(CommandLineError) as no_database:
+        resolve(command="inbox prune", dsn=None, config_path=None, schema=None, implicit_config=False, env={})
+    assert "OUTBOX_RELAY_CONFIG" not in str(no_database.value)
 
 
 def test_a_command_that_needs_a_config_says_why_and_how(elsewhere: Path) -> None:
@@ -142,3 +158,18 @@ def test_click_errors_become_one_line_naming_the_option(error: click.ClickExcept
     with click.Context(click.Command("list"), info_name="outbox-relay") as ctx:
         error.ctx = ctx  # type: ignore[attr-defined]
         assert usage_line(error).endswith("; see 'outbox-relay --help'")
+
+
+def test_help_names_each_variable_an_option_reads_as_click_shows_it() -> None:
+    def helped(*args: str) -> str:
+        out = CliRunner().invoke(main, [*args, "--help"], terminal_width=400)
+        assert out.exit_code == 0, out.output
+        return " ".join(out.output.split())
+
+    status = helped("status")
+    assert "[env var: DATABASE_URL]" in status and "[env var: OUTBOX_RELAY_CONFIG]" in status
+    assert "DATABASE_URL comes after a config found (--config, OUTBOX_RELAY_CONFIG, ./relay.yaml)" in status
+    assert "(env:" not in status
+    inbox = helped("inbox", "prune")
+    assert "OUTBOX_RELAY_CONFIG" not in inbox and "[env var: DATABASE_URL]" in inbox
+    assert "[env var: OUTBOX_DEMO_DSN]" in helped("demo")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from outbox_relay.json_lines import as_dict, decode_payload, json_line
 from outbox_relay.producer import BINARY, JSON, TEXT, encode_payload
-from outbox_relay.redact import MASK, UNPARSEABLE, redact_dsn, redact_text
+from outbox_relay.redact import MASK, REDACTED, UNPARSEABLE, payload_text, redact_dsn, redact_text, redacted_headers
 from outbox_relay.validation import check_headers, check_key, check_topic
 from tests.support.factories import outgoing
 
@@ -363,3 +363,32 @@ def test_topic_glob_with_a_character_set() -> None:
     assert glob_to_regex("a.[bc]*") == "^a\\.[bc].*$"
     assert glob_to_regex("a.[!bc]?") == "^a\\.[^bc].$"
     assert glob_to_regex("a[") == "^a\\[$"
+
+
+@pytest.mark.parametrize(
+    ("payload", "shown"),
+    [
+        # A title set, an OSC 8 link, colours, a carriage return that overwrites the line,
+        # C1's CSI and DEL: written out, never sent to the terminal as they are.
+        (b"\x1b]0;pwned\x07 hi", "\\x1b]0;pwned\\x07 hi"),
+        (b"\x1b]8;;http://evil/\x1b\\link", "\\x1b]8;;http://evil/\\x1b\\link"),
+        (b"a\x1b[31mred\rb\x7f", "a\\x1b[31mred\\x0db\\x7f"),
+        ("x\x9b2J".encode(), "x\\x9b2J"),
+        # Lines and tabs as they are; JSON indented, its escapes JSON's own.
+        (b"line 1\n\tline 2", "line 1\n\tline 2"),
+        (b'{"a": "\\u001b[2J"}', '{\n  "a": "\\u001b[2J"\n}'),
+    ],
+)
+def test_payload_text_writes_control_characters_out(payload: bytes, shown: str) -> None:
+    assert payload_text(payload) == shown
+    assert not any((ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F for c in payload_text(payload))
+
+
+def test_redacted_headers_keep_names_and_trace_context_only() -> None:
+    headers = {"traceparent": "00-abc-def-01", "TraceState": "k=v", "x-api-key": "k-123", "email": "a@b"}
+    assert redacted_headers(headers) == {
+        "traceparent": "00-abc-def-01",
+        "TraceState": "k=v",
+        "x-api-key": REDACTED,
+        "email": REDACTED,
+    }

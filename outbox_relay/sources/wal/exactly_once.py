@@ -49,7 +49,7 @@ window, messages found in the table were parked and are skipped, the rest go out
 again, as that batch would have sent them (without asking the table whether their key
 is held: it is, by the very park that batch made after them).
 
-What it does not cover (README, "Exactly once into Kafka"): messages that go through
+What it does not cover (docs/how-to/kafka.md, "Exactly once into Kafka"): messages that go through
 the table (parked, then requeued or released) are published at least once, as the
 table source does; so are routes to brokers without transactions.
 """

@@ -304,7 +304,7 @@ class WalRelay:
             self.published += len(acked)
             parked = written
             # After the Kafka commit, the position a restart skips to: a relay that dies
-            # in between loses these rows (README: Delivery receipts), never a message.
+            # in between loses these rows (docs/how-to/receipts.md), never a message.
             if acked and (self._receipts or self._feeds_delivered is not None):
                 await self._record_acked(parking, messages, acked)
         else:

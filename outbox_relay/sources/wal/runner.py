@@ -177,7 +177,7 @@ class WalSource:
 
     async def check_start(self, conn: psycopg.AsyncConnection[Any], brokers: Mapping[str, Adapter]) -> None:
         """An exactly-once broker with the outbox in table mode is refused at start, in
-        one line (README, "Exactly once into Kafka"): the table source cannot commit its
+        one line (docs/how-to/kafka.md, "Exactly once into Kafka"): the table source cannot commit its
         position inside a Kafka transaction. A switch to table later is followed, with a
         warning (_warn_table_source)."""
         self._feed_dead = await feeds_dead_letters(conn, self._config, report=False)  # the table's start says it
