@@ -11,7 +11,8 @@ outbox_relay/adapter.py looks for next to it: ``check_destination`` and the audi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._kafka_common import CODECS, KafkaOptions, SaslOptions
@@ -19,6 +20,7 @@ from ._options import parse_options
 from ._topics import topic_name_problem
 from .kafka_aiokafka import KafkaAdapter, classify, client_settings, producer_settings, stop_within
 from .kafka_read_back import read_back
+from .kafka_transactions import KafkaTransactions
 
 # Importable from here as before the clients had modules of their own (the benchmarks
 # and tests use them).
@@ -41,9 +43,25 @@ def create(name: str, options: Mapping[str, Any]) -> KafkaAdapter | Any:
     parsed = parse_options(KafkaOptions, options)
     if parsed.client == "librdkafka":
         from .kafka_librdkafka import LibrdkafkaAdapter  # optional: confluent-kafka
+        from .kafka_librdkafka_transactions import LibrdkafkaTransactions
 
-        return LibrdkafkaAdapter(name, parsed)
-    return KafkaAdapter(name, parsed)
+        adapter: Any = LibrdkafkaAdapter(name, parsed)
+        transactions: Callable[[str, KafkaOptions, str], Any] = LibrdkafkaTransactions
+    else:
+        adapter, transactions = KafkaAdapter(name, parsed), KafkaTransactions
+    if parsed.exactly_once:
+        # Here, not in the client's module: each transactions module builds on its
+        # client's, and a client importing it back would close a cycle.
+        adapter.transactions = functools.partial(_transactions, transactions, name, parsed)
+    return adapter
+
+
+def _transactions(
+    transactions: Callable[[str, KafkaOptions, str], Any], name: str, options: KafkaOptions, transactional_id: str
+) -> Any:
+    """The exactly-once producer for one WAL relay (outbox_relay/adapter.py): its
+    transactional id the broker block's, else the one the relay derives for its slot."""
+    return transactions(name, options, options.transactional_id or transactional_id)
 
 
 def check_destination(destination: str, explicit: bool) -> str | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import structlog
@@ -234,6 +234,10 @@ class KafkaAdapter:
     # failed is left out of later rounds (adapters/_rounds.py): a key's run can go in
     # one call.
     keeps_key_order = True
+    # The exactly-once producer's factory, set by kafka.create when the broker block
+    # says exactly_once (outbox_relay/adapter.py, transactions_of): the transactions
+    # module builds on this one, so this one cannot import it back.
+    transactions: Callable[[str], Any] | None = None
 
     def __init__(self, name: str, options: KafkaOptions, *, transactional_id: str | None = None):
         self.name = name
@@ -246,12 +250,6 @@ class KafkaAdapter:
         self._producer: AIOKafkaProducer | None = None
         self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
         self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
-
-    def transactions(self, transactional_id: str) -> Any:
-        """The exactly-once producer for one WAL relay (outbox_relay/adapter.py)."""
-        from .kafka_transactions import KafkaTransactions
-
-        return KafkaTransactions(self.name, self.options, self.options.transactional_id or transactional_id)
 
     async def connect(self) -> None:
         producer = AIOKafkaProducer(**producer_settings(self.options, self._transactional_id))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -263,6 +263,10 @@ class _Fill:
 
 class LibrdkafkaAdapter:
     keeps_key_order = True  # same key, same partition; rounds keep a failed key's rest back
+    # The exactly-once producer's factory, set by kafka.create when the broker block
+    # says exactly_once (outbox_relay/adapter.py, transactions_of): the transactions
+    # module builds on this one, so this one cannot import it back.
+    transactions: Callable[[str], Any] | None = None
 
     def __init__(self, name: str, options: KafkaOptions, *, transactional_id: str | None = None):
         self.name = name
@@ -280,12 +284,6 @@ class LibrdkafkaAdapter:
         # librdkafka ends a record batch at batch.size or message.max.bytes, whichever is
         # smaller: a round over either would be two batches of one partition.
         self._round_bytes = min(options.max_batch_size, options.max_request_size)
-
-    def transactions(self, transactional_id: str) -> Any:
-        """The exactly-once producer for one WAL relay (outbox_relay/adapter.py)."""
-        from .kafka_librdkafka_transactions import LibrdkafkaTransactions
-
-        return LibrdkafkaTransactions(self.name, self.options, self.options.transactional_id or transactional_id)
 
     async def connect(self) -> None:
         early: list[str] = []  # errors before the producer is ours: why a connect failed

@@ -94,9 +94,7 @@ def console_says_circuit_open(dsn: str, broker: str = "kafka") -> bool:
 def outage_told(relay: RelayProcess, dsn: str, port: int) -> bool:
     """A broker outage told on each channel an operator reads: the log line, the gauge
     the alert fires on, and the heartbeat the console shows."""
-    return (
-        "broker_circuit_open" in events(relay) and circuit_gauge(port) == 1 and console_says_circuit_open(dsn)
-    )
+    return "broker_circuit_open" in events(relay) and circuit_gauge(port) == 1 and console_says_circuit_open(dsn)
 
 
 async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
