@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -18,7 +18,7 @@ from outbox_relay.durations import Duration
 from outbox_relay.models import PublishResult
 
 from ._options import Options, TlsOptions
-from ._topics import topic_name_problem
+from ._topics import METADATA_WAIT_S, TopicMetadata, topic_name_problem
 
 # The options' compression check needs aiokafka's codecs, whichever client publishes
 # (the librdkafka extra installs aiokafka too).
@@ -129,3 +129,26 @@ def too_large(size: int, options: KafkaOptions, *, by_broker: bool) -> PublishRe
         " topic's max.message.bytes (by default the broker's message.max.bytes; the producer's max_request_size"
         f" is {options.max_request_size:,})"
     )
+
+
+class KafkaClientBase:
+    """What an adapter of either client is before its own producer: its name, options,
+    the exactly-once factory kafka.create hands it, and the fencing flag."""
+
+    keeps_key_order = True  # same key, same partition; rounds keep a failed key's rest back
+    # The exactly-once producer's factory, set by kafka.create when the broker block
+    # says exactly_once (outbox_relay/adapter.py, transactions_of): each transactions
+    # module builds on its client's module, so the client cannot import it back.
+    transactions: Callable[[str], Any] | None = None
+
+    def __init__(self, name: str, options: KafkaOptions, *, transactional_id: str | None = None):
+        self.name = name
+        self.options = options
+        self.exactly_once = options.exactly_once
+        # Set: the producer of one relay's transactions (kafka_transactions.py,
+        # kafka_librdkafka_transactions.py), never replaced by the adapter itself: a new
+        # one would abort the transaction the relay is filling.
+        self._transactional_id = transactional_id
+        self.fenced = False  # a transactional producer was fenced by a newer one
+        self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
+        self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))

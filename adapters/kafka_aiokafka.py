@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import structlog
@@ -24,10 +24,10 @@ import structlog
 from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
-from ._kafka_common import CLOSE_WAIT_S, NEEDS_AIOKAFKA, KafkaOptions, start_if_missing, too_large
+from ._kafka_common import CLOSE_WAIT_S, NEEDS_AIOKAFKA, KafkaClientBase, KafkaOptions, start_if_missing, too_large
 from ._options import TlsOptions, tls_context
 from ._rounds import Batch, Entry, Rounds
-from ._topics import METADATA_WAIT_S, TopicMetadata, valid_topic
+from ._topics import valid_topic
 
 try:
     from aiokafka import AIOKafkaProducer
@@ -229,27 +229,13 @@ class _TopicCreatedOnFirstUse(logging.Filter):
 logging.getLogger("aiokafka.cluster").addFilter(_TopicCreatedOnFirstUse())
 
 
-class KafkaAdapter:
+class KafkaAdapter(KafkaClientBase):
     # Same key, same partition, one batch per partition per round, and a key that
     # failed is left out of later rounds (adapters/_rounds.py): a key's run can go in
     # one call.
-    keeps_key_order = True
-    # The exactly-once producer's factory, set by kafka.create when the broker block
-    # says exactly_once (outbox_relay/adapter.py, transactions_of): the transactions
-    # module builds on this one, so this one cannot import it back.
-    transactions: Callable[[str], Any] | None = None
-
     def __init__(self, name: str, options: KafkaOptions, *, transactional_id: str | None = None):
-        self.name = name
-        self.options = options
-        self.exactly_once = options.exactly_once
-        # Set: the producer of one relay's transactions (kafka_transactions.py), never
-        # replaced here: a new one would abort the transaction the relay is filling.
-        self._transactional_id = transactional_id
-        self.fenced = False  # a transactional producer saw ProducerFenced
+        super().__init__(name, options, transactional_id=transactional_id)
         self._producer: AIOKafkaProducer | None = None
-        self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
-        self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
 
     async def connect(self) -> None:
         producer = AIOKafkaProducer(**producer_settings(self.options, self._transactional_id))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -34,10 +34,10 @@ import structlog
 from outbox_relay.errors import first_line
 from outbox_relay.models import Outcome, OutgoingMessage, PublishResult
 
-from ._kafka_common import CLOSE_WAIT_S, KafkaOptions, start_if_missing, too_large
+from ._kafka_common import CLOSE_WAIT_S, KafkaClientBase, KafkaOptions, start_if_missing, too_large
 from ._options import TlsOptions
 from ._rounds import Batch, Entry, Rounds
-from ._topics import METADATA_WAIT_S, TopicMetadata, valid_topic
+from ._topics import METADATA_WAIT_S, valid_topic
 
 try:
     from confluent_kafka import KafkaError, KafkaException, Producer
@@ -261,26 +261,13 @@ class _Fill:
         return True
 
 
-class LibrdkafkaAdapter:
-    keeps_key_order = True  # same key, same partition; rounds keep a failed key's rest back
-    # The exactly-once producer's factory, set by kafka.create when the broker block
-    # says exactly_once (outbox_relay/adapter.py, transactions_of): the transactions
-    # module builds on this one, so this one cannot import it back.
-    transactions: Callable[[str], Any] | None = None
-
+class LibrdkafkaAdapter(KafkaClientBase):
     def __init__(self, name: str, options: KafkaOptions, *, transactional_id: str | None = None):
-        self.name = name
-        self.options = options
-        self.exactly_once = options.exactly_once
-        # Set: the producer of one relay's transactions (module docstring).
-        self._transactional_id = transactional_id
-        self.fenced = False  # a transactional producer saw a fencing error
+        super().__init__(name, options, transactional_id=transactional_id)
         self._producer: Any = None
         self._fatal: str | None = None  # the producer's fatal error, from its error callback
         self._client_errors_logged: dict[str, float] = {}  # error code -> when last logged
-        self._lifecycle = asyncio.Lock()  # connect and reset, one at a time
         self._round = asyncio.Lock()  # one round in the producer at a time (module docstring)
-        self._topics = TopicMetadata(min(METADATA_WAIT_S, options.request_timeout))
         # librdkafka ends a record batch at batch.size or message.max.bytes, whichever is
         # smaller: a round over either would be two batches of one partition.
         self._round_bytes = min(options.max_batch_size, options.max_request_size)
