@@ -85,6 +85,25 @@ BROKER_AWAY_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _fail_buffered(producer: AIOKafkaProducer) -> None:
+    """Fail the records `producer` still buffers, and take their errors as seen.
+
+    A batch's future whose publish call ended first (its publish_timeout) has no one
+    left to read its error: asyncio then logs "Future exception was never retrieved"
+    at error level when it is collected, an error line per batch after every outage
+    for a failure the relay already handled (the batch's rows are still pending).
+    """
+    accumulator = producer._message_accumulator
+    batches = [batch for queue in accumulator._batches.values() for batch in queue]
+    batches += list(accumulator._pending_batches)
+    accumulator.fail_all(kafka_errors.KafkaTimeoutError("producer closed by outbox-relay"))
+    for batch in batches:
+        futures = [batch.future, *(future for future, _ in batch._msg_futures)]
+        for future in futures:
+            if future.done() and not future.cancelled():
+                future.exception()
+
+
 async def stop_within(producer: AIOKafkaProducer, wait: float) -> None:
     """Stop `producer`, waiting at most about 2 x `wait`.
 
@@ -98,7 +117,7 @@ async def stop_within(producer: AIOKafkaProducer, wait: float) -> None:
     done, _ = await asyncio.wait({stopping}, timeout=wait)
     if not done:
         log.warning("kafka_producer_stop_dropping_buffered_records", waited_s=wait)
-        producer._message_accumulator.fail_all(kafka_errors.KafkaTimeoutError("producer closed by outbox-relay"))
+        _fail_buffered(producer)
         done, _ = await asyncio.wait({stopping}, timeout=wait)
     if not done:
         # Still stuck: end what stop() would have ended, so that no sender task keeps
