@@ -220,38 +220,53 @@ def config_keys() -> Iterator[tuple[str, FieldInfo]]:
 
 
 def _walk(
-    model: type[BaseModel], prefix: str, seen: set[type[BaseModel]], only: str = ""
+    model: type[BaseModel],
+    prefix: str,
+    seen: set[type[BaseModel]],
+    only: str = "",
+    optional_blocks: set[str] = OPTIONAL_BLOCKS,
 ) -> Iterator[tuple[str, FieldInfo]]:
+    """The keys under `model`; the blocks that may be left out go into `optional_blocks`."""
     seen.add(model)
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         annotation, _ = _unwrap_optional(field.annotation)
         origin = typing.get_origin(annotation)
         if origin is dict and _models_in(typing.get_args(annotation)[1]):
-            yield from _walk(_models_in(typing.get_args(annotation)[1])[0], key + ".NAME.", seen)
+            yield from _walk(_models_in(typing.get_args(annotation)[1])[0], key + ".NAME.", seen, "", optional_blocks)
         elif origin is list and _models_in(typing.get_args(annotation)[0]):
-            yield from _walk(_models_in(typing.get_args(annotation)[0])[0], key + "[].", seen)
+            yield from _walk(_models_in(typing.get_args(annotation)[0])[0], key + "[].", seen, "", optional_blocks)
         elif (models := _models_in(annotation)) and not seen.intersection(models):
             if not field.is_required() and field.get_default() is None:
-                OPTIONAL_BLOCKS.add(key)
+                optional_blocks.add(key)
             if len(models) > 1:  # a union told apart by `type`
                 kinds = [typing.get_args(member.model_fields["type"].annotation)[0] for member in models]
                 yield f"{key}.type", _described(field, typing.Literal[tuple(kinds)])  # type: ignore[misc]
                 for kind, member in zip(kinds, models, strict=True):
-                    yield from _walk(member, key + ".", seen, only=kind)
+                    yield from _walk(member, key + ".", seen, kind, optional_blocks)
             else:
-                yield from _walk(models[0], key + ".", seen)
+                yield from _walk(models[0], key + ".", seen, "", optional_blocks)
         elif (blocks := _blocks_in(annotation)) and not seen.intersection(blocks):
             # A key that is a value or a block (`tls: true`, `tls: {ca_file: ...}`): its
             # row, then the block's keys.
             yield key, field
-            yield from _walk(blocks[0], key + ".", seen)
+            yield from _walk(blocks[0], key + ".", seen, "", optional_blocks)
         elif name == "type" and only:
             continue
         elif only:
             yield key, _described(field, field.annotation, f"`type: {only}`: {field.description or ''}")
         else:
             yield key, field
+
+
+def _default_in(key: str, field: FieldInfo, optional_blocks: set[str]) -> str:
+    """The default shown for `key`: a key required inside a block that may be left out
+    is required only with that block."""
+    default = _shown_default(field)
+    blocks = [block for block in optional_blocks if key.startswith(block + ".")]
+    if default == "required" and blocks:
+        default = f"required with `{max(blocks, key=len)}`"
+    return default
 
 
 def _described(field: FieldInfo, annotation: Any, description: str | None = None) -> FieldInfo:
@@ -272,10 +287,7 @@ def config_reference() -> str:
         if top != section:
             section = top
             lines += ["", f"### `{top}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        default = _shown_default(field)
-        blocks = [block for block in OPTIONAL_BLOCKS if key.startswith(block + ".")]
-        if default == "required" and blocks:
-            default = f"required with `{max(blocks, key=len)}`"
+        default = _default_in(key, field, OPTIONAL_BLOCKS)
         lines.append(
             f"| `{key}` | {_cell(_kind(field))} | {_cell(default)} | "
             f"{_cell(_docs_link(field.description or '', page))} |"
@@ -324,6 +336,12 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
 
 def adapter_options() -> Iterator[tuple[str, str, FieldInfo, str]]:
     """(adapter type, option key, its field, what it means) of every built-in adapter."""
+    for kind, key, field, meaning, _ in _adapter_options():
+        yield kind, key, field, meaning
+
+
+def _adapter_options() -> Iterator[tuple[str, str, FieldInfo, str, str]]:
+    """adapter_options() with each option's default as the page shows it."""
     import importlib
 
     for kind, module, name in ADAPTER_MODELS:
@@ -332,8 +350,10 @@ def adapter_options() -> Iterator[tuple[str, str, FieldInfo, str]]:
         for block in _all_models(model):
             for field_name, text in _comments(block).items():
                 notes[id(block.model_fields[field_name])] = text
-        for key, field in _walk(model, "", set()):
-            yield kind, key, field, (field.description or notes.get(id(field), "")).strip()
+        optional_blocks: set[str] = set()
+        for key, field in _walk(model, "", set(), "", optional_blocks):
+            meaning = (field.description or notes.get(id(field), "")).strip()
+            yield kind, key, field, meaning, _default_in(key, field, optional_blocks)
 
 
 def _all_models(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
@@ -348,13 +368,11 @@ def adapter_options_reference() -> str:
     page = "reference/adapters.md"
     lines: list[str] = []
     section = None
-    for kind, key, field, meaning in adapter_options():
+    for kind, key, field, meaning, default in _adapter_options():
         if kind != section:
             section = kind
             lines += ["", f"### `type: {kind}`", "", "| option | type | default | meaning |", "|---|---|---|---|"]
-        lines.append(
-            f"| `{key}` | {_cell(_kind(field))} | {_cell(_shown_default(field))} | {_cell(_docs_link(meaning, page))} |"
-        )
+        lines.append(f"| `{key}` | {_cell(_kind(field))} | {_cell(default)} | {_cell(_docs_link(meaning, page))} |")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
