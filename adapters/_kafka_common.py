@@ -38,30 +38,52 @@ CLOSE_WAIT_S = 2.0
 
 
 class SaslOptions(Options):
+    # How the relay authenticates: PLAIN sends the password itself (use it with tls),
+    # SCRAM never does. SASL_SSL with tls, else SASL_PLAINTEXT.
     mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    # The SASL user, as the brokers' ACLs name it.
     username: str
+    # Its password, from the environment (`${KAFKA_PASSWORD}`).
     password: SecretStr
 
 
 class KafkaOptions(Options):
+    # The brokers the client learns the cluster from: host:port (9092 when left out),
+    # comma-separated or a list.
     bootstrap_servers: str | list[str]
     # aiokafka (pure Python, the default) or librdkafka (confluent-kafka, C; faster:
     # docs/explanation/performance-kafka.md). Same guarantees, same records, same errors.
     client: Literal["aiokafka", "librdkafka"] = "aiokafka"
+    # Sent with every request: how the brokers' logs, metrics and quotas name the relay.
     client_id: str = "outbox-relay"
+    # The record batches' codec. snappy, lz4 and zstd need their library (cramjam), with
+    # either client: checked when the broker block is read.
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    # aiokafka only: how long a record batch waits in the producer before it is sent. The
+    # adapter hands over whole batches, so more only adds latency; librdkafka ignores it.
     linger: Duration = 0.0
+    # Bytes of one record batch, a partition's part of a round; keyless records move on
+    # to another partition after about this much.
     max_batch_size: int = Field(default=256 * 1024, ge=1024)
+    # The largest record the producer sends, in bytes (also its cap on a request): a
+    # larger one is dead-lettered unsent. Raise it with the topic's max.message.bytes.
     max_request_size: int = Field(default=1024 * 1024, ge=1024)
+    # How long a broker may take to answer a request (a produce, metadata, a step of a
+    # transaction); past it the messages wait as unavailable, spending no attempt.
     request_timeout: Duration = 30.0
     sasl: SaslOptions | None = None
+    # true: TLS, the broker verified against the system's CAs; a block: TLS with its CA
+    # and client certificate; false: plaintext.
     tls: TlsOptions | bool = False
     # Exactly once for the WAL source (adapters/kafka_transactions.py): each batch one
     # Kafka transaction that also writes the position it reaches to `offsets_topic`.
     exactly_once: bool = False
+    # With exactly_once: the compacted topic the positions are written to, one key per
+    # database and slot; created if missing, refused if it is not compacted.
     offsets_topic: str = "outbox-relay-offsets"
-    # Null: derived from the database and the slot (the same for every replica and a
-    # promoted standby, so a newer relay fences an older one).
+    # With exactly_once: the producer's transactional id. Null: derived from the database
+    # and the slot (the same for every replica and a promoted standby, so a newer relay
+    # fences an older one).
     transactional_id: str | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("offsets_topic")

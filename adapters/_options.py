@@ -33,10 +33,19 @@ def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
 class TlsOptions(Options):
     """TLS to a broker: a CA to verify it, and optionally a client certificate."""
 
+    # A PEM bundle of the CAs the broker's certificate must chain to, in place of the
+    # system's (unset: the system's CAs).
     ca_file: str | None = None
+    # A client certificate (PEM) for mutual TLS, with key_file: for a broker that
+    # authenticates clients by certificate.
     cert_file: str | None = None
+    # The client certificate's private key (PEM), with cert_file.
     key_file: str | None = None
+    # The password of an encrypted key_file, from the environment (`${TLS_KEY_PASSWORD}`);
+    # unset: the key is not encrypted.
     key_password: SecretStr | None = None
+    # false: accept a certificate that does not name the host connected to (it must still
+    # chain to the CAs); for a broker reached by an address its certificate lacks.
     check_hostname: bool = True
 
     @model_validator(mode="after")

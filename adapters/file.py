@@ -23,7 +23,11 @@ from ._options import Options, parse_options
 
 
 class FileOptions(Options):
+    # The file the JSON lines are appended to (relative: to the relay's working
+    # directory); it and its parent directories are created at connect.
     path: str
+    # fsync each batch before it is acked. false: acked once written to the OS, so a
+    # machine (not process) crash can lose lines whose rows are already marked.
     fsync: bool = True
 
     @field_validator("path")

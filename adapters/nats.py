@@ -108,6 +108,8 @@ def _server_url(value: str) -> str:
 
 
 class NatsOptions(Options):
+    # nats://host:port or tls://host:port (TLS first), tried in turn from the one after
+    # the server last lost; a comma-separated string works too. No credentials in them.
     servers: list[str] = Field(min_length=1)
     # Template over {destination}, {topic} and {key}: "orders.{destination}" is a prefix.
     subject: str = "{destination}"
@@ -117,14 +119,27 @@ class NatsOptions(Options):
     # Create `stream` at connect, over `stream_subjects`, when it does not exist. Off by
     # default: streams are the platform's (retention, replicas, limits).
     create_stream: bool = False
+    # The subjects create_stream creates `stream` over (e.g. "events.>"); unused without it.
     stream_subjects: list[str] | None = None
+    # The user of a user/password login. One way to authenticate at most: user and
+    # password, token, nkey_seed_file or creds_file (none: no authentication).
     user: str | None = None
+    # The user's password, from the environment (`${NATS_PASSWORD}`); needs user.
     password: SecretStr | None = None
+    # A token the server's authorization block names, from the environment (`${NATS_TOKEN}`).
     token: SecretStr | None = None
+    # A file holding an NKey seed: the relay signs the server's challenge with it, the seed
+    # never sent. Needs nkeys (the nats-nkeys extra, not in the image).
     nkey_seed_file: str | None = None
+    # A .creds file (a user JWT and its NKey seed, as nsc writes them) for an operator's
+    # accounts (decentralized JWT auth). Needs nkeys too.
     creds_file: str | None = None
+    # TLS settings: with them (or a tls:// server) the handshake comes first, before any
+    # credential; the server's TLS listener needs handshake_first.
     tls: TlsOptions | None = None
     timeout: Duration = 5.0  # for a call's PubAcks, a probe, a stream request
+    # How long connecting to one server may take before the next is tried (whole seconds,
+    # at least 1: rounded for nats-py).
     connect_timeout: Duration = 5.0
     # How often the client pings the server: a server gone silent is found after two.
     ping_interval: Duration = 10.0

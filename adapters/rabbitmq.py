@@ -112,22 +112,34 @@ AmqpUrl = Annotated[str, AfterValidator(_amqp_url)]
 
 
 class RabbitOptions(Options):
+    # The broker's amqp:// or amqps:// (TLS) URL: user, password, host, port, vhost; or
+    # urls. Its password from the environment (`${RABBITMQ_PASSWORD}`); errors never show it.
     url: AmqpUrl | None = None
     # The nodes of a cluster, tried in turn (RabbitAdapter.connect); exactly one of
     # url and urls.
     urls: list[AmqpUrl] | None = Field(default=None, min_length=1)
     exchange: str = ""  # "" is the default exchange: routing key = queue name
+    # The type exchanges are declared with (declare: true); an exchange that exists with
+    # another type is refused (406) and its messages dead-lettered.
     exchange_type: Literal["direct", "topic", "fanout", "headers"] = "topic"
     declare: bool = True  # declare exchanges (durable); false: check they exist
     routing_key: str = "{topic}"  # template over {topic}, {key}, {destination}
+    # Messages published and not yet confirmed at once, over every call; a publish waits
+    # for room. What is unconfirmed when a connection is lost is published again.
     confirm_window: int = Field(default=1000, ge=1, le=100_000)
     # Hand a key's run over in one call (faster for hot keys). Off by default: RabbitMQ
     # can nack a message and confirm the next (a queue with x-overflow reject-publish
     # under load) or return one as unroutable after routing the next, and then a later
     # message of the key is delivered first (docs/how-to/rabbitmq.md).
     pipeline_keys: bool = False
+    # The AMQP heartbeat timeout the relay asks for (whole seconds; 0: none): a connection
+    # silent about that long is taken as lost, by the relay and by the broker.
     heartbeat: Duration = 30.0
+    # How long opening a connection, a channel or an exchange declare may take (then the
+    # next address is tried); a connection the broker blocks (an alarm) 3x as long is dropped.
     connect_timeout: Duration = 10.0
+    # TLS settings; amqps:// alone means TLS with the system's CAs. With an amqp:// URL
+    # TLS goes to its port, 5672 unless given: use amqps:// (5671) or name the port.
     tls: TlsOptions | None = None
 
     @model_validator(mode="after")

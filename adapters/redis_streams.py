@@ -97,10 +97,17 @@ return {ids, ''}
 class RedisTls(Options):
     """TLS to the server: a CA to verify it, optionally a client certificate."""
 
+    # A PEM bundle of CAs to verify the server's certificate with, trusted besides the
+    # system's (redis-py adds it to the default context).
     ca_file: str | None = None
+    # A client certificate (PEM) for mutual TLS, with key_file (its key unencrypted:
+    # there is no key_password here).
     cert_file: str | None = None
+    # The client certificate's private key (PEM), with cert_file.
     key_file: str | None = None
     verify: bool = True  # false: no certificate check at all (a test server only)
+    # false: accept a certificate that does not name the host connected to (it must still
+    # chain to the CAs); off as well with verify: false.
     check_hostname: bool = True
 
     @model_validator(mode="after")
@@ -111,6 +118,8 @@ class RedisTls(Options):
 
 
 class WaitOptions(Options):
+    # Replicas that must have each call's writes (WAIT N): fewer within timeout answers
+    # unavailable (sent again), and ready() reads false with fewer connected.
     replicas: int = Field(ge=1)
     timeout: Duration = 1.0  # WAIT's, in whole milliseconds: at least 1ms, below the socket's
 
@@ -120,16 +129,27 @@ MIN_WAIT = 0.001  # WAIT takes milliseconds, and WAIT N 0 blocks until N replica
 
 class RedisOptions(Options):
     url: str | None = None  # redis:// or rediss://; else host and port
+    # The server's host when no url is given (with one, the url's).
     host: str = "127.0.0.1"
+    # The server's port when no url is given (with one, the url's).
     port: int = Field(default=6379, ge=1, le=65535)
+    # The database number the streams are in when no url is given (with one, its path: /0).
     db: int = Field(default=0, ge=0)
+    # An ACL user (Redis 6 and later) to authenticate as, with password; unset: the
+    # `default` user. A user in the url takes precedence.
     username: str | None = None
     password: SecretStr | None = None  # from the environment: "${REDIS_PASSWORD}"
+    # TLS settings; with a url it must be rediss://, which alone means TLS with the
+    # system's CAs. With host and port, the block turns TLS on.
     tls: RedisTls | None = None
     stream: str | None = None  # the stream of a route that names no destination (default: the topic)
     maxlen: int | None = Field(default=None, ge=1)  # XADD MAXLEN ~ N
     timeout: Duration = 5.0  # connect and per-reply socket timeout
+    # Connections in the pool at most, shared by the workers' calls (a pipeline each); a
+    # call waits up to timeout for a free one.
     max_connections: int = Field(default=16, ge=1, le=1024)
+    # A payload over this many bytes is never sent, and dead-lettered: set it to the
+    # server's proto-max-bulk-len (512 MiB by default), over which it drops the connection.
     max_entry_bytes: int = Field(default=PROTO_MAX_BULK_LEN, ge=1)
     wait: WaitOptions | None = None
 

@@ -137,15 +137,22 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 
 
 class SqsOptions(Options):
-    # An SQS-compatible server (ElasticMQ, LocalStack), or an AWS VPC endpoint; None:
+    # An SQS-compatible server (ElasticMQ, LocalStack), or an AWS VPC endpoint; unset:
     # AWS's own endpoint for the region.
     endpoint_url: str | None = None
-    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    region: str | None = None  # unset: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
     ca_file: str | None = None  # a CA bundle to verify the endpoint's TLS certificate with
+    # Requests in flight at once, over every call: the threads boto3's requests run in,
+    # and the client's pooled connections.
     max_concurrency: int = Field(default=16, ge=1, le=256)
+    # SQS's size limit: a message's body and attributes (a larger one is dead-lettered
+    # unsent), and a SendMessageBatch request's. Up to 1 MiB where the queue allows it.
     max_message_bytes: int = Field(default=SQS_MAX_MESSAGE_BYTES, ge=1024, le=1_048_576)
+    # botocore's connect timeout, per try of a request (two tries at most).
     connect_timeout: Duration = 5.0
-    # 5 s: a call's worst (worst_call_s) is then 25 s, below publish_timeout's default 30 s.
+    # How long SQS may take to answer a request (botocore's read timeout), and how long a
+    # call keeps starting rounds. 5 s: a call's worst (worst_call_s) is then 25 s, below
+    # publish_timeout's default 30 s.
     request_timeout: Duration = 5.0
 
     @field_validator("request_timeout")

@@ -69,11 +69,22 @@ RESERVED_HEADERS = {"message-id", "content-type"}
 
 
 class WebhookOptions(Options):
+    # The http:// or https:// URL each message is POSTed to (HEAD probes it too). A token
+    # in it comes from the environment; receipts leave out its user, password and query.
     url: str
+    # Extra headers on every POST, e.g. `authorization: "Bearer ${TOKEN}"` (the secret
+    # from the environment); message-id and content-type are the relay's own.
     headers: dict[str, str] = Field(default_factory=dict)
+    # httpx's timeout for each phase of a request (connecting, sending, each read), and how
+    # long a call keeps starting requests: keep it under half of relay.publish_timeout.
     timeout: Duration = 10.0
+    # Requests in flight at once (and connections), over every call: the workers' batches.
     max_concurrency: int = Field(default=32, ge=1, le=1024)
+    # false: no certificate check of an https:// receiver (a test receiver only);
+    # ignored when ca_file is set.
     verify_tls: bool = True
+    # A CA bundle (PEM) to verify the receiver's certificate with, in place of the
+    # default one (certifi's, or SSL_CERT_FILE's).
     ca_file: str | None = None
 
     @field_validator("url")

@@ -6,6 +6,8 @@
   recursively from ``outbox-relay``;
 - the metrics from the registry of ``RelayMetrics`` (outbox_relay/observability/metrics.py):
   name, type, help and labels;
+- each built-in adapter's options from its pydantic model (adapters/): key, type,
+  default, and what it means from the field's description or its comment;
 - the SQL functions' signatures from the schema's files (schema/schema.sql, schema/inbox.sql);
 - the Python API's functions (their signatures and docstrings) from the modules an
   application imports.
@@ -101,6 +103,12 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return []
 
 
+def _blocks_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models among a union's members (`tls: TlsOptions | bool`: the block form)."""
+    annotation, _ = _unwrap_optional(annotation)
+    return [a for a in typing.get_args(annotation) if inspect.isclass(a) and issubclass(a, BaseModel)]
+
+
 def _bounds(metadata: list[Any]) -> str:
     low = high = None
     for item in metadata:
@@ -144,8 +152,14 @@ def _kind(field: FieldInfo) -> str:
         kind = " | ".join(f"`{value}`" for value in typing.get_args(annotation))
     elif origin is list:
         kind = "list of strings"
+    elif origin is dict:
+        kind = "map of strings"
     elif _models_in(annotation):
         return "a block"
+    elif origin in (typing.Union, types.UnionType) and set(typing.get_args(annotation)) == {str, list[str]}:
+        kind = "string or list of strings"
+    elif origin in (typing.Union, types.UnionType) and bool in typing.get_args(annotation) and _blocks_in(annotation):
+        return "`true`, `false` or a block"
     else:
         kind = str(annotation)
     return kind + (" or `null`" if optional and kind != "string" else "")
@@ -206,33 +220,53 @@ def config_keys() -> Iterator[tuple[str, FieldInfo]]:
 
 
 def _walk(
-    model: type[BaseModel], prefix: str, seen: set[type[BaseModel]], only: str = ""
+    model: type[BaseModel],
+    prefix: str,
+    seen: set[type[BaseModel]],
+    only: str = "",
+    optional_blocks: set[str] = OPTIONAL_BLOCKS,
 ) -> Iterator[tuple[str, FieldInfo]]:
+    """The keys under `model`; the blocks that may be left out go into `optional_blocks`."""
     seen.add(model)
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         annotation, _ = _unwrap_optional(field.annotation)
         origin = typing.get_origin(annotation)
-        if origin is dict:
-            yield from _walk(typing.get_args(annotation)[1], key + ".NAME.", seen)
+        if origin is dict and _models_in(typing.get_args(annotation)[1]):
+            yield from _walk(_models_in(typing.get_args(annotation)[1])[0], key + ".NAME.", seen, "", optional_blocks)
         elif origin is list and _models_in(typing.get_args(annotation)[0]):
-            yield from _walk(_models_in(typing.get_args(annotation)[0])[0], key + "[].", seen)
+            yield from _walk(_models_in(typing.get_args(annotation)[0])[0], key + "[].", seen, "", optional_blocks)
         elif (models := _models_in(annotation)) and not seen.intersection(models):
             if not field.is_required() and field.get_default() is None:
-                OPTIONAL_BLOCKS.add(key)
+                optional_blocks.add(key)
             if len(models) > 1:  # a union told apart by `type`
                 kinds = [typing.get_args(member.model_fields["type"].annotation)[0] for member in models]
                 yield f"{key}.type", _described(field, typing.Literal[tuple(kinds)])  # type: ignore[misc]
                 for kind, member in zip(kinds, models, strict=True):
-                    yield from _walk(member, key + ".", seen, only=kind)
+                    yield from _walk(member, key + ".", seen, kind, optional_blocks)
             else:
-                yield from _walk(models[0], key + ".", seen)
+                yield from _walk(models[0], key + ".", seen, "", optional_blocks)
+        elif (blocks := _blocks_in(annotation)) and not seen.intersection(blocks):
+            # A key that is a value or a block (`tls: true`, `tls: {ca_file: ...}`): its
+            # row, then the block's keys.
+            yield key, field
+            yield from _walk(blocks[0], key + ".", seen, "", optional_blocks)
         elif name == "type" and only:
             continue
         elif only:
             yield key, _described(field, field.annotation, f"`type: {only}`: {field.description or ''}")
         else:
             yield key, field
+
+
+def _default_in(key: str, field: FieldInfo, optional_blocks: set[str]) -> str:
+    """The default shown for `key`: a key required inside a block that may be left out
+    is required only with that block."""
+    default = _shown_default(field)
+    blocks = [block for block in optional_blocks if key.startswith(block + ".")]
+    if default == "required" and blocks:
+        default = f"required with `{max(blocks, key=len)}`"
+    return default
 
 
 def _described(field: FieldInfo, annotation: Any, description: str | None = None) -> FieldInfo:
@@ -253,14 +287,92 @@ def config_reference() -> str:
         if top != section:
             section = top
             lines += ["", f"### `{top}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        default = _shown_default(field)
-        blocks = [block for block in OPTIONAL_BLOCKS if key.startswith(block + ".")]
-        if default == "required" and blocks:
-            default = f"required with `{max(blocks, key=len)}`"
+        default = _default_in(key, field, OPTIONAL_BLOCKS)
         lines.append(
             f"| `{key}` | {_cell(_kind(field))} | {_cell(default)} | "
             f"{_cell(_docs_link(field.description or '', page))} |"
         )
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------- adapter options
+
+# The built-in adapters (docs/reference/adapters.md), each with the model its
+# `brokers.NAME` block is read into (adapters/_options.py parse_options).
+ADAPTER_MODELS = (
+    ("file", "outbox_relay_adapters.file", "FileOptions"),
+    ("webhook", "outbox_relay_adapters.webhook", "WebhookOptions"),
+    ("kafka", "outbox_relay_adapters._kafka_common", "KafkaOptions"),
+    ("rabbitmq", "outbox_relay_adapters.rabbitmq", "RabbitOptions"),
+    ("sqs", "outbox_relay_adapters.sqs", "SqsOptions"),
+    ("redis", "outbox_relay_adapters.redis_streams", "RedisOptions"),
+    ("nats", "outbox_relay_adapters.nats", "NatsOptions"),
+)
+
+
+def _comments(model: type[BaseModel]) -> dict[str, str]:
+    """Each field's comment in the model's source (the lines just above it and the one
+    after it): the adapters describe their options there, for their readers too."""
+    notes: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (inspect.isclass(cls) and issubclass(cls, BaseModel)) or cls is BaseModel:
+            continue
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines[1:]:
+            if re.match(r"^ {4}#", line):
+                above.append(line.strip()[1:].strip())
+                continue
+            field = re.match(r"^ {4}(\w+)\s*:", line)
+            if field and field[1] in cls.model_fields:
+                after = line.split("  # ", 1)[1] if "  # " in line else ""
+                notes[field[1]] = " ".join([*above, after]).strip()
+            above = []
+    return notes
+
+
+def adapter_options() -> Iterator[tuple[str, str, FieldInfo, str]]:
+    """(adapter type, option key, its field, what it means) of every built-in adapter."""
+    for kind, key, field, meaning, _ in _adapter_options():
+        yield kind, key, field, meaning
+
+
+def _adapter_options() -> Iterator[tuple[str, str, FieldInfo, str, str]]:
+    """adapter_options() with each option's default as the page shows it."""
+    import importlib
+
+    for kind, module, name in ADAPTER_MODELS:
+        model = getattr(importlib.import_module(module), name)
+        notes: dict[int, str] = {}
+        for block in _all_models(model):
+            for field_name, text in _comments(block).items():
+                notes[id(block.model_fields[field_name])] = text
+        optional_blocks: set[str] = set()
+        for key, field in _walk(model, "", set(), "", optional_blocks):
+            meaning = (field.description or notes.get(id(field), "")).strip()
+            yield kind, key, field, meaning, _default_in(key, field, optional_blocks)
+
+
+def _all_models(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
+    yield model
+    for field in model.model_fields.values():
+        annotation, _ = _unwrap_optional(field.annotation)
+        for block in _models_in(annotation) or _blocks_in(annotation):
+            yield from _all_models(block)
+
+
+def adapter_options_reference() -> str:
+    page = "reference/adapters.md"
+    lines: list[str] = []
+    section = None
+    for kind, key, field, meaning, default in _adapter_options():
+        if kind != section:
+            section = kind
+            lines += ["", f"### `type: {kind}`", "", "| option | type | default | meaning |", "|---|---|---|---|"]
+        lines.append(f"| `{key}` | {_cell(_kind(field))} | {_cell(default)} | {_cell(_docs_link(meaning, page))} |")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -444,6 +556,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "metrics": metrics_reference,
     "sql": sql_reference,
     "python": python_reference,
+    "adapter-options": adapter_options_reference,
 }
 
 PAGES = (
@@ -452,6 +565,7 @@ PAGES = (
     "reference/metrics.md",
     "reference/sql.md",
     "reference/python-api.md",
+    "reference/adapters.md",
 )
 
 

@@ -28,6 +28,22 @@ def test_every_config_key_has_a_description_and_is_on_the_page() -> None:
     assert missing == [], REGENERATE
 
 
+def test_every_adapter_option_has_a_meaning_and_is_on_the_page() -> None:
+    # A meaning: the field's description, or the comment above it in the adapter's model.
+    text = page("reference/adapters.md")
+    options = [(kind, key, meaning) for kind, key, _, meaning in generator().adapter_options()]
+    assert {kind for kind, _, _ in options} == {"file", "webhook", "kafka", "rabbitmq", "sqs", "redis", "nats"}
+    assert {"tls.key_password", "token", "creds_file"} <= {key for kind, key, _ in options if kind == "nats"}
+    unexplained = [f"{kind}: {key}" for kind, key, meaning in options if not meaning]
+    missing = [
+        f"{kind}: {key}"
+        for kind, key, _ in options
+        if f"| `{key}` |" not in text.split(f"### `type: {kind}`", 1)[-1].split("\n### ", 1)[0]
+    ]
+    assert unexplained == [], "give these options a comment above their field in adapters/"
+    assert missing == [], REGENERATE
+
+
 def test_every_command_and_option_has_help_and_is_on_the_page() -> None:
     text = page("reference/cli.md")
     unhelped, missing = [], []
