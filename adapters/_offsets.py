@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from outbox_relay.adapter import PositionsTopicError
+from outbox_relay.adapter import PositionsTopicError, PositionUndecided
 
 # One partition (every position in one ordered log), compacted (the last position of
 # each key kept for ever, the rest cleaned), replicated like Kafka's own
@@ -44,10 +44,10 @@ def windows(first: int, end: int) -> Iterator[tuple[int, int]]:
         end, window = start, window * 4
 
 
-def undecided(topic: str, high: int, timeout: float) -> TimeoutError:
+def undecided(topic: str, high: int, timeout: float) -> PositionUndecided:
     """position()'s error when a transaction stays open on the offsets partition (before
     its high watermark `high`) past request_timeout: the relay retries it."""
-    return TimeoutError(
+    return PositionUndecided(
         f"offsets topic {topic!r}: a transaction open before offset {high} for over"
         f" {timeout:g}s (another relay's: Kafka aborts it at its transaction timeout)"
     )

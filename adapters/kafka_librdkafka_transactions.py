@@ -159,7 +159,7 @@ class LibrdkafkaTransactions:
     async def position(self, key: str) -> bytes | None:
         """Read the offsets topic back from its end, a window at a time, until a
         committed record of `key` turns up (_offsets.windows). First wait for every
-        transaction on it to be decided (_stable_end): raises TimeoutError past
+        transaction on it to be decided (_stable_end): raises PositionUndecided past
         request_timeout, which the relay retries. In one thread, which closes its
         consumers itself: a cancelled call's thread still polls them, up to its deadlines."""
         try:

@@ -33,7 +33,7 @@ from outbox_relay.errors import first_line
 from outbox_relay.models import OutgoingMessage, PublishResult
 
 from ._kafka_common import CLOSE_WAIT_S, NEEDS_AIOKAFKA, KafkaOptions
-from ._offsets import check_cleanup_policy, new_topic_settings, windows
+from ._offsets import check_cleanup_policy, new_topic_settings, undecided, windows
 from .kafka_aiokafka import KafkaAdapter, client_settings, stop_within
 
 try:
@@ -147,7 +147,7 @@ class KafkaTransactions:
     async def position(self, key: str) -> bytes | None:
         """Read the offsets topic back from its end, a window at a time, until a
         committed record of `key` turns up (_offsets.windows). First wait for every
-        transaction on it to be decided (stable_end_of): raises TimeoutError past
+        transaction on it to be decided (_stable_end): raises PositionUndecided past
         request_timeout, which the relay retries."""
         consumer = AIOKafkaConsumer(
             **client_settings(self._options),
@@ -183,10 +183,7 @@ class KafkaTransactions:
             if stable >= high:
                 return stable
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(
-                    f"offsets topic {self._topic!r}: a transaction open before offset {high} for over"
-                    f" {self._timeout:g}s (another relay's: Kafka aborts it at its transaction timeout)"
-                )
+                raise undecided(self._topic, high, self._timeout)
             await asyncio.sleep(POLL_MS / 1000)
 
     async def _last_of(self, consumer: Any, tp: Any, key: bytes, start: int, end: int) -> bytes | None:

@@ -160,6 +160,12 @@ class PositionsTopicError(OutboxRelayError):
     relaying exactly once cannot start until it is mended."""
 
 
+class PositionUndecided(TimeoutError):
+    """The positions topic holds a transaction still open past the wait (another
+    relay's: the topic is shared by every slot, and Kafka aborts it at its transaction
+    timeout): the position cannot be read yet. Not the broker away: try again later."""
+
+
 @runtime_checkable
 class Transactions(Protocol):
     """One transactional producer of an exactly-once broker (sources/wal/exactly_once.py
@@ -181,7 +187,8 @@ class Transactions(Protocol):
         """Connect, check (or create) the positions topic, and register the
         transactional id: every earlier producer with it is fenced, and the transaction
         it left open aborted. Raises PositionsTopicError for a topic unfit for
-        positions, anything else when the broker cannot be reached (try again later)."""
+        positions, PositionUndecided while another producer's transaction on it is open,
+        anything else when the broker cannot be reached (try again later)."""
         ...
 
     async def position(self, key: str) -> bytes | None:

@@ -44,10 +44,21 @@ class Circuit:
     """The open/closed state of one broker, and its background probe."""
 
     def __init__(
-        self, broker: str, adapter: Adapter, backoff: Backoff, probe_timeout: float, gauge: Gauge | None = None
+        self,
+        broker: str,
+        adapter: Adapter,
+        backoff: Backoff,
+        probe_timeout: float,
+        gauge: Gauge | None = None,
+        *,
+        group: list[Circuit] | None = None,
     ):
         self.broker = broker
         self._gauge = gauge  # outbox_relay_broker_circuit_open{broker}
+        # Every circuit of this broker, one per connection to it (joined()): each gates
+        # its own connection's calls, and the broker is reported open while any is.
+        self._group = group if group is not None else []
+        self._group.append(self)
         self._adapter = adapter
         self._backoff = backoff
         self._probe_timeout = probe_timeout
@@ -63,6 +74,31 @@ class Circuit:
     def open(self) -> bool:
         return self.reason is not None
 
+    @property
+    def broker_open(self) -> bool:
+        """Whether any connection to this broker has its circuit open: what /readyz,
+        the heartbeat (the console) and the gauge report."""
+        return any(circuit.open for circuit in self._group)
+
+    def joined(self, adapter: Adapter) -> Circuit:
+        """A circuit of its own for another connection to the same broker (an
+        exactly-once relay's transactional producer): it gates that connection's calls
+        only, and is reported with this one (broker_open, the gauge) until it leaves."""
+        return Circuit(self.broker, adapter, self._backoff, self._probe_timeout, self._gauge, group=self._group)
+
+    def leave(self) -> None:
+        """This connection is done: stop its probe and report the broker without it (a
+        circuit it left open would otherwise say the broker is away, with nothing left
+        to probe it)."""
+        self.cancel()
+        if self in self._group:
+            self._group.remove(self)
+        self._report()
+
+    def _report(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(1 if self.broker_open else 0)
+
     def blocked(self) -> str | None:
         """Why the broker must not be called now, or None. Starts a probe when one is due."""
         if self.reason is None:
@@ -71,7 +107,7 @@ class Circuit:
             if not self._trial_running:
                 return None
             return f"broker {self.broker!r} not answering ({self.reason}); a trial message is on its way"
-        if self._probe is None and time.monotonic() >= self._next_probe:
+        if (self._probe is None or self._probe.done()) and time.monotonic() >= self._next_probe:
             self._probe = asyncio.create_task(self._run_probe(), name=f"probe-{self.broker}")
         return f"broker {self.broker!r} not answering ({self.reason}); waiting for it to come back"
 
@@ -100,8 +136,7 @@ class Circuit:
             self._opened_at = time.monotonic()
             self._failures = 0
             log.warning("broker_circuit_open", broker=self.broker, reason=reason)
-            if self._gauge is not None:
-                self._gauge.set(1)
+            self._report()
         self._failures += 1
         self._next_probe = time.monotonic() + self._backoff.delay(self._failures)
 
@@ -112,10 +147,9 @@ class Circuit:
             log.info(
                 "broker_circuit_closed", broker=self.broker, open_for_s=round(time.monotonic() - self._opened_at, 3)
             )
-            if self._gauge is not None:
-                self._gauge.set(0)
         self.reason = None
         self._failures = 0
+        self._report()
 
     async def _run_probe(self) -> None:
         try:
@@ -123,7 +157,8 @@ class Circuit:
         except Exception:  # a failing probe is a "not yet", never the relay's end
             ready = False
         finally:
-            self._probe = None
+            if self._probe is asyncio.current_task():  # not a newer probe started after a cancel
+                self._probe = None
         if self.reason is None:
             return
         if ready:
@@ -133,5 +168,8 @@ class Circuit:
             self.trip(self.reason)
 
     def cancel(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        # Cleared here too: a probe cancelled before its first step never runs its
+        # finally, and blocked() would wait for it forever.
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()

@@ -135,11 +135,12 @@ class Dispatcher:
     def replacing(self, broker: str, adapter: Adapter) -> Dispatcher:
         """A dispatcher with the same routes and policy that publishes to `broker`
         through `adapter` (an exactly-once relay's transactions: sources/wal/
-        exactly_once.py). It shares this one's metrics and every circuit, `broker`'s
-        too: a circuit is the broker's state, whichever connection found it away, and
-        its probe asks this dispatcher's adapter, the broker's own ``ready()``. One
-        circuit per broker is what /readyz, the console and the gauge show; with one of
-        its own, an exactly-once outage opened a circuit that none of them read."""
+        exactly_once.py). It shares this one's metrics and its other brokers' circuits;
+        `adapter`, another connection, gets a circuit of its own that gates its calls
+        only (a refusal on one connection does not hold the other's messages, nor does
+        one connection's recovery close the other's circuit), joined to this one's for
+        `broker` so that /readyz, the console and the gauge report the broker open
+        while either is (circuit.py, joined)."""
         other = Dispatcher(
             {**self._adapters, broker: adapter},
             self._router,
@@ -154,7 +155,7 @@ class Dispatcher:
         )
         for name, circuit in self.circuits.items():
             other.circuits[name].cancel()
-            other.circuits[name] = circuit
+            other.circuits[name] = circuit.joined(adapter) if name == broker else circuit
         return other
 
     @property

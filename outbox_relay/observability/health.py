@@ -170,7 +170,7 @@ class Health:
         database = await self._database_answers()
         brokers: dict[str, bool] = {}
         for name in self._routed:
-            if self._circuits[name].open:  # it answered nothing, or refuses the relay
+            if self._circuits[name].broker_open:  # it answered nothing, or refuses the relay
                 brokers[name] = False
                 continue
             try:
@@ -214,7 +214,7 @@ class Health:
         console shows it): connected, and whether its circuit is open."""
         now = asyncio.get_running_loop().time()
         return {
-            name: {"connected": self._broker_up(name, now), "circuit_open": self._circuits[name].open}
+            name: {"connected": self._broker_up(name, now), "circuit_open": self._circuits[name].broker_open}
             for name in self._brokers
         }
 
@@ -231,4 +231,4 @@ class Health:
     def _broker_up(self, name: str, now: float) -> bool:
         recent = self._broker_probed.get(name)
         probed_down = recent is not None and now - recent[0] < BROKER_PROBE_TRUST_S and not recent[1]
-        return self._brokers[name].connected.is_set() and not self._circuits[name].open and not probed_down
+        return self._brokers[name].connected.is_set() and not self._circuits[name].broker_open and not probed_down

@@ -373,6 +373,53 @@ async def test_a_trial_answered_with_a_rejection_closes_the_circuit() -> None:
     d.close()
 
 
+def gauge(d: Dispatcher, broker: str) -> float:
+    """outbox_relay_broker_circuit_open{broker} as the dispatcher's metrics hold it."""
+    return float(d._metrics.broker_circuit_open.labels(broker)._value.get())
+
+
+async def test_another_connections_circuit_gates_its_own_calls_and_is_reported_with_the_brokers() -> None:
+    # An exactly-once relay's transactional producer is another connection to the same
+    # broker (Dispatcher.replacing): its outage must not hold the table path's messages,
+    # nor its recovery close the table path's circuit, yet /readyz, the console and the
+    # gauge must say the broker is away while either connection finds it so.
+    main, other = FakeAdapter(), FakeAdapter(delay=0.5)
+    await main.connect()
+    await other.connect()
+    d = dispatcher({"main": main}, publish_timeout=0.1)
+    transactional = d.replacing("main", other)
+    assert [r.kind for r in await transactional.dispatch([message(1)])] == ["wait"]
+    assert transactional.circuits["main"].open and not d.circuits["main"].open
+    assert d.circuits["main"].broker_open and gauge(d, "main") == 1, "reported with the broker's"
+    assert [r.kind for r in await d.dispatch([message(2)])] == ["acked"], "the other connection goes on"
+    assert main.calls == [1]
+    d.circuits["main"].close()  # the table path's answer closes nothing of the other's
+    assert transactional.circuits["main"].open and gauge(d, "main") == 1
+    transactional.circuits["main"].leave()  # that connection is done (ExactlyOnce.close)
+    assert not d.circuits["main"].broker_open and gauge(d, "main") == 0, "nothing left open once it left"
+    d.close()
+
+
+async def test_a_probe_cancelled_before_it_ran_does_not_stop_the_next_one() -> None:
+    # cancel() (a stream's end, a shutdown) can land in the same loop iteration that
+    # created the probe: its task never runs its finally, and blocked() used to wait on
+    # it forever, leaving the circuit open with nothing probing it.
+    fake = FakeAdapter(delay=0.5)
+    await fake.connect()
+    d = dispatcher({"main": fake}, publish_timeout=0.1)
+    await d.dispatch([message(1)])
+    circuit = d.circuits["main"]
+    assert circuit.open
+    fake.delay = 0.0
+    await wait_until(lambda: circuit._probe is None and time.monotonic() >= circuit._next_probe, timeout=10)
+    assert circuit.blocked() is not None  # starts the probe...
+    circuit.cancel()  # ...cancelled before its first step
+    await circuit_closed(d, "main")  # a new probe runs and finds the broker
+    assert [r.kind for r in await d.dispatch([message(2)])] == ["acked"]
+    assert not circuit.open
+    d.close()
+
+
 # --- per-key order -------------------------------------------------------------------
 
 

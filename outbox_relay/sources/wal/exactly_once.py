@@ -65,7 +65,14 @@ from datetime import UTC, datetime
 
 import structlog
 
-from outbox_relay.adapter import Adapter, Fenced, TransactionFailed, Transactions, keeps_key_order
+from outbox_relay.adapter import (
+    Adapter,
+    Fenced,
+    PositionUndecided,
+    TransactionFailed,
+    Transactions,
+    keeps_key_order,
+)
 from outbox_relay.engine.circuit import Circuit
 from outbox_relay.engine.dispatch import Dispatcher
 from outbox_relay.engine.retry import Backoff
@@ -190,7 +197,7 @@ class ExactlyOnce:
         return self._dispatcher.circuits[self.broker]
 
     async def close(self) -> None:
-        self._circuit.cancel()
+        self._circuit.leave()  # the broker is reported without this connection's circuit
         await self._transactions.close()
 
     async def _start(self, stop: asyncio.Event) -> tuple[bool, Position | None]:
@@ -207,11 +214,14 @@ class ExactlyOnce:
                 raise
             except Exception as exc:
                 await self._transactions.abort()
-                # The broker's outage, told where every other outage is told (its
-                # circuit: the log line, the gauge, /readyz, the console). A kill that
+                # The broker away (or refusing the relay: an ACL), told where every
+                # other outage is told: this connection's circuit, reported with the
+                # broker's (the log line, the gauge, /readyz, the console). A kill that
                 # lands between two publishes (in a commit, before a begin) comes here
                 # without a publish timing out, and nothing said the broker was away.
-                self._circuit.trip(first_line(exc))
+                # Another relay's transaction open on the positions topic is not that.
+                if not isinstance(exc, PositionUndecided):
+                    self._circuit.trip(first_line(exc))
                 attempt += 1
                 delay = self._backoff.delay(attempt)
                 log.warning(
@@ -227,7 +237,8 @@ class ExactlyOnce:
             # up to the backoff's longest delay away; were the broker still to refuse
             # writes, that batch times out, the circuit opens again and the abort drops
             # its records (no copy is kept in a client, which is why circuit.py sends a
-            # single trial message for brokers without transactions).
+            # single trial message for brokers without transactions). This connection's
+            # circuit only: the table path's, if open, recovers by its own trial.
             if self._circuit.open:
                 self._circuit.close()
             self._started = True
