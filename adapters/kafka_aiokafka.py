@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -233,13 +234,24 @@ class _TopicCreatedOnFirstUse(logging.Filter):
     """aiokafka logs "Topic ... not found in cluster metadata" at error level when the
     broker answers a topic's first metadata request while it creates the topic (Kafka's
     auto.create.topics.enable): the record is then published fine, and an error line
-    for it sends a newcomer looking for a fault. A topic that stays missing is reported
-    by the relay itself (its records' "no metadata for topic" answer, _topics.py). So
-    that one record goes down to debug; every other aiokafka line keeps its level."""
+    for it sends a newcomer looking for a fault. So, for a topic's first
+    CREATION_GRACE_S of "not found", the line goes down to debug; past that (a topic
+    that stays missing, or one deleted under a running relay) it keeps aiokafka's level,
+    the one line that names the topic. Every other aiokafka line keeps its level."""
+
+    CREATION_GRACE_S = 5.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first_missing: dict[object, float] = {}  # topic -> when first said missing
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "Topic %s not found in cluster metadata":
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        if record.msg == "Topic %s not found in cluster metadata" and isinstance(record.args, tuple) and record.args:
+            if len(self._first_missing) > 10_000:  # bounded, whatever topics come and go
+                self._first_missing.clear()
+            first = self._first_missing.setdefault(record.args[0], time.monotonic())
+            if time.monotonic() - first < self.CREATION_GRACE_S:
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
 
 

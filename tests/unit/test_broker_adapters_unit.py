@@ -815,3 +815,27 @@ def test_librdkafka_configuration_warnings_are_debug_not_warnings(caplog: pytest
     found = confwarns()
     assert any("fetch.wait.max.ms is a consumer property" in r.getMessage() for r in found), found
     assert {r.levelno for r in found} == {logging.DEBUG}
+
+
+def test_aiokafka_topic_not_found_is_debug_while_the_topic_is_created_then_keeps_its_level() -> None:
+    # A topic's first "not found" lines (auto-create answering its first request) go down
+    # to debug; one still missing past the grace (deleted under a running relay, never
+    # created) keeps aiokafka's level: the only line that names the topic.
+    from outbox_relay_adapters.kafka_aiokafka import _TopicCreatedOnFirstUse
+
+    lowered = _TopicCreatedOnFirstUse()
+
+    def said(topic: str) -> int:
+        record = logging.LogRecord(
+            "aiokafka.cluster", logging.ERROR, __file__, 1, "Topic %s not found in cluster metadata", (topic,), None
+        )
+        assert lowered.filter(record)
+        return record.levelno
+
+    assert said("orders") == logging.DEBUG
+    assert said("orders") == logging.DEBUG, "within the grace"
+    lowered._first_missing["orders"] -= lowered.CREATION_GRACE_S
+    assert said("orders") == logging.ERROR, "still missing past the grace"
+    assert said("payments") == logging.DEBUG, "another topic has its own grace"
+    other = logging.LogRecord("aiokafka.cluster", logging.ERROR, __file__, 1, "Unable to update metadata", (), None)
+    assert lowered.filter(other) and other.levelno == logging.ERROR
