@@ -15,7 +15,7 @@ from psycopg import capabilities, pq
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox_relay.errors import DatabaseError, InvalidDsn, first_line
-from outbox_relay.redact import UNPARSEABLE_REASON, redact_dsn
+from outbox_relay.redact import UNPARSEABLE_REASON, redact_dsn, redact_text, shown_dsn
 
 log = structlog.get_logger("outbox_relay.connect")
 
@@ -43,8 +43,8 @@ def connect_sync(dsn: str, *, application_name: str) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(dsn, connect_timeout=10, application_name=application_name)
     except psycopg.OperationalError as exc:
-        first = first_line(exc)
-        raise DatabaseError(f"cannot connect to {redact_dsn(dsn)}: {first}") from None
+        shown, hidden = shown_dsn(dsn)
+        raise DatabaseError(f"cannot connect to {shown}: {hidden or redact_text(first_line(exc), [dsn])}") from None
     except psycopg.ProgrammingError:
         # libpq's parse error quotes a piece of the DSN, which may be the password.
         raise InvalidDsn(f"invalid DSN: {UNPARSEABLE_REASON}") from None
@@ -99,7 +99,7 @@ async def connect_with_retry(
             dsn=redact_dsn(dsn),
             attempt=state.attempt_number,
             retry_in_s=round(state.next_action.sleep, 2) if state.next_action else None,
-            error=first_line(exc) if exc else None,
+            error=(shown_dsn(dsn)[1] or redact_text(first_line(exc), [dsn])) if exc else None,
         )
 
     async for attempt in AsyncRetrying(

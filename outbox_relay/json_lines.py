@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 from outbox_relay.models import OutgoingMessage
@@ -65,8 +66,14 @@ def _strict_json(raw: bytes) -> Any:
     return value
 
 
+# json.dumps escapes C0 controls only; DEL and C1 (\x9b is CSI, which terminals obey)
+# would reach a terminal reading the stdout adapter raw. Escaped, they decode the same.
+_C1 = re.compile("[\x7f-\x9f]")
+
+
 def json_line(out: OutgoingMessage) -> str:
-    return json.dumps(as_dict(out), ensure_ascii=False, separators=(",", ":")) + "\n"
+    line = json.dumps(as_dict(out), ensure_ascii=False, separators=(",", ":"))
+    return _C1.sub(lambda c: f"\\u{ord(c[0]):04x}", line) + "\n"
 
 
 def decode_payload(data: dict[str, Any]) -> Any:

@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -25,6 +26,35 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 UNPARSEABLE_REASON = "the DSN could not be parsed (its text is not shown: it may hold a password)"
+AMBIGUOUS = "<DSN not shown: its password could not be told apart>"
+AMBIGUOUS_REASON = (
+    "the DSN's password could not be told apart from the rest of it (percent-encode '/', '@', ':' and '?'"
+    " in a password: %2F %40 %3A %3F); the DSN and the server's answer are not shown"
+)
+# A URI's user information: everything up to the last '@' (greedy), as a reader means it.
+_URI_USERINFO = re.compile(r"(?i)^[a-z][a-z0-9+.-]*://(?P<userinfo>[^\s]*)@")
+
+
+def _ambiguous(dsn: str, params: Mapping[str, Any]) -> bool:
+    """Whether libpq read a URI's password otherwise than its writer meant: a '/' or
+    '@' left unencoded in it ends the user information early, and the rest of the
+    password becomes the host, the port or the database name, shown as such."""
+    found = _URI_USERINFO.match(dsn.strip())
+    if found is None or ":" not in found["userinfo"]:
+        return False
+    meant = unquote(found["userinfo"].split(":", 1)[1])
+    return params.get("password") != meant
+
+
+def shown_dsn(dsn: str) -> tuple[str, str | None]:
+    """The DSN as it may be shown, and, if nothing of the server's answer may be shown
+    beside it either (it would quote the part that holds the password), why not."""
+    shown = redact_dsn(dsn)
+    if shown == UNPARSEABLE:
+        return shown, UNPARSEABLE_REASON
+    if shown == AMBIGUOUS:
+        return shown, AMBIGUOUS_REASON
+    return shown, None
 
 
 def redact_dsn(dsn: str) -> str:
@@ -34,6 +64,8 @@ def redact_dsn(dsn: str) -> str:
     except Exception:
         # We cannot tell where a password would be in it: show none of it.
         return UNPARSEABLE
+    if _ambiguous(dsn, params):
+        return AMBIGUOUS
     for name in params:
         if "password" in name:  # password, and sslpassword (the client key's passphrase)
             params[name] = MASK

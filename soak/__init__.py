@@ -1,1 +1,1 @@
-"""The chaos soak: `scripts/soak --minutes N` (see __main__.py, and README "Chaos soak")."""
+"""The chaos soak: `scripts/soak --minutes N` (see __main__.py, and docs/explanation/chaos-soak.md)."""

@@ -22,7 +22,7 @@ from outbox_relay.engine.routing import Router, literal_text
 from outbox_relay.errors import ConfigError, OutboxRelayError, first_line
 from outbox_relay.operations import schema_manager
 from outbox_relay.operations.status import SourceInfo
-from outbox_relay.redact import UNPARSEABLE, UNPARSEABLE_REASON, redact_dsn, redact_text
+from outbox_relay.redact import redact_dsn, redact_text, shown_dsn
 from outbox_relay.sources.wal import slot
 from outbox_relay.sources.wal.runner import WalSource, exactly_once_brokers
 from outbox_relay.sqlfiles import Queries
@@ -59,10 +59,9 @@ async def run_checks(config: Config, echo: Callable[[str], None]) -> bool:
             ok = await check_outcomes(conn, config, echo) and ok
     except (psycopg.Error, OutboxRelayError, TimeoutError) as exc:
         ok = False
-        shown = redact_dsn(dsn)
-        # libpq's parse error quotes a piece of the DSN, which may be the password.
-        why = UNPARSEABLE_REASON if shown == UNPARSEABLE else redact_text(first_line(exc), [dsn])
-        echo(f"database  FAIL  {shown}: {why}")
+        # libpq's answer can quote the piece of the DSN that holds the password.
+        shown, hidden = shown_dsn(dsn)
+        echo(f"database  FAIL  {shown}: {hidden or redact_text(first_line(exc), [dsn])}")
     for name, adapter in adapters.items():
         kind = config.brokers[name].type
         try:

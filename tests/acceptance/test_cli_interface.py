@@ -252,11 +252,24 @@ def _interrupt(command: subprocess.Popen[str]) -> subprocess.CompletedProcess[st
     return subprocess.CompletedProcess(command.args, command.returncode, out, err)
 
 
+def _sigint_default() -> None:
+    """In the child, before exec: Ctrl-C handled as an interactive shell leaves it. A
+    suite started in the background (nohup, `cmd &`, some CI runners) has SIGINT
+    ignored, children inherit that, and Python then installs no KeyboardInterrupt
+    handler at all: the command would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     import os
 
     return subprocess.Popen(
-        [*exe(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        [*exe(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=_sigint_default,
     )
 
 

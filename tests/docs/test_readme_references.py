@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.support.docs import ROOT
 
-DIRS = ("outbox_relay", "adapters", "schema", "helm", "scripts", "docs", "tests", "benchmarks")
+DIRS = ("outbox_relay", "adapters", "schema", "helm", "scripts", "docs", "tests", "benchmarks", "soak", ".ci")
 # The forms a reference takes: README, "Section" / README "Section" / README: "Section"
 # (quoted, possibly wrapped over comment lines), and (README, Section) / (README: Section).
 QUOTED = re.compile(r"""(chart's )?\bREADME[,:]? "([^"]+)\"""")

@@ -206,9 +206,11 @@ async def test_a_messages_subject_outside_the_stream_is_its_own_failure_not_an_o
 async def test_key_rounds_stop_starting_at_timeout_and_the_rest_waits(nats_server: NatsServer) -> None:
     # A hot key's run of 4,000 in one call is 4,000 round trips: rounds start for
     # `timeout` only, the rest comes back not_sent (the engine leaves it due at once,
-    # spending no attempt) and the next call takes up where this one stopped.
+    # spending no attempt) and the next call takes up where this one stopped. 200 ms:
+    # a fast machine did all 4,000 within 1 s (no round left to refuse); 200 ms would
+    # need a PubAck round trip under 50 us, which no JetStream store answers in.
     stream, prefix = await fresh_stream(nats_server)
-    adapter = create("js", {"servers": [nats_server.url], "stream": stream, "key_rounds": True, "timeout": "1s"})
+    adapter = create("js", {"servers": [nats_server.url], "stream": stream, "key_rounds": True, "timeout": "200ms"})
     await adapter.connect()
     try:
         sent = [message(i, key="hot") for i in range(4000)]

@@ -146,7 +146,8 @@ def test_sql_enqueue_errors_abort_the_callers_transaction(db: str, call: str) ->
 
 
 async def test_classic_case_rollback_is_never_published(db: str) -> None:
-    """Credit an account and record the message in one transaction (README, "In twenty lines")."""
+    """Credit an account and record the message in one transaction
+    (docs/tutorials/existing-database.md, "From Python")."""
     with psycopg.connect(db) as conn:
         conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL)")
         conn.execute("INSERT INTO accounts VALUES (42, 0)")

@@ -124,6 +124,17 @@ def test_json_line_is_compact_and_keeps_non_ascii() -> None:
     assert ", " not in line and '": ' not in line
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_json_line_writes_del_and_c1_controls_escaped(content_type: str) -> None:
+    # The stdout adapter's lines reach a terminal: json.dumps escapes C0 only, and
+    # \x9b (CSI) starts a sequence a terminal obeys. Escaped, the payload decodes the same.
+    text = "a\x9b31m\x7fb\x85"
+    raw = json.dumps(text).encode() if content_type == "application/json" else text.encode()
+    line = json_line(out(raw, content_type))
+    assert not any(0x7F <= ord(c) <= 0x9F for c in line), repr(line)
+    assert decode_payload(strict_json(line)) in (text, text.encode())
+
+
 @given(st.binary(max_size=200), st.sampled_from(["application/json", "text/plain", "x/y"]))
 def test_no_payload_is_ever_lost(raw: bytes, content_type: str) -> None:
     data = strict_json(json_line(out(raw, content_type)))
@@ -392,3 +403,40 @@ def test_redacted_headers_keep_names_and_trace_context_only() -> None:
         "x-api-key": REDACTED,
         "email": REDACTED,
     }
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:Pa/ssw0rd@localhost/shop",  # libpq: host=app port=Pa dbname=ssw0rd@localhost/shop
+        "postgresql://app:Pa@ssw0rd@localhost/shop",  # libpq: password=Pa host=ssw0rd@localhost
+    ],
+)
+def test_a_uri_whose_password_libpq_reads_otherwise_is_not_shown_nor_its_answer(dsn: str) -> None:
+    # A '/' or '@' left unencoded in a URI's password ends its user information early:
+    # the rest of the password became the host, port or database, shown as such (and
+    # quoted by libpq's own answer: "failed to resolve host 'ssw0rd@localhost'").
+    from outbox_relay.redact import AMBIGUOUS, shown_dsn
+
+    shown, hidden = shown_dsn(dsn)
+    assert shown == AMBIGUOUS and "ssw0rd" not in shown
+    assert hidden is not None and "%2F" in hidden and "ssw0rd" not in hidden
+
+
+def test_an_encoded_password_is_told_apart_and_masked() -> None:
+    from outbox_relay.redact import shown_dsn
+
+    assert shown_dsn("postgresql://app:p%40x%2Fy@localhost/shop") == (
+        "user=app password=*** dbname=shop host=localhost",
+        None,
+    )
+    assert shown_dsn("postgresql://app@localhost/shop") == ("user=app dbname=shop host=localhost", None)
+
+
+def test_the_clis_connect_error_shows_neither_part_of_an_ambiguous_password() -> None:
+    from outbox_relay.connections import connect_sync
+    from outbox_relay.errors import DatabaseError
+
+    with pytest.raises(DatabaseError) as raised:
+        connect_sync("postgresql://app:Pa@ssw0rd@127.0.0.1:1/shop", application_name="test")
+    assert "ssw0rd" not in str(raised.value) and "percent-encode" in str(raised.value)
