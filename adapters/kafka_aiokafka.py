@@ -95,13 +95,14 @@ def _fail_buffered(producer: AIOKafkaProducer) -> None:
     for a failure the relay already handled (the batch's rows are still pending).
     """
     accumulator = producer._message_accumulator
-    batches = [batch for queue in accumulator._batches.values() for batch in queue]
-    batches += list(accumulator._pending_batches)
+    # aiokafka's internals, read defensively: without them only the error lines remain.
+    batches = [batch for queue in getattr(accumulator, "_batches", {}).values() for batch in queue]
+    batches += list(getattr(accumulator, "_pending_batches", ()))
     accumulator.fail_all(kafka_errors.KafkaTimeoutError("producer closed by outbox-relay"))
     for batch in batches:
-        futures = [batch.future, *(future for future, _ in batch._msg_futures)]
+        futures = [getattr(batch, "future", None), *(future for future, _ in getattr(batch, "_msg_futures", ()))]
         for future in futures:
-            if future.done() and not future.cancelled():
+            if future is not None and future.done() and not future.cancelled():
                 future.exception()
 
 
