@@ -16,9 +16,11 @@ _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*)
 UNPARSEABLE = "<DSN not shown: it could not be parsed>"
 MASK = "***"
 # Header values shown unless asked for (the console's reader who is not an operator,
-# `dead-letters show` without --headers): trace context only; an application's own
-# headers may carry an email address or a key.
-SHOWN_HEADERS = frozenset({"traceparent", "tracestate"})
+# `dead-letters show` without --headers): trace context, and the numbers replay and
+# backfill stamp on what they make (what ties a dead copy to its replay); an
+# application's own headers may carry an email address or a key, a claim check's URL
+# a signature.
+SHOWN_HEADERS = frozenset({"traceparent", "tracestate", "outbox-replay-id", "outbox-backfill-id"})
 REDACTED = "(redacted)"
 # C0 and C1 control characters but newline and tab: ESC starts the sequences a terminal
 # obeys (colours, titles, OSC 8 links, clipboard writes); C1's CSI (\x9b) does too.
@@ -95,6 +97,6 @@ def payload_text(payload: bytes) -> str:
 
 
 def redacted_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """Headers as shown unless asked for: names kept, trace context whole, every other
+    """Headers as shown unless asked for: names kept, SHOWN_HEADERS whole, every other
     value `REDACTED`."""
     return {name: value if name.lower() in SHOWN_HEADERS else REDACTED for name, value in headers.items()}

@@ -21,6 +21,7 @@ from outbox_relay.cli.output import JSON_OPTION, NOT_FOUND, notes, one_line_erro
 from outbox_relay.engine.routing import Router
 from outbox_relay.errors import CommandLineError
 from outbox_relay.operations import backfill as backfill_module
+from outbox_relay.operations.status import printable
 
 
 @click.command()
@@ -98,7 +99,7 @@ def backfill(
                 return
             backfill_id, total = resume_id, recorded.total
             say(
-                f"backfill #{backfill_id} of {table} to {recorded.source.topic} "
+                f"backfill #{backfill_id} of {printable(table)} to {printable(recorded.source.topic)} "
                 f"stopped at {recorded.copied} of {total} enqueued"
             )
             confirm_finish(

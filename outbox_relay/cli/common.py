@@ -29,6 +29,7 @@ from outbox_relay.durations import parse_duration
 from outbox_relay.errors import CommandLineError, ConfigError, Declined, SchemaError
 from outbox_relay.observability.logging_setup import configure as configure_logging
 from outbox_relay.operations.replay import TimeBound, parse_time
+from outbox_relay.operations.status import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -261,6 +262,9 @@ def confirm_finish(
     if own:
         confirm(dry_run, yes, f"{what} #{number} would be finished", f"Finish {what} #{number}?", err=err)
         return
+    # The record's text is another role's: no terminal control sequence of it is printed.
+    acts = printable(acts)
+    created_by = None if created_by is None else printable(created_by)
     creator = f"role {created_by!r}" if created_by else "an unknown role (before schema version 7)"
     foreign = f"{what} #{number} was recorded by {creator}, not by the role you connect as"
     if dry_run:

@@ -107,7 +107,10 @@ def _letter_fields(d: dead_letters.DeadLetter) -> dict[str, Any]:
     "--headers",
     "with_headers",
     is_flag=True,
-    help="Show every header's value (by default only traceparent and tracestate; the others are redacted).",
+    help=(
+        "Show every header's value (by default only traceparent, tracestate, outbox-replay-id and"
+        " outbox-backfill-id; the others are redacted)."
+    ),
 )
 @JSON_OPTION
 @one_line_errors

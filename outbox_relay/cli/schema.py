@@ -110,7 +110,15 @@ def _switch_source(
         created = wal_slot.create(conn, name, name)
         if created:
             say(f"created replication slot and publication {name!r}")
-    changed = schema_manager.set_source(conn, schema_name, source, warn=say, slot_name=name, wait=wait)
+    try:
+        changed = schema_manager.set_source(conn, schema_name, source, warn=say, slot_name=name, wait=wait)
+    except BaseException:
+        if created:  # the refusal's "nothing changed" is about the source: say what this run made
+            say(
+                f"the replication slot and publication {name!r} created above remain: the slot keeps WAL until"
+                f" a switch to wal uses it, or pg_drop_replication_slot({name!r}) and DROP PUBLICATION drop them"
+            )
+        raise
     state = "now" if changed else "already"
     say(f"outbox schema {schema_name!r} is {state} in {source} mode")
     if source == "table":

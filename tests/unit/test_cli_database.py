@@ -173,3 +173,48 @@ def test_help_names_each_variable_an_option_reads_as_click_shows_it() -> None:
     inbox = helped("inbox", "prune")
     assert "OUTBOX_RELAY_CONFIG" not in inbox and "[env var: DATABASE_URL]" in inbox
     assert "[env var: OUTBOX_DEMO_DSN]" in helped("demo")
+
+
+def test_finishing_another_roles_record_prints_none_of_its_control_characters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A replay or backfill recorded by another role names what it copies in that role's
+    # words (a key, a topic, a quoted table name may hold ESC): asked about, not obeyed.
+    from outbox_relay.cli.common import confirm_finish
+
+    confirm_finish(
+        "backfill",
+        3,
+        created_by="intruder\x1b]0;owned\x07",
+        own=False,
+        acts="copy public.\x1b[2Jorders to topic o\x9bx",
+        dry_run=True,
+        yes=False,
+    )
+    said = capsys.readouterr().out
+    assert "backfill #3 was recorded by role 'intruder?]0;owned?'" in said
+    assert not any(c in said for c in "\x1b\x07\x9b"), repr(said)
+
+
+def test_a_refused_switch_to_wal_says_the_slot_it_created_remains(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The refusal says "Nothing changed" of the source; a slot this run created before
+    # it keeps WAL: one line says so, and how to drop it.
+    import importlib
+
+    from outbox_relay.cli.common import Target
+    from outbox_relay.errors import SchemaError
+
+    def refused(*args: object, **kwargs: object) -> bool:
+        raise SchemaError("schema source: transactions ... stayed open for 1s. Nothing changed")
+
+    class Conn:
+        autocommit = False
+
+    schema_cli = importlib.import_module("outbox_relay.cli.schema")  # the module, not its click group
+    monkeypatch.setattr(schema_cli.wal_slot, "create", lambda conn, slot, publication: True)
+    monkeypatch.setattr(schema_cli.schema_manager, "set_source", refused)
+    said: list[str] = []
+    with pytest.raises(SchemaError):
+        schema_cli._switch_source(Conn(), Target("", "outbox", None), "wal", "s1", 1.0, say=said.append)  # type: ignore[arg-type]
+    assert said[0] == "created replication slot and publication 's1'"
+    assert said[-1].startswith("the replication slot and publication 's1' created above remain")

@@ -440,3 +440,12 @@ def test_the_clis_connect_error_shows_neither_part_of_an_ambiguous_password() ->
     with pytest.raises(DatabaseError) as raised:
         connect_sync("postgresql://app:Pa@ssw0rd@127.0.0.1:1/shop", application_name="test")
     assert "ssw0rd" not in str(raised.value) and "percent-encode" in str(raised.value)
+
+
+def test_the_relays_own_replay_and_backfill_numbers_are_shown_and_an_applications_headers_are_not() -> None:
+    # What ties a dead copy to its replay or backfill is the relay's own number, no
+    # secret; a claim check's URL may carry a signature and stays hidden.
+    shown = redacted_headers(
+        {"Outbox-Replay-Id": "7", "outbox-backfill-id": "3", "outbox-claim-check-url": "s3://b/k?X-Amz-Signature=s"}
+    )
+    assert shown == {"Outbox-Replay-Id": "7", "outbox-backfill-id": "3", "outbox-claim-check-url": REDACTED}
