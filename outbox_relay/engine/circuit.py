@@ -143,12 +143,11 @@ class Circuit:
     def close(self) -> None:
         """The broker acked or answered a message."""
         self._half_open = self._trial_running = False
-        if self.reason is not None:
-            log.info(
-                "broker_circuit_closed", broker=self.broker, open_for_s=round(time.monotonic() - self._opened_at, 3)
-            )
-        self.reason = None
         self._failures = 0
+        if self.reason is None:  # called after every answered call: nothing to report
+            return
+        log.info("broker_circuit_closed", broker=self.broker, open_for_s=round(time.monotonic() - self._opened_at, 3))
+        self.reason = None
         self._report()
 
     async def _run_probe(self) -> None:
